@@ -1,0 +1,152 @@
+"""Typed training configuration.
+
+:class:`TrainConfig` is what a user writes (from Python or the CLI): every hyperparameter may be
+left as ``None``, meaning "the published value". :meth:`TrainConfig.resolve` fills those from
+the table in :mod:`brainprop.presets`, validates everything, and returns a config in which every
+field is concrete. The resolved config is what a run stores and what a resume reloads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from .errors import BrainPropError
+from .objectives import RULES
+from .presets import ARCHITECTURES, DATASET_FAMILY, published_hyperparameters, with_dropout
+
+VAL_TEST = "test"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines one training run.
+
+    Hyperparameters left at ``None`` take the paper's value for (dataset, arch).
+    ``val`` is ``"test"`` (validate on the test set, as the original does) or a number of
+    training images to hold out for validation.
+    """
+
+    dataset: str = "mnist"
+    arch: str = "conv"
+    rule: str = "brainprop"
+    epsilon: float = 0.02
+    # Hyperparameters: None means the published value (presets.PAPER).
+    lr: float | None = None
+    lr_halving_epochs: int | None = None
+    batch_size: int | None = None
+    init_std: float | None = None
+    l2: float | None = None
+    dropout: tuple[float, ...] | None = None
+    # Stopping.
+    epochs: int = 500
+    patience: int = 45
+    min_delta: float = 0.001
+    val: str | int = VAL_TEST
+    # Where and how.
+    seed: int = 0
+    device: str = "auto"
+    bf16: bool = False
+    data_dir: str | None = None
+    out_dir: str = "runs"
+    name: str | None = None
+
+    def resolve(self) -> TrainConfig:
+        """Return a copy with every hyperparameter filled in and every value checked."""
+        if self.dataset not in DATASET_FAMILY:
+            raise BrainPropError(
+                f"unknown dataset {self.dataset!r}: choose one of {', '.join(DATASET_FAMILY)}"
+            )
+        if self.rule not in RULES:
+            raise BrainPropError(f"unknown rule {self.rule!r}: choose one of {', '.join(RULES)}")
+        hp = published_hyperparameters(self.dataset, self.arch)
+        if self.dropout is not None:
+            hp = with_dropout(hp, self.dropout, self.arch)
+        filled = {
+            f.name: getattr(hp, f.name) if getattr(self, f.name) is None else getattr(self, f.name)
+            for f in dataclasses.fields(hp)
+            if f.name != "dropout"
+        }
+        resolved = replace(self, dropout=hp.dropout, **filled)
+        resolved._check()
+        return resolved
+
+    def _check(self) -> None:
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise BrainPropError(message)
+
+        need(_finite(self.lr) and self.lr > 0, f"--lr must be > 0, got {self.lr}")
+        need(0.0 <= self.epsilon <= 1.0, f"--epsilon must lie in [0, 1], got {self.epsilon}")
+        need(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
+        need(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
+        need(self.patience >= 1, f"--patience must be >= 1, got {self.patience}")
+        need(self.min_delta >= 0, f"--min-delta must be >= 0, got {self.min_delta}")
+        need(
+            self.lr_halving_epochs >= 1,
+            f"--lr-halving-epochs must be >= 1, got {self.lr_halving_epochs}",
+        )
+        need(
+            _finite(self.init_std) and self.init_std > 0,
+            f"--init-std must be > 0, got {self.init_std}",
+        )
+        need(_finite(self.l2) and self.l2 >= 0, f"--l2 must be >= 0, got {self.l2}")
+        sites = ARCHITECTURES[self.arch][1]
+        need(
+            len(self.dropout) == sites,
+            f"{self.arch!r} has {sites} dropout sites, got {len(self.dropout)} rates: "
+            f"give {sites} comma-separated rates or one for all",
+        )
+        need(
+            all(0.0 <= r < 1.0 for r in self.dropout),
+            f"dropout rates must lie in [0, 1), got {list(self.dropout)}",
+        )
+        need(
+            self.val == VAL_TEST or (isinstance(self.val, int) and self.val >= 1),
+            f"--val must be 'test' or a positive number of held-out images, got {self.val!r}",
+        )
+        need(self.device == "auto" or _device_ok(self.device), _device_message(self.device))
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (tuples become lists)."""
+        d = dataclasses.asdict(self)
+        if d["dropout"] is not None:
+            d["dropout"] = list(d["dropout"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error, not silently dropped."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise BrainPropError(f"config has unknown keys {unknown}: it was written by another version")
+        d = dict(d)
+        if d.get("dropout") is not None:
+            d["dropout"] = tuple(d["dropout"])
+        return cls(**d)
+
+
+def _finite(x: float) -> bool:
+    return isinstance(x, int | float) and math.isfinite(x)
+
+
+def _device_ok(device: str) -> bool:
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        return False
+    if dev.type == "cuda":
+        return torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()
+    return dev.type == "cpu"
+
+
+def _device_message(device: str) -> str:
+    return (
+        f"device {device!r} is not available here: use --device cpu, or cuda[:N] on a machine "
+        "with a CUDA GPU, or auto"
+    )

@@ -1,0 +1,124 @@
+"""Learning rules as output objectives: BrainProp and error-backpropagation (EBP).
+
+Both take the network's linear outputs ``q`` ([B, K]) and integer labels ``y`` ([B]) and
+return an :class:`Output`. ``loss.backward()`` then delivers each rule's weight update through
+whichever feedback pathway the layers use, so the rule lives entirely in the loss.
+
+BrainProp (Pozzi, Bohte & Roelfsema, NeurIPS 2020): the network *chooses* one class s (the
+argmax with probability 1 - epsilon, else a sample from softmax(q)), receives reward
+r = [s == y], and the reward-prediction error delta = r - q_s is the only error it sees. The
+loss 1/2 (r - q_s)^2 on the chosen unit alone has gradient -delta at unit s and zero elsewhere,
+so backpropagating it sends exactly the attention-gated feedback of the paper: only the chosen
+unit's feedback travels down, gated at each layer by the units' activity derivative.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .errors import BrainPropError
+
+
+@dataclass(frozen=True)
+class Output:
+    """What one objective call produces.
+
+    Attributes:
+        loss: scalar to call ``backward()`` on, averaged over the batch.
+        actions: [B] int64, the class the network chose (EBP: its argmax).
+        rewards: [B] float, 1.0 where the chosen class was right, else 0.0.
+        explored: [B] bool, True where the choice was an exploratory sample, not the argmax.
+    """
+
+    loss: torch.Tensor
+    actions: torch.Tensor
+    rewards: torch.Tensor
+    explored: torch.Tensor
+
+
+class BrainProp:
+    """Reward-based, attention-gated objective.
+
+    Args:
+        epsilon: probability of exploring, i.e. of sampling the action from softmax(q)
+            instead of taking the argmax. 0 makes the choice greedy.
+
+    Selection stays on the device and never reads a value back to the host, so a training step
+    runs without synchronisation and can be captured whole.
+    """
+
+    name = "brainprop"
+    # The published Keras loss sums 1/2 (r - q_s)^2 over the batch and divides by the *nominal*
+    # batch size, so a short last batch takes a proportionally smaller step. The training loop
+    # reproduces that by scaling this objective's (mean) loss by len(batch) / batch_size.
+    sums_over_nominal_batch = True
+
+    def __init__(self, epsilon: float = 0.02) -> None:
+        if not 0.0 <= epsilon <= 1.0:
+            raise BrainPropError(f"epsilon must lie in [0, 1], got {epsilon}: pass e.g. --epsilon 0.02")
+        self.epsilon = epsilon
+
+    def select(
+        self, q: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Choose one action per row of ``q`` ([B, K]); returns (actions [B], explored [B])."""
+        q = q.detach().float()
+        greedy = q.argmax(dim=1)
+        if self.epsilon == 0.0:
+            return greedy, torch.zeros_like(greedy, dtype=torch.bool)
+        explored = torch.rand(q.shape[0], device=q.device, generator=generator) < self.epsilon
+        # Gumbel-max draws from softmax(q) with one uniform per class and no host sync
+        # (torch.multinomial would also do, but it syncs on CUDA to validate its input).
+        uniform = torch.rand(q.shape, device=q.device, generator=generator)
+        gumbel = -torch.log(-torch.log(uniform.clamp_min(torch.finfo(uniform.dtype).tiny)))
+        sampled = (q + gumbel).argmax(dim=1)
+        return torch.where(explored, sampled, greedy), explored
+
+    def __call__(
+        self, q: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None
+    ) -> Output:
+        actions, explored = self.select(q, generator)
+        rewards = (actions == y).to(q.dtype)
+        q_chosen = q.gather(1, actions.unsqueeze(1)).squeeze(1)
+        loss = 0.5 * (rewards - q_chosen).square().mean()
+        return Output(loss=loss, actions=actions, rewards=rewards, explored=explored)
+
+    def __repr__(self) -> str:
+        return f"BrainProp(epsilon={self.epsilon})"
+
+
+class EBP:
+    """Error-backpropagation baseline: softmax + cross-entropy over all outputs."""
+
+    name = "ebp"
+    sums_over_nominal_batch = False
+
+    def __call__(
+        self, q: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None
+    ) -> Output:
+        loss = F.cross_entropy(q, y)
+        actions = q.detach().argmax(dim=1)
+        rewards = (actions == y).to(q.dtype)
+        return Output(
+            loss=loss, actions=actions, rewards=rewards, explored=torch.zeros_like(y, dtype=bool)
+        )
+
+    def __repr__(self) -> str:
+        return "EBP()"
+
+
+Objective = BrainProp | EBP
+
+RULES = ("brainprop", "ebp")
+
+
+def make_objective(rule: str, epsilon: float = 0.02) -> Objective:
+    """Build the objective named ``rule`` ('brainprop' or 'ebp')."""
+    if rule == "brainprop":
+        return BrainProp(epsilon)
+    if rule == "ebp":
+        return EBP()
+    raise BrainPropError(f"unknown rule {rule!r}: choose one of {', '.join(RULES)}")

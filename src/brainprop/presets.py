@@ -1,0 +1,251 @@
+"""The four published architectures and the one table of published hyperparameters.
+
+A preset is data: a builder function in :data:`ARCHITECTURES` plus rows in :data:`PAPER`.
+A new architecture is one builder and one row per dataset.
+
+The builders follow isapome/BrainProp's ``get_architecture.py`` layer for layer: no biases,
+Conv/LocallyConnected -> ReLU -> BatchNorm (Keras momentum 0.99, eps 1e-3), Keras's dropout
+*rates*, and TensorFlow's asymmetric 'same' padding. They work for any input shape. The last
+layer is a bias-free ``nn.Linear`` whose outputs are the Q-values (BrainProp) or the logits
+(EBP); the rule lives in the objective, not in the network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from .errors import BrainPropError
+from .layers import Conv2dSame, LocallyConnected2d
+
+# Keras's BatchNormalization defaults, in PyTorch's convention (momentum = 1 - Keras momentum).
+BN_MOMENTUM = 0.01
+BN_EPS = 1e-3
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    """One row of the hyperparameter table.
+
+    Attributes:
+        lr: SGD learning rate (no momentum).
+        lr_halving_epochs: the learning rate halves every this many epochs.
+        batch_size: training batch size.
+        init_std: standard deviation of the N(0, sigma) initialisation of every weight.
+        l2: Keras ``l2(lambda)`` on every Linear/Conv/LC weight: lambda * sum(w^2) is added to
+            the loss (BatchNorm parameters are not decayed).
+        dropout: one Keras dropout *rate* per dropout site of the architecture, in order.
+    """
+
+    lr: float = 0.1
+    lr_halving_epochs: int = 100
+    batch_size: int = 128
+    init_std: float = 0.005
+    l2: float = 0.0
+    dropout: tuple[float, ...] = ()
+
+
+# Datasets that share a row: Fashion-MNIST has MNIST's format and was not in the paper, so it
+# takes MNIST's settings; CIFAR-100's coarse labels take CIFAR-100's.
+DATASET_FAMILY = {
+    "mnist": "mnist",
+    "fashion-mnist": "mnist",
+    "cifar10": "cifar10",
+    "cifar100": "cifar100",
+    "cifar100-coarse": "cifar100",
+    "tiny-imagenet": "tiny-imagenet",
+}
+
+_CONV = Hyperparameters(dropout=(0.3, 0.3))
+_LOCCON = Hyperparameters(batch_size=32, dropout=(0.3, 0.3))
+_DEEP = Hyperparameters(l2=5e-4, dropout=(0.3, 0.3, 0.8, 0.3))
+
+#: The published hyperparameters (isapome/BrainProp), one row per (dataset family, arch).
+PAPER: dict[tuple[str, str], Hyperparameters] = {
+    ("mnist", "dense"): Hyperparameters(init_std=0.01),
+    ("mnist", "conv"): _CONV,
+    ("mnist", "loccon"): _LOCCON,
+    ("cifar10", "conv"): _CONV,
+    ("cifar10", "loccon"): _LOCCON,
+    ("cifar10", "deep"): _DEEP,
+    ("cifar100", "conv"): _CONV,
+    ("cifar100", "loccon"): _LOCCON,
+    ("cifar100", "deep"): _DEEP,
+    ("tiny-imagenet", "deep"): _DEEP,
+}
+
+
+def published_hyperparameters(dataset: str, arch: str) -> Hyperparameters:
+    """The table row for ``dataset`` and ``arch``; a clear error for unpublished pairs."""
+    if arch not in ARCHITECTURES:
+        raise BrainPropError(f"unknown architecture {arch!r}: choose one of {', '.join(ARCHITECTURES)}")
+    family = DATASET_FAMILY.get(dataset)
+    if family is None:
+        raise BrainPropError(f"unknown dataset {dataset!r}: choose one of {', '.join(DATASET_FAMILY)}")
+    row = PAPER.get((family, arch))
+    if row is None:
+        valid = sorted(a for f, a in PAPER if f == family)
+        raise BrainPropError(
+            f"the paper has no {arch!r} network for {dataset}: choose --arch from {', '.join(valid)}"
+        )
+    return row
+
+
+class _Stack:
+    """Appends layers while tracking the activation shape (C, H, W), so builders fit any input."""
+
+    def __init__(self, input_shape: Sequence[int]) -> None:
+        self.layers: list[nn.Module] = []
+        self.shape = tuple(input_shape)
+
+    def _local(self, make: Callable[..., nn.Module], channels: int, stride: int, padding: str):
+        c, h, w = self.shape
+        layer = make(c, channels, (h, w), stride, padding)
+        self.layers.append(layer)
+        with torch.no_grad():
+            self.shape = tuple(layer(torch.zeros(1, c, h, w)).shape[1:])
+        self.layers += [nn.ReLU(), nn.BatchNorm2d(channels, eps=BN_EPS, momentum=BN_MOMENTUM)]
+
+    def conv(self, channels: int, stride: int = 1) -> None:
+        """3x3 Conv2D, 'same' padding -> ReLU -> BatchNorm."""
+        self._local(
+            lambda c, o, hw, s, p: Conv2dSame(c, o, 3, stride=s, input_size=hw), channels, stride, "same"
+        )
+
+    def loccon(self, channels: int, stride: int = 1) -> None:
+        """3x3 LocallyConnected2D, 'valid' padding -> ReLU -> BatchNorm."""
+        self._local(
+            lambda c, o, hw, s, p: LocallyConnected2d(c, o, hw, 3, stride=s, padding=p),
+            channels,
+            stride,
+            "valid",
+        )
+
+    def pool(self) -> None:
+        c, h, w = self.shape
+        self.layers.append(nn.MaxPool2d(2))
+        self.shape = (c, h // 2, w // 2)
+
+    def dropout(self, rate: float) -> None:
+        self.layers.append(nn.Dropout(rate))
+
+    def flatten(self) -> None:
+        self.layers.append(nn.Flatten())
+        c, h, w = self.shape
+        self.shape = (c * h * w,)
+
+    def dense(self, units: int, relu: bool = True) -> None:
+        self.layers.append(nn.Linear(self.shape[0], units, bias=False))
+        if relu:
+            self.layers.append(nn.ReLU())
+        self.shape = (units,)
+
+
+def _dense(s: _Stack, num_classes: int, dropout: Sequence[float]) -> None:
+    s.flatten()
+    for units in (1500, 1000, 500):
+        s.dense(units)
+    s.dense(num_classes, relu=False)
+
+
+def _shallow(local: str) -> Callable[[_Stack, int, Sequence[float]], None]:
+    def build(s: _Stack, num_classes: int, dropout: Sequence[float]) -> None:
+        add = getattr(s, local)
+        add(32)
+        add(32, stride=2)
+        s.dropout(dropout[0])
+        s.flatten()
+        s.dense(500)
+        s.dropout(dropout[1])
+        s.dense(num_classes, relu=False)
+
+    return build
+
+
+def _deep(s: _Stack, num_classes: int, dropout: Sequence[float]) -> None:
+    s.conv(64)
+    s.conv(64)
+    s.pool()
+    s.dropout(dropout[0])
+    s.conv(128)
+    s.conv(128)
+    s.pool()
+    s.dropout(dropout[1])
+    s.conv(128)
+    s.conv(128)
+    s.conv(128)
+    s.pool()
+    s.dropout(dropout[2])
+    s.flatten()
+    s.dense(500)
+    s.dropout(dropout[3])
+    s.dense(num_classes, relu=False)
+
+
+#: Builder and number of dropout sites per architecture.
+ARCHITECTURES: dict[str, tuple[Callable[[_Stack, int, Sequence[float]], None], int]] = {
+    "dense": (_dense, 0),
+    "conv": (_shallow("conv"), 2),
+    "loccon": (_shallow("loccon"), 2),
+    "deep": (_deep, 4),
+}
+
+
+def build_model(
+    arch: str,
+    input_shape: Sequence[int],
+    num_classes: int,
+    hp: Hyperparameters | None = None,
+    generator: torch.Generator | None = None,
+) -> nn.Sequential:
+    """Build a published architecture for inputs of ``input_shape`` (C, H, W).
+
+    Returns an ``nn.Sequential`` mapping [B, C, H, W] inputs to [B, num_classes] outputs, with
+    every weight drawn from N(0, hp.init_std) using ``generator``.
+    """
+    if arch not in ARCHITECTURES:
+        raise BrainPropError(f"unknown architecture {arch!r}: choose one of {', '.join(ARCHITECTURES)}")
+    builder, sites = ARCHITECTURES[arch]
+    hp = hp or Hyperparameters(dropout=(0.0,) * sites)
+    if len(hp.dropout) != sites:
+        raise BrainPropError(
+            f"{arch!r} has {sites} dropout sites but {len(hp.dropout)} rates were given: "
+            f"pass {sites} comma-separated rates, or one rate for all"
+        )
+    if len(input_shape) != 3:
+        raise BrainPropError(f"input shape must be (C, H, W), got {tuple(input_shape)}")
+    stack = _Stack(input_shape)
+    builder(stack, num_classes, hp.dropout)
+    model = nn.Sequential(*stack.layers)
+    init_weights(model, hp.init_std, generator)
+    return model
+
+
+def init_weights(model: nn.Module, std: float, generator: torch.Generator | None = None) -> None:
+    """Draw every Linear/Conv/LocallyConnected weight from N(0, std), as the Keras code does."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Linear | nn.Conv2d | LocallyConnected2d):
+                module.weight.normal_(0.0, std, generator=generator)
+
+
+def with_dropout(hp: Hyperparameters, rates: Sequence[float], arch: str) -> Hyperparameters:
+    """``hp`` with new dropout rates; a single rate applies to every site of ``arch``."""
+    sites = ARCHITECTURES[arch][1]
+    rates = tuple(rates)
+    if len(rates) == 1:
+        rates = rates * sites
+    return replace(hp, dropout=rates)
+
+
+def decayed_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """Split parameters into (weights under L2, the rest): Keras regularises kernels only."""
+    decay, rest = [], []
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            weighted = isinstance(module, nn.Linear | nn.Conv2d | LocallyConnected2d)
+            (decay if weighted and name == "weight" else rest).append(p)
+    return decay, rest

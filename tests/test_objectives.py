@@ -1,0 +1,119 @@
+"""The rule's semantics: who gets the gradient, the value of delta, and how actions are chosen."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from brainprop.errors import BrainPropError
+from brainprop.objectives import EBP, BrainProp, make_objective
+
+
+def _q(batch=64, classes=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, classes, generator=g, dtype=torch.float64).requires_grad_()
+
+
+def test_gradient_reaches_only_the_chosen_unit_and_equals_minus_delta():
+    q = _q()
+    y = torch.randint(0, 10, (64,), generator=torch.Generator().manual_seed(1))
+    out = BrainProp(epsilon=0.5)(q, y, torch.Generator().manual_seed(2))
+    out.loss.backward()
+    chosen = torch.nn.functional.one_hot(out.actions, 10).bool()
+    assert torch.all(q.grad[~chosen] == 0)
+    delta = out.rewards - q.detach()[chosen]
+    torch.testing.assert_close(q.grad[chosen], -delta / 64, rtol=0, atol=1e-15)
+
+
+def test_reward_and_delta_values():
+    q = torch.tensor([[0.1, 0.9, 0.0], [0.7, 0.2, 0.1]], dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([1, 1])
+    out = BrainProp(epsilon=0.0)(q, y)
+    assert out.actions.tolist() == [1, 0]
+    assert out.rewards.tolist() == [1.0, 0.0]
+    # delta = r - q_s: 1 - 0.9 and 0 - 0.7; loss = mean of delta^2 / 2
+    assert out.loss.item() == pytest.approx((0.1**2 + 0.7**2) / 4)
+    assert not out.explored.any()
+
+
+def test_exploration_rate_matches_epsilon():
+    n, eps = 200_000, 0.1
+    q = torch.zeros(n, 4)
+    q[:, 2] = 5.0
+    out = BrainProp(epsilon=eps)(q, torch.zeros(n, dtype=torch.long), torch.Generator().manual_seed(0))
+    rate = out.explored.double().mean().item()
+    assert abs(rate - eps) < 5 * math.sqrt(eps * (1 - eps) / n)
+    # Greedy choices are the argmax.
+    assert torch.all(out.actions[~out.explored] == 2)
+
+
+def test_exploratory_choices_follow_the_boltzmann_distribution():
+    n = 200_000
+    logits = torch.tensor([0.0, 1.0, 2.0, -1.0])
+    q = logits.expand(n, 4)
+    out = BrainProp(epsilon=1.0)(q, torch.zeros(n, dtype=torch.long), torch.Generator().manual_seed(3))
+    assert out.explored.all()
+    freq = torch.bincount(out.actions, minlength=4).double() / n
+    p = torch.softmax(logits.double(), 0)
+    sd = torch.sqrt(p * (1 - p) / n)
+    assert torch.all((freq - p).abs() < 5 * sd), (freq, p)
+
+
+def test_selection_is_reproducible_with_a_seeded_generator():
+    q = torch.randn(1000, 10)
+    a = BrainProp(0.5).select(q, torch.Generator().manual_seed(7))[0]
+    b = BrainProp(0.5).select(q, torch.Generator().manual_seed(7))[0]
+    assert torch.equal(a, b)
+
+
+def test_brainprop_step_equals_explicit_attention_gated_update():
+    """One SGD step equals delta x pre-synaptic activity x gated feedback, computed by hand."""
+    torch.manual_seed(0)
+    batch, n_in, n_hid, n_out, lr = 8, 5, 7, 4, 0.3
+    w1 = torch.randn(n_hid, n_in, dtype=torch.float64) * 0.5
+    w2 = torch.randn(n_out, n_hid, dtype=torch.float64) * 0.5
+    x = torch.randn(batch, n_in, dtype=torch.float64)
+    y = torch.randint(0, n_out, (batch,))
+
+    net = nn.Sequential(nn.Linear(n_in, n_hid, bias=False), nn.ReLU(), nn.Linear(n_hid, n_out, bias=False))
+    net = net.double()
+    with torch.no_grad():
+        net[0].weight.copy_(w1)
+        net[2].weight.copy_(w2)
+    out = BrainProp(epsilon=0.3)(net(x), y, torch.Generator().manual_seed(5))
+    opt = torch.optim.SGD(net.parameters(), lr=lr)
+    out.loss.backward()
+    opt.step()
+
+    # By hand: forward activities, the chosen unit's feedback, gating, three-factor update.
+    pre = x @ w1.T
+    h = pre.clamp_min(0)
+    q = h @ w2.T
+    s = out.actions
+    delta = out.rewards - q[torch.arange(batch), s]
+    d_w2 = torch.zeros_like(w2)
+    d_w1 = torch.zeros_like(w1)
+    for b in range(batch):
+        d_w2[s[b]] += delta[b] * h[b]                     # output synapses of the chosen unit
+        feedback = w2[s[b]]                               # only unit s sends feedback
+        gated = feedback * (pre[b] > 0).double()          # the attention tag: f'(activity)
+        d_w1 += delta[b] * torch.outer(gated, x[b])       # delta x gated feedback x pre
+    torch.testing.assert_close(net[2].weight.detach(), w2 + lr * d_w2 / batch, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(net[0].weight.detach(), w1 + lr * d_w1 / batch, rtol=1e-12, atol=1e-14)
+
+
+def test_ebp_is_softmax_cross_entropy():
+    q = _q(16, 5)
+    y = torch.arange(16) % 5
+    out = EBP()(q, y)
+    expected = -torch.log_softmax(q.detach(), 1)[torch.arange(16), y].mean()
+    assert out.loss.item() == pytest.approx(expected.item())
+    assert torch.equal(out.actions, q.detach().argmax(1))
+
+
+def test_bad_rule_and_epsilon_are_clear_errors():
+    with pytest.raises(BrainPropError, match="choose one of brainprop, ebp"):
+        make_objective("hebb")
+    with pytest.raises(BrainPropError, match=r"epsilon must lie in \[0, 1\]"):
+        BrainProp(epsilon=1.5)

@@ -1,0 +1,91 @@
+"""The published architectures: parameter counts, padding, layer order, and the table."""
+
+import pytest
+import torch
+from torch import nn
+
+from brainprop.errors import BrainPropError
+from brainprop.layers import Conv2dSame, LocallyConnected2d
+from brainprop.presets import PAPER, build_model, decayed_parameters, published_hyperparameters
+
+SHAPES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32), "cifar100": (3, 32, 32), "tiny-imagenet": (3, 64, 64)}
+CLASSES = {"mnist": 10, "cifar10": 10, "cifar100": 100, "tiny-imagenet": 200}
+
+# Trainable parameters of the Keras models, BatchNorm scale and shift included.
+PUBLISHED_COUNTS = {
+    ("mnist", "dense"): 3_181_000,
+    ("mnist", "conv"): 3_150_632,
+    ("cifar10", "conv"): 4_111_208,
+    ("cifar100", "conv"): 4_156_208,
+    ("mnist", "loccon"): 3_830_920,
+    ("cifar10", "loccon"): 5_725_064,
+    ("cifar100", "loccon"): 5_770_064,
+    ("cifar10", "deep"): 1_732_680,
+    ("cifar100", "deep"): 1_777_680,
+    ("tiny-imagenet", "deep"): 4_899_680,
+}
+
+
+@pytest.mark.parametrize(("dataset", "arch"), sorted(PUBLISHED_COUNTS))
+def test_parameter_counts_match_keras(dataset, arch):
+    model = build_model(arch, SHAPES[dataset], CLASSES[dataset], published_hyperparameters(dataset, arch))
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == PUBLISHED_COUNTS[(dataset, arch)]
+
+
+@pytest.mark.parametrize(("dataset", "arch"), sorted(PAPER))
+def test_every_table_row_builds_and_runs(dataset, arch):
+    model = build_model(arch, SHAPES[dataset], CLASSES[dataset], PAPER[(dataset, arch)])
+    out = model(torch.rand(2, *SHAPES[dataset]))
+    assert out.shape == (2, CLASSES[dataset])
+
+
+def test_no_biases_and_keras_batchnorm():
+    model = build_model("deep", (3, 32, 32), 10, PAPER[("cifar10", "deep")])
+    for m in model.modules():
+        if isinstance(m, nn.Linear | nn.Conv2d | LocallyConnected2d):
+            assert m.bias is None
+        if isinstance(m, nn.BatchNorm2d):
+            assert m.momentum == pytest.approx(0.01) and m.eps == pytest.approx(1e-3)
+
+
+def test_layer_order_conv_relu_batchnorm_and_deep_dropout():
+    model = build_model("deep", (3, 32, 32), 10, PAPER[("cifar10", "deep")])
+    kinds = [type(m) for m in model]
+    for i, k in enumerate(kinds):
+        if k is Conv2dSame:
+            assert kinds[i + 1] is nn.ReLU and kinds[i + 2] is nn.BatchNorm2d
+    rates = [m.p for m in model if isinstance(m, nn.Dropout)]
+    assert rates == [0.3, 0.3, 0.8, 0.3]
+    assert isinstance(model[kinds.index(nn.Flatten) - 1], nn.Dropout) and model[kinds.index(nn.Flatten) - 1].p == 0.8
+
+
+def test_initialisation_is_normal_with_the_table_sigma():
+    model = build_model("dense", (1, 28, 28), 10, PAPER[("mnist", "dense")], torch.Generator().manual_seed(0))
+    w = model[1].weight.detach()
+    assert w.mean().abs() < 1e-4
+    assert w.std().item() == pytest.approx(0.01, rel=0.01)
+
+
+def test_the_table_holds_the_published_values():
+    assert PAPER[("mnist", "dense")].init_std == 0.01
+    assert PAPER[("mnist", "conv")].init_std == 0.005
+    assert PAPER[("cifar10", "loccon")].batch_size == 32
+    assert PAPER[("cifar10", "deep")].l2 == 5e-4 and PAPER[("cifar10", "conv")].l2 == 0
+    assert {row.lr for row in PAPER.values()} == {0.1}
+    assert {row.lr_halving_epochs for row in PAPER.values()} == {100}
+
+
+def test_only_weights_are_decayed():
+    model = build_model("deep", (3, 32, 32), 10, PAPER[("cifar10", "deep")])
+    decay, rest = decayed_parameters(model)
+    assert all(p.dim() >= 2 for p in decay) and all(p.dim() == 1 for p in rest)
+    assert len(decay) == 9 and len(rest) == 14
+
+
+def test_unpublished_pairs_and_unknown_names_are_one_line_errors():
+    with pytest.raises(BrainPropError, match="choose --arch from conv, dense, loccon"):
+        published_hyperparameters("mnist", "deep")
+    with pytest.raises(BrainPropError, match="unknown architecture 'resnet'"):
+        published_hyperparameters("mnist", "resnet")
+    with pytest.raises(BrainPropError, match="2 dropout sites"):
+        build_model("conv", (1, 28, 28), 10, PAPER[("mnist", "dense")])
