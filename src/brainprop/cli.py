@@ -1,0 +1,166 @@
+"""The ``brainprop`` command: argument parsing and one-line errors over the library.
+
+Every sub-command is a thin call into the library (``train``, ``evaluate``, ``load_dataset`` ...).
+A :class:`~brainprop.errors.BrainPropError` becomes one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from .errors import BrainPropError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument as one line, not usage plus message."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"brainprop: error: {message} (see '{self.prog} --help')\n")
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _val(text: str) -> str | int:
+    if text == "test":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected 'test' or a number of training images to hold out, got {text!r}"
+        ) from None
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    from .data import DATASET_NAMES
+    from .objectives import RULES
+    from .presets import ARCHITECTURES
+
+    p = sub.add_parser("train", help="train one network", description="Train one network.")
+    p.add_argument("--dataset", choices=DATASET_NAMES, default="mnist")
+    p.add_argument("--arch", choices=list(ARCHITECTURES), default="conv")
+    p.add_argument("--rule", choices=RULES, default="brainprop")
+    p.add_argument("--epsilon", type=float, default=0.02, help="BrainProp exploration rate")
+    hp = p.add_argument_group("hyperparameters (default: the paper's value for dataset and arch)")
+    hp.add_argument("--lr", type=float)
+    hp.add_argument("--lr-halving-epochs", type=int, help="halve the learning rate every N epochs")
+    hp.add_argument("--batch-size", type=int)
+    hp.add_argument("--init-std", type=float, help="sigma of the N(0, sigma) weight initialisation")
+    hp.add_argument("--l2", type=float, help="Keras l2(lambda) on the weights")
+    hp.add_argument("--dropout", type=_float_list, help="one rate, or one per dropout site")
+    stop = p.add_argument_group("stopping and validation")
+    stop.add_argument("--epochs", type=int, default=500, help="maximum number of epochs")
+    stop.add_argument("--patience", type=int, default=45)
+    stop.add_argument("--min-delta", type=float, default=0.001)
+    stop.add_argument(
+        "--val", type=_val, default="test",
+        help="'test' (validate on the test set, as the paper) or N held-out training images",
+    )  # fmt: skip
+    stop.add_argument("--val-split", type=int, metavar="N", help="same as --val N")
+    run = p.add_argument_group("run")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    run.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only)")
+    run.add_argument("--data-dir", help="data root (default: $BRAINPROP_DATA, else data/)")
+    run.add_argument("--out", default="runs", help="folder for run directories")
+    run.add_argument("--name", help="run directory name (default: dataset-arch-rule-seed-time)")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
+    run.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .config import TrainConfig
+    from .train import train
+
+    config = TrainConfig(
+        dataset=args.dataset,
+        arch=args.arch,
+        rule=args.rule,
+        epsilon=args.epsilon,
+        lr=args.lr,
+        lr_halving_epochs=args.lr_halving_epochs,
+        batch_size=args.batch_size,
+        init_std=args.init_std,
+        l2=args.l2,
+        dropout=args.dropout,
+        epochs=args.epochs,
+        patience=args.patience,
+        min_delta=args.min_delta,
+        val=args.val if args.val_split is None else args.val_split,
+        seed=args.seed,
+        device=args.device,
+        bf16=args.bf16,
+        data_dir=args.data_dir,
+        out_dir=args.out,
+        name=args.name,
+    )
+    run = train(config, resume=args.resume, progress=not args.quiet)
+    if args.quiet:
+        print(json.dumps(run.summary))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .train import evaluate
+
+    result = evaluate(args.target, data_dir=args.data_dir, device=args.device)
+    print(f"test accuracy {result['test_acc']:.4f} on {result['test_size']} {result['dataset']} images")
+    print(json.dumps(result))
+    return 0
+
+
+def _datasets(args: argparse.Namespace) -> int:
+    from .data import dataset_status, resolve_data_root
+
+    root = resolve_data_root(args.data_dir)
+    print(f"data root: {root}")
+    for row in dataset_status(root):
+        print(row)
+    return 0
+
+
+def _download(args: argparse.Namespace) -> int:
+    from .data import download, resolve_data_root
+
+    path = download(args.name, resolve_data_root(args.data_dir))
+    print(f"{args.name} is ready in {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="brainprop", description="BrainProp and EBP training for PyTorch.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_train(sub)
+    p = sub.add_parser("evaluate", help="test accuracy of a run or checkpoint")
+    p.add_argument("target", help="a run directory (uses its best.pt) or a checkpoint file")
+    p.add_argument("--data-dir")
+    p.add_argument("--device", default="auto")
+    p = sub.add_parser("datasets", help="which datasets are present, and how to get the rest")
+    p.add_argument("--data-dir")
+    p = sub.add_parser("download", help="fetch a dataset's official archives")
+    p.add_argument("name")
+    p.add_argument("--data-dir")
+    return parser
+
+
+COMMANDS = {"train": _train, "evaluate": _evaluate, "datasets": _datasets, "download": _download}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except BrainPropError as e:
+        print(f"brainprop: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("brainprop: interrupted", file=sys.stderr)
+        return 130

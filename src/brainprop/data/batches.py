@@ -1,0 +1,46 @@
+"""On-device batching: the whole split lives on the device as uint8.
+
+Shuffling is one ``randperm`` on the device per epoch, a batch is one gather, and scaling to
+[0, 1] happens on the gathered batch. There are no DataLoader workers and no per-sample Python:
+for these small images a host-side loader costs more than the step itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+
+def num_batches(n: int, batch_size: int) -> int:
+    """Batches per epoch, keeping the last partial batch as Keras's ``fit`` does."""
+    return -(-n // batch_size)
+
+
+def to_float(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 images [B, C, H, W] -> ``dtype`` in [0, 1] (the paper's inputs / 255)."""
+    return x.to(dtype).div_(255.0)
+
+
+def shuffled_batches(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int,
+    generator: torch.Generator,
+    dtype: torch.dtype = torch.float32,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch of shuffled (images [b, C, H, W] in [0, 1], labels [b]) batches.
+
+    ``x`` is uint8 [N, C, H, W] and ``y`` int64 [N], both on the device of ``generator``.
+    """
+    perm = torch.randperm(x.shape[0], device=x.device, generator=generator)
+    for idx in perm.split(batch_size):
+        yield to_float(x[idx], dtype), y[idx]
+
+
+def ordered_batches(
+    x: torch.Tensor, y: torch.Tensor, batch_size: int, dtype: torch.dtype = torch.float32
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(images, labels) batches in dataset order, for evaluation."""
+    for xb, yb in zip(x.split(batch_size), y.split(batch_size), strict=True):
+        yield to_float(xb, dtype), yb

@@ -1,0 +1,98 @@
+"""The run directory: one folder per run holding everything a run produces.
+
+```
+<out_dir>/<name>/
+    config.json     the resolved TrainConfig
+    history.csv     one row per epoch (also history.json)
+    last.pt         full training state, rewritten every epoch (resume reads it)
+    best.pt         model weights at the best validation epoch
+    accuracy.png    training reward rate and validation/test accuracy per epoch
+    summary.json    best validation accuracy and epoch, test accuracy there, timings, device
+```
+Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import atomic_write, atomic_write_json, atomic_write_text
+from .errors import BrainPropError
+
+CONFIG, HISTORY_CSV, HISTORY_JSON = "config.json", "history.csv", "history.json"
+LAST, BEST, PLOT, SUMMARY = "last.pt", "best.pt", "accuracy.png", "summary.json"
+
+
+def create(out_dir: str | Path, name: str) -> Path:
+    """Make a new, empty run folder ``out_dir/name`` (suffixed -2, -3, ... if taken)."""
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for i in range(1, 10_000):
+            path = out / (name if i == 1 else f"{name}-{i}")
+            try:
+                path.mkdir()
+            except FileExistsError:
+                continue
+            probe = path / ".write-test"
+            probe.write_bytes(b"x")
+            probe.unlink()
+            return path
+    except OSError as e:
+        raise BrainPropError(
+            f"cannot write runs under {out} ({e.strerror or e}): pass a writable --out folder"
+        ) from None
+    raise BrainPropError(f"{out} already holds 9999 runs named {name!r}: pass another --name")
+
+
+def default_name(dataset: str, arch: str, rule: str, seed: int) -> str:
+    return f"{dataset}-{arch}-{rule}-s{seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def write_history(run: Path, history: list[dict[str, Any]]) -> None:
+    atomic_write_json(run / HISTORY_JSON, history)
+    if not history:
+        return
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(history[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write_text(run / HISTORY_CSV, buf.getvalue())
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BrainPropError(f"{path} is missing: is {path.parent} a brainprop run directory?") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise BrainPropError(f"{path} is not valid JSON: the run directory is damaged") from None
+
+
+def write_plot(run: Path, history: list[dict[str, Any]], title: str) -> None:
+    """Training reward rate and validation/test accuracy per epoch, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(epochs, [h["train_reward"] for h in history], label="train reward rate")
+    ax.plot(epochs, [h["val_acc"] for h in history], label="validation accuracy")
+    if any(h["test_acc"] != h["val_acc"] for h in history):
+        ax.plot(epochs, [h["test_acc"] for h in history], label="test accuracy")
+    best = max(history, key=lambda h: h["val_acc"])
+    ax.plot([best["epoch"]], [best["val_acc"]], "ks", label=f"best {best['val_acc']:.4f}")
+    ax.set(xlabel="epoch", ylabel="accuracy", title=title, ylim=(0, 1.02))
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write(run / PLOT, lambda f: f.write(buf.getvalue()))
