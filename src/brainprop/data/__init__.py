@@ -1,0 +1,23 @@
+"""Datasets read from their official on-disk formats into uint8 ``[N, C, H, W]`` tensors.
+
+Layout under the data root (see :func:`resolve_data_root`):
+
+- ``mnist/``, ``fashion-mnist/``: the four official IDX files, gzipped or not.
+- ``cifar10/cifar-10-batches-py/``, ``cifar100/cifar-100-python/``: the official pickles.
+- ``tiny-imagenet/tiny-imagenet-200/``: the official folder tree.
+"""
+
+from .dataset import Dataset
+from .fetch import download
+from .registry import DATASET_NAMES, DatasetStatus, dataset_status, load_dataset
+from .root import resolve_data_root
+
+__all__ = [
+    "DATASET_NAMES",
+    "Dataset",
+    "DatasetStatus",
+    "dataset_status",
+    "download",
+    "load_dataset",
+    "resolve_data_root",
+]

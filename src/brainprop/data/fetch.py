@@ -1,0 +1,310 @@
+"""Fetching datasets from their official hosts (`brainprop download`): checksum first, then
+extract safely, then rename.
+
+Nothing lands at its final path until it is complete and verified: archives stream to a temp
+file beside the destination, their md5 is checked before extraction, every member path is
+checked to stay inside the destination (no zip/tar slip, no links), and the extracted folder
+is renamed into place in one step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import shutil
+import tarfile
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO
+
+from tqdm import tqdm
+
+from brainprop.errors import BrainPropError
+
+from .idx import IDX_FILE_NAMES
+from .messages import reason
+from .registry import check_name, data_dir, dataset_status
+from .root import resolve_data_root
+
+CHUNK = 1 << 20
+URL_SCHEMES = ("http", "https", "file")
+URL_FIX = "the base URL must start with http://, https:// or file://"
+TIMEOUT_S = 60
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a dataset's files come from and where they go under the data root."""
+
+    base_url: str
+    files: tuple[str, ...]  # names on the server, fetched as base_url + name
+    folder: str  # destination under the data root
+    top: str | None  # the folder an archive must unpack to; None: keep the files as they are
+
+
+_IDX_GZ = tuple(f"{name}.gz" for name in IDX_FILE_NAMES)
+_CIFAR100 = Source(
+    "https://www.cs.toronto.edu/~kriz/",
+    ("cifar-100-python.tar.gz",),
+    "cifar100",
+    "cifar-100-python",
+)
+
+SOURCES: dict[str, Source] = {
+    "mnist": Source("https://ossci-datasets.s3.amazonaws.com/mnist/", _IDX_GZ, "mnist", None),
+    "fashion-mnist": Source(
+        "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+        _IDX_GZ,
+        "fashion-mnist",
+        None,
+    ),
+    "cifar10": Source(
+        "https://www.cs.toronto.edu/~kriz/",
+        ("cifar-10-python.tar.gz",),
+        "cifar10",
+        "cifar-10-batches-py",
+    ),
+    "cifar100": _CIFAR100,
+    "cifar100-coarse": _CIFAR100,
+    "tiny-imagenet": Source(
+        "http://cs231n.stanford.edu/",
+        ("tiny-imagenet-200.zip",),
+        "tiny-imagenet",
+        "tiny-imagenet-200",
+    ),
+}
+
+#: md5 of each published file, keyed by ``<destination folder>/<file name>``.
+MD5: dict[str, str] = {
+    "mnist/train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+    "mnist/train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+    "mnist/t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+    "mnist/t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
+    "fashion-mnist/train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+    "fashion-mnist/train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+    "fashion-mnist/t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+    "fashion-mnist/t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
+    "cifar10/cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a",
+    "cifar100/cifar-100-python.tar.gz": "eb9058c3a382ffc7106e4002c42a8d85",
+    "tiny-imagenet/tiny-imagenet-200.zip": "90528d7ca1a48142e341f4ef8d21d0de",
+}
+
+
+def download(
+    name: str, root: str | Path | None = None, *, base_url: str | None = None, progress: bool = True
+) -> Path:
+    """Download dataset ``name`` into ``root`` (``None``: :func:`resolve_data_root`).
+
+    Args:
+        name: one of ``DATASET_NAMES``.
+        root: the data root.
+        base_url: replaces the official host (and path), e.g. for a mirror or a test server.
+        progress: show a tqdm progress bar per file.
+
+    Returns:
+        The folder the loader reads, e.g. ``root/cifar10/cifar-10-batches-py``. Nothing is
+        fetched when the data root already has the dataset.
+    """
+    check_name(name)
+    if base_url is not None and urllib.parse.urlsplit(base_url).scheme not in URL_SCHEMES:
+        raise BrainPropError(f"base URL {base_url!r} is not a URL: {URL_FIX}")
+    root = resolve_data_root(root)
+    source = SOURCES[name]
+    dest = root / source.folder
+    status = next(s for s in dataset_status(root) if s.name == name)
+    # A copy elsewhere (a system package's folder) does not count: the user asked for one here.
+    if status.present and status.path.is_relative_to(dest):
+        return status.path
+    created = not dest.exists()
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BrainPropError(
+            f"cannot create {dest} ({reason(exc)}): choose a writable data root with "
+            "--data-dir or BRAINPROP_DATA"
+        ) from exc
+    try:
+        for file_name in source.files:
+            url = (base_url or source.base_url).rstrip("/") + "/" + file_name
+            by_hand = f"put it in {dest}" if source.top is None else f"extract it into {dest}"
+            part = _fetch(url, dest, MD5[f"{source.folder}/{file_name}"], by_hand, progress)
+            try:
+                if source.top is None:
+                    os.replace(part, dest / file_name)
+                else:
+                    extract_archive(
+                        part, dest, source.top, archive_name=file_name, progress=progress
+                    )
+            finally:
+                part.unlink(missing_ok=True)
+    except BaseException:
+        # A failed first download leaves no empty folder behind to confuse `brainprop datasets`.
+        if created and not any(dest.iterdir()):
+            dest.rmdir()
+        raise
+    return data_dir(name, root)
+
+
+def _read_chunk(response: BinaryIO, url: str, by_hand: str) -> bytes:
+    try:
+        return response.read(CHUNK)
+    except (OSError, http.client.HTTPException) as exc:
+        raise _offline(url, exc, by_hand) from exc
+
+
+def _offline(url: str, exc: BaseException, by_hand: str) -> BrainPropError:
+    return BrainPropError(
+        f"cannot download {url} ({reason(exc)}): this machine seems offline; "
+        f"download it by hand and {by_hand}"
+    )
+
+
+def _fetch(url: str, dest: Path, expected_md5: str, by_hand: str, progress: bool) -> Path:
+    """Stream ``url`` into a temp file in ``dest`` and return it once its md5 matches."""
+    file_name = url.rsplit("/", 1)[-1]
+    try:
+        fd, tmp = tempfile.mkstemp(dir=dest, prefix=f".{file_name}.", suffix=".part")
+    except OSError as exc:
+        raise _disk_error(dest, exc) from exc
+    part = Path(tmp)
+    digest = hashlib.md5()
+    try:
+        with os.fdopen(fd, "wb") as out:
+            try:
+                response = urllib.request.urlopen(url, timeout=TIMEOUT_S)
+            except urllib.error.HTTPError as exc:
+                exc.close()  # it holds the open error response
+                raise BrainPropError(
+                    f"cannot download {url} (HTTP {exc.code} {exc.reason}): "
+                    f"download it by hand and {by_hand}"
+                ) from exc
+            except (OSError, http.client.HTTPException) as exc:
+                raise _offline(url, exc, by_hand) from exc
+            except ValueError as exc:
+                raise BrainPropError(f"cannot download {url} ({reason(exc)}): {URL_FIX}") from exc
+            with response:
+                total = int(response.headers.get("Content-Length") or 0) or None
+                with tqdm(
+                    total=total, unit="B", unit_scale=True, desc=file_name, disable=not progress
+                ) as bar:
+                    while chunk := _read_chunk(response, url, by_hand):
+                        out.write(chunk)
+                        digest.update(chunk)
+                        bar.update(len(chunk))
+        if digest.hexdigest() != expected_md5:
+            raise BrainPropError(
+                f"downloaded {url} has md5 {digest.hexdigest()}, expected {expected_md5}: "
+                f"the download is damaged; run the command again or download it by hand and "
+                f"{by_hand}"
+            )
+    except OSError as exc:
+        # Network OSErrors were already turned into BrainPropError, so this one is local.
+        part.unlink(missing_ok=True)
+        raise _disk_error(dest, exc) from exc
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    return part
+
+
+def _disk_error(dest: Path, exc: OSError) -> BrainPropError:
+    return BrainPropError(
+        f"cannot write into {dest} ({reason(exc)}): check free disk space and permissions"
+    )
+
+
+def _member_path(work: Path, member: str, archive_name: str) -> Path:
+    """Where ``member`` goes inside ``work``; refuses names that would land outside it."""
+    posix = PurePosixPath(member.replace("\\", "/"))
+    parts = [p for p in posix.parts if p not in ("", ".")]
+    if posix.is_absolute() or ".." in parts or (parts and ":" in parts[0]) or not parts:
+        raise BrainPropError(
+            f"archive {archive_name} has a member {member!r} that points outside its folder: "
+            "refusing to extract it; download the official file again"
+        )
+    return work.joinpath(*parts)
+
+
+def _refuse_member(archive_name: str, member: str, kind: str) -> BrainPropError:
+    return BrainPropError(
+        f"archive {archive_name} has a {kind} member {member!r}: refusing to extract it; "
+        "download the official file again"
+    )
+
+
+def _extract_tar(archive: Path, work: Path, archive_name: str, progress: bool) -> None:
+    with tarfile.open(archive, "r:*") as tar:
+        for member in tqdm(
+            tar, desc=f"extracting {archive_name}", unit="file", disable=not progress
+        ):
+            target = _member_path(work, member.name, archive_name)
+            if member.issym() or member.islnk():
+                raise _refuse_member(archive_name, member.name, "link")
+            if member.isdir():
+                target.mkdir(parents=True, exist_ok=True)
+            elif member.isfile():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                src = tar.extractfile(member)
+                assert src is not None  # regular files always have a stream
+                with src, open(target, "wb") as dst:
+                    shutil.copyfileobj(src, dst, CHUNK)
+            else:
+                raise _refuse_member(archive_name, member.name, "special-file")
+
+
+def _extract_zip(archive: Path, work: Path, archive_name: str, progress: bool) -> None:
+    with zipfile.ZipFile(archive) as zf:
+        for info in tqdm(
+            zf.infolist(), desc=f"extracting {archive_name}", unit="file", disable=not progress
+        ):
+            target = _member_path(work, info.filename, archive_name)
+            # Unix mode bits live in the high 16 bits of external_attr; 0o12 is a symlink.
+            if (info.external_attr >> 16) & 0o170000 == 0o120000:
+                raise _refuse_member(archive_name, info.filename, "link")
+            if info.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(info) as src, open(target, "wb") as dst:
+                    shutil.copyfileobj(src, dst, CHUNK)
+
+
+def extract_archive(
+    archive: Path, dest: Path, top: str, *, archive_name: str, progress: bool = False
+) -> Path:
+    """Extract ``archive`` (zip or tar, any compression) and move its ``top`` folder to
+    ``dest/top`` in one rename. Returns ``dest/top``.
+
+    A leftover ``dest/top`` (an earlier, incomplete copy) is replaced.
+    """
+    work = Path(tempfile.mkdtemp(dir=dest, prefix=".extract-"))
+    try:
+        try:
+            if archive_name.endswith(".zip"):
+                _extract_zip(archive, work, archive_name, progress)
+            else:
+                _extract_tar(archive, work, archive_name, progress)
+        except (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
+            raise BrainPropError(
+                f"cannot extract {archive_name} into {dest} ({reason(exc)}): check free disk "
+                "space and permissions, then run the command again"
+            ) from exc
+        extracted = work / top
+        if not extracted.is_dir():
+            raise BrainPropError(
+                f"archive {archive_name} has no {top}/ folder: download the official file again"
+            )
+        target = dest / top
+        if target.exists():
+            os.replace(target, work / ".stale")
+        os.replace(extracted, target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return target

@@ -1,0 +1,177 @@
+"""MNIST and Fashion-MNIST from the official IDX files (gzipped or not).
+
+IDX layout: 2 zero bytes, a type byte (0x08 = uint8), a byte with the number of dimensions,
+then one big-endian uint32 per dimension, then the data in C order.
+"""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from brainprop.errors import BrainPropError
+
+from .dataset import Dataset
+from .messages import reason, redownload
+
+IMAGES_MAGIC = 0x00000803
+LABELS_MAGIC = 0x00000801
+IMAGE_SIZE = (28, 28)
+NUM_CLASSES = 10
+
+#: split -> (images file, labels file), without the optional ``.gz``.
+SPLIT_FILES: dict[str, tuple[str, str]] = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+IDX_FILE_NAMES: tuple[str, ...] = tuple(f for pair in SPLIT_FILES.values() for f in pair)
+
+TITLES = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST"}
+
+#: Folders a system package fills, used when the data root has none of the files.
+SYSTEM_DIRS: dict[str, Path] = {
+    "fashion-mnist": Path("/usr/share/datasets/fashion-mnist"),
+}
+SYSTEM_PACKAGES = {"fashion-mnist": "dataset-fashion-mnist"}
+
+
+def parse_idx(data: bytes, *, magic: int, source: str, fix: str) -> np.ndarray:
+    """Parse one uint8 IDX file held in ``data``.
+
+    Args:
+        data: the whole (uncompressed) file.
+        magic: the expected magic number, which also fixes the number of dimensions.
+        source: how to name the file in messages, e.g. ``"MNIST file /x/t10k-images..."``.
+        fix: what the user should do about a bad file.
+
+    Returns:
+        uint8 array whose shape is the header's dimensions, e.g. ``[N, 28, 28]``.
+    """
+    if len(data) == 0:
+        raise BrainPropError(f"{source} is empty (0 bytes): {fix}")
+    if len(data) < 4:
+        raise BrainPropError(f"{source} is truncated ({len(data)} bytes, no IDX header): {fix}")
+    got = int.from_bytes(data[:4], "big")
+    if got != magic:
+        raise BrainPropError(
+            f"{source} has magic number 0x{got:08x}, expected 0x{magic:08x}: "
+            f"it is not the right IDX file; {fix}"
+        )
+    ndim = magic & 0xFF
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise BrainPropError(
+            f"{source} is truncated ({len(data)} bytes, header needs {header}): {fix}"
+        )
+    dims = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    expected = 1
+    for d in dims:
+        expected *= d
+    got_len = len(data) - header
+    if got_len != expected:
+        state = "is truncated" if got_len < expected else "has trailing bytes"
+        raise BrainPropError(
+            f"{source} {state} (expected {expected} bytes of data for dimensions "
+            f"{'x'.join(map(str, dims))}, got {got_len}): {fix}"
+        )
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims).copy()
+
+
+def read_idx_file(path: Path, *, magic: int, source: str, fix: str) -> np.ndarray:
+    """Read and parse the IDX file at ``path``, decompressing it when it ends in ``.gz``."""
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as f:
+                data = f.read()
+        else:
+            data = path.read_bytes()
+    except (OSError, EOFError, zlib.error) as exc:
+        # gzip.BadGzipFile is an OSError; a cut-off gzip stream raises EOFError.
+        raise BrainPropError(f"{source} cannot be read ({reason(exc)}): {fix}") from exc
+    return parse_idx(data, magic=magic, source=source, fix=fix)
+
+
+def find_idx_file(folder: Path, base: str) -> Path | None:
+    """``folder/base`` if it exists, else ``folder/base.gz``, else ``None``."""
+    for candidate in (folder / base, folder / f"{base}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def idx_dataset_dir(name: str, root: Path) -> Path:
+    """The folder the loader reads for ``name``: ``root/name``, or the system package's
+    folder when ``root/name`` has none of the four files and the system folder has all."""
+    own = root / name
+    if any(find_idx_file(own, base) for base in IDX_FILE_NAMES):
+        return own
+    system = SYSTEM_DIRS.get(name)
+    if system is not None and all(find_idx_file(system, base) for base in IDX_FILE_NAMES):
+        return system
+    return own
+
+
+def how_to_get(name: str, folder: Path) -> str:
+    """A one-line hint on obtaining the IDX files of ``name`` into ``folder``."""
+    hint = (
+        f"put the four official IDX files (gzipped or not) in {folder} "
+        f"or run 'brainprop download {name}'"
+    )
+    if name in SYSTEM_PACKAGES:
+        hint += f" (or 'apt-get install {SYSTEM_PACKAGES[name]}')"
+    return hint
+
+
+def _load_split(name: str, folder: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return uint8 images ``[N, 1, 28, 28]`` and int64 labels ``[N]`` of one split."""
+    title = TITLES[name]
+    arrays = []
+    for base, magic in zip(SPLIT_FILES[split], (IMAGES_MAGIC, LABELS_MAGIC), strict=True):
+        path = find_idx_file(folder, base)
+        if path is None:
+            raise BrainPropError(
+                f"{title} file {folder / base}(.gz) is missing: {how_to_get(name, folder)}"
+            )
+        fix = redownload(name)
+        arrays.append(
+            (path, read_idx_file(path, magic=magic, source=f"{title} file {path}", fix=fix))
+        )
+    (images_path, images), (labels_path, labels) = arrays
+    if images.shape[1:] != IMAGE_SIZE:
+        raise BrainPropError(
+            f"{title} file {images_path} holds {images.shape[1]}x{images.shape[2]} images, "
+            f"expected 28x28: {redownload(name)}"
+        )
+    if images.shape[0] == 0:
+        raise BrainPropError(f"{title} file {images_path} holds no images: {redownload(name)}")
+    if images.shape[0] != labels.shape[0]:
+        raise BrainPropError(
+            f"{title} {split} split has {images.shape[0]} images in {images_path} but "
+            f"{labels.shape[0]} labels in {labels_path}: delete both and run "
+            f"'brainprop download {name}'"
+        )
+    bad = np.flatnonzero(labels >= NUM_CLASSES)
+    if bad.size:
+        raise BrainPropError(
+            f"{title} file {labels_path} has label {labels[bad[0]]} at index {bad[0]}, "
+            f"expected 0..{NUM_CLASSES - 1}: {redownload(name)}"
+        )
+    x = torch.from_numpy(images).unsqueeze(1).contiguous()
+    y = torch.from_numpy(labels.astype(np.int64))
+    return x, y
+
+
+def load_idx_dataset(name: str, root: Path) -> Dataset:
+    """Load ``"mnist"`` or ``"fashion-mnist"`` from ``root/<name>/`` (or the system folder).
+
+    Returns a :class:`Dataset` with ``train_x`` uint8 ``[60000, 1, 28, 28]`` and ``test_x``
+    ``[10000, 1, 28, 28]`` for the official files.
+    """
+    folder = idx_dataset_dir(name, root)
+    train_x, train_y = _load_split(name, folder, "train")
+    test_x, test_y = _load_split(name, folder, "test")
+    return Dataset(name, train_x, train_y, test_x, test_y, NUM_CLASSES)

@@ -1,0 +1,121 @@
+"""The dataset names, and the single entry point that loads any of them by name."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from brainprop.errors import BrainPropError
+
+from .cifar import LAYOUTS, cifar_dir, load_cifar
+from .dataset import Dataset
+from .idx import (
+    IDX_FILE_NAMES,
+    SYSTEM_PACKAGES,
+    find_idx_file,
+    how_to_get,
+    idx_dataset_dir,
+    load_idx_dataset,
+)
+from .root import resolve_data_root
+from .tinyimagenet import CACHE_DIR, load_tiny_imagenet, tiny_imagenet_dir
+
+DATASET_NAMES: tuple[str, ...] = (
+    "mnist",
+    "fashion-mnist",
+    "cifar10",
+    "cifar100",
+    "cifar100-coarse",
+    "tiny-imagenet",
+)
+_IDX = ("mnist", "fashion-mnist")
+
+
+@dataclass(frozen=True)
+class DatasetStatus:
+    """Whether one dataset is available under a data root (for ``brainprop datasets``).
+
+    Attributes:
+        name: the dataset name.
+        present: all files the loader needs exist (their content is checked only on load).
+        path: the folder the loader reads, or would read once the files are there.
+        how_to_get: one line on obtaining the files.
+        note: where a present dataset comes from when not the data root itself, or cache state.
+    """
+
+    name: str
+    present: bool
+    path: Path
+    how_to_get: str
+    note: str = ""
+
+    def __str__(self) -> str:
+        """One table row: name, present/missing, folder, then the note or how to get it."""
+        state = "present" if self.present else "missing"
+        extra = self.note if self.present else self.how_to_get
+        return f"{self.name:<16} {state:<8} {self.path}" + (f"  ({extra})" if extra else "")
+
+
+def check_name(name: str) -> None:
+    """Raise :class:`BrainPropError` unless ``name`` is in :data:`DATASET_NAMES`."""
+    if name not in DATASET_NAMES:
+        raise BrainPropError(f"unknown dataset {name!r}: choose one of {', '.join(DATASET_NAMES)}")
+
+
+def data_dir(name: str, root: Path) -> Path:
+    """The folder the loader of ``name`` reads under ``root``."""
+    check_name(name)
+    if name in _IDX:
+        return idx_dataset_dir(name, root)
+    if name in LAYOUTS:
+        return cifar_dir(name, root)
+    return tiny_imagenet_dir(root)
+
+
+def load_dataset(name: str, root: str | Path | None = None) -> Dataset:
+    """Load dataset ``name`` from ``root`` (``None``: :func:`resolve_data_root`).
+
+    Returns a :class:`Dataset` with uint8 ``[N, C, H, W]`` images and int64 labels.
+    """
+    check_name(name)
+    root = resolve_data_root(root)
+    if name in _IDX:
+        return load_idx_dataset(name, root)
+    if name in LAYOUTS:
+        return load_cifar(name, root)
+    return load_tiny_imagenet(root)
+
+
+def _status(name: str, root: Path) -> DatasetStatus:
+    folder = data_dir(name, root)
+    if name in _IDX:
+        present = all(find_idx_file(folder, base) for base in IDX_FILE_NAMES)
+        note = ""
+        if present and folder != root / name:
+            note = f"from system package {SYSTEM_PACKAGES[name]}"
+        return DatasetStatus(name, present, folder, how_to_get(name, root / name), note)
+    if name in LAYOUTS:
+        layout = LAYOUTS[name]
+        files = layout.train_files + layout.test_files
+        present = all((folder / f).is_file() for f in files)
+        hint = (
+            f"run 'brainprop download {layout.download_name}' or extract the official python "
+            f"archive into {folder.parent}"
+        )
+        return DatasetStatus(name, present, folder, hint)
+    present = all(
+        p.exists()
+        for p in (folder / "wnids.txt", folder / "train", folder / "val" / "val_annotations.txt")
+    )
+    hint = f"run 'brainprop download {name}' or unzip tiny-imagenet-200.zip into {folder.parent}"
+    note = "decoded cache present" if (folder / CACHE_DIR / "manifest.json").is_file() else ""
+    return DatasetStatus(name, present, folder, hint, note)
+
+
+def dataset_status(root: str | Path | None = None) -> list[DatasetStatus]:
+    """One :class:`DatasetStatus` per name in :data:`DATASET_NAMES`, in that order.
+
+    Only checks that files exist, so it is quick even for Tiny ImageNet.
+    """
+    root = resolve_data_root(root)
+    return [_status(name, root) for name in DATASET_NAMES]

@@ -1,0 +1,230 @@
+"""Tiny ImageNet (200 classes of 64x64 JPEGs) from the official folder tree.
+
+Class index = line number in ``wnids.txt``, so labels do not depend on directory listing order
+(the reference Keras code used ``os.listdir`` order, which varies between file systems). The
+official test split has no labels, so the ``val`` split serves as the test split.
+
+Decoding ~110k JPEGs takes a minute, so the result is cached once as ``.npy`` files inside the
+dataset folder and reused while a small manifest (file list and labels) still matches the tree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from brainprop.errors import BrainPropError
+
+from .dataset import Dataset
+from .messages import reason
+
+NAME = "tiny-imagenet"
+SUBDIR = "tiny-imagenet-200"
+IMAGE_SIZE = (64, 64)
+CACHE_DIR = ".brainprop-cache"
+CACHE_VERSION = 1
+CACHE_ARRAYS = ("train_x", "train_y", "test_x", "test_y")
+
+
+def tiny_imagenet_dir(root: Path) -> Path:
+    """``root/tiny-imagenet/tiny-imagenet-200``."""
+    return root / NAME / SUBDIR
+
+
+def _fail(what: str, inside: Path) -> BrainPropError:
+    """A one-line error about a damaged tree; ``inside`` is any path within the tree."""
+    tree = next((p for p in (inside, *inside.parents) if p.name == SUBDIR), inside)
+    return BrainPropError(
+        f"Tiny ImageNet {what}: the tree is damaged; delete {tree} and run "
+        f"'brainprop download {NAME}'"
+    )
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise _fail(f"file {path} is missing", path) from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise _fail(f"file {path} cannot be read ({reason(exc)})", path) from exc
+
+
+def _jpegs(folder: Path) -> list[Path]:
+    """The ``*.JPEG`` files in ``folder``, sorted by name so the order is reproducible."""
+    try:
+        return sorted(p for p in folder.iterdir() if p.suffix == ".JPEG" and p.is_file())
+    except FileNotFoundError as exc:
+        raise _fail(f"folder {folder} is missing", folder) from exc
+    except OSError as exc:
+        raise _fail(f"folder {folder} cannot be listed ({reason(exc)})", folder) from exc
+
+
+def read_wnids(folder: Path) -> list[str]:
+    """The class ids in ``wnids.txt``, in file order (= class index)."""
+    path = folder / "wnids.txt"
+    wnids = [line.strip() for line in _read_text(path).splitlines() if line.strip()]
+    if not wnids:
+        raise _fail(f"file {path} lists no classes", path)
+    if len(set(wnids)) != len(wnids):
+        raise _fail(f"file {path} lists a class twice", path)
+    return wnids
+
+
+def read_val_annotations(folder: Path, class_index: dict[str, int]) -> dict[str, int]:
+    """Map each val image file name to its class index, from ``val/val_annotations.txt``.
+
+    Each line is tab-separated: file name, wnid, then four bounding-box numbers (unused).
+    """
+    path = folder / "val" / "val_annotations.txt"
+    labels: dict[str, int] = {}
+    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) < 2:
+            raise _fail(f"file {path} line {number} is not '<file>\\t<wnid>\\t...'", path)
+        file_name, wnid = fields[0].strip(), fields[1].strip()
+        if wnid not in class_index:
+            raise _fail(
+                f"file {path} line {number} names class {wnid!r}, which is not in wnids.txt", path
+            )
+        labels[file_name] = class_index[wnid]
+    return labels
+
+
+def _list_files(folder: Path) -> tuple[list[str], list[tuple[Path, int]], list[tuple[Path, int]]]:
+    """Return the class ids and the (image path, label) lists of the train and val splits."""
+    wnids = read_wnids(folder)
+    class_index = {wnid: i for i, wnid in enumerate(wnids)}
+    train = [
+        (p, i) for i, wnid in enumerate(wnids) for p in _jpegs(folder / "train" / wnid / "images")
+    ]
+    val_labels = read_val_annotations(folder, class_index)
+    test = []
+    for p in _jpegs(folder / "val" / "images"):
+        if p.name not in val_labels:
+            raise _fail(f"val image {p} has no line in {folder / 'val' / 'val_annotations.txt'}", p)
+        test.append((p, val_labels[p.name]))
+    if not train or not test:
+        raise _fail(f"folder {folder} has no {'train' if not train else 'val'} images", folder)
+    return wnids, train, test
+
+
+def decode_image(path: Path) -> np.ndarray:
+    """Decode one JPEG to uint8 ``[3, 64, 64]``; grayscale and other modes become RGB."""
+    try:
+        with Image.open(path) as image:
+            rgb = image.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
+        raise _fail(f"image {path} cannot be decoded ({reason(exc)})", path) from exc
+    if rgb.size != IMAGE_SIZE:
+        raise _fail(f"image {path} is {rgb.size[0]}x{rgb.size[1]}, expected 64x64", path)
+    return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1)
+
+
+def _decode_split(items: list[tuple[Path, int]], desc: str) -> tuple[np.ndarray, np.ndarray]:
+    x = np.empty((len(items), 3, *IMAGE_SIZE), dtype=np.uint8)
+    y = np.empty(len(items), dtype=np.int64)
+    # disable=None hides the bar when stderr is not a terminal (CI logs, tests).
+    for i, (path, label) in enumerate(tqdm(items, desc=desc, unit="img", disable=None)):
+        x[i] = decode_image(path)
+        y[i] = label
+    return x, y
+
+
+def _manifest(folder: Path, train: list[tuple[Path, int]], test: list[tuple[Path, int]]) -> dict:
+    """What the cache must have been built from: the exact file list and labels."""
+    listing = hashlib.sha256()
+    for split, items in (("train", train), ("test", test)):
+        for path, label in items:
+            listing.update(f"{split}\t{path.relative_to(folder).as_posix()}\t{label}\n".encode())
+    return {
+        "version": CACHE_VERSION,
+        "files_sha256": listing.hexdigest(),
+        "train_files": len(train),
+        "test_files": len(test),
+    }
+
+
+def _load_cache(cache: Path, manifest: dict) -> dict[str, np.ndarray] | None:
+    """The cached arrays if the cache was written for exactly this ``manifest``, else None."""
+    try:
+        if json.loads((cache / "manifest.json").read_text()) != manifest:
+            return None
+        arrays = {k: np.load(cache / f"{k}.npy", allow_pickle=False) for k in CACHE_ARRAYS}
+    except (OSError, ValueError):
+        # A missing or damaged cache is rebuilt, never reported: it is ours, not the user's.
+        return None
+    n = {"train": manifest["train_files"], "test": manifest["test_files"]}
+    for split in n:
+        x, y = arrays[f"{split}_x"], arrays[f"{split}_y"]
+        if (
+            x.shape != (n[split], 3, *IMAGE_SIZE)
+            or x.dtype != np.uint8
+            or y.shape != (n[split],)
+            or y.dtype != np.int64
+        ):
+            return None
+    return arrays
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write via a temp file in the same folder and rename, so readers never see half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _save_cache(cache: Path, manifest: dict, arrays: dict[str, np.ndarray]) -> None:
+    try:
+        cache.mkdir(exist_ok=True)
+        (cache / "manifest.json").unlink(missing_ok=True)
+        for key in CACHE_ARRAYS:
+            _atomic_write(
+                cache / f"{key}.npy", lambda f, a=arrays[key]: np.save(f, a, allow_pickle=False)
+            )
+        # The manifest goes last: its presence vouches for the arrays beside it.
+        _atomic_write(cache / "manifest.json", lambda f: f.write(json.dumps(manifest).encode()))
+    except OSError as exc:
+        warnings.warn(
+            f"could not cache decoded Tiny ImageNet in {cache}: {reason(exc)}", stacklevel=3
+        )
+
+
+def load_tiny_imagenet(root: Path) -> Dataset:
+    """Load Tiny ImageNet from ``root/tiny-imagenet/tiny-imagenet-200``.
+
+    Returns a :class:`Dataset` with ``train_x`` uint8 ``[100000, 3, 64, 64]`` and ``test_x``
+    (the official val split) ``[10000, 3, 64, 64]`` for the official tree; 200 classes.
+    """
+    folder = tiny_imagenet_dir(root)
+    if not folder.is_dir():
+        raise BrainPropError(
+            f"Tiny ImageNet folder {folder} is missing: run 'brainprop download {NAME}' or unzip "
+            f"tiny-imagenet-200.zip into {folder.parent}"
+        )
+    wnids, train, test = _list_files(folder)
+    manifest = _manifest(folder, train, test)
+    cache = folder / CACHE_DIR
+    arrays = _load_cache(cache, manifest)
+    if arrays is None:
+        train_x, train_y = _decode_split(train, "decoding Tiny ImageNet train")
+        test_x, test_y = _decode_split(test, "decoding Tiny ImageNet val")
+        arrays = {"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y}
+        _save_cache(cache, manifest, arrays)
+    t = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+    return Dataset(NAME, t["train_x"], t["train_y"], t["test_x"], t["test_y"], len(wnids))

@@ -1,0 +1,214 @@
+"""`download` against a local HTTP server serving fixture archives."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.server
+import io
+import socket
+import tarfile
+import threading
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from data_fixtures import (
+    tar_gz_bytes,
+    tree_bytes,
+    write_cifar10,
+    write_idx_dataset,
+    write_tiny_imagenet,
+    zip_bytes,
+)
+
+from brainprop.data import download, fetch, load_dataset
+from brainprop.errors import BrainPropError
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[tuple[Path, str]]:
+    """A folder and the http://127.0.0.1:<port> URL that serves it."""
+    folder = tmp_path / "served"
+    folder.mkdir()
+    handler = functools.partial(_QuietHandler, directory=str(folder))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    yield folder, f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join()
+
+
+def _serve(folder: Path, name: str, content: bytes, monkeypatch, md5_key: str | None) -> None:
+    (folder / name).write_bytes(content)
+    if md5_key is not None:
+        monkeypatch.setitem(fetch.MD5, md5_key, hashlib.md5(content).hexdigest())
+
+
+def _cifar_archive(tmp_path: Path) -> bytes:
+    write_cifar10(tmp_path / "src")
+    folder = tmp_path / "src" / "cifar10" / "cifar-10-batches-py"
+    return tar_gz_bytes(tree_bytes(folder, "cifar-10-batches-py"))
+
+
+def test_mnist_gz_files(tmp_path: Path, server, monkeypatch) -> None:
+    served, url = server
+    write_idx_dataset(tmp_path / "src")
+    for path in (tmp_path / "src").iterdir():
+        _serve(served, path.name, path.read_bytes(), monkeypatch, f"mnist/{path.name}")
+    root = tmp_path / "root"
+    assert download("mnist", root, base_url=url, progress=False) == root / "mnist"
+    assert sorted(p.name for p in (root / "mnist").iterdir()) == sorted(
+        p.name for p in (tmp_path / "src").iterdir()
+    )
+    assert load_dataset("mnist", root).train_x.shape == (6, 1, 28, 28)
+
+
+def test_cifar10_tar_gz(tmp_path: Path, server, monkeypatch) -> None:
+    served, url = server
+    archive = _cifar_archive(tmp_path)
+    _serve(served, "cifar-10-python.tar.gz", archive, monkeypatch, "cifar10/cifar-10-python.tar.gz")
+    root = tmp_path / "root"
+    path = download("cifar10", root, base_url=url, progress=True)
+    assert path == root / "cifar10" / "cifar-10-batches-py"
+    # Only the extracted folder remains: no archive, no temp files.
+    assert [p.name for p in (root / "cifar10").iterdir()] == ["cifar-10-batches-py"]
+    assert load_dataset("cifar10", root).train_x.shape == (15, 3, 32, 32)
+    # Present now, so a second call fetches nothing, even with the server gone.
+    assert download("cifar10", root, base_url="http://127.0.0.1:9", progress=False) == path
+
+
+def test_tiny_imagenet_zip(tmp_path: Path, server, monkeypatch) -> None:
+    served, url = server
+    folder = write_tiny_imagenet(tmp_path / "src")
+    content = zip_bytes(tree_bytes(folder, "tiny-imagenet-200"))
+    _serve(
+        served, "tiny-imagenet-200.zip", content, monkeypatch, "tiny-imagenet/tiny-imagenet-200.zip"
+    )
+    root = tmp_path / "root"
+    download("tiny-imagenet", root, base_url=url, progress=False)
+    assert load_dataset("tiny-imagenet", root).test_y.tolist() == [2, 0, 1, 2]
+
+
+def test_checksum_mismatch_leaves_nothing(tmp_path: Path, server) -> None:
+    served, url = server
+    (served / "cifar-10-python.tar.gz").write_bytes(_cifar_archive(tmp_path))
+    root = tmp_path / "root"
+    with pytest.raises(BrainPropError) as info:
+        download("cifar10", root, base_url=url, progress=False)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"downloaded {url}/cifar-10-python.tar.gz has md5 ")
+    assert "expected c58f30108f718f92721af3b95e74349a: the download is damaged" in message
+    assert not (root / "cifar10").exists()
+
+
+def _evil_tar(member: tarfile.TarInfo, content: bytes = b"") -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        ok = tarfile.TarInfo("cifar-10-batches-py/readme")
+        ok.size = 2
+        tar.addfile(ok, io.BytesIO(b"hi"))
+        member.size = len(content)
+        tar.addfile(member, io.BytesIO(content))
+    return buffer.getvalue()
+
+
+def _symlink(name: str) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.SYMTYPE
+    info.linkname = "/etc/passwd"
+    return info
+
+
+def _hardlink(name: str) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.LNKTYPE
+    info.linkname = "cifar-10-batches-py/readme"
+    return info
+
+
+@pytest.mark.parametrize(
+    ("member", "message"),
+    [
+        (tarfile.TarInfo("cifar-10-batches-py/../../evil"), "points outside its folder"),
+        (tarfile.TarInfo("../evil"), "points outside its folder"),
+        (tarfile.TarInfo("/tmp/evil"), "points outside its folder"),
+        (_symlink("cifar-10-batches-py/evil"), "has a link member"),
+        (_hardlink("cifar-10-batches-py/evil"), "has a link member"),
+    ],
+)
+def test_tar_slip_and_links_refused(
+    tmp_path: Path, server, monkeypatch, member: tarfile.TarInfo, message: str
+) -> None:
+    served, url = server
+    content = _evil_tar(member, b"pwned" if member.isfile() else b"")
+    _serve(served, "cifar-10-python.tar.gz", content, monkeypatch, "cifar10/cifar-10-python.tar.gz")
+    root = tmp_path / "root"
+    with pytest.raises(BrainPropError, match=message) as info:
+        download("cifar10", root, base_url=url, progress=False)
+    assert "refusing to extract it" in str(info.value)
+    assert not (root / "cifar10").exists()
+    assert not (tmp_path / "evil").exists() and not (root / "evil").exists()
+
+
+def test_zip_slip_refused(tmp_path: Path, server, monkeypatch) -> None:
+    served, url = server
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        zf.writestr("tiny-imagenet-200/wnids.txt", "n1\n")
+        zf.writestr("tiny-imagenet-200/../../evil", "pwned")
+    key = "tiny-imagenet/tiny-imagenet-200.zip"
+    _serve(served, "tiny-imagenet-200.zip", buffer.getvalue(), monkeypatch, key)
+    with pytest.raises(BrainPropError, match="points outside its folder"):
+        download("tiny-imagenet", tmp_path / "root", base_url=url, progress=False)
+    assert not (tmp_path / "evil").exists() and not (tmp_path / "root" / "tiny-imagenet").exists()
+
+
+def test_archive_without_expected_folder(tmp_path: Path, server, monkeypatch) -> None:
+    served, url = server
+    content = tar_gz_bytes({"other/file": b"x"})
+    _serve(served, "cifar-10-python.tar.gz", content, monkeypatch, "cifar10/cifar-10-python.tar.gz")
+    with pytest.raises(BrainPropError, match="has no cifar-10-batches-py/ folder"):
+        download("cifar10", tmp_path / "root", base_url=url, progress=False)
+
+
+def test_offline(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = tmp_path / "root"
+    with pytest.raises(BrainPropError) as info:
+        download("cifar100", root, base_url=f"http://127.0.0.1:{port}", progress=False)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"cannot download http://127.0.0.1:{port}/cifar-100-python.tar.gz (")
+    assert message.endswith(
+        f"this machine seems offline; download it by hand and extract it into {root / 'cifar100'}"
+    )
+    assert not (root / "cifar100").exists()
+
+
+def test_http_error(tmp_path: Path, server) -> None:
+    _, url = server
+    with pytest.raises(BrainPropError, match=r"\(HTTP 404 File not found\): download it by hand"):
+        download("fashion-mnist", tmp_path / "root", base_url=url, progress=False)
+
+
+def test_bad_base_url(tmp_path: Path) -> None:
+    with pytest.raises(BrainPropError, match="the base URL must start with http://"):
+        download("mnist", tmp_path / "root", base_url="127.0.0.1:8000", progress=False)
+    assert not (tmp_path / "root" / "mnist").exists()
+
+
+def test_unknown_name(tmp_path: Path) -> None:
+    with pytest.raises(BrainPropError, match="unknown dataset 'svhn': choose one of mnist, "):
+        download("svhn", tmp_path)

@@ -1,0 +1,142 @@
+"""MNIST / Fashion-MNIST IDX loading, on fixtures in the official format and the real files."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from data_fixtures import REPO, idx_bytes, write_idx_dataset
+
+from brainprop.data import idx, load_dataset
+from brainprop.errors import BrainPropError
+
+
+@pytest.mark.parametrize("gz", [True, False])
+@pytest.mark.parametrize("name", ["mnist", "fashion-mnist"])
+def test_loads_official_layout(tmp_path: Path, name: str, gz: bool) -> None:
+    arrays = write_idx_dataset(tmp_path / name, gz=gz)
+    ds = load_dataset(name, tmp_path)
+    assert ds.name == name and ds.num_classes == 10
+    assert ds.train_x.shape == (6, 1, 28, 28) and ds.test_x.shape == (4, 1, 28, 28)
+    assert ds.train_x.dtype == torch.uint8 and ds.train_y.dtype == torch.int64
+    assert ds.train_x.is_contiguous() and ds.input_shape == (1, 28, 28)
+    assert np.array_equal(ds.train_x[:, 0].numpy(), arrays["train_x"])
+    assert np.array_equal(ds.test_y.numpy(), arrays["test_y"])
+
+
+def test_mixed_gz_and_raw_files(tmp_path: Path) -> None:
+    arrays = write_idx_dataset(tmp_path / "mnist", gz=True)
+    gz_path = tmp_path / "mnist" / "t10k-labels-idx1-ubyte.gz"
+    (tmp_path / "mnist" / "t10k-labels-idx1-ubyte").write_bytes(
+        gzip.decompress(gz_path.read_bytes())
+    )
+    gz_path.unlink()
+    assert np.array_equal(load_dataset("mnist", tmp_path).test_y.numpy(), arrays["test_y"])
+
+
+def _corrupt(tmp_path: Path, base: str, data: bytes) -> Path:
+    write_idx_dataset(tmp_path / "mnist", gz=False)
+    path = tmp_path / "mnist" / base
+    path.write_bytes(data)
+    return path
+
+
+def _error(tmp_path: Path) -> str:
+    with pytest.raises(BrainPropError) as info:
+        load_dataset("mnist", tmp_path)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_truncated_pixels(tmp_path: Path) -> None:
+    full = idx_bytes(np.zeros((6, 28, 28), np.uint8))
+    path = _corrupt(tmp_path, "train-images-idx3-ubyte", full[:116])
+    assert _error(tmp_path) == (
+        f"MNIST file {path} is truncated (expected 4704 bytes of data for dimensions 6x28x28, "
+        "got 100): delete it and run 'brainprop download mnist'"
+    )
+
+
+def test_trailing_bytes(tmp_path: Path) -> None:
+    _corrupt(tmp_path, "train-labels-idx1-ubyte", idx_bytes(np.zeros(6, np.uint8)) + b"xx")
+    assert "has trailing bytes (expected 6 bytes of data for dimensions 6, got 8)" in _error(
+        tmp_path
+    )
+
+
+def test_zero_length(tmp_path: Path) -> None:
+    path = _corrupt(tmp_path, "t10k-images-idx3-ubyte", b"")
+    assert _error(tmp_path).startswith(f"MNIST file {path} is empty (0 bytes): delete it")
+
+
+def test_wrong_magic(tmp_path: Path) -> None:
+    # A labels file where the images file should be.
+    _corrupt(tmp_path, "train-images-idx3-ubyte", idx_bytes(np.zeros(6, np.uint8)))
+    assert "has magic number 0x00000801, expected 0x00000803" in _error(tmp_path)
+
+
+def test_wrong_image_dims(tmp_path: Path) -> None:
+    _corrupt(tmp_path, "train-images-idx3-ubyte", idx_bytes(np.zeros((6, 32, 30), np.uint8)))
+    assert "holds 32x30 images, expected 28x28" in _error(tmp_path)
+
+
+def test_mismatched_counts(tmp_path: Path) -> None:
+    _corrupt(tmp_path, "train-labels-idx1-ubyte", idx_bytes(np.zeros(5, np.uint8)))
+    assert "train split has 6 images in" in _error(tmp_path)
+    assert "but 5 labels in" in _error(tmp_path)
+
+
+def test_label_out_of_range(tmp_path: Path) -> None:
+    _corrupt(tmp_path, "t10k-labels-idx1-ubyte", idx_bytes(np.array([1, 2, 12, 0], np.uint8)))
+    assert "has label 12 at index 2, expected 0..9" in _error(tmp_path)
+
+
+def test_bad_gzip(tmp_path: Path) -> None:
+    write_idx_dataset(tmp_path / "mnist", gz=True)
+    path = tmp_path / "mnist" / "train-images-idx3-ubyte.gz"
+    path.write_bytes(path.read_bytes()[:50])
+    message = _error(tmp_path)
+    assert message.startswith(f"MNIST file {path} cannot be read (")
+    assert message.endswith("delete it and run 'brainprop download mnist'")
+
+
+def test_missing_file_names_path_and_command(tmp_path: Path) -> None:
+    write_idx_dataset(tmp_path / "mnist")
+    (tmp_path / "mnist" / "t10k-images-idx3-ubyte.gz").unlink()
+    folder = tmp_path / "mnist"
+    assert _error(tmp_path) == (
+        f"MNIST file {folder / 't10k-images-idx3-ubyte'}(.gz) is missing: put the four official "
+        f"IDX files (gzipped or not) in {folder} or run 'brainprop download mnist'"
+    )
+
+
+def test_fashion_falls_back_to_system_folder(tmp_path: Path, monkeypatch) -> None:
+    system = tmp_path / "usr-share"
+    arrays = write_idx_dataset(system, seed=5)
+    monkeypatch.setitem(idx.SYSTEM_DIRS, "fashion-mnist", system)
+    ds = load_dataset("fashion-mnist", tmp_path / "root")
+    assert np.array_equal(ds.train_x[:, 0].numpy(), arrays["train_x"])
+    # Files in the data root win over the system folder.
+    own = write_idx_dataset(tmp_path / "root" / "fashion-mnist", seed=6)
+    ds = load_dataset("fashion-mnist", tmp_path / "root")
+    assert np.array_equal(ds.train_x[:, 0].numpy(), own["train_x"])
+
+
+def test_fashion_missing_mentions_apt(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setitem(idx.SYSTEM_DIRS, "fashion-mnist", tmp_path / "nowhere")
+    with pytest.raises(BrainPropError, match="apt-get install dataset-fashion-mnist"):
+        load_dataset("fashion-mnist", tmp_path)
+
+
+def test_committed_mnist_is_the_real_thing() -> None:
+    ds = load_dataset("mnist", REPO / "data")
+    assert ds.train_x.shape == (60000, 1, 28, 28) and ds.test_x.shape == (10000, 1, 28, 28)
+    assert ds.train_y[0].item() == 5 and ds.test_y[0].item() == 7
+    counts = torch.bincount(ds.train_y, minlength=10)
+    assert counts.sum() == 60000 and counts.min() > 5000 and counts.max() < 7000
+    assert counts[1].item() == 6742  # the published per-class count of digit 1
+    assert abs(ds.train_x.float().mean().item() / 255 - 0.1307) < 1e-3

@@ -1,0 +1,119 @@
+"""Dataset names, the data root, dataset_status and the Dataset container."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from data_fixtures import REPO, write_cifar10, write_idx_dataset, write_tiny_imagenet
+
+from brainprop.data import (
+    DATASET_NAMES,
+    Dataset,
+    dataset_status,
+    idx,
+    load_dataset,
+    resolve_data_root,
+    root,
+)
+from brainprop.errors import BrainPropError
+
+
+def test_names() -> None:
+    assert DATASET_NAMES == (
+        "mnist",
+        "fashion-mnist",
+        "cifar10",
+        "cifar100",
+        "cifar100-coarse",
+        "tiny-imagenet",
+    )
+
+
+def test_unknown_name_lists_valid_ones(tmp_path: Path) -> None:
+    with pytest.raises(BrainPropError) as info:
+        load_dataset("imagenet", tmp_path)
+    assert str(info.value) == (
+        "unknown dataset 'imagenet': choose one of mnist, fashion-mnist, cifar10, cifar100, "
+        "cifar100-coarse, tiny-imagenet"
+    )
+
+
+def test_root_precedence(tmp_path: Path, monkeypatch) -> None:
+    checkout = tmp_path / "checkout-data"
+    monkeypatch.setattr(root, "checkout_data_dir", lambda _: checkout)
+    monkeypatch.setenv("BRAINPROP_DATA", str(tmp_path / "env"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert resolve_data_root(tmp_path / "explicit") == tmp_path / "explicit"
+    assert resolve_data_root(str(tmp_path / "explicit")) == tmp_path / "explicit"
+    assert resolve_data_root() == tmp_path / "env"
+    monkeypatch.delenv("BRAINPROP_DATA")
+    assert resolve_data_root(None) == checkout
+    monkeypatch.setattr(root, "checkout_data_dir", lambda _: None)
+    assert resolve_data_root() == tmp_path / "xdg" / "brainprop"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert resolve_data_root() == tmp_path / "home" / ".cache" / "brainprop"
+
+
+def test_checkout_detection(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    module = repo / "src" / "brainprop" / "data" / "root.py"
+    module.parent.mkdir(parents=True)
+    (repo / "pyproject.toml").write_text("")
+    assert root.checkout_data_dir(module) is None  # no data/ folder
+    (repo / "data").mkdir()
+    assert root.checkout_data_dir(module) == (repo / "data").resolve()
+    site = tmp_path / "lib" / "site-packages" / "brainprop" / "data" / "root.py"
+    assert root.checkout_data_dir(site) is None
+    # This very checkout.
+    assert root.checkout_data_dir(Path(root.__file__)) == REPO / "data"
+
+
+def test_status(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setitem(idx.SYSTEM_DIRS, "fashion-mnist", tmp_path / "system")
+    write_idx_dataset(tmp_path / "mnist")
+    write_cifar10(tmp_path)
+    write_tiny_imagenet(tmp_path)
+    status = {s.name: s for s in dataset_status(tmp_path)}
+    assert list(status) == list(DATASET_NAMES)
+    assert status["mnist"].present and status["mnist"].path == tmp_path / "mnist"
+    assert status["cifar10"].present
+    assert status["tiny-imagenet"].present and status["tiny-imagenet"].note == ""
+    assert not status["fashion-mnist"].present
+    assert "'brainprop download fashion-mnist'" in status["fashion-mnist"].how_to_get
+    cifar100 = status["cifar100-coarse"]
+    assert not cifar100.present
+    assert cifar100.path == tmp_path / "cifar100" / "cifar-100-python"
+    assert "'brainprop download cifar100'" in cifar100.how_to_get
+    # The apt package's folder is used when the data root has no Fashion-MNIST.
+    write_idx_dataset(tmp_path / "system")
+    fashion = next(s for s in dataset_status(tmp_path) if s.name == "fashion-mnist")
+    assert fashion.present and fashion.path == tmp_path / "system"
+    assert fashion.note == "from system package dataset-fashion-mnist"
+    assert str(fashion) == (
+        f"fashion-mnist    present  {tmp_path / 'system'}  "
+        "(from system package dataset-fashion-mnist)"
+    )
+    assert str(cifar100).startswith(f"cifar100-coarse  missing  {cifar100.path}  (run 'brainprop")
+
+
+def _tiny() -> Dataset:
+    x = torch.zeros(4, 3, 2, 2, dtype=torch.uint8)
+    y = torch.zeros(4, dtype=torch.int64)
+    return Dataset("t", x, y, x[:2], y[:2], 10)
+
+
+def test_dataset_container() -> None:
+    ds = _tiny()
+    assert ds.input_shape == (3, 2, 2)
+    moved = ds.to("cpu")
+    assert moved.train_x.device.type == "cpu" and moved.num_classes == 10
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ds.name = "u"  # type: ignore[misc]
+    with pytest.raises(ValueError, match="train_y must be int64"):
+        dataclasses.replace(ds, train_y=ds.train_y.int())
+    with pytest.raises(ValueError, match="train and test images differ"):
+        dataclasses.replace(ds, test_x=torch.zeros(2, 1, 2, 2, dtype=torch.uint8))

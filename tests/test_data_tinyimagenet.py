@@ -1,0 +1,150 @@
+"""Tiny ImageNet from the official folder tree, with the decoded-once cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from data_fixtures import WNIDS, write_tiny_imagenet
+from PIL import Image
+
+from brainprop.data import dataset_status, load_dataset
+from brainprop.data import tinyimagenet as tin
+from brainprop.errors import BrainPropError
+
+
+def _reference(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB")).transpose(2, 0, 1)
+
+
+def test_loads_tree_with_wnids_order_labels(tmp_path: Path) -> None:
+    folder = write_tiny_imagenet(tmp_path)
+    ds = load_dataset("tiny-imagenet", tmp_path)
+    assert ds.num_classes == 3 and ds.input_shape == (3, 64, 64)
+    assert ds.train_x.shape == (6, 3, 64, 64) and ds.test_x.shape == (4, 3, 64, 64)
+    assert ds.train_x.dtype == torch.uint8 and ds.train_y.dtype == torch.int64
+    assert ds.train_y.tolist() == [0, 0, 1, 1, 2, 2]
+    # val_0..3 are annotated with WNIDS[2], [0], [1], [2].
+    assert ds.test_y.tolist() == [2, 0, 1, 2]
+    first = folder / "train" / WNIDS[0] / "images" / f"{WNIDS[0]}_0.JPEG"
+    assert np.array_equal(ds.train_x[0].numpy(), _reference(first))
+
+
+def test_grayscale_becomes_rgb(tmp_path: Path) -> None:
+    folder = write_tiny_imagenet(tmp_path)
+    gray = folder / "train" / WNIDS[1] / "images" / f"{WNIDS[1]}_0.JPEG"
+    with Image.open(gray) as image:
+        assert image.mode == "L"
+        luminance = np.asarray(image)
+    ds = load_dataset("tiny-imagenet", tmp_path)
+    for channel in range(3):
+        assert np.array_equal(ds.train_x[2, channel].numpy(), luminance)
+
+
+def test_second_load_uses_cache_without_decoding(tmp_path: Path, monkeypatch) -> None:
+    write_tiny_imagenet(tmp_path)
+    first = load_dataset("tiny-imagenet", tmp_path)
+    assert next(s for s in dataset_status(tmp_path) if s.name == "tiny-imagenet").note
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("decoded a JPEG although the cache is valid")
+
+    monkeypatch.setattr(tin.Image, "open", refuse)
+    second = load_dataset("tiny-imagenet", tmp_path)
+    for a, b in zip(
+        (first.train_x, first.train_y, first.test_x, first.test_y),
+        (second.train_x, second.train_y, second.test_x, second.test_y),
+        strict=True,
+    ):
+        assert torch.equal(a, b)
+
+
+def test_cache_is_rebuilt_when_files_change(tmp_path: Path) -> None:
+    folder = write_tiny_imagenet(tmp_path)
+    load_dataset("tiny-imagenet", tmp_path)
+    (folder / "train" / WNIDS[0] / "images" / f"{WNIDS[0]}_1.JPEG").unlink()
+    assert load_dataset("tiny-imagenet", tmp_path).train_y.tolist() == [0, 1, 1, 2, 2]
+
+
+def test_damaged_cache_is_rebuilt(tmp_path: Path) -> None:
+    folder = write_tiny_imagenet(tmp_path)
+    load_dataset("tiny-imagenet", tmp_path)
+    (folder / tin.CACHE_DIR / "train_x.npy").write_bytes(b"garbage")
+    assert load_dataset("tiny-imagenet", tmp_path).train_x.shape == (6, 3, 64, 64)
+
+
+def _error(tmp_path: Path) -> str:
+    with pytest.raises(BrainPropError) as info:
+        load_dataset("tiny-imagenet", tmp_path)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def fix(folder: Path) -> str:
+    return f"the tree is damaged; delete {folder} and run 'brainprop download tiny-imagenet'"
+
+
+def test_missing_val_annotations(tmp_path: Path) -> None:
+    folder = write_tiny_imagenet(tmp_path)
+    path = folder / "val" / "val_annotations.txt"
+    path.unlink()
+    assert _error(tmp_path) == f"Tiny ImageNet file {path} is missing: {fix(folder)}"
+
+
+def test_unknown_wnid_in_annotations(tmp_path: Path) -> None:
+    folder = write_tiny_imagenet(tmp_path)
+    path = folder / "val" / "val_annotations.txt"
+    path.write_text(path.read_text().replace(WNIDS[1], "n99999999"))
+    assert _error(tmp_path) == (
+        f"Tiny ImageNet file {path} line 3 names class 'n99999999', which is not in wnids.txt: "
+        + fix(folder)
+    )
+
+
+def test_corrupt_jpeg(tmp_path: Path) -> None:
+    folder = write_tiny_imagenet(tmp_path)
+    path = folder / "val" / "images" / "val_2.JPEG"
+    path.write_bytes(path.read_bytes()[:300])
+    message = _error(tmp_path)
+    assert message.startswith(f"Tiny ImageNet image {path} cannot be decoded (")
+    assert message.endswith(fix(folder))
+
+
+def test_not_a_jpeg_at_all(tmp_path: Path) -> None:
+    folder = write_tiny_imagenet(tmp_path)
+    path = folder / "train" / WNIDS[2] / "images" / f"{WNIDS[2]}_1.JPEG"
+    path.write_bytes(b"")
+    assert _error(tmp_path).startswith(f"Tiny ImageNet image {path} cannot be decoded (")
+
+
+def test_wrong_image_size(tmp_path: Path) -> None:
+    folder = write_tiny_imagenet(tmp_path)
+    path = folder / "val" / "images" / "val_0.JPEG"
+    Image.new("RGB", (32, 64)).save(path, format="JPEG")
+    assert _error(tmp_path) == f"Tiny ImageNet image {path} is 32x64, expected 64x64: {fix(folder)}"
+
+
+def test_unannotated_val_image(tmp_path: Path) -> None:
+    folder = write_tiny_imagenet(tmp_path)
+    path = folder / "val" / "images" / "val_9.JPEG"
+    path.write_bytes((folder / "val" / "images" / "val_0.JPEG").read_bytes())
+    assert _error(tmp_path).startswith(f"Tiny ImageNet val image {path} has no line in ")
+
+
+def test_missing_class_folder(tmp_path: Path) -> None:
+    folder = write_tiny_imagenet(tmp_path)
+    (folder / "wnids.txt").write_text("\n".join(WNIDS) + "\nn00000001\n")
+    missing = folder / "train" / "n00000001" / "images"
+    assert _error(tmp_path) == f"Tiny ImageNet folder {missing} is missing: {fix(folder)}"
+
+
+def test_missing_dataset(tmp_path: Path) -> None:
+    folder = tmp_path / "tiny-imagenet" / "tiny-imagenet-200"
+    assert _error(tmp_path) == (
+        f"Tiny ImageNet folder {folder} is missing: run 'brainprop download tiny-imagenet' or "
+        f"unzip tiny-imagenet-200.zip into {folder.parent}"
+    )
