@@ -1,0 +1,46 @@
+"""brainprop: BrainProp (attention-gated, reward-based backpropagation) and EBP in PyTorch.
+
+The library in one screen::
+
+    from brainprop import TrainConfig, train, evaluate
+    run = train(TrainConfig(dataset="mnist", arch="conv", rule="brainprop", epochs=5))
+    print(run.summary["test_acc_at_best"], evaluate(run.dir)["test_acc"])
+
+or, piece by piece::
+
+    from brainprop import BrainProp, build_model, load_dataset
+    ds = load_dataset("mnist")
+    model = build_model("conv", ds.input_shape, ds.num_classes)
+    out = BrainProp(epsilon=0.02)(model(x), y)   # out.loss.backward() -> the BrainProp update
+"""
+
+from .config import TrainConfig
+from .data import Dataset, load_dataset
+from .errors import BrainPropError
+from .feedback import FEEDBACK_MODES, convert
+from .layers import LocallyConnected2d
+from .objectives import EBP, BrainProp, Output, make_objective
+from .presets import PAPER, Hyperparameters, build_model
+from .train import Run, evaluate, load_model, train
+
+__all__ = [
+    "EBP",
+    "FEEDBACK_MODES",
+    "PAPER",
+    "BrainProp",
+    "BrainPropError",
+    "Dataset",
+    "Hyperparameters",
+    "LocallyConnected2d",
+    "Output",
+    "Run",
+    "TrainConfig",
+    "build_model",
+    "convert",
+    "evaluate",
+    "load_dataset",
+    "load_model",
+    "make_objective",
+    "train",
+]
+__version__ = "0.1.0"
