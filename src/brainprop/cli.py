@@ -41,6 +41,7 @@ def _val(text: str) -> str | int:
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
     from .data import DATASET_NAMES
+    from .feedback import FEEDBACK_MODES
     from .objectives import RULES
     from .presets import ARCHITECTURES
 
@@ -49,6 +50,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--arch", choices=list(ARCHITECTURES), default="conv")
     p.add_argument("--rule", choices=RULES, default="brainprop")
     p.add_argument("--epsilon", type=float, default=0.02, help="BrainProp exploration rate")
+    p.add_argument(
+        "--feedback", choices=FEEDBACK_MODES, default="symmetric",
+        help="feedback pathway: exact transpose, learned B, random B, sign(W), or direct (DFA)",
+    )  # fmt: skip
     hp = p.add_argument_group("hyperparameters (default: the paper's value for dataset and arch)")
     hp.add_argument("--lr", type=float)
     hp.add_argument("--lr-halving-epochs", type=int, help="halve the learning rate every N epochs")
@@ -85,6 +90,7 @@ def _train(args: argparse.Namespace) -> int:
         arch=args.arch,
         rule=args.rule,
         epsilon=args.epsilon,
+        feedback=args.feedback,
         lr=args.lr,
         lr_halving_epochs=args.lr_halving_epochs,
         batch_size=args.batch_size,

@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from .errors import BrainPropError
+from .feedback import FEEDBACK_MODES
 from .objectives import RULES
 from .presets import ARCHITECTURES, DATASET_FAMILY, published_hyperparameters, with_dropout
 
@@ -33,6 +34,7 @@ class TrainConfig:
     arch: str = "conv"
     rule: str = "brainprop"
     epsilon: float = 0.02
+    feedback: str = "symmetric"
     # Hyperparameters: None means the published value (presets.PAPER).
     lr: float | None = None
     lr_halving_epochs: int | None = None
@@ -78,6 +80,10 @@ class TrainConfig:
             if not ok:
                 raise BrainPropError(message)
 
+        need(
+            self.feedback in FEEDBACK_MODES,
+            f"unknown feedback {self.feedback!r}: choose one of {', '.join(FEEDBACK_MODES)}",
+        )
         need(_finite(self.lr) and self.lr > 0, f"--lr must be > 0, got {self.lr}")
         need(0.0 <= self.epsilon <= 1.0, f"--epsilon must lie in [0, 1], got {self.epsilon}")
         need(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")

@@ -242,10 +242,14 @@ def with_dropout(hp: Hyperparameters, rates: Sequence[float], arch: str) -> Hype
 
 
 def decayed_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """Split parameters into (weights under L2, the rest): Keras regularises kernels only."""
+    """Split parameters into (weights under L2, the rest): Keras regularises kernels only.
+
+    Reciprocal feedback weights (``feedback_weight``) are decayed like the forward weights they
+    mirror: that shared decay is what pulls a randomly initialised B towards W.
+    """
     decay, rest = [], []
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
             weighted = isinstance(module, nn.Linear | nn.Conv2d | LocallyConnected2d)
-            (decay if weighted and name == "weight" else rest).append(p)
+            (decay if weighted and name in ("weight", "feedback_weight") else rest).append(p)
     return decay, rest

@@ -23,12 +23,16 @@ from tqdm.auto import tqdm
 from . import checkpoint, rundir
 from .config import VAL_TEST, TrainConfig
 from .data import Dataset, load_dataset
-from .data.batches import num_batches, ordered_batches, shuffled_batches
+from .data.batches import num_batches, ordered_batches, shuffled_batches, to_float
+from .diagnostics import diagnostics, plot_diagnostics
 from .errors import BrainPropError
+from .feedback import convert
 from .objectives import Objective, make_objective
 from .presets import Hyperparameters, build_model, decayed_parameters
 
 EVAL_BATCH = 1000
+DIAGNOSTIC_BATCH = 256
+DIAGNOSTICS_PLOT = "diagnostics.png"
 
 
 def lr_at(epoch: int, base: float, halving_epochs: int) -> float:
@@ -151,13 +155,20 @@ class _Trainer:
         init = torch.Generator().manual_seed(config.seed)
         self.model = build_model(
             config.arch, ds.input_shape, ds.num_classes, hyperparameters(config), init
-        ).to(self.device)
+        )
+        # Before .to() and before the optimizer, so reciprocal B lands in the decayed group.
+        convert(self.model, config.feedback, generator=init)
+        self.model.to(self.device)
         self.objective: Objective = make_objective(config.rule, config.epsilon)
         self.optimizer = make_optimizer(self.model, config)
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.stopper = EarlyStopping(config.patience, config.min_delta)
         self.history: list[dict[str, Any]] = []
         self.input_shape, self.num_classes = ds.input_shape, ds.num_classes
+        # One fixed batch for the per-epoch feedback diagnostics.
+        n_diag = min(DIAGNOSTIC_BATCH, len(self.train_set.train_y))
+        self.diag_x = to_float(self.train_set.train_x[:n_diag])
+        self.diag_y = self.train_set.train_y[:n_diag]
 
     def state(self) -> dict[str, Any]:
         """Everything needed to continue bit-identically from the end of the last epoch."""
@@ -302,6 +313,9 @@ def train(
             "test_acc": test_acc,
             "seconds": train_seconds,
             "eval_seconds": time.perf_counter() - t1,
+            **diagnostics(
+                trainer.model, trainer.diag_x, trainer.diag_y, trainer.objective, config.seed
+            ),
         }
         trainer.history.append(row)
         stop = trainer.stopper.update(val_acc)
@@ -319,7 +333,11 @@ def train(
             break
     summary = _summarize(trainer, stop_reason)
     if trainer.history:
-        rundir.write_plot(run_path, trainer.history, f"{config.rule} - {config.dataset} {config.arch}")
+        title = f"{config.rule} - {config.dataset} {config.arch}"
+        rundir.write_plot(run_path, trainer.history, title)
+        plot_diagnostics(
+            trainer.history, run_path / DIAGNOSTICS_PLOT, f"{title}, {config.feedback} feedback"
+        )
     rundir.atomic_write_json(run_path / rundir.SUMMARY, summary)
     if trainer.history:
         say(
@@ -394,6 +412,7 @@ def load_model(target: str | Path, map_location: str | torch.device = "cpu") -> 
         model = build_model(
             config.arch, state["input_shape"], state["num_classes"], hyperparameters(config)
         )
+        convert(model, config.feedback)
         model.load_state_dict(state["model"])
     except (KeyError, TypeError, RuntimeError) as e:
         detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

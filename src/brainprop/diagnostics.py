@@ -1,0 +1,143 @@
+"""How far a feedback pathway is from exact backpropagation, per layer.
+
+Two kinds of numbers, both cheap enough for once per epoch on one batch:
+
+* weight alignment: the angle (degrees) between a layer's forward weights W and its feedback
+  weights B, and the norm ratio |B| / |W| (``direct`` mode has no B shaped like W and is skipped);
+* update alignment: the angle between the update the rule actually makes and the exact EBP
+  gradient (symmetric feedback) of the *same* objective on the *same* batch with the *same*
+  actions and dropout masks.
+
+:func:`diagnostics` returns them as one flat dict of floats (``angle_wb/<layer>``,
+``norm_ratio/<layer>``, ``angle_update/<layer>``) ready to be history columns;
+:func:`plot_diagnostics` draws a history's columns into a PNG.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .feedback import _kind, exact_gradients, feedback_weight, layer_mode
+from .objectives import Objective
+
+__all__ = ["angle", "diagnostics", "plot_diagnostics", "update_alignment", "weight_alignment"]
+
+
+def angle(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Angle in degrees between two same-shaped tensors, flattened; NaN if either is zero."""
+    a, b = a.detach().double().flatten(), b.detach().double().flatten()
+    norms = a.norm() * b.norm()
+    if norms == 0:
+        return math.nan
+    return math.degrees(math.acos(float((a @ b / norms).clamp(-1.0, 1.0))))
+
+
+def _layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(name or "root", m) for name, m in model.named_modules() if _kind(m) is not None]
+
+
+def weight_alignment(model: nn.Module) -> dict[str, float]:
+    """``angle_wb/<layer>`` (degrees) and ``norm_ratio/<layer>`` (|B| / |W|) per layer."""
+    out: dict[str, float] = {}
+    for name, layer in _layers(model):
+        b = feedback_weight(layer)
+        if b is None:
+            continue
+        w = layer.weight.detach()
+        out[f"angle_wb/{name}"] = angle(w, b)
+        out[f"norm_ratio/{name}"] = float(b.detach().double().norm() / w.double().norm())
+    return out
+
+
+def update_alignment(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, objective: Objective, seed: int = 0
+) -> dict[str, float]:
+    """``angle_update/<layer>``: the rule's weight update vs the exact EBP gradient, in degrees.
+
+    Runs the batch ``x`` ([N, ...]) twice in the model's current mode, once through the layers'
+    feedback and once with :func:`~brainprop.feedback.exact_gradients`, with the same dropout
+    masks (the RNG state is replayed) and the same actions (the objective's generator is seeded
+    with ``seed`` both times). The model's gradients, buffers (BatchNorm running statistics) and
+    the global RNG state are restored afterwards, so training continues as if nothing had run.
+    """
+    layers = _layers(model)
+    if all(layer_mode(m) == "symmetric" for _, m in layers):
+        return {f"angle_update/{name}": 0.0 for name, _ in layers}
+    params = list(model.parameters())
+    saved_grads = [p.grad for p in params]
+    saved_buffers = [b.detach().clone() for b in model.buffers()]
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if x.is_cuda else None
+    grads: list[list[torch.Tensor]] = []
+    try:
+        for exact in (False, True):
+            torch.set_rng_state(cpu_rng)
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state_all(cuda_rng)
+            for p in params:
+                p.grad = None
+            with exact_gradients() if exact else contextlib.nullcontext():
+                q = model(x)
+                gen = torch.Generator(device=x.device).manual_seed(seed)
+                objective(q.float(), y, gen).loss.backward()
+            grads.append([m.weight.grad.detach().clone() for _, m in layers])
+    finally:
+        for p, g in zip(params, saved_grads, strict=True):
+            p.grad = g
+        with torch.no_grad():
+            for b, saved in zip(model.buffers(), saved_buffers, strict=True):
+                b.copy_(saved)
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+    return {
+        f"angle_update/{name}": angle(rule, exact)
+        for (name, _), rule, exact in zip(layers, grads[0], grads[1], strict=True)
+    }
+
+
+def diagnostics(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, objective: Objective, seed: int = 0
+) -> dict[str, float]:
+    """All per-layer diagnostics for one batch, as a flat dict of floats (history columns)."""
+    was_training = model.training
+    model.train()
+    try:
+        return {**weight_alignment(model), **update_alignment(model, x, y, objective, seed)}
+    finally:
+        model.train(was_training)
+
+
+def plot_diagnostics(history: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> None:
+    """Plot every ``angle_wb/``, ``angle_update/`` and ``norm_ratio/`` column over epochs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [
+        ("angle_wb/", "angle(W, B) [deg]"),
+        ("angle_update/", "angle(update, EBP grad) [deg]"),
+        ("norm_ratio/", "|B| / |W|"),
+    ]
+    epochs = [h["epoch"] for h in history]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, (prefix, label) in zip(axes, panels, strict=True):
+        keys = [k for k in history[0] if k.startswith(prefix)] if history else []
+        for key in keys:
+            values = [h.get(key, math.nan) for h in history]
+            ax.plot(epochs, values, marker=".", label=key[len(prefix) :])
+        ax.set(xlabel="epoch", ylabel=label)
+        if keys:
+            ax.legend(fontsize="small", title="layer")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,487 @@
+"""Feedback pathways: what carries the chosen unit's feedback down the network.
+
+BrainProp's update for a synapse is ``alpha * delta * pre * (gated feedback)``. Autograd computes
+the feedback through the *transpose of the forward weights*; this module makes the feedback
+synapses explicit and lets them differ from the forward ones. :func:`convert` rewires, in place,
+every ``nn.Linear``, ``nn.Conv2d`` (incl. :class:`~brainprop.layers.Conv2dSame`) and
+:class:`~brainprop.layers.LocallyConnected2d` of any module:
+
+* ``symmetric``: feedback through W itself, i.e. plain autograd (the default; converting to it
+  restores plain layers, so results are bit-identical to an unconverted model).
+* ``reciprocal``: separate feedback weights ``feedback_weight`` (an ``nn.Parameter`` shaped like
+  W). B receives exactly W's local update (its ``.grad`` is W's gradient), so the optimizer
+  applies the same step and, if B sits in the decayed group, the same weight decay. Initialised
+  equal, B stays equal. From a random start W - B never changes under the shared updates and
+  shrinks only by weight decay, by (1 - lr * wd) per step (the Kolen-Pollack mechanism): with L2
+  off the angle between W and B still shrinks, but only because the shared updates outgrow the
+  initial difference. :func:`convert` starts B at random; copy W into it to start equal.
+* ``random``: a fixed random buffer ``feedback_weight`` (feedback alignment, Lillicrap 2016).
+* ``sign``: B = sign(W) * std(W), recomputed from the current W at every step (sign symmetry).
+  The scale std(W) gives B the same root-mean-square, hence about the same norm, as W.
+* ``direct``: direct feedback alignment (Nokland 2016). The output error e = dL/dq ([N, K]) is
+  sent straight to each layer's *input* through a fixed random matrix D ([K, input size]); it is
+  then gated on the way into the layer below by that layer's activity derivative (ReLU,
+  max-pool, BatchNorm, dropout) exactly as in the other modes. For BrainProp e is nonzero only
+  at the chosen unit. D is regenerated on demand from a stored seed (buffer ``feedback_seed``)
+  and scale (buffer ``feedback_scale``), so it costs no checkpoint space and needs no input
+  size at conversion. The last converted layer in module order is the output layer, whose
+  incoming gradient defines e; this is right for feed-forward stacks and for ResNets, whose
+  last layer is the classifier.
+
+Every random draw (``random`` and ``reciprocal`` B, ``direct`` D) is N(0, std(W)^2) of the
+layer's forward weights at conversion, so the feedback starts at the forward pathway's scale.
+Biases keep their exact, local gradient (the sum of the gated feedback).
+
+The fast path is a custom ``torch.autograd.Function`` per layer type whose backward computes the
+weight gradient exactly as autograd does and the input gradient with B instead of W, so the cost
+is one extra read of B; in ``direct`` mode the layer runs on a detached input and a small
+identity function injects the projected error at the input.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import BrainPropError
+from .layers import LocallyConnected2d
+
+__all__ = [
+    "FEEDBACK_MODES",
+    "ConversionReport",
+    "convert",
+    "direct_matrix",
+    "exact_gradients",
+    "feedback_weight",
+    "is_output_layer",
+    "layer_mode",
+]
+
+FEEDBACK_MODES: tuple[str, ...] = ("symmetric", "reciprocal", "random", "sign", "direct")
+
+#: Layers whose parameters act within one unit (a gain, a shift) and keep their exact gradient.
+_UNIT_LOCAL = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+_FORCE = threading.local()
+
+
+def _forced_symmetric() -> bool:
+    return getattr(_FORCE, "depth", 0) > 0
+
+
+@contextlib.contextmanager
+def exact_gradients() -> Iterator[None]:
+    """Within this block every converted layer backpropagates through W (symmetric feedback).
+
+    Diagnostics use it to get the exact EBP gradient of the same objective on the same batch.
+    """
+    _FORCE.depth = getattr(_FORCE, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _FORCE.depth -= 1
+
+
+# --- feedback matrices -------------------------------------------------------------------------
+
+
+def layer_mode(layer: nn.Module) -> str:
+    """The feedback mode of ``layer`` ('symmetric' for layers :func:`convert` did not touch)."""
+    return getattr(layer, "feedback_mode", "symmetric")
+
+
+def feedback_weight(layer: nn.Module) -> torch.Tensor | None:
+    """The feedback weights B of ``layer``, shaped like its ``weight``; None in ``direct`` mode.
+
+    ``symmetric`` returns W itself, ``sign`` returns sign(W) * std(W) of the current W.
+    """
+    mode = layer_mode(layer)
+    w = layer.weight
+    if mode == "symmetric":
+        return w
+    if mode == "sign":
+        return torch.sign(w.detach()) * w.detach().std()
+    if mode == "direct":
+        return None
+    return layer.feedback_weight
+
+
+def is_output_layer(layer: nn.Module) -> bool:
+    """Whether ``layer`` is the output layer of a ``direct``-mode network (its gradient is e)."""
+    link = getattr(layer, "_direct_link", None)
+    return link is not None and link.output is layer
+
+
+def direct_matrix(
+    layer: nn.Module, num_outputs: int, input_size: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """The fixed DFA matrix D ([num_outputs, input_size]) of a ``direct``-mode layer.
+
+    Drawn in float64 on the CPU from the layer's seed, so it is the same on every device and in
+    every dtype; cached on the layer until the seed or the requested shape changes.
+    """
+    seed = int(layer.feedback_seed)
+    key = (seed, num_outputs, input_size, dtype, device)
+    cache = layer.__dict__.get("_direct_cache")
+    if cache is None or cache[0] != key:
+        gen = torch.Generator().manual_seed(seed)
+        d = torch.randn(num_outputs, input_size, generator=gen, dtype=torch.float64)
+        d = (d * float(layer.feedback_scale)).to(dtype=dtype, device=device)
+        layer.__dict__["_direct_cache"] = (key, d)
+        return d
+    return cache[1]
+
+
+# --- autograd functions ------------------------------------------------------------------------
+
+
+class _LinearFeedback(torch.autograd.Function):
+    """y = x W^T + b; backward: dx = g B, dW = g^T x (exact), dB = dW (used by 'reciprocal')."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, fb):  # noqa: ANN001, ANN205 - autograd signature
+        ctx.save_for_backward(x, fb)
+        ctx.has_bias = bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: ANN001, ANN205
+        x, fb = ctx.saved_tensors
+        need_x, need_w, _, need_fb = ctx.needs_input_grad[:4]
+        gx = g.matmul(fb.to(g.dtype)) if need_x else None
+        gw = None
+        if need_w or need_fb:
+            gw = g.reshape(-1, g.shape[-1]).t().matmul(x.reshape(-1, x.shape[-1]))
+        gb = g.reshape(-1, g.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return gx, gw if need_w else None, gb, gw if need_fb else None
+
+
+class _ConvFeedback(torch.autograd.Function):
+    """2-D convolution whose input gradient goes through B; weight and bias gradients exact."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, fb, stride, padding, dilation, groups):  # noqa: ANN001, ANN205
+        ctx.save_for_backward(x, weight, fb)
+        ctx.conf = (stride, padding, dilation, groups)
+        ctx.bias_sizes = None if bias is None else [bias.shape[0]]
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: ANN001, ANN205
+        x, weight, fb = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conf
+        need_x, need_w, need_b, need_fb = ctx.needs_input_grad[:4]
+        conv_bw = torch.ops.aten.convolution_backward
+        gx = gw = gb = None
+        if need_x:
+            gx = conv_bw(
+                g, x, fb.to(g.dtype), None, stride, padding, dilation, False, [0, 0], groups,
+                [True, False, False],
+            )[0]  # fmt: skip
+        if need_w or need_fb or need_b:
+            _, gw, gb = conv_bw(
+                g, x, weight, ctx.bias_sizes, stride, padding, dilation, False, [0, 0], groups,
+                [False, need_w or need_fb, need_b],
+            )  # fmt: skip
+        return gx, gw if need_w else None, gb, gw if need_fb else None, None, None, None, None
+
+
+class _BmmFeedback(torch.autograd.Function):
+    """Per-position matmul of :class:`LocallyConnected2d`: y = cols @ W ([L, N, K] @ [L, K, O])."""
+
+    @staticmethod
+    def forward(ctx, cols, weight, fb):  # noqa: ANN001, ANN205
+        ctx.save_for_backward(cols, fb)
+        return torch.bmm(cols, weight)
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: ANN001, ANN205
+        cols, fb = ctx.saved_tensors
+        need_x, need_w, need_fb = ctx.needs_input_grad[:3]
+        gx = torch.bmm(g, fb.to(g.dtype).transpose(1, 2)) if need_x else None
+        gw = torch.bmm(cols.transpose(1, 2), g) if need_w or need_fb else None
+        return gx, gw if need_w else None, gw if need_fb else None
+
+
+class _DirectLink:
+    """Shared by the layers of one ``direct``-mode network: holds the output error e."""
+
+    def __init__(self, output: nn.Module) -> None:
+        self.output = output
+        self.error: torch.Tensor | None = None
+
+
+class _DirectInject(torch.autograd.Function):
+    """Identity on the layer's output; on the way back it passes the layer's own gradient
+    through unchanged (for its weight update) and hands the layer's input D^T e instead of the
+    transposed-weight feedback."""
+
+    @staticmethod
+    def forward(ctx, out, x, layer):  # noqa: ANN001, ANN205
+        ctx.layer, ctx.x_shape = layer, x.shape
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: ANN001, ANN205
+        layer = ctx.layer
+        link: _DirectLink = layer._direct_link
+        if link.output is layer:
+            link.error = g.reshape(g.shape[0], -1)
+        gx = None
+        if ctx.needs_input_grad[1]:
+            if link.error is None:
+                raise RuntimeError("direct feedback reached a layer before the output layer")
+            e = link.error
+            d = direct_matrix(layer, e.shape[1], ctx.x_shape[1:].numel(), e.dtype, e.device)
+            gx = e.matmul(d).reshape(ctx.x_shape)
+        return g, gx, None
+
+
+# --- converted layer classes -------------------------------------------------------------------
+
+
+def _active(layer: nn.Module) -> bool:
+    # Evaluation and no-grad forwards take the plain op: feedback only matters for a backward.
+    return (
+        torch.is_grad_enabled()
+        and layer.weight.requires_grad
+        and layer.feedback_mode != "symmetric"
+        and not _forced_symmetric()
+    )
+
+
+def _direct(layer: nn.Module, x: torch.Tensor, op) -> torch.Tensor:  # noqa: ANN001
+    return _DirectInject.apply(op(x.detach()), x, layer)
+
+
+class _LinearMixin:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[..., in] -> [..., out]`` with the layer's feedback pathway."""
+        if not _active(self):
+            return F.linear(x, self.weight, self.bias)
+        if self.feedback_mode == "direct":
+            return _direct(self, x, lambda xd: F.linear(xd, self.weight, self.bias))
+        return _LinearFeedback.apply(x, self.weight, self.bias, feedback_weight(self))
+
+
+def _conv_padding(layer: nn.Conv2d) -> tuple[int, int]:
+    if isinstance(layer.padding, str):
+        if layer.padding == "valid":
+            return 0, 0
+        totals = [d * (k - 1) for d, k in zip(layer.dilation, layer.kernel_size, strict=True)]
+        return totals[0] // 2, totals[1] // 2
+    return layer.padding
+
+
+class _ConvMixin:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[N, C_in, H, W] -> [N, C_out, H_out, W_out]`` with the layer's feedback pathway."""
+        if _active(self) and self.feedback_mode == "direct":
+            # Inject at the layer's own input, before any explicit pad (Conv2dSame).
+            return _direct(self, x, super().forward)
+        return super().forward(x)
+
+    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+        if not _active(self) or self.feedback_mode == "direct":
+            return super()._conv_forward(x, weight, bias)
+        conf = (self.stride, _conv_padding(self), self.dilation, self.groups)
+        return _ConvFeedback.apply(x, weight, bias, feedback_weight(self), *conf)
+
+
+class _LocallyConnectedMixin:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[N, C_in, H, W] -> [N, C_out, H_out, W_out]`` with the layer's feedback pathway."""
+        if not _active(self):
+            return super().forward(x)
+        if self.feedback_mode == "direct":
+            return _direct(self, x, super().forward)
+        # Same computation as LocallyConnected2d.forward, with the bmm swapped for _BmmFeedback.
+        xp = F.pad(x, self.explicit_pad) if self.explicit_pad else x
+        (k_h, k_w), (s_h, s_w) = self.kernel_size, self.stride
+        h_out, w_out = self.output_size
+        patches = xp.unfold(2, k_h, s_h).unfold(3, k_w, s_w)
+        cols = patches.permute(2, 3, 0, 4, 5, 1).reshape(h_out * w_out, x.shape[0], -1)
+        y = _BmmFeedback.apply(cols, self.weight, feedback_weight(self))
+        y = y.permute(1, 2, 0).reshape(x.shape[0], self.out_channels, h_out, w_out)
+        return y if self.bias is None else y + self.bias
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def _converted_class(cls: type) -> type:
+    """A subclass of ``cls`` with the feedback forward; registered here so models pickle."""
+    if cls not in _CLASSES:
+        mixin = (
+            _LinearMixin
+            if issubclass(cls, nn.Linear)
+            else _ConvMixin
+            if issubclass(cls, nn.Conv2d)
+            else _LocallyConnectedMixin
+        )
+        name = f"Feedback{cls.__name__}"
+        new = type(name, (mixin, cls), {"__module__": __name__, "__qualname__": name})
+        setattr(sys.modules[__name__], name, new)
+        _CLASSES[cls] = new
+    return _CLASSES[cls]
+
+
+# --- conversion --------------------------------------------------------------------------------
+
+
+@dataclass
+class ConversionReport:
+    """What :func:`convert` did.
+
+    Attributes:
+        mode: the feedback mode.
+        converted: ``(name, layer type, weight shape)`` of every layer now using ``mode``.
+        exact: ``(name, layer type)`` of layers with unit-local parameters (norms) that keep
+            their exact gradient.
+        added: number of new parameter/buffer elements (B, seeds, scales).
+    """
+
+    mode: str
+    converted: list[tuple[str, str, tuple[int, ...]]] = field(default_factory=list)
+    exact: list[tuple[str, str]] = field(default_factory=list)
+    added: int = 0
+
+    def __str__(self) -> str:
+        if self.mode == "symmetric":
+            head = f"feedback 'symmetric': {len(self.converted)} layers use exact autograd (W^T)"
+        else:
+            head = (
+                f"feedback {self.mode!r}: converted {len(self.converted)} layers, "
+                f"added {self.added:,} feedback values"
+            )
+        rows = [
+            f"  {name or '<root>'}: {kind} {list(shape)}" for name, kind, shape in self.converted
+        ]
+        if self.exact:
+            rows.append(f"  exact gradient kept for {len(self.exact)} norm layers")
+        return "\n".join([head, *rows])
+
+
+def _kind(module: nn.Module) -> str | None:
+    """'linear' / 'conv' / 'loccon' for layers convert handles, else None."""
+    if isinstance(module, LocallyConnected2d):
+        return "loccon"
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Conv2d):
+        return "conv"
+    return None
+
+
+def _check(name: str, module: nn.Module) -> None:
+    label = f"layer {name or '<root>'} ({type(module).__name__})"
+    kind = _kind(module)
+    if kind is None:
+        if isinstance(module, _UNIT_LOCAL) or not list(module.parameters(recurse=False)):
+            return
+        raise BrainPropError(
+            f"cannot give {label} a separate feedback pathway: only Linear, Conv2d and "
+            "LocallyConnected2d weights (and norm layers) are supported; use feedback='symmetric'"
+        )
+    if kind == "conv":
+        if module.padding_mode != "zeros":
+            raise BrainPropError(
+                f"{label} uses padding_mode={module.padding_mode!r}: only zero padding is "
+                "supported; pad explicitly with F.pad before the conv"
+            )
+        if module.padding == "same" and any(
+            d * (k - 1) % 2 for d, k in zip(module.dilation, module.kernel_size, strict=True)
+        ):
+            raise BrainPropError(
+                f"{label} uses padding='same' with an even kernel (asymmetric pad): use "
+                "brainprop.layers.Conv2dSame or explicit padding"
+            )
+
+
+def _scale(w: torch.Tensor) -> float:
+    """std(W); for a constant W (e.g. zeros) the default init scale 1/sqrt(fan_in) instead."""
+    std = float(w.detach().double().std()) if w.numel() > 1 else 0.0
+    return std if std > 0 else 1.0 / max(w[0].numel(), 1) ** 0.5
+
+
+def _random_like(w: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    noise = torch.randn(w.shape, generator=generator, dtype=torch.float64)
+    return (noise * _scale(w)).to(dtype=w.dtype, device=w.device)
+
+
+def _strip(layer: nn.Module) -> None:
+    """Remove a previous conversion's state so the layer can take a new mode."""
+    for name in ("feedback_weight", "feedback_seed", "feedback_scale"):
+        layer._parameters.pop(name, None)
+        layer._buffers.pop(name, None)
+    for name in ("feedback_mode", "_direct_link", "_direct_cache"):
+        layer.__dict__.pop(name, None)
+    base = type(layer)
+    if base in _CLASSES.values():
+        layer.__class__ = base.__mro__[2]
+
+
+def convert(
+    module: nn.Module, feedback: str, *, generator: torch.Generator | None = None
+) -> ConversionReport:
+    """Give every Linear/Conv2d/LocallyConnected2d in ``module`` the ``feedback`` pathway, in place.
+
+    Forward weights stay the same Parameters (their state_dict keys do not change); the modes
+    with stored feedback add ``<layer>.feedback_weight`` (``reciprocal``: a Parameter;
+    ``random``: a buffer) or ``<layer>.feedback_seed`` and ``<layer>.feedback_scale``
+    (``direct``). Converting to ``symmetric`` restores plain layers. Nothing is changed if any
+    layer is refused.
+
+    Args:
+        module: any network, e.g. a preset or a ResNet.
+        feedback: one of :data:`FEEDBACK_MODES`.
+        generator: CPU generator for the random feedback weights (reproducible conversions).
+
+    Raises:
+        BrainPropError: unknown mode, or a layer with weights it cannot handle (ConvTranspose,
+            Bilinear, Embedding, attention, recurrent, Conv1d/3d, non-zero padding modes).
+    """
+    if feedback not in FEEDBACK_MODES:
+        raise BrainPropError(
+            f"unknown feedback {feedback!r}: choose one of {', '.join(FEEDBACK_MODES)}"
+        )
+    named = list(module.named_modules())
+    if feedback != "symmetric":
+        for name, m in named:
+            _check(name, m)
+    report = ConversionReport(feedback)
+    layers = [(name, m) for name, m in named if _kind(m) is not None]
+    link = _DirectLink(layers[-1][1]) if feedback == "direct" and layers else None
+    for name, m in named:
+        if _kind(m) is None:
+            if isinstance(m, _UNIT_LOCAL) and list(m.parameters(recurse=False)):
+                report.exact.append((name, type(m).__name__))
+            continue
+        _strip(m)
+        report.converted.append((name, type(m).__name__, tuple(m.weight.shape)))
+        if feedback == "symmetric":
+            continue
+        m.__class__ = _converted_class(type(m))
+        m.feedback_mode = feedback
+        w = m.weight
+        if feedback == "reciprocal":
+            m.feedback_weight = nn.Parameter(_random_like(w, generator))
+            report.added += w.numel()
+        elif feedback == "random":
+            m.register_buffer("feedback_weight", _random_like(w, generator))
+            report.added += w.numel()
+        elif feedback == "direct":
+            seed = torch.randint(0, 2**62, (), generator=generator)
+            m.register_buffer("feedback_seed", seed.to(device=w.device))
+            m.register_buffer(
+                "feedback_scale", torch.tensor(_scale(w), dtype=torch.float64, device=w.device)
+            )
+            m._direct_link = link
+            report.added += 2
+    return report

@@ -1,0 +1,233 @@
+"""convert(): modes, state_dict keys, refusals, reports, reciprocal dynamics, a ResNet-18."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from brainprop import FEEDBACK_MODES, BrainProp, build_model, convert
+from brainprop.errors import BrainPropError
+from brainprop.feedback import exact_gradients, feedback_weight
+from brainprop.presets import decayed_parameters
+
+
+def _conv_model() -> nn.Sequential:
+    return build_model("conv", (1, 10, 10), 5, generator=torch.Generator().manual_seed(0))
+
+
+def _step(model, x, y, seed=0):
+    out = BrainProp(0.3)(model(x), y, torch.Generator().manual_seed(seed))
+    out.loss.backward()
+    return out
+
+
+class BasicBlock(nn.Module):
+    """torchvision's ResNet BasicBlock."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + identity)
+
+
+class ResNet18(nn.Module):
+    """torchvision's resnet18 layout: 7x7 stem, max-pool, 4 stages of 2 blocks, fc with bias."""
+
+    def __init__(self, num_classes: int = 10, width: int = 64) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        stages, cin = [], width
+        for i, stride in enumerate((1, 2, 2, 2)):
+            cout = width * 2**i
+            stages.append(nn.Sequential(BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)))
+            cin = cout
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def test_modes():
+    assert FEEDBACK_MODES == ("symmetric", "reciprocal", "random", "sign", "direct")
+
+
+def test_unknown_mode_lists_the_valid_ones():
+    with pytest.raises(BrainPropError, match="symmetric, reciprocal, random, sign, direct"):
+        convert(_conv_model(), "transpose")
+
+
+@pytest.mark.parametrize(
+    ("layer", "name"),
+    [
+        (nn.ConvTranspose2d(2, 2, 3), "ConvTranspose2d"),
+        (nn.Bilinear(3, 3, 2), "Bilinear"),
+        (nn.Embedding(10, 3), "Embedding"),
+        (nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"), "padding_mode='reflect'"),
+    ],
+)
+def test_unsupported_layers_are_refused_and_nothing_changes(layer, name):
+    model = nn.Sequential(nn.Linear(3, 3), layer)
+    with pytest.raises(BrainPropError, match=name) as err:
+        convert(model, "random")
+    assert "\n" not in str(err.value)
+    assert type(model[0]) is nn.Linear and "0.feedback_weight" not in model.state_dict()
+
+
+@pytest.mark.parametrize("mode", FEEDBACK_MODES)
+def test_state_dict_keeps_forward_weights_and_adds_feedback(mode):
+    model = _conv_model()
+    weights = {n: p for n, p in model.named_parameters()}
+    convert(model, mode, generator=torch.Generator().manual_seed(1))
+    keys = set(model.state_dict())
+    assert set(weights) <= keys
+    assert all(dict(model.named_parameters())[n] is p for n, p in weights.items())
+    added = {k.rsplit(".", 1)[1] for k in keys - set(_conv_model().state_dict())}
+    expected = {
+        "symmetric": set(),
+        "reciprocal": {"feedback_weight"},
+        "random": {"feedback_weight"},
+        "sign": set(),
+        "direct": {"feedback_seed", "feedback_scale"},
+    }[mode]
+    assert added == expected
+    params = {n for n, _ in model.named_parameters()}
+    assert any(n.endswith("feedback_weight") for n in params) == (mode == "reciprocal")
+
+
+def test_symmetric_is_plain_autograd_and_undoes_a_conversion():
+    model = _conv_model()
+    twin = copy.deepcopy(model)
+    convert(twin, "reciprocal")
+    report = convert(twin, "symmetric")
+    assert [type(m) for m in twin.modules()] == [type(m) for m in model.modules()]
+    assert set(twin.state_dict()) == set(model.state_dict())
+    assert "exact autograd" in str(report)
+    x, y = torch.rand(6, 1, 10, 10), torch.arange(6) % 5
+    torch.manual_seed(0)
+    _step(model, x, y)
+    torch.manual_seed(0)
+    _step(twin, x, y)
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad)
+
+
+def test_report_lists_the_converted_layers():
+    report = convert(_conv_model(), "random", generator=torch.Generator().manual_seed(0))
+    text = str(report)
+    assert text.startswith("feedback 'random': converted 4 layers")
+    assert "Conv2dSame [32, 1, 3, 3]" in text and "Linear [5, 500]" in text
+    assert "exact gradient kept for 2 norm layers" in text
+    assert report.added == sum(p.numel() for p in _conv_model().parameters() if p.dim() > 1)
+
+
+@pytest.mark.parametrize("mode", ["reciprocal", "random", "sign", "direct"])
+def test_output_layer_gradient_is_exact_and_lower_ones_are_not(mode):
+    model = _conv_model()
+    convert(model, mode, generator=torch.Generator().manual_seed(2))
+    x, y = torch.rand(8, 1, 10, 10), torch.arange(8) % 5
+    torch.manual_seed(0)
+    _step(model, x, y)
+    rule = [m.weight.grad.clone() for m in (model[0], model[3], model[-1])]
+    model.zero_grad()
+    torch.manual_seed(0)
+    with exact_gradients():
+        _step(model, x, y)
+    exact = [m.weight.grad for m in (model[0], model[3], model[-1])]
+    assert torch.equal(rule[-1], exact[-1])  # the output layer learns from delta directly
+    assert not torch.allclose(rule[0], exact[0])
+
+
+def test_evaluation_forward_is_unchanged():
+    model = _conv_model().eval()
+    x = torch.rand(3, 1, 10, 10)
+    expected = model(x)
+    for mode in FEEDBACK_MODES:
+        convert(model, mode)
+        assert torch.equal(model(x), expected)
+        with torch.no_grad():
+            assert torch.equal(model(x), expected)
+
+
+def test_sign_feedback_has_the_forward_scale():
+    model = _conv_model()
+    convert(model, "sign")
+    w = model[-1].weight.detach()
+    b = feedback_weight(model[-1])
+    assert torch.equal(b.sign(), w.sign())
+    assert float(b.norm() / w.norm()) == pytest.approx(1.0, rel=0.01)
+
+
+def _reciprocal_pair(equal: bool, wd: float, steps: int):
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = _conv_model()
+        convert(model, "reciprocal", generator=torch.Generator().manual_seed(3))
+        layers = [m for m in model.modules() if hasattr(m, "feedback_weight")]
+        if equal:
+            with torch.no_grad():
+                for m in layers:
+                    m.feedback_weight.copy_(m.weight)
+        gaps0 = [(m.weight - m.feedback_weight).detach().clone() for m in layers]
+        decay, rest = decayed_parameters(model)
+        assert all(any(p is m.feedback_weight for p in decay) for m in layers)
+        opt = torch.optim.SGD([{"params": decay, "weight_decay": wd}, {"params": rest}], lr=0.1)
+        for step in range(steps):
+            opt.zero_grad()
+            x, y = torch.rand(8, 1, 10, 10), torch.arange(8) % 5
+            _step(model, x, y, seed=step)
+            opt.step()
+        return layers, gaps0
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def test_reciprocal_initialised_equal_stays_equal():
+    layers, _ = _reciprocal_pair(equal=True, wd=1e-3, steps=4)
+    for m in layers:
+        assert torch.equal(m.weight, m.feedback_weight)
+
+
+def test_reciprocal_gap_shrinks_only_by_weight_decay():
+    """Kolen-Pollack: W - B evolves as (1 - lr * wd)^t (W0 - B0); without decay it is frozen."""
+    for wd in (0.0, 0.05):
+        layers, gaps0 = _reciprocal_pair(equal=False, wd=wd, steps=5)
+        for m, gap0 in zip(layers, gaps0, strict=True):
+            gap = (m.weight - m.feedback_weight).detach()
+            assert torch.allclose(gap, (1 - 0.1 * wd) ** 5 * gap0, rtol=1e-9, atol=1e-15)
+
+
+@pytest.mark.parametrize("mode", FEEDBACK_MODES)
+def test_resnet18_converts_and_trains(mode):
+    torch.manual_seed(0)
+    model = ResNet18(num_classes=10, width=16)
+    report = convert(model, mode, generator=torch.Generator().manual_seed(0))
+    assert len(report.converted) == 20 + 1  # 17 3x3/7x7 convs, 3 downsample convs, fc
+    assert len(report.exact) == 20
+    x, y = torch.rand(2, 3, 32, 32), torch.tensor([1, 7])
+    out = _step(model, x, y)
+    assert torch.isfinite(out.loss)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    assert model.layer1[0].conv1.weight.grad.abs().sum() > 0

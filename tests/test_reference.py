@@ -1,0 +1,223 @@
+"""The key claim: the fast feedback pathways and the neuron-level reference make the same update.
+
+In float64, one training step of the fast path (convert + objective + loss.backward + SGD step)
+changes every parameter, forward weights and feedback weights alike, by what
+:func:`brainprop.reference.trial` computes without autograd, to 1e-10 relative error: for each
+layer type, each feedback mode, both objectives, random shapes and several seeds, and the whole
+``deep`` preset with its dropout masks fixed and BatchNorm in training mode.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+import torch
+from torch import nn
+
+import brainprop.reference as reference
+from brainprop import FEEDBACK_MODES, convert
+from brainprop.errors import BrainPropError
+from brainprop.layers import Conv2dSame, LocallyConnected2d
+from brainprop.objectives import EBP, BrainProp
+from brainprop.presets import Hyperparameters, build_model
+
+TOL = 1e-10
+LR = 0.1
+RULES = ("brainprop", "ebp")
+SEEDS = (0, 1, 2)
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(torch.float32)
+
+
+def _net(kind: str, seed: int) -> tuple[nn.Sequential, tuple[int, ...]]:
+    """A small random-shaped network around one layer type, with the other layers it meets."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    k = rng.randint(3, 6)  # classes
+    c, h, w = rng.randint(1, 3), rng.randint(6, 9), rng.randint(6, 9)
+    bias = rng.random() < 0.5
+    if kind == "linear":
+        hidden = rng.randint(4, 12)
+        layers = [
+            nn.Flatten(),
+            nn.Linear(c * h * w, hidden, bias=bias),
+            nn.ReLU(),
+            nn.BatchNorm1d(hidden),
+            nn.Dropout(0.3),
+            nn.Linear(hidden, hidden + 1, bias=not bias),
+            nn.ReLU(),
+            nn.Linear(hidden + 1, k, bias=False),
+        ]
+    elif kind == "conv":
+        c1, c2 = rng.randint(2, 5), rng.randint(2, 5)
+        stride = rng.randint(1, 2)
+        conv = nn.Conv2d(
+            c, c1, rng.choice([1, 3]), stride=stride, padding=rng.randint(0, 1), bias=bias
+        )
+        h1, w1 = conv(torch.zeros(1, c, h, w)).shape[-2:]
+        layers = [
+            conv,
+            nn.ReLU(),
+            # 3x3 stride 2 'same': asymmetric pads on even sizes, an F.pad before the conv.
+            Conv2dSame(c1, c2, 3, stride=2, input_size=(h1, w1), bias=not bias),
+            nn.ReLU(),
+            nn.BatchNorm2d(c2),
+            nn.MaxPool2d(2, ceil_mode=True),
+            nn.Dropout(0.25),
+            nn.Flatten(),
+        ]
+        layers.append(nn.Linear(nn.Sequential(*layers)(torch.zeros(2, c, h, w)).shape[1], k))
+    else:
+        c1, c2 = rng.randint(2, 4), rng.randint(2, 4)
+        lc1 = LocallyConnected2d(
+            c, c1, (h, w), 3, stride=rng.randint(1, 2), padding="same", bias=bias
+        )
+        lc2 = LocallyConnected2d(
+            c1, c2, lc1.output_size, 2, stride=1, padding="valid", bias=not bias
+        )
+        n_out = c2 * lc2.output_size[0] * lc2.output_size[1]
+        layers = [
+            lc1,
+            nn.ReLU(),
+            nn.BatchNorm2d(c1),
+            lc2,
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(n_out, k, bias=False),
+        ]
+    model = nn.Sequential(*layers)
+    for m in model.modules():  # BatchNorm's affine parameters away from (1, 0)
+        if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.uniform_(m.bias, -0.5, 0.5)
+    return model, (c, h, w)
+
+
+def _fast_step(model, x, y, rule, masks, seed):
+    """One training step exactly as the training loop does it; returns (updates, Output)."""
+    hooks = [
+        model[i].register_forward_hook(lambda m, inp, out, mask=mask: inp[0] * mask / (1 - m.p))
+        for i, mask in masks.items()
+    ]
+    objective = BrainProp(epsilon=0.5) if rule == "brainprop" else EBP()
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    out = objective(model(x), y, torch.Generator().manual_seed(seed))
+    optimizer.zero_grad()
+    out.loss.backward()
+    optimizer.step()
+    for hook in hooks:
+        hook.remove()
+    return {k: v.detach() - before[k] for k, v in model.named_parameters()}, out
+
+
+def _compare(model, x, y, rule, seed) -> dict[str, float]:
+    """Relative error of the fast step against the reference, per parameter."""
+    model.train()
+    drawn = reference.trial(model, x, y, generator=torch.Generator().manual_seed(seed)).masks
+    snapshot = copy.deepcopy(model)
+    fast, out = _fast_step(model, x, y, rule, drawn, seed)
+    ref = reference.trial(snapshot, x, y, rule=rule, lr=LR, actions=out.actions, masks=drawn)
+    assert set(ref.updates) == set(fast), (
+        "the reference and the fast path update different parameters"
+    )
+    errors = {}
+    for name, expected in ref.updates.items():
+        scale = expected.norm()
+        assert scale > 0, f"{name}: zero update, the comparison would be empty"
+        errors[name] = float((fast[name] - expected).norm() / scale)
+    return errors
+
+
+def _convert(model, mode, seed):
+    convert(model, mode, generator=torch.Generator().manual_seed(100 + seed))
+    if mode == "reciprocal":  # B apart from W, so a swapped W/B would show
+        for m in model.modules():
+            if hasattr(m, "feedback_weight"):
+                assert not torch.equal(m.feedback_weight, m.weight)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("mode", FEEDBACK_MODES)
+@pytest.mark.parametrize("kind", ["linear", "conv", "loccon"])
+def test_fast_path_matches_reference(kind, mode, rule, seed):
+    model, shape = _net(kind, seed)
+    _convert(model, mode, seed)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(5, *shape, generator=gen)
+    y = torch.randint(0, model[-1].out_features, (5,), generator=gen)
+    errors = _compare(model, x, y, rule, seed)
+    assert max(errors.values()) < TOL, errors
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("mode", FEEDBACK_MODES)
+def test_deep_preset_matches_reference(mode, rule):
+    hp = Hyperparameters(init_std=0.05, dropout=(0.3, 0.3, 0.5, 0.3))
+    model = build_model("deep", (3, 8, 8), 7, hp, torch.Generator().manual_seed(3))
+    _convert(model, mode, 3)
+    gen = torch.Generator().manual_seed(4)
+    x, y = torch.rand(4, 3, 8, 8, generator=gen), torch.randint(0, 7, (4,), generator=gen)
+    errors = _compare(model, x, y, rule, 4)
+    # Every conv, both dense layers, and every BatchNorm's gamma and beta were compared.
+    assert sum(k.endswith(".weight") for k in errors) == 9 + 7
+    assert max(errors.values()) < TOL, errors
+
+
+def test_reciprocal_feedback_weights_update_like_forward_weights():
+    model, shape = _net("conv", 0)
+    _convert(model, "reciprocal", 0)
+    x, y = torch.rand(5, *shape), torch.zeros(5, dtype=torch.long)
+    errors = _compare(model, x, y, "brainprop", 0)
+    fb = [k for k in errors if k.endswith("feedback_weight")]
+    assert len(fb) == 3 and max(errors.values()) < TOL
+
+
+def test_breaking_the_gating_breaks_the_agreement(monkeypatch):
+    """The comparison can fail: a reference that ignores the ReLU gate disagrees."""
+    model, shape = _net("conv", 1)
+    x, y = torch.rand(5, *shape), torch.arange(5) % 3
+    errors = _compare(copy.deepcopy(model), x, y, "brainprop", 1)
+    assert max(errors.values()) < TOL
+    monkeypatch.setattr(reference, "activity_derivative", lambda pre: torch.ones_like(pre))
+    broken = _compare(model, x, y, "brainprop", 1)
+    assert max(broken.values()) > 1e-3, broken
+
+
+def test_breaking_the_feedback_weights_breaks_the_agreement(monkeypatch):
+    """A reference that sends feedback through W instead of B disagrees in 'random' mode."""
+    model, shape = _net("linear", 2)
+    _convert(model, "random", 2)
+    x, y = torch.rand(5, *shape), torch.arange(5) % 3
+    monkeypatch.setattr(reference, "_feedback_weights", lambda layer: layer.weight.detach())
+    broken = _compare(model, x, y, "ebp", 2)
+    assert max(broken.values()) > 1e-3, broken
+
+
+def test_trial_reports_the_steps_of_the_rule():
+    model = nn.Sequential(nn.Linear(4, 3, bias=False), nn.ReLU(), nn.Linear(3, 2, bias=False))
+    x, y = torch.rand(1, 4), torch.tensor([1])
+    t = reference.trial(model, x, y, actions=torch.tensor([1]))
+    assert t.rewards.item() == 1.0
+    assert t.delta.item() == pytest.approx(1.0 - t.q[0, 1].item())
+    assert t.output_error[0, 0] == 0.0  # only the chosen unit sends feedback
+    # The hidden layer's feedback is the chosen unit's weights, gated by the hidden activity.
+    gate = (t.activities[1] > 0).to(x.dtype)
+    expected = t.delta * model[2].weight[1] * gate
+    assert torch.allclose(t.feedback[0], expected)
+    assert torch.allclose(t.updates["0.weight"], expected.T @ x)
+
+
+def test_unsupported_layer_is_refused():
+    with pytest.raises(BrainPropError, match="no layer Tanh"):
+        reference.trial(
+            nn.Sequential(nn.Tanh()), torch.rand(2, 3), torch.zeros(2, dtype=torch.long)
+        )
