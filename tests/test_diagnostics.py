@@ -1,0 +1,98 @@
+"""Diagnostics: angles and norm ratios, no side effects, history columns, plot, training run."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from brainprop import BrainProp, Dataset, TrainConfig, build_model, convert, load_model, train
+from brainprop.cli import build_parser
+from brainprop.diagnostics import angle, diagnostics, plot_diagnostics
+
+
+def _model(mode: str):
+    model = build_model("conv", (1, 10, 10), 5, generator=torch.Generator().manual_seed(0))
+    convert(model, mode, generator=torch.Generator().manual_seed(1))
+    return model
+
+
+def _batch():
+    gen = torch.Generator().manual_seed(2)
+    return torch.rand(16, 1, 10, 10, generator=gen), torch.randint(0, 5, (16,), generator=gen)
+
+
+def test_angle():
+    a = torch.tensor([1.0, 0.0])
+    assert angle(a, a) == pytest.approx(0.0, abs=1e-6)
+    assert angle(a, torch.tensor([0.0, 2.0])) == pytest.approx(90.0)
+    assert angle(a, -a) == pytest.approx(180.0)
+    assert math.isnan(angle(a, torch.zeros(2)))
+
+
+def test_symmetric_feedback_is_aligned():
+    d = diagnostics(_model("symmetric"), *_batch(), BrainProp())
+    assert {k.split("/")[0] for k in d} == {"angle_wb", "norm_ratio", "angle_update"}
+    assert len([k for k in d if k.startswith("angle_update/")]) == 4
+    assert all(v == pytest.approx(0.0, abs=1e-3) for k, v in d.items() if "angle" in k)
+    assert all(v == pytest.approx(1.0) for k, v in d.items() if k.startswith("norm_ratio/"))
+
+
+def test_random_feedback_is_orthogonal_and_output_layer_exact():
+    d = diagnostics(_model("random"), *_batch(), BrainProp())
+    assert 80 < d["angle_wb/3"] < 100  # independent random B: nearly orthogonal to W
+    assert d["angle_update/11"] == pytest.approx(0.0, abs=1e-3)  # the output layer's update
+    assert d["angle_update/3"] > 10
+
+
+def test_direct_has_no_weight_angle_but_an_update_angle():
+    d = diagnostics(_model("direct"), *_batch(), BrainProp())
+    assert not any(k.startswith("angle_wb/") for k in d)
+    assert d["angle_update/0"] > 10
+
+
+def test_diagnostics_leave_training_state_alone():
+    model = _model("reciprocal")
+    x, y = _batch()
+    buffers = [b.clone() for b in model.buffers()]
+    rng = torch.get_rng_state()
+    diagnostics(model, x, y, BrainProp())
+    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers(), strict=True))
+    assert torch.equal(rng, torch.get_rng_state())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_plot_writes_a_png(tmp_path):
+    rows = [
+        {"epoch": e, "angle_wb/0": 90.0 - e, "norm_ratio/0": 1.0, "angle_update/0": 40.0}
+        for e in (1, 2)
+    ]
+    plot_diagnostics(rows, tmp_path / "d.png", "title")
+    assert (tmp_path / "d.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _tiny_mnist() -> Dataset:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (96, 1, 8, 8), dtype=torch.uint8, generator=gen)
+    y = torch.randint(0, 10, (96,), generator=gen)
+    return Dataset("mnist", x[:64], y[:64], x[64:], y[64:], 10)
+
+
+def test_training_logs_diagnostics_and_reloads(tmp_path):
+    config = TrainConfig(
+        arch="dense", feedback="reciprocal", epochs=2, batch_size=32, device="cpu",
+        out_dir=str(tmp_path), name="run", l2=1e-3,
+    )  # fmt: skip
+    run = train(config, dataset=_tiny_mnist(), progress=False)
+    assert {"angle_wb/1", "norm_ratio/1", "angle_update/1"} <= set(run.history[-1])
+    assert (run.dir / "diagnostics.png").exists()
+    model, _ = load_model(run.dir)
+    assert "1.feedback_weight" in model.state_dict()
+
+
+def test_feedback_option():
+    args = build_parser().parse_args(["train", "--feedback", "sign"])
+    assert args.feedback == "sign"
+    with pytest.raises(Exception, match="feedback"):
+        TrainConfig(feedback="transpose").resolve()
