@@ -33,10 +33,11 @@ __all__ = ["angle", "diagnostics", "plot_diagnostics", "update_alignment", "weig
 def angle(a: torch.Tensor, b: torch.Tensor) -> float:
     """Angle in degrees between two same-shaped tensors, flattened; NaN if either is zero."""
     a, b = a.detach().double().flatten(), b.detach().double().flatten()
-    norms = a.norm() * b.norm()
-    if norms == 0:
+    if a.norm() == 0 or b.norm() == 0:
         return math.nan
-    return math.degrees(math.acos(float((a @ b / norms).clamp(-1.0, 1.0))))
+    a, b = a / a.norm(), b / b.norm()
+    # 2 atan2(|a - b|, |a + b|) instead of acos(a.b): exact near 0 and 180 degrees.
+    return math.degrees(2 * math.atan2(float((a - b).norm()), float((a + b).norm())))
 
 
 def _layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
