@@ -41,7 +41,9 @@ def test_exploration_rate_matches_epsilon():
     n, eps = 200_000, 0.1
     q = torch.zeros(n, 4)
     q[:, 2] = 5.0
-    out = BrainProp(epsilon=eps)(q, torch.zeros(n, dtype=torch.long), torch.Generator().manual_seed(0))
+    out = BrainProp(epsilon=eps)(
+        q, torch.zeros(n, dtype=torch.long), torch.Generator().manual_seed(0)
+    )
     rate = out.explored.double().mean().item()
     assert abs(rate - eps) < 5 * math.sqrt(eps * (1 - eps) / n)
     # Greedy choices are the argmax.
@@ -52,7 +54,9 @@ def test_exploratory_choices_follow_the_boltzmann_distribution():
     n = 200_000
     logits = torch.tensor([0.0, 1.0, 2.0, -1.0])
     q = logits.expand(n, 4)
-    out = BrainProp(epsilon=1.0)(q, torch.zeros(n, dtype=torch.long), torch.Generator().manual_seed(3))
+    out = BrainProp(epsilon=1.0)(
+        q, torch.zeros(n, dtype=torch.long), torch.Generator().manual_seed(3)
+    )
     assert out.explored.all()
     freq = torch.bincount(out.actions, minlength=4).double() / n
     p = torch.softmax(logits.double(), 0)
@@ -76,7 +80,9 @@ def test_brainprop_step_equals_explicit_attention_gated_update():
     x = torch.randn(batch, n_in, dtype=torch.float64)
     y = torch.randint(0, n_out, (batch,))
 
-    net = nn.Sequential(nn.Linear(n_in, n_hid, bias=False), nn.ReLU(), nn.Linear(n_hid, n_out, bias=False))
+    net = nn.Sequential(
+        nn.Linear(n_in, n_hid, bias=False), nn.ReLU(), nn.Linear(n_hid, n_out, bias=False)
+    )
     net = net.double()
     with torch.no_grad():
         net[0].weight.copy_(w1)
@@ -95,12 +101,16 @@ def test_brainprop_step_equals_explicit_attention_gated_update():
     d_w2 = torch.zeros_like(w2)
     d_w1 = torch.zeros_like(w1)
     for b in range(batch):
-        d_w2[s[b]] += delta[b] * h[b]                     # output synapses of the chosen unit
-        feedback = w2[s[b]]                               # only unit s sends feedback
-        gated = feedback * (pre[b] > 0).double()          # the attention tag: f'(activity)
-        d_w1 += delta[b] * torch.outer(gated, x[b])       # delta x gated feedback x pre
-    torch.testing.assert_close(net[2].weight.detach(), w2 + lr * d_w2 / batch, rtol=1e-12, atol=1e-14)
-    torch.testing.assert_close(net[0].weight.detach(), w1 + lr * d_w1 / batch, rtol=1e-12, atol=1e-14)
+        d_w2[s[b]] += delta[b] * h[b]  # output synapses of the chosen unit
+        feedback = w2[s[b]]  # only unit s sends feedback
+        gated = feedback * (pre[b] > 0).double()  # the attention tag: f'(activity)
+        d_w1 += delta[b] * torch.outer(gated, x[b])  # delta x gated feedback x pre
+    torch.testing.assert_close(
+        net[2].weight.detach(), w2 + lr * d_w2 / batch, rtol=1e-12, atol=1e-14
+    )
+    torch.testing.assert_close(
+        net[0].weight.detach(), w1 + lr * d_w1 / batch, rtol=1e-12, atol=1e-14
+    )
 
 
 def test_ebp_is_softmax_cross_entropy():

@@ -8,7 +8,12 @@ from brainprop.errors import BrainPropError
 from brainprop.layers import Conv2dSame, LocallyConnected2d
 from brainprop.presets import PAPER, build_model, decayed_parameters, published_hyperparameters
 
-SHAPES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32), "cifar100": (3, 32, 32), "tiny-imagenet": (3, 64, 64)}
+SHAPES = {
+    "mnist": (1, 28, 28),
+    "cifar10": (3, 32, 32),
+    "cifar100": (3, 32, 32),
+    "tiny-imagenet": (3, 64, 64),
+}
 CLASSES = {"mnist": 10, "cifar10": 10, "cifar100": 100, "tiny-imagenet": 200}
 
 # Trainable parameters of the Keras models, BatchNorm scale and shift included.
@@ -28,8 +33,13 @@ PUBLISHED_COUNTS = {
 
 @pytest.mark.parametrize(("dataset", "arch"), sorted(PUBLISHED_COUNTS))
 def test_parameter_counts_match_keras(dataset, arch):
-    model = build_model(arch, SHAPES[dataset], CLASSES[dataset], published_hyperparameters(dataset, arch))
-    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == PUBLISHED_COUNTS[(dataset, arch)]
+    model = build_model(
+        arch, SHAPES[dataset], CLASSES[dataset], published_hyperparameters(dataset, arch)
+    )
+    assert (
+        sum(p.numel() for p in model.parameters() if p.requires_grad)
+        == PUBLISHED_COUNTS[(dataset, arch)]
+    )
 
 
 @pytest.mark.parametrize(("dataset", "arch"), sorted(PAPER))
@@ -56,11 +66,16 @@ def test_layer_order_conv_relu_batchnorm_and_deep_dropout():
             assert kinds[i + 1] is nn.ReLU and kinds[i + 2] is nn.BatchNorm2d
     rates = [m.p for m in model if isinstance(m, nn.Dropout)]
     assert rates == [0.3, 0.3, 0.8, 0.3]
-    assert isinstance(model[kinds.index(nn.Flatten) - 1], nn.Dropout) and model[kinds.index(nn.Flatten) - 1].p == 0.8
+    assert (
+        isinstance(model[kinds.index(nn.Flatten) - 1], nn.Dropout)
+        and model[kinds.index(nn.Flatten) - 1].p == 0.8
+    )
 
 
 def test_initialisation_is_normal_with_the_table_sigma():
-    model = build_model("dense", (1, 28, 28), 10, PAPER[("mnist", "dense")], torch.Generator().manual_seed(0))
+    model = build_model(
+        "dense", (1, 28, 28), 10, PAPER[("mnist", "dense")], torch.Generator().manual_seed(0)
+    )
     w = model[1].weight.detach()
     assert w.mean().abs() < 1e-4
     assert w.std().item() == pytest.approx(0.01, rel=0.01)
@@ -83,9 +98,24 @@ def test_only_weights_are_decayed():
 
 
 def test_unpublished_pairs_and_unknown_names_are_one_line_errors():
-    with pytest.raises(BrainPropError, match="choose --arch from conv, dense, loccon"):
+    with pytest.raises(
+        BrainPropError, match="no .deep. network for mnist: choose --arch from conv, dense, loccon"
+    ):
         published_hyperparameters("mnist", "deep")
     with pytest.raises(BrainPropError, match="unknown architecture 'resnet'"):
         published_hyperparameters("mnist", "resnet")
     with pytest.raises(BrainPropError, match="2 dropout sites"):
         build_model("conv", (1, 28, 28), 10, PAPER[("mnist", "dense")])
+
+
+def test_quickstart_preset_covers_only_mnist_dense():
+    row = published_hyperparameters("mnist", "dense", "quickstart")
+    assert (row.lr, row.init_std, row.batch_size) == (0.5, 0.03, 64)
+    with pytest.raises(BrainPropError, match="preset 'quickstart' has no 'conv' network for mnist"):
+        published_hyperparameters("mnist", "conv", "quickstart")
+    with pytest.raises(BrainPropError, match="preset 'quickstart' has no row for cifar10"):
+        published_hyperparameters("cifar10", "deep", "quickstart")
+    with pytest.raises(
+        BrainPropError, match="unknown preset 'fast': choose one of paper, quickstart"
+    ):
+        published_hyperparameters("mnist", "dense", "fast")

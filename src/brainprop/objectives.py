@@ -58,7 +58,9 @@ class BrainProp:
 
     def __init__(self, epsilon: float = 0.02) -> None:
         if not 0.0 <= epsilon <= 1.0:
-            raise BrainPropError(f"epsilon must lie in [0, 1], got {epsilon}: pass e.g. --epsilon 0.02")
+            raise BrainPropError(
+                f"epsilon must lie in [0, 1], got {epsilon}: pass e.g. --epsilon 0.02"
+            )
         self.epsilon = epsilon
 
     def select(
