@@ -231,3 +231,18 @@ def test_resnet18_converts_and_trains(mode):
     assert torch.isfinite(out.loss)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
     assert model.layer1[0].conv1.weight.grad.abs().sum() > 0
+
+
+def test_direct_matrix_follows_a_loaded_seed():
+    model, other = _conv_model(), _conv_model()
+    convert(model, "direct", generator=torch.Generator().manual_seed(0))
+    convert(other, "direct", generator=torch.Generator().manual_seed(1))
+    x, y = torch.rand(4, 1, 10, 10), torch.arange(4)
+    _step(model, x, y)
+    model.zero_grad()
+    model.load_state_dict(other.state_dict())
+    torch.manual_seed(0)
+    _step(model, x, y)
+    torch.manual_seed(0)
+    _step(other, x, y)
+    assert torch.equal(model[0].weight.grad, other[0].weight.grad)

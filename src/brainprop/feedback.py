@@ -124,13 +124,15 @@ def direct_matrix(
     """The fixed DFA matrix D ([num_outputs, input_size]) of a ``direct``-mode layer.
 
     Drawn in float64 on the CPU from the layer's seed, so it is the same on every device and in
-    every dtype; cached on the layer until the seed or the requested shape changes.
+    every dtype; cached on the layer until the seed buffer is written (e.g. by
+    ``load_state_dict``) or the requested shape changes. The cache key uses the buffer's version
+    counter rather than its value, so a step on the GPU never waits to read the seed back.
     """
-    seed = int(layer.feedback_seed)
-    key = (seed, num_outputs, input_size, dtype, device)
+    seed_buffer = layer.feedback_seed
+    key = (seed_buffer.data_ptr(), seed_buffer._version, num_outputs, input_size, dtype, device)
     cache = layer.__dict__.get("_direct_cache")
     if cache is None or cache[0] != key:
-        gen = torch.Generator().manual_seed(seed)
+        gen = torch.Generator().manual_seed(int(seed_buffer))
         d = torch.randn(num_outputs, input_size, generator=gen, dtype=torch.float64)
         d = (d * float(layer.feedback_scale)).to(dtype=dtype, device=device)
         layer.__dict__["_direct_cache"] = (key, d)
@@ -145,13 +147,13 @@ class _LinearFeedback(torch.autograd.Function):
     """y = x W^T + b; backward: dx = g B, dW = g^T x (exact), dB = dW (used by 'reciprocal')."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, fb):  # noqa: ANN001, ANN205 - autograd signature
+    def forward(ctx, x, weight, bias, fb):
         ctx.save_for_backward(x, fb)
         ctx.has_bias = bias is not None
         return F.linear(x, weight, bias)
 
     @staticmethod
-    def backward(ctx, g):  # noqa: ANN001, ANN205
+    def backward(ctx, g):
         x, fb = ctx.saved_tensors
         need_x, need_w, _, need_fb = ctx.needs_input_grad[:4]
         gx = g.matmul(fb.to(g.dtype)) if need_x else None
@@ -166,14 +168,14 @@ class _ConvFeedback(torch.autograd.Function):
     """2-D convolution whose input gradient goes through B; weight and bias gradients exact."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, fb, stride, padding, dilation, groups):  # noqa: ANN001, ANN205
+    def forward(ctx, x, weight, bias, fb, stride, padding, dilation, groups):
         ctx.save_for_backward(x, weight, fb)
         ctx.conf = (stride, padding, dilation, groups)
         ctx.bias_sizes = None if bias is None else [bias.shape[0]]
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
-    def backward(ctx, g):  # noqa: ANN001, ANN205
+    def backward(ctx, g):
         x, weight, fb = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conf
         need_x, need_w, need_b, need_fb = ctx.needs_input_grad[:4]
@@ -196,12 +198,12 @@ class _BmmFeedback(torch.autograd.Function):
     """Per-position matmul of :class:`LocallyConnected2d`: y = cols @ W ([L, N, K] @ [L, K, O])."""
 
     @staticmethod
-    def forward(ctx, cols, weight, fb):  # noqa: ANN001, ANN205
+    def forward(ctx, cols, weight, fb):
         ctx.save_for_backward(cols, fb)
         return torch.bmm(cols, weight)
 
     @staticmethod
-    def backward(ctx, g):  # noqa: ANN001, ANN205
+    def backward(ctx, g):
         cols, fb = ctx.saved_tensors
         need_x, need_w, need_fb = ctx.needs_input_grad[:3]
         gx = torch.bmm(g, fb.to(g.dtype).transpose(1, 2)) if need_x else None
@@ -223,12 +225,12 @@ class _DirectInject(torch.autograd.Function):
     transposed-weight feedback."""
 
     @staticmethod
-    def forward(ctx, out, x, layer):  # noqa: ANN001, ANN205
+    def forward(ctx, out, x, layer):
         ctx.layer, ctx.x_shape = layer, x.shape
         return out.view_as(out)
 
     @staticmethod
-    def backward(ctx, g):  # noqa: ANN001, ANN205
+    def backward(ctx, g):
         layer = ctx.layer
         link: _DirectLink = layer._direct_link
         if link.output is layer:
@@ -256,7 +258,7 @@ def _active(layer: nn.Module) -> bool:
     )
 
 
-def _direct(layer: nn.Module, x: torch.Tensor, op) -> torch.Tensor:  # noqa: ANN001
+def _direct(layer: nn.Module, x: torch.Tensor, op) -> torch.Tensor:
     return _DirectInject.apply(op(x.detach()), x, layer)
 
 
