@@ -141,6 +141,66 @@ def _download(args: argparse.Namespace) -> int:
     return 0
 
 
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
+def _add_reproduce(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "reproduce", help="run the paper's experiment matrix and report it",
+        description="Run the paper's matrix (cells x rules x seeds) resumably in priority order, "
+        "then write results.md/json/png under --out. Finished runs are skipped; interrupted "
+        "ones resume.",
+    )  # fmt: skip
+    p.add_argument("--datasets", type=_names, help="comma-separated (default: all four)")
+    p.add_argument("--archs", type=_names, help="comma-separated (default: every cell's)")
+    p.add_argument("--rules", type=_names, default=("brainprop", "ebp"))
+    p.add_argument("--seeds", type=int, default=10, help="seeds 0..N-1 per cell and rule")
+    p.add_argument("--max-epochs", type=int, help="cap every run (default: the paper's 500)")
+    p.add_argument("--val-split", type=int, metavar="N", help="validate on N held-out images")
+    p.add_argument(
+        "--budget-minutes", type=float,
+        help="start only the runs whose estimated time fits, in priority order",
+    )  # fmt: skip
+    p.add_argument("--jobs", type=int, default=1, help="runs at once on the device")
+    p.add_argument("--out", default="results", help="results folder (default: results)")
+    p.add_argument("--data-dir", help="data root (default: $BRAINPROP_DATA, else data/)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--report-only", action="store_true", help="only rewrite the report")
+    p.add_argument("--readme", help="also rewrite this README's results section")
+    p.add_argument("--quiet", action="store_true", help="no per-epoch progress")
+
+
+def _reproduce(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .experiments import Request, reproduce, select_cells
+    from .report import update_readme, write_report
+
+    out = Path(args.out)
+    if args.report_only:
+        print(f"report: {write_report(out)}")
+    else:
+        request = Request(
+            cells=tuple(select_cells(args.datasets, args.archs)),
+            rules=args.rules,
+            seeds=args.seeds,
+            val=args.val_split,
+            max_epochs=args.max_epochs,
+            out=out,
+            data_dir=args.data_dir,
+            device=args.device,
+            budget_minutes=args.budget_minutes,
+            jobs=args.jobs,
+            progress=not args.quiet,
+        )
+        reproduce(request)
+    if args.readme:
+        update_readme(Path(args.readme), out)
+        print(f"results section of {args.readme} rewritten")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="brainprop", description="BrainProp and EBP training for PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -154,10 +214,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("download", help="fetch a dataset's official archives")
     p.add_argument("name")
     p.add_argument("--data-dir")
+    _add_reproduce(sub)
     return parser
 
 
-COMMANDS = {"train": _train, "evaluate": _evaluate, "datasets": _datasets, "download": _download}
+COMMANDS = {
+    "train": _train,
+    "evaluate": _evaluate,
+    "datasets": _datasets,
+    "download": _download,
+    "reproduce": _reproduce,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

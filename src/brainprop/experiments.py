@@ -1,0 +1,598 @@
+"""The paper's experiment matrix, run resumably and in priority order, kept as measurements.
+
+``brainprop reproduce`` is :func:`reproduce` over a :class:`Request`. Under the output folder
+(``results/`` by default) it keeps::
+
+    runs/<run>/                      run directories with checkpoints (local, not committed)
+    measurements/<run>@<machine>.json  one finished run: config, summary, accuracy curve
+    results.md, results.json, results.png   the report (:mod:`brainprop.report`)
+
+A run's name says what it is (``cifar10-deep-ebp-s3``, ``-val5000`` for held-out validation,
+``-e2`` for an epoch cap other than the paper's 500), so the same request always maps to the
+same directories: a finished run is skipped, an interrupted one resumes from its ``last.pt``.
+Measurements are one small file each, named by run and machine, so results from another
+machine merge in by copying its ``measurements/`` files; the report reads them all.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import os
+import re
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from statistics import fmean
+from typing import Any
+
+from . import rundir, signals
+from .checkpoint import atomic_write_json
+from .config import TrainConfig
+from .errors import BrainPropError
+
+RUNS, MEASUREMENTS = "runs", "measurements"
+MEASUREMENT_FORMAT = "brainprop-measurement-1"
+#: The paper's epoch budget (with early stopping); runs capped elsewhere carry ``-e<cap>``.
+PAPER_EPOCHS = TrainConfig.epochs
+RULE_ORDER = ("brainprop", "ebp")
+DISPLAY = {
+    "mnist": "MNIST",
+    "cifar10": "CIFAR-10",
+    "cifar100": "CIFAR-100",
+    "tiny-imagenet": "Tiny ImageNet",
+}
+
+
+@dataclass(frozen=True, order=True)
+class Cell:
+    """One (dataset, architecture) entry of the paper's table."""
+
+    dataset: str
+    arch: str
+
+    @property
+    def label(self) -> str:
+        return f"{DISPLAY.get(self.dataset, self.dataset)} {self.arch}"
+
+
+#: The paper's matrix, in the paper's order.
+MATRIX: tuple[Cell, ...] = (
+    Cell("mnist", "dense"),
+    Cell("mnist", "loccon"),
+    Cell("mnist", "conv"),
+    Cell("cifar10", "loccon"),
+    Cell("cifar10", "conv"),
+    Cell("cifar10", "deep"),
+    Cell("cifar100", "loccon"),
+    Cell("cifar100", "conv"),
+    Cell("cifar100", "deep"),
+    Cell("tiny-imagenet", "deep"),
+)
+#: The cells with published numbers to check against, in the published table's order: a
+#: budget spends itself on these first.
+HEADLINE: tuple[Cell, ...] = (
+    Cell("mnist", "conv"),
+    Cell("cifar10", "deep"),
+    Cell("cifar100", "deep"),
+    Cell("tiny-imagenet", "deep"),
+    Cell("mnist", "dense"),
+)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of the matrix: a cell, a rule, a seed and how it is validated and capped.
+
+    ``val`` is None to validate on the test set (as the paper) or a number of held-out training
+    images; ``max_epochs`` is None for the paper's 500 epochs with early stopping.
+    """
+
+    cell: Cell
+    rule: str
+    seed: int
+    val: int | None = None
+    max_epochs: int | None = None
+
+    @property
+    def name(self) -> str:
+        name = f"{self.cell.dataset}-{self.cell.arch}-{self.rule}-s{self.seed}"
+        if self.val is not None:
+            name += f"-val{self.val}"
+        if self.max_epochs is not None:
+            name += f"-e{self.max_epochs}"
+        return name
+
+    def config(self, out: Path, data_dir: str | None, device: str) -> TrainConfig:
+        """The paper preset for this run, writing its directory under ``out/runs``."""
+        return TrainConfig(
+            dataset=self.cell.dataset,
+            arch=self.cell.arch,
+            rule=self.rule,
+            seed=self.seed,
+            epochs=self.max_epochs or PAPER_EPOCHS,
+            val="test" if self.val is None else self.val,
+            device=device,
+            data_dir=data_dir,
+            out_dir=str(out / RUNS),
+            name=self.name,
+        )
+
+
+def select_cells(datasets: Sequence[str] | None, archs: Sequence[str] | None) -> list[Cell]:
+    """The matrix cells of ``datasets`` and ``archs`` (None: all), in matrix order."""
+    known_datasets = sorted({c.dataset for c in MATRIX})
+    known_archs = sorted({c.arch for c in MATRIX})
+    for kind, given, known in (("dataset", datasets, known_datasets), ("arch", archs, known_archs)):
+        bad = [v for v in given or () if v not in known]
+        if bad:
+            raise BrainPropError(
+                f"{kind} {bad[0]!r} is not in the paper's matrix: choose from {', '.join(known)}"
+            )
+    cells = [
+        c for c in MATRIX
+        if (datasets is None or c.dataset in datasets) and (archs is None or c.arch in archs)
+    ]  # fmt: skip
+    if not cells:
+        pairs = ", ".join(f"{c.dataset}/{c.arch}" for c in MATRIX)
+        raise BrainPropError(f"no matrix cell has those datasets and archs: the cells are {pairs}")
+    return cells
+
+
+def plan(
+    cells: Sequence[Cell],
+    rules: Sequence[str] = RULE_ORDER,
+    seeds: int = 10,
+    val: int | None = None,
+    max_epochs: int | None = None,
+) -> list[RunSpec]:
+    """Every run of ``cells x rules x range(seeds)``, in priority order.
+
+    The order is what a budget cuts: seed 0 of every cell before seed 1 (a first estimate of
+    every cell beats ten seeds of one); within a seed the headline cells (published numbers)
+    before the others, then the matrix order; within a cell BrainProp then EBP, so that each
+    finished pair gives a gap and an epoch ratio.
+    """
+    for rule in rules:
+        if rule not in RULE_ORDER:
+            raise BrainPropError(f"unknown rule {rule!r}: choose from {', '.join(RULE_ORDER)}")
+    if seeds < 1:
+        raise BrainPropError(f"--seeds must be >= 1, got {seeds}")
+    if val is not None and val < 1:
+        raise BrainPropError(f"--val-split must be >= 1 held-out images, got {val}")
+    if max_epochs is not None and max_epochs < 1:
+        raise BrainPropError(f"--max-epochs must be >= 1, got {max_epochs}")
+    cap = None if max_epochs == PAPER_EPOCHS else max_epochs
+
+    def priority(spec: RunSpec) -> tuple[int, int, int, int]:
+        headline = HEADLINE.index(spec.cell) if spec.cell in HEADLINE else len(HEADLINE)
+        return (spec.seed, headline, MATRIX.index(spec.cell), RULE_ORDER.index(spec.rule))
+
+    specs = [
+        RunSpec(cell, rule, seed, val, cap)
+        for cell in dict.fromkeys(cells) for rule in dict.fromkeys(rules) for seed in range(seeds)
+    ]  # fmt: skip
+    return sorted(specs, key=priority)
+
+
+# --- measurements ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One finished run as recorded under ``measurements/``: what ran, where, and its summary."""
+
+    run: str
+    cell: Cell
+    rule: str
+    seed: int
+    val: int | None
+    max_epochs: int | None
+    machine: str
+    summary: dict[str, Any]
+    path: Path | None = None
+
+    @property
+    def file_name(self) -> str:
+        return f"{self.run}@{machine_slug(self.machine)}.json"
+
+
+def machine_slug(machine: str) -> str:
+    """``"NVIDIA H200"`` -> ``"nvidia-h200"``: the machine part of a measurement's file name."""
+    return re.sub(r"[^a-z0-9]+", "-", machine.lower()).strip("-") or "unknown"
+
+
+def record(spec: RunSpec, run_dir: Path, out: Path) -> Measurement:
+    """Write the measurement of the finished run in ``run_dir``; returns it."""
+    summary = rundir.read_json(run_dir / rundir.SUMMARY)
+    config = rundir.read_json(run_dir / rundir.CONFIG)
+    history_file = run_dir / rundir.HISTORY_JSON
+    history = rundir.read_json(history_file) if history_file.is_file() else []
+    m = Measurement(
+        spec.name, spec.cell, spec.rule, spec.seed, spec.val, spec.max_epochs,
+        str(summary.get("device", "unknown")), summary,
+    )  # fmt: skip
+    folder = out / MEASUREMENTS
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(
+        folder / m.file_name,
+        {
+            "format": MEASUREMENT_FORMAT,
+            "run": m.run,
+            "dataset": spec.cell.dataset,
+            "arch": spec.cell.arch,
+            "rule": spec.rule,
+            "seed": spec.seed,
+            "val": spec.val,
+            "max_epochs": spec.max_epochs,
+            "machine": m.machine,
+            "summary": summary,
+            "config": config,
+            # The curve lets a report plot or re-select epochs without the run directory.
+            "curve": {
+                key: [round(float(h[key]), 5) for h in history] for key in ("val_acc", "test_acc")
+            },
+        },
+    )
+    return replace(m, path=folder / m.file_name)
+
+
+def load_measurements(out: Path) -> list[Measurement]:
+    """Every measurement under ``out/measurements``, from any machine, sorted by file name."""
+    return [_read_measurement(p) for p in sorted((out / MEASUREMENTS).glob("*.json"))]
+
+
+def _read_measurement(path: Path) -> Measurement:
+    d = rundir.read_json(path)
+    try:
+        if d["format"] != MEASUREMENT_FORMAT:
+            raise ValueError(f"format {d['format']!r}")
+        summary = d["summary"]
+        if not isinstance(summary, dict):
+            raise ValueError("summary is not an object")
+        return Measurement(
+            str(d["run"]), Cell(str(d["dataset"]), str(d["arch"])), str(d["rule"]),
+            int(d["seed"]), _opt_int(d["val"]), _opt_int(d["max_epochs"]), str(d["machine"]),
+            summary, path,
+        )  # fmt: skip
+    except (KeyError, TypeError, ValueError) as e:
+        raise BrainPropError(
+            f"{path} is not a brainprop measurement ({e}): remove it or copy it again from the "
+            "machine that made it"
+        ) from None
+
+
+def _opt_int(v: Any) -> int | None:
+    return None if v is None else int(v)
+
+
+# --- cost estimates ----------------------------------------------------------------------------
+
+
+def estimate_seconds(
+    spec: RunSpec, measurements: Sequence[Measurement], machine: str, out: Path
+) -> float | None:
+    """Expected wall seconds left for ``spec`` on ``machine``; None when nothing tells.
+
+    Seconds per epoch (training and evaluation) come from finished runs of the same cell on the
+    same machine, the same rule preferred (the network is the same for both rules, so the other
+    rule is a close stand-in). The expected epochs are the mean of finished runs of the cell
+    under the same cap and rule (epochs do not depend on the machine), else the cap itself.
+    Epochs an interrupted run already has are subtracted.
+    """
+    same_cell = [m for m in measurements if m.cell == spec.cell and m.val == spec.val]
+    timed = [m for m in same_cell if m.machine == machine and m.summary.get("epochs_run")]
+    own = [m for m in timed if m.rule == spec.rule] or timed
+    if not own:
+        return None
+    per_epoch = fmean(m.summary["total_seconds"] / m.summary["epochs_run"] for m in own)
+    capped = [
+        m.summary["epochs_run"] for m in same_cell
+        if m.rule == spec.rule and m.max_epochs == spec.max_epochs
+    ]  # fmt: skip
+    epochs = fmean(capped) if capped else float(spec.max_epochs or PAPER_EPOCHS)
+    return max(epochs - _epochs_done(out / RUNS / spec.name), 0.0) * per_epoch
+
+
+def _epochs_done(run_dir: Path) -> int:
+    try:
+        return len(json.loads((run_dir / rundir.HISTORY_JSON).read_text()))
+    except (OSError, ValueError):
+        return 0
+
+
+# --- the runner --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Request:
+    """What ``brainprop reproduce`` was asked for."""
+
+    cells: tuple[Cell, ...] = MATRIX
+    rules: tuple[str, ...] = RULE_ORDER
+    seeds: int = 10
+    val: int | None = None
+    max_epochs: int | None = None
+    out: Path = Path("results")
+    data_dir: str | None = None
+    device: str = "auto"
+    budget_minutes: float | None = None
+    jobs: int = 1
+    progress: bool = True
+
+    def specs(self) -> list[RunSpec]:
+        return plan(self.cells, self.rules, self.seeds, self.val, self.max_epochs)
+
+
+@dataclass
+class Outcome:
+    """What one :func:`reproduce` call did, by run name."""
+
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    over_budget: list[str] = field(default_factory=list)
+
+
+def reproduce(request: Request, say: Callable[[str], None] = print) -> Outcome:
+    """Run the requested part of the matrix, then rewrite the report.
+
+    Finished runs (a measurement or a ``summary.json``) are skipped; interrupted ones resume.
+    With ``budget_minutes`` a run starts only if its estimate fits the time left (a run with no
+    estimate yet starts while time is left: it is the measurement the next estimate needs), in
+    priority order; runs that do not fit are passed over, so a cheaper later one may still fill
+    the time. ``jobs`` > 1 runs that many at once, each in its own process on the same device.
+
+    Raises:
+        BrainPropError: bad request, missing data, or a run that failed.
+        Interrupted: SIGINT/SIGTERM; each running run saved its state, and the same request
+            continues it.
+    """
+    from .report import write_report
+
+    if request.jobs < 1:
+        raise BrainPropError(f"--jobs must be >= 1, got {request.jobs}")
+    if request.budget_minutes is not None and not request.budget_minutes > 0:
+        raise BrainPropError(f"--budget-minutes must be > 0, got {request.budget_minutes}")
+    outcome = Outcome()
+    specs = request.specs()
+    measured = {m.run for m in load_measurements(request.out)}
+    pending = []
+    for spec in specs:
+        run_dir = request.out / RUNS / spec.name
+        if spec.name not in measured and (run_dir / rundir.SUMMARY).is_file():
+            record(spec, run_dir, request.out)  # finished, but stopped before it was recorded
+            measured.add(spec.name)
+        if spec.name in measured:
+            outcome.skipped.append(spec.name)
+        else:
+            pending.append(spec)
+    _check_data(pending, request.data_dir)
+    say(
+        f"reproduce: {len(specs)} runs requested, {len(outcome.skipped)} already measured, "
+        f"{len(pending)} to run" + ("" if request.jobs == 1 else f", {request.jobs} at a time")
+    )
+    try:
+        if request.jobs == 1:
+            _run_in_process(request, pending, outcome, say)
+        else:
+            _run_in_workers(request, pending, outcome, say)
+    finally:
+        written = write_report(request.out)
+        say(f"report: {written}")
+    return outcome
+
+
+def this_machine(device: str, threads: int | None = None) -> str:
+    """The machine name a run on ``device`` records (``summary.json``'s ``device``)."""
+    import torch
+
+    from .train import _device_name, resolve_device
+
+    dev = resolve_device(device)
+    if threads is None or dev.type != "cpu":
+        return _device_name(dev)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _device_name(dev)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _check_data(pending: Sequence[RunSpec], data_dir: str | None) -> None:
+    """Fail before the first run, not hours in, when a planned dataset is missing."""
+    from .data import dataset_status
+
+    needed = {s.cell.dataset for s in pending}
+    if not needed:
+        return
+    missing = [s for s in dataset_status(data_dir) if s.name in needed and not s.present]
+    if missing:
+        have = sorted(needed - {s.name for s in missing})
+        keep = f"or run only --datasets {','.join(have)}" if have else "or pass --data-dir"
+        raise BrainPropError(
+            f"{missing[0].name} is not in {missing[0].path}: {missing[0].how_to_get}, {keep}"
+        )
+
+
+class _Budget:
+    """Admission of runs against ``budget_minutes`` of wall time from now."""
+
+    def __init__(self, request: Request, threads: int | None) -> None:
+        self.request = request
+        self.machine = this_machine(request.device, threads)
+        minutes = request.budget_minutes
+        self.deadline = math.inf if minutes is None else time.monotonic() + 60 * minutes
+
+    def admits(self, spec: RunSpec, say: Callable[[str], None]) -> bool:
+        if self.deadline == math.inf:
+            return True
+        left = self.deadline - time.monotonic()
+        measurements = load_measurements(self.request.out)
+        estimate = estimate_seconds(spec, measurements, self.machine, self.request.out)
+        if left > 0 and (estimate is None or estimate <= left):
+            return True
+        needs = "unknown" if estimate is None else f"~{estimate / 60:.1f} min"
+        say(f"over budget: {spec.name} needs {needs}, {max(left, 0) / 60:.1f} min left")
+        return False
+
+
+def _run_in_process(
+    request: Request, pending: Sequence[RunSpec], outcome: Outcome, say: Callable[[str], None]
+) -> None:
+    from .data import load_dataset
+
+    budget = _Budget(request, None)
+    loaded: dict[str, Any] = {}
+    for spec in pending:
+        if not budget.admits(spec, say):
+            outcome.over_budget.append(spec.name)
+            continue
+        # One dataset in memory at a time: Tiny ImageNet alone is over a GB.
+        if spec.cell.dataset not in loaded:
+            loaded = {spec.cell.dataset: load_dataset(spec.cell.dataset, request.data_dir)}
+        say(f"run {spec.name}")
+        try:
+            _train_one(spec, request, loaded[spec.cell.dataset])
+        except signals.Interrupted as e:
+            raise _stopped(e.exit_status - 128, [spec.name]) from None
+        m = record(spec, request.out / RUNS / spec.name, request.out)
+        outcome.ran.append(spec.name)
+        say(_finished_line(m))
+
+
+def _train_one(spec: RunSpec, request: Request, dataset: Any) -> None:
+    """Train ``spec`` to its end: fresh, or resumed from its run directory's ``last.pt``."""
+    from .train import train
+
+    run_dir = request.out / RUNS / spec.name
+    config = spec.config(request.out, request.data_dir, request.device)
+    if (run_dir / rundir.CONFIG).is_file():
+        # The cap is part of the name, so the stored config already has it; passing it again
+        # makes a run directory from an older cap finish under this one.
+        train(
+            TrainConfig(epochs=config.epochs), resume=run_dir, dataset=dataset,
+            progress=request.progress,
+        )  # fmt: skip
+        return
+    if run_dir.exists():
+        # Killed before its config was written: nothing in it to resume.
+        shutil.rmtree(run_dir)
+    train(config, dataset=dataset, progress=request.progress)
+
+
+def _finished_line(m: Measurement) -> str:
+    s = m.summary
+    if "best_val_acc" not in s:
+        return f"done {m.run}: {s.get('stop_reason')}, no epoch finished ({m.machine})"
+    return (
+        f"done {m.run}: best val {s['best_val_acc']:.4f} at epoch {s['best_epoch']}, test "
+        f"there {s['test_acc_at_best']:.4f}, {s['epochs_run']} epochs, "
+        f"{s['s_per_epoch']:.1f} s/epoch ({m.machine})"
+    )
+
+
+def _stopped(signum: int, names: Sequence[str]) -> signals.Interrupted:
+    return signals.Interrupted(
+        f"stopped by {signal.Signals(signum).name}; {', '.join(names)} saved "
+        "its state: run the same 'brainprop reproduce' command to continue",
+        signum,
+    )
+
+
+# --- packing runs onto one device: one process per run ----------------------------------------
+
+
+def _worker(spec: RunSpec, request: Request, threads: int | None, conn: Connection) -> None:
+    """Body of a worker process: train one run, report an error through ``conn``.
+
+    The worker leaves the terminal's process group, so Ctrl-C reaches the parent only and the
+    parent forwards exactly one signal: a second one would abandon the checkpoint.
+    """
+    import torch
+
+    from .data import load_dataset
+
+    os.setpgrp()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    status = 0
+    try:
+        _train_one(spec, request, load_dataset(spec.cell.dataset, request.data_dir))
+    except signals.Interrupted as e:
+        status = e.exit_status
+    except BrainPropError as e:
+        conn.send(str(e))
+        status = 2
+    conn.close()
+    sys.exit(status)
+
+
+def _run_in_workers(
+    request: Request, pending: Sequence[RunSpec], outcome: Outcome, say: Callable[[str], None]
+) -> None:
+    from .train import resolve_device
+
+    ctx = multiprocessing.get_context("spawn")
+    # On a CPU, workers split the cores instead of each taking them all.
+    cores = os.cpu_count() or 1
+    on_cpu = resolve_device(request.device).type == "cpu"
+    threads = max(1, cores // request.jobs) if on_cpu else None
+    budget = _Budget(request, threads)
+    queue = list(pending)
+    running: dict[int, tuple[RunSpec, Any, Connection]] = {}
+    with signals.stop_on_signals() as stop:
+        while queue or running:
+            while queue and len(running) < request.jobs and not stop.requested:
+                spec = queue.pop(0)
+                if not budget.admits(spec, say):
+                    outcome.over_budget.append(spec.name)
+                    continue
+                receive, send = ctx.Pipe(duplex=False)
+                proc = ctx.Process(
+                    target=_worker, args=(spec, request, threads, send), name=spec.name
+                )
+                proc.start()
+                send.close()
+                running[proc.sentinel] = (spec, proc, receive)
+                say(f"run {spec.name} (process {proc.pid})")
+            if not running:
+                break
+            if stop.requested:
+                _forward(stop.signum, running)
+                raise _stopped(stop.signum, [s.name for s, _, _ in running.values()])
+            for sentinel in wait(list(running), timeout=1.0):
+                spec, proc, receive = running.pop(sentinel)  # type: ignore[index]
+                proc.join()
+                message = _message(receive)
+                if proc.exitcode != 0:
+                    _forward(signal.SIGTERM, running)
+                    raise BrainPropError(
+                        message or f"{spec.name} ended with exit status {proc.exitcode}"
+                    )
+                m = record(spec, request.out / RUNS / spec.name, request.out)
+                outcome.ran.append(spec.name)
+                say(_finished_line(m))
+
+
+def _message(receive: Connection) -> str | None:
+    """The error a worker sent before exiting, if any (end of file: it sent none)."""
+    try:
+        return receive.recv() if receive.poll() else None
+    except EOFError:
+        return None
+
+
+def _forward(signum: int | None, running: dict[int, tuple[RunSpec, Any, Connection]]) -> None:
+    """Send each worker one ``signum`` and wait while it saves its checkpoint."""
+    for _, proc, _ in running.values():
+        if proc.is_alive():
+            os.kill(proc.pid, signum or signal.SIGTERM)
+    for _, proc, _ in running.values():
+        proc.join()

@@ -1,0 +1,487 @@
+"""The report: measurements aggregated per cell, BrainProp beside EBP and the published numbers.
+
+:func:`aggregate` groups measurements by cell, validation, epoch cap and machine (numbers from
+different machines or caps are never pooled, so each number carries the machine it was
+measured on) and computes per rule the mean (sd) over seeds. :func:`write_report` writes
+``results.md``, ``results.json`` and ``results.png``; :func:`update_readme` puts a summary
+between the README's ``<!-- results:start -->`` and ``<!-- results:end -->`` markers.
+
+The paper's claims checked per cell:
+
+- accuracy: BrainProp equals EBP within noise, taken as |gap| <= 2 standard errors of the
+  difference of the two means (needs 2+ seeds per rule);
+- speed: BrainProp needs 1 to 3.5 times EBP's epochs, compared on epochs to the best
+  validation accuracy (needs 2+ seeds per rule);
+- the goal of the reproduction: BrainProp within the published mean +- 2 published sd.
+
+A cell whose runs hit an epoch cap below the paper's 500 stopped before early stopping could,
+so no verdict on the paper is given for it; its numbers are still shown.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+import os
+from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from statistics import fmean, stdev
+from typing import Any
+
+from .checkpoint import atomic_write, atomic_write_json, atomic_write_text
+from .errors import BrainPropError
+from .experiments import MATRIX, RULE_ORDER, Cell, Measurement, load_measurements
+
+RESULTS_MD, RESULTS_JSON, RESULTS_PNG = "results.md", "results.json", "results.png"
+README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
+#: The paper: BrainProp takes 1 to 3.5 times EBP's epochs.
+CLAIMED_RATIO = (1.0, 3.5)
+
+
+@dataclass(frozen=True)
+class Published:
+    """A published BrainProp result: test accuracy (percent) and epochs, mean and sd."""
+
+    accuracy: float
+    accuracy_sd: float
+    epochs: float | None = None
+    epochs_sd: float | None = None
+
+
+#: The README table of isapome/BrainProp (MNIST dense: an earlier revision of that README).
+PUBLISHED: dict[Cell, Published] = {
+    Cell("mnist", "conv"): Published(99.31, 0.04, 63, 18),
+    Cell("cifar10", "deep"): Published(88.88, 0.27, 105, 4),
+    Cell("cifar100", "deep"): Published(59.58, 0.46, 218, 22),
+    Cell("tiny-imagenet", "deep"): Published(47.50, 1.30, 328, 75),
+    Cell("mnist", "dense"): Published(98.68, 0.07),
+}
+PUBLISHED_SOURCE = (
+    "the README of isapome/BrainProp (MNIST dense from an earlier revision of it); it does not "
+    "say whether its epochs count to the best epoch or to the stop"
+)
+
+
+@dataclass(frozen=True)
+class Stat:
+    """Mean and sample sd (None for one value) over ``n`` seeds."""
+
+    mean: float
+    sd: float | None
+    n: int
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Stat | None:
+        if not values:
+            return None
+        return cls(fmean(values), stdev(values) if len(values) > 1 else None, len(values))
+
+    def text(self, digits: int = 2) -> str:
+        if self.sd is None:
+            return f"{self.mean:.{digits}f}"
+        return f"{self.mean:.{digits}f} ({self.sd:.{digits}f})"
+
+
+@dataclass(frozen=True)
+class RuleStats:
+    """One rule's runs in one group; accuracies in percent."""
+
+    seeds: tuple[int, ...]
+    best_val_acc: Stat | None
+    test_acc: Stat | None
+    epochs_to_best: Stat | None
+    epochs_to_stop: Stat | None
+    s_per_epoch: Stat | None
+    total_seconds: float
+    stop_reasons: dict[str, int]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Whether a claim holds: True, False, or None with the reason it cannot be told."""
+
+    agrees: bool | None
+    why: str = ""
+
+    def text(self) -> str:
+        if self.agrees is None:
+            return f"– ({self.why})"
+        return "yes" if self.agrees else "no"
+
+
+@dataclass(frozen=True)
+class CellResult:
+    """One cell under one validation, epoch cap and machine: both rules and the comparisons.
+
+    ``gap`` is BrainProp - EBP test accuracy (percentage points), ``gap_noise`` two standard
+    errors of that difference, ``ratio`` BrainProp's / EBP's mean epochs to the best.
+    """
+
+    cell: Cell
+    val: int | None
+    max_epochs: int | None
+    machine: str
+    rules: dict[str, RuleStats]
+    gap: float | None
+    gap_noise: float | None
+    gap_verdict: Verdict
+    ratio: float | None
+    ratio_verdict: Verdict
+    published: Published | None
+    published_verdict: Verdict
+
+
+def rule_stats(runs: Sequence[Measurement]) -> RuleStats:
+    """Mean (sd) over the seeds in ``runs`` (one rule of one group)."""
+    done = [m.summary for m in runs if "best_val_acc" in m.summary]
+    return RuleStats(
+        seeds=tuple(sorted(m.seed for m in runs)),
+        best_val_acc=Stat.of([100 * s["best_val_acc"] for s in done]),
+        test_acc=Stat.of([100 * s["test_acc_at_best"] for s in done]),
+        epochs_to_best=Stat.of([s["best_epoch"] for s in done]),
+        epochs_to_stop=Stat.of([m.summary["epochs_run"] for m in runs]),
+        s_per_epoch=Stat.of([s["s_per_epoch"] for s in done]),
+        total_seconds=sum(s.get("total_seconds", 0.0) for s in done),
+        stop_reasons=dict(Counter(m.summary.get("stop_reason", "?") for m in runs)),
+    )
+
+
+def compare(
+    cell: Cell, val: int | None, max_epochs: int | None, machine: str, runs: Sequence[Measurement]
+) -> CellResult:
+    """Aggregate one group's ``runs`` and judge the paper's claims on them."""
+    rules = {
+        rule: rule_stats([m for m in runs if m.rule == rule])
+        for rule in RULE_ORDER
+        if any(m.rule == rule for m in runs)
+    }
+    bp, ebp = rules.get("brainprop"), rules.get("ebp")
+    capped = max_epochs is not None and any(
+        m.summary.get("stop_reason") == "max epochs" for m in runs
+    )
+    no_verdict = Verdict(None, f"capped at {max_epochs} epochs") if capped else None
+
+    gap = noise = None
+    gap_verdict = Verdict(None, "needs both rules")
+    if bp and ebp and bp.test_acc and ebp.test_acc:
+        a, b = bp.test_acc, ebp.test_acc
+        gap = a.mean - b.mean
+        if a.sd is not None and b.sd is not None:
+            noise = 2 * math.sqrt(a.sd**2 / a.n + b.sd**2 / b.n)
+            gap_verdict = no_verdict or Verdict(abs(gap) <= noise)
+        else:
+            gap_verdict = no_verdict or Verdict(None, "needs 2+ seeds per rule")
+
+    ratio = None
+    ratio_verdict = Verdict(None, "needs both rules")
+    if bp and ebp and bp.epochs_to_best and ebp.epochs_to_best:
+        ratio = bp.epochs_to_best.mean / ebp.epochs_to_best.mean
+        if bp.epochs_to_best.n > 1 and ebp.epochs_to_best.n > 1:
+            low, high = CLAIMED_RATIO
+            ratio_verdict = no_verdict or Verdict(low <= ratio <= high)
+        else:
+            ratio_verdict = no_verdict or Verdict(None, "needs 2+ seeds per rule")
+
+    published = PUBLISHED.get(cell)
+    published_verdict = Verdict(None, "no published number")
+    if published is not None:
+        if bp is None or bp.test_acc is None:
+            published_verdict = Verdict(None, "no BrainProp run")
+        else:
+            within = abs(bp.test_acc.mean - published.accuracy) <= 2 * published.accuracy_sd
+            published_verdict = no_verdict or Verdict(within)
+    return CellResult(
+        cell, val, max_epochs, machine, rules, gap, noise, gap_verdict, ratio, ratio_verdict,
+        published, published_verdict,
+    )  # fmt: skip
+
+
+def aggregate(measurements: Sequence[Measurement]) -> list[CellResult]:
+    """One :class:`CellResult` per (cell, validation, epoch cap, machine), in matrix order
+    (test-set validation first, uncapped before capped)."""
+    groups: dict[tuple[Cell, int | None, int | None, str], list[Measurement]] = defaultdict(list)
+    for m in measurements:
+        groups[(m.cell, m.val, m.max_epochs, m.machine)].append(m)
+
+    def order(key: tuple[Cell, int | None, int | None, str]) -> tuple[Any, ...]:
+        cell, val, cap, machine = key
+        rank = MATRIX.index(cell) if cell in MATRIX else len(MATRIX)
+        return (val or 0, rank, cell, cap is not None, cap or 0, machine)
+
+    return [compare(*key, groups[key]) for key in sorted(groups, key=order)]
+
+
+# --- writing -----------------------------------------------------------------------------------
+
+
+def write_report(out: Path) -> Path:
+    """Aggregate every measurement under ``out`` into results.md/json/png; returns results.md."""
+    measurements = load_measurements(out)
+    results = aggregate(measurements)
+    out.mkdir(parents=True, exist_ok=True)
+    machines = sorted({m.machine for m in measurements})
+    atomic_write_json(out / RESULTS_JSON, to_json(results, len(measurements), machines))
+    if results:
+        png = plot(results)
+        atomic_write(out / RESULTS_PNG, lambda f: f.write(png))
+    else:
+        (out / RESULTS_PNG).unlink(missing_ok=True)
+    atomic_write_text(out / RESULTS_MD, markdown(results, len(measurements), machines))
+    return out / RESULTS_MD
+
+
+def to_json(results: Sequence[CellResult], count: int, machines: Sequence[str]) -> dict[str, Any]:
+    """The report as data: every group with its machine, stats, comparisons and verdicts."""
+    return {
+        "format": "brainprop-results-1",
+        "measurements": count,
+        "machines": list(machines),
+        "claims": {
+            "accuracy": "BrainProp test accuracy equals EBP's: |gap| <= gap_noise (2 s.e.)",
+            "epochs": f"BrainProp/EBP epochs to the best in [{CLAIMED_RATIO[0]}, "
+            f"{CLAIMED_RATIO[1]}]",
+            "published": "BrainProp test accuracy within published mean +- 2 sd",
+        },
+        "published_source": PUBLISHED_SOURCE,
+        "published": {
+            f"{c.dataset}/{c.arch}": dataclasses.asdict(p) for c, p in PUBLISHED.items()
+        },
+        "unmeasured": [f"{c.dataset}/{c.arch}" for c in _unmeasured(results)],
+        "cells": [dataclasses.asdict(r) for r in results],
+    }
+
+
+def _unmeasured(results: Sequence[CellResult]) -> list[Cell]:
+    seen = {r.cell for r in results}
+    return [c for c in MATRIX if c not in seen]
+
+
+def _unmeasured_line(results: Sequence[CellResult]) -> list[str]:
+    """'Not measured yet: ...', with the published numbers of those cells, or nothing."""
+    missing = []
+    for cell in _unmeasured(results):
+        p = PUBLISHED.get(cell)
+        if p is None:
+            missing.append(cell.label)
+        else:
+            epochs = "" if p.epochs is None else f", {_published_epochs(p)} epochs"
+            missing.append(f"{cell.label} (published {_published_acc(p)}{epochs})")
+    return ["", "Not measured yet: " + ", ".join(missing) + "."] if missing else []
+
+
+def _validation(val: int | None) -> str:
+    if val is None:
+        return "validated on the test set, as the paper"
+    return f"validated on {val:,} held-out training images; test accuracy at the best-val epoch"
+
+
+def _cap(max_epochs: int | None) -> str:
+    return "500 (paper)" if max_epochs is None else str(max_epochs)
+
+
+def _num(value: float | None, digits: int = 2, sign: bool = False) -> str:
+    if value is None:
+        return "–"
+    return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
+
+
+def _stat(stat: Stat | None, digits: int = 2) -> str:
+    return "–" if stat is None else stat.text(digits)
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    if seconds >= 60:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds:.0f} s"
+
+
+def _rule(result: CellResult, rule: str) -> RuleStats | None:
+    return result.rules.get(rule)
+
+
+def _pair(
+    result: CellResult, get: Callable[[RuleStats], Stat | None], digits: int = 2
+) -> list[str]:
+    """BrainProp's and EBP's value of ``get``, formatted."""
+    return [
+        "–" if (s := _rule(result, r)) is None else _stat(get(s), digits) for r in RULE_ORDER
+    ]
+
+
+def _seeds(result: CellResult) -> str:
+    return " / ".join(str(len(s.seeds)) if (s := _rule(result, r)) else "0" for r in RULE_ORDER)
+
+
+def _published_acc(p: Published | None) -> str:
+    return "–" if p is None else f"{p.accuracy:.2f} ({p.accuracy_sd:.2f})"
+
+
+def _published_epochs(p: Published | None) -> str:
+    if p is None or p.epochs is None:
+        return "–"
+    return f"{p.epochs:.0f} ({p.epochs_sd:.0f})"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + " --- |" * len(header),
+        *("| " + " | ".join(row) + " |" for row in rows),
+    ]
+
+
+def markdown(results: Sequence[CellResult], count: int, machines: Sequence[str]) -> str:
+    """``results.md``: per validation variant, an accuracy table and an epochs/time table."""
+    lines = [
+        "# BrainProp vs EBP: measured results",
+        "",
+        f"Generated by `brainprop reproduce` from {count} measurement files in `measurements/` "
+        f"(machines: {', '.join(machines) or 'none yet'}). Do not edit by hand: merge "
+        "measurement files from other machines into `measurements/` and run "
+        "`brainprop reproduce --report-only`.",
+        "",
+        "Accuracies are test accuracy (%) at the epoch of best validation accuracy, mean (sd) "
+        "over seeds; `seeds` counts BrainProp / EBP runs. Numbers from different machines or "
+        "epoch caps are never pooled: each row is one machine. The paper claims that BrainProp's "
+        "accuracy equals EBP's (checked as |gap| <= 2 standard errors of the difference) and that "
+        f"BrainProp needs {CLAIMED_RATIO[0]:g} to {CLAIMED_RATIO[1]:g} times EBP's epochs "
+        "(checked on epochs to the best). Rows capped below 500 epochs get no verdict. Published "
+        f"numbers: {PUBLISHED_SOURCE}.",
+    ]
+    if not results:
+        lines += ["", "No measurements yet."]
+    for val in sorted({r.val for r in results}, key=lambda v: v or 0):
+        rows = [r for r in results if r.val == val]
+        acc_rows = []
+        time_rows = []
+        for r in rows:
+            head = [r.cell.label, r.machine, _cap(r.max_epochs), _seeds(r)]
+            acc_rows.append([
+                *head, *_pair(r, lambda s: s.test_acc), _num(r.gap, sign=True),
+                _num(r.gap_noise), r.gap_verdict.text(), _published_acc(r.published),
+                r.published_verdict.text(), *_pair(r, lambda s: s.best_val_acc),
+            ])  # fmt: skip
+            time_rows.append([
+                *head, *_pair(r, lambda s: s.epochs_to_best, 1), _num(r.ratio),
+                r.ratio_verdict.text(), _published_epochs(r.published),
+                *_pair(r, lambda s: s.epochs_to_stop, 1), *_pair(r, lambda s: s.s_per_epoch, 1),
+                " / ".join(_duration(s.total_seconds) for s in r.rules.values()),
+            ])  # fmt: skip
+        lines += ["", f"## {_validation(val).capitalize()}", "", "### Accuracy", ""]
+        lines += _table(
+            ["cell", "machine", "epoch cap", "seeds", "BrainProp", "EBP", "gap (pp)",
+             "2 s.e.", "equal?", "published BrainProp", "within 2 sd?",
+             "best val BrainProp", "best val EBP"],
+            acc_rows,
+        )  # fmt: skip
+        lines += ["", "### Epochs and time", ""]
+        lines += _table(
+            ["cell", "machine", "epoch cap", "seeds", "to best BrainProp", "to best EBP",
+             "ratio", f"in [{CLAIMED_RATIO[0]:g}, {CLAIMED_RATIO[1]:g}]?", "published epochs",
+             "to stop BrainProp", "to stop EBP", "s/epoch BrainProp", "s/epoch EBP",
+             "total time BrainProp / EBP"],
+            time_rows,
+        )  # fmt: skip
+    lines += _unmeasured_line(results)
+    if results:
+        lines += ["", f"![BrainProp vs EBP]({RESULTS_PNG})"]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: Sequence[CellResult]) -> bytes:
+    """A PNG: per group, BrainProp and EBP test accuracy (sd bars) and the published number."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = sorted({r.val for r in results}, key=lambda v: v or 0)
+    fig, axes = plt.subplots(
+        len(variants), 1, figsize=(max(6, 1.3 * len(results) + 2), 4.5 * len(variants)),
+        squeeze=False,
+    )  # fmt: skip
+    for ax, val in zip(axes[:, 0], variants, strict=True):
+        rows = [r for r in results if r.val == val]
+        for offset, rule, color in ((-0.2, "brainprop", "tab:blue"), (0.2, "ebp", "tab:orange")):
+            xs, means, sds = [], [], []
+            for i, r in enumerate(rows):
+                stats = r.rules.get(rule)
+                if stats and stats.test_acc:
+                    xs.append(i + offset)
+                    means.append(stats.test_acc.mean)
+                    sds.append(stats.test_acc.sd or 0.0)
+            ax.bar(xs, means, 0.4, yerr=sds, capsize=3, color=color, label=rule)
+        published = [(i, r.published) for i, r in enumerate(rows) if r.published]
+        if published:
+            ax.errorbar(
+                [i for i, _ in published], [p.accuracy for _, p in published],
+                yerr=[2 * p.accuracy_sd for _, p in published], fmt="kD", capsize=4,
+                label="published BrainProp (± 2 sd)",
+            )  # fmt: skip
+        ax.set_xticks(range(len(rows)))
+        ax.set_xticklabels(
+            [f"{r.cell.label}\n{r.machine}\ncap {_cap(r.max_epochs)}" for r in rows], fontsize=7
+        )
+        ax.set(ylabel="test accuracy (%)", ylim=(0, 100), title=_validation(val))
+        ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def readme_section(results: Sequence[CellResult], report: str) -> str:
+    """The README's results section: one line per group, and a link to the full report."""
+    if not results:
+        return f"No measurements yet; see [{report}]({report}) once `brainprop reproduce` ran."
+    rows = [
+        [
+            r.cell.label, "test set" if r.val is None else f"{r.val:,} held out", r.machine,
+            _cap(r.max_epochs), _seeds(r), *_pair(r, lambda s: s.test_acc),
+            _num(r.gap, sign=True), r.gap_verdict.text(), _num(r.ratio),
+            r.ratio_verdict.text(), _published_acc(r.published), r.published_verdict.text(),
+        ]
+        for r in results
+    ]  # fmt: skip
+    lines = [
+        "Generated from `results/` by `brainprop reproduce --report-only --readme README.md`. "
+        "Test accuracy (%) at the best-validation epoch, mean (sd) over seeds (BrainProp / EBP "
+        "runs); gap = BrainProp − EBP in points; ratio = BrainProp / EBP epochs to the best; "
+        "the paper claims gap ≈ 0 and a ratio of 1 to 3.5.",
+        "",
+        *_table(
+            ["cell", "validation", "machine", "epoch cap", "seeds", "BrainProp", "EBP", "gap",
+             "equal?", "epoch ratio", "1–3.5?", "published", "within 2 sd?"],
+            rows,
+        ),  # fmt: skip
+        "",
+        f"Full report, timings and figure: [{report}]({report}).",
+    ]
+    lines += _unmeasured_line(results)
+    return "\n".join(lines)
+
+
+def update_readme(readme: Path, out: Path) -> None:
+    """Replace the text between the results markers of ``readme`` with :func:`readme_section`."""
+    try:
+        text = readme.read_text()
+    except OSError as e:
+        raise BrainPropError(
+            f"cannot read {readme} ({e.strerror or e}): pass the README's path to --readme"
+        ) from None
+    start, end = text.find(README_START), text.find(README_END)
+    if start < 0 or end < start:
+        raise BrainPropError(
+            f"{readme} has no '{README_START}' ... '{README_END}' section: add the two markers "
+            "where the results belong"
+        )
+    link = Path(os.path.relpath(out / RESULTS_MD, readme.resolve().parent)).as_posix()
+    section = readme_section(aggregate(load_measurements(out)), link)
+    new = text[: start + len(README_START)] + "\n" + section + "\n" + text[end:]
+    atomic_write_text(readme, new)

@@ -1,0 +1,61 @@
+"""Hand-made measurement files, as ``brainprop reproduce`` writes them, for report tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from brainprop.experiments import MEASUREMENT_FORMAT, MEASUREMENTS, Measurement, RunSpec
+
+
+def write_measurement(
+    out: Path,
+    spec: RunSpec,
+    machine: str,
+    *,
+    test_acc: float,
+    best_epoch: int = 10,
+    epochs_run: int | None = None,
+    s_per_epoch: float = 2.0,
+    best_val_acc: float | None = None,
+    stop_reason: str = "early stopping",
+) -> Measurement:
+    """Write one measurement of ``spec`` measured on ``machine``; returns what it says."""
+    epochs_run = best_epoch + 45 if epochs_run is None else epochs_run
+    summary = {
+        "dataset": spec.cell.dataset,
+        "arch": spec.cell.arch,
+        "rule": spec.rule,
+        "seed": spec.seed,
+        "stop_reason": stop_reason,
+        "epochs_run": epochs_run,
+        "device": machine,
+        "best_val_acc": test_acc if best_val_acc is None else best_val_acc,
+        "best_epoch": best_epoch,
+        "test_acc_at_best": test_acc,
+        "final_val_acc": test_acc,
+        "s_per_epoch": s_per_epoch,
+        # Evaluation adds a second per epoch on top of training.
+        "total_seconds": (s_per_epoch + 1.0) * epochs_run,
+    }
+    m = Measurement(
+        spec.name, spec.cell, spec.rule, spec.seed, spec.val, spec.max_epochs, machine, summary
+    )
+    folder = out / MEASUREMENTS
+    folder.mkdir(parents=True, exist_ok=True)
+    record = {
+        "format": MEASUREMENT_FORMAT,
+        "run": spec.name,
+        "dataset": spec.cell.dataset,
+        "arch": spec.cell.arch,
+        "rule": spec.rule,
+        "seed": spec.seed,
+        "val": spec.val,
+        "max_epochs": spec.max_epochs,
+        "machine": machine,
+        "summary": summary,
+        "config": {},
+        "curve": {"val_acc": [], "test_acc": []},
+    }
+    (folder / m.file_name).write_text(json.dumps(record))
+    return m

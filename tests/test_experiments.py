@@ -1,0 +1,204 @@
+"""The matrix runner: plan and priority, budget, skip and resume, worker processes, and an
+end-to-end ``brainprop reproduce`` on fixture files in the official formats."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from data_fixtures import write_cifar100, write_idx_dataset, write_tiny_imagenet
+from measurement_fixtures import write_measurement
+
+from brainprop import experiments as ex
+from brainprop import rundir
+from brainprop.cli import main
+from brainprop.errors import BrainPropError
+from brainprop.experiments import HEADLINE, MATRIX, Cell, Request, RunSpec, plan, reproduce
+from brainprop.report import README_END, README_START
+
+# brainprop re-exports the function train, which hides the module of the same name.
+train_module = importlib.import_module("brainprop.train")
+DENSE = Cell("mnist", "dense")
+
+
+@pytest.fixture
+def no_plots(monkeypatch):
+    """Run plots cost seconds per fixture run and are not what these tests check."""
+    monkeypatch.setattr(train_module, "plot_diagnostics", lambda *a, **k: None)
+    monkeypatch.setattr(rundir, "write_plot", lambda *a, **k: None)
+
+
+@pytest.fixture
+def mnist_root(tmp_path):
+    write_idx_dataset(tmp_path / "data" / "mnist")
+    return tmp_path / "data"
+
+
+def test_plan_puts_seed_zero_of_headline_cells_first():
+    specs = plan(MATRIX, seeds=2)
+    assert len(specs) == len(MATRIX) * 2 * 2
+    first = [(s.cell, s.rule) for s in specs[: 2 * len(HEADLINE)]]
+    assert first == [(c, r) for c in HEADLINE for r in ("brainprop", "ebp")]
+    rest = [s.cell for s in specs[2 * len(HEADLINE) : 2 * len(MATRIX) : 2]]
+    assert rest == [c for c in MATRIX if c not in HEADLINE]
+    assert {s.seed for s in specs[: 2 * len(MATRIX)]} == {0}
+    assert {s.seed for s in specs[2 * len(MATRIX) :]} == {1}
+
+
+def test_run_names_are_deterministic_and_say_validation_and_cap():
+    assert [s.name for s in plan([DENSE], ["ebp"], seeds=1)] == ["mnist-dense-ebp-s0"]
+    [spec] = plan([Cell("cifar10", "deep")], ["brainprop"], 1, val=5000, max_epochs=2)
+    assert spec.name == "cifar10-deep-brainprop-s0-val5000-e2"
+    # The paper's own cap is the default, not a different experiment.
+    assert plan([DENSE], ["ebp"], 1, max_epochs=500)[0].name == "mnist-dense-ebp-s0"
+    config = spec.config(Path("res"), None, "cpu").resolve()
+    assert (config.name, config.out_dir, config.epochs, config.val) == (
+        spec.name, "res/runs", 2, 5000,
+    )  # fmt: skip
+    assert (config.lr, config.l2, config.batch_size) == (0.1, 5e-4, 128)  # the paper preset
+
+
+def test_cells_filter_and_reject_what_is_not_in_the_matrix():
+    assert ex.select_cells(["mnist"], None) == [c for c in MATRIX if c.dataset == "mnist"]
+    assert ex.select_cells(None, ["deep"]) == [c for c in MATRIX if c.arch == "deep"]
+    for datasets, archs, message in (
+        (["fashion-mnist"], None, "not in the paper's matrix"),
+        (["mnist"], ["deep"], "no matrix cell"),
+        (None, ["resnet"], "arch 'resnet'"),
+    ):
+        with pytest.raises(BrainPropError, match=message):
+            ex.select_cells(datasets, archs)
+    with pytest.raises(BrainPropError, match="unknown rule"):
+        plan(MATRIX, ["feedback-alignment"])
+
+
+def test_estimates_use_this_machine_and_subtract_epochs_done(tmp_path):
+    bp, ebp = RunSpec(DENSE, "brainprop", 0), RunSpec(DENSE, "ebp", 0)
+    write_measurement(tmp_path, bp, "cpu A", test_acc=0.9, best_epoch=5, epochs_run=50,
+                      s_per_epoch=3.0)  # fmt: skip
+    later = RunSpec(DENSE, "brainprop", 1)
+    # 50 epochs x (3 s training + 1 s evaluation).
+    assert ex.estimate_seconds(later, ex.load_measurements(tmp_path), "cpu A", tmp_path) == 200
+    # EBP borrows BrainProp's seconds per epoch, but not its epochs: the cap bounds those.
+    assert ex.estimate_seconds(ebp, ex.load_measurements(tmp_path), "cpu A", tmp_path) == 2000
+    assert ex.estimate_seconds(later, ex.load_measurements(tmp_path), "cpu B", tmp_path) is None
+    run_dir = tmp_path / ex.RUNS / later.name
+    run_dir.mkdir(parents=True)
+    (run_dir / rundir.HISTORY_JSON).write_text(json.dumps([{}] * 20))
+    assert ex.estimate_seconds(later, ex.load_measurements(tmp_path), "cpu A", tmp_path) == 120
+
+
+def _fake_train(calls):
+    """Stand-in for training one run: writes what a finished run directory holds."""
+
+    def run(spec, request, dataset):
+        calls.append(spec.name)
+        run_dir = request.out / ex.RUNS / spec.name
+        run_dir.mkdir(parents=True)
+        config = spec.config(request.out, request.data_dir, request.device).resolve()
+        (run_dir / rundir.CONFIG).write_text(json.dumps(config.to_dict()))
+        (run_dir / rundir.HISTORY_JSON).write_text("[]")
+        summary = {"device": ex.this_machine(request.device), "epochs_run": 1,
+                   "total_seconds": 100.0, "stop_reason": "max epochs"}  # fmt: skip
+        (run_dir / rundir.SUMMARY).write_text(json.dumps(summary))
+
+    return run
+
+
+def test_budget_passes_over_runs_whose_estimate_does_not_fit(tmp_path, mnist_root, monkeypatch):
+    calls: list[str] = []
+    monkeypatch.setattr(ex, "_train_one", _fake_train(calls))
+    here = ex.this_machine("cpu")
+    conv, loccon = Cell("mnist", "conv"), Cell("mnist", "loccon")
+    # Measured seed 0: conv costs 10 x 3 s per run, loccon 500 x 3 s (more than a minute).
+    for cell, epochs in ((conv, 10), (loccon, 500)):
+        write_measurement(tmp_path, RunSpec(cell, "brainprop", 0), here, test_acc=0.5,
+                          epochs_run=epochs, s_per_epoch=2.0)  # fmt: skip
+    request = Request(
+        cells=(DENSE, loccon, conv), rules=("brainprop",), seeds=2, out=tmp_path,
+        data_dir=str(mnist_root), device="cpu", budget_minutes=1.0, progress=False,
+    )  # fmt: skip
+    outcome = reproduce(request, say=lambda _: None)
+    # Seed 0 of conv and loccon is measured; dense has no estimate, so it runs to provide one.
+    assert outcome.skipped == ["mnist-conv-brainprop-s0", "mnist-loccon-brainprop-s0"]
+    assert calls == ["mnist-dense-brainprop-s0", "mnist-conv-brainprop-s1"]
+    assert outcome.ran == calls
+    # dense seed 1 now has an estimate (seed 0 took 100 s), over the minute like loccon's.
+    assert outcome.over_budget == ["mnist-dense-brainprop-s1", "mnist-loccon-brainprop-s1"]
+
+
+def test_missing_dataset_fails_before_any_run(tmp_path, capsys):
+    status = main(["reproduce", "--datasets", "cifar100", "--archs", "deep", "--out",
+                   str(tmp_path / "r"), "--data-dir", str(tmp_path)])  # fmt: skip
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1 and "cifar100 is not in" in err
+    assert not (tmp_path / "r" / ex.RUNS).exists()
+
+
+def test_finished_runs_are_skipped_and_an_interrupted_run_resumes(tmp_path, mnist_root, no_plots):
+    spec = RunSpec(DENSE, "brainprop", 0, max_epochs=2)
+    out = tmp_path / "results"
+    request = Request(
+        cells=(DENSE,), rules=("brainprop",), seeds=1, max_epochs=2, out=out,
+        data_dir=str(mnist_root), device="cpu", progress=False,
+    )  # fmt: skip
+    # A run stopped after its first epoch: last.pt holds epoch 1 and there is no summary.
+    config = spec.config(out, str(mnist_root), "cpu")
+    first = train_module.train(replace(config, epochs=1), progress=False)
+    (first.dir / rundir.SUMMARY).unlink()
+    outcome = reproduce(request, say=lambda _: None)
+    assert outcome.ran == [spec.name] and first.dir == out / ex.RUNS / spec.name
+    history = json.loads((first.dir / rundir.HISTORY_JSON).read_text())
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert history[0]["train_loss"] == first.history[0]["train_loss"]
+    [m] = ex.load_measurements(out)
+    assert m.run == spec.name and m.summary["epochs_run"] == 2
+    assert m.path.name == f"{spec.name}@{ex.machine_slug(m.machine)}.json"
+    stamp = m.path.stat().st_mtime_ns
+    again = reproduce(request, say=lambda _: None)
+    assert again.ran == [] and again.skipped == [spec.name]
+    assert m.path.stat().st_mtime_ns == stamp
+
+
+def test_two_jobs_train_in_worker_processes_on_cpu(tmp_path, mnist_root):
+    request = Request(
+        cells=(DENSE,), rules=("brainprop", "ebp"), seeds=1, max_epochs=1, out=tmp_path / "r",
+        data_dir=str(mnist_root), device="cpu", jobs=2, progress=False,
+    )  # fmt: skip
+    lines: list[str] = []
+    outcome = reproduce(request, say=lines.append)
+    assert sorted(outcome.ran) == ["mnist-dense-brainprop-s0-e1", "mnist-dense-ebp-s0-e1"]
+    assert sum("(process " in line for line in lines) == 2
+    measurements = ex.load_measurements(request.out)
+    assert {m.rule for m in measurements} == {"brainprop", "ebp"}
+    # Each worker took its share of the cores.
+    threads = max(1, (os.cpu_count() or 1) // 2)
+    assert all(m.machine.endswith(f"{threads} threads)") for m in measurements)
+
+
+def test_reproduce_runs_cifar100_and_tiny_imagenet_cells_end_to_end(tmp_path, no_plots, capsys):
+    """The CLI on fixture files in the official formats: the cells run unchanged on real ones."""
+    data, out = tmp_path / "data", tmp_path / "results"
+    write_cifar100(data)
+    write_tiny_imagenet(data)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{README_START}\nnone\n{README_END}\n")
+    args = ["reproduce", "--datasets", "cifar100,tiny-imagenet", "--rules", "brainprop",
+            "--seeds", "1", "--max-epochs", "1", "--out", str(out), "--data-dir", str(data),
+            "--device", "cpu", "--quiet", "--readme", str(readme)]  # fmt: skip
+    assert main(args) == 0
+    cells = ["cifar100-conv", "cifar100-deep", "cifar100-loccon", "tiny-imagenet-deep"]
+    runs = sorted(m.run for m in ex.load_measurements(out))
+    assert runs == [f"{c}-brainprop-s0-e1" for c in cells]
+    md = (out / "results.md").read_text()
+    for text in ("CIFAR-100 loccon", "CIFAR-100 deep", "Tiny ImageNet deep", "59.58 (0.46)",
+                 "47.50 (1.30)", "capped at 1 epochs"):  # fmt: skip
+        assert text in md
+    assert "Tiny ImageNet deep" in readme.read_text() and "none" not in readme.read_text()
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "4 already measured, 0 to run" in capsys.readouterr().out

@@ -1,0 +1,146 @@
+"""Aggregation maths, merging machines, the report's contents and the README section."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from statistics import stdev
+
+import pytest
+from measurement_fixtures import write_measurement
+
+from brainprop.errors import BrainPropError
+from brainprop.experiments import MEASUREMENTS, Cell, RunSpec, load_measurements
+from brainprop.report import (
+    PUBLISHED,
+    README_END,
+    README_START,
+    RESULTS_JSON,
+    RESULTS_MD,
+    RESULTS_PNG,
+    Stat,
+    aggregate,
+    update_readme,
+    write_report,
+)
+
+CONV = Cell("mnist", "conv")
+GPU, CPU = "NVIDIA H200", "cpu (x86_64, 2 threads)"
+
+
+def _cell_runs(out, cell, machine, bp, ebp, bp_epochs, ebp_epochs, **kw):
+    for rule, accs, epochs in (("brainprop", bp, bp_epochs), ("ebp", ebp, ebp_epochs)):
+        for seed, (acc, ep) in enumerate(zip(accs, epochs, strict=True)):
+            write_measurement(out, RunSpec(cell, rule, seed, **kw), machine, test_acc=acc,
+                              best_epoch=ep)  # fmt: skip
+
+
+def test_stat_is_mean_and_sample_sd():
+    s = Stat.of([1.0, 2.0, 4.0])
+    assert s.mean == pytest.approx(7 / 3) and s.sd == pytest.approx(stdev([1, 2, 4]))
+    assert s.n == 3 and s.text(1) == f"2.3 ({stdev([1, 2, 4]):.1f})"
+    assert Stat.of([5.0]) == Stat(5.0, None, 1) and Stat.of([]) is None
+
+
+def test_aggregation_gap_ratio_and_verdicts(tmp_path):
+    bp, ebp = [0.9931, 0.9927, 0.9935], [0.9930, 0.9940, 0.9920]
+    _cell_runs(tmp_path, CONV, GPU, bp, ebp, [60, 70, 80], [30, 40, 50])
+    [r] = aggregate(load_measurements(tmp_path))
+    assert (r.cell, r.machine, r.val, r.max_epochs) == (CONV, GPU, None, None)
+    b = r.rules["brainprop"]
+    assert b.seeds == (0, 1, 2) and b.test_acc.mean == pytest.approx(99.31)
+    assert b.test_acc.sd == pytest.approx(100 * stdev(bp))
+    assert r.gap == pytest.approx(100 * (sum(bp) - sum(ebp)) / 3)
+    se = math.sqrt((100 * stdev(bp)) ** 2 / 3 + (100 * stdev(ebp)) ** 2 / 3)
+    assert r.gap_noise == pytest.approx(2 * se) and r.gap_verdict.agrees is True
+    assert r.ratio == pytest.approx(70 / 40) and r.ratio_verdict.agrees is True
+    assert b.epochs_to_stop.mean == pytest.approx(115) and b.s_per_epoch.mean == 2.0
+    assert b.total_seconds == pytest.approx(3.0 * (105 + 115 + 125))
+    assert r.published == PUBLISHED[CONV] and r.published_verdict.agrees is True
+
+
+def test_verdicts_say_no_when_claims_fail(tmp_path):
+    # A clear accuracy gap, BrainProp 5x slower, and far below the published 99.31 (0.04).
+    _cell_runs(tmp_path, CONV, GPU, [0.95, 0.951], [0.99, 0.991], [100, 100], [20, 20])
+    [r] = aggregate(load_measurements(tmp_path))
+    assert r.gap == pytest.approx(-4.0)
+    assert r.gap_verdict.agrees is False and r.ratio == pytest.approx(5.0)
+    assert r.ratio_verdict.agrees is False and r.published_verdict.agrees is False
+
+
+def test_one_seed_or_an_epoch_cap_gives_no_verdict(tmp_path):
+    _cell_runs(tmp_path, CONV, CPU, [0.97], [0.98], [2], [2], max_epochs=2)
+    for m in load_measurements(tmp_path):
+        path = m.path
+        d = json.loads(path.read_text())
+        d["summary"]["stop_reason"] = "max epochs"
+        path.write_text(json.dumps(d))
+    [r] = aggregate(load_measurements(tmp_path))
+    assert r.gap == pytest.approx(-1.0) and r.ratio == pytest.approx(1.0)
+    for verdict in (r.gap_verdict, r.ratio_verdict, r.published_verdict):
+        assert verdict.agrees is None and verdict.why == "capped at 2 epochs"
+    _cell_runs(tmp_path / "b", CONV, CPU, [0.97], [0.98], [2], [2])
+    [r] = aggregate(load_measurements(tmp_path / "b"))
+    assert r.gap_verdict.why == "needs 2+ seeds per rule" and r.published_verdict.agrees is False
+
+
+def test_measurements_from_two_machines_merge_by_copying_files(tmp_path):
+    gpu, cpu, merged = tmp_path / "gpu", tmp_path / "cpu", tmp_path / "merged"
+    cifar = Cell("cifar100", "deep")
+    _cell_runs(gpu, cifar, GPU, [0.59, 0.60], [0.60, 0.61], [200, 220], [100, 110])
+    _cell_runs(cpu, CONV, CPU, [0.99], [0.99], [5], [4], max_epochs=2)
+    # The same run measured on both machines stays two files and two rows.
+    _cell_runs(cpu, cifar, CPU, [0.30], [0.31], [1], [1])
+    for source in (gpu, cpu):
+        shutil.copytree(source / MEASUREMENTS, merged / MEASUREMENTS, dirs_exist_ok=True)
+    assert len(list((merged / MEASUREMENTS).iterdir())) == 4 + 2 + 2
+    results = aggregate(load_measurements(merged))
+    rows = [(r.cell, r.machine, r.max_epochs) for r in results]
+    assert rows == [(CONV, CPU, 2), (cifar, GPU, None), (cifar, CPU, None)]
+    assert results[1].rules["brainprop"].test_acc.mean == pytest.approx(59.5)
+
+
+def test_report_files_show_both_rules_published_numbers_and_machines(tmp_path):
+    _cell_runs(tmp_path, CONV, GPU, [0.9931, 0.9927], [0.9930, 0.9940], [60, 70], [30, 40])
+    _cell_runs(tmp_path, CONV, GPU, [0.9900, 0.9910], [0.9920, 0.9925], [50, 60], [30, 50],
+               val=5000)  # fmt: skip
+    md_path = write_report(tmp_path)
+    md = md_path.read_text()
+    assert md_path.name == RESULTS_MD and (tmp_path / RESULTS_PNG).stat().st_size > 1000
+    for published in ("99.31 (0.04)", "63 (18)", "88.88 (0.27)", "98.68 (0.07)"):
+        # Unmeasured headline cells still show their published numbers in the JSON; measured
+        # ones in the tables.
+        assert published in md or published.split()[0] in (tmp_path / RESULTS_JSON).read_text()
+    assert "## Validated on the test set" in md and "## Validated on 5,000 held-out" in md
+    assert md.count(GPU) >= 4 and "99.29 (0.03)" in md  # BrainProp, test-validated
+    gap = 100 * ((0.9931 + 0.9927) - (0.9930 + 0.9940)) / 2
+    assert f"{gap:+.2f}" in md and f"{65 / 35:.2f}" in md
+    assert "Not measured yet: MNIST dense" in md
+    data = json.loads((tmp_path / RESULTS_JSON).read_text())
+    assert data["machines"] == [GPU] and data["measurements"] == 8
+    assert {c["machine"] for c in data["cells"]} == {GPU}
+    assert data["cells"][0]["gap"] == pytest.approx(gap)
+    assert data["published"]["tiny-imagenet/deep"]["accuracy"] == 47.5
+
+
+def test_readme_section_is_replaced_between_markers(tmp_path):
+    _cell_runs(tmp_path / "results", CONV, CPU, [0.97], [0.98], [2], [2], max_epochs=2)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\nbefore\n{README_START}\nold text\n{README_END}\nafter\n")
+    update_readme(readme, tmp_path / "results")
+    text = readme.read_text()
+    assert text.startswith("# x\n\nbefore\n" + README_START)
+    assert text.endswith(README_END + "\nafter\n")
+    assert "old text" not in text and "[results/results.md](results/results.md)" in text
+    assert "MNIST conv" in text and CPU in text and "97.00" in text and "-1.00" in text
+    readme.write_text("# no markers\n")
+    with pytest.raises(BrainPropError, match="results:start"):
+        update_readme(readme, tmp_path / "results")
+
+
+def test_damaged_measurement_file_is_a_one_line_error(tmp_path):
+    (tmp_path / MEASUREMENTS).mkdir()
+    (tmp_path / MEASUREMENTS / "x@y.json").write_text('{"format": "other"}')
+    with pytest.raises(BrainPropError, match="not a brainprop measurement"):
+        load_measurements(tmp_path)
