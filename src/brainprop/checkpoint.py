@@ -12,8 +12,9 @@ import io
 import json
 import os
 import pickle
+import re
 import tempfile
-import zipfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,17 +29,38 @@ FORMAT = "brainprop-checkpoint-1"
 def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None]) -> None:
     """Write ``path`` through ``write(file)`` so that readers see the old or the new file only."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _write_error(path, e) from None
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise _write_error(path, e) from None
         raise
     _fsync_dir(path.parent)
+
+
+def remove_temporaries(folder: str | Path) -> None:
+    """Delete the temporary files that writers killed mid-write (SIGKILL, power loss) left in
+    ``folder``; each may be as large as a checkpoint."""
+    for tmp in Path(folder).glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+def _write_error(path: Path, e: OSError) -> BrainPropError:
+    # A full disk (ENOSPC, or EDQUOT past a quota) is the common case on long runs.
+    kept = f"{path.name} keeps its previous content" if path.exists() else "nothing was written"
+    return BrainPropError(
+        f"cannot write {path} ({e.strerror or e}); {kept}: free disk space or fix the folder's "
+        "permissions, then run again (training runs continue with --resume)"
+    )
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -65,23 +87,40 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 def save(path: str | Path, state: dict[str, Any]) -> None:
     """Atomically save ``state`` (tensors and primitives only) as a checkpoint."""
-    atomic_write(path, lambda f: torch.save({"format": FORMAT, **state}, f))
+    # Serialised in memory first: torch.save reports a failed write to a file as an opaque
+    # RuntimeError, while a plain write raises the OSError (ENOSPC ...) that names the cause.
+    buffer = io.BytesIO()
+    torch.save({"format": FORMAT, **state}, buffer)
+    atomic_write(path, lambda f: f.write(buffer.getbuffer()))
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint written by :func:`save`; anything else is a one-line error."""
     path = Path(path)
     if not path.is_file():
-        raise BrainPropError(f"no checkpoint at {path}: pass a run directory or a .pt file it holds")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported content"
         raise BrainPropError(
-            f"{path} is not a safe brainprop checkpoint (it holds pickled objects: {first}); "
-            "only load checkpoints written by brainprop"
-        ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+            f"no checkpoint at {path}: pass a run directory or a .pt file it holds"
+        )
+    if path.stat().st_size == 0:
+        raise BrainPropError(
+            f"{path} is empty (0 bytes), not a checkpoint: use another checkpoint or retrain"
+        )
+    try:
+        with warnings.catch_warnings():
+            # Damaged bytes can look like an exotic pickle protocol; the error below says more.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        # torch names a refused object as "GLOBAL module.name" somewhere in a long message.
+        refused = re.search(r"GLOBAL (\S+)", str(e))
+        if isinstance(e, pickle.UnpicklingError) and refused:
+            raise BrainPropError(
+                f"{path} is not a safe brainprop checkpoint (it holds pickled objects: "
+                f"{refused.group(1)}), so it was not loaded; only load checkpoints written by "
+                "brainprop"
+            ) from None
+        # The weights_only unpickler runs no code, so whatever it raises (RuntimeError,
+        # EOFError, struct.error, KeyError ...) can only mean damaged bytes.
         raise BrainPropError(
             f"{path} is not a readable checkpoint ({type(e).__name__}): it may be truncated or "
             "not a checkpoint at all; use another checkpoint or retrain"

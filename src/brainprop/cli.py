@@ -1,7 +1,8 @@
 """The ``brainprop`` command: argument parsing and one-line errors over the library.
 
 Every sub-command is a thin call into the library (``train``, ``evaluate``, ``load_dataset`` ...).
-A :class:`~brainprop.errors.BrainPropError` becomes one line on stderr and exit status 2.
+A :class:`~brainprop.errors.BrainPropError` becomes one line on stderr and exit status 2; a run
+stopped by SIGINT/SIGTERM prints how to resume it and exits with 128 + the signal number.
 """
 
 from __future__ import annotations
@@ -40,10 +41,11 @@ def _val(text: str) -> str | int:
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
+    from .config import MAX_NAN_RELOADS, ON_NAN
     from .data import DATASET_NAMES
     from .feedback import FEEDBACK_MODES
     from .objectives import RULES
-    from .presets import ARCHITECTURES
+    from .presets import ARCHITECTURES, PRESETS
 
     p = sub.add_parser("train", help="train one network", description="Train one network.")
     p.add_argument("--dataset", choices=DATASET_NAMES, default="mnist")
@@ -54,7 +56,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "--feedback", choices=FEEDBACK_MODES, default="symmetric",
         help="feedback pathway: exact transpose, learned B, random B, sign(W), or direct (DFA)",
     )  # fmt: skip
-    hp = p.add_argument_group("hyperparameters (default: the paper's value for dataset and arch)")
+    hp = p.add_argument_group("hyperparameters (default: the preset's value for dataset and arch)")
+    hp.add_argument(
+        "--preset", choices=list(PRESETS), default="paper",
+        help="table to take hyperparameters from: the paper's, or 'quickstart' (MNIST dense)",
+    )  # fmt: skip
     hp.add_argument("--lr", type=float)
     hp.add_argument("--lr-halving-epochs", type=int, help="halve the learning rate every N epochs")
     hp.add_argument("--batch-size", type=int)
@@ -62,7 +68,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     hp.add_argument("--l2", type=float, help="Keras l2(lambda) on the weights")
     hp.add_argument("--dropout", type=_float_list, help="one rate, or one per dropout site")
     stop = p.add_argument_group("stopping and validation")
-    stop.add_argument("--epochs", type=int, default=500, help="maximum number of epochs")
+    stop.add_argument(
+        "--epochs", type=int,
+        help="maximum number of epochs (default 500; with --resume, the run's own)",
+    )  # fmt: skip
     stop.add_argument("--patience", type=int, default=45)
     stop.add_argument("--min-delta", type=float, default=0.001)
     stop.add_argument(
@@ -70,6 +79,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         help="'test' (validate on the test set, as the paper) or N held-out training images",
     )  # fmt: skip
     stop.add_argument("--val-split", type=int, metavar="N", help="same as --val N")
+    stop.add_argument(
+        "--on-nan", choices=ON_NAN, default="stop",
+        help="when the loss or weights become NaN/inf: stop (keeping the last good checkpoint) "
+        f"or reload the last checkpoint at half the learning rate (at most {MAX_NAN_RELOADS} "
+        "times)",
+    )  # fmt: skip
     run = p.add_argument_group("run")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -77,7 +92,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--data-dir", help="data root (default: $BRAINPROP_DATA, else data/)")
     run.add_argument("--out", default="runs", help="folder for run directories")
     run.add_argument("--name", help="run directory name (default: dataset-arch-rule-seed-time)")
-    run.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
+    run.add_argument(
+        "--resume", metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its last checkpoint (other settings come from the "
+        "run; only --epochs may change)",
+    )  # fmt: skip
     run.add_argument("--quiet", action="store_true", help="no progress output")
 
 
@@ -85,29 +104,35 @@ def _train(args: argparse.Namespace) -> int:
     from .config import TrainConfig
     from .train import train
 
-    config = TrainConfig(
-        dataset=args.dataset,
-        arch=args.arch,
-        rule=args.rule,
-        epsilon=args.epsilon,
-        feedback=args.feedback,
-        lr=args.lr,
-        lr_halving_epochs=args.lr_halving_epochs,
-        batch_size=args.batch_size,
-        init_std=args.init_std,
-        l2=args.l2,
-        dropout=args.dropout,
-        epochs=args.epochs,
-        patience=args.patience,
-        min_delta=args.min_delta,
-        val=args.val if args.val_split is None else args.val_split,
-        seed=args.seed,
-        device=args.device,
-        bf16=args.bf16,
-        data_dir=args.data_dir,
-        out_dir=args.out,
-        name=args.name,
-    )
+    epochs = {} if args.epochs is None else {"epochs": args.epochs}
+    # On --resume the run's own config decides everything but a raised --epochs.
+    config = TrainConfig(**epochs) if epochs else None
+    if args.resume is None:
+        config = TrainConfig(
+            dataset=args.dataset,
+            arch=args.arch,
+            rule=args.rule,
+            preset=args.preset,
+            epsilon=args.epsilon,
+            feedback=args.feedback,
+            lr=args.lr,
+            lr_halving_epochs=args.lr_halving_epochs,
+            batch_size=args.batch_size,
+            init_std=args.init_std,
+            l2=args.l2,
+            dropout=args.dropout,
+            **epochs,
+            patience=args.patience,
+            min_delta=args.min_delta,
+            val=args.val if args.val_split is None else args.val_split,
+            on_nan=args.on_nan,
+            seed=args.seed,
+            device=args.device,
+            bf16=args.bf16,
+            data_dir=args.data_dir,
+            out_dir=args.out,
+            name=args.name,
+        )
     run = train(config, resume=args.resume, progress=not args.quiet)
     if args.quiet:
         print(json.dumps(run.summary))
@@ -201,6 +226,55 @@ def _reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    from .bench import DEFAULT_PRESETS
+
+    p = sub.add_parser(
+        "bench", help="time the training step per preset and rule",
+        description="Time the training step (synthetic data of each dataset's real size) for "
+        "each preset and rule; print and write bench.json and bench.md.",
+    )  # fmt: skip
+    p.add_argument(
+        "--presets", default=",".join(DEFAULT_PRESETS),
+        help="comma-separated dataset/arch pairs, hyperparameters from the paper's table",
+    )  # fmt: skip
+    p.add_argument("--rules", default="brainprop,ebp", help="comma-separated rules")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--steps", type=int, default=30, help="timed steps per preset and rule")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps before timing")
+    p.add_argument("--batch-size", type=int, help="override every preset's batch size")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only)")
+    p.add_argument(
+        "--peak-tflops", type=float,
+        help="the device's peak TFLOP/s (default: a table for known GPUs, an estimate for CPUs)",
+    )  # fmt: skip
+    p.add_argument(
+        "--eval-images", type=int,
+        help="time evaluation on this many test images (default: all 10k) and scale to 10k",
+    )  # fmt: skip
+    p.add_argument("--out", default="runs/bench", help="folder for bench.json and bench.md")
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import markdown, run_bench
+
+    report = run_bench(
+        [p.strip() for p in args.presets.split(",") if p.strip()],
+        [r.strip() for r in args.rules.split(",") if r.strip()],
+        device=args.device,
+        steps=args.steps,
+        warmup=args.warmup,
+        batch_size=args.batch_size,
+        bf16=args.bf16,
+        peak_tflops=args.peak_tflops,
+        eval_images=args.eval_images,
+        out=args.out,
+        say=lambda line: print(line, file=sys.stderr),
+    )
+    print(markdown(report), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="brainprop", description="BrainProp and EBP training for PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -215,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("--data-dir")
     _add_reproduce(sub)
+    _add_bench(sub)
     return parser
 
 
@@ -224,13 +299,19 @@ COMMANDS = {
     "datasets": _datasets,
     "download": _download,
     "reproduce": _reproduce,
+    "bench": _bench,
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .signals import Interrupted
+
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
+    except Interrupted as e:
+        print(f"brainprop: {e}", file=sys.stderr)
+        return e.exit_status
     except BrainPropError as e:
         print(f"brainprop: error: {e}", file=sys.stderr)
         return 2

@@ -19,6 +19,10 @@ from .objectives import RULES
 from .presets import ARCHITECTURES, DATASET_FAMILY, published_hyperparameters, with_dropout
 
 VAL_TEST = "test"
+#: What a NaN or inf loss or weight does: end the run, or reload the last checkpoint at half the LR.
+ON_NAN = ("stop", "reload")
+#: How often ``on_nan="reload"`` may rewind one run before it stops as ``"stop"`` would.
+MAX_NAN_RELOADS = 3
 
 
 @dataclass(frozen=True)
@@ -27,7 +31,8 @@ class TrainConfig:
 
     Hyperparameters left at ``None`` take the paper's value for (dataset, arch).
     ``val`` is ``"test"`` (validate on the test set, as the original does) or a number of
-    training images to hold out for validation.
+    training images to hold out for validation. ``on_nan`` is ``"stop"`` or ``"reload"`` (see
+    :data:`ON_NAN`).
     """
 
     dataset: str = "mnist"
@@ -35,7 +40,8 @@ class TrainConfig:
     rule: str = "brainprop"
     epsilon: float = 0.02
     feedback: str = "symmetric"
-    # Hyperparameters: None means the published value (presets.PAPER).
+    # Hyperparameters: None means the value in the preset's table (presets.PRESETS).
+    preset: str = "paper"
     lr: float | None = None
     lr_halving_epochs: int | None = None
     batch_size: int | None = None
@@ -47,6 +53,7 @@ class TrainConfig:
     patience: int = 45
     min_delta: float = 0.001
     val: str | int = VAL_TEST
+    on_nan: str = "stop"
     # Where and how.
     seed: int = 0
     device: str = "auto"
@@ -63,7 +70,7 @@ class TrainConfig:
             )
         if self.rule not in RULES:
             raise BrainPropError(f"unknown rule {self.rule!r}: choose one of {', '.join(RULES)}")
-        hp = published_hyperparameters(self.dataset, self.arch)
+        hp = published_hyperparameters(self.dataset, self.arch, self.preset)
         if self.dropout is not None:
             hp = with_dropout(hp, self.dropout, self.arch)
         filled = {
@@ -113,6 +120,10 @@ class TrainConfig:
             self.val == VAL_TEST or (isinstance(self.val, int) and self.val >= 1),
             f"--val must be 'test' or a positive number of held-out images, got {self.val!r}",
         )
+        need(
+            self.on_nan in ON_NAN,
+            f"--on-nan must be one of {', '.join(ON_NAN)}, got {self.on_nan!r}",
+        )
         need(self.device == "auto" or _device_ok(self.device), _device_message(self.device))
 
     def to_dict(self) -> dict[str, Any]:
@@ -124,15 +135,47 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        """Inverse of :meth:`to_dict`; unknown keys are an error, not silently dropped."""
+        """Inverse of :meth:`to_dict`; unknown keys are an error, not silently dropped.
+
+        Stored configs come from files, so every value's type is checked here: a damaged one
+        is named in one line instead of failing somewhere later.
+        """
+        if not isinstance(d, dict) or not all(isinstance(k, str) for k in d):
+            raise BrainPropError("config is not a mapping of names to values: it is damaged")
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
             raise BrainPropError(f"config has unknown keys {unknown}: it was written by another version")
+        for f in fields(cls):
+            if f.name in d and not value_fits(d[f.name], str(f.type)):
+                raise BrainPropError(
+                    f"config entry {f.name!r} holds a {type(d[f.name]).__name__}, expected "
+                    f"{f.type}: it is damaged or was written by another version"
+                )
         d = dict(d)
         if d.get("dropout") is not None:
             d["dropout"] = tuple(d["dropout"])
         return cls(**d)
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+#: A checker per type spelled in TrainConfig's annotations (``from __future__`` keeps them text).
+TYPE_CHECKS: dict[str, Any] = {
+    "str": lambda v: isinstance(v, str),
+    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "float": _number,
+    "bool": lambda v: isinstance(v, bool),
+    "None": lambda v: v is None,
+    "tuple[float, ...]": lambda v: isinstance(v, list | tuple) and all(map(_number, v)),
+}
+
+
+def value_fits(value: Any, annotation: str) -> bool:
+    """Whether ``value`` is of the annotated type, e.g. ``"float | None"``."""
+    return any(TYPE_CHECKS[alternative](value) for alternative in annotation.split(" | "))
 
 
 def _finite(x: float) -> bool:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,25 @@ def create(out_dir: str | Path, name: str) -> Path:
     raise BrainPropError(f"{out} already holds 9999 runs named {name!r}: pass another --name")
 
 
+def check_free_space(folder: Path, needed: int) -> None:
+    """Refuse to start when ``folder``'s disk has less than ``needed`` bytes free.
+
+    Catching a full disk up front costs one statfs; finding it at the first checkpoint costs
+    an epoch, or on a long run the hours since the last one.
+    """
+    # The folder may not exist yet; the disk it will live on is that of its nearest ancestor.
+    existing = next((p for p in (folder, *folder.absolute().parents) if p.exists()), folder)
+    try:
+        free = shutil.disk_usage(existing).free
+    except OSError:
+        return  # Unknown free space: the writes themselves still fail cleanly.
+    if free < needed:
+        raise BrainPropError(
+            f"only {free / 2**20:.1f} MiB free in {folder}, and the checkpoints of this run need "
+            f"about {needed / 2**20:.1f} MiB: free disk space or pass another --out folder"
+        )
+
+
 def default_name(dataset: str, arch: str, rule: str, seed: int) -> str:
     return f"{dataset}-{arch}-{rule}-s{seed}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -69,7 +89,9 @@ def read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise BrainPropError(f"{path} is missing: is {path.parent} a brainprop run directory?") from None
+        raise BrainPropError(
+            f"{path} is missing: is {path.parent} a brainprop run directory?"
+        ) from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise BrainPropError(f"{path} is not valid JSON: the run directory is damaged") from None
 

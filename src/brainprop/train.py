@@ -9,25 +9,31 @@ never waits for the host.
 
 from __future__ import annotations
 
+import itertools
 import math
 import platform
+import random
+import signal
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import checkpoint, rundir
-from .config import VAL_TEST, TrainConfig
+from . import checkpoint, rundir, signals
+from .config import MAX_NAN_RELOADS, VAL_TEST, TrainConfig
 from .data import Dataset, load_dataset
-from .data.batches import num_batches, ordered_batches, shuffled_batches, to_float
+from .data.batches import num_batches, ordered_batches, permuted_batches, to_float
+from .data.messages import reason
 from .diagnostics import diagnostics, plot_diagnostics
 from .errors import BrainPropError
 from .feedback import convert
-from .objectives import Objective, make_objective
+from .objectives import Objective, Output, make_objective
 from .presets import Hyperparameters, build_model, decayed_parameters
 
 EVAL_BATCH = 1000
@@ -117,6 +123,36 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bf16: bool = Fa
     return correct.item() / max(len(y), 1)
 
 
+def train_step(
+    model: nn.Module,
+    objective: Objective,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    generator: torch.Generator | None,
+    batch_size: int,
+    bf16: bool = False,
+) -> Output:
+    """One training step on the batch ``x`` ([b, C, H, W] float), ``y`` ([b]): forward,
+    objective, backward, SGD update. The loop and ``brainprop bench`` both run this.
+
+    ``batch_size`` is the nominal batch size: an objective that sums over the nominal batch
+    (BrainProp, as the Keras code) takes a proportionally smaller step on a short last batch.
+    Returns the objective's output; its ``loss`` is the unscaled batch mean.
+    """
+    with _autocast(x.device, bf16):
+        q = model(x)
+    out = objective(q.float(), y, generator)
+    loss = out.loss
+    if objective.sums_over_nominal_batch and len(y) != batch_size:
+        loss = loss * (len(y) / batch_size)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return out
+
+
 def _autocast(device: torch.device, bf16: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda")
 
@@ -143,10 +179,14 @@ def split_validation(ds: Dataset, n: int) -> tuple[Dataset, torch.Tensor, torch.
 class _Trainer:
     """One run's mutable state; ``train`` below is its only user."""
 
-    def __init__(self, config: TrainConfig, ds: Dataset, run: Path, progress: bool) -> None:
-        self.config, self.run, self.progress = config, run, progress
+    def __init__(self, config: TrainConfig, ds: Dataset, progress: bool) -> None:
+        self.config, self.progress = config, progress
         self.device = resolve_device(config.device)
         torch.manual_seed(config.seed)
+        # Nothing in the loop draws from these today; seeding and checkpointing them keeps a
+        # future user (an augmentation, a custom objective) reproducible across resumes.
+        random.seed(config.seed)
+        np.random.seed(config.seed)
         ds = ds.to(self.device)
         if config.val == VAL_TEST:
             self.train_set, self.val_x, self.val_y = ds, ds.test_x, ds.test_y
@@ -164,6 +204,11 @@ class _Trainer:
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.stopper = EarlyStopping(config.patience, config.min_delta)
         self.history: list[dict[str, Any]] = []
+        # Halved by each on_nan="reload"; multiplies the schedule's rate.
+        self.lr_scale = 1.0
+        self.nan_reloads = 0
+        # Where a stop signal cut the current epoch short (see train_epoch); None between epochs.
+        self.partial: dict[str, Any] | None = None
         self.input_shape, self.num_classes = ds.input_shape, ds.num_classes
         # One fixed batch for the per-epoch feedback diagnostics.
         n_diag = min(DIAGNOSTIC_BATCH, len(self.train_set.train_y))
@@ -171,7 +216,10 @@ class _Trainer:
         self.diag_y = self.train_set.train_y[:n_diag]
 
     def state(self) -> dict[str, Any]:
-        """Everything needed to continue bit-identically from the end of the last epoch."""
+        """Everything needed to continue bit-identically from here: the end of the last epoch,
+        or the step a stop signal interrupted (``partial``)."""
+        py_version, py_internal, py_gauss = random.getstate()
+        _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state(legacy=True)
         return {
             "config": self.config.to_dict(),
             "input_shape": list(self.input_shape),
@@ -181,70 +229,201 @@ class _Trainer:
             "epoch": len(self.history),
             "history": self.history,
             "early_stopping": self.stopper.state_dict(),
+            "lr_scale": self.lr_scale,
+            "nan_reloads": self.nan_reloads,
+            "partial": self.partial,
             "rng": {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                 "generator": self.generator.get_state(),
+                # As tensors and numbers: weights_only loading refuses numpy objects.
+                "numpy": {
+                    "keys": torch.from_numpy(np_keys.astype(np.int64)),
+                    "pos": int(np_pos),
+                    "has_gauss": int(np_has_gauss),
+                    "gauss": float(np_gauss),
+                },
+                "python": {
+                    "version": py_version,
+                    "internal": torch.tensor(py_internal, dtype=torch.int64),
+                    "gauss": py_gauss,
+                },
             },
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.history = list(state["history"])
-        self.stopper.load_state_dict(state["early_stopping"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if state["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        self.generator.set_state(state["rng"]["generator"])
+        """Restore :meth:`state`'s output.
 
-    def train_epoch(self, epoch: int) -> dict[str, float]:
-        """One pass over the training set; returns the epoch's training metrics."""
+        Raises ValueError, TypeError, KeyError, RuntimeError ... for a damaged state; every part
+        the loop reads later is checked here, so damage never surfaces mid-run as a traceback.
+        """
+        self.model.load_state_dict(state["model"])
+        settings = _optimizer_settings(self.optimizer)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if _optimizer_settings(self.optimizer) != settings:
+            raise ValueError("its optimizer settings differ from its config")
+        history = state["history"]
+        if not isinstance(history, list) or not all(_row_ok(row) for row in history):
+            raise ValueError("its history is malformed")
+        self.history = list(history)
+        self.stopper.load_state_dict(state["early_stopping"])
+        self.lr_scale, self.nan_reloads = float(state["lr_scale"]), int(state["nan_reloads"])
+        partial = state["partial"]
+        if partial is not None:
+            if not _partial_ok(partial):
+                raise ValueError("its mid-epoch position is malformed")
+            self.generator.set_state(partial["order_rng"])  # fails now, not mid-run, if damaged
+        self.partial = partial
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.generator.set_state(rng["generator"])
+        keys = rng["numpy"]["keys"].numpy().astype(np.uint32)
+        np.random.set_state(
+            ("MT19937", keys, rng["numpy"]["pos"], rng["numpy"]["has_gauss"], rng["numpy"]["gauss"])
+        )
+        python = rng["python"]
+        random.setstate((python["version"], tuple(python["internal"].tolist()), python["gauss"]))
+
+    def train_epoch(self, epoch: int, stop: signals.StopRequest) -> dict[str, float] | None:
+        """One pass over the training set; returns the epoch's training metrics and seconds.
+
+        Returns None when ``stop`` is requested before the last step: :attr:`partial` then
+        holds the position (next step, the generator state the epoch's order was drawn from,
+        the running sums), so a checkpoint of :meth:`state` resumes with the very next batch.
+        A trainer restored with a ``partial`` starts there instead of at step 0.
+        """
         cfg, model, ds = self.config, self.model, self.train_set
         for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(epoch, cfg.lr, cfg.lr_halving_epochs)
+            group["lr"] = self.lr_scale * lr_at(epoch, cfg.lr, cfg.lr_halving_epochs)
         model.train()
-        zero = torch.zeros((), device=self.device)
-        loss_sum, reward_sum, explored_sum = zero.clone(), zero.clone(), zero.clone()
-        first_bad = torch.full((), -1, dtype=torch.int64, device=self.device)
-        batches = shuffled_batches(ds.train_x, ds.train_y, cfg.batch_size, self.generator)
-        total = num_batches(len(ds.train_y), cfg.batch_size)
+        t0 = time.perf_counter()
+        n = len(ds.train_y)
+        partial, self.partial = self.partial, None
+        if partial is None:
+            zero = torch.zeros((), device=self.device)
+            loss_sum, reward_sum, explored_sum = zero.clone(), zero.clone(), zero.clone()
+            first_bad = torch.full((), -1, dtype=torch.int64, device=self.device)
+            start, seconds, order_rng = 0, 0.0, self.generator.get_state()
+            perm = torch.randperm(n, device=self.device, generator=self.generator)
+        else:
+            loss_sum, reward_sum, explored_sum, first_bad = (
+                partial[k].to(self.device) for k in _PARTIAL_SUMS
+            )
+            start, seconds = int(partial["step"]), float(partial["seconds"])
+            order_rng = partial["order_rng"]
+            # Redraw the interrupted epoch's order, then carry on from the generator's state at
+            # the interruption, as if the epoch had never stopped.
+            now = self.generator.get_state()
+            self.generator.set_state(order_rng)
+            perm = torch.randperm(n, device=self.device, generator=self.generator)
+            self.generator.set_state(now)
+        batches = permuted_batches(ds.train_x, ds.train_y, perm, cfg.batch_size, start)
+        total = num_batches(n, cfg.batch_size)
         bar = tqdm(
-            batches, total=total, desc=f"epoch {epoch + 1}", leave=False,
+            batches, total=total, initial=start, desc=f"epoch {epoch + 1}", leave=False,
             disable=not self.progress or None, unit="batch",
         )  # fmt: skip
-        for step, (x, y) in enumerate(bar):
-            with _autocast(self.device, cfg.bf16):
-                q = model(x)
-            out = self.objective(q.float(), y, self.generator)
-            loss = out.loss
-            if self.objective.sums_over_nominal_batch and len(y) != cfg.batch_size:
-                loss = loss * (len(y) / cfg.batch_size)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+        for step, (x, y) in enumerate(bar, start=start):
+            out = train_step(
+                model, self.objective, self.optimizer, x, y,
+                generator=self.generator, batch_size=cfg.batch_size, bf16=cfg.bf16,
+            )  # fmt: skip
             loss_sum += out.loss.detach() * len(y)
             reward_sum += out.rewards.sum()
             explored_sum += out.explored.sum()
             bad = ~torch.isfinite(out.loss.detach()) & (first_bad < 0)
             first_bad = torch.where(bad, torch.full_like(first_bad, step), first_bad)
-        n = len(ds.train_y)
-        if first_bad.item() >= 0:
-            raise _NonFinite(epoch, int(first_bad.item()))
+            if stop.requested and step + 1 < total:
+                # Never checkpoint a broken state: a NaN found now is reported as one.
+                self._check_finite(epoch, first_bad, step)
+                self.partial = {
+                    "step": step + 1,
+                    "order_rng": order_rng,
+                    "loss_sum": loss_sum,
+                    "reward_sum": reward_sum,
+                    "explored_sum": explored_sum,
+                    "first_bad": first_bad,
+                    "seconds": seconds + time.perf_counter() - t0,
+                }
+                bar.close()
+                return None
+        self._check_finite(epoch, first_bad, total - 1)
         return {
             "train_loss": loss_sum.item() / n,
             "train_reward": reward_sum.item() / n,
             "explore_rate": explored_sum.item() / n,
+            "seconds": seconds + time.perf_counter() - t0,
         }
+
+    def _check_finite(self, epoch: int, first_bad: torch.Tensor, last_step: int) -> None:
+        """Raise :class:`_NonFinite` for a NaN/inf loss so far or in the weights now.
+
+        The weights include floating buffers: BatchNorm's running statistics only matter in
+        eval mode, so a NaN there leaves the training loss finite and would go unnoticed.
+        """
+        if first_bad.item() >= 0:
+            raise _NonFinite("loss", epoch, int(first_bad.item()))
+        if not _all_finite(itertools.chain(self.model.parameters(), self.model.buffers())):
+            raise _NonFinite("weights", epoch, last_step)
+
+
+def _all_finite(tensors: Iterable[torch.Tensor]) -> bool:
+    """Whether every floating tensor of ``tensors`` is free of NaN and inf (one device sync)."""
+    checks = [torch.isfinite(t).all() for t in tensors if t.is_floating_point()]
+    return not checks or bool(torch.stack(checks).all())
+
+
+#: The history columns the loop itself reads back (summary, best epoch, plots).
+_ROW_NUMBERS = ("epoch", "lr", "train_loss", "train_reward", "val_acc", "test_acc", "seconds",
+                "eval_seconds")  # fmt: skip
+_PARTIAL_SUMS = ("loss_sum", "reward_sum", "explored_sum", "first_bad")
+
+
+def _row_ok(row: Any) -> bool:
+    return isinstance(row, dict) and all(
+        isinstance(row.get(k), int | float) and not isinstance(row.get(k), bool)
+        for k in _ROW_NUMBERS
+    )
+
+
+def _partial_ok(partial: Any) -> bool:
+    return (
+        isinstance(partial, dict)
+        and isinstance(partial.get("step"), int)
+        and partial["step"] >= 1
+        and isinstance(partial.get("seconds"), int | float)
+        and isinstance(partial.get("order_rng"), torch.Tensor)
+        and all(
+            isinstance(partial.get(k), torch.Tensor) and partial[k].dim() == 0
+            for k in _PARTIAL_SUMS
+        )
+    )
+
+
+def _optimizer_settings(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """Every param group's hyperparameters but the learning rate, which each epoch sets."""
+    return [
+        {k: v for k, v in group.items() if k not in ("params", "lr")}
+        for group in optimizer.state_dict()["param_groups"]
+    ]
 
 
 class _NonFinite(Exception):
-    def __init__(self, epoch: int, step: int) -> None:
-        self.epoch, self.step = epoch, step
+    """The loss or the weights (``what``) became NaN or inf by 0-based ``epoch``/``step``."""
+
+    def __init__(self, what: str, epoch: int, step: int) -> None:
+        self.what, self.epoch, self.step = what, epoch, step
+
+    def where(self) -> str:
+        if self.what == "loss":
+            return f"epoch {self.epoch + 1}, step {self.step + 1}"
+        return f"epoch {self.epoch + 1} (found after step {self.step + 1})"
 
 
 def train(
-    config: TrainConfig,
+    config: TrainConfig | None = None,
     *,
     resume: str | Path | None = None,
     dataset: Dataset | None = None,
@@ -252,85 +431,104 @@ def train(
 ) -> Run:
     """Train one network and write its run directory.
 
+    Every epoch ends with an atomic checkpoint of the whole training state (``last.pt``).
+    SIGINT or SIGTERM finishes the current step, checkpoints it and raises
+    :class:`~brainprop.signals.Interrupted`; ``resume`` then continues bit-identically.
+
     Args:
-        config: what to train; hyperparameters left as None take the published values.
-        resume: a run directory to continue from its ``last.pt`` (``config`` is then ignored
-            except for ``epochs``, which may be raised to train longer).
+        config: what to train; hyperparameters left as None take the published values. With
+            ``resume``, None continues the run as configured, and a config given counts only
+            for its ``epochs`` (to train longer).
+        resume: a run directory to continue from its ``last.pt``; one killed before its first
+            checkpoint starts over from its ``config.json``.
         dataset: use this dataset instead of loading ``config.dataset`` (tests, notebooks).
         progress: show a progress bar per epoch and print one line per epoch.
+
+    Raises:
+        BrainPropError: a bad config, dataset or checkpoint, or an output that cannot be written.
+        Interrupted: a stop signal arrived; the message says what was saved and how to resume.
     """
     if resume is not None:
         run_path = Path(resume)
-        state = checkpoint.load(run_path / rundir.LAST)
-        stored = TrainConfig.from_dict(state["config"])
-        config = TrainConfig.from_dict({**stored.to_dict(), "epochs": config.epochs}).resolve()
+        state, config = _resume(run_path, config)
+    elif config is None:
+        raise BrainPropError("train() needs a config, or resume= a run directory to continue")
     else:
-        config = config.resolve()
-        state = None
+        config, state = config.resolve(), None
     ds = dataset if dataset is not None else load_dataset(config.dataset, config.data_dir)
-    if state is None:
-        name = config.name or rundir.default_name(config.dataset, config.arch, config.rule, config.seed)
+    trainer = _Trainer(config, ds, progress)
+    if state is not None:
+        _restore(trainer, state, ds, run_path)
+    if resume is None:
+        rundir.check_free_space(Path(config.out_dir), 3 * _checkpoint_bytes(trainer))
+        name = config.name or rundir.default_name(
+            config.dataset, config.arch, config.rule, config.seed
+        )
         run_path = rundir.create(config.out_dir, name)
         rundir.atomic_write_json(run_path / rundir.CONFIG, config.to_dict())
-    trainer = _Trainer(config, ds, run_path, progress)
-    if state is not None:
-        _check_compatible(state, ds, run_path)
-        trainer.load_state(state)
+    else:
+        # The new last.pt is written beside the old one before the rename.
+        rundir.check_free_space(run_path, _checkpoint_bytes(trainer))
     say = tqdm.write if progress else (lambda _msg: None)
     say(
         f"training {config.arch} on {config.dataset} with {config.rule} "
         f"({sum(p.numel() for p in trainer.model.parameters()):,} parameters) on {trainer.device}, "
         f"run dir {run_path}"
     )
-    stop_reason = "max epochs"
-    for epoch in range(len(trainer.history), config.epochs):
-        if trainer.stopper.wait >= config.patience:
-            stop_reason = "early stopping"
-            break
-        t0 = time.perf_counter()
-        try:
-            metrics = trainer.train_epoch(epoch)
-        except _NonFinite as bad:
-            stop_reason = f"non-finite loss at epoch {bad.epoch + 1}, step {bad.step + 1}"
-            say(
-                f"stopped: the loss became NaN or inf at epoch {bad.epoch + 1}, step {bad.step + 1}; "
-                f"{run_path / rundir.LAST} keeps the last good epoch. Lower --lr or --init-std."
-            )
-            break
-        train_seconds = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        val_acc = accuracy(trainer.model, trainer.val_x, trainer.val_y, config.bf16)
-        test_acc = (
-            val_acc
-            if config.val == VAL_TEST
-            else accuracy(trainer.model, ds.test_x.to(trainer.device), ds.test_y.to(trainer.device), config.bf16)
-        )
-        row = {
-            "epoch": epoch + 1,
-            "lr": trainer.optimizer.param_groups[0]["lr"],
-            **metrics,
-            "val_acc": val_acc,
-            "test_acc": test_acc,
-            "seconds": train_seconds,
-            "eval_seconds": time.perf_counter() - t1,
-            **diagnostics(
-                trainer.model, trainer.diag_x, trainer.diag_y, trainer.objective, config.seed
-            ),
-        }
-        trainer.history.append(row)
-        stop = trainer.stopper.update(val_acc)
-        if val_acc > max((h["val_acc"] for h in trainer.history[:-1]), default=-1.0):
-            checkpoint.save(run_path / rundir.BEST, _weights(trainer, epoch + 1))
-        checkpoint.save(run_path / rundir.LAST, trainer.state())
-        rundir.write_history(run_path, trainer.history)
+
+    def warn(signum: int) -> None:
         say(
-            f"epoch {epoch + 1:3d}/{config.epochs}  loss {metrics['train_loss']:.4f}  "
-            f"reward {metrics['train_reward']:.4f}  val {val_acc:.4f}  lr {row['lr']:.4g}  "
-            f"{train_seconds:.1f}s"
+            f"{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
+            "(send it again to quit at once)"
         )
-        if stop:
-            stop_reason = "early stopping"
-            break
+
+    stop_reason = "max epochs"
+    try:
+        with signals.stop_on_signals(warn) as stop:
+            while (epoch := len(trainer.history)) < config.epochs:
+                if trainer.stopper.wait >= config.patience:
+                    stop_reason = "early stopping"
+                    break
+                if stop.requested:
+                    checkpoint.save(run_path / rundir.LAST, trainer.state())
+                    raise _interrupted(stop, run_path, f"after epoch {epoch}")
+                try:
+                    metrics = trainer.train_epoch(epoch, stop)
+                except _NonFinite as bad:
+                    if config.on_nan == "reload" and trainer.nan_reloads < MAX_NAN_RELOADS:
+                        trainer = _rewind(trainer, ds, run_path)
+                        say(
+                            f"the {bad.what} became NaN or inf at {bad.where()}: rewound to epoch "
+                            f"{len(trainer.history)} with the learning rate scaled by "
+                            f"{trainer.lr_scale:g} (reload {trainer.nan_reloads} of "
+                            f"{MAX_NAN_RELOADS})"
+                        )
+                        continue
+                    stop_reason = f"non-finite {bad.what} at {bad.where()}"
+                    if config.on_nan == "reload":
+                        gave_up, fix = f" after {MAX_NAN_RELOADS} reloads", "Lower --lr"
+                    else:
+                        gave_up, fix = "", "Lower --lr or --init-std, or pass --on-nan reload"
+                    say(
+                        f"stopped{gave_up}: the {bad.what} became NaN or inf at {bad.where()}; "
+                        f"{_kept(run_path)}. {fix}."
+                    )
+                    break
+                if metrics is None:
+                    assert trainer.partial is not None  # train_epoch stopped mid-epoch
+                    checkpoint.save(run_path / rundir.LAST, trainer.state())
+                    at = f"in epoch {epoch + 1} after step {trainer.partial['step']}"
+                    raise _interrupted(stop, run_path, at)
+                if _end_epoch(trainer, ds, run_path, metrics, say):
+                    stop_reason = "early stopping"
+                    break
+    except KeyboardInterrupt:
+        # A second signal: whatever write it cut short left the previous file whole.
+        raise signals.Interrupted(
+            f"stopped at once by a second signal; {_kept(run_path)}: continue with "
+            f"'brainprop train --resume {run_path}'",
+            signal.SIGINT,
+        ) from None
     summary = _summarize(trainer, stop_reason)
     if trainer.history:
         title = f"{config.rule} - {config.dataset} {config.arch}"
@@ -348,6 +546,160 @@ def train(
     return Run(run_path, config, trainer.model, trainer.history, summary)
 
 
+def _end_epoch(
+    trainer: _Trainer, ds: Dataset, run_path: Path, metrics: dict[str, float], say: Any
+) -> bool:
+    """Evaluate, record and checkpoint a finished epoch; True when early stopping ends the run."""
+    config, epoch = trainer.config, len(trainer.history)
+    train_seconds = metrics.pop("seconds")
+    t1 = time.perf_counter()
+    val_acc = accuracy(trainer.model, trainer.val_x, trainer.val_y, config.bf16)
+    test_acc = (
+        val_acc
+        if config.val == VAL_TEST
+        else accuracy(
+            trainer.model, ds.test_x.to(trainer.device), ds.test_y.to(trainer.device), config.bf16
+        )
+    )
+    row = {
+        "epoch": epoch + 1,
+        "lr": trainer.optimizer.param_groups[0]["lr"],
+        **metrics,
+        "val_acc": val_acc,
+        "test_acc": test_acc,
+        "seconds": train_seconds,
+        "eval_seconds": time.perf_counter() - t1,
+        **diagnostics(
+            trainer.model, trainer.diag_x, trainer.diag_y, trainer.objective, config.seed
+        ),
+    }
+    trainer.history.append(row)
+    early = trainer.stopper.update(val_acc)
+    if val_acc > max((h["val_acc"] for h in trainer.history[:-1]), default=-1.0):
+        checkpoint.save(run_path / rundir.BEST, _weights(trainer, epoch + 1))
+    checkpoint.save(run_path / rundir.LAST, trainer.state())
+    rundir.write_history(run_path, trainer.history)
+    say(
+        f"epoch {epoch + 1:3d}/{config.epochs}  loss {metrics['train_loss']:.4f}  "
+        f"reward {metrics['train_reward']:.4f}  val {val_acc:.4f}  lr {row['lr']:.4g}  "
+        f"{train_seconds:.1f}s"
+    )
+    return early
+
+
+def _interrupted(stop: signals.StopRequest, run_path: Path, at: str) -> signals.Interrupted:
+    assert stop.signum is not None
+    return signals.Interrupted(
+        f"stopped by {stop.name} {at}; the state is saved in {run_path / rundir.LAST}: "
+        f"continue with 'brainprop train --resume {run_path}'",
+        stop.signum,
+    )
+
+
+def _kept(run_path: Path) -> str:
+    last = run_path / rundir.LAST
+    if last.is_file():
+        return f"{last} keeps the last good state"
+    return "no checkpoint was written yet, so a resume starts over"
+
+
+def _rewind(old: _Trainer, ds: Dataset, run_path: Path) -> _Trainer:
+    """A trainer at the last checkpoint (the initial state if none yet), at half the LR."""
+    trainer = _Trainer(old.config, ds, old.progress)
+    last = run_path / rundir.LAST
+    if last.is_file():
+        _restore(trainer, checkpoint.load(last), ds, run_path)
+    trainer.lr_scale, trainer.nan_reloads = old.lr_scale / 2, old.nan_reloads + 1
+    return trainer
+
+
+def _checkpoint_bytes(trainer: _Trainer) -> int:
+    """About the size of one last.pt: its tensors, plus room for history and plots."""
+    tensors = list(trainer.model.state_dict().values())
+    for per_param in trainer.optimizer.state.values():
+        tensors += [v for v in per_param.values() if isinstance(v, torch.Tensor)]
+    return sum(t.numel() * t.element_size() for t in tensors) + 2**20
+
+
+def _resume(
+    run_path: Path, config: TrainConfig | None
+) -> tuple[dict[str, Any] | None, TrainConfig]:
+    """The checkpoint to continue from (None: killed before its first one) and the config.
+
+    ``last.pt`` must belong to the run whose ``config.json`` sits beside it: a checkpoint
+    copied in from another run would otherwise silently continue the wrong network.
+    """
+    if not run_path.is_dir():
+        raise BrainPropError(
+            f"no run directory at {run_path}: pass a folder 'brainprop train' created "
+            "(it holds config.json and last.pt)"
+        )
+    stored = _stored_config(rundir.read_json(run_path / rundir.CONFIG), run_path / rundir.CONFIG)
+    checkpoint.remove_temporaries(run_path)
+    last = run_path / rundir.LAST
+    state = checkpoint.load(last) if last.is_file() else None
+    if state is not None:
+        own = _stored_config(state.get("config"), last)
+        differ = [
+            f.name for f in fields(TrainConfig)
+            if f.name != "epochs" and getattr(own, f.name) != getattr(stored, f.name)
+        ]  # fmt: skip
+        if differ:
+            name = differ[0]
+            raise BrainPropError(
+                f"{last} belongs to another run: its {name} is {getattr(own, name)!r} but "
+                f"config.json says {getattr(stored, name)!r} ({len(differ)} settings differ); "
+                "put back this run's own last.pt, or start a new run"
+            )
+    if config is not None and config.epochs != stored.epochs:
+        stored = replace(stored, epochs=config.epochs)
+        resolved = _resolve_stored(stored, run_path / rundir.CONFIG)
+        rundir.atomic_write_json(run_path / rundir.CONFIG, resolved.to_dict())
+        return state, resolved
+    return state, _resolve_stored(stored, run_path / rundir.CONFIG)
+
+
+def _stored_config(d: Any, source: Path) -> TrainConfig:
+    if not isinstance(d, dict):
+        raise BrainPropError(f"{source} holds no training config: the run directory is damaged")
+    try:
+        return TrainConfig.from_dict(d)
+    except TypeError as e:
+        raise BrainPropError(
+            f"{source} holds an unreadable training config ({reason(e)}): the run directory is "
+            "damaged or from another version"
+        ) from None
+
+
+def _resolve_stored(config: TrainConfig, source: Path) -> TrainConfig:
+    try:
+        return config.resolve()
+    except BrainPropError as e:
+        raise BrainPropError(f"{source} holds an invalid config ({e})") from None
+    except (TypeError, ValueError) as e:
+        raise BrainPropError(
+            f"{source} holds a config with a wrongly typed value ({reason(e)}): the run "
+            "directory is damaged"
+        ) from None
+
+
+def _restore(trainer: _Trainer, state: dict[str, Any], ds: Dataset, run_path: Path) -> None:
+    _check_compatible(state, ds, run_path)
+    last = run_path / rundir.LAST
+    try:
+        trainer.load_state(state)
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
+        raise BrainPropError(
+            f"{last} does not fit its run ({reason(e)[:160]}): the checkpoint is damaged or from "
+            "another version; move it away to restart the run from scratch"
+        ) from None
+    if not _all_finite(trainer.model.state_dict().values()):
+        raise BrainPropError(
+            f"{last} holds NaN or inf weights, which brainprop never saves: the checkpoint is "
+            "damaged; move it away to restart the run from scratch"
+        )
+
+
 def _weights(trainer: _Trainer, epoch: int) -> dict[str, Any]:
     return {
         "config": trainer.config.to_dict(),
@@ -359,6 +711,16 @@ def _weights(trainer: _Trainer, epoch: int) -> dict[str, Any]:
 
 
 def _check_compatible(state: dict[str, Any], ds: Dataset, path: Path) -> None:
+    shape, classes = state.get("input_shape"), state.get("num_classes")
+    if (
+        not isinstance(shape, list)
+        or not all(isinstance(v, int) for v in shape)
+        or not isinstance(classes, int)
+    ):
+        raise BrainPropError(
+            f"checkpoint in {path} does not say which inputs and classes it is for: it is "
+            "damaged or from another version"
+        )
     if tuple(state["input_shape"]) != ds.input_shape or state["num_classes"] != ds.num_classes:
         raise BrainPropError(
             f"checkpoint in {path} is for inputs {tuple(state['input_shape'])} with "
@@ -376,6 +738,7 @@ def _summarize(trainer: _Trainer, stop_reason: str) -> dict[str, Any]:
         "seed": trainer.config.seed,
         "stop_reason": stop_reason,
         "epochs_run": len(history),
+        "nan_reloads": trainer.nan_reloads,
         "device": _device_name(trainer.device),
     }
     if history:
@@ -409,17 +772,28 @@ def load_model(target: str | Path, map_location: str | torch.device = "cpu") -> 
     state = checkpoint.load(path, map_location)
     try:
         config = TrainConfig.from_dict(state["config"])
-        model = build_model(
-            config.arch, state["input_shape"], state["num_classes"], hyperparameters(config)
-        )
+        hp = hyperparameters(config)
+        shape, classes, stored = state["input_shape"], state["num_classes"], state["model"]
+        # A damaged input_shape could ask for a network of many GB: size it on the meta device
+        # first, and build it for real only if the checkpoint holds that many numbers.
+        with torch.device("meta"):
+            skeleton = build_model(config.arch, shape, classes, hp)
+        wanted = sum(t.numel() for t in skeleton.state_dict().values())
+        held = sum(t.numel() for t in stored.values() if isinstance(t, torch.Tensor))
+        if wanted > held:
+            raise ValueError(f"it declares {wanted:,} weights but holds {held:,}")
+        model = build_model(config.arch, shape, classes, hp)
         convert(model, config.feedback)
-        model.load_state_dict(state["model"])
-    except (KeyError, TypeError, RuntimeError) as e:
-        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        model.load_state_dict(stored)
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
         raise BrainPropError(
-            f"{path} does not match its own architecture ({detail[:160]}): the checkpoint is damaged "
-            "or from another version"
+            f"{path} does not match its own architecture ({reason(e)[:160]}): the checkpoint is "
+            "damaged or from another version"
         ) from None
+    if not _all_finite(model.state_dict().values()):
+        raise BrainPropError(
+            f"{path} holds NaN or inf weights: the checkpoint is damaged; use another one"
+        )
     return model.eval(), state
 
 

@@ -1,8 +1,9 @@
 """On-device batching: the whole split lives on the device as uint8.
 
-Shuffling is one ``randperm`` on the device per epoch, a batch is one gather, and scaling to
-[0, 1] happens on the gathered batch. There are no DataLoader workers and no per-sample Python:
-for these small images a host-side loader costs more than the step itself.
+Shuffling is one ``randperm`` on the device per epoch (the caller draws it, so it can redraw
+it on resume), a batch is one gather, and scaling to [0, 1] happens on the gathered batch.
+There are no DataLoader workers and no per-sample Python: for these small images a host-side
+loader costs more than the step itself.
 """
 
 from __future__ import annotations
@@ -22,19 +23,22 @@ def to_float(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tenso
     return x.to(dtype).div_(255.0)
 
 
-def shuffled_batches(
+def permuted_batches(
     x: torch.Tensor,
     y: torch.Tensor,
+    perm: torch.Tensor,
     batch_size: int,
-    generator: torch.Generator,
+    start: int = 0,
     dtype: torch.dtype = torch.float32,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """One epoch of shuffled (images [b, C, H, W] in [0, 1], labels [b]) batches.
+    """(images [b, C, H, W] in [0, 1], labels [b]) batches in the order ``perm``, from batch
+    number ``start`` on.
 
-    ``x`` is uint8 [N, C, H, W] and ``y`` int64 [N], both on the device of ``generator``.
+    ``x`` is uint8 [N, C, H, W], ``y`` int64 [N] and ``perm`` a permutation of ``range(N)``
+    (one ``randperm`` per epoch), all on one device. ``start`` lets a run interrupted
+    mid-epoch continue with the batch it would have taken next.
     """
-    perm = torch.randperm(x.shape[0], device=x.device, generator=generator)
-    for idx in perm.split(batch_size):
+    for idx in perm.split(batch_size)[start:]:
         yield to_float(x[idx], dtype), y[idx]
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -33,6 +34,7 @@ IMAGE_SIZE = (64, 64)
 CACHE_DIR = ".brainprop-cache"
 CACHE_VERSION = 1
 CACHE_ARRAYS = ("train_x", "train_y", "test_x", "test_y")
+WNID = re.compile(r"[\w.-]+")
 
 
 def tiny_imagenet_dir(root: Path) -> Path:
@@ -76,6 +78,11 @@ def read_wnids(folder: Path) -> list[str]:
         raise _fail(f"file {path} lists no classes", path)
     if len(set(wnids)) != len(wnids):
         raise _fail(f"file {path} lists a class twice", path)
+    # Each wnid names a folder under train/: anything but a plain name ('..', 'a/b', NUL)
+    # would read outside the tree or crash the file system call.
+    bad = next((w for w in wnids if not WNID.fullmatch(w) or w in (".", "..")), None)
+    if bad is not None:
+        raise _fail(f"file {path} lists {bad!r}, which is not a class id like n01443537", path)
     return wnids
 
 
@@ -123,11 +130,15 @@ def decode_image(path: Path) -> np.ndarray:
     """Decode one JPEG to uint8 ``[3, 64, 64]``; grayscale and other modes become RGB."""
     try:
         with Image.open(path) as image:
+            # From the header, before decoding: a damaged or hostile header may claim a huge
+            # image, which would otherwise be allocated and decoded first.
+            if image.size != IMAGE_SIZE:
+                raise _fail(
+                    f"image {path} is {image.size[0]}x{image.size[1]}, expected 64x64", path
+                )
             rgb = image.convert("RGB")
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
         raise _fail(f"image {path} cannot be decoded ({reason(exc)})", path) from exc
-    if rgb.size != IMAGE_SIZE:
-        raise _fail(f"image {path} is {rgb.size[0]}x{rgb.size[1]}, expected 64x64", path)
     return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1)
 
 

@@ -1,0 +1,72 @@
+"""Stopping a run cleanly on SIGINT (Ctrl-C) or SIGTERM (``kill``, a batch scheduler).
+
+A first signal only sets a flag, which the training loop reads after every step: the step in
+flight finishes, the state is checkpointed and :class:`Interrupted` carries the message saying
+how to resume. A second signal raises ``KeyboardInterrupt`` at once, for someone who will not
+wait for the checkpoint; the atomic writes still leave the previous checkpoint whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Callable, Iterator
+
+from .errors import BrainPropError
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class StopRequest:
+    """Set by the first SIGINT/SIGTERM; the loop polls :attr:`requested` between steps."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum is not None else "no signal"
+
+
+class Interrupted(BrainPropError):
+    """Training stopped on a signal; the message says what was saved and how to resume.
+
+    ``exit_status`` is the shell convention for death by that signal, 128 + its number.
+    """
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_status = 128 + signum
+
+
+@contextlib.contextmanager
+def stop_on_signals(on_first: Callable[[int], None] | None = None) -> Iterator[StopRequest]:
+    """Within the block, SIGINT and SIGTERM set the yielded flag instead of killing.
+
+    ``on_first(signum)`` runs on the first signal (to tell the user a checkpoint is coming).
+    The previous handlers come back on exit. Outside the main thread Python cannot install
+    handlers, so there the flag never rises and the defaults stay in force.
+    """
+    stop = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handle(signum: int, _frame: object) -> None:
+        if stop.requested:
+            raise KeyboardInterrupt
+        stop.signum = signum
+        if on_first is not None:
+            on_first(signum)
+
+    previous = {s: signal.signal(s, handle) for s in SIGNALS}
+    try:
+        yield stop
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

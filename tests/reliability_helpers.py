@@ -1,0 +1,98 @@
+"""Shared by the test_reliability_* files: a tiny run config, fault injection, run comparison."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from brainprop import TrainConfig
+from brainprop.checkpoint import load
+
+# brainprop re-exports the function train, which hides the module of the same name.
+train_module = importlib.import_module("brainprop.train")
+
+#: Wall-clock columns and summary fields: the only things two identical runs may differ in.
+TIMING = {"seconds", "eval_seconds", "s_per_epoch", "total_seconds"}
+#: make_tiny_dataset() has 256 training images; batches of 32 give 8 steps per epoch.
+STEPS_PER_EPOCH = 8
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Run torch on one thread: on CI's 2 shared cores, two OpenMP threads that wait for each
+    other make these tiny steps ten times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_config(tmp_path: Path, **overrides: Any) -> TrainConfig:
+    base: dict[str, Any] = dict(
+        dataset="mnist", arch="conv", epochs=3, batch_size=32, out_dir=str(tmp_path),
+        name="run", seed=3,
+    )  # fmt: skip
+    return TrainConfig(**{**base, **overrides})
+
+
+def inject(monkeypatch: Any, actions: dict[int, Callable[[torch.Tensor], torch.Tensor]]) -> None:
+    """Run ``actions[n](q)`` on the Q-values of the n-th training step (1-based, counted over
+    the whole run, across NaN reloads that rebuild the objective)."""
+    calls = [0]
+    make = train_module.make_objective
+
+    class Hooked:
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.inner, name)
+
+        def __call__(self, q: torch.Tensor, y: torch.Tensor, generator: Any) -> Any:
+            calls[0] += 1
+            action = actions.get(calls[0])
+            return self.inner(action(q) if action else q, y, generator)
+
+    monkeypatch.setattr(train_module, "make_objective", lambda *a: Hooked(make(*a)))
+
+
+def step(epoch: int, step_in_epoch: int) -> int:
+    """The 1-based global step number of 1-based ``epoch`` and ``step_in_epoch``."""
+    return (epoch - 1) * STEPS_PER_EPOCH + step_in_epoch
+
+
+def poison(q: torch.Tensor) -> torch.Tensor:
+    return q * math.nan
+
+
+def _untimed(obj: Any) -> Any:
+    if isinstance(obj, list):
+        return [_untimed(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: _untimed(v) for k, v in obj.items() if k not in TIMING}
+    return obj
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """Two run directories hold bit-identical weights, RNG states, history and summary."""
+    for name in ("last.pt", "best.pt"):
+        sa, sb = load(a / name), load(b / name)
+        assert sa["model"].keys() == sb["model"].keys()
+        for key, tensor in sa["model"].items():
+            assert torch.equal(tensor, sb["model"][key]), f"{name} {key}"
+    la, lb = load(a / "last.pt"), load(b / "last.pt")
+    for key in ("torch", "generator"):
+        assert torch.equal(la["rng"][key], lb["rng"][key]), key
+    assert la["early_stopping"] == lb["early_stopping"]
+    # Through JSON text, so NaN diagnostics compare equal to themselves.
+    for name in ("history.json", "summary.json"):
+        ja = json.dumps(_untimed(json.loads((a / name).read_text())), sort_keys=True)
+        jb = json.dumps(_untimed(json.loads((b / name).read_text())), sort_keys=True)
+        assert ja == jb, name

@@ -1,0 +1,341 @@
+"""Bad input reaches the user as one line saying what is wrong and how to fix it, exit status 2.
+
+The loaders' own messages are tested case by case in test_data_*.py; here every listed case goes
+through the command line (or train() where the case needs a model), with the exact message.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_tiny_dataset
+from data_fixtures import (
+    cifar_pickle,
+    idx_bytes,
+    write_cifar10,
+    write_idx_dataset,
+    write_tiny_imagenet,
+)
+from reliability_helpers import one_thread, tiny_config
+
+from brainprop import checkpoint, evaluate, train
+from brainprop.cli import main
+from brainprop.errors import BrainPropError
+
+__all__ = ["one_thread"]  # the autouse fixture, imported to take effect here
+
+
+def _error(capsys, *argv: str | Path) -> str:
+    """Run the CLI; assert it failed with exactly one line on stderr, and return that line."""
+    status = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    assert status == 2, (out, err)
+    assert err.startswith("brainprop: error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    return err.removeprefix("brainprop: error: ").rstrip("\n")
+
+
+def _train(capsys, data: Path, *extra: str) -> str:
+    return _error(capsys, "train", "--data-dir", data, "--out", data / "runs", "--epochs", "1",
+                  "--quiet", *extra)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A finished 1-epoch conv run on 8x8 images with 4 classes."""
+    out = tmp_path_factory.mktemp("run")
+    return train(tiny_config(out, epochs=1), dataset=make_tiny_dataset(), progress=False).dir
+
+
+# --- hyperparameters ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--lr", "0"], "--lr must be > 0, got 0.0"),
+        (["--lr", "-0.1"], "--lr must be > 0, got -0.1"),
+        (["--epsilon", "1.5"], "--epsilon must lie in [0, 1], got 1.5"),
+        (["--epsilon", "-0.01"], "--epsilon must lie in [0, 1], got -0.01"),
+        (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+        (["--epochs", "0"], "--epochs must be >= 1, got 0"),
+    ],
+)
+def test_nonsense_hyperparameters(tmp_path: Path, capsys, argv: list[str], message: str) -> None:
+    assert _error(capsys, "train", "--out", tmp_path, *argv) == message
+    assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_unknown_on_nan_choice(capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--on-nan", "retry"])
+    assert info.value.code == 2
+    assert "argument --on-nan: invalid choice: 'retry'" in capsys.readouterr().err
+
+
+# --- dataset files -----------------------------------------------------------------------------
+
+
+def test_missing_dataset_file(tmp_path: Path, capsys) -> None:
+    folder = tmp_path / "mnist"
+    assert _train(capsys, tmp_path) == (
+        f"MNIST file {folder / 'train-images-idx3-ubyte'}(.gz) is missing: put the four official "
+        f"IDX files (gzipped or not) in {folder} or run 'brainprop download mnist'"
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("t10k-images-idx3-ubyte", b"", "is empty (0 bytes)"),
+        ("t10k-images-idx3-ubyte", b"\x00\x00\x08", "is truncated (3 bytes, no IDX header)"),
+        (
+            "train-images-idx3-ubyte",
+            idx_bytes(np.zeros((6, 28, 28), np.uint8))[:1000],
+            "is truncated (expected 4704 bytes of data for dimensions 6x28x28, got 984)",
+        ),
+        (
+            "train-images-idx3-ubyte",
+            idx_bytes(np.zeros(6, np.uint8)),
+            "has magic number 0x00000801, expected 0x00000803: it is not the right IDX file;",
+        ),
+    ],
+)
+def test_broken_idx_file(tmp_path: Path, capsys, name: str, content: bytes, message: str) -> None:
+    write_idx_dataset(tmp_path / "mnist", gz=False)
+    path = tmp_path / "mnist" / name
+    path.write_bytes(content)
+    error = _train(capsys, tmp_path)
+    assert error.startswith(f"MNIST file {path} {message}")
+    assert error.endswith("delete it and run 'brainprop download mnist'")
+
+
+def test_wrong_idx_dims(tmp_path: Path, capsys) -> None:
+    write_idx_dataset(tmp_path / "mnist", gz=False)
+    path = tmp_path / "mnist" / "train-images-idx3-ubyte"
+    path.write_bytes(idx_bytes(np.zeros((6, 32, 32), np.uint8)))
+    assert _train(capsys, tmp_path) == (
+        f"MNIST file {path} holds 32x32 images, expected 28x28: delete it and run "
+        "'brainprop download mnist'"
+    )
+
+
+def test_mismatched_image_and_label_count(tmp_path: Path, capsys) -> None:
+    write_idx_dataset(tmp_path / "mnist", gz=False)
+    folder = tmp_path / "mnist"
+    (folder / "train-labels-idx1-ubyte").write_bytes(idx_bytes(np.zeros(5, np.uint8)))
+    assert _train(capsys, tmp_path) == (
+        f"MNIST train split has 6 images in {folder / 'train-images-idx3-ubyte'} but 5 labels in "
+        f"{folder / 'train-labels-idx1-ubyte'}: delete both and run 'brainprop download mnist'"
+    )
+
+
+@pytest.mark.parametrize(
+    ("entries", "message"),
+    [
+        ({b"data": np.zeros((3, 3072), np.uint8)}, "has no b'labels' entry"),
+        (
+            {b"data": np.zeros((3, 1024), np.uint8), b"labels": [0, 1, 2]},
+            "has b'data' of uint8 [3, 1024], expected uint8 [N, 3072]",
+        ),
+    ],
+)
+def test_cifar_missing_key_or_wrong_shape(tmp_path: Path, capsys, entries, message) -> None:
+    write_cifar10(tmp_path)
+    path = tmp_path / "cifar10" / "cifar-10-batches-py" / "data_batch_2"
+    path.write_bytes(cifar_pickle(entries))
+    assert _train(capsys, tmp_path, "--dataset", "cifar10") == (
+        f"CIFAR file {path} {message}: delete it and run 'brainprop download cifar10'"
+    )
+
+
+def _tiny_imagenet_error(capsys, root: Path) -> str:
+    return _train(capsys, root, "--dataset", "tiny-imagenet", "--arch", "deep")
+
+
+def test_tiny_imagenet_missing_val_annotations(tmp_path: Path, capsys) -> None:
+    folder = write_tiny_imagenet(tmp_path)
+    (folder / "val" / "val_annotations.txt").unlink()
+    assert _tiny_imagenet_error(capsys, tmp_path) == (
+        f"Tiny ImageNet file {folder / 'val' / 'val_annotations.txt'} is missing: the tree is "
+        f"damaged; delete {folder} and run 'brainprop download tiny-imagenet'"
+    )
+
+
+def test_tiny_imagenet_unknown_wnid(tmp_path: Path, capsys) -> None:
+    folder = write_tiny_imagenet(tmp_path)
+    annotations = folder / "val" / "val_annotations.txt"
+    annotations.write_text(annotations.read_text().replace("n04067472", "n99999999"))
+    assert _tiny_imagenet_error(capsys, tmp_path).startswith(
+        f"Tiny ImageNet file {annotations} line 3 names class 'n99999999', which is not in "
+        "wnids.txt: the tree is damaged"
+    )
+
+
+def test_tiny_imagenet_corrupt_jpeg(tmp_path: Path, capsys) -> None:
+    folder = write_tiny_imagenet(tmp_path)
+    jpeg = folder / "train" / "n04067472" / "images" / "n04067472_1.JPEG"
+    jpeg.write_bytes(jpeg.read_bytes()[:300])
+    assert _tiny_imagenet_error(capsys, tmp_path).startswith(
+        f"Tiny ImageNet image {jpeg} cannot be decoded ("
+    )
+
+
+def test_no_traceback_from_a_real_process(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(os.urandom(256))
+    for argv in (["train", "--data-dir", tmp_path, "--out", tmp_path], ["evaluate", garbage]):
+        done = subprocess.run([sys.executable, "-m", "brainprop", *map(str, argv)],
+                              capture_output=True, text=True)  # fmt: skip
+        assert done.returncode == 2
+        assert done.stderr.startswith("brainprop: error: ") and done.stderr.count("\n") == 1
+
+
+# --- checkpoints -------------------------------------------------------------------------------
+
+
+class _Exploit:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize(
+    ("write", "message"),
+    [
+        (lambda p: p.write_bytes(b""), "is empty (0 bytes), not a checkpoint: use another"),
+        (lambda p: p.write_bytes(os.urandom(512)), "is not a"),
+        (lambda p: p.write_text('{"model": {}}'), "is not a"),
+        (
+            lambda p: torch.save({"model": torch.zeros(3)}, p),
+            "is not a brainprop checkpoint (no 'brainprop-checkpoint-1' marker): pass a file "
+            "written by 'brainprop train'",
+        ),
+    ],
+)
+def test_not_a_checkpoint(tmp_path: Path, capsys, write, message: str) -> None:
+    path = tmp_path / "x.pt"
+    write(path)
+    assert _error(capsys, "evaluate", path).startswith(f"{path} {message}")
+
+
+def test_checkpoint_carrying_a_pickled_object_is_refused_unexecuted(tmp_path: Path, capsys):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"format": checkpoint.FORMAT, "model": _Exploit(marker)}, path)
+    error = _error(capsys, "evaluate", path)
+    assert error.startswith(
+        f"{path} is not a safe brainprop checkpoint (it holds pickled objects: posix.system), "
+        "so it was not loaded"
+    )
+    assert error.endswith("only load checkpoints written by brainprop")
+    assert not marker.exists()
+    with pytest.raises(BrainPropError):  # resume reads last.pt through the same loader
+        checkpoint.load(path)
+    assert not marker.exists()
+
+
+def _rewritten(run_dir: Path, tmp_path: Path, **changes) -> Path:
+    state = checkpoint.load(run_dir / "best.pt")
+    state = {k: v for k, v in state.items() if k != "format"}
+    for key, value in changes.items():
+        if key in state["config"]:
+            state["config"] = {**state["config"], key: value}
+        else:
+            state[key] = value
+    path = tmp_path / "changed.pt"
+    checkpoint.save(path, state)
+    return path
+
+
+def test_checkpoint_of_another_architecture(tmp_path: Path, capsys, run_dir: Path) -> None:
+    path = _rewritten(run_dir, tmp_path, arch="dense", dropout=[])
+    error = _error(capsys, "evaluate", path)
+    assert error.startswith(f"{path} does not match its own architecture (")
+    assert error.endswith("): the checkpoint is damaged or from another version")
+
+
+def test_checkpoint_declaring_a_huge_network_is_refused_before_building_it(
+    tmp_path: Path, capsys, run_dir: Path
+) -> None:
+    path = _rewritten(run_dir, tmp_path, input_shape=[1, 60000, 60000])
+    error = _error(capsys, "evaluate", path)
+    declared = r"\(it declares [\d,]{14,} weights but holds [\d,]{7}\): the checkpoint"
+    assert re.search(declared, error)
+
+
+def test_checkpoint_for_another_number_of_classes(run_dir: Path) -> None:
+    with pytest.raises(BrainPropError) as info:
+        evaluate(run_dir, dataset=make_tiny_dataset(classes=3))
+    assert str(info.value) == (
+        f"{run_dir} was trained on inputs (1, 8, 8) with 4 classes, but mnist has (1, 8, 8) with "
+        "3: evaluate it on the dataset it was trained on"
+    )
+
+
+# --- the out directory and the disk ------------------------------------------------------------
+
+
+def test_out_directory_that_cannot_be_created(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(BrainPropError) as info:
+        train(tiny_config(blocker / "runs"), dataset=make_tiny_dataset(), progress=False)
+    assert str(info.value) == (
+        f"cannot write runs under {blocker / 'runs'} (Not a directory): pass a writable --out "
+        "folder"
+    )
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_out_directory(tmp_path: Path) -> None:
+    out = tmp_path / "ro"
+    out.mkdir(mode=0o500)
+    with pytest.raises(BrainPropError, match=r"cannot write runs under .* \(Permission denied\)"):
+        train(tiny_config(out), dataset=make_tiny_dataset(), progress=False)
+
+
+def test_full_disk_is_detected_before_the_run_starts(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(
+        "brainprop.rundir.shutil.disk_usage", lambda _p: type("U", (), {"free": 2**20})()
+    )
+    with pytest.raises(BrainPropError) as info:
+        train(tiny_config(tmp_path / "runs"), dataset=make_tiny_dataset(), progress=False)
+    assert str(info.value).startswith(
+        f"only 1.0 MiB free in {tmp_path / 'runs'}, and the checkpoints of this run need about "
+    )
+    assert str(info.value).endswith("MiB: free disk space or pass another --out folder")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path: Path, monkeypatch):
+    fsync, last_writes = os.fsync, []
+
+    def fills_up(fd: int) -> None:
+        if ".last.pt." in os.readlink(f"/proc/self/fd/{fd}"):
+            last_writes.append(fd)
+            if len(last_writes) == 2:  # epoch 2's checkpoint finds the disk full
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        fsync(fd)
+
+    monkeypatch.setattr(checkpoint.os, "fsync", fills_up)
+    with pytest.raises(BrainPropError) as info:
+        train(tiny_config(tmp_path), dataset=make_tiny_dataset(), progress=False)
+    last = tmp_path / "run" / "last.pt"
+    assert str(info.value) == (
+        f"cannot write {last} (No space left on device); last.pt keeps its previous content: "
+        "free disk space or fix the folder's permissions, then run again (training runs "
+        "continue with --resume)"
+    )
+    assert checkpoint.load(last)["epoch"] == 1
+    assert not list(last.parent.glob(".*.tmp"))

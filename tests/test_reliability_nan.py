@@ -1,0 +1,121 @@
+"""Numerical faults: a NaN/inf loss or weight stops the run (or rewinds it with --on-nan reload),
+and no checkpoint ever holds a broken state."""
+
+from __future__ import annotations
+
+import math
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_tiny_dataset
+from reliability_helpers import inject, one_thread, poison, step, tiny_config, train_module
+from torch import nn
+
+from brainprop import checkpoint, train
+from brainprop.config import MAX_NAN_RELOADS
+from brainprop.errors import BrainPropError
+
+__all__ = ["one_thread"]  # the autouse fixture, imported to take effect here
+
+
+@pytest.fixture(scope="module")
+def ds():
+    return make_tiny_dataset()
+
+
+def _last(run_dir: Path) -> dict:
+    return checkpoint.load(run_dir / "last.pt")
+
+
+def _finite(state: dict) -> bool:
+    return all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+
+
+def test_nan_loss_stops_with_epoch_and_step_keeping_the_last_good_checkpoint(
+    tmp_path: Path, ds, monkeypatch, capsys
+) -> None:
+    inject(monkeypatch, {step(2, 5): poison})
+    run = train(tiny_config(tmp_path), dataset=ds)
+    assert run.summary["stop_reason"] == "non-finite loss at epoch 2, step 5"
+    assert len(run.history) == 1
+    last = _last(run.dir)
+    assert last["epoch"] == 1 and _finite(last)
+    assert (
+        f"stopped: the loss became NaN or inf at epoch 2, step 5; {run.dir / 'last.pt'} keeps the "
+        "last good state. Lower --lr or --init-std, or pass --on-nan reload."
+        in capsys.readouterr().out
+    )
+
+
+def test_nan_in_the_weights_alone_stops_the_run(tmp_path: Path, ds, monkeypatch) -> None:
+    # BatchNorm's running variance is used only in eval mode: the training loss stays finite.
+    models: list[nn.Module] = []
+    build = train_module.build_model
+
+    def keep(*args: object) -> nn.Module:
+        models.append(build(*args))
+        return models[-1]
+
+    monkeypatch.setattr(train_module, "build_model", keep)
+
+    def spoil_running_var(q: torch.Tensor) -> torch.Tensor:
+        bn = next(m for m in models[-1].modules() if isinstance(m, nn.BatchNorm2d))
+        bn.running_var.data.fill_(math.inf)  # .data: autograd saved it for this backward
+        return q
+
+    inject(monkeypatch, {step(2, 3): spoil_running_var})
+    run = train(tiny_config(tmp_path), dataset=ds, progress=False)
+    assert run.summary["stop_reason"] == "non-finite weights at epoch 2 (found after step 8)"
+    assert _last(run.dir)["epoch"] == 1 and _finite(_last(run.dir))
+
+
+def test_on_nan_reload_rewinds_and_halves_the_learning_rate(tmp_path: Path, ds, monkeypatch):
+    inject(monkeypatch, {step(2, 5): poison})
+    run = train(tiny_config(tmp_path, on_nan="reload"), dataset=ds, progress=False)
+    assert run.summary["stop_reason"] == "max epochs" and run.summary["nan_reloads"] == 1
+    # Epoch 1 ran at the full rate; epoch 2 was redone from epoch 1's checkpoint at half of it.
+    assert [h["lr"] for h in run.history] == [0.1, 0.05, 0.05]
+    assert _last(run.dir)["lr_scale"] == 0.5
+
+
+def test_on_nan_reload_before_any_checkpoint_restarts_from_the_initial_state(
+    tmp_path: Path, ds, monkeypatch
+) -> None:
+    inject(monkeypatch, {step(1, 2): poison})
+    run = train(tiny_config(tmp_path, on_nan="reload"), dataset=ds, progress=False)
+    assert run.summary["nan_reloads"] == 1
+    assert [h["lr"] for h in run.history] == [0.05, 0.05, 0.05]
+
+
+def test_on_nan_reload_gives_up_after_the_bound(tmp_path: Path, ds, monkeypatch, capsys) -> None:
+    # Every step from epoch 2 on is poisoned, however often the run rewinds.
+    inject(monkeypatch, {n: poison for n in range(step(2, 1), step(2, 1) + 100)})
+    run = train(tiny_config(tmp_path, on_nan="reload"), dataset=ds)
+    assert run.summary["nan_reloads"] == MAX_NAN_RELOADS
+    assert run.summary["stop_reason"] == "non-finite loss at epoch 2, step 1"
+    assert _last(run.dir)["epoch"] == 1 and _finite(_last(run.dir))
+    message = f"stopped after {MAX_NAN_RELOADS} reloads: the loss became NaN"
+    assert message in capsys.readouterr().out
+
+
+def test_a_stop_signal_never_checkpoints_a_broken_state(tmp_path: Path, ds, monkeypatch) -> None:
+    def stop(q: torch.Tensor) -> torch.Tensor:
+        signal.raise_signal(signal.SIGTERM)
+        return q
+
+    inject(monkeypatch, {step(2, 3): poison, step(2, 4): stop})
+    run = train(tiny_config(tmp_path), dataset=ds, progress=False)
+    assert run.summary["stop_reason"] == "non-finite loss at epoch 2, step 3"
+    assert _last(run.dir)["epoch"] == 1 and _last(run.dir)["partial"] is None
+
+
+def test_a_resumed_run_with_nan_weights_in_its_checkpoint_is_refused(tmp_path: Path, ds):
+    run = train(tiny_config(tmp_path, epochs=1), dataset=ds, progress=False)
+    state = _last(run.dir)
+    next(iter(state["model"].values())).fill_(math.nan)
+    checkpoint.save(run.dir / "last.pt", {k: v for k, v in state.items() if k != "format"})
+    with pytest.raises(BrainPropError, match="holds NaN or inf weights, which brainprop "
+                       "never saves: the checkpoint is damaged"):  # fmt: skip
+        train(None, resume=run.dir, dataset=ds, progress=False)

@@ -1,0 +1,251 @@
+"""Checkpoint and resume: full state every epoch, atomic writes, SIGINT/SIGTERM, SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_tiny_dataset
+from data_fixtures import write_idx_dataset
+from reliability_helpers import assert_same_run, inject, one_thread, step, tiny_config
+
+from brainprop import checkpoint, train
+from brainprop.errors import BrainPropError
+from brainprop.signals import Interrupted
+from brainprop.train import _Trainer
+
+__all__ = ["one_thread"]  # the autouse fixture, imported to take effect here
+
+
+@pytest.fixture(scope="module")
+def ds():
+    return make_tiny_dataset()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, ds) -> Path:
+    """An uninterrupted 3-epoch run that the interrupted ones must reproduce bit for bit."""
+    out = tmp_path_factory.mktemp("reference")
+    return train(tiny_config(out), dataset=ds, progress=False).dir
+
+
+def _raise(signum: int):
+    def action(q: torch.Tensor) -> torch.Tensor:
+        signal.raise_signal(signum)
+        return q
+
+    return action
+
+
+def test_checkpoint_holds_the_whole_training_state(reference: Path) -> None:
+    state = checkpoint.load(reference / "last.pt")
+    assert state["epoch"] == 3 and len(state["history"]) == 3
+    assert state["config"]["arch"] == "conv" and state["config"]["epochs"] == 3
+    assert {"model", "optimizer", "early_stopping", "lr_scale", "nan_reloads"} <= state.keys()
+    assert state["partial"] is None  # written at an epoch's end
+    assert set(state["rng"]) == {"torch", "cuda", "generator", "numpy", "python"}
+    assert state["early_stopping"]["wait"] >= 0 and state["lr_scale"] == 1.0
+
+
+def test_numpy_and_python_rng_states_round_trip(tmp_path: Path, ds) -> None:
+    trainer = _Trainer(tiny_config(tmp_path).resolve(), ds, progress=False)
+    np.random.random(2), random.random()  # somewhere past the seeded start
+    checkpoint.save(tmp_path / "state.pt", trainer.state())
+    expected = (np.random.random(3).tolist(), [random.random() for _ in range(3)])
+    np.random.seed(99)
+    random.seed(99)
+    trainer.load_state(checkpoint.load(tmp_path / "state.pt"))
+    assert (np.random.random(3).tolist(), [random.random() for _ in range(3)]) == expected
+
+
+@pytest.mark.parametrize(
+    ("signum", "at", "message"),
+    [
+        (signal.SIGINT, step(2, 3), "stopped by SIGINT in epoch 2 after step 3;"),
+        (signal.SIGTERM, step(1, 1), "stopped by SIGTERM in epoch 1 after step 1;"),
+        # On an epoch's last step the epoch completes and is checkpointed as usual.
+        (signal.SIGTERM, step(2, 8), "stopped by SIGTERM after epoch 2;"),
+    ],
+)
+def test_signal_checkpoints_and_resume_is_bit_identical(
+    tmp_path: Path, ds, reference: Path, monkeypatch, signum: int, at: int, message: str
+) -> None:
+    inject(monkeypatch, {at: _raise(signum)})
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(Interrupted) as info:
+        train(tiny_config(tmp_path), dataset=ds, progress=False)
+    run_dir = tmp_path / "run"
+    assert str(info.value).startswith(message)
+    assert str(info.value).endswith(
+        f"the state is saved in {run_dir / 'last.pt'}: continue with "
+        f"'brainprop train --resume {run_dir}'"
+    )
+    assert info.value.exit_status == 128 + signum
+    assert signal.getsignal(signal.SIGINT) is handler  # train() put the old handler back
+    monkeypatch.undo()
+    resumed = train(None, resume=run_dir, dataset=ds, progress=False)
+    assert resumed.summary["epochs_run"] == 3
+    assert_same_run(reference, run_dir)
+
+
+def test_mid_epoch_checkpoint_records_the_position(tmp_path: Path, ds, monkeypatch) -> None:
+    inject(monkeypatch, {step(1, 5): _raise(signal.SIGINT)})
+    with pytest.raises(Interrupted):
+        train(tiny_config(tmp_path), dataset=ds, progress=False)
+    partial = checkpoint.load(tmp_path / "run" / "last.pt")["partial"]
+    assert partial["step"] == 5
+    assert {"order_rng", "loss_sum", "reward_sum", "explored_sum", "first_bad"} <= partial.keys()
+
+
+def test_second_signal_quits_at_once_keeping_the_last_checkpoint(
+    tmp_path: Path, ds, monkeypatch
+) -> None:
+    def twice(q: torch.Tensor) -> torch.Tensor:
+        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)
+        return q
+
+    inject(monkeypatch, {step(2, 4): twice})
+    with pytest.raises(Interrupted, match="stopped at once by a second signal; .* keeps the last "
+                       "good state: continue with 'brainprop train --resume "):  # fmt: skip
+        train(tiny_config(tmp_path), dataset=ds, progress=False)
+    assert checkpoint.load(tmp_path / "run" / "last.pt")["epoch"] == 1
+
+
+def test_killed_before_the_first_checkpoint_starts_over(tmp_path: Path, ds, reference) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    shutil.copy(reference / "config.json", run_dir / "config.json")
+    (run_dir / ".last.pt.abc123.tmp").write_bytes(b"half a checkpoint")
+    train(None, resume=run_dir, dataset=ds, progress=False)
+    assert not list(run_dir.glob(".*.tmp"))  # what a killed write left behind is cleaned up
+    assert_same_run(reference, run_dir)
+
+
+def test_resume_raises_epochs_only_when_asked(tmp_path: Path, ds) -> None:
+    run = train(tiny_config(tmp_path, epochs=1), dataset=ds, progress=False)
+    assert train(None, resume=run.dir, dataset=ds, progress=False).summary["epochs_run"] == 1
+    longer = train(tiny_config(tmp_path, epochs=2), resume=run.dir, dataset=ds, progress=False)
+    assert longer.summary["epochs_run"] == 2
+    assert json.loads((run.dir / "config.json").read_text())["epochs"] == 2
+
+
+def test_a_crash_inside_a_write_leaves_the_previous_file(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "last.pt"
+    checkpoint.save(path, {"epoch": 1})
+
+    def crash(fd: int) -> None:
+        raise KeyboardInterrupt  # any crash after the new bytes went out, before the rename
+
+    monkeypatch.setattr(checkpoint.os, "fsync", crash)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(path, {"epoch": 2})
+    monkeypatch.undo()
+    assert checkpoint.load(path)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_checkpoint_of_another_run_is_refused(tmp_path: Path, ds, reference: Path) -> None:
+    other = train(tiny_config(tmp_path, name="other", lr=0.05, epochs=1), dataset=ds,
+                  progress=False)  # fmt: skip
+    run_dir = tmp_path / "copy"
+    shutil.copytree(reference, run_dir)
+    shutil.copy(other.dir / "last.pt", run_dir / "last.pt")
+    with pytest.raises(BrainPropError) as info:
+        train(None, resume=run_dir, dataset=ds, progress=False)
+    assert str(info.value) == (
+        f"{run_dir / 'last.pt'} belongs to another run: its lr is 0.05 but config.json says "
+        "0.1 (3 settings differ); put back this run's own last.pt, or start a new run"
+    )
+
+
+def test_resume_with_data_of_another_number_of_classes(tmp_path, ds, reference) -> None:
+    with pytest.raises(BrainPropError) as info:
+        train(None, resume=reference, dataset=make_tiny_dataset(classes=3), progress=False)
+    assert str(info.value) == (
+        f"checkpoint in {reference} is for inputs (1, 8, 8) with 4 classes, but the data has "
+        "(1, 8, 8) with 3: resume with the dataset it was trained on"
+    )
+
+
+def test_resume_of_a_folder_that_is_not_a_run(tmp_path: Path, ds) -> None:
+    with pytest.raises(BrainPropError, match="no run directory at .*: pass a folder"):
+        train(None, resume=tmp_path / "nope", dataset=ds, progress=False)
+    with pytest.raises(BrainPropError, match="config.json is missing: is .* a brainprop run"):
+        train(None, resume=tmp_path, dataset=ds, progress=False)
+
+
+# --- SIGKILL of a real CLI process ------------------------------------------------------------
+
+EPOCHS = 6
+
+
+def _cli(*args: str | Path) -> list[str]:
+    return [sys.executable, "-m", "brainprop", *map(str, args)]
+
+
+def _env() -> dict[str, str]:
+    # One thread: the same kernels in every process, and no fight over the 2 CI cores.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def _epochs_done(run_dir: Path) -> int:
+    try:
+        return len(json.loads((run_dir / "history.json").read_text()))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+
+
+def _start(args: list[str | Path]) -> subprocess.Popen:
+    return subprocess.Popen(_cli(*args), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _wait_for(proc: subprocess.Popen, ready) -> None:
+    while not ready() and proc.poll() is None:
+        time.sleep(0.005)
+
+
+def test_sigkill_at_three_seeded_moments_then_resume_is_bit_identical(tmp_path: Path) -> None:
+    data, out = tmp_path / "data", tmp_path / "runs"
+    write_idx_dataset(data / "mnist", n_train=96, n_test=32, gz=False)
+    fresh = ["train", "--dataset", "mnist", "--arch", "dense", "--batch-size", "16",
+             "--epochs", EPOCHS, "--data-dir", data, "--out", out, "--quiet"]  # fmt: skip
+    whole = _start([*fresh, "--name", "whole"])
+    _wait_for(whole, lambda: _epochs_done(out / "whole") >= 1)
+    t0 = time.perf_counter()
+    assert whole.wait() == 0, whole.communicate()[1]
+    # Time per epoch, from the end of epoch 1 to the exit (a little high: it includes the plots).
+    epoch_s = (time.perf_counter() - t0) / (EPOCHS - 1)
+
+    rng = random.Random(5)
+    cut = out / "cut"
+    for _ in range(3):
+        before = _epochs_done(cut)
+        resume = ["train", "--resume", cut, "--quiet"]
+        proc = _start(resume if (cut / "config.json").is_file() else [*fresh, "--name", "cut"])
+        # A seeded moment: 1 or 2 epochs on, plus up to one epoch's time, so it may land in a
+        # step, the evaluation or a checkpoint write. At least one epoch is left to go, so the
+        # process is still alive.
+        target = min(before + rng.randint(1, 2), EPOCHS - 2)
+        _wait_for(proc, lambda target=target: _epochs_done(cut) >= target)
+        time.sleep(rng.uniform(0, epoch_s))
+        proc.kill()
+        _, err = proc.communicate()
+        assert proc.returncode == -signal.SIGKILL, f"finished before the kill: {err.decode()}"
+        checkpoint.load(cut / "last.pt")  # whole, wherever the kill landed
+
+    done = subprocess.run(_cli("train", "--resume", cut, "--quiet"), env=_env(),
+                          capture_output=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["epochs_run"] == EPOCHS
+    assert_same_run(out / "whole", cut)
