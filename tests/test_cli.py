@@ -1,0 +1,92 @@
+"""The command line, end to end on tiny data in the official formats."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from data_fixtures import write_idx_dataset
+
+from brainprop.cli import main
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    write_idx_dataset(tmp_path / "data" / "mnist", n_train=64, n_test=32)
+    return tmp_path / "data"
+
+
+def _train_args(data_dir, out, *extra):
+    return ["train", "--dataset", "mnist", "--arch", "conv", "--epochs", "2", "--batch-size", "16",
+            "--data-dir", str(data_dir), "--out", str(out), "--name", "cli", *extra]  # fmt: skip
+
+
+def test_train_then_evaluate(data_dir, tmp_path, capsys):
+    assert main(_train_args(data_dir, tmp_path / "runs")) == 0
+    out = capsys.readouterr().out
+    assert "epoch   2/2" in out and "done (max epochs)" in out
+    run = tmp_path / "runs" / "cli"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["epochs_run"] == 2
+    assert main(["evaluate", str(run), "--data-dir", str(data_dir)]) == 0
+    result = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert result["test_acc"] == summary["test_acc_at_best"] and result["test_size"] == 32
+
+
+def test_resume_from_the_command_line(data_dir, tmp_path, capsys):
+    assert main(_train_args(data_dir, tmp_path / "runs")) == 0
+    run = tmp_path / "runs" / "cli"
+    assert main(["train", "--resume", str(run), "--epochs", "3", "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["epochs_run"] == 3
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["train", "--arch", "resnet"],
+            "invalid choice: 'resnet' (choose from ",
+        ),
+        (
+            ["train", "--dataset", "mnist", "--arch", "deep"],
+            "no 'deep' network for mnist: choose --arch from conv, dense, loccon",
+        ),
+        (["train", "--lr", "-1"], "--lr must be > 0"),
+        (["evaluate", "/nonexistent/run"], "no checkpoint at /nonexistent/run: pass"),
+        (["download", "imagenet"], "unknown dataset 'imagenet'"),
+    ],
+)
+def test_bad_input_is_one_line_and_status_2(argv, message, tmp_path, capsys):
+    code = _exit_code(
+        lambda: main([*argv, *(["--out", str(tmp_path)] if argv[0] == "train" else [])])
+    )
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_missing_dataset_names_where_the_files_go(tmp_path, capsys):
+    code = main(["train", "--data-dir", str(tmp_path / "empty"), "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "mnist" in err and str(tmp_path / "empty") in err and err.count("\n") == 1
+
+
+def test_datasets_lists_what_is_present(data_dir, capsys):
+    assert main(["datasets", "--data-dir", str(data_dir)]) == 0
+    out = capsys.readouterr().out
+    assert f"data root: {data_dir}" in out
+    assert all(name in out for name in ("mnist", "cifar10", "cifar100", "tiny-imagenet"))
+
+
+def test_python_dash_m_works():
+    done = subprocess.run(
+        [sys.executable, "-m", "brainprop", "--help"], capture_output=True, text=True
+    )
+    assert done.returncode == 0 and "train" in done.stdout and "evaluate" in done.stdout
+
+
+def _exit_code(fn):
+    try:
+        return fn()
+    except SystemExit as e:
+        return e.code

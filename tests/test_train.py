@@ -1,0 +1,162 @@
+"""The training loop: schedule, early stopping, outputs, reproducibility, checkpoints."""
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import make_tiny_dataset
+
+from brainprop import TrainConfig, evaluate, load_model, train
+from brainprop.errors import BrainPropError
+from brainprop.train import EarlyStopping, accuracy, lr_at
+
+
+def _config(tmp_path, **kw):
+    base = dict(
+        dataset="mnist",
+        arch="conv",
+        epochs=3,
+        batch_size=16,
+        out_dir=str(tmp_path),
+        name="run",
+        seed=1,
+    )
+    return TrainConfig(**{**base, **kw})
+
+
+def test_lr_halves_every_100_epochs():
+    assert [lr_at(e, 0.1, 100) for e in (0, 99, 100, 199, 200, 499)] == [
+        0.1, 0.1, 0.05, 0.05, 0.025, 0.1 / 16,
+    ]  # fmt: skip
+
+
+def test_early_stopping_follows_keras():
+    stopper = EarlyStopping(patience=3, min_delta=0.001)
+    # 0.5 improves; 0.5005 is within min_delta, so does not; 0.6 improves; then three flat epochs.
+    decisions = [stopper.update(v) for v in (0.5, 0.5005, 0.6, 0.6, 0.6009, 0.59)]
+    assert decisions == [False, False, False, False, False, True]
+    assert stopper.best == 0.6
+
+
+def test_training_learns_and_writes_a_complete_run_directory(tmp_path, tiny_dataset):
+    run = train(_config(tmp_path), dataset=tiny_dataset, progress=False)
+    names = {p.name for p in run.dir.iterdir()}
+    assert {"config.json", "history.csv", "history.json", "best.pt", "last.pt", "accuracy.png",
+            "summary.json"} <= names  # fmt: skip
+    history = json.loads((run.dir / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert (run.dir / "history.csv").read_text().splitlines()[0].startswith("epoch,lr,train_loss")
+    summary = json.loads((run.dir / "summary.json").read_text())
+    assert summary["best_val_acc"] == max(h["val_acc"] for h in history)
+    assert summary["test_acc_at_best"] == summary["best_val_acc"]
+    assert summary["epochs_run"] == 3 and summary["stop_reason"] == "max epochs"
+    assert summary["best_val_acc"] > 0.6  # 4 classes: chance is 0.25
+    assert json.loads((run.dir / "config.json").read_text())["lr"] == 0.1  # resolved from table
+
+
+def test_same_seed_gives_bit_identical_weights(tmp_path, tiny_dataset):
+    a = train(_config(tmp_path, epochs=2, name="a"), dataset=tiny_dataset, progress=False)
+    b = train(_config(tmp_path, epochs=2, name="b"), dataset=tiny_dataset, progress=False)
+    c = train(_config(tmp_path, epochs=2, name="c", seed=2), dataset=tiny_dataset, progress=False)
+    weights = [r.model.state_dict() for r in (a, b, c)]
+    for name, p in weights[0].items():
+        assert torch.equal(p, weights[1][name]), name
+    assert any(not torch.equal(p, weights[2][name]) for name, p in weights[0].items())
+
+
+def test_resume_continues_bit_identically(tmp_path, tiny_dataset):
+    full = train(_config(tmp_path, epochs=4, name="full"), dataset=tiny_dataset, progress=False)
+    part = train(_config(tmp_path, epochs=2, name="part"), dataset=tiny_dataset, progress=False)
+    resumed = train(
+        _config(tmp_path, epochs=4), resume=part.dir, dataset=tiny_dataset, progress=False
+    )
+    assert resumed.dir == part.dir
+    for name, p in full.model.state_dict().items():
+        assert torch.equal(p, resumed.model.state_dict()[name]), name
+    strip = [{k: v for k, v in h.items() if "seconds" not in k} for h in resumed.history]
+    assert strip == [{k: v for k, v in h.items() if "seconds" not in k} for h in full.history]
+
+
+def test_checkpoint_round_trip_and_evaluate(tmp_path, tiny_dataset):
+    run = train(_config(tmp_path), dataset=tiny_dataset, progress=False)
+    state = torch.load(run.dir / "best.pt", weights_only=True)
+    assert state["epoch"] == run.summary["best_epoch"]
+    model, _ = load_model(run.dir)
+    ds = tiny_dataset
+    assert accuracy(model, ds.test_x, ds.test_y) == run.summary["best_val_acc"]
+    result = evaluate(run.dir, dataset=ds, device="cpu")
+    assert result["test_acc"] == run.summary["test_acc_at_best"]
+    with pytest.raises(BrainPropError, match="inputs"):
+        evaluate(run.dir, dataset=make_tiny_dataset(size=12), device="cpu")
+
+
+def test_held_out_validation_reports_test_accuracy_separately(tmp_path, tiny_dataset):
+    run = train(_config(tmp_path, val=56, epochs=2), dataset=tiny_dataset, progress=False)
+    assert run.summary["test_acc_at_best"] == run.history[run.summary["best_epoch"] - 1]["test_acc"]
+    with pytest.raises(BrainPropError, match="would hold out all 256"):
+        train(_config(tmp_path, val=256, name="x"), dataset=tiny_dataset, progress=False)
+
+
+def test_short_last_batch_takes_a_proportional_brainprop_step(tmp_path):
+    """Keras divides BrainProp's summed loss by the nominal batch: batch 4 on 2 images = half lr."""
+    ds = make_tiny_dataset(n_train=2)
+    common = dict(epochs=1, epsilon=0.0, dropout=(0.0,), arch="conv")
+    a = train(
+        _config(tmp_path, batch_size=4, lr=0.2, name="a", **common), dataset=ds, progress=False
+    )
+    b = train(
+        _config(tmp_path, batch_size=2, lr=0.1, name="b", **common), dataset=ds, progress=False
+    )
+    for name, p in a.model.state_dict().items():
+        torch.testing.assert_close(p, b.model.state_dict()[name], rtol=1e-6, atol=1e-9)
+    e = dict(common, rule="ebp")  # EBP averages over the actual batch, as Keras's cross-entropy
+    c = train(_config(tmp_path, batch_size=4, lr=0.1, name="c", **e), dataset=ds, progress=False)
+    d = train(_config(tmp_path, batch_size=2, lr=0.1, name="d", **e), dataset=ds, progress=False)
+    for name, p in c.model.state_dict().items():
+        torch.testing.assert_close(p, d.model.state_dict()[name], rtol=1e-6, atol=1e-9)
+
+
+def test_l2_is_keras_semantics_on_weights_only(tmp_path, tiny_dataset):
+    from brainprop.train import make_optimizer
+
+    cfg = _config(tmp_path, l2=5e-4).resolve()
+    run = train(_config(tmp_path, epochs=1, l2=5e-4), dataset=tiny_dataset, progress=False)
+    groups = make_optimizer(run.model, cfg).param_groups
+    assert [g["weight_decay"] for g in groups] == [1e-3, 0.0]  # d(lambda w^2)/dw = 2 lambda w
+
+
+def test_non_finite_loss_stops_with_epoch_and_step(tmp_path, tiny_dataset):
+    run = train(_config(tmp_path, lr=1e30, init_std=1.0), dataset=tiny_dataset, progress=False)
+    assert run.summary["stop_reason"].startswith("non-finite loss at epoch 1, step ")
+    assert run.history == []
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (dict(lr=0.0), "--lr must be > 0"),
+        (dict(lr=math.nan), "--lr must be > 0"),
+        (dict(epsilon=1.5), r"--epsilon must lie in \[0, 1\]"),
+        (dict(batch_size=0), "--batch-size must be >= 1"),
+        (dict(epochs=0), "--epochs must be >= 1"),
+        (dict(dropout=(0.3, 1.0)), r"dropout rates must lie in \[0, 1\)"),
+        (dict(dropout=(0.1, 0.2, 0.3)), "has 2 dropout sites"),
+        (dict(val="train"), "--val must be 'test'"),
+        (dict(arch="deep"), "no .deep. network for mnist: choose --arch from conv, dense, loccon"),
+        (dict(dataset="imagenet"), "unknown dataset 'imagenet'"),
+        (dict(rule="hebb"), "unknown rule 'hebb'"),
+        (dict(device="cuda:7"), "device 'cuda:7' is not available"),
+    ],
+)
+def test_nonsense_configs_are_one_line_errors(override, message):
+    with pytest.raises(BrainPropError, match=message) as info:
+        TrainConfig(**{"dataset": "mnist", "arch": "conv", **override}).resolve()
+    assert "\n" not in str(info.value)
+
+
+def test_config_round_trips_through_json():
+    cfg = TrainConfig(dataset="cifar10", arch="deep", dropout=(0.1, 0.2, 0.3, 0.4)).resolve()
+    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(BrainPropError, match="unknown keys"):
+        TrainConfig.from_dict({**cfg.to_dict(), "momentum": 0.9})
