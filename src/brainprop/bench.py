@@ -1,0 +1,588 @@
+"""``brainprop bench``: training throughput per preset and rule, on CPU or CUDA.
+
+Every preset (``dataset/arch``, hyperparameters from the paper's table) runs the very step the
+training loop runs, :func:`brainprop.train.train_step`, on synthetic uint8 images of the
+dataset's real size and shape, so nothing needs downloading and an epoch is exactly
+``ceil(N_train / batch)`` steps. Each timed step includes the on-device gather and scaling of
+its batch; the epoch figure adds the one ``randperm`` per epoch. The loop's per-step running
+sums (four scalar ops) are not part of the step and not timed.
+
+The FLOP count is measured, not typed in: :class:`torch.utils.flop_counter.FlopCounterMode`
+counts the matmuls and convolutions (``LocallyConnected2d``'s ``bmm`` included) of one real
+step. Elementwise work (ReLU, BatchNorm, the SGD update) is not counted, as is usual.
+
+Every figure is eager PyTorch: the library has no compiled or graphed step yet, so there is no
+eager-versus-fast ratio to report, and the results say so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .config import TrainConfig
+from .data import Dataset
+from .data.batches import num_batches, to_float
+from .errors import BrainPropError
+from .evaluation import EVAL_BATCH, accuracy, resolve_device
+from .feedback import convert
+from .objectives import RULES, make_objective
+from .presets import build_model
+from .train import make_optimizer, train_step
+
+#: The presets the speed targets are stated for, plus the CPU target's MNIST dense.
+DEFAULT_PRESETS = (
+    "mnist/dense",
+    "mnist/conv",
+    "cifar10/deep",
+    "cifar10/loccon",
+    "tiny-imagenet/deep",
+)
+#: Timed steps are split into this many blocks (fewer if there are fewer steps); the reported
+#: step time is the median block's, so a burst of load from another process moves it little.
+BLOCKS = 5
+_EPOCH_NOTE = (
+    "ceil(N_train / batch) times the median step (each including its batch's gather), plus one "
+    "randperm."
+)
+JSON_NAME = "bench.json"
+MARKDOWN_NAME = "bench.md"
+NO_FAST_MODE = (
+    "eager only: brainprop has no compiled or graphed training step yet, so there is no "
+    "eager-versus-fast ratio to measure"
+)
+
+
+@dataclass(frozen=True)
+class DatasetShape:
+    """Size and image shape of one dataset's splits (what the synthetic stand-in copies)."""
+
+    n_train: int
+    n_test: int
+    image: tuple[int, int, int]
+    num_classes: int
+
+
+#: The real datasets' sizes; Tiny ImageNet's test split is its labelled ``val`` split.
+DATASET_SHAPES: dict[str, DatasetShape] = {
+    "mnist": DatasetShape(60_000, 10_000, (1, 28, 28), 10),
+    "fashion-mnist": DatasetShape(60_000, 10_000, (1, 28, 28), 10),
+    "cifar10": DatasetShape(50_000, 10_000, (3, 32, 32), 10),
+    "cifar100": DatasetShape(50_000, 10_000, (3, 32, 32), 100),
+    "cifar100-coarse": DatasetShape(50_000, 10_000, (3, 32, 32), 20),
+    "tiny-imagenet": DatasetShape(100_000, 10_000, (3, 64, 64), 200),
+}
+
+#: Dense (no sparsity) peak TFLOP/s by device-name substring, first match wins, from NVIDIA's
+#: datasheets (SXM boards where not named): bf16 and TF32 tensor cores, and plain fp32.
+GPU_PEAKS: tuple[tuple[str, dict[str, float]], ...] = (
+    ("H200", {"bf16": 989.0, "tf32": 494.7, "fp32": 66.9}),
+    ("H100 PCIe", {"bf16": 756.0, "tf32": 378.0, "fp32": 51.2}),
+    ("H100", {"bf16": 989.0, "tf32": 494.7, "fp32": 66.9}),
+    ("A100", {"bf16": 312.0, "tf32": 156.0, "fp32": 19.5}),
+)
+
+
+@dataclass(frozen=True)
+class Peak:
+    """A device's peak TFLOP/s for the precision benchmarked, and how it was obtained."""
+
+    tflops: float
+    source: str
+
+
+def parse_preset(spec: str) -> tuple[str, str]:
+    """``"dataset/arch"`` -> (dataset, arch), checked against the datasets and the table."""
+    dataset, sep, arch = spec.partition("/")
+    if not sep or dataset not in DATASET_SHAPES:
+        raise BrainPropError(
+            f"preset {spec!r} is not dataset/arch with a known dataset: e.g. mnist/dense; "
+            f"datasets are {', '.join(DATASET_SHAPES)}"
+        )
+    # Raises a clear error for a pair the paper's table lacks, e.g. mnist/deep.
+    TrainConfig(dataset=dataset, arch=arch, device="cpu").resolve()
+    return dataset, arch
+
+
+def cpu_peak(threads: int, cpuinfo: str | None = None) -> Peak | None:
+    """Estimated fp32 peak of ``threads`` cores from ``/proc/cpuinfo`` (None if unreadable).
+
+    cores x fp32 lanes x 2 (FMA) x 2 FMA pipes x clock. The lanes follow the widest vector
+    flag, except that AMD cores (Zen 4) run AVX-512 as two 256-bit halves; two FMA pipes is
+    what recent x86 server and desktop cores have (an assumption: cpuinfo does not say); the
+    clock is cpuinfo's ``cpu MHz``, the nominal clock on a VM (turbo may beat it).
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return None
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields.setdefault(key.strip(), value.strip())
+    try:
+        mhz = float(fields["cpu MHz"])
+    except (KeyError, ValueError):
+        return None
+    flags = set(fields.get("flags", "").split())
+    vendor = fields.get("vendor_id", "")
+    if "avx512f" in flags and vendor != "AuthenticAMD":
+        lanes, isa = 16, "AVX-512"
+    elif "avx2" in flags or "avx" in flags:
+        lanes, isa = 8, "AVX-512 on 256-bit units" if "avx512f" in flags else "AVX2"
+    else:
+        lanes, isa = 4, "SSE"
+    fma = 2 if "fma" in flags or "avx512f" in flags else 1
+    tflops = threads * lanes * fma * 2 * mhz * 1e6 / 1e12
+    return Peak(
+        tflops,
+        f"estimated: {threads} cores x {lanes} fp32 lanes ({isa}) x {fma} (FMA) x 2 pipes "
+        f"(assumed) x {mhz / 1000:.2f} GHz (cpuinfo)",
+    )
+
+
+def precision(device: torch.device, bf16: bool) -> str:
+    """The matmul precision a step runs in: bf16 autocast (CUDA only), TF32 or fp32."""
+    if device.type != "cuda":
+        return "fp32"
+    if bf16:
+        return "bf16"
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32"
+
+
+def device_peak(device: torch.device, bf16: bool, override: float | None) -> Peak:
+    """The peak TFLOP/s to compare against; raises when it is unknown and not given."""
+    if override is not None:
+        if not override > 0:
+            raise BrainPropError(f"--peak-tflops must be > 0, got {override}")
+        return Peak(override, "given with --peak-tflops")
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        kind = precision(device, bf16)
+        for key, peaks in GPU_PEAKS:
+            if key in name:
+                return Peak(peaks[kind], f"{key} {kind} dense datasheet peak")
+        raise BrainPropError(
+            f"no peak FLOP/s known for {name!r}: pass --peak-tflops with its {kind} peak"
+        )
+    peak = cpu_peak(torch.get_num_threads())
+    if peak is None:
+        raise BrainPropError(
+            "cannot estimate this CPU's peak from /proc/cpuinfo: pass --peak-tflops "
+            "(cores x fp32 lanes x 2 x FMA pipes x GHz / 1000)"
+        )
+    return peak
+
+
+def synthetic_dataset(name: str, device: torch.device, seed: int = 0) -> Dataset:
+    """Random uint8 images and labels with the real dataset's sizes, on ``device``."""
+    shape = DATASET_SHAPES[name]
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def split(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randint(0, 256, (n, *shape.image), dtype=torch.uint8, device=device, generator=g)
+        y = torch.randint(0, shape.num_classes, (n,), device=device, generator=g)
+        return x, y
+
+    (train_x, train_y), (test_x, test_y) = split(shape.n_train), split(shape.n_test)
+    return Dataset(name, train_x, train_y, test_x, test_y, shape.num_classes)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _proc_status_bytes(field: str) -> int | None:
+    """A ``kB`` field of /proc/self/status (VmRSS, VmHWM) in bytes; None off Linux."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def host_rss() -> int:
+    """This process's resident memory now, in bytes (its peak where /proc is missing)."""
+    rss = _proc_status_bytes("VmRSS")
+    return rss if rss is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _reset_peak_memory(device: torch.device) -> bool:
+    """Restart the peak-memory count; False where only the whole process's peak is known."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:
+        # Writing 5 resets the kernel's resident high-water mark (VmHWM) of this process.
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_memory(device: torch.device, was_reset: bool) -> tuple[int, str]:
+    """(bytes, what they are) of the peak since :func:`_reset_peak_memory`."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "torch.cuda.max_memory_allocated"
+    hwm = _proc_status_bytes("VmHWM") if was_reset else None
+    if hwm is not None:
+        return hwm, "peak RSS of the process during this rule (VmHWM)"
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return peak, "peak RSS of the process since it started (getrusage)"
+
+
+def _median_seconds(fn: Callable[[], object], device: torch.device, repeats: int = 5) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _full_batches(
+    ds: Dataset, batch_size: int, generator: torch.Generator
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of one permutation, over and over, gathered and scaled as the training loop's
+    (one index per batch, then :func:`to_float`). Full batches only, so every timed step does
+    the same work; the epoch figure counts the short last batch as a full one."""
+    n = len(ds.train_y)
+    perm = torch.randperm(n, device=ds.train_x.device, generator=generator)
+    perm = perm[: max(n // batch_size, 1) * batch_size]
+    while True:
+        for idx in perm.split(batch_size):
+            yield to_float(ds.train_x[idx]), ds.train_y[idx]
+
+
+def _forward_flops(model: nn.Module, x: torch.Tensor) -> int:
+    """FLOPs of one forward pass, in eval mode so that BatchNorm's running statistics and the
+    dropout draws stay untouched (neither is a matmul, so the count is the training one's)."""
+    model.eval()
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model(x)
+    model.train()
+    return counter.get_total_flops()
+
+
+@dataclass
+class _Rule:
+    """One rule's network, ready to step, and what was measured while preparing it."""
+
+    rule: str
+    config: TrainConfig
+    model: nn.Module
+    step: Callable[[], None]
+    generator: torch.Generator
+    forward_flops: int
+    step_flops: int
+    peak_memory: tuple[int, str]
+    block_seconds: list[float]
+
+
+def _prepare(
+    ds: Dataset, arch: str, rule: str, device: torch.device, *, warmup: int,
+    batch_size: int | None, bf16: bool,
+) -> _Rule:  # fmt: skip
+    """Build ``rule``'s network as training does, count one step's FLOPs, warm it up, and
+    record the peak memory of those steps."""
+    sizes = {} if batch_size is None else {"batch_size": batch_size}
+    config = TrainConfig(
+        dataset=ds.name, arch=arch, rule=rule, device=str(device), bf16=bf16, **sizes
+    ).resolve()
+    init = torch.Generator().manual_seed(config.seed)
+    model = build_model(arch, ds.input_shape, ds.num_classes, config.hyperparameters(), init)
+    convert(model, config.feedback, generator=init)
+    model.to(device).train()
+    objective = make_objective(rule, config.epsilon)
+    optimizer = make_optimizer(model, config)
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    batches = _full_batches(ds, config.batch_size, generator)
+
+    def step() -> None:
+        x, y = next(batches)
+        train_step(
+            model, objective, optimizer, x, y,
+            generator=generator, batch_size=config.batch_size, bf16=bf16,
+        )  # fmt: skip
+
+    x, _ = next(batches)
+    forward = _forward_flops(model, x)
+    was_reset = _reset_peak_memory(device)
+    with FlopCounterMode(display=False) as counter:
+        step()
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    peak = _peak_memory(device, was_reset)
+    # The gradients are rebuilt by the next step: freeing them keeps them out of the next
+    # rule's peak memory.
+    optimizer.zero_grad(set_to_none=True)
+    return _Rule(rule, config, model, step, generator, forward, counter.get_total_flops(), peak, [])
+
+
+def bench_preset(
+    ds: Dataset,
+    arch: str,
+    rules: list[str],
+    device: torch.device,
+    *,
+    peak: Peak,
+    steps: int,
+    warmup: int,
+    batch_size: int | None = None,
+    bf16: bool = False,
+    eval_images: int | None = None,
+) -> list[dict[str, Any]]:
+    """Time each rule's training step for ``arch`` on ``ds``; one JSON-ready row per rule.
+
+    The rules' timed blocks alternate (rule A, rule B, rule A, ...), so a change in load or
+    clock during the run hits every rule alike and their ratio stays fair.
+    """
+    prepared = [
+        _prepare(ds, arch, rule, device, warmup=warmup, batch_size=batch_size, bf16=bf16)
+        for rule in rules
+    ]
+    blocks = min(BLOCKS, steps)
+    per_block = max(steps // blocks, 1)
+    for _ in range(blocks):
+        for r in prepared:
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(per_block):
+                r.step()
+            _sync(device)
+            r.block_seconds.append((time.perf_counter() - t0) / per_block)
+    n_train = len(ds.train_y)
+    n_eval = min(eval_images or len(ds.test_y), len(ds.test_y))
+    test_x, test_y = ds.test_x[:n_eval], ds.test_y[:n_eval]
+    rows = []
+    for r in prepared:
+        step_s = statistics.median(r.block_seconds)
+        randperm_s = _median_seconds(
+            lambda r=r: torch.randperm(n_train, device=device, generator=r.generator), device
+        )
+        accuracy(r.model, test_x[:EVAL_BATCH], test_y[:EVAL_BATCH], bf16)  # warm-up
+        t0 = time.perf_counter()
+        accuracy(r.model, test_x, test_y, bf16)  # reads its count back, so it has synchronised
+        eval_s = time.perf_counter() - t0
+        batch = r.config.batch_size
+        steps_per_epoch = num_batches(n_train, batch)
+        achieved = r.step_flops / step_s / 1e12
+        rows.append(
+            {
+                "preset": f"{ds.name}/{arch}",
+                "dataset": ds.name,
+                "arch": arch,
+                "rule": r.rule,
+                "batch_size": batch,
+                "n_train": n_train,
+                "steps_per_epoch": steps_per_epoch,
+                "steps_timed": blocks * per_block,
+                "warmup_steps": warmup,
+                "step_ms": step_s * 1e3,
+                "step_ms_blocks": [s * 1e3 for s in r.block_seconds],
+                "randperm_ms": randperm_s * 1e3,
+                "epoch_s": steps_per_epoch * step_s + randperm_s,
+                "images_per_s": batch / step_s,
+                "flops_per_step": r.step_flops,
+                "forward_flops_per_step": r.forward_flops,
+                "backward_flops_per_step": r.step_flops - r.forward_flops,
+                "tflops": achieved,
+                "peak_fraction": achieved / peak.tflops,
+                "peak_memory_bytes": r.peak_memory[0],
+                "peak_memory_source": r.peak_memory[1],
+                "host_rss_bytes": host_rss(),
+                "eval_images": n_eval,
+                "eval_s": eval_s,
+                "eval_s_per_10k": eval_s * 10_000 / n_eval,
+            }
+        )
+    return rows
+
+
+def _device_info(device: torch.device, bf16: bool, peak: Peak) -> dict[str, Any]:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        for line in _read_text("/proc/cpuinfo").splitlines():
+            if line.startswith("model name"):
+                name = line.partition(":")[2].strip()
+                break
+    mem_total = next(
+        (
+            int(line.split()[1]) * 1024
+            for line in _read_text("/proc/meminfo").splitlines()
+            if line.startswith("MemTotal:")
+        ),
+        None,
+    )
+    return {
+        "type": device.type,
+        "name": name,
+        "threads": torch.get_num_threads(),
+        "precision": precision(device, bf16),
+        "peak_tflops": peak.tflops,
+        "peak_source": peak.source,
+        "host_memory_bytes": mem_total,
+    }
+
+
+def _read_text(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
+
+
+def run_bench(
+    presets: list[str],
+    rules: list[str],
+    *,
+    device: str = "auto",
+    steps: int = 30,
+    warmup: int = 5,
+    batch_size: int | None = None,
+    bf16: bool = False,
+    peak_tflops: float | None = None,
+    eval_images: int | None = None,
+    out: str | Path | None = None,
+    say: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Benchmark every preset with every rule; write bench.json and bench.md into ``out``.
+
+    Returns the JSON-ready report: ``results`` (one row per preset and rule), ``ratios``
+    (BrainProp/EBP step time per preset, where both rules ran), the device and its peak, and
+    the load average before and after (timings taken under load are not to be trusted).
+    """
+    if steps < 1 or warmup < 0:
+        raise BrainPropError(f"--steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
+    if eval_images is not None and eval_images < 1:
+        raise BrainPropError(f"--eval-images must be >= 1, got {eval_images}")
+    for rule in rules:
+        if rule not in RULES:
+            raise BrainPropError(f"unknown rule {rule!r}: choose from {', '.join(RULES)}")
+    parsed = [parse_preset(p) for p in presets]
+    TrainConfig(device=device).resolve()  # a clear error for an unavailable device
+    dev = resolve_device(device)
+    peak = device_peak(dev, bf16, peak_tflops)
+    load_before = os.getloadavg()
+    if load_before[0] > 0.75 * (os.cpu_count() or 1):
+        say(
+            f"warning: 1-minute load average {load_before[0]:.2f} on {os.cpu_count()} CPUs: "
+            "other processes compete for the CPU, so these timings understate the speed"
+        )
+    results = []
+    for dataset, arch in parsed:
+        ds = synthetic_dataset(dataset, dev)
+        rows = bench_preset(
+            ds, arch, rules, dev, peak=peak, steps=steps, warmup=warmup,
+            batch_size=batch_size, bf16=bf16, eval_images=eval_images,
+        )  # fmt: skip
+        for row in rows:
+            say(
+                f"{row['preset']:<20} {row['rule']:<9} {row['step_ms']:9.2f} ms/step "
+                f"{row['epoch_s']:8.2f} s/epoch {row['tflops']:.4f} TFLOP/s"
+            )
+        results += rows
+        del ds
+    report = {
+        "torch": torch.__version__,
+        "device": _device_info(dev, bf16, peak),
+        "mode": NO_FAST_MODE,
+        "eager_ratio": None,
+        "steps": steps,
+        "warmup": warmup,
+        "load_average_before": list(load_before),
+        "load_average_after": list(os.getloadavg()),
+        "results": results,
+        "ratios": rule_ratios(results),
+    }
+    if out is not None:
+        folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / JSON_NAME).write_text(json.dumps(report, indent=2) + "\n")
+        (folder / MARKDOWN_NAME).write_text(markdown(report))
+    return report
+
+
+def rule_ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """BrainProp/EBP step-time ratio for each preset that ran both rules."""
+    by_preset: dict[str, dict[str, float]] = {}
+    for row in results:
+        by_preset.setdefault(row["preset"], {})[row["rule"]] = row["step_ms"]
+    return [
+        {
+            "preset": preset,
+            "brainprop_step_ms": ms["brainprop"],
+            "ebp_step_ms": ms["ebp"],
+            "brainprop_over_ebp": ms["brainprop"] / ms["ebp"],
+        }
+        for preset, ms in by_preset.items()
+        if "brainprop" in ms and "ebp" in ms
+    ]
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.0f}"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The report as Markdown: the device line, one row per preset and rule, the ratios."""
+    dev = report["device"]
+    before, after = report["load_average_before"][0], report["load_average_after"][0]
+    lines = [
+        "# brainprop bench",
+        "",
+        f"- device: {dev['type']} ({dev['name']}, {dev['threads']} threads), "
+        f"{dev['precision']}, torch {report['torch']}",
+        f"- peak: {dev['peak_tflops']:.3f} TFLOP/s ({dev['peak_source']})",
+        f"- {report['mode']}",
+        f"- {report['steps']} timed steps after {report['warmup']} warm-up steps; 1-minute load "
+        f"average {before:.2f} before, {after:.2f} after",
+        "",
+        "| preset | batch | rule | step ms | s/epoch | images/s | GFLOP/step | TFLOP/s "
+        "| % of peak | peak mem MiB | host RSS MiB | eval 10k s |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in report["results"]:
+        lines.append(
+            f"| {r['preset']} | {r['batch_size']} | {r['rule']} | {r['step_ms']:.2f} "
+            f"| {r['epoch_s']:.2f} | {r['images_per_s']:,.0f} | {r['flops_per_step'] / 1e9:.2f} "
+            f"| {r['tflops']:.4f} | {100 * r['peak_fraction']:.1f} "
+            f"| {_mib(r['peak_memory_bytes'])} | {_mib(r['host_rss_bytes'])} "
+            f"| {r['eval_s_per_10k']:.3f} |"
+        )
+    if report["ratios"]:
+        lines += [
+            "",
+            "| preset | BrainProp step ms | EBP step ms | BrainProp/EBP |",
+            "| --- | ---: | ---: | ---: |",
+        ]
+        lines += [
+            f"| {r['preset']} | {r['brainprop_step_ms']:.2f} | {r['ebp_step_ms']:.2f} "
+            f"| {r['brainprop_over_ebp']:.3f} |"
+            for r in report["ratios"]
+        ]
+    if report["results"]:
+        source = report["results"][0]["peak_memory_source"]
+        lines += ["", f"Peak memory: {source}. s/epoch: {_EPOCH_NOTE}"]
+    return "\n".join(lines) + "\n"
