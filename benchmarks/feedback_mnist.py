@@ -27,11 +27,10 @@ def _initial_alignment(config: dict) -> dict[str, float]:
 
     from brainprop import TrainConfig, build_model, convert
     from brainprop.diagnostics import weight_alignment
-    from brainprop.train import hyperparameters
 
     cfg = TrainConfig.from_dict(config)
     init = torch.Generator().manual_seed(cfg.seed)
-    model = build_model(cfg.arch, (1, 28, 28), 10, hyperparameters(cfg), init)
+    model = build_model(cfg.arch, (1, 28, 28), 10, cfg.hyperparameters(), init)
     convert(model, cfg.feedback, generator=init)
     return {k: v for k, v in weight_alignment(model).items() if k.startswith("angle_wb/")}
 

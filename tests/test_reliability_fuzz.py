@@ -28,7 +28,8 @@ from brainprop.config import TYPE_CHECKS
 from brainprop.data.tinyimagenet import CACHE_DIR
 from brainprop.errors import BrainPropError
 from brainprop.presets import build_model
-from brainprop.train import _restore, _Trainer, hyperparameters
+from brainprop.resume import restore
+from brainprop.train import Trainer
 
 __all__ = ["one_thread"]  # the autouse fixture, imported to take effect here
 
@@ -185,7 +186,7 @@ def test_tiny_imagenet_loader(tiny_root: Path, target: str, data: st.DataObject)
 def _small_checkpoint() -> bytes:
     """A real best.pt layout for a small conv net (4x4 inputs, 2 classes: 75k weights)."""
     config = tiny_config(Path("runs")).resolve()
-    model = build_model("conv", (1, 4, 4), 2, hyperparameters(config))
+    model = build_model("conv", (1, 4, 4), 2, config.hyperparameters())
     buffer = io.BytesIO()
     state = {"format": checkpoint.FORMAT, "config": config.to_dict(), "input_shape": [1, 4, 4],
              "num_classes": 2, "model": model.state_dict(), "epoch": 1}  # fmt: skip
@@ -234,7 +235,7 @@ class _Resumable:
         self.ds = make_tiny_dataset()
         run = train(tiny_config(out, epochs=1), dataset=self.ds, progress=False)
         self.dir, self.state = run.dir, checkpoint.load(run.dir / "last.pt")
-        self.trainer = _Trainer(run.config, self.ds, progress=False)
+        self.trainer = Trainer(run.config, self.ds, progress=False)
 
     def __repr__(self) -> str:
         return f"_Resumable({self.dir})"
@@ -281,7 +282,7 @@ def test_restoring_structurally_damaged_states(resumable: _Resumable, data: st.D
     for _ in range(data.draw(st.integers(1, 3))):
         path = data.draw(st.sampled_from(paths))
         damaged = _replaced(damaged, path, data.draw(_junk()), data.draw(st.booleans()))
-    _only_brainprop_error(lambda: _restore(trainer, damaged, ds, run_dir))
+    _only_brainprop_error(lambda: restore(trainer, damaged, ds, run_dir))
     path = run_dir.parent / "damaged.pt"
     torch.save(damaged, path)
     _only_brainprop_error(lambda: load_model(path))

@@ -22,7 +22,7 @@ from reliability_helpers import assert_same_run, inject, one_thread, step, tiny_
 from brainprop import checkpoint, train
 from brainprop.errors import BrainPropError
 from brainprop.signals import Interrupted
-from brainprop.train import _Trainer
+from brainprop.train import Trainer
 
 __all__ = ["one_thread"]  # the autouse fixture, imported to take effect here
 
@@ -58,7 +58,7 @@ def test_checkpoint_holds_the_whole_training_state(reference: Path) -> None:
 
 
 def test_numpy_and_python_rng_states_round_trip(tmp_path: Path, ds) -> None:
-    trainer = _Trainer(tiny_config(tmp_path).resolve(), ds, progress=False)
+    trainer = Trainer(tiny_config(tmp_path).resolve(), ds, progress=False)
     np.random.random(2), random.random()  # somewhere past the seeded start
     checkpoint.save(tmp_path / "state.pt", trainer.state())
     expected = (np.random.random(3).tolist(), [random.random() for _ in range(3)])

@@ -9,7 +9,8 @@ from conftest import make_tiny_dataset
 
 from brainprop import TrainConfig, evaluate, load_model, train
 from brainprop.errors import BrainPropError
-from brainprop.train import EarlyStopping, accuracy, lr_at
+from brainprop.evaluation import accuracy
+from brainprop.train import EarlyStopping, lr_at
 
 
 def _config(tmp_path, **kw):

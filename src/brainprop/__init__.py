@@ -17,11 +17,12 @@ or, piece by piece::
 from .config import TrainConfig
 from .data import Dataset, load_dataset
 from .errors import BrainPropError
+from .evaluation import evaluate, load_model
 from .feedback import FEEDBACK_MODES, convert
 from .layers import LocallyConnected2d
 from .objectives import EBP, BrainProp, Output, make_objective
 from .presets import PAPER, Hyperparameters, build_model
-from .train import Run, evaluate, load_model, train
+from .train import Run, train
 
 __all__ = [
     "EBP",

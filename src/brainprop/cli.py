@@ -26,7 +26,9 @@ def _float_list(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
+        ) from None
 
 
 def _val(text: str) -> str | int:
@@ -140,10 +142,11 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .train import evaluate
+    from .evaluation import evaluate
 
     result = evaluate(args.target, data_dir=args.data_dir, device=args.device)
-    print(f"test accuracy {result['test_acc']:.4f} on {result['test_size']} {result['dataset']} images")
+    acc, n, name = result["test_acc"], result["test_size"], result["dataset"]
+    print(f"test accuracy {acc:.4f} on {n} {name} images")
     print(json.dumps(result))
     return 0
 

@@ -16,7 +16,13 @@ from typing import Any
 from .errors import BrainPropError
 from .feedback import FEEDBACK_MODES
 from .objectives import RULES
-from .presets import ARCHITECTURES, DATASET_FAMILY, published_hyperparameters, with_dropout
+from .presets import (
+    ARCHITECTURES,
+    DATASET_FAMILY,
+    Hyperparameters,
+    published_hyperparameters,
+    with_dropout,
+)
 
 VAL_TEST = "test"
 #: What a NaN or inf loss or weight does: end the run, or reload the last checkpoint at half the LR.
@@ -126,6 +132,17 @@ class TrainConfig:
         )
         need(self.device == "auto" or _device_ok(self.device), _device_message(self.device))
 
+    def hyperparameters(self) -> Hyperparameters:
+        """This (resolved) config's table fields as a :class:`Hyperparameters` row."""
+        return Hyperparameters(
+            lr=self.lr,
+            lr_halving_epochs=self.lr_halving_epochs,
+            batch_size=self.batch_size,
+            init_std=self.init_std,
+            l2=self.l2,
+            dropout=self.dropout,
+        )
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (tuples become lists)."""
         d = dataclasses.asdict(self)
@@ -145,7 +162,9 @@ class TrainConfig:
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise BrainPropError(f"config has unknown keys {unknown}: it was written by another version")
+            raise BrainPropError(
+                f"config has unknown keys {unknown}: it was written by another version"
+            )
         for f in fields(cls):
             if f.name in d and not value_fits(d[f.name], str(f.type)):
                 raise BrainPropError(

@@ -392,15 +392,15 @@ def this_machine(device: str, threads: int | None = None) -> str:
     """The machine name a run on ``device`` records (``summary.json``'s ``device``)."""
     import torch
 
-    from .train import _device_name, resolve_device
+    from .evaluation import device_name, resolve_device
 
     dev = resolve_device(device)
     if threads is None or dev.type != "cpu":
-        return _device_name(dev)
+        return device_name(dev)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return _device_name(dev)
+        return device_name(dev)
     finally:
         torch.set_num_threads(before)
 
@@ -537,7 +537,7 @@ def _worker(spec: RunSpec, request: Request, threads: int | None, conn: Connecti
 def _run_in_workers(
     request: Request, pending: Sequence[RunSpec], outcome: Outcome, say: Callable[[str], None]
 ) -> None:
-    from .train import resolve_device
+    from .evaluation import resolve_device
 
     ctx = multiprocessing.get_context("spawn")
     # On a CPU, workers split the cores instead of each taking them all.

@@ -11,32 +11,28 @@ from __future__ import annotations
 
 import itertools
 import math
-import platform
-import random
 import signal
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import checkpoint, rundir, signals
+from . import checkpoint, rng, rundir, signals
 from .config import MAX_NAN_RELOADS, VAL_TEST, TrainConfig
 from .data import Dataset, load_dataset
-from .data.batches import num_batches, ordered_batches, permuted_batches, to_float
-from .data.messages import reason
+from .data.batches import num_batches, permuted_batches, to_float
 from .diagnostics import diagnostics, plot_diagnostics
 from .errors import BrainPropError
+from .evaluation import accuracy, all_finite, autocast, device_name, resolve_device
 from .feedback import convert
 from .objectives import Objective, Output, make_objective
-from .presets import Hyperparameters, build_model, decayed_parameters
+from .presets import build_model, decayed_parameters
+from .resume import checkpoint_and_config, restore
 
-EVAL_BATCH = 1000
 DIAGNOSTIC_BATCH = 256
 DIAGNOSTICS_PLOT = "diagnostics.png"
 
@@ -85,42 +81,14 @@ class Run:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def hyperparameters(config: TrainConfig) -> Hyperparameters:
-    """The resolved config's table fields as a :class:`Hyperparameters` row."""
-    return Hyperparameters(
-        lr=config.lr,
-        lr_halving_epochs=config.lr_halving_epochs,
-        batch_size=config.batch_size,
-        init_std=config.init_std,
-        l2=config.l2,
-        dropout=config.dropout,
-    )
-
-
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.SGD:
     """Plain SGD; Keras's l2(lambda) adds lambda*w^2 to the loss, i.e. weight decay 2*lambda."""
     decay, rest = decayed_parameters(model)
-    groups = [{"params": decay, "weight_decay": 2 * config.l2}, {"params": rest, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": 2 * config.l2},
+        {"params": rest, "weight_decay": 0.0},
+    ]
     return torch.optim.SGD([g for g in groups if g["params"]], lr=config.lr, momentum=0.0)
-
-
-@torch.inference_mode()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bf16: bool = False) -> float:
-    """Fraction of ``x`` (uint8 [N, C, H, W]) whose argmax output equals ``y`` ([N])."""
-    was_training = model.training
-    model.eval()
-    correct = torch.zeros((), dtype=torch.int64, device=x.device)
-    with _autocast(x.device, bf16):
-        for xb, yb in ordered_batches(x, y, EVAL_BATCH):
-            correct += (model(xb).argmax(dim=1) == yb).sum()
-    model.train(was_training)
-    return correct.item() / max(len(y), 1)
 
 
 def train_step(
@@ -141,7 +109,7 @@ def train_step(
     (BrainProp, as the Keras code) takes a proportionally smaller step on a short last batch.
     Returns the objective's output; its ``loss`` is the unscaled batch mean.
     """
-    with _autocast(x.device, bf16):
+    with autocast(x.device, bf16):
         q = model(x)
     out = objective(q.float(), y, generator)
     loss = out.loss
@@ -151,10 +119,6 @@ def train_step(
     loss.backward()
     optimizer.step()
     return out
-
-
-def _autocast(device: torch.device, bf16: bool):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda")
 
 
 def split_validation(ds: Dataset, n: int) -> tuple[Dataset, torch.Tensor, torch.Tensor]:
@@ -176,17 +140,13 @@ def split_validation(ds: Dataset, n: int) -> tuple[Dataset, torch.Tensor, torch.
     return train, ds.train_x[held], ds.train_y[held]
 
 
-class _Trainer:
+class Trainer:
     """One run's mutable state; ``train`` below is its only user."""
 
     def __init__(self, config: TrainConfig, ds: Dataset, progress: bool) -> None:
         self.config, self.progress = config, progress
         self.device = resolve_device(config.device)
-        torch.manual_seed(config.seed)
-        # Nothing in the loop draws from these today; seeding and checkpointing them keeps a
-        # future user (an augmentation, a custom objective) reproducible across resumes.
-        random.seed(config.seed)
-        np.random.seed(config.seed)
+        rng.seed_all(config.seed)
         ds = ds.to(self.device)
         if config.val == VAL_TEST:
             self.train_set, self.val_x, self.val_y = ds, ds.test_x, ds.test_y
@@ -194,7 +154,7 @@ class _Trainer:
             self.train_set, self.val_x, self.val_y = split_validation(ds, int(config.val))
         init = torch.Generator().manual_seed(config.seed)
         self.model = build_model(
-            config.arch, ds.input_shape, ds.num_classes, hyperparameters(config), init
+            config.arch, ds.input_shape, ds.num_classes, config.hyperparameters(), init
         )
         # Before .to() and before the optimizer, so reciprocal B lands in the decayed group.
         convert(self.model, config.feedback, generator=init)
@@ -218,8 +178,6 @@ class _Trainer:
     def state(self) -> dict[str, Any]:
         """Everything needed to continue bit-identically from here: the end of the last epoch,
         or the step a stop signal interrupted (``partial``)."""
-        py_version, py_internal, py_gauss = random.getstate()
-        _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state(legacy=True)
         return {
             "config": self.config.to_dict(),
             "input_shape": list(self.input_shape),
@@ -232,23 +190,7 @@ class _Trainer:
             "lr_scale": self.lr_scale,
             "nan_reloads": self.nan_reloads,
             "partial": self.partial,
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                "generator": self.generator.get_state(),
-                # As tensors and numbers: weights_only loading refuses numpy objects.
-                "numpy": {
-                    "keys": torch.from_numpy(np_keys.astype(np.int64)),
-                    "pos": int(np_pos),
-                    "has_gauss": int(np_has_gauss),
-                    "gauss": float(np_gauss),
-                },
-                "python": {
-                    "version": py_version,
-                    "internal": torch.tensor(py_internal, dtype=torch.int64),
-                    "gauss": py_gauss,
-                },
-            },
+            "rng": rng.capture(self.generator),
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -274,17 +216,7 @@ class _Trainer:
                 raise ValueError("its mid-epoch position is malformed")
             self.generator.set_state(partial["order_rng"])  # fails now, not mid-run, if damaged
         self.partial = partial
-        rng = state["rng"]
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        self.generator.set_state(rng["generator"])
-        keys = rng["numpy"]["keys"].numpy().astype(np.uint32)
-        np.random.set_state(
-            ("MT19937", keys, rng["numpy"]["pos"], rng["numpy"]["has_gauss"], rng["numpy"]["gauss"])
-        )
-        python = rng["python"]
-        random.setstate((python["version"], tuple(python["internal"].tolist()), python["gauss"]))
+        rng.restore(state["rng"], self.generator)
 
     def train_epoch(self, epoch: int, stop: signals.StopRequest) -> dict[str, float] | None:
         """One pass over the training set; returns the epoch's training metrics and seconds.
@@ -365,14 +297,8 @@ class _Trainer:
         """
         if first_bad.item() >= 0:
             raise _NonFinite("loss", epoch, int(first_bad.item()))
-        if not _all_finite(itertools.chain(self.model.parameters(), self.model.buffers())):
+        if not all_finite(itertools.chain(self.model.parameters(), self.model.buffers())):
             raise _NonFinite("weights", epoch, last_step)
-
-
-def _all_finite(tensors: Iterable[torch.Tensor]) -> bool:
-    """Whether every floating tensor of ``tensors`` is free of NaN and inf (one device sync)."""
-    checks = [torch.isfinite(t).all() for t in tensors if t.is_floating_point()]
-    return not checks or bool(torch.stack(checks).all())
 
 
 #: The history columns the loop itself reads back (summary, best epoch, plots).
@@ -450,15 +376,15 @@ def train(
     """
     if resume is not None:
         run_path = Path(resume)
-        state, config = _resume(run_path, config)
+        state, config = checkpoint_and_config(run_path, config)
     elif config is None:
         raise BrainPropError("train() needs a config, or resume= a run directory to continue")
     else:
         config, state = config.resolve(), None
     ds = dataset if dataset is not None else load_dataset(config.dataset, config.data_dir)
-    trainer = _Trainer(config, ds, progress)
+    trainer = Trainer(config, ds, progress)
     if state is not None:
-        _restore(trainer, state, ds, run_path)
+        restore(trainer, state, ds, run_path)
     if resume is None:
         rundir.check_free_space(Path(config.out_dir), 3 * _checkpoint_bytes(trainer))
         name = config.name or rundir.default_name(
@@ -541,13 +467,14 @@ def train(
         say(
             f"done ({stop_reason}): best val {summary['best_val_acc']:.4f} at epoch "
             f"{summary['best_epoch']}, test accuracy there {summary['test_acc_at_best']:.4f}, "
-            f"{summary['epochs_run']} epochs, {summary['total_seconds']:.0f}s; results in {run_path}"
+            f"{summary['epochs_run']} epochs, {summary['total_seconds']:.0f}s; "
+            f"results in {run_path}"
         )
     return Run(run_path, config, trainer.model, trainer.history, summary)
 
 
 def _end_epoch(
-    trainer: _Trainer, ds: Dataset, run_path: Path, metrics: dict[str, float], say: Any
+    trainer: Trainer, ds: Dataset, run_path: Path, metrics: dict[str, float], say: Any
 ) -> bool:
     """Evaluate, record and checkpoint a finished epoch; True when early stopping ends the run."""
     config, epoch = trainer.config, len(trainer.history)
@@ -603,17 +530,17 @@ def _kept(run_path: Path) -> str:
     return "no checkpoint was written yet, so a resume starts over"
 
 
-def _rewind(old: _Trainer, ds: Dataset, run_path: Path) -> _Trainer:
+def _rewind(old: Trainer, ds: Dataset, run_path: Path) -> Trainer:
     """A trainer at the last checkpoint (the initial state if none yet), at half the LR."""
-    trainer = _Trainer(old.config, ds, old.progress)
+    trainer = Trainer(old.config, ds, old.progress)
     last = run_path / rundir.LAST
     if last.is_file():
-        _restore(trainer, checkpoint.load(last), ds, run_path)
+        restore(trainer, checkpoint.load(last), ds, run_path)
     trainer.lr_scale, trainer.nan_reloads = old.lr_scale / 2, old.nan_reloads + 1
     return trainer
 
 
-def _checkpoint_bytes(trainer: _Trainer) -> int:
+def _checkpoint_bytes(trainer: Trainer) -> int:
     """About the size of one last.pt: its tensors, plus room for history and plots."""
     tensors = list(trainer.model.state_dict().values())
     for per_param in trainer.optimizer.state.values():
@@ -621,86 +548,7 @@ def _checkpoint_bytes(trainer: _Trainer) -> int:
     return sum(t.numel() * t.element_size() for t in tensors) + 2**20
 
 
-def _resume(
-    run_path: Path, config: TrainConfig | None
-) -> tuple[dict[str, Any] | None, TrainConfig]:
-    """The checkpoint to continue from (None: killed before its first one) and the config.
-
-    ``last.pt`` must belong to the run whose ``config.json`` sits beside it: a checkpoint
-    copied in from another run would otherwise silently continue the wrong network.
-    """
-    if not run_path.is_dir():
-        raise BrainPropError(
-            f"no run directory at {run_path}: pass a folder 'brainprop train' created "
-            "(it holds config.json and last.pt)"
-        )
-    stored = _stored_config(rundir.read_json(run_path / rundir.CONFIG), run_path / rundir.CONFIG)
-    checkpoint.remove_temporaries(run_path)
-    last = run_path / rundir.LAST
-    state = checkpoint.load(last) if last.is_file() else None
-    if state is not None:
-        own = _stored_config(state.get("config"), last)
-        differ = [
-            f.name for f in fields(TrainConfig)
-            if f.name != "epochs" and getattr(own, f.name) != getattr(stored, f.name)
-        ]  # fmt: skip
-        if differ:
-            name = differ[0]
-            raise BrainPropError(
-                f"{last} belongs to another run: its {name} is {getattr(own, name)!r} but "
-                f"config.json says {getattr(stored, name)!r} ({len(differ)} settings differ); "
-                "put back this run's own last.pt, or start a new run"
-            )
-    if config is not None and config.epochs != stored.epochs:
-        stored = replace(stored, epochs=config.epochs)
-        resolved = _resolve_stored(stored, run_path / rundir.CONFIG)
-        rundir.atomic_write_json(run_path / rundir.CONFIG, resolved.to_dict())
-        return state, resolved
-    return state, _resolve_stored(stored, run_path / rundir.CONFIG)
-
-
-def _stored_config(d: Any, source: Path) -> TrainConfig:
-    if not isinstance(d, dict):
-        raise BrainPropError(f"{source} holds no training config: the run directory is damaged")
-    try:
-        return TrainConfig.from_dict(d)
-    except TypeError as e:
-        raise BrainPropError(
-            f"{source} holds an unreadable training config ({reason(e)}): the run directory is "
-            "damaged or from another version"
-        ) from None
-
-
-def _resolve_stored(config: TrainConfig, source: Path) -> TrainConfig:
-    try:
-        return config.resolve()
-    except BrainPropError as e:
-        raise BrainPropError(f"{source} holds an invalid config ({e})") from None
-    except (TypeError, ValueError) as e:
-        raise BrainPropError(
-            f"{source} holds a config with a wrongly typed value ({reason(e)}): the run "
-            "directory is damaged"
-        ) from None
-
-
-def _restore(trainer: _Trainer, state: dict[str, Any], ds: Dataset, run_path: Path) -> None:
-    _check_compatible(state, ds, run_path)
-    last = run_path / rundir.LAST
-    try:
-        trainer.load_state(state)
-    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
-        raise BrainPropError(
-            f"{last} does not fit its run ({reason(e)[:160]}): the checkpoint is damaged or from "
-            "another version; move it away to restart the run from scratch"
-        ) from None
-    if not _all_finite(trainer.model.state_dict().values()):
-        raise BrainPropError(
-            f"{last} holds NaN or inf weights, which brainprop never saves: the checkpoint is "
-            "damaged; move it away to restart the run from scratch"
-        )
-
-
-def _weights(trainer: _Trainer, epoch: int) -> dict[str, Any]:
+def _weights(trainer: Trainer, epoch: int) -> dict[str, Any]:
     return {
         "config": trainer.config.to_dict(),
         "input_shape": list(trainer.input_shape),
@@ -710,26 +558,7 @@ def _weights(trainer: _Trainer, epoch: int) -> dict[str, Any]:
     }
 
 
-def _check_compatible(state: dict[str, Any], ds: Dataset, path: Path) -> None:
-    shape, classes = state.get("input_shape"), state.get("num_classes")
-    if (
-        not isinstance(shape, list)
-        or not all(isinstance(v, int) for v in shape)
-        or not isinstance(classes, int)
-    ):
-        raise BrainPropError(
-            f"checkpoint in {path} does not say which inputs and classes it is for: it is "
-            "damaged or from another version"
-        )
-    if tuple(state["input_shape"]) != ds.input_shape or state["num_classes"] != ds.num_classes:
-        raise BrainPropError(
-            f"checkpoint in {path} is for inputs {tuple(state['input_shape'])} with "
-            f"{state['num_classes']} classes, but the data has {ds.input_shape} with "
-            f"{ds.num_classes}: resume with the dataset it was trained on"
-        )
-
-
-def _summarize(trainer: _Trainer, stop_reason: str) -> dict[str, Any]:
+def _summarize(trainer: Trainer, stop_reason: str) -> dict[str, Any]:
     history = trainer.history
     summary: dict[str, Any] = {
         "dataset": trainer.config.dataset,
@@ -739,7 +568,7 @@ def _summarize(trainer: _Trainer, stop_reason: str) -> dict[str, Any]:
         "stop_reason": stop_reason,
         "epochs_run": len(history),
         "nan_reloads": trainer.nan_reloads,
-        "device": _device_name(trainer.device),
+        "device": device_name(trainer.device),
     }
     if history:
         best = max(history, key=lambda h: h["val_acc"])
@@ -753,73 +582,3 @@ def _summarize(trainer: _Trainer, stop_reason: str) -> dict[str, Any]:
             "total_seconds": sum(seconds) + sum(h["eval_seconds"] for h in history),
         }
     return summary
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def load_model(target: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the network stored in a run directory (its best.pt) or a checkpoint file.
-
-    Returns (model in eval mode, the checkpoint dict).
-    """
-    path = Path(target)
-    if path.is_dir():
-        path = path / rundir.BEST
-    state = checkpoint.load(path, map_location)
-    try:
-        config = TrainConfig.from_dict(state["config"])
-        hp = hyperparameters(config)
-        shape, classes, stored = state["input_shape"], state["num_classes"], state["model"]
-        # A damaged input_shape could ask for a network of many GB: size it on the meta device
-        # first, and build it for real only if the checkpoint holds that many numbers.
-        with torch.device("meta"):
-            skeleton = build_model(config.arch, shape, classes, hp)
-        wanted = sum(t.numel() for t in skeleton.state_dict().values())
-        held = sum(t.numel() for t in stored.values() if isinstance(t, torch.Tensor))
-        if wanted > held:
-            raise ValueError(f"it declares {wanted:,} weights but holds {held:,}")
-        model = build_model(config.arch, shape, classes, hp)
-        convert(model, config.feedback)
-        model.load_state_dict(stored)
-    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
-        raise BrainPropError(
-            f"{path} does not match its own architecture ({reason(e)[:160]}): the checkpoint is "
-            "damaged or from another version"
-        ) from None
-    if not _all_finite(model.state_dict().values()):
-        raise BrainPropError(
-            f"{path} holds NaN or inf weights: the checkpoint is damaged; use another one"
-        )
-    return model.eval(), state
-
-
-def evaluate(
-    target: str | Path, *, data_dir: str | None = None, device: str = "auto", dataset: Dataset | None = None
-) -> dict[str, Any]:
-    """Test accuracy of a run directory's best network, or of any checkpoint file."""
-    dev = resolve_device(device)
-    model, state = load_model(target)
-    config = TrainConfig.from_dict(state["config"])
-    ds = dataset if dataset is not None else load_dataset(config.dataset, data_dir or config.data_dir)
-    if tuple(state["input_shape"]) != ds.input_shape or state["num_classes"] != ds.num_classes:
-        raise BrainPropError(
-            f"{target} was trained on inputs {tuple(state['input_shape'])} with "
-            f"{state['num_classes']} classes, but {config.dataset} has {ds.input_shape} with "
-            f"{ds.num_classes}: evaluate it on the dataset it was trained on"
-        )
-    model.to(dev)
-    test_acc = accuracy(model, ds.test_x.to(dev), ds.test_y.to(dev), config.bf16)
-    return {
-        "checkpoint": str(target),
-        "dataset": config.dataset,
-        "arch": config.arch,
-        "rule": config.rule,
-        "epoch": state.get("epoch"),
-        "test_acc": test_acc,
-        "test_size": len(ds.test_y),
-        "device": _device_name(dev),
-    }

@@ -1,0 +1,135 @@
+"""Evaluation: accuracy of a network, and rebuilding a trained one from its checkpoint.
+
+``evaluate`` and ``load_model`` are what ``brainprop evaluate`` calls; ``accuracy`` is what the
+training loop calls once per epoch.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import checkpoint, rundir
+from .config import TrainConfig
+from .data import Dataset, load_dataset
+from .data.batches import ordered_batches
+from .data.messages import reason
+from .errors import BrainPropError
+from .feedback import convert
+from .presets import build_model
+
+EVAL_BATCH = 1000
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def autocast(device: torch.device, bf16: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda")
+
+
+@torch.inference_mode()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bf16: bool = False) -> float:
+    """Fraction of ``x`` (uint8 [N, C, H, W]) whose argmax output equals ``y`` ([N])."""
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros((), dtype=torch.int64, device=x.device)
+    with autocast(x.device, bf16):
+        for xb, yb in ordered_batches(x, y, EVAL_BATCH):
+            correct += (model(xb).argmax(dim=1) == yb).sum()
+    model.train(was_training)
+    return correct.item() / max(len(y), 1)
+
+
+def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
+    """Whether every floating tensor of ``tensors`` is free of NaN and inf (one device sync)."""
+    checks = [torch.isfinite(t).all() for t in tensors if t.is_floating_point()]
+    return not checks or bool(torch.stack(checks).all())
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def load_model(
+    target: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the network stored in a run directory (its best.pt) or a checkpoint file.
+
+    Returns (model in eval mode, the checkpoint dict).
+    """
+    path = Path(target)
+    if path.is_dir():
+        path = path / rundir.BEST
+    state = checkpoint.load(path, map_location)
+    try:
+        config = TrainConfig.from_dict(state["config"])
+        hp = config.hyperparameters()
+        shape, classes, stored = state["input_shape"], state["num_classes"], state["model"]
+        # A damaged input_shape could ask for a network of many GB: size it on the meta device
+        # first, and build it for real only if the checkpoint holds that many numbers.
+        with torch.device("meta"):
+            skeleton = build_model(config.arch, shape, classes, hp)
+        wanted = sum(t.numel() for t in skeleton.state_dict().values())
+        held = sum(t.numel() for t in stored.values() if isinstance(t, torch.Tensor))
+        if wanted > held:
+            raise ValueError(f"it declares {wanted:,} weights but holds {held:,}")
+        model = build_model(config.arch, shape, classes, hp)
+        convert(model, config.feedback)
+        model.load_state_dict(stored)
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
+        raise BrainPropError(
+            f"{path} does not match its own architecture ({reason(e)[:160]}): the checkpoint is "
+            "damaged or from another version"
+        ) from None
+    if not all_finite(model.state_dict().values()):
+        raise BrainPropError(
+            f"{path} holds NaN or inf weights: the checkpoint is damaged; use another one"
+        )
+    return model.eval(), state
+
+
+def evaluate(
+    target: str | Path,
+    *,
+    data_dir: str | None = None,
+    device: str = "auto",
+    dataset: Dataset | None = None,
+) -> dict[str, Any]:
+    """Test accuracy of a run directory's best network, or of any checkpoint file."""
+    dev = resolve_device(device)
+    model, state = load_model(target)
+    config = TrainConfig.from_dict(state["config"])
+    ds = (
+        dataset
+        if dataset is not None
+        else load_dataset(config.dataset, data_dir or config.data_dir)
+    )
+    if tuple(state["input_shape"]) != ds.input_shape or state["num_classes"] != ds.num_classes:
+        raise BrainPropError(
+            f"{target} was trained on inputs {tuple(state['input_shape'])} with "
+            f"{state['num_classes']} classes, but {config.dataset} has {ds.input_shape} with "
+            f"{ds.num_classes}: evaluate it on the dataset it was trained on"
+        )
+    model.to(dev)
+    test_acc = accuracy(model, ds.test_x.to(dev), ds.test_y.to(dev), config.bf16)
+    return {
+        "checkpoint": str(target),
+        "dataset": config.dataset,
+        "arch": config.arch,
+        "rule": config.rule,
+        "epoch": state.get("epoch"),
+        "test_acc": test_acc,
+        "test_size": len(ds.test_y),
+        "device": device_name(dev),
+    }

@@ -1,0 +1,119 @@
+"""Continuing a run: find its checkpoint, check it belongs to the run, restore the trainer.
+
+A run directory is continued from its ``last.pt``; everything read here comes from disk and
+may be damaged or copied from elsewhere, so every failure is one :class:`BrainPropError` line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import checkpoint, rundir
+from .config import TrainConfig
+from .data import Dataset
+from .data.messages import reason
+from .errors import BrainPropError
+from .evaluation import all_finite
+
+if TYPE_CHECKING:
+    from .train import Trainer
+
+
+def checkpoint_and_config(
+    run_path: Path, config: TrainConfig | None
+) -> tuple[dict[str, Any] | None, TrainConfig]:
+    """The checkpoint to continue from (None: killed before its first one) and the config.
+
+    ``last.pt`` must belong to the run whose ``config.json`` sits beside it: a checkpoint
+    copied in from another run would otherwise silently continue the wrong network.
+    """
+    if not run_path.is_dir():
+        raise BrainPropError(
+            f"no run directory at {run_path}: pass a folder 'brainprop train' created "
+            "(it holds config.json and last.pt)"
+        )
+    stored = _stored_config(rundir.read_json(run_path / rundir.CONFIG), run_path / rundir.CONFIG)
+    checkpoint.remove_temporaries(run_path)
+    last = run_path / rundir.LAST
+    state = checkpoint.load(last) if last.is_file() else None
+    if state is not None:
+        own = _stored_config(state.get("config"), last)
+        differ = [
+            f.name for f in fields(TrainConfig)
+            if f.name != "epochs" and getattr(own, f.name) != getattr(stored, f.name)
+        ]  # fmt: skip
+        if differ:
+            name = differ[0]
+            raise BrainPropError(
+                f"{last} belongs to another run: its {name} is {getattr(own, name)!r} but "
+                f"config.json says {getattr(stored, name)!r} ({len(differ)} settings differ); "
+                "put back this run's own last.pt, or start a new run"
+            )
+    if config is not None and config.epochs != stored.epochs:
+        stored = replace(stored, epochs=config.epochs)
+        resolved = _resolve_stored(stored, run_path / rundir.CONFIG)
+        rundir.atomic_write_json(run_path / rundir.CONFIG, resolved.to_dict())
+        return state, resolved
+    return state, _resolve_stored(stored, run_path / rundir.CONFIG)
+
+
+def _stored_config(d: Any, source: Path) -> TrainConfig:
+    if not isinstance(d, dict):
+        raise BrainPropError(f"{source} holds no training config: the run directory is damaged")
+    try:
+        return TrainConfig.from_dict(d)
+    except TypeError as e:
+        raise BrainPropError(
+            f"{source} holds an unreadable training config ({reason(e)}): the run directory is "
+            "damaged or from another version"
+        ) from None
+
+
+def _resolve_stored(config: TrainConfig, source: Path) -> TrainConfig:
+    try:
+        return config.resolve()
+    except BrainPropError as e:
+        raise BrainPropError(f"{source} holds an invalid config ({e})") from None
+    except (TypeError, ValueError) as e:
+        raise BrainPropError(
+            f"{source} holds a config with a wrongly typed value ({reason(e)}): the run "
+            "directory is damaged"
+        ) from None
+
+
+def restore(trainer: Trainer, state: dict[str, Any], ds: Dataset, run_path: Path) -> None:
+    check_compatible(state, ds, run_path)
+    last = run_path / rundir.LAST
+    try:
+        trainer.load_state(state)
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
+        raise BrainPropError(
+            f"{last} does not fit its run ({reason(e)[:160]}): the checkpoint is damaged or from "
+            "another version; move it away to restart the run from scratch"
+        ) from None
+    if not all_finite(trainer.model.state_dict().values()):
+        raise BrainPropError(
+            f"{last} holds NaN or inf weights, which brainprop never saves: the checkpoint is "
+            "damaged; move it away to restart the run from scratch"
+        )
+
+
+def check_compatible(state: dict[str, Any], ds: Dataset, path: Path) -> None:
+    shape, classes = state.get("input_shape"), state.get("num_classes")
+    if (
+        not isinstance(shape, list)
+        or not all(isinstance(v, int) for v in shape)
+        or not isinstance(classes, int)
+    ):
+        raise BrainPropError(
+            f"checkpoint in {path} does not say which inputs and classes it is for: it is "
+            "damaged or from another version"
+        )
+    if tuple(state["input_shape"]) != ds.input_shape or state["num_classes"] != ds.num_classes:
+        raise BrainPropError(
+            f"checkpoint in {path} is for inputs {tuple(state['input_shape'])} with "
+            f"{state['num_classes']} classes, but the data has {ds.input_shape} with "
+            f"{ds.num_classes}: resume with the dataset it was trained on"
+        )

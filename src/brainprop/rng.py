@@ -1,0 +1,59 @@
+"""Every random source a run draws from, seeded at once and saved as checkpointable values.
+
+The state goes into a ``weights_only`` checkpoint, so it is held as tensors, numbers and
+strings only (numpy's own state object would be refused on load).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def seed_all(seed: int) -> None:
+    """Seed torch (CPU and CUDA), numpy and python ``random``.
+
+    Nothing in the loop draws from numpy or python ``random`` today; seeding and saving them
+    keeps a future user of them (an augmentation, a custom objective) reproducible on resume.
+    """
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def capture(generator: torch.Generator) -> dict[str, Any]:
+    """The state of every global generator and of the loop's own ``generator``."""
+    py_version, py_internal, py_gauss = random.getstate()
+    _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state(legacy=True)
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "generator": generator.get_state(),
+        "numpy": {
+            "keys": torch.from_numpy(np_keys.astype(np.int64)),
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "gauss": float(np_gauss),
+        },
+        "python": {
+            "version": py_version,
+            "internal": torch.tensor(py_internal, dtype=torch.int64),
+            "gauss": py_gauss,
+        },
+    }
+
+
+def restore(state: dict[str, Any], generator: torch.Generator) -> None:
+    """Put back what :func:`capture` returned."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    generator.set_state(state["generator"])
+    keys = state["numpy"]["keys"].numpy().astype(np.uint32)
+    numpy = state["numpy"]
+    np.random.set_state(("MT19937", keys, numpy["pos"], numpy["has_gauss"], numpy["gauss"]))
+    python = state["python"]
+    random.setstate((python["version"], tuple(python["internal"].tolist()), python["gauss"]))
