@@ -36,10 +36,11 @@ from .config import TrainConfig
 from .data import Dataset
 from .data.batches import num_batches, to_float
 from .errors import BrainPropError
+from .evaluation import EVAL_BATCH, accuracy, resolve_device
 from .feedback import convert
 from .objectives import RULES, make_objective
 from .presets import build_model
-from .train import EVAL_BATCH, accuracy, hyperparameters, make_optimizer, resolve_device, train_step
+from .train import make_optimizer, train_step
 
 #: The presets the speed targets are stated for, plus the CPU target's MNIST dense.
 DEFAULT_PRESETS = (
@@ -307,7 +308,7 @@ def _prepare(
         dataset=ds.name, arch=arch, rule=rule, device=str(device), bf16=bf16, **sizes
     ).resolve()
     init = torch.Generator().manual_seed(config.seed)
-    model = build_model(arch, ds.input_shape, ds.num_classes, hyperparameters(config), init)
+    model = build_model(arch, ds.input_shape, ds.num_classes, config.hyperparameters(), init)
     convert(model, config.feedback, generator=init)
     model.to(device).train()
     objective = make_objective(rule, config.epsilon)
