@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 from data_fixtures import cifar_pickle, idx_bytes
+from fuzz_strategies import mutated
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -19,24 +20,6 @@ VALID_IDX = idx_bytes(np.arange(2 * 28 * 28, dtype=np.uint8).reshape(2, 28, 28) 
 VALID_CIFAR = cifar_pickle(
     {b"data": np.arange(2 * 3072, dtype=np.uint8).reshape(2, 3072), b"labels": [3, 7]}
 )
-
-
-@st.composite
-def mutated(draw: st.DrawFn, valid: bytes) -> bytes:
-    """``valid`` with a few bytes overwritten, a slice cut out or junk inserted."""
-    data = bytearray(valid)
-    for _ in range(draw(st.integers(1, 4))):
-        op = draw(st.sampled_from(["set", "cut", "insert", "truncate"]))
-        pos = draw(st.integers(0, max(len(data) - 1, 0)))
-        if op == "set" and data:
-            data[pos] = draw(st.integers(0, 255))
-        elif op == "cut":
-            del data[pos : pos + draw(st.integers(1, 64))]
-        elif op == "insert":
-            data[pos:pos] = draw(st.binary(min_size=1, max_size=16))
-        else:
-            del data[pos:]
-    return bytes(data)
 
 
 def _only_brainprop_error(call) -> None:

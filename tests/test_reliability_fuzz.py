@@ -19,6 +19,7 @@ import pytest
 import torch
 from conftest import make_tiny_dataset
 from data_fixtures import cifar_pickle, idx_bytes, write_cifar10, write_tiny_imagenet
+from fuzz_strategies import mutated
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from reliability_helpers import one_thread, tiny_config
@@ -33,29 +34,7 @@ from brainprop.train import Trainer
 
 __all__ = ["one_thread"]  # the autouse fixture, imported to take effect here
 
-FUZZ = settings(
-    max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
-
-
-@st.composite
-def mutated(draw: st.DrawFn, valid: bytes, hot: tuple[int, int] | None = None) -> bytes:
-    """``valid`` with bytes overwritten, cut, inserted or truncated; positions fall in the
-    ``hot`` byte range half of the time (where a format keeps its structure), else anywhere."""
-    data = bytearray(valid)
-    for _ in range(draw(st.integers(1, 4))):
-        lo, hi = hot if hot and draw(st.booleans()) else (0, len(data))
-        pos = draw(st.integers(min(lo, len(data)), max(min(hi, len(data)) - 1, 0)))
-        op = draw(st.sampled_from(["set", "cut", "insert", "truncate"]))
-        if op == "set" and data:
-            data[pos] = draw(st.integers(0, 255))
-        elif op == "cut":
-            del data[pos : pos + draw(st.integers(1, 64))]
-        elif op == "insert":
-            data[pos:pos] = draw(st.binary(min_size=1, max_size=16))
-        else:
-            del data[pos:]
-    return bytes(data)
+FUZZ = settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def _only_brainprop_error(call: Callable[[], Any]) -> None:
@@ -63,7 +42,6 @@ def _only_brainprop_error(call: Callable[[], Any]) -> None:
         call()
     except BrainPropError as exc:
         assert "\n" not in str(exc) and str(exc)
-
 
 
 def _fuzz_file(path: Path, content: bytes, load: Callable[[], Any]) -> None:
