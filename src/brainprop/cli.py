@@ -65,7 +65,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     hp.add_argument("--lr", type=float)
     hp.add_argument("--lr-halving-epochs", type=int, help="halve the learning rate every N epochs")
-    hp.add_argument("--batch-size", type=int)
+    hp.add_argument("--batch-size", type=int, help="images per step (per process under torchrun)")
+    hp.add_argument(
+        "--global-batch", type=int, metavar="N",
+        help="images per step over all torchrun processes, each taking N / world size "
+        "(instead of --batch-size)",
+    )  # fmt: skip
     hp.add_argument("--init-std", type=float, help="sigma of the N(0, sigma) weight initialisation")
     hp.add_argument("--l2", type=float, help="Keras l2(lambda) on the weights")
     hp.add_argument("--dropout", type=_float_list, help="one rate, or one per dropout site")
@@ -104,6 +109,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from .config import TrainConfig
+    from .distributed import launched_main
     from .train import train
 
     epochs = {} if args.epochs is None else {"epochs": args.epochs}
@@ -120,6 +126,7 @@ def _train(args: argparse.Namespace) -> int:
             lr=args.lr,
             lr_halving_epochs=args.lr_halving_epochs,
             batch_size=args.batch_size,
+            global_batch=args.global_batch,
             init_std=args.init_std,
             l2=args.l2,
             dropout=args.dropout,
@@ -136,7 +143,7 @@ def _train(args: argparse.Namespace) -> int:
             name=args.name,
         )
     run = train(config, resume=args.resume, progress=not args.quiet)
-    if args.quiet:
+    if args.quiet and launched_main():
         print(json.dumps(run.summary))
     return 0
 

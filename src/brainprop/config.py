@@ -38,7 +38,9 @@ class TrainConfig:
     Hyperparameters left at ``None`` take the paper's value for (dataset, arch).
     ``val`` is ``"test"`` (validate on the test set, as the original does) or a number of
     training images to hold out for validation. ``on_nan`` is ``"stop"`` or ``"reload"`` (see
-    :data:`ON_NAN`).
+    :data:`ON_NAN`). ``global_batch``, for runs of several processes (see
+    :mod:`brainprop.distributed`), fixes the images per step over all of them, each training on
+    ``global_batch / world size``; without it ``batch_size`` is per process.
     """
 
     dataset: str = "mnist"
@@ -51,6 +53,7 @@ class TrainConfig:
     lr: float | None = None
     lr_halving_epochs: int | None = None
     batch_size: int | None = None
+    global_batch: int | None = None
     init_std: float | None = None
     l2: float | None = None
     dropout: tuple[float, ...] | None = None
@@ -76,7 +79,15 @@ class TrainConfig:
             )
         if self.rule not in RULES:
             raise BrainPropError(f"unknown rule {self.rule!r}: choose one of {', '.join(RULES)}")
+        if self.global_batch is not None and self.batch_size not in (None, self.global_batch):
+            raise BrainPropError(
+                f"--batch-size {self.batch_size} and --global-batch {self.global_batch} both "
+                "set the batch: pass one (--global-batch is split over the processes)"
+            )
         hp = published_hyperparameters(self.dataset, self.arch, self.preset)
+        if self.global_batch is not None:
+            # One process trains on the whole global batch, like the several it stands for.
+            hp = replace(hp, batch_size=self.global_batch)
         if self.dropout is not None:
             hp = with_dropout(hp, self.dropout, self.arch)
         filled = {
@@ -99,6 +110,10 @@ class TrainConfig:
         )
         need(_finite(self.lr) and self.lr > 0, f"--lr must be > 0, got {self.lr}")
         need(0.0 <= self.epsilon <= 1.0, f"--epsilon must lie in [0, 1], got {self.epsilon}")
+        need(
+            self.global_batch is None or self.global_batch >= 1,
+            f"--global-batch must be >= 1, got {self.global_batch}",
+        )
         need(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
         need(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
         need(self.patience >= 1, f"--patience must be >= 1, got {self.patience}")

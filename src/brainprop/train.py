@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import math
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,13 +22,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import checkpoint, rng, rundir, signals
+from . import checkpoint, distributed, rng, rundir, signals
 from .config import MAX_NAN_RELOADS, VAL_TEST, TrainConfig
 from .data import Dataset, load_dataset
 from .data.batches import num_batches, permuted_batches, to_float
 from .diagnostics import diagnostics, plot_diagnostics
 from .errors import BrainPropError
-from .evaluation import accuracy, all_finite, autocast, device_name, resolve_device
+from .evaluation import accuracy, all_finite, autocast, device_name
 from .feedback import convert
 from .objectives import Objective, Output, make_objective
 from .presets import build_model, decayed_parameters
@@ -101,6 +102,7 @@ def train_step(
     generator: torch.Generator | None,
     batch_size: int,
     bf16: bool = False,
+    parallel: distributed.Context | None = None,
 ) -> Output:
     """One training step on the batch ``x`` ([b, C, H, W] float), ``y`` ([b]): forward,
     objective, backward, SGD update. The loop and ``brainprop bench`` both run this.
@@ -108,15 +110,26 @@ def train_step(
     ``batch_size`` is the nominal batch size: an objective that sums over the nominal batch
     (BrainProp, as the Keras code) takes a proportionally smaller step on a short last batch.
     Returns the objective's output; its ``loss`` is the unscaled batch mean.
+
+    With ``parallel`` of several processes, ``x`` is this rank's share of the global batch:
+    the loss is weighted by that share and the gradients are summed over the ranks before the
+    update (see :mod:`brainprop.distributed`).
     """
+    spread = parallel is not None and parallel.active
+    if spread and len(y) == 0:
+        return parallel.idle_step(model, optimizer, y)
     with autocast(x.device, bf16):
         q = model(x)
     out = objective(q.float(), y, generator)
     loss = out.loss
-    if objective.sums_over_nominal_batch and len(y) != batch_size:
+    if spread:
+        loss = loss * parallel.loss_weight(objective, len(y))
+    elif objective.sums_over_nominal_batch and len(y) != batch_size:
         loss = loss * (len(y) / batch_size)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if spread:
+        parallel.reduce_gradients(model)
     optimizer.step()
     return out
 
@@ -145,8 +158,10 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, ds: Dataset, progress: bool) -> None:
         self.config, self.progress = config, progress
-        self.device = resolve_device(config.device)
-        rng.seed_all(config.seed)
+        self.parallel = distributed.current()
+        self.device = self.parallel.device(config.device)
+        # Dropout draws from the global streams: each rank its own.
+        rng.seed_all(self.parallel.seed(config.seed))
         ds = ds.to(self.device)
         if config.val == VAL_TEST:
             self.train_set, self.val_x, self.val_y = ds, ds.test_x, ds.test_y
@@ -161,7 +176,17 @@ class Trainer:
         self.model.to(self.device)
         self.objective: Objective = make_objective(config.rule, config.epsilon)
         self.optimizer = make_optimizer(self.model, config)
-        self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        self.generator = torch.Generator(device=self.device).manual_seed(
+            self.parallel.seed(config.seed)
+        )
+        # The epochs' order: one process draws it from its only generator; several draw it
+        # from one seeded alike on every rank, apart from their own exploration streams.
+        self.order_generator = self.generator
+        if self.parallel.active:
+            self.order_generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        self.global_batch = self.parallel.global_batch(config.batch_size, config.global_batch)
+        # Set by load_state for a checkpoint written by another number of processes.
+        self.resume_note: str | None = None
         self.stopper = EarlyStopping(config.patience, config.min_delta)
         self.history: list[dict[str, Any]] = []
         # Halved by each on_nan="reload"; multiplies the schedule's rate.
@@ -191,6 +216,8 @@ class Trainer:
             "nan_reloads": self.nan_reloads,
             "partial": self.partial,
             "rng": rng.capture(self.generator),
+            # Several processes: every rank's streams (a collective: all ranks call state()).
+            **self.parallel.streams(self.generator, self.order_generator),
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -199,6 +226,9 @@ class Trainer:
         Raises ValueError, TypeError, KeyError, RuntimeError ... for a damaged state; every part
         the loop reads later is checked here, so damage never surfaces mid-run as a traceback.
         """
+        self.resume_note = self.parallel.adapt_resume(
+            state, self.config.batch_size, self.config.global_batch
+        )
         self.model.load_state_dict(state["model"])
         settings = _optimizer_settings(self.optimizer)
         self.optimizer.load_state_dict(state["optimizer"])
@@ -217,6 +247,7 @@ class Trainer:
             self.generator.set_state(partial["order_rng"])  # fails now, not mid-run, if damaged
         self.partial = partial
         rng.restore(state["rng"], self.generator)
+        self.parallel.restore_streams(state, self.generator, self.order_generator, self.config.seed)
 
     def train_epoch(self, epoch: int, stop: signals.StopRequest) -> dict[str, float] | None:
         """One pass over the training set; returns the epoch's training metrics and seconds.
@@ -237,22 +268,28 @@ class Trainer:
             zero = torch.zeros((), device=self.device)
             loss_sum, reward_sum, explored_sum = zero.clone(), zero.clone(), zero.clone()
             first_bad = torch.full((), -1, dtype=torch.int64, device=self.device)
-            start, seconds, order_rng = 0, 0.0, self.generator.get_state()
-            perm = torch.randperm(n, device=self.device, generator=self.generator)
+            start, seconds, order_rng = 0, 0.0, self.order_generator.get_state()
+            perm = torch.randperm(n, device=self.device, generator=self.order_generator)
         else:
             loss_sum, reward_sum, explored_sum, first_bad = (
                 partial[k].to(self.device) for k in _PARTIAL_SUMS
+            )
+            loss_sum, reward_sum, explored_sum = self.parallel.own_share(
+                partial, [loss_sum, reward_sum, explored_sum]
             )
             start, seconds = int(partial["step"]), float(partial["seconds"])
             order_rng = partial["order_rng"]
             # Redraw the interrupted epoch's order, then carry on from the generator's state at
             # the interruption, as if the epoch had never stopped.
-            now = self.generator.get_state()
-            self.generator.set_state(order_rng)
-            perm = torch.randperm(n, device=self.device, generator=self.generator)
-            self.generator.set_state(now)
-        batches = permuted_batches(ds.train_x, ds.train_y, perm, cfg.batch_size, start)
-        total = num_batches(n, cfg.batch_size)
+            now = self.order_generator.get_state()
+            self.order_generator.set_state(order_rng)
+            perm = torch.randperm(n, device=self.device, generator=self.order_generator)
+            self.order_generator.set_state(now)
+        if self.parallel.active:
+            batches = self.parallel.batches(ds.train_x, ds.train_y, perm, self.global_batch, start)
+        else:
+            batches = permuted_batches(ds.train_x, ds.train_y, perm, cfg.batch_size, start)
+        total = num_batches(n, self.global_batch)
         bar = tqdm(
             batches, total=total, initial=start, desc=f"epoch {epoch + 1}", leave=False,
             disable=not self.progress or None, unit="batch",
@@ -261,6 +298,7 @@ class Trainer:
             out = train_step(
                 model, self.objective, self.optimizer, x, y,
                 generator=self.generator, batch_size=cfg.batch_size, bf16=cfg.bf16,
+                parallel=self.parallel,
             )  # fmt: skip
             loss_sum += out.loss.detach() * len(y)
             reward_sum += out.rewards.sum()
@@ -268,6 +306,10 @@ class Trainer:
             bad = ~torch.isfinite(out.loss.detach()) & (first_bad < 0)
             first_bad = torch.where(bad, torch.full_like(first_bad, step), first_bad)
             if stop.requested and step + 1 < total:
+                shares = self.parallel.shares([loss_sum, reward_sum, explored_sum])
+                (loss_sum, reward_sum, explored_sum), first_bad = self.parallel.settle(
+                    model, [loss_sum, reward_sum, explored_sum], first_bad
+                )
                 # Never checkpoint a broken state: a NaN found now is reported as one.
                 self._check_finite(epoch, first_bad, step)
                 self.partial = {
@@ -278,9 +320,13 @@ class Trainer:
                     "explored_sum": explored_sum,
                     "first_bad": first_bad,
                     "seconds": seconds + time.perf_counter() - t0,
+                    **shares,
                 }
                 bar.close()
                 return None
+        (loss_sum, reward_sum, explored_sum), first_bad = self.parallel.settle(
+            model, [loss_sum, reward_sum, explored_sum], first_bad
+        )
         self._check_finite(epoch, first_bad, total - 1)
         return {
             "train_loss": loss_sum.item() / n,
@@ -373,32 +419,51 @@ def train(
     Raises:
         BrainPropError: a bad config, dataset or checkpoint, or an output that cannot be written.
         Interrupted: a stop signal arrived; the message says what was saved and how to resume.
+
+    Under ``torchrun`` every process calls this and trains its share (see
+    :mod:`brainprop.distributed`); rank 0 alone reads and writes the run directory.
     """
+    with distributed.joined() as parallel:
+        return _train(parallel, config, resume, dataset, progress)
+
+
+def _train(
+    parallel: distributed.Context,
+    config: TrainConfig | None,
+    resume: str | Path | None,
+    dataset: Dataset | None,
+    progress: bool,
+) -> Run:
+    """:func:`train` as one of ``parallel``'s processes."""
     if resume is not None:
         run_path = Path(resume)
-        state, config = checkpoint_and_config(run_path, config)
+        state, config = parallel.on_main(lambda: checkpoint_and_config(run_path, config))
     elif config is None:
         raise BrainPropError("train() needs a config, or resume= a run directory to continue")
     else:
         config, state = config.resolve(), None
     ds = dataset if dataset is not None else load_dataset(config.dataset, config.data_dir)
+    progress = progress and parallel.is_main
     trainer = Trainer(config, ds, progress)
     if state is not None:
         restore(trainer, state, ds, run_path)
     if resume is None:
-        rundir.check_free_space(Path(config.out_dir), 3 * _checkpoint_bytes(trainer))
-        name = config.name or rundir.default_name(
-            config.dataset, config.arch, config.rule, config.seed
-        )
-        run_path = rundir.create(config.out_dir, name)
-        rundir.atomic_write_json(run_path / rundir.CONFIG, config.to_dict())
+        run_path = parallel.on_main(lambda: _create_run(trainer))
     else:
         # The new last.pt is written beside the old one before the rename.
-        rundir.check_free_space(run_path, _checkpoint_bytes(trainer))
+        parallel.on_main(lambda: rundir.check_free_space(run_path, _checkpoint_bytes(trainer)))
+    if trainer.resume_note and parallel.is_main:
+        print(f"brainprop: {trainer.resume_note}", file=sys.stderr)
     say = tqdm.write if progress else (lambda _msg: None)
+    where = str(trainer.device)
+    if parallel.active:
+        where = (
+            f"{parallel.world_size} processes ({where} for rank 0), "
+            f"{trainer.global_batch} images per step"
+        )
     say(
         f"training {config.arch} on {config.dataset} with {config.rule} "
-        f"({sum(p.numel() for p in trainer.model.parameters()):,} parameters) on {trainer.device}, "
+        f"({sum(p.numel() for p in trainer.model.parameters()):,} parameters) on {where}, "
         f"run dir {run_path}"
     )
 
@@ -410,13 +475,14 @@ def train(
 
     stop_reason = "max epochs"
     try:
-        with signals.stop_on_signals(warn) as stop:
+        with signals.stop_on_signals(warn) as signalled:
+            stop = distributed.AgreedStop(signalled, parallel)
             while (epoch := len(trainer.history)) < config.epochs:
                 if trainer.stopper.wait >= config.patience:
                     stop_reason = "early stopping"
                     break
                 if stop.requested:
-                    checkpoint.save(run_path / rundir.LAST, trainer.state())
+                    _save_last(trainer, run_path)
                     raise _interrupted(stop, run_path, f"after epoch {epoch}")
                 try:
                     metrics = trainer.train_epoch(epoch, stop)
@@ -442,7 +508,7 @@ def train(
                     break
                 if metrics is None:
                     assert trainer.partial is not None  # train_epoch stopped mid-epoch
-                    checkpoint.save(run_path / rundir.LAST, trainer.state())
+                    _save_last(trainer, run_path)
                     at = f"in epoch {epoch + 1} after step {trainer.partial['step']}"
                     raise _interrupted(stop, run_path, at)
                 if _end_epoch(trainer, ds, run_path, metrics, say):
@@ -456,13 +522,7 @@ def train(
             signal.SIGINT,
         ) from None
     summary = _summarize(trainer, stop_reason)
-    if trainer.history:
-        title = f"{config.rule} - {config.dataset} {config.arch}"
-        rundir.write_plot(run_path, trainer.history, title)
-        plot_diagnostics(
-            trainer.history, run_path / DIAGNOSTICS_PLOT, f"{title}, {config.feedback} feedback"
-        )
-    rundir.atomic_write_json(run_path / rundir.SUMMARY, summary)
+    parallel.on_main(lambda: _write_results(trainer, run_path, summary))
     if trainer.history:
         say(
             f"done ({stop_reason}): best val {summary['best_val_acc']:.4f} at epoch "
@@ -473,6 +533,34 @@ def train(
     return Run(run_path, config, trainer.model, trainer.history, summary)
 
 
+def _create_run(trainer: Trainer) -> Path:
+    """A new run directory holding the run's config."""
+    config = trainer.config
+    rundir.check_free_space(Path(config.out_dir), 3 * _checkpoint_bytes(trainer))
+    name = config.name or rundir.default_name(config.dataset, config.arch, config.rule, config.seed)
+    run_path = rundir.create(config.out_dir, name)
+    rundir.atomic_write_json(run_path / rundir.CONFIG, config.to_dict())
+    return run_path
+
+
+def _write_results(trainer: Trainer, run_path: Path, summary: dict[str, Any]) -> None:
+    """The plots and the summary that close a run."""
+    config = trainer.config
+    if trainer.history:
+        title = f"{config.rule} - {config.dataset} {config.arch}"
+        rundir.write_plot(run_path, trainer.history, title)
+        plot_diagnostics(
+            trainer.history, run_path / DIAGNOSTICS_PLOT, f"{title}, {config.feedback} feedback"
+        )
+    rundir.atomic_write_json(run_path / rundir.SUMMARY, summary)
+
+
+def _save_last(trainer: Trainer, run_path: Path) -> None:
+    """Checkpoint the whole state; every rank calls this, as state() gathers their streams."""
+    state = trainer.state()
+    trainer.parallel.on_main(lambda: checkpoint.save(run_path / rundir.LAST, state))
+
+
 def _end_epoch(
     trainer: Trainer, ds: Dataset, run_path: Path, metrics: dict[str, float], say: Any
 ) -> bool:
@@ -480,13 +568,16 @@ def _end_epoch(
     config, epoch = trainer.config, len(trainer.history)
     train_seconds = metrics.pop("seconds")
     t1 = time.perf_counter()
-    val_acc = accuracy(trainer.model, trainer.val_x, trainer.val_y, config.bf16)
+    parallel = trainer.parallel
+
+    def score(x: torch.Tensor, y: torch.Tensor) -> float:
+        return accuracy(trainer.model, x, y, config.bf16)
+
+    val_acc = parallel.accuracy(score, trainer.val_x, trainer.val_y)
     test_acc = (
         val_acc
         if config.val == VAL_TEST
-        else accuracy(
-            trainer.model, ds.test_x.to(trainer.device), ds.test_y.to(trainer.device), config.bf16
-        )
+        else parallel.accuracy(score, ds.test_x.to(trainer.device), ds.test_y.to(trainer.device))
     )
     row = {
         "epoch": epoch + 1,
@@ -502,16 +593,22 @@ def _end_epoch(
     }
     trainer.history.append(row)
     early = trainer.stopper.update(val_acc)
-    if val_acc > max((h["val_acc"] for h in trainer.history[:-1]), default=-1.0):
-        checkpoint.save(run_path / rundir.BEST, _weights(trainer, epoch + 1))
-    checkpoint.save(run_path / rundir.LAST, trainer.state())
-    rundir.write_history(run_path, trainer.history)
+    best = val_acc > max((h["val_acc"] for h in trainer.history[:-1]), default=-1.0)
+    state = trainer.state()
+
+    def write() -> None:
+        if best:
+            checkpoint.save(run_path / rundir.BEST, _weights(trainer, epoch + 1))
+        checkpoint.save(run_path / rundir.LAST, state)
+        rundir.write_history(run_path, trainer.history)
+
+    parallel.on_main(write)
     say(
         f"epoch {epoch + 1:3d}/{config.epochs}  loss {metrics['train_loss']:.4f}  "
         f"reward {metrics['train_reward']:.4f}  val {val_acc:.4f}  lr {row['lr']:.4g}  "
         f"{train_seconds:.1f}s"
     )
-    return early
+    return parallel.decide(early)
 
 
 def _interrupted(stop: signals.StopRequest, run_path: Path, at: str) -> signals.Interrupted:
@@ -534,8 +631,9 @@ def _rewind(old: Trainer, ds: Dataset, run_path: Path) -> Trainer:
     """A trainer at the last checkpoint (the initial state if none yet), at half the LR."""
     trainer = Trainer(old.config, ds, old.progress)
     last = run_path / rundir.LAST
-    if last.is_file():
-        restore(trainer, checkpoint.load(last), ds, run_path)
+    state = old.parallel.on_main(lambda: checkpoint.load(last) if last.is_file() else None)
+    if state is not None:
+        restore(trainer, state, ds, run_path)
     trainer.lr_scale, trainer.nan_reloads = old.lr_scale / 2, old.nan_reloads + 1
     return trainer
 
@@ -569,6 +667,7 @@ def _summarize(trainer: Trainer, stop_reason: str) -> dict[str, Any]:
         "epochs_run": len(history),
         "nan_reloads": trainer.nan_reloads,
         "device": device_name(trainer.device),
+        "world_size": trainer.parallel.world_size,
     }
     if history:
         best = max(history, key=lambda h: h["val_acc"])

@@ -1,0 +1,552 @@
+"""Data-parallel training over ``torch.distributed``, as launched by ``torchrun``.
+
+``torchrun`` starts one process per device and tells each its place through the environment
+(``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``). :func:`joined`
+reads it and joins the process group: gloo for CPU tensors and, where CUDA is present, NCCL
+for CUDA tensors, with a bounded timeout (``BRAINPROP_DIST_TIMEOUT`` seconds, default 300) so
+that a rank that died or hung makes the others fail with one line instead of waiting forever.
+Without those variables, or with a world of one process, nothing is joined and every method
+below is the identity: a run of one process is the plain single-process run, bit for bit.
+
+The semantics, for a world of ``W`` processes and a global batch ``G`` (``--global-batch``, else
+the per-process ``--batch-size`` times ``W``):
+
+* Every rank draws each epoch's permutation from an *order* generator seeded identically on all
+  ranks, splits it into global batches of ``G`` exactly as one process with batch ``G`` would,
+  and trains on its own contiguous share of each (``tensor_split``: shares differ by at most
+  one image, and a short last batch may leave a rank with none).
+* Gradients are *summed* by one explicit all-reduce after ``backward``, each rank having
+  weighted its loss by its share of the global loss: BrainProp's loss sums over the batch and
+  divides by the nominal batch (the published Keras loss), so the weight is
+  ``n_rank / G``; EBP's is a mean over the actual batch, so the weight is ``n_rank / n_batch``.
+  The sum is then exactly the gradient one process computes on the whole global batch,
+  short last batch included. DDP would divide by ``W`` whatever the shares are, which is
+  wrong for a short last batch split unevenly and undefined for a rank with no images;
+  it also renames every state-dict key (``module.``) that checkpoints and ``load_model`` use.
+  The price is that communication does not overlap the backward pass.
+* BrainProp's exploration and dropout draw from per-rank streams seeded from ``(seed, rank)``,
+  so no two ranks explore alike, and the same seed and world size give the same run.
+* BatchNorm normalises with each rank's own batch statistics, as under DDP without
+  SyncBatchNorm (which PyTorch implements for GPUs only), and the running statistics of rank 0
+  are the model's: they are broadcast before every evaluation and checkpoint.
+* Evaluation is sharded: each rank scores its part of the images and the counts are summed.
+* Rank 0 alone writes files. Decisions that end or redirect the loop (a stop signal on any
+  rank, a NaN, early stopping) are agreed through collectives, so every rank takes the same
+  branch and none is left waiting in a collective the others never enter.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import datetime
+import os
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .data.batches import to_float
+from .errors import BrainPropError
+from .evaluation import resolve_device
+from .objectives import Objective, Output
+from .signals import StopRequest
+
+ENV_TIMEOUT = "BRAINPROP_DIST_TIMEOUT"
+DEFAULT_TIMEOUT_S = 300.0
+
+T = TypeVar("T")
+
+
+class Context:
+    """This process's place in the world, and the collectives the training loop needs.
+
+    The default instance is a world of one process, whose methods change nothing.
+    """
+
+    def __init__(
+        self, rank: int = 0, world_size: int = 1, local_rank: int = 0,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+    ) -> None:  # fmt: skip
+        self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
+        self.timeout_s = timeout_s
+        # Images in the global batch being trained on; set by batches(), read by loss_weight().
+        self._batch_images = 0
+        self._global_batch = 0
+        # Which parameters had gradients at this rank's last step with images, per group.
+        self._used: dict[tuple[torch.dtype, torch.device], list[bool]] = {}
+
+    @property
+    def active(self) -> bool:
+        """Whether there are other processes to talk to."""
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the process that writes files and prints."""
+        return self.rank == 0
+
+    # -- placement ------------------------------------------------------------------------
+
+    def device(self, requested: str) -> torch.device:
+        """The device this rank trains on, for a ``--device`` value.
+
+        Under several processes ``auto`` and ``cuda`` mean ``cuda:LOCAL_RANK``, one GPU each.
+        """
+        if not self.active:
+            return resolve_device(requested)
+        if requested == "auto":
+            requested = "cuda" if torch.cuda.is_available() else "cpu"
+        if requested.startswith("cuda:"):
+            raise BrainPropError(
+                f"--device {requested} would put all {self.world_size} processes on one GPU: "
+                "pass --device cuda (or auto) and each process takes GPU number LOCAL_RANK"
+            )
+        if requested == "cuda":
+            if self.local_rank >= torch.cuda.device_count():
+                raise BrainPropError(
+                    f"process {self.rank} has LOCAL_RANK {self.local_rank} but this node has "
+                    f"{torch.cuda.device_count()} GPUs: start at most that many processes per "
+                    "node (--nproc_per_node), or pass --device cpu"
+                )
+            return torch.device("cuda", self.local_rank)
+        return torch.device(requested)
+
+    def seed(self, seed: int) -> int:
+        """The seed of this rank's own random streams (exploration, dropout).
+
+        One process keeps ``seed`` itself, so that it is the plain run. Several derive
+        independent, well-mixed seeds from ``(seed, rank)`` with numpy's SeedSequence.
+        """
+        if not self.active:
+            return seed
+        # 32 bits: numpy's legacy global seed, which the loop also seeds, takes no more.
+        return int(np.random.SeedSequence([seed % 2**63, self.rank]).generate_state(1)[0])
+
+    def global_batch(self, batch_size: int, global_batch: int | None) -> int:
+        """Images per optimizer step over all ranks: ``global_batch``, else ``batch_size`` per
+        rank; raises for a global batch that does not split evenly over the ranks."""
+        if global_batch is None:
+            return batch_size * self.world_size
+        if global_batch % self.world_size:
+            raise BrainPropError(
+                f"--global-batch {global_batch} does not split evenly over {self.world_size} "
+                f"processes: pass a multiple of {self.world_size}, or start "
+                "--nproc_per_node/--nnodes so that the world size divides it"
+            )
+        return global_batch
+
+    # -- the step -------------------------------------------------------------------------
+
+    def batches(
+        self, x: torch.Tensor, y: torch.Tensor, perm: torch.Tensor, global_batch: int,
+        start: int = 0,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
+        """This rank's share (images [b, C, H, W] in [0, 1], labels [b]) of each global batch
+        of ``perm``, from global batch number ``start`` on. ``b`` may be 0 on a short last
+        batch: pass that step to :meth:`idle_step`."""
+        self._global_batch = global_batch
+        for idx in perm.split(global_batch)[start:]:
+            self._batch_images = len(idx)
+            mine = idx.tensor_split(self.world_size)[self.rank]
+            yield to_float(x[mine]), y[mine]
+
+    def loss_weight(self, objective: Objective, images: int) -> float:
+        """What this rank's mean loss over ``images`` images is multiplied by, so that the
+        sum over ranks of the weighted losses is the loss of the whole global batch."""
+        if objective.sums_over_nominal_batch:
+            return images / self._global_batch
+        return images / self._batch_images
+
+    def reduce_gradients(self, model: nn.Module) -> None:
+        """Sum every parameter's gradient over the ranks, in one all-reduce per dtype/device.
+
+        A parameter without a gradient (unused by the forward pass) contributes zeros and
+        keeps no gradient afterwards, so it is neither stepped nor decayed, as in one process.
+        Which parameters are used is read on the host, not from the reduced values, so a step
+        never waits for the device: an idle rank, which used none, takes the set its last step
+        with images used (the models here use the same parameters whatever the batch).
+        """
+        if not self.active:
+            return
+        groups: dict[tuple[torch.dtype, torch.device], list[nn.Parameter]] = {}
+        for p in model.parameters():
+            if p.requires_grad:
+                groups.setdefault((p.dtype, p.device), []).append(p)
+        for key, members in groups.items():
+            used = [p.grad is not None for p in members]
+            if any(used):
+                self._used[key] = used
+            else:
+                used = self._used.get(key, [True] * len(members))
+            flat = torch.cat(
+                [
+                    (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                    for p in members
+                ]
+            )
+            with self._collective("the gradient all-reduce"):
+                dist.all_reduce(flat)
+            grads = flat.split([p.numel() for p in members])
+            for p, g, keep in zip(members, grads, used, strict=True):
+                p.grad = g.view_as(p) if keep else None
+
+    def idle_step(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, y: torch.Tensor
+    ) -> Output:
+        """The step of a rank whose share of a short last batch is empty: no forward pass, but
+        it joins the gradient sum and applies the same update as the others."""
+        optimizer.zero_grad(set_to_none=True)
+        self.reduce_gradients(model)
+        optimizer.step()
+        none = y[:0]
+        return Output(
+            loss=torch.zeros((), device=y.device),
+            actions=none,
+            rewards=none.float(),
+            explored=none.bool(),
+        )
+
+    # -- agreement ------------------------------------------------------------------------
+
+    def sum(self, values: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Scalar tensors summed over the ranks (in float64: they are per-epoch counts)."""
+        if not self.active:
+            return values
+        flat = torch.stack([v.detach().double().reshape(()) for v in values])
+        with self._collective("summing the epoch's totals"):
+            dist.all_reduce(flat)
+        return [f.to(v.dtype) for f, v in zip(flat, values, strict=True)]
+
+    def settle(
+        self, model: nn.Module, sums: list[torch.Tensor], first_bad: torch.Tensor
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Before an epoch's end or a mid-epoch checkpoint: the running sums over all ranks,
+        the earliest non-finite step of any rank, and rank 0's buffers on every rank, so that
+        each rank checks and records the same model and numbers."""
+        self.broadcast_buffers(model)
+        return self.sum(sums), self.first_bad(first_bad)
+
+    def shares(self, sums: list[torch.Tensor]) -> dict[str, Any]:
+        """Mid-epoch checkpoint entries holding every rank's own running sums (a collective),
+        so that a resume on as many processes continues each rank's float sums exactly."""
+        if not self.active:
+            return {}
+        return {"rank_sums": self.gather(torch.stack([s.detach() for s in sums]).cpu())}
+
+    def own_share(self, partial: dict[str, Any], totals: list[torch.Tensor]) -> list[torch.Tensor]:
+        """This rank's part of a mid-epoch checkpoint's running sums (``totals`` are all
+        ranks' together): its own from :meth:`shares` when the world size is the same, else
+        all of them on rank 0 and zero elsewhere, so the epoch's final sum counts them once."""
+        if not self.active:
+            return totals
+        mine = partial.get("rank_sums")
+        if isinstance(mine, list) and len(mine) == self.world_size:
+            return [v.to(t) for v, t in zip(mine[self.rank].unbind(), totals, strict=True)]
+        if self.is_main:
+            return totals
+        return [torch.zeros_like(t) for t in totals]
+
+    def first_bad(self, first_bad: torch.Tensor) -> torch.Tensor:
+        """The earliest step (0-based, -1 for none) at which any rank's loss was not finite."""
+        if not self.active:
+            return first_bad
+        none = torch.iinfo(torch.int64).max
+        value = torch.where(first_bad < 0, torch.full_like(first_bad, none), first_bad)
+        with self._collective("agreeing on a NaN"):
+            dist.all_reduce(value, op=dist.ReduceOp.MIN)
+        return torch.where(value == none, torch.full_like(value, -1), value)
+
+    def broadcast_buffers(self, model: nn.Module) -> None:
+        """Give every rank rank 0's buffers (BatchNorm's running statistics), as DDP does."""
+        if not self.active:
+            return
+        with self._collective("broadcasting BatchNorm statistics"):
+            for b in model.buffers():
+                dist.broadcast(b, 0)
+
+    def decide(self, value: bool) -> bool:
+        """Rank 0's ``value`` on every rank."""
+        if not self.active:
+            return value
+        flag = torch.tensor([int(value)])
+        with self._collective("agreeing whether to stop"):
+            dist.broadcast(flag, 0)
+        return bool(flag.item())
+
+    def accuracy(
+        self, score: Callable[[torch.Tensor, torch.Tensor], float], x: torch.Tensor,
+        y: torch.Tensor,
+    ) -> float:  # fmt: skip
+        """``score(x, y)`` (a fraction correct) over all of ``x``, each rank scoring its part."""
+        if not self.active:
+            return score(x, y)
+        xs, ys = (
+            x.tensor_split(self.world_size)[self.rank],
+            y.tensor_split(self.world_size)[self.rank],
+        )
+        correct = torch.tensor([round(score(xs, ys) * len(ys)) if len(ys) else 0])
+        with self._collective("summing the evaluation"):
+            dist.all_reduce(correct)
+        return int(correct.item()) / max(len(y), 1)
+
+    def on_main(self, work: Callable[[], T]) -> T:
+        """Run ``work`` on rank 0 only and return its result on every rank.
+
+        A :class:`BrainPropError` there (a damaged checkpoint, a full disk) is raised on every
+        rank with the same line, so none waits for a rank that has given up.
+        """
+        if not self.active:
+            return work()
+        box: list[Any] = [None]
+        failure: BaseException | None = None
+        if self.is_main:
+            try:
+                box[0] = ("ok", work())
+            except BrainPropError as e:
+                box[0], failure = ("error", str(e)), e
+            except BaseException as e:
+                box[0], failure = ("crash", f"{type(e).__name__}: {e}"), e
+        with self._collective("receiving rank 0's result"):
+            dist.broadcast_object_list(box, 0)
+        if failure is not None:
+            raise failure
+        kind, value = box[0]
+        if kind == "error":
+            raise BrainPropError(value)
+        if kind == "crash":
+            raise BrainPropError(f"rank 0 failed ({value}); see its output above")
+        return value
+
+    def gather(self, value: T) -> list[T] | None:
+        """Every rank's ``value`` in rank order, on rank 0; None elsewhere."""
+        if not self.active:
+            return [value]
+        out: list[Any] | None = [None] * self.world_size if self.is_main else None
+        with self._collective("gathering the ranks' random states"):
+            dist.gather_object(value, out, 0)
+        return out
+
+    # -- checkpoints ----------------------------------------------------------------------
+
+    def streams(self, generator: torch.Generator, order: torch.Generator) -> dict[str, Any]:
+        """Checkpoint entries for the random streams of every rank (a collective: call it on
+        all ranks). One process adds nothing: its checkpoint is the plain run's."""
+        if not self.active:
+            return {}
+        mine = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "generator": generator.get_state(),
+        }
+        return {
+            "world_size": self.world_size,
+            "order_generator": order.get_state(),
+            "ranks": self.gather(mine),
+        }
+
+    def restore_streams(
+        self, state: dict[str, Any], generator: torch.Generator, order: torch.Generator,
+        seed: int,
+    ) -> None:  # fmt: skip
+        """Set this rank's random streams from a checkpoint that the plain restore has already
+        applied (its ``rng`` entry is rank 0's).
+
+        With the world size it was written by, each rank takes back its own streams and the
+        run continues bit-identically. Otherwise the order continues from the checkpoint's
+        order stream and each rank starts a fresh exploration stream seeded from
+        ``(seed, rank, world size, position)``; :func:`resume_note` says so.
+        """
+        saved = state.get("world_size", 1)
+        if not self.active:
+            if saved > 1:
+                generator.set_state(state["order_generator"])
+            return
+        order.set_state(state["order_generator"] if saved > 1 else state["rng"]["generator"])
+        if saved == self.world_size:
+            mine = state["ranks"][self.rank]
+            torch.set_rng_state(mine["torch"])
+            if mine["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(mine["cuda"])
+            generator.set_state(mine["generator"])
+            return
+        step = (state.get("partial") or {}).get("step", 0)
+        fresh = np.random.SeedSequence(
+            [seed % 2**63, self.rank, self.world_size, int(state["epoch"]), int(step)]
+        ).generate_state(1, np.uint64)[0]
+        torch.manual_seed(int(fresh))
+        generator.manual_seed(int(fresh))
+
+    def adapt_resume(
+        self, state: dict[str, Any], batch_size: int, global_batch: int | None
+    ) -> str | None:
+        """Fit a checkpoint written by another world size to this one; the line to print.
+
+        The run continues, but it is no longer the run it was: the global batch changes unless
+        ``--global-batch`` fixed it, the per-rank exploration streams are new, and a position
+        inside an epoch moves to the next whole global batch of the new size (skipping fewer
+        than one global batch of that epoch's images). None when the world size is the same.
+        """
+        saved = state.get("world_size", 1)
+        if not isinstance(saved, int) or saved < 1:
+            raise ValueError("its world size is malformed")
+        if saved == self.world_size:
+            return None
+        old = global_batch if global_batch is not None else batch_size * saved
+        new = self.global_batch(batch_size, global_batch)
+        skipped = ""
+        partial = state.get("partial")
+        if isinstance(partial, dict) and isinstance(partial.get("step"), int) and old != new:
+            done = partial["step"] * old
+            partial["step"] = -(-done // new)
+            if partial["step"] * new != done:
+                skipped = (
+                    f", and the interrupted epoch goes on from image {partial['step'] * new} "
+                    f"instead of {done}"
+                )
+        batch = (
+            f"the global batch stays {new}"
+            if old == new
+            else (f"the global batch changes from {old} to {new} (pass --global-batch to keep it)")
+        )
+        return (
+            f"warning: resuming a run of {saved} process(es) on {self.world_size}: {batch}, "
+            f"each process explores with a new random stream{skipped}; the continuation is "
+            f"deterministic but not the run {saved} process(es) would have made"
+        )
+
+    @contextlib.contextmanager
+    def _collective(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except (RuntimeError, ValueError) as e:
+            detail = " ".join(str(e).split())[:200]
+            raise BrainPropError(
+                f"process {self.rank} of {self.world_size} lost the others during {what} "
+                f"({detail}): another process died or stalled for over {self.timeout_s:g}s "
+                f"(${ENV_TIMEOUT}); continue from the last checkpoint with 'torchrun ... "
+                "brainprop train --resume RUN_DIR'"
+            ) from None
+
+
+class AgreedStop(StopRequest):
+    """A stop request that every rank sees at the same read.
+
+    The signal handler sets the local request at any moment, so two ranks reading their own
+    flags after the same step can disagree, and the one that stops leaves the other blocked in
+    the next all-reduce. Each read here is a collective returning the request of any rank
+    (SIGTERM over SIGINT when both); the loop reads it at the same points on every rank.
+    Once raised it stays raised without further collectives, on every rank alike.
+    """
+
+    def __init__(self, local: StopRequest, context: Context) -> None:
+        super().__init__()
+        self.local, self.context = local, context
+
+    @property
+    def requested(self) -> bool:
+        if self.signum is None:
+            if not self.context.active:
+                self.signum = self.local.signum
+            else:
+                flag = torch.tensor([self.local.signum or 0])
+                with self.context._collective("agreeing on a stop signal"):
+                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                self.signum = int(flag.item()) or None
+        return self.signum is not None
+
+
+_CURRENT = Context()
+
+
+def current() -> Context:
+    """The context :func:`joined` set up; a world of one process outside it."""
+    return _CURRENT
+
+
+def launched_main() -> bool:
+    """Whether this process is rank 0 of its torchrun job (or not under torchrun at all)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _env_int(name: str, default: int | None = None) -> int:
+    text = os.environ.get(name)
+    if text is None:
+        if default is None:
+            raise BrainPropError(
+                f"${name} is not set: start several processes with torchrun, which sets it"
+            )
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise BrainPropError(
+            f"${name} is {text!r}, not a whole number: launch with torchrun"
+        ) from None
+
+
+def _timeout() -> float:
+    text = os.environ.get(ENV_TIMEOUT)
+    if text is None:
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise BrainPropError(f"${ENV_TIMEOUT} is {text!r}: give a positive number of seconds")
+    return value
+
+
+@contextlib.contextmanager
+def joined() -> Iterator[Context]:
+    """Join torchrun's process group (once per process) and yield the context for the block.
+
+    The group outlives the block, until the process exits: a second ``train()`` in the same
+    processes reuses it, where leaving and re-joining would race the ranks against rank 0's
+    rendezvous store on the same port. A group someone else initialised (a notebook, a test
+    harness) is used as it is.
+    """
+    global _CURRENT
+    world = _env_int("WORLD_SIZE", 1)
+    if world <= 1:
+        yield _CURRENT
+        return
+    rank = _env_int("RANK")
+    if not 0 <= rank < world:
+        raise BrainPropError(f"$RANK is {rank} but $WORLD_SIZE is {world}: launch with torchrun")
+    context = Context(rank, world, _env_int("LOCAL_RANK", rank), _timeout())
+    if not dist.is_initialized():
+        for name in ("MASTER_ADDR", "MASTER_PORT"):
+            if name not in os.environ:
+                raise BrainPropError(
+                    f"${name} is not set: start several processes with torchrun, which sets it"
+                )
+        cuda = torch.cuda.is_available() and dist.is_nccl_available()
+        if cuda and context.local_rank < torch.cuda.device_count():
+            # NCCL binds each communicator to the current device when it first talks.
+            torch.cuda.set_device(context.local_rank)
+        try:
+            dist.init_process_group(
+                backend="cpu:gloo,cuda:nccl" if cuda else "gloo",
+                rank=rank,
+                world_size=world,
+                timeout=datetime.timedelta(seconds=context.timeout_s),
+            )
+        except (RuntimeError, ValueError) as e:
+            detail = " ".join(str(e).split())[:200]
+            raise BrainPropError(
+                f"process {rank} could not join the other {world - 1} at "
+                f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} within "
+                f"{context.timeout_s:g}s ({detail}): check that every node was started with "
+                "the same --rdzv-endpoint and that the port is open"
+            ) from None
+        atexit.register(dist.destroy_process_group)
+    previous, _CURRENT = _CURRENT, context
+    try:
+        yield context
+    finally:
+        _CURRENT = previous

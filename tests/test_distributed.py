@@ -1,0 +1,312 @@
+"""Data-parallel training: the sharding and weighting arithmetic in-process, then real gloo
+process groups on localhost (spawned workers and whole ``torchrun`` jobs), kept tiny for CI's
+2 shared cores."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from conftest import make_tiny_dataset
+from data_fixtures import write_idx_dataset
+from reliability_helpers import assert_same_run, train_module
+
+from brainprop import TrainConfig, train
+from brainprop.checkpoint import load
+from brainprop.distributed import Context, current, joined
+from brainprop.errors import BrainPropError
+from brainprop.objectives import EBP, BrainProp
+from brainprop.signals import Interrupted
+
+BIN = Path(sys.executable).parent
+#: Images per step over all ranks in the spawned jobs.
+GLOBAL = 8
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_one_process_is_the_identity() -> None:
+    one = Context()
+    assert not one.active and one.is_main
+    assert one.seed(7) == 7
+    assert one.global_batch(32, None) == 32 and one.global_batch(32, 64) == 64
+    values = [torch.tensor(1.5)]
+    assert one.sum(values) is values
+    assert one.decide(True) and one.on_main(lambda: 3) == 3 and one.gather(5) == [5]
+    assert one.device("cpu") == torch.device("cpu")
+    with joined() as context:  # no torchrun variables: nothing is joined
+        assert not context.active and current() is context
+
+
+def test_world_of_one_from_torchrun_is_the_plain_run(tmp_path: Path, monkeypatch) -> None:
+    ds = make_tiny_dataset(n_train=64, n_test=16)
+    config = dict(dataset="mnist", arch="dense", epochs=1, batch_size=16, out_dir=str(tmp_path))
+    plain = train(TrainConfig(**config, name="plain"), dataset=ds, progress=False)
+    for name, value in {"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(name, value)
+    one = train(TrainConfig(**config, name="one"), dataset=ds, progress=False)
+    for key, tensor in plain.model.state_dict().items():
+        assert torch.equal(tensor, one.model.state_dict()[key]), key
+
+
+def test_global_batch_must_split_evenly() -> None:
+    with pytest.raises(BrainPropError, match="--global-batch 10 does not split evenly over 3"):
+        Context(0, 3).global_batch(4, 10)
+    assert Context(1, 3).global_batch(4, None) == 12
+
+
+def test_ranks_get_independent_reproducible_seeds() -> None:
+    seeds = [Context(r, 4).seed(3) for r in range(4)]
+    assert len(set(seeds)) == 4 and seeds == [Context(r, 4).seed(3) for r in range(4)]
+    assert Context(0, 4).seed(4) not in seeds
+
+
+def test_shards_of_each_global_batch_are_the_one_process_batches() -> None:
+    x = torch.arange(41, dtype=torch.uint8).view(41, 1, 1, 1)
+    y = torch.arange(41)
+    perm = torch.randperm(41, generator=torch.Generator().manual_seed(0))
+    ranks = [list(Context(r, 2).batches(x, y, perm, GLOBAL)) for r in range(2)]
+    whole = perm.split(GLOBAL)
+    assert [len(b[1]) for b in ranks[1]] == [4, 4, 4, 4, 4, 0]
+    for step, idx in enumerate(whole):
+        assert torch.equal(torch.cat([ranks[0][step][1], ranks[1][step][1]]), idx)
+
+
+@pytest.mark.parametrize("objective", [BrainProp(0.0), EBP()], ids=["brainprop", "ebp"])
+def test_weighted_rank_losses_sum_to_the_global_batch_loss(objective) -> None:
+    """On a short last batch of 5 split 3 + 2, the weighted per-rank mean losses add up to the
+    loss one process computes: BrainProp's over the nominal batch, EBP's over the 5 images."""
+    q = torch.randn(5, 4, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 1, 2, 3, 0])
+    perm = torch.arange(5)
+    total = 0.0
+    for rank in range(2):
+        context = Context(rank, 2)
+        batches = context.batches(q.view(5, 4, 1, 1), y, perm, GLOBAL)
+        _, yb = next(batches)
+        idx = perm.tensor_split(2)[rank]
+        out = objective(q[idx], yb)
+        total += float(out.loss) * context.loss_weight(objective, len(yb))
+    whole = float(objective(q, y).loss)
+    expected = whole * 5 / GLOBAL if objective.sums_over_nominal_batch else whole
+    assert total == pytest.approx(expected, rel=1e-6)
+
+
+def test_resume_on_another_world_size_warns_and_moves_to_a_whole_batch() -> None:
+    state: dict[str, Any] = {"world_size": 2, "epoch": 3, "partial": {"step": 3}}
+    note = Context(0, 3).adapt_resume(state, 4, None)
+    assert note is not None and note.startswith("warning: resuming a run of 2 process(es) on 3")
+    assert "global batch changes from 8 to 12" in note and "from image 24 instead of 24" not in note
+    assert state["partial"]["step"] == 2  # 24 images done: two batches of 12
+    state = {"world_size": 2, "epoch": 3, "partial": {"step": 1}}
+    note = Context(0, 4).adapt_resume(state, 4, 8)
+    assert "the global batch stays 8" in note and state["partial"]["step"] == 1
+    assert Context(0, 2).adapt_resume({"world_size": 2, "epoch": 0}, 4, None) is None
+
+
+# -- real process groups ------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _join_env(rank: int, world: int, port: int) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port), BRAINPROP_DIST_TIMEOUT="60",
+    )  # fmt: skip
+
+
+def _config(out: Path, name: str, **overrides: Any) -> TrainConfig:
+    base: dict[str, Any] = dict(
+        dataset="mnist", arch="dense", epsilon=0.0, epochs=2, seed=5, out_dir=str(out),
+        name=name, device="cpu",
+    )  # fmt: skip
+    return TrainConfig(**{**base, **overrides})
+
+
+#: (rule, training images): BrainProp over 41 images ends with a global batch of 1, so rank 1
+#: idles through it; EBP over 43 ends with 3, split 2 + 1, which its mean weights unevenly.
+EQUIVALENCE = (("brainprop", 41), ("ebp", 43))
+
+
+def _worker(rank: int, world: int, port: int, out: Path) -> None:
+    _join_env(rank, world, port)
+    for rule, n_train in EQUIVALENCE:
+        config = _config(out, f"{rule}-{n_train}", rule=rule, global_batch=GLOBAL)
+        train(config, dataset=make_tiny_dataset(n_train=n_train, n_test=20), progress=False)
+    ds = make_tiny_dataset(n_train=48, n_test=16)
+    for name in ("explore-a", "explore-b"):
+        train(_config(out, name, epsilon=0.5, epochs=1, global_batch=GLOBAL), dataset=ds,
+              progress=False)  # fmt: skip
+    # The same run, but rank 1 alone gets SIGTERM during step 3 of 6; then resumed.
+    real = train_module.train_step
+    steps = [0]
+
+    def signalled_step(*args: Any, **kwargs: Any) -> Any:
+        steps[0] += 1
+        if rank == 1 and steps[0] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    train_module.train_step = signalled_step
+    with pytest.raises(Interrupted, match="in epoch 1 after step 3"):
+        train(_config(out, "explore-cut", epsilon=0.5, epochs=1, global_batch=GLOBAL),
+              dataset=ds, progress=False)  # fmt: skip
+    train_module.train_step = real
+    train(None, resume=out / "explore-cut", dataset=ds, progress=False)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> Path:
+    """The run directories of one 2-process job (one spawn: each costs seconds of imports)."""
+    out = tmp_path_factory.mktemp("two")
+    mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    return out
+
+
+def test_two_processes_match_one_with_the_global_batch(two_ranks: Path, tmp_path: Path) -> None:
+    """Exploration and dropout off, no BatchNorm (the dense net): 2 ranks x 4 images per step
+    take the steps 1 process takes with 8, over 2 epochs, short last batches included."""
+    for rule, n_train in EQUIVALENCE:
+        name = f"{rule}-{n_train}"
+        one = train(
+            _config(tmp_path, name, rule=rule, batch_size=GLOBAL),
+            dataset=make_tiny_dataset(n_train=n_train, n_test=20), progress=False,
+        )  # fmt: skip
+        two = load(two_ranks / name / "last.pt")
+        assert two["world_size"] == 2 and two["epoch"] == 2
+        for key, tensor in one.model.state_dict().items():
+            torch.testing.assert_close(two["model"][key], tensor, rtol=1e-5, atol=1e-6)
+        history = json.loads((two_ranks / name / "history.json").read_text())
+        assert [h["val_acc"] for h in history] == [h["val_acc"] for h in one.history]
+        for h, h1 in zip(history, one.history, strict=True):
+            assert h["train_loss"] == pytest.approx(h1["train_loss"], rel=1e-5)
+            assert h["train_reward"] == h1["train_reward"]
+    # Rank 0 alone wrote: one directory per run.
+    assert sorted(p.name for p in two_ranks.iterdir()) == sorted(
+        ["explore-a", "explore-b", "explore-cut", *(f"{r}-{n}" for r, n in EQUIVALENCE)]
+    )
+
+
+def test_exploration_streams_differ_per_rank_and_the_run_is_reproducible(two_ranks: Path) -> None:
+    a, b = load(two_ranks / "explore-a" / "last.pt"), load(two_ranks / "explore-b" / "last.pt")
+    ranks = a["ranks"]
+    assert not torch.equal(ranks[0]["generator"], ranks[1]["generator"])
+    assert not torch.equal(ranks[0]["torch"], ranks[1]["torch"])
+    for key, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][key]), key
+    for ra, rb in zip(a["ranks"], b["ranks"], strict=True):
+        assert torch.equal(ra["generator"], rb["generator"])
+    history = json.loads((two_ranks / "explore-a" / "history.json").read_text())
+    assert history[0]["explore_rate"] > 0.3
+
+
+def test_a_signal_on_one_rank_stops_all_at_one_step_and_resume_is_bit_identical(
+    two_ranks: Path,
+) -> None:
+    assert_same_run(two_ranks / "explore-a", two_ranks / "explore-cut")
+    whole = load(two_ranks / "explore-a" / "last.pt")
+    cut = load(two_ranks / "explore-cut" / "last.pt")
+    for ra, rb in zip(whole["ranks"], cut["ranks"], strict=True):
+        assert torch.equal(ra["generator"], rb["generator"])
+        assert torch.equal(ra["torch"], rb["torch"])
+
+
+# -- whole torchrun jobs --------------------------------------------------------------------
+
+
+def _torchrun(*args: str | Path, module: bool = True) -> list[str]:
+    target = ["-m", "brainprop"] if module else [str(BIN / "brainprop")]
+    return [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", *target, *map(str, args)]
+
+
+def _env() -> dict[str, str]:
+    return {
+        **os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+        "BRAINPROP_DIST_TIMEOUT": "30",
+    }  # fmt: skip
+
+
+def test_torchrun_trains_end_to_end_into_one_run_directory(tmp_path: Path) -> None:
+    data, out = tmp_path / "data", tmp_path / "runs"
+    write_idx_dataset(data / "mnist", n_train=40, n_test=20, gz=False)
+    done = subprocess.run(
+        _torchrun("train", "--dataset", "mnist", "--arch", "dense", "--global-batch", "16",
+                  "--epochs", "2", "--data-dir", data, "--out", out, "--quiet"),
+        env=_env(), capture_output=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    (run,) = out.iterdir()
+    summary = json.loads(done.stdout)  # rank 0 alone prints it
+    assert summary["epochs_run"] == 2 and summary["world_size"] == 2
+    assert json.loads((run / "config.json").read_text())["global_batch"] == 16
+    assert {"last.pt", "best.pt", "history.csv", "summary.json"} <= {p.name for p in run.iterdir()}
+
+
+def _workers(agent: int) -> dict[int, int]:
+    """{rank: pid} of the worker processes torchrun's agent ``agent`` started."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            env = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        rank = [v for v in env if v.startswith(b"RANK=")]
+        if ppid == agent and rank:
+            found[int(rank[0][5:])] = int(entry.name)
+    return found
+
+
+def test_a_killed_rank_fails_the_job_promptly_and_resume_completes(tmp_path: Path) -> None:
+    data, out = tmp_path / "data", tmp_path / "runs"
+    write_idx_dataset(data / "mnist", n_train=64, n_test=16, gz=False)
+    run = out / "run"
+    job = subprocess.Popen(
+        _torchrun("train", "--dataset", "mnist", "--arch", "dense", "--batch-size", "8",
+                  "--epochs", "100", "--data-dir", data, "--out", out, "--name", "run", "--quiet"),
+        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    deadline = time.monotonic() + 90
+    while not (run / "last.pt").is_file() and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    workers = _workers(job.pid)
+    assert job.poll() is None and set(workers) == {0, 1}, job.communicate()[1].decode()[-3000:]
+    os.kill(workers[1], signal.SIGKILL)
+    t0 = time.monotonic()
+    _, err = job.communicate(timeout=90)
+    assert time.monotonic() - t0 < 60
+    assert job.returncode != 0
+    assert "SIGKILL" in err.decode(), err.decode()[-3000:]
+
+    epochs = load(run / "last.pt")["epoch"] + 1
+    done = subprocess.run(
+        _torchrun("train", "--resume", run, "--epochs", str(epochs), "--quiet", module=False),
+        env=_env(), capture_output=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    assert json.loads(done.stdout)["epochs_run"] == epochs
+    assert [p.name for p in out.iterdir()] == ["run"]
