@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -174,6 +175,8 @@ def _worker(rank: int, world: int, port: int, out: Path) -> None:
         train(_config(out, "explore-cut", epsilon=0.5, epochs=1, global_batch=GLOBAL),
               dataset=ds, progress=False)  # fmt: skip
     train_module.train_step = real
+    if rank == 0:  # kept mid-epoch, for a resume on one process
+        shutil.copytree(out / "explore-cut", out / "explore-cut-one")
     train(None, resume=out / "explore-cut", dataset=ds, progress=False)
 
 
@@ -205,7 +208,8 @@ def test_two_processes_match_one_with_the_global_batch(two_ranks: Path, tmp_path
             assert h["train_reward"] == h1["train_reward"]
     # Rank 0 alone wrote: one directory per run.
     assert sorted(p.name for p in two_ranks.iterdir()) == sorted(
-        ["explore-a", "explore-b", "explore-cut", *(f"{r}-{n}" for r, n in EQUIVALENCE)]
+        ["explore-a", "explore-b", "explore-cut", "explore-cut-one",
+         *(f"{r}-{n}" for r, n in EQUIVALENCE)]  # fmt: skip
     )
 
 
@@ -231,6 +235,31 @@ def test_a_signal_on_one_rank_stops_all_at_one_step_and_resume_is_bit_identical(
     for ra, rb in zip(whole["ranks"], cut["ranks"], strict=True):
         assert torch.equal(ra["generator"], rb["generator"])
         assert torch.equal(ra["torch"], rb["torch"])
+
+
+def test_a_two_process_checkpoint_resumes_on_one_process_with_a_warning(
+    two_ranks: Path, capsys
+) -> None:
+    run = train(None, resume=two_ranks / "explore-cut-one", progress=False,
+                dataset=make_tiny_dataset(n_train=48, n_test=16))  # fmt: skip
+    assert capsys.readouterr().err.strip() == (
+        "brainprop: warning: resuming a run of 2 process(es) on 1: the global batch stays 8, each "
+        "process explores with a new random stream; the continuation is deterministic but not "
+        "the run 2 process(es) would have made"
+    )
+    assert run.summary["epochs_run"] == 1 and run.summary["world_size"] == 1
+    whole = json.loads((two_ranks / "explore-a" / "history.json").read_text())[0]
+    # The first 3 of 6 steps were the 2-process run's; the rest differ only in exploration.
+    assert run.history[0]["train_reward"] == pytest.approx(whole["train_reward"], abs=0.25)
+
+
+def test_batch_size_and_global_batch_are_one_setting() -> None:
+    with pytest.raises(BrainPropError, match="--batch-size 32 and --global-batch 64 both"):
+        TrainConfig(dataset="mnist", arch="dense", batch_size=32, global_batch=64).resolve()
+    config = TrainConfig(dataset="mnist", arch="dense", global_batch=64).resolve()
+    assert config.batch_size == 64 and config.global_batch == 64
+    with pytest.raises(BrainPropError, match="--global-batch must be >= 1, got 0"):
+        TrainConfig(dataset="mnist", arch="dense", global_batch=0).resolve()
 
 
 # -- whole torchrun jobs --------------------------------------------------------------------
