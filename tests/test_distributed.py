@@ -4,7 +4,9 @@ process groups on localhost (spawned workers and whole ``torchrun`` jobs), kept 
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import shutil
 import signal
@@ -178,6 +180,23 @@ def _worker(rank: int, world: int, port: int, out: Path) -> None:
     if rank == 0:  # kept mid-epoch, for a resume on one process
         shutil.copytree(out / "explore-cut", out / "explore-cut-one")
     train(None, resume=out / "explore-cut", dataset=ds, progress=False)
+    # Rank 1 alone sees a NaN loss at step 2: with --on-nan stop and reload, every rank must
+    # take the same branch (stop, or rewind to the initial state at half the learning rate).
+    nans = [0]
+
+    def nan_step(*args: Any, **kwargs: Any) -> Any:
+        out = real(*args, **kwargs)
+        nans[0] += 1
+        if rank == 1 and nans[0] == 2:
+            return dataclasses.replace(out, loss=out.loss * math.nan)
+        return out
+
+    train_module.train_step = nan_step
+    for on_nan in ("stop", "reload"):
+        nans[0] = 0
+        train(_config(out, f"nan-{on_nan}", epochs=1, global_batch=GLOBAL, on_nan=on_nan),
+              dataset=ds, progress=False)  # fmt: skip
+    train_module.train_step = real
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +227,7 @@ def test_two_processes_match_one_with_the_global_batch(two_ranks: Path, tmp_path
             assert h["train_reward"] == h1["train_reward"]
     # Rank 0 alone wrote: one directory per run.
     assert sorted(p.name for p in two_ranks.iterdir()) == sorted(
-        ["explore-a", "explore-b", "explore-cut", "explore-cut-one",
+        ["explore-a", "explore-b", "explore-cut", "explore-cut-one", "nan-reload", "nan-stop",
          *(f"{r}-{n}" for r, n in EQUIVALENCE)]  # fmt: skip
     )
 
@@ -235,6 +254,15 @@ def test_a_signal_on_one_rank_stops_all_at_one_step_and_resume_is_bit_identical(
     for ra, rb in zip(whole["ranks"], cut["ranks"], strict=True):
         assert torch.equal(ra["generator"], rb["generator"])
         assert torch.equal(ra["torch"], rb["torch"])
+
+
+def test_a_nan_on_one_rank_stops_or_rewinds_every_rank(two_ranks: Path) -> None:
+    stop = json.loads((two_ranks / "nan-stop" / "summary.json").read_text())
+    assert stop["stop_reason"] == "non-finite loss at epoch 1, step 2"
+    assert stop["epochs_run"] == 0 and not (two_ranks / "nan-stop" / "last.pt").exists()
+    reload = json.loads((two_ranks / "nan-reload" / "summary.json").read_text())
+    assert reload["nan_reloads"] == 1 and reload["epochs_run"] == 1
+    assert load(two_ranks / "nan-reload" / "last.pt")["lr_scale"] == 0.5
 
 
 def test_a_two_process_checkpoint_resumes_on_one_process_with_a_warning(
