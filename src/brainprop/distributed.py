@@ -326,7 +326,7 @@ class Context:
         if not self.active:
             return [value]
         out: list[Any] | None = [None] * self.world_size if self.is_main else None
-        with self._collective("gathering the ranks' random states"):
+        with self._collective("gathering the ranks' checkpoint entries"):
             dist.gather_object(value, out, 0)
         return out
 
