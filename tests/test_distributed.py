@@ -227,8 +227,15 @@ def test_two_processes_match_one_with_the_global_batch(two_ranks: Path, tmp_path
             assert h["train_reward"] == h1["train_reward"]
     # Rank 0 alone wrote: one directory per run.
     assert sorted(p.name for p in two_ranks.iterdir()) == sorted(
-        ["explore-a", "explore-b", "explore-cut", "explore-cut-one", "nan-reload", "nan-stop",
-         *(f"{r}-{n}" for r, n in EQUIVALENCE)]  # fmt: skip
+        [
+            "explore-a",
+            "explore-b",
+            "explore-cut",
+            "explore-cut-one",
+            "nan-reload",
+            "nan-stop",
+            *(f"{r}-{n}" for r, n in EQUIVALENCE),
+        ]  # fmt: skip
     )
 
 

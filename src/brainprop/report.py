@@ -246,9 +246,7 @@ def to_json(results: Sequence[CellResult], count: int, machines: Sequence[str]) 
             "published": "BrainProp test accuracy within published mean +- 2 sd",
         },
         "published_source": PUBLISHED_SOURCE,
-        "published": {
-            f"{c.dataset}/{c.arch}": dataclasses.asdict(p) for c, p in PUBLISHED.items()
-        },
+        "published": {f"{c.dataset}/{c.arch}": dataclasses.asdict(p) for c, p in PUBLISHED.items()},
         "unmeasured": [f"{c.dataset}/{c.arch}" for c in _unmeasured(results)],
         "cells": [dataclasses.asdict(r) for r in results],
     }
@@ -308,9 +306,7 @@ def _pair(
     result: CellResult, get: Callable[[RuleStats], Stat | None], digits: int = 2
 ) -> list[str]:
     """BrainProp's and EBP's value of ``get``, formatted."""
-    return [
-        "–" if (s := _rule(result, r)) is None else _stat(get(s), digits) for r in RULE_ORDER
-    ]
+    return ["–" if (s := _rule(result, r)) is None else _stat(get(s), digits) for r in RULE_ORDER]
 
 
 def _seeds(result: CellResult) -> str:
@@ -456,8 +452,21 @@ def readme_section(results: Sequence[CellResult], report: str) -> str:
         "the paper claims gap ≈ 0 and a ratio of 1 to 3.5.",
         "",
         *_table(
-            ["cell", "validation", "machine", "epoch cap", "seeds", "BrainProp", "EBP", "gap",
-             "equal?", "epoch ratio", "1–3.5?", "published", "within 2 sd?"],
+            [
+                "cell",
+                "validation",
+                "machine",
+                "epoch cap",
+                "seeds",
+                "BrainProp",
+                "EBP",
+                "gap",
+                "equal?",
+                "epoch ratio",
+                "1–3.5?",
+                "published",
+                "within 2 sd?",
+            ],
             rows,
         ),  # fmt: skip
         "",
