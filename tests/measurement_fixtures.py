@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from brainprop.experiments import MEASUREMENT_FORMAT, MEASUREMENTS, Measurement, RunSpec
+from brainprop.experiments import Measurement, RunSpec
+from brainprop.experiments import write_measurement as write_record
 
 
 def write_measurement(
@@ -41,21 +41,4 @@ def write_measurement(
     m = Measurement(
         spec.name, spec.cell, spec.rule, spec.seed, spec.val, spec.max_epochs, machine, summary
     )
-    folder = out / MEASUREMENTS
-    folder.mkdir(parents=True, exist_ok=True)
-    record = {
-        "format": MEASUREMENT_FORMAT,
-        "run": spec.name,
-        "dataset": spec.cell.dataset,
-        "arch": spec.cell.arch,
-        "rule": spec.rule,
-        "seed": spec.seed,
-        "val": spec.val,
-        "max_epochs": spec.max_epochs,
-        "machine": machine,
-        "summary": summary,
-        "config": {},
-        "curve": {"val_acc": [], "test_acc": []},
-    }
-    (folder / m.file_name).write_text(json.dumps(record))
-    return m
+    return write_record(m, {}, {"val_acc": [], "test_acc": []}, out)

@@ -218,6 +218,15 @@ def record(spec: RunSpec, run_dir: Path, out: Path) -> Measurement:
         spec.name, spec.cell, spec.rule, spec.seed, spec.val, spec.max_epochs,
         str(summary.get("device", "unknown")), summary,
     )  # fmt: skip
+    # The curve lets a report plot or re-select epochs without the run directory.
+    curve = {key: [round(float(h[key]), 5) for h in history] for key in ("val_acc", "test_acc")}
+    return write_measurement(m, config, curve, out)
+
+
+def write_measurement(
+    m: Measurement, config: dict[str, Any], curve: dict[str, list[float]], out: Path
+) -> Measurement:
+    """Write ``m`` as ``out/measurements/<run>@<machine>.json``; returns it with its path."""
     folder = out / MEASUREMENTS
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_json(
@@ -225,19 +234,16 @@ def record(spec: RunSpec, run_dir: Path, out: Path) -> Measurement:
         {
             "format": MEASUREMENT_FORMAT,
             "run": m.run,
-            "dataset": spec.cell.dataset,
-            "arch": spec.cell.arch,
-            "rule": spec.rule,
-            "seed": spec.seed,
-            "val": spec.val,
-            "max_epochs": spec.max_epochs,
+            "dataset": m.cell.dataset,
+            "arch": m.cell.arch,
+            "rule": m.rule,
+            "seed": m.seed,
+            "val": m.val,
+            "max_epochs": m.max_epochs,
             "machine": m.machine,
-            "summary": summary,
+            "summary": m.summary,
             "config": config,
-            # The curve lets a report plot or re-select epochs without the run directory.
-            "curve": {
-                key: [round(float(h[key]), 5) for h in history] for key in ("val_acc", "test_acc")
-            },
+            "curve": curve,
         },
     )
     return replace(m, path=folder / m.file_name)
