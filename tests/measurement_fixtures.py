@@ -39,6 +39,14 @@ def write_measurement(
         "total_seconds": (s_per_epoch + 1.0) * epochs_run,
     }
     m = Measurement(
-        spec.name, spec.cell, spec.rule, spec.seed, spec.val, spec.max_epochs, machine, summary
+        spec.name,
+        spec.cell,
+        spec.rule,
+        spec.seed,
+        spec.val,
+        spec.max_epochs,
+        machine,
+        summary,
+        preset=spec.preset,
     )
     return write_record(m, {}, {"val_acc": [], "test_acc": []}, out)

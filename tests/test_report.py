@@ -144,3 +144,27 @@ def test_damaged_measurement_file_is_a_one_line_error(tmp_path):
     (tmp_path / MEASUREMENTS / "x@y.json").write_text('{"format": "other"}')
     with pytest.raises(BrainPropError, match="not a brainprop measurement"):
         load_measurements(tmp_path)
+
+
+def test_runs_with_another_preset_are_their_own_row_held_to_the_published_number(tmp_path):
+    dense = Cell("mnist", "dense")
+    _cell_runs(tmp_path, dense, CPU, [0.90], [0.98], [40], [18])
+    _cell_runs(tmp_path, dense, CPU, [0.9868, 0.9870], [0.985, 0.986], [90, 100], [30, 40],
+               preset="quickstart")  # fmt: skip
+    paper, tuned = aggregate(load_measurements(tmp_path))
+    assert (paper.preset, paper.label) == ("paper", "MNIST dense")
+    assert (tuned.preset, tuned.label) == ("quickstart", "MNIST dense, quickstart settings")
+    assert paper.rules["brainprop"].test_acc.mean == pytest.approx(90.0)
+    assert tuned.rules["brainprop"].seeds == (0, 1) and tuned.published_verdict.agrees is True
+    md = write_report(tmp_path).read_text()
+    assert "| MNIST dense, quickstart settings | " in md
+    assert (
+        "- MNIST dense, quickstart: lr 0.5 halved every 100 epochs, batch 64, init sigma "
+        "0.03; the paper's: lr 0.1 halved every 100 epochs, batch 128, init sigma 0.01"
+    ) in md
+    # A measurement merged from a version with another preset table still reports.
+    m = load_measurements(tmp_path)[-1]
+    d = json.loads(m.path.read_text())
+    d["preset"] = "from-the-future"
+    m.path.write_text(json.dumps(d))
+    assert "from-the-future: not in this version's tables" in write_report(tmp_path).read_text()

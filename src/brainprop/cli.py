@@ -47,7 +47,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     from .data import DATASET_NAMES
     from .feedback import FEEDBACK_MODES
     from .objectives import RULES
-    from .presets import ARCHITECTURES, PRESETS
+    from .presets import ARCHITECTURES, PAPER_PRESET, PRESETS
 
     p = sub.add_parser("train", help="train one network", description="Train one network.")
     p.add_argument("--dataset", choices=DATASET_NAMES, default="mnist")
@@ -60,7 +60,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     hp = p.add_argument_group("hyperparameters (default: the preset's value for dataset and arch)")
     hp.add_argument(
-        "--preset", choices=list(PRESETS), default="paper",
+        "--preset", choices=list(PRESETS), default=PAPER_PRESET,
         help="table to take hyperparameters from: the paper's, or 'quickstart' (MNIST dense)",
     )  # fmt: skip
     hp.add_argument("--lr", type=float)
@@ -181,6 +181,8 @@ def _names(text: str) -> tuple[str, ...]:
 
 
 def _add_reproduce(sub: argparse._SubParsersAction) -> None:
+    from .presets import PAPER_PRESET, PRESETS
+
     p = sub.add_parser(
         "reproduce", help="run the paper's experiment matrix and report it",
         description="Run the paper's matrix (cells x rules x seeds) resumably in priority order, "
@@ -192,6 +194,10 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rules", type=_names, default=("brainprop", "ebp"))
     p.add_argument("--seeds", type=int, default=10, help="seeds 0..N-1 per cell and rule")
     p.add_argument("--max-epochs", type=int, help="cap every run (default: the paper's 500)")
+    p.add_argument(
+        "--preset", choices=list(PRESETS), default=PAPER_PRESET,
+        help="hyperparameter table (default: the paper's); others run only their own cells",
+    )  # fmt: skip
     p.add_argument("--val-split", type=int, metavar="N", help="validate on N held-out images")
     p.add_argument(
         "--budget-minutes", type=float,
@@ -222,6 +228,7 @@ def _reproduce(args: argparse.Namespace) -> int:
             seeds=args.seeds,
             val=args.val_split,
             max_epochs=args.max_epochs,
+            preset=args.preset,
             out=out,
             data_dir=args.data_dir,
             device=args.device,

@@ -19,6 +19,7 @@ from .objectives import RULES
 from .presets import (
     ARCHITECTURES,
     DATASET_FAMILY,
+    PAPER_PRESET,
     Hyperparameters,
     published_hyperparameters,
     with_dropout,
@@ -49,7 +50,7 @@ class TrainConfig:
     epsilon: float = 0.02
     feedback: str = "symmetric"
     # Hyperparameters: None means the value in the preset's table (presets.PRESETS).
-    preset: str = "paper"
+    preset: str = PAPER_PRESET
     lr: float | None = None
     lr_halving_epochs: int | None = None
     batch_size: int | None = None

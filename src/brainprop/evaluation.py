@@ -56,9 +56,27 @@ def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
 
 
 def device_name(device: torch.device) -> str:
+    """The machine a number was measured on: the GPU's name, or the CPU model and threads."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    model = _cpu_model()
+    arch = platform.machine()
+    kind = f"{model}, {arch}" if model else (platform.processor() or arch)
+    return f"cpu ({kind}, {threads} thread{'s' if threads != 1 else ''})"
+
+
+def _cpu_model() -> str | None:
+    """Linux's name for the CPU (``platform`` has none there); None elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return None
 
 
 def load_model(

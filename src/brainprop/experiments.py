@@ -7,11 +7,12 @@
     measurements/<run>@<machine>.json  one finished run: config, summary, accuracy curve
     results.md, results.json, results.png   the report (:mod:`brainprop.report`)
 
-A run's name says what it is (``cifar10-deep-ebp-s3``, ``-val5000`` for held-out validation,
-``-e2`` for an epoch cap other than the paper's 500), so the same request always maps to the
-same directories: a finished run is skipped, an interrupted one resumes from its ``last.pt``.
-Measurements are one small file each, named by run and machine, so results from another
-machine merge in by copying its ``measurements/`` files; the report reads them all.
+A run's name says what it is (``cifar10-deep-ebp-s3``, ``-quickstart`` for hyperparameters from
+a preset table other than the paper's, ``-val5000`` for held-out validation, ``-e2`` for an
+epoch cap other than the paper's 500), so the same request always maps to the same directories:
+a finished run is skipped, an interrupted one resumes from its ``last.pt``. Measurements are one
+small file each, named by run and machine, so results from another machine merge in by copying
+its ``measurements/`` files; the report reads them all.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from . import rundir, signals
 from .checkpoint import atomic_write_json
 from .config import TrainConfig
 from .errors import BrainPropError
+from .presets import DATASET_FAMILY, PAPER_PRESET, PRESETS
 
 RUNS, MEASUREMENTS = "runs", "measurements"
 MEASUREMENT_FORMAT = "brainprop-measurement-1"
@@ -88,7 +90,8 @@ HEADLINE: tuple[Cell, ...] = (
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One run of the matrix: a cell, a rule, a seed and how it is validated and capped.
+    """One run of the matrix: a cell, a rule, a seed, how it is validated and capped, and the
+    preset table its hyperparameters come from.
 
     ``val`` is None to validate on the test set (as the paper) or a number of held-out training
     images; ``max_epochs`` is None for the paper's 500 epochs with early stopping.
@@ -99,10 +102,13 @@ class RunSpec:
     seed: int
     val: int | None = None
     max_epochs: int | None = None
+    preset: str = PAPER_PRESET
 
     @property
     def name(self) -> str:
         name = f"{self.cell.dataset}-{self.cell.arch}-{self.rule}-s{self.seed}"
+        if self.preset != PAPER_PRESET:
+            name += f"-{self.preset}"
         if self.val is not None:
             name += f"-val{self.val}"
         if self.max_epochs is not None:
@@ -110,12 +116,13 @@ class RunSpec:
         return name
 
     def config(self, out: Path, data_dir: str | None, device: str) -> TrainConfig:
-        """The paper preset for this run, writing its directory under ``out/runs``."""
+        """This run's preset for its cell, writing its directory under ``out/runs``."""
         return TrainConfig(
             dataset=self.cell.dataset,
             arch=self.cell.arch,
             rule=self.rule,
             seed=self.seed,
+            preset=self.preset,
             epochs=self.max_epochs or PAPER_EPOCHS,
             val="test" if self.val is None else self.val,
             device=device,
@@ -151,8 +158,10 @@ def plan(
     seeds: int = 10,
     val: int | None = None,
     max_epochs: int | None = None,
+    preset: str = PAPER_PRESET,
 ) -> list[RunSpec]:
-    """Every run of ``cells x rules x range(seeds)``, in priority order.
+    """Every run of ``cells x rules x range(seeds)`` with ``preset``'s hyperparameters, in
+    priority order.
 
     The order is what a budget cuts: seed 0 of every cell before seed 1 (a first estimate of
     every cell beats ten seeds of one); within a seed the headline cells (published numbers)
@@ -168,6 +177,17 @@ def plan(
         raise BrainPropError(f"--val-split must be >= 1 held-out images, got {val}")
     if max_epochs is not None and max_epochs < 1:
         raise BrainPropError(f"--max-epochs must be >= 1, got {max_epochs}")
+    if preset not in PRESETS:
+        raise BrainPropError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    covered = [c for c in MATRIX if (DATASET_FAMILY[c.dataset], c.arch) in PRESETS[preset]]
+    uncovered = [c for c in cells if c not in covered]
+    if uncovered:
+        pairs = ",".join(dict.fromkeys(c.arch for c in covered))
+        sets = ",".join(dict.fromkeys(c.dataset for c in covered))
+        raise BrainPropError(
+            f"preset {preset!r} has no settings for {uncovered[0].dataset}/{uncovered[0].arch}: "
+            f"run it with --datasets {sets} --archs {pairs}"
+        )
     cap = None if max_epochs == PAPER_EPOCHS else max_epochs
 
     def priority(spec: RunSpec) -> tuple[int, int, int, int]:
@@ -175,7 +195,7 @@ def plan(
         return (spec.seed, headline, MATRIX.index(spec.cell), RULE_ORDER.index(spec.rule))
 
     specs = [
-        RunSpec(cell, rule, seed, val, cap)
+        RunSpec(cell, rule, seed, val, cap, preset)
         for cell in dict.fromkeys(cells) for rule in dict.fromkeys(rules) for seed in range(seeds)
     ]  # fmt: skip
     return sorted(specs, key=priority)
@@ -186,7 +206,11 @@ def plan(
 
 @dataclass(frozen=True)
 class Measurement:
-    """One finished run as recorded under ``measurements/``: what ran, where, and its summary."""
+    """One finished run as recorded under ``measurements/``: what ran, where, and its summary.
+
+    ``preset`` names the hyperparameter table the run took (files written before presets were
+    recorded hold paper runs).
+    """
 
     run: str
     cell: Cell
@@ -197,6 +221,7 @@ class Measurement:
     machine: str
     summary: dict[str, Any]
     path: Path | None = None
+    preset: str = PAPER_PRESET
 
     @property
     def file_name(self) -> str:
@@ -216,7 +241,7 @@ def record(spec: RunSpec, run_dir: Path, out: Path) -> Measurement:
     history = rundir.read_json(history_file) if history_file.is_file() else []
     m = Measurement(
         spec.name, spec.cell, spec.rule, spec.seed, spec.val, spec.max_epochs,
-        str(summary.get("device", "unknown")), summary,
+        str(summary.get("device", "unknown")), summary, preset=spec.preset,
     )  # fmt: skip
     # The curve lets a report plot or re-select epochs without the run directory.
     curve = {key: [round(float(h[key]), 5) for h in history] for key in ("val_acc", "test_acc")}
@@ -240,6 +265,7 @@ def write_measurement(
             "seed": m.seed,
             "val": m.val,
             "max_epochs": m.max_epochs,
+            "preset": m.preset,
             "machine": m.machine,
             "summary": m.summary,
             "config": config,
@@ -265,7 +291,7 @@ def _read_measurement(path: Path) -> Measurement:
         return Measurement(
             str(d["run"]), Cell(str(d["dataset"]), str(d["arch"])), str(d["rule"]),
             int(d["seed"]), _opt_int(d["val"]), _opt_int(d["max_epochs"]), str(d["machine"]),
-            summary, path,
+            summary, path, str(d.get("preset", PAPER_PRESET)),
         )  # fmt: skip
     except (KeyError, TypeError, ValueError) as e:
         raise BrainPropError(
@@ -292,7 +318,10 @@ def estimate_seconds(
     under the same cap and rule (epochs do not depend on the machine), else the cap itself.
     Epochs an interrupted run already has are subtracted.
     """
-    same_cell = [m for m in measurements if m.cell == spec.cell and m.val == spec.val]
+    same_cell = [
+        m for m in measurements
+        if m.cell == spec.cell and m.val == spec.val and m.preset == spec.preset
+    ]  # fmt: skip
     timed = [m for m in same_cell if m.machine == machine and m.summary.get("epochs_run")]
     own = [m for m in timed if m.rule == spec.rule] or timed
     if not own:
@@ -325,6 +354,7 @@ class Request:
     seeds: int = 10
     val: int | None = None
     max_epochs: int | None = None
+    preset: str = PAPER_PRESET
     out: Path = Path("results")
     data_dir: str | None = None
     device: str = "auto"
@@ -333,7 +363,7 @@ class Request:
     progress: bool = True
 
     def specs(self) -> list[RunSpec]:
-        return plan(self.cells, self.rules, self.seeds, self.val, self.max_epochs)
+        return plan(self.cells, self.rules, self.seeds, self.val, self.max_epochs, self.preset)
 
 
 @dataclass

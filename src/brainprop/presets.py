@@ -85,14 +85,19 @@ QUICKSTART: dict[tuple[str, str], Hyperparameters] = {
     ("mnist", "dense"): Hyperparameters(lr=0.5, init_std=0.03, batch_size=64),
 }
 
+#: The name of :data:`PAPER` among the presets: the default everywhere.
+PAPER_PRESET = "paper"
+
 #: Named tables a run can take its hyperparameters from.
 PRESETS: dict[str, dict[tuple[str, str], Hyperparameters]] = {
-    "paper": PAPER,
+    PAPER_PRESET: PAPER,
     "quickstart": QUICKSTART,
 }
 
 
-def published_hyperparameters(dataset: str, arch: str, preset: str = "paper") -> Hyperparameters:
+def published_hyperparameters(
+    dataset: str, arch: str, preset: str = PAPER_PRESET
+) -> Hyperparameters:
     """The ``preset`` table's row for ``dataset`` and ``arch``; a clear error for missing pairs."""
     if preset not in PRESETS:
         raise BrainPropError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")

@@ -1,10 +1,11 @@
 """The report: measurements aggregated per cell, BrainProp beside EBP and the published numbers.
 
-:func:`aggregate` groups measurements by cell, validation, epoch cap and machine (numbers from
-different machines or caps are never pooled, so each number carries the machine it was
-measured on) and computes per rule the mean (sd) over seeds. :func:`write_report` writes
-``results.md``, ``results.json`` and ``results.png``; :func:`update_readme` puts a summary
-between the README's ``<!-- results:start -->`` and ``<!-- results:end -->`` markers.
+:func:`aggregate` groups measurements by cell, validation, epoch cap, hyperparameter preset and
+machine (numbers from different machines, caps or settings are never pooled, so each number
+carries the machine it was measured on) and computes per rule the mean (sd) over seeds.
+:func:`write_report` writes ``results.md``, ``results.json`` and ``results.png``;
+:func:`update_readme` puts a summary between the README's ``<!-- results:start -->`` and ``<!--
+results:end -->`` markers.
 
 The paper's claims checked per cell:
 
@@ -34,6 +35,7 @@ from typing import Any
 from .checkpoint import atomic_write, atomic_write_json, atomic_write_text
 from .errors import BrainPropError
 from .experiments import MATRIX, RULE_ORDER, Cell, Measurement, load_measurements
+from .presets import DATASET_FAMILY, PAPER, PAPER_PRESET, PRESETS, Hyperparameters
 
 RESULTS_MD, RESULTS_JSON, RESULTS_PNG = "results.md", "results.json", "results.png"
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
@@ -114,7 +116,8 @@ class Verdict:
 
 @dataclass(frozen=True)
 class CellResult:
-    """One cell under one validation, epoch cap and machine: both rules and the comparisons.
+    """One cell under one validation, epoch cap, preset and machine: both rules and the
+    comparisons.
 
     ``gap`` is BrainProp - EBP test accuracy (percentage points), ``gap_noise`` two standard
     errors of that difference, ``ratio`` BrainProp's / EBP's mean epochs to the best.
@@ -132,6 +135,14 @@ class CellResult:
     ratio_verdict: Verdict
     published: Published | None
     published_verdict: Verdict
+    preset: str = PAPER_PRESET
+
+    @property
+    def label(self) -> str:
+        """The cell, and the preset where it is not the paper's."""
+        if self.preset == PAPER_PRESET:
+            return self.cell.label
+        return f"{self.cell.label}, {self.preset} settings"
 
 
 def rule_stats(runs: Sequence[Measurement]) -> RuleStats:
@@ -150,9 +161,16 @@ def rule_stats(runs: Sequence[Measurement]) -> RuleStats:
 
 
 def compare(
-    cell: Cell, val: int | None, max_epochs: int | None, machine: str, runs: Sequence[Measurement]
+    cell: Cell,
+    val: int | None,
+    max_epochs: int | None,
+    machine: str,
+    runs: Sequence[Measurement],
+    preset: str = PAPER_PRESET,
 ) -> CellResult:
-    """Aggregate one group's ``runs`` and judge the paper's claims on them."""
+    """Aggregate one group's ``runs`` (all with ``preset``'s hyperparameters) and judge the
+    paper's claims on them. Runs with other settings are still held to the published number:
+    finding settings that reach it is what they are for."""
     rules = {
         rule: rule_stats([m for m in runs if m.rule == rule])
         for rule in RULE_ORDER
@@ -195,23 +213,29 @@ def compare(
             published_verdict = no_verdict or Verdict(within)
     return CellResult(
         cell, val, max_epochs, machine, rules, gap, noise, gap_verdict, ratio, ratio_verdict,
-        published, published_verdict,
+        published, published_verdict, preset,
     )  # fmt: skip
 
 
 def aggregate(measurements: Sequence[Measurement]) -> list[CellResult]:
-    """One :class:`CellResult` per (cell, validation, epoch cap, machine), in matrix order
-    (test-set validation first, uncapped before capped)."""
-    groups: dict[tuple[Cell, int | None, int | None, str], list[Measurement]] = defaultdict(list)
+    """One :class:`CellResult` per (cell, validation, epoch cap, machine, preset), in matrix
+    order (test-set validation first, the paper's settings first, uncapped before capped)."""
+    Key = tuple[Cell, int | None, int | None, str, str]
+    groups: dict[Key, list[Measurement]] = defaultdict(list)
     for m in measurements:
-        groups[(m.cell, m.val, m.max_epochs, m.machine)].append(m)
+        groups[(m.cell, m.val, m.max_epochs, m.machine, m.preset)].append(m)
 
-    def order(key: tuple[Cell, int | None, int | None, str]) -> tuple[Any, ...]:
-        cell, val, cap, machine = key
+    def order(key: Key) -> tuple[Any, ...]:
+        cell, val, cap, machine, preset = key
         rank = MATRIX.index(cell) if cell in MATRIX else len(MATRIX)
-        return (val or 0, rank, cell, cap is not None, cap or 0, machine)
+        return (val or 0, rank, cell, preset != PAPER_PRESET, preset, cap is not None, cap or 0,
+                machine)  # fmt: skip
 
-    return [compare(*key, groups[key]) for key in sorted(groups, key=order)]
+    return [
+        compare(cell, val, cap, machine, groups[key], preset)
+        for key in sorted(groups, key=order)
+        for cell, val, cap, machine, preset in [key]
+    ]
 
 
 # --- writing -----------------------------------------------------------------------------------
@@ -331,6 +355,33 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     ]
 
 
+def _settings_lines(results: Sequence[CellResult]) -> list[str]:
+    """What each row run with settings other than the paper's used, from its preset table."""
+    rows = sorted({(r.preset, r.cell) for r in results if r.preset != PAPER_PRESET})
+    if not rows:
+        return []
+    lines = ["", "Rows marked with a preset's settings use that table of `brainprop.presets` "
+             "instead of the paper's:", ""]  # fmt: skip
+    for preset, cell in rows:
+        # A measurement merged from another version may name a preset this one lacks.
+        key = (DATASET_FAMILY.get(cell.dataset, cell.dataset), cell.arch)
+        hp, paper = PRESETS.get(preset, {}).get(key), PAPER.get(key)
+        lines.append(f"- {cell.label}, {preset}: {_hp_text(hp)}; the paper's: {_hp_text(paper)}")
+    return lines
+
+
+def _hp_text(hp: Hyperparameters | None) -> str:
+    if hp is None:
+        return "not in this version's tables"
+    text = (f"lr {hp.lr:g} halved every {hp.lr_halving_epochs} epochs, batch {hp.batch_size}, "
+            f"init sigma {hp.init_std:g}")  # fmt: skip
+    if hp.l2:
+        text += f", l2 {hp.l2:g}"
+    if hp.dropout:
+        text += f", dropout {', '.join(f'{d:g}' for d in hp.dropout)}"
+    return text
+
+
 def markdown(results: Sequence[CellResult], count: int, machines: Sequence[str]) -> str:
     """``results.md``: per validation variant, an accuracy table and an epochs/time table."""
     lines = [
@@ -351,12 +402,13 @@ def markdown(results: Sequence[CellResult], count: int, machines: Sequence[str])
     ]
     if not results:
         lines += ["", "No measurements yet."]
+    lines += _settings_lines(results)
     for val in sorted({r.val for r in results}, key=lambda v: v or 0):
         rows = [r for r in results if r.val == val]
         acc_rows = []
         time_rows = []
         for r in rows:
-            head = [r.cell.label, r.machine, _cap(r.max_epochs), _seeds(r)]
+            head = [r.label, r.machine, _cap(r.max_epochs), _seeds(r)]
             acc_rows.append([
                 *head, *_pair(r, lambda s: s.test_acc), _num(r.gap, sign=True),
                 _num(r.gap_noise), r.gap_verdict.text(), _published_acc(r.published),
@@ -421,7 +473,7 @@ def plot(results: Sequence[CellResult]) -> bytes:
             )  # fmt: skip
         ax.set_xticks(range(len(rows)))
         ax.set_xticklabels(
-            [f"{r.cell.label}\n{r.machine}\ncap {_cap(r.max_epochs)}" for r in rows], fontsize=7
+            [f"{r.label}\n{r.machine}\ncap {_cap(r.max_epochs)}" for r in rows], fontsize=7
         )
         ax.set(ylabel="test accuracy (%)", ylim=(0, 100), title=_validation(val))
         ax.legend(loc="lower left", fontsize=8)
@@ -438,7 +490,7 @@ def readme_section(results: Sequence[CellResult], report: str) -> str:
         return f"No measurements yet; see [{report}]({report}) once `brainprop reproduce` ran."
     rows = [
         [
-            r.cell.label, "test set" if r.val is None else f"{r.val:,} held out", r.machine,
+            r.label, "test set" if r.val is None else f"{r.val:,} held out", r.machine,
             _cap(r.max_epochs), _seeds(r), *_pair(r, lambda s: s.test_acc),
             _num(r.gap, sign=True), r.gap_verdict.text(), _num(r.ratio),
             r.ratio_verdict.text(), _published_acc(r.published), r.published_verdict.text(),
