@@ -552,7 +552,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         "# brainprop bench",
         "",
-        f"- device: {dev['type']} ({dev['name']}, {dev['threads']} threads), "
+        f"- device: {dev['type']} ({dev['name']}, {dev['threads']} "
+        f"thread{'s' if dev['threads'] != 1 else ''}), "
         f"{dev['precision']}, torch {report['torch']}",
         f"- peak: {dev['peak_tflops']:.3f} TFLOP/s ({dev['peak_source']})",
         f"- {report['mode']}",
