@@ -7,6 +7,10 @@ import importlib
 import json
 import os
 import re
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,7 +19,7 @@ from data_fixtures import write_cifar100, write_idx_dataset, write_tiny_imagenet
 from measurement_fixtures import write_measurement
 
 from brainprop import experiments as ex
-from brainprop import rundir
+from brainprop import report, rundir, signals
 from brainprop.cli import main
 from brainprop.errors import BrainPropError
 from brainprop.experiments import HEADLINE, MATRIX, Cell, Request, RunSpec, plan, reproduce
@@ -116,7 +120,9 @@ def _fake_train(calls):
         (run_dir / rundir.CONFIG).write_text(json.dumps(config.to_dict()))
         (run_dir / rundir.HISTORY_JSON).write_text("[]")
         summary = {"device": ex.this_machine(request.device), "epochs_run": 1,
-                   "total_seconds": 100.0, "stop_reason": "max epochs"}  # fmt: skip
+                   "best_val_acc": 0.5, "best_epoch": 1, "test_acc_at_best": 0.5,
+                   "s_per_epoch": 99.0, "total_seconds": 100.0,
+                   "stop_reason": "max epochs"}  # fmt: skip
         (run_dir / rundir.SUMMARY).write_text(json.dumps(summary))
 
     return run
@@ -159,10 +165,13 @@ def test_finished_runs_are_skipped_and_an_interrupted_run_resumes(tmp_path, mnis
         cells=(DENSE,), rules=("brainprop",), seeds=1, max_epochs=2, out=out,
         data_dir=str(mnist_root), device="cpu", progress=False,
     )  # fmt: skip
-    # A run stopped after its first epoch: last.pt holds epoch 1 and there is no summary.
+    # A run stopped after its first epoch: last.pt holds epoch 1, config.json the run's 2
+    # epochs, and there is no summary.
     config = spec.config(out, str(mnist_root), "cpu")
     first = train_module.train(replace(config, epochs=1), progress=False)
     (first.dir / rundir.SUMMARY).unlink()
+    stored = json.loads((first.dir / rundir.CONFIG).read_text())
+    (first.dir / rundir.CONFIG).write_text(json.dumps(stored | {"epochs": 2}))
     outcome = reproduce(request, say=lambda _: None)
     assert outcome.ran == [spec.name] and first.dir == out / ex.RUNS / spec.name
     history = json.loads((first.dir / rundir.HISTORY_JSON).read_text())
@@ -215,3 +224,86 @@ def test_reproduce_runs_cifar100_and_tiny_imagenet_cells_end_to_end(tmp_path, no
     capsys.readouterr()
     assert main(args) == 0
     assert "4 already measured, 0 to run" in capsys.readouterr().out
+
+
+def test_a_failing_report_does_not_hide_why_the_runs_stopped(tmp_path, mnist_root, monkeypatch):
+    def fail(spec, request, dataset):
+        raise BrainPropError("the run failed: fix it")
+
+    def no_report(out):
+        raise BrainPropError("cannot write the report: free disk space")
+
+    monkeypatch.setattr(ex, "_train_one", fail)
+    monkeypatch.setattr(report, "write_report", no_report)
+    request = Request(cells=(DENSE,), rules=("ebp",), seeds=1, out=tmp_path,
+                      data_dir=str(mnist_root), device="cpu", progress=False)  # fmt: skip
+    lines: list[str] = []
+    with pytest.raises(BrainPropError, match="the run failed"):
+        reproduce(request, say=lines.append)
+    assert lines[-1] == "report not rewritten: cannot write the report: free disk space"
+    # With nothing else going wrong, the report's own error is the one to see.
+    monkeypatch.setattr(ex, "_train_one", _fake_train([]))
+    with pytest.raises(BrainPropError, match="cannot write the report"):
+        reproduce(request, say=lines.append)
+
+
+def test_a_stop_after_the_last_worker_ended_still_stops(tmp_path, mnist_root, monkeypatch):
+    first, second = plan([DENSE], ["brainprop", "ebp"], 1, max_epochs=1)
+    request = Request(out=tmp_path, data_dir=str(mnist_root), device="cpu", progress=False)
+    real_wait = ex.wait
+
+    def wait_then_signal(sentinels, timeout):
+        ended = real_wait(sentinels, timeout)
+        if ended:  # the only worker just ended: the signal lands before the next one starts
+            os.kill(os.getpid(), signal.SIGTERM)
+        return ended
+
+    monkeypatch.setattr(ex, "wait", wait_then_signal)
+    outcome = ex.Outcome()
+    with pytest.raises(signals.Interrupted, match="SIGTERM; no run was in progress") as info:
+        ex._run_in_workers(request, [first, second], outcome, lambda _: None)
+    assert info.value.exit_status == 128 + signal.SIGTERM
+    assert outcome.ran == [first.name] and not (tmp_path / ex.RUNS / second.name).exists()
+
+
+_ORPHAN = """
+import os, signal, sys, time
+from pathlib import Path
+from brainprop.experiments import _die_with_parent
+
+out = Path(sys.argv[1])
+if os.fork() == 0:  # started after its parent died: exits at once
+    _die_with_parent(os.getppid() + 1)
+    os._exit(0)
+(out / "late").write_text(str(os.waitstatus_to_exitcode(os.wait()[1])))
+child = os.fork()
+if child == 0:
+    def checkpoint(signum, frame):
+        (out / "sigterm").write_text("checkpointed")
+        os._exit(0)
+    signal.signal(signal.SIGTERM, checkpoint)
+    _die_with_parent(os.getppid())
+    (out / "ready").write_text("")
+    time.sleep(60)
+    os._exit(1)
+(out / "child").write_text(str(child))
+while not (out / "ready").exists():
+    time.sleep(0.01)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_worker_gets_sigterm_when_its_parent_is_killed(tmp_path):
+    script = tmp_path / "orphan.py"
+    script.write_text(_ORPHAN)
+    parent = subprocess.run([sys.executable, str(script), str(tmp_path)], timeout=120)
+    assert parent.returncode == -signal.SIGKILL
+    assert (tmp_path / "late").read_text() == str(128 + signal.SIGTERM)
+    child = int((tmp_path / "child").read_text())
+    deadline = time.monotonic() + 20
+    while not (tmp_path / "sigterm").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if not (tmp_path / "sigterm").exists():
+        os.kill(child, signal.SIGKILL)
+    assert (tmp_path / "sigterm").read_text() == "checkpointed"

@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 from statistics import stdev
 
 import pytest
 from measurement_fixtures import write_measurement
 
+from brainprop.cli import main
 from brainprop.errors import BrainPropError
 from brainprop.experiments import MEASUREMENTS, Cell, RunSpec, load_measurements
+from brainprop.experiments import write_measurement as write_measurement_record
 from brainprop.report import (
     PUBLISHED,
     README_END,
@@ -116,12 +119,26 @@ def test_report_files_show_both_rules_published_numbers_and_machines(tmp_path):
     assert md.count(GPU) >= 4 and "99.29 (0.03)" in md  # BrainProp, test-validated
     gap = 100 * ((0.9931 + 0.9927) - (0.9930 + 0.9940)) / 2
     assert f"{gap:+.2f}" in md and f"{65 / 35:.2f}" in md
-    assert "Not measured yet: MNIST dense" in md
+    assert "No full-length paper-settings run yet: MNIST dense" in md
+    assert "gets no verdict if any of its runs stopped at that cap" in md
     data = json.loads((tmp_path / RESULTS_JSON).read_text())
     assert data["machines"] == [GPU] and data["measurements"] == 8
     assert {c["machine"] for c in data["cells"]} == {GPU}
     assert data["cells"][0]["gap"] == pytest.approx(gap)
     assert data["published"]["tiny-imagenet/deep"]["accuracy"] == 47.5
+    assert "mnist/conv" not in data["no_full_paper_run"]
+    assert "mnist/dense" in data["no_full_paper_run"]
+
+
+def test_only_an_uncapped_paper_settings_run_takes_a_cell_off_the_missing_list(tmp_path):
+    dense = Cell("mnist", "dense")
+    _cell_runs(tmp_path, dense, CPU, [0.25], [0.91], [2], [2], max_epochs=2)
+    _cell_runs(tmp_path, dense, CPU, [0.98], [0.98], [90], [30], preset="quickstart")
+    _cell_runs(tmp_path, CONV, CPU, [0.99], [0.99], [60], [30], val=5000)
+    md = write_report(tmp_path).read_text()
+    missing = md.split("No full-length paper-settings run yet: ")[1].split("\n")[0]
+    assert "MNIST dense" in missing and "MNIST conv" not in missing
+    assert "Not measured yet" not in md
 
 
 def test_readme_section_is_replaced_between_markers(tmp_path):
@@ -144,6 +161,81 @@ def test_damaged_measurement_file_is_a_one_line_error(tmp_path):
     (tmp_path / MEASUREMENTS / "x@y.json").write_text('{"format": "other"}')
     with pytest.raises(BrainPropError, match="not a brainprop measurement"):
         load_measurements(tmp_path)
+
+
+def _edit_summary(out: Path, edit) -> None:
+    [m] = load_measurements(out)
+    d = json.loads(m.path.read_text())
+    edit(d["summary"])
+    m.path.write_text(json.dumps(d))
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("epochs_run", None),
+        ("epochs_run", "55"),
+        ("epochs_run", True),
+        ("best_epoch", None),
+        ("best_epoch", 10.5),
+        ("s_per_epoch", None),
+        ("s_per_epoch", "2.0"),
+        ("test_acc_at_best", None),
+        ("best_val_acc", None),
+        ("total_seconds", None),
+        ("stop_reason", ["max epochs"]),
+    ],
+)
+def test_a_merged_summary_without_what_the_report_reads_is_a_one_line_error(
+    tmp_path, capsys, key, value
+):
+    _cell_runs(tmp_path, CONV, GPU, [0.99], [], [60], [])
+    _edit_summary(tmp_path, lambda s: s.pop(key) if value is None else s.update({key: value}))
+    with pytest.raises(BrainPropError, match=rf"not a brainprop measurement \(summary's {key} "):
+        load_measurements(tmp_path)
+    assert main(["reproduce", "--report-only", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not a brainprop measurement" in err
+
+
+def test_a_run_that_finished_no_epoch_is_reported_without_epoch_fields(tmp_path):
+    _cell_runs(tmp_path, CONV, GPU, [0.99], [], [60], [])
+    epoch_fields = ("best_val_acc", "best_epoch", "test_acc_at_best", "final_val_acc",
+                    "s_per_epoch", "total_seconds")  # fmt: skip
+
+    def stopped_at_once(summary):
+        for key in epoch_fields:
+            del summary[key]
+        summary.update(epochs_run=0, stop_reason="stopped by SIGTERM")
+
+    _edit_summary(tmp_path, stopped_at_once)
+    [r] = aggregate(load_measurements(tmp_path))
+    assert r.rules["brainprop"].test_acc is None and r.rules["brainprop"].epochs_to_stop.mean == 0
+    assert "| MNIST conv |" in write_report(tmp_path).read_text()
+    # Half of the epoch fields is no summary train() writes.
+    _edit_summary(tmp_path, lambda s: s.update(best_val_acc=0.5))
+    with pytest.raises(BrainPropError, match="summary's best_epoch is missing"):
+        load_measurements(tmp_path)
+
+
+def test_an_out_that_cannot_be_a_folder_is_a_one_line_error(tmp_path, monkeypatch):
+    _cell_runs(tmp_path / "a", CONV, GPU, [0.99], [0.99], [60], [30])
+    taken = tmp_path / "file"
+    taken.write_text("x")
+    for out in (taken, taken / "under"):
+        with pytest.raises(BrainPropError, match=f"cannot create the folder {out} .*: pass as "
+                           "--out a folder you can write to, not a file"):  # fmt: skip
+            write_report(out)
+    [m] = [m for m in load_measurements(tmp_path / "a") if m.rule == "ebp"]
+    with pytest.raises(BrainPropError, match=f"cannot create the folder {taken / MEASUREMENTS} "):
+        write_measurement_record(m, {}, {"val_acc": [], "test_acc": []}, taken)
+
+    def denied(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", denied)
+    with pytest.raises(BrainPropError, match=r"\(Permission denied\)"):
+        write_report(tmp_path / "new")
 
 
 def test_runs_with_another_preset_are_their_own_row_held_to_the_published_number(tmp_path):

@@ -182,11 +182,11 @@ def plan(
     covered = [c for c in MATRIX if (DATASET_FAMILY[c.dataset], c.arch) in PRESETS[preset]]
     uncovered = [c for c in cells if c not in covered]
     if uncovered:
-        pairs = ",".join(dict.fromkeys(c.arch for c in covered))
+        archs = ",".join(dict.fromkeys(c.arch for c in covered))
         sets = ",".join(dict.fromkeys(c.dataset for c in covered))
         raise BrainPropError(
             f"preset {preset!r} has no settings for {uncovered[0].dataset}/{uncovered[0].arch}: "
-            f"run it with --datasets {sets} --archs {pairs}"
+            f"run it with --datasets {sets} --archs {archs}"
         )
     cap = None if max_epochs == PAPER_EPOCHS else max_epochs
 
@@ -253,7 +253,7 @@ def write_measurement(
 ) -> Measurement:
     """Write ``m`` as ``out/measurements/<run>@<machine>.json``; returns it with its path."""
     folder = out / MEASUREMENTS
-    folder.mkdir(parents=True, exist_ok=True)
+    make_folder(folder)
     atomic_write_json(
         folder / m.file_name,
         {
@@ -275,6 +275,17 @@ def write_measurement(
     return replace(m, path=folder / m.file_name)
 
 
+def make_folder(folder: Path) -> None:
+    """Create ``folder`` and its parents, or say in one line why it cannot be."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BrainPropError(
+            f"cannot create the folder {folder} ({e.strerror or e}): pass as --out a folder you "
+            "can write to, not a file"
+        ) from None
+
+
 def load_measurements(out: Path) -> list[Measurement]:
     """Every measurement under ``out/measurements``, from any machine, sorted by file name."""
     return [_read_measurement(p) for p in sorted((out / MEASUREMENTS).glob("*.json"))]
@@ -286,8 +297,7 @@ def _read_measurement(path: Path) -> Measurement:
         if d["format"] != MEASUREMENT_FORMAT:
             raise ValueError(f"format {d['format']!r}")
         summary = d["summary"]
-        if not isinstance(summary, dict):
-            raise ValueError("summary is not an object")
+        _check_summary(summary)
         return Measurement(
             str(d["run"]), Cell(str(d["dataset"]), str(d["arch"])), str(d["rule"]),
             int(d["seed"]), _opt_int(d["val"]), _opt_int(d["max_epochs"]), str(d["machine"]),
@@ -298,6 +308,38 @@ def _read_measurement(path: Path) -> Measurement:
             f"{path} is not a brainprop measurement ({e}): remove it or copy it again from the "
             "machine that made it"
         ) from None
+
+
+#: What a summary holds once a run finished an epoch (``train._summarize``), and the types
+#: the report and the estimates need.
+_EPOCH_KEYS: dict[str, type | tuple[type, ...]] = {
+    "best_val_acc": (int, float),
+    "best_epoch": int,
+    "test_acc_at_best": (int, float),
+    "s_per_epoch": (int, float),
+    "total_seconds": (int, float),
+}
+
+
+def _check_summary(summary: Any) -> None:
+    """Raise ValueError naming the first summary field the report could not use."""
+    if not isinstance(summary, dict):
+        raise ValueError("summary is not an object")
+    if not _is(summary.get("epochs_run"), int) or summary["epochs_run"] < 0:
+        raise ValueError("summary's epochs_run is missing or not a count")
+    if not isinstance(summary.get("stop_reason", ""), str):
+        raise ValueError("summary's stop_reason is not text")
+    # A run stopped before its first epoch ended legitimately has none of the epoch fields.
+    if summary["epochs_run"] == 0 and not summary.keys() & _EPOCH_KEYS.keys():
+        return
+    for key, kind in _EPOCH_KEYS.items():
+        if not _is(summary.get(key), kind):
+            raise ValueError(f"summary's {key} is missing or not a number")
+
+
+def _is(value: Any, kind: type | tuple[type, ...]) -> bool:
+    # JSON true/false load as bools, which Python counts as ints.
+    return isinstance(value, kind) and not isinstance(value, bool)
 
 
 def _opt_int(v: Any) -> int | None:
@@ -418,9 +460,14 @@ def reproduce(request: Request, say: Callable[[str], None] = print) -> Outcome:
             _run_in_process(request, pending, outcome, say)
         else:
             _run_in_workers(request, pending, outcome, say)
-    finally:
-        written = write_report(request.out)
-        say(f"report: {written}")
+    except BaseException:
+        # The runs' error says what to do next; a report that fails too must not replace it.
+        try:
+            say(f"report: {write_report(request.out)}")
+        except Exception as e:
+            say(f"report not rewritten: {e}")
+        raise
+    say(f"report: {write_report(request.out)}")
     return outcome
 
 
@@ -508,18 +555,16 @@ def _train_one(spec: RunSpec, request: Request, dataset: Any) -> None:
     from .train import train
 
     run_dir = request.out / RUNS / spec.name
-    config = spec.config(request.out, request.data_dir, request.device)
     if (run_dir / rundir.CONFIG).is_file():
-        # The cap is part of the name, so the stored config already has it; passing it again
-        # makes a run directory from an older cap finish under this one.
-        train(
-            TrainConfig(epochs=config.epochs), resume=run_dir, dataset=dataset,
-            progress=request.progress,
-        )  # fmt: skip
+        # The stored config wins: the cap is part of the run's name, so it is already this
+        # request's, and the device stays the one the run started on, since CPU and CUDA random
+        # streams differ and a checkpoint of one cannot continue on the other.
+        train(resume=run_dir, dataset=dataset, progress=request.progress)
         return
     if run_dir.exists():
         # Killed before its config was written: nothing in it to resume.
         shutil.rmtree(run_dir)
+    config = spec.config(request.out, request.data_dir, request.device)
     train(config, dataset=dataset, progress=request.progress)
 
 
@@ -535,9 +580,10 @@ def _finished_line(m: Measurement) -> str:
 
 
 def _stopped(signum: int, names: Sequence[str]) -> signals.Interrupted:
+    saved = f"{', '.join(names)} saved its state" if names else "no run was in progress"
     return signals.Interrupted(
-        f"stopped by {signal.Signals(signum).name}; {', '.join(names)} saved "
-        "its state: run the same 'brainprop reproduce' command to continue",
+        f"stopped by {signal.Signals(signum).name}; {saved}: run the same 'brainprop "
+        "reproduce' command to continue",
         signum,
     )
 
@@ -545,7 +591,9 @@ def _stopped(signum: int, names: Sequence[str]) -> signals.Interrupted:
 # --- packing runs onto one device: one process per run ----------------------------------------
 
 
-def _worker(spec: RunSpec, request: Request, threads: int | None, conn: Connection) -> None:
+def _worker(
+    spec: RunSpec, request: Request, threads: int | None, conn: Connection, parent: int
+) -> None:
     """Body of a worker process: train one run, report an error through ``conn``.
 
     The worker leaves the terminal's process group, so Ctrl-C reaches the parent only and the
@@ -556,6 +604,7 @@ def _worker(spec: RunSpec, request: Request, threads: int | None, conn: Connecti
     from .data import load_dataset
 
     os.setpgrp()
+    _die_with_parent(parent)
     if threads is not None:
         torch.set_num_threads(threads)
     status = 0
@@ -568,6 +617,24 @@ def _worker(spec: RunSpec, request: Request, threads: int | None, conn: Connecti
         status = 2
     conn.close()
     sys.exit(status)
+
+
+def _die_with_parent(parent: int) -> None:
+    """On Linux, have this process get SIGTERM when ``parent`` (the pid that started it) dies.
+
+    Out of the terminal's process group, a worker would outlive a SIGKILLed parent and keep
+    writing its run directory while a rerun resumes that same directory in a second process.
+    SIGTERM makes it checkpoint and stop, as for any stop signal. Elsewhere nothing is done.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1  # from <linux/prctl.h>
+    ctypes.CDLL(None).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+    # A parent that died before prctl sends nothing: this process was already handed to another.
+    if os.getppid() != parent:
+        sys.exit(128 + signal.SIGTERM)
 
 
 def _run_in_workers(
@@ -592,17 +659,21 @@ def _run_in_workers(
                     continue
                 receive, send = ctx.Pipe(duplex=False)
                 proc = ctx.Process(
-                    target=_worker, args=(spec, request, threads, send), name=spec.name
+                    target=_worker,
+                    args=(spec, request, threads, send, os.getpid()),
+                    name=spec.name,
                 )
                 proc.start()
                 send.close()
                 running[proc.sentinel] = (spec, proc, receive)
                 say(f"run {spec.name} (process {proc.pid})")
-            if not running:
-                break
+            # Before the check for an empty pool: a signal that came after the last worker
+            # ended still leaves queued runs unstarted, which must not read as success.
             if stop.requested:
                 _forward(stop.signum, running)
                 raise _stopped(stop.signum, [s.name for s, _, _ in running.values()])
+            if not running:
+                break
             for sentinel in wait(list(running), timeout=1.0):
                 spec, proc, receive = running.pop(sentinel)  # type: ignore[index]
                 proc.join()

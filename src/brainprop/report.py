@@ -15,8 +15,9 @@ The paper's claims checked per cell:
   validation accuracy (needs 2+ seeds per rule);
 - the goal of the reproduction: BrainProp within the published mean +- 2 published sd.
 
-A cell whose runs hit an epoch cap below the paper's 500 stopped before early stopping could,
-so no verdict on the paper is given for it; its numbers are still shown.
+A row with an epoch cap other than the paper's 500 (``--max-epochs``) in which any run stopped
+at that cap rather than by early stopping gets no verdict on the paper; its numbers are still
+shown.
 """
 
 from __future__ import annotations
@@ -34,7 +35,14 @@ from typing import Any
 
 from .checkpoint import atomic_write, atomic_write_json, atomic_write_text
 from .errors import BrainPropError
-from .experiments import MATRIX, RULE_ORDER, Cell, Measurement, load_measurements
+from .experiments import (
+    MATRIX,
+    RULE_ORDER,
+    Cell,
+    Measurement,
+    load_measurements,
+    make_folder,
+)
 from .presets import DATASET_FAMILY, PAPER, PAPER_PRESET, PRESETS, Hyperparameters
 
 RESULTS_MD, RESULTS_JSON, RESULTS_PNG = "results.md", "results.json", "results.png"
@@ -245,7 +253,7 @@ def write_report(out: Path) -> Path:
     """Aggregate every measurement under ``out`` into results.md/json/png; returns results.md."""
     measurements = load_measurements(out)
     results = aggregate(measurements)
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     machines = sorted({m.machine for m in measurements})
     atomic_write_json(out / RESULTS_JSON, to_json(results, len(measurements), machines))
     if results:
@@ -260,7 +268,7 @@ def write_report(out: Path) -> Path:
 def to_json(results: Sequence[CellResult], count: int, machines: Sequence[str]) -> dict[str, Any]:
     """The report as data: every group with its machine, stats, comparisons and verdicts."""
     return {
-        "format": "brainprop-results-1",
+        "format": "brainprop-results-2",
         "measurements": count,
         "machines": list(machines),
         "claims": {
@@ -271,27 +279,32 @@ def to_json(results: Sequence[CellResult], count: int, machines: Sequence[str]) 
         },
         "published_source": PUBLISHED_SOURCE,
         "published": {f"{c.dataset}/{c.arch}": dataclasses.asdict(p) for c, p in PUBLISHED.items()},
-        "unmeasured": [f"{c.dataset}/{c.arch}" for c in _unmeasured(results)],
+        "no_full_paper_run": [f"{c.dataset}/{c.arch}" for c in _no_full_paper_run(results)],
         "cells": [dataclasses.asdict(r) for r in results],
     }
 
 
-def _unmeasured(results: Sequence[CellResult]) -> list[Cell]:
-    seen = {r.cell for r in results}
-    return [c for c in MATRIX if c not in seen]
+def _no_full_paper_run(results: Sequence[CellResult]) -> list[Cell]:
+    """The matrix cells with no uncapped run of the paper's preset: capped runs and other
+    settings show that a cell runs, not what the paper's claims are about."""
+    full = {r.cell for r in results if r.max_epochs is None and r.preset == PAPER_PRESET}
+    return [c for c in MATRIX if c not in full]
 
 
-def _unmeasured_line(results: Sequence[CellResult]) -> list[str]:
-    """'Not measured yet: ...', with the published numbers of those cells, or nothing."""
+def _no_full_paper_run_line(results: Sequence[CellResult]) -> list[str]:
+    """'No full-length paper-settings run yet: ...', with those cells' published numbers, or
+    nothing."""
     missing = []
-    for cell in _unmeasured(results):
+    for cell in _no_full_paper_run(results):
         p = PUBLISHED.get(cell)
         if p is None:
             missing.append(cell.label)
         else:
             epochs = "" if p.epochs is None else f", {_published_epochs(p)} epochs"
             missing.append(f"{cell.label} (published {_published_acc(p)}{epochs})")
-    return ["", "Not measured yet: " + ", ".join(missing) + "."] if missing else []
+    if not missing:
+        return []
+    return ["", "No full-length paper-settings run yet: " + ", ".join(missing) + "."]
 
 
 def _validation(val: int | None) -> str:
@@ -397,8 +410,9 @@ def markdown(results: Sequence[CellResult], count: int, machines: Sequence[str])
         "epoch caps are never pooled: each row is one machine. The paper claims that BrainProp's "
         "accuracy equals EBP's (checked as |gap| <= 2 standard errors of the difference) and that "
         f"BrainProp needs {CLAIMED_RATIO[0]:g} to {CLAIMED_RATIO[1]:g} times EBP's epochs "
-        "(checked on epochs to the best). Rows capped below 500 epochs get no verdict. Published "
-        f"numbers: {PUBLISHED_SOURCE}.",
+        "(checked on epochs to the best). A row with an epoch cap other than the paper's 500 "
+        "gets no verdict if any of its runs stopped at that cap instead of by early stopping. "
+        f"Published numbers: {PUBLISHED_SOURCE}.",
     ]
     if not results:
         lines += ["", "No measurements yet."]
@@ -435,7 +449,7 @@ def markdown(results: Sequence[CellResult], count: int, machines: Sequence[str])
              "total time BrainProp / EBP"],
             time_rows,
         )  # fmt: skip
-    lines += _unmeasured_line(results)
+    lines += _no_full_paper_run_line(results)
     if results:
         lines += ["", f"![BrainProp vs EBP]({RESULTS_PNG})"]
     return "\n".join(lines) + "\n"
@@ -524,7 +538,7 @@ def readme_section(results: Sequence[CellResult], report: str) -> str:
         "",
         f"Full report, timings and figure: [{report}]({report}).",
     ]
-    lines += _unmeasured_line(results)
+    lines += _no_full_paper_run_line(results)
     return "\n".join(lines)
 
 
