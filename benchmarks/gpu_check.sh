@@ -1,85 +1,293 @@
 #!/usr/bin/env bash
-# The GPU checks, as one prepared command for a short device window (about 10 minutes).
+# The GPU checks, as one prepared command for a short device window: it ends within TOTAL_S
+# seconds (default 540, under the device tool's 600 s per command), whatever the settings.
 #
 # Run from the repository root on the GPU machine:
 #     OUT=/some/folder benchmarks/gpu_check.sh
-# It writes at most 7 files under $OUT (the device tool returns at most 8):
-#     log.txt                  everything printed
-#     bench-fp32/bench.{json,md}, bench-bf16/bench.{json,md}   brainprop bench, every preset
-#     torchrun.txt             plain 'train' against 'torchrun --nproc_per_node=1', s/epoch
-#     reproduce.tgz            results/measurements/ and every run's history (no checkpoints)
-#                              of 'brainprop reproduce', for merging into this repo's results/
+# Steps, most valuable first; each one's failure or time-out is reported in the log and the
+# next step still runs:
+#   1. brainprop bench, every preset, fp32 (cuDNN convolutions in TF32, PyTorch's default)
+#      then --bf16 (at most BENCH_S seconds each).
+#   2. torchrun overhead: plain 'brainprop train' and 'torchrun --nproc_per_node=1 ... train'
+#      (MNIST conv, seed 0), alternated, twice each (at most TRAIN_S seconds each): the whole
+#      command's wall time (process start-up included, which is all that torchrun adds: a world
+#      of one joins no process group) and s_per_epoch, and whether all four reach the same
+#      best_val_acc.
+#   3. brainprop reproduce in the time left, packed JOBS to the GPU. With $DATA/cifar10: the
+#      CIFAR-10 deep cell (10 seeds, both rules; a seed may not finish). Without it: run
+#      packing on MNIST, 'reproduce --datasets mnist --archs conv --seeds 4 --max-epochs 3'
+#      (8 runs) with --jobs 1 into one folder, then with --jobs JOBS into another; wall times
+#      in packing.txt. Runs still going at the deadline get SIGTERM, save their state, and
+#      their histories come back; no worker outlives the step.
+# It writes at most 7 files under $OUT (the device tool returns at most 8, 2 folders deep):
+#     log.txt                  everything printed (its tail is also the command's output)
+#     bench-fp32/bench.{json,md}, bench-bf16/bench.{json,md}   brainprop bench
+#     torchrun.txt             step 2's table and comparison
+#     reproduce.tgz            step 3's results folders (results/measurements/, every run's
+#                              history, reports; no checkpoints) and packing.txt, for merging
+#                              into this repo's results/; written after each reproduce command
+#                              and again on exit, so what was measured comes back
 #
 # Settings, from the environment:
-#     DATA        data root holding cifar10/cifar-10-batches-py (default: the repo's data/,
-#                 which has MNIST only; without CIFAR-10 the reproduce step is skipped)
-#     REPRO_MIN   minutes for the reproduce step (default 6: packed 4 to a GPU, a
-#                 CIFAR-10 deep seed may not finish in it); runs still going are stopped
-#                 with SIGTERM and their histories kept
+#     DATA        data root (default: the repo's data/, which has MNIST only)
+#     TOTAL_S     seconds the whole script may take (default 540)
+#     BENCH_S     most seconds for each bench (default 150)
+#     TRAIN_S     most seconds for each train of step 2 (default 60)
 #     JOBS        reproduce runs side by side on the GPU (default 4)
+#     STEPS       steps to run (default "bench torchrun reproduce")
 #     SMOKE=1     toy sizes on the CPU, to test this script on a machine without a GPU
-set -euo pipefail
+#
+# CIFAR-10 (~170 MB) cannot travel with the checkout (64 MiB per call), so it goes up first,
+# in pieces of at most 45 MB, each in its own device call right after the previous one (a
+# fresh machine would have lost the earlier pieces), into a folder outside the checkout:
+#   here, once (under runs/, which git ignores, so that nothing travels unasked):
+#     brainprop download cifar10 --data-dir runs/data
+#     mkdir -p runs/upload && tar -czf - -C runs/data cifar10/cifar-10-batches-py \
+#         | split -b 45M -d - runs/upload/cifar10.tgz.
+#   then, for each piece NN (00, 01, ...), a device call with carry ["runs/upload/cifar10.tgz.NN"]:
+#     mkdir -p /root/data/upload && cp runs/upload/cifar10.tgz.NN /root/data/upload/
+#   and the call that runs the checks assembles it into /root/data/cifar10/cifar-10-batches-py:
+#     cat /root/data/upload/cifar10.tgz.* | tar -xzf - -C /root/data && rm -r /root/data/upload &&
+#         DATA=/root/data OUT=$OUT benchmarks/gpu_check.sh
+# The upload calls spend device time too: lower TOTAL_S if the session has less than it left.
+set -uo pipefail # not -e: a failed step is reported, and the next one runs
+START=$(date +%s)
 : "${OUT:?set OUT to the folder for the results}"
+mkdir -p "$OUT"
+exec 3>&1 >"$OUT/log.txt" 2>&1 # a plain file: nothing lost at the end; its tail goes to fd 3
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 DATA=${DATA:-$PWD/data}
-REPRO_MIN=${REPRO_MIN:-6}
-JOBS=${JOBS:-4}
+TOTAL_S=${TOTAL_S:-540}
+BENCH_S=${BENCH_S:-150}
+TRAIN_S=${TRAIN_S:-60}
+STEPS=${STEPS:-bench torchrun reproduce}
+PACK_S=20  # kept at the end for packaging
+GRACE_S=30 # after SIGTERM, for runs to save their state before they are killed
+DEADLINE=$((START + TOTAL_S - PACK_S))
 WORK=$(mktemp -d)
-exec > >(tee "$OUT/log.txt") 2>&1
+REPRO_DIR=$WORK/reproduce
 
 if [[ ${SMOKE:-0} == 1 ]]; then
     DEVICE=cpu
+    JOBS=${JOBS:-2}
     BENCH=(--presets mnist/dense --steps 2 --warmup 1 --eval-images 256)
     TRAIN=(--dataset mnist --arch dense --epochs 1 --lr 0.5 --init-std 0.03)
-    REPRO=(--datasets mnist --archs dense --seeds 1 --max-epochs 1)
-    REPRO_DATA=mnist
+    CIFAR=(--datasets cifar10 --archs conv --rules brainprop --seeds 1 --max-epochs 1)
+    PACKING=(--datasets mnist --archs dense --rules brainprop --seeds 2 --max-epochs 1)
 else
     DEVICE=cuda
+    JOBS=${JOBS:-4}
     BENCH=()
     TRAIN=(--dataset mnist --arch conv --epochs 4)
-    REPRO=(--datasets cifar10 --archs deep --seeds 10)
-    REPRO_DATA=cifar10
+    CIFAR=(--datasets cifar10 --archs deep --seeds 10)
+    PACKING=(--datasets mnist --archs conv --seeds 4 --max-epochs 3)
 fi
-"$PY" - <<'EOF'
+
+left() { echo $((DEADLINE - $(date +%s))); }
+now() { date +%s.%N; }
+step() { echo "== [$(($(date +%s) - START)) s] $*"; }
+wants() { [[ " $STEPS " == *" $1 "* ]]; }
+
+# Runs a command in a session of its own until an absolute deadline (epoch seconds), then sends
+# it SIGTERM and, GRACE_S later, SIGKILL to everything in its session; whatever happened, no
+# process of that session outlives it (reproduce's workers leave its process group, not its
+# session). Exit status: the command's, or 124 when the deadline stopped it.
+cat >"$WORK/timed.py" <<'EOF'
+import os, signal, subprocess, sys, time
+
+deadline, grace, cmd = float(sys.argv[1]), float(sys.argv[2]), sys.argv[3:]
+proc = subprocess.Popen(cmd, start_new_session=True)
+
+
+def session(sid):
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            stat = open(f"/proc/{entry}/stat").read()
+            if entry.isdigit() and int(stat[stat.rindex(")") + 2 :].split()[3]) == sid:
+                pids.append(int(entry))
+        except (OSError, ValueError, IndexError):
+            pass
+    return pids
+
+
+def signal_all(signum):
+    for pid in session(proc.pid):
+        try:
+            os.kill(pid, signum)
+        except OSError:
+            pass
+
+
+try:
+    status = proc.wait(timeout=max(deadline - time.time(), 1))
+except subprocess.TimeoutExpired:
+    print(f"timed: deadline reached, SIGTERM to {cmd[2:4]}", flush=True)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        print(f"timed: still running {grace:.0f} s later: SIGKILL", flush=True)
+        signal_all(signal.SIGKILL)
+        proc.wait()
+    status = 124
+end = time.time() + min(grace, 10)
+while session(proc.pid) and time.time() < end:
+    signal_all(signal.SIGTERM)
+    time.sleep(1)
+if session(proc.pid):
+    signal_all(signal.SIGKILL)
+    time.sleep(1)
+sys.exit(status if status >= 0 else 128 - status)
+EOF
+# timed SECONDS CMD...: run CMD for at most SECONDS, and never past the deadline.
+timed() {
+    local until=$(($(date +%s) + $1))
+    ((until > DEADLINE - GRACE_S)) && until=$((DEADLINE - GRACE_S))
+    shift
+    "$PY" "$WORK/timed.py" "$until" "$GRACE_S" "$@"
+}
+
+package() {
+    [[ -d $REPRO_DIR ]] || return 0
+    # Exit status 1 is "a file changed while it was read": harmless, the rest is archived.
+    tar --warning=no-file-changed -czf "$OUT/reproduce.tgz.part" -C "$REPRO_DIR" \
+        --exclude='*.pt' --exclude='*.pt.tmp' .
+    local rc=$?
+    if ((rc <= 1)); then
+        mv -f "$OUT/reproduce.tgz.part" "$OUT/reproduce.tgz"
+    else
+        echo "packaging reproduce.tgz failed: $rc"
+        rm -f "$OUT/reproduce.tgz.part"
+    fi
+}
+finish() {
+    package
+    rm -rf "$WORK"
+    step "done in $(($(date +%s) - START)) s; files: $(cd "$OUT" && find . -type f | sort | tr '\n' ' ')"
+    tail -c 11000 "$OUT/log.txt" >&3
+}
+trap finish EXIT
+trap 'exit 143' TERM INT HUP
+
+step "environment ($DEVICE, TOTAL_S=$TOTAL_S, JOBS=$JOBS, DATA=$DATA)"
+timed 60 "$PY" - <<'EOF' || echo "step environment failed: $?"
 import platform, torch
-print("torch", torch.__version__, "python", platform.python_version())
+print("torch", torch.__version__, "python", platform.python_version(), "cpus", __import__("os").cpu_count())
 if torch.cuda.is_available():
-    print("gpu", torch.cuda.get_device_name(0))
+    print("gpu", torch.cuda.get_device_name(0), "capability", torch.cuda.get_device_capability(0))
+    print("matmul allow_tf32", torch.backends.cuda.matmul.allow_tf32,
+          "conv fp32_precision", getattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision", None))
 EOF
 
-echo "== torchrun --nproc_per_node=1 against plain train (alternated, twice each)"
-summary_s_per_epoch() {
-    "$PY" -c 'import json,sys; s=json.load(open(sys.argv[1])); print(s["s_per_epoch"])' "$1"
-}
-for i in 1 2; do
-    "$PY" -m brainprop train "${TRAIN[@]}" --device "$DEVICE" --data-dir "$DATA" --quiet \
-        --out "$WORK/runs" --name "plain-$i"
-    "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 -m brainprop train \
-        "${TRAIN[@]}" --device "$DEVICE" --data-dir "$DATA" --quiet \
-        --out "$WORK/runs" --name "torchrun-$i"
-done
-{
-    echo "run s_per_epoch (${TRAIN[*]}, $DEVICE)"
-    for run in plain-1 torchrun-1 plain-2 torchrun-2; do
-        echo "$run $(summary_s_per_epoch "$WORK/runs/$run/summary.json")"
+if wants bench; then
+    for kind in fp32 bf16; do
+        [[ $kind == bf16 && $DEVICE != cuda ]] && continue
+        flag=()
+        [[ $kind == bf16 ]] && flag=(--bf16)
+        step "brainprop bench $kind (at most ${BENCH_S} s, $(left) s left)"
+        timed "$BENCH_S" "$PY" -m brainprop bench "${BENCH[@]}" "${flag[@]}" --device "$DEVICE" \
+            --out "$OUT/bench-$kind" || echo "step bench $kind failed: $?"
     done
-} | tee "$OUT/torchrun.txt"
-
-echo "== brainprop bench, fp32 then bf16"
-"$PY" -m brainprop bench "${BENCH[@]}" --device "$DEVICE" --out "$OUT/bench-fp32"
-if [[ $DEVICE == cuda ]]; then
-    "$PY" -m brainprop bench "${BENCH[@]}" --device "$DEVICE" --bf16 --out "$OUT/bench-bf16"
 fi
 
-if [[ -d $DATA/$REPRO_DATA ]]; then
-    echo "== brainprop reproduce ${REPRO[*]} for $REPRO_MIN min, $JOBS at a time"
-    # SIGTERM makes every run save its state; the histories of unfinished runs still come back.
-    timeout --signal=TERM --kill-after=60 "${REPRO_MIN}m" \
-        "$PY" -m brainprop reproduce "${REPRO[@]}" --jobs "$JOBS" --device "$DEVICE" \
-        --data-dir "$DATA" --out "$WORK/results" --quiet || echo "reproduce ended with $?"
-    tar -czf "$OUT/reproduce.tgz" -C "$WORK/results" --exclude='*.pt' .
-else
-    echo "== no $DATA/$REPRO_DATA: reproduce skipped"
+if wants torchrun; then
+    step "plain train against torchrun --nproc_per_node=1, alternated, twice each"
+    table=$WORK/torchrun-rows.txt
+    : >"$table"
+    for i in 1 2; do
+        for how in plain torchrun; do
+            if (($(left) < TRAIN_S / 2 + GRACE_S)); then
+                echo "$how-$i skipped: $(left) s left"
+                continue
+            fi
+            launch=("$PY" -m brainprop)
+            [[ $how == torchrun ]] &&
+                launch=("$PY" -m torch.distributed.run --standalone --nproc_per_node=1 -m brainprop)
+            t0=$(now)
+            timed "$TRAIN_S" "${launch[@]}" train "${TRAIN[@]}" --device "$DEVICE" \
+                --data-dir "$DATA" --quiet --out "$WORK/runs" --name "$how-$i"
+            rc=$?
+            t1=$(now)
+            ((rc == 0)) || echo "step torchrun, run $how-$i failed: $rc"
+            echo "$how-$i $t0 $t1 $rc" >>"$table"
+        done
+    done
+    "$PY" - "$table" "$WORK/runs" "${TRAIN[*]} --device $DEVICE" >"$OUT/torchrun.txt" <<'EOF' ||
+import json, sys
+from pathlib import Path
+
+table, runs, args = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+print(f"brainprop train {args}, seed 0: 'torchrun' is 'torchrun --standalone --nproc_per_node=1'")
+print("wall_s is the whole command (process start-up, data loading, every epoch, writing)")
+print(f"{'run':<12} {'wall_s':>8} {'s_per_epoch':>12} {'best_val_acc':>13} exit")
+rows = {}
+for line in Path(table).read_text().splitlines():
+    name, t0, t1, rc = line.split()
+    try:
+        s = json.loads((runs / name / "summary.json").read_text())
+    except (OSError, ValueError):
+        s = {}
+    rows[name] = (float(t1) - float(t0), s.get("s_per_epoch"), s.get("best_val_acc"))
+    spe, acc = rows[name][1:]
+    spe = "-" if spe is None else f"{spe:.3f}"
+    acc = "-" if acc is None else f"{acc:.4f}"
+    print(f"{name:<12} {rows[name][0]:8.2f} {spe:>12} {acc:>13} {rc}")
+
+
+def mean(how, i):
+    vals = [r[i] for n, r in rows.items() if n.startswith(how + "-") and r[i] is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+for i, what in ((0, "wall_s"), (1, "s_per_epoch")):
+    plain, tr = mean("plain", i), mean("torchrun", i)
+    if plain and tr:
+        print(f"torchrun over plain, mean {what}: {tr:.3f} / {plain:.3f} = {tr / plain:.4f}")
+accs = {n: r[2] for n, r in rows.items() if r[2] is not None}
+for a, b in (("plain-1", "torchrun-1"), ("plain-2", "torchrun-2"), ("plain-1", "plain-2")):
+    if a in accs and b in accs:
+        same = "equal" if accs[a] == accs[b] else "DIFFERENT"
+        print(f"best_val_acc {a} {accs[a]!r} vs {b} {accs[b]!r}: {same}")
+if len(accs) == len(rows) == 4:
+    print("all four best_val_acc equal:", len(set(accs.values())) == 1)
+EOF
+        echo "step torchrun summary failed: $?"
+    cat "$OUT/torchrun.txt"
 fi
-echo "== done: $(ls -R "$OUT" | tr '\n' ' ')"
+
+# reproduce NAME JOBS SECONDS ARGS...: one reproduce command into $REPRO_DIR/NAME, for at most
+# SECONDS and never past the deadline, its wall time in packing.txt; then package what there is.
+reproduce() {
+    local name=$1 jobs=$2 span=$3 t0 rc runs
+    shift 3
+    if (($(left) < GRACE_S + 20)); then
+        echo "reproduce $name skipped: $(left) s left" | tee -a "$REPRO_DIR/packing.txt"
+        return
+    fi
+    ((span > $(left) - GRACE_S)) && span=$(($(left) - GRACE_S))
+    step "brainprop reproduce $* --jobs $jobs into $name (at most $span s)"
+    t0=$(now)
+    timed "$span" "$PY" -m brainprop reproduce "$@" --jobs "$jobs" \
+        --device "$DEVICE" --data-dir "$DATA" --out "$REPRO_DIR/$name" --quiet
+    rc=$?
+    ((rc == 0)) || echo "step reproduce $name failed: $rc"
+    runs=$(find "$REPRO_DIR/$name/measurements" -type f 2>/dev/null | wc -l)
+    echo "$name: reproduce $* --jobs $jobs: wall $(awk -v a="$t0" -v b="$(now)" \
+        'BEGIN { printf "%.1f", b - a }') s, exit $rc, $runs runs measured" |
+        tee -a "$REPRO_DIR/packing.txt"
+    package
+}
+
+if wants reproduce; then
+    mkdir -p "$REPRO_DIR"
+    if [[ -d $DATA/cifar10 ]]; then
+        reproduce cifar10 "$JOBS" "$(left)" "${CIFAR[@]}"
+    else
+        echo "no $DATA/cifar10: measuring run packing on MNIST instead"
+        # --jobs 1 may take half the time left; --jobs N gets the rest.
+        reproduce jobs-1 1 $((($(left) - GRACE_S) / 2)) "${PACKING[@]}"
+        reproduce "jobs-$JOBS" "$JOBS" "$(left)" "${PACKING[@]}"
+    fi
+fi

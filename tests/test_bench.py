@@ -13,9 +13,13 @@ from brainprop.bench import (
     JSON_NAME,
     MARKDOWN_NAME,
     Peak,
+    Peaks,
     bench_preset,
     cpu_peak,
+    device_peaks,
+    markdown,
     parse_preset,
+    precision,
     run_bench,
     synthetic_dataset,
 )
@@ -80,6 +84,91 @@ def test_locally_connected_bmm_is_counted():
     layers = (26 * 26 * 9 * 32, 12 * 12 * 288 * 32, 4608 * 500, 500 * 10)
     assert row["forward_flops_per_step"] == 2 * b * sum(layers)
     assert row["flops_per_step"] == 2 * b * (3 * sum(layers) - layers[0])
+
+
+def test_conv_flops_are_counted_apart(report):
+    for row in report[0]["results"]:
+        assert row["conv_flops_per_step"] == 0
+        assert row["peak_tflops"] == 1.0 and row["peak_fraction"] == row["tflops"]
+    ds = synthetic_dataset("mnist", torch.device("cpu"))
+    mixed = Peaks(Peak(1.0, "matmul"), Peak(8.0, "conv"))
+    (row,) = bench_preset(
+        ds, "conv", ["ebp"], torch.device("cpu"), peak=mixed, steps=1, warmup=0,
+        batch_size=2, eval_images=8,
+    )  # fmt: skip
+    flops, conv = row["flops_per_step"], row["conv_flops_per_step"]
+    assert 0 < conv < flops
+    assert row["peak_tflops"] == pytest.approx(flops / (conv / 8.0 + (flops - conv) / 1.0))
+    assert row["peak_fraction"] == pytest.approx(row["tflops"] / row["peak_tflops"])
+
+
+@pytest.fixture
+def tf32():
+    """Set the CUDA TF32 flags (process-wide flags, set and read without a GPU) for a test;
+    PyTorch's own defaults come back after it. (``monkeypatch`` cannot undo them: they are
+    not plain attributes.)"""
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn
+
+    def set_flags(matmul_tf32: bool, conv_tf32: bool) -> None:
+        matmul.allow_tf32, conv.allow_tf32 = matmul_tf32, conv_tf32
+
+    before = (matmul.allow_tf32, conv.allow_tf32)
+    yield set_flags
+    set_flags(*before)
+
+
+@pytest.mark.parametrize(
+    ("matmul", "conv", "bf16", "label"),
+    [
+        (False, True, False, "matmul fp32, conv tf32 (cuDNN default)"),
+        (False, False, False, "fp32"),
+        (True, True, False, "tf32"),
+        (True, False, False, "matmul tf32, conv fp32"),
+        (False, True, True, "bf16"),
+    ],
+)
+def test_precision_label_names_matmul_and_conv_apart(tf32, matmul, conv, bf16, label):
+    tf32(matmul, conv)
+    assert precision(torch.device("cuda"), bf16) == label
+    assert precision(torch.device("cpu"), bf16) == "fp32"
+
+
+def test_gpu_peaks_follow_each_precision(tf32, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda _=None: "NVIDIA H200")
+    cuda = torch.device("cuda")
+    tf32(False, True)  # PyTorch's defaults
+    peaks = device_peaks(cuda, False, None)
+    assert (peaks.matmul.tflops, peaks.conv.tflops) == (66.9, 494.7)
+    assert "fp32" in peaks.matmul.source and "tf32" in peaks.conv.source
+    # A step that is all convolutions is held to the TF32 peak, all matmuls to the fp32 one.
+    assert peaks.for_step(100, 100) == pytest.approx(494.7)
+    assert peaks.for_step(100, 0) == pytest.approx(66.9)
+    tf32(False, False)
+    assert device_peaks(cuda, False, None).conv.tflops == 66.9
+    bf16 = device_peaks(cuda, True, None)
+    assert bf16.matmul.tflops == bf16.conv.tflops == 989.0
+    given = device_peaks(cuda, False, 10.0)
+    assert given.matmul.tflops == given.conv.tflops == 10.0
+
+
+def test_markdown_shows_both_peaks_only_when_they_differ(report):
+    rep = json.loads(json.dumps(report[0]))
+    one = markdown(rep)
+    assert "- peak: 1.000 TFLOP/s" in one and "peak TFLOP/s" not in one
+    assert "- device: cpu (" in one and "), fp32, torch" in one
+    rep["device"] |= {
+        "precision": "matmul fp32, conv tf32 (cuDNN default)",
+        "conv_peak_tflops": 8.0,
+        "conv_peak_source": "conv datasheet",
+    }
+    two = markdown(rep)
+    assert "matmul fp32, conv tf32 (cuDNN default)" in two
+    assert "convolutions 8.000 TFLOP/s (conv datasheet)" in two
+    table = two[two.index("| preset | batch") :].splitlines()
+    header, rule, first = table[:3]
+    assert "| % of peak | peak TFLOP/s |" in header
+    assert header.count("|") == rule.count("|") == first.count("|")
+    assert "| 1.0 |" in first
 
 
 def test_synthetic_dataset_has_the_real_shape():

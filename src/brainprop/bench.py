@@ -9,7 +9,9 @@ sums (four scalar ops) are not part of the step and not timed.
 
 The FLOP count is measured, not typed in: :class:`torch.utils.flop_counter.FlopCounterMode`
 counts the matmuls and convolutions (``LocallyConnected2d``'s ``bmm`` included) of one real
-step. Elementwise work (ReLU, BatchNorm, the SGD update) is not counted, as is usual.
+step. Elementwise work (ReLU, BatchNorm, the SGD update) is not counted, as is usual. On CUDA
+the matmuls and the convolutions may run in different precisions (by default fp32 matmuls but
+TF32 cuDNN convolutions), so each is compared against its own precision's peak.
 
 Every figure is eager PyTorch: the library has no compiled or graphed step yet, so there is no
 eager-versus-fast ratio to report, and the results say so.
@@ -103,6 +105,29 @@ class Peak:
     source: str
 
 
+@dataclass(frozen=True)
+class Peaks:
+    """The peaks a step's matmuls (``mm``, ``addmm``, ``bmm``: cuBLAS) and its convolutions
+    (cuDNN) run against: on CUDA they may run in different precisions (fp32 matmuls next to
+    TF32 convolutions is PyTorch's default), and their peaks differ up to sevenfold."""
+
+    matmul: Peak
+    conv: Peak
+
+    @classmethod
+    def same(cls, peak: Peak) -> Peaks:
+        return cls(peak, peak)
+
+    def for_step(self, flops: int, conv_flops: int) -> float:
+        """The peak TFLOP/s of a step of ``flops``, ``conv_flops`` of them in convolutions:
+        the rate at which it would take the time its matmuls and its convolutions each need
+        at their own peak. It is the one peak when both are the same."""
+        if self.matmul.tflops == self.conv.tflops or flops <= 0:
+            return self.matmul.tflops
+        seconds = conv_flops / self.conv.tflops + (flops - conv_flops) / self.matmul.tflops
+        return flops / seconds
+
+
 def parse_preset(spec: str) -> tuple[str, str]:
     """``"dataset/arch"`` -> (dataset, arch), checked against the datasets and the table."""
     dataset, sep, arch = spec.partition("/")
@@ -155,29 +180,65 @@ def cpu_peak(threads: int, cpuinfo: str | None = None) -> Peak | None:
     )
 
 
-def precision(device: torch.device, bf16: bool) -> str:
-    """The matmul precision a step runs in: bf16 autocast (CUDA only), TF32 or fp32."""
+def _conv_allows_tf32() -> bool:
+    """Whether cuDNN convolutions may run in TF32 (PyTorch's default: yes)."""
+    conv = getattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision", None)
+    if conv is None:  # before torch 2.9: one flag for all of cuDNN
+        return bool(torch.backends.cudnn.allow_tf32)
+    # torch >= 2.9: per-operator settings, "none" inheriting from cuDNN's, then the global one
+    # (reading the old cudnn.allow_tf32 raises once the conv and RNN settings differ).
+    for setting in (conv, torch.backends.cudnn.fp32_precision, torch.backends.fp32_precision):
+        if setting != "none":
+            return setting == "tf32"
+    return False
+
+
+def op_precisions(device: torch.device, bf16: bool) -> tuple[str, str]:
+    """(matmul, convolution) precision of a step: bf16 autocast (CUDA only), else TF32 or fp32
+    per ``torch.backends.cuda.matmul.allow_tf32`` (off by default) and cuDNN's TF32 setting
+    for convolutions (on by default)."""
     if device.type != "cuda":
-        return "fp32"
+        return "fp32", "fp32"
     if bf16:
-        return "bf16"
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32"
+        return "bf16", "bf16"
+    matmul = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32"
+    return matmul, "tf32" if _conv_allows_tf32() else "fp32"
 
 
-def device_peak(device: torch.device, bf16: bool, override: float | None) -> Peak:
-    """The peak TFLOP/s to compare against; raises when it is unknown and not given."""
+def precision_label(matmul: str, conv: str) -> str:
+    """One precision when both agree, e.g. ``fp32``; else each, e.g.
+    ``matmul fp32, conv tf32 (cuDNN default)``."""
+    if matmul == conv:
+        return matmul
+    return f"matmul {matmul}, conv {conv}" + (" (cuDNN default)" if conv == "tf32" else "")
+
+
+def precision(device: torch.device, bf16: bool) -> str:
+    """The precision label of a step on ``device``: see :func:`precision_label`."""
+    return precision_label(*op_precisions(device, bf16))
+
+
+def device_peaks(device: torch.device, bf16: bool, override: float | None) -> Peaks:
+    """The peaks to compare against; raises when one is unknown and not given.
+
+    ``--peak-tflops`` is taken for matmuls and convolutions alike. On CUDA each is looked up
+    for its own precision; a CPU runs both in fp32, against one estimated peak.
+    """
     if override is not None:
         if not override > 0:
             raise BrainPropError(f"--peak-tflops must be > 0, got {override}")
-        return Peak(override, "given with --peak-tflops")
+        return Peaks.same(Peak(override, "given with --peak-tflops"))
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        kind = precision(device, bf16)
+        matmul, conv = op_precisions(device, bf16)
         for key, peaks in GPU_PEAKS:
             if key in name:
-                return Peak(peaks[kind], f"{key} {kind} dense datasheet peak")
+                return Peaks(
+                    Peak(peaks[matmul], f"{key} {matmul} dense datasheet peak"),
+                    Peak(peaks[conv], f"{key} {conv} dense datasheet peak"),
+                )
         raise BrainPropError(
-            f"no peak FLOP/s known for {name!r}: pass --peak-tflops with its {kind} peak"
+            f"no peak FLOP/s known for {name!r}: pass --peak-tflops with its {matmul} peak"
         )
     peak = cpu_peak(torch.get_num_threads())
     if peak is None:
@@ -185,7 +246,7 @@ def device_peak(device: torch.device, bf16: bool, override: float | None) -> Pea
             "cannot estimate this CPU's peak from /proc/cpuinfo: pass --peak-tflops "
             "(cores x fp32 lanes x 2 x FMA pipes x GHz / 1000)"
         )
-    return peak
+    return Peaks.same(peak)
 
 
 def synthetic_dataset(name: str, device: torch.device, seed: int = 0) -> Dataset:
@@ -282,6 +343,12 @@ def _forward_flops(model: nn.Module, x: torch.Tensor) -> int:
     return counter.get_total_flops()
 
 
+def _conv_flops(counter: FlopCounterMode) -> int:
+    """The counted FLOPs of convolutions, forward and backward (the rest are matmuls)."""
+    counts = counter.get_flop_counts().get("Global", {})
+    return sum(n for op, n in counts.items() if "convolution" in str(op))
+
+
 @dataclass
 class _Rule:
     """One rule's network, ready to step, and what was measured while preparing it."""
@@ -293,6 +360,7 @@ class _Rule:
     generator: torch.Generator
     forward_flops: int
     step_flops: int
+    conv_flops: int
     peak_memory: tuple[int, str]
     block_seconds: list[float]
 
@@ -335,7 +403,10 @@ def _prepare(
     # The gradients are rebuilt by the next step: freeing them keeps them out of the next
     # rule's peak memory.
     optimizer.zero_grad(set_to_none=True)
-    return _Rule(rule, config, model, step, generator, forward, counter.get_total_flops(), peak, [])
+    return _Rule(
+        rule, config, model, step, generator, forward, counter.get_total_flops(),
+        _conv_flops(counter), peak, [],
+    )  # fmt: skip
 
 
 def bench_preset(
@@ -344,7 +415,7 @@ def bench_preset(
     rules: list[str],
     device: torch.device,
     *,
-    peak: Peak,
+    peak: Peak | Peaks,
     steps: int,
     warmup: int,
     batch_size: int | None = None,
@@ -354,8 +425,10 @@ def bench_preset(
     """Time each rule's training step for ``arch`` on ``ds``; one JSON-ready row per rule.
 
     The rules' timed blocks alternate (rule A, rule B, rule A, ...), so a change in load or
-    clock during the run hits every rule alike and their ratio stays fair.
+    clock during the run hits every rule alike and their ratio stays fair. ``peak`` is one
+    peak for all work, or the matmul and convolution peaks (:meth:`Peaks.for_step`).
     """
+    peaks = peak if isinstance(peak, Peaks) else Peaks.same(peak)
     prepared = [
         _prepare(ds, arch, rule, device, warmup=warmup, batch_size=batch_size, bf16=bf16)
         for rule in rules
@@ -386,6 +459,7 @@ def bench_preset(
         batch = r.config.batch_size
         steps_per_epoch = num_batches(n_train, batch)
         achieved = r.step_flops / step_s / 1e12
+        row_peak = peaks.for_step(r.step_flops, r.conv_flops)
         rows.append(
             {
                 "preset": f"{ds.name}/{arch}",
@@ -405,8 +479,10 @@ def bench_preset(
                 "flops_per_step": r.step_flops,
                 "forward_flops_per_step": r.forward_flops,
                 "backward_flops_per_step": r.step_flops - r.forward_flops,
+                "conv_flops_per_step": r.conv_flops,
                 "tflops": achieved,
-                "peak_fraction": achieved / peak.tflops,
+                "peak_tflops": row_peak,
+                "peak_fraction": achieved / row_peak,
                 "peak_memory_bytes": r.peak_memory[0],
                 "peak_memory_source": r.peak_memory[1],
                 "host_rss_bytes": host_rss(),
@@ -418,7 +494,7 @@ def bench_preset(
     return rows
 
 
-def _device_info(device: torch.device, bf16: bool, peak: Peak) -> dict[str, Any]:
+def _device_info(device: torch.device, bf16: bool, peaks: Peaks) -> dict[str, Any]:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
@@ -440,8 +516,12 @@ def _device_info(device: torch.device, bf16: bool, peak: Peak) -> dict[str, Any]
         "name": name,
         "threads": torch.get_num_threads(),
         "precision": precision(device, bf16),
-        "peak_tflops": peak.tflops,
-        "peak_source": peak.source,
+        "matmul_precision": op_precisions(device, bf16)[0],
+        "conv_precision": op_precisions(device, bf16)[1],
+        "peak_tflops": peaks.matmul.tflops,
+        "peak_source": peaks.matmul.source,
+        "conv_peak_tflops": peaks.conv.tflops,
+        "conv_peak_source": peaks.conv.source,
         "host_memory_bytes": mem_total,
     }
 
@@ -470,7 +550,7 @@ def run_bench(
     """Benchmark every preset with every rule; write bench.json and bench.md into ``out``.
 
     Returns the JSON-ready report: ``results`` (one row per preset and rule), ``ratios``
-    (BrainProp/EBP step time per preset, where both rules ran), the device and its peak, and
+    (BrainProp/EBP step time per preset, where both rules ran), the device and its peaks, and
     the load average before and after (timings taken under load are not to be trusted).
     """
     if steps < 1 or warmup < 0:
@@ -483,7 +563,7 @@ def run_bench(
     parsed = [parse_preset(p) for p in presets]
     TrainConfig(device=device).resolve()  # a clear error for an unavailable device
     dev = resolve_device(device)
-    peak = device_peak(dev, bf16, peak_tflops)
+    peaks = device_peaks(dev, bf16, peak_tflops)
     load_before = os.getloadavg()
     if load_before[0] > 0.75 * (os.cpu_count() or 1):
         say(
@@ -494,7 +574,7 @@ def run_bench(
     for dataset, arch in parsed:
         ds = synthetic_dataset(dataset, dev)
         rows = bench_preset(
-            ds, arch, rules, dev, peak=peak, steps=steps, warmup=warmup,
+            ds, arch, rules, dev, peak=peaks, steps=steps, warmup=warmup,
             batch_size=batch_size, bf16=bf16, eval_images=eval_images,
         )  # fmt: skip
         for row in rows:
@@ -506,7 +586,7 @@ def run_bench(
         del ds
     report = {
         "torch": torch.__version__,
-        "device": _device_info(dev, bf16, peak),
+        "device": _device_info(dev, bf16, peaks),
         "mode": NO_FAST_MODE,
         "eager_ratio": None,
         "steps": steps,
@@ -546,30 +626,50 @@ def _mib(n: int) -> str:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    """The report as Markdown: the device line, one row per preset and rule, the ratios."""
+    """The report as Markdown: the device line, one row per preset and rule, the ratios.
+
+    Where matmuls and convolutions ran against different peaks (fp32 matmuls, TF32
+    convolutions), the header gives both and a column each row's own peak, which its
+    "% of peak" is against.
+    """
     dev = report["device"]
     before, after = report["load_average_before"][0], report["load_average_after"][0]
+    conv_peak = dev.get("conv_peak_tflops", dev["peak_tflops"])
+    two_peaks = conv_peak != dev["peak_tflops"]
+    if two_peaks:
+        peak_line = (
+            f"- peaks: matmuls {dev['peak_tflops']:.3f} TFLOP/s ({dev['peak_source']}), "
+            f"convolutions {conv_peak:.3f} TFLOP/s ({dev['conv_peak_source']}); each row's "
+            "% of peak is against its own peak (column 'peak TFLOP/s'): the rate that does "
+            "its matmul FLOPs at the matmul peak and its convolution FLOPs at the convolution "
+            "peak"
+        )
+    else:
+        peak_line = f"- peak: {dev['peak_tflops']:.3f} TFLOP/s ({dev['peak_source']})"
+    peak_head, peak_rule = (" peak TFLOP/s |", " ---: |") if two_peaks else ("", "")
     lines = [
         "# brainprop bench",
         "",
         f"- device: {dev['type']} ({dev['name']}, {dev['threads']} "
         f"thread{'s' if dev['threads'] != 1 else ''}), "
         f"{dev['precision']}, torch {report['torch']}",
-        f"- peak: {dev['peak_tflops']:.3f} TFLOP/s ({dev['peak_source']})",
+        peak_line,
         f"- {report['mode']}",
         f"- {report['steps']} timed steps after {report['warmup']} warm-up steps; 1-minute load "
         f"average {before:.2f} before, {after:.2f} after",
         "",
         "| preset | batch | rule | step ms | s/epoch | images/s | GFLOP/step | TFLOP/s "
-        "| % of peak | peak mem MiB | host RSS MiB | eval 10k s |",
-        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| % of peak |{peak_head} peak mem MiB | host RSS MiB | eval 10k s |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+        f"{peak_rule} ---: | ---: | ---: |",
     ]
     for r in report["results"]:
+        row_peak = f" {r['peak_tflops']:.1f} |" if two_peaks else ""
         lines.append(
             f"| {r['preset']} | {r['batch_size']} | {r['rule']} | {r['step_ms']:.2f} "
             f"| {r['epoch_s']:.2f} | {r['images_per_s']:,.0f} | {r['flops_per_step'] / 1e9:.2f} "
-            f"| {r['tflops']:.4f} | {100 * r['peak_fraction']:.1f} "
-            f"| {_mib(r['peak_memory_bytes'])} | {_mib(r['host_rss_bytes'])} "
+            f"| {r['tflops']:.4f} | {100 * r['peak_fraction']:.1f} |{row_peak}"
+            f" {_mib(r['peak_memory_bytes'])} | {_mib(r['host_rss_bytes'])} "
             f"| {r['eval_s_per_10k']:.3f} |"
         )
     if report["ratios"]:
