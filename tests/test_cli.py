@@ -38,6 +38,11 @@ def test_resume_from_the_command_line(data_dir, tmp_path, capsys):
     run = tmp_path / "runs" / "cli"
     assert main(["train", "--resume", str(run), "--epochs", "3", "--quiet"]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["epochs_run"] == 3
+    code = _exit_code(lambda: main(["train", "--resume", str(run), "--lr", "0.2", "--device",
+                                    "cpu", "--epochs", "4"]))  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "--lr, --device would be ignored: drop them (only --epochs may change)" in err
 
 
 @pytest.mark.parametrize(
@@ -54,6 +59,8 @@ def test_resume_from_the_command_line(data_dir, tmp_path, capsys):
         (["train", "--lr", "-1"], "--lr must be > 0"),
         (["evaluate", "/nonexistent/run"], "no checkpoint at /nonexistent/run: pass"),
         (["download", "imagenet"], "unknown dataset 'imagenet'"),
+        (["evaluate", "/nonexistent/run", "--device", "gpu"], "device 'gpu' is not available"),
+        (["train", "--device", "cuda:7"], "device 'cuda:7' is not available here: use"),
     ],
 )
 def test_bad_input_is_one_line_and_status_2(argv, message, tmp_path, capsys):

@@ -37,8 +37,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from .config import TrainConfig
 from .data import Dataset
 from .data.batches import num_batches, to_float
+from .devices import resolve_device
 from .errors import BrainPropError
-from .evaluation import EVAL_BATCH, accuracy, resolve_device
+from .evaluation import EVAL_BATCH, accuracy
 from .feedback import convert
 from .objectives import RULES, make_objective
 from .presets import build_model

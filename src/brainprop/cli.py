@@ -105,6 +105,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "run; only --epochs may change)",
     )  # fmt: skip
     run.add_argument("--quiet", action="store_true", help="no progress output")
+    # _train needs the defaults to tell which settings a --resume would silently drop.
+    p.set_defaults(train_parser=p)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -115,6 +117,15 @@ def _train(args: argparse.Namespace) -> int:
     epochs = {} if args.epochs is None else {"epochs": args.epochs}
     # On --resume the run's own config decides everything but a raised --epochs.
     config = TrainConfig(**epochs) if epochs else None
+    if args.resume is not None:
+        dropped = _changed_settings(args, keep={"resume", "epochs", "quiet", "train_parser"})
+        if dropped:
+            them = "it" if len(dropped) == 1 else "them"
+            raise BrainPropError(
+                f"--resume continues {args.resume} with its own settings, so "
+                f"{', '.join(dropped)} would be ignored: drop {them} (only --epochs may change), "
+                "or start a new run"
+            )
     if args.resume is None:
         config = TrainConfig(
             dataset=args.dataset,
@@ -178,6 +189,16 @@ def _download(args: argparse.Namespace) -> int:
 
 def _names(text: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
+def _changed_settings(args: argparse.Namespace, keep: set[str]) -> list[str]:
+    """The options of ``args.train_parser`` given a value other than their default."""
+    return [
+        action.option_strings[0]
+        for action in args.train_parser._actions
+        if action.option_strings and action.dest not in keep | {"help"}
+        and getattr(args, action.dest) != action.default
+    ]  # fmt: skip
 
 
 def _add_reproduce(sub: argparse._SubParsersAction) -> None:

@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+from .devices import device_problem
 from .errors import BrainPropError
 from .feedback import FEEDBACK_MODES
 from .objectives import RULES
@@ -146,7 +147,8 @@ class TrainConfig:
             self.on_nan in ON_NAN,
             f"--on-nan must be one of {', '.join(ON_NAN)}, got {self.on_nan!r}",
         )
-        need(self.device == "auto" or _device_ok(self.device), _device_message(self.device))
+        problem = device_problem(self.device)
+        need(problem is None, problem or "")
 
     def hyperparameters(self) -> Hyperparameters:
         """This (resolved) config's table fields as a :class:`Hyperparameters` row."""
@@ -215,22 +217,3 @@ def value_fits(value: Any, annotation: str) -> bool:
 
 def _finite(x: float) -> bool:
     return isinstance(x, int | float) and math.isfinite(x)
-
-
-def _device_ok(device: str) -> bool:
-    import torch
-
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        return False
-    if dev.type == "cuda":
-        return torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()
-    return dev.type == "cpu"
-
-
-def _device_message(device: str) -> str:
-    return (
-        f"device {device!r} is not available here: use --device cpu, or cuda[:N] on a machine "
-        "with a CUDA GPU, or auto"
-    )

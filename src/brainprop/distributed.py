@@ -50,8 +50,8 @@ import torch.distributed as dist
 from torch import nn
 
 from .data.batches import to_float
+from .devices import resolve_device
 from .errors import BrainPropError
-from .evaluation import resolve_device
 from .objectives import Objective, Output
 from .signals import StopRequest
 
@@ -410,7 +410,10 @@ class Context:
         batch = (
             f"the global batch stays {new}"
             if old == new
-            else (f"the global batch changes from {old} to {new} (pass --global-batch to keep it)")
+            else (
+                f"the global batch changes from {old} to {new} (a run started with "
+                "--global-batch keeps it on any number of processes)"
+            )
         )
         return (
             f"warning: resuming a run of {saved} process(es) on {self.world_size}: {batch}, "

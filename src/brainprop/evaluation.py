@@ -6,7 +6,6 @@ training loop calls once per epoch.
 
 from __future__ import annotations
 
-import platform
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -19,21 +18,12 @@ from .config import TrainConfig
 from .data import Dataset, load_dataset
 from .data.batches import ordered_batches
 from .data.messages import reason
+from .devices import autocast, device_name, resolve_device
 from .errors import BrainPropError
 from .feedback import convert
 from .presets import build_model
 
 EVAL_BATCH = 1000
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def autocast(device: torch.device, bf16: bool):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda")
 
 
 @torch.inference_mode()
@@ -53,30 +43,6 @@ def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
     """Whether every floating tensor of ``tensors`` is free of NaN and inf (one device sync)."""
     checks = [torch.isfinite(t).all() for t in tensors if t.is_floating_point()]
     return not checks or bool(torch.stack(checks).all())
-
-
-def device_name(device: torch.device) -> str:
-    """The machine a number was measured on: the GPU's name, or the CPU model and threads."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    threads = torch.get_num_threads()
-    model = _cpu_model()
-    arch = platform.machine()
-    kind = f"{model}, {arch}" if model else (platform.processor() or arch)
-    return f"cpu ({kind}, {threads} thread{'s' if threads != 1 else ''})"
-
-
-def _cpu_model() -> str | None:
-    """Linux's name for the CPU (``platform`` has none there); None elsewhere."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name" and value.strip():
-                    return value.strip()
-    except OSError:
-        pass
-    return None
 
 
 def load_model(

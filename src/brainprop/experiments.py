@@ -475,7 +475,7 @@ def this_machine(device: str, threads: int | None = None) -> str:
     """The machine name a run on ``device`` records (``summary.json``'s ``device``)."""
     import torch
 
-    from .evaluation import device_name, resolve_device
+    from .devices import device_name, resolve_device
 
     dev = resolve_device(device)
     if threads is None or dev.type != "cpu":
@@ -640,7 +640,7 @@ def _die_with_parent(parent: int) -> None:
 def _run_in_workers(
     request: Request, pending: Sequence[RunSpec], outcome: Outcome, say: Callable[[str], None]
 ) -> None:
-    from .evaluation import resolve_device
+    from .devices import resolve_device
 
     ctx = multiprocessing.get_context("spawn")
     # On a CPU, workers split the cores instead of each taking them all.

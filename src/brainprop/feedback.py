@@ -141,6 +141,15 @@ def direct_matrix(
 
 
 # --- autograd functions ------------------------------------------------------------------------
+#
+# Under autocast (--bf16) a forward op runs in bf16 but these functions save its inputs as they
+# came (the first layer's in fp32), so each backward casts what it saved to the precision of
+# the incoming gradient: the precision autocast ran the forward op in, as autograd's own
+# backward of an autocast op does. Without autocast the casts are no-ops.
+
+
+def _like(g: torch.Tensor, *saved: torch.Tensor) -> list[torch.Tensor]:
+    return [t.to(g.dtype) for t in saved]
 
 
 class _LinearFeedback(torch.autograd.Function):
@@ -154,9 +163,9 @@ class _LinearFeedback(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        x, fb = ctx.saved_tensors
+        x, fb = _like(g, *ctx.saved_tensors)
         need_x, need_w, _, need_fb = ctx.needs_input_grad[:4]
-        gx = g.matmul(fb.to(g.dtype)) if need_x else None
+        gx = g.matmul(fb) if need_x else None
         gw = None
         if need_w or need_fb:
             gw = g.reshape(-1, g.shape[-1]).t().matmul(x.reshape(-1, x.shape[-1]))
@@ -176,14 +185,14 @@ class _ConvFeedback(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        x, weight, fb = ctx.saved_tensors
+        x, weight, fb = _like(g, *ctx.saved_tensors)
         stride, padding, dilation, groups = ctx.conf
         need_x, need_w, need_b, need_fb = ctx.needs_input_grad[:4]
         conv_bw = torch.ops.aten.convolution_backward
         gx = gw = gb = None
         if need_x:
             gx = conv_bw(
-                g, x, fb.to(g.dtype), None, stride, padding, dilation, False, [0, 0], groups,
+                g, x, fb, None, stride, padding, dilation, False, [0, 0], groups,
                 [True, False, False],
             )[0]  # fmt: skip
         if need_w or need_fb or need_b:
@@ -204,9 +213,9 @@ class _BmmFeedback(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        cols, fb = ctx.saved_tensors
+        cols, fb = _like(g, *ctx.saved_tensors)
         need_x, need_w, need_fb = ctx.needs_input_grad[:3]
-        gx = torch.bmm(g, fb.to(g.dtype).transpose(1, 2)) if need_x else None
+        gx = torch.bmm(g, fb.transpose(1, 2)) if need_x else None
         gw = torch.bmm(cols.transpose(1, 2), g) if need_w or need_fb else None
         return gx, gw if need_w else None, gw if need_fb else None
 

@@ -7,6 +7,7 @@
     last.pt         full training state, rewritten every epoch (resume reads it)
     best.pt         model weights at the best validation epoch
     accuracy.png    training reward rate and validation/test accuracy per epoch
+    diagnostics.png feedback angles and update norms per layer and epoch (train.py writes it)
     summary.json    best validation accuracy and epoch, test accuracy there, timings, device
 ```
 Every file is written atomically.

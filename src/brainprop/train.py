@@ -26,9 +26,10 @@ from . import checkpoint, distributed, rng, rundir, signals
 from .config import MAX_NAN_RELOADS, VAL_TEST, TrainConfig
 from .data import Dataset, load_dataset
 from .data.batches import num_batches, permuted_batches, to_float
+from .devices import autocast, device_name
 from .diagnostics import diagnostics, plot_diagnostics
 from .errors import BrainPropError
-from .evaluation import accuracy, all_finite, autocast, device_name
+from .evaluation import accuracy, all_finite
 from .feedback import convert
 from .objectives import Objective, Output, make_objective
 from .presets import build_model, decayed_parameters
