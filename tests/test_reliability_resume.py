@@ -178,6 +178,22 @@ def test_resume_with_data_of_another_number_of_classes(tmp_path, ds, reference) 
     )
 
 
+def test_checkpoint_written_on_another_device_type_is_refused(tmp_path, ds, reference) -> None:
+    # A run with --device auto started on a GPU and resumed on a CPU machine.
+    run_dir = tmp_path / "copy"
+    shutil.copytree(reference, run_dir)
+    state = torch.load(run_dir / "last.pt", weights_only=True)
+    assert state["device_type"] == "cpu"
+    state["device_type"] = "cuda"
+    torch.save(state, run_dir / "last.pt")
+    with pytest.raises(BrainPropError) as info:
+        train(None, resume=run_dir, dataset=ds, progress=False)
+    assert str(info.value) == (
+        f"{run_dir / 'last.pt'} was written on cuda and this run would continue on cpu, whose "
+        "random states are of another kind: resume it on a machine with a cuda device"
+    )
+
+
 def test_resume_of_a_folder_that_is_not_a_run(tmp_path: Path, ds) -> None:
     with pytest.raises(BrainPropError, match="no run directory at .*: pass a folder"):
         train(None, resume=tmp_path / "nope", dataset=ds, progress=False)

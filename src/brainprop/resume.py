@@ -86,6 +86,13 @@ def _resolve_stored(config: TrainConfig, source: Path) -> TrainConfig:
 def restore(trainer: Trainer, state: dict[str, Any], ds: Dataset, run_path: Path) -> None:
     check_compatible(state, ds, run_path)
     last = run_path / rundir.LAST
+    saved = state.get("device_type")
+    if saved is not None and saved != trainer.device.type:
+        raise BrainPropError(
+            f"{last} was written on {saved} and this run would continue on "
+            f"{trainer.device.type}, whose random states are of another kind: resume it on a "
+            f"machine with a {saved} device"
+        )
     try:
         trainer.load_state(state)
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:

@@ -208,6 +208,8 @@ class Trainer:
             "config": self.config.to_dict(),
             "input_shape": list(self.input_shape),
             "num_classes": self.num_classes,
+            # CPU and CUDA random states differ in kind: a resume must stay on this device type.
+            "device_type": self.device.type,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "epoch": len(self.history),
@@ -512,7 +514,7 @@ def _train(
                     _save_last(trainer, run_path)
                     at = f"in epoch {epoch + 1} after step {trainer.partial['step']}"
                     raise _interrupted(stop, run_path, at)
-                if _end_epoch(trainer, ds, run_path, metrics, say):
+                if _end_epoch(trainer, run_path, metrics, say):
                     stop_reason = "early stopping"
                     break
     except KeyboardInterrupt:
@@ -562,10 +564,12 @@ def _save_last(trainer: Trainer, run_path: Path) -> None:
     trainer.parallel.on_main(lambda: checkpoint.save(run_path / rundir.LAST, state))
 
 
-def _end_epoch(
-    trainer: Trainer, ds: Dataset, run_path: Path, metrics: dict[str, float], say: Any
-) -> bool:
-    """Evaluate, record and checkpoint a finished epoch; True when early stopping ends the run."""
+def _end_epoch(trainer: Trainer, run_path: Path, metrics: dict[str, float], say: Any) -> bool:
+    """Evaluate, record and checkpoint a finished epoch; True when early stopping ends the run.
+
+    ``eval_seconds`` is everything after the training pass but the checkpoint writes:
+    evaluation and the feedback diagnostics.
+    """
     config, epoch = trainer.config, len(trainer.history)
     train_seconds = metrics.pop("seconds")
     t1 = time.perf_counter()
@@ -578,7 +582,10 @@ def _end_epoch(
     test_acc = (
         val_acc
         if config.val == VAL_TEST
-        else parallel.accuracy(score, ds.test_x.to(trainer.device), ds.test_y.to(trainer.device))
+        else parallel.accuracy(score, trainer.train_set.test_x, trainer.train_set.test_y)
+    )
+    feedback = diagnostics(
+        trainer.model, trainer.diag_x, trainer.diag_y, trainer.objective, config.seed
     )
     row = {
         "epoch": epoch + 1,
@@ -588,9 +595,7 @@ def _end_epoch(
         "test_acc": test_acc,
         "seconds": train_seconds,
         "eval_seconds": time.perf_counter() - t1,
-        **diagnostics(
-            trainer.model, trainer.diag_x, trainer.diag_y, trainer.objective, config.seed
-        ),
+        **feedback,
     }
     trainer.history.append(row)
     early = trainer.stopper.update(val_acc)
