@@ -211,3 +211,6 @@ def test_cli_bench_prints_markdown_and_writes_files(tmp_path, capsys):
     assert (tmp_path / JSON_NAME).is_file() and (tmp_path / MARKDOWN_NAME).is_file()
     assert main(["bench", "--presets", "mnist/nope", "--device", "cpu"]) == 2
     assert "'nope'" in capsys.readouterr().err
+    assert main([*args[:-1], str(tmp_path / JSON_NAME)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot create the folder" in err and err.count("\n") == 1 and "load" not in err

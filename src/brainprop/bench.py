@@ -19,7 +19,6 @@ eager-versus-fast ratio to report, and the results say so.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import resource
@@ -34,6 +33,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .checkpoint import atomic_write_json, atomic_write_text, make_folder
 from .config import TrainConfig
 from .data import Dataset
 from .data.batches import num_batches, to_float
@@ -562,8 +562,9 @@ def run_bench(
         if rule not in RULES:
             raise BrainPropError(f"unknown rule {rule!r}: choose from {', '.join(RULES)}")
     parsed = [parse_preset(p) for p in presets]
-    TrainConfig(device=device).resolve()  # a clear error for an unavailable device
     dev = resolve_device(device)
+    if out is not None:
+        make_folder(Path(out))  # before minutes of timing, not after
     peaks = device_peaks(dev, bf16, peak_tflops)
     load_before = os.getloadavg()
     if load_before[0] > 0.75 * (os.cpu_count() or 1):
@@ -599,9 +600,8 @@ def run_bench(
     }
     if out is not None:
         folder = Path(out)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / JSON_NAME).write_text(json.dumps(report, indent=2) + "\n")
-        (folder / MARKDOWN_NAME).write_text(markdown(report))
+        atomic_write_json(folder / JSON_NAME, report)
+        atomic_write_text(folder / MARKDOWN_NAME, markdown(report))
     return report
 
 

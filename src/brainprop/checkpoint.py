@@ -26,6 +26,17 @@ from .errors import BrainPropError
 FORMAT = "brainprop-checkpoint-1"
 
 
+def make_folder(folder: Path) -> None:
+    """Create ``folder`` and its parents, or say in one line why it cannot be."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BrainPropError(
+            f"cannot create the folder {folder} ({e.strerror or e}): pass as --out a folder you "
+            "can write to, not a file"
+        ) from None
+
+
 def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None]) -> None:
     """Write ``path`` through ``write(file)`` so that readers see the old or the new file only."""
     path = Path(path)

@@ -34,7 +34,7 @@ from statistics import fmean
 from typing import Any
 
 from . import rundir, signals
-from .checkpoint import atomic_write_json
+from .checkpoint import atomic_write_json, make_folder
 from .config import TrainConfig
 from .errors import BrainPropError
 from .presets import DATASET_FAMILY, PAPER_PRESET, PRESETS
@@ -273,17 +273,6 @@ def write_measurement(
         },
     )
     return replace(m, path=folder / m.file_name)
-
-
-def make_folder(folder: Path) -> None:
-    """Create ``folder`` and its parents, or say in one line why it cannot be."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise BrainPropError(
-            f"cannot create the folder {folder} ({e.strerror or e}): pass as --out a folder you "
-            "can write to, not a file"
-        ) from None
 
 
 def load_measurements(out: Path) -> list[Measurement]:

@@ -33,7 +33,7 @@ from pathlib import Path
 from statistics import fmean, stdev
 from typing import Any
 
-from .checkpoint import atomic_write, atomic_write_json, atomic_write_text
+from .checkpoint import atomic_write, atomic_write_json, atomic_write_text, make_folder
 from .errors import BrainPropError
 from .experiments import (
     MATRIX,
@@ -41,7 +41,6 @@ from .experiments import (
     Cell,
     Measurement,
     load_measurements,
-    make_folder,
 )
 from .presets import DATASET_FAMILY, PAPER, PAPER_PRESET, PRESETS, Hyperparameters
 
