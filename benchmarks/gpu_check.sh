@@ -41,7 +41,7 @@
 # in pieces of at most 45 MB, each in its own device call right after the previous one (a
 # fresh machine would have lost the earlier pieces), into a folder outside the checkout:
 #   here, once (under runs/, which git ignores, so that nothing travels unasked):
-#     brainprop download cifar10 --data-dir runs/data
+#     brainprop download cifar10 --data-dir runs/data    (or copy a cifar10/ folder you have there)
 #     mkdir -p runs/upload && tar -czf - -C runs/data cifar10/cifar-10-batches-py \
 #         | split -b 45M -d - runs/upload/cifar10.tgz.
 #   then, for each piece NN (00, 01, ...), a device call with carry ["runs/upload/cifar10.tgz.NN"]:
