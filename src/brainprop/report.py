@@ -4,8 +4,8 @@
 machine (numbers from different machines, caps or settings are never pooled, so each number
 carries the machine it was measured on) and computes per rule the mean (sd) over seeds.
 :func:`write_report` writes ``results.md``, ``results.json`` and ``results.png``;
-:func:`update_readme` puts a summary between the README's ``<!-- results:start -->`` and ``<!--
-results:end -->`` markers.
+:func:`update_readme` puts a summary between the README's ``<!-- results:start -->`` and
+``<!-- results:end -->`` markers.
 
 The paper's claims checked per cell:
 
@@ -35,13 +35,7 @@ from typing import Any
 
 from .checkpoint import atomic_write, atomic_write_json, atomic_write_text, make_folder
 from .errors import BrainPropError
-from .experiments import (
-    MATRIX,
-    RULE_ORDER,
-    Cell,
-    Measurement,
-    load_measurements,
-)
+from .experiments import MATRIX, RULE_ORDER, Cell, Measurement, load_measurements
 from .presets import DATASET_FAMILY, PAPER, PAPER_PRESET, PRESETS, Hyperparameters
 
 RESULTS_MD, RESULTS_JSON, RESULTS_PNG = "results.md", "results.json", "results.png"
