@@ -130,14 +130,19 @@ def test_report_files_show_both_rules_published_numbers_and_machines(tmp_path):
     assert "mnist/dense" in data["no_full_paper_run"]
 
 
-def test_only_an_uncapped_paper_settings_run_takes_a_cell_off_the_missing_list(tmp_path):
-    dense = Cell("mnist", "dense")
-    _cell_runs(tmp_path, dense, CPU, [0.25], [0.91], [2], [2], max_epochs=2)
+def test_only_a_full_length_paper_settings_run_takes_a_cell_off_the_missing_list(tmp_path):
+    dense, loccon = Cell("mnist", "dense"), Cell("mnist", "loccon")
+    for rule in ("brainprop", "ebp"):
+        write_measurement(tmp_path, RunSpec(dense, rule, 0, max_epochs=2), CPU, test_acc=0.5,
+                          best_epoch=2, epochs_run=2, stop_reason="max epochs")  # fmt: skip
     _cell_runs(tmp_path, dense, CPU, [0.98], [0.98], [90], [30], preset="quickstart")
     _cell_runs(tmp_path, CONV, CPU, [0.99], [0.99], [60], [30], val=5000)
+    # Capped at 200 but ended by early stopping first: a full-length run.
+    _cell_runs(tmp_path, loccon, CPU, [0.98], [0.98], [100], [60], max_epochs=200)
     md = write_report(tmp_path).read_text()
     missing = md.split("No full-length paper-settings run yet: ")[1].split("\n")[0]
-    assert "MNIST dense" in missing and "MNIST conv" not in missing
+    assert "MNIST dense" in missing
+    assert "MNIST conv" not in missing and "MNIST loccon" not in missing
     assert "Not measured yet" not in md
 
 

@@ -278,9 +278,15 @@ def to_json(results: Sequence[CellResult], count: int, machines: Sequence[str]) 
 
 
 def _no_full_paper_run(results: Sequence[CellResult]) -> list[Cell]:
-    """The matrix cells with no uncapped run of the paper's preset: capped runs and other
-    settings show that a cell runs, not what the paper's claims are about."""
-    full = {r.cell for r in results if r.max_epochs is None and r.preset == PAPER_PRESET}
+    """The matrix cells with no full-length run of the paper's preset (uncapped, or stopped by
+    early stopping before its cap): cut-short runs and other settings show that a cell runs,
+    not what the paper's claims are about."""
+    full = {
+        r.cell for r in results
+        if r.preset == PAPER_PRESET
+        and (r.max_epochs is None
+             or not any(s.stop_reasons.get("max epochs") for s in r.rules.values()))
+    }  # fmt: skip
     return [c for c in MATRIX if c not in full]
 
 
