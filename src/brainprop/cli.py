@@ -193,6 +193,7 @@ def _names(text: str) -> tuple[str, ...]:
 
 def _changed_settings(args: argparse.Namespace, keep: set[str]) -> list[str]:
     """The options of ``args.train_parser`` given a value other than their default."""
+    # argparse has no public list of a parser's options; _actions is stable since Python 3.2.
     return [
         action.option_strings[0]
         for action in args.train_parser._actions
