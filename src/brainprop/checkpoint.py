@@ -26,14 +26,15 @@ from .errors import BrainPropError
 FORMAT = "brainprop-checkpoint-1"
 
 
-def make_folder(folder: Path) -> None:
-    """Create ``folder`` and its parents, or say in one line why it cannot be."""
+def make_folder(
+    folder: Path, fix: str = "pass as --out a folder you can write to, not a file"
+) -> None:
+    """Create ``folder`` and its parents, or say in one line why it cannot be and ``fix``."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise BrainPropError(
-            f"cannot create the folder {folder} ({e.strerror or e}): pass as --out a folder you "
-            "can write to, not a file"
+            f"cannot create the folder {folder} ({e.strerror or e}): {fix}"
         ) from None
 
 

@@ -26,6 +26,7 @@ from typing import BinaryIO
 
 from tqdm import tqdm
 
+from brainprop.checkpoint import make_folder
 from brainprop.errors import BrainPropError
 
 from .idx import IDX_FILE_NAMES
@@ -123,13 +124,7 @@ def download(
     if status.present and status.path.is_relative_to(dest):
         return status.path
     created = not dest.exists()
-    try:
-        dest.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise BrainPropError(
-            f"cannot create {dest} ({reason(exc)}): choose a writable data root with "
-            "--data-dir or BRAINPROP_DATA"
-        ) from exc
+    make_folder(dest, "choose a writable data root with --data-dir or BRAINPROP_DATA")
     try:
         for file_name in source.files:
             url = (base_url or source.base_url).rstrip("/") + "/" + file_name
