@@ -49,6 +49,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import rng
 from .data.batches import to_float
 from .devices import resolve_device
 from .errors import BrainPropError
@@ -337,15 +338,10 @@ class Context:
         all ranks). One process adds nothing: its checkpoint is the plain run's."""
         if not self.active:
             return {}
-        mine = {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "generator": generator.get_state(),
-        }
         return {
             "world_size": self.world_size,
             "order_generator": order.get_state(),
-            "ranks": self.gather(mine),
+            "ranks": self.gather(rng.capture_torch(generator)),
         }
 
     def restore_streams(
@@ -367,11 +363,7 @@ class Context:
             return
         order.set_state(state["order_generator"] if saved > 1 else state["rng"]["generator"])
         if saved == self.world_size:
-            mine = state["ranks"][self.rank]
-            torch.set_rng_state(mine["torch"])
-            if mine["cuda"] and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(mine["cuda"])
-            generator.set_state(mine["generator"])
+            rng.restore_torch(state["ranks"][self.rank], generator)
             return
         step = (state.get("partial") or {}).get("step", 0)
         fresh = np.random.SeedSequence(
@@ -426,10 +418,9 @@ class Context:
         try:
             yield
         except (RuntimeError, ValueError) as e:
-            detail = " ".join(str(e).split())[:200]
             raise BrainPropError(
                 f"process {self.rank} of {self.world_size} lost the others during {what} "
-                f"({detail}): another process died or stalled for over {self.timeout_s:g}s "
+                f"({_one_line(e)}): another process died or stalled for over {self.timeout_s:g}s "
                 f"(${ENV_TIMEOUT}); continue from the last checkpoint with 'torchrun ... "
                 "brainprop train --resume RUN_DIR'"
             ) from None
@@ -475,13 +466,23 @@ def launched_main() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def _one_line(e: BaseException) -> str:
+    """A collective's error, whatever its line breaks, cut to fit in one line of ours: gloo and
+    NCCL spread the cause over several lines, so the first alone may not hold it."""
+    return " ".join(str(e).split())[:200]
+
+
+def _unset(name: str) -> BrainPropError:
+    return BrainPropError(
+        f"${name} is not set: start several processes with torchrun, which sets it"
+    )
+
+
 def _env_int(name: str, default: int | None = None) -> int:
     text = os.environ.get(name)
     if text is None:
         if default is None:
-            raise BrainPropError(
-                f"${name} is not set: start several processes with torchrun, which sets it"
-            )
+            raise _unset(name)
         return default
     try:
         return int(text)
@@ -525,9 +526,7 @@ def joined() -> Iterator[Context]:
     if not dist.is_initialized():
         for name in ("MASTER_ADDR", "MASTER_PORT"):
             if name not in os.environ:
-                raise BrainPropError(
-                    f"${name} is not set: start several processes with torchrun, which sets it"
-                )
+                raise _unset(name)
         cuda = torch.cuda.is_available() and dist.is_nccl_available()
         if cuda and context.local_rank < torch.cuda.device_count():
             # NCCL binds each communicator to the current device when it first talks.
@@ -540,11 +539,10 @@ def joined() -> Iterator[Context]:
                 timeout=datetime.timedelta(seconds=context.timeout_s),
             )
         except (RuntimeError, ValueError) as e:
-            detail = " ".join(str(e).split())[:200]
             raise BrainPropError(
                 f"process {rank} could not join the other {world - 1} at "
                 f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} within "
-                f"{context.timeout_s:g}s ({detail}): check that every node was started with "
+                f"{context.timeout_s:g}s ({_one_line(e)}): check that every node was started with "
                 "the same --rdzv-endpoint and that the port is open"
             ) from None
         atexit.register(dist.destroy_process_group)

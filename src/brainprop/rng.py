@@ -24,14 +24,33 @@ def seed_all(seed: int) -> None:
     np.random.seed(seed)
 
 
+def capture_torch(generator: torch.Generator) -> dict[str, Any]:
+    """The torch streams: the global CPU and CUDA generators and the loop's ``generator``.
+
+    These are the ones that differ between the processes of a torchrun job, which each keep
+    their own (see :mod:`brainprop.distributed`).
+    """
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "generator": generator.get_state(),
+    }
+
+
+def restore_torch(state: dict[str, Any], generator: torch.Generator) -> None:
+    """Put back what :func:`capture_torch` returned."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    generator.set_state(state["generator"])
+
+
 def capture(generator: torch.Generator) -> dict[str, Any]:
     """The state of every global generator and of the loop's own ``generator``."""
     py_version, py_internal, py_gauss = random.getstate()
     _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state(legacy=True)
     return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "generator": generator.get_state(),
+        **capture_torch(generator),
         "numpy": {
             "keys": torch.from_numpy(np_keys.astype(np.int64)),
             "pos": int(np_pos),
@@ -48,10 +67,7 @@ def capture(generator: torch.Generator) -> dict[str, Any]:
 
 def restore(state: dict[str, Any], generator: torch.Generator) -> None:
     """Put back what :func:`capture` returned."""
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    generator.set_state(state["generator"])
+    restore_torch(state, generator)
     keys = state["numpy"]["keys"].numpy().astype(np.uint32)
     numpy = state["numpy"]
     np.random.set_state(("MT19937", keys, numpy["pos"], numpy["has_gauss"], numpy["gauss"]))
