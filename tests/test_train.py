@@ -10,7 +10,7 @@ from conftest import make_tiny_dataset
 from brainprop import TrainConfig, evaluate, load_model, train
 from brainprop.errors import BrainPropError
 from brainprop.evaluation import accuracy
-from brainprop.train import EarlyStopping, lr_at
+from brainprop.schedule import EarlyStopping, lr_at
 
 
 def _config(tmp_path, **kw):
@@ -119,7 +119,7 @@ def test_short_last_batch_takes_a_proportional_brainprop_step(tmp_path):
 
 
 def test_l2_is_keras_semantics_on_weights_only(tmp_path, tiny_dataset):
-    from brainprop.train import make_optimizer
+    from brainprop.step import make_optimizer
 
     cfg = _config(tmp_path, l2=5e-4).resolve()
     run = train(_config(tmp_path, epochs=1, l2=5e-4), dataset=tiny_dataset, progress=False)

@@ -1,7 +1,7 @@
 """``brainprop bench``: training throughput per preset and rule, on CPU or CUDA.
 
 Every preset (``dataset/arch``, hyperparameters from the paper's table) runs the very step the
-training loop runs, :func:`brainprop.train.train_step`, on synthetic uint8 images of the
+training loop runs, :func:`brainprop.step.train_step`, on synthetic uint8 images of the
 dataset's real size and shape, so nothing needs downloading and an epoch is exactly
 ``ceil(N_train / batch)`` steps. Each timed step includes the on-device gather and scaling of
 its batch; the epoch figure adds the one ``randperm`` per epoch. The loop's per-step running
@@ -43,7 +43,7 @@ from .evaluation import EVAL_BATCH, accuracy
 from .feedback import convert
 from .objectives import RULES, make_objective
 from .presets import build_model
-from .train import make_optimizer, train_step
+from .step import make_optimizer, train_step
 
 #: The presets the speed targets are stated for, plus the CPU target's MNIST dense.
 DEFAULT_PRESETS = (

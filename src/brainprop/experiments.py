@@ -38,6 +38,7 @@ from .checkpoint import atomic_write_json, make_folder
 from .config import TrainConfig
 from .errors import BrainPropError
 from .presets import DATASET_FAMILY, PAPER_PRESET, PRESETS
+from .summary import check_summary
 
 RUNS, MEASUREMENTS = "runs", "measurements"
 MEASUREMENT_FORMAT = "brainprop-measurement-1"
@@ -286,7 +287,7 @@ def _read_measurement(path: Path) -> Measurement:
         if d["format"] != MEASUREMENT_FORMAT:
             raise ValueError(f"format {d['format']!r}")
         summary = d["summary"]
-        _check_summary(summary)
+        check_summary(summary)
         return Measurement(
             str(d["run"]), Cell(str(d["dataset"]), str(d["arch"])), str(d["rule"]),
             int(d["seed"]), _opt_int(d["val"]), _opt_int(d["max_epochs"]), str(d["machine"]),
@@ -297,38 +298,6 @@ def _read_measurement(path: Path) -> Measurement:
             f"{path} is not a brainprop measurement ({e}): remove it or copy it again from the "
             "machine that made it"
         ) from None
-
-
-#: What a summary holds once a run finished an epoch (``train._summarize``), and the types
-#: the report and the estimates need.
-_EPOCH_KEYS: dict[str, type | tuple[type, ...]] = {
-    "best_val_acc": (int, float),
-    "best_epoch": int,
-    "test_acc_at_best": (int, float),
-    "s_per_epoch": (int, float),
-    "total_seconds": (int, float),
-}
-
-
-def _check_summary(summary: Any) -> None:
-    """Raise ValueError naming the first summary field the report could not use."""
-    if not isinstance(summary, dict):
-        raise ValueError("summary is not an object")
-    if not _is(summary.get("epochs_run"), int) or summary["epochs_run"] < 0:
-        raise ValueError("summary's epochs_run is missing or not a count")
-    if not isinstance(summary.get("stop_reason", ""), str):
-        raise ValueError("summary's stop_reason is not text")
-    # A run stopped before its first epoch ended legitimately has none of the epoch fields.
-    if summary["epochs_run"] == 0 and not summary.keys() & _EPOCH_KEYS.keys():
-        return
-    for key, kind in _EPOCH_KEYS.items():
-        if not _is(summary.get(key), kind):
-            raise ValueError(f"summary's {key} is missing or not a number")
-
-
-def _is(value: Any, kind: type | tuple[type, ...]) -> bool:
-    # JSON true/false load as bools, which Python counts as ints.
-    return isinstance(value, kind) and not isinstance(value, bool)
 
 
 def _opt_int(v: Any) -> int | None:

@@ -10,6 +10,8 @@ from dataclasses import fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from . import checkpoint, rundir
 from .config import TrainConfig
 from .data import Dataset
@@ -81,6 +83,46 @@ def _resolve_stored(config: TrainConfig, source: Path) -> TrainConfig:
             f"{source} holds a config with a wrongly typed value ({reason(e)}): the run "
             "directory is damaged"
         ) from None
+
+
+#: The history columns the loop itself reads back (summary, best epoch, plots).
+ROW_NUMBERS = ("epoch", "lr", "train_loss", "train_reward", "val_acc", "test_acc", "seconds",
+                "eval_seconds")  # fmt: skip
+PARTIAL_SUMS = ("loss_sum", "reward_sum", "explored_sum", "first_bad")
+
+
+def history_ok(history: Any) -> bool:
+    """Whether a checkpoint's history has every column the loop reads back, as numbers."""
+    return isinstance(history, list) and all(
+        isinstance(row, dict)
+        and all(
+            isinstance(row.get(k), int | float) and not isinstance(row.get(k), bool)
+            for k in ROW_NUMBERS
+        )
+        for row in history
+    )
+
+
+def partial_ok(partial: Any) -> bool:
+    """Whether a checkpoint's mid-epoch position (see ``Trainer.train_epoch``) is whole."""
+    return (
+        isinstance(partial, dict)
+        and isinstance(partial.get("step"), int)
+        and partial["step"] >= 1
+        and isinstance(partial.get("seconds"), int | float)
+        and isinstance(partial.get("order_rng"), torch.Tensor)
+        and all(
+            isinstance(partial.get(k), torch.Tensor) and partial[k].dim() == 0 for k in PARTIAL_SUMS
+        )
+    )
+
+
+def optimizer_settings(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """Every param group's hyperparameters but the learning rate, which each epoch sets."""
+    return [
+        {k: v for k, v in group.items() if k not in ("params", "lr")}
+        for group in optimizer.state_dict()["param_groups"]
+    ]
 
 
 def restore(trainer: Trainer, state: dict[str, Any], ds: Dataset, run_path: Path) -> None:

@@ -1,7 +1,9 @@
-"""The training loop: schedule, early stopping, NaN stop, checkpoints, resume, history.
+"""The training loop: epochs, NaN stop, checkpoints, resume, history.
 
 It knows nothing of which rule or architecture it runs: the objective turns Q-values into a
-loss, the model is any ``nn.Module``, and plain SGD applies the gradient.
+loss, the model is any ``nn.Module``, and :func:`~brainprop.step.train_step` applies plain SGD.
+The learning-rate schedule and early stopping are in :mod:`brainprop.schedule`, and what a
+run's ``summary.json`` holds in :mod:`brainprop.summary`.
 
 The loop keeps every per-step quantity on the device and reads back once per epoch, so a step
 never waits for the host.
@@ -10,10 +12,10 @@ never waits for the host.
 from __future__ import annotations
 
 import itertools
-import math
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,52 +26,29 @@ from tqdm.auto import tqdm
 
 from . import checkpoint, distributed, rng, rundir, signals
 from .config import MAX_NAN_RELOADS, VAL_TEST, TrainConfig
-from .data import Dataset, load_dataset
+from .data import Dataset, load_dataset, split_validation
 from .data.batches import num_batches, permuted_batches, to_float
-from .devices import autocast, device_name
+from .devices import device_name
 from .diagnostics import diagnostics, plot_diagnostics
 from .errors import BrainPropError
 from .evaluation import accuracy, all_finite
 from .feedback import convert
-from .objectives import Objective, Output, make_objective
-from .presets import build_model, decayed_parameters
-from .resume import checkpoint_and_config, restore
+from .objectives import Objective, make_objective
+from .presets import build_model
+from .resume import (
+    PARTIAL_SUMS,
+    checkpoint_and_config,
+    history_ok,
+    optimizer_settings,
+    partial_ok,
+    restore,
+)
+from .schedule import EarlyStopping, lr_at
+from .step import make_optimizer, train_step
+from .summary import summarize
 
 DIAGNOSTIC_BATCH = 256
 DIAGNOSTICS_PLOT = "diagnostics.png"
-
-
-def lr_at(epoch: int, base: float, halving_epochs: int) -> float:
-    """Learning rate for 0-based ``epoch``: ``base`` halved every ``halving_epochs`` epochs."""
-    return base * 0.5 ** (epoch // halving_epochs)
-
-
-@dataclass
-class EarlyStopping:
-    """Keras's ``EarlyStopping(monitor='val_accuracy', mode='max')``, step for step.
-
-    An epoch improves when ``value - min_delta > best``; training stops once ``patience``
-    epochs in a row have not improved.
-    """
-
-    patience: int
-    min_delta: float
-    best: float = -math.inf
-    wait: int = 0
-
-    def update(self, value: float) -> bool:
-        """Record one epoch's value; True when training should stop."""
-        self.wait += 1
-        if value - self.min_delta > self.best:
-            self.best = value
-            self.wait = 0
-        return self.wait >= self.patience
-
-    def state_dict(self) -> dict[str, float]:
-        return {"best": self.best, "wait": self.wait}
-
-    def load_state_dict(self, state: dict[str, float]) -> None:
-        self.best, self.wait = float(state["best"]), int(state["wait"])
 
 
 @dataclass
@@ -81,77 +60,6 @@ class Run:
     model: nn.Module
     history: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
-
-
-def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.SGD:
-    """Plain SGD; Keras's l2(lambda) adds lambda*w^2 to the loss, i.e. weight decay 2*lambda."""
-    decay, rest = decayed_parameters(model)
-    groups = [
-        {"params": decay, "weight_decay": 2 * config.l2},
-        {"params": rest, "weight_decay": 0.0},
-    ]
-    return torch.optim.SGD([g for g in groups if g["params"]], lr=config.lr, momentum=0.0)
-
-
-def train_step(
-    model: nn.Module,
-    objective: Objective,
-    optimizer: torch.optim.Optimizer,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    generator: torch.Generator | None,
-    batch_size: int,
-    bf16: bool = False,
-    parallel: distributed.Context | None = None,
-) -> Output:
-    """One training step on the batch ``x`` ([b, C, H, W] float), ``y`` ([b]): forward,
-    objective, backward, SGD update. The loop and ``brainprop bench`` both run this.
-
-    ``batch_size`` is the nominal batch size: an objective that sums over the nominal batch
-    (BrainProp, as the Keras code) takes a proportionally smaller step on a short last batch.
-    Returns the objective's output; its ``loss`` is the unscaled batch mean.
-
-    With ``parallel`` of several processes, ``x`` is this rank's share of the global batch:
-    the loss is weighted by that share and the gradients are summed over the ranks before the
-    update (see :mod:`brainprop.distributed`).
-    """
-    spread = parallel is not None and parallel.active
-    if spread and len(y) == 0:
-        return parallel.idle_step(model, optimizer, y)
-    with autocast(x.device, bf16):
-        q = model(x)
-    out = objective(q.float(), y, generator)
-    loss = out.loss
-    if spread:
-        loss = loss * parallel.loss_weight(objective, len(y))
-    elif objective.sums_over_nominal_batch and len(y) != batch_size:
-        loss = loss * (len(y) / batch_size)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if spread:
-        parallel.reduce_gradients(model)
-    optimizer.step()
-    return out
-
-
-def split_validation(ds: Dataset, n: int) -> tuple[Dataset, torch.Tensor, torch.Tensor]:
-    """Hold out ``n`` training images for validation.
-
-    The held-out images are the same for every seed (a permutation seeded with 0), so seeds
-    differ only in training randomness. Returns (dataset without them, val_x, val_y).
-    """
-    total = len(ds.train_y)
-    if n >= total:
-        raise BrainPropError(
-            f"--val {n} would hold out all {total} training images: pick fewer than {total}"
-        )
-    perm = torch.randperm(total, generator=torch.Generator().manual_seed(0)).to(ds.train_x.device)
-    keep, held = perm[:-n], perm[-n:]
-    train = Dataset(
-        ds.name, ds.train_x[keep], ds.train_y[keep], ds.test_x, ds.test_y, ds.num_classes
-    )
-    return train, ds.train_x[held], ds.train_y[held]
 
 
 class Trainer:
@@ -233,19 +141,18 @@ class Trainer:
             state, self.config.batch_size, self.config.global_batch
         )
         self.model.load_state_dict(state["model"])
-        settings = _optimizer_settings(self.optimizer)
+        settings = optimizer_settings(self.optimizer)
         self.optimizer.load_state_dict(state["optimizer"])
-        if _optimizer_settings(self.optimizer) != settings:
+        if optimizer_settings(self.optimizer) != settings:
             raise ValueError("its optimizer settings differ from its config")
-        history = state["history"]
-        if not isinstance(history, list) or not all(_row_ok(row) for row in history):
+        if not history_ok(state["history"]):
             raise ValueError("its history is malformed")
-        self.history = list(history)
+        self.history = list(state["history"])
         self.stopper.load_state_dict(state["early_stopping"])
         self.lr_scale, self.nan_reloads = float(state["lr_scale"]), int(state["nan_reloads"])
         partial = state["partial"]
         if partial is not None:
-            if not _partial_ok(partial):
+            if not partial_ok(partial):
                 raise ValueError("its mid-epoch position is malformed")
             self.generator.set_state(partial["order_rng"])  # fails now, not mid-run, if damaged
         self.partial = partial
@@ -275,7 +182,7 @@ class Trainer:
             perm = torch.randperm(n, device=self.device, generator=self.order_generator)
         else:
             loss_sum, reward_sum, explored_sum, first_bad = (
-                partial[k].to(self.device) for k in _PARTIAL_SUMS
+                partial[k].to(self.device) for k in PARTIAL_SUMS
             )
             loss_sum, reward_sum, explored_sum = self.parallel.own_share(
                 partial, [loss_sum, reward_sum, explored_sum]
@@ -350,41 +257,6 @@ class Trainer:
             raise _NonFinite("weights", epoch, last_step)
 
 
-#: The history columns the loop itself reads back (summary, best epoch, plots).
-_ROW_NUMBERS = ("epoch", "lr", "train_loss", "train_reward", "val_acc", "test_acc", "seconds",
-                "eval_seconds")  # fmt: skip
-_PARTIAL_SUMS = ("loss_sum", "reward_sum", "explored_sum", "first_bad")
-
-
-def _row_ok(row: Any) -> bool:
-    return isinstance(row, dict) and all(
-        isinstance(row.get(k), int | float) and not isinstance(row.get(k), bool)
-        for k in _ROW_NUMBERS
-    )
-
-
-def _partial_ok(partial: Any) -> bool:
-    return (
-        isinstance(partial, dict)
-        and isinstance(partial.get("step"), int)
-        and partial["step"] >= 1
-        and isinstance(partial.get("seconds"), int | float)
-        and isinstance(partial.get("order_rng"), torch.Tensor)
-        and all(
-            isinstance(partial.get(k), torch.Tensor) and partial[k].dim() == 0
-            for k in _PARTIAL_SUMS
-        )
-    )
-
-
-def _optimizer_settings(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
-    """Every param group's hyperparameters but the learning rate, which each epoch sets."""
-    return [
-        {k: v for k, v in group.items() if k not in ("params", "lr")}
-        for group in optimizer.state_dict()["param_groups"]
-    ]
-
-
 class _NonFinite(Exception):
     """The loss or the weights (``what``) became NaN or inf by 0-based ``epoch``/``step``."""
 
@@ -446,8 +318,7 @@ def _train(
     else:
         config, state = config.resolve(), None
     ds = dataset if dataset is not None else load_dataset(config.dataset, config.data_dir)
-    progress = progress and parallel.is_main
-    trainer = Trainer(config, ds, progress)
+    trainer = Trainer(config, ds, progress and parallel.is_main)
     if state is not None:
         restore(trainer, state, ds, run_path)
     if resume is None:
@@ -457,66 +328,10 @@ def _train(
         parallel.on_main(lambda: rundir.check_free_space(run_path, _checkpoint_bytes(trainer)))
     if trainer.resume_note and parallel.is_main:
         print(f"brainprop: {trainer.resume_note}", file=sys.stderr)
-    say = tqdm.write if progress else (lambda _msg: None)
-    where = str(trainer.device)
-    if parallel.active:
-        where = (
-            f"{parallel.world_size} processes ({where} for rank 0), "
-            f"{trainer.global_batch} images per step"
-        )
-    say(
-        f"training {config.arch} on {config.dataset} with {config.rule} "
-        f"({sum(p.numel() for p in trainer.model.parameters()):,} parameters) on {where}, "
-        f"run dir {run_path}"
-    )
-
-    def warn(signum: int) -> None:
-        say(
-            f"{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
-            "(send it again to quit at once)"
-        )
-
-    stop_reason = "max epochs"
+    say = tqdm.write if trainer.progress else (lambda _msg: None)
+    say(_header(trainer, run_path))
     try:
-        with signals.stop_on_signals(warn) as signalled:
-            stop = distributed.AgreedStop(signalled, parallel)
-            while (epoch := len(trainer.history)) < config.epochs:
-                if trainer.stopper.wait >= config.patience:
-                    stop_reason = "early stopping"
-                    break
-                if stop.requested:
-                    _save_last(trainer, run_path)
-                    raise _interrupted(stop, run_path, f"after epoch {epoch}")
-                try:
-                    metrics = trainer.train_epoch(epoch, stop)
-                except _NonFinite as bad:
-                    if config.on_nan == "reload" and trainer.nan_reloads < MAX_NAN_RELOADS:
-                        trainer = _rewind(trainer, ds, run_path)
-                        say(
-                            f"the {bad.what} became NaN or inf at {bad.where()}: rewound to epoch "
-                            f"{len(trainer.history)} with the learning rate scaled by "
-                            f"{trainer.lr_scale:g} (reload {trainer.nan_reloads} of "
-                            f"{MAX_NAN_RELOADS})"
-                        )
-                        continue
-                    stop_reason = f"non-finite {bad.what} at {bad.where()}"
-                    if config.on_nan == "reload":
-                        gave_up, fix = f" after {MAX_NAN_RELOADS} reloads", "Lower --lr"
-                    else:
-                        gave_up, fix = "", "Lower --lr or --init-std, or pass --on-nan reload"
-                    say(
-                        f"stopped{gave_up}: the {bad.what} became NaN or inf at {bad.where()}; "
-                        f"{_kept(run_path)}. {fix}."
-                    )
-                    break
-                if metrics is None:
-                    assert trainer.partial is not None  # train_epoch stopped mid-epoch
-                    _save_last(trainer, run_path)
-                    at = f"in epoch {epoch + 1} after step {trainer.partial['step']}"
-                    raise _interrupted(stop, run_path, at)
-                if _end_epoch(trainer, run_path, metrics, say):
-                    stop_reason = "early stopping"
-                    break
+        trainer, stop_reason = _epochs(trainer, ds, run_path, say)
     except KeyboardInterrupt:
         # A second signal: whatever write it cut short left the previous file whole.
         raise signals.Interrupted(
@@ -524,7 +339,7 @@ def _train(
             f"'brainprop train --resume {run_path}'",
             signal.SIGINT,
         ) from None
-    summary = _summarize(trainer, stop_reason)
+    summary = summarize(trainer.history, _facts(trainer), stop_reason)
     parallel.on_main(lambda: _write_results(trainer, run_path, summary))
     if trainer.history:
         say(
@@ -534,6 +349,81 @@ def _train(
             f"results in {run_path}"
         )
     return Run(run_path, config, trainer.model, trainer.history, summary)
+
+
+def _epochs(
+    trainer: Trainer, ds: Dataset, run_path: Path, say: Callable[[str], None]
+) -> tuple[Trainer, str]:
+    """Train epoch after epoch until a stopping rule ends the run.
+
+    Returns the trainer at the end (a NaN reload replaces it) and why the run stopped. A stop
+    signal checkpoints the state and raises :class:`~brainprop.signals.Interrupted`.
+    """
+    config = trainer.config
+
+    def warn(signum: int) -> None:
+        say(
+            f"{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
+            "(send it again to quit at once)"
+        )
+
+    with signals.stop_on_signals(warn) as signalled:
+        stop = distributed.AgreedStop(signalled, trainer.parallel)
+        while (epoch := len(trainer.history)) < config.epochs:
+            if trainer.stopper.wait >= config.patience:
+                return trainer, "early stopping"
+            if stop.requested:
+                _save_last(trainer, run_path)
+                raise _interrupted(stop, run_path, f"after epoch {epoch}")
+            try:
+                metrics = trainer.train_epoch(epoch, stop)
+            except _NonFinite as bad:
+                if config.on_nan == "reload" and trainer.nan_reloads < MAX_NAN_RELOADS:
+                    trainer = _rewind(trainer, ds, run_path)
+                    say(
+                        f"the {bad.what} became NaN or inf at {bad.where()}: rewound to epoch "
+                        f"{len(trainer.history)} with the learning rate scaled by "
+                        f"{trainer.lr_scale:g} (reload {trainer.nan_reloads} of {MAX_NAN_RELOADS})"
+                    )
+                    continue
+                say(_gave_up(bad, config, run_path))
+                return trainer, f"non-finite {bad.what} at {bad.where()}"
+            if metrics is None:
+                assert trainer.partial is not None  # train_epoch stopped mid-epoch
+                _save_last(trainer, run_path)
+                at = f"in epoch {epoch + 1} after step {trainer.partial['step']}"
+                raise _interrupted(stop, run_path, at)
+            if _end_epoch(trainer, run_path, metrics, say):
+                return trainer, "early stopping"
+    return trainer, "max epochs"
+
+
+def _header(trainer: Trainer, run_path: Path) -> str:
+    """The line that opens a run: what trains, where, and into which directory."""
+    config, parallel = trainer.config, trainer.parallel
+    where = str(trainer.device)
+    if parallel.active:
+        where = (
+            f"{parallel.world_size} processes ({where} for rank 0), "
+            f"{trainer.global_batch} images per step"
+        )
+    return (
+        f"training {config.arch} on {config.dataset} with {config.rule} "
+        f"({sum(p.numel() for p in trainer.model.parameters()):,} parameters) on {where}, "
+        f"run dir {run_path}"
+    )
+
+
+def _gave_up(bad: _NonFinite, config: TrainConfig, run_path: Path) -> str:
+    """Why a run stopped on a NaN, and what to change."""
+    if config.on_nan == "reload":
+        gave_up, fix = f" after {MAX_NAN_RELOADS} reloads", "Lower --lr"
+    else:
+        gave_up, fix = "", "Lower --lr or --init-std, or pass --on-nan reload"
+    return (
+        f"stopped{gave_up}: the {bad.what} became NaN or inf at {bad.where()}; "
+        f"{_kept(run_path)}. {fix}."
+    )
 
 
 def _create_run(trainer: Trainer) -> Path:
@@ -564,7 +454,9 @@ def _save_last(trainer: Trainer, run_path: Path) -> None:
     trainer.parallel.on_main(lambda: checkpoint.save(run_path / rundir.LAST, state))
 
 
-def _end_epoch(trainer: Trainer, run_path: Path, metrics: dict[str, float], say: Any) -> bool:
+def _end_epoch(
+    trainer: Trainer, run_path: Path, metrics: dict[str, float], say: Callable[[str], None]
+) -> bool:
     """Evaluate, record and checkpoint a finished epoch; True when early stopping ends the run.
 
     ``eval_seconds`` is everything after the training pass but the checkpoint writes:
@@ -662,28 +554,15 @@ def _weights(trainer: Trainer, epoch: int) -> dict[str, Any]:
     }
 
 
-def _summarize(trainer: Trainer, stop_reason: str) -> dict[str, Any]:
-    history = trainer.history
-    summary: dict[str, Any] = {
-        "dataset": trainer.config.dataset,
-        "arch": trainer.config.arch,
-        "rule": trainer.config.rule,
-        "seed": trainer.config.seed,
-        "stop_reason": stop_reason,
-        "epochs_run": len(history),
+def _facts(trainer: Trainer) -> dict[str, Any]:
+    """What the run was, for its summary."""
+    config = trainer.config
+    return {
+        "dataset": config.dataset,
+        "arch": config.arch,
+        "rule": config.rule,
+        "seed": config.seed,
         "nan_reloads": trainer.nan_reloads,
         "device": device_name(trainer.device),
         "world_size": trainer.parallel.world_size,
     }
-    if history:
-        best = max(history, key=lambda h: h["val_acc"])
-        seconds = [h["seconds"] for h in history]
-        summary |= {
-            "best_val_acc": best["val_acc"],
-            "best_epoch": best["epoch"],
-            "test_acc_at_best": best["test_acc"],
-            "final_val_acc": history[-1]["val_acc"],
-            "s_per_epoch": sum(seconds) / len(seconds),
-            "total_seconds": sum(seconds) + sum(h["eval_seconds"] for h in history),
-        }
-    return summary

@@ -7,7 +7,7 @@ Layout under the data root (see :func:`resolve_data_root`):
 - ``tiny-imagenet/tiny-imagenet-200/``: the official folder tree.
 """
 
-from .dataset import Dataset
+from .dataset import Dataset, split_validation
 from .fetch import download
 from .registry import DATASET_NAMES, DatasetStatus, dataset_status, load_dataset
 from .root import resolve_data_root
@@ -20,4 +20,5 @@ __all__ = [
     "download",
     "load_dataset",
     "resolve_data_root",
+    "split_validation",
 ]

@@ -6,6 +6,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from ..errors import BrainPropError
+
 
 @dataclass(frozen=True)
 class Dataset:
@@ -62,3 +64,22 @@ class Dataset:
         """``(C, H, W)`` of one image."""
         _, c, h, w = self.train_x.shape
         return (c, h, w)
+
+
+def split_validation(ds: Dataset, n: int) -> tuple[Dataset, torch.Tensor, torch.Tensor]:
+    """Hold out ``n`` training images for validation.
+
+    The held-out images are the same for every seed (a permutation seeded with 0), so seeds
+    differ only in training randomness. Returns (dataset without them, val_x, val_y).
+    """
+    total = len(ds.train_y)
+    if n >= total:
+        raise BrainPropError(
+            f"--val {n} would hold out all {total} training images: pick fewer than {total}"
+        )
+    perm = torch.randperm(total, generator=torch.Generator().manual_seed(0)).to(ds.train_x.device)
+    keep, held = perm[:-n], perm[-n:]
+    train = Dataset(
+        ds.name, ds.train_x[keep], ds.train_y[keep], ds.test_x, ds.test_y, ds.num_classes
+    )
+    return train, ds.train_x[held], ds.train_y[held]

@@ -1,0 +1,43 @@
+"""When the learning rate halves and when training stops: the published code's Keras callbacks.
+
+Both are bookkeeping over epoch numbers and validation accuracies, kept out of the loop so that
+each can be held against Keras's behaviour on its own.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+def lr_at(epoch: int, base: float, halving_epochs: int) -> float:
+    """Learning rate for 0-based ``epoch``: ``base`` halved every ``halving_epochs`` epochs."""
+    return base * 0.5 ** (epoch // halving_epochs)
+
+
+@dataclass
+class EarlyStopping:
+    """Keras's ``EarlyStopping(monitor='val_accuracy', mode='max')``, step for step.
+
+    An epoch improves when ``value - min_delta > best``; training stops once ``patience``
+    epochs in a row have not improved.
+    """
+
+    patience: int
+    min_delta: float
+    best: float = -math.inf
+    wait: int = 0
+
+    def update(self, value: float) -> bool:
+        """Record one epoch's value; True when training should stop."""
+        self.wait += 1
+        if value - self.min_delta > self.best:
+            self.best = value
+            self.wait = 0
+        return self.wait >= self.patience
+
+    def state_dict(self) -> dict[str, float]:
+        return {"best": self.best, "wait": self.wait}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.best, self.wait = float(state["best"]), int(state["wait"])

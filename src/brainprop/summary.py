@@ -1,0 +1,64 @@
+"""A run's ``summary.json``: written by the training loop, read back by ``reproduce``.
+
+Both sides live here so that what a summary holds and what its readers check cannot drift
+apart: the measurements of ``results/`` may come from another machine or an older version.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+#: What a summary holds once a run finished an epoch, and the types the report needs.
+EPOCH_KEYS: dict[str, type | tuple[type, ...]] = {
+    "best_val_acc": (int, float),
+    "best_epoch": int,
+    "test_acc_at_best": (int, float),
+    "s_per_epoch": (int, float),
+    "total_seconds": (int, float),
+}
+
+
+def summarize(
+    history: Sequence[dict[str, Any]], facts: dict[str, Any], stop_reason: str
+) -> dict[str, Any]:
+    """The summary of a run with per-epoch ``history`` rows.
+
+    ``facts`` are what the run was (dataset, arch, rule, seed, device ...), copied in first.
+    The best epoch is the first with the highest ``val_acc``, as Keras's ``np.argmax`` over
+    the history picks it; ``total_seconds`` counts training and evaluation.
+    """
+    summary: dict[str, Any] = {**facts, "stop_reason": stop_reason, "epochs_run": len(history)}
+    if history:
+        best = max(history, key=lambda h: h["val_acc"])
+        seconds = [h["seconds"] for h in history]
+        summary |= {
+            "best_val_acc": best["val_acc"],
+            "best_epoch": best["epoch"],
+            "test_acc_at_best": best["test_acc"],
+            "final_val_acc": history[-1]["val_acc"],
+            "s_per_epoch": sum(seconds) / len(seconds),
+            "total_seconds": sum(seconds) + sum(h["eval_seconds"] for h in history),
+        }
+    return summary
+
+
+def check_summary(summary: Any) -> None:
+    """Raise ValueError naming the first summary field the report could not use."""
+    if not isinstance(summary, dict):
+        raise ValueError("summary is not an object")
+    if not _is(summary.get("epochs_run"), int) or summary["epochs_run"] < 0:
+        raise ValueError("summary's epochs_run is missing or not a count")
+    if not isinstance(summary.get("stop_reason", ""), str):
+        raise ValueError("summary's stop_reason is not text")
+    # A run stopped before its first epoch ended legitimately has none of the epoch fields.
+    if summary["epochs_run"] == 0 and not summary.keys() & EPOCH_KEYS.keys():
+        return
+    for key, kind in EPOCH_KEYS.items():
+        if not _is(summary.get(key), kind):
+            raise ValueError(f"summary's {key} is missing or not a number")
+
+
+def _is(value: Any, kind: type | tuple[type, ...]) -> bool:
+    # JSON true/false load as bools, which Python counts as ints.
+    return isinstance(value, kind) and not isinstance(value, bool)
