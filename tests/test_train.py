@@ -1,4 +1,4 @@
-"""The training loop: schedule, early stopping, outputs, reproducibility, checkpoints."""
+"""The training loop: outputs, reproducibility, checkpoints, held-out validation, NaN stops."""
 
 import json
 import math
@@ -10,7 +10,6 @@ from conftest import make_tiny_dataset
 from brainprop import TrainConfig, evaluate, load_model, train
 from brainprop.errors import BrainPropError
 from brainprop.evaluation import accuracy
-from brainprop.schedule import EarlyStopping, lr_at
 
 
 def _config(tmp_path, **kw):
@@ -24,20 +23,6 @@ def _config(tmp_path, **kw):
         seed=1,
     )
     return TrainConfig(**{**base, **kw})
-
-
-def test_lr_halves_every_100_epochs():
-    assert [lr_at(e, 0.1, 100) for e in (0, 99, 100, 199, 200, 499)] == [
-        0.1, 0.1, 0.05, 0.05, 0.025, 0.1 / 16,
-    ]  # fmt: skip
-
-
-def test_early_stopping_follows_keras():
-    stopper = EarlyStopping(patience=3, min_delta=0.001)
-    # 0.5 improves; 0.5005 is within min_delta, so does not; 0.6 improves; then three flat epochs.
-    decisions = [stopper.update(v) for v in (0.5, 0.5005, 0.6, 0.6, 0.6009, 0.59)]
-    assert decisions == [False, False, False, False, False, True]
-    assert stopper.best == 0.6
 
 
 def test_training_learns_and_writes_a_complete_run_directory(tmp_path, tiny_dataset):

@@ -1,0 +1,17 @@
+"""The learning-rate halving and Keras's early stopping."""
+
+from brainprop.schedule import EarlyStopping, lr_at
+
+
+def test_lr_halves_every_100_epochs():
+    assert [lr_at(e, 0.1, 100) for e in (0, 99, 100, 199, 200, 499)] == [
+        0.1, 0.1, 0.05, 0.05, 0.025, 0.1 / 16,
+    ]  # fmt: skip
+
+
+def test_early_stopping_follows_keras():
+    stopper = EarlyStopping(patience=3, min_delta=0.001)
+    # 0.5 improves; 0.5005 is within min_delta, so does not; 0.6 improves; then three flat epochs.
+    decisions = [stopper.update(v) for v in (0.5, 0.5005, 0.6, 0.6, 0.6009, 0.59)]
+    assert decisions == [False, False, False, False, False, True]
+    assert stopper.best == 0.6

@@ -1,0 +1,42 @@
+"""summary.json: what the loop writes is what reproduce's check accepts."""
+
+import pytest
+
+from brainprop.summary import EPOCH_KEYS, check_summary, summarize
+
+
+def _row(epoch, val, test, seconds=2.0, eval_seconds=0.5):
+    return {"epoch": epoch, "val_acc": val, "test_acc": test, "seconds": seconds,
+            "eval_seconds": eval_seconds}  # fmt: skip
+
+
+def test_the_best_epoch_is_the_first_with_the_highest_validation_accuracy():
+    history = [_row(1, 0.5, 0.4), _row(2, 0.9, 0.8), _row(3, 0.9, 0.7), _row(4, 0.6, 0.6, 4.0)]
+    s = summarize(history, {"seed": 3}, "early stopping")
+    assert (s["best_epoch"], s["best_val_acc"], s["test_acc_at_best"]) == (2, 0.9, 0.8)
+    assert s["final_val_acc"] == 0.6 and s["epochs_run"] == 4 and s["seed"] == 3
+    assert s["s_per_epoch"] == pytest.approx(2.5)  # training only
+    assert s["total_seconds"] == pytest.approx(10.0 + 2.0)  # training and evaluation
+    check_summary(s)
+
+
+def test_a_run_without_a_finished_epoch_has_no_epoch_fields_and_passes():
+    s = summarize([], {}, "non-finite loss at epoch 1, step 3")
+    assert not s.keys() & EPOCH_KEYS.keys()
+    check_summary(s)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda s: s.pop("best_epoch"), "best_epoch is missing"),
+        (lambda s: s.update(best_val_acc=True), "best_val_acc is missing or not a number"),
+        (lambda s: s.update(epochs_run=-1), "epochs_run is missing or not a count"),
+        (lambda s: s.update(stop_reason=3), "stop_reason is not text"),
+    ],
+)
+def test_check_names_the_first_field_the_report_could_not_use(damage, message):
+    s = summarize([_row(1, 0.5, 0.5)], {}, "max epochs")
+    damage(s)
+    with pytest.raises(ValueError, match=message):
+        check_summary(s)
