@@ -24,6 +24,7 @@ from brainprop.bench import (
     synthetic_dataset,
 )
 from brainprop.cli import main
+from brainprop.devices import bf16_warning
 from brainprop.errors import BrainPropError
 
 ROW_FIELDS = {
@@ -130,7 +131,7 @@ def tf32():
 def test_precision_label_names_matmul_and_conv_apart(tf32, matmul, conv, bf16, label):
     tf32(matmul, conv)
     assert precision(torch.device("cuda"), bf16) == label
-    assert precision(torch.device("cpu"), bf16) == "fp32"
+    assert precision(torch.device("cpu"), bf16) == ("bf16" if bf16 else "fp32")
 
 
 def test_gpu_peaks_follow_each_precision(tf32, monkeypatch):
@@ -188,6 +189,22 @@ def test_cpu_peak_estimate():
     assert intel is not None and intel.tflops == pytest.approx(16 * 2 * 2 * 2.596146e9 / 1e12)
     assert "assumed" in amd.source
     assert cpu_peak(2, "vendor_id\t: AuthenticAMD\nflags\t: avx2\n") is None
+
+
+def test_cpu_bf16_peak_follows_the_bf16_instructions():
+    fp32 = cpu_peak(2, AMD)
+    assert fp32 is not None
+    # Without bf16 instructions bf16 runs as fp32: the same peak, and a warning to train.
+    plain = cpu_peak(2, AMD, bf16=True)
+    assert plain is not None and plain.tflops == fp32.tflops and "runs as fp32" in plain.source
+    assert "slower than fp32" in (bf16_warning(torch.device("cpu"), AMD) or "")
+    dot = AMD.replace("avx512f", "avx512f avx512_bf16")
+    native = cpu_peak(2, dot, bf16=True)
+    assert native is not None and native.tflops == pytest.approx(2 * fp32.tflops)
+    assert "AVX512_BF16" in native.source and bf16_warning(torch.device("cpu"), dot) is None
+    amx = cpu_peak(4, AMD.replace("avx512f", "avx512f amx_bf16"), bf16=True)
+    assert amx is not None and amx.tflops == pytest.approx(4 * 1024 * 2.596146e9 / 1e12)
+    assert bf16_warning(torch.device("cuda"), AMD) is None
 
 
 def test_bad_presets_and_rules_are_clear_errors():

@@ -251,7 +251,7 @@ def test_direct_matrix_follows_a_loaded_seed():
 @pytest.mark.parametrize("arch", ["dense", "conv", "loccon"])
 @pytest.mark.parametrize("mode", ["reciprocal", "random", "sign", "direct"])
 def test_bf16_autocast_gives_the_fp32_gradients_within_bf16_noise(arch, mode):
-    # CUDA training with --bf16 runs the feedback functions under autocast: their backward then
+    # Training with --bf16 runs the feedback functions under autocast: their backward then
     # receives bf16 gradients beside the fp32 inputs saved in the forward pass.
     model = build_model(arch, (1, 10, 10), 5, generator=torch.Generator().manual_seed(0))
     convert(model, mode, generator=torch.Generator().manual_seed(1))

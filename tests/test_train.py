@@ -112,6 +112,20 @@ def test_l2_is_keras_semantics_on_weights_only(tmp_path, tiny_dataset):
     assert [g["weight_decay"] for g in groups] == [1e-3, 0.0]  # d(lambda w^2)/dw = 2 lambda w
 
 
+def test_bf16_on_cpu_really_runs_in_bf16_and_still_learns(tmp_path, tiny_dataset):
+    fp32 = train(_config(tmp_path, epochs=2, name="fp32"), dataset=tiny_dataset, progress=False)
+    bf16 = train(
+        _config(tmp_path, epochs=2, name="bf16", bf16=True), dataset=tiny_dataset, progress=False
+    )
+    # A flag the CPU ignored would give bit-identical weights.
+    assert any(
+        not torch.equal(p, fp32.model.state_dict()[name])
+        for name, p in bf16.model.state_dict().items()
+    )
+    assert all(p.dtype == torch.float32 for p in bf16.model.parameters())  # fp32 master weights
+    assert bf16.summary["best_val_acc"] > 0.6  # 4 classes: chance is 0.25
+
+
 def test_non_finite_loss_stops_with_epoch_and_step(tmp_path, tiny_dataset):
     run = train(_config(tmp_path, lr=1e30, init_std=1.0), dataset=tiny_dataset, progress=False)
     assert run.summary["stop_reason"].startswith("non-finite loss at epoch 1, step ")

@@ -37,7 +37,7 @@ from .checkpoint import atomic_write_json, atomic_write_text, make_folder
 from .config import TrainConfig
 from .data import Dataset
 from .data.batches import num_batches, to_float
-from .devices import resolve_device
+from .devices import bf16_warning, cpuinfo, native_bf16, resolve_device
 from .errors import BrainPropError
 from .evaluation import EVAL_BATCH, accuracy
 from .feedback import convert
@@ -142,29 +142,31 @@ def parse_preset(spec: str) -> tuple[str, str]:
     return dataset, arch
 
 
-def cpu_peak(threads: int, cpuinfo: str | None = None) -> Peak | None:
-    """Estimated fp32 peak of ``threads`` cores from ``/proc/cpuinfo`` (None if unreadable).
+def cpu_peak(threads: int, cpuinfo_text: str | None = None, bf16: bool = False) -> Peak | None:
+    """Estimated fp32 (or ``bf16``) peak of ``threads`` cores from ``/proc/cpuinfo`` (or
+    ``cpuinfo_text``); None if unreadable.
 
-    cores x fp32 lanes x 2 (FMA) x 2 FMA pipes x clock. The lanes follow the widest vector
-    flag, except that AMD cores (Zen 4) run AVX-512 as two 256-bit halves; two FMA pipes is
-    what recent x86 server and desktop cores have (an assumption: cpuinfo does not say); the
+    fp32: cores x fp32 lanes x 2 (FMA) x 2 FMA pipes x clock. The lanes follow the widest
+    vector flag, except that AMD cores (Zen 4) run AVX-512 as two 256-bit halves; two FMA pipes
+    is what recent x86 server and desktop cores have (an assumption: cpuinfo does not say); the
     clock is cpuinfo's ``cpu MHz``, the nominal clock on a VM (turbo may beat it).
+
+    bf16: AVX512_BF16's dot product multiplies two bf16 pairs per fp32 lane, twice the fp32
+    rate; AMX tiles do 1024 bf16 FLOP per cycle and core (Intel's figure); a CPU with neither
+    converts bf16 to fp32, so its fp32 peak stands.
     """
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return None
-    fields: dict[str, str] = {}
-    for line in cpuinfo.splitlines():
-        key, sep, value = line.partition(":")
-        if sep:
-            fields.setdefault(key.strip(), value.strip())
+    fields = cpuinfo(cpuinfo_text)
     try:
         mhz = float(fields["cpu MHz"])
     except (KeyError, ValueError):
         return None
     flags = set(fields.get("flags", "").split())
+    clock = f"{mhz / 1000:.2f} GHz (cpuinfo)"
+    if bf16 and "amx_bf16" in flags:
+        return Peak(
+            threads * 1024 * mhz * 1e6 / 1e12,
+            f"estimated: {threads} cores x 1024 bf16 FLOP/cycle (AMX) x {clock}",
+        )
     vendor = fields.get("vendor_id", "")
     if "avx512f" in flags and vendor != "AuthenticAMD":
         lanes, isa = 16, "AVX-512"
@@ -173,11 +175,16 @@ def cpu_peak(threads: int, cpuinfo: str | None = None) -> Peak | None:
     else:
         lanes, isa = 4, "SSE"
     fma = 2 if "fma" in flags or "avx512f" in flags else 1
-    tflops = threads * lanes * fma * 2 * mhz * 1e6 / 1e12
+    pairs, extra = 1, ""
+    if bf16 and native_bf16(fields):
+        pairs, extra = 2, " x 2 bf16 pairs per lane (AVX512_BF16)"
+    elif bf16:
+        extra = " (no bf16 instructions: bf16 runs as fp32)"
+    tflops = threads * lanes * pairs * fma * 2 * mhz * 1e6 / 1e12
     return Peak(
         tflops,
-        f"estimated: {threads} cores x {lanes} fp32 lanes ({isa}) x {fma} (FMA) x 2 pipes "
-        f"(assumed) x {mhz / 1000:.2f} GHz (cpuinfo)",
+        f"estimated: {threads} cores x {lanes} fp32 lanes ({isa}){extra} x {fma} (FMA) x 2 pipes "
+        f"(assumed) x {clock}",
     )
 
 
@@ -195,13 +202,13 @@ def _conv_allows_tf32() -> bool:
 
 
 def op_precisions(device: torch.device, bf16: bool) -> tuple[str, str]:
-    """(matmul, convolution) precision of a step: bf16 autocast (CUDA only), else TF32 or fp32
-    per ``torch.backends.cuda.matmul.allow_tf32`` (off by default) and cuDNN's TF32 setting
-    for convolutions (on by default)."""
-    if device.type != "cuda":
-        return "fp32", "fp32"
+    """(matmul, convolution) precision of a step: bf16 under autocast, else on CUDA TF32 or
+    fp32 per ``torch.backends.cuda.matmul.allow_tf32`` (off by default) and cuDNN's TF32
+    setting for convolutions (on by default), and fp32 on a CPU."""
     if bf16:
         return "bf16", "bf16"
+    if device.type != "cuda":
+        return "fp32", "fp32"
     matmul = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32"
     return matmul, "tf32" if _conv_allows_tf32() else "fp32"
 
@@ -223,7 +230,7 @@ def device_peaks(device: torch.device, bf16: bool, override: float | None) -> Pe
     """The peaks to compare against; raises when one is unknown and not given.
 
     ``--peak-tflops`` is taken for matmuls and convolutions alike. On CUDA each is looked up
-    for its own precision; a CPU runs both in fp32, against one estimated peak.
+    for its own precision; a CPU runs both in one precision, against one estimated peak.
     """
     if override is not None:
         if not override > 0:
@@ -241,7 +248,7 @@ def device_peaks(device: torch.device, bf16: bool, override: float | None) -> Pe
         raise BrainPropError(
             f"no peak FLOP/s known for {name!r}: pass --peak-tflops with its {matmul} peak"
         )
-    peak = cpu_peak(torch.get_num_threads())
+    peak = cpu_peak(torch.get_num_threads(), bf16=bf16)
     if peak is None:
         raise BrainPropError(
             "cannot estimate this CPU's peak from /proc/cpuinfo: pass --peak-tflops "
@@ -499,11 +506,7 @@ def _device_info(device: torch.device, bf16: bool, peaks: Peaks) -> dict[str, An
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        name = platform.processor() or platform.machine()
-        for line in _read_text("/proc/cpuinfo").splitlines():
-            if line.startswith("model name"):
-                name = line.partition(":")[2].strip()
-                break
+        name = cpuinfo().get("model name") or platform.processor() or platform.machine()
     mem_total = next(
         (
             int(line.split()[1]) * 1024
@@ -566,6 +569,9 @@ def run_bench(
     if out is not None:
         make_folder(Path(out))  # before minutes of timing, not after
     peaks = device_peaks(dev, bf16, peak_tflops)
+    slow_bf16 = bf16_warning(dev) if bf16 else None
+    if slow_bf16:
+        say(f"warning: {slow_bf16}")
     load_before = os.getloadavg()
     if load_before[0] > 0.75 * (os.cpu_count() or 1):
         say(

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 from .errors import BrainPropError
 
+BF16_HELP = "bf16 autocast (CUDA, or a CPU with bf16 instructions)"
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a bad argument as one line, not usage plus message."""
@@ -95,7 +97,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     run = p.add_argument_group("run")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    run.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only)")
+    run.add_argument("--bf16", action="store_true", help=BF16_HELP)
     run.add_argument("--data-dir", help="data root (default: $BRAINPROP_DATA, else data/)")
     run.add_argument("--out", default="runs", help="folder for run directories")
     run.add_argument("--name", help="run directory name (default: dataset-arch-rule-seed-time)")
@@ -282,7 +284,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=30, help="timed steps per preset and rule")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps before timing")
     p.add_argument("--batch-size", type=int, help="override every preset's batch size")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only)")
+    p.add_argument("--bf16", action="store_true", help=BF16_HELP)
     p.add_argument(
         "--peak-tflops", type=float,
         help="the device's peak TFLOP/s (default: a table for known GPUs, an estimate for CPUs)",

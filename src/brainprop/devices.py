@@ -46,8 +46,46 @@ def resolve_device(device: str) -> torch.device:
 
 
 def autocast(device: torch.device, bf16: bool):
-    """bf16 autocast on CUDA when ``bf16``; a no-op context otherwise (CPU runs stay fp32)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda")
+    """bf16 autocast on ``device`` (CUDA or CPU) when ``bf16``; a no-op context otherwise."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def bf16_warning(device: torch.device, cpuinfo_text: str | None = None) -> str | None:
+    """Why ``--bf16`` will likely be slow on ``device``; None where bf16 has hardware support.
+
+    A CPU without bf16 instructions still runs bf16 matmuls correctly, by converting them, but
+    slower than fp32: worth a warning, not a refusal.
+    """
+    if device.type != "cpu":
+        return None
+    fields = cpuinfo(cpuinfo_text)
+    if not fields or native_bf16(fields):
+        return None
+    return (
+        "this CPU has no bf16 instructions (avx512_bf16 or amx_bf16 in /proc/cpuinfo), so "
+        "--bf16 converts every matmul and will likely be slower than fp32: drop --bf16"
+    )
+
+
+def native_bf16(fields: dict[str, str]) -> bool:
+    """Whether a CPU with these :func:`cpuinfo` fields multiplies bf16 in hardware."""
+    return bool({"avx512_bf16", "amx_bf16"} & set(fields.get("flags", "").split()))
+
+
+def cpuinfo(text: str | None = None) -> dict[str, str]:
+    """The first processor's fields in ``/proc/cpuinfo`` (or in ``text``); {} off Linux."""
+    if text is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                text = f.read()
+        except OSError:
+            return {}
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields.setdefault(key.strip(), value.strip())
+    return fields
 
 
 def device_name(device: torch.device) -> str:
@@ -55,20 +93,7 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     threads = torch.get_num_threads()
-    model = _cpu_model()
+    model = cpuinfo().get("model name")
     arch = platform.machine()
     kind = f"{model}, {arch}" if model else (platform.processor() or arch)
     return f"cpu ({kind}, {threads} thread{'s' if threads != 1 else ''})"
-
-
-def _cpu_model() -> str | None:
-    """Linux's name for the CPU (``platform`` has none there); None elsewhere."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name" and value.strip():
-                    return value.strip()
-    except OSError:
-        pass
-    return None

@@ -28,7 +28,7 @@ from . import checkpoint, distributed, rng, rundir, signals
 from .config import MAX_NAN_RELOADS, VAL_TEST, TrainConfig
 from .data import Dataset, load_dataset, split_validation
 from .data.batches import num_batches, permuted_batches, to_float
-from .devices import device_name
+from .devices import bf16_warning, device_name
 from .diagnostics import diagnostics, plot_diagnostics
 from .errors import BrainPropError
 from .evaluation import accuracy, all_finite
@@ -326,8 +326,11 @@ def _train(
     else:
         # The new last.pt is written beside the old one before the rename.
         parallel.on_main(lambda: rundir.check_free_space(run_path, _checkpoint_bytes(trainer)))
-    if trainer.resume_note and parallel.is_main:
-        print(f"brainprop: {trainer.resume_note}", file=sys.stderr)
+    if parallel.is_main:
+        slow_bf16 = bf16_warning(trainer.device) if config.bf16 else None
+        for note in (trainer.resume_note, slow_bf16):
+            if note:
+                print(f"brainprop: {note}", file=sys.stderr)
     say = tqdm.write if trainer.progress else (lambda _msg: None)
     say(_header(trainer, run_path))
     try:
