@@ -196,7 +196,7 @@ def test_cpu_bf16_peak_follows_the_bf16_instructions():
     assert fp32 is not None
     # Without bf16 instructions bf16 runs as fp32: the same peak, and a warning to train.
     plain = cpu_peak(2, AMD, bf16=True)
-    assert plain is not None and plain.tflops == fp32.tflops and "runs as fp32" in plain.source
+    assert plain is not None and plain.tflops == fp32.tflops and "at the fp32 rate" in plain.source
     assert "slower than fp32" in (bf16_warning(torch.device("cpu"), AMD) or "")
     dot = AMD.replace("avx512f", "avx512f avx512_bf16")
     native = cpu_peak(2, dot, bf16=True)
@@ -205,6 +205,13 @@ def test_cpu_bf16_peak_follows_the_bf16_instructions():
     amx = cpu_peak(4, AMD.replace("avx512f", "avx512f amx_bf16"), bf16=True)
     assert amx is not None and amx.tflops == pytest.approx(4 * 1024 * 2.596146e9 / 1e12)
     assert bf16_warning(torch.device("cuda"), AMD) is None
+
+
+def test_bf16_warning_reads_arm_features_and_stays_quiet_without_a_list():
+    arm = "processor\t: 0\nFeatures\t: fp asimd sve"
+    assert bf16_warning(torch.device("cpu"), arm) is not None
+    assert bf16_warning(torch.device("cpu"), arm + " bf16 i8mm") is None
+    assert bf16_warning(torch.device("cpu"), "processor\t: 0\n") is None
 
 
 def test_bad_presets_and_rules_are_clear_errors():

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import make_tiny_dataset
 
-from brainprop import TrainConfig, evaluate, load_model, train
+from brainprop import TrainConfig, devices, evaluate, load_model, train
 from brainprop.errors import BrainPropError
 from brainprop.evaluation import accuracy
 
@@ -124,6 +124,18 @@ def test_bf16_on_cpu_really_runs_in_bf16_and_still_learns(tmp_path, tiny_dataset
     )
     assert all(p.dtype == torch.float32 for p in bf16.model.parameters())  # fp32 master weights
     assert bf16.summary["best_val_acc"] > 0.6  # 4 classes: chance is 0.25
+
+
+def test_bf16_where_it_is_slow_is_said_by_train_and_evaluate(
+    tmp_path, tiny_dataset, monkeypatch, capsys
+):
+    monkeypatch.setattr(devices, "bf16_warning", lambda device: "no bf16 here")
+    run = train(_config(tmp_path, epochs=1, bf16=True), dataset=tiny_dataset, progress=False)
+    assert capsys.readouterr().err == "brainprop: no bf16 here\n"
+    evaluate(run.dir, dataset=tiny_dataset, device="cpu")
+    assert capsys.readouterr().err == "brainprop: no bf16 here\n"
+    train(_config(tmp_path, epochs=1, name="fp32"), dataset=tiny_dataset, progress=False)
+    assert capsys.readouterr().err == ""
 
 
 def test_non_finite_loss_stops_with_epoch_and_step(tmp_path, tiny_dataset):

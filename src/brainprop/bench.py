@@ -175,16 +175,16 @@ def cpu_peak(threads: int, cpuinfo_text: str | None = None, bf16: bool = False) 
     else:
         lanes, isa = 4, "SSE"
     fma = 2 if "fma" in flags or "avx512f" in flags else 1
-    pairs, extra = 1, ""
+    pairs, factor, note = 1, "", ""
     if bf16 and native_bf16(fields):
-        pairs, extra = 2, " x 2 bf16 pairs per lane (AVX512_BF16)"
+        pairs, factor = 2, " x 2 bf16 pairs per lane (AVX512_BF16, assumed at full rate)"
     elif bf16:
-        extra = " (no bf16 instructions: bf16 runs as fp32)"
+        note = "; no bf16 instructions, so bf16 runs at the fp32 rate"
     tflops = threads * lanes * pairs * fma * 2 * mhz * 1e6 / 1e12
     return Peak(
         tflops,
-        f"estimated: {threads} cores x {lanes} fp32 lanes ({isa}){extra} x {fma} (FMA) x 2 pipes "
-        f"(assumed) x {clock}",
+        f"estimated: {threads} cores x {lanes} fp32 lanes ({isa}){factor} x {fma} (FMA) x 2 "
+        f"pipes (assumed) x {clock}{note}",
     )
 
 
@@ -252,7 +252,8 @@ def device_peaks(device: torch.device, bf16: bool, override: float | None) -> Pe
     if peak is None:
         raise BrainPropError(
             "cannot estimate this CPU's peak from /proc/cpuinfo: pass --peak-tflops "
-            "(cores x fp32 lanes x 2 x FMA pipes x GHz / 1000)"
+            "(cores x fp32 lanes x 2 x FMA pipes x GHz / 1000; twice that for --bf16 on a CPU "
+            "with bf16 dot products)"
         )
     return Peaks.same(peak)
 

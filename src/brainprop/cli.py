@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from .errors import BrainPropError
 
-BF16_HELP = "bf16 autocast (CUDA, or a CPU with bf16 instructions)"
+BF16_HELP = "bf16 autocast (CUDA; on a CPU, fast only with AVX512_BF16, AMX or Arm bf16)"
 
 
 class _Parser(argparse.ArgumentParser):

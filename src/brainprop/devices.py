@@ -1,12 +1,15 @@
-"""Devices: which one a ``--device`` value means, whether it exists here, and its name.
+"""Devices: which one a ``--device`` value means, whether it exists here, its name, and
+whether bf16 runs fast on it.
 
 Every command resolves ``--device`` through :func:`resolve_device`, so a device this machine
-does not have is the same one-line error everywhere.
+does not have is the same one-line error everywhere. The CPU's model and instruction set come
+from ``/proc/cpuinfo`` (:func:`cpuinfo`).
 """
 
 from __future__ import annotations
 
 import platform
+import sys
 
 import torch
 
@@ -59,17 +62,26 @@ def bf16_warning(device: torch.device, cpuinfo_text: str | None = None) -> str |
     if device.type != "cpu":
         return None
     fields = cpuinfo(cpuinfo_text)
-    if not fields or native_bf16(fields):
-        return None
+    if not ({"flags", "Features"} & fields.keys()) or native_bf16(fields):
+        return None  # no instruction list to judge by: say nothing rather than guess
     return (
         "this CPU has no bf16 instructions (avx512_bf16 or amx_bf16 in /proc/cpuinfo), so "
         "--bf16 converts every matmul and will likely be slower than fp32: drop --bf16"
     )
 
 
+def warn_if_slow_bf16(device: torch.device, bf16: bool) -> None:
+    """Print :func:`bf16_warning` to stderr when ``bf16`` is asked for where it is slow."""
+    note = bf16_warning(device) if bf16 else None
+    if note:
+        print(f"brainprop: {note}", file=sys.stderr)
+
+
 def native_bf16(fields: dict[str, str]) -> bool:
-    """Whether a CPU with these :func:`cpuinfo` fields multiplies bf16 in hardware."""
-    return bool({"avx512_bf16", "amx_bf16"} & set(fields.get("flags", "").split()))
+    """Whether a CPU with these :func:`cpuinfo` fields multiplies bf16 in hardware: x86's
+    ``flags`` name AVX512_BF16 or AMX, Arm's ``Features`` name ``bf16`` (Neoverse V1 on)."""
+    x86 = {"avx512_bf16", "amx_bf16"} & set(fields.get("flags", "").split())
+    return bool(x86) or "bf16" in fields.get("Features", "").split()
 
 
 def cpuinfo(text: str | None = None) -> dict[str, str]:

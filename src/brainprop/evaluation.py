@@ -18,7 +18,7 @@ from .config import TrainConfig
 from .data import Dataset, load_dataset
 from .data.batches import ordered_batches
 from .data.messages import reason
-from .devices import autocast, device_name, resolve_device
+from .devices import autocast, device_name, resolve_device, warn_if_slow_bf16
 from .errors import BrainPropError
 from .feedback import convert
 from .presets import build_model
@@ -106,6 +106,8 @@ def evaluate(
             f"{ds.num_classes}: evaluate it on the dataset it was trained on"
         )
     model.to(dev)
+    # Scored in the precision it was validated in during training.
+    warn_if_slow_bf16(dev, config.bf16)
     test_acc = accuracy(model, ds.test_x.to(dev), ds.test_y.to(dev), config.bf16)
     return {
         "checkpoint": str(target),

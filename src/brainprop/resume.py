@@ -2,6 +2,8 @@
 
 A run directory is continued from its ``last.pt``; everything read here comes from disk and
 may be damaged or copied from elsewhere, so every failure is one :class:`BrainPropError` line.
+The checks of a checkpoint's parts (:func:`history_ok`, :func:`partial_ok`,
+:func:`optimizer_settings`) serve ``Trainer.load_state``, which restores them.
 """
 
 from __future__ import annotations
@@ -86,7 +88,7 @@ def _resolve_stored(config: TrainConfig, source: Path) -> TrainConfig:
 
 
 #: The history columns the loop itself reads back (summary, best epoch, plots).
-ROW_NUMBERS = ("epoch", "lr", "train_loss", "train_reward", "val_acc", "test_acc", "seconds",
+_ROW_NUMBERS = ("epoch", "lr", "train_loss", "train_reward", "val_acc", "test_acc", "seconds",
                 "eval_seconds")  # fmt: skip
 PARTIAL_SUMS = ("loss_sum", "reward_sum", "explored_sum", "first_bad")
 
@@ -97,7 +99,7 @@ def history_ok(history: Any) -> bool:
         isinstance(row, dict)
         and all(
             isinstance(row.get(k), int | float) and not isinstance(row.get(k), bool)
-            for k in ROW_NUMBERS
+            for k in _ROW_NUMBERS
         )
         for row in history
     )

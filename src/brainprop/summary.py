@@ -1,7 +1,8 @@
 """A run's ``summary.json``: written by the training loop, read back by ``reproduce``.
 
-Both sides live here so that what a summary holds and what its readers check cannot drift
-apart: the measurements of ``results/`` may come from another machine or an older version.
+Both sides live here, so that a field the report starts to rely on is added to
+:data:`EPOCH_KEYS` beside the code that writes it: the measurements of ``results/`` may come
+from another machine or an older version, and are checked before they are read.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from . import checkpoint, distributed, rng, rundir, signals
 from .config import MAX_NAN_RELOADS, VAL_TEST, TrainConfig
 from .data import Dataset, load_dataset, split_validation
 from .data.batches import num_batches, permuted_batches, to_float
-from .devices import bf16_warning, device_name
+from .devices import device_name, warn_if_slow_bf16
 from .diagnostics import diagnostics, plot_diagnostics
 from .errors import BrainPropError
 from .evaluation import accuracy, all_finite
@@ -222,13 +222,11 @@ class Trainer:
                 )
                 # Never checkpoint a broken state: a NaN found now is reported as one.
                 self._check_finite(epoch, first_bad, step)
+                sums = (loss_sum, reward_sum, explored_sum, first_bad)
                 self.partial = {
                     "step": step + 1,
                     "order_rng": order_rng,
-                    "loss_sum": loss_sum,
-                    "reward_sum": reward_sum,
-                    "explored_sum": explored_sum,
-                    "first_bad": first_bad,
+                    **dict(zip(PARTIAL_SUMS, sums, strict=True)),
                     "seconds": seconds + time.perf_counter() - t0,
                     **shares,
                 }
@@ -327,10 +325,9 @@ def _train(
         # The new last.pt is written beside the old one before the rename.
         parallel.on_main(lambda: rundir.check_free_space(run_path, _checkpoint_bytes(trainer)))
     if parallel.is_main:
-        slow_bf16 = bf16_warning(trainer.device) if config.bf16 else None
-        for note in (trainer.resume_note, slow_bf16):
-            if note:
-                print(f"brainprop: {note}", file=sys.stderr)
+        if trainer.resume_note:
+            print(f"brainprop: {trainer.resume_note}", file=sys.stderr)
+        warn_if_slow_bf16(trainer.device, config.bf16)
     say = tqdm.write if trainer.progress else (lambda _msg: None)
     say(_header(trainer, run_path))
     try:
@@ -479,6 +476,8 @@ def _end_epoch(
         if config.val == VAL_TEST
         else parallel.accuracy(score, trainer.train_set.test_x, trainer.train_set.test_y)
     )
+    # In fp32 even under --bf16: the angles between feedback and forward weights are about the
+    # weights, and bf16 rounding would blur the small angles the plots are read for.
     feedback = diagnostics(
         trainer.model, trainer.diag_x, trainer.diag_y, trainer.objective, config.seed
     )
