@@ -65,8 +65,9 @@ def bf16_warning(device: torch.device, cpuinfo_text: str | None = None) -> str |
     if not ({"flags", "Features"} & fields.keys()) or native_bf16(fields):
         return None  # no instruction list to judge by: say nothing rather than guess
     return (
-        "this CPU has no bf16 instructions (avx512_bf16 or amx_bf16 in /proc/cpuinfo), so "
-        "--bf16 converts every matmul and will likely be slower than fp32: drop --bf16"
+        "this CPU has no bf16 instructions (/proc/cpuinfo lists no avx512_bf16, amx_bf16 or "
+        "Arm bf16), so --bf16 converts every matmul and will likely be slower than fp32: drop "
+        "--bf16"
     )
 
 
