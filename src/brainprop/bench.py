@@ -516,13 +516,14 @@ def _device_info(device: torch.device, bf16: bool, peaks: Peaks) -> dict[str, An
         ),
         None,
     )
+    matmul, conv = op_precisions(device, bf16)
     return {
         "type": device.type,
         "name": name,
         "threads": torch.get_num_threads(),
-        "precision": precision(device, bf16),
-        "matmul_precision": op_precisions(device, bf16)[0],
-        "conv_precision": op_precisions(device, bf16)[1],
+        "precision": precision_label(matmul, conv),
+        "matmul_precision": matmul,
+        "conv_precision": conv,
         "peak_tflops": peaks.matmul.tflops,
         "peak_source": peaks.matmul.source,
         "conv_peak_tflops": peaks.conv.tflops,
