@@ -18,8 +18,9 @@ from brainprop.bench import (
     cpu_peak,
     device_peaks,
     markdown,
+    op_precisions,
     parse_preset,
-    precision,
+    precision_label,
     run_bench,
     synthetic_dataset,
 )
@@ -130,8 +131,10 @@ def tf32():
 )
 def test_precision_label_names_matmul_and_conv_apart(tf32, matmul, conv, bf16, label):
     tf32(matmul, conv)
-    assert precision(torch.device("cuda"), bf16) == label
-    assert precision(torch.device("cpu"), bf16) == ("bf16" if bf16 else "fp32")
+    assert precision_label(*op_precisions(torch.device("cuda"), bf16)) == label
+    assert precision_label(*op_precisions(torch.device("cpu"), bf16)) == (
+        "bf16" if bf16 else "fp32"
+    )
 
 
 def test_gpu_peaks_follow_each_precision(tf32, monkeypatch):

@@ -221,11 +221,6 @@ def precision_label(matmul: str, conv: str) -> str:
     return f"matmul {matmul}, conv {conv}" + (" (cuDNN default)" if conv == "tf32" else "")
 
 
-def precision(device: torch.device, bf16: bool) -> str:
-    """The precision label of a step on ``device``: see :func:`precision_label`."""
-    return precision_label(*op_precisions(device, bf16))
-
-
 def device_peaks(device: torch.device, bf16: bool, override: float | None) -> Peaks:
     """The peaks to compare against; raises when one is unknown and not given.
 
