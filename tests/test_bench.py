@@ -57,10 +57,14 @@ def test_report_has_both_rules_and_every_field(report):
     assert ratio["brainprop_over_ebp"] == pytest.approx(
         ratio["brainprop_step_ms"] / ratio["ebp_step_ms"]
     )
-    assert rep["eager_ratio"] is None and "eager only" in rep["mode"]
+    # The dense network has no convolution, so its fast path is eager and is timed once.
+    assert "fast path" in rep["mode"]
+    for row in rep["results"]:
+        assert row["fast_path"] == [] and row["eager_ratio"] is None
     assert json.loads((out / JSON_NAME).read_text()) == json.loads(json.dumps(rep))
     md = (out / MARKDOWN_NAME).read_text()
     assert "| mnist/dense | 8 | brainprop |" in md and "| mnist/dense | 8 | ebp |" in md
+    assert md.count(" | - |\n") == 2  # no eager ratio
     assert "BrainProp/EBP" in md and "1.000 TFLOP/s (given with --peak-tflops)" in md
 
 
@@ -102,6 +106,10 @@ def test_conv_flops_are_counted_apart(report):
     assert 0 < conv < flops
     assert row["peak_tflops"] == pytest.approx(flops / (conv / 8.0 + (flops - conv) / 1.0))
     assert row["peak_fraction"] == pytest.approx(row["tflops"] / row["peak_tflops"])
+    # A convolution network takes the fast path, and its eager step is timed beside it.
+    assert row["fast_path"] == ["channels_last"]
+    assert row["eager_ratio"] == pytest.approx(row["eager_step_ms"] / row["step_ms"])
+    assert f"| {row['eager_ratio']:.3f} |" in markdown({**report[0], "results": [row]})
 
 
 @pytest.fixture

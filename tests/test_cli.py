@@ -33,6 +33,11 @@ def test_train_then_evaluate(data_dir, tmp_path, capsys):
     assert result["test_acc"] == summary["test_acc_at_best"] and result["test_size"] == 32
 
 
+def test_eager_is_recorded_with_the_run(data_dir, tmp_path):
+    assert main(_train_args(data_dir, tmp_path / "runs", "--eager", "--quiet")) == 0
+    assert json.loads((tmp_path / "runs" / "cli" / "config.json").read_text())["eager"] is True
+
+
 def test_resume_from_the_command_line(data_dir, tmp_path, capsys):
     assert main(_train_args(data_dir, tmp_path / "runs")) == 0
     run = tmp_path / "runs" / "cli"

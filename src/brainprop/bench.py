@@ -13,8 +13,9 @@ step. Elementwise work (ReLU, BatchNorm, the SGD update) is not counted, as is u
 the matmuls and the convolutions may run in different precisions (by default fp32 matmuls but
 TF32 cuDNN convolutions), so each is compared against its own precision's peak.
 
-Every figure is eager PyTorch: the library has no compiled or graphed step yet, so there is no
-eager-versus-fast ratio to report, and the results say so.
+The figures are the fast path's, the one ``train`` takes (:mod:`brainprop.fastpath`). Where the
+fast path changes a network, the same step is also timed in eager mode, side by side (their
+blocks alternate), and each row gives the ratio.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from . import fastpath
 from .checkpoint import atomic_write_json, atomic_write_text, make_folder
 from .config import TrainConfig
 from .data import Dataset
@@ -62,9 +64,10 @@ _EPOCH_NOTE = (
 )
 JSON_NAME = "bench.json"
 MARKDOWN_NAME = "bench.md"
-NO_FAST_MODE = (
-    "eager only: brainprop has no compiled or graphed training step yet, so there is no "
-    "eager-versus-fast ratio to measure"
+FAST_MODE = (
+    "fast path (brainprop.fastpath, what train runs): channels_last where the network has a "
+    "2-D convolution; 'eager ratio' is the eager step's time over the fast one's, timed side "
+    "by side; '-' where the fast path is eager for that network. No CUDA-graph capture yet"
 )
 
 
@@ -367,14 +370,15 @@ class _Rule:
     conv_flops: int
     peak_memory: tuple[int, str]
     block_seconds: list[float]
+    eager: bool
 
 
 def _prepare(
     ds: Dataset, arch: str, rule: str, device: torch.device, *, warmup: int,
-    batch_size: int | None, bf16: bool,
+    batch_size: int | None, bf16: bool, eager: bool,
 ) -> _Rule:  # fmt: skip
-    """Build ``rule``'s network as training does, count one step's FLOPs, warm it up, and
-    record the peak memory of those steps."""
+    """Build ``rule``'s network as training does (with ``eager``, as ``train --eager`` does),
+    count one step's FLOPs, warm it up, and record the peak memory of those steps."""
     sizes = {} if batch_size is None else {"batch_size": batch_size}
     config = TrainConfig(
         dataset=ds.name, arch=arch, rule=rule, device=str(device), bf16=bf16, **sizes
@@ -382,7 +386,7 @@ def _prepare(
     init = torch.Generator().manual_seed(config.seed)
     model = build_model(arch, ds.input_shape, ds.num_classes, config.hyperparameters(), init)
     convert(model, config.feedback, generator=init)
-    model.to(device).train()
+    fastpath.prepare(model.to(device), eager).train()
     objective = make_objective(rule, config.epsilon)
     optimizer = make_optimizer(model, config)
     generator = torch.Generator(device=device).manual_seed(config.seed)
@@ -409,7 +413,7 @@ def _prepare(
     optimizer.zero_grad(set_to_none=True)
     return _Rule(
         rule, config, model, step, generator, forward, counter.get_total_flops(),
-        _conv_flops(counter), peak, [],
+        _conv_flops(counter), peak, [], eager,
     )  # fmt: skip
 
 
@@ -428,15 +432,25 @@ def bench_preset(
 ) -> list[dict[str, Any]]:
     """Time each rule's training step for ``arch`` on ``ds``; one JSON-ready row per rule.
 
-    The rules' timed blocks alternate (rule A, rule B, rule A, ...), so a change in load or
-    clock during the run hits every rule alike and their ratio stays fair. ``peak`` is one
-    peak for all work, or the matmul and convolution peaks (:meth:`Peaks.for_step`).
+    The timed blocks alternate (rule A, rule B, rule A, ...), so a change in load or clock
+    during the run hits every rule alike and their ratio stays fair. Where the fast path
+    changes the network, each rule's eager step takes its turn among them too, and its row
+    gives ``eager_step_ms`` and ``eager_ratio`` (eager over fast). ``peak`` is one peak for all
+    work, or the matmul and convolution peaks (:meth:`Peaks.for_step`).
     """
     peaks = peak if isinstance(peak, Peaks) else Peaks.same(peak)
-    prepared = [
-        _prepare(ds, arch, rule, device, warmup=warmup, batch_size=batch_size, bf16=bf16)
-        for rule in rules
-    ]
+    prepared, eager_of = [], {}
+    for rule in rules:
+        fast = _prepare(
+            ds, arch, rule, device, warmup=warmup, batch_size=batch_size, bf16=bf16, eager=False
+        )
+        prepared.append(fast)
+        if fastpath.features(fast.model):
+            eager_of[rule] = _prepare(
+                ds, arch, rule, device, warmup=warmup, batch_size=batch_size, bf16=bf16,
+                eager=True,
+            )  # fmt: skip
+            prepared.append(eager_of[rule])
     blocks = min(BLOCKS, steps)
     per_block = max(steps // blocks, 1)
     for _ in range(blocks):
@@ -452,7 +466,11 @@ def bench_preset(
     test_x, test_y = ds.test_x[:n_eval], ds.test_y[:n_eval]
     rows = []
     for r in prepared:
+        if r.eager:
+            continue
         step_s = statistics.median(r.block_seconds)
+        eager = eager_of.get(r.rule)
+        eager_s = statistics.median(eager.block_seconds) if eager else None
         randperm_s = _median_seconds(
             lambda r=r: torch.randperm(n_train, device=device, generator=r.generator), device
         )
@@ -477,6 +495,9 @@ def bench_preset(
                 "warmup_steps": warmup,
                 "step_ms": step_s * 1e3,
                 "step_ms_blocks": [s * 1e3 for s in r.block_seconds],
+                "fast_path": fastpath.features(r.model),
+                "eager_step_ms": None if eager_s is None else eager_s * 1e3,
+                "eager_ratio": None if eager_s is None else eager_s / step_s,
                 "randperm_ms": randperm_s * 1e3,
                 "epoch_s": steps_per_epoch * step_s + randperm_s,
                 "images_per_s": batch / step_s,
@@ -585,15 +606,15 @@ def run_bench(
         for row in rows:
             say(
                 f"{row['preset']:<20} {row['rule']:<9} {row['step_ms']:9.2f} ms/step "
-                f"{row['epoch_s']:8.2f} s/epoch {row['tflops']:.4f} TFLOP/s"
+                f"{row['epoch_s']:8.2f} s/epoch {row['tflops']:.4f} TFLOP/s "
+                f"eager ratio {_ratio(row['eager_ratio'])}"
             )
         results += rows
         del ds
     report = {
         "torch": torch.__version__,
         "device": _device_info(dev, bf16, peaks),
-        "mode": NO_FAST_MODE,
-        "eager_ratio": None,
+        "mode": FAST_MODE,
         "steps": steps,
         "warmup": warmup,
         "load_average_before": list(load_before),
@@ -627,6 +648,10 @@ def rule_ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _mib(n: int) -> str:
     return f"{n / 2**20:,.0f}"
+
+
+def _ratio(r: float | None) -> str:
+    return "-" if r is None else f"{r:.3f}"
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -663,9 +688,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"average {before:.2f} before, {after:.2f} after",
         "",
         "| preset | batch | rule | step ms | s/epoch | images/s | GFLOP/step | TFLOP/s "
-        f"| % of peak |{peak_head} peak mem MiB | host RSS MiB | eval 10k s |",
+        f"| % of peak |{peak_head} peak mem MiB | host RSS MiB | eval 10k s | eager ratio |",
         "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"
-        f"{peak_rule} ---: | ---: | ---: |",
+        f"{peak_rule} ---: | ---: | ---: | ---: |",
     ]
     for r in report["results"]:
         row_peak = f" {r['peak_tflops']:.1f} |" if two_peaks else ""
@@ -674,7 +699,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {r['epoch_s']:.2f} | {r['images_per_s']:,.0f} | {r['flops_per_step'] / 1e9:.2f} "
             f"| {r['tflops']:.4f} | {100 * r['peak_fraction']:.1f} |{row_peak}"
             f" {_mib(r['peak_memory_bytes'])} | {_mib(r['host_rss_bytes'])} "
-            f"| {r['eval_s_per_10k']:.3f} |"
+            f"| {r['eval_s_per_10k']:.3f} | {_ratio(r['eager_ratio'])} |"
         )
     if report["ratios"]:
         lines += [

@@ -98,6 +98,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     run.add_argument("--bf16", action="store_true", help=BF16_HELP)
+    run.add_argument(
+        "--eager", action="store_true",
+        help="plain PyTorch, without the fast path's channels_last (for debugging)",
+    )  # fmt: skip
     run.add_argument("--data-dir", help="data root (default: $BRAINPROP_DATA, else data/)")
     run.add_argument("--out", default="runs", help="folder for run directories")
     run.add_argument("--name", help="run directory name (default: dataset-arch-rule-seed-time)")
@@ -151,6 +155,7 @@ def _train(args: argparse.Namespace) -> int:
             seed=args.seed,
             device=args.device,
             bf16=args.bf16,
+            eager=args.eager,
             data_dir=args.data_dir,
             out_dir=args.out,
             name=args.name,

@@ -69,6 +69,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     bf16: bool = False
+    # Plain PyTorch instead of the fast path (brainprop.fastpath): for debugging.
+    eager: bool = False
     data_dir: str | None = None
     out_dir: str = "runs"
     name: str | None = None

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import checkpoint, rundir
+from . import checkpoint, fastpath, rundir
 from .config import TrainConfig
 from .data import Dataset, load_dataset
 from .data.batches import ordered_batches
@@ -105,7 +105,7 @@ def evaluate(
             f"{state['num_classes']} classes, but {config.dataset} has {ds.input_shape} with "
             f"{ds.num_classes}: evaluate it on the dataset it was trained on"
         )
-    model.to(dev)
+    fastpath.prepare(model.to(dev), config.eager)
     # Scored in the precision it was validated in during training.
     warn_if_slow_bf16(dev, config.bf16)
     test_acc = accuracy(model, ds.test_x.to(dev), ds.test_y.to(dev), config.bf16)

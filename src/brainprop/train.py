@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import checkpoint, distributed, rng, rundir, signals
+from . import checkpoint, distributed, fastpath, rng, rundir, signals
 from .config import MAX_NAN_RELOADS, VAL_TEST, TrainConfig
 from .data import Dataset, load_dataset, split_validation
 from .data.batches import num_batches, permuted_batches, to_float
@@ -82,7 +82,7 @@ class Trainer:
         )
         # Before .to() and before the optimizer, so reciprocal B lands in the decayed group.
         convert(self.model, config.feedback, generator=init)
-        self.model.to(self.device)
+        fastpath.prepare(self.model.to(self.device), config.eager)
         self.objective: Objective = make_objective(config.rule, config.epsilon)
         self.optimizer = make_optimizer(self.model, config)
         self.generator = torch.Generator(device=self.device).manual_seed(
