@@ -13,7 +13,11 @@
 #      command's wall time (process start-up included, which is all that torchrun adds: a world
 #      of one joins no process group) and s_per_epoch, and whether all four reach the same
 #      best_val_acc.
-#   3. brainprop reproduce in the time left, packed JOBS to the GPU. With $DATA/cifar10: the
+#   3. fast path against --eager: one 'train --eager' with step 2's settings, and each epoch's
+#      validation accuracy beside step 2's two plain (fast-path) runs, whose own difference
+#      is the yardstick: how much two runs of one seed differ on this GPU anyway (at most
+#      TRAIN_S seconds; needs step 2).
+#   4. brainprop reproduce in the time left, packed JOBS to the GPU. With $DATA/cifar10: the
 #      CIFAR-10 deep cell (10 seeds, both rules; a seed may not finish). Without it: run
 #      packing on MNIST, 'reproduce --datasets mnist --archs conv --seeds 4 --max-epochs 3'
 #      (8 runs) with --jobs 1 into one folder, then with --jobs JOBS into another; wall times
@@ -22,7 +26,7 @@
 # It writes at most 7 files under $OUT (the device tool returns at most 8, 2 folders deep):
 #     log.txt                  everything printed (its tail is also the command's output)
 #     bench-fp32/bench.{json,md}, bench-bf16/bench.{json,md}   brainprop bench
-#     torchrun.txt             step 2's table and comparison
+#     torchrun.txt             step 2's table and comparison, then step 3's curves
 #     reproduce.tgz            step 3's results folders (results/measurements/, every run's
 #                              history, reports; no checkpoints) and packing.txt, for merging
 #                              into this repo's results/; written after each reproduce command
@@ -34,7 +38,7 @@
 #     BENCH_S     most seconds for each bench (default 150)
 #     TRAIN_S     most seconds for each train of step 2 (default 60)
 #     JOBS        reproduce runs side by side on the GPU (default 4)
-#     STEPS       steps to run (default "bench torchrun reproduce")
+#     STEPS       steps to run (default "bench torchrun fastpath reproduce")
 #     SMOKE=1     toy sizes on the CPU, to test this script on a machine without a GPU
 #
 # CIFAR-10 (~170 MB) cannot travel with the checkout (64 MiB per call), so it goes up first,
@@ -61,7 +65,7 @@ DATA=${DATA:-$PWD/data}
 TOTAL_S=${TOTAL_S:-540}
 BENCH_S=${BENCH_S:-150}
 TRAIN_S=${TRAIN_S:-60}
-STEPS=${STEPS:-bench torchrun reproduce}
+STEPS=${STEPS:-bench torchrun fastpath reproduce}
 PACK_S=20  # kept at the end for packaging
 GRACE_S=30 # after SIGTERM, for runs to save their state before they are killed
 DEADLINE=$((START + TOTAL_S - PACK_S))
@@ -254,6 +258,40 @@ if len(accs) == len(rows) == 4:
     print("all four best_val_acc equal:", len(set(accs.values())) == 1)
 EOF
         echo "step torchrun summary failed: $?"
+    cat "$OUT/torchrun.txt"
+fi
+
+if wants fastpath; then
+    step "fast path against --eager: train --eager, curves beside the plain runs"
+    if (($(left) < TRAIN_S / 2 + GRACE_S)); then
+        echo "eager-1 skipped: $(left) s left"
+    else
+        timed "$TRAIN_S" "$PY" -m brainprop train "${TRAIN[@]}" --eager --device "$DEVICE" \
+            --data-dir "$DATA" --quiet --out "$WORK/runs" --name eager-1 ||
+            echo "step fastpath, run eager-1 failed: $?"
+        "$PY" - "$WORK/runs" >>"$OUT/torchrun.txt" <<'EOF' || echo "step fastpath summary failed: $?"
+import json, sys
+from pathlib import Path
+
+runs = Path(sys.argv[1])
+curves = {}
+for name in ("plain-1", "plain-2", "eager-1"):
+    try:
+        history = json.loads((runs / name / "history.json").read_text())
+        curves[name] = [row["val_acc"] for row in history]
+    except (OSError, ValueError, KeyError):
+        print(f"{name}: no history")
+print()
+print("validation accuracy per epoch: plain-* take the fast path, eager-1 runs with --eager")
+for name, accs in curves.items():
+    print(f"{name:<8} " + " ".join(f"{a:.4f}" for a in accs))
+for a, b in (("plain-1", "plain-2"), ("plain-1", "eager-1"), ("plain-2", "eager-1")):
+    if a in curves and b in curves:
+        pairs = list(zip(curves[a], curves[b]))
+        gap = max((abs(x - y) for x, y in pairs), default=float("nan"))
+        print(f"largest difference {a} - {b} over {len(pairs)} epochs: {gap:.4f}")
+EOF
+    fi
     cat "$OUT/torchrun.txt"
 fi
 
