@@ -4,6 +4,7 @@ Nothing here asserts a timing: the machine is shared, and the figures are for pe
 """
 
 import json
+import os
 
 import pytest
 import torch
@@ -25,7 +26,7 @@ from brainprop.bench import (
     synthetic_dataset,
 )
 from brainprop.cli import main
-from brainprop.devices import bf16_warning
+from brainprop.devices import bf16_warning, physical_cores
 from brainprop.errors import BrainPropError
 
 ROW_FIELDS = {
@@ -200,6 +201,22 @@ def test_cpu_peak_estimate():
     assert intel is not None and intel.tflops == pytest.approx(16 * 2 * 2 * 2.596146e9 / 1e12)
     assert "assumed" in amd.source
     assert cpu_peak(2, "vendor_id\t: AuthenticAMD\nflags\t: avx2\n") is None
+
+
+def test_cpu_peak_counts_cores_not_hyperthreads():
+    def cpu(processor, core):
+        return f"processor\t: {processor}\nphysical id\t: 0\ncore id\t\t: {core}\n{AMD}"
+
+    one_core = "\n".join([cpu(0, 0), cpu(1, 0)])  # two hyperthreads of core 0
+    peak, per_core = cpu_peak(2, one_core), cpu_peak(1, AMD)
+    assert peak is not None and per_core is not None and peak.tflops == per_core.tflops
+    assert "1 cores (2 threads)" in peak.source
+    two_cores = "\n".join([cpu(0, 0), cpu(1, 1)])
+    assert physical_cores(two_cores) == 2 and physical_cores(one_core) == 1
+    assert physical_cores(AMD) is None  # no topology: the threads count as cores
+    here = physical_cores()  # this machine's own cpuinfo, read through its affinity
+    assert here is None or 1 <= here <= (os.cpu_count() or 1)
+    assert cpu_peak(2, two_cores).tflops == cpu_peak(2, AMD).tflops
 
 
 def test_cpu_bf16_peak_follows_the_bf16_instructions():

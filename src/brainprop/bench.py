@@ -39,7 +39,7 @@ from .checkpoint import atomic_write_json, atomic_write_text, make_folder
 from .config import TrainConfig
 from .data import Dataset
 from .data.batches import num_batches, to_float
-from .devices import bf16_warning, cpuinfo, native_bf16, resolve_device
+from .devices import bf16_warning, cpuinfo, native_bf16, physical_cores, resolve_device
 from .errors import BrainPropError
 from .evaluation import EVAL_BATCH, accuracy
 from .feedback import convert
@@ -146,8 +146,11 @@ def parse_preset(spec: str) -> tuple[str, str]:
 
 
 def cpu_peak(threads: int, cpuinfo_text: str | None = None, bf16: bool = False) -> Peak | None:
-    """Estimated fp32 (or ``bf16``) peak of ``threads`` cores from ``/proc/cpuinfo`` (or
+    """Estimated fp32 (or ``bf16``) peak of ``threads`` threads from ``/proc/cpuinfo`` (or
     ``cpuinfo_text``); None if unreadable.
+
+    The threads count as at most as many cores as they can run on (hyperthreads of one core
+    share its vector units; :func:`~brainprop.devices.physical_cores`).
 
     fp32: cores x fp32 lanes x 2 (FMA) x 2 FMA pipes x clock. The lanes follow the widest
     vector flag, except that AMD cores (Zen 4) run AVX-512 as two 256-bit halves; two FMA pipes
@@ -165,10 +168,12 @@ def cpu_peak(threads: int, cpuinfo_text: str | None = None, bf16: bool = False) 
         return None
     flags = set(fields.get("flags", "").split())
     clock = f"{mhz / 1000:.2f} GHz (cpuinfo)"
+    cores = min(threads, physical_cores(cpuinfo_text) or threads)
+    shared = f" ({threads} threads)" if threads > cores else ""
     if bf16 and "amx_bf16" in flags:
         return Peak(
-            threads * 1024 * mhz * 1e6 / 1e12,
-            f"estimated: {threads} cores x 1024 bf16 FLOP/cycle (AMX) x {clock}",
+            cores * 1024 * mhz * 1e6 / 1e12,
+            f"estimated: {cores} cores{shared} x 1024 bf16 FLOP/cycle (AMX) x {clock}",
         )
     vendor = fields.get("vendor_id", "")
     if "avx512f" in flags and vendor != "AuthenticAMD":
@@ -183,10 +188,10 @@ def cpu_peak(threads: int, cpuinfo_text: str | None = None, bf16: bool = False) 
         pairs, factor = 2, " x 2 bf16 pairs per lane (AVX512_BF16, assumed at full rate)"
     elif bf16:
         note = "; no bf16 instructions, so bf16 runs at the fp32 rate"
-    tflops = threads * lanes * pairs * fma * 2 * mhz * 1e6 / 1e12
+    tflops = cores * lanes * pairs * fma * 2 * mhz * 1e6 / 1e12
     return Peak(
         tflops,
-        f"estimated: {threads} cores x {lanes} fp32 lanes ({isa}){factor} x {fma} (FMA) x 2 "
+        f"estimated: {cores} cores{shared} x {lanes} fp32 lanes ({isa}){factor} x {fma} (FMA) x 2 "
         f"pipes (assumed) x {clock}{note}",
     )
 

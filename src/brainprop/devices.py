@@ -8,6 +8,7 @@ from ``/proc/cpuinfo`` (:func:`cpuinfo`).
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
 
@@ -99,6 +100,33 @@ def cpuinfo(text: str | None = None) -> dict[str, str]:
         if sep:
             fields.setdefault(key.strip(), value.strip())
     return fields
+
+
+def physical_cores(text: str | None = None) -> int | None:
+    """Distinct physical cores (``physical id``, ``core id``) of the logical CPUs in
+    ``/proc/cpuinfo`` that this process may run on, or of every CPU listed in ``text``.
+
+    Two threads on the two hyperthreads of one core share its vector units, so a peak counts
+    cores, not threads. None where cpuinfo does not say (many Arm and some VM kernels).
+    """
+    allowed: set[int] | None = None
+    if text is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                text = f.read()
+            allowed = os.sched_getaffinity(0)
+        except (OSError, AttributeError):
+            return None
+    cores = set()
+    for block in text.split("\n\n"):
+        fields = cpuinfo(block)
+        if "processor" not in fields:
+            continue
+        if "core id" not in fields:
+            return None
+        if allowed is None or int(fields["processor"]) in allowed:
+            cores.add((fields.get("physical id", "0"), fields["core id"]))
+    return len(cores) or None
 
 
 def device_name(device: torch.device) -> str:
