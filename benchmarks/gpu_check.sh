@@ -6,28 +6,32 @@
 #     OUT=/some/folder benchmarks/gpu_check.sh
 # Steps, most valuable first; each one's failure or time-out is reported in the log and the
 # next step still runs:
-#   1. brainprop bench, every preset, fp32 (cuDNN convolutions in TF32, PyTorch's default)
-#      then --bf16 (at most BENCH_S seconds each).
-#   2. torchrun overhead: plain 'brainprop train' and 'torchrun --nproc_per_node=1 ... train'
+#   1. The CUDA graph's own test (tests/test_fastpath.py -k cuda, where pytest is installed):
+#      a graphed step trains as an eager one and explores afresh at every replay.
+#   2. brainprop bench, every preset, fp32 (cuDNN convolutions in TF32, PyTorch's default),
+#      then --bf16, then --bf16 --cuda-graph (at most BENCH_S seconds each). Each prints its
+#      Markdown table into the log and keeps bench.json (the table is made from it again by
+#      brainprop.bench.markdown).
+#   3. torchrun overhead: plain 'brainprop train' and 'torchrun --nproc_per_node=1 ... train'
 #      (MNIST conv, seed 0), alternated, twice each (at most TRAIN_S seconds each): the whole
 #      command's wall time (process start-up included, which is all that torchrun adds: a world
 #      of one joins no process group) and s_per_epoch, and whether all four reach the same
 #      best_val_acc.
-#   3. fast path against --eager: one 'train --eager' with step 2's settings, and each epoch's
-#      validation accuracy beside step 2's two plain (fast-path) runs, whose own difference
-#      is the yardstick: how much two runs of one seed differ on this GPU anyway (at most
-#      TRAIN_S seconds; needs step 2).
-#   4. brainprop reproduce in the time left, packed JOBS to the GPU. With $DATA/cifar10: the
+#   4. fast path against --eager and --cuda-graph: one 'train --eager' and one 'train
+#      --cuda-graph' with step 3's settings, and each epoch's validation accuracy beside step
+#      3's two plain (fast-path) runs, whose own difference is the yardstick: how much two runs
+#      of one seed differ on this GPU anyway (at most TRAIN_S seconds each; needs step 3).
+#   5. brainprop reproduce in the time left, packed JOBS to the GPU. With $DATA/cifar10: the
 #      CIFAR-10 deep cell (10 seeds, both rules; a seed may not finish). Without it: run
 #      packing on MNIST, 'reproduce --datasets mnist --archs conv --seeds 4 --max-epochs 3'
 #      (8 runs) with --jobs 1 into one folder, then with --jobs JOBS into another; wall times
 #      in packing.txt. Runs still going at the deadline get SIGTERM, save their state, and
 #      their histories come back; no worker outlives the step.
-# It writes at most 7 files under $OUT (the device tool returns at most 8, 2 folders deep):
+# It writes at most 6 files under $OUT (the device tool returns at most 8, 2 folders deep):
 #     log.txt                  everything printed (its tail is also the command's output)
-#     bench-fp32/bench.{json,md}, bench-bf16/bench.{json,md}   brainprop bench
-#     torchrun.txt             step 2's table and comparison, then step 3's curves
-#     reproduce.tgz            step 3's results folders (results/measurements/, every run's
+#     bench-{fp32,bf16,bf16-graph}/bench.json                  brainprop bench
+#     torchrun.txt             step 3's table and comparison, then step 4's curves
+#     reproduce.tgz            step 5's results folders (results/measurements/, every run's
 #                              history, reports; no checkpoints) and packing.txt, for merging
 #                              into this repo's results/; written after each reproduce command
 #                              and again on exit, so what was measured comes back
@@ -38,7 +42,7 @@
 #     BENCH_S     most seconds for each bench (default 150)
 #     TRAIN_S     most seconds for each train of step 2 (default 60)
 #     JOBS        reproduce runs side by side on the GPU (default 4)
-#     STEPS       steps to run (default "bench torchrun fastpath reproduce")
+#     STEPS       steps to run (default "tests bench torchrun fastpath reproduce")
 #     SMOKE=1     toy sizes on the CPU, to test this script on a machine without a GPU
 #
 # CIFAR-10 (~170 MB) cannot travel with the checkout (64 MiB per call), so it goes up first,
@@ -65,7 +69,7 @@ DATA=${DATA:-$PWD/data}
 TOTAL_S=${TOTAL_S:-540}
 BENCH_S=${BENCH_S:-150}
 TRAIN_S=${TRAIN_S:-60}
-STEPS=${STEPS:-bench torchrun fastpath reproduce}
+STEPS=${STEPS:-tests bench torchrun fastpath reproduce}
 PACK_S=20  # kept at the end for packaging
 GRACE_S=30 # after SIGTERM, for runs to save their state before they are killed
 DEADLINE=$((START + TOTAL_S - PACK_S))
@@ -185,14 +189,26 @@ if torch.cuda.is_available():
           "conv fp32_precision", getattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision", None))
 EOF
 
+if wants tests; then
+    step "the CUDA graph's test"
+    if "$PY" -c "import pytest" 2>/dev/null; then
+        timed 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_fastpath.py -k cuda -rs ||
+            echo "step tests failed: $?"
+    else
+        echo "step tests skipped: no pytest for $PY"
+    fi
+fi
+
 if wants bench; then
-    for kind in fp32 bf16; do
-        [[ $kind == bf16 && $DEVICE != cuda ]] && continue
+    for kind in fp32 bf16 bf16-graph; do
+        [[ $kind != fp32 && $DEVICE != cuda ]] && continue
         flag=()
-        [[ $kind == bf16 ]] && flag=(--bf16)
+        [[ $kind == bf16* ]] && flag+=(--bf16)
+        [[ $kind == *graph ]] && flag+=(--cuda-graph)
         step "brainprop bench $kind (at most ${BENCH_S} s, $(left) s left)"
         timed "$BENCH_S" "$PY" -m brainprop bench "${BENCH[@]}" "${flag[@]}" --device "$DEVICE" \
             --out "$OUT/bench-$kind" || echo "step bench $kind failed: $?"
+        rm -f "$OUT/bench-$kind/bench.md"
     done
 fi
 
@@ -262,36 +278,42 @@ EOF
 fi
 
 if wants fastpath; then
-    step "fast path against --eager: train --eager, curves beside the plain runs"
-    if (($(left) < TRAIN_S / 2 + GRACE_S)); then
-        echo "eager-1 skipped: $(left) s left"
-    else
-        timed "$TRAIN_S" "$PY" -m brainprop train "${TRAIN[@]}" --eager --device "$DEVICE" \
-            --data-dir "$DATA" --quiet --out "$WORK/runs" --name eager-1 ||
-            echo "step fastpath, run eager-1 failed: $?"
-        "$PY" - "$WORK/runs" >>"$OUT/torchrun.txt" <<'EOF' || echo "step fastpath summary failed: $?"
+    step "fast path against --eager and --cuda-graph: curves beside the plain runs"
+    runs=(eager-1:--eager)
+    [[ $DEVICE == cuda ]] && runs+=(graph-1:--cuda-graph)
+    for run in "${runs[@]}"; do
+        if (($(left) < TRAIN_S / 2 + GRACE_S)); then
+            echo "${run%%:*} skipped: $(left) s left"
+            continue
+        fi
+        timed "$TRAIN_S" "$PY" -m brainprop train "${TRAIN[@]}" "${run#*:}" --device "$DEVICE" \
+            --data-dir "$DATA" --quiet --out "$WORK/runs" --name "${run%%:*}" ||
+            echo "step fastpath, run ${run%%:*} failed: $?"
+    done
+    "$PY" - "$WORK/runs" >>"$OUT/torchrun.txt" <<'EOF' || echo "step fastpath summary failed: $?"
 import json, sys
 from pathlib import Path
 
 runs = Path(sys.argv[1])
 curves = {}
-for name in ("plain-1", "plain-2", "eager-1"):
+names = ("plain-1", "plain-2", "eager-1", "graph-1")
+for name in names:
     try:
         history = json.loads((runs / name / "history.json").read_text())
         curves[name] = [row["val_acc"] for row in history]
     except (OSError, ValueError, KeyError):
         print(f"{name}: no history")
 print()
-print("validation accuracy per epoch: plain-* take the fast path, eager-1 runs with --eager")
+print("validation accuracy per epoch: plain-* take the fast path (channels_last), eager-1 runs")
+print("with --eager, graph-1 with --cuda-graph")
 for name, accs in curves.items():
     print(f"{name:<8} " + " ".join(f"{a:.4f}" for a in accs))
-for a, b in (("plain-1", "plain-2"), ("plain-1", "eager-1"), ("plain-2", "eager-1")):
+for a, b in (("plain-1", "plain-2"), ("plain-1", "eager-1"), ("plain-1", "graph-1")):
     if a in curves and b in curves:
         pairs = list(zip(curves[a], curves[b]))
         gap = max((abs(x - y) for x, y in pairs), default=float("nan"))
         print(f"largest difference {a} - {b} over {len(pairs)} epochs: {gap:.4f}")
 EOF
-    fi
     cat "$OUT/torchrun.txt"
 fi
 

@@ -22,9 +22,9 @@ import torch
 import torch.multiprocessing as mp
 from conftest import make_tiny_dataset
 from data_fixtures import write_idx_dataset
-from reliability_helpers import assert_same_run, train_module
+from reliability_helpers import assert_same_run
 
-from brainprop import TrainConfig, train
+from brainprop import TrainConfig, fastpath, train
 from brainprop.checkpoint import load
 from brainprop.distributed import Context, current, joined
 from brainprop.errors import BrainPropError
@@ -163,7 +163,7 @@ def _worker(rank: int, world: int, port: int, out: Path) -> None:
         train(_config(out, name, epsilon=0.5, epochs=1, global_batch=GLOBAL), dataset=ds,
               progress=False)  # fmt: skip
     # The same run, but rank 1 alone gets SIGTERM during step 3 of 6; then resumed.
-    real = train_module.train_step
+    real = fastpath.train_step
     steps = [0]
 
     def signalled_step(*args: Any, **kwargs: Any) -> Any:
@@ -172,11 +172,11 @@ def _worker(rank: int, world: int, port: int, out: Path) -> None:
             os.kill(os.getpid(), signal.SIGTERM)
         return real(*args, **kwargs)
 
-    train_module.train_step = signalled_step
+    fastpath.train_step = signalled_step
     with pytest.raises(Interrupted, match="in epoch 1 after step 3"):
         train(_config(out, "explore-cut", epsilon=0.5, epochs=1, global_batch=GLOBAL),
               dataset=ds, progress=False)  # fmt: skip
-    train_module.train_step = real
+    fastpath.train_step = real
     if rank == 0:  # kept mid-epoch, for a resume on one process
         shutil.copytree(out / "explore-cut", out / "explore-cut-one")
     train(None, resume=out / "explore-cut", dataset=ds, progress=False)
@@ -191,12 +191,12 @@ def _worker(rank: int, world: int, port: int, out: Path) -> None:
             return dataclasses.replace(out, loss=out.loss * math.nan)
         return out
 
-    train_module.train_step = nan_step
+    fastpath.train_step = nan_step
     for on_nan in ("stop", "reload"):
         nans[0] = 0
         train(_config(out, f"nan-{on_nan}", epochs=1, global_batch=GLOBAL, on_nan=on_nan),
               dataset=ds, progress=False)  # fmt: skip
-    train_module.train_step = real
+    fastpath.train_step = real
 
 
 @pytest.fixture(scope="module")

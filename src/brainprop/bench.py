@@ -1,7 +1,7 @@
 """``brainprop bench``: training throughput per preset and rule, on CPU or CUDA.
 
 Every preset (``dataset/arch``, hyperparameters from the paper's table) runs the very step the
-training loop runs, :func:`brainprop.step.train_step`, on synthetic uint8 images of the
+training loop runs (:func:`brainprop.fastpath.make_step`), on synthetic uint8 images of the
 dataset's real size and shape, so nothing needs downloading and an epoch is exactly
 ``ceil(N_train / batch)`` steps. Each timed step includes the on-device gather and scaling of
 its batch; the epoch figure adds the one ``randperm`` per epoch. The loop's per-step running
@@ -45,7 +45,7 @@ from .evaluation import EVAL_BATCH, accuracy
 from .feedback import convert
 from .objectives import RULES, make_objective
 from .presets import build_model
-from .step import make_optimizer, train_step
+from .step import make_optimizer
 
 #: The presets the speed targets are stated for, plus the CPU target's MNIST dense.
 DEFAULT_PRESETS = (
@@ -66,8 +66,8 @@ JSON_NAME = "bench.json"
 MARKDOWN_NAME = "bench.md"
 FAST_MODE = (
     "fast path (brainprop.fastpath, what train runs): channels_last where the network has a "
-    "2-D convolution; 'eager ratio' is the eager step's time over the fast one's, timed side "
-    "by side; '-' where the fast path is eager for that network. No CUDA-graph capture yet"
+    "2-D convolution{graph}; 'eager ratio' is the eager step's time over the fast one's, timed "
+    "side by side; '-' where the fast path is eager for that network"
 )
 
 
@@ -380,10 +380,11 @@ class _Rule:
 
 def _prepare(
     ds: Dataset, arch: str, rule: str, device: torch.device, *, warmup: int,
-    batch_size: int | None, bf16: bool, eager: bool,
+    batch_size: int | None, bf16: bool, eager: bool, cuda_graph: bool = False,
 ) -> _Rule:  # fmt: skip
-    """Build ``rule``'s network as training does (with ``eager``, as ``train --eager`` does),
-    count one step's FLOPs, warm it up, and record the peak memory of those steps."""
+    """Build ``rule``'s network and step as training does (with ``eager``, as ``train --eager``
+    does), count one step's FLOPs, warm it up, and record the peak memory of those steps.
+    With ``cuda_graph`` the warm-up includes the capture."""
     sizes = {} if batch_size is None else {"batch_size": batch_size}
     config = TrainConfig(
         dataset=ds.name, arch=arch, rule=rule, device=str(device), bf16=bf16, **sizes
@@ -396,13 +397,15 @@ def _prepare(
     optimizer = make_optimizer(model, config)
     generator = torch.Generator(device=device).manual_seed(config.seed)
     batches = _full_batches(ds, config.batch_size, generator)
+    run_step = fastpath.make_step(
+        model, objective, optimizer, generator=generator, batch_size=config.batch_size,
+        bf16=bf16, cuda_graph=cuda_graph,
+    )  # fmt: skip
+    if cuda_graph:
+        warmup = max(warmup, fastpath.WARMUP_STEPS + 1)
 
     def step() -> None:
-        x, y = next(batches)
-        train_step(
-            model, objective, optimizer, x, y,
-            generator=generator, batch_size=config.batch_size, bf16=bf16,
-        )  # fmt: skip
+        run_step(*next(batches))
 
     x, _ = next(batches)
     forward = _forward_flops(model, x)
@@ -433,6 +436,7 @@ def bench_preset(
     warmup: int,
     batch_size: int | None = None,
     bf16: bool = False,
+    cuda_graph: bool = False,
     eval_images: int | None = None,
 ) -> list[dict[str, Any]]:
     """Time each rule's training step for ``arch`` on ``ds``; one JSON-ready row per rule.
@@ -447,10 +451,11 @@ def bench_preset(
     prepared, eager_of = [], {}
     for rule in rules:
         fast = _prepare(
-            ds, arch, rule, device, warmup=warmup, batch_size=batch_size, bf16=bf16, eager=False
-        )
+            ds, arch, rule, device, warmup=warmup, batch_size=batch_size, bf16=bf16,
+            eager=False, cuda_graph=cuda_graph,
+        )  # fmt: skip
         prepared.append(fast)
-        if fastpath.features(fast.model):
+        if fastpath.features(fast.model, cuda_graph):
             eager_of[rule] = _prepare(
                 ds, arch, rule, device, warmup=warmup, batch_size=batch_size, bf16=bf16,
                 eager=True,
@@ -500,7 +505,7 @@ def bench_preset(
                 "warmup_steps": warmup,
                 "step_ms": step_s * 1e3,
                 "step_ms_blocks": [s * 1e3 for s in r.block_seconds],
-                "fast_path": fastpath.features(r.model),
+                "fast_path": fastpath.features(r.model, cuda_graph),
                 "eager_step_ms": None if eager_s is None else eager_s * 1e3,
                 "eager_ratio": None if eager_s is None else eager_s / step_s,
                 "randperm_ms": randperm_s * 1e3,
@@ -569,6 +574,7 @@ def run_bench(
     warmup: int = 5,
     batch_size: int | None = None,
     bf16: bool = False,
+    cuda_graph: bool = False,
     peak_tflops: float | None = None,
     eval_images: int | None = None,
     out: str | Path | None = None,
@@ -606,7 +612,7 @@ def run_bench(
         ds = synthetic_dataset(dataset, dev)
         rows = bench_preset(
             ds, arch, rules, dev, peak=peaks, steps=steps, warmup=warmup,
-            batch_size=batch_size, bf16=bf16, eval_images=eval_images,
+            batch_size=batch_size, bf16=bf16, cuda_graph=cuda_graph, eval_images=eval_images,
         )  # fmt: skip
         for row in rows:
             say(
@@ -619,7 +625,9 @@ def run_bench(
     report = {
         "torch": torch.__version__,
         "device": _device_info(dev, bf16, peaks),
-        "mode": FAST_MODE,
+        "mode": FAST_MODE.format(
+            graph=", each step replayed from a CUDA graph (--cuda-graph)" if cuda_graph else ""
+        ),
         "steps": steps,
         "warmup": warmup,
         "load_average_before": list(load_before),

@@ -14,6 +14,10 @@ from collections.abc import Sequence
 
 from .errors import BrainPropError
 
+CUDA_GRAPH_HELP = (
+    "replay each full-batch training step from one captured CUDA graph (CUDA only; opt-in "
+    "until checked on a GPU)"
+)
 BF16_HELP = "bf16 autocast (CUDA; on a CPU, fast only with AVX512_BF16, AMX or Arm bf16)"
 
 
@@ -102,6 +106,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "--eager", action="store_true",
         help="plain PyTorch, without the fast path's channels_last (for debugging)",
     )  # fmt: skip
+    run.add_argument("--cuda-graph", action="store_true", help=CUDA_GRAPH_HELP)
     run.add_argument("--data-dir", help="data root (default: $BRAINPROP_DATA, else data/)")
     run.add_argument("--out", default="runs", help="folder for run directories")
     run.add_argument("--name", help="run directory name (default: dataset-arch-rule-seed-time)")
@@ -156,6 +161,7 @@ def _train(args: argparse.Namespace) -> int:
             device=args.device,
             bf16=args.bf16,
             eager=args.eager,
+            cuda_graph=args.cuda_graph,
             data_dir=args.data_dir,
             out_dir=args.out,
             name=args.name,
@@ -290,6 +296,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=int, default=5, help="untimed steps before timing")
     p.add_argument("--batch-size", type=int, help="override every preset's batch size")
     p.add_argument("--bf16", action="store_true", help=BF16_HELP)
+    p.add_argument("--cuda-graph", action="store_true", help=CUDA_GRAPH_HELP)
     p.add_argument(
         "--peak-tflops", type=float,
         help="the device's peak TFLOP/s (default: a table for known GPUs, an estimate for CPUs)",
@@ -312,6 +319,7 @@ def _bench(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         batch_size=args.batch_size,
         bf16=args.bf16,
+        cuda_graph=args.cuda_graph,
         peak_tflops=args.peak_tflops,
         eval_images=args.eval_images,
         out=args.out,

@@ -71,6 +71,8 @@ class TrainConfig:
     bf16: bool = False
     # Plain PyTorch instead of the fast path (brainprop.fastpath): for debugging.
     eager: bool = False
+    # Each full-batch step replayed from one CUDA graph (brainprop.fastpath.GraphedStep).
+    cuda_graph: bool = False
     data_dir: str | None = None
     out_dir: str = "runs"
     name: str | None = None
@@ -144,6 +146,10 @@ class TrainConfig:
         need(
             self.val == VAL_TEST or (isinstance(self.val, int) and self.val >= 1),
             f"--val must be 'test' or a positive number of held-out images, got {self.val!r}",
+        )
+        need(
+            not (self.eager and self.cuda_graph),
+            "--eager and --cuda-graph contradict each other: drop one",
         )
         need(
             self.on_nan in ON_NAN,

@@ -50,8 +50,12 @@ def resolve_device(device: str) -> torch.device:
 
 
 def autocast(device: torch.device, bf16: bool):
-    """bf16 autocast on ``device`` (CUDA or CPU) when ``bf16``; a no-op context otherwise."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    """bf16 autocast on ``device`` (CUDA or CPU) when ``bf16``; a no-op context otherwise.
+
+    Without autocast's weight cache: a CUDA graph cannot capture it, and it saves nothing here,
+    where every weight is used once per forward pass.
+    """
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False)
 
 
 def bf16_warning(device: torch.device, cpuinfo_text: str | None = None) -> str | None:

@@ -1,41 +1,58 @@
 """The fast path: how ``train``, ``evaluate`` and ``bench`` run a network unless told ``--eager``.
 
 Eager is PyTorch exactly as the network was built. The fast path changes how the work is laid
-out, never what is computed, so a run's numbers differ from eager only by floating-point
-rounding (``tests/test_fastpath.py`` pins this). ``brainprop bench`` times both side by side and
-reports the ratio.
+out and launched, never what is computed, so a run's numbers differ from eager only by
+floating-point rounding (``tests/test_fastpath.py`` pins this). ``brainprop bench`` times both
+side by side and reports the ratio.
 
 What it does:
 
-* **channels_last** for every network with a 2-D convolution: its 4-D weights are stored
-  channels-last, and PyTorch's convolutions (oneDNN on CPU, cuDNN on CUDA) then produce
-  channels-last activations that ReLU, BatchNorm, pooling and dropout keep, so the inputs need
-  no conversion. It avoids the layout reorders oneDNN otherwise makes around every
+* **channels_last** for every network with a 2-D convolution (on by default): its 4-D weights
+  are stored channels-last, and PyTorch's convolutions (oneDNN on CPU, cuDNN on CUDA) then
+  produce channels-last activations that ReLU, BatchNorm, pooling and dropout keep, so the
+  inputs need no conversion. It avoids the layout reorders oneDNN otherwise makes around every
   convolution, and it is the layout tensor cores want. Dense and locally connected networks
   have no 4-D weight and are unchanged.
-
-Not built yet: whole-step capture (a CUDA graph of forward, objective, backward and update);
-see ``docs/performance.md``.
+* **one CUDA graph per training step** (``--cuda-graph``, opt-in, CUDA only):
+  :class:`GraphedStep`. A small network's eager step is hundreds of kernel launches, each a
+  few microseconds of CPU; replaying a captured graph launches them all at once. It stays
+  opt-in until it has been measured and checked on a GPU (``benchmarks/gpu_check.sh``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+from typing import Protocol
+
 import torch
 from torch import nn
 
-__all__ = ["features", "prepare"]
+from . import distributed
+from .errors import BrainPropError
+from .objectives import Objective, Output
+from .step import train_step
+
+__all__ = ["GraphedStep", "features", "make_step", "prepare"]
 
 CHANNELS_LAST = "channels_last"
+CUDA_GRAPH = "cuda_graph"
+
+#: Eager full-batch steps before the capture; CUDA graphs need the lazy initialisations
+#: (cuDNN algorithm choice, the allocator's pools, autograd's buffers) done first.
+WARMUP_STEPS = 3
+
+Step = Callable[[torch.Tensor, torch.Tensor], Output]
 
 
-def features(model: nn.Module) -> list[str]:
+def features(model: nn.Module, cuda_graph: bool = False) -> list[str]:
     """The fast-path changes that apply to ``model`` (empty: the fast path is eager for it)."""
     has_4d_weight = any(p.dim() == 4 for p in model.parameters())
-    return [CHANNELS_LAST] if has_4d_weight else []
+    return [CHANNELS_LAST] * has_4d_weight + [CUDA_GRAPH] * cuda_graph
 
 
 def prepare(model: nn.Module, eager: bool = False) -> nn.Module:
-    """Put ``model`` (already on its device) on the fast path, in place, unless ``eager``.
+    """Put ``model`` (already on its device) on the fast path's layout, in place, unless ``eager``.
 
     Parameters stay the same objects, so an optimizer made before or after still holds them,
     and ``state_dict`` keys do not change; checkpoints load either way.
@@ -43,3 +60,142 @@ def prepare(model: nn.Module, eager: bool = False) -> nn.Module:
     if not eager and CHANNELS_LAST in features(model):
         model.to(memory_format=torch.channels_last)
     return model
+
+
+class Graph(Protocol):
+    """What :class:`GraphedStep` needs of a graph: record a step once, run it many times."""
+
+    def capture(self, step: Callable[[], Output]) -> None: ...
+
+    def replay(self) -> Output: ...
+
+
+class CudaGraph:
+    """A :class:`torch.cuda.CUDAGraph` of one step; ``generator`` is the step's own stream of
+    random numbers besides the default one (BrainProp's exploration)."""
+
+    def __init__(self, generator: torch.Generator) -> None:
+        self.graph = torch.cuda.CUDAGraph()
+        # Registered, the generator advances by the graph's draws at each replay, so every
+        # replay explores afresh and the generator's state still saves and restores.
+        self.graph.register_generator_state(generator)
+        self.out: Output | None = None
+
+    def capture(self, step: Callable[[], Output]) -> None:
+        with torch.cuda.graph(self.graph):
+            self.out = step()
+
+    def replay(self) -> Output:
+        assert self.out is not None, "replay before capture"
+        self.graph.replay()
+        return self.out
+
+
+class GraphedStep:
+    """Training steps of full batches replayed from one captured graph.
+
+    The first :data:`WARMUP_STEPS` full batches train eagerly (on a side stream on CUDA, as
+    capture requires). The next one is captured: :func:`~brainprop.step.train_step` reading its
+    batch from static buffers, i.e. forward, objective, backward and SGD update. From then on
+    each full batch is copied into those buffers and the graph replayed. A short last batch
+    (another shape) trains eagerly. The graph holds the learning rate as a constant, so a new
+    rate (the schedule's halving, a NaN reload) is captured again.
+
+    The returned :class:`~brainprop.objectives.Output` is the graph's own: the next call
+    overwrites it, so read it before calling again (the training loop does).
+
+    Args:
+        new_graph: makes the graph; default :class:`CudaGraph`. Tests pass a stand-in that
+            replays by calling the step, to check this class's bookkeeping on a CPU.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        objective: Objective,
+        optimizer: torch.optim.Optimizer,
+        *,
+        generator: torch.Generator,
+        batch_size: int,
+        bf16: bool = False,
+        new_graph: Callable[[torch.Generator], Graph] = CudaGraph,
+    ) -> None:
+        self.eager: Step = partial(
+            train_step, model, objective, optimizer,
+            generator=generator, batch_size=batch_size, bf16=bf16,
+        )  # fmt: skip
+        self.optimizer, self.generator, self.batch_size = optimizer, generator, batch_size
+        self.new_graph = new_graph
+        self.warm = 0
+        self.graph: Graph | None = None
+        self.captured_lrs: tuple[float, ...] = ()
+        self.x: torch.Tensor | None = None
+        self.y: torch.Tensor | None = None
+        self.captures = 0
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> Output:
+        """One training step on ``x`` ([b, C, H, W] float) and ``y`` ([b])."""
+        if len(y) != self.batch_size:
+            return self.eager(x, y)
+        if self.warm < WARMUP_STEPS:
+            self.warm += 1
+            return self._on_side_stream(lambda: self.eager(x, y))
+        lrs = tuple(float(g["lr"]) for g in self.optimizer.param_groups)
+        if self.graph is None or lrs != self.captured_lrs:
+            self._capture(x, y, lrs)
+        assert self.x is not None and self.y is not None and self.graph is not None
+        self.x.copy_(x)
+        self.y.copy_(y)
+        return self.graph.replay()
+
+    def _capture(self, x: torch.Tensor, y: torch.Tensor, lrs: tuple[float, ...]) -> None:
+        if self.x is None or self.y is None:
+            self.x, self.y = torch.empty_like(x), torch.empty_like(y)
+        x_static, y_static = self.x, self.y
+        self.graph = None  # frees the old graph's memory before the new one takes its own
+        graph = self.new_graph(self.generator)
+        # Gradients made during capture live in the graph's memory, where every replay
+        # writes them; the update inside the graph reads them there.
+        self.optimizer.zero_grad(set_to_none=True)
+        graph.capture(lambda: self.eager(x_static, y_static))
+        self.graph, self.captured_lrs = graph, lrs
+        self.captures += 1
+
+    def _on_side_stream(self, step: Callable[[], Output]) -> Output:
+        if self.generator.device.type != "cuda":
+            return step()
+        side, main = torch.cuda.Stream(), torch.cuda.current_stream()
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            out = step()
+        main.wait_stream(side)
+        return out
+
+
+def make_step(
+    model: nn.Module,
+    objective: Objective,
+    optimizer: torch.optim.Optimizer,
+    *,
+    generator: torch.Generator,
+    batch_size: int,
+    bf16: bool = False,
+    cuda_graph: bool = False,
+    parallel: distributed.Context | None = None,
+) -> Step:
+    """The training step a run takes: ``step(x, y) -> Output``, graphed with ``cuda_graph``."""
+    if not cuda_graph:
+        return partial(
+            train_step, model, objective, optimizer,
+            generator=generator, batch_size=batch_size, bf16=bf16, parallel=parallel,
+        )  # fmt: skip
+    if generator.device.type != "cuda":
+        raise BrainPropError(
+            f"--cuda-graph needs a CUDA device, but this run is on {generator.device.type}: "
+            "drop --cuda-graph"
+        )
+    if parallel is not None and parallel.active:
+        raise BrainPropError("--cuda-graph is for one process: under torchrun, drop --cuda-graph")
+    return GraphedStep(
+        model, objective, optimizer, generator=generator, batch_size=batch_size, bf16=bf16
+    )

@@ -1,7 +1,7 @@
 """One training step: forward, objective, backward, plain SGD update.
 
-The training loop and ``brainprop bench`` both run :func:`train_step`, so the benchmark times
-exactly what training does.
+The training loop and ``brainprop bench`` both run :func:`train_step` (through
+:func:`brainprop.fastpath.make_step`), so the benchmark times exactly what training does.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The training loop: epochs, NaN stop, checkpoints, resume, history.
 
 It knows nothing of which rule or architecture it runs: the objective turns Q-values into a
-loss, the model is any ``nn.Module``, and :func:`~brainprop.step.train_step` applies plain SGD.
+loss, the model is any ``nn.Module``, and :func:`~brainprop.step.train_step` applies plain SGD
+(through :func:`brainprop.fastpath.make_step`, which may replay it from a CUDA graph).
 The learning-rate schedule and early stopping are in :mod:`brainprop.schedule`, and what a
 run's ``summary.json`` holds in :mod:`brainprop.summary`.
 
@@ -44,7 +45,7 @@ from .resume import (
     restore,
 )
 from .schedule import EarlyStopping, lr_at
-from .step import make_optimizer, train_step
+from .step import make_optimizer
 from .summary import summarize
 
 DIAGNOSTIC_BATCH = 256
@@ -88,6 +89,11 @@ class Trainer:
         self.generator = torch.Generator(device=self.device).manual_seed(
             self.parallel.seed(config.seed)
         )
+        self.step = fastpath.make_step(
+            self.model, self.objective, self.optimizer, generator=self.generator,
+            batch_size=config.batch_size, bf16=config.bf16, cuda_graph=config.cuda_graph,
+            parallel=self.parallel,
+        )  # fmt: skip
         # The epochs' order: one process draws it from its only generator; several draw it
         # from one seeded alike on every rank, apart from their own exploration streams.
         self.order_generator = self.generator
@@ -205,11 +211,7 @@ class Trainer:
             disable=not self.progress or None, unit="batch",
         )  # fmt: skip
         for step, (x, y) in enumerate(bar, start=start):
-            out = train_step(
-                model, self.objective, self.optimizer, x, y,
-                generator=self.generator, batch_size=cfg.batch_size, bf16=cfg.bf16,
-                parallel=self.parallel,
-            )  # fmt: skip
+            out = self.step(x, y)
             loss_sum += out.loss.detach() * len(y)
             reward_sum += out.rewards.sum()
             explored_sum += out.explored.sum()
@@ -402,6 +404,9 @@ def _header(trainer: Trainer, run_path: Path) -> str:
     """The line that opens a run: what trains, where, and into which directory."""
     config, parallel = trainer.config, trainer.parallel
     where = str(trainer.device)
+    fast = ["eager"] if config.eager else fastpath.features(trainer.model, config.cuda_graph)
+    if fast:
+        where += f" ({', '.join(fast)})"
     if parallel.active:
         where = (
             f"{parallel.world_size} processes ({where} for rank 0), "
