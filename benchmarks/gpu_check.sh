@@ -39,8 +39,8 @@
 # Settings, from the environment:
 #     DATA        data root (default: the repo's data/, which has MNIST only)
 #     TOTAL_S     seconds the whole script may take (default 540)
-#     BENCH_S     most seconds for each bench (default 150)
-#     TRAIN_S     most seconds for each train of step 2 (default 60)
+#     BENCH_S     most seconds for each bench (default 100)
+#     TRAIN_S     most seconds for each train of steps 3 and 4 (default 60)
 #     JOBS        reproduce runs side by side on the GPU (default 4)
 #     STEPS       steps to run (default "tests bench torchrun fastpath reproduce")
 #     SMOKE=1     toy sizes on the CPU, to test this script on a machine without a GPU
@@ -67,7 +67,7 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 DATA=${DATA:-$PWD/data}
 TOTAL_S=${TOTAL_S:-540}
-BENCH_S=${BENCH_S:-150}
+BENCH_S=${BENCH_S:-100}
 TRAIN_S=${TRAIN_S:-60}
 STEPS=${STEPS:-tests bench torchrun fastpath reproduce}
 PACK_S=20  # kept at the end for packaging
@@ -192,7 +192,7 @@ EOF
 if wants tests; then
     step "the CUDA graph's test"
     if "$PY" -c "import pytest" 2>/dev/null; then
-        timed 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_fastpath.py -k cuda -rs ||
+        timed 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_fastpath.py -k cuda -rs ||
             echo "step tests failed: $?"
     else
         echo "step tests skipped: no pytest for $PY"

@@ -78,20 +78,24 @@ def test_checkpoints_move_between_the_paths(tmp_path, tiny_dataset):
     assert evaluate(run.dir, dataset=tiny_dataset, device="cpu")["test_acc"] == pytest.approx(
         run.summary["best_val_acc"]
     )
-    # A config written before the switch existed has no "eager": it takes the fast path.
+    # A config written before the fast path existed has no "eager": that run trained eager,
+    # and resumes so.
     old = {k: v for k, v in run.config.to_dict().items() if k != "eager"}
-    assert TrainConfig.from_dict(old).eager is False
+    assert TrainConfig.from_dict(old).eager is True
 
 
 class FrozenLrGraph:
     """A CPU stand-in for a CUDA graph: replay runs the captured step, with the learning rates
-    it was captured with, as a real graph holds them as constants."""
+    it was captured with, as a real graph holds them as constants. ``calls[0]`` (the test's
+    step count) is noted at each capture."""
 
-    def __init__(self, optimizer):
-        self.optimizer, self.step, self.lrs = optimizer, None, None
+    def __init__(self, optimizer, calls, captured_at):
+        self.optimizer, self.calls, self.captured_at = optimizer, calls, captured_at
+        self.step, self.lrs = None, None
 
     def capture(self, step):
         self.step, self.lrs = step, [g["lr"] for g in self.optimizer.param_groups]
+        self.captured_at.append(self.calls[0])
 
     def replay(self):
         now = [g["lr"] for g in self.optimizer.param_groups]
@@ -104,92 +108,89 @@ class FrozenLrGraph:
                 g["lr"] = lr
 
 
-def _stepper(graphed, rule="brainprop", batch=16):
+def _stepper(graphed, device="cpu", new_graph=None, epsilon=0.3):
+    """(model, optimizer, generator, step) of the conv preset, batch 16; ``epsilon`` high, so
+    that a stale exploration draw would show."""
     from brainprop.objectives import make_objective
     from brainprop.step import make_optimizer, train_step
 
-    model = fastpath.prepare(_model("conv"))
-    objective = make_objective(rule, epsilon=0.3)  # explores often, so a stale draw would show
+    model = fastpath.prepare(_model("conv").to(device))
     optimizer = make_optimizer(model, _config(None, lr=0.05).resolve())
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator(device=device).manual_seed(0)
+    objective = make_objective("brainprop", epsilon=epsilon)
+    step = partial(train_step, model, objective, optimizer, generator=generator, batch_size=16)
     if graphed:
-        step = fastpath.GraphedStep(
-            model, objective, optimizer, generator=generator, batch_size=batch,
-            new_graph=lambda _: FrozenLrGraph(optimizer),
-        )  # fmt: skip
-    else:
-
-        def step(x, y):
-            return train_step(
-                model, objective, optimizer, x, y, generator=generator, batch_size=batch
-            )
-
+        extra = {} if new_graph is None else {"new_graph": lambda _: new_graph(optimizer)}
+        step = fastpath.GraphedStep(step, optimizer, generator=generator, batch_size=16, **extra)
     return model, optimizer, generator, step
 
 
-def test_graphed_steps_train_exactly_as_eager_ones(tiny_dataset):
-    x = tiny_dataset.train_x[:85].float() / 255
-    y = tiny_dataset.train_y[:85]
-    runs = [_stepper(graphed) for graphed in (False, True)]
+def _three_epochs(runs, x, y, calls=None):
+    """85 images = 5 full batches and 5 images an epoch; the rate halves after epoch 2."""
     for epoch in range(3):
-        for _, optimizer, _, _ in runs:  # the schedule halves the rate after epoch 1
+        for _, optimizer, _, _ in runs:
             for g in optimizer.param_groups:
                 g["lr"] = 0.05 if epoch < 2 else 0.025
-        for xb, yb in zip(x.split(16), y.split(16), strict=True):  # 5 full batches + 5 images
-            outs = [step(xb, yb) for *_, step in runs]
-            assert torch.equal(outs[0].actions, outs[1].actions)
-            assert torch.equal(outs[0].loss, outs[1].loss)
+        for xb, yb in zip(x[:85].split(16), y[:85].split(16), strict=True):
+            if calls is not None:
+                calls[0] += 1
+            yield [step(xb, yb) for *_, step in runs]
+
+
+def test_graphed_steps_train_exactly_as_eager_ones(tiny_dataset):
+    calls, captured_at = [0], []
+    runs = [
+        _stepper(False),
+        _stepper(True, new_graph=lambda opt: FrozenLrGraph(opt, calls, captured_at)),
+    ]
+    x, y = tiny_dataset.train_x.float() / 255, tiny_dataset.train_y
+    for eager, graphed in _three_epochs(runs, x, y, calls):
+        assert torch.equal(eager.actions, graphed.actions)
+        assert torch.equal(eager.loss, graphed.loss)
     (eager, _, eager_gen, _), (graphed, _, graphed_gen, step) = runs
     for name, p in eager.state_dict().items():
         assert torch.equal(p, graphed.state_dict()[name]), name
     assert torch.equal(eager_gen.get_state(), graphed_gen.get_state())
-    # Warm-up took the first 3 full batches; one capture, and one more for the new rate.
-    assert step.captures == 2
+    # 3 warm-up steps, the capture at the 4th full batch; again at the new rate (step 13).
+    assert captured_at == [4, 13] and step.captures == 2
 
 
-def test_cuda_graph_needs_cuda_one_process_and_not_eager(tmp_path, tiny_dataset):
-    with pytest.raises(BrainPropError, match="--cuda-graph needs a CUDA device"):
+def test_cuda_graph_refuses_where_it_cannot_run(tmp_path, tiny_dataset):
+    with pytest.raises(BrainPropError, match="needs a CUDA device, and this run is on cpu"):
         train(_config(tmp_path, cuda_graph=True, device="cpu"), dataset=tiny_dataset)
     with pytest.raises(BrainPropError, match="contradict"):
         _config(tmp_path, cuda_graph=True, eager=True).resolve()
+    from brainprop.feedback import convert
+    from brainprop.objectives import make_objective
+
+    model = _model("conv")
+    convert(model, "direct")
+    with pytest.raises(BrainPropError, match="--feedback direct"):
+        fastpath.make_step(
+            model, make_objective("brainprop"), torch.optim.SGD(model.parameters(), lr=0.1),
+            generator=torch.Generator(), batch_size=16, cuda_graph=True,
+        )  # fmt: skip
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_a_real_cuda_graph_trains_as_eager_and_explores_afresh(tiny_dataset):
-    from brainprop.objectives import make_objective
-    from brainprop.step import make_optimizer, train_step
-
     device = torch.device("cuda")
-    x = (tiny_dataset.train_x[:128].float() / 255).to(device)
-    y = tiny_dataset.train_y[:128].to(device)
-    models, steps = [], []
-    for graphed in (False, True):
-        model = fastpath.prepare(_model("conv").to(device))
-        objective = make_objective("brainprop", epsilon=0.0)
-        optimizer = make_optimizer(model, _config(None, lr=0.05).resolve())
-        generator = torch.Generator(device=device).manual_seed(0)
-        if graphed:
-            step = fastpath.GraphedStep(
-                model, objective, optimizer, generator=generator, batch_size=16
-            )
-        else:
-            step = partial(
-                train_step, model, objective, optimizer, generator=generator, batch_size=16
-            )
-        models.append(model)
-        steps.append(step)
-    for xb, yb in zip(x.split(16), y.split(16), strict=True):
-        for step in steps:
-            step(xb, yb)
-    for name, p in models[0].state_dict().items():
-        torch.testing.assert_close(p, models[1].state_dict()[name], rtol=1e-3, atol=1e-4)
+    runs = [_stepper(graphed, device) for graphed in (False, True)]
+    x = (tiny_dataset.train_x.float() / 255).to(device)
+    y = tiny_dataset.train_y.to(device)
+    for _ in _three_epochs(runs, x, y):
+        pass
+    (eager, _, eager_gen, _), (graphed, _, graphed_gen, step) = runs
+    assert step.captures == 2
+    for name, p in eager.state_dict().items():
+        torch.testing.assert_close(p, graphed.state_dict()[name], rtol=1e-3, atol=1e-4)
+    # Replays advance the registered generator as the eager steps advance theirs.
+    assert torch.equal(eager_gen.get_state(), graphed_gen.get_state())
     # Exploration inside the graph draws new numbers at every replay.
-    model = fastpath.prepare(_model("conv").to(device))
-    optimizer = make_optimizer(model, _config(None, lr=0.0).resolve())
-    step = fastpath.GraphedStep(
-        model, make_objective("brainprop", epsilon=0.5), optimizer,
-        generator=torch.Generator(device=device).manual_seed(0), batch_size=128,
-    )  # fmt: skip
-    explored = [step(x, y).explored.clone() for _ in range(10)][fastpath.WARMUP_STEPS + 1 :]
+    _, optimizer, _, step = _stepper(True, device, epsilon=0.5)
+    for g in optimizer.param_groups:
+        g["lr"] = 0.0
+    explored = [step(x[:16], y[:16]).explored.clone() for _ in range(40)]
+    explored = explored[fastpath.WARMUP_STEPS + 1 :]
     assert not all(torch.equal(explored[0], e) for e in explored[1:])
     assert 0.35 < torch.stack(explored).float().mean().item() < 0.65

@@ -376,6 +376,7 @@ class _Rule:
     peak_memory: tuple[int, str]
     block_seconds: list[float]
     eager: bool
+    warmup: int
 
 
 def _prepare(
@@ -402,6 +403,8 @@ def _prepare(
         bf16=bf16, cuda_graph=cuda_graph,
     )  # fmt: skip
     if cuda_graph:
+        # The counted step below is warm-up step 1; capture comes after the rest, and one
+        # replay more keeps the first (slower) replay out of the timing.
         warmup = max(warmup, fastpath.WARMUP_STEPS + 1)
 
     def step() -> None:
@@ -417,11 +420,11 @@ def _prepare(
     _sync(device)
     peak = _peak_memory(device, was_reset)
     # The gradients are rebuilt by the next step: freeing them keeps them out of the next
-    # rule's peak memory.
+    # rule's peak memory (a graph's stay in its own memory pool whatever happens here).
     optimizer.zero_grad(set_to_none=True)
     return _Rule(
         rule, config, model, step, generator, forward, counter.get_total_flops(),
-        _conv_flops(counter), peak, [], eager,
+        _conv_flops(counter), peak, [], eager, warmup,
     )  # fmt: skip
 
 
@@ -502,7 +505,7 @@ def bench_preset(
                 "n_train": n_train,
                 "steps_per_epoch": steps_per_epoch,
                 "steps_timed": blocks * per_block,
-                "warmup_steps": warmup,
+                "warmup_steps": r.warmup,
                 "step_ms": step_s * 1e3,
                 "step_ms_blocks": [s * 1e3 for s in r.block_seconds],
                 "fast_path": fastpath.features(r.model, cuda_graph),

@@ -198,6 +198,9 @@ class TrainConfig:
                     f"{f.type}: it is damaged or was written by another version"
                 )
         d = dict(d)
+        # Runs written before the fast path existed trained eager: they resume so, and stay
+        # bit-identical to an uninterrupted run (the layouts draw different dropout masks).
+        d.setdefault("eager", True)
         if d.get("dropout") is not None:
             d["dropout"] = tuple(d["dropout"])
         return cls(**d)

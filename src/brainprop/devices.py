@@ -52,8 +52,9 @@ def resolve_device(device: str) -> torch.device:
 def autocast(device: torch.device, bf16: bool):
     """bf16 autocast on ``device`` (CUDA or CPU) when ``bf16``; a no-op context otherwise.
 
-    Without autocast's weight cache: a CUDA graph cannot capture it, and it saves nothing here,
-    where every weight is used once per forward pass.
+    Without autocast's weight cache, which saves nothing here (every weight is used once per
+    forward pass) and which PyTorch advises against in CUDA-graph capture
+    (``make_graphed_callables`` refuses it).
     """
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False)
 

@@ -1,9 +1,11 @@
-"""The fast path: how ``train``, ``evaluate`` and ``bench`` run a network unless told ``--eager``.
+"""The fast path: how ``train``, ``evaluate`` and ``bench`` run a network, unless it was trained
+with ``--eager``.
 
 Eager is PyTorch exactly as the network was built. The fast path changes how the work is laid
-out and launched, never what is computed, so a run's numbers differ from eager only by
-floating-point rounding (``tests/test_fastpath.py`` pins this). ``brainprop bench`` times both
-side by side and reports the ratio.
+out and launched, not what is computed: without dropout a run's numbers differ from eager only
+by floating-point rounding (``tests/test_fastpath.py`` pins this); with dropout the two
+layouts draw different, equally random, masks from the same stream. ``brainprop bench`` times
+both side by side and reports the ratio.
 
 What it does:
 
@@ -21,6 +23,7 @@ What it does:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from functools import partial
 from typing import Protocol
@@ -30,6 +33,7 @@ from torch import nn
 
 from . import distributed
 from .errors import BrainPropError
+from .feedback import layer_mode
 from .objectives import Objective, Output
 from .step import train_step
 
@@ -47,8 +51,12 @@ Step = Callable[[torch.Tensor, torch.Tensor], Output]
 
 def features(model: nn.Module, cuda_graph: bool = False) -> list[str]:
     """The fast-path changes that apply to ``model`` (empty: the fast path is eager for it)."""
-    has_4d_weight = any(p.dim() == 4 for p in model.parameters())
-    return [CHANNELS_LAST] * has_4d_weight + [CUDA_GRAPH] * cuda_graph
+    found = []
+    if any(p.dim() == 4 for p in model.parameters()):
+        found.append(CHANNELS_LAST)
+    if cuda_graph:
+        found.append(CUDA_GRAPH)
+    return found
 
 
 def prepare(model: nn.Module, eager: bool = False) -> nn.Module:
@@ -94,39 +102,35 @@ class CudaGraph:
 class GraphedStep:
     """Training steps of full batches replayed from one captured graph.
 
-    The first :data:`WARMUP_STEPS` full batches train eagerly (on a side stream on CUDA, as
-    capture requires). The next one is captured: :func:`~brainprop.step.train_step` reading its
-    batch from static buffers, i.e. forward, objective, backward and SGD update. From then on
-    each full batch is copied into those buffers and the graph replayed. A short last batch
-    (another shape) trains eagerly. The graph holds the learning rate as a constant, so a new
-    rate (the schedule's halving, a NaN reload) is captured again.
+    The first :data:`WARMUP_STEPS` full batches train with the plain ``step`` (on a side
+    stream on CUDA, as capture requires). The next one is captured: ``step`` reading its batch
+    from static buffers, i.e. forward, objective, backward and SGD update. From then on each
+    full batch is copied into those buffers and the graph replayed. A short last batch
+    (another shape) takes the plain step. The graph holds the learning rate as a constant, so a
+    new rate (the schedule's halving, a NaN reload) is captured again.
 
     The returned :class:`~brainprop.objectives.Output` is the graph's own: the next call
     overwrites it, so read it before calling again (the training loop does).
 
     Args:
+        step: the plain step, ``step(x, y) -> Output``, e.g. a ``partial`` of
+            :func:`~brainprop.step.train_step`; it must use ``optimizer`` and ``generator``.
         new_graph: makes the graph; default :class:`CudaGraph`. Tests pass a stand-in that
             replays by calling the step, to check this class's bookkeeping on a CPU.
     """
 
     def __init__(
         self,
-        model: nn.Module,
-        objective: Objective,
+        step: Step,
         optimizer: torch.optim.Optimizer,
         *,
         generator: torch.Generator,
         batch_size: int,
-        bf16: bool = False,
         new_graph: Callable[[torch.Generator], Graph] = CudaGraph,
     ) -> None:
-        self.eager: Step = partial(
-            train_step, model, objective, optimizer,
-            generator=generator, batch_size=batch_size, bf16=bf16,
-        )  # fmt: skip
-        self.optimizer, self.generator, self.batch_size = optimizer, generator, batch_size
-        self.new_graph = new_graph
-        self.warm = 0
+        self.plain, self.optimizer, self.generator = step, optimizer, generator
+        self.batch_size, self.new_graph = batch_size, new_graph
+        self.warmed_up = 0
         self.graph: Graph | None = None
         self.captured_lrs: tuple[float, ...] = ()
         self.x: torch.Tensor | None = None
@@ -135,18 +139,25 @@ class GraphedStep:
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> Output:
         """One training step on ``x`` ([b, C, H, W] float) and ``y`` ([b])."""
-        if len(y) != self.batch_size:
-            return self.eager(x, y)
-        if self.warm < WARMUP_STEPS:
-            self.warm += 1
-            return self._on_side_stream(lambda: self.eager(x, y))
-        lrs = tuple(float(g["lr"]) for g in self.optimizer.param_groups)
-        if self.graph is None or lrs != self.captured_lrs:
-            self._capture(x, y, lrs)
-        assert self.x is not None and self.y is not None and self.graph is not None
-        self.x.copy_(x)
-        self.y.copy_(y)
-        return self.graph.replay()
+        # Streams and graphs belong to the current device, which need not be the run's.
+        on_device = (
+            torch.cuda.device(self.generator.device)
+            if self.generator.device.type == "cuda"
+            else contextlib.nullcontext()
+        )
+        with on_device:
+            if len(y) != self.batch_size:
+                return self.plain(x, y)
+            if self.warmed_up < WARMUP_STEPS:
+                self.warmed_up += 1
+                return self._on_side_stream(lambda: self.plain(x, y))
+            lrs = tuple(float(g["lr"]) for g in self.optimizer.param_groups)
+            if self.graph is None or lrs != self.captured_lrs:
+                self._capture(x, y, lrs)
+            assert self.x is not None and self.y is not None and self.graph is not None
+            self.x.copy_(x)
+            self.y.copy_(y)
+            return self.graph.replay()
 
     def _capture(self, x: torch.Tensor, y: torch.Tensor, lrs: tuple[float, ...]) -> None:
         if self.x is None or self.y is None:
@@ -157,7 +168,7 @@ class GraphedStep:
         # Gradients made during capture live in the graph's memory, where every replay
         # writes them; the update inside the graph reads them there.
         self.optimizer.zero_grad(set_to_none=True)
-        graph.capture(lambda: self.eager(x_static, y_static))
+        graph.capture(lambda: self.plain(x_static, y_static))
         self.graph, self.captured_lrs = graph, lrs
         self.captures += 1
 
@@ -184,18 +195,24 @@ def make_step(
     parallel: distributed.Context | None = None,
 ) -> Step:
     """The training step a run takes: ``step(x, y) -> Output``, graphed with ``cuda_graph``."""
+    step: Step = partial(
+        train_step, model, objective, optimizer,
+        generator=generator, batch_size=batch_size, bf16=bf16, parallel=parallel,
+    )  # fmt: skip
     if not cuda_graph:
-        return partial(
-            train_step, model, objective, optimizer,
-            generator=generator, batch_size=batch_size, bf16=bf16, parallel=parallel,
-        )  # fmt: skip
-    if generator.device.type != "cuda":
+        return step
+    refusal = None
+    if any(layer_mode(m) == "direct" for m in model.modules()):
+        # direct_matrix rebuilds its cached D whenever the seed buffer's version moves, and
+        # a graph would go on reading the old, freed D.
+        refusal = "--feedback direct regenerates its matrix between steps, which a graph cannot"
+    elif generator.device.type != "cuda":
+        refusal = f"it needs a CUDA device, and this run is on {generator.device.type}"
+    elif parallel is not None and parallel.active:
+        refusal = "it is for one process, and this run is under torchrun"
+    if refusal:
         raise BrainPropError(
-            f"--cuda-graph needs a CUDA device, but this run is on {generator.device.type}: "
-            "drop --cuda-graph"
+            f"--cuda-graph cannot run here: {refusal}. Start the run without --cuda-graph "
+            "(a run started with it resumes only where it can run)"
         )
-    if parallel is not None and parallel.active:
-        raise BrainPropError("--cuda-graph is for one process: under torchrun, drop --cuda-graph")
-    return GraphedStep(
-        model, objective, optimizer, generator=generator, batch_size=batch_size, bf16=bf16
-    )
+    return GraphedStep(step, optimizer, generator=generator, batch_size=batch_size)
