@@ -374,3 +374,20 @@ def test_a_killed_rank_fails_the_job_promptly_and_resume_completes(tmp_path: Pat
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     assert json.loads(done.stdout)["epochs_run"] == epochs
     assert [p.name for p in out.iterdir()] == ["run"]
+
+
+def test_summed_gradients_keep_each_parameters_layout(monkeypatch) -> None:
+    """channels_last convolution weights (the fast path) get their gradients back in that
+    layout, summed over the ranks; plain ones stay contiguous."""
+    from brainprop.presets import build_model
+
+    model = fastpath.prepare(build_model("conv", (3, 8, 8), 4, generator=torch.Generator()))
+    model(torch.rand(2, 3, 8, 8)).square().sum().backward()
+    before = {name: p.grad.clone() for name, p in model.named_parameters()}
+    # Two ranks with the same gradients: the all-reduce doubles them.
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda t: t.mul_(2))
+    Context(rank=0, world_size=2).reduce_gradients(model)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, 2 * before[name])
+        assert p.grad.stride() == p.stride(), name
+    assert any(p.dim() == 4 and not p.is_contiguous() for p in model.parameters())

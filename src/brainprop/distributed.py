@@ -184,16 +184,13 @@ class Context:
             else:
                 used = self._used.get(key, [True] * len(members))
             flat = torch.cat(
-                [
-                    (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-                    for p in members
-                ]
+                [_flat(p.grad if p.grad is not None else torch.zeros_like(p), p) for p in members]
             )
             with self._collective("the gradient all-reduce"):
                 dist.all_reduce(flat)
             grads = flat.split([p.numel() for p in members])
             for p, g, keep in zip(members, grads, used, strict=True):
-                p.grad = g.view_as(p) if keep else None
+                p.grad = _shaped_like(g, p) if keep else None
 
     def idle_step(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, y: torch.Tensor
@@ -424,6 +421,33 @@ class Context:
                 f"(${ENV_TIMEOUT}); continue from the last checkpoint with 'torchrun ... "
                 "brainprop train --resume RUN_DIR'"
             ) from None
+
+
+def _channels_last(t: torch.Tensor) -> bool:
+    return (
+        t.dim() == 4
+        and not t.is_contiguous()
+        and t.is_contiguous(memory_format=torch.channels_last)
+    )
+
+
+# The fast path keeps convolution weights (and so their gradients) channels-last. Flattening
+# in that memory order copies nothing before the all-reduce's one concatenation, and the
+# summed gradients come back in the parameters' own layout, which SGD's multi-tensor update
+# needs to stay on its fast path.
+def _flat(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``t`` (shaped as ``like``) as one vector, in the memory order of ``like``'s layout."""
+    if _channels_last(like):
+        return t.permute(0, 2, 3, 1).reshape(-1)
+    return t.reshape(-1)
+
+
+def _shaped_like(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`_flat`: a view of ``flat`` with ``like``'s shape and layout."""
+    if _channels_last(like):
+        n, c, h, w = like.shape
+        return flat.view(n, h, w, c).permute(0, 3, 1, 2)
+    return flat.view_as(like)
 
 
 class AgreedStop(StopRequest):
