@@ -1,4 +1,4 @@
-"""The fast path changes the layout, not the numbers: it against ``--eager``, through training."""
+"""The fast path (channels_last, the graphed step) against ``--eager``: the same numbers."""
 
 from functools import partial
 
