@@ -136,16 +136,16 @@ class GraphedStep:
         self.x: torch.Tensor | None = None
         self.y: torch.Tensor | None = None
         self.captures = 0
+        # Streams and graphs belong to the current device, which need not be the run's.
+        self.on_device = (
+            torch.cuda.device(generator.device)
+            if generator.device.type == "cuda"
+            else contextlib.nullcontext()
+        )
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> Output:
         """One training step on ``x`` ([b, C, H, W] float) and ``y`` ([b])."""
-        # Streams and graphs belong to the current device, which need not be the run's.
-        on_device = (
-            torch.cuda.device(self.generator.device)
-            if self.generator.device.type == "cuda"
-            else contextlib.nullcontext()
-        )
-        with on_device:
+        with self.on_device:
             if len(y) != self.batch_size:
                 return self.plain(x, y)
             if self.warmed_up < WARMUP_STEPS:
