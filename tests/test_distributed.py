@@ -148,15 +148,23 @@ def _config(out: Path, name: str, **overrides: Any) -> TrainConfig:
     return TrainConfig(**{**base, **overrides})
 
 
-#: (rule, training images): BrainProp over 41 images ends with a global batch of 1, so rank 1
-#: idles through it; EBP over 43 ends with 3, split 2 + 1, which its mean weights unevenly.
-EQUIVALENCE = (("brainprop", 41), ("ebp", 43))
+#: (rule, arch, training images): BrainProp over 41 images ends with a global batch of 1, so
+#: rank 1 idles through it; EBP over 43 ends with 3, split 2 + 1, which its mean weights
+#: unevenly. ``conv`` has BatchNorm, synchronised over the ranks, and its dropout is off.
+EQUIVALENCE = tuple(
+    (rule, arch, n) for arch in ("dense", "conv") for rule, n in (("brainprop", 41), ("ebp", 43))
+)
+
+
+def _equivalence_config(out: Path, rule: str, arch: str, n_train: int, **batch: int) -> TrainConfig:
+    dropout = {"dropout": (0.0, 0.0)} if arch == "conv" else {}
+    return _config(out, f"{rule}-{arch}-{n_train}", rule=rule, arch=arch, **dropout, **batch)
 
 
 def _worker(rank: int, world: int, port: int, out: Path) -> None:
     _join_env(rank, world, port)
-    for rule, n_train in EQUIVALENCE:
-        config = _config(out, f"{rule}-{n_train}", rule=rule, global_batch=GLOBAL)
+    for rule, arch, n_train in EQUIVALENCE:
+        config = _equivalence_config(out, rule, arch, n_train, global_batch=GLOBAL)
         train(config, dataset=make_tiny_dataset(n_train=n_train, n_test=20), progress=False)
     ds = make_tiny_dataset(n_train=48, n_test=16)
     for name in ("explore-a", "explore-b"):
@@ -208,14 +216,13 @@ def two_ranks(tmp_path_factory) -> Path:
 
 
 def test_two_processes_match_one_with_the_global_batch(two_ranks: Path, tmp_path: Path) -> None:
-    """Exploration and dropout off, no BatchNorm (the dense net): 2 ranks x 4 images per step
-    take the steps 1 process takes with 8, over 2 epochs, short last batches included."""
-    for rule, n_train in EQUIVALENCE:
-        name = f"{rule}-{n_train}"
-        one = train(
-            _config(tmp_path, name, rule=rule, batch_size=GLOBAL),
-            dataset=make_tiny_dataset(n_train=n_train, n_test=20), progress=False,
-        )  # fmt: skip
+    """Exploration and dropout off: 2 ranks x 4 images per step take the steps 1 process takes
+    with 8, over 2 epochs, short last batches included; with BatchNorm (the conv net) too,
+    since its statistics are the global batch's."""
+    for rule, arch, n_train in EQUIVALENCE:
+        config = _equivalence_config(tmp_path, rule, arch, n_train, batch_size=GLOBAL)
+        name = config.name
+        one = train(config, dataset=make_tiny_dataset(n_train=n_train, n_test=20), progress=False)
         two = load(two_ranks / name / "last.pt")
         assert two["world_size"] == 2 and two["epoch"] == 2
         for key, tensor in one.model.state_dict().items():
@@ -234,7 +241,7 @@ def test_two_processes_match_one_with_the_global_batch(two_ranks: Path, tmp_path
             "explore-cut-one",
             "nan-reload",
             "nan-stop",
-            *(f"{r}-{n}" for r, n in EQUIVALENCE),
+            *(f"{r}-{a}-{n}" for r, a, n in EQUIVALENCE),
         ]  # fmt: skip
     )
 

@@ -107,6 +107,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         help="plain PyTorch, without the fast path's channels_last (for debugging)",
     )  # fmt: skip
     run.add_argument("--cuda-graph", action="store_true", help=CUDA_GRAPH_HELP)
+    run.add_argument(
+        "--local-batchnorm", action="store_true",
+        help="under torchrun, BatchNorm normalises with each process's share of the batch "
+        "(as DDP without SyncBatchNorm) instead of the whole global batch",
+    )  # fmt: skip
     run.add_argument("--data-dir", help="data root (default: $BRAINPROP_DATA, else data/)")
     run.add_argument("--out", default="runs", help="folder for run directories")
     run.add_argument("--name", help="run directory name (default: dataset-arch-rule-seed-time)")
@@ -149,6 +154,7 @@ def _train(args: argparse.Namespace) -> int:
             lr_halving_epochs=args.lr_halving_epochs,
             batch_size=args.batch_size,
             global_batch=args.global_batch,
+            sync_batchnorm=not args.local_batchnorm,
             init_std=args.init_std,
             l2=args.l2,
             dropout=args.dropout,

@@ -42,7 +42,10 @@ class TrainConfig:
     training images to hold out for validation. ``on_nan`` is ``"stop"`` or ``"reload"`` (see
     :data:`ON_NAN`). ``global_batch``, for runs of several processes (see
     :mod:`brainprop.distributed`), fixes the images per step over all of them, each training on
-    ``global_batch / world size``; without it ``batch_size`` is per process.
+    ``global_batch / world size``; without it ``batch_size`` is per process. There,
+    ``sync_batchnorm`` makes BatchNorm normalise with the global batch's statistics, as one
+    process training on the whole batch does (see :mod:`brainprop.syncbn`); off, each process
+    uses its own share's.
     """
 
     dataset: str = "mnist"
@@ -56,6 +59,7 @@ class TrainConfig:
     lr_halving_epochs: int | None = None
     batch_size: int | None = None
     global_batch: int | None = None
+    sync_batchnorm: bool = True
     init_std: float | None = None
     l2: float | None = None
     dropout: tuple[float, ...] | None = None
@@ -201,6 +205,8 @@ class TrainConfig:
         # Runs written before the fast path existed trained eager: they resume so, and stay
         # bit-identical to an uninterrupted run (the layouts draw different dropout masks).
         d.setdefault("eager", True)
+        # Runs from before synchronised BatchNorm used each process's own statistics.
+        d.setdefault("sync_batchnorm", False)
         if d.get("dropout") is not None:
             d["dropout"] = tuple(d["dropout"])
         return cls(**d)

@@ -26,9 +26,10 @@ the per-process ``--batch-size`` times ``W``):
   The price is that communication does not overlap the backward pass.
 * BrainProp's exploration and dropout draw from per-rank streams seeded from ``(seed, rank)``,
   so no two ranks explore alike, and the same seed and world size give the same run.
-* BatchNorm normalises with each rank's own batch statistics, as under DDP without
-  SyncBatchNorm (which PyTorch implements for GPUs only), and the running statistics of rank 0
-  are the model's: they are broadcast before every evaluation and checkpoint.
+* BatchNorm normalises with the whole global batch's statistics (:mod:`brainprop.syncbn`),
+  unless the run asks for each rank's own (``sync_batchnorm=False``, as DDP without
+  SyncBatchNorm). Either way the running statistics of rank 0 are the model's: they are
+  broadcast before every evaluation and checkpoint.
 * Evaluation is sharded: each rank scores its part of the images and the counts are summed.
 * Rank 0 alone writes files. Decisions that end or redirect the loop (a stop signal on any
   rank, a NaN, early stopping) are agreed through collectives, so every rank takes the same
@@ -55,6 +56,7 @@ from .devices import resolve_device
 from .errors import BrainPropError
 from .objectives import Objective, Output
 from .signals import StopRequest
+from .syncbn import synchronised
 
 ENV_TIMEOUT = "BRAINPROP_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 300.0
@@ -193,11 +195,19 @@ class Context:
                 p.grad = _shaped_like(g, p) if keep else None
 
     def idle_step(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer, y: torch.Tensor
-    ) -> Output:
-        """The step of a rank whose share of a short last batch is empty: no forward pass, but
-        it joins the gradient sum and applies the same update as the others."""
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+        y: torch.Tensor,
+    ) -> Output:  # fmt: skip
+        """The step of a rank whose share ``x``, ``y`` of a short last batch is empty: it joins
+        the gradient sum and applies the same update as the others.
+
+        It needs no forward pass, unless layers of the model talk to the other ranks in theirs
+        (synchronised BatchNorm): then the empty batch goes forward and backward, so that this
+        rank enters the same collectives as the others, with zero gradients.
+        """
         optimizer.zero_grad(set_to_none=True)
+        if synchronised(model):
+            model(x).sum().backward()
         self.reduce_gradients(model)
         optimizer.step()
         none = y[:0]
@@ -209,6 +219,14 @@ class Context:
         )
 
     # -- agreement ------------------------------------------------------------------------
+
+    def summed(self, t: torch.Tensor, what: str) -> torch.Tensor:
+        """``t`` summed over the ranks, as a step autograd can go back through: the gradient
+        reaching each rank's ``t`` is the sum of all ranks' gradients of the result, since
+        every rank's loss depends on every rank's ``t``. ``what`` names it in errors."""
+        if not self.active:
+            return t
+        return _SumOverRanks.apply(t, self, what)
 
     def sum(self, values: list[torch.Tensor]) -> list[torch.Tensor]:
         """Scalar tensors summed over the ranks (in float64: they are per-epoch counts)."""
@@ -421,6 +439,29 @@ class Context:
                 f"(${ENV_TIMEOUT}); continue from the last checkpoint with 'torchrun ... "
                 "brainprop train --resume RUN_DIR'"
             ) from None
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """The all-reduce behind :meth:`Context.summed`; its backward pass is one too.
+
+    ``torch.distributed.nn.functional.all_reduce`` is the same but deprecated (torch 2.13)
+    for a private module, and it would not turn a lost rank into our one-line error.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, t: torch.Tensor, context: Context, what: str) -> torch.Tensor:
+        ctx.context, ctx.what = context, what
+        total = t.clone(memory_format=torch.contiguous_format)
+        with context._collective(what):
+            dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        total = grad.clone(memory_format=torch.contiguous_format)
+        with ctx.context._collective(f"the backward pass through {ctx.what}"):
+            dist.all_reduce(total)
+        return total, None, None
 
 
 def _channels_last(t: torch.Tensor) -> bool:

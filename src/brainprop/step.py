@@ -51,7 +51,7 @@ def train_step(
     """
     spread = parallel is not None and parallel.active
     if spread and len(y) == 0:
-        return parallel.idle_step(model, optimizer, y)
+        return parallel.idle_step(model, optimizer, x, y)
     with autocast(x.device, bf16):
         q = model(x)
     out = objective(q.float(), y, generator)

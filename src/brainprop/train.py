@@ -47,6 +47,7 @@ from .resume import (
 from .schedule import EarlyStopping, lr_at
 from .step import make_optimizer
 from .summary import summarize
+from .syncbn import synchronise, synchronised
 
 DIAGNOSTIC_BATCH = 256
 DIAGNOSTICS_PLOT = "diagnostics.png"
@@ -83,6 +84,8 @@ class Trainer:
         )
         # Before .to() and before the optimizer, so reciprocal B lands in the decayed group.
         convert(self.model, config.feedback, generator=init)
+        if self.parallel.active and config.sync_batchnorm:
+            synchronise(self.model, self.parallel)
         fastpath.prepare(self.model.to(self.device), config.eager)
         self.objective: Objective = make_objective(config.rule, config.epsilon)
         self.optimizer = make_optimizer(self.model, config)
@@ -412,6 +415,8 @@ def _header(trainer: Trainer, run_path: Path) -> str:
             f"{parallel.world_size} processes ({where} for rank 0), "
             f"{trainer.global_batch} images per step"
         )
+        if synchronised(trainer.model):
+            where += ", BatchNorm over the global batch"
     return (
         f"training {config.arch} on {config.dataset} with {config.rule} "
         f"({sum(p.numel() for p in trainer.model.parameters()):,} parameters) on {where}, "

@@ -1,0 +1,122 @@
+"""BatchNorm whose training statistics span the whole global batch of a torchrun job.
+
+Under several processes each rank holds only its share of every global batch, and a plain
+BatchNorm normalises with that share's mean and variance: a conv net trained on 4 ranks x 32
+images is then not the network one process trains on the paper's 128, although its summed
+gradients are. :func:`synchronise` swaps each BatchNorm of a model for the same layer with
+synchronised statistics: in training mode every rank sums its per-channel count, sum and sum
+of squares with the others' (one all-reduce per layer in the forward pass and one in the
+backward pass), and normalises with the global batch's mean and variance. The gradients are
+then those of one process on the whole batch, and the running statistics agree on all ranks.
+
+``torch.nn.SyncBatchNorm`` does this with fused kernels, but for CUDA tensors only; this one
+runs on any device, so CI's gloo processes on CPU test the code a GPU job runs. Evaluation
+mode and single-process runs take plain BatchNorm's path, and the state dict is plain
+BatchNorm's, so checkpoints load into either.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from .distributed import Context
+
+
+class _Synchronised(nn.modules.batchnorm._BatchNorm):
+    """Plain BatchNorm outside training, global-batch statistics in training.
+
+    ``parallel`` is the world whose ranks share the statistics; it is set by
+    :func:`synchronise`.
+    """
+
+    parallel: Context
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and self.parallel.active):
+            return super().forward(x)
+        self._check_input_dim(x)
+        mean, var, count = self._global_moments(x)
+        if self.track_running_stats:
+            self._track(mean, var, count)
+        view = [1, -1] + [1] * (x.dim() - 2)
+        y = (x.float() - mean.view(view)) * torch.rsqrt(var + self.eps).view(view)
+        if self.affine:
+            y = y * self.weight.view(view) + self.bias.view(view)
+        return y.to(x.dtype)
+
+    def _global_moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The per-channel mean and (biased) variance of ``x`` ([N, C, ...]) over all ranks'
+        shares of the batch, and the number of values per channel ([1], float64); a rank with
+        an empty share contributes nothing."""
+        channels = x.shape[1]
+        dims = [0, *range(2, x.dim())]
+        xf = x.float()
+        n = x.numel() // channels
+        s1 = xf.sum(dims)
+        # Each rank's squared deviations from its own mean, combined over the ranks in float64
+        # (Chan et al.'s pairwise update): E[x^2] - E[x]^2 in fp32 would cancel catastrophically
+        # for channels whose mean is large next to their spread.
+        m2 = (xf - (s1 / max(n, 1)).view([1, -1] + [1] * (x.dim() - 2))).square().sum(dims)
+        s1 = s1.double()
+        local = torch.cat([s1.new_full((1,), n), s1, m2.double() + s1.square() / max(n, 1)])
+        total = self.parallel.summed(local, "the BatchNorm statistics")
+        count, s1, s2 = total[:1], total[1 : 1 + channels], total[1 + channels :]
+        mean = s1 / count
+        var = (s2 / count - mean.square()).clamp_min(0)
+        return mean.float(), var.float(), count
+
+    @torch.no_grad()
+    def _track(self, mean: torch.Tensor, var: torch.Tensor, count: torch.Tensor) -> None:
+        """Plain BatchNorm's running statistics, from the global batch (unbiased variance)."""
+        self.num_batches_tracked.add_(1)
+        factor = self.momentum
+        if factor is None:  # a cumulative average, as nn.BatchNorm's momentum=None
+            factor = 1.0 / self.num_batches_tracked
+        unbiased = var.double() * count / (count - 1).clamp_min(1)
+        self.running_mean.lerp_(mean.detach(), factor)
+        self.running_var.lerp_(unbiased.float(), factor)
+
+
+class SyncBatchNorm1d(_Synchronised, nn.BatchNorm1d):
+    """``nn.BatchNorm1d`` with global-batch statistics under torchrun."""
+
+
+class SyncBatchNorm2d(_Synchronised, nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` with global-batch statistics under torchrun."""
+
+
+class SyncBatchNorm3d(_Synchronised, nn.BatchNorm3d):
+    """``nn.BatchNorm3d`` with global-batch statistics under torchrun."""
+
+
+_SYNCHRONISED: dict[type[nn.Module], type[_Synchronised]] = {
+    nn.BatchNorm1d: SyncBatchNorm1d,
+    nn.BatchNorm2d: SyncBatchNorm2d,
+    nn.BatchNorm3d: SyncBatchNorm3d,
+}
+
+
+def synchronise(model: nn.Module, parallel: Context) -> nn.Module:
+    """Make every BatchNorm of ``model`` (in place) share its training statistics over
+    ``parallel``'s ranks (layers already synchronised move to ``parallel``). Returns ``model``.
+
+    Each layer becomes its synchronised twin by a change of class, not a copy: the twins add
+    behaviour but no state, so the layer keeps its very parameters and buffers (an optimizer
+    built before still holds them), its device, dtype and hooks.
+    """
+    for layer in model.modules():
+        twin = _SYNCHRONISED.get(type(layer))
+        if twin is not None:
+            layer.__class__ = twin
+        if isinstance(layer, _Synchronised):
+            layer.parallel = parallel
+    return model
+
+
+def synchronised(model: nn.Module) -> bool:
+    """Whether ``model`` has layers that talk to the other ranks in their forward pass."""
+    return any(isinstance(m, _Synchronised) and m.parallel.active for m in model.modules())
