@@ -243,7 +243,7 @@ class _DirectInject(torch.autograd.Function):
         layer = ctx.layer
         link: _DirectLink = layer._direct_link
         if link.output is layer:
-            link.error = g.reshape(g.shape[0], -1)
+            link.error = g.flatten(1)
         gx = None
         if ctx.needs_input_grad[1]:
             if link.error is None:
@@ -312,14 +312,9 @@ class _LocallyConnectedMixin:
             return super().forward(x)
         if self.feedback_mode == "direct":
             return _direct(self, x, super().forward)
-        # Same computation as LocallyConnected2d.forward, with the bmm swapped for _BmmFeedback.
-        xp = F.pad(x, self.explicit_pad) if self.explicit_pad else x
-        (k_h, k_w), (s_h, s_w) = self.kernel_size, self.stride
-        h_out, w_out = self.output_size
-        patches = xp.unfold(2, k_h, s_h).unfold(3, k_w, s_w)
-        cols = patches.permute(2, 3, 0, 4, 5, 1).reshape(h_out * w_out, x.shape[0], -1)
-        y = _BmmFeedback.apply(cols, self.weight, feedback_weight(self))
-        y = y.permute(1, 2, 0).reshape(x.shape[0], self.out_channels, h_out, w_out)
+        # LocallyConnected2d.forward with the bmm swapped for _BmmFeedback.
+        cols = self.patches(x)
+        y = self.image(_BmmFeedback.apply(cols, self.weight, feedback_weight(self)))
         return y if self.bias is None else y + self.bias
 
 

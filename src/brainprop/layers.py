@@ -222,18 +222,27 @@ class LocallyConnected2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, C_in, H, W] -> [B, C_out, H_out, W_out]``."""
         _check_input_size(x, self.input_size, type(self).__name__)
+        y = self.image(torch.bmm(self.patches(x), self.weight))
+        return y if self.bias is None else y + self.bias
+
+    def patches(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, C_in, H, W] -> [L, B, k_h * k_w * C_in]``: each output position's input patch,
+        padded as the layer pads, in the order of the weight's rows."""
         if self.explicit_pad:
             x = F.pad(x, self.explicit_pad)
         (k_h, k_w), (s_h, s_w) = self.kernel_size, self.stride
         h_out, w_out = self.output_size
         # Strided view [B, C_in, H_out, W_out, k_h, k_w]; the reshape below is the only copy.
+        # Every size is spelled out: an empty batch (an idle torchrun rank) has no -1 to infer.
         patches = x.unfold(2, k_h, s_h).unfold(3, k_w, s_w)
-        cols = patches.permute(2, 3, 0, 4, 5, 1).reshape(h_out * w_out, x.shape[0], -1)
-        y = torch.bmm(cols, self.weight)  # [L, B, C_out]
-        y = y.permute(1, 2, 0).reshape(x.shape[0], self.out_channels, h_out, w_out)
-        if self.bias is not None:
-            y = y + self.bias
-        return y
+        return patches.permute(2, 3, 0, 4, 5, 1).reshape(
+            h_out * w_out, x.shape[0], k_h * k_w * self.in_channels
+        )
+
+    def image(self, y: torch.Tensor) -> torch.Tensor:
+        """``[L, B, C_out] -> [B, C_out, H_out, W_out]``: the inverse arrangement of
+        :meth:`patches` for the per-position outputs."""
+        return y.permute(1, 2, 0).reshape(y.shape[1], self.out_channels, *self.output_size)
 
     def extra_repr(self) -> str:
         return (
