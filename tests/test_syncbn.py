@@ -1,10 +1,14 @@
-"""Synchronised BatchNorm in one process: a stand-in world of two identical ranks, whose
-all-reduce doubles, must give what plain BatchNorm gives on the two shares side by side.
-(The real 2-process runs are in test_distributed.py.)"""
+"""Synchronised BatchNorm in one process. Two ranks are two threads whose all-reduce is a
+real exchange (forward and backward), so each can hold a different share; they must give what
+plain BatchNorm gives on the two shares side by side. A stand-in whose all-reduce doubles (two
+identical ranks) covers the rest. The real 2-process runs are in test_distributed.py."""
 
 from __future__ import annotations
 
 import copy
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 import torch
@@ -12,8 +16,9 @@ from torch import nn
 
 from brainprop import TrainConfig
 from brainprop.distributed import Context
-from brainprop.presets import BN_EPS, BN_MOMENTUM
-from brainprop.syncbn import SyncBatchNorm2d, synchronise, synchronised
+from brainprop.feedback import FEEDBACK_MODES, convert
+from brainprop.presets import BN_EPS, BN_MOMENTUM, build_model, published_hyperparameters
+from brainprop.syncbn import SyncBatchNorm2d, alone, synchronise, synchronised
 
 
 class TwoIdenticalRanks(Context):
@@ -24,6 +29,43 @@ class TwoIdenticalRanks(Context):
 
     def summed(self, t: torch.Tensor, what: str) -> torch.Tensor:
         return t * 2
+
+
+class _Exchange:
+    """An all-reduce between threads: each puts its tensor in, all take the same sum out."""
+
+    def __init__(self, world: int) -> None:
+        self.barrier = threading.Barrier(world, timeout=60)
+        self.slots: list[Any] = [None] * world
+
+    def sum(self, rank: int, t: torch.Tensor) -> torch.Tensor:
+        self.slots[rank] = t.detach().clone()
+        self.barrier.wait()
+        total = sum(self.slots[1:], self.slots[0].clone())
+        self.barrier.wait()  # nobody refills a slot before every rank has read them all
+        return total
+
+
+class _Summed(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, t: torch.Tensor, exchange: _Exchange, rank: int) -> torch.Tensor:
+        ctx.exchange, ctx.rank = exchange, rank
+        return exchange.sum(rank, t)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return ctx.exchange.sum(ctx.rank, grad), None, None
+
+
+class ThreadRank(Context):
+    """Rank ``rank`` of a world of threads sharing ``exchange``."""
+
+    def __init__(self, rank: int, exchange: _Exchange) -> None:
+        super().__init__(rank=rank, world_size=len(exchange.slots))
+        self.exchange = exchange
+
+    def summed(self, t: torch.Tensor, what: str) -> torch.Tensor:
+        return _Summed.apply(t, self.exchange, self.rank)
 
 
 def _layer(momentum: float | None = BN_MOMENTUM) -> nn.BatchNorm2d:
@@ -37,26 +79,43 @@ def _layer(momentum: float | None = BN_MOMENTUM) -> nn.BatchNorm2d:
 
 
 @pytest.mark.parametrize("momentum", [BN_MOMENTUM, None], ids=["momentum", "cumulative"])
-def test_a_rank_normalises_and_learns_as_plain_batchnorm_over_the_global_batch(momentum) -> None:
+@pytest.mark.parametrize("shares", [(3, 5), (4, 0)], ids=["uneven", "one-idle"])
+def test_ranks_normalise_and_learn_as_plain_batchnorm_over_the_global_batch(
+    momentum, shares
+) -> None:
     torch.manual_seed(0)
     plain = _layer(momentum)
-    synced = synchronise(copy.deepcopy(plain), TwoIdenticalRanks())
-    assert isinstance(synced, SyncBatchNorm2d)
-    x = (torch.randn(4, 3, 5, 5) * 2 + 3).requires_grad_()
-    both = torch.cat([x.detach(), x.detach()]).requires_grad_()
-    upstream = torch.randn(4, 3, 5, 5)
-    for _ in range(2):  # the second step starts from updated running statistics
-        out = synced(x)
-        out_both = plain(both)
-        torch.testing.assert_close(out, out_both[:4])
-        (out * upstream).sum().backward()
-        (out_both * torch.cat([upstream, upstream])).sum().backward()
-    # Each rank's parameter gradient is its share: the two shares sum to the global one.
-    torch.testing.assert_close(2 * synced.weight.grad, plain.weight.grad)
-    torch.testing.assert_close(2 * synced.bias.grad, plain.bias.grad)
-    torch.testing.assert_close(x.grad, both.grad[:4])
-    for name in ("running_mean", "running_var", "num_batches_tracked"):
-        torch.testing.assert_close(getattr(synced, name), getattr(plain, name))
+    exchange = _Exchange(len(shares))
+    ranks = [synchronise(copy.deepcopy(plain), ThreadRank(r, exchange)) for r in range(2)]
+    assert all(isinstance(layer, SyncBatchNorm2d) for layer in ranks)
+    steps = [torch.randn(sum(shares), 3, 5, 5) * 2 + 3 for _ in range(2)]
+    upstream = [torch.randn(sum(shares), 3, 5, 5) for _ in range(2)]
+
+    def run(rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        start, n = sum(shares[:rank]), shares[rank]
+        results = []
+        for x, u in zip(steps, upstream, strict=True):
+            x = x[start : start + n].clone().requires_grad_()
+            out = ranks[rank](x)
+            (out * u[start : start + n]).sum().backward()
+            results.append((out.detach(), x.grad))
+        return results
+
+    with ThreadPoolExecutor(2) as pool:
+        outputs = list(pool.map(run, range(2)))
+    for step, (x, u) in enumerate(zip(steps, upstream, strict=True)):
+        x = x.clone().requires_grad_()
+        out = plain(x)
+        (out * u).sum().backward()
+        torch.testing.assert_close(torch.cat([o[step][0] for o in outputs]), out.detach())
+        torch.testing.assert_close(torch.cat([o[step][1] for o in outputs]), x.grad)
+    # Each rank's parameter gradient is its share: the shares sum to the global one.
+    for name in ("weight", "bias"):
+        summed = sum(getattr(layer, name).grad for layer in ranks)
+        torch.testing.assert_close(summed, getattr(plain, name).grad)
+    for layer in ranks:
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            torch.testing.assert_close(getattr(layer, name), getattr(plain, name))
 
 
 def test_the_variance_survives_a_mean_far_larger_than_the_spread() -> None:
@@ -117,3 +176,30 @@ def test_runs_synchronise_by_default_and_older_runs_resume_as_they_trained() -> 
     assert config.sync_batchnorm
     older = {k: v for k, v in config.to_dict().items() if k != "sync_batchnorm"}
     assert TrainConfig.from_dict(older).sync_batchnorm is False
+
+
+@pytest.mark.parametrize("feedback", FEEDBACK_MODES)
+@pytest.mark.parametrize(
+    ("dataset", "arch", "shape"),
+    [("mnist", "dense", (1, 28, 28)), ("mnist", "conv", (1, 28, 28)),
+     ("mnist", "loccon", (1, 28, 28)), ("cifar10", "deep", (3, 32, 32))],
+    ids=["dense", "conv", "loccon", "deep"],
+)  # fmt: skip
+def test_every_network_runs_an_idle_ranks_empty_batch(dataset, arch, shape, feedback) -> None:
+    """A rank with no images in a short last batch runs the empty batch forward and backward
+    to join the BatchNorm collectives: every network and feedback pathway must take it."""
+    model = build_model(arch, shape, 10, published_hyperparameters(dataset, arch))
+    convert(model, feedback, generator=torch.Generator().manual_seed(0))
+    synchronise(model, TwoIdenticalRanks())
+    out = model(torch.zeros(0, *shape))
+    assert out.shape == (0, 10)
+    out.sum().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is None or not p.grad.any(), name
+
+
+def test_alone_uses_the_ranks_own_statistics_for_the_block() -> None:
+    model = synchronise(nn.Sequential(_layer()), TwoIdenticalRanks())
+    with alone(model):
+        assert not synchronised(model)
+    assert synchronised(model)

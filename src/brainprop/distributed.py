@@ -49,6 +49,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from . import rng
 from .data.batches import to_float
@@ -457,6 +458,7 @@ class _SumOverRanks(torch.autograd.Function):
         return total
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         total = grad.clone(memory_format=torch.contiguous_format)
         with ctx.context._collective(f"the backward pass through {ctx.what}"):

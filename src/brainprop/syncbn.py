@@ -17,6 +17,8 @@ BatchNorm's, so checkpoints load into either.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -43,7 +45,7 @@ class _Synchronised(nn.modules.batchnorm._BatchNorm):
         if self.track_running_stats:
             self._track(mean, var, count)
         view = [1, -1] + [1] * (x.dim() - 2)
-        y = (x.float() - mean.view(view)) * torch.rsqrt(var + self.eps).view(view)
+        y = (_wide(x) - mean.view(view)) * torch.rsqrt(var + self.eps).view(view)
         if self.affine:
             y = y * self.weight.view(view) + self.bias.view(view)
         return y.to(x.dtype)
@@ -51,10 +53,11 @@ class _Synchronised(nn.modules.batchnorm._BatchNorm):
     def _global_moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The per-channel mean and (biased) variance of ``x`` ([N, C, ...]) over all ranks'
         shares of the batch, and the number of values per channel ([1], float64); a rank with
-        an empty share contributes nothing."""
+        an empty share contributes nothing. Unlike plain BatchNorm, one value per channel in
+        the whole batch is not refused: that would need the count on the host, a sync."""
         channels = x.shape[1]
         dims = [0, *range(2, x.dim())]
-        xf = x.float()
+        xf = _wide(x)
         n = x.numel() // channels
         s1 = xf.sum(dims)
         # Each rank's squared deviations from its own mean, combined over the ranks in float64
@@ -67,7 +70,7 @@ class _Synchronised(nn.modules.batchnorm._BatchNorm):
         count, s1, s2 = total[:1], total[1 : 1 + channels], total[1 + channels :]
         mean = s1 / count
         var = (s2 / count - mean.square()).clamp_min(0)
-        return mean.float(), var.float(), count
+        return mean.to(xf.dtype), var.to(xf.dtype), count
 
     @torch.no_grad()
     def _track(self, mean: torch.Tensor, var: torch.Tensor, count: torch.Tensor) -> None:
@@ -75,10 +78,15 @@ class _Synchronised(nn.modules.batchnorm._BatchNorm):
         self.num_batches_tracked.add_(1)
         factor = self.momentum
         if factor is None:  # a cumulative average, as nn.BatchNorm's momentum=None
-            factor = 1.0 / self.num_batches_tracked
+            factor = (1.0 / self.num_batches_tracked).to(self.running_mean.dtype)
         unbiased = var.double() * count / (count - 1).clamp_min(1)
-        self.running_mean.lerp_(mean.detach(), factor)
-        self.running_var.lerp_(unbiased.float(), factor)
+        self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), factor)
+        self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
+
+
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in at least fp32: bf16 or fp16 activations are normalised in fp32, as by cuDNN."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 class SyncBatchNorm1d(_Synchronised, nn.BatchNorm1d):
@@ -115,6 +123,27 @@ def synchronise(model: nn.Module, parallel: Context) -> nn.Module:
         if isinstance(layer, _Synchronised):
             layer.parallel = parallel
     return model
+
+
+@contextlib.contextmanager
+def alone(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, ``model``'s synchronised layers use their own rank's statistics.
+
+    For work that every rank does alike on the same images (the feedback diagnostics): there
+    the global statistics equal the local ones, and talking to the other ranks would only
+    cost collectives and mix their dropout masks into each rank's result.
+    """
+    from .distributed import Context  # distributed imports this module
+
+    layers = [m for m in model.modules() if isinstance(m, _Synchronised)]
+    worlds = [m.parallel for m in layers]
+    for m in layers:
+        m.parallel = Context()
+    try:
+        yield model
+    finally:
+        for m, world in zip(layers, worlds, strict=True):
+            m.parallel = world
 
 
 def synchronised(model: nn.Module) -> bool:

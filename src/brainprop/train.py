@@ -47,7 +47,7 @@ from .resume import (
 from .schedule import EarlyStopping, lr_at
 from .step import make_optimizer
 from .summary import summarize
-from .syncbn import synchronise, synchronised
+from .syncbn import alone, synchronise, synchronised
 
 DIAGNOSTIC_BATCH = 256
 DIAGNOSTICS_PLOT = "diagnostics.png"
@@ -488,9 +488,11 @@ def _end_epoch(
     )
     # In fp32 even under --bf16: the angles between feedback and forward weights are about the
     # weights, and bf16 rounding would blur the small angles the plots are read for.
-    feedback = diagnostics(
-        trainer.model, trainer.diag_x, trainer.diag_y, trainer.objective, config.seed
-    )
+    # Every rank runs the same batch: its BatchNorm statistics need no other rank's.
+    with alone(trainer.model) as model:
+        feedback = diagnostics(
+            model, trainer.diag_x, trainer.diag_y, trainer.objective, config.seed
+        )
     row = {
         "epoch": epoch + 1,
         "lr": trainer.optimizer.param_groups[0]["lr"],
