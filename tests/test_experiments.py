@@ -75,8 +75,8 @@ def test_a_preset_other_than_the_papers_is_in_the_name_and_config_and_covers_its
     with pytest.raises(BrainPropError, match="no settings for mnist/conv: run it with "
                        "--datasets mnist --archs dense"):  # fmt: skip
         plan([DENSE, Cell("mnist", "conv")], preset="quickstart")
-    with pytest.raises(BrainPropError, match="unknown preset 'tuned'"):
-        plan([DENSE], preset="tuned")
+    with pytest.raises(BrainPropError, match="unknown preset 'fast'"):
+        plan([DENSE], preset="fast")
 
 
 def test_cells_filter_and_reject_what_is_not_in_the_matrix():

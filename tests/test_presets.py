@@ -116,6 +116,6 @@ def test_quickstart_preset_covers_only_mnist_dense():
     with pytest.raises(BrainPropError, match="preset 'quickstart' has no row for cifar10"):
         published_hyperparameters("cifar10", "deep", "quickstart")
     with pytest.raises(
-        BrainPropError, match="unknown preset 'fast': choose one of paper, quickstart"
+        BrainPropError, match="unknown preset 'fast': choose one of paper, quickstart, tuned"
     ):
         published_hyperparameters("mnist", "dense", "fast")

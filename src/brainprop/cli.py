@@ -67,7 +67,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     hp = p.add_argument_group("hyperparameters (default: the preset's value for dataset and arch)")
     hp.add_argument(
         "--preset", choices=list(PRESETS), default=PAPER_PRESET,
-        help="table to take hyperparameters from: the paper's, or 'quickstart' (MNIST dense)",
+        help="table to take hyperparameters from: the paper's, or 'quickstart' or 'tuned' "
+        "(MNIST dense only)",
     )  # fmt: skip
     hp.add_argument("--lr", type=float)
     hp.add_argument("--lr-halving-epochs", type=int, help="halve the learning rate every N epochs")

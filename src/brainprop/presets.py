@@ -85,6 +85,14 @@ QUICKSTART: dict[tuple[str, str], Hyperparameters] = {
     ("mnist", "dense"): Hyperparameters(lr=0.5, init_std=0.03, batch_size=64),
 }
 
+#: Not the paper's: the ``dense`` network at twice :data:`QUICKSTART`'s learning rate. The
+#: published settings (lr 0.1, sigma 0.01) leave BrainProp at about 98.1% on MNIST and the
+#: paper text's (lr 1, sigma 0.1) diverge; these are the settings docs/reproduce.md measures
+#: against the published 98.68 (0.07).
+TUNED: dict[tuple[str, str], Hyperparameters] = {
+    ("mnist", "dense"): Hyperparameters(lr=1.0, init_std=0.03, batch_size=64),
+}
+
 #: The name of :data:`PAPER` among the presets: the default everywhere.
 PAPER_PRESET = "paper"
 
@@ -92,6 +100,7 @@ PAPER_PRESET = "paper"
 PRESETS: dict[str, dict[tuple[str, str], Hyperparameters]] = {
     PAPER_PRESET: PAPER,
     "quickstart": QUICKSTART,
+    "tuned": TUNED,
 }
 
 
