@@ -4,9 +4,9 @@ Under several processes each rank holds only its share of every global batch, an
 BatchNorm normalises with that share's mean and variance: a conv net trained on 4 ranks x 32
 images is then not the network one process trains on the paper's 128, although its summed
 gradients are. :func:`synchronise` swaps each BatchNorm of a model for the same layer with
-synchronised statistics: in training mode every rank sums its per-channel count, sum and sum
-of squares with the others' (one all-reduce per layer in the forward pass and one in the
-backward pass), and normalises with the global batch's mean and variance. The gradients are
+synchronised statistics: in training mode every rank sums its per-channel count, sum and
+squared deviations with the others' (one all-reduce per layer in the forward pass and one in
+the backward pass), and normalises with the global batch's mean and variance. The gradients are
 then those of one process on the whole batch, and the running statistics agree on all ranks.
 
 ``torch.nn.SyncBatchNorm`` does this with fused kernels, but for CUDA tensors only; this one
@@ -44,10 +44,9 @@ class _Synchronised(nn.modules.batchnorm._BatchNorm):
         mean, var, count = self._global_moments(x)
         if self.track_running_stats:
             self._track(mean, var, count)
-        view = [1, -1] + [1] * (x.dim() - 2)
-        y = (_wide(x) - mean.view(view)) * torch.rsqrt(var + self.eps).view(view)
+        y = (_wide(x) - _channels(mean, x)) * _channels(torch.rsqrt(var + self.eps), x)
         if self.affine:
-            y = y * self.weight.view(view) + self.bias.view(view)
+            y = y * _channels(self.weight, x) + _channels(self.bias, x)
         return y.to(x.dtype)
 
     def _global_moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -63,7 +62,7 @@ class _Synchronised(nn.modules.batchnorm._BatchNorm):
         # Each rank's squared deviations from its own mean, combined over the ranks in float64
         # (Chan et al.'s pairwise update): E[x^2] - E[x]^2 in fp32 would cancel catastrophically
         # for channels whose mean is large next to their spread.
-        m2 = (xf - (s1 / max(n, 1)).view([1, -1] + [1] * (x.dim() - 2))).square().sum(dims)
+        m2 = (xf - _channels(s1 / max(n, 1), x)).square().sum(dims)
         s1 = s1.double()
         local = torch.cat([s1.new_full((1,), n), s1, m2.double() + s1.square() / max(n, 1)])
         total = self.parallel.summed(local, "the BatchNorm statistics")
@@ -82,6 +81,11 @@ class _Synchronised(nn.modules.batchnorm._BatchNorm):
         unbiased = var.double() * count / (count - 1).clamp_min(1)
         self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), factor)
         self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
+
+
+def _channels(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The per-channel ``v`` ([C]) shaped to broadcast over ``like`` ([N, C, ...])."""
+    return v.view([1, -1] + [1] * (like.dim() - 2))
 
 
 def _wide(x: torch.Tensor) -> torch.Tensor:
