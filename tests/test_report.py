@@ -27,6 +27,7 @@ from brainprop.report import (
     update_readme,
     write_report,
 )
+from brainprop.summary import DIVERGED, EPOCH_KEYS
 
 CONV = Cell("mnist", "conv")
 GPU, CPU = "NVIDIA H200", "cpu (x86_64, 2 threads)"
@@ -221,6 +222,33 @@ def test_a_run_that_finished_no_epoch_is_reported_without_epoch_fields(tmp_path)
     _edit_summary(tmp_path, lambda s: s.update(best_val_acc=0.5))
     with pytest.raises(BrainPropError, match="summary's best_epoch is missing"):
         load_measurements(tmp_path)
+
+
+def _diverge_in_epoch_1(out: Path, rule: str, seeds: set[int]) -> None:
+    """Rewrite those runs' summaries as runs whose loss overflowed before an epoch ended."""
+    for m in load_measurements(out):
+        if m.rule == rule and m.seed in seeds:
+            d = json.loads(m.path.read_text())
+            d["summary"] = {k: v for k, v in d["summary"].items() if k not in EPOCH_KEYS}
+            d["summary"].update(epochs_run=0, stop_reason=f"{DIVERGED} loss at epoch 1, step 9")
+            m.path.write_text(json.dumps(d))
+
+
+def test_diverged_runs_are_named_in_the_accuracy_and_the_verdicts(tmp_path):
+    _cell_runs(tmp_path, CONV, GPU, [0.993, 0.992, 0.994], [0.991, 0.990, 0, 0],
+               [60, 70, 80], [30, 40, 1, 1])  # fmt: skip
+    _diverge_in_epoch_1(tmp_path, "ebp", {2, 3})
+    [r] = aggregate(load_measurements(tmp_path))
+    ebp = r.rules["ebp"]
+    assert ebp.diverged == 2 and ebp.test_acc.n == 2
+    assert ebp.accuracy_text(ebp.test_acc) == "99.05 (0.07), 2 of 4 diverged"
+    assert r.gap_verdict.agrees is not None  # the runs that finished still compare
+    alone = tmp_path / "alone"
+    _cell_runs(alone, CONV, GPU, [0.993], [0], [60], [1])
+    _diverge_in_epoch_1(alone, "ebp", {0})
+    [r] = aggregate(load_measurements(alone))
+    assert r.gap_verdict.text() == r.ratio_verdict.text() == "– (EBP finished no epoch)"
+    assert "| diverged (1 of 1) |" in write_report(alone).read_text()
 
 
 def test_an_out_that_cannot_be_a_folder_is_a_one_line_error(tmp_path, monkeypatch):

@@ -37,11 +37,14 @@ from .checkpoint import atomic_write, atomic_write_json, atomic_write_text, make
 from .errors import BrainPropError
 from .experiments import MATRIX, RULE_ORDER, Cell, Measurement, load_measurements
 from .presets import DATASET_FAMILY, PAPER, PAPER_PRESET, PRESETS, Hyperparameters
+from .summary import DIVERGED
 
 RESULTS_MD, RESULTS_JSON, RESULTS_PNG = "results.md", "results.json", "results.png"
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
 #: The paper: BrainProp takes 1 to 3.5 times EBP's epochs.
 CLAIMED_RATIO = (1.0, 3.5)
+#: How the report names the rules.
+RULE_NAMES = {"brainprop": "BrainProp", "ebp": "EBP"}
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,18 @@ class RuleStats:
     s_per_epoch: Stat | None
     total_seconds: float
     stop_reasons: dict[str, int]
+
+    @property
+    def diverged(self) -> int:
+        """How many of the runs ended on a NaN or inf loss or weight."""
+        return sum(n for why, n in self.stop_reasons.items() if why.startswith(DIVERGED))
+
+    def accuracy_text(self, stat: Stat | None) -> str:
+        """``stat`` (one of the accuracies), with how many runs diverged where any did."""
+        if not self.diverged:
+            return _stat(stat)
+        share = f"{self.diverged} of {len(self.seeds)}"
+        return f"diverged ({share})" if stat is None else f"{_stat(stat)}, {share} diverged"
 
 
 @dataclass(frozen=True)
@@ -183,8 +198,13 @@ def compare(
     )
     no_verdict = Verdict(None, f"capped at {max_epochs} epochs") if capped else None
 
+    unpaired = Verdict(None, "needs both rules")
+    if bp and ebp and not (bp.test_acc and ebp.test_acc):
+        gone = [RULE_NAMES[r] for r, s in (("brainprop", bp), ("ebp", ebp)) if not s.test_acc]
+        unpaired = Verdict(None, f"{' and '.join(gone)} finished no epoch")
+
     gap = noise = None
-    gap_verdict = Verdict(None, "needs both rules")
+    gap_verdict = unpaired
     if bp and ebp and bp.test_acc and ebp.test_acc:
         a, b = bp.test_acc, ebp.test_acc
         gap = a.mean - b.mean
@@ -195,7 +215,7 @@ def compare(
             gap_verdict = no_verdict or Verdict(None, "needs 2+ seeds per rule")
 
     ratio = None
-    ratio_verdict = Verdict(None, "needs both rules")
+    ratio_verdict = unpaired
     if bp and ebp and bp.epochs_to_best and ebp.epochs_to_best:
         ratio = bp.epochs_to_best.mean / ebp.epochs_to_best.mean
         if bp.epochs_to_best.n > 1 and ebp.epochs_to_best.n > 1:
@@ -345,6 +365,11 @@ def _pair(
     return ["–" if (s := _rule(result, r)) is None else _stat(get(s), digits) for r in RULE_ORDER]
 
 
+def _accuracies(result: CellResult, get: Callable[[RuleStats], Stat | None]) -> list[str]:
+    """BrainProp's and EBP's accuracy ``get``, formatted, with their diverged runs."""
+    return ["–" if (s := _rule(result, r)) is None else s.accuracy_text(get(s)) for r in RULE_ORDER]
+
+
 def _seeds(result: CellResult) -> str:
     return " / ".join(str(len(s.seeds)) if (s := _rule(result, r)) else "0" for r in RULE_ORDER)
 
@@ -423,9 +448,9 @@ def markdown(results: Sequence[CellResult], count: int, machines: Sequence[str])
         for r in rows:
             head = [r.label, r.machine, _cap(r.max_epochs), _seeds(r)]
             acc_rows.append([
-                *head, *_pair(r, lambda s: s.test_acc), _num(r.gap, sign=True),
+                *head, *_accuracies(r, lambda s: s.test_acc), _num(r.gap, sign=True),
                 _num(r.gap_noise), r.gap_verdict.text(), _published_acc(r.published),
-                r.published_verdict.text(), *_pair(r, lambda s: s.best_val_acc),
+                r.published_verdict.text(), *_accuracies(r, lambda s: s.best_val_acc),
             ])  # fmt: skip
             time_rows.append([
                 *head, *_pair(r, lambda s: s.epochs_to_best, 1), _num(r.ratio),

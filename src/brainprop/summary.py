@@ -19,6 +19,9 @@ EPOCH_KEYS: dict[str, type | tuple[type, ...]] = {
     "total_seconds": (int, float),
 }
 
+#: How the stop reason of a run that ended on a NaN or inf loss or weight begins.
+DIVERGED = "non-finite"
+
 
 def summarize(
     history: Sequence[dict[str, Any]], facts: dict[str, Any], stop_reason: str

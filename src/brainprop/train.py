@@ -46,7 +46,7 @@ from .resume import (
 )
 from .schedule import EarlyStopping, lr_at
 from .step import make_optimizer
-from .summary import summarize
+from .summary import DIVERGED, summarize
 from .syncbn import alone, synchronise, synchronised
 
 DIAGNOSTIC_BATCH = 256
@@ -392,7 +392,7 @@ def _epochs(
                     )
                     continue
                 say(_gave_up(bad, config, run_path))
-                return trainer, f"non-finite {bad.what} at {bad.where()}"
+                return trainer, f"{DIVERGED} {bad.what} at {bad.where()}"
             if metrics is None:
                 assert trainer.partial is not None  # train_epoch stopped mid-epoch
                 _save_last(trainer, run_path)
