@@ -249,6 +249,10 @@ def test_diverged_runs_are_named_in_the_accuracy_and_the_verdicts(tmp_path):
     [r] = aggregate(load_measurements(alone))
     assert r.gap_verdict.text() == r.ratio_verdict.text() == "– (EBP finished no epoch)"
     assert "| diverged (1 of 1) |" in write_report(alone).read_text()
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{README_START}\n{README_END}\n")
+    update_readme(readme, alone)
+    assert "| diverged (1 of 1) |" in readme.read_text()
 
 
 def test_an_out_that_cannot_be_a_folder_is_a_one_line_error(tmp_path, monkeypatch):

@@ -529,7 +529,7 @@ def readme_section(results: Sequence[CellResult], report: str) -> str:
     rows = [
         [
             r.label, "test set" if r.val is None else f"{r.val:,} held out", r.machine,
-            _cap(r.max_epochs), _seeds(r), *_pair(r, lambda s: s.test_acc),
+            _cap(r.max_epochs), _seeds(r), *_accuracies(r, lambda s: s.test_acc),
             _num(r.gap, sign=True), r.gap_verdict.text(), _num(r.ratio),
             r.ratio_verdict.text(), _published_acc(r.published), r.published_verdict.text(),
         ]
