@@ -18,8 +18,9 @@ from brainprop.checkpoint import load
 # brainprop re-exports the function train, which hides the module of the same name.
 train_module = importlib.import_module("brainprop.train")
 
-#: Wall-clock columns and summary fields: the only things two identical runs may differ in.
-TIMING = {"seconds", "eval_seconds", "s_per_epoch", "total_seconds"}
+#: History columns and summary fields measuring the machine: the only things two identical
+#: runs may differ in.
+TIMING = {*train_module.MEASURED_COLUMNS, "s_per_epoch", "total_seconds"}
 #: make_tiny_dataset() has 256 training images; batches of 32 give 8 steps per epoch.
 STEPS_PER_EPOCH = 8
 

@@ -10,6 +10,8 @@ from conftest import make_tiny_dataset
 from brainprop import TrainConfig, devices, evaluate, load_model, train
 from brainprop.errors import BrainPropError
 from brainprop.evaluation import accuracy
+from brainprop.rundir import write_history
+from brainprop.train import MEASURED_COLUMNS
 
 
 def _config(tmp_path, **kw):
@@ -39,6 +41,19 @@ def test_training_learns_and_writes_a_complete_run_directory(tmp_path, tiny_data
     assert summary["epochs_run"] == 3 and summary["stop_reason"] == "max epochs"
     assert summary["best_val_acc"] > 0.6  # 4 classes: chance is 0.25
     assert json.loads((run.dir / "config.json").read_text())["lr"] == 0.1  # resolved from table
+    # Each epoch's memory: the process's peak resident set during it and its size at the end.
+    for h in history:
+        assert 0 < h["host_rss_mib"] <= h["peak_memory_mib"] < 2**20
+    assert "peak_memory_mib,host_rss_mib" in (run.dir / "history.csv").read_text()
+
+
+def test_history_csv_holds_every_rows_columns(tmp_path):
+    """A run resumed from an older version has early rows without the newer columns."""
+    old, new = {"epoch": 1, "val_acc": 0.5}, {"epoch": 2, "val_acc": 0.6, "host_rss_mib": 9.5}
+    write_history(tmp_path, [old, new])
+    assert (tmp_path / "history.csv").read_text().splitlines() == [
+        "epoch,val_acc,host_rss_mib", "1,0.5,", "2,0.6,9.5",
+    ]  # fmt: skip
 
 
 def test_same_seed_gives_bit_identical_weights(tmp_path, tiny_dataset):
@@ -60,8 +75,11 @@ def test_resume_continues_bit_identically(tmp_path, tiny_dataset):
     assert resumed.dir == part.dir
     for name, p in full.model.state_dict().items():
         assert torch.equal(p, resumed.model.state_dict()[name]), name
-    strip = [{k: v for k, v in h.items() if "seconds" not in k} for h in resumed.history]
-    assert strip == [{k: v for k, v in h.items() if "seconds" not in k} for h in full.history]
+
+    def strip(history):
+        return [{k: v for k, v in h.items() if k not in MEASURED_COLUMNS} for h in history]
+
+    assert strip(resumed.history) == strip(full.history)
 
 
 def test_checkpoint_round_trip_and_evaluate(tmp_path, tiny_dataset):

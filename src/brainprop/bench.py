@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import platform
-import resource
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -34,7 +33,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from . import fastpath
+from . import fastpath, memory
 from .checkpoint import atomic_write_json, atomic_write_text, make_folder
 from .config import TrainConfig
 from .data import Dataset
@@ -280,47 +279,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _proc_status_bytes(field: str) -> int | None:
-    """A ``kB`` field of /proc/self/status (VmRSS, VmHWM) in bytes; None off Linux."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
-def host_rss() -> int:
-    """This process's resident memory now, in bytes (its peak where /proc is missing)."""
-    rss = _proc_status_bytes("VmRSS")
-    return rss if rss is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _reset_peak_memory(device: torch.device) -> bool:
-    """Restart the peak-memory count; False where only the whole process's peak is known."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return True
-    try:
-        # Writing 5 resets the kernel's resident high-water mark (VmHWM) of this process.
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_memory(device: torch.device, was_reset: bool) -> tuple[int, str]:
-    """(bytes, what they are) of the peak since :func:`_reset_peak_memory`."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device), "torch.cuda.max_memory_allocated"
-    hwm = _proc_status_bytes("VmHWM") if was_reset else None
-    if hwm is not None:
-        return hwm, "peak RSS of the process during this rule (VmHWM)"
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return peak, "peak RSS of the process since it started (getrusage)"
-
-
 def _median_seconds(fn: Callable[[], object], device: torch.device, repeats: int = 5) -> float:
     times = []
     for _ in range(repeats):
@@ -412,13 +370,13 @@ def _prepare(
 
     x, _ = next(batches)
     forward = _forward_flops(model, x)
-    was_reset = _reset_peak_memory(device)
+    was_reset = memory.reset_peak(device)
     with FlopCounterMode(display=False) as counter:
         step()
     for _ in range(warmup):
         step()
     _sync(device)
-    peak = _peak_memory(device, was_reset)
+    peak = memory.peak(device, was_reset)
     # The gradients are rebuilt by the next step: freeing them keeps them out of the next
     # rule's peak memory (a graph's stay in its own memory pool whatever happens here).
     optimizer.zero_grad(set_to_none=True)
@@ -523,7 +481,7 @@ def bench_preset(
                 "peak_fraction": achieved / row_peak,
                 "peak_memory_bytes": r.peak_memory[0],
                 "peak_memory_source": r.peak_memory[1],
-                "host_rss_bytes": host_rss(),
+                "host_rss_bytes": memory.host_rss(),
                 "eval_images": n_eval,
                 "eval_s": eval_s,
                 "eval_s_per_10k": eval_s * 10_000 / n_eval,

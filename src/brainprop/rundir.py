@@ -80,7 +80,10 @@ def write_history(run: Path, history: list[dict[str, Any]]) -> None:
     if not history:
         return
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(history[0]), lineterminator="\n")
+    # Every row's columns, in first-seen order: a run resumed from an older version has rows
+    # without the columns added since.
+    columns = list(dict.fromkeys(key for row in history for key in row))
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(history)
     atomic_write_text(run / HISTORY_CSV, buf.getvalue())

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import checkpoint, distributed, fastpath, rng, rundir, signals
+from . import checkpoint, distributed, fastpath, memory, rng, rundir, signals
 from .config import MAX_NAN_RELOADS, VAL_TEST, TrainConfig
 from .data import Dataset, load_dataset, split_validation
 from .data.batches import num_batches, permuted_batches, to_float
@@ -50,6 +50,9 @@ from .summary import DIVERGED, summarize
 from .syncbn import alone, synchronise, synchronised
 
 DIAGNOSTIC_BATCH = 256
+#: The history columns that measure the machine rather than the run: two runs that are
+#: otherwise bit-identical differ in these.
+MEASURED_COLUMNS = ("seconds", "eval_seconds", "peak_memory_mib", "host_rss_mib")
 DIAGNOSTICS_PLOT = "diagnostics.png"
 
 
@@ -110,6 +113,8 @@ class Trainer:
         # Halved by each on_nan="reload"; multiplies the schedule's rate.
         self.lr_scale = 1.0
         self.nan_reloads = 0
+        # Whether this epoch's peak memory is counted from its start (see memory.reset_peak).
+        self.memory_counted = False
         # Where a stop signal cut the current epoch short (see train_epoch); None between epochs.
         self.partial: dict[str, Any] | None = None
         self.input_shape, self.num_classes = ds.input_shape, ds.num_classes
@@ -180,6 +185,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_scale * lr_at(epoch, cfg.lr, cfg.lr_halving_epochs)
         model.train()
+        self.memory_counted = memory.reset_peak(self.device)
         t0 = time.perf_counter()
         n = len(ds.train_y)
         partial, self.partial = self.partial, None
@@ -501,6 +507,7 @@ def _end_epoch(
         "test_acc": test_acc,
         "seconds": train_seconds,
         "eval_seconds": time.perf_counter() - t1,
+        **_memory_columns(trainer),
         **feedback,
     }
     trainer.history.append(row)
@@ -521,6 +528,17 @@ def _end_epoch(
         f"{train_seconds:.1f}s"
     )
     return parallel.decide(early)
+
+
+def _memory_columns(trainer: Trainer) -> dict[str, float]:
+    """This epoch's peak memory (the device's on CUDA, the process's resident set on a CPU) and
+    the host's resident memory at its end, in MiB: flat from epoch to epoch unless something
+    accumulates."""
+    peak, _ = memory.peak(trainer.device, trainer.memory_counted)
+    return {
+        "peak_memory_mib": round(peak / 2**20, 1),
+        "host_rss_mib": round(memory.host_rss() / 2**20, 1),
+    }
 
 
 def _interrupted(stop: signals.StopRequest, run_path: Path, at: str) -> signals.Interrupted:

@@ -1,0 +1,60 @@
+"""How much memory this process holds: on the host (resident set) and on its device.
+
+``brainprop bench`` reports the peak per preset and rule; the training loop records both per
+epoch in the run's history, so that a run shows whether anything grows from epoch to epoch.
+"""
+
+from __future__ import annotations
+
+import resource
+from pathlib import Path
+
+import torch
+
+
+def _proc_status_bytes(field: str) -> int | None:
+    """A ``kB`` field of /proc/self/status (VmRSS, VmHWM) in bytes; None off Linux."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _process_peak() -> int:
+    # ru_maxrss is in kB on Linux (bytes on macOS, where /proc is missing too: close enough
+    # for a fallback that says what it is).
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def host_rss() -> int:
+    """This process's resident memory now, in bytes (its peak where /proc is missing)."""
+    rss = _proc_status_bytes("VmRSS")
+    return rss if rss is not None else _process_peak()
+
+
+def reset_peak(device: torch.device) -> bool:
+    """Restart the peak-memory count of ``device`` (CUDA) or of this process's resident set
+    (CPU); False where only the whole process's peak is known."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:
+        # Writing 5 resets the kernel's resident high-water mark (VmHWM) of this process.
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak(device: torch.device, was_reset: bool) -> tuple[int, str]:
+    """(bytes, what they are) of the peak since :func:`reset_peak` (which returned
+    ``was_reset``)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "torch.cuda.max_memory_allocated"
+    hwm = _proc_status_bytes("VmHWM") if was_reset else None
+    if hwm is not None:
+        return hwm, "peak RSS of the process since the reset (VmHWM)"
+    return _process_peak(), "peak RSS of the process since it started (getrusage)"
