@@ -20,7 +20,8 @@
 #   4. fast path against --eager and --cuda-graph: one 'train --eager' and one 'train
 #      --cuda-graph' with step 3's settings, and each epoch's validation accuracy beside step
 #      3's two plain (fast-path) runs, whose own difference is the yardstick: how much two runs
-#      of one seed differ on this GPU anyway (at most TRAIN_S seconds each; needs step 3).
+#      of one seed differ on this GPU anyway (at most TRAIN_S seconds each; needs step 3); and
+#      each run's peak GPU memory per epoch, which must not grow.
 #   5. brainprop reproduce in the time left, packed JOBS to the GPU. With $DATA/cifar10: the
 #      CIFAR-10 deep cell (10 seeds, both rules; a seed may not finish). Without it: run
 #      packing on MNIST, 'reproduce --datasets mnist --archs conv --seeds 4 --max-epochs 3'
@@ -295,12 +296,13 @@ import json, sys
 from pathlib import Path
 
 runs = Path(sys.argv[1])
-curves = {}
+curves, memory = {}, {}
 names = ("plain-1", "plain-2", "eager-1", "graph-1")
 for name in names:
     try:
         history = json.loads((runs / name / "history.json").read_text())
         curves[name] = [row["val_acc"] for row in history]
+        memory[name] = [row.get("peak_memory_mib") for row in history]
     except (OSError, ValueError, KeyError):
         print(f"{name}: no history")
 print()
@@ -313,6 +315,10 @@ for a, b in (("plain-1", "plain-2"), ("plain-1", "eager-1"), ("plain-1", "graph-
         pairs = list(zip(curves[a], curves[b]))
         gap = max((abs(x - y) for x, y in pairs), default=float("nan"))
         print(f"largest difference {a} - {b} over {len(pairs)} epochs: {gap:.4f}")
+print()
+print("peak device memory per epoch (MiB; flat unless something accumulates)")
+for name, mib in memory.items():
+    print(f"{name:<8} " + " ".join("-" if m is None else f"{m:.0f}" for m in mib))
 EOF
     cat "$OUT/torchrun.txt"
 fi
