@@ -50,10 +50,10 @@ from .summary import DIVERGED, summarize
 from .syncbn import alone, synchronise, synchronised
 
 DIAGNOSTIC_BATCH = 256
+DIAGNOSTICS_PLOT = "diagnostics.png"
 #: The history columns that measure the machine rather than the run: two runs that are
 #: otherwise bit-identical differ in these.
 MEASURED_COLUMNS = ("seconds", "eval_seconds", "peak_memory_mib", "host_rss_mib")
-DIAGNOSTICS_PLOT = "diagnostics.png"
 
 
 @dataclass
