@@ -41,28 +41,29 @@ class _Synchronised(nn.modules.batchnorm._BatchNorm):
         if not (self.training and self.parallel.active):
             return super().forward(x)
         self._check_input_dim(x)
-        mean, var, count = self._global_moments(x)
+        xf = _wide(x)
+        mean, var, count = self._global_moments(xf)
         if self.track_running_stats:
             self._track(mean, var, count)
-        y = (_wide(x) - _channels(mean, x)) * _channels(torch.rsqrt(var + self.eps), x)
+        y = (xf - _channels(mean, x)) * _channels(torch.rsqrt(var + self.eps), x)
         if self.affine:
             y = y * _channels(self.weight, x) + _channels(self.bias, x)
         return y.to(x.dtype)
 
-    def _global_moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The per-channel mean and (biased) variance of ``x`` ([N, C, ...]) over all ranks'
-        shares of the batch, and the number of values per channel ([1], float64); a rank with
-        an empty share contributes nothing. Unlike plain BatchNorm, one value per channel in
-        the whole batch is not refused: that would need the count on the host, a sync."""
-        channels = x.shape[1]
-        dims = [0, *range(2, x.dim())]
-        xf = _wide(x)
-        n = x.numel() // channels
+    def _global_moments(self, xf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The per-channel mean and (biased) variance of ``xf`` ([N, C, ...], at least fp32)
+        over all ranks' shares of the batch, and the number of values per channel ([1],
+        float64); a rank with an empty share contributes nothing. Unlike plain BatchNorm, one
+        value per channel in the whole batch is not refused: that would need the count on the
+        host, a sync."""
+        channels = xf.shape[1]
+        dims = [0, *range(2, xf.dim())]
+        n = xf.numel() // channels
         s1 = xf.sum(dims)
         # Each rank's squared deviations from its own mean, combined over the ranks in float64
         # (Chan et al.'s pairwise update): E[x^2] - E[x]^2 in fp32 would cancel catastrophically
         # for channels whose mean is large next to their spread.
-        m2 = (xf - _channels(s1 / max(n, 1), x)).square().sum(dims)
+        m2 = (xf - _channels(s1 / max(n, 1), xf)).square().sum(dims)
         s1 = s1.double()
         local = torch.cat([s1.new_full((1,), n), s1, m2.double() + s1.square() / max(n, 1)])
         total = self.parallel.summed(local, "the BatchNorm statistics")
