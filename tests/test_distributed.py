@@ -5,6 +5,7 @@ process groups on localhost (spawned workers and whole ``torchrun`` jobs), kept 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -159,6 +160,27 @@ EQUIVALENCE = tuple(
 def _equivalence_config(out: Path, rule: str, arch: str, n_train: int, **batch: int) -> TrainConfig:
     dropout = {"dropout": (0.0, 0.0)} if arch == "conv" else {}
     return _config(out, f"{rule}-{arch}-{n_train}", rule=rule, arch=arch, **dropout, **batch)
+
+
+def _leaving_worker(rank: int, world: int, port: int, out: Path) -> None:
+    _join_env(rank, world, port)
+    imported_before = "torch._dynamo" in sys.modules
+    train(_config(out, "leave", epochs=1), dataset=make_tiny_dataset(n_train=16, n_test=8),
+          progress=False)  # fmt: skip
+    group = torch.distributed.group.WORLD
+    torch.distributed.destroy_process_group()
+    gc.collect()
+    (out / f"rank{rank}.txt").write_text(f"{imported_before} {sys.getrefcount(group) - 1}")
+
+
+def test_leaving_frees_the_process_group(tmp_path: Path) -> None:
+    """Once a job leaves its group, nothing holds it but the caller (here one local name):
+    not torch._dynamo, which the optimizer imports after the group exists. A group that
+    survives keeps gloo's threads running into Python's shutdown, where under torch 2.11 they
+    abort the finished process now and then."""
+    mp.spawn(_leaving_worker, args=(2, _free_port(), tmp_path), nprocs=2, join=True)
+    for rank in range(2):
+        assert (tmp_path / f"rank{rank}.txt").read_text() == "False 1"
 
 
 def _worker(rank: int, world: int, port: int, out: Path) -> None:

@@ -41,6 +41,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import datetime
+import importlib
 import os
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -533,6 +534,12 @@ def launched_main() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def _leave() -> None:
+    """Leave the group :func:`joined` created, unless its user already has."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _one_line(e: BaseException) -> str:
     """A collective's error, whatever its line breaks, cut to fit in one line of ours: gloo and
     NCCL spread the cause over several lines, so the first alone may not hold it."""
@@ -598,6 +605,13 @@ def joined() -> Iterator[Context]:
         if cuda and context.local_rank < torch.cuda.device_count():
             # NCCL binds each communicator to the current device when it first talks.
             torch.cuda.set_device(context.local_rank)
+        # torch._dynamo, imported lazily by the first torch.optim optimizer, keeps references
+        # to a process group that already exists (torch 2.11 and 2.13), so destroy_process_group
+        # could not free ours: gloo's worker threads then outlive Python, and under torch 2.11
+        # one of them aborts the finished process now and then (SIGABRT). Imported before the
+        # group exists, it holds none.
+        importlib.import_module("torch._dynamo")
+
         try:
             dist.init_process_group(
                 backend="cpu:gloo,cuda:nccl" if cuda else "gloo",
@@ -612,7 +626,7 @@ def joined() -> Iterator[Context]:
                 f"{context.timeout_s:g}s ({_one_line(e)}): check that every node was started with "
                 "the same --rdzv-endpoint and that the port is open"
             ) from None
-        atexit.register(dist.destroy_process_group)
+        atexit.register(_leave)
     previous, _CURRENT = _CURRENT, context
     try:
         yield context
