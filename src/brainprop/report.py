@@ -358,16 +358,9 @@ def _rule(result: CellResult, rule: str) -> RuleStats | None:
     return result.rules.get(rule)
 
 
-def _pair(
-    result: CellResult, get: Callable[[RuleStats], Stat | None], digits: int = 2
-) -> list[str]:
-    """BrainProp's and EBP's value of ``get``, formatted."""
-    return ["–" if (s := _rule(result, r)) is None else _stat(get(s), digits) for r in RULE_ORDER]
-
-
-def _accuracies(result: CellResult, get: Callable[[RuleStats], Stat | None]) -> list[str]:
-    """BrainProp's and EBP's accuracy ``get``, formatted, with their diverged runs."""
-    return ["–" if (s := _rule(result, r)) is None else s.accuracy_text(get(s)) for r in RULE_ORDER]
+def _pair(result: CellResult, text: Callable[[RuleStats], str]) -> list[str]:
+    """BrainProp's and EBP's ``text``; "–" for a rule without runs."""
+    return ["–" if (s := _rule(result, r)) is None else text(s) for r in RULE_ORDER]
 
 
 def _seeds(result: CellResult) -> str:
@@ -448,14 +441,15 @@ def markdown(results: Sequence[CellResult], count: int, machines: Sequence[str])
         for r in rows:
             head = [r.label, r.machine, _cap(r.max_epochs), _seeds(r)]
             acc_rows.append([
-                *head, *_accuracies(r, lambda s: s.test_acc), _num(r.gap, sign=True),
+                *head, *_pair(r, lambda s: s.accuracy_text(s.test_acc)), _num(r.gap, sign=True),
                 _num(r.gap_noise), r.gap_verdict.text(), _published_acc(r.published),
-                r.published_verdict.text(), *_accuracies(r, lambda s: s.best_val_acc),
+                r.published_verdict.text(), *_pair(r, lambda s: s.accuracy_text(s.best_val_acc)),
             ])  # fmt: skip
             time_rows.append([
-                *head, *_pair(r, lambda s: s.epochs_to_best, 1), _num(r.ratio),
+                *head, *_pair(r, lambda s: _stat(s.epochs_to_best, 1)), _num(r.ratio),
                 r.ratio_verdict.text(), _published_epochs(r.published),
-                *_pair(r, lambda s: s.epochs_to_stop, 1), *_pair(r, lambda s: s.s_per_epoch, 1),
+                *_pair(r, lambda s: _stat(s.epochs_to_stop, 1)),
+                *_pair(r, lambda s: _stat(s.s_per_epoch, 1)),
                 " / ".join(_duration(s.total_seconds) for s in r.rules.values()),
             ])  # fmt: skip
         lines += ["", f"## {_validation(val).capitalize()}", "", "### Accuracy", ""]
@@ -529,7 +523,7 @@ def readme_section(results: Sequence[CellResult], report: str) -> str:
     rows = [
         [
             r.label, "test set" if r.val is None else f"{r.val:,} held out", r.machine,
-            _cap(r.max_epochs), _seeds(r), *_accuracies(r, lambda s: s.test_acc),
+            _cap(r.max_epochs), _seeds(r), *_pair(r, lambda s: s.accuracy_text(s.test_acc)),
             _num(r.gap, sign=True), r.gap_verdict.text(), _num(r.ratio),
             r.ratio_verdict.text(), _published_acc(r.published), r.published_verdict.text(),
         ]
