@@ -121,7 +121,7 @@ def _stepper(graphed, device="cpu", new_graph=None, epsilon=0.3):
     step = partial(train_step, model, objective, optimizer, generator=generator, batch_size=16)
     if graphed:
         extra = {} if new_graph is None else {"new_graph": lambda _: new_graph(optimizer)}
-        step = fastpath.GraphedStep(step, optimizer, generator=generator, batch_size=16, **extra)
+        step = fastpath.GraphedStep(step, optimizer, generators=[generator], batch_size=16, **extra)
     return model, optimizer, generator, step
 
 

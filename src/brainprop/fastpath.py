@@ -24,7 +24,7 @@ What it does:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Protocol
 
@@ -79,14 +79,15 @@ class Graph(Protocol):
 
 
 class CudaGraph:
-    """A :class:`torch.cuda.CUDAGraph` of one step; ``generator`` is the step's own stream of
-    random numbers besides the default one (BrainProp's exploration)."""
+    """A :class:`torch.cuda.CUDAGraph` of one step; ``generators`` are the step's own streams
+    of random numbers besides the default one (BrainProp's exploration, one per stacked seed)."""
 
-    def __init__(self, generator: torch.Generator) -> None:
+    def __init__(self, generators: Sequence[torch.Generator]) -> None:
         self.graph = torch.cuda.CUDAGraph()
-        # Registered, the generator advances by the graph's draws at each replay, so every
+        # Registered, a generator advances by the graph's draws at each replay, so every
         # replay explores afresh and the generator's state still saves and restores.
-        self.graph.register_generator_state(generator)
+        for generator in generators:
+            self.graph.register_generator_state(generator)
         self.out: Output | None = None
 
     def capture(self, step: Callable[[], Output]) -> None:
@@ -114,7 +115,10 @@ class GraphedStep:
 
     Args:
         step: the plain step, ``step(x, y) -> Output``, e.g. a ``partial`` of
-            :func:`~brainprop.step.train_step`; it must use ``optimizer`` and ``generator``.
+            :func:`~brainprop.step.train_step`; it must use ``optimizer`` and ``generators``.
+            The batch is the last dimension of ``y``: ``[b]``, or ``[G, b]`` for a
+            :mod:`~brainprop.stacked` step of G seeds.
+        generators: the step's own random streams, all on the run's device.
         new_graph: makes the graph; default :class:`CudaGraph`. Tests pass a stand-in that
             replays by calling the step, to check this class's bookkeeping on a CPU.
     """
@@ -124,11 +128,12 @@ class GraphedStep:
         step: Step,
         optimizer: torch.optim.Optimizer,
         *,
-        generator: torch.Generator,
+        generators: Sequence[torch.Generator],
         batch_size: int,
-        new_graph: Callable[[torch.Generator], Graph] = CudaGraph,
+        new_graph: Callable[[Sequence[torch.Generator]], Graph] = CudaGraph,
     ) -> None:
-        self.plain, self.optimizer, self.generator = step, optimizer, generator
+        self.plain, self.optimizer, self.generators = step, optimizer, list(generators)
+        self.device = self.generators[0].device
         self.batch_size, self.new_graph = batch_size, new_graph
         self.warmed_up = 0
         self.graph: Graph | None = None
@@ -137,16 +142,14 @@ class GraphedStep:
         self.y: torch.Tensor | None = None
         self.captures = 0
         # Streams and graphs belong to the current device, which need not be the run's.
-        self.on_device = (
-            torch.cuda.device(generator.device)
-            if generator.device.type == "cuda"
-            else contextlib.nullcontext()
-        )
+        cuda = self.device.type == "cuda"
+        self.on_device = torch.cuda.device(self.device) if cuda else contextlib.nullcontext()
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> Output:
-        """One training step on ``x`` ([b, C, H, W] float) and ``y`` ([b])."""
+        """One training step on ``x`` ([b, C, H, W] float) and ``y`` ([b]), or on G stacked
+        batches ([G, b, C, H, W] and [G, b])."""
         with self.on_device:
-            if len(y) != self.batch_size:
+            if y.shape[-1] != self.batch_size:
                 return self.plain(x, y)
             if self.warmed_up < WARMUP_STEPS:
                 self.warmed_up += 1
@@ -164,7 +167,7 @@ class GraphedStep:
             self.x, self.y = torch.empty_like(x), torch.empty_like(y)
         x_static, y_static = self.x, self.y
         self.graph = None  # frees the old graph's memory before the new one takes its own
-        graph = self.new_graph(self.generator)
+        graph = self.new_graph(self.generators)
         # Gradients made during capture live in the graph's memory, where every replay
         # writes them; the update inside the graph reads them there.
         self.optimizer.zero_grad(set_to_none=True)
@@ -173,7 +176,7 @@ class GraphedStep:
         self.captures += 1
 
     def _on_side_stream(self, step: Callable[[], Output]) -> Output:
-        if self.generator.device.type != "cuda":
+        if self.device.type != "cuda":
             return step()
         side, main = torch.cuda.Stream(), torch.cuda.current_stream()
         side.wait_stream(main)
@@ -215,4 +218,4 @@ def make_step(
             f"--cuda-graph cannot run here: {refusal}. Start the run without --cuda-graph "
             "(a run started with it resumes only where it can run)"
         )
-    return GraphedStep(step, optimizer, generator=generator, batch_size=batch_size)
+    return GraphedStep(step, optimizer, generators=[generator], batch_size=batch_size)
