@@ -102,8 +102,24 @@ def save(path: str | Path, state: dict[str, Any]) -> None:
     # Serialised in memory first: torch.save reports a failed write to a file as an opaque
     # RuntimeError, while a plain write raises the OSError (ENOSPC ...) that names the cause.
     buffer = io.BytesIO()
-    torch.save({"format": FORMAT, **state}, buffer)
+    torch.save({"format": FORMAT, **_compact(state)}, buffer)
     atomic_write(path, lambda f: f.write(buffer.getbuffer()))
+
+
+def _compact(value: Any) -> Any:
+    """``value`` with every tensor that is a view into a larger storage copied out of it.
+
+    ``torch.save`` writes a view's whole storage: the weights of a seed trained in a
+    :mod:`~brainprop.stacked` network would carry every other seed's into its checkpoint.
+    """
+    if isinstance(value, torch.Tensor):
+        own = value.numel() * value.element_size()
+        return value.clone() if value.untyped_storage().nbytes() > own else value
+    if isinstance(value, dict):
+        return {k: _compact(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_compact(v) for v in value)
+    return value
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
