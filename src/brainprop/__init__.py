@@ -22,6 +22,7 @@ from .feedback import FEEDBACK_MODES, convert
 from .layers import LocallyConnected2d
 from .objectives import EBP, BrainProp, Output, make_objective
 from .presets import PAPER, Hyperparameters, build_model
+from .stacked import train_stacked
 from .train import Run, train
 
 __all__ = [
@@ -43,5 +44,6 @@ __all__ = [
     "load_model",
     "make_objective",
     "train",
+    "train_stacked",
 ]
 __version__ = "0.1.0"

@@ -232,7 +232,7 @@ class Trainer:
                     model, [loss_sum, reward_sum, explored_sum], first_bad
                 )
                 # Never checkpoint a broken state: a NaN found now is reported as one.
-                self._check_finite(epoch, first_bad, step)
+                self.check_finite(epoch, first_bad, step)
                 sums = (loss_sum, reward_sum, explored_sum, first_bad)
                 self.partial = {
                     "step": step + 1,
@@ -246,7 +246,7 @@ class Trainer:
         (loss_sum, reward_sum, explored_sum), first_bad = self.parallel.settle(
             model, [loss_sum, reward_sum, explored_sum], first_bad
         )
-        self._check_finite(epoch, first_bad, total - 1)
+        self.check_finite(epoch, first_bad, total - 1)
         return {
             "train_loss": loss_sum.item() / n,
             "train_reward": reward_sum.item() / n,
@@ -254,19 +254,19 @@ class Trainer:
             "seconds": seconds + time.perf_counter() - t0,
         }
 
-    def _check_finite(self, epoch: int, first_bad: torch.Tensor, last_step: int) -> None:
-        """Raise :class:`_NonFinite` for a NaN/inf loss so far or in the weights now.
+    def check_finite(self, epoch: int, first_bad: torch.Tensor, last_step: int) -> None:
+        """Raise :class:`NonFinite` for a NaN/inf loss so far or in the weights now.
 
         The weights include floating buffers: BatchNorm's running statistics only matter in
         eval mode, so a NaN there leaves the training loss finite and would go unnoticed.
         """
         if first_bad.item() >= 0:
-            raise _NonFinite("loss", epoch, int(first_bad.item()))
+            raise NonFinite("loss", epoch, int(first_bad.item()))
         if not all_finite(itertools.chain(self.model.parameters(), self.model.buffers())):
-            raise _NonFinite("weights", epoch, last_step)
+            raise NonFinite("weights", epoch, last_step)
 
 
-class _NonFinite(Exception):
+class NonFinite(Exception):
     """The loss or the weights (``what``) became NaN or inf by 0-based ``epoch``/``step``."""
 
     def __init__(self, what: str, epoch: int, step: int) -> None:
@@ -331,7 +331,7 @@ def _train(
     if state is not None:
         restore(trainer, state, ds, run_path)
     if resume is None:
-        run_path = parallel.on_main(lambda: _create_run(trainer))
+        run_path = parallel.on_main(lambda: create_run(trainer))
     else:
         # The new last.pt is written beside the old one before the rename.
         parallel.on_main(lambda: rundir.check_free_space(run_path, _checkpoint_bytes(trainer)))
@@ -350,8 +350,8 @@ def _train(
             f"'brainprop train --resume {run_path}'",
             signal.SIGINT,
         ) from None
-    summary = summarize(trainer.history, _facts(trainer), stop_reason)
-    parallel.on_main(lambda: _write_results(trainer, run_path, summary))
+    summary = summarize(trainer.history, facts(trainer), stop_reason)
+    parallel.on_main(lambda: write_results(trainer, run_path, summary))
     if trainer.history:
         say(
             f"done ({stop_reason}): best val {summary['best_val_acc']:.4f} at epoch "
@@ -388,23 +388,23 @@ def _epochs(
                 raise _interrupted(stop, run_path, f"after epoch {epoch}")
             try:
                 metrics = trainer.train_epoch(epoch, stop)
-            except _NonFinite as bad:
+            except NonFinite as bad:
                 if config.on_nan == "reload" and trainer.nan_reloads < MAX_NAN_RELOADS:
-                    trainer = _rewind(trainer, ds, run_path)
+                    trainer = rewind(trainer, ds, run_path)
                     say(
                         f"the {bad.what} became NaN or inf at {bad.where()}: rewound to epoch "
                         f"{len(trainer.history)} with the learning rate scaled by "
                         f"{trainer.lr_scale:g} (reload {trainer.nan_reloads} of {MAX_NAN_RELOADS})"
                     )
                     continue
-                say(_gave_up(bad, config, run_path))
+                say(gave_up(bad, config, run_path))
                 return trainer, f"{DIVERGED} {bad.what} at {bad.where()}"
             if metrics is None:
                 assert trainer.partial is not None  # train_epoch stopped mid-epoch
                 _save_last(trainer, run_path)
                 at = f"in epoch {epoch + 1} after step {trainer.partial['step']}"
                 raise _interrupted(stop, run_path, at)
-            if _end_epoch(trainer, run_path, metrics, say):
+            if end_epoch(trainer, run_path, metrics, say):
                 return trainer, "early stopping"
     return trainer, "max epochs"
 
@@ -430,7 +430,7 @@ def _header(trainer: Trainer, run_path: Path) -> str:
     )
 
 
-def _gave_up(bad: _NonFinite, config: TrainConfig, run_path: Path) -> str:
+def gave_up(bad: NonFinite, config: TrainConfig, run_path: Path) -> str:
     """Why a run stopped on a NaN, and what to change."""
     if config.on_nan == "reload":
         gave_up, fix = f" after {MAX_NAN_RELOADS} reloads", "Lower --lr"
@@ -442,7 +442,7 @@ def _gave_up(bad: _NonFinite, config: TrainConfig, run_path: Path) -> str:
     )
 
 
-def _create_run(trainer: Trainer) -> Path:
+def create_run(trainer: Trainer) -> Path:
     """A new run directory holding the run's config."""
     config = trainer.config
     rundir.check_free_space(Path(config.out_dir), 3 * _checkpoint_bytes(trainer))
@@ -452,7 +452,7 @@ def _create_run(trainer: Trainer) -> Path:
     return run_path
 
 
-def _write_results(trainer: Trainer, run_path: Path, summary: dict[str, Any]) -> None:
+def write_results(trainer: Trainer, run_path: Path, summary: dict[str, Any]) -> None:
     """The plots and the summary that close a run."""
     config = trainer.config
     if trainer.history:
@@ -470,7 +470,7 @@ def _save_last(trainer: Trainer, run_path: Path) -> None:
     trainer.parallel.on_main(lambda: checkpoint.save(run_path / rundir.LAST, state))
 
 
-def _end_epoch(
+def end_epoch(
     trainer: Trainer, run_path: Path, metrics: dict[str, float], say: Callable[[str], None]
 ) -> bool:
     """Evaluate, record and checkpoint a finished epoch; True when early stopping ends the run.
@@ -557,7 +557,7 @@ def _kept(run_path: Path) -> str:
     return "no checkpoint was written yet, so a resume starts over"
 
 
-def _rewind(old: Trainer, ds: Dataset, run_path: Path) -> Trainer:
+def rewind(old: Trainer, ds: Dataset, run_path: Path) -> Trainer:
     """A trainer at the last checkpoint (the initial state if none yet), at half the LR."""
     trainer = Trainer(old.config, ds, old.progress)
     last = run_path / rundir.LAST
@@ -586,7 +586,7 @@ def _weights(trainer: Trainer, epoch: int) -> dict[str, Any]:
     }
 
 
-def _facts(trainer: Trainer) -> dict[str, Any]:
+def facts(trainer: Trainer) -> dict[str, Any]:
     """What the run was, for its summary."""
     config = trainer.config
     return {

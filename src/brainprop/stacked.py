@@ -1,0 +1,458 @@
+"""Seeds side by side: several runs of one configuration trained as one stacked network.
+
+One seed of a paper network is a small load for a large GPU: each of a step's hundreds of
+kernels leaves most of the chip idle. :func:`train_stacked` trains G seeds at once. Their
+weights are stacked into tensors ``[G, ...]``, and one step, ``torch.vmap`` over
+:func:`torch.func.functional_call`, runs every member's forward pass, backward pass and update
+in the same kernels, each G times larger. Whether that beats G runs in sequence depends on the
+device and the network: ``brainprop bench --stack G`` measures it side by side.
+
+Each member stays an ordinary run, with its own :class:`~brainprop.train.Trainer` (model,
+generator, history, early stopping), run directory, checkpoints and summary. Its module's
+parameters and buffers are views of its slice of the stacked tensors, so it evaluates,
+checkpoints and resumes like a run of its own; ``brainprop train --resume`` continues a
+member alone. A member leaves the stack when it stops (early stopping, its epoch cap, a NaN),
+and the others are restacked.
+
+What differs from G separate runs: the dropout masks (vmap draws them for all members at once
+from the global stream) and floating-point rounding (batched kernels). Each member's shuffle
+order and BrainProp's exploration come from the member's own generator, as in a run of its
+own.
+
+Limits: one process (no torchrun); symmetric feedback (the other pathways are autograd
+Functions that vmap cannot batch); a stop signal is honoured at the end of the epoch.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import signal
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.func import functional_call, stack_module_state
+from tqdm.auto import tqdm
+
+from . import distributed, fastpath, memory, signals
+from .config import MAX_NAN_RELOADS, TrainConfig
+from .data import Dataset, load_dataset
+from .data.batches import num_batches, to_float
+from .devices import autocast, warn_if_slow_bf16
+from .errors import BrainPropError
+from .objectives import Objective, Output
+from .presets import decayed_parameters
+from .resume import checkpoint_and_config, restore
+from .schedule import lr_at
+from .summary import DIVERGED, summarize
+from .train import (
+    NonFinite,
+    Run,
+    Trainer,
+    create_run,
+    end_epoch,
+    facts,
+    gave_up,
+    rewind,
+    write_results,
+)
+
+__all__ = ["Stack", "StackedSGD", "train_stacked"]
+
+#: Config fields in which the members of one stack may differ. Where the runs are written, and
+#: the data folder they name, do not change how they train (the first member's data is loaded).
+MEMBER_FIELDS = ("seed", "name", "epochs", "out_dir", "data_dir")
+
+
+class StackedSGD(torch.optim.Optimizer):
+    """Plain SGD, without momentum, on stacked parameters ``[G, ...]``, each member at its own
+    learning rate.
+
+    ``rates`` ([G], on the parameters' device) holds the members' rates. It is changed in place
+    between steps, so a step captured in a CUDA graph reads the new rates without a new
+    capture; each group's ``lr`` stays 1 and multiplies them. Weight decay ``wd`` adds
+    ``wd * w`` to the gradient, as :class:`torch.optim.SGD` does.
+    """
+
+    def __init__(
+        self, decayed: list[torch.Tensor], rest: list[torch.Tensor], weight_decay: float,
+        rates: torch.Tensor,
+    ) -> None:  # fmt: skip
+        groups = [
+            {"params": decayed, "weight_decay": weight_decay},
+            {"params": rest, "weight_decay": 0.0},
+        ]
+        super().__init__([g for g in groups if g["params"]], {"lr": 1.0, "weight_decay": 0.0})
+        self.rates = rates
+
+    @torch.no_grad()
+    def step(self, closure: None = None) -> None:  # type: ignore[override]
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                decay = group["weight_decay"]
+                d = p.grad if decay == 0 else p.grad.add(p, alpha=decay)
+                rate = (group["lr"] * self.rates).view(-1, *(1,) * (p.dim() - 1))
+                p.sub_(d * rate)
+
+
+class Stack:
+    """The members' weights as stacked tensors, and one training step for all of them.
+
+    Building a stack copies the members' parameters and buffers into tensors ``[G, ...]`` and
+    makes each member's own tensors views of its slice; :meth:`release` gives them their own
+    storage back. The members must be built alike (one config but for the seed) on one device.
+
+    Args:
+        trainers: the members.
+        objective: the rule, shared by all members.
+        weight_decay: SGD weight decay (Keras's ``2 * l2``) of the decayed weights.
+        batch_size: the nominal batch (BrainProp scales a short last batch's step by it).
+        bf16: run the forward pass under bf16 autocast.
+        cuda_graph: replay full-batch steps from one CUDA graph
+            (:class:`~brainprop.fastpath.GraphedStep`).
+    """
+
+    def __init__(
+        self,
+        trainers: Sequence[Trainer],
+        objective: Objective,
+        *,
+        weight_decay: float,
+        batch_size: int,
+        bf16: bool = False,
+        cuda_graph: bool = False,
+    ) -> None:
+        self.models = [t.model for t in trainers]
+        self.generators = [t.generator for t in trainers]
+        self.objective, self.batch_size, self.bf16 = objective, batch_size, bf16
+        params, self.buffers = stack_module_state(self.models)
+        self.params = {k: v.detach().requires_grad_() for k, v in params.items()}
+        for g, model in enumerate(self.models):
+            for name, t in [*model.named_parameters(), *model.named_buffers()]:
+                stacked = self.params[name] if name in self.params else self.buffers[name]
+                t.data = stacked.detach()[g]
+        # A structure-only copy: functional_call supplies every tensor, so it holds none.
+        self.base = copy.deepcopy(self.models[0]).to("meta").train()
+        decayed_ids = {id(p) for p in decayed_parameters(self.models[0])[0]}
+        names = dict(self.models[0].named_parameters())
+        decayed = [self.params[n] for n, p in names.items() if id(p) in decayed_ids]
+        rest = [self.params[n] for n, p in names.items() if id(p) not in decayed_ids]
+        self.rates = torch.zeros(len(trainers), device=self.generators[0].device)
+        self.optimizer = StackedSGD(decayed, rest, weight_decay, self.rates)
+        self._forward = torch.vmap(self._member_forward, randomness="different")
+        self.step: Callable[[torch.Tensor, torch.Tensor], Output] = self.plain_step
+        if cuda_graph:
+            self.step = fastpath.GraphedStep(
+                self.plain_step, self.optimizer, generators=self.generators,
+                batch_size=batch_size,
+            )  # fmt: skip
+
+    def __len__(self) -> int:
+        return len(self.models)
+
+    def _member_forward(
+        self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], x: torch.Tensor
+    ) -> torch.Tensor:
+        return functional_call(self.base, (params, buffers), (x,))
+
+    def plain_step(self, x: torch.Tensor, y: torch.Tensor) -> Output:
+        """One SGD step of every member on its own batch: ``x`` [G, b, C, H, W] float, ``y``
+        [G, b]. Returns the members' outputs stacked: ``loss`` [G] (each the unscaled batch
+        mean), ``actions``, ``rewards`` and ``explored`` [G, b]."""
+        with autocast(x.device, self.bf16):
+            q = self._forward(self.params, self.buffers, x)
+        q = q.float()
+        outs = [self.objective(q[g], y[g], gen) for g, gen in enumerate(self.generators)]
+        loss = torch.stack([o.loss for o in outs])
+        total = loss.sum()
+        if self.objective.sums_over_nominal_batch and y.shape[1] != self.batch_size:
+            total = total * (y.shape[1] / self.batch_size)
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        self.optimizer.step()
+        return Output(
+            loss=loss,
+            actions=torch.stack([o.actions for o in outs]),
+            rewards=torch.stack([o.rewards for o in outs]),
+            explored=torch.stack([o.explored for o in outs]),
+        )
+
+    def release(self) -> None:
+        """Give every member its own copy of its weights; the stack is unusable afterwards."""
+        for model in self.models:
+            for t in [*model.parameters(), *model.buffers()]:
+                t.data = t.data.clone()
+        self.models, self.params, self.buffers = [], {}, {}
+
+
+@dataclass
+class _Member:
+    """One run of a stack: its trainer and run directory."""
+
+    trainer: Trainer
+    run_path: Path
+
+    def say(self, line: str) -> str:
+        return f"seed {self.trainer.config.seed}: {line}"
+
+
+def train_stacked(
+    members: Sequence[TrainConfig | str | Path],
+    *,
+    dataset: Dataset | None = None,
+    progress: bool = True,
+) -> list[Run]:
+    """Train several seeds of one configuration side by side (see the module's docstring).
+
+    Args:
+        members: each a config to start (as ``train(config)`` would) or a run directory to
+            continue (as ``train(resume=...)`` would). The configs may differ only in
+            ``seed``, ``name`` and ``epochs``.
+        dataset: use this dataset instead of loading the configs' (tests, notebooks).
+        progress: a progress bar per epoch and one line per member and epoch.
+
+    Returns:
+        The members' runs, in the order given.
+
+    Raises:
+        BrainPropError: configs that cannot share a stack, or what ``train`` would raise.
+        Interrupted: a stop signal arrived; every member saved its state at the end of the
+            epoch, and the same call continues them.
+    """
+    if distributed.current().active or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise BrainPropError(
+            "a stack of seeds trains in one process: start it without torchrun, or train the "
+            "seeds one by one under torchrun"
+        )
+    if not members:
+        raise BrainPropError("train_stacked needs at least one member")
+    loaded = [_member_state(m) for m in members]
+    config = _common_config([c for _, c, _ in loaded])
+    ds = dataset if dataset is not None else load_dataset(config.dataset, config.data_dir)
+    say = tqdm.write if progress else (lambda _msg: None)
+    stacked: list[_Member] = []
+    for state, member_config, run_path in loaded:
+        trainer = Trainer(member_config, ds, progress=False)
+        if state is not None:
+            assert run_path is not None
+            restore(trainer, state, ds, run_path)
+        stacked.append(_Member(trainer, run_path or create_run(trainer)))
+    _share_data(stacked)
+    warn_if_slow_bf16(stacked[0].trainer.device, config.bf16)
+    say(
+        f"training {len(stacked)} seeds of {config.arch} on {config.dataset} with "
+        f"{config.rule} stacked on {stacked[0].trainer.device}, run dirs in "
+        f"{stacked[0].run_path.parent}"
+    )
+    runs = _StackedRun(stacked, ds, config, say, progress).run()
+    return [runs[id(m)] for m in stacked]
+
+
+def _member_state(
+    member: TrainConfig | str | Path,
+) -> tuple[dict | None, TrainConfig, Path | None]:
+    if isinstance(member, TrainConfig):
+        return None, member.resolve(), None
+    run_path = Path(member)
+    state, config = checkpoint_and_config(run_path, None)
+    return state, config, run_path
+
+
+def _common_config(configs: Sequence[TrainConfig]) -> TrainConfig:
+    """The first config, once every other has been checked to differ only in the seed."""
+    first = configs[0]
+    for other in configs[1:]:
+        for f in dataclasses.fields(TrainConfig):
+            if f.name not in MEMBER_FIELDS and getattr(other, f.name) != getattr(first, f.name):
+                raise BrainPropError(
+                    f"seeds {first.seed} and {other.seed} differ in {f.name} "
+                    f"({getattr(first, f.name)!r} and {getattr(other, f.name)!r}), so they "
+                    "cannot share a stack: stack only seeds of one configuration"
+                )
+    seeds = [c.seed for c in configs]
+    if len(set(seeds)) != len(seeds):
+        raise BrainPropError(f"seeds {seeds} repeat: give each member of a stack its own seed")
+    if first.feedback != "symmetric":
+        raise BrainPropError(
+            f"--feedback {first.feedback} cannot be stacked (its autograd functions do not "
+            "batch under vmap): train those seeds one by one"
+        )
+    return first
+
+
+def _share_data(members: Sequence[_Member]) -> None:
+    # The held-out split is the same for every seed (split_validation draws it with seed 0),
+    # so one copy serves all: a step then gathers every member's batch in one indexing.
+    first = members[0].trainer
+    for m in members[1:]:
+        m.trainer.train_set, m.trainer.val_x, m.trainer.val_y = (
+            first.train_set, first.val_x, first.val_y,
+        )  # fmt: skip
+
+
+class _StackedRun:
+    """The epoch loop of one stack; :func:`train_stacked` is its only user."""
+
+    def __init__(
+        self, members: list[_Member], ds: Dataset, config: TrainConfig,
+        say: Callable[[str], None], progress: bool,
+    ) -> None:  # fmt: skip
+        self.members, self.ds, self.config, self.say = list(members), ds, config, say
+        self.progress = progress
+        self.runs: dict[int, Run] = {}
+        self.device = members[0].trainer.device
+
+    def run(self) -> dict[int, Run]:
+        def warn(signum: int) -> None:
+            self.say(
+                f"{signal.Signals(signum).name}: finishing this epoch, then saving every "
+                "seed's checkpoint (send it again to quit at once)"
+            )
+
+        with signals.stop_on_signals(warn) as stop:
+            for m in [m for m in self.members if m.trainer.partial is not None]:
+                self._epoch_alone(m)
+            self._leave_finished()
+            while self.members:
+                stack = self._stack()
+                try:
+                    self._epoch(stack)
+                finally:
+                    stack.release()
+                self._leave_finished()
+                if stop.requested and self.members:
+                    raise self._interrupted(stop)
+        return self.runs
+
+    def _stack(self) -> Stack:
+        config, trainers = self.config, [m.trainer for m in self.members]
+        return Stack(
+            trainers, trainers[0].objective, weight_decay=2 * config.l2,
+            batch_size=config.batch_size, bf16=config.bf16, cuda_graph=config.cuda_graph,
+        )  # fmt: skip
+
+    def _epoch(self, stack: Stack) -> None:
+        """One pass of every member over the training set, then each member's epoch end."""
+        trainers = [m.trainer for m in self.members]
+        rates = []
+        for t in trainers:
+            lr = t.lr_scale * lr_at(len(t.history), t.config.lr, t.config.lr_halving_epochs)
+            for group in t.optimizer.param_groups:
+                group["lr"] = lr
+            rates.append(lr)
+        stack.rates.copy_(torch.tensor(rates))
+        counted = memory.reset_peak(self.device)
+        t0 = time.perf_counter()
+        train = trainers[0].train_set
+        n, b = len(train.train_y), self.config.batch_size
+        perms = torch.stack(
+            [torch.randperm(n, device=self.device, generator=t.generator) for t in trainers]
+        )
+        sums = torch.zeros(3, len(trainers), device=self.device)
+        first_bad = torch.full((len(trainers),), -1, dtype=torch.int64, device=self.device)
+        epochs = sorted({len(t.history) + 1 for t in trainers})
+        bar = tqdm(
+            enumerate(perms.split(b, dim=1)), total=num_batches(n, b), leave=False,
+            desc=f"epoch {'/'.join(map(str, epochs))}, {len(trainers)} seeds",
+            disable=not self.progress or None, unit="batch",
+        )  # fmt: skip
+        for step, idx in bar:
+            out = stack.step(to_float(train.train_x[idx]), train.train_y[idx])
+            loss = out.loss.detach()
+            sums += torch.stack([loss * idx.shape[1], out.rewards.sum(1), out.explored.sum(1)])
+            bad = ~torch.isfinite(loss) & (first_bad < 0)
+            first_bad = torch.where(bad, torch.full_like(first_bad, step), first_bad)
+        seconds = time.perf_counter() - t0
+        totals, first_bad_host = (sums / n).tolist(), first_bad.tolist()
+        last_step = num_batches(n, b) - 1
+        for g, m in enumerate(list(self.members)):
+            m.trainer.memory_counted = counted
+            metrics = {
+                "train_loss": totals[0][g],
+                "train_reward": totals[1][g],
+                "explore_rate": totals[2][g],
+                "seconds": seconds,
+                "stack_size": len(trainers),
+            }
+            self._end_epoch(m, metrics, first_bad_host[g], last_step)
+
+    def _epoch_alone(self, m: _Member) -> None:
+        """Finish, outside any stack, the epoch that a run of its own was stopped in."""
+        t = m.trainer
+        metrics = None
+        try:
+            metrics = t.train_epoch(len(t.history), signals.StopRequest())
+        except NonFinite as bad:
+            self._non_finite(m, bad)
+            return
+        assert metrics is not None  # a StopRequest never raised runs the epoch to its end
+        self._end_epoch(m, metrics, -1, -1)
+
+    def _end_epoch(self, m: _Member, metrics: dict, first_bad: int, last_step: int) -> None:
+        t = m.trainer
+        epoch = len(t.history)
+        try:
+            t.check_finite(epoch, torch.tensor(first_bad), last_step)
+        except NonFinite as bad:
+            self._non_finite(m, bad)
+            return
+        if end_epoch(t, m.run_path, metrics, lambda line: self.say(m.say(line))):
+            self._finish(m, "early stopping")
+
+    def _non_finite(self, m: _Member, bad: NonFinite) -> None:
+        """What a run of its own does on a NaN (see ``train``): rewind or stop."""
+        t = m.trainer
+        if t.config.on_nan == "reload" and t.nan_reloads < MAX_NAN_RELOADS:
+            m.trainer = rewind(t, self.ds, m.run_path)
+            self.say(
+                m.say(
+                    f"the {bad.what} became NaN or inf at {bad.where()}: rewound to epoch "
+                    f"{len(m.trainer.history)} with the learning rate scaled by "
+                    f"{m.trainer.lr_scale:g}"
+                )
+            )
+            _share_data(self.members)
+            return
+        self.say(m.say(gave_up(bad, t.config, m.run_path)))
+        self._finish(m, f"{DIVERGED} {bad.what} at {bad.where()}")
+
+    def _leave_finished(self) -> None:
+        """Let go of members that reached their epoch cap or patience before this epoch."""
+        for m in list(self.members):
+            t = m.trainer
+            if len(t.history) >= t.config.epochs:
+                self._finish(m, "max epochs")
+            elif t.stopper.wait >= t.config.patience:
+                self._finish(m, "early stopping")
+
+    def _finish(self, m: _Member, stop_reason: str) -> None:
+        t = m.trainer
+        summary = summarize(t.history, facts(t), stop_reason)
+        write_results(t, m.run_path, summary)
+        if t.history:
+            self.say(
+                m.say(
+                    f"done ({stop_reason}): best val {summary['best_val_acc']:.4f} at epoch "
+                    f"{summary['best_epoch']}, test accuracy there "
+                    f"{summary['test_acc_at_best']:.4f}, {summary['epochs_run']} epochs; "
+                    f"results in {m.run_path}"
+                )
+            )
+        self.runs[id(m)] = Run(m.run_path, t.config, t.model, t.history, summary)
+        self.members.remove(m)
+
+    def _interrupted(self, stop: signals.StopRequest) -> signals.Interrupted:
+        assert stop.signum is not None
+        dirs = " ".join(str(m.run_path) for m in self.members)
+        return signals.Interrupted(
+            f"stopped by {stop.name} at the end of an epoch; every seed saved its state in its "
+            f"run directory ({dirs}): the same call continues them all, and "
+            "'brainprop train --resume DIR' one alone",
+            stop.signum,
+        )

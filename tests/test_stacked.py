@@ -1,0 +1,122 @@
+"""Seeds trained side by side in one stacked network: the same runs as one by one."""
+
+import json
+import signal
+from dataclasses import replace
+
+import pytest
+import torch
+
+from brainprop import TrainConfig, stacked, train, train_stacked
+from brainprop.errors import BrainPropError
+from brainprop.signals import Interrupted
+from brainprop.train import MEASURED_COLUMNS
+
+
+def _config(tmp_path, seed, **kw):
+    base = dict(
+        dataset="mnist", arch="conv", epochs=2, batch_size=16, out_dir=str(tmp_path),
+        name=f"s{seed}", seed=seed,
+    )  # fmt: skip
+    return TrainConfig(**{**base, **kw})
+
+
+def _same_weights(a, b, atol):
+    for name, p in a.model.state_dict().items():
+        torch.testing.assert_close(b.model.state_dict()[name], p, atol=atol, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("rule", ["brainprop", "ebp"])
+def test_a_stack_trains_each_seed_as_its_own_run_would(tmp_path, tiny_dataset, rule):
+    """Without dropout (whose masks a stack draws differently) only rounding differs: the
+    same shuffles, explorations, weight decay, BatchNorm statistics and accuracies."""
+    kw = dict(rule=rule, dropout=(0.0,), l2=1e-3)
+    alone = [
+        train(_config(tmp_path / "alone", s, **kw), dataset=tiny_dataset, progress=False)
+        for s in (1, 2)
+    ]
+    together = train_stacked(
+        [_config(tmp_path / "stack", s, **kw) for s in (1, 2)], dataset=tiny_dataset,
+        progress=False,
+    )  # fmt: skip
+    for a, b in zip(alone, together, strict=True):
+        assert b.config.seed == a.config.seed and b.dir == tmp_path / "stack" / a.dir.name
+        _same_weights(a, b, atol=1e-6)
+        assert [h["val_acc"] for h in b.history] == [h["val_acc"] for h in a.history]
+        assert [h["stack_size"] for h in b.history] == [2, 2]
+        assert b.summary["stop_reason"] == "max epochs"
+        assert json.loads((b.dir / "summary.json").read_text()) == b.summary
+        # A member's checkpoint holds its own weights only, not the whole stack's.
+        for name in ("last.pt", "best.pt"):
+            assert (b.dir / name).stat().st_size == (a.dir / name).stat().st_size
+
+
+def test_a_member_that_stops_leaves_and_the_others_train_on(tmp_path, tiny_dataset):
+    kw = dict(dropout=(0.0,))
+    short, long = train_stacked(
+        [_config(tmp_path, 1, epochs=1, **kw), _config(tmp_path, 2, epochs=3, **kw)],
+        dataset=tiny_dataset, progress=False,
+    )  # fmt: skip
+    assert short.summary["epochs_run"] == 1 and long.summary["epochs_run"] == 3
+    assert [h["stack_size"] for h in long.history] == [2, 1, 1]
+    alone = train(
+        _config(tmp_path / "alone", 2, epochs=3, **kw), dataset=tiny_dataset, progress=False
+    )
+    _same_weights(alone, long, atol=1e-6)
+    # The member that left kept its weights as they were when it stopped.
+    torch.testing.assert_close(
+        short.model.state_dict(), torch.load(short.dir / "last.pt", weights_only=True)["model"]
+    )
+
+
+def test_an_interrupted_stack_resumes_bit_identically(tmp_path, tiny_dataset, monkeypatch):
+    members = [_config(tmp_path / "full", s, epochs=3) for s in (1, 2)]
+    full = train_stacked(members, dataset=tiny_dataset, progress=False)
+    calls = [0]
+    end_epoch = stacked.end_epoch
+
+    def signal_after_first_epoch(*args, **kw):
+        calls[0] += 1
+        if calls[0] == 1:
+            signal.raise_signal(signal.SIGTERM)
+        return end_epoch(*args, **kw)
+
+    monkeypatch.setattr(stacked, "end_epoch", signal_after_first_epoch)
+    part = [_config(tmp_path / "part", s, epochs=3) for s in (1, 2)]
+    with pytest.raises(Interrupted, match="stopped by SIGTERM at the end of an epoch") as info:
+        train_stacked(part, dataset=tiny_dataset, progress=False)
+    assert info.value.exit_status == 128 + signal.SIGTERM
+    monkeypatch.undo()
+    dirs = [tmp_path / "part" / f"s{s}" for s in (1, 2)]
+    assert [json.loads((d / "history.json").read_text())[-1]["epoch"] for d in dirs] == [1, 1]
+    resumed = train_stacked(dirs, dataset=tiny_dataset, progress=False)
+    for a, b in zip(full, resumed, strict=True):
+        _same_weights(a, b, atol=0)
+
+        def strip(history):
+            return [{k: v for k, v in h.items() if k not in MEASURED_COLUMNS} for h in history]
+
+        assert strip(b.history) == strip(a.history)
+
+
+def test_a_member_can_continue_alone(tmp_path, tiny_dataset):
+    (first,) = train_stacked([_config(tmp_path, 1)], dataset=tiny_dataset, progress=False)
+    more = train(_config(tmp_path, 1, epochs=3), resume=first.dir, dataset=tiny_dataset,
+                 progress=False)  # fmt: skip
+    assert [h["epoch"] for h in more.history] == [1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (dict(lr=0.5), r"seeds 0 and 1 differ in lr \(0.1 and 0.5\), so they cannot share"),
+        (dict(seed=0), r"seeds \[0, 0\] repeat"),
+        (dict(feedback="random"), "--feedback random cannot be stacked"),
+    ],
+)
+def test_members_that_cannot_share_a_stack_are_refused(tmp_path, tiny_dataset, change, message):
+    first = _config(tmp_path, 0, **({"feedback": "random"} if "feedback" in change else {}))
+    second = replace(_config(tmp_path, 1), **change)
+    with pytest.raises(BrainPropError, match=message):
+        train_stacked([first, second], dataset=tiny_dataset, progress=False)
+    assert not list(tmp_path.iterdir())  # refused before any run directory was made
