@@ -110,27 +110,28 @@ def test_estimates_use_this_machine_and_subtract_epochs_done(tmp_path):
 
 
 def _fake_train(calls):
-    """Stand-in for training one run: writes what a finished run directory holds."""
+    """Stand-in for training one job: writes what finished run directories hold."""
 
-    def run(spec, request, dataset):
-        calls.append(spec.name)
-        run_dir = request.out / ex.RUNS / spec.name
-        run_dir.mkdir(parents=True)
-        config = spec.config(request.out, request.data_dir, request.device).resolve()
-        (run_dir / rundir.CONFIG).write_text(json.dumps(config.to_dict()))
-        (run_dir / rundir.HISTORY_JSON).write_text("[]")
-        summary = {"device": ex.this_machine(request.device), "epochs_run": 1,
-                   "best_val_acc": 0.5, "best_epoch": 1, "test_acc_at_best": 0.5,
-                   "s_per_epoch": 99.0, "total_seconds": 100.0,
-                   "stop_reason": "max epochs"}  # fmt: skip
-        (run_dir / rundir.SUMMARY).write_text(json.dumps(summary))
+    def run(job, request, dataset):
+        for spec in job:
+            calls.append(spec.name)
+            run_dir = request.out / ex.RUNS / spec.name
+            run_dir.mkdir(parents=True)
+            config = spec.config(request.out, request.data_dir, request.device).resolve()
+            (run_dir / rundir.CONFIG).write_text(json.dumps(config.to_dict()))
+            (run_dir / rundir.HISTORY_JSON).write_text("[]")
+            summary = {"device": ex.this_machine(request.device), "epochs_run": 1,
+                       "best_val_acc": 0.5, "best_epoch": 1, "test_acc_at_best": 0.5,
+                       "s_per_epoch": 99.0, "total_seconds": 100.0,
+                       "stop_reason": "max epochs"}  # fmt: skip
+            (run_dir / rundir.SUMMARY).write_text(json.dumps(summary))
 
     return run
 
 
 def test_budget_passes_over_runs_whose_estimate_does_not_fit(tmp_path, mnist_root, monkeypatch):
     calls: list[str] = []
-    monkeypatch.setattr(ex, "_train_one", _fake_train(calls))
+    monkeypatch.setattr(ex, "_train", _fake_train(calls))
     here = ex.this_machine("cpu")
     conv, loccon = Cell("mnist", "conv"), Cell("mnist", "loccon")
     # Measured seed 0: conv costs 10 x 3 s per run, loccon 500 x 3 s (more than a minute).
@@ -186,6 +187,38 @@ def test_finished_runs_are_skipped_and_an_interrupted_run_resumes(tmp_path, mnis
     assert m.path.stat().st_mtime_ns == stamp
 
 
+def test_stacks_group_the_seeds_of_one_cell_and_rule_in_priority_order():
+    conv = Cell("mnist", "conv")
+    specs = plan([conv, DENSE], ["brainprop", "ebp"], seeds=3)
+    jobs = ex.stacks(specs, 2)
+    assert [[s.name.removeprefix("mnist-") for s in job] for job in jobs] == [
+        ["conv-brainprop-s0", "conv-brainprop-s1"], ["conv-ebp-s0", "conv-ebp-s1"],
+        ["dense-brainprop-s0", "dense-brainprop-s1"], ["dense-ebp-s0", "dense-ebp-s1"],
+        ["conv-brainprop-s2"], ["conv-ebp-s2"], ["dense-brainprop-s2"], ["dense-ebp-s2"],
+    ]  # fmt: skip
+    assert ex.stacks(specs, 1) == [(s,) for s in specs]
+    # Runs validated or capped differently never share a stack.
+    mixed = [RunSpec(DENSE, "ebp", 0), RunSpec(DENSE, "ebp", 1, val=5000)]
+    assert ex.stacks(mixed, 4) == [(mixed[0],), (mixed[1],)]
+
+
+def test_a_stacked_request_trains_and_records_each_seed(tmp_path, mnist_root, no_plots):
+    request = Request(
+        cells=(DENSE,), rules=("ebp",), seeds=2, max_epochs=1, out=tmp_path, stack=2,
+        data_dir=str(mnist_root), device="cpu", progress=False,
+    )  # fmt: skip
+    lines: list[str] = []
+    outcome = reproduce(request, say=lines.append)
+    names = ["mnist-dense-ebp-s0-e1", "mnist-dense-ebp-s1-e1"]
+    assert outcome.ran == names
+    assert lines[0] == "reproduce: 2 runs requested, 0 already measured, 2 to run in 1 stack"
+    assert f"run {names[0]}, {names[1]}" in lines
+    for name in names:
+        history = json.loads((tmp_path / ex.RUNS / name / rundir.HISTORY_JSON).read_text())
+        assert [h["stack_size"] for h in history] == [2]
+    assert {m.seed for m in ex.load_measurements(tmp_path)} == {0, 1}
+
+
 def test_two_jobs_train_in_worker_processes_on_cpu(tmp_path, mnist_root):
     request = Request(
         cells=(DENSE,), rules=("brainprop", "ebp"), seeds=1, max_epochs=1, out=tmp_path / "r",
@@ -227,13 +260,13 @@ def test_reproduce_runs_cifar100_and_tiny_imagenet_cells_end_to_end(tmp_path, no
 
 
 def test_a_failing_report_does_not_hide_why_the_runs_stopped(tmp_path, mnist_root, monkeypatch):
-    def fail(spec, request, dataset):
+    def fail(job, request, dataset):
         raise BrainPropError("the run failed: fix it")
 
     def no_report(out):
         raise BrainPropError("cannot write the report: free disk space")
 
-    monkeypatch.setattr(ex, "_train_one", fail)
+    monkeypatch.setattr(ex, "_train", fail)
     monkeypatch.setattr(report, "write_report", no_report)
     request = Request(cells=(DENSE,), rules=("ebp",), seeds=1, out=tmp_path,
                       data_dir=str(mnist_root), device="cpu", progress=False)  # fmt: skip
@@ -242,7 +275,7 @@ def test_a_failing_report_does_not_hide_why_the_runs_stopped(tmp_path, mnist_roo
         reproduce(request, say=lines.append)
     assert lines[-1] == "report not rewritten: cannot write the report: free disk space"
     # With nothing else going wrong, the report's own error is the one to see.
-    monkeypatch.setattr(ex, "_train_one", _fake_train([]))
+    monkeypatch.setattr(ex, "_train", _fake_train([]))
     with pytest.raises(BrainPropError, match="cannot write the report"):
         reproduce(request, say=lines.append)
 
@@ -261,7 +294,7 @@ def test_a_stop_after_the_last_worker_ended_still_stops(tmp_path, mnist_root, mo
     monkeypatch.setattr(ex, "wait", wait_then_signal)
     outcome = ex.Outcome()
     with pytest.raises(signals.Interrupted, match="SIGTERM; no run was in progress") as info:
-        ex._run_in_workers(request, [first, second], outcome, lambda _: None)
+        ex._run_in_workers(request, [(first,), (second,)], outcome, lambda _: None)
     assert info.value.exit_status == 128 + signal.SIGTERM
     assert outcome.ran == [first.name] and not (tmp_path / ex.RUNS / second.name).exists()
 

@@ -246,6 +246,11 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
         help="start only the runs whose estimated time fits, in priority order",
     )  # fmt: skip
     p.add_argument("--jobs", type=int, default=1, help="runs at once on the device")
+    p.add_argument(
+        "--stack", type=int, default=1, metavar="N",
+        help="train up to N seeds of a cell side by side in one stacked network; "
+        "'brainprop bench --stack N' measures whether that is faster on this device",
+    )  # fmt: skip
     p.add_argument("--out", default="results", help="results folder (default: results)")
     p.add_argument("--data-dir", help="data root (default: $BRAINPROP_DATA, else data/)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -276,6 +281,7 @@ def _reproduce(args: argparse.Namespace) -> int:
             device=args.device,
             budget_minutes=args.budget_minutes,
             jobs=args.jobs,
+            stack=args.stack,
             progress=not args.quiet,
         )
         reproduce(request)

@@ -360,6 +360,7 @@ class Request:
     device: str = "auto"
     budget_minutes: float | None = None
     jobs: int = 1
+    stack: int = 1
     progress: bool = True
 
     def specs(self) -> list[RunSpec]:
@@ -383,6 +384,8 @@ def reproduce(request: Request, say: Callable[[str], None] = print) -> Outcome:
     estimate yet starts while time is left: it is the measurement the next estimate needs), in
     priority order; runs that do not fit are passed over, so a cheaper later one may still fill
     the time. ``jobs`` > 1 runs that many at once, each in its own process on the same device.
+    ``stack`` > 1 trains up to that many seeds of one cell and rule side by side in one stacked
+    network (:mod:`brainprop.stacked`); a stack is then one job, admitted by its longest run.
 
     Raises:
         BrainPropError: bad request, missing data, or a run that failed.
@@ -393,6 +396,8 @@ def reproduce(request: Request, say: Callable[[str], None] = print) -> Outcome:
 
     if request.jobs < 1:
         raise BrainPropError(f"--jobs must be >= 1, got {request.jobs}")
+    if request.stack < 1:
+        raise BrainPropError(f"--stack must be >= 1, got {request.stack}")
     if request.budget_minutes is not None and not request.budget_minutes > 0:
         raise BrainPropError(f"--budget-minutes must be > 0, got {request.budget_minutes}")
     outcome = Outcome()
@@ -409,15 +414,18 @@ def reproduce(request: Request, say: Callable[[str], None] = print) -> Outcome:
         else:
             pending.append(spec)
     _check_data(pending, request.data_dir)
+    jobs = stacks(pending, request.stack)
     say(
         f"reproduce: {len(specs)} runs requested, {len(outcome.skipped)} already measured, "
-        f"{len(pending)} to run" + ("" if request.jobs == 1 else f", {request.jobs} at a time")
+        f"{len(pending)} to run"
+        + ("" if len(jobs) == len(pending) else f" in {len(jobs)} stack{'s' * (len(jobs) > 1)}")
+        + ("" if request.jobs == 1 else f", {request.jobs} at a time")
     )
     try:
         if request.jobs == 1:
-            _run_in_process(request, pending, outcome, say)
+            _run_in_process(request, jobs, outcome, say)
         else:
-            _run_in_workers(request, pending, outcome, say)
+            _run_in_workers(request, jobs, outcome, say)
     except BaseException:
         # The runs' error says what to do next; a report that fails too must not replace it.
         try:
@@ -471,59 +479,99 @@ class _Budget:
         minutes = request.budget_minutes
         self.deadline = math.inf if minutes is None else time.monotonic() + 60 * minutes
 
-    def admits(self, spec: RunSpec, say: Callable[[str], None]) -> bool:
+    def admits(self, job: Job, say: Callable[[str], None]) -> bool:
+        """Whether ``job`` fits the time left; a stack takes as long as its longest run."""
         if self.deadline == math.inf:
             return True
         left = self.deadline - time.monotonic()
         measurements = load_measurements(self.request.out)
-        estimate = estimate_seconds(spec, measurements, self.machine, self.request.out)
+        estimates = [
+            estimate_seconds(spec, measurements, self.machine, self.request.out) for spec in job
+        ]
+        estimate = None if None in estimates else max(e for e in estimates if e is not None)
         if left > 0 and (estimate is None or estimate <= left):
             return True
         needs = "unknown" if estimate is None else f"~{estimate / 60:.1f} min"
-        say(f"over budget: {spec.name} needs {needs}, {max(left, 0) / 60:.1f} min left")
+        say(f"over budget: {_names(job)} needs {needs}, {max(left, 0) / 60:.1f} min left")
         return False
 
 
+#: What one process trains at a time: one run, or a stack of seeds (see :func:`stacks`).
+Job = tuple[RunSpec, ...]
+
+
+def stacks(pending: Sequence[RunSpec], size: int) -> list[Job]:
+    """``pending`` as jobs of up to ``size`` runs that differ only in the seed, in the priority
+    order of each job's first run (so a stack pulls later seeds of its cell forward)."""
+    jobs: list[Job] = []
+    placed: set[RunSpec] = set()
+    for i, spec in enumerate(pending):
+        if spec in placed:
+            continue
+        alike = [s for s in pending[i + 1 :] if replace(s, seed=spec.seed) == spec]
+        job = (spec, *[s for s in alike if s not in placed][: size - 1])
+        placed.update(job)
+        jobs.append(job)
+    return jobs
+
+
+def _names(job: Job) -> str:
+    return ", ".join(spec.name for spec in job)
+
+
 def _run_in_process(
-    request: Request, pending: Sequence[RunSpec], outcome: Outcome, say: Callable[[str], None]
+    request: Request, jobs: Sequence[Job], outcome: Outcome, say: Callable[[str], None]
 ) -> None:
     from .data import load_dataset
 
     budget = _Budget(request, None)
     loaded: dict[str, Any] = {}
-    for spec in pending:
-        if not budget.admits(spec, say):
-            outcome.over_budget.append(spec.name)
+    for job in jobs:
+        if not budget.admits(job, say):
+            outcome.over_budget.extend(spec.name for spec in job)
             continue
+        dataset = job[0].cell.dataset
         # One dataset in memory at a time: Tiny ImageNet alone is over a GB.
-        if spec.cell.dataset not in loaded:
-            loaded = {spec.cell.dataset: load_dataset(spec.cell.dataset, request.data_dir)}
-        say(f"run {spec.name}")
+        if dataset not in loaded:
+            loaded = {dataset: load_dataset(dataset, request.data_dir)}
+        say(f"run {_names(job)}")
         try:
-            _train_one(spec, request, loaded[spec.cell.dataset])
+            _train(job, request, loaded[dataset])
         except signals.Interrupted as e:
-            raise _stopped(e.exit_status - 128, [spec.name]) from None
-        m = record(spec, request.out / RUNS / spec.name, request.out)
-        outcome.ran.append(spec.name)
-        say(_finished_line(m))
+            raise _stopped(e.exit_status - 128, [spec.name for spec in job]) from None
+        for spec in job:
+            m = record(spec, request.out / RUNS / spec.name, request.out)
+            outcome.ran.append(spec.name)
+            say(_finished_line(m))
 
 
-def _train_one(spec: RunSpec, request: Request, dataset: Any) -> None:
-    """Train ``spec`` to its end: fresh, or resumed from its run directory's ``last.pt``."""
+def _train(job: Job, request: Request, dataset: Any) -> None:
+    """Train ``job``'s runs to their end, each fresh or resumed from its ``last.pt``: one run
+    alone, several in one stack."""
+    from .stacked import train_stacked
     from .train import train
 
+    members = [_start_or_resume(spec, request) for spec in job]
+    if len(members) > 1:
+        train_stacked(members, dataset=dataset, progress=request.progress)
+    elif isinstance(members[0], Path):
+        train(resume=members[0], dataset=dataset, progress=request.progress)
+    else:
+        train(members[0], dataset=dataset, progress=request.progress)
+
+
+def _start_or_resume(spec: RunSpec, request: Request) -> TrainConfig | Path:
+    """``spec``'s run directory to resume, or the config to start it with."""
     run_dir = request.out / RUNS / spec.name
     if (run_dir / rundir.CONFIG).is_file():
         # The stored config wins: the cap is part of the run's name, so it is already this
         # request's, and the device stays the one the run started on, since CPU and CUDA random
         # streams differ and a checkpoint of one cannot continue on the other.
-        train(resume=run_dir, dataset=dataset, progress=request.progress)
-        return
+        return run_dir
     if run_dir.exists():
         # Killed before its config was written: nothing in it to resume.
         shutil.rmtree(run_dir)
-    config = spec.config(request.out, request.data_dir, request.device)
-    train(config, dataset=dataset, progress=request.progress)
+    return spec.config(request.out, request.data_dir, request.device)
 
 
 def _finished_line(m: Measurement) -> str:
@@ -549,10 +597,8 @@ def _stopped(signum: int, names: Sequence[str]) -> signals.Interrupted:
 # --- packing runs onto one device: one process per run ----------------------------------------
 
 
-def _worker(
-    spec: RunSpec, request: Request, threads: int | None, conn: Connection, parent: int
-) -> None:
-    """Body of a worker process: train one run, report an error through ``conn``.
+def _worker(job: Job, request: Request, threads: int | None, conn: Connection, parent: int) -> None:
+    """Body of a worker process: train one job, report an error through ``conn``.
 
     The worker leaves the terminal's process group, so Ctrl-C reaches the parent only and the
     parent forwards exactly one signal: a second one would abandon the checkpoint.
@@ -567,7 +613,7 @@ def _worker(
         torch.set_num_threads(threads)
     status = 0
     try:
-        _train_one(spec, request, load_dataset(spec.cell.dataset, request.data_dir))
+        _train(job, request, load_dataset(job[0].cell.dataset, request.data_dir))
     except signals.Interrupted as e:
         status = e.exit_status
     except BrainPropError as e:
@@ -596,7 +642,7 @@ def _die_with_parent(parent: int) -> None:
 
 
 def _run_in_workers(
-    request: Request, pending: Sequence[RunSpec], outcome: Outcome, say: Callable[[str], None]
+    request: Request, jobs: Sequence[Job], outcome: Outcome, say: Callable[[str], None]
 ) -> None:
     from .devices import resolve_device
 
@@ -606,44 +652,46 @@ def _run_in_workers(
     on_cpu = resolve_device(request.device).type == "cpu"
     threads = max(1, cores // request.jobs) if on_cpu else None
     budget = _Budget(request, threads)
-    queue = list(pending)
-    running: dict[int, tuple[RunSpec, Any, Connection]] = {}
+    queue = list(jobs)
+    running: dict[int, tuple[Job, Any, Connection]] = {}
     with signals.stop_on_signals() as stop:
         while queue or running:
             while queue and len(running) < request.jobs and not stop.requested:
-                spec = queue.pop(0)
-                if not budget.admits(spec, say):
-                    outcome.over_budget.append(spec.name)
+                job = queue.pop(0)
+                if not budget.admits(job, say):
+                    outcome.over_budget.extend(spec.name for spec in job)
                     continue
                 receive, send = ctx.Pipe(duplex=False)
                 proc = ctx.Process(
                     target=_worker,
-                    args=(spec, request, threads, send, os.getpid()),
-                    name=spec.name,
+                    args=(job, request, threads, send, os.getpid()),
+                    name=job[0].name,
                 )
                 proc.start()
                 send.close()
-                running[proc.sentinel] = (spec, proc, receive)
-                say(f"run {spec.name} (process {proc.pid})")
+                running[proc.sentinel] = (job, proc, receive)
+                say(f"run {_names(job)} (process {proc.pid})")
             # Before the check for an empty pool: a signal that came after the last worker
             # ended still leaves queued runs unstarted, which must not read as success.
             if stop.requested:
                 _forward(stop.signum, running)
-                raise _stopped(stop.signum, [s.name for s, _, _ in running.values()])
+                names = [spec.name for job, _, _ in running.values() for spec in job]
+                raise _stopped(stop.signum, names)
             if not running:
                 break
             for sentinel in wait(list(running), timeout=1.0):
-                spec, proc, receive = running.pop(sentinel)  # type: ignore[index]
+                job, proc, receive = running.pop(sentinel)  # type: ignore[index]
                 proc.join()
                 message = _message(receive)
                 if proc.exitcode != 0:
                     _forward(signal.SIGTERM, running)
                     raise BrainPropError(
-                        message or f"{spec.name} ended with exit status {proc.exitcode}"
+                        message or f"{_names(job)} ended with exit status {proc.exitcode}"
                     )
-                m = record(spec, request.out / RUNS / spec.name, request.out)
-                outcome.ran.append(spec.name)
-                say(_finished_line(m))
+                for spec in job:
+                    m = record(spec, request.out / RUNS / spec.name, request.out)
+                    outcome.ran.append(spec.name)
+                    say(_finished_line(m))
 
 
 def _message(receive: Connection) -> str | None:
@@ -654,7 +702,7 @@ def _message(receive: Connection) -> str | None:
         return None
 
 
-def _forward(signum: int | None, running: dict[int, tuple[RunSpec, Any, Connection]]) -> None:
+def _forward(signum: int | None, running: dict[int, tuple[Job, Any, Connection]]) -> None:
     """Send each worker one ``signum`` and wait while it saves its checkpoint."""
     for _, proc, _ in running.values():
         if proc.is_alive():
