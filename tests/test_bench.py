@@ -266,3 +266,19 @@ def test_cli_bench_prints_markdown_and_writes_files(tmp_path, capsys):
     assert main([*args[:-1], str(tmp_path / JSON_NAME)]) == 2
     err = capsys.readouterr().err
     assert "cannot create the folder" in err and err.count("\n") == 1 and "load" not in err
+
+
+def test_a_stack_is_timed_beside_the_single_step(tmp_path):
+    rep = run_bench(
+        ["mnist/dense"], ["ebp"], device="cpu", steps=2, warmup=0, batch_size=4,
+        peak_tflops=1.0, eval_images=8, stack=3, out=tmp_path, say=lambda _: None,
+    )  # fmt: skip
+    (row,) = rep["results"]
+    assert row["stack_size"] == 3 and row["stack_step_ms"] > 0
+    assert row["stack_speedup"] == pytest.approx(3 * row["step_ms"] / row["stack_step_ms"])
+    assert row["stack_peak_memory_bytes"] > 0
+    md = (tmp_path / MARKDOWN_NAME).read_text()
+    assert "stack of 3 ms | stack speed-up |" in md
+    assert md.splitlines()[-1].startswith("Stack: 3 seeds in one stacked network")
+    with pytest.raises(BrainPropError, match="--stack must be >= 1"):
+        run_bench(["mnist/dense"], ["ebp"], device="cpu", peak_tflops=1.0, stack=0)

@@ -120,3 +120,9 @@ def test_members_that_cannot_share_a_stack_are_refused(tmp_path, tiny_dataset, c
     with pytest.raises(BrainPropError, match=message):
         train_stacked([first, second], dataset=tiny_dataset, progress=False)
     assert not list(tmp_path.iterdir())  # refused before any run directory was made
+
+
+def test_a_graphed_stack_needs_a_cuda_device(tmp_path, tiny_dataset):
+    members = [_config(tmp_path, s, cuda_graph=True, device="cpu") for s in (0, 1)]
+    with pytest.raises(BrainPropError, match="--cuda-graph cannot run here: it needs a CUDA"):
+        train_stacked(members, dataset=tiny_dataset, progress=False)

@@ -15,11 +15,14 @@ TF32 cuDNN convolutions), so each is compared against its own precision's peak.
 
 The figures are the fast path's, the one ``train`` takes (:mod:`brainprop.fastpath`). Where the
 fast path changes a network, the same step is also timed in eager mode, side by side (their
-blocks alternate), and each row gives the ratio.
+blocks alternate), and each row gives the ratio. With ``stack`` G > 1 the step of G seeds in
+one stacked network (:mod:`brainprop.stacked`) takes its turn too, and each row gives its
+time and its speed-up over G single steps: above 1, ``reproduce --stack G`` pays.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import platform
 import statistics
@@ -44,6 +47,7 @@ from .evaluation import EVAL_BATCH, accuracy
 from .feedback import convert
 from .objectives import RULES, make_objective
 from .presets import build_model
+from .stacked import Stack
 from .step import make_optimizer
 
 #: The presets the speed targets are stated for, plus the CPU target's MNIST dense.
@@ -335,6 +339,7 @@ class _Rule:
     block_seconds: list[float]
     eager: bool
     warmup: int
+    stack: int = 1
 
 
 def _prepare(
@@ -386,6 +391,50 @@ def _prepare(
     )  # fmt: skip
 
 
+def _prepare_stack(
+    ds: Dataset, arch: str, rule: str, device: torch.device, size: int, *, warmup: int,
+    batch_size: int | None, bf16: bool, cuda_graph: bool,
+) -> _Rule:  # fmt: skip
+    """Build ``size`` seeds of ``rule``'s network as one :class:`~brainprop.stacked.Stack`,
+    stepping on batches gathered as the stacked training loop gathers them, and warm it up."""
+    sizes = {} if batch_size is None else {"batch_size": batch_size}
+    config = TrainConfig(
+        dataset=ds.name, arch=arch, rule=rule, device=str(device), bf16=bf16, **sizes
+    ).resolve()
+    models, generators = [], []
+    for seed in range(size):
+        model = build_model(
+            arch, ds.input_shape, ds.num_classes, config.hyperparameters(),
+            torch.Generator().manual_seed(seed),
+        )  # fmt: skip
+        models.append(fastpath.prepare(model.to(device)).train())
+        generators.append(torch.Generator(device=device).manual_seed(seed))
+    stack = Stack(
+        models, generators, make_objective(rule, config.epsilon), weight_decay=2 * config.l2,
+        batch_size=config.batch_size, bf16=bf16, cuda_graph=cuda_graph,
+    )  # fmt: skip
+    stack.rates.fill_(config.lr)
+    n, batch = len(ds.train_y), config.batch_size
+    perms = torch.stack([torch.randperm(n, device=device, generator=g) for g in generators])
+    batches = itertools.cycle(perms[:, : max(n // batch, 1) * batch].split(batch, dim=1))
+
+    def step() -> None:
+        idx = next(batches)
+        stack.step(to_float(ds.train_x[idx]), ds.train_y[idx])
+
+    if cuda_graph:
+        warmup = max(warmup, fastpath.WARMUP_STEPS + 1)
+    was_reset = memory.reset_peak(device)
+    for _ in range(max(warmup, 1)):
+        step()
+    _sync(device)
+    peak = memory.peak(device, was_reset)
+    stack.optimizer.zero_grad(set_to_none=True)
+    return _Rule(
+        rule, config, models[0], step, generators[0], 0, 0, 0, peak, [], False, warmup, size
+    )
+
+
 def bench_preset(
     ds: Dataset,
     arch: str,
@@ -399,17 +448,20 @@ def bench_preset(
     bf16: bool = False,
     cuda_graph: bool = False,
     eval_images: int | None = None,
+    stack: int = 1,
 ) -> list[dict[str, Any]]:
     """Time each rule's training step for ``arch`` on ``ds``; one JSON-ready row per rule.
 
     The timed blocks alternate (rule A, rule B, rule A, ...), so a change in load or clock
     during the run hits every rule alike and their ratio stays fair. Where the fast path
     changes the network, each rule's eager step takes its turn among them too, and its row
-    gives ``eager_step_ms`` and ``eager_ratio`` (eager over fast). ``peak`` is one peak for all
-    work, or the matmul and convolution peaks (:meth:`Peaks.for_step`).
+    gives ``eager_step_ms`` and ``eager_ratio`` (eager over fast). With ``stack`` > 1, so does
+    a step of that many stacked seeds: ``stack_step_ms`` and ``stack_speedup`` (``stack``
+    single steps' time over the stacked step's). ``peak`` is one peak for all work, or the
+    matmul and convolution peaks (:meth:`Peaks.for_step`).
     """
     peaks = peak if isinstance(peak, Peaks) else Peaks.same(peak)
-    prepared, eager_of = [], {}
+    prepared, eager_of, stack_of = [], {}, {}
     for rule in rules:
         fast = _prepare(
             ds, arch, rule, device, warmup=warmup, batch_size=batch_size, bf16=bf16,
@@ -422,6 +474,12 @@ def bench_preset(
                 eager=True,
             )  # fmt: skip
             prepared.append(eager_of[rule])
+        if stack > 1:
+            stack_of[rule] = _prepare_stack(
+                ds, arch, rule, device, stack, warmup=warmup, batch_size=batch_size, bf16=bf16,
+                cuda_graph=cuda_graph,
+            )  # fmt: skip
+            prepared.append(stack_of[rule])
     blocks = min(BLOCKS, steps)
     per_block = max(steps // blocks, 1)
     for _ in range(blocks):
@@ -437,11 +495,13 @@ def bench_preset(
     test_x, test_y = ds.test_x[:n_eval], ds.test_y[:n_eval]
     rows = []
     for r in prepared:
-        if r.eager:
+        if r.eager or r.stack > 1:
             continue
         step_s = statistics.median(r.block_seconds)
         eager = eager_of.get(r.rule)
         eager_s = statistics.median(eager.block_seconds) if eager else None
+        stacked = stack_of.get(r.rule)
+        stack_s = statistics.median(stacked.block_seconds) if stacked else None
         randperm_s = _median_seconds(
             lambda r=r: torch.randperm(n_train, device=device, generator=r.generator), device
         )
@@ -485,6 +545,10 @@ def bench_preset(
                 "eval_images": n_eval,
                 "eval_s": eval_s,
                 "eval_s_per_10k": eval_s * 10_000 / n_eval,
+                "stack_size": stack,
+                "stack_step_ms": None if stack_s is None else stack_s * 1e3,
+                "stack_speedup": None if stack_s is None else stack * step_s / stack_s,
+                "stack_peak_memory_bytes": None if stacked is None else stacked.peak_memory[0],
             }
         )
     return rows
@@ -538,6 +602,7 @@ def run_bench(
     cuda_graph: bool = False,
     peak_tflops: float | None = None,
     eval_images: int | None = None,
+    stack: int = 1,
     out: str | Path | None = None,
     say: Callable[[str], None] = print,
 ) -> dict[str, Any]:
@@ -551,6 +616,8 @@ def run_bench(
         raise BrainPropError(f"--steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
     if eval_images is not None and eval_images < 1:
         raise BrainPropError(f"--eval-images must be >= 1, got {eval_images}")
+    if stack < 1:
+        raise BrainPropError(f"--stack must be >= 1 seeds, got {stack}")
     for rule in rules:
         if rule not in RULES:
             raise BrainPropError(f"unknown rule {rule!r}: choose from {', '.join(RULES)}")
@@ -574,12 +641,14 @@ def run_bench(
         rows = bench_preset(
             ds, arch, rules, dev, peak=peaks, steps=steps, warmup=warmup,
             batch_size=batch_size, bf16=bf16, cuda_graph=cuda_graph, eval_images=eval_images,
+            stack=stack,
         )  # fmt: skip
         for row in rows:
+            stacked = "" if stack == 1 else f" stack {stack} speed-up {row['stack_speedup']:.3f}"
             say(
                 f"{row['preset']:<20} {row['rule']:<9} {row['step_ms']:9.2f} ms/step "
                 f"{row['epoch_s']:8.2f} s/epoch {row['tflops']:.4f} TFLOP/s "
-                f"eager ratio {_ratio(row['eager_ratio'])}"
+                f"eager ratio {_ratio(row['eager_ratio'])}{stacked}"
             )
         results += rows
         del ds
@@ -591,6 +660,7 @@ def run_bench(
         ),
         "steps": steps,
         "warmup": warmup,
+        "stack": stack,
         "load_average_before": list(load_before),
         "load_average_after": list(os.getloadavg()),
         "results": results,
@@ -650,6 +720,10 @@ def markdown(report: dict[str, Any]) -> str:
     else:
         peak_line = f"- peak: {dev['peak_tflops']:.3f} TFLOP/s ({dev['peak_source']})"
     peak_head, peak_rule = (" peak TFLOP/s |", " ---: |") if two_peaks else ("", "")
+    stack = report.get("stack", 1)
+    stack_head, stack_rule = (
+        (f" stack of {stack} ms | stack speed-up |", " ---: | ---: |") if stack > 1 else ("", "")
+    )
     lines = [
         "# brainprop bench",
         "",
@@ -662,18 +736,20 @@ def markdown(report: dict[str, Any]) -> str:
         f"average {before:.2f} before, {after:.2f} after",
         "",
         "| preset | batch | rule | step ms | s/epoch | images/s | GFLOP/step | TFLOP/s "
-        f"| % of peak |{peak_head} peak mem MiB | host RSS MiB | eval 10k s | eager ratio |",
+        f"| % of peak |{peak_head} peak mem MiB | host RSS MiB | eval 10k s | eager ratio |"
+        f"{stack_head}",
         "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"
-        f"{peak_rule} ---: | ---: | ---: | ---: |",
+        f"{peak_rule} ---: | ---: | ---: | ---: |{stack_rule}",
     ]
     for r in report["results"]:
         row_peak = f" {r['peak_tflops']:.1f} |" if two_peaks else ""
+        row_stack = f" {r['stack_step_ms']:.2f} | {r['stack_speedup']:.3f} |" if stack > 1 else ""
         lines.append(
             f"| {r['preset']} | {r['batch_size']} | {r['rule']} | {r['step_ms']:.2f} "
             f"| {r['epoch_s']:.2f} | {r['images_per_s']:,.0f} | {r['flops_per_step'] / 1e9:.2f} "
             f"| {r['tflops']:.4f} | {100 * r['peak_fraction']:.1f} |{row_peak}"
             f" {_mib(r['peak_memory_bytes'])} | {_mib(r['host_rss_bytes'])} "
-            f"| {r['eval_s_per_10k']:.3f} | {_ratio(r['eager_ratio'])} |"
+            f"| {r['eval_s_per_10k']:.3f} | {_ratio(r['eager_ratio'])} |{row_stack}"
         )
     if report["ratios"]:
         lines += [
@@ -689,4 +765,9 @@ def markdown(report: dict[str, Any]) -> str:
     if report["results"]:
         source = report["results"][0]["peak_memory_source"]
         lines += ["", f"Peak memory: {source}. s/epoch: {_EPOCH_NOTE}"]
+        if stack > 1:
+            lines.append(
+                f"Stack: {stack} seeds in one stacked network (brainprop.stacked), one step "
+                f"each; speed-up: {stack} single steps' time over the stacked step's."
+            )
     return "\n".join(lines) + "\n"

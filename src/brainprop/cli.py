@@ -318,6 +318,10 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         "--eval-images", type=int,
         help="time evaluation on this many test images (default: all 10k) and scale to 10k",
     )  # fmt: skip
+    p.add_argument(
+        "--stack", type=int, default=1, metavar="N",
+        help="also time one step of N seeds stacked (reproduce --stack N) against N single steps",
+    )  # fmt: skip
     p.add_argument("--out", default="runs/bench", help="folder for bench.json and bench.md")
 
 
@@ -335,6 +339,7 @@ def _bench(args: argparse.Namespace) -> int:
         cuda_graph=args.cuda_graph,
         peak_tflops=args.peak_tflops,
         eval_images=args.eval_images,
+        stack=args.stack,
         out=args.out,
         say=lambda line: print(line, file=sys.stderr),
     )

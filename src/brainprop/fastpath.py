@@ -37,7 +37,7 @@ from .feedback import layer_mode
 from .objectives import Objective, Output
 from .step import train_step
 
-__all__ = ["GraphedStep", "features", "make_step", "prepare"]
+__all__ = ["GraphedStep", "features", "graphed", "make_step", "prepare"]
 
 CHANNELS_LAST = "channels_last"
 CUDA_GRAPH = "cuda_graph"
@@ -204,13 +204,27 @@ def make_step(
     )  # fmt: skip
     if not cuda_graph:
         return step
+    return graphed(step, optimizer, model, [generator], batch_size=batch_size, parallel=parallel)
+
+
+def graphed(
+    step: Step,
+    optimizer: torch.optim.Optimizer,
+    model: nn.Module,
+    generators: Sequence[torch.Generator],
+    *,
+    batch_size: int,
+    parallel: distributed.Context | None = None,
+) -> GraphedStep:
+    """``step`` (of ``model``, or of a stack of networks built like it) as a
+    :class:`GraphedStep`; a one-line error where a graph cannot run."""
     refusal = None
     if any(layer_mode(m) == "direct" for m in model.modules()):
         # direct_matrix rebuilds its cached D whenever the seed buffer's version moves, and
         # a graph would go on reading the old, freed D.
         refusal = "--feedback direct regenerates its matrix between steps, which a graph cannot"
-    elif generator.device.type != "cuda":
-        refusal = f"it needs a CUDA device, and this run is on {generator.device.type}"
+    elif generators[0].device.type != "cuda":
+        refusal = f"it needs a CUDA device, and this run is on {generators[0].device.type}"
     elif parallel is not None and parallel.active:
         refusal = "it is for one process, and this run is under torchrun"
     if refusal:
@@ -218,4 +232,4 @@ def make_step(
             f"--cuda-graph cannot run here: {refusal}. Start the run without --cuda-graph "
             "(a run started with it resumes only where it can run)"
         )
-    return GraphedStep(step, optimizer, generators=[generator], batch_size=batch_size)
+    return GraphedStep(step, optimizer, generators=generators, batch_size=batch_size)

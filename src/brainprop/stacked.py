@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 from torch.func import functional_call, stack_module_state
 from tqdm.auto import tqdm
 
@@ -109,7 +110,8 @@ class Stack:
     storage back. The members must be built alike (one config but for the seed) on one device.
 
     Args:
-        trainers: the members.
+        models: the members' networks, in training mode.
+        generators: each member's own random stream (BrainProp's exploration), on the device.
         objective: the rule, shared by all members.
         weight_decay: SGD weight decay (Keras's ``2 * l2``) of the decayed weights.
         batch_size: the nominal batch (BrainProp scales a short last batch's step by it).
@@ -120,7 +122,8 @@ class Stack:
 
     def __init__(
         self,
-        trainers: Sequence[Trainer],
+        models: Sequence[nn.Module],
+        generators: Sequence[torch.Generator],
         objective: Objective,
         *,
         weight_decay: float,
@@ -128,8 +131,7 @@ class Stack:
         bf16: bool = False,
         cuda_graph: bool = False,
     ) -> None:
-        self.models = [t.model for t in trainers]
-        self.generators = [t.generator for t in trainers]
+        self.models, self.generators = list(models), list(generators)
         self.objective, self.batch_size, self.bf16 = objective, batch_size, bf16
         params, self.buffers = stack_module_state(self.models)
         self.params = {k: v.detach().requires_grad_() for k, v in params.items()}
@@ -143,13 +145,13 @@ class Stack:
         names = dict(self.models[0].named_parameters())
         decayed = [self.params[n] for n, p in names.items() if id(p) in decayed_ids]
         rest = [self.params[n] for n, p in names.items() if id(p) not in decayed_ids]
-        self.rates = torch.zeros(len(trainers), device=self.generators[0].device)
+        self.rates = torch.zeros(len(self.models), device=self.generators[0].device)
         self.optimizer = StackedSGD(decayed, rest, weight_decay, self.rates)
         self._forward = torch.vmap(self._member_forward, randomness="different")
         self.step: Callable[[torch.Tensor, torch.Tensor], Output] = self.plain_step
         if cuda_graph:
-            self.step = fastpath.GraphedStep(
-                self.plain_step, self.optimizer, generators=self.generators,
+            self.step = fastpath.graphed(
+                self.plain_step, self.optimizer, self.models[0], self.generators,
                 batch_size=batch_size,
             )  # fmt: skip
 
@@ -333,8 +335,9 @@ class _StackedRun:
     def _stack(self) -> Stack:
         config, trainers = self.config, [m.trainer for m in self.members]
         return Stack(
-            trainers, trainers[0].objective, weight_decay=2 * config.l2,
-            batch_size=config.batch_size, bf16=config.bf16, cuda_graph=config.cuda_graph,
+            [t.model for t in trainers], [t.generator for t in trainers], trainers[0].objective,
+            weight_decay=2 * config.l2, batch_size=config.batch_size, bf16=config.bf16,
+            cuda_graph=config.cuda_graph,
         )  # fmt: skip
 
     def _epoch(self, stack: Stack) -> None:
