@@ -6,12 +6,13 @@
 #     OUT=/some/folder benchmarks/gpu_check.sh
 # Steps, most valuable first; each one's failure or time-out is reported in the log and the
 # next step still runs:
-#   1. The CUDA graph's own test (tests/test_fastpath.py -k cuda, where pytest is installed):
-#      a graphed step trains as an eager one and explores afresh at every replay.
+#   1. The CUDA graph's own tests (tests/test_fastpath.py and tests/test_stacked.py -k cuda,
+#      where pytest is installed): a graphed step trains as an eager one and explores afresh at
+#      every replay, and a graphed stack of seeds trains as a plain one.
 #   2. brainprop bench, every preset, fp32 (cuDNN convolutions in TF32, PyTorch's default),
-#      then --bf16, then --bf16 --cuda-graph (at most BENCH_S seconds each). Each prints its
-#      Markdown table into the log and keeps bench.json (the table is made from it again by
-#      brainprop.bench.markdown).
+#      then --bf16, then --bf16 --cuda-graph, then --bf16 --cuda-graph --stack STACK (at most
+#      BENCH_S seconds each). Each prints its Markdown table into the log and keeps bench.json
+#      (the table is made from it again by brainprop.bench.markdown).
 #   3. torchrun overhead: plain 'brainprop train' and 'torchrun --nproc_per_node=1 ... train'
 #      (MNIST conv, seed 0), alternated, twice each (at most TRAIN_S seconds each): the whole
 #      command's wall time (process start-up included, which is all that torchrun adds: a world
@@ -28,9 +29,9 @@
 #      (8 runs) with --jobs 1 into one folder, then with --jobs JOBS into another; wall times
 #      in packing.txt. Runs still going at the deadline get SIGTERM, save their state, and
 #      their histories come back; no worker outlives the step.
-# It writes at most 6 files under $OUT (the device tool returns at most 8, 2 folders deep):
+# It writes at most 7 files under $OUT (the device tool returns at most 8, 2 folders deep):
 #     log.txt                  everything printed (its tail is also the command's output)
-#     bench-{fp32,bf16,bf16-graph}/bench.json                  brainprop bench
+#     bench-{fp32,bf16,bf16-graph,stack}/bench.json            brainprop bench
 #     torchrun.txt             step 3's table and comparison, then step 4's curves
 #     reproduce.tgz            step 5's results folders (results/measurements/, every run's
 #                              history, reports; no checkpoints) and packing.txt, for merging
@@ -43,6 +44,7 @@
 #     BENCH_S     most seconds for each bench (default 100)
 #     TRAIN_S     most seconds for each train of steps 3 and 4 (default 60)
 #     JOBS        reproduce runs side by side on the GPU (default 4)
+#     STACK       seeds in the stacked bench (default 10, the paper's seeds per cell)
 #     STEPS       steps to run (default "tests bench torchrun fastpath reproduce")
 #     SMOKE=1     toy sizes on the CPU, to test this script on a machine without a GPU
 #
@@ -71,6 +73,7 @@ TOTAL_S=${TOTAL_S:-540}
 BENCH_S=${BENCH_S:-100}
 TRAIN_S=${TRAIN_S:-60}
 STEPS=${STEPS:-tests bench torchrun fastpath reproduce}
+STACK=${STACK:-10}
 PACK_S=20  # kept at the end for packaging
 GRACE_S=30 # after SIGTERM, for runs to save their state before they are killed
 DEADLINE=$((START + TOTAL_S - PACK_S))
@@ -191,9 +194,10 @@ if torch.cuda.is_available():
 EOF
 
 if wants tests; then
-    step "the CUDA graph's test"
+    step "the CUDA graph's tests"
     if "$PY" -c "import pytest" 2>/dev/null; then
-        timed 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_fastpath.py -k cuda -rs ||
+        timed 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_fastpath.py \
+            tests/test_stacked.py -k cuda -rs ||
             echo "step tests failed: $?"
     else
         echo "step tests skipped: no pytest for $PY"
@@ -201,11 +205,12 @@ if wants tests; then
 fi
 
 if wants bench; then
-    for kind in fp32 bf16 bf16-graph; do
-        [[ $kind != fp32 && $DEVICE != cuda ]] && continue
+    for kind in fp32 bf16 bf16-graph stack; do
+        [[ $kind == bf16* && $DEVICE != cuda ]] && continue
         flag=()
-        [[ $kind == bf16* ]] && flag+=(--bf16)
-        [[ $kind == *graph ]] && flag+=(--cuda-graph)
+        [[ $kind != fp32 && $DEVICE == cuda ]] && flag+=(--bf16)
+        [[ $kind == bf16-graph || ($kind == stack && $DEVICE == cuda) ]] && flag+=(--cuda-graph)
+        [[ $kind == stack ]] && flag+=(--stack "$STACK")
         step "brainprop bench $kind (at most ${BENCH_S} s, $(left) s left)"
         timed "$BENCH_S" "$PY" -m brainprop bench "${BENCH[@]}" "${flag[@]}" --device "$DEVICE" \
             --out "$OUT/bench-$kind" || echo "step bench $kind failed: $?"

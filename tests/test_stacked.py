@@ -126,3 +126,19 @@ def test_a_graphed_stack_needs_a_cuda_device(tmp_path, tiny_dataset):
     members = [_config(tmp_path, s, cuda_graph=True, device="cpu") for s in (0, 1)]
     with pytest.raises(BrainPropError, match="--cuda-graph cannot run here: it needs a CUDA"):
         train_stacked(members, dataset=tiny_dataset, progress=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_graphed_stack_trains_as_a_plain_one_on_cuda(tmp_path, tiny_dataset):
+    kw = dict(dropout=(0.0,), device="cuda")
+    plain = train_stacked(
+        [_config(tmp_path / "plain", s, **kw) for s in (0, 1)], dataset=tiny_dataset,
+        progress=False,
+    )  # fmt: skip
+    graphed = train_stacked(
+        [_config(tmp_path / "graph", s, cuda_graph=True, **kw) for s in (0, 1)],
+        dataset=tiny_dataset, progress=False,
+    )  # fmt: skip
+    for a, b in zip(plain, graphed, strict=True):
+        _same_weights(a, b, atol=1e-5)
+        assert [h["val_acc"] for h in b.history] == [h["val_acc"] for h in a.history]
