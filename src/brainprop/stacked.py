@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -59,6 +60,7 @@ from .train import (
     facts,
     gave_up,
     rewind,
+    save_last,
     write_results,
 )
 
@@ -75,8 +77,9 @@ class StackedSGD(torch.optim.Optimizer):
 
     ``rates`` ([G], on the parameters' device) holds the members' rates. It is changed in place
     between steps, so a step captured in a CUDA graph reads the new rates without a new
-    capture; each group's ``lr`` stays 1 and multiplies them. Weight decay ``wd`` adds
-    ``wd * w`` to the gradient, as :class:`torch.optim.SGD` does.
+    capture; each group's ``lr`` stays 1 and multiplies them. ``weight_decay`` (of the
+    ``decayed`` parameters) adds ``weight_decay * w`` to the gradient, as
+    :class:`torch.optim.SGD` does.
     """
 
     def __init__(
@@ -133,14 +136,15 @@ class Stack:
     ) -> None:
         self.models, self.generators = list(models), list(generators)
         self.objective, self.batch_size, self.bf16 = objective, batch_size, bf16
+        # A structure-only copy: functional_call supplies every tensor, so it holds none. Made
+        # before the members become views, or it would copy the whole stack first.
+        self.base = copy.deepcopy(self.models[0]).to("meta").train()
         params, self.buffers = stack_module_state(self.models)
         self.params = {k: v.detach().requires_grad_() for k, v in params.items()}
         for g, model in enumerate(self.models):
             for name, t in [*model.named_parameters(), *model.named_buffers()]:
                 stacked = self.params[name] if name in self.params else self.buffers[name]
                 t.data = stacked.detach()[g]
-        # A structure-only copy: functional_call supplies every tensor, so it holds none.
-        self.base = copy.deepcopy(self.models[0]).to("meta").train()
         decayed_ids = {id(p) for p in decayed_parameters(self.models[0])[0]}
         names = dict(self.models[0].named_parameters())
         decayed = [self.params[n] for n, p in names.items() if id(p) in decayed_ids]
@@ -154,9 +158,6 @@ class Stack:
                 self.plain_step, self.optimizer, self.models[0], self.generators,
                 batch_size=batch_size,
             )  # fmt: skip
-
-    def __len__(self) -> int:
-        return len(self.models)
 
     def _member_forward(
         self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], x: torch.Tensor
@@ -215,7 +216,7 @@ def train_stacked(
     Args:
         members: each a config to start (as ``train(config)`` would) or a run directory to
             continue (as ``train(resume=...)`` would). The configs may differ only in
-            ``seed``, ``name`` and ``epochs``.
+            :data:`MEMBER_FIELDS`: the seed, the name, the epoch cap and where they are kept.
         dataset: use this dataset instead of loading the configs' (tests, notebooks).
         progress: a progress bar per epoch and one line per member and epoch.
 
@@ -241,6 +242,8 @@ def train_stacked(
     stacked: list[_Member] = []
     for state, member_config, run_path in loaded:
         trainer = Trainer(member_config, ds, progress=False)
+        # Once on the device, the dataset is not copied there again for the next member.
+        ds = ds.to(trainer.device)
         if state is not None:
             assert run_path is not None
             restore(trainer, state, ds, run_path)
@@ -258,7 +261,8 @@ def train_stacked(
 
 def _member_state(
     member: TrainConfig | str | Path,
-) -> tuple[dict | None, TrainConfig, Path | None]:
+) -> tuple[dict[str, Any] | None, TrainConfig, Path | None]:
+    """(checkpoint to restore or None, resolved config, run directory or None: a new run)."""
     if isinstance(member, TrainConfig):
         return None, member.resolve(), None
     run_path = Path(member)
@@ -267,7 +271,8 @@ def _member_state(
 
 
 def _common_config(configs: Sequence[TrainConfig]) -> TrainConfig:
-    """The first config, once every other has been checked to differ only in the seed."""
+    """The first config, once every other has been checked to differ from it only in
+    :data:`MEMBER_FIELDS`."""
     first = configs[0]
     for other in configs[1:]:
         for f in dataclasses.fields(TrainConfig):
@@ -318,18 +323,26 @@ class _StackedRun:
             )
 
         with signals.stop_on_signals(warn) as stop:
-            for m in [m for m in self.members if m.trainer.partial is not None]:
-                self._epoch_alone(m)
-            self._leave_finished()
-            while self.members:
-                stack = self._stack()
-                try:
-                    self._epoch(stack)
-                finally:
-                    stack.release()
+            try:
+                for m in [m for m in self.members if m.trainer.partial is not None]:
+                    self._epoch_alone(m)
                 self._leave_finished()
-                if stop.requested and self.members:
-                    raise self._interrupted(stop)
+                while self.members:
+                    if stop.requested:
+                        raise self._interrupted(stop)
+                    stack = self._stack()
+                    try:
+                        self._epoch(stack)
+                    finally:
+                        stack.release()
+                    self._leave_finished()
+            except KeyboardInterrupt:
+                # A second signal: whatever write it cut short left the previous file whole.
+                raise signals.Interrupted(
+                    "stopped at once by a second signal; every seed's last.pt keeps its last "
+                    "finished epoch: the same call continues them",
+                    signal.SIGINT,
+                ) from None
         return self.runs
 
     def _stack(self) -> Stack:
@@ -451,7 +464,11 @@ class _StackedRun:
         self.members.remove(m)
 
     def _interrupted(self, stop: signals.StopRequest) -> signals.Interrupted:
+        """Checkpoint every member (a NaN rewind since its last epoch changed its state) and
+        say how to continue."""
         assert stop.signum is not None
+        for m in self.members:
+            save_last(m.trainer, m.run_path)
         dirs = " ".join(str(m.run_path) for m in self.members)
         return signals.Interrupted(
             f"stopped by {stop.name} at the end of an epoch; every seed saved its state in its "

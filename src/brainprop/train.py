@@ -384,7 +384,7 @@ def _epochs(
             if trainer.stopper.wait >= config.patience:
                 return trainer, "early stopping"
             if stop.requested:
-                _save_last(trainer, run_path)
+                save_last(trainer, run_path)
                 raise _interrupted(stop, run_path, f"after epoch {epoch}")
             try:
                 metrics = trainer.train_epoch(epoch, stop)
@@ -401,7 +401,7 @@ def _epochs(
                 return trainer, f"{DIVERGED} {bad.what} at {bad.where()}"
             if metrics is None:
                 assert trainer.partial is not None  # train_epoch stopped mid-epoch
-                _save_last(trainer, run_path)
+                save_last(trainer, run_path)
                 at = f"in epoch {epoch + 1} after step {trainer.partial['step']}"
                 raise _interrupted(stop, run_path, at)
             if end_epoch(trainer, run_path, metrics, say):
@@ -464,7 +464,7 @@ def write_results(trainer: Trainer, run_path: Path, summary: dict[str, Any]) -> 
     rundir.atomic_write_json(run_path / rundir.SUMMARY, summary)
 
 
-def _save_last(trainer: Trainer, run_path: Path) -> None:
+def save_last(trainer: Trainer, run_path: Path) -> None:
     """Checkpoint the whole state; every rank calls this, as state() gathers their streams."""
     state = trainer.state()
     trainer.parallel.on_main(lambda: checkpoint.save(run_path / rundir.LAST, state))
