@@ -10,7 +10,7 @@ import torch
 from brainprop import TrainConfig, stacked, train, train_stacked
 from brainprop.errors import BrainPropError
 from brainprop.signals import Interrupted
-from brainprop.train import MEASURED_COLUMNS
+from brainprop.train import MEASURED_COLUMNS, Trainer
 
 
 def _config(tmp_path, seed, **kw):
@@ -142,3 +142,38 @@ def test_a_graphed_stack_trains_as_a_plain_one_on_cuda(tmp_path, tiny_dataset):
     for a, b in zip(plain, graphed, strict=True):
         _same_weights(a, b, atol=1e-5)
         assert [h["val_acc"] for h in b.history] == [h["val_acc"] for h in a.history]
+
+
+def test_a_run_stopped_mid_epoch_finishes_that_epoch_alone_then_joins(
+    tmp_path, tiny_dataset, monkeypatch
+):
+    calls = [0]
+    step = Trainer.train_epoch
+
+    def stop_mid_epoch(self, epoch, stop):
+        calls[0] += 1
+        if calls[0] == 1:
+            signal.raise_signal(signal.SIGINT)  # lands before the first step's end
+        return step(self, epoch, stop)
+
+    monkeypatch.setattr(Trainer, "train_epoch", stop_mid_epoch)
+    with pytest.raises(Interrupted, match="in epoch 1 after step 1"):
+        train(_config(tmp_path, 0), dataset=tiny_dataset, progress=False)
+    monkeypatch.undo()
+    interrupted, fresh = train_stacked(
+        [tmp_path / "s0", _config(tmp_path, 1)], dataset=tiny_dataset, progress=False
+    )
+    # Epoch 1 of seed 0 ended alone; its epoch 2 shared a stack with seed 1's epoch 1.
+    assert [h.get("stack_size") for h in interrupted.history] == [None, 2]
+    assert [h["stack_size"] for h in fresh.history] == [2, 1]
+
+
+def test_a_second_signal_quits_at_once_with_one_line(tmp_path, tiny_dataset, monkeypatch):
+    def interrupt(*args, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stacked, "end_epoch", interrupt)
+    with pytest.raises(Interrupted, match="stopped at once by a second signal") as info:
+        train_stacked([_config(tmp_path, s) for s in (0, 1)], dataset=tiny_dataset,
+                      progress=False)  # fmt: skip
+    assert "\n" not in str(info.value) and info.value.exit_status == 128 + signal.SIGINT
