@@ -216,7 +216,10 @@ def test_a_stacked_request_trains_and_records_each_seed(tmp_path, mnist_root, no
     for name in names:
         history = json.loads((tmp_path / ex.RUNS / name / rundir.HISTORY_JSON).read_text())
         assert [h["stack_size"] for h in history] == [2]
-    assert {m.seed for m in ex.load_measurements(tmp_path)} == {0, 1}
+    measurements = ex.load_measurements(tmp_path)
+    assert {m.seed for m in measurements} == {0, 1}
+    # A stacked run's seconds are the stack's: it is reported apart from runs alone.
+    assert {m.machine for m in measurements} == {f"{ex.this_machine('cpu')}, 2 seeds stacked"}
 
 
 def test_two_jobs_train_in_worker_processes_on_cpu(tmp_path, mnist_root):

@@ -44,7 +44,7 @@ def test_a_stack_trains_each_seed_as_its_own_run_would(tmp_path, tiny_dataset, r
         _same_weights(a, b, atol=1e-6)
         assert [h["val_acc"] for h in b.history] == [h["val_acc"] for h in a.history]
         assert [h["stack_size"] for h in b.history] == [2, 2]
-        assert b.summary["stop_reason"] == "max epochs"
+        assert b.summary["stop_reason"] == "max epochs" and b.summary["stack_size"] == 2
         assert json.loads((b.dir / "summary.json").read_text()) == b.summary
         # A member's checkpoint holds its own weights only, not the whole stack's.
         for name in ("last.pt", "best.pt"):

@@ -240,13 +240,20 @@ def record(spec: RunSpec, run_dir: Path, out: Path) -> Measurement:
     config = rundir.read_json(run_dir / rundir.CONFIG)
     history_file = run_dir / rundir.HISTORY_JSON
     history = rundir.read_json(history_file) if history_file.is_file() else []
+    machine = stacked_machine(str(summary.get("device", "unknown")), summary.get("stack_size", 1))
     m = Measurement(
-        spec.name, spec.cell, spec.rule, spec.seed, spec.val, spec.max_epochs,
-        str(summary.get("device", "unknown")), summary, preset=spec.preset,
+        spec.name, spec.cell, spec.rule, spec.seed, spec.val, spec.max_epochs, machine, summary,
+        preset=spec.preset,
     )  # fmt: skip
     # The curve lets a report plot or re-select epochs without the run directory.
     curve = {key: [round(float(h[key]), 5) for h in history] for key in ("val_acc", "test_acc")}
     return write_measurement(m, config, curve, out)
+
+
+def stacked_machine(machine: str, stack_size: int) -> str:
+    """The machine a run in a stack of ``stack_size`` seeds is reported under: its s/epoch is
+    the whole stack's, so it is never pooled with runs that had the device to themselves."""
+    return machine if stack_size <= 1 else f"{machine}, {stack_size} seeds stacked"
 
 
 def write_measurement(
@@ -485,8 +492,9 @@ class _Budget:
             return True
         left = self.deadline - time.monotonic()
         measurements = load_measurements(self.request.out)
+        machine = stacked_machine(self.machine, len(job))
         estimates = [
-            estimate_seconds(spec, measurements, self.machine, self.request.out) for spec in job
+            estimate_seconds(spec, measurements, machine, self.request.out) for spec in job
         ]
         estimate = None if None in estimates else max(e for e in estimates if e is not None)
         if left > 0 and (estimate is None or estimate <= left):
