@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from reliability_helpers import inject, poison
 
 from brainprop import TrainConfig, stacked, train, train_stacked
 from brainprop.errors import BrainPropError
@@ -177,3 +178,23 @@ def test_a_second_signal_quits_at_once_with_one_line(tmp_path, tiny_dataset, mon
         train_stacked([_config(tmp_path, s) for s in (0, 1)], dataset=tiny_dataset,
                       progress=False)  # fmt: skip
     assert "\n" not in str(info.value) and info.value.exit_status == 128 + signal.SIGINT
+
+
+@pytest.mark.parametrize("on_nan", ["stop", "reload"])
+def test_a_nan_in_one_seed_leaves_the_others_untouched(tmp_path, tiny_dataset, monkeypatch, on_nan):
+    # The objective runs once per seed and step: call 4 is seed 1's second step.
+    inject(monkeypatch, {4: poison})
+    kw = dict(dropout=(0.0,), on_nan=on_nan)
+    healthy, hit = train_stacked(
+        [_config(tmp_path, s, **kw) for s in (0, 1)], dataset=tiny_dataset, progress=False
+    )
+    monkeypatch.undo()
+    alone = train(_config(tmp_path / "alone", 0, **kw), dataset=tiny_dataset, progress=False)
+    # Rounding only: seed 0 trained its second epoch in a stack of its own, other kernels.
+    _same_weights(alone, healthy, atol=1e-5)
+    if on_nan == "stop":
+        assert hit.summary["stop_reason"] == "non-finite loss at epoch 1, step 2"
+        assert hit.history == []
+    else:
+        assert hit.summary["nan_reloads"] == 1 and hit.summary["epochs_run"] == 2
+        assert [h["lr"] for h in hit.history] == [0.05, 0.05]

@@ -41,7 +41,7 @@ from torch.func import functional_call, stack_module_state
 from tqdm.auto import tqdm
 
 from . import distributed, fastpath, memory, signals
-from .config import MAX_NAN_RELOADS, TrainConfig
+from .config import TrainConfig
 from .data import Dataset, load_dataset
 from .data.batches import num_batches, to_float
 from .devices import autocast, warn_if_slow_bf16
@@ -56,6 +56,7 @@ from .train import (
     Run,
     Trainer,
     create_run,
+    done_line,
     end_epoch,
     facts,
     gave_up,
@@ -424,15 +425,9 @@ class _StackedRun:
     def _non_finite(self, m: _Member, bad: NonFinite) -> None:
         """What a run of its own does on a NaN (see ``train``): rewind or stop."""
         t = m.trainer
-        if t.config.on_nan == "reload" and t.nan_reloads < MAX_NAN_RELOADS:
+        if t.may_rewind():
             m.trainer = rewind(t, self.ds, m.run_path)
-            self.say(
-                m.say(
-                    f"the {bad.what} became NaN or inf at {bad.where()}: rewound to epoch "
-                    f"{len(m.trainer.history)} with the learning rate scaled by "
-                    f"{m.trainer.lr_scale:g}"
-                )
-            )
+            self.say(m.say(bad.rewound(m.trainer)))
             _share_data(self.members)
             return
         self.say(m.say(gave_up(bad, t.config, m.run_path)))
@@ -454,14 +449,7 @@ class _StackedRun:
         summary = summarize(t.history, facts(t) | {"stack_size": shared}, stop_reason)
         write_results(t, m.run_path, summary)
         if t.history:
-            self.say(
-                m.say(
-                    f"done ({stop_reason}): best val {summary['best_val_acc']:.4f} at epoch "
-                    f"{summary['best_epoch']}, test accuracy there "
-                    f"{summary['test_acc_at_best']:.4f}, {summary['epochs_run']} epochs; "
-                    f"results in {m.run_path}"
-                )
-            )
+            self.say(m.say(done_line(summary, m.run_path)))
         self.runs[id(m)] = Run(m.run_path, t.config, t.model, t.history, summary)
         self.members.remove(m)
 

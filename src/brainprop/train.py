@@ -254,6 +254,10 @@ class Trainer:
             "seconds": seconds + time.perf_counter() - t0,
         }
 
+    def may_rewind(self) -> bool:
+        """Whether a NaN now rewinds the run (``on_nan="reload"`` with reloads left)."""
+        return self.config.on_nan == "reload" and self.nan_reloads < MAX_NAN_RELOADS
+
     def check_finite(self, epoch: int, first_bad: torch.Tensor, last_step: int) -> None:
         """Raise :class:`NonFinite` for a NaN/inf loss so far or in the weights now.
 
@@ -276,6 +280,14 @@ class NonFinite(Exception):
         if self.what == "loss":
             return f"epoch {self.epoch + 1}, step {self.step + 1}"
         return f"epoch {self.epoch + 1} (found after step {self.step + 1})"
+
+    def rewound(self, trainer: Trainer) -> str:
+        """What :func:`rewind` did about it, ``trainer`` being the rewound one."""
+        return (
+            f"the {self.what} became NaN or inf at {self.where()}: rewound to epoch "
+            f"{len(trainer.history)} with the learning rate scaled by {trainer.lr_scale:g} "
+            f"(reload {trainer.nan_reloads} of {MAX_NAN_RELOADS})"
+        )
 
 
 def train(
@@ -353,13 +365,17 @@ def _train(
     summary = summarize(trainer.history, facts(trainer), stop_reason)
     parallel.on_main(lambda: write_results(trainer, run_path, summary))
     if trainer.history:
-        say(
-            f"done ({stop_reason}): best val {summary['best_val_acc']:.4f} at epoch "
-            f"{summary['best_epoch']}, test accuracy there {summary['test_acc_at_best']:.4f}, "
-            f"{summary['epochs_run']} epochs, {summary['total_seconds']:.0f}s; "
-            f"results in {run_path}"
-        )
+        say(done_line(summary, run_path))
     return Run(run_path, config, trainer.model, trainer.history, summary)
+
+
+def done_line(summary: dict[str, Any], run_path: Path) -> str:
+    """The line that closes a run that finished at least one epoch."""
+    return (
+        f"done ({summary['stop_reason']}): best val {summary['best_val_acc']:.4f} at epoch "
+        f"{summary['best_epoch']}, test accuracy there {summary['test_acc_at_best']:.4f}, "
+        f"{summary['epochs_run']} epochs, {summary['total_seconds']:.0f}s; results in {run_path}"
+    )
 
 
 def _epochs(
@@ -389,13 +405,9 @@ def _epochs(
             try:
                 metrics = trainer.train_epoch(epoch, stop)
             except NonFinite as bad:
-                if config.on_nan == "reload" and trainer.nan_reloads < MAX_NAN_RELOADS:
+                if trainer.may_rewind():
                     trainer = rewind(trainer, ds, run_path)
-                    say(
-                        f"the {bad.what} became NaN or inf at {bad.where()}: rewound to epoch "
-                        f"{len(trainer.history)} with the learning rate scaled by "
-                        f"{trainer.lr_scale:g} (reload {trainer.nan_reloads} of {MAX_NAN_RELOADS})"
-                    )
+                    say(bad.rewound(trainer))
                     continue
                 say(gave_up(bad, config, run_path))
                 return trainer, f"{DIVERGED} {bad.what} at {bad.where()}"
