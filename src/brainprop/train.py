@@ -8,6 +8,10 @@ run's ``summary.json`` holds in :mod:`brainprop.summary`.
 
 The loop keeps every per-step quantity on the device and reads back once per epoch, so a step
 never waits for the host.
+
+Everything about a run but its pass over the training set (:class:`Trainer`, ``end_epoch``,
+``rewind``, ``create_run``, ``write_results`` ...) is public because :mod:`brainprop.stacked`
+runs it for each of several seeds that share one stacked pass.
 """
 
 from __future__ import annotations
@@ -445,11 +449,11 @@ def _header(trainer: Trainer, run_path: Path) -> str:
 def gave_up(bad: NonFinite, config: TrainConfig, run_path: Path) -> str:
     """Why a run stopped on a NaN, and what to change."""
     if config.on_nan == "reload":
-        gave_up, fix = f" after {MAX_NAN_RELOADS} reloads", "Lower --lr"
+        after, fix = f" after {MAX_NAN_RELOADS} reloads", "Lower --lr"
     else:
-        gave_up, fix = "", "Lower --lr or --init-std, or pass --on-nan reload"
+        after, fix = "", "Lower --lr or --init-std, or pass --on-nan reload"
     return (
-        f"stopped{gave_up}: the {bad.what} became NaN or inf at {bad.where()}; "
+        f"stopped{after}: the {bad.what} became NaN or inf at {bad.where()}; "
         f"{_kept(run_path)}. {fix}."
     )
 
