@@ -23,11 +23,12 @@
 #      3's two plain (fast-path) runs, whose own difference is the yardstick: how much two runs
 #      of one seed differ on this GPU anyway (at most TRAIN_S seconds each; needs step 3); and
 #      each run's peak GPU memory per epoch, which must not grow.
-#   5. brainprop reproduce in the time left, packed JOBS to the GPU. With $DATA/cifar10: the
-#      CIFAR-10 deep cell (10 seeds, both rules; a seed may not finish). Without it: run
-#      packing on MNIST, 'reproduce --datasets mnist --archs conv --seeds 4 --max-epochs 3'
-#      (8 runs) with --jobs 1 into one folder, then with --jobs JOBS into another; wall times
-#      in packing.txt. Runs still going at the deadline get SIGTERM, save their state, and
+#   5. brainprop reproduce in the time left. With $DATA/cifar10: the CIFAR-10 deep cell (10
+#      seeds, both rules; a seed may not finish), in stacks of STACK seeds if step 2's stacked
+#      bench measured cifar10/deep BrainProp faster stacked, else packed JOBS to the GPU.
+#      Without it: 'reproduce --datasets mnist --archs conv --seeds 4 --max-epochs 3' (8 runs)
+#      three ways, each into its own folder: --jobs 1, --jobs JOBS, --stack 4; wall times in
+#      packing.txt. Runs still going at the deadline get SIGTERM, save their state, and
 #      their histories come back; no worker outlives the step.
 # It writes at most 7 files under $OUT (the device tool returns at most 8, 2 folders deep):
 #     log.txt                  everything printed (its tail is also the command's output)
@@ -351,14 +352,36 @@ reproduce() {
     package
 }
 
+# Whether step 2's stacked bench timed cifar10/deep BrainProp faster in a stack than alone.
+stack_pays() {
+    "$PY" - "$OUT/bench-stack/bench.json" <<'EOF'
+import json, sys
+
+try:
+    rows = json.load(open(sys.argv[1]))["results"]
+except (OSError, ValueError, KeyError):
+    sys.exit(1)
+sys.exit(0 if any(
+    r.get("preset") == "cifar10/deep" and r.get("rule") == "brainprop"
+    and (r.get("stack_speedup") or 0) > 1 for r in rows
+) else 1)
+EOF
+}
+
 if wants reproduce; then
     mkdir -p "$REPRO_DIR"
     if [[ -d $DATA/cifar10 ]]; then
-        reproduce cifar10 "$JOBS" "$(left)" "${CIFAR[@]}"
+        if stack_pays; then
+            echo "the stacked bench timed cifar10/deep faster stacked: stacks of $STACK seeds"
+            reproduce cifar10 1 "$(left)" "${CIFAR[@]}" --stack "$STACK"
+        else
+            reproduce cifar10 "$JOBS" "$(left)" "${CIFAR[@]}"
+        fi
     else
-        echo "no $DATA/cifar10: measuring run packing on MNIST instead"
-        # --jobs 1 may take half the time left; --jobs N gets the rest.
-        reproduce jobs-1 1 $((($(left) - GRACE_S) / 2)) "${PACKING[@]}"
-        reproduce "jobs-$JOBS" "$JOBS" "$(left)" "${PACKING[@]}"
+        echo "no $DATA/cifar10: measuring run packing and stacking on MNIST instead"
+        # A third of the time left each, the last taking what the others left.
+        reproduce jobs-1 1 $((($(left) - GRACE_S) / 3)) "${PACKING[@]}"
+        reproduce "jobs-$JOBS" "$JOBS" $((($(left) - GRACE_S) / 2)) "${PACKING[@]}"
+        reproduce stack-4 1 "$(left)" "${PACKING[@]}" --stack 4
     fi
 fi
