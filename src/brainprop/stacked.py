@@ -402,7 +402,6 @@ class _StackedRun:
     def _epoch_alone(self, m: _Member) -> None:
         """Finish, outside any stack, the epoch that a run of its own was stopped in."""
         t = m.trainer
-        metrics = None
         try:
             metrics = t.train_epoch(len(t.history), signals.StopRequest())
         except NonFinite as bad:
