@@ -38,11 +38,18 @@ def capture_torch(generator: torch.Generator) -> dict[str, Any]:
 
 
 def restore_torch(state: dict[str, Any], generator: torch.Generator) -> None:
-    """Put back what :func:`capture_torch` returned."""
-    torch.set_rng_state(state["torch"])
+    """Put back what :func:`capture_torch` returned; TypeError for a state that is not one."""
+    torch.set_rng_state(_bytes(state["torch"]))
     if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    generator.set_state(state["generator"])
+        torch.cuda.set_rng_state_all([_bytes(s) for s in state["cuda"]])
+    generator.set_state(_bytes(state["generator"]))
+
+
+def _bytes(value: Any) -> torch.Tensor:
+    # torch would take some other values (a list, say) with a deprecation warning, or crash.
+    if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8:
+        raise TypeError(f"a random state is a uint8 tensor, not {type(value).__name__}")
+    return value
 
 
 def capture(generator: torch.Generator) -> dict[str, Any]:
