@@ -22,7 +22,6 @@ time and its speed-up over G single steps: above 1, ``reproduce --stack G`` pays
 
 from __future__ import annotations
 
-import itertools
 import os
 import platform
 import statistics
@@ -40,7 +39,7 @@ from . import fastpath, memory
 from .checkpoint import atomic_write_json, atomic_write_text, make_folder
 from .config import TrainConfig
 from .data import Dataset
-from .data.batches import num_batches, to_float
+from .data.batches import num_batches, permuted_batches
 from .devices import bf16_warning, cpuinfo, native_bf16, physical_cores, resolve_device
 from .errors import BrainPropError
 from .evaluation import EVAL_BATCH, accuracy
@@ -294,17 +293,18 @@ def _median_seconds(fn: Callable[[], object], device: torch.device, repeats: int
 
 
 def _full_batches(
-    ds: Dataset, batch_size: int, generator: torch.Generator
+    ds: Dataset, batch_size: int, generators: list[torch.Generator]
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Batches of one permutation, over and over, gathered and scaled as the training loop's
-    (one index per batch, then :func:`to_float`). Full batches only, so every timed step does
-    the same work; the epoch figure counts the short last batch as a full one."""
+    """Batches of one permutation per generator, over and over, as the training loop gathers
+    them (:func:`permuted_batches`): [b, ...] for one generator, [G, b, ...] for a stack of G.
+    Full batches only, so every timed step does the same work; the epoch figure counts the
+    short last batch as a full one."""
     n = len(ds.train_y)
-    perm = torch.randperm(n, device=ds.train_x.device, generator=generator)
-    perm = perm[: max(n // batch_size, 1) * batch_size]
+    perms = [torch.randperm(n, device=ds.train_x.device, generator=g) for g in generators]
+    perm = perms[0] if len(perms) == 1 else torch.stack(perms)
+    perm = perm[..., : max(n // batch_size, 1) * batch_size]
     while True:
-        for idx in perm.split(batch_size):
-            yield to_float(ds.train_x[idx]), ds.train_y[idx]
+        yield from permuted_batches(ds.train_x, ds.train_y, perm, batch_size)
 
 
 def _forward_flops(model: nn.Module, x: torch.Tensor) -> int:
@@ -360,7 +360,7 @@ def _prepare(
     objective = make_objective(rule, config.epsilon)
     optimizer = make_optimizer(model, config)
     generator = torch.Generator(device=device).manual_seed(config.seed)
-    batches = _full_batches(ds, config.batch_size, generator)
+    batches = _full_batches(ds, config.batch_size, [generator])
     run_step = fastpath.make_step(
         model, objective, optimizer, generator=generator, batch_size=config.batch_size,
         bf16=bf16, cuda_graph=cuda_graph,
@@ -414,13 +414,10 @@ def _prepare_stack(
         batch_size=config.batch_size, bf16=bf16, cuda_graph=cuda_graph,
     )  # fmt: skip
     stack.rates.fill_(config.lr)
-    n, batch = len(ds.train_y), config.batch_size
-    perms = torch.stack([torch.randperm(n, device=device, generator=g) for g in generators])
-    batches = itertools.cycle(perms[:, : max(n // batch, 1) * batch].split(batch, dim=1))
+    batches = _full_batches(ds, config.batch_size, generators)
 
     def step() -> None:
-        idx = next(batches)
-        stack.step(to_float(ds.train_x[idx]), ds.train_y[idx])
+        stack.step(*next(batches))
 
     if cuda_graph:
         warmup = max(warmup, fastpath.WARMUP_STEPS + 1)

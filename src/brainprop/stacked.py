@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from . import distributed, fastpath, memory, signals
 from .config import TrainConfig
 from .data import Dataset, load_dataset
-from .data.batches import num_batches, to_float
+from .data.batches import num_batches, permuted_batches
 from .devices import autocast, warn_if_slow_bf16
 from .errors import BrainPropError
 from .objectives import Objective, Output
@@ -375,14 +375,15 @@ class _StackedRun:
         first_bad = torch.full((len(trainers),), -1, dtype=torch.int64, device=self.device)
         epochs = sorted({len(t.history) + 1 for t in trainers})
         bar = tqdm(
-            enumerate(perms.split(b, dim=1)), total=num_batches(n, b), leave=False,
+            enumerate(permuted_batches(train.train_x, train.train_y, perms, b)),
+            total=num_batches(n, b), leave=False,
             desc=f"epoch {'/'.join(map(str, epochs))}, {len(trainers)} seeds",
             disable=not self.progress or None, unit="batch",
         )  # fmt: skip
-        for step, idx in bar:
-            out = stack.step(to_float(train.train_x[idx]), train.train_y[idx])
+        for step, (x, y) in bar:
+            out = stack.step(x, y)
             loss = out.loss.detach()
-            sums += torch.stack([loss * idx.shape[1], out.rewards.sum(1), out.explored.sum(1)])
+            sums += torch.stack([loss * y.shape[1], out.rewards.sum(1), out.explored.sum(1)])
             bad = ~torch.isfinite(loss) & (first_bad < 0)
             first_bad = torch.where(bad, torch.full_like(first_bad, step), first_bad)
         seconds = time.perf_counter() - t0

@@ -36,9 +36,10 @@ def permuted_batches(
 
     ``x`` is uint8 [N, C, H, W], ``y`` int64 [N] and ``perm`` a permutation of ``range(N)``
     (one ``randperm`` per epoch), all on one device. ``start`` lets a run interrupted
-    mid-epoch continue with the batch it would have taken next.
+    mid-epoch continue with the batch it would have taken next. A ``perm`` of [G, N], one
+    permutation per seed of a :mod:`~brainprop.stacked` network, gives batches [G, b, ...].
     """
-    for idx in perm.split(batch_size)[start:]:
+    for idx in perm.split(batch_size, dim=-1)[start:]:
         yield to_float(x[idx], dtype), y[idx]
 
 
