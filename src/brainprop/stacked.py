@@ -49,7 +49,6 @@ from .errors import BrainPropError
 from .objectives import Objective, Output
 from .presets import decayed_parameters
 from .resume import checkpoint_and_config, restore
-from .schedule import lr_at
 from .summary import DIVERGED, summarize
 from .train import (
     NonFinite,
@@ -357,13 +356,7 @@ class _StackedRun:
     def _epoch(self, stack: Stack) -> None:
         """One pass of every member over the training set, then each member's epoch end."""
         trainers = [m.trainer for m in self.members]
-        rates = []
-        for t in trainers:
-            lr = t.lr_scale * lr_at(len(t.history), t.config.lr, t.config.lr_halving_epochs)
-            for group in t.optimizer.param_groups:
-                group["lr"] = lr
-            rates.append(lr)
-        stack.rates.copy_(torch.tensor(rates))
+        stack.rates.copy_(torch.tensor([t.set_lr(len(t.history)) for t in trainers]))
         counted = memory.reset_peak(self.device)
         t0 = time.perf_counter()
         train = trainers[0].train_set
@@ -387,10 +380,15 @@ class _StackedRun:
             bad = ~torch.isfinite(loss) & (first_bad < 0)
             first_bad = torch.where(bad, torch.full_like(first_bad, step), first_bad)
         seconds = time.perf_counter() - t0
-        totals, first_bad_host = (sums / n).tolist(), first_bad.tolist()
+        totals = (sums / n).tolist()
         last_step = num_batches(n, b) - 1
         for g, m in enumerate(list(self.members)):
             m.trainer.memory_counted = counted
+            try:
+                m.trainer.check_finite(len(m.trainer.history), first_bad[g], last_step)
+            except NonFinite as bad:
+                self._non_finite(m, bad)
+                continue
             metrics = {
                 "train_loss": totals[0][g],
                 "train_reward": totals[1][g],
@@ -398,7 +396,7 @@ class _StackedRun:
                 "seconds": seconds,
                 "stack_size": len(trainers),
             }
-            self._end_epoch(m, metrics, first_bad_host[g], last_step)
+            self._end_epoch(m, metrics)
 
     def _epoch_alone(self, m: _Member) -> None:
         """Finish, outside any stack, the epoch that a run of its own was stopped in."""
@@ -409,17 +407,11 @@ class _StackedRun:
             self._non_finite(m, bad)
             return
         assert metrics is not None  # a StopRequest never raised runs the epoch to its end
-        self._end_epoch(m, metrics, -1, -1)
+        self._end_epoch(m, metrics)
 
-    def _end_epoch(self, m: _Member, metrics: dict, first_bad: int, last_step: int) -> None:
-        t = m.trainer
-        epoch = len(t.history)
-        try:
-            t.check_finite(epoch, torch.tensor(first_bad), last_step)
-        except NonFinite as bad:
-            self._non_finite(m, bad)
-            return
-        if end_epoch(t, m.run_path, metrics, lambda line: self.say(m.say(line))):
+    def _end_epoch(self, m: _Member, metrics: dict[str, float]) -> None:
+        """A finite epoch's end, as a run of its own has it: evaluate, record, checkpoint."""
+        if end_epoch(m.trainer, m.run_path, metrics, lambda line: self.say(m.say(line))):
             self._finish(m, "early stopping")
 
     def _non_finite(self, m: _Member, bad: NonFinite) -> None:

@@ -186,8 +186,7 @@ class Trainer:
         A trainer restored with a ``partial`` starts there instead of at step 0.
         """
         cfg, model, ds = self.config, self.model, self.train_set
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.lr_scale * lr_at(epoch, cfg.lr, cfg.lr_halving_epochs)
+        self.set_lr(epoch)
         model.train()
         self.memory_counted = memory.reset_peak(self.device)
         t0 = time.perf_counter()
@@ -257,6 +256,15 @@ class Trainer:
             "explore_rate": explored_sum.item() / n,
             "seconds": seconds + time.perf_counter() - t0,
         }
+
+    def set_lr(self, epoch: int) -> float:
+        """Set and return the learning rate of 0-based ``epoch``: the schedule's, scaled by
+        the NaN reloads."""
+        cfg = self.config
+        lr = self.lr_scale * lr_at(epoch, cfg.lr, cfg.lr_halving_epochs)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
 
     def may_rewind(self) -> bool:
         """Whether a NaN now rewinds the run (``on_nan="reload"`` with reloads left)."""
