@@ -342,6 +342,22 @@ class _Rule:
     stack: int = 1
 
 
+def _config(
+    ds: Dataset, arch: str, rule: str, device: torch.device, batch_size: int | None, bf16: bool
+) -> TrainConfig:
+    """The paper's config of ``arch`` on ``ds`` for ``rule``, as ``train`` would resolve it."""
+    sizes = {} if batch_size is None else {"batch_size": batch_size}
+    return TrainConfig(
+        dataset=ds.name, arch=arch, rule=rule, device=str(device), bf16=bf16, **sizes
+    ).resolve()
+
+
+def _warmup_steps(warmup: int, cuda_graph: bool) -> int:
+    """Untimed steps before timing: with a CUDA graph at least the eager warm-up, the capture
+    and one replay more, which keeps the first (slower) replay out of the timing."""
+    return max(warmup, fastpath.WARMUP_STEPS + 1) if cuda_graph else warmup
+
+
 def _prepare(
     ds: Dataset, arch: str, rule: str, device: torch.device, *, warmup: int,
     batch_size: int | None, bf16: bool, eager: bool, cuda_graph: bool = False,
@@ -349,10 +365,7 @@ def _prepare(
     """Build ``rule``'s network and step as training does (with ``eager``, as ``train --eager``
     does), count one step's FLOPs, warm it up, and record the peak memory of those steps.
     With ``cuda_graph`` the warm-up includes the capture."""
-    sizes = {} if batch_size is None else {"batch_size": batch_size}
-    config = TrainConfig(
-        dataset=ds.name, arch=arch, rule=rule, device=str(device), bf16=bf16, **sizes
-    ).resolve()
+    config = _config(ds, arch, rule, device, batch_size, bf16)
     init = torch.Generator().manual_seed(config.seed)
     model = build_model(arch, ds.input_shape, ds.num_classes, config.hyperparameters(), init)
     convert(model, config.feedback, generator=init)
@@ -365,10 +378,7 @@ def _prepare(
         model, objective, optimizer, generator=generator, batch_size=config.batch_size,
         bf16=bf16, cuda_graph=cuda_graph,
     )  # fmt: skip
-    if cuda_graph:
-        # The counted step below is warm-up step 1; capture comes after the rest, and one
-        # replay more keeps the first (slower) replay out of the timing.
-        warmup = max(warmup, fastpath.WARMUP_STEPS + 1)
+    warmup = _warmup_steps(warmup, cuda_graph)
 
     def step() -> None:
         run_step(*next(batches))
@@ -397,10 +407,7 @@ def _prepare_stack(
 ) -> _Rule:  # fmt: skip
     """Build ``size`` seeds of ``rule``'s network as one :class:`~brainprop.stacked.Stack`,
     stepping on batches gathered as the stacked training loop gathers them, and warm it up."""
-    sizes = {} if batch_size is None else {"batch_size": batch_size}
-    config = TrainConfig(
-        dataset=ds.name, arch=arch, rule=rule, device=str(device), bf16=bf16, **sizes
-    ).resolve()
+    config = _config(ds, arch, rule, device, batch_size, bf16)
     models, generators = [], []
     for seed in range(size):
         model = build_model(
@@ -419,8 +426,7 @@ def _prepare_stack(
     def step() -> None:
         stack.step(*next(batches))
 
-    if cuda_graph:
-        warmup = max(warmup, fastpath.WARMUP_STEPS + 1)
+    warmup = _warmup_steps(warmup, cuda_graph)
     was_reset = memory.reset_peak(device)
     for _ in range(max(warmup, 1)):
         step()
