@@ -276,9 +276,9 @@ def test_a_stack_is_timed_beside_the_single_step(tmp_path):
     (row,) = rep["results"]
     assert row["stack_size"] == 3 and row["stack_step_ms"] > 0
     assert row["stack_speedup"] == pytest.approx(3 * row["step_ms"] / row["stack_step_ms"])
-    assert row["stack_peak_memory_bytes"] > 0
+    assert row["stack_peak_memory_bytes"] > 0 and row["stack_eval_s_per_10k"] > 0
     md = (tmp_path / MARKDOWN_NAME).read_text()
-    assert "stack of 3 ms | stack speed-up |" in md
+    assert "stack of 3 ms | stack speed-up | stack eval 10k s |" in md
     assert md.splitlines()[-1].startswith("Stack: 3 seeds in one stacked network")
     with pytest.raises(BrainPropError, match="--stack must be >= 1"):
         run_bench(["mnist/dense"], ["ebp"], device="cpu", peak_tflops=1.0, stack=0)

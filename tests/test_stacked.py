@@ -10,6 +10,8 @@ from reliability_helpers import inject, poison
 
 from brainprop import TrainConfig, stacked, train, train_stacked
 from brainprop.errors import BrainPropError
+from brainprop.evaluation import accuracy
+from brainprop.objectives import make_objective
 from brainprop.signals import Interrupted
 from brainprop.train import MEASURED_COLUMNS, Trainer
 
@@ -27,11 +29,15 @@ def _same_weights(a, b, atol):
         torch.testing.assert_close(b.model.state_dict()[name], p, atol=atol, rtol=0, msg=name)
 
 
-@pytest.mark.parametrize("rule", ["brainprop", "ebp"])
-def test_a_stack_trains_each_seed_as_its_own_run_would(tmp_path, tiny_dataset, rule):
+# Not EBP on the held-out split: in its sixth step a ReLU or max-pool tie on this tiny data
+# breaks the other way under the stack's grouped convolutions, and the weights part by 2e-5.
+@pytest.mark.parametrize(
+    ("rule", "val"), [("brainprop", "test"), ("ebp", "test"), ("brainprop", 64)]
+)
+def test_a_stack_trains_each_seed_as_its_own_run_would(tmp_path, tiny_dataset, rule, val):
     """Without dropout (whose masks a stack draws differently) only rounding differs: the
     same shuffles, explorations, weight decay, BatchNorm statistics and accuracies."""
-    kw = dict(rule=rule, dropout=(0.0,), l2=1e-3)
+    kw = dict(rule=rule, dropout=(0.0,), l2=1e-3, val=val)
     alone = [
         train(_config(tmp_path / "alone", s, **kw), dataset=tiny_dataset, progress=False)
         for s in (1, 2)
@@ -43,7 +49,8 @@ def test_a_stack_trains_each_seed_as_its_own_run_would(tmp_path, tiny_dataset, r
     for a, b in zip(alone, together, strict=True):
         assert b.config.seed == a.config.seed and b.dir == tmp_path / "stack" / a.dir.name
         _same_weights(a, b, atol=1e-6)
-        assert [h["val_acc"] for h in b.history] == [h["val_acc"] for h in a.history]
+        for column in ("val_acc", "test_acc"):
+            assert [h[column] for h in b.history] == [h[column] for h in a.history]
         assert [h["stack_size"] for h in b.history] == [2, 2]
         assert b.summary["stop_reason"] == "max epochs" and b.summary["stack_size"] == 2
         assert json.loads((b.dir / "summary.json").read_text()) == b.summary
@@ -51,6 +58,34 @@ def test_a_stack_trains_each_seed_as_its_own_run_would(tmp_path, tiny_dataset, r
         for name in ("last.pt", "best.pt"):
             saved = torch.load(b.dir / name, weights_only=True)["model"].values()
             assert all(t.untyped_storage().nbytes() == t.numel() * t.element_size() for t in saved)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_a_stack_scores_each_member_as_it_would_score_alone(tmp_path, tiny_dataset, monkeypatch,
+                                                              bf16):  # fmt: skip
+    """One vmapped pass over the members gives each the accuracy that ``accuracy`` gives its
+    network alone (in fp32 exactly), over several evaluation batches and a short last one."""
+    runs = [
+        train(_config(tmp_path, s, epochs=1, bf16=bf16), dataset=tiny_dataset, progress=False)
+        for s in (0, 1, 2)
+    ]
+    x = tiny_dataset.test_x
+    # Random labels give each member its own accuracy, so that a mix-up between members shows.
+    y = torch.randint(0, 4, (len(x),), generator=torch.Generator().manual_seed(0))
+    alone = [accuracy(r.model, x, y, bf16) for r in runs]
+    assert len(set(alone)) > 1
+    models = [r.model for r in runs]
+    stack = stacked.Stack(
+        models, [torch.Generator() for _ in runs], make_objective("brainprop"), weight_decay=0.0,
+        batch_size=16, bf16=bf16,
+    )  # fmt: skip
+    monkeypatch.setattr(stacked, "EVAL_BATCH", 60)  # 20 images a member: 3 full batches, 1 short
+    together = stack.accuracies(x, y)
+    if bf16:  # bf16 rounds the grouped convolutions otherwise: a near-tie may flip
+        assert all(abs(t - a) <= 2 / len(y) for t, a in zip(together, alone, strict=True))
+    else:
+        assert together == alone
+    assert stack.base.training and all(m.training for m in models)
 
 
 def test_a_member_that_stops_leaves_and_the_others_train_on(tmp_path, tiny_dataset):
@@ -143,7 +178,8 @@ def test_a_graphed_stack_trains_as_a_plain_one_on_cuda(tmp_path, tiny_dataset):
     )  # fmt: skip
     for a, b in zip(plain, graphed, strict=True):
         _same_weights(a, b, atol=1e-5)
-        assert [h["val_acc"] for h in b.history] == [h["val_acc"] for h in a.history]
+        for column in ("val_acc", "test_acc"):
+            assert [h[column] for h in b.history] == [h[column] for h in a.history]
 
 
 def test_a_run_stopped_mid_epoch_finishes_that_epoch_alone_then_joins(

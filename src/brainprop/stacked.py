@@ -4,7 +4,8 @@ One seed of a paper network is a small load for a large GPU: each of a step's hu
 kernels leaves most of the chip idle. :func:`train_stacked` trains G seeds at once. Their
 weights are stacked into tensors ``[G, ...]``, and one step, ``torch.vmap`` over
 :func:`torch.func.functional_call`, runs every member's forward pass, backward pass and update
-in the same kernels, each G times larger. Whether that beats G runs in sequence depends on the
+in the same kernels, each G times larger; the epoch's evaluation scores every member in one
+pass too. Whether that beats G runs in sequence depends on the
 device and the network: ``brainprop bench --stack G`` measures it side by side.
 
 Each member stays an ordinary run, with its own :class:`~brainprop.train.Trainer` (model,
@@ -41,11 +42,12 @@ from torch.func import functional_call, stack_module_state
 from tqdm.auto import tqdm
 
 from . import distributed, fastpath, memory, signals
-from .config import TrainConfig
+from .config import VAL_TEST, TrainConfig
 from .data import Dataset, load_dataset
-from .data.batches import num_batches, permuted_batches
+from .data.batches import num_batches, ordered_batches, permuted_batches
 from .devices import autocast, warn_if_slow_bf16
 from .errors import BrainPropError
+from .evaluation import EVAL_BATCH
 from .objectives import Objective, Output
 from .presets import decayed_parameters
 from .resume import checkpoint_and_config, restore
@@ -53,6 +55,7 @@ from .summary import DIVERGED, summarize
 from .train import (
     NonFinite,
     Run,
+    Scores,
     Trainer,
     create_run,
     done_line,
@@ -185,6 +188,26 @@ class Stack:
             rewards=torch.stack([o.rewards for o in outs]),
             explored=torch.stack([o.explored for o in outs]),
         )
+
+    @torch.inference_mode()
+    def accuracies(self, x: torch.Tensor, y: torch.Tensor) -> list[float]:
+        """Each member's fraction of ``x`` (uint8 [N, C, H, W]) whose argmax output equals
+        ``y`` ([N]), all members in one vmapped pass per batch."""
+        forward = torch.vmap(self._member_forward, in_dims=(0, 0, None))
+        correct = torch.zeros(len(self.models), dtype=torch.int64, device=x.device)
+        # G members at EVAL_BATCH // G images each hold the activations of one run's batch.
+        batch = max(1, EVAL_BATCH // len(self.models))
+        self.base.eval()
+        try:
+            with autocast(x.device, self.bf16):
+                for xb, yb in ordered_batches(x, y, batch):
+                    q = forward(self.params, self.buffers, xb)
+                    correct += (q.argmax(dim=-1) == yb).sum(dim=-1)
+        finally:
+            self.base.train()
+        # Divided in Python, as a run of its own divides, so that early stopping compares the
+        # same floats.
+        return [c / max(len(y), 1) for c in correct.tolist()]
 
     def release(self) -> None:
         """Give every member its own copy of its weights; the stack is unusable afterwards."""
@@ -380,6 +403,7 @@ class _StackedRun:
             bad = ~torch.isfinite(loss) & (first_bad < 0)
             first_bad = torch.where(bad, torch.full_like(first_bad, step), first_bad)
         seconds = time.perf_counter() - t0
+        scores = self._scores(stack)
         totals = (sums / n).tolist()
         last_step = num_batches(n, b) - 1
         for g, m in enumerate(list(self.members)):
@@ -396,7 +420,21 @@ class _StackedRun:
                 "seconds": seconds,
                 "stack_size": len(trainers),
             }
-            self._end_epoch(m, metrics)
+            self._end_epoch(m, metrics, scores[g])
+
+    def _scores(self, stack: Stack) -> list[Scores]:
+        """Every member's accuracies, measured together; the seconds are the stack's, as the
+        training pass's are."""
+        t0 = time.perf_counter()
+        first = self.members[0].trainer
+        val = stack.accuracies(first.val_x, first.val_y)
+        test = (
+            val
+            if self.config.val == VAL_TEST
+            else stack.accuracies(first.train_set.test_x, first.train_set.test_y)
+        )
+        seconds = time.perf_counter() - t0
+        return [Scores(v, t, seconds) for v, t in zip(val, test, strict=True)]
 
     def _epoch_alone(self, m: _Member) -> None:
         """Finish, outside any stack, the epoch that a run of its own was stopped in."""
@@ -409,9 +447,12 @@ class _StackedRun:
         assert metrics is not None  # a StopRequest never raised runs the epoch to its end
         self._end_epoch(m, metrics)
 
-    def _end_epoch(self, m: _Member, metrics: dict[str, float]) -> None:
-        """A finite epoch's end, as a run of its own has it: evaluate, record, checkpoint."""
-        if end_epoch(m.trainer, m.run_path, metrics, lambda line: self.say(m.say(line))):
+    def _end_epoch(
+        self, m: _Member, metrics: dict[str, float], scores: Scores | None = None
+    ) -> None:
+        """A finite epoch's end, as a run of its own has it: evaluate (unless ``scores`` are
+        measured), record, checkpoint."""
+        if end_epoch(m.trainer, m.run_path, metrics, lambda line: self.say(m.say(line)), scores):
             self._finish(m, "early stopping")
 
     def _non_finite(self, m: _Member, bad: NonFinite) -> None:

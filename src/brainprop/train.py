@@ -494,18 +494,20 @@ def save_last(trainer: Trainer, run_path: Path) -> None:
     trainer.parallel.on_main(lambda: checkpoint.save(run_path / rundir.LAST, state))
 
 
-def end_epoch(
-    trainer: Trainer, run_path: Path, metrics: dict[str, float], say: Callable[[str], None]
-) -> bool:
-    """Evaluate, record and checkpoint a finished epoch; True when early stopping ends the run.
+@dataclass(frozen=True)
+class Scores:
+    """An epoch's accuracies, and the seconds it took to measure them."""
 
-    ``eval_seconds`` is everything after the training pass but the checkpoint writes:
-    evaluation and the feedback diagnostics.
-    """
-    config, epoch = trainer.config, len(trainer.history)
-    train_seconds = metrics.pop("seconds")
-    t1 = time.perf_counter()
-    parallel = trainer.parallel
+    val_acc: float
+    test_acc: float
+    seconds: float
+
+
+def score_epoch(trainer: Trainer) -> Scores:
+    """The validation and test accuracy of ``trainer``'s network (one value when the test set
+    is the validation set)."""
+    t0 = time.perf_counter()
+    config, parallel = trainer.config, trainer.parallel
 
     def score(x: torch.Tensor, y: torch.Tensor) -> float:
         return accuracy(trainer.model, x, y, config.bf16)
@@ -516,6 +518,27 @@ def end_epoch(
         if config.val == VAL_TEST
         else parallel.accuracy(score, trainer.train_set.test_x, trainer.train_set.test_y)
     )
+    return Scores(val_acc, test_acc, time.perf_counter() - t0)
+
+
+def end_epoch(
+    trainer: Trainer,
+    run_path: Path,
+    metrics: dict[str, float],
+    say: Callable[[str], None],
+    scores: Scores | None = None,
+) -> bool:
+    """Evaluate, record and checkpoint a finished epoch; True when early stopping ends the run.
+
+    ``scores`` are the epoch's accuracies if the caller measured them (a stack measures all its
+    members in one pass); otherwise they are measured here. ``eval_seconds`` is everything
+    after the training pass but the checkpoint writes: evaluation and the feedback diagnostics.
+    """
+    config, epoch = trainer.config, len(trainer.history)
+    train_seconds = metrics.pop("seconds")
+    if scores is None:
+        scores = score_epoch(trainer)
+    t1 = time.perf_counter()
     # In fp32 even under --bf16: the angles between feedback and forward weights are about the
     # weights, and bf16 rounding would blur the small angles the plots are read for.
     # Every rank runs the same batch: its BatchNorm statistics need no other rank's.
@@ -527,14 +550,15 @@ def end_epoch(
         "epoch": epoch + 1,
         "lr": trainer.optimizer.param_groups[0]["lr"],
         **metrics,
-        "val_acc": val_acc,
-        "test_acc": test_acc,
+        "val_acc": scores.val_acc,
+        "test_acc": scores.test_acc,
         "seconds": train_seconds,
-        "eval_seconds": time.perf_counter() - t1,
+        "eval_seconds": scores.seconds + time.perf_counter() - t1,
         **_memory_columns(trainer),
         **feedback,
     }
     trainer.history.append(row)
+    val_acc = scores.val_acc
     early = trainer.stopper.update(val_acc)
     best = val_acc > max((h["val_acc"] for h in trainer.history[:-1]), default=-1.0)
     state = trainer.state()
@@ -545,13 +569,13 @@ def end_epoch(
         checkpoint.save(run_path / rundir.LAST, state)
         rundir.write_history(run_path, trainer.history)
 
-    parallel.on_main(write)
+    trainer.parallel.on_main(write)
     say(
         f"epoch {epoch + 1:3d}/{config.epochs}  loss {metrics['train_loss']:.4f}  "
         f"reward {metrics['train_reward']:.4f}  val {val_acc:.4f}  lr {row['lr']:.4g}  "
         f"{train_seconds:.1f}s"
     )
-    return parallel.decide(early)
+    return trainer.parallel.decide(early)
 
 
 def _memory_columns(trainer: Trainer) -> dict[str, float]:
