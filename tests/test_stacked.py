@@ -1,7 +1,10 @@
 """Seeds trained side by side in one stacked network: the same runs as one by one."""
 
+import gc
 import json
+import shutil
 import signal
+import weakref
 from dataclasses import replace
 
 import pytest
@@ -9,6 +12,7 @@ import torch
 from reliability_helpers import inject, poison
 
 from brainprop import TrainConfig, stacked, train, train_stacked
+from brainprop.data.batches import permuted_batches
 from brainprop.errors import BrainPropError
 from brainprop.evaluation import accuracy
 from brainprop.objectives import make_objective
@@ -235,3 +239,76 @@ def test_a_nan_in_one_seed_leaves_the_others_untouched(tmp_path, tiny_dataset, m
     else:
         assert hit.summary["nan_reloads"] == 1 and hit.summary["epochs_run"] == 2
         assert [h["lr"] for h in hit.history] == [0.05, 0.05]
+
+
+def test_a_rewound_seed_does_not_replay_the_others_dropout_masks(tmp_path, tiny_dataset,
+                                                                 monkeypatch):  # fmt: skip
+    """Dropout draws from the global stream, which the whole stack shares: rewinding one seed
+    to its checkpoint must not rewind that stream for the others."""
+    kw = dict(on_nan="reload", epochs=3)
+    clean, _ = train_stacked(
+        [_config(tmp_path / "clean", s, **kw) for s in (0, 1)], dataset=tiny_dataset,
+        progress=False,
+    )  # fmt: skip
+    # 16 steps an epoch, the objective once per seed and step: call 34 is seed 1's first step
+    # of epoch 2, so seed 1 goes back to its epoch-1 checkpoint while seed 0 trains on.
+    inject(monkeypatch, {34: poison})
+    healthy, hit = train_stacked(
+        [_config(tmp_path / "hit", s, **kw) for s in (0, 1)], dataset=tiny_dataset,
+        progress=False,
+    )  # fmt: skip
+    assert hit.summary["nan_reloads"] == 1 and healthy.summary["nan_reloads"] == 0
+    _same_weights(clean, healthy, atol=1e-6)
+
+
+def test_a_nan_while_a_cut_short_epoch_ends_alone_rewinds_into_that_epoch(tmp_path, tiny_dataset,
+                                                                          monkeypatch):  # fmt: skip
+    """As a run of its own does: its last.pt is mid-epoch, so the rewind finishes that epoch
+    again, and no later checkpoint keeps the old mid-epoch position."""
+    kw = dict(dropout=(0.0,), on_nan="reload")
+    run_epoch = Trainer.train_epoch
+
+    def stop_after_first_step(self, epoch, stop):
+        signal.raise_signal(signal.SIGINT)
+        return run_epoch(self, epoch, stop)
+
+    monkeypatch.setattr(Trainer, "train_epoch", stop_after_first_step)
+    with pytest.raises(Interrupted):
+        train(_config(tmp_path / "cut", 0, **kw), dataset=tiny_dataset, progress=False)
+    monkeypatch.undo()
+    shutil.copytree(tmp_path / "cut", tmp_path / "alone")
+    # Call 3 is the fourth step of the cut-short epoch, finished outside any stack.
+    inject(monkeypatch, {3: poison})
+    (stacked_run,) = train_stacked([tmp_path / "cut" / "s0"], dataset=tiny_dataset,
+                                   progress=False)  # fmt: skip
+    monkeypatch.undo()
+    inject(monkeypatch, {3: poison})
+    alone = train(resume=tmp_path / "alone" / "s0", dataset=tiny_dataset, progress=False)
+    assert stacked_run.summary["nan_reloads"] == alone.summary["nan_reloads"] == 1
+    assert [h["epoch"] for h in stacked_run.history] == [1, 2]
+    assert torch.load(stacked_run.dir / "last.pt", weights_only=True)["partial"] is None
+    _same_weights(alone, stacked_run, atol=1e-5)
+
+
+def test_a_released_stack_frees_its_tensors_without_the_cycle_collector(tmp_path, tiny_dataset):
+    """Else every restack would keep the last stack's weights, gradients and CUDA graph pool
+    until Python's cycle collector happened to run."""
+    trainers = [
+        Trainer(_config(tmp_path, s).resolve(), tiny_dataset, progress=False) for s in (0, 1)
+    ]
+    stack = stacked.Stack(
+        [t.model for t in trainers], [t.generator for t in trainers], trainers[0].objective,
+        weight_decay=0.0, batch_size=16,
+    )  # fmt: skip
+    stack.rates.fill_(0.1)
+    perms = torch.stack([torch.randperm(len(tiny_dataset.train_y)) for _ in trainers])
+    x, y = next(permuted_batches(tiny_dataset.train_x, tiny_dataset.train_y, perms, 16))
+    stack.step(x, y)
+    weight = weakref.ref(stack.params["0.weight"])
+    gc.disable()
+    try:
+        stack.release()
+        del stack
+        assert weight() is None
+    finally:
+        gc.enable()

@@ -7,6 +7,8 @@ strings only (numpy's own state object would be refused on load).
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -80,3 +82,20 @@ def restore(state: dict[str, Any], generator: torch.Generator) -> None:
     np.random.set_state(("MT19937", keys, numpy["pos"], numpy["has_gauss"], numpy["gauss"]))
     python = state["python"]
     random.setstate((python["version"], tuple(python["internal"].tolist()), python["gauss"]))
+
+
+@contextmanager
+def global_streams_kept() -> Iterator[None]:
+    """Put the global streams (torch CPU and CUDA, numpy, python ``random``) back as they were
+    on entry, whatever the body seeded or restored."""
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    numpy, python = np.random.get_state(), random.getstate()
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu)
+        if cuda:
+            torch.cuda.set_rng_state_all(cuda)
+        np.random.set_state(numpy)
+        random.setstate(python)

@@ -30,6 +30,7 @@ import copy
 import dataclasses
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -41,11 +42,11 @@ from torch import nn
 from torch.func import functional_call, stack_module_state
 from tqdm.auto import tqdm
 
-from . import distributed, fastpath, memory, signals
+from . import distributed, fastpath, memory, rng, signals
 from .config import VAL_TEST, TrainConfig
 from .data import Dataset, load_dataset
 from .data.batches import num_batches, ordered_batches, permuted_batches
-from .devices import autocast, warn_if_slow_bf16
+from .devices import autocast, resolve_device, warn_if_slow_bf16
 from .errors import BrainPropError
 from .evaluation import EVAL_BATCH
 from .objectives import Objective, Output
@@ -57,6 +58,7 @@ from .train import (
     Run,
     Scores,
     Trainer,
+    check_room,
     create_run,
     done_line,
     end_epoch,
@@ -209,12 +211,22 @@ class Stack:
         # same floats.
         return [c / max(len(y), 1) for c in correct.tolist()]
 
+    def holds(self, models: Sequence[nn.Module]) -> bool:
+        """Whether the stack's members are exactly ``models``, in this order."""
+        return len(models) == len(self.models) and all(
+            a is b for a, b in zip(models, self.models, strict=True)
+        )
+
     def release(self) -> None:
         """Give every member its own copy of its weights; the stack is unusable afterwards."""
         for model in self.models:
             for t in [*model.parameters(), *model.buffers()]:
                 t.data = t.data.clone()
         self.models, self.params, self.buffers = [], {}, {}
+        # The step (and a CUDA graph's) and the vmapped forward refer back to this stack: a
+        # cycle that would keep the stacked weights, gradients and the graph's memory pool
+        # until Python's cycle collector happened to run.
+        del self.step, self._forward, self.optimizer
 
 
 @dataclass
@@ -261,17 +273,23 @@ def train_stacked(
     loaded = [_member_state(m) for m in members]
     config = _common_config([c for _, c, _ in loaded])
     ds = dataset if dataset is not None else load_dataset(config.dataset, config.data_dir)
+    # On the device before any member is built, so that the members find it there, not copy it.
+    ds = ds.to(resolve_device(config.device))
     say = tqdm.write if progress else (lambda _msg: None)
     stacked: list[_Member] = []
     for state, member_config, run_path in loaded:
         trainer = Trainer(member_config, ds, progress=False)
-        # Once on the device, the dataset is not copied there again for the next member.
-        ds = ds.to(trainer.device)
+        if stacked:
+            _share_data(stacked[0].trainer, trainer)  # drops its own copy of a held-out split
         if state is not None:
             assert run_path is not None
             restore(trainer, state, ds, run_path)
+            check_room(trainer, run_path)
+            if trainer.resume_note:
+                print(
+                    f"brainprop: seed {member_config.seed}: {trainer.resume_note}", file=sys.stderr
+                )
         stacked.append(_Member(trainer, run_path or create_run(trainer)))
-    _share_data(stacked)
     warn_if_slow_bf16(stacked[0].trainer.device, config.bf16)
     say(
         f"training {len(stacked)} seeds of {config.arch} on {config.dataset} with "
@@ -316,14 +334,12 @@ def _common_config(configs: Sequence[TrainConfig]) -> TrainConfig:
     return first
 
 
-def _share_data(members: Sequence[_Member]) -> None:
+def _share_data(source: Trainer, trainer: Trainer) -> None:
     # The held-out split is the same for every seed (split_validation draws it with seed 0),
     # so one copy serves all: a step then gathers every member's batch in one indexing.
-    first = members[0].trainer
-    for m in members[1:]:
-        m.trainer.train_set, m.trainer.val_x, m.trainer.val_y = (
-            first.train_set, first.val_x, first.val_y,
-        )  # fmt: skip
+    trainer.train_set, trainer.val_x, trainer.val_y = (
+        source.train_set, source.val_x, source.val_y,
+    )  # fmt: skip
 
 
 class _StackedRun:
@@ -350,23 +366,35 @@ class _StackedRun:
                 for m in [m for m in self.members if m.trainer.partial is not None]:
                     self._epoch_alone(m)
                 self._leave_finished()
-                while self.members:
-                    if stop.requested:
-                        raise self._interrupted(stop)
-                    stack = self._stack()
-                    try:
-                        self._epoch(stack)
-                    finally:
-                        stack.release()
-                    self._leave_finished()
+                self._epochs(stop)
             except KeyboardInterrupt:
                 # A second signal: whatever write it cut short left the previous file whole.
                 raise signals.Interrupted(
-                    "stopped at once by a second signal; every seed's last.pt keeps its last "
-                    "finished epoch: the same call continues them",
+                    "stopped at once by a second signal; every seed's last.pt is whole: "
+                    f"{self._how_to_continue()}",
                     signal.SIGINT,
                 ) from None
         return self.runs
+
+    def _epochs(self, stop: signals.StopRequest) -> None:
+        """Stacked epochs until every member has stopped. One stack (and, with
+        ``--cuda-graph``, one capture) serves as long as the members stay the same; a member
+        that stops or is rewound after a NaN means a new stack of the others."""
+        stack: Stack | None = None
+        try:
+            while self.members:
+                if stop.requested:
+                    raise self._interrupted(stop)
+                models = [m.trainer.model for m in self.members]
+                if stack is None or not stack.holds(models):
+                    if stack is not None:
+                        stack.release()
+                    stack = self._stack()
+                self._epoch(stack)
+                self._leave_finished()
+        finally:
+            if stack is not None:
+                stack.release()
 
     def _stack(self) -> Stack:
         config, trainers = self.config, [m.trainer for m in self.members]
@@ -379,6 +407,7 @@ class _StackedRun:
     def _epoch(self, stack: Stack) -> None:
         """One pass of every member over the training set, then each member's epoch end."""
         trainers = [m.trainer for m in self.members]
+        assert all(t.partial is None for t in trainers), "a cut-short epoch ends alone"
         stack.rates.copy_(torch.tensor([t.set_lr(len(t.history)) for t in trainers]))
         counted = memory.reset_peak(self.device)
         t0 = time.perf_counter()
@@ -459,9 +488,17 @@ class _StackedRun:
         """What a run of its own does on a NaN (see ``train``): rewind or stop."""
         t = m.trainer
         if t.may_rewind():
-            m.trainer = rewind(t, self.ds, m.run_path)
+            # The global streams (dropout masks) are the whole stack's: rewinding one member's
+            # must not replay the others' masks.
+            with rng.global_streams_kept():
+                m.trainer = rewind(t, self.ds, m.run_path)
             self.say(m.say(bad.rewound(m.trainer)))
-            _share_data(self.members)
+            others = [o.trainer for o in self.members if o is not m]
+            if others:
+                _share_data(others[0], m.trainer)
+            if m.trainer.partial is not None:
+                # Its last.pt was cut short mid-epoch, by a run of its own: finish that epoch.
+                self._epoch_alone(m)
             return
         self.say(m.say(gave_up(bad, t.config, m.run_path)))
         self._finish(m, f"{DIVERGED} {bad.what} at {bad.where()}")
@@ -492,10 +529,15 @@ class _StackedRun:
         assert stop.signum is not None
         for m in self.members:
             save_last(m.trainer, m.run_path)
-        dirs = " ".join(str(m.run_path) for m in self.members)
         return signals.Interrupted(
             f"stopped by {stop.name} at the end of an epoch; every seed saved its state in its "
-            f"run directory ({dirs}): the same call continues them all, and "
-            "'brainprop train --resume DIR' one alone",
+            f"run directory: {self._how_to_continue()}",
             stop.signum,
+        )
+
+    def _how_to_continue(self) -> str:
+        dirs = ", ".join(str(m.run_path) for m in self.members)
+        return (
+            f"train_stacked([{dirs}]) (or the same 'brainprop reproduce' command) continues "
+            "them all, and 'brainprop train --resume DIR' one alone"
         )

@@ -357,8 +357,7 @@ def _train(
     if resume is None:
         run_path = parallel.on_main(lambda: create_run(trainer))
     else:
-        # The new last.pt is written beside the old one before the rename.
-        parallel.on_main(lambda: rundir.check_free_space(run_path, _checkpoint_bytes(trainer)))
+        parallel.on_main(lambda: check_room(trainer, run_path))
     if parallel.is_main:
         if trainer.resume_note:
             print(f"brainprop: {trainer.resume_note}", file=sys.stderr)
@@ -614,6 +613,12 @@ def rewind(old: Trainer, ds: Dataset, run_path: Path) -> Trainer:
         restore(trainer, state, ds, run_path)
     trainer.lr_scale, trainer.nan_reloads = old.lr_scale / 2, old.nan_reloads + 1
     return trainer
+
+
+def check_room(trainer: Trainer, run_path: Path) -> None:
+    """Refuse to continue ``run_path`` when its disk cannot take the next last.pt, which is
+    written beside the old one before the rename."""
+    rundir.check_free_space(run_path, _checkpoint_bytes(trainer))
 
 
 def _checkpoint_bytes(trainer: Trainer) -> int:
