@@ -5,8 +5,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from data_fixtures import write_idx_dataset
 
+from brainprop import cli
 from brainprop.cli import main
 
 
@@ -75,6 +77,17 @@ def test_bad_input_is_one_line_and_status_2(argv, message, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_running_out_of_device_memory_is_one_line_and_status_2(monkeypatch, capsys):
+    def too_big(_args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore")
+
+    monkeypatch.setitem(cli.COMMANDS, "bench", too_big)
+    assert main(["bench"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "ran out of memory (CUDA out of memory. Tried to allocate 2.00 GiB): lower" in err
 
 
 def test_missing_dataset_names_where_the_files_go(tmp_path, capsys):

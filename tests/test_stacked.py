@@ -163,6 +163,17 @@ def test_members_that_cannot_share_a_stack_are_refused(tmp_path, tiny_dataset, c
     assert not list(tmp_path.iterdir())  # refused before any run directory was made
 
 
+def test_a_damaged_member_leaves_no_new_run_behind(tmp_path, tiny_dataset):
+    (done,) = train_stacked([_config(tmp_path, 1, epochs=1)], dataset=tiny_dataset,
+                            progress=False)  # fmt: skip
+    state = torch.load(done.dir / "last.pt", weights_only=True)
+    state["model"]["0.weight"].fill_(float("nan"))
+    torch.save(state, done.dir / "last.pt")
+    with pytest.raises(BrainPropError, match="holds NaN or inf weights"):
+        train_stacked([_config(tmp_path, 0), done.dir], dataset=tiny_dataset, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s1"]
+
+
 def test_a_graphed_stack_needs_a_cuda_device(tmp_path, tiny_dataset):
     members = [_config(tmp_path, s, cuda_graph=True, device="cpu") for s in (0, 1)]
     with pytest.raises(BrainPropError, match="--cuda-graph cannot run here: it needs a CUDA"):

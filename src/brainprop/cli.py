@@ -376,6 +376,9 @@ COMMANDS = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import torch
+
+    from .devices import out_of_memory
     from .signals import Interrupted
 
     args = build_parser().parse_args(argv)
@@ -386,6 +389,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return e.exit_status
     except BrainPropError as e:
         print(f"brainprop: error: {e}", file=sys.stderr)
+        return 2
+    except torch.OutOfMemoryError as e:
+        print(f"brainprop: error: {out_of_memory(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("brainprop: interrupted", file=sys.stderr)

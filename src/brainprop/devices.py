@@ -35,6 +35,16 @@ def device_problem(device: str) -> str | None:
     )
 
 
+def out_of_memory(e: torch.OutOfMemoryError) -> BrainPropError:
+    """The one-line error for a device that ran out of memory: too large a load, not a bug."""
+    said = str(e).strip().splitlines()
+    return BrainPropError(
+        f"the device ran out of memory ({said[0][:120] if said else 'no details'}): lower the "
+        "batch size, the seeds stacked (--stack) or the runs at once (--jobs), or free the "
+        "device of other work"
+    )
+
+
 def resolve_device(device: str) -> torch.device:
     """The device ``device`` means here ('auto': the GPU if there is one).
 

@@ -614,6 +614,7 @@ def _worker(job: Job, request: Request, threads: int | None, conn: Connection, p
     import torch
 
     from .data import load_dataset
+    from .devices import out_of_memory
 
     os.setpgrp()
     _die_with_parent(parent)
@@ -626,6 +627,9 @@ def _worker(job: Job, request: Request, threads: int | None, conn: Connection, p
         status = e.exit_status
     except BrainPropError as e:
         conn.send(str(e))
+        status = 2
+    except torch.OutOfMemoryError as e:
+        conn.send(str(out_of_memory(e)))
         status = 2
     conn.close()
     sys.exit(status)

@@ -276,11 +276,11 @@ def train_stacked(
     # On the device before any member is built, so that the members find it there, not copy it.
     ds = ds.to(resolve_device(config.device))
     say = tqdm.write if progress else (lambda _msg: None)
-    stacked: list[_Member] = []
+    built: list[tuple[Trainer, Path | None]] = []
     for state, member_config, run_path in loaded:
         trainer = Trainer(member_config, ds, progress=False)
-        if stacked:
-            _share_data(stacked[0].trainer, trainer)  # drops its own copy of a held-out split
+        if built:
+            _share_data(built[0][0], trainer)  # drops its own copy of a held-out split
         if state is not None:
             assert run_path is not None
             restore(trainer, state, ds, run_path)
@@ -289,7 +289,9 @@ def train_stacked(
                 print(
                     f"brainprop: seed {member_config.seed}: {trainer.resume_note}", file=sys.stderr
                 )
-        stacked.append(_Member(trainer, run_path or create_run(trainer)))
+        built.append((trainer, run_path))
+    # Only once every member is built and restored: a bad checkpoint leaves no new run behind.
+    stacked = [_Member(trainer, run_path or create_run(trainer)) for trainer, run_path in built]
     warn_if_slow_bf16(stacked[0].trainer.device, config.bf16)
     say(
         f"training {len(stacked)} seeds of {config.arch} on {config.dataset} with "
