@@ -5,8 +5,8 @@ kernels leaves most of the chip idle. :func:`train_stacked` trains G seeds at on
 weights are stacked into tensors ``[G, ...]``, and one step, ``torch.vmap`` over
 :func:`torch.func.functional_call`, runs every member's forward pass, backward pass and update
 in the same kernels, each G times larger; the epoch's evaluation scores every member in one
-pass too. Whether that beats G runs in sequence depends on the
-device and the network: ``brainprop bench --stack G`` measures it side by side.
+pass too. Whether that beats G runs in sequence depends on the device and the network:
+``brainprop bench --stack G`` measures it side by side.
 
 Each member stays an ordinary run, with its own :class:`~brainprop.train.Trainer` (model,
 generator, history, early stopping), run directory, checkpoints and summary. Its module's
@@ -261,7 +261,7 @@ def train_stacked(
     Raises:
         BrainPropError: configs that cannot share a stack, or what ``train`` would raise.
         Interrupted: a stop signal arrived; every member saved its state at the end of the
-            epoch, and the same call continues them.
+            epoch, and a call with their run directories continues them.
     """
     if distributed.current().active or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise BrainPropError(
