@@ -140,7 +140,9 @@ class LocallyConnected2d(nn.Module):
     Parameters:
         weight: ``[L, K, C_out]`` with ``L = H_out * W_out`` and ``K = k_h * k_w * C_in``, the
             patch flattened in ``(k_h, k_w, C_in)`` order. This is exactly the Keras kernel
-            layout (``implementation=1``, channels-last patches), so Keras weights load as-is.
+            layout (``implementation=1``, channels-last patches), so this layer's Keras kernel
+            loads as-is. (A dense layer after ``Flatten`` would not: Keras flattens
+            channels-last, PyTorch channels-first.)
         bias (if ``bias``): ``[C_out, H_out, W_out]``, Keras's ``[H_out, W_out, C_out]`` bias
             moved to channels-first.
 

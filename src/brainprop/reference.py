@@ -161,7 +161,9 @@ def trial(
             ``generator`` when the model is training.
 
     Returns:
-        a :class:`Trial`; ``updates`` are what one SGD step of the fast path adds.
+        a :class:`Trial`; ``updates`` are what one SGD step of the fast path adds to a full
+        batch without weight decay (the fast path also scales BrainProp's step on a short
+        last batch by its length over the nominal batch, and adds ``2 * l2 * w``).
     """
     if rule not in ("brainprop", "ebp"):
         raise BrainPropError(f"unknown rule {rule!r}: choose brainprop or ebp")
