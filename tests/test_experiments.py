@@ -100,8 +100,12 @@ def test_estimates_use_this_machine_and_subtract_epochs_done(tmp_path):
     later = RunSpec(DENSE, "brainprop", 1)
     # 50 epochs x (3 s training + 1 s evaluation).
     assert ex.estimate_seconds(later, ex.load_measurements(tmp_path), "cpu A", tmp_path) == 200
-    # EBP borrows BrainProp's seconds per epoch, but not its epochs: the cap bounds those.
-    assert ex.estimate_seconds(ebp, ex.load_measurements(tmp_path), "cpu A", tmp_path) == 2000
+    # EBP, with no run of its own, borrows BrainProp's seconds per epoch and its epochs: the
+    # cap (500 epochs, 2000 s) would keep a budget from ever admitting it after BrainProp.
+    assert ex.estimate_seconds(ebp, ex.load_measurements(tmp_path), "cpu A", tmp_path) == 200
+    write_measurement(tmp_path, RunSpec(DENSE, "ebp", 1), "cpu A", test_acc=0.9, best_epoch=5,
+                      epochs_run=20, s_per_epoch=3.0)  # fmt: skip
+    assert ex.estimate_seconds(ebp, ex.load_measurements(tmp_path), "cpu A", tmp_path) == 80
     assert ex.estimate_seconds(later, ex.load_measurements(tmp_path), "cpu B", tmp_path) is None
     run_dir = tmp_path / ex.RUNS / later.name
     run_dir.mkdir(parents=True)

@@ -284,15 +284,31 @@ def write_measurement(
 
 
 def load_measurements(out: Path) -> list[Measurement]:
-    """Every measurement under ``out/measurements``, from any machine, sorted by file name."""
-    return [_read_measurement(p) for p in sorted((out / MEASUREMENTS).glob("*.json"))]
+    """Every measurement under ``out/measurements``, from any machine, sorted by file name.
+
+    Two files of one run on one machine (a copy made while merging, say) are refused: the run
+    would count twice in its cell.
+    """
+    measurements = [_read_measurement(p) for p in sorted((out / MEASUREMENTS).glob("*.json"))]
+    seen: dict[tuple[str, str], Measurement] = {}
+    for m in measurements:
+        first = seen.setdefault((m.run, m.machine), m)
+        if first is not m:
+            raise BrainPropError(
+                f"{first.path} and {m.path} both measure run {m.run} on {m.machine}: "
+                "remove one of them"
+            )
+    return measurements
 
 
 def _read_measurement(path: Path) -> Measurement:
-    d = rundir.read_json(path)
+    fix = "remove it or copy it again from the machine that made it"
+    d = rundir.read_json(path, fix)
     try:
         if d["format"] != MEASUREMENT_FORMAT:
             raise ValueError(f"format {d['format']!r}")
+        if d["rule"] not in RULE_ORDER:
+            raise ValueError(f"rule {d['rule']!r}, not one of {', '.join(RULE_ORDER)}")
         summary = d["summary"]
         check_summary(summary)
         return Measurement(
@@ -301,10 +317,7 @@ def _read_measurement(path: Path) -> Measurement:
             summary, path, str(d.get("preset", PAPER_PRESET)),
         )  # fmt: skip
     except (KeyError, TypeError, ValueError) as e:
-        raise BrainPropError(
-            f"{path} is not a brainprop measurement ({e}): remove it or copy it again from the "
-            "machine that made it"
-        ) from None
+        raise BrainPropError(f"{path} is not a brainprop measurement ({e}): {fix}") from None
 
 
 def _opt_int(v: Any) -> int | None:
@@ -322,8 +335,10 @@ def estimate_seconds(
     Seconds per epoch (training and evaluation) come from finished runs of the same cell on the
     same machine, the same rule preferred (the network is the same for both rules, so the other
     rule is a close stand-in). The expected epochs are the mean of finished runs of the cell
-    under the same cap and rule (epochs do not depend on the machine), else the cap itself.
-    Epochs an interrupted run already has are subtracted.
+    under the same cap (epochs do not depend on the machine), the same rule preferred, else
+    the cap itself: the other rule's length is a far better guess than the cap, and without it
+    a budget that admits BrainProp's runs would refuse every EBP run after them. Epochs an
+    interrupted run already has are subtracted.
     """
     same_cell = [
         m for m in measurements
@@ -334,11 +349,14 @@ def estimate_seconds(
     if not own:
         return None
     per_epoch = fmean(m.summary["total_seconds"] / m.summary["epochs_run"] for m in own)
+    # Runs that finished no epoch (diverged at once) say nothing about a run's length.
     capped = [
-        m.summary["epochs_run"] for m in same_cell
-        if m.rule == spec.rule and m.max_epochs == spec.max_epochs
-    ]  # fmt: skip
-    epochs = fmean(capped) if capped else float(spec.max_epochs or PAPER_EPOCHS)
+        m for m in same_cell if m.max_epochs == spec.max_epochs and m.summary["epochs_run"] > 0
+    ]
+    lengths = [m.summary["epochs_run"] for m in capped if m.rule == spec.rule] or [
+        m.summary["epochs_run"] for m in capped
+    ]
+    epochs = fmean(lengths) if lengths else float(spec.max_epochs or PAPER_EPOCHS)
     return max(epochs - _epochs_done(out / RUNS / spec.name), 0.0) * per_epoch
 
 

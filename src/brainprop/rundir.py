@@ -89,7 +89,8 @@ def write_history(run: Path, history: list[dict[str, Any]]) -> None:
     atomic_write_text(run / HISTORY_CSV, buf.getvalue())
 
 
-def read_json(path: Path) -> Any:
+def read_json(path: Path, fix: str = "the run directory is damaged") -> Any:
+    """The JSON in ``path``; a one-line error ending in ``fix`` if it cannot be read."""
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
@@ -97,7 +98,9 @@ def read_json(path: Path) -> Any:
             f"{path} is missing: is {path.parent} a brainprop run directory?"
         ) from None
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise BrainPropError(f"{path} is not valid JSON: the run directory is damaged") from None
+        raise BrainPropError(f"{path} is not valid JSON: {fix}") from None
+    except OSError as e:  # a folder where a file should be, no permission, ...
+        raise BrainPropError(f"cannot read {path} ({e.strerror or e}): {fix}") from None
 
 
 def write_plot(run: Path, history: list[dict[str, Any]], title: str) -> None:
