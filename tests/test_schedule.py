@@ -1,5 +1,7 @@
 """The learning-rate halving and Keras's early stopping."""
 
+import numpy as np
+
 from brainprop.schedule import EarlyStopping, lr_at
 
 
@@ -14,4 +16,12 @@ def test_early_stopping_follows_keras():
     # 0.5 improves; 0.5005 is within min_delta, so does not; 0.6 improves; then three flat epochs.
     decisions = [stopper.update(v) for v in (0.5, 0.5005, 0.6, 0.6, 0.6009, 0.59)]
     assert decisions == [False, False, False, False, False, True]
-    assert stopper.best == 0.6
+    assert stopper.best == float(np.float32(0.6))
+
+
+def test_a_tie_at_min_delta_is_decided_in_float32_as_keras_decides_it():
+    # 95.03% then 95.13%: exactly min_delta better. In float64 the difference rounds below
+    # 0.001; Keras compares float32 accuracies, whose difference rounds above, and improves.
+    stopper = EarlyStopping(patience=1, min_delta=0.001)
+    assert stopper.update(0.9503) is False
+    assert stopper.update(0.9513) is False and stopper.wait == 0

@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 
 def lr_at(epoch: int, base: float, halving_epochs: int) -> float:
     """Learning rate for 0-based ``epoch``: ``base`` halved every ``halving_epochs`` epochs."""
@@ -20,7 +22,10 @@ class EarlyStopping:
     """Keras's ``EarlyStopping(monitor='val_accuracy', mode='max')``, step for step.
 
     An epoch improves when ``value - min_delta > best``; training stops once ``patience``
-    epochs in a row have not improved.
+    epochs in a row have not improved. Keras sees the accuracy as a float32 (its metric's
+    ``total / count``), and an improvement of exactly ``min_delta`` (10 images of 10,000) is a
+    tie that rounding decides, differently in float32 than in float64: so the values compared
+    here are rounded to float32 first, as Keras's were.
     """
 
     patience: int
@@ -31,6 +36,7 @@ class EarlyStopping:
     def update(self, value: float) -> bool:
         """Record one epoch's value; True when training should stop."""
         self.wait += 1
+        value = float(np.float32(value))
         if value - self.min_delta > self.best:
             self.best = value
             self.wait = 0
