@@ -107,6 +107,35 @@ def test_mid_epoch_checkpoint_records_the_position(tmp_path: Path, ds, monkeypat
     assert {"order_rng", "loss_sum", "reward_sum", "explored_sum", "first_bad"} <= partial.keys()
 
 
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda s: s["partial"].update(loss_sum=torch.tensor(3)), "position is malformed"),
+        (lambda s: s["partial"].update(first_bad=torch.tensor(-1.0)), "position is malformed"),
+        (lambda s: s["partial"].update(step=10**6), "position is past the end of an epoch"),
+        (lambda s: s.update(lr_scale=float("nan")), "learning-rate scale is out of range"),
+        (lambda s: s.update(lr_scale=-0.5), "learning-rate scale is out of range"),
+        (lambda s: s["early_stopping"].update(best=10**400), "int too large"),
+        (lambda s: s["early_stopping"].update(wait=-1), "wait -1 is out of range"),
+    ],
+)
+def test_a_damaged_mid_epoch_checkpoint_is_refused_before_training(
+    tmp_path: Path, ds, monkeypatch, damage, message
+) -> None:
+    """Damage that would surface mid-run (a cast error at the first step, an epoch of no
+    steps, a raw OverflowError) is found when the checkpoint is read."""
+    inject(monkeypatch, {step(1, 5): _raise(signal.SIGINT)})
+    with pytest.raises(Interrupted):
+        train(tiny_config(tmp_path), dataset=ds, progress=False)
+    monkeypatch.undo()
+    last = tmp_path / "run" / "last.pt"
+    state = checkpoint.load(last)
+    damage(state)
+    torch.save(state, last)
+    with pytest.raises(BrainPropError, match=f"does not fit its run .*{message}"):
+        train(None, resume=tmp_path / "run", dataset=ds, progress=False)
+
+
 def test_second_signal_quits_at_once_keeping_the_last_checkpoint(
     tmp_path: Path, ds, monkeypatch
 ) -> None:

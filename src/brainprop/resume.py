@@ -116,6 +116,10 @@ def partial_ok(partial: Any) -> bool:
         and all(
             isinstance(partial.get(k), torch.Tensor) and partial[k].dim() == 0 for k in PARTIAL_SUMS
         )
+        # The sums are added to in float, the first bad step is an index.
+        and all(partial[k].is_floating_point() for k in PARTIAL_SUMS if k != "first_bad")
+        and not partial["first_bad"].is_floating_point()
+        and not partial["first_bad"].is_complex()
     )
 
 
@@ -139,7 +143,9 @@ def restore(trainer: Trainer, state: dict[str, Any], ds: Dataset, run_path: Path
         )
     try:
         trainer.load_state(state)
-    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
+    except (
+        KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError, OverflowError
+    ) as e:  # fmt: skip
         raise BrainPropError(
             f"{last} does not fit its run ({reason(e)[:160]}): the checkpoint is damaged or from "
             "another version; move it away to restart the run from scratch"

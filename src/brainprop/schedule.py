@@ -46,4 +46,8 @@ class EarlyStopping:
         return {"best": self.best, "wait": self.wait}
 
     def load_state_dict(self, state: dict[str, float]) -> None:
-        self.best, self.wait = float(state["best"]), int(state["wait"])
+        """Restore :meth:`state_dict`'s output; ValueError for one no run could have written."""
+        best, wait = float(state["best"]), int(state["wait"])
+        if math.isnan(best) or best == math.inf or wait < 0:
+            raise ValueError(f"early stopping's best {best} or wait {wait} is out of range")
+        self.best, self.wait = best, wait

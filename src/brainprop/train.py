@@ -17,6 +17,7 @@ runs it for each of several seeds that share one stacked pass.
 from __future__ import annotations
 
 import itertools
+import math
 import signal
 import sys
 import time
@@ -168,10 +169,15 @@ class Trainer:
         self.history = list(state["history"])
         self.stopper.load_state_dict(state["early_stopping"])
         self.lr_scale, self.nan_reloads = float(state["lr_scale"]), int(state["nan_reloads"])
+        if not (math.isfinite(self.lr_scale) and self.lr_scale > 0 and self.nan_reloads >= 0):
+            raise ValueError("its NaN-reload count or learning-rate scale is out of range")
         partial = state["partial"]
         if partial is not None:
             if not partial_ok(partial):
                 raise ValueError("its mid-epoch position is malformed")
+            # At most the end: a position moved to another world size's batches may land there.
+            if partial["step"] > num_batches(len(self.train_set.train_y), self.global_batch):
+                raise ValueError("its mid-epoch position is past the end of an epoch")
             self.generator.set_state(partial["order_rng"])  # fails now, not mid-run, if damaged
         self.partial = partial
         rng.restore(state["rng"], self.generator)
