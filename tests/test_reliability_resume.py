@@ -184,6 +184,16 @@ def test_a_crash_inside_a_write_leaves_the_previous_file(tmp_path: Path, monkeyp
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 
 
+def test_a_written_file_is_as_readable_as_the_umask_allows(tmp_path: Path) -> None:
+    """Not owner-only, as the temporary file it was renamed from was made."""
+    old = os.umask(0o022)
+    try:
+        checkpoint.atomic_write_text(tmp_path / "summary.json", "{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "summary.json").stat().st_mode & 0o777 == 0o644
+
+
 def test_checkpoint_of_another_run_is_refused(tmp_path: Path, ds, reference: Path) -> None:
     other = train(tiny_config(tmp_path, name="other", lr=0.05, epochs=1), dataset=ds,
                   progress=False)  # fmt: skip

@@ -46,6 +46,8 @@ def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None]) -
     except OSError as e:
         raise _write_error(path, e) from None
     try:
+        # mkstemp makes the file owner-only; what this writes is as readable as any new file.
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -57,6 +59,19 @@ def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None]) -
             raise _write_error(path, e) from None
         raise
     _fsync_dir(path.parent)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_figure(path: str | Path, fig: Any, dpi: int) -> None:
+    """Write a matplotlib figure as a PNG, atomically like every other file of a run."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    atomic_write(path, lambda f: f.write(buf.getvalue()))
 
 
 def remove_temporaries(folder: str | Path) -> None:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .checkpoint import atomic_write_figure
 from .feedback import _kind, exact_gradients, feedback_weight, layer_mode
 from .objectives import Objective
 
@@ -140,5 +141,5 @@ def plot_diagnostics(history: Sequence[dict[str, Any]], path: str | Path, title:
             ax.legend(fontsize="small", title="layer")
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write_figure(path, fig, dpi=110)
     plt.close(fig)

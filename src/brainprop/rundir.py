@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import atomic_write, atomic_write_json, atomic_write_text
+from .checkpoint import atomic_write_figure, atomic_write_json, atomic_write_text
 from .errors import BrainPropError
 
 CONFIG, HISTORY_CSV, HISTORY_JSON = "config.json", "history.csv", "history.json"
@@ -121,7 +121,5 @@ def write_plot(run: Path, history: list[dict[str, Any]], title: str) -> None:
     ax.set(xlabel="epoch", ylabel="accuracy", title=title, ylim=(0, 1.02))
     ax.legend(loc="lower right")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
+    atomic_write_figure(run / PLOT, fig, dpi=120)
     plt.close(fig)
-    atomic_write(run / PLOT, lambda f: f.write(buf.getvalue()))
