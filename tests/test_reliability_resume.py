@@ -169,6 +169,17 @@ def test_resume_raises_epochs_only_when_asked(tmp_path: Path, ds) -> None:
     assert json.loads((run.dir / "config.json").read_text())["epochs"] == 2
 
 
+def test_a_kill_between_the_last_checkpoint_and_the_history_is_mended_on_resume(
+    tmp_path: Path, ds
+) -> None:
+    run = train(tiny_config(tmp_path, epochs=2), dataset=ds, progress=False)
+    rows = json.loads((run.dir / "history.json").read_text())
+    (run.dir / "history.json").write_text(json.dumps(rows[:1]))  # as the kill left it
+    train(None, resume=run.dir, dataset=ds, progress=False)
+    assert json.loads((run.dir / "history.json").read_text()) == rows
+    assert len((run.dir / "history.csv").read_text().splitlines()) == 1 + 2
+
+
 def test_a_crash_inside_a_write_leaves_the_previous_file(tmp_path: Path, monkeypatch) -> None:
     path = tmp_path / "last.pt"
     checkpoint.save(path, {"epoch": 1})

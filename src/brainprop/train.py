@@ -482,9 +482,14 @@ def create_run(trainer: Trainer) -> Path:
 
 
 def write_results(trainer: Trainer, run_path: Path, summary: dict[str, Any]) -> None:
-    """The plots and the summary that close a run."""
+    """The history, plots and summary that close a run.
+
+    The history is written again because the last epoch's end writes it after last.pt: a kill
+    between the two leaves a run that a resume closes without training, one row short.
+    """
     config = trainer.config
     if trainer.history:
+        rundir.write_history(run_path, trainer.history)
         title = f"{config.rule} - {config.dataset} {config.arch}"
         rundir.write_plot(run_path, trainer.history, title)
         plot_diagnostics(
