@@ -19,6 +19,8 @@ def write_measurement(
     s_per_epoch: float = 2.0,
     best_val_acc: float | None = None,
     stop_reason: str = "early stopping",
+    stack: int = 1,
+    at_once: int = 1,
 ) -> Measurement:
     """Write one measurement of ``spec`` measured on ``machine``; returns what it says."""
     epochs_run = best_epoch + 45 if epochs_run is None else epochs_run
@@ -48,5 +50,7 @@ def write_measurement(
         machine,
         summary,
         preset=spec.preset,
+        stack=stack,
+        at_once=at_once,
     )
     return write_record(m, {}, {"val_acc": [], "test_acc": []}, out)

@@ -27,7 +27,7 @@ from brainprop.report import README_END, README_START
 
 # brainprop re-exports the function train, which hides the module of the same name.
 train_module = importlib.import_module("brainprop.train")
-DENSE = Cell("mnist", "dense")
+DENSE, CONV = Cell("mnist", "dense"), Cell("mnist", "conv")
 
 
 @pytest.fixture
@@ -111,6 +111,13 @@ def test_estimates_use_this_machine_and_subtract_epochs_done(tmp_path):
     run_dir.mkdir(parents=True)
     (run_dir / rundir.HISTORY_JSON).write_text(json.dumps([{}] * 20))
     assert ex.estimate_seconds(later, ex.load_measurements(tmp_path), "cpu A", tmp_path) == 120
+    # Runs that shared the device time only runs shared alike.
+    write_measurement(tmp_path, RunSpec(CONV, "brainprop", 0), "gpu", test_acc=0.9,
+                      epochs_run=10, s_per_epoch=9.0, stack=4)  # fmt: skip
+    conv = RunSpec(CONV, "brainprop", 1)
+    measurements = ex.load_measurements(tmp_path)
+    assert ex.estimate_seconds(conv, measurements, "gpu", tmp_path) is None
+    assert ex.estimate_seconds(conv, measurements, "gpu, 4 seeds stacked", tmp_path) == 100
 
 
 def _fake_train(calls):
@@ -222,8 +229,9 @@ def test_a_stacked_request_trains_and_records_each_seed(tmp_path, mnist_root, no
         assert [h["stack_size"] for h in history] == [2]
     measurements = ex.load_measurements(tmp_path)
     assert {m.seed for m in measurements} == {0, 1}
-    # A stacked run's seconds are the stack's: it is reported apart from runs alone.
-    assert {m.machine for m in measurements} == {f"{ex.this_machine('cpu')}, 2 seeds stacked"}
+    # A stacked run's seconds are the stack's: its budget estimates come from stacks alike.
+    assert {m.machine for m in measurements} == {ex.this_machine("cpu")}
+    assert {m.timed_on for m in measurements} == {f"{ex.this_machine('cpu')}, 2 seeds stacked"}
 
 
 def test_two_jobs_train_in_worker_processes_on_cpu(tmp_path, mnist_root):

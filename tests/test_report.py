@@ -187,6 +187,25 @@ def test_unreadable_duplicated_or_foreign_measurements_are_one_line_errors(tmp_p
         load_measurements(tmp_path)
 
 
+def test_runs_that_shared_the_device_pool_with_its_other_runs(tmp_path):
+    """Seeds of a cell trained in stacks of different sizes are one row, with one verdict; its
+    seconds are device time per run."""
+    for seed, stack in enumerate((4, 4, 4, 4, 2, 2, 1)):
+        write_measurement(tmp_path, RunSpec(CONV, "brainprop", seed), GPU, test_acc=0.993,
+                          s_per_epoch=8.0, stack=stack)  # fmt: skip
+    for seed in range(3):
+        write_measurement(tmp_path, RunSpec(CONV, "ebp", seed), GPU, test_acc=0.993 + seed / 1e4,
+                          s_per_epoch=1.0, at_once=2)  # fmt: skip
+    [r] = aggregate(load_measurements(tmp_path))
+    assert len(r.rules["brainprop"].seeds) == 7 and r.gap_verdict.agrees is not None
+    assert r.rules["brainprop"].s_per_epoch.mean == pytest.approx((4 * 2 + 2 * 4 + 8) / 7)
+    assert r.rules["ebp"].s_per_epoch.mean == pytest.approx(0.5)
+    assert r.sharing == "3 runs 2 at once, 2 runs stacked by 2, 4 runs stacked by 4"
+    assert f"| {GPU} (3 runs 2 at once, 2 runs stacked by 2, 4 runs stacked by 4) |" in (
+        write_report(tmp_path).read_text()
+    )
+
+
 def test_a_tie_at_the_verdicts_limit_counts_as_within(tmp_path):
     """99.19 and 99.27 average 99.23, exactly 2 published sd (0.04) under 99.31: a tie that
     float rounding (|99.23 - 99.31| = 0.0800000000000125) must not turn into a "no"."""

@@ -210,7 +210,9 @@ class Measurement:
     """One finished run as recorded under ``measurements/``: what ran, where, and its summary.
 
     ``preset`` names the hyperparameter table the run took (files written before presets were
-    recorded hold paper runs).
+    recorded hold paper runs). ``machine`` is the device; ``stack`` (seeds trained as one
+    network) and ``at_once`` (runs packed onto one GPU) say how many runs shared it, so that
+    its seconds can be compared with runs shared alike.
     """
 
     run: str
@@ -223,10 +225,22 @@ class Measurement:
     summary: dict[str, Any]
     path: Path | None = None
     preset: str = PAPER_PRESET
+    stack: int = 1
+    at_once: int = 1
 
     @property
     def file_name(self) -> str:
         return f"{self.run}@{machine_slug(self.machine)}.json"
+
+    @property
+    def shared_by(self) -> int:
+        """How many runs shared the device with this one: its seconds are theirs together."""
+        return self.stack * self.at_once
+
+    @property
+    def timed_on(self) -> str:
+        """The machine and how it was shared: what this run's seconds compare with."""
+        return sharing_label(self.machine, self.stack, self.at_once)
 
 
 def machine_slug(machine: str) -> str:
@@ -234,26 +248,36 @@ def machine_slug(machine: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", machine.lower()).strip("-") or "unknown"
 
 
-def record(spec: RunSpec, run_dir: Path, out: Path) -> Measurement:
-    """Write the measurement of the finished run in ``run_dir``; returns it."""
+def record(spec: RunSpec, run_dir: Path, out: Path, at_once: int = 1) -> Measurement:
+    """Write the measurement of the finished run in ``run_dir``, which trained beside
+    ``at_once - 1`` other runs on its GPU; returns it."""
     summary = rundir.read_json(run_dir / rundir.SUMMARY)
     config = rundir.read_json(run_dir / rundir.CONFIG)
     history_file = run_dir / rundir.HISTORY_JSON
     history = rundir.read_json(history_file) if history_file.is_file() else []
-    machine = stacked_machine(str(summary.get("device", "unknown")), summary.get("stack_size", 1))
     m = Measurement(
-        spec.name, spec.cell, spec.rule, spec.seed, spec.val, spec.max_epochs, machine, summary,
-        preset=spec.preset,
+        spec.name, spec.cell, spec.rule, spec.seed, spec.val, spec.max_epochs,
+        str(summary.get("device", "unknown")), summary, preset=spec.preset,
+        stack=int(summary.get("stack_size", 1)), at_once=at_once,
     )  # fmt: skip
     # The curve lets a report plot or re-select epochs without the run directory.
     curve = {key: [round(float(h[key]), 5) for h in history] for key in ("val_acc", "test_acc")}
     return write_measurement(m, config, curve, out)
 
 
-def stacked_machine(machine: str, stack_size: int) -> str:
-    """The machine a run in a stack of ``stack_size`` seeds is reported under: its s/epoch is
-    the whole stack's, so it is never pooled with runs that had the device to themselves."""
-    return machine if stack_size <= 1 else f"{machine}, {stack_size} seeds stacked"
+def sharing_label(machine: str, stack: int, at_once: int) -> str:
+    """``machine`` and how its device was shared, e.g. ``"cuda (NVIDIA H200), 10 seeds
+    stacked"``: a run's wall seconds compare only with those of runs shared alike."""
+    shared = [f"{stack} seeds stacked"] * (stack > 1) + [f"{at_once} runs at once"] * (at_once > 1)
+    return ", ".join([machine, *shared])
+
+
+def runs_at_once(request: Request) -> int:
+    """How many runs share one device under ``request``: its ``--jobs`` on a GPU; on a CPU the
+    jobs split the cores, which the machine's thread count already says."""
+    from .devices import resolve_device
+
+    return 1 if resolve_device(request.device).type == "cpu" else request.jobs
 
 
 def write_measurement(
@@ -275,6 +299,8 @@ def write_measurement(
             "max_epochs": m.max_epochs,
             "preset": m.preset,
             "machine": m.machine,
+            "stack": m.stack,
+            "runs_at_once": m.at_once,
             "summary": m.summary,
             "config": config,
             "curve": curve,
@@ -311,10 +337,14 @@ def _read_measurement(path: Path) -> Measurement:
             raise ValueError(f"rule {d['rule']!r}, not one of {', '.join(RULE_ORDER)}")
         summary = d["summary"]
         check_summary(summary)
+        # Files written before sharing was recorded hold runs that had the device alone.
+        stack, at_once = int(d.get("stack", 1)), int(d.get("runs_at_once", 1))
+        if stack < 1 or at_once < 1:
+            raise ValueError(f"stack {stack} or runs_at_once {at_once} below 1")
         return Measurement(
             str(d["run"]), Cell(str(d["dataset"]), str(d["arch"])), str(d["rule"]),
             int(d["seed"]), _opt_int(d["val"]), _opt_int(d["max_epochs"]), str(d["machine"]),
-            summary, path, str(d.get("preset", PAPER_PRESET)),
+            summary, path, str(d.get("preset", PAPER_PRESET)), stack, at_once,
         )  # fmt: skip
     except (KeyError, TypeError, ValueError) as e:
         raise BrainPropError(f"{path} is not a brainprop measurement ({e}): {fix}") from None
@@ -330,21 +360,22 @@ def _opt_int(v: Any) -> int | None:
 def estimate_seconds(
     spec: RunSpec, measurements: Sequence[Measurement], machine: str, out: Path
 ) -> float | None:
-    """Expected wall seconds left for ``spec`` on ``machine``; None when nothing tells.
+    """Expected wall seconds left for ``spec`` on ``machine`` (with how it is shared, see
+    :func:`sharing_label`); None when nothing tells.
 
     Seconds per epoch (training and evaluation) come from finished runs of the same cell on the
-    same machine, the same rule preferred (the network is the same for both rules, so the other
-    rule is a close stand-in). The expected epochs are the mean of finished runs of the cell
-    under the same cap (epochs do not depend on the machine), the same rule preferred, else
-    the cap itself: the other rule's length is a far better guess than the cap, and without it
-    a budget that admits BrainProp's runs would refuse every EBP run after them. Epochs an
+    same machine shared alike, the same rule preferred (the network is the same for both rules,
+    so the other rule is a close stand-in). The expected epochs are the mean of finished runs of
+    the cell under the same cap (epochs do not depend on the machine), the same rule preferred,
+    else the cap itself: the other rule's length is a far better guess than the cap, and without
+    it a budget that admits BrainProp's runs would refuse every EBP run after them. Epochs an
     interrupted run already has are subtracted.
     """
     same_cell = [
         m for m in measurements
         if m.cell == spec.cell and m.val == spec.val and m.preset == spec.preset
     ]  # fmt: skip
-    timed = [m for m in same_cell if m.machine == machine and m.summary.get("epochs_run")]
+    timed = [m for m in same_cell if m.timed_on == machine and m.summary.get("epochs_run")]
     own = [m for m in timed if m.rule == spec.rule] or timed
     if not own:
         return None
@@ -432,7 +463,8 @@ def reproduce(request: Request, say: Callable[[str], None] = print) -> Outcome:
     for spec in specs:
         run_dir = request.out / RUNS / spec.name
         if spec.name not in measured and (run_dir / rundir.SUMMARY).is_file():
-            record(spec, run_dir, request.out)  # finished, but stopped before it was recorded
+            # Finished, but stopped before it was recorded.
+            record(spec, run_dir, request.out, runs_at_once(request))
             measured.add(spec.name)
         if spec.name in measured:
             outcome.skipped.append(spec.name)
@@ -501,6 +533,7 @@ class _Budget:
     def __init__(self, request: Request, threads: int | None) -> None:
         self.request = request
         self.machine = this_machine(request.device, threads)
+        self.at_once = runs_at_once(request)
         minutes = request.budget_minutes
         self.deadline = math.inf if minutes is None else time.monotonic() + 60 * minutes
 
@@ -510,7 +543,7 @@ class _Budget:
             return True
         left = self.deadline - time.monotonic()
         measurements = load_measurements(self.request.out)
-        machine = stacked_machine(self.machine, len(job))
+        machine = sharing_label(self.machine, len(job), self.at_once)
         estimates = [
             estimate_seconds(spec, measurements, machine, self.request.out) for spec in job
         ]
@@ -719,7 +752,7 @@ def _run_in_workers(
                         message or f"{_names(job)} ended with exit status {proc.exitcode}"
                     )
                 for spec in job:
-                    m = record(spec, request.out / RUNS / spec.name, request.out)
+                    m = record(spec, request.out / RUNS / spec.name, request.out, budget.at_once)
                     outcome.ran.append(spec.name)
                     say(_finished_line(m))
 

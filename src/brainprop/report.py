@@ -152,6 +152,13 @@ class CellResult:
     published: Published | None
     published_verdict: Verdict
     preset: str = PAPER_PRESET
+    #: How many of the runs shared the device, and how; empty when none did.
+    sharing: str = ""
+
+    @property
+    def machine_text(self) -> str:
+        """The machine, and how its runs shared it where any did."""
+        return self.machine if not self.sharing else f"{self.machine} ({self.sharing})"
 
     @property
     def label(self) -> str:
@@ -162,17 +169,18 @@ class CellResult:
 
 
 def rule_stats(runs: Sequence[Measurement]) -> RuleStats:
-    """Mean (sd) over the seeds in ``runs`` (one rule of one group)."""
-    done = [m.summary for m in runs if "best_val_acc" in m.summary]
+    """Mean (sd) over the seeds in ``runs`` (one rule of one group). Seconds are device time
+    per run: a run that shared the device (a stack, runs at once) counts its share."""
+    # Runs that finished no epoch are counted as diverged, not as runs of length 0.
+    done = [m for m in runs if "best_val_acc" in m.summary]
     return RuleStats(
         seeds=tuple(sorted(m.seed for m in runs)),
-        best_val_acc=Stat.of([100 * s["best_val_acc"] for s in done]),
-        test_acc=Stat.of([100 * s["test_acc_at_best"] for s in done]),
-        epochs_to_best=Stat.of([s["best_epoch"] for s in done]),
-        # Runs that finished no epoch are counted as diverged, not as runs of length 0.
-        epochs_to_stop=Stat.of([s["epochs_run"] for s in done]),
-        s_per_epoch=Stat.of([s["s_per_epoch"] for s in done]),
-        total_seconds=sum(s.get("total_seconds", 0.0) for s in done),
+        best_val_acc=Stat.of([100 * m.summary["best_val_acc"] for m in done]),
+        test_acc=Stat.of([100 * m.summary["test_acc_at_best"] for m in done]),
+        epochs_to_best=Stat.of([m.summary["best_epoch"] for m in done]),
+        epochs_to_stop=Stat.of([m.summary["epochs_run"] for m in done]),
+        s_per_epoch=Stat.of([m.summary["s_per_epoch"] / m.shared_by for m in done]),
+        total_seconds=sum(m.summary.get("total_seconds", 0.0) / m.shared_by for m in done),
         stop_reasons=dict(Counter(m.summary.get("stop_reason", "?") for m in runs)),
     )
 
@@ -237,8 +245,18 @@ def compare(
             published_verdict = no_verdict or Verdict(within)
     return CellResult(
         cell, val, max_epochs, machine, rules, gap, noise, gap_verdict, ratio, ratio_verdict,
-        published, published_verdict, preset,
+        published, published_verdict, preset, _sharing(runs),
     )  # fmt: skip
+
+
+def _sharing(runs: Sequence[Measurement]) -> str:
+    """E.g. "8 runs stacked by 4, 2 stacked by 2": the runs that shared their device."""
+    counts = Counter((m.stack, m.at_once) for m in runs if m.shared_by > 1)
+    parts = []
+    for (stack, at_once), n in sorted(counts.items()):
+        how = [f"stacked by {stack}"] * (stack > 1) + [f"{at_once} at once"] * (at_once > 1)
+        parts.append(f"{n} run{'s' * (n > 1)} {' and '.join(how)}")
+    return ", ".join(parts)
 
 
 def _within(difference: float, limit: float) -> bool:
@@ -434,7 +452,11 @@ def markdown(results: Sequence[CellResult], count: int, machines: Sequence[str])
         "",
         "Accuracies are test accuracy (%) at the epoch of best validation accuracy, mean (sd) "
         "over seeds; `seeds` counts BrainProp / EBP runs. Numbers from different machines or "
-        "epoch caps are never pooled: each row is one machine. The paper claims that BrainProp's "
+        "epoch caps are never pooled: each row is one machine. Runs that shared their device "
+        "(seeds stacked in one network, or several runs at once on a GPU) are pooled with its "
+        "other runs, and the machine column says how many did; their s/epoch and total time "
+        "are device time per run, their wall time divided by how many runs shared the device. "
+        "The paper claims that BrainProp's "
         "accuracy equals EBP's (checked as |gap| <= 2 standard errors of the difference) and that "
         f"BrainProp needs {CLAIMED_RATIO[0]:g} to {CLAIMED_RATIO[1]:g} times EBP's epochs "
         "(checked on epochs to the best). A row with an epoch cap other than the paper's 500 "
@@ -449,7 +471,7 @@ def markdown(results: Sequence[CellResult], count: int, machines: Sequence[str])
         acc_rows = []
         time_rows = []
         for r in rows:
-            head = [r.label, r.machine, _cap(r.max_epochs), _seeds(r)]
+            head = [r.label, r.machine_text, _cap(r.max_epochs), _seeds(r)]
             acc_rows.append([
                 *head, *_pair(r, lambda s: s.accuracy_text(s.test_acc)), _num(r.gap, sign=True),
                 _num(r.gap_noise), r.gap_verdict.text(), _published_acc(r.published),
@@ -532,7 +554,7 @@ def readme_section(results: Sequence[CellResult], report: str) -> str:
         return f"No measurements yet; see [{report}]({report}) once `brainprop reproduce` ran."
     rows = [
         [
-            r.label, "test set" if r.val is None else f"{r.val:,} held out", r.machine,
+            r.label, "test set" if r.val is None else f"{r.val:,} held out", r.machine_text,
             _cap(r.max_epochs), _seeds(r), *_pair(r, lambda s: s.accuracy_text(s.test_acc)),
             _num(r.gap, sign=True), r.gap_verdict.text(), _num(r.ratio),
             r.ratio_verdict.text(), _published_acc(r.published), r.published_verdict.text(),
