@@ -10,12 +10,21 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_tiny_dataset
-from reliability_helpers import inject, one_thread, poison, step, tiny_config, train_module
+from reliability_helpers import (
+    assert_same_run,
+    inject,
+    one_thread,
+    poison,
+    step,
+    tiny_config,
+    train_module,
+)
 from torch import nn
 
 from brainprop import checkpoint, train
 from brainprop.config import MAX_NAN_RELOADS
 from brainprop.errors import BrainPropError
+from brainprop.signals import Interrupted
 
 __all__ = ["one_thread"]  # the autouse fixture, imported to take effect here
 
@@ -87,6 +96,32 @@ def test_on_nan_reload_before_any_checkpoint_restarts_from_the_initial_state(
     run = train(tiny_config(tmp_path, on_nan="reload"), dataset=ds, progress=False)
     assert run.summary["nan_reloads"] == 1
     assert [h["lr"] for h in run.history] == [0.05, 0.05, 0.05]
+
+
+def test_a_nan_after_a_stop_inside_the_epoch_rewinds_to_the_epochs_start(
+    tmp_path: Path, ds, monkeypatch
+) -> None:
+    """As a run never stopped does: back to the end of epoch 1, not to where the stop was."""
+    inject(monkeypatch, {step(2, 6): poison})
+    never_stopped = train(tiny_config(tmp_path / "ref", on_nan="reload"), dataset=ds,
+                          progress=False)  # fmt: skip
+    monkeypatch.undo()
+
+    def stop(q: torch.Tensor) -> torch.Tensor:
+        signal.raise_signal(signal.SIGINT)
+        return q
+
+    inject(monkeypatch, {step(2, 3): stop})
+    with pytest.raises(Interrupted):
+        train(tiny_config(tmp_path / "cut", on_nan="reload"), dataset=ds, progress=False)
+    monkeypatch.undo()
+    run_dir = tmp_path / "cut" / "run"
+    assert checkpoint.load(run_dir / "epoch_start.pt")["epoch"] == 1
+    inject(monkeypatch, {3: poison})  # the resumed process starts at epoch 2, step 4
+    resumed = train(None, resume=run_dir, dataset=ds, progress=False)
+    assert resumed.summary["nan_reloads"] == never_stopped.summary["nan_reloads"] == 1
+    assert not (run_dir / "epoch_start.pt").exists()  # gone with the next epoch's end
+    assert_same_run(never_stopped.dir, run_dir)
 
 
 def test_on_nan_reload_gives_up_after_the_bound(tmp_path: Path, ds, monkeypatch, capsys) -> None:

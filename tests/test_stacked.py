@@ -272,10 +272,11 @@ def test_a_rewound_seed_does_not_replay_the_others_dropout_masks(tmp_path, tiny_
     _same_weights(clean, healthy, atol=1e-6)
 
 
-def test_a_nan_while_a_cut_short_epoch_ends_alone_rewinds_into_that_epoch(tmp_path, tiny_dataset,
-                                                                          monkeypatch):  # fmt: skip
-    """As a run of its own does: its last.pt is mid-epoch, so the rewind finishes that epoch
-    again, and no later checkpoint keeps the old mid-epoch position."""
+def test_a_nan_while_a_cut_short_epoch_ends_alone_rewinds_as_a_run_of_its_own(
+    tmp_path, tiny_dataset, monkeypatch
+):
+    """Back to the end of the last finished epoch (here, none: the initial state), and no
+    later checkpoint keeps the old mid-epoch position."""
     kw = dict(dropout=(0.0,), on_nan="reload")
     run_epoch = Trainer.train_epoch
 

@@ -74,6 +74,12 @@ def atomic_write_figure(path: str | Path, fig: Any, dpi: int) -> None:
     atomic_write(path, lambda f: f.write(buf.getvalue()))
 
 
+def copy(source: str | Path, target: str | Path) -> None:
+    """Copy the file ``source`` to ``target`` atomically."""
+    data = Path(source).read_bytes()
+    atomic_write(target, lambda f: f.write(data))
+
+
 def remove_temporaries(folder: str | Path) -> None:
     """Delete the temporary files that writers killed mid-write (SIGKILL, power loss) left in
     ``folder``; each may be as large as a checkpoint."""

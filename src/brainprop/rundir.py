@@ -28,6 +28,9 @@ from .errors import BrainPropError
 
 CONFIG, HISTORY_CSV, HISTORY_JSON = "config.json", "history.csv", "history.json"
 LAST, BEST, PLOT, SUMMARY = "last.pt", "best.pt", "accuracy.png", "summary.json"
+#: While last.pt holds a position inside an epoch, the end of the epoch before it (see
+#: ``train.save_last``): where a NaN later in that epoch rewinds to.
+EPOCH_START = "epoch_start.pt"
 
 
 def create(out_dir: str | Path, name: str) -> Path:

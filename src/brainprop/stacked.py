@@ -498,9 +498,6 @@ class _StackedRun:
             others = [o.trainer for o in self.members if o is not m]
             if others:
                 _share_data(others[0], m.trainer)
-            if m.trainer.partial is not None:
-                # Its last.pt was cut short mid-epoch, by a run of its own: finish that epoch.
-                self._epoch_alone(m)
             return
         self.say(m.say(gave_up(bad, t.config, m.run_path)))
         self._finish(m, f"{DIVERGED} {bad.what} at {bad.where()}")

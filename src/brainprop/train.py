@@ -499,9 +499,24 @@ def write_results(trainer: Trainer, run_path: Path, summary: dict[str, Any]) -> 
 
 
 def save_last(trainer: Trainer, run_path: Path) -> None:
-    """Checkpoint the whole state; every rank calls this, as state() gathers their streams."""
+    """Checkpoint the whole state; every rank calls this, as state() gathers their streams.
+
+    A state inside an epoch replaces the end of the epoch before, which a NaN later in this
+    epoch rewinds to, as it would in a run never stopped: that one is kept first, as
+    epoch_start.pt, until the epoch ends.
+    """
     state = trainer.state()
-    trainer.parallel.on_main(lambda: checkpoint.save(run_path / rundir.LAST, state))
+
+    def write() -> None:
+        last, start = run_path / rundir.LAST, run_path / rundir.EPOCH_START
+        # With no epoch finished, last.pt is no epoch's end; an epoch_start.pt already there is
+        # this epoch's, kept by an earlier stop in it.
+        keep = state["partial"] is not None and trainer.history and last.is_file()
+        if keep and not start.is_file():
+            checkpoint.copy(last, start)
+        checkpoint.save(last, state)
+
+    trainer.parallel.on_main(write)
 
 
 @dataclass(frozen=True)
@@ -577,6 +592,7 @@ def end_epoch(
         if best:
             checkpoint.save(run_path / rundir.BEST, _weights(trainer, epoch + 1))
         checkpoint.save(run_path / rundir.LAST, state)
+        (run_path / rundir.EPOCH_START).unlink(missing_ok=True)
         rundir.write_history(run_path, trainer.history)
 
     trainer.parallel.on_main(write)
@@ -616,10 +632,20 @@ def _kept(run_path: Path) -> str:
 
 
 def rewind(old: Trainer, ds: Dataset, run_path: Path) -> Trainer:
-    """A trainer at the last checkpoint (the initial state if none yet), at half the LR."""
+    """A trainer at the end of the last finished epoch (the initial state if none), at half
+    the LR."""
     trainer = Trainer(old.config, ds, old.progress)
-    last = run_path / rundir.LAST
-    state = old.parallel.on_main(lambda: checkpoint.load(last) if last.is_file() else None)
+    last, start = run_path / rundir.LAST, run_path / rundir.EPOCH_START
+
+    def load() -> dict[str, Any] | None:
+        state = checkpoint.load(last) if last.is_file() else None
+        if state is not None and state.get("partial") is not None:
+            # Stopped inside this epoch and resumed: back to the epoch's start, as a run never
+            # stopped goes back (see save_last).
+            state = checkpoint.load(start) if start.is_file() else None
+        return state
+
+    state = old.parallel.on_main(load)
     if state is not None:
         restore(trainer, state, ds, run_path)
     trainer.lr_scale, trainer.nan_reloads = old.lr_scale / 2, old.nan_reloads + 1
