@@ -19,7 +19,7 @@ from conftest import make_tiny_dataset
 from data_fixtures import write_idx_dataset
 from reliability_helpers import assert_same_run, inject, one_thread, step, tiny_config
 
-from brainprop import checkpoint, train
+from brainprop import checkpoint, signals, train
 from brainprop.errors import BrainPropError
 from brainprop.signals import Interrupted
 from brainprop.train import Trainer
@@ -315,3 +315,12 @@ def test_sigkill_at_three_seeded_moments_then_resume_is_bit_identical(tmp_path: 
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["epochs_run"] == EPOCHS
     assert_same_run(out / "whole", cut)
+
+
+def test_a_signal_whose_note_cannot_be_printed_still_stops_cleanly() -> None:
+    def reentrant(_signum: int) -> None:
+        raise RuntimeError("reentrant call inside <_io.BufferedWriter name='<stderr>'>")
+
+    with signals.stop_on_signals(reentrant) as stop:
+        signal.raise_signal(signal.SIGTERM)
+    assert stop.requested and stop.name == "SIGTERM"

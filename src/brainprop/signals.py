@@ -62,7 +62,11 @@ def stop_on_signals(on_first: Callable[[int], None] | None = None) -> Iterator[S
             raise KeyboardInterrupt
         stop.signum = signum
         if on_first is not None:
-            on_first(signum)
+            # A signal that lands while the same stream is being written makes this print a
+            # reentrant write, which Python refuses with RuntimeError. The note is a courtesy;
+            # the stop is recorded either way, and must not turn into a traceback.
+            with contextlib.suppress(RuntimeError):
+                on_first(signum)
 
     previous = {s: signal.signal(s, handle) for s in SIGNALS}
     try:
