@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _codecs
 import os
 import pickle
 from pathlib import Path
@@ -14,6 +15,9 @@ from data_fixtures import SHARED_DATA, cifar_pickle, write_cifar10, write_cifar1
 from brainprop.data import load_dataset
 from brainprop.data.cifar import unpickle_restricted
 from brainprop.errors import BrainPropError
+
+#: numpy's array reconstructor, wherever this numpy version keeps it.
+_reconstruct = np.zeros(0).__reduce__()[0]
 
 
 def test_cifar10_shapes_labels_and_channel_order(tmp_path: Path) -> None:
@@ -138,9 +142,69 @@ def test_malicious_pickle_is_refused_without_running(tmp_path: Path, exploit: ty
 
 
 def test_restricted_unpickler_accepts_plain_numpy_payloads() -> None:
-    data = pickle.dumps({b"a": np.arange(6, dtype=np.uint8).reshape(2, 3)}, protocol=2)
+    arrays = {
+        b"a": np.arange(6, dtype=np.uint8).reshape(2, 3),
+        b"fortran": np.asfortranarray(np.arange(6, dtype=">i8").reshape(2, 3)),
+        b"no rows": np.zeros((0, 3072), np.uint8),
+    }
+    data = pickle.dumps({**arrays, b"name": b"batch 1 of 5", b"labels": [1, 2]}, protocol=2)
     out = unpickle_restricted(data, source="x", fix="y")
-    assert out[b"a"].tolist() == [[0, 1, 2], [3, 4, 5]]
+    for key, array in arrays.items():
+        assert out[key].dtype == array.dtype and np.array_equal(out[key], array)
+    assert out[b"name"] == b"batch 1 of 5" and out[b"labels"] == [1, 2]
+
+
+class _Reduce:
+    """Pickles as ``f(*args)``, then ``__setstate__(state)`` if a state is given."""
+
+    def __init__(self, f, args, state=None) -> None:
+        self.f, self.args, self.state = f, args, state
+
+    def __reduce__(self):
+        return (self.f, self.args) if self.state is None else (self.f, self.args, self.state)
+
+
+def _pointer_array():
+    """An array whose dtype was rebuilt to hold a Python object at offset 0 without numpy
+    knowing, filled with 8 bytes from the file: numpy would dereference 0x4141414141414141."""
+    evil = _Reduce(np.dtype, ("V8", False, True),
+                   (3, "|", None, ("a",), {"a": (np.dtype("O"), 0)}, 8, 1, 0))  # fmt: skip
+    return _Reduce(_reconstruct, (np.ndarray, (0,), b"b"), (1, (1,), evil, False, b"A" * 8))
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        # Only the allowed globals, yet with numpy's real dtype this crashed the interpreter.
+        (lambda: _Reduce(np.dtype, ("u1", _pointer_array(), True)), "is no plain numeric dtype"),
+        # An array with no bytes behind it: 1.2 GB of uninitialised memory as "pixels".
+        (lambda: _Reduce(np.ndarray, ((400_000, 3072), np.dtype("u1"))), "is not callable"),
+        (
+            lambda: _Reduce(
+                _reconstruct,
+                (np.ndarray, (0,), b"b"),
+                (1, (10**6, 3072), np.dtype("u1"), False, b"\0" * 3072),
+            ),
+            "an array of shape (1000000, 3072) comes with 3072 bytes",
+        ),  # fmt: skip
+        (lambda: _Reduce(_codecs.encode, ("x" * 10, "rot13")), "other than bytes"),
+    ],
+)
+def test_a_crafted_pickle_of_allowed_globals_is_refused(tmp_path: Path, payload, message) -> None:
+    write_cifar10(tmp_path)
+    path = tmp_path / "cifar10" / "cifar-10-batches-py" / "data_batch_1"
+    path.write_bytes(pickle.dumps({b"data": payload(), b"labels": [0]}, protocol=2))
+    error = _error(tmp_path)
+    assert error.startswith(f"CIFAR file {path} is not a valid CIFAR pickle (") and message in error
+
+
+@pytest.mark.parametrize("labels", [[2**70], np.array(3), np.zeros((1, 1), np.int64), [True]])
+def test_labels_that_are_no_list_of_integers_are_refused(tmp_path: Path, labels) -> None:
+    write_cifar10(tmp_path)
+    path = tmp_path / "cifar10" / "cifar-10-batches-py" / "data_batch_1"
+    batch = {b"data": np.zeros((1, 3072), np.uint8), b"labels": labels}
+    path.write_bytes(pickle.dumps(batch, protocol=2))
+    assert "has b'labels' that is not a list of integers" in _error(tmp_path)
 
 
 @pytest.mark.skipif(

@@ -7,6 +7,7 @@ row is the 32x32 red plane, then green, then blue, so a plain reshape gives ``[N
 from __future__ import annotations
 
 import io
+import math
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,18 +20,6 @@ from brainprop.errors import BrainPropError
 
 from .dataset import Dataset
 from .messages import reason, redownload
-
-#: The only globals the official files (and protocol-2 re-pickles of them) reference.
-#: ``_codecs.encode`` is how Python 3 spells a bytes object at protocol 2; it only encodes text.
-ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset(
-    {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("_codecs", "encode"),
-    }
-)
 
 ROW_BYTES = 3 * 32 * 32
 
@@ -67,33 +56,174 @@ LAYOUTS: dict[str, CifarLayout] = {
 }
 
 
+# --- the restricted unpickler ------------------------------------------------------------------
+#
+# The official files reference three globals: numpy's ``_reconstruct``, ``ndarray`` and ``dtype``
+# (an array is ``_reconstruct(ndarray, (0,), b'b')`` filled by a BUILD of its shape, dtype and
+# bytes); Python 3 re-pickles add ``_codecs.encode`` and ``bytes`` (how protocol 2 spells bytes).
+# Handing the pickle numpy's own callables would let a crafted file drive their constructors and
+# ``__setstate__`` with any state: a dtype can be rebuilt to read an object pointer from the file
+# (a segfault at best), an array can claim more bytes than the file holds. So the pickle gets
+# stand-ins instead, which accept only what those files contain, and real arrays are made
+# afterwards from exactly the bytes the file carries.
+
+#: The dtypes a CIFAR file's arrays use (uint8 pixels; int64 labels in re-pickles), and kin.
+PLAIN_DTYPES = frozenset({"u1", "i1", "u2", "i2", "u4", "i4", "u8", "i8", "f4", "f8"})
+
+
+class _Refused(pickle.UnpicklingError):
+    pass
+
+
+class _Dtype:
+    """Stands for ``numpy.dtype(code, align, copy)`` and the BUILD of its byte order."""
+
+    __slots__ = ("code", "order")
+
+    def __init__(self, code: object, align: object = 0, copy: object = 1) -> None:
+        code = code.decode("ascii", "replace") if isinstance(code, bytes) else code
+        if code not in PLAIN_DTYPES or align not in (0, False) or copy not in (1, True):
+            raise _Refused(f"dtype{(code, align, copy)!r} is no plain numeric dtype")
+        self.code, self.order = code, "|"
+
+    def __setstate__(self, state: object) -> None:
+        # (version 3, byte order, no subarray, no names, no fields, -1, -1, no flags)
+        if not isinstance(state, tuple) or len(state) != 8:
+            raise _Refused("a dtype's state is not numpy's")
+        order = state[1].decode("ascii", "replace") if isinstance(state[1], bytes) else state[1]
+        if state[0] != 3 or order not in ("<", ">", "|", "=") or state[2:] != (
+            None, None, None, -1, -1, 0,
+        ):  # fmt: skip
+            raise _Refused("a dtype's state is not that of a plain numeric dtype")
+        self.order = order
+
+    def resolve(self) -> np.dtype:
+        return np.dtype(self.code).newbyteorder("=" if self.order in "|=" else self.order)
+
+
+class _Marker:
+    """Stands for ``numpy.ndarray``: the one type ``_reconstruct`` may make; never called."""
+
+    __slots__ = ()
+
+    def __setstate__(self, state: object) -> None:
+        raise _Refused("numpy.ndarray itself has no state")
+
+
+_NDARRAY = _Marker()
+
+
+class _Array:
+    """Stands for ``_reconstruct(ndarray, (0,), b'b')``; its BUILD state (version, shape,
+    dtype, Fortran order, bytes) becomes a copy of exactly the bytes the file carries."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, subtype: object, shape: object, typecode: object) -> None:
+        if subtype is not _NDARRAY or shape != (0,) or typecode != b"b":
+            raise _Refused("an array is not reconstructed as numpy pickles a plain ndarray")
+
+    def __setstate__(self, state: object) -> None:
+        if not isinstance(state, tuple) or len(state) != 5:
+            raise _Refused("an array's state is not numpy's")
+        _, shape, dtype, fortran, raw = state
+        if not (
+            isinstance(dtype, _Dtype)
+            and isinstance(shape, tuple)
+            and all(type(n) is int and n >= 0 for n in shape)
+            and fortran in (0, 1)
+            and isinstance(raw, bytes | str)
+        ):
+            raise _Refused("an array's state is not that of a plain numeric array")
+        data = raw.encode("latin1") if isinstance(raw, str) else raw
+        kind = dtype.resolve()
+        if len(data) != math.prod(shape) * kind.itemsize:
+            raise _Refused(f"an array of shape {shape} comes with {len(data)} bytes")
+        order = "F" if fortran else "C"
+        self.value = np.frombuffer(data, kind).reshape(shape, order=order).copy()
+
+
+class _Latin1:
+    """Stands for ``_codecs.encode(text, 'latin1')``: how protocol 2 spells bytes in Python 3."""
+
+    __slots__ = ()
+
+    def __call__(self, text: object, encoding: object) -> bytes:
+        if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+            raise _Refused("_codecs.encode is used for something other than bytes")
+        return text.encode("latin1")
+
+    def __setstate__(self, state: object) -> None:
+        raise _Refused("_codecs.encode has no state")
+
+
+class _EmptyBytes:
+    """Stands for ``bytes()``: how protocol 2 spells an empty bytes object (an array of no
+    rows) in Python 3."""
+
+    __slots__ = ()
+
+    def __call__(self) -> bytes:
+        return b""
+
+    def __setstate__(self, state: object) -> None:
+        raise _Refused("bytes has no state")
+
+
+STAND_INS: dict[tuple[str, str], object] = {
+    ("__builtin__", "bytes"): _EmptyBytes(),
+    ("builtins", "bytes"): _EmptyBytes(),
+    ("numpy.core.multiarray", "_reconstruct"): _Array,
+    ("numpy._core.multiarray", "_reconstruct"): _Array,
+    ("numpy", "ndarray"): _NDARRAY,
+    ("numpy", "dtype"): _Dtype,
+    ("_codecs", "encode"): _Latin1(),
+}
+
+
 class RestrictedUnpickler(pickle.Unpickler):
-    """An unpickler that resolves only :data:`ALLOWED_GLOBALS`, so no pickled code can run."""
+    """An unpickler that resolves only the globals of :data:`STAND_INS`, to those stand-ins,
+    so that no pickled code runs and no numpy internals see the file's state."""
 
     source = "pickle"
 
     def find_class(self, module: str, name: str) -> Any:
-        if (module, name) not in ALLOWED_GLOBALS:
+        if (module, name) not in STAND_INS:
             raise BrainPropError(
                 f"{self.source} references {module}.{name}, which a CIFAR file never does: "
                 "refusing to load it; replace it with the official file"
             )
-        return super().find_class(module, name)
+        return STAND_INS[(module, name)]
+
+
+def _real(value: Any) -> Any:
+    """``value`` with every stand-in array replaced by its numpy array."""
+    if isinstance(value, _Array):
+        if not hasattr(value, "value"):
+            raise _Refused("an array without its state")
+        return value.value
+    if isinstance(value, dict):
+        return {_real(k): _real(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_real(v) for v in value)
+    if isinstance(value, _Dtype | _Marker | _Latin1 | _EmptyBytes):
+        raise _Refused(f"a stray {type(value).__name__.strip('_')}")
+    return value
 
 
 def unpickle_restricted(data: bytes, *, source: str, fix: str) -> Any:
-    """Unpickle ``data`` (bytes keys kept as bytes) allowing only numpy array globals."""
+    """Unpickle ``data`` (bytes keys kept as bytes) allowing only plain numpy arrays."""
     if len(data) == 0:
         raise BrainPropError(f"{source} is empty (0 bytes): {fix}")
     unpickler = RestrictedUnpickler(io.BytesIO(data), encoding="bytes")
     unpickler.source = source
     try:
-        return unpickler.load()
+        return _real(unpickler.load())
     except BrainPropError:
         raise
     except Exception as exc:
-        # With globals restricted to numpy arrays, anything raised here (UnpicklingError,
-        # EOFError, ValueError from a bad array state, ...) just means the bytes are corrupt.
+        # Nothing but the stand-ins can run here, so anything raised (UnpicklingError,
+        # EOFError, a refused state, ...) just means the bytes are corrupt or crafted.
         raise BrainPropError(
             f"{source} is not a valid CIFAR pickle ({reason(exc)}): {fix}"
         ) from exc
@@ -127,11 +257,15 @@ def parse_cifar_batch(
         )
         raise BrainPropError(f"{source} has b'data' of {what}, expected uint8 [N, 3072]: {fix}")
     raw_labels = batch[label_key]
-    if not isinstance(raw_labels, (list, np.ndarray)) or not all(
-        isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in raw_labels
-    ):
+    if isinstance(raw_labels, np.ndarray):
+        integers = raw_labels.ndim == 1 and raw_labels.dtype.kind in "iu"
+    else:
+        integers = isinstance(raw_labels, list) and all(
+            type(v) is int and -(2**63) <= v < 2**63 for v in raw_labels
+        )
+    if not integers:
         raise BrainPropError(f"{source} has {label_key!r} that is not a list of integers: {fix}")
-    labels = np.asarray(raw_labels, dtype=np.int64).reshape(-1)
+    labels = np.asarray(raw_labels, dtype=np.int64)
     if labels.shape[0] != pixels.shape[0]:
         raise BrainPropError(
             f"{source} has {pixels.shape[0]} images but {labels.shape[0]} {label_key!r}: {fix}"
