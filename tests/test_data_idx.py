@@ -63,8 +63,40 @@ def test_truncated_pixels(tmp_path: Path) -> None:
 
 def test_trailing_bytes(tmp_path: Path) -> None:
     _corrupt(tmp_path, "train-labels-idx1-ubyte", idx_bytes(np.zeros(6, np.uint8)) + b"xx")
-    assert "has trailing bytes (expected 6 bytes of data for dimensions 6, got 8)" in _error(
+    assert "has trailing bytes (expected 6 bytes of data for dimensions 6, got more)" in _error(
         tmp_path
+    )
+
+
+def test_a_gzip_inflating_far_beyond_its_header_is_not_inflated(tmp_path: Path, monkeypatch):
+    """One image declared, 200 MB of zeros behind it (a 0.2 MB gzip): refused after reading
+    one byte past the declared data, not after inflating it all."""
+    folder = tmp_path / "mnist"
+    write_idx_dataset(folder)
+    with gzip.open(folder / "train-images-idx3-ubyte.gz", "wb") as f:
+        f.write(idx_bytes(np.zeros((1, 28, 28), np.uint8)))
+        for _ in range(200):
+            f.write(bytes(2**20))
+    asked = []
+    read = gzip.GzipFile.read
+
+    def counted(self, size=-1):
+        asked.append(size)
+        return read(self, size)
+
+    monkeypatch.setattr(gzip.GzipFile, "read", counted)
+    assert "has trailing bytes (expected 784 bytes" in _error(tmp_path)
+    assert -1 not in asked and sum(asked) < 1000
+
+
+def test_a_header_declaring_more_than_any_dataset_is_refused(tmp_path: Path) -> None:
+    header = (0x00000803).to_bytes(4, "big") + b"".join(
+        n.to_bytes(4, "big") for n in (10**9, 28, 28)
+    )
+    path = _corrupt(tmp_path, "train-images-idx3-ubyte", header)
+    assert _error(tmp_path) == (
+        f"MNIST file {path} declares 784,000,000,000 bytes of data, more than any IDX dataset "
+        "holds: it is damaged or not an MNIST-style file"
     )
 
 

@@ -7,8 +7,10 @@ then one big-endian uint32 per dimension, then the data in C order.
 from __future__ import annotations
 
 import gzip
+import math
 import zlib
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -22,6 +24,8 @@ IMAGES_MAGIC = 0x00000803
 LABELS_MAGIC = 0x00000801
 IMAGE_SIZE = (28, 28)
 NUM_CLASSES = 10
+#: The most data an IDX file may declare (MNIST's training images are 47 MB).
+MAX_DATA_BYTES = 2**31
 
 #: split -> (images file, labels file), without the optional ``.gz``.
 SPLIT_FILES: dict[str, tuple[str, str]] = {
@@ -73,10 +77,11 @@ def parse_idx(data: bytes, *, magic: int, source: str, fix: str) -> np.ndarray:
         expected *= d
     got_len = len(data) - header
     if got_len != expected:
+        got = f"got {got_len}" if got_len < expected else "got more"
         state = "is truncated" if got_len < expected else "has trailing bytes"
         raise BrainPropError(
             f"{source} {state} (expected {expected} bytes of data for dimensions "
-            f"{'x'.join(map(str, dims))}, got {got_len}): {fix}"
+            f"{'x'.join(map(str, dims))}, {got}): {fix}"
         )
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims).copy()
 
@@ -84,15 +89,29 @@ def parse_idx(data: bytes, *, magic: int, source: str, fix: str) -> np.ndarray:
 def read_idx_file(path: Path, *, magic: int, source: str, fix: str) -> np.ndarray:
     """Read and parse the IDX file at ``path``, decompressing it when it ends in ``.gz``."""
     try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as f:
-                data = f.read()
-        else:
-            data = path.read_bytes()
+        with gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb") as f:
+            data = _read_declared(f, magic, source)
     except (OSError, EOFError, zlib.error) as exc:
         # gzip.BadGzipFile is an OSError; a cut-off gzip stream raises EOFError.
         raise BrainPropError(f"{source} cannot be read ({reason(exc)}): {fix}") from exc
     return parse_idx(data, magic=magic, source=source, fix=fix)
+
+
+def _read_declared(f: BinaryIO, magic: int, source: str) -> bytes:
+    """The header and at most one byte more of data than it declares: a small gzip that
+    inflates far beyond its dimensions is caught without inflating it whole."""
+    head = f.read(4)
+    ndim = magic & 0xFF if int.from_bytes(head, "big") == magic else 0
+    head += f.read(4 * ndim)
+    if len(head) < 4 + 4 * ndim:
+        return head  # parse_idx says what is missing
+    declared = math.prod(int.from_bytes(head[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    if declared > MAX_DATA_BYTES:
+        raise BrainPropError(
+            f"{source} declares {declared:,} bytes of data, more than any IDX dataset holds: "
+            "it is damaged or not an MNIST-style file"
+        )
+    return head + f.read(declared + 1)
 
 
 def find_idx_file(folder: Path, base: str) -> Path | None:
