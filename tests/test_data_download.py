@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import functools
 import hashlib
 import http.server
@@ -65,10 +66,16 @@ def test_mnist_gz_files(tmp_path: Path, server, monkeypatch) -> None:
     for path in (tmp_path / "src").iterdir():
         _serve(served, path.name, path.read_bytes(), monkeypatch, f"mnist/{path.name}")
     root = tmp_path / "root"
-    assert download("mnist", root, base_url=url, progress=False) == root / "mnist"
+    old_umask = os.umask(0o022)
+    try:
+        assert download("mnist", root, base_url=url, progress=False) == root / "mnist"
+    finally:
+        os.umask(old_umask)
     assert sorted(p.name for p in (root / "mnist").iterdir()) == sorted(
         p.name for p in (tmp_path / "src").iterdir()
     )
+    # Readable as any new file is, not owner-only as the temporary file was made.
+    assert {p.stat().st_mode & 0o777 for p in (root / "mnist").iterdir()} == {0o644}
     assert load_dataset("mnist", root).train_x.shape == (6, 1, 28, 28)
 
 

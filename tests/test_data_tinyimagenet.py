@@ -69,6 +69,16 @@ def test_cache_is_rebuilt_when_files_change(tmp_path: Path) -> None:
     assert load_dataset("tiny-imagenet", tmp_path).train_y.tolist() == [0, 1, 1, 2, 2]
 
 
+def test_an_image_changed_after_caching_is_decoded_again(tmp_path: Path) -> None:
+    folder = write_tiny_imagenet(tmp_path)
+    load_dataset("tiny-imagenet", tmp_path)
+    image = folder / "train" / WNIDS[0] / "images" / f"{WNIDS[0]}_0.JPEG"
+    Image.new("RGB", (64, 64), (200, 100, 50)).save(image)
+    assert np.array_equal(load_dataset("tiny-imagenet", tmp_path).train_x[0], _reference(image))
+    image.write_bytes(image.read_bytes()[:100])
+    assert f"image {image} cannot be decoded" in _error(tmp_path)
+
+
 def test_damaged_cache_is_rebuilt(tmp_path: Path) -> None:
     folder = write_tiny_imagenet(tmp_path)
     load_dataset("tiny-imagenet", tmp_path)

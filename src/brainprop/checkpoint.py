@@ -46,8 +46,7 @@ def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None]) -
     except OSError as e:
         raise _write_error(path, e) from None
     try:
-        # mkstemp makes the file owner-only; what this writes is as readable as any new file.
-        os.fchmod(fd, 0o666 & ~_umask())
+        usual_permissions(fd)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -61,10 +60,12 @@ def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None]) -
     _fsync_dir(path.parent)
 
 
-def _umask() -> int:
+def usual_permissions(fd: int) -> None:
+    """Give a file that ``mkstemp`` made owner-only the permissions of any new file under the
+    umask: a run's results or a shared data root stay readable to whom they usually are."""
     mask = os.umask(0)
     os.umask(mask)
-    return mask
+    os.fchmod(fd, 0o666 & ~mask)
 
 
 def atomic_write_figure(path: str | Path, fig: Any, dpi: int) -> None:

@@ -26,7 +26,7 @@ from typing import BinaryIO
 
 from tqdm import tqdm
 
-from brainprop.checkpoint import make_folder
+from brainprop.checkpoint import make_folder, usual_permissions
 from brainprop.errors import BrainPropError
 
 from .idx import IDX_FILE_NAMES
@@ -171,6 +171,7 @@ def _fetch(url: str, dest: Path, expected_md5: str, by_hand: str, progress: bool
     part = Path(tmp)
     digest = hashlib.md5()
     try:
+        usual_permissions(fd)
         with os.fdopen(fd, "wb") as out:
             try:
                 response = urllib.request.urlopen(url, timeout=TIMEOUT_S)

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from brainprop.checkpoint import atomic_write
 from brainprop.errors import BrainPropError
 
 from .dataset import Dataset
@@ -32,7 +31,7 @@ NAME = "tiny-imagenet"
 SUBDIR = "tiny-imagenet-200"
 IMAGE_SIZE = (64, 64)
 CACHE_DIR = ".brainprop-cache"
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 CACHE_ARRAYS = ("train_x", "train_y", "test_x", "test_y")
 WNID = re.compile(r"[\w.-]+")
 
@@ -153,11 +152,15 @@ def _decode_split(items: list[tuple[Path, int]], desc: str) -> tuple[np.ndarray,
 
 
 def _manifest(folder: Path, train: list[tuple[Path, int]], test: list[tuple[Path, int]]) -> dict:
-    """What the cache must have been built from: the exact file list and labels."""
+    """What the cache must have been built from: the exact file list and labels, and each
+    file's size and modification time, so that a replaced or damaged image is decoded again."""
     listing = hashlib.sha256()
     for split, items in (("train", train), ("test", test)):
         for path, label in items:
-            listing.update(f"{split}\t{path.relative_to(folder).as_posix()}\t{label}\n".encode())
+            st = path.stat()
+            name = path.relative_to(folder).as_posix()
+            line = f"{split}\t{name}\t{label}\t{st.st_size}\t{st.st_mtime_ns}\n"
+            listing.update(line.encode())
     return {
         "version": CACHE_VERSION,
         "files_sha256": listing.hexdigest(),
@@ -188,29 +191,17 @@ def _load_cache(cache: Path, manifest: dict) -> dict[str, np.ndarray] | None:
     return arrays
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write via a temp file in the same folder and rename, so readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _save_cache(cache: Path, manifest: dict, arrays: dict[str, np.ndarray]) -> None:
     try:
         cache.mkdir(exist_ok=True)
         (cache / "manifest.json").unlink(missing_ok=True)
         for key in CACHE_ARRAYS:
-            _atomic_write(
+            atomic_write(
                 cache / f"{key}.npy", lambda f, a=arrays[key]: np.save(f, a, allow_pickle=False)
             )
         # The manifest goes last: its presence vouches for the arrays beside it.
-        _atomic_write(cache / "manifest.json", lambda f: f.write(json.dumps(manifest).encode()))
-    except OSError as exc:
+        atomic_write(cache / "manifest.json", lambda f: f.write(json.dumps(manifest).encode()))
+    except (OSError, BrainPropError) as exc:
         warnings.warn(
             f"could not cache decoded Tiny ImageNet in {cache}: {reason(exc)}", stacklevel=3
         )
