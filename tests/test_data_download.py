@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import functools
 import hashlib
 import http.server
 import io
+import os
 import socket
 import tarfile
 import threading
