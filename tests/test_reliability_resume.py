@@ -19,7 +19,7 @@ from conftest import make_tiny_dataset
 from data_fixtures import write_idx_dataset
 from reliability_helpers import assert_same_run, inject, one_thread, step, tiny_config
 
-from brainprop import checkpoint, signals, train
+from brainprop import checkpoint, rng, signals, train
 from brainprop.errors import BrainPropError
 from brainprop.signals import Interrupted
 from brainprop.train import Trainer
@@ -66,6 +66,40 @@ def test_numpy_and_python_rng_states_round_trip(tmp_path: Path, ds) -> None:
     random.seed(99)
     trainer.load_state(checkpoint.load(tmp_path / "state.pt"))
     assert (np.random.random(3).tolist(), [random.random() for _ in range(3)]) == expected
+
+
+def test_a_gpu_runs_cuda_random_state_is_its_own_gpus_alone(monkeypatch) -> None:
+    """Saved and put back for the run's GPU only, so that a machine with fewer GPUs resumes
+    the run, and a CPU run never starts CUDA to save a state."""
+    calls = []
+
+    def get(device):
+        calls.append(("get", device))
+        return torch.full((8,), 7, dtype=torch.uint8)
+
+    def put(state, device):
+        calls.append(("set", device, state.tolist()))
+
+    monkeypatch.setattr(torch.cuda, "get_rng_state", get)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", put)
+
+    class OnSecondGpu:  # a CPU-only torch cannot make a CUDA generator
+        device = torch.device("cuda", 1)
+
+        def get_state(self):
+            return torch.zeros(4, dtype=torch.uint8)
+
+        def set_state(self, state):
+            pass
+
+    state = rng.capture_torch(OnSecondGpu())
+    rng.restore_torch(state, OnSecondGpu())
+    gpu = torch.device("cuda", 1)
+    assert calls == [("get", gpu), ("set", gpu, [7] * 8)]
+    calls.clear()
+    cpu_state = rng.capture_torch(torch.Generator())
+    rng.restore_torch(cpu_state, torch.Generator())
+    assert cpu_state["cuda"] == [] and calls == []
 
 
 @pytest.mark.parametrize(

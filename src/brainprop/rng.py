@@ -27,24 +27,39 @@ def seed_all(seed: int) -> None:
 
 
 def capture_torch(generator: torch.Generator) -> dict[str, Any]:
-    """The torch streams: the global CPU and CUDA generators and the loop's ``generator``.
+    """The torch streams: the global CPU generator, the global generator of the run's GPU (in
+    a one-entry list; none on a CPU) and the loop's ``generator``, which lives on the run's
+    device.
 
     These are the ones that differ between the processes of a torchrun job, which each keep
-    their own (see :mod:`brainprop.distributed`).
+    their own (see :mod:`brainprop.distributed`). Only the run's own GPU counts: its dropout
+    draws from that GPU's stream, a resume may see fewer GPUs, and a CPU run must not start
+    CUDA on every GPU of the machine to save their states.
     """
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": _cuda_states(generator.device),
         "generator": generator.get_state(),
     }
 
 
 def restore_torch(state: dict[str, Any], generator: torch.Generator) -> None:
     """Put back what :func:`capture_torch` returned; TypeError for a state that is not one."""
+    cuda = state["cuda"]
+    if not isinstance(cuda, list) or len(cuda) > 1:
+        raise TypeError("the CUDA random state is not a list of at most one state")
     torch.set_rng_state(_bytes(state["torch"]))
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([_bytes(s) for s in state["cuda"]])
+    _set_cuda_states(cuda, generator.device)
     generator.set_state(_bytes(state["generator"]))
+
+
+def _cuda_states(device: torch.device) -> list[torch.Tensor]:
+    return [torch.cuda.get_rng_state(device)] if device.type == "cuda" else []
+
+
+def _set_cuda_states(states: list[torch.Tensor], device: torch.device) -> None:
+    if states and device.type == "cuda":
+        torch.cuda.set_rng_state(_bytes(states[0]), device)
 
 
 def _bytes(value: Any) -> torch.Tensor:
@@ -85,17 +100,15 @@ def restore(state: dict[str, Any], generator: torch.Generator) -> None:
 
 
 @contextmanager
-def global_streams_kept() -> Iterator[None]:
-    """Put the global streams (torch CPU and CUDA, numpy, python ``random``) back as they were
-    on entry, whatever the body seeded or restored."""
-    cpu = torch.get_rng_state()
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+def global_streams_kept(device: torch.device) -> Iterator[None]:
+    """Put the global streams (torch CPU and ``device``'s, numpy, python ``random``) back as
+    they were on entry, whatever the body seeded or restored."""
+    cpu, cuda = torch.get_rng_state(), _cuda_states(device)
     numpy, python = np.random.get_state(), random.getstate()
     try:
         yield
     finally:
         torch.set_rng_state(cpu)
-        if cuda:
-            torch.cuda.set_rng_state_all(cuda)
+        _set_cuda_states(cuda, device)
         np.random.set_state(numpy)
         random.setstate(python)

@@ -492,7 +492,7 @@ class _StackedRun:
         if t.may_rewind():
             # The global streams (dropout masks) are the whole stack's: rewinding one member's
             # must not replay the others' masks.
-            with rng.global_streams_kept():
+            with rng.global_streams_kept(self.device):
                 m.trainer = rewind(t, self.ds, m.run_path)
             self.say(m.say(bad.rewound(m.trainer)))
             others = [o.trainer for o in self.members if o is not m]
