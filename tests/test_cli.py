@@ -68,6 +68,10 @@ def test_resume_from_the_command_line(data_dir, tmp_path, capsys):
         (["download", "imagenet"], "unknown dataset 'imagenet'"),
         (["evaluate", "/nonexistent/run", "--device", "gpu"], "device 'gpu' is not available"),
         (["train", "--device", "cuda:7"], "device 'cuda:7' is not available here: use"),
+        (["train", "--val", "5", "--val-split", "7"], "--val-split: not allowed with argument"),
+        (["bench", "--presets", ","], "--presets: expected comma-separated names, got ','"),
+        (["bench", "--rules", " , "], "--rules: expected comma-separated names, got ' , '"),
+        (["reproduce", "--rules", ","], "--rules: expected comma-separated names, got ','"),
     ],
 )
 def test_bad_input_is_one_line_and_status_2(argv, message, tmp_path, capsys):

@@ -18,6 +18,10 @@ CUDA_GRAPH_HELP = (
     "replay each full-batch training step from one captured CUDA graph (CUDA only; opt-in "
     "until checked on a GPU)"
 )
+DATA_DIR_HELP = (
+    "data root (default: $BRAINPROP_DATA, else the source checkout's data/, else "
+    "$XDG_CACHE_HOME/brainprop or ~/.cache/brainprop)"
+)
 BF16_HELP = "bf16 autocast (CUDA; on a CPU, fast only with AVX512_BF16, AMX or Arm bf16)"
 
 
@@ -88,11 +92,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     stop.add_argument("--patience", type=int, default=45)
     stop.add_argument("--min-delta", type=float, default=0.001)
-    stop.add_argument(
+    val = stop.add_mutually_exclusive_group()
+    val.add_argument(
         "--val", type=_val, default="test",
         help="'test' (validate on the test set, as the paper) or N held-out training images",
     )  # fmt: skip
-    stop.add_argument("--val-split", type=int, metavar="N", help="same as --val N")
+    val.add_argument("--val-split", type=int, metavar="N", help="same as --val N")
     stop.add_argument(
         "--on-nan", choices=ON_NAN, default="stop",
         help="when the loss or weights become NaN/inf: stop (keeping the last good checkpoint) "
@@ -113,7 +118,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         help="under torchrun, BatchNorm normalises with each process's share of the batch "
         "(as DDP without SyncBatchNorm) instead of the whole global batch",
     )  # fmt: skip
-    run.add_argument("--data-dir", help="data root (default: $BRAINPROP_DATA, else data/)")
+    run.add_argument("--data-dir", help=DATA_DIR_HELP)
     run.add_argument("--out", default="runs", help="folder for run directories")
     run.add_argument("--name", help="run directory name (default: dataset-arch-rule-seed-time)")
     run.add_argument(
@@ -208,7 +213,10 @@ def _download(args: argparse.Namespace) -> int:
 
 
 def _names(text: str) -> tuple[str, ...]:
-    return tuple(v.strip() for v in text.split(",") if v.strip())
+    names = tuple(v.strip() for v in text.split(",") if v.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return names
 
 
 def _changed_settings(args: argparse.Namespace, keep: set[str]) -> list[str]:
@@ -252,7 +260,7 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
         "'brainprop bench --stack N' measures whether that is faster on this device",
     )  # fmt: skip
     p.add_argument("--out", default="results", help="results folder (default: results)")
-    p.add_argument("--data-dir", help="data root (default: $BRAINPROP_DATA, else data/)")
+    p.add_argument("--data-dir", help=DATA_DIR_HELP)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--report-only", action="store_true", help="only rewrite the report")
     p.add_argument("--readme", help="also rewrite this README's results section")
@@ -300,10 +308,12 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         "each preset and rule; print and write bench.json and bench.md.",
     )  # fmt: skip
     p.add_argument(
-        "--presets", default=",".join(DEFAULT_PRESETS),
+        "--presets", type=_names, default=DEFAULT_PRESETS,
         help="comma-separated dataset/arch pairs, hyperparameters from the paper's table",
     )  # fmt: skip
-    p.add_argument("--rules", default="brainprop,ebp", help="comma-separated rules")
+    p.add_argument(
+        "--rules", type=_names, default=("brainprop", "ebp"), help="comma-separated rules"
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--steps", type=int, default=30, help="timed steps per preset and rule")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps before timing")
@@ -329,8 +339,8 @@ def _bench(args: argparse.Namespace) -> int:
     from .bench import markdown, run_bench
 
     report = run_bench(
-        [p.strip() for p in args.presets.split(",") if p.strip()],
-        [r.strip() for r in args.rules.split(",") if r.strip()],
+        list(args.presets),
+        list(args.rules),
         device=args.device,
         steps=args.steps,
         warmup=args.warmup,
@@ -348,18 +358,20 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .data.fetch import SOURCES
+
     parser = _Parser(prog="brainprop", description="BrainProp and EBP training for PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_train(sub)
     p = sub.add_parser("evaluate", help="test accuracy of a run or checkpoint")
     p.add_argument("target", help="a run directory (uses its best.pt) or a checkpoint file")
-    p.add_argument("--data-dir")
+    p.add_argument("--data-dir", help=DATA_DIR_HELP)
     p.add_argument("--device", default="auto")
     p = sub.add_parser("datasets", help="which datasets are present, and how to get the rest")
-    p.add_argument("--data-dir")
+    p.add_argument("--data-dir", help=DATA_DIR_HELP)
     p = sub.add_parser("download", help="fetch a dataset's official archives")
-    p.add_argument("name")
-    p.add_argument("--data-dir")
+    p.add_argument("name", help=f"one of {', '.join(SOURCES)}")
+    p.add_argument("--data-dir", help=DATA_DIR_HELP)
     _add_reproduce(sub)
     _add_bench(sub)
     return parser
