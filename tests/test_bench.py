@@ -232,7 +232,14 @@ def test_cpu_bf16_peak_follows_the_bf16_instructions():
     assert "AVX512_BF16" in native.source and bf16_warning(torch.device("cpu"), dot) is None
     amx = cpu_peak(4, AMD.replace("avx512f", "avx512f amx_bf16"), bf16=True)
     assert amx is not None and amx.tflops == pytest.approx(4 * 1024 * 2.596146e9 / 1e12)
-    assert bf16_warning(torch.device("cuda"), AMD) is None
+
+
+def test_bf16_warning_on_a_gpu_follows_its_compute_capability(monkeypatch):
+    capability = {"major": 9}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda _d: (capability["major"], 0))
+    assert bf16_warning(torch.device("cuda"), AMD) is None  # an H100/H200: bf16 tensor cores
+    capability["major"] = 7  # a V100 or T4 emulates bf16
+    assert "compute capability 7.0" in (bf16_warning(torch.device("cuda"), AMD) or "")
 
 
 def test_bf16_warning_reads_arm_features_and_stays_quiet_without_a_list():

@@ -72,9 +72,18 @@ def autocast(device: torch.device, bf16: bool):
 def bf16_warning(device: torch.device, cpuinfo_text: str | None = None) -> str | None:
     """Why ``--bf16`` will likely be slow on ``device``; None where bf16 has hardware support.
 
-    A CPU without bf16 instructions still runs bf16 matmuls correctly, by converting them, but
-    slower than fp32: worth a warning, not a refusal.
+    A CPU without bf16 instructions, or a GPU before Ampere (compute capability 8), still runs
+    bf16 correctly, by converting or emulating it, but slower than fp32: worth a warning, not
+    a refusal.
     """
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if major >= 8:
+            return None
+        return (
+            f"this GPU (compute capability {major}.{minor}) has no bf16 tensor cores, so --bf16 "
+            "is emulated and will likely be slower than fp32: drop --bf16"
+        )
     if device.type != "cpu":
         return None
     fields = cpuinfo(cpuinfo_text)
