@@ -124,6 +124,53 @@ def test_a_nan_after_a_stop_inside_the_epoch_rewinds_to_the_epochs_start(
     assert_same_run(never_stopped.dir, run_dir)
 
 
+def test_a_stale_epoch_start_is_replaced_and_a_missing_one_falls_back_to_last_pt(
+    tmp_path: Path, ds, monkeypatch
+) -> None:
+    """A kill between an epoch's last.pt and the removal of epoch_start.pt leaves one from an
+    epoch before: the next stop keeps a fresh one. A run directory of an earlier version has
+    none: the rewind goes to last.pt itself, never to the initial state."""
+    inject(monkeypatch, {step(3, 6): poison})
+    never_stopped = train(tiny_config(tmp_path / "ref", on_nan="reload"), dataset=ds,
+                          progress=False)  # fmt: skip
+    monkeypatch.undo()
+
+    def stop(q: torch.Tensor) -> torch.Tensor:
+        signal.raise_signal(signal.SIGINT)
+        return q
+
+    def stopped(resume, at):
+        inject(monkeypatch, {at: stop})
+        with pytest.raises(Interrupted):
+            config = None if resume else tiny_config(tmp_path / "cut", on_nan="reload")
+            train(config, resume=resume, dataset=ds, progress=False)
+        monkeypatch.undo()
+
+    run_dir = tmp_path / "cut" / "run"
+    stopped(None, step(2, 3))
+    stale = (run_dir / "epoch_start.pt").read_bytes()  # the end of epoch 1
+    stopped(run_dir, 5)  # epoch 2's last step: an epoch's end, which removes epoch_start.pt
+    assert not (run_dir / "epoch_start.pt").exists()
+    (run_dir / "epoch_start.pt").write_bytes(stale)  # as a kill right there would have left it
+    stopped(run_dir, 3)  # epoch 3, step 3
+    assert checkpoint.load(run_dir / "epoch_start.pt")["epoch"] == 2
+    inject(monkeypatch, {3: poison})  # epoch 3, step 6
+    train(None, resume=run_dir, dataset=ds, progress=False)
+    monkeypatch.undo()
+    assert_same_run(never_stopped.dir, run_dir)
+
+    inject(monkeypatch, {step(3, 4): stop})
+    with pytest.raises(Interrupted):
+        train(tiny_config(tmp_path / "old", on_nan="reload"), dataset=ds, progress=False)
+    monkeypatch.undo()
+    old_dir = tmp_path / "old" / "run"
+    (old_dir / "epoch_start.pt").unlink()
+    inject(monkeypatch, {2: poison})
+    resumed = train(None, resume=old_dir, dataset=ds, progress=False)
+    assert resumed.summary["nan_reloads"] == 1
+    assert [h["lr"] for h in resumed.history] == [0.1, 0.1, 0.05]  # epochs 1-2 kept
+
+
 def test_on_nan_reload_gives_up_after_the_bound(tmp_path: Path, ds, monkeypatch, capsys) -> None:
     # Every step from epoch 2 on is poisoned, however often the run rewinds.
     inject(monkeypatch, {n: poison for n in range(step(2, 1), step(2, 1) + 100)})

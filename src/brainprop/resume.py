@@ -131,9 +131,14 @@ def optimizer_settings(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]
     ]
 
 
-def restore(trainer: Trainer, state: dict[str, Any], ds: Dataset, run_path: Path) -> None:
+def restore(
+    trainer: Trainer, state: dict[str, Any], ds: Dataset, run_path: Path,
+    source: Path | None = None,
+) -> None:  # fmt: skip
+    """Load ``state`` (read from ``source``, by default the run's last.pt) into ``trainer``;
+    a one-line BrainPropError for a state that does not fit the run."""
     check_compatible(state, ds, run_path)
-    last = run_path / rundir.LAST
+    last = source or run_path / rundir.LAST
     saved = state.get("device_type")
     if saved is not None and saved != trainer.device.type:
         raise BrainPropError(

@@ -498,6 +498,10 @@ class _StackedRun:
             others = [o.trainer for o in self.members if o is not m]
             if others:
                 _share_data(others[0], m.trainer)
+            if m.trainer.partial is not None:
+                # Rewound into an epoch (a run directory with no epoch_start.pt, see rewind):
+                # finish it alone, as the run would on its own.
+                self._epoch_alone(m)
             return
         self.say(m.say(gave_up(bad, t.config, m.run_path)))
         self._finish(m, f"{DIVERGED} {bad.what} at {bad.where()}")

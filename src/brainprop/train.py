@@ -503,20 +503,34 @@ def save_last(trainer: Trainer, run_path: Path) -> None:
 
     A state inside an epoch replaces the end of the epoch before, which a NaN later in this
     epoch rewinds to, as it would in a run never stopped: that one is kept first, as
-    epoch_start.pt, until the epoch ends.
+    epoch_start.pt, until an epoch's end is written again.
     """
     state = trainer.state()
 
     def write() -> None:
         last, start = run_path / rundir.LAST, run_path / rundir.EPOCH_START
-        # With no epoch finished, last.pt is no epoch's end; an epoch_start.pt already there is
-        # this epoch's, kept by an earlier stop in it.
-        keep = state["partial"] is not None and trainer.history and last.is_file()
-        if keep and not start.is_file():
-            checkpoint.copy(last, start)
+        if state["partial"] is None:
+            checkpoint.save(last, state)
+            start.unlink(missing_ok=True)
+            return
+        epoch = len(trainer.history)
+        if epoch and _epoch_start(run_path, epoch) is None and last.is_file():
+            on_disk = checkpoint.load(last)
+            if on_disk.get("partial") is None and on_disk.get("epoch") == epoch:
+                checkpoint.copy(last, start)
         checkpoint.save(last, state)
 
     trainer.parallel.on_main(write)
+
+
+def _epoch_start(run_path: Path, epoch: int) -> dict[str, Any] | None:
+    """epoch_start.pt if it holds the end of epoch ``epoch`` (1-based), else None: one left
+    from an earlier epoch by a kill is stale."""
+    start = run_path / rundir.EPOCH_START
+    if not start.is_file():
+        return None
+    state = checkpoint.load(start)
+    return state if state.get("partial") is None and state.get("epoch") == epoch else None
 
 
 @dataclass(frozen=True)
@@ -633,23 +647,33 @@ def _kept(run_path: Path) -> str:
 
 def rewind(old: Trainer, ds: Dataset, run_path: Path) -> Trainer:
     """A trainer at the end of the last finished epoch (the initial state if none), at half
-    the LR."""
+    the LR.
+
+    A last.pt inside an epoch (a stop, then a resume) is not where a run never stopped goes
+    back to; the end of the epoch before, kept as epoch_start.pt by :func:`save_last`, is.
+    Without one (a stop in the first epoch: the initial state) or with a stale one (a run
+    directory of an earlier version), it rewinds to last.pt itself.
+    """
     trainer = Trainer(old.config, ds, old.progress)
-    last, start = run_path / rundir.LAST, run_path / rundir.EPOCH_START
-
-    def load() -> dict[str, Any] | None:
-        state = checkpoint.load(last) if last.is_file() else None
-        if state is not None and state.get("partial") is not None:
-            # Stopped inside this epoch and resumed: back to the epoch's start, as a run never
-            # stopped goes back (see save_last).
-            state = checkpoint.load(start) if start.is_file() else None
-        return state
-
-    state = old.parallel.on_main(load)
+    state, source = old.parallel.on_main(lambda: _rewind_point(run_path))
     if state is not None:
-        restore(trainer, state, ds, run_path)
+        restore(trainer, state, ds, run_path, source)
     trainer.lr_scale, trainer.nan_reloads = old.lr_scale / 2, old.nan_reloads + 1
     return trainer
+
+
+def _rewind_point(run_path: Path) -> tuple[dict[str, Any] | None, Path]:
+    """The state :func:`rewind` goes back to, and the file it is in (None: the initial one)."""
+    last = run_path / rundir.LAST
+    if not last.is_file():
+        return None, last
+    state = checkpoint.load(last)
+    if state.get("partial") is None:
+        return state, last
+    if state.get("epoch") == 0:
+        return None, last
+    start = _epoch_start(run_path, state.get("epoch"))
+    return (start, run_path / rundir.EPOCH_START) if start is not None else (state, last)
 
 
 def check_room(trainer: Trainer, run_path: Path) -> None:
