@@ -97,8 +97,14 @@ def test_a_gpu_runs_cuda_random_state_is_its_own_gpus_alone(monkeypatch) -> None
     gpu = torch.device("cuda", 1)
     assert calls == [("get", gpu), ("set", gpu, [7] * 8)]
     calls.clear()
+    # Earlier versions saved every visible GPU's state: the run's own is taken from the list.
+    every_gpu = [torch.full((8,), i, dtype=torch.uint8) for i in range(4)]
+    rng.restore_torch({**state, "cuda": every_gpu}, OnSecondGpu())
+    assert calls == [("set", gpu, [1] * 8)]
+    calls.clear()
     cpu_state = rng.capture_torch(torch.Generator())
     rng.restore_torch(cpu_state, torch.Generator())
+    rng.restore_torch({**cpu_state, "cuda": every_gpu}, torch.Generator())
     assert cpu_state["cuda"] == [] and calls == []
 
 

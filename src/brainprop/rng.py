@@ -46,8 +46,8 @@ def capture_torch(generator: torch.Generator) -> dict[str, Any]:
 def restore_torch(state: dict[str, Any], generator: torch.Generator) -> None:
     """Put back what :func:`capture_torch` returned; TypeError for a state that is not one."""
     cuda = state["cuda"]
-    if not isinstance(cuda, list) or len(cuda) > 1:
-        raise TypeError("the CUDA random state is not a list of at most one state")
+    if not isinstance(cuda, list):
+        raise TypeError(f"the CUDA random states are a {type(cuda).__name__}, not a list")
     torch.set_rng_state(_bytes(state["torch"]))
     _set_cuda_states(cuda, generator.device)
     generator.set_state(_bytes(state["generator"]))
@@ -57,9 +57,14 @@ def _cuda_states(device: torch.device) -> list[torch.Tensor]:
     return [torch.cuda.get_rng_state(device)] if device.type == "cuda" else []
 
 
-def _set_cuda_states(states: list[torch.Tensor], device: torch.device) -> None:
-    if states and device.type == "cuda":
-        torch.cuda.set_rng_state(_bytes(states[0]), device)
+def _set_cuda_states(states: list[Any], device: torch.device) -> None:
+    if not states or device.type != "cuda":
+        return
+    # Checkpoints of earlier versions hold every visible GPU's state, in device order.
+    index = 0 if len(states) == 1 else device.index or 0
+    if index >= len(states):
+        raise TypeError(f"the checkpoint holds no random state for GPU {index}")
+    torch.cuda.set_rng_state(_bytes(states[index]), device)
 
 
 def _bytes(value: Any) -> torch.Tensor:
