@@ -111,13 +111,14 @@ def test_estimates_use_this_machine_and_subtract_epochs_done(tmp_path):
     run_dir.mkdir(parents=True)
     (run_dir / rundir.HISTORY_JSON).write_text(json.dumps([{}] * 20))
     assert ex.estimate_seconds(later, ex.load_measurements(tmp_path), "cpu A", tmp_path) == 120
-    # Runs that shared the device time only runs shared alike.
+    # Runs that shared the device time only runs shared alike; a stacked run's seconds are its
+    # share, so a stack of 4 takes 4 shares: 10 epochs x 4 x (9 + 1) s.
     write_measurement(tmp_path, RunSpec(CONV, "brainprop", 0), "gpu", test_acc=0.9,
                       epochs_run=10, s_per_epoch=9.0, stack=4)  # fmt: skip
     conv = RunSpec(CONV, "brainprop", 1)
     measurements = ex.load_measurements(tmp_path)
     assert ex.estimate_seconds(conv, measurements, "gpu", tmp_path) is None
-    assert ex.estimate_seconds(conv, measurements, "gpu, 4 seeds stacked", tmp_path) == 100
+    assert ex.estimate_seconds(conv, measurements, "gpu, 4 seeds stacked", tmp_path) == 400
 
 
 def _fake_train(calls):

@@ -20,6 +20,16 @@ def test_the_best_epoch_is_the_first_with_the_highest_validation_accuracy():
     check_summary(s)
 
 
+def test_a_stacked_epoch_counts_the_runs_share_of_its_seconds():
+    """Two epochs in a stack of 4, then one alone (its stack-mates had stopped)."""
+    history = [_row(1, 0.5, 0.5, 8.0, 2.0), _row(2, 0.6, 0.6, 8.0, 2.0), _row(3, 0.7, 0.7)]
+    for row, size in zip(history, (4, 4, 1), strict=True):
+        row["stack_size"] = size
+    s = summarize(history, {}, "max epochs")
+    assert s["s_per_epoch"] == pytest.approx((2.0 + 2.0 + 2.0) / 3)
+    assert s["total_seconds"] == pytest.approx(2.5 + 2.5 + 2.5)
+
+
 def test_a_run_without_a_finished_epoch_has_no_epoch_fields_and_passes():
     s = summarize([], {}, "non-finite loss at epoch 1, step 3")
     assert not s.keys() & EPOCH_KEYS.keys()

@@ -379,7 +379,8 @@ def estimate_seconds(
     own = [m for m in timed if m.rule == spec.rule] or timed
     if not own:
         return None
-    per_epoch = fmean(m.summary["total_seconds"] / m.summary["epochs_run"] for m in own)
+    # A stacked run's seconds are its share of the stack's: the stack's wall time is G shares.
+    per_epoch = fmean(m.stack * m.summary["total_seconds"] / m.summary["epochs_run"] for m in own)
     # Runs that finished no epoch (diverged at once) say nothing about a run's length.
     capped = [
         m for m in same_cell if m.max_epochs == spec.max_epochs and m.summary["epochs_run"] > 0

@@ -170,7 +170,8 @@ class CellResult:
 
 def rule_stats(runs: Sequence[Measurement]) -> RuleStats:
     """Mean (sd) over the seeds in ``runs`` (one rule of one group). Seconds are device time
-    per run: a run that shared the device (a stack, runs at once) counts its share."""
+    per run: a run that shared the device counts its share (a stack's share is in its summary
+    already; runs packed onto one GPU divide theirs here)."""
     # Runs that finished no epoch are counted as diverged, not as runs of length 0.
     done = [m for m in runs if "best_val_acc" in m.summary]
     return RuleStats(
@@ -179,8 +180,8 @@ def rule_stats(runs: Sequence[Measurement]) -> RuleStats:
         test_acc=Stat.of([100 * m.summary["test_acc_at_best"] for m in done]),
         epochs_to_best=Stat.of([m.summary["best_epoch"] for m in done]),
         epochs_to_stop=Stat.of([m.summary["epochs_run"] for m in done]),
-        s_per_epoch=Stat.of([m.summary["s_per_epoch"] / m.shared_by for m in done]),
-        total_seconds=sum(m.summary.get("total_seconds", 0.0) / m.shared_by for m in done),
+        s_per_epoch=Stat.of([m.summary["s_per_epoch"] / m.at_once for m in done]),
+        total_seconds=sum(m.summary.get("total_seconds", 0.0) / m.at_once for m in done),
         stop_reasons=dict(Counter(m.summary.get("stop_reason", "?") for m in runs)),
     )
 

@@ -517,7 +517,7 @@ class _StackedRun:
 
     def _finish(self, m: _Member, stop_reason: str) -> None:
         t = m.trainer
-        # The most seeds this run shared a step with: its seconds are theirs together.
+        # The most seeds this run shared a step with: what its timing is compared with.
         shared = max((h.get("stack_size", 1) for h in t.history), default=1)
         summary = summarize(t.history, facts(t) | {"stack_size": shared}, stop_reason)
         write_results(t, m.run_path, summary)

@@ -30,19 +30,22 @@ def summarize(
 
     ``facts`` are what the run was (dataset, arch, rule, seed, device ...), copied in first.
     The best epoch is the first with the highest ``val_acc``, as Keras's ``np.argmax`` over
-    the history picks it; ``total_seconds`` counts training and evaluation.
+    the history picks it; ``total_seconds`` counts training and evaluation. Seconds are the
+    run's own: an epoch shared by a stack of seeds (its ``stack_size``) counts its share.
     """
     summary: dict[str, Any] = {**facts, "stop_reason": stop_reason, "epochs_run": len(history)}
     if history:
         best = max(history, key=lambda h: h["val_acc"])
-        seconds = [h["seconds"] for h in history]
+        shares = [h.get("stack_size", 1) for h in history]
+        seconds = [h["seconds"] / n for h, n in zip(history, shares, strict=True)]
+        evaluation = [h["eval_seconds"] / n for h, n in zip(history, shares, strict=True)]
         summary |= {
             "best_val_acc": best["val_acc"],
             "best_epoch": best["epoch"],
             "test_acc_at_best": best["test_acc"],
             "final_val_acc": history[-1]["val_acc"],
             "s_per_epoch": sum(seconds) / len(seconds),
-            "total_seconds": sum(seconds) + sum(h["eval_seconds"] for h in history),
+            "total_seconds": sum(seconds) + sum(evaluation),
         }
     return summary
 
