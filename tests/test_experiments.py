@@ -214,6 +214,20 @@ def test_stacks_group_the_seeds_of_one_cell_and_rule_in_priority_order():
     assert ex.stacks(mixed, 4) == [(mixed[0],), (mixed[1],)]
 
 
+def test_a_packed_run_records_how_many_ran_beside_it_on_average(monkeypatch):
+    """Not --jobs: a run alone for 30 s, then beside another for 10 s, shared the GPU with
+    1.25 runs on average (recorded as 1); the other, beside it all its 10 s, with 2."""
+    clock = [0.0]
+    monkeypatch.setattr(ex.time, "monotonic", lambda: clock[0])
+    company = ex._Company()
+    company.tick({1})
+    clock[0] = 30.0
+    company.tick({1})
+    clock[0] = 40.0
+    company.tick({1, 2})
+    assert (company.leave(1), company.leave(2), company.leave(3)) == (1, 2, 1)
+
+
 def test_a_stacked_request_trains_and_records_each_seed(tmp_path, mnist_root, no_plots):
     request = Request(
         cells=(DENSE,), rules=("ebp",), seeds=2, max_epochs=1, out=tmp_path, stack=2,

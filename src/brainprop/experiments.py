@@ -26,7 +26,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
@@ -464,8 +464,9 @@ def reproduce(request: Request, say: Callable[[str], None] = print) -> Outcome:
     for spec in specs:
         run_dir = request.out / RUNS / spec.name
         if spec.name not in measured and (run_dir / rundir.SUMMARY).is_file():
-            # Finished, but stopped before it was recorded.
-            record(spec, run_dir, request.out, runs_at_once(request))
+            # Finished, but stopped before it was recorded: with whom it shared the device is
+            # no longer known, so it counts as alone.
+            record(spec, run_dir, request.out)
             measured.add(spec.name)
         if spec.name in measured:
             outcome.skipped.append(spec.name)
@@ -718,8 +719,10 @@ def _run_in_workers(
     budget = _Budget(request, threads)
     queue = list(jobs)
     running: dict[int, tuple[Job, Any, Connection]] = {}
+    company = _Company()
     with signals.stop_on_signals() as stop:
         while queue or running:
+            company.tick(running)
             while queue and len(running) < request.jobs and not stop.requested:
                 job = queue.pop(0)
                 if not budget.admits(job, say):
@@ -743,7 +746,10 @@ def _run_in_workers(
                 raise _stopped(stop.signum, names)
             if not running:
                 break
-            for sentinel in wait(list(running), timeout=1.0):
+            ended = wait(list(running), timeout=1.0)
+            company.tick(running)
+            for sentinel in ended:
+                at_once = 1 if on_cpu else company.leave(sentinel)
                 job, proc, receive = running.pop(sentinel)  # type: ignore[index]
                 proc.join()
                 message = _message(receive)
@@ -753,9 +759,31 @@ def _run_in_workers(
                         message or f"{_names(job)} ended with exit status {proc.exitcode}"
                     )
                 for spec in job:
-                    m = record(spec, request.out / RUNS / spec.name, request.out, budget.at_once)
+                    m = record(spec, request.out / RUNS / spec.name, request.out, at_once)
                     outcome.ran.append(spec.name)
                     say(_finished_line(m))
+
+
+class _Company:
+    """How many jobs, on average over its time, ran beside each one (itself included): how
+    many shared the GPU with it, whatever ``--jobs`` allowed."""
+
+    def __init__(self) -> None:
+        self.since = time.monotonic()
+        self.seconds: dict[int, float] = {}
+        self.weighted: dict[int, float] = {}
+
+    def tick(self, running: Collection[int]) -> None:
+        """Count the time since the last tick for the jobs ``running`` during it."""
+        now = time.monotonic()
+        for key in running:
+            self.seconds[key] = self.seconds.get(key, 0.0) + now - self.since
+            self.weighted[key] = self.weighted.get(key, 0.0) + (now - self.since) * len(running)
+        self.since = now
+
+    def leave(self, key: int) -> int:
+        seconds, weighted = self.seconds.pop(key, 0.0), self.weighted.pop(key, 0.0)
+        return max(1, round(weighted / seconds)) if seconds > 0 else 1
 
 
 def _message(receive: Connection) -> str | None:
