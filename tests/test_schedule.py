@@ -25,3 +25,9 @@ def test_a_tie_at_min_delta_is_decided_in_float32_as_keras_decides_it():
     stopper = EarlyStopping(patience=1, min_delta=0.001)
     assert stopper.update(0.9503) is False
     assert stopper.update(0.9513) is False and stopper.wait == 0
+
+
+def test_a_float64_best_from_an_earlier_checkpoint_is_compared_as_float32():
+    stopper = EarlyStopping(patience=1, min_delta=0.001)
+    stopper.load_state_dict({"best": 0.9503, "wait": 0})
+    assert stopper.update(0.9513) is False and stopper.wait == 0

@@ -63,9 +63,21 @@ def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None]) -
 def usual_permissions(fd: int) -> None:
     """Give a file that ``mkstemp`` made owner-only the permissions of any new file under the
     umask: a run's results or a shared data root stay readable to whom they usually are."""
-    mask = os.umask(0)
+    os.fchmod(fd, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+    # Linux says it in /proc; elsewhere reading the umask means setting it, for a moment in
+    # which another thread's new files would get none.
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)
     os.umask(mask)
-    os.fchmod(fd, 0o666 & ~mask)
+    return mask
 
 
 def atomic_write_figure(path: str | Path, fig: Any, dpi: int) -> None:

@@ -642,7 +642,7 @@ def _finished_line(m: Measurement) -> str:
     return (
         f"done {m.run}: best val {s['best_val_acc']:.4f} at epoch {s['best_epoch']}, test "
         f"there {s['test_acc_at_best']:.4f}, {s['epochs_run']} epochs, "
-        f"{s['s_per_epoch']:.1f} s/epoch ({m.machine})"
+        f"{s['s_per_epoch']:.1f} s/epoch ({m.timed_on})"
     )
 
 

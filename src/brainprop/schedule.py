@@ -50,4 +50,5 @@ class EarlyStopping:
         best, wait = float(state["best"]), int(state["wait"])
         if math.isnan(best) or best == math.inf or wait < 0:
             raise ValueError(f"early stopping's best {best} or wait {wait} is out of range")
-        self.best, self.wait = best, wait
+        # Checkpoints of earlier versions hold the float64 value.
+        self.best, self.wait = float(np.float32(best)) if best > -math.inf else best, wait
