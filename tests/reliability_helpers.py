@@ -14,13 +14,14 @@ import torch
 
 from brainprop import TrainConfig
 from brainprop.checkpoint import load
+from brainprop.summary import TIMED_KEYS
 
 # brainprop re-exports the function train, which hides the module of the same name.
 train_module = importlib.import_module("brainprop.train")
 
 #: History columns and summary fields measuring the machine: the only things two identical
 #: runs may differ in.
-TIMING = {*train_module.MEASURED_COLUMNS, "s_per_epoch", "total_seconds"}
+TIMING = {*train_module.MEASURED_COLUMNS, *TIMED_KEYS}
 #: make_tiny_dataset() has 256 training images; batches of 32 give 8 steps per epoch.
 STEPS_PER_EPOCH = 8
 

@@ -119,6 +119,14 @@ def test_estimates_use_this_machine_and_subtract_epochs_done(tmp_path):
     measurements = ex.load_measurements(tmp_path)
     assert ex.estimate_seconds(conv, measurements, "gpu", tmp_path) is None
     assert ex.estimate_seconds(conv, measurements, "gpu, 4 seeds stacked", tmp_path) == 400
+    # With the wall time recorded (a seed that outlived its stack-mates ran its last epochs
+    # faster, alone), the estimate takes that, not its share times the stack's size.
+    [stacked] = [m for m in measurements if m.stack == 4]
+    d = json.loads(stacked.path.read_text())
+    d["summary"]["wall_seconds"] = 120.0
+    stacked.path.write_text(json.dumps(d))
+    measurements = ex.load_measurements(tmp_path)
+    assert ex.estimate_seconds(conv, measurements, "gpu, 4 seeds stacked", tmp_path) == 120
 
 
 def _fake_train(calls):

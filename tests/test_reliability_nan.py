@@ -171,6 +171,29 @@ def test_a_stale_epoch_start_is_replaced_and_a_missing_one_falls_back_to_last_pt
     assert [h["lr"] for h in resumed.history] == [0.1, 0.1, 0.05]  # epochs 1-2 kept
 
 
+def test_a_damaged_epoch_start_never_costs_a_stop_its_checkpoint(
+    tmp_path: Path, ds, monkeypatch
+) -> None:
+    def stop(q: torch.Tensor) -> torch.Tensor:
+        signal.raise_signal(signal.SIGINT)
+        return q
+
+    inject(monkeypatch, {step(2, 3): stop})
+    with pytest.raises(Interrupted):
+        train(tiny_config(tmp_path, on_nan="reload"), dataset=ds, progress=False)
+    monkeypatch.undo()
+    run_dir = tmp_path / "run"
+    (run_dir / "epoch_start.pt").write_bytes(b"damaged")
+    inject(monkeypatch, {2: stop})  # epoch 2, step 5
+    with pytest.raises(Interrupted, match="stopped by SIGINT in epoch 2 after step 5"):
+        train(None, resume=run_dir, dataset=ds, progress=False)
+    monkeypatch.undo()
+    assert checkpoint.load(run_dir / "last.pt")["partial"]["step"] == 5
+    inject(monkeypatch, {1: poison})  # a rewind then goes to last.pt, not to epoch 0
+    resumed = train(None, resume=run_dir, dataset=ds, progress=False)
+    assert [h["lr"] for h in resumed.history] == [0.1, 0.05, 0.05]
+
+
 def test_on_nan_reload_gives_up_after_the_bound(tmp_path: Path, ds, monkeypatch, capsys) -> None:
     # Every step from epoch 2 on is poisoned, however often the run rewinds.
     inject(monkeypatch, {n: poison for n in range(step(2, 1), step(2, 1) + 100)})

@@ -28,6 +28,8 @@ def test_a_tie_at_min_delta_is_decided_in_float32_as_keras_decides_it():
 
 
 def test_a_float64_best_from_an_earlier_checkpoint_is_compared_as_float32():
-    stopper = EarlyStopping(patience=1, min_delta=0.001)
-    stopper.load_state_dict({"best": 0.9503, "wait": 0})
-    assert stopper.update(0.9513) is False and stopper.wait == 0
+    # 90.03% then 90.13%: in float32, as Keras compares them, no improvement; against the
+    # unrounded float64 best an earlier version saved, one.
+    stopper = EarlyStopping(patience=2, min_delta=0.001)
+    stopper.load_state_dict({"best": 0.9003, "wait": 0})
+    assert stopper.update(0.9013) is False and stopper.wait == 1

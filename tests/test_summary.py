@@ -28,6 +28,7 @@ def test_a_stacked_epoch_counts_the_runs_share_of_its_seconds():
     s = summarize(history, {}, "max epochs")
     assert s["s_per_epoch"] == pytest.approx((2.0 + 2.0 + 2.0) / 3)
     assert s["total_seconds"] == pytest.approx(2.5 + 2.5 + 2.5)
+    assert s["wall_seconds"] == pytest.approx(10.0 + 10.0 + 2.5)
 
 
 def test_a_run_without_a_finished_epoch_has_no_epoch_fields_and_passes():

@@ -234,7 +234,7 @@ class Measurement:
 
     @property
     def shared_by(self) -> int:
-        """How many runs shared the device with this one: its seconds are theirs together."""
+        """How many runs shared the device with this one (itself included)."""
         return self.stack * self.at_once
 
     @property
@@ -267,7 +267,7 @@ def record(spec: RunSpec, run_dir: Path, out: Path, at_once: int = 1) -> Measure
 
 def sharing_label(machine: str, stack: int, at_once: int) -> str:
     """``machine`` and how its device was shared, e.g. ``"cuda (NVIDIA H200), 10 seeds
-    stacked"``: a run's wall seconds compare only with those of runs shared alike."""
+    stacked"``: a run's wall time compares only with that of runs shared alike."""
     shared = [f"{stack} seeds stacked"] * (stack > 1) + [f"{at_once} runs at once"] * (at_once > 1)
     return ", ".join([machine, *shared])
 
@@ -379,8 +379,7 @@ def estimate_seconds(
     own = [m for m in timed if m.rule == spec.rule] or timed
     if not own:
         return None
-    # A stacked run's seconds are its share of the stack's: the stack's wall time is G shares.
-    per_epoch = fmean(m.stack * m.summary["total_seconds"] / m.summary["epochs_run"] for m in own)
+    per_epoch = fmean(_wall_seconds(m) / m.summary["epochs_run"] for m in own)
     # Runs that finished no epoch (diverged at once) say nothing about a run's length.
     capped = [
         m for m in same_cell if m.max_epochs == spec.max_epochs and m.summary["epochs_run"] > 0
@@ -390,6 +389,13 @@ def estimate_seconds(
     ]
     epochs = fmean(lengths) if lengths else float(spec.max_epochs or PAPER_EPOCHS)
     return max(epochs - _epochs_done(out / RUNS / spec.name), 0.0) * per_epoch
+
+
+def _wall_seconds(m: Measurement) -> float:
+    """The wall time of ``m``'s epochs. Summaries of earlier versions lack it; there a stacked
+    run's ``total_seconds`` (its share) times its stack size stands in."""
+    wall = m.summary.get("wall_seconds")
+    return float(wall) if isinstance(wall, int | float) else m.stack * m.summary["total_seconds"]
 
 
 def _epochs_done(run_dir: Path) -> int:
@@ -464,9 +470,9 @@ def reproduce(request: Request, say: Callable[[str], None] = print) -> Outcome:
     for spec in specs:
         run_dir = request.out / RUNS / spec.name
         if spec.name not in measured and (run_dir / rundir.SUMMARY).is_file():
-            # Finished, but stopped before it was recorded: with whom it shared the device is
-            # no longer known, so it counts as alone.
-            record(spec, run_dir, request.out)
+            # Finished, but stopped before it was recorded: how many shared the device with it
+            # is no longer known; this request's packing is the best guess.
+            record(spec, run_dir, request.out, runs_at_once(request))
             measured.add(spec.name)
         if spec.name in measured:
             outcome.skipped.append(spec.name)
@@ -783,7 +789,8 @@ class _Company:
 
     def leave(self, key: int) -> int:
         seconds, weighted = self.seconds.pop(key, 0.0), self.weighted.pop(key, 0.0)
-        return max(1, round(weighted / seconds)) if seconds > 0 else 1
+        # Halves round up: a run beside another half its time shared the GPU.
+        return max(1, math.floor(weighted / seconds + 0.5)) if seconds > 0 else 1
 
 
 def _message(receive: Connection) -> str | None:

@@ -19,6 +19,9 @@ EPOCH_KEYS: dict[str, type | tuple[type, ...]] = {
     "total_seconds": (int, float),
 }
 
+#: The summary's fields of measured time: all a rerun of the same run may change.
+TIMED_KEYS = ("s_per_epoch", "total_seconds", "wall_seconds")
+
 #: How the stop reason of a run that ended on a NaN or inf loss or weight begins.
 DIVERGED = "non-finite"
 
@@ -32,6 +35,8 @@ def summarize(
     The best epoch is the first with the highest ``val_acc``, as Keras's ``np.argmax`` over
     the history picks it; ``total_seconds`` counts training and evaluation. Seconds are the
     run's own: an epoch shared by a stack of seeds (its ``stack_size``) counts its share.
+    ``wall_seconds`` is the wall time of the run's epochs, shared or not, training and
+    evaluation: what a budget estimates the next run like it from.
     """
     summary: dict[str, Any] = {**facts, "stop_reason": stop_reason, "epochs_run": len(history)}
     if history:
@@ -46,6 +51,7 @@ def summarize(
             "final_val_acc": history[-1]["val_acc"],
             "s_per_epoch": sum(seconds) / len(seconds),
             "total_seconds": sum(seconds) + sum(evaluation),
+            "wall_seconds": sum(h["seconds"] + h["eval_seconds"] for h in history),
         }
     return summary
 

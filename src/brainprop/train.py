@@ -301,9 +301,12 @@ class NonFinite(Exception):
 
     def rewound(self, trainer: Trainer) -> str:
         """What :func:`rewind` did about it, ``trainer`` being the rewound one."""
+        where = f"epoch {len(trainer.history)}"
+        if trainer.partial is not None:
+            where = f"epoch {len(trainer.history) + 1}, step {trainer.partial['step']}"
         return (
-            f"the {self.what} became NaN or inf at {self.where()}: rewound to epoch "
-            f"{len(trainer.history)} with the learning rate scaled by {trainer.lr_scale:g} "
+            f"the {self.what} became NaN or inf at {self.where()}: rewound to {where} with the "
+            f"learning rate scaled by {trainer.lr_scale:g} "
             f"(reload {trainer.nan_reloads} of {MAX_NAN_RELOADS})"
         )
 
@@ -525,11 +528,15 @@ def save_last(trainer: Trainer, run_path: Path) -> None:
 
 def _epoch_start(run_path: Path, epoch: int) -> dict[str, Any] | None:
     """epoch_start.pt if it holds the end of epoch ``epoch`` (1-based), else None: one left
-    from an earlier epoch by a kill is stale."""
+    from an earlier epoch by a kill is stale, and a damaged one is as good as none (a stop
+    replaces it; a rewind goes to last.pt instead), never a reason to lose a stop's state."""
     start = run_path / rundir.EPOCH_START
     if not start.is_file():
         return None
-    state = checkpoint.load(start)
+    try:
+        state = checkpoint.load(start)
+    except BrainPropError:
+        return None
     return state if state.get("partial") is None and state.get("epoch") == epoch else None
 
 
@@ -651,8 +658,8 @@ def rewind(old: Trainer, ds: Dataset, run_path: Path) -> Trainer:
 
     A last.pt inside an epoch (a stop, then a resume) is not where a run never stopped goes
     back to; the end of the epoch before, kept as epoch_start.pt by :func:`save_last`, is.
-    Without one (a stop in the first epoch: the initial state) or with a stale one (a run
-    directory of an earlier version), it rewinds to last.pt itself.
+    Inside the first epoch that is the initial state. Without a usable epoch_start.pt (a run
+    directory of an earlier version, a damaged file) it rewinds to last.pt itself.
     """
     trainer = Trainer(old.config, ds, old.progress)
     state, source = old.parallel.on_main(lambda: _rewind_point(run_path))
