@@ -98,30 +98,40 @@ def test_on_nan_reload_before_any_checkpoint_restarts_from_the_initial_state(
     assert [h["lr"] for h in run.history] == [0.05, 0.05, 0.05]
 
 
+def _stop(q: torch.Tensor) -> torch.Tensor:
+    signal.raise_signal(signal.SIGINT)
+    return q
+
+
+def _run(monkeypatch, ds, out: Path, actions: dict, resume: bool = False, stops: bool = False):
+    """Train (or resume) ``out``'s run with ``on_nan="reload"`` and ``actions`` injected; with
+    ``stops``, expect it to be stopped by a signal."""
+    inject(monkeypatch, actions)
+    config = None if resume else tiny_config(out, on_nan="reload")
+    try:
+        if not stops:
+            return train(config, resume=out / "run" if resume else None, dataset=ds,
+                         progress=False)  # fmt: skip
+        with pytest.raises(Interrupted):
+            train(config, resume=out / "run" if resume else None, dataset=ds, progress=False)
+        return None
+    finally:
+        monkeypatch.undo()
+
+
 def test_a_nan_after_a_stop_inside_the_epoch_rewinds_to_the_epochs_start(
     tmp_path: Path, ds, monkeypatch
 ) -> None:
     """As a run never stopped does: back to the end of epoch 1, not to where the stop was."""
-    inject(monkeypatch, {step(2, 6): poison})
-    never_stopped = train(tiny_config(tmp_path / "ref", on_nan="reload"), dataset=ds,
-                          progress=False)  # fmt: skip
-    monkeypatch.undo()
-
-    def stop(q: torch.Tensor) -> torch.Tensor:
-        signal.raise_signal(signal.SIGINT)
-        return q
-
-    inject(monkeypatch, {step(2, 3): stop})
-    with pytest.raises(Interrupted):
-        train(tiny_config(tmp_path / "cut", on_nan="reload"), dataset=ds, progress=False)
-    monkeypatch.undo()
-    run_dir = tmp_path / "cut" / "run"
-    assert checkpoint.load(run_dir / "epoch_start.pt")["epoch"] == 1
-    inject(monkeypatch, {3: poison})  # the resumed process starts at epoch 2, step 4
-    resumed = train(None, resume=run_dir, dataset=ds, progress=False)
+    never_stopped = _run(monkeypatch, ds, tmp_path / "ref", {step(2, 6): poison})
+    cut = tmp_path / "cut"
+    _run(monkeypatch, ds, cut, {step(2, 3): _stop}, stops=True)
+    assert checkpoint.load(cut / "run" / "epoch_start.pt")["epoch"] == 1
+    # The resumed process starts at epoch 2, step 4.
+    resumed = _run(monkeypatch, ds, cut, {3: poison}, resume=True)
     assert resumed.summary["nan_reloads"] == never_stopped.summary["nan_reloads"] == 1
-    assert not (run_dir / "epoch_start.pt").exists()  # gone with the next epoch's end
-    assert_same_run(never_stopped.dir, run_dir)
+    assert not (cut / "run" / "epoch_start.pt").exists()  # gone with the next epoch's end
+    assert_same_run(never_stopped.dir, cut / "run")
 
 
 def test_a_stale_epoch_start_is_replaced_and_a_missing_one_falls_back_to_last_pt(
@@ -130,43 +140,24 @@ def test_a_stale_epoch_start_is_replaced_and_a_missing_one_falls_back_to_last_pt
     """A kill between an epoch's last.pt and the removal of epoch_start.pt leaves one from an
     epoch before: the next stop keeps a fresh one. A run directory of an earlier version has
     none: the rewind goes to last.pt itself, never to the initial state."""
-    inject(monkeypatch, {step(3, 6): poison})
-    never_stopped = train(tiny_config(tmp_path / "ref", on_nan="reload"), dataset=ds,
-                          progress=False)  # fmt: skip
-    monkeypatch.undo()
+    never_stopped = _run(monkeypatch, ds, tmp_path / "ref", {step(3, 6): poison})
+    cut = tmp_path / "cut"
+    start = cut / "run" / "epoch_start.pt"
+    _run(monkeypatch, ds, cut, {step(2, 3): _stop}, stops=True)
+    stale = start.read_bytes()  # the end of epoch 1
+    # Epoch 2's last step: an epoch's end, which removes epoch_start.pt.
+    _run(monkeypatch, ds, cut, {5: _stop}, resume=True, stops=True)
+    assert not start.exists()
+    start.write_bytes(stale)  # as a kill right there would have left it
+    _run(monkeypatch, ds, cut, {3: _stop}, resume=True, stops=True)  # epoch 3, step 3
+    assert checkpoint.load(start)["epoch"] == 2
+    _run(monkeypatch, ds, cut, {3: poison}, resume=True)  # epoch 3, step 6
+    assert_same_run(never_stopped.dir, cut / "run")
 
-    def stop(q: torch.Tensor) -> torch.Tensor:
-        signal.raise_signal(signal.SIGINT)
-        return q
-
-    def stopped(resume, at):
-        inject(monkeypatch, {at: stop})
-        with pytest.raises(Interrupted):
-            config = None if resume else tiny_config(tmp_path / "cut", on_nan="reload")
-            train(config, resume=resume, dataset=ds, progress=False)
-        monkeypatch.undo()
-
-    run_dir = tmp_path / "cut" / "run"
-    stopped(None, step(2, 3))
-    stale = (run_dir / "epoch_start.pt").read_bytes()  # the end of epoch 1
-    stopped(run_dir, 5)  # epoch 2's last step: an epoch's end, which removes epoch_start.pt
-    assert not (run_dir / "epoch_start.pt").exists()
-    (run_dir / "epoch_start.pt").write_bytes(stale)  # as a kill right there would have left it
-    stopped(run_dir, 3)  # epoch 3, step 3
-    assert checkpoint.load(run_dir / "epoch_start.pt")["epoch"] == 2
-    inject(monkeypatch, {3: poison})  # epoch 3, step 6
-    train(None, resume=run_dir, dataset=ds, progress=False)
-    monkeypatch.undo()
-    assert_same_run(never_stopped.dir, run_dir)
-
-    inject(monkeypatch, {step(3, 4): stop})
-    with pytest.raises(Interrupted):
-        train(tiny_config(tmp_path / "old", on_nan="reload"), dataset=ds, progress=False)
-    monkeypatch.undo()
-    old_dir = tmp_path / "old" / "run"
-    (old_dir / "epoch_start.pt").unlink()
-    inject(monkeypatch, {2: poison})
-    resumed = train(None, resume=old_dir, dataset=ds, progress=False)
+    old = tmp_path / "old"
+    _run(monkeypatch, ds, old, {step(3, 4): _stop}, stops=True)
+    (old / "run" / "epoch_start.pt").unlink()
+    resumed = _run(monkeypatch, ds, old, {2: poison}, resume=True)
     assert resumed.summary["nan_reloads"] == 1
     assert [h["lr"] for h in resumed.history] == [0.1, 0.1, 0.05]  # epochs 1-2 kept
 
@@ -174,23 +165,13 @@ def test_a_stale_epoch_start_is_replaced_and_a_missing_one_falls_back_to_last_pt
 def test_a_damaged_epoch_start_never_costs_a_stop_its_checkpoint(
     tmp_path: Path, ds, monkeypatch
 ) -> None:
-    def stop(q: torch.Tensor) -> torch.Tensor:
-        signal.raise_signal(signal.SIGINT)
-        return q
-
-    inject(monkeypatch, {step(2, 3): stop})
-    with pytest.raises(Interrupted):
-        train(tiny_config(tmp_path, on_nan="reload"), dataset=ds, progress=False)
-    monkeypatch.undo()
+    _run(monkeypatch, ds, tmp_path, {step(2, 3): _stop}, stops=True)
     run_dir = tmp_path / "run"
     (run_dir / "epoch_start.pt").write_bytes(b"damaged")
-    inject(monkeypatch, {2: stop})  # epoch 2, step 5
-    with pytest.raises(Interrupted, match="stopped by SIGINT in epoch 2 after step 5"):
-        train(None, resume=run_dir, dataset=ds, progress=False)
-    monkeypatch.undo()
+    _run(monkeypatch, ds, tmp_path, {2: _stop}, resume=True, stops=True)  # epoch 2, step 5
     assert checkpoint.load(run_dir / "last.pt")["partial"]["step"] == 5
-    inject(monkeypatch, {1: poison})  # a rewind then goes to last.pt, not to epoch 0
-    resumed = train(None, resume=run_dir, dataset=ds, progress=False)
+    # A rewind then goes to last.pt, not to epoch 0.
+    resumed = _run(monkeypatch, ds, tmp_path, {1: poison}, resume=True)
     assert [h["lr"] for h in resumed.history] == [0.1, 0.05, 0.05]
 
 
