@@ -198,6 +198,20 @@ def test_a_crafted_pickle_of_allowed_globals_is_refused(tmp_path: Path, payload,
     assert error.startswith(f"CIFAR file {path} is not a valid CIFAR pickle (") and message in error
 
 
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_python_3_re_pickles_load_up_to_protocol_4(tmp_path: Path, protocol: int) -> None:
+    write_cifar10(tmp_path)
+    path = tmp_path / "cifar10" / "cifar-10-batches-py" / "data_batch_1"
+    pixels = np.arange(2 * 3072, dtype=np.uint8).reshape(2, 3072)
+    path.write_bytes(pickle.dumps({b"data": pixels, b"labels": [3, 1]}, protocol=protocol))
+    if protocol == 5:
+        assert "was pickled with protocol 5" in _error(tmp_path)
+        return
+    ds = load_dataset("cifar10", tmp_path)
+    assert ds.train_x[:2].flatten(1).numpy().tolist() == pixels.tolist()
+    assert ds.train_y[:2].tolist() == [3, 1]
+
+
 @pytest.mark.parametrize("labels", [[2**70], np.array(3), np.zeros((1, 1), np.int64), [True]])
 def test_labels_that_are_no_list_of_integers_are_refused(tmp_path: Path, labels) -> None:
     write_cifar10(tmp_path)

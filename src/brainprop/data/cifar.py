@@ -188,6 +188,11 @@ class RestrictedUnpickler(pickle.Unpickler):
     source = "pickle"
 
     def find_class(self, module: str, name: str) -> Any:
+        if name == "_frombuffer" and module.startswith("numpy"):
+            raise BrainPropError(
+                f"{self.source} was pickled with protocol 5, whose arrays this reader does not "
+                "take: use the official file, or pickle it again with protocol 4 or lower"
+            )
         if (module, name) not in STAND_INS:
             raise BrainPropError(
                 f"{self.source} references {module}.{name}, which a CIFAR file never does: "
