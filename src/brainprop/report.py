@@ -251,7 +251,7 @@ def compare(
 
 
 def _sharing(runs: Sequence[Measurement]) -> str:
-    """E.g. "8 runs stacked by 4, 2 stacked by 2": the runs that shared their device."""
+    """E.g. "2 runs stacked by 2, 8 runs stacked by 4": the runs that shared their device."""
     counts = Counter((m.stack, m.at_once) for m in runs if m.shared_by > 1)
     parts = []
     for (stack, at_once), n in sorted(counts.items()):
