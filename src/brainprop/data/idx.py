@@ -71,10 +71,8 @@ def parse_idx(data: bytes, *, magic: int, source: str, fix: str) -> np.ndarray:
         raise BrainPropError(
             f"{source} is truncated ({len(data)} bytes, header needs {header}): {fix}"
         )
-    dims = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    expected = 1
-    for d in dims:
-        expected *= d
+    dims = _dims(data, ndim)
+    expected = math.prod(dims)
     got_len = len(data) - header
     if got_len != expected:
         got = f"got {got_len}" if got_len < expected else "got more"
@@ -97,6 +95,11 @@ def read_idx_file(path: Path, *, magic: int, source: str, fix: str) -> np.ndarra
     return parse_idx(data, magic=magic, source=source, fix=fix)
 
 
+def _dims(header: bytes, ndim: int) -> tuple[int, ...]:
+    """The ``ndim`` big-endian uint32 dimensions that follow the magic number."""
+    return tuple(int.from_bytes(header[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+
+
 def _read_declared(f: BinaryIO, magic: int, source: str) -> bytes:
     """The header and at most one byte more of data than it declares: a small gzip that
     inflates far beyond its dimensions is caught without inflating it whole."""
@@ -105,7 +108,7 @@ def _read_declared(f: BinaryIO, magic: int, source: str) -> bytes:
     head += f.read(4 * ndim)
     if len(head) < 4 + 4 * ndim:
         return head  # parse_idx says what is missing
-    declared = math.prod(int.from_bytes(head[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    declared = math.prod(_dims(head, ndim))
     if declared > MAX_DATA_BYTES:
         raise BrainPropError(
             f"{source} declares {declared:,} bytes of data, more than any IDX dataset holds: "
