@@ -46,6 +46,8 @@
 #     TRAIN_S     most seconds for each train of steps 3 and 4 (default 60)
 #     JOBS        reproduce runs side by side on the GPU (default 4)
 #     STACK       seeds in the stacked bench (default 10, the paper's seeds per cell)
+#     BF16=1      step 5's CIFAR-10 cell trains under --bf16: more seeds in the window, reported
+#                 apart from the paper's fp32 (default fp32)
 #     STEPS       steps to run (default "tests bench torchrun fastpath reproduce")
 #     SMOKE=1     toy sizes on the CPU, to test this script on a machine without a GPU
 #
@@ -96,6 +98,7 @@ else
     CIFAR=(--datasets cifar10 --archs deep --seeds 10)
     PACKING=(--datasets mnist --archs conv --seeds 4 --max-epochs 3)
 fi
+[[ ${BF16:-0} == 1 ]] && CIFAR+=(--bf16)
 
 left() { echo $((DEADLINE - $(date +%s))); }
 now() { date +%s.%N; }

@@ -52,5 +52,6 @@ def write_measurement(
         preset=spec.preset,
         stack=stack,
         at_once=at_once,
+        bf16=spec.bf16,
     )
     return write_record(m, {}, {"val_acc": [], "test_acc": []}, out)

@@ -79,6 +79,18 @@ def test_a_preset_other_than_the_papers_is_in_the_name_and_config_and_covers_its
         plan([DENSE], preset="fast")
 
 
+def test_bf16_is_in_the_name_config_and_stacks_of_a_run():
+    specs = plan([DENSE], ["brainprop"], 2, val=5000, bf16=True)
+    assert [s.name for s in specs] == [
+        "mnist-dense-brainprop-s0-val5000-bf16", "mnist-dense-brainprop-s1-val5000-bf16",
+    ]  # fmt: skip
+    assert specs[0].config(Path("res"), None, "cpu").bf16
+    assert not plan([DENSE], ["brainprop"], 1)[0].config(Path("res"), None, "cpu").bf16
+    assert ex.stacks(specs + plan([DENSE], ["brainprop"], 1, val=5000), 4) == [
+        tuple(specs), (RunSpec(DENSE, "brainprop", 0, val=5000),),
+    ]  # fmt: skip
+
+
 def test_cells_filter_and_reject_what_is_not_in_the_matrix():
     assert ex.select_cells(["mnist"], None) == [c for c in MATRIX if c.dataset == "mnist"]
     assert ex.select_cells(None, ["deep"]) == [c for c in MATRIX if c.arch == "deep"]
@@ -127,6 +139,13 @@ def test_estimates_use_this_machine_and_subtract_epochs_done(tmp_path):
     stacked.path.write_text(json.dumps(d))
     measurements = ex.load_measurements(tmp_path)
     assert ex.estimate_seconds(conv, measurements, "gpu, 4 seeds stacked", tmp_path) == 120
+    # bf16 runs time only bf16 runs: 30 epochs x (2 + 1) s.
+    write_measurement(tmp_path, RunSpec(CONV, "ebp", 0, bf16=True), "gpu", test_acc=0.9,
+                      epochs_run=30, s_per_epoch=2.0)  # fmt: skip
+    measurements = ex.load_measurements(tmp_path)
+    assert ex.estimate_seconds(RunSpec(CONV, "ebp", 1), measurements, "gpu", tmp_path) is None
+    fast = RunSpec(CONV, "ebp", 1, bf16=True)
+    assert ex.estimate_seconds(fast, measurements, "gpu, bf16", tmp_path) == 90
 
 
 def _fake_train(calls):
@@ -255,6 +274,18 @@ def test_a_stacked_request_trains_and_records_each_seed(tmp_path, mnist_root, no
     # A stacked run's seconds are the stack's: its budget estimates come from stacks alike.
     assert {m.machine for m in measurements} == {ex.this_machine("cpu")}
     assert {m.timed_on for m in measurements} == {f"{ex.this_machine('cpu')}, 2 seeds stacked"}
+
+
+def test_a_bf16_request_trains_in_bf16_and_reports_apart(tmp_path, mnist_root, no_plots):
+    args = ["reproduce", "--datasets", "mnist", "--archs", "dense", "--rules", "ebp", "--seeds",
+            "1", "--max-epochs", "1", "--bf16", "--device", "cpu", "--quiet", "--out",
+            str(tmp_path), "--data-dir", str(mnist_root)]  # fmt: skip
+    assert main(args) == 0
+    [m] = ex.load_measurements(tmp_path)
+    assert m.run == "mnist-dense-ebp-s0-e1-bf16" and m.bf16
+    assert m.setup == f"{ex.this_machine('cpu')}, bf16"
+    assert rundir.read_json(tmp_path / ex.RUNS / m.run / rundir.CONFIG)["bf16"] is True
+    assert f"| MNIST dense | {m.setup} | 1 |" in (tmp_path / "results.md").read_text()
 
 
 def test_two_jobs_train_in_worker_processes_on_cpu(tmp_path, mnist_root):

@@ -343,3 +343,24 @@ def test_runs_with_another_preset_are_their_own_row_held_to_the_published_number
     d["preset"] = "from-the-future"
     m.path.write_text(json.dumps(d))
     assert "from-the-future: not in this version's tables" in write_report(tmp_path).read_text()
+
+
+def test_bf16_runs_are_their_own_row_marked_bf16(tmp_path):
+    """bf16 autocast changes the numbers (it is one suspect of the CIFAR-10 deep gap), so its
+    runs never pool with the paper's fp32 runs of the same cell and machine."""
+    _cell_runs(tmp_path, CONV, GPU, [0.992, 0.993], [0.993, 0.994], [50, 60], [40, 50])
+    _cell_runs(tmp_path, CONV, GPU, [0.990, 0.991], [0.993, 0.994], [50, 60], [40, 50],
+               bf16=True)  # fmt: skip
+    fp32, bf16 = aggregate(load_measurements(tmp_path))
+    assert (fp32.machine, bf16.machine) == (GPU, f"{GPU}, bf16")
+    assert bf16.rules["brainprop"].test_acc.mean == pytest.approx(99.05)
+    assert fp32.rules["brainprop"].test_acc.mean == pytest.approx(99.25)
+    md = write_report(tmp_path).read_text()
+    assert f"| MNIST conv | {GPU}, bf16 | 500 (paper) | 2 / 2 |" in md
+    assert f"| MNIST conv | {GPU} | 500 (paper) | 2 / 2 |" in md
+    # A damaged flag is refused, not read as fp32.
+    m = load_measurements(tmp_path)[0]
+    d = json.loads(m.path.read_text())
+    m.path.write_text(json.dumps(d | {"bf16": "yes"}))
+    with pytest.raises(BrainPropError, match="bf16 'yes', not true or false"):
+        load_measurements(tmp_path)

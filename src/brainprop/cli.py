@@ -259,6 +259,10 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
         help="train up to N seeds of a cell side by side in one stacked network; "
         "'brainprop bench --stack N' measures whether that is faster on this device",
     )  # fmt: skip
+    p.add_argument(
+        "--bf16", action="store_true",
+        help=f"{BF16_HELP}; runs are named -bf16 and reported apart from the paper's fp32",
+    )  # fmt: skip
     p.add_argument("--out", default="results", help="results folder (default: results)")
     p.add_argument("--data-dir", help=DATA_DIR_HELP)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -290,6 +294,7 @@ def _reproduce(args: argparse.Namespace) -> int:
             budget_minutes=args.budget_minutes,
             jobs=args.jobs,
             stack=args.stack,
+            bf16=args.bf16,
             progress=not args.quiet,
         )
         reproduce(request)

@@ -91,11 +91,12 @@ HEADLINE: tuple[Cell, ...] = (
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One run of the matrix: a cell, a rule, a seed, how it is validated and capped, and the
-    preset table its hyperparameters come from.
+    """One run of the matrix: a cell, a rule, a seed, how it is validated and capped, the
+    preset table its hyperparameters come from, and its precision.
 
     ``val`` is None to validate on the test set (as the paper) or a number of held-out training
-    images; ``max_epochs`` is None for the paper's 500 epochs with early stopping.
+    images; ``max_epochs`` is None for the paper's 500 epochs with early stopping; ``bf16``
+    trains under bf16 autocast instead of the paper's fp32.
     """
 
     cell: Cell
@@ -104,6 +105,7 @@ class RunSpec:
     val: int | None = None
     max_epochs: int | None = None
     preset: str = PAPER_PRESET
+    bf16: bool = False
 
     @property
     def name(self) -> str:
@@ -114,6 +116,8 @@ class RunSpec:
             name += f"-val{self.val}"
         if self.max_epochs is not None:
             name += f"-e{self.max_epochs}"
+        if self.bf16:
+            name += "-bf16"
         return name
 
     def config(self, out: Path, data_dir: str | None, device: str) -> TrainConfig:
@@ -127,6 +131,7 @@ class RunSpec:
             epochs=self.max_epochs or PAPER_EPOCHS,
             val="test" if self.val is None else self.val,
             device=device,
+            bf16=self.bf16,
             data_dir=data_dir,
             out_dir=str(out / RUNS),
             name=self.name,
@@ -160,9 +165,10 @@ def plan(
     val: int | None = None,
     max_epochs: int | None = None,
     preset: str = PAPER_PRESET,
+    bf16: bool = False,
 ) -> list[RunSpec]:
-    """Every run of ``cells x rules x range(seeds)`` with ``preset``'s hyperparameters, in
-    priority order.
+    """Every run of ``cells x rules x range(seeds)`` with ``preset``'s hyperparameters (under
+    bf16 autocast with ``bf16``), in priority order.
 
     The order is what a budget cuts: seed 0 of every cell before seed 1 (a first estimate of
     every cell beats ten seeds of one); within a seed the headline cells (published numbers)
@@ -196,7 +202,7 @@ def plan(
         return (spec.seed, headline, MATRIX.index(spec.cell), RULE_ORDER.index(spec.rule))
 
     specs = [
-        RunSpec(cell, rule, seed, val, cap, preset)
+        RunSpec(cell, rule, seed, val, cap, preset, bf16)
         for cell in dict.fromkeys(cells) for rule in dict.fromkeys(rules) for seed in range(seeds)
     ]  # fmt: skip
     return sorted(specs, key=priority)
@@ -210,9 +216,10 @@ class Measurement:
     """One finished run as recorded under ``measurements/``: what ran, where, and its summary.
 
     ``preset`` names the hyperparameter table the run took (files written before presets were
-    recorded hold paper runs). ``machine`` is the device; ``stack`` (seeds trained as one
-    network) and ``at_once`` (runs packed onto one GPU) say how many runs shared it, so that
-    its seconds can be compared with runs shared alike.
+    recorded hold paper runs). ``machine`` is the device and ``bf16`` whether the run trained
+    under bf16 autocast: together they are :attr:`setup`, what the run's numbers compare with.
+    ``stack`` (seeds trained as one network) and ``at_once`` (runs packed onto one GPU) say how
+    many runs shared the device, so that its seconds can be compared with runs shared alike.
     """
 
     run: str
@@ -227,6 +234,7 @@ class Measurement:
     preset: str = PAPER_PRESET
     stack: int = 1
     at_once: int = 1
+    bf16: bool = False
 
     @property
     def file_name(self) -> str:
@@ -238,14 +246,26 @@ class Measurement:
         return self.stack * self.at_once
 
     @property
+    def setup(self) -> str:
+        """The machine and the precision, e.g. ``"cuda (NVIDIA H200), bf16"``: a report never
+        pools runs of different setups."""
+        return precision_label(self.machine, self.bf16)
+
+    @property
     def timed_on(self) -> str:
-        """The machine and how it was shared: what this run's seconds compare with."""
-        return sharing_label(self.machine, self.stack, self.at_once)
+        """The setup and how the device was shared: what this run's seconds compare with."""
+        return sharing_label(self.setup, self.stack, self.at_once)
 
 
 def machine_slug(machine: str) -> str:
     """``"NVIDIA H200"`` -> ``"nvidia-h200"``: the machine part of a measurement's file name."""
     return re.sub(r"[^a-z0-9]+", "-", machine.lower()).strip("-") or "unknown"
+
+
+def precision_label(machine: str, bf16: bool) -> str:
+    """``machine``, marked ``", bf16"`` for runs under bf16 autocast (fp32, the paper's, is
+    unmarked)."""
+    return f"{machine}, bf16" if bf16 else machine
 
 
 def record(spec: RunSpec, run_dir: Path, out: Path, at_once: int = 1) -> Measurement:
@@ -259,6 +279,7 @@ def record(spec: RunSpec, run_dir: Path, out: Path, at_once: int = 1) -> Measure
         spec.name, spec.cell, spec.rule, spec.seed, spec.val, spec.max_epochs,
         str(summary.get("device", "unknown")), summary, preset=spec.preset,
         stack=int(summary.get("stack_size", 1)), at_once=at_once,
+        bf16=bool(config.get("bf16", False)),
     )  # fmt: skip
     # The curve lets a report plot or re-select epochs without the run directory.
     curve = {key: [round(float(h[key]), 5) for h in history] for key in ("val_acc", "test_acc")}
@@ -301,6 +322,7 @@ def write_measurement(
             "machine": m.machine,
             "stack": m.stack,
             "runs_at_once": m.at_once,
+            "bf16": m.bf16,
             "summary": m.summary,
             "config": config,
             "curve": curve,
@@ -345,9 +367,18 @@ def _read_measurement(path: Path) -> Measurement:
             str(d["run"]), Cell(str(d["dataset"]), str(d["arch"])), str(d["rule"]),
             int(d["seed"]), _opt_int(d["val"]), _opt_int(d["max_epochs"]), str(d["machine"]),
             summary, path, str(d.get("preset", PAPER_PRESET)), stack, at_once,
+            _flag(d, "bf16"),
         )  # fmt: skip
     except (KeyError, TypeError, ValueError) as e:
         raise BrainPropError(f"{path} is not a brainprop measurement ({e}): {fix}") from None
+
+
+def _flag(d: dict[str, Any], key: str) -> bool:
+    """``d[key]`` if it is a bool; absent (files of earlier versions) is False."""
+    v = d.get(key, False)
+    if not isinstance(v, bool):
+        raise ValueError(f"{key} {v!r}, not true or false")
+    return v
 
 
 def _opt_int(v: Any) -> int | None:
@@ -424,10 +455,13 @@ class Request:
     budget_minutes: float | None = None
     jobs: int = 1
     stack: int = 1
+    bf16: bool = False
     progress: bool = True
 
     def specs(self) -> list[RunSpec]:
-        return plan(self.cells, self.rules, self.seeds, self.val, self.max_epochs, self.preset)
+        return plan(
+            self.cells, self.rules, self.seeds, self.val, self.max_epochs, self.preset, self.bf16
+        )
 
 
 @dataclass
@@ -540,7 +574,7 @@ class _Budget:
 
     def __init__(self, request: Request, threads: int | None) -> None:
         self.request = request
-        self.machine = this_machine(request.device, threads)
+        self.machine = precision_label(this_machine(request.device, threads), request.bf16)
         self.at_once = runs_at_once(request)
         minutes = request.budget_minutes
         self.deadline = math.inf if minutes is None else time.monotonic() + 60 * minutes
@@ -644,7 +678,7 @@ def _start_or_resume(spec: RunSpec, request: Request) -> TrainConfig | Path:
 def _finished_line(m: Measurement) -> str:
     s = m.summary
     if "best_val_acc" not in s:
-        return f"done {m.run}: {s.get('stop_reason')}, no epoch finished ({m.machine})"
+        return f"done {m.run}: {s.get('stop_reason')}, no epoch finished ({m.setup})"
     return (
         f"done {m.run}: best val {s['best_val_acc']:.4f} at epoch {s['best_epoch']}, test "
         f"there {s['test_acc_at_best']:.4f}, {s['epochs_run']} epochs, "

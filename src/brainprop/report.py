@@ -1,8 +1,9 @@
 """The report: measurements aggregated per cell, BrainProp beside EBP and the published numbers.
 
 :func:`aggregate` groups measurements by cell, validation, epoch cap, hyperparameter preset and
-machine (numbers from different machines, caps or settings are never pooled, so each number
-carries the machine it was measured on) and computes per rule the mean (sd) over seeds.
+machine with its precision (numbers from different machines, precisions, caps or settings are
+never pooled, so each number carries the machine it was measured on) and computes per rule
+the mean (sd) over seeds.
 :func:`write_report` writes ``results.md``, ``results.json`` and ``results.png``;
 :func:`update_readme` puts a summary between the README's ``<!-- results:start -->`` and
 ``<!-- results:end -->`` markers.
@@ -133,7 +134,8 @@ class Verdict:
 @dataclass(frozen=True)
 class CellResult:
     """One cell under one validation, epoch cap, preset and machine: both rules and the
-    comparisons.
+    comparisons. ``machine`` is the runs' :attr:`~brainprop.experiments.Measurement.setup`:
+    the machine, and bf16 where they trained in it.
 
     ``gap`` is BrainProp - EBP test accuracy (percentage points), ``gap_noise`` two standard
     errors of that difference, ``ratio`` BrainProp's / EBP's mean epochs to the best.
@@ -273,7 +275,7 @@ def aggregate(measurements: Sequence[Measurement]) -> list[CellResult]:
     Key = tuple[Cell, int | None, int | None, str, str]
     groups: dict[Key, list[Measurement]] = defaultdict(list)
     for m in measurements:
-        groups[(m.cell, m.val, m.max_epochs, m.machine, m.preset)].append(m)
+        groups[(m.cell, m.val, m.max_epochs, m.setup, m.preset)].append(m)
 
     def order(key: Key) -> tuple[Any, ...]:
         cell, val, cap, machine, preset = key
@@ -296,7 +298,7 @@ def write_report(out: Path) -> Path:
     measurements = load_measurements(out)
     results = aggregate(measurements)
     make_folder(out)
-    machines = sorted({m.machine for m in measurements})
+    machines = sorted({m.setup for m in measurements})
     atomic_write_json(out / RESULTS_JSON, to_json(results, len(measurements), machines))
     if results:
         png = plot(results)
@@ -452,8 +454,10 @@ def markdown(results: Sequence[CellResult], count: int, machines: Sequence[str])
         "`brainprop reproduce --report-only`.",
         "",
         "Accuracies are test accuracy (%) at the epoch of best validation accuracy, mean (sd) "
-        "over seeds; `seeds` counts BrainProp / EBP runs. Numbers from different machines or "
-        "epoch caps are never pooled: each row is one machine. Runs that shared their device "
+        "over seeds; `seeds` counts BrainProp / EBP runs. Numbers from different machines, "
+        "precisions or epoch caps are never pooled: each row is one machine, marked bf16 where "
+        "its runs trained under bf16 autocast (`reproduce --bf16`) instead of the paper's fp32. "
+        "Runs that shared their device "
         "(seeds stacked in one network, or several runs at once on a GPU) are pooled with its "
         "other runs, and the machine column says how many did; their s/epoch and total time "
         "are device time per run, their wall time divided by how many runs shared the device. "
