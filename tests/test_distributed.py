@@ -227,6 +227,16 @@ def _worker(rank: int, world: int, port: int, out: Path) -> None:
         train(_config(out, f"nan-{on_nan}", epochs=1, global_batch=GLOBAL, on_nan=on_nan),
               dataset=ds, progress=False)  # fmt: skip
     fastpath.train_step = real
+    # Rank 1 draws another epoch order (as on another GPU model): the run is still rank 0's.
+    real_randperm = torch.randperm
+
+    def other_order(*args: Any, **kwargs: Any) -> torch.Tensor:
+        return real_randperm(*args, **kwargs).flip(0)
+
+    torch.randperm = other_order if rank == 1 else real_randperm
+    train(_config(out, "order-other", epochs=1, global_batch=GLOBAL), dataset=ds, progress=False)
+    torch.randperm = real_randperm
+    train(_config(out, "order-same", epochs=1, global_batch=GLOBAL), dataset=ds, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -263,6 +273,8 @@ def test_two_processes_match_one_with_the_global_batch(two_ranks: Path, tmp_path
             "explore-cut-one",
             "nan-reload",
             "nan-stop",
+            "order-other",
+            "order-same",
             *(f"{r}-{a}-{n}" for r, a, n in EQUIVALENCE),
         ]  # fmt: skip
     )
@@ -299,6 +311,12 @@ def test_a_nan_on_one_rank_stops_or_rewinds_every_rank(two_ranks: Path) -> None:
     reload = json.loads((two_ranks / "nan-reload" / "summary.json").read_text())
     assert reload["nan_reloads"] == 1 and reload["epochs_run"] == 1
     assert load(two_ranks / "nan-reload" / "last.pt")["lr_scale"] == 0.5
+
+
+def test_ranks_train_on_rank_zeros_epoch_order(two_ranks: Path) -> None:
+    same, other = (load(two_ranks / name / "last.pt") for name in ("order-same", "order-other"))
+    for key, tensor in same["model"].items():
+        assert torch.equal(other["model"][key], tensor), key
 
 
 def test_a_two_process_checkpoint_resumes_on_one_process_with_a_warning(

@@ -12,8 +12,9 @@ The semantics, for a world of ``W`` processes and a global batch ``G`` (``--glob
 the per-process ``--batch-size`` times ``W``):
 
 * Every rank draws each epoch's permutation from an *order* generator seeded identically on all
-  ranks, splits it into global batches of ``G`` exactly as one process with batch ``G`` would,
-  and trains on its own contiguous share of each (``tensor_split``: shares differ by at most
+  ranks (and takes rank 0's, which differs only on mixed GPU models), splits it into global
+  batches of ``G`` exactly as one process with batch ``G`` would, and trains on its own
+  contiguous share of each (``tensor_split``: shares differ by at most
   one image, and a short last batch may leave a rank with none).
 * Gradients are *summed* by one explicit all-reduce after ``backward``, each rank having
   weighted its loss by its share of the global loss: BrainProp's loss sums over the batch and
@@ -145,6 +146,18 @@ class Context:
         return global_batch
 
     # -- the step -------------------------------------------------------------------------
+
+    def agreed_order(self, perm: torch.Tensor) -> torch.Tensor:
+        """Rank 0's epoch order ``perm``, on every rank (in place).
+
+        Every rank drew ``perm`` from the same seed, but a GPU's random numbers depend on its
+        kernels' launch grid, which follows its number of SMs: ranks on different GPU models
+        would draw different orders and train on overlapping shares.
+        """
+        if self.active:
+            with self._collective("agreeing on the epoch's order"):
+                dist.broadcast(perm, 0)
+        return perm
 
     def batches(
         self, x: torch.Tensor, y: torch.Tensor, perm: torch.Tensor, global_batch: int,

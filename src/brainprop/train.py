@@ -220,6 +220,7 @@ class Trainer:
             perm = torch.randperm(n, device=self.device, generator=self.order_generator)
             self.order_generator.set_state(now)
         if self.parallel.active:
+            perm = self.parallel.agreed_order(perm)
             batches = self.parallel.batches(ds.train_x, ds.train_y, perm, self.global_batch, start)
         else:
             batches = permuted_batches(ds.train_x, ds.train_y, perm, cfg.batch_size, start)
