@@ -201,6 +201,24 @@ def test_killed_before_the_first_checkpoint_starts_over(tmp_path: Path, ds, refe
     assert_same_run(reference, run_dir)
 
 
+def test_a_run_without_last_pt_that_has_trained_is_not_started_over(
+    tmp_path: Path, ds, reference: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    (run_dir / "last.pt").unlink()  # say, to save disk
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    missing = r"last.pt is missing, but the run has trained \(history.csv is there\)"
+    with pytest.raises(BrainPropError, match=missing + ".*put back its last.pt, or start a new"):
+        train(None, resume=run_dir, dataset=ds, progress=False)
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
+    # A run that ended (diverged, say) before its first checkpoint has nothing to continue.
+    for name in ("history.csv", "history.json", "best.pt"):
+        (run_dir / name).unlink()
+    with pytest.raises(BrainPropError, match="ended before its first checkpoint"):
+        train(None, resume=run_dir, dataset=ds, progress=False)
+
+
 def test_resume_raises_epochs_only_when_asked(tmp_path: Path, ds) -> None:
     run = train(tiny_config(tmp_path, epochs=1), dataset=ds, progress=False)
     assert train(None, resume=run.dir, dataset=ds, progress=False).summary["epochs_run"] == 1

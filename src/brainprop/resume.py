@@ -42,7 +42,9 @@ def checkpoint_and_config(
     checkpoint.remove_temporaries(run_path)
     last = run_path / rundir.LAST
     state = checkpoint.load(last) if last.is_file() else None
-    if state is not None:
+    if state is None:
+        _refuse_restart(run_path)
+    else:
         own = _stored_config(state.get("config"), last)
         differ = [
             f.name for f in fields(TrainConfig)
@@ -61,6 +63,24 @@ def checkpoint_and_config(
         rundir.atomic_write_json(run_path / rundir.CONFIG, resolved.to_dict())
         return state, resolved
     return state, _resolve_stored(stored, run_path / rundir.CONFIG)
+
+
+def _refuse_restart(run_path: Path) -> None:
+    """A run without ``last.pt`` resumes from its start, which is right only if it was killed
+    before its first checkpoint; once it has results, starting over would overwrite them."""
+    left = [n for n in (rundir.HISTORY_CSV, rundir.HISTORY_JSON, rundir.BEST, rundir.EPOCH_START)
+            if (run_path / n).exists()]  # fmt: skip
+    if left:
+        raise BrainPropError(
+            f"{run_path / rundir.LAST} is missing, but the run has trained ({left[0]} is "
+            "there), and resuming would start it over and overwrite that: put back its "
+            "last.pt, or start a new run"
+        )
+    if (run_path / rundir.SUMMARY).is_file():
+        raise BrainPropError(
+            f"{run_path} ended before its first checkpoint ({rundir.SUMMARY} says why): "
+            "there is nothing to continue; start a new run"
+        )
 
 
 def _stored_config(d: Any, source: Path) -> TrainConfig:
