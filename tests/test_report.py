@@ -157,6 +157,13 @@ def test_readme_section_is_replaced_between_markers(tmp_path):
     assert text.endswith(README_END + "\nafter\n")
     assert "old text" not in text and "[results/results.md](results/results.md)" in text
     assert "MNIST conv" in text and CPU in text and "97.00" in text and "-1.00" in text
+    # A mistyped --out must not wipe the section.
+    kept = readme.read_text()
+    with pytest.raises(BrainPropError, match="no measurements in .*left as it is: pass the --out"):
+        update_readme(readme, tmp_path / "typo")
+    assert readme.read_text() == kept
+    assert main(["reproduce", "--report-only", "--out", str(tmp_path / "typo")]) == 2
+    assert not (tmp_path / "typo").exists()
     readme.write_text("# no markers\n")
     with pytest.raises(BrainPropError, match="results:start"):
         update_readme(readme, tmp_path / "results")

@@ -274,11 +274,16 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
 def _reproduce(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .experiments import Request, reproduce, select_cells
+    from .experiments import MEASUREMENTS, Request, reproduce, select_cells
     from .report import update_readme, write_report
 
     out = Path(args.out)
     if args.report_only:
+        if not (out / MEASUREMENTS).is_dir():
+            raise BrainPropError(
+                f"no {MEASUREMENTS}/ folder in {out}: --report-only rewrites the report of an "
+                "earlier reproduce, so pass its --out"
+            )
         print(f"report: {write_report(out)}")
     else:
         request = Request(

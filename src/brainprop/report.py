@@ -36,7 +36,7 @@ from typing import Any
 
 from .checkpoint import atomic_write, atomic_write_json, atomic_write_text, make_folder
 from .errors import BrainPropError
-from .experiments import MATRIX, RULE_ORDER, Cell, Measurement, load_measurements
+from .experiments import MATRIX, MEASUREMENTS, RULE_ORDER, Cell, Measurement, load_measurements
 from .presets import DATASET_FAMILY, PAPER, PAPER_PRESET, PRESETS, Hyperparameters
 from .summary import DIVERGED
 
@@ -555,8 +555,6 @@ def plot(results: Sequence[CellResult]) -> bytes:
 
 def readme_section(results: Sequence[CellResult], report: str) -> str:
     """The README's results section: one line per group, and a link to the full report."""
-    if not results:
-        return f"No measurements yet; see [{report}]({report}) once `brainprop reproduce` ran."
     rows = [
         [
             r.label, "test set" if r.val is None else f"{r.val:,} held out", r.machine_text,
@@ -611,7 +609,13 @@ def update_readme(readme: Path, out: Path) -> None:
             f"{readme} has no '{README_START}' ... '{README_END}' section: add the two markers "
             "where the results belong"
         )
+    measurements = load_measurements(out)
+    if not measurements:
+        raise BrainPropError(
+            f"no measurements in {out / MEASUREMENTS}, so {readme}'s results section was left as "
+            "it is: pass the --out that holds them"
+        )
     link = Path(os.path.relpath(out / RESULTS_MD, readme.resolve().parent)).as_posix()
-    section = readme_section(aggregate(load_measurements(out)), link)
+    section = readme_section(aggregate(measurements), link)
     new = text[: start + len(README_START)] + "\n" + section + "\n" + text[end:]
     atomic_write_text(readme, new)
