@@ -64,6 +64,7 @@ def test_resume_from_the_command_line(data_dir, tmp_path, capsys):
             "no 'deep' network for mnist: choose --arch from conv, dense, loccon",
         ),
         (["train", "--lr", "-1"], "--lr must be > 0"),
+        (["train", "--seed", "-1"], "--seed must lie in [0, 4294967295], got -1"),
         (["evaluate", "/nonexistent/run"], "no checkpoint at /nonexistent/run: pass"),
         (["download", "imagenet"], "unknown dataset 'imagenet'"),
         (["evaluate", "/nonexistent/run", "--device", "gpu"], "device 'gpu' is not available"),

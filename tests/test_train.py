@@ -177,6 +177,11 @@ def test_non_finite_loss_stops_with_epoch_and_step(tmp_path, tiny_dataset):
         (dict(dataset="imagenet"), "unknown dataset 'imagenet'"),
         (dict(rule="hebb"), "unknown rule 'hebb'"),
         (dict(device="cuda:7"), "device 'cuda:7' is not available"),
+        (dict(seed=-1), r"--seed must lie in \[0, 4294967295\], got -1"),
+        (dict(seed=2**32), r"--seed must lie in \[0, 4294967295\], got 4294967296"),
+        (dict(seed=1.5), "seed must be of type int, got 1.5"),
+        (dict(epochs="5"), "epochs must be of type int, got '5'"),
+        (dict(lr="0.1"), r"lr must be of type float \| None, got '0.1'"),
     ],
 )
 def test_nonsense_configs_are_one_line_errors(override, message):

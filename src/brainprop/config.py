@@ -83,6 +83,10 @@ class TrainConfig:
 
     def resolve(self) -> TrainConfig:
         """Return a copy with every hyperparameter filled in and every value checked."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not value_fits(value, str(f.type)):
+                raise BrainPropError(f"{f.name} must be of type {f.type}, got {value!r}")
         if self.dataset not in DATASET_FAMILY:
             raise BrainPropError(
                 f"unknown dataset {self.dataset!r}: choose one of {', '.join(DATASET_FAMILY)}"
@@ -126,6 +130,8 @@ class TrainConfig:
         )
         need(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
         need(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
+        # numpy, which every run seeds too, takes 32-bit seeds only.
+        need(0 <= self.seed < 2**32, f"--seed must lie in [0, {2**32 - 1}], got {self.seed}")
         need(self.patience >= 1, f"--patience must be >= 1, got {self.patience}")
         need(self.min_delta >= 0, f"--min-delta must be >= 0, got {self.min_delta}")
         need(
