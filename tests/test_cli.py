@@ -52,6 +52,17 @@ def test_resume_from_the_command_line(data_dir, tmp_path, capsys):
     assert "--lr, --device would be ignored: drop them (only --epochs may change)" in err
 
 
+def test_resume_reads_data_that_moved_from_data_dir(data_dir, tmp_path, capsys):
+    assert main(_train_args(data_dir, tmp_path / "runs", "--quiet")) == 0
+    run = tmp_path / "runs" / "cli"
+    moved = data_dir.rename(tmp_path / "moved")
+    assert main(["train", "--resume", str(run), "--epochs", "3", "--quiet"]) == 2
+    assert "mnist" in capsys.readouterr().err
+    resumed = ["train", "--resume", str(run), "--epochs", "3", "--data-dir", str(moved), "--quiet"]
+    assert main(resumed) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["epochs_run"] == 3
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

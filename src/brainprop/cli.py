@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from .errors import BrainPropError
 
@@ -124,7 +125,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     run.add_argument(
         "--resume", metavar="RUN_DIR",
         help="continue the run in RUN_DIR from its last checkpoint (other settings come from the "
-        "run; only --epochs may change)",
+        "run; only --epochs may change, and --data-dir says where its data is now)",
     )  # fmt: skip
     run.add_argument("--quiet", action="store_true", help="no progress output")
     # _train needs the defaults to tell which settings a --resume would silently drop.
@@ -133,14 +134,18 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from .config import TrainConfig
+    from .data import load_dataset
     from .distributed import launched_main
+    from .resume import stored_config
     from .train import train
 
     epochs = {} if args.epochs is None else {"epochs": args.epochs}
     # On --resume the run's own config decides everything but a raised --epochs.
     config = TrainConfig(**epochs) if epochs else None
+    dataset = None
     if args.resume is not None:
-        dropped = _changed_settings(args, keep={"resume", "epochs", "quiet", "train_parser"})
+        keep = {"resume", "epochs", "data_dir", "quiet", "train_parser"}
+        dropped = _changed_settings(args, keep)
         if dropped:
             them = "it" if len(dropped) == 1 else "them"
             raise BrainPropError(
@@ -148,6 +153,10 @@ def _train(args: argparse.Namespace) -> int:
                 f"{', '.join(dropped)} would be ignored: drop {them} (only --epochs may change), "
                 "or start a new run"
             )
+        if args.data_dir is not None:
+            # Where the data lies is no setting of the run: data that moved is read from where
+            # it is now.
+            dataset = load_dataset(stored_config(Path(args.resume)).dataset, args.data_dir)
     if args.resume is None:
         config = TrainConfig(
             dataset=args.dataset,
@@ -178,7 +187,7 @@ def _train(args: argparse.Namespace) -> int:
             out_dir=args.out,
             name=args.name,
         )
-    run = train(config, resume=args.resume, progress=not args.quiet)
+    run = train(config, resume=args.resume, dataset=dataset, progress=not args.quiet)
     if args.quiet and launched_main():
         print(json.dumps(run.summary))
     return 0
@@ -272,8 +281,6 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
 
 
 def _reproduce(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from .experiments import MEASUREMENTS, Request, reproduce, select_cells
     from .report import update_readme, write_report
 

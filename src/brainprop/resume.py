@@ -33,12 +33,7 @@ def checkpoint_and_config(
     ``last.pt`` must belong to the run whose ``config.json`` sits beside it: a checkpoint
     copied in from another run would otherwise silently continue the wrong network.
     """
-    if not run_path.is_dir():
-        raise BrainPropError(
-            f"no run directory at {run_path}: pass a folder 'brainprop train' created "
-            "(it holds config.json and last.pt)"
-        )
-    stored = _stored_config(rundir.read_json(run_path / rundir.CONFIG), run_path / rundir.CONFIG)
+    stored = stored_config(run_path)
     checkpoint.remove_temporaries(run_path)
     last = run_path / rundir.LAST
     state = checkpoint.load(last) if last.is_file() else None
@@ -63,6 +58,16 @@ def checkpoint_and_config(
         rundir.atomic_write_json(run_path / rundir.CONFIG, resolved.to_dict())
         return state, resolved
     return state, _resolve_stored(stored, run_path / rundir.CONFIG)
+
+
+def stored_config(run_path: Path) -> TrainConfig:
+    """The config in the ``config.json`` of the run directory ``run_path``, as stored."""
+    if not run_path.is_dir():
+        raise BrainPropError(
+            f"no run directory at {run_path}: pass a folder 'brainprop train' created "
+            "(it holds config.json and last.pt)"
+        )
+    return _stored_config(rundir.read_json(run_path / rundir.CONFIG), run_path / rundir.CONFIG)
 
 
 def _refuse_restart(run_path: Path) -> None:
