@@ -225,6 +225,10 @@ def test_resume_raises_epochs_only_when_asked(tmp_path: Path, ds) -> None:
     longer = train(tiny_config(tmp_path, epochs=2), resume=run.dir, dataset=ds, progress=False)
     assert longer.summary["epochs_run"] == 2
     assert json.loads((run.dir / "config.json").read_text())["epochs"] == 2
+    with pytest.raises(BrainPropError, match="has already run 2 epochs, so --epochs 1 would "
+                       "change nothing: pass more than 2"):  # fmt: skip
+        train(tiny_config(tmp_path, epochs=1), resume=run.dir, dataset=ds, progress=False)
+    assert json.loads((run.dir / "config.json").read_text())["epochs"] == 2
 
 
 def test_a_kill_between_the_last_checkpoint_and_the_history_is_mended_on_resume(

@@ -52,6 +52,12 @@ def checkpoint_and_config(
                 f"config.json says {getattr(stored, name)!r} ({len(differ)} settings differ); "
                 "put back this run's own last.pt, or start a new run"
             )
+    done = 0 if state is None else int(state.get("epoch", 0))
+    if config is not None and config.epochs < done:
+        raise BrainPropError(
+            f"{run_path} has already run {done} epochs, so --epochs {config.epochs} would "
+            f"change nothing: pass more than {done} to continue it"
+        )
     if config is not None and config.epochs != stored.epochs:
         stored = replace(stored, epochs=config.epochs)
         resolved = _resolve_stored(stored, run_path / rundir.CONFIG)
