@@ -320,7 +320,7 @@ def test_reproduce_runs_cifar100_and_tiny_imagenet_cells_end_to_end(tmp_path, no
     assert runs == [f"{c}-brainprop-s0-e1" for c in cells]
     md = (out / "results.md").read_text()
     for text in ("CIFAR-100 loccon", "CIFAR-100 deep", "Tiny ImageNet deep", "59.58 (0.46)",
-                 "47.50 (1.30)", "capped at 1 epochs"):  # fmt: skip
+                 "47.50 (1.30)", "(capped at 1 epoch)"):  # fmt: skip
         assert text in md
     assert "Tiny ImageNet deep" in readme.read_text() and "none" not in readme.read_text()
     capsys.readouterr()

@@ -690,6 +690,7 @@ def run_bench(
         folder = Path(out)
         atomic_write_json(folder / JSON_NAME, report)
         atomic_write_text(folder / MARKDOWN_NAME, markdown(report))
+        say(f"wrote {folder / JSON_NAME} and {folder / MARKDOWN_NAME}")
     return report
 
 

@@ -208,7 +208,7 @@ def compare(
     capped = max_epochs is not None and any(
         m.summary.get("stop_reason") == "max epochs" for m in runs
     )
-    no_verdict = Verdict(None, f"capped at {max_epochs} epochs") if capped else None
+    no_verdict = Verdict(None, f"capped at {_epochs(max_epochs)}") if capped else None
 
     unpaired = Verdict(None, "needs both rules")
     if bp and ebp and not (bp.test_acc and ebp.test_acc):
@@ -260,6 +260,10 @@ def _sharing(runs: Sequence[Measurement]) -> str:
         how = [f"stacked by {stack}"] * (stack > 1) + [f"{at_once} at once"] * (at_once > 1)
         parts.append(f"{n} run{'s' * (n > 1)} {' and '.join(how)}")
     return ", ".join(parts)
+
+
+def _epochs(n: int) -> str:
+    return f"{n} epoch{'s' * (n != 1)}"
 
 
 def _within(difference: float, limit: float) -> bool:
