@@ -302,6 +302,10 @@ def test_a_signal_on_one_rank_stops_all_at_one_step_and_resume_is_bit_identical(
     for ra, rb in zip(whole["ranks"], cut["ranks"], strict=True):
         assert torch.equal(ra["generator"], rb["generator"])
         assert torch.equal(ra["torch"], rb["torch"])
+        # numpy's and python's too: each rank seeded its own, and takes it back.
+        assert torch.equal(ra["numpy"]["keys"], rb["numpy"]["keys"])
+        assert torch.equal(ra["python"]["internal"], rb["python"]["internal"])
+    assert not torch.equal(whole["ranks"][0]["numpy"]["keys"], whole["ranks"][1]["numpy"]["keys"])
 
 
 def test_a_nan_on_one_rank_stops_or_rewinds_every_rank(two_ranks: Path) -> None:

@@ -371,7 +371,7 @@ class Context:
         return {
             "world_size": self.world_size,
             "order_generator": order.get_state(),
-            "ranks": self.gather(rng.capture_torch(generator)),
+            "ranks": self.gather(rng.capture(generator)),
         }
 
     def restore_streams(
@@ -393,7 +393,9 @@ class Context:
             return
         order.set_state(state["order_generator"] if saved > 1 else state["rng"]["generator"])
         if saved == self.world_size:
-            rng.restore_torch(state["ranks"][self.rank], generator)
+            mine = state["ranks"][self.rank]
+            # Checkpoints of earlier versions kept each rank's torch streams only.
+            (rng.restore if "numpy" in mine else rng.restore_torch)(mine, generator)
             return
         step = (state.get("partial") or {}).get("step", 0)
         fresh = np.random.SeedSequence(
