@@ -201,6 +201,26 @@ def test_killed_before_the_first_checkpoint_starts_over(tmp_path: Path, ds, refe
     assert_same_run(reference, run_dir)
 
 
+def test_killed_between_the_first_best_pt_and_last_pt_starts_over(
+    tmp_path: Path, ds, reference: Path, monkeypatch
+) -> None:
+    real = checkpoint.save
+
+    def killed_before_last(path: Path, state: dict) -> None:
+        if Path(path).name == "last.pt":
+            raise SystemExit("killed")  # the first epoch's best.pt is written, last.pt is not
+        real(path, state)
+
+    monkeypatch.setattr(checkpoint, "save", killed_before_last)
+    with pytest.raises(SystemExit):
+        train(tiny_config(tmp_path), dataset=ds, progress=False)
+    monkeypatch.undo()
+    run_dir = tmp_path / "run"
+    assert (run_dir / "best.pt").is_file() and not (run_dir / "last.pt").exists()
+    train(None, resume=run_dir, dataset=ds, progress=False)
+    assert_same_run(reference, run_dir)
+
+
 def test_a_run_without_last_pt_that_has_trained_is_not_started_over(
     tmp_path: Path, ds, reference: Path
 ) -> None:

@@ -52,8 +52,9 @@ def checkpoint_and_config(
                 f"config.json says {getattr(stored, name)!r} ({len(differ)} settings differ); "
                 "put back this run's own last.pt, or start a new run"
             )
-    done = 0 if state is None else int(state.get("epoch", 0))
-    if config is not None and config.epochs < done:
+    # A damaged count is left to restore(), which names the checkpoint as damaged.
+    done = state.get("epoch") if state is not None else 0
+    if config is not None and isinstance(done, int) and config.epochs < done:
         raise BrainPropError(
             f"{run_path} has already run {done} epochs, so --epochs {config.epochs} would "
             f"change nothing: pass more than {done} to continue it"
@@ -78,8 +79,13 @@ def stored_config(run_path: Path) -> TrainConfig:
 
 def _refuse_restart(run_path: Path) -> None:
     """A run without ``last.pt`` resumes from its start, which is right only if it was killed
-    before its first checkpoint; once it has results, starting over would overwrite them."""
-    left = [n for n in (rundir.HISTORY_CSV, rundir.HISTORY_JSON, rundir.BEST, rundir.EPOCH_START)
+    before its first checkpoint; once it has results, starting over would overwrite them.
+
+    ``best.pt`` alone is no such result: the first epoch's end writes it just before the first
+    ``last.pt``, so a kill in between leaves it. The history comes after ``last.pt``, and
+    ``epoch_start.pt`` is a copy of an earlier one.
+    """
+    left = [n for n in (rundir.HISTORY_CSV, rundir.HISTORY_JSON, rundir.EPOCH_START)
             if (run_path / n).exists()]  # fmt: skip
     if left:
         raise BrainPropError(
@@ -184,12 +190,12 @@ def restore(
     ) as e:  # fmt: skip
         raise BrainPropError(
             f"{last} does not fit its run ({reason(e)[:160]}): the checkpoint is damaged or from "
-            "another version; move it away to restart the run from scratch"
+            "another version; start a new run"
         ) from None
     if not all_finite(trainer.model.state_dict().values()):
         raise BrainPropError(
             f"{last} holds NaN or inf weights, which brainprop never saves: the checkpoint is "
-            "damaged; move it away to restart the run from scratch"
+            "damaged; start a new run"
         )
 
 

@@ -330,7 +330,8 @@ def train(
             ``resume``, None continues the run as configured, and a config given counts only
             for its ``epochs`` (to train longer).
         resume: a run directory to continue from its ``last.pt``; one killed before its first
-            checkpoint starts over from its ``config.json``.
+            checkpoint starts over from its ``config.json`` (one that has a history but lost its
+            ``last.pt`` is refused).
         dataset: use this dataset instead of loading ``config.dataset`` (tests, notebooks).
         progress: show a progress bar per epoch and print one line per epoch.
 
