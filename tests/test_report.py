@@ -365,6 +365,11 @@ def test_bf16_runs_are_their_own_row_marked_bf16(tmp_path):
     md = write_report(tmp_path).read_text()
     assert f"| MNIST conv | {GPU}, bf16 | 500 (paper) | 2 / 2 |" in md
     assert f"| MNIST conv | {GPU} | 500 (paper) | 2 / 2 |" in md
+    # A cell measured only in bf16 still lacks a run of the paper's own settings.
+    _cell_runs(tmp_path, Cell("cifar10", "conv"), GPU, [0.70], [0.71], [50], [40], bf16=True)
+    write_report(tmp_path)
+    missing = json.loads((tmp_path / RESULTS_JSON).read_text())["no_full_paper_run"]
+    assert "cifar10/conv" in missing and "mnist/conv" not in missing
     # A damaged flag is refused, not read as fp32.
     m = load_measurements(tmp_path)[0]
     d = json.loads(m.path.read_text())

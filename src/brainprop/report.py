@@ -135,7 +135,7 @@ class Verdict:
 class CellResult:
     """One cell under one validation, epoch cap, preset and machine: both rules and the
     comparisons. ``machine`` is the runs' :attr:`~brainprop.experiments.Measurement.setup`:
-    the machine, and bf16 where they trained in it.
+    the machine, and bf16 where they trained in it (``bf16``).
 
     ``gap`` is BrainProp - EBP test accuracy (percentage points), ``gap_noise`` two standard
     errors of that difference, ``ratio`` BrainProp's / EBP's mean epochs to the best.
@@ -156,6 +156,8 @@ class CellResult:
     preset: str = PAPER_PRESET
     #: How many of the runs shared the device, and how; empty when none did.
     sharing: str = ""
+    #: Whether the runs trained under bf16 autocast instead of the paper's fp32.
+    bf16: bool = False
 
     @property
     def machine_text(self) -> str:
@@ -248,7 +250,7 @@ def compare(
             published_verdict = no_verdict or Verdict(within)
     return CellResult(
         cell, val, max_epochs, machine, rules, gap, noise, gap_verdict, ratio, ratio_verdict,
-        published, published_verdict, preset, _sharing(runs),
+        published, published_verdict, preset, _sharing(runs), any(m.bf16 for m in runs),
     )  # fmt: skip
 
 
@@ -333,12 +335,12 @@ def to_json(results: Sequence[CellResult], count: int, machines: Sequence[str]) 
 
 
 def _no_full_paper_run(results: Sequence[CellResult]) -> list[Cell]:
-    """The matrix cells with no full-length run of the paper's preset (uncapped, or stopped by
-    early stopping before its cap): cut-short runs and other settings show that a cell runs,
-    not what the paper's claims are about."""
+    """The matrix cells with no full-length run of the paper's preset in its fp32 (uncapped, or
+    stopped by early stopping before its cap): cut-short runs and other settings show that a
+    cell runs, not what the paper's claims are about."""
     full = {
         r.cell for r in results
-        if r.preset == PAPER_PRESET
+        if r.preset == PAPER_PRESET and not r.bf16
         and (r.max_epochs is None
              or not any(s.stop_reasons.get("max epochs") for s in r.rules.values()))
     }  # fmt: skip
