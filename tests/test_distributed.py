@@ -9,6 +9,7 @@ import gc
 import json
 import math
 import os
+import random
 import shutil
 import signal
 import socket
@@ -18,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -122,6 +124,19 @@ def test_resume_on_another_world_size_warns_and_moves_to_a_whole_batch() -> None
     note = Context(0, 4).adapt_resume(state, 4, 8)
     assert "the global batch stays 8" in note and state["partial"]["step"] == 1
     assert Context(0, 2).adapt_resume({"world_size": 2, "epoch": 0}, 4, None) is None
+
+
+def test_resume_on_another_world_size_gives_each_rank_fresh_streams_of_every_kind() -> None:
+    """Not rank 0's, which the plain restore put on every rank: numpy and python too."""
+    state = {"world_size": 2, "epoch": 3, "order_generator": torch.Generator().get_state()}
+    drawn = []
+    for rank in range(3):
+        np.random.seed(0)
+        random.seed(0)
+        Context(rank, 3).restore_streams(state, torch.Generator(), torch.Generator(), seed=5)
+        drawn.append((np.random.random_sample(), random.random(), torch.rand(()).item()))
+    assert len({d[0] for d in drawn}) == len({d[1] for d in drawn}) == 3
+    assert len({d[2] for d in drawn}) == 3
 
 
 # -- real process groups ------------------------------------------------------------------

@@ -44,6 +44,7 @@ import contextlib
 import datetime
 import importlib
 import os
+import random
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -403,6 +404,9 @@ class Context:
         ).generate_state(1, np.uint64)[0]
         torch.manual_seed(int(fresh))
         generator.manual_seed(int(fresh))
+        # numpy's and python's too, which the plain restore set to rank 0's on every rank.
+        np.random.seed(int(fresh % 2**32))
+        random.seed(int(fresh))
 
     def adapt_resume(
         self, state: dict[str, Any], batch_size: int, global_batch: int | None
