@@ -58,6 +58,7 @@ def test_resume_reads_data_that_moved_from_data_dir(data_dir, tmp_path, capsys):
     moved = data_dir.rename(tmp_path / "moved")
     assert main(["train", "--resume", str(run), "--epochs", "3", "--quiet"]) == 2
     assert "mnist" in capsys.readouterr().err
+    assert json.loads((run / "config.json").read_text())["epochs"] == 2  # a failed resume
     resumed = ["train", "--resume", str(run), "--epochs", "3", "--data-dir", str(moved), "--quiet"]
     assert main(resumed) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["epochs_run"] == 3

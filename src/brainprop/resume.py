@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 def checkpoint_and_config(
     run_path: Path, config: TrainConfig | None
 ) -> tuple[dict[str, Any] | None, TrainConfig]:
-    """The checkpoint to continue from (None: killed before its first one) and the config.
+    """The checkpoint to continue from (None: killed before its first one) and the config, with
+    ``config``'s epochs where it is given (:func:`save_epochs` writes them once restored).
 
     ``last.pt`` must belong to the run whose ``config.json`` sits beside it: a checkpoint
     copied in from another run would otherwise silently continue the wrong network.
@@ -59,12 +60,16 @@ def checkpoint_and_config(
             f"{run_path} has already run {done} epochs, so --epochs {config.epochs} would "
             f"change nothing: pass more than {done} to continue it"
         )
-    if config is not None and config.epochs != stored.epochs:
+    if config is not None:
         stored = replace(stored, epochs=config.epochs)
-        resolved = _resolve_stored(stored, run_path / rundir.CONFIG)
-        rundir.atomic_write_json(run_path / rundir.CONFIG, resolved.to_dict())
-        return state, resolved
     return state, _resolve_stored(stored, run_path / rundir.CONFIG)
+
+
+def save_epochs(run_path: Path, config: TrainConfig) -> None:
+    """Write ``config``'s epochs (a raised ``--epochs``) into the run's ``config.json``; called
+    once the run is restored, so that a resume that fails leaves the file as it was."""
+    if stored_config(run_path).epochs != config.epochs:
+        rundir.atomic_write_json(run_path / rundir.CONFIG, config.to_dict())
 
 
 def stored_config(run_path: Path) -> TrainConfig:

@@ -48,6 +48,7 @@ from .resume import (
     optimizer_settings,
     partial_ok,
     restore,
+    save_epochs,
 )
 from .schedule import EarlyStopping, lr_at
 from .step import make_optimizer
@@ -369,6 +370,7 @@ def _train(
         run_path = parallel.on_main(lambda: create_run(trainer))
     else:
         parallel.on_main(lambda: check_room(trainer, run_path))
+        parallel.on_main(lambda: save_epochs(run_path, config))
     if parallel.is_main:
         if trainer.resume_note:
             print(f"brainprop: {trainer.resume_note}", file=sys.stderr)
