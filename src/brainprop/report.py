@@ -335,7 +335,7 @@ def to_json(results: Sequence[CellResult], count: int, machines: Sequence[str]) 
 
 
 def _no_full_paper_run(results: Sequence[CellResult]) -> list[Cell]:
-    """The matrix cells with no full-length run of the paper's preset in its fp32 (uncapped, or
+    """The matrix cells with no full-length fp32 run of the paper's preset (uncapped, or
     stopped by early stopping before its cap): cut-short runs and other settings show that a
     cell runs, not what the paper's claims are about."""
     full = {
