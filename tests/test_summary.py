@@ -1,8 +1,11 @@
 """summary.json: what the loop writes is what reproduce's check accepts."""
 
 import pytest
+from measurement_fixtures import write_measurement as measurement
 
+from brainprop.experiments import Cell, RunSpec, _finished_line
 from brainprop.summary import EPOCH_KEYS, check_summary, summarize
+from brainprop.train import done_line
 
 
 def _row(epoch, val, test, seconds=2.0, eval_seconds=0.5):
@@ -51,3 +54,13 @@ def test_check_names_the_first_field_the_report_could_not_use(damage, message):
     damage(s)
     with pytest.raises(ValueError, match=message):
         check_summary(s)
+
+
+def test_the_lines_that_close_a_run_count_one_epoch_in_the_singular(tmp_path):
+    s = summarize([_row(1, 0.5, 0.4)], {}, "max epochs")
+    assert ", 1 epoch, " in done_line(s, tmp_path)
+    spec = RunSpec(Cell("mnist", "dense"), "brainprop", 0, max_epochs=1)
+    m = measurement(tmp_path, spec, "cpu", test_acc=0.5, best_epoch=1, epochs_run=1)
+    assert ", 1 epoch, " in _finished_line(m)
+    m = measurement(tmp_path, spec, "cpu", test_acc=0.5, best_epoch=1, epochs_run=2)
+    assert ", 2 epochs, " in _finished_line(m)

@@ -38,7 +38,7 @@ from .checkpoint import atomic_write_json, make_folder
 from .config import TrainConfig
 from .errors import BrainPropError
 from .presets import DATASET_FAMILY, PAPER_PRESET, PRESETS
-from .summary import check_summary
+from .summary import check_summary, epochs_phrase
 
 RUNS, MEASUREMENTS = "runs", "measurements"
 MEASUREMENT_FORMAT = "brainprop-measurement-1"
@@ -681,7 +681,7 @@ def _finished_line(m: Measurement) -> str:
         return f"done {m.run}: {s.get('stop_reason')}, no epoch finished ({m.setup})"
     return (
         f"done {m.run}: best val {s['best_val_acc']:.4f} at epoch {s['best_epoch']}, test "
-        f"there {s['test_acc_at_best']:.4f}, {s['epochs_run']} epochs, "
+        f"there {s['test_acc_at_best']:.4f}, {epochs_phrase(s['epochs_run'])}, "
         f"{s['s_per_epoch']:.1f} s/epoch ({m.timed_on})"
     )
 

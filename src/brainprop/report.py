@@ -38,7 +38,7 @@ from .checkpoint import atomic_write, atomic_write_json, atomic_write_text, make
 from .errors import BrainPropError
 from .experiments import MATRIX, MEASUREMENTS, RULE_ORDER, Cell, Measurement, load_measurements
 from .presets import DATASET_FAMILY, PAPER, PAPER_PRESET, PRESETS, Hyperparameters
-from .summary import DIVERGED
+from .summary import DIVERGED, epochs_phrase
 
 RESULTS_MD, RESULTS_JSON, RESULTS_PNG = "results.md", "results.json", "results.png"
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
@@ -210,7 +210,7 @@ def compare(
     capped = max_epochs is not None and any(
         m.summary.get("stop_reason") == "max epochs" for m in runs
     )
-    no_verdict = Verdict(None, f"capped at {_epochs(max_epochs)}") if capped else None
+    no_verdict = Verdict(None, f"capped at {epochs_phrase(max_epochs)}") if capped else None
 
     unpaired = Verdict(None, "needs both rules")
     if bp and ebp and not (bp.test_acc and ebp.test_acc):
@@ -262,10 +262,6 @@ def _sharing(runs: Sequence[Measurement]) -> str:
         how = [f"stacked by {stack}"] * (stack > 1) + [f"{at_once} at once"] * (at_once > 1)
         parts.append(f"{n} run{'s' * (n > 1)} {' and '.join(how)}")
     return ", ".join(parts)
-
-
-def _epochs(n: int) -> str:
-    return f"{n} epoch{'s' * (n != 1)}"
 
 
 def _within(difference: float, limit: float) -> bool:

@@ -20,6 +20,7 @@ from .data import Dataset
 from .data.messages import reason
 from .errors import BrainPropError
 from .evaluation import all_finite
+from .summary import epochs_phrase
 
 if TYPE_CHECKING:
     from .train import Trainer
@@ -57,7 +58,7 @@ def checkpoint_and_config(
     done = state.get("epoch") if state is not None else 0
     if config is not None and isinstance(done, int) and config.epochs < done:
         raise BrainPropError(
-            f"{run_path} has already run {done} epochs, so --epochs {config.epochs} would "
+            f"{run_path} has already run {epochs_phrase(done)}, so --epochs {config.epochs} would "
             f"change nothing: pass more than {done} to continue it"
         )
     if config is not None:

@@ -56,6 +56,11 @@ def summarize(
     return summary
 
 
+def epochs_phrase(n: int) -> str:
+    """``n`` epochs in words, as the lines that close runs write it: "1 epoch", "2 epochs"."""
+    return f"{n} epoch{'s' * (n != 1)}"
+
+
 def check_summary(summary: Any) -> None:
     """Raise ValueError naming the first summary field the report could not use."""
     if not isinstance(summary, dict):

@@ -52,7 +52,7 @@ from .resume import (
 )
 from .schedule import EarlyStopping, lr_at
 from .step import make_optimizer
-from .summary import DIVERGED, summarize
+from .summary import DIVERGED, epochs_phrase, summarize
 from .syncbn import alone, synchronise, synchronised
 
 DIAGNOSTIC_BATCH = 256
@@ -398,7 +398,8 @@ def done_line(summary: dict[str, Any], run_path: Path) -> str:
     return (
         f"done ({summary['stop_reason']}): best val {summary['best_val_acc']:.4f} at epoch "
         f"{summary['best_epoch']}, test accuracy there {summary['test_acc_at_best']:.4f}, "
-        f"{summary['epochs_run']} epochs, {summary['total_seconds']:.0f}s; results in {run_path}"
+        f"{epochs_phrase(summary['epochs_run'])}, {summary['total_seconds']:.0f}s; "
+        f"results in {run_path}"
     )
 
 
