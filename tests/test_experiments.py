@@ -146,6 +146,13 @@ def test_estimates_use_this_machine_and_subtract_epochs_done(tmp_path):
     assert ex.estimate_seconds(RunSpec(CONV, "ebp", 1), measurements, "gpu", tmp_path) is None
     fast = RunSpec(CONV, "ebp", 1, bf16=True)
     assert ex.estimate_seconds(fast, measurements, "gpu, bf16", tmp_path) == 90
+    # The expected epochs also come from runs of the same precision where there are some: an
+    # fp32 run of 60 epochs leaves the bf16 estimate at 30 epochs, and is the fp32 one's.
+    write_measurement(tmp_path, RunSpec(CONV, "ebp", 2), "gpu", test_acc=0.9, epochs_run=60,
+                      s_per_epoch=4.0)  # fmt: skip
+    measurements = ex.load_measurements(tmp_path)
+    assert ex.estimate_seconds(fast, measurements, "gpu, bf16", tmp_path) == 90
+    assert ex.estimate_seconds(RunSpec(CONV, "ebp", 1), measurements, "gpu", tmp_path) == 300
 
 
 def _fake_train(calls):

@@ -397,10 +397,11 @@ def estimate_seconds(
     Seconds per epoch (training and evaluation) come from finished runs of the same cell on the
     same machine shared alike, the same rule preferred (the network is the same for both rules,
     so the other rule is a close stand-in). The expected epochs are the mean of finished runs of
-    the cell under the same cap (epochs do not depend on the machine), the same rule preferred,
-    else the cap itself: the other rule's length is a far better guess than the cap, and without
-    it a budget that admits BrainProp's runs would refuse every EBP run after them. Epochs an
-    interrupted run already has are subtracted.
+    the cell under the same cap (epochs do not depend on the machine), those of the same rule
+    and precision preferred, then those of the same rule, then any, else the cap itself: the
+    other rule's length is a far better guess than the cap, and without it a budget that admits
+    BrainProp's runs would refuse every EBP run after them. Epochs an interrupted run already
+    has are subtracted.
     """
     same_cell = [
         m for m in measurements
@@ -415,9 +416,9 @@ def estimate_seconds(
     capped = [
         m for m in same_cell if m.max_epochs == spec.max_epochs and m.summary["epochs_run"] > 0
     ]
-    lengths = [m.summary["epochs_run"] for m in capped if m.rule == spec.rule] or [
-        m.summary["epochs_run"] for m in capped
-    ]
+    same_rule = [m for m in capped if m.rule == spec.rule]
+    alike = [m for m in same_rule if m.bf16 == spec.bf16] or same_rule or capped
+    lengths = [m.summary["epochs_run"] for m in alike]
     epochs = fmean(lengths) if lengths else float(spec.max_epochs or PAPER_EPOCHS)
     return max(epochs - _epochs_done(out / RUNS / spec.name), 0.0) * per_epoch
 
