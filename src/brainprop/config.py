@@ -46,6 +46,9 @@ class TrainConfig:
     ``sync_batchnorm`` makes BatchNorm normalise with the global batch's statistics, as one
     process training on the whole batch does (see :mod:`brainprop.syncbn`); off, each process
     uses its own share's.
+
+    :meth:`resolve`'s errors name a field by its command-line flag (``--lr`` for ``lr``), the
+    spelling most of them reach a user in.
     """
 
     dataset: str = "mnist"
