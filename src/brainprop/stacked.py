@@ -277,6 +277,9 @@ def train_stacked(
     ds = ds.to(resolve_device(config.device))
     say = tqdm.write if progress else (lambda _msg: None)
     built: list[tuple[Trainer, Path | None]] = []
+    # Each Trainer seeds, and each restore sets, the global streams that draw the whole stack's
+    # dropout masks, so the last member's win. Members of one stack checkpoint the same streams
+    # at each epoch's end, so a stack resumed whole goes on as it would have run.
     for state, member_config, run_path in loaded:
         trainer = Trainer(member_config, ds, progress=False)
         if built:
