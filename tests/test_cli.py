@@ -50,6 +50,10 @@ def test_resume_from_the_command_line(data_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
     assert "--lr, --device would be ignored: drop them (only --epochs may change)" in err
+    # Given at its default value, an option is as much a setting the run would not take.
+    code = _exit_code(lambda: main(["train", "--resume", str(run), "--arch", "conv", "--seed",
+                                    "0", "--val", "test", "--epochs", "4"]))  # fmt: skip
+    assert code == 2 and "--arch, --val, --seed would be ignored" in capsys.readouterr().err
 
 
 def test_resume_reads_data_that_moved_from_data_dir(data_dir, tmp_path, capsys):

@@ -8,6 +8,7 @@ stopped by SIGINT/SIGTERM prints how to resume it and exits with 128 + the signa
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -54,26 +55,33 @@ def _val(text: str) -> str | int:
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    from .config import MAX_NAN_RELOADS, ON_NAN
+    from .config import MAX_NAN_RELOADS, ON_NAN, TrainConfig
     from .data import DATASET_NAMES
     from .feedback import FEEDBACK_MODES
     from .objectives import RULES
-    from .presets import ARCHITECTURES, PAPER_PRESET, PRESETS
+    from .presets import ARCHITECTURES, PRESETS
 
+    # No option has a default of its own: one not given is None (False for switches), so that
+    # _train knows what a --resume would drop, and TrainConfig's defaults are the only ones.
+    default = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     p = sub.add_parser("train", help="train one network", description="Train one network.")
-    p.add_argument("--dataset", choices=DATASET_NAMES, default="mnist")
-    p.add_argument("--arch", choices=list(ARCHITECTURES), default="conv")
-    p.add_argument("--rule", choices=RULES, default="brainprop")
-    p.add_argument("--epsilon", type=float, default=0.02, help="BrainProp exploration rate")
+    p.add_argument("--dataset", choices=DATASET_NAMES, help=f"default {default['dataset']}")
+    p.add_argument("--arch", choices=list(ARCHITECTURES), help=f"default {default['arch']}")
+    p.add_argument("--rule", choices=RULES, help=f"default {default['rule']}")
     p.add_argument(
-        "--feedback", choices=FEEDBACK_MODES, default="symmetric",
-        help="feedback pathway: exact transpose, learned B, random B, sign(W), or direct (DFA)",
+        "--epsilon", type=float,
+        help=f"BrainProp exploration rate (default {default['epsilon']})",
+    )  # fmt: skip
+    p.add_argument(
+        "--feedback", choices=FEEDBACK_MODES,
+        help="feedback pathway: exact transpose, learned B, random B, sign(W), or direct (DFA) "
+        f"(default {default['feedback']})",
     )  # fmt: skip
     hp = p.add_argument_group("hyperparameters (default: the preset's value for dataset and arch)")
     hp.add_argument(
-        "--preset", choices=list(PRESETS), default=PAPER_PRESET,
-        help="table to take hyperparameters from: the paper's, or 'quickstart' or 'tuned' "
-        "(MNIST dense only)",
+        "--preset", choices=list(PRESETS),
+        help=f"table to take hyperparameters from: the paper's ({default['preset']}, the "
+        "default), or 'quickstart' or 'tuned' (MNIST dense only)",
     )  # fmt: skip
     hp.add_argument("--lr", type=float)
     hp.add_argument("--lr-halving-epochs", type=int, help="halve the learning rate every N epochs")
@@ -89,25 +97,27 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     stop = p.add_argument_group("stopping and validation")
     stop.add_argument(
         "--epochs", type=int,
-        help="maximum number of epochs (default 500; with --resume, the run's own)",
+        help=f"maximum number of epochs (default {default['epochs']}; with --resume, the "
+        "run's own)",
     )  # fmt: skip
-    stop.add_argument("--patience", type=int, default=45)
-    stop.add_argument("--min-delta", type=float, default=0.001)
+    stop.add_argument("--patience", type=int, help=f"default {default['patience']}")
+    stop.add_argument("--min-delta", type=float, help=f"default {default['min_delta']}")
     val = stop.add_mutually_exclusive_group()
     val.add_argument(
-        "--val", type=_val, default="test",
-        help="'test' (validate on the test set, as the paper) or N held-out training images",
+        "--val", type=_val,
+        help="'test' (validate on the test set, as the paper; the default) or N held-out "
+        "training images",
     )  # fmt: skip
     val.add_argument("--val-split", type=int, metavar="N", help="same as --val N")
     stop.add_argument(
-        "--on-nan", choices=ON_NAN, default="stop",
-        help="when the loss or weights become NaN/inf: stop (keeping the last good checkpoint) "
-        f"or reload the last checkpoint at half the learning rate (at most {MAX_NAN_RELOADS} "
-        "times)",
+        "--on-nan", choices=ON_NAN,
+        help="when the loss or weights become NaN/inf: stop (the default; keeping the last good "
+        "checkpoint) or rewind to the end of the last finished epoch (or the start) at half "
+        f"the learning rate (at most {MAX_NAN_RELOADS} times)",
     )  # fmt: skip
     run = p.add_argument_group("run")
-    run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    run.add_argument("--seed", type=int, help=f"default {default['seed']}")
+    run.add_argument("--device", help=f"auto, cpu, cuda or cuda:N (default {default['device']})")
     run.add_argument("--bf16", action="store_true", help=BF16_HELP)
     run.add_argument(
         "--eager", action="store_true",
@@ -120,15 +130,17 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "(as DDP without SyncBatchNorm) instead of the whole global batch",
     )  # fmt: skip
     run.add_argument("--data-dir", help=DATA_DIR_HELP)
-    run.add_argument("--out", default="runs", help="folder for run directories")
-    run.add_argument("--name", help="run directory name (default: dataset-arch-rule-seed-time)")
+    run.add_argument("--out", help=f"folder for run directories (default {default['out_dir']})")
+    run.add_argument(
+        "--name", help="run directory name (default: <dataset>-<arch>-<rule>-s<seed>-<time>)"
+    )
     run.add_argument(
         "--resume", metavar="RUN_DIR",
         help="continue the run in RUN_DIR from its last checkpoint (other settings come from the "
         "run; only --epochs may change, and --data-dir says where its data is now)",
     )  # fmt: skip
     run.add_argument("--quiet", action="store_true", help="no progress output")
-    # _train needs the defaults to tell which settings a --resume would silently drop.
+    # _train needs the parser's options to tell which settings a --resume would drop.
     p.set_defaults(train_parser=p)
 
 
@@ -145,7 +157,7 @@ def _train(args: argparse.Namespace) -> int:
     dataset = None
     if args.resume is not None:
         keep = {"resume", "epochs", "data_dir", "quiet", "train_parser"}
-        dropped = _changed_settings(args, keep)
+        dropped = _given_options(args, keep)
         if dropped:
             them = "it" if len(dropped) == 1 else "them"
             raise BrainPropError(
@@ -158,35 +170,36 @@ def _train(args: argparse.Namespace) -> int:
             # it is now.
             dataset = load_dataset(stored_config(Path(args.resume)).dataset, args.data_dir)
     if args.resume is None:
-        config = TrainConfig(
-            dataset=args.dataset,
-            arch=args.arch,
-            rule=args.rule,
-            preset=args.preset,
-            epsilon=args.epsilon,
-            feedback=args.feedback,
-            lr=args.lr,
-            lr_halving_epochs=args.lr_halving_epochs,
-            batch_size=args.batch_size,
-            global_batch=args.global_batch,
-            sync_batchnorm=not args.local_batchnorm,
-            init_std=args.init_std,
-            l2=args.l2,
-            dropout=args.dropout,
-            **epochs,
-            patience=args.patience,
-            min_delta=args.min_delta,
-            val=args.val if args.val_split is None else args.val_split,
-            on_nan=args.on_nan,
-            seed=args.seed,
-            device=args.device,
-            bf16=args.bf16,
-            eager=args.eager,
-            cuda_graph=args.cuda_graph,
-            data_dir=args.data_dir,
-            out_dir=args.out,
-            name=args.name,
-        )
+        given = {
+            "dataset": args.dataset,
+            "arch": args.arch,
+            "rule": args.rule,
+            "preset": args.preset,
+            "epsilon": args.epsilon,
+            "feedback": args.feedback,
+            "lr": args.lr,
+            "lr_halving_epochs": args.lr_halving_epochs,
+            "batch_size": args.batch_size,
+            "global_batch": args.global_batch,
+            "sync_batchnorm": not args.local_batchnorm,
+            "init_std": args.init_std,
+            "l2": args.l2,
+            "dropout": args.dropout,
+            "epochs": args.epochs,
+            "patience": args.patience,
+            "min_delta": args.min_delta,
+            "val": args.val if args.val_split is None else args.val_split,
+            "on_nan": args.on_nan,
+            "seed": args.seed,
+            "device": args.device,
+            "bf16": args.bf16,
+            "eager": args.eager,
+            "cuda_graph": args.cuda_graph,
+            "data_dir": args.data_dir,
+            "out_dir": args.out,
+            "name": args.name,
+        }
+        config = TrainConfig(**{k: v for k, v in given.items() if v is not None})
     run = train(config, resume=args.resume, dataset=dataset, progress=not args.quiet)
     if args.quiet and launched_main():
         print(json.dumps(run.summary))
@@ -228,8 +241,9 @@ def _names(text: str) -> tuple[str, ...]:
     return names
 
 
-def _changed_settings(args: argparse.Namespace, keep: set[str]) -> list[str]:
-    """The options of ``args.train_parser`` given a value other than their default."""
+def _given_options(args: argparse.Namespace, keep: set[str]) -> list[str]:
+    """The options of ``args.train_parser`` given on the command line, but those in ``keep``:
+    none has a default of its own (see :func:`_add_train`), so a given one differs from it."""
     # argparse has no public list of a parser's options; _actions is stable since Python 3.2.
     return [
         action.option_strings[0]
