@@ -81,6 +81,17 @@ def test_unknown_on_nan_choice(capsys) -> None:
     assert "argument --on-nan: invalid choice: 'retry'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["train", "reproduce", "datasets"])
+def test_an_unknown_option_points_to_its_commands_help(capsys, command) -> None:
+    with pytest.raises(SystemExit) as info:
+        main([command, "--cuda-graphs"])
+    assert info.value.code == 2
+    assert capsys.readouterr().err == (
+        f"brainprop: error: unrecognized arguments: --cuda-graphs (see 'brainprop {command} "
+        "--help')\n"
+    )
+
+
 # --- dataset files -----------------------------------------------------------------------------
 
 

@@ -140,8 +140,6 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "run; only --epochs may change, and --data-dir says where its data is now)",
     )  # fmt: skip
     run.add_argument("--quiet", action="store_true", help="no progress output")
-    # _train needs the parser's options to tell which settings a --resume would drop.
-    p.set_defaults(train_parser=p)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -156,7 +154,7 @@ def _train(args: argparse.Namespace) -> int:
     config = TrainConfig(**epochs) if epochs else None
     dataset = None
     if args.resume is not None:
-        keep = {"resume", "epochs", "data_dir", "quiet", "train_parser"}
+        keep = {"resume", "epochs", "data_dir", "quiet", "parser"}
         dropped = _given_options(args, keep)
         if dropped:
             them = "it" if len(dropped) == 1 else "them"
@@ -242,12 +240,12 @@ def _names(text: str) -> tuple[str, ...]:
 
 
 def _given_options(args: argparse.Namespace, keep: set[str]) -> list[str]:
-    """The options of ``args.train_parser`` given on the command line, but those in ``keep``:
+    """The options of ``args.parser`` (train's) given on the command line, but those in ``keep``:
     none has a default of its own (see :func:`_add_train`), so a given one differs from it."""
     # argparse has no public list of a parser's options; _actions is stable since Python 3.2.
     return [
         action.option_strings[0]
-        for action in args.train_parser._actions
+        for action in args.parser._actions
         if action.option_strings and action.dest not in keep | {"help"}
         and getattr(args, action.dest) != action.default
     ]  # fmt: skip
@@ -269,7 +267,8 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-epochs", type=int, help="cap every run (default: the paper's 500)")
     p.add_argument(
         "--preset", choices=list(PRESETS), default=PAPER_PRESET,
-        help="hyperparameter table (default: the paper's); others run only their own cells",
+        help="hyperparameter table (default: the paper's); the others cover some cells only, so "
+        "select those with --datasets and --archs",
     )  # fmt: skip
     p.add_argument("--val-split", type=int, metavar="N", help="validate on N held-out images")
     p.add_argument(
@@ -346,7 +345,13 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         "--rules", type=_names, default=("brainprop", "ebp"), help="comma-separated rules"
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--steps", type=int, default=30, help="timed steps per preset and rule")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=30,
+        help="timed steps per preset and rule, in 5 equal blocks (so rounded down to a multiple "
+        "of 5)",
+    )
     p.add_argument("--warmup", type=int, default=5, help="untimed steps before timing")
     p.add_argument("--batch-size", type=int, help="override every preset's batch size")
     p.add_argument("--bf16", action="store_true", help=BF16_HELP)
@@ -405,6 +410,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help=DATA_DIR_HELP)
     _add_reproduce(sub)
     _add_bench(sub)
+    # Each command's own parser: main reports an unknown option through it, and _train reads
+    # its options to tell which settings a --resume would drop.
+    for command_parser in sub.choices.values():
+        command_parser.set_defaults(parser=command_parser)
     return parser
 
 
@@ -424,7 +433,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .devices import out_of_memory
     from .signals import Interrupted
 
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:
+        # The top parser would name itself, whose help lists no command's options.
+        args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return COMMANDS[args.command](args)
     except Interrupted as e:

@@ -247,7 +247,7 @@ class Measurement:
 
     @property
     def setup(self) -> str:
-        """The machine and the precision, e.g. ``"cuda (NVIDIA H200), bf16"``: a report never
+        """The machine and the precision, e.g. ``"NVIDIA H200, bf16"``: a report never
         pools runs of different setups."""
         return precision_label(self.machine, self.bf16)
 
@@ -287,7 +287,7 @@ def record(spec: RunSpec, run_dir: Path, out: Path, at_once: int = 1) -> Measure
 
 
 def sharing_label(machine: str, stack: int, at_once: int) -> str:
-    """``machine`` and how its device was shared, e.g. ``"cuda (NVIDIA H200), 10 seeds
+    """``machine`` and how its device was shared, e.g. ``"NVIDIA H200, 10 seeds
     stacked"``: a run's wall time compares only with that of runs shared alike."""
     shared = [f"{stack} seeds stacked"] * (stack > 1) + [f"{at_once} runs at once"] * (at_once > 1)
     return ", ".join([machine, *shared])

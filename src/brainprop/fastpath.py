@@ -7,6 +7,12 @@ by floating-point rounding (``tests/test_fastpath.py`` pins this); with dropout 
 layouts draw different, equally random, masks from the same stream. ``brainprop bench`` times
 both side by side and reports the ratio.
 
+The rounding is not equally small everywhere: PyTorch's CPU BatchNorm kernel for channels-last
+tensors sums a batch's statistics less precisely than its NCHW kernel, and at the published
+initialisation BatchNorm's backward cancels most of its input, which magnifies that. So on CPU
+a fast run and an eager run of one seed drift apart within a few steps, and compare only as
+two runs (see docs/performance.md for the sizes).
+
 What it does:
 
 * **channels_last** for every network with a 2-D convolution (on by default): its 4-D weights
