@@ -48,6 +48,8 @@
 #     STACK       seeds in the stacked bench (default 10, the paper's seeds per cell)
 #     BF16=1      step 5's CIFAR-10 cell trains under --bf16: more seeds in the window, reported
 #                 apart from the paper's fp32 (default fp32)
+#     GRAPH=1     step 5's CIFAR-10 cell starts its runs with --cuda-graph (CUDA only): use it
+#                 once step 4 has shown the graphed curve beside the plain one (default off)
 #     STEPS       steps to run (default "tests bench torchrun fastpath reproduce")
 #     SMOKE=1     toy sizes on the CPU, to test this script on a machine without a GPU
 #
@@ -99,6 +101,7 @@ else
     PACKING=(--datasets mnist --archs conv --seeds 4 --max-epochs 3)
 fi
 [[ ${BF16:-0} == 1 ]] && CIFAR+=(--bf16)
+[[ ${GRAPH:-0} == 1 && $DEVICE == cuda ]] && CIFAR+=(--cuda-graph)
 
 left() { echo $((DEADLINE - $(date +%s))); }
 now() { date +%s.%N; }

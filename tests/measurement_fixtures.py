@@ -21,6 +21,7 @@ def write_measurement(
     stop_reason: str = "early stopping",
     stack: int = 1,
     at_once: int = 1,
+    cuda_graph: bool = False,
 ) -> Measurement:
     """Write one measurement of ``spec`` measured on ``machine``; returns what it says."""
     epochs_run = best_epoch + 45 if epochs_run is None else epochs_run
@@ -53,5 +54,6 @@ def write_measurement(
         stack=stack,
         at_once=at_once,
         bf16=spec.bf16,
+        cuda_graph=cuda_graph,
     )
     return write_record(m, {}, {"val_acc": [], "test_acc": []}, out)

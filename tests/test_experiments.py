@@ -295,6 +295,28 @@ def test_a_bf16_request_trains_in_bf16_and_reports_apart(tmp_path, mnist_root, n
     assert f"| MNIST dense | {m.setup} | 1 |" in (tmp_path / "results.md").read_text()
 
 
+def test_a_cuda_graph_request_starts_graphed_runs_and_times_them_apart(tmp_path, capsys):
+    spec = RunSpec(DENSE, "brainprop", 0)
+    config = ex._start_or_resume(spec, Request(out=tmp_path, cuda_graph=True))
+    assert config.cuda_graph and config.name == spec.name  # how it runs, not which run it is
+    m = write_measurement(tmp_path, spec, "gpu", test_acc=0.9, cuda_graph=True)
+    [back] = ex.load_measurements(tmp_path)
+    assert back.cuda_graph and back.setup == "gpu" and back.timed_on == "gpu, CUDA graph"
+    # Files written before the flag was recorded hold runs without a graph.
+    d = json.loads(m.path.read_text())
+    del d["cuda_graph"]
+    m.path.write_text(json.dumps(d))
+    assert not ex.load_measurements(tmp_path)[0].cuda_graph
+    # A request that cannot run graphed is refused before it starts anything.
+    args = ["reproduce", "--datasets", "mnist", "--archs", "dense", "--cuda-graph", "--device",
+            "cpu", "--out", str(tmp_path / "r")]  # fmt: skip
+    assert main(args) == 2 and not (tmp_path / "r").exists()
+    assert capsys.readouterr().err == (
+        "brainprop: error: --cuda-graph needs a CUDA device, and these runs would be on cpu "
+        "(--device cpu): drop --cuda-graph\n"
+    )
+
+
 def test_two_jobs_train_in_worker_processes_on_cpu(tmp_path, mnist_root):
     request = Request(
         cells=(DENSE,), rules=("brainprop", "ebp"), seeds=1, max_epochs=1, out=tmp_path / "r",

@@ -214,6 +214,15 @@ def test_runs_that_shared_the_device_pool_with_its_other_runs(tmp_path):
     )
 
 
+def test_runs_replayed_from_a_cuda_graph_pool_with_plain_ones_and_say_so(tmp_path):
+    for seed, graph in enumerate((True, True, False)):
+        write_measurement(tmp_path, RunSpec(CONV, "brainprop", seed), GPU, test_acc=0.993,
+                          cuda_graph=graph, stack=1 + seed % 2)  # fmt: skip
+    [r] = aggregate(load_measurements(tmp_path))
+    assert len(r.rules["brainprop"].seeds) == 3
+    assert r.sharing == "1 run with a CUDA graph, 1 run stacked by 2 with a CUDA graph"
+
+
 def test_a_tie_at_the_verdicts_limit_counts_as_within(tmp_path):
     """99.19 and 99.27 average 99.23, exactly 2 published sd (0.04) under 99.31: a tie that
     float rounding (|99.23 - 99.31| = 0.0800000000000125) must not turn into a "no"."""

@@ -285,6 +285,10 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
         "--bf16", action="store_true",
         help=f"{BF16_HELP}; runs are named -bf16 and reported apart from the paper's fp32",
     )  # fmt: skip
+    p.add_argument(
+        "--cuda-graph", action="store_true",
+        help=f"{CUDA_GRAPH_HELP}; new runs only (a run resumes as it started), timed apart",
+    )  # fmt: skip
     p.add_argument("--out", default="results", help="results folder (default: results)")
     p.add_argument("--data-dir", help=DATA_DIR_HELP)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -320,6 +324,7 @@ def _reproduce(args: argparse.Namespace) -> int:
             jobs=args.jobs,
             stack=args.stack,
             bf16=args.bf16,
+            cuda_graph=args.cuda_graph,
             progress=not args.quiet,
         )
         reproduce(request)

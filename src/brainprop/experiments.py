@@ -120,8 +120,11 @@ class RunSpec:
             name += "-bf16"
         return name
 
-    def config(self, out: Path, data_dir: str | None, device: str) -> TrainConfig:
-        """This run's preset for its cell, writing its directory under ``out/runs``."""
+    def config(
+        self, out: Path, data_dir: str | None, device: str, cuda_graph: bool = False
+    ) -> TrainConfig:
+        """This run's preset for its cell, writing its directory under ``out/runs``;
+        ``cuda_graph`` is how it runs, not which run it is, so it is no part of the name."""
         return TrainConfig(
             dataset=self.cell.dataset,
             arch=self.cell.arch,
@@ -132,6 +135,7 @@ class RunSpec:
             val="test" if self.val is None else self.val,
             device=device,
             bf16=self.bf16,
+            cuda_graph=cuda_graph,
             data_dir=data_dir,
             out_dir=str(out / RUNS),
             name=self.name,
@@ -219,7 +223,9 @@ class Measurement:
     recorded hold paper runs). ``machine`` is the device and ``bf16`` whether the run trained
     under bf16 autocast: together they are :attr:`setup`, what the run's numbers compare with.
     ``stack`` (seeds trained as one network) and ``at_once`` (runs packed onto one GPU) say how
-    many runs shared the device, so that its seconds can be compared with runs shared alike.
+    many runs shared the device, and ``cuda_graph`` whether its steps were replayed from a CUDA
+    graph: its seconds compare only with those of runs that ran alike (:attr:`timed_on`), while
+    its accuracy pools with every run of its setup, as neither changes the arithmetic.
     """
 
     run: str
@@ -235,6 +241,7 @@ class Measurement:
     stack: int = 1
     at_once: int = 1
     bf16: bool = False
+    cuda_graph: bool = False
 
     @property
     def file_name(self) -> str:
@@ -253,8 +260,8 @@ class Measurement:
 
     @property
     def timed_on(self) -> str:
-        """The setup and how the device was shared: what this run's seconds compare with."""
-        return sharing_label(self.setup, self.stack, self.at_once)
+        """The setup and how the run used the device: what its seconds compare with."""
+        return sharing_label(self.setup, self.stack, self.at_once, self.cuda_graph)
 
 
 def machine_slug(machine: str) -> str:
@@ -279,18 +286,18 @@ def record(spec: RunSpec, run_dir: Path, out: Path, at_once: int = 1) -> Measure
         spec.name, spec.cell, spec.rule, spec.seed, spec.val, spec.max_epochs,
         str(summary.get("device", "unknown")), summary, preset=spec.preset,
         stack=int(summary.get("stack_size", 1)), at_once=at_once,
-        bf16=bool(config.get("bf16", False)),
+        bf16=bool(config.get("bf16", False)), cuda_graph=bool(config.get("cuda_graph", False)),
     )  # fmt: skip
     # The curve lets a report plot or re-select epochs without the run directory.
     curve = {key: [round(float(h[key]), 5) for h in history] for key in ("val_acc", "test_acc")}
     return write_measurement(m, config, curve, out)
 
 
-def sharing_label(machine: str, stack: int, at_once: int) -> str:
-    """``machine`` and how its device was shared, e.g. ``"NVIDIA H200, 10 seeds
-    stacked"``: a run's wall time compares only with that of runs shared alike."""
+def sharing_label(machine: str, stack: int, at_once: int, cuda_graph: bool = False) -> str:
+    """``machine`` and how a run used its device, e.g. ``"NVIDIA H200, 10 seeds stacked, CUDA
+    graph"``: a run's wall time compares only with that of runs that ran alike."""
     shared = [f"{stack} seeds stacked"] * (stack > 1) + [f"{at_once} runs at once"] * (at_once > 1)
-    return ", ".join([machine, *shared])
+    return ", ".join([machine, *shared, *["CUDA graph"] * cuda_graph])
 
 
 def runs_at_once(request: Request) -> int:
@@ -323,6 +330,7 @@ def write_measurement(
             "stack": m.stack,
             "runs_at_once": m.at_once,
             "bf16": m.bf16,
+            "cuda_graph": m.cuda_graph,
             "summary": m.summary,
             "config": config,
             "curve": curve,
@@ -367,7 +375,7 @@ def _read_measurement(path: Path) -> Measurement:
             str(d["run"]), Cell(str(d["dataset"]), str(d["arch"])), str(d["rule"]),
             int(d["seed"]), _opt_int(d["val"]), _opt_int(d["max_epochs"]), str(d["machine"]),
             summary, path, str(d.get("preset", PAPER_PRESET)), stack, at_once,
-            _flag(d, "bf16"),
+            _flag(d, "bf16"), _flag(d, "cuda_graph"),
         )  # fmt: skip
     except (KeyError, TypeError, ValueError) as e:
         raise BrainPropError(f"{path} is not a brainprop measurement ({e}): {fix}") from None
@@ -457,6 +465,7 @@ class Request:
     jobs: int = 1
     stack: int = 1
     bf16: bool = False
+    cuda_graph: bool = False
     progress: bool = True
 
     def specs(self) -> list[RunSpec]:
@@ -498,6 +507,14 @@ def reproduce(request: Request, say: Callable[[str], None] = print) -> Outcome:
         raise BrainPropError(f"--stack must be >= 1, got {request.stack}")
     if request.budget_minutes is not None and not request.budget_minutes > 0:
         raise BrainPropError(f"--budget-minutes must be > 0, got {request.budget_minutes}")
+    if request.cuda_graph:
+        from .devices import resolve_device
+
+        if (kind := resolve_device(request.device).type) != "cuda":
+            raise BrainPropError(
+                f"--cuda-graph needs a CUDA device, and these runs would be on {kind} (--device "
+                f"{request.device}): drop --cuda-graph"
+            )
     outcome = Outcome()
     specs = request.specs()
     measured = {m.run for m in load_measurements(request.out)}
@@ -586,7 +603,7 @@ class _Budget:
             return True
         left = self.deadline - time.monotonic()
         measurements = load_measurements(self.request.out)
-        machine = sharing_label(self.machine, len(job), self.at_once)
+        machine = sharing_label(self.machine, len(job), self.at_once, self.request.cuda_graph)
         estimates = [
             estimate_seconds(spec, measurements, machine, self.request.out) for spec in job
         ]
@@ -668,12 +685,13 @@ def _start_or_resume(spec: RunSpec, request: Request) -> TrainConfig | Path:
     if (run_dir / rundir.CONFIG).is_file():
         # The stored config wins: the cap is part of the run's name, so it is already this
         # request's, and the device stays the one the run started on, since CPU and CUDA random
-        # streams differ and a checkpoint of one cannot continue on the other.
+        # streams differ and a checkpoint of one cannot continue on the other (so does
+        # --cuda-graph, which a run on a CPU cannot take).
         return run_dir
     if run_dir.exists():
         # Killed before its config was written: nothing in it to resume.
         shutil.rmtree(run_dir)
-    return spec.config(request.out, request.data_dir, request.device)
+    return spec.config(request.out, request.data_dir, request.device, request.cuda_graph)
 
 
 def _finished_line(m: Measurement) -> str:

@@ -154,14 +154,14 @@ class CellResult:
     published: Published | None
     published_verdict: Verdict
     preset: str = PAPER_PRESET
-    #: How many of the runs shared the device, and how; empty when none did.
+    #: How many of the runs shared the device or replayed a CUDA graph; empty when none did.
     sharing: str = ""
     #: Whether the runs trained under bf16 autocast instead of the paper's fp32.
     bf16: bool = False
 
     @property
     def machine_text(self) -> str:
-        """The machine, and how its runs shared it where any did."""
+        """The machine, and how its runs used it where any did more than train alone."""
         return self.machine if not self.sharing else f"{self.machine} ({self.sharing})"
 
     @property
@@ -255,12 +255,16 @@ def compare(
 
 
 def _sharing(runs: Sequence[Measurement]) -> str:
-    """E.g. "2 runs stacked by 2, 8 runs stacked by 4": the runs that shared their device."""
-    counts = Counter((m.stack, m.at_once) for m in runs if m.shared_by > 1)
+    """E.g. "2 runs stacked by 2, 8 runs stacked by 4 with a CUDA graph": the runs that shared
+    their device or replayed their steps from a CUDA graph, whose seconds are not a plain run's."""
+    counts = Counter(
+        (m.stack, m.at_once, m.cuda_graph) for m in runs if m.shared_by > 1 or m.cuda_graph
+    )
     parts = []
-    for (stack, at_once), n in sorted(counts.items()):
+    for (stack, at_once, graph), n in sorted(counts.items()):
         how = [f"stacked by {stack}"] * (stack > 1) + [f"{at_once} at once"] * (at_once > 1)
-        parts.append(f"{n} run{'s' * (n > 1)} {' and '.join(how)}")
+        words = [f"{n} run{'s' * (n > 1)}", *[" and ".join(how)] * bool(how)]
+        parts.append(" ".join(words + ["with a CUDA graph"] * graph))
     return ", ".join(parts)
 
 
