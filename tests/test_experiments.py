@@ -283,6 +283,23 @@ def test_a_stacked_request_trains_and_records_each_seed(tmp_path, mnist_root, no
     assert {m.timed_on for m in measurements} == {f"{ex.this_machine('cpu')}, 2 seeds stacked"}
 
 
+def test_a_stacks_new_seeds_run_where_its_resumed_ones_started(tmp_path, mnist_root, no_plots):
+    """Seed 0 was started with --device cpu and killed before its first checkpoint; the rerun
+    says --device auto, which its new seed 1 must not take, or the two could not share a stack."""
+    first = RunSpec(DENSE, "ebp", 0, max_epochs=1)
+    run_dir = tmp_path / ex.RUNS / first.name
+    run_dir.mkdir(parents=True)
+    config = first.config(tmp_path, str(mnist_root), "cpu").resolve()
+    (run_dir / rundir.CONFIG).write_text(json.dumps(config.to_dict()))
+    request = Request(
+        cells=(DENSE,), rules=("ebp",), seeds=2, max_epochs=1, out=tmp_path, stack=2,
+        data_dir=str(mnist_root), device="auto", progress=False,
+    )  # fmt: skip
+    assert reproduce(request, say=lambda _: None).ran == [first.name, "mnist-dense-ebp-s1-e1"]
+    stored = rundir.read_json(tmp_path / ex.RUNS / "mnist-dense-ebp-s1-e1" / rundir.CONFIG)
+    assert stored["device"] == "cpu"
+
+
 def test_a_bf16_request_trains_in_bf16_and_reports_apart(tmp_path, mnist_root, no_plots):
     args = ["reproduce", "--datasets", "mnist", "--archs", "dense", "--rules", "ebp", "--seeds",
             "1", "--max-epochs", "1", "--bf16", "--device", "cpu", "--quiet", "--out",

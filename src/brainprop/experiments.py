@@ -667,11 +667,19 @@ def _run_in_process(
 def _train(job: Job, request: Request, dataset: Any) -> None:
     """Train ``job``'s runs to their end, each fresh or resumed from its ``last.pt``: one run
     alone, several in one stack."""
+    from .resume import stored_config
     from .stacked import train_stacked
     from .train import train
 
     members = [_start_or_resume(spec, request) for spec in job]
     if len(members) > 1:
+        resumed = [m for m in members if isinstance(m, Path)]
+        if resumed:
+            # A stack is one configuration: its new seeds run where and how its resumed ones
+            # started, though this request may ask for another --device or --cuda-graph.
+            ran = stored_config(resumed[0])
+            how = {"device": ran.device, "cuda_graph": ran.cuda_graph}
+            members = [m if isinstance(m, Path) else replace(m, **how) for m in members]
         train_stacked(members, dataset=dataset, progress=request.progress)
     elif isinstance(members[0], Path):
         train(resume=members[0], dataset=dataset, progress=request.progress)
