@@ -284,20 +284,23 @@ def test_a_stacked_request_trains_and_records_each_seed(tmp_path, mnist_root, no
 
 
 def test_a_stacks_new_seeds_run_where_its_resumed_ones_started(tmp_path, mnist_root, no_plots):
-    """Seed 0 was started with --device cpu and killed before its first checkpoint; the rerun
-    says --device auto, which its new seed 1 must not take, or the two could not share a stack."""
+    """Seed 0 was started with --device cpu by a version before the fast path (its config has
+    no "eager": it resumes eager) and killed before its first checkpoint; the rerun says
+    --device auto. Its new seed 1 must take neither difference, or the two could not share a
+    stack."""
     first = RunSpec(DENSE, "ebp", 0, max_epochs=1)
     run_dir = tmp_path / ex.RUNS / first.name
     run_dir.mkdir(parents=True)
-    config = first.config(tmp_path, str(mnist_root), "cpu").resolve()
-    (run_dir / rundir.CONFIG).write_text(json.dumps(config.to_dict()))
+    config = first.config(tmp_path, str(mnist_root), "cpu").resolve().to_dict()
+    del config["eager"]
+    (run_dir / rundir.CONFIG).write_text(json.dumps(config))
     request = Request(
         cells=(DENSE,), rules=("ebp",), seeds=2, max_epochs=1, out=tmp_path, stack=2,
         data_dir=str(mnist_root), device="auto", progress=False,
     )  # fmt: skip
     assert reproduce(request, say=lambda _: None).ran == [first.name, "mnist-dense-ebp-s1-e1"]
     stored = rundir.read_json(tmp_path / ex.RUNS / "mnist-dense-ebp-s1-e1" / rundir.CONFIG)
-    assert stored["device"] == "cpu"
+    assert stored["device"] == "cpu" and stored["eager"] is True
 
 
 def test_a_bf16_request_trains_in_bf16_and_reports_apart(tmp_path, mnist_root, no_plots):
@@ -313,12 +316,24 @@ def test_a_bf16_request_trains_in_bf16_and_reports_apart(tmp_path, mnist_root, n
 
 
 def test_a_cuda_graph_request_starts_graphed_runs_and_times_them_apart(tmp_path, capsys):
-    spec = RunSpec(DENSE, "brainprop", 0)
-    config = ex._start_or_resume(spec, Request(out=tmp_path, cuda_graph=True))
+    spec, graphed = RunSpec(DENSE, "brainprop", 0), Request(out=tmp_path, cuda_graph=True)
+    [config] = ex._members((spec,), graphed)
     assert config.cuda_graph and config.name == spec.name  # how it runs, not which run it is
-    m = write_measurement(tmp_path, spec, "gpu", test_acc=0.9, cuda_graph=True)
+    # record() takes the flag from the run's config.
+    run_dir = tmp_path / ex.RUNS / spec.name
+    run_dir.mkdir(parents=True)
+    (run_dir / rundir.CONFIG).write_text(json.dumps(config.resolve().to_dict()))
+    summary = {"device": "gpu", "epochs_run": 10, "best_val_acc": 0.9, "best_epoch": 5,
+               "test_acc_at_best": 0.9, "s_per_epoch": 1.0, "total_seconds": 20.0,
+               "stop_reason": "max epochs"}  # fmt: skip
+    (run_dir / rundir.SUMMARY).write_text(json.dumps(summary))
+    m = ex.record(spec, run_dir, tmp_path)
     [back] = ex.load_measurements(tmp_path)
-    assert back.cuda_graph and back.setup == "gpu" and back.timed_on == "gpu, CUDA graph"
+    assert back.cuda_graph and back.setup == back.timed_on == "gpu, CUDA graph"
+    # Its seconds time only graphed runs: 10 epochs x (1 + 1) s; a plain run has no estimate.
+    later = RunSpec(DENSE, "brainprop", 1)
+    assert ex.estimate_seconds(later, [back], "gpu, CUDA graph", tmp_path) == 20
+    assert ex.estimate_seconds(later, [back], "gpu", tmp_path) is None
     # Files written before the flag was recorded hold runs without a graph.
     d = json.loads(m.path.read_text())
     del d["cuda_graph"]
@@ -332,6 +347,23 @@ def test_a_cuda_graph_request_starts_graphed_runs_and_times_them_apart(tmp_path,
         "brainprop: error: --cuda-graph needs a CUDA device, and these runs would be on cpu "
         "(--device cpu): drop --cuda-graph\n"
     )
+
+
+def test_a_budget_times_a_run_as_it_will_resume(tmp_path):
+    """A run started without a graph resumes without one under --cuda-graph, so its estimate
+    comes from plain runs: 10 epochs x (5 + 1) s, over a budget of half a minute."""
+    machine = ex.this_machine("cpu")
+    write_measurement(tmp_path, RunSpec(DENSE, "brainprop", 0), machine, test_acc=0.9,
+                      epochs_run=10, s_per_epoch=5.0)  # fmt: skip
+    spec = RunSpec(DENSE, "brainprop", 1)
+    run_dir = tmp_path / ex.RUNS / spec.name
+    run_dir.mkdir(parents=True)
+    config = spec.config(tmp_path, None, "cpu").resolve()
+    (run_dir / rundir.CONFIG).write_text(json.dumps(config.to_dict()))
+    request = Request(out=tmp_path, device="cpu", cuda_graph=True, budget_minutes=0.5)
+    lines: list[str] = []
+    assert not ex._Budget(request, None).admits((spec,), lines.append)
+    assert lines == [f"over budget: {spec.name} needs ~1.0 min, 0.5 min left"]
 
 
 def test_two_jobs_train_in_worker_processes_on_cpu(tmp_path, mnist_root):

@@ -214,13 +214,16 @@ def test_runs_that_shared_the_device_pool_with_its_other_runs(tmp_path):
     )
 
 
-def test_runs_replayed_from_a_cuda_graph_pool_with_plain_ones_and_say_so(tmp_path):
+def test_runs_replayed_from_a_cuda_graph_are_a_row_of_their_own(tmp_path):
+    """Their seconds are another kind than a plain run's, and a row has one kind."""
     for seed, graph in enumerate((True, True, False)):
         write_measurement(tmp_path, RunSpec(CONV, "brainprop", seed), GPU, test_acc=0.993,
-                          cuda_graph=graph, stack=1 + seed % 2)  # fmt: skip
-    [r] = aggregate(load_measurements(tmp_path))
-    assert len(r.rules["brainprop"].seeds) == 3
-    assert r.sharing == "1 run with a CUDA graph, 1 run stacked by 2 with a CUDA graph"
+                          cuda_graph=graph)  # fmt: skip
+    rows = aggregate(load_measurements(tmp_path))
+    assert {(r.machine, len(r.rules["brainprop"].seeds)) for r in rows} == {
+        (GPU, 1),
+        (f"{GPU}, CUDA graph", 2),
+    }
 
 
 def test_a_tie_at_the_verdicts_limit_counts_as_within(tmp_path):

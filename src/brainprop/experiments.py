@@ -220,12 +220,12 @@ class Measurement:
     """One finished run as recorded under ``measurements/``: what ran, where, and its summary.
 
     ``preset`` names the hyperparameter table the run took (files written before presets were
-    recorded hold paper runs). ``machine`` is the device and ``bf16`` whether the run trained
-    under bf16 autocast: together they are :attr:`setup`, what the run's numbers compare with.
+    recorded hold paper runs). ``machine`` is the device, ``bf16`` whether the run trained
+    under bf16 autocast and ``cuda_graph`` whether it replayed its steps from a CUDA graph:
+    together they are :attr:`setup`, what the run's numbers compare with (a graph computes what
+    a plain step does, but its seconds are another kind, and a report row has one kind).
     ``stack`` (seeds trained as one network) and ``at_once`` (runs packed onto one GPU) say how
-    many runs shared the device, and ``cuda_graph`` whether its steps were replayed from a CUDA
-    graph: its seconds compare only with those of runs that ran alike (:attr:`timed_on`), while
-    its accuracy pools with every run of its setup, as neither changes the arithmetic.
+    many runs shared the device, so that its seconds can be compared with runs shared alike.
     """
 
     run: str
@@ -254,14 +254,14 @@ class Measurement:
 
     @property
     def setup(self) -> str:
-        """The machine and the precision, e.g. ``"NVIDIA H200, bf16"``: a report never
-        pools runs of different setups."""
-        return precision_label(self.machine, self.bf16)
+        """The machine and how the run computed, e.g. ``"NVIDIA H200, bf16, CUDA graph"``: a
+        report never pools runs of different setups."""
+        return setup_label(self.machine, self.bf16, self.cuda_graph)
 
     @property
     def timed_on(self) -> str:
-        """The setup and how the run used the device: what its seconds compare with."""
-        return sharing_label(self.setup, self.stack, self.at_once, self.cuda_graph)
+        """The setup and how the device was shared: what this run's seconds compare with."""
+        return sharing_label(self.setup, self.stack, self.at_once)
 
 
 def machine_slug(machine: str) -> str:
@@ -269,10 +269,10 @@ def machine_slug(machine: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", machine.lower()).strip("-") or "unknown"
 
 
-def precision_label(machine: str, bf16: bool) -> str:
-    """``machine``, marked ``", bf16"`` for runs under bf16 autocast (fp32, the paper's, is
-    unmarked)."""
-    return f"{machine}, bf16" if bf16 else machine
+def setup_label(machine: str, bf16: bool, cuda_graph: bool) -> str:
+    """``machine``, marked ``", bf16"`` for runs under bf16 autocast and ``", CUDA graph"`` for
+    runs replayed from one (the paper's fp32, step by step, is unmarked)."""
+    return ", ".join([machine, *["bf16"] * bf16, *["CUDA graph"] * cuda_graph])
 
 
 def record(spec: RunSpec, run_dir: Path, out: Path, at_once: int = 1) -> Measurement:
@@ -293,11 +293,11 @@ def record(spec: RunSpec, run_dir: Path, out: Path, at_once: int = 1) -> Measure
     return write_measurement(m, config, curve, out)
 
 
-def sharing_label(machine: str, stack: int, at_once: int, cuda_graph: bool = False) -> str:
-    """``machine`` and how a run used its device, e.g. ``"NVIDIA H200, 10 seeds stacked, CUDA
-    graph"``: a run's wall time compares only with that of runs that ran alike."""
+def sharing_label(machine: str, stack: int, at_once: int) -> str:
+    """``machine`` and how its device was shared, e.g. ``"NVIDIA H200, 10 seeds
+    stacked"``: a run's wall time compares only with that of runs shared alike."""
     shared = [f"{stack} seeds stacked"] * (stack > 1) + [f"{at_once} runs at once"] * (at_once > 1)
-    return ", ".join([machine, *shared, *["CUDA graph"] * cuda_graph])
+    return ", ".join([machine, *shared])
 
 
 def runs_at_once(request: Request) -> int:
@@ -592,7 +592,7 @@ class _Budget:
 
     def __init__(self, request: Request, threads: int | None) -> None:
         self.request = request
-        self.machine = precision_label(this_machine(request.device, threads), request.bf16)
+        self.machine = this_machine(request.device, threads)
         self.at_once = runs_at_once(request)
         minutes = request.budget_minutes
         self.deadline = math.inf if minutes is None else time.monotonic() + 60 * minutes
@@ -603,7 +603,10 @@ class _Budget:
             return True
         left = self.deadline - time.monotonic()
         measurements = load_measurements(self.request.out)
-        machine = sharing_label(self.machine, len(job), self.at_once, self.request.cuda_graph)
+        # bf16 is in the runs' names, so it is the request's; a graph is as the runs started.
+        graphed = _members(job, self.request)[0].cuda_graph
+        setup = setup_label(self.machine, self.request.bf16, graphed)
+        machine = sharing_label(setup, len(job), self.at_once)
         estimates = [
             estimate_seconds(spec, measurements, machine, self.request.out) for spec in job
         ]
@@ -667,19 +670,20 @@ def _run_in_process(
 def _train(job: Job, request: Request, dataset: Any) -> None:
     """Train ``job``'s runs to their end, each fresh or resumed from its ``last.pt``: one run
     alone, several in one stack."""
-    from .resume import stored_config
     from .stacked import train_stacked
     from .train import train
 
-    members = [_start_or_resume(spec, request) for spec in job]
+    run_dirs = [_run_dir(spec, request) for spec in job]
+    for spec, run_dir in zip(job, run_dirs, strict=True):
+        left = request.out / RUNS / spec.name
+        if run_dir is None and left.exists():
+            # Killed before its config was written: nothing in it to resume.
+            shutil.rmtree(left)
+    members = [
+        config if run_dir is None else run_dir
+        for run_dir, config in zip(run_dirs, _members(job, request), strict=True)
+    ]
     if len(members) > 1:
-        resumed = [m for m in members if isinstance(m, Path)]
-        if resumed:
-            # A stack is one configuration: its new seeds run where and how its resumed ones
-            # started, though this request may ask for another --device or --cuda-graph.
-            ran = stored_config(resumed[0])
-            how = {"device": ran.device, "cuda_graph": ran.cuda_graph}
-            members = [m if isinstance(m, Path) else replace(m, **how) for m in members]
         train_stacked(members, dataset=dataset, progress=request.progress)
     elif isinstance(members[0], Path):
         train(resume=members[0], dataset=dataset, progress=request.progress)
@@ -687,19 +691,35 @@ def _train(job: Job, request: Request, dataset: Any) -> None:
         train(members[0], dataset=dataset, progress=request.progress)
 
 
-def _start_or_resume(spec: RunSpec, request: Request) -> TrainConfig | Path:
-    """``spec``'s run directory to resume, or the config to start it with."""
+def _run_dir(spec: RunSpec, request: Request) -> Path | None:
+    """``spec``'s run directory if it holds a run to resume (its ``config.json``), else None."""
     run_dir = request.out / RUNS / spec.name
-    if (run_dir / rundir.CONFIG).is_file():
-        # The stored config wins: the cap is part of the run's name, so it is already this
-        # request's, and the device stays the one the run started on, since CPU and CUDA random
-        # streams differ and a checkpoint of one cannot continue on the other (so does
-        # --cuda-graph, which a run on a CPU cannot take).
-        return run_dir
-    if run_dir.exists():
-        # Killed before its config was written: nothing in it to resume.
-        shutil.rmtree(run_dir)
-    return spec.config(request.out, request.data_dir, request.device, request.cuda_graph)
+    return run_dir if (run_dir / rundir.CONFIG).is_file() else None
+
+
+def _members(job: Job, request: Request) -> list[TrainConfig]:
+    """The config each run of ``job`` will train with.
+
+    A run resumes with its stored config: the cap is part of its name, so it is already this
+    request's, and the device stays the one it started on, since CPU and CUDA random streams
+    differ and a checkpoint of one cannot continue on the other; so does whether it replays a
+    CUDA graph, whose seconds are another kind. A stack is one configuration, so its new seeds
+    take a resumed seed's in all but :data:`~brainprop.stacked.MEMBER_FIELDS`.
+    """
+    from .resume import stored_config
+    from .stacked import MEMBER_FIELDS
+
+    fresh = [spec.config(request.out, request.data_dir, request.device, request.cuda_graph)
+             for spec in job]  # fmt: skip
+    stored = [None if (d := _run_dir(spec, request)) is None else stored_config(d) for spec in job]
+    ran = next((config for config in stored if config is not None), None)
+    if ran is None:
+        return fresh
+    own = [{f: getattr(config, f) for f in MEMBER_FIELDS} for config in fresh]
+    return [
+        config if config is not None else replace(ran, **mine)
+        for config, mine in zip(stored, own, strict=True)
+    ]
 
 
 def _finished_line(m: Measurement) -> str:

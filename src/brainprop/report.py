@@ -135,7 +135,8 @@ class Verdict:
 class CellResult:
     """One cell under one validation, epoch cap, preset and machine: both rules and the
     comparisons. ``machine`` is the runs' :attr:`~brainprop.experiments.Measurement.setup`:
-    the machine, and bf16 where they trained in it (``bf16``).
+    the machine, and bf16 where they trained in it (``bf16``), CUDA graph where they replayed
+    their steps from one.
 
     ``gap`` is BrainProp - EBP test accuracy (percentage points), ``gap_noise`` two standard
     errors of that difference, ``ratio`` BrainProp's / EBP's mean epochs to the best.
@@ -154,14 +155,14 @@ class CellResult:
     published: Published | None
     published_verdict: Verdict
     preset: str = PAPER_PRESET
-    #: How many of the runs shared the device or replayed a CUDA graph; empty when none did.
+    #: How many of the runs shared the device, and how; empty when none did.
     sharing: str = ""
     #: Whether the runs trained under bf16 autocast instead of the paper's fp32.
     bf16: bool = False
 
     @property
     def machine_text(self) -> str:
-        """The machine, and how its runs used it where any did more than train alone."""
+        """The machine, and how its runs shared it where any did."""
         return self.machine if not self.sharing else f"{self.machine} ({self.sharing})"
 
     @property
@@ -255,16 +256,12 @@ def compare(
 
 
 def _sharing(runs: Sequence[Measurement]) -> str:
-    """E.g. "2 runs stacked by 2, 8 runs stacked by 4 with a CUDA graph": the runs that shared
-    their device or replayed their steps from a CUDA graph, whose seconds are not a plain run's."""
-    counts = Counter(
-        (m.stack, m.at_once, m.cuda_graph) for m in runs if m.shared_by > 1 or m.cuda_graph
-    )
+    """E.g. "2 runs stacked by 2, 8 runs stacked by 4": the runs that shared their device."""
+    counts = Counter((m.stack, m.at_once) for m in runs if m.shared_by > 1)
     parts = []
-    for (stack, at_once, graph), n in sorted(counts.items()):
+    for (stack, at_once), n in sorted(counts.items()):
         how = [f"stacked by {stack}"] * (stack > 1) + [f"{at_once} at once"] * (at_once > 1)
-        words = [f"{n} run{'s' * (n > 1)}", *[" and ".join(how)] * bool(how)]
-        parts.append(" ".join(words + ["with a CUDA graph"] * graph))
+        parts.append(f"{n} run{'s' * (n > 1)} {' and '.join(how)}")
     return ", ".join(parts)
 
 
@@ -462,7 +459,8 @@ def markdown(results: Sequence[CellResult], count: int, machines: Sequence[str])
         "Accuracies are test accuracy (%) at the epoch of best validation accuracy, mean (sd) "
         "over seeds; `seeds` counts BrainProp / EBP runs. Numbers from different machines, "
         "precisions or epoch caps are never pooled: each row is one machine, marked bf16 where "
-        "its runs trained under bf16 autocast (`reproduce --bf16`) instead of the paper's fp32. "
+        "its runs trained under bf16 autocast (`reproduce --bf16`) instead of the paper's fp32, "
+        "and CUDA graph where they replayed their steps from one (`reproduce --cuda-graph`). "
         "Runs that shared their device "
         "(seeds stacked in one network, or several runs at once on a GPU) are pooled with its "
         "other runs, and the machine column says how many did; their s/epoch and total time "
