@@ -1,5 +1,6 @@
 """The command line, end to end on tiny data in the official formats."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -9,7 +10,8 @@ import torch
 from data_fixtures import write_idx_dataset
 
 from brainprop import cli
-from brainprop.cli import main
+from brainprop.cli import OFF_CONFIG_OPTIONS, build_parser, main
+from brainprop.config import TrainConfig
 
 
 @pytest.fixture
@@ -136,3 +138,11 @@ def _exit_code(fn):
         return fn()
     except SystemExit as e:
         return e.code
+
+
+def test_every_train_option_is_a_config_field_or_handled_by_the_cli():
+    """_train passes options to TrainConfig by name: one named otherwise would be dropped."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    args = build_parser().parse_args(["train"])
+    options = {a.dest for a in args.parser._actions if a.option_strings} - {"help"}
+    assert options - fields == set(OFF_CONFIG_OPTIONS)

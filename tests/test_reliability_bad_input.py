@@ -92,6 +92,16 @@ def test_an_unknown_option_points_to_its_commands_help(capsys, command) -> None:
     )
 
 
+def test_an_option_before_the_command_is_told_where_it_goes(capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--quiet", "train"])
+    assert info.value.code == 2
+    assert capsys.readouterr().err == (
+        "brainprop: error: unrecognized arguments: --quiet: options go after the command, e.g. "
+        "'brainprop train --quiet' (see 'brainprop --help')\n"
+    )
+
+
 # --- dataset files -----------------------------------------------------------------------------
 
 

@@ -54,6 +54,11 @@ def _val(text: str) -> str | int:
         ) from None
 
 
+#: train's options that are no TrainConfig field of the same name: ``_train`` maps the first
+#: three to fields and acts on the other two itself.
+OFF_CONFIG_OPTIONS = ("out", "local_batchnorm", "val_split", "resume", "quiet")
+
+
 def _add_train(sub: argparse._SubParsersAction) -> None:
     from .config import MAX_NAN_RELOADS, ON_NAN, TrainConfig
     from .data import DATASET_NAMES
@@ -80,8 +85,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     hp = p.add_argument_group("hyperparameters (default: the preset's value for dataset and arch)")
     hp.add_argument(
         "--preset", choices=list(PRESETS),
-        help=f"table to take hyperparameters from: the paper's ({default['preset']}, the "
-        "default), or 'quickstart' or 'tuned' (MNIST dense only)",
+        help="table to take hyperparameters from: paper, or quickstart or tuned (MNIST dense "
+        f"only) (default {default['preset']})",
     )  # fmt: skip
     hp.add_argument("--lr", type=float)
     hp.add_argument("--lr-halving-epochs", type=int, help="halve the learning rate every N epochs")
@@ -105,15 +110,15 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     val = stop.add_mutually_exclusive_group()
     val.add_argument(
         "--val", type=_val,
-        help="'test' (validate on the test set, as the paper; the default) or N held-out "
-        "training images",
+        help="'test' (validate on the test set, as the paper) or N held-out training images "
+        f"(default {default['val']})",
     )  # fmt: skip
     val.add_argument("--val-split", type=int, metavar="N", help="same as --val N")
     stop.add_argument(
         "--on-nan", choices=ON_NAN,
-        help="when the loss or weights become NaN/inf: stop (the default; keeping the last good "
-        "checkpoint) or rewind to the end of the last finished epoch (or the start) at half "
-        f"the learning rate (at most {MAX_NAN_RELOADS} times)",
+        help="when the loss or weights become NaN/inf: stop (keeping the last good checkpoint) "
+        "or rewind to the end of the last finished epoch (or the start) at half the learning "
+        f"rate (at most {MAX_NAN_RELOADS} times) (default {default['on_nan']})",
     )  # fmt: skip
     run = p.add_argument_group("run")
     run.add_argument("--seed", type=int, help=f"default {default['seed']}")
@@ -154,7 +159,7 @@ def _train(args: argparse.Namespace) -> int:
     config = TrainConfig(**epochs) if epochs else None
     dataset = None
     if args.resume is not None:
-        keep = {"resume", "epochs", "data_dir", "quiet", "parser"}
+        keep = {"resume", "epochs", "data_dir", "quiet"}
         dropped = _given_options(args, keep)
         if dropped:
             them = "it" if len(dropped) == 1 else "them"
@@ -168,36 +173,14 @@ def _train(args: argparse.Namespace) -> int:
             # it is now.
             dataset = load_dataset(stored_config(Path(args.resume)).dataset, args.data_dir)
     if args.resume is None:
-        given = {
-            "dataset": args.dataset,
-            "arch": args.arch,
-            "rule": args.rule,
-            "preset": args.preset,
-            "epsilon": args.epsilon,
-            "feedback": args.feedback,
-            "lr": args.lr,
-            "lr_halving_epochs": args.lr_halving_epochs,
-            "batch_size": args.batch_size,
-            "global_batch": args.global_batch,
-            "sync_batchnorm": not args.local_batchnorm,
-            "init_std": args.init_std,
-            "l2": args.l2,
-            "dropout": args.dropout,
-            "epochs": args.epochs,
-            "patience": args.patience,
-            "min_delta": args.min_delta,
-            "val": args.val if args.val_split is None else args.val_split,
-            "on_nan": args.on_nan,
-            "seed": args.seed,
-            "device": args.device,
-            "bf16": args.bf16,
-            "eager": args.eager,
-            "cuda_graph": args.cuda_graph,
-            "data_dir": args.data_dir,
+        # Options are named as TrainConfig's fields; of OFF_CONFIG_OPTIONS, these map to some.
+        given = vars(args) | {
             "out_dir": args.out,
-            "name": args.name,
+            "sync_batchnorm": not args.local_batchnorm,
+            "val": args.val if args.val_split is None else args.val_split,
         }
-        config = TrainConfig(**{k: v for k, v in given.items() if v is not None})
+        fields = {f.name for f in dataclasses.fields(TrainConfig)}
+        config = TrainConfig(**{k: v for k, v in given.items() if k in fields and v is not None})
     run = train(config, resume=args.resume, dataset=dataset, progress=not args.quiet)
     if args.quiet and launched_main():
         print(json.dumps(run.summary))
@@ -354,8 +337,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         "--steps",
         type=int,
         default=30,
-        help="timed steps per preset and rule, in 5 equal blocks (so rounded down to a multiple "
-        "of 5)",
+        help="timed steps per preset and rule, in min(5, N) equal blocks (so above 5, rounded "
+        "down to a multiple of 5)",
     )
     p.add_argument("--warmup", type=int, default=5, help="untimed steps before timing")
     p.add_argument("--batch-size", type=int, help="override every preset's batch size")
@@ -438,8 +421,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .devices import out_of_memory
     from .signals import Interrupted
 
-    args, unknown = build_parser().parse_known_args(argv)
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args, unknown = parser.parse_known_args(argv)
     if unknown:
+        before = argv[: argv.index(args.command)]
+        if any(arg in before for arg in unknown):
+            parser.error(
+                f"unrecognized arguments: {' '.join(unknown)}: options go after the command, "
+                f"e.g. 'brainprop {args.command} {unknown[0]}'"
+            )
         # The top parser would name itself, whose help lists no command's options.
         args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
