@@ -3,15 +3,16 @@ with ``--eager``.
 
 Eager is PyTorch exactly as the network was built. The fast path changes how the work is laid
 out and launched, not what is computed: without dropout a run's numbers differ from eager only
-by floating-point rounding (``tests/test_fastpath.py`` pins this); with dropout the two
-layouts draw different, equally random, masks from the same stream. ``brainprop bench`` times
-both side by side and reports the ratio.
+by floating-point rounding (``tests/test_fastpath.py`` pins this on a small network); with
+dropout the two layouts draw different, equally random, masks from the same stream.
+``brainprop bench`` times both side by side and reports the ratio.
 
 The rounding is not equally small everywhere: PyTorch's CPU BatchNorm kernel for channels-last
 tensors sums a batch's statistics less precisely than its NCHW kernel, and at the published
 initialisation BatchNorm's backward cancels most of its input, which magnifies that. So on CPU
 a fast run and an eager run of one seed drift apart within a few steps, and compare only as
-two runs (see docs/performance.md for the sizes).
+two runs (``benchmarks/batchnorm_channels_last.py`` measures it; docs/performance.md has the
+sizes).
 
 What it does:
 
