@@ -334,6 +334,12 @@ def test_a_cuda_graph_request_starts_graphed_runs_and_times_them_apart(tmp_path,
     later = RunSpec(DENSE, "brainprop", 1)
     assert ex.estimate_seconds(later, [back], "gpu, CUDA graph", tmp_path) == 20
     assert ex.estimate_seconds(later, [back], "gpu", tmp_path) is None
+    # A plain measurement of the same run on the same machine (merged in from another session)
+    # is another setup: a file of its own, not a duplicate.
+    assert m.path.name == f"{spec.name}@gpu-cuda-graph.json"
+    plain = write_measurement(tmp_path, spec, "gpu", test_acc=0.9)
+    assert {x.setup for x in ex.load_measurements(tmp_path)} == {"gpu", "gpu, CUDA graph"}
+    plain.path.unlink()
     # Files written before the flag was recorded hold runs without a graph.
     d = json.loads(m.path.read_text())
     del d["cuda_graph"]
@@ -364,6 +370,12 @@ def test_a_budget_times_a_run_as_it_will_resume(tmp_path):
     lines: list[str] = []
     assert not ex._Budget(request, None).admits((spec,), lines.append)
     assert lines == [f"over budget: {spec.name} needs ~1.0 min, 0.5 min left"]
+    # A damaged config.json is the run's own start to report, naming it; the estimate takes
+    # the request's setup instead (graphed: no timing, so the run is admitted to fail there).
+    (run_dir / rundir.CONFIG).write_text(json.dumps({"momentum": 0.9}))
+    assert ex._Budget(request, None).admits((spec,), lines.append)
+    with pytest.raises(BrainPropError, match=f"^{run_dir / rundir.CONFIG}: config has unknown"):
+        ex._members((spec,), request)
 
 
 def test_two_jobs_train_in_worker_processes_on_cpu(tmp_path, mnist_root):

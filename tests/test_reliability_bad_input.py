@@ -97,8 +97,8 @@ def test_an_option_before_the_command_is_told_where_it_goes(capsys) -> None:
         main(["--quiet", "train"])
     assert info.value.code == 2
     assert capsys.readouterr().err == (
-        "brainprop: error: unrecognized arguments: --quiet: options go after the command, e.g. "
-        "'brainprop train --quiet' (see 'brainprop --help')\n"
+        "brainprop: error: --quiet must come after the command: 'brainprop train --quiet ...' "
+        "(see 'brainprop train --help')\n"
     )
 
 

@@ -220,9 +220,9 @@ def test_runs_replayed_from_a_cuda_graph_are_a_row_of_their_own(tmp_path):
         write_measurement(tmp_path, RunSpec(CONV, "brainprop", seed), GPU, test_acc=0.993,
                           cuda_graph=graph)  # fmt: skip
     rows = aggregate(load_measurements(tmp_path))
-    assert {(r.machine, len(r.rules["brainprop"].seeds)) for r in rows} == {
-        (GPU, 1),
-        (f"{GPU}, CUDA graph", 2),
+    assert {(r.machine, r.cuda_graph, len(r.rules["brainprop"].seeds)) for r in rows} == {
+        (GPU, False, 1),
+        (f"{GPU}, CUDA graph", True, 2),
     }
 
 

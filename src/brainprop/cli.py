@@ -425,13 +425,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args, unknown = parser.parse_known_args(argv)
     if unknown:
+        # Reported through the command's parser: the top one's help lists no command's options.
         before = argv[: argv.index(args.command)]
-        if any(arg in before for arg in unknown):
-            parser.error(
-                f"unrecognized arguments: {' '.join(unknown)}: options go after the command, "
-                f"e.g. 'brainprop {args.command} {unknown[0]}'"
+        known = {s for action in args.parser._actions for s in action.option_strings}
+        misplaced = [arg for arg in unknown if arg in before and arg.split("=")[0] in known]
+        if misplaced:
+            args.parser.error(
+                f"{' '.join(misplaced)} must come after the command: "
+                f"'brainprop {args.command} {' '.join(misplaced)} ...'"
             )
-        # The top parser would name itself, whose help lists no command's options.
         args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return COMMANDS[args.command](args)

@@ -245,7 +245,8 @@ class Measurement:
 
     @property
     def file_name(self) -> str:
-        return f"{self.run}@{machine_slug(self.machine)}.json"
+        # bf16 is in the run's name already; a graph is not, and is another setup.
+        return f"{self.run}@{machine_slug(self.machine)}{'-cuda-graph' * self.cuda_graph}.json"
 
     @property
     def shared_by(self) -> int:
@@ -342,16 +343,16 @@ def write_measurement(
 def load_measurements(out: Path) -> list[Measurement]:
     """Every measurement under ``out/measurements``, from any machine, sorted by file name.
 
-    Two files of one run on one machine (a copy made while merging, say) are refused: the run
+    Two files of one run in one setup (a copy made while merging, say) are refused: the run
     would count twice in its cell.
     """
     measurements = [_read_measurement(p) for p in sorted((out / MEASUREMENTS).glob("*.json"))]
     seen: dict[tuple[str, str], Measurement] = {}
     for m in measurements:
-        first = seen.setdefault((m.run, m.machine), m)
+        first = seen.setdefault((m.run, m.setup), m)
         if first is not m:
             raise BrainPropError(
-                f"{first.path} and {m.path} both measure run {m.run} on {m.machine}: "
+                f"{first.path} and {m.path} both measure run {m.run} on {m.setup}: "
                 "remove one of them"
             )
     return measurements
@@ -592,7 +593,7 @@ class _Budget:
 
     def __init__(self, request: Request, threads: int | None) -> None:
         self.request = request
-        self.machine = this_machine(request.device, threads)
+        self.threads = threads
         self.at_once = runs_at_once(request)
         minutes = request.budget_minutes
         self.deadline = math.inf if minutes is None else time.monotonic() + 60 * minutes
@@ -603,10 +604,7 @@ class _Budget:
             return True
         left = self.deadline - time.monotonic()
         measurements = load_measurements(self.request.out)
-        # bf16 is in the runs' names, so it is the request's; a graph is as the runs started.
-        graphed = _members(job, self.request)[0].cuda_graph
-        setup = setup_label(self.machine, self.request.bf16, graphed)
-        machine = sharing_label(setup, len(job), self.at_once)
+        machine = sharing_label(self._setup(job), len(job), self.at_once)
         estimates = [
             estimate_seconds(spec, measurements, machine, self.request.out) for spec in job
         ]
@@ -616,6 +614,19 @@ class _Budget:
         needs = "unknown" if estimate is None else f"~{estimate / 60:.1f} min"
         say(f"over budget: {_names(job)} needs {needs}, {max(left, 0) / 60:.1f} min left")
         return False
+
+    def _setup(self, job: Job) -> str:
+        """Where and how ``job`` will run: a resumed run keeps its device and graph setting,
+        whatever this request says (bf16 is in the runs' names, so it is the request's)."""
+        request = self.request
+        try:
+            config = _members(job, request)[0]
+            machine, graphed = this_machine(config.device, self.threads), config.cuda_graph
+        except BrainPropError:
+            # A damaged config.json, or a device this machine lacks: the run's own start
+            # reports that, naming the run; the estimate makes do with the request.
+            machine, graphed = this_machine(request.device, self.threads), request.cuda_graph
+        return setup_label(machine, request.bf16, graphed)
 
 
 #: What one process trains at a time: one run, or a stack of seeds (see :func:`stacks`).
@@ -808,47 +819,53 @@ def _run_in_workers(
     running: dict[int, tuple[Job, Any, Connection]] = {}
     company = _Company()
     with signals.stop_on_signals() as stop:
-        while queue or running:
-            company.tick(running)
-            while queue and len(running) < request.jobs and not stop.requested:
-                job = queue.pop(0)
-                if not budget.admits(job, say):
-                    outcome.over_budget.extend(spec.name for spec in job)
-                    continue
-                receive, send = ctx.Pipe(duplex=False)
-                proc = ctx.Process(
-                    target=_worker,
-                    args=(job, request, threads, send, os.getpid()),
-                    name=job[0].name,
-                )
-                proc.start()
-                send.close()
-                running[proc.sentinel] = (job, proc, receive)
-                say(f"run {_names(job)} (process {proc.pid})")
-            # Before the check for an empty pool: a signal that came after the last worker
-            # ended still leaves queued runs unstarted, which must not read as success.
-            if stop.requested:
-                _forward(stop.signum, running)
-                names = [spec.name for job, _, _ in running.values() for spec in job]
-                raise _stopped(stop.signum, names)
-            if not running:
-                break
-            ended = wait(list(running), timeout=1.0)
-            company.tick(running)
-            for sentinel in ended:
-                at_once = 1 if on_cpu else company.leave(sentinel)
-                job, proc, receive = running.pop(sentinel)  # type: ignore[index]
-                proc.join()
-                message = _message(receive)
-                if proc.exitcode != 0:
-                    _forward(signal.SIGTERM, running)
-                    raise BrainPropError(
-                        message or f"{_names(job)} ended with exit status {proc.exitcode}"
+        try:
+            while queue or running:
+                company.tick(running)
+                while queue and len(running) < request.jobs and not stop.requested:
+                    job = queue.pop(0)
+                    if not budget.admits(job, say):
+                        outcome.over_budget.extend(spec.name for spec in job)
+                        continue
+                    receive, send = ctx.Pipe(duplex=False)
+                    proc = ctx.Process(
+                        target=_worker,
+                        args=(job, request, threads, send, os.getpid()),
+                        name=job[0].name,
                     )
-                for spec in job:
-                    m = record(spec, request.out / RUNS / spec.name, request.out, at_once)
-                    outcome.ran.append(spec.name)
-                    say(_finished_line(m))
+                    proc.start()
+                    send.close()
+                    running[proc.sentinel] = (job, proc, receive)
+                    say(f"run {_names(job)} (process {proc.pid})")
+                # Before the check for an empty pool: a signal that came after the last worker
+                # ended still leaves queued runs unstarted, which must not read as success.
+                if stop.requested:
+                    _forward(stop.signum, running)
+                    names = [spec.name for job, _, _ in running.values() for spec in job]
+                    raise _stopped(stop.signum, names)
+                if not running:
+                    break
+                ended = wait(list(running), timeout=1.0)
+                company.tick(running)
+                for sentinel in ended:
+                    at_once = 1 if on_cpu else company.leave(sentinel)
+                    job, proc, receive = running.pop(sentinel)  # type: ignore[index]
+                    proc.join()
+                    message = _message(receive)
+                    if proc.exitcode != 0:
+                        _forward(signal.SIGTERM, running)
+                        raise BrainPropError(
+                            message or f"{_names(job)} ended with exit status {proc.exitcode}"
+                        )
+                    for spec in job:
+                        m = record(spec, request.out / RUNS / spec.name, request.out, at_once)
+                        outcome.ran.append(spec.name)
+                        say(_finished_line(m))
+        except Exception:
+            # Workers would go on training unwatched for hours after the parent's error (their
+            # results unrecorded): stop them, each saving its state, as a signal does.
+            _forward(signal.SIGTERM, running)
+            raise
 
 
 class _Company:

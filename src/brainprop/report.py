@@ -1,9 +1,9 @@
 """The report: measurements aggregated per cell, BrainProp beside EBP and the published numbers.
 
 :func:`aggregate` groups measurements by cell, validation, epoch cap, hyperparameter preset and
-machine with its precision (numbers from different machines, precisions, caps or settings are
-never pooled, so each number carries the machine it was measured on) and computes per rule
-the mean (sd) over seeds.
+setup: the machine, its precision and whether a CUDA graph ran the steps (numbers from
+different setups, caps or settings are never pooled, so each number carries the machine it
+was measured on) and computes per rule the mean (sd) over seeds.
 :func:`write_report` writes ``results.md``, ``results.json`` and ``results.png``;
 :func:`update_readme` puts a summary between the README's ``<!-- results:start -->`` and
 ``<!-- results:end -->`` markers.
@@ -136,7 +136,7 @@ class CellResult:
     """One cell under one validation, epoch cap, preset and machine: both rules and the
     comparisons. ``machine`` is the runs' :attr:`~brainprop.experiments.Measurement.setup`:
     the machine, and bf16 where they trained in it (``bf16``), CUDA graph where they replayed
-    their steps from one.
+    their steps from one (``cuda_graph``).
 
     ``gap`` is BrainProp - EBP test accuracy (percentage points), ``gap_noise`` two standard
     errors of that difference, ``ratio`` BrainProp's / EBP's mean epochs to the best.
@@ -159,6 +159,8 @@ class CellResult:
     sharing: str = ""
     #: Whether the runs trained under bf16 autocast instead of the paper's fp32.
     bf16: bool = False
+    #: Whether the runs replayed their steps from a CUDA graph.
+    cuda_graph: bool = False
 
     @property
     def machine_text(self) -> str:
@@ -252,6 +254,7 @@ def compare(
     return CellResult(
         cell, val, max_epochs, machine, rules, gap, noise, gap_verdict, ratio, ratio_verdict,
         published, published_verdict, preset, _sharing(runs), any(m.bf16 for m in runs),
+        any(m.cuda_graph for m in runs),
     )  # fmt: skip
 
 

@@ -116,6 +116,8 @@ def _stored_config(d: Any, source: Path) -> TrainConfig:
             f"{source} holds an unreadable training config ({reason(e)}): the run directory is "
             "damaged or from another version"
         ) from None
+    except BrainPropError as e:
+        raise BrainPropError(f"{source}: {e}") from None
 
 
 def _resolve_stored(config: TrainConfig, source: Path) -> TrainConfig:
