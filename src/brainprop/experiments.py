@@ -853,7 +853,6 @@ def _run_in_workers(
                     proc.join()
                     message = _message(receive)
                     if proc.exitcode != 0:
-                        _forward(signal.SIGTERM, running)
                         raise BrainPropError(
                             message or f"{_names(job)} ended with exit status {proc.exitcode}"
                         )
