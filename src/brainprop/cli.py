@@ -173,7 +173,8 @@ def _train(args: argparse.Namespace) -> int:
             # it is now.
             dataset = load_dataset(stored_config(Path(args.resume)).dataset, args.data_dir)
     if args.resume is None:
-        # Options are named as TrainConfig's fields; of OFF_CONFIG_OPTIONS, these map to some.
+        # Each option sets the TrainConfig field of its name; these three of OFF_CONFIG_OPTIONS
+        # map onto fields of other names.
         given = vars(args) | {
             "out_dir": args.out,
             "sync_batchnorm": not args.local_batchnorm,
@@ -334,12 +335,10 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument(
-        "--steps",
-        type=int,
-        default=30,
+        "--steps", type=int, default=30,
         help="timed steps per preset and rule, in min(5, N) equal blocks (so above 5, rounded "
         "down to a multiple of 5)",
-    )
+    )  # fmt: skip
     p.add_argument("--warmup", type=int, default=5, help="untimed steps before timing")
     p.add_argument("--batch-size", type=int, help="override every preset's batch size")
     p.add_argument("--bf16", action="store_true", help=BF16_HELP)
