@@ -154,9 +154,6 @@ def _train(args: argparse.Namespace) -> int:
     from .resume import stored_config
     from .train import train
 
-    epochs = {} if args.epochs is None else {"epochs": args.epochs}
-    # On --resume the run's own config decides everything but a raised --epochs.
-    config = TrainConfig(**epochs) if epochs else None
     dataset = None
     if args.resume is not None:
         keep = {"resume", "epochs", "data_dir", "quiet"}
@@ -168,11 +165,13 @@ def _train(args: argparse.Namespace) -> int:
                 f"{', '.join(dropped)} would be ignored: drop {them} (only --epochs may change), "
                 "or start a new run"
             )
+        # The run's own config decides everything but a raised --epochs.
+        config = None if args.epochs is None else TrainConfig(epochs=args.epochs)
         if args.data_dir is not None:
             # Where the data lies is no setting of the run: data that moved is read from where
             # it is now.
             dataset = load_dataset(stored_config(Path(args.resume)).dataset, args.data_dir)
-    if args.resume is None:
+    else:
         # Each option sets the TrainConfig field of its name; these three of OFF_CONFIG_OPTIONS
         # map onto fields of other names.
         given = vars(args) | {

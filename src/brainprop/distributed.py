@@ -44,7 +44,6 @@ import contextlib
 import datetime
 import importlib
 import os
-import random
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -402,11 +401,9 @@ class Context:
         fresh = np.random.SeedSequence(
             [seed % 2**63, self.rank, self.world_size, int(state["epoch"]), int(step)]
         ).generate_state(1, np.uint64)[0]
-        torch.manual_seed(int(fresh))
-        generator.manual_seed(int(fresh))
         # numpy's and python's too, which the plain restore set to rank 0's on every rank.
-        np.random.seed(int(fresh % 2**32))
-        random.seed(int(fresh))
+        rng.seed_all(int(fresh))
+        generator.manual_seed(int(fresh))
 
     def adapt_resume(
         self, state: dict[str, Any], batch_size: int, global_batch: int | None

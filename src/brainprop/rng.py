@@ -23,7 +23,9 @@ def seed_all(seed: int) -> None:
     """
     torch.manual_seed(seed)
     random.seed(seed)
-    np.random.seed(seed)
+    # numpy takes 32-bit seeds only; a run's own seed is one (TrainConfig checks it), a derived
+    # one (a torchrun resume on another world size) may be wider.
+    np.random.seed(seed % 2**32)
 
 
 def capture_torch(generator: torch.Generator) -> dict[str, Any]:
