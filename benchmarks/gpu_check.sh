@@ -9,30 +9,32 @@
 #   1. The CUDA graph's own tests (tests/test_fastpath.py and tests/test_stacked.py -k cuda,
 #      where pytest is installed): a graphed step trains as an eager one and explores afresh at
 #      every replay, and a graphed stack of seeds trains as a plain one.
-#   2. brainprop bench, every preset, fp32 (cuDNN convolutions in TF32, PyTorch's default),
-#      then --bf16, then --bf16 --cuda-graph, then --bf16 --cuda-graph --stack STACK (at most
-#      BENCH_S seconds each). Each prints its Markdown table into the log and keeps bench.json
-#      (the table is made from it again by brainprop.bench.markdown).
+#   2. brainprop bench, every preset, once per kind in BENCH_KINDS (at most BENCH_S seconds
+#      each): bf16-graph (--bf16 --cuda-graph, the speed targets' setting), stack (the same with
+#      --stack STACK, STACK_PRESETS only), fp32 (cuDNN convolutions in TF32, PyTorch's default)
+#      and bf16 (--bf16). Each prints its Markdown table into the log and keeps bench.json (the
+#      table is made from it again by brainprop.bench.markdown).
 #   3. torchrun overhead: plain 'brainprop train' and 'torchrun --nproc_per_node=1 ... train'
 #      (MNIST conv, seed 0), alternated, twice each (at most TRAIN_S seconds each): the whole
 #      command's wall time (process start-up included, which is all that torchrun adds: a world
 #      of one joins no process group) and s_per_epoch, and whether all four reach the same
 #      best_val_acc.
-#   4. fast path against --eager and --cuda-graph: one 'train --eager' and one 'train
-#      --cuda-graph' with step 3's settings, and each epoch's validation accuracy beside step
-#      3's two plain (fast-path) runs, whose own difference is the yardstick: how much two runs
-#      of one seed differ on this GPU anyway (at most TRAIN_S seconds each; needs step 3); and
-#      each run's peak GPU memory per epoch, which must not grow.
+#   4. fast path against --eager and --cuda-graph: four runs of step 3's settings side by side
+#      (at most TRAIN_S seconds in all): two plain (fast path) runs, whose difference is the
+#      yardstick, how much two runs of one seed differ on this GPU anyway; one with --eager and
+#      one with --cuda-graph. Each epoch's validation accuracy and peak GPU memory per run,
+#      which must not grow. Side by side, their seconds mean nothing; their curves do.
 #   5. brainprop reproduce in the time left. With $DATA/cifar10: the CIFAR-10 deep cell (10
-#      seeds, both rules; a seed may not finish), in stacks of STACK seeds if step 2's stacked
-#      bench measured cifar10/deep BrainProp faster stacked, else packed JOBS to the GPU.
+#      seeds, both rules side by side; not every seed finishes), with --cuda-graph when GRAPH
+#      says so, in stacks of as many seeds as step 2's stacked bench says will finish in the
+#      time left (single runs where none would, or where stacking did not pay).
 #      Without it: 'reproduce --datasets mnist --archs conv --seeds 4 --max-epochs 3' (8 runs)
 #      three ways, each into its own folder: --jobs 1, --jobs JOBS, --stack 4; wall times in
 #      packing.txt. Runs still going at the deadline get SIGTERM, save their state, and
 #      their histories come back; no worker outlives the step.
-# It writes at most 7 files under $OUT (the device tool returns at most 8, 2 folders deep):
+# It writes at most 8 files under $OUT (the device tool returns at most 8, 2 folders deep):
 #     log.txt                  everything printed (its tail is also the command's output)
-#     bench-{fp32,bf16,bf16-graph,stack}/bench.json            brainprop bench
+#     bench-{bf16-graph,stack,fp32,bf16}/bench.json            brainprop bench
 #     torchrun.txt             step 3's table and comparison, then step 4's curves
 #     reproduce.tgz            step 5's results folders (results/measurements/, every run's
 #                              history, reports; no checkpoints) and packing.txt, for merging
@@ -40,31 +42,37 @@
 #                              and again on exit, so what was measured comes back
 #
 # Settings, from the environment:
-#     DATA        data root (default: the repo's data/, which has MNIST only)
-#     TOTAL_S     seconds the whole script may take (default 540)
-#     BENCH_S     most seconds for each bench (default 100)
-#     TRAIN_S     most seconds for each train of steps 3 and 4 (default 60)
-#     JOBS        reproduce runs side by side on the GPU (default 4)
-#     STACK       seeds in the stacked bench (default 10, the paper's seeds per cell)
-#     BF16=1      step 5's CIFAR-10 cell trains under --bf16: more seeds in the window, reported
-#                 apart from the paper's fp32 (default fp32)
-#     GRAPH=1     step 5's CIFAR-10 cell starts its runs with --cuda-graph (CUDA only): use it
-#                 once step 4 has shown the graphed curve beside the plain one (default off)
-#     STEPS       steps to run (default "tests bench torchrun fastpath reproduce")
-#     SMOKE=1     toy sizes on the CPU, to test this script on a machine without a GPU
+#     DATA          data root (default: the repo's data/, which has MNIST only)
+#     TOTAL_S       seconds the whole script may take (default 540)
+#     BENCH_S       most seconds for each bench (default 100)
+#     BENCH_KINDS   the benches of step 2, in order (default "bf16-graph stack fp32 bf16")
+#     TRAIN_S       most seconds for each train of step 3, and for step 4 (default 60)
+#     JOBS          reproduce runs side by side on the GPU in the MNIST packing test (default 4)
+#     STACK         seeds in the stacked bench, and most seeds in one stack in step 5 (default
+#                   10, the paper's seeds per cell)
+#     STACK_PRESETS presets of the stacked bench (default cifar10/deep, step 5's cell)
+#     RUN_EPOCHS    epochs step 5 expects a run to take, to size its stacks (default 130: the
+#                   issue's port stopped at 126)
+#     BF16=1        step 5's CIFAR-10 cell trains under --bf16: more seeds in the window, reported
+#                   apart from the paper's fp32 (default fp32)
+#     GRAPH         step 5 starts its runs with --cuda-graph: 1 always, 0 never, auto (default)
+#                   where step 1's tests passed on CUDA
+#     STEPS         steps to run (default "tests bench torchrun fastpath reproduce")
+#     SMOKE=1       toy sizes on the CPU, to test this script on a machine without a GPU
 #
-# CIFAR-10 (~170 MB) cannot travel with the checkout (64 MiB per call), so it goes up first,
-# in pieces of at most 45 MB, each in its own device call right after the previous one (a
-# fresh machine would have lost the earlier pieces), into a folder outside the checkout:
+# CIFAR-10 (~180 MB, ~140 MB as .tar.xz) cannot travel with the checkout (64 MiB per call), so
+# it goes up first, in pieces of at most ~47 MB (the checkout takes the rest of a call's
+# 64 MiB), each in its own device call right after the previous one (a fresh machine would
+# have lost the earlier pieces), into a folder outside the checkout:
 #   here, once (under runs/, which git ignores, so that nothing travels unasked):
 #     brainprop download cifar10 --data-dir runs/data    (or copy a cifar10/ folder you have there)
-#     mkdir -p runs/upload && tar -czf - -C runs/data cifar10/cifar-10-batches-py \
-#         | split -b 45M -d - runs/upload/cifar10.tgz.
-#   then, for each piece NN (00, 01, ...), a device call with carry ["runs/upload/cifar10.tgz.NN"]:
-#     mkdir -p /root/data/upload && cp runs/upload/cifar10.tgz.NN /root/data/upload/
+#     mkdir -p runs/upload && tar -cf - -C runs/data cifar10/cifar-10-batches-py | xz -T0 \
+#         >runs/upload/cifar10.txz && split -n 3 -d runs/upload/cifar10.txz runs/upload/cifar10.txz.
+#   then, for each piece NN (00, 01, ...), a device call with carry ["runs/upload/cifar10.txz.NN"]:
+#     mkdir -p /root/data/upload && cp runs/upload/cifar10.txz.NN /root/data/upload/
 #   and the call that runs the checks assembles it into /root/data/cifar10/cifar-10-batches-py:
-#     cat /root/data/upload/cifar10.tgz.* | tar -xzf - -C /root/data && rm -r /root/data/upload &&
-#         DATA=/root/data OUT=$OUT benchmarks/gpu_check.sh
+#     cat /root/data/upload/cifar10.txz.* | xz -d | tar -xf - -C /root/data &&
+#         rm -r /root/data/upload && DATA=/root/data OUT=$OUT benchmarks/gpu_check.sh
 # The upload calls spend device time too: lower TOTAL_S if the session has less than it left.
 set -uo pipefail # not -e: a failed step is reported, and the next one runs
 START=$(date +%s)
@@ -78,7 +86,9 @@ TOTAL_S=${TOTAL_S:-540}
 BENCH_S=${BENCH_S:-100}
 TRAIN_S=${TRAIN_S:-60}
 STEPS=${STEPS:-tests bench torchrun fastpath reproduce}
+BENCH_KINDS=${BENCH_KINDS:-bf16-graph stack fp32 bf16}
 STACK=${STACK:-10}
+GRAPH=${GRAPH:-auto}
 PACK_S=20  # kept at the end for packaging
 GRACE_S=30 # after SIGTERM, for runs to save their state before they are killed
 DEADLINE=$((START + TOTAL_S - PACK_S))
@@ -89,19 +99,24 @@ if [[ ${SMOKE:-0} == 1 ]]; then
     DEVICE=cpu
     JOBS=${JOBS:-2}
     BENCH=(--presets mnist/dense --steps 2 --warmup 1 --eval-images 256)
+    STACK_PRESETS=${STACK_PRESETS:-cifar10/conv}
+    RUN_EPOCHS=${RUN_EPOCHS:-1}
     TRAIN=(--dataset mnist --arch dense --epochs 1 --lr 0.5 --init-std 0.03)
-    CIFAR=(--datasets cifar10 --archs conv --rules brainprop --seeds 1 --max-epochs 1)
+    CELL=cifar10/conv
+    CIFAR=(--datasets cifar10 --archs conv --seeds 2 --max-epochs 1)
     PACKING=(--datasets mnist --archs dense --rules brainprop --seeds 2 --max-epochs 1)
 else
     DEVICE=cuda
     JOBS=${JOBS:-4}
     BENCH=()
+    STACK_PRESETS=${STACK_PRESETS:-cifar10/deep}
+    RUN_EPOCHS=${RUN_EPOCHS:-130}
     TRAIN=(--dataset mnist --arch conv --epochs 4)
+    CELL=cifar10/deep
     CIFAR=(--datasets cifar10 --archs deep --seeds 10)
     PACKING=(--datasets mnist --archs conv --seeds 4 --max-epochs 3)
 fi
 [[ ${BF16:-0} == 1 ]] && CIFAR+=(--bf16)
-[[ ${GRAPH:-0} == 1 && $DEVICE == cuda ]] && CIFAR+=(--cuda-graph)
 
 left() { echo $((DEADLINE - $(date +%s))); }
 now() { date +%s.%N; }
@@ -200,26 +215,30 @@ if torch.cuda.is_available():
           "conv fp32_precision", getattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision", None))
 EOF
 
+TESTS_PASSED=0
 if wants tests; then
     step "the CUDA graph's tests"
     if "$PY" -c "import pytest" 2>/dev/null; then
-        timed 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_fastpath.py \
-            tests/test_stacked.py -k cuda -rs ||
+        if timed 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_fastpath.py \
+            tests/test_stacked.py -k cuda -rs; then
+            TESTS_PASSED=1
+        else
             echo "step tests failed: $?"
+        fi
     else
         echo "step tests skipped: no pytest for $PY"
     fi
 fi
 
 if wants bench; then
-    for kind in fp32 bf16 bf16-graph stack; do
+    for kind in $BENCH_KINDS; do
         [[ $kind == bf16* && $DEVICE != cuda ]] && continue
-        flag=()
+        flag=("${BENCH[@]}")
         [[ $kind != fp32 && $DEVICE == cuda ]] && flag+=(--bf16)
         [[ $kind == bf16-graph || ($kind == stack && $DEVICE == cuda) ]] && flag+=(--cuda-graph)
-        [[ $kind == stack ]] && flag+=(--stack "$STACK")
+        [[ $kind == stack ]] && flag+=(--presets "$STACK_PRESETS" --stack "$STACK")
         step "brainprop bench $kind (at most ${BENCH_S} s, $(left) s left)"
-        timed "$BENCH_S" "$PY" -m brainprop bench "${BENCH[@]}" "${flag[@]}" --device "$DEVICE" \
+        timed "$BENCH_S" "$PY" -m brainprop bench "${flag[@]}" --device "$DEVICE" \
             --out "$OUT/bench-$kind" || echo "step bench $kind failed: $?"
         rm -f "$OUT/bench-$kind/bench.md"
     done
@@ -291,25 +310,28 @@ EOF
 fi
 
 if wants fastpath; then
-    step "fast path against --eager and --cuda-graph: curves beside the plain runs"
-    runs=(eager-1:--eager)
+    step "fast path against --eager and --cuda-graph: four runs side by side (at most $TRAIN_S s)"
+    runs=(fast-1: fast-2: eager-1:--eager)
     [[ $DEVICE == cuda ]] && runs+=(graph-1:--cuda-graph)
+    pids=()
+    (($(left) < TRAIN_S / 2 + GRACE_S)) && runs=() && echo "step fastpath skipped: $(left) s left"
     for run in "${runs[@]}"; do
-        if (($(left) < TRAIN_S / 2 + GRACE_S)); then
-            echo "${run%%:*} skipped: $(left) s left"
-            continue
-        fi
-        timed "$TRAIN_S" "$PY" -m brainprop train "${TRAIN[@]}" "${run#*:}" --device "$DEVICE" \
-            --data-dir "$DATA" --quiet --out "$WORK/runs" --name "${run%%:*}" ||
-            echo "step fastpath, run ${run%%:*} failed: $?"
+        # ${run#*:} is empty for the plain runs: left unquoted, it adds no argument.
+        # shellcheck disable=SC2086
+        timed "$TRAIN_S" "$PY" -m brainprop train "${TRAIN[@]}" ${run#*:} --device "$DEVICE" \
+            --data-dir "$DATA" --quiet --out "$WORK/curves" --name "${run%%:*}" &
+        pids+=("$!:${run%%:*}")
     done
-    "$PY" - "$WORK/runs" >>"$OUT/torchrun.txt" <<'EOF' || echo "step fastpath summary failed: $?"
+    for pid in "${pids[@]}"; do
+        wait "${pid%%:*}" || echo "step fastpath, run ${pid#*:} failed: $?"
+    done
+    "$PY" - "$WORK/curves" "${runs[@]%%:*}" >>"$OUT/torchrun.txt" <<'EOF' ||
+        echo "step fastpath summary failed: $?"
 import json, sys
 from pathlib import Path
 
-runs = Path(sys.argv[1])
+runs, names = Path(sys.argv[1]), sys.argv[2:]
 curves, memory = {}, {}
-names = ("plain-1", "plain-2", "eager-1", "graph-1")
 for name in names:
     try:
         history = json.loads((runs / name / "history.json").read_text())
@@ -318,11 +340,11 @@ for name in names:
     except (OSError, ValueError, KeyError):
         print(f"{name}: no history")
 print()
-print("validation accuracy per epoch: plain-* take the fast path (channels_last), eager-1 runs")
-print("with --eager, graph-1 with --cuda-graph")
+print("validation accuracy per epoch: fast-* take the fast path (channels_last), eager-1 runs")
+print("with --eager, graph-1 with --cuda-graph; all four ran side by side")
 for name, accs in curves.items():
     print(f"{name:<8} " + " ".join(f"{a:.4f}" for a in accs))
-for a, b in (("plain-1", "plain-2"), ("plain-1", "eager-1"), ("plain-1", "graph-1")):
+for a, b in (("fast-1", "fast-2"), ("fast-1", "eager-1"), ("fast-1", "graph-1")):
     if a in curves and b in curves:
         pairs = list(zip(curves[a], curves[b]))
         gap = max((abs(x - y) for x, y in pairs), default=float("nan"))
@@ -358,31 +380,62 @@ reproduce() {
     package
 }
 
-# Whether step 2's stacked bench timed cifar10/deep BrainProp faster in a stack than alone.
-stack_pays() {
-    "$PY" - "$OUT/bench-stack/bench.json" <<'EOF'
+# stack_size SECONDS: the most seeds per stack (up to STACK) that step 2's stacked bench says
+# will finish RUN_EPOCHS epochs of CELL in SECONDS, with both rules' stacks sharing the GPU;
+# 1 where none would, where stacking did not pay, or without that bench. Its reasons go to the
+# log. The step and evaluation times of a stack of k seeds are interpolated linearly between
+# the bench's single seed and its stack of STACK.
+stack_size() {
+    "$PY" - "$OUT/bench-stack/bench.json" "$CELL" "$1" "$RUN_EPOCHS" "$STACK" <<'EOF'
 import json, sys
 
+path, cell, seconds, epochs, most = sys.argv[1:]
+seconds, epochs, most = float(seconds), int(epochs), int(most)
 try:
-    rows = json.load(open(sys.argv[1]))["results"]
+    rows = [r for r in json.load(open(path))["results"]
+            if r.get("preset") == cell and r.get("stack_step_ms") is not None]
 except (OSError, ValueError, KeyError):
-    sys.exit(1)
-sys.exit(0 if any(
-    r.get("preset") == "cifar10/deep" and r.get("rule") == "brainprop"
-    and (r.get("stack_speedup") or 0) > 1 for r in rows
-) else 1)
+    rows = []
+if not rows or any(r["stack_speedup"] <= 1 for r in rows):
+    why = "no stacked bench of it" if not rows else "stacking did not pay"
+    print(f"{cell}: single runs ({why})", file=sys.stderr)
+    print(1)
+    sys.exit()
+
+
+def run_seconds(r, k):
+    share = (k - 1) / (r["stack_size"] - 1)
+    step_s = (r["step_ms"] + share * (r["stack_step_ms"] - r["step_ms"])) / 1e3
+    eval_s = r["eval_s_per_10k"] + share * (r["stack_eval_s_per_10k"] - r["eval_s_per_10k"])
+    return epochs * (r["steps_per_epoch"] * step_s + eval_s)
+
+
+size = 1
+for k in range(1, most + 1):
+    need = 2 * max(run_seconds(r, k) for r in rows)  # two stacks, one per rule, share the GPU
+    print(f"{cell}: a stack of {k}: about {need:.0f} s for {epochs} epochs of both rules",
+          file=sys.stderr)
+    if need <= seconds:
+        size = k
+print(f"{cell}: stacks of {size} ({seconds:.0f} s left)", file=sys.stderr)
+print(size)
 EOF
 }
 
 if wants reproduce; then
     mkdir -p "$REPRO_DIR"
     if [[ -d $DATA/cifar10 ]]; then
-        if stack_pays; then
-            echo "the stacked bench timed cifar10/deep faster stacked: stacks of $STACK seeds"
-            reproduce cifar10 1 "$(left)" "${CIFAR[@]}" --stack "$STACK"
-        else
-            reproduce cifar10 "$JOBS" "$(left)" "${CIFAR[@]}"
+        size=1
+        if [[ $GRAPH == 1 || ($GRAPH == auto && $DEVICE == cuda && $TESTS_PASSED == 1) ]]; then
+            CIFAR+=(--cuda-graph)
         fi
+        # The stacked bench timed bf16 graphed steps on CUDA: it sizes only runs of that kind.
+        # Startup (data, warm-up, capture) and the SIGTERM grace are not training time.
+        if [[ $DEVICE != cuda || (${BF16:-0} == 1 && " ${CIFAR[*]} " == *" --cuda-graph "*) ]]; then
+            size=$(stack_size $(($(left) - GRACE_S - 30)))
+        fi
+        ((size > 1)) && CIFAR+=(--stack "$size")
+        reproduce cifar10 2 "$(left)" "${CIFAR[@]}"
     else
         echo "no $DATA/cifar10: measuring run packing and stacking on MNIST instead"
         # A third of the time left each, the last taking what the others left.

@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 
+from brainprop import bench
 from brainprop.bench import (
     DATASET_SHAPES,
     JSON_NAME,
@@ -289,3 +290,22 @@ def test_a_stack_is_timed_beside_the_single_step(tmp_path):
     assert md.splitlines()[-1].startswith("Stack: 3 seeds in one stacked network")
     with pytest.raises(BrainPropError, match="--stack must be >= 1"):
         run_bench(["mnist/dense"], ["ebp"], device="cpu", peak_tflops=1.0, stack=0)
+
+
+def test_a_bench_stopped_part_way_keeps_the_presets_done(tmp_path, monkeypatch):
+    real = bench.bench_preset
+
+    def stopped_at_the_second(ds, arch, *args, **kwargs):
+        if arch == "conv":
+            raise KeyboardInterrupt
+        return real(ds, arch, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "bench_preset", stopped_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(
+            ["mnist/dense", "mnist/conv"], ["ebp"], device="cpu", steps=1, warmup=0,
+            batch_size=4, peak_tflops=1.0, eval_images=8, out=tmp_path, say=lambda _: None,
+        )  # fmt: skip
+    kept = json.loads((tmp_path / JSON_NAME).read_text())
+    assert [r["preset"] for r in kept["results"]] == ["mnist/dense"]
+    assert "| mnist/dense | 4 | ebp |" in (tmp_path / MARKDOWN_NAME).read_text()

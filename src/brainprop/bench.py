@@ -629,6 +629,8 @@ def run_bench(
     (BrainProp/EBP step time per preset, where both rules ran), the device and its peaks, and
     the load average before and after (timings taken under load are not to be trusted).
     """
+    if not presets:
+        raise BrainPropError("no presets to bench: name at least one dataset/arch")
     if steps < 1 or warmup < 0:
         raise BrainPropError(f"--steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
     if eval_images is not None and eval_images < 1:
@@ -652,7 +654,25 @@ def run_bench(
             f"warning: 1-minute load average {load_before[0]:.2f} on {os.cpu_count()} CPUs: "
             "other processes compete for the CPU, so these timings understate the speed"
         )
-    results = []
+    results: list[dict[str, Any]] = []
+    done: dict[str, Any] = {}
+
+    def report() -> dict[str, Any]:
+        return {
+            "torch": torch.__version__,
+            "device": _device_info(dev, bf16, peaks),
+            "mode": FAST_MODE.format(
+                graph=", each step replayed from a CUDA graph (--cuda-graph)" if cuda_graph else ""
+            ),
+            "steps": steps,
+            "warmup": warmup,
+            "stack": stack,
+            "load_average_before": list(load_before),
+            "load_average_after": list(os.getloadavg()),
+            "results": results,
+            "ratios": rule_ratios(results),
+        }
+
     for dataset, arch in parsed:
         ds = synthetic_dataset(dataset, dev)
         rows = bench_preset(
@@ -668,30 +688,17 @@ def run_bench(
                 f"eager ratio {_ratio(row['eager_ratio'])}{stacked}"
             )
         results += rows
+        done = report()
+        if out is not None:  # after every preset, so that a bench stopped part-way keeps them
+            atomic_write_json(Path(out) / JSON_NAME, done)
+            atomic_write_text(Path(out) / MARKDOWN_NAME, markdown(done))
         del ds
         # A stack refers to itself (its step is its own method): collect this preset's
         # networks now, or they would count in the next preset's peak memory.
         gc.collect()
-    report = {
-        "torch": torch.__version__,
-        "device": _device_info(dev, bf16, peaks),
-        "mode": FAST_MODE.format(
-            graph=", each step replayed from a CUDA graph (--cuda-graph)" if cuda_graph else ""
-        ),
-        "steps": steps,
-        "warmup": warmup,
-        "stack": stack,
-        "load_average_before": list(load_before),
-        "load_average_after": list(os.getloadavg()),
-        "results": results,
-        "ratios": rule_ratios(results),
-    }
     if out is not None:
-        folder = Path(out)
-        atomic_write_json(folder / JSON_NAME, report)
-        atomic_write_text(folder / MARKDOWN_NAME, markdown(report))
-        say(f"wrote {folder / JSON_NAME} and {folder / MARKDOWN_NAME}")
-    return report
+        say(f"wrote {Path(out) / JSON_NAME} and {Path(out) / MARKDOWN_NAME}")
+    return done
 
 
 def rule_ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
