@@ -92,6 +92,33 @@ def test_a_stack_scores_each_member_as_it_would_score_alone(tmp_path, tiny_datas
     assert stack.base.training and all(m.training for m in models)
 
 
+def test_a_stacks_batchnorm_runs_without_cudnn_and_its_convolutions_with_it(
+    tmp_path, tiny_dataset, monkeypatch
+):
+    """cuDNN's BatchNorm cannot take a vmapped fp32 tensor on CUDA (seen on an H200): a
+    stack's BatchNorm layers turn it off while they run, and only they do."""
+    seen = {"batch_norm": [], "conv2d": []}
+    for name, calls in seen.items():
+        real = getattr(torch.nn.functional, name)
+
+        def spy(*args, real=real, calls=calls, **kwargs):
+            calls.append(torch.backends.cudnn.enabled)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(torch.nn.functional, name, spy)
+    runs = [Trainer(_config(tmp_path, s).resolve(), tiny_dataset, progress=False) for s in (0, 1)]
+    stack = stacked.Stack(
+        [r.model for r in runs], [r.generator for r in runs], make_objective("ebp"),
+        weight_decay=0.0, batch_size=16,
+    )  # fmt: skip
+    x = tiny_dataset.train_x[:32].float().div(255).view(2, 16, *tiny_dataset.train_x.shape[1:])
+    stack.step(x, tiny_dataset.train_y[:32].view(2, 16))
+    stack.accuracies(tiny_dataset.test_x, tiny_dataset.test_y)
+    assert seen["batch_norm"] and not any(seen["batch_norm"])
+    assert seen["conv2d"] and all(seen["conv2d"])
+    assert torch.backends.cudnn.enabled
+
+
 def test_a_member_that_stops_leaves_and_the_others_train_on(tmp_path, tiny_dataset):
     kw = dict(dropout=(0.0,))
     short, long = train_stacked(

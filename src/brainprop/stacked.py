@@ -144,6 +144,9 @@ class Stack:
         # A structure-only copy: functional_call supplies every tensor, so it holds none. Made
         # before the members become views, or it would copy the whole stack first.
         self.base = copy.deepcopy(self.models[0]).to("meta").train()
+        for module in self.base.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.forward = _without_cudnn(module.forward)
         params, self.buffers = stack_module_state(self.models)
         self.params = {k: v.detach().requires_grad_() for k, v in params.items()}
         for g, model in enumerate(self.models):
@@ -238,6 +241,27 @@ class _Member:
 
     def say(self, line: str) -> str:
         return f"seed {self.trainer.config.seed}: {line}"
+
+
+def _without_cudnn(forward: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
+    """``forward`` (a BatchNorm layer's) with cuDNN's BatchNorm turned off while it runs.
+
+    In fp32 on CUDA, cuDNN's BatchNorm asks its input for its memory format, which a vmapped
+    tensor cannot answer ("NYI: querying is_contiguous inside of vmap", seen on an H200 with
+    torch 2.11). PyTorch's own BatchNorm kernel has a vmap rule; bf16 inputs take it anyway,
+    as cuDNN's BatchNorm refuses them. The convolutions keep cuDNN: only BatchNorm reads the
+    flag here (``F.batch_norm`` passes it on).
+    """
+
+    def wrapped(x: torch.Tensor) -> torch.Tensor:
+        enabled = torch.backends.cudnn.enabled
+        torch.backends.cudnn.enabled = False
+        try:
+            return forward(x)
+        finally:
+            torch.backends.cudnn.enabled = enabled
+
+    return wrapped
 
 
 def train_stacked(
