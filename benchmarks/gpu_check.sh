@@ -326,7 +326,6 @@ if wants fastpath; then
         wait "${pid%%:*}" || echo "step fastpath, run ${pid#*:} failed: $?"
     done
     "$PY" - "$WORK/curves" "${runs[@]%%:*}" >>"$OUT/torchrun.txt" <<'EOF' ||
-        echo "step fastpath summary failed: $?"
 import json, sys
 from pathlib import Path
 
@@ -354,6 +353,7 @@ print("peak device memory per epoch (MiB; flat unless something accumulates)")
 for name, mib in memory.items():
     print(f"{name:<8} " + " ".join("-" if m is None else f"{m:.0f}" for m in mib))
 EOF
+        echo "step fastpath summary failed: $?"
     cat "$OUT/torchrun.txt"
 fi
 
