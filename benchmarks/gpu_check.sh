@@ -68,11 +68,17 @@
 #     brainprop download cifar10 --data-dir runs/data    (or copy a cifar10/ folder you have there)
 #     mkdir -p runs/upload && tar -cf - -C runs/data cifar10/cifar-10-batches-py | xz -T0 \
 #         >runs/upload/cifar10.txz && split -n 3 -d runs/upload/cifar10.txz runs/upload/cifar10.txz.
-#   then, for each piece NN (00, 01, ...), a device call with carry ["runs/upload/cifar10.txz.NN"]:
+#   then, for pieces 00 and 01, a device call each with carry ["runs/upload/cifar10.txz.NN"]:
 #     mkdir -p /root/data/upload && cp runs/upload/cifar10.txz.NN /root/data/upload/
-#   and the call that runs the checks assembles it into /root/data/cifar10/cifar-10-batches-py:
-#     cat /root/data/upload/cifar10.txz.* | xz -d | tar -xf - -C /root/data &&
-#         rm -r /root/data/upload && DATA=/root/data OUT=$OUT benchmarks/gpu_check.sh
+#   and the call that runs the checks, with carry ["runs/upload/cifar10.txz.02"], unpacks it
+#   into /root/data/cifar10/cifar-10-batches-py in the background (Python's lzma: no xz needed
+#   there) while steps 1 to 4 run, beside a link to the checkout's MNIST:
+#     mkdir -p /root/data/upload /root/stage && cp runs/upload/cifar10.txz.02 /root/data/upload/ &&
+#         ln -sfn "$PWD/data/mnist" /root/data/mnist || exit 1
+#     (cat /root/data/upload/cifar10.txz.0* | python3 -c "import lzma, sys, tarfile; tarfile.open(
+#         fileobj=lzma.open(sys.stdin.buffer), mode='r|').extractall('/root/stage', filter='data')" &&
+#         mv /root/stage/cifar10 /root/data/) &
+#     DATA=/root/data BF16=1 OUT=$OUT benchmarks/gpu_check.sh
 # The upload calls spend device time too: lower TOTAL_S if the session has less than it left.
 set -uo pipefail # not -e: a failed step is reported, and the next one runs
 START=$(date +%s)

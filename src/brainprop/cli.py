@@ -18,7 +18,7 @@ from .errors import BrainPropError
 
 CUDA_GRAPH_HELP = (
     "replay each full-batch training step from one captured CUDA graph (CUDA only; opt-in "
-    "until checked on a GPU)"
+    "until its curve is compared with --eager on a GPU)"
 )
 DATA_DIR_HELP = (
     "data root (default: $BRAINPROP_DATA, else the source checkout's data/, else "
