@@ -335,7 +335,7 @@ def test_a_cuda_graph_request_starts_graphed_runs_and_times_them_apart(tmp_path,
     assert ex.estimate_seconds(later, [back], "gpu, CUDA graph", tmp_path) == 20
     assert ex.estimate_seconds(later, [back], "gpu", tmp_path) is None
     # A plain measurement of the same run on the same machine (merged in from another session)
-    # is another setup: a file of its own, not a duplicate.
+    # is another setup: a file of its own, not a duplicate (the report counts the run once).
     assert m.path.name == f"{spec.name}@gpu-cuda-graph.json"
     plain = write_measurement(tmp_path, spec, "gpu", test_acc=0.9)
     assert {x.setup for x in ex.load_measurements(tmp_path)} == {"gpu", "gpu, CUDA graph"}

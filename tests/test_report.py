@@ -214,16 +214,26 @@ def test_runs_that_shared_the_device_pool_with_its_other_runs(tmp_path):
     )
 
 
-def test_runs_replayed_from_a_cuda_graph_are_a_row_of_their_own(tmp_path):
-    """Their seconds are another kind than a plain run's, and a row has one kind."""
+def test_runs_replayed_from_a_cuda_graph_pool_with_plain_ones_but_not_their_seconds(tmp_path):
+    """A graph replays the plain step, so its accuracy pools; its seconds are another kind."""
     for seed, graph in enumerate((True, True, False)):
         write_measurement(tmp_path, RunSpec(CONV, "brainprop", seed), GPU, test_acc=0.993,
-                          cuda_graph=graph)  # fmt: skip
-    rows = aggregate(load_measurements(tmp_path))
-    assert {(r.machine, r.cuda_graph, len(r.rules["brainprop"].seeds)) for r in rows} == {
-        (GPU, False, 1),
-        (f"{GPU}, CUDA graph", True, 2),
-    }
+                          s_per_epoch=0.5 if graph else 2.0, cuda_graph=graph)  # fmt: skip
+    # Seed 0 measured plainly too (merged in from another session): it counts once, as that.
+    write_measurement(tmp_path, RunSpec(CONV, "brainprop", 0), GPU, test_acc=0.9,
+                      s_per_epoch=2.0)  # fmt: skip
+    [r] = aggregate(load_measurements(tmp_path))
+    bp = r.rules["brainprop"]
+    assert (r.machine, r.cuda_graph, bp.seeds) == (GPU, True, (0, 1, 2))
+    assert bp.test_acc.mean == pytest.approx((90 + 99.3 + 99.3) / 3)
+    assert (bp.s_per_epoch.n, bp.s_per_epoch.mean) == (2, 2.0)
+    assert (bp.graph_s_per_epoch.n, bp.graph_s_per_epoch.mean) == (1, 0.5)
+    assert r.machine_text == f"{GPU} (1 run from a CUDA graph)"
+    assert bp.s_per_epoch_text() == "2.0 (0.0); 0.5 (graph)"
+    report = write_report(tmp_path).read_text()
+    assert (
+        f"| {GPU} (1 run from a CUDA graph) |" in report and "| 2.0 (0.0); 0.5 (graph) |" in report
+    )
 
 
 def test_a_tie_at_the_verdicts_limit_counts_as_within(tmp_path):

@@ -270,7 +270,8 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument(
         "--cuda-graph", action="store_true",
-        help=f"{CUDA_GRAPH_HELP}; new runs only (a run resumes as it started), timed apart",
+        help=f"{CUDA_GRAPH_HELP}; new runs only (a run resumes as it started); their seconds are "
+        "reported apart",
     )  # fmt: skip
     p.add_argument("--out", default="results", help="results folder (default: results)")
     p.add_argument("--data-dir", help=DATA_DIR_HELP)

@@ -222,8 +222,8 @@ class Measurement:
     ``preset`` names the hyperparameter table the run took (files written before presets were
     recorded hold paper runs). ``machine`` is the device, ``bf16`` whether the run trained
     under bf16 autocast and ``cuda_graph`` whether it replayed its steps from a CUDA graph:
-    together they are :attr:`setup`, what the run's numbers compare with (a graph computes what
-    a plain step does, but its seconds are another kind, and a report row has one kind).
+    together they are :attr:`setup`, what the run's seconds compare with. Its accuracy compares
+    with :attr:`numerics`, the setup without the graph, which computes what a plain step does.
     ``stack`` (seeds trained as one network) and ``at_once`` (runs packed onto one GPU) say how
     many runs shared the device, so that its seconds can be compared with runs shared alike.
     """
@@ -255,9 +255,16 @@ class Measurement:
 
     @property
     def setup(self) -> str:
-        """The machine and how the run computed, e.g. ``"NVIDIA H200, bf16, CUDA graph"``: a
-        report never pools runs of different setups."""
+        """The machine and how the run computed, e.g. ``"NVIDIA H200, bf16, CUDA graph"``:
+        what its seconds compare with."""
         return setup_label(self.machine, self.bf16, self.cuda_graph)
+
+    @property
+    def numerics(self) -> str:
+        """The machine and the precision, e.g. ``"NVIDIA H200, bf16"``: what its accuracy and
+        epochs compare with. A CUDA graph replays the very step a plain run takes, so graphed
+        and plain runs pool in a report row; their seconds do not."""
+        return setup_label(self.machine, self.bf16, False)
 
     @property
     def timed_on(self) -> str:

@@ -1,9 +1,10 @@
 """The report: measurements aggregated per cell, BrainProp beside EBP and the published numbers.
 
 :func:`aggregate` groups measurements by cell, validation, epoch cap, hyperparameter preset and
-setup: the machine, its precision and whether a CUDA graph ran the steps (numbers from
-different setups, caps or settings are never pooled, so each number carries the machine it
-was measured on) and computes per rule the mean (sd) over seeds.
+numerics: the machine and its precision (numbers from different machines, precisions, caps or
+settings are never pooled, so each number carries the machine it was measured on) and computes
+per rule the mean (sd) over seeds. Runs replayed from a CUDA graph pool with plain ones, as
+they compute the same step; their seconds are shown apart.
 :func:`write_report` writes ``results.md``, ``results.json`` and ``results.png``;
 :func:`update_readme` puts a summary between the README's ``<!-- results:start -->`` and
 ``<!-- results:end -->`` markers.
@@ -101,9 +102,20 @@ class RuleStats:
     test_acc: Stat | None
     epochs_to_best: Stat | None
     epochs_to_stop: Stat | None
+    #: Seconds per epoch of the runs stepped one by one, and of those replayed from a CUDA
+    #: graph: two kinds, never averaged together.
     s_per_epoch: Stat | None
     total_seconds: float
     stop_reasons: dict[str, int]
+    graph_s_per_epoch: Stat | None = None
+
+    def s_per_epoch_text(self) -> str:
+        """E.g. ``"1.2"``, ``"0.5 (graph)"`` or ``"1.2; 0.5 (graph)"``."""
+        parts = [_stat(self.s_per_epoch, 1)] * (self.s_per_epoch is not None)
+        parts += [f"{_stat(self.graph_s_per_epoch, 1)} (graph)"] * (
+            self.graph_s_per_epoch is not None
+        )
+        return "; ".join(parts) or "–"
 
     @property
     def diverged(self) -> int:
@@ -134,9 +146,9 @@ class Verdict:
 @dataclass(frozen=True)
 class CellResult:
     """One cell under one validation, epoch cap, preset and machine: both rules and the
-    comparisons. ``machine`` is the runs' :attr:`~brainprop.experiments.Measurement.setup`:
-    the machine, and bf16 where they trained in it (``bf16``), CUDA graph where they replayed
-    their steps from one (``cuda_graph``).
+    comparisons. ``machine`` is the runs' :attr:`~brainprop.experiments.Measurement.numerics`:
+    the machine, and bf16 where they trained in it (``bf16``). ``cuda_graph`` says whether any
+    of them replayed their steps from a CUDA graph, and ``graphed`` how many.
 
     ``gap`` is BrainProp - EBP test accuracy (percentage points), ``gap_noise`` two standard
     errors of that difference, ``ratio`` BrainProp's / EBP's mean epochs to the best.
@@ -159,13 +171,16 @@ class CellResult:
     sharing: str = ""
     #: Whether the runs trained under bf16 autocast instead of the paper's fp32.
     bf16: bool = False
-    #: Whether the runs replayed their steps from a CUDA graph.
+    #: Whether any of the runs replayed their steps from a CUDA graph.
     cuda_graph: bool = False
+    #: How many of the runs did, e.g. "2 runs from a CUDA graph"; empty when none did.
+    graphed: str = ""
 
     @property
     def machine_text(self) -> str:
-        """The machine, and how its runs shared it where any did."""
-        return self.machine if not self.sharing else f"{self.machine} ({self.sharing})"
+        """The machine, and how its runs shared it and stepped where any did not plainly."""
+        notes = "; ".join(n for n in (self.sharing, self.graphed) if n)
+        return self.machine if not notes else f"{self.machine} ({notes})"
 
     @property
     def label(self) -> str:
@@ -176,20 +191,27 @@ class CellResult:
 
 
 def rule_stats(runs: Sequence[Measurement]) -> RuleStats:
-    """Mean (sd) over the seeds in ``runs`` (one rule of one group). Seconds are device time
-    per run: a run that shared the device counts its share (a stack's share is in its summary
-    already; runs packed onto one GPU divide theirs here)."""
+    """Mean (sd) over the seeds in ``runs`` (one rule of one group, one measurement per run).
+    Seconds are device time per run: a run that shared the device counts its share (a stack's
+    share is in its summary already; runs packed onto one GPU divide theirs here)."""
     # Runs that finished no epoch are counted as diverged, not as runs of length 0.
     done = [m for m in runs if "best_val_acc" in m.summary]
+
+    def s_per_epoch(graphed: bool) -> Stat | None:
+        return Stat.of(
+            [m.summary["s_per_epoch"] / m.at_once for m in done if m.cuda_graph == graphed]
+        )
+
     return RuleStats(
         seeds=tuple(sorted(m.seed for m in runs)),
         best_val_acc=Stat.of([100 * m.summary["best_val_acc"] for m in done]),
         test_acc=Stat.of([100 * m.summary["test_acc_at_best"] for m in done]),
         epochs_to_best=Stat.of([m.summary["best_epoch"] for m in done]),
         epochs_to_stop=Stat.of([m.summary["epochs_run"] for m in done]),
-        s_per_epoch=Stat.of([m.summary["s_per_epoch"] / m.at_once for m in done]),
+        s_per_epoch=s_per_epoch(graphed=False),
         total_seconds=sum(m.summary.get("total_seconds", 0.0) / m.at_once for m in done),
         stop_reasons=dict(Counter(m.summary.get("stop_reason", "?") for m in runs)),
+        graph_s_per_epoch=s_per_epoch(graphed=True),
     )
 
 
@@ -254,7 +276,7 @@ def compare(
     return CellResult(
         cell, val, max_epochs, machine, rules, gap, noise, gap_verdict, ratio, ratio_verdict,
         published, published_verdict, preset, _sharing(runs), any(m.bf16 for m in runs),
-        any(m.cuda_graph for m in runs),
+        any(m.cuda_graph for m in runs), _graphed(runs),
     )  # fmt: skip
 
 
@@ -268,6 +290,12 @@ def _sharing(runs: Sequence[Measurement]) -> str:
     return ", ".join(parts)
 
 
+def _graphed(runs: Sequence[Measurement]) -> str:
+    """E.g. "4 runs from a CUDA graph": the runs that replayed their steps from one."""
+    n = sum(m.cuda_graph for m in runs)
+    return f"{n} run{'s' * (n > 1)} from a CUDA graph" if n else ""
+
+
 def _within(difference: float, limit: float) -> bool:
     """|difference| <= limit, where a tie counts: accuracies are multiples of 0.01 % and the
     published numbers have two decimals, so exact ties are common, and rounding in the float
@@ -276,12 +304,13 @@ def _within(difference: float, limit: float) -> bool:
 
 
 def aggregate(measurements: Sequence[Measurement]) -> list[CellResult]:
-    """One :class:`CellResult` per (cell, validation, epoch cap, machine, preset), in matrix
-    order (test-set validation first, the paper's settings first, uncapped before capped)."""
+    """One :class:`CellResult` per (cell, validation, epoch cap, machine and precision, preset),
+    in matrix order (test-set validation first, the paper's settings first, uncapped before
+    capped)."""
     Key = tuple[Cell, int | None, int | None, str, str]
     groups: dict[Key, list[Measurement]] = defaultdict(list)
     for m in measurements:
-        groups[(m.cell, m.val, m.max_epochs, m.setup, m.preset)].append(m)
+        groups[(m.cell, m.val, m.max_epochs, m.numerics, m.preset)].append(m)
 
     def order(key: Key) -> tuple[Any, ...]:
         cell, val, cap, machine, preset = key
@@ -290,10 +319,19 @@ def aggregate(measurements: Sequence[Measurement]) -> list[CellResult]:
                 machine)  # fmt: skip
 
     return [
-        compare(cell, val, cap, machine, groups[key], preset)
+        compare(cell, val, cap, machine, _once_per_run(groups[key]), preset)
         for key in sorted(groups, key=order)
         for cell, val, cap, machine, preset in [key]
     ]
+
+
+def _once_per_run(runs: Sequence[Measurement]) -> list[Measurement]:
+    """``runs`` with each run once: a run measured both plainly and from a CUDA graph (files
+    merged from two sessions) counts as its plain measurement, so no seed counts twice."""
+    kept: dict[str, Measurement] = {}
+    for m in sorted(runs, key=lambda m: m.cuda_graph):
+        kept.setdefault(m.run, m)
+    return [m for m in runs if kept[m.run] is m]
 
 
 # --- writing -----------------------------------------------------------------------------------
@@ -304,7 +342,7 @@ def write_report(out: Path) -> Path:
     measurements = load_measurements(out)
     results = aggregate(measurements)
     make_folder(out)
-    machines = sorted({m.setup for m in measurements})
+    machines = sorted({m.numerics for m in measurements})
     atomic_write_json(out / RESULTS_JSON, to_json(results, len(measurements), machines))
     if results:
         png = plot(results)
@@ -462,8 +500,10 @@ def markdown(results: Sequence[CellResult], count: int, machines: Sequence[str])
         "Accuracies are test accuracy (%) at the epoch of best validation accuracy, mean (sd) "
         "over seeds; `seeds` counts BrainProp / EBP runs. Numbers from different machines, "
         "precisions or epoch caps are never pooled: each row is one machine, marked bf16 where "
-        "its runs trained under bf16 autocast (`reproduce --bf16`) instead of the paper's fp32, "
-        "and CUDA graph where they replayed their steps from one (`reproduce --cuda-graph`). "
+        "its runs trained under bf16 autocast (`reproduce --bf16`) instead of the paper's fp32. "
+        "Runs that replayed their steps from a CUDA graph (`reproduce --cuda-graph`) compute "
+        "the same steps and are pooled with the others; the machine column says how many did, "
+        "and their s/epoch, another kind of seconds, is shown apart, marked (graph). "
         "Runs that shared their device "
         "(seeds stacked in one network, or several runs at once on a GPU) are pooled with its "
         "other runs, and the machine column says how many did; their s/epoch and total time "
@@ -493,7 +533,7 @@ def markdown(results: Sequence[CellResult], count: int, machines: Sequence[str])
                 *head, *_pair(r, lambda s: _stat(s.epochs_to_best, 1)), _num(r.ratio),
                 r.ratio_verdict.text(), _published_epochs(r.published),
                 *_pair(r, lambda s: _stat(s.epochs_to_stop, 1)),
-                *_pair(r, lambda s: _stat(s.s_per_epoch, 1)),
+                *_pair(r, lambda s: s.s_per_epoch_text()),
                 " / ".join(_pair(r, lambda s: _duration(s.total_seconds))),
             ])  # fmt: skip
         lines += ["", f"## {_validation(val).capitalize()}", "", "### Accuracy", ""]
