@@ -25,8 +25,8 @@
 #      one with --cuda-graph. Each epoch's validation accuracy and peak GPU memory per run,
 #      which must not grow. Side by side, their seconds mean nothing; their curves do.
 #   5. brainprop reproduce in the time left. With $DATA/cifar10: the CIFAR-10 deep cell (10
-#      seeds, both rules side by side; not every seed finishes), with --cuda-graph when GRAPH
-#      says so, in stacks of as many seeds as step 2's stacked bench says will finish in the
+#      seeds, both rules side by side; not every seed finishes; the runs measured in MEASURED
+#      are skipped), with --cuda-graph when GRAPH says so, in stacks of as many seeds as step 2's stacked bench says will finish in the
 #      time left (single runs where none would, or where stacking did not pay).
 #      Without it: 'reproduce --datasets mnist --archs conv --seeds 4 --max-epochs 3' (8 runs)
 #      three ways, each into its own folder: --jobs 1, --jobs JOBS, --stack 4; wall times in
@@ -57,6 +57,9 @@
 #                   apart from the paper's fp32 (default fp32)
 #     GRAPH         step 5 starts its runs with --cuda-graph: 1 always, 0 never, auto (default)
 #                   where step 1's tests passed on CUDA
+#     MEASURED      measurements step 5's CIFAR-10 cell starts from: its runs measured in
+#                   earlier windows are skipped (default: the repo's results/measurements; set
+#                   it empty to start afresh)
 #     STEPS         steps to run (default "tests bench torchrun fastpath reproduce")
 #     SMOKE=1       toy sizes on the CPU, to test this script on a machine without a GPU
 #
@@ -95,6 +98,7 @@ STEPS=${STEPS:-tests bench torchrun fastpath reproduce}
 BENCH_KINDS=${BENCH_KINDS:-bf16-graph stack fp32 bf16}
 STACK=${STACK:-10}
 GRAPH=${GRAPH:-auto}
+MEASURED=${MEASURED-$PWD/results/measurements}
 PACK_S=20  # kept at the end for packaging
 GRACE_S=30 # after SIGTERM, for runs to save their state before they are killed
 DEADLINE=$((START + TOTAL_S - PACK_S))
@@ -441,6 +445,12 @@ if wants reproduce; then
             size=$(stack_size $(($(left) - GRACE_S - 30)))
         fi
         ((size > 1)) && CIFAR+=(--stack "$size")
+        # Runs measured in earlier windows are skipped by name, so the cell goes on from there.
+        if [[ -n $MEASURED ]]; then
+            mkdir -p "$REPRO_DIR/cifar10/measurements"
+            cp "$MEASURED"/*.json "$REPRO_DIR/cifar10/measurements/" ||
+                echo "no measurements copied from $MEASURED: the cell starts afresh"
+        fi
         reproduce cifar10 2 "$(left)" "${CIFAR[@]}"
     else
         echo "no $DATA/cifar10: measuring run packing and stacking on MNIST instead"
