@@ -51,12 +51,12 @@
 #     STACK         seeds in the stacked bench, and most seeds in one stack in step 5 (default
 #                   10, the paper's seeds per cell)
 #     STACK_PRESETS presets of the stacked bench (default cifar10/deep, step 5's cell)
-#     RUN_EPOCHS    epochs step 5 expects a run to take, to size its stacks (default 130: the
-#                   issue's port stopped at 126)
+#     RUN_EPOCHS    epochs step 5 expects a run to take, to size its stacks (default 160: the
+#                   H200's CIFAR-10 deep runs stopped at 147 to 160)
 #     BF16=1        step 5's CIFAR-10 cell trains under --bf16: more seeds in the window, reported
 #                   apart from the paper's fp32 (default fp32)
-#     GRAPH         step 5 starts its runs with --cuda-graph: 1 always, 0 never, auto (default)
-#                   where step 1's tests passed on CUDA
+#     GRAPH         step 5 starts its runs with --cuda-graph on CUDA: 1 always, 0 never, auto
+#                   (default) where step 1's tests of the graph (tests/test_fastpath.py) passed
 #     MEASURED      measurements step 5's CIFAR-10 cell starts from: its runs measured in
 #                   earlier windows are skipped (default: the repo's results/measurements; set
 #                   it empty to start afresh)
@@ -120,7 +120,7 @@ else
     JOBS=${JOBS:-4}
     BENCH=()
     STACK_PRESETS=${STACK_PRESETS:-cifar10/deep}
-    RUN_EPOCHS=${RUN_EPOCHS:-130}
+    RUN_EPOCHS=${RUN_EPOCHS:-160}
     TRAIN=(--dataset mnist --arch conv --epochs 4)
     CELL=cifar10/deep
     CIFAR=(--datasets cifar10 --archs deep --seeds 10)
@@ -225,16 +225,19 @@ if torch.cuda.is_available():
           "conv fp32_precision", getattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision", None))
 EOF
 
-TESTS_PASSED=0
+# Which of step 1's test files passed: step 5 graphs its runs where the graph's own did, and
+# stacks them only where the stack's did too.
+PASSED=""
 if wants tests; then
     step "the CUDA graph's tests"
     if "$PY" -c "import pytest" 2>/dev/null; then
-        if timed 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_fastpath.py \
-            tests/test_stacked.py -k cuda -rs; then
-            TESTS_PASSED=1
-        else
-            echo "step tests failed: $?"
-        fi
+        for what in fastpath stacked; do
+            if timed 60 "$PY" -m pytest -q -p no:cacheprovider "tests/test_$what.py" -k cuda -rs; then
+                PASSED+=" $what"
+            else
+                echo "step tests, test_$what.py failed: $?"
+            fi
+        done
     else
         echo "step tests skipped: no pytest for $PY"
     fi
@@ -385,7 +388,7 @@ reproduce() {
     ((rc == 0)) || echo "step reproduce $name failed: $rc"
     runs=$(find "$REPRO_DIR/$name/measurements" -type f 2>/dev/null | wc -l)
     echo "$name: reproduce $* --jobs $jobs: wall $(awk -v a="$t0" -v b="$(now)" \
-        'BEGIN { printf "%.1f", b - a }') s, exit $rc, $runs runs measured" |
+        'BEGIN { printf "%.1f", b - a }') s, exit $rc, $runs runs measured in all" |
         tee -a "$REPRO_DIR/packing.txt"
     package
 }
@@ -435,21 +438,23 @@ EOF
 if wants reproduce; then
     mkdir -p "$REPRO_DIR"
     if [[ -d $DATA/cifar10 ]]; then
-        size=1
-        if [[ $GRAPH == 1 || ($GRAPH == auto && $DEVICE == cuda && $TESTS_PASSED == 1) ]]; then
+        size=1 graphed=0
+        if [[ $DEVICE == cuda && ($GRAPH == 1 || ($GRAPH == auto && " $PASSED " == *" fastpath "*)) ]]; then
             CIFAR+=(--cuda-graph)
+            graphed=1
         fi
         # The stacked bench timed bf16 graphed steps on CUDA: it sizes only runs of that kind.
         # Startup (data, warm-up, capture) and the SIGTERM grace are not training time.
-        if [[ $DEVICE != cuda || (${BF16:-0} == 1 && " ${CIFAR[*]} " == *" --cuda-graph "*) ]]; then
+        if [[ $DEVICE != cuda || (${BF16:-0} == 1 && $graphed == 1 && " $PASSED " == *" stacked "*) ]]; then
             size=$(stack_size $(($(left) - GRACE_S - 30)))
         fi
         ((size > 1)) && CIFAR+=(--stack "$size")
-        # Runs measured in earlier windows are skipped by name, so the cell goes on from there.
+        # The cell's runs measured in earlier windows are skipped by name, so it goes on from
+        # there (packing.txt counts them among the cell's measurements).
         if [[ -n $MEASURED ]]; then
             mkdir -p "$REPRO_DIR/cifar10/measurements"
-            cp "$MEASURED"/*.json "$REPRO_DIR/cifar10/measurements/" ||
-                echo "no measurements copied from $MEASURED: the cell starts afresh"
+            cp "$MEASURED/${CELL/\//-}-"*.json "$REPRO_DIR/cifar10/measurements/" 2>/dev/null ||
+                echo "no ${CELL} measurements in $MEASURED: the cell starts afresh"
         fi
         reproduce cifar10 2 "$(left)" "${CIFAR[@]}"
     else

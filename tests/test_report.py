@@ -120,7 +120,7 @@ def test_report_files_show_both_rules_published_numbers_and_machines(tmp_path):
     assert md.count(GPU) >= 4 and "99.29 (0.03)" in md  # BrainProp, test-validated
     gap = 100 * ((0.9931 + 0.9927) - (0.9930 + 0.9940)) / 2
     assert f"{gap:+.2f}" in md and f"{65 / 35:.2f}" in md
-    assert "No full-length paper-settings run yet: MNIST dense" in md
+    assert "No full-length fp32 run of the paper's settings yet: MNIST dense" in md
     assert "gets no verdict if any of its runs stopped at that cap" in md
     data = json.loads((tmp_path / RESULTS_JSON).read_text())
     assert data["machines"] == [GPU] and data["measurements"] == 8
@@ -141,7 +141,7 @@ def test_only_a_full_length_paper_settings_run_takes_a_cell_off_the_missing_list
     # Capped at 200 but ended by early stopping first: a full-length run.
     _cell_runs(tmp_path, loccon, CPU, [0.98], [0.98], [100], [60], max_epochs=200)
     md = write_report(tmp_path).read_text()
-    missing = md.split("No full-length paper-settings run yet: ")[1].split("\n")[0]
+    missing = md.split("No full-length fp32 run of the paper's settings yet: ")[1].split("\n")[0]
     assert "MNIST dense" in missing
     assert "MNIST conv" not in missing and "MNIST loccon" not in missing
     assert "Not measured yet" not in md

@@ -249,8 +249,8 @@ def _without_cudnn(forward: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
     In fp32 on CUDA, cuDNN's BatchNorm asks its input for its memory format, which a vmapped
     tensor cannot answer ("NYI: querying is_contiguous inside of vmap", seen on an H200 with
     torch 2.11). PyTorch's own BatchNorm kernel has a vmap rule; bf16 inputs take it anyway,
-    as cuDNN's BatchNorm refuses them. The convolutions keep cuDNN: only BatchNorm reads the
-    flag here (``F.batch_norm`` passes it on).
+    as PyTorch never sends bf16 BatchNorm to cuDNN. The convolutions keep cuDNN: only
+    BatchNorm reads the flag here (``F.batch_norm`` passes it on).
     """
 
     def wrapped(x: torch.Tensor) -> torch.Tensor:
