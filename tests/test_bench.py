@@ -33,7 +33,7 @@ from brainprop.errors import BrainPropError
 ROW_FIELDS = {
     "preset", "rule", "batch_size", "steps_per_epoch", "step_ms", "epoch_s", "images_per_s",
     "flops_per_step", "forward_flops_per_step", "tflops", "peak_fraction", "peak_memory_bytes",
-    "host_rss_bytes", "eval_s", "eval_s_per_10k",
+    "host_rss_bytes", "eval_s", "eval_s_per_10k", "memory_held_before_bytes",
 }  # fmt: skip
 DENSE = (784 * 1500, 1500 * 1000, 1000 * 500, 500 * 10)
 
@@ -54,6 +54,8 @@ def test_report_has_both_rules_and_every_field(report):
     for row in rep["results"]:
         assert set(row) >= ROW_FIELDS
         assert row["step_ms"] > 0 and row["peak_memory_bytes"] > 0
+        # What was held when the peak count restarted is its floor.
+        assert 0 < row["memory_held_before_bytes"] <= row["peak_memory_bytes"]
         assert row["steps_per_epoch"] == -(-60_000 // 8)
     (ratio,) = rep["ratios"]
     assert ratio["brainprop_over_ebp"] == pytest.approx(
@@ -68,6 +70,8 @@ def test_report_has_both_rules_and_every_field(report):
     assert "| mnist/dense | 8 | brainprop |" in md and "| mnist/dense | 8 | ebp |" in md
     assert md.count(" | - |\n") == 2  # no eager ratio
     assert "BrainProp/EBP" in md and "1.000 TFLOP/s (given with --peak-tflops)" in md
+    held = rep["results"][0]["memory_held_before_bytes"] / 2**20
+    assert f"({held:,.0f}) |" in md and "peak mem MiB (held before)" in md
 
 
 def test_dense_flops_match_a_hand_count(report):

@@ -343,6 +343,8 @@ class _Rule:
     #: Scores the network (every member of a stack) on a test set, reading the counts back.
     score: Callable[[torch.Tensor, torch.Tensor], object]
     stack: int = 1
+    #: Bytes the process held when the peak count restarted: its floor.
+    held_memory: int = 0
 
 
 def _config(
@@ -388,6 +390,7 @@ def _prepare(
 
     x, _ = next(batches)
     forward = _forward_flops(model, x)
+    held = memory.held(device)
     was_reset = memory.reset_peak(device)
     with FlopCounterMode(display=False) as counter:
         step()
@@ -401,7 +404,7 @@ def _prepare(
     return _Rule(
         rule, config, model, step, generator, forward, counter.get_total_flops(),
         _conv_flops(counter), peak, [], eager, warmup,
-        lambda x, y: accuracy(model, x, y, bf16),
+        lambda x, y: accuracy(model, x, y, bf16), held_memory=held,
     )  # fmt: skip
 
 
@@ -431,6 +434,7 @@ def _prepare_stack(
         stack.step(*next(batches))
 
     warmup = _warmup_steps(warmup, cuda_graph)
+    held = memory.held(device)
     was_reset = memory.reset_peak(device)
     for _ in range(max(warmup, 1)):
         step()
@@ -439,7 +443,7 @@ def _prepare_stack(
     stack.optimizer.zero_grad(set_to_none=True)
     return _Rule(
         rule, config, models[0], step, generators[0], 0, 0, 0, peak, [], False, warmup,
-        stack.accuracies, size,
+        stack.accuracies, size, held_memory=held,
     )  # fmt: skip
 
 
@@ -547,6 +551,7 @@ def bench_preset(
                 "peak_fraction": achieved / row_peak,
                 "peak_memory_bytes": r.peak_memory[0],
                 "peak_memory_source": r.peak_memory[1],
+                "memory_held_before_bytes": r.held_memory,
                 "host_rss_bytes": memory.host_rss(),
                 "eval_images": n_eval,
                 "eval_s": eval_s,
@@ -722,6 +727,13 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:,.0f}"
 
 
+def _peak_mib(row: dict[str, Any]) -> str:
+    """The peak, and what was held when its count started (absent from older reports)."""
+    held = row.get("memory_held_before_bytes")
+    peak = _mib(row["peak_memory_bytes"])
+    return peak if held is None else f"{peak} ({_mib(held)})"
+
+
 def _ratio(r: float | None) -> str:
     return "-" if r is None else f"{r:.3f}"
 
@@ -766,7 +778,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"average {before:.2f} before, {after:.2f} after",
         "",
         "| preset | batch | rule | step ms | s/epoch | images/s | GFLOP/step | TFLOP/s "
-        f"| % of peak |{peak_head} peak mem MiB | host RSS MiB | eval 10k s | eager ratio |"
+        f"| % of peak |{peak_head} peak mem MiB (held before) | host RSS MiB | eval 10k s "
+        f"| eager ratio |"
         f"{stack_head}",
         "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"
         f"{peak_rule} ---: | ---: | ---: | ---: |{stack_rule}",
@@ -783,7 +796,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {r['preset']} | {r['batch_size']} | {r['rule']} | {r['step_ms']:.2f} "
             f"| {r['epoch_s']:.2f} | {r['images_per_s']:,.0f} | {r['flops_per_step'] / 1e9:.2f} "
             f"| {r['tflops']:.4f} | {100 * r['peak_fraction']:.1f} |{row_peak}"
-            f" {_mib(r['peak_memory_bytes'])} | {_mib(r['host_rss_bytes'])} "
+            f" {_peak_mib(r)} | {_mib(r['host_rss_bytes'])} "
             f"| {r['eval_s_per_10k']:.3f} | {_ratio(r['eager_ratio'])} |{row_stack}"
         )
     if report["ratios"]:
@@ -799,7 +812,12 @@ def markdown(report: dict[str, Any]) -> str:
         ]
     if report["results"]:
         source = report["results"][0]["peak_memory_source"]
-        lines += ["", f"Peak memory: {source}. s/epoch: {_EPOCH_NOTE}"]
+        lines += [
+            "",
+            f"Peak memory: {source}, and in brackets what the process held when that count "
+            f"started (the dataset, the rule's network, what earlier rules left). s/epoch: "
+            f"{_EPOCH_NOTE}",
+        ]
         if stack > 1:
             lines.append(
                 f"Stack: {stack} seeds in one stacked network (brainprop.stacked), one step "

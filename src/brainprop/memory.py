@@ -35,6 +35,13 @@ def host_rss() -> int:
     return rss if rss is not None else _process_peak()
 
 
+def held(device: torch.device) -> int:
+    """Bytes this process holds now: allocated on ``device`` (CUDA), or resident (CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    return host_rss()
+
+
 def reset_peak(device: torch.device) -> bool:
     """Restart the peak-memory count of ``device`` (CUDA) or of this process's resident set
     (CPU); False where only the whole process's peak is known."""
