@@ -3,8 +3,10 @@
 Nothing here asserts a timing: the machine is shared, and the figures are for people to read.
 """
 
+import gc
 import json
 import os
+import weakref
 
 import pytest
 import torch
@@ -313,3 +315,25 @@ def test_a_bench_stopped_part_way_keeps_the_presets_done(tmp_path, monkeypatch):
     kept = json.loads((tmp_path / JSON_NAME).read_text())
     assert [r["preset"] for r in kept["results"]] == ["mnist/dense"]
     assert "| mnist/dense | 4 | ebp |" in (tmp_path / MARKDOWN_NAME).read_text()
+
+
+def test_a_preset_frees_its_networks_once_it_is_done(monkeypatch):
+    """Nothing of a preset may count in the next one's memory: every network it built (fast,
+    eager and stacked) is gone after the collection ``run_bench`` makes between presets."""
+    built = []
+    real = bench.build_model
+
+    def build(*args, **kwargs):
+        model = real(*args, **kwargs)
+        built.append(weakref.ref(model))
+        return model
+
+    monkeypatch.setattr(bench, "build_model", build)
+    device = torch.device("cpu")
+    bench.bench_preset(
+        bench.synthetic_dataset("mnist", device), "conv", ["brainprop", "ebp"], device,
+        peak=bench.device_peaks(device, False, 1.0), steps=1, warmup=0, batch_size=8,
+        eval_images=16, stack=2,
+    )  # fmt: skip
+    gc.collect()
+    assert len(built) == 8 and not any(ref() for ref in built)
