@@ -64,6 +64,38 @@ def test_exploratory_choices_follow_the_boltzmann_distribution():
     assert torch.all((freq - p).abs() < 5 * sd), (freq, p)
 
 
+def _autograd_brainprop(q, y, generator, epsilon):
+    """BrainProp as plain autograd ops, as it was written before its head was fused: the
+    fused head must give the same choices, loss and gradient, bit for bit, so that every run
+    measured before it is reproduced exactly."""
+    q_detached = q.detach().float()
+    greedy = q_detached.argmax(dim=1)
+    explored = torch.rand(q.shape[0], generator=generator) < epsilon
+    uniform = torch.rand(q.shape, generator=generator)
+    gumbel = -torch.log(-torch.log(uniform.clamp_min(torch.finfo(uniform.dtype).tiny)))
+    actions = torch.where(explored, (q_detached + gumbel).argmax(dim=1), greedy)
+    rewards = (actions == y).to(q.dtype)
+    q_chosen = q.gather(1, actions.unsqueeze(1)).squeeze(1)
+    return actions, 0.5 * (rewards - q_chosen).square().mean()
+
+
+@pytest.mark.parametrize("batch", [128, 96, 7, 1])
+def test_the_fused_head_is_autograd_bit_for_bit(batch):
+    for trial in range(20):
+        g = torch.Generator().manual_seed(trial)
+        q = torch.randn(batch, 10, generator=g) * 10 * torch.rand((), generator=g)
+        y = torch.randint(0, 10, (batch,), generator=g)
+        # The loop scales a short last batch's loss, which scales the gradient coming back.
+        weight = 3 * torch.rand((), generator=g)
+        q_fused, q_plain = q.clone().requires_grad_(), q.clone().requires_grad_()
+        out = BrainProp(0.5)(q_fused, y, torch.Generator().manual_seed(trial))
+        (out.loss * weight).backward()
+        actions, loss = _autograd_brainprop(q_plain, y, torch.Generator().manual_seed(trial), 0.5)
+        (loss * weight).backward()
+        assert torch.equal(out.actions, actions) and torch.equal(out.loss, loss)
+        assert torch.equal(q_fused.grad, q_plain.grad)
+
+
 def test_selection_is_reproducible_with_a_seeded_generator():
     q = torch.randn(1000, 10)
     a = BrainProp(0.5).select(q, torch.Generator().manual_seed(7))[0]
