@@ -69,16 +69,17 @@ class BrainProp:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Choose one action per row of ``q`` ([B, K]); returns (actions [B], explored [B])."""
         q = q.detach().float()
-        greedy = q.argmax(dim=1)
         if self.epsilon == 0.0:
-            return greedy, torch.zeros_like(greedy, dtype=torch.bool)
+            return q.argmax(dim=1), torch.zeros(q.shape[0], dtype=torch.bool, device=q.device)
         explored = torch.rand(q.shape[0], device=q.device, generator=generator) < self.epsilon
         # Gumbel-max draws from softmax(q) with one uniform per class and no host sync
         # (torch.multinomial would also do, but it syncs on CUDA to validate its input).
         uniform = torch.rand(q.shape, device=q.device, generator=generator)
-        # q + Gumbel noise, the Gumbel being -log(-log(u)): subtracting saves an operator.
-        sampled = q - torch.log(-torch.log(uniform.clamp_min(torch.finfo(uniform.dtype).tiny)))
-        return torch.where(explored, sampled.argmax(dim=1), greedy), explored
+        # q plus Gumbel noise -log(-log(u)), subtracted rather than negated and added, and one
+        # argmax over the rows that explore (noisy) and those that do not (plain q): each saves
+        # an operator, i.e. a kernel on a GPU, and gives the same choices.
+        noisy = q - torch.log(-torch.log(uniform.clamp_min(torch.finfo(uniform.dtype).tiny)))
+        return torch.where(explored.unsqueeze(1), noisy, q).argmax(dim=1), explored
 
     def __call__(
         self, q: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None
