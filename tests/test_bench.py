@@ -6,6 +6,7 @@ Nothing here asserts a timing: the machine is shared, and the figures are for pe
 import gc
 import json
 import os
+import platform
 import weakref
 
 import pytest
@@ -29,7 +30,7 @@ from brainprop.bench import (
     synthetic_dataset,
 )
 from brainprop.cli import main
-from brainprop.devices import bf16_warning, physical_cores
+from brainprop.devices import bf16_warning, device_name, physical_cores, vector_units
 from brainprop.errors import BrainPropError
 
 ROW_FIELDS = {
@@ -239,6 +240,17 @@ def test_cpu_bf16_peak_follows_the_bf16_instructions():
     assert "AVX512_BF16" in native.source and bf16_warning(torch.device("cpu"), dot) is None
     amx = cpu_peak(4, AMD.replace("avx512f", "avx512f amx_bf16"), bf16=True)
     assert amx is not None and amx.tflops == pytest.approx(4 * 1024 * 2.596146e9 / 1e12)
+
+
+def test_a_cpus_machine_name_carries_its_vector_instructions():
+    """Two "AMD EPYC" of different generations must not share a report row."""
+    cpu = torch.device("cpu")
+    assert ", AVX-512, " in device_name(cpu, AMD)
+    assert ", AVX-512 BF16, " in device_name(cpu, AMD.replace("avx512f", "avx512f avx512_bf16"))
+    assert ", AMX, " in device_name(cpu, AMD.replace("avx512f", "avx512f amx_bf16"))
+    avx2 = "model name\t: AMD EPYC\n" + AMD.replace("avx512f", "")
+    assert device_name(cpu, avx2).startswith(f"cpu (AMD EPYC, {platform.machine()}, AVX2, ")
+    assert vector_units({"flags": "fpu sse2"}) is None and vector_units({}) is None
 
 
 def test_bf16_warning_on_a_gpu_follows_its_compute_capability(monkeypatch):
