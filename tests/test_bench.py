@@ -303,6 +303,7 @@ def test_a_stack_is_timed_beside_the_single_step(tmp_path):
     assert row["stack_size"] == 3 and row["stack_step_ms"] > 0
     assert row["stack_speedup"] == pytest.approx(3 * row["step_ms"] / row["stack_step_ms"])
     assert row["stack_peak_memory_bytes"] > 0 and row["stack_eval_s_per_10k"] > 0
+    assert 0 < row["stack_memory_held_before_bytes"] <= row["stack_peak_memory_bytes"]
     md = (tmp_path / MARKDOWN_NAME).read_text()
     assert "stack of 3 ms | stack speed-up | stack eval 10k s |" in md
     assert md.splitlines()[-1].startswith("Stack: 3 seeds in one stacked network")

@@ -80,20 +80,23 @@ def _autograd_brainprop(q, y, generator, epsilon):
 
 
 @pytest.mark.parametrize("batch", [128, 96, 7, 1])
-def test_the_fused_head_is_autograd_bit_for_bit(batch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_the_fused_head_is_autograd_bit_for_bit(batch, dtype):
+    """Training passes fp32 outputs; a caller of the library may pass others, under autocast."""
     for trial in range(20):
         g = torch.Generator().manual_seed(trial)
-        q = torch.randn(batch, 10, generator=g) * 10 * torch.rand((), generator=g)
+        q = (torch.randn(batch, 10, generator=g) * 10 * torch.rand((), generator=g)).to(dtype)
         y = torch.randint(0, 10, (batch,), generator=g)
         # The loop scales a short last batch's loss, which scales the gradient coming back.
         weight = 3 * torch.rand((), generator=g)
         q_fused, q_plain = q.clone().requires_grad_(), q.clone().requires_grad_()
-        out = BrainProp(0.5)(q_fused, y, torch.Generator().manual_seed(trial))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            out = BrainProp(0.5)(q_fused, y, torch.Generator().manual_seed(trial))
+            rule = _autograd_brainprop(q_plain, y, torch.Generator().manual_seed(trial), 0.5)
         (out.loss * weight).backward()
-        actions, loss = _autograd_brainprop(q_plain, y, torch.Generator().manual_seed(trial), 0.5)
-        (loss * weight).backward()
-        assert torch.equal(out.actions, actions) and torch.equal(out.loss, loss)
-        assert torch.equal(q_fused.grad, q_plain.grad)
+        (rule[1] * weight).backward()
+        assert torch.equal(out.actions, rule[0]) and torch.equal(out.loss, rule[1])
+        assert q_fused.grad.dtype == dtype and torch.equal(q_fused.grad, q_plain.grad)
 
 
 def test_selection_is_reproducible_with_a_seeded_generator():

@@ -560,6 +560,7 @@ def bench_preset(
                 "stack_step_ms": None if stack_s is None else stack_s * 1e3,
                 "stack_speedup": None if stack_s is None else stack * step_s / stack_s,
                 "stack_peak_memory_bytes": None if stacked is None else stacked.peak_memory[0],
+                "stack_memory_held_before_bytes": None if stacked is None else stacked.held_memory,
                 "stack_eval_s_per_10k": (
                     None if stack_eval_s is None else stack_eval_s * 10_000 / n_eval
                 ),

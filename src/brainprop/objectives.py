@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from .errors import BrainPropError
 
@@ -97,10 +98,11 @@ class _ChosenUnitError(torch.autograd.Function):
     """``1/2 mean((r - q_s)^2)`` over the batch, where ``q_s`` is each row's chosen output.
 
     The gradient is autograd's, bit for bit (``tests/test_objectives.py`` compares them), in
-    four operators instead of nine: with the whole step in one CUDA graph a small network's
+    four operators instead of eight: with the whole step in one CUDA graph a small network's
     step is bound by its kernels' count, and this head is BrainProp's extra cost over EBP.
     autograd computes ``-(fl(fl(g * 0.5) / B) * 2d)``; as halving and doubling are exact in
-    floating point, that is ``fl(g / -B) * d``.
+    floating point, that is ``fl(g / -B) * d``, except where they are not: subnormal and
+    overflowing values, which training does not reach.
     """
 
     @staticmethod
@@ -109,14 +111,17 @@ class _ChosenUnitError(torch.autograd.Function):
     ) -> torch.Tensor:
         error = rewards - q.gather(1, actions.unsqueeze(1)).squeeze(1)
         ctx.save_for_backward(actions, error)
-        ctx.q_shape = q.shape
+        ctx.q_shape, ctx.q_dtype = q.shape, q.dtype
         return 0.5 * error.square().mean()
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         actions, error = ctx.saved_tensors
-        chosen = error * (grad / -error.numel())
-        q_grad = grad.new_zeros(ctx.q_shape).scatter_add_(
+        # In the loss's precision (autocast squares a bf16 error in fp32), as autograd's chain
+        # computes it, then in q's, as autograd's cast back gives it.
+        chosen = (error.to(grad.dtype) * (grad / -error.numel())).to(ctx.q_dtype)
+        q_grad = grad.new_zeros(ctx.q_shape, dtype=ctx.q_dtype).scatter_add_(
             1, actions.unsqueeze(1), chosen.unsqueeze(1)
         )
         return q_grad, None, None
