@@ -30,7 +30,7 @@ from brainprop.bench import (
     synthetic_dataset,
 )
 from brainprop.cli import main
-from brainprop.devices import bf16_warning, device_name, physical_cores, vector_units
+from brainprop.devices import bf16_warning, cpuinfo, device_name, physical_cores, vector_units
 from brainprop.errors import BrainPropError
 
 ROW_FIELDS = {
@@ -73,6 +73,8 @@ def test_report_has_both_rules_and_every_field(report):
     assert "| mnist/dense | 8 | brainprop |" in md and "| mnist/dense | 8 | ebp |" in md
     assert md.count(" | - |\n") == 2  # no eager ratio
     assert "BrainProp/EBP" in md and "1.000 TFLOP/s (given with --peak-tflops)" in md
+    units = rep["device"]["vector_units"]
+    assert units == vector_units(cpuinfo()) and (units is None or f", {units}, " in md)
     held = rep["results"][0]["memory_held_before_bytes"] / 2**20
     assert f"({held:,.0f}) |" in md and "peak mem MiB (held before)" in md
 

@@ -41,7 +41,14 @@ from .checkpoint import atomic_write_json, atomic_write_text, make_folder
 from .config import TrainConfig
 from .data import Dataset
 from .data.batches import num_batches, permuted_batches
-from .devices import bf16_warning, cpuinfo, native_bf16, physical_cores, resolve_device
+from .devices import (
+    bf16_warning,
+    cpuinfo,
+    native_bf16,
+    physical_cores,
+    resolve_device,
+    vector_units,
+)
 from .errors import BrainPropError
 from .evaluation import EVAL_BATCH, accuracy
 from .feedback import convert
@@ -578,10 +585,14 @@ def _eval_seconds(r: _Rule, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def _device_info(device: torch.device, bf16: bool, peaks: Peaks) -> dict[str, Any]:
+    units = None
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        name = cpuinfo().get("model name") or platform.processor() or platform.machine()
+        fields = cpuinfo()
+        name = fields.get("model name") or platform.processor() or platform.machine()
+        # The model name alone does not tell a cloud CPU's generation (see device_name).
+        units = vector_units(fields)
     mem_total = next(
         (
             int(line.split()[1]) * 1024
@@ -594,6 +605,7 @@ def _device_info(device: torch.device, bf16: bool, peaks: Peaks) -> dict[str, An
     return {
         "type": device.type,
         "name": name,
+        "vector_units": units,
         "threads": torch.get_num_threads(),
         "precision": precision_label(matmul, conv),
         "matmul_precision": matmul,
@@ -770,7 +782,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         "# brainprop bench",
         "",
-        f"- device: {dev['type']} ({dev['name']}, {dev['threads']} "
+        f"- device: {dev['type']} ({dev['name']}, "
+        f"{dev['vector_units'] + ', ' if dev.get('vector_units') else ''}{dev['threads']} "
         f"thread{'s' if dev['threads'] != 1 else ''}), "
         f"{dev['precision']}, torch {report['torch']}",
         peak_line,
