@@ -674,18 +674,21 @@ def run_bench(
         )
     results: list[dict[str, Any]] = []
     done: dict[str, Any] = {}
+    # What does not change from preset to preset, read once.
+    fixed = {
+        "torch": torch.__version__,
+        "device": _device_info(dev, bf16, peaks),
+        "mode": FAST_MODE.format(
+            graph=", each step replayed from a CUDA graph (--cuda-graph)" if cuda_graph else ""
+        ),
+        "steps": steps,
+        "warmup": warmup,
+        "stack": stack,
+        "load_average_before": list(load_before),
+    }
 
     def report() -> dict[str, Any]:
-        return {
-            "torch": torch.__version__,
-            "device": _device_info(dev, bf16, peaks),
-            "mode": FAST_MODE.format(
-                graph=", each step replayed from a CUDA graph (--cuda-graph)" if cuda_graph else ""
-            ),
-            "steps": steps,
-            "warmup": warmup,
-            "stack": stack,
-            "load_average_before": list(load_before),
+        return fixed | {
             "load_average_after": list(os.getloadavg()),
             "results": results,
             "ratios": rule_ratios(results),
