@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +67,20 @@ def test_numpy_and_python_rng_states_round_trip(tmp_path: Path, ds) -> None:
     random.seed(99)
     trainer.load_state(checkpoint.load(tmp_path / "state.pt"))
     assert (np.random.random(3).tolist(), [random.random() for _ in range(3)]) == expected
+
+
+@pytest.mark.parametrize("section", ["numpy", "python"])
+def test_a_tensor_in_place_of_a_random_state_section_is_refused_without_a_warning(
+    section: str,
+) -> None:
+    # Indexed by its string keys, a tensor raised torch's deprecation warning first.
+    generator = torch.Generator()
+    state = rng.capture(generator)
+    state[section] = torch.zeros(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(TypeError, match=f"the {section} random state is a Tensor, not a dict"):
+            rng.restore(state, generator)
 
 
 def test_a_gpu_runs_cuda_random_state_is_its_own_gpus_alone(monkeypatch) -> None:

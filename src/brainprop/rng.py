@@ -69,6 +69,15 @@ def _set_cuda_states(states: list[Any], device: torch.device) -> None:
     torch.cuda.set_rng_state(_bytes(states[index]), device)
 
 
+def _section(state: dict[str, Any], name: str) -> dict[str, Any]:
+    # A tensor in a dict's place would take the string keys as a sequence of indices, with a
+    # deprecation warning, before failing.
+    value = state[name]
+    if not isinstance(value, dict):
+        raise TypeError(f"the {name} random state is a {type(value).__name__}, not a dict")
+    return value
+
+
 def _bytes(value: Any) -> torch.Tensor:
     # torch would take some other values (a list, say) with a deprecation warning, or crash.
     if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8:
@@ -99,10 +108,9 @@ def capture(generator: torch.Generator) -> dict[str, Any]:
 def restore(state: dict[str, Any], generator: torch.Generator) -> None:
     """Put back what :func:`capture` returned."""
     restore_torch(state, generator)
-    keys = state["numpy"]["keys"].numpy().astype(np.uint32)
-    numpy = state["numpy"]
+    numpy, python = _section(state, "numpy"), _section(state, "python")
+    keys = numpy["keys"].numpy().astype(np.uint32)
     np.random.set_state(("MT19937", keys, numpy["pos"], numpy["has_gauss"], numpy["gauss"]))
-    python = state["python"]
     random.setstate((python["version"], tuple(python["internal"].tolist()), python["gauss"]))
 
 
