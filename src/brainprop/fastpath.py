@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
-from functools import partial
+from functools import cache, partial
 from typing import Protocol
 
 import torch
@@ -187,12 +187,21 @@ class GraphedStep:
     def _on_side_stream(self, step: Callable[[], Output]) -> Output:
         if self.device.type != "cuda":
             return step()
-        side, main = torch.cuda.Stream(), torch.cuda.current_stream()
+        side, main = _warmup_stream(torch.cuda.current_device()), torch.cuda.current_stream()
         side.wait_stream(main)
         with torch.cuda.stream(side):
             out = step()
         main.wait_stream(side)
         return out
+
+
+@cache
+def _warmup_stream(device_index: int) -> torch.cuda.Stream:
+    # One side stream per GPU for every warm-up in the process: PyTorch keeps a cuBLAS
+    # workspace (32 MiB by default on Hopper) for each stream a matmul has run on, until the
+    # process ends. A fresh stream per warm-up step left three more behind for every graphed
+    # step, e.g. each one a bench builds.
+    return torch.cuda.Stream(device_index)
 
 
 def make_step(
