@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from brainprop.experiments import Measurement, RunSpec
-from brainprop.experiments import write_measurement as write_record
+from brainprop.matrix import RunSpec
+from brainprop.measurements import Measurement
+from brainprop.measurements import write_measurement as write_record
 
 
 def write_measurement(

@@ -22,7 +22,9 @@ from brainprop import experiments as ex
 from brainprop import report, rundir, signals
 from brainprop.cli import main
 from brainprop.errors import BrainPropError
-from brainprop.experiments import HEADLINE, MATRIX, Cell, Request, RunSpec, plan, reproduce
+from brainprop.experiments import Request, reproduce
+from brainprop.matrix import HEADLINE, MATRIX, RUNS, Cell, RunSpec, plan, select_cells
+from brainprop.measurements import load_measurements, machine_slug, record
 from brainprop.report import README_END, README_START
 
 # brainprop re-exports the function train, which hides the module of the same name.
@@ -92,15 +94,15 @@ def test_bf16_is_in_the_name_config_and_stacks_of_a_run():
 
 
 def test_cells_filter_and_reject_what_is_not_in_the_matrix():
-    assert ex.select_cells(["mnist"], None) == [c for c in MATRIX if c.dataset == "mnist"]
-    assert ex.select_cells(None, ["deep"]) == [c for c in MATRIX if c.arch == "deep"]
+    assert select_cells(["mnist"], None) == [c for c in MATRIX if c.dataset == "mnist"]
+    assert select_cells(None, ["deep"]) == [c for c in MATRIX if c.arch == "deep"]
     for datasets, archs, message in (
         (["fashion-mnist"], None, "not in the paper's matrix"),
         (["mnist"], ["deep"], "no matrix cell"),
         (None, ["resnet"], "arch 'resnet'"),
     ):
         with pytest.raises(BrainPropError, match=message):
-            ex.select_cells(datasets, archs)
+            select_cells(datasets, archs)
     with pytest.raises(BrainPropError, match="unknown rule"):
         plan(MATRIX, ["feedback-alignment"])
 
@@ -111,24 +113,24 @@ def test_estimates_use_this_machine_and_subtract_epochs_done(tmp_path):
                       s_per_epoch=3.0)  # fmt: skip
     later = RunSpec(DENSE, "brainprop", 1)
     # 50 epochs x (3 s training + 1 s evaluation).
-    assert ex.estimate_seconds(later, ex.load_measurements(tmp_path), "cpu A", tmp_path) == 200
+    assert ex.estimate_seconds(later, load_measurements(tmp_path), "cpu A", tmp_path) == 200
     # EBP, with no run of its own, borrows BrainProp's seconds per epoch and its epochs: the
     # cap (500 epochs, 2000 s) would keep a budget from ever admitting it after BrainProp.
-    assert ex.estimate_seconds(ebp, ex.load_measurements(tmp_path), "cpu A", tmp_path) == 200
+    assert ex.estimate_seconds(ebp, load_measurements(tmp_path), "cpu A", tmp_path) == 200
     write_measurement(tmp_path, RunSpec(DENSE, "ebp", 1), "cpu A", test_acc=0.9, best_epoch=5,
                       epochs_run=20, s_per_epoch=3.0)  # fmt: skip
-    assert ex.estimate_seconds(ebp, ex.load_measurements(tmp_path), "cpu A", tmp_path) == 80
-    assert ex.estimate_seconds(later, ex.load_measurements(tmp_path), "cpu B", tmp_path) is None
-    run_dir = tmp_path / ex.RUNS / later.name
+    assert ex.estimate_seconds(ebp, load_measurements(tmp_path), "cpu A", tmp_path) == 80
+    assert ex.estimate_seconds(later, load_measurements(tmp_path), "cpu B", tmp_path) is None
+    run_dir = tmp_path / RUNS / later.name
     run_dir.mkdir(parents=True)
     (run_dir / rundir.HISTORY_JSON).write_text(json.dumps([{}] * 20))
-    assert ex.estimate_seconds(later, ex.load_measurements(tmp_path), "cpu A", tmp_path) == 120
+    assert ex.estimate_seconds(later, load_measurements(tmp_path), "cpu A", tmp_path) == 120
     # Runs that shared the device time only runs shared alike; a stacked run's seconds are its
     # share, so a stack of 4 takes 4 shares: 10 epochs x 4 x (9 + 1) s.
     write_measurement(tmp_path, RunSpec(CONV, "brainprop", 0), "gpu", test_acc=0.9,
                       epochs_run=10, s_per_epoch=9.0, stack=4)  # fmt: skip
     conv = RunSpec(CONV, "brainprop", 1)
-    measurements = ex.load_measurements(tmp_path)
+    measurements = load_measurements(tmp_path)
     assert ex.estimate_seconds(conv, measurements, "gpu", tmp_path) is None
     assert ex.estimate_seconds(conv, measurements, "gpu, 4 seeds stacked", tmp_path) == 400
     # With the wall time recorded (a seed that outlived its stack-mates ran its last epochs
@@ -137,12 +139,12 @@ def test_estimates_use_this_machine_and_subtract_epochs_done(tmp_path):
     d = json.loads(stacked.path.read_text())
     d["summary"]["wall_seconds"] = 120.0
     stacked.path.write_text(json.dumps(d))
-    measurements = ex.load_measurements(tmp_path)
+    measurements = load_measurements(tmp_path)
     assert ex.estimate_seconds(conv, measurements, "gpu, 4 seeds stacked", tmp_path) == 120
     # bf16 runs time only bf16 runs: 30 epochs x (2 + 1) s.
     write_measurement(tmp_path, RunSpec(CONV, "ebp", 0, bf16=True), "gpu", test_acc=0.9,
                       epochs_run=30, s_per_epoch=2.0)  # fmt: skip
-    measurements = ex.load_measurements(tmp_path)
+    measurements = load_measurements(tmp_path)
     assert ex.estimate_seconds(RunSpec(CONV, "ebp", 1), measurements, "gpu", tmp_path) is None
     fast = RunSpec(CONV, "ebp", 1, bf16=True)
     assert ex.estimate_seconds(fast, measurements, "gpu, bf16", tmp_path) == 90
@@ -150,7 +152,7 @@ def test_estimates_use_this_machine_and_subtract_epochs_done(tmp_path):
     # fp32 run of 60 epochs leaves the bf16 estimate at 30 epochs, and is the fp32 one's.
     write_measurement(tmp_path, RunSpec(CONV, "ebp", 2), "gpu", test_acc=0.9, epochs_run=60,
                       s_per_epoch=4.0)  # fmt: skip
-    measurements = ex.load_measurements(tmp_path)
+    measurements = load_measurements(tmp_path)
     assert ex.estimate_seconds(fast, measurements, "gpu, bf16", tmp_path) == 90
     assert ex.estimate_seconds(RunSpec(CONV, "ebp", 1), measurements, "gpu", tmp_path) == 300
 
@@ -161,7 +163,7 @@ def _fake_train(calls):
     def run(job, request, dataset):
         for spec in job:
             calls.append(spec.name)
-            run_dir = request.out / ex.RUNS / spec.name
+            run_dir = request.out / RUNS / spec.name
             run_dir.mkdir(parents=True)
             config = spec.config(request.out, request.data_dir, request.device).resolve()
             (run_dir / rundir.CONFIG).write_text(json.dumps(config.to_dict()))
@@ -202,7 +204,7 @@ def test_missing_dataset_fails_before_any_run(tmp_path, capsys):
                    str(tmp_path / "r"), "--data-dir", str(tmp_path)])  # fmt: skip
     err = capsys.readouterr().err
     assert status == 2 and err.count("\n") == 1 and "cifar100 is not in" in err
-    assert not (tmp_path / "r" / ex.RUNS).exists()
+    assert not (tmp_path / "r" / RUNS).exists()
 
 
 def test_finished_runs_are_skipped_and_an_interrupted_run_resumes(tmp_path, mnist_root, no_plots):
@@ -220,13 +222,13 @@ def test_finished_runs_are_skipped_and_an_interrupted_run_resumes(tmp_path, mnis
     stored = json.loads((first.dir / rundir.CONFIG).read_text())
     (first.dir / rundir.CONFIG).write_text(json.dumps(stored | {"epochs": 2}))
     outcome = reproduce(request, say=lambda _: None)
-    assert outcome.ran == [spec.name] and first.dir == out / ex.RUNS / spec.name
+    assert outcome.ran == [spec.name] and first.dir == out / RUNS / spec.name
     history = json.loads((first.dir / rundir.HISTORY_JSON).read_text())
     assert [h["epoch"] for h in history] == [1, 2]
     assert history[0]["train_loss"] == first.history[0]["train_loss"]
-    [m] = ex.load_measurements(out)
+    [m] = load_measurements(out)
     assert m.run == spec.name and m.summary["epochs_run"] == 2
-    assert m.path.name == f"{spec.name}@{ex.machine_slug(m.machine)}.json"
+    assert m.path.name == f"{spec.name}@{machine_slug(m.machine)}.json"
     stamp = m.path.stat().st_mtime_ns
     again = reproduce(request, say=lambda _: None)
     assert again.ran == [] and again.skipped == [spec.name]
@@ -274,9 +276,9 @@ def test_a_stacked_request_trains_and_records_each_seed(tmp_path, mnist_root, no
     assert lines[0] == "reproduce: 2 runs requested, 0 already measured, 2 to run in 1 stack"
     assert f"run {names[0]}, {names[1]}" in lines
     for name in names:
-        history = json.loads((tmp_path / ex.RUNS / name / rundir.HISTORY_JSON).read_text())
+        history = json.loads((tmp_path / RUNS / name / rundir.HISTORY_JSON).read_text())
         assert [h["stack_size"] for h in history] == [2]
-    measurements = ex.load_measurements(tmp_path)
+    measurements = load_measurements(tmp_path)
     assert {m.seed for m in measurements} == {0, 1}
     # A stacked run's seconds are the stack's: its budget estimates come from stacks alike.
     assert {m.machine for m in measurements} == {ex.this_machine("cpu")}
@@ -289,7 +291,7 @@ def test_a_stacks_new_seeds_run_where_its_resumed_ones_started(tmp_path, mnist_r
     --device auto. Its new seed 1 must take neither difference, or the two could not share a
     stack."""
     first = RunSpec(DENSE, "ebp", 0, max_epochs=1)
-    run_dir = tmp_path / ex.RUNS / first.name
+    run_dir = tmp_path / RUNS / first.name
     run_dir.mkdir(parents=True)
     config = first.config(tmp_path, str(mnist_root), "cpu").resolve().to_dict()
     del config["eager"]
@@ -299,7 +301,7 @@ def test_a_stacks_new_seeds_run_where_its_resumed_ones_started(tmp_path, mnist_r
         data_dir=str(mnist_root), device="auto", progress=False,
     )  # fmt: skip
     assert reproduce(request, say=lambda _: None).ran == [first.name, "mnist-dense-ebp-s1-e1"]
-    stored = rundir.read_json(tmp_path / ex.RUNS / "mnist-dense-ebp-s1-e1" / rundir.CONFIG)
+    stored = rundir.read_json(tmp_path / RUNS / "mnist-dense-ebp-s1-e1" / rundir.CONFIG)
     assert stored["device"] == "cpu" and stored["eager"] is True
 
 
@@ -308,10 +310,10 @@ def test_a_bf16_request_trains_in_bf16_and_reports_apart(tmp_path, mnist_root, n
             "1", "--max-epochs", "1", "--bf16", "--device", "cpu", "--quiet", "--out",
             str(tmp_path), "--data-dir", str(mnist_root)]  # fmt: skip
     assert main(args) == 0
-    [m] = ex.load_measurements(tmp_path)
+    [m] = load_measurements(tmp_path)
     assert m.run == "mnist-dense-ebp-s0-e1-bf16" and m.bf16
     assert m.setup == f"{ex.this_machine('cpu')}, bf16"
-    assert rundir.read_json(tmp_path / ex.RUNS / m.run / rundir.CONFIG)["bf16"] is True
+    assert rundir.read_json(tmp_path / RUNS / m.run / rundir.CONFIG)["bf16"] is True
     assert f"| MNIST dense | {m.setup} | 1 |" in (tmp_path / "results.md").read_text()
 
 
@@ -320,15 +322,15 @@ def test_a_cuda_graph_request_starts_graphed_runs_and_times_them_apart(tmp_path,
     [config] = ex._members((spec,), graphed)
     assert config.cuda_graph and config.name == spec.name  # how it runs, not which run it is
     # record() takes the flag from the run's config.
-    run_dir = tmp_path / ex.RUNS / spec.name
+    run_dir = tmp_path / RUNS / spec.name
     run_dir.mkdir(parents=True)
     (run_dir / rundir.CONFIG).write_text(json.dumps(config.resolve().to_dict()))
     summary = {"device": "gpu", "epochs_run": 10, "best_val_acc": 0.9, "best_epoch": 5,
                "test_acc_at_best": 0.9, "s_per_epoch": 1.0, "total_seconds": 20.0,
                "stop_reason": "max epochs"}  # fmt: skip
     (run_dir / rundir.SUMMARY).write_text(json.dumps(summary))
-    m = ex.record(spec, run_dir, tmp_path)
-    [back] = ex.load_measurements(tmp_path)
+    m = record(spec, run_dir, tmp_path)
+    [back] = load_measurements(tmp_path)
     assert back.cuda_graph and back.setup == back.timed_on == "gpu, CUDA graph"
     # Its seconds time only graphed runs: 10 epochs x (1 + 1) s; a plain run has no estimate.
     later = RunSpec(DENSE, "brainprop", 1)
@@ -338,13 +340,13 @@ def test_a_cuda_graph_request_starts_graphed_runs_and_times_them_apart(tmp_path,
     # is another setup: a file of its own, not a duplicate (the report counts the run once).
     assert m.path.name == f"{spec.name}@gpu-cuda-graph.json"
     plain = write_measurement(tmp_path, spec, "gpu", test_acc=0.9)
-    assert {x.setup for x in ex.load_measurements(tmp_path)} == {"gpu", "gpu, CUDA graph"}
+    assert {x.setup for x in load_measurements(tmp_path)} == {"gpu", "gpu, CUDA graph"}
     plain.path.unlink()
     # Files written before the flag was recorded hold runs without a graph.
     d = json.loads(m.path.read_text())
     del d["cuda_graph"]
     m.path.write_text(json.dumps(d))
-    assert not ex.load_measurements(tmp_path)[0].cuda_graph
+    assert not load_measurements(tmp_path)[0].cuda_graph
     # A request that cannot run graphed is refused before it starts anything.
     args = ["reproduce", "--datasets", "mnist", "--archs", "dense", "--cuda-graph", "--device",
             "cpu", "--out", str(tmp_path / "r")]  # fmt: skip
@@ -362,7 +364,7 @@ def test_a_budget_times_a_run_as_it_will_resume(tmp_path):
     write_measurement(tmp_path, RunSpec(DENSE, "brainprop", 0), machine, test_acc=0.9,
                       epochs_run=10, s_per_epoch=5.0)  # fmt: skip
     spec = RunSpec(DENSE, "brainprop", 1)
-    run_dir = tmp_path / ex.RUNS / spec.name
+    run_dir = tmp_path / RUNS / spec.name
     run_dir.mkdir(parents=True)
     config = spec.config(tmp_path, None, "cpu").resolve()
     (run_dir / rundir.CONFIG).write_text(json.dumps(config.to_dict()))
@@ -387,7 +389,7 @@ def test_two_jobs_train_in_worker_processes_on_cpu(tmp_path, mnist_root):
     outcome = reproduce(request, say=lines.append)
     assert sorted(outcome.ran) == ["mnist-dense-brainprop-s0-e1", "mnist-dense-ebp-s0-e1"]
     assert sum("(process " in line for line in lines) == 2
-    measurements = ex.load_measurements(request.out)
+    measurements = load_measurements(request.out)
     assert {m.rule for m in measurements} == {"brainprop", "ebp"}
     # Each worker took its share of the cores.
     threads = max(1, (os.cpu_count() or 1) // 2)
@@ -406,7 +408,7 @@ def test_reproduce_runs_cifar100_and_tiny_imagenet_cells_end_to_end(tmp_path, no
             "--device", "cpu", "--quiet", "--readme", str(readme)]  # fmt: skip
     assert main(args) == 0
     cells = ["cifar100-conv", "cifar100-deep", "cifar100-loccon", "tiny-imagenet-deep"]
-    runs = sorted(m.run for m in ex.load_measurements(out))
+    runs = sorted(m.run for m in load_measurements(out))
     assert runs == [f"{c}-brainprop-s0-e1" for c in cells]
     md = (out / "results.md").read_text()
     for text in ("CIFAR-100 loccon", "CIFAR-100 deep", "Tiny ImageNet deep", "59.58 (0.46)",
@@ -455,7 +457,7 @@ def test_a_stop_after_the_last_worker_ended_still_stops(tmp_path, mnist_root, mo
     with pytest.raises(signals.Interrupted, match="SIGTERM; no run was in progress") as info:
         ex._run_in_workers(request, [(first,), (second,)], outcome, lambda _: None)
     assert info.value.exit_status == 128 + signal.SIGTERM
-    assert outcome.ran == [first.name] and not (tmp_path / ex.RUNS / second.name).exists()
+    assert outcome.ran == [first.name] and not (tmp_path / RUNS / second.name).exists()
 
 
 _ORPHAN = """

@@ -13,8 +13,9 @@ from measurement_fixtures import write_measurement
 
 from brainprop.cli import main
 from brainprop.errors import BrainPropError
-from brainprop.experiments import MEASUREMENTS, Cell, RunSpec, load_measurements
-from brainprop.experiments import write_measurement as write_measurement_record
+from brainprop.matrix import Cell, RunSpec
+from brainprop.measurements import MEASUREMENTS, load_measurements
+from brainprop.measurements import write_measurement as write_measurement_record
 from brainprop.report import (
     PUBLISHED,
     README_END,

@@ -3,7 +3,8 @@
 import pytest
 from measurement_fixtures import write_measurement as measurement
 
-from brainprop.experiments import Cell, RunSpec, _finished_line
+from brainprop.experiments import _finished_line
+from brainprop.matrix import Cell, RunSpec
 from brainprop.summary import EPOCH_KEYS, check_summary, summarize
 from brainprop.train import done_line
 

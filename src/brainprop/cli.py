@@ -282,7 +282,9 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
 
 
 def _reproduce(args: argparse.Namespace) -> int:
-    from .experiments import MEASUREMENTS, Request, reproduce, select_cells
+    from .experiments import Request, reproduce
+    from .matrix import select_cells
+    from .measurements import MEASUREMENTS
     from .report import update_readme, write_report
 
     out = Path(args.out)

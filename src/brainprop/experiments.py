@@ -1,18 +1,18 @@
-"""The paper's experiment matrix, run resumably and in priority order, kept as measurements.
+"""``brainprop reproduce``: the paper's matrix, run resumably and in priority order.
 
-``brainprop reproduce`` is :func:`reproduce` over a :class:`Request`. Under the output folder
-(``results/`` by default) it keeps::
+:func:`reproduce` runs a :class:`Request`'s share of the matrix (:mod:`brainprop.matrix`).
+Under the output folder (``results/`` by default) it keeps::
 
     runs/<run>/                      run directories with checkpoints (local, not committed)
-    measurements/<run>@<machine>.json  one finished run: config, summary, accuracy curve
+    measurements/<run>@<machine>.json  one finished run (:mod:`brainprop.measurements`)
     results.md, results.json, results.png   the report (:mod:`brainprop.report`)
 
 A run's name says what it is (``cifar10-deep-ebp-s3``, ``-quickstart`` for hyperparameters from
 a preset table other than the paper's, ``-val5000`` for held-out validation, ``-e2`` for an
 epoch cap other than the paper's 500), so the same request always maps to the same directories:
-a finished run is skipped, an interrupted one resumes from its ``last.pt``. Measurements are one
-small file each, named by run and machine, so results from another machine merge in by copying
-its ``measurements/`` files; the report reads them all.
+a finished run is skipped, an interrupted one resumes from its ``last.pt``. A budget admits runs
+by estimates from earlier measurements; ``--jobs`` packs runs onto one device, each in its own
+process, and ``--stack`` trains seeds side by side in one network.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import json
 import math
 import multiprocessing
 import os
-import re
 import shutil
 import signal
 import sys
@@ -34,372 +33,12 @@ from statistics import fmean
 from typing import Any
 
 from . import rundir, signals
-from .checkpoint import atomic_write_json, make_folder
 from .config import TrainConfig
 from .errors import BrainPropError
-from .presets import DATASET_FAMILY, PAPER_PRESET, PRESETS
-from .summary import check_summary, epochs_phrase
-
-RUNS, MEASUREMENTS = "runs", "measurements"
-MEASUREMENT_FORMAT = "brainprop-measurement-1"
-#: The paper's epoch budget (with early stopping); runs capped elsewhere carry ``-e<cap>``.
-PAPER_EPOCHS = TrainConfig.epochs
-RULE_ORDER = ("brainprop", "ebp")
-DISPLAY = {
-    "mnist": "MNIST",
-    "cifar10": "CIFAR-10",
-    "cifar100": "CIFAR-100",
-    "tiny-imagenet": "Tiny ImageNet",
-}
-
-
-@dataclass(frozen=True, order=True)
-class Cell:
-    """One (dataset, architecture) entry of the paper's table."""
-
-    dataset: str
-    arch: str
-
-    @property
-    def label(self) -> str:
-        return f"{DISPLAY.get(self.dataset, self.dataset)} {self.arch}"
-
-
-#: The paper's matrix, in the paper's order.
-MATRIX: tuple[Cell, ...] = (
-    Cell("mnist", "dense"),
-    Cell("mnist", "loccon"),
-    Cell("mnist", "conv"),
-    Cell("cifar10", "loccon"),
-    Cell("cifar10", "conv"),
-    Cell("cifar10", "deep"),
-    Cell("cifar100", "loccon"),
-    Cell("cifar100", "conv"),
-    Cell("cifar100", "deep"),
-    Cell("tiny-imagenet", "deep"),
-)
-#: The cells with published numbers to check against, in the published table's order: a
-#: budget spends itself on these first.
-HEADLINE: tuple[Cell, ...] = (
-    Cell("mnist", "conv"),
-    Cell("cifar10", "deep"),
-    Cell("cifar100", "deep"),
-    Cell("tiny-imagenet", "deep"),
-    Cell("mnist", "dense"),
-)
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    """One run of the matrix: a cell, a rule, a seed, how it is validated and capped, the
-    preset table its hyperparameters come from, and its precision.
-
-    ``val`` is None to validate on the test set (as the paper) or a number of held-out training
-    images; ``max_epochs`` is None for the paper's 500 epochs with early stopping; ``bf16``
-    trains under bf16 autocast instead of the paper's fp32.
-    """
-
-    cell: Cell
-    rule: str
-    seed: int
-    val: int | None = None
-    max_epochs: int | None = None
-    preset: str = PAPER_PRESET
-    bf16: bool = False
-
-    @property
-    def name(self) -> str:
-        name = f"{self.cell.dataset}-{self.cell.arch}-{self.rule}-s{self.seed}"
-        if self.preset != PAPER_PRESET:
-            name += f"-{self.preset}"
-        if self.val is not None:
-            name += f"-val{self.val}"
-        if self.max_epochs is not None:
-            name += f"-e{self.max_epochs}"
-        if self.bf16:
-            name += "-bf16"
-        return name
-
-    def config(
-        self, out: Path, data_dir: str | None, device: str, cuda_graph: bool = False
-    ) -> TrainConfig:
-        """This run's preset for its cell, writing its directory under ``out/runs``;
-        ``cuda_graph`` is how it runs, not which run it is, so it is no part of the name."""
-        return TrainConfig(
-            dataset=self.cell.dataset,
-            arch=self.cell.arch,
-            rule=self.rule,
-            seed=self.seed,
-            preset=self.preset,
-            epochs=self.max_epochs or PAPER_EPOCHS,
-            val="test" if self.val is None else self.val,
-            device=device,
-            bf16=self.bf16,
-            cuda_graph=cuda_graph,
-            data_dir=data_dir,
-            out_dir=str(out / RUNS),
-            name=self.name,
-        )
-
-
-def select_cells(datasets: Sequence[str] | None, archs: Sequence[str] | None) -> list[Cell]:
-    """The matrix cells of ``datasets`` and ``archs`` (None: all), in matrix order."""
-    known_datasets = sorted({c.dataset for c in MATRIX})
-    known_archs = sorted({c.arch for c in MATRIX})
-    for kind, given, known in (("dataset", datasets, known_datasets), ("arch", archs, known_archs)):
-        bad = [v for v in given or () if v not in known]
-        if bad:
-            raise BrainPropError(
-                f"{kind} {bad[0]!r} is not in the paper's matrix: choose from {', '.join(known)}"
-            )
-    cells = [
-        c for c in MATRIX
-        if (datasets is None or c.dataset in datasets) and (archs is None or c.arch in archs)
-    ]  # fmt: skip
-    if not cells:
-        pairs = ", ".join(f"{c.dataset}/{c.arch}" for c in MATRIX)
-        raise BrainPropError(f"no matrix cell has those datasets and archs: the cells are {pairs}")
-    return cells
-
-
-def plan(
-    cells: Sequence[Cell],
-    rules: Sequence[str] = RULE_ORDER,
-    seeds: int = 10,
-    val: int | None = None,
-    max_epochs: int | None = None,
-    preset: str = PAPER_PRESET,
-    bf16: bool = False,
-) -> list[RunSpec]:
-    """Every run of ``cells x rules x range(seeds)`` with ``preset``'s hyperparameters (under
-    bf16 autocast with ``bf16``), in priority order.
-
-    The order is what a budget cuts: seed 0 of every cell before seed 1 (a first estimate of
-    every cell beats ten seeds of one); within a seed the headline cells (published numbers)
-    before the others, then the matrix order; within a cell BrainProp then EBP, so that each
-    finished pair gives a gap and an epoch ratio.
-    """
-    for rule in rules:
-        if rule not in RULE_ORDER:
-            raise BrainPropError(f"unknown rule {rule!r}: choose from {', '.join(RULE_ORDER)}")
-    if seeds < 1:
-        raise BrainPropError(f"--seeds must be >= 1, got {seeds}")
-    if val is not None and val < 1:
-        raise BrainPropError(f"--val-split must be >= 1 held-out images, got {val}")
-    if max_epochs is not None and max_epochs < 1:
-        raise BrainPropError(f"--max-epochs must be >= 1, got {max_epochs}")
-    if preset not in PRESETS:
-        raise BrainPropError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
-    covered = [c for c in MATRIX if (DATASET_FAMILY[c.dataset], c.arch) in PRESETS[preset]]
-    uncovered = [c for c in cells if c not in covered]
-    if uncovered:
-        archs = ",".join(dict.fromkeys(c.arch for c in covered))
-        sets = ",".join(dict.fromkeys(c.dataset for c in covered))
-        raise BrainPropError(
-            f"preset {preset!r} has no settings for {uncovered[0].dataset}/{uncovered[0].arch}: "
-            f"run it with --datasets {sets} --archs {archs}"
-        )
-    cap = None if max_epochs == PAPER_EPOCHS else max_epochs
-
-    def priority(spec: RunSpec) -> tuple[int, int, int, int]:
-        headline = HEADLINE.index(spec.cell) if spec.cell in HEADLINE else len(HEADLINE)
-        return (spec.seed, headline, MATRIX.index(spec.cell), RULE_ORDER.index(spec.rule))
-
-    specs = [
-        RunSpec(cell, rule, seed, val, cap, preset, bf16)
-        for cell in dict.fromkeys(cells) for rule in dict.fromkeys(rules) for seed in range(seeds)
-    ]  # fmt: skip
-    return sorted(specs, key=priority)
-
-
-# --- measurements ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Measurement:
-    """One finished run as recorded under ``measurements/``: what ran, where, and its summary.
-
-    ``preset`` names the hyperparameter table the run took (files written before presets were
-    recorded hold paper runs). ``machine`` is the device, ``bf16`` whether the run trained
-    under bf16 autocast and ``cuda_graph`` whether it replayed its steps from a CUDA graph:
-    together they are :attr:`setup`, what the run's seconds compare with. Its accuracy compares
-    with :attr:`numerics`, the setup without the graph, which computes what a plain step does.
-    ``stack`` (seeds trained as one network) and ``at_once`` (runs packed onto one GPU) say how
-    many runs shared the device, so that its seconds can be compared with runs shared alike.
-    """
-
-    run: str
-    cell: Cell
-    rule: str
-    seed: int
-    val: int | None
-    max_epochs: int | None
-    machine: str
-    summary: dict[str, Any]
-    path: Path | None = None
-    preset: str = PAPER_PRESET
-    stack: int = 1
-    at_once: int = 1
-    bf16: bool = False
-    cuda_graph: bool = False
-
-    @property
-    def file_name(self) -> str:
-        # bf16 is in the run's name already; a graph is not, and is another setup.
-        return f"{self.run}@{machine_slug(self.machine)}{'-cuda-graph' * self.cuda_graph}.json"
-
-    @property
-    def shared_by(self) -> int:
-        """How many runs shared the device with this one (itself included)."""
-        return self.stack * self.at_once
-
-    @property
-    def setup(self) -> str:
-        """The machine and how the run computed, e.g. ``"NVIDIA H200, bf16, CUDA graph"``:
-        what its seconds compare with."""
-        return setup_label(self.machine, self.bf16, self.cuda_graph)
-
-    @property
-    def numerics(self) -> str:
-        """The machine and the precision, e.g. ``"NVIDIA H200, bf16"``: what its accuracy and
-        epochs compare with. A CUDA graph replays the very step a plain run takes, so graphed
-        and plain runs pool in a report row; their seconds do not."""
-        return setup_label(self.machine, self.bf16, False)
-
-    @property
-    def timed_on(self) -> str:
-        """The setup and how the device was shared: what this run's seconds compare with."""
-        return sharing_label(self.setup, self.stack, self.at_once)
-
-
-def machine_slug(machine: str) -> str:
-    """``"NVIDIA H200"`` -> ``"nvidia-h200"``: the machine part of a measurement's file name."""
-    return re.sub(r"[^a-z0-9]+", "-", machine.lower()).strip("-") or "unknown"
-
-
-def setup_label(machine: str, bf16: bool, cuda_graph: bool) -> str:
-    """``machine``, marked ``", bf16"`` for runs under bf16 autocast and ``", CUDA graph"`` for
-    runs replayed from one (the paper's fp32, step by step, is unmarked)."""
-    return ", ".join([machine, *["bf16"] * bf16, *["CUDA graph"] * cuda_graph])
-
-
-def record(spec: RunSpec, run_dir: Path, out: Path, at_once: int = 1) -> Measurement:
-    """Write the measurement of the finished run in ``run_dir``, which trained beside
-    ``at_once - 1`` other runs on its GPU; returns it."""
-    summary = rundir.read_json(run_dir / rundir.SUMMARY)
-    config = rundir.read_json(run_dir / rundir.CONFIG)
-    history_file = run_dir / rundir.HISTORY_JSON
-    history = rundir.read_json(history_file) if history_file.is_file() else []
-    m = Measurement(
-        spec.name, spec.cell, spec.rule, spec.seed, spec.val, spec.max_epochs,
-        str(summary.get("device", "unknown")), summary, preset=spec.preset,
-        stack=int(summary.get("stack_size", 1)), at_once=at_once,
-        bf16=bool(config.get("bf16", False)), cuda_graph=bool(config.get("cuda_graph", False)),
-    )  # fmt: skip
-    # The curve lets a report plot or re-select epochs without the run directory.
-    curve = {key: [round(float(h[key]), 5) for h in history] for key in ("val_acc", "test_acc")}
-    return write_measurement(m, config, curve, out)
-
-
-def sharing_label(machine: str, stack: int, at_once: int) -> str:
-    """``machine`` and how its device was shared, e.g. ``"NVIDIA H200, 10 seeds
-    stacked"``: a run's wall time compares only with that of runs shared alike."""
-    shared = [f"{stack} seeds stacked"] * (stack > 1) + [f"{at_once} runs at once"] * (at_once > 1)
-    return ", ".join([machine, *shared])
-
-
-def runs_at_once(request: Request) -> int:
-    """How many runs share one device under ``request``: its ``--jobs`` on a GPU; on a CPU the
-    jobs split the cores, which the machine's thread count already says."""
-    from .devices import resolve_device
-
-    return 1 if resolve_device(request.device).type == "cpu" else request.jobs
-
-
-def write_measurement(
-    m: Measurement, config: dict[str, Any], curve: dict[str, list[float]], out: Path
-) -> Measurement:
-    """Write ``m`` as ``out/measurements/<run>@<machine>.json``; returns it with its path."""
-    folder = out / MEASUREMENTS
-    make_folder(folder)
-    atomic_write_json(
-        folder / m.file_name,
-        {
-            "format": MEASUREMENT_FORMAT,
-            "run": m.run,
-            "dataset": m.cell.dataset,
-            "arch": m.cell.arch,
-            "rule": m.rule,
-            "seed": m.seed,
-            "val": m.val,
-            "max_epochs": m.max_epochs,
-            "preset": m.preset,
-            "machine": m.machine,
-            "stack": m.stack,
-            "runs_at_once": m.at_once,
-            "bf16": m.bf16,
-            "cuda_graph": m.cuda_graph,
-            "summary": m.summary,
-            "config": config,
-            "curve": curve,
-        },
-    )
-    return replace(m, path=folder / m.file_name)
-
-
-def load_measurements(out: Path) -> list[Measurement]:
-    """Every measurement under ``out/measurements``, from any machine, sorted by file name.
-
-    Two files of one run in one setup (a copy made while merging, say) are refused: the run
-    would count twice in its cell.
-    """
-    measurements = [_read_measurement(p) for p in sorted((out / MEASUREMENTS).glob("*.json"))]
-    seen: dict[tuple[str, str], Measurement] = {}
-    for m in measurements:
-        first = seen.setdefault((m.run, m.setup), m)
-        if first is not m:
-            raise BrainPropError(
-                f"{first.path} and {m.path} both measure run {m.run} on {m.setup}: "
-                "remove one of them"
-            )
-    return measurements
-
-
-def _read_measurement(path: Path) -> Measurement:
-    fix = "remove it or copy it again from the machine that made it"
-    d = rundir.read_json(path, fix)
-    try:
-        if d["format"] != MEASUREMENT_FORMAT:
-            raise ValueError(f"format {d['format']!r}")
-        if d["rule"] not in RULE_ORDER:
-            raise ValueError(f"rule {d['rule']!r}, not one of {', '.join(RULE_ORDER)}")
-        summary = d["summary"]
-        check_summary(summary)
-        # Files written before sharing was recorded hold runs that had the device alone.
-        stack, at_once = int(d.get("stack", 1)), int(d.get("runs_at_once", 1))
-        if stack < 1 or at_once < 1:
-            raise ValueError(f"stack {stack} or runs_at_once {at_once} below 1")
-        return Measurement(
-            str(d["run"]), Cell(str(d["dataset"]), str(d["arch"])), str(d["rule"]),
-            int(d["seed"]), _opt_int(d["val"]), _opt_int(d["max_epochs"]), str(d["machine"]),
-            summary, path, str(d.get("preset", PAPER_PRESET)), stack, at_once,
-            _flag(d, "bf16"), _flag(d, "cuda_graph"),
-        )  # fmt: skip
-    except (KeyError, TypeError, ValueError) as e:
-        raise BrainPropError(f"{path} is not a brainprop measurement ({e}): {fix}") from None
-
-
-def _flag(d: dict[str, Any], key: str) -> bool:
-    """``d[key]`` if it is a bool; absent (files of earlier versions) is False."""
-    v = d.get(key, False)
-    if not isinstance(v, bool):
-        raise ValueError(f"{key} {v!r}, not true or false")
-    return v
-
-
-def _opt_int(v: Any) -> int | None:
-    return None if v is None else int(v)
-
+from .matrix import MATRIX, PAPER_EPOCHS, RULE_ORDER, RUNS, Cell, RunSpec, plan
+from .measurements import Measurement, load_measurements, record, setup_label, sharing_label
+from .presets import PAPER_PRESET
+from .summary import epochs_phrase
 
 # --- cost estimates ----------------------------------------------------------------------------
 
@@ -560,6 +199,14 @@ def reproduce(request: Request, say: Callable[[str], None] = print) -> Outcome:
         raise
     say(f"report: {write_report(request.out)}")
     return outcome
+
+
+def runs_at_once(request: Request) -> int:
+    """How many runs share one device under ``request``: its ``--jobs`` on a GPU; on a CPU the
+    jobs split the cores, which the machine's thread count already says."""
+    from .devices import resolve_device
+
+    return 1 if resolve_device(request.device).type == "cpu" else request.jobs
 
 
 def this_machine(device: str, threads: int | None = None) -> str:

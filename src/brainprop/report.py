@@ -37,7 +37,8 @@ from typing import Any
 
 from .checkpoint import atomic_write, atomic_write_json, atomic_write_text, make_folder
 from .errors import BrainPropError
-from .experiments import MATRIX, MEASUREMENTS, RULE_ORDER, Cell, Measurement, load_measurements
+from .matrix import MATRIX, RULE_ORDER, Cell
+from .measurements import MEASUREMENTS, Measurement, load_measurements
 from .presets import DATASET_FAMILY, PAPER, PAPER_PRESET, PRESETS, Hyperparameters
 from .summary import DIVERGED, epochs_phrase
 
@@ -146,7 +147,7 @@ class Verdict:
 @dataclass(frozen=True)
 class CellResult:
     """One cell under one validation, epoch cap, preset and machine: both rules and the
-    comparisons. ``machine`` is the runs' :attr:`~brainprop.experiments.Measurement.numerics`:
+    comparisons. ``machine`` is the runs' :attr:`~brainprop.measurements.Measurement.numerics`:
     the machine, and bf16 where they trained in it (``bf16``). ``cuda_graph`` says whether any
     of them replayed their steps from a CUDA graph, and ``graphed`` how many.
 

@@ -1,0 +1,189 @@
+"""The paper's experiment matrix: its cells, and the runs that measure them.
+
+A :class:`Cell` is one (dataset, architecture) entry of the paper's table; :data:`MATRIX` lists
+them all and :data:`HEADLINE` those with published numbers. A :class:`RunSpec` is one run of a
+cell (a rule, a seed, how it is validated and capped, its preset table and precision), and
+:func:`plan` orders a request's runs by priority. :mod:`brainprop.experiments` runs them and
+:mod:`brainprop.measurements` keeps what they measured.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import TrainConfig
+from .errors import BrainPropError
+from .presets import DATASET_FAMILY, PAPER_PRESET, PRESETS
+
+#: The folder of the run directories under a results folder (local, not committed).
+RUNS = "runs"
+#: The paper's epoch budget (with early stopping); runs capped elsewhere carry ``-e<cap>``.
+PAPER_EPOCHS = TrainConfig.epochs
+RULE_ORDER = ("brainprop", "ebp")
+DISPLAY = {
+    "mnist": "MNIST",
+    "cifar10": "CIFAR-10",
+    "cifar100": "CIFAR-100",
+    "tiny-imagenet": "Tiny ImageNet",
+}
+
+
+@dataclass(frozen=True, order=True)
+class Cell:
+    """One (dataset, architecture) entry of the paper's table."""
+
+    dataset: str
+    arch: str
+
+    @property
+    def label(self) -> str:
+        return f"{DISPLAY.get(self.dataset, self.dataset)} {self.arch}"
+
+
+#: The paper's matrix, in the paper's order.
+MATRIX: tuple[Cell, ...] = (
+    Cell("mnist", "dense"),
+    Cell("mnist", "loccon"),
+    Cell("mnist", "conv"),
+    Cell("cifar10", "loccon"),
+    Cell("cifar10", "conv"),
+    Cell("cifar10", "deep"),
+    Cell("cifar100", "loccon"),
+    Cell("cifar100", "conv"),
+    Cell("cifar100", "deep"),
+    Cell("tiny-imagenet", "deep"),
+)
+#: The cells with published numbers to check against, in the published table's order: a
+#: budget spends itself on these first.
+HEADLINE: tuple[Cell, ...] = (
+    Cell("mnist", "conv"),
+    Cell("cifar10", "deep"),
+    Cell("cifar100", "deep"),
+    Cell("tiny-imagenet", "deep"),
+    Cell("mnist", "dense"),
+)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of the matrix: a cell, a rule, a seed, how it is validated and capped, the
+    preset table its hyperparameters come from, and its precision.
+
+    ``val`` is None to validate on the test set (as the paper) or a number of held-out training
+    images; ``max_epochs`` is None for the paper's 500 epochs with early stopping; ``bf16``
+    trains under bf16 autocast instead of the paper's fp32.
+    """
+
+    cell: Cell
+    rule: str
+    seed: int
+    val: int | None = None
+    max_epochs: int | None = None
+    preset: str = PAPER_PRESET
+    bf16: bool = False
+
+    @property
+    def name(self) -> str:
+        name = f"{self.cell.dataset}-{self.cell.arch}-{self.rule}-s{self.seed}"
+        if self.preset != PAPER_PRESET:
+            name += f"-{self.preset}"
+        if self.val is not None:
+            name += f"-val{self.val}"
+        if self.max_epochs is not None:
+            name += f"-e{self.max_epochs}"
+        if self.bf16:
+            name += "-bf16"
+        return name
+
+    def config(
+        self, out: Path, data_dir: str | None, device: str, cuda_graph: bool = False
+    ) -> TrainConfig:
+        """This run's preset for its cell, writing its directory under ``out/runs``;
+        ``cuda_graph`` is how it runs, not which run it is, so it is no part of the name."""
+        return TrainConfig(
+            dataset=self.cell.dataset,
+            arch=self.cell.arch,
+            rule=self.rule,
+            seed=self.seed,
+            preset=self.preset,
+            epochs=self.max_epochs or PAPER_EPOCHS,
+            val="test" if self.val is None else self.val,
+            device=device,
+            bf16=self.bf16,
+            cuda_graph=cuda_graph,
+            data_dir=data_dir,
+            out_dir=str(out / RUNS),
+            name=self.name,
+        )
+
+
+def select_cells(datasets: Sequence[str] | None, archs: Sequence[str] | None) -> list[Cell]:
+    """The matrix cells of ``datasets`` and ``archs`` (None: all), in matrix order."""
+    known_datasets = sorted({c.dataset for c in MATRIX})
+    known_archs = sorted({c.arch for c in MATRIX})
+    for kind, given, known in (("dataset", datasets, known_datasets), ("arch", archs, known_archs)):
+        bad = [v for v in given or () if v not in known]
+        if bad:
+            raise BrainPropError(
+                f"{kind} {bad[0]!r} is not in the paper's matrix: choose from {', '.join(known)}"
+            )
+    cells = [
+        c for c in MATRIX
+        if (datasets is None or c.dataset in datasets) and (archs is None or c.arch in archs)
+    ]  # fmt: skip
+    if not cells:
+        pairs = ", ".join(f"{c.dataset}/{c.arch}" for c in MATRIX)
+        raise BrainPropError(f"no matrix cell has those datasets and archs: the cells are {pairs}")
+    return cells
+
+
+def plan(
+    cells: Sequence[Cell],
+    rules: Sequence[str] = RULE_ORDER,
+    seeds: int = 10,
+    val: int | None = None,
+    max_epochs: int | None = None,
+    preset: str = PAPER_PRESET,
+    bf16: bool = False,
+) -> list[RunSpec]:
+    """Every run of ``cells x rules x range(seeds)`` with ``preset``'s hyperparameters (under
+    bf16 autocast with ``bf16``), in priority order.
+
+    The order is what a budget cuts: seed 0 of every cell before seed 1 (a first estimate of
+    every cell beats ten seeds of one); within a seed the headline cells (published numbers)
+    before the others, then the matrix order; within a cell BrainProp then EBP, so that each
+    finished pair gives a gap and an epoch ratio.
+    """
+    for rule in rules:
+        if rule not in RULE_ORDER:
+            raise BrainPropError(f"unknown rule {rule!r}: choose from {', '.join(RULE_ORDER)}")
+    if seeds < 1:
+        raise BrainPropError(f"--seeds must be >= 1, got {seeds}")
+    if val is not None and val < 1:
+        raise BrainPropError(f"--val-split must be >= 1 held-out images, got {val}")
+    if max_epochs is not None and max_epochs < 1:
+        raise BrainPropError(f"--max-epochs must be >= 1, got {max_epochs}")
+    if preset not in PRESETS:
+        raise BrainPropError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    covered = [c for c in MATRIX if (DATASET_FAMILY[c.dataset], c.arch) in PRESETS[preset]]
+    uncovered = [c for c in cells if c not in covered]
+    if uncovered:
+        archs = ",".join(dict.fromkeys(c.arch for c in covered))
+        sets = ",".join(dict.fromkeys(c.dataset for c in covered))
+        raise BrainPropError(
+            f"preset {preset!r} has no settings for {uncovered[0].dataset}/{uncovered[0].arch}: "
+            f"run it with --datasets {sets} --archs {archs}"
+        )
+    cap = None if max_epochs == PAPER_EPOCHS else max_epochs
+
+    def priority(spec: RunSpec) -> tuple[int, int, int, int]:
+        headline = HEADLINE.index(spec.cell) if spec.cell in HEADLINE else len(HEADLINE)
+        return (spec.seed, headline, MATRIX.index(spec.cell), RULE_ORDER.index(spec.rule))
+
+    specs = [
+        RunSpec(cell, rule, seed, val, cap, preset, bf16)
+        for cell in dict.fromkeys(cells) for rule in dict.fromkeys(rules) for seed in range(seeds)
+    ]  # fmt: skip
+    return sorted(specs, key=priority)

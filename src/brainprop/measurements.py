@@ -1,0 +1,202 @@
+"""Measurements: one small JSON file per finished run, named by run and machine.
+
+They live in ``<results>/measurements/<run>@<machine>.json`` and hold what ran (the run's
+config), where (the machine, its precision, whether a CUDA graph replayed the steps, how many
+runs shared the device), its summary and its accuracy curve. Results from another machine merge
+in by copying its files; :mod:`brainprop.report` reads them all.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from . import rundir
+from .checkpoint import atomic_write_json, make_folder
+from .errors import BrainPropError
+from .matrix import RULE_ORDER, Cell, RunSpec
+from .presets import PAPER_PRESET
+from .summary import check_summary
+
+MEASUREMENTS = "measurements"
+MEASUREMENT_FORMAT = "brainprop-measurement-1"
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One finished run as recorded under ``measurements/``: what ran, where, and its summary.
+
+    ``preset`` names the hyperparameter table the run took (files written before presets were
+    recorded hold paper runs). ``machine`` is the device, ``bf16`` whether the run trained
+    under bf16 autocast and ``cuda_graph`` whether it replayed its steps from a CUDA graph:
+    together they are :attr:`setup`, what the run's seconds compare with. Its accuracy compares
+    with :attr:`numerics`, the setup without the graph, which computes what a plain step does.
+    ``stack`` (seeds trained as one network) and ``at_once`` (runs packed onto one GPU) say how
+    many runs shared the device, so that its seconds can be compared with runs shared alike.
+    """
+
+    run: str
+    cell: Cell
+    rule: str
+    seed: int
+    val: int | None
+    max_epochs: int | None
+    machine: str
+    summary: dict[str, Any]
+    path: Path | None = None
+    preset: str = PAPER_PRESET
+    stack: int = 1
+    at_once: int = 1
+    bf16: bool = False
+    cuda_graph: bool = False
+
+    @property
+    def file_name(self) -> str:
+        # bf16 is in the run's name already; a graph is not, and is another setup.
+        return f"{self.run}@{machine_slug(self.machine)}{'-cuda-graph' * self.cuda_graph}.json"
+
+    @property
+    def shared_by(self) -> int:
+        """How many runs shared the device with this one (itself included)."""
+        return self.stack * self.at_once
+
+    @property
+    def setup(self) -> str:
+        """The machine and how the run computed, e.g. ``"NVIDIA H200, bf16, CUDA graph"``:
+        what its seconds compare with."""
+        return setup_label(self.machine, self.bf16, self.cuda_graph)
+
+    @property
+    def numerics(self) -> str:
+        """The machine and the precision, e.g. ``"NVIDIA H200, bf16"``: what its accuracy and
+        epochs compare with. A CUDA graph replays the very step a plain run takes, so graphed
+        and plain runs pool in a report row; their seconds do not."""
+        return setup_label(self.machine, self.bf16, False)
+
+    @property
+    def timed_on(self) -> str:
+        """The setup and how the device was shared: what this run's seconds compare with."""
+        return sharing_label(self.setup, self.stack, self.at_once)
+
+
+def machine_slug(machine: str) -> str:
+    """``"NVIDIA H200"`` -> ``"nvidia-h200"``: the machine part of a measurement's file name."""
+    return re.sub(r"[^a-z0-9]+", "-", machine.lower()).strip("-") or "unknown"
+
+
+def setup_label(machine: str, bf16: bool, cuda_graph: bool) -> str:
+    """``machine``, marked ``", bf16"`` for runs under bf16 autocast and ``", CUDA graph"`` for
+    runs replayed from one (the paper's fp32, step by step, is unmarked)."""
+    return ", ".join([machine, *["bf16"] * bf16, *["CUDA graph"] * cuda_graph])
+
+
+def record(spec: RunSpec, run_dir: Path, out: Path, at_once: int = 1) -> Measurement:
+    """Write the measurement of the finished run in ``run_dir``, which trained beside
+    ``at_once - 1`` other runs on its GPU; returns it."""
+    summary = rundir.read_json(run_dir / rundir.SUMMARY)
+    config = rundir.read_json(run_dir / rundir.CONFIG)
+    history_file = run_dir / rundir.HISTORY_JSON
+    history = rundir.read_json(history_file) if history_file.is_file() else []
+    m = Measurement(
+        spec.name, spec.cell, spec.rule, spec.seed, spec.val, spec.max_epochs,
+        str(summary.get("device", "unknown")), summary, preset=spec.preset,
+        stack=int(summary.get("stack_size", 1)), at_once=at_once,
+        bf16=bool(config.get("bf16", False)), cuda_graph=bool(config.get("cuda_graph", False)),
+    )  # fmt: skip
+    # The curve lets a report plot or re-select epochs without the run directory.
+    curve = {key: [round(float(h[key]), 5) for h in history] for key in ("val_acc", "test_acc")}
+    return write_measurement(m, config, curve, out)
+
+
+def sharing_label(machine: str, stack: int, at_once: int) -> str:
+    """``machine`` and how its device was shared, e.g. ``"NVIDIA H200, 10 seeds
+    stacked"``: a run's wall time compares only with that of runs shared alike."""
+    shared = [f"{stack} seeds stacked"] * (stack > 1) + [f"{at_once} runs at once"] * (at_once > 1)
+    return ", ".join([machine, *shared])
+
+
+def write_measurement(
+    m: Measurement, config: dict[str, Any], curve: dict[str, list[float]], out: Path
+) -> Measurement:
+    """Write ``m`` as ``out/measurements/<run>@<machine>.json``; returns it with its path."""
+    folder = out / MEASUREMENTS
+    make_folder(folder)
+    atomic_write_json(
+        folder / m.file_name,
+        {
+            "format": MEASUREMENT_FORMAT,
+            "run": m.run,
+            "dataset": m.cell.dataset,
+            "arch": m.cell.arch,
+            "rule": m.rule,
+            "seed": m.seed,
+            "val": m.val,
+            "max_epochs": m.max_epochs,
+            "preset": m.preset,
+            "machine": m.machine,
+            "stack": m.stack,
+            "runs_at_once": m.at_once,
+            "bf16": m.bf16,
+            "cuda_graph": m.cuda_graph,
+            "summary": m.summary,
+            "config": config,
+            "curve": curve,
+        },
+    )
+    return replace(m, path=folder / m.file_name)
+
+
+def load_measurements(out: Path) -> list[Measurement]:
+    """Every measurement under ``out/measurements``, from any machine, sorted by file name.
+
+    Two files of one run in one setup (a copy made while merging, say) are refused: the run
+    would count twice in its cell.
+    """
+    measurements = [_read_measurement(p) for p in sorted((out / MEASUREMENTS).glob("*.json"))]
+    seen: dict[tuple[str, str], Measurement] = {}
+    for m in measurements:
+        first = seen.setdefault((m.run, m.setup), m)
+        if first is not m:
+            raise BrainPropError(
+                f"{first.path} and {m.path} both measure run {m.run} on {m.setup}: "
+                "remove one of them"
+            )
+    return measurements
+
+
+def _read_measurement(path: Path) -> Measurement:
+    fix = "remove it or copy it again from the machine that made it"
+    d = rundir.read_json(path, fix)
+    try:
+        if d["format"] != MEASUREMENT_FORMAT:
+            raise ValueError(f"format {d['format']!r}")
+        if d["rule"] not in RULE_ORDER:
+            raise ValueError(f"rule {d['rule']!r}, not one of {', '.join(RULE_ORDER)}")
+        summary = d["summary"]
+        check_summary(summary)
+        # Files written before sharing was recorded hold runs that had the device alone.
+        stack, at_once = int(d.get("stack", 1)), int(d.get("runs_at_once", 1))
+        if stack < 1 or at_once < 1:
+            raise ValueError(f"stack {stack} or runs_at_once {at_once} below 1")
+        return Measurement(
+            str(d["run"]), Cell(str(d["dataset"]), str(d["arch"])), str(d["rule"]),
+            int(d["seed"]), _opt_int(d["val"]), _opt_int(d["max_epochs"]), str(d["machine"]),
+            summary, path, str(d.get("preset", PAPER_PRESET)), stack, at_once,
+            _flag(d, "bf16"), _flag(d, "cuda_graph"),
+        )  # fmt: skip
+    except (KeyError, TypeError, ValueError) as e:
+        raise BrainPropError(f"{path} is not a brainprop measurement ({e}): {fix}") from None
+
+
+def _flag(d: dict[str, Any], key: str) -> bool:
+    """``d[key]`` if it is a bool; absent (files of earlier versions) is False."""
+    v = d.get(key, False)
+    if not isinstance(v, bool):
+        raise ValueError(f"{key} {v!r}, not true or false")
+    return v
+
+
+def _opt_int(v: Any) -> int | None:
+    return None if v is None else int(v)
