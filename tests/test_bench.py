@@ -17,21 +17,16 @@ from brainprop.bench import (
     DATASET_SHAPES,
     JSON_NAME,
     MARKDOWN_NAME,
-    Peak,
-    Peaks,
     bench_preset,
-    cpu_peak,
-    device_peaks,
     markdown,
-    op_precisions,
     parse_preset,
-    precision_label,
     run_bench,
     synthetic_dataset,
 )
 from brainprop.cli import main
 from brainprop.devices import bf16_warning, cpuinfo, device_name, physical_cores, vector_units
 from brainprop.errors import BrainPropError
+from brainprop.peaks import Peak, Peaks, cpu_peak, device_peaks, op_precisions, precision_label
 
 ROW_FIELDS = {
     "preset", "rule", "batch_size", "steps_per_epoch", "step_ms", "epoch_s", "images_per_s",
@@ -347,7 +342,7 @@ def test_a_preset_frees_its_networks_once_it_is_done(monkeypatch):
     device = torch.device("cpu")
     bench.bench_preset(
         bench.synthetic_dataset("mnist", device), "conv", ["brainprop", "ebp"], device,
-        peak=bench.device_peaks(device, False, 1.0), steps=1, warmup=0, batch_size=8,
+        peak=device_peaks(device, False, 1.0), steps=1, warmup=0, batch_size=8,
         eval_images=16, stack=2,
     )  # fmt: skip
     gc.collect()

@@ -41,18 +41,12 @@ from .checkpoint import atomic_write_json, atomic_write_text, make_folder
 from .config import TrainConfig
 from .data import Dataset
 from .data.batches import num_batches, permuted_batches
-from .devices import (
-    bf16_warning,
-    cpuinfo,
-    native_bf16,
-    physical_cores,
-    resolve_device,
-    vector_units,
-)
+from .devices import bf16_warning, cpuinfo, resolve_device, vector_units
 from .errors import BrainPropError
 from .evaluation import EVAL_BATCH, accuracy
 from .feedback import convert
 from .objectives import RULES, make_objective
+from .peaks import Peak, Peaks, device_peaks, op_precisions, precision_label
 from .presets import build_model
 from .stacked import Stack
 from .step import make_optimizer
@@ -101,46 +95,6 @@ DATASET_SHAPES: dict[str, DatasetShape] = {
     "tiny-imagenet": DatasetShape(100_000, 10_000, (3, 64, 64), 200),
 }
 
-#: Dense (no sparsity) peak TFLOP/s by device-name substring, first match wins, from NVIDIA's
-#: datasheets (SXM boards where not named): bf16 and TF32 tensor cores, and plain fp32.
-GPU_PEAKS: tuple[tuple[str, dict[str, float]], ...] = (
-    ("H200", {"bf16": 989.0, "tf32": 494.7, "fp32": 66.9}),
-    ("H100 PCIe", {"bf16": 756.0, "tf32": 378.0, "fp32": 51.2}),
-    ("H100", {"bf16": 989.0, "tf32": 494.7, "fp32": 66.9}),
-    ("A100", {"bf16": 312.0, "tf32": 156.0, "fp32": 19.5}),
-)
-
-
-@dataclass(frozen=True)
-class Peak:
-    """A device's peak TFLOP/s for the precision benchmarked, and how it was obtained."""
-
-    tflops: float
-    source: str
-
-
-@dataclass(frozen=True)
-class Peaks:
-    """The peaks a step's matmuls (``mm``, ``addmm``, ``bmm``: cuBLAS) and its convolutions
-    (cuDNN) run against: on CUDA they may run in different precisions (fp32 matmuls next to
-    TF32 convolutions is PyTorch's default), and their peaks differ up to sevenfold."""
-
-    matmul: Peak
-    conv: Peak
-
-    @classmethod
-    def same(cls, peak: Peak) -> Peaks:
-        return cls(peak, peak)
-
-    def for_step(self, flops: int, conv_flops: int) -> float:
-        """The peak TFLOP/s of a step of ``flops``, ``conv_flops`` of them in convolutions:
-        the rate at which it would take the time its matmuls and its convolutions each need
-        at their own peak. It is the one peak when both are the same."""
-        if self.matmul.tflops == self.conv.tflops or flops <= 0:
-            return self.matmul.tflops
-        seconds = conv_flops / self.conv.tflops + (flops - conv_flops) / self.matmul.tflops
-        return flops / seconds
-
 
 def parse_preset(spec: str) -> tuple[str, str]:
     """``"dataset/arch"`` -> (dataset, arch), checked against the datasets and the table."""
@@ -153,122 +107,6 @@ def parse_preset(spec: str) -> tuple[str, str]:
     # Raises a clear error for a pair the paper's table lacks, e.g. mnist/deep.
     TrainConfig(dataset=dataset, arch=arch, device="cpu").resolve()
     return dataset, arch
-
-
-def cpu_peak(threads: int, cpuinfo_text: str | None = None, bf16: bool = False) -> Peak | None:
-    """Estimated fp32 (or ``bf16``) peak of ``threads`` threads from ``/proc/cpuinfo`` (or
-    ``cpuinfo_text``); None if unreadable.
-
-    The threads count as at most as many cores as they can run on (hyperthreads of one core
-    share its vector units; :func:`~brainprop.devices.physical_cores`).
-
-    fp32: cores x fp32 lanes x 2 (FMA) x 2 FMA pipes x clock. The lanes follow the widest
-    vector flag, except that AMD cores (Zen 4) run AVX-512 as two 256-bit halves; two FMA pipes
-    is what recent x86 server and desktop cores have (an assumption: cpuinfo does not say); the
-    clock is cpuinfo's ``cpu MHz``, the nominal clock on a VM (turbo may beat it).
-
-    bf16: AVX512_BF16's dot product multiplies two bf16 pairs per fp32 lane, twice the fp32
-    rate; AMX tiles do 1024 bf16 FLOP per cycle and core (Intel's figure); a CPU with neither
-    converts bf16 to fp32, so its fp32 peak stands.
-    """
-    fields = cpuinfo(cpuinfo_text)
-    try:
-        mhz = float(fields["cpu MHz"])
-    except (KeyError, ValueError):
-        return None
-    flags = set(fields.get("flags", "").split())
-    clock = f"{mhz / 1000:.2f} GHz (cpuinfo)"
-    cores = min(threads, physical_cores(cpuinfo_text) or threads)
-    shared = f" ({threads} threads)" if threads > cores else ""
-    if bf16 and "amx_bf16" in flags:
-        return Peak(
-            cores * 1024 * mhz * 1e6 / 1e12,
-            f"estimated: {cores} cores{shared} x 1024 bf16 FLOP/cycle (AMX) x {clock}",
-        )
-    vendor = fields.get("vendor_id", "")
-    if "avx512f" in flags and vendor != "AuthenticAMD":
-        lanes, isa = 16, "AVX-512"
-    elif "avx2" in flags or "avx" in flags:
-        lanes, isa = 8, "AVX-512 on 256-bit units" if "avx512f" in flags else "AVX2"
-    else:
-        lanes, isa = 4, "SSE"
-    fma = 2 if "fma" in flags or "avx512f" in flags else 1
-    pairs, factor, note = 1, "", ""
-    if bf16 and native_bf16(fields):
-        pairs, factor = 2, " x 2 bf16 pairs per lane (AVX512_BF16, assumed at full rate)"
-    elif bf16:
-        note = "; no bf16 instructions, so bf16 runs at the fp32 rate"
-    tflops = cores * lanes * pairs * fma * 2 * mhz * 1e6 / 1e12
-    return Peak(
-        tflops,
-        f"estimated: {cores} cores{shared} x {lanes} fp32 lanes ({isa}){factor} x {fma} (FMA) x 2 "
-        f"pipes (assumed) x {clock}{note}",
-    )
-
-
-def _conv_allows_tf32() -> bool:
-    """Whether cuDNN convolutions may run in TF32 (PyTorch's default: yes)."""
-    conv = getattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision", None)
-    if conv is None:  # before torch 2.9: one flag for all of cuDNN
-        return bool(torch.backends.cudnn.allow_tf32)
-    # torch >= 2.9: per-operator settings, "none" inheriting from cuDNN's, then the global one
-    # (reading the old cudnn.allow_tf32 raises once the conv and RNN settings differ).
-    for setting in (conv, torch.backends.cudnn.fp32_precision, torch.backends.fp32_precision):
-        if setting != "none":
-            return setting == "tf32"
-    return False
-
-
-def op_precisions(device: torch.device, bf16: bool) -> tuple[str, str]:
-    """(matmul, convolution) precision of a step: bf16 under autocast, else on CUDA TF32 or
-    fp32 per ``torch.backends.cuda.matmul.allow_tf32`` (off by default) and cuDNN's TF32
-    setting for convolutions (on by default), and fp32 on a CPU."""
-    if bf16:
-        return "bf16", "bf16"
-    if device.type != "cuda":
-        return "fp32", "fp32"
-    matmul = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32"
-    return matmul, "tf32" if _conv_allows_tf32() else "fp32"
-
-
-def precision_label(matmul: str, conv: str) -> str:
-    """One precision when both agree, e.g. ``fp32``; else each, e.g.
-    ``matmul fp32, conv tf32 (cuDNN default)``."""
-    if matmul == conv:
-        return matmul
-    return f"matmul {matmul}, conv {conv}" + (" (cuDNN default)" if conv == "tf32" else "")
-
-
-def device_peaks(device: torch.device, bf16: bool, override: float | None) -> Peaks:
-    """The peaks to compare against; raises when one is unknown and not given.
-
-    ``--peak-tflops`` is taken for matmuls and convolutions alike. On CUDA each is looked up
-    for its own precision; a CPU runs both in one precision, against one estimated peak.
-    """
-    if override is not None:
-        if not override > 0:
-            raise BrainPropError(f"--peak-tflops must be > 0, got {override}")
-        return Peaks.same(Peak(override, "given with --peak-tflops"))
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        matmul, conv = op_precisions(device, bf16)
-        for key, peaks in GPU_PEAKS:
-            if key in name:
-                return Peaks(
-                    Peak(peaks[matmul], f"{key} {matmul} dense datasheet peak"),
-                    Peak(peaks[conv], f"{key} {conv} dense datasheet peak"),
-                )
-        raise BrainPropError(
-            f"no peak FLOP/s known for {name!r}: pass --peak-tflops with its {matmul} peak"
-        )
-    peak = cpu_peak(torch.get_num_threads(), bf16=bf16)
-    if peak is None:
-        raise BrainPropError(
-            "cannot estimate this CPU's peak from /proc/cpuinfo: pass --peak-tflops "
-            "(cores x fp32 lanes x 2 x FMA pipes x GHz / 1000; twice that for --bf16 on a CPU "
-            "with bf16 dot products)"
-        )
-    return Peaks.same(peak)
 
 
 def synthetic_dataset(name: str, device: torch.device, seed: int = 0) -> Dataset:
