@@ -199,8 +199,10 @@ def test_a_real_cuda_graph_trains_as_eager_and_explores_afresh(tiny_dataset):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_graphed_steps_made_one_after_another_leave_no_memory_behind(tiny_dataset):
-    """PyTorch keeps a cuBLAS workspace for every stream a matmul has run on: warm-ups on a
-    fresh stream each left 32 MiB per step behind (a bench's peak climbed preset by preset)."""
+    """PyTorch keeps a cuBLAS workspace (32 MiB by default on Hopper) for every stream a
+    matmul has run on: warm-ups on a fresh stream each could leave one behind per step, up to
+    the 32 streams of PyTorch's pool. Run in a process of its own (gpu_check.sh does): one
+    that has cycled through the pool already has them all."""
     device = torch.device("cuda")
     x = (tiny_dataset.train_x[:16].float() / 255).to(device)
     y = tiny_dataset.train_y[:16].to(device)

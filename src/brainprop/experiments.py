@@ -47,7 +47,7 @@ def estimate_seconds(
     spec: RunSpec, measurements: Sequence[Measurement], machine: str, out: Path
 ) -> float | None:
     """Expected wall seconds left for ``spec`` on ``machine`` (with how it is shared, see
-    :func:`sharing_label`); None when nothing tells.
+    :func:`~brainprop.measurements.sharing_label`); None when nothing tells.
 
     Seconds per epoch (training and evaluation) come from finished runs of the same cell on the
     same machine shared alike, the same rule preferred (the network is the same for both rules,

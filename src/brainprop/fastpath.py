@@ -199,8 +199,8 @@ class GraphedStep:
 def _warmup_stream(device_index: int) -> torch.cuda.Stream:
     # One side stream per GPU for every warm-up in the process: PyTorch keeps a cuBLAS
     # workspace (32 MiB by default on Hopper) for each stream a matmul has run on, until the
-    # process ends. A fresh stream per warm-up step left three more behind for every graphed
-    # step, e.g. each one a bench builds.
+    # process ends. A "new" stream is the next of a pool of 32 per GPU, so a fresh one per
+    # warm-up step could leave up to 32 workspaces behind, about 1 GiB on Hopper.
     return torch.cuda.Stream(device_index)
 
 

@@ -1,6 +1,7 @@
-"""Measurements: one small JSON file per finished run, named by run and machine.
+"""Measurements: one small JSON file per finished run and setup, named by run and machine.
 
-They live in ``<results>/measurements/<run>@<machine>.json`` and hold what ran (the run's
+They live in ``<results>/measurements/<run>@<machine>.json`` (``-cuda-graph.json`` for a run
+replayed from a CUDA graph) and hold what ran (the run's
 config), where (the machine, its precision, whether a CUDA graph replayed the steps, how many
 runs shared the device), its summary and its accuracy curve. Results from another machine merge
 in by copying its files; :mod:`brainprop.report` reads them all.

@@ -107,8 +107,8 @@ def capture(generator: torch.Generator) -> dict[str, Any]:
 
 def restore(state: dict[str, Any], generator: torch.Generator) -> None:
     """Put back what :func:`capture` returned."""
-    restore_torch(state, generator)
     numpy, python = _section(state, "numpy"), _section(state, "python")
+    restore_torch(state, generator)
     keys = numpy["keys"].numpy().astype(np.uint32)
     np.random.set_state(("MT19937", keys, numpy["pos"], numpy["has_gauss"], numpy["gauss"]))
     random.setstate((python["version"], tuple(python["internal"].tolist()), python["gauss"]))
