@@ -250,7 +250,10 @@ def _without_cudnn(forward: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
     tensor cannot answer ("NYI: querying is_contiguous inside of vmap", seen on an H200 with
     torch 2.11). PyTorch's own BatchNorm kernel has a vmap rule; bf16 inputs take it anyway,
     as PyTorch never sends bf16 BatchNorm to cuDNN. The convolutions keep cuDNN: only
-    BatchNorm reads the flag here (``F.batch_norm`` passes it on).
+    BatchNorm reads the flag here (``F.batch_norm`` passes it on). Not
+    ``torch.backends.cudnn.flags(enabled=False)``: meanwhile that puts every other setting it
+    knows back to its default (benchmark, deterministic, TF32, and the fp32 precision of all
+    CUDA operators), where this changes the one flag.
     """
 
     def wrapped(x: torch.Tensor) -> torch.Tensor:
