@@ -85,8 +85,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     hp = p.add_argument_group("hyperparameters (default: the preset's value for dataset and arch)")
     hp.add_argument(
         "--preset", choices=list(PRESETS),
-        help="table to take hyperparameters from: paper, or quickstart or tuned (MNIST dense "
-        f"only) (default {default['preset']})",
+        help="table to take hyperparameters from: paper, or quickstart, tuned or tuned-lr1.25 "
+        f"(MNIST dense only) (default {default['preset']})",
     )  # fmt: skip
     hp.add_argument("--lr", type=float)
     hp.add_argument("--lr-halving-epochs", type=int, help="halve the learning rate every N epochs")
