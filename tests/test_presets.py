@@ -1,5 +1,7 @@
 """The published architectures: parameter counts, padding, layer order, and the table."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch import nn
@@ -116,6 +118,13 @@ def test_quickstart_preset_covers_only_mnist_dense():
     with pytest.raises(BrainPropError, match="preset 'quickstart' has no row for cifar10"):
         published_hyperparameters("cifar10", "deep", "quickstart")
     with pytest.raises(
-        BrainPropError, match="unknown preset 'fast': choose one of paper, quickstart, tuned"
+        BrainPropError,
+        match="unknown preset 'fast': choose one of paper, quickstart, tuned, tuned-lr1.25$",
     ):
         published_hyperparameters("mnist", "dense", "fast")
+
+
+def test_tuned_lr125_is_tuned_at_lr_125_and_nothing_else():
+    # docs/reproduce.md compares the two as one change of learning rate.
+    tuned = published_hyperparameters("mnist", "dense", "tuned")
+    assert published_hyperparameters("mnist", "dense", "tuned-lr1.25") == replace(tuned, lr=1.25)
