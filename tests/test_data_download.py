@@ -204,6 +204,48 @@ def test_offline(tmp_path: Path) -> None:
     assert not (root / "cifar100").exists()
 
 
+def test_missing_local_mirror_is_a_wrong_path_not_offline(tmp_path: Path) -> None:
+    mirror = tmp_path / "no-such-mirror"
+    with pytest.raises(BrainPropError) as info:
+        download("mnist", tmp_path / "root", base_url=mirror.as_uri(), progress=False)
+    message = str(info.value)
+    assert message.startswith(f"cannot read {mirror.as_uri()}/train-images-idx3-ubyte.gz (")
+    assert "check the path in the base URL" in message
+    assert "offline" not in message
+
+
+class _BadLengthHandler(http.server.BaseHTTPRequestHandler):
+    body = b""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", f"{len(self.body)}, {len(self.body)}")
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_malformed_content_length_still_downloads(tmp_path: Path, monkeypatch) -> None:
+    content = _cifar_archive(tmp_path)
+    md5 = hashlib.md5(content).hexdigest()
+    monkeypatch.setitem(fetch.MD5, "cifar10/cifar-10-python.tar.gz", md5)
+    handler = type("Handler", (_BadLengthHandler,), {"body": content})
+    httpd = http.server.HTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        root = tmp_path / "root"
+        download("cifar10", root, base_url=f"http://127.0.0.1:{httpd.server_address[1]}",
+                 progress=True)  # fmt: skip
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join()
+    assert len(load_dataset("cifar10", root).test_y) > 0
+
+
 def test_http_error(tmp_path: Path, server) -> None:
     _, url = server
     with pytest.raises(BrainPropError, match=r"\(HTTP 404 File not found\): download it by hand"):

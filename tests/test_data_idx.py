@@ -96,7 +96,8 @@ def test_a_header_declaring_more_than_any_dataset_is_refused(tmp_path: Path) -> 
     path = _corrupt(tmp_path, "train-images-idx3-ubyte", header)
     assert _error(tmp_path) == (
         f"MNIST file {path} declares 784,000,000,000 bytes of data, more than any IDX dataset "
-        "holds: it is damaged or not an MNIST-style file"
+        "holds: it is damaged or not an MNIST-style file; delete it and run 'brainprop download "
+        "mnist'"
     )
 
 

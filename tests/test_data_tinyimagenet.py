@@ -86,6 +86,14 @@ def test_damaged_cache_is_rebuilt(tmp_path: Path) -> None:
     assert load_dataset("tiny-imagenet", tmp_path).train_x.shape == (6, 3, 64, 64)
 
 
+def test_cache_file_cut_to_nothing_is_rebuilt(tmp_path: Path) -> None:
+    # np.load raises EOFError, not OSError or ValueError, for an empty file.
+    folder = write_tiny_imagenet(tmp_path)
+    load_dataset("tiny-imagenet", tmp_path)
+    (folder / tin.CACHE_DIR / "train_x.npy").write_bytes(b"")
+    assert load_dataset("tiny-imagenet", tmp_path).train_x.shape == (6, 3, 64, 64)
+
+
 def _error(tmp_path: Path) -> str:
     with pytest.raises(BrainPropError) as info:
         load_dataset("tiny-imagenet", tmp_path)

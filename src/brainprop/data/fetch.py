@@ -155,6 +155,12 @@ def _read_chunk(response: BinaryIO, url: str, by_hand: str) -> bytes:
 
 
 def _offline(url: str, exc: BaseException, by_hand: str) -> BrainPropError:
+    if url.startswith("file:"):
+        # A local mirror that is not where the URL says is a wrong path, not a lost network.
+        return BrainPropError(
+            f"cannot read {url} ({reason(exc)}): check the path in the base URL, or download it "
+            f"by hand and {by_hand}"
+        )
     return BrainPropError(
         f"cannot download {url} ({reason(exc)}): this machine seems offline; "
         f"download it by hand and {by_hand}"
@@ -186,7 +192,9 @@ def _fetch(url: str, dest: Path, expected_md5: str, by_hand: str, progress: bool
             except ValueError as exc:
                 raise BrainPropError(f"cannot download {url} ({reason(exc)}): {URL_FIX}") from exc
             with response:
-                total = int(response.headers.get("Content-Length") or 0) or None
+                # A malformed length (a proxy's "12, 12") only costs the progress bar its total.
+                length = response.headers.get("Content-Length") or ""
+                total = int(length) if length.strip().isdigit() and int(length) > 0 else None
                 with tqdm(
                     total=total, unit="B", unit_scale=True, desc=file_name, disable=not progress
                 ) as bar:

@@ -88,7 +88,7 @@ def read_idx_file(path: Path, *, magic: int, source: str, fix: str) -> np.ndarra
     """Read and parse the IDX file at ``path``, decompressing it when it ends in ``.gz``."""
     try:
         with gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb") as f:
-            data = _read_declared(f, magic, source)
+            data = _read_declared(f, magic, source, fix)
     except (OSError, EOFError, zlib.error) as exc:
         # gzip.BadGzipFile is an OSError; a cut-off gzip stream raises EOFError.
         raise BrainPropError(f"{source} cannot be read ({reason(exc)}): {fix}") from exc
@@ -100,7 +100,7 @@ def _dims(header: bytes, ndim: int) -> tuple[int, ...]:
     return tuple(int.from_bytes(header[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
 
 
-def _read_declared(f: BinaryIO, magic: int, source: str) -> bytes:
+def _read_declared(f: BinaryIO, magic: int, source: str, fix: str) -> bytes:
     """The header and at most one byte more of data than it declares: a small gzip that
     inflates far beyond its dimensions is caught without inflating it whole."""
     head = f.read(4)
@@ -112,7 +112,7 @@ def _read_declared(f: BinaryIO, magic: int, source: str) -> bytes:
     if declared > MAX_DATA_BYTES:
         raise BrainPropError(
             f"{source} declares {declared:,} bytes of data, more than any IDX dataset holds: "
-            "it is damaged or not an MNIST-style file"
+            f"it is damaged or not an MNIST-style file; {fix}"
         )
     return head + f.read(declared + 1)
 

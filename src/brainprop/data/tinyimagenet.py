@@ -175,8 +175,9 @@ def _load_cache(cache: Path, manifest: dict) -> dict[str, np.ndarray] | None:
         if json.loads((cache / "manifest.json").read_text()) != manifest:
             return None
         arrays = {k: np.load(cache / f"{k}.npy", allow_pickle=False) for k in CACHE_ARRAYS}
-    except (OSError, ValueError):
+    except (OSError, ValueError, EOFError):
         # A missing or damaged cache is rebuilt, never reported: it is ours, not the user's.
+        # (np.load raises EOFError for a file cut short before its first array.)
         return None
     n = {"train": manifest["train_files"], "test": manifest["test_files"]}
     for split in n:
