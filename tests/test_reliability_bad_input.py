@@ -250,6 +250,22 @@ def test_not_a_checkpoint(tmp_path: Path, capsys, write, message: str) -> None:
     assert _error(capsys, "evaluate", path).startswith(f"{path} {message}")
 
 
+def test_unreadable_checkpoint_is_not_called_damaged(tmp_path: Path, monkeypatch) -> None:
+    # Tests may run as root, whom file modes do not stop: fail the read itself.
+    path = tmp_path / "x.pt"
+    torch.save({"format": checkpoint.FORMAT}, path)
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(checkpoint.torch, "load", refuse)
+    with pytest.raises(BrainPropError) as info:
+        checkpoint.load(path)
+    assert str(info.value) == (
+        f"cannot read {path} (Permission denied): fix its permissions or copy it somewhere readable"
+    )
+
+
 def test_checkpoint_carrying_a_pickled_object_is_refused_unexecuted(tmp_path: Path, capsys):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pt"
