@@ -8,9 +8,9 @@ The library in one screen::
 
 or, piece by piece::
 
-    from brainprop import BrainProp, build_model, load_dataset
+    from brainprop import PAPER, BrainProp, build_model, load_dataset
     ds = load_dataset("mnist")
-    model = build_model("conv", ds.input_shape, ds.num_classes)
+    model = build_model("conv", ds.input_shape, ds.num_classes, PAPER["mnist", "conv"])
     out = BrainProp(epsilon=0.02)(model(x), y)   # out.loss.backward() -> the BrainProp update
 """
 

@@ -16,7 +16,7 @@ from typing import Any
 from .devices import device_problem
 from .errors import BrainPropError
 from .feedback import FEEDBACK_MODES
-from .objectives import RULES
+from .objectives import DEFAULT_EPSILON, RULES
 from .presets import (
     ARCHITECTURES,
     DATASET_FAMILY,
@@ -54,7 +54,7 @@ class TrainConfig:
     dataset: str = "mnist"
     arch: str = "conv"
     rule: str = "brainprop"
-    epsilon: float = 0.02
+    epsilon: float = DEFAULT_EPSILON
     feedback: str = "symmetric"
     # Hyperparameters: None means the value in the preset's table (presets.PRESETS).
     preset: str = PAPER_PRESET
@@ -127,6 +127,11 @@ class TrainConfig:
         )
         need(_finite(self.lr) and self.lr > 0, f"--lr must be > 0, got {self.lr}")
         need(0.0 <= self.epsilon <= 1.0, f"--epsilon must lie in [0, 1], got {self.epsilon}")
+        need(
+            self.rule == "brainprop" or self.epsilon == DEFAULT_EPSILON,
+            f"--epsilon is BrainProp's exploration rate and --rule {self.rule} does not explore: "
+            "drop --epsilon or pass --rule brainprop",
+        )
         need(
             self.global_batch is None or self.global_batch >= 1,
             f"--global-batch must be >= 1, got {self.global_batch}",

@@ -23,6 +23,10 @@ from torch.autograd.function import once_differentiable
 
 from .errors import BrainPropError
 
+#: The published exploration rate: the chance that BrainProp samples its action from
+#: softmax(q) instead of taking the argmax.
+DEFAULT_EPSILON = 0.02
+
 
 @dataclass(frozen=True)
 class Output:
@@ -58,7 +62,7 @@ class BrainProp:
     # reproduces that by scaling this objective's (mean) loss by len(batch) / batch_size.
     sums_over_nominal_batch = True
 
-    def __init__(self, epsilon: float = 0.02) -> None:
+    def __init__(self, epsilon: float = DEFAULT_EPSILON) -> None:
         if not 0.0 <= epsilon <= 1.0:
             raise BrainPropError(
                 f"epsilon must lie in [0, 1], got {epsilon}: pass e.g. --epsilon 0.02"
@@ -152,7 +156,7 @@ Objective = BrainProp | EBP
 RULES = ("brainprop", "ebp")
 
 
-def make_objective(rule: str, epsilon: float = 0.02) -> Objective:
+def make_objective(rule: str, epsilon: float = DEFAULT_EPSILON) -> Objective:
     """Build the objective named ``rule`` ('brainprop' or 'ebp')."""
     if rule == "brainprop":
         return BrainProp(epsilon)

@@ -255,7 +255,8 @@ def build_model(
     """Build a published architecture for inputs of ``input_shape`` (C, H, W).
 
     Returns an ``nn.Sequential`` mapping [B, C, H, W] inputs to [B, num_classes] outputs, with
-    every weight drawn from N(0, hp.init_std) using ``generator``.
+    every weight drawn from N(0, hp.init_std) using ``generator``. Without ``hp`` the network
+    has no dropout and the default sigma; pass a :data:`PAPER` row for the published network.
     """
     if arch not in ARCHITECTURES:
         raise BrainPropError(
@@ -289,6 +290,8 @@ def with_dropout(hp: Hyperparameters, rates: Sequence[float], arch: str) -> Hype
     """``hp`` with new dropout rates; a single rate applies to every site of ``arch``."""
     sites = ARCHITECTURES[arch][1]
     rates = tuple(rates)
+    if sites == 0 and rates:
+        raise BrainPropError(f"{arch!r} has no dropout sites: drop --dropout")
     if len(rates) == 1:
         rates = rates * sites
     return replace(hp, dropout=rates)
