@@ -83,6 +83,10 @@ def test_resume_reads_data_that_moved_from_data_dir(data_dir, tmp_path, capsys):
         ),
         (["train", "--lr", "-1"], "--lr must be > 0"),
         (["train", "--seed", "-1"], "--seed must lie in [0, 4294967295], got -1"),
+        (
+            ["train", "--rule", "ebp", "--epsilon", "0.3"],
+            "--epsilon is BrainProp's exploration rate and --rule ebp does not explore",
+        ),
         (["evaluate", "/nonexistent/run"], "no checkpoint at /nonexistent/run: pass"),
         (["download", "imagenet"], "unknown dataset 'imagenet'"),
         (["evaluate", "/nonexistent/run", "--device", "gpu"], "device 'gpu' is not available"),

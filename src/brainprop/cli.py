@@ -172,6 +172,11 @@ def _train(args: argparse.Namespace) -> int:
             # it is now.
             dataset = load_dataset(stored_config(Path(args.resume)).dataset, args.data_dir)
     else:
+        if args.epsilon is not None and args.rule not in (None, "brainprop"):
+            raise BrainPropError(
+                f"--epsilon is BrainProp's exploration rate and --rule {args.rule} does not "
+                "explore: drop --epsilon or pass --rule brainprop"
+            )
         # Each option sets the TrainConfig field of its name; these three of OFF_CONFIG_OPTIONS
         # map onto fields of other names.
         given = vars(args) | {

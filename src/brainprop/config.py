@@ -47,6 +47,9 @@ class TrainConfig:
     process training on the whole batch does (see :mod:`brainprop.syncbn`); off, each process
     uses its own share's.
 
+    ``epsilon`` is BrainProp's exploration rate; EBP, which never explores, ignores it, so
+    that one config can be run under either rule.
+
     :meth:`resolve`'s errors name a field by its command-line flag (``--lr`` for ``lr``), the
     spelling most of them reach a user in.
     """
@@ -127,11 +130,6 @@ class TrainConfig:
         )
         need(_finite(self.lr) and self.lr > 0, f"--lr must be > 0, got {self.lr}")
         need(0.0 <= self.epsilon <= 1.0, f"--epsilon must lie in [0, 1], got {self.epsilon}")
-        need(
-            self.rule == "brainprop" or self.epsilon == DEFAULT_EPSILON,
-            f"--epsilon is BrainProp's exploration rate and --rule {self.rule} does not explore: "
-            "drop --epsilon or pass --rule brainprop",
-        )
         need(
             self.global_batch is None or self.global_batch >= 1,
             f"--global-batch must be >= 1, got {self.global_batch}",
