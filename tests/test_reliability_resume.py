@@ -20,7 +20,7 @@ from conftest import make_tiny_dataset
 from data_fixtures import write_idx_dataset
 from reliability_helpers import assert_same_run, inject, one_thread, step, tiny_config
 
-from brainprop import checkpoint, rng, signals, train
+from brainprop import checkpoint, rng, rundir, signals, train
 from brainprop.errors import BrainPropError
 from brainprop.signals import Interrupted
 from brainprop.train import Trainer
@@ -214,6 +214,55 @@ def test_killed_before_the_first_checkpoint_starts_over(tmp_path: Path, ds, refe
     train(None, resume=run_dir, dataset=ds, progress=False)
     assert not list(run_dir.glob(".*.tmp"))  # what a killed write left behind is cleaned up
     assert_same_run(reference, run_dir)
+
+
+def test_a_run_being_trained_elsewhere_is_not_resumed_meanwhile(
+    tmp_path: Path, ds, reference: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    half = run_dir / ".last.pt.abc123.tmp"  # the other process's checkpoint, being written
+    half.write_bytes(b"half a checkpoint")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from pathlib import Path; from brainprop import "
+         "rundir\nwith rundir.claimed(Path(sys.argv[1])):\n print('held', flush=True)\n "
+         "sys.stdin.read()", str(run_dir)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline() == "held\n"
+        before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+        with pytest.raises(BrainPropError) as info:
+            train(tiny_config(tmp_path, epochs=4), resume=run_dir, dataset=ds, progress=False)
+        assert str(info.value) == (
+            f"{run_dir} is being trained already: wait for that training to end, or stop it (it "
+            "saves its state), then resume it once"
+        )
+        assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
+    finally:
+        holder.communicate("")
+    train(tiny_config(tmp_path, epochs=4), resume=run_dir, dataset=ds, progress=False)
+    assert not half.exists()
+
+
+def test_training_holds_its_run_directory_until_it_ends(tmp_path: Path, ds, monkeypatch) -> None:
+    refused = []
+    write_history = rundir.write_history
+
+    def try_to_claim(run: Path, history) -> None:
+        with (
+            pytest.raises(BrainPropError, match="is being trained already") as info,
+            rundir.claimed(run),
+        ):
+            pass
+        refused.append(info.value)
+        write_history(run, history)
+
+    monkeypatch.setattr(rundir, "write_history", try_to_claim)
+    run = train(tiny_config(tmp_path, epochs=2), dataset=ds, progress=False)
+    assert len(refused) >= 2  # once an epoch
+    with rundir.claimed(run.dir):
+        pass
 
 
 def test_killed_between_the_first_best_pt_and_last_pt_starts_over(

@@ -10,16 +10,20 @@
     diagnostics.png feedback angles and update norms per layer and epoch (train.py writes it)
     summary.json    best validation accuracy and epoch, test accuracy there, timings, device
 ```
-Every file is written atomically.
+Every file is written atomically, and a process training a run holds its directory
+(:func:`claimed`), so that a second one cannot resume the same run meanwhile.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
+import os
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +76,40 @@ def check_free_space(folder: Path, needed: int) -> None:
             f"only {free / 2**20:.1f} MiB free in {folder}, and the checkpoints of this run need "
             f"about {needed / 2**20:.1f} MiB: free disk space or pass another --out folder"
         )
+
+
+@contextlib.contextmanager
+def claimed(run: Path) -> Iterator[None]:
+    """Hold the run directory ``run`` for this process until the block ends.
+
+    A second process resuming a run while it trains (a scheduler that restarts a job it thinks
+    died, a user who typed the command twice) would delete its half-written checkpoint as a
+    leftover, then both would write the same files. The lock is an advisory ``flock`` on the
+    directory itself, so it adds no file to the run and dies with its process. Where ``fcntl``
+    or the filesystem has no locks (Windows, some network mounts) the run is not held.
+    """
+    if not run.is_dir():
+        yield  # Nothing to hold: the caller reports the missing directory in its own words.
+        return
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    fd = os.open(run, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BrainPropError(
+                f"{run} is being trained already: wait for that training to end, or stop it "
+                "(it saves its state), then resume it once"
+            ) from None
+        except OSError:
+            pass  # A filesystem without locks: train unheld rather than not at all.
+        yield
+    finally:
+        os.close(fd)
 
 
 def default_name(dataset: str, arch: str, rule: str, seed: int) -> str:

@@ -26,6 +26,7 @@ Functions that vmap cannot batch); a stop signal is honoured at the end of the e
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import os
@@ -42,7 +43,7 @@ from torch import nn
 from torch.func import functional_call, stack_module_state
 from tqdm.auto import tqdm
 
-from . import distributed, fastpath, memory, rng, signals
+from . import distributed, fastpath, memory, rng, rundir, signals
 from .config import VAL_TEST, TrainConfig
 from .data import Dataset, load_dataset
 from .data.batches import num_batches, ordered_batches, permuted_batches
@@ -297,7 +298,18 @@ def train_stacked(
         )
     if not members:
         raise BrainPropError("train_stacked needs at least one member")
-    loaded = [_member_state(m) for m in members]
+    with contextlib.ExitStack() as held:
+        return _train_held(members, dataset, progress, held)
+
+
+def _train_held(
+    members: Sequence[TrainConfig | str | Path],
+    dataset: Dataset | None,
+    progress: bool,
+    held: contextlib.ExitStack,
+) -> list[Run]:
+    """:func:`train_stacked`, holding every member's run directory in ``held`` as it goes."""
+    loaded = [_member_state(m, held) for m in members]
     config = _common_config([c for _, c, _ in loaded])
     ds = dataset if dataset is not None else load_dataset(config.dataset, config.data_dir)
     # On the device before any member is built, so that the members find it there, not copy it.
@@ -321,7 +333,7 @@ def train_stacked(
                 )
         built.append((trainer, run_path))
     # Only once every member is built and restored: a bad checkpoint leaves no new run behind.
-    stacked = [_Member(trainer, run_path or create_run(trainer)) for trainer, run_path in built]
+    stacked = [_Member(trainer, run_path or _created(trainer, held)) for trainer, run_path in built]
     warn_if_slow_bf16(stacked[0].trainer.device, config.bf16)
     say(
         f"training {len(stacked)} seeds of {config.arch} on {config.dataset} with "
@@ -333,14 +345,23 @@ def train_stacked(
 
 
 def _member_state(
-    member: TrainConfig | str | Path,
+    member: TrainConfig | str | Path, held: contextlib.ExitStack
 ) -> tuple[dict[str, Any] | None, TrainConfig, Path | None]:
-    """(checkpoint to restore or None, resolved config, run directory or None: a new run)."""
+    """(checkpoint to restore or None, resolved config, run directory or None: a new run); a
+    run directory to continue is held in ``held`` (:func:`brainprop.rundir.claimed`)."""
     if isinstance(member, TrainConfig):
         return None, member.resolve(), None
     run_path = Path(member)
+    held.enter_context(rundir.claimed(run_path))
     state, config = checkpoint_and_config(run_path, None)
     return state, config, run_path
+
+
+def _created(trainer: Trainer, held: contextlib.ExitStack) -> Path:
+    """A new run directory for ``trainer``, held in ``held``."""
+    run_path = create_run(trainer)
+    held.enter_context(rundir.claimed(run_path))
+    return run_path
 
 
 def _common_config(configs: Sequence[TrainConfig]) -> TrainConfig:

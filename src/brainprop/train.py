@@ -16,6 +16,7 @@ runs it for each of several seeds that share one stacked pass.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import signal
@@ -355,22 +356,37 @@ def _train(
     progress: bool,
 ) -> Run:
     """:func:`train` as one of ``parallel``'s processes."""
-    if resume is not None:
-        run_path = Path(resume)
-        state, config = parallel.on_main(lambda: checkpoint_and_config(run_path, config))
-    elif config is None:
-        raise BrainPropError("train() needs a config, or resume= a run directory to continue")
-    else:
-        config, state = config.resolve(), None
-    ds = dataset if dataset is not None else load_dataset(config.dataset, config.data_dir)
-    trainer = Trainer(config, ds, progress and parallel.is_main)
-    if state is not None:
-        restore(trainer, state, ds, run_path)
-    if resume is None:
-        run_path = parallel.on_main(lambda: create_run(trainer))
-    else:
-        parallel.on_main(lambda: check_room(trainer, run_path))
-        parallel.on_main(lambda: save_epochs(run_path, config))
+    with contextlib.ExitStack() as held:
+
+        def claim(run: Path) -> None:
+            parallel.on_main(lambda: held.enter_context(rundir.claimed(run)))
+
+        if resume is not None:
+            run_path = Path(resume)
+            claim(run_path)
+            state, config = parallel.on_main(lambda: checkpoint_and_config(run_path, config))
+        elif config is None:
+            raise BrainPropError("train() needs a config, or resume= a run directory to continue")
+        else:
+            config, state = config.resolve(), None
+        ds = dataset if dataset is not None else load_dataset(config.dataset, config.data_dir)
+        trainer = Trainer(config, ds, progress and parallel.is_main)
+        if state is not None:
+            restore(trainer, state, ds, run_path)
+        if resume is None:
+            run_path = parallel.on_main(lambda: create_run(trainer))
+            claim(run_path)
+        else:
+            parallel.on_main(lambda: check_room(trainer, run_path))
+            parallel.on_main(lambda: save_epochs(run_path, config))
+        return _held_train(parallel, trainer, ds, run_path)
+
+
+def _held_train(
+    parallel: distributed.Context, trainer: Trainer, ds: Dataset, run_path: Path
+) -> Run:
+    """The epochs and results of :func:`_train`, its run directory held."""
+    config = trainer.config
     if parallel.is_main:
         if trainer.resume_note:
             print(f"brainprop: {trainer.resume_note}", file=sys.stderr)
