@@ -24,6 +24,7 @@ from data_fixtures import (
     zip_bytes,
 )
 
+from brainprop import locks
 from brainprop.data import download, fetch, load_dataset
 from brainprop.errors import BrainPropError
 
@@ -103,6 +104,33 @@ def test_tiny_imagenet_zip(tmp_path: Path, server, monkeypatch) -> None:
     root = tmp_path / "root"
     download("tiny-imagenet", root, base_url=url, progress=False)
     assert load_dataset("tiny-imagenet", root).test_y.tolist() == [2, 0, 1, 2]
+
+
+def test_a_killed_downloads_leftovers_are_removed_by_the_next(
+    tmp_path: Path, server, monkeypatch
+) -> None:
+    served, url = server
+    _serve(served, "cifar-10-python.tar.gz", _cifar_archive(tmp_path), monkeypatch,
+           "cifar10/cifar-10-python.tar.gz")  # fmt: skip
+    dest = tmp_path / "root" / "cifar10"
+    (dest / ".extract-k1ll3d" / "cifar-10-batches-py").mkdir(parents=True)
+    (dest / ".cifar-10-python.tar.gz.k1ll3d.part").write_bytes(b"the first half")
+    download("cifar10", tmp_path / "root", base_url=url, progress=False)
+    assert [p.name for p in dest.iterdir()] == ["cifar-10-batches-py"]
+
+
+def test_a_folder_being_downloaded_into_is_left_alone(tmp_path: Path, server) -> None:
+    _, url = server
+    dest = tmp_path / "root" / "cifar10"
+    dest.mkdir(parents=True)
+    part = dest / ".cifar-10-python.tar.gz.other.part"
+    part.write_bytes(b"another process's download, in progress")
+    with locks.held(dest, "busy"), pytest.raises(BrainPropError) as info:
+        download("cifar10", tmp_path / "root", base_url=url, progress=False)
+    assert str(info.value) == (
+        f"{dest} is being downloaded into by another process: wait for it to end"
+    )
+    assert part.exists()
 
 
 def test_checksum_mismatch_leaves_nothing(tmp_path: Path, server) -> None:

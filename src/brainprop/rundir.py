@@ -20,13 +20,12 @@ import contextlib
 import csv
 import io
 import json
-import os
 import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from . import locks
 from .checkpoint import atomic_write_figure, atomic_write_json, atomic_write_text
 from .errors import BrainPropError
 
@@ -78,38 +77,18 @@ def check_free_space(folder: Path, needed: int) -> None:
         )
 
 
-@contextlib.contextmanager
-def claimed(run: Path) -> Iterator[None]:
+def claimed(run: Path) -> contextlib.AbstractContextManager[None]:
     """Hold the run directory ``run`` for this process until the block ends.
 
     A second process resuming a run while it trains (a scheduler that restarts a job it thinks
     died, a user who typed the command twice) would delete its half-written checkpoint as a
-    leftover, then both would write the same files. The lock is an advisory ``flock`` on the
-    directory itself, so it adds no file to the run and dies with its process. Where ``fcntl``
-    or the filesystem has no locks (Windows, some network mounts) the run is not held.
+    leftover, then both would write the same files.
     """
-    if not run.is_dir():
-        yield  # Nothing to hold: the caller reports the missing directory in its own words.
-        return
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    fd = os.open(run, os.O_RDONLY)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise BrainPropError(
-                f"{run} is being trained already: wait for that training to end, or stop it "
-                "(it saves its state), then resume it once"
-            ) from None
-        except OSError:
-            pass  # A filesystem without locks: train unheld rather than not at all.
-        yield
-    finally:
-        os.close(fd)
+    return locks.held(
+        run,
+        f"{run} is being trained already: wait for that training to end, or stop it (it saves "
+        "its state), then resume it once",
+    )
 
 
 def default_name(dataset: str, arch: str, rule: str, seed: int) -> str:

@@ -26,6 +26,7 @@ from typing import BinaryIO
 
 from tqdm import tqdm
 
+from brainprop import locks
 from brainprop.checkpoint import make_folder, usual_permissions
 from brainprop.errors import BrainPropError
 
@@ -119,32 +120,53 @@ def download(
     root = resolve_data_root(root)
     source = SOURCES[name]
     dest = root / source.folder
-    status = next(s for s in dataset_status(root) if s.name == name)
-    # A copy elsewhere (a system package's folder) does not count: the user asked for one here.
-    if status.present and status.path.is_relative_to(dest):
-        return status.path
+    if (here := _present_in(name, root, dest)) is not None:
+        return here
     created = not dest.exists()
     make_folder(dest, "choose a writable data root with --data-dir or BRAINPROP_DATA")
+    busy = f"{dest} is being downloaded into by another process: wait for it to end"
     try:
-        for file_name in source.files:
-            url = (base_url or source.base_url).rstrip("/") + "/" + file_name
-            by_hand = f"put it in {dest}" if source.top is None else f"extract it into {dest}"
-            part = _fetch(url, dest, MD5[f"{source.folder}/{file_name}"], by_hand, progress)
-            try:
-                if source.top is None:
-                    os.replace(part, dest / file_name)
-                else:
-                    extract_archive(
-                        part, dest, source.top, archive_name=file_name, progress=progress
-                    )
-            finally:
-                part.unlink(missing_ok=True)
+        with locks.held(dest, busy):
+            # Another process may have finished the download while this one waited to start.
+            if (here := _present_in(name, root, dest)) is not None:
+                return here
+            _remove_leftovers(dest)
+            for file_name in source.files:
+                url = (base_url or source.base_url).rstrip("/") + "/" + file_name
+                by_hand = f"put it in {dest}" if source.top is None else f"extract it into {dest}"
+                part = _fetch(url, dest, MD5[f"{source.folder}/{file_name}"], by_hand, progress)
+                try:
+                    if source.top is None:
+                        os.replace(part, dest / file_name)
+                    else:
+                        extract_archive(
+                            part, dest, source.top, archive_name=file_name, progress=progress
+                        )
+                finally:
+                    part.unlink(missing_ok=True)
     except BaseException:
         # A failed first download leaves no empty folder behind to confuse `brainprop datasets`.
         if created and not any(dest.iterdir()):
             dest.rmdir()
         raise
     return data_dir(name, root)
+
+
+def _present_in(name: str, root: Path, dest: Path) -> Path | None:
+    """The dataset's folder if the data root holds it whole under ``dest``, else None. A copy
+    elsewhere (a system package's folder) does not count: the user asked for one here."""
+    status = next(s for s in dataset_status(root) if s.name == name)
+    return status.path if status.present and status.path.is_relative_to(dest) else None
+
+
+def _remove_leftovers(dest: Path) -> None:
+    """Delete what downloads killed mid-way (SIGKILL, power loss) left in ``dest``: partial
+    archives (as large as the archive) and half-extracted trees. Only called while ``dest`` is
+    held, so none of them can belong to a download still running."""
+    for part in dest.glob(".*.part"):
+        part.unlink(missing_ok=True)
+    for work in dest.glob(".extract-*"):
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _read_chunk(response: BinaryIO, url: str, by_hand: str) -> bytes:

@@ -1,0 +1,45 @@
+"""Holding a folder for one process: an advisory lock that other brainprop processes respect.
+
+A run directory is held while it trains, and a dataset folder while a download writes into it,
+so that a second process doing the same meanwhile neither deletes the first one's files in
+progress as leftovers nor writes over them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import BrainPropError
+
+
+@contextlib.contextmanager
+def held(folder: Path, busy: str) -> Iterator[None]:
+    """Hold ``folder`` until the block ends; raise ``BrainPropError(busy)`` if another holds it.
+
+    The lock is a ``flock`` on the folder itself, so it adds no file, and dies with its process
+    however that ends. ``flock`` locks belong to one open file, so a second hold in the same
+    process is refused too. Where ``fcntl`` or the filesystem has no locks (Windows, some
+    network mounts) nothing is held.
+    """
+    if not folder.is_dir():
+        yield  # Nothing to hold: the caller reports the missing folder in its own words.
+        return
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BrainPropError(busy) from None
+        except OSError:
+            pass  # A filesystem without locks: go on unheld rather than not at all.
+        yield
+    finally:
+        os.close(fd)
