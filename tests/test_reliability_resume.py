@@ -315,6 +315,16 @@ def test_resume_raises_epochs_only_when_asked(tmp_path: Path, ds) -> None:
     assert json.loads((run.dir / "config.json").read_text())["epochs"] == 2
 
 
+def test_resume_with_epochs_below_one_blames_the_flag(tmp_path: Path, ds, reference) -> None:
+    # Killed before its first checkpoint: nothing trained, so 0 epochs is not "fewer than run".
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    shutil.copy(reference / "config.json", run_dir / "config.json")
+    with pytest.raises(BrainPropError) as info:
+        train(tiny_config(tmp_path, epochs=0), resume=run_dir, dataset=ds, progress=False)
+    assert str(info.value) == "--epochs must be >= 1, got 0"
+
+
 def test_a_kill_between_the_last_checkpoint_and_the_history_is_mended_on_resume(
     tmp_path: Path, ds
 ) -> None:

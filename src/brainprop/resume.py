@@ -54,6 +54,10 @@ def checkpoint_and_config(
                 f"config.json says {getattr(stored, name)!r} ({len(differ)} settings differ); "
                 "put back this run's own last.pt, or start a new run"
             )
+    if config is not None and config.epochs < 1:
+        # Checked here, as the flag it is: once merged into the stored config, the resolve
+        # below would blame config.json for it.
+        raise BrainPropError(f"--epochs must be >= 1, got {config.epochs}")
     # A damaged count is left to restore(), which names the checkpoint as damaged.
     done = state.get("epoch") if state is not None else 0
     if config is not None and isinstance(done, int) and config.epochs < done:
