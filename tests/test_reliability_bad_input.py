@@ -266,6 +266,19 @@ def test_unreadable_checkpoint_is_not_called_damaged(tmp_path: Path, monkeypatch
     )
 
 
+def test_a_checkpoint_cut_short_is_damaged_whatever_torch_raises(tmp_path: Path) -> None:
+    # Cut inside its zip directory, a small checkpoint makes torch raise OSError (EINVAL),
+    # which must not pass for an unreadable but sound file.
+    path = tmp_path / "x.pt"
+    checkpoint.save(path, {"format": checkpoint.FORMAT, "model": {"w": torch.zeros(1000)}})
+    whole = path.read_bytes()
+    for cut in (len(whole) * 9 // 10, len(whole) - 100, len(whole) // 2):
+        path.write_bytes(whole[:cut])
+        with pytest.raises(BrainPropError) as info:
+            checkpoint.load(path)
+        assert "is not a readable checkpoint" in str(info.value), cut
+
+
 def test_checkpoint_carrying_a_pickled_object_is_refused_unexecuted(tmp_path: Path, capsys):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pt"
@@ -332,6 +345,22 @@ def test_out_directory_that_cannot_be_created(tmp_path: Path) -> None:
         f"cannot write runs under {blocker / 'runs'} (Not a directory): pass a writable --out "
         "folder"
     )
+
+
+@pytest.mark.parametrize("name", ["a/b", "..", "x" * 251])
+def test_a_name_that_is_not_one_folder_is_refused_before_anything_is_written(
+    tmp_path: Path, name: str
+) -> None:
+    (tmp_path / "runs" / "a").mkdir(parents=True)  # so "a/b" would have made a folder
+    with pytest.raises(BrainPropError) as info:
+        train(tiny_config(tmp_path / "runs", name=name), dataset=make_tiny_dataset(),
+              progress=False)  # fmt: skip
+    assert str(info.value) == (
+        f"--name must be one folder name (no '/', at most 250 bytes), got {name!r}: pass e.g. "
+        "--name my-run"
+    )
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["a"]
+    assert not any((tmp_path / "runs" / "a").iterdir())
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")

@@ -11,7 +11,7 @@ import pytest
 import torch
 from reliability_helpers import inject, poison
 
-from brainprop import TrainConfig, stacked, train, train_stacked
+from brainprop import TrainConfig, rundir, stacked, train, train_stacked
 from brainprop.data.batches import permuted_batches
 from brainprop.errors import BrainPropError
 from brainprop.evaluation import accuracy
@@ -188,6 +188,35 @@ def test_members_that_cannot_share_a_stack_are_refused(tmp_path, tiny_dataset, c
     with pytest.raises(BrainPropError, match=message):
         train_stacked([first, second], dataset=tiny_dataset, progress=False)
     assert not list(tmp_path.iterdir())  # refused before any run directory was made
+
+
+def test_a_stack_holds_its_members_run_directories_until_it_ends(
+    tmp_path, tiny_dataset, monkeypatch
+):
+    old = tmp_path / "s1"  # a run killed before its first checkpoint: it resumes from scratch
+    old.mkdir()
+    (old / "config.json").write_text(json.dumps(_config(tmp_path, 1).resolve().to_dict()))
+    refused = set()
+    end_epoch = stacked.end_epoch
+
+    def try_to_claim(trainer, run_path, *args, **kw):
+        with (
+            pytest.raises(BrainPropError, match="is being trained already"),
+            rundir.claimed(run_path),
+        ):
+            pass
+        refused.add(run_path.name)
+        return end_epoch(trainer, run_path, *args, **kw)
+
+    monkeypatch.setattr(stacked, "end_epoch", try_to_claim)
+    members = [_config(tmp_path, 0), old]  # a new run and one resumed
+    runs = train_stacked(members, dataset=tiny_dataset, progress=False)
+    assert refused == {"s0", "s1"}
+    for run in runs:
+        with rundir.claimed(run.dir):
+            pass
+    with pytest.raises(BrainPropError, match=r"run directory .*s1 is given twice: give each"):
+        train_stacked([old, tmp_path / "." / "s1"], dataset=tiny_dataset, progress=False)
 
 
 def test_a_damaged_member_leaves_no_new_run_behind(tmp_path, tiny_dataset):

@@ -172,9 +172,9 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
             # Damaged bytes can look like an exotic pickle protocol; the error below says more.
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             state = torch.load(path, map_location=map_location, weights_only=True)
-    except OSError as e:
-        # The file is there but cannot be read (permissions, an I/O error): the checkpoint
-        # itself may be sound, so do not tell the user to throw it away.
+    except PermissionError as e:
+        # The checkpoint may be sound, so do not tell the user to throw it away. Only this
+        # OSError: torch raises others (EINVAL) for a zip archive that was cut short.
         raise BrainPropError(
             f"cannot read {path} ({e.strerror or e}): fix its permissions or copy it somewhere "
             "readable"

@@ -171,11 +171,6 @@ class TrainConfig:
             self.on_nan in ON_NAN,
             f"--on-nan must be one of {', '.join(ON_NAN)}, got {self.on_nan!r}",
         )
-        need(
-            self.name is None or _is_folder_name(self.name),
-            f"--name must be one folder name (no '/', at most {_MAX_NAME_BYTES} bytes), got "
-            f"{self.name!r}: pass e.g. --name my-run",
-        )
         problem = device_problem(self.device)
         need(problem is None, problem or "")
 
@@ -247,19 +242,6 @@ TYPE_CHECKS: dict[str, Any] = {
 def value_fits(value: Any, annotation: str) -> bool:
     """Whether ``value`` is of the annotated type, e.g. ``"float | None"``."""
     return any(TYPE_CHECKS[alternative](value) for alternative in annotation.split(" | "))
-
-
-# Filesystems cap a name at 255 bytes; rundir.create may append "-9999" to a taken name.
-_MAX_NAME_BYTES = 250
-
-
-def _is_folder_name(name: str) -> bool:
-    return (
-        name not in ("", ".", "..")
-        and "/" not in name
-        and "\0" not in name
-        and len(name.encode("utf-8", "surrogateescape")) <= _MAX_NAME_BYTES
-    )
 
 
 def _finite(x: float) -> bool:

@@ -32,7 +32,13 @@ def held(folder: Path, busy: str) -> Iterator[None]:
     except ImportError:
         yield
         return
-    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        # A folder one may enter but not list: whatever the caller does there next reports
+        # the real problem better than a failed lock would.
+        yield
+        return
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -36,8 +36,24 @@ LAST, BEST, PLOT, SUMMARY = "last.pt", "best.pt", "accuracy.png", "summary.json"
 EPOCH_START = "epoch_start.pt"
 
 
+# Filesystems cap a name at 255 bytes, and create() may append "-9999" to a taken one.
+MAX_NAME_BYTES = 250
+
+
 def create(out_dir: str | Path, name: str) -> Path:
     """Make a new, empty run folder ``out_dir/name`` (suffixed -2, -3, ... if taken)."""
+    # Checked here, where a name becomes a folder, rather than in the config: a run stored
+    # under a name this refuses (older versions took "a/b") must still resume.
+    if (
+        name in ("", ".", "..")
+        or "/" in name
+        or "\0" in name
+        or len(name.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES
+    ):
+        raise BrainPropError(
+            f"--name must be one folder name (no '/', at most {MAX_NAME_BYTES} bytes), got "
+            f"{name!r}: pass e.g. --name my-run"
+        )
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -298,6 +298,11 @@ def train_stacked(
         )
     if not members:
         raise BrainPropError("train_stacked needs at least one member")
+    dirs = [Path(m).resolve() for m in members if not isinstance(m, TrainConfig)]
+    if twice := next((d for d in dirs if dirs.count(d) > 1), None):
+        raise BrainPropError(
+            f"run directory {twice} is given twice: give each member of a stack its own run"
+        )
     with contextlib.ExitStack() as held:
         return _train_held(members, dataset, progress, held)
 

@@ -125,12 +125,12 @@ def download(
     created = not dest.exists()
     make_folder(dest, "choose a writable data root with --data-dir or BRAINPROP_DATA")
     busy = f"{dest} is being downloaded into by another process: wait for it to end"
-    try:
-        with locks.held(dest, busy):
-            # Another process may have finished the download while this one waited to start.
-            if (here := _present_in(name, root, dest)) is not None:
-                return here
-            _remove_leftovers(dest)
+    with locks.held(dest, busy):
+        # Another process may have finished a download between the check above and the hold.
+        if (here := _present_in(name, root, dest)) is not None:
+            return here
+        _remove_leftovers(dest)
+        try:
             for file_name in source.files:
                 url = (base_url or source.base_url).rstrip("/") + "/" + file_name
                 by_hand = f"put it in {dest}" if source.top is None else f"extract it into {dest}"
@@ -144,11 +144,12 @@ def download(
                         )
                 finally:
                     part.unlink(missing_ok=True)
-    except BaseException:
-        # A failed first download leaves no empty folder behind to confuse `brainprop datasets`.
-        if created and not any(dest.iterdir()):
-            dest.rmdir()
-        raise
+        except BaseException:
+            # A failed first download leaves no empty folder to confuse `brainprop datasets`;
+            # only while held, so never one another process is downloading into.
+            if created and not any(dest.iterdir()):
+                dest.rmdir()
+            raise
     return data_dir(name, root)
 
 
@@ -215,8 +216,7 @@ def _fetch(url: str, dest: Path, expected_md5: str, by_hand: str, progress: bool
                 raise BrainPropError(f"cannot download {url} ({reason(exc)}): {URL_FIX}") from exc
             with response:
                 # A malformed length (a proxy's "12, 12") only costs the progress bar its total.
-                length = response.headers.get("Content-Length") or ""
-                total = int(length) if length.strip().isdigit() and int(length) > 0 else None
+                total = _length(response.headers.get("Content-Length"))
                 with tqdm(
                     total=total, unit="B", unit_scale=True, desc=file_name, disable=not progress
                 ) as bar:
@@ -238,6 +238,16 @@ def _fetch(url: str, dest: Path, expected_md5: str, by_hand: str, progress: bool
         part.unlink(missing_ok=True)
         raise
     return part
+
+
+def _length(header: str | None) -> int | None:
+    """The body's size from a ``Content-Length`` header; None when absent or malformed (a
+    proxy's "12, 12"), which only costs the progress bar its total."""
+    try:
+        length = int(header or "")
+    except ValueError:
+        return None
+    return length if length > 0 else None
 
 
 def _disk_error(dest: Path, exc: OSError) -> BrainPropError:
