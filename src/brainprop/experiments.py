@@ -468,6 +468,14 @@ def _run_in_workers(
     cores = os.cpu_count() or 1
     on_cpu = resolve_device(request.device).type == "cpu"
     threads = max(1, cores // request.jobs) if on_cpu else None
+    if on_cpu and request.jobs > cores and jobs:
+        # A measurement's machine label says one thread per run, which no longer means one
+        # core: the seconds it records are the sharing's, and nothing else would say so.
+        on = f"{cores} CPU core{'s' * (cores > 1)}"
+        say(
+            f"reproduce: {request.jobs} runs at once on {on} take turns on them, so their "
+            f"s/epoch measure the sharing; --jobs {cores} gives each run a core of its own"
+        )
     budget = _Budget(request, threads)
     queue = list(jobs)
     running: dict[int, tuple[Job, Any, Connection]] = {}
