@@ -14,6 +14,11 @@ from pathlib import Path
 
 from .errors import BrainPropError
 
+try:
+    import fcntl
+except ImportError:  # Windows: nothing is held there.
+    fcntl = None  # type: ignore[assignment]
+
 
 @contextlib.contextmanager
 def held(folder: Path, busy: str) -> Iterator[None]:
@@ -24,28 +29,28 @@ def held(folder: Path, busy: str) -> Iterator[None]:
     process is refused too. Where ``fcntl`` or the filesystem has no locks (Windows, some
     network mounts) nothing is held.
     """
-    if not folder.is_dir():
-        yield  # Nothing to hold: the caller reports the missing folder in its own words.
-        return
+    fd = _lockable(folder)
     try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        # A folder one may enter but not list: whatever the caller does there next reports
-        # the real problem better than a failed lock would.
-        yield
-        return
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise BrainPropError(busy) from None
-        except OSError:
-            pass  # A filesystem without locks: go on unheld rather than not at all.
+        if fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise BrainPropError(busy) from None
+            except OSError:
+                pass  # A filesystem without locks: go on unheld rather than not at all.
         yield
     finally:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
+
+
+def _lockable(folder: Path) -> int | None:
+    """An open descriptor of ``folder`` to lock, or None where there is nothing to hold: no
+    ``fcntl``, no such folder (the caller reports it in its own words), or one that may be
+    entered but not listed (what the caller does there next says so better than a lock)."""
+    if fcntl is None or not folder.is_dir():
+        return None
+    try:
+        return os.open(folder, os.O_RDONLY)
+    except OSError:
+        return None

@@ -215,7 +215,6 @@ def _fetch(url: str, dest: Path, expected_md5: str, by_hand: str, progress: bool
             except ValueError as exc:
                 raise BrainPropError(f"cannot download {url} ({reason(exc)}): {URL_FIX}") from exc
             with response:
-                # A malformed length (a proxy's "12, 12") only costs the progress bar its total.
                 total = _length(response.headers.get("Content-Length"))
                 with tqdm(
                     total=total, unit="B", unit_scale=True, desc=file_name, disable=not progress
