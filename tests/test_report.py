@@ -141,9 +141,17 @@ def test_only_a_full_length_paper_settings_run_takes_a_cell_off_the_missing_list
     _cell_runs(tmp_path, CONV, CPU, [0.99], [0.99], [60], [30], val=5000)
     # Capped at 200 but ended by early stopping first: a full-length run.
     _cell_runs(tmp_path, loccon, CPU, [0.98], [0.98], [100], [60], max_epochs=200)
+    # Capped, but every run diverged before the cap: not one ended as the paper's do.
+    cifar_conv, cifar_deep = Cell("cifar10", "conv"), Cell("cifar10", "deep")
+    for rule in ("brainprop", "ebp"):
+        write_measurement(tmp_path, RunSpec(cifar_conv, rule, 0, max_epochs=2), CPU,
+                          test_acc=0.1, best_epoch=1, epochs_run=1,
+                          stop_reason=f"{DIVERGED} loss at epoch 2, step 5")  # fmt: skip
+    # Only EBP ran: no BrainProp run to measure against the paper.
+    write_measurement(tmp_path, RunSpec(cifar_deep, "ebp", 0), CPU, test_acc=0.85)
     md = write_report(tmp_path).read_text()
     missing = md.split("No full-length fp32 run of the paper's settings yet: ")[1].split("\n")[0]
-    assert "MNIST dense" in missing
+    assert "MNIST dense" in missing and "CIFAR-10 conv" in missing and "CIFAR-10 deep" in missing
     assert "MNIST conv" not in missing and "MNIST loccon" not in missing
     assert "Not measured yet" not in md
 
@@ -329,6 +337,44 @@ def test_diverged_runs_are_named_in_the_accuracy_and_the_verdicts(tmp_path):
     readme.write_text(f"{README_START}\n{README_END}\n")
     update_readme(readme, alone)
     assert "| diverged (1 of 1) |" in readme.read_text()
+
+
+def test_a_run_that_diverged_late_keeps_its_accuracy_but_not_its_epochs(tmp_path):
+    """EBP seed 1 overflowed at epoch 9 with its best at 6: its accuracy is what early stopping
+    keeps, but its epochs end at the overflow, so they stay out of the epoch-ratio claim."""
+    _cell_runs(tmp_path, CONV, GPU, [0.993, 0.992], [0.991, 0.985, 0.990], [60, 70],
+               [30, 6, 40])  # fmt: skip
+    for m in load_measurements(tmp_path):
+        if m.rule == "ebp" and m.seed == 1:
+            d = json.loads(m.path.read_text())
+            d["summary"].update(epochs_run=9, stop_reason=f"{DIVERGED} loss at epoch 9, step 3")
+            m.path.write_text(json.dumps(d))
+    [r] = aggregate(load_measurements(tmp_path))
+    ebp = r.rules["ebp"]
+    assert ebp.test_acc.n == 3 and ebp.epochs_to_best.n == ebp.epochs_to_stop.n == 2
+    assert ebp.epochs_to_best.mean == 35 and r.ratio == pytest.approx(65 / 35)
+    assert ebp.epochs_text(ebp.epochs_to_best) == "35.0 (7.1), 1 of 3 diverged, not counted"
+    assert "| 65.0 (7.1) | 35.0 (7.1), 1 of 3 diverged, not counted | 1.86 | yes |" in (
+        write_report(tmp_path).read_text()
+    )
+    alone = tmp_path / "alone"
+    _cell_runs(alone, CONV, GPU, [0.993, 0.992], [0.985, 0.98], [60, 70], [6, 5])
+    for m in load_measurements(alone):
+        if m.rule == "ebp":
+            d = json.loads(m.path.read_text())
+            d["summary"].update(stop_reason=f"{DIVERGED} weight at epoch 9")
+            m.path.write_text(json.dumps(d))
+    [r] = aggregate(load_measurements(alone))
+    assert r.ratio is None and r.ratio_verdict.text() == "– (every run of EBP diverged)"
+    assert r.gap_verdict.agrees is not None
+
+
+def test_a_rule_whose_runs_all_finished_no_epoch_has_no_total_time(tmp_path):
+    _cell_runs(tmp_path, CONV, GPU, [0.993], [0], [60], [1])
+    _diverge_in_epoch_1(tmp_path, "ebp", {0})
+    [r] = aggregate(load_measurements(tmp_path))
+    assert r.rules["ebp"].duration_text() == "–"
+    assert r.rules["brainprop"].duration_text() == "5.2 min"
 
 
 def test_an_out_that_cannot_be_a_folder_is_a_one_line_error(tmp_path, monkeypatch):

@@ -40,7 +40,7 @@ from .errors import BrainPropError
 from .matrix import MATRIX, RULE_ORDER, Cell
 from .measurements import MEASUREMENTS, Measurement, load_measurements
 from .presets import DATASET_FAMILY, PAPER, PAPER_PRESET, PRESETS, Hyperparameters
-from .summary import DIVERGED, epochs_phrase
+from .summary import DIVERGED, EARLY_STOPPING, MAX_EPOCHS, epochs_phrase
 
 RESULTS_MD, RESULTS_JSON, RESULTS_PNG = "results.md", "results.json", "results.png"
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
@@ -130,6 +130,17 @@ class RuleStats:
         share = f"{self.diverged} of {len(self.seeds)}"
         return f"diverged ({share})" if stat is None else f"{_stat(stat)}, {share} diverged"
 
+    def epochs_text(self, stat: Stat | None) -> str:
+        """``stat`` (one of the epoch counts), saying which diverged runs it leaves out."""
+        if not self.diverged:
+            return _stat(stat, 1)
+        left_out = f"{self.diverged} of {len(self.seeds)} diverged, not counted"
+        return left_out if stat is None else f"{_stat(stat, 1)}, {left_out}"
+
+    def duration_text(self) -> str:
+        """Total time, or "–" when no run finished an epoch (it would read as 0 s)."""
+        return "–" if self.test_acc is None else _duration(self.total_seconds)
+
 
 @dataclass(frozen=True)
 class Verdict:
@@ -197,6 +208,10 @@ def rule_stats(runs: Sequence[Measurement]) -> RuleStats:
     share is in its summary already; runs packed onto one GPU divide theirs here)."""
     # Runs that finished no epoch are counted as diverged, not as runs of length 0.
     done = [m for m in runs if "best_val_acc" in m.summary]
+    # A divergence also cuts a run's epochs short: they say when it broke, not how long it
+    # took to learn, so the epoch counts (and the epoch-ratio claim) leave such runs out.
+    # Their accuracies stay: the best epoch before the overflow is what early stopping keeps.
+    whole = [m for m in done if not m.summary.get("stop_reason", "").startswith(DIVERGED)]
 
     def s_per_epoch(graphed: bool) -> Stat | None:
         return Stat.of(
@@ -207,8 +222,8 @@ def rule_stats(runs: Sequence[Measurement]) -> RuleStats:
         seeds=tuple(sorted(m.seed for m in runs)),
         best_val_acc=Stat.of([100 * m.summary["best_val_acc"] for m in done]),
         test_acc=Stat.of([100 * m.summary["test_acc_at_best"] for m in done]),
-        epochs_to_best=Stat.of([m.summary["best_epoch"] for m in done]),
-        epochs_to_stop=Stat.of([m.summary["epochs_run"] for m in done]),
+        epochs_to_best=Stat.of([m.summary["best_epoch"] for m in whole]),
+        epochs_to_stop=Stat.of([m.summary["epochs_run"] for m in whole]),
         s_per_epoch=s_per_epoch(graphed=False),
         total_seconds=sum(m.summary.get("total_seconds", 0.0) / m.at_once for m in done),
         stop_reasons=dict(Counter(m.summary.get("stop_reason", "?") for m in runs)),
@@ -234,7 +249,7 @@ def compare(
     }
     bp, ebp = rules.get("brainprop"), rules.get("ebp")
     capped = max_epochs is not None and any(
-        m.summary.get("stop_reason") == "max epochs" for m in runs
+        m.summary.get("stop_reason") == MAX_EPOCHS for m in runs
     )
     no_verdict = Verdict(None, f"capped at {epochs_phrase(max_epochs)}") if capped else None
 
@@ -256,13 +271,18 @@ def compare(
 
     ratio = None
     ratio_verdict = unpaired
-    if bp and ebp and bp.epochs_to_best and ebp.epochs_to_best:
-        ratio = bp.epochs_to_best.mean / ebp.epochs_to_best.mean
-        if bp.epochs_to_best.n > 1 and ebp.epochs_to_best.n > 1:
-            low, high = CLAIMED_RATIO
-            ratio_verdict = no_verdict or Verdict(low <= ratio <= high)
+    if bp and ebp and bp.test_acc and ebp.test_acc:
+        broke = [RULE_NAMES[r] for r, s in (("brainprop", bp), ("ebp", ebp)) if s.diverged]
+        if not (bp.epochs_to_best and ebp.epochs_to_best):
+            ratio_verdict = Verdict(None, f"every run of {' and '.join(broke)} diverged")
         else:
-            ratio_verdict = no_verdict or Verdict(None, "needs 2+ seeds per rule")
+            ratio = bp.epochs_to_best.mean / ebp.epochs_to_best.mean
+            if bp.epochs_to_best.n > 1 and ebp.epochs_to_best.n > 1:
+                low, high = CLAIMED_RATIO
+                ratio_verdict = no_verdict or Verdict(low <= ratio <= high)
+            else:
+                whole = " that did not diverge" if broke else ""
+                ratio_verdict = no_verdict or Verdict(None, f"needs 2+ seeds per rule{whole}")
 
     published = PUBLISHED.get(cell)
     published_verdict = Verdict(None, "no published number")
@@ -377,13 +397,16 @@ def _no_full_paper_run(results: Sequence[CellResult]) -> list[Cell]:
     """The matrix cells with no full-length fp32 run of the paper's preset (uncapped, or
     stopped by early stopping before its cap): cut-short runs and other settings show that a
     cell runs, not what the paper's claims are about."""
-    full = {
-        r.cell for r in results
-        if r.preset == PAPER_PRESET and not r.bf16
-        and (r.max_epochs is None
-             or not any(s.stop_reasons.get("max epochs") for s in r.rules.values()))
-    }  # fmt: skip
+    full = {r.cell for r in results if r.preset == PAPER_PRESET and not r.bf16 and _full(r)}
     return [c for c in MATRIX if c not in full]
+
+
+def _full(result: CellResult) -> bool:
+    """Whether a BrainProp run of ``result`` ended as the paper's would: by early stopping, or
+    at the paper's own epoch limit (not a ``--max-epochs`` cap, not a divergence)."""
+    bp = result.rules.get("brainprop")
+    ended = set() if bp is None else {why for why, n in bp.stop_reasons.items() if n}
+    return EARLY_STOPPING in ended or (result.max_epochs is None and MAX_EPOCHS in ended)
 
 
 def _no_full_paper_run_line(results: Sequence[CellResult]) -> list[str]:
@@ -513,7 +536,8 @@ def markdown(results: Sequence[CellResult], count: int, machines: Sequence[str])
         "The paper claims that BrainProp's "
         "accuracy equals EBP's (checked as |gap| <= 2 standard errors of the difference) and that "
         f"BrainProp needs {CLAIMED_RATIO[0]:g} to {CLAIMED_RATIO[1]:g} times EBP's epochs "
-        "(checked on epochs to the best). A row with an epoch cap other than the paper's 500 "
+        "(checked on epochs to the best). Epoch counts leave out runs that diverged: their "
+        "epochs end at the overflow, not by early stopping. A row with an epoch cap other than the paper's 500 "
         "gets no verdict if any of its runs stopped at that cap instead of by early stopping. "
         f"Published numbers: {PUBLISHED_SOURCE}.",
     ]
@@ -532,11 +556,11 @@ def markdown(results: Sequence[CellResult], count: int, machines: Sequence[str])
                 r.published_verdict.text(), *_pair(r, lambda s: s.accuracy_text(s.best_val_acc)),
             ])  # fmt: skip
             time_rows.append([
-                *head, *_pair(r, lambda s: _stat(s.epochs_to_best, 1)), _num(r.ratio),
+                *head, *_pair(r, lambda s: s.epochs_text(s.epochs_to_best)), _num(r.ratio),
                 r.ratio_verdict.text(), _published_epochs(r.published),
-                *_pair(r, lambda s: _stat(s.epochs_to_stop, 1)),
+                *_pair(r, lambda s: s.epochs_text(s.epochs_to_stop)),
                 *_pair(r, lambda s: s.s_per_epoch_text()),
-                " / ".join(_pair(r, lambda s: _duration(s.total_seconds))),
+                " / ".join(_pair(r, lambda s: s.duration_text())),
             ])  # fmt: skip
         lines += ["", f"## {_validation(val).capitalize()}", "", "### Accuracy", ""]
         lines += _table(

@@ -53,7 +53,7 @@ from .evaluation import EVAL_BATCH
 from .objectives import Objective, Output
 from .presets import decayed_parameters
 from .resume import checkpoint_and_config, restore
-from .summary import DIVERGED, summarize
+from .summary import DIVERGED, EARLY_STOPPING, MAX_EPOCHS, summarize
 from .train import (
     NonFinite,
     Run,
@@ -540,7 +540,7 @@ class _StackedRun:
         """A finite epoch's end, as a run of its own has it: evaluate (unless ``scores`` are
         measured), record, checkpoint."""
         if end_epoch(m.trainer, m.run_path, metrics, lambda line: self.say(m.say(line)), scores):
-            self._finish(m, "early stopping")
+            self._finish(m, EARLY_STOPPING)
 
     def _non_finite(self, m: _Member, bad: NonFinite) -> None:
         """What a run of its own does on a NaN (see ``train``): rewind or stop."""
@@ -567,9 +567,9 @@ class _StackedRun:
         for m in list(self.members):
             t = m.trainer
             if len(t.history) >= t.config.epochs:
-                self._finish(m, "max epochs")
+                self._finish(m, MAX_EPOCHS)
             elif t.stopper.wait >= t.config.patience:
-                self._finish(m, "early stopping")
+                self._finish(m, EARLY_STOPPING)
 
     def _finish(self, m: _Member, stop_reason: str) -> None:
         t = m.trainer

@@ -24,6 +24,9 @@ TIMED_KEYS = ("s_per_epoch", "total_seconds", "wall_seconds")
 
 #: How the stop reason of a run that ended on a NaN or inf loss or weight begins.
 DIVERGED = "non-finite"
+#: The stop reasons of a run that ended as the paper's do.
+EARLY_STOPPING = "early stopping"
+MAX_EPOCHS = "max epochs"
 
 
 def summarize(

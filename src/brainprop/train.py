@@ -53,7 +53,7 @@ from .resume import (
 )
 from .schedule import EarlyStopping, lr_at
 from .step import make_optimizer
-from .summary import DIVERGED, epochs_phrase, summarize
+from .summary import DIVERGED, EARLY_STOPPING, MAX_EPOCHS, epochs_phrase, summarize
 from .syncbn import alone, synchronise, synchronised
 
 DIAGNOSTIC_BATCH = 256
@@ -439,7 +439,7 @@ def _epochs(
         stop = distributed.AgreedStop(signalled, trainer.parallel)
         while (epoch := len(trainer.history)) < config.epochs:
             if trainer.stopper.wait >= config.patience:
-                return trainer, "early stopping"
+                return trainer, EARLY_STOPPING
             if stop.requested:
                 save_last(trainer, run_path)
                 raise _interrupted(stop, run_path, f"after epoch {epoch}")
@@ -458,8 +458,8 @@ def _epochs(
                 at = f"in epoch {epoch + 1} after step {trainer.partial['step']}"
                 raise _interrupted(stop, run_path, at)
             if end_epoch(trainer, run_path, metrics, say):
-                return trainer, "early stopping"
-    return trainer, "max epochs"
+                return trainer, EARLY_STOPPING
+    return trainer, MAX_EPOCHS
 
 
 def _header(trainer: Trainer, run_path: Path) -> str:
