@@ -216,6 +216,22 @@ def test_trial_reports_the_steps_of_the_rule():
     assert torch.allclose(t.updates["0.weight"], expected.T @ x)
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
+@pytest.mark.parametrize("kernel", [3, 4])
+def test_padding_same_matches_reference_for_odd_and_even_kernels(kernel):
+    """PyTorch pads an even kernel's 'same' conv one pixel more on the right and bottom."""
+    gen = torch.Generator().manual_seed(5)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, kernel, padding="same", bias=False), nn.ReLU(), nn.Flatten(),
+        nn.Linear(3 * 5 * 6, 4, bias=False),
+    )  # fmt: skip
+    for p in model.parameters():
+        nn.init.normal_(p, 0.0, 0.3, generator=gen)
+    x, y = torch.rand(3, 2, 5, 6, generator=gen), torch.randint(0, 4, (3,), generator=gen)
+    errors = _compare(model, x, y, "brainprop", 5)
+    assert max(errors.values()) < TOL, errors
+
+
 def test_unsupported_layer_is_refused():
     with pytest.raises(BrainPropError, match="no layer Tanh"):
         reference.trial(

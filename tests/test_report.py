@@ -185,6 +185,22 @@ def test_damaged_measurement_file_is_a_one_line_error(tmp_path):
         load_measurements(tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("key", "raw"),
+    [("seed", "1e400"), ("seed", "1.7"), ("seed", "true"), ("val", "5000.5"),
+     ("max_epochs", '"200"'), ("runs_at_once", "Infinity"), ("stack", "2.0")],
+)  # fmt: skip
+def test_a_count_that_is_not_a_whole_number_is_a_one_line_error(tmp_path, capsys, key, raw):
+    _cell_runs(tmp_path, CONV, GPU, [0.99], [], [60], [])
+    [m] = load_measurements(tmp_path)
+    d = json.loads(m.path.read_text()) | {key: "<raw>"}
+    m.path.write_text(json.dumps(d).replace('"<raw>"', raw))
+    with pytest.raises(BrainPropError, match=rf"\({key} .*, not a whole number\)"):
+        load_measurements(tmp_path)
+    assert main(["reproduce", "--report-only", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
 def test_unreadable_duplicated_or_foreign_measurements_are_one_line_errors(tmp_path):
     _cell_runs(tmp_path, CONV, GPU, [0.99], [], [60], [])
     [m] = load_measurements(tmp_path)

@@ -178,13 +178,13 @@ def _read_measurement(path: Path) -> Measurement:
         summary = d["summary"]
         check_summary(summary)
         # Files written before sharing was recorded hold runs that had the device alone.
-        stack, at_once = int(d.get("stack", 1)), int(d.get("runs_at_once", 1))
+        stack, at_once = _whole(d, "stack", 1), _whole(d, "runs_at_once", 1)
         if stack < 1 or at_once < 1:
             raise ValueError(f"stack {stack} or runs_at_once {at_once} below 1")
         return Measurement(
             str(d["run"]), Cell(str(d["dataset"]), str(d["arch"])), str(d["rule"]),
-            int(d["seed"]), _opt_int(d["val"]), _opt_int(d["max_epochs"]), str(d["machine"]),
-            summary, path, str(d.get("preset", PAPER_PRESET)), stack, at_once,
+            _whole(d, "seed"), _opt_whole(d, "val"), _opt_whole(d, "max_epochs"),
+            str(d["machine"]), summary, path, str(d.get("preset", PAPER_PRESET)), stack, at_once,
             _flag(d, "bf16"), _flag(d, "cuda_graph"),
         )  # fmt: skip
     except (KeyError, TypeError, ValueError) as e:
@@ -199,5 +199,14 @@ def _flag(d: dict[str, Any], key: str) -> bool:
     return v
 
 
-def _opt_int(v: Any) -> int | None:
-    return None if v is None else int(v)
+def _whole(d: dict[str, Any], key: str, default: int | None = None) -> int:
+    """``d[key]`` (``default`` where absent) if it is a whole number; a float such as 1e400
+    or 1.7 is no seed or epoch count, and ``int()`` would overflow or truncate it."""
+    v = d[key] if default is None else d.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"{key} {v!r}, not a whole number")
+    return v
+
+
+def _opt_whole(d: dict[str, Any], key: str) -> int | None:
+    return None if d[key] is None else _whole(d, key)

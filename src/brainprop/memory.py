@@ -7,6 +7,7 @@ epoch in the run's history, so that a run shows whether anything grows from epoc
 from __future__ import annotations
 
 import resource
+import sys
 from pathlib import Path
 
 import torch
@@ -24,9 +25,9 @@ def _proc_status_bytes(field: str) -> int | None:
 
 
 def _process_peak() -> int:
-    # ru_maxrss is in kB on Linux (bytes on macOS, where /proc is missing too: close enough
-    # for a fallback that says what it is).
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # getrusage(2) gives ru_maxrss in kB on Linux and the BSDs but in bytes on macOS.
+    unit = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit
 
 
 def host_rss() -> int:

@@ -117,9 +117,10 @@ def _conv_pads(layer: nn.Conv2d) -> tuple[int, int, int, int]:
     if isinstance(layer.padding, str):
         if layer.padding == "valid":
             return 0, 0, 0, 0
-        ph, pw = ((k - 1) // 2 for k in layer.kernel_size)
-    else:
-        ph, pw = layer.padding
+        # PyTorch's 'same' puts an even kernel's extra pixel on the right and at the bottom.
+        (top, left), (kh, kw) = ((k - 1) // 2 for k in layer.kernel_size), layer.kernel_size
+        return left, kw - 1 - left, top, kh - 1 - top
+    ph, pw = layer.padding
     return pw, pw, ph, ph
 
 

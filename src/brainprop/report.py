@@ -537,8 +537,9 @@ def markdown(results: Sequence[CellResult], count: int, machines: Sequence[str])
         "accuracy equals EBP's (checked as |gap| <= 2 standard errors of the difference) and that "
         f"BrainProp needs {CLAIMED_RATIO[0]:g} to {CLAIMED_RATIO[1]:g} times EBP's epochs "
         "(checked on epochs to the best). Epoch counts leave out runs that diverged: their "
-        "epochs end at the overflow, not by early stopping. A row with an epoch cap other than the paper's 500 "
-        "gets no verdict if any of its runs stopped at that cap instead of by early stopping. "
+        "epochs end at the overflow, not by early stopping. A row with an epoch cap other "
+        "than the paper's 500 gets no verdict if any of its runs stopped at that cap instead "
+        "of by early stopping. "
         f"Published numbers: {PUBLISHED_SOURCE}.",
     ]
     if not results:
