@@ -26,7 +26,16 @@ from brainprop.bench import (
 from brainprop.cli import main
 from brainprop.devices import bf16_warning, cpuinfo, device_name, physical_cores, vector_units
 from brainprop.errors import BrainPropError
-from brainprop.peaks import Peak, Peaks, cpu_peak, device_peaks, op_precisions, precision_label
+from brainprop.peaks import (
+    GPU_PEAKS,
+    Peak,
+    Peaks,
+    cpu_peak,
+    device_peaks,
+    gpu_board,
+    op_precisions,
+    precision_label,
+)
 
 ROW_FIELDS = {
     "preset", "rule", "batch_size", "steps_per_epoch", "step_ms", "epoch_s", "images_per_s",
@@ -55,6 +64,9 @@ def test_report_has_both_rules_and_every_field(report):
         # What was held when the peak count restarted is its floor.
         assert 0 < row["memory_held_before_bytes"] <= row["peak_memory_bytes"]
         assert row["steps_per_epoch"] == -(-60_000 // 8)
+        # --warmup 0, and the step that counted the FLOPs.
+        assert row["warmup_steps"] == 1
+    assert "- 2 timed steps after 1 untimed warm-up step;" in (out / MARKDOWN_NAME).read_text()
     (ratio,) = rep["ratios"]
     assert ratio["brainprop_over_ebp"] == pytest.approx(
         ratio["brainprop_step_ms"] / ratio["ebp_step_ms"]
@@ -169,11 +181,32 @@ def test_gpu_peaks_follow_each_precision(tf32, monkeypatch):
     assert given.matmul.tflops == given.conv.tflops == 10.0
 
 
+@pytest.mark.parametrize(
+    ("name", "board"),
+    [("NVIDIA H200", ("H200", "")), ("NVIDIA H100 80GB HBM3", ("H100", "")),
+     ("NVIDIA H100 PCIe", ("H100", "PCIE")), ("NVIDIA A100-SXM4-80GB", ("A100", "")),
+     ("NVIDIA A100-PCIE-40GB", ("A100", "PCIE")), ("NVIDIA H200 NVL", ("H200", "NVL")),
+     ("NVIDIA GH200 480GB", None), ("NVIDIA RTX A1000 Laptop GPU", None),
+     ("NVIDIA GeForce RTX 4090", None)],
+)  # fmt: skip
+def test_gpu_boards_are_matched_by_whole_words(name, board, monkeypatch):
+    assert gpu_board(name) == board
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda _=None: name)
+    if board in GPU_PEAKS:
+        assert device_peaks(torch.device("cuda"), True, None).matmul.tflops > 100
+    else:  # an NVL board's clocks differ from the SXM one's: not guessed
+        with pytest.raises(BrainPropError, match=f"no peak FLOP/s known for '{name}': pass"):
+            device_peaks(torch.device("cuda"), True, None)
+
+
 def test_markdown_shows_both_peaks_only_when_they_differ(report):
     rep = json.loads(json.dumps(report[0]))
     one = markdown(rep)
     assert "- peak: 1.000 TFLOP/s" in one and "peak TFLOP/s" not in one
     assert "- device: cpu (" in one and "), fp32, torch" in one
+    gpu = json.loads(json.dumps(rep))
+    gpu["device"] |= {"type": "cuda", "name": "NVIDIA H200", "vector_units": None}
+    assert "- device: cuda (NVIDIA H200), fp32, torch" in markdown(gpu)
     rep["device"] |= {
         "precision": "matmul fp32, conv tf32 (cuDNN default)",
         "conv_peak_tflops": 8.0,
@@ -268,8 +301,14 @@ def test_bf16_warning_reads_arm_features_and_stays_quiet_without_a_list():
 def test_bad_presets_and_rules_are_clear_errors():
     with pytest.raises(BrainPropError, match="dataset/arch"):
         parse_preset("mnist")
-    with pytest.raises(BrainPropError, match="deep"):
+    # In bench's own terms: there is no --arch flag to point at.
+    with pytest.raises(
+        BrainPropError,
+        match=r"^--presets 'mnist/deep': the paper has no 'deep' "
+        r"network for mnist; choose from mnist/conv, mnist/dense, mnist/loccon$",
+    ):
         parse_preset("mnist/deep")
+    assert parse_preset("cifar100-coarse/deep") == ("cifar100-coarse", "deep")
     with pytest.raises(BrainPropError, match="unknown rule"):
         run_bench(["mnist/dense"], ["sgd"], device="cpu", peak_tflops=1.0)
 
@@ -286,6 +325,9 @@ def test_cli_bench_prints_markdown_and_writes_files(tmp_path, capsys):
     assert (tmp_path / JSON_NAME).is_file() and (tmp_path / MARKDOWN_NAME).is_file()
     assert main(["bench", "--presets", "mnist/nope", "--device", "cpu"]) == 2
     assert "'nope'" in capsys.readouterr().err
+    # A rule named twice is benched once, beside its own eager step.
+    assert main([*args[:4], "ebp,ebp", *args[5:]]) == 0
+    assert capsys.readouterr().out.count("| mnist/dense | 4 | ebp |") == 1
     assert main([*args[:-1], str(tmp_path / JSON_NAME)]) == 2
     err = capsys.readouterr().err
     assert "cannot create the folder" in err and err.count("\n") == 1 and "load" not in err

@@ -47,7 +47,7 @@ from .evaluation import EVAL_BATCH, accuracy
 from .feedback import convert
 from .objectives import RULES, make_objective
 from .peaks import Peak, Peaks, device_peaks, op_precisions, precision_label
-from .presets import build_model
+from .presets import DATASET_FAMILY, PAPER, build_model
 from .stacked import Stack
 from .step import make_optimizer
 
@@ -104,8 +104,13 @@ def parse_preset(spec: str) -> tuple[str, str]:
             f"preset {spec!r} is not dataset/arch with a known dataset: e.g. mnist/dense; "
             f"datasets are {', '.join(DATASET_SHAPES)}"
         )
-    # Raises a clear error for a pair the paper's table lacks, e.g. mnist/deep.
-    TrainConfig(dataset=dataset, arch=arch, device="cpu").resolve()
+    family = DATASET_FAMILY[dataset]
+    if (family, arch) not in PAPER:
+        archs = sorted(a for f, a in PAPER if f == family)
+        raise BrainPropError(
+            f"--presets {spec!r}: the paper has no {arch!r} network for {dataset}; choose "
+            f"from {', '.join(f'{dataset}/{a}' for a in archs)}"
+        )
     return dataset, arch
 
 
@@ -184,7 +189,8 @@ class _Rule:
     peak_memory: tuple[int, str]
     block_seconds: list[float]
     eager: bool
-    warmup: int
+    #: Steps run before the timing: ``--warmup`` and what the preparation adds.
+    untimed_steps: int
     #: Scores the network (every member of a stack) on a test set, reading the counts back.
     score: Callable[[torch.Tensor, torch.Tensor], object]
     stack: int = 1
@@ -200,6 +206,14 @@ def _config(
     return TrainConfig(
         dataset=ds.name, arch=arch, rule=rule, device=str(device), bf16=bf16, **sizes
     ).resolve()
+
+
+def _untimed(report: dict[str, Any]) -> str:
+    """The untimed steps each rule ran before its timing, e.g. "6 untimed warm-up steps":
+    ``--warmup``, one more that counted the FLOPs, more for a CUDA graph's capture."""
+    counts = sorted({r["warmup_steps"] for r in report["results"]}) or [report["warmup"]]
+    n = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+    return f"{n} untimed warm-up step{'' if n == '1' else 's'}"
 
 
 def _warmup_steps(warmup: int, cuda_graph: bool) -> int:
@@ -241,6 +255,7 @@ def _prepare(
         step()
     for _ in range(warmup):
         step()
+    untimed = warmup + 1  # the FLOP-counted step is untimed too
     _sync(device)
     peak = memory.peak(device, was_reset)
     # The gradients are rebuilt by the next step: freeing them keeps them out of the next
@@ -248,7 +263,7 @@ def _prepare(
     optimizer.zero_grad(set_to_none=True)
     return _Rule(
         rule, config, model, step, generator, forward, counter.get_total_flops(),
-        _conv_flops(counter), peak, [], eager, warmup,
+        _conv_flops(counter), peak, [], eager, untimed,
         lambda x, y: accuracy(model, x, y, bf16), held_memory=held,
     )  # fmt: skip
 
@@ -278,16 +293,16 @@ def _prepare_stack(
     def step() -> None:
         stack.step(*next(batches))
 
-    warmup = _warmup_steps(warmup, cuda_graph)
+    untimed = max(_warmup_steps(warmup, cuda_graph), 1)  # one at least, for the peak memory
     held = memory.held(device)
     was_reset = memory.reset_peak(device)
-    for _ in range(max(warmup, 1)):
+    for _ in range(untimed):
         step()
     _sync(device)
     peak = memory.peak(device, was_reset)
     stack.optimizer.zero_grad(set_to_none=True)
     return _Rule(
-        rule, config, models[0], step, generators[0], 0, 0, 0, peak, [], False, warmup,
+        rule, config, models[0], step, generators[0], 0, 0, 0, peak, [], False, untimed,
         stack.accuracies, size, held_memory=held,
     )  # fmt: skip
 
@@ -319,7 +334,7 @@ def bench_preset(
     """
     peaks = peak if isinstance(peak, Peaks) else Peaks.same(peak)
     prepared, eager_of, stack_of = [], {}, {}
-    for rule in rules:
+    for rule in dict.fromkeys(rules):  # a rule named twice would pair with the wrong eager
         fast = _prepare(
             ds, arch, rule, device, warmup=warmup, batch_size=batch_size, bf16=bf16,
             eager=False, cuda_graph=cuda_graph,
@@ -378,7 +393,7 @@ def bench_preset(
                 "n_train": n_train,
                 "steps_per_epoch": steps_per_epoch,
                 "steps_timed": blocks * per_block,
-                "warmup_steps": r.warmup,
+                "warmup_steps": r.untimed_steps,
                 "step_ms": step_s * 1e3,
                 "step_ms_blocks": [s * 1e3 for s in r.block_seconds],
                 "fast_path": fastpath.features(r.model, cuda_graph),
@@ -620,17 +635,19 @@ def markdown(report: dict[str, Any]) -> str:
         if stack > 1
         else ("", "")
     )
+    what = [dev["name"]]
+    if dev["type"] == "cpu":  # a GPU's figures do not depend on the host's threads
+        threads = dev["threads"]
+        what += [dev["vector_units"]] * bool(dev.get("vector_units"))
+        what.append(f"{threads} thread{'s' if threads != 1 else ''}")
     lines = [
         "# brainprop bench",
         "",
-        f"- device: {dev['type']} ({dev['name']}, "
-        f"{dev['vector_units'] + ', ' if dev.get('vector_units') else ''}{dev['threads']} "
-        f"thread{'s' if dev['threads'] != 1 else ''}), "
-        f"{dev['precision']}, torch {report['torch']}",
+        f"- device: {dev['type']} ({', '.join(what)}), {dev['precision']}, torch {report['torch']}",
         peak_line,
         f"- {report['mode']}",
-        f"- {report['steps']} timed steps after {report['warmup']} warm-up steps; 1-minute load "
-        f"average {before:.2f} before, {after:.2f} after",
+        f"- {report['steps']} timed steps after {_untimed(report)}; 1-minute load average "
+        f"{before:.2f} before, {after:.2f} after",
         "",
         "| preset | batch | rule | step ms | s/epoch | images/s | GFLOP/step | TFLOP/s "
         f"| % of peak |{peak_head} peak mem MiB (held before) | host RSS MiB | eval 10k s "

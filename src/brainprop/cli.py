@@ -221,7 +221,7 @@ def _download(args: argparse.Namespace) -> int:
 
 
 def _names(text: str) -> tuple[str, ...]:
-    names = tuple(v.strip() for v in text.split(",") if v.strip())
+    names = tuple(dict.fromkeys(v.strip() for v in text.split(",") if v.strip()))
     if not names:
         raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
     return names

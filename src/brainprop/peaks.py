@@ -8,6 +8,7 @@ estimated from ``/proc/cpuinfo`` (:func:`cpu_peak`). ``--peak-tflops`` overrides
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -15,14 +16,32 @@ import torch
 from .devices import cpuinfo, native_bf16, physical_cores
 from .errors import BrainPropError
 
-#: Dense (no sparsity) peak TFLOP/s by device-name substring, first match wins, from NVIDIA's
-#: datasheets (SXM boards where not named): bf16 and TF32 tensor cores, and plain fp32.
-GPU_PEAKS: tuple[tuple[str, dict[str, float]], ...] = (
-    ("H200", {"bf16": 989.0, "tf32": 494.7, "fp32": 66.9}),
-    ("H100 PCIe", {"bf16": 756.0, "tf32": 378.0, "fp32": 51.2}),
-    ("H100", {"bf16": 989.0, "tf32": 494.7, "fp32": 66.9}),
-    ("A100", {"bf16": 312.0, "tf32": 156.0, "fp32": 19.5}),
-)
+_HOPPER_SXM = {"bf16": 989.0, "tf32": 494.7, "fp32": 66.9}
+_A100 = {"bf16": 312.0, "tf32": 156.0, "fp32": 19.5}
+
+#: Dense (no sparsity) peak TFLOP/s by (model, board), from NVIDIA's datasheets: bf16 and TF32
+#: tensor cores, and plain fp32. The board is "" for SXM, else the word CUDA's device name
+#: carries ("PCIE", "NVL"); boards not listed here have other clocks and are not guessed.
+GPU_PEAKS: dict[tuple[str, str], dict[str, float]] = {
+    ("H200", ""): _HOPPER_SXM,
+    ("H100", ""): _HOPPER_SXM,
+    ("H100", "PCIE"): {"bf16": 756.0, "tf32": 378.0, "fp32": 51.2},
+    ("A100", ""): _A100,
+    ("A100", "PCIE"): _A100,
+}
+_BOARDS = ("PCIE", "NVL")
+
+
+def gpu_board(name: str) -> tuple[str, str] | None:
+    """(model, board) of a CUDA device name, e.g. "NVIDIA A100-PCIE-40GB" -> ("A100", "PCIE");
+    None for a model :data:`GPU_PEAKS` does not know. Whole words only: "GH200" is a Grace
+    Hopper superchip and "RTX A1000" a laptop GPU, neither an H200 or an A100."""
+    words = re.split(r"[\s\-_]+", name.upper())
+    models = {model for model, _ in GPU_PEAKS}
+    model = next((w for w in words if w in models), None)
+    if model is None:
+        return None
+    return model, next((w for w in words if w in _BOARDS), "")
 
 
 @dataclass(frozen=True)
@@ -153,12 +172,13 @@ def device_peaks(device: torch.device, bf16: bool, override: float | None) -> Pe
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         matmul, conv = op_precisions(device, bf16)
-        for key, peaks in GPU_PEAKS:
-            if key in name:
-                return Peaks(
-                    Peak(peaks[matmul], f"{key} {matmul} dense datasheet peak"),
-                    Peak(peaks[conv], f"{key} {conv} dense datasheet peak"),
-                )
+        board = gpu_board(name)
+        if board in GPU_PEAKS:
+            peaks, label = GPU_PEAKS[board], " ".join(w for w in board if w)
+            return Peaks(
+                Peak(peaks[matmul], f"{label} {matmul} dense datasheet peak"),
+                Peak(peaks[conv], f"{label} {conv} dense datasheet peak"),
+            )
         raise BrainPropError(
             f"no peak FLOP/s known for {name!r}: pass --peak-tflops with its {matmul} peak"
         )
