@@ -128,6 +128,9 @@ def test_l2_is_keras_semantics_on_weights_only(tmp_path, tiny_dataset):
     run = train(_config(tmp_path, epochs=1, l2=5e-4), dataset=tiny_dataset, progress=False)
     groups = make_optimizer(run.model, cfg).param_groups
     assert [g["weight_decay"] for g in groups] == [1e-3, 0.0]  # d(lambda w^2)/dw = 2 lambda w
+    assert cfg.weight_decay == 1e-3
+    with pytest.raises(ValueError, match="resolve"):
+        _config(tmp_path).weight_decay  # noqa: B018 (l2 still None: the preset decides)
 
 
 def test_bf16_on_cpu_really_runs_in_bf16_and_still_learns(tmp_path, tiny_dataset):

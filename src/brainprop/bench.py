@@ -284,7 +284,7 @@ def _prepare_stack(
         models.append(fastpath.prepare(model.to(device)).train())
         generators.append(torch.Generator(device=device).manual_seed(seed))
     stack = Stack(
-        models, generators, make_objective(rule, config.epsilon), weight_decay=2 * config.l2,
+        models, generators, make_objective(rule, config.epsilon), weight_decay=config.weight_decay,
         batch_size=config.batch_size, bf16=bf16, cuda_graph=cuda_graph,
     )  # fmt: skip
     stack.rates.fill_(config.lr)

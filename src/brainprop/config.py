@@ -174,6 +174,14 @@ class TrainConfig:
         problem = device_problem(self.device)
         need(problem is None, problem or "")
 
+    @property
+    def weight_decay(self) -> float:
+        """SGD's weight decay for the resolved ``l2``: Keras's ``l2(lambda)`` adds
+        ``lambda * w^2`` to the loss, whose gradient is ``2 * lambda * w``."""
+        if self.l2 is None:
+            raise ValueError("weight_decay needs a resolved config (call resolve() first)")
+        return 2 * self.l2
+
     def hyperparameters(self) -> Hyperparameters:
         """This (resolved) config's table fields as a :class:`Hyperparameters` row."""
         return Hyperparameters(

@@ -59,7 +59,7 @@ class BrainProp:
     name = "brainprop"
     # The published Keras loss sums 1/2 (r - q_s)^2 over the batch and divides by the *nominal*
     # batch size, so a short last batch takes a proportionally smaller step. The training loop
-    # reproduces that by scaling this objective's (mean) loss by len(batch) / batch_size.
+    # reproduces that by scaling this objective's (mean) loss (see batch_scale).
     sums_over_nominal_batch = True
 
     def __init__(self, epsilon: float = DEFAULT_EPSILON) -> None:
@@ -154,6 +154,13 @@ class EBP:
 Objective = BrainProp | EBP
 
 RULES = ("brainprop", "ebp")
+
+
+def batch_scale(objective: Objective, n: int, batch_size: int) -> float:
+    """What ``objective``'s mean loss over a batch of ``n`` is multiplied by: ``n / batch_size``
+    for one that sums over the nominal ``batch_size`` (BrainProp, as the Keras loss), so that a
+    short last batch takes a proportionally smaller step; 1 for a mean (EBP)."""
+    return n / batch_size if objective.sums_over_nominal_batch else 1.0
 
 
 def make_objective(rule: str, epsilon: float = DEFAULT_EPSILON) -> Objective:

@@ -3,9 +3,10 @@
 One seed of a paper network is a small load for a large GPU: each of a step's hundreds of
 kernels leaves most of the chip idle. :func:`train_stacked` trains G seeds at once. Their
 weights are stacked into tensors ``[G, ...]``, and one step, ``torch.vmap`` over
-:func:`torch.func.functional_call`, runs every member's forward pass, backward pass and update
-in the same kernels, each G times larger; the epoch's evaluation scores every member in one
-pass too. Whether that beats G runs in sequence depends on the device and the network:
+:func:`torch.func.functional_call`, runs every member's forward and backward pass through the
+network in the same kernels, each G times larger; the epoch's evaluation scores every member
+in one pass too. The objective (each member draws its exploration from its own generator) and
+the update (one per stacked tensor) still run per member or per tensor. Whether that beats G runs in sequence depends on the device and the network:
 ``brainprop bench --stack G`` measures it side by side.
 
 Each member stays an ordinary run, with its own :class:`~brainprop.train.Trainer` (model,
@@ -50,9 +51,10 @@ from .data.batches import num_batches, ordered_batches, permuted_batches
 from .devices import autocast, resolve_device, warn_if_slow_bf16
 from .errors import BrainPropError
 from .evaluation import EVAL_BATCH
-from .objectives import Objective, Output
+from .objectives import Objective, Output, batch_scale
 from .presets import decayed_parameters
 from .resume import checkpoint_and_config, restore
+from .step import decay_groups
 from .summary import DIVERGED, EARLY_STOPPING, MAX_EPOCHS, summarize
 from .train import (
     NonFinite,
@@ -92,23 +94,20 @@ class StackedSGD(torch.optim.Optimizer):
         self, decayed: list[torch.Tensor], rest: list[torch.Tensor], weight_decay: float,
         rates: torch.Tensor,
     ) -> None:  # fmt: skip
-        groups = [
-            {"params": decayed, "weight_decay": weight_decay},
-            {"params": rest, "weight_decay": 0.0},
-        ]
-        super().__init__([g for g in groups if g["params"]], {"lr": 1.0, "weight_decay": 0.0})
+        super().__init__(
+            decay_groups(decayed, rest, weight_decay), {"lr": 1.0, "weight_decay": 0.0}
+        )
         self.rates = rates
 
     @torch.no_grad()
     def step(self, closure: None = None) -> None:  # type: ignore[override]
         for group in self.param_groups:
+            decay, rates = group["weight_decay"], group["lr"] * self.rates
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                decay = group["weight_decay"]
                 d = p.grad if decay == 0 else p.grad.add(p, alpha=decay)
-                rate = (group["lr"] * self.rates).view(-1, *(1,) * (p.dim() - 1))
-                p.sub_(d * rate)
+                p.sub_(d * rates.view(-1, *(1,) * (p.dim() - 1)))
 
 
 class Stack:
@@ -183,8 +182,8 @@ class Stack:
         outs = [self.objective(q[g], y[g], gen) for g, gen in enumerate(self.generators)]
         loss = torch.stack([o.loss for o in outs])
         total = loss.sum()
-        if self.objective.sums_over_nominal_batch and y.shape[1] != self.batch_size:
-            total = total * (y.shape[1] / self.batch_size)
+        if (scale := batch_scale(self.objective, y.shape[1], self.batch_size)) != 1:
+            total = total * scale
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         self.optimizer.step()
@@ -458,7 +457,7 @@ class _StackedRun:
         config, trainers = self.config, [m.trainer for m in self.members]
         return Stack(
             [t.model for t in trainers], [t.generator for t in trainers], trainers[0].objective,
-            weight_decay=2 * config.l2, batch_size=config.batch_size, bf16=config.bf16,
+            weight_decay=config.weight_decay, batch_size=config.batch_size, bf16=config.bf16,
             cuda_graph=config.cuda_graph,
         )  # fmt: skip
 

@@ -1,10 +1,14 @@
 """One training step: forward, objective, backward, plain SGD update.
 
 The training loop and ``brainprop bench`` both run :func:`train_step` (through
-:func:`brainprop.fastpath.make_step`), so the benchmark times exactly what training does.
+:func:`brainprop.fastpath.make_step`), so the benchmark times exactly what training does. A
+stack of seeds has its own vmapped step, :meth:`brainprop.stacked.Stack.plain_step`, which
+shares this one's optimizer groups and short-batch scaling.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
@@ -12,18 +16,27 @@ from torch import nn
 from . import distributed
 from .config import TrainConfig
 from .devices import autocast
-from .objectives import Objective, Output
+from .objectives import Objective, Output, batch_scale
 from .presets import decayed_parameters
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.SGD:
-    """Plain SGD; Keras's l2(lambda) adds lambda*w^2 to the loss, i.e. weight decay 2*lambda."""
+    """Plain SGD, with ``config.weight_decay`` on the weights the paper decays."""
     decay, rest = decayed_parameters(model)
+    return torch.optim.SGD(
+        decay_groups(decay, rest, config.weight_decay), lr=config.lr, momentum=0.0
+    )
+
+
+def decay_groups(
+    decayed: list[torch.Tensor], rest: list[torch.Tensor], weight_decay: float
+) -> list[dict[str, Any]]:
+    """SGD parameter groups: ``weight_decay`` on ``decayed`` only; an empty group is left out."""
     groups = [
-        {"params": decay, "weight_decay": 2 * config.l2},
+        {"params": decayed, "weight_decay": weight_decay},
         {"params": rest, "weight_decay": 0.0},
     ]
-    return torch.optim.SGD([g for g in groups if g["params"]], lr=config.lr, momentum=0.0)
+    return [g for g in groups if g["params"]]
 
 
 def train_step(
@@ -58,8 +71,8 @@ def train_step(
     loss = out.loss
     if spread:
         loss = loss * parallel.loss_weight(objective, len(y))
-    elif objective.sums_over_nominal_batch and len(y) != batch_size:
-        loss = loss * (len(y) / batch_size)
+    elif (scale := batch_scale(objective, len(y), batch_size)) != 1:
+        loss = loss * scale
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if spread:
