@@ -131,7 +131,7 @@ def test_estimates_use_this_machine_and_subtract_epochs_done(tmp_path):
     conv = RunSpec(CONV, "brainprop", 1)
     measurements = load_measurements(tmp_path)
     assert ex.estimate_seconds(conv, measurements, "gpu", tmp_path) is None
-    assert ex.estimate_seconds(conv, measurements, "gpu, 4 seeds stacked", tmp_path) == 400
+    assert ex.estimate_seconds(conv, measurements, "gpu", tmp_path, stack=4) == 400
     # With the wall time recorded (a seed that outlived its stack-mates ran its last epochs
     # faster, alone), the estimate takes that, not its share times the stack's size.
     [stacked] = [m for m in measurements if m.stack == 4]
@@ -139,7 +139,7 @@ def test_estimates_use_this_machine_and_subtract_epochs_done(tmp_path):
     d["summary"]["wall_seconds"] = 120.0
     stacked.path.write_text(json.dumps(d))
     measurements = load_measurements(tmp_path)
-    assert ex.estimate_seconds(conv, measurements, "gpu, 4 seeds stacked", tmp_path) == 120
+    assert ex.estimate_seconds(conv, measurements, "gpu", tmp_path, stack=4) == 120
     # bf16 runs time only bf16 runs: 30 epochs x (2 + 1) s.
     write_measurement(tmp_path, RunSpec(CONV, "ebp", 0, bf16=True), "gpu", test_acc=0.9,
                       epochs_run=30, s_per_epoch=2.0)  # fmt: skip
@@ -154,6 +154,25 @@ def test_estimates_use_this_machine_and_subtract_epochs_done(tmp_path):
     measurements = load_measurements(tmp_path)
     assert ex.estimate_seconds(fast, measurements, "gpu, bf16", tmp_path) == 90
     assert ex.estimate_seconds(RunSpec(CONV, "ebp", 1), measurements, "gpu", tmp_path) == 300
+
+
+def test_estimates_scale_runs_that_shared_the_device_otherwise(tmp_path):
+    """A run records how many ran beside it on average, so a budget for 3 at once finds runs of
+    2 or 4: each run's device time (its wall time over its sharing) times the new sharing."""
+    conv = RunSpec(CONV, "brainprop", 9)
+    write_measurement(tmp_path, RunSpec(CONV, "brainprop", 0), "gpu", test_acc=0.9,
+                      epochs_run=10, s_per_epoch=5.0, at_once=2)  # fmt: skip
+    measurements = load_measurements(tmp_path)
+    # 10 epochs x (5 + 1) s of wall time shared by 2: 30 s of device time, 90 s for 3 at once.
+    assert ex.estimate_seconds(conv, measurements, "gpu", tmp_path, at_once=3) == 90
+    assert ex.estimate_seconds(conv, measurements, "gpu", tmp_path, at_once=2) == 60
+    # A run shared exactly as asked wins over one that needs scaling.
+    write_measurement(tmp_path, RunSpec(CONV, "brainprop", 1), "gpu", test_acc=0.9,
+                      epochs_run=10, s_per_epoch=11.0, at_once=3)  # fmt: skip
+    measurements = load_measurements(tmp_path)
+    assert ex.estimate_seconds(conv, measurements, "gpu", tmp_path, at_once=3) == 120
+    # Stacks are not scaled: a stack's step is another kernel, not a share of the device.
+    assert ex.estimate_seconds(conv, measurements, "gpu", tmp_path, stack=2) is None
 
 
 def _fake_train(calls):

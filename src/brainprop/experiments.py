@@ -36,7 +36,7 @@ from . import rundir, signals
 from .config import TrainConfig
 from .errors import BrainPropError
 from .matrix import MATRIX, PAPER_EPOCHS, RULE_ORDER, RUNS, Cell, RunSpec, plan
-from .measurements import Measurement, load_measurements, record, setup_label, sharing_label
+from .measurements import Measurement, load_measurements, record, setup_label
 from .presets import PAPER_PRESET
 from .summary import epochs_phrase
 
@@ -44,29 +44,44 @@ from .summary import epochs_phrase
 
 
 def estimate_seconds(
-    spec: RunSpec, measurements: Sequence[Measurement], machine: str, out: Path
+    spec: RunSpec,
+    measurements: Sequence[Measurement],
+    setup: str,
+    out: Path,
+    *,
+    stack: int = 1,
+    at_once: int = 1,
 ) -> float | None:
-    """Expected wall seconds left for ``spec`` on ``machine`` (with how it is shared, see
-    :func:`~brainprop.measurements.sharing_label`); None when nothing tells.
+    """Expected wall seconds left for ``spec`` on ``setup`` (see
+    :attr:`~brainprop.measurements.Measurement.setup`) in a stack of ``stack`` seeds, with
+    ``at_once`` runs sharing the device; None when nothing tells.
 
     Seconds per epoch (training and evaluation) come from finished runs of the same cell on the
-    same machine shared alike, the same rule preferred (the network is the same for both rules,
-    so the other rule is a close stand-in). The expected epochs are the mean of finished runs of
-    the cell under the same cap (epochs do not depend on the machine), those of the same rule
-    and precision preferred, then those of the same rule, then any, else the cap itself: the
-    other rule's length is a far better guess than the cap, and without it a budget that admits
-    BrainProp's runs would refuse every EBP run after them. Epochs an interrupted run already
-    has are subtracted.
+    same setup and stack size, the same rule preferred (the network is the same for both rules,
+    so the other rule is a close stand-in). Runs that shared the device as this one will are
+    preferred; others are scaled to ``at_once`` as if a run's device time did not depend on how
+    many shared the device (packing runs on a GPU usually does better than that). A run records
+    how many ran beside it on average, so an exact match cannot be required.
+
+    The expected epochs are the mean of finished runs of the cell under the same cap (epochs do
+    not depend on the machine), those of the same rule and precision preferred, then those of
+    the same rule, then any, else the cap itself: the other rule's length is a far better guess
+    than the cap, and without it a budget that admits BrainProp's runs would refuse every EBP
+    run after them. Epochs an interrupted run already has are subtracted.
     """
     same_cell = [
         m for m in measurements
         if m.cell == spec.cell and m.val == spec.val and m.preset == spec.preset
     ]  # fmt: skip
-    timed = [m for m in same_cell if m.timed_on == machine and m.summary.get("epochs_run")]
-    own = [m for m in timed if m.rule == spec.rule] or timed
+    timed = [
+        m for m in same_cell
+        if m.setup == setup and m.stack == stack and m.summary.get("epochs_run")
+    ]  # fmt: skip
+    alike = [m for m in timed if m.at_once == at_once] or timed
+    own = [m for m in alike if m.rule == spec.rule] or alike
     if not own:
         return None
-    per_epoch = fmean(_wall_seconds(m) / m.summary["epochs_run"] for m in own)
+    per_epoch = fmean(_wall_seconds(m) * at_once / m.at_once / m.summary["epochs_run"] for m in own)
     # Runs that finished no epoch (diverged at once) say nothing about a run's length.
     capped = [
         m for m in same_cell if m.max_epochs == spec.max_epochs and m.summary["epochs_run"] > 0
@@ -258,9 +273,10 @@ class _Budget:
             return True
         left = self.deadline - time.monotonic()
         measurements = load_measurements(self.request.out)
-        machine = sharing_label(self._setup(job), len(job), self.at_once)
+        setup, out = self._setup(job), self.request.out
         estimates = [
-            estimate_seconds(spec, measurements, machine, self.request.out) for spec in job
+            estimate_seconds(spec, measurements, setup, out, stack=len(job), at_once=self.at_once)
+            for spec in job
         ]
         estimate = None if None in estimates else max(e for e in estimates if e is not None)
         if left > 0 and (estimate is None or estimate <= left):

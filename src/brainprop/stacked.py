@@ -6,8 +6,8 @@ weights are stacked into tensors ``[G, ...]``, and one step, ``torch.vmap`` over
 :func:`torch.func.functional_call`, runs every member's forward and backward pass through the
 network in the same kernels, each G times larger; the epoch's evaluation scores every member
 in one pass too. The objective (each member draws its exploration from its own generator) and
-the update (one per stacked tensor) still run per member or per tensor. Whether that beats G runs in sequence depends on the device and the network:
-``brainprop bench --stack G`` measures it side by side.
+the update still run per member and per stacked tensor. Whether that beats G runs in sequence
+depends on the device and the network: ``brainprop bench --stack G`` measures it side by side.
 
 Each member stays an ordinary run, with its own :class:`~brainprop.train.Trainer` (model,
 generator, history, early stopping), run directory, checkpoints and summary. Its module's
