@@ -238,6 +238,9 @@ def test_cpu_peak_estimate():
     intel = cpu_peak(1, AMD.replace("AuthenticAMD", "GenuineIntel"))
     assert intel is not None and intel.tflops == pytest.approx(16 * 2 * 2 * 2.596146e9 / 1e12)
     assert "assumed" in amd.source
+    # Zen 4 splits AVX-512 in two; Zen 5 server cores do not, and cpuinfo does not tell them
+    # apart, so the width is said to be assumed.
+    assert "(AVX-512 on 256-bit units, assumed)" in amd.source
     assert cpu_peak(2, "vendor_id\t: AuthenticAMD\nflags\t: avx2\n") is None
 
 

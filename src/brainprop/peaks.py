@@ -83,7 +83,9 @@ def cpu_peak(threads: int, cpuinfo_text: str | None = None, bf16: bool = False) 
     share its vector units; :func:`~brainprop.devices.physical_cores`).
 
     fp32: cores x fp32 lanes x 2 (FMA) x 2 FMA pipes x clock. The lanes follow the widest
-    vector flag, except that AMD cores (Zen 4) run AVX-512 as two 256-bit halves; two FMA pipes
+    vector flag, except that AMD cores are taken to run AVX-512 as two 256-bit halves, as Zen 4
+    does (cpuinfo does not tell Zen 5 server cores, which have full 512-bit units and twice
+    this peak, from those; the label says it is assumed: pass ``--peak-tflops``); two FMA pipes
     is what recent x86 server and desktop cores have (an assumption: cpuinfo does not say); the
     clock is cpuinfo's ``cpu MHz``, the nominal clock on a VM (turbo may beat it).
 
@@ -109,7 +111,7 @@ def cpu_peak(threads: int, cpuinfo_text: str | None = None, bf16: bool = False) 
     if "avx512f" in flags and vendor != "AuthenticAMD":
         lanes, isa = 16, "AVX-512"
     elif "avx2" in flags or "avx" in flags:
-        lanes, isa = 8, "AVX-512 on 256-bit units" if "avx512f" in flags else "AVX2"
+        lanes, isa = 8, "AVX-512 on 256-bit units, assumed" if "avx512f" in flags else "AVX2"
     else:
         lanes, isa = 4, "SSE"
     fma = 2 if "fma" in flags or "avx512f" in flags else 1
