@@ -16,6 +16,7 @@ from brainprop.errors import BrainPropError
 from brainprop.matrix import Cell, RunSpec
 from brainprop.measurements import MEASUREMENTS, load_measurements
 from brainprop.measurements import write_measurement as write_measurement_record
+from brainprop.presets import PAPER
 from brainprop.report import (
     PUBLISHED,
     README_END,
@@ -199,6 +200,24 @@ def test_a_count_that_is_not_a_whole_number_is_a_one_line_error(tmp_path, capsys
         load_measurements(tmp_path)
     assert main(["reproduce", "--report-only", "--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_a_run_of_another_version_of_its_presets_table_is_refused(tmp_path, capsys):
+    """Rows are pooled and described by preset name: a run that took an older row of the table
+    would pass for one of the current settings."""
+    _cell_runs(tmp_path, CONV, GPU, [0.99], [], [60], [])
+    [m] = load_measurements(tmp_path)
+    d = json.loads(m.path.read_text())
+    row = PAPER[("mnist", "conv")]
+    ran = {"lr": row.lr, "batch_size": row.batch_size, "dropout": list(row.dropout)}
+    m.path.write_text(json.dumps(d | {"config": ran}))
+    assert len(load_measurements(tmp_path)) == 1  # what the paper's row has now
+    m.path.write_text(json.dumps(d | {"config": ran | {"lr": 7.5}}))
+    with pytest.raises(BrainPropError, match=r"ran with lr 7\.5, but preset 'paper' now has 0\.1"):
+        load_measurements(tmp_path)
+    assert main(["reproduce", "--report-only", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "give the settings it ran with a preset of their own" in err
 
 
 def test_unreadable_duplicated_or_foreign_measurements_are_one_line_errors(tmp_path):

@@ -9,6 +9,7 @@ in by copying its files; :mod:`brainprop.report` reads them all.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,7 +19,7 @@ from . import rundir
 from .checkpoint import atomic_write_json, make_folder
 from .errors import BrainPropError
 from .matrix import RULE_ORDER, Cell, RunSpec
-from .presets import PAPER_PRESET
+from .presets import DATASET_FAMILY, PAPER_PRESET, PRESETS
 from .summary import check_summary
 
 MEASUREMENTS = "measurements"
@@ -181,7 +182,7 @@ def _read_measurement(path: Path) -> Measurement:
         stack, at_once = _whole(d, "stack", 1), _whole(d, "runs_at_once", 1)
         if stack < 1 or at_once < 1:
             raise ValueError(f"stack {stack} or runs_at_once {at_once} below 1")
-        return Measurement(
+        m = Measurement(
             str(d["run"]), Cell(str(d["dataset"]), str(d["arch"])), str(d["rule"]),
             _whole(d, "seed"), _opt_whole(d, "val"), _opt_whole(d, "max_epochs"),
             str(d["machine"]), summary, path, str(d.get("preset", PAPER_PRESET)), stack, at_once,
@@ -189,6 +190,31 @@ def _read_measurement(path: Path) -> Measurement:
         )  # fmt: skip
     except (KeyError, TypeError, ValueError) as e:
         raise BrainPropError(f"{path} is not a brainprop measurement ({e}): {fix}") from None
+    _check_settings(path, d, m)
+    return m
+
+
+def _check_settings(path: Path, d: dict[str, Any], m: Measurement) -> None:
+    """Refuse a run whose recorded hyperparameters are not its preset's row as this version has
+    it: the report pools and describes rows by preset name, so a run of an older table would
+    pass for one of the new. A preset or row this version lacks is described as such instead."""
+    config = d.get("config")
+    family = DATASET_FAMILY.get(m.cell.dataset, m.cell.dataset)
+    row = PRESETS.get(m.preset, {}).get((family, m.cell.arch))
+    if row is None or not isinstance(config, dict):
+        return
+    for field in dataclasses.fields(row):
+        if field.name not in config:
+            continue
+        ran, now = config[field.name], getattr(row, field.name)
+        if field.name == "dropout" and isinstance(ran, list):
+            ran = tuple(ran)
+        if ran != now:
+            raise BrainPropError(
+                f"{path} ran with {field.name} {ran!r}, but preset {m.preset!r} now has "
+                f"{now!r}: move it out of {MEASUREMENTS}/, or give the settings it ran with a "
+                "preset of their own in brainprop.presets"
+            )
 
 
 def _flag(d: dict[str, Any], key: str) -> bool:
