@@ -277,6 +277,31 @@ def test_a_run_stopped_mid_epoch_finishes_that_epoch_alone_then_joins(
     assert [h["stack_size"] for h in fresh.history] == [2, 1]
 
 
+def test_a_cut_short_epoch_ends_alone_with_its_own_random_streams(
+    tmp_path, tiny_dataset, monkeypatch
+):
+    """Its dropout masks come from the streams its checkpoint saved, as under ``train
+    --resume``, not from those of the seed built after it (each seeds the global streams)."""
+    run_epoch = Trainer.train_epoch
+
+    def stop_after_first_step(self, epoch, stop):
+        signal.raise_signal(signal.SIGINT)
+        return run_epoch(self, epoch, stop)
+
+    monkeypatch.setattr(Trainer, "train_epoch", stop_after_first_step)
+    with pytest.raises(Interrupted):
+        train(_config(tmp_path / "cut", 0, epochs=1), dataset=tiny_dataset, progress=False)
+    monkeypatch.undo()
+    shutil.copytree(tmp_path / "cut", tmp_path / "alone")
+    cut, _ = train_stacked(
+        [tmp_path / "cut" / "s0", _config(tmp_path / "cut", 1, epochs=1)],
+        dataset=tiny_dataset, progress=False,
+    )  # fmt: skip
+    alone = train(resume=tmp_path / "alone" / "s0", dataset=tiny_dataset, progress=False)
+    assert cut.config.dropout and max(cut.config.dropout) > 0
+    _same_weights(alone, cut, atol=0)
+
+
 def test_a_second_signal_quits_at_once_with_one_line(tmp_path, tiny_dataset, monkeypatch):
     def interrupt(*args, **kw):
         raise KeyboardInterrupt

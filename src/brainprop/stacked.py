@@ -234,10 +234,12 @@ class Stack:
 
 @dataclass
 class _Member:
-    """One run of a stack: its trainer and run directory."""
+    """One run of a stack: its trainer and run directory, and for a run cut short in an epoch
+    the random streams its checkpoint saved, which that epoch's end alone draws from."""
 
     trainer: Trainer
     run_path: Path
+    streams: dict[str, Any] | None = None
 
     def say(self, line: str) -> str:
         return f"seed {self.trainer.config.seed}: {line}"
@@ -319,14 +321,16 @@ def _train_held(
     # On the device before any member is built, so that the members find it there, not copy it.
     ds = ds.to(resolve_device(config.device))
     say = tqdm.write if progress else (lambda _msg: None)
-    built: list[tuple[Trainer, Path | None]] = []
+    built: list[tuple[Trainer, Path | None, dict[str, Any] | None]] = []
     # Each Trainer seeds, and each restore sets, the global streams that draw the whole stack's
     # dropout masks, so the last member's win. Members of one stack checkpoint the same streams
-    # at each epoch's end, so a stack resumed whole goes on as it would have run.
+    # at each epoch's end, so a stack resumed whole goes on as it would have run. A member cut
+    # short in an epoch keeps its own, for that epoch's end alone.
     for state, member_config, run_path in loaded:
         trainer = Trainer(member_config, ds, progress=False)
         if built:
             _share_data(built[0][0], trainer)  # drops its own copy of a held-out split
+        streams = None
         if state is not None:
             assert run_path is not None
             restore(trainer, state, ds, run_path)
@@ -335,9 +339,14 @@ def _train_held(
                 print(
                     f"brainprop: seed {member_config.seed}: {trainer.resume_note}", file=sys.stderr
                 )
-        built.append((trainer, run_path))
+            if trainer.partial is not None:
+                streams = rng.capture(trainer.generator)
+        built.append((trainer, run_path, streams))
     # Only once every member is built and restored: a bad checkpoint leaves no new run behind.
-    stacked = [_Member(trainer, run_path or _created(trainer, held)) for trainer, run_path in built]
+    stacked = [
+        _Member(trainer, run_path or _created(trainer, held), streams)
+        for trainer, run_path, streams in built
+    ]
     warn_if_slow_bf16(stacked[0].trainer.device, config.bf16)
     say(
         f"training {len(stacked)} seeds of {config.arch} on {config.dataset} with "
@@ -523,10 +532,16 @@ class _StackedRun:
         return [Scores(v, t, seconds) for v, t in zip(val, test, strict=True)]
 
     def _epoch_alone(self, m: _Member) -> None:
-        """Finish, outside any stack, the epoch that a run of its own was stopped in."""
+        """Finish, outside any stack, the epoch that a run of its own was stopped in, drawing
+        from the random streams it saved, as ``train --resume`` would; the stack's streams
+        are left as they were."""
         t = m.trainer
         try:
-            metrics = t.train_epoch(len(t.history), signals.StopRequest())
+            with rng.global_streams_kept(self.device):
+                if m.streams is not None:
+                    rng.restore(m.streams, t.generator)
+                m.streams = None
+                metrics = t.train_epoch(len(t.history), signals.StopRequest())
         except NonFinite as bad:
             self._non_finite(m, bad)
             return
@@ -549,6 +564,8 @@ class _StackedRun:
             # must not replay the others' masks.
             with rng.global_streams_kept(self.device):
                 m.trainer = rewind(t, self.ds, m.run_path)
+                if m.trainer.partial is not None:
+                    m.streams = rng.capture(m.trainer.generator)
             self.say(m.say(bad.rewound(m.trainer)))
             others = [o.trainer for o in self.members if o is not m]
             if others:
