@@ -169,14 +169,21 @@ def reproduce(request: Request, say: Callable[[str], None] = print) -> Outcome:
         raise BrainPropError(f"--stack must be >= 1, got {request.stack}")
     if request.budget_minutes is not None and not request.budget_minutes > 0:
         raise BrainPropError(f"--budget-minutes must be > 0, got {request.budget_minutes}")
-    if request.cuda_graph:
-        from .devices import resolve_device
+    from .devices import resolve_device
 
-        if (kind := resolve_device(request.device).type) != "cuda":
-            raise BrainPropError(
-                f"--cuda-graph needs a CUDA device, and these runs would be on {kind} (--device "
-                f"{request.device}): drop --cuda-graph"
-            )
+    kind = resolve_device(request.device).type
+    if request.cuda_graph and kind != "cuda":
+        raise BrainPropError(
+            f"--cuda-graph needs a CUDA device, and these runs would be on {kind} (--device "
+            f"{request.device}): drop --cuda-graph"
+        )
+    if kind == "cpu" and request.jobs > (cores := os.cpu_count() or 1):
+        # Each run records one thread as its machine, which would no longer mean one core.
+        raise BrainPropError(
+            f"--jobs {request.jobs} is more runs than this machine's {cores} CPU "
+            f"core{'s' * (cores > 1)}: they would take turns on them, and each run's s/epoch "
+            f"would measure the sharing; pass --jobs {cores} or fewer"
+        )
     outcome = Outcome()
     specs = request.specs()
     measured = {m.run for m in load_measurements(request.out)}
@@ -483,15 +490,7 @@ def _run_in_workers(
     # On a CPU, workers split the cores instead of each taking them all.
     cores = os.cpu_count() or 1
     on_cpu = resolve_device(request.device).type == "cpu"
-    threads = max(1, cores // request.jobs) if on_cpu else None
-    if on_cpu and request.jobs > cores and jobs:
-        # A measurement's machine label says one thread per run, which no longer means one
-        # core: the seconds it records are the sharing's, and nothing else would say so.
-        on = f"{cores} CPU core{'s' * (cores > 1)}"
-        say(
-            f"reproduce: {request.jobs} runs at once on {on} take turns on them, so their "
-            f"s/epoch measure the sharing; --jobs {cores} gives each run a core of its own"
-        )
+    threads = cores // request.jobs if on_cpu else None  # reproduce() allows no more jobs
     budget = _Budget(request, threads)
     queue = list(jobs)
     running: dict[int, tuple[Job, Any, Connection]] = {}
