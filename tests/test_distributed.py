@@ -71,6 +71,16 @@ def test_world_of_one_from_torchrun_is_the_plain_run(tmp_path: Path, monkeypatch
         assert torch.equal(tensor, one.model.state_dict()[key]), key
 
 
+@pytest.mark.parametrize("text", ["inf", "1e20", "nan", "0", "-5", "soon"])
+def test_a_bad_timeout_is_a_one_line_error(text: str, monkeypatch) -> None:
+    """Infinity passed a plain "> 0" check, then overflowed timedelta with a traceback."""
+    for name, value in {"WORLD_SIZE": "2", "RANK": "0", "BRAINPROP_DIST_TIMEOUT": text}.items():
+        monkeypatch.setenv(name, value)
+    error = pytest.raises(BrainPropError, match=r"give a positive number of seconds below 1e9$")
+    with error, joined():
+        pass
+
+
 def test_global_batch_must_split_evenly() -> None:
     with pytest.raises(BrainPropError, match="--global-batch 10 does not split evenly over 3"):
         Context(0, 3).global_batch(4, 10)

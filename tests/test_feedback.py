@@ -11,6 +11,7 @@ from torch import nn
 from brainprop import EBP, FEEDBACK_MODES, BrainProp, build_model, convert
 from brainprop.errors import BrainPropError
 from brainprop.feedback import exact_gradients, feedback_weight
+from brainprop.layers import LocallyConnected2d
 from brainprop.presets import decayed_parameters
 
 
@@ -268,3 +269,61 @@ def test_bf16_autocast_gives_the_fp32_gradients_within_bf16_noise(arch, mode):
     for exact, low in zip(*grads, strict=True):
         assert low.dtype == exact.dtype
         assert (low - exact).norm() <= 0.25 * exact.norm()
+
+
+def _mlp() -> nn.Sequential:
+    torch.manual_seed(3)
+    return nn.Sequential(
+        nn.Linear(6, 5, bias=False), nn.ReLU(), nn.Linear(5, 4, bias=False), nn.ReLU(),
+        nn.Linear(4, 3, bias=False),
+    )  # fmt: skip
+
+
+def test_direct_feedback_never_takes_an_earlier_steps_output_error():
+    """With the output layer's weight frozen it sends no error: the layers below must say so,
+    not train on the error the last step left behind."""
+    model = _mlp()
+    convert(model, "direct", generator=torch.Generator().manual_seed(0))
+    x, y = torch.rand(8, 6), torch.arange(8) % 3
+    _step(model, x, y)
+    model.zero_grad()
+    model[-1].weight.requires_grad_(False)
+    with pytest.raises(BrainPropError, match="before the output layer sent its error"):
+        _step(model, x, y)
+
+
+def test_direct_feedback_whose_last_module_is_not_the_output_is_a_clear_error():
+    class Backwards(nn.Module):  # the classifier is defined first, so it is not last in order
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = nn.Linear(5, 3, bias=False)
+            self.body = nn.Linear(6, 5, bias=False)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.body(x)))
+
+    model = Backwards()
+    convert(model, "direct", generator=torch.Generator().manual_seed(0))
+    with pytest.raises(BrainPropError, match="last converted layer in module order must be"):
+        _step(model, torch.rand(4, 6), torch.arange(4) % 3)
+
+
+def test_a_converted_locally_connected_layer_checks_its_input_size():
+    model = nn.Sequential(LocallyConnected2d(1, 2, (6, 8), 3))
+    convert(model, "random", generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"built for \[B, C, 6, 8\] inputs"):
+        model(torch.rand(1, 1, 8, 6, requires_grad=True))
+
+
+def test_rmsnorm_keeps_its_exact_gradient_beside_converted_layers():
+    model = nn.Sequential(nn.Linear(6, 5, bias=False), nn.RMSNorm(5), nn.Linear(5, 3, bias=False))
+    report = convert(model, "random", generator=torch.Generator().manual_seed(0))
+    assert ("1", "RMSNorm") in report.exact
+
+
+def test_a_constant_locally_connected_weight_takes_the_fan_in_scale():
+    """LocallyConnected2d's weight is [positions, fan_in, out]: its fan-in is the middle size."""
+    layer = LocallyConnected2d(2, 7, (5, 5), 3)
+    nn.init.zeros_(layer.weight)
+    convert(nn.Sequential(layer), "direct", generator=torch.Generator().manual_seed(0))
+    assert float(layer.feedback_scale) == pytest.approx(1 / (2 * 3 * 3) ** 0.5)

@@ -86,7 +86,9 @@ def test_checkpoint_round_trip_and_evaluate(tmp_path, tiny_dataset):
     run = train(_config(tmp_path), dataset=tiny_dataset, progress=False)
     state = torch.load(run.dir / "best.pt", weights_only=True)
     assert state["epoch"] == run.summary["best_epoch"]
+    before = torch.get_rng_state()
     model, _ = load_model(run.dir)
+    assert torch.equal(torch.get_rng_state(), before)  # its weights are the checkpoint's
     ds = tiny_dataset
     assert accuracy(model, ds.test_x, ds.test_y) == run.summary["best_val_acc"]
     result = evaluate(run.dir, dataset=ds, device="cpu")

@@ -590,8 +590,11 @@ def _timeout() -> float:
         value = float(text)
     except ValueError:
         value = -1.0
-    if not value > 0:
-        raise BrainPropError(f"${ENV_TIMEOUT} is {text!r}: give a positive number of seconds")
+    # timedelta overflows past about 3e13 s (a million years); infinity has no timedelta.
+    if not 0 < value < 1e9:
+        raise BrainPropError(
+            f"${ENV_TIMEOUT} is {text!r}: give a positive number of seconds below 1e9"
+        )
     return value
 
 

@@ -32,10 +32,12 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bf16: bool = Fa
     was_training = model.training
     model.eval()
     correct = torch.zeros((), dtype=torch.int64, device=x.device)
-    with autocast(x.device, bf16):
-        for xb, yb in ordered_batches(x, y, EVAL_BATCH):
-            correct += (model(xb).argmax(dim=1) == yb).sum()
-    model.train(was_training)
+    try:
+        with autocast(x.device, bf16):
+            for xb, yb in ordered_batches(x, y, EVAL_BATCH):
+                correct += (model(xb).argmax(dim=1) == yb).sum()
+    finally:
+        model.train(was_training)
     return correct.item() / max(len(y), 1)
 
 
@@ -68,8 +70,11 @@ def load_model(
         held = sum(t.numel() for t in stored.values() if isinstance(t, torch.Tensor))
         if wanted > held:
             raise ValueError(f"it declares {wanted:,} weights but holds {held:,}")
-        model = build_model(config.arch, shape, classes, hp)
-        convert(model, config.feedback)
+        # The checkpoint overwrites every weight drawn here (PyTorch's layers draw their
+        # default ones from the global stream): the caller's streams stay as they were.
+        with torch.random.fork_rng(devices=[]):
+            model = build_model(config.arch, shape, classes, hp)
+            convert(model, config.feedback)
         model.load_state_dict(stored)
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
         raise BrainPropError(

@@ -60,14 +60,13 @@ __all__ = [
     "direct_matrix",
     "exact_gradients",
     "feedback_weight",
-    "is_output_layer",
     "layer_mode",
 ]
 
 FEEDBACK_MODES: tuple[str, ...] = ("symmetric", "reciprocal", "random", "sign", "direct")
 
 #: Layers whose parameters act within one unit (a gain, a shift) and keep their exact gradient.
-_UNIT_LOCAL = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+_UNIT_LOCAL = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
 _FORCE = threading.local()
 
 
@@ -110,12 +109,6 @@ def feedback_weight(layer: nn.Module) -> torch.Tensor | None:
     if mode == "direct":
         return None
     return layer.feedback_weight
-
-
-def is_output_layer(layer: nn.Module) -> bool:
-    """Whether ``layer`` is the output layer of a ``direct``-mode network (its gradient is e)."""
-    link = getattr(layer, "_direct_link", None)
-    return link is not None and link.output is layer
 
 
 def direct_matrix(
@@ -247,7 +240,11 @@ class _DirectInject(torch.autograd.Function):
         gx = None
         if ctx.needs_input_grad[1]:
             if link.error is None:
-                raise RuntimeError("direct feedback reached a layer before the output layer")
+                raise BrainPropError(
+                    "direct feedback reached a layer before the output layer sent its error: "
+                    "the last converted layer in module order must be the network's output, "
+                    "with a weight that trains"
+                )
             e = link.error
             d = direct_matrix(layer, e.shape[1], ctx.x_shape[1:].numel(), e.dtype, e.device)
             gx = e.matmul(d).reshape(ctx.x_shape)
@@ -258,13 +255,26 @@ class _DirectInject(torch.autograd.Function):
 
 
 def _active(layer: nn.Module) -> bool:
-    # Evaluation and no-grad forwards take the plain op: feedback only matters for a backward.
+    # No-grad forwards (evaluation runs under inference_mode) and frozen weights take the plain
+    # op: feedback only matters for a backward.
     return (
         torch.is_grad_enabled()
         and layer.weight.requires_grad
         and layer.feedback_mode != "symmetric"
         and not _forced_symmetric()
     )
+
+
+def _plain(layer: nn.Module) -> bool:
+    """Whether ``layer`` takes the plain op in this forward. A ``direct``-mode output layer
+    that does sends no error in the coming backward, so the one it holds, an earlier step's,
+    is dropped: the layers below must not take it for this step's."""
+    if _active(layer):
+        return False
+    link = getattr(layer, "_direct_link", None)
+    if link is not None and link.output is layer:
+        link.error = None
+    return True
 
 
 def _direct(layer: nn.Module, x: torch.Tensor, op) -> torch.Tensor:
@@ -274,7 +284,7 @@ def _direct(layer: nn.Module, x: torch.Tensor, op) -> torch.Tensor:
 class _LinearMixin:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[..., in] -> [..., out]`` with the layer's feedback pathway."""
-        if not _active(self):
+        if _plain(self):
             return F.linear(x, self.weight, self.bias)
         if self.feedback_mode == "direct":
             return _direct(self, x, lambda xd: F.linear(xd, self.weight, self.bias))
@@ -293,7 +303,7 @@ def _conv_padding(layer: nn.Conv2d) -> tuple[int, int]:
 class _ConvMixin:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[N, C_in, H, W] -> [N, C_out, H_out, W_out]`` with the layer's feedback pathway."""
-        if _active(self) and self.feedback_mode == "direct":
+        if not _plain(self) and self.feedback_mode == "direct":
             # Inject at the layer's own input, before any explicit pad (Conv2dSame).
             return _direct(self, x, super().forward)
         return super().forward(x)
@@ -308,7 +318,7 @@ class _ConvMixin:
 class _LocallyConnectedMixin:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[N, C_in, H, W] -> [N, C_out, H_out, W_out]`` with the layer's feedback pathway."""
-        if not _active(self):
+        if _plain(self):
             return super().forward(x)
         if self.feedback_mode == "direct":
             return _direct(self, x, super().forward)
@@ -410,15 +420,18 @@ def _check(name: str, module: nn.Module) -> None:
             )
 
 
-def _scale(w: torch.Tensor) -> float:
+def _scale(layer: nn.Module) -> float:
     """std(W); for a constant W (e.g. zeros) the default init scale 1/sqrt(fan_in) instead."""
-    std = float(w.detach().double().std()) if w.numel() > 1 else 0.0
-    return std if std > 0 else 1.0 / max(w[0].numel(), 1) ** 0.5
+    w = layer.weight.detach()
+    std = float(w.double().std()) if w.numel() > 1 else 0.0
+    # A LocallyConnected2d weight is [positions, fan_in, out]; the others lead with the outputs.
+    fan_in = w.shape[1] if isinstance(layer, LocallyConnected2d) else w[0].numel()
+    return std if std > 0 else 1.0 / max(fan_in, 1) ** 0.5
 
 
-def _random_like(w: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def _random_like(w: torch.Tensor, scale: float, generator: torch.Generator | None) -> torch.Tensor:
     noise = torch.randn(w.shape, generator=generator, dtype=torch.float64)
-    return (noise * _scale(w)).to(dtype=w.dtype, device=w.device)
+    return (noise * scale).to(dtype=w.dtype, device=w.device)
 
 
 def _strip(layer: nn.Module) -> None:
@@ -475,18 +488,18 @@ def convert(
             continue
         m.__class__ = _converted_class(type(m))
         m.feedback_mode = feedback
-        w = m.weight
+        w, scale = m.weight, _scale(m)
         if feedback == "reciprocal":
-            m.feedback_weight = nn.Parameter(_random_like(w, generator))
+            m.feedback_weight = nn.Parameter(_random_like(w, scale, generator))
             report.added += w.numel()
         elif feedback == "random":
-            m.register_buffer("feedback_weight", _random_like(w, generator))
+            m.register_buffer("feedback_weight", _random_like(w, scale, generator))
             report.added += w.numel()
         elif feedback == "direct":
             seed = torch.randint(0, 2**62, (), generator=generator)
             m.register_buffer("feedback_seed", seed.to(device=w.device))
             m.register_buffer(
-                "feedback_scale", torch.tensor(_scale(w), dtype=torch.float64, device=w.device)
+                "feedback_scale", torch.tensor(scale, dtype=torch.float64, device=w.device)
             )
             m._direct_link = link
             report.added += 2

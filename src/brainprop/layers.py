@@ -223,13 +223,14 @@ class LocallyConnected2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, C_in, H, W] -> [B, C_out, H_out, W_out]``."""
-        _check_input_size(x, self.input_size, type(self).__name__)
         y = self.image(torch.bmm(self.patches(x), self.weight))
         return y if self.bias is None else y + self.bias
 
     def patches(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, C_in, H, W] -> [L, B, k_h * k_w * C_in]``: each output position's input patch,
-        padded as the layer pads, in the order of the weight's rows."""
+        padded as the layer pads, in the order of the weight's rows. Every forward, plain or
+        with a feedback pathway, goes through here, so the input size is checked here."""
+        _check_input_size(x, self.input_size, type(self).__name__)
         if self.explicit_pad:
             x = F.pad(x, self.explicit_pad)
         (k_h, k_w), (s_h, s_w) = self.kernel_size, self.stride

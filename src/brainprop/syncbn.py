@@ -60,9 +60,10 @@ class _Synchronised(nn.modules.batchnorm._BatchNorm):
         dims = [0, *range(2, xf.dim())]
         n = xf.numel() // channels
         s1 = xf.sum(dims)
-        # Each rank's squared deviations from its own mean, combined over the ranks in float64
-        # (Chan et al.'s pairwise update): E[x^2] - E[x]^2 in fp32 would cancel catastrophically
-        # for channels whose mean is large next to their spread.
+        # Each rank's squared deviations from its own mean, taken in its precision, then
+        # turned back into a sum of squares (m2 + s1^2 / n) in float64 and summed over the
+        # ranks: E[x^2] - E[x]^2 straight from fp32 sums would cancel catastrophically for
+        # channels whose mean is large next to their spread.
         m2 = (xf - _channels(s1 / max(n, 1), xf)).square().sum(dims)
         s1 = s1.double()
         local = torch.cat([s1.new_full((1,), n), s1, m2.double() + s1.square() / max(n, 1)])
