@@ -168,6 +168,9 @@ def test_mid_epoch_checkpoint_records_the_position(tmp_path: Path, ds, monkeypat
         (lambda s: s["partial"].update(loss_sum=torch.tensor(3)), "position is malformed"),
         (lambda s: s["partial"].update(first_bad=torch.tensor(-1.0)), "position is malformed"),
         (lambda s: s["partial"].update(step=10**6), "position is past the end of an epoch"),
+        # A torchrun checkpoint's per-rank sums, read only when the epoch ends.
+        (lambda s: s["partial"].update(rank_sums=[torch.zeros(2)]), "position is malformed"),
+        (lambda s: s["partial"].update(rank_sums="0,0,0,0"), "position is malformed"),
         (lambda s: s.update(lr_scale=float("nan")), "learning-rate scale is out of range"),
         (lambda s: s.update(lr_scale=-0.5), "learning-rate scale is out of range"),
         (lambda s: s["early_stopping"].update(best=10**400), "int too large"),

@@ -139,7 +139,10 @@ def _resolve_stored(config: TrainConfig, source: Path) -> TrainConfig:
 #: The history columns the loop itself reads back (summary, best epoch, plots).
 _ROW_NUMBERS = ("epoch", "lr", "train_loss", "train_reward", "val_acc", "test_acc", "seconds",
                 "eval_seconds")  # fmt: skip
-PARTIAL_SUMS = ("loss_sum", "reward_sum", "explored_sum", "first_bad")
+#: An interrupted epoch's running sums, added to in float (each rank its own under torchrun),
+#: and with them the first bad step, an index.
+FLOAT_SUMS = ("loss_sum", "reward_sum", "explored_sum")
+PARTIAL_SUMS = (*FLOAT_SUMS, "first_bad")
 
 
 def history_ok(history: Any) -> bool:
@@ -165,10 +168,19 @@ def partial_ok(partial: Any) -> bool:
         and all(
             isinstance(partial.get(k), torch.Tensor) and partial[k].dim() == 0 for k in PARTIAL_SUMS
         )
-        # The sums are added to in float, the first bad step is an index.
-        and all(partial[k].is_floating_point() for k in PARTIAL_SUMS if k != "first_bad")
+        and all(partial[k].is_floating_point() for k in FLOAT_SUMS)
         and not partial["first_bad"].is_floating_point()
         and not partial["first_bad"].is_complex()
+        and _rank_sums_ok(partial.get("rank_sums"))
+    )
+
+
+def _rank_sums_ok(sums: Any) -> bool:
+    """A torchrun checkpoint's per-rank running sums (``distributed.Context.shares``): one
+    tensor of the float sums per rank; None in a checkpoint of one process."""
+    return sums is None or (
+        isinstance(sums, list)
+        and all(isinstance(s, torch.Tensor) and s.shape == (len(FLOAT_SUMS),) for s in sums)
     )
 
 
