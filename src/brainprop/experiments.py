@@ -490,7 +490,7 @@ def _run_in_workers(
     # On a CPU, workers split the cores instead of each taking them all.
     cores = os.cpu_count() or 1
     on_cpu = resolve_device(request.device).type == "cpu"
-    threads = cores // request.jobs if on_cpu else None  # reproduce() allows no more jobs
+    threads = cores // request.jobs if on_cpu else None  # >= 1: reproduce() caps the jobs
     budget = _Budget(request, threads)
     queue = list(jobs)
     running: dict[int, tuple[Job, Any, Connection]] = {}

@@ -394,9 +394,9 @@ def to_json(results: Sequence[CellResult], count: int, machines: Sequence[str]) 
 
 
 def _no_full_paper_run(results: Sequence[CellResult]) -> list[Cell]:
-    """The matrix cells with no full-length fp32 run of the paper's preset (uncapped, or
-    stopped by early stopping before its cap): cut-short runs and other settings show that a
-    cell runs, not what the paper's claims are about."""
+    """The matrix cells with no full-length fp32 run of the paper's preset (see :func:`_full`):
+    cut-short or diverged runs and other settings show that a cell runs, not what the paper's
+    claims are about."""
     full = {r.cell for r in results if r.preset == PAPER_PRESET and not r.bf16 and _full(r)}
     return [c for c in MATRIX if c not in full]
 
