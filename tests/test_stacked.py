@@ -277,11 +277,9 @@ def test_a_run_stopped_mid_epoch_finishes_that_epoch_alone_then_joins(
     assert [h["stack_size"] for h in fresh.history] == [2, 1]
 
 
-def test_a_cut_short_epoch_ends_alone_with_its_own_random_streams(
-    tmp_path, tiny_dataset, monkeypatch
-):
-    """Its dropout masks come from the streams its checkpoint saved, as under ``train
-    --resume``, not from those of the seed built after it (each seeds the global streams)."""
+def _cut_in_its_first_epoch(tmp_path, tiny_dataset, monkeypatch, **kw) -> None:
+    """Train seed 0 into ``tmp_path/cut`` and stop it at its first step, then copy that run
+    directory to ``tmp_path/alone``: two identical runs cut short in epoch 1."""
     run_epoch = Trainer.train_epoch
 
     def stop_after_first_step(self, epoch, stop):
@@ -290,9 +288,17 @@ def test_a_cut_short_epoch_ends_alone_with_its_own_random_streams(
 
     monkeypatch.setattr(Trainer, "train_epoch", stop_after_first_step)
     with pytest.raises(Interrupted):
-        train(_config(tmp_path / "cut", 0, epochs=1), dataset=tiny_dataset, progress=False)
+        train(_config(tmp_path / "cut", 0, **kw), dataset=tiny_dataset, progress=False)
     monkeypatch.undo()
     shutil.copytree(tmp_path / "cut", tmp_path / "alone")
+
+
+def test_a_cut_short_epoch_ends_alone_with_its_own_random_streams(
+    tmp_path, tiny_dataset, monkeypatch
+):
+    """Its dropout masks come from the streams its checkpoint saved, as under ``train
+    --resume``, not from those of the seed built after it (each seeds the global streams)."""
+    _cut_in_its_first_epoch(tmp_path, tiny_dataset, monkeypatch, epochs=1)
     cut, _ = train_stacked(
         [tmp_path / "cut" / "s0", _config(tmp_path / "cut", 1, epochs=1)],
         dataset=tiny_dataset, progress=False,
@@ -358,18 +364,7 @@ def test_a_nan_while_a_cut_short_epoch_ends_alone_rewinds_as_a_run_of_its_own(
 ):
     """Back to the end of the last finished epoch (here, none: the initial state), and no
     later checkpoint keeps the old mid-epoch position."""
-    kw = dict(dropout=(0.0,), on_nan="reload")
-    run_epoch = Trainer.train_epoch
-
-    def stop_after_first_step(self, epoch, stop):
-        signal.raise_signal(signal.SIGINT)
-        return run_epoch(self, epoch, stop)
-
-    monkeypatch.setattr(Trainer, "train_epoch", stop_after_first_step)
-    with pytest.raises(Interrupted):
-        train(_config(tmp_path / "cut", 0, **kw), dataset=tiny_dataset, progress=False)
-    monkeypatch.undo()
-    shutil.copytree(tmp_path / "cut", tmp_path / "alone")
+    _cut_in_its_first_epoch(tmp_path, tiny_dataset, monkeypatch, dropout=(0.0,), on_nan="reload")
     # Call 3 is the fourth step of the cut-short epoch, finished outside any stack.
     inject(monkeypatch, {3: poison})
     (stacked_run,) = train_stacked([tmp_path / "cut" / "s0"], dataset=tiny_dataset,
