@@ -590,7 +590,7 @@ def _timeout() -> float:
         value = float(text)
     except ValueError:
         value = -1.0
-    # timedelta overflows past about 3e13 s (a million years); infinity has no timedelta.
+    # timedelta holds at most about 8.6e13 s and infinity not at all; 1e9 s is 32 years.
     if not 0 < value < 1e9:
         raise BrainPropError(
             f"${ENV_TIMEOUT} is {text!r}: give a positive number of seconds below 1e9"
