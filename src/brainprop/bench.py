@@ -47,7 +47,7 @@ from .evaluation import EVAL_BATCH, accuracy
 from .feedback import convert
 from .objectives import RULES, make_objective
 from .peaks import Peak, Peaks, device_peaks, op_precisions, precision_label
-from .presets import DATASET_FAMILY, PAPER, build_model
+from .presets import PAPER_PRESET, build_model, table_archs, table_row
 from .stacked import Stack
 from .step import make_optimizer
 
@@ -104,9 +104,8 @@ def parse_preset(spec: str) -> tuple[str, str]:
             f"preset {spec!r} is not dataset/arch with a known dataset: e.g. mnist/dense; "
             f"datasets are {', '.join(DATASET_SHAPES)}"
         )
-    family = DATASET_FAMILY[dataset]
-    if (family, arch) not in PAPER:
-        archs = sorted(a for f, a in PAPER if f == family)
+    if table_row(PAPER_PRESET, dataset, arch) is None:
+        archs = table_archs(PAPER_PRESET, dataset)
         raise BrainPropError(
             f"--presets {spec!r}: the paper has no {arch!r} network for {dataset}; choose "
             f"from {', '.join(f'{dataset}/{a}' for a in archs)}"

@@ -19,7 +19,7 @@ from . import rundir
 from .checkpoint import atomic_write_json, make_folder
 from .errors import BrainPropError
 from .matrix import RULE_ORDER, Cell, RunSpec
-from .presets import DATASET_FAMILY, PAPER_PRESET, PRESETS
+from .presets import PAPER_PRESET, table_row
 from .summary import check_summary
 
 MEASUREMENTS = "measurements"
@@ -199,8 +199,7 @@ def _check_settings(path: Path, d: dict[str, Any], m: Measurement) -> None:
     it: the report pools and describes rows by preset name, so a run of an older table would
     pass for one of the new. A preset or row this version lacks is described as such instead."""
     config = d.get("config")
-    family = DATASET_FAMILY.get(m.cell.dataset, m.cell.dataset)
-    row = PRESETS.get(m.preset, {}).get((family, m.cell.arch))
+    row = table_row(m.preset, m.cell.dataset, m.cell.arch)
     if row is None or not isinstance(config, dict):
         return
     for field in dataclasses.fields(row):

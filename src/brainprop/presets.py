@@ -128,18 +128,29 @@ def published_hyperparameters(
         raise BrainPropError(
             f"unknown dataset {dataset!r}: choose one of {', '.join(DATASET_FAMILY)}"
         )
-    table = PRESETS[preset]
-    row = table.get((family, arch))
+    row = table_row(preset, dataset, arch)
     if row is None:
-        valid = sorted(a for f, a in table if f == family)
+        valid = table_archs(preset, dataset)
         if not valid:
-            pairs = ", ".join(f"{f}/{a}" for f, a in table)
+            pairs = ", ".join(f"{f}/{a}" for f, a in PRESETS[preset])
             raise BrainPropError(f"preset {preset!r} has no row for {dataset}: it covers {pairs}")
         raise BrainPropError(
             f"preset {preset!r} has no {arch!r} network for {dataset}: "
             f"choose --arch from {', '.join(valid)}"
         )
     return row
+
+
+def table_row(preset: str, dataset: str, arch: str) -> Hyperparameters | None:
+    """The ``preset`` table's row for ``dataset`` and ``arch``; None where it has none, an
+    unknown preset or dataset included (a measurement from another version may name one)."""
+    return PRESETS.get(preset, {}).get((DATASET_FAMILY.get(dataset, dataset), arch))
+
+
+def table_archs(preset: str, dataset: str) -> list[str]:
+    """The architectures the ``preset`` table has a row for on ``dataset``, sorted."""
+    family = DATASET_FAMILY.get(dataset, dataset)
+    return sorted(a for f, a in PRESETS.get(preset, {}) if f == family)
 
 
 class _Stack:

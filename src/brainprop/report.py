@@ -39,7 +39,7 @@ from .checkpoint import atomic_write, atomic_write_json, atomic_write_text, make
 from .errors import BrainPropError
 from .matrix import MATRIX, RULE_ORDER, Cell
 from .measurements import MEASUREMENTS, Measurement, load_measurements
-from .presets import DATASET_FAMILY, PAPER, PAPER_PRESET, PRESETS, Hyperparameters
+from .presets import PAPER_PRESET, Hyperparameters, table_row
 from .summary import DIVERGED, EARLY_STOPPING, MAX_EPOCHS, epochs_phrase
 
 RESULTS_MD, RESULTS_JSON, RESULTS_PNG = "results.md", "results.json", "results.png"
@@ -493,8 +493,8 @@ def _settings_lines(results: Sequence[CellResult]) -> list[str]:
              "instead of the paper's:", ""]  # fmt: skip
     for preset, cell in rows:
         # A measurement merged from another version may name a preset this one lacks.
-        key = (DATASET_FAMILY.get(cell.dataset, cell.dataset), cell.arch)
-        hp, paper = PRESETS.get(preset, {}).get(key), PAPER.get(key)
+        hp = table_row(preset, cell.dataset, cell.arch)
+        paper = table_row(PAPER_PRESET, cell.dataset, cell.arch)
         lines.append(f"- {cell.label}, {preset}: {_hp_text(hp)}; the paper's: {_hp_text(paper)}")
     return lines
 
