@@ -27,6 +27,7 @@ from torch import nn
 from .checkpoint import atomic_write_figure
 from .feedback import _kind, exact_gradients, feedback_weight, layer_mode
 from .objectives import Objective
+from .rng import global_streams_kept
 
 __all__ = ["angle", "diagnostics", "plot_diagnostics", "update_alignment", "weight_alignment"]
 
@@ -75,17 +76,17 @@ def update_alignment(
     params = list(model.parameters())
     saved_grads = [p.grad for p in params]
     saved_buffers = [b.detach().clone() for b in model.buffers()]
-    cpu_rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state_all() if x.is_cuda else None
     grads: list[list[torch.Tensor]] = []
     try:
         for exact in (False, True):
-            torch.set_rng_state(cpu_rng)
-            if cuda_rng is not None:
-                torch.cuda.set_rng_state_all(cuda_rng)
-            for p in params:
-                p.grad = None
-            with exact_gradients() if exact else contextlib.nullcontext():
+            # Each pass leaves the streams as it found them, so the second replays the first's
+            # dropout masks and training goes on with the streams it had.
+            with (
+                global_streams_kept(x.device),
+                exact_gradients() if exact else contextlib.nullcontext(),
+            ):
+                for p in params:
+                    p.grad = None
                 q = model(x)
                 gen = torch.Generator(device=x.device).manual_seed(seed)
                 objective(q.float(), y, gen).loss.backward()
@@ -96,9 +97,6 @@ def update_alignment(
         with torch.no_grad():
             for b, saved in zip(model.buffers(), saved_buffers, strict=True):
                 b.copy_(saved)
-        torch.set_rng_state(cpu_rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state_all(cuda_rng)
     return {
         f"angle_update/{name}": angle(rule, exact)
         for (name, _), rule, exact in zip(layers, grads[0], grads[1], strict=True)
