@@ -328,8 +328,8 @@ def test_checkpoint_for_another_number_of_classes(run_dir: Path) -> None:
     with pytest.raises(BrainPropError) as info:
         evaluate(run_dir, dataset=make_tiny_dataset(classes=3))
     assert str(info.value) == (
-        f"{run_dir} was trained on inputs (1, 8, 8) with 4 classes, but mnist has (1, 8, 8) with "
-        "3: evaluate it on the dataset it was trained on"
+        f"{run_dir} was trained on inputs (1, 8, 8) with 4 classes, but the data has "
+        "(1, 8, 8) with 3: evaluate it on the dataset it was trained on"
     )
 
 

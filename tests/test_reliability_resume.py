@@ -382,8 +382,8 @@ def test_resume_with_data_of_another_number_of_classes(tmp_path, ds, reference) 
     with pytest.raises(BrainPropError) as info:
         train(None, resume=reference, dataset=make_tiny_dataset(classes=3), progress=False)
     assert str(info.value) == (
-        f"checkpoint in {reference} is for inputs (1, 8, 8) with 4 classes, but the data has "
-        "(1, 8, 8) with 3: resume with the dataset it was trained on"
+        f"checkpoint in {reference} was trained on inputs (1, 8, 8) with 4 classes, but the "
+        "data has (1, 8, 8) with 3: resume with the dataset it was trained on"
     )
 
 

@@ -47,6 +47,17 @@ def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
     return not checks or bool(torch.stack(checks).all())
 
 
+def check_trained_on(state: dict[str, Any], ds: Dataset, source: str, remedy: str) -> None:
+    """One-line BrainPropError unless ``ds`` has the input shape and classes of ``state``, a
+    checkpoint read from ``source``; ``remedy`` ends the message."""
+    shape, classes = tuple(state["input_shape"]), state["num_classes"]
+    if shape != ds.input_shape or classes != ds.num_classes:
+        raise BrainPropError(
+            f"{source} was trained on inputs {shape} with {classes} classes, but the data has "
+            f"{ds.input_shape} with {ds.num_classes}: {remedy}"
+        )
+
+
 def load_model(
     target: str | Path, map_location: str | torch.device = "cpu"
 ) -> tuple[nn.Module, dict[str, Any]]:
@@ -104,12 +115,7 @@ def evaluate(
         if dataset is not None
         else load_dataset(config.dataset, data_dir or config.data_dir)
     )
-    if tuple(state["input_shape"]) != ds.input_shape or state["num_classes"] != ds.num_classes:
-        raise BrainPropError(
-            f"{target} was trained on inputs {tuple(state['input_shape'])} with "
-            f"{state['num_classes']} classes, but {config.dataset} has {ds.input_shape} with "
-            f"{ds.num_classes}: evaluate it on the dataset it was trained on"
-        )
+    check_trained_on(state, ds, str(target), "evaluate it on the dataset it was trained on")
     fastpath.prepare(model.to(dev), config.eager)
     # Scored in the precision it was validated in during training.
     warn_if_slow_bf16(dev, config.bf16)

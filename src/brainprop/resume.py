@@ -19,7 +19,7 @@ from .config import TrainConfig
 from .data import Dataset
 from .data.messages import reason
 from .errors import BrainPropError
-from .evaluation import all_finite
+from .evaluation import all_finite, check_trained_on
 from .summary import epochs_phrase
 
 if TYPE_CHECKING:
@@ -234,9 +234,6 @@ def check_compatible(state: dict[str, Any], ds: Dataset, path: Path) -> None:
             f"checkpoint in {path} does not say which inputs and classes it is for: it is "
             "damaged or from another version"
         )
-    if tuple(state["input_shape"]) != ds.input_shape or state["num_classes"] != ds.num_classes:
-        raise BrainPropError(
-            f"checkpoint in {path} is for inputs {tuple(state['input_shape'])} with "
-            f"{state['num_classes']} classes, but the data has {ds.input_shape} with "
-            f"{ds.num_classes}: resume with the dataset it was trained on"
-        )
+    check_trained_on(
+        state, ds, f"checkpoint in {path}", "resume with the dataset it was trained on"
+    )
