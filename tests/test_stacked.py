@@ -35,13 +35,16 @@ def _same_weights(a, b, atol):
 
 # Not EBP on the held-out split: in its sixth step a ReLU or max-pool tie on this tiny data
 # breaks the other way under the stack's grouped convolutions, and the weights part by 2e-5.
+# loccon: its layer's patches are an autograd.Function, which vmap must batch too.
 @pytest.mark.parametrize(
-    ("rule", "val"), [("brainprop", "test"), ("ebp", "test"), ("brainprop", 64)]
-)
-def test_a_stack_trains_each_seed_as_its_own_run_would(tmp_path, tiny_dataset, rule, val):
+    ("rule", "val", "arch"),
+    [("brainprop", "test", "conv"), ("ebp", "test", "conv"), ("brainprop", 64, "conv"),
+     ("brainprop", "test", "loccon")],
+)  # fmt: skip
+def test_a_stack_trains_each_seed_as_its_own_run_would(tmp_path, tiny_dataset, rule, val, arch):
     """Without dropout (whose masks a stack draws differently) only rounding differs: the
     same shuffles, explorations, weight decay, BatchNorm statistics and accuracies."""
-    kw = dict(rule=rule, dropout=(0.0,), l2=1e-3, val=val)
+    kw = dict(rule=rule, dropout=(0.0,), l2=1e-3, val=val, arch=arch)
     alone = [
         train(_config(tmp_path / "alone", s, **kw), dataset=tiny_dataset, progress=False)
         for s in (1, 2)

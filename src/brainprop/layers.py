@@ -128,6 +128,42 @@ class Conv2dSame(nn.Conv2d):
         return f"{super().extra_repr()}, input_size={self.input_size}, tf_padding='same'"
 
 
+class _Patches(torch.autograd.Function):
+    """``[B, C, H, W] -> [L, B, k_h * k_w * C]``, the patches of :class:`LocallyConnected2d`
+    (input already padded), whose way back is one ``F.fold`` (col2im).
+
+    Autograd's own way back through the two ``Tensor.unfold`` views is two scatter passes
+    (``unfold_backward``); col2im does it in one, and made a whole ``loccon`` step 5-22 %
+    faster on a CPU (docs/performance.md, "Changes tried on the CPU step").
+    """
+
+    generate_vmap_rule = True  # a stack of seeds (brainprop.stacked) vmaps its forward
+
+    @staticmethod
+    def forward(x, kernel, stride, output_size):
+        (k_h, k_w), (s_h, s_w), (h_out, w_out) = kernel, stride, output_size
+        # Strided view [B, C, H_out, W_out, k_h, k_w]; the reshape below is the only copy.
+        # Every size is spelled out: an empty batch (an idle torchrun rank) has no -1 to infer.
+        patches = x.unfold(2, k_h, s_h).unfold(3, k_w, s_w)
+        return patches.permute(2, 3, 0, 4, 5, 1).reshape(
+            h_out * w_out, x.shape[0], k_h * k_w * x.shape[1]
+        )
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, ctx.kernel, ctx.stride, _ = inputs
+        ctx.input_shape = x.shape
+
+    @staticmethod
+    def backward(ctx, g):
+        (b, c, h, w), (k_h, k_w) = ctx.input_shape, ctx.kernel
+        positions = g.shape[0]
+        # F.fold wants [B, C * k_h * k_w, L], the patch in (C, k_h, k_w) order.
+        cols = g.reshape(positions, b, k_h, k_w, c).permute(1, 4, 2, 3, 0)
+        cols = cols.reshape(b, c * k_h * k_w, positions)
+        return F.fold(cols, (h, w), ctx.kernel, stride=ctx.stride), None, None, None
+
+
 class LocallyConnected2d(nn.Module):
     """Keras ``LocallyConnected2D``: a 2-D convolution whose filters are not shared.
 
@@ -233,14 +269,7 @@ class LocallyConnected2d(nn.Module):
         _check_input_size(x, self.input_size, type(self).__name__)
         if self.explicit_pad:
             x = F.pad(x, self.explicit_pad)
-        (k_h, k_w), (s_h, s_w) = self.kernel_size, self.stride
-        h_out, w_out = self.output_size
-        # Strided view [B, C_in, H_out, W_out, k_h, k_w]; the reshape below is the only copy.
-        # Every size is spelled out: an empty batch (an idle torchrun rank) has no -1 to infer.
-        patches = x.unfold(2, k_h, s_h).unfold(3, k_w, s_w)
-        return patches.permute(2, 3, 0, 4, 5, 1).reshape(
-            h_out * w_out, x.shape[0], k_h * k_w * self.in_channels
-        )
+        return _Patches.apply(x, self.kernel_size, self.stride, self.output_size)
 
     def image(self, y: torch.Tensor) -> torch.Tensor:
         """``[L, B, C_out] -> [B, C_out, H_out, W_out]``: the inverse arrangement of
