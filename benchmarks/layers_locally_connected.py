@@ -2,8 +2,10 @@
 
 Prints milliseconds per forward+backward pass (batch 32, float32, current device threads) for
 each variant on the four BrainProp ``loccon`` layer shapes, and for the library's
-``LocallyConnected2d`` (strided+bmm with Keras's (k_h, k_w, C_in) patch order). The library keeps
-only the fastest; the others stay here so the choice can be re-checked on other hardware::
+``LocallyConnected2d`` (strided gather in Keras's (k_h, k_w, C_in) patch order, bmm, and a
+col2im backward for the input gradient where ``strided+bmm`` has autograd's ``unfold_backward``).
+The library keeps only the fastest; the others stay here so the choice can be re-checked on
+other hardware::
 
     python benchmarks/layers_locally_connected.py [--device cuda] [--repeats 20]
 """

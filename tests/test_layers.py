@@ -128,6 +128,8 @@ def test_locally_connected_matches_loop_random(
     check_against_loop(layer, batch)
 
 
+# Forward mode makes torch register its own jvp decompositions with torch.jit.script.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 @pytest.mark.parametrize("padding", ["valid", "same"])
 def test_locally_connected_gradcheck(padding: str) -> None:
     torch.manual_seed(1)
@@ -139,7 +141,10 @@ def test_locally_connected_gradcheck(padding: str) -> None:
 
     weight = layer.weight.detach().clone().requires_grad_()
     bias = layer.bias.detach().clone().requires_grad_()
-    assert torch.autograd.gradcheck(fn, (x, weight, bias))
+    # Forward mode and vmapped gradients too: the patch gather is an autograd.Function of ours.
+    assert torch.autograd.gradcheck(
+        fn, (x, weight, bias), check_forward_ad=True, check_batched_grad=True
+    )
 
 
 @pytest.mark.parametrize(

@@ -133,8 +133,8 @@ class _Patches(torch.autograd.Function):
     (input already padded), whose way back is one ``F.fold`` (col2im).
 
     Autograd's own way back through the two ``Tensor.unfold`` views is two scatter passes
-    (``unfold_backward``); col2im does it in one, and made a whole ``loccon`` step 5-22 %
-    faster on a CPU (docs/performance.md, "Changes tried on the CPU step").
+    (``unfold_backward``); col2im does it in one, and cut a whole ``loccon`` step's time by
+    5-23 % on a CPU (docs/performance.md, "Changes tried on the CPU step").
     """
 
     generate_vmap_rule = True  # a stack of seeds (brainprop.stacked) vmaps its forward
@@ -151,8 +151,13 @@ class _Patches(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, ctx.kernel, ctx.stride, _ = inputs
+        x, ctx.kernel, ctx.stride, ctx.output_size = inputs
         ctx.input_shape = x.shape
+
+    @staticmethod
+    def jvp(ctx, x_tangent, *_):
+        # The gather is linear: a tangent's patches are its forward-mode derivative.
+        return _Patches.forward(x_tangent, ctx.kernel, ctx.stride, ctx.output_size)
 
     @staticmethod
     def backward(ctx, g):

@@ -22,7 +22,7 @@ order and BrainProp's exploration come from the member's own generator, as in a 
 own.
 
 Limits: one process (no torchrun); symmetric feedback (the other pathways are autograd
-Functions that vmap cannot batch); a stop signal is honoured at the end of the epoch.
+Functions without a vmap rule); a stop signal is honoured at the end of the epoch.
 """
 
 from __future__ import annotations
