@@ -5,6 +5,7 @@ Nothing here asserts a timing: the machine is shared, and the figures are for pe
 
 import gc
 import json
+import math
 import os
 import platform
 import weakref
@@ -12,7 +13,7 @@ import weakref
 import pytest
 import torch
 
-from brainprop import bench
+from brainprop import bench, memory
 from brainprop.bench import (
     DATASET_SHAPES,
     JSON_NAME,
@@ -314,6 +315,26 @@ def test_bad_presets_and_rules_are_clear_errors():
     assert parse_preset("cifar100-coarse/deep") == ("cifar100-coarse", "deep")
     with pytest.raises(BrainPropError, match="unknown rule"):
         run_bench(["mnist/dense"], ["sgd"], device="cpu", peak_tflops=1.0)
+
+
+@pytest.mark.parametrize("peak", [0.0, -1.0, math.nan, math.inf])
+def test_a_peak_that_is_not_a_finite_positive_number_is_refused(peak):
+    with pytest.raises(BrainPropError, match="^--peak-tflops must be a finite number > 0"):
+        device_peaks(torch.device("cpu"), False, peak)
+
+
+def test_a_stack_too_large_for_memory_is_refused_before_any_timing(tmp_path, monkeypatch):
+    # mnist/dense: 3,181,000 weights of 4 bytes; a stack of 100 needs 3 copies of each.
+    monkeypatch.setattr(memory, "available", lambda device: 3 * 100 * 3_181_000 * 4 - 1)
+    said = []
+    with pytest.raises(BrainPropError, match=r"^--stack 100 needs about 3\.6 GiB for 100 "
+                       r"mnist/dense networks' weights and gradients, more than the 3\.6 GiB "
+                       r"cpu has free: pass a smaller --stack$"):  # fmt: skip
+        run_bench(
+            ["mnist/dense"], ["ebp"], device="cpu", peak_tflops=1.0, stack=100,
+            out=tmp_path / "b", say=said.append,
+        )  # fmt: skip
+    assert said == [] and not (tmp_path / "b").exists()
 
 
 def test_cli_bench_prints_markdown_and_writes_files(tmp_path, capsys):

@@ -1,9 +1,13 @@
-"""The host-memory figures of bench and the training history, where /proc is missing."""
+"""The host-memory figures of bench and the training history, with and without /proc."""
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
+from pathlib import Path
+
+import torch
 
 from brainprop import memory
 
@@ -15,3 +19,15 @@ def test_without_proc_the_peak_is_read_in_the_platforms_unit(monkeypatch):
     assert linux >= kib * 1024 > 2**20  # at least torch's libraries, a MiB and more
     monkeypatch.setattr(sys, "platform", "darwin")  # where ru_maxrss counts bytes
     assert kib <= memory.host_rss() < linux
+
+
+def test_the_hosts_available_memory_is_read_from_proc_or_unknown(monkeypatch, tmp_path):
+    cpu = torch.device("cpu")
+    if Path("/proc/meminfo").is_file():
+        assert (
+            2**20
+            < memory.available(cpu)
+            <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        )
+    monkeypatch.setattr(memory, "Path", lambda _: tmp_path / "no-proc")
+    assert memory.available(cpu) is None

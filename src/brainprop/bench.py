@@ -47,7 +47,14 @@ from .evaluation import EVAL_BATCH, accuracy
 from .feedback import convert
 from .objectives import RULES, make_objective
 from .peaks import Peak, Peaks, device_peaks, op_precisions, precision_label
-from .presets import PAPER_PRESET, build_model, table_archs, table_row
+from .presets import (
+    DATASET_FAMILY,
+    PAPER,
+    PAPER_PRESET,
+    build_model,
+    table_archs,
+    table_row,
+)
 from .stacked import Stack
 from .step import make_optimizer
 
@@ -265,6 +272,24 @@ def _prepare(
         _conv_flops(counter), peak, [], eager, untimed,
         lambda x, y: accuracy(model, x, y, bf16), held_memory=held,
     )  # fmt: skip
+
+
+def _check_stack_fits(dataset: str, arch: str, device: torch.device, size: int) -> None:
+    """Refuse, before any timing, a stack whose weights alone would not fit, instead of
+    building networks for minutes until memory runs out."""
+    shape = DATASET_SHAPES[dataset]
+    hp = PAPER[DATASET_FAMILY[dataset], arch]  # parse_preset admitted only the table's rows
+    with torch.device("meta"):
+        model = build_model(arch, shape.image, shape.num_classes, hp)
+    one = sum(t.numel() * 4 for t in (*model.parameters(), *model.buffers()))
+    # The members' own weights, their stacked copy and its gradients.
+    need, free = 3 * size * one, memory.available(device)
+    if free is not None and need > free:
+        raise BrainPropError(
+            f"--stack {size} needs about {need / 2**30:.1f} GiB for {size} {dataset}/{arch} "
+            f"networks' weights and gradients, more than the {free / 2**30:.1f} GiB {device} "
+            "has free: pass a smaller --stack"
+        )
 
 
 def _prepare_stack(
@@ -512,6 +537,9 @@ def run_bench(
             raise BrainPropError(f"unknown rule {rule!r}: choose from {', '.join(RULES)}")
     parsed = [parse_preset(p) for p in presets]
     dev = resolve_device(device)
+    if stack > 1:
+        for dataset, arch in parsed:
+            _check_stack_fits(dataset, arch, dev, stack)
     if out is not None:
         make_folder(Path(out))  # before minutes of timing, not after
     peaks = device_peaks(dev, bf16, peak_tflops)

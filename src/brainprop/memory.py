@@ -36,6 +36,20 @@ def host_rss() -> int:
     return rss if rss is not None else _process_peak()
 
 
+def available(device: torch.device) -> int | None:
+    """Bytes that ``device`` can still give this process: free GPU memory (CUDA), or the host's
+    MemAvailable (CPU); None where the host does not say (no /proc)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def held(device: torch.device) -> int:
     """Bytes this process holds now: allocated on ``device`` (CUDA), or resident (CPU)."""
     if device.type == "cuda":

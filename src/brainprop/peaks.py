@@ -8,6 +8,7 @@ estimated from ``/proc/cpuinfo`` (:func:`cpu_peak`). ``--peak-tflops`` overrides
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -168,8 +169,8 @@ def device_peaks(device: torch.device, bf16: bool, override: float | None) -> Pe
     for its own precision; a CPU runs both in one precision, against one estimated peak.
     """
     if override is not None:
-        if not override > 0:
-            raise BrainPropError(f"--peak-tflops must be > 0, got {override}")
+        if not 0 < override < math.inf:
+            raise BrainPropError(f"--peak-tflops must be a finite number > 0, got {override}")
         return Peaks.same(Peak(override, "given with --peak-tflops"))
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
