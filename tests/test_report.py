@@ -323,6 +323,53 @@ def test_a_merged_summary_without_what_the_report_reads_is_a_one_line_error(
     assert err.count("\n") == 1 and "is not a brainprop measurement" in err
 
 
+@pytest.mark.parametrize(
+    ("key", "raw", "message"),
+    [("test_acc_at_best", "NaN", "is nan, not a finite number"),
+     ("s_per_epoch", "Infinity", "is inf, not a finite number"),
+     ("total_seconds", "-Infinity", "is -inf, not a finite number"),
+     ("wall_seconds", "NaN", "is nan, not a finite number"),
+     ("s_per_epoch", "-2.0", "is -2.0, below 0"),
+     ("best_val_acc", "1.5", "is 1.5, above 1"),
+     ("test_acc_at_best", "-0.1", "is -0.1, below 0"),
+     ("final_val_acc", "99.3", "is 99.3, above 1"),
+     ("best_epoch", "0", "is 0, below 1"),
+     ("best_epoch", "56", "best_epoch 56 is after its last epoch (epochs_run 55)")],
+)  # fmt: skip
+def test_a_summary_number_no_run_can_have_is_a_one_line_error(tmp_path, capsys, key, raw, message):
+    """Python's json writes NaN and Infinity: a damaged file must not reach the report's means."""
+    _cell_runs(tmp_path, CONV, GPU, [0.99], [], [10], [])
+    _edit_summary(tmp_path, lambda s: s.update({key: "<raw>"}))
+    [path] = (tmp_path / MEASUREMENTS).glob("*.json")
+    path.write_text(path.read_text().replace('"<raw>"', raw))
+    with pytest.raises(BrainPropError, match=rf"\(summary's {key} .*\): remove it"):
+        load_measurements(tmp_path)
+    assert main(["reproduce", "--report-only", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [("dataset", "mnsit", "(dataset 'mnsit', not one of mnist, "),
+     ("arch", "dens", "(arch 'dens', not one of dense, "),
+     ("rule", "bp", "(rule 'bp', not one of brainprop, ebp)"),
+     ("seed", -1, "(seed -1, below 0)"),
+     ("val", 0, "(val 0, below 1)"),
+     ("max_epochs", 0, "(max_epochs 0, below 1)")],
+)  # fmt: skip
+def test_a_misspelt_name_or_impossible_setting_is_refused_naming_the_file(
+    tmp_path, capsys, key, value, message
+):
+    _cell_runs(tmp_path, CONV, GPU, [0.99], [], [10], [])
+    [m] = load_measurements(tmp_path)
+    m.path.write_text(json.dumps(json.loads(m.path.read_text()) | {key: value}))
+    assert main(["reproduce", "--report-only", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{m.path} is not a brainprop measurement {message}" in err
+    assert not (tmp_path / RESULTS_MD).exists()
+
+
 def test_a_run_that_finished_no_epoch_is_reported_without_epoch_fields(tmp_path):
     _cell_runs(tmp_path, CONV, GPU, [0.99], [], [60], [])
     epoch_fields = ("best_val_acc", "best_epoch", "test_acc_at_best", "final_val_acc",

@@ -17,9 +17,10 @@ from typing import Any
 
 from . import rundir
 from .checkpoint import atomic_write_json, make_folder
+from .data import DATASET_NAMES
 from .errors import BrainPropError
 from .matrix import RULE_ORDER, Cell, RunSpec
-from .presets import PAPER_PRESET, table_row
+from .presets import ARCHITECTURES, PAPER_PRESET, table_row
 from .summary import check_summary
 
 MEASUREMENTS = "measurements"
@@ -174,17 +175,18 @@ def _read_measurement(path: Path) -> Measurement:
     try:
         if d["format"] != MEASUREMENT_FORMAT:
             raise ValueError(f"format {d['format']!r}")
-        if d["rule"] not in RULE_ORDER:
-            raise ValueError(f"rule {d['rule']!r}, not one of {', '.join(RULE_ORDER)}")
+        # A misspelt name would be reported as a cell of its own, beside the real one.
+        for key, known in (("dataset", DATASET_NAMES), ("arch", tuple(ARCHITECTURES)),
+                           ("rule", RULE_ORDER)):  # fmt: skip
+            if d[key] not in known:
+                raise ValueError(f"{key} {d[key]!r}, not one of {', '.join(known)}")
         summary = d["summary"]
         check_summary(summary)
         # Files written before sharing was recorded hold runs that had the device alone.
-        stack, at_once = _whole(d, "stack", 1), _whole(d, "runs_at_once", 1)
-        if stack < 1 or at_once < 1:
-            raise ValueError(f"stack {stack} or runs_at_once {at_once} below 1")
+        stack, at_once = _whole(d, "stack", 1, least=1), _whole(d, "runs_at_once", 1, least=1)
         m = Measurement(
             str(d["run"]), Cell(str(d["dataset"]), str(d["arch"])), str(d["rule"]),
-            _whole(d, "seed"), _opt_whole(d, "val"), _opt_whole(d, "max_epochs"),
+            _whole(d, "seed", least=0), _opt_whole(d, "val"), _opt_whole(d, "max_epochs"),
             str(d["machine"]), summary, path, str(d.get("preset", PAPER_PRESET)), stack, at_once,
             _flag(d, "bf16"), _flag(d, "cuda_graph"),
         )  # fmt: skip
@@ -224,12 +226,15 @@ def _flag(d: dict[str, Any], key: str) -> bool:
     return v
 
 
-def _whole(d: dict[str, Any], key: str, default: int | None = None) -> int:
-    """``d[key]`` (``default`` where absent) if it is a whole number; a float such as 1e400
-    or 1.7 is no seed or epoch count, and ``int()`` would overflow or truncate it."""
+def _whole(d: dict[str, Any], key: str, default: int | None = None, *, least: int = 1) -> int:
+    """``d[key]`` (``default`` where absent) if it is a whole number of at least ``least``; a
+    float such as 1e400 or 1.7 is no seed or epoch count, and ``int()`` would overflow or
+    truncate it."""
     v = d[key] if default is None else d.get(key, default)
     if isinstance(v, bool) or not isinstance(v, int):
         raise ValueError(f"{key} {v!r}, not a whole number")
+    if v < least:
+        raise ValueError(f"{key} {v}, below {least}")
     return v
 
 

@@ -7,6 +7,7 @@ from another machine or an older version, and are checked before they are read.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,6 +18,16 @@ EPOCH_KEYS: dict[str, type | tuple[type, ...]] = {
     "test_acc_at_best": (int, float),
     "s_per_epoch": (int, float),
     "total_seconds": (int, float),
+}
+
+#: Fields the report or a budget reads where present: runs of earlier versions lack them.
+OPTIONAL_KEYS = ("final_val_acc", "wall_seconds")
+#: The values a run can record, where they are narrower than "finite and >= 0".
+BOUNDS: dict[str, tuple[float, float]] = {
+    "best_val_acc": (0, 1),
+    "test_acc_at_best": (0, 1),
+    "final_val_acc": (0, 1),
+    "best_epoch": (1, math.inf),
 }
 
 #: The summary's fields of measured time: all a rerun of the same run may change.
@@ -78,6 +89,23 @@ def check_summary(summary: Any) -> None:
     for key, kind in EPOCH_KEYS.items():
         if not _is(summary.get(key), kind):
             raise ValueError(f"summary's {key} is missing or not a number")
+    # Python's json reads and writes NaN and Infinity, and a hand-edited or damaged file may
+    # hold a value no run can have: either would pass into the report's means as a number.
+    for key in [k for k in (*EPOCH_KEYS, *OPTIONAL_KEYS) if k in summary]:
+        value = summary[key]
+        if not _is(value, (int, float)):
+            raise ValueError(f"summary's {key} is not a number")
+        if not math.isfinite(value):
+            raise ValueError(f"summary's {key} is {value}, not a finite number")
+        low, high = BOUNDS.get(key, (0, math.inf))
+        if not low <= value <= high:
+            side = f"below {low}" if value < low else f"above {high}"
+            raise ValueError(f"summary's {key} is {value}, {side}")
+    if summary["best_epoch"] > summary["epochs_run"]:
+        raise ValueError(
+            f"summary's best_epoch {summary['best_epoch']} is after its last epoch "
+            f"(epochs_run {summary['epochs_run']})"
+        )
 
 
 def _is(value: Any, kind: type | tuple[type, ...]) -> bool:
