@@ -179,6 +179,52 @@ def test_readme_section_is_replaced_between_markers(tmp_path):
         update_readme(readme, tmp_path / "results")
 
 
+def test_the_readme_section_names_the_folder_it_was_generated_from(tmp_path):
+    readme = tmp_path / "docs" / "README.md"
+    readme.parent.mkdir()
+    readme.write_text(f"{README_START}\n{README_END}\n")
+    for out, source, command in (
+        (tmp_path / "docs" / "results", "results", "--report-only --readme README.md"),
+        (tmp_path / "gpu-run", "../gpu-run", "--report-only --out ../gpu-run --readme README.md"),
+    ):
+        _cell_runs(out, CONV, CPU, [0.97], [0.98], [2], [2], max_epochs=2)
+        update_readme(readme, out)
+        text = readme.read_text()
+        assert f"Generated from `{source}/` by `brainprop reproduce {command}`." in text
+        assert f"[{source}/results.md]({source}/results.md)" in text
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(None, "cannot read {readme} (No such file or directory): pass the README's path"),
+     (b"# R\xe9sum\xe9\n", "{readme} is not UTF-8 text (byte 3 is 0xe9): pass the README's path"),
+     (b"# no markers\n", "{readme} has no '<!-- results:start -->' ... '<!-- results:end -->'")],
+)  # fmt: skip
+def test_a_readme_that_cannot_take_the_section_is_refused_before_the_first_run(
+    tmp_path, monkeypatch, capsys, content, message
+):
+    """The README is written after the whole matrix has run: hours later, a wrong --readme
+    would leave the section as it was."""
+    from brainprop import experiments
+
+    monkeypatch.setattr(experiments, "reproduce", lambda *a, **k: pytest.fail("runs started"))
+    readme = tmp_path / "README.md"
+    if content is not None:
+        readme.write_bytes(content)
+    out = tmp_path / "results"
+    for extra in ([], ["--report-only"]):
+        _cell_runs(out, CONV, CPU, [0.97], [0.98], [2], [2], max_epochs=2)
+        argv = ["reproduce", "--datasets", "mnist", "--archs", "conv", "--out", str(out),
+                "--readme", str(readme), *extra]  # fmt: skip
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message.format(readme=readme) in err
+        assert not (out / RESULTS_MD).exists()
+        shutil.rmtree(out)
+    if content is not None:
+        assert readme.read_bytes() == content
+
+
 def test_damaged_measurement_file_is_a_one_line_error(tmp_path):
     (tmp_path / MEASUREMENTS).mkdir()
     (tmp_path / MEASUREMENTS / "x@y.json").write_text('{"format": "other"}')

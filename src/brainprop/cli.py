@@ -290,9 +290,11 @@ def _reproduce(args: argparse.Namespace) -> int:
     from .experiments import Request, reproduce
     from .matrix import select_cells
     from .measurements import MEASUREMENTS
-    from .report import update_readme, write_report
+    from .report import check_readme, update_readme, write_report
 
     out = Path(args.out)
+    if args.readme:
+        check_readme(Path(args.readme))
     if args.report_only:
         if not (out / MEASUREMENTS).is_dir():
             raise BrainPropError(

@@ -627,8 +627,12 @@ def plot(results: Sequence[CellResult]) -> bytes:
     return buf.getvalue()
 
 
-def readme_section(results: Sequence[CellResult], report: str) -> str:
-    """The README's results section: one line per group, and a link to the full report."""
+def readme_section(results: Sequence[CellResult], out: Path, readme: Path) -> str:
+    """The results section of ``readme`` for the report in ``out``: one line per group, and a
+    link to the full report."""
+    source, link = (_from_readme(path, readme) for path in (out, out / RESULTS_MD))
+    # The command as run from the README's folder; --out is left out where it is the default.
+    given_out = "" if source == "results" else f" --out {source}"
     rows = [
         [
             r.label, "test set" if r.val is None else f"{r.val:,} held out", r.machine_text,
@@ -639,7 +643,8 @@ def readme_section(results: Sequence[CellResult], report: str) -> str:
         for r in results
     ]  # fmt: skip
     lines = [
-        "Generated from `results/` by `brainprop reproduce --report-only --readme README.md`. "
+        f"Generated from `{source}/` by `brainprop reproduce --report-only{given_out} --readme "
+        f"{readme.name}`. "
         "Test accuracy (%) at the best-validation epoch, mean (sd) over seeds (BrainProp / EBP "
         "runs); gap = BrainProp − EBP in points; ratio = BrainProp / EBP epochs to the best; "
         "the paper claims gap ≈ 0 and a ratio of 1 to 3.5.",
@@ -663,19 +668,39 @@ def readme_section(results: Sequence[CellResult], report: str) -> str:
             rows,
         ),  # fmt: skip
         "",
-        f"Full report, timings and figure: [{report}]({report}).",
+        f"Full report, timings and figure: [{link}]({link}).",
     ]
     lines += _no_full_paper_run_line(results)
     return "\n".join(lines)
 
 
-def update_readme(readme: Path, out: Path) -> None:
-    """Replace the text between the results markers of ``readme`` with :func:`readme_section`."""
+def _from_readme(path: Path, readme: Path) -> str:
+    """``path`` relative to ``readme``'s folder, as the README's links need it; absolute where
+    no relative path leads there (another drive on Windows)."""
     try:
-        text = readme.read_text()
+        return Path(os.path.relpath(path, readme.resolve().parent)).as_posix()
+    except ValueError:
+        return path.resolve().as_posix()
+
+
+def check_readme(readme: Path) -> None:
+    """Raise :class:`BrainPropError` unless ``readme`` is UTF-8 text with the results markers:
+    ``reproduce`` checks its ``--readme`` before the first run, not after the last."""
+    _readme_text(readme)
+
+
+def _readme_text(readme: Path) -> tuple[str, int, int]:
+    """The text of ``readme`` and where its results markers start."""
+    try:
+        text = readme.read_text(encoding="utf-8")
     except OSError as e:
         raise BrainPropError(
             f"cannot read {readme} ({e.strerror or e}): pass the README's path to --readme"
+        ) from None
+    except UnicodeDecodeError as e:
+        raise BrainPropError(
+            f"{readme} is not UTF-8 text (byte {e.start} is 0x{e.object[e.start]:02x}): pass "
+            "the README's path to --readme, or save the file as UTF-8"
         ) from None
     start, end = text.find(README_START), text.find(README_END)
     if start < 0 or end < start:
@@ -683,13 +708,18 @@ def update_readme(readme: Path, out: Path) -> None:
             f"{readme} has no '{README_START}' ... '{README_END}' section: add the two markers "
             "where the results belong"
         )
+    return text, start, end
+
+
+def update_readme(readme: Path, out: Path) -> None:
+    """Replace the text between the results markers of ``readme`` with :func:`readme_section`."""
+    text, start, end = _readme_text(readme)
     measurements = load_measurements(out)
     if not measurements:
         raise BrainPropError(
             f"no measurements in {out / MEASUREMENTS}, so {readme}'s results section was left as "
             "it is: pass the --out that holds them"
         )
-    link = Path(os.path.relpath(out / RESULTS_MD, readme.resolve().parent)).as_posix()
-    section = readme_section(aggregate(measurements), link)
+    section = readme_section(aggregate(measurements), out, readme)
     new = text[: start + len(README_START)] + "\n" + section + "\n" + text[end:]
     atomic_write_text(readme, new)
