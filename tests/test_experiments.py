@@ -22,7 +22,16 @@ from brainprop import report, rundir, signals
 from brainprop.cli import main
 from brainprop.errors import BrainPropError
 from brainprop.experiments import Request, reproduce
-from brainprop.matrix import HEADLINE, MATRIX, RUNS, Cell, RunSpec, plan, select_cells
+from brainprop.matrix import (
+    HEADLINE,
+    MATRIX,
+    MAX_SEEDS,
+    RUNS,
+    Cell,
+    RunSpec,
+    plan,
+    select_cells,
+)
 from brainprop.measurements import load_measurements, machine_slug, record
 from brainprop.report import README_END, README_START
 
@@ -266,6 +275,24 @@ def test_stacks_group_the_seeds_of_one_cell_and_rule_in_priority_order():
     # Runs validated or capped differently never share a stack.
     mixed = [RunSpec(DENSE, "ebp", 0), RunSpec(DENSE, "ebp", 1, val=5000)]
     assert ex.stacks(mixed, 4) == [(mixed[0],), (mixed[1],)]
+
+
+def test_stacking_compares_each_run_once_not_with_every_later_one(monkeypatch):
+    """Pairwise comparison made --seeds 100 over the matrix take 14 s before its first line,
+    and --seeds 1000 most of an hour."""
+    specs = plan(MATRIX, seeds=20)
+    calls = []
+    monkeypatch.setattr(ex, "replace", lambda spec, **kw: calls.append(spec) or replace(spec, **kw))
+    assert ex.stacks(specs, 1) == [(s,) for s in specs]
+    assert len(calls) <= len(specs)
+
+
+def test_an_absurd_number_of_seeds_is_refused_before_planning(tmp_path, capsys):
+    argv = ["reproduce", "--datasets", "mnist", "--seeds", str(MAX_SEEDS + 1), "--out",
+            str(tmp_path / "r"), "--data-dir", str(tmp_path / "empty")]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--seeds must lie in [1, {MAX_SEEDS}], got 1001: the" in err
 
 
 def test_a_packed_run_records_how_many_ran_beside_it_on_average(monkeypatch):

@@ -313,16 +313,14 @@ Job = tuple[RunSpec, ...]
 def stacks(pending: Sequence[RunSpec], size: int) -> list[Job]:
     """``pending`` as jobs of up to ``size`` runs that differ only in the seed, in the priority
     order of each job's first run (so a stack pulls later seeds of its cell forward)."""
-    jobs: list[Job] = []
-    placed: set[RunSpec] = set()
-    for i, spec in enumerate(pending):
-        if spec in placed:
-            continue
-        alike = [s for s in pending[i + 1 :] if replace(s, seed=spec.seed) == spec]
-        job = (spec, *[s for s in alike if s not in placed][: size - 1])
-        placed.update(job)
-        jobs.append(job)
-    return jobs
+    # One pass that groups the runs by all but their seed: comparing each run with every later
+    # one took minutes for a large --seeds.
+    alike: dict[RunSpec, list[RunSpec]] = {}
+    for spec in pending:
+        alike.setdefault(replace(spec, seed=0), []).append(spec)
+    jobs = [tuple(runs[i : i + size]) for runs in alike.values() for i in range(0, len(runs), size)]
+    position = {spec: i for i, spec in enumerate(pending)}
+    return sorted(jobs, key=lambda job: position[job[0]])
 
 
 def _names(job: Job) -> str:

@@ -22,6 +22,9 @@ RUNS = "runs"
 #: The paper's epoch budget (with early stopping); runs capped elsewhere carry ``-e<cap>``.
 PAPER_EPOCHS = TrainConfig.epochs
 RULE_ORDER = ("brainprop", "ebp")
+#: The most seeds a request may ask for: a hundred times the paper's ten. Far more is a slip
+#: of the keyboard, and a plan of millions of runs would fill the memory before its first line.
+MAX_SEEDS = 1000
 DISPLAY = {
     "mnist": "MNIST",
     "cifar10": "CIFAR-10",
@@ -159,8 +162,11 @@ def plan(
     for rule in rules:
         if rule not in RULE_ORDER:
             raise BrainPropError(f"unknown rule {rule!r}: choose from {', '.join(RULE_ORDER)}")
-    if seeds < 1:
-        raise BrainPropError(f"--seeds must be >= 1, got {seeds}")
+    if not 1 <= seeds <= MAX_SEEDS:
+        raise BrainPropError(
+            f"--seeds must lie in [1, {MAX_SEEDS}], got {seeds}: the paper runs 10 per cell and "
+            "rule, and each run takes minutes to hours"
+        )
     if val is not None and val < 1:
         raise BrainPropError(f"--val-split must be >= 1 held-out images, got {val}")
     if max_epochs is not None and max_epochs < 1:
