@@ -92,6 +92,7 @@ def test_resume_reads_data_that_moved_from_data_dir(data_dir, tmp_path, capsys):
         (["evaluate", "/nonexistent/run", "--device", "gpu"], "device 'gpu' is not available"),
         (["train", "--device", "cuda:7"], "device 'cuda:7' is not available here: use"),
         (["train", "--val", "5", "--val-split", "7"], "--val-split: not allowed with argument"),
+        (["train", "--val-split", "0"], "--val-split must be a positive number of held-out images"),
         (["bench", "--presets", ","], "--presets: expected comma-separated names, got ','"),
         (["bench", "--rules", " , "], "--rules: expected comma-separated names, got ' , '"),
         (["reproduce", "--rules", ","], "--rules: expected comma-separated names, got ','"),

@@ -234,6 +234,17 @@ def test_missing_dataset_fails_before_any_run(tmp_path, capsys):
     assert not (tmp_path / "r" / RUNS).exists()
 
 
+def test_a_val_split_of_the_whole_training_set_fails_before_any_run(tmp_path, mnist_root, capsys):
+    out = tmp_path / "r"
+    argv = ["reproduce", "--datasets", "mnist", "--archs", "dense", "--seeds", "1", "--val-split",
+            "6", "--out", str(out), "--data-dir", str(mnist_root), "--device", "cpu"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "--val-split 6 would leave none of the 6 mnist training images to train on: pick" in err
+    assert not out.exists()
+
+
 def test_finished_runs_are_skipped_and_an_interrupted_run_resumes(tmp_path, mnist_root, no_plots):
     spec = RunSpec(DENSE, "brainprop", 0, max_epochs=2)
     out = tmp_path / "results"

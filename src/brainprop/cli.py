@@ -177,6 +177,11 @@ def _train(args: argparse.Namespace) -> int:
                 f"--epsilon is BrainProp's exploration rate and --rule {args.rule} does not "
                 "explore: drop --epsilon or pass --rule brainprop"
             )
+        if args.val_split is not None and args.val_split < 1:
+            # TrainConfig would refuse it too, but as --val, which was not given.
+            raise BrainPropError(
+                f"--val-split must be a positive number of held-out images, got {args.val_split}"
+            )
         # Each option sets the TrainConfig field of its name; these three of OFF_CONFIG_OPTIONS
         # map onto fields of other names.
         given = vars(args) | {

@@ -200,6 +200,7 @@ def reproduce(request: Request, say: Callable[[str], None] = print) -> Outcome:
         else:
             pending.append(spec)
     _check_data(pending, request.data_dir)
+    _check_val(pending, request.val, request.data_dir)
     jobs = stacks(pending, request.stack)
     say(
         f"reproduce: {len(specs)} runs requested, {len(outcome.skipped)} already measured, "
@@ -262,6 +263,23 @@ def _check_data(pending: Sequence[RunSpec], data_dir: str | None) -> None:
         raise BrainPropError(
             f"{missing[0].name} is not in {missing[0].path}: {missing[0].how_to_get}, {keep}"
         )
+
+
+def _check_val(pending: Sequence[RunSpec], val: int | None, data_dir: str | None) -> None:
+    """Fail before the first run when ``--val-split`` would hold out a whole training set, which
+    the data otherwise reports only as that run starts. The loaders do not insist on the
+    official files' sizes, so each dataset is counted as loaded."""
+    from .data import load_dataset
+
+    if val is None:
+        return
+    for name in dict.fromkeys(s.cell.dataset for s in pending):
+        total = len(load_dataset(name, data_dir).train_y)
+        if val >= total:
+            raise BrainPropError(
+                f"--val-split {val} would leave none of the {total} {name} training images to "
+                f"train on: pick fewer than {total}"
+            )
 
 
 class _Budget:
