@@ -226,6 +226,31 @@ def test_budget_passes_over_runs_whose_estimate_does_not_fit(tmp_path, mnist_roo
     assert outcome.over_budget == ["mnist-dense-brainprop-s1", "mnist-loccon-brainprop-s1"]
 
 
+@pytest.mark.parametrize("minutes", [0.001, 1e-300])
+def test_any_budget_starts_the_first_run_of_unknown_time_and_says_what_it_passes_over(
+    tmp_path, mnist_root, monkeypatch, minutes
+):
+    """A deadline of "now + budget" lost 1e-300 minutes to float rounding, so 0.001 started a
+    run of unknown time that 1e-300 passed over; the clock now starts at the first run."""
+    calls: list[str] = []
+    monkeypatch.setattr(ex, "_train", _fake_train(calls))
+    # Planning and the first run take longer than either budget.
+    clock = iter(range(0, 10**6, 60))
+    monkeypatch.setattr(ex.time, "monotonic", lambda: next(clock))
+    request = Request(
+        cells=(DENSE, CONV), rules=("brainprop",), seeds=1, out=tmp_path,
+        data_dir=str(mnist_root), device="cpu", budget_minutes=minutes, progress=False,
+    )  # fmt: skip
+    lines: list[str] = []
+    outcome = reproduce(request, say=lines.append)
+    assert outcome.ran == ["mnist-conv-brainprop-s0"]
+    assert outcome.over_budget == ["mnist-dense-brainprop-s0"]
+    assert (
+        "over budget: mnist-dense-brainprop-s0 needs an unknown time (no run like it measured on "
+        "this machine yet), none left"
+    ) in lines
+
+
 def test_missing_dataset_fails_before_any_run(tmp_path, capsys):
     status = main(["reproduce", "--datasets", "cifar100", "--archs", "deep", "--out",
                    str(tmp_path / "r"), "--data-dir", str(tmp_path)])  # fmt: skip

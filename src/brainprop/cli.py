@@ -266,7 +266,9 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--val-split", type=int, metavar="N", help="validate on N held-out images")
     p.add_argument(
         "--budget-minutes", type=float,
-        help="start only the runs whose estimated time fits, in priority order",
+        help="start only the runs whose estimated time fits the time left, in priority order; "
+        "the clock starts when the first run comes up, and a run with no estimate yet (no run "
+        "like it measured on this machine) starts while any time is left",
     )  # fmt: skip
     p.add_argument("--jobs", type=int, default=1, help="runs at once on the device")
     p.add_argument(

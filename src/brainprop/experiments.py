@@ -290,13 +290,20 @@ class _Budget:
         self.threads = threads
         self.at_once = runs_at_once(request)
         minutes = request.budget_minutes
-        self.deadline = math.inf if minutes is None else time.monotonic() + 60 * minutes
+        self.seconds = math.inf if minutes is None else 60 * minutes
+        self.start: float | None = None
 
     def admits(self, job: Job, say: Callable[[str], None]) -> bool:
-        """Whether ``job`` fits the time left; a stack takes as long as its longest run."""
-        if self.deadline == math.inf:
+        """Whether ``job`` fits the time left; a stack takes as long as its longest run. A job
+        whose time is unknown starts while any time is left, and the clock starts when the
+        first job comes up, so that the first always finds the whole budget: a deadline of
+        "now + budget" would decide a tiny one by float rounding (now + 1e-298 is now) and
+        by how long planning took."""
+        if self.seconds == math.inf:
             return True
-        left = self.deadline - time.monotonic()
+        now = time.monotonic()
+        self.start = now if self.start is None else self.start
+        left = self.seconds - (now - self.start)
         measurements = load_measurements(self.request.out)
         setup, out = self._setup(job), self.request.out
         estimates = [
@@ -306,8 +313,12 @@ class _Budget:
         estimate = None if None in estimates else max(e for e in estimates if e is not None)
         if left > 0 and (estimate is None or estimate <= left):
             return True
-        needs = "unknown" if estimate is None else f"~{estimate / 60:.1f} min"
-        say(f"over budget: {_names(job)} needs {needs}, {max(left, 0) / 60:.1f} min left")
+        if estimate is None:
+            needs = "an unknown time (no run like it measured on this machine yet)"
+        else:
+            needs = f"~{estimate / 60:.1f} min"
+        have = f"{left / 60:.1f} min" if left > 0 else "none"
+        say(f"over budget: {_names(job)} needs {needs}, {have} left")
         return False
 
     def _setup(self, job: Job) -> str:
