@@ -6,7 +6,9 @@ through the command line (or train() where the case needs a model), with the exa
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import json
 import os
 import re
 import subprocess
@@ -43,6 +45,11 @@ def _error(capsys, *argv: str | Path) -> str:
     return err.removeprefix("brainprop: error: ").rstrip("\n")
 
 
+#: The float32 range that the step's learning rate and initialisation must lie in, and the fix.
+FLOAT32 = "[1.175e-38, 3.403e+38], the float32 range training computes in"
+IN_RANGE = ": pass a value in that range"
+
+
 def _train(capsys, data: Path, *extra: str) -> str:
     return _error(capsys, "train", "--data-dir", data, "--out", data / "runs", "--epochs", "1",
                   "--quiet", *extra)  # fmt: skip
@@ -67,11 +74,43 @@ def run_dir(tmp_path_factory) -> Path:
         (["--epsilon", "-0.01"], "--epsilon must lie in [0, 1], got -0.01"),
         (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
         (["--epochs", "0"], "--epochs must be >= 1, got 0"),
+        (["--lr", "1e39"], f"--lr must lie in {FLOAT32}, got 1e+39{IN_RANGE}"),
+        (["--lr", "1e308"], f"--lr must lie in {FLOAT32}, got 1e+308{IN_RANGE}"),
+        (["--lr", "inf"], f"--lr must lie in {FLOAT32}, got inf{IN_RANGE}"),
+        (["--lr", "1e-50"], f"--lr must lie in {FLOAT32}, got 1e-50{IN_RANGE}"),
+        (["--init-std", "1e39"], f"--init-std must lie in {FLOAT32}, got 1e+39{IN_RANGE}"),
+        (
+            ["--l2", "2e38"],
+            "--l2 must be 0 or lie in [5.877e-39, 1.701e+38] (SGD's float32 weight decay is "
+            f"twice it), got 2e+38{IN_RANGE}",
+        ),
+        *(
+            (
+                ["--min-delta", value],
+                f"--min-delta must lie in [0, 1), got {float(value)}: accuracies lie in [0, 1], "
+                "so no epoch could improve by that much; the paper's is 0.001",
+            )
+            for value in ("inf", "1")
+        ),
     ],
 )
 def test_nonsense_hyperparameters(tmp_path: Path, capsys, argv: list[str], message: str) -> None:
     assert _error(capsys, "train", "--out", tmp_path, *argv) == message
     assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_a_run_stored_with_an_out_of_range_lr_resumes_to_a_one_line_error(
+    tmp_path: Path, capsys
+) -> None:
+    # What earlier versions left: only config.json, then a traceback in torch's SGD.
+    run = tmp_path / "run"
+    run.mkdir()
+    config = dataclasses.replace(tiny_config(tmp_path).resolve(), lr=1e39).to_dict()
+    (run / "config.json").write_text(json.dumps(config))
+    assert _error(capsys, "train", "--resume", run) == (
+        f"{run / 'config.json'} holds an invalid config (--lr must lie in {FLOAT32}, got "
+        f"1e+39{IN_RANGE})"
+    )
 
 
 def test_unknown_on_nan_choice(capsys) -> None:

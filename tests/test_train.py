@@ -172,6 +172,10 @@ def test_non_finite_loss_stops_with_epoch_and_step(tmp_path, tiny_dataset):
     [
         (dict(lr=0.0), "--lr must be > 0"),
         (dict(lr=math.nan), "--lr must be > 0"),
+        (dict(lr=1e39), r"--lr must lie in \[1.175e-38, 3.403e\+38\], the float32 range"),
+        (dict(init_std=math.inf), r"--init-std must lie in \[1.175e-38, 3.403e\+38\]"),
+        (dict(l2=1e308), r"--l2 must be 0 or lie in \[5.877e-39, 1.701e\+38\]"),
+        (dict(min_delta=math.inf), r"--min-delta must lie in \[0, 1\), got inf"),
         (dict(epsilon=1.5), r"--epsilon must lie in \[0, 1\]"),
         (dict(batch_size=0), "--batch-size must be >= 1"),
         (dict(epochs=0), "--epochs must be >= 1"),

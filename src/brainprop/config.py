@@ -9,9 +9,10 @@ field is concrete. The resolved config is what a run stores and what a resume re
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, fields, replace
 from typing import Any
+
+import torch
 
 from .devices import device_problem
 from .errors import BrainPropError
@@ -31,6 +32,10 @@ VAL_TEST = "test"
 ON_NAN = ("stop", "reload")
 #: How often ``on_nan="reload"`` may rewind one run before it stops as ``"stop"`` would.
 MAX_NAN_RELOADS = 3
+#: The step computes in float32: torch refuses a larger lr or weight decay with a traceback
+#: mid-step, and a positive value below the smallest normal one is as good as 0 there.
+FLOAT32_MAX = torch.finfo(torch.float32).max
+FLOAT32_TINY = torch.finfo(torch.float32).tiny
 
 
 @dataclass(frozen=True)
@@ -128,7 +133,8 @@ class TrainConfig:
             self.feedback in FEEDBACK_MODES,
             f"unknown feedback {self.feedback!r}: choose one of {', '.join(FEEDBACK_MODES)}",
         )
-        need(_finite(self.lr) and self.lr > 0, f"--lr must be > 0, got {self.lr}")
+        need(self.lr > 0, f"--lr must be > 0, got {self.lr}")
+        need(_float32(self.lr), _out_of_float32("--lr", self.lr))
         need(0.0 <= self.epsilon <= 1.0, f"--epsilon must lie in [0, 1], got {self.epsilon}")
         need(
             self.global_batch is None or self.global_batch >= 1,
@@ -139,16 +145,27 @@ class TrainConfig:
         # numpy, which every run seeds too, takes 32-bit seeds only.
         need(0 <= self.seed < 2**32, f"--seed must lie in [0, {2**32 - 1}], got {self.seed}")
         need(self.patience >= 1, f"--patience must be >= 1, got {self.patience}")
-        need(self.min_delta >= 0, f"--min-delta must be >= 0, got {self.min_delta}")
+        need(
+            0 <= self.min_delta < 1,
+            f"--min-delta must lie in [0, 1), got {self.min_delta}: accuracies lie in [0, 1], "
+            "so no epoch could improve by that much; the paper's is 0.001",
+        )
         need(
             self.lr_halving_epochs >= 1,
             f"--lr-halving-epochs must be >= 1, got {self.lr_halving_epochs}",
         )
         need(
-            _finite(self.init_std) and self.init_std > 0,
+            self.init_std > 0,
             f"--init-std must be > 0, got {self.init_std}",
         )
-        need(_finite(self.l2) and self.l2 >= 0, f"--l2 must be >= 0, got {self.l2}")
+        need(_float32(self.init_std), _out_of_float32("--init-std", self.init_std))
+        need(self.l2 >= 0, f"--l2 must be >= 0, got {self.l2}")
+        # SGD's float32 weight decay is 2 * l2 (see weight_decay).
+        need(
+            self.l2 == 0 or _float32(2 * self.l2),
+            f"--l2 must be 0 or lie in [{FLOAT32_TINY / 2:.4g}, {FLOAT32_MAX / 2:.4g}] (SGD's "
+            f"float32 weight decay is twice it), got {self.l2}: pass a value in that range",
+        )
         sites = ARCHITECTURES[self.arch][1]
         need(
             len(self.dropout) == sites,
@@ -252,5 +269,13 @@ def value_fits(value: Any, annotation: str) -> bool:
     return any(TYPE_CHECKS[alternative](value) for alternative in annotation.split(" | "))
 
 
-def _finite(x: float) -> bool:
-    return isinstance(x, int | float) and math.isfinite(x)
+def _float32(x: float) -> bool:
+    """Whether positive ``x`` is a normal float32 number."""
+    return FLOAT32_TINY <= x <= FLOAT32_MAX
+
+
+def _out_of_float32(flag: str, value: float) -> str:
+    return (
+        f"{flag} must lie in [{FLOAT32_TINY:.4g}, {FLOAT32_MAX:.4g}], the float32 range training "
+        f"computes in, got {value}: pass a value in that range"
+    )
