@@ -107,6 +107,36 @@ def test_bad_input_is_one_line_and_status_2(argv, message, tmp_path, capsys):
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    ("option", "value"), [("--datasets", "mnist,,"), ("--archs", ",dense"), ("--rules", "ebp,,")]
+)
+def test_reproduce_refuses_an_empty_entry_in_a_list(tmp_path, capsys, option, value):
+    """Elsewhere an empty value is refused; an empty entry is as much a slip."""
+    argv = ["reproduce", option, value, "--out", str(tmp_path / "r"), "--data-dir",
+            str(tmp_path / "empty")]  # fmt: skip
+    assert _exit_code(lambda: main(argv)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert f"{option}: expected comma-separated names, got {value!r}: drop the empty entry" in err
+
+
+def test_report_only_refuses_the_run_options_it_would_ignore(tmp_path, capsys):
+    (tmp_path / "measurements").mkdir()
+    report_only = ["reproduce", "--report-only", "--out", str(tmp_path), "--quiet"]
+    # Given at its default value, an option is as much a setting the report would not take.
+    code = _exit_code(lambda: main([*report_only, "--seeds", "10", "--max-epochs", "2", "--jobs",
+                                    "1", "--bf16", "--datasets", "mnist"]))  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and not (tmp_path / "results.md").exists()
+    assert (
+        f"--report-only rewrites the report from the measurements in {tmp_path}, so --datasets, "
+        "--seeds, --max-epochs, --jobs, --bf16 would be ignored: drop them, or drop --report-only"
+    ) in err
+    assert _exit_code(lambda: main([*report_only, "--device", "cpu"])) == 2
+    assert "so --device would be ignored: drop it," in capsys.readouterr().err
+    assert main(report_only) == 0 and (tmp_path / "results.md").exists()
+
+
 def test_running_out_of_device_memory_is_one_line_and_status_2(monkeypatch, capsys):
     def too_big(_args):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore")

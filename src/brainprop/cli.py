@@ -232,9 +232,20 @@ def _names(text: str) -> tuple[str, ...]:
     return names
 
 
+def _entries(text: str) -> tuple[str, ...]:
+    """:func:`_names`, refusing an empty entry ("mnist,,"): a name lost to a slip of the
+    keyboard would shrink the request unnoticed."""
+    if "" in (v.strip() for v in text.split(",")):
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated names, got {text!r}: drop the empty entry"
+        )
+    return _names(text)
+
+
 def _given_options(args: argparse.Namespace, keep: set[str]) -> list[str]:
-    """The options of ``args.parser`` (train's) given on the command line, but those in ``keep``:
-    none has a default of its own (see :func:`_add_train`), so a given one differs from it."""
+    """The options of ``args.parser`` given on the command line, but those in ``keep``: none
+    outside ``keep`` has a default of its own (see :func:`_add_train` and
+    :func:`_add_reproduce`), so a given one differs from it."""
     # argparse has no public list of a parser's options; _actions is stable since Python 3.2.
     return [
         action.option_strings[0]
@@ -245,7 +256,13 @@ def _given_options(args: argparse.Namespace, keep: set[str]) -> list[str]:
 
 
 def _add_reproduce(sub: argparse._SubParsersAction) -> None:
-    from .presets import PAPER_PRESET, PRESETS
+    from .experiments import Request
+    from .matrix import MAX_SEEDS
+    from .presets import PRESETS
+
+    # As for train, a run option not given is None (False for switches), so that _reproduce
+    # knows which ones --report-only would ignore; Request's defaults are the only ones.
+    default = {f.name: f.default for f in dataclasses.fields(Request)}
 
     p = sub.add_parser(
         "reproduce", help="run the paper's experiment matrix and report it",
@@ -253,15 +270,20 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
         "then write results.md/json/png under --out. Finished runs are skipped; interrupted "
         "ones resume.",
     )  # fmt: skip
-    p.add_argument("--datasets", type=_names, help="comma-separated (default: all four)")
-    p.add_argument("--archs", type=_names, help="comma-separated (default: every cell's)")
-    p.add_argument("--rules", type=_names, default=("brainprop", "ebp"))
-    p.add_argument("--seeds", type=int, default=10, help="seeds 0..N-1 per cell and rule")
+    p.add_argument("--datasets", type=_entries, help="comma-separated (default: all four)")
+    p.add_argument("--archs", type=_entries, help="comma-separated (default: every cell's)")
+    p.add_argument(
+        "--rules", type=_entries, help=f"comma-separated (default: {','.join(default['rules'])})"
+    )
+    p.add_argument(
+        "--seeds", type=int,
+        help=f"seeds 0..N-1 per cell and rule (default {default['seeds']}, at most {MAX_SEEDS})",
+    )  # fmt: skip
     p.add_argument("--max-epochs", type=int, help="cap every run (default: the paper's 500)")
     p.add_argument(
-        "--preset", choices=list(PRESETS), default=PAPER_PRESET,
-        help="hyperparameter table (default: the paper's); the others cover some cells only, so "
-        "select those with --datasets and --archs",
+        "--preset", choices=list(PRESETS),
+        help=f"hyperparameter table (default: {default['preset']}, the paper's); the others "
+        "cover some cells only, so select those with --datasets and --archs",
     )  # fmt: skip
     p.add_argument("--val-split", type=int, metavar="N", help="validate on N held-out images")
     p.add_argument(
@@ -270,11 +292,14 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
         "the clock starts when the first run comes up, and a run with no estimate yet (no run "
         "like it measured on this machine) starts while any time is left",
     )  # fmt: skip
-    p.add_argument("--jobs", type=int, default=1, help="runs at once on the device")
     p.add_argument(
-        "--stack", type=int, default=1, metavar="N",
+        "--jobs", type=int, help=f"runs at once on the device (default {default['jobs']})"
+    )
+    p.add_argument(
+        "--stack", type=int, metavar="N",
         help="train up to N seeds of a cell side by side in one stacked network; "
-        "'brainprop bench --stack N' measures whether that is faster on this device",
+        "'brainprop bench --stack N' measures whether that is faster on this device "
+        f"(default {default['stack']})",
     )  # fmt: skip
     p.add_argument(
         "--bf16", action="store_true",
@@ -287,8 +312,11 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument("--out", default="results", help="results folder (default: results)")
     p.add_argument("--data-dir", help=DATA_DIR_HELP)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--report-only", action="store_true", help="only rewrite the report")
+    p.add_argument("--device", help=f"auto, cpu, cuda or cuda:N (default {default['device']})")
+    p.add_argument(
+        "--report-only", action="store_true",
+        help="only rewrite the report (and with --readme the README section): no run option",
+    )  # fmt: skip
     p.add_argument("--readme", help="also rewrite this README's results section")
     p.add_argument("--quiet", action="store_true", help="no per-epoch progress")
 
@@ -303,6 +331,13 @@ def _reproduce(args: argparse.Namespace) -> int:
     if args.readme:
         check_readme(Path(args.readme))
     if args.report_only:
+        ignored = _given_options(args, {"out", "readme", "quiet", "report_only"})
+        if ignored:
+            them = "it" if len(ignored) == 1 else "them"
+            raise BrainPropError(
+                f"--report-only rewrites the report from the measurements in {out}, so "
+                f"{', '.join(ignored)} would be ignored: drop {them}, or drop --report-only to run"
+            )
         if not (out / MEASUREMENTS).is_dir():
             raise BrainPropError(
                 f"no {MEASUREMENTS}/ folder in {out}: --report-only rewrites the report of an "
@@ -310,22 +345,19 @@ def _reproduce(args: argparse.Namespace) -> int:
             )
         print(f"report: {write_report(out)}")
     else:
+        defaulted = {"rules": args.rules, "seeds": args.seeds, "preset": args.preset,
+                     "device": args.device, "jobs": args.jobs, "stack": args.stack}  # fmt: skip
         request = Request(
             cells=tuple(select_cells(args.datasets, args.archs)),
-            rules=args.rules,
-            seeds=args.seeds,
             val=args.val_split,
             max_epochs=args.max_epochs,
-            preset=args.preset,
             out=out,
             data_dir=args.data_dir,
-            device=args.device,
             budget_minutes=args.budget_minutes,
-            jobs=args.jobs,
-            stack=args.stack,
             bf16=args.bf16,
             cuda_graph=args.cuda_graph,
             progress=not args.quiet,
+            **{k: v for k, v in defaulted.items() if v is not None},
         )
         reproduce(request)
     if args.readme:
