@@ -190,8 +190,8 @@ def _equivalence_config(out: Path, rule: str, arch: str, n_train: int, **batch: 
 def _leaving_worker(rank: int, world: int, port: int, out: Path) -> None:
     _join_env(rank, world, port)
     imported_before = "torch._dynamo" in sys.modules
-    train(_config(out, "leave", epochs=1), dataset=make_tiny_dataset(n_train=16, n_test=8),
-          progress=False)  # fmt: skip
+    train(_config(out, "leave", epochs=1, batch_size=8),
+          dataset=make_tiny_dataset(n_train=16, n_test=8), progress=False)  # fmt: skip
     group = torch.distributed.group.WORLD
     torch.distributed.destroy_process_group()
     gc.collect()

@@ -49,7 +49,8 @@ def no_plots(monkeypatch):
 
 @pytest.fixture
 def mnist_root(tmp_path):
-    write_idx_dataset(tmp_path / "data" / "mnist")
+    # As many training images as the paper's batch: a larger batch than that is refused.
+    write_idx_dataset(tmp_path / "data" / "mnist", n_train=128)
     return tmp_path / "data"
 
 
@@ -262,11 +263,11 @@ def test_missing_dataset_fails_before_any_run(tmp_path, capsys):
 def test_a_val_split_of_the_whole_training_set_fails_before_any_run(tmp_path, mnist_root, capsys):
     out = tmp_path / "r"
     argv = ["reproduce", "--datasets", "mnist", "--archs", "dense", "--seeds", "1", "--val-split",
-            "6", "--out", str(out), "--data-dir", str(mnist_root), "--device", "cpu"]  # fmt: skip
+            "128", "--out", str(out), "--data-dir", str(mnist_root), "--device", "cpu"]  # fmt: skip
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1
-    assert "--val-split 6 would leave none of the 6 mnist training images to train on: pick" in err
+    assert "--val-split 128 would leave none of the 128 mnist training images to train on" in err
     assert not out.exists()
 
 

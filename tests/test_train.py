@@ -8,9 +8,13 @@ import torch
 from conftest import make_tiny_dataset
 
 from brainprop import TrainConfig, devices, evaluate, load_model, train
+from brainprop.data.batches import to_float
 from brainprop.errors import BrainPropError
 from brainprop.evaluation import accuracy
+from brainprop.objectives import make_objective
+from brainprop.presets import build_model
 from brainprop.rundir import write_history
+from brainprop.step import make_optimizer, train_step
 from brainprop.train import MEASURED_COLUMNS
 
 
@@ -105,27 +109,31 @@ def test_held_out_validation_reports_test_accuracy_separately(tmp_path, tiny_dat
 
 
 def test_short_last_batch_takes_a_proportional_brainprop_step(tmp_path):
-    """Keras divides BrainProp's summed loss by the nominal batch: batch 4 on 2 images = half lr."""
+    """Keras divides BrainProp's summed loss by the nominal batch: batch 4 on 2 images = half lr.
+
+    One step on its own: a batch larger than the whole training set is refused, so a short
+    batch is only ever an epoch's last."""
     ds = make_tiny_dataset(n_train=2)
-    common = dict(epochs=1, epsilon=0.0, dropout=(0.0,), arch="conv")
-    a = train(
-        _config(tmp_path, batch_size=4, lr=0.2, name="a", **common), dataset=ds, progress=False
-    )
-    b = train(
-        _config(tmp_path, batch_size=2, lr=0.1, name="b", **common), dataset=ds, progress=False
-    )
-    for name, p in a.model.state_dict().items():
-        torch.testing.assert_close(p, b.model.state_dict()[name], rtol=1e-6, atol=1e-9)
-    e = dict(common, rule="ebp")  # EBP averages over the actual batch, as Keras's cross-entropy
-    c = train(_config(tmp_path, batch_size=4, lr=0.1, name="c", **e), dataset=ds, progress=False)
-    d = train(_config(tmp_path, batch_size=2, lr=0.1, name="d", **e), dataset=ds, progress=False)
-    for name, p in c.model.state_dict().items():
-        torch.testing.assert_close(p, d.model.state_dict()[name], rtol=1e-6, atol=1e-9)
+    x, y = to_float(ds.train_x), ds.train_y
+
+    def stepped(rule, batch_size, lr):
+        cfg = _config(tmp_path, rule=rule, batch_size=batch_size, lr=lr, epsilon=0.0,
+                      dropout=(0.0,)).resolve()  # fmt: skip
+        init = torch.Generator().manual_seed(0)
+        model = build_model(cfg.arch, ds.input_shape, 4, cfg.hyperparameters(), init)
+        objective = make_objective(rule, cfg.epsilon)
+        optimizer = make_optimizer(model, cfg)
+        train_step(model, objective, optimizer, x, y, generator=None, batch_size=batch_size)
+        return model.state_dict()
+
+    for rule, lr_at_4 in (("brainprop", 0.2), ("ebp", 0.1)):
+        # EBP averages over the actual batch, as Keras's cross-entropy
+        a, b = stepped(rule, 4, lr_at_4), stepped(rule, 2, 0.1)
+        for name, p in a.items():
+            torch.testing.assert_close(p, b[name], rtol=1e-6, atol=1e-9)
 
 
 def test_l2_is_keras_semantics_on_weights_only(tmp_path, tiny_dataset):
-    from brainprop.step import make_optimizer
-
     cfg = _config(tmp_path, l2=5e-4).resolve()
     run = train(_config(tmp_path, epochs=1, l2=5e-4), dataset=tiny_dataset, progress=False)
     groups = make_optimizer(run.model, cfg).param_groups
@@ -159,6 +167,33 @@ def test_bf16_where_it_is_slow_is_said_by_train_and_evaluate(
     assert capsys.readouterr().err == "brainprop: no bf16 here\n"
     train(_config(tmp_path, epochs=1, name="fp32"), dataset=tiny_dataset, progress=False)
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (dict(batch_size=257), "--batch-size 257 is more than the 256 training images of mnist"),
+        (
+            dict(batch_size=None, global_batch=257),
+            "--global-batch 257 is more than the 256 training images",
+        ),
+        (
+            dict(batch_size=250, val=10),
+            "--batch-size 250 is more than the 246 training images of mnist left after holding "
+            "out 10 for validation",
+        ),
+    ],
+)
+def test_a_batch_larger_than_the_training_set_is_refused_before_anything_is_written(
+    tmp_path, tiny_dataset, override, message
+):
+    with pytest.raises(BrainPropError) as info:
+        train(_config(tmp_path / "runs", **override), dataset=tiny_dataset, progress=False)
+    assert str(info.value).startswith(message)
+    assert not (tmp_path / "runs").exists()
+    # The whole training set in one step is still a batch.
+    run = train(_config(tmp_path, epochs=1, batch_size=256), dataset=tiny_dataset, progress=False)
+    assert run.summary["epochs_run"] == 1
 
 
 def test_non_finite_loss_stops_with_epoch_and_step(tmp_path, tiny_dataset):

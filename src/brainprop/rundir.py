@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import io
 import json
+import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -40,21 +43,31 @@ EPOCH_START = "epoch_start.pt"
 MAX_NAME_BYTES = 250
 
 
+def check_new(out_dir: str | Path, name: str | None) -> None:
+    """Refuse what :func:`create` would, before a run loads its data (seconds, for a large
+    dataset minutes): a name that is no folder name, an ``out_dir`` that cannot be written.
+
+    Nothing is created: a run refused later (a full disk, a bad batch size) leaves no folder.
+    """
+    if name is not None:
+        _check_name(name)
+    out = _out_folder(out_dir)
+    # The nearest folder that exists is where create() makes the first one it needs.
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        # An unnamed file (O_TMPFILE on Linux) that vanishes on close: a write, and no trace.
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise _unwritable(out, e) from None
+
+
 def create(out_dir: str | Path, name: str) -> Path:
     """Make a new, empty run folder ``out_dir/name`` (suffixed -2, -3, ... if taken)."""
-    # Checked here, where a name becomes a folder, rather than in the config: a run stored
-    # under a name this refuses (older versions took "a/b") must still resume.
-    if (
-        name in ("", ".", "..")
-        or "/" in name
-        or "\0" in name
-        or len(name.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES
-    ):
-        raise BrainPropError(
-            f"--name must be one folder name (no '/', at most {MAX_NAME_BYTES} bytes), got "
-            f"{name!r}: pass e.g. --name my-run"
-        )
-    out = Path(out_dir)
+    _check_name(name)
+    out = _out_folder(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
         for i in range(1, 10_000):
@@ -68,10 +81,36 @@ def create(out_dir: str | Path, name: str) -> Path:
             probe.unlink()
             return path
     except OSError as e:
-        raise BrainPropError(
-            f"cannot write runs under {out} ({e.strerror or e}): pass a writable --out folder"
-        ) from None
+        raise _unwritable(out, e) from None
     raise BrainPropError(f"{out} already holds 9999 runs named {name!r}: pass another --name")
+
+
+def _check_name(name: str) -> None:
+    # Checked where a name becomes a folder, rather than in the config: a run stored under a
+    # name this refuses (older versions took "a/b", and "" for the default) must still resume.
+    if (
+        name in ("", ".", "..")
+        or "/" in name
+        or "\0" in name
+        or len(name.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES
+    ):
+        raise BrainPropError(
+            f"--name must be one folder name (no '/', at most {MAX_NAME_BYTES} bytes), got "
+            f"{name!r}: pass e.g. --name my-run"
+        )
+
+
+def _out_folder(out_dir: str | Path) -> Path:
+    # Path("") is the working directory: an empty --out is a mistake, not a choice of it.
+    if str(out_dir) == "":
+        raise BrainPropError("--out is empty: pass the folder for run directories, e.g. runs")
+    return Path(out_dir)
+
+
+def _unwritable(out: Path, e: OSError) -> BrainPropError:
+    return BrainPropError(
+        f"cannot write runs under {out} ({e.strerror or e}): pass a writable --out folder"
+    )
 
 
 def check_free_space(folder: Path, needed: int) -> None:

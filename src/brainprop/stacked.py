@@ -363,7 +363,9 @@ def _member_state(
     """(checkpoint to restore or None, resolved config, run directory or None: a new run); a
     run directory to continue is held in ``held`` (:func:`brainprop.rundir.claimed`)."""
     if isinstance(member, TrainConfig):
-        return None, member.resolve(), None
+        config = member.resolve()
+        rundir.check_new(config.out_dir, config.name)
+        return None, config, None
     run_path = Path(member)
     held.enter_context(rundir.claimed(run_path))
     state, config = checkpoint_and_config(run_path, None)

@@ -88,6 +88,8 @@ class Trainer:
             self.train_set, self.val_x, self.val_y = ds, ds.test_x, ds.test_y
         else:
             self.train_set, self.val_x, self.val_y = split_validation(ds, int(config.val))
+        self.global_batch = self.parallel.global_batch(config.batch_size, config.global_batch)
+        check_batch(config, self.global_batch, len(self.train_set.train_y), self.parallel)
         init = torch.Generator().manual_seed(config.seed)
         self.model = build_model(
             config.arch, ds.input_shape, ds.num_classes, config.hyperparameters(), init
@@ -112,7 +114,6 @@ class Trainer:
         self.order_generator = self.generator
         if self.parallel.active:
             self.order_generator = torch.Generator(device=self.device).manual_seed(config.seed)
-        self.global_batch = self.parallel.global_batch(config.batch_size, config.global_batch)
         # Set by load_state for a checkpoint written by another number of processes.
         self.resume_note: str | None = None
         self.stopper = EarlyStopping(config.patience, config.min_delta)
@@ -291,6 +292,33 @@ class Trainer:
             raise NonFinite("weights", epoch, last_step)
 
 
+def check_batch(
+    config: TrainConfig, global_batch: int, n_train: int, parallel: distributed.Context
+) -> None:
+    """Refuse a step of more images than the training set holds.
+
+    Only the loaded dataset knows its size, so TrainConfig cannot check this. Such a batch
+    would train one short step per epoch while recording the batch asked for, or, beyond
+    int64, fail inside torch once training has started.
+    """
+    if global_batch <= n_train:
+        return
+    images = f"the {n_train} training images of {config.dataset}"
+    if config.val != VAL_TEST:
+        images += f" left after holding out {config.val} for validation"
+    if config.global_batch is not None:
+        asked = f"--global-batch {config.global_batch} is"
+    elif parallel.world_size > 1:
+        asked = (
+            f"--batch-size {config.batch_size} on {parallel.world_size} processes makes "
+            f"{global_batch} images per step,"
+        )
+    else:
+        asked = f"--batch-size {config.batch_size} is"
+    most = n_train // parallel.world_size if config.global_batch is None else n_train
+    raise BrainPropError(f"{asked} more than {images}: pass at most {most}")
+
+
 class NonFinite(Exception):
     """The loss or the weights (``what``) became NaN or inf by 0-based ``epoch``/``step``."""
 
@@ -369,6 +397,7 @@ def _train(
             raise BrainPropError("train() needs a config, or resume= a run directory to continue")
         else:
             config, state = config.resolve(), None
+            parallel.on_main(lambda: rundir.check_new(config.out_dir, config.name))
         ds = dataset if dataset is not None else load_dataset(config.dataset, config.data_dir)
         trainer = Trainer(config, ds, progress and parallel.is_main)
         if state is not None:
@@ -499,7 +528,9 @@ def create_run(trainer: Trainer) -> Path:
     """A new run directory holding the run's config."""
     config = trainer.config
     rundir.check_free_space(Path(config.out_dir), 3 * _checkpoint_bytes(trainer))
-    name = config.name or rundir.default_name(config.dataset, config.arch, config.rule, config.seed)
+    name = config.name
+    if name is None:
+        name = rundir.default_name(config.dataset, config.arch, config.rule, config.seed)
     run_path = rundir.create(config.out_dir, name)
     rundir.atomic_write_json(run_path / rundir.CONFIG, config.to_dict())
     return run_path
