@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -97,6 +98,27 @@ def run_dir(tmp_path_factory) -> Path:
 def test_nonsense_hyperparameters(tmp_path: Path, capsys, argv: list[str], message: str) -> None:
     assert _error(capsys, "train", "--out", tmp_path, *argv) == message
     assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+HUGE = "99999999999999999999"  # beyond int64, where torch's split gave a traceback
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--batch-size", HUGE], f"--batch-size {HUGE} is"),
+        (["--global-batch", HUGE], f"--global-batch {HUGE} is"),
+        (["--batch-size", "7"], "--batch-size 7 is"),
+    ],
+)
+def test_a_batch_larger_than_the_training_set_is_refused_before_the_run_starts(
+    tmp_path: Path, capsys, argv: list[str], message: str
+) -> None:
+    write_idx_dataset(tmp_path / "mnist")
+    assert _train(capsys, tmp_path, "--arch", "dense", *argv) == (
+        f"{message} more than the 6 training images of mnist: pass at most 6"
+    )
+    assert not (tmp_path / "runs").exists()
 
 
 def test_a_run_stored_with_an_out_of_range_lr_resumes_to_a_one_line_error(
@@ -372,6 +394,27 @@ def test_checkpoint_for_another_number_of_classes(run_dir: Path) -> None:
     )
 
 
+def test_a_run_without_best_pt_yet_is_named_as_such(tmp_path: Path, capsys, run_dir: Path) -> None:
+    """A run stopped inside its first epoch has last.pt (or nothing) but no best.pt yet."""
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    (run / "best.pt").unlink()
+    assert _error(capsys, "evaluate", run) == (
+        f"{run} has no best.pt yet, as no epoch of it has ended: evaluate its latest state, "
+        f"{run / 'last.pt'}, or continue it with 'brainprop train --resume {run}'"
+    )
+    assert evaluate(run / "last.pt", dataset=make_tiny_dataset())["epoch"] == 1
+    for name in ("last.pt", "history.json", "history.csv", "summary.json"):
+        (run / name).unlink()
+    assert _error(capsys, "evaluate", run) == (
+        f"{run} has no best.pt yet, as no epoch of it has ended: continue it with "
+        f"'brainprop train --resume {run}'"
+    )
+    assert _error(capsys, "evaluate", "") == (
+        "the checkpoint to evaluate is empty: pass a run directory or a .pt"
+    )
+
+
 # --- the out directory and the disk ------------------------------------------------------------
 
 
@@ -383,6 +426,28 @@ def test_out_directory_that_cannot_be_created(tmp_path: Path) -> None:
     assert str(info.value) == (
         f"cannot write runs under {blocker / 'runs'} (Not a directory): pass a writable --out "
         "folder"
+    )
+
+
+@pytest.mark.parametrize(
+    ("out", "message"),
+    [
+        ("file", "cannot write runs under {} (Not a directory): pass a writable --out folder"),
+        ("file/sub", "cannot write runs under {} (Not a directory): pass a writable --out folder"),
+        ("", "--out is empty: pass the folder for run directories, e.g. runs"),
+    ],
+)
+def test_an_out_folder_that_cannot_be_written_is_refused_before_the_data_loads(
+    tmp_path: Path, capsys, out: str, message: str
+) -> None:
+    (tmp_path / "file").write_text("not a folder")
+    out_dir = tmp_path / out if out else ""
+    # No data at all: the data's own error would come first if the data were loaded first.
+    argv = ["train", "--data-dir", tmp_path, "--out", out_dir, "--quiet"]
+    assert _error(capsys, *argv) == message.format(out_dir)
+    assert _error(capsys, *argv, "--name", "") == (
+        "--name must be one folder name (no '/', at most 250 bytes), got '': pass e.g. --name "
+        "my-run"
     )
 
 

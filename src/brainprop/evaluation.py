@@ -65,9 +65,12 @@ def load_model(
 
     Returns (model in eval mode, the checkpoint dict).
     """
+    if str(target) == "":
+        # Path("") is the working directory, which is no choice anyone makes by typing ''.
+        raise BrainPropError("the checkpoint to evaluate is empty: pass a run directory or a .pt")
     path = Path(target)
     if path.is_dir():
-        path = path / rundir.BEST
+        path = _best_of(path)
     state = checkpoint.load(path, map_location)
     try:
         config = TrainConfig.from_dict(state["config"])
@@ -99,6 +102,26 @@ def load_model(
     return model.eval(), state
 
 
+def _best_of(run: Path) -> Path:
+    """The best.pt of the run directory ``run``; a one-line error for a run that has none yet.
+
+    A folder without config.json is no run: loading its best.pt says so.
+    """
+    best = run / rundir.BEST
+    if best.exists() or not (run / rundir.CONFIG).is_file():
+        return best
+    if (run / rundir.LAST).is_file():
+        fix = (
+            f"evaluate its latest state, {run / rundir.LAST}, or continue it with "
+            f"'brainprop train --resume {run}'"
+        )
+    elif (run / rundir.SUMMARY).is_file():
+        fix = f"it ended without one ({rundir.SUMMARY} says why), so there is nothing to evaluate"
+    else:
+        fix = f"continue it with 'brainprop train --resume {run}'"
+    raise BrainPropError(f"{run} has no {rundir.BEST} yet, as no epoch of it has ended: {fix}")
+
+
 def evaluate(
     target: str | Path,
     *,
@@ -113,7 +136,7 @@ def evaluate(
     ds = (
         dataset
         if dataset is not None
-        else load_dataset(config.dataset, data_dir or config.data_dir)
+        else load_dataset(config.dataset, config.data_dir if data_dir is None else data_dir)
     )
     check_trained_on(state, ds, str(target), "evaluate it on the dataset it was trained on")
     fastpath.prepare(model.to(dev), config.eager)
