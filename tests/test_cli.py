@@ -63,7 +63,7 @@ def test_resume_reads_data_that_moved_from_data_dir(data_dir, tmp_path, capsys):
     run = tmp_path / "runs" / "cli"
     moved = data_dir.rename(tmp_path / "moved")
     assert main(["train", "--resume", str(run), "--epochs", "3", "--quiet"]) == 2
-    assert "mnist" in capsys.readouterr().err
+    assert f"--data-dir {data_dir} does not exist: pass the folder" in capsys.readouterr().err
     assert json.loads((run / "config.json").read_text())["epochs"] == 2  # a failed resume
     resumed = ["train", "--resume", str(run), "--epochs", "3", "--data-dir", str(moved), "--quiet"]
     assert main(resumed) == 0
@@ -149,9 +149,23 @@ def test_running_out_of_device_memory_is_one_line_and_status_2(monkeypatch, caps
 
 
 def test_missing_dataset_names_where_the_files_go(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
     code = main(["train", "--data-dir", str(tmp_path / "empty"), "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 2 and "mnist" in err and str(tmp_path / "empty") in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("command", ["train", "datasets"])
+def test_a_data_dir_that_is_a_file_or_missing_is_one_line_and_status_2(tmp_path, capsys, command):
+    command = [command, *(["--out", str(tmp_path / "runs")] if command == "train" else [])]
+    (tmp_path / "file").write_text("not a folder")
+    for given, state in (("file", "is a file, not a folder"), ("nope", "does not exist")):
+        code = main([*command, "--data-dir", str(tmp_path / given)])
+        err = capsys.readouterr().err
+        assert code == 2, err
+        assert err.startswith(f"brainprop: error: --data-dir {tmp_path / given} {state}: pass ")
+    assert main([*command, "--data-dir", ""]) == 2
+    assert capsys.readouterr().err.startswith("brainprop: error: --data-dir is empty: pass ")
 
 
 def test_datasets_lists_what_is_present(data_dir, capsys):

@@ -13,6 +13,7 @@ from brainprop.data import (
     DATASET_NAMES,
     Dataset,
     dataset_status,
+    download,
     idx,
     load_dataset,
     resolve_data_root,
@@ -56,6 +57,43 @@ def test_root_precedence(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert resolve_data_root() == tmp_path / "home" / ".cache" / "brainprop"
+
+
+def test_an_empty_data_root_is_refused_and_an_empty_variable_is_unset(
+    tmp_path: Path, monkeypatch
+) -> None:
+    with pytest.raises(BrainPropError) as info:
+        load_dataset("mnist", "")
+    assert str(info.value) == (
+        "--data-dir is empty: pass the folder that holds the datasets, or leave --data-dir out "
+        "for the default"
+    )
+    monkeypatch.setattr(root, "checkout_data_dir", lambda _: tmp_path)
+    monkeypatch.setenv("BRAINPROP_DATA", "")
+    assert resolve_data_root() == tmp_path
+
+
+@pytest.mark.parametrize("kind", ["file", "missing"])
+def test_a_data_root_that_is_no_folder_is_named_as_such(
+    tmp_path: Path, monkeypatch, kind: str
+) -> None:
+    given = tmp_path / kind
+    if kind == "file":
+        given.write_text("not a folder")
+    state = "is a file, not a folder" if kind == "file" else "does not exist"
+    fix = "pass the folder that holds the datasets ('brainprop download NAME --data-dir FOLDER' "
+    fix += "fetches them into one)"
+    with pytest.raises(BrainPropError) as info:
+        load_dataset("mnist", given)
+    assert str(info.value) == f"--data-dir {given} {state}: {fix}"
+    monkeypatch.setenv("BRAINPROP_DATA", str(given))
+    with pytest.raises(BrainPropError) as info:
+        load_dataset("cifar10")
+    assert str(info.value) == f"$BRAINPROP_DATA {given} {state}: {fix}"
+    # A download makes a root that does not exist yet, but cannot make one where a file is.
+    if kind == "file":
+        with pytest.raises(BrainPropError, match=f"^--data-dir {given} is a file, not a folder"):
+            download("mnist", given)
 
 
 def test_checkout_detection(tmp_path: Path) -> None:

@@ -208,9 +208,9 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _datasets(args: argparse.Namespace) -> int:
-    from .data import dataset_status, resolve_data_root
+    from .data import data_root, dataset_status
 
-    root = resolve_data_root(args.data_dir)
+    root = data_root(args.data_dir)
     print(f"data root: {root}")
     for row in dataset_status(root):
         print(row)
@@ -218,9 +218,9 @@ def _datasets(args: argparse.Namespace) -> int:
 
 
 def _download(args: argparse.Namespace) -> int:
-    from .data import download, resolve_data_root
+    from .data import download
 
-    path = download(args.name, resolve_data_root(args.data_dir))
+    path = download(args.name, args.data_dir)
     print(f"{args.name} is ready in {path}")
     return 0
 

@@ -10,12 +10,13 @@ Layout under the data root (see :func:`resolve_data_root`):
 from .dataset import Dataset, split_validation
 from .fetch import download
 from .registry import DATASET_NAMES, DatasetStatus, dataset_status, load_dataset
-from .root import resolve_data_root
+from .root import data_root, resolve_data_root
 
 __all__ = [
     "DATASET_NAMES",
     "Dataset",
     "DatasetStatus",
+    "data_root",
     "dataset_status",
     "download",
     "load_dataset",

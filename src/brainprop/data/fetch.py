@@ -33,7 +33,7 @@ from brainprop.errors import BrainPropError
 from .idx import IDX_FILE_NAMES
 from .messages import reason
 from .registry import check_name, data_dir, dataset_status
-from .root import resolve_data_root
+from .root import data_root
 
 CHUNK = 1 << 20
 URL_SCHEMES = ("http", "https", "file")
@@ -102,7 +102,7 @@ MD5: dict[str, str] = {
 def download(
     name: str, root: str | Path | None = None, *, base_url: str | None = None, progress: bool = True
 ) -> Path:
-    """Download dataset ``name`` into ``root`` (``None``: :func:`resolve_data_root`).
+    """Download dataset ``name`` into ``root`` (``None``: :func:`~.root.resolve_data_root`).
 
     Args:
         name: one of ``DATASET_NAMES``.
@@ -117,7 +117,7 @@ def download(
     check_name(name)
     if base_url is not None and urllib.parse.urlsplit(base_url).scheme not in URL_SCHEMES:
         raise BrainPropError(f"base URL {base_url!r} is not a URL: {URL_FIX}")
-    root = resolve_data_root(root)
+    root = data_root(root, may_be_new=True)
     source = SOURCES[name]
     dest = root / source.folder
     if (here := _present_in(name, root, dest)) is not None:

@@ -17,7 +17,7 @@ from .idx import (
     idx_dataset_dir,
     load_idx_dataset,
 )
-from .root import resolve_data_root
+from .root import data_root, resolve_data_root
 from .tinyimagenet import CACHE_DIR, load_tiny_imagenet, tiny_imagenet_dir
 
 DATASET_NAMES: tuple[str, ...] = (
@@ -78,7 +78,7 @@ def load_dataset(name: str, root: str | Path | None = None) -> Dataset:
     Returns a :class:`Dataset` with uint8 ``[N, C, H, W]`` images and int64 labels.
     """
     check_name(name)
-    root = resolve_data_root(root)
+    root = data_root(root)
     if name in _IDX:
         return load_idx_dataset(name, root)
     if name in LAYOUTS:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from brainprop.errors import BrainPropError
+
 ENV_VAR = "BRAINPROP_DATA"
 
 
@@ -34,9 +36,17 @@ def resolve_data_root(explicit: str | Path | None = None) -> Path:
     """Pick the data root: ``explicit``, else ``$BRAINPROP_DATA``, else the checkout's
     ``data/`` folder when running from a source checkout, else the per-user cache.
 
-    The folder need not exist; loaders report what is missing and where it must go.
+    The folder need not exist (:func:`data_root` checks one that was named); loaders report
+    what is missing and where it must go. An empty ``$BRAINPROP_DATA`` counts as unset, the
+    way ``BRAINPROP_DATA= brainprop ...`` is written to unset it; an empty ``explicit`` is
+    refused, as ``Path("")`` would be the working directory.
     """
-    if explicit is not None and str(explicit) != "":
+    if explicit is not None:
+        if str(explicit) == "":
+            raise BrainPropError(
+                "--data-dir is empty: pass the folder that holds the datasets, or leave "
+                "--data-dir out for the default"
+            )
         return Path(explicit).expanduser()
     env = os.environ.get(ENV_VAR)
     if env:
@@ -45,3 +55,23 @@ def resolve_data_root(explicit: str | Path | None = None) -> Path:
     if checkout is not None:
         return checkout
     return user_cache_dir()
+
+
+def data_root(explicit: str | Path | None = None, *, may_be_new: bool = False) -> Path:
+    """:func:`resolve_data_root`, refusing a root that was named (``explicit`` or
+    ``$BRAINPROP_DATA``) but is a file, or, unless ``may_be_new`` (a download makes it), does
+    not exist: each dataset in it would otherwise be reported missing, file by file.
+
+    The default root may be missing: the messages of what is missing then say where it goes.
+    """
+    root = resolve_data_root(explicit)
+    named = (
+        "--data-dir" if explicit is not None else f"${ENV_VAR}" if os.environ.get(ENV_VAR) else None
+    )
+    if named is None or root.is_dir() or (may_be_new and not root.exists()):
+        return root
+    state = "does not exist" if not root.exists() else "is a file, not a folder"
+    raise BrainPropError(
+        f"{named} {root} {state}: pass the folder that holds the datasets "
+        "('brainprop download NAME --data-dir FOLDER' fetches them into one)"
+    )
