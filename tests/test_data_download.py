@@ -14,8 +14,10 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from data_fixtures import (
+    cifar_pickle,
     tar_gz_bytes,
     tree_bytes,
     write_cifar10,
@@ -104,6 +106,37 @@ def test_tiny_imagenet_zip(tmp_path: Path, server, monkeypatch) -> None:
     root = tmp_path / "root"
     download("tiny-imagenet", root, base_url=url, progress=False)
     assert load_dataset("tiny-imagenet", root).test_y.tolist() == [2, 0, 1, 2]
+
+
+def test_files_already_there_are_read_before_they_are_called_ready(tmp_path: Path) -> None:
+    """Damage that keeps a file's size (a flipped byte) is found by reading it, as training
+    would: the gzip CRC, the pickle's content. Nothing is fetched, nor replaced."""
+    nowhere = (tmp_path / "no-mirror").as_uri()
+    write_idx_dataset(tmp_path / "mnist")
+    assert download("mnist", tmp_path, base_url=nowhere, progress=False) == tmp_path / "mnist"
+    images = tmp_path / "mnist" / "train-images-idx3-ubyte.gz"
+    whole = images.read_bytes()
+    images.write_bytes(whole[:-9])
+    with pytest.raises(BrainPropError) as info:
+        download("mnist", tmp_path, base_url=nowhere, progress=False)
+    assert str(info.value).startswith(f"{images} is cut short or damaged (its header declares")
+    flipped = bytearray(whole)
+    flipped[len(whole) // 2] ^= 0xFF
+    images.write_bytes(bytes(flipped))
+    with pytest.raises(BrainPropError) as info:
+        download("mnist", tmp_path, base_url=nowhere, progress=False)
+    assert str(info.value).startswith(f"MNIST file {images} cannot be read (")
+    assert str(info.value).endswith("): delete it and run 'brainprop download mnist'")
+    assert images.read_bytes() == flipped
+
+    write_cifar10(tmp_path)
+    batch = tmp_path / "cifar10" / "cifar-10-batches-py" / "data_batch_2"
+    batch.write_bytes(cifar_pickle({b"data": np.zeros((2, 3072), np.uint8)}))
+    with pytest.raises(BrainPropError) as info:
+        download("cifar10", tmp_path, base_url=nowhere, progress=False)
+    assert str(info.value) == (
+        f"CIFAR file {batch} has no b'labels' entry: delete it and run 'brainprop download cifar10'"
+    )
 
 
 def test_a_killed_downloads_leftovers_are_removed_by_the_next(

@@ -138,6 +138,29 @@ def test_status(tmp_path: Path, monkeypatch) -> None:
     assert str(cifar100).startswith(f"cifar100-coarse  missing  {cifar100.path}  (run 'brainprop")
 
 
+@pytest.mark.parametrize("gz", [True, False])
+def test_a_file_cut_short_is_listed_as_damaged_not_present(tmp_path: Path, gz: bool) -> None:
+    write_idx_dataset(tmp_path / "mnist", gz=gz)
+    write_cifar10(tmp_path)
+    images = tmp_path / "mnist" / ("train-images-idx3-ubyte" + (".gz" if gz else ""))
+    images.write_bytes(images.read_bytes()[:-9])
+    batch = tmp_path / "cifar10" / "cifar-10-batches-py" / "data_batch_3"
+    batch.write_bytes(batch.read_bytes()[:-1])
+    status = {s.name: s for s in dataset_status(tmp_path)}
+    said = "is cut short or damaged (its header declares 4720 bytes, its gzip trailer "
+    if not gz:
+        said = "is cut short or padded (its header declares 4720 bytes, it holds 4711)"
+    assert not status["mnist"].present
+    assert status["mnist"].damaged.startswith(f"{images} {said}")
+    assert str(status["mnist"]).startswith(f"mnist            damaged  {tmp_path / 'mnist'}  (")
+    assert status["mnist"].damaged.endswith(": delete it and run 'brainprop download mnist'")
+    assert not status["cifar10"].present
+    assert status["cifar10"].damaged == (
+        f"{batch} is cut short (a pickle ends with '.'): delete it and run "
+        "'brainprop download cifar10'"
+    )
+
+
 def _tiny() -> Dataset:
     x = torch.zeros(4, 3, 2, 2, dtype=torch.uint8)
     y = torch.zeros(4, dtype=torch.int64)

@@ -284,6 +284,22 @@ def parse_cifar_batch(
     return np.ascontiguousarray(pixels.reshape(-1, 3, 32, 32)), labels
 
 
+def cifar_file_problem(path: Path) -> str | None:
+    """What is wrong with the CIFAR pickle ``path`` as its size and last byte tell, without
+    reading it; None when they look whole. A pickle ends with its STOP opcode, ``.``: one cut
+    short almost never does."""
+    try:
+        with path.open("rb") as f:
+            f.seek(0, 2)
+            if f.tell() == 0:
+                return "is empty (0 bytes)"
+            f.seek(-1, 2)
+            last = f.read(1)
+    except OSError as exc:
+        return f"cannot be read ({reason(exc)})"
+    return None if last == b"." else "is cut short (a pickle ends with '.')"
+
+
 def cifar_dir(name: str, root: Path) -> Path:
     """The folder holding the pickles of ``name``, e.g. ``root/cifar10/cifar-10-batches-py``."""
     layout = LAYOUTS[name]

@@ -32,7 +32,7 @@ from brainprop.errors import BrainPropError
 
 from .idx import IDX_FILE_NAMES
 from .messages import reason
-from .registry import check_name, data_dir, dataset_status
+from .registry import check_name, data_dir, dataset_status, load_dataset
 from .root import data_root
 
 CHUNK = 1 << 20
@@ -155,9 +155,24 @@ def download(
 
 def _present_in(name: str, root: Path, dest: Path) -> Path | None:
     """The dataset's folder if the data root holds it whole under ``dest``, else None. A copy
-    elsewhere (a system package's folder) does not count: the user asked for one here."""
+    elsewhere (a system package's folder) does not count: the user asked for one here.
+
+    Files already there are read as training reads them (a gzip's CRC included) before they
+    are called ready, and a damaged one is refused, naming it, rather than replaced: they are
+    the user's. Not by md5: the committed MNIST's training images are gzipped anew, and the
+    shared CIFAR-10 batches hold the official images in another order. Tiny ImageNet's
+    110,000 JPEGs are only checked to be there.
+    """
     status = next(s for s in dataset_status(root) if s.name == name)
-    return status.path if status.present and status.path.is_relative_to(dest) else None
+    if not status.path.is_relative_to(dest):
+        return None
+    if status.damaged:
+        raise BrainPropError(status.damaged)
+    if not status.present:
+        return None
+    if name != "tiny-imagenet":
+        load_dataset(name, root)
+    return status.path
 
 
 def _remove_leftovers(dest: Path) -> None:

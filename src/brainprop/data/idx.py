@@ -33,6 +33,12 @@ SPLIT_FILES: dict[str, tuple[str, str]] = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 IDX_FILE_NAMES: tuple[str, ...] = tuple(f for pair in SPLIT_FILES.values() for f in pair)
+#: Each file's magic number, images or labels.
+IDX_MAGIC = {
+    name: magic
+    for pair in SPLIT_FILES.values()
+    for name, magic in zip(pair, (IMAGES_MAGIC, LABELS_MAGIC), strict=True)
+}
 
 TITLES = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST"}
 
@@ -115,6 +121,38 @@ def _read_declared(f: BinaryIO, magic: int, source: str, fix: str) -> bytes:
             f"it is damaged or not an MNIST-style file; {fix}"
         )
     return head + f.read(declared + 1)
+
+
+def idx_file_problem(path: Path, magic: int) -> str | None:
+    """What is wrong with the IDX file ``path`` as its header and size tell, without reading
+    its data; None when they agree. A gzip file ends with its uncompressed size (mod 2**32),
+    so one cut short is found without inflating it."""
+    ndim = magic & 0xFF
+    header = 4 + 4 * ndim
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as f:
+                head = f.read(header)
+            with path.open("rb") as f:
+                f.seek(-4, 2)
+                size = int.from_bytes(f.read(4), "little")
+        else:
+            with path.open("rb") as f:
+                head = f.read(header)
+            size = path.stat().st_size
+    except (OSError, EOFError, zlib.error) as exc:
+        return f"cannot be read ({reason(exc)})"
+    if len(head) < header or int.from_bytes(head[:4], "big") != magic:
+        return "has no IDX header of its kind"
+    expected = header + math.prod(_dims(head, ndim))
+    if path.suffix != ".gz" and size != expected:
+        return f"is cut short or padded (its header declares {expected} bytes, it holds {size})"
+    if path.suffix == ".gz" and size != expected % 2**32:
+        return (
+            f"is cut short or damaged (its header declares {expected} bytes, its gzip trailer "
+            f"{size})"
+        )
+    return None
 
 
 def find_idx_file(folder: Path, base: str) -> Path | None:

@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from brainprop.errors import BrainPropError
 
-from .cifar import LAYOUTS, cifar_dir, load_cifar
+from .cifar import LAYOUTS, cifar_dir, cifar_file_problem, load_cifar
 from .dataset import Dataset
 from .idx import (
     IDX_FILE_NAMES,
+    IDX_MAGIC,
     SYSTEM_PACKAGES,
     find_idx_file,
     how_to_get,
     idx_dataset_dir,
+    idx_file_problem,
     load_idx_dataset,
 )
+from .messages import redownload
 from .root import data_root, resolve_data_root
 from .tinyimagenet import CACHE_DIR, load_tiny_imagenet, tiny_imagenet_dir
 
@@ -37,10 +41,13 @@ class DatasetStatus:
 
     Attributes:
         name: the dataset name.
-        present: all files the loader needs exist (their content is checked only on load).
+        present: all files the loader needs exist, and none looks damaged by its size and
+            header (their content is checked only on load).
         path: the folder the loader reads, or would read once the files are there.
         how_to_get: one line on obtaining the files.
         note: where a present dataset comes from when not the data root itself, or cache state.
+        damaged: for files that all exist, what is wrong with the first that looks damaged
+            (its path, what, and the fix), else "".
     """
 
     name: str
@@ -48,11 +55,13 @@ class DatasetStatus:
     path: Path
     how_to_get: str
     note: str = ""
+    damaged: str = ""
 
     def __str__(self) -> str:
-        """One table row: name, present/missing, folder, then the note or how to get it."""
-        state = "present" if self.present else "missing"
-        extra = self.note if self.present else self.how_to_get
+        """One table row: name, present/damaged/missing, folder, then the note, what is
+        damaged, or how to get it."""
+        state = "present" if self.present else "damaged" if self.damaged else "missing"
+        extra = self.note if self.present else self.damaged or self.how_to_get
         return f"{self.name:<16} {state:<8} {self.path}" + (f"  ({extra})" if extra else "")
 
 
@@ -89,20 +98,31 @@ def load_dataset(name: str, root: str | Path | None = None) -> Dataset:
 def _status(name: str, root: Path) -> DatasetStatus:
     folder = data_dir(name, root)
     if name in _IDX:
-        present = all(find_idx_file(folder, base) for base in IDX_FILE_NAMES)
+        paths = [find_idx_file(folder, base) for base in IDX_FILE_NAMES]
+        present = all(paths)
         note = ""
         if present and folder != root / name:
             note = f"from system package {SYSTEM_PACKAGES[name]}"
-        return DatasetStatus(name, present, folder, how_to_get(name, root / name), note)
+        problems = (
+            (path, idx_file_problem(path, IDX_MAGIC[base]))
+            for path, base in zip(paths, IDX_FILE_NAMES, strict=True)
+            if present and path is not None
+        )
+        damaged = _damaged(problems, name)
+        hint = how_to_get(name, root / name)
+        return DatasetStatus(name, present and not damaged, folder, hint, note, damaged)
     if name in LAYOUTS:
         layout = LAYOUTS[name]
-        files = layout.train_files + layout.test_files
-        present = all((folder / f).is_file() for f in files)
+        paths = [folder / f for f in layout.train_files + layout.test_files]
+        present = all(p.is_file() for p in paths)
         hint = (
             f"run 'brainprop download {layout.download_name}' or extract the official python "
             f"archive into {folder.parent}"
         )
-        return DatasetStatus(name, present, folder, hint)
+        damaged = _damaged(
+            ((p, cifar_file_problem(p)) for p in paths if present), layout.download_name
+        )
+        return DatasetStatus(name, present and not damaged, folder, hint, damaged=damaged)
     present = all(
         p.exists()
         for p in (folder / "wnids.txt", folder / "train", folder / "val" / "val_annotations.txt")
@@ -112,10 +132,19 @@ def _status(name: str, root: Path) -> DatasetStatus:
     return DatasetStatus(name, present, folder, hint, note)
 
 
+def _damaged(problems: Iterable[tuple[Path, str | None]], download_name: str) -> str:
+    """The first problem of ``problems`` (path, problem or None) as one line with its fix."""
+    for path, problem in problems:
+        if problem is not None:
+            return f"{path} {problem}: {redownload(download_name)}"
+    return ""
+
+
 def dataset_status(root: str | Path | None = None) -> list[DatasetStatus]:
     """One :class:`DatasetStatus` per name in :data:`DATASET_NAMES`, in that order.
 
-    Only checks that files exist, so it is quick even for Tiny ImageNet.
+    Checks that files exist, and for MNIST-style and CIFAR files that their size agrees with
+    their header (or ends as a pickle does), so it is quick even for Tiny ImageNet.
     """
     root = resolve_data_root(root)
     return [_status(name, root) for name in DATASET_NAMES]
