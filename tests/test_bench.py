@@ -13,7 +13,7 @@ import weakref
 import pytest
 import torch
 
-from brainprop import bench, memory
+from brainprop import bench, checkpoint, memory
 from brainprop.bench import (
     DATASET_SHAPES,
     JSON_NAME,
@@ -355,6 +355,22 @@ def test_cli_bench_prints_markdown_and_writes_files(tmp_path, capsys):
     assert main([*args[:-1], str(tmp_path / JSON_NAME)]) == 2
     err = capsys.readouterr().err
     assert "cannot create the folder" in err and err.count("\n") == 1 and "load" not in err
+
+
+def test_an_out_folder_that_takes_no_files_is_refused_before_any_timing(
+    tmp_path, capsys, monkeypatch
+):
+    # A read-only folder, as root (who may write anywhere) cannot make one.
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(checkpoint.tempfile, "TemporaryFile", refuse)
+    argv = ["bench", "--presets", "mnist/dense", "--device", "cpu", "--out", str(tmp_path)]
+    assert main(argv) == 2
+    assert capsys.readouterr().err == (
+        f"brainprop: error: cannot write into {tmp_path} (Permission denied): pass as --out a "
+        "folder you can write to, not a file\n"
+    )
 
 
 def test_a_stack_is_timed_beside_the_single_step(tmp_path):

@@ -108,12 +108,16 @@ def test_bad_input_is_one_line_and_status_2(argv, message, tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    ("option", "value"), [("--datasets", "mnist,,"), ("--archs", ",dense"), ("--rules", "ebp,,")]
-)
-def test_reproduce_refuses_an_empty_entry_in_a_list(tmp_path, capsys, option, value):
+    ("command", "option", "value"),
+    [("reproduce", "--datasets", "mnist,,"), ("reproduce", "--archs", ",dense"),
+     ("reproduce", "--rules", "ebp,,"), ("bench", "--presets", "mnist/dense,,mnist/conv"),
+     ("bench", "--rules", ",ebp")],
+)  # fmt: skip
+def test_an_empty_entry_in_a_list_is_refused(tmp_path, capsys, command, option, value):
     """Elsewhere an empty value is refused; an empty entry is as much a slip."""
-    argv = ["reproduce", option, value, "--out", str(tmp_path / "r"), "--data-dir",
-            str(tmp_path / "empty")]  # fmt: skip
+    argv = [command, option, value, "--out", str(tmp_path / "r"), "--device", "cpu"]
+    if command == "reproduce":
+        argv += ["--data-dir", str(tmp_path / "empty")]
     assert _exit_code(lambda: main(argv)) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1

@@ -29,13 +29,20 @@ FORMAT = "brainprop-checkpoint-1"
 def make_folder(
     folder: Path, fix: str = "pass as --out a folder you can write to, not a file"
 ) -> None:
-    """Create ``folder`` and its parents, or say in one line why it cannot be and ``fix``."""
+    """Create ``folder`` and its parents and check that it takes files, or say in one line why
+    it cannot and ``fix``: callers make it before long work, which should not end unwritten."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise BrainPropError(
             f"cannot create the folder {folder} ({e.strerror or e}): {fix}"
         ) from None
+    try:
+        # An unnamed file (O_TMPFILE on Linux) that vanishes on close: a write, and no trace.
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise BrainPropError(f"cannot write into {folder} ({e.strerror or e}): {fix}") from None
 
 
 def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None]) -> None:

@@ -226,20 +226,14 @@ def _download(args: argparse.Namespace) -> int:
 
 
 def _names(text: str) -> tuple[str, ...]:
-    names = tuple(dict.fromkeys(v.strip() for v in text.split(",") if v.strip()))
-    if not names:
-        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
-    return names
-
-
-def _entries(text: str) -> tuple[str, ...]:
-    """:func:`_names`, refusing an empty entry ("mnist,,"): a name lost to a slip of the
-    keyboard would shrink the request unnoticed."""
-    if "" in (v.strip() for v in text.split(",")):
+    """Comma-separated names, each once; an empty entry ("mnist,,") is refused: a name lost to
+    a slip of the keyboard would shrink the request unnoticed."""
+    entries = [v.strip() for v in text.split(",")]
+    if "" in entries:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated names, got {text!r}: drop the empty entry"
         )
-    return _names(text)
+    return tuple(dict.fromkeys(entries))
 
 
 def _given_options(args: argparse.Namespace, keep: set[str]) -> list[str]:
@@ -270,10 +264,10 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
         "then write results.md/json/png under --out. Finished runs are skipped; interrupted "
         "ones resume.",
     )  # fmt: skip
-    p.add_argument("--datasets", type=_entries, help="comma-separated (default: all four)")
-    p.add_argument("--archs", type=_entries, help="comma-separated (default: every cell's)")
+    p.add_argument("--datasets", type=_names, help="comma-separated (default: all four)")
+    p.add_argument("--archs", type=_names, help="comma-separated (default: every cell's)")
     p.add_argument(
-        "--rules", type=_entries, help=f"comma-separated (default: {','.join(default['rules'])})"
+        "--rules", type=_names, help=f"comma-separated (default: {','.join(default['rules'])})"
     )
     p.add_argument(
         "--seeds", type=int,
