@@ -260,15 +260,31 @@ def test_missing_dataset_fails_before_any_run(tmp_path, capsys):
     assert not (tmp_path / "r" / RUNS).exists()
 
 
-def test_a_val_split_of_the_whole_training_set_fails_before_any_run(tmp_path, mnist_root, capsys):
+@pytest.mark.parametrize("val", [128, 1])
+def test_a_val_split_leaving_less_than_a_batch_fails_before_any_run(tmp_path, mnist_root, capsys,
+                                                                     val):  # fmt: skip
     out = tmp_path / "r"
     argv = ["reproduce", "--datasets", "mnist", "--archs", "dense", "--seeds", "1", "--val-split",
-            "128", "--out", str(out), "--data-dir", str(mnist_root), "--device", "cpu"]  # fmt: skip
+            str(val), "--out", str(out), "--data-dir", str(mnist_root), "--device",
+            "cpu"]  # fmt: skip
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1
-    assert "--val-split 128 would leave none of the 128 mnist training images to train on" in err
+    assert (
+        f"--val-split {val} would leave {128 - val} of the 128 mnist training images, fewer than "
+        "a batch of 128: validate on the test set"
+    ) in err
     assert not out.exists()
+
+
+def test_a_damaged_dataset_is_named_as_damaged_before_any_run(tmp_path, mnist_root, capsys):
+    labels = mnist_root / "mnist" / "train-labels-idx1-ubyte.gz"
+    labels.write_bytes(labels.read_bytes()[:-10])
+    argv = ["reproduce", "--datasets", "mnist", "--archs", "dense", "--seeds", "1", "--out",
+            str(tmp_path / "r"), "--data-dir", str(mnist_root), "--device", "cpu"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "train-labels-idx1-ubyte" in err and "is not in" not in err
 
 
 def test_finished_runs_are_skipped_and_an_interrupted_run_resumes(tmp_path, mnist_root, no_plots):

@@ -29,9 +29,10 @@ from data_fixtures import (
 )
 from reliability_helpers import one_thread, tiny_config
 
-from brainprop import checkpoint, evaluate, train
+from brainprop import TrainConfig, checkpoint, distributed, evaluate, train
 from brainprop.cli import main
 from brainprop.errors import BrainPropError
+from brainprop.train import check_batch
 
 __all__ = ["one_thread"]  # the autouse fixture, imported to take effect here
 
@@ -119,6 +120,15 @@ def test_a_batch_larger_than_the_training_set_is_refused_before_the_run_starts(
         f"{message} more than the 6 training images of mnist: pass at most 6"
     )
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(("global_batch", "most"), [(None, 25), (128, 100)])
+def test_the_largest_batch_offered_under_torchrun_is_one_that_is_accepted(global_batch, most):
+    """A global batch must also split evenly over the processes: 101 images on 4 give 100."""
+    sizes = {"batch_size": 32} if global_batch is None else {"global_batch": global_batch}
+    config = TrainConfig(dataset="mnist", arch="dense", **sizes)
+    with pytest.raises(BrainPropError, match=f"pass at most {most}$"):
+        check_batch(config, 128, 101, distributed.Context(world_size=4))
 
 
 def test_a_run_stored_with_an_out_of_range_lr_resumes_to_a_one_line_error(
@@ -404,7 +414,12 @@ def test_a_run_without_best_pt_yet_is_named_as_such(tmp_path: Path, capsys, run_
         f"{run / 'last.pt'}, or continue it with 'brainprop train --resume {run}'"
     )
     assert evaluate(run / "last.pt", dataset=make_tiny_dataset())["epoch"] == 1
-    for name in ("last.pt", "history.json", "history.csv", "summary.json"):
+    (run / "last.pt").unlink()
+    assert _error(capsys, "evaluate", run) == (
+        f"{run} has no best.pt: it ended before an epoch did (summary.json says why), so there "
+        "is nothing to evaluate"
+    )
+    for name in ("history.json", "history.csv", "summary.json"):
         (run / name).unlink()
     assert _error(capsys, "evaluate", run) == (
         f"{run} has no best.pt yet, as no epoch of it has ended: continue it with "

@@ -38,11 +38,16 @@ def make_folder(
             f"cannot create the folder {folder} ({e.strerror or e}): {fix}"
         ) from None
     try:
-        # An unnamed file (O_TMPFILE on Linux) that vanishes on close: a write, and no trace.
-        with tempfile.TemporaryFile(dir=folder):
-            pass
+        probe_write(folder)
     except OSError as e:
         raise BrainPropError(f"cannot write into {folder} ({e.strerror or e}): {fix}") from None
+
+
+def probe_write(folder: Path) -> None:
+    """Make a file in ``folder`` and leave no trace of it; OSError where it cannot be made."""
+    # An unnamed file (O_TMPFILE on Linux) that vanishes on close: a write, and no trace.
+    with tempfile.TemporaryFile(dir=folder):
+        pass
 
 
 def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None]) -> None:

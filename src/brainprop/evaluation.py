@@ -116,7 +116,10 @@ def _best_of(run: Path) -> Path:
             f"'brainprop train --resume {run}'"
         )
     elif (run / rundir.SUMMARY).is_file():
-        fix = f"it ended without one ({rundir.SUMMARY} says why), so there is nothing to evaluate"
+        raise BrainPropError(
+            f"{run} has no {rundir.BEST}: it ended before an epoch did ({rundir.SUMMARY} says "
+            "why), so there is nothing to evaluate"
+        )
     else:
         fix = f"continue it with 'brainprop train --resume {run}'"
     raise BrainPropError(f"{run} has no {rundir.BEST} yet, as no epoch of it has ended: {fix}")

@@ -37,7 +37,7 @@ from .config import TrainConfig
 from .errors import BrainPropError
 from .matrix import MATRIX, PAPER_EPOCHS, RULE_ORDER, RUNS, Cell, RunSpec, plan
 from .measurements import Measurement, load_measurements, record, setup_label
-from .presets import PAPER_PRESET
+from .presets import PAPER_PRESET, table_row
 from .summary import epochs_phrase
 
 # --- cost estimates ----------------------------------------------------------------------------
@@ -250,14 +250,16 @@ def this_machine(device: str, threads: int | None = None) -> str:
 
 
 def _check_data(pending: Sequence[RunSpec], data_dir: str | None) -> None:
-    """Fail before the first run, not hours in, when a planned dataset is missing."""
-    from .data import dataset_status
+    """Fail before the first run, not hours in, when a planned dataset is missing or damaged."""
+    from .data import data_root, dataset_status
 
     needed = {s.cell.dataset for s in pending}
     if not needed:
         return
-    missing = [s for s in dataset_status(data_dir) if s.name in needed and not s.present]
+    missing = [s for s in dataset_status(data_root(data_dir)) if s.name in needed and not s.present]
     if missing:
+        if missing[0].damaged:
+            raise BrainPropError(missing[0].damaged)
         have = sorted(needed - {s.name for s in missing})
         keep = f"or run only --datasets {','.join(have)}" if have else "or pass --data-dir"
         raise BrainPropError(
@@ -266,24 +268,30 @@ def _check_data(pending: Sequence[RunSpec], data_dir: str | None) -> None:
 
 
 def _check_val(pending: Sequence[RunSpec], val: int | None, data_dir: str | None) -> None:
-    """Fail before the first run when ``--val-split`` would hold out a whole training set, which
-    the data otherwise reports only as that run starts. The loaders do not insist on the
-    official files' sizes, so each dataset is counted as loaded."""
+    """Fail before the first run when ``--val-split`` would leave a cell fewer training images
+    than its batch, which the run otherwise reports only as it starts, maybe hours in. The
+    loaders do not insist on the official files' sizes, so each dataset is counted as loaded."""
     from .data import load_dataset
 
     if val is None:
         return
-    for name in dict.fromkeys(s.cell.dataset for s in pending):
+    batches: dict[str, int] = {}
+    for s in pending:
+        row = table_row(s.preset, s.cell.dataset, s.cell.arch)
+        if row is not None:
+            batches[s.cell.dataset] = max(batches.get(s.cell.dataset, 1), row.batch_size)
+    for name, batch in batches.items():
         total = len(load_dataset(name, data_dir).train_y)
-        if val >= total:
+        if total - val < batch:
+            fix = f"pick at most {total - batch}" if total > batch else "validate on the test set"
             raise BrainPropError(
-                f"--val-split {val} would leave none of the {total} {name} training images to "
-                f"train on: pick fewer than {total}"
+                f"--val-split {val} would leave {max(total - val, 0)} of the {total} {name} "
+                f"training images, fewer than a batch of {batch}: {fix}"
             )
 
 
 class _Budget:
-    """Admission of runs against ``budget_minutes`` of wall time from now."""
+    """Admission of runs against ``budget_minutes`` of wall time from when the first comes up."""
 
     def __init__(self, request: Request, threads: int | None) -> None:
         self.request = request

@@ -23,13 +23,17 @@ import io
 import json
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from . import locks
-from .checkpoint import atomic_write_figure, atomic_write_json, atomic_write_text
+from .checkpoint import (
+    atomic_write_figure,
+    atomic_write_json,
+    atomic_write_text,
+    probe_write,
+)
 from .errors import BrainPropError
 
 CONFIG, HISTORY_CSV, HISTORY_JSON = "config.json", "history.csv", "history.json"
@@ -57,9 +61,7 @@ def check_new(out_dir: str | Path, name: str | None) -> None:
     try:
         if not existing.is_dir():
             raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
-        # An unnamed file (O_TMPFILE on Linux) that vanishes on close: a write, and no trace.
-        with tempfile.TemporaryFile(dir=existing):
-            pass
+        probe_write(existing)
     except OSError as e:
         raise _unwritable(out, e) from None
 

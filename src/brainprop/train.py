@@ -315,7 +315,10 @@ def check_batch(
         )
     else:
         asked = f"--batch-size {config.batch_size} is"
-    most = n_train // parallel.world_size if config.global_batch is None else n_train
+    # A global batch must also split evenly over the processes.
+    most = n_train // parallel.world_size
+    if config.global_batch is not None:
+        most *= parallel.world_size
     raise BrainPropError(f"{asked} more than {images}: pass at most {most}")
 
 
