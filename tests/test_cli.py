@@ -63,7 +63,7 @@ def test_resume_reads_data_that_moved_from_data_dir(data_dir, tmp_path, capsys):
     run = tmp_path / "runs" / "cli"
     moved = data_dir.rename(tmp_path / "moved")
     assert main(["train", "--resume", str(run), "--epochs", "3", "--quiet"]) == 2
-    assert f"--data-dir {data_dir} does not exist: pass the folder" in capsys.readouterr().err
+    assert f"data folder {data_dir} does not exist: pass the folder" in capsys.readouterr().err
     assert json.loads((run / "config.json").read_text())["epochs"] == 2  # a failed resume
     resumed = ["train", "--resume", str(run), "--epochs", "3", "--data-dir", str(moved), "--quiet"]
     assert main(resumed) == 0
@@ -167,7 +167,7 @@ def test_a_data_dir_that_is_a_file_or_missing_is_one_line_and_status_2(tmp_path,
         code = main([*command, "--data-dir", str(tmp_path / given)])
         err = capsys.readouterr().err
         assert code == 2, err
-        assert err.startswith(f"brainprop: error: --data-dir {tmp_path / given} {state}: pass ")
+        assert err.startswith(f"brainprop: error: data folder {tmp_path / given} {state}: pass ")
     assert main([*command, "--data-dir", ""]) == 2
     assert capsys.readouterr().err.startswith("brainprop: error: --data-dir is empty: pass ")
 

@@ -81,18 +81,18 @@ def test_a_data_root_that_is_no_folder_is_named_as_such(
     if kind == "file":
         given.write_text("not a folder")
     state = "is a file, not a folder" if kind == "file" else "does not exist"
-    fix = "pass the folder that holds the datasets ('brainprop download NAME --data-dir FOLDER' "
-    fix += "fetches them into one)"
+    fix = "pass the folder that holds the datasets as --data-dir ('brainprop download NAME "
+    fix += "--data-dir FOLDER' fetches them into one)"
     with pytest.raises(BrainPropError) as info:
         load_dataset("mnist", given)
-    assert str(info.value) == f"--data-dir {given} {state}: {fix}"
+    assert str(info.value) == f"data folder {given} {state}: {fix}"
     monkeypatch.setenv("BRAINPROP_DATA", str(given))
     with pytest.raises(BrainPropError) as info:
         load_dataset("cifar10")
-    assert str(info.value) == f"$BRAINPROP_DATA {given} {state}: {fix}"
+    assert str(info.value) == f"data folder {given} ($BRAINPROP_DATA) {state}: {fix}"
     # A download makes a root that does not exist yet, but cannot make one where a file is.
     if kind == "file":
-        with pytest.raises(BrainPropError, match=f"^--data-dir {given} is a file, not a folder"):
+        with pytest.raises(BrainPropError, match=f"^data folder {given} is a file, not a folder"):
             download("mnist", given)
 
 

@@ -65,13 +65,13 @@ def data_root(explicit: str | Path | None = None, *, may_be_new: bool = False) -
     The default root may be missing: the messages of what is missing then say where it goes.
     """
     root = resolve_data_root(explicit)
-    named = (
-        "--data-dir" if explicit is not None else f"${ENV_VAR}" if os.environ.get(ENV_VAR) else None
-    )
+    # An explicit root is not always the user's --data-dir: a resumed or evaluated run passes
+    # the one its config.json stored, so the message names the folder, not a flag.
+    named = "" if explicit is not None else f" (${ENV_VAR})" if os.environ.get(ENV_VAR) else None
     if named is None or root.is_dir() or (may_be_new and not root.exists()):
         return root
     state = "does not exist" if not root.exists() else "is a file, not a folder"
     raise BrainPropError(
-        f"{named} {root} {state}: pass the folder that holds the datasets "
-        "('brainprop download NAME --data-dir FOLDER' fetches them into one)"
+        f"data folder {root}{named} {state}: pass the folder that holds the datasets as "
+        "--data-dir ('brainprop download NAME --data-dir FOLDER' fetches them into one)"
     )
