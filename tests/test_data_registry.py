@@ -161,6 +161,25 @@ def test_a_file_cut_short_is_listed_as_damaged_not_present(tmp_path: Path, gz: b
     )
 
 
+def test_a_file_that_cannot_be_opened_is_a_matter_of_permissions_not_damage(
+    tmp_path: Path, monkeypatch
+) -> None:
+    write_idx_dataset(tmp_path / "mnist")
+    real_open = Path.open
+
+    def refuse(self, *args, **kwargs):
+        if self.name.startswith("train-images"):
+            raise PermissionError(13, "Permission denied")
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", refuse)
+    [mnist] = [s for s in dataset_status(tmp_path) if s.name == "mnist"]
+    assert mnist.damaged == (
+        f"{tmp_path / 'mnist' / 'train-images-idx3-ubyte.gz'} cannot be read ([Errno 13] "
+        "Permission denied): check its permissions"
+    )
+
+
 def _tiny() -> Dataset:
     x = torch.zeros(4, 3, 2, 2, dtype=torch.uint8)
     y = torch.zeros(4, dtype=torch.int64)

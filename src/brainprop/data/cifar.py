@@ -19,7 +19,7 @@ import torch
 from brainprop.errors import BrainPropError
 
 from .dataset import Dataset
-from .messages import reason, redownload
+from .messages import UNREADABLE, reason, redownload
 
 ROW_BYTES = 3 * 32 * 32
 
@@ -296,7 +296,7 @@ def cifar_file_problem(path: Path) -> str | None:
             f.seek(-1, 2)
             last = f.read(1)
     except OSError as exc:
-        return f"cannot be read ({reason(exc)})"
+        return f"{UNREADABLE} ({reason(exc)})"
     return None if last == b"." else "is cut short (a pickle ends with '.')"
 
 

@@ -18,7 +18,7 @@ import torch
 from brainprop.errors import BrainPropError
 
 from .dataset import Dataset
-from .messages import reason, redownload
+from .messages import UNREADABLE, reason, redownload
 
 IMAGES_MAGIC = 0x00000803
 LABELS_MAGIC = 0x00000801
@@ -141,7 +141,7 @@ def idx_file_problem(path: Path, magic: int) -> str | None:
                 head = f.read(header)
             size = path.stat().st_size
     except (OSError, EOFError, zlib.error) as exc:
-        return f"cannot be read ({reason(exc)})"
+        return f"{UNREADABLE} ({reason(exc)})"
     if len(head) < header or int.from_bytes(head[:4], "big") != magic:
         return "has no IDX header of its kind"
     expected = header + math.prod(_dims(head, ndim))

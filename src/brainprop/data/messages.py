@@ -9,6 +9,10 @@ def reason(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
+#: How a quick file check words a file it could not open or read, which is no sign of damage.
+UNREADABLE = "cannot be read"
+
+
 def redownload(name: str) -> str:
     """The fix for a corrupt file of dataset ``name``."""
     return f"delete it and run 'brainprop download {name}'"

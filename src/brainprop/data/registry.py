@@ -20,7 +20,7 @@ from .idx import (
     idx_file_problem,
     load_idx_dataset,
 )
-from .messages import redownload
+from .messages import UNREADABLE, redownload
 from .root import data_root, resolve_data_root
 from .tinyimagenet import CACHE_DIR, load_tiny_imagenet, tiny_imagenet_dir
 
@@ -136,7 +136,10 @@ def _damaged(problems: Iterable[tuple[Path, str | None]], download_name: str) ->
     """The first problem of ``problems`` (path, problem or None) as one line with its fix."""
     for path, problem in problems:
         if problem is not None:
-            return f"{path} {problem}: {redownload(download_name)}"
+            # Permissions, not damage, are the usual reason a file cannot be opened.
+            unreadable = problem.startswith(UNREADABLE)
+            fix = "check its permissions" if unreadable else redownload(download_name)
+            return f"{path} {problem}: {fix}"
     return ""
 
 
