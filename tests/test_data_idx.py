@@ -151,6 +151,7 @@ def test_fashion_falls_back_to_system_folder(tmp_path: Path, monkeypatch) -> Non
     system = tmp_path / "usr-share"
     arrays = write_idx_dataset(system, seed=5)
     monkeypatch.setitem(idx.SYSTEM_DIRS, "fashion-mnist", system)
+    (tmp_path / "root").mkdir()  # a data root that does not exist is refused as a slip
     ds = load_dataset("fashion-mnist", tmp_path / "root")
     assert np.array_equal(ds.train_x[:, 0].numpy(), arrays["train_x"])
     # Files in the data root win over the system folder.
