@@ -13,7 +13,7 @@ from brainprop import memory
 
 
 def test_without_proc_the_peak_is_read_in_the_platforms_unit(monkeypatch):
-    monkeypatch.setattr(memory, "_proc_status_bytes", lambda field: None)
+    monkeypatch.setattr(memory, "_proc_bytes", lambda field, source=None: None)
     kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     linux = memory.host_rss()
     assert linux >= kib * 1024 > 2**20  # at least torch's libraries, a MiB and more

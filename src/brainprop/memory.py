@@ -13,10 +13,11 @@ from pathlib import Path
 import torch
 
 
-def _proc_status_bytes(field: str) -> int | None:
-    """A ``kB`` field of /proc/self/status (VmRSS, VmHWM) in bytes; None off Linux."""
+def _proc_bytes(field: str, source: str = "/proc/self/status") -> int | None:
+    """A ``kB`` field of a /proc file (VmRSS and VmHWM of /proc/self/status, MemAvailable of
+    /proc/meminfo) in bytes; None off Linux."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in Path(source).read_text().splitlines():
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
@@ -32,7 +33,7 @@ def _process_peak() -> int:
 
 def host_rss() -> int:
     """This process's resident memory now, in bytes (its peak where /proc is missing)."""
-    rss = _proc_status_bytes("VmRSS")
+    rss = _proc_bytes("VmRSS")
     return rss if rss is not None else _process_peak()
 
 
@@ -41,13 +42,7 @@ def available(device: torch.device) -> int | None:
     MemAvailable (CPU); None where the host does not say (no /proc)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
+    return _proc_bytes("MemAvailable", "/proc/meminfo")
 
 
 def held(device: torch.device) -> int:
@@ -76,7 +71,7 @@ def peak(device: torch.device, was_reset: bool) -> tuple[int, str]:
     ``was_reset``)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device), "torch.cuda.max_memory_allocated"
-    hwm = _proc_status_bytes("VmHWM") if was_reset else None
+    hwm = _proc_bytes("VmHWM") if was_reset else None
     if hwm is not None:
         return hwm, "peak RSS of the process since the reset (VmHWM)"
     return _process_peak(), "peak RSS of the process since it started (getrusage)"
