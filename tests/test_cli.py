@@ -58,6 +58,15 @@ def test_resume_from_the_command_line(data_dir, tmp_path, capsys):
     assert code == 2 and "--arch, --val, --seed would be ignored" in capsys.readouterr().err
 
 
+def test_a_run_stopped_on_a_nan_exits_with_its_own_status(data_dir, tmp_path, capsys):
+    # At this rate the first update overflows the weights: the loss is inf within epoch 1.
+    status = main(_train_args(data_dir, tmp_path / "runs", "--lr", "1e30"))
+    assert status == cli.EXIT_DIVERGED != 0
+    assert "stopped: the loss became NaN or inf at epoch 1" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "runs" / "cli" / "summary.json").read_text())
+    assert summary["stop_reason"].startswith("non-finite loss at epoch 1")
+
+
 def test_resume_reads_data_that_moved_from_data_dir(data_dir, tmp_path, capsys):
     assert main(_train_args(data_dir, tmp_path / "runs", "--quiet")) == 0
     run = tmp_path / "runs" / "cli"

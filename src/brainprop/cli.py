@@ -2,7 +2,9 @@
 
 Every sub-command is a thin call into the library (``train``, ``evaluate``, ``load_dataset`` ...).
 A :class:`~brainprop.errors.BrainPropError` becomes one line on stderr and exit status 2; a run
-stopped by SIGINT/SIGTERM prints how to resume it and exits with 128 + the signal number.
+stopped by SIGINT/SIGTERM prints how to resume it and exits with 128 + the signal number; a
+training run that stopped on a NaN or inf (its summary and last good checkpoint written) exits
+with :data:`EXIT_DIVERGED`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import BrainPropError
+
+#: The exit status of ``train`` when the run stopped on a NaN or inf: it ended and wrote its
+#: summary, so neither 0 (a script would take the run as trained) nor 2 (nothing was wrong with
+#: the input).
+EXIT_DIVERGED = 3
 
 CUDA_GRAPH_HELP = (
     "replay each full-batch training step from one captured CUDA graph (CUDA only; opt-in "
@@ -116,9 +123,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     val.add_argument("--val-split", type=int, metavar="N", help="same as --val N")
     stop.add_argument(
         "--on-nan", choices=ON_NAN,
-        help="when the loss or weights become NaN/inf: stop (keeping the last good checkpoint) "
-        "or rewind to the end of the last finished epoch (or the start) at half the learning "
-        f"rate (at most {MAX_NAN_RELOADS} times) (default {default['on_nan']})",
+        help="when the loss or weights become NaN/inf: stop (keeping the last good "
+        f"checkpoint; exit status {EXIT_DIVERGED}) or rewind to the end of the last finished "
+        "epoch (or the start) at half the learning rate (at most "
+        f"{MAX_NAN_RELOADS} times) (default {default['on_nan']})",
     )  # fmt: skip
     run = p.add_argument_group("run")
     run.add_argument("--seed", type=int, help=f"default {default['seed']}")
@@ -152,6 +160,7 @@ def _train(args: argparse.Namespace) -> int:
     from .data import load_dataset
     from .distributed import launched_main
     from .resume import stored_config
+    from .summary import DIVERGED
     from .train import train
 
     dataset = None
@@ -194,7 +203,7 @@ def _train(args: argparse.Namespace) -> int:
     run = train(config, resume=args.resume, dataset=dataset, progress=not args.quiet)
     if args.quiet and launched_main():
         print(json.dumps(run.summary))
-    return 0
+    return EXIT_DIVERGED if run.summary["stop_reason"].startswith(DIVERGED) else 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
