@@ -519,8 +519,21 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path: Path, mo
     last = tmp_path / "run" / "last.pt"
     assert str(info.value) == (
         f"cannot write {last} (No space left on device); last.pt keeps its previous content: "
-        "free disk space or fix the folder's permissions, then run again (training runs "
-        "continue with --resume)"
+        "free disk space or fix the folder's permissions, then continue the run with "
+        f"'brainprop train --resume {last.parent}'"
     )
     assert checkpoint.load(last)["epoch"] == 1
     assert not list(last.parent.glob(".*.tmp"))
+
+
+def test_a_failed_write_outside_a_run_says_to_run_the_command_again(tmp_path: Path) -> None:
+    def full(f) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(BrainPropError) as info:
+        checkpoint.atomic_write(tmp_path / "bench.json", full)
+    assert str(info.value) == (
+        f"cannot write {tmp_path / 'bench.json'} (No space left on device); nothing was written: "
+        "free disk space or fix the folder's permissions, then run the command again"
+    )
+    assert not list(tmp_path.iterdir())

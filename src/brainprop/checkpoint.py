@@ -115,9 +115,15 @@ def remove_temporaries(folder: str | Path) -> None:
 def _write_error(path: Path, e: OSError) -> BrainPropError:
     # A full disk (ENOSPC, or EDQUOT past a quota) is the common case on long runs.
     kept = f"{path.name} keeps its previous content" if path.exists() else "nothing was written"
+    # A run directory (every one holds its config.json, rundir.CONFIG) continues where it stopped;
+    # a bench, report or download is simply run again.
+    if (path.parent / "config.json").is_file():
+        then = f"continue the run with 'brainprop train --resume {path.parent}'"
+    else:
+        then = "run the command again"
     return BrainPropError(
         f"cannot write {path} ({e.strerror or e}); {kept}: free disk space or fix the folder's "
-        "permissions, then run again (training runs continue with --resume)"
+        f"permissions, then {then}"
     )
 
 
