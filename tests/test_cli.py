@@ -9,7 +9,7 @@ import pytest
 import torch
 from data_fixtures import write_idx_dataset
 
-from brainprop import cli
+from brainprop import checkpoint, cli
 from brainprop.cli import OFF_CONFIG_OPTIONS, build_parser, main
 from brainprop.config import TrainConfig
 
@@ -77,6 +77,18 @@ def test_resume_reads_data_that_moved_from_data_dir(data_dir, tmp_path, capsys):
     resumed = ["train", "--resume", str(run), "--epochs", "3", "--data-dir", str(moved), "--quiet"]
     assert main(resumed) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["epochs_run"] == 3
+
+
+def test_an_older_run_that_stored_an_empty_data_dir_resumes(data_dir, tmp_path, monkeypatch):
+    assert main(_train_args(data_dir, tmp_path / "runs", "--quiet")) == 0
+    run = tmp_path / "runs" / "cli"
+    config = json.loads((run / "config.json").read_text()) | {"data_dir": ""}
+    (run / "config.json").write_text(json.dumps(config))
+    last = checkpoint.load(run / "last.pt")
+    checkpoint.save(run / "last.pt", last | {"config": last["config"] | {"data_dir": ""}})
+    monkeypatch.setenv("BRAINPROP_DATA", str(data_dir))
+    assert main(["train", "--resume", str(run), "--epochs", "3", "--quiet"]) == 0
+    assert json.loads((run / "summary.json").read_text())["epochs_run"] == 3
 
 
 @pytest.mark.parametrize(

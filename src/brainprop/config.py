@@ -244,6 +244,11 @@ class TrainConfig:
         d.setdefault("eager", True)
         # Runs from before synchronised BatchNorm used each process's own statistics.
         d.setdefault("sync_batchnorm", False)
+        # Runs from before an empty --data-dir was refused stored "" for the working directory
+        # of the day; they read the default root, as an empty $BRAINPROP_DATA means, and data
+        # that is elsewhere is passed with --data-dir.
+        if d.get("data_dir") == "":
+            d["data_dir"] = None
         if d.get("dropout") is not None:
             d["dropout"] = tuple(d["dropout"])
         return cls(**d)
