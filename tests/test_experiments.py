@@ -34,6 +34,7 @@ from brainprop.matrix import (
 )
 from brainprop.measurements import load_measurements, machine_slug, record
 from brainprop.report import README_END, README_START
+from brainprop.resume import stored_config
 
 # brainprop re-exports the function train, which hides the module of the same name.
 train_module = importlib.import_module("brainprop.train")
@@ -401,6 +402,32 @@ def test_a_stacks_new_seeds_run_where_its_resumed_ones_started(tmp_path, mnist_r
     assert reproduce(request, say=lambda _: None).ran == [first.name, "mnist-dense-ebp-s1-e1"]
     stored = rundir.read_json(tmp_path / RUNS / "mnist-dense-ebp-s1-e1" / rundir.CONFIG)
     assert stored["device"] == "cpu" and stored["eager"] is True
+
+
+def test_resumed_seeds_of_two_configurations_train_each_in_its_own_stack(
+    tmp_path, mnist_root, no_plots
+):
+    """Seed 0 was started by a version before the fast path (no "eager": it resumes eager),
+    seed 1 by this one; both were killed before their first checkpoint. They cannot share a
+    stack, and a rerun with --stack must train both rather than stop."""
+    for seed in (0, 1):
+        spec = RunSpec(DENSE, "ebp", seed, max_epochs=1)
+        run_dir = tmp_path / RUNS / spec.name
+        run_dir.mkdir(parents=True)
+        config = spec.config(tmp_path, str(mnist_root), "cpu").resolve().to_dict()
+        if seed == 0:
+            del config["eager"]
+        (run_dir / rundir.CONFIG).write_text(json.dumps(config))
+    request = Request(
+        cells=(DENSE,), rules=("ebp",), seeds=2, max_epochs=1, out=tmp_path, stack=2,
+        data_dir=str(mnist_root), device="cpu", progress=False,
+    )  # fmt: skip
+    names = ["mnist-dense-ebp-s0-e1", "mnist-dense-ebp-s1-e1"]
+    assert reproduce(request, say=lambda _: None).ran == names
+    for name, eager in zip(names, (True, False), strict=True):
+        assert stored_config(tmp_path / RUNS / name).eager is eager
+        history = json.loads((tmp_path / RUNS / name / rundir.HISTORY_JSON).read_text())
+        assert "stack_size" not in history[0]
 
 
 def test_a_bf16_request_trains_in_bf16_and_reports_apart(tmp_path, mnist_root, no_plots):

@@ -3,6 +3,7 @@ and no checkpoint ever holds a broken state."""
 
 from __future__ import annotations
 
+import json
 import math
 import signal
 from pathlib import Path
@@ -192,9 +193,17 @@ def test_a_stop_signal_never_checkpoints_a_broken_state(tmp_path: Path, ds, monk
         return q
 
     inject(monkeypatch, {step(2, 3): poison, step(2, 4): stop})
-    run = train(tiny_config(tmp_path), dataset=ds, progress=False)
-    assert run.summary["stop_reason"] == "non-finite loss at epoch 2, step 3"
-    assert _last(run.dir)["epoch"] == 1 and _last(run.dir)["partial"] is None
+    with pytest.raises(Interrupted) as info:
+        train(tiny_config(tmp_path), dataset=ds, progress=False)
+    # The run ended on the NaN, which the signal does not hide; then the signal is obeyed.
+    run_dir = tmp_path / "run"
+    assert str(info.value) == (
+        "stopped by SIGTERM as the run ended (non-finite loss at epoch 2, step 3); its results "
+        f"are complete in {run_dir}"
+    )
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["stop_reason"] == "non-finite loss at epoch 2, step 3"
+    assert _last(run_dir)["epoch"] == 1 and _last(run_dir)["partial"] is None
 
 
 def test_a_resumed_run_with_nan_weights_in_its_checkpoint_is_refused(tmp_path: Path, ds):

@@ -18,7 +18,14 @@ import pytest
 import torch
 from conftest import make_tiny_dataset
 from data_fixtures import write_idx_dataset
-from reliability_helpers import assert_same_run, inject, one_thread, step, tiny_config
+from reliability_helpers import (
+    STEPS_PER_EPOCH,
+    assert_same_run,
+    inject,
+    one_thread,
+    step,
+    tiny_config,
+)
 
 from brainprop import checkpoint, rng, rundir, signals, train
 from brainprop.errors import BrainPropError
@@ -150,6 +157,22 @@ def test_signal_checkpoints_and_resume_is_bit_identical(
     monkeypatch.undo()
     resumed = train(None, resume=run_dir, dataset=ds, progress=False)
     assert resumed.summary["epochs_run"] == 3
+    assert_same_run(reference, run_dir)
+
+
+def test_a_signal_in_the_last_step_lets_the_run_finish_then_stops(
+    tmp_path: Path, ds, reference: Path, monkeypatch
+) -> None:
+    # Past the last step's check nothing is left to save for later: the run ends as it would
+    # have, and the caller (a loop of runs, a batch job) still learns that it was told to stop.
+    inject(monkeypatch, {step(3, STEPS_PER_EPOCH): _raise(signal.SIGTERM)})
+    with pytest.raises(Interrupted) as info:
+        train(tiny_config(tmp_path), dataset=ds, progress=False)
+    run_dir = tmp_path / "run"
+    assert str(info.value) == (
+        f"stopped by SIGTERM as the run ended (max epochs); its results are complete in {run_dir}"
+    )
+    assert info.value.exit_status == 128 + signal.SIGTERM
     assert_same_run(reference, run_dir)
 
 
@@ -326,6 +349,15 @@ def test_resume_with_epochs_below_one_blames_the_flag(tmp_path: Path, ds, refere
     with pytest.raises(BrainPropError) as info:
         train(tiny_config(tmp_path, epochs=0), resume=run_dir, dataset=ds, progress=False)
     assert str(info.value) == "--epochs must be >= 1, got 0"
+
+
+def test_a_new_place_for_the_data_is_for_a_resumed_run_only(tmp_path: Path) -> None:
+    with pytest.raises(BrainPropError) as info:
+        train(tiny_config(tmp_path), data_dir=tmp_path, progress=False)
+    assert str(info.value) == (
+        "train(data_dir=...) reads a resumed run's data from a new place: for a new run, set "
+        "config.data_dir"
+    )
 
 
 def test_a_kill_between_the_last_checkpoint_and_the_history_is_mended_on_resume(

@@ -170,6 +170,51 @@ def test_an_interrupted_stack_resumes_bit_identically(tmp_path, tiny_dataset, mo
         assert strip(b.history) == strip(a.history)
 
 
+def test_a_signal_in_the_stacks_last_epoch_stops_once_its_runs_are_complete(
+    tmp_path, tiny_dataset, monkeypatch
+):
+    end_epoch, sent = stacked.end_epoch, []
+
+    def signal_in_the_last_epoch(trainer, *args, **kw):
+        if len(trainer.history) == 1 and not sent:  # epoch 2 of 2 is ending
+            sent.append(signal.raise_signal(signal.SIGTERM))
+        return end_epoch(trainer, *args, **kw)
+
+    monkeypatch.setattr(stacked, "end_epoch", signal_in_the_last_epoch)
+    members = [_config(tmp_path, s) for s in (1, 2)]
+    with pytest.raises(Interrupted) as info:
+        train_stacked(members, dataset=tiny_dataset, progress=False)
+    dirs = [tmp_path / f"s{s}" for s in (1, 2)]
+    assert str(info.value) == (
+        "stopped by SIGTERM as the last seeds ended; every seed's run is complete: results in "
+        f"{dirs[0]}, {dirs[1]}"
+    )
+    assert info.value.exit_status == 128 + signal.SIGTERM
+    for d in dirs:
+        assert json.loads((d / "summary.json").read_text())["epochs_run"] == 2
+
+
+def test_a_run_begun_in_a_stack_and_finished_alone_keeps_its_stack_size(
+    tmp_path, tiny_dataset, monkeypatch
+):
+    end_epoch, sent = stacked.end_epoch, []
+
+    def signal_after_first_epoch(trainer, *args, **kw):
+        if not sent:
+            sent.append(signal.raise_signal(signal.SIGTERM))
+        return end_epoch(trainer, *args, **kw)
+
+    monkeypatch.setattr(stacked, "end_epoch", signal_after_first_epoch)
+    with pytest.raises(Interrupted):
+        train_stacked([_config(tmp_path, s) for s in (1, 2)], dataset=tiny_dataset,
+                      progress=False)  # fmt: skip
+    monkeypatch.undo()
+    alone = train(resume=tmp_path / "s1", dataset=tiny_dataset, progress=False)
+    assert [h.get("stack_size") for h in alone.history] == [2, None]
+    # Its timing is compared with runs that shared their steps as it did (reproduce's report).
+    assert alone.summary["stack_size"] == 2
+
+
 def test_a_member_can_continue_alone(tmp_path, tiny_dataset):
     (first,) = train_stacked([_config(tmp_path, 1)], dataset=tiny_dataset, progress=False)
     more = train(_config(tmp_path, 1, epochs=3), resume=first.dir, dataset=tiny_dataset,

@@ -157,13 +157,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from .config import TrainConfig
-    from .data import load_dataset
     from .distributed import launched_main
-    from .resume import stored_config
     from .summary import DIVERGED
     from .train import train
 
-    dataset = None
     if args.resume is not None:
         keep = {"resume", "epochs", "data_dir", "quiet"}
         dropped = _given_options(args, keep)
@@ -174,12 +171,9 @@ def _train(args: argparse.Namespace) -> int:
                 f"{', '.join(dropped)} would be ignored: drop {them} (only --epochs may change), "
                 "or start a new run"
             )
-        # The run's own config decides everything but a raised --epochs.
+        # The run's own config decides everything but a raised --epochs; its data is read
+        # from --data-dir where that is given (data that moved).
         config = None if args.epochs is None else TrainConfig(epochs=args.epochs)
-        if args.data_dir is not None:
-            # Where the data lies is no setting of the run: data that moved is read from where
-            # it is now.
-            dataset = load_dataset(stored_config(Path(args.resume)).dataset, args.data_dir)
     else:
         if args.epsilon is not None and args.rule not in (None, "brainprop"):
             raise BrainPropError(
@@ -200,7 +194,8 @@ def _train(args: argparse.Namespace) -> int:
         }
         fields = {f.name for f in dataclasses.fields(TrainConfig)}
         config = TrainConfig(**{k: v for k, v in given.items() if k in fields and v is not None})
-    run = train(config, resume=args.resume, dataset=dataset, progress=not args.quiet)
+    data_dir = args.data_dir if args.resume is not None else None
+    run = train(config, resume=args.resume, data_dir=data_dir, progress=not args.quiet)
     if args.quiet and launched_main():
         print(json.dumps(run.summary))
     return EXIT_DIVERGED if run.summary["stop_reason"].startswith(DIVERGED) else 0

@@ -392,8 +392,12 @@ def _run_in_process(
 
 def _train(job: Job, request: Request, dataset: Any) -> None:
     """Train ``job``'s runs to their end, each fresh or resumed from its ``last.pt``: one run
-    alone, several in one stack."""
-    from .stacked import train_stacked
+    alone, several in one stack.
+
+    Resumed runs keep their stored configs, which can differ beyond the seed (runs started by
+    an older version, or with other flags): each kind then trains in a stack of its own.
+    """
+    from .stacked import stack_key, train_stacked
     from .train import train
 
     run_dirs = [_run_dir(spec, request) for spec in job]
@@ -402,16 +406,18 @@ def _train(job: Job, request: Request, dataset: Any) -> None:
         if run_dir is None and left.exists():
             # Killed before its config was written: nothing in it to resume.
             shutil.rmtree(left)
-    members = [
-        config if run_dir is None else run_dir
-        for run_dir, config in zip(run_dirs, _members(job, request), strict=True)
-    ]
-    if len(members) > 1:
-        train_stacked(members, dataset=dataset, progress=request.progress)
-    elif isinstance(members[0], Path):
-        train(resume=members[0], dataset=dataset, progress=request.progress)
-    else:
-        train(members[0], dataset=dataset, progress=request.progress)
+    kinds: dict[tuple[Any, ...], list[TrainConfig | Path]] = {}
+    for run_dir, config in zip(run_dirs, _members(job, request), strict=True):
+        kinds.setdefault(stack_key(config.resolve()), []).append(
+            config if run_dir is None else run_dir
+        )
+    for members in kinds.values():
+        if len(members) > 1:
+            train_stacked(members, dataset=dataset, progress=request.progress)
+        elif isinstance(members[0], Path):
+            train(resume=members[0], dataset=dataset, progress=request.progress)
+        else:
+            train(members[0], dataset=dataset, progress=request.progress)
 
 
 def _run_dir(spec: RunSpec, request: Request) -> Path | None:

@@ -290,7 +290,8 @@ def train_stacked(
     Raises:
         BrainPropError: configs that cannot share a stack, or what ``train`` would raise.
         Interrupted: a stop signal arrived; every member saved its state at the end of the
-            epoch, and a call with their run directories continues them.
+            epoch, and a call with their run directories continues them. A signal in the
+            epoch that ended the last members raises it too, once their runs are complete.
     """
     if distributed.current().active or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise BrainPropError(
@@ -379,6 +380,15 @@ def _created(trainer: Trainer, held: contextlib.ExitStack) -> Path:
     return run_path
 
 
+def stack_key(config: TrainConfig) -> tuple[Any, ...]:
+    """What ``config`` must share with every other config of its stack: all its fields but
+    :data:`MEMBER_FIELDS`."""
+    return tuple(
+        getattr(config, f.name) for f in dataclasses.fields(TrainConfig)
+        if f.name not in MEMBER_FIELDS
+    )  # fmt: skip
+
+
 def _common_config(configs: Sequence[TrainConfig]) -> TrainConfig:
     """The first config, once every other has been checked to differ from it only in
     :data:`MEMBER_FIELDS`."""
@@ -442,6 +452,16 @@ class _StackedRun:
                     f"{self._how_to_continue()}",
                     signal.SIGINT,
                 ) from None
+            if stop.requested:
+                # It came in the epoch that ended the last members: their runs are whole, and
+                # a loop of stacks around this one (reproduce --stack) must stop too.
+                assert stop.signum is not None
+                done = ", ".join(str(run.dir) for run in self.runs.values())
+                raise signals.Interrupted(
+                    f"stopped by {stop.name} as the last seeds ended; every seed's run is "
+                    f"complete: results in {done}",
+                    stop.signum,
+                )
         return self.runs
 
     def _epochs(self, stop: signals.StopRequest) -> None:
@@ -591,9 +611,7 @@ class _StackedRun:
 
     def _finish(self, m: _Member, stop_reason: str) -> None:
         t = m.trainer
-        # The most seeds this run shared a step with: what its timing is compared with.
-        shared = max((h.get("stack_size", 1) for h in t.history), default=1)
-        summary = summarize(t.history, facts(t) | {"stack_size": shared}, stop_reason)
+        summary = summarize(t.history, facts(t), stop_reason)
         write_results(t, m.run_path, summary)
         if t.history:
             self.say(m.say(done_line(summary, m.run_path)))

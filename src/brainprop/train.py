@@ -350,13 +350,17 @@ def train(
     *,
     resume: str | Path | None = None,
     dataset: Dataset | None = None,
+    data_dir: str | Path | None = None,
     progress: bool = True,
 ) -> Run:
     """Train one network and write its run directory.
 
     Every epoch ends with an atomic checkpoint of the whole training state (``last.pt``).
     SIGINT or SIGTERM finishes the current step, checkpoints it and raises
-    :class:`~brainprop.signals.Interrupted`; ``resume`` then continues bit-identically.
+    :class:`~brainprop.signals.Interrupted`; ``resume`` then continues bit-identically. A signal
+    that comes as the run ends (in its last step or while its results are written) lets it
+    finish, then raises :class:`~brainprop.signals.Interrupted` all the same, so that a caller
+    training one run after another stops too.
 
     Args:
         config: what to train; hyperparameters left as None take the published values. With
@@ -366,6 +370,9 @@ def train(
             checkpoint starts over from its ``config.json`` (one that has a history but lost its
             ``last.pt`` is refused).
         dataset: use this dataset instead of loading ``config.dataset`` (tests, notebooks).
+        data_dir: with ``resume``, the data root to read the run's dataset from when it has
+            moved since the run began (where the data lies is no setting of the run, so its
+            config keeps the old one); ``config.data_dir`` otherwise.
         progress: show a progress bar per epoch and print one line per epoch.
 
     Raises:
@@ -375,8 +382,13 @@ def train(
     Under ``torchrun`` every process calls this and trains its share (see
     :mod:`brainprop.distributed`); rank 0 alone reads and writes the run directory.
     """
+    if data_dir is not None and resume is None:
+        raise BrainPropError(
+            "train(data_dir=...) reads a resumed run's data from a new place: for a new run, "
+            "set config.data_dir"
+        )
     with distributed.joined() as parallel:
-        return _train(parallel, config, resume, dataset, progress)
+        return _train(parallel, config, resume, dataset, data_dir, progress)
 
 
 def _train(
@@ -384,6 +396,7 @@ def _train(
     config: TrainConfig | None,
     resume: str | Path | None,
     dataset: Dataset | None,
+    data_dir: str | Path | None,
     progress: bool,
 ) -> Run:
     """:func:`train` as one of ``parallel``'s processes."""
@@ -401,7 +414,10 @@ def _train(
         else:
             config, state = config.resolve(), None
             parallel.on_main(lambda: rundir.check_new(config.out_dir, config.name))
-        ds = dataset if dataset is not None else load_dataset(config.dataset, config.data_dir)
+        # Loaded once every process has the config: under torchrun rank 0 alone reads the run
+        # directory, which need exist only on its node.
+        root = config.data_dir if data_dir is None else data_dir
+        ds = dataset if dataset is not None else load_dataset(config.dataset, root)
         trainer = Trainer(config, ds, progress and parallel.is_main)
         if state is not None:
             restore(trainer, state, ds, run_path)
@@ -425,19 +441,37 @@ def _held_train(
         warn_if_slow_bf16(trainer.device, config.bf16)
     say = tqdm.write if trainer.progress else (lambda _msg: None)
     say(_header(trainer, run_path))
-    try:
-        trainer, stop_reason = _epochs(trainer, ds, run_path, say)
-    except KeyboardInterrupt:
-        # A second signal: whatever write it cut short left the previous file whole.
-        raise signals.Interrupted(
-            f"stopped at once by a second signal; {_kept(run_path)}: continue with "
-            f"'brainprop train --resume {run_path}'",
-            signal.SIGINT,
-        ) from None
-    summary = summarize(trainer.history, facts(trainer), stop_reason)
-    parallel.on_main(lambda: write_results(trainer, run_path, summary))
-    if trainer.history:
-        say(done_line(summary, run_path))
+
+    def warn(signum: int) -> None:
+        say(
+            f"{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
+            "(send it again to quit at once)"
+        )
+
+    with signals.stop_on_signals(warn) as signalled:
+        stop = distributed.AgreedStop(signalled, trainer.parallel)
+        try:
+            trainer, stop_reason = _epochs(trainer, ds, run_path, say, stop)
+            summary = summarize(trainer.history, facts(trainer), stop_reason)
+            parallel.on_main(lambda: write_results(trainer, run_path, summary))
+        except KeyboardInterrupt:
+            # A second signal: whatever write it cut short left the previous file whole.
+            raise signals.Interrupted(
+                f"stopped at once by a second signal; {_kept(run_path)}: continue with "
+                f"'brainprop train --resume {run_path}'",
+                signal.SIGINT,
+            ) from None
+        if trainer.history:
+            say(done_line(summary, run_path))
+        if stop.requested:
+            # The signal came after the last step's check: the run is whole, and whoever
+            # sent it still expects the process, and a loop of runs around it, to stop.
+            assert stop.signum is not None
+            raise signals.Interrupted(
+                f"stopped by {stop.name} as the run ended ({summary['stop_reason']}); its "
+                f"results are complete in {run_path}",
+                stop.signum,
+            )
     return Run(run_path, config, trainer.model, trainer.history, summary)
 
 
@@ -452,7 +486,11 @@ def done_line(summary: dict[str, Any], run_path: Path) -> str:
 
 
 def _epochs(
-    trainer: Trainer, ds: Dataset, run_path: Path, say: Callable[[str], None]
+    trainer: Trainer,
+    ds: Dataset,
+    run_path: Path,
+    say: Callable[[str], None],
+    stop: signals.StopRequest,
 ) -> tuple[Trainer, str]:
     """Train epoch after epoch until a stopping rule ends the run.
 
@@ -460,37 +498,28 @@ def _epochs(
     signal checkpoints the state and raises :class:`~brainprop.signals.Interrupted`.
     """
     config = trainer.config
-
-    def warn(signum: int) -> None:
-        say(
-            f"{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
-            "(send it again to quit at once)"
-        )
-
-    with signals.stop_on_signals(warn) as signalled:
-        stop = distributed.AgreedStop(signalled, trainer.parallel)
-        while (epoch := len(trainer.history)) < config.epochs:
-            if trainer.stopper.wait >= config.patience:
-                return trainer, EARLY_STOPPING
-            if stop.requested:
-                save_last(trainer, run_path)
-                raise _interrupted(stop, run_path, f"after epoch {epoch}")
-            try:
-                metrics = trainer.train_epoch(epoch, stop)
-            except NonFinite as bad:
-                if trainer.may_rewind():
-                    trainer = rewind(trainer, ds, run_path)
-                    say(bad.rewound(trainer))
-                    continue
-                say(gave_up(bad, config, run_path))
-                return trainer, f"{DIVERGED} {bad.what} at {bad.where()}"
-            if metrics is None:
-                assert trainer.partial is not None  # train_epoch stopped mid-epoch
-                save_last(trainer, run_path)
-                at = f"in epoch {epoch + 1} after step {trainer.partial['step']}"
-                raise _interrupted(stop, run_path, at)
-            if end_epoch(trainer, run_path, metrics, say):
-                return trainer, EARLY_STOPPING
+    while (epoch := len(trainer.history)) < config.epochs:
+        if trainer.stopper.wait >= config.patience:
+            return trainer, EARLY_STOPPING
+        if stop.requested:
+            save_last(trainer, run_path)
+            raise _interrupted(stop, run_path, f"after epoch {epoch}")
+        try:
+            metrics = trainer.train_epoch(epoch, stop)
+        except NonFinite as bad:
+            if trainer.may_rewind():
+                trainer = rewind(trainer, ds, run_path)
+                say(bad.rewound(trainer))
+                continue
+            say(gave_up(bad, config, run_path))
+            return trainer, f"{DIVERGED} {bad.what} at {bad.where()}"
+        if metrics is None:
+            assert trainer.partial is not None  # train_epoch stopped mid-epoch
+            save_last(trainer, run_path)
+            at = f"in epoch {epoch + 1} after step {trainer.partial['step']}"
+            raise _interrupted(stop, run_path, at)
+        if end_epoch(trainer, run_path, metrics, say):
+            return trainer, EARLY_STOPPING
     return trainer, MAX_EPOCHS
 
 
@@ -765,7 +794,7 @@ def _weights(trainer: Trainer, epoch: int) -> dict[str, Any]:
 def facts(trainer: Trainer) -> dict[str, Any]:
     """What the run was, for its summary."""
     config = trainer.config
-    return {
+    known = {
         "dataset": config.dataset,
         "arch": config.arch,
         "rule": config.rule,
@@ -774,3 +803,7 @@ def facts(trainer: Trainer) -> dict[str, Any]:
         "device": device_name(trainer.device),
         "world_size": trainer.parallel.world_size,
     }
+    # The most seeds the run shared a step with (brainprop.stacked), which its timing is
+    # compared by; also when a plain resume finished a run that began in a stack.
+    shared = max((h.get("stack_size", 1) for h in trainer.history), default=1)
+    return known | {"stack_size": shared} if shared > 1 else known
