@@ -166,6 +166,23 @@ def _join_env(rank: int, world: int, port: int) -> None:
     )  # fmt: skip
 
 
+def test_a_resume_with_data_dir_reads_the_run_directory_on_rank_0_alone(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """Rank 1 of a resumed run whose directory lies on rank 0's node only: given --data-dir, it
+    looked for the run directory itself and stopped ('no run directory at ...'). It must join
+    and take the config from rank 0; no rank 0 comes here, so its join times out."""
+    from brainprop.cli import main
+
+    env = dict(RANK="1", LOCAL_RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(_free_port()), BRAINPROP_DIST_TIMEOUT="2")  # fmt: skip
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    elsewhere = tmp_path / "on-rank-0s-node"
+    assert main(["train", "--resume", str(elsewhere), "--data-dir", str(tmp_path)]) == 2
+    assert "process 1 could not join the other 1" in capsys.readouterr().err
+
+
 def _config(out: Path, name: str, **overrides: Any) -> TrainConfig:
     base: dict[str, Any] = dict(
         dataset="mnist", arch="dense", epsilon=0.0, epochs=2, seed=5, out_dir=str(out),

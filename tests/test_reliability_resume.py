@@ -351,13 +351,17 @@ def test_resume_with_epochs_below_one_blames_the_flag(tmp_path: Path, ds, refere
     assert str(info.value) == "--epochs must be >= 1, got 0"
 
 
-def test_a_new_place_for_the_data_is_for_a_resumed_run_only(tmp_path: Path) -> None:
+def test_a_new_place_for_the_data_is_for_a_resumed_run_only(tmp_path: Path, ds, reference):
+    message = (
+        "train(data_dir=...) reads a resumed run's data from a new place: for a new run, set "
+        "config.data_dir; with dataset=..., leave it out"
+    )
     with pytest.raises(BrainPropError) as info:
         train(tiny_config(tmp_path), data_dir=tmp_path, progress=False)
-    assert str(info.value) == (
-        "train(data_dir=...) reads a resumed run's data from a new place: for a new run, set "
-        "config.data_dir"
-    )
+    assert str(info.value) == message
+    with pytest.raises(BrainPropError) as info:
+        train(resume=reference, dataset=ds, data_dir=tmp_path, progress=False)
+    assert str(info.value) == message
 
 
 def test_a_kill_between_the_last_checkpoint_and_the_history_is_mended_on_resume(

@@ -118,7 +118,10 @@ def _write_error(path: Path, e: OSError) -> BrainPropError:
     # A run directory (every one holds its config.json, rundir.CONFIG) continues where it stopped;
     # a bench, report or download is simply run again.
     if (path.parent / "config.json").is_file():
-        then = f"continue the run with 'brainprop train --resume {path.parent}'"
+        then = (
+            f"continue the run with 'brainprop train --resume {path.parent}' (adding the "
+            "--epochs you gave), or with the same 'brainprop reproduce' command"
+        )
     else:
         then = "run the command again"
     return BrainPropError(

@@ -406,11 +406,12 @@ def _train(job: Job, request: Request, dataset: Any) -> None:
         if run_dir is None and left.exists():
             # Killed before its config was written: nothing in it to resume.
             shutil.rmtree(left)
+    # Keyed as the configs are: a job's are all fresh (unresolved) or all take stored ones,
+    # which were resolved when written; a damaged one is then named with its file by train().
+    # The budget admitted the job as one stack; kinds trained one after another take longer.
     kinds: dict[tuple[Any, ...], list[TrainConfig | Path]] = {}
     for run_dir, config in zip(run_dirs, _members(job, request), strict=True):
-        kinds.setdefault(stack_key(config.resolve()), []).append(
-            config if run_dir is None else run_dir
-        )
+        kinds.setdefault(stack_key(config), []).append(config if run_dir is None else run_dir)
     for members in kinds.values():
         if len(members) > 1:
             train_stacked(members, dataset=dataset, progress=request.progress)

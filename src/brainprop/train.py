@@ -372,7 +372,7 @@ def train(
         dataset: use this dataset instead of loading ``config.dataset`` (tests, notebooks).
         data_dir: with ``resume``, the data root to read the run's dataset from when it has
             moved since the run began (where the data lies is no setting of the run, so its
-            config keeps the old one); ``config.data_dir`` otherwise.
+            config keeps the old one); ``config.data_dir`` otherwise. Not with ``dataset``.
         progress: show a progress bar per epoch and print one line per epoch.
 
     Raises:
@@ -382,10 +382,10 @@ def train(
     Under ``torchrun`` every process calls this and trains its share (see
     :mod:`brainprop.distributed`); rank 0 alone reads and writes the run directory.
     """
-    if data_dir is not None and resume is None:
+    if data_dir is not None and (resume is None or dataset is not None):
         raise BrainPropError(
             "train(data_dir=...) reads a resumed run's data from a new place: for a new run, "
-            "set config.data_dir"
+            "set config.data_dir; with dataset=..., leave it out"
         )
     with distributed.joined() as parallel:
         return _train(parallel, config, resume, dataset, data_dir, progress)
@@ -806,4 +806,4 @@ def facts(trainer: Trainer) -> dict[str, Any]:
     # The most seeds the run shared a step with (brainprop.stacked), which its timing is
     # compared by; also when a plain resume finished a run that began in a stack.
     shared = max((h.get("stack_size", 1) for h in trainer.history), default=1)
-    return known | {"stack_size": shared} if shared > 1 else known
+    return (known | {"stack_size": shared}) if shared > 1 else known
