@@ -108,6 +108,26 @@ def test_tiny_imagenet_zip(tmp_path: Path, server, monkeypatch) -> None:
     assert load_dataset("tiny-imagenet", root).test_y.tolist() == [2, 0, 1, 2]
 
 
+def test_a_damaged_file_of_a_partial_dataset_is_named_before_anything_is_fetched(
+    tmp_path: Path,
+) -> None:
+    """An uncompressed file is read in place of the .gz a download would bring, so a cut-short
+    one (an interrupted 'gunzip -c > file') left beside nothing else made the download say
+    "ready" and training fail after it."""
+    write_idx_dataset(tmp_path / "src", gz=False)
+    images = tmp_path / "root" / "mnist" / "train-images-idx3-ubyte"
+    images.parent.mkdir(parents=True)
+    images.write_bytes((tmp_path / "src" / images.name).read_bytes()[:100])
+    nowhere = (tmp_path / "no-mirror").as_uri()
+    with pytest.raises(BrainPropError) as info:
+        download("mnist", tmp_path / "root", base_url=nowhere, progress=False)
+    assert str(info.value) == (
+        f"{images} is cut short or padded (its header declares 4720 bytes, it holds 100): "
+        "delete it and run 'brainprop download mnist'"
+    )
+    assert [p.name for p in images.parent.iterdir()] == [images.name]
+
+
 def test_files_already_there_are_read_before_they_are_called_ready(tmp_path: Path) -> None:
     """Damage that keeps a file's size (a flipped byte) is found by reading it, as training
     would: the gzip CRC, the pickle's content. Nothing is fetched, nor replaced."""

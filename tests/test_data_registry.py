@@ -180,6 +180,26 @@ def test_a_file_that_cannot_be_opened_is_a_matter_of_permissions_not_damage(
     )
 
 
+@pytest.mark.parametrize(
+    ("content", "said"),
+    [
+        (
+            b"<!DOCTYPE html><title>403 Forbidden</title>",
+            "is not a whole gzip file (Not a gzipped file",
+        ),
+        (b"", "is too short for a gzip file (0 bytes)"),
+    ],
+)
+def test_a_gz_file_that_is_no_gzip_is_damage_to_download_again(tmp_path: Path, content, said):
+    # An error page saved under the file's name, or what a failed 'curl -o' leaves.
+    write_idx_dataset(tmp_path / "mnist")
+    images = tmp_path / "mnist" / "train-images-idx3-ubyte.gz"
+    images.write_bytes(content)
+    [mnist] = [s for s in dataset_status(tmp_path) if s.name == "mnist"]
+    assert mnist.damaged.startswith(f"{images} {said}")
+    assert mnist.damaged.endswith(": delete it and run 'brainprop download mnist'")
+
+
 def _tiny() -> Dataset:
     x = torch.zeros(4, 3, 2, 2, dtype=torch.uint8)
     y = torch.zeros(4, dtype=torch.int64)

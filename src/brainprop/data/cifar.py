@@ -201,19 +201,28 @@ class RestrictedUnpickler(pickle.Unpickler):
         return STAND_INS[(module, name)]
 
 
-def _real(value: Any) -> Any:
-    """``value`` with every stand-in array replaced by its numpy array."""
+def _real(value: Any, done: dict[int, Any] | None = None) -> Any:
+    """``value`` with every stand-in array replaced by its numpy array.
+
+    ``done`` maps each container already copied (by ``id``) to its copy: a pickle can refer
+    to one object many times, and a file of a few hundred bytes that nests such references
+    would otherwise take exponential time here.
+    """
+    done = {} if done is None else done
     if isinstance(value, _Array):
         if not hasattr(value, "value"):
             raise _Refused("an array without its state")
         return value.value
-    if isinstance(value, dict):
-        return {_real(k): _real(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(_real(v) for v in value)
     if isinstance(value, _Dtype | _Marker | _Latin1 | _EmptyBytes):
         raise _Refused(f"a stray {type(value).__name__.strip('_')}")
-    return value
+    if not isinstance(value, dict | list | tuple):
+        return value
+    if id(value) not in done:
+        if isinstance(value, dict):
+            done[id(value)] = {_real(k, done): _real(v, done) for k, v in value.items()}
+        else:
+            done[id(value)] = type(value)(_real(v, done) for v in value)
+    return done[id(value)]
 
 
 def unpickle_restricted(data: bytes, *, source: str, fix: str) -> Any:

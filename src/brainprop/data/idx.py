@@ -26,6 +26,8 @@ IMAGE_SIZE = (28, 28)
 NUM_CLASSES = 10
 #: The most data an IDX file may declare (MNIST's training images are 47 MB).
 MAX_DATA_BYTES = 2**31
+#: The least a gzip file holds: its 10-byte header and 8-byte trailer (RFC 1952).
+GZIP_MIN_BYTES = 18
 
 #: split -> (images file, labels file), without the optional ``.gz``.
 SPLIT_FILES: dict[str, tuple[str, str]] = {
@@ -131,6 +133,8 @@ def idx_file_problem(path: Path, magic: int) -> str | None:
     header = 4 + 4 * ndim
     try:
         if path.suffix == ".gz":
+            if (held := path.stat().st_size) < GZIP_MIN_BYTES:
+                return f"is too short for a gzip file ({held} bytes)"
             with gzip.open(path, "rb") as f:
                 head = f.read(header)
             with path.open("rb") as f:
@@ -140,7 +144,11 @@ def idx_file_problem(path: Path, magic: int) -> str | None:
             with path.open("rb") as f:
                 head = f.read(header)
             size = path.stat().st_size
-    except (OSError, EOFError, zlib.error) as exc:
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+        # It opened, so this is damage (an error page saved under the name, a cut-short
+        # download), not permissions; BadGzipFile is an OSError, hence first.
+        return f"is not a whole gzip file ({reason(exc)})"
+    except OSError as exc:
         return f"{UNREADABLE} ({reason(exc)})"
     if len(head) < header or int.from_bytes(head[:4], "big") != magic:
         return "has no IDX header of its kind"

@@ -106,7 +106,7 @@ def _status(name: str, root: Path) -> DatasetStatus:
         problems = (
             (path, idx_file_problem(path, IDX_MAGIC[base]))
             for path, base in zip(paths, IDX_FILE_NAMES, strict=True)
-            if present and path is not None
+            if path is not None
         )
         damaged = _damaged(problems, name)
         hint = how_to_get(name, root / name)
@@ -120,7 +120,7 @@ def _status(name: str, root: Path) -> DatasetStatus:
             f"archive into {folder.parent}"
         )
         damaged = _damaged(
-            ((p, cifar_file_problem(p)) for p in paths if present), layout.download_name
+            ((p, cifar_file_problem(p)) for p in paths if p.is_file()), layout.download_name
         )
         return DatasetStatus(name, present and not damaged, folder, hint, damaged=damaged)
     present = all(
