@@ -27,6 +27,7 @@ from brainprop.report import (
     Stat,
     aggregate,
     update_readme,
+    welch_limit,
     write_report,
 )
 from brainprop.summary import DIVERGED, EPOCH_KEYS
@@ -58,12 +59,46 @@ def test_aggregation_gap_ratio_and_verdicts(tmp_path):
     assert b.seeds == (0, 1, 2) and b.test_acc.mean == pytest.approx(99.31)
     assert b.test_acc.sd == pytest.approx(100 * stdev(bp))
     assert r.gap == pytest.approx(100 * (sum(bp) - sum(ebp)) / 3)
-    se = math.sqrt((100 * stdev(bp)) ** 2 / 3 + (100 * stdev(ebp)) ** 2 / 3)
-    assert r.gap_noise == pytest.approx(2 * se) and r.gap_verdict.agrees is True
+    va, vb = (100 * stdev(bp)) ** 2 / 3, (100 * stdev(ebp)) ** 2 / 3
+    assert 2 <= (va + vb) ** 2 / (va**2 / 2 + vb**2 / 2) < 3  # Welch's degrees of freedom
+    assert r.gap_noise == pytest.approx(4.303 * math.sqrt(va + vb))
+    assert r.gap_verdict.agrees is True
     assert r.ratio == pytest.approx(70 / 40) and r.ratio_verdict.agrees is True
     assert b.epochs_to_stop.mean == pytest.approx(115) and b.s_per_epoch.mean == 2.0
     assert b.total_seconds == pytest.approx(3.0 * (105 + 115 + 125))
     assert r.published == PUBLISHED[CONV] and r.published_verdict.agrees is True
+
+
+def test_welch_limit_is_t_at_welchs_degrees_of_freedom_times_the_standard_error():
+    # Equal sizes and spreads: n1 + n2 - 2 degrees of freedom, as Student's test.
+    assert welch_limit(Stat(0, 1.0, 10), Stat(0, 1.0, 10)) == pytest.approx(2.101 * math.sqrt(0.2))
+    assert welch_limit(Stat(0, 1.0, 2), Stat(0, 1.0, 2)) == pytest.approx(4.303)
+    # One noisy rule dominates: its n - 1 degrees of freedom, rounded down to the table's.
+    assert welch_limit(Stat(0, 3.0, 3), Stat(0, 0.001, 50)) == pytest.approx(4.303 * math.sqrt(3))
+    assert welch_limit(Stat(0, 1.0, 500), Stat(0, 1.0, 500)) == pytest.approx(
+        1.980 * math.sqrt(0.004)
+    )
+    assert welch_limit(Stat(0, None, 1), Stat(0, 1.0, 3)) is None
+    assert welch_limit(Stat(0, 0.0, 2), Stat(0, 0.0, 3)) == 0
+
+
+def test_a_gap_that_few_seeds_cannot_resolve_is_no_difference(tmp_path):
+    # 2.5 standard errors apart: beyond a fixed 2, within Welch's limit at 2-3 seeds per rule.
+    _cell_runs(tmp_path, CONV, GPU, [0.9927, 0.9931, 0.9935], [0.9935, 0.9937, 0.9939],
+               [60, 70, 80], [60, 70, 80])  # fmt: skip
+    [r] = aggregate(load_measurements(tmp_path))
+    assert 2 < abs(r.gap) / math.sqrt(0.04**2 / 3 + 0.02**2 / 3) < 3
+    assert r.gap_verdict.agrees is True
+
+
+def test_seeds_that_all_scored_alike_give_no_verdict_on_a_gap(tmp_path):
+    _cell_runs(tmp_path, CONV, GPU, [0.9931, 0.9931], [0.9932, 0.9932], [60, 70], [60, 70])
+    [r] = aggregate(load_measurements(tmp_path))
+    assert r.gap_noise == 0 and r.gap_verdict.text() == "– (every seed of each rule scored alike)"
+    tied = tmp_path / "tied"
+    _cell_runs(tied, CONV, GPU, [0.9931, 0.9931], [0.9931, 0.9931], [60, 70], [60, 70])
+    [r] = aggregate(load_measurements(tied))
+    assert r.gap_verdict.agrees is True
 
 
 def test_verdicts_say_no_when_claims_fail(tmp_path):
