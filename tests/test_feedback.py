@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from brainprop import EBP, FEEDBACK_MODES, BrainProp, build_model, convert
@@ -279,17 +280,65 @@ def _mlp() -> nn.Sequential:
     )  # fmt: skip
 
 
+@pytest.mark.parametrize("mode", ["random", "sign", "reciprocal", "direct"])
+def test_a_frozen_layer_still_sends_its_feedback(mode):
+    """A fixed readout (requires_grad=False) in a feedback-alignment net: the layers below
+    learn from the readout's feedback pathway, as they do when it trains, not from W^T."""
+    model = _mlp()
+    convert(model, mode, generator=torch.Generator().manual_seed(0))
+    x, y = torch.rand(8, 6), torch.arange(8) % 3
+    grads = []
+    for frozen in (False, True):
+        model.zero_grad()
+        model[-1].weight.requires_grad_(not frozen)
+        _step(model, x, y)
+        grads.append(model[0].weight.grad.clone())
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+    with exact_gradients():
+        model.zero_grad()
+        _step(model, x, y)
+    assert not torch.allclose(model[0].weight.grad, grads[0])  # not backprop's gradient
+
+
 def test_direct_feedback_never_takes_an_earlier_steps_output_error():
-    """With the output layer's weight frozen it sends no error: the layers below must say so,
-    not train on the error the last step left behind."""
+    """An output layer that takes the plain op (here its mode switched by hand) sends no
+    error: the layers below must say so, not train on the error the last step left behind."""
     model = _mlp()
     convert(model, "direct", generator=torch.Generator().manual_seed(0))
     x, y = torch.rand(8, 6), torch.arange(8) % 3
     _step(model, x, y)
     model.zero_grad()
-    model[-1].weight.requires_grad_(False)
+    model[-1].feedback_mode = "symmetric"
     with pytest.raises(BrainPropError, match="before the output layer sent its error"):
         _step(model, x, y)
+
+
+def test_direct_feedback_allows_an_in_place_activation_after_a_layer():
+    """torchvision's VGG and AlexNet follow their layers with ReLU(inplace=True)."""
+    model = nn.Sequential(nn.Linear(6, 5, bias=False), nn.ReLU(inplace=True),
+                          nn.Linear(5, 3, bias=False))  # fmt: skip
+    convert(model, "direct", generator=torch.Generator().manual_seed(0))
+    _step(model, torch.rand(8, 6), torch.arange(8) % 3)
+    assert model[0].weight.grad.abs().sum() > 0
+
+
+def test_a_subclass_with_its_own_forward_is_refused():
+    class Doubled(nn.Linear):
+        def forward(self, x):
+            return F.linear(x, 2 * self.weight, self.bias)
+
+    model = nn.Sequential(Doubled(6, 3, bias=False))
+    with pytest.raises(BrainPropError, match=r"layer 0 \(Doubled\) computes its own forward"):
+        convert(model, "random")
+    assert type(model[0]) is Doubled
+    convert(model, "symmetric")  # plain autograd keeps any forward
+
+
+def test_sign_feedback_of_a_single_weight_is_the_weight():
+    model = nn.Sequential(nn.Linear(3, 1, bias=False), nn.Linear(1, 1, bias=False))
+    convert(model, "sign")
+    model(torch.rand(4, 3)).sum().backward()
+    assert torch.isfinite(model[0].weight.grad).all()
 
 
 def test_direct_feedback_whose_last_module_is_not_the_output_is_a_clear_error():

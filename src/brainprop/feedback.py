@@ -17,7 +17,8 @@ every ``nn.Linear``, ``nn.Conv2d`` (incl. :class:`~brainprop.layers.Conv2dSame`)
   initial difference. :func:`convert` starts B at random; copy W into it to start equal.
 * ``random``: a fixed random buffer ``feedback_weight`` (feedback alignment, Lillicrap 2016).
 * ``sign``: B = sign(W) * std(W), recomputed from the current W at every step (sign symmetry).
-  The scale std(W) gives B the same root-mean-square, hence about the same norm, as W.
+  The scale std(W) gives B about the norm of W when W's mean is near 0, as trained weights'
+  is (for W ~ U(0, 1) it would be half).
 * ``direct``: direct feedback alignment (Nokland 2016). The output error e = dL/dq ([N, K]) is
   sent straight to each layer's *input* through a fixed random matrix D ([K, input size]); it is
   then gated on the way into the layer below by that layer's activity derivative (ReLU,
@@ -51,7 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import BrainPropError
-from .layers import LocallyConnected2d
+from .layers import Conv2dSame, LocallyConnected2d
 
 __all__ = [
     "FEEDBACK_MODES",
@@ -105,10 +106,15 @@ def feedback_weight(layer: nn.Module) -> torch.Tensor | None:
     if mode == "symmetric":
         return w
     if mode == "sign":
-        return torch.sign(w.detach()) * w.detach().std()
+        return sign_feedback(w.detach())
     if mode == "direct":
         return None
     return layer.feedback_weight
+
+
+def sign_feedback(w: torch.Tensor) -> torch.Tensor:
+    """sign(W) * std(W); a single weight, which has no spread, is its own feedback."""
+    return torch.sign(w) * w.std() if w.numel() > 1 else w.clone()
 
 
 def direct_matrix(
@@ -229,7 +235,9 @@ class _DirectInject(torch.autograd.Function):
     @staticmethod
     def forward(ctx, out, x, layer):
         ctx.layer, ctx.x_shape = layer, x.shape
-        return out.view_as(out)
+        # A copy, not a view: autograd forbids in-place ops (ReLU(inplace=True), as in
+        # torchvision's VGG) on a view a custom Function returns.
+        return out.clone()
 
     @staticmethod
     def backward(ctx, g):
@@ -255,11 +263,11 @@ class _DirectInject(torch.autograd.Function):
 
 
 def _active(layer: nn.Module) -> bool:
-    # No-grad forwards (evaluation runs under inference_mode) and frozen weights take the plain
-    # op: feedback only matters for a backward.
+    # No-grad forwards (evaluation runs under inference_mode) take the plain op: feedback only
+    # matters for a backward. A frozen weight does not: the layers below it still learn from
+    # the feedback it passes down (a fixed random readout is a usual feedback-alignment setup).
     return (
         torch.is_grad_enabled()
-        and layer.weight.requires_grad
         and layer.feedback_mode != "symmetric"
         and not _forced_symmetric()
     )
@@ -395,6 +403,16 @@ def _kind(module: nn.Module) -> str | None:
     return None
 
 
+#: The forwards of the layers convert handles: a subclass with another would lose it (Linear,
+#: LocallyConnected2d) or keep exact feedback unnoticed (a Conv2d not going through
+#: _conv_forward).
+_PLAIN_FORWARDS = {
+    "linear": (nn.Linear.forward,),
+    "conv": (nn.Conv2d.forward, Conv2dSame.forward),
+    "loccon": (LocallyConnected2d.forward,),
+}
+
+
 def _check(name: str, module: nn.Module) -> None:
     label = f"layer {name or '<root>'} ({type(module).__name__})"
     kind = _kind(module)
@@ -404,6 +422,17 @@ def _check(name: str, module: nn.Module) -> None:
         raise BrainPropError(
             f"cannot give {label} a separate feedback pathway: only Linear, Conv2d and "
             "LocallyConnected2d weights (and norm layers) are supported; use feedback='symmetric'"
+        )
+    base = type(module)
+    if base in _CLASSES.values():  # converted before: judge the class it was made from
+        base = base.__mro__[2]
+    if base.forward not in _PLAIN_FORWARDS[kind] or (
+        kind == "conv" and base._conv_forward is not nn.Conv2d._conv_forward
+    ):
+        raise BrainPropError(
+            f"{label} computes its own forward, which a feedback pathway would replace or "
+            "bypass: convert supports Linear, Conv2d (and Conv2dSame) and LocallyConnected2d "
+            "as they are; use feedback='symmetric' for it"
         )
     if kind == "conv":
         if module.padding_mode != "zeros":

@@ -131,7 +131,7 @@ def _feedback_weights(layer: nn.Module) -> torch.Tensor:
     if mode == "symmetric":
         return w
     if mode == "sign":
-        return torch.sign(w) * w.std()
+        return torch.sign(w) * w.std() if w.numel() > 1 else w
     return layer.feedback_weight.detach()
 
 
