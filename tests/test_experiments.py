@@ -384,17 +384,25 @@ def test_a_stacked_request_trains_and_records_each_seed(tmp_path, mnist_root, no
     assert {m.timed_on for m in measurements} == {f"{ex.this_machine('cpu')}, 2 seeds stacked"}
 
 
+def _killed_before_its_first_checkpoint(out, mnist_root, seed: int, *, older: bool) -> RunSpec:
+    """An MNIST dense EBP run directory holding only the config.json of a --device cpu run; an
+    ``older`` one was written before the fast path (no "eager": it resumes eager)."""
+    spec = RunSpec(DENSE, "ebp", seed, max_epochs=1)
+    run_dir = out / RUNS / spec.name
+    run_dir.mkdir(parents=True)
+    config = spec.config(out, str(mnist_root), "cpu").resolve().to_dict()
+    if older:
+        del config["eager"]
+    (run_dir / rundir.CONFIG).write_text(json.dumps(config))
+    return spec
+
+
 def test_a_stacks_new_seeds_run_where_its_resumed_ones_started(tmp_path, mnist_root, no_plots):
     """Seed 0 was started with --device cpu by a version before the fast path (its config has
     no "eager": it resumes eager) and killed before its first checkpoint; the rerun says
     --device auto. Its new seed 1 must take neither difference, or the two could not share a
     stack."""
-    first = RunSpec(DENSE, "ebp", 0, max_epochs=1)
-    run_dir = tmp_path / RUNS / first.name
-    run_dir.mkdir(parents=True)
-    config = first.config(tmp_path, str(mnist_root), "cpu").resolve().to_dict()
-    del config["eager"]
-    (run_dir / rundir.CONFIG).write_text(json.dumps(config))
+    first = _killed_before_its_first_checkpoint(tmp_path, mnist_root, 0, older=True)
     request = Request(
         cells=(DENSE,), rules=("ebp",), seeds=2, max_epochs=1, out=tmp_path, stack=2,
         data_dir=str(mnist_root), device="auto", progress=False,
@@ -411,13 +419,7 @@ def test_resumed_seeds_of_two_configurations_train_each_in_its_own_stack(
     seed 1 by this one; both were killed before their first checkpoint. They cannot share a
     stack, and a rerun with --stack must train both rather than stop."""
     for seed in (0, 1):
-        spec = RunSpec(DENSE, "ebp", seed, max_epochs=1)
-        run_dir = tmp_path / RUNS / spec.name
-        run_dir.mkdir(parents=True)
-        config = spec.config(tmp_path, str(mnist_root), "cpu").resolve().to_dict()
-        if seed == 0:
-            del config["eager"]
-        (run_dir / rundir.CONFIG).write_text(json.dumps(config))
+        _killed_before_its_first_checkpoint(tmp_path, mnist_root, seed, older=seed == 0)
     request = Request(
         cells=(DENSE,), rules=("ebp",), seeds=2, max_epochs=1, out=tmp_path, stack=2,
         data_dir=str(mnist_root), device="cpu", progress=False,

@@ -267,9 +267,7 @@ def _active(layer: nn.Module) -> bool:
     # matters for a backward. A frozen weight does not: the layers below it still learn from
     # the feedback it passes down (a fixed random readout is a usual feedback-alignment setup).
     return (
-        torch.is_grad_enabled()
-        and layer.feedback_mode != "symmetric"
-        and not _forced_symmetric()
+        torch.is_grad_enabled() and layer.feedback_mode != "symmetric" and not _forced_symmetric()
     )
 
 

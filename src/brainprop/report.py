@@ -578,7 +578,7 @@ def markdown(results: Sequence[CellResult], count: int, machines: Sequence[str])
         "epochs end at the overflow, not by early stopping. A row with an epoch cap other "
         "than the paper's 500 gets no verdict if any of its runs stopped at that cap instead "
         "of by early stopping. "
-        "\"Within 2 sd?\" asks whether BrainProp's mean lies within the published mean +- 2 "
+        '"Within 2 sd?" asks whether BrainProp\'s mean lies within the published mean +- 2 '
         "published sd, the goal of the reproduction. "
         f"Published numbers: {PUBLISHED_SOURCE}.",
     ]
