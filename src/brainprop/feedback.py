@@ -17,7 +17,7 @@ every ``nn.Linear``, ``nn.Conv2d`` (incl. :class:`~brainprop.layers.Conv2dSame`)
   initial difference. :func:`convert` starts B at random; copy W into it to start equal.
 * ``random``: a fixed random buffer ``feedback_weight`` (feedback alignment, Lillicrap 2016).
 * ``sign``: B = sign(W) * std(W), recomputed from the current W at every step (sign symmetry).
-  The scale std(W) gives B about the norm of W when W's mean is near 0, as trained weights'
+  The scale std(W) gives B about the norm of W while W's mean is near 0, as a trained layer's
   is (for W ~ U(0, 1) it would be half).
 * ``direct``: direct feedback alignment (Nokland 2016). The output error e = dL/dq ([N, K]) is
   sent straight to each layer's *input* through a fixed random matrix D ([K, input size]); it is
@@ -266,9 +266,8 @@ def _active(layer: nn.Module) -> bool:
     # No-grad forwards (evaluation runs under inference_mode) take the plain op: feedback only
     # matters for a backward. A frozen weight does not: the layers below it still learn from
     # the feedback it passes down (a fixed random readout is a usual feedback-alignment setup).
-    return (
-        torch.is_grad_enabled() and layer.feedback_mode != "symmetric" and not _forced_symmetric()
-    )
+    mode = layer.feedback_mode
+    return torch.is_grad_enabled() and mode != "symmetric" and not _forced_symmetric()
 
 
 def _plain(layer: nn.Module) -> bool:
