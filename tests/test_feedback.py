@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 
 import pytest
 import torch
@@ -332,6 +333,19 @@ def test_a_subclass_with_its_own_forward_is_refused():
         convert(model, "random")
     assert type(model[0]) is Doubled
     convert(model, "symmetric")  # plain autograd keeps any forward
+
+
+def test_converted_classes_of_one_name_each_pickle_as_themselves(tmp_path):
+    class Linear(nn.Linear):  # a user's class named as torch's
+        pass
+
+    model = nn.Sequential(nn.Linear(6, 5, bias=False), Linear(5, 3, bias=False))
+    convert(model, "random", generator=torch.Generator().manual_seed(0))
+    assert type(model[0]).__name__ != type(model[1]).__name__
+    buffer = io.BytesIO()
+    torch.save(model[0], buffer)  # pickles the class by its name in brainprop.feedback
+    buffer.seek(0)
+    assert type(torch.load(buffer, weights_only=False)) is type(model[0])
 
 
 def test_sign_feedback_of_a_single_weight_is_the_weight():

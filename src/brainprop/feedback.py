@@ -347,6 +347,8 @@ def _converted_class(cls: type) -> type:
             else _LocallyConnectedMixin
         )
         name = f"Feedback{cls.__name__}"
+        if hasattr(sys.modules[__name__], name):  # another class of that name was converted
+            name = f"{name}{len(_CLASSES)}"
         new = type(name, (mixin, cls), {"__module__": __name__, "__qualname__": name})
         setattr(sys.modules[__name__], name, new)
         _CLASSES[cls] = new
