@@ -3,6 +3,7 @@
 Nothing here asserts a timing: the machine is shared, and the figures are for people to read.
 """
 
+import copy
 import gc
 import json
 import math
@@ -68,6 +69,11 @@ def test_report_has_both_rules_and_every_field(report):
         # --warmup 0, and the step that counted the FLOPs.
         assert row["warmup_steps"] == 1
     assert "- 2 timed steps after 1 untimed warm-up step;" in (out / MARKDOWN_NAME).read_text()
+    # --steps 8 times 5 steps, in 5 blocks of one: the header says how many were timed.
+    asked = copy.deepcopy(rep) | {"steps": 8}
+    for row in asked["results"]:
+        row["steps_timed"] = 5
+    assert "- 5 timed steps after" in markdown(asked)
     (ratio,) = rep["ratios"]
     assert ratio["brainprop_over_ebp"] == pytest.approx(
         ratio["brainprop_step_ms"] / ratio["ebp_step_ms"]

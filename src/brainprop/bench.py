@@ -214,6 +214,11 @@ def _config(
     ).resolve()
 
 
+def _timed(report: dict[str, Any]) -> int:
+    """The steps each rule timed: ``--steps`` rounded down to whole blocks (``steps_timed``)."""
+    return next((r["steps_timed"] for r in report["results"]), report["steps"])
+
+
 def _untimed(report: dict[str, Any]) -> str:
     """The untimed steps each rule ran before its timing, e.g. "6 untimed warm-up steps":
     ``--warmup``, one more that counted the FLOPs, more for a CUDA graph's capture."""
@@ -673,7 +678,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"- device: {dev['type']} ({', '.join(what)}), {dev['precision']}, torch {report['torch']}",
         peak_line,
         f"- {report['mode']}",
-        f"- {report['steps']} timed steps after {_untimed(report)}; 1-minute load average "
+        f"- {_timed(report)} timed steps after {_untimed(report)}; 1-minute load average "
         f"{before:.2f} before, {after:.2f} after",
         "",
         "| preset | batch | rule | step ms | s/epoch | images/s | GFLOP/step | TFLOP/s "
