@@ -322,7 +322,9 @@ def _prepare_stack(
     def step() -> None:
         stack.step(*next(batches))
 
-    untimed = max(_warmup_steps(warmup, cuda_graph), 1)  # one at least, for the peak memory
+    # As many as a single step takes with its FLOP-counted one, so that with a CUDA graph both
+    # time from the same replay on (and at least one, for the peak memory).
+    untimed = _warmup_steps(warmup, cuda_graph) + 1
     held = memory.held(device)
     was_reset = memory.reset_peak(device)
     for _ in range(untimed):
