@@ -42,6 +42,7 @@ identity function injects the projected error at the input.
 from __future__ import annotations
 
 import contextlib
+import re
 import sys
 import threading
 from collections.abc import Iterator
@@ -250,8 +251,7 @@ class _DirectInject(torch.autograd.Function):
             if link.error is None:
                 raise BrainPropError(
                     "direct feedback reached a layer before the output layer sent its error: "
-                    "the last converted layer in module order must be the network's output, "
-                    "with a weight that trains"
+                    "the last converted layer in module order must be the network's output"
                 )
             e = link.error
             d = direct_matrix(layer, e.shape[1], ctx.x_shape[1:].numel(), e.dtype, e.device)
@@ -336,6 +336,20 @@ class _LocallyConnectedMixin:
 _CLASSES: dict[type, type] = {}
 
 
+def _converted_name(cls: type) -> str:
+    """``Feedback<Name>``, the same in every process (a pickled model finds its class by it
+    once ``convert`` has made it there); a class from outside torch.nn and brainprop adds its
+    module, so that a user's ``Linear`` never takes torch's name."""
+    if cls.__module__.startswith(("torch.nn.", "brainprop.")):
+        return f"Feedback{cls.__qualname__}"
+    return "Feedback_" + re.sub(r"\W", "_", f"{cls.__module__}.{cls.__qualname__}")
+
+
+def _original(cls: type) -> type:
+    """The class a converted class was made from; ``cls`` itself if it is none."""
+    return next((base for base, new in _CLASSES.items() if new is cls), cls)
+
+
 def _converted_class(cls: type) -> type:
     """A subclass of ``cls`` with the feedback forward; registered here so models pickle."""
     if cls not in _CLASSES:
@@ -346,9 +360,7 @@ def _converted_class(cls: type) -> type:
             if issubclass(cls, nn.Conv2d)
             else _LocallyConnectedMixin
         )
-        name = f"Feedback{cls.__name__}"
-        if hasattr(sys.modules[__name__], name):  # another class of that name was converted
-            name = f"{name}{len(_CLASSES)}"
+        name = _converted_name(cls)
         new = type(name, (mixin, cls), {"__module__": __name__, "__qualname__": name})
         setattr(sys.modules[__name__], name, new)
         _CLASSES[cls] = new
@@ -402,9 +414,9 @@ def _kind(module: nn.Module) -> str | None:
     return None
 
 
-#: The forwards of the layers convert handles: a subclass with another would lose it (Linear,
-#: LocallyConnected2d) or keep exact feedback unnoticed (a Conv2d not going through
-#: _conv_forward).
+#: The forwards of the layers convert handles. A subclass with another would lose it (Linear,
+#: LocallyConnected2d, whose pathway replaces the forward), or, a Conv2d whose forward might
+#: not go through _conv_forward, keep exact feedback unnoticed: both are refused.
 _PLAIN_FORWARDS = {
     "linear": (nn.Linear.forward,),
     "conv": (nn.Conv2d.forward, Conv2dSame.forward),
@@ -422,9 +434,7 @@ def _check(name: str, module: nn.Module) -> None:
             f"cannot give {label} a separate feedback pathway: only Linear, Conv2d and "
             "LocallyConnected2d weights (and norm layers) are supported; use feedback='symmetric'"
         )
-    base = type(module)
-    if base in _CLASSES.values():  # converted before: judge the class it was made from
-        base = base.__mro__[2]
+    base = _original(type(module))  # converted before: judge the class it was made from
     if base.forward not in _PLAIN_FORWARDS[kind] or (
         kind == "conv" and base._conv_forward is not nn.Conv2d._conv_forward
     ):
@@ -469,9 +479,7 @@ def _strip(layer: nn.Module) -> None:
         layer._buffers.pop(name, None)
     for name in ("feedback_mode", "_direct_link", "_direct_cache"):
         layer.__dict__.pop(name, None)
-    base = type(layer)
-    if base in _CLASSES.values():
-        layer.__class__ = base.__mro__[2]
+    layer.__class__ = _original(type(layer))
 
 
 def convert(
