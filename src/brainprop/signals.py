@@ -32,6 +32,12 @@ class StopRequest:
     def name(self) -> str:
         return signal.Signals(self.signum).name if self.signum is not None else "no signal"
 
+    def interrupted(self, what: str) -> Interrupted:
+        """The error that reports this request: "stopped by SIGTERM ``what``", with the exit
+        status of that signal."""
+        assert self.signum is not None, "no stop was requested"
+        return Interrupted(f"stopped by {self.name} {what}", self.signum)
+
 
 class Interrupted(BrainPropError):
     """Training stopped on a signal; the message says what was saved and how to resume.

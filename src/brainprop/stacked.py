@@ -455,12 +455,9 @@ class _StackedRun:
             if stop.requested:
                 # It came in the epoch that ended the last members: their runs are whole, and
                 # a loop of stacks around this one (reproduce --stack) must stop too.
-                assert stop.signum is not None
                 done = ", ".join(str(run.dir) for run in self.runs.values())
-                raise signals.Interrupted(
-                    f"stopped by {stop.name} as the last seeds ended; every seed's run is "
-                    f"complete: results in {done}",
-                    stop.signum,
+                raise stop.interrupted(
+                    f"as the last seeds ended; every seed's run is complete: results in {done}"
                 )
         return self.runs
 
@@ -621,13 +618,11 @@ class _StackedRun:
     def _interrupted(self, stop: signals.StopRequest) -> signals.Interrupted:
         """Checkpoint every member (a NaN rewind since its last epoch changed its state) and
         say how to continue."""
-        assert stop.signum is not None
         for m in self.members:
             save_last(m.trainer, m.run_path)
-        return signals.Interrupted(
-            f"stopped by {stop.name} at the end of an epoch; every seed saved its state in its "
-            f"run directory: {self._how_to_continue()}",
-            stop.signum,
+        return stop.interrupted(
+            "at the end of an epoch; every seed saved its state in its run directory: "
+            f"{self._how_to_continue()}"
         )
 
     def _how_to_continue(self) -> str:

@@ -466,11 +466,9 @@ def _held_train(
         if stop.requested:
             # The signal came after the last step's check: the run is whole, and whoever
             # sent it still expects the process, and a loop of runs around it, to stop.
-            assert stop.signum is not None
-            raise signals.Interrupted(
-                f"stopped by {stop.name} as the run ended ({summary['stop_reason']}); its "
-                f"results are complete in {run_path}",
-                stop.signum,
+            raise stop.interrupted(
+                f"as the run ended ({summary['stop_reason']}); its results are complete in "
+                f"{run_path}"
             )
     return Run(run_path, config, trainer.model, trainer.history, summary)
 
@@ -721,11 +719,9 @@ def _memory_columns(trainer: Trainer) -> dict[str, float]:
 
 
 def _interrupted(stop: signals.StopRequest, run_path: Path, at: str) -> signals.Interrupted:
-    assert stop.signum is not None
-    return signals.Interrupted(
-        f"stopped by {stop.name} {at}; the state is saved in {run_path / rundir.LAST}: "
-        f"continue with 'brainprop train --resume {run_path}'",
-        stop.signum,
+    return stop.interrupted(
+        f"{at}; the state is saved in {run_path / rundir.LAST}: continue with 'brainprop train "
+        f"--resume {run_path}'"
     )
 
 

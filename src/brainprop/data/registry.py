@@ -46,8 +46,9 @@ class DatasetStatus:
         path: the folder the loader reads, or would read once the files are there.
         how_to_get: one line on obtaining the files.
         note: where a present dataset comes from when not the data root itself, or cache state.
-        damaged: for files that all exist, what is wrong with the first that looks damaged
-            (its path, what, and the fix), else "".
+        damaged: what is wrong with the first existing file that looks damaged (its path,
+            what, and the fix), else "": also where other files are missing, so that a
+            download does not fetch them beside a damaged one the loader would read.
     """
 
     name: str
