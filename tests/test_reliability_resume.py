@@ -364,6 +364,19 @@ def test_a_new_place_for_the_data_is_for_a_resumed_run_only(tmp_path: Path, ds, 
     assert str(info.value) == message
 
 
+def test_a_run_that_stopped_early_in_its_last_epoch_resumes_as_stopped_early(
+    tmp_path: Path, ds
+) -> None:
+    # No epoch after the first gains a min_delta of 0.99: patience 1 ends the run at epoch 2, the
+    # last the cap allows.
+    run = train(
+        tiny_config(tmp_path, epochs=2, patience=1, min_delta=0.99), dataset=ds, progress=False
+    )
+    assert run.summary["stop_reason"] == "early stopping"
+    (run.dir / "summary.json").unlink()  # killed before the summary was written
+    assert train(resume=run.dir, dataset=ds, progress=False).summary == run.summary
+
+
 def test_a_kill_between_the_last_checkpoint_and_the_history_is_mended_on_resume(
     tmp_path: Path, ds
 ) -> None:

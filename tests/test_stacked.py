@@ -140,6 +140,20 @@ def test_a_member_that_stops_leaves_and_the_others_train_on(tmp_path, tiny_datas
     )
 
 
+def test_a_stack_that_stopped_early_in_its_last_epoch_resumes_as_stopped_early(
+    tmp_path, tiny_dataset
+):
+    kw = dict(epochs=2, patience=1, min_delta=0.99)  # no gain after epoch 1: patience ends epoch 2
+    runs = train_stacked(
+        [_config(tmp_path, s, **kw) for s in (1, 2)], dataset=tiny_dataset, progress=False
+    )
+    assert [r.summary["stop_reason"] for r in runs] == ["early stopping"] * 2
+    for r in runs:
+        (r.dir / "summary.json").unlink()  # killed before the summaries were written
+    resumed = train_stacked([r.dir for r in runs], dataset=tiny_dataset, progress=False)
+    assert [r.summary for r in resumed] == [r.summary for r in runs]
+
+
 def test_an_interrupted_stack_resumes_bit_identically(tmp_path, tiny_dataset, monkeypatch):
     members = [_config(tmp_path / "full", s, epochs=3) for s in (1, 2)]
     full = train_stacked(members, dataset=tiny_dataset, progress=False)

@@ -601,10 +601,10 @@ class _StackedRun:
         """Let go of members that reached their epoch cap or patience before this epoch."""
         for m in list(self.members):
             t = m.trainer
-            if len(t.history) >= t.config.epochs:
-                self._finish(m, MAX_EPOCHS)
-            elif t.stopper.wait >= t.config.patience:
+            if t.stopper.wait >= t.config.patience:
                 self._finish(m, EARLY_STOPPING)
+            elif len(t.history) >= t.config.epochs:
+                self._finish(m, MAX_EPOCHS)
 
     def _finish(self, m: _Member, stop_reason: str) -> None:
         t = m.trainer

@@ -496,9 +496,14 @@ def _epochs(
     signal checkpoints the state and raises :class:`~brainprop.signals.Interrupted`.
     """
     config = trainer.config
-    while (epoch := len(trainer.history)) < config.epochs:
+    while True:
+        epoch = len(trainer.history)
+        # Patience first: a run resumed after early stopping ended its last allowed epoch
+        # (killed before its summary was written) stopped early, as it would have whole.
         if trainer.stopper.wait >= config.patience:
             return trainer, EARLY_STOPPING
+        if epoch >= config.epochs:
+            return trainer, MAX_EPOCHS
         if stop.requested:
             save_last(trainer, run_path)
             raise _interrupted(stop, run_path, f"after epoch {epoch}")
@@ -518,7 +523,6 @@ def _epochs(
             raise _interrupted(stop, run_path, at)
         if end_epoch(trainer, run_path, metrics, say):
             return trainer, EARLY_STOPPING
-    return trainer, MAX_EPOCHS
 
 
 def _header(trainer: Trainer, run_path: Path) -> str:
