@@ -217,18 +217,20 @@ def test_a_damaged_mid_epoch_checkpoint_is_refused_before_training(
         train(None, resume=tmp_path / "run", dataset=ds, progress=False)
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_second_signal_quits_at_once_keeping_the_last_checkpoint(
-    tmp_path: Path, ds, monkeypatch
+    tmp_path: Path, ds, monkeypatch, signum: int
 ) -> None:
     def twice(q: torch.Tensor) -> torch.Tensor:
-        signal.raise_signal(signal.SIGINT)
-        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signum)
+        signal.raise_signal(signum)
         return q
 
     inject(monkeypatch, {step(2, 4): twice})
     with pytest.raises(Interrupted, match="stopped at once by a second signal; .* keeps the last "
-                       "good state: continue with 'brainprop train --resume "):  # fmt: skip
+                       "good state: continue with 'brainprop train --resume ") as info:  # fmt: skip
         train(tiny_config(tmp_path), dataset=ds, progress=False)
+    assert info.value.exit_status == 128 + signum  # a scheduler's SIGTERM twice is not Ctrl-C
     assert checkpoint.load(tmp_path / "run" / "last.pt")["epoch"] == 1
 
 
@@ -532,3 +534,17 @@ def test_a_signal_whose_note_cannot_be_printed_still_stops_cleanly() -> None:
     with signals.stop_on_signals(reentrant) as stop:
         signal.raise_signal(signal.SIGTERM)
     assert stop.requested and stop.name == "SIGTERM"
+
+
+def test_a_signal_the_process_ignores_stays_ignored() -> None:
+    # As a shell starts a background job: a Ctrl-C meant for the foreground must not stop it.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with signals.stop_on_signals() as stop:
+            signal.raise_signal(signal.SIGINT)
+            assert not stop.requested
+            signal.raise_signal(signal.SIGTERM)
+        assert stop.name == "SIGTERM"
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)

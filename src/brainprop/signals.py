@@ -23,6 +23,8 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        #: The second signal, which quits at once (``KeyboardInterrupt``) without the checkpoint.
+        self.again: int | None = None
 
     @property
     def requested(self) -> bool:
@@ -37,6 +39,14 @@ class StopRequest:
         status of that signal."""
         assert self.signum is not None, "no stop was requested"
         return Interrupted(f"stopped by {self.name} {what}", self.signum)
+
+    def quit_at_once(self, what: str) -> Interrupted:
+        """The error that reports the second signal's ``KeyboardInterrupt``: "stopped at once by
+        a second signal; ``what``", with the exit status of that signal (SIGTERM twice from a
+        scheduler is 143, not Ctrl-C's 130)."""
+        return Interrupted(
+            f"stopped at once by a second signal; {what}", self.again or signal.SIGINT
+        )
 
 
 class Interrupted(BrainPropError):
@@ -55,8 +65,9 @@ def stop_on_signals(on_first: Callable[[int], None] | None = None) -> Iterator[S
     """Within the block, SIGINT and SIGTERM set the yielded flag instead of killing.
 
     ``on_first(signum)`` runs on the first signal (to tell the user a checkpoint is coming).
-    The previous handlers come back on exit. Outside the main thread Python cannot install
-    handlers, so there the flag never rises and the defaults stay in force.
+    The previous handlers come back on exit. A signal the process ignores stays ignored.
+    Outside the main thread Python cannot install handlers, so there the flag never rises and
+    the defaults stay in force.
     """
     stop = StopRequest()
     if threading.current_thread() is not threading.main_thread():
@@ -65,6 +76,7 @@ def stop_on_signals(on_first: Callable[[int], None] | None = None) -> Iterator[S
 
     def handle(signum: int, _frame: object) -> None:
         if stop.requested:
+            stop.again = signum
             raise KeyboardInterrupt
         stop.signum = signum
         if on_first is not None:
@@ -74,7 +86,12 @@ def stop_on_signals(on_first: Callable[[int], None] | None = None) -> Iterator[S
             with contextlib.suppress(RuntimeError):
                 on_first(signum)
 
-    previous = {s: signal.signal(s, handle) for s in SIGNALS}
+    # An ignored signal stays ignored, as plain Python leaves it: a shell starts a background
+    # job ('brainprop train ... &' in a script) with SIGINT ignored, so that a Ctrl-C meant for
+    # the foreground does not stop it.
+    previous = {
+        s: signal.signal(s, handle) for s in SIGNALS if signal.getsignal(s) != signal.SIG_IGN
+    }
     try:
         yield stop
     finally:

@@ -447,10 +447,8 @@ class _StackedRun:
                 self._epochs(stop)
             except KeyboardInterrupt:
                 # A second signal: whatever write it cut short left the previous file whole.
-                raise signals.Interrupted(
-                    "stopped at once by a second signal; every seed's last.pt is whole: "
-                    f"{self._how_to_continue()}",
-                    signal.SIGINT,
+                raise stop.quit_at_once(
+                    f"every seed's last.pt is whole: {self._how_to_continue()}"
                 ) from None
             if stop.requested:
                 # It came in the epoch that ended the last members: their runs are whole, and

@@ -456,10 +456,8 @@ def _held_train(
             parallel.on_main(lambda: write_results(trainer, run_path, summary))
         except KeyboardInterrupt:
             # A second signal: whatever write it cut short left the previous file whole.
-            raise signals.Interrupted(
-                f"stopped at once by a second signal; {_kept(run_path)}: continue with "
-                f"'brainprop train --resume {run_path}'",
-                signal.SIGINT,
+            raise signalled.quit_at_once(
+                f"{_kept(run_path)}: continue with 'brainprop train --resume {run_path}'"
             ) from None
         if trainer.history:
             say(done_line(summary, run_path))
