@@ -240,3 +240,32 @@ def test_config_round_trips_through_json():
     assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     with pytest.raises(BrainPropError, match="unknown keys"):
         TrainConfig.from_dict({**cfg.to_dict(), "momentum": 0.9})
+
+
+def test_plots_leave_the_callers_matplotlib_backend_alone(tmp_path) -> None:
+    # A notebook's inline backend must survive train(), which writes the run's plots.
+    import matplotlib
+    from measurement_fixtures import write_measurement
+
+    from brainprop.diagnostics import plot_diagnostics
+    from brainprop.matrix import Cell, plan
+    from brainprop.report import write_report
+    from brainprop.rundir import write_plot
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        rows = [
+            {"epoch": e, "train_reward": 0.5, "val_acc": 0.5, "test_acc": 0.4, "angle_wb/1": 3.0}
+            for e in (1, 2)
+        ]
+        write_plot(tmp_path, rows, "run")
+        plot_diagnostics(rows, tmp_path / "diagnostics.png")
+        (spec,) = plan((Cell("mnist", "conv"),), ("ebp",), 1, None, None, "paper", False)
+        write_measurement(tmp_path, spec, "cpu", test_acc=0.99)
+        write_report(tmp_path)
+        assert matplotlib.get_backend() == "svg"
+        for png in ("diagnostics.png", "results.png"):
+            assert (tmp_path / png).read_bytes().startswith(b"\x89PNG")
+    finally:
+        matplotlib.use(before)

@@ -117,10 +117,7 @@ def diagnostics(
 
 def plot_diagnostics(history: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> None:
     """Plot every ``angle_wb/``, ``angle_update/`` and ``norm_ratio/`` column over epochs."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     panels = [
         ("angle_wb/", "angle(W, B) [deg]"),
@@ -128,7 +125,8 @@ def plot_diagnostics(history: Sequence[dict[str, Any]], path: str | Path, title:
         ("norm_ratio/", "|B| / |W|"),
     ]
     epochs = [h["epoch"] for h in history]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig = Figure(figsize=(15, 4))
+    axes = fig.subplots(1, 3)
     for ax, (prefix, label) in zip(axes, panels, strict=True):
         keys = [k for k in history[0] if k.startswith(prefix)] if history else []
         for key in keys:
@@ -140,4 +138,3 @@ def plot_diagnostics(history: Sequence[dict[str, Any]], path: str | Path, title:
     fig.suptitle(title)
     fig.tight_layout()
     atomic_write_figure(path, fig, dpi=110)
-    plt.close(fig)

@@ -628,16 +628,11 @@ def markdown(results: Sequence[CellResult], count: int, machines: Sequence[str])
 
 def plot(results: Sequence[CellResult]) -> bytes:
     """A PNG: per group, BrainProp and EBP test accuracy (sd bars) and the published number."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     variants = sorted({r.val for r in results}, key=lambda v: v or 0)
-    fig, axes = plt.subplots(
-        len(variants), 1, figsize=(max(6, 1.3 * len(results) + 2), 4.5 * len(variants)),
-        squeeze=False,
-    )  # fmt: skip
+    fig = Figure(figsize=(max(6, 1.3 * len(results) + 2), 4.5 * len(variants)))
+    axes = fig.subplots(len(variants), 1, squeeze=False)
     for ax, val in zip(axes[:, 0], variants, strict=True):
         rows = [r for r in results if r.val == val]
         for offset, rule, color in ((-0.2, "brainprop", "tab:blue"), (0.2, "ebp", "tab:orange")):
@@ -665,7 +660,6 @@ def plot(results: Sequence[CellResult]) -> bytes:
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
     return buf.getvalue()
 
 

@@ -182,13 +182,11 @@ def read_json(path: Path, fix: str = "the run directory is damaged") -> Any:
 
 def write_plot(run: Path, history: list[dict[str, Any]], title: str) -> None:
     """Training reward rate and validation/test accuracy per epoch, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     epochs = [h["epoch"] for h in history]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     ax.plot(epochs, [h["train_reward"] for h in history], label="train reward rate")
     ax.plot(epochs, [h["val_acc"] for h in history], label="validation accuracy")
     if any(h["test_acc"] != h["val_acc"] for h in history):
@@ -199,4 +197,3 @@ def write_plot(run: Path, history: list[dict[str, Any]], title: str) -> None:
     ax.legend(loc="lower right")
     fig.tight_layout()
     atomic_write_figure(run / PLOT, fig, dpi=120)
-    plt.close(fig)
