@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -9,9 +10,11 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -377,6 +380,31 @@ def test_a_run_that_stopped_early_in_its_last_epoch_resumes_as_stopped_early(
     assert run.summary["stop_reason"] == "early stopping"
     (run.dir / "summary.json").unlink()  # killed before the summary was written
     assert train(resume=run.dir, dataset=ds, progress=False).summary == run.summary
+
+
+def test_a_run_directory_that_cannot_be_written_is_refused_before_training(
+    tmp_path: Path, ds, monkeypatch
+) -> None:
+    run = train(tiny_config(tmp_path, epochs=1), dataset=ds, progress=False)
+    config = json.loads((run.dir / "config.json").read_text())
+    (run.dir / "config.json").write_text(json.dumps({**config, "epochs": 2}))  # stopped midway
+    (run.dir / "summary.json").unlink()
+    made = tempfile.TemporaryFile
+
+    def read_only(*args: Any, dir: Any = None, **kw: Any) -> Any:
+        # chmod does not stop root, who may run this suite
+        if Path(dir) == run.dir:
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return made(*args, dir=dir, **kw)
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    with pytest.raises(BrainPropError) as info:
+        train(resume=run.dir, dataset=ds, progress=False)
+    assert str(info.value) == (
+        f"cannot write in {run.dir} (Permission denied): fix its permissions, or copy the run "
+        "to a folder you can write and resume that copy"
+    )
+    assert len(json.loads((run.dir / "history.json").read_text())) == 1  # before any training
 
 
 def test_a_kill_between_the_last_checkpoint_and_the_history_is_mended_on_resume(

@@ -115,6 +115,17 @@ def _unwritable(out: Path, e: OSError) -> BrainPropError:
     )
 
 
+def check_writable(run: Path) -> None:
+    """Refuse to continue the run in ``run`` where this process cannot make a file."""
+    try:
+        probe_write(run)
+    except OSError as e:
+        raise BrainPropError(
+            f"cannot write in {run} ({e.strerror or e}): fix its permissions, or copy the run "
+            "to a folder you can write and resume that copy"
+        ) from None
+
+
 def check_free_space(folder: Path, needed: int) -> None:
     """Refuse to start when ``folder``'s disk has less than ``needed`` bytes free.
 

@@ -766,8 +766,10 @@ def _rewind_point(run_path: Path) -> tuple[dict[str, Any] | None, Path]:
 
 
 def check_room(trainer: Trainer, run_path: Path) -> None:
-    """Refuse to continue ``run_path`` when its disk cannot take the next last.pt, which is
-    written beside the old one before the rename."""
+    """Refuse to continue ``run_path`` where the next last.pt cannot be written: a folder this
+    process may not write in, or a disk that cannot take it beside the old one before the
+    rename. Found now, not at the first checkpoint, an epoch of training later."""
+    rundir.check_writable(run_path)
     rundir.check_free_space(run_path, _checkpoint_bytes(trainer))
 
 
