@@ -337,6 +337,30 @@ def test_unreadable_checkpoint_is_not_called_damaged(tmp_path: Path, monkeypatch
     )
 
 
+@pytest.mark.parametrize(
+    ("failure", "message"),
+    [
+        (OSError(5, "Input/output error"), "cannot read {path} (Input/output error): the disk or "
+         "network filesystem failed, not necessarily the file; check it and try again"),
+        (MemoryError(), "not enough memory to load {path}: free some (other jobs on this "
+         "machine), then try again"),
+    ],
+    ids=["EIO", "MemoryError"],
+)  # fmt: skip
+def test_a_failed_read_does_not_call_a_checkpoint_damaged(tmp_path, monkeypatch, failure, message):
+    # "Use another checkpoint or retrain" would have a user throw away a sound last.pt.
+    path = tmp_path / "last.pt"
+    checkpoint.save(path, {"format": checkpoint.FORMAT})
+
+    def fail(*args, **kw):
+        raise failure
+
+    monkeypatch.setattr(checkpoint.torch, "load", fail)
+    with pytest.raises(BrainPropError) as info:
+        checkpoint.load(path)
+    assert str(info.value) == message.format(path=path)
+
+
 def test_a_checkpoint_cut_short_is_damaged_whatever_torch_raises(tmp_path: Path) -> None:
     # Cut inside its zip directory, a small checkpoint makes torch raise OSError (EINVAL),
     # which must not pass for an unreadable but sound file.

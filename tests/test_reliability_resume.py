@@ -433,6 +433,19 @@ def test_a_crash_inside_a_write_leaves_the_previous_file(tmp_path: Path, monkeyp
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 
 
+def test_a_failed_write_leaves_no_open_file(tmp_path: Path, monkeypatch) -> None:
+    def refuse(fd: int) -> None:
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(checkpoint, "usual_permissions", refuse)
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(5):
+        with pytest.raises(BrainPropError, match="Operation not permitted"):
+            checkpoint.save(tmp_path / "last.pt", {"epoch": 1})
+    assert len(os.listdir("/proc/self/fd")) == before
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_written_file_is_as_readable_as_the_umask_allows(tmp_path: Path) -> None:
     """Not owner-only, as the temporary file it was renamed from was made."""
     old = os.umask(0o022)

@@ -8,6 +8,7 @@ target: a crash at any instant leaves either the old file or the new one, never 
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -58,8 +59,8 @@ def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None]) -
     except OSError as e:
         raise _write_error(path, e) from None
     try:
-        usual_permissions(fd)
         with os.fdopen(fd, "wb") as f:
+            usual_permissions(fd)
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -177,6 +178,17 @@ def _compact(value: Any) -> Any:
     return value
 
 
+#: Read errors of the device, not the file: a sound checkpoint must not be called damaged.
+_DEVICE_FAILURES = {errno.EIO, errno.ESTALE, errno.ETIMEDOUT, errno.ENOLINK}
+
+
+def _damaged(path: Path, e: BaseException) -> BrainPropError:
+    return BrainPropError(
+        f"{path} is not a readable checkpoint ({type(e).__name__}): it may be truncated or not "
+        "a checkpoint at all; use another checkpoint or retrain"
+    )
+
+
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint written by :func:`save`; anything else is a one-line error."""
     path = Path(path)
@@ -194,11 +206,23 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             state = torch.load(path, map_location=map_location, weights_only=True)
     except PermissionError as e:
-        # The checkpoint may be sound, so do not tell the user to throw it away. Only this
-        # OSError: torch raises others (EINVAL) for a zip archive that was cut short.
+        # The checkpoint may be sound, so do not tell the user to throw it away. Not every
+        # OSError: torch raises some (EINVAL) for a zip archive that was cut short.
         raise BrainPropError(
             f"cannot read {path} ({e.strerror or e}): fix its permissions or copy it somewhere "
             "readable"
+        ) from None
+    except OSError as e:
+        if e.errno not in _DEVICE_FAILURES:
+            raise _damaged(path, e) from None
+        raise BrainPropError(
+            f"cannot read {path} ({e.strerror or e}): the disk or network filesystem failed, "
+            "not necessarily the file; check it and try again"
+        ) from None
+    except MemoryError:
+        raise BrainPropError(
+            f"not enough memory to load {path}: free some (other jobs on this machine), then "
+            "try again"
         ) from None
     except Exception as e:
         # torch names a refused object as "GLOBAL module.name" somewhere in a long message.
@@ -209,12 +233,9 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
                 f"{refused.group(1)}), so it was not loaded; only load checkpoints written by "
                 "brainprop"
             ) from None
-        # The weights_only unpickler runs no code, so whatever it raises (RuntimeError,
-        # EOFError, struct.error, KeyError ...) can only mean damaged bytes.
-        raise BrainPropError(
-            f"{path} is not a readable checkpoint ({type(e).__name__}): it may be truncated or "
-            "not a checkpoint at all; use another checkpoint or retrain"
-        ) from None
+        # The weights_only unpickler runs no code, so what it raises past a failed read or
+        # allocation (RuntimeError, EOFError, struct.error, KeyError ...) means damaged bytes.
+        raise _damaged(path, e) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise BrainPropError(
             f"{path} is not a brainprop checkpoint (no {FORMAT!r} marker): pass a file written "
