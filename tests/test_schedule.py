@@ -1,6 +1,7 @@
 """The learning-rate halving and Keras's early stopping."""
 
 import numpy as np
+import pytest
 
 from brainprop.schedule import EarlyStopping, lr_at
 
@@ -33,3 +34,13 @@ def test_a_float64_best_from_an_earlier_checkpoint_is_compared_as_float32():
     stopper = EarlyStopping(patience=2, min_delta=0.001)
     stopper.load_state_dict({"best": 0.9003, "wait": 0})
     assert stopper.update(0.9013) is False and stopper.wait == 1
+
+
+def test_a_stored_best_that_is_no_accuracy_is_refused():
+    # 1e39 passed as finite, then rounded to float32's inf, which no epoch improves on.
+    for best in (1e39, 1.5, -0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="out of range"):
+            EarlyStopping(patience=2, min_delta=0.001).load_state_dict({"best": best, "wait": 0})
+    stopper = EarlyStopping(patience=2, min_delta=0.001)
+    stopper.load_state_dict({"best": float("-inf"), "wait": 0})  # before the first epoch
+    assert stopper.update(0.1) is False and stopper.wait == 0

@@ -5,6 +5,7 @@
     config.json     the resolved TrainConfig
     history.csv     one row per epoch (also history.json)
     last.pt         full training state, rewritten every epoch (resume reads it)
+    epoch_start.pt  the state at the last epoch's end, while last.pt holds one inside an epoch
     best.pt         model weights at the best validation epoch
     accuracy.png    training reward rate and validation/test accuracy per epoch
     diagnostics.png feedback angles and update norms per layer and epoch (train.py writes it)

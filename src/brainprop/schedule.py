@@ -47,8 +47,10 @@ class EarlyStopping:
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         """Restore :meth:`state_dict`'s output; ValueError for one no run could have written."""
-        best, wait = float(state["best"]), int(state["wait"])
-        if math.isnan(best) or best == math.inf or wait < 0:
-            raise ValueError(f"early stopping's best {best} or wait {wait} is out of range")
+        stored, wait = float(state["best"]), int(state["wait"])
+        # An accuracy, or -inf before the first epoch (a value past float32's range would
+        # round to an inf below, which no epoch could improve on).
+        if not (stored == -math.inf or 0.0 <= stored <= 1.0) or wait < 0:
+            raise ValueError(f"early stopping's best {stored} or wait {wait} is out of range")
         # Checkpoints of earlier versions hold the float64 value.
-        self.best, self.wait = float(np.float32(best)) if best > -math.inf else best, wait
+        self.best, self.wait = float(np.float32(stored)) if stored > -math.inf else stored, wait

@@ -75,7 +75,8 @@ class Run:
 
 
 class Trainer:
-    """One run's mutable state; ``train`` below is its only user."""
+    """One run's mutable state: what ``train`` below, or a stack of runs
+    (:mod:`brainprop.stacked`), advances epoch by epoch."""
 
     def __init__(self, config: TrainConfig, ds: Dataset, progress: bool) -> None:
         self.config, self.progress = config, progress
