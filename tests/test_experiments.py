@@ -316,6 +316,35 @@ def test_finished_runs_are_skipped_and_an_interrupted_run_resumes(tmp_path, mnis
     assert m.path.stat().st_mtime_ns == stamp
 
 
+@pytest.mark.parametrize("finished", [True, False])
+def test_a_run_directory_of_an_older_preset_table_is_refused_before_any_run(
+    tmp_path, mnist_root, monkeypatch, finished
+):
+    """Recorded, it was a measurement every later reproduce refused, and moving that file away
+    only had it recorded again; resumed, it trained for hours before that."""
+    calls: list[str] = []
+    monkeypatch.setattr(ex, "_train", _fake_train(calls))
+    request = Request(
+        cells=(DENSE,), rules=("brainprop", "ebp"), seeds=1, max_epochs=1, out=tmp_path,
+        data_dir=str(mnist_root), device="cpu", progress=False,
+    )  # fmt: skip
+    stale = RunSpec(DENSE, "ebp", 0, max_epochs=1)
+    _fake_train([])((stale,), request, None)
+    run_dir = tmp_path / RUNS / stale.name
+    config = json.loads((run_dir / rundir.CONFIG).read_text())
+    (run_dir / rundir.CONFIG).write_text(json.dumps(config | {"lr": 0.05}))
+    if not finished:
+        (run_dir / rundir.SUMMARY).unlink()
+    with pytest.raises(BrainPropError) as info:
+        reproduce(request, say=lambda _: None)
+    assert str(info.value) == (
+        f"{run_dir} ran with lr 0.05, but preset 'paper' now has 0.1: move that run directory "
+        f"out of {tmp_path / RUNS} to run it afresh, or give the settings it ran with a preset "
+        "of their own in brainprop.presets"
+    )
+    assert calls == [] and not (tmp_path / "measurements").exists()
+
+
 def test_stacks_group_the_seeds_of_one_cell_and_rule_in_priority_order():
     conv = Cell("mnist", "conv")
     specs = plan([conv, DENSE], ["brainprop", "ebp"], seeds=3)

@@ -36,7 +36,13 @@ from . import rundir, signals
 from .config import TrainConfig
 from .errors import BrainPropError
 from .matrix import MATRIX, PAPER_EPOCHS, RULE_ORDER, RUNS, Cell, RunSpec, plan
-from .measurements import Measurement, load_measurements, record, setup_label
+from .measurements import (
+    Measurement,
+    changed_setting,
+    load_measurements,
+    record,
+    setup_label,
+)
 from .presets import PAPER_PRESET, table_row
 from .summary import epochs_phrase
 
@@ -190,6 +196,8 @@ def reproduce(request: Request, say: Callable[[str], None] = print) -> Outcome:
     pending = []
     for spec in specs:
         run_dir = request.out / RUNS / spec.name
+        if spec.name not in measured:
+            _check_settings(spec, run_dir)
         if spec.name not in measured and (run_dir / rundir.SUMMARY).is_file():
             # Finished, but stopped before it was recorded: how many shared the device with it
             # is no longer known; this request's packing is the best guess.
@@ -264,6 +272,20 @@ def _check_data(pending: Sequence[RunSpec], data_dir: str | None) -> None:
         keep = f"or run only --datasets {','.join(have)}" if have else "or pass --data-dir"
         raise BrainPropError(
             f"{missing[0].name} is not in {missing[0].path}: {missing[0].how_to_get}, {keep}"
+        )
+
+
+def _check_settings(spec: RunSpec, run_dir: Path) -> None:
+    """Refuse, before anything trains, a run directory whose stored hyperparameters are not
+    its preset's as this version has them (a run of an older table): resumed or recorded, it
+    would pass for a run of the table as it is now."""
+    if not (run_dir / rundir.CONFIG).is_file():
+        return
+    config = rundir.read_json(run_dir / rundir.CONFIG)
+    if isinstance(config, dict) and (change := changed_setting(config, spec.preset, spec.cell)):
+        raise BrainPropError(
+            f"{run_dir} {change}: move that run directory out of {run_dir.parent} to run it "
+            "afresh, or give the settings it ran with a preset of their own in brainprop.presets"
         )
 
 

@@ -201,9 +201,20 @@ def _check_settings(path: Path, d: dict[str, Any], m: Measurement) -> None:
     it: the report pools and describes rows by preset name, so a run of an older table would
     pass for one of the new. A preset or row this version lacks is described as such instead."""
     config = d.get("config")
-    row = table_row(m.preset, m.cell.dataset, m.cell.arch)
-    if row is None or not isinstance(config, dict):
-        return
+    if isinstance(config, dict) and (change := changed_setting(config, m.preset, m.cell)):
+        raise BrainPropError(
+            f"{path} {change}: move it out of {MEASUREMENTS}/, or give the settings it ran "
+            "with a preset of their own in brainprop.presets"
+        )
+
+
+def changed_setting(config: dict[str, Any], preset: str, cell: Cell) -> str | None:
+    """How a run's stored ``config`` departs from ``preset``'s row for ``cell`` as this version
+    has it ("ran with lr 0.05, but preset 'paper' now has 0.1"); None where it does not, or
+    where this version has no such row."""
+    row = table_row(preset, cell.dataset, cell.arch)
+    if row is None:
+        return None
     for field in dataclasses.fields(row):
         if field.name not in config:
             continue
@@ -211,11 +222,8 @@ def _check_settings(path: Path, d: dict[str, Any], m: Measurement) -> None:
         if field.name == "dropout" and isinstance(ran, list):
             ran = tuple(ran)
         if ran != now:
-            raise BrainPropError(
-                f"{path} ran with {field.name} {ran!r}, but preset {m.preset!r} now has "
-                f"{now!r}: move it out of {MEASUREMENTS}/, or give the settings it ran with a "
-                "preset of their own in brainprop.presets"
-            )
+            return f"ran with {field.name} {ran!r}, but preset {preset!r} now has {now!r}"
+    return None
 
 
 def _flag(d: dict[str, Any], key: str) -> bool:
