@@ -228,6 +228,32 @@ def test_budget_passes_over_runs_whose_estimate_does_not_fit(tmp_path, mnist_roo
     assert outcome.over_budget == ["mnist-dense-brainprop-s1", "mnist-loccon-brainprop-s1"]
 
 
+def test_a_measurement_half_copied_in_while_runs_train_does_not_stop_them(
+    tmp_path, mnist_root, monkeypatch
+):
+    # Each admission under a budget read every file again, and the copy's first bytes ended
+    # the session, stopping its workers.
+    merged = tmp_path / "elsewhere"
+    whole = write_measurement(merged, RunSpec(CONV, "ebp", 0), "gpu", test_acc=0.5).path
+    calls: list[str] = []
+    train_one = _fake_train(calls)
+
+    def train_while_copying(job, request, dataset):
+        train_one(job, request, dataset)
+        copy = tmp_path / "measurements" / whole.name
+        copy.parent.mkdir(exist_ok=True)
+        copy.write_bytes(whole.read_bytes()[: 50 if len(calls) == 1 else None])
+
+    monkeypatch.setattr(ex, "_train", train_while_copying)
+    request = Request(
+        cells=(DENSE,), rules=("brainprop",), seeds=2, out=tmp_path, data_dir=str(mnist_root),
+        device="cpu", budget_minutes=60.0, progress=False,
+    )  # fmt: skip
+    outcome = reproduce(request, say=lambda _: None)
+    assert outcome.ran == calls == ["mnist-dense-brainprop-s0", "mnist-dense-brainprop-s1"]
+    assert len(load_measurements(tmp_path)) == 3
+
+
 @pytest.mark.parametrize("minutes", [0.001, 1e-300])
 def test_any_budget_starts_the_first_run_of_unknown_time_and_says_what_it_passes_over(
     tmp_path, mnist_root, monkeypatch, minutes
@@ -526,12 +552,12 @@ def test_a_budget_times_a_run_as_it_will_resume(tmp_path):
     (run_dir / rundir.CONFIG).write_text(json.dumps(config.to_dict()))
     request = Request(out=tmp_path, device="cpu", cuda_graph=True, budget_minutes=0.5)
     lines: list[str] = []
-    assert not ex._Budget(request, None).admits((spec,), lines.append)
+    assert not ex._Budget(request, None, load_measurements(tmp_path)).admits((spec,), lines.append)
     assert lines == [f"over budget: {spec.name} needs ~1.0 min, 0.5 min left"]
     # A damaged config.json is the run's own start to report, naming it; the estimate takes
     # the request's setup instead (graphed: no timing, so the run is admitted to fail there).
     (run_dir / rundir.CONFIG).write_text(json.dumps({"momentum": 0.9}))
-    assert ex._Budget(request, None).admits((spec,), lines.append)
+    assert ex._Budget(request, None, load_measurements(tmp_path)).admits((spec,), lines.append)
     with pytest.raises(BrainPropError, match=f"^{run_dir / rundir.CONFIG}: config has unknown"):
         ex._members((spec,), request)
 

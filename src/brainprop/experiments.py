@@ -192,7 +192,9 @@ def reproduce(request: Request, say: Callable[[str], None] = print) -> Outcome:
         )
     outcome = Outcome()
     specs = request.specs()
-    measured = {m.run for m in load_measurements(request.out)}
+    # Read once: a file half-copied in while the runs train (a merge) must not stop them.
+    measurements = load_measurements(request.out)
+    measured = {m.run for m in measurements}
     pending = []
     for spec in specs:
         run_dir = request.out / RUNS / spec.name
@@ -201,7 +203,7 @@ def reproduce(request: Request, say: Callable[[str], None] = print) -> Outcome:
         if spec.name not in measured and (run_dir / rundir.SUMMARY).is_file():
             # Finished, but stopped before it was recorded: how many shared the device with it
             # is no longer known; this request's packing is the best guess.
-            record(spec, run_dir, request.out, runs_at_once(request))
+            measurements.append(record(spec, run_dir, request.out, runs_at_once(request)))
             measured.add(spec.name)
         if spec.name in measured:
             outcome.skipped.append(spec.name)
@@ -218,9 +220,9 @@ def reproduce(request: Request, say: Callable[[str], None] = print) -> Outcome:
     )
     try:
         if request.jobs == 1:
-            _run_in_process(request, jobs, outcome, say)
+            _run_in_process(request, jobs, measurements, outcome, say)
         else:
-            _run_in_workers(request, jobs, outcome, say)
+            _run_in_workers(request, jobs, measurements, outcome, say)
     except BaseException:
         # The runs' error says what to do next; a report that fails too must not replace it.
         try:
@@ -313,11 +315,15 @@ def _check_val(pending: Sequence[RunSpec], val: int | None, data_dir: str | None
 
 
 class _Budget:
-    """Admission of runs against ``budget_minutes`` of wall time from when the first comes up."""
+    """Admission of runs against ``budget_minutes`` of wall time from when the first comes up,
+    by estimates from ``measurements``, to which the caller adds each run it records."""
 
-    def __init__(self, request: Request, threads: int | None) -> None:
+    def __init__(
+        self, request: Request, threads: int | None, measurements: list[Measurement]
+    ) -> None:
         self.request = request
         self.threads = threads
+        self.measurements = measurements
         self.at_once = runs_at_once(request)
         minutes = request.budget_minutes
         self.seconds = math.inf if minutes is None else 60 * minutes
@@ -334,10 +340,11 @@ class _Budget:
         now = time.monotonic()
         self.start = now if self.start is None else self.start
         left = self.seconds - (now - self.start)
-        measurements = load_measurements(self.request.out)
         setup, out = self._setup(job), self.request.out
         estimates = [
-            estimate_seconds(spec, measurements, setup, out, stack=len(job), at_once=self.at_once)
+            estimate_seconds(
+                spec, self.measurements, setup, out, stack=len(job), at_once=self.at_once
+            )
             for spec in job
         ]
         estimate = None if None in estimates else max(e for e in estimates if e is not None)
@@ -387,11 +394,15 @@ def _names(job: Job) -> str:
 
 
 def _run_in_process(
-    request: Request, jobs: Sequence[Job], outcome: Outcome, say: Callable[[str], None]
+    request: Request,
+    jobs: Sequence[Job],
+    measurements: list[Measurement],
+    outcome: Outcome,
+    say: Callable[[str], None],
 ) -> None:
     from .data import load_dataset
 
-    budget = _Budget(request, None)
+    budget = _Budget(request, None, measurements)
     loaded: dict[str, Any] = {}
     for job in jobs:
         if not budget.admits(job, say):
@@ -408,6 +419,7 @@ def _run_in_process(
             raise _stopped(e.exit_status - 128, [spec.name for spec in job]) from None
         for spec in job:
             m = record(spec, request.out / RUNS / spec.name, request.out)
+            measurements.append(m)
             outcome.ran.append(spec.name)
             say(_finished_line(m))
 
@@ -546,7 +558,11 @@ def _die_with_parent(parent: int) -> None:
 
 
 def _run_in_workers(
-    request: Request, jobs: Sequence[Job], outcome: Outcome, say: Callable[[str], None]
+    request: Request,
+    jobs: Sequence[Job],
+    measurements: list[Measurement],
+    outcome: Outcome,
+    say: Callable[[str], None],
 ) -> None:
     from .devices import resolve_device
 
@@ -555,7 +571,7 @@ def _run_in_workers(
     cores = os.cpu_count() or 1
     on_cpu = resolve_device(request.device).type == "cpu"
     threads = cores // request.jobs if on_cpu else None  # >= 1: reproduce() caps the jobs
-    budget = _Budget(request, threads)
+    budget = _Budget(request, threads, measurements)
     queue = list(jobs)
     running: dict[int, tuple[Job, Any, Connection]] = {}
     company = _Company()
@@ -599,6 +615,7 @@ def _run_in_workers(
                         )
                     for spec in job:
                         m = record(spec, request.out / RUNS / spec.name, request.out, at_once)
+                        measurements.append(m)
                         outcome.ran.append(spec.name)
                         say(_finished_line(m))
         except Exception:
