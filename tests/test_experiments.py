@@ -165,6 +165,13 @@ def test_estimates_use_this_machine_and_subtract_epochs_done(tmp_path):
     measurements = load_measurements(tmp_path)
     assert ex.estimate_seconds(fast, measurements, "gpu, bf16", tmp_path) == 90
     assert ex.estimate_seconds(RunSpec(CONV, "ebp", 1), measurements, "gpu", tmp_path) == 300
+    # A run measured twice, plain and graphed, is one run of its cell: (60 + 30) / 2 epochs.
+    write_measurement(tmp_path, RunSpec(CONV, "ebp", 2), "gpu", test_acc=0.9, epochs_run=60,
+                      s_per_epoch=4.0, cuda_graph=True)  # fmt: skip
+    write_measurement(tmp_path, RunSpec(CONV, "ebp", 3), "gpu", test_acc=0.9, epochs_run=30,
+                      s_per_epoch=4.0)  # fmt: skip
+    measurements = load_measurements(tmp_path)
+    assert ex.estimate_seconds(RunSpec(CONV, "ebp", 4), measurements, "gpu", tmp_path) == 225
 
 
 def test_estimates_scale_runs_that_shared_the_device_otherwise(tmp_path):

@@ -94,8 +94,9 @@ def estimate_seconds(
     ]
     same_rule = [m for m in capped if m.rule == spec.rule]
     alike = [m for m in same_rule if m.bf16 == spec.bf16] or same_rule or capped
-    lengths = [m.summary["epochs_run"] for m in alike]
-    epochs = fmean(lengths) if lengths else float(spec.max_epochs or PAPER_EPOCHS)
+    # One length per run: a run measured both plain and graphed is one run, as in the report.
+    lengths = {m.run: m.summary["epochs_run"] for m in alike}
+    epochs = fmean(lengths.values()) if lengths else float(spec.max_epochs or PAPER_EPOCHS)
     return max(epochs - _epochs_done(out / RUNS / spec.name), 0.0) * per_epoch
 
 
