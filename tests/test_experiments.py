@@ -286,6 +286,20 @@ def test_any_budget_starts_the_first_run_of_unknown_time_and_says_what_it_passes
     ) in lines
 
 
+def test_an_out_folder_that_cannot_be_written_fails_before_any_run(tmp_path, mnist_root, capsys):
+    taken = tmp_path / "a-file"
+    taken.write_text("")
+    status = main(["reproduce", "--datasets", "mnist", "--archs", "dense", "--seeds", "1",
+                   "--max-epochs", "1", "--device", "cpu", "--out", str(taken),
+                   "--data-dir", str(mnist_root)])  # fmt: skip
+    captured = capsys.readouterr()
+    assert status == 2 and "run " not in captured.out
+    assert captured.err == (
+        f"brainprop: error: cannot write runs under {taken} (Not a directory): pass a writable "
+        "--out folder\n"
+    )
+
+
 def test_missing_dataset_fails_before_any_run(tmp_path, capsys):
     status = main(["reproduce", "--datasets", "cifar100", "--archs", "deep", "--out",
                    str(tmp_path / "r"), "--data-dir", str(tmp_path)])  # fmt: skip

@@ -191,6 +191,8 @@ def reproduce(request: Request, say: Callable[[str], None] = print) -> Outcome:
             f"core{'s' * (cores > 1)}: they would take turns on them, and each run's s/epoch "
             f"would measure the sharing; pass --jobs {cores} or fewer"
         )
+    # Before any run loads its data: a file or a read-only folder as --out.
+    rundir.check_new(request.out, None)
     outcome = Outcome()
     specs = request.specs()
     # Read once: a file half-copied in while the runs train (a merge) must not stop them.
