@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -390,6 +391,37 @@ def test_a_run_directory_of_an_older_preset_table_is_refused_before_any_run(
         "of their own in brainprop.presets"
     )
     assert calls == [] and not (tmp_path / "measurements").exists()
+
+
+def test_only_what_a_run_killed_before_its_config_leaves_is_deleted(tmp_path, monkeypatch):
+    calls: list[str] = []
+    train_job = ex._train
+    monkeypatch.setattr(ex, "_train", _fake_train(calls))
+    monkeypatch.setattr(ex, "_check_data", lambda *a: None)
+    request = Request(cells=(DENSE,), rules=("ebp",), seeds=1, out=tmp_path, device="cpu",
+                      progress=False)  # fmt: skip
+    run_dir = tmp_path / RUNS / "mnist-dense-ebp-s0"
+    run_dir.mkdir(parents=True)
+    (run_dir / "best.pt").write_bytes(b"weights")  # someone's, not a run's: it has no config
+    (run_dir / "last.pt").write_bytes(b"state")
+    with pytest.raises(BrainPropError) as info:
+        reproduce(request, say=lambda _: None)
+    assert str(info.value) == (
+        f"{run_dir} is in the way of run mnist-dense-ebp-s0: it is a folder holding best.pt, "
+        "last.pt, and no run directory (it has no config.json); move it away or delete it"
+    )
+    assert (run_dir / "best.pt").is_file() and calls == []
+    shutil.rmtree(run_dir)
+    run_dir.write_text("")
+    with pytest.raises(BrainPropError, match="it is a file, and no run directory"):
+        reproduce(request, say=lambda _: None)
+    run_dir.unlink()
+    run_dir.mkdir()
+    (run_dir / ".config.json.x1y2.tmp").write_text("{")  # the kill's half-written config
+    seen: list[bool] = []
+    monkeypatch.setattr(train_module, "train", lambda *a, **kw: seen.append(run_dir.exists()))
+    train_job((RunSpec(DENSE, "ebp", 0),), request, None)
+    assert seen == [False]  # deleted, and the run started afresh
 
 
 def test_stacks_group_the_seeds_of_one_cell_and_rule_in_priority_order():

@@ -51,6 +51,10 @@ def probe_write(folder: Path) -> None:
         pass
 
 
+#: What the names of :func:`atomic_write`'s temporary files match.
+TEMPORARIES = ".*.tmp"
+
+
 def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None]) -> None:
     """Write ``path`` through ``write(file)`` so that readers see the old or the new file only."""
     path = Path(path)
@@ -109,7 +113,7 @@ def copy(source: str | Path, target: str | Path) -> None:
 def remove_temporaries(folder: str | Path) -> None:
     """Delete the temporary files that writers killed mid-write (SIGKILL, power loss) left in
     ``folder``; each may be as large as a checkpoint."""
-    for tmp in Path(folder).glob(".*.tmp"):
+    for tmp in Path(folder).glob(TEMPORARIES):
         tmp.unlink(missing_ok=True)
 
 

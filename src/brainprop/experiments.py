@@ -33,6 +33,7 @@ from statistics import fmean
 from typing import Any
 
 from . import rundir, signals
+from .checkpoint import TEMPORARIES
 from .config import TrainConfig
 from .errors import BrainPropError
 from .matrix import MATRIX, PAPER_EPOCHS, RULE_ORDER, RUNS, Cell, RunSpec, plan
@@ -202,7 +203,7 @@ def reproduce(request: Request, say: Callable[[str], None] = print) -> Outcome:
     for spec in specs:
         run_dir = request.out / RUNS / spec.name
         if spec.name not in measured:
-            _check_settings(spec, run_dir)
+            _check_run_dir(spec, run_dir)
         if spec.name not in measured and (run_dir / rundir.SUMMARY).is_file():
             # Finished, but stopped before it was recorded: how many shared the device with it
             # is no longer known; this request's packing is the best guess.
@@ -280,11 +281,13 @@ def _check_data(pending: Sequence[RunSpec], data_dir: str | None) -> None:
         )
 
 
-def _check_settings(spec: RunSpec, run_dir: Path) -> None:
-    """Refuse, before anything trains, a run directory whose stored hyperparameters are not
-    its preset's as this version has them (a run of an older table): resumed or recorded, it
-    would pass for a run of the table as it is now."""
+def _check_run_dir(spec: RunSpec, run_dir: Path) -> None:
+    """Refuse, before anything trains, what is at ``spec``'s run directory where it is no run
+    of ``spec`` to resume or record: something else in the way, or a run whose stored
+    hyperparameters are not its preset's as this version has them (a run of an older table),
+    which would pass for a run of the table as it is now."""
     if not (run_dir / rundir.CONFIG).is_file():
+        _check_unstarted(run_dir)
         return
     config = rundir.read_json(run_dir / rundir.CONFIG)
     if isinstance(config, dict) and (change := changed_setting(config, spec.preset, spec.cell)):
@@ -292,6 +295,27 @@ def _check_settings(spec: RunSpec, run_dir: Path) -> None:
             f"{run_dir} {change}: move that run directory out of {run_dir.parent} to run it "
             "afresh, or give the settings it ran with a preset of their own in brainprop.presets"
         )
+
+
+def _check_unstarted(run_dir: Path) -> None:
+    """Refuse a ``run_dir`` without config.json unless it is what a run killed before writing
+    that file leaves, which :func:`_train` deletes: an empty folder, or one holding the
+    temporary file of that write. Anything else there is not ours to delete."""
+    if run_dir.is_symlink():
+        what = "a symbolic link"
+    elif run_dir.is_dir():
+        found = sorted(p.name for p in run_dir.iterdir() if not p.match(TEMPORARIES))
+        if not found:
+            return
+        what = f"a folder holding {', '.join(found[:3])}{', ...' * (len(found) > 3)}"
+    elif run_dir.exists():
+        what = "a file"
+    else:
+        return
+    raise BrainPropError(
+        f"{run_dir} is in the way of run {run_dir.name}: it is {what}, and no run directory "
+        "(it has no config.json); move it away or delete it"
+    )
 
 
 def _check_val(pending: Sequence[RunSpec], val: int | None, data_dir: str | None) -> None:
@@ -442,6 +466,7 @@ def _train(job: Job, request: Request, dataset: Any) -> None:
         left = request.out / RUNS / spec.name
         if run_dir is None and left.exists():
             # Killed before its config was written: nothing in it to resume.
+            _check_unstarted(left)
             shutil.rmtree(left)
     # Keyed as the configs are: a job's are all fresh (unresolved) or all take stored ones,
     # which were resolved when written; a damaged one is then named with its file by train().
