@@ -631,6 +631,55 @@ def test_two_jobs_train_in_worker_processes_on_cpu(tmp_path, mnist_root, monkeyp
     assert all(m.machine.endswith(", 1 thread)") for m in measurements)
 
 
+def test_a_run_that_completes_beside_one_that_fails_is_recorded(tmp_path, mnist_root, monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    out = tmp_path / "r"
+    request = Request(
+        cells=(DENSE,), rules=("brainprop", "ebp"), seeds=1, max_epochs=1, out=out,
+        data_dir=str(mnist_root), device="cpu", jobs=2, progress=False,
+    )  # fmt: skip
+    # The EBP run resumes from a damaged last.pt: its worker fails as it starts.
+    failing = RunSpec(DENSE, "ebp", 0, max_epochs=1)
+    stopped = train_module.train(failing.config(out, str(mnist_root), "cpu"), progress=False)
+    (stopped.dir / rundir.SUMMARY).unlink()
+    (stopped.dir / "last.pt").write_bytes(b"not a checkpoint")
+    some = ex.wait
+
+    def both_ended(objects, timeout=None):
+        ended: list = []
+        while len(ended) < len(objects):
+            ended += some([o for o in objects if o not in ended])
+        return ended
+
+    monkeypatch.setattr(ex, "wait", both_ended)
+    with pytest.raises(BrainPropError, match="last.pt is not a readable checkpoint"):
+        reproduce(request, say=lambda _: None)
+    assert [m.run for m in load_measurements(out)] == ["mnist-dense-brainprop-s0-e1"]
+
+
+def test_a_ctrl_c_while_workers_start_stops_them_without_tracebacks(tmp_path, mnist_root):
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("two jobs on a CPU need two cores")
+    # The terminal's Ctrl-C reaches the whole foreground process group: the workers too, while
+    # they import torch and have not yet left it.
+    command = [sys.executable, "-m", "brainprop", "reproduce", "--datasets", "mnist", "--archs",
+               "dense", "--seeds", "1", "--max-epochs", "1", "--jobs", "2", "--device", "cpu",
+               "--out", str(tmp_path / "r"), "--data-dir", str(mnist_root), "--quiet"]  # fmt: skip
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    started = 0
+    while started < 2:
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read()
+        started += "(process " in line
+    time.sleep(0.5)  # into their imports, past the first milliseconds of the interpreter's start
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT, err
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    assert err.startswith("brainprop: stopped by SIGINT; mnist-dense-brainprop-s0-e1, "), err
+
+
 def test_more_jobs_than_cpu_cores_is_a_one_line_error(tmp_path, monkeypatch, capsys):
     """Runs that took turns on a core would each record one thread as their machine, and
     seconds that measure the sharing."""

@@ -17,6 +17,7 @@ process, and ``--stack`` trains seeds side by side in one network.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import multiprocessing
@@ -25,7 +26,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
@@ -526,7 +527,9 @@ def _finished_line(m: Measurement) -> str:
 
 
 def _stopped(signum: int, names: Sequence[str]) -> signals.Interrupted:
-    saved = f"{', '.join(names)} saved its state" if names else "no run was in progress"
+    # "kept its progress": a worker stopped before its first epoch has none, and loses nothing.
+    each = " each" * (len(names) > 1)
+    saved = f"{', '.join(names)}{each} kept its progress" if names else "no run was in progress"
     return signals.Interrupted(
         f"stopped by {signal.Signals(signum).name}; {saved}: run the same 'brainprop "
         "reproduce' command to continue",
@@ -540,8 +543,9 @@ def _stopped(signum: int, names: Sequence[str]) -> signals.Interrupted:
 def _worker(job: Job, request: Request, threads: int | None, conn: Connection, parent: int) -> None:
     """Body of a worker process: train one job, report an error through ``conn``.
 
-    The worker leaves the terminal's process group, so Ctrl-C reaches the parent only and the
-    parent forwards exactly one signal: a second one would abandon the checkpoint.
+    The worker ignores SIGINT (:func:`_sigint_ignored`) and leaves the terminal's process group,
+    so Ctrl-C reaches the parent only, which stops each worker with exactly one SIGTERM: a
+    second would abandon the checkpoint.
     """
     import torch
 
@@ -603,6 +607,26 @@ def _run_in_workers(
     queue = list(jobs)
     running: dict[int, tuple[Job, Any, Connection]] = {}
     company = _Company()
+
+    def finished(sentinel: int) -> None:
+        """Record the runs of the job that ``sentinel``'s worker completed."""
+        job, _, _ = running.pop(sentinel)
+        at_once = 1 if on_cpu else company.leave(sentinel)
+        for spec in job:
+            m = record(spec, request.out / RUNS / spec.name, request.out, at_once)
+            measurements.append(m)
+            outcome.ran.append(spec.name)
+            say(_finished_line(m))
+
+    def stop_all() -> None:
+        """Stop the workers, each saving its state, and record the runs that completed
+        meanwhile (one in its last epoch ends before it stops)."""
+        company.tick(running)
+        _terminate(running)
+        for sentinel, (job, _, _) in list(running.items()):
+            if all((request.out / RUNS / spec.name / rundir.SUMMARY).is_file() for spec in job):
+                finished(sentinel)
+
     with signals.stop_on_signals() as stop:
         try:
             while queue or running:
@@ -618,38 +642,41 @@ def _run_in_workers(
                         args=(job, request, threads, send, os.getpid()),
                         name=job[0].name,
                     )
-                    proc.start()
+                    with _sigint_ignored():
+                        proc.start()
                     send.close()
                     running[proc.sentinel] = (job, proc, receive)
                     say(f"run {_names(job)} (process {proc.pid})")
                 # Before the check for an empty pool: a signal that came after the last worker
                 # ended still leaves queued runs unstarted, which must not read as success.
                 if stop.requested:
-                    _forward(stop.signum, running)
+                    stop_all()
                     names = [spec.name for job, _, _ in running.values() for spec in job]
                     raise _stopped(stop.signum, names)
                 if not running:
                     break
-                ended = wait(list(running), timeout=1.0)
+                ended: list[int] = wait(list(running), timeout=1.0)  # type: ignore[assignment]
                 company.tick(running)
+                failures = []
+                # Every worker that ended is seen to: one that failed beside one that completed
+                # must not leave the completed runs unrecorded.
                 for sentinel in ended:
-                    at_once = 1 if on_cpu else company.leave(sentinel)
-                    job, proc, receive = running.pop(sentinel)  # type: ignore[index]
+                    job, proc, receive = running[sentinel]
                     proc.join()
-                    message = _message(receive)
-                    if proc.exitcode != 0:
-                        raise BrainPropError(
-                            message or f"{_names(job)} ended with exit status {proc.exitcode}"
-                        )
-                    for spec in job:
-                        m = record(spec, request.out / RUNS / spec.name, request.out, at_once)
-                        measurements.append(m)
-                        outcome.ran.append(spec.name)
-                        say(_finished_line(m))
+                    if proc.exitcode == 0:
+                        finished(sentinel)
+                        continue
+                    del running[sentinel]
+                    failed = f"{_names(job)} ended with exit status {proc.exitcode}"
+                    failures.append(_message(receive) or failed)
+                if failures:
+                    raise BrainPropError("; ".join(failures))
         except Exception:
             # Workers would go on training unwatched for hours after the parent's error (their
-            # results unrecorded): stop them, each saving its state, as a signal does.
-            _forward(signal.SIGTERM, running)
+            # results unrecorded): stop them, each saving its state, as a signal does. Nothing
+            # is recorded here, where a second error would hide the first; the next session
+            # records what completed.
+            _terminate(running)
             raise
 
 
@@ -684,10 +711,25 @@ def _message(receive: Connection) -> str | None:
         return None
 
 
-def _forward(signum: int | None, running: dict[int, tuple[Job, Any, Connection]]) -> None:
-    """Send each worker one ``signum`` and wait while it saves its checkpoint."""
+def _terminate(running: dict[int, tuple[Job, Any, Connection]]) -> None:
+    """Send each worker one SIGTERM (whatever stopped the parent: workers ignore SIGINT, see
+    :func:`_sigint_ignored`) and wait while it saves its checkpoint."""
     for _, proc, _ in running.values():
         if proc.is_alive():
-            os.kill(proc.pid, signum or signal.SIGTERM)
+            os.kill(proc.pid, signal.SIGTERM)
     for _, proc, _ in running.values():
         proc.join()
+
+
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """Processes started within the block ignore SIGINT for good (an ignored signal stays
+    ignored through exec, and training keeps it so): a worker is in the terminal's process group
+    until it has imported torch and left it, and a Ctrl-C there killed it with a traceback while
+    the parent was stopping it properly. The parent's handler is back right after the start; a
+    Ctrl-C in those milliseconds is lost."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
