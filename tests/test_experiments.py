@@ -301,6 +301,26 @@ def test_an_out_folder_that_cannot_be_written_fails_before_any_run(tmp_path, mni
     )
 
 
+def test_a_second_session_on_the_same_folder_is_refused(tmp_path, mnist_root, monkeypatch):
+    from brainprop import locks
+
+    calls: list[str] = []
+    monkeypatch.setattr(ex, "_train", _fake_train(calls))
+    request = Request(cells=(DENSE,), rules=("ebp",), seeds=1, out=tmp_path / "r",
+                      data_dir=str(mnist_root), device="cpu", progress=False)  # fmt: skip
+    (tmp_path / "r").mkdir()
+    first = locks.held(tmp_path / "r", "held by the first session")
+    with first, pytest.raises(BrainPropError) as info:
+        reproduce(request, say=lambda _: None)
+    assert str(info.value) == (
+        f"{tmp_path / 'r'} is in use by another 'brainprop reproduce': wait for it to end, or "
+        "give this one another --out and copy its measurements/ in afterwards"
+    )
+    assert calls == []
+    reproduce(request, say=lambda _: None)  # the folder is free once the first one ends
+    assert calls == ["mnist-dense-ebp-s0"]
+
+
 def test_missing_dataset_fails_before_any_run(tmp_path, capsys):
     status = main(["reproduce", "--datasets", "cifar100", "--archs", "deep", "--out",
                    str(tmp_path / "r"), "--data-dir", str(tmp_path)])  # fmt: skip
@@ -753,7 +773,7 @@ def test_a_stop_after_the_last_worker_ended_still_stops(tmp_path, mnist_root, mo
     monkeypatch.setattr(ex, "wait", wait_then_signal)
     outcome = ex.Outcome()
     with pytest.raises(signals.Interrupted, match="SIGTERM; no run was in progress") as info:
-        ex._run_in_workers(request, [(first,), (second,)], outcome, lambda _: None)
+        ex._run_in_workers(request, [(first,), (second,)], [], outcome, lambda _: None)
     assert info.value.exit_status == 128 + signal.SIGTERM
     assert outcome.ran == [first.name] and not (tmp_path / RUNS / second.name).exists()
 

@@ -33,7 +33,7 @@ from pathlib import Path
 from statistics import fmean
 from typing import Any
 
-from . import rundir, signals
+from . import locks, rundir, signals
 from .checkpoint import TEMPORARIES
 from .config import TrainConfig
 from .errors import BrainPropError
@@ -170,8 +170,6 @@ def reproduce(request: Request, say: Callable[[str], None] = print) -> Outcome:
         Interrupted: SIGINT/SIGTERM; each running run saved its state, and the same request
             continues it.
     """
-    from .report import write_report
-
     if request.jobs < 1:
         raise BrainPropError(f"--jobs must be >= 1, got {request.jobs}")
     if request.stack < 1:
@@ -195,6 +193,21 @@ def reproduce(request: Request, say: Callable[[str], None] = print) -> Outcome:
         )
     # Before any run loads its data: a file or a read-only folder as --out.
     rundir.check_new(request.out, None)
+    # A second session on the folder would resume the first one's runs under it or delete
+    # a run directory it is just making; two machines merge their measurements instead. (A
+    # folder that does not exist yet is not held: a refused request creates nothing.)
+    busy = (
+        f"{request.out} is in use by another 'brainprop reproduce': wait for it to end, or give "
+        "this one another --out and copy its measurements/ in afterwards"
+    )
+    with locks.held(request.out, busy):
+        return _reproduce(request, say)
+
+
+def _reproduce(request: Request, say: Callable[[str], None]) -> Outcome:
+    """:func:`reproduce`'s work, once the request is checked and its folder held."""
+    from .report import write_report
+
     outcome = Outcome()
     specs = request.specs()
     # Read once: a file half-copied in while the runs train (a merge) must not stop them.
