@@ -163,14 +163,23 @@ def test_an_unknown_option_points_to_its_commands_help(capsys, command) -> None:
     )
 
 
-def test_an_option_before_the_command_is_told_where_it_goes(capsys) -> None:
+@pytest.mark.parametrize(
+    ("argv", "told"),
+    [
+        (["--quiet", "train"], "--quiet must come after the command: 'brainprop train "
+         "--quiet ...'"),
+        # argparse took the value for a command: "invalid choice: '1'"
+        (["--epochs", "1", "train"], "--epochs must come after the command: 'brainprop train "
+         "--epochs 1 ...'"),
+        (["--epochs=1", "train", "--quiet"], "--epochs=1 must come after the command: 'brainprop "
+         "train --epochs=1 ...'"),
+    ],
+)  # fmt: skip
+def test_an_option_before_the_command_is_told_where_it_goes(capsys, argv, told) -> None:
     with pytest.raises(SystemExit) as info:
-        main(["--quiet", "train"])
+        main(argv)
     assert info.value.code == 2
-    assert capsys.readouterr().err == (
-        "brainprop: error: --quiet must come after the command: 'brainprop train --quiet ...' "
-        "(see 'brainprop train --help')\n"
-    )
+    assert capsys.readouterr().err == (f"brainprop: error: {told} (see 'brainprop train --help')\n")
 
 
 # --- dataset files -----------------------------------------------------------------------------
@@ -485,12 +494,12 @@ def test_an_out_folder_that_cannot_be_written_is_refused_before_the_data_loads(
     argv = ["train", "--data-dir", tmp_path, "--out", out_dir, "--quiet"]
     assert _error(capsys, *argv) == message.format(out_dir)
     assert _error(capsys, *argv, "--name", "") == (
-        "--name must be one folder name (no '/', at most 250 bytes), got '': pass e.g. --name "
-        "my-run"
+        "--name must be one folder name (no '/' or control characters, at most 250 bytes), got "
+        "'': pass e.g. --name my-run"
     )
 
 
-@pytest.mark.parametrize("name", ["a/b", "..", "x" * 251])
+@pytest.mark.parametrize("name", ["a/b", "..", "x" * 251, "two\nlines", "bell\a"])
 def test_a_name_that_is_not_one_folder_is_refused_before_anything_is_written(
     tmp_path: Path, name: str
 ) -> None:
@@ -499,8 +508,8 @@ def test_a_name_that_is_not_one_folder_is_refused_before_anything_is_written(
         train(tiny_config(tmp_path / "runs", name=name), dataset=make_tiny_dataset(),
               progress=False)  # fmt: skip
     assert str(info.value) == (
-        f"--name must be one folder name (no '/', at most 250 bytes), got {name!r}: pass e.g. "
-        "--name my-run"
+        f"--name must be one folder name (no '/' or control characters, at most 250 bytes), got "
+        f"{name!r}: pass e.g. --name my-run"
     )
     assert [p.name for p in (tmp_path / "runs").iterdir()] == ["a"]
     assert not any((tmp_path / "runs" / "a").iterdir())
@@ -562,3 +571,53 @@ def test_a_failed_write_outside_a_run_says_to_run_the_command_again(tmp_path: Pa
         "free disk space or fix the folder's permissions, then run the command again"
     )
     assert not list(tmp_path.iterdir())
+
+
+# --- the command line's paths and output -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["reproduce", "--out", ""],
+        ["reproduce", "--report-only", "--readme", ""],
+        ["bench", "--out", ""],
+    ],
+)
+def test_an_empty_path_option_is_refused(capsys, argv) -> None:
+    # Path("") is the working folder: reproduce wrote its results there, and --readme '' was
+    # accepted and ignored.
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1
+    assert f"argument {argv[-2]}: expected a path, got an empty value" in err
+
+
+def test_an_empty_resume_is_refused(capsys) -> None:
+    assert _error(capsys, "train", "--resume", "") == (
+        "--resume is empty: pass the run directory to continue"
+    )
+
+
+def test_a_relative_data_dir_is_stored_as_the_folder_it_named(tmp_path, monkeypatch) -> None:
+    # Resumed or evaluated from another folder, "data" would name that folder's data.
+    monkeypatch.chdir(tmp_path)
+    assert TrainConfig(data_dir="data").resolve().data_dir == str(tmp_path / "data")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert TrainConfig(data_dir="~/d").resolve().data_dir == str(tmp_path / "home" / "d")
+    assert TrainConfig().resolve().data_dir is None  # the default root, found when it is read
+
+
+def test_a_closed_output_pipe_ends_in_one_line(tmp_path) -> None:
+    read, write = os.pipe()
+    os.close(read)  # 'brainprop ... | head -c0': the reader is gone before the first line
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "brainprop", "datasets", "--data-dir", str(tmp_path)],
+            stdout=write, stderr=subprocess.PIPE, timeout=120,
+        )  # fmt: skip
+    finally:
+        os.close(write)
+    assert done.stderr == b"brainprop: stopped: the output's reader went away (a closed pipe)\n"
+    assert done.returncode == 128 + 13  # SIGPIPE

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -152,7 +154,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         help="continue the run in RUN_DIR from its last checkpoint (other settings come from the "
         "run; only --epochs may change, and --data-dir says where its data is now)",
     )  # fmt: skip
-    run.add_argument("--quiet", action="store_true", help="no progress output")
+    run.add_argument(
+        "--quiet", action="store_true",
+        help="no progress bar or per-epoch lines; the run's summary is printed as one JSON line "
+        "at the end",
+    )  # fmt: skip
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -227,6 +233,13 @@ def _download(args: argparse.Namespace) -> int:
     path = download(args.name, args.data_dir)
     print(f"{args.name} is ready in {path}")
     return 0
+
+
+def _folder(text: str) -> str:
+    """A path option's value; an empty one is refused, as ``Path("")`` is the working folder."""
+    if text == "":
+        raise argparse.ArgumentTypeError("expected a path, got an empty value")
+    return text
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -308,14 +321,16 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
         help=f"{CUDA_GRAPH_HELP}; new runs only (a run resumes as it started); their seconds are "
         "reported apart",
     )  # fmt: skip
-    p.add_argument("--out", default="results", help="results folder (default: results)")
+    p.add_argument(
+        "--out", default="results", type=_folder, help="results folder (default: results)"
+    )
     p.add_argument("--data-dir", help=DATA_DIR_HELP)
     p.add_argument("--device", help=f"auto, cpu, cuda or cuda:N (default {default['device']})")
     p.add_argument(
         "--report-only", action="store_true",
         help="only rewrite the report (and with --readme the README section): no run option",
     )  # fmt: skip
-    p.add_argument("--readme", help="also rewrite this README's results section")
+    p.add_argument("--readme", type=_folder, help="also rewrite this README's results section")
     p.add_argument("--quiet", action="store_true", help="no per-epoch progress")
 
 
@@ -401,7 +416,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         "--stack", type=int, default=1, metavar="N",
         help="also time one step of N seeds stacked (reproduce --stack N) against N single steps",
     )  # fmt: skip
-    p.add_argument("--out", default="runs/bench", help="folder for bench.json and bench.md")
+    p.add_argument(
+        "--out", default="runs/bench", type=_folder, help="folder for bench.json and bench.md"
+    )
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -434,8 +451,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     p = sub.add_parser("evaluate", help="test accuracy of a run or checkpoint")
     p.add_argument("target", help="a run directory (uses its best.pt) or a checkpoint file")
-    p.add_argument("--data-dir", help=DATA_DIR_HELP)
-    p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--data-dir",
+        help="data root (default: the one the run trained on, as its config.json says; where "
+        f"that is not set, the {DATA_DIR_HELP[len('data root (') : -1]})",
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p = sub.add_parser("datasets", help="which datasets are present, and how to get the rest")
     p.add_argument("--data-dir", help=DATA_DIR_HELP)
     p = sub.add_parser("download", help="fetch a dataset's official archives")
@@ -448,6 +469,24 @@ def build_parser() -> argparse.ArgumentParser:
     for command_parser in sub.choices.values():
         command_parser.set_defaults(parser=command_parser)
     return parser
+
+
+def _check_order(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
+    """Refuse a command's options given before it. argparse would report "--epochs=1 train" as
+    an unknown option and "--epochs 1 train" as an unknown command "1"."""
+    command = next((a for a in argv if a in COMMANDS), None)
+    if command is None:
+        return
+    before = argv[: argv.index(command)]
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    known = {s for action in commands.choices[command]._actions for s in action.option_strings}
+    misplaced = [a for a in before if a.split("=")[0] in known and a not in ("-h", "--help")]
+    if misplaced:
+        # Reported through the command's parser: the top one's help lists no command's options.
+        values = " ".join(before[before.index(misplaced[0]) :])
+        commands.choices[command].error(
+            f"{' '.join(misplaced)} must come after the command: 'brainprop {command} {values} ...'"
+        )
 
 
 COMMANDS = {
@@ -468,17 +507,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
+    _check_order(parser, argv)
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         # Reported through the command's parser: the top one's help lists no command's options.
-        before = argv[: argv.index(args.command)]
-        known = {s for action in args.parser._actions for s in action.option_strings}
-        misplaced = [arg for arg in unknown if arg in before and arg.split("=")[0] in known]
-        if misplaced:
-            args.parser.error(
-                f"{' '.join(misplaced)} must come after the command: "
-                f"'brainprop {args.command} {' '.join(misplaced)} ...'"
-            )
         args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return COMMANDS[args.command](args)
@@ -494,3 +526,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("brainprop: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of stdout went away ('brainprop train ... | head'); a run stopped this way
+        # keeps its last checkpoint. Python would print a second error as it flushed stdout.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print("brainprop: stopped: the output's reader went away (a closed pipe)", file=sys.stderr)
+        return 128 + signal.SIGPIPE

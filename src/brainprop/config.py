@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -122,6 +123,11 @@ class TrainConfig:
         }
         resolved = replace(self, dropout=hp.dropout, **filled)
         resolved._check()
+        if resolved.data_dir:
+            # Stored relative, it would name another folder when the run is resumed or
+            # evaluated from elsewhere, and data of the same shape there would pass unnoticed.
+            root = Path(resolved.data_dir).expanduser().absolute()
+            resolved = replace(resolved, data_dir=str(root))
         return resolved
 
     def _check(self) -> None:

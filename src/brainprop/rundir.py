@@ -94,11 +94,12 @@ def _check_name(name: str) -> None:
     if (
         name in ("", ".", "..")
         or "/" in name
-        or "\0" in name
+        or any(ord(c) < 32 or ord(c) == 127 for c in name)  # NUL, newlines, escapes
         or len(name.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES
     ):
         raise BrainPropError(
-            f"--name must be one folder name (no '/', at most {MAX_NAME_BYTES} bytes), got "
+            f"--name must be one folder name (no '/' or control characters, at most "
+            f"{MAX_NAME_BYTES} bytes), got "
             f"{name!r}: pass e.g. --name my-run"
         )
 

@@ -383,6 +383,9 @@ def train(
     Under ``torchrun`` every process calls this and trains its share (see
     :mod:`brainprop.distributed`); rank 0 alone reads and writes the run directory.
     """
+    if resume is not None and str(resume) == "":
+        # Path("") would be the working folder.
+        raise BrainPropError("--resume is empty: pass the run directory to continue")
     if data_dir is not None and (resume is None or dataset is not None):
         raise BrainPropError(
             "train(data_dir=...) reads a resumed run's data from a new place: for a new run, "
