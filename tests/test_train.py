@@ -269,3 +269,26 @@ def test_plots_leave_the_callers_matplotlib_backend_alone(tmp_path) -> None:
             assert (tmp_path / png).read_bytes().startswith(b"\x89PNG")
     finally:
         matplotlib.use(before)
+
+
+def test_evaluation_and_diagnostics_give_each_module_its_own_mode_back() -> None:
+    from brainprop.diagnostics import diagnostics
+
+    model = build_model("conv", (1, 28, 28), 10)
+    model.train()
+    frozen = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    frozen.eval()  # a BatchNorm frozen in eval mode while the rest trains
+    x = torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8)
+    y = torch.randint(0, 10, (8,))
+    accuracy(model, x, y)
+    diagnostics(model, x.float() / 255, y, make_objective("brainprop"))
+    assert model.training and not frozen.training
+
+
+def test_accuracy_refuses_images_that_are_not_uint8() -> None:
+    # They are scaled by 1/255 as the datasets hold them: a float batch, scaled already, would
+    # be scaled twice, and in place, the caller's own tensor.
+    model = build_model("dense", (1, 28, 28), 10)
+    x = torch.rand(4, 1, 28, 28)
+    with pytest.raises(ValueError, match="accuracy takes uint8 images as the datasets hold them"):
+        accuracy(model, x, torch.zeros(4, dtype=torch.int64))

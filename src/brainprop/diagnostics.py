@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .checkpoint import atomic_write_figure
+from .evaluation import modes_kept
 from .feedback import _kind, exact_gradients, feedback_weight, layer_mode
 from .objectives import Objective
 from .rng import global_streams_kept
@@ -107,12 +108,8 @@ def diagnostics(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, objective: Objective, seed: int = 0
 ) -> dict[str, float]:
     """All per-layer diagnostics for one batch, as a flat dict of floats (history columns)."""
-    was_training = model.training
-    model.train()
-    try:
+    with modes_kept(model, training=True):
         return {**weight_alignment(model), **update_alignment(model, x, y, objective, seed)}
-    finally:
-        model.train(was_training)
 
 
 def plot_diagnostics(history: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> None:

@@ -6,7 +6,8 @@ training loop calls once per epoch.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,16 +30,29 @@ EVAL_BATCH = 1000
 @torch.inference_mode()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bf16: bool = False) -> float:
     """Fraction of ``x`` (uint8 [N, C, H, W]) whose argmax output equals ``y`` ([N])."""
-    was_training = model.training
-    model.eval()
+    if x.dtype != torch.uint8:
+        # Scaled by 1/255 here as the datasets hold them: a float batch would be scaled twice
+        # (and, already float32, in place, the caller's own tensor).
+        raise ValueError(f"accuracy takes uint8 images as the datasets hold them, got {x.dtype}")
     correct = torch.zeros((), dtype=torch.int64, device=x.device)
-    try:
-        with autocast(x.device, bf16):
-            for xb, yb in ordered_batches(x, y, EVAL_BATCH):
-                correct += (model(xb).argmax(dim=1) == yb).sum()
-    finally:
-        model.train(was_training)
+    with modes_kept(model, training=False), autocast(x.device, bf16):
+        for xb, yb in ordered_batches(x, y, EVAL_BATCH):
+            correct += (model(xb).argmax(dim=1) == yb).sum()
     return correct.item() / max(len(y), 1)
+
+
+@contextlib.contextmanager
+def modes_kept(model: nn.Module, training: bool) -> Iterator[nn.Module]:
+    """``model`` in train (``training``) or eval mode within the block; afterwards each module
+    is back in its own mode. ``model.train(was_training)`` would put a model's frozen BatchNorm
+    layers, held in eval mode while the rest trains, back into training."""
+    modes = [m.training for m in model.modules()]
+    model.train(training)
+    try:
+        yield model
+    finally:
+        for m, mode in zip(model.modules(), modes, strict=True):
+            m.training = mode
 
 
 def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
