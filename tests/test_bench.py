@@ -170,6 +170,20 @@ def test_precision_label_names_matmul_and_conv_apart(tf32, matmul, conv, bf16, l
     )
 
 
+def test_precisions_read_the_new_tf32_settings():
+    # Once they are used, reading the old allow_tf32 flag raises (torch >= 2.9).
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    before = (matmul.fp32_precision, conv.fp32_precision, torch.backends.fp32_precision)
+    try:
+        matmul.fp32_precision, conv.fp32_precision = "tf32", "ieee"
+        assert op_precisions(torch.device("cuda"), False) == ("tf32", "fp32")
+        matmul.fp32_precision, conv.fp32_precision = "none", "none"
+        torch.backends.fp32_precision = "tf32"  # the global setting, which "none" inherits
+        assert op_precisions(torch.device("cuda"), False) == ("tf32", "tf32")
+    finally:
+        matmul.fp32_precision, conv.fp32_precision, torch.backends.fp32_precision = before
+
+
 def test_gpu_peaks_follow_each_precision(tf32, monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda _=None: "NVIDIA H200")
     cuda = torch.device("cuda")

@@ -142,15 +142,28 @@ def _conv_allows_tf32() -> bool:
     return False
 
 
+def _matmul_allows_tf32() -> bool:
+    """Whether cuBLAS fp32 matmuls may run in TF32 (PyTorch's default: no)."""
+    matmul = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    if matmul is None:  # before torch 2.9
+        return bool(torch.backends.cuda.matmul.allow_tf32)
+    # torch >= 2.9: "none" inherits the global setting (reading the old allow_tf32 raises once
+    # the new settings were used).
+    for setting in (matmul, torch.backends.fp32_precision):
+        if setting != "none":
+            return setting == "tf32"
+    return False
+
+
 def op_precisions(device: torch.device, bf16: bool) -> tuple[str, str]:
     """(matmul, convolution) precision of a step: bf16 under autocast, else on CUDA TF32 or
-    fp32 per ``torch.backends.cuda.matmul.allow_tf32`` (off by default) and cuDNN's TF32
-    setting for convolutions (on by default), and fp32 on a CPU."""
+    fp32 per PyTorch's TF32 settings for cuBLAS matmuls (off by default) and for cuDNN
+    convolutions (on by default), and fp32 on a CPU."""
     if bf16:
         return "bf16", "bf16"
     if device.type != "cuda":
         return "fp32", "fp32"
-    matmul = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32"
+    matmul = "tf32" if _matmul_allows_tf32() else "fp32"
     return matmul, "tf32" if _conv_allows_tf32() else "fp32"
 
 
