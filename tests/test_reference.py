@@ -237,3 +237,15 @@ def test_unsupported_layer_is_refused():
         reference.trial(
             nn.Sequential(nn.Tanh()), torch.rand(2, 3), torch.zeros(2, dtype=torch.long)
         )
+
+
+def test_dropout_masks_are_drawn_on_the_inputs_device():
+    # The meta device stands in for a GPU: a mask drawn on the CPU fails there.
+    model = nn.Sequential(
+        nn.Flatten(), nn.Linear(4, 3, bias=False), nn.ReLU(), nn.Dropout(0.5),
+        nn.Linear(3, 2, bias=False),
+    ).to("meta")  # fmt: skip
+    x = torch.rand(5, 1, 2, 2, device="meta")
+    result = reference.trial(model.train(), x, torch.zeros(5, dtype=torch.long, device="meta"),
+                             rule="ebp", lr=0.1)  # fmt: skip
+    assert all(u.device.type == "meta" for u in result.updates.values())

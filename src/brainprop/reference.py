@@ -201,7 +201,10 @@ def trial(
             )  # fmt: skip
         elif isinstance(layer, nn.Dropout):
             if layer.training and layer.p > 0 and i not in masks:
-                keep = torch.rand(a.shape, generator=generator, dtype=a.dtype) >= layer.p
+                keep = (
+                    torch.rand(a.shape, generator=generator, dtype=a.dtype, device=a.device)
+                    >= layer.p
+                )
                 masks[i] = keep.to(a.dtype)
             out = a * masks[i] / (1 - layer.p) if layer.training and layer.p > 0 else a
         elif isinstance(layer, nn.BatchNorm1d | nn.BatchNorm2d):
