@@ -182,6 +182,12 @@ def test_locally_connected_rejects_wrong_input_size() -> None:
     layer = LocallyConnected2d(1, 4, (8, 8), 3)
     with pytest.raises(ValueError, match="8, 8"):
         layer(torch.randn(1, 1, 9, 8))
+    # A wrong channel count was torch.bmm's error about its operands' sizes.
+    with pytest.raises(ValueError) as info:
+        layer(torch.randn(1, 3, 8, 8))
+    assert str(info.value) == (
+        "LocallyConnected2d was built for [B, 1, 8, 8] inputs, got [1, 3, 8, 8]"
+    )
 
 
 @pytest.mark.parametrize(

@@ -68,12 +68,12 @@ def _same_pads(
     return left, right, top, bottom
 
 
-def _check_input_size(x: torch.Tensor, input_size: tuple[int, int], layer: str) -> None:
+def _check_input(x: torch.Tensor, channels: int, input_size: tuple[int, int], layer: str) -> None:
     # The pads (and, for unshared weights, the number of positions) were fixed for input_size;
     # any other size would silently compute something Keras never would.
-    if x.dim() != 4 or tuple(x.shape[-2:]) != input_size:
+    if x.dim() != 4 or tuple(x.shape[1:]) != (channels, *input_size):
         raise ValueError(
-            f"{layer} was built for [B, C, {input_size[0]}, {input_size[1]}] inputs, "
+            f"{layer} was built for [B, {channels}, {input_size[0]}, {input_size[1]}] inputs, "
             f"got {list(x.shape)}"
         )
 
@@ -119,7 +119,7 @@ class Conv2dSame(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, C_in, H, W] -> [B, C_out, H_out, W_out]``."""
-        _check_input_size(x, self.input_size, type(self).__name__)
+        _check_input(x, self.in_channels, self.input_size, type(self).__name__)
         if self.explicit_pad:
             x = F.pad(x, self.explicit_pad)
         return super().forward(x)
@@ -196,7 +196,11 @@ class LocallyConnected2d(nn.Module):
         kernel_size: ``k`` or ``(k_h, k_w)``.
         stride: ``s`` or ``(s_h, s_w)``.
         padding: ``'valid'`` (``H_out = (H - k_h) // s_h + 1``) or ``'same'``
-            (``H_out = ceil(H / s_h)``, zero pads placed by :func:`tf_same_padding`).
+            (``H_out = ceil(H / s_h)``, zero pads placed by :func:`tf_same_padding`, as a
+            TensorFlow convolution places them). Keras's own ``LocallyConnected2D`` takes
+            'valid' only in its ``implementation=1``; its others start each 'same' window at
+            ``o * s - k // 2``, which differs from this for a stride above 1 or an even
+            kernel. The paper's networks use 'valid'.
         bias: whether to add a per-position, per-channel bias.
 
     Shapes:
@@ -271,7 +275,7 @@ class LocallyConnected2d(nn.Module):
         """``[B, C_in, H, W] -> [L, B, k_h * k_w * C_in]``: each output position's input patch,
         padded as the layer pads, in the order of the weight's rows. Every forward, plain or
         with a feedback pathway, goes through here, so the input size is checked here."""
-        _check_input_size(x, self.input_size, type(self).__name__)
+        _check_input(x, self.in_channels, self.input_size, type(self).__name__)
         if self.explicit_pad:
             x = F.pad(x, self.explicit_pad)
         return _Patches.apply(x, self.kernel_size, self.stride, self.output_size)
