@@ -470,6 +470,25 @@ def test_checkpoint_of_another_run_is_refused(tmp_path: Path, ds, reference: Pat
     )
 
 
+def test_a_run_stored_with_a_relative_data_dir_resumes_again_and_again(
+    tmp_path: Path, ds, monkeypatch
+) -> None:
+    # Older versions stored "data" as typed; a resume writes the absolute root into last.pt,
+    # and the next resume called that checkpoint another run's.
+    monkeypatch.chdir(tmp_path)
+    run = train(tiny_config(tmp_path, epochs=1, data_dir="data"), dataset=ds, progress=False)
+    config = json.loads((run.dir / "config.json").read_text())
+    state = checkpoint.load(run.dir / "last.pt")
+    state["config"]["data_dir"] = "data"
+    checkpoint.save(run.dir / "last.pt", state)
+    for epochs in (2, 3):  # stopped after each epoch, as the older version left it
+        (run.dir / "config.json").write_text(
+            json.dumps(config | {"data_dir": "data", "epochs": epochs})
+        )
+        (run.dir / "summary.json").unlink()
+        assert train(resume=run.dir, dataset=ds, progress=False).summary["epochs_run"] == epochs
+
+
 def test_resume_with_data_of_another_number_of_classes(tmp_path, ds, reference) -> None:
     with pytest.raises(BrainPropError) as info:
         train(None, resume=reference, dataset=make_tiny_dataset(classes=3), progress=False)

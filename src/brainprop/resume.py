@@ -43,9 +43,11 @@ def checkpoint_and_config(
         _refuse_restart(run_path)
     else:
         own = _stored_config(state.get("config"), last)
+        # Where the data is, and a raised --epochs, may change over a run's life: the first
+        # with --data-dir, or as a relative root an older version stored becomes absolute.
         differ = [
             f.name for f in fields(TrainConfig)
-            if f.name != "epochs" and getattr(own, f.name) != getattr(stored, f.name)
+            if f.name not in _MAY_CHANGE and getattr(own, f.name) != getattr(stored, f.name)
         ]  # fmt: skip
         if differ:
             name = differ[0]
@@ -68,6 +70,10 @@ def checkpoint_and_config(
     if config is not None:
         stored = replace(stored, epochs=config.epochs)
     return state, _resolve_stored(stored, run_path / rundir.CONFIG)
+
+
+#: What a run's last.pt and config.json may disagree on and still be one run.
+_MAY_CHANGE = ("epochs", "data_dir")
 
 
 def save_epochs(run_path: Path, config: TrainConfig) -> None:
