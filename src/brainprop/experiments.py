@@ -34,7 +34,7 @@ from statistics import fmean
 from typing import Any
 
 from . import locks, rundir, signals
-from .checkpoint import TEMPORARIES
+from .checkpoint import TEMPORARIES, make_folder
 from .config import TrainConfig
 from .errors import BrainPropError
 from .matrix import MATRIX, PAPER_EPOCHS, RULE_ORDER, RUNS, Cell, RunSpec, plan
@@ -193,19 +193,33 @@ def reproduce(request: Request, say: Callable[[str], None] = print) -> Outcome:
         )
     # Before any run loads its data: a file or a read-only folder as --out.
     rundir.check_new(request.out, None)
-    # A second session on the folder would resume the first one's runs under it or delete
-    # a run directory it is just making; two machines merge their measurements instead. (A
-    # folder that does not exist yet is not held: a refused request creates nothing.)
-    busy = (
-        f"{request.out} is in use by another 'brainprop reproduce': wait for it to end, or give "
-        "this one another --out and copy its measurements/ in afterwards"
-    )
-    with locks.held(request.out, busy):
-        return _reproduce(request, say)
+    with contextlib.ExitStack() as held:
+        # A second session on the folder would resume the first one's runs under it or delete
+        # a run directory it is just making; two machines merge their measurements instead.
+        busy = (
+            f"{request.out} is in use by another 'brainprop reproduce': wait for it to end, or "
+            "give this one another --out and copy its measurements/ in afterwards"
+        )
+
+        holding = False
+
+        def hold() -> None:
+            nonlocal holding
+            if not holding:
+                make_folder(request.out)
+                held.enter_context(locks.held(request.out, busy))
+                holding = True
+
+        # A folder that does not exist yet holds nothing to race for: it is made and held once
+        # the request has passed its checks, so that a refused one creates nothing.
+        if request.out.is_dir():
+            hold()
+        return _reproduce(request, say, hold)
 
 
-def _reproduce(request: Request, say: Callable[[str], None]) -> Outcome:
-    """:func:`reproduce`'s work, once the request is checked and its folder held."""
+def _reproduce(request: Request, say: Callable[[str], None], hold: Callable[[], None]) -> Outcome:
+    """:func:`reproduce`'s work, once the request is checked; ``hold`` holds its folder (at
+    once where it exists already)."""
     from .report import write_report
 
     outcome = Outcome()
@@ -229,6 +243,7 @@ def _reproduce(request: Request, say: Callable[[str], None]) -> Outcome:
             pending.append(spec)
     _check_data(pending, request.data_dir)
     _check_val(pending, request.val, request.data_dir)
+    hold()
     jobs = stacks(pending, request.stack)
     say(
         f"reproduce: {len(specs)} runs requested, {len(outcome.skipped)} already measured, "

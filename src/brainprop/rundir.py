@@ -79,9 +79,8 @@ def create(out_dir: str | Path, name: str) -> Path:
                 path.mkdir()
             except FileExistsError:
                 continue
-            probe = path / ".write-test"
-            probe.write_bytes(b"x")
-            probe.unlink()
+            # Unnamed: a kill here leaves an empty folder, which reproduce knows to delete.
+            probe_write(path)
             return path
     except OSError as e:
         raise _unwritable(out, e) from None
