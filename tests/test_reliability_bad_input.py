@@ -353,8 +353,13 @@ def test_unreadable_checkpoint_is_not_called_damaged(tmp_path: Path, monkeypatch
          "network filesystem failed, not necessarily the file; check it and try again"),
         (MemoryError(), "not enough memory to load {path}: free some (other jobs on this "
          "machine), then try again"),
+        (RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: "
+                      "can't allocate memory: you tried to allocate 150000000 bytes. Error code "
+                      "12 (Cannot allocate memory)"),  # as torch 2.13 raises it
+         "not enough memory to load {path}: free some (other jobs on this machine), then try "
+         "again"),
     ],
-    ids=["EIO", "MemoryError"],
+    ids=["EIO", "MemoryError", "torch's allocator"],
 )  # fmt: skip
 def test_a_failed_read_does_not_call_a_checkpoint_damaged(tmp_path, monkeypatch, failure, message):
     # "Use another checkpoint or retrain" would have a user throw away a sound last.pt.

@@ -193,6 +193,12 @@ def _damaged(path: Path, e: BaseException) -> BrainPropError:
     )
 
 
+def _no_memory(path: Path) -> BrainPropError:
+    return BrainPropError(
+        f"not enough memory to load {path}: free some (other jobs on this machine), then try again"
+    )
+
+
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint written by :func:`save`; anything else is a one-line error."""
     path = Path(path)
@@ -224,11 +230,11 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
             "not necessarily the file; check it and try again"
         ) from None
     except MemoryError:
-        raise BrainPropError(
-            f"not enough memory to load {path}: free some (other jobs on this machine), then "
-            "try again"
-        ) from None
+        raise _no_memory(path) from None
     except Exception as e:
+        # torch's own allocator says so in a RuntimeError.
+        if "can't allocate memory" in str(e) or isinstance(e, torch.OutOfMemoryError):
+            raise _no_memory(path) from None
         # torch names a refused object as "GLOBAL module.name" somewhere in a long message.
         refused = re.search(r"GLOBAL (\S+)", str(e))
         if isinstance(e, pickle.UnpicklingError) and refused:
