@@ -1,9 +1,21 @@
 """Shared fixtures: a tiny synthetic dataset that trains in a second on 2 cores."""
 
+import signal
+
 import pytest
 import torch
 
 from brainprop.data import Dataset
+
+
+@pytest.fixture(autouse=True, scope="session")
+def sigint_handled():
+    """Ctrl-C as an interactive Python takes it, however the suite was started: a script that
+    runs it in the background ('pytest &') starts it with SIGINT ignored, which training then
+    leaves ignored, and the tests that stop runs with SIGINT would wait in vain."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 def make_tiny_dataset(
