@@ -798,6 +798,43 @@ def test_a_stop_after_the_last_worker_ended_still_stops(tmp_path, mnist_root, mo
     assert outcome.ran == [first.name] and not (tmp_path / RUNS / second.name).exists()
 
 
+def test_a_second_signal_stops_the_parent_at_once_with_its_status(
+    tmp_path, mnist_root, monkeypatch
+):
+    (job,) = plan([DENSE], ["ebp"], 1, max_epochs=1)
+    request = Request(out=tmp_path, data_dir=str(mnist_root), device="cpu", progress=False)
+
+    def signal_twice(sentinels, timeout):
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return []
+
+    monkeypatch.setattr(ex, "wait", signal_twice)
+    with pytest.raises(signals.Interrupted, match="stopped at once by a second signal; the runs "
+                       "in progress save their state as they stop") as info:  # fmt: skip
+        ex._run_in_workers(request, [(job,)], [], ex.Outcome(), lambda _: None)
+    assert info.value.exit_status == 128 + signal.SIGTERM  # it was 130, as if Ctrl-C
+
+
+def test_workers_can_be_started_from_another_thread():
+    # signal.signal works in the main thread only: reproduce(jobs > 1) from a thread failed.
+    import threading
+
+    failed: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            with ex._sigint_ignored():
+                pass
+        except BaseException as e:  # any failure is the finding
+            failed.append(e)
+
+    thread = threading.Thread(target=start)
+    thread.start()
+    thread.join()
+    assert failed == []
+
+
 _ORPHAN = """
 import os, signal, sys, time
 from pathlib import Path

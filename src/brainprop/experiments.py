@@ -25,6 +25,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -648,7 +649,7 @@ def _run_in_workers(
 
     def stop_all() -> None:
         """Stop the workers, each saving its state, and record the runs that completed
-        meanwhile (one in its last epoch ends before it stops)."""
+        meanwhile (a signal after a run's last step lets it end, see train)."""
         company.tick(running)
         _terminate(running)
         for sentinel, (job, _, _) in list(running.items()):
@@ -699,6 +700,16 @@ def _run_in_workers(
                     failures.append(_message(receive) or failed)
                 if failures:
                     raise BrainPropError("; ".join(failures))
+        except KeyboardInterrupt:
+            # A second signal: no waiting for the workers, which each get one SIGTERM and save
+            # their state as they stop.
+            for _, proc, _ in running.values():
+                if proc.is_alive():
+                    os.kill(proc.pid, signal.SIGTERM)
+            raise stop.quit_at_once(
+                "the runs in progress save their state as they stop: once they have, run the "
+                "same 'brainprop reproduce' command to continue"
+            ) from None
         except Exception:
             # Workers would go on training unwatched for hours after the parent's error (their
             # results unrecorded): stop them, each saving its state, as a signal does. Nothing
@@ -756,6 +767,11 @@ def _sigint_ignored() -> Iterator[None]:
     until it has imported torch and left it, and a Ctrl-C there killed it with a traceback while
     the parent was stopping it properly. The parent's handler is back right after the start; a
     Ctrl-C in those milliseconds is lost."""
+    if threading.current_thread() is not threading.main_thread():
+        # Python installs handlers in the main thread only; a reproduce run from another
+        # thread leaves signals to that thread's program (signals.stop_on_signals does too).
+        yield
+        return
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         yield
