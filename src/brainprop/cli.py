@@ -453,7 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", help="a run directory (uses its best.pt) or a checkpoint file")
     p.add_argument(
         "--data-dir",
-        help="data root (default: the one the run trained on, as its config.json says; where "
+        help="data root (default: the one the run trained on, as its checkpoint says; where "
         f"that is not set, the {DATA_DIR_HELP[len('data root (') : -1]})",
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")

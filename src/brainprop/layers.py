@@ -199,7 +199,7 @@ class LocallyConnected2d(nn.Module):
             (``H_out = ceil(H / s_h)``, zero pads placed by :func:`tf_same_padding`, as a
             TensorFlow convolution places them). Keras's own ``LocallyConnected2D`` takes
             'valid' only in its ``implementation=1``; its others start each 'same' window at
-            ``o * s - k // 2``, which differs from this for a stride above 1 or an even
+            ``o * s - k // 2``, which can differ from this for a stride above 1 or an even
             kernel. The paper's networks use 'valid'.
         bias: whether to add a per-position, per-channel bias.
 
