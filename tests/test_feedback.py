@@ -376,7 +376,7 @@ def test_direct_feedback_whose_last_module_is_not_the_output_is_a_clear_error():
 def test_a_converted_locally_connected_layer_checks_its_input_size():
     model = nn.Sequential(LocallyConnected2d(1, 2, (6, 8), 3))
     convert(model, "random", generator=torch.Generator().manual_seed(0))
-    with pytest.raises(ValueError, match=r"built for \[B, C, 6, 8\] inputs"):
+    with pytest.raises(ValueError, match=r"built for \[B, 1, 6, 8\] inputs"):
         model(torch.rand(1, 1, 8, 6, requires_grad=True))
 
 
