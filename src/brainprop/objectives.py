@@ -14,6 +14,7 @@ unit's feedback travels down, gated at each layer by the units' activity derivat
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from . import fusedhead
 from .errors import BrainPropError
 
 #: The published exploration rate: the chance that BrainProp samples its action from
@@ -51,6 +53,11 @@ class BrainProp:
     Args:
         epsilon: probability of exploring, i.e. of sampling the action from softmax(q)
             instead of taking the argmax. 0 makes the choice greedy.
+        fused: on CUDA, compute the head with :mod:`brainprop.fusedhead`'s two kernels
+            instead of 22 PyTorch operators, where it can (fp32 outputs, Triton installed):
+            the same choices, rewards and gradient, bit for bit. The first batch on each device
+            checks that; where they differ, or the kernels fail to build, a one-line warning
+            says so and the unfused head runs.
 
     Selection stays on the device and never reads a value back to the host, so a training step
     runs without synchronisation and can be captured whole.
@@ -62,24 +69,41 @@ class BrainProp:
     # reproduces that by scaling this objective's (mean) loss (see batch_scale).
     sums_over_nominal_batch = True
 
-    def __init__(self, epsilon: float = DEFAULT_EPSILON) -> None:
+    def __init__(self, epsilon: float = DEFAULT_EPSILON, fused: bool = False) -> None:
         if not 0.0 <= epsilon <= 1.0:
             raise BrainPropError(
                 f"epsilon must lie in [0, 1], got {epsilon}: pass e.g. --epsilon 0.02"
             )
-        self.epsilon = epsilon
+        self.epsilon, self.fused = epsilon, fused
+        # Per device: whether the fused head agreed with the unfused one there.
+        self._fused_agrees: dict[torch.device, bool] = {}
+
+    def draw(
+        self, q: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
+        """The uniform draws that decide the choice for ``q`` ([B, K]): which rows explore
+        ([B], those below epsilon) and the Gumbel noise of those that do ([B, K]); none when
+        epsilon is 0."""
+        if self.epsilon == 0.0:
+            return None, None
+        explore = torch.rand(q.shape[0], device=q.device, generator=generator)
+        return explore, torch.rand(q.shape, device=q.device, generator=generator)
 
     def select(
         self, q: torch.Tensor, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Choose one action per row of ``q`` ([B, K]); returns (actions [B], explored [B])."""
+        return self._choose(q, *self.draw(q, generator))
+
+    def _choose(
+        self, q: torch.Tensor, explore: torch.Tensor | None, uniform: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         q = q.detach().float()
-        if self.epsilon == 0.0:
+        if explore is None or uniform is None:
             return q.argmax(dim=1), torch.zeros(q.shape[0], dtype=torch.bool, device=q.device)
-        explored = torch.rand(q.shape[0], device=q.device, generator=generator) < self.epsilon
+        explored = explore < self.epsilon
         # Gumbel-max draws from softmax(q) with one uniform per class and no host sync
         # (torch.multinomial would also do, but it syncs on CUDA to validate its input).
-        uniform = torch.rand(q.shape, device=q.device, generator=generator)
         # q plus Gumbel noise -log(-log(u)), subtracted rather than negated and added, and one
         # argmax over the rows that explore (noisy) and those that do not (plain q): each saves
         # an operator, i.e. a kernel on a GPU, and gives the same choices.
@@ -89,13 +113,78 @@ class BrainProp:
     def __call__(
         self, q: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None
     ) -> Output:
-        actions, explored = self.select(q, generator)
+        draws = self.draw(q, generator)
+        if self._runs_fused(q, y, draws):
+            loss, actions, explored, rewards = fusedhead.chosen_unit_head(
+                q, y, self.epsilon, *draws
+            )
+            return Output(loss=loss, actions=actions, rewards=rewards, explored=explored)
+        return self._unfused(q, y, draws)
+
+    def _unfused(
+        self, q: torch.Tensor, y: torch.Tensor, draws: tuple[torch.Tensor | None, ...]
+    ) -> Output:
+        actions, explored = self._choose(q, *draws)
         rewards = (actions == y).to(q.dtype)
         loss = _ChosenUnitError.apply(q, actions, rewards)
         return Output(loss=loss, actions=actions, rewards=rewards, explored=explored)
 
+    def _runs_fused(
+        self, q: torch.Tensor, y: torch.Tensor, draws: tuple[torch.Tensor | None, ...]
+    ) -> bool:
+        if not self.fused or fusedhead.unsupported(q) is not None:
+            return False
+        agrees = self._fused_agrees.get(q.device)
+        # The check reads results back to the host, which a CUDA graph's capture forbids.
+        capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
+        if agrees is None and not capturing:
+            agrees = self._fused_agrees[q.device] = self._check_fused(q, y, draws)
+        return bool(agrees)
+
+    def _check_fused(
+        self, q: torch.Tensor, y: torch.Tensor, draws: tuple[torch.Tensor | None, ...]
+    ) -> bool:
+        """Whether the fused head gives the unfused head's choices, rewards and gradient, bit
+        for bit, and its loss to rounding, on this batch; a warning if not."""
+        plain_q, fused_q = q.detach().requires_grad_(), q.detach().requires_grad_()
+        # The caller may compute the objective alone, under no_grad; the check needs gradients.
+        with torch.enable_grad():
+            plain = self._unfused(plain_q, y, draws)
+            (plain_grad,) = torch.autograd.grad(plain.loss, plain_q)
+            try:
+                loss, actions, explored, rewards = fusedhead.chosen_unit_head(
+                    fused_q, y, self.epsilon, *draws
+                )
+                (fused_grad,) = torch.autograd.grad(loss, fused_q)
+            # A speed-up must not stop a run the unfused head can train, and Triton's build
+            # errors share no type; the warning names what failed.
+            except Exception as e:  # noqa: BLE001
+                first_line = (str(e).strip().splitlines() or [""])[0][:200]
+                return _fused_head_unused(q.device, f"failed ({type(e).__name__}: {first_line})")
+        pairs = [
+            ("actions", actions, plain.actions),
+            ("explored", explored, plain.explored),
+            ("rewards", rewards, plain.rewards),
+            ("gradient", fused_grad, plain_grad),
+        ]
+        other = [name for name, a, b in pairs if not torch.equal(a, b)]
+        if not torch.allclose(loss, plain.loss, rtol=1e-5, atol=0):
+            other.append("loss")
+        return not other or _fused_head_unused(q.device, f"gave other {', '.join(other)}")
+
     def __repr__(self) -> str:
-        return f"BrainProp(epsilon={self.epsilon})"
+        fused = ", fused=True" if self.fused else ""
+        return f"BrainProp(epsilon={self.epsilon}{fused})"
+
+
+def _fused_head_unused(device: torch.device, problem: str) -> bool:
+    """Say why the fused head is not used on ``device``; returns False, its verdict."""
+    print(
+        f"brainprop: warning: the fused BrainProp head {problem} on {device}; training uses "
+        "the unfused head, which gives the same updates in more kernels",
+        file=sys.stderr,
+    )
+    return False
 
 
 class _ChosenUnitError(torch.autograd.Function):
@@ -163,10 +252,11 @@ def batch_scale(objective: Objective, n: int, batch_size: int) -> float:
     return n / batch_size if objective.sums_over_nominal_batch else 1.0
 
 
-def make_objective(rule: str, epsilon: float = DEFAULT_EPSILON) -> Objective:
-    """Build the objective named ``rule`` ('brainprop' or 'ebp')."""
+def make_objective(rule: str, epsilon: float = DEFAULT_EPSILON, fused: bool = False) -> Objective:
+    """Build the objective named ``rule`` ('brainprop' or 'ebp'); ``fused``: BrainProp's head
+    in fused kernels where it can (see :class:`BrainProp`)."""
     if rule == "brainprop":
-        return BrainProp(epsilon)
+        return BrainProp(epsilon, fused)
     if rule == "ebp":
         return EBP()
     raise BrainPropError(f"unknown rule {rule!r}: choose one of {', '.join(RULES)}")
