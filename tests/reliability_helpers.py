@@ -62,7 +62,7 @@ def inject(monkeypatch: Any, actions: dict[int, Callable[[torch.Tensor], torch.T
             action = actions.get(calls[0])
             return self.inner(action(q) if action else q, y, generator)
 
-    monkeypatch.setattr(train_module, "make_objective", lambda *a: Hooked(make(*a)))
+    monkeypatch.setattr(train_module, "make_objective", lambda *a, **k: Hooked(make(*a, **k)))
 
 
 def step(epoch: int, step_in_epoch: int) -> int:

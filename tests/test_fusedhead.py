@@ -9,7 +9,7 @@ import textwrap
 import pytest
 import torch
 
-from brainprop import fastpath, fusedhead
+from brainprop import TrainConfig, fastpath, fusedhead, train
 from brainprop.objectives import BrainProp
 from brainprop.presets import build_model
 
@@ -194,3 +194,17 @@ def test_the_kernels_are_for_fp32_rows_on_cuda_only():
         assert "float64" in fusedhead.unsupported(torch.zeros(4, 10, device="cuda").double())
         assert fastpath.FUSED_HEAD in fastpath.features(model.cuda(), rule="brainprop")
         assert fastpath.FUSED_HEAD not in fastpath.features(model, rule="ebp")
+
+
+@pytest.mark.parametrize("eager", [False, True])
+def test_training_uses_the_fused_head_unless_eager(
+    tmp_path, tiny_dataset, monkeypatch, capsys, eager
+):
+    calls = _spy(monkeypatch, _unfused_head)
+    monkeypatch.setattr(fusedhead, "unavailable", lambda device: None)
+    config = TrainConfig(
+        dataset="mnist", arch="dense", epochs=1, batch_size=16, out_dir=str(tmp_path), eager=eager
+    )
+    train(config, dataset=tiny_dataset)
+    header = capsys.readouterr().out.splitlines()[0]
+    assert bool(calls) != eager and ("fused_head" in header) != eager, header

@@ -245,7 +245,7 @@ def _prepare(
     model = build_model(arch, ds.input_shape, ds.num_classes, config.hyperparameters(), init)
     convert(model, config.feedback, generator=init)
     fastpath.prepare(model.to(device), eager).train()
-    objective = make_objective(rule, config.epsilon)
+    objective = make_objective(rule, config.epsilon, fused=not eager)
     optimizer = make_optimizer(model, config)
     generator = torch.Generator(device=device).manual_seed(config.seed)
     batches = _full_batches(ds, config.batch_size, [generator])
@@ -313,8 +313,9 @@ def _prepare_stack(
         models.append(fastpath.prepare(model.to(device)).train())
         generators.append(torch.Generator(device=device).manual_seed(seed))
     stack = Stack(
-        models, generators, make_objective(rule, config.epsilon), weight_decay=config.weight_decay,
-        batch_size=config.batch_size, bf16=bf16, cuda_graph=cuda_graph,
+        models, generators, make_objective(rule, config.epsilon, fused=True),
+        weight_decay=config.weight_decay, batch_size=config.batch_size, bf16=bf16,
+        cuda_graph=cuda_graph,
     )  # fmt: skip
     stack.rates.fill_(config.lr)
     batches = _full_batches(ds, config.batch_size, generators)
@@ -371,7 +372,7 @@ def bench_preset(
             eager=False, cuda_graph=cuda_graph,
         )  # fmt: skip
         prepared.append(fast)
-        if fastpath.features(fast.model, cuda_graph):
+        if fastpath.features(fast.model, cuda_graph, rule):
             eager_of[rule] = _prepare(
                 ds, arch, rule, device, warmup=warmup, batch_size=batch_size, bf16=bf16,
                 eager=True,
@@ -427,7 +428,7 @@ def bench_preset(
                 "warmup_steps": r.untimed_steps,
                 "step_ms": step_s * 1e3,
                 "step_ms_blocks": [s * 1e3 for s in r.block_seconds],
-                "fast_path": fastpath.features(r.model, cuda_graph),
+                "fast_path": fastpath.features(r.model, cuda_graph, r.rule),
                 "eager_step_ms": None if eager_s is None else eager_s * 1e3,
                 "eager_ratio": None if eager_s is None else eager_s / step_s,
                 "randperm_ms": randperm_s * 1e3,

@@ -136,7 +136,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--bf16", action="store_true", help=BF16_HELP)
     run.add_argument(
         "--eager", action="store_true",
-        help="plain PyTorch, without the fast path's channels_last (for debugging)",
+        help="plain PyTorch, without the fast path's channels_last and, on CUDA, BrainProp's "
+        "fused head (for debugging)",
     )  # fmt: skip
     run.add_argument("--cuda-graph", action="store_true", help=CUDA_GRAPH_HELP)
     run.add_argument(

@@ -22,6 +22,10 @@ What it does:
   inputs need no conversion. It avoids the layout reorders oneDNN otherwise makes around every
   convolution, and it is the layout tensor cores want. Dense and locally connected networks
   have no 4-D weight and are unchanged.
+* **BrainProp's head in two kernels** on CUDA (:mod:`brainprop.fusedhead`, on by default where
+  Triton is installed, as with PyTorch's CUDA wheels for Linux): the choice, reward, error and
+  loss in one Triton kernel and the gradient in another, where PyTorch's operators take 22
+  kernels. The same choices, rewards and gradient bit for bit, checked on the first batch.
 * **one CUDA graph per training step** (``--cuda-graph``, opt-in, CUDA only):
   :class:`GraphedStep`. A small network's eager step is hundreds of kernel launches, each a
   few microseconds of CPU; replaying a captured graph launches them all at once. On an H200
@@ -40,7 +44,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from . import distributed
+from . import distributed, fusedhead
 from .errors import BrainPropError
 from .feedback import layer_mode
 from .objectives import Objective, Output
@@ -50,6 +54,7 @@ __all__ = ["GraphedStep", "features", "graphed", "make_step", "prepare"]
 
 CHANNELS_LAST = "channels_last"
 CUDA_GRAPH = "cuda_graph"
+FUSED_HEAD = "fused_head"
 
 #: Eager full-batch steps before the capture; CUDA graphs need the lazy initialisations
 #: (cuDNN algorithm choice, the allocator's pools, autograd's buffers) done first.
@@ -58,11 +63,15 @@ WARMUP_STEPS = 3
 Step = Callable[[torch.Tensor, torch.Tensor], Output]
 
 
-def features(model: nn.Module, cuda_graph: bool = False) -> list[str]:
-    """The fast-path changes that apply to ``model`` (empty: the fast path is eager for it)."""
+def features(model: nn.Module, cuda_graph: bool = False, rule: str | None = None) -> list[str]:
+    """The fast-path changes that apply to ``model`` (already on its device) trained with
+    ``rule`` (empty: the fast path is eager for it)."""
     found = []
     if any(p.dim() == 4 for p in model.parameters()):
         found.append(CHANNELS_LAST)
+    weight = next(model.parameters(), None)
+    if rule == "brainprop" and weight is not None and not fusedhead.unavailable(weight.device):
+        found.append(FUSED_HEAD)
     if cuda_graph:
         found.append(CUDA_GRAPH)
     return found

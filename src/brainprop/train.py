@@ -100,7 +100,9 @@ class Trainer:
         if self.parallel.active and config.sync_batchnorm:
             synchronise(self.model, self.parallel)
         fastpath.prepare(self.model.to(self.device), config.eager)
-        self.objective: Objective = make_objective(config.rule, config.epsilon)
+        self.objective: Objective = make_objective(
+            config.rule, config.epsilon, fused=not config.eager
+        )
         self.optimizer = make_optimizer(self.model, config)
         self.generator = torch.Generator(device=self.device).manual_seed(
             self.parallel.seed(config.seed)
@@ -531,7 +533,11 @@ def _header(trainer: Trainer, run_path: Path) -> str:
     """The line that opens a run: what trains, where, and into which directory."""
     config, parallel = trainer.config, trainer.parallel
     where = str(trainer.device)
-    fast = ["eager"] if config.eager else fastpath.features(trainer.model, config.cuda_graph)
+    fast = (
+        ["eager"]
+        if config.eager
+        else fastpath.features(trainer.model, config.cuda_graph, config.rule)
+    )
     if fast:
         where += f" ({', '.join(fast)})"
     if parallel.active:
