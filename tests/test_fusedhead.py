@@ -4,68 +4,93 @@ them only where they have been seen to, falling back with a warning otherwise.""
 import os
 import subprocess
 import sys
-import textwrap
+from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from brainprop import TrainConfig, fastpath, fusedhead, train
 from brainprop.objectives import BrainProp
 from brainprop.presets import build_model
 
-# The kernels against the unfused head, on CPU tensors through Triton's interpreter, which
-# must be chosen before Triton is imported: hence a process of its own.
-_KERNELS_AGAINST_THE_UNFUSED_HEAD = """
-import torch
-from brainprop import fusedhead
-from brainprop.objectives import BrainProp
 
-cases = [(128, 10, 0.02), (96, 200, 0.5), (7, 100, 1.0), (1, 10, 0.0), (300, 10, 0.3)]
-for batch, classes, epsilon in cases:
-    for trial in range(3):
-        g = torch.Generator().manual_seed(trial)
-        q = torch.randn(batch, classes, generator=g) * 10 * torch.rand((), generator=g)
-        if trial == 2:
-            q[0, 3] = float("nan")  # argmax takes the first NaN; the error is NaN
-            q[-1, :] = float("-inf")
-        y = torch.randint(0, classes, (batch,), generator=g)
-        # The loop scales a short last batch's loss, which scales the gradient coming back.
-        weight = 3 * torch.rand((), generator=g)
-        objective = BrainProp(epsilon)
-        plain_q, fused_q = q.clone().requires_grad_(), q.clone().requires_grad_()
-        draws = objective.draw(q, torch.Generator().manual_seed(trial))
-        plain = objective._unfused(plain_q, y, draws)
-        loss, actions, explored, rewards = fusedhead.chosen_unit_head(fused_q, y, epsilon, *draws)
-        (plain.loss * weight).backward()
-        (loss * weight).backward()
-        case = (batch, classes, epsilon, trial)
-        assert torch.equal(actions, plain.actions), case
-        assert torch.equal(explored, plain.explored), case
-        assert torch.equal(rewards, plain.rewards), case
-        assert torch.equal(fused_q.grad.nan_to_num(), plain_q.grad.nan_to_num()), case
-        assert fused_q.grad.isnan().equal(plain_q.grad.isnan()), case
-        assert loss.dtype == plain.loss.dtype and actions.dtype == torch.int64, case
-        assert torch.allclose(loss, plain.loss, rtol=1e-6, atol=0, equal_nan=True), case
-        assert explored.all() if epsilon == 1 else explored.any() == (epsilon > 0), case
-print("kernels agree")
-"""
+class _OperatorLog(TorchDispatchMode):
+    """The PyTorch operators that do work (a kernel each on a GPU), as dispatched."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]
+        if not func.is_view and name not in {"empty", "empty_strided", "detach"}:
+            self.names.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def compare_heads(device: str) -> None:
+    """The fused head against the unfused one on ``device``, in shapes and values training
+    meets and some it should not (NaN, -inf), with the gradient weighted as a short last
+    batch's is. Run on CPU tensors through Triton's interpreter, and on a GPU."""
+    cases = [(128, 10, 0.02), (96, 200, 0.5), (7, 100, 1.0), (1, 10, 0.0), (300, 10, 0.3)]
+    for batch, classes, epsilon in cases:
+        for trial in range(3):
+            g = torch.Generator().manual_seed(trial)
+            q = torch.randn(batch, classes + 3 * trial, generator=g)[:, :classes]  # rows apart
+            q = (q * 10 * torch.rand((), generator=g)).to(device)
+            if trial == 2:
+                q[0, 3] = float("nan")  # argmax takes the first NaN; the error is NaN
+                q[-1, :] = float("-inf")
+            y = torch.randint(0, classes, (batch,), generator=g).to(device)
+            # A short last batch's loss is weighted by n / B, which scales the gradient.
+            weight = 3 * torch.rand((), generator=g).item()
+            objective = BrainProp(epsilon)
+            plain_q, fused_q = q.clone().requires_grad_(), q.clone().requires_grad_()
+            draws = objective.draw(q, torch.Generator(device=device).manual_seed(trial))
+            plain = objective._unfused(plain_q, y, draws)
+            loss, actions, explored, rewards = fusedhead.chosen_unit_head(
+                fused_q, y, epsilon, *draws
+            )
+            (plain.loss * weight).backward()
+            (loss * weight).backward()
+            case = (batch, classes, epsilon, trial)
+            assert torch.equal(actions, plain.actions), case
+            assert torch.equal(explored, plain.explored), case
+            assert torch.equal(rewards, plain.rewards), case
+            same = torch.allclose(fused_q.grad, plain_q.grad, rtol=0, atol=0, equal_nan=True)
+            assert same, case
+            assert loss.dtype == plain.loss.dtype and actions.dtype == torch.int64, case
+            assert torch.allclose(loss, plain.loss, rtol=1e-6, atol=0, equal_nan=True), case
+            assert explored.all() if epsilon == 1 else explored.any() == (epsilon > 0), case
+    # Past the draws, PyTorch itself launches only autograd's seed gradient. (Triton's
+    # interpreter copies the tensors a kernel takes in and out, with PyTorch operators.)
+    q = torch.randn(128, 10, device=device, requires_grad=True)
+    y = torch.zeros(128, dtype=torch.long, device=device)
+    draws = BrainProp(0.02).draw(q)
+    with _OperatorLog() as log:
+        fusedhead.chosen_unit_head(q, y, 0.02, *draws)[0].backward()
+    copies = {"new_empty", "set_", "copy_"} if device == "cpu" else set()
+    assert [name for name in log.names if name not in copies] == ["ones_like"], log.names
 
 
 def test_the_kernels_give_the_unfused_heads_results():
+    """On CPU tensors through Triton's interpreter, which must be chosen before Triton is
+    imported: hence a process of its own."""
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
+    script = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+    script += "import test_fusedhead; test_fusedhead.compare_heads('cpu')"
     done = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(_KERNELS_AGAINST_THE_UNFUSED_HEAD)],
-        env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "kernels agree" in done.stdout
 
 
 def test_the_kernels_compile_for_an_h200_with_a_precise_log_and_division():
-    """Built as Triton builds them for a GPU, down to the machine code (Triton's own ptxas), on
-    any machine: what the interpreter cannot check. libdevice's logf is a polynomial (Triton's
-    tl.log would be lg2.approx), and the gradient's division is correctly rounded."""
+    """Built as Triton builds them for a GPU, down to machine code (Triton's own ptxas), on any
+    machine: what the interpreter cannot check. Their PTX shows libdevice's logf, a polynomial
+    (Triton's tl.log would be lg2.approx), and a correctly rounded division."""
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -76,50 +101,51 @@ def test_the_kernels_compile_for_an_h200_with_a_precise_log_and_division():
     kinds = {"y_ptr": "*i64", "actions_ptr": "*i64", "explored_ptr": "*u8", "epsilon": "fp32",
              "tiny": "fp32", "q_row_stride": "i32", "rows": "i32", "classes": "i32"}  # fmt: skip
 
-    def ptx(kernel, **constants):
+    def ptx(kernel, options, **constants):
         """The kernel's PTX, its other arguments fp32 pointers, its constants upper case."""
         signature = {
             name: "constexpr" if name.isupper() else kinds.get(name, "*fp32")
             for name in kernel.arg_names
         }
         source = ASTSource(kernel, signature, constexprs=constants)
-        options = fusedhead._COMPILE
         return triton.compile(source, target=h200, options=options).asm["ptx"]
 
     for explore in (True, False):
         for classes in (10, 200):
             rows, block = fusedhead._blocks(classes)
             code = ptx(
-                headkernels.choose, EXPLORE=explore, INTERPRETED=False, BLOCK_ROWS=rows,
-                BLOCK_CLASSES=block,
+                headkernels.choose, fusedhead._FUSE_CHOOSE, EXPLORE=explore, INTERPRETED=False,
+                BLOCK_ROWS=rows, BLOCK_CLASSES=block,
             )  # fmt: skip
             assert "lg2.approx" not in code and "ex2.approx" not in code
     rows, block = fusedhead._blocks(10)
-    code = ptx(headkernels.spread, BLOCK_ROWS=rows, BLOCK_CLASSES=block)
+    code = ptx(
+        headkernels.spread, fusedhead._FUSE_SPREAD, INTERPRETED=False, BLOCK_ROWS=rows,
+        BLOCK_CLASSES=block,
+    )  # fmt: skip
+    # The scale: the reciprocal of -B correctly rounded, as PyTorch's CUDA division by a
+    # number takes it; products not contracted into the additions that follow.
     assert "div.rn.f32" in code and "div.full" not in code and "div.approx" not in code
+    assert "fma" not in code
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernels compile for CUDA only")
-def test_on_cuda_the_fused_head_runs_and_trains_as_the_unfused_one(monkeypatch, capsys):
+def test_on_cuda_the_kernels_give_the_unfused_heads_results():
+    compare_heads("cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernels compile for CUDA only")
+def test_on_cuda_the_objective_checks_the_fused_head_then_runs_it(monkeypatch, capsys):
     calls = []
     head = fusedhead.chosen_unit_head
     monkeypatch.setattr(fusedhead, "chosen_unit_head", lambda *a: calls.append(1) or head(*a))
-    fused, plain = BrainProp(0.3, fused=True), BrainProp(0.3)
-    for trial in range(5):
-        g = torch.Generator(device="cuda").manual_seed(trial)
-        q = torch.randn(128, 10, device="cuda", generator=g)
-        y = torch.randint(0, 10, (128,), device="cuda", generator=g)
-        outs, grads = [], []
-        for objective in (fused, plain):
-            leaf = q.clone().requires_grad_()
-            outs.append(objective(leaf, y, torch.Generator(device="cuda").manual_seed(trial)))
-            outs[-1].loss.backward()
-            grads.append(leaf.grad)
-        assert torch.equal(outs[0].actions, outs[1].actions)
-        assert torch.equal(outs[0].explored, outs[1].explored)
-        assert torch.equal(grads[0], grads[1])
+    objective = BrainProp(0.02, fused=True)
+    q = torch.randn(128, 10, device="cuda", requires_grad=True)
+    for _ in range(5):
+        objective(q, torch.zeros(128, dtype=torch.long, device="cuda")).loss.backward()
     assert "warning" not in capsys.readouterr().err
-    assert len(calls) == 1 + 5  # the first batch's check, then every batch
+    # The first batch's check (its draws, then every row exploring), then every batch.
+    assert len(calls) == 2 + 5 and objective.fused_on(q.device)
 
 
 def _spy(monkeypatch, head):
@@ -144,10 +170,15 @@ def _batches(n=3):
 def test_a_head_that_agrees_on_the_first_batch_is_used_from_then_on(monkeypatch, capsys):
     calls = _spy(monkeypatch, _unfused_head)
     objective = BrainProp(0.5, fused=True)
+    with torch.inference_mode():  # the check needs gradients, so it waits for a batch that has
+        objective(*_batches(1)[0], torch.Generator().manual_seed(1))
+    assert not calls and objective.fused_on(torch.device("cpu")) is None
     for q, y in _batches():
-        with torch.no_grad():  # the check needs gradients, and makes its own
+        with torch.no_grad():  # the check makes its own gradients
             objective(q, y, torch.Generator().manual_seed(1))
-    assert len(calls) == 1 + 3 and not capsys.readouterr().err
+    # The check (the batch's draws, then every row exploring), then each batch.
+    assert len(calls) == 2 + 3 and not capsys.readouterr().err
+    assert objective.fused_on(torch.device("cpu")) is True
 
 
 def test_a_head_that_fails_to_build_is_named_and_the_unfused_one_runs(monkeypatch, capsys):
@@ -177,6 +208,20 @@ def test_a_head_that_gives_other_results_is_named_and_the_unfused_one_runs(monke
         objective(q, y, torch.Generator().manual_seed(1))
     err = capsys.readouterr().err
     assert "fused BrainProp head gave other gradient, loss on cpu" in err and len(calls) == 1
+    assert objective.fused_on(torch.device("cpu")) is False
+
+
+def test_the_check_puts_every_row_through_the_exploring_choice(monkeypatch, capsys):
+    """A run's first batch has few exploring rows (2 % of them), or none (epsilon 0): a head
+    wrong only where rows explore is found all the same."""
+
+    def greedy(q, y, epsilon, explore, uniform):
+        return _unfused_head(q, y, epsilon, None, None)
+
+    _spy(monkeypatch, greedy)
+    objective = BrainProp(0.0, fused=True)
+    objective(*_batches(1)[0])
+    assert "gave other actions, explored, rewards, gradient, loss" in capsys.readouterr().err
 
 
 def test_without_fused_the_kernels_are_never_tried(monkeypatch):
@@ -189,11 +234,24 @@ def test_without_fused_the_kernels_are_never_tried(monkeypatch):
 def test_the_kernels_are_for_fp32_rows_on_cuda_only():
     assert "cpu is not CUDA" in fusedhead.unsupported(torch.zeros(4, 10))
     model = build_model("dense", (1, 28, 28), 10)
-    assert fastpath.FUSED_HEAD not in fastpath.features(model, rule="brainprop")
+    assert fastpath.FUSED_HEAD not in fastpath.features(model, objective=BrainProp(fused=True))
     if torch.cuda.is_available():
         assert "float64" in fusedhead.unsupported(torch.zeros(4, 10, device="cuda").double())
-        assert fastpath.FUSED_HEAD in fastpath.features(model.cuda(), rule="brainprop")
-        assert fastpath.FUSED_HEAD not in fastpath.features(model, rule="ebp")
+        model.cuda()
+        assert fastpath.FUSED_HEAD in fastpath.features(model, objective=BrainProp(fused=True))
+        assert fastpath.FUSED_HEAD not in fastpath.features(model, objective=BrainProp())
+
+
+def test_a_fused_head_that_fell_back_is_not_called_part_of_the_fast_path(monkeypatch, capsys):
+    def broken(*args):
+        raise RuntimeError("no")
+
+    _spy(monkeypatch, broken)
+    monkeypatch.setattr(fusedhead, "unavailable", lambda device: None)
+    model, objective = build_model("dense", (1, 28, 28), 10), BrainProp(fused=True)
+    assert fastpath.features(model, objective=objective) == [fastpath.FUSED_HEAD]
+    objective(*_batches(1)[0])
+    assert fastpath.features(model, objective=objective) == []
 
 
 @pytest.mark.parametrize("eager", [False, True])

@@ -45,7 +45,7 @@ from .devices import bf16_warning, cpuinfo, resolve_device, vector_units
 from .errors import BrainPropError
 from .evaluation import EVAL_BATCH, accuracy
 from .feedback import convert
-from .objectives import RULES, make_objective
+from .objectives import RULES, Objective, make_objective
 from .peaks import Peak, Peaks, device_peaks, op_precisions, precision_label
 from .presets import (
     DATASET_FAMILY,
@@ -187,6 +187,7 @@ class _Rule:
     rule: str
     config: TrainConfig
     model: nn.Module
+    objective: Objective
     step: Callable[[], None]
     generator: torch.Generator
     forward_flops: int
@@ -273,7 +274,7 @@ def _prepare(
     # rule's peak memory (a graph's stay in its own memory pool whatever happens here).
     optimizer.zero_grad(set_to_none=True)
     return _Rule(
-        rule, config, model, step, generator, forward, counter.get_total_flops(),
+        rule, config, model, objective, step, generator, forward, counter.get_total_flops(),
         _conv_flops(counter), peak, [], eager, untimed,
         lambda x, y: accuracy(model, x, y, bf16), held_memory=held,
     )  # fmt: skip
@@ -334,8 +335,8 @@ def _prepare_stack(
     peak = memory.peak(device, was_reset)
     stack.optimizer.zero_grad(set_to_none=True)
     return _Rule(
-        rule, config, models[0], step, generators[0], 0, 0, 0, peak, [], False, untimed,
-        stack.accuracies, size, held_memory=held,
+        rule, config, models[0], stack.objective, step, generators[0], 0, 0, 0, peak, [], False,
+        untimed, stack.accuracies, size, held_memory=held,
     )  # fmt: skip
 
 
@@ -372,7 +373,7 @@ def bench_preset(
             eager=False, cuda_graph=cuda_graph,
         )  # fmt: skip
         prepared.append(fast)
-        if fastpath.features(fast.model, cuda_graph, rule):
+        if fastpath.features(fast.model, cuda_graph, fast.objective):
             eager_of[rule] = _prepare(
                 ds, arch, rule, device, warmup=warmup, batch_size=batch_size, bf16=bf16,
                 eager=True,
@@ -428,7 +429,7 @@ def bench_preset(
                 "warmup_steps": r.untimed_steps,
                 "step_ms": step_s * 1e3,
                 "step_ms_blocks": [s * 1e3 for s in r.block_seconds],
-                "fast_path": fastpath.features(r.model, cuda_graph, r.rule),
+                "fast_path": fastpath.features(r.model, cuda_graph, r.objective),
                 "eager_step_ms": None if eager_s is None else eager_s * 1e3,
                 "eager_ratio": None if eager_s is None else eager_s / step_s,
                 "randperm_ms": randperm_s * 1e3,

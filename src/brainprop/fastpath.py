@@ -47,7 +47,7 @@ from torch import nn
 from . import distributed, fusedhead
 from .errors import BrainPropError
 from .feedback import layer_mode
-from .objectives import Objective, Output
+from .objectives import BrainProp, Objective, Output
 from .step import train_step
 
 __all__ = ["GraphedStep", "features", "graphed", "make_step", "prepare"]
@@ -63,14 +63,22 @@ WARMUP_STEPS = 3
 Step = Callable[[torch.Tensor, torch.Tensor], Output]
 
 
-def features(model: nn.Module, cuda_graph: bool = False, rule: str | None = None) -> list[str]:
+def features(
+    model: nn.Module, cuda_graph: bool = False, objective: Objective | None = None
+) -> list[str]:
     """The fast-path changes that apply to ``model`` (already on its device) trained with
-    ``rule`` (empty: the fast path is eager for it)."""
+    ``objective`` (empty: the fast path is eager for it). A fused head is among them until its
+    check on the first batch fails."""
     found = []
     if any(p.dim() == 4 for p in model.parameters()):
         found.append(CHANNELS_LAST)
     weight = next(model.parameters(), None)
-    if rule == "brainprop" and weight is not None and not fusedhead.unavailable(weight.device):
+    if (
+        isinstance(objective, BrainProp)
+        and weight is not None
+        and fusedhead.unavailable(weight.device) is None
+        and objective.fused_on(weight.device) is not False
+    ):
         found.append(FUSED_HEAD)
     if cuda_graph:
         found.append(CUDA_GRAPH)

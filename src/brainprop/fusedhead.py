@@ -9,11 +9,12 @@ reward, the chosen unit's error and the batch's loss are one Triton kernel, and 
 (zero except at each row's chosen unit) another. The two uniform draws stay ``torch.rand`` with
 the caller's generator, so the exploration stream is the unfused head's.
 
-The kernels compute what the unfused head computes, in the same order and precision (fp32):
-the Gumbel noise through libdevice's ``logf``, which is the function PyTorch's CUDA ``log``
-calls, the gradient's scale by a correctly rounded division. So choices, rewards, errors and
-gradient are the unfused head's bit for bit; only the loss, a sum over the batch taken in
-another order, may differ in its last bits, and it is reported, not differentiated.
+The kernels compute what the unfused head computes on CUDA, in the same order and precision
+(fp32): the Gumbel noise through libdevice's ``logf``, the algorithm of the CUDA ``logf``
+that PyTorch's ``log`` calls, and the gradient's scale as PyTorch's CUDA division by a number
+takes it (times the number's fp32 reciprocal). So choices, rewards, errors and gradient are the
+unfused head's bit for bit; only the loss, summed over the batch in another order and divided
+less precisely, may differ in its last bits, and it is reported, not differentiated.
 :class:`brainprop.objectives.BrainProp` checks this on each device's first batch before it
 relies on the kernels.
 
@@ -24,6 +25,7 @@ which is how the test suite checks them.
 
 from __future__ import annotations
 
+import contextlib
 from functools import cache
 from typing import Any
 
@@ -36,9 +38,12 @@ __all__ = ["chosen_unit_head", "unavailable", "unsupported"]
 # block of Tiny ImageNet's 200 classes stays in registers.
 _ELEMENTS = 4096
 
-#: Triton's compile options for both kernels: multiply-adds contracted, as nvcc compiles
-#: PyTorch's own (``--fmad=true``), said here because Triton's default is to change.
-_COMPILE = {"enable_fp_fusion": True}
+#: Whether Triton may contract a multiply and an add into one rounding, per kernel (said here
+#: because Triton's default is to change): in ``choose`` as nvcc does in PyTorch's kernels
+#: (``--fmad=true``), which leaves libdevice's logf as PyTorch's log has it, the rest being the
+#: loss; not in ``spread``, whose product is added to zero as autograd adds it.
+_FUSE_CHOOSE = {"enable_fp_fusion": True}
+_FUSE_SPREAD = {"enable_fp_fusion": False}
 
 
 @cache
@@ -66,6 +71,12 @@ def unsupported(q: torch.Tensor) -> str | None:
     return None
 
 
+def _on(device: torch.device) -> contextlib.AbstractContextManager:
+    """Triton launches on the current CUDA device's stream, which need not be the tensors'
+    (an eager run on cuda:1 never makes it current)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _blocks(classes: int) -> tuple[int, int]:
     block_classes = max(16, 1 << (classes - 1).bit_length())
     return max(1, _ELEMENTS // block_classes), block_classes
@@ -91,52 +102,60 @@ class _Head(torch.autograd.Function):
         loss = torch.empty((), dtype=q.dtype, device=q.device)
         # One program: the loss sums over the whole batch, and a batch is too small to gain
         # from more (at most a few thousand rows of at most a few hundred classes).
-        choose[(1,)](
-            q,
-            q.stride(0),
-            y,
-            explore,
-            uniform,
-            actions,
-            explored,
-            rewards,
-            errors,
-            loss,
-            rows,
-            classes,
-            epsilon,
-            torch.finfo(torch.float32).tiny,
-            EXPLORE=explore is not None,
-            INTERPRETED=not q.is_cuda,
-            BLOCK_ROWS=block_rows,
-            BLOCK_CLASSES=block_classes,
-            **_COMPILE,
-        )
+        with _on(q.device):
+            choose[(1,)](
+                q,
+                q.stride(0),
+                y,
+                explore,
+                uniform,
+                actions,
+                explored,
+                rewards,
+                errors,
+                loss,
+                rows,
+                classes,
+                epsilon,
+                torch.finfo(torch.float32).tiny,
+                EXPLORE=explore is not None,
+                INTERPRETED=not q.is_cuda,
+                BLOCK_ROWS=block_rows,
+                BLOCK_CLASSES=block_classes,
+                **_FUSE_CHOOSE,
+            )
         ctx.save_for_backward(actions, errors)
         ctx.classes = classes
-        ctx.mark_non_differentiable(actions, explored, rewards)
-        return loss, actions, explored.view(torch.bool), rewards
+        flags = explored.view(torch.bool)
+        ctx.mark_non_differentiable(actions, flags, rewards)
+        # Autograd would otherwise fill a tensor of zeros for each of those three: 3 kernels.
+        ctx.set_materialize_grads(False)
+        return loss, actions, flags, rewards
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad: torch.Tensor, *_: Any) -> tuple[torch.Tensor | None, ...]:
+    def backward(ctx: Any, grad: torch.Tensor | None, *_: Any) -> tuple[torch.Tensor | None, ...]:
         from .headkernels import spread
 
+        if grad is None:
+            return None, None, None, None, None
         actions, errors = ctx.saved_tensors
         rows, classes = len(actions), ctx.classes
         block_rows, block_classes = _blocks(classes)
         q_grad = torch.empty(rows, classes, dtype=errors.dtype, device=errors.device)
-        spread[(-(-rows // block_rows),)](
-            grad,
-            actions,
-            errors,
-            q_grad,
-            rows,
-            classes,
-            BLOCK_ROWS=block_rows,
-            BLOCK_CLASSES=block_classes,
-            **_COMPILE,
-        )
+        with _on(errors.device):
+            spread[(-(-rows // block_rows),)](
+                grad,
+                actions,
+                errors,
+                q_grad,
+                rows,
+                classes,
+                INTERPRETED=not errors.is_cuda,
+                BLOCK_ROWS=block_rows,
+                BLOCK_CLASSES=block_classes,
+                **_FUSE_SPREAD,
+            )
         return q_grad, None, None, None, None
 
 

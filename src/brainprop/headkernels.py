@@ -82,6 +82,7 @@ def spread(
     out_ptr,
     rows,
     classes,
+    INTERPRETED: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_CLASSES: tl.constexpr,
 ):
@@ -89,11 +90,17 @@ def spread(
     cols = tl.arange(0, BLOCK_CLASSES)
     row_in = r < rows
     inside = row_in[:, None] & (cols < classes)[None, :]
-    # autograd's chain for 1/2 mean(e^2) is -(fl(fl(g * 0.5) / B) * 2e); halving and
-    # doubling are exact, so it is fl(g / -B) * e, the division correctly rounded.
-    scale = tl.math.div_rn(tl.load(grad_ptr), -rows.to(tl.float32))
+    # The unfused head's scale, grad / -B (autograd's -(fl(fl(g * 0.5) / B) * 2e), as halving
+    # and doubling are exact), as PyTorch computes it on the kernels' device: on CUDA a tensor
+    # divided by a number is multiplied by the number's reciprocal, rounded to fp32 on the host
+    # (BinaryDivTrueKernel.cu); the CPU divides. Both correctly rounded, as here.
+    grad = tl.load(grad_ptr)
+    if INTERPRETED:
+        scale = tl.math.div_rn(grad, -rows.to(tl.float32))
+    else:
+        scale = grad * tl.math.div_rn(1.0, -rows.to(tl.float32))
     action = tl.load(actions_ptr + r, mask=row_in, other=-1)
     # + 0.0: autograd adds the chosen value to zeros, which turns a -0.0 into +0.0.
     value = tl.load(errors_ptr + r, mask=row_in, other=0.0) * scale + 0.0
-    grad = tl.where(cols[None, :] == action[:, None], value[:, None], 0.0)
-    tl.store(out_ptr + r[:, None] * classes + cols[None, :], grad, mask=inside)
+    out = tl.where(cols[None, :] == action[:, None], value[:, None], 0.0)
+    tl.store(out_ptr + r[:, None] * classes + cols[None, :], out, mask=inside)

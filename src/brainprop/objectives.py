@@ -129,48 +129,70 @@ class BrainProp:
         loss = _ChosenUnitError.apply(q, actions, rewards)
         return Output(loss=loss, actions=actions, rewards=rewards, explored=explored)
 
+    def fused_on(self, device: torch.device) -> bool | None:
+        """Whether the head runs fused on ``device``: None until a batch there has been checked
+        (or where the kernels cannot run), then the check's verdict; False unless ``fused``."""
+        return self._fused_agrees.get(device) if self.fused else False
+
     def _runs_fused(
         self, q: torch.Tensor, y: torch.Tensor, draws: tuple[torch.Tensor | None, ...]
     ) -> bool:
         if not self.fused or fusedhead.unsupported(q) is not None:
             return False
         agrees = self._fused_agrees.get(q.device)
-        # The check reads results back to the host, which a CUDA graph's capture forbids.
-        capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
-        if agrees is None and not capturing:
+        if agrees is None:
+            # The check reads results back to the host, which a CUDA graph's capture forbids,
+            # and differentiates, which inference mode forbids: the unfused head serves until
+            # a batch can be checked.
+            capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
+            if capturing or torch.is_inference_mode_enabled():
+                return False
             agrees = self._fused_agrees[q.device] = self._check_fused(q, y, draws)
-        return bool(agrees)
+        return agrees
 
     def _check_fused(
         self, q: torch.Tensor, y: torch.Tensor, draws: tuple[torch.Tensor | None, ...]
     ) -> bool:
         """Whether the fused head gives the unfused head's choices, rewards and gradient, bit
-        for bit, and its loss to rounding, on this batch; a warning if not."""
+        for bit, and its loss to rounding, on this batch: with its draws, and with every row
+        exploring (from draws of the check's own, leaving the run's stream as it is), which
+        puts every output through the Gumbel noise's logarithms. A warning says why not."""
+        every_row = BrainProp(1.0)
+        own = every_row.draw(q, torch.Generator(device=q.device).manual_seed(0))
+        try:
+            other = self._fused_differs(q, y, draws) or every_row._fused_differs(q, y, own)
+        # A speed-up must not stop a run the unfused head can train, and Triton's build errors
+        # share no type; the warning names what failed.
+        except Exception as e:  # noqa: BLE001
+            first_line = (str(e).strip().splitlines() or [""])[0][:200]
+            return _fused_head_unused(q.device, f"failed ({type(e).__name__}: {first_line})")
+        return not other or _fused_head_unused(q.device, f"gave other {other}")
+
+    def _fused_differs(
+        self, q: torch.Tensor, y: torch.Tensor, draws: tuple[torch.Tensor | None, ...]
+    ) -> str:
+        """What the fused head gives otherwise than the unfused one for these draws ('':
+        nothing). Their losses are weighted as a short last batch's are, by a number that is
+        not a power of two, so that the gradient's division is checked as training uses it."""
+        weight = 0.7
         plain_q, fused_q = q.detach().requires_grad_(), q.detach().requires_grad_()
         # The caller may compute the objective alone, under no_grad; the check needs gradients.
         with torch.enable_grad():
             plain = self._unfused(plain_q, y, draws)
-            (plain_grad,) = torch.autograd.grad(plain.loss, plain_q)
-            try:
-                loss, actions, explored, rewards = fusedhead.chosen_unit_head(
-                    fused_q, y, self.epsilon, *draws
-                )
-                (fused_grad,) = torch.autograd.grad(loss, fused_q)
-            # A speed-up must not stop a run the unfused head can train, and Triton's build
-            # errors share no type; the warning names what failed.
-            except Exception as e:  # noqa: BLE001
-                first_line = (str(e).strip().splitlines() or [""])[0][:200]
-                return _fused_head_unused(q.device, f"failed ({type(e).__name__}: {first_line})")
-        pairs = [
-            ("actions", actions, plain.actions),
-            ("explored", explored, plain.explored),
-            ("rewards", rewards, plain.rewards),
-            ("gradient", fused_grad, plain_grad),
+            (plain_grad,) = torch.autograd.grad(plain.loss * weight, plain_q)
+            loss, actions, explored, rewards = fusedhead.chosen_unit_head(
+                fused_q, y, self.epsilon, *draws
+            )
+            (fused_grad,) = torch.autograd.grad(loss * weight, fused_q)
+        exact = [
+            ("actions", torch.equal(actions, plain.actions)),
+            ("explored", torch.equal(explored, plain.explored)),
+            # NaN where the unfused head has NaN: a first batch may have diverged already.
+            ("rewards", torch.allclose(rewards, plain.rewards, rtol=0, atol=0, equal_nan=True)),
+            ("gradient", torch.allclose(fused_grad, plain_grad, rtol=0, atol=0, equal_nan=True)),
+            ("loss", torch.allclose(loss, plain.loss, rtol=1e-5, atol=0, equal_nan=True)),
         ]
-        other = [name for name, a, b in pairs if not torch.equal(a, b)]
-        if not torch.allclose(loss, plain.loss, rtol=1e-5, atol=0):
-            other.append("loss")
-        return not other or _fused_head_unused(q.device, f"gave other {', '.join(other)}")
+        return ", ".join(name for name, same in exact if not same)
 
     def __repr__(self) -> str:
         fused = ", fused=True" if self.fused else ""

@@ -536,7 +536,7 @@ def _header(trainer: Trainer, run_path: Path) -> str:
     fast = (
         ["eager"]
         if config.eager
-        else fastpath.features(trainer.model, config.cuda_graph, config.rule)
+        else fastpath.features(trainer.model, config.cuda_graph, trainer.objective)
     )
     if fast:
         where += f" ({', '.join(fast)})"
