@@ -11,7 +11,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from brainprop import TrainConfig, fastpath, fusedhead, train
-from brainprop.objectives import BrainProp
+from brainprop.objectives import BrainProp, _unfused_head
 from brainprop.presets import build_model
 
 
@@ -144,8 +144,8 @@ def test_on_cuda_the_objective_checks_the_fused_head_then_runs_it(monkeypatch, c
     for _ in range(5):
         objective(q, torch.zeros(128, dtype=torch.long, device="cuda")).loss.backward()
     assert "warning" not in capsys.readouterr().err
-    # The first batch's check (its draws, then every row exploring), then every batch.
-    assert len(calls) == 2 + 5 and objective.fused_on(q.device)
+    # The first batch's check (three ways, see fusedhead.disagreement), then every batch.
+    assert len(calls) == 3 + 5 and objective.fused_on(q.device)
 
 
 def _spy(monkeypatch, head):
@@ -155,11 +155,6 @@ def _spy(monkeypatch, head):
     monkeypatch.setattr(fusedhead, "unsupported", lambda q: None)
     monkeypatch.setattr(fusedhead, "chosen_unit_head", lambda *a: calls.append(1) or head(*a))
     return calls
-
-
-def _unfused_head(q, y, epsilon, explore, uniform):
-    out = BrainProp(epsilon)._unfused(q, y, (explore, uniform))
-    return out.loss, out.actions, out.explored, out.rewards
 
 
 def _batches(n=3):
@@ -176,8 +171,8 @@ def test_a_head_that_agrees_on_the_first_batch_is_used_from_then_on(monkeypatch,
     for q, y in _batches():
         with torch.no_grad():  # the check makes its own gradients
             objective(q, y, torch.Generator().manual_seed(1))
-    # The check (the batch's draws, then every row exploring), then each batch.
-    assert len(calls) == 2 + 3 and not capsys.readouterr().err
+    # The check (three ways, see fusedhead.disagreement), then each batch.
+    assert len(calls) == 3 + 3 and not capsys.readouterr().err
     assert objective.fused_on(torch.device("cpu")) is True
 
 
@@ -207,8 +202,55 @@ def test_a_head_that_gives_other_results_is_named_and_the_unfused_one_runs(monke
     for q, y in _batches():
         objective(q, y, torch.Generator().manual_seed(1))
     err = capsys.readouterr().err
-    assert "fused BrainProp head gave other gradient, loss on cpu" in err and len(calls) == 1
+    assert "fused BrainProp head gave other gradient, loss on cpu" in err and len(calls) == 3
     assert objective.fused_on(torch.device("cpu")) is False
+
+
+class _Unweighted(torch.autograd.Function):
+    """The loss as it is, but its gradient as if nothing had weighted it."""
+
+    @staticmethod
+    def forward(ctx, loss):
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.ones_like(grad)
+
+
+def test_a_head_that_ignores_the_gradient_coming_back_is_found(monkeypatch, capsys):
+    """A short last batch's loss is weighted by n / B; the check weights it too."""
+
+    def unweighted(*args):
+        loss, *rest = _unfused_head(*args)
+        return _Unweighted.apply(loss), *rest
+
+    _spy(monkeypatch, unweighted)
+    BrainProp(0.5, fused=True)(*_batches(1)[0])
+    assert "fused BrainProp head gave other gradient on cpu" in capsys.readouterr().err
+
+
+def test_a_first_batch_with_nan_is_no_disagreement(monkeypatch, capsys):
+    _spy(monkeypatch, _unfused_head)
+    q, y = _batches(1)[0]
+    q = q.clone()
+    q[5, 2] = float("nan")
+    objective = BrainProp(0.5, fused=True)
+    objective(q, y)
+    assert objective.fused_on(torch.device("cpu")) and not capsys.readouterr().err
+
+
+def test_the_check_draws_nothing_from_the_runs_random_streams(monkeypatch):
+    _spy(monkeypatch, _unfused_head)
+    q, y = _batches(1)[0]
+    states = []
+    for objective in (BrainProp(0.5, fused=True), BrainProp(0.5)):
+        torch.manual_seed(3)
+        generator = torch.Generator().manual_seed(4)
+        out = objective(q, y, generator)
+        states.append((torch.get_rng_state(), generator.get_state(), out.actions))
+    assert objective.fused_on(torch.device("cpu")) is False  # the second, unfused
+    assert all(torch.equal(a, b) for a, b in zip(*states, strict=True))
 
 
 def test_the_check_puts_every_row_through_the_exploring_choice(monkeypatch, capsys):
@@ -266,3 +308,12 @@ def test_training_uses_the_fused_head_unless_eager(
     train(config, dataset=tiny_dataset)
     header = capsys.readouterr().out.splitlines()[0]
     assert bool(calls) != eager and ("fused_head" in header) != eager, header
+
+
+def test_an_error_of_the_unfused_head_is_not_blamed_on_the_fused_one(monkeypatch, capsys):
+    _spy(monkeypatch, _unfused_head)
+    q, y = _batches(1)[0]
+    objective = BrainProp(0.5, fused=True)
+    with pytest.raises(RuntimeError):
+        objective(q, y.to("meta"))
+    assert not capsys.readouterr().err and objective.fused_on(torch.device("cpu")) is None

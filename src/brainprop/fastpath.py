@@ -24,8 +24,9 @@ What it does:
   have no 4-D weight and are unchanged.
 * **BrainProp's head in two kernels** on CUDA (:mod:`brainprop.fusedhead`, on by default where
   Triton is installed, as with PyTorch's CUDA wheels for Linux): the choice, reward, error and
-  loss in one Triton kernel and the gradient in another, where PyTorch's operators take 22
-  kernels. The same choices, rewards and gradient bit for bit, checked on the first batch.
+  loss in one Triton kernel and the gradient in another: 5 kernels with the draws, where
+  PyTorch's operators take 22. The same choices, rewards and gradient bit for bit, checked
+  on the first batch.
 * **one CUDA graph per training step** (``--cuda-graph``, opt-in, CUDA only):
   :class:`GraphedStep`. A small network's eager step is hundreds of kernel launches, each a
   few microseconds of CPU; replaying a captured graph launches them all at once. On an H200

@@ -26,13 +26,21 @@ which is how the test suite checks them.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from functools import cache
 from typing import Any
 
 import torch
 from torch.autograd.function import once_differentiable
 
-__all__ = ["chosen_unit_head", "unavailable", "unsupported"]
+__all__ = ["Head", "chosen_unit_head", "disagreement", "unavailable", "unsupported"]
+
+#: A head as :func:`chosen_unit_head` is one: (q, y, epsilon, explore, uniform) to (loss,
+#: actions, explored, rewards).
+Head = Callable[
+    [torch.Tensor, torch.Tensor, float, torch.Tensor | None, torch.Tensor | None],
+    tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+]
 
 # Rows per block in the kernels: with the classes' block, at most 4096 elements, so that a
 # block of Tiny ImageNet's 200 classes stays in registers.
@@ -137,8 +145,6 @@ class _Head(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor | None, *_: Any) -> tuple[torch.Tensor | None, ...]:
         from .headkernels import spread
 
-        if grad is None:
-            return None, None, None, None, None
         actions, errors = ctx.saved_tensors
         rows, classes = len(actions), ctx.classes
         block_rows, block_classes = _blocks(classes)
@@ -174,3 +180,74 @@ def chosen_unit_head(
     the loss ``1/2 mean((r - q_s)^2)`` differentiable with respect to ``q``.
     """
     return _Head.apply(q, y.contiguous(), epsilon, explore, uniform)
+
+
+def disagreement(
+    q: torch.Tensor,
+    y: torch.Tensor,
+    epsilon: float,
+    draws: tuple[torch.Tensor | None, torch.Tensor | None],
+    reference: Head,
+) -> str:
+    """How the kernels' head differs from ``reference`` (the unfused head) on ``q``'s device:
+    '' where it gives the same choices, rewards and gradient, bit for bit, and the same loss
+    to rounding; else what differed, or that the kernels failed (to build, say).
+
+    Compared three ways: on this batch with its ``draws``; with every row exploring, from
+    draws of the check's own (the caller's random stream stays as it was), which puts every
+    output through the Gumbel noise's logarithms; and on 9 of those rows. Each loss is
+    weighted by 0.7, as a short last batch's is by n / B, which 9 rows turn into a scale that
+    a true division and PyTorch's CUDA division by a number (times its reciprocal) round apart.
+    """
+    own = torch.Generator(device=q.device).manual_seed(0)
+    explore = torch.rand(q.shape[0], device=q.device, generator=own)
+    uniform = torch.rand(q.shape, device=q.device, generator=own)
+    cases = [
+        (q, y, epsilon, *draws),
+        (q, y, 1.0, explore, uniform),
+        (q[:9], y[:9], 1.0, explore[:9], uniform[:9]),
+    ]
+    wanted = [_outcome(reference, *case) for case in cases]
+    try:
+        got = [_outcome(chosen_unit_head, *case) for case in cases]
+    # A speed-up must not stop a run the unfused head can train, and Triton's build errors
+    # share no type: the caller says what failed, and trains with the unfused head.
+    except Exception as e:  # noqa: BLE001
+        first_line = (str(e).strip().splitlines() or [""])[0][:200]
+        return f"failed ({type(e).__name__}: {first_line})"
+    other = [
+        name
+        for i, name in enumerate(_OUTCOME)
+        if any(not _same(name, a[i], b[i]) for a, b in zip(wanted, got, strict=True))
+    ]
+    return f"gave other {', '.join(other)}" if other else ""
+
+
+_OUTCOME = ("actions", "explored", "rewards", "gradient", "loss")
+
+
+def _outcome(
+    head: Head,
+    q: torch.Tensor,
+    y: torch.Tensor,
+    epsilon: float,
+    explore: torch.Tensor | None,
+    uniform: torch.Tensor | None,
+) -> tuple[torch.Tensor, ...]:
+    """``head``'s results in the order of ``_OUTCOME``, its loss weighted by 0.7."""
+    leaf = q.detach().requires_grad_()
+    # The caller may compute the objective alone, under no_grad; this needs gradients.
+    with torch.enable_grad():
+        loss, actions, explored, rewards = head(leaf, y, epsilon, explore, uniform)
+        (grad,) = torch.autograd.grad(loss * 0.7, leaf)
+    return actions, explored, rewards, grad, loss
+
+
+def _same(name: str, a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype != b.dtype:
+        return False
+    if not a.is_floating_point():
+        return torch.equal(a, b)
+    # NaN where the other has NaN: a first batch may have diverged already.
+    rtol = 1e-5 if name == "loss" else 0.0
+    return torch.allclose(a, b, rtol=rtol, atol=0, equal_nan=True)

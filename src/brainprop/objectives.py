@@ -153,60 +153,33 @@ class BrainProp:
     def _check_fused(
         self, q: torch.Tensor, y: torch.Tensor, draws: tuple[torch.Tensor | None, ...]
     ) -> bool:
-        """Whether the fused head gives the unfused head's choices, rewards and gradient, bit
-        for bit, and its loss to rounding, on this batch: with its draws, and with every row
-        exploring (from draws of the check's own, leaving the run's stream as it is), which
-        puts every output through the Gumbel noise's logarithms. A warning says why not."""
-        every_row = BrainProp(1.0)
-        own = every_row.draw(q, torch.Generator(device=q.device).manual_seed(0))
-        try:
-            other = self._fused_differs(q, y, draws) or every_row._fused_differs(q, y, own)
-        # A speed-up must not stop a run the unfused head can train, and Triton's build errors
-        # share no type; the warning names what failed.
-        except Exception as e:  # noqa: BLE001
-            first_line = (str(e).strip().splitlines() or [""])[0][:200]
-            return _fused_head_unused(q.device, f"failed ({type(e).__name__}: {first_line})")
-        return not other or _fused_head_unused(q.device, f"gave other {other}")
-
-    def _fused_differs(
-        self, q: torch.Tensor, y: torch.Tensor, draws: tuple[torch.Tensor | None, ...]
-    ) -> str:
-        """What the fused head gives otherwise than the unfused one for these draws ('':
-        nothing). Their losses are weighted as a short last batch's are, by a number that is
-        not a power of two, so that the gradient's division is checked as training uses it."""
-        weight = 0.7
-        plain_q, fused_q = q.detach().requires_grad_(), q.detach().requires_grad_()
-        # The caller may compute the objective alone, under no_grad; the check needs gradients.
-        with torch.enable_grad():
-            plain = self._unfused(plain_q, y, draws)
-            (plain_grad,) = torch.autograd.grad(plain.loss * weight, plain_q)
-            loss, actions, explored, rewards = fusedhead.chosen_unit_head(
-                fused_q, y, self.epsilon, *draws
+        """Whether the fused head gives this device the unfused head's results, with a warning
+        if not (see :func:`brainprop.fusedhead.disagreement`)."""
+        problem = fusedhead.disagreement(q, y, self.epsilon, draws, _unfused_head)
+        if problem:
+            print(
+                f"brainprop: warning: the fused BrainProp head {problem} on {q.device}; training "
+                "uses the unfused head, which gives the same updates in more kernels",
+                file=sys.stderr,
             )
-            (fused_grad,) = torch.autograd.grad(loss * weight, fused_q)
-        exact = [
-            ("actions", torch.equal(actions, plain.actions)),
-            ("explored", torch.equal(explored, plain.explored)),
-            # NaN where the unfused head has NaN: a first batch may have diverged already.
-            ("rewards", torch.allclose(rewards, plain.rewards, rtol=0, atol=0, equal_nan=True)),
-            ("gradient", torch.allclose(fused_grad, plain_grad, rtol=0, atol=0, equal_nan=True)),
-            ("loss", torch.allclose(loss, plain.loss, rtol=1e-5, atol=0, equal_nan=True)),
-        ]
-        return ", ".join(name for name, same in exact if not same)
+        return not problem
 
     def __repr__(self) -> str:
         fused = ", fused=True" if self.fused else ""
         return f"BrainProp(epsilon={self.epsilon}{fused})"
 
 
-def _fused_head_unused(device: torch.device, problem: str) -> bool:
-    """Say why the fused head is not used on ``device``; returns False, its verdict."""
-    print(
-        f"brainprop: warning: the fused BrainProp head {problem} on {device}; training uses "
-        "the unfused head, which gives the same updates in more kernels",
-        file=sys.stderr,
-    )
-    return False
+def _unfused_head(
+    q: torch.Tensor,
+    y: torch.Tensor,
+    epsilon: float,
+    explore: torch.Tensor | None,
+    uniform: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """BrainProp's head on PyTorch operators, as :func:`brainprop.fusedhead.chosen_unit_head`
+    takes and gives it: the reference its kernels are checked against."""
+    out = BrainProp(epsilon)._unfused(q, y, (explore, uniform))
+    return out.loss, out.actions, out.explored, out.rewards
 
 
 class _ChosenUnitError(torch.autograd.Function):
