@@ -60,6 +60,9 @@ def _triton_missing() -> str | None:
         import triton  # noqa: F401
     except ImportError as e:
         return f"Triton is not installed ({e})"
+    # A broken install can raise anything on import; the unfused head needs none of it.
+    except Exception as e:  # noqa: BLE001
+        return f"Triton cannot be imported ({type(e).__name__}: {e})"
     return None
 
 
