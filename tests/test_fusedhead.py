@@ -243,13 +243,13 @@ def test_a_first_batch_with_nan_is_no_disagreement(monkeypatch, capsys):
 def test_the_check_draws_nothing_from_the_runs_random_streams(monkeypatch):
     _spy(monkeypatch, _unfused_head)
     q, y = _batches(1)[0]
-    states = []
-    for objective in (BrainProp(0.5, fused=True), BrainProp(0.5)):
+    states, fused = [], BrainProp(0.5, fused=True)
+    for objective in (fused, BrainProp(0.5)):
         torch.manual_seed(3)
         generator = torch.Generator().manual_seed(4)
         out = objective(q, y, generator)
         states.append((torch.get_rng_state(), generator.get_state(), out.actions))
-    assert objective.fused_on(torch.device("cpu")) is False  # the second, unfused
+    assert fused.fused_on(torch.device("cpu"))  # checked, and ran fused
     assert all(torch.equal(a, b) for a, b in zip(*states, strict=True))
 
 
