@@ -72,6 +72,10 @@ def run_dir(tmp_path_factory) -> Path:
     [
         (["--lr", "0"], "--lr must be > 0, got 0.0"),
         (["--lr", "-0.1"], "--lr must be > 0, got -0.1"),
+        # Python < 3.14's argparse took these for options: "expected one argument".
+        (["--lr", "-1e-3"], "--lr must be > 0, got -0.001"),
+        (["--lr", "-.5"], "--lr must be > 0, got -0.5"),
+        (["--l2", "-5E-4"], "--l2 must be >= 0, got -0.0005"),
         (["--epsilon", "1.5"], "--epsilon must lie in [0, 1], got 1.5"),
         (["--epsilon", "-0.01"], "--epsilon must lie in [0, 1], got -0.01"),
         (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),

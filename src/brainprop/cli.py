@@ -13,10 +13,12 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from .errors import BrainPropError
 
@@ -38,6 +40,13 @@ BF16_HELP = "bf16 autocast (CUDA; on a CPU, fast only with AVX512_BF16, AMX or A
 
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a bad argument as one line, not usage plus message."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Python 3.14's test for "a negative number, not an option": before it, argparse read
+        # `--lr -1e-3` or `--lr -.5` as --lr missing its value. No option here starts with a
+        # digit, so nothing else is taken for a number.
+        self._negative_number_matcher = re.compile(r"-\.?\d")
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"brainprop: error: {message} (see '{self.prog} --help')\n")
