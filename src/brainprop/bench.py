@@ -77,8 +77,9 @@ JSON_NAME = "bench.json"
 MARKDOWN_NAME = "bench.md"
 FAST_MODE = (
     "fast path (brainprop.fastpath, what train runs): channels_last where the network has a "
-    "2-D convolution{graph}; 'eager ratio' is the eager step's time over the fast one's, timed "
-    "side by side; '-' where the fast path is eager for that network"
+    "2-D convolution{graph}; on CUDA, BrainProp's fused head (each row's fast_path lists what "
+    "ran); 'eager ratio' is the eager step's time over the fast one's, timed side by side; '-' "
+    "where the fast path is eager for that network"
 )
 
 

@@ -9,10 +9,11 @@ Under the output folder (``results/`` by default) it keeps::
 
 A run's name says what it is (``cifar10-deep-ebp-s3``, ``-quickstart`` for hyperparameters from
 a preset table other than the paper's, ``-val5000`` for held-out validation, ``-e2`` for an
-epoch cap other than the paper's 500), so the same request always maps to the same directories:
-a finished run is skipped, an interrupted one resumes from its ``last.pt``. A budget admits runs
-by estimates from earlier measurements; ``--jobs`` packs runs onto one device, each in its own
-process, and ``--stack`` trains seeds side by side in one network.
+epoch cap other than the paper's 500, ``-bf16`` for bf16 autocast), so the same request always
+maps to the same directories: a finished run is skipped, an interrupted one resumes from its
+``last.pt``. A budget admits runs by estimates from earlier measurements; ``--jobs`` packs runs
+onto one device, each in its own process, and ``--stack`` trains seeds side by side in one
+network.
 """
 
 from __future__ import annotations

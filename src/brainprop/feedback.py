@@ -33,10 +33,10 @@ Every random draw (``random`` and ``reciprocal`` B, ``direct`` D) is N(0, std(W)
 layer's forward weights at conversion, so the feedback starts at the forward pathway's scale.
 Biases keep their exact, local gradient (the sum of the gated feedback).
 
-The fast path is a custom ``torch.autograd.Function`` per layer type whose backward computes the
-weight gradient exactly as autograd does and the input gradient with B instead of W, so the cost
-is one extra read of B; in ``direct`` mode the layer runs on a detached input and a small
-identity function injects the projected error at the input.
+Every mode but ``symmetric`` is a custom ``torch.autograd.Function`` per layer type whose
+backward computes the weight gradient exactly as autograd does and the input gradient with B
+instead of W, so the cost is one extra read of B; in ``direct`` mode the layer runs on a
+detached input and a small identity function injects the projected error at the input.
 """
 
 from __future__ import annotations
