@@ -77,7 +77,13 @@ def compare_heads(device: str) -> None:
 def test_the_kernels_give_the_unfused_heads_results():
     """On CPU tensors through Triton's interpreter, which must be chosen before Triton is
     imported: hence a process of its own."""
-    pytest.importorskip("triton")
+    triton = pytest.importorskip("triton")
+    numpy = pytest.importorskip("numpy")
+    if _version(triton.__version__) < (3, 7) and _version(numpy.__version__) >= (2, 4):
+        pytest.skip(
+            f"Triton {triton.__version__}'s interpreter fails under NumPy {numpy.__version__} "
+            "(triton-lang/triton#9171, mended in Triton 3.7); the kernels' sm_90 test still runs"
+        )
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     script = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
     script += "import test_fusedhead; test_fusedhead.compare_heads('cpu')"
@@ -85,6 +91,11 @@ def test_the_kernels_give_the_unfused_heads_results():
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def _version(text: str) -> tuple[int, int]:
+    major, minor = text.split(".")[:2]
+    return int(major), int(minor)
 
 
 def test_the_kernels_compile_for_an_h200_with_a_precise_log_and_division():
