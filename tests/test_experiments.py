@@ -655,16 +655,22 @@ def test_a_budget_times_a_run_as_it_will_resume(tmp_path):
         ex._members((spec,), request)
 
 
-def test_two_jobs_train_in_worker_processes_on_cpu(tmp_path, mnist_root, monkeypatch):
+def test_two_jobs_train_in_worker_processes_on_cpu(tmp_path, mnist_root, monkeypatch, capfd):
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     request = Request(
         cells=(DENSE,), rules=("brainprop", "ebp"), seeds=1, max_epochs=1, out=tmp_path / "r",
-        data_dir=str(mnist_root), device="cpu", jobs=2, progress=False,
+        data_dir=str(mnist_root), device="cpu", jobs=2,
     )  # fmt: skip
     lines: list[str] = []
     outcome = reproduce(request, say=lines.append)
-    assert sorted(outcome.ran) == ["mnist-dense-brainprop-s0-e1", "mnist-dense-ebp-s0-e1"]
+    names = ["mnist-dense-brainprop-s0-e1", "mnist-dense-ebp-s0-e1"]
+    assert sorted(outcome.ran) == names
     assert sum("(process " in line for line in lines) == 2
+    # The workers' lines, interleaved on one terminal, each say whose they are.
+    printed = capfd.readouterr().out.splitlines()
+    for name in names:
+        assert sum(line.startswith(f"{name}: epoch   1/1 ") for line in printed) == 1, printed
+    assert all(line.startswith(tuple(names)) for line in printed), printed
     measurements = load_measurements(request.out)
     assert {m.rule for m in measurements} == {"brainprop", "ebp"}
     # Each worker took its share of the cores.

@@ -122,6 +122,26 @@ def test_a_stacks_batchnorm_runs_without_cudnn_and_its_convolutions_with_it(
     assert torch.backends.cudnn.enabled
 
 
+def test_a_tagged_stack_starts_every_line_with_the_tag_and_shows_no_bar(
+    tmp_path, tiny_dataset, monkeypatch, capsys
+):
+    disabled: list[bool | None] = []
+
+    class Bar(stacked.tqdm):
+        def __init__(self, *args, **kwargs):
+            disabled.append(kwargs["disable"])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(stacked, "tqdm", Bar)
+    members = [_config(tmp_path, 1, epochs=1), _config(tmp_path, 2, epochs=1)]
+    train_stacked(members, dataset=tiny_dataset, tag="s1 (+1)")
+    lines = capsys.readouterr().out.splitlines()
+    for seed in (1, 2):
+        assert sum(line.startswith(f"s1 (+1): seed {seed}: epoch ") for line in lines) == 1
+    assert all(line.startswith("s1 (+1): ") for line in lines), lines
+    assert disabled == [True]
+
+
 def test_a_member_that_stops_leaves_and_the_others_train_on(tmp_path, tiny_dataset):
     kw = dict(dropout=(0.0,))
     short, long = train_stacked(

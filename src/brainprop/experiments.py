@@ -482,9 +482,9 @@ def _run_in_process(
             say(_finished_line(m))
 
 
-def _train(job: Job, request: Request, dataset: Any) -> None:
+def _train(job: Job, request: Request, dataset: Any, tag: str | None = None) -> None:
     """Train ``job``'s runs to their end, each fresh or resumed from its ``last.pt``: one run
-    alone, several in one stack.
+    alone, several in one stack. ``tag`` starts each line they print (see ``train``).
 
     Resumed runs keep their stored configs, which can differ beyond the seed (runs started by
     an older version, or with other flags): each kind then trains in a stack of its own.
@@ -507,11 +507,11 @@ def _train(job: Job, request: Request, dataset: Any) -> None:
         kinds.setdefault(stack_key(config), []).append(config if run_dir is None else run_dir)
     for members in kinds.values():
         if len(members) > 1:
-            train_stacked(members, dataset=dataset, progress=request.progress)
+            train_stacked(members, dataset=dataset, progress=request.progress, tag=tag)
         elif isinstance(members[0], Path):
-            train(resume=members[0], dataset=dataset, progress=request.progress)
+            train(resume=members[0], dataset=dataset, progress=request.progress, tag=tag)
         else:
-            train(members[0], dataset=dataset, progress=request.progress)
+            train(members[0], dataset=dataset, progress=request.progress, tag=tag)
 
 
 def _run_dir(spec: RunSpec, request: Request) -> Path | None:
@@ -588,7 +588,9 @@ def _worker(job: Job, request: Request, threads: int | None, conn: Connection, p
         torch.set_num_threads(threads)
     status = 0
     try:
-        _train(job, request, load_dataset(job[0].cell.dataset, request.data_dir))
+        # Workers share the terminal: each line says whose it is.
+        tag = job[0].name if len(job) == 1 else f"{job[0].name} (+{len(job) - 1})"
+        _train(job, request, load_dataset(job[0].cell.dataset, request.data_dir), tag)
     except signals.Interrupted as e:
         status = e.exit_status
     except BrainPropError as e:

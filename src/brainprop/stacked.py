@@ -67,6 +67,7 @@ from .train import (
     end_epoch,
     facts,
     gave_up,
+    printer,
     rewind,
     save_last,
     write_results,
@@ -274,6 +275,7 @@ def train_stacked(
     *,
     dataset: Dataset | None = None,
     progress: bool = True,
+    tag: str | None = None,
 ) -> list[Run]:
     """Train several seeds of one configuration side by side (see the module's docstring).
 
@@ -283,6 +285,8 @@ def train_stacked(
             :data:`MEMBER_FIELDS`: the seed, the name, the epoch cap and where they are kept.
         dataset: use this dataset instead of loading the configs' (tests, notebooks).
         progress: a progress bar per epoch and one line per member and epoch.
+        tag: put ``"<tag>: "`` before every line and show no progress bar: for stacks that
+            share a terminal (``reproduce --jobs``), whose bars would overwrite one another.
 
     Returns:
         The members' runs, in the order given.
@@ -306,13 +310,14 @@ def train_stacked(
             f"run directory {twice} is given twice: give each member of a stack its own run"
         )
     with contextlib.ExitStack() as held:
-        return _train_held(members, dataset, progress, held)
+        return _train_held(members, dataset, progress, tag, held)
 
 
 def _train_held(
     members: Sequence[TrainConfig | str | Path],
     dataset: Dataset | None,
     progress: bool,
+    tag: str | None,
     held: contextlib.ExitStack,
 ) -> list[Run]:
     """:func:`train_stacked`, holding every member's run directory in ``held`` as it goes."""
@@ -321,7 +326,7 @@ def _train_held(
     ds = dataset if dataset is not None else load_dataset(config.dataset, config.data_dir)
     # On the device before any member is built, so that the members find it there, not copy it.
     ds = ds.to(resolve_device(config.device))
-    say = tqdm.write if progress else (lambda _msg: None)
+    say = printer(progress, tag)
     built: list[tuple[Trainer, Path | None, dict[str, Any] | None]] = []
     # Each Trainer seeds, and each restore sets, the global streams that draw the whole stack's
     # dropout masks, so the last member's win. Members of one stack checkpoint the same streams
@@ -354,7 +359,7 @@ def _train_held(
         f"{config.rule} stacked on {stacked[0].trainer.device}, run dirs in "
         f"{stacked[0].run_path.parent}"
     )
-    runs = _StackedRun(stacked, ds, config, say, progress).run()
+    runs = _StackedRun(stacked, ds, config, say, bar=progress and tag is None).run()
     return [runs[id(m)] for m in stacked]
 
 
@@ -425,10 +430,10 @@ class _StackedRun:
 
     def __init__(
         self, members: list[_Member], ds: Dataset, config: TrainConfig,
-        say: Callable[[str], None], progress: bool,
+        say: Callable[[str], None], *, bar: bool,
     ) -> None:  # fmt: skip
         self.members, self.ds, self.config, self.say = list(members), ds, config, say
-        self.progress = progress
+        self.bar = bar
         self.runs: dict[int, Run] = {}
         self.device = members[0].trainer.device
 
@@ -506,7 +511,7 @@ class _StackedRun:
             enumerate(permuted_batches(train.train_x, train.train_y, perms, b)),
             total=num_batches(n, b), leave=False,
             desc=f"epoch {'/'.join(map(str, epochs))}, {len(trainers)} seeds",
-            disable=not self.progress or None, unit="batch",
+            disable=not self.bar or None, unit="batch",
         )  # fmt: skip
         for step, (x, y) in bar:
             out = stack.step(x, y)

@@ -78,8 +78,10 @@ class Trainer:
     """One run's mutable state: what ``train`` below, or a stack of runs
     (:mod:`brainprop.stacked`), advances epoch by epoch."""
 
-    def __init__(self, config: TrainConfig, ds: Dataset, progress: bool) -> None:
-        self.config, self.progress = config, progress
+    def __init__(
+        self, config: TrainConfig, ds: Dataset, progress: bool, tag: str | None = None
+    ) -> None:
+        self.config, self.progress, self.tag = config, progress, tag
         self.parallel = distributed.current()
         self.device = self.parallel.device(config.device)
         # Dropout draws from the global streams: each rank its own.
@@ -233,7 +235,7 @@ class Trainer:
         total = num_batches(n, self.global_batch)
         bar = tqdm(
             batches, total=total, initial=start, desc=f"epoch {epoch + 1}", leave=False,
-            disable=not self.progress or None, unit="batch",
+            disable=not self.progress or self.tag is not None or None, unit="batch",
         )  # fmt: skip
         for step, (x, y) in enumerate(bar, start=start):
             out = self.step(x, y)
@@ -355,6 +357,7 @@ def train(
     dataset: Dataset | None = None,
     data_dir: str | Path | None = None,
     progress: bool = True,
+    tag: str | None = None,
 ) -> Run:
     """Train one network and write its run directory.
 
@@ -377,6 +380,8 @@ def train(
             moved since the run began (where the data lies is no setting of the run, so its
             config keeps the old one); ``config.data_dir`` otherwise. Not with ``dataset``.
         progress: show a progress bar per epoch and print one line per epoch.
+        tag: put ``"<tag>: "`` before every line and show no progress bar: for runs that
+            share a terminal (``reproduce --jobs``), whose bars would overwrite one another.
 
     Raises:
         BrainPropError: a bad config, dataset or checkpoint, or an output that cannot be written.
@@ -394,7 +399,7 @@ def train(
             "set config.data_dir; with dataset=..., leave it out"
         )
     with distributed.joined() as parallel:
-        return _train(parallel, config, resume, dataset, data_dir, progress)
+        return _train(parallel, config, resume, dataset, data_dir, progress, tag)
 
 
 def _train(
@@ -404,6 +409,7 @@ def _train(
     dataset: Dataset | None,
     data_dir: str | Path | None,
     progress: bool,
+    tag: str | None,
 ) -> Run:
     """:func:`train` as one of ``parallel``'s processes."""
     with contextlib.ExitStack() as held:
@@ -424,7 +430,7 @@ def _train(
         # directory, which need exist only on its node.
         root = config.data_dir if data_dir is None else data_dir
         ds = dataset if dataset is not None else load_dataset(config.dataset, root)
-        trainer = Trainer(config, ds, progress and parallel.is_main)
+        trainer = Trainer(config, ds, progress and parallel.is_main, tag)
         if state is not None:
             restore(trainer, state, ds, run_path)
         if resume is None:
@@ -436,6 +442,16 @@ def _train(
         return _held_train(parallel, trainer, ds, run_path)
 
 
+def printer(progress: bool, tag: str | None) -> Callable[[str], None]:
+    """Where a run's lines go: above its progress bar, each after ``"<tag>: "`` where given,
+    nowhere without ``progress``."""
+    if not progress:
+        return lambda _line: None
+    if tag is None:
+        return tqdm.write
+    return lambda line: tqdm.write(f"{tag}: {line}")
+
+
 def _held_train(
     parallel: distributed.Context, trainer: Trainer, ds: Dataset, run_path: Path
 ) -> Run:
@@ -445,7 +461,7 @@ def _held_train(
         if trainer.resume_note:
             print(f"brainprop: {trainer.resume_note}", file=sys.stderr)
         warn_if_slow_bf16(trainer.device, config.bf16)
-    say = tqdm.write if trainer.progress else (lambda _msg: None)
+    say = printer(trainer.progress, trainer.tag)
     say(_header(trainer, run_path))
 
     def warn(signum: int) -> None:
@@ -753,7 +769,7 @@ def rewind(old: Trainer, ds: Dataset, run_path: Path) -> Trainer:
     Inside the first epoch that is the initial state. Without a usable epoch_start.pt (a run
     directory of an earlier version, a damaged file) it rewinds to last.pt itself.
     """
-    trainer = Trainer(old.config, ds, old.progress)
+    trainer = Trainer(old.config, ds, old.progress, old.tag)
     state, source = old.parallel.on_main(lambda: _rewind_point(run_path))
     if state is not None:
         restore(trainer, state, ds, run_path, source)
