@@ -433,7 +433,7 @@ class _StackedRun:
         say: Callable[[str], None], *, bar: bool,
     ) -> None:  # fmt: skip
         self.members, self.ds, self.config, self.say = list(members), ds, config, say
-        self.bar = bar
+        self.show_bar = bar
         self.runs: dict[int, Run] = {}
         self.device = members[0].trainer.device
 
@@ -511,7 +511,7 @@ class _StackedRun:
             enumerate(permuted_batches(train.train_x, train.train_y, perms, b)),
             total=num_batches(n, b), leave=False,
             desc=f"epoch {'/'.join(map(str, epochs))}, {len(trainers)} seeds",
-            disable=not self.bar or None, unit="batch",
+            disable=not self.show_bar or None, unit="batch",
         )  # fmt: skip
         for step, (x, y) in bar:
             out = stack.step(x, y)
