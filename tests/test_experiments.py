@@ -580,6 +580,27 @@ def test_resumed_seeds_of_two_configurations_train_each_in_its_own_stack(
         assert "stack_size" not in history[0]
 
 
+def test_a_worker_tags_the_lines_of_each_run_it_trains_with_that_runs_name(
+    tmp_path, mnist_root, capsys
+):
+    """The two resumed seeds above, one job of a worker: each trains alone, so each line names
+    its own run, not the job's stack."""
+    specs = tuple(
+        _killed_before_its_first_checkpoint(tmp_path, mnist_root, seed, older=seed == 0)
+        for seed in (0, 1)
+    )
+    request = Request(
+        cells=(DENSE,), rules=("ebp",), seeds=2, max_epochs=1, out=tmp_path, stack=2,
+        data_dir=str(mnist_root), device="cpu",
+    )  # fmt: skip
+    ex._train(specs, request, None, tagged=True)
+    lines = capsys.readouterr().out.splitlines()
+    for spec in specs:
+        assert sum(line.startswith(f"{spec.name}: epoch   1/1 ") for line in lines) == 1, lines
+    assert all(line.startswith(tuple(f"{s.name}: " for s in specs)) for line in lines), lines
+    assert not any("(+1)" in line for line in lines), lines
+
+
 def test_a_bf16_request_trains_in_bf16_and_reports_apart(tmp_path, mnist_root, no_plots):
     args = ["reproduce", "--datasets", "mnist", "--archs", "dense", "--rules", "ebp", "--seeds",
             "1", "--max-epochs", "1", "--bf16", "--device", "cpu", "--quiet", "--out",

@@ -2,6 +2,7 @@
 them only where they have been seen to, falling back with a warning otherwise."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -94,7 +95,8 @@ def test_the_kernels_give_the_unfused_heads_results():
 
 
 def _version(text: str) -> tuple[int, int]:
-    major, minor = text.split(".")[:2]
+    """``"3.7.0+git1a2b"`` -> ``(3, 7)``; a version without a minor number counts as x.0."""
+    major, minor = re.match(r"(\d+)(?:\.(\d+))?", text).groups(default="0")
     return int(major), int(minor)
 
 

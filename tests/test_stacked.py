@@ -139,6 +139,7 @@ def test_a_tagged_stack_starts_every_line_with_the_tag_and_shows_no_bar(
     for seed in (1, 2):
         assert sum(line.startswith(f"s1 (+1): seed {seed}: epoch ") for line in lines) == 1
     assert all(line.startswith("s1 (+1): ") for line in lines), lines
+    assert not any(line.count("s1 (+1): ") > 1 for line in lines), lines
     assert disabled == [True]
 
 

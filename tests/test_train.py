@@ -188,10 +188,29 @@ def test_a_tag_starts_every_line_and_hides_the_progress_bar(
     lines = capsys.readouterr().out.splitlines()
     assert sum(": epoch " in line for line in lines) == 2 and len(lines) == 4, lines
     assert all(line.startswith("mnist-conv-brainprop-s1: ") for line in lines), lines
+    assert not any(line.count("mnist-conv-brainprop-s1: ") > 1 for line in lines), lines
     assert disabled == [True, True]
     train(_config(tmp_path, epochs=1, name="untagged"), dataset=tiny_dataset)
     assert capsys.readouterr().out.startswith("training conv")
     assert disabled[2:] == [None]  # tqdm's own choice: a bar where stderr is a terminal
+
+
+def test_a_tagged_line_is_written_whole(monkeypatch):
+    """Workers that share a pipe or file then never cut into each other's lines."""
+    writes: list[str | None] = []
+
+    class Out:
+        def write(self, text: str) -> None:
+            writes.append(text)
+
+        def flush(self) -> None:
+            writes.append(None)
+
+    monkeypatch.setattr(sys, "stdout", Out())
+    say = sys.modules["brainprop.train"].printer(True, "run")
+    say("epoch 1")
+    say("epoch 2")
+    assert writes == ["run: epoch 1\n", None, "run: epoch 2\n", None]
 
 
 @pytest.mark.parametrize(

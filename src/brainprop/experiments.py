@@ -482,9 +482,10 @@ def _run_in_process(
             say(_finished_line(m))
 
 
-def _train(job: Job, request: Request, dataset: Any, tag: str | None = None) -> None:
+def _train(job: Job, request: Request, dataset: Any, tagged: bool = False) -> None:
     """Train ``job``'s runs to their end, each fresh or resumed from its ``last.pt``: one run
-    alone, several in one stack. ``tag`` starts each line they print (see ``train``).
+    alone, several in one stack. ``tagged``: each line they print starts with the run's name,
+    a stack's with its first run's and ``(+N)`` (see ``train``'s ``tag``).
 
     Resumed runs keep their stored configs, which can differ beyond the seed (runs started by
     an older version, or with other flags): each kind then trains in a stack of its own.
@@ -502,10 +503,15 @@ def _train(job: Job, request: Request, dataset: Any, tag: str | None = None) -> 
     # Keyed as the configs are: a job's are all fresh (unresolved) or all take stored ones,
     # which were resolved when written; a damaged one is then named with its file by train().
     # The budget admitted the job as one stack; kinds trained one after another take longer.
-    kinds: dict[tuple[Any, ...], list[TrainConfig | Path]] = {}
-    for run_dir, config in zip(run_dirs, _members(job, request), strict=True):
-        kinds.setdefault(stack_key(config), []).append(config if run_dir is None else run_dir)
-    for members in kinds.values():
+    kinds: dict[tuple[Any, ...], list[tuple[str, TrainConfig | Path]]] = {}
+    for spec, run_dir, config in zip(job, run_dirs, _members(job, request), strict=True):
+        member = config if run_dir is None else run_dir
+        kinds.setdefault(stack_key(config), []).append((spec.name, member))
+    for kind in kinds.values():
+        names, members = [name for name, _ in kind], [member for _, member in kind]
+        tag = None
+        if tagged:
+            tag = names[0] if len(names) == 1 else f"{names[0]} (+{len(names) - 1})"
         if len(members) > 1:
             train_stacked(members, dataset=dataset, progress=request.progress, tag=tag)
         elif isinstance(members[0], Path):
@@ -589,8 +595,7 @@ def _worker(job: Job, request: Request, threads: int | None, conn: Connection, p
     status = 0
     try:
         # Workers share the terminal: each line says whose it is.
-        tag = job[0].name if len(job) == 1 else f"{job[0].name} (+{len(job) - 1})"
-        _train(job, request, load_dataset(job[0].cell.dataset, request.data_dir), tag)
+        _train(job, request, load_dataset(job[0].cell.dataset, request.data_dir), tagged=True)
     except signals.Interrupted as e:
         status = e.exit_status
     except BrainPropError as e:

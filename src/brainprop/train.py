@@ -449,7 +449,14 @@ def printer(progress: bool, tag: str | None) -> Callable[[str], None]:
         return lambda _line: None
     if tag is None:
         return tqdm.write
-    return lambda line: tqdm.write(f"{tag}: {line}")
+
+    def say(line: str) -> None:
+        # One write and a flush per line: processes that share a pipe or file (reproduce's
+        # workers) then never cut into each other's lines, as block-buffered halves would.
+        sys.stdout.write(f"{tag}: {line}\n")
+        sys.stdout.flush()
+
+    return say
 
 
 def _held_train(
