@@ -23,6 +23,7 @@ def write_measurement(
     stack: int = 1,
     at_once: int = 1,
     cuda_graph: bool = False,
+    company: float | None = None,
 ) -> Measurement:
     """Write one measurement of ``spec`` measured on ``machine``; returns what it says."""
     epochs_run = best_epoch + 45 if epochs_run is None else epochs_run
@@ -56,5 +57,6 @@ def write_measurement(
         at_once=at_once,
         bf16=spec.bf16,
         cuda_graph=cuda_graph,
+        company=company,
     )
     return write_record(m, {}, {"val_acc": [], "test_acc": []}, out)

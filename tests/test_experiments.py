@@ -499,7 +499,7 @@ def test_an_absurd_number_of_seeds_is_refused_before_planning(tmp_path, capsys):
 
 def test_a_packed_run_records_how_many_ran_beside_it_on_average(monkeypatch):
     """Not --jobs: a run alone for 30 s, then beside another for 10 s, shared the GPU with
-    1.25 runs on average (recorded as 1); the other, beside it all its 10 s, with 2."""
+    1.25 runs on average; the other, beside it all its 10 s, with 2."""
     clock = [0.0]
     monkeypatch.setattr(ex.time, "monotonic", lambda: clock[0])
     company = ex._Company()
@@ -508,7 +508,20 @@ def test_a_packed_run_records_how_many_ran_beside_it_on_average(monkeypatch):
     company.tick({1})
     clock[0] = 40.0
     company.tick({1, 2})
-    assert (company.leave(1), company.leave(2), company.leave(3)) == (1, 2, 1)
+    assert (company.leave(1), company.leave(2), company.leave(3)) == (1.25, 2.0, 1.0)
+
+
+@pytest.mark.parametrize(("company", "at_once"), [(1.25, 1), (1.5, 2), (2.4, 2), (3.0, 3)])
+def test_a_run_records_its_average_company_and_is_labelled_by_it_rounded(
+    tmp_path, company, at_once
+):
+    spec = RunSpec(DENSE, "ebp", 0)
+    request = Request(out=tmp_path, device="cpu")
+    _fake_train([])((spec,), request, None)
+    m = record(spec, tmp_path / RUNS / spec.name, tmp_path, company)
+    assert (m.at_once, m.company, m.device_share) == (at_once, company, 1 / company)
+    [loaded] = load_measurements(tmp_path)
+    assert (loaded.at_once, loaded.company) == (at_once, company)
 
 
 def test_a_stacked_request_trains_and_records_each_seed(tmp_path, mnist_root, no_plots):

@@ -339,6 +339,30 @@ def test_runs_that_shared_the_device_pool_with_its_other_runs(tmp_path):
     )
 
 
+def test_packed_runs_seconds_are_divided_by_their_average_company_not_its_rounding(tmp_path):
+    """Two runs beside a third for part of their time: 2.4 runs on average, labelled 2."""
+    for seed in range(2):
+        write_measurement(tmp_path, RunSpec(CONV, "ebp", seed), GPU, test_acc=0.993,
+                          s_per_epoch=6.0, epochs_run=10, at_once=2, company=2.4)  # fmt: skip
+    # A file of an earlier version: its rounded company is all it has.
+    write_measurement(tmp_path, RunSpec(CONV, "ebp", 2), GPU, test_acc=0.993, s_per_epoch=6.0,
+                      epochs_run=10, at_once=2)  # fmt: skip
+    [r] = aggregate(load_measurements(tmp_path))
+    assert r.rules["ebp"].s_per_epoch.mean == pytest.approx((2.5 + 2.5 + 3.0) / 3)
+    assert r.rules["ebp"].total_seconds == pytest.approx(70 / 2.4 * 2 + 70 / 2)
+    assert r.sharing == "3 runs 2 at once"
+
+
+@pytest.mark.parametrize("raw", ["0.5", "true", '"2"', "Infinity", "NaN"])
+def test_an_average_company_that_is_no_count_of_runs_is_a_one_line_error(tmp_path, raw):
+    write_measurement(tmp_path, RunSpec(CONV, "ebp", 0), GPU, test_acc=0.99, company=2.0)
+    [m] = load_measurements(tmp_path)
+    d = json.loads(m.path.read_text()) | {"runs_at_once_mean": "<raw>"}
+    m.path.write_text(json.dumps(d).replace('"<raw>"', raw))
+    with pytest.raises(BrainPropError, match=r"\(runs_at_once_mean .*, not a number of at least"):
+        load_measurements(tmp_path)
+
+
 def test_runs_replayed_from_a_cuda_graph_pool_with_plain_ones_but_not_their_seconds(tmp_path):
     """A graph replays the plain step, so its accuracy pools; its seconds are another kind."""
     for seed, graph in enumerate((True, True, False)):

@@ -91,7 +91,9 @@ def estimate_seconds(
     own = [m for m in alike if m.rule == spec.rule] or alike
     if not own:
         return None
-    per_epoch = fmean(_wall_seconds(m) * at_once / m.at_once / m.summary["epochs_run"] for m in own)
+    per_epoch = fmean(
+        _wall_seconds(m) * at_once * m.device_share / m.summary["epochs_run"] for m in own
+    )
     # Runs that finished no epoch (diverged at once) say nothing about a run's length.
     capped = [
         m for m in same_cell if m.max_epochs == spec.max_epochs and m.summary["epochs_run"] > 0
@@ -648,9 +650,9 @@ def _run_in_workers(
     def finished(sentinel: int) -> None:
         """Record the runs of the job that ``sentinel``'s worker completed."""
         job, _, _ = running.pop(sentinel)
-        at_once = 1 if on_cpu else company.leave(sentinel)
+        shared = 1.0 if on_cpu else company.leave(sentinel)
         for spec in job:
-            m = record(spec, request.out / RUNS / spec.name, request.out, at_once)
+            m = record(spec, request.out / RUNS / spec.name, request.out, shared)
             measurements.append(m)
             outcome.ran.append(spec.name)
             say(_finished_line(m))
@@ -744,10 +746,9 @@ class _Company:
             self.weighted[key] = self.weighted.get(key, 0.0) + (now - self.since) * len(running)
         self.since = now
 
-    def leave(self, key: int) -> int:
+    def leave(self, key: int) -> float:
         seconds, weighted = self.seconds.pop(key, 0.0), self.weighted.pop(key, 0.0)
-        # Halves round up: a run beside another half its time shared the GPU.
-        return max(1, math.floor(weighted / seconds + 0.5)) if seconds > 0 else 1
+        return max(1.0, weighted / seconds) if seconds > 0 else 1.0
 
 
 def _message(receive: Connection) -> str | None:

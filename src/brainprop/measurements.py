@@ -10,6 +10,7 @@ in by copying its files; :mod:`brainprop.report` reads them all.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -38,6 +39,9 @@ class Measurement:
     with :attr:`numerics`, the setup without the graph, which computes what a plain step does.
     ``stack`` (seeds trained as one network) and ``at_once`` (runs packed onto one GPU) say how
     many runs shared the device, so that its seconds can be compared with runs shared alike.
+    ``at_once`` is a whole number, the average of ``company`` rounded; ``company`` itself, how
+    many runs shared the GPU on average over the run's time (itself included), prices its
+    share of the device (files written before it was recorded: ``at_once``).
     """
 
     run: str
@@ -54,6 +58,7 @@ class Measurement:
     at_once: int = 1
     bf16: bool = False
     cuda_graph: bool = False
+    company: float | None = None
 
     @property
     def file_name(self) -> str:
@@ -64,6 +69,12 @@ class Measurement:
     def shared_by(self) -> int:
         """How many runs shared the device with this one (itself included)."""
         return self.stack * self.at_once
+
+    @property
+    def device_share(self) -> float:
+        """The share of the GPU's time that was this run's, beside the runs packed with it (a
+        stack's share is in its summary's seconds already)."""
+        return 1 / (self.at_once if self.company is None else self.company)
 
     @property
     def setup(self) -> str:
@@ -95,9 +106,9 @@ def setup_label(machine: str, bf16: bool, cuda_graph: bool) -> str:
     return ", ".join([machine, *["bf16"] * bf16, *["CUDA graph"] * cuda_graph])
 
 
-def record(spec: RunSpec, run_dir: Path, out: Path, at_once: int = 1) -> Measurement:
-    """Write the measurement of the finished run in ``run_dir``, which trained beside
-    ``at_once - 1`` other runs on its GPU; returns it."""
+def record(spec: RunSpec, run_dir: Path, out: Path, company: float = 1.0) -> Measurement:
+    """Write the measurement of the finished run in ``run_dir``, which shared its GPU with
+    ``company - 1`` other runs on average; returns it."""
     summary = rundir.read_json(run_dir / rundir.SUMMARY)
     config = rundir.read_json(run_dir / rundir.CONFIG)
     history_file = run_dir / rundir.HISTORY_JSON
@@ -105,8 +116,11 @@ def record(spec: RunSpec, run_dir: Path, out: Path, at_once: int = 1) -> Measure
     m = Measurement(
         spec.name, spec.cell, spec.rule, spec.seed, spec.val, spec.max_epochs,
         str(summary.get("device", "unknown")), summary, preset=spec.preset,
-        stack=int(summary.get("stack_size", 1)), at_once=at_once,
+        stack=int(summary.get("stack_size", 1)),
+        # Halves round up: a run beside another half its time shared the GPU.
+        at_once=max(1, math.floor(company + 0.5)),
         bf16=bool(config.get("bf16", False)), cuda_graph=bool(config.get("cuda_graph", False)),
+        company=round(company, 3),
     )  # fmt: skip
     # The curve lets a report plot or re-select epochs without the run directory.
     curve = {key: [round(float(h[key]), 5) for h in history] for key in ("val_acc", "test_acc")}
@@ -141,6 +155,7 @@ def write_measurement(
             "machine": m.machine,
             "stack": m.stack,
             "runs_at_once": m.at_once,
+            "runs_at_once_mean": m.company,
             "bf16": m.bf16,
             "cuda_graph": m.cuda_graph,
             "summary": m.summary,
@@ -188,7 +203,7 @@ def _read_measurement(path: Path) -> Measurement:
             str(d["run"]), Cell(str(d["dataset"]), str(d["arch"])), str(d["rule"]),
             _whole(d, "seed", least=0), _opt_whole(d, "val"), _opt_whole(d, "max_epochs"),
             str(d["machine"]), summary, path, str(d.get("preset", PAPER_PRESET)), stack, at_once,
-            _flag(d, "bf16"), _flag(d, "cuda_graph"),
+            _flag(d, "bf16"), _flag(d, "cuda_graph"), _company(d),
         )  # fmt: skip
     except (KeyError, TypeError, ValueError) as e:
         raise BrainPropError(f"{path} is not a brainprop measurement ({e}): {fix}") from None
@@ -244,6 +259,16 @@ def _whole(d: dict[str, Any], key: str, default: int | None = None, *, least: in
     if v < least:
         raise ValueError(f"{key} {v}, below {least}")
     return v
+
+
+def _company(d: dict[str, Any]) -> float | None:
+    """``runs_at_once_mean``: absent or null in files of earlier versions."""
+    v = d.get("runs_at_once_mean")
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int | float) or not 1 <= v < math.inf:
+        raise ValueError(f"runs_at_once_mean {v!r}, not a number of at least 1")
+    return float(v)
 
 
 def _opt_whole(d: dict[str, Any], key: str) -> int | None:

@@ -228,7 +228,7 @@ def rule_stats(runs: Sequence[Measurement]) -> RuleStats:
 
     def s_per_epoch(graphed: bool) -> Stat | None:
         return Stat.of(
-            [m.summary["s_per_epoch"] / m.at_once for m in done if m.cuda_graph == graphed]
+            [m.summary["s_per_epoch"] * m.device_share for m in done if m.cuda_graph == graphed]
         )
 
     return RuleStats(
@@ -238,7 +238,7 @@ def rule_stats(runs: Sequence[Measurement]) -> RuleStats:
         epochs_to_best=Stat.of([m.summary["best_epoch"] for m in whole]),
         epochs_to_stop=Stat.of([m.summary["epochs_run"] for m in whole]),
         s_per_epoch=s_per_epoch(graphed=False),
-        total_seconds=sum(m.summary.get("total_seconds", 0.0) / m.at_once for m in done),
+        total_seconds=sum(m.summary.get("total_seconds", 0.0) * m.device_share for m in done),
         stop_reasons=dict(Counter(m.summary.get("stop_reason", "?") for m in runs)),
         graph_s_per_epoch=s_per_epoch(graphed=True),
     )
