@@ -39,9 +39,10 @@ class Measurement:
     with :attr:`numerics`, the setup without the graph, which computes what a plain step does.
     ``stack`` (seeds trained as one network) and ``at_once`` (runs packed onto one GPU) say how
     many runs shared the device, so that its seconds can be compared with runs shared alike.
-    ``at_once`` is a whole number, the average of ``company`` rounded; ``company`` itself, how
-    many runs shared the GPU on average over the run's time (itself included), prices its
-    share of the device (files written before it was recorded: ``at_once``).
+    ``company`` is how many runs shared the GPU on average over the run's time (itself
+    included), which prices its share of the device; ``at_once`` is it rounded to a whole
+    number, which labels and groups runs (files written before ``company`` was recorded
+    have ``at_once`` alone).
     """
 
     run: str
