@@ -39,3 +39,22 @@ def make_tiny_dataset(
 @pytest.fixture
 def tiny_dataset():
     return make_tiny_dataset()
+
+
+@pytest.fixture
+def bars_disabled(monkeypatch):
+    """``watch(module)``: the ``disable`` argument of every progress bar ``module`` opens from
+    then on, as a list that grows (True: no bar; None: tqdm's choice, a bar on a terminal)."""
+
+    def watch(module) -> list:
+        seen: list = []
+
+        class Bar(module.tqdm):
+            def __init__(self, *args, **kwargs):
+                seen.append(kwargs["disable"])
+                super().__init__(*args, **kwargs)
+
+        monkeypatch.setattr(module, "tqdm", Bar)
+        return seen
+
+    return watch

@@ -123,16 +123,9 @@ def test_a_stacks_batchnorm_runs_without_cudnn_and_its_convolutions_with_it(
 
 
 def test_a_tagged_stack_starts_every_line_with_the_tag_and_shows_no_bar(
-    tmp_path, tiny_dataset, monkeypatch, capsys
+    tmp_path, tiny_dataset, bars_disabled, capsys
 ):
-    disabled: list[bool | None] = []
-
-    class Bar(stacked.tqdm):
-        def __init__(self, *args, **kwargs):
-            disabled.append(kwargs["disable"])
-            super().__init__(*args, **kwargs)
-
-    monkeypatch.setattr(stacked, "tqdm", Bar)
+    disabled = bars_disabled(stacked)
     members = [_config(tmp_path, 1, epochs=1), _config(tmp_path, 2, epochs=1)]
     train_stacked(members, dataset=tiny_dataset, tag="s1 (+1)")
     lines = capsys.readouterr().out.splitlines()

@@ -171,19 +171,11 @@ def test_bf16_where_it_is_slow_is_said_by_train_and_evaluate(
 
 
 def test_a_tag_starts_every_line_and_hides_the_progress_bar(
-    tmp_path, tiny_dataset, monkeypatch, capsys
+    tmp_path, tiny_dataset, bars_disabled, capsys
 ):
     """Runs that share a terminal (reproduce --jobs): each line says whose it is, and no bar
     overwrites another's."""
-    train_module = sys.modules["brainprop.train"]
-    disabled: list[bool | None] = []
-
-    class Bar(train_module.tqdm):
-        def __init__(self, *args, **kwargs):
-            disabled.append(kwargs["disable"])
-            super().__init__(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "tqdm", Bar)
+    disabled = bars_disabled(sys.modules["brainprop.train"])
     train(_config(tmp_path, epochs=2), dataset=tiny_dataset, tag="mnist-conv-brainprop-s1")
     lines = capsys.readouterr().out.splitlines()
     assert sum(": epoch " in line for line in lines) == 2 and len(lines) == 4, lines
@@ -192,7 +184,7 @@ def test_a_tag_starts_every_line_and_hides_the_progress_bar(
     assert disabled == [True, True]
     train(_config(tmp_path, epochs=1, name="untagged"), dataset=tiny_dataset)
     assert capsys.readouterr().out.startswith("training conv")
-    assert disabled[2:] == [None]  # tqdm's own choice: a bar where stderr is a terminal
+    assert disabled[2:] == [None]
 
 
 def test_a_tagged_line_is_written_whole(monkeypatch):
