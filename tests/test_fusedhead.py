@@ -2,13 +2,13 @@
 them only where they have been seen to, falling back with a warning otherwise."""
 
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from packaging.version import Version
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from brainprop import TrainConfig, fastpath, fusedhead, train
@@ -80,7 +80,8 @@ def test_the_kernels_give_the_unfused_heads_results():
     imported: hence a process of its own."""
     triton = pytest.importorskip("triton")
     numpy = pytest.importorskip("numpy")
-    if _version(triton.__version__) < (3, 7) and _version(numpy.__version__) >= (2, 4):
+    triton_version, numpy_version = Version(triton.__version__), Version(numpy.__version__)
+    if triton_version.release < (3, 7) and numpy_version.release >= (2, 4):
         pytest.skip(
             f"Triton {triton.__version__}'s interpreter fails under NumPy {numpy.__version__} "
             "(triton-lang/triton#9171, mended in Triton 3.7); the kernels' sm_90 test still runs"
@@ -92,12 +93,6 @@ def test_the_kernels_give_the_unfused_heads_results():
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stderr[-3000:]
-
-
-def _version(text: str) -> tuple[int, int]:
-    """``"3.7.0+git1a2b"`` -> ``(3, 7)``; a version without a minor number counts as x.0."""
-    major, minor = re.match(r"(\d+)(?:\.(\d+))?", text).groups(default="0")
-    return int(major), int(minor)
 
 
 def test_the_kernels_compile_for_an_h200_with_a_precise_log_and_division():
