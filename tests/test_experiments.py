@@ -4,6 +4,7 @@ end-to-end ``brainprop reproduce`` on fixture files in the official formats."""
 from __future__ import annotations
 
 import importlib
+import io
 import json
 import os
 import shutil
@@ -709,6 +710,71 @@ def test_two_jobs_train_in_worker_processes_on_cpu(tmp_path, mnist_root, monkeyp
     assert {m.rule for m in measurements} == {"brainprop", "ebp"}
     # Each worker took its share of the cores.
     assert all(m.machine.endswith(", 1 thread)") for m in measurements)
+
+
+_WORKER = """
+import os, sys, warnings
+from multiprocessing import Pipe
+import brainprop.data
+from brainprop import experiments as ex
+from brainprop.matrix import Cell, RunSpec
+
+def train(job, request, dataset, tagged=False):
+    print("a note", file=sys.stderr)
+    warnings.warn("a library's warning")
+    raise RuntimeError("an error nobody caught")
+
+brainprop.data.load_dataset = lambda name, root: None
+ex._train = train
+job = tuple(RunSpec(Cell("mnist", "dense"), "ebp", seed) for seed in (0, 1))
+_, send = Pipe(duplex=False)
+ex._worker(job, ex.Request(), None, send, os.getppid())
+"""
+
+
+def test_everything_a_worker_writes_to_stderr_names_its_job(tmp_path):
+    """Warnings, notes and the traceback of an error no one caught: a line from one of two
+    workers sharing a terminal would otherwise not say whose it is."""
+    script = tmp_path / "worker.py"
+    script.write_text(_WORKER)
+    ran = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 1
+    lines = ran.stderr.splitlines()
+    assert "mnist-dense-ebp-s0 (+1): a note" in lines
+    assert any("UserWarning: a library's warning" in line for line in lines), lines
+    assert "mnist-dense-ebp-s0 (+1): RuntimeError: an error nobody caught" in lines
+    assert all(line.startswith("mnist-dense-ebp-s0 (+1): ") for line in lines), lines
+
+
+class _Writes(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return super().write(text)
+
+
+def test_tagged_lines_go_out_whole_each_in_one_write():
+    stream = _Writes()
+    tagged = ex._TaggedLines(stream, "run")
+    print("two", "words", file=tagged)  # its text and its newline come in two writes
+    tagged.write("a\nb\nthe start")
+    assert stream.writes == ["run: two words\n", "run: a\nrun: b\n"]
+    tagged.write(" and the end\n")
+    assert stream.writes[-1] == "run: the start and the end\n"
+
+
+def test_a_flushed_partial_line_goes_out_and_its_end_follows_untagged():
+    stream = _Writes()
+    tagged = ex._TaggedLines(stream, "run")
+    tagged.write("waiting")
+    tagged.flush()
+    tagged.write("... done\nnext\n")
+    tagged.flush()  # nothing held: nothing written
+    assert stream.writes == ["run: waiting", "... done\nrun: next\n"]
+    assert stream.getvalue().splitlines() == ["run: waiting... done", "run: next"]
 
 
 def test_a_run_that_completes_beside_one_that_fails_is_recorded(tmp_path, mnist_root, monkeypatch):

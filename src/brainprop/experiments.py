@@ -19,6 +19,7 @@ network.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
 import multiprocessing
@@ -33,7 +34,7 @@ from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from statistics import fmean
-from typing import Any
+from typing import Any, TextIO
 
 from . import locks, rundir, signals
 from .checkpoint import TEMPORARIES, make_folder
@@ -511,15 +512,18 @@ def _train(job: Job, request: Request, dataset: Any, tagged: bool = False) -> No
         kinds.setdefault(stack_key(config), []).append((spec.name, member))
     for kind in kinds.values():
         names, members = [name for name, _ in kind], [member for _, member in kind]
-        tag = None
-        if tagged:
-            tag = names[0] if len(names) == 1 else f"{names[0]} (+{len(names) - 1})"
+        tag = _tag(names) if tagged else None
         if len(members) > 1:
             train_stacked(members, dataset=dataset, progress=request.progress, tag=tag)
         elif isinstance(members[0], Path):
             train(resume=members[0], dataset=dataset, progress=request.progress, tag=tag)
         else:
             train(members[0], dataset=dataset, progress=request.progress, tag=tag)
+
+
+def _tag(names: Sequence[str]) -> str:
+    """What starts each line of these runs trained together: the first's name, and ``(+N)``."""
+    return names[0] if len(names) == 1 else f"{names[0]} (+{len(names) - 1})"
 
 
 def _run_dir(spec: RunSpec, request: Request) -> Path | None:
@@ -594,9 +598,11 @@ def _worker(job: Job, request: Request, threads: int | None, conn: Connection, p
     _die_with_parent(parent)
     if threads is not None:
         torch.set_num_threads(threads)
+    # Workers share the terminal: each line says whose it is, on stdout the run's (train's tag),
+    # on stderr (warnings, a traceback) the job's, the same but where a job splits by config.
+    sys.stderr = _TaggedLines(sys.stderr, _tag([spec.name for spec in job]))
     status = 0
     try:
-        # Workers share the terminal: each line says whose it is.
         _train(job, request, load_dataset(job[0].cell.dataset, request.data_dir), tagged=True)
     except signals.Interrupted as e:
         status = e.exit_status
@@ -608,6 +614,53 @@ def _worker(job: Job, request: Request, threads: int | None, conn: Connection, p
         status = 2
     conn.close()
     sys.exit(status)
+
+
+class _TaggedLines(io.TextIOBase):
+    """A text stream that writes each line to ``stream`` after ``"<tag>: "``, in one write and
+    a flush, so that processes sharing a terminal or file never cut into each other's lines.
+
+    A line is held until its end (``print`` writes its text and its newline apart); a flush
+    writes what there is of it, and the rest follows untagged.
+    """
+
+    def __init__(self, stream: TextIO, tag: str) -> None:
+        self._stream, self._lead = stream, f"{tag}: "
+        self._held = ""
+        self._midline = False  # a flush wrote the start of the current line, tag and all
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        *lines, self._held = (self._held + text).split("\n")
+        if lines:
+            whole = f"\n{self._lead}".join(lines) + "\n"
+            self._put(whole if self._midline else self._lead + whole)
+            self._midline = False
+        return len(text)
+
+    def flush(self) -> None:
+        if self._held:
+            self._put(("" if self._midline else self._lead) + self._held)
+            self._held, self._midline = "", True
+        else:
+            self._stream.flush()
+
+    def _put(self, text: str) -> None:
+        self._stream.write(text)
+        self._stream.flush()
+
+    # Those who ask (faulthandler, a library checking for a terminal) get the stream's own.
+    def fileno(self) -> int:
+        return self._stream.fileno()
+
+    def isatty(self) -> bool:
+        return self._stream.isatty()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return self._stream.encoding
 
 
 def _die_with_parent(parent: int) -> None:
