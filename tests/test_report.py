@@ -11,6 +11,7 @@ from statistics import stdev
 import pytest
 from measurement_fixtures import write_measurement
 
+from brainprop import studentt
 from brainprop.cli import main
 from brainprop.errors import BrainPropError
 from brainprop.matrix import Cell, RunSpec
@@ -26,6 +27,7 @@ from brainprop.report import (
     RESULTS_PNG,
     Stat,
     aggregate,
+    fixed,
     update_readme,
     welch_limit,
     write_report,
@@ -50,6 +52,15 @@ def test_stat_is_mean_and_sample_sd():
     assert Stat.of([5.0]) == Stat(5.0, None, 1) and Stat.of([]) is None
 
 
+def test_a_half_rounds_away_from_zero_whichever_side_of_it_the_float_lies():
+    # Means of two seeds are often exact halves; as floats 98.145 lies below 98.145, 69.625 on
+    # it, and format() rounded the first down and the second to even.
+    assert Stat.of([98.14, 98.15]).text() == "98.15 (0.01)"
+    assert fixed(69.625, 2) == "69.63" and fixed(88.385, 2) == "88.39"
+    assert fixed(-0.075, 2, sign=True) == "-0.08" and fixed(0.125, 2, sign=True) == "+0.13"
+    assert fixed(98.144999, 2) == "98.14" and fixed(2.25, 1) == "2.3" and fixed(3.5, 0) == "4"
+
+
 def test_aggregation_gap_ratio_and_verdicts(tmp_path):
     bp, ebp = [0.9931, 0.9927, 0.9935], [0.9930, 0.9940, 0.9920]
     _cell_runs(tmp_path, CONV, GPU, bp, ebp, [60, 70, 80], [30, 40, 50])
@@ -60,8 +71,8 @@ def test_aggregation_gap_ratio_and_verdicts(tmp_path):
     assert b.test_acc.sd == pytest.approx(100 * stdev(bp))
     assert r.gap == pytest.approx(100 * (sum(bp) - sum(ebp)) / 3)
     va, vb = (100 * stdev(bp)) ** 2 / 3, (100 * stdev(ebp)) ** 2 / 3
-    assert 2 <= (va + vb) ** 2 / (va**2 / 2 + vb**2 / 2) < 3  # Welch's degrees of freedom
-    assert r.gap_noise == pytest.approx(4.303 * math.sqrt(va + vb))
+    df = (va + vb) ** 2 / (va**2 / 2 + vb**2 / 2)  # Welch's degrees of freedom
+    assert r.gap_noise == pytest.approx(studentt.quantile(0.975, df) * math.sqrt(va + vb))
     assert r.gap_verdict.agrees is True
     assert r.ratio == pytest.approx(70 / 40) and r.ratio_verdict.agrees is True
     assert b.epochs_to_stop.mean == pytest.approx(115) and b.s_per_epoch.mean == 2.0
@@ -70,16 +81,46 @@ def test_aggregation_gap_ratio_and_verdicts(tmp_path):
 
 
 def test_welch_limit_is_t_at_welchs_degrees_of_freedom_times_the_standard_error():
+    # Student's t at 97.5 % by scipy.stats.t.ppf(0.975, df), for df = 18, 2, 998, 1.47.
     # Equal sizes and spreads: n1 + n2 - 2 degrees of freedom, as Student's test.
-    assert welch_limit(Stat(0, 1.0, 10), Stat(0, 1.0, 10)) == pytest.approx(2.101 * math.sqrt(0.2))
-    assert welch_limit(Stat(0, 1.0, 2), Stat(0, 1.0, 2)) == pytest.approx(4.303)
-    # One noisy rule dominates: its n - 1 degrees of freedom, rounded down to the table's.
-    assert welch_limit(Stat(0, 3.0, 3), Stat(0, 0.001, 50)) == pytest.approx(4.303 * math.sqrt(3))
+    assert welch_limit(Stat(0, 1.0, 10), Stat(0, 1.0, 10)) == pytest.approx(
+        2.1009220402410382 * math.sqrt(0.2)
+    )
+    assert welch_limit(Stat(0, 1.0, 2), Stat(0, 1.0, 2)) == pytest.approx(4.302652729749462)
+    # One noisy rule dominates: its n - 1 degrees of freedom.
+    assert welch_limit(Stat(0, 3.0, 3), Stat(0, 0.001, 50)) == pytest.approx(
+        4.302652729749462 * math.sqrt(3)
+    )
     assert welch_limit(Stat(0, 1.0, 500), Stat(0, 1.0, 500)) == pytest.approx(
-        1.980 * math.sqrt(0.004)
+        1.9623438462163343 * math.sqrt(0.004)
+    )
+    # Two seeds each, unequal spreads: 6.25 / 4.25 degrees of freedom, not rounded down to 1
+    # (whose t, 12.706, is twice this one).
+    assert welch_limit(Stat(0, 1.0, 2), Stat(0, 2.0, 2)) == pytest.approx(
+        6.18811494076925 * math.sqrt(2.5)
     )
     assert welch_limit(Stat(0, None, 1), Stat(0, 1.0, 3)) is None
     assert welch_limit(Stat(0, 0.0, 2), Stat(0, 0.0, 3)) == 0
+
+
+@pytest.mark.parametrize(
+    ("df", "t975"),  # scipy.stats.t.ppf(0.975, df)
+    [(1, 12.706204736174694), (1.41, 6.58508682704196), (2.45, 3.6273936280657044),
+     (3.54, 2.924685430925922), (7.88, 2.3121310123543934), (120, 1.9799304050824402),
+     (1e4, 1.960201239890626)],
+)  # fmt: skip
+def test_students_t_quantile_matches_scipy_at_any_degrees_of_freedom(df, t975):
+    assert studentt.quantile(0.975, df) == pytest.approx(t975, rel=1e-9)
+    assert studentt.quantile(0.025, df) == pytest.approx(-t975, rel=1e-9)
+
+
+def test_students_t_tails_match_scipy():
+    assert studentt.quantile(0.05, 3.3) == pytest.approx(-2.2686545667554654, rel=1e-9)
+    assert studentt.upper_tail(2.0, 1.7) == pytest.approx(0.10274505642633114, rel=1e-9)
+    assert studentt.upper_tail(40.0, 1.2) == pytest.approx(0.004004388145131204, rel=1e-9)
+    for p, df in ((0, 3), (1, 3), (0.5, 0)):
+        with pytest.raises(ValueError):
+            studentt.quantile(p, df)
 
 
 def test_a_gap_that_few_seeds_cannot_resolve_is_no_difference(tmp_path):
@@ -461,7 +502,17 @@ def test_a_summary_number_no_run_can_have_is_a_one_line_error(tmp_path, capsys, 
      ("rule", "bp", "(rule 'bp', not one of brainprop, ebp)"),
      ("seed", -1, "(seed -1, below 0)"),
      ("val", 0, "(val 0, below 1)"),
-     ("max_epochs", 0, "(max_epochs 0, below 1)")],
+     ("max_epochs", 0, "(max_epochs 0, below 1)"),
+     ("machine", None, "(machine None, not a name)"),
+     ("machine", " ", "(machine ' ', not a name)"),
+     ("preset", 3, "(preset 3, not a name)"),
+     # A file whose name and fields disagree: the report would count a seed twice.
+     ("seed", 1, "(run 'mnist-conv-brainprop-s0', but its fields make it "
+                 "'mnist-conv-brainprop-s1')"),
+     ("bf16", True, "(run 'mnist-conv-brainprop-s0', but its fields make it "
+                    "'mnist-conv-brainprop-s0-bf16')"),
+     ("config", {"name": "mnist-conv-brainprop-s0", "rule": "ebp"},
+      "(its config's rule is 'ebp', its own 'brainprop')")],
 )  # fmt: skip
 def test_a_misspelt_name_or_impossible_setting_is_refused_naming_the_file(
     tmp_path, capsys, key, value, message
@@ -554,6 +605,15 @@ def test_a_run_that_diverged_late_keeps_its_accuracy_but_not_its_epochs(tmp_path
     [r] = aggregate(load_measurements(alone))
     assert r.ratio is None and r.ratio_verdict.text() == "– (every run of EBP diverged)"
     assert r.gap_verdict.agrees is not None
+    # One BrainProp run diverged too, not every one: the verdict still names EBP alone.
+    bp_seed_1 = alone / MEASUREMENTS / load_measurements(alone)[1].path.name
+    d = json.loads(bp_seed_1.read_text())
+    assert (d["rule"], d["seed"]) == ("brainprop", 1)
+    d["summary"].update(stop_reason=f"{DIVERGED} weight at epoch 80")
+    bp_seed_1.write_text(json.dumps(d))
+    [r] = aggregate(load_measurements(alone))
+    assert r.rules["brainprop"].diverged == 1
+    assert r.ratio_verdict.text() == "– (every run of EBP diverged)"
 
 
 def test_a_rule_whose_runs_all_finished_no_epoch_has_no_total_time(tmp_path):
@@ -603,7 +663,7 @@ def test_runs_with_another_preset_are_their_own_row_held_to_the_published_number
     # A measurement merged from a version with another preset table still reports.
     m = load_measurements(tmp_path)[-1]
     d = json.loads(m.path.read_text())
-    d["preset"] = "from-the-future"
+    d.update(preset="from-the-future", run="mnist-dense-ebp-s1-from-the-future")
     m.path.write_text(json.dumps(d))
     assert "from-the-future: not in this version's tables" in write_report(tmp_path).read_text()
 

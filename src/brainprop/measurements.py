@@ -201,15 +201,35 @@ def _read_measurement(path: Path) -> Measurement:
         # Files written before sharing was recorded hold runs that had the device alone.
         stack, at_once = _whole(d, "stack", 1, least=1), _whole(d, "runs_at_once", 1, least=1)
         m = Measurement(
-            str(d["run"]), Cell(str(d["dataset"]), str(d["arch"])), str(d["rule"]),
+            _text(d, "run"), Cell(d["dataset"], d["arch"]), d["rule"],
             _whole(d, "seed", least=0), _opt_whole(d, "val"), _opt_whole(d, "max_epochs"),
-            str(d["machine"]), summary, path, str(d.get("preset", PAPER_PRESET)), stack, at_once,
+            _text(d, "machine"), summary, path, _text(d, "preset", PAPER_PRESET), stack, at_once,
             _flag(d, "bf16"), _flag(d, "cuda_graph"), _company(d),
         )  # fmt: skip
+        # The report groups by the fields and counts runs by name: a file whose two disagree
+        # (edited by hand, or merged under another name) would count a seed twice.
+        spec = RunSpec(m.cell, m.rule, m.seed, m.val, m.max_epochs, m.preset, m.bf16)
+        if m.run != spec.name:
+            raise ValueError(f"run {m.run!r}, but its fields make it {spec.name!r}")
+        _check_config(d.get("config"), m)
     except (KeyError, TypeError, ValueError) as e:
         raise BrainPropError(f"{path} is not a brainprop measurement ({e}): {fix}") from None
     _check_settings(path, d, m)
     return m
+
+
+def _check_config(config: Any, m: Measurement) -> None:
+    """Refuse a stored run config (absent from the earliest files) that names another run than
+    the fields of its file. (Not ``cuda_graph``: files from before the field read as False.)"""
+    if not isinstance(config, dict):
+        return
+    fields = {
+        "name": m.run, "dataset": m.cell.dataset, "arch": m.cell.arch, "rule": m.rule,
+        "seed": m.seed, "preset": m.preset, "bf16": m.bf16,
+    }  # fmt: skip
+    for key, value in fields.items():
+        if key in config and config[key] != value:
+            raise ValueError(f"its config's {key} is {config[key]!r}, its own {value!r}")
 
 
 def _check_settings(path: Path, d: dict[str, Any], m: Measurement) -> None:
@@ -240,6 +260,15 @@ def changed_setting(config: dict[str, Any], preset: str, cell: Cell) -> str | No
         if ran != now:
             return f"ran with {field.name} {ran!r}, but preset {preset!r} now has {now!r}"
     return None
+
+
+def _text(d: dict[str, Any], key: str, default: str | None = None) -> str:
+    """``d[key]`` (``default`` where absent) if it is a string that says something; ``str()``
+    would make a machine of null."""
+    v = d[key] if default is None else d.get(key, default)
+    if not isinstance(v, str) or not v.strip():
+        raise ValueError(f"{key} {v!r}, not a name")
+    return v
 
 
 def _flag(d: dict[str, Any], key: str) -> bool:

@@ -33,10 +33,12 @@ import os
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from statistics import fmean, stdev
 from typing import Any
 
+from . import studentt
 from .checkpoint import atomic_write, atomic_write_json, atomic_write_text, make_folder
 from .errors import BrainPropError
 from .matrix import MATRIX, RULE_ORDER, Cell
@@ -49,15 +51,6 @@ README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
 #: The paper: BrainProp takes 1 to 3.5 times EBP's epochs.
 CLAIMED_RATIO = (1.0, 3.5)
 
-#: Student's t at 97.5 % by whole degrees of freedom: the two-sided 95 % limit of Welch's test.
-#: A table of the standard values rather than scipy, which this package would need for this
-#: alone.
-T975 = {
-    1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
-    10: 2.228, 11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110,
-    18: 2.101, 19: 2.093, 20: 2.086, 21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.060,
-    26: 2.056, 27: 2.052, 28: 2.048, 29: 2.045, 30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980,
-}  # fmt: skip
 #: How the report names the rules.
 RULE_NAMES = {"brainprop": "BrainProp", "ebp": "EBP"}
 
@@ -102,8 +95,8 @@ class Stat:
 
     def text(self, digits: int = 2) -> str:
         if self.sd is None:
-            return f"{self.mean:.{digits}f}"
-        return f"{self.mean:.{digits}f} ({self.sd:.{digits}f})"
+            return fixed(self.mean, digits)
+        return f"{fixed(self.mean, digits)} ({fixed(self.sd, digits)})"
 
 
 @dataclass(frozen=True)
@@ -289,9 +282,11 @@ def compare(
     ratio = None
     ratio_verdict = unpaired
     if bp and ebp and bp.test_acc and ebp.test_acc:
-        broke = [RULE_NAMES[r] for r, s in (("brainprop", bp), ("ebp", ebp)) if s.diverged]
+        pairs = (("brainprop", bp), ("ebp", ebp))
+        broke = [RULE_NAMES[r] for r, s in pairs if s.diverged]
         if not (bp.epochs_to_best and ebp.epochs_to_best):
-            ratio_verdict = Verdict(None, f"every run of {' and '.join(broke)} diverged")
+            gone = [RULE_NAMES[r] for r, s in pairs if not s.epochs_to_best]
+            ratio_verdict = Verdict(None, f"every run of {' and '.join(gone)} diverged")
         else:
             ratio = bp.epochs_to_best.mean / ebp.epochs_to_best.mean
             if bp.epochs_to_best.n > 1 and ebp.epochs_to_best.n > 1:
@@ -339,20 +334,17 @@ def welch_limit(a: Stat, b: Stat) -> float | None:
     95 % calls noise: t(0.975, Welch-Satterthwaite degrees of freedom) x the standard error of
     the difference. None below 2 values each; 0 when neither varies (no test is possible).
 
-    The degrees of freedom are rounded down to the table's, which never makes the limit
-    smaller than the exact one: with 2 or 3 seeds per rule a difference must be 2.8 to 12.7
-    standard errors before it counts, where a fixed 2 would call one pair of equal rules in 5
-    different (2 seeds per rule: 2 degrees of freedom), one in 9 (3 seeds: 4).
+    With 2 or 3 seeds per rule a difference must be 2.8 to 12.7 standard errors before it
+    counts, where a fixed 2 would call one pair of equal rules in 5 different (2 seeds per
+    rule, equal spreads: 2 degrees of freedom), one in 9 (3 seeds: 4).
     """
     if a.sd is None or b.sd is None:
         return None
     va, vb = a.sd**2 / a.n, b.sd**2 / b.n
     if va + vb == 0:
         return 0.0
-    # The tolerance keeps equal spreads (n1 + n2 - 2 exactly) off the row below in float.
-    df = (va + vb) ** 2 / (va**2 / (a.n - 1) + vb**2 / (b.n - 1)) + 1e-9
-    t = T975[max((d for d in T975 if d <= df), default=1)]
-    return t * math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va**2 / (a.n - 1) + vb**2 / (b.n - 1))
+    return studentt.quantile(0.975, df) * math.sqrt(va + vb)
 
 
 def _within(difference: float, limit: float) -> bool:
@@ -475,9 +467,19 @@ def _cap(max_epochs: int | None) -> str:
 
 
 def _num(value: float | None, digits: int = 2, sign: bool = False) -> str:
-    if value is None:
-        return "–"
-    return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
+    return "–" if value is None else fixed(value, digits, sign)
+
+
+def fixed(value: float, digits: int, sign: bool = False) -> str:
+    """``value`` with ``digits`` decimals, a half rounded away from zero.
+
+    Means of two seeds are often exact halves (98.145, of 98.14 and 98.15), which a binary
+    float holds a hair above or below; rounded as stored, they went either way, and a gap could
+    disagree with the two means printed beside it. Rounded first to 9 decimals, far below any
+    accuracy's resolution (0.01 %), the float is the half it stands for.
+    """
+    exact = Decimal(f"{value:.9f}").quantize(Decimal(1).scaleb(-digits), ROUND_HALF_UP)
+    return format(exact, "+f" if sign else "f")
 
 
 def _stat(stat: Stat | None, digits: int = 2) -> str:
