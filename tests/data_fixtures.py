@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import io
 import pickle
+import struct
 import tarfile
 import zipfile
 from pathlib import Path
@@ -49,9 +50,37 @@ def write_idx_dataset(
     return arrays
 
 
-def cifar_pickle(entries: dict[bytes, object]) -> bytes:
-    """A CIFAR batch exactly as the official files store it: protocol 2, bytes keys."""
-    return pickle.dumps(entries, protocol=2)
+class _Python2Pickler(pickle._Pickler):  # the pure-Python pickler: its opcodes can be changed
+    """Pickles as Python 2's cPickle wrote the official CIFAR files (protocol 2): every string
+    (keys, pixels, dtype codes) a BINSTRING, numpy's functions under ``numpy.core``, and a memo
+    entry for each. Python 3 writes bytes as ``_codecs.encode`` calls instead, and numpy 2 its
+    functions under ``numpy._core``: a loader tested on those alone might not read the real
+    files."""
+
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def save_string(self, obj: bytes | str) -> None:
+        data = obj.encode("latin1") if isinstance(obj, str) else obj
+        if len(data) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(data)]) + data)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(data)) + data)
+        self.memoize(obj)
+
+    dispatch[bytes] = dispatch[str] = save_string
+
+    def save_global(self, obj: object, name: str | None = None) -> None:
+        name = name or obj.__qualname__
+        module = pickle.whichmodule(obj, name).replace("numpy._core", "numpy.core")
+        self.write(pickle.GLOBAL + f"{module}\n{name}\n".encode())
+        self.memoize(obj)
+
+
+def cifar_pickle(entries: object) -> bytes:
+    """A CIFAR batch exactly as the official files store it (see :class:`_Python2Pickler`)."""
+    out = io.BytesIO()
+    _Python2Pickler(out, protocol=2).dump(entries)
+    return out.getvalue()
 
 
 def write_cifar10(root: Path, *, per_batch: int = 3, seed: int = 0) -> dict[str, np.ndarray]:
