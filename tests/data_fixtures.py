@@ -152,10 +152,12 @@ def write_tiny_imagenet(root: Path, *, train_per_class: int = 2) -> Path:
     for c, wnid in enumerate(WNIDS):
         images = folder / "train" / wnid / "images"
         images.mkdir(parents=True)
-        (folder / "train" / wnid / f"{wnid}_boxes.txt").write_text("")
+        boxes = []
         for i in range(train_per_class):
             mode = "L" if (c, i) == (1, 0) else "RGB"
             (images / f"{wnid}_{i}.JPEG").write_bytes(jpeg_bytes(rng, mode=mode))
+            boxes.append(f"{wnid}_{i}.JPEG\t0\t10\t63\t58\n")
+        (folder / "train" / wnid / f"{wnid}_boxes.txt").write_text("".join(boxes))
     val = folder / "val" / "images"
     val.mkdir(parents=True)
     lines = []

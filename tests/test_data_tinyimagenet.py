@@ -65,7 +65,10 @@ def test_second_load_uses_cache_without_decoding(tmp_path: Path, monkeypatch) ->
 def test_cache_is_rebuilt_when_files_change(tmp_path: Path) -> None:
     folder = write_tiny_imagenet(tmp_path)
     load_dataset("tiny-imagenet", tmp_path)
+    # An image taken out of the tree and out of its class's list, as a curated subset would be.
     (folder / "train" / WNIDS[0] / "images" / f"{WNIDS[0]}_1.JPEG").unlink()
+    boxes = folder / "train" / WNIDS[0] / f"{WNIDS[0]}_boxes.txt"
+    boxes.write_text(boxes.read_text().splitlines(keepends=True)[0])
     assert load_dataset("tiny-imagenet", tmp_path).train_y.tolist() == [0, 1, 1, 2, 2]
 
 
@@ -158,6 +161,63 @@ def test_missing_class_folder(tmp_path: Path) -> None:
     (folder / "wnids.txt").write_text("\n".join(WNIDS) + "\nn00000001\n")
     missing = folder / "train" / "n00000001" / "images"
     assert _error(tmp_path) == f"Tiny ImageNet folder {missing} is missing: {fix(folder)}"
+
+
+def test_a_val_image_annotated_but_absent_is_refused(tmp_path: Path) -> None:
+    """A half-extracted archive must not test on part of the val split."""
+    folder = write_tiny_imagenet(tmp_path)
+    (folder / "val" / "images" / "val_3.JPEG").unlink()
+    (folder / "val" / "images" / "val_1.JPEG").unlink()
+    assert _error(tmp_path) == (
+        f"Tiny ImageNet 2 images listed in {folder / 'val' / 'val_annotations.txt'} are missing "
+        f"from {folder / 'val' / 'images'} (the first: val_1.JPEG): {fix(folder)}"
+    )
+
+
+def test_a_training_image_its_class_lists_but_lacks_is_refused(tmp_path: Path) -> None:
+    folder = write_tiny_imagenet(tmp_path)
+    class_dir = folder / "train" / WNIDS[2]
+    (class_dir / "images" / f"{WNIDS[2]}_1.JPEG").unlink()
+    assert _error(tmp_path) == (
+        f"Tiny ImageNet 1 images listed in {class_dir / f'{WNIDS[2]}_boxes.txt'} are missing "
+        f"from {class_dir / 'images'} (the first: {WNIDS[2]}_1.JPEG): {fix(folder)}"
+    )
+
+
+def test_a_class_without_images_is_refused(tmp_path: Path) -> None:
+    folder = write_tiny_imagenet(tmp_path)
+    class_dir = folder / "train" / WNIDS[1]
+    (class_dir / f"{WNIDS[1]}_boxes.txt").unlink()
+    for image in (class_dir / "images").iterdir():
+        image.unlink()
+    assert _error(tmp_path) == (
+        f"Tiny ImageNet folder {class_dir / 'images'} holds no images: {fix(folder)}"
+    )
+
+
+@pytest.mark.parametrize("where", ["wnids.txt", "val/images", "val/images/val_0.JPEG"])
+def test_a_file_this_user_may_not_read_is_a_permissions_problem_not_damage(
+    tmp_path: Path, monkeypatch, where: str
+) -> None:
+    """Deleting and downloading 248 MB again would not help; permissions would."""
+    folder = write_tiny_imagenet(tmp_path)
+    denied = folder / where
+    original = {"read_text": Path.read_text, "iterdir": Path.iterdir, "open": tin.Image.open}
+
+    def refuse(name):
+        def call(path, *args, **kwargs):
+            if Path(path) == denied:
+                raise PermissionError(13, "Permission denied", str(path))
+            return original[name](path, *args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(Path, "read_text", refuse("read_text"))
+    monkeypatch.setattr(Path, "iterdir", refuse("iterdir"))
+    monkeypatch.setattr(tin.Image, "open", refuse("open"))
+    message = _error(tmp_path)
+    assert message.startswith("Tiny ImageNet ") and f" {denied} cannot be " in message
+    assert message.endswith("): check its permissions") and "delete" not in message
 
 
 def test_missing_dataset(tmp_path: Path) -> None:

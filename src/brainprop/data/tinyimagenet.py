@@ -50,11 +50,19 @@ def _fail(what: str, inside: Path) -> BrainPropError:
     )
 
 
+def _denied(what: str, exc: PermissionError) -> BrainPropError:
+    """A one-line error about a file or folder this user may not read: no sign of damage, so
+    no advice to delete a 248 MB download."""
+    return BrainPropError(f"Tiny ImageNet {what} ({reason(exc)}): check its permissions")
+
+
 def _read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except FileNotFoundError as exc:
         raise _fail(f"file {path} is missing", path) from exc
+    except PermissionError as exc:
+        raise _denied(f"file {path} cannot be read", exc) from exc
     except (OSError, UnicodeDecodeError) as exc:
         raise _fail(f"file {path} cannot be read ({reason(exc)})", path) from exc
 
@@ -65,8 +73,37 @@ def _jpegs(folder: Path) -> list[Path]:
         return sorted(p for p in folder.iterdir() if p.suffix == ".JPEG" and p.is_file())
     except FileNotFoundError as exc:
         raise _fail(f"folder {folder} is missing", folder) from exc
+    except PermissionError as exc:
+        raise _denied(f"folder {folder} cannot be listed", exc) from exc
     except OSError as exc:
         raise _fail(f"folder {folder} cannot be listed ({reason(exc)})", folder) from exc
+
+
+def _check_complete(listed: set[str], images: list[Path], listing: Path, folder: Path) -> None:
+    """Fail unless every image file name ``listing`` lists is among ``images`` of ``folder``:
+    an archive extracted in part must not train or test on part of the data."""
+    missing = sorted(listed - {p.name for p in images})
+    if missing:
+        raise _fail(
+            f"{len(missing)} images listed in {listing} are missing from {folder} (the first: "
+            f"{missing[0]})",
+            folder,
+        )
+
+
+def _train_images(folder: Path, wnid: str) -> list[Path]:
+    """One class's training JPEGs: at least one, and each that its ``<wnid>_boxes.txt`` lists
+    where it has one (the official tree does, one line per image, 500 per class)."""
+    class_dir = folder / "train" / wnid
+    images = _jpegs(class_dir / "images")
+    if not images:
+        raise _fail(f"folder {class_dir / 'images'} holds no images", class_dir)
+    boxes = class_dir / f"{wnid}_boxes.txt"
+    if boxes.is_file():
+        lines = _read_text(boxes).splitlines()
+        listed = {line.split("\t")[0].strip() for line in lines if line.strip()}
+        _check_complete(listed, images, boxes, class_dir / "images")
+    return images
 
 
 def read_wnids(folder: Path) -> list[str]:
@@ -111,17 +148,18 @@ def _list_files(folder: Path) -> tuple[list[str], list[tuple[Path, int]], list[t
     """Return the class ids and the (image path, label) lists of the train and val splits."""
     wnids = read_wnids(folder)
     class_index = {wnid: i for i, wnid in enumerate(wnids)}
-    train = [
-        (p, i) for i, wnid in enumerate(wnids) for p in _jpegs(folder / "train" / wnid / "images")
-    ]
+    train = [(p, i) for i, wnid in enumerate(wnids) for p in _train_images(folder, wnid)]
     val_labels = read_val_annotations(folder, class_index)
+    annotations = folder / "val" / "val_annotations.txt"
+    val_images = _jpegs(folder / "val" / "images")
+    _check_complete(set(val_labels), val_images, annotations, folder / "val" / "images")
     test = []
-    for p in _jpegs(folder / "val" / "images"):
+    for p in val_images:
         if p.name not in val_labels:
-            raise _fail(f"val image {p} has no line in {folder / 'val' / 'val_annotations.txt'}", p)
+            raise _fail(f"val image {p} has no line in {annotations}", p)
         test.append((p, val_labels[p.name]))
-    if not train or not test:
-        raise _fail(f"folder {folder} has no {'train' if not train else 'val'} images", folder)
+    if not test:
+        raise _fail(f"folder {folder} has no val images", folder)
     return wnids, train, test
 
 
@@ -136,6 +174,8 @@ def decode_image(path: Path) -> np.ndarray:
                     f"image {path} is {image.size[0]}x{image.size[1]}, expected 64x64", path
                 )
             rgb = image.convert("RGB")
+    except PermissionError as exc:
+        raise _denied(f"image {path} cannot be read", exc) from exc
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
         raise _fail(f"image {path} cannot be decoded ({reason(exc)})", path) from exc
     return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1)
