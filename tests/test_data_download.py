@@ -21,6 +21,7 @@ from data_fixtures import (
     tar_gz_bytes,
     tree_bytes,
     write_cifar10,
+    write_cifar100,
     write_idx_dataset,
     write_tiny_imagenet,
     zip_bytes,
@@ -94,6 +95,23 @@ def test_cifar10_tar_gz(tmp_path: Path, server, monkeypatch) -> None:
     assert load_dataset("cifar10", root).train_x.shape == (15, 3, 32, 32)
     # Present now, so a second call fetches nothing, even with the server gone.
     assert download("cifar10", root, base_url="http://127.0.0.1:9", progress=False) == path
+
+
+def test_cifar100_tar_gz(tmp_path: Path, server, monkeypatch) -> None:
+    served, url = server
+    arrays = write_cifar100(tmp_path / "src")
+    folder = tmp_path / "src" / "cifar100" / "cifar-100-python"
+    archive = tar_gz_bytes(tree_bytes(folder, "cifar-100-python"))
+    key = "cifar100/cifar-100-python.tar.gz"
+    _serve(served, "cifar-100-python.tar.gz", archive, monkeypatch, key)
+    root = tmp_path / "root"
+    path = download("cifar100", root, base_url=url, progress=False)
+    assert path == root / "cifar100" / "cifar-100-python"
+    assert [p.name for p in (root / "cifar100").iterdir()] == ["cifar-100-python"]
+    ds = load_dataset("cifar100", root)
+    assert ds.num_classes == 100 and ds.train_y.tolist() == arrays["train_fine"]
+    # The coarse labels come from the same download.
+    assert load_dataset("cifar100-coarse", root).test_y.tolist() == arrays["test_coarse"]
 
 
 def test_tiny_imagenet_zip(tmp_path: Path, server, monkeypatch) -> None:
