@@ -37,7 +37,9 @@ from brainprop.peaks import (
     gpu_board,
     op_precisions,
     precision_label,
+    tf32_ops,
 )
+from brainprop.presets import build_model
 
 ROW_FIELDS = {
     "preset", "rule", "batch_size", "steps_per_epoch", "step_ms", "epoch_s", "images_per_s",
@@ -168,6 +170,23 @@ def test_precision_label_names_matmul_and_conv_apart(tf32, matmul, conv, bf16, l
     assert precision_label(*op_precisions(torch.device("cpu"), bf16)) == (
         "bf16" if bf16 else "fp32"
     )
+
+
+def test_a_runs_tf32_ops_are_those_it_has_and_that_ran_in_tf32(tf32):
+    conv = build_model("conv", (1, 28, 28), 10)
+    dense, loccon = build_model("dense", (1, 28, 28), 10), build_model("loccon", (1, 28, 28), 10)
+    cuda = torch.device("cuda")
+    tf32(False, True)  # PyTorch's defaults
+    assert tf32_ops(cuda, False, conv) == ["convolutions"]
+    # No convolution to run in TF32 (a locally connected layer is matmuls).
+    assert tf32_ops(cuda, False, dense) == tf32_ops(cuda, False, loccon) == []
+    assert tf32_ops(cuda, True, conv) == []  # bf16 autocast: another precision, named apart
+    assert tf32_ops(torch.device("cpu"), False, conv) == []
+    tf32(True, True)
+    assert tf32_ops(cuda, False, conv) == ["matmuls", "convolutions"]
+    assert tf32_ops(cuda, False, dense) == ["matmuls"]
+    tf32(False, False)
+    assert tf32_ops(cuda, False, conv) == []
 
 
 def test_precisions_read_the_new_tf32_settings():

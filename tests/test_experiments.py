@@ -35,6 +35,7 @@ from brainprop.matrix import (
     select_cells,
 )
 from brainprop.measurements import load_measurements, machine_slug, record
+from brainprop.measurements import write_measurement as write_measurement_record
 from brainprop.report import README_END, README_START
 from brainprop.resume import stored_config
 
@@ -174,6 +175,23 @@ def test_estimates_use_this_machine_and_subtract_epochs_done(tmp_path):
                       s_per_epoch=4.0)  # fmt: skip
     measurements = load_measurements(tmp_path)
     assert ex.estimate_seconds(RunSpec(CONV, "ebp", 4), measurements, "gpu", tmp_path) == 225
+
+
+def test_a_run_whose_convolutions_took_tf32_times_the_next_on_its_machine(tmp_path):
+    """A request cannot know whether a network's convolutions take TF32 before it builds it;
+    its machine's runs in TF32 still estimate it, and record apart."""
+    m = write_measurement(tmp_path, RunSpec(CONV, "brainprop", 0), "gpu", test_acc=0.9,
+                          epochs_run=10, s_per_epoch=5.0)  # fmt: skip
+    d = json.loads(m.path.read_text())
+    d["summary"]["tf32"] = ["convolutions"]
+    m.path.unlink()
+    write_measurement_record(replace(m, summary=d["summary"]), {}, {}, tmp_path)
+    [back] = load_measurements(tmp_path)
+    assert back.setup == "gpu, TF32 convolutions" and back.path.name.endswith(
+        "@gpu-tf32-convolutions.json"
+    )
+    # 10 epochs x (5 + 1) s.
+    assert ex.estimate_seconds(RunSpec(CONV, "brainprop", 1), [back], "gpu", tmp_path) == 60
 
 
 def test_estimates_scale_runs_that_shared_the_device_otherwise(tmp_path):

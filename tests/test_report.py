@@ -455,6 +455,8 @@ def _edit_summary(out: Path, edit) -> None:
         ("best_val_acc", None),
         ("total_seconds", None),
         ("stop_reason", ["max epochs"]),
+        ("tf32", "convolutions"),
+        ("tf32", ["convolution"]),
     ],
 )
 def test_a_merged_summary_without_what_the_report_reads_is_a_one_line_error(
@@ -666,6 +668,22 @@ def test_runs_with_another_preset_are_their_own_row_held_to_the_published_number
     d.update(preset="from-the-future", run="mnist-dense-ebp-s1-from-the-future")
     m.path.write_text(json.dumps(d))
     assert "from-the-future: not in this version's tables" in write_report(tmp_path).read_text()
+
+
+def test_runs_whose_gpu_computed_in_tf32_are_their_own_row_so_named(tmp_path):
+    """PyTorch's default on CUDA runs fp32 convolutions in TF32: not the paper's fp32."""
+    _cell_runs(tmp_path, CONV, GPU, [0.992, 0.993], [0.993, 0.994], [50, 60], [40, 50])
+    _cell_runs(tmp_path / "tf32", CONV, GPU, [0.990, 0.991], [0.991, 0.992], [50, 60], [40, 50])
+    for path in (tmp_path / "tf32" / MEASUREMENTS).glob("*.json"):
+        d = json.loads(path.read_text())
+        d["summary"]["tf32"] = ["convolutions"]
+        (tmp_path / MEASUREMENTS / path.name.replace("@", "@tf32-")).write_text(json.dumps(d))
+    fp32, tf32 = aggregate(load_measurements(tmp_path))
+    assert tf32.rules["brainprop"].seeds == (0, 1)  # the same runs, another precision
+    assert (fp32.machine, tf32.machine) == (GPU, f"{GPU}, TF32 convolutions")
+    assert tf32.rules["brainprop"].test_acc.mean == pytest.approx(99.05)
+    md = write_report(tmp_path).read_text()
+    assert f"| MNIST conv | {GPU}, TF32 convolutions | 500 (paper) | 2 / 2 |" in md
 
 
 def test_bf16_runs_are_their_own_row_marked_bf16(tmp_path):

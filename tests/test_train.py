@@ -1,5 +1,6 @@
 """The training loop: outputs, reproducibility, checkpoints, held-out validation, NaN stops."""
 
+import importlib
 import json
 import math
 import sys
@@ -17,6 +18,8 @@ from brainprop.presets import build_model
 from brainprop.rundir import write_history
 from brainprop.step import make_optimizer, train_step
 from brainprop.train import MEASURED_COLUMNS
+
+train_module = importlib.import_module("brainprop.train")
 
 
 def _config(tmp_path, **kw):
@@ -50,6 +53,22 @@ def test_training_learns_and_writes_a_complete_run_directory(tmp_path, tiny_data
     for h in history:
         assert 0 < h["host_rss_mib"] <= h["peak_memory_mib"] < 2**20
     assert "peak_memory_mib,host_rss_mib" in (run.dir / "history.csv").read_text()
+
+
+def test_the_summary_names_ops_that_ran_in_tf32(tmp_path, tiny_dataset, monkeypatch):
+    """Not the paper's fp32, so the report keeps such runs apart; fp32 on a CPU is unmarked."""
+    plain = train(_config(tmp_path, epochs=1), dataset=tiny_dataset, progress=False)
+    assert "tf32" not in plain.summary
+    seen = []
+
+    def tf32_ops(device, bf16, model):
+        seen.append((device.type, bf16, type(model).__name__))
+        return ["convolutions"]
+
+    monkeypatch.setattr(train_module, "tf32_ops", tf32_ops)
+    run = train(_config(tmp_path, epochs=1, name="tf32"), dataset=tiny_dataset, progress=False)
+    assert run.summary["tf32"] == ["convolutions"] and seen == [("cpu", False, "Sequential")]
+    assert json.loads((run.dir / "summary.json").read_text())["tf32"] == ["convolutions"]
 
 
 def test_history_csv_holds_every_rows_columns(tmp_path):

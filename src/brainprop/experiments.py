@@ -84,9 +84,11 @@ def estimate_seconds(
         m for m in measurements
         if m.cell == spec.cell and m.val == spec.val and m.preset == spec.preset
     ]  # fmt: skip
+    # TF32 left out: whether a network's convolutions take it shows only once it is built.
     timed = [
         m for m in same_cell
-        if m.setup == setup and m.stack == stack and m.summary.get("epochs_run")
+        if setup_label(m.machine, m.bf16, m.cuda_graph) == setup and m.stack == stack
+        and m.summary.get("epochs_run")
     ]  # fmt: skip
     alike = [m for m in timed if m.at_once == at_once] or timed
     own = [m for m in alike if m.rule == spec.rule] or alike

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,8 @@ class Measurement:
     recorded hold paper runs). ``machine`` is the device, ``bf16`` whether the run trained
     under bf16 autocast and ``cuda_graph`` whether it replayed its steps from a CUDA graph:
     together they are :attr:`setup`, what the run's seconds compare with. Its accuracy compares
-    with :attr:`numerics`, the setup without the graph, which computes what a plain step does.
+    with :attr:`numerics`, the setup without the graph, which computes what a plain step does,
+    and with the ops its summary names as computed in TF32.
     ``stack`` (seeds trained as one network) and ``at_once`` (runs packed onto one GPU) say how
     many runs shared the device, so that its seconds can be compared with runs shared alike.
     ``company`` is how many runs shared the GPU on average over the run's time (itself
@@ -63,8 +65,16 @@ class Measurement:
 
     @property
     def file_name(self) -> str:
-        # bf16 is in the run's name already; a graph is not, and is another setup.
-        return f"{self.run}@{machine_slug(self.machine)}{'-cuda-graph' * self.cuda_graph}.json"
+        # bf16 is in the run's name already; TF32 and a graph are not, and are other setups.
+        tf32 = f"-tf32-{'-'.join(self.tf32)}" if self.tf32 else ""
+        return (
+            f"{self.run}@{machine_slug(self.machine)}{tf32}{'-cuda-graph' * self.cuda_graph}.json"
+        )
+
+    @property
+    def tf32(self) -> list[str]:
+        """The ops the run computed in TF32 (see :func:`~brainprop.peaks.tf32_ops`)."""
+        return list(self.summary.get("tf32", []))
 
     @property
     def shared_by(self) -> int:
@@ -81,14 +91,15 @@ class Measurement:
     def setup(self) -> str:
         """The machine and how the run computed, e.g. ``"NVIDIA H200, bf16, CUDA graph"``:
         what its seconds compare with."""
-        return setup_label(self.machine, self.bf16, self.cuda_graph)
+        return setup_label(self.machine, self.bf16, self.cuda_graph, self.tf32)
 
     @property
     def numerics(self) -> str:
-        """The machine and the precision, e.g. ``"NVIDIA H200, bf16"``: what its accuracy and
-        epochs compare with. A CUDA graph replays the very step a plain run takes, so graphed
-        and plain runs pool in a report row; their seconds do not."""
-        return setup_label(self.machine, self.bf16, False)
+        """The machine and the precision, e.g. ``"NVIDIA H200, bf16"`` or ``"NVIDIA H200, TF32
+        convolutions"``: what its accuracy and epochs compare with. A CUDA graph replays the
+        very step a plain run takes, so graphed and plain runs pool in a report row; their
+        seconds do not."""
+        return setup_label(self.machine, self.bf16, False, self.tf32)
 
     @property
     def timed_on(self) -> str:
@@ -101,10 +112,13 @@ def machine_slug(machine: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", machine.lower()).strip("-") or "unknown"
 
 
-def setup_label(machine: str, bf16: bool, cuda_graph: bool) -> str:
-    """``machine``, marked ``", bf16"`` for runs under bf16 autocast and ``", CUDA graph"`` for
-    runs replayed from one (the paper's fp32, step by step, is unmarked)."""
-    return ", ".join([machine, *["bf16"] * bf16, *["CUDA graph"] * cuda_graph])
+def setup_label(machine: str, bf16: bool, cuda_graph: bool, tf32: Sequence[str] = ()) -> str:
+    """``machine``, marked ``", bf16"`` for runs under bf16 autocast, ``", TF32 convolutions"``
+    (or matmuls) for runs whose GPU computed those in TF32 (PyTorch's default for fp32
+    convolutions, see :func:`~brainprop.peaks.tf32_ops`) and ``", CUDA graph"`` for runs
+    replayed from one (the paper's fp32, step by step, is unmarked)."""
+    marks = ["bf16"] * bf16 + [f"TF32 {' and '.join(tf32)}"] * bool(tf32)
+    return ", ".join([machine, *marks, *["CUDA graph"] * cuda_graph])
 
 
 def record(spec: RunSpec, run_dir: Path, out: Path, company: float = 1.0) -> Measurement:

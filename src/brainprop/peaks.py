@@ -16,6 +16,7 @@ import torch
 
 from .devices import cpuinfo, native_bf16, physical_cores
 from .errors import BrainPropError
+from .summary import TF32_OPS
 
 _HOPPER_SXM = {"bf16": 989.0, "tf32": 494.7, "fp32": 66.9}
 _A100 = {"bf16": 312.0, "tf32": 156.0, "fp32": 19.5}
@@ -165,6 +166,16 @@ def op_precisions(device: torch.device, bf16: bool) -> tuple[str, str]:
         return "fp32", "fp32"
     matmul = "tf32" if _matmul_allows_tf32() else "fp32"
     return matmul, "tf32" if _conv_allows_tf32() else "fp32"
+
+
+def tf32_ops(device: torch.device, bf16: bool, model: torch.nn.Module) -> list[str]:
+    """Which of ``model``'s fp32 ops ran in TF32 on ``device`` ("matmuls", "convolutions"):
+    a 10-bit mantissa instead of fp32's 23, so not the paper's fp32 (its GTX 1080 Ti had no
+    TF32). PyTorch's default on CUDA gives convolutions TF32 and matmuls fp32."""
+    matmul, conv = op_precisions(device, bf16)
+    convolutions = any(isinstance(m, torch.nn.modules.conv._ConvNd) for m in model.modules())
+    ran = (matmul == "tf32", convolutions and conv == "tf32")
+    return [name for name, tf32 in zip(TF32_OPS, ran, strict=True) if tf32]
 
 
 def precision_label(matmul: str, conv: str) -> str:

@@ -22,6 +22,8 @@ EPOCH_KEYS: dict[str, type | tuple[type, ...]] = {
 
 #: Fields the report or a budget reads where present: runs of earlier versions lack them.
 OPTIONAL_KEYS = ("final_val_acc", "wall_seconds")
+#: The ops that ``tf32`` can name as computed in TF32 (:func:`brainprop.peaks.tf32_ops`).
+TF32_OPS = ("matmuls", "convolutions")
 #: The values a run can record, where they are narrower than "finite and >= 0".
 BOUNDS: dict[str, tuple[float, float]] = {
     "best_val_acc": (0, 1),
@@ -83,6 +85,9 @@ def check_summary(summary: Any) -> None:
         raise ValueError("summary's epochs_run is missing or not a count")
     if not isinstance(summary.get("stop_reason", ""), str):
         raise ValueError("summary's stop_reason is not text")
+    tf32 = summary.get("tf32", [])
+    if not isinstance(tf32, list) or not set(tf32) <= set(TF32_OPS):
+        raise ValueError(f"summary's tf32 is {tf32!r}, not a list of {' and '.join(TF32_OPS)}")
     # A run stopped before its first epoch ended legitimately has none of the epoch fields.
     if summary["epochs_run"] == 0 and not summary.keys() & EPOCH_KEYS.keys():
         return

@@ -41,6 +41,7 @@ from .errors import BrainPropError
 from .evaluation import accuracy, all_finite
 from .feedback import convert
 from .objectives import Objective, make_objective
+from .peaks import tf32_ops
 from .presets import build_model
 from .resume import (
     PARTIAL_SUMS,
@@ -836,6 +837,11 @@ def facts(trainer: Trainer) -> dict[str, Any]:
         "device": device_name(trainer.device),
         "world_size": trainer.parallel.world_size,
     }
+    # Another precision than the paper's fp32: the report keeps such runs apart
+    # (Measurement.numerics). As this process computed; a resumed run's earlier epochs ran
+    # under the settings of their own process.
+    if tf32 := tf32_ops(trainer.device, config.bf16, trainer.model):
+        known["tf32"] = tf32
     # The most seeds the run shared a step with (brainprop.stacked), which its timing is
     # compared by; also when a plain resume finished a run that began in a stack.
     shared = max((h.get("stack_size", 1) for h in trainer.history), default=1)
