@@ -179,7 +179,7 @@ def test_a_training_image_its_class_lists_but_lacks_is_refused(tmp_path: Path) -
     class_dir = folder / "train" / WNIDS[2]
     (class_dir / "images" / f"{WNIDS[2]}_1.JPEG").unlink()
     assert _error(tmp_path) == (
-        f"Tiny ImageNet 1 images listed in {class_dir / f'{WNIDS[2]}_boxes.txt'} are missing "
+        f"Tiny ImageNet 1 image listed in {class_dir / f'{WNIDS[2]}_boxes.txt'} is missing "
         f"from {class_dir / 'images'} (the first: {WNIDS[2]}_1.JPEG): {fix(folder)}"
     )
 

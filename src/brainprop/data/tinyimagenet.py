@@ -84,9 +84,10 @@ def _check_complete(listed: set[str], images: list[Path], listing: Path, folder:
     an archive extracted in part must not train or test on part of the data."""
     missing = sorted(listed - {p.name for p in images})
     if missing:
+        n = len(missing)
         raise _fail(
-            f"{len(missing)} images listed in {listing} are missing from {folder} (the first: "
-            f"{missing[0]})",
+            f"{n} image{'s' * (n > 1)} listed in {listing} {'are' if n > 1 else 'is'} missing "
+            f"from {folder} (the first: {missing[0]})",
             folder,
         )
 
