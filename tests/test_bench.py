@@ -9,6 +9,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import weakref
 
 import pytest
@@ -76,10 +77,13 @@ def test_report_has_both_rules_and_every_field(report):
     for row in asked["results"]:
         row["steps_timed"] = 5
     assert "- 5 timed steps after" in markdown(asked)
+    # The ratio of each round's two blocks, moments apart, and their median.
     (ratio,) = rep["ratios"]
-    assert ratio["brainprop_over_ebp"] == pytest.approx(
-        ratio["brainprop_step_ms"] / ratio["ebp_step_ms"]
-    )
+    bp, ebp = rep["results"]
+    paired = [a / b for a, b in zip(bp["step_ms_blocks"], ebp["step_ms_blocks"], strict=True)]
+    assert ratio["brainprop_over_ebp_blocks"] == pytest.approx(paired)
+    assert ratio["brainprop_over_ebp"] == pytest.approx(statistics.median(paired))
+    assert f"| {min(paired):.3f}-{max(paired):.3f} |" in (out / MARKDOWN_NAME).read_text()
     # The dense network has no convolution, so its fast path is eager and is timed once.
     assert "fast path" in rep["mode"]
     for row in rep["results"]:
@@ -104,6 +108,33 @@ def test_dense_flops_match_a_hand_count(report):
     for row in report[0]["results"]:
         assert row["forward_flops_per_step"] == forward
         assert row["flops_per_step"] == forward + backward
+
+
+def test_rounds_alternate_their_order_and_each_step_keeps_the_loops_running_sums(monkeypatch):
+    """Every other round backwards, so no rule's block always follows the same neighbour's;
+    each step is followed by the training loop's bookkeeping, as in training."""
+    order, tallied = [], []
+    real_tallied, real_tally = bench._tallied, bench.tally
+    names = iter(["brainprop", "ebp"])  # the order the rules are prepared in
+
+    def tallied_step(run_step, batches, device, seeds):
+        name, step = next(names), real_tallied(run_step, batches, device, seeds)
+        return lambda: (order.append(name), step())
+
+    def tally(*args):
+        tallied.append(args[-1])  # the step's number in the run
+        return real_tally(*args)
+
+    monkeypatch.setattr(bench, "_tallied", tallied_step)
+    monkeypatch.setattr(bench, "tally", tally)
+    ds = synthetic_dataset("mnist", torch.device("cpu"))
+    bench_preset(
+        ds, "dense", ["brainprop", "ebp"], torch.device("cpu"), peak=Peak(1.0, "test"),
+        steps=4, warmup=0, batch_size=4, eval_images=8,
+    )  # fmt: skip
+    # Untimed: one FLOP-counted step each as they are prepared; then 4 rounds of one step.
+    assert order == ["brainprop", "ebp"] + ["brainprop", "ebp", "ebp", "brainprop"] * 2
+    assert sorted(tallied) == sorted([0, 1, 2, 3, 4] * 2)
 
 
 def test_locally_connected_bmm_is_counted():
@@ -354,6 +385,15 @@ def test_bad_presets_and_rules_are_clear_errors():
     assert parse_preset("cifar100-coarse/deep") == ("cifar100-coarse", "deep")
     with pytest.raises(BrainPropError, match="unknown rule"):
         run_bench(["mnist/dense"], ["sgd"], device="cpu", peak_tflops=1.0)
+
+
+@pytest.mark.parametrize("size", [0, 60_001])
+def test_a_batch_no_epoch_can_hold_is_refused_before_anything_is_built(tmp_path, size):
+    """A batch above the training set would be cut to it while the row kept the size asked
+    for, overstating images/s."""
+    with pytest.raises(BrainPropError, match=r"^--batch-size must be 1 to 60,000 \(mnist's "):
+        run_bench(["mnist/dense"], ["ebp"], device="cpu", batch_size=size, out=tmp_path / "o")
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("peak", [0.0, -1.0, math.nan, math.inf])

@@ -4,8 +4,8 @@ Every preset (``dataset/arch``, hyperparameters from the paper's table) runs the
 training loop runs (:func:`brainprop.fastpath.make_step`), on synthetic uint8 images of the
 dataset's real size and shape, so nothing needs downloading and an epoch is exactly
 ``ceil(N_train / batch)`` steps. Each timed step includes the on-device gather and scaling of
-its batch; the epoch figure adds the one ``randperm`` per epoch. The loop's per-step running
-sums (four scalar ops) are not part of the step and not timed.
+its batch and the loop's running sums after it (:func:`brainprop.step.tally`); the epoch figure
+adds the one ``randperm`` per epoch.
 
 The FLOP count is measured, not typed in: :class:`torch.utils.flop_counter.FlopCounterMode`
 counts the matmuls and convolutions (``LocallyConnected2d``'s ``bmm`` included) of one real
@@ -23,6 +23,7 @@ time and its speed-up over G single steps: above 1, ``reproduce --stack G`` pays
 from __future__ import annotations
 
 import gc
+import itertools
 import os
 import platform
 import statistics
@@ -45,7 +46,7 @@ from .devices import bf16_warning, cpuinfo, resolve_device, vector_units
 from .errors import BrainPropError
 from .evaluation import EVAL_BATCH, accuracy
 from .feedback import convert
-from .objectives import RULES, Objective, make_objective
+from .objectives import RULES, Objective, Output, make_objective
 from .peaks import Peak, Peaks, device_peaks, op_precisions, precision_label
 from .presets import (
     DATASET_FAMILY,
@@ -56,7 +57,7 @@ from .presets import (
     table_row,
 )
 from .stacked import Stack
-from .step import make_optimizer
+from .step import make_optimizer, tally
 
 #: The presets the speed targets are stated for, plus the CPU target's MNIST dense.
 DEFAULT_PRESETS = (
@@ -69,6 +70,8 @@ DEFAULT_PRESETS = (
 #: Timed steps are split into this many blocks (fewer if there are fewer steps); the reported
 #: step time is the median block's, so a burst of load from another process moves it little.
 BLOCKS = 5
+#: Timed passes of the evaluation, of which the median is reported.
+EVAL_REPEATS = 3
 _EPOCH_NOTE = (
     "ceil(N_train / batch) times the median step (each including its batch's gather), plus one "
     "randperm."
@@ -165,6 +168,27 @@ def _full_batches(
         yield from permuted_batches(ds.train_x, ds.train_y, perm, batch_size)
 
 
+def _tallied(
+    run_step: Callable[[torch.Tensor, torch.Tensor], Output],
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
+    seeds: tuple[int, ...],
+) -> Callable[[], None]:
+    """A step on the next batch followed, as in training, by the loop's running sums (for
+    ``seeds`` = () one network's, (G,) a stack's): on a GPU they are a dozen small kernels per
+    step, a measurable share of the smallest networks' graphed steps."""
+    sums = torch.zeros(3, *seeds, device=device)
+    first_bad = torch.full(seeds, -1, dtype=torch.int64, device=device)
+    count = itertools.count()
+
+    def step() -> None:
+        nonlocal first_bad
+        x, y = next(batches)
+        first_bad = tally(sums, first_bad, run_step(x, y), y.shape[-1], next(count))
+
+    return step
+
+
 def _forward_flops(model: nn.Module, x: torch.Tensor) -> int:
     """FLOPs of one forward pass, in eval mode so that BatchNorm's running statistics and the
     dropout draws stay untouched (neither is a matmul, so the count is the training one's)."""
@@ -240,8 +264,8 @@ def _prepare(
     batch_size: int | None, bf16: bool, eager: bool, cuda_graph: bool = False,
 ) -> _Rule:  # fmt: skip
     """Build ``rule``'s network and step as training does (with ``eager``, as ``train --eager``
-    does), count one step's FLOPs, warm it up, and record the peak memory of those steps.
-    With ``cuda_graph`` the warm-up includes the capture."""
+    does), count one step's FLOPs, take ``warmup`` steps more (with ``cuda_graph`` enough for
+    the capture, see :func:`_warmup_steps`), and record the peak memory of those steps."""
     config = _config(ds, arch, rule, device, batch_size, bf16)
     init = torch.Generator().manual_seed(config.seed)
     model = build_model(arch, ds.input_shape, ds.num_classes, config.hyperparameters(), init)
@@ -255,11 +279,7 @@ def _prepare(
         model, objective, optimizer, generator=generator, batch_size=config.batch_size,
         bf16=bf16, cuda_graph=cuda_graph,
     )  # fmt: skip
-    warmup = _warmup_steps(warmup, cuda_graph)
-
-    def step() -> None:
-        run_step(*next(batches))
-
+    step = _tallied(run_step, batches, device, ())
     x, _ = next(batches)
     forward = _forward_flops(model, x)
     held = memory.held(device)
@@ -320,14 +340,10 @@ def _prepare_stack(
         cuda_graph=cuda_graph,
     )  # fmt: skip
     stack.rates.fill_(config.lr)
-    batches = _full_batches(ds, config.batch_size, generators)
-
-    def step() -> None:
-        stack.step(*next(batches))
-
+    step = _tallied(stack.step, _full_batches(ds, config.batch_size, generators), device, (size,))
     # As many as a single step takes with its FLOP-counted one, so that with a CUDA graph both
     # time from the same replay on (and at least one, for the peak memory).
-    untimed = _warmup_steps(warmup, cuda_graph) + 1
+    untimed = warmup + 1
     held = memory.held(device)
     was_reset = memory.reset_peak(device)
     for _ in range(untimed):
@@ -367,6 +383,9 @@ def bench_preset(
     matmul and convolution peaks (:meth:`Peaks.for_step`).
     """
     peaks = peak if isinstance(peak, Peaks) else Peaks.same(peak)
+    # Every variant (fast, eager, stacked) takes the same untimed steps: with a graph, those
+    # its capture needs. So all step the same batches, and the eager twin is as warm.
+    warmup = _warmup_steps(warmup, cuda_graph)
     prepared, eager_of, stack_of = [], {}, {}
     for rule in dict.fromkeys(rules):  # a rule named twice would pair with the wrong eager
         fast = _prepare(
@@ -388,8 +407,10 @@ def bench_preset(
             prepared.append(stack_of[rule])
     blocks = min(BLOCKS, steps)
     per_block = max(steps // blocks, 1)
-    for _ in range(blocks):
-        for r in prepared:
+    for block in range(blocks):
+        # Every other round backwards: what a block leaves behind (clocks, caches) then falls
+        # on each variant's block from both sides, not always on the same neighbour's.
+        for r in prepared if block % 2 == 0 else prepared[::-1]:
             _sync(device)
             t0 = time.perf_counter()
             for _ in range(per_block):
@@ -464,11 +485,17 @@ def bench_preset(
 
 
 def _eval_seconds(r: _Rule, x: torch.Tensor, y: torch.Tensor) -> float:
-    """Seconds ``r`` takes to score ``x``, after a warm-up on its first batch."""
+    """Median seconds of :data:`EVAL_REPEATS` passes of ``r`` scoring ``x``, after a warm-up
+    on the shapes of its batches (the first, and the short last one)."""
     r.score(x[:EVAL_BATCH], y[:EVAL_BATCH])
-    t0 = time.perf_counter()
-    r.score(x, y)
-    return time.perf_counter() - t0
+    if tail := len(y) % EVAL_BATCH:
+        r.score(x[-tail:], y[-tail:])
+    times = []
+    for _ in range(EVAL_REPEATS):
+        t0 = time.perf_counter()
+        r.score(x, y)  # reads its counts back: the device is done when it returns
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def _device_info(device: torch.device, bf16: bool, peaks: Peaks) -> dict[str, Any]:
@@ -546,6 +573,14 @@ def run_bench(
         if rule not in RULES:
             raise BrainPropError(f"unknown rule {rule!r}: choose from {', '.join(RULES)}")
     parsed = [parse_preset(p) for p in presets]
+    if batch_size is not None:
+        for dataset, _ in parsed:
+            n_train = DATASET_SHAPES[dataset].n_train
+            if not 1 <= batch_size <= n_train:
+                raise BrainPropError(
+                    f"--batch-size must be 1 to {n_train:,} ({dataset}'s training images), "
+                    f"got {batch_size}"
+                )
     dev = resolve_device(device)
     if stack > 1:
         for dataset, arch in parsed:
@@ -594,8 +629,8 @@ def run_bench(
         for row in rows:
             stacked = "" if stack == 1 else f" stack {stack} speed-up {row['stack_speedup']:.3f}"
             say(
-                f"{row['preset']:<20} {row['rule']:<9} {row['step_ms']:9.2f} ms/step "
-                f"{row['epoch_s']:8.2f} s/epoch {row['tflops']:.4f} TFLOP/s "
+                f"{row['preset']:<20} {row['rule']:<9} {_time(row['step_ms']):>9} ms/step "
+                f"{_time(row['epoch_s']):>8} s/epoch {row['tflops']:.4f} TFLOP/s "
                 f"eager ratio {_ratio(row['eager_ratio'])}{stacked}"
             )
         results += rows
@@ -613,20 +648,28 @@ def run_bench(
 
 
 def rule_ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """BrainProp/EBP step-time ratio for each preset that ran both rules."""
-    by_preset: dict[str, dict[str, float]] = {}
+    """BrainProp/EBP step-time ratio for each preset that ran both rules: the median of the
+    ratios of the two rules' blocks of one round, which ran moments apart, and their range
+    (the ratio of the two medians could pair blocks of different rounds, under other load)."""
+    by_preset: dict[str, dict[str, dict[str, Any]]] = {}
     for row in results:
-        by_preset.setdefault(row["preset"], {})[row["rule"]] = row["step_ms"]
-    return [
-        {
-            "preset": preset,
-            "brainprop_step_ms": ms["brainprop"],
-            "ebp_step_ms": ms["ebp"],
-            "brainprop_over_ebp": ms["brainprop"] / ms["ebp"],
-        }
-        for preset, ms in by_preset.items()
-        if "brainprop" in ms and "ebp" in ms
-    ]
+        by_preset.setdefault(row["preset"], {})[row["rule"]] = row
+    ratios = []
+    for preset, rows in by_preset.items():
+        if not {"brainprop", "ebp"} <= rows.keys():
+            continue
+        bp, ebp = rows["brainprop"], rows["ebp"]
+        paired = [a / b for a, b in zip(bp["step_ms_blocks"], ebp["step_ms_blocks"], strict=True)]
+        ratios.append(
+            {
+                "preset": preset,
+                "brainprop_step_ms": bp["step_ms"],
+                "ebp_step_ms": ebp["step_ms"],
+                "brainprop_over_ebp": statistics.median(paired),
+                "brainprop_over_ebp_blocks": paired,
+            }
+        )
+    return ratios
 
 
 def _mib(n: int) -> str:
@@ -642,6 +685,18 @@ def _peak_mib(row: dict[str, Any]) -> str:
 
 def _ratio(r: float | None) -> str:
     return "-" if r is None else f"{r:.3f}"
+
+
+def _ratio_range(r: dict[str, Any]) -> str:
+    """The lowest and highest of a ratio's rounds (absent from reports before 2026-11-30)."""
+    rounds = r.get("brainprop_over_ebp_blocks")
+    return f"{min(rounds):.3f}-{max(rounds):.3f}" if rounds else "-"
+
+
+def _time(v: float) -> str:
+    """Milliseconds or seconds to 3 decimals below 1, else 2: a graphed step of 0.124 ms or an
+    epoch of 0.124 s must not print as the target it misses (0.12)."""
+    return f"{v:.3f}" if v < 1 else f"{v:.2f}"
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -696,14 +751,14 @@ def markdown(report: dict[str, Any]) -> str:
     for r in report["results"]:
         row_peak = f" {r['peak_tflops']:.1f} |" if two_peaks else ""
         row_stack = (
-            f" {r['stack_step_ms']:.2f} | {r['stack_speedup']:.3f} "
+            f" {_time(r['stack_step_ms'])} | {r['stack_speedup']:.3f} "
             f"| {r['stack_eval_s_per_10k']:.3f} |"
             if stack > 1
             else ""
         )
         lines.append(
-            f"| {r['preset']} | {r['batch_size']} | {r['rule']} | {r['step_ms']:.2f} "
-            f"| {r['epoch_s']:.2f} | {r['images_per_s']:,.0f} | {r['flops_per_step'] / 1e9:.2f} "
+            f"| {r['preset']} | {r['batch_size']} | {r['rule']} | {_time(r['step_ms'])} "
+            f"| {_time(r['epoch_s'])} | {r['images_per_s']:,.0f} | {r['flops_per_step'] / 1e9:.2f} "
             f"| {r['tflops']:.4f} | {100 * r['peak_fraction']:.1f} |{row_peak}"
             f" {_peak_mib(r)} | {_mib(r['host_rss_bytes'])} "
             f"| {r['eval_s_per_10k']:.3f} | {_ratio(r['eager_ratio'])} |{row_stack}"
@@ -711,12 +766,12 @@ def markdown(report: dict[str, Any]) -> str:
     if report["ratios"]:
         lines += [
             "",
-            "| preset | BrainProp step ms | EBP step ms | BrainProp/EBP |",
-            "| --- | ---: | ---: | ---: |",
+            "| preset | BrainProp step ms | EBP step ms | BrainProp/EBP | range over rounds |",
+            "| --- | ---: | ---: | ---: | --- |",
         ]
         lines += [
-            f"| {r['preset']} | {r['brainprop_step_ms']:.2f} | {r['ebp_step_ms']:.2f} "
-            f"| {r['brainprop_over_ebp']:.3f} |"
+            f"| {r['preset']} | {_time(r['brainprop_step_ms'])} | {_time(r['ebp_step_ms'])} "
+            f"| {r['brainprop_over_ebp']:.3f} | {_ratio_range(r)} |"
             for r in report["ratios"]
         ]
     if report["results"]:

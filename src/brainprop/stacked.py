@@ -54,7 +54,7 @@ from .evaluation import EVAL_BATCH
 from .objectives import Objective, Output, batch_scale
 from .presets import decayed_parameters
 from .resume import checkpoint_and_config, restore
-from .step import decay_groups
+from .step import decay_groups, tally
 from .summary import DIVERGED, EARLY_STOPPING, MAX_EPOCHS, summarize
 from .train import (
     NonFinite,
@@ -514,11 +514,7 @@ class _StackedRun:
             disable=not self.show_bar or None, unit="batch",
         )  # fmt: skip
         for step, (x, y) in bar:
-            out = stack.step(x, y)
-            loss = out.loss.detach()
-            sums += torch.stack([loss * y.shape[1], out.rewards.sum(1), out.explored.sum(1)])
-            bad = ~torch.isfinite(loss) & (first_bad < 0)
-            first_bad = torch.where(bad, torch.full_like(first_bad, step), first_bad)
+            first_bad = tally(sums, first_bad, stack.step(x, y), y.shape[1], step)
         seconds = time.perf_counter() - t0
         scores = self._scores(stack)
         totals = (sums / n).tolist()

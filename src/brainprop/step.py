@@ -1,13 +1,15 @@
 """One training step: forward, objective, backward, plain SGD update.
 
 The training loop and ``brainprop bench`` both run :func:`train_step` (through
-:func:`brainprop.fastpath.make_step`), so the benchmark times exactly what training does. A
-stack of seeds has its own vmapped step, :meth:`brainprop.stacked.Stack.plain_step`, which
-shares this one's optimizer groups and short-batch scaling.
+:func:`brainprop.fastpath.make_step`) and the loop's bookkeeping after it, :func:`tally`, so
+the benchmark times exactly what training does. A stack of seeds has its own vmapped step,
+:meth:`brainprop.stacked.Stack.plain_step`, which shares this one's optimizer groups and
+short-batch scaling.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -79,3 +81,19 @@ def train_step(
         parallel.reduce_gradients(model)
     optimizer.step()
     return out
+
+
+def tally(
+    sums: Sequence[torch.Tensor], first_bad: torch.Tensor, out: Output, images: int, step: int
+) -> torch.Tensor:
+    """Add one step to an epoch's running sums, in place and on the device, so that the host
+    never waits for the step: the loss times the batch's ``images``, the rewards and the
+    explorations. ``sums`` are three tensors, [] for one network or [G] for a stack of G (the
+    rows of one [3, G] tensor will do). Returns ``first_bad`` ([] or [G] int64, -1 while the
+    loss is finite) with ``step`` where the loss first turned non-finite."""
+    loss = out.loss.detach()
+    sums[0].add_(loss * images)
+    sums[1].add_(out.rewards.sum(-1))
+    sums[2].add_(out.explored.sum(-1))
+    bad = ~torch.isfinite(loss) & (first_bad < 0)
+    return torch.where(bad, torch.full_like(first_bad, step), first_bad)

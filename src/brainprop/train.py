@@ -53,7 +53,7 @@ from .resume import (
     save_epochs,
 )
 from .schedule import EarlyStopping, lr_at
-from .step import make_optimizer
+from .step import make_optimizer, tally
 from .summary import DIVERGED, EARLY_STOPPING, MAX_EPOCHS, epochs_phrase, summarize
 from .syncbn import alone, synchronise, synchronised
 
@@ -240,11 +240,7 @@ class Trainer:
         )  # fmt: skip
         for step, (x, y) in enumerate(bar, start=start):
             out = self.step(x, y)
-            loss_sum += out.loss.detach() * len(y)
-            reward_sum += out.rewards.sum()
-            explored_sum += out.explored.sum()
-            bad = ~torch.isfinite(out.loss.detach()) & (first_bad < 0)
-            first_bad = torch.where(bad, torch.full_like(first_bad, step), first_bad)
+            first_bad = tally((loss_sum, reward_sum, explored_sum), first_bad, out, len(y), step)
             if stop.requested and step + 1 < total:
                 shares = self.parallel.shares([loss_sum, reward_sum, explored_sum])
                 (loss_sum, reward_sum, explored_sum), first_bad = self.parallel.settle(
