@@ -731,15 +731,20 @@ def test_two_jobs_train_in_worker_processes_on_cpu(tmp_path, mnist_root, monkeyp
 
 
 _WORKER = """
-import os, sys, warnings
+import logging, os, sys, warnings
 from multiprocessing import Pipe
 import brainprop.data
 from brainprop import experiments as ex
 from brainprop.matrix import Cell, RunSpec
 
+# As torch does on import: a handler that holds the stderr of before the worker's start.
+logging.getLogger("early").addHandler(logging.StreamHandler(sys.stderr))
+
 def train(job, request, dataset, tagged=False):
     print("a note", file=sys.stderr)
     warnings.warn("a library's warning")
+    logging.getLogger("early").warning("a log record")
+    sys.stderr.buffer.write(b"")  # what a real stream has, the tagged one has too
     raise RuntimeError("an error nobody caught")
 
 brainprop.data.load_dataset = lambda name, root: None
@@ -759,6 +764,7 @@ def test_everything_a_worker_writes_to_stderr_names_its_job(tmp_path):
     assert ran.returncode == 1
     lines = ran.stderr.splitlines()
     assert "mnist-dense-ebp-s0 (+1): a note" in lines
+    assert "mnist-dense-ebp-s0 (+1): a log record" in lines
     assert any("UserWarning: a library's warning" in line for line in lines), lines
     assert "mnist-dense-ebp-s0 (+1): RuntimeError: an error nobody caught" in lines
     assert all(line.startswith("mnist-dense-ebp-s0 (+1): ") for line in lines), lines

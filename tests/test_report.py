@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from statistics import stdev
 
@@ -59,6 +60,16 @@ def test_a_half_rounds_away_from_zero_whichever_side_of_it_the_float_lies():
     assert fixed(69.625, 2) == "69.63" and fixed(88.385, 2) == "88.39"
     assert fixed(-0.075, 2, sign=True) == "-0.08" and fixed(0.125, 2, sign=True) == "+0.13"
     assert fixed(98.144999, 2) == "98.14" and fixed(2.25, 1) == "2.3" and fixed(3.5, 0) == "4"
+    # Past Decimal's default 28 digits, and what is no number, still print.
+    assert fixed(1e30, 2) == f"{1e30:.2f}" and fixed(-math.inf, 2, sign=True) == "-inf"
+
+
+def test_the_gap_is_the_difference_of_the_means_printed_beside_it(tmp_path):
+    """69.625 - 70.22 = -0.595: rounded on its own it would read -0.60 beside 69.63 and 70.22."""
+    _cell_runs(tmp_path, CONV, GPU, [0.6961, 0.6964], [0.7040, 0.7004], [50, 60], [40, 50])
+    [r] = aggregate(load_measurements(tmp_path))
+    assert r.gap == pytest.approx(-0.595)
+    assert "| 69.63 (0.02) | 70.22 (0.25) | -0.59 |" in write_report(tmp_path).read_text()
 
 
 def test_aggregation_gap_ratio_and_verdicts(tmp_path):
@@ -116,9 +127,15 @@ def test_students_t_quantile_matches_scipy_at_any_degrees_of_freedom(df, t975):
 
 def test_students_t_tails_match_scipy():
     assert studentt.quantile(0.05, 3.3) == pytest.approx(-2.2686545667554654, rel=1e-9)
+    assert studentt.quantile(0.3, 2.5) == pytest.approx(-0.597307738252318, rel=1e-9)
     assert studentt.upper_tail(2.0, 1.7) == pytest.approx(0.10274505642633114, rel=1e-9)
     assert studentt.upper_tail(40.0, 1.2) == pytest.approx(0.004004388145131204, rel=1e-9)
-    for p, df in ((0, 3), (1, 3), (0.5, 0)):
+    # Far out: a tail 1 - p would round away, fewer than one degree, more than Welch's ever.
+    assert studentt.quantile(1e-20, 3) == pytest.approx(-4795275.720468973, rel=1e-8)
+    assert studentt.quantile(0.975, 0.5) == pytest.approx(164.55767348048818, rel=1e-8)
+    assert studentt.quantile(0.975, 1e8) == pytest.approx(1.9599640082627663, rel=2e-8)
+    assert studentt.quantile(0.5, 7) == 0
+    for p, df in ((0, 3), (1, 3), (0.5, 0), (0.975, math.inf), (0.975, math.nan)):
         with pytest.raises(ValueError):
             studentt.quantile(p, df)
 
@@ -677,9 +694,14 @@ def test_runs_whose_gpu_computed_in_tf32_are_their_own_row_so_named(tmp_path):
     for path in (tmp_path / "tf32" / MEASUREMENTS).glob("*.json"):
         d = json.loads(path.read_text())
         d["summary"]["tf32"] = ["convolutions"]
-        (tmp_path / MEASUREMENTS / path.name.replace("@", "@tf32-")).write_text(json.dumps(d))
+        tf32_name = path.name.replace(".json", "-tf32-convolutions.json")
+        (tmp_path / MEASUREMENTS / tf32_name).write_text(json.dumps(d))
     fp32, tf32 = aggregate(load_measurements(tmp_path))
     assert tf32.rules["brainprop"].seeds == (0, 1)  # the same runs, another precision
+    # A merged file may list the ops in any order, even twice: one label all the same.
+    m = load_measurements(tmp_path)[0]
+    listed = {**m.summary, "tf32": ["convolutions", "matmuls", "convolutions"]}
+    assert replace(m, summary=listed).numerics == f"{m.machine}, TF32 matmuls and convolutions"
     assert (fp32.machine, tf32.machine) == (GPU, f"{GPU}, TF32 convolutions")
     assert tf32.rules["brainprop"].test_acc.mean == pytest.approx(99.05)
     md = write_report(tmp_path).read_text()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import math
 import multiprocessing
 import os
@@ -64,7 +65,7 @@ def estimate_seconds(
     at_once: int = 1,
 ) -> float | None:
     """Expected wall seconds left for ``spec`` on ``setup`` (see
-    :attr:`~brainprop.measurements.Measurement.setup`) in a stack of ``stack`` seeds, with
+    :attr:`~brainprop.measurements.Measurement.planned_setup`) in a stack of ``stack`` seeds, with
     ``at_once`` runs sharing the device; None when nothing tells.
 
     Seconds per epoch (training and evaluation) come from finished runs of the same cell on the
@@ -84,11 +85,9 @@ def estimate_seconds(
         m for m in measurements
         if m.cell == spec.cell and m.val == spec.val and m.preset == spec.preset
     ]  # fmt: skip
-    # TF32 left out: whether a network's convolutions take it shows only once it is built.
     timed = [
         m for m in same_cell
-        if setup_label(m.machine, m.bf16, m.cuda_graph) == setup and m.stack == stack
-        and m.summary.get("epochs_run")
+        if m.planned_setup == setup and m.stack == stack and m.summary.get("epochs_run")
     ]  # fmt: skip
     alike = [m for m in timed if m.at_once == at_once] or timed
     own = [m for m in alike if m.rule == spec.rule] or alike
@@ -602,7 +601,7 @@ def _worker(job: Job, request: Request, threads: int | None, conn: Connection, p
         torch.set_num_threads(threads)
     # Workers share the terminal: each line says whose it is, on stdout the run's (train's tag),
     # on stderr (warnings, a traceback) the job's, the same but where a job splits by config.
-    sys.stderr = _TaggedLines(sys.stderr, _tag([spec.name for spec in job]))
+    _tag_stderr(_tag([spec.name for spec in job]))
     status = 0
     try:
         _train(job, request, load_dataset(job[0].cell.dataset, request.data_dir), tagged=True)
@@ -616,6 +615,20 @@ def _worker(job: Job, request: Request, threads: int | None, conn: Connection, p
         status = 2
     conn.close()
     sys.exit(status)
+
+
+def _tag_stderr(tag: str) -> None:
+    """Start each line this process writes to stderr through Python (print, warnings, logging,
+    a traceback) with ``tag``. Logging handlers made before (torch's, on import) hold the old
+    stream and are pointed at the new one; what C++ code writes to file descriptor 2 is not
+    tagged."""
+    old = sys.stderr
+    sys.stderr = _TaggedLines(old, tag)
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", ()):
+            if isinstance(handler, logging.StreamHandler) and handler.stream is old:
+                handler.setStream(sys.stderr)
 
 
 class _TaggedLines(io.TextIOBase):
@@ -653,7 +666,8 @@ class _TaggedLines(io.TextIOBase):
         self._stream.write(text)
         self._stream.flush()
 
-    # Those who ask (faulthandler, a library checking for a terminal) get the stream's own.
+    # Those who ask (faulthandler, a library checking for a terminal, code that writes bytes
+    # to the buffer, untagged) get the stream's own.
     def fileno(self) -> int:
         return self._stream.fileno()
 
@@ -663,6 +677,15 @@ class _TaggedLines(io.TextIOBase):
     @property
     def encoding(self) -> str:  # type: ignore[override]
         return self._stream.encoding
+
+    @property
+    def errors(self) -> str | None:  # type: ignore[override]
+        return self._stream.errors
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "_stream":  # asked before __init__ set it: no endless recursion
+            raise AttributeError(name)
+        return getattr(self._stream, name)
 
 
 def _die_with_parent(parent: int) -> None:

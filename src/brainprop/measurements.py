@@ -1,6 +1,7 @@
 """Measurements: one small JSON file per finished run and setup, named by run and machine.
 
-They live in ``<results>/measurements/<run>@<machine>.json`` (``-cuda-graph.json`` for a run
+They live in ``<results>/measurements/<run>@<machine>.json`` (before ``.json``,
+``-tf32-<ops>`` for a run whose GPU computed those ops in TF32 and ``-cuda-graph`` for one
 replayed from a CUDA graph) and hold what ran (the run's
 config), where (the machine, its precision, whether a CUDA graph replayed the steps, how many
 runs shared the device), its summary and its accuracy curve. Results from another machine merge
@@ -23,7 +24,7 @@ from .data import DATASET_NAMES
 from .errors import BrainPropError
 from .matrix import RULE_ORDER, Cell, RunSpec
 from .presets import ARCHITECTURES, PAPER_PRESET, table_row
-from .summary import check_summary
+from .summary import TF32_OPS, check_summary
 
 MEASUREMENTS = "measurements"
 MEASUREMENT_FORMAT = "brainprop-measurement-1"
@@ -73,8 +74,9 @@ class Measurement:
 
     @property
     def tf32(self) -> list[str]:
-        """The ops the run computed in TF32 (see :func:`~brainprop.peaks.tf32_ops`)."""
-        return list(self.summary.get("tf32", []))
+        """The ops the run computed in TF32 (see :func:`~brainprop.peaks.tf32_ops`), in one
+        order however a merged file lists them."""
+        return [op for op in TF32_OPS if op in self.summary.get("tf32", [])]
 
     @property
     def shared_by(self) -> int:
@@ -92,6 +94,13 @@ class Measurement:
         """The machine and how the run computed, e.g. ``"NVIDIA H200, bf16, CUDA graph"``:
         what its seconds compare with."""
         return setup_label(self.machine, self.bf16, self.cuda_graph, self.tf32)
+
+    @property
+    def planned_setup(self) -> str:
+        """:attr:`setup` as a request can name it before it runs: without TF32, which shows
+        only once a network is built. What :func:`~brainprop.experiments.estimate_seconds`
+        matches."""
+        return setup_label(self.machine, self.bf16, self.cuda_graph)
 
     @property
     def numerics(self) -> str:
@@ -152,7 +161,8 @@ def sharing_label(machine: str, stack: int, at_once: int) -> str:
 def write_measurement(
     m: Measurement, config: dict[str, Any], curve: dict[str, list[float]], out: Path
 ) -> Measurement:
-    """Write ``m`` as ``out/measurements/<run>@<machine>.json``; returns it with its path."""
+    """Write ``m`` as ``out/measurements/`` and its :attr:`~Measurement.file_name`; returns it
+    with its path."""
     folder = out / MEASUREMENTS
     make_folder(folder)
     atomic_write_json(

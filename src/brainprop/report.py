@@ -33,7 +33,7 @@ import os
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import ROUND_HALF_UP, Decimal, localcontext
 from pathlib import Path
 from statistics import fmean, stdev
 from typing import Any
@@ -164,8 +164,8 @@ class Verdict:
 class CellResult:
     """One cell under one validation, epoch cap, preset and machine: both rules and the
     comparisons. ``machine`` is the runs' :attr:`~brainprop.measurements.Measurement.numerics`:
-    the machine, and bf16 where they trained in it (``bf16``). ``cuda_graph`` says whether any
-    of them replayed their steps from a CUDA graph, and ``graphed`` how many.
+    the machine, and bf16 (``bf16``) or TF32 where they computed in it. ``cuda_graph`` says
+    whether any of them replayed their steps from a CUDA graph, and ``graphed`` how many.
 
     ``gap`` is BrainProp - EBP test accuracy (percentage points), ``gap_noise`` the largest
     gap Welch's t-test at 95 % calls noise (:func:`welch_limit`), ``ratio`` BrainProp's / EBP's
@@ -474,12 +474,27 @@ def fixed(value: float, digits: int, sign: bool = False) -> str:
     """``value`` with ``digits`` decimals, a half rounded away from zero.
 
     Means of two seeds are often exact halves (98.145, of 98.14 and 98.15), which a binary
-    float holds a hair above or below; rounded as stored, they went either way, and a gap could
-    disagree with the two means printed beside it. Rounded first to 9 decimals, far below any
-    accuracy's resolution (0.01 %), the float is the half it stands for.
+    float holds a hair above or below, so that rounded as stored they went either way. Rounded
+    first to 9 decimals, far below any accuracy's resolution (0.01 %), the float is the half
+    it stands for.
     """
-    exact = Decimal(f"{value:.9f}").quantize(Decimal(1).scaleb(-digits), ROUND_HALF_UP)
-    return format(exact, "+f" if sign else "f")
+    if not math.isfinite(value):
+        return format(value, "+" if sign else "")
+    with localcontext() as exact:
+        exact.prec = 400  # every digit of any finite float's 9-decimal form (1e308 has 309)
+        rounded = Decimal(f"{value:.9f}").quantize(Decimal(1).scaleb(-digits), ROUND_HALF_UP)
+    return format(rounded, "+f" if sign else "f")
+
+
+def _gap_text(result: CellResult) -> str:
+    """The gap as the difference of the two means printed beside it: rounded on its own, a gap
+    of exact halves (69.625 - 70.22 = -0.595) rounds the other way than its mean (-0.60,
+    where 69.63 - 70.22 = -0.59)."""
+    bp, ebp = result.rules.get("brainprop"), result.rules.get("ebp")
+    if result.gap is None or bp is None or ebp is None or not (bp.test_acc and ebp.test_acc):
+        return "–"
+    printed = Decimal(fixed(bp.test_acc.mean, 2)) - Decimal(fixed(ebp.test_acc.mean, 2))
+    return format(printed, "+f")
 
 
 def _stat(stat: Stat | None, digits: int = 2) -> str:
@@ -598,7 +613,7 @@ def markdown(results: Sequence[CellResult], count: int, machines: Sequence[str])
         for r in rows:
             head = [r.label, r.machine_text, _cap(r.max_epochs), _seeds(r)]
             acc_rows.append([
-                *head, *_pair(r, lambda s: s.accuracy_text(s.test_acc)), _num(r.gap, sign=True),
+                *head, *_pair(r, lambda s: s.accuracy_text(s.test_acc)), _gap_text(r),
                 _num(r.gap_noise), r.gap_verdict.text(), _published_acc(r.published),
                 r.published_verdict.text(), *_pair(r, lambda s: s.accuracy_text(s.best_val_acc)),
             ])  # fmt: skip
@@ -677,7 +692,7 @@ def readme_section(results: Sequence[CellResult], out: Path, readme: Path) -> st
         [
             r.label, "test set" if r.val is None else f"{r.val:,} held out", r.machine_text,
             _cap(r.max_epochs), _seeds(r), *_pair(r, lambda s: s.accuracy_text(s.test_acc)),
-            _num(r.gap, sign=True), r.gap_verdict.text(), _num(r.ratio),
+            _gap_text(r), r.gap_verdict.text(), _num(r.ratio),
             r.ratio_verdict.text(), _published_acc(r.published), r.published_verdict.text(),
         ]
         for r in results
