@@ -264,8 +264,9 @@ def _prepare(
     batch_size: int | None, bf16: bool, eager: bool, cuda_graph: bool = False,
 ) -> _Rule:  # fmt: skip
     """Build ``rule``'s network and step as training does (with ``eager``, as ``train --eager``
-    does), count one step's FLOPs, take ``warmup`` steps more (with ``cuda_graph`` enough for
-    the capture, see :func:`_warmup_steps`), and record the peak memory of those steps."""
+    does), count one step's FLOPs, take ``warmup`` steps more (the caller's
+    :func:`_warmup_steps`, enough for a CUDA graph's capture), and record the peak memory of
+    those steps."""
     config = _config(ds, arch, rule, device, batch_size, bf16)
     init = torch.Generator().manual_seed(config.seed)
     model = build_model(arch, ds.input_shape, ds.num_classes, config.hyperparameters(), init)

@@ -37,9 +37,9 @@ class Measurement:
     ``preset`` names the hyperparameter table the run took (files written before presets were
     recorded hold paper runs). ``machine`` is the device, ``bf16`` whether the run trained
     under bf16 autocast and ``cuda_graph`` whether it replayed its steps from a CUDA graph:
-    together they are :attr:`setup`, what the run's seconds compare with. Its accuracy compares
-    with :attr:`numerics`, the setup without the graph, which computes what a plain step does,
-    and with the ops its summary names as computed in TF32.
+    with the ops its summary names as computed in TF32 (:attr:`tf32`) they are :attr:`setup`,
+    what the run's seconds compare with. Its accuracy compares with :attr:`numerics`, the setup
+    without the graph, which computes what a plain step does.
     ``stack`` (seeds trained as one network) and ``at_once`` (runs packed onto one GPU) say how
     many runs shared the device, so that its seconds can be compared with runs shared alike.
     ``company`` is how many runs shared the GPU on average over the run's time (itself
