@@ -175,8 +175,8 @@ def _tallied(
     seeds: tuple[int, ...],
 ) -> Callable[[], None]:
     """A step on the next batch followed, as in training, by the loop's running sums (for
-    ``seeds`` = () one network's, (G,) a stack's): on a GPU they are a dozen small kernels per
-    step, a measurable share of the smallest networks' graphed steps."""
+    ``seeds`` = () one network's, (G,) a stack's): on a GPU they are about fifteen small
+    kernels per step, a measurable share of the smallest networks' graphed steps."""
     sums = torch.zeros(3, *seeds, device=device)
     first_bad = torch.full(seeds, -1, dtype=torch.int64, device=device)
     count = itertools.count()
@@ -375,8 +375,9 @@ def bench_preset(
 ) -> list[dict[str, Any]]:
     """Time each rule's training step for ``arch`` on ``ds``; one JSON-ready row per rule.
 
-    The timed blocks alternate (rule A, rule B, rule A, ...), so a change in load or clock
-    during the run hits every rule alike and their ratio stays fair. Where the fast path
+    The timed blocks alternate (rule A, rule B, then B, A, ...: every other round backwards),
+    so a change in load or clock during the run hits every rule alike and their ratio stays
+    fair (:func:`rule_ratios` pairs each round's blocks). Where the fast path
     changes the network, each rule's eager step takes its turn among them too, and its row
     gives ``eager_step_ms`` and ``eager_ratio`` (eager over fast). With ``stack`` > 1, so does
     a step of that many stacked seeds: ``stack_step_ms`` and ``stack_speedup`` (``stack``
@@ -385,7 +386,7 @@ def bench_preset(
     """
     peaks = peak if isinstance(peak, Peaks) else Peaks.same(peak)
     # Every variant (fast, eager, stacked) takes the same untimed steps: with a graph, those
-    # its capture needs. So all step the same batches, and the eager twin is as warm.
+    # its capture needs. So the eager twin steps the fast step's batches and is as warm.
     warmup = _warmup_steps(warmup, cuda_graph)
     prepared, eager_of, stack_of = [], {}, {}
     for rule in dict.fromkeys(rules):  # a rule named twice would pair with the wrong eager
@@ -488,8 +489,9 @@ def bench_preset(
 def _eval_seconds(r: _Rule, x: torch.Tensor, y: torch.Tensor) -> float:
     """Median seconds of :data:`EVAL_REPEATS` passes of ``r`` scoring ``x``, after a warm-up
     on the shapes of its batches (the first, and the short last one)."""
-    r.score(x[:EVAL_BATCH], y[:EVAL_BATCH])
-    if tail := len(y) % EVAL_BATCH:
+    batch = max(1, EVAL_BATCH // r.stack)  # a stack's members share a batch (Stack.accuracies)
+    r.score(x[:batch], y[:batch])
+    if tail := len(y) % batch:
         r.score(x[-tail:], y[-tail:])
     times = []
     for _ in range(EVAL_REPEATS):
@@ -697,7 +699,7 @@ def _ratio_range(r: dict[str, Any]) -> str:
 def _time(v: float) -> str:
     """Milliseconds or seconds to 3 decimals below 1, else 2: a graphed step of 0.124 ms or an
     epoch of 0.124 s must not print as the target it misses (0.12)."""
-    return f"{v:.3f}" if v < 1 else f"{v:.2f}"
+    return f"{v:.3f}" if round(v, 3) < 1 else f"{v:.2f}"
 
 
 def markdown(report: dict[str, Any]) -> str:

@@ -84,7 +84,11 @@ def train_step(
 
 
 def tally(
-    sums: Sequence[torch.Tensor], first_bad: torch.Tensor, out: Output, images: int, step: int
+    sums: Sequence[torch.Tensor] | torch.Tensor,
+    first_bad: torch.Tensor,
+    out: Output,
+    images: int,
+    step: int,
 ) -> torch.Tensor:
     """Add one step to an epoch's running sums, in place and on the device, so that the host
     never waits for the step: the loss times the batch's ``images``, the rewards and the

@@ -21,9 +21,9 @@ def quantile(p: float, df: float) -> float:
     Args:
         p: a probability in (0, 1).
         df: degrees of freedom, a finite number > 0. Welch's lie between 1 and n1 + n2 - 2.
-            Up to 1e8 the result agrees with scipy to 2e-8 relative (checked for df from 0.5
-            to 1e8 and p from 1e-20 to 1 - 1e-6); far above, the log-gamma differences lose
-            digits (3e-6 at 1e10).
+            The result agrees with scipy to 1e-13 relative up to 100 degrees of freedom and
+            3e-9 up to 1e6 (checked from 0.5, for p from 1e-20 to 1 - 1e-6); above, the
+            log-gamma differences lose digits (4e-7 near 1e8).
     """
     if not 0 < p < 1:
         raise ValueError(f"p must be in (0, 1), got {p}")
