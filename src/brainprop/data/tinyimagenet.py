@@ -41,8 +41,14 @@ def tiny_imagenet_dir(root: Path) -> Path:
     return root / NAME / SUBDIR
 
 
-def _fail(what: str, inside: Path) -> BrainPropError:
-    """A one-line error about a damaged tree; ``inside`` is any path within the tree."""
+def _fail(what: str, inside: Path, exc: BaseException | None = None) -> BrainPropError:
+    """A one-line error about a damaged tree; ``inside`` is any path within the tree, ``exc``
+    what went wrong, given in brackets. A file or folder this user may not read is no sign of
+    damage: its fix is the permissions, not deleting a 248 MB download."""
+    if exc is not None:
+        what = f"{what} ({reason(exc)})"
+        if isinstance(exc, PermissionError):
+            return BrainPropError(f"Tiny ImageNet {what}: check its permissions")
     tree = next((p for p in (inside, *inside.parents) if p.name == SUBDIR), inside)
     return BrainPropError(
         f"Tiny ImageNet {what}: the tree is damaged; delete {tree} and run "
@@ -50,21 +56,13 @@ def _fail(what: str, inside: Path) -> BrainPropError:
     )
 
 
-def _denied(what: str, exc: PermissionError) -> BrainPropError:
-    """A one-line error about a file or folder this user may not read: no sign of damage, so
-    no advice to delete a 248 MB download."""
-    return BrainPropError(f"Tiny ImageNet {what} ({reason(exc)}): check its permissions")
-
-
 def _read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except FileNotFoundError as exc:
         raise _fail(f"file {path} is missing", path) from exc
-    except PermissionError as exc:
-        raise _denied(f"file {path} cannot be read", exc) from exc
     except (OSError, UnicodeDecodeError) as exc:
-        raise _fail(f"file {path} cannot be read ({reason(exc)})", path) from exc
+        raise _fail(f"file {path} cannot be read", path, exc) from exc
 
 
 def _jpegs(folder: Path) -> list[Path]:
@@ -73,10 +71,8 @@ def _jpegs(folder: Path) -> list[Path]:
         return sorted(p for p in folder.iterdir() if p.suffix == ".JPEG" and p.is_file())
     except FileNotFoundError as exc:
         raise _fail(f"folder {folder} is missing", folder) from exc
-    except PermissionError as exc:
-        raise _denied(f"folder {folder} cannot be listed", exc) from exc
     except OSError as exc:
-        raise _fail(f"folder {folder} cannot be listed ({reason(exc)})", folder) from exc
+        raise _fail(f"folder {folder} cannot be listed", folder, exc) from exc
 
 
 def _check_complete(listed: set[str], images: list[Path], listing: Path, folder: Path) -> None:
@@ -176,9 +172,9 @@ def decode_image(path: Path) -> np.ndarray:
                 )
             rgb = image.convert("RGB")
     except PermissionError as exc:
-        raise _denied(f"image {path} cannot be read", exc) from exc
+        raise _fail(f"image {path} cannot be read", path, exc) from exc
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
-        raise _fail(f"image {path} cannot be decoded ({reason(exc)})", path) from exc
+        raise _fail(f"image {path} cannot be decoded", path, exc) from exc
     return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1)
 
 
