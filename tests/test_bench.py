@@ -15,7 +15,7 @@ import weakref
 import pytest
 import torch
 
-from brainprop import bench, checkpoint, memory
+from brainprop import bench, checkpoint, fastpath, memory
 from brainprop.bench import (
     DATASET_SHAPES,
     JSON_NAME,
@@ -135,6 +135,33 @@ def test_rounds_alternate_their_order_and_each_step_keeps_the_loops_running_sums
     # Untimed: one FLOP-counted step each as they are prepared; then 4 rounds of one step.
     assert order == ["brainprop", "ebp"] + ["brainprop", "ebp", "ebp", "brainprop"] * 2
     assert sorted(tallied) == sorted([0, 1, 2, 3, 4] * 2)
+
+
+def test_with_a_graph_every_variant_takes_the_untimed_steps_its_capture_needs(monkeypatch):
+    """The eager twin and the stack step the graphed step's batches as often before timing,
+    so all are as warm. (The graph itself needs CUDA: the variants build without it here.)"""
+    asked = []
+    real_prepare, real_stack = bench._prepare, bench._prepare_stack
+
+    def prepare(*args, warmup, eager, cuda_graph=False, **kwargs):
+        asked.append(("eager" if eager else "fast", warmup))
+        return real_prepare(*args, warmup=warmup, eager=eager, **kwargs)
+
+    def prepare_stack(*args, warmup, cuda_graph, **kwargs):
+        asked.append(("stack", warmup))
+        return real_stack(*args, warmup=warmup, cuda_graph=False, **kwargs)
+
+    monkeypatch.setattr(bench, "_prepare", prepare)
+    monkeypatch.setattr(bench, "_prepare_stack", prepare_stack)
+    ds = synthetic_dataset("mnist", torch.device("cpu"))
+    (row,) = bench_preset(
+        ds, "dense", ["ebp"], torch.device("cpu"), peak=Peak(1.0, "test"), steps=1, warmup=1,
+        batch_size=4, eval_images=8, cuda_graph=True, stack=2,
+    )  # fmt: skip
+    graph_warmup = fastpath.WARMUP_STEPS + 1  # the capture's eager steps, the capture, a replay
+    assert asked == [("fast", graph_warmup), ("eager", graph_warmup), ("stack", graph_warmup)]
+    # Each records those and the FLOP-counted step as its untimed steps.
+    assert row["warmup_steps"] == graph_warmup + 1
 
 
 def test_locally_connected_bmm_is_counted():
