@@ -285,6 +285,8 @@ def _prepare(
     forward = _forward_flops(model, x)
     held = memory.held(device)
     was_reset = memory.reset_peak(device)
+    # The first step, since a graph's replays run no operators to count. On CUDA it also runs
+    # the fused head's check against the unfused head: elementwise work, which is not counted.
     with FlopCounterMode(display=False) as counter:
         step()
     for _ in range(warmup):
