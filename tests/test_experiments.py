@@ -1006,3 +1006,36 @@ def test_a_worker_gets_sigterm_when_its_parent_is_killed(tmp_path):
     if not (tmp_path / "sigterm").exists():
         os.kill(child, signal.SIGKILL)
     assert (tmp_path / "sigterm").read_text() == "checkpointed"
+
+
+@pytest.mark.parametrize(
+    ("damage", "named"),
+    [
+        (lambda s, h, c: (s.pop("best_val_acc"), None)[1], "best_val_acc is missing"),
+        (lambda s, h, c: h.append({"epoch": 1}), "holds val_acc None, not an"),
+        (lambda s, h, c: h.append({"val_acc": 1.5, "test_acc": 0.5}), "val_acc 1.5, not an"),
+        (lambda s, h, c: c.update(seed=7), "its config's seed is 7, its own 0"),
+    ],
+)
+def test_a_finished_run_that_cannot_be_recorded_is_refused_before_anything_trains(
+    tmp_path, damage, named
+):
+    """A run directory with a summary but no measurement (stopped before it was recorded, or
+    copied in) is recorded as the request starts: what load_measurements would refuse later
+    is refused then, naming the directory, and no file is written."""
+    spec = RunSpec(DENSE, "ebp", 0)
+    request = Request(cells=(DENSE,), rules=("ebp",), seeds=1, out=tmp_path, device="cpu")
+    _fake_train([])((spec,), request, None)
+    run_dir = tmp_path / RUNS / spec.name
+    files = [run_dir / name for name in (rundir.SUMMARY, rundir.HISTORY_JSON, rundir.CONFIG)]
+    summary, history, config = (json.loads(f.read_text()) for f in files)
+    history.append({"val_acc": 0.5, "test_acc": 0.5})
+    damage(summary, history, config)
+    for f, content in zip(files, (summary, history, config), strict=True):
+        f.write_text(json.dumps(content))
+    with pytest.raises(BrainPropError) as e:
+        reproduce(request, say=lambda _: None)
+    assert str(e.value).startswith(f"{run_dir} finished but cannot be recorded (")
+    assert named in str(e.value)
+    assert str(e.value).endswith(f"move it out of {tmp_path / RUNS} to train that run afresh")
+    assert not list(tmp_path.glob("measurements/*"))

@@ -132,23 +132,51 @@ def setup_label(machine: str, bf16: bool, cuda_graph: bool, tf32: Sequence[str] 
 
 def record(spec: RunSpec, run_dir: Path, out: Path, company: float = 1.0) -> Measurement:
     """Write the measurement of the finished run in ``run_dir``, which shared its GPU with
-    ``company - 1`` other runs on average; returns it."""
+    ``company - 1`` other runs on average; returns it.
+
+    What it writes passes :func:`load_measurements`'s checks first: a finished run directory
+    that is damaged, edited or from an older version is refused here, naming it, instead of
+    by the report after the other runs have trained."""
     summary = rundir.read_json(run_dir / rundir.SUMMARY)
     config = rundir.read_json(run_dir / rundir.CONFIG)
     history_file = run_dir / rundir.HISTORY_JSON
     history = rundir.read_json(history_file) if history_file.is_file() else []
-    m = Measurement(
-        spec.name, spec.cell, spec.rule, spec.seed, spec.val, spec.max_epochs,
-        str(summary.get("device", "unknown")), summary, preset=spec.preset,
-        stack=int(summary.get("stack_size", 1)),
-        # Halves round up: a run beside another half its time shared the GPU.
-        at_once=max(1, math.floor(company + 0.5)),
-        bf16=bool(config.get("bf16", False)), cuda_graph=bool(config.get("cuda_graph", False)),
-        company=round(company, 3),
-    )  # fmt: skip
-    # The curve lets a report plot or re-select epochs without the run directory.
-    curve = {key: [round(float(h[key]), 5) for h in history] for key in ("val_acc", "test_acc")}
+    try:
+        if not isinstance(summary, dict) or not isinstance(config, dict):
+            raise ValueError(f"its {rundir.SUMMARY} or {rundir.CONFIG} holds no object")
+        m = Measurement(
+            spec.name, spec.cell, spec.rule, spec.seed, spec.val, spec.max_epochs,
+            str(summary.get("device", "unknown")), summary, preset=spec.preset,
+            stack=int(summary.get("stack_size", 1)),
+            # Halves round up: a run beside another half its time shared the GPU.
+            at_once=max(1, math.floor(company + 0.5)),
+            bf16=bool(config.get("bf16", False)),
+            cuda_graph=bool(config.get("cuda_graph", False)), company=round(company, 3),
+        )  # fmt: skip
+        # The curve lets a report plot or re-select epochs without the run directory.
+        curve = {key: [_accuracy(row, key) for row in _rows(history)]
+                 for key in ("val_acc", "test_acc")}  # fmt: skip
+        content = _content(m, config, curve)
+        _measurement(content, out / MEASUREMENTS / m.file_name)
+    except (KeyError, TypeError, ValueError) as e:
+        raise BrainPropError(
+            f"{run_dir} finished but cannot be recorded ({e}): move it out of "
+            f"{run_dir.parent} to train that run afresh"
+        ) from None
     return write_measurement(m, config, curve, out)
+
+
+def _rows(history: Any) -> list[dict[str, Any]]:
+    if not isinstance(history, list) or not all(isinstance(row, dict) for row in history):
+        raise ValueError(f"its {rundir.HISTORY_JSON} is not a list of epochs")
+    return history
+
+
+def _accuracy(row: dict[str, Any], key: str) -> float:
+    v = row.get(key)
+    if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v <= 1:
+        raise ValueError(f"its {rundir.HISTORY_JSON} holds {key} {v!r}, not an accuracy")
+    return round(float(v), 5)
 
 
 def sharing_label(machine: str, stack: int, at_once: int) -> str:
@@ -165,30 +193,32 @@ def write_measurement(
     with its path."""
     folder = out / MEASUREMENTS
     make_folder(folder)
-    atomic_write_json(
-        folder / m.file_name,
-        {
-            "format": MEASUREMENT_FORMAT,
-            "run": m.run,
-            "dataset": m.cell.dataset,
-            "arch": m.cell.arch,
-            "rule": m.rule,
-            "seed": m.seed,
-            "val": m.val,
-            "max_epochs": m.max_epochs,
-            "preset": m.preset,
-            "machine": m.machine,
-            "stack": m.stack,
-            "runs_at_once": m.at_once,
-            "runs_at_once_mean": m.company,
-            "bf16": m.bf16,
-            "cuda_graph": m.cuda_graph,
-            "summary": m.summary,
-            "config": config,
-            "curve": curve,
-        },
-    )
+    atomic_write_json(folder / m.file_name, _content(m, config, curve))
     return replace(m, path=folder / m.file_name)
+
+
+def _content(m: Measurement, config: dict[str, Any], curve: dict[str, list[float]]) -> dict:
+    """A measurement file's JSON."""
+    return {
+        "format": MEASUREMENT_FORMAT,
+        "run": m.run,
+        "dataset": m.cell.dataset,
+        "arch": m.cell.arch,
+        "rule": m.rule,
+        "seed": m.seed,
+        "val": m.val,
+        "max_epochs": m.max_epochs,
+        "preset": m.preset,
+        "machine": m.machine,
+        "stack": m.stack,
+        "runs_at_once": m.at_once,
+        "runs_at_once_mean": m.company,
+        "bf16": m.bf16,
+        "cuda_graph": m.cuda_graph,
+        "summary": m.summary,
+        "config": config,
+        "curve": curve,
+    }
 
 
 def load_measurements(out: Path) -> list[Measurement]:
@@ -213,32 +243,39 @@ def _read_measurement(path: Path) -> Measurement:
     fix = "remove it or copy it again from the machine that made it"
     d = rundir.read_json(path, fix)
     try:
-        if d["format"] != MEASUREMENT_FORMAT:
-            raise ValueError(f"format {d['format']!r}")
-        # A misspelt name would be reported as a cell of its own, beside the real one.
-        for key, known in (("dataset", DATASET_NAMES), ("arch", tuple(ARCHITECTURES)),
-                           ("rule", RULE_ORDER)):  # fmt: skip
-            if d[key] not in known:
-                raise ValueError(f"{key} {d[key]!r}, not one of {', '.join(known)}")
-        summary = d["summary"]
-        check_summary(summary)
-        # Files written before sharing was recorded hold runs that had the device alone.
-        stack, at_once = _whole(d, "stack", 1, least=1), _whole(d, "runs_at_once", 1, least=1)
-        m = Measurement(
-            _text(d, "run"), Cell(d["dataset"], d["arch"]), d["rule"],
-            _whole(d, "seed", least=0), _opt_whole(d, "val"), _opt_whole(d, "max_epochs"),
-            _text(d, "machine"), summary, path, _text(d, "preset", PAPER_PRESET), stack, at_once,
-            _flag(d, "bf16"), _flag(d, "cuda_graph"), _company(d),
-        )  # fmt: skip
-        # The report groups by the fields and counts runs by name: a file whose two disagree
-        # (edited by hand, or merged under another name) would count a seed twice.
-        spec = RunSpec(m.cell, m.rule, m.seed, m.val, m.max_epochs, m.preset, m.bf16)
-        if m.run != spec.name:
-            raise ValueError(f"run {m.run!r}, but its fields make it {spec.name!r}")
-        _check_config(d.get("config"), m)
+        m = _measurement(d, path)
     except (KeyError, TypeError, ValueError) as e:
         raise BrainPropError(f"{path} is not a brainprop measurement ({e}): {fix}") from None
     _check_settings(path, d, m)
+    return m
+
+
+def _measurement(d: Any, path: Path) -> Measurement:
+    """The measurement the JSON ``d`` of the file at ``path`` holds; ValueError, KeyError or
+    TypeError naming what is wrong with it."""
+    if d["format"] != MEASUREMENT_FORMAT:
+        raise ValueError(f"format {d['format']!r}")
+    # A misspelt name would be reported as a cell of its own, beside the real one.
+    for key, known in (("dataset", DATASET_NAMES), ("arch", tuple(ARCHITECTURES)),
+                       ("rule", RULE_ORDER)):  # fmt: skip
+        if d[key] not in known:
+            raise ValueError(f"{key} {d[key]!r}, not one of {', '.join(known)}")
+    summary = d["summary"]
+    check_summary(summary)
+    # Files written before sharing was recorded hold runs that had the device alone.
+    stack, at_once = _whole(d, "stack", 1, least=1), _whole(d, "runs_at_once", 1, least=1)
+    m = Measurement(
+        _text(d, "run"), Cell(d["dataset"], d["arch"]), d["rule"],
+        _whole(d, "seed", least=0), _opt_whole(d, "val"), _opt_whole(d, "max_epochs"),
+        _text(d, "machine"), summary, path, _text(d, "preset", PAPER_PRESET), stack, at_once,
+        _flag(d, "bf16"), _flag(d, "cuda_graph"), _company(d),
+    )  # fmt: skip
+    # The report groups by the fields and counts runs by name: a file whose two disagree
+    # (edited by hand, or merged under another name) would count a seed twice.
+    spec = RunSpec(m.cell, m.rule, m.seed, m.val, m.max_epochs, m.preset, m.bf16)
+    if m.run != spec.name:
+        raise ValueError(f"run {m.run!r}, but its fields make it {spec.name!r}")
+    _check_config(d.get("config"), m)
     return m
 
 
