@@ -220,6 +220,22 @@ def test_a_damaged_mid_epoch_checkpoint_is_refused_before_training(
         train(None, resume=tmp_path / "run", dataset=ds, progress=False)
 
 
+def test_a_checkpoint_too_large_for_the_device_is_not_called_damaged(
+    tmp_path: Path, ds, monkeypatch
+) -> None:
+    inject(monkeypatch, {step(1, 5): _raise(signal.SIGINT)})
+    with pytest.raises(Interrupted):
+        train(tiny_config(tmp_path), dataset=ds, progress=False)
+    monkeypatch.undo()
+
+    def full(self, state):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(Trainer, "load_state", full)
+    with pytest.raises(torch.OutOfMemoryError):  # which the CLI reports as such, in one line
+        train(None, resume=tmp_path / "run", dataset=ds, progress=False)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_second_signal_quits_at_once_keeping_the_last_checkpoint(
     tmp_path: Path, ds, monkeypatch, signum: int

@@ -215,6 +215,8 @@ def restore(
         )
     try:
         trainer.load_state(state)
+    except torch.OutOfMemoryError:
+        raise  # too large for the device, which is no fault of the checkpoint's
     except (
         KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError, OverflowError
     ) as e:  # fmt: skip
