@@ -13,7 +13,7 @@ import torch
 from data_fixtures import SHARED_DATA, cifar_pickle, write_cifar10, write_cifar100
 
 from brainprop.data import load_dataset
-from brainprop.data.cifar import unpickle_restricted
+from brainprop.data.cifar import RestrictedUnpickler, unpickle_restricted
 from brainprop.errors import BrainPropError
 
 #: numpy's array reconstructor, wherever this numpy version keeps it.
@@ -94,6 +94,20 @@ def test_bad_batch_one_liners(tmp_path: Path, content: bytes, message: str) -> N
     error = _error(tmp_path)
     assert error.startswith(f"CIFAR file {path} ")
     assert message in error
+
+
+def test_a_batch_too_large_for_the_free_memory_is_not_called_corrupt(tmp_path, monkeypatch):
+    write_cifar10(tmp_path)
+    path = tmp_path / "cifar10" / "cifar-10-batches-py" / "data_batch_1"  # the first one read
+
+    def full(self):
+        raise MemoryError
+
+    monkeypatch.setattr(RestrictedUnpickler, "load", full)
+    size = path.stat().st_size
+    assert _error(tmp_path) == (
+        f"not enough memory to read CIFAR file {path} ({size:,} bytes): free some and try again"
+    )
 
 
 def test_missing_file(tmp_path: Path) -> None:

@@ -235,6 +235,11 @@ def unpickle_restricted(data: bytes, *, source: str, fix: str) -> Any:
         return _real(unpickler.load())
     except BrainPropError:
         raise
+    except MemoryError:
+        # The arrays' bytes are the file's own, so a file this size is readable with more memory.
+        raise BrainPropError(
+            f"not enough memory to read {source} ({len(data):,} bytes): free some and try again"
+        ) from None
     except Exception as exc:
         # Nothing but the stand-ins can run here, so anything raised (UnpicklingError,
         # EOFError, a refused state, ...) just means the bytes are corrupt or crafted.
