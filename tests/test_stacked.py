@@ -268,6 +268,18 @@ def test_members_that_cannot_share_a_stack_are_refused(tmp_path, tiny_dataset, c
     assert not list(tmp_path.iterdir())  # refused before any run directory was made
 
 
+@pytest.mark.parametrize(
+    ("world", "message"),
+    [("2", "a stack of seeds trains in one process: start it without torchrun"),
+     ("two", r"\$WORLD_SIZE is 'two', not a whole number: launch with torchrun$")],
+)  # fmt: skip
+def test_a_stack_is_refused_under_torchrun(tmp_path, tiny_dataset, monkeypatch, world, message):
+    monkeypatch.setenv("WORLD_SIZE", world)
+    with pytest.raises(BrainPropError, match=message):
+        train_stacked([_config(tmp_path, 0), _config(tmp_path, 1)], dataset=tiny_dataset)
+    assert not list(tmp_path.iterdir())
+
+
 def test_a_stack_holds_its_members_run_directories_until_it_ends(
     tmp_path, tiny_dataset, monkeypatch
 ):

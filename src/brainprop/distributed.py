@@ -568,6 +568,11 @@ def _unset(name: str) -> BrainPropError:
     )
 
 
+def launched_world() -> int:
+    """How many processes torchrun started this one among (``$WORLD_SIZE``; 1 without it)."""
+    return _env_int("WORLD_SIZE", 1)
+
+
 def _env_int(name: str, default: int | None = None) -> int:
     text = os.environ.get(name)
     if text is None:
@@ -608,7 +613,7 @@ def joined() -> Iterator[Context]:
     harness) is used as it is.
     """
     global _CURRENT
-    world = _env_int("WORLD_SIZE", 1)
+    world = launched_world()
     if world <= 1:
         yield _CURRENT
         return

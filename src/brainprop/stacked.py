@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import os
 import signal
 import sys
 import time
@@ -297,7 +296,7 @@ def train_stacked(
             epoch, and a call with their run directories continues them. A signal in the
             epoch that ended the last members raises it too, once their runs are complete.
     """
-    if distributed.current().active or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if distributed.current().active or distributed.launched_world() > 1:
         raise BrainPropError(
             "a stack of seeds trains in one process: start it without torchrun, or train the "
             "seeds one by one under torchrun"
