@@ -89,6 +89,7 @@ def test_unknown_mode_lists_the_valid_ones():
         (nn.Bilinear(3, 3, 2), "Bilinear"),
         (nn.Embedding(10, 3), "Embedding"),
         (nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"), "padding_mode='reflect'"),
+        (nn.LazyLinear(2), r"layer 1 \(LazyLinear\) has no weights yet .*: run one batch"),
     ],
 )
 def test_unsupported_layers_are_refused_and_nothing_changes(layer, name):

@@ -434,6 +434,11 @@ def _check(name: str, module: nn.Module) -> None:
             f"cannot give {label} a separate feedback pathway: only Linear, Conv2d and "
             "LocallyConnected2d weights (and norm layers) are supported; use feedback='symmetric'"
         )
+    if any(nn.parameter.is_lazy(p) for p in module.parameters(recurse=False)):
+        raise BrainPropError(
+            f"{label} has no weights yet (a lazy layer): run one batch through the network "
+            "first, then convert it"
+        )
     base = _original(type(module))  # converted before: judge the class it was made from
     if base.forward not in _PLAIN_FORWARDS[kind] or (
         kind == "conv" and base._conv_forward is not nn.Conv2d._conv_forward
