@@ -52,6 +52,14 @@ def test_direct_has_no_weight_angle_but_an_update_angle():
     assert d["angle_update/0"] > 10
 
 
+def test_a_frozen_layer_has_no_update_angle():
+    model = _model("random")
+    model[3].weight.requires_grad_(False)
+    d = diagnostics(model, *_batch(), BrainProp())
+    assert math.isnan(d["angle_update/3"]) and d["angle_update/0"] > 10
+    assert 80 < d["angle_wb/3"] < 100  # its feedback weights are still there to compare
+
+
 def test_diagnostics_leave_training_state_alone():
     model = _model("reciprocal")
     x, y = _batch()

@@ -26,7 +26,7 @@ from torch import nn
 
 from .checkpoint import atomic_write_figure
 from .evaluation import modes_kept
-from .feedback import _kind, exact_gradients, feedback_weight, layer_mode
+from .feedback import exact_gradients, feedback_weight, layer_kind, layer_mode
 from .objectives import Objective
 from .rng import global_streams_kept
 
@@ -44,7 +44,7 @@ def angle(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(name or "root", m) for name, m in model.named_modules() if _kind(m) is not None]
+    return [(name or "root", m) for name, m in model.named_modules() if layer_kind(m) is not None]
 
 
 def weight_alignment(model: nn.Module) -> dict[str, float]:
@@ -70,6 +70,7 @@ def update_alignment(
     masks (the RNG state is replayed) and the same actions (the objective's generator is seeded
     with ``seed`` both times). The model's gradients, buffers (BatchNorm running statistics) and
     the global RNG state are restored afterwards, so training continues as if nothing had run.
+    A layer whose weights get no gradient (frozen, or not used by the forward) gets NaN.
     """
     layers = _layers(model)
     if all(layer_mode(m) == "symmetric" for _, m in layers):
@@ -91,7 +92,7 @@ def update_alignment(
                 q = model(x)
                 gen = torch.Generator(device=x.device).manual_seed(seed)
                 objective(q.float(), y, gen).loss.backward()
-            grads.append([m.weight.grad.detach().clone() for _, m in layers])
+            grads.append([_grad(m) for _, m in layers])
     finally:
         for p, g in zip(params, saved_grads, strict=True):
             p.grad = g
@@ -99,9 +100,15 @@ def update_alignment(
             for b, saved in zip(model.buffers(), saved_buffers, strict=True):
                 b.copy_(saved)
     return {
-        f"angle_update/{name}": angle(rule, exact)
+        f"angle_update/{name}": math.nan if rule is None or exact is None else angle(rule, exact)
         for (name, _), rule, exact in zip(layers, grads[0], grads[1], strict=True)
     }
+
+
+def _grad(layer: nn.Module) -> torch.Tensor | None:
+    """A copy of ``layer``'s weight gradient; None for a frozen layer or one the forward skips."""
+    grad = layer.weight.grad
+    return None if grad is None else grad.detach().clone()
 
 
 def diagnostics(

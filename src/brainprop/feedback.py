@@ -62,6 +62,7 @@ __all__ = [
     "direct_matrix",
     "exact_gradients",
     "feedback_weight",
+    "layer_kind",
     "layer_mode",
 ]
 
@@ -403,8 +404,9 @@ class ConversionReport:
         return "\n".join([head, *rows])
 
 
-def _kind(module: nn.Module) -> str | None:
-    """'linear' / 'conv' / 'loccon' for layers convert handles, else None."""
+def layer_kind(module: nn.Module) -> str | None:
+    """'linear' / 'conv' / 'loccon' for the kinds of layer :func:`convert` gives a feedback
+    pathway, else None."""
     if isinstance(module, LocallyConnected2d):
         return "loccon"
     if isinstance(module, nn.Linear):
@@ -426,7 +428,7 @@ _PLAIN_FORWARDS = {
 
 def _check(name: str, module: nn.Module) -> None:
     label = f"layer {name or '<root>'} ({type(module).__name__})"
-    kind = _kind(module)
+    kind = layer_kind(module)
     if kind is None:
         if isinstance(module, _UNIT_LOCAL) or not list(module.parameters(recurse=False)):
             return
@@ -516,10 +518,10 @@ def convert(
         for name, m in named:
             _check(name, m)
     report = ConversionReport(feedback)
-    layers = [(name, m) for name, m in named if _kind(m) is not None]
+    layers = [(name, m) for name, m in named if layer_kind(m) is not None]
     link = _DirectLink(layers[-1][1]) if feedback == "direct" and layers else None
     for name, m in named:
-        if _kind(m) is None:
+        if layer_kind(m) is None:
             if isinstance(m, _UNIT_LOCAL) and list(m.parameters(recurse=False)):
                 report.exact.append((name, type(m).__name__))
             continue
