@@ -184,6 +184,23 @@ def test_a_head_that_agrees_on_the_first_batch_is_used_from_then_on(monkeypatch,
     assert objective.fused_on(torch.device("cpu")) is True
 
 
+def test_a_subclass_runs_the_unfused_head_which_calls_its_own_policy(monkeypatch):
+    """The kernels compute BrainProp's choice: a subclass's own would be checked against
+    BrainProp's unfused head, agree, and be replaced on the GPU alone."""
+
+    class Greedy(BrainProp):
+        def choose(self, q, explore, uniform):
+            return q.detach().argmin(dim=1), torch.zeros_like(q[:, 0], dtype=torch.bool)
+
+    calls = _spy(monkeypatch, _unfused_head)
+    objective = Greedy(1.0, fused=True)
+    for q, y in _batches():
+        out = objective(q, y, torch.Generator().manual_seed(1))
+        assert torch.equal(out.actions, q.argmin(dim=1))
+    assert not calls and objective.fused_on(torch.device("cpu")) is False
+    assert torch.equal(objective.select(q)[0], q.argmin(dim=1))
+
+
 def test_a_head_that_fails_to_build_is_named_and_the_unfused_one_runs(monkeypatch, capsys):
     def broken(*args):
         raise RuntimeError("PTX assembly failed\nptxas fatal: ...")

@@ -57,7 +57,8 @@ class BrainProp:
             instead of 22 PyTorch operators, where it can (fp32 outputs, Triton installed):
             the same choices, rewards and gradient, bit for bit. The first batch on each device
             checks that; where they differ, or the kernels fail to build, a one-line warning
-            says so and the unfused head runs.
+            says so and the unfused head runs. A subclass always runs the unfused head, which
+            calls its methods (:meth:`draw`, :meth:`choose`): the kernels compute this class's.
 
     Selection stays on the device and never reads a value back to the host, so a training step
     runs without synchronisation and can be captured whole.
@@ -92,12 +93,15 @@ class BrainProp:
     def select(
         self, q: torch.Tensor, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Choose one action per row of ``q`` ([B, K]); returns (actions [B], explored [B])."""
-        return self._choose(q, *self.draw(q, generator))
+        """Choose one action per row of ``q`` ([B, K]), as training does; returns (actions [B],
+        explored [B])."""
+        return self.choose(q, *self.draw(q, generator))
 
-    def _choose(
+    def choose(
         self, q: torch.Tensor, explore: torch.Tensor | None, uniform: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The actions [B] and whether each explored [B] for ``q`` ([B, K]) given
+        :meth:`draw`'s draws: the exploration policy, which a subclass may change."""
         q = q.detach().float()
         if explore is None or uniform is None:
             return q.argmax(dim=1), torch.zeros(q.shape[0], dtype=torch.bool, device=q.device)
@@ -124,7 +128,7 @@ class BrainProp:
     def _unfused(
         self, q: torch.Tensor, y: torch.Tensor, draws: tuple[torch.Tensor | None, ...]
     ) -> Output:
-        actions, explored = self._choose(q, *draws)
+        actions, explored = self.choose(q, *draws)
         rewards = (actions == y).to(q.dtype)
         loss = _ChosenUnitError.apply(q, actions, rewards)
         return Output(loss=loss, actions=actions, rewards=rewards, explored=explored)
@@ -132,12 +136,16 @@ class BrainProp:
     def fused_on(self, device: torch.device) -> bool | None:
         """Whether the head runs fused on ``device``: None until a batch there has been checked
         (or where the kernels cannot run), then the check's verdict; False unless ``fused``."""
-        return self._fused_agrees.get(device) if self.fused else False
+        return self._fused_agrees.get(device) if self._fusable else False
+
+    @property
+    def _fusable(self) -> bool:
+        return self.fused and type(self) is BrainProp
 
     def _runs_fused(
         self, q: torch.Tensor, y: torch.Tensor, draws: tuple[torch.Tensor | None, ...]
     ) -> bool:
-        if not self.fused or fusedhead.unsupported(q) is not None:
+        if not self._fusable or fusedhead.unsupported(q) is not None:
             return False
         agrees = self._fused_agrees.get(q.device)
         if agrees is None:
