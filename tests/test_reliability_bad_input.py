@@ -96,7 +96,12 @@ def run_dir(tmp_path_factory) -> Path:
                 f"--min-delta must lie in [0, 1), got {float(value)}: accuracies lie in [0, 1], "
                 "so no epoch could improve by that much; the paper's is 0.001",
             )
-            for value in ("inf", "1")
+            for value in ("inf", "1", "nan")
+        ),
+        (
+            ["--min-delta", "-0.1"],
+            "--min-delta must be >= 0, got -0.1: it is the least gain in accuracy that counts "
+            "as an improvement; the paper's is 0.001",
         ),
     ],
 )

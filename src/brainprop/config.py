@@ -152,7 +152,12 @@ class TrainConfig:
         need(0 <= self.seed < 2**32, f"--seed must lie in [0, {2**32 - 1}], got {self.seed}")
         need(self.patience >= 1, f"--patience must be >= 1, got {self.patience}")
         need(
-            0 <= self.min_delta < 1,
+            not self.min_delta < 0,  # NaN is for the range's own message
+            f"--min-delta must be >= 0, got {self.min_delta}: it is the least gain in accuracy "
+            "that counts as an improvement; the paper's is 0.001",
+        )
+        need(
+            self.min_delta < 1,
             f"--min-delta must lie in [0, 1), got {self.min_delta}: accuracies lie in [0, 1], "
             "so no epoch could improve by that much; the paper's is 0.001",
         )
