@@ -30,7 +30,7 @@ from reliability_helpers import (
     tiny_config,
 )
 
-from brainprop import checkpoint, rng, rundir, signals, train
+from brainprop import checkpoint, locks, rng, rundir, signals, train
 from brainprop.errors import BrainPropError
 from brainprop.signals import Interrupted
 from brainprop.train import Trainer
@@ -310,6 +310,21 @@ def test_training_holds_its_run_directory_until_it_ends(tmp_path: Path, ds, monk
     assert len(refused) >= 2  # once an epoch
     with rundir.claimed(run.dir):
         pass
+
+
+def test_a_filesystem_without_locks_trains_unheld_and_says_so(
+    tmp_path: Path, ds, monkeypatch, capsys
+) -> None:
+    def no_locks(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(locks.fcntl, "flock", no_locks)
+    run = train(tiny_config(tmp_path), dataset=ds, progress=False)
+    assert run.summary["epochs_run"] == 3
+    assert capsys.readouterr().err == (
+        f"brainprop: warning: cannot lock {run.dir} ({os.strerror(errno.ENOLCK)}): nothing "
+        "stops another brainprop process from using it meanwhile\n"
+    )
 
 
 def test_killed_between_the_first_best_pt_and_last_pt_starts_over(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,8 +27,8 @@ def held(folder: Path, busy: str) -> Iterator[None]:
 
     The lock is a ``flock`` on the folder itself, so it adds no file, and dies with its process
     however that ends. ``flock`` locks belong to one open file, so a second hold in the same
-    process is refused too. Where ``fcntl`` or the filesystem has no locks (Windows, some
-    network mounts) nothing is held.
+    process is refused too. Where ``fcntl`` has no locks (Windows) nothing is held; where the
+    filesystem has none (some network mounts), nothing is held and a warning says so.
     """
     fd = _lockable(folder)
     try:
@@ -36,8 +37,14 @@ def held(folder: Path, busy: str) -> Iterator[None]:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise BrainPropError(busy) from None
-            except OSError:
-                pass  # A filesystem without locks: go on unheld rather than not at all.
+            except OSError as e:
+                # A filesystem without locks (some network mounts): go on unheld rather than
+                # not at all, but say so.
+                print(
+                    f"brainprop: warning: cannot lock {folder} ({e.strerror or e}): nothing "
+                    "stops another brainprop process from using it meanwhile",
+                    file=sys.stderr,
+                )
         yield
     finally:
         if fd is not None:
