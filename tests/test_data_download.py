@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import http.server
@@ -202,6 +203,43 @@ def test_a_folder_being_downloaded_into_is_left_alone(tmp_path: Path, server) ->
         f"{dest} is being downloaded into by another process: wait for it to end"
     )
     assert part.exists()
+
+
+def test_every_file_is_on_disk_before_its_name_is(tmp_path: Path, server, monkeypatch) -> None:
+    """A power cut must not leave a final name standing for a file of fewer bytes."""
+    served, url = server
+    write_idx_dataset(tmp_path / "src")
+    for path in (tmp_path / "src").iterdir():
+        _serve(served, path.name, path.read_bytes(), monkeypatch, f"mnist/{path.name}")
+    archive = _cifar_archive(tmp_path)
+    _serve(served, "cifar-10-python.tar.gz", archive, monkeypatch, "cifar10/cifar-10-python.tar.gz")
+    events: list[str] = []
+    real_fsync, real_sync, real_replace = os.fsync, os.sync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "sync", lambda: (events.append("sync"), real_sync())[1])
+
+    def replace(src, dst):
+        events.append(f"replace {Path(dst).name}")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    download("mnist", tmp_path / "root", base_url=url, progress=False)
+    files = fetch.SOURCES["mnist"].files
+    assert events == [x for name in files for x in ("fsync", f"replace {name}")]
+    events.clear()
+    download("cifar10", tmp_path / "root", base_url=url, progress=False)
+    assert events == ["fsync", "sync", "replace cifar-10-batches-py"]
+
+
+def test_a_failed_download_closes_its_file(tmp_path: Path, server, monkeypatch) -> None:
+    def refused(fd: int) -> None:
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(fetch, "usual_permissions", refused)
+    before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(BrainPropError, match="cannot write into .*check free disk space"):
+        download("mnist", tmp_path / "root", base_url=server[1], progress=False)
+    assert len(os.listdir("/proc/self/fd")) == before
 
 
 def test_checksum_mismatch_leaves_nothing(tmp_path: Path, server) -> None:
