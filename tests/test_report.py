@@ -272,6 +272,17 @@ def test_readme_section_is_replaced_between_markers(tmp_path):
         update_readme(readme, tmp_path / "results")
 
 
+def test_a_linked_readme_is_written_through_its_link(tmp_path):
+    _cell_runs(tmp_path / "results", CONV, CPU, [0.97], [0.98], [2], [2], max_epochs=2)
+    real = tmp_path / "docs" / "index.md"
+    real.parent.mkdir()
+    real.write_text(f"{README_START}\n{README_END}\n")
+    readme = tmp_path / "README.md"
+    readme.symlink_to(real)
+    update_readme(readme, tmp_path / "results")
+    assert readme.is_symlink() and "MNIST conv" in real.read_text()
+
+
 def test_the_readme_section_names_the_folder_it_was_generated_from(tmp_path):
     readme = tmp_path / "docs" / "README.md"
     readme.parent.mkdir()

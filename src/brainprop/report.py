@@ -777,4 +777,5 @@ def update_readme(readme: Path, out: Path) -> None:
         )
     section = readme_section(aggregate(measurements), out, readme)
     new = text[: start + len(README_START)] + "\n" + section + "\n" + text[end:]
-    atomic_write_text(readme, new)
+    # Through a link, not over it: a README linked to the real file stays linked to it.
+    atomic_write_text(readme.resolve(), new)
