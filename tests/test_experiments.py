@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import io
 import json
+import math
 import os
 import shutil
 import signal
@@ -1039,3 +1040,14 @@ def test_a_finished_run_that_cannot_be_recorded_is_refused_before_anything_train
     assert named in str(e.value)
     assert str(e.value).endswith(f"move it out of {tmp_path / RUNS} to train that run afresh")
     assert not list(tmp_path.glob("measurements/*"))
+
+
+def test_a_request_takes_its_folder_as_text_and_refuses_impossible_counts(tmp_path):
+    assert Request(out=str(tmp_path)).out == tmp_path
+    for field, value, message in [
+        ("jobs", 0, "--jobs must be >= 1, got 0"),
+        ("stack", -1, "--stack must be >= 1, got -1"),
+        ("budget_minutes", math.nan, "--budget-minutes must be > 0, got nan"),
+    ]:
+        with pytest.raises(BrainPropError, match=f"^{message}$"):
+            Request(out=tmp_path, **{field: value})

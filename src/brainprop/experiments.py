@@ -145,6 +145,16 @@ class Request:
     cuda_graph: bool = False
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        """Take ``out`` as a string too, and refuse counts no request can have."""
+        object.__setattr__(self, "out", Path(self.out))
+        if self.jobs < 1:
+            raise BrainPropError(f"--jobs must be >= 1, got {self.jobs}")
+        if self.stack < 1:
+            raise BrainPropError(f"--stack must be >= 1, got {self.stack}")
+        if self.budget_minutes is not None and not self.budget_minutes > 0:
+            raise BrainPropError(f"--budget-minutes must be > 0, got {self.budget_minutes}")
+
     def specs(self) -> list[RunSpec]:
         return plan(
             self.cells, self.rules, self.seeds, self.val, self.max_epochs, self.preset, self.bf16
@@ -176,12 +186,6 @@ def reproduce(request: Request, say: Callable[[str], None] = print) -> Outcome:
         Interrupted: SIGINT/SIGTERM; each running run saved its state, and the same request
             continues it.
     """
-    if request.jobs < 1:
-        raise BrainPropError(f"--jobs must be >= 1, got {request.jobs}")
-    if request.stack < 1:
-        raise BrainPropError(f"--stack must be >= 1, got {request.stack}")
-    if request.budget_minutes is not None and not request.budget_minutes > 0:
-        raise BrainPropError(f"--budget-minutes must be > 0, got {request.budget_minutes}")
     from .devices import resolve_device
 
     kind = resolve_device(request.device).type
