@@ -199,8 +199,9 @@ def _no_memory(path: Path) -> BrainPropError:
     )
 
 
-def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint written by :func:`save`; anything else is a one-line error."""
+def load(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save`, its tensors on the CPU; anything else is a
+    one-line error."""
     path = Path(path)
     if not path.is_file():
         raise BrainPropError(
@@ -214,7 +215,7 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
         with warnings.catch_warnings():
             # Damaged bytes can look like an exotic pickle protocol; the error below says more.
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            state = torch.load(path, map_location=map_location, weights_only=True)
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except PermissionError as e:
         # The checkpoint may be sound, so do not tell the user to throw it away. Not every
         # OSError: torch raises some (EINVAL) for a zip archive that was cut short.

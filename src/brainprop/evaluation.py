@@ -72,12 +72,10 @@ def check_trained_on(state: dict[str, Any], ds: Dataset, source: str, remedy: st
         )
 
 
-def load_model(
-    target: str | Path, map_location: str | torch.device = "cpu"
-) -> tuple[nn.Module, dict[str, Any]]:
+def load_model(target: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the network stored in a run directory (its best.pt) or a checkpoint file.
 
-    Returns (model in eval mode, the checkpoint dict).
+    Returns (model in eval mode, on the CPU; the checkpoint dict).
     """
     if str(target) == "":
         # Path("") is the working directory, which is no choice anyone makes by typing ''.
@@ -85,7 +83,7 @@ def load_model(
     path = Path(target)
     if path.is_dir():
         path = _best_of(path)
-    state = checkpoint.load(path, map_location)
+    state = checkpoint.load(path)
     try:
         config = TrainConfig.from_dict(state["config"])
         hp = config.hyperparameters()

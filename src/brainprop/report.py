@@ -466,8 +466,8 @@ def _cap(max_epochs: int | None) -> str:
     return "500 (paper)" if max_epochs is None else str(max_epochs)
 
 
-def _num(value: float | None, digits: int = 2, sign: bool = False) -> str:
-    return "–" if value is None else fixed(value, digits, sign)
+def _num(value: float | None) -> str:
+    return "–" if value is None else fixed(value, 2)
 
 
 def fixed(value: float, digits: int, sign: bool = False) -> str:

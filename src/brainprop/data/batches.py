@@ -18,9 +18,10 @@ def num_batches(n: int, batch_size: int) -> int:
     return -(-n // batch_size)
 
 
-def to_float(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 images [B, C, H, W] -> ``dtype`` in [0, 1] (the paper's inputs / 255)."""
-    return x.to(dtype).div_(255.0)
+def to_float(x: torch.Tensor) -> torch.Tensor:
+    """uint8 images [B, C, H, W] -> float32 in [0, 1] (the paper's inputs / 255); bf16 runs
+    cast them under autocast."""
+    return x.to(torch.float32).div_(255.0)
 
 
 def permuted_batches(
@@ -29,7 +30,6 @@ def permuted_batches(
     perm: torch.Tensor,
     batch_size: int,
     start: int = 0,
-    dtype: torch.dtype = torch.float32,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(images [b, C, H, W] in [0, 1], labels [b]) batches in the order ``perm``, from batch
     number ``start`` on.
@@ -40,12 +40,12 @@ def permuted_batches(
     permutation per seed of a :mod:`~brainprop.stacked` network, gives batches [G, b, ...].
     """
     for idx in perm.split(batch_size, dim=-1)[start:]:
-        yield to_float(x[idx], dtype), y[idx]
+        yield to_float(x[idx]), y[idx]
 
 
 def ordered_batches(
-    x: torch.Tensor, y: torch.Tensor, batch_size: int, dtype: torch.dtype = torch.float32
+    x: torch.Tensor, y: torch.Tensor, batch_size: int
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(images, labels) batches in dataset order, for evaluation."""
     for xb, yb in zip(x.split(batch_size), y.split(batch_size), strict=True):
-        yield to_float(xb, dtype), yb
+        yield to_float(xb), yb
