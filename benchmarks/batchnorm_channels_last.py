@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from brainprop import BrainProp, build_model, fastpath
-from brainprop.presets import published_hyperparameters
+from brainprop.presets import preset_hyperparameters
 
 
 def _relative(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -46,7 +46,7 @@ def batchnorm_errors(batch: int) -> None:
 def gradient_errors(arch: str, batch: int) -> None:
     dataset = "cifar10" if arch == "deep" else "mnist"
     shape = (3, 32, 32) if dataset == "cifar10" else (1, 28, 28)
-    hp = published_hyperparameters(dataset, arch)
+    hp = preset_hyperparameters(dataset, arch)
     hp = dataclasses.replace(hp, dropout=(0.0,) * len(hp.dropout))
     model = build_model(arch, shape, 10, hp, torch.Generator().manual_seed(1))
     g = torch.Generator().manual_seed(2)

@@ -13,7 +13,7 @@ import time
 import torch
 
 from brainprop import FEEDBACK_MODES, BrainProp, build_model, convert
-from brainprop.presets import published_hyperparameters
+from brainprop.presets import preset_hyperparameters
 
 
 def main() -> None:
@@ -29,7 +29,7 @@ def main() -> None:
     times: dict[str, list[float]] = {m: [] for m in FEEDBACK_MODES}
     models = {}
     for mode in FEEDBACK_MODES:
-        hp = published_hyperparameters("mnist", args.arch)
+        hp = preset_hyperparameters("mnist", args.arch)
         model = build_model(args.arch, shape, 10, hp, torch.Generator().manual_seed(0))
         convert(model, mode, generator=torch.Generator().manual_seed(1))
         models[mode] = (model, torch.optim.SGD(model.parameters(), lr=0.1))

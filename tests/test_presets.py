@@ -8,7 +8,7 @@ from torch import nn
 
 from brainprop.errors import BrainPropError
 from brainprop.layers import Conv2dSame, LocallyConnected2d
-from brainprop.presets import PAPER, build_model, decayed_parameters, published_hyperparameters
+from brainprop.presets import PAPER, build_model, decayed_parameters, preset_hyperparameters
 
 SHAPES = {
     "mnist": (1, 28, 28),
@@ -36,7 +36,7 @@ PUBLISHED_COUNTS = {
 @pytest.mark.parametrize(("dataset", "arch"), sorted(PUBLISHED_COUNTS))
 def test_parameter_counts_match_keras(dataset, arch):
     model = build_model(
-        arch, SHAPES[dataset], CLASSES[dataset], published_hyperparameters(dataset, arch)
+        arch, SHAPES[dataset], CLASSES[dataset], preset_hyperparameters(dataset, arch)
     )
     assert (
         sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -103,28 +103,28 @@ def test_unpublished_pairs_and_unknown_names_are_one_line_errors():
     with pytest.raises(
         BrainPropError, match="no .deep. network for mnist: choose --arch from conv, dense, loccon"
     ):
-        published_hyperparameters("mnist", "deep")
+        preset_hyperparameters("mnist", "deep")
     with pytest.raises(BrainPropError, match="unknown architecture 'resnet'"):
-        published_hyperparameters("mnist", "resnet")
+        preset_hyperparameters("mnist", "resnet")
     with pytest.raises(BrainPropError, match="2 dropout sites"):
         build_model("conv", (1, 28, 28), 10, PAPER[("mnist", "dense")])
 
 
 def test_quickstart_preset_covers_only_mnist_dense():
-    row = published_hyperparameters("mnist", "dense", "quickstart")
+    row = preset_hyperparameters("mnist", "dense", "quickstart")
     assert (row.lr, row.init_std, row.batch_size) == (0.5, 0.03, 64)
     with pytest.raises(BrainPropError, match="preset 'quickstart' has no 'conv' network for mnist"):
-        published_hyperparameters("mnist", "conv", "quickstart")
+        preset_hyperparameters("mnist", "conv", "quickstart")
     with pytest.raises(BrainPropError, match="preset 'quickstart' has no row for cifar10"):
-        published_hyperparameters("cifar10", "deep", "quickstart")
+        preset_hyperparameters("cifar10", "deep", "quickstart")
     with pytest.raises(
         BrainPropError,
         match="unknown preset 'fast': choose one of paper, quickstart, tuned, tuned-lr1.25$",
     ):
-        published_hyperparameters("mnist", "dense", "fast")
+        preset_hyperparameters("mnist", "dense", "fast")
 
 
 def test_tuned_lr125_is_tuned_at_lr_125_and_nothing_else():
     # docs/reproduce.md compares the two as one change of learning rate.
-    tuned = published_hyperparameters("mnist", "dense", "tuned")
-    assert published_hyperparameters("mnist", "dense", "tuned-lr1.25") == replace(tuned, lr=1.25)
+    tuned = preset_hyperparameters("mnist", "dense", "tuned")
+    assert preset_hyperparameters("mnist", "dense", "tuned-lr1.25") == replace(tuned, lr=1.25)

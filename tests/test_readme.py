@@ -31,3 +31,30 @@ def test_the_pieces_example_runs_and_builds_the_published_network(monkeypatch) -
         return [m.p for m in model.modules() if isinstance(m, nn.Dropout)]
 
     assert dropout(scope["model"]) == dropout(published) == [0.3, 0.3]
+
+
+def test_the_readme_table_of_presets_is_the_paper_table() -> None:
+    """The README copies brainprop.presets.PAPER by hand: its rows must say what PAPER holds,
+    row for row, and the networks' sizes as built."""
+    text = (REPO / "README.md").read_text()
+    start = text.index("| dataset | arch | lr | batch | σ | L2 | dropout | parameters |")
+    rows = text[start:].split("\n\n")[0].splitlines()[2:]
+    datasets = {"MNIST": ("mnist",), "CIFAR-10 / CIFAR-100": ("cifar10", "cifar100"),
+                "Tiny ImageNet": ("tiny-imagenet",)}  # fmt: skip
+    shapes = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32), "cifar100": (3, 32, 32),
+              "tiny-imagenet": (3, 64, 64)}  # fmt: skip
+    classes = {"mnist": 10, "cifar10": 10, "cifar100": 100, "tiny-imagenet": 200}
+    seen = set()
+    for row in rows:
+        name, arch, lr, batch, sigma, l2, dropout, params = (
+            cell.strip() for cell in row.strip("|").split("|")
+        )
+        for family, count in zip(datasets[name], params.split(" / "), strict=True):
+            hp = PAPER[family, arch]
+            assert (float(lr), int(batch), float(sigma)) == (hp.lr, hp.batch_size, hp.init_std)
+            assert (0.0 if l2 == "–" else float(l2)) == hp.l2, row
+            assert dropout == (", ".join(map(str, hp.dropout)) or "–"), row
+            model = build_model(arch, shapes[family], classes[family], hp)
+            assert int(count.replace(",", "")) == sum(p.numel() for p in model.parameters()), row
+            seen.add((family, arch))
+    assert seen == set(PAPER)

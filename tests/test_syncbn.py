@@ -17,7 +17,7 @@ from torch import nn
 from brainprop import TrainConfig
 from brainprop.distributed import Context
 from brainprop.feedback import FEEDBACK_MODES, convert
-from brainprop.presets import BN_EPS, BN_MOMENTUM, build_model, published_hyperparameters
+from brainprop.presets import BN_EPS, BN_MOMENTUM, build_model, preset_hyperparameters
 from brainprop.syncbn import SyncBatchNorm2d, alone, synchronise, synchronised
 
 
@@ -188,7 +188,7 @@ def test_runs_synchronise_by_default_and_older_runs_resume_as_they_trained() -> 
 def test_every_network_runs_an_idle_ranks_empty_batch(dataset, arch, shape, feedback) -> None:
     """A rank with no images in a short last batch runs the empty batch forward and backward
     to join the BatchNorm collectives: every network and feedback pathway must take it."""
-    model = build_model(arch, shape, 10, published_hyperparameters(dataset, arch))
+    model = build_model(arch, shape, 10, preset_hyperparameters(dataset, arch))
     convert(model, feedback, generator=torch.Generator().manual_seed(0))
     synchronise(model, TwoIdenticalRanks())
     out = model(torch.zeros(0, *shape))

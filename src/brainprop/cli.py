@@ -1,6 +1,7 @@
 """The ``brainprop`` command: argument parsing and one-line errors over the library.
 
-Every sub-command is a thin call into the library (``train``, ``evaluate``, ``load_dataset`` ...).
+Every sub-command is a thin call into the library (``train``, ``evaluate``, ``dataset_status``,
+``download``, ``reproduce``, ``run_bench``).
 A :class:`~brainprop.errors.BrainPropError` becomes one line on stderr and exit status 2; a run
 stopped by SIGINT/SIGTERM prints how to resume it and exits with 128 + the signal number; a
 training run that stopped on a NaN or inf (its summary and last good checkpoint written) exits

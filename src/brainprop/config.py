@@ -1,8 +1,9 @@
 """Typed training configuration.
 
 :class:`TrainConfig` is what a user writes (from Python or the CLI): every hyperparameter may be
-left as ``None``, meaning "the published value". :meth:`TrainConfig.resolve` fills those from
-the table in :mod:`brainprop.presets`, validates everything, and returns a config in which every
+left as ``None``, meaning "the preset's value" (the paper's unless ``preset`` names another
+table). :meth:`TrainConfig.resolve` fills those from that table in :mod:`brainprop.presets`,
+validates everything, and returns a config in which every
 field is concrete. The resolved config is what a run stores and what a resume reloads.
 """
 
@@ -24,7 +25,7 @@ from .presets import (
     DATASET_FAMILY,
     PAPER_PRESET,
     Hyperparameters,
-    published_hyperparameters,
+    preset_hyperparameters,
     with_dropout,
 )
 
@@ -43,7 +44,8 @@ FLOAT32_TINY = torch.finfo(torch.float32).tiny
 class TrainConfig:
     """Everything that defines one training run.
 
-    Hyperparameters left at ``None`` take the paper's value for (dataset, arch).
+    Hyperparameters left at ``None`` take the value of the ``preset`` table's row for
+    (dataset, arch): the paper's by default.
     ``val`` is ``"test"`` (validate on the test set, as the original does) or a number of
     training images to hold out for validation. ``on_nan`` is ``"stop"`` or ``"reload"`` (see
     :data:`ON_NAN`). ``global_batch``, for runs of several processes (see
@@ -110,7 +112,7 @@ class TrainConfig:
                 f"--batch-size {self.batch_size} and --global-batch {self.global_batch} both "
                 "set the batch: pass one (--global-batch is split over the processes)"
             )
-        hp = published_hyperparameters(self.dataset, self.arch, self.preset)
+        hp = preset_hyperparameters(self.dataset, self.arch, self.preset)
         if self.global_batch is not None:
             # One process trains on the whole global batch, like the several it stands for.
             hp = replace(hp, batch_size=self.global_batch)

@@ -1,7 +1,10 @@
-"""The four published architectures and the one table of published hyperparameters.
+"""The four published architectures and the tables of hyperparameters: the published one,
+:data:`PAPER`, and a few named others (:data:`PRESETS`), which a run chooses with
+``TrainConfig.preset``.
 
-A preset is data: a builder function in :data:`ARCHITECTURES` plus rows in :data:`PAPER`.
-A new architecture is one builder and one row per dataset.
+An architecture is a builder function in :data:`ARCHITECTURES`; a table maps (dataset family,
+arch) to a :class:`Hyperparameters` row. A new architecture is one builder and one row per
+dataset; a new preset is one more table in :data:`PRESETS`.
 
 The builders follow isapome/BrainProp's ``get_architecture.py`` layer for layer: no biases,
 Conv/LocallyConnected -> ReLU -> BatchNorm (Keras momentum 0.99, eps 1e-3), Keras's dropout
@@ -28,7 +31,10 @@ BN_EPS = 1e-3
 
 @dataclass(frozen=True)
 class Hyperparameters:
-    """One row of the hyperparameter table.
+    """One row of a hyperparameter table. The defaults are the settings every row of the
+    paper's table shares, so that each row of :data:`PAPER` spells out only how it departs from
+    them: a changed default changes the paper's table, which ``tests/test_readme.py`` checks
+    against the README's copy.
 
     Attributes:
         lr: SGD learning rate (no momentum).
@@ -113,9 +119,7 @@ PRESETS: dict[str, dict[tuple[str, str], Hyperparameters]] = {
 }
 
 
-def published_hyperparameters(
-    dataset: str, arch: str, preset: str = PAPER_PRESET
-) -> Hyperparameters:
+def preset_hyperparameters(dataset: str, arch: str, preset: str = PAPER_PRESET) -> Hyperparameters:
     """The ``preset`` table's row for ``dataset`` and ``arch``; a clear error for missing pairs."""
     if preset not in PRESETS:
         raise BrainPropError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")

@@ -1,8 +1,10 @@
 """The training loop: epochs, NaN stop, checkpoints, resume, history.
 
 It knows nothing of which rule or architecture it runs: the objective turns Q-values into a
-loss, the model is any ``nn.Module``, and :func:`~brainprop.step.train_step` applies plain SGD
-(through :func:`brainprop.fastpath.make_step`, which may replay it from a CUDA graph).
+loss, the model is whatever :func:`brainprop.presets.build_model` builds for the config's
+``arch`` (a new architecture is a builder registered there), and
+:func:`~brainprop.step.train_step` applies plain SGD (through
+:func:`brainprop.fastpath.make_step`, which may replay it from a CUDA graph).
 The learning-rate schedule and early stopping are in :mod:`brainprop.schedule`, and what a
 run's ``summary.json`` holds in :mod:`brainprop.summary`.
 
@@ -366,7 +368,8 @@ def train(
     training one run after another stops too.
 
     Args:
-        config: what to train; hyperparameters left as None take the published values. With
+        config: what to train; hyperparameters left as None take its preset's values (the
+            published ones by default). With
             ``resume``, None continues the run as configured, and a config given counts only
             for its ``epochs`` (to train longer).
         resume: a run directory to continue from its ``last.pt``; one killed before its first
