@@ -392,6 +392,7 @@ def _reproduce(args: argparse.Namespace) -> int:
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     from .bench import DEFAULT_PRESETS
+    from .objectives import RULES
 
     p = sub.add_parser(
         "bench", help="time the training step per preset and rule",
@@ -402,9 +403,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         "--presets", type=_names, default=DEFAULT_PRESETS,
         help="comma-separated dataset/arch pairs, hyperparameters from the paper's table",
     )  # fmt: skip
-    p.add_argument(
-        "--rules", type=_names, default=("brainprop", "ebp"), help="comma-separated rules"
-    )
+    p.add_argument("--rules", type=_names, default=RULES, help="comma-separated rules")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument(
         "--steps", type=int, default=30,

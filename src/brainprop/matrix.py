@@ -15,13 +15,15 @@ from pathlib import Path
 
 from .config import TrainConfig
 from .errors import BrainPropError
+from .objectives import RULES
 from .presets import DATASET_FAMILY, PAPER_PRESET, PRESETS
 
 #: The folder of the run directories under a results folder (local, not committed).
 RUNS = "runs"
 #: The paper's epoch budget (with early stopping); runs capped elsewhere carry ``-e<cap>``.
 PAPER_EPOCHS = TrainConfig.epochs
-RULE_ORDER = ("brainprop", "ebp")
+#: The rules in the order runs are planned and reported: BrainProp, then its baseline.
+RULE_ORDER = RULES
 #: The most seeds a request may ask for: a hundred times the paper's ten. Far more is a slip
 #: of the keyboard, and a plan of millions of runs would fill the memory before its first line.
 MAX_SEEDS = 1000
