@@ -195,6 +195,22 @@ def test_a_class_without_images_is_refused(tmp_path: Path) -> None:
     )
 
 
+def test_an_image_removed_while_the_tree_is_read_is_named(tmp_path: Path, monkeypatch) -> None:
+    folder = write_tiny_imagenet(tmp_path)
+    path = folder / "val" / "images" / "val_0.JPEG"
+    listed = tin._list_files
+
+    def list_then_remove(folder: Path):
+        files = listed(folder)
+        path.unlink()
+        return files
+
+    monkeypatch.setattr(tin, "_list_files", list_then_remove)
+    message = _error(tmp_path)
+    assert message.startswith(f"Tiny ImageNet image {path} cannot be read (")
+    assert message.endswith(f": {fix(folder)}")
+
+
 @pytest.mark.parametrize("where", ["wnids.txt", "val/images", "val/images/val_0.JPEG"])
 def test_a_file_this_user_may_not_read_is_a_permissions_problem_not_damage(
     tmp_path: Path, monkeypatch, where: str

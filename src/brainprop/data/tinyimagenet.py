@@ -194,7 +194,10 @@ def _manifest(folder: Path, train: list[tuple[Path, int]], test: list[tuple[Path
     listing = hashlib.sha256()
     for split, items in (("train", train), ("test", test)):
         for path, label in items:
-            st = path.stat()
+            try:
+                st = path.stat()
+            except OSError as exc:  # listed a moment ago, and removed since
+                raise _fail(f"image {path} cannot be read", path, exc) from exc
             name = path.relative_to(folder).as_posix()
             line = f"{split}\t{name}\t{label}\t{st.st_size}\t{st.st_mtime_ns}\n"
             listing.update(line.encode())
