@@ -222,7 +222,9 @@ class _BmmFeedback(torch.autograd.Function):
 
 
 class _DirectLink:
-    """Shared by the layers of one ``direct``-mode network: holds the output error e."""
+    """Shared by the layers of one ``direct``-mode network: holds the output error e, from
+    the output layer's backward to the lower layers', one error at a time. Two forward passes
+    backpropagated together may mix theirs (docs/biology.md)."""
 
     def __init__(self, output: nn.Module) -> None:
         self.output = output
