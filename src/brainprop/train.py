@@ -375,7 +375,8 @@ def train(
         resume: a run directory to continue from its ``last.pt``; one killed before its first
             checkpoint starts over from its ``config.json`` (one that has a history but lost its
             ``last.pt`` is refused).
-        dataset: use this dataset instead of loading ``config.dataset`` (tests, notebooks).
+        dataset: use this dataset instead of loading ``config.dataset`` (tests, notebooks);
+            the run is still named, recorded and given hyperparameters as ``config.dataset``.
         data_dir: with ``resume``, the data root to read the run's dataset from when it has
             moved since the run began (where the data lies is no setting of the run, so its
             config keeps the old one); ``config.data_dir`` otherwise. Not with ``dataset``.
