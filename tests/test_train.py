@@ -8,12 +8,14 @@ import sys
 import pytest
 import torch
 from conftest import make_tiny_dataset
+from data_fixtures import REPO
 
 from brainprop import TrainConfig, devices, evaluate, load_model, train
+from brainprop.cli import main
 from brainprop.data.batches import to_float
 from brainprop.errors import BrainPropError
 from brainprop.evaluation import accuracy
-from brainprop.objectives import make_objective
+from brainprop.objectives import OBJECTIVES, Output, make_objective
 from brainprop.presets import build_model
 from brainprop.rundir import write_history
 from brainprop.step import make_optimizer, train_step
@@ -53,6 +55,35 @@ def test_training_learns_and_writes_a_complete_run_directory(tmp_path, tiny_data
     for h in history:
         assert 0 < h["host_rss_mib"] <= h["peak_memory_mib"] < 2**20
     assert "peak_memory_mib,host_rss_mib" in (run.dir / "history.csv").read_text()
+
+
+class _SquaredError:
+    """A rule of the user's own: squared error of every output against the one-hot label."""
+
+    name = "squared-error"
+    sums_over_nominal_batch = False
+
+    def __call__(self, q, y, generator=None):
+        loss = ((q - torch.nn.functional.one_hot(y, q.shape[1]).to(q.dtype)) ** 2).sum(1).mean()
+        actions = q.detach().argmax(1)
+        rewards = (actions == y).to(q.dtype)
+        return Output(loss, actions, rewards, torch.zeros_like(y, dtype=torch.bool))
+
+
+def test_a_rule_registered_by_name_trains_from_the_library_and_the_cli(
+    tmp_path, tiny_dataset, monkeypatch, capsys
+):
+    monkeypatch.setitem(OBJECTIVES, "squared-error", lambda epsilon, fused: _SquaredError())
+    run = train(_config(tmp_path, rule="squared-error"), dataset=tiny_dataset, progress=False)
+    assert run.config.rule == "squared-error" and run.summary["best_val_acc"] > 0.6
+    assert evaluate(run.dir, dataset=tiny_dataset)["test_acc"] == run.summary["test_acc_at_best"]
+    monkeypatch.setenv("BRAINPROP_DATA", str(REPO / "data"))
+    argv = ["train", "--rule", "squared-error", "--arch", "dense", "--epochs", "1", "--quiet",
+            "--batch-size", "60000", "--device", "cpu", "--out", str(tmp_path / "cli")]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    with pytest.raises(BrainPropError, match="unknown rule 'hebb': choose one of brainprop, ebp, "
+                       "squared-error$"):  # fmt: skip
+        TrainConfig(rule="hebb").resolve()
 
 
 def test_the_summary_names_ops_that_ran_in_tf32(tmp_path, tiny_dataset, monkeypatch):

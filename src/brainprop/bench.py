@@ -46,7 +46,7 @@ from .devices import bf16_warning, cpuinfo, resolve_device, vector_units
 from .errors import BrainPropError
 from .evaluation import EVAL_BATCH, accuracy
 from .feedback import convert
-from .objectives import RULES, Objective, Output, make_objective
+from .objectives import Objective, Output, check_rule, make_objective
 from .peaks import Peak, Peaks, device_peaks, op_precisions, precision_label
 from .presets import (
     DATASET_FAMILY,
@@ -575,8 +575,7 @@ def run_bench(
     if stack < 1:
         raise BrainPropError(f"--stack must be >= 1 seeds, got {stack}")
     for rule in rules:
-        if rule not in RULES:
-            raise BrainPropError(f"unknown rule {rule!r}: choose from {', '.join(RULES)}")
+        check_rule(rule)
     parsed = [parse_preset(p) for p in presets]
     if batch_size is not None:
         for dataset, _ in parsed:

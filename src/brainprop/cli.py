@@ -82,7 +82,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     from .config import MAX_NAN_RELOADS, ON_NAN, TrainConfig
     from .data import DATASET_NAMES
     from .feedback import FEEDBACK_MODES
-    from .objectives import RULES
+    from .objectives import OBJECTIVES
     from .presets import ARCHITECTURES, PRESETS
 
     # No option has a default of its own: one not given is None (False for switches), so that
@@ -91,7 +91,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train one network", description="Train one network.")
     p.add_argument("--dataset", choices=DATASET_NAMES, help=f"default {default['dataset']}")
     p.add_argument("--arch", choices=list(ARCHITECTURES), help=f"default {default['arch']}")
-    p.add_argument("--rule", choices=RULES, help=f"default {default['rule']}")
+    p.add_argument("--rule", choices=tuple(OBJECTIVES), help=f"default {default['rule']}")
     p.add_argument(
         "--epsilon", type=float,
         help=f"BrainProp exploration rate (default {default['epsilon']})",

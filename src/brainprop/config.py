@@ -19,7 +19,7 @@ import torch
 from .devices import device_problem
 from .errors import BrainPropError
 from .feedback import FEEDBACK_MODES
-from .objectives import DEFAULT_EPSILON, RULES
+from .objectives import DEFAULT_EPSILON, check_rule
 from .presets import (
     ARCHITECTURES,
     DATASET_FAMILY,
@@ -105,8 +105,7 @@ class TrainConfig:
             raise BrainPropError(
                 f"unknown dataset {self.dataset!r}: choose one of {', '.join(DATASET_FAMILY)}"
             )
-        if self.rule not in RULES:
-            raise BrainPropError(f"unknown rule {self.rule!r}: choose one of {', '.join(RULES)}")
+        check_rule(self.rule)
         if self.global_batch is not None and self.batch_size not in (None, self.global_batch):
             raise BrainPropError(
                 f"--batch-size {self.batch_size} and --global-batch {self.global_batch} both "

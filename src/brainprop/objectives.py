@@ -10,13 +10,16 @@ r = [s == y], and the reward-prediction error delta = r - q_s is the only error 
 loss 1/2 (r - q_s)^2 on the chosen unit alone has gradient -delta at unit s and zero elsewhere,
 so backpropagating it sends exactly the attention-gated feedback of the paper: only the chosen
 unit's feedback travels down, gated at each layer by the units' activity derivative.
+
+A new rule is an :class:`Objective` registered by name in :data:`OBJECTIVES`.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -243,8 +246,30 @@ class EBP:
         return "EBP()"
 
 
-Objective = BrainProp | EBP
+class Objective(Protocol):
+    """What training asks of a learning rule: turn Q-values ``q`` [B, K] and labels ``y`` [B]
+    into an :class:`Output` whose ``loss``, a mean over the batch, is differentiable with
+    respect to ``q``, drawing what it draws from ``generator`` (each run's own stream, so that
+    a resume draws the same). ``sums_over_nominal_batch`` says whether a short last batch's
+    mean loss is scaled by its share of the nominal batch (:func:`batch_scale`)."""
 
+    name: str
+    sums_over_nominal_batch: bool
+
+    def __call__(
+        self, q: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None
+    ) -> Output: ...
+
+
+#: The learning rules by name, each a function of (epsilon, fused) that makes its objective.
+#: A new rule is one entry, e.g. ``OBJECTIVES["mine"] = lambda epsilon, fused: Mine()``; then
+#: ``TrainConfig(rule="mine")`` and ``brainprop train --rule mine`` train with it.
+OBJECTIVES: dict[str, Callable[[float, bool], Objective]] = {
+    "brainprop": BrainProp,
+    "ebp": lambda epsilon, fused: EBP(),
+}
+
+#: The paper's two rules, in the order its comparisons put them.
 RULES = ("brainprop", "ebp")
 
 
@@ -256,10 +281,13 @@ def batch_scale(objective: Objective, n: int, batch_size: int) -> float:
 
 
 def make_objective(rule: str, epsilon: float = DEFAULT_EPSILON, fused: bool = False) -> Objective:
-    """Build the objective named ``rule`` ('brainprop' or 'ebp'); ``fused``: BrainProp's head
-    in fused kernels where it can (see :class:`BrainProp`)."""
-    if rule == "brainprop":
-        return BrainProp(epsilon, fused)
-    if rule == "ebp":
-        return EBP()
-    raise BrainPropError(f"unknown rule {rule!r}: choose one of {', '.join(RULES)}")
+    """Build the objective :data:`OBJECTIVES` names ``rule``; ``fused``: BrainProp's head in
+    fused kernels where it can (see :class:`BrainProp`)."""
+    check_rule(rule)
+    return OBJECTIVES[rule](epsilon, fused)
+
+
+def check_rule(rule: str) -> None:
+    """One-line BrainPropError unless :data:`OBJECTIVES` has ``rule``."""
+    if rule not in OBJECTIVES:
+        raise BrainPropError(f"unknown rule {rule!r}: choose one of {', '.join(OBJECTIVES)}")
