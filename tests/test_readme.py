@@ -6,7 +6,7 @@ import torch
 from data_fixtures import REPO
 from torch import nn
 
-from brainprop import PAPER, build_model
+from brainprop import ARCHITECTURES, OBJECTIVES, PAPER, PRESETS, build_model
 
 
 def _block_after(text: str, marker: str) -> str:
@@ -58,3 +58,24 @@ def test_the_readme_table_of_presets_is_the_paper_table() -> None:
             assert int(count.replace(",", "")) == sum(p.numel() for p in model.parameters()), row
             seen.add((family, arch))
     assert seen == set(PAPER)
+
+
+def test_the_extending_example_trains_a_new_rule_on_a_new_network(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("BRAINPROP_DATA", str(REPO / "data"))
+    monkeypatch.chdir(tmp_path)  # where its run directory goes
+    code = _block_after((REPO / "README.md").read_text(), "### Extending")
+    registries = (OBJECTIVES, ARCHITECTURES, PRESETS)
+    before = [dict(r) for r in registries]
+    scope: dict = {}
+    try:
+        exec(compile(code, "README.md", "exec"), scope)
+    finally:
+        for registry, kept in zip(registries, before, strict=True):
+            registry.clear()
+            registry.update(kept)
+    run = scope["run"]
+    assert run.config.rule == "squared-error" and run.config.lr == 0.05
+    assert run.summary["epochs_run"] == 2 and run.summary["best_val_acc"] > 0.9
+    assert [type(m).__name__ for m in run.model] == [
+        "Flatten", "Linear", "ReLU", "Dropout", "Linear"
+    ]  # fmt: skip

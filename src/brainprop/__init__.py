@@ -20,20 +20,25 @@ from .errors import BrainPropError
 from .evaluation import evaluate, load_model
 from .feedback import FEEDBACK_MODES, convert
 from .layers import LocallyConnected2d
-from .objectives import EBP, BrainProp, Output, make_objective
-from .presets import PAPER, Hyperparameters, build_model
+from .objectives import EBP, OBJECTIVES, BrainProp, Objective, Output, make_objective
+from .presets import ARCHITECTURES, PAPER, PRESETS, Hyperparameters, LayerStack, build_model
 from .stacked import train_stacked
 from .train import Run, train
 
 __all__ = [
+    "ARCHITECTURES",
     "EBP",
     "FEEDBACK_MODES",
+    "OBJECTIVES",
     "PAPER",
+    "PRESETS",
     "BrainProp",
     "BrainPropError",
     "Dataset",
     "Hyperparameters",
+    "LayerStack",
     "LocallyConnected2d",
+    "Objective",
     "Output",
     "Run",
     "TrainConfig",

@@ -157,8 +157,11 @@ def table_archs(preset: str, dataset: str) -> list[str]:
     return sorted(a for f, a in PRESETS.get(preset, {}) if f == family)
 
 
-class _Stack:
-    """Appends layers while tracking the activation shape (C, H, W), so builders fit any input."""
+class LayerStack:
+    """Appends layers while tracking the activation shape (C, H, W), so builders fit any input.
+
+    An architecture's builder takes one, the number of classes and its dropout rates, and adds
+    the network layer by layer; ``layers`` is then the network's :class:`nn.Sequential`."""
 
     def __init__(self, input_shape: Sequence[int]) -> None:
         self.layers: list[nn.Module] = []
@@ -210,15 +213,15 @@ class _Stack:
         self.shape = (units,)
 
 
-def _dense(s: _Stack, num_classes: int, dropout: Sequence[float]) -> None:
+def _dense(s: LayerStack, num_classes: int, dropout: Sequence[float]) -> None:
     s.flatten()
     for units in (1500, 1000, 500):
         s.dense(units)
     s.dense(num_classes, relu=False)
 
 
-def _shallow(local: str) -> Callable[[_Stack, int, Sequence[float]], None]:
-    def build(s: _Stack, num_classes: int, dropout: Sequence[float]) -> None:
+def _shallow(local: str) -> Callable[[LayerStack, int, Sequence[float]], None]:
+    def build(s: LayerStack, num_classes: int, dropout: Sequence[float]) -> None:
         add = getattr(s, local)
         add(32)
         add(32, stride=2)
@@ -231,7 +234,7 @@ def _shallow(local: str) -> Callable[[_Stack, int, Sequence[float]], None]:
     return build
 
 
-def _deep(s: _Stack, num_classes: int, dropout: Sequence[float]) -> None:
+def _deep(s: LayerStack, num_classes: int, dropout: Sequence[float]) -> None:
     s.conv(64)
     s.conv(64)
     s.pool()
@@ -252,7 +255,7 @@ def _deep(s: _Stack, num_classes: int, dropout: Sequence[float]) -> None:
 
 
 #: Builder and number of dropout sites per architecture.
-ARCHITECTURES: dict[str, tuple[Callable[[_Stack, int, Sequence[float]], None], int]] = {
+ARCHITECTURES: dict[str, tuple[Callable[[LayerStack, int, Sequence[float]], None], int]] = {
     "dense": (_dense, 0),
     "conv": (_shallow("conv"), 2),
     "loccon": (_shallow("loccon"), 2),
@@ -286,7 +289,7 @@ def build_model(
         )
     if len(input_shape) != 3:
         raise BrainPropError(f"input shape must be (C, H, W), got {tuple(input_shape)}")
-    stack = _Stack(input_shape)
+    stack = LayerStack(input_shape)
     builder(stack, num_classes, hp.dropout)
     model = nn.Sequential(*stack.layers)
     init_weights(model, hp.init_std, generator)
