@@ -220,6 +220,19 @@ def test_a_damaged_mid_epoch_checkpoint_is_refused_before_training(
         train(None, resume=tmp_path / "run", dataset=ds, progress=False)
 
 
+def test_a_signal_stops_a_loop_of_runs_that_skips_failed_ones(tmp_path: Path, ds, monkeypatch):
+    """A sweep that skips configs raising BrainPropError must still stop on Ctrl-C."""
+    inject(monkeypatch, {step(1, 5): _raise(signal.SIGINT)})
+    skipped = []
+    with pytest.raises(Interrupted):
+        for seed in (0, 1):
+            try:
+                train(tiny_config(tmp_path / str(seed), seed=seed), dataset=ds, progress=False)
+            except BrainPropError:
+                skipped.append(seed)
+    assert skipped == []
+
+
 def test_a_checkpoint_too_large_for_the_device_is_not_called_damaged(
     tmp_path: Path, ds, monkeypatch
 ) -> None:

@@ -22,6 +22,7 @@ from .feedback import FEEDBACK_MODES, convert
 from .layers import LocallyConnected2d
 from .objectives import EBP, OBJECTIVES, BrainProp, Objective, Output, make_objective
 from .presets import ARCHITECTURES, PAPER, PRESETS, Hyperparameters, LayerStack, build_model
+from .signals import Interrupted
 from .stacked import train_stacked
 from .train import Run, train
 
@@ -36,6 +37,7 @@ __all__ = [
     "BrainPropError",
     "Dataset",
     "Hyperparameters",
+    "Interrupted",
     "LayerStack",
     "LocallyConnected2d",
     "Objective",

@@ -792,6 +792,8 @@ def _run_in_workers(
                     failures.append(_message(receive) or failed)
                 if failures:
                     raise BrainPropError("; ".join(failures))
+        except signals.Interrupted:
+            raise  # the first signal's stop, which each worker saw and saved its run for
         except KeyboardInterrupt:
             # A second signal: no waiting for the workers, which each get one SIGTERM and save
             # their state as they stop.

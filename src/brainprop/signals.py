@@ -13,8 +13,6 @@ import signal
 import threading
 from collections.abc import Callable, Iterator
 
-from .errors import BrainPropError
-
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -49,9 +47,11 @@ class StopRequest:
         )
 
 
-class Interrupted(BrainPropError):
+class Interrupted(KeyboardInterrupt):
     """Training stopped on a signal; the message says what was saved and how to resume.
 
+    A ``KeyboardInterrupt``, as Ctrl-C's own: it passes ``except Exception`` and ``except
+    BrainPropError``, so a loop of runs that skips the ones that fail still stops.
     ``exit_status`` is the shell convention for death by that signal, 128 + its number.
     """
 

@@ -449,6 +449,8 @@ class _StackedRun:
                     self._epoch_alone(m)
                 self._leave_finished()
                 self._epochs(stop)
+            except signals.Interrupted:
+                raise  # the first signal's stop, every seed's state saved
             except KeyboardInterrupt:
                 # A second signal: whatever write it cut short left the previous file whole.
                 raise stop.quit_at_once(

@@ -484,6 +484,8 @@ def _held_train(
             trainer, stop_reason = _epochs(trainer, ds, run_path, say, stop)
             summary = summarize(trainer.history, facts(trainer), stop_reason)
             parallel.on_main(lambda: write_results(trainer, run_path, summary))
+        except signals.Interrupted:
+            raise  # the first signal's stop, its state saved
         except KeyboardInterrupt:
             # A second signal: whatever write it cut short left the previous file whole.
             raise signalled.quit_at_once(
