@@ -59,6 +59,20 @@ def test_nan_loss_stops_with_epoch_and_step_keeping_the_last_good_checkpoint(
     )
 
 
+def test_a_nan_before_the_first_checkpoint_says_to_start_anew(
+    tmp_path: Path, ds, monkeypatch, capsys
+) -> None:
+    inject(monkeypatch, {step(1, 2): poison})
+    run = train(tiny_config(tmp_path), dataset=ds)
+    assert (
+        "stopped: the loss became NaN or inf at epoch 1, step 2; no checkpoint was written yet, "
+        "so there is nothing to resume: start a new run. Lower --lr or --init-std"
+        in capsys.readouterr().out
+    )
+    with pytest.raises(BrainPropError, match="there is nothing to continue; start a new run"):
+        train(None, resume=run.dir, dataset=ds, progress=False)
+
+
 def test_nan_in_the_weights_alone_stops_the_run(tmp_path: Path, ds, monkeypatch) -> None:
     # BatchNorm's running variance is used only in eval mode: the training loss stays finite.
     models: list[nn.Module] = []

@@ -489,7 +489,8 @@ def _held_train(
         except KeyboardInterrupt:
             # A second signal: whatever write it cut short left the previous file whole.
             raise signalled.quit_at_once(
-                f"{_kept(run_path)}: continue with 'brainprop train --resume {run_path}'"
+                f"{_kept(run_path, 'so a resume starts over')}: continue with 'brainprop train "
+                f"--resume {run_path}'"
             ) from None
         if trainer.history:
             say(done_line(summary, run_path))
@@ -588,7 +589,7 @@ def gave_up(bad: NonFinite, config: TrainConfig, run_path: Path) -> str:
         after, fix = "", "Lower --lr or --init-std, or pass --on-nan reload"
     return (
         f"stopped{after}: the {bad.what} became NaN or inf at {bad.where()}; "
-        f"{_kept(run_path)}. {fix}."
+        f"{_kept(run_path, 'so there is nothing to resume: start a new run')}. {fix}."
     )
 
 
@@ -763,11 +764,13 @@ def _interrupted(stop: signals.StopRequest, run_path: Path, at: str) -> signals.
     )
 
 
-def _kept(run_path: Path) -> str:
+def _kept(run_path: Path, without: str) -> str:
+    """What ``run_path`` keeps of a stopped run: its last.pt, or, with ``without`` saying what
+    follows from that, no checkpoint yet."""
     last = run_path / rundir.LAST
     if last.is_file():
         return f"{last} keeps the last good state"
-    return "no checkpoint was written yet, so a resume starts over"
+    return f"no checkpoint was written yet, {without}"
 
 
 def rewind(old: Trainer, ds: Dataset, run_path: Path) -> Trainer:
