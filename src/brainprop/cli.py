@@ -158,7 +158,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--data-dir", help=DATA_DIR_HELP)
     run.add_argument("--out", help=f"folder for run directories (default {default['out_dir']})")
     run.add_argument(
-        "--name", help="run directory name (default: <dataset>-<arch>-<rule>-s<seed>-<time>)"
+        "--name",
+        help="run directory name (default: <dataset>-<arch>-<rule>-s<seed>-<time>); "
+        "a name already taken in --out gets -2, -3, ...: the output names the folder it took",
     )
     run.add_argument(
         "--resume", metavar="RUN_DIR",

@@ -4,9 +4,9 @@ Two kinds of numbers, both cheap enough for once per epoch on one batch:
 
 * weight alignment: the angle (degrees) between a layer's forward weights W and its feedback
   weights B, and the norm ratio |B| / |W| (``direct`` mode has no B shaped like W and is skipped);
-* update alignment: the angle between the update the rule actually makes and the exact EBP
-  gradient (symmetric feedback) of the *same* objective on the *same* batch with the *same*
-  actions and dropout masks.
+* update alignment: the angle between the update the rule actually makes and the exact
+  gradient (symmetric feedback: backpropagation's) of the *same* objective on the *same* batch
+  with the *same* actions and dropout masks.
 
 :func:`diagnostics` returns them as one flat dict of floats (``angle_wb/<layer>``,
 ``norm_ratio/<layer>``, ``angle_update/<layer>``) ready to be history columns;
@@ -63,7 +63,8 @@ def weight_alignment(model: nn.Module) -> dict[str, float]:
 def update_alignment(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, objective: Objective, seed: int = 0
 ) -> dict[str, float]:
-    """``angle_update/<layer>``: the rule's weight update vs the exact EBP gradient, in degrees.
+    """``angle_update/<layer>``: the rule's weight update vs the exact gradient of the same
+    objective (symmetric feedback: backpropagation), in degrees.
 
     Runs the batch ``x`` ([N, ...]) twice in the model's current mode, once through the layers'
     feedback and once with :func:`~brainprop.feedback.exact_gradients`, with the same dropout
@@ -125,7 +126,7 @@ def plot_diagnostics(history: Sequence[dict[str, Any]], path: str | Path, title:
 
     panels = [
         ("angle_wb/", "angle(W, B) [deg]"),
-        ("angle_update/", "angle(update, EBP grad) [deg]"),
+        ("angle_update/", "angle(update, exact gradient) [deg]"),
         ("norm_ratio/", "|B| / |W|"),
     ]
     epochs = [h["epoch"] for h in history]

@@ -81,7 +81,8 @@ def _forced_symmetric() -> bool:
 def exact_gradients() -> Iterator[None]:
     """Within this block every converted layer backpropagates through W (symmetric feedback).
 
-    Diagnostics use it to get the exact EBP gradient of the same objective on the same batch.
+    Diagnostics use it to get the exact gradient (backpropagation's) of the same objective on
+    the same batch.
     """
     _FORCE.depth = getattr(_FORCE, "depth", 0) + 1
     try:

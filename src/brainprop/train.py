@@ -323,7 +323,8 @@ def check_batch(
     most = n_train // parallel.world_size
     if config.global_batch is not None:
         most *= parallel.world_size
-    raise BrainPropError(f"{asked} more than {images}: pass at most {most}")
+    fewer = " or hold out fewer images with --val-split" if config.val != VAL_TEST else ""
+    raise BrainPropError(f"{asked} more than {images}: pass at most {most}{fewer}")
 
 
 class NonFinite(Exception):
