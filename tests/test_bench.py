@@ -77,6 +77,9 @@ def test_report_has_both_rules_and_every_field(report):
     for row in asked["results"]:
         row["steps_timed"] = 5
     assert "- 5 timed steps after" in markdown(asked)
+    for row in asked["results"]:
+        row["steps_timed"] = 1
+    assert "- 1 timed step after" in markdown(asked)
     # The ratio of each round's two blocks, moments apart, and their median.
     (ratio,) = rep["ratios"]
     bp, ebp = rep["results"]

@@ -9,6 +9,7 @@ import pytest
 import torch
 from data_fixtures import write_idx_dataset
 
+import brainprop
 from brainprop import checkpoint, cli
 from brainprop.cli import OFF_CONFIG_OPTIONS, build_parser, main
 from brainprop.config import TrainConfig
@@ -205,6 +206,11 @@ def test_python_dash_m_works():
         [sys.executable, "-m", "brainprop", "--help"], capture_output=True, text=True
     )
     assert done.returncode == 0 and "train" in done.stdout and "evaluate" in done.stdout
+
+
+def test_version(capsys):
+    assert _exit_code(lambda: main(["--version"])) == 0
+    assert capsys.readouterr().out == f"brainprop {brainprop.__version__}\n"
 
 
 def _exit_code(fn):

@@ -742,8 +742,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"- device: {dev['type']} ({', '.join(what)}), {dev['precision']}, torch {report['torch']}",
         peak_line,
         f"- {report['mode']}",
-        f"- {_timed(report)} timed steps after {_untimed(report)}; 1-minute load average "
-        f"{before:.2f} before, {after:.2f} after",
+        f"- {_timed(report)} timed step{'s' * (_timed(report) != 1)} after {_untimed(report)}; "
+        f"1-minute load average {before:.2f} before, {after:.2f} after",
         "",
         "| preset | batch | rule | step ms | s/epoch | images/s | GFLOP/step | TFLOP/s "
         f"| % of peak |{peak_head} peak mem MiB (held before) | host RSS MiB | eval 10k s "

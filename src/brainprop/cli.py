@@ -456,9 +456,11 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
     from .data.fetch import SOURCES
 
     parser = _Parser(prog="brainprop", description="BrainProp and EBP training for PyTorch.")
+    parser.add_argument("--version", action="version", version=f"brainprop {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_train(sub)
     p = sub.add_parser("evaluate", help="test accuracy of a run or checkpoint")
