@@ -37,6 +37,13 @@ def make_tiny_dataset(
 
 
 @pytest.fixture
+def default_root_here(tmp_path, monkeypatch):
+    """Make the test's folder the default data root ($BRAINPROP_DATA), as for a user whose
+    data live there: messages then advise 'brainprop download NAME' without --data-dir."""
+    monkeypatch.setenv("BRAINPROP_DATA", str(tmp_path))
+
+
+@pytest.fixture
 def tiny_dataset():
     return make_tiny_dataset()
 

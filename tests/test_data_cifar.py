@@ -19,6 +19,10 @@ from brainprop.errors import BrainPropError
 #: numpy's array reconstructor, wherever this numpy version keeps it.
 _reconstruct = np.zeros(0).__reduce__()[0]
 
+# The fixtures' folder is the default data root: see tests/test_data_registry.py for the
+# download advice of a root given with --data-dir.
+pytestmark = pytest.mark.usefixtures("default_root_here")
+
 
 def test_cifar10_shapes_labels_and_channel_order(tmp_path: Path) -> None:
     expected = write_cifar10(tmp_path)

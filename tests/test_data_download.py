@@ -32,6 +32,10 @@ from brainprop import locks
 from brainprop.data import download, fetch, load_dataset
 from brainprop.errors import BrainPropError
 
+# The fixtures' folder is the default data root: see tests/test_data_registry.py for the
+# download advice of a root given with --data-dir.
+pytestmark = pytest.mark.usefixtures("default_root_here")
+
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, format: str, *args: object) -> None:
@@ -142,7 +146,7 @@ def test_a_damaged_file_of_a_partial_dataset_is_named_before_anything_is_fetched
         download("mnist", tmp_path / "root", base_url=nowhere, progress=False)
     assert str(info.value) == (
         f"{images} is cut short or padded (its header declares 4720 bytes, it holds 100): "
-        "delete it and run 'brainprop download mnist'"
+        f"delete it and run 'brainprop download mnist --data-dir {tmp_path / 'root'}'"
     )
     assert [p.name for p in images.parent.iterdir()] == [images.name]
 

@@ -13,6 +13,10 @@ from data_fixtures import REPO, idx_bytes, write_idx_dataset
 from brainprop.data import idx, load_dataset
 from brainprop.errors import BrainPropError
 
+# The fixtures' folder is the default data root: see tests/test_data_registry.py for the
+# download advice of a root given with --data-dir.
+pytestmark = pytest.mark.usefixtures("default_root_here")
+
 
 @pytest.mark.parametrize("gz", [True, False])
 @pytest.mark.parametrize("name", ["mnist", "fashion-mnist"])

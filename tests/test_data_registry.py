@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,10 @@ from brainprop.data import (
     root,
 )
 from brainprop.errors import BrainPropError
+
+# The fixtures' folder is the default data root: see tests/test_data_registry.py for the
+# download advice of a root given with --data-dir.
+pytestmark = pytest.mark.usefixtures("default_root_here")
 
 
 def test_names() -> None:
@@ -71,6 +76,27 @@ def test_an_empty_data_root_is_refused_and_an_empty_variable_is_unset(
     monkeypatch.setattr(root, "checkout_data_dir", lambda _: tmp_path)
     monkeypatch.setenv("BRAINPROP_DATA", "")
     assert resolve_data_root() == tmp_path
+
+
+def test_the_download_advice_names_a_data_root_other_than_the_default(tmp_path, monkeypatch):
+    """Run as given, 'brainprop download NAME' would fill the default root and leave the
+    damaged one as it was."""
+    monkeypatch.setenv("BRAINPROP_DATA", str(tmp_path / "default"))
+    write_idx_dataset(tmp_path / "mine" / "mnist")
+    (tmp_path / "mine" / "mnist" / "t10k-labels-idx1-ubyte.gz").write_bytes(b"")
+    command = f"'brainprop download mnist --data-dir {tmp_path / 'mine'}'"
+    with pytest.raises(BrainPropError, match=f"delete it and run {re.escape(command)}$"):
+        load_dataset("mnist", tmp_path / "mine")
+    status = {s.name: s for s in dataset_status(tmp_path / "mine")}
+    assert status["mnist"].damaged.endswith(f"delete it and run {command}")
+    assert f"run 'brainprop download cifar10 --data-dir {tmp_path / 'mine'}'" in str(
+        status["cifar10"].how_to_get
+    )
+    # Given as itself, the default root needs no --data-dir; a path with a space is quoted.
+    assert dataset_status(tmp_path / "default")[0].how_to_get.endswith("download mnist'")
+    spaced = tmp_path / "my data"
+    spaced.mkdir()
+    assert f"--data-dir '{spaced}''" in dataset_status(spaced)[0].how_to_get
 
 
 @pytest.mark.parametrize("kind", ["file", "missing"])

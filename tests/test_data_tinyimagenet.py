@@ -14,6 +14,10 @@ from brainprop.data import dataset_status, load_dataset
 from brainprop.data import tinyimagenet as tin
 from brainprop.errors import BrainPropError
 
+# The fixtures' folder is the default data root: see tests/test_data_registry.py for the
+# download advice of a root given with --data-dir.
+pytestmark = pytest.mark.usefixtures("default_root_here")
+
 
 def _reference(path: Path) -> np.ndarray:
     with Image.open(path) as image:

@@ -36,6 +36,10 @@ from brainprop.train import check_batch
 
 __all__ = ["one_thread"]  # the autouse fixture, imported to take effect here
 
+# The fixtures' folder is the default data root: see tests/test_data_registry.py for the
+# download advice of a root given with --data-dir.
+pytestmark = pytest.mark.usefixtures("default_root_here")
+
 
 def _error(capsys, *argv: str | Path) -> str:
     """Run the CLI; assert it failed with exactly one line on stderr, and return that line."""

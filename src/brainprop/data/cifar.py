@@ -19,7 +19,7 @@ import torch
 from brainprop.errors import BrainPropError
 
 from .dataset import Dataset
-from .messages import UNREADABLE, reason, redownload
+from .messages import UNREADABLE, download_command, reason, redownload
 
 ROW_BYTES = 3 * 32 * 32
 
@@ -328,8 +328,9 @@ def _load_split(name: str, root: Path, files: tuple[str, ...]) -> tuple[torch.Te
         path = folder / file_name
         if not path.is_file():
             raise BrainPropError(
-                f"CIFAR file {path} is missing: run 'brainprop download {layout.download_name}' "
-                f"or extract the official python archive into {folder.parent}"
+                f"CIFAR file {path} is missing: run "
+                f"{download_command(layout.download_name, root)} or extract the official python "
+                f"archive into {folder.parent}"
             )
         source = f"CIFAR file {path}"
         try:
@@ -343,7 +344,7 @@ def _load_split(name: str, root: Path, files: tuple[str, ...]) -> tuple[torch.Te
             label_key=layout.label_key,
             num_classes=layout.num_classes,
             source=source,
-            fix=redownload(layout.download_name),
+            fix=redownload(layout.download_name, root),
         )
         xs.append(x)
         ys.append(y)

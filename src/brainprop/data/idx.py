@@ -18,7 +18,7 @@ import torch
 from brainprop.errors import BrainPropError
 
 from .dataset import Dataset
-from .messages import UNREADABLE, reason, redownload
+from .messages import UNREADABLE, download_command, reason, redownload
 
 IMAGES_MAGIC = 0x00000803
 LABELS_MAGIC = 0x00000801
@@ -183,28 +183,31 @@ def idx_dataset_dir(name: str, root: Path) -> Path:
     return own
 
 
-def how_to_get(name: str, folder: Path) -> str:
-    """A one-line hint on obtaining the IDX files of ``name`` into ``folder``."""
+def how_to_get(name: str, root: Path) -> str:
+    """A one-line hint on obtaining the IDX files of ``name`` into the data root ``root``."""
     hint = (
-        f"put the four official IDX files (gzipped or not) in {folder} "
-        f"or run 'brainprop download {name}'"
+        f"put the four official IDX files (gzipped or not) in {root / name} "
+        f"or run {download_command(name, root)}"
     )
     if name in SYSTEM_PACKAGES:
         hint += f" (or 'apt-get install {SYSTEM_PACKAGES[name]}')"
     return hint
 
 
-def _load_split(name: str, folder: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return uint8 images ``[N, 1, 28, 28]`` and int64 labels ``[N]`` of one split."""
+def _load_split(
+    name: str, root: Path, folder: Path, split: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return uint8 images ``[N, 1, 28, 28]`` and int64 labels ``[N]`` of one split from
+    ``folder``: the data root ``root``'s, or the system package's."""
     title = TITLES[name]
     arrays = []
     for base, magic in zip(SPLIT_FILES[split], (IMAGES_MAGIC, LABELS_MAGIC), strict=True):
         path = find_idx_file(folder, base)
         if path is None:
             raise BrainPropError(
-                f"{title} file {folder / base}(.gz) is missing: {how_to_get(name, folder)}"
+                f"{title} file {folder / base}(.gz) is missing: {how_to_get(name, root)}"
             )
-        fix = redownload(name)
+        fix = redownload(name, root)
         arrays.append(
             (path, read_idx_file(path, magic=magic, source=f"{title} file {path}", fix=fix))
         )
@@ -212,21 +215,21 @@ def _load_split(name: str, folder: Path, split: str) -> tuple[torch.Tensor, torc
     if images.shape[1:] != IMAGE_SIZE:
         raise BrainPropError(
             f"{title} file {images_path} holds {images.shape[1]}x{images.shape[2]} images, "
-            f"expected 28x28: {redownload(name)}"
+            f"expected 28x28: {fix}"
         )
     if images.shape[0] == 0:
-        raise BrainPropError(f"{title} file {images_path} holds no images: {redownload(name)}")
+        raise BrainPropError(f"{title} file {images_path} holds no images: {fix}")
     if images.shape[0] != labels.shape[0]:
         raise BrainPropError(
             f"{title} {split} split has {images.shape[0]} images in {images_path} but "
             f"{labels.shape[0]} labels in {labels_path}: delete both and run "
-            f"'brainprop download {name}'"
+            f"{download_command(name, root)}"
         )
     bad = np.flatnonzero(labels >= NUM_CLASSES)
     if bad.size:
         raise BrainPropError(
             f"{title} file {labels_path} has label {labels[bad[0]]} at index {bad[0]}, "
-            f"expected 0..{NUM_CLASSES - 1}: {redownload(name)}"
+            f"expected 0..{NUM_CLASSES - 1}: {fix}"
         )
     x = torch.from_numpy(images).unsqueeze(1).contiguous()
     y = torch.from_numpy(labels.astype(np.int64))
@@ -240,6 +243,6 @@ def load_idx_dataset(name: str, root: Path) -> Dataset:
     ``[10000, 1, 28, 28]`` for the official files.
     """
     folder = idx_dataset_dir(name, root)
-    train_x, train_y = _load_split(name, folder, "train")
-    test_x, test_y = _load_split(name, folder, "test")
+    train_x, train_y = _load_split(name, root, folder, "train")
+    test_x, test_y = _load_split(name, root, folder, "test")
     return Dataset(name, train_x, train_y, test_x, test_y, NUM_CLASSES)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shlex
+from pathlib import Path
+
 
 def reason(exc: BaseException) -> str:
     """The first line of ``exc``'s message (or its type name), safe to embed in one line."""
@@ -13,6 +16,20 @@ def reason(exc: BaseException) -> str:
 UNREADABLE = "cannot be read"
 
 
-def redownload(name: str) -> str:
-    """The fix for a corrupt file of dataset ``name``."""
-    return f"delete it and run 'brainprop download {name}'"
+def download_command(name: str, root: Path) -> str:
+    """The command, quoted, that downloads dataset ``name`` into the data root ``root``: with
+    ``--data-dir`` unless ``root`` is where it goes without one (the advice would otherwise
+    fill the default root and leave this one as it was)."""
+    from .root import resolve_data_root
+
+    where = "" if _same(root, resolve_data_root()) else f" --data-dir {shlex.quote(str(root))}"
+    return f"'brainprop download {name}{where}'"
+
+
+def _same(a: Path, b: Path) -> bool:
+    return a.expanduser().absolute().resolve() == b.expanduser().absolute().resolve()
+
+
+def redownload(name: str, root: Path) -> str:
+    """The fix for a corrupt file of dataset ``name`` in the data root ``root``."""
+    return f"delete it and run {download_command(name, root)}"

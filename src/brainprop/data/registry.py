@@ -20,7 +20,7 @@ from .idx import (
     idx_file_problem,
     load_idx_dataset,
 )
-from .messages import UNREADABLE, redownload
+from .messages import UNREADABLE, download_command, redownload
 from .root import data_root, resolve_data_root
 from .tinyimagenet import CACHE_DIR, load_tiny_imagenet, tiny_imagenet_dir
 
@@ -109,37 +109,38 @@ def _status(name: str, root: Path) -> DatasetStatus:
             for path, base in zip(paths, IDX_FILE_NAMES, strict=True)
             if path is not None
         )
-        damaged = _damaged(problems, name)
-        hint = how_to_get(name, root / name)
+        damaged = _damaged(problems, name, root)
+        hint = how_to_get(name, root)
         return DatasetStatus(name, present and not damaged, folder, hint, note, damaged)
     if name in LAYOUTS:
         layout = LAYOUTS[name]
         paths = [folder / f for f in layout.train_files + layout.test_files]
         present = all(p.is_file() for p in paths)
         hint = (
-            f"run 'brainprop download {layout.download_name}' or extract the official python "
-            f"archive into {folder.parent}"
+            f"run {download_command(layout.download_name, root)} or extract the official "
+            f"python archive into {folder.parent}"
         )
         damaged = _damaged(
-            ((p, cifar_file_problem(p)) for p in paths if p.is_file()), layout.download_name
+            ((p, cifar_file_problem(p)) for p in paths if p.is_file()), layout.download_name, root
         )
         return DatasetStatus(name, present and not damaged, folder, hint, damaged=damaged)
     present = all(
         p.exists()
         for p in (folder / "wnids.txt", folder / "train", folder / "val" / "val_annotations.txt")
     )
-    hint = f"run 'brainprop download {name}' or unzip tiny-imagenet-200.zip into {folder.parent}"
+    hint = f"run {download_command(name, root)} or unzip tiny-imagenet-200.zip into {folder.parent}"
     note = "decoded cache present" if (folder / CACHE_DIR / "manifest.json").is_file() else ""
     return DatasetStatus(name, present, folder, hint, note)
 
 
-def _damaged(problems: Iterable[tuple[Path, str | None]], download_name: str) -> str:
-    """The first problem of ``problems`` (path, problem or None) as one line with its fix."""
+def _damaged(problems: Iterable[tuple[Path, str | None]], download_name: str, root: Path) -> str:
+    """The first problem of ``problems`` (path, problem or None) in the data root ``root``, as
+    one line with its fix."""
     for path, problem in problems:
         if problem is not None:
             # Permissions, not damage, are the usual reason a file cannot be opened.
             unreadable = problem.startswith(UNREADABLE)
-            fix = "check its permissions" if unreadable else redownload(download_name)
+            fix = "check its permissions" if unreadable else redownload(download_name, root)
             return f"{path} {problem}: {fix}"
     return ""
 

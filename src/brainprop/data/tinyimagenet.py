@@ -25,7 +25,7 @@ from brainprop.checkpoint import atomic_write
 from brainprop.errors import BrainPropError
 
 from .dataset import Dataset
-from .messages import reason
+from .messages import download_command, reason
 
 NAME = "tiny-imagenet"
 SUBDIR = "tiny-imagenet-200"
@@ -52,7 +52,7 @@ def _fail(what: str, inside: Path, exc: BaseException | None = None) -> BrainPro
     tree = next((p for p in (inside, *inside.parents) if p.name == SUBDIR), inside)
     return BrainPropError(
         f"Tiny ImageNet {what}: the tree is damaged; delete {tree} and run "
-        f"'brainprop download {NAME}'"
+        f"{download_command(NAME, tree.parent.parent)}"
     )
 
 
@@ -257,8 +257,8 @@ def load_tiny_imagenet(root: Path) -> Dataset:
     folder = tiny_imagenet_dir(root)
     if not folder.is_dir():
         raise BrainPropError(
-            f"Tiny ImageNet folder {folder} is missing: run 'brainprop download {NAME}' or unzip "
-            f"tiny-imagenet-200.zip into {folder.parent}"
+            f"Tiny ImageNet folder {folder} is missing: run {download_command(NAME, root)} or "
+            f"unzip tiny-imagenet-200.zip into {folder.parent}"
         )
     wnids, train, test = _list_files(folder)
     manifest = _manifest(folder, train, test)
