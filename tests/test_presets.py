@@ -128,3 +128,9 @@ def test_tuned_lr125_is_tuned_at_lr_125_and_nothing_else():
     # docs/reproduce.md compares the two as one change of learning rate.
     tuned = preset_hyperparameters("mnist", "dense", "tuned")
     assert preset_hyperparameters("mnist", "dense", "tuned-lr1.25") == replace(tuned, lr=1.25)
+
+
+def test_the_published_table_is_read_only():
+    with pytest.raises(TypeError):
+        PAPER["mnist", "dense"] = replace(PAPER["mnist", "dense"], lr=1.0)  # type: ignore[index]
+    assert PAPER["mnist", "dense"].lr == 0.1

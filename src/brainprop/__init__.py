@@ -11,6 +11,7 @@ or, piece by piece::
     from brainprop import PAPER, BrainProp, build_model, load_dataset
     ds = load_dataset("mnist")
     model = build_model("conv", ds.input_shape, ds.num_classes, PAPER["mnist", "conv"])
+    x, y = ds.train_x[:128].float() / 255, ds.train_y[:128]
     out = BrainProp(epsilon=0.02)(model(x), y)   # out.loss.backward() -> the BrainProp update
 """
 

@@ -15,8 +15,9 @@ layer is a bias-free ``nn.Linear`` whose outputs are the Q-values (BrainProp) or
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from types import MappingProxyType
 
 import torch
 from torch import nn
@@ -69,19 +70,22 @@ _CONV = Hyperparameters(dropout=(0.3, 0.3))
 _LOCCON = Hyperparameters(batch_size=32, dropout=(0.3, 0.3))
 _DEEP = Hyperparameters(l2=5e-4, dropout=(0.3, 0.3, 0.8, 0.3))
 
-#: The published hyperparameters (isapome/BrainProp), one row per (dataset family, arch).
-PAPER: dict[tuple[str, str], Hyperparameters] = {
-    ("mnist", "dense"): Hyperparameters(init_std=0.01),
-    ("mnist", "conv"): _CONV,
-    ("mnist", "loccon"): _LOCCON,
-    ("cifar10", "conv"): _CONV,
-    ("cifar10", "loccon"): _LOCCON,
-    ("cifar10", "deep"): _DEEP,
-    ("cifar100", "conv"): _CONV,
-    ("cifar100", "loccon"): _LOCCON,
-    ("cifar100", "deep"): _DEEP,
-    ("tiny-imagenet", "deep"): _DEEP,
-}
+#: The published hyperparameters (isapome/BrainProp), one row per (dataset family, arch);
+#: read-only, as the published table is (a table of other settings is a preset of its own).
+PAPER: Mapping[tuple[str, str], Hyperparameters] = MappingProxyType(
+    {
+        ("mnist", "dense"): Hyperparameters(init_std=0.01),
+        ("mnist", "conv"): _CONV,
+        ("mnist", "loccon"): _LOCCON,
+        ("cifar10", "conv"): _CONV,
+        ("cifar10", "loccon"): _LOCCON,
+        ("cifar10", "deep"): _DEEP,
+        ("cifar100", "conv"): _CONV,
+        ("cifar100", "loccon"): _LOCCON,
+        ("cifar100", "deep"): _DEEP,
+        ("tiny-imagenet", "deep"): _DEEP,
+    }
+)
 
 
 #: Not the paper's: the ``dense`` network with a larger learning rate and initialisation, so
@@ -111,7 +115,7 @@ TUNED_LR125: dict[tuple[str, str], Hyperparameters] = {
 PAPER_PRESET = "paper"
 
 #: Named tables a run can take its hyperparameters from.
-PRESETS: dict[str, dict[tuple[str, str], Hyperparameters]] = {
+PRESETS: dict[str, Mapping[tuple[str, str], Hyperparameters]] = {
     PAPER_PRESET: PAPER,
     "quickstart": QUICKSTART,
     "tuned": TUNED,
