@@ -146,7 +146,18 @@ def evaluate(
     device: str = "auto",
     dataset: Dataset | None = None,
 ) -> dict[str, Any]:
-    """Test accuracy of a run directory's best network, or of any checkpoint file."""
+    """Test accuracy of a run directory's best network (its best.pt), or of any checkpoint file.
+
+    Args:
+        target: a run directory or a ``.pt`` checkpoint brainprop wrote.
+        data_dir: the data root; by default the one the run trained on.
+        device: where to score it ('auto': the GPU if there is one).
+        dataset: score on this dataset instead of loading the run's (tests, notebooks).
+
+    Returns:
+        ``checkpoint``, ``dataset``, ``arch``, ``rule``, ``epoch`` (the epochs the checkpoint
+        had finished), ``test_acc`` (a fraction), ``test_size`` and ``device``.
+    """
     dev = resolve_device(device)
     model, state = load_model(target)
     config = TrainConfig.from_dict(state["config"])

@@ -120,6 +120,9 @@ class BrainProp:
     def __call__(
         self, q: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None
     ) -> Output:
+        """Choose an action per row of ``q`` ([B, K]), reward it against ``y`` ([B]) and return
+        the :class:`Output` whose loss, 1/2 mean((r - q_s)^2), trains the chosen units alone;
+        ``generator`` draws the exploration."""
         draws = self.draw(q, generator)
         if self._runs_fused(q, y, draws):
             loss, actions, explored, rewards = fusedhead.chosen_unit_head(
@@ -235,6 +238,8 @@ class EBP:
     def __call__(
         self, q: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None
     ) -> Output:
+        """Softmax cross-entropy of ``q`` ([B, K]) against ``y`` ([B]), averaged; the actions
+        are the argmax (no exploration), ``generator`` unused."""
         loss = F.cross_entropy(q, y)
         actions = q.detach().argmax(dim=1)
         rewards = (actions == y).to(q.dtype)

@@ -68,7 +68,19 @@ MEASURED_COLUMNS = ("seconds", "eval_seconds", "peak_memory_mib", "host_rss_mib"
 
 @dataclass
 class Run:
-    """A finished (or stopped) training run."""
+    """A finished (or stopped) training run.
+
+    Attributes:
+        dir: its run directory (``config.json``, ``history.*``, ``best.pt``, ``last.pt``,
+            ``summary.json``, the plots).
+        config: the resolved configuration it trained with.
+        model: the network as the run left it (the last epoch's weights, not the best's:
+            ``load_model(run.dir)`` gives those).
+        history: one dict per epoch, as ``history.json`` (lr, train loss and reward rate,
+            validation and test accuracy, seconds, memory, feedback diagnostics).
+        summary: as ``summary.json`` (:mod:`brainprop.summary`): best validation accuracy and
+            its epoch, test accuracy there, epochs run, why it stopped, s/epoch, device.
+    """
 
     dir: Path
     config: TrainConfig
