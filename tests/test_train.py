@@ -378,3 +378,8 @@ def test_accuracy_refuses_images_that_are_not_uint8() -> None:
     x = torch.rand(4, 1, 28, 28)
     with pytest.raises(ValueError, match="accuracy takes uint8 images as the datasets hold them"):
         accuracy(model, x, torch.zeros(4, dtype=torch.int64))
+
+
+def test_folders_may_be_given_as_paths(tmp_path):
+    config = TrainConfig(out_dir=tmp_path / "runs", data_dir=tmp_path).resolve()
+    assert (config.out_dir, config.data_dir) == (str(tmp_path / "runs"), str(tmp_path))

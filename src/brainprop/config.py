@@ -10,6 +10,7 @@ field is concrete. The resolved config is what a run stores and what a resume re
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,12 @@ class TrainConfig:
     data_dir: str | None = None
     out_dir: str = "runs"
     name: str | None = None
+
+    def __post_init__(self) -> None:
+        # Folders may be given as paths too; stored, as in config.json, as text.
+        for name in ("data_dir", "out_dir"):
+            if isinstance(value := getattr(self, name), os.PathLike):
+                object.__setattr__(self, name, os.fspath(value))
 
     def resolve(self) -> TrainConfig:
         """Return a copy with every hyperparameter filled in and every value checked."""
