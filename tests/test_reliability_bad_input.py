@@ -102,6 +102,7 @@ def run_dir(tmp_path_factory) -> Path:
             )
             for value in ("inf", "1", "nan")
         ),
+        (["--arch", "conv", "--dropout", "1.5"], "--dropout rates must lie in [0, 1), got 1.5"),
         (
             ["--min-delta", "-0.1"],
             "--min-delta must be >= 0, got -0.1: it is the least gain in accuracy that counts "

@@ -104,10 +104,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     hp = p.add_argument_group("hyperparameters (default: the preset's value for dataset and arch)")
     hp.add_argument(
         "--preset", choices=list(PRESETS),
-        help="table to take hyperparameters from: paper, or quickstart, tuned or tuned-lr1.25 "
-        f"(MNIST dense only) (default {default['preset']})",
+        help="table to take hyperparameters from, for the dataset/arch pairs it has (the paper's "
+        f"has every published one) (default {default['preset']})",
     )  # fmt: skip
-    hp.add_argument("--lr", type=float)
+    hp.add_argument("--lr", type=float, help="SGD learning rate (no momentum)")
     hp.add_argument("--lr-halving-epochs", type=int, help="halve the learning rate every N epochs")
     hp.add_argument("--batch-size", type=int, help="images per step (per process under torchrun)")
     hp.add_argument(
@@ -117,7 +117,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     hp.add_argument("--init-std", type=float, help="sigma of the N(0, sigma) weight initialisation")
     hp.add_argument("--l2", type=float, help="Keras l2(lambda) on the weights")
-    hp.add_argument("--dropout", type=_float_list, help="one rate, or one per dropout site")
+    hp.add_argument(
+        "--dropout", type=_float_list,
+        help="Keras dropout rates: one for every site, or comma-separated, one per site",
+    )  # fmt: skip
     stop = p.add_argument_group("stopping and validation")
     stop.add_argument(
         "--epochs", type=int,

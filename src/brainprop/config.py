@@ -193,7 +193,8 @@ class TrainConfig:
         )
         need(
             all(0.0 <= r < 1.0 for r in self.dropout),
-            f"dropout rates must lie in [0, 1), got {list(self.dropout)}",
+            f"--dropout rates must lie in [0, 1), got "
+            f"{', '.join(f'{r:g}' for r in dict.fromkeys(self.dropout))}",
         )
         need(
             self.val == VAL_TEST or (isinstance(self.val, int) and self.val >= 1),
