@@ -59,7 +59,12 @@ def test_check_names_the_first_field_the_report_could_not_use(damage, message):
 
 def test_the_lines_that_close_a_run_count_one_epoch_in_the_singular(tmp_path):
     s = summarize([_row(1, 0.5, 0.4)], {}, "max epochs")
-    assert ", 1 epoch, " in done_line(s, tmp_path)
+    assert ", 1 epoch, 2s; results in " in done_line(s, tmp_path)
+    # A run of a stack of four: its share of the wall time, and that it is a share.
+    stacked = summarize([_row(1, 0.5, 0.4, 8.0, 2.0) | {"stack_size": 4}], {"stack_size": 4}, "")
+    assert ", 1 epoch, 2s (its share of 10s in a stack); results in " in done_line(
+        stacked, tmp_path
+    )
     spec = RunSpec(Cell("mnist", "dense"), "brainprop", 0, max_epochs=1)
     m = measurement(tmp_path, spec, "cpu", test_acc=0.5, best_epoch=1, epochs_run=1)
     assert ", 1 epoch, " in _finished_line(m)

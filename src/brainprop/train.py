@@ -518,12 +518,15 @@ def _held_train(
 
 
 def done_line(summary: dict[str, Any], run_path: Path) -> str:
-    """The line that closes a run that finished at least one epoch."""
+    """The line that closes a run that finished at least one epoch. A run that shared its
+    epochs with a stack of seeds says so: its seconds are its share of their wall time."""
+    seconds = f"{summary['total_seconds']:.0f}s"
+    if summary.get("stack_size", 1) > 1:
+        seconds += f" (its share of {summary['wall_seconds']:.0f}s in a stack)"
     return (
         f"done ({summary['stop_reason']}): best val {summary['best_val_acc']:.4f} at epoch "
         f"{summary['best_epoch']}, test accuracy there {summary['test_acc_at_best']:.4f}, "
-        f"{epochs_phrase(summary['epochs_run'])}, {summary['total_seconds']:.0f}s; "
-        f"results in {run_path}"
+        f"{epochs_phrase(summary['epochs_run'])}, {seconds}; results in {run_path}"
     )
 
 
