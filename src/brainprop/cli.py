@@ -405,17 +405,23 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         "each preset and rule; print and write bench.json and bench.md.",
     )  # fmt: skip
     p.add_argument(
-        "--presets", type=_names, default=DEFAULT_PRESETS,
-        help="comma-separated dataset/arch pairs, hyperparameters from the paper's table",
+        "--presets", type=_names, default=",".join(DEFAULT_PRESETS),
+        help="comma-separated dataset/arch pairs, hyperparameters from the paper's table "
+        "(default %(default)s)",
     )  # fmt: skip
-    p.add_argument("--rules", type=_names, default=RULES, help="comma-separated rules")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument(
+        "--rules", type=_names, default=",".join(RULES),
+        help="comma-separated rules (default %(default)s)",
+    )  # fmt: skip
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument(
         "--steps", type=int, default=30,
         help="timed steps per preset and rule, in min(5, N) equal blocks (so above 5, rounded "
-        "down to a multiple of 5)",
+        "down to a multiple of 5) (default %(default)s)",
     )  # fmt: skip
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps before timing")
+    p.add_argument(
+        "--warmup", type=int, default=5, help="untimed steps before timing (default %(default)s)"
+    )
     p.add_argument("--batch-size", type=int, help="override every preset's batch size")
     p.add_argument("--bf16", action="store_true", help=BF16_HELP)
     p.add_argument("--cuda-graph", action="store_true", help=CUDA_GRAPH_HELP)
@@ -429,11 +435,13 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument(
         "--stack", type=int, default=1, metavar="N",
-        help="also time one step of N seeds stacked (reproduce --stack N) against N single steps",
+        help="also time one step of N seeds stacked (reproduce --stack N) against N single steps "
+        "(default %(default)s: none)",
     )  # fmt: skip
     p.add_argument(
-        "--out", default="runs/bench", type=_folder, help="folder for bench.json and bench.md"
-    )
+        "--out", default="runs/bench", type=_folder,
+        help="folder for bench.json and bench.md (default %(default)s)",
+    )  # fmt: skip
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -466,7 +474,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"brainprop {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_train(sub)
-    p = sub.add_parser("evaluate", help="test accuracy of a run or checkpoint")
+    p = sub.add_parser(
+        "evaluate", help="test accuracy of a run or checkpoint",
+        description="Test accuracy of a run's best network, or of a checkpoint; prints JSON.",
+    )  # fmt: skip
     p.add_argument("target", help="a run directory (uses its best.pt) or a checkpoint file")
     p.add_argument(
         "--data-dir",
@@ -474,9 +485,15 @@ def build_parser() -> argparse.ArgumentParser:
         f"that is not set, the {DATA_DIR_HELP[len('data root (') : -1]})",
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    p = sub.add_parser("datasets", help="which datasets are present, and how to get the rest")
+    p = sub.add_parser(
+        "datasets", help="which datasets are present, and how to get the rest",
+        description="List each dataset: present, damaged or missing, where, and how to get it.",
+    )  # fmt: skip
     p.add_argument("--data-dir", help=DATA_DIR_HELP)
-    p = sub.add_parser("download", help="fetch a dataset's official archives")
+    p = sub.add_parser(
+        "download", help="fetch a dataset's official archives",
+        description="Fetch a dataset's official archives into the data root, checksum-verified.",
+    )  # fmt: skip
     p.add_argument("name", help=f"one of {', '.join(SOURCES)}")
     p.add_argument("--data-dir", help=DATA_DIR_HELP)
     _add_reproduce(sub)
