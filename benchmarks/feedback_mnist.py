@@ -80,7 +80,7 @@ def main() -> None:
     ax1.legend()
     for key in [k for k in rec[0] if k.startswith("angle_update/")]:
         ax2.plot(epochs, [h[key] for h in rec], marker="o", label=f"layer {key[13:]}")
-    ax2.set(xlabel="epoch", ylabel="angle(update, EBP gradient) [deg]", title="update alignment")
+    ax2.set(xlabel="epoch", ylabel="angle(update, exact gradient) [deg]", title="update alignment")
     ax2.legend()
     ax3.plot(epochs, [h["test_acc"] for h in rec], marker="o", label="reciprocal")
     if sym is not None:

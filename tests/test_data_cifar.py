@@ -20,7 +20,7 @@ from brainprop.errors import BrainPropError
 _reconstruct = np.zeros(0).__reduce__()[0]
 
 # The fixtures' folder is the default data root: see tests/test_data_registry.py for the
-# download advice of a root given with --data-dir.
+# download advice of another root.
 pytestmark = pytest.mark.usefixtures("default_root_here")
 
 

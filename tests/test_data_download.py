@@ -33,7 +33,7 @@ from brainprop.data import download, fetch, load_dataset
 from brainprop.errors import BrainPropError
 
 # The fixtures' folder is the default data root: see tests/test_data_registry.py for the
-# download advice of a root given with --data-dir.
+# download advice of another root.
 pytestmark = pytest.mark.usefixtures("default_root_here")
 
 
@@ -218,9 +218,11 @@ def test_every_file_is_on_disk_before_its_name_is(tmp_path: Path, server, monkey
     archive = _cifar_archive(tmp_path)
     _serve(served, "cifar-10-python.tar.gz", archive, monkeypatch, "cifar10/cifar-10-python.tar.gz")
     events: list[str] = []
-    real_fsync, real_sync, real_replace = os.fsync, os.sync, os.replace
+    real_fsync, real_sync, real_replace = os.fsync, fetch._sync_filesystem, os.replace
     monkeypatch.setattr(os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1])
-    monkeypatch.setattr(os, "sync", lambda: (events.append("sync"), real_sync())[1])
+    monkeypatch.setattr(
+        fetch, "_sync_filesystem", lambda folder: (events.append("sync"), real_sync(folder))[1]
+    )
 
     def replace(src, dst):
         events.append(f"replace {Path(dst).name}")
@@ -235,6 +237,7 @@ def test_every_file_is_on_disk_before_its_name_is(tmp_path: Path, server, monkey
     assert events == ["fsync", "sync", "replace cifar-10-batches-py"]
 
 
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts /proc/self/fd")
 def test_a_failed_download_closes_its_file(tmp_path: Path, server, monkeypatch) -> None:
     def refused(fd: int) -> None:
         raise PermissionError(errno.EPERM, "Operation not permitted")

@@ -22,8 +22,8 @@ from brainprop.data import (
 )
 from brainprop.errors import BrainPropError
 
-# The fixtures' folder is the default data root: see tests/test_data_registry.py for the
-# download advice of a root given with --data-dir.
+# The fixtures' folder is the default data root: see
+# test_the_download_advice_names_a_data_root_other_than_the_default for another root's advice.
 pytestmark = pytest.mark.usefixtures("default_root_here")
 
 
@@ -96,7 +96,10 @@ def test_the_download_advice_names_a_data_root_other_than_the_default(tmp_path, 
     assert dataset_status(tmp_path / "default")[0].how_to_get.endswith("download mnist'")
     spaced = tmp_path / "my data"
     spaced.mkdir()
-    assert f"--data-dir '{spaced}''" in dataset_status(spaced)[0].how_to_get
+    assert f"""--data-dir "{spaced}"'""" in dataset_status(spaced)[0].how_to_get
+    # A relative root is named absolute, to be run from anywhere.
+    monkeypatch.chdir(tmp_path)
+    assert f'--data-dir "{spaced}"' in dataset_status(Path("my data"))[0].how_to_get
 
 
 @pytest.mark.parametrize("kind", ["file", "missing"])

@@ -15,7 +15,7 @@ from brainprop.data import tinyimagenet as tin
 from brainprop.errors import BrainPropError
 
 # The fixtures' folder is the default data root: see tests/test_data_registry.py for the
-# download advice of a root given with --data-dir.
+# download advice of another root.
 pytestmark = pytest.mark.usefixtures("default_root_here")
 
 

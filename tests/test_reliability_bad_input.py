@@ -37,7 +37,7 @@ from brainprop.train import check_batch
 __all__ = ["one_thread"]  # the autouse fixture, imported to take effect here
 
 # The fixtures' folder is the default data root: see tests/test_data_registry.py for the
-# download advice of a root given with --data-dir.
+# download advice of another root.
 pytestmark = pytest.mark.usefixtures("default_root_here")
 
 
@@ -436,17 +436,6 @@ def test_checkpoint_of_another_architecture(tmp_path: Path, capsys, run_dir: Pat
     error = _error(capsys, "evaluate", path)
     assert error.startswith(f"{path} does not match its own architecture (")
     assert error.endswith("): the checkpoint is damaged or from another version")
-
-
-def test_a_checkpoint_too_large_for_the_device_is_not_called_damaged(
-    capsys, run_dir: Path, monkeypatch
-) -> None:
-    def full(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-
-    monkeypatch.setattr(torch.nn.Module, "load_state_dict", full)
-    error = _error(capsys, "evaluate", run_dir)
-    assert error.startswith("the device ran out of memory (CUDA out of memory. Tried to allocate")
 
 
 def test_checkpoint_declaring_a_huge_network_is_refused_before_building_it(

@@ -332,12 +332,17 @@ def test_a_filesystem_without_locks_trains_unheld_and_says_so(
         raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
 
     monkeypatch.setattr(locks.fcntl, "flock", no_locks)
+    monkeypatch.setattr(locks, "_WARNED", set())
     run = train(tiny_config(tmp_path), dataset=ds, progress=False)
     assert run.summary["epochs_run"] == 3
     assert capsys.readouterr().err == (
         f"brainprop: warning: cannot lock {run.dir} ({os.strerror(errno.ENOLCK)}): nothing "
-        "stops another brainprop process from using it meanwhile\n"
+        "stops another brainprop process from using it (nor other folders on its filesystem) "
+        "meanwhile\n"
     )
+    # Once per filesystem: a second run there trains without a second warning.
+    train(tiny_config(tmp_path, name="again", epochs=1), dataset=ds, progress=False)
+    assert capsys.readouterr().err == ""
 
 
 def test_killed_between_the_first_best_pt_and_last_pt_starts_over(

@@ -60,7 +60,6 @@ def test_training_learns_and_writes_a_complete_run_directory(tmp_path, tiny_data
 class _SquaredError:
     """A rule of the user's own: squared error of every output against the one-hot label."""
 
-    name = "squared-error"
     sums_over_nominal_batch = False
 
     def __call__(self, q, y, generator=None):

@@ -197,10 +197,10 @@ def _train(args: argparse.Namespace) -> int:
         # from --data-dir where that is given (data that moved).
         config = None if args.epochs is None else TrainConfig(epochs=args.epochs)
     else:
-        if args.epsilon is not None and args.rule not in (None, "brainprop"):
+        if args.epsilon is not None and args.rule == "ebp":
             raise BrainPropError(
-                f"--epsilon is BrainProp's exploration rate and --rule {args.rule} does not "
-                "explore: drop --epsilon or pass --rule brainprop"
+                "--epsilon is BrainProp's exploration rate and --rule ebp does not explore: "
+                "drop --epsilon or pass --rule brainprop"
             )
         if args.val_split is not None and args.val_split < 1:
             # TrainConfig would refuse it too, but as --val, which was not given.

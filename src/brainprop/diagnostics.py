@@ -79,7 +79,7 @@ def update_alignment(
     params = list(model.parameters())
     saved_grads = [p.grad for p in params]
     saved_buffers = [b.detach().clone() for b in model.buffers()]
-    grads: list[list[torch.Tensor]] = []
+    grads: list[list[torch.Tensor | None]] = []
     try:
         for exact in (False, True):
             # Each pass leaves the streams as it found them, so the second replays the first's

@@ -102,8 +102,6 @@ def load_model(target: str | Path) -> tuple[nn.Module, dict[str, Any]]:
             model = build_model(config.arch, shape, classes, hp)
             convert(model, config.feedback)
         model.load_state_dict(stored)
-    except torch.OutOfMemoryError:
-        raise  # too large for the device, which is no fault of the checkpoint's
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
         raise BrainPropError(
             f"{path} does not match its own architecture ({reason(e)[:160]}): the checkpoint is "

@@ -21,6 +21,10 @@ except ImportError:  # Windows: nothing is held there.
     fcntl = None  # type: ignore[assignment]
 
 
+#: The filesystems (st_dev) whose lack of locks this process has warned about.
+_WARNED: set[int] = set()
+
+
 @contextlib.contextmanager
 def held(folder: Path, busy: str) -> Iterator[None]:
     """Hold ``folder`` until the block ends; raise ``BrainPropError(busy)`` if another holds it.
@@ -39,12 +43,17 @@ def held(folder: Path, busy: str) -> Iterator[None]:
                 raise BrainPropError(busy) from None
             except OSError as e:
                 # A filesystem without locks (some network mounts): go on unheld rather than
-                # not at all, but say so.
-                print(
-                    f"brainprop: warning: cannot lock {folder} ({e.strerror or e}): nothing "
-                    "stops another brainprop process from using it meanwhile",
-                    file=sys.stderr,
-                )
+                # not at all, but say so, once per filesystem (reproduce holds hundreds of
+                # run directories).
+                device = os.fstat(fd).st_dev
+                if device not in _WARNED:
+                    _WARNED.add(device)
+                    print(
+                        f"brainprop: warning: cannot lock {folder} ({e.strerror or e}): nothing "
+                        "stops another brainprop process from using it (nor other folders on "
+                        "its filesystem) meanwhile",
+                        file=sys.stderr,
+                    )
         yield
     finally:
         if fd is not None:

@@ -134,8 +134,9 @@ def record(spec: RunSpec, run_dir: Path, out: Path, company: float = 1.0) -> Mea
     """Write the measurement of the finished run in ``run_dir``, which shared its GPU with
     ``company - 1`` other runs on average; returns it.
 
-    What it writes passes :func:`load_measurements`'s checks first: a finished run directory
-    that is damaged, edited or from an older version is refused here, naming it, instead of
+    What it writes passes :func:`load_measurements`'s checks of a file first (its settings
+    against the preset's row were checked with the run directory, before anything trained): a
+    finished run directory that is damaged or edited is refused here, naming it, instead of
     by the report after the other runs have trained."""
     summary = rundir.read_json(run_dir / rundir.SUMMARY)
     config = rundir.read_json(run_dir / rundir.CONFIG)

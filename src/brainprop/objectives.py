@@ -67,7 +67,6 @@ class BrainProp:
     runs without synchronisation and can be captured whole.
     """
 
-    name = "brainprop"
     # The published Keras loss sums 1/2 (r - q_s)^2 over the batch and divides by the *nominal*
     # batch size, so a short last batch takes a proportionally smaller step. The training loop
     # reproduces that by scaling this objective's (mean) loss (see batch_scale).
@@ -141,7 +140,8 @@ class BrainProp:
 
     def fused_on(self, device: torch.device) -> bool | None:
         """Whether the head runs fused on ``device``: None until a batch there has been checked
-        (or where the kernels cannot run), then the check's verdict; False unless ``fused``."""
+        (or where the kernels cannot run), then the check's verdict; False unless ``fused``,
+        and for a subclass."""
         return self._fused_agrees.get(device) if self._fusable else False
 
     @property
@@ -232,7 +232,6 @@ class _ChosenUnitError(torch.autograd.Function):
 class EBP:
     """Error-backpropagation baseline: softmax + cross-entropy over all outputs."""
 
-    name = "ebp"
     sums_over_nominal_batch = False
 
     def __call__(
@@ -258,7 +257,6 @@ class Objective(Protocol):
     a resume draws the same). ``sums_over_nominal_batch`` says whether a short last batch's
     mean loss is scaled by its share of the nominal batch (:func:`batch_scale`)."""
 
-    name: str
     sums_over_nominal_batch: bool
 
     def __call__(
@@ -268,7 +266,8 @@ class Objective(Protocol):
 
 #: The learning rules by name, each a function of (epsilon, fused) that makes its objective.
 #: A new rule is one entry, e.g. ``OBJECTIVES["mine"] = lambda epsilon, fused: Mine()``; then
-#: ``TrainConfig(rule="mine")`` and ``brainprop train --rule mine`` train with it.
+#: ``TrainConfig(rule="mine")`` trains with it (and ``brainprop.cli.main`` called in the same
+#: process: a ``brainprop`` command started afresh knows only the built-in rules).
 OBJECTIVES: dict[str, Callable[[float, bool], Objective]] = {
     "brainprop": BrainProp,
     "ebp": lambda epsilon, fused: EBP(),

@@ -3,8 +3,8 @@
 ``TrainConfig.preset``.
 
 An architecture is a builder function in :data:`ARCHITECTURES`; a table maps (dataset family,
-arch) to a :class:`Hyperparameters` row. A new architecture is one builder and one row per
-dataset; a new preset is one more table in :data:`PRESETS`.
+arch) to a :class:`Hyperparameters` row. A new architecture is one builder, and its rows go in a
+table of their own in :data:`PRESETS` (the paper's stays as published).
 
 The builders follow isapome/BrainProp's ``get_architecture.py`` layer for layer: no biases,
 Conv/LocallyConnected -> ReLU -> BatchNorm (Keras momentum 0.99, eps 1e-3), Keras's dropout

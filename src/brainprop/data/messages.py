@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 from pathlib import Path
 
@@ -22,12 +23,18 @@ def download_command(name: str, root: Path) -> str:
     fill the default root and leave this one as it was)."""
     from .root import resolve_data_root
 
-    where = "" if _same(root, resolve_data_root()) else f" --data-dir {shlex.quote(str(root))}"
-    return f"'brainprop download {name}{where}'"
+    if _real(root) == _real(resolve_data_root()):
+        return f"'brainprop download {name}'"
+    folder = str(root.expanduser().absolute())
+    # Inside the message's single quotes, a folder the shell would split goes in double ones.
+    if shlex.quote(folder) != folder:
+        folder = f'"{folder}"'
+    return f"'brainprop download {name} --data-dir {folder}'"
 
 
-def _same(a: Path, b: Path) -> bool:
-    return a.expanduser().absolute().resolve() == b.expanduser().absolute().resolve()
+def _real(path: Path) -> str:
+    # realpath, unlike Path.resolve, gives up on a symlink loop instead of raising.
+    return os.path.realpath(path.expanduser())
 
 
 def redownload(name: str, root: Path) -> str:
