@@ -15,7 +15,7 @@ import weakref
 import pytest
 import torch
 
-from brainprop import bench, checkpoint, fastpath, memory
+from brainprop import bench, fastpath, files, memory
 from brainprop.bench import (
     DATASET_SHAPES,
     JSON_NAME,
@@ -473,7 +473,7 @@ def test_an_out_folder_that_takes_no_files_is_refused_before_any_timing(
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(checkpoint.tempfile, "TemporaryFile", refuse)
+    monkeypatch.setattr(files.tempfile, "TemporaryFile", refuse)
     argv = ["bench", "--presets", "mnist/dense", "--device", "cpu", "--out", str(tmp_path)]
     assert main(argv) == 2
     assert capsys.readouterr().err == (

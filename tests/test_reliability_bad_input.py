@@ -29,7 +29,7 @@ from data_fixtures import (
 )
 from reliability_helpers import one_thread, tiny_config
 
-from brainprop import TrainConfig, checkpoint, distributed, evaluate, train
+from brainprop import TrainConfig, checkpoint, distributed, evaluate, files, train
 from brainprop.cli import main
 from brainprop.errors import BrainPropError
 from brainprop.train import check_batch
@@ -565,7 +565,7 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path: Path, mo
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         fsync(fd)
 
-    monkeypatch.setattr(checkpoint.os, "fsync", fills_up)
+    monkeypatch.setattr(files.os, "fsync", fills_up)
     with pytest.raises(BrainPropError) as info:
         train(tiny_config(tmp_path), dataset=make_tiny_dataset(), progress=False)
     last = tmp_path / "run" / "last.pt"
@@ -584,7 +584,7 @@ def test_a_failed_write_outside_a_run_says_to_run_the_command_again(tmp_path: Pa
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     with pytest.raises(BrainPropError) as info:
-        checkpoint.atomic_write(tmp_path / "bench.json", full)
+        files.atomic_write(tmp_path / "bench.json", full)
     assert str(info.value) == (
         f"cannot write {tmp_path / 'bench.json'} (No space left on device); nothing was written: "
         "free disk space or fix the folder's permissions, then run the command again"

@@ -30,7 +30,7 @@ from reliability_helpers import (
     tiny_config,
 )
 
-from brainprop import checkpoint, locks, rng, rundir, signals, train
+from brainprop import checkpoint, files, locks, rng, rundir, signals, train
 from brainprop.errors import BrainPropError
 from brainprop.signals import Interrupted
 from brainprop.train import Trainer
@@ -474,7 +474,7 @@ def test_a_crash_inside_a_write_leaves_the_previous_file(tmp_path: Path, monkeyp
     def crash(fd: int) -> None:
         raise KeyboardInterrupt  # any crash after the new bytes went out, before the rename
 
-    monkeypatch.setattr(checkpoint.os, "fsync", crash)
+    monkeypatch.setattr(files.os, "fsync", crash)
     with pytest.raises(KeyboardInterrupt):
         checkpoint.save(path, {"epoch": 2})
     monkeypatch.undo()
@@ -486,7 +486,7 @@ def test_a_failed_write_leaves_no_open_file(tmp_path: Path, monkeypatch) -> None
     def refuse(fd: int) -> None:
         raise PermissionError(errno.EPERM, "Operation not permitted")
 
-    monkeypatch.setattr(checkpoint, "usual_permissions", refuse)
+    monkeypatch.setattr(files, "usual_permissions", refuse)
     before = len(os.listdir("/proc/self/fd"))
     for _ in range(5):
         with pytest.raises(BrainPropError, match="Operation not permitted"):
@@ -499,7 +499,7 @@ def test_a_written_file_is_as_readable_as_the_umask_allows(tmp_path: Path) -> No
     """Not owner-only, as the temporary file it was renamed from was made."""
     old = os.umask(0o022)
     try:
-        checkpoint.atomic_write_text(tmp_path / "summary.json", "{}")
+        files.atomic_write_text(tmp_path / "summary.json", "{}")
     finally:
         os.umask(old)
     assert (tmp_path / "summary.json").stat().st_mode & 0o777 == 0o644

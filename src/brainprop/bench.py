@@ -38,7 +38,6 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from . import fastpath, memory
-from .checkpoint import atomic_write_json, atomic_write_text, make_folder
 from .config import TrainConfig
 from .data import Dataset
 from .data.batches import num_batches, permuted_batches
@@ -46,6 +45,7 @@ from .devices import bf16_warning, cpuinfo, resolve_device, vector_units
 from .errors import BrainPropError
 from .evaluation import EVAL_BATCH, accuracy
 from .feedback import convert
+from .files import atomic_write_json, atomic_write_text, make_folder
 from .objectives import Objective, Output, check_rule, make_objective
 from .peaks import Peak, Peaks, device_peaks, op_precisions, precision_label
 from .presets import (

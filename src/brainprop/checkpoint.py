@@ -2,159 +2,26 @@
 
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so
 ``torch.load(path, weights_only=True)`` reads it and a file carrying a pickled object is
-refused. Writes go to a temporary file in the same folder, are fsynced, then renamed over the
-target: a crash at any instant leaves either the old file or the new one, never half of one.
+refused. It is written as every file is (:func:`brainprop.files.atomic_write`): a crash at any
+instant leaves either the old checkpoint or the new one, never half of one.
 """
 
 from __future__ import annotations
 
 import errno
 import io
-import json
-import os
 import pickle
 import re
-import tempfile
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .errors import BrainPropError
+from .files import atomic_write
 
 FORMAT = "brainprop-checkpoint-1"
-
-
-def make_folder(
-    folder: Path, fix: str = "pass as --out a folder you can write to, not a file"
-) -> None:
-    """Create ``folder`` and its parents and check that it takes files, or say in one line why
-    it cannot and ``fix``: callers make it before long work, which should not end unwritten."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise BrainPropError(
-            f"cannot create the folder {folder} ({e.strerror or e}): {fix}"
-        ) from None
-    try:
-        probe_write(folder)
-    except OSError as e:
-        raise BrainPropError(f"cannot write into {folder} ({e.strerror or e}): {fix}") from None
-
-
-def probe_write(folder: Path) -> None:
-    """Make a file in ``folder`` and leave no trace of it; OSError where it cannot be made."""
-    # An unnamed file (O_TMPFILE on Linux) that vanishes on close: a write, and no trace.
-    with tempfile.TemporaryFile(dir=folder):
-        pass
-
-
-#: What the names of :func:`atomic_write`'s temporary files match.
-TEMPORARIES = ".*.tmp"
-
-
-def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None]) -> None:
-    """Write ``path`` through ``write(file)`` so that readers see the old or the new file only."""
-    path = Path(path)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as e:
-        raise _write_error(path, e) from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            usual_permissions(fd)
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise _write_error(path, e) from None
-        raise
-    _fsync_dir(path.parent)
-
-
-def usual_permissions(fd: int) -> None:
-    """Give a file that ``mkstemp`` made owner-only the permissions of any new file under the
-    umask: a run's results or a shared data root stay readable to whom they usually are."""
-    os.fchmod(fd, 0o666 & ~_umask())
-
-
-def _umask() -> int:
-    # Linux says it in /proc; elsewhere reading the umask means setting it, for a moment in
-    # which another thread's new files would get none.
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o077)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_figure(path: str | Path, fig: Any, dpi: int) -> None:
-    """Write a matplotlib figure as a PNG, atomically like every other file of a run."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    atomic_write(path, lambda f: f.write(buf.getvalue()))
-
-
-def copy(source: str | Path, target: str | Path) -> None:
-    """Copy the file ``source`` to ``target`` atomically."""
-    data = Path(source).read_bytes()
-    atomic_write(target, lambda f: f.write(data))
-
-
-def remove_temporaries(folder: str | Path) -> None:
-    """Delete the temporary files that writers killed mid-write (SIGKILL, power loss) left in
-    ``folder``; each may be as large as a checkpoint."""
-    for tmp in Path(folder).glob(TEMPORARIES):
-        tmp.unlink(missing_ok=True)
-
-
-def _write_error(path: Path, e: OSError) -> BrainPropError:
-    # A full disk (ENOSPC, or EDQUOT past a quota) is the common case on long runs.
-    kept = f"{path.name} keeps its previous content" if path.exists() else "nothing was written"
-    # A run directory (every one holds its config.json, rundir.CONFIG) continues where it stopped;
-    # a bench, report or download is simply run again.
-    if (path.parent / "config.json").is_file():
-        then = (
-            f"continue the run with 'brainprop train --resume {path.parent}' (adding the "
-            "--epochs you gave), or with the same 'brainprop reproduce' command"
-        )
-    else:
-        then = "run the command again"
-    return BrainPropError(
-        f"cannot write {path} ({e.strerror or e}); {kept}: free disk space or fix the folder's "
-        f"permissions, then {then}"
-    )
-
-
-def _fsync_dir(folder: Path) -> None:
-    # The rename itself is durable only once the directory entry is on disk.
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write(path, lambda f: f.write(text.encode()))
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def save(path: str | Path, state: dict[str, Any]) -> None:

@@ -24,9 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import atomic_write_figure
 from .evaluation import modes_kept
 from .feedback import exact_gradients, feedback_weight, layer_kind, layer_mode
+from .files import atomic_write_figure
 from .objectives import Objective
 from .rng import global_streams_kept
 

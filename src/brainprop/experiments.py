@@ -38,9 +38,9 @@ from statistics import fmean
 from typing import Any, TextIO
 
 from . import locks, rundir, signals
-from .checkpoint import TEMPORARIES, make_folder
 from .config import TrainConfig
 from .errors import BrainPropError
+from .files import TEMPORARIES, make_folder
 from .matrix import MATRIX, PAPER_EPOCHS, RULE_ORDER, RUNS, Cell, RunSpec, plan
 from .measurements import (
     Measurement,

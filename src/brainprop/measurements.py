@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from . import rundir
-from .checkpoint import atomic_write_json, make_folder
 from .data import DATASET_NAMES
 from .errors import BrainPropError
+from .files import atomic_write_json, make_folder
 from .matrix import RULE_ORDER, Cell, RunSpec
 from .presets import ARCHITECTURES, PAPER_PRESET, table_row
 from .summary import TF32_OPS, check_summary

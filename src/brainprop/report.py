@@ -39,8 +39,8 @@ from statistics import fmean, stdev
 from typing import Any
 
 from . import studentt
-from .checkpoint import atomic_write, atomic_write_json, atomic_write_text, make_folder
 from .errors import BrainPropError
+from .files import atomic_write, atomic_write_json, atomic_write_text, make_folder
 from .matrix import MATRIX, RULE_ORDER, Cell
 from .measurements import MEASUREMENTS, Measurement, load_measurements
 from .presets import PAPER_PRESET, Hyperparameters, table_row

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from . import checkpoint, rundir
+from . import checkpoint, files, rundir
 from .config import TrainConfig
 from .data import Dataset
 from .data.messages import reason
@@ -36,7 +36,7 @@ def checkpoint_and_config(
     copied in from another run would otherwise silently continue the wrong network.
     """
     stored = stored_config(run_path)
-    checkpoint.remove_temporaries(run_path)
+    files.remove_temporaries(run_path)
     last = run_path / rundir.LAST
     state = checkpoint.load(last) if last.is_file() else None
     if state is None:
@@ -80,7 +80,7 @@ def save_epochs(run_path: Path, config: TrainConfig) -> None:
     """Write ``config``'s epochs (a raised ``--epochs``) into the run's ``config.json``; called
     once the run is restored, so that a resume that fails leaves the file as it was."""
     if stored_config(run_path).epochs != config.epochs:
-        rundir.atomic_write_json(run_path / rundir.CONFIG, config.to_dict())
+        files.atomic_write_json(run_path / rundir.CONFIG, config.to_dict())
 
 
 def stored_config(run_path: Path) -> TrainConfig:

@@ -29,13 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from . import locks
-from .checkpoint import (
-    atomic_write_figure,
-    atomic_write_json,
-    atomic_write_text,
-    probe_write,
-)
 from .errors import BrainPropError
+from .files import atomic_write_figure, atomic_write_json, atomic_write_text, probe_write
 
 CONFIG, HISTORY_CSV, HISTORY_JSON = "config.json", "history.csv", "history.json"
 LAST, BEST, PLOT, SUMMARY = "last.pt", "best.pt", "accuracy.png", "summary.json"

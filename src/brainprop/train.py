@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import checkpoint, distributed, fastpath, memory, rng, rundir, signals
+from . import checkpoint, distributed, fastpath, files, memory, rng, rundir, signals
 from .config import MAX_NAN_RELOADS, VAL_TEST, TrainConfig
 from .data import Dataset, load_dataset, split_validation
 from .data.batches import num_batches, permuted_batches, to_float
@@ -617,7 +617,7 @@ def create_run(trainer: Trainer) -> Path:
     if name is None:
         name = rundir.default_name(config.dataset, config.arch, config.rule, config.seed)
     run_path = rundir.create(config.out_dir, name)
-    rundir.atomic_write_json(run_path / rundir.CONFIG, config.to_dict())
+    files.atomic_write_json(run_path / rundir.CONFIG, config.to_dict())
     return run_path
 
 
@@ -635,7 +635,7 @@ def write_results(trainer: Trainer, run_path: Path, summary: dict[str, Any]) -> 
         plot_diagnostics(
             trainer.history, run_path / DIAGNOSTICS_PLOT, f"{title}, {config.feedback} feedback"
         )
-    rundir.atomic_write_json(run_path / rundir.SUMMARY, summary)
+    files.atomic_write_json(run_path / rundir.SUMMARY, summary)
 
 
 def save_last(trainer: Trainer, run_path: Path) -> None:
@@ -657,7 +657,7 @@ def save_last(trainer: Trainer, run_path: Path) -> None:
         if epoch and _epoch_start(run_path, epoch) is None and last.is_file():
             on_disk = checkpoint.load(last)
             if on_disk.get("partial") is None and on_disk.get("epoch") == epoch:
-                checkpoint.copy(last, start)
+                files.copy(last, start)
         checkpoint.save(last, state)
 
     trainer.parallel.on_main(write)

@@ -28,8 +28,8 @@ from typing import BinaryIO
 from tqdm import tqdm
 
 from brainprop import locks
-from brainprop.checkpoint import make_folder, usual_permissions
 from brainprop.errors import BrainPropError
+from brainprop.files import make_folder, usual_permissions
 
 from .idx import IDX_FILE_NAMES
 from .messages import reason

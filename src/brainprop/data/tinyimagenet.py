@@ -21,8 +21,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from brainprop.checkpoint import atomic_write
 from brainprop.errors import BrainPropError
+from brainprop.files import atomic_write
 
 from .dataset import Dataset
 from .messages import download_command, reason
