@@ -151,8 +151,10 @@ def test_checkpoint_round_trip_and_evaluate(tmp_path, tiny_dataset):
         evaluate(run.dir, dataset=make_tiny_dataset(size=12), device="cpu")
 
 
-def test_held_out_validation_reports_test_accuracy_separately(tmp_path, tiny_dataset):
-    run = train(_config(tmp_path, val=56, epochs=2), dataset=tiny_dataset, progress=False)
+def test_held_out_validation_reports_test_accuracy_separately(tmp_path, tiny_dataset, capsys):
+    run = train(_config(tmp_path, val=56, epochs=2), dataset=tiny_dataset)
+    # The opening line names what departs from the paper's setup.
+    assert "training conv on mnist with brainprop, 56 images held out (" in capsys.readouterr().out
     assert run.summary["test_acc_at_best"] == run.history[run.summary["best_epoch"] - 1]["test_acc"]
     with pytest.raises(BrainPropError, match="would hold out all 256"):
         train(_config(tmp_path, val=256, name="x"), dataset=tiny_dataset, progress=False)

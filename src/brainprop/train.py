@@ -573,8 +573,18 @@ def _epochs(
 
 
 def _header(trainer: Trainer, run_path: Path) -> str:
-    """The line that opens a run: what trains, where, and into which directory."""
+    """The line that opens a run: what trains, how where it departs from the paper's setup,
+    where, and into which directory."""
     config, parallel = trainer.config, trainer.parallel
+    default, how = TrainConfig(), []
+    if config.feedback != default.feedback:
+        how.append(f"{config.feedback} feedback")
+    if config.preset != default.preset:
+        how.append(f"preset {config.preset}")
+    if config.bf16:
+        how.append("bf16")
+    if config.val != VAL_TEST:
+        how.append(f"{config.val:,} images held out")
     where = str(trainer.device)
     fast = (
         ["eager"]
@@ -591,7 +601,8 @@ def _header(trainer: Trainer, run_path: Path) -> str:
         if synchronised(trainer.model):
             where += ", BatchNorm over the global batch"
     return (
-        f"training {config.arch} on {config.dataset} with {config.rule} "
+        f"training {config.arch} on {config.dataset} with {config.rule}"
+        f"{''.join(f', {h}' for h in how)} "
         f"({sum(p.numel() for p in trainer.model.parameters()):,} parameters) on {where}, "
         f"run dir {run_path}"
     )
