@@ -7,7 +7,8 @@
     last.pt         full training state, rewritten every epoch (resume reads it)
     epoch_start.pt  the state at the last epoch's end, while last.pt holds one inside an epoch
     best.pt         model weights at the best validation epoch
-    accuracy.png    training reward rate and validation/test accuracy per epoch
+    accuracy.png    training reward rate, validation accuracy (and test accuracy, where the
+                    validation images are held out) per epoch
     diagnostics.png feedback angles and update norms per layer and epoch (train.py writes it)
     summary.json    best validation accuracy and epoch, test accuracy there, timings, device
 ```
@@ -194,10 +195,11 @@ def write_plot(run: Path, history: list[dict[str, Any]], title: str) -> None:
     epochs = [h["epoch"] for h in history]
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
-    ax.plot(epochs, [h["train_reward"] for h in history], label="train reward rate")
-    ax.plot(epochs, [h["val_acc"] for h in history], label="validation accuracy")
+    # Points as well as lines: a run of one epoch has no line to draw.
+    ax.plot(epochs, [h["train_reward"] for h in history], ".-", label="train reward rate")
+    ax.plot(epochs, [h["val_acc"] for h in history], ".-", label="validation accuracy")
     if any(h["test_acc"] != h["val_acc"] for h in history):
-        ax.plot(epochs, [h["test_acc"] for h in history], label="test accuracy")
+        ax.plot(epochs, [h["test_acc"] for h in history], ".-", label="test accuracy")
     best = max(history, key=lambda h: h["val_acc"])
     ax.plot([best["epoch"]], [best["val_acc"]], "ks", label=f"best {best['val_acc']:.4f}")
     ax.set(xlabel="epoch", ylabel="accuracy", title=title, ylim=(0, 1.02))
