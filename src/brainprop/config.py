@@ -3,8 +3,8 @@
 :class:`TrainConfig` is what a user writes (from Python or the CLI): every hyperparameter may be
 left as ``None``, meaning "the preset's value" (the paper's unless ``preset`` names another
 table). :meth:`TrainConfig.resolve` fills those from that table in :mod:`brainprop.presets`,
-validates everything, and returns a config in which every
-field is concrete. The resolved config is what a run stores and what a resume reloads.
+validates everything, and returns a config in which every field is concrete. The resolved
+config is what a run stores and what a resume reloads.
 """
 
 from __future__ import annotations
