@@ -438,6 +438,21 @@ def test_checkpoint_of_another_architecture(tmp_path: Path, capsys, run_dir: Pat
     assert error.endswith("): the checkpoint is damaged or from another version")
 
 
+@pytest.mark.parametrize(
+    "shape", [[None, torch.zeros(3, 1)], [1, 28], [1, 28, True], [1, 0, 28], "1,28,28"]
+)
+def test_a_checkpoint_declaring_no_input_size_is_refused_in_one_line(
+    tmp_path: Path, capsys, run_dir: Path, shape
+) -> None:
+    """Found by the fuzz test: the layers named a damaged shape by its repr, a tensor's over
+    several lines."""
+    path = _rewritten(run_dir, tmp_path, input_shape=shape)
+    assert _error(capsys, "evaluate", path) == (
+        f"{path} does not match its own architecture (its input_shape or num_classes is not a "
+        "size): the checkpoint is damaged or from another version"
+    )
+
+
 def test_checkpoint_declaring_a_huge_network_is_refused_before_building_it(
     tmp_path: Path, capsys, run_dir: Path
 ) -> None:

@@ -88,6 +88,16 @@ def load_model(target: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         config = TrainConfig.from_dict(state["config"])
         hp = config.hyperparameters()
         shape, classes, stored = state["input_shape"], state["num_classes"], state["model"]
+        # Checked here, as the layers would name a damaged value in their own words, its repr
+        # (a tensor's spans lines) included.
+        if not (
+            isinstance(shape, list)
+            and len(shape) == 3
+            and all(type(n) is int and n > 0 for n in shape)
+            and type(classes) is int
+            and classes > 0
+        ):
+            raise ValueError("its input_shape or num_classes is not a size")
         # A damaged input_shape could ask for a network of many GB: size it on the meta device
         # first, and build it for real only if the checkpoint holds that many numbers.
         with torch.device("meta"):
