@@ -165,7 +165,8 @@ class LayerStack:
     """Appends layers while tracking the activation shape (C, H, W), so builders fit any input.
 
     An architecture's builder takes one, the number of classes and its dropout rates, and adds
-    the network layer by layer; ``layers`` is then the network's :class:`nn.Sequential`."""
+    the network layer by layer; ``layers`` then holds its modules in order, which
+    :func:`build_model` makes an ``nn.Sequential``."""
 
     def __init__(self, input_shape: Sequence[int]) -> None:
         self.layers: list[nn.Module] = []
