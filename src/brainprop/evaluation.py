@@ -72,6 +72,19 @@ def check_trained_on(state: dict[str, Any], ds: Dataset, source: str, remedy: st
         )
 
 
+def declares_sizes(state: dict[str, Any]) -> bool:
+    """Whether the checkpoint ``state`` names its input shape as three positive sizes and its
+    classes as a positive count: a network can be built for them."""
+    shape, classes = state.get("input_shape"), state.get("num_classes")
+    return (
+        isinstance(shape, list)
+        and len(shape) == 3
+        and all(type(n) is int and n > 0 for n in shape)
+        and type(classes) is int
+        and classes > 0
+    )
+
+
 def load_model(target: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the network stored in a run directory (its best.pt) or a checkpoint file.
 
@@ -90,13 +103,7 @@ def load_model(target: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         shape, classes, stored = state["input_shape"], state["num_classes"], state["model"]
         # Checked here, as the layers would name a damaged value in their own words, its repr
         # (a tensor's spans lines) included.
-        if not (
-            isinstance(shape, list)
-            and len(shape) == 3
-            and all(type(n) is int and n > 0 for n in shape)
-            and type(classes) is int
-            and classes > 0
-        ):
+        if not declares_sizes(state):
             raise ValueError("its input_shape or num_classes is not a size")
         # A damaged input_shape could ask for a network of many GB: size it on the meta device
         # first, and build it for real only if the checkpoint holds that many numbers.

@@ -19,7 +19,7 @@ from .config import TrainConfig
 from .data import Dataset
 from .data.messages import reason
 from .errors import BrainPropError
-from .evaluation import all_finite, check_trained_on
+from .evaluation import all_finite, check_trained_on, declares_sizes
 from .summary import epochs_phrase
 
 if TYPE_CHECKING:
@@ -232,12 +232,7 @@ def restore(
 
 
 def check_compatible(state: dict[str, Any], ds: Dataset, path: Path) -> None:
-    shape, classes = state.get("input_shape"), state.get("num_classes")
-    if (
-        not isinstance(shape, list)
-        or not all(isinstance(v, int) for v in shape)
-        or not isinstance(classes, int)
-    ):
+    if not declares_sizes(state):
         raise BrainPropError(
             f"checkpoint in {path} does not say which inputs and classes it is for: it is "
             "damaged or from another version"
