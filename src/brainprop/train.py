@@ -382,9 +382,8 @@ def train(
 
     Args:
         config: what to train; hyperparameters left as None take its preset's values (the
-            published ones by default). With
-            ``resume``, None continues the run as configured, and a config given counts only
-            for its ``epochs`` (to train longer).
+            published ones by default). With ``resume``, None continues the run as configured,
+            and a config given counts only for its ``epochs`` (to train longer).
         resume: a run directory to continue from its ``last.pt``; one killed before its first
             checkpoint starts over from its ``config.json`` (one that has a history but lost its
             ``last.pt`` is refused).
