@@ -33,6 +33,8 @@ def test_train_then_evaluate(data_dir, tmp_path, capsys):
     run = tmp_path / "runs" / "cli"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["epochs_run"] == 2
+    for path in (data_dir / "mnist").glob("train-*"):
+        path.unlink()  # scoring reads the test files alone
     assert main(["evaluate", str(run), "--data-dir", str(data_dir)]) == 0
     result = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert result["test_acc"] == summary["test_acc_at_best"] and result["test_size"] == 32

@@ -246,3 +246,30 @@ def test_dataset_container() -> None:
         dataclasses.replace(ds, train_y=ds.train_y.int())
     with pytest.raises(ValueError, match="train and test images differ"):
         dataclasses.replace(ds, test_x=torch.zeros(2, 1, 2, 2, dtype=torch.uint8))
+
+
+def _write_each(name: str, root: Path) -> list[Path]:
+    """Write fixture files of dataset ``name`` under ``root``; returns its training files."""
+    if name == "mnist":
+        write_idx_dataset(root / "mnist")
+        return sorted((root / "mnist").glob("train-*"))
+    if name == "cifar10":
+        write_cifar10(root)
+        return sorted((root / "cifar10" / "cifar-10-batches-py").glob("data_batch_*"))
+    folder = write_tiny_imagenet(root)
+    return sorted((folder / "train").rglob("*.JPEG"))
+
+
+@pytest.mark.parametrize("name", ["mnist", "cifar10", "tiny-imagenet"])
+def test_the_test_split_alone_reads_no_training_file(tmp_path: Path, name: str) -> None:
+    train_files = _write_each(name, tmp_path)
+    whole = load_dataset(name, tmp_path)
+    # Damaged training files would stop the whole load, so the test split alone never read them.
+    for path in train_files:
+        path.write_bytes(b"damaged")
+    alone = load_dataset(name, tmp_path, test_only=True)
+    assert torch.equal(alone.test_x, whole.test_x) and torch.equal(alone.test_y, whole.test_y)
+    assert alone.num_classes == whole.num_classes and alone.input_shape == whole.input_shape
+    assert alone.train_x.shape == (0, *whole.input_shape) and alone.train_y.shape == (0,)
+    with pytest.raises(BrainPropError):
+        load_dataset(name, tmp_path)

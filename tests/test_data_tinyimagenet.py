@@ -202,14 +202,14 @@ def test_a_class_without_images_is_refused(tmp_path: Path) -> None:
 def test_an_image_removed_while_the_tree_is_read_is_named(tmp_path: Path, monkeypatch) -> None:
     folder = write_tiny_imagenet(tmp_path)
     path = folder / "val" / "images" / "val_0.JPEG"
-    listed = tin._list_files
+    listed = tin._list_test
 
-    def list_then_remove(folder: Path):
-        files = listed(folder)
+    def list_then_remove(folder: Path, class_index: dict[str, int]):
+        files = listed(folder, class_index)
         path.unlink()
         return files
 
-    monkeypatch.setattr(tin, "_list_files", list_then_remove)
+    monkeypatch.setattr(tin, "_list_test", list_then_remove)
     message = _error(tmp_path)
     assert message.startswith(f"Tiny ImageNet image {path} cannot be read (")
     assert message.endswith(f": {fix(folder)}")

@@ -176,11 +176,8 @@ def evaluate(
     dev = resolve_device(device)
     model, state = load_model(target)
     config = TrainConfig.from_dict(state["config"])
-    ds = (
-        dataset
-        if dataset is not None
-        else load_dataset(config.dataset, config.data_dir if data_dir is None else data_dir)
-    )
+    root = config.data_dir if data_dir is None else data_dir
+    ds = dataset if dataset is not None else load_dataset(config.dataset, root, test_only=True)
     check_trained_on(state, ds, str(target), "evaluate it on the dataset it was trained on")
     fastpath.prepare(model.to(dev), config.eager)
     # Scored in the precision it was validated in during training.

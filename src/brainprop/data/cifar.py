@@ -351,13 +351,17 @@ def _load_split(name: str, root: Path, files: tuple[str, ...]) -> tuple[torch.Te
     return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
 
 
-def load_cifar(name: str, root: Path) -> Dataset:
+def load_cifar(name: str, root: Path, *, test_only: bool = False) -> Dataset:
     """Load ``"cifar10"``, ``"cifar100"`` (fine labels) or ``"cifar100-coarse"``.
 
     Returns a :class:`Dataset` with ``train_x`` uint8 ``[50000, 3, 32, 32]`` and ``test_x``
-    ``[10000, 3, 32, 32]`` for the official files, in file order.
+    ``[10000, 3, 32, 32]`` for the official files, in file order; ``test_only``: the training
+    files are not read and the training split is empty.
     """
     layout = LAYOUTS[name]
+    if test_only:
+        test = _load_split(name, root, layout.test_files)
+        return Dataset.test_only(name, *test, layout.num_classes)
     train_x, train_y = _load_split(name, root, layout.train_files)
     test_x, test_y = _load_split(name, root, layout.test_files)
     return Dataset(name, train_x, train_y, test_x, test_y, layout.num_classes)

@@ -59,6 +59,15 @@ class Dataset:
             test_y=self.test_y.to(device),
         )
 
+    @classmethod
+    def test_only(
+        cls, name: str, test_x: torch.Tensor, test_y: torch.Tensor, num_classes: int
+    ) -> Dataset:
+        """A dataset whose training split is empty (``[0, C, H, W]``): for scoring a trained
+        network, which needs neither the time to read the training files nor their health."""
+        empty_x = test_x.new_empty((0, *test_x.shape[1:]))
+        return cls(name, empty_x, test_y.new_empty(0), test_x, test_y, num_classes)
+
     @property
     def input_shape(self) -> tuple[int, int, int]:
         """``(C, H, W)`` of one image."""

@@ -236,13 +236,16 @@ def _load_split(
     return x, y
 
 
-def load_idx_dataset(name: str, root: Path) -> Dataset:
+def load_idx_dataset(name: str, root: Path, *, test_only: bool = False) -> Dataset:
     """Load ``"mnist"`` or ``"fashion-mnist"`` from ``root/<name>/`` (or the system folder).
 
     Returns a :class:`Dataset` with ``train_x`` uint8 ``[60000, 1, 28, 28]`` and ``test_x``
-    ``[10000, 1, 28, 28]`` for the official files.
+    ``[10000, 1, 28, 28]`` for the official files; ``test_only``: the training files are not
+    read and the training split is empty.
     """
     folder = idx_dataset_dir(name, root)
+    if test_only:
+        return Dataset.test_only(name, *_load_split(name, root, folder, "test"), NUM_CLASSES)
     train_x, train_y = _load_split(name, root, folder, "train")
     test_x, test_y = _load_split(name, root, folder, "test")
     return Dataset(name, train_x, train_y, test_x, test_y, NUM_CLASSES)

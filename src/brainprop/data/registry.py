@@ -82,18 +82,19 @@ def data_dir(name: str, root: Path) -> Path:
     return tiny_imagenet_dir(root)
 
 
-def load_dataset(name: str, root: str | Path | None = None) -> Dataset:
+def load_dataset(name: str, root: str | Path | None = None, *, test_only: bool = False) -> Dataset:
     """Load dataset ``name`` from ``root`` (``None``: :func:`resolve_data_root`).
 
-    Returns a :class:`Dataset` with uint8 ``[N, C, H, W]`` images and int64 labels.
+    Returns a :class:`Dataset` with uint8 ``[N, C, H, W]`` images and int64 labels;
+    ``test_only``: only the test split is read, and the training split is empty.
     """
     check_name(name)
     root = data_root(root)
     if name in _IDX:
-        return load_idx_dataset(name, root)
+        return load_idx_dataset(name, root, test_only=test_only)
     if name in LAYOUTS:
-        return load_cifar(name, root)
-    return load_tiny_imagenet(root)
+        return load_cifar(name, root, test_only=test_only)
+    return load_tiny_imagenet(root, test_only=test_only)
 
 
 def _status(name: str, root: Path) -> DatasetStatus:

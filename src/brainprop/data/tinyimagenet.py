@@ -141,11 +141,8 @@ def read_val_annotations(folder: Path, class_index: dict[str, int]) -> dict[str,
     return labels
 
 
-def _list_files(folder: Path) -> tuple[list[str], list[tuple[Path, int]], list[tuple[Path, int]]]:
-    """Return the class ids and the (image path, label) lists of the train and val splits."""
-    wnids = read_wnids(folder)
-    class_index = {wnid: i for i, wnid in enumerate(wnids)}
-    train = [(p, i) for i, wnid in enumerate(wnids) for p in _train_images(folder, wnid)]
+def _list_test(folder: Path, class_index: dict[str, int]) -> list[tuple[Path, int]]:
+    """The (image path, label) list of the val split, which serves as the test split."""
     val_labels = read_val_annotations(folder, class_index)
     annotations = folder / "val" / "val_annotations.txt"
     val_images = _jpegs(folder / "val" / "images")
@@ -157,7 +154,7 @@ def _list_files(folder: Path) -> tuple[list[str], list[tuple[Path, int]], list[t
         test.append((p, val_labels[p.name]))
     if not test:
         raise _fail(f"folder {folder} has no val images", folder)
-    return wnids, train, test
+    return test
 
 
 def decode_image(path: Path) -> np.ndarray:
@@ -248,11 +245,13 @@ def _save_cache(cache: Path, manifest: dict, arrays: dict[str, np.ndarray]) -> N
         )
 
 
-def load_tiny_imagenet(root: Path) -> Dataset:
+def load_tiny_imagenet(root: Path, *, test_only: bool = False) -> Dataset:
     """Load Tiny ImageNet from ``root/tiny-imagenet/tiny-imagenet-200``.
 
     Returns a :class:`Dataset` with ``train_x`` uint8 ``[100000, 3, 64, 64]`` and ``test_x``
     (the official val split) ``[10000, 3, 64, 64]`` for the official tree; 200 classes.
+    ``test_only``: the training images are neither listed nor decoded (nor is the cache, which
+    vouches for both splits, read or written) and the training split is empty.
     """
     folder = tiny_imagenet_dir(root)
     if not folder.is_dir():
@@ -260,7 +259,15 @@ def load_tiny_imagenet(root: Path) -> Dataset:
             f"Tiny ImageNet folder {folder} is missing: run {download_command(NAME, root)} or "
             f"unzip tiny-imagenet-200.zip into {folder.parent}"
         )
-    wnids, train, test = _list_files(folder)
+    wnids = read_wnids(folder)
+    class_index = {wnid: i for i, wnid in enumerate(wnids)}
+    test = _list_test(folder, class_index)
+    if test_only:
+        test_x, test_y = _decode_split(test, "decoding Tiny ImageNet val")
+        return Dataset.test_only(
+            NAME, torch.from_numpy(test_x), torch.from_numpy(test_y), len(wnids)
+        )
+    train = [(p, i) for i, wnid in enumerate(wnids) for p in _train_images(folder, wnid)]
     manifest = _manifest(folder, train, test)
     cache = folder / CACHE_DIR
     arrays = _load_cache(cache, manifest)
