@@ -93,6 +93,16 @@ def test_a_tensor_in_place_of_a_random_state_section_is_refused_without_a_warnin
             rng.restore(state, generator)
 
 
+@pytest.mark.parametrize("restore", [rng.restore, rng.restore_torch])
+def test_a_tensor_in_place_of_the_whole_random_state_is_refused_without_a_warning(
+    restore,
+) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(TypeError, match="the random state is a Tensor, not a dict"):
+            restore(torch.zeros(3), torch.Generator())
+
+
 def test_a_gpu_runs_cuda_random_state_is_its_own_gpus_alone(monkeypatch) -> None:
     """Saved and put back for the run's GPU only, so that a machine with fewer GPUs resumes
     the run, and a CPU run never starts CUDA to save a state."""

@@ -395,7 +395,8 @@ class Context:
         if saved == self.world_size:
             mine = state["ranks"][self.rank]
             # Checkpoints of earlier versions kept each rank's torch streams only.
-            (rng.restore if "numpy" in mine else rng.restore_torch)(mine, generator)
+            whole = isinstance(mine, dict) and "numpy" in mine
+            (rng.restore if whole else rng.restore_torch)(mine, generator)
             return
         step = (state.get("partial") or {}).get("step", 0)
         fresh = np.random.SeedSequence(

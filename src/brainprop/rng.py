@@ -47,7 +47,7 @@ def capture_torch(generator: torch.Generator) -> dict[str, Any]:
 
 def restore_torch(state: dict[str, Any], generator: torch.Generator) -> None:
     """Put back what :func:`capture_torch` returned; TypeError for a state that is not one."""
-    cuda = state["cuda"]
+    cuda = _dict(state, "random state")["cuda"]
     if not isinstance(cuda, list):
         raise TypeError(f"the CUDA random states are a {type(cuda).__name__}, not a list")
     torch.set_rng_state(_bytes(state["torch"]))
@@ -69,13 +69,16 @@ def _set_cuda_states(states: list[Any], device: torch.device) -> None:
     torch.cuda.set_rng_state(_bytes(states[index]), device)
 
 
-def _section(state: dict[str, Any], name: str) -> dict[str, Any]:
+def _dict(value: Any, what: str) -> dict[str, Any]:
     # A tensor in a dict's place would take the string keys as a sequence of indices, with a
     # deprecation warning, before failing.
-    value = state[name]
     if not isinstance(value, dict):
-        raise TypeError(f"the {name} random state is a {type(value).__name__}, not a dict")
+        raise TypeError(f"the {what} is a {type(value).__name__}, not a dict")
     return value
+
+
+def _section(state: dict[str, Any], name: str) -> dict[str, Any]:
+    return _dict(state[name], f"{name} random state")
 
 
 def _bytes(value: Any) -> torch.Tensor:
@@ -107,6 +110,7 @@ def capture(generator: torch.Generator) -> dict[str, Any]:
 
 def restore(state: dict[str, Any], generator: torch.Generator) -> None:
     """Put back what :func:`capture` returned."""
+    _dict(state, "random state")
     numpy, python = _section(state, "numpy"), _section(state, "python")
     restore_torch(state, generator)
     keys = numpy["keys"].numpy().astype(np.uint32)
