@@ -29,7 +29,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -220,7 +220,6 @@ class _Rule:
     conv_flops: int
     peak_memory: tuple[int, str]
     block_seconds: list[float]
-    eager: bool
     #: Steps run before the timing: ``--warmup`` and what the preparation adds.
     untimed_steps: int
     #: Scores the network (every member of a stack) on a test set, reading the counts back.
@@ -299,7 +298,7 @@ def _prepare(
     optimizer.zero_grad(set_to_none=True)
     return _Rule(
         rule, config, model, objective, step, generator, forward, counter.get_total_flops(),
-        _conv_flops(counter), peak, [], eager, untimed,
+        _conv_flops(counter), peak, [], untimed,
         lambda x, y: accuracy(model, x, y, bf16), held_memory=held,
     )  # fmt: skip
 
@@ -355,8 +354,8 @@ def _prepare_stack(
     peak = memory.peak(device, was_reset)
     stack.optimizer.zero_grad(set_to_none=True)
     return _Rule(
-        rule, config, models[0], stack.objective, step, generators[0], 0, 0, 0, peak, [], False,
-        untimed, stack.accuracies, size, held_memory=held,
+        rule, config, models[0], stack.objective, step, generators[0], 0, 0, 0, peak, [], untimed,
+        stack.accuracies, size, held_memory=held,
     )  # fmt: skip
 
 
@@ -390,102 +389,134 @@ def bench_preset(
     # Every variant (fast, eager, stacked) takes the same untimed steps: with a graph, those
     # its capture needs. So the eager twin steps the fast step's batches and is as warm.
     warmup = _warmup_steps(warmup, cuda_graph)
-    prepared, eager_of, stack_of = [], {}, {}
+    variants = _Variants()
     for rule in dict.fromkeys(rules):  # a rule named twice would pair with the wrong eager
         fast = _prepare(
             ds, arch, rule, device, warmup=warmup, batch_size=batch_size, bf16=bf16,
             eager=False, cuda_graph=cuda_graph,
         )  # fmt: skip
-        prepared.append(fast)
+        variants.fast.append(fast)
         if fastpath.features(fast.model, cuda_graph, fast.objective):
-            eager_of[rule] = _prepare(
+            variants.eager[rule] = _prepare(
                 ds, arch, rule, device, warmup=warmup, batch_size=batch_size, bf16=bf16,
                 eager=True,
             )  # fmt: skip
-            prepared.append(eager_of[rule])
         if stack > 1:
-            stack_of[rule] = _prepare_stack(
+            variants.stacked[rule] = _prepare_stack(
                 ds, arch, rule, device, stack, warmup=warmup, batch_size=batch_size, bf16=bf16,
                 cuda_graph=cuda_graph,
             )  # fmt: skip
-            prepared.append(stack_of[rule])
+    steps_timed = _time_interleaved(variants.in_turn(), steps, device)
+    n_eval = min(eval_images or len(ds.test_y), len(ds.test_y))
+    return [
+        _row(ds, arch, r, variants, device, peaks, cuda_graph, n_eval, steps_timed)
+        for r in variants.fast
+    ]
+
+
+@dataclass
+class _Variants:
+    """What :func:`bench_preset` times for each rule: its fast step, and where there is one,
+    its eager twin and its stack of seeds."""
+
+    fast: list[_Rule] = field(default_factory=list)
+    eager: dict[str, _Rule] = field(default_factory=dict)
+    stacked: dict[str, _Rule] = field(default_factory=dict)
+
+    def in_turn(self) -> list[_Rule]:
+        """Every variant, each rule's together."""
+        out = []
+        for r in self.fast:
+            out += [r, *(v[r.rule] for v in (self.eager, self.stacked) if r.rule in v)]
+        return out
+
+
+def _time_interleaved(variants: list[_Rule], steps: int, device: torch.device) -> int:
+    """Append to each variant's ``block_seconds`` the mean step time of each of its blocks;
+    returns the steps each variant took, timed."""
     blocks = min(BLOCKS, steps)
     per_block = max(steps // blocks, 1)
     for block in range(blocks):
         # Every other round backwards: what a block leaves behind (clocks, caches) then falls
         # on each variant's block from both sides, not always on the same neighbour's.
-        for r in prepared if block % 2 == 0 else prepared[::-1]:
+        for r in variants if block % 2 == 0 else variants[::-1]:
             _sync(device)
             t0 = time.perf_counter()
             for _ in range(per_block):
                 r.step()
             _sync(device)
             r.block_seconds.append((time.perf_counter() - t0) / per_block)
+    return blocks * per_block
+
+
+def _row(
+    ds: Dataset,
+    arch: str,
+    r: _Rule,
+    variants: _Variants,
+    device: torch.device,
+    peaks: Peaks,
+    cuda_graph: bool,
+    n_eval: int,
+    steps_timed: int,
+) -> dict[str, Any]:
+    """The JSON-ready row of rule ``r``'s timed fast step, beside its eager twin and stack."""
+    step_s = statistics.median(r.block_seconds)
+    eager = variants.eager.get(r.rule)
+    eager_s = statistics.median(eager.block_seconds) if eager else None
+    stacked = variants.stacked.get(r.rule)
+    stack_s = statistics.median(stacked.block_seconds) if stacked else None
     n_train = len(ds.train_y)
-    n_eval = min(eval_images or len(ds.test_y), len(ds.test_y))
+    randperm_s = _median_seconds(
+        lambda: torch.randperm(n_train, device=device, generator=r.generator), device
+    )
     test_x, test_y = ds.test_x[:n_eval], ds.test_y[:n_eval]
-    rows = []
-    for r in prepared:
-        if r.eager or r.stack > 1:
-            continue
-        step_s = statistics.median(r.block_seconds)
-        eager = eager_of.get(r.rule)
-        eager_s = statistics.median(eager.block_seconds) if eager else None
-        stacked = stack_of.get(r.rule)
-        stack_s = statistics.median(stacked.block_seconds) if stacked else None
-        randperm_s = _median_seconds(
-            lambda r=r: torch.randperm(n_train, device=device, generator=r.generator), device
-        )
-        eval_s = _eval_seconds(r, test_x, test_y)
-        stack_eval_s = _eval_seconds(stacked, test_x, test_y) if stacked else None
-        batch = r.config.batch_size
-        steps_per_epoch = num_batches(n_train, batch)
-        achieved = r.step_flops / step_s / 1e12
-        row_peak = peaks.for_step(r.step_flops, r.conv_flops)
-        rows.append(
-            {
-                "preset": f"{ds.name}/{arch}",
-                "dataset": ds.name,
-                "arch": arch,
-                "rule": r.rule,
-                "batch_size": batch,
-                "n_train": n_train,
-                "steps_per_epoch": steps_per_epoch,
-                "steps_timed": blocks * per_block,
-                "warmup_steps": r.untimed_steps,
-                "step_ms": step_s * 1e3,
-                "step_ms_blocks": [s * 1e3 for s in r.block_seconds],
-                "fast_path": fastpath.features(r.model, cuda_graph, r.objective),
-                "eager_step_ms": None if eager_s is None else eager_s * 1e3,
-                "eager_ratio": None if eager_s is None else eager_s / step_s,
-                "randperm_ms": randperm_s * 1e3,
-                "epoch_s": steps_per_epoch * step_s + randperm_s,
-                "images_per_s": batch / step_s,
-                "flops_per_step": r.step_flops,
-                "forward_flops_per_step": r.forward_flops,
-                "backward_flops_per_step": r.step_flops - r.forward_flops,
-                "conv_flops_per_step": r.conv_flops,
-                "tflops": achieved,
-                "peak_tflops": row_peak,
-                "peak_fraction": achieved / row_peak,
-                "peak_memory_bytes": r.peak_memory[0],
-                "peak_memory_source": r.peak_memory[1],
-                "memory_held_before_bytes": r.held_memory,
-                "host_rss_bytes": memory.host_rss(),
-                "eval_images": n_eval,
-                "eval_s": eval_s,
-                "eval_s_per_10k": eval_s * 10_000 / n_eval,
-                "stack_size": stack,
-                "stack_step_ms": None if stack_s is None else stack_s * 1e3,
-                "stack_speedup": None if stack_s is None else stack * step_s / stack_s,
-                "stack_peak_memory_bytes": None if stacked is None else stacked.peak_memory[0],
-                "stack_memory_held_before_bytes": None if stacked is None else stacked.held_memory,
-                "stack_eval_s_per_10k": (
-                    None if stack_eval_s is None else stack_eval_s * 10_000 / n_eval
-                ),
-            }
-        )
-    return rows
+    eval_s = _eval_seconds(r, test_x, test_y)
+    stack_eval_s = _eval_seconds(stacked, test_x, test_y) if stacked else None
+    batch = r.config.batch_size
+    steps_per_epoch = num_batches(n_train, batch)
+    achieved = r.step_flops / step_s / 1e12
+    row_peak = peaks.for_step(r.step_flops, r.conv_flops)
+    stack = stacked.stack if stacked else 1
+    return {
+        "preset": f"{ds.name}/{arch}",
+        "dataset": ds.name,
+        "arch": arch,
+        "rule": r.rule,
+        "batch_size": batch,
+        "n_train": n_train,
+        "steps_per_epoch": steps_per_epoch,
+        "steps_timed": steps_timed,
+        "warmup_steps": r.untimed_steps,
+        "step_ms": step_s * 1e3,
+        "step_ms_blocks": [s * 1e3 for s in r.block_seconds],
+        "fast_path": fastpath.features(r.model, cuda_graph, r.objective),
+        "eager_step_ms": None if eager_s is None else eager_s * 1e3,
+        "eager_ratio": None if eager_s is None else eager_s / step_s,
+        "randperm_ms": randperm_s * 1e3,
+        "epoch_s": steps_per_epoch * step_s + randperm_s,
+        "images_per_s": batch / step_s,
+        "flops_per_step": r.step_flops,
+        "forward_flops_per_step": r.forward_flops,
+        "backward_flops_per_step": r.step_flops - r.forward_flops,
+        "conv_flops_per_step": r.conv_flops,
+        "tflops": achieved,
+        "peak_tflops": row_peak,
+        "peak_fraction": achieved / row_peak,
+        "peak_memory_bytes": r.peak_memory[0],
+        "peak_memory_source": r.peak_memory[1],
+        "memory_held_before_bytes": r.held_memory,
+        "host_rss_bytes": memory.host_rss(),
+        "eval_images": n_eval,
+        "eval_s": eval_s,
+        "eval_s_per_10k": eval_s * 10_000 / n_eval,
+        "stack_size": stack,
+        "stack_step_ms": None if stack_s is None else stack_s * 1e3,
+        "stack_speedup": None if stack_s is None else stack * step_s / stack_s,
+        "stack_peak_memory_bytes": None if stacked is None else stacked.peak_memory[0],
+        "stack_memory_held_before_bytes": None if stacked is None else stacked.held_memory,
+        "stack_eval_s_per_10k": None if stack_eval_s is None else stack_eval_s * 10_000 / n_eval,
+    }
 
 
 def _eval_seconds(r: _Rule, x: torch.Tensor, y: torch.Tensor) -> float:
