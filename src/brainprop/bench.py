@@ -597,25 +597,7 @@ def run_bench(
     (BrainProp/EBP step time per preset, where both rules ran), the device and its peaks, and
     the load average before and after (timings taken under load are not to be trusted).
     """
-    if not presets:
-        raise BrainPropError("no presets to bench: name at least one dataset/arch")
-    if steps < 1 or warmup < 0:
-        raise BrainPropError(f"--steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
-    if eval_images is not None and eval_images < 1:
-        raise BrainPropError(f"--eval-images must be >= 1, got {eval_images}")
-    if stack < 1:
-        raise BrainPropError(f"--stack must be >= 1 seeds, got {stack}")
-    for rule in rules:
-        check_rule(rule)
-    parsed = [parse_preset(p) for p in presets]
-    if batch_size is not None:
-        for dataset, _ in parsed:
-            n_train = DATASET_SHAPES[dataset].n_train
-            if not 1 <= batch_size <= n_train:
-                raise BrainPropError(
-                    f"--batch-size must be 1 to {n_train:,} ({dataset}'s training images), "
-                    f"got {batch_size}"
-                )
+    parsed = _checked_presets(presets, rules, steps, warmup, batch_size, eval_images, stack)
     dev = resolve_device(device)
     if stack > 1:
         for dataset, arch in parsed:
@@ -680,6 +662,39 @@ def run_bench(
     if out is not None:
         say(f"wrote {Path(out) / JSON_NAME} and {Path(out) / MARKDOWN_NAME}")
     return done
+
+
+def _checked_presets(
+    presets: list[str],
+    rules: list[str],
+    steps: int,
+    warmup: int,
+    batch_size: int | None,
+    eval_images: int | None,
+    stack: int,
+) -> list[tuple[str, str]]:
+    """The (dataset, arch) of each preset; a one-line BrainPropError for any argument of
+    :func:`run_bench` that is out of range, before anything is built or timed."""
+    if not presets:
+        raise BrainPropError("no presets to bench: name at least one dataset/arch")
+    if steps < 1 or warmup < 0:
+        raise BrainPropError(f"--steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
+    if eval_images is not None and eval_images < 1:
+        raise BrainPropError(f"--eval-images must be >= 1, got {eval_images}")
+    if stack < 1:
+        raise BrainPropError(f"--stack must be >= 1 seeds, got {stack}")
+    for rule in rules:
+        check_rule(rule)
+    parsed = [parse_preset(p) for p in presets]
+    if batch_size is not None:
+        for dataset, _ in parsed:
+            n_train = DATASET_SHAPES[dataset].n_train
+            if not 1 <= batch_size <= n_train:
+                raise BrainPropError(
+                    f"--batch-size must be 1 to {n_train:,} ({dataset}'s training images), "
+                    f"got {batch_size}"
+                )
+    return parsed
 
 
 def rule_ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
