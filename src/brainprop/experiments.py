@@ -719,77 +719,32 @@ def _run_in_workers(
 ) -> None:
     from .devices import resolve_device
 
-    ctx = multiprocessing.get_context("spawn")
     # On a CPU, workers split the cores instead of each taking them all.
-    cores = os.cpu_count() or 1
     on_cpu = resolve_device(request.device).type == "cpu"
-    threads = cores // request.jobs if on_cpu else None  # >= 1: reproduce() caps the jobs
+    threads = (os.cpu_count() or 1) // request.jobs if on_cpu else None  # >= 1: see reproduce
     budget = _Budget(request, threads, measurements)
+    pool = _Workers(request, threads, on_cpu, measurements, outcome, say)
     queue = list(jobs)
-    running: dict[int, tuple[Job, Any, Connection]] = {}
-    company = _Company()
-
-    def finished(sentinel: int) -> None:
-        """Record the runs of the job that ``sentinel``'s worker completed."""
-        job, _, _ = running.pop(sentinel)
-        shared = 1.0 if on_cpu else company.leave(sentinel)
-        for spec in job:
-            m = record(spec, request.out / RUNS / spec.name, request.out, shared)
-            measurements.append(m)
-            outcome.ran.append(spec.name)
-            say(_finished_line(m))
-
-    def stop_all() -> None:
-        """Stop the workers, each saving its state, and record the runs that completed
-        meanwhile (a signal after a run's last step lets it end, see train)."""
-        company.tick(running)
-        _terminate(running)
-        for sentinel, (job, _, _) in list(running.items()):
-            if all((request.out / RUNS / spec.name / rundir.SUMMARY).is_file() for spec in job):
-                finished(sentinel)
-
     with signals.stop_on_signals() as stop:
         try:
-            while queue or running:
-                company.tick(running)
-                while queue and len(running) < request.jobs and not stop.requested:
+            while queue or pool.running:
+                pool.company.tick(pool.running)
+                while queue and len(pool.running) < request.jobs and not stop.requested:
                     job = queue.pop(0)
-                    if not budget.admits(job, say):
+                    if budget.admits(job, say):
+                        pool.start(job)
+                    else:
                         outcome.over_budget.extend(spec.name for spec in job)
-                        continue
-                    receive, send = ctx.Pipe(duplex=False)
-                    proc = ctx.Process(
-                        target=_worker,
-                        args=(job, request, threads, send, os.getpid()),
-                        name=job[0].name,
-                    )
-                    with _sigint_ignored():
-                        proc.start()
-                    send.close()
-                    running[proc.sentinel] = (job, proc, receive)
-                    say(f"run {_names(job)} (process {proc.pid})")
                 # Before the check for an empty pool: a signal that came after the last worker
                 # ended still leaves queued runs unstarted, which must not read as success.
                 if stop.requested:
-                    stop_all()
-                    names = [spec.name for job, _, _ in running.values() for spec in job]
-                    raise _stopped(stop.signum, names)
-                if not running:
+                    pool.stop_all()
+                    raise _stopped(stop.signum, pool.names())
+                if not pool.running:
                     break
-                ended: list[int] = wait(list(running), timeout=1.0)  # type: ignore[assignment]
-                company.tick(running)
-                failures = []
-                # Every worker that ended is seen to: one that failed beside one that completed
-                # must not leave the completed runs unrecorded.
-                for sentinel in ended:
-                    job, proc, receive = running[sentinel]
-                    proc.join()
-                    if proc.exitcode == 0:
-                        finished(sentinel)
-                        continue
-                    del running[sentinel]
-                    failed = f"{_names(job)} ended with exit status {proc.exitcode}"
-                    failures.append(_message(receive) or failed)
+                ended: list[int] = wait(list(pool.running), timeout=1.0)  # type: ignore[assignment]
+                pool.company.tick(pool.running)
+                failures = pool.reap(ended)
                 if failures:
                     raise BrainPropError("; ".join(failures))
         except signals.Interrupted:
@@ -797,9 +752,7 @@ def _run_in_workers(
         except KeyboardInterrupt:
             # A second signal: no waiting for the workers, which each get one SIGTERM and save
             # their state as they stop.
-            for _, proc, _ in running.values():
-                if proc.is_alive():
-                    os.kill(proc.pid, signal.SIGTERM)
+            pool.signal_all()
             raise stop.quit_at_once(
                 "the runs in progress save their state as they stop: once they have, run the "
                 "same 'brainprop reproduce' command to continue"
@@ -809,8 +762,96 @@ def _run_in_workers(
             # results unrecorded): stop them, each saving its state, as a signal does. Nothing
             # is recorded here, where a second error would hide the first; the next session
             # records what completed.
-            _terminate(running)
+            pool.terminate()
             raise
+
+
+class _Workers:
+    """The worker processes of :func:`_run_in_workers`, one job each, by the sentinel
+    ``multiprocessing.connection.wait`` returns for it; each job's runs are recorded as its
+    worker completes them."""
+
+    def __init__(
+        self,
+        request: Request,
+        threads: int | None,
+        on_cpu: bool,
+        measurements: list[Measurement],
+        outcome: Outcome,
+        say: Callable[[str], None],
+    ) -> None:
+        self.request, self.threads, self.on_cpu = request, threads, on_cpu
+        self.measurements, self.outcome, self.say = measurements, outcome, say
+        self.ctx = multiprocessing.get_context("spawn")
+        self.running: dict[int, tuple[Job, Any, Connection]] = {}
+        self.company = _Company()
+
+    def start(self, job: Job) -> None:
+        receive, send = self.ctx.Pipe(duplex=False)
+        proc = self.ctx.Process(
+            target=_worker,
+            args=(job, self.request, self.threads, send, os.getpid()),
+            name=job[0].name,
+        )
+        with _sigint_ignored():
+            proc.start()
+        send.close()
+        self.running[proc.sentinel] = (job, proc, receive)
+        self.say(f"run {_names(job)} (process {proc.pid})")
+
+    def names(self) -> list[str]:
+        """The runs in progress."""
+        return [spec.name for job, _, _ in self.running.values() for spec in job]
+
+    def finished(self, sentinel: int) -> None:
+        """Record the runs of the job that ``sentinel``'s worker completed."""
+        job, _, _ = self.running.pop(sentinel)
+        shared = 1.0 if self.on_cpu else self.company.leave(sentinel)
+        for spec in job:
+            m = record(spec, self.request.out / RUNS / spec.name, self.request.out, shared)
+            self.measurements.append(m)
+            self.outcome.ran.append(spec.name)
+            self.say(_finished_line(m))
+
+    def reap(self, ended: list[int]) -> list[str]:
+        """Record the jobs whose workers ``ended`` completed; returns why each other one failed.
+
+        Every worker that ended is seen to: one that failed beside one that completed must not
+        leave the completed runs unrecorded."""
+        failures = []
+        for sentinel in ended:
+            job, proc, receive = self.running[sentinel]
+            proc.join()
+            if proc.exitcode == 0:
+                self.finished(sentinel)
+                continue
+            del self.running[sentinel]
+            failed = f"{_names(job)} ended with exit status {proc.exitcode}"
+            failures.append(_message(receive) or failed)
+        return failures
+
+    def stop_all(self) -> None:
+        """Stop the workers, each saving its state, and record the runs that completed
+        meanwhile (a signal after a run's last step lets it end, see train)."""
+        self.company.tick(self.running)
+        self.terminate()
+        out = self.request.out / RUNS
+        for sentinel, (job, _, _) in list(self.running.items()):
+            if all((out / spec.name / rundir.SUMMARY).is_file() for spec in job):
+                self.finished(sentinel)
+
+    def signal_all(self) -> None:
+        """One SIGTERM to each worker still alive, without waiting for it (whatever stopped
+        the parent: workers ignore SIGINT, see :func:`_sigint_ignored`)."""
+        for _, proc, _ in self.running.values():
+            if proc.is_alive():
+                os.kill(proc.pid, signal.SIGTERM)
+
+    def terminate(self) -> None:
+        """Stop every worker with one SIGTERM and wait while each saves its checkpoint."""
+        self.signal_all()
+        for _, proc, _ in self.running.values():
+            proc.join()
 
 
 class _Company:
@@ -841,16 +882,6 @@ def _message(receive: Connection) -> str | None:
         return receive.recv() if receive.poll() else None
     except EOFError:
         return None
-
-
-def _terminate(running: dict[int, tuple[Job, Any, Connection]]) -> None:
-    """Send each worker one SIGTERM (whatever stopped the parent: workers ignore SIGINT, see
-    :func:`_sigint_ignored`) and wait while it saves its checkpoint."""
-    for _, proc, _ in running.values():
-        if proc.is_alive():
-            os.kill(proc.pid, signal.SIGTERM)
-    for _, proc, _ in running.values():
-        proc.join()
 
 
 @contextlib.contextmanager
