@@ -21,13 +21,13 @@ def test_without_proc_the_peak_is_read_in_the_platforms_unit(monkeypatch):
     assert kib <= memory.host_rss() < linux
 
 
-def test_the_hosts_available_memory_is_read_from_proc_or_unknown(monkeypatch, tmp_path):
+def test_the_hosts_available_and_total_memory_are_read_from_proc_or_unknown(
+    monkeypatch, tmp_path
+):
     cpu = torch.device("cpu")
     if Path("/proc/meminfo").is_file():
-        assert (
-            2**20
-            < memory.available(cpu)
-            <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        )
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        assert 2**20 < memory.available(cpu) <= memory.host_total()
+        assert abs(memory.host_total() - physical) <= 1024
     monkeypatch.setattr(memory, "Path", lambda _: tmp_path / "no-proc")
-    assert memory.available(cpu) is None
+    assert memory.available(cpu) is None and memory.host_total() is None

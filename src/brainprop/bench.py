@@ -543,14 +543,6 @@ def _device_info(device: torch.device, bf16: bool, peaks: Peaks) -> dict[str, An
         name = fields.get("model name") or platform.processor() or platform.machine()
         # The model name alone does not tell a cloud CPU's generation (see device_name).
         units = vector_units(fields)
-    mem_total = next(
-        (
-            int(line.split()[1]) * 1024
-            for line in _read_text("/proc/meminfo").splitlines()
-            if line.startswith("MemTotal:")
-        ),
-        None,
-    )
     matmul, conv = op_precisions(device, bf16)
     return {
         "type": device.type,
@@ -564,15 +556,8 @@ def _device_info(device: torch.device, bf16: bool, peaks: Peaks) -> dict[str, An
         "peak_source": peaks.matmul.source,
         "conv_peak_tflops": peaks.conv.tflops,
         "conv_peak_source": peaks.conv.source,
-        "host_memory_bytes": mem_total,
+        "host_memory_bytes": memory.host_total(),
     }
-
-
-def _read_text(path: str) -> str:
-    try:
-        return Path(path).read_text()
-    except OSError:
-        return ""
 
 
 def run_bench(

@@ -37,6 +37,11 @@ def host_rss() -> int:
     return rss if rss is not None else _process_peak()
 
 
+def host_total() -> int | None:
+    """The host's memory in bytes (MemTotal); None where the host does not say (no /proc)."""
+    return _proc_bytes("MemTotal", "/proc/meminfo")
+
+
 def available(device: torch.device) -> int | None:
     """Bytes that ``device`` can still give this process: free GPU memory (CUDA), or the host's
     MemAvailable (CPU); None where the host does not say (no /proc)."""
