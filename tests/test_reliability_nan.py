@@ -104,6 +104,26 @@ def test_on_nan_reload_rewinds_and_halves_the_learning_rate(tmp_path: Path, ds, 
     assert _last(run.dir)["lr_scale"] == 0.5
 
 
+@pytest.mark.parametrize("val", ["test", 32])
+def test_a_rewound_run_keeps_its_data_where_it_is(tmp_path: Path, ds, monkeypatch, val) -> None:
+    # A second copy on the device beside the old trainer's could be more than a GPU holds.
+    trainers = []
+
+    class Recorded(train_module.Trainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            trainers.append(self)
+
+    monkeypatch.setattr(train_module, "Trainer", Recorded)
+    inject(monkeypatch, {step(2, 5): poison})
+    run = train(tiny_config(tmp_path, on_nan="reload", val=val), dataset=ds, progress=False)
+    assert run.summary["nan_reloads"] == 1 and len(trainers) == 2
+    before, after = trainers
+    for name in ("train_x", "train_y"):
+        assert getattr(after.train_set, name) is getattr(before.train_set, name)
+    assert after.val_x is before.val_x and after.val_y is before.val_y
+
+
 def test_on_nan_reload_before_any_checkpoint_restarts_from_the_initial_state(
     tmp_path: Path, ds, monkeypatch
 ) -> None:

@@ -94,18 +94,30 @@ class Trainer:
     (:mod:`brainprop.stacked`), advances epoch by epoch."""
 
     def __init__(
-        self, config: TrainConfig, ds: Dataset, progress: bool, tag: str | None = None
+        self,
+        config: TrainConfig,
+        ds: Dataset,
+        progress: bool,
+        tag: str | None = None,
+        *,
+        data_of: Trainer | None = None,
     ) -> None:
+        """``data_of``: a trainer of the same config and ``ds`` whose training and validation
+        tensors, already on the device, this one shares instead of copying ``ds`` there."""
         self.config, self.progress, self.tag = config, progress, tag
         self.parallel = distributed.current()
         self.device = self.parallel.device(config.device)
         # Dropout draws from the global streams: each rank its own.
         rng.seed_all(self.parallel.seed(config.seed))
-        ds = ds.to(self.device)
-        if config.val == VAL_TEST:
+        if data_of is not None:
+            self.train_set, self.val_x, self.val_y = data_of.train_set, data_of.val_x, data_of.val_y
+        elif config.val == VAL_TEST:
+            ds = ds.to(self.device)
             self.train_set, self.val_x, self.val_y = ds, ds.test_x, ds.test_y
         else:
-            self.train_set, self.val_x, self.val_y = split_validation(ds, int(config.val))
+            self.train_set, self.val_x, self.val_y = split_validation(
+                ds.to(self.device), int(config.val)
+            )
         self.global_batch = self.parallel.global_batch(config.batch_size, config.global_batch)
         check_batch(config, self.global_batch, len(self.train_set.train_y), self.parallel)
         init = torch.Generator().manual_seed(config.seed)
@@ -808,7 +820,9 @@ def rewind(old: Trainer, ds: Dataset, run_path: Path) -> Trainer:
     Inside the first epoch that is the initial state. Without a usable epoch_start.pt (a run
     directory of an earlier version, a damaged file) it rewinds to last.pt itself.
     """
-    trainer = Trainer(old.config, ds, old.progress, old.tag)
+    # The data stays where it is: a second copy on the device, beside the old trainer's,
+    # could be more than a GPU holds.
+    trainer = Trainer(old.config, ds, old.progress, old.tag, data_of=old)
     state, source = old.parallel.on_main(lambda: _rewind_point(run_path))
     if state is not None:
         restore(trainer, state, ds, run_path, source)
