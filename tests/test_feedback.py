@@ -138,6 +138,24 @@ def test_symmetric_is_plain_autograd_and_undoes_a_conversion():
         assert torch.equal(p.grad, q.grad)
 
 
+def test_symmetric_leaves_a_layer_it_never_converted_as_it_is():
+    # A user's own pathway may well name its buffer feedback_weight.
+    class NoisyLinear(nn.Linear):
+        def __init__(self) -> None:
+            super().__init__(4, 3, bias=False)
+            self.register_buffer("feedback_weight", torch.ones(3, 4))
+            self.feedback_mode = "noisy"
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.linear(x, self.weight + self.feedback_weight)
+
+    model = nn.Sequential(NoisyLinear())
+    convert(model, "symmetric")
+    assert type(model[0]) is NoisyLinear and model[0].feedback_mode == "noisy"
+    assert torch.equal(model[0].feedback_weight, torch.ones(3, 4))
+    assert model(torch.zeros(2, 4)).shape == (2, 3)
+
+
 def test_report_lists_the_converted_layers():
     report = convert(_conv_model(), "random", generator=torch.Generator().manual_seed(0))
     text = str(report)

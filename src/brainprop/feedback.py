@@ -483,7 +483,10 @@ def _random_like(w: torch.Tensor, scale: float, generator: torch.Generator | Non
 
 
 def _strip(layer: nn.Module) -> None:
-    """Remove a previous conversion's state so the layer can take a new mode."""
+    """Remove a previous conversion's state so the layer can take a new mode; a layer
+    :func:`convert` never converted keeps its own attributes, whatever their names."""
+    if _original(type(layer)) is type(layer):
+        return
     for name in ("feedback_weight", "feedback_seed", "feedback_scale"):
         layer._parameters.pop(name, None)
         layer._buffers.pop(name, None)
