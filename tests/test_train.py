@@ -16,7 +16,7 @@ from brainprop.data.batches import to_float
 from brainprop.errors import BrainPropError
 from brainprop.evaluation import accuracy
 from brainprop.objectives import OBJECTIVES, Output, make_objective
-from brainprop.presets import build_model
+from brainprop.presets import ARCHITECTURES, PRESETS, Hyperparameters, build_model
 from brainprop.rundir import write_history
 from brainprop.step import make_optimizer, train_step
 from brainprop.train import MEASURED_COLUMNS
@@ -149,6 +149,24 @@ def test_checkpoint_round_trip_and_evaluate(tmp_path, tiny_dataset):
     assert result["test_acc"] == run.summary["test_acc_at_best"]
     with pytest.raises(BrainPropError, match="inputs"):
         evaluate(run.dir, dataset=make_tiny_dataset(size=12), device="cpu")
+
+
+def test_a_network_whose_builder_reads_a_weight_back_is_evaluated(
+    tmp_path, tiny_dataset, monkeypatch
+):
+    # Such a builder cannot run on the meta device, where load_model sizes a network first.
+    def reads_back(net, num_classes, dropout):
+        net.flatten()
+        net.dense(num_classes, relu=False)
+        assert net.layers[-1].weight.detach().abs().max().item() >= 0
+
+    monkeypatch.setitem(ARCHITECTURES, "reads-back", (reads_back, 0))
+    table = {("mnist", "reads-back"): Hyperparameters(lr=0.1, init_std=0.05, dropout=())}
+    monkeypatch.setitem(PRESETS, "reads-back", table)
+    config = _config(tmp_path, arch="reads-back", preset="reads-back", epochs=1)
+    run = train(config, dataset=tiny_dataset, progress=False)
+    result = evaluate(run.dir, dataset=tiny_dataset, device="cpu")
+    assert result["test_acc"] == run.summary["test_acc_at_best"]
 
 
 def test_held_out_validation_reports_test_accuracy_separately(tmp_path, tiny_dataset, capsys):

@@ -22,7 +22,7 @@ from .data.messages import reason
 from .devices import autocast, device_name, resolve_device, warn_if_slow_bf16
 from .errors import BrainPropError
 from .feedback import convert
-from .presets import build_model
+from .presets import Hyperparameters, build_model
 
 EVAL_BATCH = 1000
 
@@ -105,13 +105,9 @@ def load_model(target: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         # (a tensor's spans lines) included.
         if not declares_sizes(state):
             raise ValueError("its input_shape or num_classes is not a size")
-        # A damaged input_shape could ask for a network of many GB: size it on the meta device
-        # first, and build it for real only if the checkpoint holds that many numbers.
-        with torch.device("meta"):
-            skeleton = build_model(config.arch, shape, classes, hp)
-        wanted = sum(t.numel() for t in skeleton.state_dict().values())
+        wanted = _weights_wanted(config.arch, shape, classes, hp)
         held = sum(t.numel() for t in stored.values() if isinstance(t, torch.Tensor))
-        if wanted > held:
+        if wanted is not None and wanted > held:
             raise ValueError(f"it declares {wanted:,} weights but holds {held:,}")
         # The checkpoint overwrites every weight drawn here (PyTorch's layers draw their
         # default ones from the global stream): the caller's streams stay as they were.
@@ -129,6 +125,18 @@ def load_model(target: str | Path) -> tuple[nn.Module, dict[str, Any]]:
             f"{path} holds NaN or inf weights: the checkpoint is damaged; use another one"
         )
     return model.eval(), state
+
+
+def _weights_wanted(arch: str, shape: list[int], classes: int, hp: Hyperparameters) -> int | None:
+    """How many numbers the network of ``arch`` for these sizes holds, counted on the meta
+    device: a damaged input_shape could ask for a network of many GB, which is then never
+    built. None where the builder cannot run there (a user's that reads a weight back)."""
+    try:
+        with torch.device("meta"):
+            skeleton = build_model(arch, shape, classes, hp)
+    except (NotImplementedError, RuntimeError):
+        return None
+    return sum(t.numel() for t in skeleton.state_dict().values())
 
 
 def _best_of(run: Path) -> Path:
