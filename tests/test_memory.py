@@ -21,9 +21,7 @@ def test_without_proc_the_peak_is_read_in_the_platforms_unit(monkeypatch):
     assert kib <= memory.host_rss() < linux
 
 
-def test_the_hosts_available_and_total_memory_are_read_from_proc_or_unknown(
-    monkeypatch, tmp_path
-):
+def test_the_hosts_available_and_total_memory_are_read_from_proc_or_unknown(monkeypatch, tmp_path):
     cpu = torch.device("cpu")
     if Path("/proc/meminfo").is_file():
         physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -85,6 +85,25 @@ def test_a_rule_registered_by_name_trains_from_the_library_and_the_cli(
         TrainConfig(rule="hebb").resolve()
 
 
+class _NoFlag:
+    def __call__(self, q, y, generator=None):
+        return q.sum()
+
+
+@pytest.mark.parametrize(
+    "made", [_NoFlag(), _SquaredError, None], ids=["no-flag", "a-class", "none"]
+)
+def test_a_registered_rule_that_makes_no_objective_is_refused_in_one_line(
+    tmp_path, tiny_dataset, monkeypatch, made
+):
+    monkeypatch.setitem(OBJECTIVES, "odd", lambda epsilon, fused: made)
+    with pytest.raises(
+        BrainPropError, match=r"^rule 'odd' made .+, which is no Objective: make an instance "
+    ):
+        train(_config(tmp_path, rule="odd"), dataset=tiny_dataset, progress=False)
+    assert not (tmp_path / "run").exists()
+
+
 def test_the_summary_names_ops_that_ran_in_tf32(tmp_path, tiny_dataset, monkeypatch):
     """Not the paper's fp32, so the report keeps such runs apart; fp32 on a CPU is unmarked."""
     plain = train(_config(tmp_path, epochs=1), dataset=tiny_dataset, progress=False)

@@ -288,7 +288,22 @@ def make_objective(rule: str, epsilon: float = DEFAULT_EPSILON, fused: bool = Fa
     """Build the objective :data:`OBJECTIVES` names ``rule``; ``fused``: BrainProp's head in
     fused kernels where it can (see :class:`BrainProp`)."""
     check_rule(rule)
-    return OBJECTIVES[rule](epsilon, fused)
+    objective = OBJECTIVES[rule](epsilon, fused)
+    # A registered rule is the user's code: what it made is checked here, in one line, rather
+    # than failing as an AttributeError in the middle of the first step.
+    flag = getattr(objective, "sums_over_nominal_batch", None)
+    if not isinstance(flag, bool) or not callable(objective) or isinstance(objective, type):
+        made = (
+            f"the class {objective.__name__}"
+            if isinstance(objective, type)
+            else f"a {type(objective).__name__}"
+        )
+        raise BrainPropError(
+            f"rule {rule!r} made {made}, which is no Objective: make an instance "
+            "with a boolean sums_over_nominal_batch and a __call__(q, y, generator) that "
+            "returns an Output (see brainprop.Objective)"
+        )
+    return objective
 
 
 def check_rule(rule: str) -> None:
