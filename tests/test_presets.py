@@ -100,10 +100,14 @@ def test_only_weights_are_decayed():
 
 
 def test_unpublished_pairs_and_unknown_names_are_one_line_errors():
-    with pytest.raises(
-        BrainPropError, match="no .deep. network for mnist: choose --arch from conv, dense, loccon"
-    ):
+    with pytest.raises(BrainPropError) as refused:
         preset_hyperparameters("mnist", "deep")
+    # A network of one's own (a registered builder) is told where its row goes.
+    assert str(refused.value) == (
+        "preset 'paper' has no 'deep' network for mnist: choose --arch from conv, dense, loccon, "
+        "or add PRESETS['<name>'] = {('mnist', 'deep'): Hyperparameters(...)} and pass "
+        "--preset <name>"
+    )
     with pytest.raises(BrainPropError, match="unknown architecture 'resnet'"):
         preset_hyperparameters("mnist", "resnet")
     with pytest.raises(BrainPropError, match="2 dropout sites"):

@@ -138,13 +138,19 @@ def preset_hyperparameters(dataset: str, arch: str, preset: str = PAPER_PRESET) 
         )
     row = table_row(preset, dataset, arch)
     if row is None:
+        # A network of one's own needs a row of hyperparameters, even where every one is
+        # given: the paper's table stays as published, so the row goes in a table of its own.
+        own = f"or add PRESETS['<name>'] = {{({family!r}, {arch!r}): Hyperparameters(...)}}"
         valid = table_archs(preset, dataset)
         if not valid:
             pairs = ", ".join(f"{f}/{a}" for f, a in PRESETS[preset])
-            raise BrainPropError(f"preset {preset!r} has no row for {dataset}: it covers {pairs}")
+            raise BrainPropError(
+                f"preset {preset!r} has no row for {dataset}: it covers {pairs}; {own} and "
+                "pass --preset <name>"
+            )
         raise BrainPropError(
             f"preset {preset!r} has no {arch!r} network for {dataset}: "
-            f"choose --arch from {', '.join(valid)}"
+            f"choose --arch from {', '.join(valid)}, {own} and pass --preset <name>"
         )
     return row
 
