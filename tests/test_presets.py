@@ -8,7 +8,13 @@ from torch import nn
 
 from brainprop.errors import BrainPropError
 from brainprop.layers import Conv2dSame, LocallyConnected2d
-from brainprop.presets import PAPER, build_model, decayed_parameters, preset_hyperparameters
+from brainprop.presets import (
+    ARCHITECTURES,
+    PAPER,
+    build_model,
+    decayed_parameters,
+    preset_hyperparameters,
+)
 
 SHAPES = {
     "mnist": (1, 28, 28),
@@ -138,3 +144,24 @@ def test_the_published_table_is_read_only():
     with pytest.raises(TypeError):
         PAPER["mnist", "dense"] = replace(PAPER["mnist", "dense"], lr=1.0)  # type: ignore[index]
     assert PAPER["mnist", "dense"].lr == 0.1
+
+
+def test_a_module_of_ones_own_takes_its_place_in_a_layer_stack(monkeypatch):
+    def mine(net, num_classes, dropout):
+        net.add(
+            nn.Sequential(
+                nn.Conv2d(1, 4, 3, stride=2, bias=False), nn.Flatten(), nn.BatchNorm1d(676)
+            )
+        )
+        net.dense(num_classes, relu=False)  # sized by the shape the block outputs
+
+    monkeypatch.setitem(ARCHITECTURES, "mine", (mine, 0))
+    hp = replace(PAPER[("mnist", "dense")], dropout=())
+    model = build_model("mine", (1, 28, 28), 10, hp)
+    assert model[1].weight.shape == (10, 676)
+    assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+    # Sized in eval mode: a batch of one was no error, and the running statistics stayed.
+    norm = model[0][2]
+    assert norm.training and norm.num_batches_tracked == 1  # the forward above, not the sizing
+    with torch.device("meta"):  # as load_model sizes a checkpoint's network
+        assert build_model("mine", (1, 28, 28), 10, hp)[1].weight.shape == (10, 676)

@@ -504,7 +504,8 @@ def convert(
     with stored feedback add ``<layer>.feedback_weight`` (``reciprocal``: a Parameter;
     ``random``: a buffer) or ``<layer>.feedback_seed`` and ``<layer>.feedback_scale``
     (``direct``). Converting to ``symmetric`` restores plain layers. Nothing is changed if any
-    layer is refused.
+    layer is refused. Convert before making the optimizer: a ``reciprocal`` B it was not given
+    gets gradients but never changes.
 
     Args:
         module: any network, e.g. a preset or a ResNet.

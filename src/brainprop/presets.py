@@ -178,6 +178,19 @@ class LayerStack:
         self.layers: list[nn.Module] = []
         self.shape = tuple(input_shape)
 
+    def add(self, module: nn.Module) -> None:
+        """Append any module (a network of one's own, whole or in part); the shape it outputs
+        is that of its output for one zero input, in eval mode (BatchNorm's running statistics
+        stay as they were, and a batch of one is no error)."""
+        self.layers.append(module)
+        was_training = module.training
+        module.eval()
+        try:
+            with torch.no_grad():
+                self.shape = tuple(module(torch.zeros(1, *self.shape)).shape[1:])
+        finally:
+            module.train(was_training)
+
     def _local(self, make: Callable[..., nn.Module], channels: int, stride: int, padding: str):
         c, h, w = self.shape
         layer = make(c, channels, (h, w), stride, padding)
