@@ -165,3 +165,6 @@ def test_a_module_of_ones_own_takes_its_place_in_a_layer_stack(monkeypatch):
     assert norm.training and norm.num_batches_tracked == 1  # the forward above, not the sizing
     with torch.device("meta"):  # as load_model sizes a checkpoint's network
         assert build_model("mine", (1, 28, 28), 10, hp)[1].weight.shape == (10, 676)
+    with pytest.raises(BrainPropError, match="has 0 dropout sites but 1 rates were given: give "
+                       r"its row dropout=\(\)$"):  # fmt: skip
+        build_model("mine", (1, 28, 28), 10, replace(hp, dropout=(0.1,)))

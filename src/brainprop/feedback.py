@@ -505,7 +505,10 @@ def convert(
     ``random``: a buffer) or ``<layer>.feedback_seed`` and ``<layer>.feedback_scale``
     (``direct``). Converting to ``symmetric`` restores plain layers. Nothing is changed if any
     layer is refused. Convert before making the optimizer: a ``reciprocal`` B it was not given
-    gets gradients but never changes.
+    gets gradients but never changes. A state_dict does not record the mode, and ``random``
+    and ``reciprocal`` store B under the same key, so either loads into the other: convert to
+    the mode the state was saved in before loading it (brainprop's loaders take it from the
+    run's config).
 
     Args:
         module: any network, e.g. a preset or a ResNet.

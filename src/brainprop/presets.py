@@ -307,9 +307,13 @@ def build_model(
     builder, sites = ARCHITECTURES[arch]
     hp = hp or Hyperparameters(dropout=(0.0,) * sites)
     if len(hp.dropout) != sites:
+        fix = (
+            "give its row dropout=()"
+            if sites == 0
+            else f"pass {sites} comma-separated rates, or one rate for all"
+        )
         raise BrainPropError(
-            f"{arch!r} has {sites} dropout sites but {len(hp.dropout)} rates were given: "
-            f"pass {sites} comma-separated rates, or one rate for all"
+            f"{arch!r} has {sites} dropout sites but {len(hp.dropout)} rates were given: {fix}"
         )
     if len(input_shape) != 3:
         raise BrainPropError(f"input shape must be (C, H, W), got {tuple(input_shape)}")
