@@ -8,11 +8,24 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_tiny_dataset
+from data_fixtures import REPO
 from torch import nn
 
-from brainprop import EBP, FEEDBACK_MODES, BrainProp, build_model, convert
+from brainprop import (
+    EBP,
+    FEEDBACK_MODES,
+    PATHWAYS,
+    BrainProp,
+    Pathway,
+    TrainConfig,
+    build_model,
+    convert,
+    train,
+)
+from brainprop.cli import main
 from brainprop.errors import BrainPropError
-from brainprop.feedback import exact_gradients, feedback_weight
+from brainprop.feedback import exact_gradients, feedback_modes, feedback_weight
 from brainprop.layers import LocallyConnected2d
 from brainprop.presets import decayed_parameters
 
@@ -411,3 +424,68 @@ def test_a_constant_locally_connected_weight_takes_the_fan_in_scale():
     nn.init.zeros_(layer.weight)
     convert(nn.Sequential(layer), "direct", generator=torch.Generator().manual_seed(0))
     assert float(layer.feedback_scale) == pytest.approx(1 / (2 * 3 * 3) ** 0.5)
+
+
+def _noisy(noise: float) -> Pathway:
+    """W plus fixed noise: a pathway of one's own whose B follows W."""
+    return Pathway(
+        make=lambda layer, scale, g: noise * scale * torch.randn(layer.weight.shape, generator=g),
+        read=lambda layer: layer.weight.detach() + layer.feedback_weight,
+    )
+
+
+def test_a_registered_pathway_sends_the_feedback_through_its_own_b(monkeypatch):
+    monkeypatch.setitem(PATHWAYS, "noisy", _noisy(0.5))
+    assert feedback_modes() == ("symmetric", "reciprocal", "random", "sign", "noisy", "direct")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5, bias=False), nn.ReLU(), nn.Linear(5, 3, bias=False))
+    report = convert(model, "noisy", generator=torch.Generator().manual_seed(0))
+    assert report.added == 6 * 5 + 5 * 3 and "feedback_weight" in dict(model[2].named_buffers())
+    x = torch.rand(4, 6, requires_grad=True)
+    h = model[1](model[0](x))
+    g = torch.rand(4, 3)
+    (model[2](h) * g).sum().backward()
+    b = model[2].weight.detach() + model[2].feedback_weight
+    gate = (h > 0).to(g.dtype)
+    # The top layer's weight gradient is exact; what it sends down goes through its B.
+    assert torch.allclose(model[2].weight.grad, g.t() @ h.detach())
+    assert torch.allclose(model[0].weight.grad, ((g @ b) * gate).t() @ x.detach(), atol=1e-6)
+    assert torch.equal(feedback_weight(model[2]), b)
+
+
+def test_a_registered_pathway_trains_from_the_library_and_the_cli(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(PATHWAYS, "noisy", _noisy(0.1))
+    ds = make_tiny_dataset()
+    config = TrainConfig(dataset="mnist", arch="dense", feedback="noisy", epochs=1,
+                         batch_size=32, out_dir=str(tmp_path), name="lib")  # fmt: skip
+    run = train(config, dataset=ds, progress=False)
+    assert run.config.feedback == "noisy" and 0 < run.history[-1]["angle_wb/7"] < 90
+    monkeypatch.setenv("BRAINPROP_DATA", str(REPO / "data"))
+    argv = ["train", "--feedback", "noisy", "--arch", "dense", "--epochs", "1", "--quiet",
+            "--batch-size", "60000", "--device", "cpu", "--out", str(tmp_path / "cli")]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    with pytest.raises(BrainPropError, match="choose one of symmetric, reciprocal, random, sign, "
+                       "noisy, direct$"):  # fmt: skip
+        convert(_conv_model(), "transpose")
+
+
+def test_a_learned_pathway_gets_ws_update_and_a_misshapen_b_changes_nothing(monkeypatch):
+    monkeypatch.setitem(
+        PATHWAYS,
+        "kp",
+        Pathway(make=lambda layer, scale, g: nn.Parameter(layer.weight.detach() * 0)),
+    )
+    model = nn.Sequential(nn.Linear(4, 3, bias=False))
+    convert(model, "kp")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(torch.rand(2, 4)).sum().backward()
+    optimizer.step()
+    assert torch.equal(model[0].feedback_weight.grad, model[0].weight.grad)
+    monkeypatch.setitem(PATHWAYS, "bad", Pathway(make=lambda layer, scale, g: torch.zeros(2)))
+    fresh = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    said = (
+        r"^feedback 'bad' made B of shape \[2\] for layer 0 \(Linear\), whose weight is \[3, 4\]: "
+    )
+    with pytest.raises(BrainPropError, match=said + "B must be shaped like W$"):
+        convert(fresh, "bad")
+    assert [type(m) for m in fresh] == [nn.Linear, nn.Linear]

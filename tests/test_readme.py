@@ -1,4 +1,4 @@
-"""The README's library example runs as written and builds what its comments say."""
+"""The README's (and docs') library examples run as written and build what their comments say."""
 
 import re
 
@@ -6,11 +6,11 @@ import torch
 from data_fixtures import REPO
 from torch import nn
 
-from brainprop import ARCHITECTURES, OBJECTIVES, PAPER, PRESETS, build_model
+from brainprop import ARCHITECTURES, OBJECTIVES, PAPER, PATHWAYS, PRESETS, build_model
 
 
 def _block_after(text: str, marker: str) -> str:
-    """The first fenced python block after ``marker`` in the README."""
+    """The first fenced python block after ``marker`` in ``text``."""
     rest = text[text.index(marker) :]
     match = re.search(r"```python\n(.*?)```", rest, re.DOTALL)
     assert match, f"no python block after {marker!r}"
@@ -79,3 +79,20 @@ def test_the_extending_example_trains_a_new_rule_on_a_new_network(monkeypatch, t
     assert [type(m).__name__ for m in run.model] == [
         "Flatten", "Linear", "ReLU", "Dropout", "Linear"
     ]  # fmt: skip
+
+
+def test_the_pathway_example_of_the_biology_notes_trains(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("BRAINPROP_DATA", str(REPO / "data"))
+    monkeypatch.chdir(tmp_path)
+    code = _block_after((REPO / "docs" / "biology.md").read_text(), "### A pathway of one's own")
+    before = dict(PATHWAYS)
+    scope: dict = {}
+    try:
+        exec(compile(code, "docs/biology.md", "exec"), scope)
+    finally:
+        PATHWAYS.clear()
+        PATHWAYS.update(before)
+    run = scope["run"]
+    assert run.config.feedback == "noisy" and run.summary["epochs_run"] == 1
+    # B is W plus a tenth of its spread in noise: close to W, not equal to it.
+    assert all(0 < run.history[0][f"angle_wb/{i}"] < 20 for i in (1, 3, 5, 7))

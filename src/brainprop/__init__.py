@@ -19,7 +19,7 @@ from .config import TrainConfig
 from .data import Dataset, load_dataset
 from .errors import BrainPropError
 from .evaluation import evaluate, load_model
-from .feedback import FEEDBACK_MODES, convert
+from .feedback import FEEDBACK_MODES, PATHWAYS, Pathway, convert
 from .layers import LocallyConnected2d
 from .objectives import EBP, OBJECTIVES, BrainProp, Objective, Output, make_objective
 from .presets import ARCHITECTURES, PAPER, PRESETS, Hyperparameters, LayerStack, build_model
@@ -33,6 +33,7 @@ __all__ = [
     "FEEDBACK_MODES",
     "OBJECTIVES",
     "PAPER",
+    "PATHWAYS",
     "PRESETS",
     "BrainProp",
     "BrainPropError",
@@ -43,6 +44,7 @@ __all__ = [
     "LocallyConnected2d",
     "Objective",
     "Output",
+    "Pathway",
     "Run",
     "TrainConfig",
     "build_model",

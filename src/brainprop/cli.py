@@ -81,7 +81,7 @@ OFF_CONFIG_OPTIONS = ("out", "local_batchnorm", "val_split", "resume", "quiet")
 def _add_train(sub: argparse._SubParsersAction) -> None:
     from .config import MAX_NAN_RELOADS, ON_NAN, TrainConfig
     from .data import DATASET_NAMES
-    from .feedback import FEEDBACK_MODES
+    from .feedback import feedback_modes
     from .objectives import OBJECTIVES
     from .presets import ARCHITECTURES, PRESETS
 
@@ -97,7 +97,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         help=f"BrainProp exploration rate (default {default['epsilon']})",
     )  # fmt: skip
     p.add_argument(
-        "--feedback", choices=FEEDBACK_MODES,
+        "--feedback", choices=feedback_modes(),
         help="feedback pathway: exact transpose, learned B, random B, sign(W), or direct (DFA) "
         f"(default {default['feedback']})",
     )  # fmt: skip

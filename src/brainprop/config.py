@@ -19,7 +19,7 @@ import torch
 
 from .devices import device_problem
 from .errors import BrainPropError
-from .feedback import FEEDBACK_MODES
+from .feedback import check_feedback
 from .objectives import DEFAULT_EPSILON, check_rule
 from .presets import (
     ARCHITECTURES,
@@ -143,10 +143,7 @@ class TrainConfig:
             if not ok:
                 raise BrainPropError(message)
 
-        need(
-            self.feedback in FEEDBACK_MODES,
-            f"unknown feedback {self.feedback!r}: choose one of {', '.join(FEEDBACK_MODES)}",
-        )
+        check_feedback(self.feedback)
         need(self.lr > 0, f"--lr must be > 0, got {self.lr}")
         need(_float32(self.lr), _out_of_float32("--lr", self.lr))
         need(0.0 <= self.epsilon <= 1.0, f"--epsilon must lie in [0, 1], got {self.epsilon}")

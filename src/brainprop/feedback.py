@@ -29,6 +29,10 @@ every ``nn.Linear``, ``nn.Conv2d`` (incl. :class:`~brainprop.layers.Conv2dSame`)
   incoming gradient defines e; this is right for feed-forward stacks and for ResNets, whose
   last layer is the classifier.
 
+``reciprocal``, ``random`` and ``sign`` are :class:`Pathway` entries of :data:`PATHWAYS`: how a
+layer's B is made at conversion and read at each step. A new pathway through a B shaped like W
+is one entry there, and then a mode like these.
+
 Every random draw (``random`` and ``reciprocal`` B, ``direct`` D) is N(0, std(W)^2) of the
 layer's forward weights at conversion, so the feedback starts at the forward pathway's scale.
 Biases keep their exact, local gradient (the sum of the gated feedback).
@@ -45,7 +49,7 @@ import contextlib
 import re
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -57,15 +61,20 @@ from .layers import Conv2dSame, LocallyConnected2d
 
 __all__ = [
     "FEEDBACK_MODES",
+    "PATHWAYS",
     "ConversionReport",
+    "Pathway",
+    "check_feedback",
     "convert",
     "direct_matrix",
     "exact_gradients",
+    "feedback_modes",
     "feedback_weight",
     "layer_kind",
     "layer_mode",
 ]
 
+#: The built-in modes; :func:`feedback_modes` adds those registered in :data:`PATHWAYS`.
 FEEDBACK_MODES: tuple[str, ...] = ("symmetric", "reciprocal", "random", "sign", "direct")
 
 #: Layers whose parameters act within one unit (a gain, a shift) and keep their exact gradient.
@@ -102,22 +111,70 @@ def layer_mode(layer: nn.Module) -> str:
 def feedback_weight(layer: nn.Module) -> torch.Tensor | None:
     """The feedback weights B of ``layer``, shaped like its ``weight``; None in ``direct`` mode.
 
-    ``symmetric`` returns W itself, ``sign`` returns sign(W) * std(W) of the current W.
+    ``symmetric`` returns W itself, ``sign`` returns sign(W) * std(W) of the current W, a
+    :class:`Pathway` with a ``read`` what that returns; the others their stored B.
     """
     mode = layer_mode(layer)
-    w = layer.weight
     if mode == "symmetric":
-        return w
-    if mode == "sign":
-        return sign_feedback(w.detach())
+        return layer.weight
     if mode == "direct":
         return None
+    pathway = PATHWAYS.get(mode)
+    if pathway is not None and pathway.read is not None:
+        return pathway.read(layer)
     return layer.feedback_weight
 
 
 def sign_feedback(w: torch.Tensor) -> torch.Tensor:
     """sign(W) * std(W); a single weight, which has no spread, is its own feedback."""
     return torch.sign(w) * w.std() if w.numel() > 1 else w.clone()
+
+
+@dataclass(frozen=True)
+class Pathway:
+    """A feedback pathway that sends each layer's input gradient through a matrix B shaped
+    like its weight W (the weight and bias gradients stay exact, as in every mode).
+
+    Attributes:
+        make: called by :func:`convert` for each layer, with the layer, std(W) (the scale the
+            built-in random draws take) and the conversion's generator; returns the B to
+            store as the layer's ``feedback_weight``: an ``nn.Parameter``, which receives W's
+            gradient and so, from the optimizer, W's update (``reciprocal``); another tensor,
+            kept as a fixed buffer (``random``); or None, to store nothing (``sign``).
+        read: this step's B of a layer (``sign``: from the current W); None reads the stored
+            ``feedback_weight``.
+    """
+
+    make: Callable[[nn.Module, float, torch.Generator | None], torch.Tensor | None]
+    read: Callable[[nn.Module], torch.Tensor] | None = None
+
+
+#: The feedback pathways through a matrix B, by name. A new one is one entry, e.g.
+#: ``PATHWAYS["sparse"] = Pathway(make=...)``; then ``convert(model, "sparse")`` and
+#: ``TrainConfig(feedback="sparse")`` use it (and ``brainprop.cli.main`` called in the same
+#: process: a ``brainprop`` command started afresh knows only the built-in ones).
+PATHWAYS: dict[str, Pathway] = {
+    "reciprocal": Pathway(
+        make=lambda layer, scale, g: nn.Parameter(_random_like(layer.weight, scale, g))
+    ),
+    "random": Pathway(make=lambda layer, scale, g: _random_like(layer.weight, scale, g)),
+    "sign": Pathway(
+        make=lambda layer, scale, g: None, read=lambda layer: sign_feedback(layer.weight.detach())
+    ),
+}
+
+
+def feedback_modes() -> tuple[str, ...]:
+    """Every mode :func:`convert` takes: ``symmetric``, the :data:`PATHWAYS`, ``direct``."""
+    return ("symmetric", *(m for m in PATHWAYS if m not in ("symmetric", "direct")), "direct")
+
+
+def check_feedback(mode: str) -> None:
+    """One-line BrainPropError unless ``mode`` is one of :func:`feedback_modes`."""
+    if mode not in feedback_modes():
+        raise BrainPropError(
+            f"unknown feedback {mode!r}: choose one of {', '.join(feedback_modes())}"
+        )
 
 
 def direct_matrix(
@@ -512,17 +569,15 @@ def convert(
 
     Args:
         module: any network, e.g. a preset or a ResNet.
-        feedback: one of :data:`FEEDBACK_MODES`.
+        feedback: one of :func:`feedback_modes`: the built-in :data:`FEEDBACK_MODES` and the
+            pathways registered in :data:`PATHWAYS`.
         generator: CPU generator for the random feedback weights (reproducible conversions).
 
     Raises:
         BrainPropError: unknown mode, or a layer with weights it cannot handle (ConvTranspose,
             Bilinear, Embedding, attention, recurrent, Conv1d/3d, non-zero padding modes).
     """
-    if feedback not in FEEDBACK_MODES:
-        raise BrainPropError(
-            f"unknown feedback {feedback!r}: choose one of {', '.join(FEEDBACK_MODES)}"
-        )
+    check_feedback(feedback)
     named = list(module.named_modules())
     if feedback != "symmetric":
         for name, m in named:
@@ -530,6 +585,7 @@ def convert(
     report = ConversionReport(feedback)
     layers = [(name, m) for name, m in named if layer_kind(m) is not None]
     link = _DirectLink(layers[-1][1]) if feedback == "direct" and layers else None
+    made = _made_feedback_weights(feedback, layers, generator)
     for name, m in named:
         if layer_kind(m) is None:
             if isinstance(m, _UNIT_LOCAL) and list(m.parameters(recurse=False)):
@@ -541,14 +597,8 @@ def convert(
             continue
         m.__class__ = _converted_class(type(m))
         m.feedback_mode = feedback
-        w, scale = m.weight, _scale(m)
-        if feedback == "reciprocal":
-            m.feedback_weight = nn.Parameter(_random_like(w, scale, generator))
-            report.added += w.numel()
-        elif feedback == "random":
-            m.register_buffer("feedback_weight", _random_like(w, scale, generator))
-            report.added += w.numel()
-        elif feedback == "direct":
+        if feedback == "direct":
+            w, scale = m.weight, _scale(m)
             seed = torch.randint(0, 2**62, (), generator=generator)
             m.register_buffer("feedback_seed", seed.to(device=w.device))
             m.register_buffer(
@@ -556,4 +606,34 @@ def convert(
             )
             m._direct_link = link
             report.added += 2
+            continue
+        b = made[name]
+        if b is None:
+            continue
+        if isinstance(b, nn.Parameter):
+            m.feedback_weight = b
+        else:
+            m.register_buffer("feedback_weight", b)
+        report.added += b.numel()
     return report
+
+
+def _made_feedback_weights(
+    feedback: str, layers: list[tuple[str, nn.Module]], generator: torch.Generator | None
+) -> dict[str, torch.Tensor | None]:
+    """Each layer's B as the pathway ``feedback`` makes it (none for the modes that are no
+    :class:`Pathway`), all made before any layer changes: a B of the wrong shape refuses the
+    conversion, which then changes nothing."""
+    if feedback in ("symmetric", "direct"):
+        return {}
+    made = {}
+    for name, m in layers:
+        b = PATHWAYS[feedback].make(m, _scale(m), generator)
+        if b is not None and b.shape != m.weight.shape:
+            raise BrainPropError(
+                f"feedback {feedback!r} made B of shape {list(b.shape)} for layer {name} "
+                f"({type(m).__name__}), whose weight is {list(m.weight.shape)}: B must be "
+                "shaped like W"
+            )
+        made[name] = b
+    return made

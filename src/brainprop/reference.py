@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import BrainPropError
-from .feedback import direct_matrix, layer_mode
+from .feedback import direct_matrix, feedback_weight, layer_mode
 from .layers import Conv2dSame, LocallyConnected2d
 
 __all__ = ["Trial", "activity_derivative", "trial"]
@@ -125,14 +125,17 @@ def _conv_pads(layer: nn.Conv2d) -> tuple[int, int, int, int]:
 
 
 def _feedback_weights(layer: nn.Module) -> torch.Tensor:
-    """B for the modes that have one, written out rather than taken from the fast path."""
+    """B for the modes that have one, written out rather than taken from the fast path (a
+    registered :class:`~brainprop.feedback.Pathway` has only its own definition)."""
     mode = layer_mode(layer)
     w = layer.weight.detach()
     if mode == "symmetric":
         return w
     if mode == "sign":
         return torch.sign(w) * w.std() if w.numel() > 1 else w
-    return layer.feedback_weight.detach()
+    if mode in ("reciprocal", "random"):
+        return layer.feedback_weight.detach()
+    return feedback_weight(layer).detach()
 
 
 # --- one trial ---------------------------------------------------------------------------------
