@@ -22,7 +22,7 @@ from reliability_helpers import (
 )
 from torch import nn
 
-from brainprop import checkpoint, train
+from brainprop import Dataset, checkpoint, train
 from brainprop.config import MAX_NAN_RELOADS
 from brainprop.errors import BrainPropError
 from brainprop.signals import Interrupted
@@ -107,17 +107,22 @@ def test_on_nan_reload_rewinds_and_halves_the_learning_rate(tmp_path: Path, ds, 
 @pytest.mark.parametrize("val", ["test", 32])
 def test_a_rewound_run_keeps_its_data_where_it_is(tmp_path: Path, ds, monkeypatch, val) -> None:
     # A second copy on the device beside the old trainer's could be more than a GPU holds.
-    trainers = []
+    trainers, moves = [], []
 
     class Recorded(train_module.Trainer):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             trainers.append(self)
 
+    move = Dataset.to
+    monkeypatch.setattr(
+        Dataset, "to", lambda self, device: moves.append(device) or move(self, device)
+    )
     monkeypatch.setattr(train_module, "Trainer", Recorded)
     inject(monkeypatch, {step(2, 5): poison})
     run = train(tiny_config(tmp_path, on_nan="reload", val=val), dataset=ds, progress=False)
     assert run.summary["nan_reloads"] == 1 and len(trainers) == 2
+    assert len(moves) == 1  # the first trainer's, which the rewound one shares
     before, after = trainers
     for name in ("train_x", "train_y"):
         assert getattr(after.train_set, name) is getattr(before.train_set, name)

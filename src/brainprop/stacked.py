@@ -582,13 +582,11 @@ class _StackedRun:
             # The global streams (dropout masks) are the whole stack's: rewinding one member's
             # must not replay the others' masks.
             with rng.global_streams_kept(self.device):
+                # The rewound trainer keeps the old one's data, which the stack shares.
                 m.trainer = rewind(t, self.ds, m.run_path)
                 if m.trainer.partial is not None:
                     m.streams = rng.capture(m.trainer.generator)
             self.say(m.say(bad.rewound(m.trainer)))
-            others = [o.trainer for o in self.members if o is not m]
-            if others:
-                _share_data(others[0], m.trainer)
             if m.trainer.partial is not None:
                 # Rewound into an epoch (a run directory with no epoch_start.pt, see rewind):
                 # finish it alone, as the run would on its own.

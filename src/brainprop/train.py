@@ -110,6 +110,8 @@ class Trainer:
         # Dropout draws from the global streams: each rank its own.
         rng.seed_all(self.parallel.seed(config.seed))
         if data_of is not None:
+            if data_of.device != self.device or data_of.config.val != config.val:
+                raise ValueError("data_of must be a trainer of the same device and validation")
             self.train_set, self.val_x, self.val_y = data_of.train_set, data_of.val_x, data_of.val_y
         elif config.val == VAL_TEST:
             ds = ds.to(self.device)
