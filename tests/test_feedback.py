@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import json
 
 import pytest
 import torch
@@ -429,7 +430,9 @@ def test_a_constant_locally_connected_weight_takes_the_fan_in_scale():
 def _noisy(noise: float) -> Pathway:
     """W plus fixed noise: a pathway of one's own whose B follows W."""
     return Pathway(
-        make=lambda layer, scale, g: noise * scale * torch.randn(layer.weight.shape, generator=g),
+        make=lambda layer, scale, g: (
+            noise * scale * torch.randn(layer.weight.shape, generator=g)
+        ).to(layer.weight),
         read=lambda layer: layer.weight.detach() + layer.feedback_weight,
     )
 
@@ -464,28 +467,74 @@ def test_a_registered_pathway_trains_from_the_library_and_the_cli(tmp_path, monk
     argv = ["train", "--feedback", "noisy", "--arch", "dense", "--epochs", "1", "--quiet",
             "--batch-size", "60000", "--device", "cpu", "--out", str(tmp_path / "cli")]  # fmt: skip
     assert main(argv) == 0, capsys.readouterr().err
+    (cli_run,) = (tmp_path / "cli").iterdir()
+    assert json.loads((cli_run / "config.json").read_text())["feedback"] == "noisy"
     with pytest.raises(BrainPropError, match="choose one of symmetric, reciprocal, random, sign, "
                        "noisy, direct$"):  # fmt: skip
         convert(_conv_model(), "transpose")
 
 
-def test_a_learned_pathway_gets_ws_update_and_a_misshapen_b_changes_nothing(monkeypatch):
-    monkeypatch.setitem(
-        PATHWAYS,
-        "kp",
-        Pathway(make=lambda layer, scale, g: nn.Parameter(layer.weight.detach() * 0)),
-    )
+def test_a_learned_pathways_b_gets_ws_gradient(monkeypatch):
+    zero = Pathway(make=lambda layer, scale, g: nn.Parameter(torch.zeros_like(layer.weight)))
+    monkeypatch.setitem(PATHWAYS, "kp", zero)
     model = nn.Sequential(nn.Linear(4, 3, bias=False))
     convert(model, "kp")
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     model(torch.rand(2, 4)).sum().backward()
-    optimizer.step()
     assert torch.equal(model[0].feedback_weight.grad, model[0].weight.grad)
-    monkeypatch.setitem(PATHWAYS, "bad", Pathway(make=lambda layer, scale, g: torch.zeros(2)))
-    fresh = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
-    said = (
-        r"^feedback 'bad' made B of shape \[2\] for layer 0 \(Linear\), whose weight is \[3, 4\]: "
+
+
+def _second_layer(bad: torch.Tensor | None):
+    """A pathway whose B is right for the first layer and ``bad`` for the second (2 outputs)."""
+    return Pathway(
+        make=lambda layer, scale, g: (
+            bad if layer.out_features == 2 else torch.zeros_like(layer.weight)
+        )
     )
-    with pytest.raises(BrainPropError, match=said + "B must be shaped like W$"):
-        convert(fresh, "bad")
-    assert [type(m) for m in fresh] == [nn.Linear, nn.Linear]
+
+
+UNLIKE = (
+    r"whose weight is \[2, 3\] torch.float32 on cpu: make B like W \(e.g. .to\(layer.weight\)\)$"
+)
+
+
+@pytest.mark.parametrize(
+    ("pathway", "said"),
+    [
+        (_second_layer(torch.zeros(2)),
+         r"made B \[2\] torch.float32 on cpu for layer 1 \(Linear\), " + UNLIKE),
+        (_second_layer(torch.zeros(2, 3, dtype=torch.float64)), r"made B \[2, 3\] torch.float64"),
+        (_second_layer(None),
+         r"made no B for layer 1 \(Linear\) and has no read: give its Pathway one of them$"),
+    ],
+)  # fmt: skip
+def test_a_pathway_that_makes_a_b_unlike_w_changes_nothing(monkeypatch, pathway, said):
+    monkeypatch.setitem(PATHWAYS, "bad", pathway)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    with pytest.raises(BrainPropError, match="^feedback 'bad' " + said):
+        convert(model, "bad")
+    assert [type(m) for m in model] == [nn.Linear, nn.Linear] and len(model.state_dict()) == 4
+
+
+def test_a_layers_own_feedback_state_is_never_replaced(monkeypatch):
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    model[1].feedback_weight = nn.Parameter(torch.ones(2, 3))  # a learned B of one's own
+    said = r"^layer 1 \(Linear\) has a feedback_weight of its own, which convert would replace"
+    with pytest.raises(BrainPropError, match=said + ": rename it, or use feedback='symmetric' for"):
+        convert(model, "random")
+    assert type(model[0]) is nn.Linear and torch.equal(model[1].feedback_weight, torch.ones(2, 3))
+
+
+def test_built_in_names_and_unregistered_pathways_are_refused(monkeypatch):
+    monkeypatch.setitem(PATHWAYS, "direct", PATHWAYS["random"])
+    with pytest.raises(BrainPropError, match="PATHWAYS has an entry 'direct', a built-in mode"):
+        TrainConfig(feedback="random").resolve()
+    monkeypatch.delitem(PATHWAYS, "direct")
+    monkeypatch.setitem(PATHWAYS, "noisy", _noisy(0.1))
+    model = nn.Sequential(nn.Linear(4, 3))
+    convert(model, "noisy")
+    # Its stored noise alone is no B: a network of a pathway no longer registered is refused.
+    monkeypatch.delitem(PATHWAYS, "noisy")
+    with pytest.raises(
+        BrainPropError, match="has feedback 'noisy', which is not in brainprop.PATHWAYS"
+    ):
+        model(torch.rand(2, 4, requires_grad=True))

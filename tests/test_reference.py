@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import brainprop.reference as reference
-from brainprop import FEEDBACK_MODES, convert
+from brainprop import FEEDBACK_MODES, PATHWAYS, Pathway, convert
 from brainprop.errors import BrainPropError
 from brainprop.layers import Conv2dSame, LocallyConnected2d
 from brainprop.objectives import EBP, BrainProp
@@ -169,6 +169,33 @@ def test_deep_preset_matches_reference(mode, rule):
     errors = _compare(model, x, y, rule, 4)
     # Every conv, both dense layers, and every BatchNorm's gamma and beta were compared.
     assert sum(k.endswith(".weight") for k in errors) == 9 + 7
+    assert max(errors.values()) < TOL, errors
+
+
+#: Registered pathways: a fixed B read as W plus it, and a learned B started at W's double.
+OWN_PATHWAYS = {
+    "noisy": Pathway(
+        make=lambda layer, scale, g: (
+            0.3 * scale * torch.randn(layer.weight.shape, generator=g)
+        ).to(layer.weight),
+        read=lambda layer: layer.weight.detach() + layer.feedback_weight,
+    ),
+    "learned": Pathway(make=lambda layer, scale, g: nn.Parameter(2 * layer.weight.detach())),
+}
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("mode", OWN_PATHWAYS)
+@pytest.mark.parametrize("kind", ["linear", "conv", "loccon"])
+def test_a_registered_pathway_matches_reference(kind, mode, rule, monkeypatch):
+    monkeypatch.setitem(PATHWAYS, mode, OWN_PATHWAYS[mode])
+    model, shape = _net(kind, 0)
+    _convert(model, mode, 0)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(5, *shape, generator=gen)
+    y = torch.randint(0, model[-1].out_features, (5,), generator=gen)
+    errors = _compare(model, x, y, rule, 0)
+    assert any(k.endswith("feedback_weight") for k in errors) == (mode == "learned")
     assert max(errors.values()) < TOL, errors
 
 

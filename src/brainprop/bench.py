@@ -408,10 +408,9 @@ def bench_preset(
             )  # fmt: skip
     steps_timed = _time_interleaved(variants.in_turn(), steps, device)
     n_eval = min(eval_images or len(ds.test_y), len(ds.test_y))
-    return [
-        _row(ds, arch, r, variants, device, peaks, cuda_graph, n_eval, steps_timed)
-        for r in variants.fast
-    ]
+    timed = {"device": device, "peaks": peaks, "cuda_graph": cuda_graph, "n_eval": n_eval,
+             "steps_timed": steps_timed}  # fmt: skip
+    return [_row(ds, arch, r, variants, **timed) for r in variants.fast]
 
 
 @dataclass
@@ -454,6 +453,7 @@ def _row(
     arch: str,
     r: _Rule,
     variants: _Variants,
+    *,
     device: torch.device,
     peaks: Peaks,
     cuda_graph: bool,

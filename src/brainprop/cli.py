@@ -98,8 +98,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument(
         "--feedback", choices=feedback_modes(),
-        help="feedback pathway: exact transpose, learned B, random B, sign(W), or direct (DFA) "
-        f"(default {default['feedback']})",
+        help="feedback pathway: exact transpose, learned B, random B, sign(W), direct (DFA), or "
+        f"one registered in brainprop.PATHWAYS (default {default['feedback']})",
     )  # fmt: skip
     hp = p.add_argument_group("hyperparameters (default: the preset's value for dataset and arch)")
     hp.add_argument(

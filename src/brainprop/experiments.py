@@ -721,14 +721,15 @@ def _run_in_workers(
 
     # On a CPU, workers split the cores instead of each taking them all.
     on_cpu = resolve_device(request.device).type == "cpu"
-    threads = (os.cpu_count() or 1) // request.jobs if on_cpu else None  # >= 1: see reproduce
+    # >= 1: reproduce() caps the jobs at the cores.
+    threads = (os.cpu_count() or 1) // request.jobs if on_cpu else None
     budget = _Budget(request, threads, measurements)
     pool = _Workers(request, threads, on_cpu, measurements, outcome, say)
     queue = list(jobs)
     with signals.stop_on_signals() as stop:
         try:
             while queue or pool.running:
-                pool.company.tick(pool.running)
+                pool.tick()
                 while queue and len(pool.running) < request.jobs and not stop.requested:
                     job = queue.pop(0)
                     if budget.admits(job, say):
@@ -743,7 +744,7 @@ def _run_in_workers(
                 if not pool.running:
                     break
                 ended: list[int] = wait(list(pool.running), timeout=1.0)  # type: ignore[assignment]
-                pool.company.tick(pool.running)
+                pool.tick()
                 failures = pool.reap(ended)
                 if failures:
                     raise BrainPropError("; ".join(failures))
@@ -785,6 +786,10 @@ class _Workers:
         self.ctx = multiprocessing.get_context("spawn")
         self.running: dict[int, tuple[Job, Any, Connection]] = {}
         self.company = _Company()
+
+    def tick(self) -> None:
+        """Count the time since the last tick for each running job (see :class:`_Company`)."""
+        self.company.tick(self.running)
 
     def start(self, job: Job) -> None:
         receive, send = self.ctx.Pipe(duplex=False)
@@ -833,7 +838,7 @@ class _Workers:
     def stop_all(self) -> None:
         """Stop the workers, each saving its state, and record the runs that completed
         meanwhile (a signal after a run's last step lets it end, see train)."""
-        self.company.tick(self.running)
+        self.tick()
         self.terminate()
         out = self.request.out / RUNS
         for sentinel, (job, _, _) in list(self.running.items()):

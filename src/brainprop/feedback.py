@@ -104,15 +104,18 @@ def exact_gradients() -> Iterator[None]:
 
 
 def layer_mode(layer: nn.Module) -> str:
-    """The feedback mode of ``layer`` ('symmetric' for layers :func:`convert` did not touch)."""
-    return getattr(layer, "feedback_mode", "symmetric")
+    """The feedback mode of ``layer`` ('symmetric' for layers :func:`convert` did not touch,
+    whatever attributes of their own they have)."""
+    if _original(type(layer)) is type(layer):
+        return "symmetric"
+    return layer.feedback_mode
 
 
 def feedback_weight(layer: nn.Module) -> torch.Tensor | None:
     """The feedback weights B of ``layer``, shaped like its ``weight``; None in ``direct`` mode.
 
-    ``symmetric`` returns W itself, ``sign`` returns sign(W) * std(W) of the current W, a
-    :class:`Pathway` with a ``read`` what that returns; the others their stored B.
+    ``symmetric`` gives W itself; a :class:`Pathway` with a ``read`` (``sign``: sign(W) *
+    std(W) of the current W) what its ``read`` gives; the other pathways their stored B.
     """
     mode = layer_mode(layer)
     if mode == "symmetric":
@@ -120,9 +123,13 @@ def feedback_weight(layer: nn.Module) -> torch.Tensor | None:
     if mode == "direct":
         return None
     pathway = PATHWAYS.get(mode)
-    if pathway is not None and pathway.read is not None:
-        return pathway.read(layer)
-    return layer.feedback_weight
+    if pathway is None:
+        # Its stored B alone could be a part of its B (the noise of W + noise): no guess.
+        raise BrainPropError(
+            f"a {type(layer).__name__} layer has feedback {mode!r}, which is not in "
+            "brainprop.PATHWAYS: register it in this process before using the network"
+        )
+    return layer.feedback_weight if pathway.read is None else pathway.read(layer)
 
 
 def sign_feedback(w: torch.Tensor) -> torch.Tensor:
@@ -166,11 +173,17 @@ PATHWAYS: dict[str, Pathway] = {
 
 def feedback_modes() -> tuple[str, ...]:
     """Every mode :func:`convert` takes: ``symmetric``, the :data:`PATHWAYS`, ``direct``."""
-    return ("symmetric", *(m for m in PATHWAYS if m not in ("symmetric", "direct")), "direct")
+    return ("symmetric", *PATHWAYS, "direct")
 
 
 def check_feedback(mode: str) -> None:
     """One-line BrainPropError unless ``mode`` is one of :func:`feedback_modes`."""
+    taken = [m for m in ("symmetric", "direct") if m in PATHWAYS]
+    if taken:
+        raise BrainPropError(
+            f"PATHWAYS has an entry {taken[0]!r}, a built-in mode that is no pathway through "
+            "a B: give that entry another name"
+        )
     if mode not in feedback_modes():
         raise BrainPropError(
             f"unknown feedback {mode!r}: choose one of {', '.join(feedback_modes())}"
@@ -502,6 +515,12 @@ def _check(name: str, module: nn.Module) -> None:
             "first, then convert it"
         )
     base = _original(type(module))  # converted before: judge the class it was made from
+    own = [n for n in _STATE if base is type(module) and _holds(module, n)]
+    if own:
+        raise BrainPropError(
+            f"{label} has a {own[0]} of its own, which convert would replace: rename it, or "
+            "use feedback='symmetric' for it"
+        )
     if base.forward not in _PLAIN_FORWARDS[kind] or (
         kind == "conv" and base._conv_forward is not nn.Conv2d._conv_forward
     ):
@@ -539,12 +558,20 @@ def _random_like(w: torch.Tensor, scale: float, generator: torch.Generator | Non
     return (noise * scale).to(dtype=w.dtype, device=w.device)
 
 
+#: What a conversion adds to a layer: parameters or buffers, then plain attributes.
+_STATE = ("feedback_weight", "feedback_seed", "feedback_scale", "feedback_mode")
+
+
+def _holds(layer: nn.Module, name: str) -> bool:
+    return name in layer._parameters or name in layer._buffers or name in layer.__dict__
+
+
 def _strip(layer: nn.Module) -> None:
     """Remove a previous conversion's state so the layer can take a new mode; a layer
     :func:`convert` never converted keeps its own attributes, whatever their names."""
     if _original(type(layer)) is type(layer):
         return
-    for name in ("feedback_weight", "feedback_seed", "feedback_scale"):
+    for name in _STATE[:3]:
         layer._parameters.pop(name, None)
         layer._buffers.pop(name, None)
     for name in ("feedback_mode", "_direct_link", "_direct_cache"):
@@ -626,14 +653,21 @@ def _made_feedback_weights(
     conversion, which then changes nothing."""
     if feedback in ("symmetric", "direct"):
         return {}
-    made = {}
+    pathway, made = PATHWAYS[feedback], {}
     for name, m in layers:
-        b = PATHWAYS[feedback].make(m, _scale(m), generator)
-        if b is not None and b.shape != m.weight.shape:
+        b = pathway.make(m, _scale(m), generator)
+        label = f"layer {name or '<root>'} ({type(m).__name__})"
+        if b is None and pathway.read is None:
             raise BrainPropError(
-                f"feedback {feedback!r} made B of shape {list(b.shape)} for layer {name} "
-                f"({type(m).__name__}), whose weight is {list(m.weight.shape)}: B must be "
-                "shaped like W"
+                f"feedback {feedback!r} made no B for {label} and has no read: give its "
+                "Pathway one of them"
+            )
+        w = m.weight
+        if b is not None and (b.shape, b.dtype, b.device) != (w.shape, w.dtype, w.device):
+            raise BrainPropError(
+                f"feedback {feedback!r} made B {list(b.shape)} {b.dtype} on {b.device} for "
+                f"{label}, whose weight is {list(w.shape)} {w.dtype} on {w.device}: make B "
+                "like W (e.g. .to(layer.weight))"
             )
         made[name] = b
     return made

@@ -14,8 +14,8 @@ import torch
 
 
 def _proc_bytes(field: str, source: str = "/proc/self/status") -> int | None:
-    """A ``kB`` field of a /proc file (VmRSS and VmHWM of /proc/self/status, MemAvailable of
-    /proc/meminfo) in bytes; None off Linux."""
+    """A ``kB`` field of a /proc file (VmRSS and VmHWM of /proc/self/status, MemAvailable and
+    MemTotal of /proc/meminfo) in bytes; None off Linux."""
     try:
         for line in Path(source).read_text().splitlines():
             if line.startswith(field + ":"):

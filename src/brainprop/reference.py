@@ -318,8 +318,9 @@ def _weight_layer(
             fb_in = full[..., top : size[0] - bottom, left : size[1] - right]
         bias_sum = (0,)
     updates[f"{name}.weight"] = dw
-    if mode == "reciprocal":
-        updates[f"{name}.feedback_weight"] = dw  # the feedback synapse learns what W learns
+    if isinstance(getattr(layer, "feedback_weight", None), nn.Parameter):
+        # A learned B (reciprocal, or a registered pathway's): it learns what W learns.
+        updates[f"{name}.feedback_weight"] = dw
     if layer.bias is not None:
         updates[f"{name}.bias"] = alpha * fb.sum(bias_sum)
     if mode == "direct":

@@ -250,8 +250,9 @@ def load_tiny_imagenet(root: Path, *, test_only: bool = False) -> Dataset:
 
     Returns a :class:`Dataset` with ``train_x`` uint8 ``[100000, 3, 64, 64]`` and ``test_x``
     (the official val split) ``[10000, 3, 64, 64]`` for the official tree; 200 classes.
-    ``test_only``: the training images are neither listed nor decoded (nor is the cache, which
-    vouches for both splits, read or written) and the training split is empty.
+    ``test_only``: the training images are neither listed nor decoded and the training split is
+    empty. Nor is the cache read: it vouches for both splits, and checking it would mean listing
+    and reading the size of every training image.
     """
     folder = tiny_imagenet_dir(root)
     if not folder.is_dir():
