@@ -407,7 +407,9 @@ class _LocallyConnectedMixin:
         return y if self.bias is None else y + self.bias
 
 
+#: Each converted class by the class it was made from, and the other way round.
 _CLASSES: dict[type, type] = {}
+_ORIGINALS: dict[type, type] = {}
 
 
 def _converted_name(cls: type) -> str:
@@ -421,7 +423,7 @@ def _converted_name(cls: type) -> str:
 
 def _original(cls: type) -> type:
     """The class a converted class was made from; ``cls`` itself if it is none."""
-    return next((base for base, new in _CLASSES.items() if new is cls), cls)
+    return _ORIGINALS.get(cls, cls)
 
 
 def _converted_class(cls: type) -> type:
@@ -438,6 +440,7 @@ def _converted_class(cls: type) -> type:
         new = type(name, (mixin, cls), {"__module__": __name__, "__qualname__": name})
         setattr(sys.modules[__name__], name, new)
         _CLASSES[cls] = new
+        _ORIGINALS[new] = cls
     return _CLASSES[cls]
 
 
@@ -515,8 +518,8 @@ def _check(name: str, module: nn.Module) -> None:
             "first, then convert it"
         )
     base = _original(type(module))  # converted before: judge the class it was made from
-    own = [n for n in _STATE if base is type(module) and _holds(module, n)]
-    if own:
+    own = [n for n in _STATE if _holds(module, n)] if base is type(module) else []
+    if own:  # never converted, so the layer's own
         raise BrainPropError(
             f"{label} has a {own[0]} of its own, which convert would replace: rename it, or "
             "use feedback='symmetric' for it"
