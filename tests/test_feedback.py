@@ -515,6 +515,17 @@ def test_a_pathway_that_makes_a_b_unlike_w_changes_nothing(monkeypatch, pathway,
     assert [type(m) for m in model] == [nn.Linear, nn.Linear] and len(model.state_dict()) == 4
 
 
+def test_a_read_b_unlike_w_is_refused_at_the_step(monkeypatch):
+    monkeypatch.setitem(
+        PATHWAYS, "flat", Pathway(make=lambda *_: None, read=lambda layer: layer.weight.flatten())
+    )
+    model = nn.Sequential(nn.Linear(4, 3))
+    convert(model, "flat")
+    with pytest.raises(BrainPropError, match=r"^feedback 'flat' read B \[12\] torch.float32 on cpu "
+                       r"for a Linear layer whose weight is \[3, 4\] "):  # fmt: skip
+        model(torch.rand(2, 4, requires_grad=True))
+
+
 def test_a_layers_own_feedback_state_is_never_replaced(monkeypatch):
     model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
     model[1].feedback_weight = nn.Parameter(torch.ones(2, 3))  # a learned B of one's own
@@ -525,10 +536,14 @@ def test_a_layers_own_feedback_state_is_never_replaced(monkeypatch):
 
 
 def test_built_in_names_and_unregistered_pathways_are_refused(monkeypatch):
-    monkeypatch.setitem(PATHWAYS, "direct", PATHWAYS["random"])
-    with pytest.raises(BrainPropError, match="PATHWAYS has an entry 'direct', a built-in mode"):
-        TrainConfig(feedback="random").resolve()
-    monkeypatch.delitem(PATHWAYS, "direct")
+    for name in ("symmetric", "direct"):
+        with pytest.raises(
+            BrainPropError, match=f"^PATHWAYS\\['{name}'\\]: '{name}' is a built-in"
+        ):
+            PATHWAYS[name] = PATHWAYS["random"]
+    with pytest.raises(BrainPropError, match=r"^PATHWAYS\['x'\] must be a brainprop.Pathway, not"):
+        PATHWAYS["x"] = lambda layer: layer.weight
+    assert feedback_modes() == FEEDBACK_MODES
     monkeypatch.setitem(PATHWAYS, "noisy", _noisy(0.1))
     model = nn.Sequential(nn.Linear(4, 3))
     convert(model, "noisy")

@@ -1,13 +1,14 @@
 """The rule's semantics: who gets the gradient, the value of delta, and how actions are chosen."""
 
 import math
+import re
 
 import pytest
 import torch
 from torch import nn
 
 from brainprop.errors import BrainPropError
-from brainprop.objectives import EBP, BrainProp, make_objective
+from brainprop.objectives import EBP, OBJECTIVES, BrainProp, make_objective
 
 
 def _q(batch=64, classes=10, seed=0):
@@ -155,6 +156,31 @@ def test_ebp_is_softmax_cross_entropy():
     expected = -torch.log_softmax(q.detach(), 1)[torch.arange(16), y].mean()
     assert out.loss.item() == pytest.approx(expected.item())
     assert torch.equal(out.actions, q.detach().argmax(1))
+
+
+class _Mean:
+    sums_over_nominal_batch = False
+
+    def __call__(self, q, y, generator=None):
+        return EBP()(q, y)
+
+
+@pytest.mark.parametrize(
+    ("entry", "said"),
+    [
+        (_Mean(), re.escape("OBJECTIVES['mine'] is an objective itself: register a function that "
+                            "makes it, e.g. lambda epsilon, fused: Mine()")),
+        (_Mean, re.escape("OBJECTIVES['mine'] cannot be called as (epsilon, fused) (") + ".*"
+         + re.escape("): register a function that makes the objective, e.g. lambda epsilon, "
+                     "fused: Mine()")),
+    ],
+)  # fmt: skip
+def test_an_objective_registered_in_place_of_its_factory_is_named_as_such(monkeypatch, entry, said):
+    monkeypatch.setitem(OBJECTIVES, "mine", entry)
+    with pytest.raises(BrainPropError, match=f"^{said}$"):
+        make_objective("mine")
+    monkeypatch.setitem(OBJECTIVES, "mine", lambda epsilon, fused: _Mean())
+    assert isinstance(make_objective("mine"), _Mean)
 
 
 def test_bad_rule_and_epsilon_are_clear_errors():

@@ -1,5 +1,6 @@
 """The published architectures: parameter counts, padding, layer order, and the table."""
 
+import re
 from dataclasses import replace
 
 import pytest
@@ -11,6 +12,7 @@ from brainprop.layers import Conv2dSame, LocallyConnected2d
 from brainprop.presets import (
     ARCHITECTURES,
     PAPER,
+    PRESETS,
     build_model,
     decayed_parameters,
     preset_hyperparameters,
@@ -105,7 +107,7 @@ def test_only_weights_are_decayed():
     assert len(decay) == 9 and len(rest) == 14
 
 
-def test_unpublished_pairs_and_unknown_names_are_one_line_errors():
+def test_unpublished_pairs_and_unknown_names_are_one_line_errors(monkeypatch):
     with pytest.raises(BrainPropError) as refused:
         preset_hyperparameters("mnist", "deep")
     # A network of one's own (a registered builder) is told where its row goes.
@@ -114,6 +116,11 @@ def test_unpublished_pairs_and_unknown_names_are_one_line_errors():
         "or add PRESETS['<name>'] = {('mnist', 'deep'): Hyperparameters(...)} and pass "
         "--preset <name>"
     )
+    # A table of one's own is told to take the row itself.
+    monkeypatch.setitem(PRESETS, "mine", {("mnist", "dense"): PAPER[("mnist", "dense")]})
+    with pytest.raises(BrainPropError, match=r"or add PRESETS\['mine'\]\[\('mnist', 'conv'\)\] = "
+                       r"Hyperparameters\(...\)$"):  # fmt: skip
+        preset_hyperparameters("mnist", "conv", "mine")
     with pytest.raises(BrainPropError, match="unknown architecture 'resnet'"):
         preset_hyperparameters("mnist", "resnet")
     with pytest.raises(BrainPropError, match="2 dropout sites"):
@@ -165,6 +172,11 @@ def test_a_module_of_ones_own_takes_its_place_in_a_layer_stack(monkeypatch):
     assert norm.training and norm.num_batches_tracked == 1  # the forward above, not the sizing
     with torch.device("meta"):  # as load_model sizes a checkpoint's network
         assert build_model("mine", (1, 28, 28), 10, hp)[1].weight.shape == (10, 676)
+    # Its outputs are the Q-values: one per class, however the builder ends.
+    monkeypatch.setitem(ARCHITECTURES, "headless", (lambda net, k, d: net.add(nn.Flatten()), 0))
+    said = "'headless' outputs (784,) per image, not (10,), one Q-value per class: end it with "
+    with pytest.raises(BrainPropError, match=re.escape(said) + "a flatten and a dense layer"):
+        build_model("headless", (1, 28, 28), 10, hp)
     with pytest.raises(BrainPropError, match="has 0 dropout sites but 1 rates were given: give "
                        r"its row dropout=\(\)$"):  # fmt: skip
         build_model("mine", (1, 28, 28), 10, replace(hp, dropout=(0.1,)))

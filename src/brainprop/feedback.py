@@ -126,10 +126,20 @@ def feedback_weight(layer: nn.Module) -> torch.Tensor | None:
     if pathway is None:
         # Its stored B alone could be a part of its B (the noise of W + noise): no guess.
         raise BrainPropError(
-            f"a {type(layer).__name__} layer has feedback {mode!r}, which is not in "
+            f"a {_original(type(layer)).__name__} layer has feedback {mode!r}, which is not in "
             "brainprop.PATHWAYS: register it in this process before using the network"
         )
-    return layer.feedback_weight if pathway.read is None else pathway.read(layer)
+    if pathway.read is None:
+        return layer.feedback_weight
+    b, w = pathway.read(layer), layer.weight
+    # convert checked a stored B; a read one is new at every step.
+    if (b.shape, b.dtype, b.device) != (w.shape, w.dtype, w.device):
+        raise BrainPropError(
+            f"feedback {mode!r} read B {list(b.shape)} {b.dtype} on {b.device} for a "
+            f"{_original(type(layer)).__name__} layer whose weight is {list(w.shape)} {w.dtype} on "
+            f"{w.device}: its read must return a B like W"
+        )
+    return b
 
 
 def sign_feedback(w: torch.Tensor) -> torch.Tensor:
@@ -156,19 +166,39 @@ class Pathway:
     read: Callable[[nn.Module], torch.Tensor] | None = None
 
 
+class _Pathways(dict):
+    """A dict that takes only :class:`Pathway` entries, under a name that is no other mode's:
+    a wrong entry is refused when it is made, not when some later run looks it up."""
+
+    def __setitem__(self, name: str, pathway: Pathway) -> None:
+        if name in ("symmetric", "direct"):
+            raise BrainPropError(
+                f"PATHWAYS[{name!r}]: {name!r} is a built-in mode that is no pathway through a "
+                "B; give the entry another name"
+            )
+        if not isinstance(pathway, Pathway):
+            raise BrainPropError(
+                f"PATHWAYS[{name!r}] must be a brainprop.Pathway, not a {type(pathway).__name__}"
+            )
+        super().__setitem__(name, pathway)
+
+
 #: The feedback pathways through a matrix B, by name. A new one is one entry, e.g.
 #: ``PATHWAYS["sparse"] = Pathway(make=...)``; then ``convert(model, "sparse")`` and
 #: ``TrainConfig(feedback="sparse")`` use it (and ``brainprop.cli.main`` called in the same
 #: process: a ``brainprop`` command started afresh knows only the built-in ones).
-PATHWAYS: dict[str, Pathway] = {
-    "reciprocal": Pathway(
-        make=lambda layer, scale, g: nn.Parameter(_random_like(layer.weight, scale, g))
-    ),
-    "random": Pathway(make=lambda layer, scale, g: _random_like(layer.weight, scale, g)),
-    "sign": Pathway(
-        make=lambda layer, scale, g: None, read=lambda layer: sign_feedback(layer.weight.detach())
-    ),
-}
+PATHWAYS: dict[str, Pathway] = _Pathways(
+    {
+        "reciprocal": Pathway(
+            make=lambda layer, scale, g: nn.Parameter(_random_like(layer.weight, scale, g))
+        ),
+        "random": Pathway(make=lambda layer, scale, g: _random_like(layer.weight, scale, g)),
+        "sign": Pathway(
+            make=lambda layer, scale, g: None,
+            read=lambda layer: sign_feedback(layer.weight.detach()),
+        ),
+    }
+)
 
 
 def feedback_modes() -> tuple[str, ...]:
@@ -178,12 +208,6 @@ def feedback_modes() -> tuple[str, ...]:
 
 def check_feedback(mode: str) -> None:
     """One-line BrainPropError unless ``mode`` is one of :func:`feedback_modes`."""
-    taken = [m for m in ("symmetric", "direct") if m in PATHWAYS]
-    if taken:
-        raise BrainPropError(
-            f"PATHWAYS has an entry {taken[0]!r}, a built-in mode that is no pathway through "
-            "a B: give that entry another name"
-        )
     if mode not in feedback_modes():
         raise BrainPropError(
             f"unknown feedback {mode!r}: choose one of {', '.join(feedback_modes())}"

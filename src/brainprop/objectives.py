@@ -288,7 +288,19 @@ def make_objective(rule: str, epsilon: float = DEFAULT_EPSILON, fused: bool = Fa
     """Build the objective :data:`OBJECTIVES` names ``rule``; ``fused``: BrainProp's head in
     fused kernels where it can (see :class:`BrainProp`)."""
     check_rule(rule)
-    objective = OBJECTIVES[rule](epsilon, fused)
+    factory = OBJECTIVES[rule]
+    if hasattr(factory, "sums_over_nominal_batch") and not isinstance(factory, type):
+        raise BrainPropError(
+            f"OBJECTIVES[{rule!r}] is an objective itself: register a function that makes it, "
+            "e.g. lambda epsilon, fused: Mine()"
+        )
+    try:
+        objective = factory(epsilon, fused)
+    except TypeError as e:
+        raise BrainPropError(
+            f"OBJECTIVES[{rule!r}] cannot be called as (epsilon, fused) ({e}): register "
+            "a function that makes the objective, e.g. lambda epsilon, fused: Mine()"
+        ) from e
     # A registered rule is the user's code: what it made is checked here, in one line, rather
     # than failing as an AttributeError in the middle of the first step.
     flag = getattr(objective, "sums_over_nominal_batch", None)

@@ -140,17 +140,21 @@ def preset_hyperparameters(dataset: str, arch: str, preset: str = PAPER_PRESET) 
     if row is None:
         # A network of one's own needs a row of hyperparameters, even where every one is
         # given: the paper's table stays as published, so the row goes in a table of its own.
-        own = f"or add PRESETS['<name>'] = {{({family!r}, {arch!r}): Hyperparameters(...)}}"
+        own = (
+            f"or add PRESETS[{preset!r}][({family!r}, {arch!r})] = Hyperparameters(...)"
+            if isinstance(PRESETS[preset], dict)  # a table of one's own, not the paper's
+            else f"or add PRESETS['<name>'] = {{({family!r}, {arch!r}): Hyperparameters(...)}} "
+            "and pass --preset <name>"
+        )
         valid = table_archs(preset, dataset)
         if not valid:
             pairs = ", ".join(f"{f}/{a}" for f, a in PRESETS[preset])
             raise BrainPropError(
-                f"preset {preset!r} has no row for {dataset}: it covers {pairs}; {own} and "
-                "pass --preset <name>"
+                f"preset {preset!r} has no row for {dataset}: it covers {pairs}; {own}"
             )
         raise BrainPropError(
             f"preset {preset!r} has no {arch!r} network for {dataset}: "
-            f"choose --arch from {', '.join(valid)}, {own} and pass --preset <name>"
+            f"choose --arch from {', '.join(valid)}, {own}"
         )
     return row
 
@@ -319,6 +323,13 @@ def build_model(
         raise BrainPropError(f"input shape must be (C, H, W), got {tuple(input_shape)}")
     stack = LayerStack(input_shape)
     builder(stack, num_classes, hp.dropout)
+    if stack.shape != (num_classes,):
+        # Caught here, not as a shape error deep in the objective (or never: more outputs
+        # than classes train without complaint).
+        raise BrainPropError(
+            f"{arch!r} outputs {stack.shape} per image, not ({num_classes},), one Q-value per "
+            "class: end it with a flatten and a dense layer of num_classes units"
+        )
     model = nn.Sequential(*stack.layers)
     init_weights(model, hp.init_std, generator)
     return model
