@@ -516,14 +516,22 @@ def test_a_pathway_that_makes_a_b_unlike_w_changes_nothing(monkeypatch, pathway,
 
 
 def test_a_read_b_unlike_w_is_refused_at_the_step(monkeypatch):
-    monkeypatch.setitem(
-        PATHWAYS, "flat", Pathway(make=lambda *_: None, read=lambda layer: layer.weight.flatten())
-    )
+    flat = Pathway(make=lambda *_: None, read=lambda layer: layer.weight.flatten())
+    monkeypatch.setitem(PATHWAYS, "flat", flat)
     model = nn.Sequential(nn.Linear(4, 3))
     convert(model, "flat")
-    with pytest.raises(BrainPropError, match=r"^feedback 'flat' read B \[12\] torch.float32 on cpu "
-                       r"for a Linear layer whose weight is \[3, 4\] "):  # fmt: skip
+    said = (
+        r"^feedback 'flat' read B \[12\] on cpu for a Linear layer whose weight is \[3, 4\] on cpu"
+    )
+    with pytest.raises(BrainPropError, match=said):
         model(torch.rand(2, 4, requires_grad=True))
+    # Another dtype is no fault (a read under autocast computes in bf16): the backward casts it.
+    half = Pathway(make=lambda *_: None, read=lambda layer: layer.weight.detach().bfloat16())
+    monkeypatch.setitem(PATHWAYS, "half", half)
+    convert(model, "half")
+    x = torch.rand(2, 4, requires_grad=True)
+    model(x).sum().backward()
+    assert x.grad.dtype == torch.float32
 
 
 def test_a_layers_own_feedback_state_is_never_replaced(monkeypatch):
@@ -543,6 +551,11 @@ def test_built_in_names_and_unregistered_pathways_are_refused(monkeypatch):
             PATHWAYS[name] = PATHWAYS["random"]
     with pytest.raises(BrainPropError, match=r"^PATHWAYS\['x'\] must be a brainprop.Pathway, not"):
         PATHWAYS["x"] = lambda layer: layer.weight
+    # Every route in, not only item assignment.
+    with pytest.raises(BrainPropError, match=r"^PATHWAYS\['direct'\]: 'direct' is a built-in"):
+        PATHWAYS.update(direct=PATHWAYS["random"])
+    with pytest.raises(BrainPropError, match=r"^PATHWAYS\['symmetric'\]: 'symmetric' is a built"):
+        PATHWAYS.setdefault("symmetric", PATHWAYS["random"])
     assert feedback_modes() == FEEDBACK_MODES
     monkeypatch.setitem(PATHWAYS, "noisy", _noisy(0.1))
     model = nn.Sequential(nn.Linear(4, 3))

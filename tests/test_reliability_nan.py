@@ -129,6 +129,12 @@ def test_a_rewound_run_keeps_its_data_where_it_is(tmp_path: Path, ds, monkeypatc
     assert after.val_x is before.val_x and after.val_y is before.val_y
 
 
+def test_a_trainer_shares_data_only_with_one_of_its_device_and_validation(tmp_path, ds) -> None:
+    first = train_module.Trainer(tiny_config(tmp_path, val=32).resolve(), ds, progress=False)
+    with pytest.raises(ValueError, match="data_of must be a trainer of the same device"):
+        train_module.Trainer(tiny_config(tmp_path).resolve(), ds, progress=False, data_of=first)
+
+
 def test_on_nan_reload_before_any_checkpoint_restarts_from_the_initial_state(
     tmp_path: Path, ds, monkeypatch
 ) -> None:

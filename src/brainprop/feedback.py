@@ -49,7 +49,7 @@ import contextlib
 import re
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass, field
 
 import torch
@@ -132,12 +132,13 @@ def feedback_weight(layer: nn.Module) -> torch.Tensor | None:
     if pathway.read is None:
         return layer.feedback_weight
     b, w = pathway.read(layer), layer.weight
-    # convert checked a stored B; a read one is new at every step.
-    if (b.shape, b.dtype, b.device) != (w.shape, w.dtype, w.device):
+    # convert checked a stored B; a read one is new at every step. Its dtype may differ (a read
+    # under autocast computes in bf16): the backward casts B to the gradient's anyway.
+    if (b.shape, b.device) != (w.shape, w.device):
         raise BrainPropError(
-            f"feedback {mode!r} read B {list(b.shape)} {b.dtype} on {b.device} for a "
-            f"{_original(type(layer)).__name__} layer whose weight is {list(w.shape)} {w.dtype} on "
-            f"{w.device}: its read must return a B like W"
+            f"feedback {mode!r} read B {list(b.shape)} on {b.device} for a "
+            f"{_original(type(layer)).__name__} layer whose weight is {list(w.shape)} on "
+            f"{w.device}: its read must return a B shaped like W, on its device"
         )
     return b
 
@@ -166,9 +167,15 @@ class Pathway:
     read: Callable[[nn.Module], torch.Tensor] | None = None
 
 
-class _Pathways(dict):
-    """A dict that takes only :class:`Pathway` entries, under a name that is no other mode's:
-    a wrong entry is refused when it is made, not when some later run looks it up."""
+class _Pathways(MutableMapping[str, Pathway]):
+    """A mapping that takes only :class:`Pathway` entries, under a name that is no other
+    mode's: a wrong entry is refused when it is made (by any route: ``update`` and
+    ``setdefault`` go through ``__setitem__`` here, as they would not on a dict), not when some
+    later run looks it up."""
+
+    def __init__(self, entries: dict[str, Pathway]) -> None:
+        self._entries: dict[str, Pathway] = {}
+        self.update(entries)
 
     def __setitem__(self, name: str, pathway: Pathway) -> None:
         if name in ("symmetric", "direct"):
@@ -180,14 +187,29 @@ class _Pathways(dict):
             raise BrainPropError(
                 f"PATHWAYS[{name!r}] must be a brainprop.Pathway, not a {type(pathway).__name__}"
             )
-        super().__setitem__(name, pathway)
+        self._entries[name] = pathway
+
+    def __getitem__(self, name: str) -> Pathway:
+        return self._entries[name]
+
+    def __delitem__(self, name: str) -> None:
+        del self._entries[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __repr__(self) -> str:
+        return f"PATHWAYS({self._entries!r})"
 
 
 #: The feedback pathways through a matrix B, by name. A new one is one entry, e.g.
 #: ``PATHWAYS["sparse"] = Pathway(make=...)``; then ``convert(model, "sparse")`` and
 #: ``TrainConfig(feedback="sparse")`` use it (and ``brainprop.cli.main`` called in the same
 #: process: a ``brainprop`` command started afresh knows only the built-in ones).
-PATHWAYS: dict[str, Pathway] = _Pathways(
+PATHWAYS: MutableMapping[str, Pathway] = _Pathways(
     {
         "reciprocal": Pathway(
             make=lambda layer, scale, g: nn.Parameter(_random_like(layer.weight, scale, g))
@@ -585,8 +607,9 @@ def _random_like(w: torch.Tensor, scale: float, generator: torch.Generator | Non
     return (noise * scale).to(dtype=w.dtype, device=w.device)
 
 
-#: What a conversion adds to a layer: parameters or buffers, then plain attributes.
-_STATE = ("feedback_weight", "feedback_seed", "feedback_scale", "feedback_mode")
+#: What a conversion adds to a layer: parameters or buffers, and a plain attribute.
+_STORED = ("feedback_weight", "feedback_seed", "feedback_scale")
+_STATE = (*_STORED, "feedback_mode")
 
 
 def _holds(layer: nn.Module, name: str) -> bool:
@@ -598,7 +621,7 @@ def _strip(layer: nn.Module) -> None:
     :func:`convert` never converted keeps its own attributes, whatever their names."""
     if _original(type(layer)) is type(layer):
         return
-    for name in _STATE[:3]:
+    for name in _STORED:
         layer._parameters.pop(name, None)
         layer._buffers.pop(name, None)
     for name in ("feedback_mode", "_direct_link", "_direct_cache"):

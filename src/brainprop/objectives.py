@@ -16,6 +16,7 @@ A new rule is an :class:`Objective` registered by name in :data:`OBJECTIVES`.
 
 from __future__ import annotations
 
+import inspect
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -294,13 +295,12 @@ def make_objective(rule: str, epsilon: float = DEFAULT_EPSILON, fused: bool = Fa
             f"OBJECTIVES[{rule!r}] is an objective itself: register a function that makes it, "
             "e.g. lambda epsilon, fused: Mine()"
         )
-    try:
-        objective = factory(epsilon, fused)
-    except TypeError as e:
+    if not _takes(factory, epsilon, fused):
         raise BrainPropError(
-            f"OBJECTIVES[{rule!r}] cannot be called as (epsilon, fused) ({e}): register "
-            "a function that makes the objective, e.g. lambda epsilon, fused: Mine()"
-        ) from e
+            f"OBJECTIVES[{rule!r}] cannot be called as (epsilon, fused): register a function "
+            "that makes the objective, e.g. lambda epsilon, fused: Mine()"
+        )
+    objective = factory(epsilon, fused)
     # A registered rule is the user's code: what it made is checked here, in one line, rather
     # than failing as an AttributeError in the middle of the first step.
     flag = getattr(objective, "sums_over_nominal_batch", None)
@@ -316,6 +316,18 @@ def make_objective(rule: str, epsilon: float = DEFAULT_EPSILON, fused: bool = Fa
             "returns an Output (see brainprop.Objective)"
         )
     return objective
+
+
+def _takes(factory: Callable[..., Any], *args: object) -> bool:
+    """Whether ``factory``'s signature takes ``args``: asked before the call, so that an error
+    inside a factory that does take them stays the factory's own."""
+    try:
+        inspect.signature(factory).bind(*args)
+    except TypeError:
+        return False
+    except ValueError:  # no signature to read (some built-ins): let the call speak
+        return True
+    return True
 
 
 def check_rule(rule: str) -> None:

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import BrainPropError
-from .feedback import direct_matrix, feedback_weight, layer_mode
+from .feedback import PATHWAYS, direct_matrix, feedback_weight, layer_mode
 from .layers import Conv2dSame, LocallyConnected2d
 
 __all__ = ["Trial", "activity_derivative", "trial"]
@@ -260,6 +260,18 @@ def trial(
     return result
 
 
+def _learns_b(layer: nn.Module, mode: str) -> bool:
+    """Whether ``layer``'s B is a learned one used as it is (reciprocal's, or a registered
+    pathway's without a read), whose update is then W's. A read that transforms a learned B
+    passes W's gradient to it through that transformation, which this reference does not model:
+    the comparison with the fast path then names the parameter."""
+    if mode in ("symmetric", "direct"):
+        return False
+    b = getattr(layer, "feedback_weight", None)
+    learned = isinstance(b, nn.Parameter) and b.requires_grad
+    return learned and (mode == "reciprocal" or PATHWAYS[mode].read is None)
+
+
 def _check_conv(layer: nn.Conv2d) -> None:
     if layer.groups != 1 or layer.dilation != (1, 1) or layer.padding_mode != "zeros":
         raise BrainPropError(
@@ -318,9 +330,8 @@ def _weight_layer(
             fb_in = full[..., top : size[0] - bottom, left : size[1] - right]
         bias_sum = (0,)
     updates[f"{name}.weight"] = dw
-    if isinstance(getattr(layer, "feedback_weight", None), nn.Parameter):
-        # A learned B (reciprocal, or a registered pathway's): it learns what W learns.
-        updates[f"{name}.feedback_weight"] = dw
+    if _learns_b(layer, mode):
+        updates[f"{name}.feedback_weight"] = dw  # the feedback synapse learns what W learns
     if layer.bias is not None:
         updates[f"{name}.bias"] = alpha * fb.sum(bias_sum)
     if mode == "direct":
