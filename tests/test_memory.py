@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import resource
 import sys
 from pathlib import Path
@@ -24,8 +23,7 @@ def test_without_proc_the_peak_is_read_in_the_platforms_unit(monkeypatch):
 def test_the_hosts_available_and_total_memory_are_read_from_proc_or_unknown(monkeypatch, tmp_path):
     cpu = torch.device("cpu")
     if Path("/proc/meminfo").is_file():
-        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        # MemTotal, not sysconf's page count: a container may show its own /proc/meminfo.
         assert 2**20 < memory.available(cpu) <= memory.host_total()
-        assert abs(memory.host_total() - physical) <= 1024
     monkeypatch.setattr(memory, "Path", lambda _: tmp_path / "no-proc")
     assert memory.available(cpu) is None and memory.host_total() is None
