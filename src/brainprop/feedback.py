@@ -701,7 +701,7 @@ def _made_feedback_weights(
     """Each layer's B as the pathway ``feedback`` makes it (none for the modes that are no
     :class:`Pathway`), all made before any layer changes: a B of the wrong shape refuses the
     conversion, which then changes nothing."""
-    if feedback in ("symmetric", "direct"):
+    if feedback not in PATHWAYS:  # symmetric and direct store no B
         return {}
     pathway, made = PATHWAYS[feedback], {}
     for name, m in layers:

@@ -265,11 +265,11 @@ def _learns_b(layer: nn.Module, mode: str) -> bool:
     pathway's without a read), whose update is then W's. A read that transforms a learned B
     passes W's gradient to it through that transformation, which this reference does not model:
     the comparison with the fast path then names the parameter."""
-    if mode in ("symmetric", "direct"):
+    if mode not in PATHWAYS:  # symmetric and direct have no B of their own
         return False
     b = getattr(layer, "feedback_weight", None)
     learned = isinstance(b, nn.Parameter) and b.requires_grad
-    return learned and (mode == "reciprocal" or PATHWAYS[mode].read is None)
+    return learned and PATHWAYS[mode].read is None
 
 
 def _check_conv(layer: nn.Conv2d) -> None:
