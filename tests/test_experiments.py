@@ -752,7 +752,7 @@ brainprop.data.load_dataset = lambda name, root: None
 ex._train = train
 job = tuple(RunSpec(Cell("mnist", "dense"), "ebp", seed) for seed in (0, 1))
 _, send = Pipe(duplex=False)
-ex._worker(job, ex.Request(), None, send, os.getppid())
+ex._worker(job, ex.Request(), None, send, os.getppid(), ())
 """
 
 

@@ -136,7 +136,8 @@ def test_quickstart_preset_covers_only_mnist_dense():
         preset_hyperparameters("cifar10", "deep", "quickstart")
     with pytest.raises(
         BrainPropError,
-        match="unknown preset 'fast': choose one of paper, quickstart, tuned, tuned-lr1.25$",
+        match="unknown preset 'fast': choose one of paper, quickstart, tuned, tuned-lr1.25; a name "
+        "registered by your own code needs that code run first",
     ):
         preset_hyperparameters("mnist", "dense", "fast")
 

@@ -1,6 +1,10 @@
 """The README's (and docs') library examples run as written and build what their comments say."""
 
+import json
+import os
 import re
+import subprocess
+import sys
 
 import torch
 from data_fixtures import REPO
@@ -79,6 +83,33 @@ def test_the_extending_example_trains_a_new_rule_on_a_new_network(monkeypatch, t
     assert [type(m).__name__ for m in run.model] == [
         "Flatten", "Linear", "ReLU", "Dropout", "Linear"
     ]  # fmt: skip
+
+
+def test_the_extending_example_as_a_plugin_trains_and_evaluates_from_the_command(tmp_path) -> None:
+    """In a command started afresh, as a user runs it: its registrations come from the file."""
+    text = (REPO / "README.md").read_text()
+    code = _block_after(text, "### Extending")
+    (tmp_path / "mylab.py").write_text(code[: code.index("run = train(")])
+    rest = text[text.index("Saved in a file of their own") :]
+    block = re.search(r"```bash\n(.*?)```", rest, re.DOTALL)
+    assert block, "no bash block after the plugin paragraph"
+    train_line, evaluate_line = block.group(1).splitlines()
+    env = {**os.environ, "BRAINPROP_DATA": str(REPO / "data")}
+
+    def command(line: str, *extra: str) -> subprocess.CompletedProcess:
+        words = line.split()
+        assert words[:3] == ["brainprop", "--plugin", "mylab.py"], line
+        argv = [sys.executable, "-m", "brainprop", *words[1:], *extra]
+        return subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True)
+
+    trained = command(train_line, "--epochs", "1", "--quiet", "--device", "cpu")
+    assert trained.returncode == 0, trained.stderr
+    summary = json.loads(trained.stdout.splitlines()[-1])
+    assert summary["epochs_run"] == 1 and summary["best_val_acc"] > 0.8
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    evaluated = command(evaluate_line.replace("runs/<run-dir>", str(run_dir)))
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert json.loads(evaluated.stdout.splitlines()[-1])["test_acc"] == summary["test_acc_at_best"]
 
 
 def test_the_pathway_example_of_the_biology_notes_trains(monkeypatch, tmp_path) -> None:

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from . import plugins
 from .errors import BrainPropError
 
 #: The exit status of ``train`` when the run stopped on a NaN or inf: it ended and wrote its
@@ -39,6 +40,13 @@ DATA_DIR_HELP = (
 BF16_HELP = "bf16 autocast (CUDA; on a CPU, fast only with AVX512_BF16, AMX or Arm bf16)"
 
 
+#: argparse's error for the options whose choices a plugin may add to (see
+#: :mod:`brainprop.plugins`).
+REGISTERED_CHOICES = tuple(
+    f"argument {option}:" for option in ("--rule", "--arch", "--feedback", "--preset")
+)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a bad argument as one line, not usage plus message."""
 
@@ -50,6 +58,8 @@ class _Parser(argparse.ArgumentParser):
         self._negative_number_matcher = re.compile(r"-\.?\d")
 
     def error(self, message: str) -> None:  # type: ignore[override]
+        if "invalid choice" in message and message.startswith(REGISTERED_CHOICES):
+            message += "; a name registered by your own code needs 'brainprop --plugin MODULE'"
         self.exit(2, f"brainprop: error: {message} (see '{self.prog} --help')\n")
 
 
@@ -472,6 +482,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = _Parser(prog="brainprop", description="BrainProp and EBP training for PyTorch.")
     parser.add_argument("--version", action="version", version=f"brainprop {__version__}")
+    parser.add_argument(
+        "--plugin", action="append", metavar="MODULE",
+        help="import MODULE (a module name, or the path of a .py file) before the command: the "
+        "rules, networks, feedback pathways and preset tables it registers become choices of "
+        "the command's options; repeatable, and given before the command",
+    )  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_train(sub)
     p = sub.add_parser(
@@ -503,6 +519,31 @@ def build_parser() -> argparse.ArgumentParser:
     for command_parser in sub.choices.values():
         command_parser.set_defaults(parser=command_parser)
     return parser
+
+
+def _plugin_specs(argv: Sequence[str]) -> list[str]:
+    """The values of the ``--plugin`` options before the command. They are read before the
+    parser is made, whose choices (rules, networks, ...) must include what they register."""
+    specs = []
+    for i, arg in enumerate(argv):
+        if arg in COMMANDS:
+            late = [a for a in argv[i + 1 :] if a.split("=")[0] == "--plugin"]
+            if late:
+                raise BrainPropError(
+                    f"--plugin must come before the command: 'brainprop --plugin MODULE {arg} ...'"
+                )
+            break
+        if arg.startswith("--plugin="):
+            specs.append(arg.split("=", 1)[1])
+        elif arg == "--plugin":
+            value = argv[i + 1] if i + 1 < len(argv) else ""
+            if value in COMMANDS or value.startswith("-") or not value:
+                raise BrainPropError(
+                    "--plugin takes a module name or the path of a .py file: "
+                    "'brainprop --plugin MODULE COMMAND ...'"
+                )
+            specs.append(value)
+    return specs
 
 
 def _check_order(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
@@ -539,8 +580,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .devices import out_of_memory
     from .signals import Interrupted
 
-    parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        plugins.load_all(_plugin_specs(argv))
+    except BrainPropError as e:
+        print(f"brainprop: error: {e}", file=sys.stderr)
+        return 2
+    parser = build_parser()
     _check_order(parser, argv)
     args, unknown = parser.parse_known_args(argv)
     if unknown:

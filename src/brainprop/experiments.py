@@ -37,7 +37,7 @@ from pathlib import Path
 from statistics import fmean
 from typing import Any, TextIO
 
-from . import locks, rundir, signals
+from . import locks, plugins, rundir, signals
 from .config import TrainConfig
 from .errors import BrainPropError
 from .files import TEMPORARIES, make_folder
@@ -587,8 +587,16 @@ def _stopped(signum: int, names: Sequence[str]) -> signals.Interrupted:
 # --- packing runs onto one device: one process per run ----------------------------------------
 
 
-def _worker(job: Job, request: Request, threads: int | None, conn: Connection, parent: int) -> None:
-    """Body of a worker process: train one job, report an error through ``conn``.
+def _worker(
+    job: Job,
+    request: Request,
+    threads: int | None,
+    conn: Connection,
+    parent: int,
+    plugin_specs: Sequence[str],
+) -> None:
+    """Body of a worker process: import the parent's plugins (its registrations are not
+    inherited by a spawned process), train one job, report an error through ``conn``.
 
     The worker ignores SIGINT (:func:`_sigint_ignored`) and leaves the terminal's process group,
     so Ctrl-C reaches the parent only, which stops each worker with exactly one SIGTERM: a
@@ -608,6 +616,7 @@ def _worker(job: Job, request: Request, threads: int | None, conn: Connection, p
     _tag_stderr(_tag([spec.name for spec in job]))
     status = 0
     try:
+        plugins.load_all(plugin_specs)
         _train(job, request, load_dataset(job[0].cell.dataset, request.data_dir), tagged=True)
     except signals.Interrupted as e:
         status = e.exit_status
@@ -795,7 +804,7 @@ class _Workers:
         receive, send = self.ctx.Pipe(duplex=False)
         proc = self.ctx.Process(
             target=_worker,
-            args=(job, self.request, self.threads, send, os.getpid()),
+            args=(job, self.request, self.threads, send, os.getpid(), plugins.loaded()),
             name=job[0].name,
         )
         with _sigint_ignored():

@@ -56,6 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import plugins
 from .errors import BrainPropError
 from .layers import Conv2dSame, LocallyConnected2d
 
@@ -232,7 +233,7 @@ def check_feedback(mode: str) -> None:
     """One-line BrainPropError unless ``mode`` is one of :func:`feedback_modes`."""
     if mode not in feedback_modes():
         raise BrainPropError(
-            f"unknown feedback {mode!r}: choose one of {', '.join(feedback_modes())}"
+            f"unknown feedback {mode!r}: choose one of {', '.join(feedback_modes())}{plugins.HINT}"
         )
 
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from . import fusedhead
+from . import fusedhead, plugins
 from .errors import BrainPropError
 
 #: The published exploration rate: the chance that BrainProp samples its action from
@@ -333,4 +333,6 @@ def _takes(factory: Callable[..., Any], *args: object) -> bool:
 def check_rule(rule: str) -> None:
     """One-line BrainPropError unless :data:`OBJECTIVES` has ``rule``."""
     if rule not in OBJECTIVES:
-        raise BrainPropError(f"unknown rule {rule!r}: choose one of {', '.join(OBJECTIVES)}")
+        raise BrainPropError(
+            f"unknown rule {rule!r}: choose one of {', '.join(OBJECTIVES)}{plugins.HINT}"
+        )

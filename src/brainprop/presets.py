@@ -22,6 +22,7 @@ from types import MappingProxyType
 import torch
 from torch import nn
 
+from . import plugins
 from .errors import BrainPropError
 from .layers import Conv2dSame, LocallyConnected2d
 
@@ -127,11 +128,10 @@ PRESETS: dict[str, Mapping[tuple[str, str], Hyperparameters]] = {
 def preset_hyperparameters(dataset: str, arch: str, preset: str = PAPER_PRESET) -> Hyperparameters:
     """The ``preset`` table's row for ``dataset`` and ``arch``; a clear error for missing pairs."""
     if preset not in PRESETS:
-        raise BrainPropError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
-    if arch not in ARCHITECTURES:
         raise BrainPropError(
-            f"unknown architecture {arch!r}: choose one of {', '.join(ARCHITECTURES)}"
+            f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}{plugins.HINT}"
         )
+    check_arch(arch)
     family = DATASET_FAMILY.get(dataset)
     if family is None:
         raise BrainPropError(
@@ -292,6 +292,14 @@ ARCHITECTURES: dict[str, tuple[Callable[[LayerStack, int, Sequence[float]], None
 }
 
 
+def check_arch(arch: str) -> None:
+    """One-line BrainPropError unless :data:`ARCHITECTURES` has ``arch``."""
+    if arch not in ARCHITECTURES:
+        raise BrainPropError(
+            f"unknown architecture {arch!r}: choose one of {', '.join(ARCHITECTURES)}{plugins.HINT}"
+        )
+
+
 def build_model(
     arch: str,
     input_shape: Sequence[int],
@@ -305,10 +313,7 @@ def build_model(
     every weight drawn from N(0, hp.init_std) using ``generator``. Without ``hp`` the network
     has no dropout and the default sigma; pass a :data:`PAPER` row for the published network.
     """
-    if arch not in ARCHITECTURES:
-        raise BrainPropError(
-            f"unknown architecture {arch!r}: choose one of {', '.join(ARCHITECTURES)}"
-        )
+    check_arch(arch)
     builder, sites = ARCHITECTURES[arch]
     hp = hp or Hyperparameters(dropout=(0.0,) * sites)
     if len(hp.dropout) != sites:

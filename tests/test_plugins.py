@@ -1,0 +1,168 @@
+"""``brainprop --plugin``: registrations of one's own reach the command and its worker
+processes; a plugin that cannot be imported is one line."""
+
+import json
+import os
+import sys
+
+import pytest
+from data_fixtures import write_idx_dataset
+
+from brainprop import ARCHITECTURES, OBJECTIVES, PATHWAYS, PRESETS, TrainConfig, plugins
+from brainprop.cli import main
+from brainprop.errors import BrainPropError
+from brainprop.experiments import Request, reproduce
+from brainprop.matrix import Cell
+from brainprop.measurements import load_measurements
+
+PLUGIN = """
+from brainprop import ARCHITECTURES, EBP, OBJECTIVES, PRESETS, Hyperparameters
+
+IMPORTS = globals().get("IMPORTS", 0) + 1
+
+
+def tiny(net, num_classes, dropout):
+    net.flatten()
+    net.dense(32)
+    net.dense(num_classes, relu=False)
+
+
+OBJECTIVES["ebp-too"] = lambda epsilon, fused: EBP()
+ARCHITECTURES["tiny"] = (tiny, 0)
+PRESETS["mine"] = {
+    ("mnist", "tiny"): Hyperparameters(lr=0.05, batch_size=16),
+    ("mnist", "dense"): Hyperparameters(lr=0.05, batch_size=16, init_std=0.03),
+}
+"""
+
+
+@pytest.fixture(autouse=True)
+def registries():
+    """What a test's plugins register is gone after it, as in a fresh process."""
+    kept = [(r, dict(r)) for r in (OBJECTIVES, ARCHITECTURES, PRESETS, PATHWAYS)]
+    loaded, modules = list(plugins._LOADED), set(sys.modules)
+    yield
+    for registry, before in kept:
+        for name in set(registry) - set(before):
+            del registry[name]
+    plugins._LOADED[:] = loaded
+    for name in set(sys.modules) - modules:
+        if name.startswith("lab"):
+            del sys.modules[name]
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    write_idx_dataset(tmp_path / "data" / "mnist", n_train=64, n_test=32)
+    return tmp_path / "data"
+
+
+@pytest.fixture
+def plugin(tmp_path):
+    path = tmp_path / "lab.py"
+    path.write_text(PLUGIN)
+    return path
+
+
+def _train(data_dir, out, *extra):
+    return ["train", "--dataset", "mnist", "--epochs", "1", "--data-dir", str(data_dir),
+            "--out", str(out), "--name", "run", "--quiet", *extra]  # fmt: skip
+
+
+def test_a_plugin_file_registers_a_rule_a_network_and_a_preset_for_the_command(
+    plugin, data_dir, tmp_path, capsys
+):
+    args = _train(data_dir, tmp_path / "runs", "--arch", "tiny", "--preset", "mine", "--rule",
+                  "ebp-too")  # fmt: skip
+    assert main(["--plugin", str(plugin), *args]) == 0
+    config = json.loads((tmp_path / "runs" / "run" / "config.json").read_text())
+    assert (config["arch"], config["rule"], config["lr"]) == ("tiny", "ebp-too", 0.05)
+    capsys.readouterr()
+    assert main(["--plugin", str(plugin), "evaluate", str(tmp_path / "runs" / "run")]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["test_size"] == 32
+
+
+def test_a_module_is_imported_once_however_often_it_is_named(plugin, monkeypatch):
+    monkeypatch.chdir(plugin.parent)
+    monkeypatch.syspath_prepend(str(plugin.parent))
+    plugins.load_all([str(plugin), "./lab.py", str(plugin)])
+    assert sys.modules["lab"].IMPORTS == 1
+    assert plugins.loaded()[-1] == str(plugin)
+
+
+def test_a_module_on_the_path_is_imported_by_name(plugin, monkeypatch):
+    monkeypatch.syspath_prepend(str(plugin.parent))
+    plugins.load("lab")
+    assert "tiny" in ARCHITECTURES and plugins.loaded()[-1] == "lab"
+
+
+def test_an_unregistered_name_says_how_to_register_it(data_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit, match="2"):
+        main(_train(data_dir, tmp_path / "runs", "--rule", "ebp-too"))
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "invalid choice: 'ebp-too'" in err
+    assert "needs 'brainprop --plugin MODULE'" in err
+    with pytest.raises(BrainPropError, match="unknown rule 'ebp-too': .*--plugin MODULE"):
+        TrainConfig(rule="ebp-too").resolve()
+
+
+def test_a_run_of_a_plugin_network_evaluated_without_it_names_the_plugin_option(
+    plugin, data_dir, tmp_path, capsys
+):
+    args = _train(data_dir, tmp_path / "runs", "--arch", "tiny", "--preset", "mine")
+    assert main(["--plugin", str(plugin), *args]) == 0
+    del ARCHITECTURES["tiny"]  # as in a command started afresh
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "runs" / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown architecture 'tiny'" in err, err
+    assert "'brainprop --plugin MODULE'" in err
+
+
+@pytest.mark.parametrize(
+    ("source", "argv", "message"),
+    [
+        (None, ["--plugin", "{dir}/none.py", "datasets"], "--plugin {dir}/none.py: no such file"),
+        (None, ["--plugin", "lab_nowhere", "datasets"],
+         "--plugin lab_nowhere: no module of that name on Python's path: pass the path of its "
+         ".py file instead"),
+        (None, ["--plugin", "{dir}/lab.txt", "datasets"], "a plugin file is Python source"),
+        ("x = 1 / 0\n", ["--plugin={dir}/lab.py", "datasets"],
+         "--plugin {dir}/lab.py failed as it was imported: ZeroDivisionError: division by zero "
+         "({dir}/lab.py:1)"),
+        ("import lab_missing_dependency\n", ["--plugin", "{dir}/lab.py", "datasets"],
+         "failed as it was imported: ModuleNotFoundError: No module named "
+         "'lab_missing_dependency' ({dir}/lab.py:1)"),
+        ("\n\nx = (\n", ["--plugin", "{dir}/lab.py", "datasets"],
+         "failed as it was imported: SyntaxError: '(' was never closed (lab.py, line 3)"),
+        ("from brainprop import PATHWAYS\nPATHWAYS['direct'] = None\n",
+         ["--plugin", "{dir}/lab.py", "datasets"], "PATHWAYS"),
+        (None, ["datasets", "--plugin", "x"], "--plugin must come before the command"),
+        (None, ["--plugin", "datasets"], "--plugin takes a module name or the path of a .py file"),
+        (None, ["--plugin"], "--plugin takes a module name or the path of a .py file"),
+    ],
+)  # fmt: skip
+def test_a_plugin_that_cannot_be_imported_is_one_line(tmp_path, capsys, source, argv, message):
+    if source is not None:
+        (tmp_path / "lab.py").write_text(source)
+    argv = [a.format(dir=tmp_path) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message.format(dir=tmp_path) in err, err
+    assert "lab" not in sys.modules
+
+
+def test_reproduce_workers_import_the_plugins_of_the_command(plugin, tmp_path, monkeypatch):
+    """A worker is a process of its own: without the plugin there, its run of the plugin's
+    preset table would fail as it started."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    write_idx_dataset(tmp_path / "data" / "mnist", n_train=32, n_test=16)
+    plugins.load(str(plugin))
+    request = Request(
+        cells=(Cell("mnist", "dense"),), rules=("brainprop", "ebp"), seeds=1, max_epochs=1,
+        preset="mine", out=tmp_path / "r", data_dir=str(tmp_path / "data"), device="cpu",
+        jobs=2, progress=False,
+    )  # fmt: skip
+    outcome = reproduce(request, say=lambda _: None)
+    assert sorted(outcome.ran) == ["mnist-dense-brainprop-s0-mine-e1", "mnist-dense-ebp-s0-mine-e1"]
+    assert {m.preset for m in load_measurements(request.out)} == {"mine"}
