@@ -61,7 +61,7 @@ def gradient_errors(arch: str, batch: int) -> None:
 
     eager = gradients(copy.deepcopy(model), x)
     fast_model = copy.deepcopy(model)
-    fastpath.prepare(fast_model, eager=False)
+    fastpath.prepare(fast_model, shape)
     fast = gradients(fast_model, x)
     ref = gradients(copy.deepcopy(model).double(), x.double())
     print(f"\n| {arch} weight | eager | fast path |\n| --- | ---: | ---: |")

@@ -474,7 +474,9 @@ def test_summed_gradients_keep_each_parameters_layout(monkeypatch) -> None:
     layout, summed over the ranks; plain ones stay contiguous."""
     from brainprop.presets import build_model
 
-    model = fastpath.prepare(build_model("conv", (3, 8, 8), 4, generator=torch.Generator()))
+    model = fastpath.prepare(
+        build_model("conv", (3, 8, 8), 4, generator=torch.Generator()), (3, 8, 8)
+    )
     model(torch.rand(2, 3, 8, 8)).square().sum().backward()
     before = {name: p.grad.clone() for name, p in model.named_parameters()}
     # Two ranks with the same gradients: the all-reduce doubles them.

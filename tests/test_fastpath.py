@@ -5,6 +5,7 @@ from functools import partial
 
 import pytest
 import torch
+from torch import nn
 
 from brainprop import fastpath
 from brainprop.config import TrainConfig
@@ -31,7 +32,7 @@ def test_channels_last_is_for_networks_with_convolutions(arch, sites, wanted):
     model = _model(arch, shape, sites)
     params, keys = list(model.parameters()), list(model.state_dict())
     assert fastpath.features(model) == wanted
-    fastpath.prepare(model)
+    fastpath.prepare(model, shape)
     assert list(model.parameters()) == params and list(model.state_dict()) == keys
     four_d = [p for p in params if p.dim() == 4]
     assert bool(four_d) == bool(wanted)
@@ -41,8 +42,67 @@ def test_channels_last_is_for_networks_with_convolutions(arch, sites, wanted):
 
 
 def test_eager_leaves_the_network_as_built():
-    model = fastpath.prepare(_model("conv"), eager=True)
+    model = fastpath.prepare(_model("conv"), (1, 8, 8), eager=True)
     assert all(p.is_contiguous() for p in model.parameters())
+
+
+class _ViewFlatten(nn.Module):
+    def forward(self, x):
+        return x.view(x.shape[0], -1)
+
+
+class _Broken(nn.Module):
+    def forward(self, x):
+        raise RuntimeError("broken in any layout")
+
+
+def _with(module: nn.Module) -> nn.Sequential:
+    """A network of 3 x 8 x 8 images: with one channel, a channels_last input would be
+    contiguous as well."""
+    return nn.Sequential(nn.Conv2d(3, 3, 3), nn.BatchNorm2d(3), nn.Dropout(0.5), module,
+                         nn.Linear(3 * 6 * 6, 4))  # fmt: skip
+
+
+def test_a_network_that_cannot_take_channels_last_is_refused_in_one_line():
+    model = _with(_ViewFlatten())
+    model(torch.zeros(1, 3, 8, 8))  # contiguous, it runs
+    with pytest.raises(BrainPropError) as refused:
+        fastpath.prepare(model, (3, 8, 8))
+    message = str(refused.value)
+    assert "\n" not in message and "fails on channels_last inputs" in message
+    assert "view size is not compatible" in message and f"{__file__}:" in message
+    assert message.endswith("instead of view, or train with --eager (eager=True)")
+    fastpath.prepare(_with(_ViewFlatten()), (3, 8, 8), eager=True)
+
+
+class _Noisy(nn.Flatten):
+    """Draws from the global stream in any mode."""
+
+    def forward(self, x):
+        return super().forward(x) + 0 * torch.rand_like(x).flatten(1)
+
+
+def test_the_layout_check_leaves_the_network_and_the_random_streams_as_they_were():
+    model = _with(_Noisy())
+    model(torch.rand(4, 3, 8, 8))
+    norm = model[1]
+    stats = [t.clone() for t in (norm.running_mean, norm.running_var, norm.num_batches_tracked)]
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    fastpath.prepare(model, (3, 8, 8))
+    assert torch.equal(torch.rand(3), expected) and model.training
+    after = (norm.running_mean, norm.running_var, norm.num_batches_tracked)
+    assert all(torch.equal(a, b) for a, b in zip(stats, after, strict=True))
+    fastpath.prepare(model.eval(), (3, 8, 8))
+    assert not model.training
+
+
+def test_a_network_that_fails_in_any_layout_is_left_to_fail_in_its_own_words():
+    model = _with(_Broken())
+    fastpath.prepare(model, (3, 8, 8))
+    with pytest.raises(RuntimeError, match="broken in any layout"):
+        model(torch.zeros(2, 3, 8, 8))
 
 
 def _config(tmp_path, **kw):
@@ -115,7 +175,7 @@ def _stepper(graphed, device="cpu", new_graph=None, epsilon=0.3):
     from brainprop.objectives import make_objective
     from brainprop.step import make_optimizer, train_step
 
-    model = fastpath.prepare(_model("conv").to(device))
+    model = fastpath.prepare(_model("conv").to(device), (1, 8, 8))
     optimizer = make_optimizer(model, _config(None, lr=0.05).resolve())
     generator = torch.Generator(device=device).manual_seed(0)
     objective = make_objective("brainprop", epsilon=epsilon)

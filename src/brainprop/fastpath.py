@@ -21,7 +21,8 @@ What it does:
   produce channels-last activations that ReLU, BatchNorm, pooling and dropout keep, so the
   inputs need no conversion. It avoids the layout reorders oneDNN otherwise makes around every
   convolution, and it is the layout tensor cores want. Dense and locally connected networks
-  have no 4-D weight and are unchanged.
+  have no 4-D weight and are unchanged. A network of one's own that cannot take the layout
+  (a ``view`` that flattens) is refused by :func:`prepare`, naming the line.
 * **BrainProp's head in two kernels** on CUDA (:mod:`brainprop.fusedhead`, on by default where
   Triton is installed, as with PyTorch's CUDA wheels for Linux): the choice, reward, error and
   loss in one Triton kernel and the gradient in another: 5 kernels with the draws, where
@@ -38,6 +39,7 @@ What it does:
 from __future__ import annotations
 
 import contextlib
+import traceback
 from collections.abc import Callable, Sequence
 from functools import cache, partial
 from typing import Protocol
@@ -46,6 +48,7 @@ import torch
 from torch import nn
 
 from . import distributed, fusedhead
+from .data.messages import reason
 from .errors import BrainPropError
 from .feedback import layer_mode
 from .objectives import BrainProp, Objective, Output
@@ -86,15 +89,62 @@ def features(
     return found
 
 
-def prepare(model: nn.Module, eager: bool = False) -> nn.Module:
-    """Put ``model`` (already on its device) on the fast path's layout, in place, unless ``eager``.
+def prepare(model: nn.Module, input_shape: Sequence[int], eager: bool = False) -> nn.Module:
+    """Put ``model`` (already on its device), which takes inputs of ``input_shape`` (C, H, W),
+    on the fast path's layout, in place, unless ``eager``.
 
     Parameters stay the same objects, so an optimizer made before or after still holds them,
     and ``state_dict`` keys do not change; checkpoints load either way.
+
+    Raises:
+        BrainPropError: the network works on contiguous inputs but fails on channels_last ones
+            (a module of one's own that flattens with ``view``).
     """
     if not eager and CHANNELS_LAST in features(model):
         model.to(memory_format=torch.channels_last)
+        _check_layout(model, input_shape)
     return model
+
+
+def _check_layout(model: nn.Module, input_shape: Sequence[int]) -> None:
+    """One forward of two blank images in eval mode, channels_last: a layout the network's own
+    code cannot take fails here in one line, and not as a traceback at its first step. A
+    network that fails in either layout is left to fail in its first step, in its own words."""
+    x = torch.zeros(2, *input_shape, device=next(model.parameters()).device)
+    mode = model.training
+    # No draw of the probe may shift a stream the run goes on to use.
+    devices = [x.device] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        model.eval()
+        try:
+            failure = _failure(model, x.to(memory_format=torch.channels_last))
+            if failure is None:
+                return
+            # Channels-last weights make channels-last outputs whatever the input's layout.
+            model.to(memory_format=torch.contiguous_format)
+            fails_anyway = _failure(model, x) is not None
+            model.to(memory_format=torch.channels_last)
+            if fails_anyway:
+                return
+        finally:
+            model.train(mode)
+    frames = traceback.extract_tb(failure.__traceback__)
+    where = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+    # PyTorch's reason for a view goes on with its own advice in brackets.
+    why = reason(failure).split(" (")[0]
+    raise BrainPropError(
+        "the network fails on channels_last inputs, the fast path's layout for networks with "
+        f"convolutions ({why}{where}): flatten with reshape or nn.Flatten instead of view, or "
+        "train with --eager (eager=True)"
+    )
+
+
+def _failure(model: nn.Module, x: torch.Tensor) -> RuntimeError | None:
+    try:
+        model(x)
+    except RuntimeError as e:
+        return e
+    return None
 
 
 class Graph(Protocol):
