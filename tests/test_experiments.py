@@ -117,7 +117,11 @@ def test_cells_filter_and_reject_what_is_not_in_the_matrix():
     ):
         with pytest.raises(BrainPropError, match=message):
             select_cells(datasets, archs)
-    with pytest.raises(BrainPropError, match="unknown rule"):
+    with pytest.raises(
+        BrainPropError,
+        match="^rule 'feedback-alignment' is not in the paper's matrix: choose from brainprop, "
+        "ebp \\(a rule of one's own trains with 'brainprop train --rule'\\)$",
+    ):
         plan(MATRIX, ["feedback-alignment"])
 
 

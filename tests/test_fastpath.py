@@ -53,7 +53,15 @@ class _ViewFlatten(nn.Module):
 
 class _Broken(nn.Module):
     def forward(self, x):
-        raise RuntimeError("broken in any layout")
+        raise TypeError("broken in any layout")
+
+
+class _Checked(nn.Flatten):
+    """Asserts the layout its own code assumes."""
+
+    def forward(self, x):
+        assert x.is_contiguous(), "wants contiguous activations"
+        return super().forward(x)
 
 
 def _with(module: nn.Module) -> nn.Sequential:
@@ -63,37 +71,47 @@ def _with(module: nn.Module) -> nn.Sequential:
                          nn.Linear(3 * 6 * 6, 4))  # fmt: skip
 
 
-def test_a_network_that_cannot_take_channels_last_is_refused_in_one_line():
-    model = _with(_ViewFlatten())
+@pytest.mark.parametrize(
+    ("module", "error"),
+    [(_ViewFlatten(), "RuntimeError: view size is not compatible"),
+     (_Checked(), "AssertionError: wants contiguous activations")],
+)  # fmt: skip
+def test_a_network_that_cannot_take_channels_last_is_refused_in_one_line(module, error):
+    model = _with(module)
     model(torch.zeros(1, 3, 8, 8))  # contiguous, it runs
     with pytest.raises(BrainPropError) as refused:
         fastpath.prepare(model, (3, 8, 8))
     message = str(refused.value)
     assert "\n" not in message and "fails on channels_last inputs" in message
-    assert "view size is not compatible" in message and f"{__file__}:" in message
+    # The line named is the network's own.
+    assert error in message and f" at {__file__}:" in message
     assert message.endswith("instead of view, or train with --eager (eager=True)")
-    fastpath.prepare(_with(_ViewFlatten()), (3, 8, 8), eager=True)
+    fastpath.prepare(_with(module), (3, 8, 8), eager=True)
 
 
 class _Noisy(nn.Flatten):
-    """Draws from the global stream in any mode."""
+    """Draws from the global stream and counts its calls in a buffer, in any mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
 
     def forward(self, x):
+        self.calls += 1
         return super().forward(x) + 0 * torch.rand_like(x).flatten(1)
 
 
 def test_the_layout_check_leaves_the_network_and_the_random_streams_as_they_were():
     model = _with(_Noisy())
     model(torch.rand(4, 3, 8, 8))
-    norm = model[1]
-    stats = [t.clone() for t in (norm.running_mean, norm.running_var, norm.num_batches_tracked)]
+    buffers = [b.clone() for b in model.buffers()]
     torch.manual_seed(5)
     expected = torch.rand(3)
     torch.manual_seed(5)
     fastpath.prepare(model, (3, 8, 8))
     assert torch.equal(torch.rand(3), expected) and model.training
-    after = (norm.running_mean, norm.running_var, norm.num_batches_tracked)
-    assert all(torch.equal(a, b) for a, b in zip(stats, after, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers(), strict=True))
+    assert model[3].calls == 1
     fastpath.prepare(model.eval(), (3, 8, 8))
     assert not model.training
 
@@ -101,7 +119,7 @@ def test_the_layout_check_leaves_the_network_and_the_random_streams_as_they_were
 def test_a_network_that_fails_in_any_layout_is_left_to_fail_in_its_own_words():
     model = _with(_Broken())
     fastpath.prepare(model, (3, 8, 8))
-    with pytest.raises(RuntimeError, match="broken in any layout"):
+    with pytest.raises(TypeError, match="broken in any layout"):
         model(torch.zeros(2, 3, 8, 8))
 
 

@@ -470,7 +470,7 @@ def test_a_registered_pathway_trains_from_the_library_and_the_cli(tmp_path, monk
     (cli_run,) = (tmp_path / "cli").iterdir()
     assert json.loads((cli_run / "config.json").read_text())["feedback"] == "noisy"
     with pytest.raises(BrainPropError, match="choose one of symmetric, reciprocal, random, sign, "
-                       "noisy, direct; a name registered"):  # fmt: skip
+                       "noisy, direct; a name of your own"):  # fmt: skip
         convert(_conv_model(), "transpose")
 
 

@@ -83,11 +83,17 @@ def test_a_plugin_file_registers_a_rule_a_network_and_a_preset_for_the_command(
 
 
 def test_a_module_is_imported_once_however_often_it_is_named(plugin, monkeypatch):
-    monkeypatch.chdir(plugin.parent)
+    (plugin.parent / "sub").mkdir()
+    monkeypatch.chdir(plugin.parent / "sub")
     monkeypatch.syspath_prepend(str(plugin.parent))
-    plugins.load_all([str(plugin), "./lab.py", str(plugin)])
+    plugins.load_all([str(plugin), "../lab.py", "lab", str(plugin)])
     assert sys.modules["lab"].IMPORTS == 1
-    assert plugins.loaded()[-1] == str(plugin)
+    assert plugins.loaded() == (str(plugin), "lab")
+    # By module name first, then by path: the same file still.
+    del sys.modules["lab"]
+    plugins._LOADED.clear()
+    plugins.load_all(["lab", str(plugin)])
+    assert sys.modules["lab"].IMPORTS == 1
 
 
 def test_a_module_on_the_path_is_imported_by_name(plugin, monkeypatch):
@@ -101,8 +107,8 @@ def test_an_unregistered_name_says_how_to_register_it(data_dir, tmp_path, capsys
         main(_train(data_dir, tmp_path / "runs", "--rule", "ebp-too"))
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "invalid choice: 'ebp-too'" in err
-    assert "needs 'brainprop --plugin MODULE'" in err
-    with pytest.raises(BrainPropError, match="unknown rule 'ebp-too': .*--plugin MODULE"):
+    assert err.rstrip().endswith("with 'brainprop --plugin MODULE' (see 'brainprop train --help')")
+    with pytest.raises(BrainPropError, match="unknown rule 'ebp-too': .*--plugin MODULE'$"):
         TrainConfig(rule="ebp-too").resolve()
 
 
@@ -140,6 +146,11 @@ def test_a_run_of_a_plugin_network_evaluated_without_it_names_the_plugin_option(
         (None, ["datasets", "--plugin", "x"], "--plugin must come before the command"),
         (None, ["--plugin", "datasets"], "--plugin takes a module name or the path of a .py file"),
         (None, ["--plugin"], "--plugin takes a module name or the path of a .py file"),
+        (None, ["--plugin=", "datasets"], "--plugin takes a module name or the path of a .py file"),
+        ("import sys\nsys.exit(0)\n", ["--plugin", "{dir}/lab.py", "datasets"],
+         "--plugin {dir}/lab.py exited (sys.exit(0)) as it was imported"),
+        # Abbreviated, it would be read by argparse alone, after the command's choices were made.
+        (None, ["--plug", "{dir}/lab.py", "datasets"], "--plug: write --plugin in full"),
     ],
 )  # fmt: skip
 def test_a_plugin_that_cannot_be_imported_is_one_line(tmp_path, capsys, source, argv, message):
@@ -166,3 +177,48 @@ def test_reproduce_workers_import_the_plugins_of_the_command(plugin, tmp_path, m
     outcome = reproduce(request, say=lambda _: None)
     assert sorted(outcome.ran) == ["mnist-dense-brainprop-s0-mine-e1", "mnist-dense-ebp-s0-mine-e1"]
     assert {m.preset for m in load_measurements(request.out)} == {"mine"}
+
+
+def test_a_plugin_file_named_as_another_module_is_refused(tmp_path, capsys):
+    """Registered under its name, it would stand in for that module wherever it was imported
+    later: tabnanny, of the standard library, is imported by nothing here."""
+    (tmp_path / "tabnanny.py").write_text(PLUGIN)
+    assert "tabnanny" not in sys.modules
+    assert main(["--plugin", str(tmp_path / "tabnanny.py"), "datasets"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the name 'tabnanny' is another module's (" in err, err
+    assert err.rstrip().endswith("; rename the file") and "tiny" not in ARCHITECTURES
+
+
+def test_a_module_name_of_a_file_in_the_working_folder_is_told_to_pass_the_file(
+    plugin, monkeypatch, capsys
+):
+    monkeypatch.chdir(plugin.parent)  # not on sys.path, as for the installed command
+    assert main(["--plugin", "lab", "datasets"]) == 2
+    assert "--plugin lab: no module of that name on Python's path: pass ./lab.py (" in (
+        capsys.readouterr().err
+    )
+
+
+def test_a_ctrl_c_while_a_plugin_is_imported_is_an_interruption(tmp_path, capsys):
+    (tmp_path / "lab.py").write_text("raise KeyboardInterrupt\n")
+    assert main(["--plugin", str(tmp_path / "lab.py"), "datasets"]) == 130
+    assert capsys.readouterr().err == "brainprop: interrupted\n"
+
+
+def test_a_plugin_run_resumes_with_its_plugin_and_without_it_says_what_is_missing(
+    plugin, data_dir, tmp_path, capsys
+):
+    args = _train(data_dir, tmp_path / "runs", "--rule", "ebp-too", "--batch-size", "16")
+    assert main(["--plugin", str(plugin), *args]) == 0
+    # As in a command started afresh.
+    del OBJECTIVES["ebp-too"], sys.modules["lab"]
+    plugins._LOADED.clear()
+    run = tmp_path / "runs" / "run"
+    resume = ["train", "--resume", str(run), "--epochs", "2", "--quiet"]
+    assert main(resume) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"brainprop: error: {run / 'config.json'}: unknown rule 'ebp-too': ")
+    assert err.count("\n") == 1 and "invalid config" not in err, err
+    assert main(["--plugin", str(plugin), *resume]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["epochs_run"] == 2

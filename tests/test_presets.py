@@ -137,7 +137,7 @@ def test_quickstart_preset_covers_only_mnist_dense():
     with pytest.raises(
         BrainPropError,
         match="unknown preset 'fast': choose one of paper, quickstart, tuned, tuned-lr1.25; a name "
-        "registered by your own code needs that code run first",
+        "of your own is known once its code has run",
     ):
         preset_hyperparameters("mnist", "dense", "fast")
 

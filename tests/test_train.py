@@ -81,7 +81,7 @@ def test_a_rule_registered_by_name_trains_from_the_library_and_the_cli(
             "--batch-size", "60000", "--device", "cpu", "--out", str(tmp_path / "cli")]  # fmt: skip
     assert main(argv) == 0, capsys.readouterr().err
     with pytest.raises(BrainPropError, match="unknown rule 'hebb': choose one of brainprop, ebp, "
-                       "squared-error; a name registered"):  # fmt: skip
+                       "squared-error; a name of your own"):  # fmt: skip
         TrainConfig(rule="hebb").resolve()
 
 

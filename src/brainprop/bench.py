@@ -270,7 +270,7 @@ def _prepare(
     init = torch.Generator().manual_seed(config.seed)
     model = build_model(arch, ds.input_shape, ds.num_classes, config.hyperparameters(), init)
     convert(model, config.feedback, generator=init)
-    fastpath.prepare(model.to(device), ds.input_shape, eager).train()
+    fastpath.prepare(model.to(device), ds.input_shape, eager=eager).train()
     objective = make_objective(rule, config.epsilon, fused=not eager)
     optimizer = make_optimizer(model, config)
     generator = torch.Generator(device=device).manual_seed(config.seed)

@@ -59,7 +59,7 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         if "invalid choice" in message and message.startswith(REGISTERED_CHOICES):
-            message += "; a name registered by your own code needs 'brainprop --plugin MODULE'"
+            message += plugins.HINT
         self.exit(2, f"brainprop: error: {message} (see '{self.prog} --help')\n")
 
 
@@ -109,7 +109,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--feedback", choices=feedback_modes(),
         help="feedback pathway: exact transpose, learned B, random B, sign(W), direct (DFA), or "
-        f"one registered in brainprop.PATHWAYS (default {default['feedback']})",
+        "one registered in brainprop.PATHWAYS by a --plugin (default "
+        f"{default['feedback']})",
     )  # fmt: skip
     hp = p.add_argument_group("hyperparameters (default: the preset's value for dataset and arch)")
     hp.add_argument(
@@ -480,13 +481,17 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .data.fetch import SOURCES
 
-    parser = _Parser(prog="brainprop", description="BrainProp and EBP training for PyTorch.")
+    # No abbreviations of the top options: main reads --plugin before argparse does.
+    parser = _Parser(
+        prog="brainprop", description="BrainProp and EBP training for PyTorch.", allow_abbrev=False
+    )
     parser.add_argument("--version", action="version", version=f"brainprop {__version__}")
     parser.add_argument(
         "--plugin", action="append", metavar="MODULE",
-        help="import MODULE (a module name, or the path of a .py file) before the command: the "
-        "rules, networks, feedback pathways and preset tables it registers become choices of "
-        "the command's options; repeatable, and given before the command",
+        help="import MODULE (a module name, or the path of a .py file) before the command, "
+        "which then takes the rules, networks, feedback pathways and preset tables it "
+        "registers (reproduce, whose matrix is the paper's: its preset tables; bench: its "
+        "rules); repeatable, and given before the command",
     )  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_train(sub)
@@ -533,10 +538,13 @@ def _plugin_specs(argv: Sequence[str]) -> list[str]:
                     f"--plugin must come before the command: 'brainprop --plugin MODULE {arg} ...'"
                 )
             break
-        if arg.startswith("--plugin="):
-            specs.append(arg.split("=", 1)[1])
-        elif arg == "--plugin":
-            value = argv[i + 1] if i + 1 < len(argv) else ""
+        option = arg.split("=")[0]
+        if len(option) > 2 and "--plugin".startswith(option) and option != "--plugin":
+            raise BrainPropError(f"{option}: write --plugin in full (it is read before the rest)")
+        if option == "--plugin":
+            _, given_with_it, value = arg.partition("=")
+            if not given_with_it:
+                value = argv[i + 1] if i + 1 < len(argv) else ""
             if value in COMMANDS or value.startswith("-") or not value:
                 raise BrainPropError(
                     "--plugin takes a module name or the path of a .py file: "
@@ -583,16 +591,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         plugins.load_all(_plugin_specs(argv))
-    except BrainPropError as e:
-        print(f"brainprop: error: {e}", file=sys.stderr)
-        return 2
-    parser = build_parser()
-    _check_order(parser, argv)
-    args, unknown = parser.parse_known_args(argv)
-    if unknown:
-        # Reported through the command's parser: the top one's help lists no command's options.
-        args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    try:
+        parser = build_parser()
+        _check_order(parser, argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:
+            # Reported through the command's parser: the top one's help lists no command's
+            # options.
+            args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         return COMMANDS[args.command](args)
     except Interrupted as e:
         print(f"brainprop: {e}", file=sys.stderr)

@@ -8,3 +8,8 @@ The CLI prints that line and exits with status 2; any other exception is a bug.
 
 class BrainPropError(Exception):
     """A user-facing error whose message is one line: what went wrong, and the fix."""
+
+
+class UnknownName(BrainPropError):
+    """A rule, network, feedback pathway or preset table that is not registered in this
+    process: a typo, or a registration of one's own whose code has not run here."""

@@ -187,7 +187,7 @@ def evaluate(
     root = config.data_dir if data_dir is None else data_dir
     ds = dataset if dataset is not None else load_dataset(config.dataset, root, test_only=True)
     check_trained_on(state, ds, str(target), "evaluate it on the dataset it was trained on")
-    fastpath.prepare(model.to(dev), ds.input_shape, config.eager)
+    fastpath.prepare(model.to(dev), ds.input_shape, eager=config.eager)
     # Scored in the precision it was validated in during training.
     warn_if_slow_bf16(dev, config.bf16)
     test_acc = accuracy(model, ds.test_x.to(dev), ds.test_y.to(dev), config.bf16)

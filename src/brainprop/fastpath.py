@@ -42,6 +42,7 @@ import contextlib
 import traceback
 from collections.abc import Callable, Sequence
 from functools import cache, partial
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -89,7 +90,7 @@ def features(
     return found
 
 
-def prepare(model: nn.Module, input_shape: Sequence[int], eager: bool = False) -> nn.Module:
+def prepare(model: nn.Module, input_shape: Sequence[int], *, eager: bool = False) -> nn.Module:
     """Put ``model`` (already on its device), which takes inputs of ``input_shape`` (C, H, W),
     on the fast path's layout, in place, unless ``eager``.
 
@@ -97,8 +98,8 @@ def prepare(model: nn.Module, input_shape: Sequence[int], eager: bool = False) -
     and ``state_dict`` keys do not change; checkpoints load either way.
 
     Raises:
-        BrainPropError: the network works on contiguous inputs but fails on channels_last ones
-            (a module of one's own that flattens with ``view``).
+        BrainPropError: the network's forward (in eval mode) works on contiguous inputs but
+            fails on channels_last ones (a module of one's own that flattens with ``view``).
     """
     if not eager and CHANNELS_LAST in features(model):
         model.to(memory_format=torch.channels_last)
@@ -109,9 +110,11 @@ def prepare(model: nn.Module, input_shape: Sequence[int], eager: bool = False) -
 def _check_layout(model: nn.Module, input_shape: Sequence[int]) -> None:
     """One forward of two blank images in eval mode, channels_last: a layout the network's own
     code cannot take fails here in one line, and not as a traceback at its first step. A
-    network that fails in either layout is left to fail in its first step, in its own words."""
-    x = torch.zeros(2, *input_shape, device=next(model.parameters()).device)
-    mode = model.training
+    network that fails in both layouts is left to fail in its first step, in its own words.
+    The network's buffers, mode and the random streams are left as they were."""
+    weight = next(p for p in model.parameters() if p.is_floating_point())
+    x = torch.zeros(2, *input_shape, dtype=weight.dtype, device=weight.device)
+    mode, buffers = model.training, [b.clone() for b in model.buffers()]
     # No draw of the probe may shift a stream the run goes on to use.
     devices = [x.device] if x.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), torch.no_grad():
@@ -128,21 +131,24 @@ def _check_layout(model: nn.Module, input_shape: Sequence[int]) -> None:
                 return
         finally:
             model.train(mode)
-    frames = traceback.extract_tb(failure.__traceback__)
+            for buffer, kept in zip(model.buffers(), buffers, strict=True):
+                buffer.copy_(kept)
+    # The line to mend is the network's own, not one inside PyTorch.
+    torch_code = str(Path(torch.__file__).parent)
+    frames = [f for f in traceback.extract_tb(failure.__traceback__)
+              if not f.filename.startswith(torch_code)]  # fmt: skip
     where = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
-    # PyTorch's reason for a view goes on with its own advice in brackets.
-    why = reason(failure).split(" (")[0]
     raise BrainPropError(
         "the network fails on channels_last inputs, the fast path's layout for networks with "
-        f"convolutions ({why}{where}): flatten with reshape or nn.Flatten instead of view, or "
-        "train with --eager (eager=True)"
+        f"convolutions ({type(failure).__name__}: {reason(failure)}{where}): flatten with "
+        "reshape or nn.Flatten instead of view, or train with --eager (eager=True)"
     )
 
 
-def _failure(model: nn.Module, x: torch.Tensor) -> RuntimeError | None:
+def _failure(model: nn.Module, x: torch.Tensor) -> Exception | None:
     try:
         model(x)
-    except RuntimeError as e:
+    except Exception as e:
         return e
     return None
 

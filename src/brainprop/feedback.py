@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import plugins
-from .errors import BrainPropError
+from .errors import BrainPropError, UnknownName
 from .layers import Conv2dSame, LocallyConnected2d
 
 __all__ = [
@@ -208,8 +208,8 @@ class _Pathways(MutableMapping[str, Pathway]):
 
 #: The feedback pathways through a matrix B, by name. A new one is one entry, e.g.
 #: ``PATHWAYS["sparse"] = Pathway(make=...)``; then ``convert(model, "sparse")`` and
-#: ``TrainConfig(feedback="sparse")`` use it (and ``brainprop.cli.main`` called in the same
-#: process: a ``brainprop`` command started afresh knows only the built-in ones).
+#: ``TrainConfig(feedback="sparse")`` use it, as does the command given its module with
+#: ``brainprop --plugin`` (:mod:`brainprop.plugins`).
 PATHWAYS: MutableMapping[str, Pathway] = _Pathways(
     {
         "reciprocal": Pathway(
@@ -232,7 +232,7 @@ def feedback_modes() -> tuple[str, ...]:
 def check_feedback(mode: str) -> None:
     """One-line BrainPropError unless ``mode`` is one of :func:`feedback_modes`."""
     if mode not in feedback_modes():
-        raise BrainPropError(
+        raise UnknownName(
             f"unknown feedback {mode!r}: choose one of {', '.join(feedback_modes())}{plugins.HINT}"
         )
 

@@ -163,7 +163,10 @@ def plan(
     """
     for rule in rules:
         if rule not in RULE_ORDER:
-            raise BrainPropError(f"unknown rule {rule!r}: choose from {', '.join(RULE_ORDER)}")
+            raise BrainPropError(
+                f"rule {rule!r} is not in the paper's matrix: choose from {', '.join(RULE_ORDER)} "
+                "(a rule of one's own trains with 'brainprop train --rule')"
+            )
     if not 1 <= seeds <= MAX_SEEDS:
         raise BrainPropError(
             f"--seeds must lie in [1, {MAX_SEEDS}], got {seeds}: the paper runs 10 per cell and "

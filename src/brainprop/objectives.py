@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from . import fusedhead, plugins
-from .errors import BrainPropError
+from .errors import BrainPropError, UnknownName
 
 #: The published exploration rate: the chance that BrainProp samples its action from
 #: softmax(q) instead of taking the argmax.
@@ -267,8 +267,8 @@ class Objective(Protocol):
 
 #: The learning rules by name, each a function of (epsilon, fused) that makes its objective.
 #: A new rule is one entry, e.g. ``OBJECTIVES["mine"] = lambda epsilon, fused: Mine()``; then
-#: ``TrainConfig(rule="mine")`` trains with it (and ``brainprop.cli.main`` called in the same
-#: process: a ``brainprop`` command started afresh knows only the built-in rules).
+#: ``TrainConfig(rule="mine")`` trains with it, as does the command given its module with
+#: ``brainprop --plugin`` (:mod:`brainprop.plugins`).
 OBJECTIVES: dict[str, Callable[[float, bool], Objective]] = {
     "brainprop": BrainProp,
     "ebp": lambda epsilon, fused: EBP(),
@@ -333,6 +333,6 @@ def _takes(factory: Callable[..., Any], *args: object) -> bool:
 def check_rule(rule: str) -> None:
     """One-line BrainPropError unless :data:`OBJECTIVES` has ``rule``."""
     if rule not in OBJECTIVES:
-        raise BrainPropError(
+        raise UnknownName(
             f"unknown rule {rule!r}: choose one of {', '.join(OBJECTIVES)}{plugins.HINT}"
         )

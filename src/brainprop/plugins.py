@@ -15,19 +15,23 @@ or a checkpoint.
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
 import importlib.util
 import sys
 import traceback
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TypeVar
 
 from .errors import BrainPropError
 
 #: Appended to an "unknown name" error: the name may be a registration this process lacks.
 HINT = (
-    "; a name registered by your own code needs that code run first: import it before the call "
-    "(library), or pass its module with 'brainprop --plugin MODULE' (command)"
+    "; a name of your own is known once its code has run: import it first, or give its module "
+    "to the command with 'brainprop --plugin MODULE'"
 )
+
+T = TypeVar("T")
 
 # In the order imported, each once: what a worker process imports again.
 _LOADED: list[str] = []
@@ -38,11 +42,13 @@ def load(spec: str) -> None:
     ``.py`` file (imported as a module named for the file's stem); once per process.
 
     Raises:
-        BrainPropError: no such module or file, or the module failed as it ran (its error and
-            where it was raised, in one line).
+        BrainPropError: no such module or file, a file whose name is another module's, or a
+            module that failed as it ran (its error and where it was raised, in one line).
     """
+    if not spec:
+        raise BrainPropError("--plugin takes a module name or the path of a .py file, got ''")
     is_file = spec.endswith(".py") or "/" in spec or "\\" in spec
-    key = str(Path(spec).absolute()) if is_file else spec
+    key = str(Path(spec).resolve()) if is_file else spec
     if key in _LOADED:
         return
     if is_file:
@@ -65,26 +71,35 @@ def loaded() -> tuple[str, ...]:
 
 
 def _import(name: str) -> None:
+    found = _run(name, lambda: _find(name), lambda: None)
+    if found is None:
+        local = Path(f"{name}.py")
+        fix = (
+            f"pass ./{local} (the folder the command runs in is not on Python's path)"
+            if local.is_file()
+            else "pass the path of its .py file instead, or install the package that has it"
+        )
+        raise BrainPropError(f"--plugin {name}: no module of that name on Python's path: {fix}")
+    source = Path(found.origin).resolve() if found.origin else None
+    _run(name, lambda: importlib.import_module(name), lambda: source)
+
+
+def _find(name: str) -> importlib.machinery.ModuleSpec | None:
+    """Where module ``name`` is, None where it is not; for a dotted name this imports its
+    parent packages, as the import would."""
     try:
-        importlib.import_module(name)
-    except ModuleNotFoundError as e:
-        if e.name is not None and (name == e.name or name.startswith(f"{e.name}.")):
-            raise BrainPropError(
-                f"--plugin {name}: no module of that name on Python's path: pass the path of its "
-                ".py file instead, or install the package that has it"
-            ) from None
-        raise _failed(name, e, _origin(name)) from None
-    except Exception as e:
-        raise _failed(name, e, _origin(name)) from None
+        return importlib.util.find_spec(name)
+    except ModuleNotFoundError:  # a parent package that is not there
+        return None
 
 
 def _origin(name: str) -> Path | None:
-    """The file of module ``name``, which failed as it ran (so it was found)."""
+    """The file of the top-level module ``name``, None where it has none or there is none."""
     try:
         found = importlib.util.find_spec(name)
     except (ImportError, ValueError):
         return None
-    return Path(found.origin) if found is not None and found.origin else None
+    return Path(found.origin).resolve() if found is not None and found.origin else None
 
 
 def _load_file(spec: str, path: Path) -> None:
@@ -93,31 +108,58 @@ def _load_file(spec: str, path: Path) -> None:
     if not path.is_file():
         raise BrainPropError(f"--plugin {spec}: no such file")
     name = path.stem
-    module_spec = importlib.util.spec_from_file_location(name, path)
-    if module_spec is None or module_spec.loader is None or not name.isidentifier():
+    if not name.isidentifier():
         raise BrainPropError(
             f"--plugin {spec}: not importable as a module; name the file as a Python module "
             "(letters, digits and underscores, ending in .py)"
         )
-    if name in sys.modules:
+    imported = sys.modules.get(name)
+    if imported is not None and _file_of(imported) == path:
+        return  # the same file, named once by module name and once by path
+    # Registered under its stem, the plugin would stand in for a module of that name that is
+    # imported later (by brainprop or a library it uses), breaking it.
+    other = _file_of(imported) if imported is not None else _origin(name)
+    if imported is not None or (other is not None and other != path):
+        where = f" ({other})" if other is not None else ""
         raise BrainPropError(
-            f"--plugin {spec}: a module named {name!r} is imported already; rename the file"
+            f"--plugin {spec}: the name {name!r} is another module's{where}; rename the file"
         )
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    assert module_spec is not None and module_spec.loader is not None  # a .py file has both
     module = importlib.util.module_from_spec(module_spec)
-    # Registered before it runs, as an import would: classes it defines then pickle by name.
+    # Registered before it runs, as an import would: a dataclass it defines looks itself up.
     sys.modules[name] = module
     try:
-        module_spec.loader.exec_module(module)
-    except Exception as e:
+        _run(spec, lambda: module_spec.loader.exec_module(module), lambda: path)
+    except BaseException:
         del sys.modules[name]
-        raise _failed(spec, e, path) from None
+        raise
+
+
+def _file_of(module: object) -> Path | None:
+    file = getattr(module, "__file__", None)
+    return Path(file).resolve() if file else None
+
+
+def _run(spec: str, body: Callable[[], T], file: Callable[[], Path | None]) -> T:
+    """Run a plugin's code, whose source is ``file()``: an error, or an exit, becomes one
+    line."""
+    try:
+        return body()
+    except SystemExit as e:
+        raise BrainPropError(
+            f"--plugin {spec} exited (sys.exit({e.code!r})) as it was imported: a plugin "
+            "registers names and returns"
+        ) from None
+    except Exception as e:
+        raise _failed(spec, e, file()) from None
 
 
 def _failed(spec: str, e: Exception, path: Path | None) -> BrainPropError:
     """One line for a plugin that raised as it ran: the error, and where in the plugin (else
     where at all) it was raised; a SyntaxError says its line itself."""
     frames = traceback.extract_tb(e.__traceback__)
-    own = [f for f in frames if path is not None and Path(f.filename) == path]
+    own = [f for f in frames if path is not None and Path(f.filename).resolve() == path]
     where = (own or frames)[-1] if frames and not isinstance(e, SyntaxError) else None
     at = f" ({where.filename}:{where.lineno})" if where is not None else ""
     return BrainPropError(f"--plugin {spec} failed as it was imported: {type(e).__name__}: {e}{at}")

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from . import plugins
-from .errors import BrainPropError
+from .errors import BrainPropError, UnknownName
 from .layers import Conv2dSame, LocallyConnected2d
 
 # Keras's BatchNormalization defaults, in PyTorch's convention (momentum = 1 - Keras momentum).
@@ -128,7 +128,7 @@ PRESETS: dict[str, Mapping[tuple[str, str], Hyperparameters]] = {
 def preset_hyperparameters(dataset: str, arch: str, preset: str = PAPER_PRESET) -> Hyperparameters:
     """The ``preset`` table's row for ``dataset`` and ``arch``; a clear error for missing pairs."""
     if preset not in PRESETS:
-        raise BrainPropError(
+        raise UnknownName(
             f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}{plugins.HINT}"
         )
     check_arch(arch)
@@ -295,7 +295,7 @@ ARCHITECTURES: dict[str, tuple[Callable[[LayerStack, int, Sequence[float]], None
 def check_arch(arch: str) -> None:
     """One-line BrainPropError unless :data:`ARCHITECTURES` has ``arch``."""
     if arch not in ARCHITECTURES:
-        raise BrainPropError(
+        raise UnknownName(
             f"unknown architecture {arch!r}: choose one of {', '.join(ARCHITECTURES)}{plugins.HINT}"
         )
 

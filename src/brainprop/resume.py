@@ -18,7 +18,7 @@ from . import checkpoint, files, rundir
 from .config import TrainConfig
 from .data import Dataset
 from .data.messages import reason
-from .errors import BrainPropError
+from .errors import BrainPropError, UnknownName
 from .evaluation import all_finite, check_trained_on, declares_sizes
 from .summary import epochs_phrase
 
@@ -133,6 +133,8 @@ def _stored_config(d: Any, source: Path) -> TrainConfig:
 def _resolve_stored(config: TrainConfig, source: Path) -> TrainConfig:
     try:
         return config.resolve()
+    except UnknownName as e:
+        raise BrainPropError(f"{source}: {e}") from None
     except BrainPropError as e:
         raise BrainPropError(f"{source} holds an invalid config ({e})") from None
     except (TypeError, ValueError) as e:

@@ -130,7 +130,7 @@ class Trainer:
         convert(self.model, config.feedback, generator=init)
         if self.parallel.active and config.sync_batchnorm:
             synchronise(self.model, self.parallel)
-        fastpath.prepare(self.model.to(self.device), ds.input_shape, config.eager)
+        fastpath.prepare(self.model.to(self.device), ds.input_shape, eager=config.eager)
         self.objective: Objective = make_objective(
             config.rule, config.epsilon, fused=not config.eager
         )
