@@ -69,14 +69,14 @@ def test_the_extending_example_trains_a_new_rule_on_a_new_network(monkeypatch, t
     monkeypatch.chdir(tmp_path)  # where its run directory goes
     code = _block_after((REPO / "README.md").read_text(), "### Extending")
     registries = (OBJECTIVES, ARCHITECTURES, PRESETS)
-    before = [dict(r) for r in registries]
+    before = [set(r) for r in registries]
     scope: dict = {}
     try:
         exec(compile(code, "README.md", "exec"), scope)
     finally:
         for registry, kept in zip(registries, before, strict=True):
-            registry.clear()
-            registry.update(kept)
+            for name in set(registry) - kept:
+                del registry[name]
     run = scope["run"]
     assert run.config.rule == "squared-error" and run.config.lr == 0.05
     assert run.summary["epochs_run"] == 2 and run.summary["best_val_acc"] > 0.9
@@ -116,13 +116,13 @@ def test_the_pathway_example_of_the_biology_notes_trains(monkeypatch, tmp_path) 
     monkeypatch.setenv("BRAINPROP_DATA", str(REPO / "data"))
     monkeypatch.chdir(tmp_path)
     code = _block_after((REPO / "docs" / "biology.md").read_text(), "### A pathway of one's own")
-    before = dict(PATHWAYS)
+    before = set(PATHWAYS)
     scope: dict = {}
     try:
         exec(compile(code, "docs/biology.md", "exec"), scope)
     finally:
-        PATHWAYS.clear()
-        PATHWAYS.update(before)
+        for name in set(PATHWAYS) - before:
+            del PATHWAYS[name]
     run = scope["run"]
     assert run.config.feedback == "noisy" and run.summary["epochs_run"] == 1
     # B is W plus a tenth of its spread in noise: close to W, not equal to it.

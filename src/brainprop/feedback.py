@@ -59,6 +59,7 @@ from torch import nn
 from . import plugins
 from .errors import BrainPropError, UnknownName
 from .layers import Conv2dSame, LocallyConnected2d
+from .registry import Registry
 
 __all__ = [
     "FEEDBACK_MODES",
@@ -168,49 +169,21 @@ class Pathway:
     read: Callable[[nn.Module], torch.Tensor] | None = None
 
 
-class _Pathways(MutableMapping[str, Pathway]):
-    """A mapping that takes only :class:`Pathway` entries, under a name that is no other
-    mode's: a wrong entry is refused when it is made (by any route: ``update`` and
-    ``setdefault`` go through ``__setitem__`` here, as they would not on a dict), not when some
-    later run looks it up."""
+def _pathway_problem(entry: object) -> str | None:
+    if isinstance(entry, Pathway):
+        return None
+    return f"must be a brainprop.Pathway, not a {type(entry).__name__}"
 
-    def __init__(self, entries: dict[str, Pathway]) -> None:
-        self._entries: dict[str, Pathway] = {}
-        self.update(entries)
 
-    def __setitem__(self, name: str, pathway: Pathway) -> None:
-        if name in ("symmetric", "direct"):
-            raise BrainPropError(
-                f"PATHWAYS[{name!r}]: {name!r} is a built-in mode that is no pathway through a "
-                "B; give the entry another name"
-            )
-        if not isinstance(pathway, Pathway):
-            raise BrainPropError(
-                f"PATHWAYS[{name!r}] must be a brainprop.Pathway, not a {type(pathway).__name__}"
-            )
-        self._entries[name] = pathway
-
-    def __getitem__(self, name: str) -> Pathway:
-        return self._entries[name]
-
-    def __delitem__(self, name: str) -> None:
-        del self._entries[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._entries)
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def __repr__(self) -> str:
-        return f"PATHWAYS({self._entries!r})"
+_NO_PATHWAY = "a built-in mode that is no pathway through a B"
 
 
 #: The feedback pathways through a matrix B, by name. A new one is one entry, e.g.
 #: ``PATHWAYS["sparse"] = Pathway(make=...)``; then ``convert(model, "sparse")`` and
 #: ``TrainConfig(feedback="sparse")`` use it, as does the command given its module with
 #: ``brainprop --plugin`` (:mod:`brainprop.plugins`).
-PATHWAYS: MutableMapping[str, Pathway] = _Pathways(
+PATHWAYS: MutableMapping[str, Pathway] = Registry(
+    "PATHWAYS",
     {
         "reciprocal": Pathway(
             make=lambda layer, scale, g: nn.Parameter(_random_like(layer.weight, scale, g))
@@ -220,7 +193,9 @@ PATHWAYS: MutableMapping[str, Pathway] = _Pathways(
             make=lambda layer, scale, g: None,
             read=lambda layer: sign_feedback(layer.weight.detach()),
         ),
-    }
+    },
+    check=_pathway_problem,
+    reserved={"symmetric": _NO_PATHWAY, "direct": _NO_PATHWAY},
 )
 
 

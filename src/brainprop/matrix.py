@@ -16,7 +16,7 @@ from pathlib import Path
 from .config import TrainConfig
 from .errors import BrainPropError
 from .objectives import RULES
-from .presets import DATASET_FAMILY, PAPER_PRESET, PRESETS
+from .presets import DATASET_FAMILY, PAPER_PRESET, PRESETS, check_preset
 
 #: The folder of the run directories under a results folder (local, not committed).
 RUNS = "runs"
@@ -176,8 +176,7 @@ def plan(
         raise BrainPropError(f"--val-split must be >= 1 held-out images, got {val}")
     if max_epochs is not None and max_epochs < 1:
         raise BrainPropError(f"--max-epochs must be >= 1, got {max_epochs}")
-    if preset not in PRESETS:
-        raise BrainPropError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    check_preset(preset)
     covered = [c for c in MATRIX if (DATASET_FAMILY[c.dataset], c.arch) in PRESETS[preset]]
     uncovered = [c for c in cells if c not in covered]
     if uncovered:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import inspect
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -28,6 +28,7 @@ from torch.autograd.function import once_differentiable
 
 from . import fusedhead, plugins
 from .errors import BrainPropError, UnknownName
+from .registry import Registry
 
 #: The published exploration rate: the chance that BrainProp samples its action from
 #: softmax(q) instead of taking the argmax.
@@ -269,10 +270,18 @@ class Objective(Protocol):
 #: A new rule is one entry, e.g. ``OBJECTIVES["mine"] = lambda epsilon, fused: Mine()``; then
 #: ``TrainConfig(rule="mine")`` trains with it, as does the command given its module with
 #: ``brainprop --plugin`` (:mod:`brainprop.plugins`).
-OBJECTIVES: dict[str, Callable[[float, bool], Objective]] = {
-    "brainprop": BrainProp,
-    "ebp": lambda epsilon, fused: EBP(),
-}
+OBJECTIVES: MutableMapping[str, Callable[[float, bool], Objective]] = Registry(
+    "OBJECTIVES",
+    {"brainprop": BrainProp, "ebp": lambda epsilon, fused: EBP()},
+    # What it makes is checked when a run makes it (make_objective): calling it here would run
+    # the user's code at registration.
+    check=lambda factory: (
+        None
+        if callable(factory)
+        else "must be a function of (epsilon, fused) that makes the objective, not a "
+        f"{type(factory).__name__}"
+    ),
+)
 
 #: The paper's two rules, in the order its comparisons put them.
 RULES = ("brainprop", "ebp")

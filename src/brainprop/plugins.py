@@ -162,4 +162,6 @@ def _failed(spec: str, e: Exception, path: Path | None) -> BrainPropError:
     own = [f for f in frames if path is not None and Path(f.filename).resolve() == path]
     where = (own or frames)[-1] if frames and not isinstance(e, SyntaxError) else None
     at = f" ({where.filename}:{where.lineno})" if where is not None else ""
-    return BrainPropError(f"--plugin {spec} failed as it was imported: {type(e).__name__}: {e}{at}")
+    # brainprop's own errors (an entry a registry refused) say what is wrong in their words.
+    what = str(e) if isinstance(e, BrainPropError) else f"{type(e).__name__}: {e}"
+    return BrainPropError(f"--plugin {spec} failed as it was imported: {what}{at}")

@@ -15,7 +15,7 @@ layer is a bias-free ``nn.Linear`` whose outputs are the Q-values (BrainProp) or
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, replace
 from types import MappingProxyType
 
@@ -25,6 +25,7 @@ from torch import nn
 from . import plugins
 from .errors import BrainPropError, UnknownName
 from .layers import Conv2dSame, LocallyConnected2d
+from .registry import Registry
 
 # Keras's BatchNormalization defaults, in PyTorch's convention (momentum = 1 - Keras momentum).
 BN_MOMENTUM = 0.01
@@ -66,6 +67,8 @@ DATASET_FAMILY = {
     "cifar100-coarse": "cifar100",
     "tiny-imagenet": "tiny-imagenet",
 }
+#: What the first item of a table's key names.
+FAMILIES = tuple(dict.fromkeys(DATASET_FAMILY.values()))
 
 _CONV = Hyperparameters(dropout=(0.3, 0.3))
 _LOCCON = Hyperparameters(batch_size=32, dropout=(0.3, 0.3))
@@ -115,22 +118,54 @@ TUNED_LR125: Mapping[tuple[str, str], Hyperparameters] = MappingProxyType(
 #: The name of :data:`PAPER` among the presets: the default everywhere.
 PAPER_PRESET = "paper"
 
-#: Named tables a run can take its hyperparameters from. The library's own are read-only (their
-#: committed measurements ran with them); a table of one's own is a dict added here.
-PRESETS: dict[str, Mapping[tuple[str, str], Hyperparameters]] = {
-    PAPER_PRESET: PAPER,
-    "quickstart": QUICKSTART,
-    "tuned": TUNED,
-    "tuned-lr1.25": TUNED_LR125,
-}
+
+def _table_problem(table: object) -> str | None:
+    if not isinstance(table, Mapping):
+        return (
+            "must be a table: {(dataset family, arch): Hyperparameters(...)}, not a "
+            f"{type(table).__name__}"
+        )
+    for key, row in table.items():
+        if not (isinstance(key, tuple) and len(key) == 2 and all(isinstance(k, str) for k in key)):
+            return f"has the key {key!r}: a key is a (dataset family, arch) pair, ('mnist', 'conv')"
+        if key[0] not in FAMILIES:
+            families = ", ".join(FAMILIES)
+            return f"has the key {key!r}: {key[0]!r} is no dataset family: one of {families}"
+        if not isinstance(row, Hyperparameters):
+            return f"has the row {key!r}: a {type(row).__name__}, not a Hyperparameters(...)"
+    return None
 
 
-def preset_hyperparameters(dataset: str, arch: str, preset: str = PAPER_PRESET) -> Hyperparameters:
-    """The ``preset`` table's row for ``dataset`` and ``arch``; a clear error for missing pairs."""
+#: Named tables a run can take its hyperparameters from. The library's own stay as they are,
+#: read-only (their committed measurements ran with them); a table of one's own is a dict
+#: added here.
+PRESETS: MutableMapping[str, Mapping[tuple[str, str], Hyperparameters]] = Registry(
+    "PRESETS",
+    {
+        PAPER_PRESET: PAPER,
+        "quickstart": QUICKSTART,
+        "tuned": TUNED,
+        "tuned-lr1.25": TUNED_LR125,
+    },
+    check=_table_problem,
+)
+
+
+def check_preset(preset: str) -> None:
+    """One-line BrainPropError unless :data:`PRESETS` has ``preset``."""
     if preset not in PRESETS:
         raise UnknownName(
             f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}{plugins.HINT}"
         )
+
+
+def preset_hyperparameters(dataset: str, arch: str, preset: str = PAPER_PRESET) -> Hyperparameters:
+    """The ``preset`` table's row for ``dataset`` and ``arch``; a clear error for missing pairs."""
+    check_preset(preset)
+    # A table of one's own is a dict, which may have changed since it was registered.
+    problem = _table_problem(PRESETS[preset])
+    if problem is not None:
+        raise BrainPropError(f"PRESETS[{preset!r}] {problem}")
     check_arch(arch)
     family = DATASET_FAMILY.get(dataset)
     if family is None:
@@ -283,13 +318,36 @@ def _deep(s: LayerStack, num_classes: int, dropout: Sequence[float]) -> None:
     s.dense(num_classes, relu=False)
 
 
+def _architecture_problem(entry: object) -> str | None:
+    if not (isinstance(entry, tuple) and len(entry) == 2):
+        return (
+            "must be (builder, number of dropout sites), e.g. (build, 1), not a "
+            f"{type(entry).__name__}{f' of {len(entry)}' if isinstance(entry, tuple) else ''}"
+        )
+    builder, sites = entry
+    if not callable(builder):
+        return (
+            "must start with its builder, a function of (net, num_classes, dropout), not a "
+            f"{type(builder).__name__}"
+        )
+    if type(sites) is not int or sites < 0:
+        return f"must end with its number of dropout sites, a count, not {sites!r}"
+    return None
+
+
 #: Builder and number of dropout sites per architecture.
-ARCHITECTURES: dict[str, tuple[Callable[[LayerStack, int, Sequence[float]], None], int]] = {
-    "dense": (_dense, 0),
-    "conv": (_shallow("conv"), 2),
-    "loccon": (_shallow("loccon"), 2),
-    "deep": (_deep, 4),
-}
+ARCHITECTURES: MutableMapping[
+    str, tuple[Callable[[LayerStack, int, Sequence[float]], None], int]
+] = Registry(
+    "ARCHITECTURES",
+    {
+        "dense": (_dense, 0),
+        "conv": (_shallow("conv"), 2),
+        "loccon": (_shallow("loccon"), 2),
+        "deep": (_deep, 4),
+    },
+    check=_architecture_problem,
+)
 
 
 def check_arch(arch: str) -> None:

@@ -1,0 +1,85 @@
+"""The named entries a user extends: rules (``OBJECTIVES``), networks (``ARCHITECTURES``),
+hyperparameter tables (``PRESETS``) and feedback pathways (``PATHWAYS``).
+
+Each is a :class:`Registry`: a mapping that checks an entry as it is made, by any route
+(``update`` and ``setdefault`` go through ``__setitem__`` here, as they would not on a dict), so
+a wrong one is one line at the line that made it, not a traceback in some later run; and whose
+built-in entries stay as they are, so that a result labelled ``brainprop`` or ``conv`` is the
+library's rule or network.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from typing import TypeVar
+
+from .errors import BrainPropError
+
+V = TypeVar("V")
+
+# Names become parts of run-directory names and items of comma-separated option values.
+_NAME = re.compile(r"[\w.+-]+")
+
+
+class Registry(MutableMapping[str, V]):
+    """Entries by name; ``check(entry)`` says what is wrong with an entry (None: nothing).
+
+    Args:
+        label: the registry's name in messages (``PATHWAYS``).
+        builtin: the library's entries, which cannot be replaced or removed.
+        check: what is wrong with an entry, as the end of a sentence about it.
+        reserved: names no entry may take, each with why (a mode that is no entry here).
+    """
+
+    def __init__(
+        self,
+        label: str,
+        builtin: Mapping[str, V],
+        check: Callable[[V], str | None],
+        reserved: Mapping[str, str] | None = None,
+    ) -> None:
+        self.label, self._check, self._reserved = label, check, dict(reserved or {})
+        self._entries: dict[str, V] = {}
+        self._builtin: tuple[str, ...] = ()
+        self.update(builtin)
+        self._builtin = tuple(builtin)
+
+    def __setitem__(self, name: str, entry: V) -> None:
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise BrainPropError(
+                f"{self.label}[{name!r}]: a name is letters, digits and . _ + - only"
+            )
+        if name in self._reserved:
+            raise BrainPropError(
+                f"{self.label}[{name!r}]: {name!r} is {self._reserved[name]}; give the entry "
+                "another name"
+            )
+        self._refuse_builtin(name)
+        problem = self._check(entry)
+        if problem is not None:
+            raise BrainPropError(f"{self.label}[{name!r}] {problem}")
+        self._entries[name] = entry
+
+    def __getitem__(self, name: str) -> V:
+        return self._entries[name]
+
+    def __delitem__(self, name: str) -> None:
+        self._refuse_builtin(name)
+        del self._entries[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __repr__(self) -> str:
+        return f"{self.label}({self._entries!r})"
+
+    def _refuse_builtin(self, name: str) -> None:
+        if name in self._builtin:
+            raise BrainPropError(
+                f"{self.label}[{name!r}] is the library's own and stays as it is (results "
+                "carry its name): register yours under another name"
+            )

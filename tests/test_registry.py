@@ -1,0 +1,136 @@
+"""The registries a user extends check an entry as it is made, and keep the library's own."""
+
+import pytest
+
+from brainprop import ARCHITECTURES, EBP, OBJECTIVES, PATHWAYS, PRESETS, Hyperparameters, Pathway
+from brainprop.cli import main
+from brainprop.errors import BrainPropError
+from brainprop.presets import preset_hyperparameters
+
+
+def _build(net, num_classes, dropout):
+    net.flatten()
+    net.dense(num_classes, relu=False)
+
+
+GOOD = {
+    "OBJECTIVES": (OBJECTIVES, lambda epsilon, fused: EBP()),
+    "ARCHITECTURES": (ARCHITECTURES, (_build, 0)),
+    "PRESETS": (PRESETS, {("mnist", "dense"): Hyperparameters()}),
+    "PATHWAYS": (PATHWAYS, Pathway(make=lambda layer, scale, g: None, read=lambda m: m.weight)),
+}
+
+
+@pytest.fixture(autouse=True)
+def registries():
+    kept = {label: set(registry) for label, (registry, _) in GOOD.items()}
+    yield
+    for label, (registry, _) in GOOD.items():
+        for name in set(registry) - kept[label]:
+            del registry[name]
+
+
+@pytest.mark.parametrize(
+    ("label", "entry", "message"),
+    [
+        ("OBJECTIVES", EBP, None),  # a class makes its objective: taken
+        ("OBJECTIVES", "ebp",
+         "OBJECTIVES['mine'] must be a function of (epsilon, fused) that makes the objective, "
+         "not a str"),
+        ("ARCHITECTURES", _build,
+         "ARCHITECTURES['mine'] must be (builder, number of dropout sites), e.g. (build, 1), "
+         "not a function"),
+        ("ARCHITECTURES", (_build, 0, 1), "ARCHITECTURES['mine'] must be (builder, number of "
+         "dropout sites), e.g. (build, 1), not a tuple of 3"),
+        ("ARCHITECTURES", (_build, -1),
+         "ARCHITECTURES['mine'] must end with its number of dropout sites, a count, not -1"),
+        ("ARCHITECTURES", (_build, True), "ARCHITECTURES['mine'] must end with its number of "
+         "dropout sites, a count, not True"),
+        ("ARCHITECTURES", ("_build", 0),
+         "ARCHITECTURES['mine'] must start with its builder, a function of (net, num_classes, "
+         "dropout), not a str"),
+        ("PRESETS", Hyperparameters(),
+         "PRESETS['mine'] must be a table: {(dataset family, arch): Hyperparameters(...)}, not a "
+         "Hyperparameters"),
+        ("PRESETS", {"mnist/dense": Hyperparameters()},
+         "PRESETS['mine'] has the key 'mnist/dense': a key is a (dataset family, arch) pair"),
+        ("PRESETS", {("fashion-mnist", "dense"): Hyperparameters()},
+         "PRESETS['mine'] has the key ('fashion-mnist', 'dense'): 'fashion-mnist' is no dataset "
+         "family: one of mnist, cifar10, cifar100, tiny-imagenet"),
+        ("PRESETS", {("mnist", "dense"): {"lr": 0.1}},
+         "PRESETS['mine'] has the row ('mnist', 'dense'): a dict, not a Hyperparameters(...)"),
+        ("PATHWAYS", lambda layer, scale, g: None,
+         "PATHWAYS['mine'] must be a brainprop.Pathway, not a function"),
+    ],
+)  # fmt: skip
+def test_an_entry_is_checked_as_it_is_made_by_any_route(label, entry, message):
+    registry = GOOD[label][0]
+    for route in (
+        lambda: registry.__setitem__("mine", entry),
+        lambda: registry.update(mine=entry),
+        lambda: registry.setdefault("mine", entry),
+    ):
+        if message is None:
+            route()
+            assert registry["mine"] is entry
+            del registry["mine"]
+            continue
+        with pytest.raises(BrainPropError) as refused:
+            route()
+        assert str(refused.value).startswith(message) and "\n" not in str(refused.value)
+        assert "mine" not in registry
+
+
+@pytest.mark.parametrize("label", list(GOOD))
+def test_the_librarys_own_entries_stay_as_they_are(label):
+    registry, good = GOOD[label]
+    name = next(iter(registry))
+    kept = registry[name]
+    for change in (
+        lambda: registry.__setitem__(name, good),
+        lambda: registry.__delitem__(name),
+        lambda: registry.pop(name),
+        registry.clear,
+    ):
+        with pytest.raises(BrainPropError, match=rf"^{label}\['{name}'\] is the library's own "):
+            change()
+        assert registry[name] is kept
+    registry["mine"] = good  # one's own come and go
+    registry["mine"] = good
+    del registry["mine"]
+
+
+@pytest.mark.parametrize("name", ["", "a/b", "a,b", "two words", 3])
+def test_a_name_that_could_not_name_a_run_is_refused(name):
+    with pytest.raises(BrainPropError, match="a name is letters, digits and . _ \\+ - only"):
+        ARCHITECTURES[name] = (_build, 0)
+
+
+def test_the_modes_that_are_no_pathway_are_no_names_for_one():
+    for name in ("symmetric", "direct"):
+        with pytest.raises(BrainPropError, match="is a built-in mode that is no pathway through"):
+            PATHWAYS[name] = GOOD["PATHWAYS"][1]
+
+
+def test_a_table_of_ones_own_changed_after_it_was_registered_is_checked_when_read():
+    table = {("mnist", "dense"): Hyperparameters(lr=0.05)}
+    PRESETS["mine"] = table
+    assert preset_hyperparameters("mnist", "dense", "mine").lr == 0.05
+    table[("mnist", "conv")] = {"lr": 0.05}
+    with pytest.raises(BrainPropError, match=r"^PRESETS\['mine'\] has the row \('mnist', 'conv'\)"):
+        preset_hyperparameters("mnist", "dense", "mine")
+
+
+def test_a_plugin_that_registers_a_wrong_entry_is_named_with_its_line(tmp_path, capsys):
+    plugin = tmp_path / "lab_wrong.py"
+    plugin.write_text(
+        "from brainprop import ARCHITECTURES\n\n"
+        "def tiny(net, num_classes, dropout):\n"
+        "    net.flatten()\n\n"
+        "ARCHITECTURES['tiny'] = tiny\n"
+    )
+    assert main(["--plugin", str(plugin), "datasets"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert f"--plugin {plugin} failed as it was imported: ARCHITECTURES['tiny'] must be (" in err
+    assert err.rstrip().endswith(f"({plugin}:6)")
