@@ -1,11 +1,15 @@
 """The registries a user extends check an entry as it is made, and keep the library's own."""
 
+import copy
+from types import MappingProxyType
+
+import numpy as np
 import pytest
 
 from brainprop import ARCHITECTURES, EBP, OBJECTIVES, PATHWAYS, PRESETS, Hyperparameters, Pathway
 from brainprop.cli import main
 from brainprop.errors import BrainPropError
-from brainprop.presets import preset_hyperparameters
+from brainprop.presets import preset_hyperparameters, table_archs, table_row
 
 
 def _build(net, num_classes, dropout):
@@ -34,6 +38,9 @@ def registries():
     ("label", "entry", "message"),
     [
         ("OBJECTIVES", EBP, None),  # a class makes its objective: taken
+        ("ARCHITECTURES", [_build, 1], None),
+        ("ARCHITECTURES", (_build, np.int64(2)), None),
+        ("PRESETS", MappingProxyType({("cifar100", "deep"): Hyperparameters()}), None),
         ("OBJECTIVES", "ebp",
          "OBJECTIVES['mine'] must be a function of (epsilon, fused) that makes the objective, "
          "not a str"),
@@ -43,9 +50,12 @@ def registries():
         ("ARCHITECTURES", (_build, 0, 1), "ARCHITECTURES['mine'] must be (builder, number of "
          "dropout sites), e.g. (build, 1), not a tuple of 3"),
         ("ARCHITECTURES", (_build, -1),
-         "ARCHITECTURES['mine'] must end with its number of dropout sites, a count, not -1"),
+         "ARCHITECTURES['mine'] must end with its number of dropout sites, a whole number >= 0, "
+         "not -1"),
         ("ARCHITECTURES", (_build, True), "ARCHITECTURES['mine'] must end with its number of "
-         "dropout sites, a count, not True"),
+         "dropout sites, a whole number >= 0, not True"),
+        ("ARCHITECTURES", (_build, 1.0), "ARCHITECTURES['mine'] must end with its number of "
+         "dropout sites, a whole number >= 0, not 1.0"),
         ("ARCHITECTURES", ("_build", 0),
          "ARCHITECTURES['mine'] must start with its builder, a function of (net, num_classes, "
          "dropout), not a str"),
@@ -90,7 +100,6 @@ def test_the_librarys_own_entries_stay_as_they_are(label):
         lambda: registry.__setitem__(name, good),
         lambda: registry.__delitem__(name),
         lambda: registry.pop(name),
-        registry.clear,
     ):
         with pytest.raises(BrainPropError, match=rf"^{label}\['{name}'\] is the library's own "):
             change()
@@ -98,12 +107,24 @@ def test_the_librarys_own_entries_stay_as_they_are(label):
     registry["mine"] = good  # one's own come and go
     registry["mine"] = good
     del registry["mine"]
+    registry["mine"] = good
+    registry.clear()  # one's own go, the library's stay
+    assert list(registry) == list(registry.builtin) and registry[name] is kept
 
 
-@pytest.mark.parametrize("name", ["", "a/b", "a,b", "two words", 3])
-def test_a_name_that_could_not_name_a_run_is_refused(name):
-    with pytest.raises(BrainPropError, match="a name is letters, digits and . _ \\+ - only"):
+def test_a_copy_of_a_registry_is_its_own():
+    copied = copy.copy(ARCHITECTURES)
+    copied["mine"] = (_build, 0)
+    assert "mine" in copied and "mine" not in ARCHITECTURES
+    with pytest.raises(BrainPropError, match="is the library's own"):
+        del copied["conv"]
+
+
+@pytest.mark.parametrize("name", ["", "a/b", "a,b", "two words", "-tiny", ".", "..", "+x", 3])
+def test_a_name_that_could_not_name_a_run_or_be_an_option_value_is_refused(name):
+    with pytest.raises(BrainPropError, match="a name starts with a letter, digit or _, then"):
         ARCHITECTURES[name] = (_build, 0)
+    ARCHITECTURES["_1.x+y-z"] = (_build, 0)
 
 
 def test_the_modes_that_are_no_pathway_are_no_names_for_one():
@@ -117,8 +138,13 @@ def test_a_table_of_ones_own_changed_after_it_was_registered_is_checked_when_rea
     PRESETS["mine"] = table
     assert preset_hyperparameters("mnist", "dense", "mine").lr == 0.05
     table[("mnist", "conv")] = {"lr": 0.05}
-    with pytest.raises(BrainPropError, match=r"^PRESETS\['mine'\] has the row \('mnist', 'conv'\)"):
-        preset_hyperparameters("mnist", "dense", "mine")
+    for read in (
+        lambda: preset_hyperparameters("mnist", "dense", "mine"),
+        lambda: table_row("mine", "mnist", "dense"),  # reproduce, the report, bench
+        lambda: table_archs("mine", "mnist"),
+    ):
+        with pytest.raises(BrainPropError, match=r"^PRESETS\['mine'\] has the row \('mnist', 'co"):
+            read()
 
 
 def test_a_plugin_that_registers_a_wrong_entry_is_named_with_its_line(tmp_path, capsys):

@@ -133,11 +133,12 @@ def _check_layout(model: nn.Module, input_shape: Sequence[int]) -> None:
             model.train(mode)
             for buffer, kept in zip(model.buffers(), buffers, strict=True):
                 buffer.copy_(kept)
-    # The line to mend is the network's own, not one inside PyTorch.
-    torch_code = str(Path(torch.__file__).parent)
-    frames = [f for f in traceback.extract_tb(failure.__traceback__)
-              if not f.filename.startswith(torch_code)]  # fmt: skip
-    where = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+    # The line to mend is the network's own, not one inside PyTorch or brainprop.
+    libraries = (str(Path(torch.__file__).parent), str(Path(__file__).parent))
+    frames = traceback.extract_tb(failure.__traceback__)
+    own = [f for f in frames if not f.filename.startswith(libraries)]
+    frame = (own or frames)[-1] if frames else None
+    where = f" at {frame.filename}:{frame.lineno}" if frame is not None else ""
     raise BrainPropError(
         "the network fails on channels_last inputs, the fast path's layout for networks with "
         f"convolutions ({type(failure).__name__}: {reason(failure)}{where}): flatten with "

@@ -49,7 +49,7 @@ import contextlib
 import re
 import sys
 import threading
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -182,7 +182,7 @@ _NO_PATHWAY = "a built-in mode that is no pathway through a B"
 #: ``PATHWAYS["sparse"] = Pathway(make=...)``; then ``convert(model, "sparse")`` and
 #: ``TrainConfig(feedback="sparse")`` use it, as does the command given its module with
 #: ``brainprop --plugin`` (:mod:`brainprop.plugins`).
-PATHWAYS: MutableMapping[str, Pathway] = Registry(
+PATHWAYS: Registry[Pathway] = Registry(
     "PATHWAYS",
     {
         "reciprocal": Pathway(

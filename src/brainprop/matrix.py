@@ -16,7 +16,7 @@ from pathlib import Path
 from .config import TrainConfig
 from .errors import BrainPropError
 from .objectives import RULES
-from .presets import DATASET_FAMILY, PAPER_PRESET, PRESETS, check_preset
+from .presets import DATASET_FAMILY, PAPER_PRESET, check_preset, preset_table
 
 #: The folder of the run directories under a results folder (local, not committed).
 RUNS = "runs"
@@ -177,7 +177,7 @@ def plan(
     if max_epochs is not None and max_epochs < 1:
         raise BrainPropError(f"--max-epochs must be >= 1, got {max_epochs}")
     check_preset(preset)
-    covered = [c for c in MATRIX if (DATASET_FAMILY[c.dataset], c.arch) in PRESETS[preset]]
+    covered = [c for c in MATRIX if (DATASET_FAMILY[c.dataset], c.arch) in preset_table(preset)]
     uncovered = [c for c in cells if c not in covered]
     if uncovered:
         archs = ",".join(dict.fromkeys(c.arch for c in covered))

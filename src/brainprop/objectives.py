@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import inspect
 import sys
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -266,21 +266,25 @@ class Objective(Protocol):
     ) -> Output: ...
 
 
+def _factory_problem(factory: object) -> str | None:
+    # What it makes is checked when a run makes it (make_objective): calling it here would run
+    # the user's code at registration.
+    if callable(factory):
+        return None
+    return (
+        "must be a function of (epsilon, fused) that makes the objective, not a "
+        f"{type(factory).__name__}"
+    )
+
+
 #: The learning rules by name, each a function of (epsilon, fused) that makes its objective.
 #: A new rule is one entry, e.g. ``OBJECTIVES["mine"] = lambda epsilon, fused: Mine()``; then
 #: ``TrainConfig(rule="mine")`` trains with it, as does the command given its module with
 #: ``brainprop --plugin`` (:mod:`brainprop.plugins`).
-OBJECTIVES: MutableMapping[str, Callable[[float, bool], Objective]] = Registry(
+OBJECTIVES: Registry[Callable[[float, bool], Objective]] = Registry(
     "OBJECTIVES",
     {"brainprop": BrainProp, "ebp": lambda epsilon, fused: EBP()},
-    # What it makes is checked when a run makes it (make_objective): calling it here would run
-    # the user's code at registration.
-    check=lambda factory: (
-        None
-        if callable(factory)
-        else "must be a function of (epsilon, fused) that makes the objective, not a "
-        f"{type(factory).__name__}"
-    ),
+    check=_factory_problem,
 )
 
 #: The paper's two rules, in the order its comparisons put them.

@@ -2,9 +2,10 @@
 :data:`PAPER`, and a few named others (:data:`PRESETS`), which a run chooses with
 ``TrainConfig.preset``.
 
-An architecture is a builder function in :data:`ARCHITECTURES`; a table maps (dataset family,
-arch) to a :class:`Hyperparameters` row. A new architecture is one builder, and its rows go in a
-table of their own in :data:`PRESETS` (the paper's stays as published).
+An architecture is a (builder function, number of dropout sites) entry of
+:data:`ARCHITECTURES`; a table maps (dataset family, arch) to a :class:`Hyperparameters` row. A
+new architecture is one builder, and its rows go in a table of their own in :data:`PRESETS`
+(the paper's stays as published).
 
 The builders follow isapome/BrainProp's ``get_architecture.py`` layer for layer: no biases,
 Conv/LocallyConnected -> ReLU -> BatchNorm (Keras momentum 0.99, eps 1e-3), Keras's dropout
@@ -15,6 +16,7 @@ layer is a bias-free ``nn.Linear`` whose outputs are the Q-values (BrainProp) or
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, replace
 from types import MappingProxyType
@@ -137,9 +139,9 @@ def _table_problem(table: object) -> str | None:
 
 
 #: Named tables a run can take its hyperparameters from. The library's own stay as they are,
-#: read-only (their committed measurements ran with them); a table of one's own is a dict
-#: added here.
-PRESETS: MutableMapping[str, Mapping[tuple[str, str], Hyperparameters]] = Registry(
+#: read-only (their committed measurements ran with them); a table of one's own is a mapping
+#: (a dict, to add rows later) added here.
+PRESETS: Registry[Mapping[tuple[str, str], Hyperparameters]] = Registry(
     "PRESETS",
     {
         PAPER_PRESET: PAPER,
@@ -162,10 +164,6 @@ def check_preset(preset: str) -> None:
 def preset_hyperparameters(dataset: str, arch: str, preset: str = PAPER_PRESET) -> Hyperparameters:
     """The ``preset`` table's row for ``dataset`` and ``arch``; a clear error for missing pairs."""
     check_preset(preset)
-    # A table of one's own is a dict, which may have changed since it was registered.
-    problem = _table_problem(PRESETS[preset])
-    if problem is not None:
-        raise BrainPropError(f"PRESETS[{preset!r}] {problem}")
     check_arch(arch)
     family = DATASET_FAMILY.get(dataset)
     if family is None:
@@ -176,15 +174,16 @@ def preset_hyperparameters(dataset: str, arch: str, preset: str = PAPER_PRESET) 
     if row is None:
         # A network of one's own needs a row of hyperparameters, even where every one is
         # given: the paper's table stays as published, so the row goes in a table of its own.
+        own_table = preset not in PRESETS.builtin and isinstance(PRESETS[preset], MutableMapping)
         own = (
             f"add PRESETS[{preset!r}][({family!r}, {arch!r})] = Hyperparameters(...)"
-            if isinstance(PRESETS[preset], dict)  # a table of one's own, not the library's
+            if own_table
             else f"add PRESETS['<name>'] = {{({family!r}, {arch!r}): Hyperparameters(...)}} "
             "and pass --preset <name>"
         )
         valid = table_archs(preset, dataset)
         if not valid:
-            pairs = ", ".join(f"{f}/{a}" for f, a in PRESETS[preset])
+            pairs = ", ".join(f"{f}/{a}" for f, a in preset_table(preset))
             raise BrainPropError(
                 f"preset {preset!r} has no row for {dataset}: it covers {pairs}; {own}"
             )
@@ -195,16 +194,31 @@ def preset_hyperparameters(dataset: str, arch: str, preset: str = PAPER_PRESET) 
     return row
 
 
+def preset_table(preset: str) -> Mapping[tuple[str, str], Hyperparameters]:
+    """The ``preset`` table, empty for an unknown preset (a measurement from another version
+    may name one). Every read of a table goes through here.
+
+    Raises:
+        BrainPropError: a table of one's own that changed, since it was registered, into one
+            the registry would refuse.
+    """
+    table = PRESETS.get(preset, {})
+    problem = _table_problem(table)
+    if problem is not None:
+        raise BrainPropError(f"PRESETS[{preset!r}] {problem}")
+    return table
+
+
 def table_row(preset: str, dataset: str, arch: str) -> Hyperparameters | None:
     """The ``preset`` table's row for ``dataset`` and ``arch``; None where it has none, an
-    unknown preset or dataset included (a measurement from another version may name one)."""
-    return PRESETS.get(preset, {}).get((DATASET_FAMILY.get(dataset, dataset), arch))
+    unknown preset or dataset included."""
+    return preset_table(preset).get((DATASET_FAMILY.get(dataset, dataset), arch))
 
 
 def table_archs(preset: str, dataset: str) -> list[str]:
     """The architectures the ``preset`` table has a row for on ``dataset``, sorted."""
     family = DATASET_FAMILY.get(dataset, dataset)
-    return sorted(a for f, a in PRESETS.get(preset, {}) if f == family)
+    return sorted(a for f, a in preset_table(preset) if f == family)
 
 
 class LayerStack:
@@ -319,10 +333,11 @@ def _deep(s: LayerStack, num_classes: int, dropout: Sequence[float]) -> None:
 
 
 def _architecture_problem(entry: object) -> str | None:
-    if not (isinstance(entry, tuple) and len(entry) == 2):
+    if not (isinstance(entry, tuple | list) and len(entry) == 2):
+        size = f" of {len(entry)}" if isinstance(entry, tuple | list) else ""
         return (
             "must be (builder, number of dropout sites), e.g. (build, 1), not a "
-            f"{type(entry).__name__}{f' of {len(entry)}' if isinstance(entry, tuple) else ''}"
+            f"{type(entry).__name__}{size}"
         )
     builder, sites = entry
     if not callable(builder):
@@ -330,15 +345,13 @@ def _architecture_problem(entry: object) -> str | None:
             "must start with its builder, a function of (net, num_classes, dropout), not a "
             f"{type(builder).__name__}"
         )
-    if type(sites) is not int or sites < 0:
-        return f"must end with its number of dropout sites, a count, not {sites!r}"
+    if isinstance(sites, bool) or not isinstance(sites, numbers.Integral) or sites < 0:
+        return f"must end with its number of dropout sites, a whole number >= 0, not {sites!r}"
     return None
 
 
 #: Builder and number of dropout sites per architecture.
-ARCHITECTURES: MutableMapping[
-    str, tuple[Callable[[LayerStack, int, Sequence[float]], None], int]
-] = Registry(
+ARCHITECTURES: Registry[tuple[Callable[[LayerStack, int, Sequence[float]], None], int]] = Registry(
     "ARCHITECTURES",
     {
         "dense": (_dense, 0),

@@ -18,17 +18,21 @@ from .errors import BrainPropError
 
 V = TypeVar("V")
 
-# Names become parts of run-directory names and items of comma-separated option values.
-_NAME = re.compile(r"[\w.+-]+")
+# Names become parts of run-directory names, items of comma-separated option values and
+# option values themselves (so no leading '-', '.' or '+').
+_NAME = re.compile(r"[^\W][\w.+-]*")
 
 
 class Registry(MutableMapping[str, V]):
-    """Entries by name; ``check(entry)`` says what is wrong with an entry (None: nothing).
+    """Entries by name, each checked as it is made; the library's own stay as they are.
+
+    ``clear()`` removes one's own entries and keeps the library's. ``copy.copy`` makes an
+    independent registry; ``dict(registry)`` a plain snapshot.
 
     Args:
         label: the registry's name in messages (``PATHWAYS``).
         builtin: the library's entries, which cannot be replaced or removed.
-        check: what is wrong with an entry, as the end of a sentence about it.
+        check: what is wrong with an entry, as the end of a sentence about it, or None.
         reserved: names no entry may take, each with why (a mode that is no entry here).
     """
 
@@ -36,19 +40,22 @@ class Registry(MutableMapping[str, V]):
         self,
         label: str,
         builtin: Mapping[str, V],
-        check: Callable[[V], str | None],
+        check: Callable[[object], str | None],
         reserved: Mapping[str, str] | None = None,
     ) -> None:
         self.label, self._check, self._reserved = label, check, dict(reserved or {})
         self._entries: dict[str, V] = {}
-        self._builtin: tuple[str, ...] = ()
+        # The library's entries go in through the same checks as any, before they are marked
+        # as the library's (which would refuse them).
+        self.builtin: tuple[str, ...] = ()
         self.update(builtin)
-        self._builtin = tuple(builtin)
+        self.builtin = tuple(builtin)
 
     def __setitem__(self, name: str, entry: V) -> None:
         if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise BrainPropError(
-                f"{self.label}[{name!r}]: a name is letters, digits and . _ + - only"
+                f"{self.label}[{name!r}]: a name starts with a letter, digit or _, then letters, "
+                "digits and . _ + - (e.g. 'my-net')"
             )
         if name in self._reserved:
             raise BrainPropError(
@@ -77,8 +84,18 @@ class Registry(MutableMapping[str, V]):
     def __repr__(self) -> str:
         return f"{self.label}({self._entries!r})"
 
+    def __copy__(self) -> Registry[V]:
+        twin = object.__new__(Registry)
+        twin.__dict__.update(self.__dict__, _entries=dict(self._entries))
+        return twin
+
+    def clear(self) -> None:
+        """Remove one's own entries; the library's stay."""
+        for name in [n for n in self._entries if n not in self.builtin]:
+            del self._entries[name]
+
     def _refuse_builtin(self, name: str) -> None:
-        if name in self._builtin:
+        if name in self.builtin:
             raise BrainPropError(
                 f"{self.label}[{name!r}] is the library's own and stays as it is (results "
                 "carry its name): register yours under another name"
