@@ -695,7 +695,9 @@ def test_runs_with_another_preset_are_their_own_row_held_to_the_published_number
     d = json.loads(m.path.read_text())
     d.update(preset="from-the-future", run="mnist-dense-ebp-s1-from-the-future")
     m.path.write_text(json.dumps(d))
-    assert "from-the-future: not in this version's tables" in write_report(tmp_path).read_text()
+    assert "from-the-future: not in the tables this report knows (one of your own: rewrite it " in (
+        write_report(tmp_path).read_text()
+    )
 
 
 def test_runs_whose_gpu_computed_in_tf32_are_their_own_row_so_named(tmp_path):

@@ -548,7 +548,8 @@ def _settings_lines(results: Sequence[CellResult]) -> list[str]:
     lines = ["", "Rows marked with a preset's settings use that table of `brainprop.presets` "
              "instead of the paper's:", ""]  # fmt: skip
     for preset, cell in rows:
-        # A measurement merged from another version may name a preset this one lacks.
+        # A measurement merged from another version, or made with a table of one's own, may
+        # name a preset this process lacks.
         hp = table_row(preset, cell.dataset, cell.arch)
         paper = table_row(PAPER_PRESET, cell.dataset, cell.arch)
         lines.append(f"- {cell.label}, {preset}: {_hp_text(hp)}; the paper's: {_hp_text(paper)}")
@@ -557,7 +558,10 @@ def _settings_lines(results: Sequence[CellResult]) -> list[str]:
 
 def _hp_text(hp: Hyperparameters | None) -> str:
     if hp is None:
-        return "not in this version's tables"
+        return (
+            "not in the tables this report knows (one of your own: rewrite it with 'brainprop "
+            "--plugin MODULE reproduce --report-only')"
+        )
     text = (f"lr {hp.lr:g} halved every {hp.lr_halving_epochs} epochs, batch {hp.batch_size}, "
             f"init sigma {hp.init_std:g}")  # fmt: skip
     if hp.l2:
