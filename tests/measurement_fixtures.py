@@ -58,5 +58,6 @@ def write_measurement(
         bf16=spec.bf16,
         cuda_graph=cuda_graph,
         company=company,
+        feedback=spec.feedback,
     )
     return write_record(m, {}, {"val_acc": [], "test_acc": []}, out)

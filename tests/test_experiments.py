@@ -95,6 +95,31 @@ def test_a_preset_other_than_the_papers_is_in_the_name_and_config_and_covers_its
         plan([DENSE], preset="fast")
 
 
+def test_a_feedback_pathway_other_than_the_papers_is_in_the_name_and_config():
+    [spec] = plan([DENSE], ["ebp"], 1, val=5000, feedback="random")
+    assert spec.name == "mnist-dense-ebp-s0-val5000-fb-random"
+    assert spec.config(Path("res"), None, "cpu").feedback == "random"
+    with pytest.raises(BrainPropError, match="^unknown feedback 'transpose': choose one of "):
+        plan([DENSE], feedback="transpose")
+    with pytest.raises(
+        BrainPropError,
+        match="^--stack trains seeds as one vmapped network, and --feedback random's autograd "
+        "functions do not batch under vmap",
+    ):
+        Request(stack=2, feedback="random")
+
+
+def test_a_feedback_request_trains_through_it_and_reports_apart(tmp_path, mnist_root, no_plots):
+    args = ["reproduce", "--datasets", "mnist", "--archs", "dense", "--rules", "ebp", "--seeds",
+            "1", "--max-epochs", "1", "--feedback", "sign", "--device", "cpu", "--quiet",
+            "--out", str(tmp_path), "--data-dir", str(mnist_root)]  # fmt: skip
+    assert main(args) == 0
+    [m] = load_measurements(tmp_path)
+    assert m.run == "mnist-dense-ebp-s0-e1-fb-sign" and m.feedback == "sign"
+    assert rundir.read_json(tmp_path / RUNS / m.run / rundir.CONFIG)["feedback"] == "sign"
+    assert "| MNIST dense, sign feedback | " in (tmp_path / "results.md").read_text()
+
+
 def test_bf16_is_in_the_name_config_and_stacks_of_a_run():
     specs = plan([DENSE], ["brainprop"], 2, val=5000, bf16=True)
     assert [s.name for s in specs] == [

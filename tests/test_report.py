@@ -721,6 +721,35 @@ def test_runs_whose_gpu_computed_in_tf32_are_their_own_row_so_named(tmp_path):
     assert f"| MNIST conv | {GPU}, TF32 convolutions | 500 (paper) | 2 / 2 |" in md
 
 
+def test_runs_through_another_feedback_pathway_are_their_own_row_so_named(tmp_path):
+    _cell_runs(tmp_path, CONV, CPU, [0.992, 0.993], [0.993, 0.994], [50, 60], [40, 50])
+    _cell_runs(tmp_path, CONV, CPU, [0.981, 0.983], [0.985, 0.986], [90, 110], [60, 70],
+               feedback="random")  # fmt: skip
+    paper, random = aggregate(load_measurements(tmp_path))
+    assert (paper.feedback, paper.label) == ("symmetric", "MNIST conv")
+    assert (random.feedback, random.label) == ("random", "MNIST conv, random feedback")
+    assert random.rules["brainprop"].test_acc.mean == pytest.approx(98.2)
+    assert random.published_verdict.agrees is False  # held to the paper's number all the same
+    md = write_report(tmp_path).read_text()
+    assert f"| MNIST conv, random feedback | {CPU} | 500 (paper) | 2 / 2 | 98.20 (0.14) |" in md
+    assert "Rows marked with a feedback pathway (`reproduce --feedback`" in md
+    # A cell measured only through another pathway still lacks a run of the paper's.
+    _cell_runs(tmp_path, Cell("mnist", "dense"), CPU, [0.98], [0.98], [50], [40], feedback="sign")
+    write_report(tmp_path)
+    missing = json.loads((tmp_path / RESULTS_JSON).read_text())["no_full_paper_run"]
+    assert "mnist/dense" in missing and "mnist/conv" not in missing
+    # Files from before the field hold runs of the paper's pathway; one whose name and fields
+    # disagree is refused.
+    m = next(m for m in load_measurements(tmp_path) if m.feedback == "symmetric")
+    d = json.loads(m.path.read_text())
+    del d["feedback"]
+    m.path.write_text(json.dumps(d))
+    assert replace(m, path=None) in [replace(x, path=None) for x in load_measurements(tmp_path)]
+    m.path.write_text(json.dumps(d | {"feedback": "random"}))
+    with pytest.raises(BrainPropError, match=f"run '{m.run}', but its fields make it "):
+        load_measurements(tmp_path)
+
+
 def test_bf16_runs_are_their_own_row_marked_bf16(tmp_path):
     """bf16 autocast changes the numbers (it is one suspect of the CIFAR-10 deep gap), so its
     runs never pool with the paper's fp32 runs of the same cell and machine."""

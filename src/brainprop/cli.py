@@ -295,6 +295,7 @@ def _given_options(args: argparse.Namespace, keep: set[str]) -> list[str]:
 
 def _add_reproduce(sub: argparse._SubParsersAction) -> None:
     from .experiments import Request
+    from .feedback import feedback_modes
     from .matrix import MAX_SEEDS
     from .presets import PRESETS
 
@@ -324,6 +325,11 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
         "cover some cells only, so select those with --datasets and --archs",
     )  # fmt: skip
     p.add_argument("--val-split", type=int, metavar="N", help="validate on N held-out images")
+    p.add_argument(
+        "--feedback", choices=feedback_modes(),
+        help=f"feedback pathway of every run (default: {default['feedback']}, the paper's "
+        "exact transpose); runs through another are named -fb-<mode> and reported apart",
+    )  # fmt: skip
     p.add_argument(
         "--budget-minutes", type=float,
         help="start only the runs whose estimated time fits the time left, in priority order; "
@@ -386,7 +392,8 @@ def _reproduce(args: argparse.Namespace) -> int:
         print(f"report: {write_report(out)}")
     else:
         defaulted = {"rules": args.rules, "seeds": args.seeds, "preset": args.preset,
-                     "device": args.device, "jobs": args.jobs, "stack": args.stack}  # fmt: skip
+                     "device": args.device, "jobs": args.jobs, "stack": args.stack,
+                     "feedback": args.feedback}  # fmt: skip
         request = Request(
             cells=tuple(select_cells(args.datasets, args.archs)),
             val=args.val_split,
@@ -490,8 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--plugin", action="append", metavar="MODULE",
         help="import MODULE (a module name, or the path of a .py file) before the command, "
         "which then takes the rules, networks, feedback pathways and preset tables it "
-        "registers (reproduce, whose matrix is the paper's: its preset tables; bench: its "
-        "rules); repeatable, and given before the command",
+        "registers (reproduce, whose matrix is the paper's: its preset tables and feedback "
+        "pathways; bench: its rules); repeatable, and given before the command",
     )  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_train(sub)

@@ -41,7 +41,7 @@ from . import locks, plugins, rundir, signals
 from .config import TrainConfig
 from .errors import BrainPropError
 from .files import TEMPORARIES, make_folder
-from .matrix import MATRIX, PAPER_EPOCHS, RULE_ORDER, RUNS, Cell, RunSpec, plan
+from .matrix import MATRIX, PAPER_EPOCHS, PAPER_FEEDBACK, RULE_ORDER, RUNS, Cell, RunSpec, plan
 from .measurements import (
     Measurement,
     changed_setting,
@@ -84,6 +84,7 @@ def estimate_seconds(
     same_cell = [
         m for m in measurements
         if m.cell == spec.cell and m.val == spec.val and m.preset == spec.preset
+        and m.feedback == spec.feedback
     ]  # fmt: skip
     timed = [
         m for m in same_cell
@@ -142,6 +143,7 @@ class Request:
     jobs: int = 1
     stack: int = 1
     bf16: bool = False
+    feedback: str = PAPER_FEEDBACK
     cuda_graph: bool = False
     progress: bool = True
 
@@ -154,10 +156,23 @@ class Request:
             raise BrainPropError(f"--stack must be >= 1, got {self.stack}")
         if self.budget_minutes is not None and not self.budget_minutes > 0:
             raise BrainPropError(f"--budget-minutes must be > 0, got {self.budget_minutes}")
+        if self.stack > 1 and self.feedback != PAPER_FEEDBACK:
+            raise BrainPropError(
+                f"--stack trains seeds as one vmapped network, and --feedback {self.feedback}'s "
+                "autograd functions do not batch under vmap: drop --stack (--jobs packs runs "
+                "side by side instead)"
+            )
 
     def specs(self) -> list[RunSpec]:
         return plan(
-            self.cells, self.rules, self.seeds, self.val, self.max_epochs, self.preset, self.bf16
+            self.cells,
+            self.rules,
+            self.seeds,
+            self.val,
+            self.max_epochs,
+            self.preset,
+            self.bf16,
+            self.feedback,
         )
 
 

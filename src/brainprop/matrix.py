@@ -2,9 +2,9 @@
 
 A :class:`Cell` is one (dataset, architecture) entry of the paper's table; :data:`MATRIX` lists
 them all and :data:`HEADLINE` those with published numbers. A :class:`RunSpec` is one run of a
-cell (a rule, a seed, how it is validated and capped, its preset table and precision), and
-:func:`plan` orders a request's runs by priority. :mod:`brainprop.experiments` runs them and
-:mod:`brainprop.measurements` keeps what they measured.
+cell (a rule, a seed, how it is validated and capped, its preset table, precision and feedback
+pathway), and :func:`plan` orders a request's runs by priority. :mod:`brainprop.experiments`
+runs them and :mod:`brainprop.measurements` keeps what they measured.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .config import TrainConfig
 from .errors import BrainPropError
+from .feedback import check_feedback
 from .objectives import RULES
 from .presets import DATASET_FAMILY, PAPER_PRESET, check_preset, preset_table
 
@@ -22,6 +23,9 @@ from .presets import DATASET_FAMILY, PAPER_PRESET, check_preset, preset_table
 RUNS = "runs"
 #: The paper's epoch budget (with early stopping); runs capped elsewhere carry ``-e<cap>``.
 PAPER_EPOCHS = TrainConfig.epochs
+#: The paper's feedback: the exact transpose of the forward weights. Runs through another
+#: pathway carry ``-fb-<mode>``.
+PAPER_FEEDBACK = TrainConfig.feedback
 #: The rules in the order runs are planned and reported: BrainProp, then its baseline.
 RULE_ORDER = RULES
 #: The most seeds a request may ask for: a hundred times the paper's ten. Far more is a slip
@@ -74,11 +78,12 @@ HEADLINE: tuple[Cell, ...] = (
 @dataclass(frozen=True)
 class RunSpec:
     """One run of the matrix: a cell, a rule, a seed, how it is validated and capped, the
-    preset table its hyperparameters come from, and its precision.
+    preset table its hyperparameters come from, its precision and its feedback pathway.
 
     ``val`` is None to validate on the test set (as the paper) or a number of held-out training
     images; ``max_epochs`` is None for the paper's 500 epochs with early stopping; ``bf16``
-    trains under bf16 autocast instead of the paper's fp32.
+    trains under bf16 autocast instead of the paper's fp32; ``feedback`` is a mode of
+    :func:`~brainprop.feedback.convert`, the paper's exact transpose (``symmetric``) or another.
     """
 
     cell: Cell
@@ -88,6 +93,7 @@ class RunSpec:
     max_epochs: int | None = None
     preset: str = PAPER_PRESET
     bf16: bool = False
+    feedback: str = PAPER_FEEDBACK
 
     @property
     def name(self) -> str:
@@ -100,6 +106,9 @@ class RunSpec:
             name += f"-e{self.max_epochs}"
         if self.bf16:
             name += "-bf16"
+        if self.feedback != PAPER_FEEDBACK:
+            # Marked as feedback: a preset may have a mode's name.
+            name += f"-fb-{self.feedback}"
         return name
 
     def config(
@@ -117,6 +126,7 @@ class RunSpec:
             val="test" if self.val is None else self.val,
             device=device,
             bf16=self.bf16,
+            feedback=self.feedback,
             cuda_graph=cuda_graph,
             data_dir=data_dir,
             out_dir=str(out / RUNS),
@@ -152,9 +162,10 @@ def plan(
     max_epochs: int | None = None,
     preset: str = PAPER_PRESET,
     bf16: bool = False,
+    feedback: str = PAPER_FEEDBACK,
 ) -> list[RunSpec]:
     """Every run of ``cells x rules x range(seeds)`` with ``preset``'s hyperparameters (under
-    bf16 autocast with ``bf16``), in priority order.
+    bf16 autocast with ``bf16``, through the ``feedback`` pathway), in priority order.
 
     The order is what a budget cuts: seed 0 of every cell before seed 1 (a first estimate of
     every cell beats ten seeds of one); within a seed the headline cells (published numbers)
@@ -177,6 +188,7 @@ def plan(
     if max_epochs is not None and max_epochs < 1:
         raise BrainPropError(f"--max-epochs must be >= 1, got {max_epochs}")
     check_preset(preset)
+    check_feedback(feedback)
     covered = [c for c in MATRIX if (DATASET_FAMILY[c.dataset], c.arch) in preset_table(preset)]
     uncovered = [c for c in cells if c not in covered]
     if uncovered:
@@ -193,7 +205,7 @@ def plan(
         return (spec.seed, headline, MATRIX.index(spec.cell), RULE_ORDER.index(spec.rule))
 
     specs = [
-        RunSpec(cell, rule, seed, val, cap, preset, bf16)
+        RunSpec(cell, rule, seed, val, cap, preset, bf16, feedback)
         for cell in dict.fromkeys(cells) for rule in dict.fromkeys(rules) for seed in range(seeds)
     ]  # fmt: skip
     return sorted(specs, key=priority)

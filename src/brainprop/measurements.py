@@ -22,7 +22,7 @@ from . import rundir
 from .data import DATASET_NAMES
 from .errors import BrainPropError
 from .files import atomic_write_json, make_folder
-from .matrix import RULE_ORDER, Cell, RunSpec
+from .matrix import PAPER_FEEDBACK, RULE_ORDER, Cell, RunSpec
 from .presets import ARCHITECTURES, PAPER_PRESET, table_row
 from .summary import TF32_OPS, check_summary
 
@@ -34,9 +34,10 @@ MEASUREMENT_FORMAT = "brainprop-measurement-1"
 class Measurement:
     """One finished run as recorded under ``measurements/``: what ran, where, and its summary.
 
-    ``preset`` names the hyperparameter table the run took (files written before presets were
-    recorded hold paper runs). ``machine`` is the device, ``bf16`` whether the run trained
-    under bf16 autocast and ``cuda_graph`` whether it replayed its steps from a CUDA graph:
+    ``preset`` names the hyperparameter table the run took and ``feedback`` its feedback
+    pathway (files written before either was recorded hold the paper's). ``machine`` is the
+    device, ``bf16`` whether the run trained under bf16 autocast and ``cuda_graph`` whether it
+    replayed its steps from a CUDA graph:
     with the ops its summary names as computed in TF32 (:attr:`tf32`) they are :attr:`setup`,
     what the run's seconds compare with. Its accuracy compares with :attr:`numerics`, the setup
     without the graph, which computes what a plain step does.
@@ -63,6 +64,7 @@ class Measurement:
     bf16: bool = False
     cuda_graph: bool = False
     company: float | None = None
+    feedback: str = PAPER_FEEDBACK
 
     @property
     def file_name(self) -> str:
@@ -153,6 +155,7 @@ def record(spec: RunSpec, run_dir: Path, out: Path, company: float = 1.0) -> Mea
             at_once=max(1, math.floor(company + 0.5)),
             bf16=bool(config.get("bf16", False)),
             cuda_graph=bool(config.get("cuda_graph", False)), company=round(company, 3),
+            feedback=spec.feedback,
         )  # fmt: skip
         # The curve lets a report plot or re-select epochs without the run directory.
         curve = {key: [_accuracy(row, key) for row in _rows(history)]
@@ -216,6 +219,7 @@ def _content(m: Measurement, config: dict[str, Any], curve: dict[str, list[float
         "runs_at_once_mean": m.company,
         "bf16": m.bf16,
         "cuda_graph": m.cuda_graph,
+        "feedback": m.feedback,
         "summary": m.summary,
         "config": config,
         "curve": curve,
@@ -270,10 +274,12 @@ def _measurement(d: Any, path: Path) -> Measurement:
         _whole(d, "seed", least=0), _opt_whole(d, "val"), _opt_whole(d, "max_epochs"),
         _text(d, "machine"), summary, path, _text(d, "preset", PAPER_PRESET), stack, at_once,
         _flag(d, "bf16"), _flag(d, "cuda_graph"), _company(d),
+        # Files written before feedback was recorded hold runs of the paper's.
+        _text(d, "feedback", PAPER_FEEDBACK),
     )  # fmt: skip
     # The report groups by the fields and counts runs by name: a file whose two disagree
     # (edited by hand, or merged under another name) would count a seed twice.
-    spec = RunSpec(m.cell, m.rule, m.seed, m.val, m.max_epochs, m.preset, m.bf16)
+    spec = RunSpec(m.cell, m.rule, m.seed, m.val, m.max_epochs, m.preset, m.bf16, m.feedback)
     if m.run != spec.name:
         raise ValueError(f"run {m.run!r}, but its fields make it {spec.name!r}")
     _check_config(d.get("config"), m)
@@ -287,7 +293,7 @@ def _check_config(config: Any, m: Measurement) -> None:
         return
     fields = {
         "name": m.run, "dataset": m.cell.dataset, "arch": m.cell.arch, "rule": m.rule,
-        "seed": m.seed, "preset": m.preset, "bf16": m.bf16,
+        "seed": m.seed, "preset": m.preset, "bf16": m.bf16, "feedback": m.feedback,
     }  # fmt: skip
     for key, value in fields.items():
         if key in config and config[key] != value:

@@ -1,10 +1,10 @@
 """The report: measurements aggregated per cell, BrainProp beside EBP and the published numbers.
 
-:func:`aggregate` groups measurements by cell, validation, epoch cap, hyperparameter preset and
-numerics: the machine and its precision (numbers from different machines, precisions, caps or
-settings are never pooled, so each number carries the machine it was measured on) and computes
-per rule the mean (sd) over seeds. Runs replayed from a CUDA graph pool with plain ones, as
-they compute the same step; their seconds are shown apart.
+:func:`aggregate` groups measurements by cell, validation, epoch cap, hyperparameter preset,
+feedback pathway and numerics: the machine and its precision (numbers from different machines,
+precisions, caps or settings are never pooled, so each number carries the machine it was
+measured on) and computes per rule the mean (sd) over seeds. Runs replayed from a CUDA graph
+pool with plain ones, as they compute the same step; their seconds are shown apart.
 :func:`write_report` writes ``results.md``, ``results.json`` and ``results.png``;
 :func:`update_readme` puts a summary between the README's ``<!-- results:start -->`` and
 ``<!-- results:end -->`` markers.
@@ -41,7 +41,7 @@ from typing import Any
 from . import studentt
 from .errors import BrainPropError
 from .files import atomic_write, atomic_write_json, atomic_write_text, make_folder
-from .matrix import MATRIX, RULE_ORDER, Cell
+from .matrix import MATRIX, PAPER_FEEDBACK, RULE_ORDER, Cell
 from .measurements import MEASUREMENTS, Measurement, load_measurements
 from .presets import PAPER_PRESET, Hyperparameters, table_row
 from .summary import DIVERGED, EARLY_STOPPING, MAX_EPOCHS, epochs_phrase
@@ -162,10 +162,11 @@ class Verdict:
 
 @dataclass(frozen=True)
 class CellResult:
-    """One cell under one validation, epoch cap, preset and machine: both rules and the
-    comparisons. ``machine`` is the runs' :attr:`~brainprop.measurements.Measurement.numerics`:
-    the machine, and bf16 (``bf16``) or TF32 where they computed in it. ``cuda_graph`` says
-    whether any of them replayed their steps from a CUDA graph, and ``graphed`` how many.
+    """One cell under one validation, epoch cap, preset, feedback pathway and machine: both
+    rules and the comparisons. ``machine`` is the runs'
+    :attr:`~brainprop.measurements.Measurement.numerics`: the machine, and bf16 (``bf16``) or
+    TF32 where they computed in it. ``cuda_graph`` says whether any of them replayed their steps
+    from a CUDA graph, and ``graphed`` how many.
 
     ``gap`` is BrainProp - EBP test accuracy (percentage points), ``gap_noise`` the largest
     gap Welch's t-test at 95 % calls noise (:func:`welch_limit`), ``ratio`` BrainProp's / EBP's
@@ -185,6 +186,8 @@ class CellResult:
     published: Published | None
     published_verdict: Verdict
     preset: str = PAPER_PRESET
+    #: The runs' feedback pathway (the paper's: the exact transpose, ``symmetric``).
+    feedback: str = PAPER_FEEDBACK
     #: How many of the runs shared the device, and how; empty when none did.
     sharing: str = ""
     #: Whether the runs trained under bf16 autocast instead of the paper's fp32.
@@ -202,10 +205,10 @@ class CellResult:
 
     @property
     def label(self) -> str:
-        """The cell, and the preset where it is not the paper's."""
-        if self.preset == PAPER_PRESET:
-            return self.cell.label
-        return f"{self.cell.label}, {self.preset} settings"
+        """The cell, and the preset and the feedback pathway where they are not the paper's."""
+        marks = [f"{self.preset} settings"] * (self.preset != PAPER_PRESET)
+        marks += [f"{self.feedback} feedback"] * (self.feedback != PAPER_FEEDBACK)
+        return ", ".join([self.cell.label, *marks])
 
 
 def rule_stats(runs: Sequence[Measurement]) -> RuleStats:
@@ -244,10 +247,12 @@ def compare(
     machine: str,
     runs: Sequence[Measurement],
     preset: str = PAPER_PRESET,
+    feedback: str = PAPER_FEEDBACK,
 ) -> CellResult:
-    """Aggregate one group's ``runs`` (all with ``preset``'s hyperparameters) and judge the
-    paper's claims on them. Runs with other settings are still held to the published number:
-    finding settings that reach it is what they are for."""
+    """Aggregate one group's ``runs`` (all with ``preset``'s hyperparameters and ``feedback``'s
+    pathway) and judge the paper's claims on them. Runs with other settings are still held to
+    the published number: finding settings that reach it is what they are for, and how far
+    another pathway falls short of it is what it is run for."""
     rules = {
         rule: rule_stats([m for m in runs if m.rule == rule])
         for rule in RULE_ORDER
@@ -308,8 +313,8 @@ def compare(
             published_verdict = no_verdict or Verdict(within)
     return CellResult(
         cell, val, max_epochs, machine, rules, gap, noise, gap_verdict, ratio, ratio_verdict,
-        published, published_verdict, preset, _sharing(runs), any(m.bf16 for m in runs),
-        any(m.cuda_graph for m in runs), _graphed(runs),
+        published, published_verdict, preset, feedback, _sharing(runs),
+        any(m.bf16 for m in runs), any(m.cuda_graph for m in runs), _graphed(runs),
     )  # fmt: skip
 
 
@@ -355,24 +360,25 @@ def _within(difference: float, limit: float) -> bool:
 
 
 def aggregate(measurements: Sequence[Measurement]) -> list[CellResult]:
-    """One :class:`CellResult` per (cell, validation, epoch cap, machine and precision, preset),
-    in matrix order (test-set validation first, the paper's settings first, uncapped before
-    capped)."""
-    Key = tuple[Cell, int | None, int | None, str, str]
+    """One :class:`CellResult` per (cell, validation, epoch cap, machine and precision, preset,
+    feedback pathway), in matrix order (test-set validation first, the paper's settings and
+    feedback first, uncapped before capped)."""
+    Key = tuple[Cell, int | None, int | None, str, str, str]
     groups: dict[Key, list[Measurement]] = defaultdict(list)
     for m in measurements:
-        groups[(m.cell, m.val, m.max_epochs, m.numerics, m.preset)].append(m)
+        groups[(m.cell, m.val, m.max_epochs, m.numerics, m.preset, m.feedback)].append(m)
 
     def order(key: Key) -> tuple[Any, ...]:
-        cell, val, cap, machine, preset = key
+        cell, val, cap, machine, preset, feedback = key
         rank = MATRIX.index(cell) if cell in MATRIX else len(MATRIX)
-        return (val or 0, rank, cell, preset != PAPER_PRESET, preset, cap is not None, cap or 0,
+        return (val or 0, rank, cell, preset != PAPER_PRESET, preset,
+                feedback != PAPER_FEEDBACK, feedback, cap is not None, cap or 0,
                 machine)  # fmt: skip
 
     return [
-        compare(cell, val, cap, machine, _once_per_run(groups[key]), preset)
+        compare(cell, val, cap, machine, _once_per_run(groups[key]), preset, feedback)
         for key in sorted(groups, key=order)
-        for cell, val, cap, machine, preset in [key]
+        for cell, val, cap, machine, preset, feedback in [key]
     ]
 
 
@@ -428,7 +434,11 @@ def _no_full_paper_run(results: Sequence[CellResult]) -> list[Cell]:
     """The matrix cells with no full-length fp32 run of the paper's preset (see :func:`_full`):
     cut-short or diverged runs and other settings show that a cell runs, not what the paper's
     claims are about."""
-    full = {r.cell for r in results if r.preset == PAPER_PRESET and not r.bf16 and _full(r)}
+    full = {
+        r.cell
+        for r in results
+        if r.preset == PAPER_PRESET and r.feedback == PAPER_FEEDBACK and not r.bf16 and _full(r)
+    }
     return [c for c in MATRIX if c not in full]
 
 
@@ -541,12 +551,19 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 
 
 def _settings_lines(results: Sequence[CellResult]) -> list[str]:
-    """What each row run with settings other than the paper's used, from its preset table."""
+    """What each row run with settings other than the paper's used: its preset table's row,
+    and what a feedback pathway other than the paper's means."""
+    lines = []
+    if any(r.feedback != PAPER_FEEDBACK for r in results):
+        lines += ["", "Rows marked with a feedback pathway (`reproduce --feedback`; "
+                  "docs/biology.md) sent each layer's error back through it instead of the "
+                  "paper's exact transpose of the forward weights; the published numbers beside "
+                  "them are the paper's, of that transpose."]  # fmt: skip
     rows = sorted({(r.preset, r.cell) for r in results if r.preset != PAPER_PRESET})
     if not rows:
-        return []
-    lines = ["", "Rows marked with a preset's settings use that table of `brainprop.presets` "
-             "instead of the paper's:", ""]  # fmt: skip
+        return lines
+    lines += ["", "Rows marked with a preset's settings use that table of `brainprop.presets` "
+              "instead of the paper's:", ""]  # fmt: skip
     for preset, cell in rows:
         # A measurement merged from another version, or made with a table of one's own, may
         # name a preset this process lacks.
