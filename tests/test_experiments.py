@@ -109,6 +109,18 @@ def test_a_feedback_pathway_other_than_the_papers_is_in_the_name_and_config():
         Request(stack=2, feedback="random")
 
 
+def test_a_run_through_another_pathway_is_estimated_from_runs_through_it_alone(tmp_path):
+    for feedback, s in (("symmetric", 1.0), ("random", 3.0)):
+        spec = RunSpec(DENSE, "ebp", 0, feedback=feedback)
+        write_measurement(tmp_path, spec, "cpu", test_acc=0.9, epochs_run=10, s_per_epoch=s)
+    measured = load_measurements(tmp_path)
+    # 10 epochs of (s + 1 s of evaluation) each.
+    later = {f: RunSpec(DENSE, "ebp", 1, feedback=f) for f in ("symmetric", "random", "sign")}
+    assert ex.estimate_seconds(later["symmetric"], measured, "cpu", tmp_path) == 20
+    assert ex.estimate_seconds(later["random"], measured, "cpu", tmp_path) == 40
+    assert ex.estimate_seconds(later["sign"], measured, "cpu", tmp_path) is None
+
+
 def test_a_feedback_request_trains_through_it_and_reports_apart(tmp_path, mnist_root, no_plots):
     args = ["reproduce", "--datasets", "mnist", "--archs", "dense", "--rules", "ebp", "--seeds",
             "1", "--max-epochs", "1", "--feedback", "sign", "--device", "cpu", "--quiet",

@@ -127,6 +127,18 @@ def test_a_name_that_could_not_name_a_run_or_be_an_option_value_is_refused(name)
     ARCHITECTURES["_1.x+y-z"] = (_build, 0)
 
 
+@pytest.mark.parametrize(
+    ("name", "part"), [("fb-random", "fb"), ("mine-bf16", "bf16"), ("x-val5000", "val5000"),
+                       ("x-e2", "e2")],
+)  # fmt: skip
+def test_a_preset_named_with_a_mark_of_a_runs_name_is_refused(name, part):
+    """Runs of preset 'fb-random' would be named as the paper's runs through random feedback:
+    one of the two would be skipped as measured."""
+    with pytest.raises(BrainPropError, match=rf"^PRESETS\['{name}'\]: its part '{part}' reads "):
+        PRESETS[name] = GOOD["PRESETS"][1]
+    PRESETS["e-val"] = GOOD["PRESETS"][1]  # marks only as whole parts
+
+
 def test_the_modes_that_are_no_pathway_are_no_names_for_one():
     for name in ("symmetric", "direct"):
         with pytest.raises(BrainPropError, match="is a built-in mode that is no pathway through"):

@@ -733,6 +733,12 @@ def test_runs_through_another_feedback_pathway_are_their_own_row_so_named(tmp_pa
     md = write_report(tmp_path).read_text()
     assert f"| MNIST conv, random feedback | {CPU} | 500 (paper) | 2 / 2 | 98.20 (0.14) |" in md
     assert "Rows marked with a feedback pathway (`reproduce --feedback`" in md
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{README_START}\n{README_END}\n")
+    update_readme(readme, tmp_path)
+    text = readme.read_text()
+    assert "| MNIST conv, random feedback | test set |" in text
+    assert "Rows marked with a feedback pathway (`reproduce --feedback`" in text
     # A cell measured only through another pathway still lacks a run of the paper's.
     _cell_runs(tmp_path, Cell("mnist", "dense"), CPU, [0.98], [0.98], [50], [40], feedback="sign")
     write_report(tmp_path)

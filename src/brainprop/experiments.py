@@ -9,11 +9,11 @@ Under the output folder (``results/`` by default) it keeps::
 
 A run's name says what it is (``cifar10-deep-ebp-s3``, ``-quickstart`` for hyperparameters from
 a preset table other than the paper's, ``-val5000`` for held-out validation, ``-e2`` for an
-epoch cap other than the paper's 500, ``-bf16`` for bf16 autocast), so the same request always
-maps to the same directories: a finished run is skipped, an interrupted one resumes from its
-``last.pt``. A budget admits runs by estimates from earlier measurements; ``--jobs`` packs runs
-onto one device, each in its own process, and ``--stack`` trains seeds side by side in one
-network.
+epoch cap other than the paper's 500, ``-bf16`` for bf16 autocast, ``-fb-random`` for a feedback
+pathway other than the paper's), so the same request always maps to the same directories: a
+finished run is skipped, an interrupted one resumes from its ``last.pt``. A budget admits runs
+by estimates from earlier measurements; ``--jobs`` packs runs onto one device, each in its own
+process, and ``--stack`` trains seeds side by side in one network.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from typing import Any, TextIO
 from . import locks, plugins, rundir, signals
 from .config import TrainConfig
 from .errors import BrainPropError
+from .feedback import check_feedback
 from .files import TEMPORARIES, make_folder
 from .matrix import MATRIX, PAPER_EPOCHS, PAPER_FEEDBACK, RULE_ORDER, RUNS, Cell, RunSpec, plan
 from .measurements import (
@@ -156,6 +157,7 @@ class Request:
             raise BrainPropError(f"--stack must be >= 1, got {self.stack}")
         if self.budget_minutes is not None and not self.budget_minutes > 0:
             raise BrainPropError(f"--budget-minutes must be > 0, got {self.budget_minutes}")
+        check_feedback(self.feedback)
         if self.stack > 1 and self.feedback != PAPER_FEEDBACK:
             raise BrainPropError(
                 f"--stack trains seeds as one vmapped network, and --feedback {self.feedback}'s "

@@ -17,6 +17,7 @@ layer is a bias-free ``nn.Linear`` whose outputs are the Q-values (BrainProp) or
 from __future__ import annotations
 
 import numbers
+import re
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, replace
 from types import MappingProxyType
@@ -138,6 +139,18 @@ def _table_problem(table: object) -> str | None:
     return None
 
 
+def _preset_name_problem(name: str) -> str | None:
+    # A run's name is its settings' names joined by '-' (brainprop.matrix.RunSpec.name): a
+    # table named like one of its marks would give two different runs one name, and one of
+    # them would be skipped as measured.
+    marks = [p for p in name.split("-") if p in ("fb", "bf16") or re.fullmatch(r"(val|e)\d+", p)]
+    if marks:
+        return (
+            f"its part {marks[0]!r} reads as a mark of a run's name (-val<N>, -e<N>, -bf16, -fb-)"
+        )
+    return None
+
+
 #: Named tables a run can take its hyperparameters from. The library's own stay as they are,
 #: read-only (their committed measurements ran with them); a table of one's own is a mapping
 #: (a dict, to add rows later) added here.
@@ -150,6 +163,7 @@ PRESETS: Registry[Mapping[tuple[str, str], Hyperparameters]] = Registry(
         "tuned-lr1.25": TUNED_LR125,
     },
     check=_table_problem,
+    name_check=_preset_name_problem,
 )
 
 

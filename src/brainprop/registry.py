@@ -34,6 +34,7 @@ class Registry(MutableMapping[str, V]):
         builtin: the library's entries, which cannot be replaced or removed.
         check: what is wrong with an entry, as the end of a sentence about it, or None.
         reserved: names no entry may take, each with why (a mode that is no entry here).
+        name_check: what is wrong with a name beyond the common rule, or None.
     """
 
     def __init__(
@@ -42,8 +43,10 @@ class Registry(MutableMapping[str, V]):
         builtin: Mapping[str, V],
         check: Callable[[object], str | None],
         reserved: Mapping[str, str] | None = None,
+        name_check: Callable[[str], str | None] = lambda name: None,
     ) -> None:
         self.label, self._check, self._reserved = label, check, dict(reserved or {})
+        self._name_check = name_check
         self._entries: dict[str, V] = {}
         # The library's entries go in through the same checks as any, before they are marked
         # as the library's (which would refuse them).
@@ -62,6 +65,9 @@ class Registry(MutableMapping[str, V]):
                 f"{self.label}[{name!r}]: {name!r} is {self._reserved[name]}; give the entry "
                 "another name"
             )
+        problem = self._name_check(name)
+        if problem is not None:
+            raise BrainPropError(f"{self.label}[{name!r}]: {problem}; give the entry another name")
         self._refuse_builtin(name)
         problem = self._check(entry)
         if problem is not None:

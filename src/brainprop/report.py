@@ -413,7 +413,7 @@ def write_report(out: Path) -> Path:
 def to_json(results: Sequence[CellResult], count: int, machines: Sequence[str]) -> dict[str, Any]:
     """The report as data: every group with its machine, stats, comparisons and verdicts."""
     return {
-        "format": "brainprop-results-4",
+        "format": "brainprop-results-5",
         "measurements": count,
         "machines": list(machines),
         "claims": {
@@ -553,12 +553,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 def _settings_lines(results: Sequence[CellResult]) -> list[str]:
     """What each row run with settings other than the paper's used: its preset table's row,
     and what a feedback pathway other than the paper's means."""
-    lines = []
-    if any(r.feedback != PAPER_FEEDBACK for r in results):
-        lines += ["", "Rows marked with a feedback pathway (`reproduce --feedback`; "
-                  "docs/biology.md) sent each layer's error back through it instead of the "
-                  "paper's exact transpose of the forward weights; the published numbers beside "
-                  "them are the paper's, of that transpose."]  # fmt: skip
+    lines = _feedback_lines(results)
     rows = sorted({(r.preset, r.cell) for r in results if r.preset != PAPER_PRESET})
     if not rows:
         return lines
@@ -571,6 +566,16 @@ def _settings_lines(results: Sequence[CellResult]) -> list[str]:
         paper = table_row(PAPER_PRESET, cell.dataset, cell.arch)
         lines.append(f"- {cell.label}, {preset}: {_hp_text(hp)}; the paper's: {_hp_text(paper)}")
     return lines
+
+
+def _feedback_lines(results: Sequence[CellResult]) -> list[str]:
+    """What a row marked with a feedback pathway means, where there is one."""
+    if all(r.feedback == PAPER_FEEDBACK for r in results):
+        return []
+    return ["", "Rows marked with a feedback pathway (`reproduce --feedback`; docs/biology.md) "
+            "sent each layer's error back through it instead of the paper's exact transpose of "
+            "the forward weights; the published numbers beside them are the paper's, of that "
+            "transpose."]  # fmt: skip
 
 
 def _hp_text(hp: Hyperparameters | None) -> str:
@@ -746,6 +751,7 @@ def readme_section(results: Sequence[CellResult], out: Path, readme: Path) -> st
         "",
         f"Full report, timings and figure: [{link}]({link}).",
     ]
+    lines += _feedback_lines(results)
     lines += _no_full_paper_run_line(results)
     return "\n".join(lines)
 
