@@ -91,7 +91,7 @@ class Registry(MutableMapping[str, V]):
         return f"{self.label}({self._entries!r})"
 
     def __copy__(self) -> Registry[V]:
-        twin = object.__new__(Registry)
+        twin = object.__new__(type(self))
         twin.__dict__.update(self.__dict__, _entries=dict(self._entries))
         return twin
 
