@@ -37,6 +37,7 @@ from brainprop.matrix import (
 )
 from brainprop.measurements import load_measurements, machine_slug, record
 from brainprop.measurements import write_measurement as write_measurement_record
+from brainprop.presets import PRESETS, Hyperparameters
 from brainprop.report import README_END, README_START
 from brainprop.resume import stored_config
 
@@ -93,6 +94,16 @@ def test_a_preset_other_than_the_papers_is_in_the_name_and_config_and_covers_its
         plan([DENSE, Cell("mnist", "conv")], preset="quickstart")
     with pytest.raises(BrainPropError, match="unknown preset 'fast'"):
         plan([DENSE], preset="fast")
+
+
+def test_a_preset_of_no_matrix_cell_says_that_reproduce_runs_the_papers_networks(monkeypatch):
+    monkeypatch.setitem(PRESETS, "own", {("mnist", "small"): Hyperparameters()})
+    with pytest.raises(
+        BrainPropError,
+        match=r"^preset 'own' has no row for a cell of the paper's matrix \(its rows: "
+        r"mnist/small\): reproduce runs the paper's networks, 'brainprop train --preset' any",
+    ):
+        plan([DENSE], preset="own")
 
 
 def test_a_feedback_pathway_other_than_the_papers_is_in_the_name_and_config():

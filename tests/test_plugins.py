@@ -222,3 +222,22 @@ def test_a_plugin_run_resumes_with_its_plugin_and_without_it_says_what_is_missin
     assert err.count("\n") == 1 and "invalid config" not in err, err
     assert main(["--plugin", str(plugin), *resume]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["epochs_run"] == 2
+
+
+def test_a_module_of_a_package_is_imported_and_its_packages_errors_are_its_own(
+    tmp_path, monkeypatch, capsys
+):
+    for package, init in (("labpkg", ""), ("labbroken", "import lab_missing_dependency\n")):
+        (tmp_path / package).mkdir()
+        (tmp_path / package / "__init__.py").write_text(init)
+        (tmp_path / package / "rules.py").write_text(PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    plugins.load("labpkg.rules")
+    assert "tiny" in ARCHITECTURES
+    assert main(["--plugin", "labnowhere.rules", "datasets"]) == 2
+    assert "--plugin labnowhere.rules: no module of that name" in capsys.readouterr().err
+    assert main(["--plugin", "labbroken.rules", "datasets"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert "--plugin labbroken.rules failed as it was imported: ModuleNotFoundError: " in err
+    assert f"({tmp_path / 'labbroken' / '__init__.py'}:1)" in err

@@ -38,7 +38,8 @@ def registries():
     ("label", "entry", "message"),
     [
         ("OBJECTIVES", EBP, None),  # a class makes its objective: taken
-        ("ARCHITECTURES", [_build, 1], None),
+        ("ARCHITECTURES", [_build, 1], "ARCHITECTURES['mine'] must be (builder, number of "
+         "dropout sites), e.g. (build, 1), not a list"),
         ("ARCHITECTURES", (_build, np.int64(2)), None),
         ("PRESETS", MappingProxyType({("cifar100", "deep"): Hyperparameters()}), None),
         ("OBJECTIVES", "ebp",

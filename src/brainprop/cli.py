@@ -40,9 +40,9 @@ DATA_DIR_HELP = (
 BF16_HELP = "bf16 autocast (CUDA; on a CPU, fast only with AVX512_BF16, AMX or Arm bf16)"
 
 
-#: argparse's error for the options whose choices a plugin may add to (see
+#: How argparse's error begins for the options whose choices a plugin may add to (see
 #: :mod:`brainprop.plugins`).
-REGISTERED_CHOICES = tuple(
+_REGISTERED_CHOICE_ERRORS = tuple(
     f"argument {option}:" for option in ("--rule", "--arch", "--feedback", "--preset")
 )
 
@@ -58,7 +58,7 @@ class _Parser(argparse.ArgumentParser):
         self._negative_number_matcher = re.compile(r"-\.?\d")
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        if "invalid choice" in message and message.startswith(REGISTERED_CHOICES):
+        if "invalid choice" in message and message.startswith(_REGISTERED_CHOICE_ERRORS):
             message += plugins.HINT
         self.exit(2, f"brainprop: error: {message} (see '{self.prog} --help')\n")
 
@@ -497,8 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--plugin", action="append", metavar="MODULE",
         help="import MODULE (a module name, or the path of a .py file) before the command, "
         "which then takes the rules, networks, feedback pathways and preset tables it "
-        "registers (reproduce, whose matrix is the paper's: its preset tables and feedback "
-        "pathways; bench: its rules); repeatable, and given before the command",
+        "registers (reproduce takes its preset tables and feedback pathways, its matrix being "
+        "the paper's; bench its rules); repeatable, and given before the command",
     )  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_train(sub)

@@ -1,4 +1,4 @@
-"""The one error type users see.
+"""The one error type users see, and its case for a name this process has not registered.
 
 Anything that is the user's to fix (a missing file, a bad name, a nonsense hyperparameter)
 raises :class:`BrainPropError` with a single line that says what was wrong and how to fix it.

@@ -191,6 +191,12 @@ def plan(
     check_feedback(feedback)
     covered = [c for c in MATRIX if (DATASET_FAMILY[c.dataset], c.arch) in preset_table(preset)]
     uncovered = [c for c in cells if c not in covered]
+    if uncovered and not covered:
+        rows = ", ".join(f"{f}/{a}" for f, a in preset_table(preset)) or "none"
+        raise BrainPropError(
+            f"preset {preset!r} has no row for a cell of the paper's matrix (its rows: {rows}): "
+            "reproduce runs the paper's networks, 'brainprop train --preset' any of its own"
+        )
     if uncovered:
         archs = ",".join(dict.fromkeys(c.arch for c in covered))
         sets = ",".join(dict.fromkeys(c.dataset for c in covered))

@@ -71,7 +71,8 @@ def loaded() -> tuple[str, ...]:
 
 
 def _import(name: str) -> None:
-    found = _run(name, lambda: _find(name), lambda: None)
+    # Finding a dotted name imports its parent packages: their errors are the plugin's too.
+    found, source = _run(name, lambda: _find(name), lambda: None)
     if found is None:
         local = Path(f"{name}.py")
         fix = (
@@ -80,26 +81,24 @@ def _import(name: str) -> None:
             else "pass the path of its .py file instead, or install the package that has it"
         )
         raise BrainPropError(f"--plugin {name}: no module of that name on Python's path: {fix}")
-    source = Path(found.origin).resolve() if found.origin else None
     _run(name, lambda: importlib.import_module(name), lambda: source)
 
 
-def _find(name: str) -> importlib.machinery.ModuleSpec | None:
-    """Where module ``name`` is, None where it is not; for a dotted name this imports its
-    parent packages, as the import would."""
-    try:
-        return importlib.util.find_spec(name)
-    except ModuleNotFoundError:  # a parent package that is not there
-        return None
-
-
-def _origin(name: str) -> Path | None:
-    """The file of the top-level module ``name``, None where it has none or there is none."""
+def _find(name: str) -> tuple[importlib.machinery.ModuleSpec | None, Path | None]:
+    """Module ``name``'s spec and source file; None for what is not there (a module, or a
+    parent package of a dotted name, that cannot be found; a module that is no file)."""
     try:
         found = importlib.util.find_spec(name)
-    except (ImportError, ValueError):
-        return None
-    return Path(found.origin).resolve() if found is not None and found.origin else None
+    except ModuleNotFoundError as e:
+        # A parent package that is not there, as opposed to one that imports what is not.
+        if e.name is not None and name.startswith(f"{e.name}."):
+            return None, None
+        raise
+    except ValueError:  # in sys.modules without a spec
+        return None, None
+    if found is None or not found.origin:
+        return found, None
+    return found, Path(found.origin).resolve()
 
 
 def _load_file(spec: str, path: Path) -> None:
@@ -118,7 +117,7 @@ def _load_file(spec: str, path: Path) -> None:
         return  # the same file, named once by module name and once by path
     # Registered under its stem, the plugin would stand in for a module of that name that is
     # imported later (by brainprop or a library it uses), breaking it.
-    other = _file_of(imported) if imported is not None else _origin(name)
+    other = _file_of(imported) if imported is not None else _find(name)[1]
     if imported is not None or (other is not None and other != path):
         where = f" ({other})" if other is not None else ""
         raise BrainPropError(
@@ -141,8 +140,8 @@ def _file_of(module: object) -> Path | None:
     return Path(file).resolve() if file else None
 
 
-def _run(spec: str, body: Callable[[], T], file: Callable[[], Path | None]) -> T:
-    """Run a plugin's code, whose source is ``file()``: an error, or an exit, becomes one
+def _run(spec: str, body: Callable[[], T], source_of: Callable[[], Path | None]) -> T:
+    """Run a plugin's code, whose file is ``source_of()``: an error, or an exit, becomes one
     line."""
     try:
         return body()
@@ -152,7 +151,7 @@ def _run(spec: str, body: Callable[[], T], file: Callable[[], Path | None]) -> T
             "registers names and returns"
         ) from None
     except Exception as e:
-        raise _failed(spec, e, file()) from None
+        raise _failed(spec, e, source_of()) from None
 
 
 def _failed(spec: str, e: Exception, path: Path | None) -> BrainPropError:

@@ -347,8 +347,8 @@ def _deep(s: LayerStack, num_classes: int, dropout: Sequence[float]) -> None:
 
 
 def _architecture_problem(entry: object) -> str | None:
-    if not (isinstance(entry, tuple | list) and len(entry) == 2):
-        size = f" of {len(entry)}" if isinstance(entry, tuple | list) else ""
+    if not (isinstance(entry, tuple) and len(entry) == 2):
+        size = f" of {len(entry)}" if isinstance(entry, tuple) else ""
         return (
             "must be (builder, number of dropout sites), e.g. (build, 1), not a "
             f"{type(entry).__name__}{size}"

@@ -573,7 +573,7 @@ def _feedback_lines(results: Sequence[CellResult]) -> list[str]:
     if all(r.feedback == PAPER_FEEDBACK for r in results):
         return []
     return ["", "Rows marked with a feedback pathway (`reproduce --feedback`; docs/biology.md) "
-            "sent each layer's error back through it instead of the paper's exact transpose of "
+            "sent the error down through that pathway instead of the paper's exact transpose of "
             "the forward weights; the published numbers beside them are the paper's, of that "
             "transpose."]  # fmt: skip
 
