@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ from data_fixtures import REPO
 from torch import nn
 
 from brainprop import ARCHITECTURES, OBJECTIVES, PAPER, PATHWAYS, PRESETS, build_model
+from brainprop.cli import build_parser
 
 
 def _block_after(text: str, marker: str) -> str:
@@ -62,6 +64,23 @@ def test_the_readme_table_of_presets_is_the_paper_table() -> None:
             assert int(count.replace(",", "")) == sum(p.numel() for p in model.parameters()), row
             seen.add((family, arch))
     assert seen == set(PAPER)
+
+
+def test_the_command_line_examples_parse() -> None:
+    """Each line of the README's command-line block names options the parser has."""
+    text = (REPO / "README.md").read_text()
+    block = re.search(r"## Command line\n\n```bash\n(.*?)```", text, re.DOTALL)
+    assert block, "no command-line block"
+    parsed = 0
+    for line in block.group(1).splitlines():
+        words = shlex.split(line.split("  #")[0])
+        words = words[words.index("brainprop") + 1 :]
+        if "--help" in words or "--plugin" in words:  # help exits; a plugin needs its file
+            continue
+        args = build_parser().parse_args(words)
+        assert args.command in words, line
+        parsed += 1
+    assert parsed >= 10
 
 
 def test_the_extending_example_trains_a_new_rule_on_a_new_network(monkeypatch, tmp_path) -> None:
