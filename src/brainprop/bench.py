@@ -46,7 +46,7 @@ from .errors import BrainPropError
 from .evaluation import EVAL_BATCH, accuracy
 from .feedback import convert
 from .files import atomic_write_json, atomic_write_text, make_folder
-from .objectives import Objective, Output, check_rule, make_objective
+from .objectives import OBJECTIVES, Objective, Output, make_objective
 from .peaks import Peak, Peaks, device_peaks, op_precisions, precision_label
 from .presets import (
     DATASET_FAMILY,
@@ -669,7 +669,7 @@ def _checked_presets(
     if stack < 1:
         raise BrainPropError(f"--stack must be >= 1 seeds, got {stack}")
     for rule in rules:
-        check_rule(rule)
+        OBJECTIVES.require(rule)
     parsed = [parse_preset(p) for p in presets]
     if batch_size is not None:
         for dataset, _ in parsed:

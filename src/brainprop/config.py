@@ -20,7 +20,7 @@ import torch
 from .devices import device_problem
 from .errors import BrainPropError
 from .feedback import check_feedback
-from .objectives import DEFAULT_EPSILON, check_rule
+from .objectives import DEFAULT_EPSILON, OBJECTIVES
 from .presets import (
     ARCHITECTURES,
     DATASET_FAMILY,
@@ -112,7 +112,7 @@ class TrainConfig:
             raise BrainPropError(
                 f"unknown dataset {self.dataset!r}: choose one of {', '.join(DATASET_FAMILY)}"
             )
-        check_rule(self.rule)
+        OBJECTIVES.require(self.rule)
         if self.global_batch is not None and self.batch_size not in (None, self.global_batch):
             raise BrainPropError(
                 f"--batch-size {self.batch_size} and --global-batch {self.global_batch} both "

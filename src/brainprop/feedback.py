@@ -184,6 +184,7 @@ _NO_PATHWAY = "a built-in mode that is no pathway through a B"
 #: ``brainprop --plugin`` (:mod:`brainprop.plugins`).
 PATHWAYS: Registry[Pathway] = Registry(
     "PATHWAYS",
+    "pathway",
     {
         "reciprocal": Pathway(
             make=lambda layer, scale, g: nn.Parameter(_random_like(layer.weight, scale, g))

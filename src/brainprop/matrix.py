@@ -17,7 +17,7 @@ from .config import TrainConfig
 from .errors import BrainPropError
 from .feedback import check_feedback
 from .objectives import RULES
-from .presets import DATASET_FAMILY, PAPER_PRESET, check_preset, preset_table
+from .presets import DATASET_FAMILY, PAPER_PRESET, PRESETS, preset_table
 
 #: The folder of the run directories under a results folder (local, not committed).
 RUNS = "runs"
@@ -187,7 +187,7 @@ def plan(
         raise BrainPropError(f"--val-split must be >= 1 held-out images, got {val}")
     if max_epochs is not None and max_epochs < 1:
         raise BrainPropError(f"--max-epochs must be >= 1, got {max_epochs}")
-    check_preset(preset)
+    PRESETS.require(preset)
     check_feedback(feedback)
     covered = [c for c in MATRIX if (DATASET_FAMILY[c.dataset], c.arch) in preset_table(preset)]
     uncovered = [c for c in cells if c not in covered]

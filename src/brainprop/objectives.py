@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from . import fusedhead, plugins
-from .errors import BrainPropError, UnknownName
+from . import fusedhead
+from .errors import BrainPropError
 from .registry import Registry
 
 #: The published exploration rate: the chance that BrainProp samples its action from
@@ -283,6 +283,7 @@ def _factory_problem(factory: object) -> str | None:
 #: ``brainprop --plugin`` (:mod:`brainprop.plugins`).
 OBJECTIVES: Registry[Callable[[float, bool], Objective]] = Registry(
     "OBJECTIVES",
+    "rule",
     {"brainprop": BrainProp, "ebp": lambda epsilon, fused: EBP()},
     check=_factory_problem,
 )
@@ -301,7 +302,7 @@ def batch_scale(objective: Objective, n: int, batch_size: int) -> float:
 def make_objective(rule: str, epsilon: float = DEFAULT_EPSILON, fused: bool = False) -> Objective:
     """Build the objective :data:`OBJECTIVES` names ``rule``; ``fused``: BrainProp's head in
     fused kernels where it can (see :class:`BrainProp`)."""
-    check_rule(rule)
+    OBJECTIVES.require(rule)
     factory = OBJECTIVES[rule]
     if hasattr(factory, "sums_over_nominal_batch") and not isinstance(factory, type):
         raise BrainPropError(
@@ -341,11 +342,3 @@ def _takes(factory: Callable[..., Any], *args: object) -> bool:
     except ValueError:  # no signature to read (some built-ins): let the call speak
         return True
     return True
-
-
-def check_rule(rule: str) -> None:
-    """One-line BrainPropError unless :data:`OBJECTIVES` has ``rule``."""
-    if rule not in OBJECTIVES:
-        raise UnknownName(
-            f"unknown rule {rule!r}: choose one of {', '.join(OBJECTIVES)}{plugins.HINT}"
-        )

@@ -25,8 +25,7 @@ from types import MappingProxyType
 import torch
 from torch import nn
 
-from . import plugins
-from .errors import BrainPropError, UnknownName
+from .errors import BrainPropError
 from .layers import Conv2dSame, LocallyConnected2d
 from .registry import Registry
 
@@ -156,6 +155,7 @@ def _preset_name_problem(name: str) -> str | None:
 #: (a dict, to add rows later) added here.
 PRESETS: Registry[Mapping[tuple[str, str], Hyperparameters]] = Registry(
     "PRESETS",
+    "preset",
     {
         PAPER_PRESET: PAPER,
         "quickstart": QUICKSTART,
@@ -167,18 +167,10 @@ PRESETS: Registry[Mapping[tuple[str, str], Hyperparameters]] = Registry(
 )
 
 
-def check_preset(preset: str) -> None:
-    """One-line BrainPropError unless :data:`PRESETS` has ``preset``."""
-    if preset not in PRESETS:
-        raise UnknownName(
-            f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}{plugins.HINT}"
-        )
-
-
 def preset_hyperparameters(dataset: str, arch: str, preset: str = PAPER_PRESET) -> Hyperparameters:
     """The ``preset`` table's row for ``dataset`` and ``arch``; a clear error for missing pairs."""
-    check_preset(preset)
-    check_arch(arch)
+    PRESETS.require(preset)
+    ARCHITECTURES.require(arch)
     family = DATASET_FAMILY.get(dataset)
     if family is None:
         raise BrainPropError(
@@ -367,6 +359,7 @@ def _architecture_problem(entry: object) -> str | None:
 #: Builder and number of dropout sites per architecture.
 ARCHITECTURES: Registry[tuple[Callable[[LayerStack, int, Sequence[float]], None], int]] = Registry(
     "ARCHITECTURES",
+    "architecture",
     {
         "dense": (_dense, 0),
         "conv": (_shallow("conv"), 2),
@@ -375,14 +368,6 @@ ARCHITECTURES: Registry[tuple[Callable[[LayerStack, int, Sequence[float]], None]
     },
     check=_architecture_problem,
 )
-
-
-def check_arch(arch: str) -> None:
-    """One-line BrainPropError unless :data:`ARCHITECTURES` has ``arch``."""
-    if arch not in ARCHITECTURES:
-        raise UnknownName(
-            f"unknown architecture {arch!r}: choose one of {', '.join(ARCHITECTURES)}{plugins.HINT}"
-        )
 
 
 def build_model(
@@ -398,7 +383,7 @@ def build_model(
     every weight drawn from N(0, hp.init_std) using ``generator``. Without ``hp`` the network
     has no dropout and the default sigma; pass a :data:`PAPER` row for the published network.
     """
-    check_arch(arch)
+    ARCHITECTURES.require(arch)
     builder, sites = ARCHITECTURES[arch]
     hp = hp or Hyperparameters(dropout=(0.0,) * sites)
     if len(hp.dropout) != sites:

@@ -14,7 +14,8 @@ import re
 from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from typing import TypeVar
 
-from .errors import BrainPropError
+from . import plugins
+from .errors import BrainPropError, UnknownName
 
 V = TypeVar("V")
 
@@ -31,6 +32,7 @@ class Registry(MutableMapping[str, V]):
 
     Args:
         label: the registry's name in messages (``PATHWAYS``).
+        kind: what an entry is, in the message for a name it lacks (``rule``).
         builtin: the library's entries, which cannot be replaced or removed.
         check: what is wrong with an entry, as the end of a sentence about it, or None.
         reserved: names no entry may take, each with why (a mode that is no entry here).
@@ -40,12 +42,14 @@ class Registry(MutableMapping[str, V]):
     def __init__(
         self,
         label: str,
+        kind: str,
         builtin: Mapping[str, V],
         check: Callable[[object], str | None],
         reserved: Mapping[str, str] | None = None,
         name_check: Callable[[str], str | None] = lambda name: None,
     ) -> None:
-        self.label, self._check, self._reserved = label, check, dict(reserved or {})
+        self.label, self.kind = label, kind
+        self._check, self._reserved = check, dict(reserved or {})
         self._name_check = name_check
         self._entries: dict[str, V] = {}
         # The library's entries go in through the same checks as any, before they are marked
@@ -99,6 +103,13 @@ class Registry(MutableMapping[str, V]):
         """Remove one's own entries; the library's stay."""
         for name in [n for n in self._entries if n not in self.builtin]:
             del self._entries[name]
+
+    def require(self, name: str) -> None:
+        """One-line :class:`UnknownName` unless ``name`` is registered."""
+        if name not in self._entries:
+            raise UnknownName(
+                f"unknown {self.kind} {name!r}: choose one of {', '.join(self)}{plugins.HINT}"
+            )
 
     def _refuse_builtin(self, name: str) -> None:
         if name in self.builtin:
