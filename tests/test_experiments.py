@@ -3,6 +3,7 @@ end-to-end ``brainprop reproduce`` on fixture files in the official formats."""
 
 from __future__ import annotations
 
+import copy
 import importlib
 import io
 import json
@@ -20,8 +21,8 @@ import pytest
 from data_fixtures import write_cifar100, write_idx_dataset, write_tiny_imagenet
 from measurement_fixtures import write_measurement
 
+from brainprop import EBP, OBJECTIVES, matrix, report, rundir, signals
 from brainprop import experiments as ex
-from brainprop import report, rundir, signals
 from brainprop.cli import main
 from brainprop.errors import BrainPropError
 from brainprop.experiments import Request, reproduce
@@ -167,10 +168,25 @@ def test_cells_filter_and_reject_what_is_not_in_the_matrix():
             select_cells(datasets, archs)
     with pytest.raises(
         BrainPropError,
-        match="^rule 'feedback-alignment' is not in the paper's matrix: choose from brainprop, "
-        "ebp \\(a rule of one's own trains with 'brainprop train --rule'\\)$",
+        match="^unknown rule 'feedback-alignment': choose one of brainprop, ebp; a name of your "
+        "own is known once its code has run: import it first, or give its module to the "
+        "command with 'brainprop --plugin MODULE'$",
     ):
         plan(MATRIX, ["feedback-alignment"])
+
+
+def test_a_rule_of_ones_own_joins_the_plan_after_the_papers_rules(monkeypatch):
+    """Each seed of a cell runs BrainProp and EBP first, then the others in the order given:
+    every pair a finished seed gives includes EBP, the rule each is compared with."""
+    objectives = copy.copy(OBJECTIVES)
+    for name in ("mine", "theirs"):
+        objectives[name] = lambda epsilon, fused: EBP()
+    monkeypatch.setattr(matrix, "OBJECTIVES", objectives)
+    specs = plan([DENSE], ["theirs", "ebp", "mine", "brainprop"], seeds=2)
+    assert [(s.rule, s.seed) for s in specs] == [
+        (r, seed) for seed in (0, 1) for r in ("brainprop", "ebp", "theirs", "mine")
+    ]
+    assert specs[2].name == "mnist-dense-theirs-s0"
 
 
 def test_estimates_use_this_machine_and_subtract_epochs_done(tmp_path):

@@ -165,18 +165,20 @@ def test_a_plugin_that_cannot_be_imported_is_one_line(tmp_path, capsys, source, 
 
 def test_reproduce_workers_import_the_plugins_of_the_command(plugin, tmp_path, monkeypatch):
     """A worker is a process of its own: without the plugin there, its run of the plugin's
-    preset table would fail as it started."""
+    rule or preset table would fail as it started."""
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     write_idx_dataset(tmp_path / "data" / "mnist", n_train=32, n_test=16)
     plugins.load(str(plugin))
     request = Request(
-        cells=(Cell("mnist", "dense"),), rules=("brainprop", "ebp"), seeds=1, max_epochs=1,
+        cells=(Cell("mnist", "dense"),), rules=("ebp-too", "ebp"), seeds=1, max_epochs=1,
         preset="mine", out=tmp_path / "r", data_dir=str(tmp_path / "data"), device="cpu",
         jobs=2, progress=False,
     )  # fmt: skip
     outcome = reproduce(request, say=lambda _: None)
-    assert sorted(outcome.ran) == ["mnist-dense-brainprop-s0-mine-e1", "mnist-dense-ebp-s0-mine-e1"]
+    assert sorted(outcome.ran) == ["mnist-dense-ebp-s0-mine-e1", "mnist-dense-ebp-too-s0-mine-e1"]
     assert {m.preset for m in load_measurements(request.out)} == {"mine"}
+    report = (request.out / "results.md").read_text()
+    assert "| MNIST dense, rule ebp-too, mine settings |" in report
 
 
 def test_a_plugin_file_named_as_another_module_is_refused(tmp_path, capsys):

@@ -140,6 +140,17 @@ def test_a_preset_named_with_a_mark_of_a_runs_name_is_refused(name, part):
     PRESETS["e-val"] = GOOD["PRESETS"][1]  # marks only as whole parts
 
 
+@pytest.mark.parametrize(("name", "part"), [("x-s1", "s1"), ("s0-x", "s0")])
+def test_a_rule_named_with_a_seed_of_a_runs_name_is_refused(name, part):
+    """Seed 0 of rule 'x-s1' would be named as seed 1 of rule 'x' under a preset 's0'."""
+    with pytest.raises(
+        BrainPropError,
+        match=rf"^OBJECTIVES\['{name}'\]: its part '{part}' reads as the seed of a run's name",
+    ):
+        OBJECTIVES[name] = GOOD["OBJECTIVES"][1]
+    OBJECTIVES["s-x1"] = GOOD["OBJECTIVES"][1]  # a seed only as a whole part
+
+
 def test_the_modes_that_are_no_pathway_are_no_names_for_one():
     for name in ("symmetric", "direct"):
         with pytest.raises(BrainPropError, match="is a built-in mode that is no pathway through"):

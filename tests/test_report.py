@@ -378,9 +378,11 @@ def test_unreadable_duplicated_or_foreign_measurements_are_one_line_errors(tmp_p
     with pytest.raises(BrainPropError, match=r"both measure run mnist-conv-brainprop-s0 on"):
         load_measurements(tmp_path)
     copy.unlink()
-    foreign = json.loads(m.path.read_text()) | {"rule": "fa", "run": "mnist-conv-fa-s0"}
+    # A rule of one's own need not be registered here, but its name must be one that cannot
+    # give two runs one name.
+    foreign = json.loads(m.path.read_text()) | {"rule": "fa-s1", "run": "mnist-conv-fa-s1-s0"}
     (tmp_path / MEASUREMENTS / "foreign.json").write_text(json.dumps(foreign))
-    with pytest.raises(BrainPropError, match=r"\(rule 'fa', not one of brainprop, ebp\)"):
+    with pytest.raises(BrainPropError, match=r"\(rule 'fa-s1': its part 's1' reads as the seed"):
         load_measurements(tmp_path)
     (tmp_path / MEASUREMENTS / "foreign.json").unlink()
     (tmp_path / MEASUREMENTS / "old.json").mkdir()
@@ -529,7 +531,8 @@ def test_a_summary_number_no_run_can_have_is_a_one_line_error(tmp_path, capsys, 
     ("key", "value", "message"),
     [("dataset", "mnsit", "(dataset 'mnsit', not one of mnist, "),
      ("arch", "dens", "(arch 'dens', not one of dense, "),
-     ("rule", "bp", "(rule 'bp', not one of brainprop, ebp)"),
+     ("rule", "b p", "(rule 'b p': a name starts with a letter, digit or _, then "),
+     ("rule", None, "(rule None: a name starts with a letter, digit or _, then "),
      ("seed", -1, "(seed -1, below 0)"),
      ("val", 0, "(val 0, below 1)"),
      ("max_epochs", 0, "(max_epochs 0, below 1)"),
@@ -754,6 +757,41 @@ def test_runs_through_another_feedback_pathway_are_their_own_row_so_named(tmp_pa
     m.path.write_text(json.dumps(d | {"feedback": "random"}))
     with pytest.raises(BrainPropError, match=f"run '{m.run}', but its fields make it "):
         load_measurements(tmp_path)
+
+
+def test_a_rule_of_ones_own_is_compared_with_the_ebp_runs_beside_it_in_rows_of_its_own(tmp_path):
+    """Its runs need no registration here (a report merges other machines' files); each such
+    rule stands where BrainProp does in a row of its own, against the same EBP runs."""
+    _cell_runs(tmp_path, CONV, CPU, [0.992, 0.993], [0.993, 0.994], [50, 60], [40, 50])
+    for seed, (acc, epochs) in enumerate(((0.985, 120), (0.987, 140))):
+        write_measurement(tmp_path, RunSpec(CONV, "mine", seed), CPU, test_acc=acc,
+                          best_epoch=epochs)  # fmt: skip
+    write_measurement(tmp_path, RunSpec(CONV, "a-rule", 0), CPU, test_acc=0.99)
+    paper, a_rule, mine = aggregate(load_measurements(tmp_path))
+    assert (paper.rule, paper.label, sorted(paper.rules)) == ("brainprop", "MNIST conv",
+                                                              ["brainprop", "ebp"])  # fmt: skip
+    assert (mine.rule, mine.label, sorted(mine.rules)) == ("mine", "MNIST conv, rule mine",
+                                                           ["ebp", "mine"])  # fmt: skip
+    assert mine.rules["ebp"] == paper.rules["ebp"]
+    assert mine.gap == pytest.approx(98.6 - 99.35) and mine.gap_verdict.agrees is False
+    assert mine.ratio == pytest.approx(130 / 45) and mine.ratio_verdict.agrees is True
+    assert mine.published_verdict.agrees is False  # held to BrainProp's published number
+    assert a_rule.gap_verdict.why == "needs 2+ seeds per rule"
+    md = write_report(tmp_path).read_text()
+    assert f"| MNIST conv, rule mine | {CPU} | 500 (paper) | 2 / 2 | 98.60 (0.14) | 99.35" in md
+    assert "Rows marked with a rule (`reproduce --rules`, a rule of one's own) show" in md
+    cells = json.loads((tmp_path / RESULTS_JSON).read_text())["cells"]
+    assert [c["rule"] for c in cells] == ["brainprop", "a-rule", "mine"]
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{README_START}\n{README_END}\n")
+    update_readme(readme, tmp_path)
+    text = readme.read_text()
+    assert "| MNIST conv, rule mine | test set |" in text and "Rows marked with a rule" in text
+    # Without BrainProp's runs, EBP's still make a row: the rule's.
+    for m in load_measurements(tmp_path):
+        if m.rule == "brainprop":
+            m.path.unlink()
+    assert [r.rule for r in aggregate(load_measurements(tmp_path))] == ["a-rule", "mine"]
 
 
 def test_bf16_runs_are_their_own_row_marked_bf16(tmp_path):

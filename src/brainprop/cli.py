@@ -297,6 +297,7 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
     from .experiments import Request
     from .feedback import feedback_modes
     from .matrix import MAX_SEEDS
+    from .objectives import OBJECTIVES
     from .presets import PRESETS
 
     # As for train, a run option not given is None (False for switches), so that _reproduce
@@ -312,8 +313,10 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--datasets", type=_names, help="comma-separated (default: all four)")
     p.add_argument("--archs", type=_names, help="comma-separated (default: every cell's)")
     p.add_argument(
-        "--rules", type=_names, help=f"comma-separated (default: {','.join(default['rules'])})"
-    )
+        "--rules", type=_names,
+        help=f"comma-separated, of {', '.join(OBJECTIVES)} (a rule of one's own is compared with "
+        f"EBP; default: {','.join(default['rules'])})",
+    )  # fmt: skip
     p.add_argument(
         "--seeds", type=int,
         help=f"seeds 0..N-1 per cell and rule (default {default['seeds']}, at most {MAX_SEEDS})",
@@ -497,8 +500,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--plugin", action="append", metavar="MODULE",
         help="import MODULE (a module name, or the path of a .py file) before the command, "
         "which then takes the rules, networks, feedback pathways and preset tables it "
-        "registers (reproduce takes its preset tables and feedback pathways, its matrix being "
-        "the paper's; bench its rules); repeatable, and given before the command",
+        "registers (reproduce its rules, preset tables and feedback pathways, its networks "
+        "being the paper's; bench its rules); repeatable, and given before the command",
     )  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_train(sub)

@@ -16,7 +16,7 @@ from pathlib import Path
 from .config import TrainConfig
 from .errors import BrainPropError
 from .feedback import check_feedback
-from .objectives import RULES
+from .objectives import OBJECTIVES, RULES
 from .presets import DATASET_FAMILY, PAPER_PRESET, PRESETS, preset_table
 
 #: The folder of the run directories under a results folder (local, not committed).
@@ -26,7 +26,8 @@ PAPER_EPOCHS = TrainConfig.epochs
 #: The paper's feedback: the exact transpose of the forward weights. Runs through another
 #: pathway carry ``-fb-<mode>``.
 PAPER_FEEDBACK = TrainConfig.feedback
-#: The rules in the order runs are planned and reported: BrainProp, then its baseline.
+#: The rules in the order runs are planned and reported: BrainProp, then its baseline. Rules of
+#: one's own (``OBJECTIVES``) come after them, each compared with EBP as BrainProp is.
 RULE_ORDER = RULES
 #: The most seeds a request may ask for: a hundred times the paper's ten. Far more is a slip
 #: of the keyboard, and a plan of millions of runs would fill the memory before its first line.
@@ -154,6 +155,12 @@ def select_cells(datasets: Sequence[str] | None, archs: Sequence[str] | None) ->
     return cells
 
 
+def rule_rank(rule: str) -> int:
+    """Where ``rule`` comes in plans and reports: the paper's two in :data:`RULE_ORDER`, then
+    any of one's own (tied, so that they keep the order they were given in)."""
+    return RULE_ORDER.index(rule) if rule in RULE_ORDER else len(RULE_ORDER)
+
+
 def plan(
     cells: Sequence[Cell],
     rules: Sequence[str] = RULE_ORDER,
@@ -169,15 +176,12 @@ def plan(
 
     The order is what a budget cuts: seed 0 of every cell before seed 1 (a first estimate of
     every cell beats ten seeds of one); within a seed the headline cells (published numbers)
-    before the others, then the matrix order; within a cell BrainProp then EBP, so that each
-    finished pair gives a gap and an epoch ratio.
+    before the others, then the matrix order; within a cell BrainProp, EBP, then rules of one's
+    own (each compared with EBP) as given, so that each finished pair gives a gap and an epoch
+    ratio.
     """
     for rule in rules:
-        if rule not in RULE_ORDER:
-            raise BrainPropError(
-                f"rule {rule!r} is not in the paper's matrix: choose from {', '.join(RULE_ORDER)} "
-                "(a rule of one's own trains with 'brainprop train --rule')"
-            )
+        OBJECTIVES.require(rule)
     if not 1 <= seeds <= MAX_SEEDS:
         raise BrainPropError(
             f"--seeds must lie in [1, {MAX_SEEDS}], got {seeds}: the paper runs 10 per cell and "
@@ -208,7 +212,7 @@ def plan(
 
     def priority(spec: RunSpec) -> tuple[int, int, int, int]:
         headline = HEADLINE.index(spec.cell) if spec.cell in HEADLINE else len(HEADLINE)
-        return (spec.seed, headline, MATRIX.index(spec.cell), RULE_ORDER.index(spec.rule))
+        return (spec.seed, headline, MATRIX.index(spec.cell), rule_rank(spec.rule))
 
     specs = [
         RunSpec(cell, rule, seed, val, cap, preset, bf16, feedback)

@@ -22,7 +22,8 @@ from . import rundir
 from .data import DATASET_NAMES
 from .errors import BrainPropError
 from .files import atomic_write_json, make_folder
-from .matrix import PAPER_FEEDBACK, RULE_ORDER, Cell, RunSpec
+from .matrix import PAPER_FEEDBACK, Cell, RunSpec
+from .objectives import OBJECTIVES
 from .presets import ARCHITECTURES, PAPER_PRESET, table_row
 from .summary import TF32_OPS, check_summary
 
@@ -261,10 +262,13 @@ def _measurement(d: Any, path: Path) -> Measurement:
     if d["format"] != MEASUREMENT_FORMAT:
         raise ValueError(f"format {d['format']!r}")
     # A misspelt name would be reported as a cell of its own, beside the real one.
-    for key, known in (("dataset", DATASET_NAMES), ("arch", tuple(ARCHITECTURES)),
-                       ("rule", RULE_ORDER)):  # fmt: skip
+    for key, known in (("dataset", DATASET_NAMES), ("arch", tuple(ARCHITECTURES))):
         if d[key] not in known:
             raise ValueError(f"{key} {d[key]!r}, not one of {', '.join(known)}")
+    # A rule of one's own need not be registered for its report (its runs measured it), so
+    # only its name is checked: one that could not have named a run is no measurement's.
+    if problem := OBJECTIVES.name_problem(d["rule"]):
+        raise ValueError(f"rule {d['rule']!r}: {problem}")
     summary = d["summary"]
     check_summary(summary)
     # Files written before sharing was recorded hold runs that had the device alone.

@@ -17,6 +17,7 @@ A new rule is an :class:`Objective` registered by name in :data:`OBJECTIVES`.
 from __future__ import annotations
 
 import inspect
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -277,6 +278,17 @@ def _factory_problem(factory: object) -> str | None:
     )
 
 
+def rule_name_problem(name: str) -> str | None:
+    """What is wrong with ``name`` as a rule's, beyond a registry's common rule, or None."""
+    # A run of the matrix is named <dataset>-<arch>-<rule>-s<seed>[-<preset>...]
+    # (brainprop.matrix.RunSpec.name): a rule with a seed-like part would give two runs one
+    # name ('x-s1' seed 0 and 'x' seed 1 under a preset 's0'), and one would be skipped as done.
+    seeds = [p for p in name.split("-") if re.fullmatch(r"s\d+", p)]
+    if seeds:
+        return f"its part {seeds[0]!r} reads as the seed of a run's name (-s<N>)"
+    return None
+
+
 #: The learning rules by name, each a function of (epsilon, fused) that makes its objective.
 #: A new rule is one entry, e.g. ``OBJECTIVES["mine"] = lambda epsilon, fused: Mine()``; then
 #: ``TrainConfig(rule="mine")`` trains with it, as does the command given its module with
@@ -286,6 +298,7 @@ OBJECTIVES: Registry[Callable[[float, bool], Objective]] = Registry(
     "rule",
     {"brainprop": BrainProp, "ebp": lambda epsilon, fused: EBP()},
     check=_factory_problem,
+    name_check=rule_name_problem,
 )
 
 #: The paper's two rules, in the order its comparisons put them.

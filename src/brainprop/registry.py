@@ -58,18 +58,19 @@ class Registry(MutableMapping[str, V]):
         self.update(builtin)
         self.builtin = tuple(builtin)
 
-    def __setitem__(self, name: str, entry: V) -> None:
+    def name_problem(self, name: str) -> str | None:
+        """What keeps ``name`` from naming an entry here, or None (whether or not it does)."""
         if not isinstance(name, str) or not _NAME.fullmatch(name):
-            raise BrainPropError(
-                f"{self.label}[{name!r}]: a name starts with a letter, digit or _, then letters, "
-                "digits and . _ + - (e.g. 'my-net')"
+            return (
+                "a name starts with a letter, digit or _, then letters, digits and . _ + - "
+                "(e.g. 'my-net')"
             )
         if name in self._reserved:
-            raise BrainPropError(
-                f"{self.label}[{name!r}]: {name!r} is {self._reserved[name]}; give the entry "
-                "another name"
-            )
-        problem = self._name_check(name)
+            return f"{name!r} is {self._reserved[name]}"
+        return self._name_check(name)
+
+    def __setitem__(self, name: str, entry: V) -> None:
+        problem = self.name_problem(name)
         if problem is not None:
             raise BrainPropError(f"{self.label}[{name!r}]: {problem}; give the entry another name")
         self._refuse_builtin(name)

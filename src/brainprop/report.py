@@ -9,6 +9,10 @@ pool with plain ones, as they compute the same step; their seconds are shown apa
 :func:`update_readme` puts a summary between the README's ``<!-- results:start -->`` and
 ``<!-- results:end -->`` markers.
 
+A rule of one's own (``reproduce --rules mine,ebp``) gets rows of its own, marked with its
+name, in which it stands where BrainProp does: compared with the EBP runs of the same group
+and held to the same claims and published numbers, to see how it fares against them.
+
 The paper's claims checked per cell:
 
 - accuracy: BrainProp equals EBP within noise: Welch's t-test of the two means at 95 %, i.e.
@@ -41,7 +45,7 @@ from typing import Any
 from . import studentt
 from .errors import BrainPropError
 from .files import atomic_write, atomic_write_json, atomic_write_text, make_folder
-from .matrix import MATRIX, PAPER_FEEDBACK, RULE_ORDER, Cell
+from .matrix import MATRIX, PAPER_FEEDBACK, RULE_ORDER, Cell, rule_rank
 from .measurements import MEASUREMENTS, Measurement, load_measurements
 from .presets import PAPER_PRESET, Hyperparameters, table_row
 from .summary import DIVERGED, EARLY_STOPPING, MAX_EPOCHS, epochs_phrase
@@ -51,8 +55,15 @@ README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
 #: The paper: BrainProp takes 1 to 3.5 times EBP's epochs.
 CLAIMED_RATIO = (1.0, 3.5)
 
-#: How the report names the rules.
+#: How the report names the rules; one of one's own goes by its registered name.
 RULE_NAMES = {"brainprop": "BrainProp", "ebp": "EBP"}
+#: The paper's rule, and the one it and every other rule is compared with.
+PAPER_RULE, BASELINE = RULE_ORDER
+
+
+def rule_name(rule: str) -> str:
+    """``rule`` as the report names it."""
+    return RULE_NAMES.get(rule, rule)
 
 
 @dataclass(frozen=True)
@@ -162,14 +173,14 @@ class Verdict:
 
 @dataclass(frozen=True)
 class CellResult:
-    """One cell under one validation, epoch cap, preset, feedback pathway and machine: both
-    rules and the comparisons. ``machine`` is the runs'
+    """One cell under one validation, epoch cap, preset, feedback pathway and machine: a rule
+    (``rule``: BrainProp, or one of one's own), EBP, and the comparisons. ``machine`` is the runs'
     :attr:`~brainprop.measurements.Measurement.numerics`: the machine, and bf16 (``bf16``) or
     TF32 where they computed in it. ``cuda_graph`` says whether any of them replayed their steps
     from a CUDA graph, and ``graphed`` how many.
 
-    ``gap`` is BrainProp - EBP test accuracy (percentage points), ``gap_noise`` the largest
-    gap Welch's t-test at 95 % calls noise (:func:`welch_limit`), ``ratio`` BrainProp's / EBP's
+    ``gap`` is ``rule`` - EBP test accuracy (percentage points), ``gap_noise`` the largest
+    gap Welch's t-test at 95 % calls noise (:func:`welch_limit`), ``ratio`` ``rule``'s / EBP's
     mean epochs to the best.
     """
 
@@ -196,6 +207,8 @@ class CellResult:
     cuda_graph: bool = False
     #: How many of the runs did, e.g. "2 runs from a CUDA graph"; empty when none did.
     graphed: str = ""
+    #: The rule compared with EBP: the paper's BrainProp, or one of one's own.
+    rule: str = PAPER_RULE
 
     @property
     def machine_text(self) -> str:
@@ -205,8 +218,9 @@ class CellResult:
 
     @property
     def label(self) -> str:
-        """The cell, and the preset and the feedback pathway where they are not the paper's."""
-        marks = [f"{self.preset} settings"] * (self.preset != PAPER_PRESET)
+        """The cell, and the rule, preset and feedback pathway where they are not the paper's."""
+        marks = [f"rule {self.rule}"] * (self.rule != PAPER_RULE)
+        marks += [f"{self.preset} settings"] * (self.preset != PAPER_PRESET)
         marks += [f"{self.feedback} feedback"] * (self.feedback != PAPER_FEEDBACK)
         return ", ".join([self.cell.label, *marks])
 
@@ -248,35 +262,38 @@ def compare(
     runs: Sequence[Measurement],
     preset: str = PAPER_PRESET,
     feedback: str = PAPER_FEEDBACK,
+    rule: str = PAPER_RULE,
 ) -> CellResult:
-    """Aggregate one group's ``runs`` (all with ``preset``'s hyperparameters and ``feedback``'s
-    pathway) and judge the paper's claims on them. Runs with other settings are still held to
-    the published number: finding settings that reach it is what they are for, and how far
-    another pathway falls short of it is what it is run for."""
+    """Aggregate the runs of ``rule`` and EBP among one group's ``runs`` (all with ``preset``'s
+    hyperparameters and ``feedback``'s pathway) and judge the paper's claims on them, ``rule``
+    standing where BrainProp does. Runs with other settings are still held to the published
+    number: finding settings that reach it is what they are for, and how far another pathway
+    or rule falls short of it is what it is run for."""
+    runs = [m for m in runs if m.rule in (rule, BASELINE)]
     rules = {
-        rule: rule_stats([m for m in runs if m.rule == rule])
-        for rule in RULE_ORDER
-        if any(m.rule == rule for m in runs)
+        r: rule_stats([m for m in runs if m.rule == r])
+        for r in (rule, BASELINE)
+        if any(m.rule == r for m in runs)
     }
-    bp, ebp = rules.get("brainprop"), rules.get("ebp")
+    compared, ebp = rules.get(rule), rules.get(BASELINE)
     capped = max_epochs is not None and any(
         m.summary.get("stop_reason") == MAX_EPOCHS for m in runs
     )
     no_verdict = Verdict(None, f"capped at {epochs_phrase(max_epochs)}") if capped else None
 
     unpaired = Verdict(None, "needs both rules")
-    if bp and ebp and not (bp.test_acc and ebp.test_acc):
-        gone = [RULE_NAMES[r] for r, s in (("brainprop", bp), ("ebp", ebp)) if not s.test_acc]
+    if compared and ebp and not (compared.test_acc and ebp.test_acc):
+        gone = [rule_name(r) for r, s in ((rule, compared), (BASELINE, ebp)) if not s.test_acc]
         unpaired = Verdict(None, f"{' and '.join(gone)} finished no epoch")
 
     gap = noise = None
     gap_verdict = unpaired
-    if bp and ebp and bp.test_acc and ebp.test_acc:
-        a, b = bp.test_acc, ebp.test_acc
+    if compared and ebp and compared.test_acc and ebp.test_acc:
+        a, b = compared.test_acc, ebp.test_acc
         gap = a.mean - b.mean
         noise = welch_limit(a, b)
         if noise is None:
-            short = len(bp.seeds) > a.n or len(ebp.seeds) > b.n
+            short = len(compared.seeds) > a.n or len(ebp.seeds) > b.n
             some = " that finished an epoch" if short else ""
             gap_verdict = no_verdict or Verdict(None, f"needs 2+ seeds per rule{some}")
         elif noise == 0 and not _within(gap, 0):
@@ -286,15 +303,15 @@ def compare(
 
     ratio = None
     ratio_verdict = unpaired
-    if bp and ebp and bp.test_acc and ebp.test_acc:
-        pairs = (("brainprop", bp), ("ebp", ebp))
-        broke = [RULE_NAMES[r] for r, s in pairs if s.diverged]
-        if not (bp.epochs_to_best and ebp.epochs_to_best):
-            gone = [RULE_NAMES[r] for r, s in pairs if not s.epochs_to_best]
+    if compared and ebp and compared.test_acc and ebp.test_acc:
+        pairs = ((rule, compared), (BASELINE, ebp))
+        broke = [rule_name(r) for r, s in pairs if s.diverged]
+        if not (compared.epochs_to_best and ebp.epochs_to_best):
+            gone = [rule_name(r) for r, s in pairs if not s.epochs_to_best]
             ratio_verdict = Verdict(None, f"every run of {' and '.join(gone)} diverged")
         else:
-            ratio = bp.epochs_to_best.mean / ebp.epochs_to_best.mean
-            if bp.epochs_to_best.n > 1 and ebp.epochs_to_best.n > 1:
+            ratio = compared.epochs_to_best.mean / ebp.epochs_to_best.mean
+            if compared.epochs_to_best.n > 1 and ebp.epochs_to_best.n > 1:
                 low, high = CLAIMED_RATIO
                 ratio_verdict = no_verdict or Verdict(low <= ratio <= high)
             else:
@@ -304,17 +321,17 @@ def compare(
     published = PUBLISHED.get(cell)
     published_verdict = Verdict(None, "no published number")
     if published is not None:
-        if bp is None:
-            published_verdict = Verdict(None, "no BrainProp run")
-        elif bp.test_acc is None:
-            published_verdict = Verdict(None, "BrainProp finished no epoch")
+        if compared is None:
+            published_verdict = Verdict(None, f"no {rule_name(rule)} run")
+        elif compared.test_acc is None:
+            published_verdict = Verdict(None, f"{rule_name(rule)} finished no epoch")
         else:
-            within = _within(bp.test_acc.mean - published.accuracy, 2 * published.accuracy_sd)
+            within = _within(compared.test_acc.mean - published.accuracy, 2 * published.accuracy_sd)
             published_verdict = no_verdict or Verdict(within)
     return CellResult(
         cell, val, max_epochs, machine, rules, gap, noise, gap_verdict, ratio, ratio_verdict,
         published, published_verdict, preset, feedback, _sharing(runs),
-        any(m.bf16 for m in runs), any(m.cuda_graph for m in runs), _graphed(runs),
+        any(m.bf16 for m in runs), any(m.cuda_graph for m in runs), _graphed(runs), rule,
     )  # fmt: skip
 
 
@@ -361,7 +378,8 @@ def _within(difference: float, limit: float) -> bool:
 
 def aggregate(measurements: Sequence[Measurement]) -> list[CellResult]:
     """One :class:`CellResult` per (cell, validation, epoch cap, machine and precision, preset,
-    feedback pathway), in matrix order (test-set validation first, the paper's settings and
+    feedback pathway) and rule compared with EBP (BrainProp's, then one per rule of one's own
+    that ran there), in matrix order (test-set validation first, the paper's settings and
     feedback first, uncapped before capped)."""
     Key = tuple[Cell, int | None, int | None, str, str, str]
     groups: dict[Key, list[Measurement]] = defaultdict(list)
@@ -375,10 +393,17 @@ def aggregate(measurements: Sequence[Measurement]) -> list[CellResult]:
                 feedback != PAPER_FEEDBACK, feedback, cap is not None, cap or 0,
                 machine)  # fmt: skip
 
+    def rules_of(runs: Sequence[Measurement]) -> list[str]:
+        # A group of EBP runs alone is still reported, in BrainProp's row.
+        rules = sorted({m.rule for m in runs} - {BASELINE}, key=lambda r: (rule_rank(r), r))
+        return rules or [PAPER_RULE]
+
     return [
-        compare(cell, val, cap, machine, _once_per_run(groups[key]), preset, feedback)
+        compare(cell, val, cap, machine, runs, preset, feedback, rule)
         for key in sorted(groups, key=order)
         for cell, val, cap, machine, preset, feedback in [key]
+        for runs in [_once_per_run(groups[key])]
+        for rule in rules_of(runs)
     ]
 
 
@@ -413,7 +438,7 @@ def write_report(out: Path) -> Path:
 def to_json(results: Sequence[CellResult], count: int, machines: Sequence[str]) -> dict[str, Any]:
     """The report as data: every group with its machine, stats, comparisons and verdicts."""
     return {
-        "format": "brainprop-results-5",
+        "format": "brainprop-results-6",
         "measurements": count,
         "machines": list(machines),
         "claims": {
@@ -445,7 +470,7 @@ def _no_full_paper_run(results: Sequence[CellResult]) -> list[Cell]:
 def _full(result: CellResult) -> bool:
     """Whether a BrainProp run of ``result`` ended as the paper's would: by early stopping, or
     at the paper's own epoch limit (not a ``--max-epochs`` cap, not a divergence)."""
-    bp = result.rules.get("brainprop")
+    bp = result.rules.get(PAPER_RULE)
     ended = set() if bp is None else {why for why, n in bp.stop_reasons.items() if n}
     return EARLY_STOPPING in ended or (result.max_epochs is None and MAX_EPOCHS in ended)
 
@@ -500,7 +525,7 @@ def _gap_text(result: CellResult) -> str:
     """The gap as the difference of the two means printed beside it: rounded on its own, a gap
     of exact halves (69.625 - 70.22 = -0.595) rounds the other way than its mean (-0.60,
     where 69.63 - 70.22 = -0.59)."""
-    bp, ebp = result.rules.get("brainprop"), result.rules.get("ebp")
+    bp, ebp = result.rules.get(result.rule), result.rules.get(BASELINE)
     if result.gap is None or bp is None or ebp is None or not (bp.test_acc and ebp.test_acc):
         return "–"
     printed = Decimal(fixed(bp.test_acc.mean, 2)) - Decimal(fixed(ebp.test_acc.mean, 2))
@@ -519,17 +544,15 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s"
 
 
-def _rule(result: CellResult, rule: str) -> RuleStats | None:
-    return result.rules.get(rule)
-
-
 def _pair(result: CellResult, text: Callable[[RuleStats], str]) -> list[str]:
-    """BrainProp's and EBP's ``text``; "–" for a rule without runs."""
-    return ["–" if (s := _rule(result, r)) is None else text(s) for r in RULE_ORDER]
+    """The compared rule's and EBP's ``text``; "–" for a rule without runs."""
+    return ["–" if (s := result.rules.get(r)) is None else text(s) for r in (result.rule, BASELINE)]
 
 
 def _seeds(result: CellResult) -> str:
-    return " / ".join(str(len(s.seeds)) if (s := _rule(result, r)) else "0" for r in RULE_ORDER)
+    return " / ".join(
+        str(len(s.seeds)) if (s := result.rules.get(r)) else "0" for r in (result.rule, BASELINE)
+    )
 
 
 def _published_acc(p: Published | None) -> str:
@@ -553,7 +576,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 def _settings_lines(results: Sequence[CellResult]) -> list[str]:
     """What each row run with settings other than the paper's used: its preset table's row,
     and what a feedback pathway other than the paper's means."""
-    lines = _feedback_lines(results)
+    lines = _mark_lines(results)
     rows = sorted({(r.preset, r.cell) for r in results if r.preset != PAPER_PRESET})
     if not rows:
         return lines
@@ -568,14 +591,21 @@ def _settings_lines(results: Sequence[CellResult]) -> list[str]:
     return lines
 
 
-def _feedback_lines(results: Sequence[CellResult]) -> list[str]:
-    """What a row marked with a feedback pathway means, where there is one."""
-    if all(r.feedback == PAPER_FEEDBACK for r in results):
-        return []
-    return ["", "Rows marked with a feedback pathway (`reproduce --feedback`; docs/biology.md) "
-            "sent the error down through that pathway instead of the paper's exact transpose of "
-            "the forward weights; the published numbers beside them are the paper's, of that "
-            "transpose."]  # fmt: skip
+def _mark_lines(results: Sequence[CellResult]) -> list[str]:
+    """What a row marked with a rule of one's own or a feedback pathway means, where there is
+    one."""
+    lines = []
+    if any(r.rule != PAPER_RULE for r in results):
+        lines += ["", "Rows marked with a rule (`reproduce --rules`, a rule of one's own) show "
+                  "that rule in BrainProp's columns, compared with the EBP runs of the same "
+                  "cell, machine and settings (which BrainProp's row shows too), and held to "
+                  "BrainProp's claims and published numbers."]  # fmt: skip
+    if any(r.feedback != PAPER_FEEDBACK for r in results):
+        lines += ["", "Rows marked with a feedback pathway (`reproduce --feedback`; "
+                  "docs/biology.md) sent the error down through that pathway instead of the "
+                  "paper's exact transpose of the forward weights; the published numbers beside "
+                  "them are the paper's, of that transpose."]  # fmt: skip
+    return lines
 
 
 def _hp_text(hp: Hyperparameters | None) -> str:
@@ -680,15 +710,21 @@ def plot(results: Sequence[CellResult]) -> bytes:
     axes = fig.subplots(len(variants), 1, squeeze=False)
     for ax, val in zip(axes[:, 0], variants, strict=True):
         rows = [r for r in results if r.val == val]
-        for offset, rule, color in ((-0.2, "brainprop", "tab:blue"), (0.2, "ebp", "tab:orange")):
+        own = any(r.rule != PAPER_RULE for r in rows)
+        # The left bar is the row's compared rule: BrainProp, or the one its label names.
+        bars = (
+            (-0.2, None, f"{PAPER_RULE} or the label's rule" if own else PAPER_RULE, "tab:blue"),
+            (0.2, BASELINE, BASELINE, "tab:orange"),
+        )
+        for offset, which, label, color in bars:
             xs, means, sds = [], [], []
             for i, r in enumerate(rows):
-                stats = r.rules.get(rule)
+                stats = r.rules.get(which or r.rule)
                 if stats and stats.test_acc:
                     xs.append(i + offset)
                     means.append(stats.test_acc.mean)
                     sds.append(stats.test_acc.sd or 0.0)
-            ax.bar(xs, means, 0.4, yerr=sds, capsize=3, color=color, label=rule)
+            ax.bar(xs, means, 0.4, yerr=sds, capsize=3, color=color, label=label)
         published = [(i, r.published) for i, r in enumerate(rows) if r.published]
         if published:
             ax.errorbar(
@@ -751,7 +787,7 @@ def readme_section(results: Sequence[CellResult], out: Path, readme: Path) -> st
         "",
         f"Full report, timings and figure: [{link}]({link}).",
     ]
-    lines += _feedback_lines(results)
+    lines += _mark_lines(results)
     lines += _no_full_paper_run_line(results)
     return "\n".join(lines)
 
