@@ -521,6 +521,35 @@ def test_a_run_directory_of_an_older_preset_table_is_refused_before_any_run(
     assert calls == [] and not (tmp_path / "measurements").exists()
 
 
+@pytest.mark.parametrize(
+    ("key", "value"), [("feedback", "random"), ("bf16", True), ("seed", 1), ("rule", "brainprop")]
+)
+def test_another_runs_directory_in_a_runs_place_is_refused_before_any_run(
+    tmp_path, mnist_root, monkeypatch, key, value
+):
+    """Copied or renamed there, it resumed as itself for hours, then was refused as its
+    measurement was recorded under the name it sat at."""
+    calls: list[str] = []
+    monkeypatch.setattr(ex, "_train", _fake_train(calls))
+    request = Request(
+        cells=(DENSE,), rules=("ebp",), seeds=1, max_epochs=1, out=tmp_path,
+        data_dir=str(mnist_root), device="cpu", progress=False,
+    )  # fmt: skip
+    spec = RunSpec(DENSE, "ebp", 0, max_epochs=1)
+    _fake_train([])((spec,), request, None)
+    run_dir = tmp_path / RUNS / spec.name
+    (run_dir / rundir.SUMMARY).unlink()
+    config = json.loads((run_dir / rundir.CONFIG).read_text())
+    (run_dir / rundir.CONFIG).write_text(json.dumps(config | {key: value}))
+    with pytest.raises(BrainPropError) as info:
+        reproduce(request, say=lambda _: None)
+    assert str(info.value) == (
+        f"{run_dir} holds a run with {key} {value!r}, not run {spec.name}'s {config[key]!r}: "
+        f"move that run directory out of {tmp_path / RUNS} to run {spec.name} afresh"
+    )
+    assert calls == []
+
+
 def test_only_what_a_run_killed_before_its_config_leaves_is_deleted(tmp_path, monkeypatch):
     calls: list[str] = []
     train_job = ex._train
