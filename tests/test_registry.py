@@ -130,7 +130,7 @@ def test_a_name_that_could_not_name_a_run_or_be_an_option_value_is_refused(name)
 
 @pytest.mark.parametrize(
     ("name", "part"), [("fb-random", "fb"), ("mine-bf16", "bf16"), ("x-val5000", "val5000"),
-                       ("x-e2", "e2")],
+                       ("x-e2", "e2"), ("x-E2", "E2")],
 )  # fmt: skip
 def test_a_preset_named_with_a_mark_of_a_runs_name_is_refused(name, part):
     """Runs of preset 'fb-random' would be named as the paper's runs through random feedback:
@@ -140,7 +140,7 @@ def test_a_preset_named_with_a_mark_of_a_runs_name_is_refused(name, part):
     PRESETS["e-val"] = GOOD["PRESETS"][1]  # marks only as whole parts
 
 
-@pytest.mark.parametrize(("name", "part"), [("x-s1", "s1"), ("s0-x", "s0")])
+@pytest.mark.parametrize(("name", "part"), [("x-s1", "s1"), ("s0-x", "s0"), ("x-S1", "S1")])
 def test_a_rule_named_with_a_seed_of_a_runs_name_is_refused(name, part):
     """Seed 0 of rule 'x-s1' would be named as seed 1 of rule 'x' under a preset 's0'."""
     with pytest.raises(
@@ -151,7 +151,21 @@ def test_a_rule_named_with_a_seed_of_a_runs_name_is_refused(name, part):
     OBJECTIVES["s-x1"] = GOOD["OBJECTIVES"][1]  # a seed only as a whole part
 
 
+@pytest.mark.parametrize("label", ["OBJECTIVES", "PRESETS"])
+def test_a_name_differing_from_anothers_only_in_case_is_refused(label):
+    """On a disk that ignores case (macOS, Windows) their runs would share folders and files."""
+    registry, entry = GOOD[label]
+    registry["mine"] = entry
+    for name in ("EBP" if label == "OBJECTIVES" else "Paper", "Mine"):
+        message = rf"\['{name}'\]: it differs from '{name.lower()}' only in case"
+        with pytest.raises(BrainPropError, match=message):
+            registry[name] = entry
+    registry["mine"] = entry  # its own name: replaced
+
+
 def test_the_modes_that_are_no_pathway_are_no_names_for_one():
+    with pytest.raises(BrainPropError, match="it differs from 'direct' only in case"):
+        PATHWAYS["Direct"] = GOOD["PATHWAYS"][1]
     for name in ("symmetric", "direct"):
         with pytest.raises(BrainPropError, match="is a built-in mode that is no pathway through"):
             PATHWAYS[name] = GOOD["PATHWAYS"][1]

@@ -70,11 +70,12 @@ def estimate_seconds(
     ``at_once`` runs sharing the device; None when nothing tells.
 
     Seconds per epoch (training and evaluation) come from finished runs of the same cell on the
-    same setup and stack size, the same rule preferred (the network is the same for both rules,
-    so the other rule is a close stand-in). Runs that shared the device as this one will are
-    preferred; others are scaled to ``at_once`` as if a run's device time did not depend on how
-    many shared the device (packing runs on a GPU usually does better than that). A run records
-    how many ran beside it on average, so an exact match cannot be required.
+    same setup and stack size, the same rule preferred (the network is the same for every rule,
+    so another rule is a fair stand-in, if a rough one for a rule of one's own). Runs that
+    shared the device as this one will are preferred; others are scaled to ``at_once`` as if a
+    run's device time did not depend on how many shared the device (packing runs on a GPU
+    usually does better than that). A run records how many ran beside it on average, so an
+    exact match cannot be required.
 
     The expected epochs are the mean of finished runs of the cell under the same cap (epochs do
     not depend on the machine), those of the same rule and precision preferred, then those of

@@ -283,7 +283,8 @@ def rule_name_problem(name: str) -> str | None:
     # A run of the matrix is named <dataset>-<arch>-<rule>-s<seed>[-<preset>...]
     # (brainprop.matrix.RunSpec.name): a rule with a seed-like part would give two runs one
     # name ('x-s1' seed 0 and 'x' seed 1 under a preset 's0'), and one would be skipped as done.
-    seeds = [p for p in name.split("-") if re.fullmatch(r"s\d+", p)]
+    # Either case: on a disk that ignores it, 'x-S1' names the folder of 'x-s1'.
+    seeds = [p for p in name.split("-") if re.fullmatch(r"s\d+", p, re.IGNORECASE)]
     if seeds:
         return f"its part {seeds[0]!r} reads as the seed of a run's name (-s<N>)"
     return None

@@ -142,7 +142,8 @@ def _preset_name_problem(name: str) -> str | None:
     # A run's name is its settings' names joined by '-' (brainprop.matrix.RunSpec.name): a
     # table named like one of its marks would give two different runs one name, and one of
     # them would be skipped as measured.
-    marks = [p for p in name.split("-") if p in ("fb", "bf16") or re.fullmatch(r"(val|e)\d+", p)]
+    # Either case: on a disk that ignores it, 'x-E2' names the folder of 'x-e2'.
+    marks = [p for p in name.split("-") if re.fullmatch(r"fb|bf16|(val|e)\d+", p, re.IGNORECASE)]
     if marks:
         return (
             f"its part {marks[0]!r} reads as a mark of a run's name (-val<N>, -e<N>, -bf16, -fb-)"

@@ -67,6 +67,14 @@ class Registry(MutableMapping[str, V]):
             )
         if name in self._reserved:
             return f"{name!r} is {self._reserved[name]}"
+        # Names become folder and file names: on a disk that ignores case (macOS, Windows) two
+        # that differ only in it would be one run directory and one measurement file.
+        twins = [
+            n for n in (*self._entries, *self._reserved)
+            if n != name and n.casefold() == name.casefold()
+        ]  # fmt: skip
+        if twins:
+            return f"it differs from {twins[0]!r} only in case"
         return self._name_check(name)
 
     def __setitem__(self, name: str, entry: V) -> None:

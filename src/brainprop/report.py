@@ -598,8 +598,8 @@ def _mark_lines(results: Sequence[CellResult]) -> list[str]:
     if any(r.rule != PAPER_RULE for r in results):
         lines += ["", "Rows marked with a rule (`reproduce --rules`, a rule of one's own) show "
                   "that rule in BrainProp's columns, compared with the EBP runs of the same "
-                  "cell, machine and settings (which BrainProp's row shows too), and held to "
-                  "BrainProp's claims and published numbers."]  # fmt: skip
+                  "cell, machine and settings (those of BrainProp's row, where there is one), "
+                  "and held to BrainProp's claims and published numbers."]  # fmt: skip
     if any(r.feedback != PAPER_FEEDBACK for r in results):
         lines += ["", "Rows marked with a feedback pathway (`reproduce --feedback`; "
                   "docs/biology.md) sent the error down through that pathway instead of the "
