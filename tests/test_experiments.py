@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import importlib
-import io
 import json
 import math
 import os
@@ -868,37 +867,6 @@ def test_everything_a_worker_writes_to_stderr_names_its_job(tmp_path):
     assert all(line.startswith("mnist-dense-ebp-s0 (+1): ") for line in lines), lines
 
 
-class _Writes(io.StringIO):
-    def __init__(self) -> None:
-        super().__init__()
-        self.writes: list[str] = []
-
-    def write(self, text: str) -> int:
-        self.writes.append(text)
-        return super().write(text)
-
-
-def test_tagged_lines_go_out_whole_each_in_one_write():
-    stream = _Writes()
-    tagged = ex._TaggedLines(stream, "run")
-    print("two", "words", file=tagged)  # its text and its newline come in two writes
-    tagged.write("a\nb\nthe start")
-    assert stream.writes == ["run: two words\n", "run: a\nrun: b\n"]
-    tagged.write(" and the end\n")
-    assert stream.writes[-1] == "run: the start and the end\n"
-
-
-def test_a_flushed_partial_line_goes_out_and_its_end_follows_untagged():
-    stream = _Writes()
-    tagged = ex._TaggedLines(stream, "run")
-    tagged.write("waiting")
-    tagged.flush()
-    tagged.write("... done\nnext\n")
-    tagged.flush()  # nothing held: nothing written
-    assert stream.writes == ["run: waiting", "... done\nrun: next\n"]
-    assert stream.getvalue().splitlines() == ["run: waiting... done", "run: next"]
-
-
 def test_a_run_that_completes_beside_one_that_fails_is_recorded(tmp_path, mnist_root, monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     out = tmp_path / "r"
@@ -1042,68 +1010,6 @@ def test_a_second_signal_stops_the_parent_at_once_with_its_status(
                        "in progress save their state as they stop") as info:  # fmt: skip
         ex._run_in_workers(request, [(job,)], [], ex.Outcome(), lambda _: None)
     assert info.value.exit_status == 128 + signal.SIGTERM  # it was 130, as if Ctrl-C
-
-
-def test_workers_can_be_started_from_another_thread():
-    # signal.signal works in the main thread only: reproduce(jobs > 1) from a thread failed.
-    import threading
-
-    failed: list[BaseException] = []
-
-    def start() -> None:
-        try:
-            with ex._sigint_ignored():
-                pass
-        except BaseException as e:  # any failure is the finding
-            failed.append(e)
-
-    thread = threading.Thread(target=start)
-    thread.start()
-    thread.join()
-    assert failed == []
-
-
-_ORPHAN = """
-import os, signal, sys, time
-from pathlib import Path
-from brainprop.experiments import _die_with_parent
-
-out = Path(sys.argv[1])
-if os.fork() == 0:  # started after its parent died: exits at once
-    _die_with_parent(os.getppid() + 1)
-    os._exit(0)
-(out / "late").write_text(str(os.waitstatus_to_exitcode(os.wait()[1])))
-child = os.fork()
-if child == 0:
-    def checkpoint(signum, frame):
-        (out / "sigterm").write_text("checkpointed")
-        os._exit(0)
-    signal.signal(signal.SIGTERM, checkpoint)
-    _die_with_parent(os.getppid())
-    (out / "ready").write_text("")
-    time.sleep(60)
-    os._exit(1)
-(out / "child").write_text(str(child))
-while not (out / "ready").exists():
-    time.sleep(0.01)
-os.kill(os.getpid(), signal.SIGKILL)
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
-def test_a_worker_gets_sigterm_when_its_parent_is_killed(tmp_path):
-    script = tmp_path / "orphan.py"
-    script.write_text(_ORPHAN)
-    parent = subprocess.run([sys.executable, str(script), str(tmp_path)], timeout=120)
-    assert parent.returncode == -signal.SIGKILL
-    assert (tmp_path / "late").read_text() == str(128 + signal.SIGTERM)
-    child = int((tmp_path / "child").read_text())
-    deadline = time.monotonic() + 20
-    while not (tmp_path / "sigterm").exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if not (tmp_path / "sigterm").exists():
-        os.kill(child, signal.SIGKILL)
-    assert (tmp_path / "sigterm").read_text() == "checkpointed"
 
 
 @pytest.mark.parametrize(

@@ -19,25 +19,22 @@ process, and ``--stack`` trains seeds side by side in one network.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
-import logging
 import math
 import multiprocessing
 import os
 import shutil
 import signal
 import sys
-import threading
 import time
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from statistics import fmean
-from typing import Any, TextIO
+from typing import Any
 
-from . import locks, plugins, rundir, signals
+from . import locks, plugins, processes, rundir, signals
 from .config import TrainConfig
 from .errors import BrainPropError
 from .feedback import check_feedback
@@ -632,9 +629,9 @@ def _worker(
     """Body of a worker process: import the parent's plugins (its registrations are not
     inherited by a spawned process), train one job, report an error through ``conn``.
 
-    The worker ignores SIGINT (:func:`_sigint_ignored`) and leaves the terminal's process group,
-    so Ctrl-C reaches the parent only, which stops each worker with exactly one SIGTERM: a
-    second would abandon the checkpoint.
+    The worker ignores SIGINT (:func:`~brainprop.processes.sigint_ignored`) and leaves the
+    terminal's process group, so Ctrl-C reaches the parent only, which stops each worker with
+    exactly one SIGTERM: a second would abandon the checkpoint.
     """
     import torch
 
@@ -642,12 +639,12 @@ def _worker(
     from .devices import out_of_memory
 
     os.setpgrp()
-    _die_with_parent(parent)
+    processes.die_with_parent(parent)
     if threads is not None:
         torch.set_num_threads(threads)
     # Workers share the terminal: each line says whose it is, on stdout the run's (train's tag),
     # on stderr (warnings, a traceback) the job's, the same but where a job splits by config.
-    _tag_stderr(_tag([spec.name for spec in job]))
+    processes.tag_stderr(_tag([spec.name for spec in job]))
     status = 0
     try:
         plugins.load_all(plugin_specs)
@@ -662,95 +659,6 @@ def _worker(
         status = 2
     conn.close()
     sys.exit(status)
-
-
-def _tag_stderr(tag: str) -> None:
-    """Start each line this process writes to stderr through Python (print, warnings, logging,
-    a traceback) with ``tag``. Logging handlers made before (torch's, on import) hold the old
-    stream and are pointed at the new one; what C++ code writes to file descriptor 2 is not
-    tagged."""
-    old = sys.stderr
-    sys.stderr = _TaggedLines(old, tag)
-    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
-    for logger in loggers:
-        for handler in getattr(logger, "handlers", ()):
-            if isinstance(handler, logging.StreamHandler) and handler.stream is old:
-                handler.setStream(sys.stderr)
-
-
-class _TaggedLines(io.TextIOBase):
-    """A text stream that writes each line to ``stream`` after ``"<tag>: "``, in one write and
-    a flush, so that processes sharing a terminal or file never cut into each other's lines.
-
-    A line is held until its end (``print`` writes its text and its newline apart); a flush
-    writes what there is of it, and the rest follows untagged.
-    """
-
-    def __init__(self, stream: TextIO, tag: str) -> None:
-        self._stream, self._lead = stream, f"{tag}: "
-        self._held = ""
-        self._midline = False  # a flush wrote the start of the current line, tag and all
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, text: str) -> int:
-        *lines, self._held = (self._held + text).split("\n")
-        if lines:
-            whole = f"\n{self._lead}".join(lines) + "\n"
-            self._put(whole if self._midline else self._lead + whole)
-            self._midline = False
-        return len(text)
-
-    def flush(self) -> None:
-        if self._held:
-            self._put(("" if self._midline else self._lead) + self._held)
-            self._held, self._midline = "", True
-        else:
-            self._stream.flush()
-
-    def _put(self, text: str) -> None:
-        self._stream.write(text)
-        self._stream.flush()
-
-    # Those who ask (faulthandler, a library checking for a terminal, code that writes bytes
-    # to the buffer, untagged) get the stream's own.
-    def fileno(self) -> int:
-        return self._stream.fileno()
-
-    def isatty(self) -> bool:
-        return self._stream.isatty()
-
-    @property
-    def encoding(self) -> str:  # type: ignore[override]
-        return self._stream.encoding
-
-    @property
-    def errors(self) -> str | None:  # type: ignore[override]
-        return self._stream.errors
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "_stream":  # asked before __init__ set it: no endless recursion
-            raise AttributeError(name)
-        return getattr(self._stream, name)
-
-
-def _die_with_parent(parent: int) -> None:
-    """On Linux, have this process get SIGTERM when ``parent`` (the pid that started it) dies.
-
-    Out of the terminal's process group, a worker would outlive a SIGKILLed parent and keep
-    writing its run directory while a rerun resumes that same directory in a second process.
-    SIGTERM makes it checkpoint and stop, as for any stop signal. Elsewhere nothing is done.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    pr_set_pdeathsig = 1  # from <linux/prctl.h>
-    ctypes.CDLL(None).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
-    # A parent that died before prctl sends nothing: this process was already handed to another.
-    if os.getppid() != parent:
-        sys.exit(128 + signal.SIGTERM)
 
 
 def _run_in_workers(
@@ -841,7 +749,7 @@ class _Workers:
             args=(job, self.request, self.threads, send, os.getpid(), plugins.loaded()),
             name=job[0].name,
         )
-        with _sigint_ignored():
+        with processes.sigint_ignored():
             proc.start()
         send.close()
         self.running[proc.sentinel] = (job, proc, receive)
@@ -875,7 +783,7 @@ class _Workers:
                 continue
             del self.running[sentinel]
             failed = f"{_names(job)} ended with exit status {proc.exitcode}"
-            failures.append(_message(receive) or failed)
+            failures.append(processes.error_sent(receive) or failed)
         return failures
 
     def stop_all(self) -> None:
@@ -890,7 +798,7 @@ class _Workers:
 
     def signal_all(self) -> None:
         """One SIGTERM to each worker still alive, without waiting for it (whatever stopped
-        the parent: workers ignore SIGINT, see :func:`_sigint_ignored`)."""
+        the parent: workers ignore SIGINT, see :func:`~brainprop.processes.sigint_ignored`)."""
         for _, proc, _ in self.running.values():
             if proc.is_alive():
                 os.kill(proc.pid, signal.SIGTERM)
@@ -922,30 +830,3 @@ class _Company:
     def leave(self, key: int) -> float:
         seconds, weighted = self.seconds.pop(key, 0.0), self.weighted.pop(key, 0.0)
         return max(1.0, weighted / seconds) if seconds > 0 else 1.0
-
-
-def _message(receive: Connection) -> str | None:
-    """The error a worker sent before exiting, if any (end of file: it sent none)."""
-    try:
-        return receive.recv() if receive.poll() else None
-    except EOFError:
-        return None
-
-
-@contextlib.contextmanager
-def _sigint_ignored() -> Iterator[None]:
-    """Processes started within the block ignore SIGINT for good (an ignored signal stays
-    ignored through exec, and training keeps it so): a worker is in the terminal's process group
-    until it has imported torch and left it, and a Ctrl-C there killed it with a traceback while
-    the parent was stopping it properly. The parent's handler is back right after the start; a
-    Ctrl-C in those milliseconds is lost."""
-    if threading.current_thread() is not threading.main_thread():
-        # Python installs handlers in the main thread only; a reproduce run from another
-        # thread leaves signals to that thread's program (signals.stop_on_signals does too).
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)

@@ -1,0 +1,135 @@
+"""A child process that shares the terminal with others, as ``reproduce --jobs`` starts them:
+its lines tagged with whose they are, its death with its parent, and no SIGINT from its start.
+
+Nothing here knows about training: :mod:`brainprop.experiments` runs its worker processes with
+these.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from multiprocessing.connection import Connection
+from typing import Any, TextIO
+
+
+def tag_stderr(tag: str) -> None:
+    """Start each line this process writes to stderr through Python (print, warnings, logging,
+    a traceback) with ``tag``. Logging handlers made before (torch's, on import) hold the old
+    stream and are pointed at the new one; what C++ code writes to file descriptor 2 is not
+    tagged."""
+    old = sys.stderr
+    sys.stderr = TaggedLines(old, tag)
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", ()):
+            if isinstance(handler, logging.StreamHandler) and handler.stream is old:
+                handler.setStream(sys.stderr)
+
+
+class TaggedLines(io.TextIOBase):
+    """A text stream that writes each line to ``stream`` after ``"<tag>: "``, in one write and
+    a flush, so that processes sharing a terminal or file never cut into each other's lines.
+
+    A line is held until its end (``print`` writes its text and its newline apart); a flush
+    writes what there is of it, and the rest follows untagged.
+    """
+
+    def __init__(self, stream: TextIO, tag: str) -> None:
+        self._stream, self._lead = stream, f"{tag}: "
+        self._held = ""
+        self._midline = False  # a flush wrote the start of the current line, tag and all
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        *lines, self._held = (self._held + text).split("\n")
+        if lines:
+            whole = f"\n{self._lead}".join(lines) + "\n"
+            self._put(whole if self._midline else self._lead + whole)
+            self._midline = False
+        return len(text)
+
+    def flush(self) -> None:
+        if self._held:
+            self._put(("" if self._midline else self._lead) + self._held)
+            self._held, self._midline = "", True
+        else:
+            self._stream.flush()
+
+    def _put(self, text: str) -> None:
+        self._stream.write(text)
+        self._stream.flush()
+
+    # Those who ask (faulthandler, a library checking for a terminal, code that writes bytes
+    # to the buffer, untagged) get the stream's own.
+    def fileno(self) -> int:
+        return self._stream.fileno()
+
+    def isatty(self) -> bool:
+        return self._stream.isatty()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return self._stream.encoding
+
+    @property
+    def errors(self) -> str | None:  # type: ignore[override]
+        return self._stream.errors
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "_stream":  # asked before __init__ set it: no endless recursion
+            raise AttributeError(name)
+        return getattr(self._stream, name)
+
+
+def die_with_parent(parent: int) -> None:
+    """On Linux, have this process get SIGTERM when ``parent`` (the pid that started it) dies.
+
+    Out of the terminal's process group, a worker would outlive a SIGKILLed parent and keep
+    writing its run directory while a rerun resumes that same directory in a second process.
+    SIGTERM makes it checkpoint and stop, as for any stop signal. Elsewhere nothing is done.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1  # from <linux/prctl.h>
+    ctypes.CDLL(None).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+    # A parent that died before prctl sends nothing: this process was already handed to another.
+    if os.getppid() != parent:
+        sys.exit(128 + signal.SIGTERM)
+
+
+def error_sent(receive: Connection) -> str | None:
+    """The error a worker sent before exiting, if any (end of file: it sent none)."""
+    try:
+        return receive.recv() if receive.poll() else None
+    except EOFError:
+        return None
+
+
+@contextlib.contextmanager
+def sigint_ignored() -> Iterator[None]:
+    """Processes started within the block ignore SIGINT for good (an ignored signal stays
+    ignored through exec, and training keeps it so): a worker is in the terminal's process group
+    until it has imported torch and left it, and a Ctrl-C there killed it with a traceback while
+    the parent was stopping it properly. The parent's handler is back right after the start; a
+    Ctrl-C in those milliseconds is lost."""
+    if threading.current_thread() is not threading.main_thread():
+        # Python installs handlers in the main thread only; a reproduce run from another
+        # thread leaves signals to that thread's program (signals.stop_on_signals does too).
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
