@@ -522,8 +522,10 @@ def test_a_run_directory_of_an_older_preset_table_is_refused_before_any_run(
 
 @pytest.mark.parametrize("finished", [True, False])
 @pytest.mark.parametrize(
-    ("key", "value"), [("feedback", "random"), ("bf16", True), ("seed", 1), ("rule", "brainprop")]
-)
+    ("key", "value"),
+    [("feedback", "random"), ("bf16", True), ("seed", 1), ("rule", "brainprop"), ("epochs", 500),
+     ("val", 5000)],
+)  # fmt: skip
 def test_another_runs_directory_in_a_runs_place_is_refused_before_any_run(
     tmp_path, mnist_root, monkeypatch, key, value, finished
 ):

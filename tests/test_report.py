@@ -545,7 +545,10 @@ def test_a_summary_number_no_run_can_have_is_a_one_line_error(tmp_path, capsys, 
      ("bf16", True, "(run 'mnist-conv-brainprop-s0', but its fields make it "
                     "'mnist-conv-brainprop-s0-bf16')"),
      ("config", {"name": "mnist-conv-brainprop-s0", "rule": "ebp"},
-      "(its config's rule is 'ebp', its own 'brainprop')")],
+      "(its config's rule is 'ebp', its own 'brainprop')"),
+     # Capped at 2 epochs, it would count as a full run of the paper's in the uncapped row.
+     ("config", {"name": "mnist-conv-brainprop-s0", "epochs": 2},
+      "(its config's epochs is 2, its own 500)")],
 )  # fmt: skip
 def test_a_misspelt_name_or_impossible_setting_is_refused_naming_the_file(
     tmp_path, capsys, key, value, message

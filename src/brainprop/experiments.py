@@ -335,11 +335,6 @@ def _check_data(pending: Sequence[RunSpec], data_dir: str | None) -> None:
         )
 
 
-#: What names a run (:attr:`RunSpec.name`): a run directory whose config.json says otherwise
-#: on any of them is another run's, copied or renamed into this one's place.
-_IDENTITY = ("name", "dataset", "arch", "rule", "seed", "preset", "val", "bf16", "feedback")
-
-
 def _check_run_dir(spec: RunSpec, run_dir: Path) -> None:
     """Refuse, before anything trains, what is at ``spec``'s run directory where it is no run
     of ``spec`` to resume or record: something else in the way, another run's directory (it
@@ -352,12 +347,11 @@ def _check_run_dir(spec: RunSpec, run_dir: Path) -> None:
     config = rundir.read_json(run_dir / rundir.CONFIG)
     if not isinstance(config, dict):
         return  # resuming it names the damage
-    wanted = spec.config(run_dir.parent.parent, None, "cpu").to_dict()
-    for key in _IDENTITY:
-        if key in config and config[key] != wanted[key]:
+    for key, wanted in spec.identity().items():
+        if key in config and config[key] != wanted:
             raise BrainPropError(
                 f"{run_dir} holds a run with {key} {config[key]!r}, not run {spec.name}'s "
-                f"{wanted[key]!r}: move that run directory out of {run_dir.parent} to run "
+                f"{wanted!r}: move that run directory out of {run_dir.parent} to run "
                 f"{spec.name} afresh"
             )
     if change := changed_setting(config, spec.preset, spec.cell):

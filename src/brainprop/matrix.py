@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .config import TrainConfig
 from .errors import BrainPropError
@@ -112,26 +113,34 @@ class RunSpec:
             name += f"-fb-{self.feedback}"
         return name
 
+    def identity(self) -> dict[str, Any]:
+        """The :class:`TrainConfig` fields that make this run the one :attr:`name` names: a
+        run directory or measurement whose config.json says otherwise on any of them is
+        another run's (copied, renamed or edited into this one's place)."""
+        return {
+            "name": self.name,
+            "dataset": self.cell.dataset,
+            "arch": self.cell.arch,
+            "rule": self.rule,
+            "seed": self.seed,
+            "preset": self.preset,
+            "val": "test" if self.val is None else self.val,
+            "epochs": self.max_epochs or PAPER_EPOCHS,
+            "bf16": self.bf16,
+            "feedback": self.feedback,
+        }
+
     def config(
         self, out: Path, data_dir: str | None, device: str, cuda_graph: bool = False
     ) -> TrainConfig:
         """This run's preset for its cell, writing its directory under ``out/runs``;
         ``cuda_graph`` is how it runs, not which run it is, so it is no part of the name."""
         return TrainConfig(
-            dataset=self.cell.dataset,
-            arch=self.cell.arch,
-            rule=self.rule,
-            seed=self.seed,
-            preset=self.preset,
-            epochs=self.max_epochs or PAPER_EPOCHS,
-            val="test" if self.val is None else self.val,
+            **self.identity(),
             device=device,
-            bf16=self.bf16,
-            feedback=self.feedback,
             cuda_graph=cuda_graph,
             data_dir=data_dir,
             out_dir=str(out / RUNS),
-            name=self.name,
         )
 
 
@@ -157,7 +166,8 @@ def select_cells(datasets: Sequence[str] | None, archs: Sequence[str] | None) ->
 
 def rule_rank(rule: str) -> int:
     """Where ``rule`` comes in plans and reports: the paper's two in :data:`RULE_ORDER`, then
-    any of one's own (tied, so that they keep the order they were given in)."""
+    any of one's own (tied: a plan keeps the order they were given in, a report sorts them by
+    name)."""
     return RULE_ORDER.index(rule) if rule in RULE_ORDER else len(RULE_ORDER)
 
 

@@ -286,20 +286,16 @@ def _measurement(d: Any, path: Path) -> Measurement:
     spec = RunSpec(m.cell, m.rule, m.seed, m.val, m.max_epochs, m.preset, m.bf16, m.feedback)
     if m.run != spec.name:
         raise ValueError(f"run {m.run!r}, but its fields make it {spec.name!r}")
-    _check_config(d.get("config"), m)
+    _check_config(d.get("config"), spec)
     return m
 
 
-def _check_config(config: Any, m: Measurement) -> None:
+def _check_config(config: Any, spec: RunSpec) -> None:
     """Refuse a stored run config (absent from the earliest files) that names another run than
-    the fields of its file. (Not ``cuda_graph``: files from before the field read as False.)"""
+    the fields of its file, ``spec``."""
     if not isinstance(config, dict):
         return
-    fields = {
-        "name": m.run, "dataset": m.cell.dataset, "arch": m.cell.arch, "rule": m.rule,
-        "seed": m.seed, "preset": m.preset, "bf16": m.bf16, "feedback": m.feedback,
-    }  # fmt: skip
-    for key, value in fields.items():
+    for key, value in spec.identity().items():
         if key in config and config[key] != value:
             raise ValueError(f"its config's {key} is {config[key]!r}, its own {value!r}")
 

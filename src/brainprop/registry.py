@@ -71,7 +71,7 @@ class Registry(MutableMapping[str, V]):
         # that differ only in it would be one run directory and one measurement file.
         twins = [
             n for n in (*self._entries, *self._reserved)
-            if n != name and n.casefold() == name.casefold()
+            if n != name and n.lower() == name.lower()
         ]  # fmt: skip
         if twins:
             return f"it differs from {twins[0]!r} only in case"
