@@ -347,13 +347,12 @@ def _check_run_dir(spec: RunSpec, run_dir: Path) -> None:
     config = rundir.read_json(run_dir / rundir.CONFIG)
     if not isinstance(config, dict):
         return  # resuming it names the damage
-    for key, wanted in spec.identity().items():
-        if key in config and config[key] != wanted:
-            raise BrainPropError(
-                f"{run_dir} holds a run with {key} {config[key]!r}, not run {spec.name}'s "
-                f"{wanted!r}: move that run directory out of {run_dir.parent} to run "
-                f"{spec.name} afresh"
-            )
+    if other := spec.differs_from(config):
+        key, stored, wanted = other
+        raise BrainPropError(
+            f"{run_dir} holds a run with {key} {stored!r}, not run {spec.name}'s {wanted!r}: "
+            f"move that run directory out of {run_dir.parent} to run {spec.name} afresh"
+        )
     if change := changed_setting(config, spec.preset, spec.cell):
         raise BrainPropError(
             f"{run_dir} {change}: move that run directory out of {run_dir.parent} to run it "

@@ -130,6 +130,14 @@ class RunSpec:
             "feedback": self.feedback,
         }
 
+    def differs_from(self, config: dict[str, Any]) -> tuple[str, Any, Any] | None:
+        """The first :meth:`identity` field a stored ``config`` holds otherwise, as (field,
+        its value there, this run's), or None; a field it lacks (an older file's) passes."""
+        for key, wanted in self.identity().items():
+            if key in config and config[key] != wanted:
+                return key, config[key], wanted
+        return None
+
     def config(
         self, out: Path, data_dir: str | None, device: str, cuda_graph: bool = False
     ) -> TrainConfig:

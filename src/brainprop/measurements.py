@@ -293,11 +293,9 @@ def _measurement(d: Any, path: Path) -> Measurement:
 def _check_config(config: Any, spec: RunSpec) -> None:
     """Refuse a stored run config (absent from the earliest files) that names another run than
     the fields of its file, ``spec``."""
-    if not isinstance(config, dict):
-        return
-    for key, value in spec.identity().items():
-        if key in config and config[key] != value:
-            raise ValueError(f"its config's {key} is {config[key]!r}, its own {value!r}")
+    if isinstance(config, dict) and (other := spec.differs_from(config)):
+        key, stored, own = other
+        raise ValueError(f"its config's {key} is {stored!r}, its own {own!r}")
 
 
 def _check_settings(path: Path, d: dict[str, Any], m: Measurement) -> None:
