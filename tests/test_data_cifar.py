@@ -89,6 +89,10 @@ def _batch(**overrides: object) -> bytes:
         (_batch(labels=[0, 1]), "has 3 images but 2 b'labels'"),
         (_batch(labels=[0, 1, b"x"]), "has b'labels' that is not a list of integers"),
         (_batch(labels=[0, 10, 1]), "has label 10 at index 1, expected 0..9"),
+        (
+            _batch(data=np.zeros((0, 3072), np.uint8), labels=[]),
+            "holds no images: delete it and run 'brainprop download cifar10'",
+        ),
     ],
 )
 def test_bad_batch_one_liners(tmp_path: Path, content: bytes, message: str) -> None:

@@ -6,6 +6,7 @@ import dataclasses
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from data_fixtures import REPO, write_cifar10, write_idx_dataset, write_tiny_imagenet
@@ -242,10 +243,120 @@ def test_dataset_container() -> None:
     assert moved.train_x.device.type == "cpu" and moved.num_classes == 10
     with pytest.raises(dataclasses.FrozenInstanceError):
         ds.name = "u"  # type: ignore[misc]
-    with pytest.raises(ValueError, match="train_y must be int64"):
+    with pytest.raises(BrainPropError, match="train_y must be int64"):
         dataclasses.replace(ds, train_y=ds.train_y.int())
-    with pytest.raises(ValueError, match="train and test images differ"):
+    with pytest.raises(BrainPropError, match="train and test images differ"):
         dataclasses.replace(ds, test_x=torch.zeros(2, 1, 2, 2, dtype=torch.uint8))
+
+
+_X = torch.zeros(4, 1, 28, 28, dtype=torch.uint8)
+_Y = torch.tensor([0, 1, 2, 9])
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        # Each of these trained, or failed inside torch, with a Dataset of one's own.
+        (
+            {"train_y": torch.tensor([0, 1, 2, 10])},
+            "train_y holds labels from 0 to 10, but "
+            "num_classes 10 allows 0 to 9: number the classes from 0, or raise num_classes",
+        ),
+        (
+            {"test_y": torch.tensor([-1, 1, 2, 3])},
+            "test_y holds labels from -1 to 3, but "
+            "num_classes 10 allows 0 to 9: number the classes from 0, or raise num_classes",
+        ),
+        (
+            {"num_classes": 1},
+            "num_classes must be at least 2, got 1: a choice among fewer classes is no choice",
+        ),
+        (
+            {"num_classes": 10.0},
+            "num_classes must be an int, got 10.0: pass int(num_classes)",
+        ),
+        (
+            {"test_x": _X[:0], "test_y": _Y[:0]},
+            "test_x holds no images, and every run validates or tests on them: hold some images "
+            "out of the training split as test images",
+        ),
+        (
+            {"train_x": _X.permute(0, 2, 3, 1)},
+            "train_x of shape (4, 28, 28, 1) looks "
+            "channels-last ([N, H, W, C]): pass x.permute(0, 3, 1, 2).contiguous()",
+        ),
+        (
+            {"train_x": _X[:, 0]},
+            "train_x must be [N, C, H, W], got (4, 28, 28): add a channel axis, x[:, None]",
+        ),
+        (
+            {"test_x": _X.float()},
+            "test_x holds torch.float32: images are uint8 in [0, 255] "
+            "(each step scales them by 1/255); for floats in [0, 1] pass "
+            "(x * 255).round().to(torch.uint8)",
+        ),
+        (
+            {"train_x": _X.numpy()},
+            "train_x is of type ndarray, not a torch.Tensor: convert it with "
+            "torch.from_numpy or torch.as_tensor",
+        ),
+        (
+            {"train_y": _Y.int()},
+            "train_y must be int64 [4], one label per image, got torch.int32 (4,): pass y.long()",
+        ),
+        (
+            {"train_y": _Y[:3]},
+            "train_y must be int64 [4], one label per image, got torch.int64 (3,)",
+        ),
+        (
+            {"train_y": torch.nn.functional.one_hot(_Y)},
+            "train_y must be int64 [4], one label per image, got torch.int64 (4, 10): for "
+            "one-hot labels pass y.argmax(1)",
+        ),
+        (
+            {"train_x": _X.int()},
+            "train_x holds torch.int32: images are uint8 in [0, 255] (each step scales them "
+            "by 1/255); for integers in [0, 255] pass x.to(torch.uint8)",
+        ),
+    ],
+)
+def test_a_dataset_of_ones_own_is_checked(changes: dict, message: str) -> None:
+    fields = {"name": "mine", "train_x": _X, "train_y": _Y, "test_x": _X, "test_y": _Y,
+              "num_classes": 10} | changes  # fmt: skip
+    with pytest.raises(BrainPropError) as info:
+        Dataset(**fields)
+    assert str(info.value) == f"dataset 'mine': {message}"
+
+
+@pytest.mark.parametrize("name", ["", None, Path("mine"), np.str_("mine")])
+def test_a_dataset_name_that_is_no_plain_text_is_refused(name) -> None:
+    """A checkpoint records the name and holds plain types alone: a numpy string or a path
+    made every checkpoint of the run unreadable."""
+    with pytest.raises(BrainPropError) as info:
+        Dataset(name, _X, _Y, _X, _Y, 10)
+    assert str(info.value) == (
+        f"a dataset's name must be a non-empty str, got {name!r}: pass str(name)"
+    )
+
+
+def test_a_test_only_dataset_names_its_test_split() -> None:
+    """Its empty training split is made from the test one, and was checked first."""
+    for test_y, message in (
+        (_Y.int(), "test_y must be int64 [4], one label per image, got torch.int32 (4,)"),
+        (_Y.numpy(), "test_y is of type ndarray, not a torch.Tensor"),
+    ):
+        with pytest.raises(BrainPropError) as info:
+            Dataset.test_only("mine", _X, test_y, 10)
+        assert str(info.value).startswith(f"dataset 'mine': {message}")
+
+
+def test_fingerprint_counts_images_per_class() -> None:
+    ds = Dataset("mine", _X, _Y, _X[:2], _Y[:2], 10)
+    assert ds.fingerprint() == {
+        "name": "mine",
+        "train": [1, 1, 1, 0, 0, 0, 0, 0, 0, 1],
+        "test": [1, 1, 0, 0, 0, 0, 0, 0, 0, 0],
+    }
 
 
 def _write_each(name: str, root: Path) -> list[Path]:

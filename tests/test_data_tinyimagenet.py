@@ -101,6 +101,18 @@ def test_cache_file_cut_to_nothing_is_rebuilt(tmp_path: Path) -> None:
     assert load_dataset("tiny-imagenet", tmp_path).train_x.shape == (6, 3, 64, 64)
 
 
+def test_cache_with_labels_outside_the_classes_is_rebuilt(tmp_path: Path) -> None:
+    """Its shapes and dtypes were checked, its labels not: the Dataset check then refused them
+    with advice for data of one's own."""
+    folder = write_tiny_imagenet(tmp_path)
+    expected = load_dataset("tiny-imagenet", tmp_path).train_y
+    path = folder / tin.CACHE_DIR / "train_y.npy"
+    labels = np.load(path)
+    labels[0] = len(WNIDS)
+    np.save(path, labels)
+    assert torch.equal(load_dataset("tiny-imagenet", tmp_path).train_y, expected)
+
+
 def _error(tmp_path: Path) -> str:
     with pytest.raises(BrainPropError) as info:
         load_dataset("tiny-imagenet", tmp_path)

@@ -31,6 +31,7 @@ from reliability_helpers import one_thread, tiny_config
 
 from brainprop import TrainConfig, checkpoint, distributed, evaluate, files, train
 from brainprop.cli import main
+from brainprop.data import Dataset, load_dataset
 from brainprop.errors import BrainPropError
 from brainprop.train import check_batch
 
@@ -468,6 +469,118 @@ def test_checkpoint_for_another_number_of_classes(run_dir: Path) -> None:
     assert str(info.value) == (
         f"{run_dir} was trained on inputs (1, 8, 8) with 4 classes, but the data has "
         "(1, 8, 8) with 3: evaluate it on the dataset it was trained on"
+    )
+
+
+@pytest.fixture(scope="module")
+def fixture_run(tmp_path_factory) -> tuple[Path, Path]:
+    """(data root holding MNIST-format fixture files, a 1-epoch dense run read from them)."""
+    root = tmp_path_factory.mktemp("data")
+    write_idx_dataset(root / "mnist", n_train=40, n_test=12)
+    config = tiny_config(root, arch="dense", epochs=1, batch_size=8, data_dir=str(root))
+    return root, train(config, progress=False).dir
+
+
+EVALUATE_ON_IT = (
+    "evaluate it on the dataset it was trained on (--data-dir the folder it was read from; "
+    "data of one's own as evaluate(run, dataset=...))"
+)
+
+
+def test_a_dataset_without_training_images_is_refused(tmp_path: Path) -> None:
+    """It said '--batch-size 32 is more than the 0 training images of mnist'."""
+    ds = make_tiny_dataset()
+    empty = Dataset.test_only("mine", ds.test_x, ds.test_y, ds.num_classes)
+    with pytest.raises(BrainPropError) as info:
+        train(tiny_config(tmp_path, epochs=1), dataset=empty, progress=False)
+    assert str(info.value) == (
+        "dataset 'mine' holds no training images: train on one that has a training split"
+    )
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_on_data_of_ones_own_is_not_evaluated_on_its_datasets_files(
+    fixture_run: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """It is named for config.dataset: evaluate loaded that dataset's files and scored the
+    network on them. Now it is refused before any file is read (none are where it would look)."""
+    root, _ = fixture_run
+    ds = dataclasses.replace(load_dataset("mnist", root), name="mine")
+    config = tiny_config(tmp_path, arch="dense", epochs=1, batch_size=8)
+    run = train(config, dataset=ds, progress=False).dir
+    with pytest.raises(BrainPropError) as info:
+        evaluate(run, data_dir=str(tmp_path))
+    assert str(info.value) == (
+        f"{run} was trained on data of one's own, 'mine', not on mnist's files, which "
+        "brainprop would load: pass that data again, as evaluate(run, dataset=...)"
+    )
+    assert evaluate(run, dataset=ds)["dataset"] == "mine"
+
+
+@pytest.mark.parametrize(
+    ("seed", "n_test", "given"),
+    [
+        (0, 10, "'mnist' (10 test images)"),
+        (1, 12, "'mnist' (12 test images) with other numbers of images per class"),
+    ],
+)
+def test_other_files_in_the_runs_data_folder_are_refused(
+    fixture_run: tuple[Path, Path], tmp_path: Path, seed: int, n_test: int, given: str
+) -> None:
+    root, run = fixture_run
+    other = tmp_path / "other"
+    write_idx_dataset(other / "mnist", n_train=40, n_test=n_test, seed=seed)
+    with pytest.raises(BrainPropError) as info:
+        evaluate(run, data_dir=str(other))
+    assert str(info.value) == (
+        f"{run} was trained on 'mnist' (12 test images), but the data now is {given}: "
+        f"{EVALUATE_ON_IT}"
+    )
+
+
+def test_the_same_files_elsewhere_and_in_another_order_are_the_same_data(
+    fixture_run: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Copies of CIFAR-10 may hold its images in another order (this project's does)."""
+    root, run = fixture_run
+    ds = load_dataset("mnist", root)
+    order = torch.randperm(len(ds.test_y), generator=torch.Generator().manual_seed(1))
+    moved = tmp_path / "moved" / "mnist"
+    moved.mkdir(parents=True)
+    for name, array in (
+        ("train-images-idx3-ubyte", ds.train_x[:, 0]),
+        ("train-labels-idx1-ubyte", ds.train_y.to(torch.uint8)),
+        ("t10k-images-idx3-ubyte", ds.test_x[order, 0]),
+        ("t10k-labels-idx1-ubyte", ds.test_y[order].to(torch.uint8)),
+    ):
+        (moved / name).write_bytes(idx_bytes(array.numpy()))
+    assert evaluate(run, data_dir=str(moved.parent)) == evaluate(run)
+
+
+def test_a_checkpoint_from_before_the_data_was_recorded_is_evaluated(
+    fixture_run: tuple[Path, Path], tmp_path: Path
+) -> None:
+    root, run = fixture_run
+    other = tmp_path / "other"
+    write_idx_dataset(other / "mnist", n_train=40, n_test=10)
+    state = checkpoint.load(run / "best.pt")
+    assert state["data"]["name"] == "mnist"
+    path = tmp_path / "old.pt"
+    checkpoint.save(path, {k: v for k, v in state.items() if k not in ("data", "format")})
+    assert evaluate(path, data_dir=str(other))["test_size"] == 10
+
+
+@pytest.mark.parametrize(
+    "data", ["mnist", {"name": "mnist", "train": [1, 2], "test": [1, 2, 3, 4]}, {"name": 3}]
+)
+def test_a_damaged_record_of_the_data_is_refused(tmp_path: Path, fixture_run, data) -> None:
+    _, run = fixture_run
+    path = _rewritten(run, tmp_path, data=data)
+    with pytest.raises(BrainPropError) as info:
+        evaluate(path)
+    assert str(info.value) == (
+        f"{path} records the data it was trained on in a damaged form: the checkpoint is "
+        "damaged or from another version; use another one"
     )
 
 

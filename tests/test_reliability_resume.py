@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -555,6 +556,57 @@ def test_resume_with_data_of_another_number_of_classes(tmp_path, ds, reference) 
         f"checkpoint in {reference} was trained on inputs (1, 8, 8) with 4 classes, but the "
         "data has (1, 8, 8) with 3: resume with the dataset it was trained on"
     )
+
+
+RESUME_ON_IT = (
+    "resume with the dataset it was trained on (--data-dir the folder it was read from; data "
+    "of one's own as train(resume=run, dataset=...))"
+)
+
+
+def test_resume_on_other_data_of_the_same_shape_is_refused(tmp_path, ds, reference) -> None:
+    """Only the test split is the same: resumed, the run trained on another training set."""
+    other = dataclasses.replace(make_tiny_dataset(n_train=128), test_x=ds.test_x, test_y=ds.test_y)
+    with pytest.raises(BrainPropError) as info:
+        train(None, resume=reference, dataset=other, progress=False)
+    assert str(info.value) == (
+        f"checkpoint in {reference} was trained on 'mnist' (256 training, 64 test images), "
+        f"but the data now is 'mnist' (128 training, 64 test images): {RESUME_ON_IT}"
+    )
+
+
+def test_a_run_on_data_of_ones_own_resumes_on_it_alone(tmp_path) -> None:
+    """Without dataset=, the resume would train on config.dataset's files (here, none are where
+    it would look: refused before any is read)."""
+    mine = dataclasses.replace(make_tiny_dataset(), name="mine")
+    config = tiny_config(tmp_path, epochs=1, data_dir=str(tmp_path))
+    run = train(config, dataset=mine, progress=False)
+    longer = dataclasses.replace(config, epochs=2)
+    with pytest.raises(BrainPropError) as info:
+        train(longer, resume=run.dir, progress=False)
+    assert str(info.value) == (
+        f"checkpoint in {run.dir} was trained on data of one's own, 'mine', not on mnist's "
+        "files, which brainprop would load: pass that data again, as "
+        "train(resume=run, dataset=...)"
+    )
+    assert train(longer, resume=run.dir, dataset=mine, progress=False).summary["epochs_run"] == 2
+
+
+def test_resume_takes_the_same_data_in_another_order_and_older_checkpoints(tmp_path, ds) -> None:
+    """Copies of CIFAR-10 may hold its images in another order (the one this project was
+    given does); checkpoints from before the data was recorded are not checked."""
+    config = tiny_config(tmp_path, epochs=1)
+    run = train(config, dataset=ds, progress=False)
+    order = torch.randperm(len(ds.train_y), generator=torch.Generator().manual_seed(1))
+    shuffled = dataclasses.replace(ds, train_x=ds.train_x[order], train_y=ds.train_y[order])
+    for epochs, data in ((2, shuffled), (3, make_tiny_dataset(n_train=128))):
+        if epochs == 3:  # as written before the data was recorded
+            state = checkpoint.load(run.dir / "last.pt")
+            del state["data"], state["format"]
+            checkpoint.save(run.dir / "last.pt", state)
+        longer = dataclasses.replace(config, epochs=epochs)
+        resumed = train(longer, resume=run.dir, dataset=data, progress=False)
+        assert resumed.summary["epochs_run"] == epochs
 
 
 def test_checkpoint_written_on_another_device_type_is_refused(tmp_path, ds, reference) -> None:

@@ -72,6 +72,66 @@ def check_trained_on(state: dict[str, Any], ds: Dataset, source: str, remedy: st
         )
 
 
+def check_same_data(state: dict[str, Any], ds: Dataset, source: str, remedy: str) -> None:
+    """One-line BrainPropError unless ``ds`` (of the shape and classes that
+    :func:`check_trained_on` checked) is the data ``state``, a checkpoint read from ``source``,
+    records (runs since checkpoints carried ``data``): its name and images per class
+    (:meth:`Dataset.fingerprint`), the training split's only where ``ds`` has one. ``remedy``
+    ends the message.
+
+    A run on data of one's own (``train(config, dataset=...)``) is named for
+    ``config.dataset``, whose files a resume or evaluation would otherwise load in its place,
+    as it would other files of the same shape at the run's data root."""
+    recorded = state.get("data")
+    if recorded is None:
+        return
+    if not _fingerprint_ok(recorded, state["num_classes"]):
+        raise BrainPropError(
+            f"{source} records the data it was trained on in a damaged form: the checkpoint is "
+            "damaged or from another version; use another one"
+        )
+    splits = ("train", "test") if len(ds.train_y) else ("test",)
+    here = ds.fingerprint()
+    if recorded["name"] != here["name"] or any(recorded[s] != here[s] for s in splits):
+        then, now = _described(recorded, splits), _described(here, splits)
+        if then == now:
+            now += " with other numbers of images per class"
+        raise BrainPropError(f"{source} was trained on {then}, but the data now is {now}: {remedy}")
+
+
+def check_loadable(state: dict[str, Any], dataset: str, source: str, call: str) -> None:
+    """One-line BrainPropError, before any file is read, if ``state`` (a checkpoint read from
+    ``source``) records data of one's own, which loading ``dataset``, the run's
+    ``config.dataset``, would not give: ``call`` says how to pass that data again."""
+    recorded = state.get("data")
+    if _fingerprint_ok(recorded, state.get("num_classes")) and recorded["name"] != dataset:
+        raise BrainPropError(
+            f"{source} was trained on data of one's own, {recorded['name']!r}, not on "
+            f"{dataset}'s files, which brainprop would load: pass that data again, as {call}"
+        )
+
+
+def _fingerprint_ok(recorded: Any, classes: int) -> bool:
+    return (
+        isinstance(recorded, dict)
+        and isinstance(recorded.get("name"), str)
+        and all(
+            isinstance(counts := recorded.get(split), list)
+            and len(counts) == classes
+            and all(type(n) is int and n >= 0 for n in counts)
+            for split in ("train", "test")
+        )
+    )
+
+
+def _described(fingerprint: dict[str, Any], splits: tuple[str, ...]) -> str:
+    """``'mnist' (60000 training, 10000 test images)``."""
+    sizes = ", ".join(
+        f"{sum(fingerprint[s])} {'training' if s == 'train' else 'test'}" for s in splits
+    )
+    return f"{fingerprint['name']!r} ({sizes} images)"
+
+
 def declares_sizes(state: dict[str, Any]) -> bool:
     """Whether the checkpoint ``state`` names its input shape as three positive sizes and its
     classes as a positive count: a network can be built for them."""
@@ -185,15 +245,25 @@ def evaluate(
     model, state = load_model(target)
     config = TrainConfig.from_dict(state["config"])
     root = config.data_dir if data_dir is None else data_dir
+    if dataset is None:
+        check_loadable(state, config.dataset, str(target), "evaluate(run, dataset=...)")
     ds = dataset if dataset is not None else load_dataset(config.dataset, root, test_only=True)
-    check_trained_on(state, ds, str(target), "evaluate it on the dataset it was trained on")
+    remedy = "evaluate it on the dataset it was trained on"
+    check_trained_on(state, ds, str(target), remedy)
+    if dataset is None:
+        # Data passed in is the caller's choice: a network may be scored on other test images.
+        check_same_data(
+            state, ds, str(target),
+            f"{remedy} (--data-dir the folder it was read from; data of one's own as "
+            "evaluate(run, dataset=...))",
+        )  # fmt: skip
     fastpath.prepare(model.to(dev), ds.input_shape, eager=config.eager)
     # Scored in the precision it was validated in during training.
     warn_if_slow_bf16(dev, config.bf16)
     test_acc = accuracy(model, ds.test_x.to(dev), ds.test_y.to(dev), config.bf16)
     return {
         "checkpoint": str(target),
-        "dataset": config.dataset,
+        "dataset": ds.name,
         "arch": config.arch,
         "rule": config.rule,
         "epoch": state.get("epoch"),

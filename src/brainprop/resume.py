@@ -19,7 +19,7 @@ from .config import TrainConfig
 from .data import Dataset
 from .data.messages import reason
 from .errors import BrainPropError, UnknownName
-from .evaluation import all_finite, check_trained_on, declares_sizes
+from .evaluation import all_finite, check_same_data, check_trained_on, declares_sizes
 from .summary import epochs_phrase
 
 if TYPE_CHECKING:
@@ -239,6 +239,10 @@ def check_compatible(state: dict[str, Any], ds: Dataset, path: Path) -> None:
             f"checkpoint in {path} does not say which inputs and classes it is for: it is "
             "damaged or from another version"
         )
-    check_trained_on(
-        state, ds, f"checkpoint in {path}", "resume with the dataset it was trained on"
-    )
+    source, remedy = f"checkpoint in {path}", "resume with the dataset it was trained on"
+    check_trained_on(state, ds, source, remedy)
+    check_same_data(
+        state, ds, source,
+        f"{remedy} (--data-dir the folder it was read from; data of one's own as "
+        "train(resume=run, dataset=...))",
+    )  # fmt: skip

@@ -49,7 +49,7 @@ from .data import Dataset, load_dataset
 from .data.batches import num_batches, ordered_batches, permuted_batches
 from .devices import autocast, resolve_device, warn_if_slow_bf16
 from .errors import BrainPropError
-from .evaluation import EVAL_BATCH
+from .evaluation import EVAL_BATCH, check_loadable
 from .objectives import Objective, Output, batch_scale
 from .presets import decayed_parameters
 from .resume import checkpoint_and_config, restore
@@ -322,6 +322,11 @@ def _train_held(
     """:func:`train_stacked`, holding every member's run directory in ``held`` as it goes."""
     loaded = [_member_state(m, held) for m in members]
     config = _common_config([c for _, c, _ in loaded])
+    if dataset is None:
+        for state, _, run_path in loaded:
+            if state is not None:
+                call = "train_stacked(runs, dataset=...)"
+                check_loadable(state, config.dataset, f"checkpoint in {run_path}", call)
     ds = dataset if dataset is not None else load_dataset(config.dataset, config.data_dir)
     # On the device before any member is built, so that the members find it there, not copy it.
     ds = ds.to(resolve_device(config.device))

@@ -40,7 +40,7 @@ from .data.batches import num_batches, permuted_batches, to_float
 from .devices import device_name, warn_if_slow_bf16
 from .diagnostics import diagnostics, plot_diagnostics
 from .errors import BrainPropError
-from .evaluation import accuracy, all_finite
+from .evaluation import accuracy, all_finite, check_loadable
 from .feedback import convert
 from .objectives import Objective, make_objective
 from .peaks import tf32_ops
@@ -105,6 +105,11 @@ class Trainer:
         """``data_of``: a trainer of the same config and ``ds`` whose training and validation
         tensors, already on the device, this one shares instead of copying ``ds`` there."""
         self.config, self.progress, self.tag = config, progress, tag
+        if not len(ds.train_y):
+            raise BrainPropError(
+                f"dataset {ds.name!r} holds no training images: train on one that has a "
+                "training split"
+            )
         self.parallel = distributed.current()
         self.device = self.parallel.device(config.device)
         # Dropout draws from the global streams: each rank its own.
@@ -160,6 +165,8 @@ class Trainer:
         # Where a stop signal cut the current epoch short (see train_epoch); None between epochs.
         self.partial: dict[str, Any] | None = None
         self.input_shape, self.num_classes = ds.input_shape, ds.num_classes
+        # Recorded in every checkpoint: resume and evaluate refuse other data.
+        self.data_fingerprint = ds.fingerprint()
         # One fixed batch for the per-epoch feedback diagnostics.
         n_diag = min(DIAGNOSTIC_BATCH, len(self.train_set.train_y))
         self.diag_x = to_float(self.train_set.train_x[:n_diag])
@@ -172,6 +179,7 @@ class Trainer:
             "config": self.config.to_dict(),
             "input_shape": list(self.input_shape),
             "num_classes": self.num_classes,
+            "data": self.data_fingerprint,
             # CPU and CUDA random states differ in kind: a resume must stay on this device type.
             "device_type": self.device.type,
             "model": self.model.state_dict(),
@@ -401,8 +409,11 @@ def train(
         resume: a run directory to continue from its ``last.pt``; one killed before its first
             checkpoint starts over from its ``config.json`` (one that has a history but lost its
             ``last.pt`` is refused).
-        dataset: use this dataset instead of loading ``config.dataset`` (tests, notebooks);
-            the run is still named, recorded and given hyperparameters as ``config.dataset``.
+        dataset: use this dataset instead of loading ``config.dataset`` (data of one's own,
+            tests, notebooks); the run is still named and given hyperparameters as
+            ``config.dataset``, and its checkpoints record this data's name and images per
+            class (:meth:`~brainprop.data.Dataset.fingerprint`), so that a resume is refused
+            other data: with ``resume``, pass the data the run trained on again.
         data_dir: with ``resume``, the data root to read the run's dataset from when it has
             moved since the run began (where the data lies is no setting of the run, so its
             config keeps the old one); ``config.data_dir`` otherwise. Not with ``dataset``.
@@ -456,6 +467,9 @@ def _train(
         # Loaded once every process has the config: under torchrun rank 0 alone reads the run
         # directory, which need exist only on its node.
         root = config.data_dir if data_dir is None else data_dir
+        if dataset is None and state is not None:
+            source = f"checkpoint in {run_path}"
+            check_loadable(state, config.dataset, source, "train(resume=run, dataset=...)")
         ds = dataset if dataset is not None else load_dataset(config.dataset, root)
         trainer = Trainer(config, ds, progress and parallel.is_main, tag)
         if state is not None:
@@ -867,6 +881,7 @@ def _weights(trainer: Trainer, epoch: int) -> dict[str, Any]:
         "config": trainer.config.to_dict(),
         "input_shape": list(trainer.input_shape),
         "num_classes": trainer.num_classes,
+        "data": trainer.data_fingerprint,
         "model": trainer.model.state_dict(),
         "epoch": epoch,
     }

@@ -275,6 +275,8 @@ def parse_cifar_batch(
             else type(pixels).__name__
         )
         raise BrainPropError(f"{source} has b'data' of {what}, expected uint8 [N, 3072]: {fix}")
+    if not len(pixels):
+        raise BrainPropError(f"{source} holds no images: {fix}")
     raw_labels = batch[label_key]
     if isinstance(raw_labels, np.ndarray):
         integers = raw_labels.ndim == 1 and raw_labels.dtype.kind in "iu"

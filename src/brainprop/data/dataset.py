@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
@@ -14,12 +15,18 @@ class Dataset:
     """A labelled image classification dataset, held as four whole-split tensors.
 
     Attributes:
-        name: the registry name, e.g. ``"cifar10"``.
+        name: the dataset's name: a built-in one's, e.g. ``"cifar10"``, or one's own, which a run
+            records (with :meth:`fingerprint`) so that it resumes and is evaluated on it only.
         train_x: uint8 ``[N, C, H, W]`` (channels first), contiguous.
         train_y: int64 ``[N]``, values in ``[0, num_classes)``.
         test_x: uint8 ``[M, C, H, W]``, same ``C, H, W`` as ``train_x``.
         test_y: int64 ``[M]``.
-        num_classes: number of classes.
+        num_classes: number of classes, at least 2.
+
+    Raises:
+        BrainPropError: a name that is no non-empty str, images or labels of another type,
+            dtype or shape than above, a label outside ``[0, num_classes)``, fewer than 2
+            classes, or no test images.
     """
 
     name: str
@@ -30,23 +37,40 @@ class Dataset:
     num_classes: int
 
     def __post_init__(self) -> None:
-        # Loaders already validate user files, so a violation here is a programming error.
+        # The library's loaders check their files, but a Dataset of one's own (``train(config,
+        # dataset=...)``) arrives unchecked: what would train silently on wrong data, or fail
+        # deep inside torch, is refused here in one line.
+        # Checkpoints record the name (fingerprint), and hold plain types only.
+        if type(self.name) is not str or not self.name:
+            raise BrainPropError(
+                f"a dataset's name must be a non-empty str, got {self.name!r}: pass str(name)"
+            )
+        if type(self.num_classes) is not int:
+            raise BrainPropError(
+                f"dataset {self.name!r}: num_classes must be an int, got "
+                f"{self.num_classes!r}: pass int(num_classes)"
+            )
+        if self.num_classes < 2:
+            raise BrainPropError(
+                f"dataset {self.name!r}: num_classes must be at least 2, got {self.num_classes}: "
+                "a choice among fewer classes is no choice"
+            )
+        # The test split first: test_only() makes the empty training split from it.
         for split, x, y in (
-            ("train", self.train_x, self.train_y),
             ("test", self.test_x, self.test_y),
+            ("train", self.train_x, self.train_y),
         ):
-            if x.dtype != torch.uint8 or x.dim() != 4:
-                raise ValueError(
-                    f"{split}_x must be uint8 [N, C, H, W], got {x.dtype} {tuple(x.shape)}"
-                )
-            if y.dtype != torch.int64 or y.dim() != 1 or y.shape[0] != x.shape[0]:
-                raise ValueError(
-                    f"{split}_y must be int64 [{x.shape[0]}], got {y.dtype} {tuple(y.shape)}"
-                )
+            _check_images(self.name, split, x)
+            _check_labels(self.name, split, y, len(x), self.num_classes)
+        if not len(self.test_y):
+            raise BrainPropError(
+                f"dataset {self.name!r}: test_x holds no images, and every run validates or "
+                "tests on them: hold some images out of the training split as test images"
+            )
         if self.train_x.shape[1:] != self.test_x.shape[1:]:
-            raise ValueError(
-                f"train and test images differ in shape: {tuple(self.train_x.shape[1:])} "
-                f"vs {tuple(self.test_x.shape[1:])}"
+            raise BrainPropError(
+                f"dataset {self.name!r}: train and test images differ in shape: "
+                f"{tuple(self.train_x.shape[1:])} vs {tuple(self.test_x.shape[1:])}"
             )
 
     def to(self, device: torch.device | str) -> Dataset:
@@ -65,8 +89,21 @@ class Dataset:
     ) -> Dataset:
         """A dataset whose training split is empty (``[0, C, H, W]``): for scoring a trained
         network, which needs neither the time to read the training files nor their health."""
+        _require_tensor(f"dataset {name!r}: test_x", test_x)
+        _require_tensor(f"dataset {name!r}: test_y", test_y)
         empty_x = test_x.new_empty((0, *test_x.shape[1:]))
         return cls(name, empty_x, test_y.new_empty(0), test_x, test_y, num_classes)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What a run records of the data it trained on, to refuse other data when it is
+        resumed or evaluated: the name, and the images per class of each split. Counts, not a
+        hash: the same images in another order (as another copy of CIFAR-10 may hold them)
+        are the same data."""
+        return {
+            "name": self.name,
+            "train": torch.bincount(self.train_y, minlength=self.num_classes).tolist(),
+            "test": torch.bincount(self.test_y, minlength=self.num_classes).tolist(),
+        }
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -92,3 +129,58 @@ def split_validation(ds: Dataset, n: int) -> tuple[Dataset, torch.Tensor, torch.
         ds.name, ds.train_x[keep], ds.train_y[keep], ds.test_x, ds.test_y, ds.num_classes
     )
     return train, ds.train_x[held], ds.train_y[held]
+
+
+def _check_images(name: str, split: str, x: Any) -> None:
+    what = f"dataset {name!r}: {split}_x"
+    _require_tensor(what, x)
+    if x.dtype != torch.uint8:
+        fix = (
+            "for floats in [0, 1] pass (x * 255).round().to(torch.uint8)"
+            if x.is_floating_point()
+            else "for integers in [0, 255] pass x.to(torch.uint8)"
+        )
+        raise BrainPropError(
+            f"{what} holds {x.dtype}: images are uint8 in [0, 255] (each step scales them by "
+            f"1/255); {fix}"
+        )
+    if x.dim() != 4:
+        fix = ": add a channel axis, x[:, None]" if x.dim() == 3 else ""
+        raise BrainPropError(f"{what} must be [N, C, H, W], got {tuple(x.shape)}{fix}")
+    _, c, h, w = x.shape
+    # [N, H, W, C] reads as C' = H channels of H x C images: it would train, on nonsense.
+    if c == h and c > 4 and w in (1, 3):
+        raise BrainPropError(
+            f"{what} of shape {tuple(x.shape)} looks channels-last ([N, H, W, C]): pass "
+            "x.permute(0, 3, 1, 2).contiguous()"
+        )
+
+
+def _check_labels(name: str, split: str, y: Any, n: int, num_classes: int) -> None:
+    what = f"dataset {name!r}: {split}_y"
+    _require_tensor(what, y)
+    if y.dtype != torch.int64 or y.dim() != 1 or len(y) != n:
+        fix = ""
+        if y.dim() == 1 and len(y) == n:
+            fix = ": pass y.long()"
+        elif y.dim() == 2 and len(y) == n:
+            fix = ": for one-hot labels pass y.argmax(1)"
+        raise BrainPropError(
+            f"{what} must be int64 [{n}], one label per image, got {y.dtype} {tuple(y.shape)}{fix}"
+        )
+    if not n:
+        return
+    low, high = torch.stack(torch.aminmax(y)).tolist()
+    if low < 0 or high >= num_classes:
+        raise BrainPropError(
+            f"{what} holds labels from {low} to {high}, but num_classes {num_classes} allows "
+            f"0 to {num_classes - 1}: number the classes from 0, or raise num_classes"
+        )
+
+
+def _require_tensor(what: str, value: Any) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise BrainPropError(
+            f"{what} is of type {type(value).__name__}, not a torch.Tensor: convert it with "
+            "torch.from_numpy or torch.as_tensor"
+        )

@@ -206,8 +206,9 @@ def _manifest(folder: Path, train: list[tuple[Path, int]], test: list[tuple[Path
     }
 
 
-def _load_cache(cache: Path, manifest: dict) -> dict[str, np.ndarray] | None:
-    """The cached arrays if the cache was written for exactly this ``manifest``, else None."""
+def _load_cache(cache: Path, manifest: dict, classes: int) -> dict[str, np.ndarray] | None:
+    """The cached arrays if the cache was written for exactly this ``manifest`` and holds
+    images and labels of ``classes`` classes, else None."""
     try:
         if json.loads((cache / "manifest.json").read_text()) != manifest:
             return None
@@ -224,6 +225,7 @@ def _load_cache(cache: Path, manifest: dict) -> dict[str, np.ndarray] | None:
             or x.dtype != np.uint8
             or y.shape != (n[split],)
             or y.dtype != np.int64
+            or (y.size and (y.min() < 0 or y.max() >= classes))
         ):
             return None
     return arrays
@@ -271,7 +273,7 @@ def load_tiny_imagenet(root: Path, *, test_only: bool = False) -> Dataset:
     train = [(p, i) for i, wnid in enumerate(wnids) for p in _train_images(folder, wnid)]
     manifest = _manifest(folder, train, test)
     cache = folder / CACHE_DIR
-    arrays = _load_cache(cache, manifest)
+    arrays = _load_cache(cache, manifest, len(wnids))
     if arrays is None:
         train_x, train_y = _decode_split(train, "decoding Tiny ImageNet train")
         test_x, test_y = _decode_split(test, "decoding Tiny ImageNet val")
