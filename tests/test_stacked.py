@@ -254,6 +254,23 @@ def test_a_member_can_continue_alone(tmp_path, tiny_dataset):
     assert [h["epoch"] for h in more.history] == [1, 2, 3]
 
 
+def test_members_on_data_of_ones_own_continue_on_it_alone(tmp_path, tiny_dataset):
+    mine = replace(tiny_dataset, name="mine")
+    first = train(_config(tmp_path, 1, epochs=1), dataset=mine, progress=False)
+    config = json.loads((first.dir / "config.json").read_text())
+    (first.dir / "config.json").write_text(json.dumps(config | {"epochs": 2}))
+    (first.dir / "summary.json").unlink()
+    with pytest.raises(BrainPropError) as info:
+        train_stacked([first.dir], progress=False)
+    assert str(info.value) == (
+        f"checkpoint in {first.dir} was trained on data of one's own, 'mine', not on mnist's "
+        "files, which brainprop would load: pass that data again, as "
+        "train_stacked(runs, dataset=...)"
+    )
+    (more,) = train_stacked([first.dir], dataset=mine, progress=False)
+    assert [h["epoch"] for h in more.history] == [1, 2]
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [

@@ -282,7 +282,9 @@ def train_stacked(
         members: each a config to start (as ``train(config)`` would) or a run directory to
             continue (as ``train(resume=...)`` would). The configs may differ only in
             :data:`MEMBER_FIELDS`: the seed, the name, the epoch cap and where they are kept.
-        dataset: use this dataset instead of loading the configs' (tests, notebooks).
+        dataset: use this dataset instead of loading the configs' (data of one's own, tests,
+            notebooks); as with ``train``, members that continue a run on data of one's own
+            need it passed again.
         progress: a progress bar per epoch and one line per member and epoch.
         tag: put ``"<tag>: "`` before every line and show no progress bar: for stacks that
             share a terminal (``reproduce --jobs``), whose bars would overwrite one another.
