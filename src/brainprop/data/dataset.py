@@ -39,8 +39,8 @@ class Dataset:
     def __post_init__(self) -> None:
         # The library's loaders check their files, but a Dataset of one's own (``train(config,
         # dataset=...)``) arrives unchecked: what would train silently on wrong data, or fail
-        # deep inside torch, is refused here in one line.
-        # Checkpoints record the name (fingerprint), and hold plain types only.
+        # deep inside torch, is refused here in one line. The name must be plain text, as
+        # checkpoints record it (fingerprint) and hold plain types only.
         if type(self.name) is not str or not self.name:
             raise BrainPropError(
                 f"a dataset's name must be a non-empty str, got {self.name!r}: pass str(name)"
