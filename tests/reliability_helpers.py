@@ -92,6 +92,11 @@ def assert_same_run(a: Path, b: Path) -> None:
     la, lb = load(a / "last.pt"), load(b / "last.pt")
     for key in ("torch", "generator"):
         assert torch.equal(la["rng"][key], lb["rng"][key]), key
+    for key in ("numpy", "python"):
+        for part, value in la["rng"][key].items():
+            other = lb["rng"][key][part]
+            same = torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other
+            assert same, f"{key} {part}"
     assert la["early_stopping"] == lb["early_stopping"]
     # Through JSON text, so NaN diagnostics compare equal to themselves.
     for name in ("history.json", "summary.json"):

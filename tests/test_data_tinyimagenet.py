@@ -125,6 +125,19 @@ def fix(folder: Path) -> str:
     return f"the tree is damaged; delete {folder} and run 'brainprop download tiny-imagenet'"
 
 
+@pytest.mark.parametrize("wnid", ["..", ".", "a/b", "n0\x00", "n01443537 x"])
+def test_a_class_id_that_is_no_plain_name_is_refused(tmp_path: Path, wnid: str) -> None:
+    """Each names a folder under train/: '..' or 'a/b' would read outside the tree, and a NUL
+    crashed the file system call (found by the fuzz test)."""
+    folder = write_tiny_imagenet(tmp_path)
+    path = folder / "wnids.txt"
+    path.write_text(path.read_text() + wnid + "\n")
+    assert _error(tmp_path) == (
+        f"Tiny ImageNet file {path} lists {wnid!r}, which is not a class id like n01443537: "
+        f"{fix(folder)}"
+    )
+
+
 def test_missing_val_annotations(tmp_path: Path) -> None:
     folder = write_tiny_imagenet(tmp_path)
     path = folder / "val" / "val_annotations.txt"

@@ -222,6 +222,7 @@ def _reciprocal_pair(equal: bool, wd: float, steps: int):
         model = _conv_model()
         convert(model, "reciprocal", generator=torch.Generator().manual_seed(3))
         layers = [m for m in model.modules() if hasattr(m, "feedback_weight")]
+        assert len(layers) == 4  # both convolutions and both dense layers
         if equal:
             with torch.no_grad():
                 for m in layers:
@@ -388,6 +389,8 @@ def test_sign_feedback_of_a_single_weight_is_the_weight():
     convert(model, "sign")
     model(torch.rand(4, 3)).sum().backward()
     assert torch.isfinite(model[0].weight.grad).all()
+    # std() of one number is NaN; sign(w) alone would be +-1, not the weight.
+    assert torch.equal(feedback_weight(model[1]), model[1].weight)
 
 
 def test_direct_feedback_whose_last_module_is_not_the_output_is_a_clear_error():

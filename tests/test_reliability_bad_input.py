@@ -683,6 +683,24 @@ def test_full_disk_is_detected_before_the_run_starts(tmp_path: Path, monkeypatch
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_new_run_needs_room_for_three_checkpoints(tmp_path: Path, monkeypatch) -> None:
+    """last.pt, best.pt and a last.pt being written: room for two (and the 1 MiB of history and
+    plots each is allowed) is refused, room for three and a half taken."""
+    sized = train(tiny_config(tmp_path, epochs=1, name="sized"), dataset=make_tiny_dataset(),
+                  progress=False)  # fmt: skip
+    one = (sized.dir / "last.pt").stat().st_size + 2**20
+    for free, starts in ((2 * one, False), (3.5 * one, True)):
+        monkeypatch.setattr(
+            "brainprop.rundir.shutil.disk_usage", lambda _p, f=free: type("U", (), {"free": f})()
+        )
+        config = tiny_config(tmp_path, epochs=1, name=f"free-{starts}")
+        if starts:
+            train(config, dataset=make_tiny_dataset(), progress=False)
+        else:
+            with pytest.raises(BrainPropError, match="free disk space or pass another --out"):
+                train(config, dataset=make_tiny_dataset(), progress=False)
+
+
 def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path: Path, monkeypatch):
     fsync, last_writes = os.fsync, []
 
@@ -768,3 +786,24 @@ def test_a_closed_output_pipe_ends_in_one_line(tmp_path) -> None:
         os.close(write)
     assert done.stderr == b"brainprop: stopped: the output's reader went away (a closed pipe)\n"
     assert done.returncode == 128 + 13  # SIGPIPE
+
+
+def test_a_run_whose_output_pipe_closed_resumes(tmp_path) -> None:
+    write_idx_dataset(tmp_path / "mnist", n_train=40, n_test=12)
+    argv = [sys.executable, "-m", "brainprop", "train", "--dataset", "mnist", "--arch", "dense",
+            "--epochs", "1", "--batch-size", "8", "--data-dir", str(tmp_path), "--out",
+            str(tmp_path / "runs"), "--name", "run"]  # fmt: skip
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = subprocess.run(argv, stdout=write, stderr=subprocess.PIPE, timeout=300)
+    finally:
+        os.close(write)
+    assert done.returncode == 128 + 13, done.stderr
+    run = tmp_path / "runs" / "run"
+    assert not (run / "summary.json").exists()
+    again = subprocess.run(
+        [*argv[:4], "--resume", str(run), "--quiet"], capture_output=True, timeout=300
+    )
+    assert again.returncode == 0, again.stderr
+    assert json.loads((run / "summary.json").read_text())["epochs_run"] == 1

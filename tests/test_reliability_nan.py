@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import signal
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ from reliability_helpers import (
 )
 from torch import nn
 
-from brainprop import Dataset, checkpoint, train
+from brainprop import Dataset, checkpoint, evaluate, train
 from brainprop.config import MAX_NAN_RELOADS
 from brainprop.errors import BrainPropError
 from brainprop.signals import Interrupted
@@ -102,6 +103,25 @@ def test_on_nan_reload_rewinds_and_halves_the_learning_rate(tmp_path: Path, ds, 
     # Epoch 1 ran at the full rate; epoch 2 was redone from epoch 1's checkpoint at half of it.
     assert [h["lr"] for h in run.history] == [0.1, 0.05, 0.05]
     assert _last(run.dir)["lr_scale"] == 0.5
+
+
+def test_a_rewound_run_is_its_last_checkpoint_resumed_at_half_the_rate(
+    tmp_path: Path, ds, monkeypatch
+) -> None:
+    """Built without rewind: epoch 1, then its last.pt resumed with the rate halved. Rewinding
+    to another point (another epoch, a fresh generator, the old trainer's random streams)
+    gives another run."""
+    expected = tiny_config(tmp_path / "expected", on_nan="reload")
+    train(replace(expected, epochs=1), dataset=ds, progress=False)
+    run_dir = tmp_path / "expected" / "run"
+    state = _last(run_dir)
+    state |= {"lr_scale": 0.5, "nan_reloads": 1}
+    checkpoint.save(run_dir / "last.pt", {k: v for k, v in state.items() if k != "format"})
+    train(expected, resume=run_dir, dataset=ds, progress=False)
+    inject(monkeypatch, {step(2, 5): poison})
+    rewound = train(tiny_config(tmp_path / "rewound", on_nan="reload"), dataset=ds, progress=False)
+    assert rewound.summary["nan_reloads"] == 1
+    assert_same_run(rewound.dir, run_dir)
 
 
 @pytest.mark.parametrize("val", ["test", 32])
@@ -259,3 +279,16 @@ def test_a_resumed_run_with_nan_weights_in_its_checkpoint_is_refused(tmp_path: P
     with pytest.raises(BrainPropError, match="holds NaN or inf weights, which brainprop "
                        "never saves: the checkpoint is damaged"):  # fmt: skip
         train(None, resume=run.dir, dataset=ds, progress=False)
+
+
+def test_an_evaluated_checkpoint_with_nan_weights_is_refused(tmp_path: Path, ds):
+    run = train(tiny_config(tmp_path, epochs=1), dataset=ds, progress=False)
+    state = checkpoint.load(run.dir / "best.pt")
+    next(iter(state["model"].values())).fill_(math.inf)
+    best = run.dir / "best.pt"
+    checkpoint.save(best, {k: v for k, v in state.items() if k != "format"})
+    with pytest.raises(BrainPropError) as info:
+        evaluate(run.dir, dataset=ds)
+    assert str(info.value) == (
+        f"{best} holds NaN or inf weights: the checkpoint is damaged; use another one"
+    )

@@ -193,6 +193,10 @@ def test_held_out_validation_reports_test_accuracy_separately(tmp_path, tiny_dat
     # The opening line names what departs from the paper's setup.
     assert "training conv on mnist with brainprop, 56 images held out (" in capsys.readouterr().out
     assert run.summary["test_acc_at_best"] == run.history[run.summary["best_epoch"] - 1]["test_acc"]
+    # Scored on the test split, not the held-out images: best.pt's accuracy there.
+    best, _ = load_model(run.dir)
+    test_acc = accuracy(best, tiny_dataset.test_x, tiny_dataset.test_y)
+    assert run.summary["test_acc_at_best"] == test_acc
     with pytest.raises(BrainPropError, match="would hold out all 256"):
         train(_config(tmp_path, val=256, name="x"), dataset=tiny_dataset, progress=False)
 
@@ -227,6 +231,19 @@ def test_l2_is_keras_semantics_on_weights_only(tmp_path, tiny_dataset):
     run = train(_config(tmp_path, epochs=1, l2=5e-4), dataset=tiny_dataset, progress=False)
     groups = make_optimizer(run.model, cfg).param_groups
     assert [g["weight_decay"] for g in groups] == [1e-3, 0.0]  # d(lambda w^2)/dw = 2 lambda w
+    # Keras regularises the kernels alone: not BatchNorm's scale and shift.
+    kernels = [
+        m.weight for m in run.model.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)
+    ]
+    batchnorm = [
+        p
+        for m in run.model.modules()
+        if isinstance(m, torch.nn.BatchNorm2d)
+        for p in m.parameters()
+    ]
+    assert len(kernels) == 4 and len(batchnorm) == 4
+    assert [id(p) for p in groups[0]["params"]] == [id(p) for p in kernels]
+    assert [id(p) for p in groups[1]["params"]] == [id(p) for p in batchnorm]
     assert cfg.weight_decay == 1e-3
     with pytest.raises(ValueError, match="resolve"):
         _config(tmp_path).weight_decay  # noqa: B018 (l2 still None: the preset decides)
