@@ -269,7 +269,8 @@ _Y = torch.tensor([0, 1, 2, 9])
         ),
         (
             {"num_classes": 1},
-            "num_classes must be at least 2, got 1: a choice among fewer classes is no choice",
+            "num_classes must be at least 2, got 1 (a choice among fewer is none): pass the "
+            "number of classes the labels name",
         ),
         (
             {"num_classes": 10.0},
@@ -306,7 +307,8 @@ _Y = torch.tensor([0, 1, 2, 9])
         ),
         (
             {"train_y": _Y[:3]},
-            "train_y must be int64 [4], one label per image, got torch.int64 (3,)",
+            "train_y must be int64 [4], one label per image, got torch.int64 (3,): give as "
+            "many labels as images",
         ),
         (
             {"train_y": torch.nn.functional.one_hot(_Y)},

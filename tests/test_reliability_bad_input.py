@@ -512,7 +512,8 @@ def test_a_run_on_data_of_ones_own_is_not_evaluated_on_its_datasets_files(
         evaluate(run, data_dir=str(tmp_path))
     assert str(info.value) == (
         f"{run} was trained on data of one's own, 'mine', not on mnist's files, which "
-        "brainprop would load: pass that data again, as evaluate(run, dataset=...)"
+        "brainprop would load: pass that data again, as evaluate(run, dataset=...) (from "
+        "Python: the command line reads the built-in datasets only)"
     )
     assert evaluate(run, dataset=ds)["dataset"] == "mine"
 
@@ -571,7 +572,13 @@ def test_a_checkpoint_from_before_the_data_was_recorded_is_evaluated(
 
 
 @pytest.mark.parametrize(
-    "data", ["mnist", {"name": "mnist", "train": [1, 2], "test": [1, 2, 3, 4]}, {"name": 3}]
+    "data",
+    [
+        "mnist",
+        {"name": "mnist", "train": [1, 2], "test": [1, 2, 3, 4]},
+        {"name": 3},
+        {"name": "mnist", "train": [1, 2, 3, 4], "test": None},
+    ],
 )
 def test_a_damaged_record_of_the_data_is_refused(tmp_path: Path, fixture_run, data) -> None:
     _, run = fixture_run
@@ -579,8 +586,8 @@ def test_a_damaged_record_of_the_data_is_refused(tmp_path: Path, fixture_run, da
     with pytest.raises(BrainPropError) as info:
         evaluate(path)
     assert str(info.value) == (
-        f"{path} records the data it was trained on in a damaged form: the checkpoint is "
-        "damaged or from another version; use another one"
+        f"{path} records the data it was trained on in a damaged form: it is damaged or from "
+        "another version; use another checkpoint, or start a new run"
     )
 
 

@@ -67,6 +67,8 @@ def test_checkpoint_holds_the_whole_training_state(reference: Path) -> None:
     assert state["partial"] is None  # written at an epoch's end
     assert set(state["rng"]) == {"torch", "cuda", "generator", "numpy", "python"}
     assert state["early_stopping"]["wait"] >= 0 and state["lr_scale"] == 1.0
+    assert state["data"] == make_tiny_dataset().fingerprint()
+    assert json.loads((reference / "data.json").read_text()) == state["data"]
 
 
 def test_numpy_and_python_rng_states_round_trip(tmp_path: Path, ds) -> None:
@@ -588,9 +590,31 @@ def test_a_run_on_data_of_ones_own_resumes_on_it_alone(tmp_path) -> None:
     assert str(info.value) == (
         f"checkpoint in {run.dir} was trained on data of one's own, 'mine', not on mnist's "
         "files, which brainprop would load: pass that data again, as "
-        "train(resume=run, dataset=...)"
+        "train(resume=run, dataset=...) (from Python: the command line reads the built-in "
+        "datasets only)"
     )
     assert train(longer, resume=run.dir, dataset=mine, progress=False).summary["epochs_run"] == 2
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_over_on_its_own_data(tmp_path) -> None:
+    """It starts over from config.json, which does not name the data: it trained on
+    config.dataset's files. data.json, written as the run starts, names it."""
+    mine = dataclasses.replace(make_tiny_dataset(), name="mine")
+    run = train(tiny_config(tmp_path, epochs=1), dataset=mine, progress=False).dir
+    for leftover in run.iterdir():
+        if leftover.name not in ("config.json", "data.json"):
+            leftover.unlink()  # as a kill inside the first epoch leaves it
+    with pytest.raises(BrainPropError) as info:
+        train(None, resume=run, progress=False)
+    assert str(info.value) == (
+        f"{run / 'data.json'} was trained on data of one's own, 'mine', not on mnist's files, "
+        "which brainprop would load: pass that data again, as train(resume=run, dataset=...) "
+        "(from Python: the command line reads the built-in datasets only)"
+    )
+    other = make_tiny_dataset(n_train=128)
+    with pytest.raises(BrainPropError, match="but the data now is 'mnist' \\(128 training"):
+        train(None, resume=run, dataset=other, progress=False)
+    assert train(None, resume=run, dataset=mine, progress=False).summary["epochs_run"] == 1
 
 
 def test_resume_takes_the_same_data_in_another_order_and_older_checkpoints(tmp_path, ds) -> None:

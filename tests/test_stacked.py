@@ -265,7 +265,8 @@ def test_members_on_data_of_ones_own_continue_on_it_alone(tmp_path, tiny_dataset
     assert str(info.value) == (
         f"checkpoint in {first.dir} was trained on data of one's own, 'mine', not on mnist's "
         "files, which brainprop would load: pass that data again, as "
-        "train_stacked(runs, dataset=...)"
+        "train_stacked(runs, dataset=...) (from Python: the command line reads the built-in "
+        "datasets only)"
     )
     (more,) = train_stacked([first.dir], dataset=mine, progress=False)
     assert [h["epoch"] for h in more.history] == [1, 2]

@@ -72,56 +72,63 @@ def check_trained_on(state: dict[str, Any], ds: Dataset, source: str, remedy: st
         )
 
 
-def check_same_data(state: dict[str, Any], ds: Dataset, source: str, remedy: str) -> None:
+def check_same_data(recorded: Any, ds: Dataset, source: str, remedy: str, call: str) -> None:
     """One-line BrainPropError unless ``ds`` (of the shape and classes that
-    :func:`check_trained_on` checked) is the data ``state``, a checkpoint read from ``source``,
-    records (runs since checkpoints carried ``data``): its name and images per class
-    (:meth:`Dataset.fingerprint`), the training split's only where ``ds`` has one. ``remedy``
-    ends the message.
+    :func:`check_trained_on` checked) is the data ``recorded``, a run's record of it read from
+    ``source`` (a checkpoint's ``data``, or the run's data.json; None for runs from before
+    either), describes: its name and images per class (:meth:`Dataset.fingerprint`), the
+    training split's only where ``ds`` has one. The message ends with ``remedy`` and how to
+    pass the data, ``call``.
 
     A run on data of one's own (``train(config, dataset=...)``) is named for
     ``config.dataset``, whose files a resume or evaluation would otherwise load in its place,
     as it would other files of the same shape at the run's data root."""
-    recorded = state.get("data")
     if recorded is None:
         return
-    if not _fingerprint_ok(recorded, state["num_classes"]):
-        raise BrainPropError(
-            f"{source} records the data it was trained on in a damaged form: the checkpoint is "
-            "damaged or from another version; use another one"
-        )
+    _check_record(recorded, source)
     splits = ("train", "test") if len(ds.train_y) else ("test",)
     here = ds.fingerprint()
     if recorded["name"] != here["name"] or any(recorded[s] != here[s] for s in splits):
         then, now = _described(recorded, splits), _described(here, splits)
         if then == now:
             now += " with other numbers of images per class"
-        raise BrainPropError(f"{source} was trained on {then}, but the data now is {now}: {remedy}")
+        raise BrainPropError(
+            f"{source} was trained on {then}, but the data now is {now}: {remedy} (--data-dir "
+            f"the folder it was read from; data of one's own as {call})"
+        )
 
 
-def check_loadable(state: dict[str, Any], dataset: str, source: str, call: str) -> None:
-    """One-line BrainPropError, before any file is read, if ``state`` (a checkpoint read from
-    ``source``) records data of one's own, which loading ``dataset``, the run's
+def check_loadable(recorded: Any, dataset: str, source: str, call: str) -> None:
+    """One-line BrainPropError, before any file is read, if ``recorded`` (as in
+    :func:`check_same_data`) names data of one's own, which loading ``dataset``, the run's
     ``config.dataset``, would not give: ``call`` says how to pass that data again."""
-    recorded = state.get("data")
-    if _fingerprint_ok(recorded, state.get("num_classes")) and recorded["name"] != dataset:
+    if recorded is None:
+        return
+    _check_record(recorded, source)
+    if recorded["name"] != dataset:
         raise BrainPropError(
             f"{source} was trained on data of one's own, {recorded['name']!r}, not on "
-            f"{dataset}'s files, which brainprop would load: pass that data again, as {call}"
+            f"{dataset}'s files, which brainprop would load: pass that data again, as {call} "
+            "(from Python: the command line reads the built-in datasets only)"
         )
 
 
-def _fingerprint_ok(recorded: Any, classes: int) -> bool:
-    return (
-        isinstance(recorded, dict)
-        and isinstance(recorded.get("name"), str)
-        and all(
-            isinstance(counts := recorded.get(split), list)
-            and len(counts) == classes
-            and all(type(n) is int and n >= 0 for n in counts)
-            for split in ("train", "test")
-        )
+def _check_record(recorded: Any, source: str) -> None:
+    counts = (
+        [recorded.get(split) for split in ("train", "test")] if isinstance(recorded, dict) else []
     )
+    ok = (
+        len(counts) == 2
+        and isinstance(recorded.get("name"), str)
+        and all(isinstance(c, list) and c for c in counts)
+        and len(counts[0]) == len(counts[1])
+        and all(type(n) is int and n >= 0 for c in counts for n in c)
+    )
+    if not ok:
+        raise BrainPropError(
+            f"{source} records the data it was trained on in a damaged form: it is damaged or "
+            "from another version; use another checkpoint, or start a new run"
+        )
 
 
 def _described(fingerprint: dict[str, Any], splits: tuple[str, ...]) -> str:
@@ -235,28 +242,28 @@ def evaluate(
         target: a run directory or a ``.pt`` checkpoint brainprop wrote.
         data_dir: the data root; by default the one the run trained on.
         device: where to score it ('auto': the GPU if there is one).
-        dataset: score on this dataset instead of loading the run's (tests, notebooks).
+        dataset: score on this dataset instead of loading the run's (data of one's own,
+            tests, notebooks), as given. Without it, a run on data of one's own is refused, as
+            is data loaded from the run's data root that is not what the checkpoint records.
 
     Returns:
-        ``checkpoint``, ``dataset``, ``arch``, ``rule``, ``epoch`` (the epochs the checkpoint
-        had finished), ``test_acc`` (a fraction), ``test_size`` and ``device``.
+        ``checkpoint``, ``dataset`` (the scored data's name), ``arch``, ``rule``, ``epoch``
+        (the epochs the checkpoint had finished), ``test_acc`` (a fraction), ``test_size`` and
+        ``device``.
     """
     dev = resolve_device(device)
     model, state = load_model(target)
     config = TrainConfig.from_dict(state["config"])
     root = config.data_dir if data_dir is None else data_dir
+    call = "evaluate(run, dataset=...)"
     if dataset is None:
-        check_loadable(state, config.dataset, str(target), "evaluate(run, dataset=...)")
+        check_loadable(state.get("data"), config.dataset, str(target), call)
     ds = dataset if dataset is not None else load_dataset(config.dataset, root, test_only=True)
     remedy = "evaluate it on the dataset it was trained on"
     check_trained_on(state, ds, str(target), remedy)
     if dataset is None:
         # Data passed in is the caller's choice: a network may be scored on other test images.
-        check_same_data(
-            state, ds, str(target),
-            f"{remedy} (--data-dir the folder it was read from; data of one's own as "
-            "evaluate(run, dataset=...))",
-        )  # fmt: skip
+        check_same_data(state.get("data"), ds, str(target), remedy, call)
     fastpath.prepare(model.to(dev), ds.input_shape, eager=config.eager)
     # Scored in the precision it was validated in during training.
     warn_if_slow_bf16(dev, config.bf16)

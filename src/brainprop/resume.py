@@ -8,6 +8,7 @@ The checks of a checkpoint's parts (:func:`history_ok`, :func:`partial_ok`,
 
 from __future__ import annotations
 
+import json
 from dataclasses import fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -200,13 +201,19 @@ def optimizer_settings(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]
     ]
 
 
+#: How a resume is given data of one's own again, for the messages that refuse other data.
+RESUME_CALL = "train(resume=run, dataset=...)"
+RESUME_REMEDY = "resume with the dataset it was trained on"
+
+
 def restore(
     trainer: Trainer, state: dict[str, Any], ds: Dataset, run_path: Path,
-    source: Path | None = None,
+    source: Path | None = None, call: str = RESUME_CALL,
 ) -> None:  # fmt: skip
     """Load ``state`` (read from ``source``, by default the run's last.pt) into ``trainer``;
-    a one-line BrainPropError for a state that does not fit the run."""
-    check_compatible(state, ds, run_path)
+    a one-line BrainPropError for a state that does not fit the run (``call``: how its data
+    is passed again, if it is not the data it was trained on)."""
+    check_compatible(state, ds, run_path, call)
     last = source or run_path / rundir.LAST
     saved = state.get("device_type")
     if saved is not None and saved != trainer.device.type:
@@ -233,16 +240,27 @@ def restore(
         )
 
 
-def check_compatible(state: dict[str, Any], ds: Dataset, path: Path) -> None:
+def check_compatible(state: dict[str, Any], ds: Dataset, path: Path, call: str) -> None:
     if not declares_sizes(state):
         raise BrainPropError(
             f"checkpoint in {path} does not say which inputs and classes it is for: it is "
             "damaged or from another version"
         )
-    source, remedy = f"checkpoint in {path}", "resume with the dataset it was trained on"
-    check_trained_on(state, ds, source, remedy)
-    check_same_data(
-        state, ds, source,
-        f"{remedy} (--data-dir the folder it was read from; data of one's own as "
-        "train(resume=run, dataset=...))",
-    )  # fmt: skip
+    source = f"checkpoint in {path}"
+    check_trained_on(state, ds, source, RESUME_REMEDY)
+    check_same_data(state.get("data"), ds, source, RESUME_REMEDY, call)
+
+
+def data_record(run_path: Path, state: dict[str, Any] | None) -> tuple[Any, str]:
+    """What a run to continue records of its data, and where (for messages): the record in
+    ``state``, its checkpoint, or for a run killed before its first checkpoint, the data.json
+    it wrote as it started. None for a run from before either."""
+    if state is not None:
+        return state.get("data"), f"checkpoint in {run_path}"
+    path = run_path / rundir.DATA
+    try:
+        return json.loads(path.read_text()), str(path)
+    except FileNotFoundError:
+        return None, str(path)
+    except (OSError, ValueError):
+        return "unreadable", str(path)  # refused as damaged

@@ -3,6 +3,7 @@
 ```
 <out_dir>/<name>/
     config.json     the resolved TrainConfig
+    data.json       the data's name and images per class (Dataset.fingerprint), as it starts
     history.csv     one row per epoch (also history.json)
     last.pt         full training state, rewritten every epoch (resume reads it)
     epoch_start.pt  the state at the last epoch's end, while last.pt holds one inside an epoch
@@ -34,6 +35,8 @@ from .errors import BrainPropError
 from .files import atomic_write_figure, atomic_write_json, atomic_write_text, probe_write
 
 CONFIG, HISTORY_CSV, HISTORY_JSON = "config.json", "history.csv", "history.json"
+#: What the run trained on, for a resume before its first checkpoint, which records it too.
+DATA = "data.json"
 LAST, BEST, PLOT, SUMMARY = "last.pt", "best.pt", "accuracy.png", "summary.json"
 #: While last.pt holds a position inside an epoch, the end of the epoch before it (see
 #: ``train.save_last``): where a NaN later in that epoch rewinds to.

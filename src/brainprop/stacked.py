@@ -49,10 +49,10 @@ from .data import Dataset, load_dataset
 from .data.batches import num_batches, ordered_batches, permuted_batches
 from .devices import autocast, resolve_device, warn_if_slow_bf16
 from .errors import BrainPropError
-from .evaluation import EVAL_BATCH, check_loadable
+from .evaluation import EVAL_BATCH, check_loadable, check_same_data
 from .objectives import Objective, Output, batch_scale
 from .presets import decayed_parameters
-from .resume import checkpoint_and_config, restore
+from .resume import RESUME_REMEDY, checkpoint_and_config, data_record, restore
 from .step import decay_groups, tally
 from .summary import DIVERGED, EARLY_STOPPING, MAX_EPOCHS, summarize
 from .train import (
@@ -324,11 +324,12 @@ def _train_held(
     """:func:`train_stacked`, holding every member's run directory in ``held`` as it goes."""
     loaded = [_member_state(m, held) for m in members]
     config = _common_config([c for _, c, _ in loaded])
+    records = [
+        data_record(run_path, state) if run_path else (None, "") for state, _, run_path in loaded
+    ]
     if dataset is None:
-        for state, _, run_path in loaded:
-            if state is not None:
-                call = "train_stacked(runs, dataset=...)"
-                check_loadable(state, config.dataset, f"checkpoint in {run_path}", call)
+        for recorded, where in records:
+            check_loadable(recorded, config.dataset, where, STACK_CALL)
     ds = dataset if dataset is not None else load_dataset(config.dataset, config.data_dir)
     # On the device before any member is built, so that the members find it there, not copy it.
     ds = ds.to(resolve_device(config.device))
@@ -338,14 +339,18 @@ def _train_held(
     # dropout masks, so the last member's win. Members of one stack checkpoint the same streams
     # at each epoch's end, so a stack resumed whole goes on as it would have run. A member cut
     # short in an epoch keeps its own, for that epoch's end alone.
-    for state, member_config, run_path in loaded:
+    for (state, member_config, run_path), (recorded, where) in zip(loaded, records, strict=True):
         trainer = Trainer(member_config, ds, progress=False)
         if built:
             _share_data(built[0][0], trainer)  # drops its own copy of a held-out split
         streams = None
-        if state is not None:
+        if state is None:
+            # A new member, or one killed before its first checkpoint, which starts over on the
+            # data it began on.
+            check_same_data(recorded, ds, where, RESUME_REMEDY, STACK_CALL)
+        else:
             assert run_path is not None
-            restore(trainer, state, ds, run_path)
+            restore(trainer, state, ds, run_path, call=STACK_CALL)
             check_room(trainer, run_path)
             if trainer.resume_note:
                 print(
@@ -367,6 +372,10 @@ def _train_held(
     )
     runs = _StackedRun(stacked, ds, config, say, bar=progress and tag is None).run()
     return [runs[id(m)] for m in stacked]
+
+
+#: How a stack's members are given data of one's own again.
+STACK_CALL = "train_stacked(runs, dataset=...)"
 
 
 def _member_state(

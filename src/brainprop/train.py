@@ -40,14 +40,17 @@ from .data.batches import num_batches, permuted_batches, to_float
 from .devices import device_name, warn_if_slow_bf16
 from .diagnostics import diagnostics, plot_diagnostics
 from .errors import BrainPropError
-from .evaluation import accuracy, all_finite, check_loadable
+from .evaluation import accuracy, all_finite, check_loadable, check_same_data
 from .feedback import convert
 from .objectives import Objective, make_objective
 from .peaks import tf32_ops
 from .presets import build_model
 from .resume import (
     PARTIAL_SUMS,
+    RESUME_CALL,
+    RESUME_REMEDY,
     checkpoint_and_config,
+    data_record,
     history_ok,
     optimizer_settings,
     partial_ok,
@@ -176,10 +179,7 @@ class Trainer:
         """Everything needed to continue bit-identically from here: the end of the last epoch,
         or the step a stop signal interrupted (``partial``)."""
         return {
-            "config": self.config.to_dict(),
-            "input_shape": list(self.input_shape),
-            "num_classes": self.num_classes,
-            "data": self.data_fingerprint,
+            **self.identity(),
             # CPU and CUDA random states differ in kind: a resume must stay on this device type.
             "device_type": self.device.type,
             "model": self.model.state_dict(),
@@ -193,6 +193,16 @@ class Trainer:
             "rng": rng.capture(self.generator),
             # Several processes: every rank's streams (a collective: all ranks call state()).
             **self.parallel.streams(self.generator, self.order_generator),
+        }
+
+    def identity(self) -> dict[str, Any]:
+        """What every checkpoint (last.pt, best.pt) says of the run: its config, and the
+        network's input shape, classes and data."""
+        return {
+            "config": self.config.to_dict(),
+            "input_shape": list(self.input_shape),
+            "num_classes": self.num_classes,
+            "data": self.data_fingerprint,
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -467,13 +477,18 @@ def _train(
         # Loaded once every process has the config: under torchrun rank 0 alone reads the run
         # directory, which need exist only on its node.
         root = config.data_dir if data_dir is None else data_dir
-        if dataset is None and state is not None:
-            source = f"checkpoint in {run_path}"
-            check_loadable(state, config.dataset, source, "train(resume=run, dataset=...)")
+        recorded, where = None, ""
+        if resume is not None:
+            recorded, where = parallel.on_main(lambda: data_record(run_path, state))
+            if dataset is None:
+                check_loadable(recorded, config.dataset, where, RESUME_CALL)
         ds = dataset if dataset is not None else load_dataset(config.dataset, root)
         trainer = Trainer(config, ds, progress and parallel.is_main, tag)
         if state is not None:
             restore(trainer, state, ds, run_path)
+        else:
+            # Killed before its first checkpoint: it starts over, on the data it began on.
+            check_same_data(recorded, ds, where, RESUME_REMEDY, RESUME_CALL)
         if resume is None:
             run_path = parallel.on_main(lambda: create_run(trainer))
             claim(run_path)
@@ -655,6 +670,7 @@ def create_run(trainer: Trainer) -> Path:
     if name is None:
         name = rundir.default_name(config.dataset, config.arch, config.rule, config.seed)
     run_path = rundir.create(config.out_dir, name)
+    files.atomic_write_json(run_path / rundir.DATA, trainer.data_fingerprint)
     files.atomic_write_json(run_path / rundir.CONFIG, config.to_dict())
     return run_path
 
@@ -878,10 +894,7 @@ def _checkpoint_bytes(trainer: Trainer) -> int:
 
 def _weights(trainer: Trainer, epoch: int) -> dict[str, Any]:
     return {
-        "config": trainer.config.to_dict(),
-        "input_shape": list(trainer.input_shape),
-        "num_classes": trainer.num_classes,
-        "data": trainer.data_fingerprint,
+        **trainer.identity(),
         "model": trainer.model.state_dict(),
         "epoch": epoch,
     }

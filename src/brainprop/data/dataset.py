@@ -52,8 +52,8 @@ class Dataset:
             )
         if self.num_classes < 2:
             raise BrainPropError(
-                f"dataset {self.name!r}: num_classes must be at least 2, got {self.num_classes}: "
-                "a choice among fewer classes is no choice"
+                f"dataset {self.name!r}: num_classes must be at least 2, got {self.num_classes} "
+                "(a choice among fewer is none): pass the number of classes the labels name"
             )
         # The test split first: test_only() makes the empty training split from it.
         for split, x, y in (
@@ -70,7 +70,8 @@ class Dataset:
         if self.train_x.shape[1:] != self.test_x.shape[1:]:
             raise BrainPropError(
                 f"dataset {self.name!r}: train and test images differ in shape: "
-                f"{tuple(self.train_x.shape[1:])} vs {tuple(self.test_x.shape[1:])}"
+                f"{tuple(self.train_x.shape[1:])} vs {tuple(self.test_x.shape[1:])}: give both "
+                "splits images of one size"
             )
 
     def to(self, device: torch.device | str) -> Dataset:
@@ -160,7 +161,7 @@ def _check_labels(name: str, split: str, y: Any, n: int, num_classes: int) -> No
     what = f"dataset {name!r}: {split}_y"
     _require_tensor(what, y)
     if y.dtype != torch.int64 or y.dim() != 1 or len(y) != n:
-        fix = ""
+        fix = ": give as many labels as images"
         if y.dim() == 1 and len(y) == n:
             fix = ": pass y.long()"
         elif y.dim() == 2 and len(y) == n:
