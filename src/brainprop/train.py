@@ -486,7 +486,7 @@ def _train(
         trainer = Trainer(config, ds, progress and parallel.is_main, tag)
         if state is not None:
             restore(trainer, state, ds, run_path)
-        else:
+        elif resume is not None:
             # Killed before its first checkpoint: it starts over, on the data it began on.
             check_same_data(recorded, ds, where, RESUME_REMEDY, RESUME_CALL)
         if resume is None:
