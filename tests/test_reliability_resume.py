@@ -617,6 +617,17 @@ def test_a_run_killed_before_its_first_checkpoint_starts_over_on_its_own_data(tm
     assert train(None, resume=run, dataset=mine, progress=False).summary["epochs_run"] == 1
 
 
+def test_a_damaged_data_json_is_named_as_such(tmp_path) -> None:
+    run = train(tiny_config(tmp_path, epochs=1), dataset=make_tiny_dataset(), progress=False).dir
+    for leftover in run.iterdir():
+        if leftover.name not in ("config.json", "data.json"):
+            leftover.unlink()
+    (run / "data.json").write_text("{")
+    with pytest.raises(BrainPropError) as info:
+        train(None, resume=run, dataset=make_tiny_dataset(), progress=False)
+    assert str(info.value) == f"{run / 'data.json'} is not valid JSON: the run directory is damaged"
+
+
 def test_resume_takes_the_same_data_in_another_order_and_older_checkpoints(tmp_path, ds) -> None:
     """Copies of CIFAR-10 may hold its images in another order (the one this project was
     given does); checkpoints from before the data was recorded are not checked."""

@@ -8,7 +8,6 @@ The checks of a checkpoint's parts (:func:`history_ok`, :func:`partial_ok`,
 
 from __future__ import annotations
 
-import json
 from dataclasses import fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -258,9 +257,6 @@ def data_record(run_path: Path, state: dict[str, Any] | None) -> tuple[Any, str]
     if state is not None:
         return state.get("data"), f"checkpoint in {run_path}"
     path = run_path / rundir.DATA
-    try:
-        return json.loads(path.read_text()), str(path)
-    except FileNotFoundError:
+    if not path.exists():
         return None, str(path)
-    except (OSError, ValueError):
-        return "unreadable", str(path)  # refused as damaged
+    return rundir.read_json(path), str(path)
