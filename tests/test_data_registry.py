@@ -9,11 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_tiny_dataset
 from data_fixtures import REPO, write_cifar10, write_idx_dataset, write_tiny_imagenet
 
+from brainprop import plugins
 from brainprop.data import (
     DATASET_NAMES,
+    DATASETS,
     Dataset,
+    DatasetEntry,
     dataset_status,
     download,
     idx,
@@ -44,7 +48,37 @@ def test_unknown_name_lists_valid_ones(tmp_path: Path) -> None:
         load_dataset("imagenet", tmp_path)
     assert str(info.value) == (
         "unknown dataset 'imagenet': choose one of mnist, fashion-mnist, cifar10, cifar100, "
-        "cifar100-coarse, tiny-imagenet"
+        f"cifar100-coarse, tiny-imagenet{plugins.HINT}"
+    )
+
+
+def test_a_dataset_of_ones_own_loads_by_name_as_the_dataset_its_entry_names(
+    tmp_path, monkeypatch
+) -> None:
+    mine = dataclasses.replace(make_tiny_dataset(), name="mine")
+    calls = []
+
+    def load(root: Path, test_only: bool) -> Dataset:
+        calls.append((root, test_only))
+        return mine
+
+    monkeypatch.setitem(DATASETS, "mine", DatasetEntry(load, family="mnist"))
+    assert load_dataset("mine", tmp_path, test_only=True) is mine
+    assert calls == [(tmp_path, True)]
+    monkeypatch.setitem(DATASETS, "mine", DatasetEntry(lambda root, test_only: {}, "mnist"))
+    with pytest.raises(BrainPropError) as info:
+        load_dataset("mine", tmp_path)
+    assert str(info.value) == (
+        "DATASETS['mine'].load returned a dict, not a brainprop.Dataset: return Dataset(...)"
+    )
+    # Its files are its loader's: brainprop neither lists nor fetches them.
+    assert [s.name for s in dataset_status(tmp_path)] == list(DATASET_NAMES)
+    with pytest.raises(BrainPropError) as info:
+        download("mine", tmp_path)
+    assert str(info.value) == (
+        "'mine' is a dataset of one's own, whose files its loader reads: brainprop fetches and "
+        "lists only its own, mnist, fashion-mnist, cifar10, cifar100, cifar100-coarse, "
+        "tiny-imagenet"
     )
 
 

@@ -8,7 +8,15 @@ import sys
 import pytest
 from data_fixtures import write_idx_dataset
 
-from brainprop import ARCHITECTURES, OBJECTIVES, PATHWAYS, PRESETS, TrainConfig, plugins
+from brainprop import (
+    ARCHITECTURES,
+    DATASETS,
+    OBJECTIVES,
+    PATHWAYS,
+    PRESETS,
+    TrainConfig,
+    plugins,
+)
 from brainprop.cli import main
 from brainprop.errors import BrainPropError
 from brainprop.experiments import Request, reproduce
@@ -35,11 +43,31 @@ PRESETS["mine"] = {
 }
 """
 
+DATA_PLUGIN = """
+import dataclasses
+
+from brainprop import DATASETS, DatasetEntry, load_dataset
+
+
+def load_small(root, test_only):
+    ds = load_dataset("mnist", root, test_only=test_only)
+    return dataclasses.replace(ds, name="mnist-small", train_x=ds.train_x[:48],
+                               train_y=ds.train_y[:48])
+
+
+def load_misnamed(root, test_only):
+    return load_dataset("mnist", root, test_only=test_only)
+
+
+DATASETS["mnist-small"] = DatasetEntry(load_small, family="mnist")
+DATASETS["misnamed"] = DatasetEntry(load_misnamed, family="cifar10")
+"""
+
 
 @pytest.fixture(autouse=True)
 def registries():
     """What a test's plugins register is gone after it, as in a fresh process."""
-    kept = [(r, dict(r)) for r in (OBJECTIVES, ARCHITECTURES, PRESETS, PATHWAYS)]
+    kept = [(r, dict(r)) for r in (OBJECTIVES, ARCHITECTURES, PRESETS, PATHWAYS, DATASETS)]
     loaded, modules = list(plugins._LOADED), set(sys.modules)
     yield
     for registry, before in kept:
@@ -80,6 +108,57 @@ def test_a_plugin_file_registers_a_rule_a_network_and_a_preset_for_the_command(
     capsys.readouterr()
     assert main(["--plugin", str(plugin), "evaluate", str(tmp_path / "runs" / "run")]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["test_size"] == 32
+
+
+def test_a_plugin_dataset_trains_resumes_and_evaluates_by_its_name(tmp_path, data_dir, capsys):
+    plugin = tmp_path / "lab_data.py"
+    plugin.write_text(DATA_PLUGIN)
+    run = tmp_path / "runs" / "run"
+    args = ["train", "--dataset", "mnist-small", "--arch", "dense", "--batch-size", "16",
+            "--epochs", "1", "--data-dir", str(data_dir), "--out", str(run.parent),
+            "--name", "run", "--quiet"]  # fmt: skip
+    assert main(["--plugin", str(plugin), *args]) == 0
+    assert json.loads((run / "config.json").read_text())["dataset"] == "mnist-small"
+    data = json.loads((run / "data.json").read_text())
+    assert (data["name"], sum(data["train"]), sum(data["test"])) == ("mnist-small", 48, 32)
+    capsys.readouterr()
+    # As in a command started afresh.
+    del DATASETS["mnist-small"], DATASETS["misnamed"], sys.modules["lab_data"]
+    plugins._LOADED.clear()
+    resume = ["train", "--resume", str(run), "--epochs", "2", "--quiet"]
+    for argv in (resume, ["evaluate", str(run)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "unknown dataset 'mnist-small': choose one of " in err
+        assert err.rstrip().endswith("with 'brainprop --plugin MODULE'"), err
+    with pytest.raises(SystemExit, match="2"):
+        main(args)
+    assert "invalid choice: 'mnist-small'" in capsys.readouterr().err
+    assert main(["--plugin", str(plugin), *resume]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["epochs_run"] == 2
+    assert main(["--plugin", str(plugin), "evaluate", str(run)]) == 0
+    scores = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert (scores["dataset"], scores["test_size"]) == ("mnist-small", 32)
+
+
+def test_a_plugin_dataset_takes_its_familys_rows_and_is_loaded_under_its_own_name(
+    tmp_path, data_dir, capsys
+):
+    plugin = tmp_path / "lab_data.py"
+    plugin.write_text(DATA_PLUGIN)
+    plugins.load(str(plugin))
+    assert TrainConfig(dataset="misnamed", arch="deep").resolve().l2 == 5e-4  # CIFAR-10's row
+    with pytest.raises(BrainPropError, match="no 'deep' network for mnist-small: choose --arch "):
+        TrainConfig(dataset="mnist-small", arch="deep").resolve()
+    out = tmp_path / "runs"
+    argv = ["train", "--dataset", "misnamed", "--arch", "conv", "--epochs", "1", "--data-dir",
+            str(data_dir), "--out", str(out), "--quiet"]  # fmt: skip
+    assert main(argv) == 2
+    assert capsys.readouterr().err == (
+        "brainprop: error: DATASETS['misnamed'].load returned a Dataset named 'mnist': name it "
+        "'misnamed', as runs that load it by that name record it\n"
+    )
+    assert not out.exists()
 
 
 def test_a_module_is_imported_once_however_often_it_is_named(plugin, monkeypatch):

@@ -11,7 +11,17 @@ import torch
 from data_fixtures import REPO
 from torch import nn
 
-from brainprop import ARCHITECTURES, OBJECTIVES, PAPER, PATHWAYS, PRESETS, build_model
+from brainprop import (
+    ARCHITECTURES,
+    DATASETS,
+    OBJECTIVES,
+    PAPER,
+    PATHWAYS,
+    PRESETS,
+    TrainConfig,
+    build_model,
+    load_dataset,
+)
 from brainprop.cli import build_parser
 
 
@@ -129,6 +139,24 @@ def test_the_extending_example_as_a_plugin_trains_and_evaluates_from_the_command
     evaluated = command(evaluate_line.replace("runs/<run-dir>", str(run_dir)))
     assert evaluated.returncode == 0, evaluated.stderr
     assert json.loads(evaluated.stdout.splitlines()[-1])["test_acc"] == summary["test_acc_at_best"]
+
+
+def test_the_dataset_example_registers_permuted_mnist(monkeypatch) -> None:
+    monkeypatch.setenv("BRAINPROP_DATA", str(REPO / "data"))
+    code = _block_after((REPO / "README.md").read_text(), "Data of one's own is")
+    try:
+        exec(compile(code, "README.md", "exec"), {})
+        permuted, mnist = load_dataset("permuted-mnist", test_only=True), load_dataset("mnist")
+        assert TrainConfig(dataset="permuted-mnist", arch="dense").resolve().init_std == 0.01
+    finally:
+        DATASETS.pop("permuted-mnist", None)
+    assert permuted.name == "permuted-mnist" and len(permuted.train_y) == 0
+    assert torch.equal(permuted.test_y, mnist.test_y)
+    # One shuffle of the pixels, the same for every image.
+    pixels = mnist.test_x.flatten(1)
+    order = torch.randperm(28 * 28, generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(permuted.test_x.flatten(1), pixels)
+    assert torch.equal(permuted.test_x.flatten(1), pixels[:, order])
 
 
 def test_the_pathway_example_of_the_biology_notes_trains(monkeypatch, tmp_path) -> None:

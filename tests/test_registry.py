@@ -6,7 +6,17 @@ from types import MappingProxyType
 import numpy as np
 import pytest
 
-from brainprop import ARCHITECTURES, EBP, OBJECTIVES, PATHWAYS, PRESETS, Hyperparameters, Pathway
+from brainprop import (
+    ARCHITECTURES,
+    DATASETS,
+    EBP,
+    OBJECTIVES,
+    PATHWAYS,
+    PRESETS,
+    DatasetEntry,
+    Hyperparameters,
+    Pathway,
+)
 from brainprop.cli import main
 from brainprop.errors import BrainPropError
 from brainprop.presets import preset_hyperparameters, table_archs, table_row
@@ -22,6 +32,7 @@ GOOD = {
     "ARCHITECTURES": (ARCHITECTURES, (_build, 0)),
     "PRESETS": (PRESETS, {("mnist", "dense"): Hyperparameters()}),
     "PATHWAYS": (PATHWAYS, Pathway(make=lambda layer, scale, g: None, read=lambda m: m.weight)),
+    "DATASETS": (DATASETS, DatasetEntry(load=lambda root, test_only: None, family="mnist")),
 }
 
 
@@ -72,6 +83,14 @@ def registries():
          "PRESETS['mine'] has the row ('mnist', 'dense'): a dict, not a Hyperparameters(...)"),
         ("PATHWAYS", lambda layer, scale, g: None,
          "PATHWAYS['mine'] must be a brainprop.Pathway, not a function"),
+        ("DATASETS", lambda root, test_only: None,
+         "DATASETS['mine'] must be a brainprop.DatasetEntry(load, family), not a function"),
+        ("DATASETS", DatasetEntry(load="data/mine", family="mnist"),
+         "DATASETS['mine'] must load with a function of (root, test_only=...) that returns the "
+         "Dataset, not a str"),
+        ("DATASETS", DatasetEntry(load=lambda root, test_only: None, family="fashion-mnist"),
+         "DATASETS['mine'] has the family 'fashion-mnist': one of mnist, cifar10, cifar100, "
+         "tiny-imagenet, whose preset rows it takes"),
     ],
 )  # fmt: skip
 def test_an_entry_is_checked_as_it_is_made_by_any_route(label, entry, message):

@@ -143,7 +143,7 @@ def test_the_largest_batch_offered_under_torchrun_is_one_that_is_accepted(global
     sizes = {"batch_size": 32} if global_batch is None else {"global_batch": global_batch}
     config = TrainConfig(dataset="mnist", arch="dense", **sizes)
     with pytest.raises(BrainPropError, match=f"pass at most {most}$"):
-        check_batch(config, 128, 101, distributed.Context(world_size=4))
+        check_batch(config, 128, "mnist", 101, distributed.Context(world_size=4))
 
 
 def test_a_run_stored_with_an_out_of_range_lr_resumes_to_a_one_line_error(
@@ -513,7 +513,7 @@ def test_a_run_on_data_of_ones_own_is_not_evaluated_on_its_datasets_files(
     assert str(info.value) == (
         f"{run} was trained on data of one's own, 'mine', not on mnist's files, which "
         "brainprop would load: pass that data again, as evaluate(run, dataset=...) (from "
-        "Python: the command line reads the built-in datasets only)"
+        "Python: the command line loads the dataset the run's config names)"
     )
     assert evaluate(run, dataset=ds)["dataset"] == "mine"
 

@@ -254,7 +254,7 @@ def test_a_member_can_continue_alone(tmp_path, tiny_dataset):
     assert [h["epoch"] for h in more.history] == [1, 2, 3]
 
 
-def test_members_on_data_of_ones_own_continue_on_it_alone(tmp_path, tiny_dataset):
+def test_members_on_data_of_ones_own_continue_on_it_alone(tmp_path, tiny_dataset, capsys):
     mine = replace(tiny_dataset, name="mine")
     first = train(_config(tmp_path, 1, epochs=1), dataset=mine, progress=False)
     config = json.loads((first.dir / "config.json").read_text())
@@ -265,11 +265,13 @@ def test_members_on_data_of_ones_own_continue_on_it_alone(tmp_path, tiny_dataset
     assert str(info.value) == (
         f"checkpoint in {first.dir} was trained on data of one's own, 'mine', not on mnist's "
         "files, which brainprop would load: pass that data again, as "
-        "train_stacked(runs, dataset=...) (from Python: the command line reads the built-in "
-        "datasets only)"
+        "train_stacked(runs, dataset=...) (from Python: the command line loads the dataset "
+        "the run's config names)"
     )
-    (more,) = train_stacked([first.dir], dataset=mine, progress=False)
+    capsys.readouterr()
+    (more,) = train_stacked([first.dir], dataset=mine)
     assert [h["epoch"] for h in more.history] == [1, 2]
+    assert "training 1 seeds of conv on 'mine' (mnist's settings) with " in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,6 @@
 """The training loop: outputs, reproducibility, checkpoints, held-out validation, NaN stops."""
 
+import dataclasses
 import importlib
 import json
 import math
@@ -168,6 +169,19 @@ def test_checkpoint_round_trip_and_evaluate(tmp_path, tiny_dataset):
     assert result["test_acc"] == run.summary["test_acc_at_best"]
     with pytest.raises(BrainPropError, match="inputs"):
         evaluate(run.dir, dataset=make_tiny_dataset(size=12), device="cpu")
+
+
+def test_data_of_ones_own_is_named_in_the_runs_messages(tmp_path, tiny_dataset, capsys):
+    """It trains with config.dataset's settings, so both are named."""
+    mine = dataclasses.replace(tiny_dataset, name="mine")
+    train(_config(tmp_path, epochs=1), dataset=mine)
+    assert "training conv on 'mine' (mnist's settings) with brainprop (" in capsys.readouterr().out
+    with pytest.raises(BrainPropError) as info:
+        train(_config(tmp_path, batch_size=512, name="big"), dataset=mine)
+    assert str(info.value) == (
+        "--batch-size 512 is more than the 256 training images of 'mine' (mnist's settings): "
+        "pass at most 256"
+    )
 
 
 def test_a_network_whose_builder_reads_a_weight_back_is_evaluated(

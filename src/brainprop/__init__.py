@@ -16,7 +16,7 @@ or, piece by piece::
 """
 
 from .config import TrainConfig
-from .data import Dataset, load_dataset
+from .data import DATASETS, Dataset, DatasetEntry, load_dataset
 from .errors import BrainPropError
 from .evaluation import evaluate, load_model
 from .feedback import FEEDBACK_MODES, PATHWAYS, Pathway, convert
@@ -29,6 +29,7 @@ from .train import Run, train
 
 __all__ = [
     "ARCHITECTURES",
+    "DATASETS",
     "EBP",
     "FEEDBACK_MODES",
     "OBJECTIVES",
@@ -38,6 +39,7 @@ __all__ = [
     "BrainProp",
     "BrainPropError",
     "Dataset",
+    "DatasetEntry",
     "Hyperparameters",
     "Interrupted",
     "LayerStack",

@@ -41,6 +41,7 @@ from . import fastpath, memory
 from .config import TrainConfig
 from .data import Dataset
 from .data.batches import num_batches, permuted_batches
+from .data.registry import dataset_family
 from .devices import bf16_warning, cpuinfo, resolve_device, vector_units
 from .errors import BrainPropError
 from .evaluation import EVAL_BATCH, accuracy
@@ -49,7 +50,6 @@ from .files import atomic_write_json, atomic_write_text, make_folder
 from .objectives import OBJECTIVES, Objective, Output, make_objective
 from .peaks import Peak, Peaks, device_peaks, op_precisions, precision_label
 from .presets import (
-    DATASET_FAMILY,
     PAPER,
     PAPER_PRESET,
     build_model,
@@ -307,7 +307,7 @@ def _check_stack_fits(dataset: str, arch: str, device: torch.device, size: int) 
     """Refuse, before any timing, a stack whose weights alone would not fit, instead of
     building networks for minutes until memory runs out."""
     shape = DATASET_SHAPES[dataset]
-    hp = PAPER[DATASET_FAMILY[dataset], arch]  # parse_preset admitted only the table's rows
+    hp = PAPER[dataset_family(dataset), arch]  # parse_preset admitted only the table's rows
     with torch.device("meta"):
         model = build_model(arch, shape.image, shape.num_classes, hp)
     one = sum(t.numel() * 4 for t in (*model.parameters(), *model.buffers()))

@@ -43,7 +43,7 @@ BF16_HELP = "bf16 autocast (CUDA; on a CPU, fast only with AVX512_BF16, AMX or A
 #: How argparse's error begins for the options whose choices a plugin may add to (see
 #: :mod:`brainprop.plugins`).
 _REGISTERED_CHOICE_ERRORS = tuple(
-    f"argument {option}:" for option in ("--rule", "--arch", "--feedback", "--preset")
+    f"argument {option}:" for option in ("--dataset", "--rule", "--arch", "--feedback", "--preset")
 )
 
 
@@ -90,7 +90,7 @@ OFF_CONFIG_OPTIONS = ("out", "local_batchnorm", "val_split", "resume", "quiet")
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
     from .config import MAX_NAN_RELOADS, ON_NAN, TrainConfig
-    from .data import DATASET_NAMES
+    from .data import DATASETS
     from .feedback import feedback_modes
     from .objectives import OBJECTIVES
     from .presets import ARCHITECTURES, PRESETS
@@ -99,7 +99,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     # _train knows what a --resume would drop, and TrainConfig's defaults are the only ones.
     default = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     p = sub.add_parser("train", help="train one network", description="Train one network.")
-    p.add_argument("--dataset", choices=DATASET_NAMES, help=f"default {default['dataset']}")
+    p.add_argument(
+        "--dataset", choices=list(DATASETS),
+        help=f"one of brainprop's, or one registered in brainprop.DATASETS by a --plugin "
+        f"(default {default['dataset']})",
+    )  # fmt: skip
     p.add_argument("--arch", choices=list(ARCHITECTURES), help=f"default {default['arch']}")
     p.add_argument("--rule", choices=tuple(OBJECTIVES), help=f"default {default['rule']}")
     p.add_argument(
@@ -499,9 +503,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--plugin", action="append", metavar="MODULE",
         help="import MODULE (a module name, or the path of a .py file) before the command, "
-        "which then takes the rules, networks, feedback pathways and preset tables it "
-        "registers (reproduce its rules, preset tables and feedback pathways, its networks "
-        "being the paper's; bench its rules); repeatable, and given before the command",
+        "which then takes the rules, networks, feedback pathways, preset tables and datasets "
+        "it registers (reproduce its rules, preset tables and feedback pathways, its networks "
+        "and datasets being the paper's; bench its rules); repeatable, and given before the "
+        "command",
     )  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_train(sub)

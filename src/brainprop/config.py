@@ -17,13 +17,13 @@ from typing import Any
 
 import torch
 
+from .data.registry import DATASETS
 from .devices import device_problem
 from .errors import BrainPropError
 from .feedback import check_feedback
 from .objectives import DEFAULT_EPSILON, OBJECTIVES
 from .presets import (
     ARCHITECTURES,
-    DATASET_FAMILY,
     PAPER_PRESET,
     Hyperparameters,
     preset_hyperparameters,
@@ -108,10 +108,7 @@ class TrainConfig:
             value = getattr(self, f.name)
             if not value_fits(value, str(f.type)):
                 raise BrainPropError(f"{f.name} must be of type {f.type}, got {value!r}")
-        if self.dataset not in DATASET_FAMILY:
-            raise BrainPropError(
-                f"unknown dataset {self.dataset!r}: choose one of {', '.join(DATASET_FAMILY)}"
-            )
+        DATASETS.require(self.dataset)
         OBJECTIVES.require(self.rule)
         if self.global_batch is not None and self.batch_size not in (None, self.global_batch):
             raise BrainPropError(

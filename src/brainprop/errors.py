@@ -11,5 +11,5 @@ class BrainPropError(Exception):
 
 
 class UnknownName(BrainPropError):
-    """A rule, network, feedback pathway or preset table that is not registered in this
+    """A rule, network, feedback pathway, preset table or dataset that is not registered in this
     process: a typo, or a registration of one's own whose code has not run here."""

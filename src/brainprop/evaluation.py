@@ -109,7 +109,7 @@ def check_loadable(recorded: Any, dataset: str, source: str, call: str) -> None:
         raise BrainPropError(
             f"{source} was trained on data of one's own, {recorded['name']!r}, not on "
             f"{dataset}'s files, which brainprop would load: pass that data again, as {call} "
-            "(from Python: the command line reads the built-in datasets only)"
+            "(from Python: the command line loads the dataset the run's config names)"
         )
 
 

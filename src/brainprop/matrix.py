@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from .config import TrainConfig
+from .data.registry import dataset_family
 from .errors import BrainPropError
 from .feedback import check_feedback
 from .objectives import OBJECTIVES, RULES
-from .presets import DATASET_FAMILY, PAPER_PRESET, PRESETS, preset_table
+from .presets import PAPER_PRESET, PRESETS, preset_table
 
 #: The folder of the run directories under a results folder (local, not committed).
 RUNS = "runs"
@@ -211,7 +212,7 @@ def plan(
         raise BrainPropError(f"--max-epochs must be >= 1, got {max_epochs}")
     PRESETS.require(preset)
     check_feedback(feedback)
-    covered = [c for c in MATRIX if (DATASET_FAMILY[c.dataset], c.arch) in preset_table(preset)]
+    covered = [c for c in MATRIX if (dataset_family(c.dataset), c.arch) in preset_table(preset)]
     uncovered = [c for c in cells if c not in covered]
     if uncovered and not covered:
         rows = ", ".join(f"{f}/{a}" for f, a in preset_table(preset)) or "none"

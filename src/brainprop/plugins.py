@@ -1,13 +1,14 @@
-"""Modules of one's own that register rules, networks, feedback pathways or preset tables, for
-the ``brainprop`` command: ``brainprop --plugin MODULE train ...``.
+"""Modules of one's own that register rules, networks, feedback pathways, preset tables or
+datasets, for the ``brainprop`` command: ``brainprop --plugin MODULE train ...``.
 
-A registration (an entry of ``OBJECTIVES``, ``ARCHITECTURES``, ``PATHWAYS`` or ``PRESETS``)
-lives in the process that made it. The command imports each ``--plugin`` before it reads its
-other options, so their choices take the new names; ``reproduce`` imports them again in each
-worker process it starts (:func:`loaded` says which); under ``torchrun`` each process parses
-the command, ``--plugin`` included. A script that calls ``reproduce`` with several jobs needs
-none of this for registrations at its top level, which each worker makes again as it imports
-the script (the "spawn" start), but does for ones made elsewhere: :func:`load` their module.
+A registration (an entry of ``OBJECTIVES``, ``ARCHITECTURES``, ``PATHWAYS``, ``PRESETS`` or
+``DATASETS``) lives in the process that made it. The command imports each ``--plugin`` before
+it reads its other options, so their choices take the new names; ``reproduce`` imports them
+again in each worker process it starts (:func:`loaded` says which); under ``torchrun`` each
+process parses the command, ``--plugin`` included. A script that calls ``reproduce`` with
+several jobs needs none of this for registrations at its top level, which each worker makes
+again as it imports the script (the "spawn" start), but does for ones made elsewhere:
+:func:`load` their module.
 A plugin is the user's own code, run as such: nothing here imports a module named by a file
 or a checkpoint.
 """

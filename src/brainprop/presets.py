@@ -25,6 +25,7 @@ from types import MappingProxyType
 import torch
 from torch import nn
 
+from .data.registry import DATASETS, FAMILIES, dataset_family
 from .errors import BrainPropError
 from .layers import Conv2dSame, LocallyConnected2d
 from .registry import Registry
@@ -58,19 +59,6 @@ class Hyperparameters:
     l2: float = 0.0
     dropout: tuple[float, ...] = ()
 
-
-# Datasets that share a row: Fashion-MNIST has MNIST's format and was not in the paper, so it
-# takes MNIST's settings; CIFAR-100's coarse labels take CIFAR-100's.
-DATASET_FAMILY = {
-    "mnist": "mnist",
-    "fashion-mnist": "mnist",
-    "cifar10": "cifar10",
-    "cifar100": "cifar100",
-    "cifar100-coarse": "cifar100",
-    "tiny-imagenet": "tiny-imagenet",
-}
-#: What the first item of a table's key names.
-FAMILIES = tuple(dict.fromkeys(DATASET_FAMILY.values()))
 
 _CONV = Hyperparameters(dropout=(0.3, 0.3))
 _LOCCON = Hyperparameters(batch_size=32, dropout=(0.3, 0.3))
@@ -172,11 +160,8 @@ def preset_hyperparameters(dataset: str, arch: str, preset: str = PAPER_PRESET) 
     """The ``preset`` table's row for ``dataset`` and ``arch``; a clear error for missing pairs."""
     PRESETS.require(preset)
     ARCHITECTURES.require(arch)
-    family = DATASET_FAMILY.get(dataset)
-    if family is None:
-        raise BrainPropError(
-            f"unknown dataset {dataset!r}: choose one of {', '.join(DATASET_FAMILY)}"
-        )
+    DATASETS.require(dataset)
+    family = dataset_family(dataset)
     row = table_row(preset, dataset, arch)
     if row is None:
         # A network of one's own needs a row of hyperparameters, even where every one is
@@ -219,12 +204,12 @@ def preset_table(preset: str) -> Mapping[tuple[str, str], Hyperparameters]:
 def table_row(preset: str, dataset: str, arch: str) -> Hyperparameters | None:
     """The ``preset`` table's row for ``dataset`` and ``arch``; None where it has none, an
     unknown preset or dataset included."""
-    return preset_table(preset).get((DATASET_FAMILY.get(dataset, dataset), arch))
+    return preset_table(preset).get((dataset_family(dataset) or dataset, arch))
 
 
 def table_archs(preset: str, dataset: str) -> list[str]:
     """The architectures the ``preset`` table has a row for on ``dataset``, sorted."""
-    family = DATASET_FAMILY.get(dataset, dataset)
+    family = dataset_family(dataset) or dataset
     return sorted(a for f, a in preset_table(preset) if f == family)
 
 

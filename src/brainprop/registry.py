@@ -1,5 +1,6 @@
 """The named entries a user extends: rules (``OBJECTIVES``), networks (``ARCHITECTURES``),
-hyperparameter tables (``PRESETS``) and feedback pathways (``PATHWAYS``).
+hyperparameter tables (``PRESETS``), feedback pathways (``PATHWAYS``) and datasets
+(``DATASETS``).
 
 Each is a :class:`Registry`: a mapping that checks an entry as it is made, by any route
 (``update`` and ``setdefault`` go through ``__setitem__`` here, as they would not on a dict), so

@@ -62,6 +62,7 @@ from .train import (
     Trainer,
     check_room,
     create_run,
+    data_label,
     done_line,
     end_epoch,
     facts,
@@ -366,7 +367,7 @@ def _train_held(
     ]
     warn_if_slow_bf16(stacked[0].trainer.device, config.bf16)
     say(
-        f"training {len(stacked)} seeds of {config.arch} on {config.dataset} with "
+        f"training {len(stacked)} seeds of {config.arch} on {data_label(config, ds.name)} with "
         f"{config.rule} stacked on {stacked[0].trainer.device}, run dirs in "
         f"{stacked[0].run_path.parent}"
     )

@@ -129,7 +129,7 @@ class Trainer:
                 ds.to(self.device), int(config.val)
             )
         self.global_batch = self.parallel.global_batch(config.batch_size, config.global_batch)
-        check_batch(config, self.global_batch, len(self.train_set.train_y), self.parallel)
+        check_batch(config, self.global_batch, ds.name, len(self.train_set.train_y), self.parallel)
         init = torch.Generator().manual_seed(config.seed)
         self.model = build_model(
             config.arch, ds.input_shape, ds.num_classes, config.hyperparameters(), init
@@ -341,9 +341,10 @@ class Trainer:
 
 
 def check_batch(
-    config: TrainConfig, global_batch: int, n_train: int, parallel: distributed.Context
+    config: TrainConfig, global_batch: int, data: str, n_train: int, parallel: distributed.Context
 ) -> None:
-    """Refuse a step of more images than the training set holds.
+    """Refuse a step of more images than the training set (of the data named ``data``,
+    ``n_train`` images) holds.
 
     Only the loaded dataset knows its size, so TrainConfig cannot check this. Such a batch
     would train one short step per epoch while recording the batch asked for, or, beyond
@@ -351,7 +352,7 @@ def check_batch(
     """
     if global_batch <= n_train:
         return
-    images = f"the {n_train} training images of {config.dataset}"
+    images = f"the {n_train} training images of {data_label(config, data)}"
     if config.val != VAL_TEST:
         images += f" left after holding out {config.val} for validation"
     if config.global_batch is not None:
@@ -614,6 +615,12 @@ def _epochs(
             return trainer, EARLY_STOPPING
 
 
+def data_label(config: TrainConfig, data: str) -> str:
+    """The data named ``data`` in a run's messages; data of one's own also names the dataset
+    whose settings it takes: ``'mine' (mnist's settings)``."""
+    return data if data == config.dataset else f"{data!r} ({config.dataset}'s settings)"
+
+
 def _header(trainer: Trainer, run_path: Path) -> str:
     """The line that opens a run: what trains, how where it departs from the paper's setup,
     where, and into which directory."""
@@ -643,7 +650,8 @@ def _header(trainer: Trainer, run_path: Path) -> str:
         if synchronised(trainer.model):
             where += ", BatchNorm over the global batch"
     return (
-        f"training {config.arch} on {config.dataset} with {config.rule}"
+        f"training {config.arch} on {data_label(config, trainer.data_fingerprint['name'])} "
+        f"with {config.rule}"
         f"{''.join(f', {h}' for h in how)} "
         f"({sum(p.numel() for p in trainer.model.parameters()):,} parameters) on {where}, "
         f"run dir {run_path}"

@@ -9,12 +9,21 @@ Layout under the data root (see :func:`resolve_data_root`):
 
 from .dataset import Dataset, split_validation
 from .fetch import download
-from .registry import DATASET_NAMES, DatasetStatus, dataset_status, load_dataset
+from .registry import (
+    DATASET_NAMES,
+    DATASETS,
+    DatasetEntry,
+    DatasetStatus,
+    dataset_status,
+    load_dataset,
+)
 from .root import data_root, resolve_data_root
 
 __all__ = [
+    "DATASETS",
     "DATASET_NAMES",
     "Dataset",
+    "DatasetEntry",
     "DatasetStatus",
     "data_root",
     "dataset_status",

@@ -1,12 +1,15 @@
-"""The dataset names, and the single entry point that loads any of them by name."""
+"""The datasets known by name (``DATASETS``, which one's own code extends), and the single
+entry point that loads any of them by name."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from brainprop.errors import BrainPropError
+from brainprop.registry import Registry
 
 from .cifar import LAYOUTS, cifar_dir, cifar_file_problem, load_cifar
 from .dataset import Dataset
@@ -24,15 +27,74 @@ from .messages import UNREADABLE, download_command, redownload
 from .root import data_root, resolve_data_root
 from .tinyimagenet import CACHE_DIR, load_tiny_imagenet, tiny_imagenet_dir
 
-DATASET_NAMES: tuple[str, ...] = (
-    "mnist",
-    "fashion-mnist",
-    "cifar10",
-    "cifar100",
-    "cifar100-coarse",
-    "tiny-imagenet",
+#: The dataset families, the first item of a preset table's key: each dataset takes its
+#: family's rows of hyperparameters.
+FAMILIES = ("mnist", "cifar10", "cifar100", "tiny-imagenet")
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    """How to load a dataset known by name: an entry of :data:`DATASETS`.
+
+    Attributes:
+        load: ``load(root, test_only=...)`` returns the :class:`Dataset`, named as its entry
+            is. ``root`` is the data root (a :class:`Path`: ``--data-dir``, else as
+            :func:`resolve_data_root` finds it), which the files need not be under; with
+            ``test_only`` the training split may be left empty. A ``BrainPropError`` it raises
+            is reported as one line.
+        family: the one of :data:`FAMILIES` whose preset rows the dataset takes: ``"mnist"``
+            for 28x28 grey images, say (the networks fit any image size).
+    """
+
+    load: Callable[..., Dataset]
+    family: str
+
+
+def _entry_problem(entry: object) -> str | None:
+    if not isinstance(entry, DatasetEntry):
+        return f"must be a brainprop.DatasetEntry(load, family), not a {type(entry).__name__}"
+    if not callable(entry.load):
+        return (
+            "must load with a function of (root, test_only=...) that returns the Dataset, not "
+            f"a {type(entry.load).__name__}"
+        )
+    if entry.family not in FAMILIES:
+        return (
+            f"has the family {entry.family!r}: one of {', '.join(FAMILIES)}, whose preset rows "
+            "it takes"
+        )
+    return None
+
+
+#: The datasets ``load_dataset``, ``TrainConfig.dataset`` and ``brainprop train --dataset``
+#: know. One of one's own is an entry, e.g.
+#: ``DATASETS["kmnist"] = DatasetEntry(load_kmnist, family="mnist")``; given to the command
+#: with ``brainprop --plugin`` (:mod:`brainprop.plugins`). The library's own stay as they are.
+DATASETS: Registry[DatasetEntry] = Registry(
+    "DATASETS",
+    "dataset",
+    # Fashion-MNIST has MNIST's format and was not in the paper, so it takes MNIST's settings;
+    # CIFAR-100's coarse labels take CIFAR-100's.
+    {
+        "mnist": DatasetEntry(partial(load_idx_dataset, "mnist"), "mnist"),
+        "fashion-mnist": DatasetEntry(partial(load_idx_dataset, "fashion-mnist"), "mnist"),
+        "cifar10": DatasetEntry(partial(load_cifar, "cifar10"), "cifar10"),
+        "cifar100": DatasetEntry(partial(load_cifar, "cifar100"), "cifar100"),
+        "cifar100-coarse": DatasetEntry(partial(load_cifar, "cifar100-coarse"), "cifar100"),
+        "tiny-imagenet": DatasetEntry(load_tiny_imagenet, "tiny-imagenet"),
+    },
+    check=_entry_problem,
 )
+#: The library's datasets: their official files are what ``brainprop datasets`` lists and
+#: ``brainprop download`` fetches.
+DATASET_NAMES: tuple[str, ...] = DATASETS.builtin
 _IDX = ("mnist", "fashion-mnist")
+
+
+def dataset_family(name: str) -> str | None:
+    """The family whose preset rows dataset ``name`` takes; None for a name not registered."""
+    entry = DATASETS.get(name)
+    return None if entry is None else entry.family
 
 
 @dataclass(frozen=True)
@@ -68,8 +130,14 @@ class DatasetStatus:
 
 def check_name(name: str) -> None:
     """Raise :class:`BrainPropError` unless ``name`` is in :data:`DATASET_NAMES`."""
-    if name not in DATASET_NAMES:
-        raise BrainPropError(f"unknown dataset {name!r}: choose one of {', '.join(DATASET_NAMES)}")
+    if name in DATASET_NAMES:
+        return
+    if name in DATASETS:
+        raise BrainPropError(
+            f"{name!r} is a dataset of one's own, whose files its loader reads: brainprop "
+            f"fetches and lists only its own, {', '.join(DATASET_NAMES)}"
+        )
+    raise BrainPropError(f"unknown dataset {name!r}: choose one of {', '.join(DATASET_NAMES)}")
 
 
 def data_dir(name: str, root: Path) -> Path:
@@ -83,18 +151,27 @@ def data_dir(name: str, root: Path) -> Path:
 
 
 def load_dataset(name: str, root: str | Path | None = None, *, test_only: bool = False) -> Dataset:
-    """Load dataset ``name`` from ``root`` (``None``: :func:`resolve_data_root`).
+    """Load dataset ``name``, an entry of :data:`DATASETS`, from ``root`` (``None``:
+    :func:`resolve_data_root`).
 
     Returns a :class:`Dataset` with uint8 ``[N, C, H, W]`` images and int64 labels;
-    ``test_only``: only the test split is read, and the training split is empty.
+    ``test_only``: only the test split is read, and the training split is empty (for the
+    library's datasets; one's own may load both).
     """
-    check_name(name)
-    root = data_root(root)
-    if name in _IDX:
-        return load_idx_dataset(name, root, test_only=test_only)
-    if name in LAYOUTS:
-        return load_cifar(name, root, test_only=test_only)
-    return load_tiny_imagenet(root, test_only=test_only)
+    DATASETS.require(name)
+    dataset = DATASETS[name].load(data_root(root), test_only=test_only)
+    # A run records its data by name, and a resume or evaluate loads it by that name again.
+    if not isinstance(dataset, Dataset):
+        raise BrainPropError(
+            f"DATASETS[{name!r}].load returned a {type(dataset).__name__}, not a "
+            "brainprop.Dataset: return Dataset(...)"
+        )
+    if dataset.name != name:
+        raise BrainPropError(
+            f"DATASETS[{name!r}].load returned a Dataset named {dataset.name!r}: name it "
+            f"{name!r}, as runs that load it by that name record it"
+        )
+    return dataset
 
 
 def _status(name: str, root: Path) -> DatasetStatus:
