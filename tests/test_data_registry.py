@@ -71,6 +71,26 @@ def test_a_dataset_of_ones_own_loads_by_name_as_the_dataset_its_entry_names(
     assert str(info.value) == (
         "DATASETS['mine'].load returned a dict, not a brainprop.Dataset: return Dataset(...)"
     )
+
+    def missing(root: Path, test_only: bool) -> Dataset:
+        return torch.load(root / "mine.pt")
+
+    monkeypatch.setitem(DATASETS, "mine", DatasetEntry(missing, "mnist"))
+    with pytest.raises(BrainPropError) as info:
+        load_dataset("mine", tmp_path)
+    # The loader's line, not torch's where it was raised.
+    line = missing.__code__.co_firstlineno + 1
+    assert str(info.value) == (
+        f"DATASETS['mine'].load failed: FileNotFoundError: [Errno 2] No such file or directory: "
+        f"'{tmp_path / 'mine.pt'}' ({Path(__file__).resolve()}:{line})"
+    )
+
+    def refuses(root: Path, test_only: bool) -> Dataset:
+        raise BrainPropError("mine.pt is damaged: make it again")
+
+    monkeypatch.setitem(DATASETS, "mine", DatasetEntry(refuses, "mnist"))
+    with pytest.raises(BrainPropError, match="^mine.pt is damaged: make it again$"):
+        load_dataset("mine", tmp_path)
     # Its files are its loader's: brainprop neither lists nor fetches them.
     assert [s.name for s in dataset_status(tmp_path)] == list(DATASET_NAMES)
     with pytest.raises(BrainPropError) as info:

@@ -20,7 +20,7 @@ from brainprop import (
 from brainprop.cli import main
 from brainprop.errors import BrainPropError
 from brainprop.experiments import Request, reproduce
-from brainprop.matrix import Cell
+from brainprop.matrix import Cell, plan
 from brainprop.measurements import load_measurements
 
 PLUGIN = """
@@ -159,6 +159,51 @@ def test_a_plugin_dataset_takes_its_familys_rows_and_is_loaded_under_its_own_nam
         "'misnamed', as runs that load it by that name record it\n"
     )
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["reproduce", "--datasets", "mnist-small"],
+         "dataset 'mnist-small' is not in the paper's matrix: choose from "),
+        (["bench", "--presets", "mnist-small/dense"], "preset 'mnist-small/dense' is not "
+         "dataset/arch with one of brainprop's datasets, whose sizes bench times on random "),
+        (["download", "mnist-small"], "'mnist-small' is a dataset of one's own, whose files its "
+         "loader reads: brainprop fetches and lists only its own, mnist, "),
+    ],
+)  # fmt: skip
+def test_a_plugin_dataset_is_no_cell_of_the_paper_nor_files_brainprop_fetches(
+    tmp_path, capsys, argv, message
+):
+    plugin = tmp_path / "lab_data.py"
+    plugin.write_text(DATA_PLUGIN)
+    assert main(["--plugin", str(plugin), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+    with pytest.raises(BrainPropError, match="^mnist-small/dense is no cell of the paper's matrix"):
+        plan([Cell("mnist-small", "dense")])  # as reproduce's Python API takes it
+
+
+def test_a_plugin_dataset_that_loads_other_data_now_is_named_as_the_cause(
+    tmp_path, data_dir, capsys
+):
+    plugin = tmp_path / "lab_data.py"
+    plugin.write_text(DATA_PLUGIN)
+    run = tmp_path / "runs" / "run"
+    args = ["train", "--dataset", "mnist-small", "--arch", "dense", "--batch-size", "16",
+            "--epochs", "1", "--data-dir", str(data_dir), "--out", str(run.parent),
+            "--name", "run", "--quiet"]  # fmt: skip
+    assert main(["--plugin", str(plugin), *args]) == 0
+    capsys.readouterr()
+    plugin.write_text(DATA_PLUGIN.replace("[:48]", "[:40]"))
+    del DATASETS["mnist-small"], DATASETS["misnamed"], sys.modules["lab_data"]
+    plugins._LOADED.clear()
+    assert main(["--plugin", str(plugin), "train", "--resume", str(run), "--epochs", "2"]) == 2
+    assert capsys.readouterr().err.endswith(
+        "was trained on 'mnist-small' (48 training, 32 test images), but the data now is "
+        "'mnist-small' (40 training, 32 test images): resume with the dataset it was trained "
+        "on (DATASETS['mnist-small'] loading what it loaded then)\n"
+    )
 
 
 def test_a_module_is_imported_once_however_often_it_is_named(plugin, monkeypatch):

@@ -107,6 +107,27 @@ def test_only_weights_are_decayed():
     assert len(decay) == 9 and len(rest) == 14
 
 
+@pytest.mark.parametrize(
+    ("arch", "size", "message"),
+    [
+        # Built, the pool would fail only as the network first ran.
+        ("deep", 5, "images of 5x5 pixels are too small for this network: its layer 26, a 2x2 "
+         "max-pool, would get 1x1, and needs 2x2 or more; choose another --arch, or larger images"),
+        ("loccon", 4, "images of 4x4 pixels are too small for this network: its layer 4, a 3x3 "
+         "locally connected layer, would get 2x2, and needs 3x3 or more"),
+        ("loccon", 2, "its layer 1, a 3x3 locally connected layer, would get 2x2"),
+    ],
+)  # fmt: skip
+def test_images_too_small_for_a_network_are_refused_as_it_is_built(arch, size, message):
+    with pytest.raises(BrainPropError) as info:
+        build_model(arch, (3, size, size), 10)
+    assert message in str(info.value)
+    smallest = {"deep": 8, "loccon": 5}[arch]
+    assert build_model(arch, (3, smallest, smallest), 10)(
+        torch.zeros(2, 3, smallest, smallest)
+    ).shape == (2, 10)
+
+
 def test_unpublished_pairs_and_unknown_names_are_one_line_errors(monkeypatch):
     with pytest.raises(BrainPropError) as refused:
         preset_hyperparameters("mnist", "deep")

@@ -88,6 +88,10 @@ def registries():
         ("DATASETS", DatasetEntry(load="data/mine", family="mnist"),
          "DATASETS['mine'] must load with a function of (root, test_only=...) that returns the "
          "Dataset, not a str"),
+        ("DATASETS", DatasetEntry(load=lambda root: None, family="mnist"),
+         "DATASETS['mine'] must load with a function of (root, test_only=...) that returns the "
+         "Dataset, not <lambda>(root)"),
+        ("DATASETS", DatasetEntry(load=lambda *args, **kwargs: None, family="mnist"), None),
         ("DATASETS", DatasetEntry(load=lambda root, test_only: None, family="fashion-mnist"),
          "DATASETS['mine'] has the family 'fashion-mnist': one of mnist, cifar10, cifar100, "
          "tiny-imagenet, whose preset rows it takes"),

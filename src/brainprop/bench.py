@@ -112,8 +112,9 @@ def parse_preset(spec: str) -> tuple[str, str]:
     dataset, sep, arch = spec.partition("/")
     if not sep or dataset not in DATASET_SHAPES:
         raise BrainPropError(
-            f"preset {spec!r} is not dataset/arch with a known dataset: e.g. mnist/dense; "
-            f"datasets are {', '.join(DATASET_SHAPES)}"
+            f"preset {spec!r} is not dataset/arch with one of brainprop's datasets, whose sizes "
+            f"bench times on random images: e.g. mnist/dense; datasets are "
+            f"{', '.join(DATASET_SHAPES)}"
         )
     if table_row(PAPER_PRESET, dataset, arch) is None:
         archs = table_archs(PAPER_PRESET, dataset)

@@ -16,7 +16,7 @@ from torch import nn
 
 from . import checkpoint, fastpath, rundir
 from .config import TrainConfig
-from .data import Dataset, load_dataset
+from .data import DATASETS, Dataset, load_dataset
 from .data.batches import ordered_batches
 from .data.messages import reason
 from .devices import autocast, device_name, resolve_device, warn_if_slow_bf16
@@ -92,9 +92,14 @@ def check_same_data(recorded: Any, ds: Dataset, source: str, remedy: str, call: 
         then, now = _described(recorded, splits), _described(here, splits)
         if then == now:
             now += " with other numbers of images per class"
+        name = recorded["name"]
+        how = (
+            f"DATASETS[{name!r}] loading what it loaded then"
+            if name in DATASETS and name not in DATASETS.builtin
+            else f"--data-dir the folder it was read from; data of one's own as {call}"
+        )
         raise BrainPropError(
-            f"{source} was trained on {then}, but the data now is {now}: {remedy} (--data-dir "
-            f"the folder it was read from; data of one's own as {call})"
+            f"{source} was trained on {then}, but the data now is {now}: {remedy} ({how})"
         )
 
 

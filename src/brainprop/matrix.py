@@ -199,6 +199,15 @@ def plan(
     own (each compared with EBP) as given, so that each finished pair gives a gap and an epoch
     ratio.
     """
+    outside = [c for c in cells if c not in MATRIX]
+    if outside:
+        # A dataset of one's own takes a family's rows, so the preset check below would pass
+        # it or blame the preset.
+        pairs = ", ".join(f"{c.dataset}/{c.arch}" for c in MATRIX)
+        raise BrainPropError(
+            f"{outside[0].dataset}/{outside[0].arch} is no cell of the paper's matrix, which is "
+            f"{pairs}: 'brainprop train' trains any other"
+        )
     for rule in rules:
         OBJECTIVES.require(rule)
     if not 1 <= seeds <= MAX_SEEDS:

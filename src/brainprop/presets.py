@@ -214,7 +214,9 @@ def table_archs(preset: str, dataset: str) -> list[str]:
 
 
 class LayerStack:
-    """Appends layers while tracking the activation shape (C, H, W), so builders fit any input.
+    """Appends layers while tracking the activation shape (C, H, W), so builders fit any input
+    large enough for their layers (a layer that would get too few pixels is refused as it is
+    added).
 
     An architecture's builder takes one, the number of classes and its dropout rates, and adds
     the network layer by layer; ``layers`` then holds its modules in order, which
@@ -222,7 +224,7 @@ class LayerStack:
 
     def __init__(self, input_shape: Sequence[int]) -> None:
         self.layers: list[nn.Module] = []
-        self.shape = tuple(input_shape)
+        self.input_shape = self.shape = tuple(input_shape)
 
     def add(self, module: nn.Module) -> None:
         """Append any module (a network of one's own, whole or in part); the shape it outputs
@@ -256,6 +258,7 @@ class LayerStack:
 
     def loccon(self, channels: int, stride: int = 1) -> None:
         """3x3 LocallyConnected2D, 'valid' padding -> ReLU -> BatchNorm."""
+        self._fits(3, "a 3x3 locally connected layer")
         self._local(
             lambda c, o, hw, s, p: LocallyConnected2d(c, o, hw, 3, stride=s, padding=p),
             channels,
@@ -264,9 +267,23 @@ class LayerStack:
         )
 
     def pool(self) -> None:
+        # A pool over fewer pixels would be built, and fail only as the network first runs.
+        self._fits(2, "a 2x2 max-pool")
         c, h, w = self.shape
         self.layers.append(nn.MaxPool2d(2))
         self.shape = (c, h // 2, w // 2)
+
+    def _fits(self, size: int, layer: str) -> None:
+        """Refuse ``layer``, the next, if the images, as the layers before it shrank them, have
+        fewer than ``size`` pixels a side."""
+        _, h, w = self.shape
+        if h < size or w < size:
+            _, height, width = self.input_shape
+            raise BrainPropError(
+                f"images of {height}x{width} pixels are too small for this network: its layer "
+                f"{len(self.layers) + 1}, {layer}, would get {h}x{w}, and needs {size}x{size} or "
+                "more; choose another --arch, or larger images"
+            )
 
     def dropout(self, rate: float) -> None:
         self.layers.append(nn.Dropout(rate))

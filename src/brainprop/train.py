@@ -692,7 +692,7 @@ def write_results(trainer: Trainer, run_path: Path, summary: dict[str, Any]) -> 
     config = trainer.config
     if trainer.history:
         rundir.write_history(run_path, trainer.history)
-        title = f"{config.rule} - {config.dataset} {config.arch}"
+        title = f"{config.rule} - {trainer.data_fingerprint['name']} {config.arch}"
         rundir.write_plot(run_path, trainer.history, title)
         plot_diagnostics(
             trainer.history, run_path / DIAGNOSTICS_PLOT, f"{title}, {config.feedback} feedback"

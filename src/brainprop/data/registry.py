@@ -3,12 +3,14 @@ entry point that loads any of them by name."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 from brainprop.errors import BrainPropError
+from brainprop.plugins import raised
 from brainprop.registry import Registry
 
 from .cifar import LAYOUTS, cifar_dir, cifar_file_problem, load_cifar
@@ -40,8 +42,8 @@ class DatasetEntry:
         load: ``load(root, test_only=...)`` returns the :class:`Dataset`, named as its entry
             is. ``root`` is the data root (a :class:`Path`: ``--data-dir``, else as
             :func:`resolve_data_root` finds it), which the files need not be under; with
-            ``test_only`` the training split may be left empty. A ``BrainPropError`` it raises
-            is reported as one line.
+            ``test_only`` the training split may be left empty. An error it raises is one
+            ``BrainPropError``: its own message, or the error's and where in the loader's file.
         family: the one of :data:`FAMILIES` whose preset rows the dataset takes: ``"mnist"``
             for 28x28 grey images, say (the networks fit any image size).
     """
@@ -50,14 +52,23 @@ class DatasetEntry:
     family: str
 
 
+_LOADER = "must load with a function of (root, test_only=...) that returns the Dataset, not"
+
+
 def _entry_problem(entry: object) -> str | None:
     if not isinstance(entry, DatasetEntry):
         return f"must be a brainprop.DatasetEntry(load, family), not a {type(entry).__name__}"
     if not callable(entry.load):
-        return (
-            "must load with a function of (root, test_only=...) that returns the Dataset, not "
-            f"a {type(entry.load).__name__}"
-        )
+        return f"{_LOADER} a {type(entry.load).__name__}"
+    try:
+        signature = inspect.signature(entry.load)
+    except (TypeError, ValueError):  # no signature to read (some built-ins): its call tells
+        signature = None
+    if signature is not None:
+        try:
+            signature.bind(Path(), test_only=False)
+        except TypeError:
+            return f"{_LOADER} {getattr(entry.load, '__name__', 'a function')}{signature}"
     if entry.family not in FAMILIES:
         return (
             f"has the family {entry.family!r}: one of {', '.join(FAMILIES)}, whose preset rows "
@@ -159,7 +170,15 @@ def load_dataset(name: str, root: str | Path | None = None, *, test_only: bool =
     library's datasets; one's own may load both).
     """
     DATASETS.require(name)
-    dataset = DATASETS[name].load(data_root(root), test_only=test_only)
+    load = DATASETS[name].load
+    try:
+        dataset = load(data_root(root), test_only=test_only)
+    except Exception as e:
+        if isinstance(e, BrainPropError) or name in DATASETS.builtin:
+            raise
+        # One's own loader failing (its files missing, say) is one line, as a plugin that
+        # fails as it is imported is.
+        raise BrainPropError(f"DATASETS[{name!r}].load failed: {raised(e, _source(load))}") from e
     # A run records its data by name, and a resume or evaluate loads it by that name again.
     if not isinstance(dataset, Dataset):
         raise BrainPropError(
@@ -172,6 +191,15 @@ def load_dataset(name: str, root: str | Path | None = None, *, test_only: bool =
             f"{name!r}, as runs that load it by that name record it"
         )
     return dataset
+
+
+def _source(function: Callable[..., object]) -> Path | None:
+    """The file that defines ``function`` (a ``partial``'s function), if there is one."""
+    try:
+        source = inspect.getsourcefile(getattr(function, "func", function))
+    except TypeError:  # a built-in, or a callable object's class
+        return None
+    return Path(source).resolve() if source else None
 
 
 def _status(name: str, root: Path) -> DatasetStatus:
