@@ -110,21 +110,37 @@ def test_a_plugin_file_registers_a_rule_a_network_and_a_preset_for_the_command(
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["test_size"] == 32
 
 
-def test_a_plugin_dataset_trains_resumes_and_evaluates_by_its_name(tmp_path, data_dir, capsys):
-    plugin = tmp_path / "lab_data.py"
-    plugin.write_text(DATA_PLUGIN)
-    run = tmp_path / "runs" / "run"
-    args = ["train", "--dataset", "mnist-small", "--arch", "dense", "--batch-size", "16",
+@pytest.fixture
+def data_plugin(tmp_path):
+    path = tmp_path / "lab_data.py"
+    path.write_text(DATA_PLUGIN)
+    return path
+
+
+def _train_small(data_dir, run):
+    """train's arguments for one epoch of the data plugin's dataset into the folder ``run``."""
+    return ["train", "--dataset", "mnist-small", "--arch", "dense", "--batch-size", "16",
             "--epochs", "1", "--data-dir", str(data_dir), "--out", str(run.parent),
-            "--name", "run", "--quiet"]  # fmt: skip
-    assert main(["--plugin", str(plugin), *args]) == 0
+            "--name", run.name, "--quiet"]  # fmt: skip
+
+
+def _forget_data_plugin():
+    """As in a command started afresh: without the data plugin's registrations and module."""
+    del DATASETS["mnist-small"], DATASETS["misnamed"], sys.modules["lab_data"]
+    plugins._LOADED.clear()
+
+
+def test_a_plugin_dataset_trains_resumes_and_evaluates_by_its_name(
+    tmp_path, data_plugin, data_dir, capsys
+):
+    run = tmp_path / "runs" / "run"
+    args = _train_small(data_dir, run)
+    assert main(["--plugin", str(data_plugin), *args]) == 0
     assert json.loads((run / "config.json").read_text())["dataset"] == "mnist-small"
     data = json.loads((run / "data.json").read_text())
     assert (data["name"], sum(data["train"]), sum(data["test"])) == ("mnist-small", 48, 32)
     capsys.readouterr()
-    # As in a command started afresh.
-    del DATASETS["mnist-small"], DATASETS["misnamed"], sys.modules["lab_data"]
-    plugins._LOADED.clear()
+    _forget_data_plugin()
     resume = ["train", "--resume", str(run), "--epochs", "2", "--quiet"]
     for argv in (resume, ["evaluate", str(run)]):
         assert main(argv) == 2
@@ -134,19 +150,17 @@ def test_a_plugin_dataset_trains_resumes_and_evaluates_by_its_name(tmp_path, dat
     with pytest.raises(SystemExit, match="2"):
         main(args)
     assert "invalid choice: 'mnist-small'" in capsys.readouterr().err
-    assert main(["--plugin", str(plugin), *resume]) == 0
+    assert main(["--plugin", str(data_plugin), *resume]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["epochs_run"] == 2
-    assert main(["--plugin", str(plugin), "evaluate", str(run)]) == 0
+    assert main(["--plugin", str(data_plugin), "evaluate", str(run)]) == 0
     scores = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert (scores["dataset"], scores["test_size"]) == ("mnist-small", 32)
 
 
 def test_a_plugin_dataset_takes_its_familys_rows_and_is_loaded_under_its_own_name(
-    tmp_path, data_dir, capsys
+    tmp_path, data_plugin, data_dir, capsys
 ):
-    plugin = tmp_path / "lab_data.py"
-    plugin.write_text(DATA_PLUGIN)
-    plugins.load(str(plugin))
+    plugins.load(str(data_plugin))
     assert TrainConfig(dataset="misnamed", arch="deep").resolve().l2 == 5e-4  # CIFAR-10's row
     with pytest.raises(BrainPropError, match="no 'deep' network for mnist-small: choose --arch "):
         TrainConfig(dataset="mnist-small", arch="deep").resolve()
@@ -173,11 +187,9 @@ def test_a_plugin_dataset_takes_its_familys_rows_and_is_loaded_under_its_own_nam
     ],
 )  # fmt: skip
 def test_a_plugin_dataset_is_no_cell_of_the_paper_nor_files_brainprop_fetches(
-    tmp_path, capsys, argv, message
+    data_plugin, capsys, argv, message
 ):
-    plugin = tmp_path / "lab_data.py"
-    plugin.write_text(DATA_PLUGIN)
-    assert main(["--plugin", str(plugin), *argv]) == 2
+    assert main(["--plugin", str(data_plugin), *argv]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err
     with pytest.raises(BrainPropError, match="^mnist-small/dense is no cell of the paper's matrix"):
@@ -185,20 +197,16 @@ def test_a_plugin_dataset_is_no_cell_of_the_paper_nor_files_brainprop_fetches(
 
 
 def test_a_plugin_dataset_that_loads_other_data_now_is_named_as_the_cause(
-    tmp_path, data_dir, capsys
+    tmp_path, data_plugin, data_dir, capsys
 ):
-    plugin = tmp_path / "lab_data.py"
-    plugin.write_text(DATA_PLUGIN)
     run = tmp_path / "runs" / "run"
-    args = ["train", "--dataset", "mnist-small", "--arch", "dense", "--batch-size", "16",
-            "--epochs", "1", "--data-dir", str(data_dir), "--out", str(run.parent),
-            "--name", "run", "--quiet"]  # fmt: skip
-    assert main(["--plugin", str(plugin), *args]) == 0
+    args = _train_small(data_dir, run)
+    assert main(["--plugin", str(data_plugin), *args]) == 0
     capsys.readouterr()
-    plugin.write_text(DATA_PLUGIN.replace("[:48]", "[:40]"))
-    del DATASETS["mnist-small"], DATASETS["misnamed"], sys.modules["lab_data"]
-    plugins._LOADED.clear()
-    assert main(["--plugin", str(plugin), "train", "--resume", str(run), "--epochs", "2"]) == 2
+    data_plugin.write_text(DATA_PLUGIN.replace("[:48]", "[:40]"))
+    _forget_data_plugin()
+    resume = ["train", "--resume", str(run), "--epochs", "2"]
+    assert main(["--plugin", str(data_plugin), *resume]) == 2
     assert capsys.readouterr().err.endswith(
         "was trained on 'mnist-small' (48 training, 32 test images), but the data now is "
         "'mnist-small' (40 training, 32 test images): resume with the dataset it was trained "
