@@ -85,6 +85,21 @@ def test_a_dataset_of_ones_own_loads_by_name_as_the_dataset_its_entry_names(
         f"'{tmp_path / 'mine.pt'}' ({Path(__file__).resolve()}:{line})"
     )
 
+    class Loader:  # a callable object: its line is found through its class
+        def __call__(self, root: Path, test_only: bool) -> Dataset:
+            raise ValueError("first line\nsecond line")
+
+    monkeypatch.setitem(DATASETS, "mine", DatasetEntry(Loader(), "mnist"))
+    with pytest.raises(BrainPropError) as info:
+        load_dataset("mine", tmp_path)
+    line = Loader.__call__.__code__.co_firstlineno + 1
+    assert str(info.value) == (
+        f"DATASETS['mine'].load failed: ValueError: first line ({Path(__file__).resolve()}:{line})"
+    )
+    # A data root that does not exist is the caller's to fix, not the loader's.
+    with pytest.raises(BrainPropError, match=r"^data folder .*nowhere does not exist: pass "):
+        load_dataset("mine", tmp_path / "nowhere")
+
     def refuses(root: Path, test_only: bool) -> Dataset:
         raise BrainPropError("mine.pt is damaged: make it again")
 

@@ -192,8 +192,18 @@ def test_a_plugin_dataset_is_no_cell_of_the_paper_nor_files_brainprop_fetches(
     assert main(["--plugin", str(data_plugin), *argv]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err
-    with pytest.raises(BrainPropError, match="^mnist-small/dense is no cell of the paper's matrix"):
-        plan([Cell("mnist-small", "dense")])  # as reproduce's Python API takes it
+
+
+def test_a_plan_of_a_cell_outside_the_paper_names_the_matrix_not_the_preset(data_plugin):
+    """As reproduce's Python API takes it: a registered dataset takes the rows of a family the
+    paper's table has, and a built-in cell outside the matrix has no row."""
+    plugins.load(str(data_plugin))
+    for cell in (Cell("mnist-small", "dense"), Cell("mnist", "deep")):
+        with pytest.raises(BrainPropError) as info:
+            plan([cell])
+        assert str(info.value).startswith(
+            f"{cell.dataset}/{cell.arch} is no cell of the paper's matrix, which is mnist/dense, "
+        )
 
 
 def test_a_plugin_dataset_that_loads_other_data_now_is_named_as_the_cause(
@@ -210,7 +220,7 @@ def test_a_plugin_dataset_that_loads_other_data_now_is_named_as_the_cause(
     assert capsys.readouterr().err.endswith(
         "was trained on 'mnist-small' (48 training, 32 test images), but the data now is "
         "'mnist-small' (40 training, 32 test images): resume with the dataset it was trained "
-        "on (DATASETS['mnist-small'] loading what it loaded then)\n"
+        "on (its loader, DATASETS['mnist-small'].load, must load what it loaded then)\n"
     )
 
 

@@ -111,21 +111,22 @@ def test_only_weights_are_decayed():
     ("arch", "size", "message"),
     [
         # Built, the pool would fail only as the network first ran.
-        ("deep", 5, "images of 5x5 pixels are too small for this network: its layer 26, a 2x2 "
-         "max-pool, would get 1x1, and needs 2x2 or more; choose another --arch, or larger images"),
-        ("loccon", 4, "images of 4x4 pixels are too small for this network: its layer 4, a 3x3 "
-         "locally connected layer, would get 2x2, and needs 3x3 or more"),
-        ("loccon", 2, "its layer 1, a 3x3 locally connected layer, would get 2x2"),
+        ("deep", 5, "images of 5x5 pixels are too small for this network: its model[25], a 2x2 "
+         "max-pool, would get 1x1 and needs 2x2 or more; use larger images, or another network"),
+        ("loccon", 4, "images of 4x4 pixels are too small for this network: its model[3], a 3x3 "
+         "locally connected layer, would get 2x2 and needs 3x3 or more"),
+        ("loccon", 2, "its model[0], a 3x3 locally connected layer, would get 2x2"),
     ],
 )  # fmt: skip
 def test_images_too_small_for_a_network_are_refused_as_it_is_built(arch, size, message):
     with pytest.raises(BrainPropError) as info:
         build_model(arch, (3, size, size), 10)
     assert message in str(info.value)
-    smallest = {"deep": 8, "loccon": 5}[arch]
-    assert build_model(arch, (3, smallest, smallest), 10)(
-        torch.zeros(2, 3, smallest, smallest)
-    ).shape == (2, 10)
+    side = {"deep": 8, "loccon": 5}[arch]  # the smallest it takes
+    model = build_model(arch, (3, side, side), 10)
+    assert model(torch.zeros(2, 3, side, side)).shape == (2, 10)
+    named = int(re.search(r"model\[(\d+)\]", message)[1])  # the layer the message names
+    assert isinstance(model[named], nn.MaxPool2d if "pool" in message else LocallyConnected2d)
 
 
 def test_unpublished_pairs_and_unknown_names_are_one_line_errors(monkeypatch):

@@ -159,6 +159,25 @@ def test_the_dataset_example_registers_permuted_mnist(monkeypatch) -> None:
     assert torch.equal(permuted.test_x.flatten(1), pixels[:, order])
 
 
+def test_the_dataset_example_added_to_the_plugin_trains_from_the_command(tmp_path) -> None:
+    text = (REPO / "README.md").read_text()
+    lab = _block_after(text, "### Extending")
+    data = _block_after(text, "Data of one's own is")
+    (tmp_path / "mylab.py").write_text(lab[: lab.index("run = train(")] + data)
+    rest = text[text.index("Added to `mylab.py` above") :]
+    block = re.search(r"```bash\n(.*?)```", rest, re.DOTALL)
+    assert block, "no bash block after the dataset example"
+    words = block.group(1).split()
+    assert words[:3] == ["brainprop", "--plugin", "mylab.py"]
+    argv = [sys.executable, "-m", "brainprop", *words[1:], "--epochs", "1", "--quiet"]
+    env = {**os.environ, "BRAINPROP_DATA": str(REPO / "data")}
+    trained = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert trained.returncode == 0, trained.stderr
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert json.loads((run_dir / "data.json").read_text())["name"] == "permuted-mnist"
+    assert json.loads(trained.stdout.splitlines()[-1])["best_val_acc"] > 0.8
+
+
 def test_the_pathway_example_of_the_biology_notes_trains(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("BRAINPROP_DATA", str(REPO / "data"))
     monkeypatch.chdir(tmp_path)

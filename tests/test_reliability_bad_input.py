@@ -513,7 +513,7 @@ def test_a_run_on_data_of_ones_own_is_not_evaluated_on_its_datasets_files(
     assert str(info.value) == (
         f"{run} was trained on data of one's own, 'mine', not on mnist's files, which "
         "brainprop would load: pass that data again, as evaluate(run, dataset=...) (from "
-        "Python: the command line loads the dataset the run's config names)"
+        "Python: the command line loads only the dataset the run's config names, mnist)"
     )
     assert evaluate(run, dataset=ds)["dataset"] == "mine"
 

@@ -590,8 +590,8 @@ def test_a_run_on_data_of_ones_own_resumes_on_it_alone(tmp_path) -> None:
     assert str(info.value) == (
         f"checkpoint in {run.dir} was trained on data of one's own, 'mine', not on mnist's "
         "files, which brainprop would load: pass that data again, as "
-        "train(resume=run, dataset=...) (from Python: the command line loads the dataset "
-        "the run's config names)"
+        "train(resume=run, dataset=...) (from Python: the command line loads only the "
+        "dataset the run's config names, mnist)"
     )
     assert train(longer, resume=run.dir, dataset=mine, progress=False).summary["epochs_run"] == 2
 
@@ -609,7 +609,7 @@ def test_a_run_killed_before_its_first_checkpoint_starts_over_on_its_own_data(tm
     assert str(info.value) == (
         f"{run / 'data.json'} was trained on data of one's own, 'mine', not on mnist's files, "
         "which brainprop would load: pass that data again, as train(resume=run, dataset=...) "
-        "(from Python: the command line loads the dataset the run's config names)"
+        "(from Python: the command line loads only the dataset the run's config names, mnist)"
     )
     other = make_tiny_dataset(n_train=128)
     with pytest.raises(BrainPropError, match="but the data now is 'mnist' \\(128 training"):

@@ -265,8 +265,8 @@ def test_members_on_data_of_ones_own_continue_on_it_alone(tmp_path, tiny_dataset
     assert str(info.value) == (
         f"checkpoint in {first.dir} was trained on data of one's own, 'mine', not on mnist's "
         "files, which brainprop would load: pass that data again, as "
-        "train_stacked(runs, dataset=...) (from Python: the command line loads the dataset "
-        "the run's config names)"
+        "train_stacked(runs, dataset=...) (from Python: the command line loads only the "
+        "dataset the run's config names, mnist)"
     )
     capsys.readouterr()
     (more,) = train_stacked([first.dir], dataset=mine)

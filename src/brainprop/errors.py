@@ -1,9 +1,15 @@
-"""The one error type users see, and its case for a name this process has not registered.
+"""The one error type users see, its case for a name this process has not registered, and
+how another error becomes part of its one line.
 
 Anything that is the user's to fix (a missing file, a bad name, a nonsense hyperparameter)
 raises :class:`BrainPropError` with a single line that says what was wrong and how to fix it.
 The CLI prints that line and exits with status 2; any other exception is a bug.
 """
+
+from __future__ import annotations
+
+import traceback
+from pathlib import Path
 
 
 class BrainPropError(Exception):
@@ -13,3 +19,22 @@ class BrainPropError(Exception):
 class UnknownName(BrainPropError):
     """A rule, network, feedback pathway, preset table or dataset that is not registered in this
     process: a typo, or a registration of one's own whose code has not run here."""
+
+
+def reason(exc: BaseException) -> str:
+    """The first line of ``exc``'s message (or its type name), safe to embed in one line."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def raised(e: Exception, path: Path | None) -> str:
+    """What one's own code (a plugin, a dataset's loader) raised, in one line: the error, and
+    where in the file ``path`` (else where at all) it was raised; a SyntaxError says its line
+    itself."""
+    frames = traceback.extract_tb(e.__traceback__)
+    own = [f for f in frames if path is not None and Path(f.filename).resolve() == path]
+    where = (own or frames)[-1] if frames and not isinstance(e, SyntaxError) else None
+    at = f" ({where.filename}:{where.lineno})" if where is not None else ""
+    # brainprop's own errors (an entry a registry refused) say what is wrong in their words.
+    what = reason(e) if isinstance(e, BrainPropError) else f"{type(e).__name__}: {reason(e)}"
+    return what + at

@@ -18,9 +18,8 @@ from . import checkpoint, fastpath, rundir
 from .config import TrainConfig
 from .data import DATASETS, Dataset, load_dataset
 from .data.batches import ordered_batches
-from .data.messages import reason
 from .devices import autocast, device_name, resolve_device, warn_if_slow_bf16
-from .errors import BrainPropError
+from .errors import BrainPropError, reason
 from .feedback import convert
 from .presets import Hyperparameters, build_model
 
@@ -94,7 +93,7 @@ def check_same_data(recorded: Any, ds: Dataset, source: str, remedy: str, call: 
             now += " with other numbers of images per class"
         name = recorded["name"]
         how = (
-            f"DATASETS[{name!r}] loading what it loaded then"
+            f"its loader, DATASETS[{name!r}].load, must load what it loaded then"
             if name in DATASETS and name not in DATASETS.builtin
             else f"--data-dir the folder it was read from; data of one's own as {call}"
         )
@@ -114,7 +113,8 @@ def check_loadable(recorded: Any, dataset: str, source: str, call: str) -> None:
         raise BrainPropError(
             f"{source} was trained on data of one's own, {recorded['name']!r}, not on "
             f"{dataset}'s files, which brainprop would load: pass that data again, as {call} "
-            "(from Python: the command line loads the dataset the run's config names)"
+            f"(from Python: the command line loads only the dataset the run's config names, "
+            f"{dataset})"
         )
 
 

@@ -49,8 +49,7 @@ import torch
 from torch import nn
 
 from . import distributed, fusedhead
-from .data.messages import reason
-from .errors import BrainPropError
+from .errors import BrainPropError, reason
 from .feedback import layer_mode
 from .objectives import BrainProp, Objective, Output
 from .step import train_step

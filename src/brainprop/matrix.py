@@ -201,8 +201,7 @@ def plan(
     """
     outside = [c for c in cells if c not in MATRIX]
     if outside:
-        # A dataset of one's own takes a family's rows, so the preset check below would pass
-        # it or blame the preset.
+        # Said here, or the preset check below would blame the preset for it.
         pairs = ", ".join(f"{c.dataset}/{c.arch}" for c in MATRIX)
         raise BrainPropError(
             f"{outside[0].dataset}/{outside[0].arch} is no cell of the paper's matrix, which is "

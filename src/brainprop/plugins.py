@@ -19,12 +19,11 @@ import importlib
 import importlib.machinery
 import importlib.util
 import sys
-import traceback
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TypeVar
 
-from .errors import BrainPropError
+from .errors import BrainPropError, raised
 
 #: Appended to an "unknown name" error: the name may be a registration this process lacks.
 HINT = (
@@ -155,15 +154,3 @@ def _run(spec: str, body: Callable[[], T], source_of: Callable[[], Path | None])
         raise BrainPropError(
             f"--plugin {spec} failed as it was imported: {raised(e, source_of())}"
         ) from None
-
-
-def raised(e: Exception, path: Path | None) -> str:
-    """What one's own code raised, in one line: the error, and where in the file ``path``
-    (else where at all) it was raised; a SyntaxError says its line itself."""
-    frames = traceback.extract_tb(e.__traceback__)
-    own = [f for f in frames if path is not None and Path(f.filename).resolve() == path]
-    where = (own or frames)[-1] if frames and not isinstance(e, SyntaxError) else None
-    at = f" ({where.filename}:{where.lineno})" if where is not None else ""
-    # brainprop's own errors (an entry a registry refused) say what is wrong in their words.
-    what = str(e) if isinstance(e, BrainPropError) else f"{type(e).__name__}: {e}"
-    return what + at

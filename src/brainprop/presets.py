@@ -9,9 +9,10 @@ new architecture is one builder, and its rows go in a table of their own in :dat
 
 The builders follow isapome/BrainProp's ``get_architecture.py`` layer for layer: no biases,
 Conv/LocallyConnected -> ReLU -> BatchNorm (Keras momentum 0.99, eps 1e-3), Keras's dropout
-*rates*, and TensorFlow's asymmetric 'same' padding. They work for any input shape. The last
-layer is a bias-free ``nn.Linear`` whose outputs are the Q-values (BrainProp) or the logits
-(EBP); the rule lives in the objective, not in the network.
+*rates*, and TensorFlow's asymmetric 'same' padding. They fit any input shape large enough
+for their layers (loccon from 5x5 pixels, deep from 8x8). The last layer is a bias-free
+``nn.Linear`` whose outputs are the Q-values (BrainProp) or the logits (EBP); the rule lives in
+the objective, not in the network.
 """
 
 from __future__ import annotations
@@ -280,9 +281,9 @@ class LayerStack:
         if h < size or w < size:
             _, height, width = self.input_shape
             raise BrainPropError(
-                f"images of {height}x{width} pixels are too small for this network: its layer "
-                f"{len(self.layers) + 1}, {layer}, would get {h}x{w}, and needs {size}x{size} or "
-                "more; choose another --arch, or larger images"
+                f"images of {height}x{width} pixels are too small for this network: its "
+                f"model[{len(self.layers)}], {layer}, would get {h}x{w} and needs {size}x{size} "
+                "or more; use larger images, or another network"
             )
 
     def dropout(self, rate: float) -> None:

@@ -17,8 +17,7 @@ import torch
 from . import checkpoint, files, rundir
 from .config import TrainConfig
 from .data import Dataset
-from .data.messages import reason
-from .errors import BrainPropError, UnknownName
+from .errors import BrainPropError, UnknownName, reason
 from .evaluation import all_finite, check_same_data, check_trained_on, declares_sizes
 from .summary import epochs_phrase
 

@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from brainprop.errors import BrainPropError
+from brainprop.errors import BrainPropError, reason
 
 from .dataset import Dataset
-from .messages import UNREADABLE, download_command, reason, redownload
+from .messages import UNREADABLE, download_command, redownload
 
 ROW_BYTES = 3 * 32 * 32
 

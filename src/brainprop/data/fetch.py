@@ -28,11 +28,10 @@ from typing import BinaryIO
 from tqdm import tqdm
 
 from brainprop import locks
-from brainprop.errors import BrainPropError
+from brainprop.errors import BrainPropError, reason
 from brainprop.files import make_folder, usual_permissions
 
 from .idx import IDX_FILE_NAMES
-from .messages import reason
 from .registry import check_name, data_dir, dataset_status, load_dataset
 from .root import data_root
 

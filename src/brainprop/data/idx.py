@@ -15,10 +15,10 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
-from brainprop.errors import BrainPropError
+from brainprop.errors import BrainPropError, reason
 
 from .dataset import Dataset
-from .messages import UNREADABLE, download_command, reason, redownload
+from .messages import UNREADABLE, download_command, redownload
 
 IMAGES_MAGIC = 0x00000803
 LABELS_MAGIC = 0x00000801

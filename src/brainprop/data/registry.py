@@ -9,8 +9,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from brainprop.errors import BrainPropError
-from brainprop.plugins import raised
+from brainprop.errors import BrainPropError, raised
 from brainprop.registry import Registry
 
 from .cifar import LAYOUTS, cifar_dir, cifar_file_problem, load_cifar
@@ -45,7 +44,8 @@ class DatasetEntry:
             ``test_only`` the training split may be left empty. An error it raises is one
             ``BrainPropError``: its own message, or the error's and where in the loader's file.
         family: the one of :data:`FAMILIES` whose preset rows the dataset takes: ``"mnist"``
-            for 28x28 grey images, say (the networks fit any image size).
+            for 28x28 grey images, say (each network is built for the images' size, if they
+            are large enough for its layers).
     """
 
     load: Callable[..., Dataset]
@@ -68,7 +68,8 @@ def _entry_problem(entry: object) -> str | None:
         try:
             signature.bind(Path(), test_only=False)
         except TypeError:
-            return f"{_LOADER} {getattr(entry.load, '__name__', 'a function')}{signature}"
+            named = getattr(entry.load, "__name__", type(entry.load).__name__)
+            return f"{_LOADER} {named}{signature}"
     if entry.family not in FAMILIES:
         return (
             f"has the family {entry.family!r}: one of {', '.join(FAMILIES)}, whose preset rows "
@@ -170,9 +171,9 @@ def load_dataset(name: str, root: str | Path | None = None, *, test_only: bool =
     library's datasets; one's own may load both).
     """
     DATASETS.require(name)
-    load = DATASETS[name].load
+    load, folder = DATASETS[name].load, data_root(root)
     try:
-        dataset = load(data_root(root), test_only=test_only)
+        dataset = load(folder, test_only=test_only)
     except Exception as e:
         if isinstance(e, BrainPropError) or name in DATASETS.builtin:
             raise
@@ -194,12 +195,16 @@ def load_dataset(name: str, root: str | Path | None = None, *, test_only: bool =
 
 
 def _source(function: Callable[..., object]) -> Path | None:
-    """The file that defines ``function`` (a ``partial``'s function), if there is one."""
-    try:
-        source = inspect.getsourcefile(getattr(function, "func", function))
-    except TypeError:  # a built-in, or a callable object's class
-        return None
-    return Path(source).resolve() if source else None
+    """The file that defines ``function`` (a ``partial``'s function, a callable object's
+    class), if there is one."""
+    function = getattr(function, "func", function)
+    for defines in (function, type(function)):
+        try:
+            source = inspect.getsourcefile(defines)
+        except TypeError:  # a callable object (then its class is tried), or a built-in
+            continue
+        return Path(source).resolve() if source else None
+    return None
 
 
 def _status(name: str, root: Path) -> DatasetStatus:

@@ -21,11 +21,11 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from brainprop.errors import BrainPropError
+from brainprop.errors import BrainPropError, reason
 from brainprop.files import atomic_write
 
 from .dataset import Dataset
-from .messages import download_command, reason
+from .messages import download_command
 
 NAME = "tiny-imagenet"
 SUBDIR = "tiny-imagenet-200"
