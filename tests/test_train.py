@@ -171,11 +171,14 @@ def test_checkpoint_round_trip_and_evaluate(tmp_path, tiny_dataset):
         evaluate(run.dir, dataset=make_tiny_dataset(size=12), device="cpu")
 
 
-def test_data_of_ones_own_is_named_in_the_runs_messages(tmp_path, tiny_dataset, capsys):
+def test_data_of_ones_own_is_named_in_the_runs_messages_and_summary(tmp_path, tiny_dataset, capsys):
     """It trains with config.dataset's settings, so both are named."""
     mine = dataclasses.replace(tiny_dataset, name="mine")
-    train(_config(tmp_path, epochs=1), dataset=mine)
+    run = train(_config(tmp_path, epochs=1), dataset=mine)
     assert "training conv on 'mine' (mnist's settings) with brainprop (" in capsys.readouterr().out
+    assert (run.summary["dataset"], run.summary["data"]) == ("mnist", "mine")
+    mnist = train(_config(tmp_path, epochs=1, name="mnist"), dataset=tiny_dataset)
+    assert "data" not in mnist.summary
     with pytest.raises(BrainPropError) as info:
         train(_config(tmp_path, batch_size=512, name="big"), dataset=mine)
     assert str(info.value) == (

@@ -920,6 +920,9 @@ def facts(trainer: Trainer) -> dict[str, Any]:
         "device": device_name(trainer.device),
         "world_size": trainer.parallel.world_size,
     }
+    # Data of one's own passed from Python trains with config.dataset's settings: both count.
+    if (data := trainer.data_fingerprint["name"]) != config.dataset:
+        known["data"] = data
     # Another precision than the paper's fp32: the report keeps such runs apart
     # (Measurement.numerics). As this process computed; a resumed run's earlier epochs ran
     # under the settings of their own process.
