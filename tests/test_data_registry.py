@@ -106,13 +106,13 @@ def test_a_dataset_of_ones_own_loads_by_name_as_the_dataset_its_entry_names(
     monkeypatch.setitem(DATASETS, "mine", DatasetEntry(refuses, "mnist"))
     with pytest.raises(BrainPropError, match="^mine.pt is damaged: make it again$"):
         load_dataset("mine", tmp_path)
-    # Its files are its loader's: brainprop neither lists nor fetches them.
+    # Its files are its loader's: brainprop neither checks nor fetches them.
     assert [s.name for s in dataset_status(tmp_path)] == list(DATASET_NAMES)
     with pytest.raises(BrainPropError) as info:
         download("mine", tmp_path)
     assert str(info.value) == (
         "'mine' is a dataset of one's own, whose files its loader reads: brainprop fetches and "
-        "lists only its own, mnist, fashion-mnist, cifar10, cifar100, cifar100-coarse, "
+        "checks only its own, mnist, fashion-mnist, cifar10, cifar100, cifar100-coarse, "
         "tiny-imagenet"
     )
 

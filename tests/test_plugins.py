@@ -183,7 +183,7 @@ def test_a_plugin_dataset_takes_its_familys_rows_and_is_loaded_under_its_own_nam
         (["bench", "--presets", "mnist-small/dense"], "preset 'mnist-small/dense' is not "
          "dataset/arch with one of brainprop's datasets, whose sizes bench times on random "),
         (["download", "mnist-small"], "'mnist-small' is a dataset of one's own, whose files its "
-         "loader reads: brainprop fetches and lists only its own, mnist, "),
+         "loader reads: brainprop fetches and checks only its own, mnist, "),
     ],
 )  # fmt: skip
 def test_a_plugin_dataset_is_no_cell_of_the_paper_nor_files_brainprop_fetches(
@@ -192,6 +192,18 @@ def test_a_plugin_dataset_is_no_cell_of_the_paper_nor_files_brainprop_fetches(
     assert main(["--plugin", str(data_plugin), *argv]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err
+
+
+def test_datasets_lists_a_plugin_dataset_after_the_files_brainprop_checks(
+    data_plugin, data_dir, capsys
+):
+    assert main(["--plugin", str(data_plugin), "datasets", "--data-dir", str(data_dir)]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert [r.split()[0] for r in rows[-3:]] == ["tiny-imagenet", "mnist-small", "misnamed"]
+    assert rows[-2] == (
+        f"mnist-small      own      loaded by DATASETS['mnist-small'].load from "
+        f"{data_plugin.resolve()}  (mnist's settings; its loader reads and checks its files)"
+    )
 
 
 def test_a_plan_of_a_cell_outside_the_paper_names_the_matrix_not_the_preset(data_plugin):

@@ -250,10 +250,11 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _datasets(args: argparse.Namespace) -> int:
     from .data import data_root, dataset_status
+    from .data.registry import own_datasets
 
     root = data_root(args.data_dir)
     print(f"data root: {root}")
-    for row in dataset_status(root):
+    for row in [*dataset_status(root), *own_datasets()]:
         print(row)
     return 0
 
@@ -523,7 +524,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p = sub.add_parser(
         "datasets", help="which datasets are present, and how to get the rest",
-        description="List each dataset: present, damaged or missing, where, and how to get it.",
+        description="List each dataset: present, damaged or missing, where, and how to get it; "
+        "then the datasets of one's own that plugins registered.",
     )  # fmt: skip
     p.add_argument("--data-dir", help=DATA_DIR_HELP)
     p = sub.add_parser(

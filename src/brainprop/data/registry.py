@@ -147,7 +147,7 @@ def check_name(name: str) -> None:
     if name in DATASETS:
         raise BrainPropError(
             f"{name!r} is a dataset of one's own, whose files its loader reads: brainprop "
-            f"fetches and lists only its own, {', '.join(DATASET_NAMES)}"
+            f"fetches and checks only its own, {', '.join(DATASET_NAMES)}"
         )
     raise BrainPropError(f"unknown dataset {name!r}: choose one of {', '.join(DATASET_NAMES)}")
 
@@ -254,6 +254,21 @@ def _damaged(problems: Iterable[tuple[Path, str | None]], download_name: str, ro
             fix = "check its permissions" if unreadable else redownload(download_name, root)
             return f"{path} {problem}: {fix}"
     return ""
+
+
+def own_datasets() -> list[str]:
+    """One row per registered dataset of one's own, for ``brainprop datasets`` beside the
+    statuses: its files are its loader's business, so they are not checked."""
+    rows = []
+    for name, entry in DATASETS.items():
+        if name not in DATASETS.builtin:
+            source = _source(entry.load)
+            where = f" from {source}" if source else ""
+            rows.append(
+                f"{name:<16} {'own':<8} loaded by DATASETS[{name!r}].load{where}  "
+                f"({entry.family}'s settings; its loader reads and checks its files)"
+            )
+    return rows
 
 
 def dataset_status(root: str | Path | None = None) -> list[DatasetStatus]:
