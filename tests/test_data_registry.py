@@ -25,6 +25,7 @@ from brainprop.data import (
     resolve_data_root,
     root,
 )
+from brainprop.data.registry import own_datasets
 from brainprop.errors import BrainPropError
 
 # The fixtures' folder is the default data root: see
@@ -95,6 +96,20 @@ def test_a_dataset_of_ones_own_loads_by_name_as_the_dataset_its_entry_names(
     line = Loader.__call__.__code__.co_firstlineno + 1
     assert str(info.value) == (
         f"DATASETS['mine'].load failed: ValueError: first line ({Path(__file__).resolve()}:{line})"
+    )
+    # Typed into the interpreter, a loader has no file: its error names Python's "<string>", and
+    # the listing no path made of that.
+    monkeypatch.setitem(
+        DATASETS, "typed", DatasetEntry(eval("lambda root, test_only: 1 / 0"), "mnist")
+    )
+    with pytest.raises(BrainPropError) as info:
+        load_dataset("typed", tmp_path)
+    assert str(info.value) == (
+        "DATASETS['typed'].load failed: ZeroDivisionError: division by zero (<string>:1)"
+    )
+    assert own_datasets()[-1] == (
+        "typed            own      loaded by DATASETS['typed'].load  (mnist's settings; its "
+        "loader reads and checks its files)"
     )
     # A data root that does not exist is the caller's to fix, not the loader's.
     with pytest.raises(BrainPropError, match=r"^data folder .*nowhere does not exist: pass "):

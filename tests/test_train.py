@@ -400,6 +400,20 @@ def test_config_round_trips_through_json():
         TrainConfig.from_dict({**cfg.to_dict(), "momentum": 0.9})
 
 
+def test_a_stored_config_resolves_with_its_own_settings_and_a_partial_one_from_its_row():
+    """A run's config.json holds every hyperparameter: resumed, it needs no preset row; one
+    that lacks a hyperparameter (damaged, or of another version) still takes the row's."""
+    own = TrainConfig(dataset="mnist", arch="deep", lr=0.05, lr_halving_epochs=10, batch_size=64,
+                      init_std=0.01, l2=0.0, dropout=(0.1, 0.2, 0.3, 0.4))  # fmt: skip
+    assert own.resolve(stored=True).lr == 0.05
+    with pytest.raises(BrainPropError, match="no 'deep' network for mnist"):
+        own.resolve()
+    with pytest.raises(BrainPropError, match="no 'deep' network for mnist"):
+        dataclasses.replace(own, l2=None).resolve(stored=True)
+    with pytest.raises(BrainPropError, match="has 4 dropout sites, got 2 rates"):
+        dataclasses.replace(own, dropout=(0.1, 0.2)).resolve(stored=True)
+
+
 def test_plots_leave_the_callers_matplotlib_backend_alone(tmp_path) -> None:
     # A notebook's inline backend must survive train(), which writes the run's plots.
     import matplotlib

@@ -102,20 +102,31 @@ class TrainConfig:
             if isinstance(value := getattr(self, name), os.PathLike):
                 object.__setattr__(self, name, os.fspath(value))
 
-    def resolve(self) -> TrainConfig:
-        """Return a copy with every hyperparameter filled in and every value checked."""
+    def resolve(self, *, stored: bool = False) -> TrainConfig:
+        """Return a copy with every hyperparameter filled in and every value checked.
+
+        ``stored``: this is the config of a run made already (its ``config.json``). Where every
+        hyperparameter is there, the run goes on with those, not its preset's row: a
+        registration the row came from (a dataset's family, a table of one's own) may have
+        changed since, and no longer has one.
+        """
         for f in fields(self):
             value = getattr(self, f.name)
             if not value_fits(value, str(f.type)):
                 raise BrainPropError(f"{f.name} must be of type {f.type}, got {value!r}")
         DATASETS.require(self.dataset)
+        ARCHITECTURES.require(self.arch)
         OBJECTIVES.require(self.rule)
         if self.global_batch is not None and self.batch_size not in (None, self.global_batch):
             raise BrainPropError(
                 f"--batch-size {self.batch_size} and --global-batch {self.global_batch} both "
                 "set the batch: pass one (--global-batch is split over the processes)"
             )
-        hp = preset_hyperparameters(self.dataset, self.arch, self.preset)
+        own = {f.name: getattr(self, f.name) for f in fields(Hyperparameters)}
+        if stored and None not in own.values():
+            hp = Hyperparameters(**own)
+        else:
+            hp = preset_hyperparameters(self.dataset, self.arch, self.preset)
         if self.global_batch is not None:
             # One process trains on the whole global batch, like the several it stands for.
             hp = replace(hp, batch_size=self.global_batch)

@@ -17,10 +17,8 @@ import torch
 from . import checkpoint, files, rundir
 from .config import TrainConfig
 from .data import Dataset
-from .data.registry import DATASETS, dataset_family
 from .errors import BrainPropError, UnknownName, reason
 from .evaluation import all_finite, check_same_data, check_trained_on, declares_sizes
-from .presets import table_row
 from .summary import epochs_phrase
 
 if TYPE_CHECKING:
@@ -133,33 +131,16 @@ def _stored_config(d: Any, source: Path) -> TrainConfig:
 
 def _resolve_stored(config: TrainConfig, source: Path) -> TrainConfig:
     try:
-        return config.resolve()
+        return config.resolve(stored=True)
     except UnknownName as e:
         raise BrainPropError(f"{source}: {e}") from None
     except BrainPropError as e:
-        if table_row(config.preset, config.dataset, config.arch) is None:
-            raise BrainPropError(f"{source}: {_lost_row(config)}") from None
         raise BrainPropError(f"{source} holds an invalid config ({e})") from None
     except (TypeError, ValueError) as e:
         raise BrainPropError(
             f"{source} holds a config with a wrongly typed value ({reason(e)}): the run "
             "directory is damaged"
         ) from None
-
-
-def _lost_row(config: TrainConfig) -> str:
-    """Why a whole config no longer resolves: a registration its preset row came from changed
-    since the run was made (a dataset's family, a table of one's own), not the file."""
-    family = dataset_family(config.dataset)
-    moved = (
-        ""
-        if config.dataset in DATASETS.builtin
-        else f" ({config.dataset!r} is now registered with family {family!r})"
-    )
-    return (
-        f"preset {config.preset!r} has no {family}/{config.arch} row, which the run's settings "
-        f"came from{moved}: register what the run was made with as it was then"
-    )
 
 
 #: The history columns the loop itself reads back (summary, best epoch, plots).

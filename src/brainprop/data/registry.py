@@ -203,7 +203,8 @@ def _source(function: Callable[..., object]) -> Path | None:
             source = inspect.getsourcefile(defines)
         except TypeError:  # a callable object (then its class is tried), or a built-in
             continue
-        return Path(source).resolve() if source else None
+        # Code typed into the interpreter has a "file" such as <stdin>, which is none.
+        return Path(source).resolve() if source and Path(source).is_file() else None
     return None
 
 
