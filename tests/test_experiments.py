@@ -524,7 +524,9 @@ def test_a_run_directory_of_an_older_preset_table_is_refused_before_any_run(
 @pytest.mark.parametrize(
     ("key", "value"),
     [("feedback", "random"), ("bf16", True), ("seed", 1), ("rule", "brainprop"), ("epochs", 500),
-     ("val", 5000)],
+     ("val", 5000),
+     # Trained by hand under a matrix run's name with another protocol (review).
+     ("patience", 5), ("min_delta", 0.05), ("epsilon", 0.5), ("on_nan", "reload")],
 )  # fmt: skip
 def test_another_runs_directory_in_a_runs_place_is_refused_before_any_run(
     tmp_path, mnist_root, monkeypatch, key, value, finished

@@ -28,6 +28,11 @@ PAPER_EPOCHS = TrainConfig.epochs
 #: The paper's feedback: the exact transpose of the forward weights. Runs through another
 #: pathway carry ``-fb-<mode>``.
 PAPER_FEEDBACK = TrainConfig.feedback
+#: The paper's protocol beyond the preset table, which no matrix run varies: exploration,
+#: early stopping, and stopping (not rewinding at a halved rate) on a NaN.
+PAPER_PROTOCOL = {
+    key: getattr(TrainConfig, key) for key in ("epsilon", "patience", "min_delta", "on_nan")
+}
 #: The rules in the order runs are planned and reported: BrainProp, then its baseline. Rules of
 #: one's own (``OBJECTIVES``) come after them, each compared with EBP as BrainProp is.
 RULE_ORDER = RULES
@@ -117,7 +122,8 @@ class RunSpec:
     def identity(self) -> dict[str, Any]:
         """The :class:`TrainConfig` fields that make this run the one :attr:`name` names: a
         run directory or measurement whose config.json says otherwise on any of them is
-        another run's (copied, renamed or edited into this one's place)."""
+        another run's (copied, renamed or edited into this one's place, or trained by hand
+        under its name with another protocol)."""
         return {
             "name": self.name,
             "dataset": self.cell.dataset,
@@ -129,6 +135,7 @@ class RunSpec:
             "epochs": self.max_epochs or PAPER_EPOCHS,
             "bf16": self.bf16,
             "feedback": self.feedback,
+            **PAPER_PROTOCOL,
         }
 
     def differs_from(self, config: dict[str, Any]) -> tuple[str, Any, Any] | None:
