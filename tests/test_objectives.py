@@ -9,6 +9,7 @@ from torch import nn
 
 from brainprop.errors import BrainPropError
 from brainprop.objectives import EBP, OBJECTIVES, BrainProp, make_objective
+from brainprop.step import train_step
 
 
 def _q(batch=64, classes=10, seed=0):
@@ -124,13 +125,16 @@ def test_brainprop_step_equals_explicit_attention_gated_update():
     x = torch.randn(batch, n_in, dtype=torch.float64)
     y = torch.randint(0, n_out, (batch,))
 
-    net = nn.Sequential(
-        nn.Linear(n_in, n_hid, bias=False), nn.ReLU(), nn.Linear(n_hid, n_out, bias=False)
-    )
-    net = net.double()
-    with torch.no_grad():
-        net[0].weight.copy_(w1)
-        net[2].weight.copy_(w2)
+    def network() -> nn.Sequential:
+        net = nn.Sequential(
+            nn.Linear(n_in, n_hid, bias=False), nn.ReLU(), nn.Linear(n_hid, n_out, bias=False)
+        ).double()
+        with torch.no_grad():
+            net[0].weight.copy_(w1)
+            net[2].weight.copy_(w2)
+        return net
+
+    net = network()
     out = BrainProp(epsilon=0.3)(net(x), y, torch.Generator().manual_seed(5))
     opt = torch.optim.SGD(net.parameters(), lr=lr)
     out.loss.backward()
@@ -155,6 +159,13 @@ def test_brainprop_step_equals_explicit_attention_gated_update():
     torch.testing.assert_close(
         net[0].weight.detach(), w1 + lr * d_w1 / batch, rtol=1e-12, atol=1e-14
     )
+    # The training loop's step takes the same one, keeping a float64 network's precision.
+    stepped = network()
+    optimizer = torch.optim.SGD(stepped.parameters(), lr=lr)
+    train_step(stepped, BrainProp(epsilon=0.3), optimizer, x, y,
+               generator=torch.Generator().manual_seed(5), batch_size=batch)  # fmt: skip
+    for a, b in zip(stepped.parameters(), net.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
 def test_ebp_is_softmax_cross_entropy():

@@ -53,7 +53,7 @@ from .evaluation import EVAL_BATCH, check_loadable, check_same_data
 from .objectives import Objective, Output, batch_scale
 from .presets import decayed_parameters
 from .resume import RESUME_REMEDY, checkpoint_and_config, data_record, restore
-from .step import decay_groups, tally
+from .step import decay_groups, objective_input, tally
 from .summary import DIVERGED, EARLY_STOPPING, MAX_EPOCHS, summarize
 from .train import (
     NonFinite,
@@ -179,7 +179,7 @@ class Stack:
         mean), ``actions``, ``rewards`` and ``explored`` [G, b]."""
         with autocast(x.device, self.bf16):
             q = self._forward(self.params, self.buffers, x)
-        q = q.float()
+        q = objective_input(q)
         outs = [self.objective(q[g], y[g], gen) for g, gen in enumerate(self.generators)]
         loss = torch.stack([o.loss for o in outs])
         total = loss.sum()

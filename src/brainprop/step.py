@@ -41,6 +41,13 @@ def decay_groups(
     return [g for g in groups if g["params"]]
 
 
+def objective_input(q: torch.Tensor) -> torch.Tensor:
+    """The network's outputs ``q`` as the objective takes them: fp32 from bf16 autocast, so
+    that its sums and the gradient it sends back are fp32; a float64 network's as they are
+    (a gradient check against a hand-written step keeps its precision)."""
+    return q if q.dtype in (torch.float32, torch.float64) else q.float()
+
+
 def train_step(
     model: nn.Module,
     objective: Objective,
@@ -69,7 +76,7 @@ def train_step(
         return parallel.idle_step(model, optimizer, x, y)
     with autocast(x.device, bf16):
         q = model(x)
-    out = objective(q.float(), y, generator)
+    out = objective(objective_input(q), y, generator)
     loss = out.loss
     if spread:
         loss = loss * parallel.loss_weight(objective, len(y))
