@@ -545,6 +545,8 @@ def test_a_summary_number_no_run_can_have_is_a_one_line_error(tmp_path, capsys, 
      ("max_epochs", 0, "(max_epochs 0, below 1)"),
      ("machine", None, "(machine None, not a name)"),
      ("machine", " ", "(machine ' ', not a name)"),
+     ("machine", "NVIDIA A100", "(machine 'NVIDIA A100', but its summary's device is "
+                                "'NVIDIA H200')"),
      ("preset", 3, "(preset 3, not a name)"),
      # A file whose name and fields disagree: the report would count a seed twice.
      ("seed", 1, "(run 'mnist-conv-brainprop-s0', but its fields make it "

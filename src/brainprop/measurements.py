@@ -281,6 +281,11 @@ def _measurement(d: Any, path: Path) -> Measurement:
         # Files written before feedback was recorded hold runs of the paper's.
         _text(d, "feedback", PAPER_FEEDBACK),
     )  # fmt: skip
+    # The machine names the run's row: relabelled by hand, a run would count in another's.
+    if "device" in summary and summary["device"] != m.machine:
+        raise ValueError(
+            f"machine {m.machine!r}, but its summary's device is {summary['device']!r}"
+        )
     # The report groups by the fields and counts runs by name: a file whose two disagree
     # (edited by hand, or merged under another name) would count a seed twice.
     spec = RunSpec(m.cell, m.rule, m.seed, m.val, m.max_epochs, m.preset, m.bf16, m.feedback)
