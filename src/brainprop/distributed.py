@@ -384,7 +384,7 @@ class Context:
         With the world size it was written by, each rank takes back its own streams and the
         run continues bit-identically. Otherwise the order continues from the checkpoint's
         order stream and each rank starts a fresh exploration stream seeded from
-        ``(seed, rank, world size, position)``; :func:`resume_note` says so.
+        ``(seed, rank, world size, position)``, as the line :meth:`adapt_resume` returns says.
         """
         saved = state.get("world_size", 1)
         if not self.active:

@@ -10,7 +10,7 @@
     best.pt         model weights at the best validation epoch
     accuracy.png    training reward rate, validation accuracy (and test accuracy, where the
                     validation images are held out) per epoch
-    diagnostics.png feedback angles and update norms per layer and epoch (train.py writes it)
+    diagnostics.png angle(W, B), angle(update, exact gradient) and |B|/|W| per layer and epoch
     summary.json    best validation accuracy and epoch, test accuracy there, timings, device
 ```
 Every file is written atomically, and a process training a run holds its directory
