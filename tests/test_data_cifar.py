@@ -233,6 +233,35 @@ def test_a_crafted_pickle_of_allowed_globals_is_refused(tmp_path: Path, payload,
     assert error.startswith(f"CIFAR file {path} is not a valid CIFAR pickle (") and message in error
 
 
+def _hash_bomb(depth: int) -> bytes:
+    """A protocol-2 dict whose key is a tuple nested ``depth`` deep, each level holding the one
+    below twice through a memo reference: hashing it takes 2^depth steps."""
+    ops = [b"\x80\x02}", b"K\x00q\x000"]  # a dict; 0, memoised as 0, popped
+    for i in range(depth):  # (memo[i], memo[i]) memoised as i + 1, popped
+        ops.append(b"h%ch%c\x86q%c0" % (i, i, i + 1))
+    return b"".join([*ops, b"h%cK\x01s." % depth])  # dict[memo[depth]] = 1
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        # 2^24 steps to build here; at a depth of 80, 565 bytes, the loader hung (review).
+        (_hash_bomb(24), "a dict key that is no bytes or str"),
+        (pickle.dumps({b"data": frozenset({1}), b"labels": [0]}, protocol=4), "a set"),
+        # Memo index 2^32 - 16: the C unpickler tried to allocate 64 GiB for these 9 bytes and
+        # was reported as out of memory.
+        (b"\x80\x02}r\xf0\xff\xff\xff.", "has no b'data'"),
+    ],
+    ids=["hash-bomb", "set", "memo-index"],
+)
+def test_a_few_crafted_bytes_cannot_exhaust_time_or_memory(tmp_path: Path, content, message):
+    write_cifar10(tmp_path)
+    path = tmp_path / "cifar10" / "cifar-10-batches-py" / "data_batch_1"
+    path.write_bytes(content)
+    error = _error(tmp_path)
+    assert error.startswith(f"CIFAR file {path} ") and message in error
+
+
 @pytest.mark.parametrize("protocol", [2, 3, 4, 5])
 def test_python_3_re_pickles_load_up_to_protocol_4(tmp_path: Path, protocol: int) -> None:
     write_cifar10(tmp_path)
