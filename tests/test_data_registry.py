@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import re
 from pathlib import Path
 
@@ -292,6 +293,21 @@ def test_a_file_that_cannot_be_opened_is_a_matter_of_permissions_not_damage(
         f"{tmp_path / 'mnist' / 'train-images-idx3-ubyte.gz'} cannot be read ([Errno 13] "
         "Permission denied): check its permissions"
     )
+    # The loader says so too, where it said to delete the file and download it again (review).
+    real_gzip_open = gzip.open
+
+    def refuse_gzip(path, *args, **kwargs):
+        if Path(path).name.startswith("train-images"):
+            raise PermissionError(13, "Permission denied")
+        return real_gzip_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(gzip, "open", refuse_gzip)
+    with pytest.raises(BrainPropError) as info:
+        load_dataset("mnist", tmp_path)
+    assert str(info.value).endswith(
+        "cannot be read ([Errno 13] Permission denied): check its permissions"
+    )
+    assert "train-images" in str(info.value)
 
 
 @pytest.mark.parametrize(

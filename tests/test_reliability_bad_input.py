@@ -361,6 +361,29 @@ def test_unreadable_checkpoint_is_not_called_damaged(tmp_path: Path, monkeypatch
     )
 
 
+@pytest.mark.parametrize("command", ["datasets", "train", "download"])
+def test_a_data_folder_that_cannot_be_entered_is_one_line(tmp_path, capsys, monkeypatch, command):
+    """pathlib's is_file() and exists() raise where a folder on the way may not be entered
+    (review: a traceback from all three commands). Tests may run as root, whom file modes do
+    not stop, so the check itself fails."""
+    write_idx_dataset(tmp_path / "mnist")
+    denied = tmp_path / "mnist"
+    real_stat = Path.stat
+
+    def stat(self, *args, **kwargs):
+        if self.parent == denied:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_stat(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", stat)
+    argv = {"datasets": ["datasets"], "download": ["download", "mnist"],
+            "train": ["train", "--dataset", "mnist", "--arch", "dense", "--epochs", "1",
+                      "--out", tmp_path / "runs"]}[command]  # fmt: skip
+    message = _error(capsys, *argv, "--data-dir", tmp_path)
+    assert message.startswith(f"cannot open {denied / 'train-images-idx3-ubyte'} (Permission ")
+    assert message.endswith("): check its permissions")
+
+
 @pytest.mark.parametrize(
     ("failure", "message"),
     [

@@ -625,6 +625,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except torch.OutOfMemoryError as e:
         print(f"brainprop: error: {out_of_memory(e)}", file=sys.stderr)
         return 2
+    except PermissionError as e:
+        # Wherever a folder or file the command needs cannot be entered or read (a data root of
+        # another user's, say): pathlib's exists() and is_file() raise this too.
+        where = e.filename or "a file it needs"
+        print(f"brainprop: error: cannot open {where} ({e.strerror or e}): check its permissions",
+              file=sys.stderr)  # fmt: skip
+        return 2
     except KeyboardInterrupt:
         print("brainprop: interrupted", file=sys.stderr)
         return 130

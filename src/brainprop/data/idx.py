@@ -97,6 +97,12 @@ def read_idx_file(path: Path, *, magic: int, source: str, fix: str) -> np.ndarra
     try:
         with gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb") as f:
             data = _read_declared(f, magic, source, fix)
+    except PermissionError as exc:
+        # Not damage: deleting the file, as ``fix`` says, is no cure (and on a shared, read-only
+        # data root not possible).
+        raise BrainPropError(
+            f"{source} cannot be read ({reason(exc)}): check its permissions"
+        ) from exc
     except (OSError, EOFError, zlib.error) as exc:
         # gzip.BadGzipFile is an OSError; a cut-off gzip stream raises EOFError.
         raise BrainPropError(f"{source} cannot be read ({reason(exc)}): {fix}") from exc
