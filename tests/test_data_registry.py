@@ -486,3 +486,27 @@ def test_the_test_split_alone_reads_no_training_file(tmp_path: Path, name: str) 
     assert alone.train_x.shape == (0, *whole.input_shape) and alone.train_y.shape == (0,)
     with pytest.raises(BrainPropError):
         load_dataset(name, tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("name", "inside"),
+    [("mnist", "mnist"), ("cifar10", "cifar10"), ("cifar10", "cifar10/cifar-10-batches-py")],
+)
+def test_a_data_dir_inside_the_data_root_is_told_the_root(tmp_path: Path, name, inside) -> None:
+    """--data-dir data/mnist for data: the usual advice, to download into it, would nest a
+    second copy there (review)."""
+    write_idx_dataset(tmp_path / "mnist")
+    write_cifar10(tmp_path)
+    folder = tmp_path / inside
+    fix = f"{folder} is a folder inside the data root: pass --data-dir {tmp_path} instead"
+    with pytest.raises(BrainPropError) as info:
+        load_dataset(name, folder)
+    assert str(info.value).endswith(f" is missing: {fix}")
+    [status] = [s for s in dataset_status(folder) if s.name == name]
+    assert status.how_to_get == fix
+    # Another folder beside them is no part of the data root: the usual advice stands.
+    (tmp_path / "other").mkdir()
+    with pytest.raises(BrainPropError) as info:
+        load_dataset(name, tmp_path / "other")
+    assert "inside the data root" not in str(info.value)
+    assert f"brainprop download {name} --data-dir {tmp_path / 'other'}" in str(info.value)

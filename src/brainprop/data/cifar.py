@@ -19,7 +19,7 @@ import torch
 from brainprop.errors import BrainPropError, reason
 
 from .dataset import Dataset
-from .messages import UNREADABLE, download_command, redownload
+from .messages import UNREADABLE, download_command, inside_root, redownload
 
 ROW_BYTES = 3 * 32 * 32
 
@@ -371,11 +371,11 @@ def _load_split(name: str, root: Path, files: tuple[str, ...]) -> tuple[torch.Te
     for file_name in files:
         path = folder / file_name
         if not path.is_file():
-            raise BrainPropError(
-                f"CIFAR file {path} is missing: run "
-                f"{download_command(layout.download_name, root)} or extract the official python "
-                f"archive into {folder.parent}"
+            fix = inside_root(root, path.relative_to(root)) or (
+                f"run {download_command(layout.download_name, root)} or extract the official "
+                f"python archive into {folder.parent}"
             )
+            raise BrainPropError(f"CIFAR file {path} is missing: {fix}")
         source = f"CIFAR file {path}"
         try:
             data = path.read_bytes()

@@ -18,7 +18,7 @@ import torch
 from brainprop.errors import BrainPropError, reason
 
 from .dataset import Dataset
-from .messages import UNREADABLE, download_command, redownload
+from .messages import UNREADABLE, download_command, inside_root, redownload
 
 IMAGES_MAGIC = 0x00000803
 LABELS_MAGIC = 0x00000801
@@ -210,8 +210,9 @@ def _load_split(
     for base, magic in zip(SPLIT_FILES[split], (IMAGES_MAGIC, LABELS_MAGIC), strict=True):
         path = find_idx_file(folder, base)
         if path is None:
+            fix = inside_root(root, Path(name, base), Path(name, f"{base}.gz"))
             raise BrainPropError(
-                f"{title} file {folder / base}(.gz) is missing: {how_to_get(name, root)}"
+                f"{title} file {folder / base}(.gz) is missing: {fix or how_to_get(name, root)}"
             )
         fix = redownload(name, root)
         arrays.append(

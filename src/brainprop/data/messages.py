@@ -30,6 +30,21 @@ def _real(path: Path) -> str:
     return os.path.realpath(path.expanduser())
 
 
+def inside_root(root: Path, wanted: Path, *variants: Path) -> str | None:
+    """The fix where the data root named, ``root``, is a folder inside the one meant
+    (``--data-dir data/mnist`` for ``data``): ``root`` is a folder on the way to ``wanted``
+    (a path relative to a data root) and the folder above holds ``wanted`` (or one of
+    ``variants``). None where it is not. Downloading into ``root``, the usual advice, would
+    nest a second copy there."""
+    root = root.absolute()
+    for up in range(1, len(wanted.parts)):
+        if root.parts[-up:] == wanted.parts[:up]:
+            above = root.parents[up - 1]
+            if any((above / w).is_file() for w in (wanted, *variants)):
+                return f"{root} is a folder inside the data root: pass --data-dir {above} instead"
+    return None
+
+
 def redownload(name: str, root: Path) -> str:
     """The fix for a corrupt file of dataset ``name`` in the data root ``root``."""
     return f"delete it and run {download_command(name, root)}"

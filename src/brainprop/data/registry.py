@@ -24,7 +24,7 @@ from .idx import (
     idx_file_problem,
     load_idx_dataset,
 )
-from .messages import UNREADABLE, download_command, redownload
+from .messages import UNREADABLE, download_command, inside_root, redownload
 from .root import data_root, resolve_data_root
 from .tinyimagenet import CACHE_DIR, load_tiny_imagenet, tiny_imagenet_dir
 
@@ -222,13 +222,15 @@ def _status(name: str, root: Path) -> DatasetStatus:
             if path is not None
         )
         damaged = _damaged(problems, name, root)
-        hint = how_to_get(name, root)
+        first = Path(name, IDX_FILE_NAMES[0])
+        hint = inside_root(root, first, first.with_name(f"{first.name}.gz"))
+        hint = hint or how_to_get(name, root)
         return DatasetStatus(name, present and not damaged, folder, hint, note, damaged)
     if name in LAYOUTS:
         layout = LAYOUTS[name]
         paths = [folder / f for f in layout.train_files + layout.test_files]
         present = all(p.is_file() for p in paths)
-        hint = (
+        hint = inside_root(root, paths[0].relative_to(root)) or (
             f"run {download_command(layout.download_name, root)} or extract the official "
             f"python archive into {folder.parent}"
         )
