@@ -14,6 +14,7 @@ from data_fixtures import REPO
 from brainprop import TrainConfig, devices, evaluate, load_model, train
 from brainprop.cli import main
 from brainprop.data.batches import to_float
+from brainprop.data.dataset import split_validation
 from brainprop.errors import BrainPropError
 from brainprop.evaluation import accuracy
 from brainprop.objectives import OBJECTIVES, Output, make_objective
@@ -216,6 +217,10 @@ def test_held_out_validation_reports_test_accuracy_separately(tmp_path, tiny_dat
     assert run.summary["test_acc_at_best"] == test_acc
     with pytest.raises(BrainPropError, match="would hold out all 256"):
         train(_config(tmp_path, val=256, name="x"), dataset=tiny_dataset, progress=False)
+    # Called from Python, no option parser checks n (review): perm[:-0] would train on nothing.
+    for n in (0, -3):
+        with pytest.raises(BrainPropError, match=rf"--val {n} is no number of images to hold"):
+            split_validation(tiny_dataset, n)
 
 
 def test_short_last_batch_takes_a_proportional_brainprop_step(tmp_path):

@@ -120,6 +120,9 @@ def split_validation(ds: Dataset, n: int) -> tuple[Dataset, torch.Tensor, torch.
     differ only in training randomness. Returns (dataset without them, val_x, val_y).
     """
     total = len(ds.train_y)
+    # perm[:-0] is empty and perm[:-(-3)] three images: neither is a split.
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise BrainPropError(f"--val {n!r} is no number of images to hold out: pass 1 or more")
     if n >= total:
         raise BrainPropError(
             f"--val {n} would hold out all {total} training images: pick fewer than {total}"
