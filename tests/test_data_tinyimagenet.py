@@ -155,6 +155,20 @@ def test_unknown_wnid_in_annotations(tmp_path: Path) -> None:
     )
 
 
+def test_an_image_labelled_twice_in_the_annotations_is_refused(tmp_path: Path) -> None:
+    """A second line for val_0 with another class relabelled it without a word (review)."""
+    folder = write_tiny_imagenet(tmp_path)
+    path = folder / "val" / "val_annotations.txt"
+    lines = path.read_text().splitlines()
+    first = lines[0].split("\t")
+    other = next(w for w in WNIDS if w != first[1])
+    path.write_text("\n".join([*lines, "\t".join([first[0], other, *first[2:]])]) + "\n")
+    assert _error(tmp_path) == (
+        f"Tiny ImageNet file {path} line {len(lines) + 1} gives {first[0]} class {other!r}, an "
+        f"earlier line another: {fix(folder)}"
+    )
+
+
 def test_corrupt_jpeg(tmp_path: Path) -> None:
     folder = write_tiny_imagenet(tmp_path)
     path = folder / "val" / "images" / "val_2.JPEG"

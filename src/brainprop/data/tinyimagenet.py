@@ -137,7 +137,13 @@ def read_val_annotations(folder: Path, class_index: dict[str, int]) -> dict[str,
             raise _fail(
                 f"file {path} line {number} names class {wnid!r}, which is not in wnids.txt", path
             )
-        labels[file_name] = class_index[wnid]
+        # A second line would relabel the image without a word; the official file has one each.
+        if labels.setdefault(file_name, class_index[wnid]) != class_index[wnid]:
+            raise _fail(
+                f"file {path} line {number} gives {file_name} class {wnid!r}, an earlier line "
+                "another",
+                path,
+            )
     return labels
 
 
