@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from data_fixtures import (
+    REPO,
     cifar_pickle,
     tar_gz_bytes,
     tree_bytes,
@@ -260,6 +261,41 @@ def test_checksum_mismatch_leaves_nothing(tmp_path: Path, server) -> None:
     assert message.startswith(f"downloaded {url}/cifar-10-python.tar.gz has md5 ")
     assert "expected c58f30108f718f92721af3b95e74349a: the download is damaged" in message
     assert not (root / "cifar10").exists()
+
+
+def test_a_body_far_larger_than_the_published_file_is_cut_off(
+    tmp_path: Path, server, monkeypatch
+) -> None:
+    """The md5 is known only at the end: a wrong or hostile server (two hosts are plain http)
+    could fill the disk first (review)."""
+    served, url = server
+    archive = _cifar_archive(tmp_path)
+    (served / "cifar-10-python.tar.gz").write_bytes(archive)
+    monkeypatch.setitem(fetch.SIZES, "cifar10/cifar-10-python.tar.gz", len(archive) // 3)
+    root = tmp_path / "root"
+    with pytest.raises(BrainPropError) as info:
+        download("cifar10", root, base_url=url, progress=False)
+    assert str(info.value) == (
+        f"{url}/cifar-10-python.tar.gz sent more than {2 * (len(archive) // 3):,} bytes, twice "
+        "the published file's size, so it is some other file: check the base URL, or download "
+        f"it by hand and extract it into {root / 'cifar10'}"
+    )
+    assert not (root / "cifar10").exists()
+    # Up to twice the size it is taken, as the published sizes are known to within a percent.
+    monkeypatch.setitem(fetch.SIZES, "cifar10/cifar-10-python.tar.gz", len(archive) // 2)
+    monkeypatch.setitem(
+        fetch.MD5, "cifar10/cifar-10-python.tar.gz", hashlib.md5(archive).hexdigest()
+    )
+    assert download("cifar10", root, base_url=url, progress=False).is_dir()
+
+
+def test_every_published_file_has_a_size() -> None:
+    assert set(fetch.SIZES) == set(fetch.MD5)
+    # The MNIST files the repository ships are the published ones (the training images
+    # gzipped anew, data/README.md), so their sizes check the table.
+    for path in (REPO / "data" / "mnist").iterdir():
+        if not path.name.startswith("train-images"):
+            assert fetch.SIZES[f"mnist/{path.name}"] == path.stat().st_size
 
 
 def _evil_tar(member: tarfile.TarInfo, content: bytes = b"") -> bytes:

@@ -98,6 +98,23 @@ MD5: dict[str, str] = {
     "tiny-imagenet/tiny-imagenet-200.zip": "90528d7ca1a48142e341f4ef8d21d0de",
 }
 
+#: Each published file's size in bytes (within a few percent), keyed as :data:`MD5`. A server
+#: that sends more than twice that is sending something else, and is cut off before it fills
+#: the disk: the md5 can only be checked at the end, and two of the hosts are plain http.
+SIZES: dict[str, int] = {
+    "mnist/train-images-idx3-ubyte.gz": 9_912_422,
+    "mnist/train-labels-idx1-ubyte.gz": 28_881,
+    "mnist/t10k-images-idx3-ubyte.gz": 1_648_877,
+    "mnist/t10k-labels-idx1-ubyte.gz": 4_542,
+    "fashion-mnist/train-images-idx3-ubyte.gz": 26_421_880,
+    "fashion-mnist/train-labels-idx1-ubyte.gz": 29_515,
+    "fashion-mnist/t10k-images-idx3-ubyte.gz": 4_422_102,
+    "fashion-mnist/t10k-labels-idx1-ubyte.gz": 5_148,
+    "cifar10/cifar-10-python.tar.gz": 170_498_071,
+    "cifar100/cifar-100-python.tar.gz": 169_001_437,
+    "tiny-imagenet/tiny-imagenet-200.zip": 248_100_043,
+}
+
 
 def download(
     name: str, root: str | Path | None = None, *, base_url: str | None = None, progress: bool = True
@@ -134,7 +151,8 @@ def download(
             for file_name in source.files:
                 url = (base_url or source.base_url).rstrip("/") + "/" + file_name
                 by_hand = f"put it in {dest}" if source.top is None else f"extract it into {dest}"
-                part = _fetch(url, dest, MD5[f"{source.folder}/{file_name}"], by_hand, progress)
+                key = f"{source.folder}/{file_name}"
+                part = _fetch(url, dest, MD5[key], 2 * SIZES[key], by_hand, progress)
                 try:
                     if source.top is None:
                         os.replace(part, dest / file_name)
@@ -205,8 +223,11 @@ def _offline(url: str, exc: BaseException, by_hand: str) -> BrainPropError:
     )
 
 
-def _fetch(url: str, dest: Path, expected_md5: str, by_hand: str, progress: bool) -> Path:
-    """Stream ``url`` into a temp file in ``dest`` and return it once its md5 matches."""
+def _fetch(
+    url: str, dest: Path, expected_md5: str, max_bytes: int, by_hand: str, progress: bool
+) -> Path:
+    """Stream ``url`` into a temp file in ``dest`` and return it once its md5 matches; refuse
+    a body of more than ``max_bytes``."""
     file_name = url.rsplit("/", 1)[-1]
     try:
         fd, tmp = tempfile.mkstemp(dir=dest, prefix=f".{file_name}.", suffix=".part")
@@ -234,7 +255,15 @@ def _fetch(url: str, dest: Path, expected_md5: str, by_hand: str, progress: bool
                 with tqdm(
                     total=total, unit="B", unit_scale=True, desc=file_name, disable=not progress
                 ) as bar:
+                    received = 0
                     while chunk := _read_chunk(response, url, by_hand):
+                        received += len(chunk)
+                        if received > max_bytes:
+                            raise BrainPropError(
+                                f"{url} sent more than {max_bytes:,} bytes, twice the published "
+                                "file's size, so it is some other file: check the base URL, or "
+                                f"download it by hand and {by_hand}"
+                            )
                         out.write(chunk)
                         digest.update(chunk)
                         bar.update(len(chunk))
