@@ -151,6 +151,22 @@ def test_missing_file_names_path_and_command(tmp_path: Path) -> None:
     )
 
 
+def test_test_files_copied_over_the_training_files_are_refused(tmp_path: Path) -> None:
+    """Training on the test images, the run would report their accuracy as a test's (review)."""
+    write_idx_dataset(tmp_path / "mnist")
+    folder = tmp_path / "mnist"
+    for kind in ("images-idx3", "labels-idx1"):
+        (folder / f"train-{kind}-ubyte.gz").write_bytes(
+            (folder / f"t10k-{kind}-ubyte.gz").read_bytes()
+        )
+    n = len(load_dataset("mnist", tmp_path, test_only=True).test_y)
+    assert _error(tmp_path) == (
+        f"dataset 'mnist': the training images are the test images, all {n} in the same order: "
+        "the training files are copies of the test files, or the loader returned one split "
+        "twice; restore the training files"
+    )
+
+
 def test_fashion_falls_back_to_system_folder(tmp_path: Path, monkeypatch) -> None:
     system = tmp_path / "usr-share"
     arrays = write_idx_dataset(system, seed=5)

@@ -26,7 +26,7 @@ class Dataset:
     Raises:
         BrainPropError: a name that is no non-empty str, images or labels of another type,
             dtype or shape than above, a label outside ``[0, num_classes)``, fewer than 2
-            classes, or no test images.
+            classes, no test images, or training images that are the test images.
     """
 
     name: str
@@ -72,6 +72,15 @@ class Dataset:
                 f"dataset {self.name!r}: train and test images differ in shape: "
                 f"{tuple(self.train_x.shape[1:])} vs {tuple(self.test_x.shape[1:])}: give both "
                 "splits images of one size"
+            )
+        # Trained on its test images, a network's test accuracy means nothing, and nothing
+        # else would show it (training files that are copies of the test files, a loader that
+        # returned one split twice).
+        if self.train_x.shape == self.test_x.shape and torch.equal(self.train_x, self.test_x):
+            raise BrainPropError(
+                f"dataset {self.name!r}: the training images are the test images, all "
+                f"{len(self.test_x)} in the same order: the training files are copies of the "
+                "test files, or the loader returned one split twice; restore the training files"
             )
 
     def to(self, device: torch.device | str) -> Dataset:
