@@ -253,6 +253,18 @@ def test_status(tmp_path: Path, monkeypatch) -> None:
     assert str(cifar100).startswith(f"cifar100-coarse  missing  {cifar100.path}  (run 'brainprop")
 
 
+def test_a_gzip_file_of_several_members_is_present_not_damaged(tmp_path: Path) -> None:
+    """Its trailer gives the last member's size alone; gzip reads the members as one (review:
+    listed as damaged, and download refused to go on)."""
+    write_idx_dataset(tmp_path / "mnist")
+    labels = tmp_path / "mnist" / "train-labels-idx1-ubyte.gz"
+    raw = gzip.decompress(labels.read_bytes())
+    labels.write_bytes(gzip.compress(raw[:5]) + gzip.compress(raw[5:]))
+    [mnist] = [s for s in dataset_status(tmp_path) if s.name == "mnist"]
+    assert mnist.present and not mnist.damaged
+    assert load_dataset("mnist", tmp_path).train_y.tolist() == list(raw[8:])
+
+
 @pytest.mark.parametrize("gz", [True, False])
 def test_a_file_cut_short_is_listed_as_damaged_not_present(tmp_path: Path, gz: bool) -> None:
     write_idx_dataset(tmp_path / "mnist", gz=gz)

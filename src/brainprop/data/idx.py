@@ -161,12 +161,26 @@ def idx_file_problem(path: Path, magic: int) -> str | None:
     expected = header + math.prod(_dims(head, ndim))
     if path.suffix != ".gz" and size != expected:
         return f"is cut short or padded (its header declares {expected} bytes, it holds {size})"
-    if path.suffix == ".gz" and size != expected % 2**32:
+    # The trailer is the last gzip member's: a file of several (gzip files concatenated,
+    # valid and read as one) is counted whole before it is called damaged.
+    if path.suffix == ".gz" and size != expected % 2**32 and _inflated_size(path) != expected:
         return (
             f"is cut short or damaged (its header declares {expected} bytes, its gzip trailer "
             f"{size})"
         )
     return None
+
+
+def _inflated_size(path: Path) -> int | None:
+    """The bytes the gzip file ``path`` inflates to, all its members; None where it cannot."""
+    total = 0
+    try:
+        with gzip.open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                total += len(chunk)
+    except (OSError, EOFError, zlib.error):
+        return None
+    return total
 
 
 def find_idx_file(folder: Path, base: str) -> Path | None:
