@@ -223,6 +223,8 @@ def _pointer_array():
             "an array of shape (1000000, 3072) comes with 3072 bytes",
         ),  # fmt: skip
         (lambda: _Reduce(_codecs.encode, ("x" * 10, "rot13")), "other than bytes"),
+        # Shown by type: Python gives an int of 80,000 bits no repr (review).
+        (lambda: _Reduce(np.dtype, (1 << 80_000, 0, 1)), "dtype(int, ...) is no plain"),
     ],
 )
 def test_a_crafted_pickle_of_allowed_globals_is_refused(tmp_path: Path, payload, message) -> None:
@@ -233,13 +235,15 @@ def test_a_crafted_pickle_of_allowed_globals_is_refused(tmp_path: Path, payload,
     assert error.startswith(f"CIFAR file {path} is not a valid CIFAR pickle (") and message in error
 
 
-def _hash_bomb(depth: int) -> bytes:
-    """A protocol-2 dict whose key is a tuple nested ``depth`` deep, each level holding the one
-    below twice through a memo reference: hashing it takes 2^depth steps."""
+def _hash_bomb(depth: int, old_style: bool = False) -> bytes:
+    """A dict whose key is a tuple nested ``depth`` deep, each level holding the one below
+    twice through a memo reference: hashing it takes 2^depth steps. Built by SETITEM, or
+    ``old_style`` by protocol 0's DICT (review: that way round the check)."""
     ops = [b"\x80\x02}", b"K\x00q\x000"]  # a dict; 0, memoised as 0, popped
     for i in range(depth):  # (memo[i], memo[i]) memoised as i + 1, popped
         ops.append(b"h%ch%c\x86q%c0" % (i, i, i + 1))
-    return b"".join([*ops, b"h%cK\x01s." % depth])  # dict[memo[depth]] = 1
+    # dict[memo[depth]] = 1
+    return b"".join([*ops, (b"(h%cK\x01d." if old_style else b"h%cK\x01s.") % depth])
 
 
 @pytest.mark.parametrize(
@@ -247,12 +251,13 @@ def _hash_bomb(depth: int) -> bytes:
     [
         # 2^24 steps to build here; at a depth of 80, 565 bytes, the loader hung (review).
         (_hash_bomb(24), "a dict key that is no bytes or str"),
+        (_hash_bomb(24, old_style=True), "a dict key that is no bytes or str"),
         (pickle.dumps({b"data": frozenset({1}), b"labels": [0]}, protocol=4), "a set"),
         # Memo index 2^32 - 16: the C unpickler tried to allocate 64 GiB for these 9 bytes and
         # was reported as out of memory.
         (b"\x80\x02}r\xf0\xff\xff\xff.", "has no b'data'"),
     ],
-    ids=["hash-bomb", "set", "memo-index"],
+    ids=["hash-bomb", "hash-bomb-dict", "set", "memo-index"],
 )
 def test_a_few_crafted_bytes_cannot_exhaust_time_or_memory(tmp_path: Path, content, message):
     write_cifar10(tmp_path)

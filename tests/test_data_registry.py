@@ -516,6 +516,9 @@ def test_a_data_dir_inside_the_data_root_is_told_the_root(tmp_path: Path, name, 
     assert str(info.value).endswith(f" is missing: {fix}")
     [status] = [s for s in dataset_status(folder) if s.name == name]
     assert status.how_to_get == fix
+    with pytest.raises(BrainPropError) as info:
+        download(name, folder, base_url="http://127.0.0.1:9", progress=False)
+    assert str(info.value) == f"{name} is already in the data root above: {fix}"
     # Another folder beside them is no part of the data root: the usual advice stands.
     (tmp_path / "other").mkdir()
     with pytest.raises(BrainPropError) as info:

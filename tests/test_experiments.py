@@ -526,7 +526,7 @@ def test_a_run_directory_of_an_older_preset_table_is_refused_before_any_run(
     [("feedback", "random"), ("bf16", True), ("seed", 1), ("rule", "brainprop"), ("epochs", 500),
      ("val", 5000),
      # Trained by hand under a matrix run's name with another protocol (review).
-     ("patience", 5), ("min_delta", 0.05), ("epsilon", 0.5), ("on_nan", "reload")],
+     ("patience", 5), ("min_delta", 0.05), ("on_nan", "reload")],
 )  # fmt: skip
 def test_another_runs_directory_in_a_runs_place_is_refused_before_any_run(
     tmp_path, mnist_root, monkeypatch, key, value, finished
@@ -554,6 +554,11 @@ def test_another_runs_directory_in_a_runs_place_is_refused_before_any_run(
         f"move that run directory out of {tmp_path / RUNS} to run {spec.name} afresh"
     )
     assert calls == []
+
+
+def test_exploration_is_part_of_a_runs_identity_except_for_ebp_which_does_not_explore():
+    assert RunSpec(DENSE, "brainprop", 0).differs_from({"epsilon": 0.5}) == ("epsilon", 0.5, 0.02)
+    assert RunSpec(DENSE, "ebp", 0).differs_from({"epsilon": 0.5}) is None
 
 
 def test_only_what_a_run_killed_before_its_config_leaves_is_deleted(tmp_path, monkeypatch):

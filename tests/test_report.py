@@ -780,6 +780,8 @@ def test_a_best_found_after_the_papers_500_epochs_gets_no_verdict(tmp_path):
     [r] = aggregate(load_measurements(tmp_path))
     for verdict in (r.gap_verdict, r.ratio_verdict, r.published_verdict):
         assert verdict.text() == "– (best after epoch 500, the paper's limit)"
+    write_report(tmp_path)  # nor is the cell's full-length run one of the paper's
+    assert "mnist/conv" in json.loads((tmp_path / RESULTS_JSON).read_text())["no_full_paper_run"]
     # Within the paper's epochs, a higher cap changed nothing: the verdicts stand.
     _cell_runs(tmp_path / "b", CONV, CPU, [0.993, 0.992], [0.993, 0.994], [65, 70], [40, 50],
                max_epochs=1000)  # fmt: skip

@@ -29,6 +29,7 @@ from .feedback import exact_gradients, feedback_weight, layer_kind, layer_mode
 from .files import atomic_write_figure
 from .objectives import Objective
 from .rng import global_streams_kept
+from .step import objective_input
 
 __all__ = ["angle", "diagnostics", "plot_diagnostics", "update_alignment", "weight_alignment"]
 
@@ -92,7 +93,7 @@ def update_alignment(
                     p.grad = None
                 q = model(x)
                 gen = torch.Generator(device=x.device).manual_seed(seed)
-                objective(q.float(), y, gen).loss.backward()
+                objective(objective_input(q), y, gen).loss.backward()
             grads.append([_grad(m) for _, m in layers])
     finally:
         for p, g in zip(params, saved_grads, strict=True):

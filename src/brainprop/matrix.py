@@ -135,7 +135,8 @@ class RunSpec:
             "epochs": self.max_epochs or PAPER_EPOCHS,
             "bf16": self.bf16,
             "feedback": self.feedback,
-            **PAPER_PROTOCOL,
+            # EBP does not explore: its epsilon, whatever it is, is not part of its run.
+            **{k: v for k, v in PAPER_PROTOCOL.items() if k != "epsilon" or self.rule != "ebp"},
         }
 
     def differs_from(self, config: dict[str, Any]) -> tuple[str, Any, Any] | None:

@@ -218,6 +218,8 @@ class CellResult:
     rule: str = PAPER_RULE
     #: Whether the runs' GPU computed any op in TF32 (``machine`` names which).
     tf32: bool = False
+    #: Whether any run found its best after the paper's 500 epochs (under a higher cap).
+    beyond_paper: bool = False
 
     @property
     def machine_text(self) -> str:
@@ -361,7 +363,7 @@ def compare(
         cell, val, max_epochs, machine, rules, gap, noise, gap_verdict, ratio, ratio_verdict,
         published, published_verdict, preset, feedback, _sharing(runs),
         any(m.bf16 for m in runs), any(m.cuda_graph for m in runs), _graphed(runs), rule,
-        any(m.tf32 for m in runs),
+        any(m.tf32 for m in runs), beyond,
     )  # fmt: skip
 
 
@@ -504,9 +506,12 @@ def _no_full_paper_run(results: Sequence[CellResult]) -> list[Cell]:
 
 def _full(result: CellResult) -> bool:
     """Whether a BrainProp run of ``result`` ended as the paper's would: by early stopping, or
-    at the paper's own epoch limit (not a ``--max-epochs`` cap, not a divergence)."""
+    at the paper's own epoch limit (not a ``--max-epochs`` cap, not a divergence), and no run
+    found its best after that limit."""
     bp = result.rules.get(PAPER_RULE)
     ended = set() if bp is None else {why for why, n in bp.stop_reasons.items() if n}
+    if result.beyond_paper:
+        return False
     return EARLY_STOPPING in ended or (result.max_epochs is None and MAX_EPOCHS in ended)
 
 

@@ -107,9 +107,13 @@ class _Dtype:
 
 def _shown(value: object) -> str:
     """``value``'s repr if it is a short plain value, else its type's name."""
-    if isinstance(value, str | bytes | int | float | None) and len(repr(value)) <= 40:
-        return repr(value)
-    return type(value).__name__
+    # Sized before repr: an int of 80,000 bits has no repr here (Python's digit limit).
+    short = (
+        isinstance(value, str | bytes) and len(value) <= 40
+        or isinstance(value, int) and value.bit_length() <= 64
+        or isinstance(value, float | None)
+    )  # fmt: skip
+    return repr(value) if short else type(value).__name__
 
 
 class _Marker:
@@ -141,7 +145,7 @@ class _Array:
         if not (
             isinstance(dtype, _Dtype)
             and isinstance(shape, tuple)
-            and all(type(n) is int and n >= 0 for n in shape)
+            and all(type(n) is int and 0 <= n < 2**63 for n in shape)
             and fortran in (0, 1)
             and isinstance(raw, bytes | str)
         ):
@@ -200,8 +204,9 @@ def _refuse_sets(self: pickle.Unpickler) -> None:
 # file of a few bytes makes plain. Its memo is a dict, where the C one allocates an array up to
 # the largest index it is given (64 GiB for a 9-byte file). And its dispatch table lets dict
 # keys be checked before they are hashed: tuples nested through memo references, a few hundred
-# bytes, take 2^80 steps to hash. The official files hold about 20,000 opcodes each, so it is
-# no slower here (CIFAR-10's six files in 0.13 s).
+# bytes, take 2^80 steps to hash. Most of a file's bytes are its pixels, one opcode: CIFAR-10's
+# six files (about 20,000 opcodes each) load as fast as with the C one; a file shaped like
+# CIFAR-100's train file (about 150,000) took 1.4 times as long, 1.5 s.
 class RestrictedUnpickler(pickle._Unpickler):
     """An unpickler that resolves only the globals of :data:`STAND_INS`, to those stand-ins,
     so that no pickled code runs and no numpy internals see the file's state; that takes only
@@ -223,8 +228,14 @@ class RestrictedUnpickler(pickle._Unpickler):
         self._check_keys(self.stack[::2])
         super().load_setitems()
 
+    def load_dict(self) -> None:
+        # Protocols 0 and 1 build a dict whole from the items after a MARK.
+        self._check_keys(self.stack[::2])
+        super().load_dict()
+
     dispatch[pickle.SETITEM[0]] = load_setitem
     dispatch[pickle.SETITEMS[0]] = load_setitems
+    dispatch[pickle.DICT[0]] = load_dict
     for _opcode in (pickle.EMPTY_SET, pickle.ADDITEMS, pickle.FROZENSET):
         dispatch[_opcode[0]] = _refuse_sets
     del _opcode
@@ -364,6 +375,21 @@ def cifar_dir(name: str, root: Path) -> Path:
     return root / layout.folder / layout.subdir
 
 
+def inside_hint(name: str, root: Path) -> str | None:
+    """The fix where ``root`` is a folder inside the data root that holds ``name``'s files
+    (:func:`~.messages.inside_root`), else None."""
+    first = cifar_dir(name, root) / LAYOUTS[name].train_files[0]
+    return inside_root(root, first.relative_to(root))
+
+
+def how_to_get(name: str, root: Path) -> str:
+    """A one-line hint on obtaining the pickles of ``name`` into the data root ``root``."""
+    return inside_hint(name, root) or (
+        f"run {download_command(LAYOUTS[name].download_name, root)} or extract the official "
+        f"python archive into {cifar_dir(name, root).parent}"
+    )
+
+
 def _load_split(name: str, root: Path, files: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     layout = LAYOUTS[name]
     folder = cifar_dir(name, root)
@@ -371,11 +397,7 @@ def _load_split(name: str, root: Path, files: tuple[str, ...]) -> tuple[torch.Te
     for file_name in files:
         path = folder / file_name
         if not path.is_file():
-            fix = inside_root(root, path.relative_to(root)) or (
-                f"run {download_command(layout.download_name, root)} or extract the official "
-                f"python archive into {folder.parent}"
-            )
-            raise BrainPropError(f"CIFAR file {path} is missing: {fix}")
+            raise BrainPropError(f"CIFAR file {path} is missing: {how_to_get(name, root)}")
         source = f"CIFAR file {path}"
         try:
             data = path.read_bytes()

@@ -76,7 +76,11 @@ class Dataset:
         # Trained on its test images, a network's test accuracy means nothing, and nothing
         # else would show it (training files that are copies of the test files, a loader that
         # returned one split twice).
-        if self.train_x.shape == self.test_x.shape and torch.equal(self.train_x, self.test_x):
+        if (
+            self.train_x.shape == self.test_x.shape
+            and self.train_x.device == self.test_x.device
+            and torch.equal(self.train_x, self.test_x)
+        ):
             raise BrainPropError(
                 f"dataset {self.name!r}: the training images are the test images, all "
                 f"{len(self.test_x)} in the same order: the training files are copies of the "

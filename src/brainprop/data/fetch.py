@@ -32,7 +32,7 @@ from brainprop.errors import BrainPropError, reason
 from brainprop.files import make_folder, usual_permissions
 
 from .idx import IDX_FILE_NAMES
-from .registry import check_name, data_dir, dataset_status, load_dataset
+from .registry import check_name, data_dir, dataset_status, inside_data_root, load_dataset
 from .root import data_root
 
 CHUNK = 1 << 20
@@ -139,6 +139,9 @@ def download(
     dest = root / source.folder
     if (here := _present_in(name, root, dest)) is not None:
         return here
+    # A second copy nested inside the first is no download anyone wants.
+    if inside := inside_data_root(name, root):
+        raise BrainPropError(f"{name} is already in the data root above: {inside}")
     created = not dest.exists()
     make_folder(dest, "choose a writable data root with --data-dir or BRAINPROP_DATA")
     busy = f"{dest} is being downloaded into by another process: wait for it to end"

@@ -163,7 +163,11 @@ def idx_file_problem(path: Path, magic: int) -> str | None:
         return f"is cut short or padded (its header declares {expected} bytes, it holds {size})"
     # The trailer is the last gzip member's: a file of several (gzip files concatenated,
     # valid and read as one) is counted whole before it is called damaged.
-    if path.suffix == ".gz" and size != expected % 2**32 and _inflated_size(path) != expected:
+    if (
+        path.suffix == ".gz"
+        and size != expected % 2**32
+        and _inflated_size(path, expected) != expected
+    ):
         return (
             f"is cut short or damaged (its header declares {expected} bytes, its gzip trailer "
             f"{size})"
@@ -171,12 +175,13 @@ def idx_file_problem(path: Path, magic: int) -> str | None:
     return None
 
 
-def _inflated_size(path: Path) -> int | None:
-    """The bytes the gzip file ``path`` inflates to, all its members; None where it cannot."""
+def _inflated_size(path: Path, limit: int) -> int | None:
+    """The bytes the gzip file ``path`` inflates to, all its members, counted up to one past
+    ``limit`` (a small file can inflate to gigabytes); None where it cannot be read."""
     total = 0
     try:
         with gzip.open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
+            while total <= limit and (chunk := f.read(1 << 20)):
                 total += len(chunk)
     except (OSError, EOFError, zlib.error):
         return None
@@ -203,8 +208,17 @@ def idx_dataset_dir(name: str, root: Path) -> Path:
     return own
 
 
+def inside_hint(name: str, root: Path) -> str | None:
+    """The fix where ``root`` is a folder inside the data root that holds ``name``'s files
+    (:func:`~.messages.inside_root`), else None."""
+    first = Path(name, IDX_FILE_NAMES[0])
+    return inside_root(root, first, first.with_name(f"{first.name}.gz"))
+
+
 def how_to_get(name: str, root: Path) -> str:
     """A one-line hint on obtaining the IDX files of ``name`` into the data root ``root``."""
+    if inside := inside_hint(name, root):
+        return inside
     hint = (
         f"put the four official IDX files (gzipped or not) in {root / name} "
         f"or run {download_command(name, root)}"
@@ -224,9 +238,8 @@ def _load_split(
     for base, magic in zip(SPLIT_FILES[split], (IMAGES_MAGIC, LABELS_MAGIC), strict=True):
         path = find_idx_file(folder, base)
         if path is None:
-            fix = inside_root(root, Path(name, base), Path(name, f"{base}.gz"))
             raise BrainPropError(
-                f"{title} file {folder / base}(.gz) is missing: {fix or how_to_get(name, root)}"
+                f"{title} file {folder / base}(.gz) is missing: {how_to_get(name, root)}"
             )
         fix = redownload(name, root)
         arrays.append(

@@ -13,6 +13,8 @@ from brainprop.errors import BrainPropError, raised
 from brainprop.registry import Registry
 
 from .cifar import LAYOUTS, cifar_dir, cifar_file_problem, load_cifar
+from .cifar import how_to_get as cifar_how_to_get
+from .cifar import inside_hint as cifar_inside_hint
 from .dataset import Dataset
 from .idx import (
     IDX_FILE_NAMES,
@@ -24,7 +26,8 @@ from .idx import (
     idx_file_problem,
     load_idx_dataset,
 )
-from .messages import UNREADABLE, download_command, inside_root, redownload
+from .idx import inside_hint as idx_inside_hint
+from .messages import UNREADABLE, download_command, redownload
 from .root import data_root, resolve_data_root
 from .tinyimagenet import CACHE_DIR, load_tiny_imagenet, tiny_imagenet_dir
 
@@ -162,6 +165,16 @@ def data_dir(name: str, root: Path) -> Path:
     return tiny_imagenet_dir(root)
 
 
+def inside_data_root(name: str, root: Path) -> str | None:
+    """The fix where ``root`` is a folder inside the data root that holds ``name`` (``--data-dir
+    data/mnist`` for ``data``), else None; Tiny ImageNet's loader has its own messages."""
+    if name in _IDX:
+        return idx_inside_hint(name, root)
+    if name in LAYOUTS:
+        return cifar_inside_hint(name, root)
+    return None
+
+
 def load_dataset(name: str, root: str | Path | None = None, *, test_only: bool = False) -> Dataset:
     """Load dataset ``name``, an entry of :data:`DATASETS`, from ``root`` (``None``:
     :func:`resolve_data_root`).
@@ -222,18 +235,13 @@ def _status(name: str, root: Path) -> DatasetStatus:
             if path is not None
         )
         damaged = _damaged(problems, name, root)
-        first = Path(name, IDX_FILE_NAMES[0])
-        hint = inside_root(root, first, first.with_name(f"{first.name}.gz"))
-        hint = hint or how_to_get(name, root)
+        hint = how_to_get(name, root)
         return DatasetStatus(name, present and not damaged, folder, hint, note, damaged)
     if name in LAYOUTS:
         layout = LAYOUTS[name]
         paths = [folder / f for f in layout.train_files + layout.test_files]
         present = all(p.is_file() for p in paths)
-        hint = inside_root(root, paths[0].relative_to(root)) or (
-            f"run {download_command(layout.download_name, root)} or extract the official "
-            f"python archive into {folder.parent}"
-        )
+        hint = cifar_how_to_get(name, root)
         damaged = _damaged(
             ((p, cifar_file_problem(p)) for p in paths if p.is_file()), layout.download_name, root
         )
