@@ -312,14 +312,14 @@ def compare(
         noise = welch_limit(a, b)
         # A diverged run's accuracy is its best before the overflow: a run cut short, whose
         # spread would widen the limit as much as it shifts the mean.
-        broke = [
+        cut = [
             f"{s.cut_short} {rule_name(r)} run{'s' * (s.cut_short > 1)}"
             for r, s in ((rule, compared), (BASELINE, ebp))
             if s.cut_short
         ]
-        if broke:
-            cut = f"{' and '.join(broke)} cut short by a divergence"
-            gap_verdict = no_verdict or Verdict(None, cut)
+        if cut:
+            why = f"{' and '.join(cut)} cut short by a divergence"
+            gap_verdict = no_verdict or Verdict(None, why)
         elif noise is None:
             short = len(compared.seeds) > a.n or len(ebp.seeds) > b.n
             some = " that finished an epoch" if short else ""
@@ -508,10 +508,10 @@ def _full(result: CellResult) -> bool:
     """Whether a BrainProp run of ``result`` ended as the paper's would: by early stopping, or
     at the paper's own epoch limit (not a ``--max-epochs`` cap, not a divergence), and no run
     found its best after that limit."""
-    bp = result.rules.get(PAPER_RULE)
-    ended = set() if bp is None else {why for why, n in bp.stop_reasons.items() if n}
     if result.beyond_paper:
         return False
+    bp = result.rules.get(PAPER_RULE)
+    ended = set() if bp is None else {why for why, n in bp.stop_reasons.items() if n}
     return EARLY_STOPPING in ended or (result.max_epochs is None and MAX_EPOCHS in ended)
 
 
