@@ -724,15 +724,22 @@ def test_runs_with_another_preset_are_their_own_row_held_to_the_published_number
     )
 
 
+def _in_tf32(source: Path, out: Path) -> None:
+    """Copy every measurement of ``source`` into ``out`` as a run whose GPU computed its
+    convolutions in TF32."""
+    (out / MEASUREMENTS).mkdir(parents=True, exist_ok=True)
+    for path in (source / MEASUREMENTS).glob("*.json"):
+        d = json.loads(path.read_text())
+        d["summary"]["tf32"] = ["convolutions"]
+        tf32_name = path.name.replace(".json", "-tf32-convolutions.json")
+        (out / MEASUREMENTS / tf32_name).write_text(json.dumps(d))
+
+
 def test_runs_whose_gpu_computed_in_tf32_are_their_own_row_so_named(tmp_path):
     """PyTorch's default on CUDA runs fp32 convolutions in TF32: not the paper's fp32."""
     _cell_runs(tmp_path, CONV, GPU, [0.992, 0.993], [0.993, 0.994], [50, 60], [40, 50])
     _cell_runs(tmp_path / "tf32", CONV, GPU, [0.990, 0.991], [0.991, 0.992], [50, 60], [40, 50])
-    for path in (tmp_path / "tf32" / MEASUREMENTS).glob("*.json"):
-        d = json.loads(path.read_text())
-        d["summary"]["tf32"] = ["convolutions"]
-        tf32_name = path.name.replace(".json", "-tf32-convolutions.json")
-        (tmp_path / MEASUREMENTS / tf32_name).write_text(json.dumps(d))
+    _in_tf32(tmp_path / "tf32", tmp_path)
     fp32, tf32 = aggregate(load_measurements(tmp_path))
     assert tf32.rules["brainprop"].seeds == (0, 1)  # the same runs, another precision
     # A merged file may list the ops in any order, even twice: one label all the same.
@@ -746,14 +753,8 @@ def test_runs_whose_gpu_computed_in_tf32_are_their_own_row_so_named(tmp_path):
 
 
 def test_runs_in_tf32_are_no_full_length_fp32_run(tmp_path):
-    _cell_runs(tmp_path, CONV, GPU, [0.992, 0.993], [0.993, 0.994], [50, 60], [40, 50])
-    for path in (tmp_path / MEASUREMENTS).glob("*.json"):
-        d = json.loads(path.read_text())
-        d["summary"]["tf32"] = ["convolutions"]
-        path.with_name(path.name.replace(".json", "-tf32-convolutions.json")).write_text(
-            json.dumps(d)
-        )
-        path.unlink()
+    _cell_runs(tmp_path / "fp32", CONV, GPU, [0.992, 0.993], [0.993, 0.994], [50, 60], [40, 50])
+    _in_tf32(tmp_path / "fp32", tmp_path)
     write_report(tmp_path)
     assert "mnist/conv" in json.loads((tmp_path / RESULTS_JSON).read_text())["no_full_paper_run"]
 
