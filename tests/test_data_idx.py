@@ -121,6 +121,14 @@ def test_wrong_image_dims(tmp_path: Path) -> None:
     assert "holds 32x30 images, expected 28x28" in _error(tmp_path)
 
 
+def test_image_dims_are_checked_before_the_data_is_read(tmp_path: Path) -> None:
+    """A header declaring other images is refused as such, not after reading (up to the 2 GiB
+    cap) the data it declares and calling the file cut short (review)."""
+    header = idx_bytes(np.zeros((6, 32, 30), np.uint8))[:16]
+    _corrupt(tmp_path, "train-images-idx3-ubyte", header)
+    assert "holds 32x30 images, expected 28x28" in _error(tmp_path)
+
+
 def test_mismatched_counts(tmp_path: Path) -> None:
     _corrupt(tmp_path, "train-labels-idx1-ubyte", idx_bytes(np.zeros(5, np.uint8)))
     assert "train split has 6 images in" in _error(tmp_path)

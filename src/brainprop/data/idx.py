@@ -92,11 +92,15 @@ def parse_idx(data: bytes, *, magic: int, source: str, fix: str) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims).copy()
 
 
-def read_idx_file(path: Path, *, magic: int, source: str, fix: str) -> np.ndarray:
-    """Read and parse the IDX file at ``path``, decompressing it when it ends in ``.gz``."""
+def read_idx_file(
+    path: Path, *, magic: int, source: str, fix: str, image_size: tuple[int, ...] | None = None
+) -> np.ndarray:
+    """Read and parse the IDX file at ``path``, decompressing it when it ends in ``.gz``.
+    ``image_size``: the dimensions after the first that the header must declare (images),
+    checked before the data is read."""
     try:
         with gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb") as f:
-            data = _read_declared(f, magic, source, fix)
+            data = _read_declared(f, magic, source, fix, image_size)
     except PermissionError as exc:
         # Not damage: deleting the file, as ``fix`` says, is no cure (and on a shared, read-only
         # data root not possible).
@@ -114,15 +118,26 @@ def _dims(header: bytes, ndim: int) -> tuple[int, ...]:
     return tuple(int.from_bytes(header[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
 
 
-def _read_declared(f: BinaryIO, magic: int, source: str, fix: str) -> bytes:
+def _read_declared(
+    f: BinaryIO, magic: int, source: str, fix: str, image_size: tuple[int, ...] | None
+) -> bytes:
     """The header and at most one byte more of data than it declares: a small gzip that
-    inflates far beyond its dimensions is caught without inflating it whole."""
+    inflates far beyond its dimensions is caught without inflating it whole, and a header
+    declaring images of another size without reading them."""
     head = f.read(4)
-    ndim = magic & 0xFF if int.from_bytes(head, "big") == magic else 0
+    if int.from_bytes(head, "big") != magic:
+        return head  # parse_idx says what is wrong
+    ndim = magic & 0xFF
     head += f.read(4 * ndim)
     if len(head) < 4 + 4 * ndim:
         return head  # parse_idx says what is missing
-    declared = math.prod(_dims(head, ndim))
+    dims = _dims(head, ndim)
+    if image_size is not None and dims[1:] != image_size:
+        raise BrainPropError(
+            f"{source} holds {'x'.join(map(str, dims[1:]))} images, expected "
+            f"{'x'.join(map(str, image_size))}: {fix}"
+        )
+    declared = math.prod(dims)
     if declared > MAX_DATA_BYTES:
         raise BrainPropError(
             f"{source} declares {declared:,} bytes of data, more than any IDX dataset holds: "
@@ -235,22 +250,18 @@ def _load_split(
     ``folder``: the data root ``root``'s, or the system package's."""
     title = TITLES[name]
     arrays = []
-    for base, magic in zip(SPLIT_FILES[split], (IMAGES_MAGIC, LABELS_MAGIC), strict=True):
+    fix = redownload(name, root)
+    kinds = ((IMAGES_MAGIC, IMAGE_SIZE), (LABELS_MAGIC, None))
+    for base, (magic, image_size) in zip(SPLIT_FILES[split], kinds, strict=True):
         path = find_idx_file(folder, base)
         if path is None:
             raise BrainPropError(
                 f"{title} file {folder / base}(.gz) is missing: {how_to_get(name, root)}"
             )
-        fix = redownload(name, root)
-        arrays.append(
-            (path, read_idx_file(path, magic=magic, source=f"{title} file {path}", fix=fix))
-        )
+        source = f"{title} file {path}"
+        array = read_idx_file(path, magic=magic, source=source, fix=fix, image_size=image_size)
+        arrays.append((path, array))
     (images_path, images), (labels_path, labels) = arrays
-    if images.shape[1:] != IMAGE_SIZE:
-        raise BrainPropError(
-            f"{title} file {images_path} holds {images.shape[1]}x{images.shape[2]} images, "
-            f"expected 28x28: {fix}"
-        )
     if images.shape[0] == 0:
         raise BrainPropError(f"{title} file {images_path} holds no images: {fix}")
     if images.shape[0] != labels.shape[0]:
