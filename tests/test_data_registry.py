@@ -502,13 +502,15 @@ def test_the_test_split_alone_reads_no_training_file(tmp_path: Path, name: str) 
 
 @pytest.mark.parametrize(
     ("name", "inside"),
-    [("mnist", "mnist"), ("cifar10", "cifar10"), ("cifar10", "cifar10/cifar-10-batches-py")],
-)
+    [("mnist", "mnist"), ("cifar10", "cifar10"), ("cifar10", "cifar10/cifar-10-batches-py"),
+     ("tiny-imagenet", "tiny-imagenet"), ("tiny-imagenet", "tiny-imagenet/tiny-imagenet-200")],
+)  # fmt: skip
 def test_a_data_dir_inside_the_data_root_is_told_the_root(tmp_path: Path, name, inside) -> None:
     """--data-dir data/mnist for data: the usual advice, to download into it, would nest a
     second copy there (review)."""
     write_idx_dataset(tmp_path / "mnist")
     write_cifar10(tmp_path)
+    write_tiny_imagenet(tmp_path)
     folder = tmp_path / inside
     fix = f"{folder} is a folder inside the data root: pass --data-dir {tmp_path} instead"
     with pytest.raises(BrainPropError) as info:

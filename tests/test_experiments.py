@@ -453,6 +453,19 @@ def test_a_val_split_leaving_less_than_a_batch_fails_before_any_run(tmp_path, mn
     assert not out.exists()
 
 
+def test_a_data_dir_inside_the_data_root_is_told_the_root_before_any_run(tmp_path, mnist_root,
+                                                                          capsys):  # fmt: skip
+    inside = mnist_root / "mnist"
+    argv = ["reproduce", "--datasets", "mnist", "--archs", "dense", "--seeds", "1", "--out",
+            str(tmp_path / "r"), "--data-dir", str(inside), "--device", "cpu"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    # The root's own fix, with no "or pass --data-dir" after it to say the same again (review).
+    assert err.count("\n") == 1 and err.rstrip().endswith(
+        f"{inside} is a folder inside the data root: pass --data-dir {mnist_root} instead"
+    )
+
+
 def test_a_damaged_dataset_is_named_as_damaged_before_any_run(tmp_path, mnist_root, capsys):
     labels = mnist_root / "mnist" / "train-labels-idx1-ubyte.gz"
     labels.write_bytes(labels.read_bytes()[:-10])

@@ -320,14 +320,18 @@ def this_machine(device: str, threads: int | None = None) -> str:
 def _check_data(pending: Sequence[RunSpec], data_dir: str | None) -> None:
     """Fail before the first run, not hours in, when a planned dataset is missing or damaged."""
     from .data import data_root, dataset_status
+    from .data.registry import inside_data_root
 
     needed = {s.cell.dataset for s in pending}
     if not needed:
         return
-    missing = [s for s in dataset_status(data_root(data_dir)) if s.name in needed and not s.present]
+    root = data_root(data_dir)
+    missing = [s for s in dataset_status(root) if s.name in needed and not s.present]
     if missing:
         if missing[0].damaged:
             raise BrainPropError(missing[0].damaged)
+        if inside := inside_data_root(missing[0].name, root):
+            raise BrainPropError(f"{missing[0].name} is not in {missing[0].path}: {inside}")
         have = sorted(needed - {s.name for s in missing})
         keep = f"or run only --datasets {','.join(have)}" if have else "or pass --data-dir"
         raise BrainPropError(

@@ -27,9 +27,12 @@ from .idx import (
     load_idx_dataset,
 )
 from .idx import inside_hint as idx_inside_hint
-from .messages import UNREADABLE, download_command, redownload
+from .messages import UNREADABLE, redownload
 from .root import data_root, resolve_data_root
 from .tinyimagenet import CACHE_DIR, load_tiny_imagenet, tiny_imagenet_dir
+from .tinyimagenet import NAME as TINY_IMAGENET
+from .tinyimagenet import how_to_get as tiny_how_to_get
+from .tinyimagenet import inside_hint as tiny_inside_hint
 
 #: The dataset families, the first item of a preset table's key: each dataset takes its
 #: family's rows of hyperparameters.
@@ -167,12 +170,12 @@ def data_dir(name: str, root: Path) -> Path:
 
 def inside_data_root(name: str, root: Path) -> str | None:
     """The fix where ``root`` is a folder inside the data root that holds ``name`` (``--data-dir
-    data/mnist`` for ``data``), else None; Tiny ImageNet's loader has its own messages."""
+    data/mnist`` for ``data``), else None."""
     if name in _IDX:
         return idx_inside_hint(name, root)
     if name in LAYOUTS:
         return cifar_inside_hint(name, root)
-    return None
+    return tiny_inside_hint(root) if name == TINY_IMAGENET else None
 
 
 def load_dataset(name: str, root: str | Path | None = None, *, test_only: bool = False) -> Dataset:
@@ -250,7 +253,7 @@ def _status(name: str, root: Path) -> DatasetStatus:
         p.exists()
         for p in (folder / "wnids.txt", folder / "train", folder / "val" / "val_annotations.txt")
     )
-    hint = f"run {download_command(name, root)} or unzip tiny-imagenet-200.zip into {folder.parent}"
+    hint = tiny_how_to_get(root)
     note = "decoded cache present" if (folder / CACHE_DIR / "manifest.json").is_file() else ""
     return DatasetStatus(name, present, folder, hint, note)
 

@@ -25,7 +25,7 @@ from brainprop.errors import BrainPropError, reason
 from brainprop.files import atomic_write
 
 from .dataset import Dataset
-from .messages import download_command
+from .messages import download_command, inside_root
 
 NAME = "tiny-imagenet"
 SUBDIR = "tiny-imagenet-200"
@@ -39,6 +39,20 @@ WNID = re.compile(r"[\w.-]+")
 def tiny_imagenet_dir(root: Path) -> Path:
     """``root/tiny-imagenet/tiny-imagenet-200``."""
     return root / NAME / SUBDIR
+
+
+def inside_hint(root: Path) -> str | None:
+    """The fix where ``root`` is a folder inside the data root that holds the tree
+    (:func:`~.messages.inside_root`), else None."""
+    return inside_root(root, Path(NAME, SUBDIR, "wnids.txt"))
+
+
+def how_to_get(root: Path) -> str:
+    """A one-line hint on obtaining the tree into the data root ``root``."""
+    return inside_hint(root) or (
+        f"run {download_command(NAME, root)} or unzip tiny-imagenet-200.zip into "
+        f"{tiny_imagenet_dir(root).parent}"
+    )
 
 
 def _fail(what: str, inside: Path, exc: BaseException | None = None) -> BrainPropError:
@@ -264,10 +278,7 @@ def load_tiny_imagenet(root: Path, *, test_only: bool = False) -> Dataset:
     """
     folder = tiny_imagenet_dir(root)
     if not folder.is_dir():
-        raise BrainPropError(
-            f"Tiny ImageNet folder {folder} is missing: run {download_command(NAME, root)} or "
-            f"unzip tiny-imagenet-200.zip into {folder.parent}"
-        )
+        raise BrainPropError(f"Tiny ImageNet folder {folder} is missing: {how_to_get(root)}")
     wnids = read_wnids(folder)
     class_index = {wnid: i for i, wnid in enumerate(wnids)}
     test = _list_test(folder, class_index)
