@@ -56,7 +56,8 @@ def test_a_stack_trains_each_seed_as_its_own_run_would(tmp_path, tiny_dataset, r
     for a, b in zip(alone, together, strict=True):
         assert b.config.seed == a.config.seed and b.dir == tmp_path / "stack" / a.dir.name
         _same_weights(a, b, atol=1e-6)
-        for column in ("val_acc", "test_acc"):
+        # Counts divided as a run of its own divides them, not in float32 (review).
+        for column in ("val_acc", "test_acc", "train_reward", "explore_rate"):
             assert [h[column] for h in b.history] == [h[column] for h in a.history]
         assert [h["stack_size"] for h in b.history] == [2, 2]
         assert b.summary["stop_reason"] == "max epochs" and b.summary["stack_size"] == 2

@@ -17,9 +17,10 @@ member alone. A member leaves the stack when it stops (early stopping, its epoch
 and the others are restacked.
 
 What differs from G separate runs: the dropout masks (vmap draws them for all members at once
-from the global stream) and floating-point rounding (batched kernels). Each member's shuffle
-order and BrainProp's exploration come from the member's own generator, as in a run of its
-own.
+from the global stream, so a member's masks depend on its place in the stack and on the seeds
+beside it; the same stack repeats them) and floating-point rounding (batched kernels). Each
+member's shuffle order and BrainProp's exploration come from the member's own generator, as
+in a run of its own.
 
 Limits: one process (no torchrun); symmetric feedback (the other pathways are autograd
 Functions without a vmap rule); a stop signal is honoured at the end of the epoch.
@@ -535,7 +536,8 @@ class _StackedRun:
             first_bad = tally(sums, first_bad, stack.step(x, y), y.shape[1], step)
         seconds = time.perf_counter() - t0
         scores = self._scores(stack)
-        totals = (sums / n).tolist()
+        # Divided in Python's float64, as a run of its own divides its sums.
+        totals = [[v / n for v in row] for row in sums.tolist()]
         last_step = num_batches(n, b) - 1
         for g, m in enumerate(list(self.members)):
             m.trainer.memory_counted = counted
