@@ -599,6 +599,7 @@ def test_only_what_a_run_killed_before_its_config_leaves_is_deleted(tmp_path, mo
     run_dir.unlink()
     run_dir.mkdir()
     (run_dir / ".config.json.x1y2.tmp").write_text("{")  # the kill's half-written config
+    (run_dir / rundir.DATA).write_text("{}")  # written before it (review)
     seen: list[bool] = []
     monkeypatch.setattr(train_module, "train", lambda *a, **kw: seen.append(run_dir.exists()))
     train_job((RunSpec(DENSE, "ebp", 0),), request, None)
@@ -1048,12 +1049,36 @@ def test_a_second_signal_stops_the_parent_at_once_with_its_status(
     assert info.value.exit_status == 128 + signal.SIGTERM  # it was 130, as if Ctrl-C
 
 
+def test_a_worker_gets_one_sigterm_however_many_signals_the_parent_gets(tmp_path, monkeypatch):
+    """A second signal while the workers save their checkpoints (the first signal's stop) would
+    pass a second SIGTERM on, which quits a worker at once, without its checkpoint (review)."""
+    kills = []
+    monkeypatch.setattr(ex.os, "kill", lambda pid, signum: kills.append((pid, signum)))
+
+    class Worker:
+        pid = 4321
+
+        def is_alive(self) -> bool:
+            return True
+
+        def join(self) -> None:
+            pass
+
+    pool = ex._Workers(Request(out=tmp_path, device="cpu"), None, True, [], ex.Outcome(),
+                       lambda _: None)  # fmt: skip
+    pool.running[7] = ((), Worker(), None)
+    pool.terminate()  # the first signal's stop
+    pool.signal_all()  # the second signal's
+    assert kills == [(Worker.pid, signal.SIGTERM)]
+
+
 @pytest.mark.parametrize(
     ("damage", "named"),
     [
         (lambda s, h, c: (s.pop("best_val_acc"), None)[1], "best_val_acc is missing"),
         (lambda s, h, c: h.append({"epoch": 1}), "holds val_acc None, not an"),
         (lambda s, h, c: h.append({"val_acc": 1.5, "test_acc": 0.5}), "val_acc 1.5, not an"),
+        (lambda s, h, c: s.update({"stack_size": math.inf}), "cannot convert float infinity"),
     ],
 )
 def test_a_finished_run_that_cannot_be_recorded_is_refused_before_anything_trains(

@@ -367,11 +367,16 @@ def _check_run_dir(spec: RunSpec, run_dir: Path) -> None:
 def _check_unstarted(run_dir: Path) -> None:
     """Refuse a ``run_dir`` without config.json unless it is what a run killed before writing
     that file leaves, which :func:`_train` deletes: an empty folder, or one holding the
-    temporary file of that write. Anything else there is not ours to delete."""
+    temporary files of that write and the one before it (data.json, written first).
+    Anything else there is not ours to delete."""
     if run_dir.is_symlink():
         what = "a symbolic link"
     elif run_dir.is_dir():
-        found = sorted(p.name for p in run_dir.iterdir() if not p.match(TEMPORARIES))
+        found = sorted(
+            p.name
+            for p in run_dir.iterdir()
+            if not p.match(TEMPORARIES) and not (p.name == rundir.DATA and p.is_file())
+        )
         if not found:
             return
         what = f"a folder holding {', '.join(found[:3])}{', ...' * (len(found) > 3)}"
@@ -734,6 +739,9 @@ class _Workers:
         self.ctx = multiprocessing.get_context("spawn")
         self.running: dict[int, tuple[Job, Any, Connection]] = {}
         self.company = _Company()
+        # A worker's second SIGTERM quits it at once, without its checkpoint: a second signal
+        # to the parent while the workers save must not pass on.
+        self.signalled: set[int] = set()
 
     def tick(self) -> None:
         """Count the time since the last tick for each running job (see :class:`_Company`)."""
@@ -794,10 +802,12 @@ class _Workers:
                 self.finished(sentinel)
 
     def signal_all(self) -> None:
-        """One SIGTERM to each worker still alive, without waiting for it (whatever stopped
-        the parent: workers ignore SIGINT, see :func:`~brainprop.processes.sigint_ignored`)."""
+        """One SIGTERM to each worker still alive and not yet sent one, without waiting for it
+        (whatever stopped the parent: workers ignore SIGINT, see
+        :func:`~brainprop.processes.sigint_ignored`)."""
         for _, proc, _ in self.running.values():
-            if proc.is_alive():
+            if proc.is_alive() and proc.pid not in self.signalled:
+                self.signalled.add(proc.pid)
                 os.kill(proc.pid, signal.SIGTERM)
 
     def terminate(self) -> None:
