@@ -409,6 +409,21 @@ def test_resume_raises_epochs_only_when_asked(tmp_path: Path, ds) -> None:
     assert json.loads((run.dir / "config.json").read_text())["epochs"] == 2
 
 
+def test_a_finished_run_given_more_epochs_is_unfinished_until_it_ends_again(
+    tmp_path: Path, ds, monkeypatch
+) -> None:
+    """Its old summary.json would mark it finished while it trains on (review): reproduce
+    would skip it and record the old summary with the newer curve."""
+    run = train(tiny_config(tmp_path, epochs=1), dataset=ds, progress=False)
+    inject(monkeypatch, {step(1, 2): _raise(signal.SIGTERM)})
+    with pytest.raises(Interrupted):
+        train(tiny_config(tmp_path, epochs=2), resume=run.dir, dataset=ds, progress=False)
+    assert not (run.dir / "summary.json").exists()
+    monkeypatch.undo()
+    assert train(None, resume=run.dir, dataset=ds, progress=False).summary["epochs_run"] == 2
+    assert json.loads((run.dir / "summary.json").read_text())["epochs_run"] == 2
+
+
 def test_resume_with_epochs_below_one_blames_the_flag(tmp_path: Path, ds, reference) -> None:
     # Killed before its first checkpoint: nothing trained, so 0 epochs is not "fewer than run".
     run_dir = tmp_path / "run"

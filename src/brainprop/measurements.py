@@ -163,7 +163,7 @@ def record(spec: RunSpec, run_dir: Path, out: Path, company: float = 1.0) -> Mea
                  for key in ("val_acc", "test_acc")}  # fmt: skip
         content = _content(m, config, curve)
         _measurement(content, out / MEASUREMENTS / m.file_name)
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, OverflowError) as e:
         raise BrainPropError(
             f"{run_dir} finished but cannot be recorded ({e}): move it out of "
             f"{run_dir.parent} to train that run afresh"

@@ -77,9 +77,13 @@ _MAY_CHANGE = ("epochs", "data_dir")
 
 def save_epochs(run_path: Path, config: TrainConfig) -> None:
     """Write ``config``'s epochs (a raised ``--epochs``) into the run's ``config.json``; called
-    once the run is restored, so that a resume that fails leaves the file as it was."""
+    once the run is restored, so that a resume that fails leaves the file as it was.
+
+    A finished run given more epochs is finished no longer: its ``summary.json``, which marks
+    a run complete (``reproduce`` skips it, records it), goes until the run ends again."""
     if stored_config(run_path).epochs != config.epochs:
         files.atomic_write_json(run_path / rundir.CONFIG, config.to_dict())
+        (run_path / rundir.SUMMARY).unlink(missing_ok=True)
 
 
 def stored_config(run_path: Path) -> TrainConfig:

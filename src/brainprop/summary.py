@@ -32,6 +32,10 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "best_epoch": (1, math.inf),
 }
 
+#: The largest integer a summary's number may be: beyond it a float cannot hold it exactly (the
+#: report's means and math.isfinite overflow on far larger ones).
+LARGEST = 2**53
+
 #: The summary's fields of measured time: all a rerun of the same run may change.
 TIMED_KEYS = ("s_per_epoch", "total_seconds", "wall_seconds")
 
@@ -81,7 +85,7 @@ def check_summary(summary: Any) -> None:
     """Raise ValueError naming the first summary field the report could not use."""
     if not isinstance(summary, dict):
         raise ValueError("summary is not an object")
-    if not _is(summary.get("epochs_run"), int) or summary["epochs_run"] < 0:
+    if not _is(summary.get("epochs_run"), int) or not 0 <= summary["epochs_run"] <= LARGEST:
         raise ValueError("summary's epochs_run is missing or not a count")
     if not isinstance(summary.get("stop_reason", ""), str):
         raise ValueError("summary's stop_reason is not text")
@@ -100,6 +104,8 @@ def check_summary(summary: Any) -> None:
         value = summary[key]
         if not _is(value, (int, float)):
             raise ValueError(f"summary's {key} is not a number")
+        if isinstance(value, int) and abs(value) > LARGEST:
+            raise ValueError(f"summary's {key} is an integer beyond 2**53, no run's")
         if not math.isfinite(value):
             raise ValueError(f"summary's {key} is {value}, not a finite number")
         low, high = BOUNDS.get(key, (0, math.inf))
