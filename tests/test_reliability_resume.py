@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
+import math
 import os
 import random
 import shutil
@@ -231,6 +232,30 @@ def test_a_damaged_mid_epoch_checkpoint_is_refused_before_training(
     torch.save(state, last)
     with pytest.raises(BrainPropError, match=f"does not fit its run .*{message}"):
         train(None, resume=tmp_path / "run", dataset=ds, progress=False)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda h: h.pop(),  # a row short: the loop counts epochs by them
+        lambda h: h.append(dict(h[-1], epoch=4)),
+        lambda h: h[1].update(epoch=7),
+        lambda h: h[0].update(val_acc=math.nan),
+        lambda h: h[2].update(test_acc=1.5),
+    ],
+)
+def test_a_history_that_does_not_fit_its_checkpoint_is_refused(
+    tmp_path: Path, ds, reference: Path, damage
+) -> None:
+    """A history cut short trained on from later weights and reported the wrong epochs, and
+    a NaN accuracy became the summary's best (review)."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    state = checkpoint.load(run_dir / "last.pt")
+    damage(state["history"])
+    torch.save(state, run_dir / "last.pt")
+    with pytest.raises(BrainPropError, match="does not fit its run .*its history is malformed"):
+        train(tiny_config(tmp_path, epochs=4), resume=run_dir, dataset=ds, progress=False)
 
 
 def test_a_signal_stops_a_loop_of_runs_that_skips_failed_ones(tmp_path: Path, ds, monkeypatch):
@@ -543,8 +568,9 @@ def test_checkpoint_of_another_run_is_refused(tmp_path: Path, ds, reference: Pat
     with pytest.raises(BrainPropError) as info:
         train(None, resume=run_dir, dataset=ds, progress=False)
     assert str(info.value) == (
-        f"{run_dir / 'last.pt'} belongs to another run: its lr is 0.05 but config.json says "
-        "0.1 (3 settings differ); put back this run's own last.pt, or start a new run"
+        f"{run_dir / 'last.pt'} is not the run of the config.json beside it: its lr is 0.05 "
+        "but config.json says 0.1 (3 settings differ); put back the run's own last.pt and "
+        "config.json as it wrote them, or start a new run"
     )
 
 

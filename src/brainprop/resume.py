@@ -50,10 +50,12 @@ def checkpoint_and_config(
         ]  # fmt: skip
         if differ:
             name = differ[0]
+            # Either file may be the stranger: a last.pt copied in, a config.json edited.
             raise BrainPropError(
-                f"{last} belongs to another run: its {name} is {getattr(own, name)!r} but "
-                f"config.json says {getattr(stored, name)!r} ({len(differ)} settings differ); "
-                "put back this run's own last.pt, or start a new run"
+                f"{last} is not the run of the config.json beside it: its {name} is "
+                f"{getattr(own, name)!r} but config.json says {getattr(stored, name)!r} "
+                f"({len(differ)} settings differ); put back the run's own last.pt and "
+                "config.json as it wrote them, or start a new run"
             )
     if config is not None and config.epochs < 1:
         # Checked here, as the flag it is: once merged into the stored config, the resolve
@@ -156,15 +158,24 @@ FLOAT_SUMS = ("loss_sum", "reward_sum", "explored_sum")
 PARTIAL_SUMS = (*FLOAT_SUMS, "first_bad")
 
 
-def history_ok(history: Any) -> bool:
-    """Whether a checkpoint's history has every column the loop reads back, as numbers."""
-    return isinstance(history, list) and all(
-        isinstance(row, dict)
+def history_ok(history: Any, epoch: Any) -> bool:
+    """Whether a checkpoint's history has every column the loop reads back, as numbers, one
+    row for each of the ``epoch`` epochs it records, numbered from 1, with accuracies that
+    are fractions: the loop counts epochs by the rows, and the summary picks the best of them."""
+    return (
+        isinstance(history, list)
+        and epoch == len(history)
         and all(
-            isinstance(row.get(k), int | float) and not isinstance(row.get(k), bool)
-            for k in _ROW_NUMBERS
+            isinstance(row, dict)
+            and all(
+                isinstance(row.get(k), int | float) and not isinstance(row.get(k), bool)
+                for k in _ROW_NUMBERS
+            )
+            and row["epoch"] == i
+            and 0 <= row["val_acc"] <= 1
+            and 0 <= row["test_acc"] <= 1
+            for i, row in enumerate(history, 1)
         )
-        for row in history
     )
 
 

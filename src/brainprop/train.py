@@ -219,7 +219,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         if optimizer_settings(self.optimizer) != settings:
             raise ValueError("its optimizer settings differ from its config")
-        if not history_ok(state["history"]):
+        if not history_ok(state["history"], state["epoch"]):
             raise ValueError("its history is malformed")
         self.history = list(state["history"])
         self.stopper.load_state_dict(state["early_stopping"])
