@@ -206,6 +206,10 @@ def test_estimates_use_this_machine_and_subtract_epochs_done(tmp_path):
     run_dir.mkdir(parents=True)
     (run_dir / rundir.HISTORY_JSON).write_text(json.dumps([{}] * 20))
     assert ex.estimate_seconds(later, load_measurements(tmp_path), "cpu A", tmp_path) == 120
+    # A damaged history counts no epochs done; it had no len() (review).
+    (run_dir / rundir.HISTORY_JSON).write_text("null")
+    assert ex.estimate_seconds(later, load_measurements(tmp_path), "cpu A", tmp_path) == 200
+    (run_dir / rundir.HISTORY_JSON).write_text(json.dumps([{}] * 20))
     # Runs that shared the device time only runs shared alike; a stacked run's seconds are its
     # share, so a stack of 4 takes 4 shares: 10 epochs x 4 x (9 + 1) s.
     write_measurement(tmp_path, RunSpec(CONV, "brainprop", 0), "gpu", test_acc=0.9,
@@ -502,6 +506,31 @@ def test_finished_runs_are_skipped_and_an_interrupted_run_resumes(tmp_path, mnis
     again = reproduce(request, say=lambda _: None)
     assert again.ran == [] and again.skipped == [spec.name]
     assert m.path.stat().st_mtime_ns == stamp
+
+
+def test_a_damaged_summary_is_written_again_once_deleted_as_its_error_says(
+    tmp_path, mnist_root, no_plots
+):
+    """It said only "the run directory is damaged" (review); the run's last.pt closes it again."""
+    request = Request(
+        cells=(DENSE,), rules=("ebp",), seeds=1, max_epochs=1, out=tmp_path,
+        data_dir=str(mnist_root), device="cpu", progress=False,
+    )  # fmt: skip
+    reproduce(request, say=lambda _: None)
+    [m] = load_measurements(tmp_path)
+    m.path.unlink()  # stopped before it was recorded
+    summary = m.path.parent.parent / RUNS / m.run / rundir.SUMMARY
+    summary.write_text("{")
+    with pytest.raises(BrainPropError) as e:
+        reproduce(request, say=lambda _: None)
+    assert str(e.value) == (
+        f"{summary} is not valid JSON: delete it, and the same command closes the run again"
+    )
+    summary.unlink()
+    outcome = reproduce(request, say=lambda _: None)
+    [again] = load_measurements(tmp_path)
+    assert outcome.ran == [m.run] and again.summary["epochs_run"] == 1
+    assert again.summary["test_acc_at_best"] == m.summary["test_acc_at_best"]
 
 
 @pytest.mark.parametrize("finished", [True, False])
@@ -1101,7 +1130,9 @@ def test_a_finished_run_that_cannot_be_recorded_is_refused_before_anything_train
         reproduce(request, say=lambda _: None)
     assert str(e.value).startswith(f"{run_dir} finished but cannot be recorded (")
     assert named in str(e.value)
-    assert str(e.value).endswith(f"move it out of {tmp_path / RUNS} to train that run afresh")
+    assert str(e.value).endswith(
+        f"move {run_dir} out of {tmp_path / RUNS} to train that run afresh"
+    )
     assert not list(tmp_path.glob("measurements/*"))
 
 

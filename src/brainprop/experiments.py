@@ -116,10 +116,13 @@ def _wall_seconds(m: Measurement) -> float:
 
 
 def _epochs_done(run_dir: Path) -> int:
+    """The epochs an interrupted run has trained, by its history; 0 where that is unreadable
+    (an estimate's guess: the run's own checkpoint decides what it resumes from)."""
     try:
-        return len(json.loads((run_dir / rundir.HISTORY_JSON).read_text()))
+        history = json.loads((run_dir / rundir.HISTORY_JSON).read_text())
     except (OSError, ValueError):
         return 0
+    return len(history) if isinstance(history, list) else 0
 
 
 # --- the runner --------------------------------------------------------------------------------

@@ -141,10 +141,14 @@ def record(spec: RunSpec, run_dir: Path, out: Path, company: float = 1.0) -> Mea
     against the preset's row were checked with the run directory, before anything trained): a
     finished run directory that is damaged or edited is refused here, naming it, instead of
     by the report after the other runs have trained."""
-    summary = rundir.read_json(run_dir / rundir.SUMMARY)
-    config = rundir.read_json(run_dir / rundir.CONFIG)
+    afresh = f"move {run_dir} out of {run_dir.parent} to train that run afresh"
+    # Its last.pt closes the run again, writing the summary anew, as a kill before it leaves.
+    summary = rundir.read_json(
+        run_dir / rundir.SUMMARY, "delete it, and the same command closes the run again"
+    )
+    config = rundir.read_json(run_dir / rundir.CONFIG, afresh)
     history_file = run_dir / rundir.HISTORY_JSON
-    history = rundir.read_json(history_file) if history_file.is_file() else []
+    history = rundir.read_json(history_file, afresh) if history_file.is_file() else []
     try:
         if not isinstance(summary, dict) or not isinstance(config, dict):
             raise ValueError(f"its {rundir.SUMMARY} or {rundir.CONFIG} holds no object")
@@ -164,10 +168,7 @@ def record(spec: RunSpec, run_dir: Path, out: Path, company: float = 1.0) -> Mea
         content = _content(m, config, curve)
         _measurement(content, out / MEASUREMENTS / m.file_name)
     except (KeyError, TypeError, ValueError, OverflowError) as e:
-        raise BrainPropError(
-            f"{run_dir} finished but cannot be recorded ({e}): move it out of "
-            f"{run_dir.parent} to train that run afresh"
-        ) from None
+        raise BrainPropError(f"{run_dir} finished but cannot be recorded ({e}): {afresh}") from None
     return write_measurement(m, config, curve, out)
 
 
