@@ -49,7 +49,8 @@ def test_resume_from_the_command_line(data_dir, tmp_path, capsys):
     assert main(_train_args(data_dir, tmp_path / "runs")) == 0
     run = tmp_path / "runs" / "cli"
     assert main(["train", "--resume", str(run), "--epochs", "3", "--quiet"]) == 0
-    assert json.loads(capsys.readouterr().out.splitlines()[-1])["epochs_run"] == 3
+    line = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert line["epochs_run"] == 3 and line["run_dir"] == str(run)
     code = _exit_code(lambda: main(["train", "--resume", str(run), "--lr", "0.2", "--device",
                                     "cpu", "--epochs", "4"]))  # fmt: skip
     err = capsys.readouterr().err

@@ -702,6 +702,23 @@ def test_checkpoint_written_on_another_device_type_is_refused(tmp_path, ds, refe
     )
 
 
+def test_a_run_on_a_device_this_machine_lacks_is_told_where_to_resume(tmp_path, ds, reference):
+    """It was told to pass --device cpu, which a resume refuses (review)."""
+    run_dir = tmp_path / "copy"
+    shutil.copytree(reference, run_dir)
+    state = torch.load(run_dir / "last.pt", weights_only=True)
+    state["config"]["device"] = "cuda:999"
+    torch.save(state, run_dir / "last.pt")
+    config = json.loads((run_dir / "config.json").read_text())
+    (run_dir / "config.json").write_text(json.dumps(config | {"device": "cuda:999"}))
+    with pytest.raises(BrainPropError) as info:
+        train(None, resume=run_dir, dataset=ds, progress=False)
+    assert str(info.value) == (
+        f"{run_dir / 'config.json'}: the run trains on device 'cuda:999', which this machine "
+        "does not have: resume it on a machine that has"
+    )
+
+
 def test_resume_of_a_folder_that_is_not_a_run(tmp_path: Path, ds) -> None:
     with pytest.raises(BrainPropError, match="no run directory at .*: pass a folder"):
         train(None, resume=tmp_path / "nope", dataset=ds, progress=False)

@@ -187,8 +187,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     run.add_argument(
         "--quiet", action="store_true",
-        help="no progress bar or per-epoch lines; the run's summary is printed as one JSON line "
-        "at the end",
+        help="no progress bar or per-epoch lines; the run's folder (run_dir) and summary are "
+        "printed as one JSON line at the end",
     )  # fmt: skip
 
 
@@ -234,7 +234,8 @@ def _train(args: argparse.Namespace) -> int:
     data_dir = args.data_dir if args.resume is not None else None
     run = train(config, resume=args.resume, data_dir=data_dir, progress=not args.quiet)
     if args.quiet and launched_main():
-        print(json.dumps(run.summary))
+        # The folder too: a taken --name gets -2, -3 ..., and a script must find the run.
+        print(json.dumps({"run_dir": str(run.dir), **run.summary}))
     return EXIT_DIVERGED if run.summary["stop_reason"].startswith(DIVERGED) else 0
 
 

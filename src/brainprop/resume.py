@@ -17,6 +17,7 @@ import torch
 from . import checkpoint, files, rundir
 from .config import TrainConfig
 from .data import Dataset
+from .devices import device_problem
 from .errors import BrainPropError, UnknownName, reason
 from .evaluation import all_finite, check_same_data, check_trained_on, declares_sizes
 from .summary import epochs_phrase
@@ -136,6 +137,13 @@ def _stored_config(d: Any, source: Path) -> TrainConfig:
 
 
 def _resolve_stored(config: TrainConfig, source: Path) -> TrainConfig:
+    # The device is the run's, which a resume may not change: the usual advice, another
+    # --device, would be refused.
+    if isinstance(config.device, str) and device_problem(config.device) is not None:
+        raise BrainPropError(
+            f"{source}: the run trains on device {config.device!r}, which this machine does not "
+            "have: resume it on a machine that has"
+        )
     try:
         return config.resolve(stored=True)
     except UnknownName as e:
