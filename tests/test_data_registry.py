@@ -109,7 +109,7 @@ def test_a_dataset_of_ones_own_loads_by_name_as_the_dataset_its_entry_names(
         "DATASETS['typed'].load failed: ZeroDivisionError: division by zero (<string>:1)"
     )
     assert own_datasets()[-1] == (
-        "typed            own      loaded by DATASETS['typed'].load  (mnist's settings; its "
+        "typed            own        loaded by DATASETS['typed'].load  (mnist's settings; its "
         "loader reads and checks its files)"
     )
     # A data root that does not exist is the caller's to fix, not the loader's.
@@ -247,10 +247,10 @@ def test_status(tmp_path: Path, monkeypatch) -> None:
     assert fashion.present and fashion.path == tmp_path / "system"
     assert fashion.note == "from system package dataset-fashion-mnist"
     assert str(fashion) == (
-        f"fashion-mnist    present  {tmp_path / 'system'}  "
+        f"fashion-mnist    present    {tmp_path / 'system'}  "
         "(from system package dataset-fashion-mnist)"
     )
-    assert str(cifar100).startswith(f"cifar100-coarse  missing  {cifar100.path}  (run 'brainprop")
+    assert str(cifar100).startswith(f"cifar100-coarse  missing    {cifar100.path}  (run 'brainprop")
 
 
 def test_a_gzip_file_of_several_members_is_present_not_damaged(tmp_path: Path) -> None:
@@ -279,7 +279,7 @@ def test_a_file_cut_short_is_listed_as_damaged_not_present(tmp_path: Path, gz: b
         said = "is cut short or padded (its header declares 4720 bytes, it holds 4711)"
     assert not status["mnist"].present
     assert status["mnist"].damaged.startswith(f"{images} {said}")
-    assert str(status["mnist"]).startswith(f"mnist            damaged  {tmp_path / 'mnist'}  (")
+    assert str(status["mnist"]).startswith(f"mnist            damaged    {tmp_path / 'mnist'}  (")
     assert status["mnist"].damaged.endswith(": delete it and run 'brainprop download mnist'")
     assert not status["cifar10"].present
     assert status["cifar10"].damaged == (

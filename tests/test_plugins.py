@@ -201,7 +201,7 @@ def test_datasets_lists_a_plugin_dataset_after_the_files_brainprop_checks(
     rows = capsys.readouterr().out.splitlines()
     assert [r.split()[0] for r in rows[-3:]] == ["tiny-imagenet", "mnist-small", "misnamed"]
     assert rows[-2] == (
-        f"mnist-small      own      loaded by DATASETS['mnist-small'].load from "
+        f"mnist-small      own        loaded by DATASETS['mnist-small'].load from "
         f"{data_plugin.resolve()}  (mnist's settings; its loader reads and checks its files)"
     )
 

@@ -364,8 +364,8 @@ def test_unreadable_checkpoint_is_not_called_damaged(tmp_path: Path, monkeypatch
 @pytest.mark.parametrize("command", ["datasets", "train", "download"])
 def test_a_data_folder_that_cannot_be_entered_is_one_line(tmp_path, capsys, monkeypatch, command):
     """pathlib's is_file() and exists() raise where a folder on the way may not be entered
-    (review: a traceback from all three commands). Tests may run as root, whom file modes do
-    not stop, so the check itself fails."""
+    (review: a traceback from all three commands; then datasets listed no other dataset).
+    Tests may run as root, whom file modes do not stop, so the check itself fails."""
     write_idx_dataset(tmp_path / "mnist")
     denied = tmp_path / "mnist"
     real_stat = Path.stat
@@ -376,12 +376,22 @@ def test_a_data_folder_that_cannot_be_entered_is_one_line(tmp_path, capsys, monk
         return real_stat(self, *args, **kwargs)
 
     monkeypatch.setattr(Path, "stat", stat)
-    argv = {"datasets": ["datasets"], "download": ["download", "mnist"],
+    fix = f"cannot look inside {denied} (Permission denied): check its permissions"
+    if command == "datasets":
+        assert main(["datasets", "--data-dir", str(tmp_path)]) == 0
+        rows = capsys.readouterr().out.splitlines()
+        assert f"mnist            unreadable {denied}  ({fix})" in rows
+        assert any(row.startswith("cifar10 ") for row in rows)
+        return
+    argv = {"download": ["download", "mnist"],
             "train": ["train", "--dataset", "mnist", "--arch", "dense", "--epochs", "1",
                       "--out", tmp_path / "runs"]}[command]  # fmt: skip
     message = _error(capsys, *argv, "--data-dir", tmp_path)
-    assert message.startswith(f"cannot open {denied / 'train-images-idx3-ubyte'} (Permission ")
-    assert message.endswith("): check its permissions")
+    if command == "download":
+        assert message == fix
+    else:
+        assert message.startswith(f"cannot open {denied / 'train-images-idx3-ubyte'} (Permission ")
+        assert message.endswith("): check its permissions")
 
 
 @pytest.mark.parametrize(

@@ -129,6 +129,8 @@ class DatasetStatus:
         damaged: what is wrong with the first existing file that looks damaged (its path,
             what, and the fix), else "": also where other files are missing, so that a
             download does not fetch them beside a damaged one the loader would read.
+        unreadable: what ``damaged`` says is a file or folder this user may not read, which
+            is no damage.
     """
 
     name: str
@@ -137,13 +139,16 @@ class DatasetStatus:
     how_to_get: str
     note: str = ""
     damaged: str = ""
+    unreadable: bool = False
 
     def __str__(self) -> str:
-        """One table row: name, present/damaged/missing, folder, then the note, what is
-        damaged, or how to get it."""
-        state = "present" if self.present else "damaged" if self.damaged else "missing"
+        """One table row: name, present/unreadable/damaged/missing, folder, then the note,
+        what is wrong, or how to get it."""
+        state = "present" if self.present else "missing"
+        if self.damaged:
+            state = "unreadable" if self.unreadable else "damaged"
         extra = self.note if self.present else self.damaged or self.how_to_get
-        return f"{self.name:<16} {state:<8} {self.path}" + (f"  ({extra})" if extra else "")
+        return f"{self.name:<16} {state:<10} {self.path}" + (f"  ({extra})" if extra else "")
 
 
 def check_name(name: str) -> None:
@@ -237,18 +242,20 @@ def _status(name: str, root: Path) -> DatasetStatus:
             for path, base in zip(paths, IDX_FILE_NAMES, strict=True)
             if path is not None
         )
-        damaged = _damaged(problems, name, root)
+        damaged, unreadable = _damaged(problems, name, root)
         hint = how_to_get(name, root)
-        return DatasetStatus(name, present and not damaged, folder, hint, note, damaged)
+        return DatasetStatus(name, present and not damaged, folder, hint, note, damaged, unreadable)
     if name in LAYOUTS:
         layout = LAYOUTS[name]
         paths = [folder / f for f in layout.train_files + layout.test_files]
         present = all(p.is_file() for p in paths)
         hint = cifar_how_to_get(name, root)
-        damaged = _damaged(
+        damaged, unreadable = _damaged(
             ((p, cifar_file_problem(p)) for p in paths if p.is_file()), layout.download_name, root
         )
-        return DatasetStatus(name, present and not damaged, folder, hint, damaged=damaged)
+        return DatasetStatus(
+            name, present and not damaged, folder, hint, damaged=damaged, unreadable=unreadable
+        )
     present = all(
         p.exists()
         for p in (folder / "wnids.txt", folder / "train", folder / "val" / "val_annotations.txt")
@@ -258,16 +265,18 @@ def _status(name: str, root: Path) -> DatasetStatus:
     return DatasetStatus(name, present, folder, hint, note)
 
 
-def _damaged(problems: Iterable[tuple[Path, str | None]], download_name: str, root: Path) -> str:
+def _damaged(
+    problems: Iterable[tuple[Path, str | None]], download_name: str, root: Path
+) -> tuple[str, bool]:
     """The first problem of ``problems`` (path, problem or None) in the data root ``root``, as
-    one line with its fix."""
+    one line with its fix, and whether it is one of permissions; ``""`` where there is none."""
     for path, problem in problems:
         if problem is not None:
             # Permissions, not damage, are the usual reason a file cannot be opened.
             unreadable = problem.startswith(UNREADABLE)
             fix = "check its permissions" if unreadable else redownload(download_name, root)
-            return f"{path} {problem}: {fix}"
-    return ""
+            return f"{path} {problem}: {fix}", unreadable
+    return "", False
 
 
 def own_datasets() -> list[str]:
@@ -279,7 +288,7 @@ def own_datasets() -> list[str]:
             source = _source(entry.load)
             where = f" from {source}" if source else ""
             rows.append(
-                f"{name:<16} {'own':<8} loaded by DATASETS[{name!r}].load{where}  "
+                f"{name:<16} {'own':<10} loaded by DATASETS[{name!r}].load{where}  "
                 f"({entry.family}'s settings; its loader reads and checks its files)"
             )
     return rows
@@ -292,4 +301,19 @@ def dataset_status(root: str | Path | None = None) -> list[DatasetStatus]:
     their header (or ends as a pickle does), so it is quick even for Tiny ImageNet.
     """
     root = resolve_data_root(root)
-    return [_status(name, root) for name in DATASET_NAMES]
+    return [_checked_status(name, root) for name in DATASET_NAMES]
+
+
+def _checked_status(name: str, root: Path) -> DatasetStatus:
+    """:func:`_status`, or, where a folder on the way to the files may not be entered, a row
+    that names it: the other datasets are still listed."""
+    try:
+        return _status(name, root)
+    except PermissionError as e:
+        # Looking a file up needs only its folders' permissions, so a folder is the culprit.
+        where = Path(e.filename).parent if e.filename else root / name
+        return DatasetStatus(
+            name, False, where, "",
+            damaged=f"cannot look inside {where} ({e.strerror or e}): check its permissions",
+            unreadable=True,
+        )  # fmt: skip
