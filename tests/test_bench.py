@@ -426,6 +426,18 @@ def test_a_batch_no_epoch_can_hold_is_refused_before_anything_is_built(tmp_path,
     assert not (tmp_path / "o").exists()
 
 
+def test_a_graph_off_cuda_is_refused_before_anything_is_made(tmp_path, capsys):
+    """It was refused only as the first preset was built, after the folder was made and the
+    warnings printed, in words about a run's resume (review)."""
+    with pytest.raises(BrainPropError) as info:
+        run_bench(["mnist/dense"], ["ebp"], device="cpu", cuda_graph=True, out=tmp_path / "o")
+    assert str(info.value) == (
+        "--cuda-graph needs a CUDA device, and this bench would run on cpu (--device cpu): "
+        "drop --cuda-graph"
+    )
+    assert not (tmp_path / "o").exists() and capsys.readouterr() == ("", "")
+
+
 @pytest.mark.parametrize("peak", [0.0, -1.0, math.nan, math.inf])
 def test_a_peak_that_is_not_a_finite_positive_number_is_refused(peak):
     with pytest.raises(BrainPropError, match="^--peak-tflops must be a finite number > 0"):

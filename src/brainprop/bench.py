@@ -585,6 +585,12 @@ def run_bench(
     """
     parsed = _checked_presets(presets, rules, steps, warmup, batch_size, eval_images, stack)
     dev = resolve_device(device)
+    if cuda_graph and dev.type != "cuda":
+        # As reproduce refuses it: before the folder is made and any warning is printed.
+        raise BrainPropError(
+            f"--cuda-graph needs a CUDA device, and this bench would run on {dev.type} "
+            f"(--device {device}): drop --cuda-graph"
+        )
     if stack > 1:
         for dataset, arch in parsed:
             _check_stack_fits(dataset, arch, dev, stack)
