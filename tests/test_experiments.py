@@ -470,6 +470,20 @@ def test_a_data_dir_inside_the_data_root_is_told_the_root_before_any_run(tmp_pat
     )
 
 
+def test_a_file_in_the_way_of_the_measurements_is_refused_before_any_run(tmp_path, mnist_root,
+                                                                          monkeypatch):  # fmt: skip
+    """It was found only as the first run's measurement was written, after it trained (review)."""
+    calls: list[str] = []
+    monkeypatch.setattr(ex, "_train", _fake_train(calls))
+    (tmp_path / "measurements").write_text("")
+    request = Request(cells=(DENSE,), rules=("ebp",), seeds=1, out=tmp_path,
+                      data_dir=str(mnist_root), device="cpu", progress=False)  # fmt: skip
+    with pytest.raises(BrainPropError, match=f"cannot create the folder {tmp_path / 'measurements'}"
+                       " .*: move away what is at"):  # fmt: skip
+        reproduce(request, say=lambda _: None)
+    assert calls == []
+
+
 def test_a_damaged_dataset_is_named_as_damaged_before_any_run(tmp_path, mnist_root, capsys):
     labels = mnist_root / "mnist" / "train-labels-idx1-ubyte.gz"
     labels.write_bytes(labels.read_bytes()[:-10])

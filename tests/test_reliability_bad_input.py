@@ -758,8 +758,8 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path: Path, mo
     assert str(info.value) == (
         f"cannot write {last} (No space left on device); last.pt keeps its previous content: "
         "free disk space or fix the folder's permissions, then continue the run with "
-        f"'brainprop train --resume {last.parent}' (adding the --epochs you gave), or with the "
-        "same 'brainprop reproduce' command"
+        f"'brainprop train --resume {last.parent}' (adding the --epochs you gave), or, where "
+        "'brainprop reproduce' started it, with the same reproduce command"
     )
     assert checkpoint.load(last)["epoch"] == 1
     assert not list(last.parent.glob(".*.tmp"))

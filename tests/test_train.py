@@ -343,7 +343,7 @@ def test_a_tagged_line_is_written_whole(monkeypatch):
         (
             dict(batch_size=250, val=10),
             "--batch-size 250 is more than the 246 training images of mnist left after holding "
-            "out 10 for validation: pass at most 246 or hold out fewer images with --val-split",
+            "out 10 for validation: pass at most 246 or hold out fewer images with --val",
         ),
     ],
 )

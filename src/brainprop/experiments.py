@@ -41,6 +41,7 @@ from .feedback import check_feedback
 from .files import TEMPORARIES, make_folder
 from .matrix import MATRIX, PAPER_EPOCHS, PAPER_FEEDBACK, RULE_ORDER, RUNS, Cell, RunSpec, plan
 from .measurements import (
+    MEASUREMENTS,
     Measurement,
     changed_setting,
     load_measurements,
@@ -272,6 +273,10 @@ def _reproduce(request: Request, say: Callable[[str], None], hold: Callable[[], 
     _check_data(pending, request.data_dir)
     _check_val(pending, request.val, request.data_dir)
     hold()
+    # Where each run's measurement goes as it ends: a file in the way is found now, not after
+    # the first run has trained.
+    kept = request.out / MEASUREMENTS
+    make_folder(kept, f"move away what is at {kept}: reproduce keeps its measurements there")
     jobs = stacks(pending, request.stack)
     say(
         f"reproduce: {len(specs)} runs requested, {len(outcome.skipped)} already measured, "

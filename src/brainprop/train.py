@@ -368,7 +368,7 @@ def check_batch(
     most = n_train // parallel.world_size
     if config.global_batch is not None:
         most *= parallel.world_size
-    fewer = " or hold out fewer images with --val-split" if config.val != VAL_TEST else ""
+    fewer = " or hold out fewer images with --val" if config.val != VAL_TEST else ""
     raise BrainPropError(f"{asked} more than {images}: pass at most {most}{fewer}")
 
 
