@@ -188,6 +188,9 @@ def test_an_unknown_option_points_to_its_commands_help(capsys, command) -> None:
          "--epochs 1 ...'"),
         (["--epochs=1", "train", "--quiet"], "--epochs=1 must come after the command: 'brainprop "
          "train --epochs=1 ...'"),
+        # The command takes a unique prefix; before it, "invalid choice: '1'" again (review).
+        (["--epo", "1", "train"], "--epo must come after the command: 'brainprop train "
+         "--epo 1 ...'"),
     ],
 )  # fmt: skip
 def test_an_option_before_the_command_is_told_where_it_goes(capsys, argv, told) -> None:

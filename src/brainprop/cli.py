@@ -581,7 +581,17 @@ def _check_order(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
     before = argv[: argv.index(command)]
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     known = {s for action in commands.choices[command]._actions for s in action.option_strings}
-    misplaced = [a for a in before if a.split("=")[0] in known and a not in ("-h", "--help")]
+    known.discard("-h")
+    known.discard("--help")
+
+    def taken(arg: str) -> bool:
+        # The command's parser takes a long option's unique prefix too ("--epo" for --epochs).
+        name = arg.split("=")[0]
+        return name in known or (
+            name.startswith("--") and sum(k.startswith(name) for k in known) == 1
+        )
+
+    misplaced = [a for a in before if taken(a)]
     if misplaced:
         # Reported through the command's parser: the top one's help lists no command's options.
         values = " ".join(before[before.index(misplaced[0]) :])
