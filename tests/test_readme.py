@@ -53,7 +53,7 @@ def test_the_readme_table_of_presets_is_the_paper_table() -> None:
     """The README copies brainprop.presets.PAPER by hand: its rows must say what PAPER holds,
     row for row, and the networks' sizes as built."""
     text = (REPO / "README.md").read_text()
-    start = text.index("| dataset | arch | lr | batch | σ | L2 | dropout | parameters |")
+    start = text.index("| dataset | arch | lr | batch | σ | L2 | dropout | trainable parameters |")
     rows = text[start:].split("\n\n")[0].splitlines()[2:]
     datasets = {"MNIST": ("mnist",), "CIFAR-10 / CIFAR-100": ("cifar10", "cifar100"),
                 "Tiny ImageNet": ("tiny-imagenet",)}  # fmt: skip
