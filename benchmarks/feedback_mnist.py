@@ -46,7 +46,10 @@ def main() -> None:
 
     layers = "/".join(name for name, _ in _by_layer(next(iter(runs.values()))[0], "angle_update/"))
     print(f"layers: {layers}")
-    head = "| run | epoch | s/epoch | train reward | test acc | angle(W,B) | angle(update, EBP) |"
+    head = (
+        "| run | epoch | s/epoch | train reward | test acc | angle(W,B) "
+        "| angle(update, exact gradient) |"
+    )
     print(head + "\n" + "|---" * 7 + "|")
     for name, hist in runs.items():
         for h in hist:

@@ -348,6 +348,40 @@ def test_direct_feedback_never_takes_an_earlier_steps_output_error():
         _step(model, x, y)
 
 
+@pytest.mark.parametrize("change", ["convert back", "new head"])
+def test_direct_feedback_refuses_the_error_of_an_output_layer_no_longer_there(change):
+    """Converted back or replaced (a new head, as transfer learning does), the output layer no
+    longer clears the error it left: the layers below trained on it, step after step (review)."""
+    model = _mlp()
+    convert(model, "direct", generator=torch.Generator().manual_seed(0))
+    x, y = torch.rand(8, 6), torch.arange(8) % 3
+    _step(model, x, y)
+    model.zero_grad()
+    if change == "convert back":
+        convert(model[-1], "symmetric")
+    else:
+        model[-1] = nn.Linear(model[-1].in_features, model[-1].out_features, bias=False)
+    with pytest.raises(BrainPropError, match="whose output layer sent no error in this pass"):
+        _step(model, x, y)
+
+
+def test_direct_feedback_pairs_each_pass_with_its_own_error():
+    """Two forward passes backpropagated together: each lower layer takes its pass's error."""
+    model = _mlp()
+    convert(model, "direct", generator=torch.Generator().manual_seed(0))
+    x, y = torch.rand(8, 6), torch.arange(8) % 3
+    grads = []
+    for part in (slice(0, 4), slice(4, 8)):
+        model.zero_grad()
+        F.cross_entropy(model(x[part]), y[part], reduction="sum").backward()
+        grads.append(model[0].weight.grad.clone())
+    model.zero_grad()
+    loss = sum(F.cross_entropy(model(x[p]), y[p], reduction="sum")
+               for p in (slice(0, 4), slice(4, 8)))  # fmt: skip
+    loss.backward()
+    torch.testing.assert_close(model[0].weight.grad, grads[0] + grads[1])
+
+
 def test_direct_feedback_allows_an_in_place_activation_after_a_layer():
     """torchvision's VGG and AlexNet follow their layers with ReLU(inplace=True)."""
     model = nn.Sequential(nn.Linear(6, 5, bias=False), nn.ReLU(inplace=True),

@@ -317,12 +317,18 @@ class _BmmFeedback(torch.autograd.Function):
 
 class _DirectLink:
     """Shared by the layers of one ``direct``-mode network: holds the output error e, from
-    the output layer's backward to the lower layers', one error at a time. Two forward passes
-    backpropagated together may mix theirs (docs/biology.md)."""
+    the output layer's backward to the lower layers', one error at a time, stamped with its
+    forward pass: a layer never takes another pass's error (docs/biology.md)."""
 
     def __init__(self, output: nn.Module) -> None:
         self.output = output
         self.error: torch.Tensor | None = None
+        # Forward passes through the output layer, counted; an error is stamped with its pass.
+        # A layer below, run in a pass before the output layer's forward, takes only the error
+        # of the next count: an output layer converted back or replaced (a new head) sends
+        # none, and the last one left behind is no error of this pass.
+        self.passes = 0
+        self.error_pass = -1
 
 
 class _DirectInject(torch.autograd.Function):
@@ -333,6 +339,12 @@ class _DirectInject(torch.autograd.Function):
     @staticmethod
     def forward(ctx, out, x, layer):
         ctx.layer, ctx.x_shape = layer, x.shape
+        link: _DirectLink = layer._direct_link
+        if link.output is layer:
+            link.passes += 1
+            ctx.error_pass = link.passes
+        else:
+            ctx.error_pass = link.passes + 1
         # A copy, not a view: autograd forbids in-place ops (ReLU(inplace=True), as in
         # torchvision's VGG) on a view a custom Function returns.
         return out.clone()
@@ -342,13 +354,19 @@ class _DirectInject(torch.autograd.Function):
         layer = ctx.layer
         link: _DirectLink = layer._direct_link
         if link.output is layer:
-            link.error = g.flatten(1)
+            link.error, link.error_pass = g.flatten(1), ctx.error_pass
         gx = None
         if ctx.needs_input_grad[1]:
             if link.error is None:
                 raise BrainPropError(
                     "direct feedback reached a layer before the output layer sent its error: "
                     "the last converted layer in module order must be the network's output"
+                )
+            if link.error_pass != ctx.error_pass:
+                raise BrainPropError(
+                    "direct feedback reached a layer whose output layer sent no error in this "
+                    "pass (converted back or replaced since the network was converted): "
+                    "convert the network again with the output layer it has now"
                 )
             e = link.error
             d = direct_matrix(layer, e.shape[1], ctx.x_shape[1:].numel(), e.dtype, e.device)
