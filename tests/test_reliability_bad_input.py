@@ -845,6 +845,11 @@ def test_a_run_whose_output_pipe_closed_resumes(tmp_path) -> None:
     assert done.returncode == 128 + 13, done.stderr
     run = tmp_path / "runs" / "run"
     assert not (run / "summary.json").exists()
+    # Where the run is and how to go on, as a signal's stop says (review).
+    assert done.stderr.decode() == (
+        "brainprop: stopped: the output's reader went away (a closed pipe); no checkpoint was "
+        f"written yet, so a resume starts over: continue with 'brainprop train --resume {run}'\n"
+    )
     again = subprocess.run(
         [*argv[:4], "--resume", str(run), "--quiet"], capture_output=True, timeout=300
     )

@@ -614,7 +614,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     from .devices import out_of_memory
-    from .signals import Interrupted
+    from .signals import Interrupted, OutputClosed
 
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
@@ -646,9 +646,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("brainprop: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
+    except BrokenPipeError as e:
         # The reader of stdout went away ('brainprop train ... | head'); a run stopped this way
         # keeps its last checkpoint. Python would print a second error as it flushed stdout.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        print("brainprop: stopped: the output's reader went away (a closed pipe)", file=sys.stderr)
+        run = f"; {e}" if isinstance(e, OutputClosed) else ""
+        print(f"brainprop: stopped: the output's reader went away (a closed pipe){run}",
+              file=sys.stderr)  # fmt: skip
         return 128 + signal.SIGPIPE

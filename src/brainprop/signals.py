@@ -60,6 +60,12 @@ class Interrupted(KeyboardInterrupt):
         self.exit_status = 128 + signum
 
 
+class OutputClosed(BrokenPipeError):
+    """A run's output lost its reader (``brainprop train ... | head``), which stops the run as
+    a signal does, but with the checkpoint of the last finished epoch: the message says what the
+    run keeps and how to continue it."""
+
+
 @contextlib.contextmanager
 def stop_on_signals(on_first: Callable[[int], None] | None = None) -> Iterator[StopRequest]:
     """Within the block, SIGINT and SIGTERM set the yielded flag instead of killing.

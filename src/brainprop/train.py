@@ -496,7 +496,15 @@ def _train(
         else:
             parallel.on_main(lambda: check_room(trainer, run_path))
             parallel.on_main(lambda: save_epochs(run_path, config))
-        return _held_train(parallel, trainer, ds, run_path)
+        try:
+            return _held_train(parallel, trainer, ds, run_path)
+        except BrokenPipeError as e:
+            if isinstance(e, signals.OutputClosed):
+                raise
+            raise signals.OutputClosed(
+                f"{_kept(run_path, 'so a resume starts over')}: continue with 'brainprop train "
+                f"--resume {run_path}'"
+            ) from e
 
 
 def printer(progress: bool, tag: str | None) -> Callable[[str], None]:
