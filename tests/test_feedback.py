@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from conftest import make_tiny_dataset
 from data_fixtures import REPO
 from torch import nn
+from torch.utils.checkpoint import checkpoint_sequential
 
 from brainprop import (
     EBP,
@@ -344,7 +345,7 @@ def test_direct_feedback_never_takes_an_earlier_steps_output_error():
     _step(model, x, y)
     model.zero_grad()
     model[-1].feedback_mode = "symmetric"
-    with pytest.raises(BrainPropError, match="before the output layer sent its error"):
+    with pytest.raises(BrainPropError, match="no output error to take"):
         _step(model, x, y)
 
 
@@ -361,25 +362,35 @@ def test_direct_feedback_refuses_the_error_of_an_output_layer_no_longer_there(ch
         convert(model[-1], "symmetric")
     else:
         model[-1] = nn.Linear(model[-1].in_features, model[-1].out_features, bias=False)
-    with pytest.raises(BrainPropError, match="whose output layer sent no error in this pass"):
+    with pytest.raises(BrainPropError, match="no output error to take"):
         _step(model, x, y)
 
 
-def test_direct_feedback_pairs_each_pass_with_its_own_error():
-    """Two forward passes backpropagated together: each lower layer takes its pass's error."""
+def test_direct_feedback_refuses_two_passes_whose_errors_autograd_would_cross():
+    """A siamese pair through one body, summed into one loss: autograd runs both heads'
+    backwards before the bodies', and one body took the other pass's error (review)."""
+    model = _mlp()
+    convert(model, "direct", generator=torch.Generator().manual_seed(0))
+    body, head = model[:-1], model[-1]
+    xa, xb, y = torch.rand(4, 6), torch.rand(4, 6), torch.arange(4) % 3
+    ha, hb = body(xa), body(xb)
+    loss = F.cross_entropy(head(ha), y) + F.cross_entropy(head(hb), y)
+    with pytest.raises(BrainPropError, match="no output error to take"):
+        loss.backward()
+
+
+def test_direct_feedback_takes_the_error_through_a_reentrant_checkpoint():
+    """A checkpointed segment runs its forward again inside the backward, after the output
+    layer sent its error: it must take that error, as without the checkpoint."""
     model = _mlp()
     convert(model, "direct", generator=torch.Generator().manual_seed(0))
     x, y = torch.rand(8, 6), torch.arange(8) % 3
-    grads = []
-    for part in (slice(0, 4), slice(4, 8)):
-        model.zero_grad()
-        F.cross_entropy(model(x[part]), y[part], reduction="sum").backward()
-        grads.append(model[0].weight.grad.clone())
+    F.cross_entropy(model(x), y).backward()
+    plain = model[0].weight.grad.clone()
     model.zero_grad()
-    loss = sum(F.cross_entropy(model(x[p]), y[p], reduction="sum")
-               for p in (slice(0, 4), slice(4, 8)))  # fmt: skip
-    loss.backward()
-    torch.testing.assert_close(model[0].weight.grad, grads[0] + grads[1])
+    out = checkpoint_sequential(model, 2, x.requires_grad_(), use_reentrant=True)
+    F.cross_entropy(out, y).backward()
+    torch.testing.assert_close(model[0].weight.grad, plain, rtol=0, atol=0)
 
 
 def test_direct_feedback_allows_an_in_place_activation_after_a_layer():

@@ -317,18 +317,17 @@ class _BmmFeedback(torch.autograd.Function):
 
 class _DirectLink:
     """Shared by the layers of one ``direct``-mode network: holds the output error e, from
-    the output layer's backward to the lower layers', one error at a time, stamped with its
-    forward pass: a layer never takes another pass's error (docs/biology.md)."""
+    the output layer's backward to the lower layers', one error at a time (docs/biology.md).
 
-    def __init__(self, output: nn.Module) -> None:
-        self.output = output
+    The first layer (in module order), whose backward is the pass's last, drops it: an output
+    layer converted back or replaced by a new head sends none, and the one left behind is an
+    earlier step's. Two passes backpropagated together where autograd's order would hand one
+    the other's error then leave a layer without one, which it refuses.
+    """
+
+    def __init__(self, first: nn.Module, output: nn.Module) -> None:
+        self.first, self.output = first, output
         self.error: torch.Tensor | None = None
-        # Forward passes through the output layer, counted; an error is stamped with its pass.
-        # A layer below, run in a pass before the output layer's forward, takes only the error
-        # of the next count: an output layer converted back or replaced (a new head) sends
-        # none, and the last one left behind is no error of this pass.
-        self.passes = 0
-        self.error_pass = -1
 
 
 class _DirectInject(torch.autograd.Function):
@@ -339,12 +338,6 @@ class _DirectInject(torch.autograd.Function):
     @staticmethod
     def forward(ctx, out, x, layer):
         ctx.layer, ctx.x_shape = layer, x.shape
-        link: _DirectLink = layer._direct_link
-        if link.output is layer:
-            link.passes += 1
-            ctx.error_pass = link.passes
-        else:
-            ctx.error_pass = link.passes + 1
         # A copy, not a view: autograd forbids in-place ops (ReLU(inplace=True), as in
         # torchvision's VGG) on a view a custom Function returns.
         return out.clone()
@@ -354,23 +347,21 @@ class _DirectInject(torch.autograd.Function):
         layer = ctx.layer
         link: _DirectLink = layer._direct_link
         if link.output is layer:
-            link.error, link.error_pass = g.flatten(1), ctx.error_pass
+            link.error = g.flatten(1)
         gx = None
         if ctx.needs_input_grad[1]:
             if link.error is None:
                 raise BrainPropError(
-                    "direct feedback reached a layer before the output layer sent its error: "
-                    "the last converted layer in module order must be the network's output"
-                )
-            if link.error_pass != ctx.error_pass:
-                raise BrainPropError(
-                    "direct feedback reached a layer whose output layer sent no error in this "
-                    "pass (converted back or replaced since the network was converted): "
-                    "convert the network again with the output layer it has now"
+                    "direct feedback reached a layer with no output error to take: the last "
+                    "converted layer in module order must be the network's output, in direct "
+                    "mode (convert the network again after replacing it), and two forward "
+                    "passes are backpropagated one at a time"
                 )
             e = link.error
             d = direct_matrix(layer, e.shape[1], ctx.x_shape[1:].numel(), e.dtype, e.device)
             gx = e.matmul(d).reshape(ctx.x_shape)
+        if link.first is layer:
+            link.error = None
         return g, gx, None
 
 
@@ -656,7 +647,7 @@ def convert(
             _check(name, m)
     report = ConversionReport(feedback)
     layers = [(name, m) for name, m in named if layer_kind(m) is not None]
-    link = _DirectLink(layers[-1][1]) if feedback == "direct" and layers else None
+    link = _DirectLink(layers[0][1], layers[-1][1]) if feedback == "direct" and layers else None
     made = _made_feedback_weights(feedback, layers, generator)
     for name, m in named:
         if layer_kind(m) is None:
