@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import os
 import re
 from pathlib import Path
 
@@ -320,6 +321,25 @@ def test_a_file_that_cannot_be_opened_is_a_matter_of_permissions_not_damage(
         "cannot be read ([Errno 13] Permission denied): check its permissions"
     )
     assert "train-images" in str(info.value)
+
+
+def test_an_unreadable_row_names_the_folder_that_may_not_be_entered(tmp_path, monkeypatch):
+    """Not the folder of the file looked up, which may lie deeper (review)."""
+    write_cifar10(tmp_path)
+    barred = tmp_path / "cifar10"
+    real_stat, real_access = Path.stat, os.access
+
+    def stat(self, *args, **kwargs):
+        if barred in self.parents:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_stat(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", stat)
+    # Tests may run as root, for whom every folder may be entered.
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != barred and real_access(p, mode))
+    [row] = [s for s in dataset_status(tmp_path) if s.name == "cifar10"]
+    assert row.unreadable and row.path == barred and str(row).split()[1] == "unreadable"
+    assert row.damaged == f"cannot look inside {barred} (Permission denied): check its permissions"
 
 
 @pytest.mark.parametrize(

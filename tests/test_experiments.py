@@ -547,6 +547,23 @@ def test_a_damaged_summary_is_written_again_once_deleted_as_its_error_says(
     assert again.summary["test_acc_at_best"] == m.summary["test_acc_at_best"]
 
 
+def test_a_run_file_that_may_not_be_read_is_not_called_damaged(tmp_path, monkeypatch):
+    """A summary.json this user may not read was to be deleted, as a damaged one is (review)."""
+    summary = tmp_path / rundir.SUMMARY
+    summary.write_text("{}")
+    real_read = Path.read_text
+
+    def refuse(self, *args, **kwargs):
+        if self == summary:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_read(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", refuse)
+    with pytest.raises(BrainPropError) as info:
+        rundir.read_json(summary, "delete it, and the same command closes the run again")
+    assert str(info.value) == f"cannot read {summary} (Permission denied): check its permissions"
+
+
 @pytest.mark.parametrize("finished", [True, False])
 def test_a_run_directory_of_an_older_preset_table_is_refused_before_any_run(
     tmp_path, mnist_root, monkeypatch, finished

@@ -702,21 +702,28 @@ def test_checkpoint_written_on_another_device_type_is_refused(tmp_path, ds, refe
     )
 
 
-def test_a_run_on_a_device_this_machine_lacks_is_told_where_to_resume(tmp_path, ds, reference):
-    """It was told to pass --device cpu, which a resume refuses (review)."""
+@pytest.mark.parametrize("device", ["cuda:999", "gpu"])
+def test_a_run_on_a_device_this_machine_lacks_is_told_where_to_resume(
+    tmp_path, ds, reference, device
+):
+    """It was told to pass --device cpu, which a resume refuses (review); a name that is no
+    device at all is damage, not another machine's."""
     run_dir = tmp_path / "copy"
     shutil.copytree(reference, run_dir)
     state = torch.load(run_dir / "last.pt", weights_only=True)
-    state["config"]["device"] = "cuda:999"
+    state["config"]["device"] = device
     torch.save(state, run_dir / "last.pt")
     config = json.loads((run_dir / "config.json").read_text())
-    (run_dir / "config.json").write_text(json.dumps(config | {"device": "cuda:999"}))
+    (run_dir / "config.json").write_text(json.dumps(config | {"device": device}))
     with pytest.raises(BrainPropError) as info:
         train(None, resume=run_dir, dataset=ds, progress=False)
-    assert str(info.value) == (
+    told = (
         f"{run_dir / 'config.json'}: the run trains on device 'cuda:999', which this machine "
         "does not have: resume it on a machine that has"
+        if device == "cuda:999"
+        else f"{run_dir / 'config.json'} holds an invalid config (device 'gpu' is not available "
     )
+    assert str(info.value).startswith(told)
 
 
 def test_resume_of_a_folder_that_is_not_a_run(tmp_path: Path, ds) -> None:

@@ -525,8 +525,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p = sub.add_parser(
         "datasets", help="which datasets are present, and how to get the rest",
-        description="List each dataset: present, damaged or missing, where, and how to get it; "
-        "then the datasets of one's own that plugins registered.",
+        description="List each dataset: present, unreadable, damaged or missing, where, and how "
+        "to get it; then the datasets of one's own that plugins registered.",
     )  # fmt: skip
     p.add_argument("--data-dir", help=DATA_DIR_HELP)
     p = sub.add_parser(
@@ -588,7 +588,7 @@ def _check_order(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
         # The command's parser takes a long option's unique prefix too ("--epo" for --epochs).
         name = arg.split("=")[0]
         return name in known or (
-            name.startswith("--") and sum(k.startswith(name) for k in known) == 1
+            len(name) > 2 and name.startswith("--") and sum(k.startswith(name) for k in known) == 1
         )
 
     misplaced = [a for a in before if taken(a)]

@@ -136,10 +136,19 @@ def _stored_config(d: Any, source: Path) -> TrainConfig:
         raise BrainPropError(f"{source}: {e}") from None
 
 
+def _a_device(name: object) -> bool:
+    """Whether ``name`` names a device at all (another machine's, maybe): not one is damage."""
+    try:
+        torch.device(name)  # type: ignore[call-overload]
+    except (RuntimeError, TypeError):
+        return False
+    return True
+
+
 def _resolve_stored(config: TrainConfig, source: Path) -> TrainConfig:
     # The device is the run's, which a resume may not change: the usual advice, another
     # --device, would be refused.
-    if isinstance(config.device, str) and device_problem(config.device) is not None:
+    if _a_device(config.device) and device_problem(config.device) is not None:
         raise BrainPropError(
             f"{source}: the run trains on device {config.device!r}, which this machine does not "
             "have: resume it on a machine that has"

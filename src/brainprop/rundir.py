@@ -187,7 +187,11 @@ def read_json(path: Path, fix: str = "the run directory is damaged") -> Any:
         ) from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise BrainPropError(f"{path} is not valid JSON: {fix}") from None
-    except OSError as e:  # a folder where a file should be, no permission, ...
+    except PermissionError as e:  # no damage: ``fix`` may say to delete the file
+        raise BrainPropError(
+            f"cannot read {path} ({e.strerror or e}): check its permissions"
+        ) from None
+    except OSError as e:  # a folder where a file should be, ...
         raise BrainPropError(f"cannot read {path} ({e.strerror or e}): {fix}") from None
 
 

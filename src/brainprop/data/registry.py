@@ -4,6 +4,7 @@ entry point that loads any of them by name."""
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
@@ -229,6 +230,13 @@ def _source(function: Callable[..., object]) -> Path | None:
     return None
 
 
+def _barred(path: Path) -> Path:
+    """The highest folder above ``path`` that may not be entered: looking a file up needs only
+    its folders' permissions. Its own folder where none says so (a check faked in a test)."""
+    barred = [p for p in path.parents if p.is_absolute() and not os.access(p, os.X_OK)]
+    return barred[-1] if barred else path.parent
+
+
 def _status(name: str, root: Path) -> DatasetStatus:
     folder = data_dir(name, root)
     if name in _IDX:
@@ -310,8 +318,7 @@ def _checked_status(name: str, root: Path) -> DatasetStatus:
     try:
         return _status(name, root)
     except PermissionError as e:
-        # Looking a file up needs only its folders' permissions, so a folder is the culprit.
-        where = Path(e.filename).parent if e.filename else root / name
+        where = _barred(Path(e.filename)) if e.filename else root / name
         return DatasetStatus(
             name, False, where, "",
             damaged=f"cannot look inside {where} ({e.strerror or e}): check its permissions",
