@@ -137,10 +137,13 @@ def _stored_config(d: Any, source: Path) -> TrainConfig:
 
 
 def _a_device(name: object) -> bool:
-    """Whether ``name`` names a device at all (another machine's, maybe): not one is damage."""
+    """Whether ``name`` names a device at all (another machine's, maybe): not one is damage.
+    Text only: torch.device takes a number for a CUDA index, which no config.json stores."""
+    if not isinstance(name, str):
+        return False
     try:
-        torch.device(name)  # type: ignore[call-overload]
-    except (RuntimeError, TypeError):
+        torch.device(name)
+    except RuntimeError:
         return False
     return True
 

@@ -233,7 +233,7 @@ def _source(function: Callable[..., object]) -> Path | None:
 def _barred(path: Path) -> Path:
     """The highest folder above ``path`` that may not be entered: looking a file up needs only
     its folders' permissions. Its own folder where none says so (a check faked in a test)."""
-    barred = [p for p in path.parents if p.is_absolute() and not os.access(p, os.X_OK)]
+    barred = [p for p in path.parents if not os.access(p, os.X_OK)]
     return barred[-1] if barred else path.parent
 
 
