@@ -32,7 +32,7 @@ from reliability_helpers import (
     tiny_config,
 )
 
-from brainprop import checkpoint, files, locks, rng, rundir, signals, train
+from brainprop import TrainConfig, checkpoint, files, locks, rng, rundir, signals, train
 from brainprop.errors import BrainPropError
 from brainprop.signals import Interrupted
 from brainprop.train import Trainer
@@ -432,6 +432,23 @@ def test_resume_raises_epochs_only_when_asked(tmp_path: Path, ds) -> None:
                        "change nothing: pass more than 2"):  # fmt: skip
         train(tiny_config(tmp_path, epochs=1), resume=run.dir, dataset=ds, progress=False)
     assert json.loads((run.dir / "config.json").read_text())["epochs"] == 2
+
+
+def test_resume_refuses_a_config_whose_other_settings_it_would_drop(tmp_path: Path, ds) -> None:
+    """The CLI refuses --lr beside --resume; the library took the epochs and dropped the lr
+    without a word (review)."""
+    run = train(tiny_config(tmp_path, epochs=1), dataset=ds, progress=False)
+    with pytest.raises(BrainPropError) as info:
+        train(tiny_config(tmp_path, epochs=2, lr=0.5, seed=4), resume=run.dir, dataset=ds,
+              progress=False)  # fmt: skip
+    assert str(info.value) == (
+        "a resumed run keeps its own settings, so the config's lr, seed would be ignored: pass "
+        "TrainConfig(epochs=N) to train longer, or no config (data that moved: data_dir=)"
+    )
+    assert json.loads((run.dir / "config.json").read_text())["epochs"] == 1
+    # Settings left at their defaults are no request to change anything.
+    assert train(TrainConfig(epochs=2), resume=run.dir, dataset=ds,
+                 progress=False).summary["epochs_run"] == 2  # fmt: skip
 
 
 def test_a_finished_run_given_more_epochs_is_unfinished_until_it_ends_again(

@@ -36,6 +36,8 @@ def checkpoint_and_config(
     copied in from another run would otherwise silently continue the wrong network.
     """
     stored = stored_config(run_path)
+    if config is not None:
+        _refuse_ignored(config, stored)
     files.remove_temporaries(run_path)
     last = run_path / rundir.LAST
     state = checkpoint.load(last) if last.is_file() else None
@@ -72,6 +74,24 @@ def checkpoint_and_config(
     if config is not None:
         stored = replace(stored, epochs=config.epochs)
     return state, _resolve_stored(stored, run_path / rundir.CONFIG)
+
+
+def _refuse_ignored(config: TrainConfig, stored: TrainConfig) -> None:
+    """A resumed run keeps its own settings; a config that sets another one (``lr=0.5``) would
+    be dropped without a word, as the CLI refuses such options beside ``--resume``. Where a new
+    run would go (``out_dir``, ``name``) is no setting: the folder given is the run."""
+    default = TrainConfig()
+    ignored = [
+        f.name for f in fields(TrainConfig)
+        if f.name not in ("epochs", "out_dir", "name")
+        and getattr(config, f.name) not in (getattr(default, f.name), getattr(stored, f.name))
+    ]  # fmt: skip
+    if ignored:
+        raise BrainPropError(
+            f"a resumed run keeps its own settings, so the config's {', '.join(ignored)} would be "
+            "ignored: pass TrainConfig(epochs=N) to train longer, or no config (data that moved: "
+            "data_dir=)"
+        )
 
 
 #: What a run's last.pt and config.json may disagree on and still be one run.
