@@ -132,6 +132,38 @@ def test_tiny_imagenet_zip(tmp_path: Path, server, monkeypatch) -> None:
     assert load_dataset("tiny-imagenet", root).test_y.tolist() == [2, 0, 1, 2]
 
 
+def test_what_blocks_the_downloads_place_is_named_in_one_line(
+    tmp_path: Path, server, monkeypatch
+) -> None:
+    """A folder where a file goes, a data folder linked to a disk not mounted: tracebacks
+    before (review), and the link was no reason to fetch 170 MB first."""
+    served, url = server
+    write_idx_dataset(tmp_path / "src")
+    for path in (tmp_path / "src").iterdir():
+        _serve(served, path.name, path.read_bytes(), monkeypatch, f"mnist/{path.name}")
+    root = tmp_path / "root"
+    blocked = root / "mnist" / "t10k-labels-idx1-ubyte.gz"
+    blocked.mkdir(parents=True)
+    (blocked / "keep").write_text("the user's")
+    with pytest.raises(BrainPropError) as info:
+        download("mnist", root, base_url=url, progress=False)
+    assert str(info.value).startswith(f"cannot put the download in place at {blocked} (")
+    assert str(info.value).endswith(f"): move or remove {blocked}, then run the command again")
+    assert (blocked / "keep").read_text() == "the user's"
+    assert not [p for p in (root / "mnist").iterdir() if p.name.endswith(".part")]
+
+    link = root / "cifar10" / "cifar-10-batches-py"
+    link.parent.mkdir()
+    link.symlink_to(tmp_path / "unmounted" / "cifar")
+    with pytest.raises(BrainPropError) as info:
+        download("cifar10", root, base_url="http://127.0.0.1:9", progress=False)  # not fetched
+    assert str(info.value) == (
+        f"{link} links to {tmp_path / 'unmounted' / 'cifar'}, which is not there: mount or "
+        "create it, or remove the link, then run the command again"
+    )
+    assert link.is_symlink() and [p.name for p in link.parent.iterdir()] == [link.name]
+
+
 def test_a_damaged_file_of_a_partial_dataset_is_named_before_anything_is_fetched(
     tmp_path: Path,
 ) -> None:

@@ -93,6 +93,13 @@ def test_damaged_cache_is_rebuilt(tmp_path: Path) -> None:
     assert load_dataset("tiny-imagenet", tmp_path).train_x.shape == (6, 3, 64, 64)
 
 
+def test_a_manifest_nested_too_deep_is_a_damaged_cache(tmp_path: Path) -> None:
+    folder = write_tiny_imagenet(tmp_path)
+    load_dataset("tiny-imagenet", tmp_path)
+    (folder / tin.CACHE_DIR / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+    assert load_dataset("tiny-imagenet", tmp_path).train_x.shape == (6, 3, 64, 64)
+
+
 def test_cache_file_cut_to_nothing_is_rebuilt(tmp_path: Path) -> None:
     # np.load raises EOFError, not OSError or ValueError, for an empty file.
     folder = write_tiny_imagenet(tmp_path)
@@ -182,6 +189,19 @@ def test_not_a_jpeg_at_all(tmp_path: Path) -> None:
     folder = write_tiny_imagenet(tmp_path)
     path = folder / "train" / WNIDS[2] / "images" / f"{WNIDS[2]}_1.JPEG"
     path.write_bytes(b"")
+    assert _error(tmp_path).startswith(f"Tiny ImageNet image {path} cannot be decoded (")
+
+
+@pytest.mark.parametrize("kind", ["PNG", "EPS"])
+def test_an_image_of_another_format_is_refused_undecoded(tmp_path: Path, kind: str) -> None:
+    """The official files are JPEGs. Pillow opens any format it knows from the content: a PNG
+    loaded as if it were one, and an EPS went to Ghostscript (review)."""
+    folder = write_tiny_imagenet(tmp_path)
+    path = folder / "val" / "images" / "val_1.JPEG"
+    if kind == "PNG":
+        Image.new("RGB", (64, 64)).save(path, format="PNG")
+    else:
+        path.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\nshowpage\n")
     assert _error(tmp_path).startswith(f"Tiny ImageNet image {path} cannot be decoded (")
 
 

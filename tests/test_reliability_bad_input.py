@@ -628,13 +628,14 @@ def test_a_damaged_record_of_the_data_is_refused(tmp_path: Path, fixture_run, da
 
 
 def test_a_run_without_best_pt_yet_is_named_as_such(tmp_path: Path, capsys, run_dir: Path) -> None:
-    """A run stopped inside its first epoch has last.pt (or nothing) but no best.pt yet."""
-    run = tmp_path / "run"
+    """A run stopped inside its first epoch has last.pt (or nothing) but no best.pt yet. The
+    command it suggests quotes a folder the shell would split."""
+    run = tmp_path / "my run"
     shutil.copytree(run_dir, run)
     (run / "best.pt").unlink()
     assert _error(capsys, "evaluate", run) == (
         f"{run} has no best.pt yet, as no epoch of it has ended: evaluate its latest state, "
-        f"{run / 'last.pt'}, or continue it with 'brainprop train --resume {run}'"
+        f"{run / 'last.pt'}, or continue it with 'brainprop train --resume \"{run}\"'"
     )
     assert evaluate(run / "last.pt", dataset=make_tiny_dataset())["epoch"] == 1
     (run / "last.pt").unlink()
@@ -646,7 +647,7 @@ def test_a_run_without_best_pt_yet_is_named_as_such(tmp_path: Path, capsys, run_
         (run / name).unlink()
     assert _error(capsys, "evaluate", run) == (
         f"{run} has no best.pt yet, as no epoch of it has ended: continue it with "
-        f"'brainprop train --resume {run}'"
+        f"'brainprop train --resume \"{run}\"'"
     )
     assert _error(capsys, "evaluate", "") == (
         "the checkpoint to evaluate is empty: pass a run directory or a .pt"

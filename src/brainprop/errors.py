@@ -8,6 +8,8 @@ The CLI prints that line and exits with status 2; any other exception is a bug.
 
 from __future__ import annotations
 
+import re
+import shlex
 import traceback
 from pathlib import Path
 
@@ -19,6 +21,20 @@ class BrainPropError(Exception):
 class UnknownName(BrainPropError):
     """A rule, network, feedback pathway, preset table or dataset that is not registered in this
     process: a typo, or a registration of one's own whose code has not run here."""
+
+
+def command(*words: object) -> str:
+    """A command a message suggests, in the single quotes that mark it, each word as a shell
+    must be given it: a folder the shell would split or expand (spaces, ``$``) goes in double
+    quotes, with the characters double quotes leave to the shell escaped, so that the command
+    pasted reaches the folder named."""
+    return "'" + " ".join(_shell_word(str(w)) for w in words) + "'"
+
+
+def _shell_word(text: str) -> str:
+    if shlex.quote(text) == text:
+        return text
+    return '"' + re.sub(r'([\\"$`])', r"\\\1", text) + '"'
 
 
 def reason(exc: BaseException) -> str:

@@ -19,7 +19,7 @@ from .config import TrainConfig
 from .data import DATASETS, Dataset, load_dataset
 from .data.batches import ordered_batches
 from .devices import autocast, device_name, resolve_device, warn_if_slow_bf16
-from .errors import BrainPropError, reason
+from .errors import BrainPropError, command, reason
 from .feedback import convert
 from .presets import Hyperparameters, build_model
 
@@ -220,17 +220,15 @@ def _best_of(run: Path) -> Path:
     if best.exists() or not (run / rundir.CONFIG).is_file():
         return best
     if (run / rundir.LAST).is_file():
-        fix = (
-            f"evaluate its latest state, {run / rundir.LAST}, or continue it with "
-            f"'brainprop train --resume {run}'"
-        )
+        resume = command("brainprop", "train", "--resume", run)
+        fix = f"evaluate its latest state, {run / rundir.LAST}, or continue it with {resume}"
     elif (run / rundir.SUMMARY).is_file():
         raise BrainPropError(
             f"{run} has no {rundir.BEST}: it ended before an epoch did ({rundir.SUMMARY} says "
             "why), so there is nothing to evaluate"
         )
     else:
-        fix = f"continue it with 'brainprop train --resume {run}'"
+        fix = "continue it with " + command("brainprop", "train", "--resume", run)
     raise BrainPropError(f"{run} has no {rundir.BEST} yet, as no epoch of it has ended: {fix}")
 
 

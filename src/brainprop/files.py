@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .errors import BrainPropError
+from .errors import BrainPropError, command
 
 
 def make_folder(
@@ -116,7 +116,8 @@ def _write_error(path: Path, e: OSError) -> BrainPropError:
     # a bench, report or download is simply run again.
     if (path.parent / "config.json").is_file():
         then = (
-            f"continue the run with 'brainprop train --resume {path.parent}' (adding the "
+            f"continue the run with {command('brainprop', 'train', '--resume', path.parent)} "
+            "(adding the "
             "--epochs you gave), or, where 'brainprop reproduce' started it, with the same "
             "reproduce command"
         )

@@ -39,7 +39,7 @@ from .data import Dataset, load_dataset, split_validation
 from .data.batches import num_batches, permuted_batches, to_float
 from .devices import device_name, warn_if_slow_bf16
 from .diagnostics import diagnostics, plot_diagnostics
-from .errors import BrainPropError
+from .errors import BrainPropError, command
 from .evaluation import accuracy, all_finite, check_loadable, check_same_data
 from .feedback import convert
 from .objectives import Objective, make_objective
@@ -502,8 +502,8 @@ def _train(
             if isinstance(e, signals.OutputClosed):
                 raise
             raise signals.OutputClosed(
-                f"{_kept(run_path, 'so a resume starts over')}: continue with 'brainprop train "
-                f"--resume {run_path}'"
+                f"{_kept(run_path, 'so a resume starts over')}: continue with "
+                + command("brainprop", "train", "--resume", run_path)
             ) from e
 
 
@@ -553,8 +553,8 @@ def _held_train(
         except KeyboardInterrupt:
             # A second signal: whatever write it cut short left the previous file whole.
             raise signalled.quit_at_once(
-                f"{_kept(run_path, 'so a resume starts over')}: continue with 'brainprop train "
-                f"--resume {run_path}'"
+                f"{_kept(run_path, 'so a resume starts over')}: continue with "
+                + command("brainprop", "train", "--resume", run_path)
             ) from None
         if trainer.history:
             say(done_line(summary, run_path))
@@ -845,8 +845,8 @@ def _memory_columns(trainer: Trainer) -> dict[str, float]:
 
 def _interrupted(stop: signals.StopRequest, run_path: Path, at: str) -> signals.Interrupted:
     return stop.interrupted(
-        f"{at}; the state is saved in {run_path / rundir.LAST}: continue with 'brainprop train "
-        f"--resume {run_path}'"
+        f"{at}; the state is saved in {run_path / rundir.LAST}: continue with "
+        + command("brainprop", "train", "--resume", run_path)
     )
 
 

@@ -150,6 +150,8 @@ def download(
         if (here := _present_in(name, root, dest)) is not None:
             return here
         _remove_leftovers(dest)
+        if source.top is not None:
+            _refuse_dangling(dest / source.top)
         try:
             for file_name in source.files:
                 url = (base_url or source.base_url).rstrip("/") + "/" + file_name
@@ -158,7 +160,7 @@ def download(
                 part = _fetch(url, dest, MD5[key], 2 * SIZES[key], by_hand, progress)
                 try:
                     if source.top is None:
-                        os.replace(part, dest / file_name)
+                        _put_in_place(part, dest / file_name)
                     else:
                         extract_archive(
                             part, dest, source.top, archive_name=file_name, progress=progress
@@ -172,6 +174,30 @@ def download(
                 dest.rmdir()
             raise
     return data_dir(name, root)
+
+
+def _refuse_dangling(link: Path) -> None:
+    """A dataset folder linked to a disk not mounted: the data belongs there, so the link is
+    not replaced by a folder here, and nothing is fetched for it."""
+    if link.is_symlink() and not link.exists():
+        raise BrainPropError(
+            f"{link} links to {os.readlink(link)}, which is not there: mount or create it, or "
+            "remove the link, then run the command again"
+        )
+
+
+def _put_in_place(source: Path, target: Path, blocking: Path | None = None) -> None:
+    """Rename ``source`` to ``target``; what is in the way (``blocking``, by default
+    ``target``: a folder where a file goes, one that may not be written) is the user's to
+    move, so it is named, not removed."""
+    try:
+        os.replace(source, target)
+    except OSError as exc:
+        where = target if blocking is None else blocking
+        raise BrainPropError(
+            f"cannot put the download in place at {where} ({reason(exc)}): move or remove "
+            f"{where}, then run the command again"
+        ) from exc
 
 
 def _present_in(name: str, root: Path, dest: Path) -> Path | None:
@@ -414,8 +440,8 @@ def extract_archive(
             )
         target = dest / top
         if target.exists():
-            os.replace(target, work / ".stale")
-        os.replace(extracted, target)
+            _put_in_place(target, work / ".stale", blocking=target)
+        _put_in_place(extracted, target)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return target

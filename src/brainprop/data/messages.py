@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
-import shlex
 from pathlib import Path
+
+from ..errors import command
 
 #: How a quick file check words a file it could not open or read, which is no sign of damage.
 UNREADABLE = "cannot be read"
+#: The fix for a file or folder this user may not read: no sign of damage, nothing to delete.
+PERMISSIONS_FIX = "check its permissions"
 
 
 def download_command(name: str, root: Path) -> str:
@@ -17,12 +20,8 @@ def download_command(name: str, root: Path) -> str:
     from .root import resolve_data_root
 
     if _real(root) == _real(resolve_data_root()):
-        return f"'brainprop download {name}'"
-    folder = str(root.expanduser().absolute())
-    # Inside the message's single quotes, a folder the shell would split goes in double ones.
-    if shlex.quote(folder) != folder:
-        folder = f'"{folder}"'
-    return f"'brainprop download {name} --data-dir {folder}'"
+        return command("brainprop", "download", name)
+    return command("brainprop", "download", name, "--data-dir", root.expanduser().absolute())
 
 
 def _real(path: Path) -> str:

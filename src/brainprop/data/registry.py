@@ -28,9 +28,9 @@ from .idx import (
     load_idx_dataset,
 )
 from .idx import inside_hint as idx_inside_hint
-from .messages import UNREADABLE, redownload
+from .messages import PERMISSIONS_FIX, UNREADABLE, redownload
 from .root import data_root, resolve_data_root
-from .tinyimagenet import CACHE_DIR, load_tiny_imagenet, tiny_imagenet_dir
+from .tinyimagenet import CACHE_DIR, load_tiny_imagenet, tiny_imagenet_dir, tree_problem
 from .tinyimagenet import NAME as TINY_IMAGENET
 from .tinyimagenet import how_to_get as tiny_how_to_get
 from .tinyimagenet import inside_hint as tiny_inside_hint
@@ -197,6 +197,12 @@ def load_dataset(name: str, root: str | Path | None = None, *, test_only: bool =
     try:
         dataset = load(folder, test_only=test_only)
     except Exception as e:
+        if isinstance(e, PermissionError):
+            # pathlib's is_file() and is_dir() raise it where a folder above may not be entered.
+            where = e.filename or folder
+            raise BrainPropError(
+                f"cannot open {where} ({e.strerror or e}): {PERMISSIONS_FIX}"
+            ) from e
         if isinstance(e, BrainPropError) or name in DATASETS.builtin:
             raise
         # One's own loader failing (its files missing, say) is one line, as a plugin that
@@ -270,7 +276,9 @@ def _status(name: str, root: Path) -> DatasetStatus:
     )
     hint = tiny_how_to_get(root)
     note = "decoded cache present" if (folder / CACHE_DIR / "manifest.json").is_file() else ""
-    return DatasetStatus(name, present, folder, hint, note)
+    damaged = (tree_problem(folder) or "") if present else ""
+    unreadable = damaged.endswith(PERMISSIONS_FIX)
+    return DatasetStatus(name, present and not damaged, folder, hint, note, damaged, unreadable)
 
 
 def _damaged(
@@ -282,7 +290,7 @@ def _damaged(
         if problem is not None:
             # Permissions, not damage, are the usual reason a file cannot be opened.
             unreadable = problem.startswith(UNREADABLE)
-            fix = "check its permissions" if unreadable else redownload(download_name, root)
+            fix = PERMISSIONS_FIX if unreadable else redownload(download_name, root)
             return f"{path} {problem}: {fix}", unreadable
     return "", False
 

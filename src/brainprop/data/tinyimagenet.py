@@ -25,7 +25,7 @@ from brainprop.errors import BrainPropError, reason
 from brainprop.files import atomic_write
 
 from .dataset import Dataset
-from .messages import download_command, inside_root
+from .messages import PERMISSIONS_FIX, download_command, inside_root
 
 NAME = "tiny-imagenet"
 SUBDIR = "tiny-imagenet-200"
@@ -62,7 +62,7 @@ def _fail(what: str, inside: Path, exc: BaseException | None = None) -> BrainPro
     if exc is not None:
         what = f"{what} ({reason(exc)})"
         if isinstance(exc, PermissionError):
-            return BrainPropError(f"Tiny ImageNet {what}: check its permissions")
+            return BrainPropError(f"Tiny ImageNet {what}: {PERMISSIONS_FIX}")
     tree = next((p for p in (inside, *inside.parents) if p.name == SUBDIR), inside)
     return BrainPropError(
         f"Tiny ImageNet {what}: the tree is damaged; delete {tree} and run "
@@ -177,10 +177,26 @@ def _list_test(folder: Path, class_index: dict[str, int]) -> list[tuple[Path, in
     return test
 
 
+def tree_problem(folder: Path) -> str | None:
+    """Why the tree at ``folder`` is not whole (an unzip cut short, a file that may not be
+    read), as the one line loading would give, or None: every list loading checks, checked
+    against the files there, without decoding an image (some 200 folders listed)."""
+    try:
+        wnids = read_wnids(folder)
+        _list_test(folder, {wnid: i for i, wnid in enumerate(wnids)})
+        for wnid in wnids:
+            _train_images(folder, wnid)
+    except BrainPropError as e:
+        return str(e)
+    return None
+
+
 def decode_image(path: Path) -> np.ndarray:
     """Decode one JPEG to uint8 ``[3, 64, 64]``; grayscale and other modes become RGB."""
     try:
-        with Image.open(path) as image:
+        # JPEG alone, as the official files are: Pillow would otherwise open any format it
+        # knows from a file's content, EPS too, which it hands to Ghostscript.
+        with Image.open(path, formats=("JPEG",)) as image:
             # From the header, before decoding: a damaged or hostile header may claim a huge
             # image, which would otherwise be allocated and decoded first.
             if image.size != IMAGE_SIZE:
@@ -233,9 +249,10 @@ def _load_cache(cache: Path, manifest: dict, classes: int) -> dict[str, np.ndarr
         if json.loads((cache / "manifest.json").read_text()) != manifest:
             return None
         arrays = {k: np.load(cache / f"{k}.npy", allow_pickle=False) for k in CACHE_ARRAYS}
-    except (OSError, ValueError, EOFError):
+    except (OSError, ValueError, EOFError, RecursionError):
         # A missing or damaged cache is rebuilt, never reported: it is ours, not the user's.
-        # (np.load raises EOFError for a file cut short before its first array.)
+        # (np.load raises EOFError for a file cut short before its first array; json.loads
+        # RecursionError for a manifest nested too deep.)
         return None
     n = {"train": manifest["train_files"], "test": manifest["test_files"]}
     for split in n:
