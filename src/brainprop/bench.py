@@ -29,7 +29,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from . import fastpath, memory
+from . import distributed, fastpath, memory
 from .config import TrainConfig
 from .data import Dataset
 from .data.batches import num_batches, permuted_batches
@@ -45,7 +45,6 @@ from .data.registry import dataset_family
 from .devices import bf16_warning, cpuinfo, resolve_device, vector_units
 from .errors import BrainPropError
 from .evaluation import EVAL_BATCH, accuracy
-from .feedback import convert
 from .files import atomic_write_json, atomic_write_text, make_folder
 from .objectives import OBJECTIVES, Objective, Output, make_objective
 from .peaks import Peak, Peaks, device_peaks, op_precisions, precision_label
@@ -57,7 +56,8 @@ from .presets import (
     table_row,
 )
 from .stacked import Stack
-from .step import make_optimizer, tally
+from .step import tally
+from .train import build_step
 
 #: The presets the speed targets are stated for, plus the CPU target's MNIST dense.
 DEFAULT_PRESETS = (
@@ -267,20 +267,18 @@ def _prepare(
     does), count one step's FLOPs, take ``warmup`` steps more (the caller's
     :func:`_warmup_steps`, enough for a CUDA graph's capture), and record the peak memory of
     those steps."""
-    config = _config(ds, arch, rule, device, batch_size, bf16)
-    init = torch.Generator().manual_seed(config.seed)
-    model = build_model(arch, ds.input_shape, ds.num_classes, config.hyperparameters(), init)
-    convert(model, config.feedback, generator=init)
-    fastpath.prepare(model.to(device), ds.input_shape, eager=eager).train()
-    objective = make_objective(rule, config.epsilon, fused=not eager)
-    optimizer = make_optimizer(model, config)
-    generator = torch.Generator(device=device).manual_seed(config.seed)
+    config = replace(
+        _config(ds, arch, rule, device, batch_size, bf16), eager=eager, cuda_graph=cuda_graph
+    )
+    parts = build_step(config, ds.input_shape, ds.num_classes, device, distributed.Context())
+    model, objective, optimizer, generator = (
+        parts.model.train(),
+        parts.objective,
+        parts.optimizer,
+        parts.generator,
+    )
     batches = _full_batches(ds, config.batch_size, [generator])
-    run_step = fastpath.make_step(
-        model, objective, optimizer, generator=generator, batch_size=config.batch_size,
-        bf16=bf16, cuda_graph=cuda_graph,
-    )  # fmt: skip
-    step = _tallied(run_step, batches, device, ())
+    step = _tallied(parts.step, batches, device, ())
     x, _ = next(batches)
     forward = _forward_flops(model, x)
     held = memory.held(device)

@@ -1,5 +1,5 @@
-"""The one error type users see, its case for a name this process has not registered, and
-how another error becomes part of its one line.
+"""The one error type users see, its case for a name this process has not registered, how
+another error becomes part of its one line, and how that line suggests a command.
 
 Anything that is the user's to fix (a missing file, a bad name, a nonsense hyperparameter)
 raises :class:`BrainPropError` with a single line that says what was wrong and how to fix it.

@@ -33,6 +33,7 @@ from typing import Any
 from . import locks
 from .errors import BrainPropError
 from .files import atomic_write_figure, atomic_write_json, atomic_write_text, probe_write
+from .summary import best_row
 
 CONFIG, HISTORY_CSV, HISTORY_JSON = "config.json", "history.csv", "history.json"
 #: What the run trained on, for a resume before its first checkpoint, which records it too.
@@ -207,7 +208,7 @@ def write_plot(run: Path, history: list[dict[str, Any]], title: str) -> None:
     ax.plot(epochs, [h["val_acc"] for h in history], ".-", label="validation accuracy")
     if any(h["test_acc"] != h["val_acc"] for h in history):
         ax.plot(epochs, [h["test_acc"] for h in history], ".-", label="test accuracy")
-    best = max(history, key=lambda h: h["val_acc"])
+    best = best_row(history)
     ax.plot([best["epoch"]], [best["val_acc"]], "ks", label=f"best {best['val_acc']:.4f}")
     ax.set(xlabel="epoch", ylabel="accuracy", title=title, ylim=(0, 1.02))
     ax.legend(loc="lower right")

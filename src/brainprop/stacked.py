@@ -55,7 +55,7 @@ from .objectives import Objective, Output, batch_scale
 from .presets import decayed_parameters
 from .resume import RESUME_REMEDY, checkpoint_and_config, data_record, restore
 from .step import decay_groups, objective_input, tally
-from .summary import DIVERGED, EARLY_STOPPING, MAX_EPOCHS, summarize
+from .summary import EARLY_STOPPING, summarize
 from .train import (
     NonFinite,
     Run,
@@ -243,7 +243,8 @@ class _Member:
     run_path: Path
     streams: dict[str, Any] | None = None
 
-    def say(self, line: str) -> str:
+    def tagged(self, line: str) -> str:
+        """``line`` marked as this seed's, for the output the stack's seeds share."""
         return f"seed {self.trainer.config.seed}: {line}"
 
 
@@ -591,7 +592,7 @@ class _StackedRun:
     ) -> None:
         """A finite epoch's end, as a run of its own has it: evaluate (unless ``scores`` are
         measured), record, checkpoint."""
-        if end_epoch(m.trainer, m.run_path, metrics, lambda line: self.say(m.say(line)), scores):
+        if end_epoch(m.trainer, m.run_path, metrics, lambda line: self.say(m.tagged(line)), scores):
             self._finish(m, EARLY_STOPPING)
 
     def _non_finite(self, m: _Member, bad: NonFinite) -> None:
@@ -605,30 +606,27 @@ class _StackedRun:
                 m.trainer = rewind(t, self.ds, m.run_path)
                 if m.trainer.partial is not None:
                     m.streams = rng.capture(m.trainer.generator)
-            self.say(m.say(bad.rewound(m.trainer)))
+            self.say(m.tagged(bad.rewound(m.trainer)))
             if m.trainer.partial is not None:
                 # Rewound into an epoch (a run directory with no epoch_start.pt, see rewind):
                 # finish it alone, as the run would on its own.
                 self._epoch_alone(m)
             return
-        self.say(m.say(gave_up(bad, t.config, m.run_path)))
-        self._finish(m, f"{DIVERGED} {bad.what} at {bad.where()}")
+        self.say(m.tagged(gave_up(bad, t.config, m.run_path)))
+        self._finish(m, bad.stop_reason())
 
     def _leave_finished(self) -> None:
         """Let go of members that reached their epoch cap or patience before this epoch."""
         for m in list(self.members):
-            t = m.trainer
-            if t.stopper.wait >= t.config.patience:
-                self._finish(m, EARLY_STOPPING)
-            elif len(t.history) >= t.config.epochs:
-                self._finish(m, MAX_EPOCHS)
+            if (ended := m.trainer.stop_reason()) is not None:
+                self._finish(m, ended)
 
     def _finish(self, m: _Member, stop_reason: str) -> None:
         t = m.trainer
         summary = summarize(t.history, facts(t), stop_reason)
         write_results(t, m.run_path, summary)
         if t.history:
-            self.say(m.say(done_line(summary, m.run_path)))
+            self.say(m.tagged(done_line(summary, m.run_path)))
         self.runs[id(m)] = Run(m.run_path, t.config, t.model, t.history, summary)
         self.members.remove(m)
 

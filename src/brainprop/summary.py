@@ -60,7 +60,7 @@ def summarize(
     """
     summary: dict[str, Any] = {**facts, "stop_reason": stop_reason, "epochs_run": len(history)}
     if history:
-        best = max(history, key=lambda h: h["val_acc"])
+        best = best_row(history)
         shares = [h.get("stack_size", 1) for h in history]
         seconds = [h["seconds"] / n for h, n in zip(history, shares, strict=True)]
         evaluation = [h["eval_seconds"] / n for h, n in zip(history, shares, strict=True)]
@@ -74,6 +74,13 @@ def summarize(
             "wall_seconds": sum(h["seconds"] + h["eval_seconds"] for h in history),
         }
     return summary
+
+
+def best_row(history: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The best epoch's row of a non-empty ``history``: the first with the highest ``val_acc``,
+    as Keras's ``np.argmax`` over the history picks it. ``best.pt``, the summary and the
+    curve's marker all take it from here, so that they name one epoch."""
+    return max(history, key=lambda h: h["val_acc"])
 
 
 def epochs_phrase(n: int) -> str:

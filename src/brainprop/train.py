@@ -59,7 +59,7 @@ from .resume import (
 )
 from .schedule import EarlyStopping, lr_at
 from .step import make_optimizer, tally
-from .summary import DIVERGED, EARLY_STOPPING, MAX_EPOCHS, epochs_phrase, summarize
+from .summary import DIVERGED, EARLY_STOPPING, MAX_EPOCHS, best_row, epochs_phrase, summarize
 from .syncbn import alone, synchronise, synchronised
 
 DIAGNOSTIC_BATCH = 256
@@ -92,6 +92,46 @@ class Run:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class StepParts:
+    """A run's training step and what it is built from: the network (converted to its feedback
+    pathway, on its device, prepared for the fast path), objective, optimizer and exploration
+    generator."""
+
+    model: nn.Module
+    objective: Objective
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+    step: fastpath.Step
+
+
+def build_step(
+    config: TrainConfig,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    device: torch.device,
+    parallel: distributed.Context,
+) -> StepParts:
+    """The step of the resolved ``config`` as a run of it takes it, on ``device`` among
+    ``parallel``'s processes: what :class:`Trainer` trains with and ``brainprop bench`` times,
+    so that the two cannot drift apart."""
+    init = torch.Generator().manual_seed(config.seed)
+    model = build_model(config.arch, input_shape, num_classes, config.hyperparameters(), init)
+    # Before .to() and before the optimizer, so reciprocal B lands in the decayed group.
+    convert(model, config.feedback, generator=init)
+    if parallel.active and config.sync_batchnorm:
+        synchronise(model, parallel)
+    fastpath.prepare(model.to(device), input_shape, eager=config.eager)
+    objective = make_objective(config.rule, config.epsilon, fused=not config.eager)
+    optimizer = make_optimizer(model, config)
+    generator = torch.Generator(device=device).manual_seed(parallel.seed(config.seed))
+    step = fastpath.make_step(
+        model, objective, optimizer, generator=generator, batch_size=config.batch_size,
+        bf16=config.bf16, cuda_graph=config.cuda_graph, parallel=parallel,
+    )  # fmt: skip
+    return StepParts(model, objective, optimizer, generator, step)
+
+
 class Trainer:
     """One run's mutable state: what ``train`` below, or a stack of runs
     (:mod:`brainprop.stacked`), advances epoch by epoch."""
@@ -104,16 +144,19 @@ class Trainer:
         tag: str | None = None,
         *,
         data_of: Trainer | None = None,
+        parallel: distributed.Context | None = None,
     ) -> None:
         """``data_of``: a trainer of the same config and ``ds`` whose training and validation
-        tensors, already on the device, this one shares instead of copying ``ds`` there."""
+        tensors, already on the device, this one shares instead of copying ``ds`` there.
+        ``parallel``: the processes it trains among (:mod:`brainprop.distributed`); None, those
+        of the ``distributed.joined`` block it is made in, or this process alone."""
         self.config, self.progress, self.tag = config, progress, tag
         if not len(ds.train_y):
             raise BrainPropError(
                 f"dataset {ds.name!r} holds no training images: train on one that has a "
                 "training split"
             )
-        self.parallel = distributed.current()
+        self.parallel = distributed.current() if parallel is None else parallel
         self.device = self.parallel.device(config.device)
         # Dropout draws from the global streams: each rank its own.
         rng.seed_all(self.parallel.seed(config.seed))
@@ -130,27 +173,9 @@ class Trainer:
             )
         self.global_batch = self.parallel.global_batch(config.batch_size, config.global_batch)
         check_batch(config, self.global_batch, ds.name, len(self.train_set.train_y), self.parallel)
-        init = torch.Generator().manual_seed(config.seed)
-        self.model = build_model(
-            config.arch, ds.input_shape, ds.num_classes, config.hyperparameters(), init
-        )
-        # Before .to() and before the optimizer, so reciprocal B lands in the decayed group.
-        convert(self.model, config.feedback, generator=init)
-        if self.parallel.active and config.sync_batchnorm:
-            synchronise(self.model, self.parallel)
-        fastpath.prepare(self.model.to(self.device), ds.input_shape, eager=config.eager)
-        self.objective: Objective = make_objective(
-            config.rule, config.epsilon, fused=not config.eager
-        )
-        self.optimizer = make_optimizer(self.model, config)
-        self.generator = torch.Generator(device=self.device).manual_seed(
-            self.parallel.seed(config.seed)
-        )
-        self.step = fastpath.make_step(
-            self.model, self.objective, self.optimizer, generator=self.generator,
-            batch_size=config.batch_size, bf16=config.bf16, cuda_graph=config.cuda_graph,
-            parallel=self.parallel,
-        )  # fmt: skip
+        parts = build_step(config, ds.input_shape, ds.num_classes, self.device, self.parallel)
+        self.model, self.objective, self.optimizer = parts.model, parts.objective, parts.optimizer
+        self.generator, self.step = parts.generator, parts.step
         # The epochs' order: one process draws it from its only generator; several draw it
         # from one seeded alike on every rank, apart from their own exploration streams.
         self.order_generator = self.generator
@@ -324,6 +349,16 @@ class Trainer:
             group["lr"] = lr
         return lr
 
+    def stop_reason(self) -> str | None:
+        """Why the run ends before its next epoch (patience, then the epoch cap), or None.
+        Patience first: a run resumed after early stopping ended its last allowed epoch
+        (killed before its summary was written) stopped early, as it would have whole."""
+        if self.stopper.wait >= self.config.patience:
+            return EARLY_STOPPING
+        if len(self.history) >= self.config.epochs:
+            return MAX_EPOCHS
+        return None
+
     def may_rewind(self) -> bool:
         """Whether a NaN now rewinds the run (``on_nan="reload"`` with reloads left)."""
         return self.config.on_nan == "reload" and self.nan_reloads < MAX_NAN_RELOADS
@@ -377,6 +412,10 @@ class NonFinite(Exception):
 
     def __init__(self, what: str, epoch: int, step: int) -> None:
         self.what, self.epoch, self.step = what, epoch, step
+
+    def stop_reason(self) -> str:
+        """The summary's ``stop_reason`` of a run it ended."""
+        return f"{DIVERGED} {self.what} at {self.where()}"
 
     def where(self) -> str:
         if self.what == "loss":
@@ -484,7 +523,7 @@ def _train(
             if dataset is None:
                 check_loadable(recorded, config.dataset, where, RESUME_CALL)
         ds = dataset if dataset is not None else load_dataset(config.dataset, root)
-        trainer = Trainer(config, ds, progress and parallel.is_main, tag)
+        trainer = Trainer(config, ds, progress and parallel.is_main, tag, parallel=parallel)
         if state is not None:
             restore(trainer, state, ds, run_path)
         elif resume is not None:
@@ -596,12 +635,8 @@ def _epochs(
     config = trainer.config
     while True:
         epoch = len(trainer.history)
-        # Patience first: a run resumed after early stopping ended its last allowed epoch
-        # (killed before its summary was written) stopped early, as it would have whole.
-        if trainer.stopper.wait >= config.patience:
-            return trainer, EARLY_STOPPING
-        if epoch >= config.epochs:
-            return trainer, MAX_EPOCHS
+        if (ended := trainer.stop_reason()) is not None:
+            return trainer, ended
         if stop.requested:
             save_last(trainer, run_path)
             raise _interrupted(stop, run_path, f"after epoch {epoch}")
@@ -613,7 +648,7 @@ def _epochs(
                 say(bad.rewound(trainer))
                 continue
             say(gave_up(bad, config, run_path))
-            return trainer, f"{DIVERGED} {bad.what} at {bad.where()}"
+            return trainer, bad.stop_reason()
         if metrics is None:
             assert trainer.partial is not None  # train_epoch stopped mid-epoch
             save_last(trainer, run_path)
@@ -813,7 +848,7 @@ def end_epoch(
     trainer.history.append(row)
     val_acc = scores.val_acc
     early = trainer.stopper.update(val_acc)
-    best = val_acc > max((h["val_acc"] for h in trainer.history[:-1]), default=-1.0)
+    best = best_row(trainer.history) is row
     state = trainer.state()
 
     def write() -> None:
@@ -870,7 +905,7 @@ def rewind(old: Trainer, ds: Dataset, run_path: Path) -> Trainer:
     """
     # The data stays where it is: a second copy on the device, beside the old trainer's,
     # could be more than a GPU holds.
-    trainer = Trainer(old.config, ds, old.progress, old.tag, data_of=old)
+    trainer = Trainer(old.config, ds, old.progress, old.tag, data_of=old, parallel=old.parallel)
     state, source = old.parallel.on_main(lambda: _rewind_point(run_path))
     if state is not None:
         restore(trainer, state, ds, run_path, source)
