@@ -41,6 +41,7 @@ import dataclasses
 import io
 import math
 import os
+import textwrap
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -52,7 +53,17 @@ from typing import Any
 from . import studentt
 from .errors import BrainPropError
 from .files import atomic_write, atomic_write_json, atomic_write_text, make_folder
-from .matrix import MATRIX, PAPER_EPOCHS, PAPER_FEEDBACK, RULE_ORDER, Cell, rule_rank
+from .matrix import (
+    MATRIX,
+    PAPER_EPOCHS,
+    PAPER_FEEDBACK,
+    PUBLISHED,
+    PUBLISHED_SOURCE,
+    RULE_ORDER,
+    Cell,
+    Published,
+    rule_rank,
+)
 from .measurements import MEASUREMENTS, Measurement, load_measurements
 from .presets import PAPER_PRESET, Hyperparameters, table_row
 from .summary import DIVERGED, EARLY_STOPPING, MAX_EPOCHS, epochs_phrase
@@ -71,30 +82,6 @@ PAPER_RULE, BASELINE = RULE_ORDER
 def rule_name(rule: str) -> str:
     """``rule`` as the report names it."""
     return RULE_NAMES.get(rule, rule)
-
-
-@dataclass(frozen=True)
-class Published:
-    """A published BrainProp result: test accuracy (percent) and epochs, mean and sd."""
-
-    accuracy: float
-    accuracy_sd: float
-    epochs: float | None = None
-    epochs_sd: float | None = None
-
-
-#: The README table of isapome/BrainProp (MNIST dense: an earlier revision of that README).
-PUBLISHED: dict[Cell, Published] = {
-    Cell("mnist", "conv"): Published(99.31, 0.04, 63, 18),
-    Cell("cifar10", "deep"): Published(88.88, 0.27, 105, 4),
-    Cell("cifar100", "deep"): Published(59.58, 0.46, 218, 22),
-    Cell("tiny-imagenet", "deep"): Published(47.50, 1.30, 328, 75),
-    Cell("mnist", "dense"): Published(98.68, 0.07),
-}
-PUBLISHED_SOURCE = (
-    "the README of isapome/BrainProp (MNIST dense from an earlier revision of it); it does not "
-    "say whether its epochs count to the best epoch or to the stop"
-)
 
 
 @dataclass(frozen=True)
@@ -786,13 +773,17 @@ def markdown(results: Sequence[CellResult], count: int, machines: Sequence[str])
 
 
 def plot(results: Sequence[CellResult]) -> bytes:
-    """A PNG: per group, BrainProp and EBP test accuracy (sd bars) and the published number."""
+    """A PNG: per validation variant, BrainProp and EBP test accuracy (sd bars) and the
+    published number per group; below, the gap with its 95 % Welch limit, which the accuracy
+    scale (up to 100 %) cannot show."""
     from matplotlib.figure import Figure
 
     variants = sorted({r.val for r in results}, key=lambda v: v or 0)
-    fig = Figure(figsize=(max(6, 1.3 * len(results) + 2), 4.5 * len(variants)))
-    axes = fig.subplots(len(variants), 1, squeeze=False)
-    for ax, val in zip(axes[:, 0], variants, strict=True):
+    fig = Figure(figsize=(max(6, 1.3 * len(results) + 2), 7.5 * len(variants)))
+    axes = fig.subplots(2 * len(variants), 1, squeeze=False, height_ratios=[3, 2] * len(variants))[
+        :, 0
+    ]
+    for acc_ax, gap_ax, val in zip(axes[::2], axes[1::2], variants, strict=True):
         rows = [r for r in results if r.val == val]
         own = any(r.rule != PAPER_RULE for r in rows)
         # The left bar is the row's compared rule: BrainProp, or the one its label names.
@@ -809,20 +800,33 @@ def plot(results: Sequence[CellResult]) -> bytes:
                     xs.append(i + offset)
                     means.append(stats.test_acc.mean)
                     sds.append(stats.test_acc.sd or 0.0)
-            ax.bar(xs, means, 0.4, yerr=sds, capsize=3, color=color, label=label)
+            acc_ax.bar(xs, means, 0.4, yerr=sds, capsize=3, color=color, label=label)
         published = [(i, r.published) for i, r in enumerate(rows) if r.published]
         if published:
-            ax.errorbar(
+            acc_ax.errorbar(
                 [i for i, _ in published], [p.accuracy for _, p in published],
                 yerr=[2 * p.accuracy_sd for _, p in published], fmt="kD", capsize=4,
                 label="published BrainProp (± 2 sd)",
             )  # fmt: skip
-        ax.set_xticks(range(len(rows)))
-        ax.set_xticklabels(
-            [f"{r.label}\n{r.machine}\ncap {_cap(r.max_epochs)}" for r in rows], fontsize=7
+        acc_ax.set(ylabel="test accuracy (%)", ylim=(0, 100), title=_validation(val))
+        acc_ax.set_xticks(range(len(rows)), [""] * len(rows))
+        acc_ax.legend(loc="lower left", fontsize=8)
+        gap_ax.axhline(0, color="grey", linewidth=0.8)
+        for i, r in enumerate(rows):
+            # Only gaps the report judges: a capped row's or one seed's would set the scale.
+            if r.gap is not None and r.gap_noise is not None and r.gap_verdict.agrees is not None:
+                color = "k" if r.gap_verdict.agrees else "tab:red"
+                gap_ax.errorbar(i, r.gap, yerr=r.gap_noise, capsize=4, fmt="o", color=color)
+        gap_ax.set(
+            xlim=acc_ax.get_xlim(),
+            ylabel="gap (points)\n± 95 % Welch limit",
+            title="BrainProp − EBP, rows with a verdict (red: a gap the test finds)",
         )
-        ax.set(ylabel="test accuracy (%)", ylim=(0, 100), title=_validation(val))
-        ax.legend(loc="lower left", fontsize=8)
+        gap_ax.set_xticks(
+            range(len(rows)),
+            [f"{r.label}\n{textwrap.fill(r.machine, 24)}\ncap {_cap(r.max_epochs)}" for r in rows],
+            fontsize=7,
+        )
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
