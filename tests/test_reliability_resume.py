@@ -434,10 +434,13 @@ def test_resume_raises_epochs_only_when_asked(tmp_path: Path, ds) -> None:
     assert json.loads((run.dir / "config.json").read_text())["epochs"] == 2
 
 
-def test_resume_refuses_a_config_whose_other_settings_it_would_drop(tmp_path: Path, ds) -> None:
+def test_resume_refuses_a_config_whose_other_settings_it_would_drop(
+    tmp_path: Path, ds, monkeypatch
+) -> None:
     """The CLI refuses --lr beside --resume; the library took the epochs and dropped the lr
-    without a word (review)."""
-    run = train(tiny_config(tmp_path, epochs=1), dataset=ds, progress=False)
+    without a word (review). The config the run began with, as given, is no such request."""
+    monkeypatch.chdir(tmp_path)
+    run = train(tiny_config(tmp_path, epochs=1, data_dir="data"), dataset=ds, progress=False)
     with pytest.raises(BrainPropError) as info:
         train(tiny_config(tmp_path, epochs=2, lr=0.5, seed=4), resume=run.dir, dataset=ds,
               progress=False)  # fmt: skip
@@ -446,9 +449,12 @@ def test_resume_refuses_a_config_whose_other_settings_it_would_drop(tmp_path: Pa
         "TrainConfig(epochs=N) to train longer, or no config (data that moved: data_dir=)"
     )
     assert json.loads((run.dir / "config.json").read_text())["epochs"] == 1
-    # Settings left at their defaults are no request to change anything.
+    # Settings left at their defaults are no request to change anything, nor is the relative
+    # data root the run stored absolute.
     assert train(TrainConfig(epochs=2), resume=run.dir, dataset=ds,
                  progress=False).summary["epochs_run"] == 2  # fmt: skip
+    again = tiny_config(tmp_path, epochs=3, data_dir="data")
+    assert train(again, resume=run.dir, dataset=ds, progress=False).summary["epochs_run"] == 3
 
 
 def test_a_finished_run_given_more_epochs_is_unfinished_until_it_ends_again(

@@ -79,12 +79,20 @@ def checkpoint_and_config(
 def _refuse_ignored(config: TrainConfig, stored: TrainConfig) -> None:
     """A resumed run keeps its own settings; a config that sets another one (``lr=0.5``) would
     be dropped without a word, as the CLI refuses such options beside ``--resume``. Where a new
-    run would go (``out_dir``, ``name``) is no setting: the folder given is the run."""
+    run would go (``out_dir``, ``name``) is no setting: the folder given is the run.
+
+    A setting counts as the run's own as the run stores it, resolved: the config it was
+    started with (a relative ``data_dir``, one dropout rate for every layer) passes."""
+    try:
+        own = stored.resolve(stored=True)
+    except BrainPropError:
+        return  # a damaged config.json, which _resolve_stored names
     default = TrainConfig()
     ignored = [
         f.name for f in fields(TrainConfig)
         if f.name not in ("epochs", "out_dir", "name")
-        and getattr(config, f.name) not in (getattr(default, f.name), getattr(stored, f.name))
+        and getattr(config, f.name) != getattr(default, f.name)
+        and replace(stored, **{f.name: getattr(config, f.name)}).resolve(stored=True) != own
     ]  # fmt: skip
     if ignored:
         raise BrainPropError(
