@@ -229,3 +229,20 @@ def test_every_train_option_is_a_config_field_or_handled_by_the_cli():
     args = build_parser().parse_args(["train"])
     options = {a.dest for a in args.parser._actions if a.option_strings} - {"help"}
     assert options - fields == set(OFF_CONFIG_OPTIONS)
+
+
+@pytest.mark.parametrize(
+    "folder", ["/data/plain", "/my data", '/a$HOME "b" `id` \\z', "/a!b", "/it's"]
+)
+def test_a_suggested_command_reaches_the_folder_it_names(folder: str) -> None:
+    """Pasted into an interactive shell (which expands ! inside double quotes, review), the
+    command a message suggests passes the folder as one word, unexpanded."""
+    from brainprop.errors import command
+
+    suggested = command("printf", "%s|", folder)
+    assert suggested[0] == suggested[-1] == "'"
+    script = f"set -H\n{suggested[1:-1]}\n"
+    out = subprocess.run(
+        ["bash", "--norc", "-i"], input=script, capture_output=True, text=True, timeout=60
+    )
+    assert out.stdout.startswith(f"{folder}|"), out.stderr

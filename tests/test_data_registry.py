@@ -577,7 +577,7 @@ def test_a_data_dir_inside_the_data_root_is_told_the_root(tmp_path: Path, name, 
     write_cifar10(tmp_path)
     write_tiny_imagenet(tmp_path)
     folder = tmp_path / inside
-    fix = f"{folder} is a folder inside the data root: pass --data-dir {tmp_path} instead"
+    fix = f"{folder} is a folder inside the data root: pass '--data-dir {tmp_path}' instead"
     with pytest.raises(BrainPropError) as info:
         load_dataset(name, folder)
     assert str(info.value).endswith(f" is missing: {fix}")

@@ -281,7 +281,7 @@ def test_a_file_this_user_may_not_read_is_a_permissions_problem_not_damage(
     """Deleting and downloading 248 MB again would not help; permissions would."""
     folder = write_tiny_imagenet(tmp_path)
     denied = folder / where
-    original = {"read_text": Path.read_text, "iterdir": Path.iterdir, "open": tin.Image.open}
+    original = {"read_text": Path.read_text, "scandir": tin.os.scandir, "open": tin.Image.open}
 
     def refuse(name):
         def call(path, *args, **kwargs):
@@ -292,7 +292,7 @@ def test_a_file_this_user_may_not_read_is_a_permissions_problem_not_damage(
         return call
 
     monkeypatch.setattr(Path, "read_text", refuse("read_text"))
-    monkeypatch.setattr(Path, "iterdir", refuse("iterdir"))
+    monkeypatch.setattr(tin.os, "scandir", refuse("scandir"))
     monkeypatch.setattr(tin.Image, "open", refuse("open"))
     message = _error(tmp_path)
     assert message.startswith("Tiny ImageNet ") and f" {denied} cannot be " in message

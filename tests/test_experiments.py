@@ -466,7 +466,7 @@ def test_a_data_dir_inside_the_data_root_is_told_the_root_before_any_run(tmp_pat
     err = capsys.readouterr().err
     # The root's own fix, with no "or pass --data-dir" after it to say the same again (review).
     assert err.count("\n") == 1 and err.rstrip().endswith(
-        f"{inside} is a folder inside the data root: pass --data-dir {mnist_root} instead"
+        f"{inside} is a folder inside the data root: pass '--data-dir {mnist_root}' instead"
     )
 
 

@@ -34,7 +34,10 @@ def command(*words: object) -> str:
 def _shell_word(text: str) -> str:
     if shlex.quote(text) == text:
         return text
-    return '"' + re.sub(r'([\\"$`])', r"\\\1", text) + '"'
+    quoted = '"' + re.sub(r'([\\"$`])', r"\\\1", text) + '"'
+    # An interactive shell expands ! (history) inside double quotes, and keeps a backslash
+    # before it there: it goes outside them, escaped.
+    return quoted.replace("!", '"\\!"')
 
 
 def reason(exc: BaseException) -> str:

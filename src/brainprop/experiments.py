@@ -327,14 +327,16 @@ def this_machine(device: str, threads: int | None = None) -> str:
 
 def _check_data(pending: Sequence[RunSpec], data_dir: str | None) -> None:
     """Fail before the first run, not hours in, when a planned dataset is missing or damaged."""
-    from .data import data_root, dataset_status
+    from .data import DATASET_NAMES, data_root, dataset_status
     from .data.registry import inside_data_root
 
     needed = {s.cell.dataset for s in pending}
     if not needed:
         return
     root = data_root(data_dir)
-    missing = [s for s in dataset_status(root) if s.name in needed and not s.present]
+    # The library's datasets alone have a status; one's own load as their runs start.
+    statuses = dataset_status(root, [n for n in DATASET_NAMES if n in needed])
+    missing = [s for s in statuses if not s.present]
     if missing:
         if missing[0].damaged:
             raise BrainPropError(missing[0].damaged)

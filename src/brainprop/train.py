@@ -454,8 +454,9 @@ def train(
 
     Args:
         config: what to train; hyperparameters left as None take its preset's values (the
-            published ones by default). With ``resume``, None continues the run as configured,
-            and a config given counts only for its ``epochs`` (to train longer).
+            published ones by default). With ``resume``, None continues the run as configured;
+            a config given may raise its ``epochs`` (to train longer), and any other setting it
+            gives that is not the run's own is refused.
         resume: a run directory to continue from its ``last.pt``; one killed before its first
             checkpoint starts over from its ``config.json`` (one that has a history but lost its
             ``last.pt`` is refused).

@@ -210,7 +210,7 @@ def _present_in(name: str, root: Path, dest: Path) -> Path | None:
     shared CIFAR-10 batches hold the official images in another order. Tiny ImageNet's
     110,000 JPEGs are only checked to be there.
     """
-    status = next(s for s in dataset_status(root) if s.name == name)
+    [status] = dataset_status(root, [name])
     if not status.path.is_relative_to(dest):
         return None
     if status.damaged:

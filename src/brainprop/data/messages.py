@@ -40,7 +40,10 @@ def inside_root(root: Path, wanted: Path, *variants: Path) -> str | None:
         if root.parts[-up:] == wanted.parts[:up]:
             above = root.parents[up - 1]
             if any((above / w).is_file() for w in (wanted, *variants)):
-                return f"{root} is a folder inside the data root: pass --data-dir {above} instead"
+                return (
+                    f"{root} is a folder inside the data root: pass "
+                    f"{command('--data-dir', above)} instead"
+                )
     return None
 
 

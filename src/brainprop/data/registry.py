@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import inspect
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -310,14 +310,19 @@ def own_datasets() -> list[str]:
     return rows
 
 
-def dataset_status(root: str | Path | None = None) -> list[DatasetStatus]:
-    """One :class:`DatasetStatus` per name in :data:`DATASET_NAMES`, in that order.
+def dataset_status(
+    root: str | Path | None = None, names: Sequence[str] = DATASET_NAMES
+) -> list[DatasetStatus]:
+    """One :class:`DatasetStatus` per name of ``names`` (of :data:`DATASET_NAMES`, all by
+    default), in that order.
 
-    Checks that files exist, and for MNIST-style and CIFAR files that their size agrees with
-    their header (or ends as a pickle does), so it is quick even for Tiny ImageNet.
+    Checks that files exist, for MNIST-style and CIFAR files that their size agrees with their
+    header (or ends as a pickle does), and lists Tiny ImageNet's tree against its own lists
+    without decoding an image (about a second for its 110,000 files; the others take
+    milliseconds).
     """
     root = resolve_data_root(root)
-    return [_checked_status(name, root) for name in DATASET_NAMES]
+    return [_checked_status(name, root) for name in names]
 
 
 def _checked_status(name: str, root: Path) -> DatasetStatus:
