@@ -453,9 +453,9 @@ def test_a_killed_rank_fails_the_job_promptly_and_resume_completes(tmp_path: Pat
     workers = _workers(job.pid)
     assert job.poll() is None and set(workers) == {0, 1}, job.communicate()[1].decode()[-3000:]
     os.kill(workers[1], signal.SIGKILL)
-    t0 = time.monotonic()
+    # Promptly: a job that hung on its dead rank would time out here (no timed assertion,
+    # which a loaded machine could fail).
     _, err = job.communicate(timeout=90)
-    assert time.monotonic() - t0 < 60
     assert job.returncode != 0
     assert "SIGKILL" in err.decode(), err.decode()[-3000:]
 

@@ -28,7 +28,7 @@ from brainprop import (
 from brainprop.cli import main
 from brainprop.errors import BrainPropError
 from brainprop.feedback import exact_gradients, feedback_modes, feedback_weight
-from brainprop.layers import LocallyConnected2d
+from brainprop.layers import Conv2dSame, LocallyConnected2d
 from brainprop.presets import decayed_parameters
 
 
@@ -195,6 +195,52 @@ def test_output_layer_gradient_is_exact_and_lower_ones_are_not(mode):
     exact = [m.weight.grad for m in (model[0], model[3], model[-1])]
     assert torch.equal(rule[-1], exact[-1])  # the output layer learns from delta directly
     assert not torch.allclose(rule[0], exact[0])
+
+
+_LAYERS = {
+    "linear": (lambda: nn.Linear(6, 4, bias=False), (5, 6)),
+    "conv": (lambda: nn.Conv2d(2, 3, 3, stride=2, padding=1, bias=False), (5, 2, 7, 7)),
+    "conv-same": (lambda: Conv2dSame(2, 3, 3, stride=2, input_size=(7, 7)), (5, 2, 7, 7)),
+    "loccon": (lambda: LocallyConnected2d(2, 3, (7, 7), 3, stride=2), (5, 2, 7, 7)),
+}
+
+
+@pytest.mark.parametrize("mode", ["reciprocal", "random", "sign"])
+@pytest.mark.parametrize("kind", list(_LAYERS))
+def test_a_converted_layer_sends_its_input_gradient_through_b_and_learns_as_w_would(
+    kind: str, mode: str
+) -> None:
+    """Against the plain layer: the input gradient is the plain layer's with B in W's place;
+    W's gradient, and a reciprocal B's, is the plain layer's (review: a convolution or locally
+    connected layer that sent its gradient through W, or a B that never learned, passed every
+    other test)."""
+    torch.set_default_dtype(torch.float64)
+    try:
+        torch.manual_seed(0)
+        make, shape = _LAYERS[kind]
+        layer = make()
+        plain = copy.deepcopy(layer)
+        convert(nn.Sequential(layer), mode, generator=torch.Generator().manual_seed(1))
+        b = feedback_weight(layer).detach().clone()
+        assert not torch.allclose(b, layer.weight)  # else W and B could not be told apart
+        x = torch.randn(shape)
+        upstream = torch.randn_like(plain(x))
+
+        def grads(module: nn.Module) -> torch.Tensor:
+            given = x.clone().requires_grad_()
+            module(given).backward(upstream)
+            return given.grad
+
+        through_b = copy.deepcopy(plain)
+        with torch.no_grad():
+            through_b.weight.copy_(b)
+        assert torch.allclose(grads(layer), grads(through_b))
+        grads(plain)
+        assert torch.allclose(layer.weight.grad, plain.weight.grad)
+        if mode == "reciprocal":
+            assert torch.allclose(layer.feedback_weight.grad, plain.weight.grad)
+    finally:
+        torch.set_default_dtype(torch.float32)
 
 
 def test_evaluation_forward_is_unchanged():

@@ -210,3 +210,32 @@ def test_bad_rule_and_epsilon_are_clear_errors():
         make_objective("hebb")
     with pytest.raises(BrainPropError, match=r"epsilon must lie in \[0, 1\]"):
         BrainProp(epsilon=1.5)
+
+
+def test_an_epochs_running_sums_add_each_steps_loss_times_its_images_rewards_and_explorations():
+    """The history's loss, reward and exploration rate come from these sums; fast and eager,
+    stacked and single runs share them, so only a count by hand can check them (review)."""
+    from brainprop.objectives import Output
+    from brainprop.step import tally
+
+    sums, first_bad = torch.zeros(3), torch.tensor(-1)
+    steps = [
+        (0.5, [1.0, 0.0, 1.0, 1.0], [False, True, False, False]),
+        (0.25, [0.0, 1.0], [True, True]),
+        (math.nan, [1.0, 1.0], [False, False]),
+        (math.inf, [0.0, 0.0], [False, False]),
+    ]
+    for step, (loss, rewards, explored) in enumerate(steps):
+        out = Output(torch.tensor(loss), torch.zeros(len(rewards), dtype=torch.long),
+                     torch.tensor(rewards), torch.tensor(explored))  # fmt: skip
+        first_bad = tally(sums, first_bad, out, len(rewards), step)
+        if step == 1:
+            assert sums.tolist() == [0.5 * 4 + 0.25 * 2, 4.0, 3.0]
+    assert first_bad.item() == 2  # the first step whose loss was not finite
+    # A stack of two: one sum per member, from [G]-shaped losses and [G, B] rewards.
+    stack = torch.zeros(3, 2)
+    out = Output(torch.tensor([0.5, 2.0]), torch.zeros(2, 3, dtype=torch.long),
+                 torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]]),
+                 torch.tensor([[True, False, False], [True, True, True]]))  # fmt: skip
+    tally(stack, torch.tensor([-1, -1]), out, 3, 0)
+    assert stack.tolist() == [[1.5, 6.0], [2.0, 1.0], [1.0, 3.0]]

@@ -20,6 +20,12 @@ def test_early_stopping_follows_keras():
     assert stopper.best == float(np.float32(0.6))
 
 
+def test_an_equal_value_is_no_improvement_without_min_delta():
+    # Keras's np.greater: a plateau stops the run even when min_delta is 0.
+    stopper = EarlyStopping(patience=2, min_delta=0.0)
+    assert [stopper.update(v) for v in (0.5, 0.5, 0.5)] == [False, False, True]
+
+
 def test_a_tie_at_min_delta_is_decided_in_float32_as_keras_decides_it():
     # 95.03% then 95.13%: exactly min_delta better. In float64 the difference rounds below
     # 0.001; Keras compares float32 accuracies, whose difference rounds above, and improves.

@@ -248,6 +248,37 @@ def test_short_last_batch_takes_a_proportional_brainprop_step(tmp_path):
             torch.testing.assert_close(p, b[name], rtol=1e-6, atol=1e-9)
 
 
+def test_the_loop_halves_the_lr_on_schedule_and_explores_at_the_configured_rate(
+    tmp_path, tiny_dataset
+):
+    """lr_at alone was tested, and every run here stopped before its first halving; the
+    configured epsilon reached the step only through a two-process test (review)."""
+    run = train(_config(tmp_path, lr_halving_epochs=1, epsilon=0.5), dataset=tiny_dataset,
+                progress=False)  # fmt: skip
+    assert [h["lr"] for h in run.history] == pytest.approx([0.1, 0.05, 0.025])
+    # 16 batches of 16 per epoch: a rate of 0.5 draws 0.5 +- 0.1 in every epoch.
+    assert all(0.35 < h["explore_rate"] < 0.65 for h in run.history)
+    still = train(_config(tmp_path, name="still", lr_halving_epochs=2, epsilon=0.0),
+                  dataset=tiny_dataset, progress=False)  # fmt: skip
+    assert [h["lr"] for h in still.history] == pytest.approx([0.1, 0.1, 0.05])
+    assert all(h["explore_rate"] == 0 for h in still.history)
+
+
+def test_early_stopping_watches_the_validation_accuracy(tmp_path, tiny_dataset, monkeypatch):
+    """Patience counts epochs without a better validation accuracy, whatever the training
+    reward does; the best is the first of equals (review: any value stopped the runs here)."""
+    scores = iter([0.5, 0.6, 0.6, 0.55, 0.7])
+
+    def scripted(trainer):
+        return train_module.Scores(next(scores), 0.1, 0.0)
+
+    monkeypatch.setattr(train_module, "score_epoch", scripted)
+    run = train(_config(tmp_path, epochs=5, patience=2, min_delta=0.0), dataset=tiny_dataset,
+                progress=False)  # fmt: skip
+    assert [h["val_acc"] for h in run.history] == [0.5, 0.6, 0.6, 0.55]
+    assert run.summary["stop_reason"] == "early stopping" and run.summary["best_epoch"] == 2
+
+
 def test_l2_is_keras_semantics_on_weights_only(tmp_path, tiny_dataset):
     cfg = _config(tmp_path, l2=5e-4).resolve()
     run = train(_config(tmp_path, epochs=1, l2=5e-4), dataset=tiny_dataset, progress=False)
