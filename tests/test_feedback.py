@@ -27,7 +27,7 @@ from brainprop import (
 )
 from brainprop.cli import main
 from brainprop.errors import BrainPropError
-from brainprop.feedback import exact_gradients, feedback_modes, feedback_weight
+from brainprop.feedback import direct_matrix, exact_gradients, feedback_modes, feedback_weight
 from brainprop.layers import Conv2dSame, LocallyConnected2d
 from brainprop.presets import decayed_parameters
 
@@ -330,6 +330,26 @@ def test_direct_matrix_follows_a_loaded_seed():
     torch.manual_seed(0)
     _step(other, x, y)
     assert torch.equal(model[0].weight.grad, other[0].weight.grad)
+
+
+def test_direct_feedback_sends_the_output_error_through_d_at_ws_scale():
+    """Each lower layer takes e D: the output error e through its own fixed matrix D, whose
+    entries have the layer's std(W) (review: D at half its size, or unscaled, passed)."""
+    torch.set_default_dtype(torch.float64)
+    try:
+        torch.manual_seed(0)
+        hidden, output = nn.Linear(6, 300, bias=False), nn.Linear(300, 40, bias=False)
+        model = nn.Sequential(hidden, nn.ReLU(), output)
+        convert(model, "direct", generator=torch.Generator().manual_seed(1))
+        x, upstream = torch.randn(5, 6), torch.randn(5, 40)
+        arriving = []
+        model[1].register_full_backward_hook(lambda _m, _gi, go: arriving.append(go[0]))
+        model(x).backward(upstream)
+        d = direct_matrix(output, 40, 300, torch.float64, torch.device("cpu"))
+        assert torch.allclose(arriving[0], upstream @ d)
+        assert float(d.std()) == pytest.approx(float(output.weight.detach().std()), rel=0.05)
+    finally:
+        torch.set_default_dtype(torch.float32)
 
 
 @pytest.mark.parametrize("arch", ["dense", "conv", "loccon"])
