@@ -318,7 +318,7 @@ def dataset_status(
 
     Checks that files exist, for MNIST-style and CIFAR files that their size agrees with their
     header (or ends as a pickle does), and lists Tiny ImageNet's tree against its own lists
-    without decoding an image (about a second for its 110,000 files; the others take
+    without decoding an image (a second or two for its 110,000 files; the others take
     milliseconds).
     """
     root = resolve_data_root(root)
