@@ -234,6 +234,15 @@ def test_report_files_show_both_rules_published_numbers_and_machines(tmp_path):
     assert "mnist/dense" in data["no_full_paper_run"]
 
 
+def test_the_held_out_section_says_its_published_comparison_is_the_stricter(tmp_path):
+    _cell_runs(tmp_path, CONV, CPU, [0.99] * 2, [0.99] * 2, [60, 70], [30, 40])
+    _cell_runs(tmp_path, CONV, CPU, [0.99] * 2, [0.99] * 2, [60, 70], [30, 40], val=5000)
+    md = write_report(tmp_path).read_text()
+    test_set, held_out = md.split("## Validated on 5,000 held-out")
+    assert '"within 2 sd?" is the stricter test' in held_out
+    assert "stricter" not in test_set
+
+
 def test_only_a_full_length_paper_settings_run_takes_a_cell_off_the_missing_list(tmp_path):
     dense, loccon = Cell("mnist", "dense"), Cell("mnist", "loccon")
     for rule in ("brainprop", "ebp"):
