@@ -271,13 +271,8 @@ def _prepare(
         _config(ds, arch, rule, device, batch_size, bf16), eager=eager, cuda_graph=cuda_graph
     )
     parts = build_step(config, ds.input_shape, ds.num_classes, device, distributed.Context())
-    model, objective, optimizer, generator = (
-        parts.model.train(),
-        parts.objective,
-        parts.optimizer,
-        parts.generator,
-    )
-    batches = _full_batches(ds, config.batch_size, [generator])
+    model = parts.model.train()
+    batches = _full_batches(ds, config.batch_size, [parts.generator])
     step = _tallied(parts.step, batches, device, ())
     x, _ = next(batches)
     forward = _forward_flops(model, x)
@@ -294,10 +289,10 @@ def _prepare(
     peak = memory.peak(device, was_reset)
     # The gradients are rebuilt by the next step: freeing them keeps them out of the next
     # rule's peak memory (a graph's stay in its own memory pool whatever happens here).
-    optimizer.zero_grad(set_to_none=True)
+    parts.optimizer.zero_grad(set_to_none=True)
     return _Rule(
-        rule, config, model, objective, step, generator, forward, counter.get_total_flops(),
-        _conv_flops(counter), peak, [], untimed,
+        rule, config, model, parts.objective, step, parts.generator, forward,
+        counter.get_total_flops(), _conv_flops(counter), peak, [], untimed,
         lambda x, y: accuracy(model, x, y, bf16), held_memory=held,
     )  # fmt: skip
 

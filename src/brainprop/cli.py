@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from . import plugins
-from .errors import BrainPropError
+from .errors import BrainPropError, not_permitted
 
 #: The exit status of ``train`` when the run stopped on a NaN or inf: it ended and wrote its
 #: summary, so neither 0 (a script would take the run as trained) nor 2 (nothing was wrong with
@@ -639,9 +639,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PermissionError as e:
         # Wherever a folder or file the command needs cannot be entered or read (a data root of
         # another user's, say): pathlib's exists() and is_file() raise this too.
-        where = e.filename or "a file it needs"
-        print(f"brainprop: error: cannot open {where} ({e.strerror or e}): check its permissions",
-              file=sys.stderr)  # fmt: skip
+        print(f"brainprop: error: {not_permitted(e, 'a file it needs')}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("brainprop: interrupted", file=sys.stderr)

@@ -23,6 +23,15 @@ class UnknownName(BrainPropError):
     process: a typo, or a registration of one's own whose code has not run here."""
 
 
+#: The fix for a file or folder this user may not read: no damage, nothing to delete.
+PERMISSIONS_FIX = "check its permissions"
+
+
+def not_permitted(e: PermissionError, where: object) -> str:
+    """``e`` in one line: the path it names (else ``where``), why, and the fix."""
+    return f"cannot open {e.filename or where} ({e.strerror or e}): {PERMISSIONS_FIX}"
+
+
 def command(*words: object) -> str:
     """A command a message suggests, in the single quotes that mark it, each word as a shell
     must be given it: a folder the shell would split or expand (spaces, ``$``) goes in double

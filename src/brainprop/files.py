@@ -117,9 +117,8 @@ def _write_error(path: Path, e: OSError) -> BrainPropError:
     if (path.parent / "config.json").is_file():
         then = (
             f"continue the run with {command('brainprop', 'train', '--resume', path.parent)} "
-            "(adding the "
-            "--epochs you gave), or, where 'brainprop reproduce' started it, with the same "
-            "reproduce command"
+            "(adding the --epochs you gave), or, where 'brainprop reproduce' started it, with "
+            "the same reproduce command"
         )
     else:
         then = "run the command again"

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from . import locks
-from .errors import BrainPropError
+from .errors import PERMISSIONS_FIX, BrainPropError
 from .files import atomic_write_figure, atomic_write_json, atomic_write_text, probe_write
 from .summary import best_row
 
@@ -189,9 +189,7 @@ def read_json(path: Path, fix: str = "the run directory is damaged") -> Any:
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise BrainPropError(f"{path} is not valid JSON: {fix}") from None
     except PermissionError as e:  # no damage: ``fix`` may say to delete the file
-        raise BrainPropError(
-            f"cannot read {path} ({e.strerror or e}): check its permissions"
-        ) from None
+        raise BrainPropError(f"cannot read {path} ({e.strerror or e}): {PERMISSIONS_FIX}") from None
     except OSError as e:  # a folder where a file should be, ...
         raise BrainPropError(f"cannot read {path} ({e.strerror or e}): {fix}") from None
 

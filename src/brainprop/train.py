@@ -541,10 +541,7 @@ def _train(
         except BrokenPipeError as e:
             if isinstance(e, signals.OutputClosed):
                 raise
-            raise signals.OutputClosed(
-                f"{_kept(run_path, 'so a resume starts over')}: continue with "
-                + command("brainprop", "train", "--resume", run_path)
-            ) from e
+            raise signals.OutputClosed(_stopped_abruptly(run_path)) from e
 
 
 def printer(progress: bool, tag: str | None) -> Callable[[str], None]:
@@ -592,10 +589,7 @@ def _held_train(
             raise  # the first signal's stop, its state saved
         except KeyboardInterrupt:
             # A second signal: whatever write it cut short left the previous file whole.
-            raise signalled.quit_at_once(
-                f"{_kept(run_path, 'so a resume starts over')}: continue with "
-                + command("brainprop", "train", "--resume", run_path)
-            ) from None
+            raise signalled.quit_at_once(_stopped_abruptly(run_path)) from None
         if trainer.history:
             say(done_line(summary, run_path))
         if stop.requested:
@@ -884,6 +878,13 @@ def _interrupted(stop: signals.StopRequest, run_path: Path, at: str) -> signals.
         f"{at}; the state is saved in {run_path / rundir.LAST}: continue with "
         + command("brainprop", "train", "--resume", run_path)
     )
+
+
+def _stopped_abruptly(run_path: Path) -> str:
+    """What a run stopped without its own checkpoint (a second signal, a closed output) keeps,
+    and the command that continues it."""
+    resume = command("brainprop", "train", "--resume", run_path)
+    return f"{_kept(run_path, 'so a resume starts over')}: continue with {resume}"
 
 
 def _kept(run_path: Path, without: str) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from brainprop.errors import BrainPropError, reason
+from brainprop.errors import PERMISSIONS_FIX, BrainPropError, reason
 
 from .dataset import Dataset
 from .messages import UNREADABLE, download_command, inside_root, redownload
@@ -403,7 +403,7 @@ def _load_split(name: str, root: Path, files: tuple[str, ...]) -> tuple[torch.Te
             data = path.read_bytes()
         except OSError as exc:
             raise BrainPropError(
-                f"{source} cannot be read ({reason(exc)}): check its permissions"
+                f"{source} cannot be read ({reason(exc)}): {PERMISSIONS_FIX}"
             ) from exc
         x, y = parse_cifar_batch(
             data,

@@ -15,7 +15,7 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
-from brainprop.errors import BrainPropError, reason
+from brainprop.errors import PERMISSIONS_FIX, BrainPropError, reason
 
 from .dataset import Dataset
 from .messages import UNREADABLE, download_command, inside_root, redownload
@@ -104,9 +104,7 @@ def read_idx_file(
     except PermissionError as exc:
         # Not damage: deleting the file, as ``fix`` says, is no cure (and on a shared, read-only
         # data root not possible).
-        raise BrainPropError(
-            f"{source} cannot be read ({reason(exc)}): check its permissions"
-        ) from exc
+        raise BrainPropError(f"{source} cannot be read ({reason(exc)}): {PERMISSIONS_FIX}") from exc
     except (OSError, EOFError, zlib.error) as exc:
         # gzip.BadGzipFile is an OSError; a cut-off gzip stream raises EOFError.
         raise BrainPropError(f"{source} cannot be read ({reason(exc)}): {fix}") from exc

@@ -9,8 +9,6 @@ from ..errors import command
 
 #: How a quick file check words a file it could not open or read, which is no sign of damage.
 UNREADABLE = "cannot be read"
-#: The fix for a file or folder this user may not read: no sign of damage, nothing to delete.
-PERMISSIONS_FIX = "check its permissions"
 
 
 def download_command(name: str, root: Path) -> str:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from brainprop.errors import BrainPropError, raised
+from brainprop.errors import PERMISSIONS_FIX, BrainPropError, not_permitted, raised
 from brainprop.registry import Registry
 
 from .cifar import LAYOUTS, cifar_dir, cifar_file_problem, load_cifar
@@ -28,7 +28,7 @@ from .idx import (
     load_idx_dataset,
 )
 from .idx import inside_hint as idx_inside_hint
-from .messages import PERMISSIONS_FIX, UNREADABLE, redownload
+from .messages import UNREADABLE, redownload
 from .root import data_root, resolve_data_root
 from .tinyimagenet import CACHE_DIR, load_tiny_imagenet, tiny_imagenet_dir, tree_problem
 from .tinyimagenet import NAME as TINY_IMAGENET
@@ -199,10 +199,7 @@ def load_dataset(name: str, root: str | Path | None = None, *, test_only: bool =
     except Exception as e:
         if isinstance(e, PermissionError):
             # pathlib's is_file() and is_dir() raise it where a folder above may not be entered.
-            where = e.filename or folder
-            raise BrainPropError(
-                f"cannot open {where} ({e.strerror or e}): {PERMISSIONS_FIX}"
-            ) from e
+            raise BrainPropError(not_permitted(e, folder)) from e
         if isinstance(e, BrainPropError) or name in DATASETS.builtin:
             raise
         # One's own loader failing (its files missing, say) is one line, as a plugin that
@@ -334,6 +331,6 @@ def _checked_status(name: str, root: Path) -> DatasetStatus:
         where = _barred(Path(e.filename)) if e.filename else root / name
         return DatasetStatus(
             name, False, where, "",
-            damaged=f"cannot look inside {where} ({e.strerror or e}): check its permissions",
+            damaged=f"cannot look inside {where} ({e.strerror or e}): {PERMISSIONS_FIX}",
             unreadable=True,
         )  # fmt: skip

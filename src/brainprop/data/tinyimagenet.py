@@ -22,11 +22,11 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from brainprop.errors import BrainPropError, reason
+from brainprop.errors import PERMISSIONS_FIX, BrainPropError, reason
 from brainprop.files import atomic_write
 
 from .dataset import Dataset
-from .messages import PERMISSIONS_FIX, download_command, inside_root
+from .messages import download_command, inside_root
 
 NAME = "tiny-imagenet"
 SUBDIR = "tiny-imagenet-200"
