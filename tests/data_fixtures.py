@@ -8,6 +8,7 @@ import pickle
 import struct
 import tarfile
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -197,3 +198,23 @@ def tree_bytes(folder: Path, prefix: str) -> dict[str, bytes]:
         for p in sorted(folder.rglob("*"))
         if p.is_file()
     }
+
+
+def patch_format(monkeypatch, dataset: str, **fields) -> None:
+    """Replace fields of ``dataset``'s format in its catalog row for one test
+    (``system_dir=...``)."""
+    from brainprop.data.catalog import CATALOG
+
+    row = CATALOG[dataset]
+    monkeypatch.setitem(CATALOG, dataset, replace(row, format=replace(row.format, **fields)))
+
+
+def patch_remote(monkeypatch, dataset: str, file_name: str, **fields) -> None:
+    """Replace the md5 or size of ``dataset``'s official file ``file_name`` in its catalog row
+    for one test."""
+    from brainprop.data.catalog import CATALOG
+
+    row = CATALOG[dataset]
+    assert any(f.name == file_name for f in row.source.files), f"no {dataset} file {file_name}"
+    files = tuple(replace(f, **fields) if f.name == file_name else f for f in row.source.files)
+    monkeypatch.setitem(CATALOG, dataset, replace(row, source=replace(row.source, files=files)))

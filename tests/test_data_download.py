@@ -20,6 +20,7 @@ import pytest
 from data_fixtures import (
     REPO,
     cifar_pickle,
+    patch_remote,
     tar_gz_bytes,
     tree_bytes,
     write_cifar10,
@@ -31,6 +32,7 @@ from data_fixtures import (
 
 from brainprop import locks
 from brainprop.data import download, fetch, load_dataset
+from brainprop.data.catalog import CATALOG
 from brainprop.errors import BrainPropError
 
 # The fixtures' folder is the default data root: see tests/test_data_registry.py for the
@@ -58,10 +60,10 @@ def server(tmp_path: Path) -> Iterator[tuple[Path, str]]:
     thread.join()
 
 
-def _serve(folder: Path, name: str, content: bytes, monkeypatch, md5_key: str | None) -> None:
+def _serve(folder: Path, name: str, content: bytes, monkeypatch, dataset: str) -> None:
+    """Serve ``content`` as ``dataset``'s official file ``name``, whose md5 it takes."""
     (folder / name).write_bytes(content)
-    if md5_key is not None:
-        monkeypatch.setitem(fetch.MD5, md5_key, hashlib.md5(content).hexdigest())
+    patch_remote(monkeypatch, dataset, name, md5=hashlib.md5(content).hexdigest())
 
 
 def _cifar_archive(tmp_path: Path) -> bytes:
@@ -74,7 +76,7 @@ def test_mnist_gz_files(tmp_path: Path, server, monkeypatch) -> None:
     served, url = server
     write_idx_dataset(tmp_path / "src")
     for path in (tmp_path / "src").iterdir():
-        _serve(served, path.name, path.read_bytes(), monkeypatch, f"mnist/{path.name}")
+        _serve(served, path.name, path.read_bytes(), monkeypatch, "mnist")
     root = tmp_path / "root"
     old_umask = os.umask(0o022)
     try:
@@ -92,7 +94,7 @@ def test_mnist_gz_files(tmp_path: Path, server, monkeypatch) -> None:
 def test_cifar10_tar_gz(tmp_path: Path, server, monkeypatch) -> None:
     served, url = server
     archive = _cifar_archive(tmp_path)
-    _serve(served, "cifar-10-python.tar.gz", archive, monkeypatch, "cifar10/cifar-10-python.tar.gz")
+    _serve(served, "cifar-10-python.tar.gz", archive, monkeypatch, "cifar10")
     root = tmp_path / "root"
     path = download("cifar10", root, base_url=url, progress=True)
     assert path == root / "cifar10" / "cifar-10-batches-py"
@@ -108,8 +110,7 @@ def test_cifar100_tar_gz(tmp_path: Path, server, monkeypatch) -> None:
     arrays = write_cifar100(tmp_path / "src")
     folder = tmp_path / "src" / "cifar100" / "cifar-100-python"
     archive = tar_gz_bytes(tree_bytes(folder, "cifar-100-python"))
-    key = "cifar100/cifar-100-python.tar.gz"
-    _serve(served, "cifar-100-python.tar.gz", archive, monkeypatch, key)
+    _serve(served, "cifar-100-python.tar.gz", archive, monkeypatch, "cifar100")
     root = tmp_path / "root"
     path = download("cifar100", root, base_url=url, progress=False)
     assert path == root / "cifar100" / "cifar-100-python"
@@ -124,9 +125,7 @@ def test_tiny_imagenet_zip(tmp_path: Path, server, monkeypatch) -> None:
     served, url = server
     folder = write_tiny_imagenet(tmp_path / "src")
     content = zip_bytes(tree_bytes(folder, "tiny-imagenet-200"))
-    _serve(
-        served, "tiny-imagenet-200.zip", content, monkeypatch, "tiny-imagenet/tiny-imagenet-200.zip"
-    )
+    _serve(served, "tiny-imagenet-200.zip", content, monkeypatch, "tiny-imagenet")
     root = tmp_path / "root"
     download("tiny-imagenet", root, base_url=url, progress=False)
     assert load_dataset("tiny-imagenet", root).test_y.tolist() == [2, 0, 1, 2]
@@ -140,7 +139,7 @@ def test_what_blocks_the_downloads_place_is_named_in_one_line(
     served, url = server
     write_idx_dataset(tmp_path / "src")
     for path in (tmp_path / "src").iterdir():
-        _serve(served, path.name, path.read_bytes(), monkeypatch, f"mnist/{path.name}")
+        _serve(served, path.name, path.read_bytes(), monkeypatch, "mnist")
     root = tmp_path / "root"
     blocked = root / "mnist" / "t10k-labels-idx1-ubyte.gz"
     blocked.mkdir(parents=True)
@@ -219,8 +218,7 @@ def test_a_killed_downloads_leftovers_are_removed_by_the_next(
     tmp_path: Path, server, monkeypatch
 ) -> None:
     served, url = server
-    _serve(served, "cifar-10-python.tar.gz", _cifar_archive(tmp_path), monkeypatch,
-           "cifar10/cifar-10-python.tar.gz")  # fmt: skip
+    _serve(served, "cifar-10-python.tar.gz", _cifar_archive(tmp_path), monkeypatch, "cifar10")
     dest = tmp_path / "root" / "cifar10"
     (dest / ".extract-k1ll3d" / "cifar-10-batches-py").mkdir(parents=True)
     (dest / ".cifar-10-python.tar.gz.k1ll3d.part").write_bytes(b"the first half")
@@ -247,9 +245,9 @@ def test_every_file_is_on_disk_before_its_name_is(tmp_path: Path, server, monkey
     served, url = server
     write_idx_dataset(tmp_path / "src")
     for path in (tmp_path / "src").iterdir():
-        _serve(served, path.name, path.read_bytes(), monkeypatch, f"mnist/{path.name}")
+        _serve(served, path.name, path.read_bytes(), monkeypatch, "mnist")
     archive = _cifar_archive(tmp_path)
-    _serve(served, "cifar-10-python.tar.gz", archive, monkeypatch, "cifar10/cifar-10-python.tar.gz")
+    _serve(served, "cifar-10-python.tar.gz", archive, monkeypatch, "cifar10")
     events: list[str] = []
     real_fsync, real_sync, real_replace = os.fsync, fetch._sync_filesystem, os.replace
     monkeypatch.setattr(os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1])
@@ -263,8 +261,8 @@ def test_every_file_is_on_disk_before_its_name_is(tmp_path: Path, server, monkey
 
     monkeypatch.setattr(os, "replace", replace)
     download("mnist", tmp_path / "root", base_url=url, progress=False)
-    files = fetch.SOURCES["mnist"].files
-    assert events == [x for name in files for x in ("fsync", f"replace {name}")]
+    files = CATALOG["mnist"].source.files
+    assert events == [x for file in files for x in ("fsync", f"replace {file.name}")]
     events.clear()
     download("cifar10", tmp_path / "root", base_url=url, progress=False)
     assert events == ["fsync", "sync", "replace cifar-10-batches-py"]
@@ -303,7 +301,7 @@ def test_a_body_far_larger_than_the_published_file_is_cut_off(
     served, url = server
     archive = _cifar_archive(tmp_path)
     (served / "cifar-10-python.tar.gz").write_bytes(archive)
-    monkeypatch.setitem(fetch.SIZES, "cifar10/cifar-10-python.tar.gz", len(archive) // 3)
+    patch_remote(monkeypatch, "cifar10", "cifar-10-python.tar.gz", size=len(archive) // 3)
     root = tmp_path / "root"
     with pytest.raises(BrainPropError) as info:
         download("cifar10", root, base_url=url, progress=False)
@@ -314,20 +312,19 @@ def test_a_body_far_larger_than_the_published_file_is_cut_off(
     )
     assert not (root / "cifar10").exists()
     # Up to twice the size it is taken, as the published sizes are known to within a percent.
-    monkeypatch.setitem(fetch.SIZES, "cifar10/cifar-10-python.tar.gz", -(-len(archive) // 2))
-    monkeypatch.setitem(
-        fetch.MD5, "cifar10/cifar-10-python.tar.gz", hashlib.md5(archive).hexdigest()
-    )
+    md5 = hashlib.md5(archive).hexdigest()
+    half = -(-len(archive) // 2)
+    patch_remote(monkeypatch, "cifar10", "cifar-10-python.tar.gz", size=half, md5=md5)
     assert download("cifar10", root, base_url=url, progress=False).is_dir()
 
 
-def test_every_published_file_has_a_size() -> None:
-    assert set(fetch.SIZES) == set(fetch.MD5)
+def test_the_shipped_mnist_files_have_the_published_sizes() -> None:
     # The MNIST files the repository ships are the published ones (the training images
     # gzipped anew, data/README.md), so their sizes check the table.
+    sizes = {file.name: file.size for file in CATALOG["mnist"].source.files}
     for path in (REPO / "data" / "mnist").iterdir():
         if not path.name.startswith("train-images"):
-            assert fetch.SIZES[f"mnist/{path.name}"] == path.stat().st_size
+            assert sizes[path.name] == path.stat().st_size
 
 
 def _evil_tar(member: tarfile.TarInfo, content: bytes = b"") -> bytes:
@@ -370,7 +367,7 @@ def test_tar_slip_and_links_refused(
 ) -> None:
     served, url = server
     content = _evil_tar(member, b"pwned" if member.isfile() else b"")
-    _serve(served, "cifar-10-python.tar.gz", content, monkeypatch, "cifar10/cifar-10-python.tar.gz")
+    _serve(served, "cifar-10-python.tar.gz", content, monkeypatch, "cifar10")
     root = tmp_path / "root"
     with pytest.raises(BrainPropError, match=message) as info:
         download("cifar10", root, base_url=url, progress=False)
@@ -385,8 +382,7 @@ def test_zip_slip_refused(tmp_path: Path, server, monkeypatch) -> None:
     with zipfile.ZipFile(buffer, "w") as zf:
         zf.writestr("tiny-imagenet-200/wnids.txt", "n1\n")
         zf.writestr("tiny-imagenet-200/../../evil", "pwned")
-    key = "tiny-imagenet/tiny-imagenet-200.zip"
-    _serve(served, "tiny-imagenet-200.zip", buffer.getvalue(), monkeypatch, key)
+    _serve(served, "tiny-imagenet-200.zip", buffer.getvalue(), monkeypatch, "tiny-imagenet")
     with pytest.raises(BrainPropError, match="points outside its folder"):
         download("tiny-imagenet", tmp_path / "root", base_url=url, progress=False)
     assert not (tmp_path / "evil").exists() and not (tmp_path / "root" / "tiny-imagenet").exists()
@@ -395,7 +391,7 @@ def test_zip_slip_refused(tmp_path: Path, server, monkeypatch) -> None:
 def test_archive_without_expected_folder(tmp_path: Path, server, monkeypatch) -> None:
     served, url = server
     content = tar_gz_bytes({"other/file": b"x"})
-    _serve(served, "cifar-10-python.tar.gz", content, monkeypatch, "cifar10/cifar-10-python.tar.gz")
+    _serve(served, "cifar-10-python.tar.gz", content, monkeypatch, "cifar10")
     with pytest.raises(BrainPropError, match="has no cifar-10-batches-py/ folder"):
         download("cifar10", tmp_path / "root", base_url=url, progress=False)
 
@@ -442,7 +438,7 @@ class _BadLengthHandler(http.server.BaseHTTPRequestHandler):
 def test_malformed_content_length_still_downloads(tmp_path: Path, monkeypatch) -> None:
     content = _cifar_archive(tmp_path)
     md5 = hashlib.md5(content).hexdigest()
-    monkeypatch.setitem(fetch.MD5, "cifar10/cifar-10-python.tar.gz", md5)
+    patch_remote(monkeypatch, "cifar10", "cifar-10-python.tar.gz", md5=md5)
     handler = type("Handler", (_BadLengthHandler,), {"body": content})
     httpd = http.server.HTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from data_fixtures import REPO, idx_bytes, write_idx_dataset
+from data_fixtures import REPO, idx_bytes, patch_format, write_idx_dataset
 
-from brainprop.data import idx, load_dataset
+from brainprop.data import load_dataset
 from brainprop.errors import BrainPropError
 
 # The fixtures' folder is the default data root: see tests/test_data_registry.py for the
@@ -178,7 +178,7 @@ def test_test_files_copied_over_the_training_files_are_refused(tmp_path: Path) -
 def test_fashion_falls_back_to_system_folder(tmp_path: Path, monkeypatch) -> None:
     system = tmp_path / "usr-share"
     arrays = write_idx_dataset(system, seed=5)
-    monkeypatch.setitem(idx.SYSTEM_DIRS, "fashion-mnist", system)
+    patch_format(monkeypatch, "fashion-mnist", system_dir=system)
     (tmp_path / "root").mkdir()  # a data root that does not exist is refused as a slip
     ds = load_dataset("fashion-mnist", tmp_path / "root")
     assert np.array_equal(ds.train_x[:, 0].numpy(), arrays["train_x"])
@@ -189,7 +189,7 @@ def test_fashion_falls_back_to_system_folder(tmp_path: Path, monkeypatch) -> Non
 
 
 def test_fashion_missing_mentions_apt(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setitem(idx.SYSTEM_DIRS, "fashion-mnist", tmp_path / "nowhere")
+    patch_format(monkeypatch, "fashion-mnist", system_dir=tmp_path / "nowhere")
     with pytest.raises(BrainPropError, match="apt-get install dataset-fashion-mnist"):
         load_dataset("fashion-mnist", tmp_path)
 

@@ -12,7 +12,14 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_tiny_dataset
-from data_fixtures import REPO, WNIDS, write_cifar10, write_idx_dataset, write_tiny_imagenet
+from data_fixtures import (
+    REPO,
+    WNIDS,
+    patch_format,
+    write_cifar10,
+    write_idx_dataset,
+    write_tiny_imagenet,
+)
 
 from brainprop import plugins
 from brainprop.data import (
@@ -22,11 +29,11 @@ from brainprop.data import (
     DatasetEntry,
     dataset_status,
     download,
-    idx,
     load_dataset,
     resolve_data_root,
     root,
 )
+from brainprop.data.catalog import CATALOG, FAMILIES
 from brainprop.data.registry import own_datasets
 from brainprop.errors import BrainPropError
 
@@ -44,6 +51,22 @@ def test_names() -> None:
         "cifar100-coarse",
         "tiny-imagenet",
     )
+
+
+def test_each_catalog_row_downloads_into_the_folder_its_format_reads(tmp_path: Path) -> None:
+    for name, row in CATALOG.items():
+        assert row.family in FAMILIES, name
+        dest = tmp_path / row.source.folder / (row.source.top or "")
+        assert row.format.dataset_dir(name, tmp_path) == dest, name
+        assert row.format.inside_hint(name, tmp_path) is None, name
+        assert DATASETS[name].family == row.family
+
+
+def test_the_catalog_has_the_shipped_mnist_files_sizes_and_shapes() -> None:
+    row, ds = CATALOG["mnist"], load_dataset("mnist", REPO / "data")
+    assert (len(ds.train_y), len(ds.test_y)) == (row.n_train, row.n_test)
+    assert tuple(ds.train_x.shape[1:]) == row.format.image
+    assert ds.num_classes == row.format.classes
 
 
 def test_unknown_name_lists_valid_ones(tmp_path: Path) -> None:
@@ -272,7 +295,7 @@ def test_checkout_detection(tmp_path: Path) -> None:
 
 
 def test_status(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setitem(idx.SYSTEM_DIRS, "fashion-mnist", tmp_path / "system")
+    patch_format(monkeypatch, "fashion-mnist", system_dir=tmp_path / "system")
     write_idx_dataset(tmp_path / "mnist")
     write_cifar10(tmp_path)
     write_tiny_imagenet(tmp_path)

@@ -41,7 +41,7 @@ from . import distributed, fastpath, memory
 from .config import TrainConfig
 from .data import Dataset
 from .data.batches import num_batches, permuted_batches
-from .data.registry import dataset_family
+from .data.catalog import CATALOG
 from .devices import bf16_warning, cpuinfo, resolve_device, vector_units
 from .errors import BrainPropError
 from .evaluation import EVAL_BATCH, accuracy
@@ -86,35 +86,14 @@ FAST_MODE = (
 )
 
 
-@dataclass(frozen=True)
-class DatasetShape:
-    """Size and image shape of one dataset's splits (what the synthetic stand-in copies)."""
-
-    n_train: int
-    n_test: int
-    image: tuple[int, int, int]
-    num_classes: int
-
-
-#: The real datasets' sizes; Tiny ImageNet's test split is its labelled ``val`` split.
-DATASET_SHAPES: dict[str, DatasetShape] = {
-    "mnist": DatasetShape(60_000, 10_000, (1, 28, 28), 10),
-    "fashion-mnist": DatasetShape(60_000, 10_000, (1, 28, 28), 10),
-    "cifar10": DatasetShape(50_000, 10_000, (3, 32, 32), 10),
-    "cifar100": DatasetShape(50_000, 10_000, (3, 32, 32), 100),
-    "cifar100-coarse": DatasetShape(50_000, 10_000, (3, 32, 32), 20),
-    "tiny-imagenet": DatasetShape(100_000, 10_000, (3, 64, 64), 200),
-}
-
-
 def parse_preset(spec: str) -> tuple[str, str]:
     """``"dataset/arch"`` -> (dataset, arch), checked against the datasets and the table."""
     dataset, sep, arch = spec.partition("/")
-    if not sep or dataset not in DATASET_SHAPES:
+    if not sep or dataset not in CATALOG:
         raise BrainPropError(
             f"preset {spec!r} is not dataset/arch with one of brainprop's datasets, whose sizes "
             f"bench times on random images: e.g. mnist/dense; datasets are "
-            f"{', '.join(DATASET_SHAPES)}"
+            f"{', '.join(CATALOG)}"
         )
     if table_row(PAPER_PRESET, dataset, arch) is None:
         archs = table_archs(PAPER_PRESET, dataset)
@@ -127,16 +106,17 @@ def parse_preset(spec: str) -> tuple[str, str]:
 
 def synthetic_dataset(name: str, device: torch.device, seed: int = 0) -> Dataset:
     """Random uint8 images and labels with the real dataset's sizes, on ``device``."""
-    shape = DATASET_SHAPES[name]
+    row = CATALOG[name]
+    image, classes = row.format.image, row.format.classes
     g = torch.Generator(device=device).manual_seed(seed)
 
     def split(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.randint(0, 256, (n, *shape.image), dtype=torch.uint8, device=device, generator=g)
-        y = torch.randint(0, shape.num_classes, (n,), device=device, generator=g)
+        x = torch.randint(0, 256, (n, *image), dtype=torch.uint8, device=device, generator=g)
+        y = torch.randint(0, classes, (n,), device=device, generator=g)
         return x, y
 
-    (train_x, train_y), (test_x, test_y) = split(shape.n_train), split(shape.n_test)
-    return Dataset(name, train_x, train_y, test_x, test_y, shape.num_classes)
+    (train_x, train_y), (test_x, test_y) = split(row.n_train), split(row.n_test)
+    return Dataset(name, train_x, train_y, test_x, test_y, classes)
 
 
 def _sync(device: torch.device) -> None:
@@ -300,10 +280,10 @@ def _prepare(
 def _check_stack_fits(dataset: str, arch: str, device: torch.device, size: int) -> None:
     """Refuse, before any timing, a stack whose weights alone would not fit, instead of
     building networks for minutes until memory runs out."""
-    shape = DATASET_SHAPES[dataset]
-    hp = PAPER[dataset_family(dataset), arch]  # parse_preset admitted only the table's rows
+    row = CATALOG[dataset]
+    hp = PAPER[row.family, arch]  # parse_preset admitted only the table's rows
     with torch.device("meta"):
-        model = build_model(arch, shape.image, shape.num_classes, hp)
+        model = build_model(arch, row.format.image, row.format.classes, hp)
     one = sum(t.numel() * 4 for t in (*model.parameters(), *model.buffers()))
     # The members' own weights, their stacked copy and its gradients.
     need, free = 3 * size * one, memory.available(device)
@@ -673,7 +653,7 @@ def _checked_presets(
     parsed = [parse_preset(p) for p in presets]
     if batch_size is not None:
         for dataset, _ in parsed:
-            n_train = DATASET_SHAPES[dataset].n_train
+            n_train = CATALOG[dataset].n_train
             if not 1 <= batch_size <= n_train:
                 raise BrainPropError(
                     f"--batch-size must be 1 to {n_train:,} ({dataset}'s training images), "

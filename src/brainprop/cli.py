@@ -495,7 +495,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    from .data.fetch import SOURCES
+    from .data import DATASET_NAMES
 
     # No abbreviations of the top options: main reads --plugin before argparse does.
     parser = _Parser(
@@ -533,7 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
         "download", help="fetch a dataset's official archives",
         description="Fetch a dataset's official archives into the data root, checksum-verified.",
     )  # fmt: skip
-    p.add_argument("name", help=f"one of {', '.join(SOURCES)}")
+    p.add_argument("name", help=f"one of {', '.join(DATASET_NAMES)}")
     p.add_argument("--data-dir", help=DATA_DIR_HELP)
     _add_reproduce(sub)
     _add_bench(sub)

@@ -26,7 +26,8 @@ from types import MappingProxyType
 import torch
 from torch import nn
 
-from .data.registry import DATASETS, FAMILIES, dataset_family
+from .data.catalog import FAMILIES
+from .data.registry import DATASETS, dataset_family
 from .errors import BrainPropError
 from .layers import Conv2dSame, LocallyConnected2d
 from .registry import Registry

@@ -9,15 +9,9 @@ Layout under the data root (see :func:`resolve_data_root`):
 
 from .dataset import Dataset, split_validation
 from .fetch import download
-from .registry import (
-    DATASET_NAMES,
-    DATASETS,
-    DatasetEntry,
-    DatasetStatus,
-    dataset_status,
-    load_dataset,
-)
+from .registry import DATASET_NAMES, DATASETS, DatasetEntry, dataset_status, load_dataset
 from .root import data_root, resolve_data_root
+from .status import DatasetStatus
 
 __all__ = [
     "DATASETS",

@@ -11,7 +11,7 @@ import math
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -20,40 +20,9 @@ from brainprop.errors import PERMISSIONS_FIX, BrainPropError, reason
 
 from .dataset import Dataset
 from .messages import UNREADABLE, download_command, inside_root, redownload
+from .status import DatasetStatus, first_damage
 
 ROW_BYTES = 3 * 32 * 32
-
-
-@dataclass(frozen=True)
-class CifarLayout:
-    """Where one CIFAR variant lives under the data root and which labels it uses."""
-
-    folder: str  # under the data root
-    subdir: str  # the archive's top folder
-    train_files: tuple[str, ...]
-    test_files: tuple[str, ...]
-    label_key: bytes
-    num_classes: int
-    download_name: str
-
-
-LAYOUTS: dict[str, CifarLayout] = {
-    "cifar10": CifarLayout(
-        "cifar10",
-        "cifar-10-batches-py",
-        tuple(f"data_batch_{i}" for i in range(1, 6)),
-        ("test_batch",),
-        b"labels",
-        10,
-        "cifar10",
-    ),
-    "cifar100": CifarLayout(
-        "cifar100", "cifar-100-python", ("train",), ("test",), b"fine_labels", 100, "cifar100"
-    ),
-    "cifar100-coarse": CifarLayout(
-        "cifar100", "cifar-100-python", ("train",), ("test",), b"coarse_labels", 20, "cifar100"
-    ),
-}
 
 
 # --- the restricted unpickler ------------------------------------------------------------------
@@ -369,65 +338,97 @@ def cifar_file_problem(path: Path) -> str | None:
     return None if last == b"." else "is cut short (a pickle ends with '.')"
 
 
-def cifar_dir(name: str, root: Path) -> Path:
-    """The folder holding the pickles of ``name``, e.g. ``root/cifar10/cifar-10-batches-py``."""
-    layout = LAYOUTS[name]
-    return root / layout.folder / layout.subdir
+@dataclass(frozen=True)
+class CifarPickles:
+    """The format of a CIFAR variant in the official python pickles under
+    ``root/<folder>/<subdir>/``: a :class:`~.catalog.Format`.
 
-
-def inside_hint(name: str, root: Path) -> str | None:
-    """The fix where ``root`` is a folder inside the data root that holds ``name``'s files
-    (:func:`~.messages.inside_root`), else None."""
-    first = cifar_dir(name, root) / LAYOUTS[name].train_files[0]
-    return inside_root(root, first.relative_to(root))
-
-
-def how_to_get(name: str, root: Path) -> str:
-    """A one-line hint on obtaining the pickles of ``name`` into the data root ``root``."""
-    return inside_hint(name, root) or (
-        f"run {download_command(LAYOUTS[name].download_name, root)} or extract the official "
-        f"python archive into {cifar_dir(name, root).parent}"
-    )
-
-
-def _load_split(name: str, root: Path, files: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    layout = LAYOUTS[name]
-    folder = cifar_dir(name, root)
-    xs, ys = [], []
-    for file_name in files:
-        path = folder / file_name
-        if not path.is_file():
-            raise BrainPropError(f"CIFAR file {path} is missing: {how_to_get(name, root)}")
-        source = f"CIFAR file {path}"
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise BrainPropError(
-                f"{source} cannot be read ({reason(exc)}): {PERMISSIONS_FIX}"
-            ) from exc
-        x, y = parse_cifar_batch(
-            data,
-            label_key=layout.label_key,
-            num_classes=layout.num_classes,
-            source=source,
-            fix=redownload(layout.download_name, root),
-        )
-        xs.append(x)
-        ys.append(y)
-    return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
-
-
-def load_cifar(name: str, root: Path, *, test_only: bool = False) -> Dataset:
-    """Load ``"cifar10"``, ``"cifar100"`` (fine labels) or ``"cifar100-coarse"``.
-
-    Returns a :class:`Dataset` with ``train_x`` uint8 ``[50000, 3, 32, 32]`` and ``test_x``
-    ``[10000, 3, 32, 32]`` for the official files, in file order; ``test_only``: the training
-    files are not read and the training split is empty.
+    Attributes:
+        folder: its folder under the data root (CIFAR-100's two label sets share one).
+        subdir: the archive's top folder.
+        train_files, test_files: the pickles of each split, in order.
+        label_key: the labels' key in each pickle's dict.
+        classes: how many labels there are.
+        download_name: the dataset ``brainprop download`` fetches these files as.
     """
-    layout = LAYOUTS[name]
-    if test_only:
-        test = _load_split(name, root, layout.test_files)
-        return Dataset.test_only(name, *test, layout.num_classes)
-    train_x, train_y = _load_split(name, root, layout.train_files)
-    test_x, test_y = _load_split(name, root, layout.test_files)
-    return Dataset(name, train_x, train_y, test_x, test_y, layout.num_classes)
+
+    folder: str
+    subdir: str
+    train_files: tuple[str, ...]
+    test_files: tuple[str, ...]
+    label_key: bytes
+    classes: int
+    download_name: str
+
+    image: ClassVar[tuple[int, int, int]] = (3, 32, 32)
+    verified_by_loading: ClassVar[bool] = True
+
+    def dataset_dir(self, name: str, root: Path) -> Path:
+        """The folder holding the pickles, e.g. ``root/cifar10/cifar-10-batches-py``."""
+        return root / self.folder / self.subdir
+
+    def inside_hint(self, name: str, root: Path) -> str | None:
+        """The fix where ``root`` is a folder inside the data root that holds the pickles
+        (:func:`~.messages.inside_root`), else None."""
+        first = self.dataset_dir(name, root) / self.train_files[0]
+        return inside_root(root, first.relative_to(root))
+
+    def how_to_get(self, name: str, root: Path) -> str:
+        """A one-line hint on obtaining the pickles into the data root ``root``."""
+        return self.inside_hint(name, root) or (
+            f"run {download_command(self.download_name, root)} or extract the official "
+            f"python archive into {root / self.folder}"
+        )
+
+    def status(self, name: str, root: Path) -> DatasetStatus:
+        """Present where every pickle exists and ends as a pickle does."""
+        folder = self.dataset_dir(name, root)
+        paths = [folder / f for f in self.train_files + self.test_files]
+        present = all(p.is_file() for p in paths)
+        damaged, unreadable = first_damage(
+            ((p, cifar_file_problem(p)) for p in paths if p.is_file()), self.download_name, root
+        )
+        return DatasetStatus(
+            name, present and not damaged, folder, self.how_to_get(name, root),
+            damaged=damaged, unreadable=unreadable,
+        )  # fmt: skip
+
+    def load(self, name: str, root: Path, *, test_only: bool = False) -> Dataset:
+        """Load the variant from its pickles.
+
+        Returns a :class:`Dataset` with ``train_x`` uint8 ``[50000, 3, 32, 32]`` and
+        ``test_x`` ``[10000, 3, 32, 32]`` for the official files, in file order;
+        ``test_only``: the training files are not read and the training split is empty.
+        """
+        if test_only:
+            return Dataset.test_only(name, *self._split(name, root, self.test_files), self.classes)
+        train_x, train_y = self._split(name, root, self.train_files)
+        test_x, test_y = self._split(name, root, self.test_files)
+        return Dataset(name, train_x, train_y, test_x, test_y, self.classes)
+
+    def _split(
+        self, name: str, root: Path, files: tuple[str, ...]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        folder = self.dataset_dir(name, root)
+        xs, ys = [], []
+        for file_name in files:
+            path = folder / file_name
+            if not path.is_file():
+                raise BrainPropError(f"CIFAR file {path} is missing: {self.how_to_get(name, root)}")
+            source = f"CIFAR file {path}"
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                raise BrainPropError(
+                    f"{source} cannot be read ({reason(exc)}): {PERMISSIONS_FIX}"
+                ) from exc
+            x, y = parse_cifar_batch(
+                data,
+                label_key=self.label_key,
+                num_classes=self.classes,
+                source=source,
+                fix=redownload(self.download_name, root),
+            )
+            xs.append(x)
+            ys.append(y)
+        return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))

@@ -21,7 +21,6 @@ import urllib.parse
 import urllib.request
 import zipfile
 import zlib
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
@@ -31,7 +30,7 @@ from brainprop import locks
 from brainprop.errors import BrainPropError, reason
 from brainprop.files import make_folder, usual_permissions
 
-from .idx import IDX_FILE_NAMES
+from .catalog import CATALOG
 from .registry import check_name, data_dir, dataset_status, inside_data_root, load_dataset
 from .root import data_root
 
@@ -39,81 +38,6 @@ CHUNK = 1 << 20
 URL_SCHEMES = ("http", "https", "file")
 URL_FIX = "the base URL must start with http://, https:// or file://"
 TIMEOUT_S = 60
-
-
-@dataclass(frozen=True)
-class Source:
-    """Where a dataset's files come from and where they go under the data root."""
-
-    base_url: str
-    files: tuple[str, ...]  # names on the server, fetched as base_url + name
-    folder: str  # destination under the data root
-    top: str | None  # the folder an archive must unpack to; None: keep the files as they are
-
-
-_IDX_GZ = tuple(f"{name}.gz" for name in IDX_FILE_NAMES)
-_CIFAR100 = Source(
-    "https://www.cs.toronto.edu/~kriz/",
-    ("cifar-100-python.tar.gz",),
-    "cifar100",
-    "cifar-100-python",
-)
-
-SOURCES: dict[str, Source] = {
-    "mnist": Source("https://ossci-datasets.s3.amazonaws.com/mnist/", _IDX_GZ, "mnist", None),
-    "fashion-mnist": Source(
-        "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
-        _IDX_GZ,
-        "fashion-mnist",
-        None,
-    ),
-    "cifar10": Source(
-        "https://www.cs.toronto.edu/~kriz/",
-        ("cifar-10-python.tar.gz",),
-        "cifar10",
-        "cifar-10-batches-py",
-    ),
-    "cifar100": _CIFAR100,
-    "cifar100-coarse": _CIFAR100,
-    "tiny-imagenet": Source(
-        "http://cs231n.stanford.edu/",
-        ("tiny-imagenet-200.zip",),
-        "tiny-imagenet",
-        "tiny-imagenet-200",
-    ),
-}
-
-#: md5 of each published file, keyed by ``<destination folder>/<file name>``.
-MD5: dict[str, str] = {
-    "mnist/train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
-    "mnist/train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
-    "mnist/t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
-    "mnist/t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
-    "fashion-mnist/train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
-    "fashion-mnist/train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
-    "fashion-mnist/t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
-    "fashion-mnist/t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
-    "cifar10/cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a",
-    "cifar100/cifar-100-python.tar.gz": "eb9058c3a382ffc7106e4002c42a8d85",
-    "tiny-imagenet/tiny-imagenet-200.zip": "90528d7ca1a48142e341f4ef8d21d0de",
-}
-
-#: Each published file's size in bytes (within a few percent), keyed as :data:`MD5`. A server
-#: that sends more than twice that is sending something else, and is cut off before it fills
-#: the disk: the md5 can only be checked at the end, and two of the hosts are plain http.
-SIZES: dict[str, int] = {
-    "mnist/train-images-idx3-ubyte.gz": 9_912_422,
-    "mnist/train-labels-idx1-ubyte.gz": 28_881,
-    "mnist/t10k-images-idx3-ubyte.gz": 1_648_877,
-    "mnist/t10k-labels-idx1-ubyte.gz": 4_542,
-    "fashion-mnist/train-images-idx3-ubyte.gz": 26_421_880,
-    "fashion-mnist/train-labels-idx1-ubyte.gz": 29_515,
-    "fashion-mnist/t10k-images-idx3-ubyte.gz": 4_422_102,
-    "fashion-mnist/t10k-labels-idx1-ubyte.gz": 5_148,
-    "cifar10/cifar-10-python.tar.gz": 170_498_071,
-    "cifar100/cifar-100-python.tar.gz": 169_001_437,
-    "tiny-imagenet/tiny-imagenet-200.zip": 248_100_043,
-}
 
 
 def download(
@@ -135,7 +59,7 @@ def download(
     if base_url is not None and urllib.parse.urlsplit(base_url).scheme not in URL_SCHEMES:
         raise BrainPropError(f"base URL {base_url!r} is not a URL: {URL_FIX}")
     root = data_root(root, may_be_new=True)
-    source = SOURCES[name]
+    source = CATALOG[name].source
     dest = root / source.folder
     if (here := _present_in(name, root, dest)) is not None:
         return here
@@ -153,17 +77,16 @@ def download(
         if source.top is not None:
             _refuse_dangling(dest / source.top)
         try:
-            for file_name in source.files:
-                url = (base_url or source.base_url).rstrip("/") + "/" + file_name
+            for remote in source.files:
+                url = (base_url or source.base_url).rstrip("/") + "/" + remote.name
                 by_hand = f"put it in {dest}" if source.top is None else f"extract it into {dest}"
-                key = f"{source.folder}/{file_name}"
-                part = _fetch(url, dest, MD5[key], 2 * SIZES[key], by_hand, progress)
+                part = _fetch(url, dest, remote.md5, 2 * remote.size, by_hand, progress)
                 try:
                     if source.top is None:
-                        _put_in_place(part, dest / file_name)
+                        _put_in_place(part, dest / remote.name)
                     else:
                         extract_archive(
-                            part, dest, source.top, archive_name=file_name, progress=progress
+                            part, dest, source.top, archive_name=remote.name, progress=progress
                         )
                 finally:
                     part.unlink(missing_ok=True)
@@ -207,8 +130,8 @@ def _present_in(name: str, root: Path, dest: Path) -> Path | None:
     Files already there are read as training reads them (a gzip's CRC included) before they
     are called ready, and a damaged one is refused, naming it, rather than replaced: they are
     the user's. Not by md5: the committed MNIST's training images are gzipped anew, and the
-    shared CIFAR-10 batches hold the official images in another order. Tiny ImageNet's
-    110,000 JPEGs are only checked to be there.
+    shared CIFAR-10 batches hold the official images in another order. A format whose loading
+    takes long (Tiny ImageNet's 110,000 JPEGs) is only checked to be there.
     """
     [status] = dataset_status(root, [name])
     if not status.path.is_relative_to(dest):
@@ -217,7 +140,7 @@ def _present_in(name: str, root: Path, dest: Path) -> Path | None:
         raise BrainPropError(status.damaged)
     if not status.present:
         return None
-    if name != "tiny-imagenet":
+    if CATALOG[name].format.verified_by_loading:
         load_dataset(name, root)
     return status.path
 

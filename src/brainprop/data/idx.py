@@ -1,4 +1,4 @@
-"""MNIST and Fashion-MNIST from the official IDX files (gzipped or not).
+"""MNIST's format, the official IDX files (gzipped or not): MNIST and Fashion-MNIST.
 
 IDX layout: 2 zero bytes, a type byte (0x08 = uint8), a byte with the number of dimensions,
 then one big-endian uint32 per dimension, then the data in C order.
@@ -9,8 +9,9 @@ from __future__ import annotations
 import gzip
 import math
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, ClassVar
 
 import numpy as np
 import torch
@@ -19,6 +20,7 @@ from brainprop.errors import PERMISSIONS_FIX, BrainPropError, reason
 
 from .dataset import Dataset
 from .messages import UNREADABLE, download_command, inside_root, redownload
+from .status import DatasetStatus, first_damage
 
 IMAGES_MAGIC = 0x00000803
 LABELS_MAGIC = 0x00000801
@@ -41,14 +43,6 @@ IDX_MAGIC = {
     for pair in SPLIT_FILES.values()
     for name, magic in zip(pair, (IMAGES_MAGIC, LABELS_MAGIC), strict=True)
 }
-
-TITLES = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST"}
-
-#: Folders a system package fills, used when the data root has none of the files.
-SYSTEM_DIRS: dict[str, Path] = {
-    "fashion-mnist": Path("/usr/share/datasets/fashion-mnist"),
-}
-SYSTEM_PACKAGES = {"fashion-mnist": "dataset-fashion-mnist"}
 
 
 def parse_idx(data: bytes, *, magic: int, source: str, fix: str) -> np.ndarray:
@@ -209,86 +203,119 @@ def find_idx_file(folder: Path, base: str) -> Path | None:
     return None
 
 
-def idx_dataset_dir(name: str, root: Path) -> Path:
-    """The folder the loader reads for ``name``: ``root/name``, or the system package's
-    folder when ``root/name`` has none of the four files and the system folder has all."""
-    own = root / name
-    if any(find_idx_file(own, base) for base in IDX_FILE_NAMES):
-        return own
-    system = SYSTEM_DIRS.get(name)
-    if system is not None and all(find_idx_file(system, base) for base in IDX_FILE_NAMES):
-        return system
-    return own
+@dataclass(frozen=True)
+class IdxFiles:
+    """The format of a dataset in MNIST's four IDX files (gzipped or not) under
+    ``root/<name>/``: a :class:`~.catalog.Format`.
 
-
-def inside_hint(name: str, root: Path) -> str | None:
-    """The fix where ``root`` is a folder inside the data root that holds ``name``'s files
-    (:func:`~.messages.inside_root`), else None."""
-    first = Path(name, IDX_FILE_NAMES[0])
-    return inside_root(root, first, first.with_name(f"{first.name}.gz"))
-
-
-def how_to_get(name: str, root: Path) -> str:
-    """A one-line hint on obtaining the IDX files of ``name`` into the data root ``root``."""
-    if inside := inside_hint(name, root):
-        return inside
-    hint = (
-        f"put the four official IDX files (gzipped or not) in {root / name} "
-        f"or run {download_command(name, root)}"
-    )
-    if name in SYSTEM_PACKAGES:
-        hint += f" (or 'apt-get install {SYSTEM_PACKAGES[name]}')"
-    return hint
-
-
-def _load_split(
-    name: str, root: Path, folder: Path, split: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return uint8 images ``[N, 1, 28, 28]`` and int64 labels ``[N]`` of one split from
-    ``folder``: the data root ``root``'s, or the system package's."""
-    title = TITLES[name]
-    arrays = []
-    fix = redownload(name, root)
-    kinds = ((IMAGES_MAGIC, IMAGE_SIZE), (LABELS_MAGIC, None))
-    for base, (magic, image_size) in zip(SPLIT_FILES[split], kinds, strict=True):
-        path = find_idx_file(folder, base)
-        if path is None:
-            raise BrainPropError(
-                f"{title} file {folder / base}(.gz) is missing: {how_to_get(name, root)}"
-            )
-        source = f"{title} file {path}"
-        array = read_idx_file(path, magic=magic, source=source, fix=fix, image_size=image_size)
-        arrays.append((path, array))
-    (images_path, images), (labels_path, labels) = arrays
-    if images.shape[0] == 0:
-        raise BrainPropError(f"{title} file {images_path} holds no images: {fix}")
-    if images.shape[0] != labels.shape[0]:
-        raise BrainPropError(
-            f"{title} {split} split has {images.shape[0]} images in {images_path} but "
-            f"{labels.shape[0]} labels in {labels_path}: delete both and run "
-            f"{download_command(name, root)}"
-        )
-    bad = np.flatnonzero(labels >= NUM_CLASSES)
-    if bad.size:
-        raise BrainPropError(
-            f"{title} file {labels_path} has label {labels[bad[0]]} at index {bad[0]}, "
-            f"expected 0..{NUM_CLASSES - 1}: {fix}"
-        )
-    x = torch.from_numpy(images).unsqueeze(1).contiguous()
-    y = torch.from_numpy(labels.astype(np.int64))
-    return x, y
-
-
-def load_idx_dataset(name: str, root: Path, *, test_only: bool = False) -> Dataset:
-    """Load ``"mnist"`` or ``"fashion-mnist"`` from ``root/<name>/`` (or the system folder).
-
-    Returns a :class:`Dataset` with ``train_x`` uint8 ``[60000, 1, 28, 28]`` and ``test_x``
-    ``[10000, 1, 28, 28]`` for the official files; ``test_only``: the training files are not
-    read and the training split is empty.
+    Attributes:
+        title: the dataset's name in messages, e.g. ``"Fashion-MNIST"``.
+        system_dir: a folder a system package fills, read when the data root has none of the
+            files.
+        system_package: that package, named in the hint on getting the files.
     """
-    folder = idx_dataset_dir(name, root)
-    if test_only:
-        return Dataset.test_only(name, *_load_split(name, root, folder, "test"), NUM_CLASSES)
-    train_x, train_y = _load_split(name, root, folder, "train")
-    test_x, test_y = _load_split(name, root, folder, "test")
-    return Dataset(name, train_x, train_y, test_x, test_y, NUM_CLASSES)
+
+    title: str
+    system_dir: Path | None = None
+    system_package: str | None = None
+
+    image: ClassVar[tuple[int, int, int]] = (1, *IMAGE_SIZE)
+    classes: ClassVar[int] = NUM_CLASSES
+    verified_by_loading: ClassVar[bool] = True
+
+    def dataset_dir(self, name: str, root: Path) -> Path:
+        """``root/name``, or the system package's folder when ``root/name`` has none of the
+        four files and the system folder has all."""
+        own = root / name
+        if any(find_idx_file(own, base) for base in IDX_FILE_NAMES):
+            return own
+        system = self.system_dir
+        if system is not None and all(find_idx_file(system, base) for base in IDX_FILE_NAMES):
+            return system
+        return own
+
+    def inside_hint(self, name: str, root: Path) -> str | None:
+        """The fix where ``root`` is a folder inside the data root that holds ``name``'s
+        files (:func:`~.messages.inside_root`), else None."""
+        first = Path(name, IDX_FILE_NAMES[0])
+        return inside_root(root, first, first.with_name(f"{first.name}.gz"))
+
+    def how_to_get(self, name: str, root: Path) -> str:
+        """A one-line hint on obtaining the IDX files of ``name`` into the data root."""
+        if inside := self.inside_hint(name, root):
+            return inside
+        hint = (
+            f"put the four official IDX files (gzipped or not) in {root / name} "
+            f"or run {download_command(name, root)}"
+        )
+        if self.system_package is not None:
+            hint += f" (or 'apt-get install {self.system_package}')"
+        return hint
+
+    def status(self, name: str, root: Path) -> DatasetStatus:
+        """Present where all four files exist and each one's size agrees with its header."""
+        folder = self.dataset_dir(name, root)
+        paths = [find_idx_file(folder, base) for base in IDX_FILE_NAMES]
+        present = all(paths)
+        note = ""
+        if present and folder != root / name:
+            note = f"from system package {self.system_package}"
+        problems = (
+            (path, idx_file_problem(path, IDX_MAGIC[base]))
+            for path, base in zip(paths, IDX_FILE_NAMES, strict=True)
+            if path is not None
+        )
+        damaged, unreadable = first_damage(problems, name, root)
+        hint = self.how_to_get(name, root)
+        return DatasetStatus(name, present and not damaged, folder, hint, note, damaged, unreadable)
+
+    def load(self, name: str, root: Path, *, test_only: bool = False) -> Dataset:
+        """Load ``name`` from ``root/<name>/`` (or the system folder).
+
+        Returns a :class:`Dataset` with ``train_x`` uint8 ``[60000, 1, 28, 28]`` and
+        ``test_x`` ``[10000, 1, 28, 28]`` for the official files; ``test_only``: the training
+        files are not read and the training split is empty.
+        """
+        folder = self.dataset_dir(name, root)
+        if test_only:
+            return Dataset.test_only(name, *self._split(name, root, folder, "test"), NUM_CLASSES)
+        train_x, train_y = self._split(name, root, folder, "train")
+        test_x, test_y = self._split(name, root, folder, "test")
+        return Dataset(name, train_x, train_y, test_x, test_y, NUM_CLASSES)
+
+    def _split(
+        self, name: str, root: Path, folder: Path, split: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return uint8 images ``[N, 1, 28, 28]`` and int64 labels ``[N]`` of one split from
+        ``folder``: the data root ``root``'s, or the system package's."""
+        title = self.title
+        arrays = []
+        fix = redownload(name, root)
+        kinds = ((IMAGES_MAGIC, IMAGE_SIZE), (LABELS_MAGIC, None))
+        for base, (magic, image_size) in zip(SPLIT_FILES[split], kinds, strict=True):
+            path = find_idx_file(folder, base)
+            if path is None:
+                raise BrainPropError(
+                    f"{title} file {folder / base}(.gz) is missing: {self.how_to_get(name, root)}"
+                )
+            source = f"{title} file {path}"
+            array = read_idx_file(path, magic=magic, source=source, fix=fix, image_size=image_size)
+            arrays.append((path, array))
+        (images_path, images), (labels_path, labels) = arrays
+        if images.shape[0] == 0:
+            raise BrainPropError(f"{title} file {images_path} holds no images: {fix}")
+        if images.shape[0] != labels.shape[0]:
+            raise BrainPropError(
+                f"{title} {split} split has {images.shape[0]} images in {images_path} but "
+                f"{labels.shape[0]} labels in {labels_path}: delete both and run "
+                f"{download_command(name, root)}"
+            )
+        bad = np.flatnonzero(labels >= NUM_CLASSES)
+        if bad.size:
+            raise BrainPropError(
+                f"{title} file {labels_path} has label {labels[bad[0]]} at index {bad[0]}, "
+                f"expected 0..{NUM_CLASSES - 1}: {fix}"
+            )
+        x = torch.from_numpy(images).unsqueeze(1).contiguous()
+        y = torch.from_numpy(labels.astype(np.int64))
+        return x, y

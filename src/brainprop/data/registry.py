@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import inspect
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -13,31 +13,10 @@ from pathlib import Path
 from brainprop.errors import PERMISSIONS_FIX, BrainPropError, not_permitted, raised
 from brainprop.registry import Registry
 
-from .cifar import LAYOUTS, cifar_dir, cifar_file_problem, load_cifar
-from .cifar import how_to_get as cifar_how_to_get
-from .cifar import inside_hint as cifar_inside_hint
+from .catalog import CATALOG, FAMILIES
 from .dataset import Dataset
-from .idx import (
-    IDX_FILE_NAMES,
-    IDX_MAGIC,
-    SYSTEM_PACKAGES,
-    find_idx_file,
-    how_to_get,
-    idx_dataset_dir,
-    idx_file_problem,
-    load_idx_dataset,
-)
-from .idx import inside_hint as idx_inside_hint
-from .messages import UNREADABLE, redownload
 from .root import data_root, resolve_data_root
-from .tinyimagenet import CACHE_DIR, load_tiny_imagenet, tiny_imagenet_dir, tree_problem
-from .tinyimagenet import NAME as TINY_IMAGENET
-from .tinyimagenet import how_to_get as tiny_how_to_get
-from .tinyimagenet import inside_hint as tiny_inside_hint
-
-#: The dataset families, the first item of a preset table's key: each dataset takes its
-#: family's rows of hyperparameters.
-FAMILIES = ("mnist", "cifar10", "cifar100", "tiny-imagenet")
+from .status import DatasetStatus
 
 
 @dataclass(frozen=True)
@@ -85,6 +64,12 @@ def _entry_problem(entry: object) -> str | None:
     return None
 
 
+def _load_official(name: str, root: Path, *, test_only: bool = False) -> Dataset:
+    """Load one of the library's datasets by its catalog row as the row is now, so that a row
+    replaced (its system folder, in a test) is the one read."""
+    return CATALOG[name].format.load(name, root, test_only=test_only)
+
+
 #: The datasets ``load_dataset``, ``TrainConfig.dataset`` and ``brainprop train --dataset``
 #: know. One of one's own is an entry, e.g.
 #: ``DATASETS["kmnist"] = DatasetEntry(load_kmnist, family="mnist")``; given to the command
@@ -92,64 +77,21 @@ def _entry_problem(entry: object) -> str | None:
 DATASETS: Registry[DatasetEntry] = Registry(
     "DATASETS",
     "dataset",
-    # Fashion-MNIST has MNIST's format and was not in the paper, so it takes MNIST's settings;
-    # CIFAR-100's coarse labels take CIFAR-100's.
     {
-        "mnist": DatasetEntry(partial(load_idx_dataset, "mnist"), "mnist"),
-        "fashion-mnist": DatasetEntry(partial(load_idx_dataset, "fashion-mnist"), "mnist"),
-        "cifar10": DatasetEntry(partial(load_cifar, "cifar10"), "cifar10"),
-        "cifar100": DatasetEntry(partial(load_cifar, "cifar100"), "cifar100"),
-        "cifar100-coarse": DatasetEntry(partial(load_cifar, "cifar100-coarse"), "cifar100"),
-        "tiny-imagenet": DatasetEntry(load_tiny_imagenet, "tiny-imagenet"),
+        name: DatasetEntry(partial(_load_official, name), row.family)
+        for name, row in CATALOG.items()
     },
     check=_entry_problem,
 )
 #: The library's datasets: their official files are what ``brainprop datasets`` lists and
 #: ``brainprop download`` fetches.
 DATASET_NAMES: tuple[str, ...] = DATASETS.builtin
-_IDX = ("mnist", "fashion-mnist")
 
 
 def dataset_family(name: str) -> str | None:
     """The family whose preset rows dataset ``name`` takes; None for a name not registered."""
     entry = DATASETS.get(name)
     return None if entry is None else entry.family
-
-
-@dataclass(frozen=True)
-class DatasetStatus:
-    """Whether one dataset is available under a data root (for ``brainprop datasets``).
-
-    Attributes:
-        name: the dataset name.
-        present: all files the loader needs exist, and none looks damaged by its size and
-            header (their content is checked only on load).
-        path: the folder the loader reads, or would read once the files are there.
-        how_to_get: one line on obtaining the files.
-        note: where a present dataset comes from when not the data root itself, or cache state.
-        damaged: what is wrong with the first existing file that looks damaged (its path,
-            what, and the fix), else "": also where other files are missing, so that a
-            download does not fetch them beside a damaged one the loader would read.
-        unreadable: what ``damaged`` says is a file or folder this user may not read, which
-            is no damage.
-    """
-
-    name: str
-    present: bool
-    path: Path
-    how_to_get: str
-    note: str = ""
-    damaged: str = ""
-    unreadable: bool = False
-
-    def __str__(self) -> str:
-        """One table row: name, present/unreadable/damaged/missing, folder, then the note,
-        what is wrong, or how to get it."""
-        state = "present" if self.present else "missing"
-        if self.damaged:
-            state = "unreadable" if self.unreadable else "damaged"
-        extra = self.note if self.present else self.damaged or self.how_to_get
-        return f"{self.name:<16} {state:<10} {self.path}" + (f"  ({extra})" if extra else "")
 
 
 def check_name(name: str) -> None:
@@ -167,21 +109,13 @@ def check_name(name: str) -> None:
 def data_dir(name: str, root: Path) -> Path:
     """The folder the loader of ``name`` reads under ``root``."""
     check_name(name)
-    if name in _IDX:
-        return idx_dataset_dir(name, root)
-    if name in LAYOUTS:
-        return cifar_dir(name, root)
-    return tiny_imagenet_dir(root)
+    return CATALOG[name].format.dataset_dir(name, root)
 
 
 def inside_data_root(name: str, root: Path) -> str | None:
     """The fix where ``root`` is a folder inside the data root that holds ``name`` (``--data-dir
     data/mnist`` for ``data``), else None."""
-    if name in _IDX:
-        return idx_inside_hint(name, root)
-    if name in LAYOUTS:
-        return cifar_inside_hint(name, root)
-    return tiny_inside_hint(root) if name == TINY_IMAGENET else None
+    return CATALOG[name].format.inside_hint(name, root) if name in CATALOG else None
 
 
 def load_dataset(name: str, root: str | Path | None = None, *, test_only: bool = False) -> Dataset:
@@ -240,58 +174,6 @@ def _barred(path: Path) -> Path:
     return barred[-1] if barred else path.parent
 
 
-def _status(name: str, root: Path) -> DatasetStatus:
-    folder = data_dir(name, root)
-    if name in _IDX:
-        paths = [find_idx_file(folder, base) for base in IDX_FILE_NAMES]
-        present = all(paths)
-        note = ""
-        if present and folder != root / name:
-            note = f"from system package {SYSTEM_PACKAGES[name]}"
-        problems = (
-            (path, idx_file_problem(path, IDX_MAGIC[base]))
-            for path, base in zip(paths, IDX_FILE_NAMES, strict=True)
-            if path is not None
-        )
-        damaged, unreadable = _damaged(problems, name, root)
-        hint = how_to_get(name, root)
-        return DatasetStatus(name, present and not damaged, folder, hint, note, damaged, unreadable)
-    if name in LAYOUTS:
-        layout = LAYOUTS[name]
-        paths = [folder / f for f in layout.train_files + layout.test_files]
-        present = all(p.is_file() for p in paths)
-        hint = cifar_how_to_get(name, root)
-        damaged, unreadable = _damaged(
-            ((p, cifar_file_problem(p)) for p in paths if p.is_file()), layout.download_name, root
-        )
-        return DatasetStatus(
-            name, present and not damaged, folder, hint, damaged=damaged, unreadable=unreadable
-        )
-    present = all(
-        p.exists()
-        for p in (folder / "wnids.txt", folder / "train", folder / "val" / "val_annotations.txt")
-    )
-    hint = tiny_how_to_get(root)
-    note = "decoded cache present" if (folder / CACHE_DIR / "manifest.json").is_file() else ""
-    damaged = (tree_problem(folder) or "") if present else ""
-    unreadable = damaged.endswith(PERMISSIONS_FIX)
-    return DatasetStatus(name, present and not damaged, folder, hint, note, damaged, unreadable)
-
-
-def _damaged(
-    problems: Iterable[tuple[Path, str | None]], download_name: str, root: Path
-) -> tuple[str, bool]:
-    """The first problem of ``problems`` (path, problem or None) in the data root ``root``, as
-    one line with its fix, and whether it is one of permissions; ``""`` where there is none."""
-    for path, problem in problems:
-        if problem is not None:
-            # Permissions, not damage, are the usual reason a file cannot be opened.
-            unreadable = problem.startswith(UNREADABLE)
-            fix = PERMISSIONS_FIX if unreadable else redownload(download_name, root)
-            return f"{path} {problem}: {fix}", unreadable
-    return "", False
-
-
 def own_datasets() -> list[str]:
     """One row per registered dataset of one's own, for ``brainprop datasets`` beside the
     statuses: its files are its loader's business, so they are not checked."""
@@ -323,10 +205,10 @@ def dataset_status(
 
 
 def _checked_status(name: str, root: Path) -> DatasetStatus:
-    """:func:`_status`, or, where a folder on the way to the files may not be entered, a row
-    that names it: the other datasets are still listed."""
+    """The format's status of ``name``, or, where a folder on the way to the files may not
+    be entered, a row that names it: the other datasets are still listed."""
     try:
-        return _status(name, root)
+        return CATALOG[name].format.status(name, root)
     except PermissionError as e:
         where = _barred(Path(e.filename)) if e.filename else root / name
         return DatasetStatus(

@@ -27,6 +27,7 @@ from brainprop.files import atomic_write
 
 from .dataset import Dataset
 from .messages import download_command, inside_root
+from .status import DatasetStatus
 
 NAME = "tiny-imagenet"
 SUBDIR = "tiny-imagenet-200"
@@ -35,25 +36,6 @@ CACHE_DIR = ".brainprop-cache"
 CACHE_VERSION = 2
 CACHE_ARRAYS = ("train_x", "train_y", "test_x", "test_y")
 WNID = re.compile(r"[\w.-]+")
-
-
-def tiny_imagenet_dir(root: Path) -> Path:
-    """``root/tiny-imagenet/tiny-imagenet-200``."""
-    return root / NAME / SUBDIR
-
-
-def inside_hint(root: Path) -> str | None:
-    """The fix where ``root`` is a folder inside the data root that holds the tree
-    (:func:`~.messages.inside_root`), else None."""
-    return inside_root(root, Path(NAME, SUBDIR, "wnids.txt"))
-
-
-def how_to_get(root: Path) -> str:
-    """A one-line hint on obtaining the tree into the data root ``root``."""
-    return inside_hint(root) or (
-        f"run {download_command(NAME, root)} or unzip tiny-imagenet-200.zip into "
-        f"{tiny_imagenet_dir(root).parent}"
-    )
 
 
 def _fail(what: str, inside: Path, exc: BaseException | None = None) -> BrainPropError:
@@ -289,34 +271,78 @@ def _save_cache(cache: Path, manifest: dict, arrays: dict[str, np.ndarray]) -> N
         )
 
 
-def load_tiny_imagenet(root: Path, *, test_only: bool = False) -> Dataset:
-    """Load Tiny ImageNet from ``root/tiny-imagenet/tiny-imagenet-200``.
+class TinyImageNetTree:
+    """The format of Tiny ImageNet: the official tree under ``root/<name>/tiny-imagenet-200``,
+    its ``val`` split serving as the test split: a :class:`~.catalog.Format`."""
 
-    Returns a :class:`Dataset` with ``train_x`` uint8 ``[100000, 3, 64, 64]`` and ``test_x``
-    (the official val split) ``[10000, 3, 64, 64]`` for the official tree; 200 classes.
-    ``test_only``: the training images are neither listed nor decoded and the training split is
-    empty. Nor is the cache read: it vouches for both splits, and checking it would mean listing
-    and reading the size of every training image.
-    """
-    folder = tiny_imagenet_dir(root)
-    if not folder.is_dir():
-        raise BrainPropError(f"Tiny ImageNet folder {folder} is missing: {how_to_get(root)}")
-    wnids = read_wnids(folder)
-    class_index = {wnid: i for i, wnid in enumerate(wnids)}
-    test = _list_test(folder, class_index)
-    if test_only:
-        test_x, test_y = _decode_split(test, "decoding Tiny ImageNet val")
-        return Dataset.test_only(
-            NAME, torch.from_numpy(test_x), torch.from_numpy(test_y), len(wnids)
+    image = (3, *IMAGE_SIZE)
+    classes = 200
+    #: Loading decodes 110,000 JPEGs (a minute), too long for a check before a download.
+    verified_by_loading = False
+
+    def dataset_dir(self, name: str, root: Path) -> Path:
+        """``root/<name>/tiny-imagenet-200``."""
+        return root / name / SUBDIR
+
+    def inside_hint(self, name: str, root: Path) -> str | None:
+        """The fix where ``root`` is a folder inside the data root that holds the tree
+        (:func:`~.messages.inside_root`), else None."""
+        return inside_root(root, Path(name, SUBDIR, "wnids.txt"))
+
+    def how_to_get(self, name: str, root: Path) -> str:
+        """A one-line hint on obtaining the tree into the data root ``root``."""
+        return self.inside_hint(name, root) or (
+            f"run {download_command(name, root)} or unzip tiny-imagenet-200.zip into {root / name}"
         )
-    train = [(p, i) for i, wnid in enumerate(wnids) for p in _train_images(folder, wnid)]
-    manifest = _manifest(folder, train, test)
-    cache = folder / CACHE_DIR
-    arrays = _load_cache(cache, manifest, len(wnids))
-    if arrays is None:
-        train_x, train_y = _decode_split(train, "decoding Tiny ImageNet train")
-        test_x, test_y = _decode_split(test, "decoding Tiny ImageNet val")
-        arrays = {"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y}
-        _save_cache(cache, manifest, arrays)
-    t = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
-    return Dataset(NAME, t["train_x"], t["train_y"], t["test_x"], t["test_y"], len(wnids))
+
+    def status(self, name: str, root: Path) -> DatasetStatus:
+        """Present where the tree's lists and image folders agree (no image decoded), and
+        whether a decoded cache is there."""
+        folder = self.dataset_dir(name, root)
+        present = all(
+            p.exists()
+            for p in (
+                folder / "wnids.txt",
+                folder / "train",
+                folder / "val" / "val_annotations.txt",
+            )
+        )
+        note = "decoded cache present" if (folder / CACHE_DIR / "manifest.json").is_file() else ""
+        damaged = (tree_problem(folder) or "") if present else ""
+        unreadable = damaged.endswith(PERMISSIONS_FIX)
+        hint = self.how_to_get(name, root)
+        return DatasetStatus(name, present and not damaged, folder, hint, note, damaged, unreadable)
+
+    def load(self, name: str, root: Path, *, test_only: bool = False) -> Dataset:
+        """Load the tree from ``root/<name>/tiny-imagenet-200``.
+
+        Returns a :class:`Dataset` with ``train_x`` uint8 ``[100000, 3, 64, 64]`` and
+        ``test_x`` (the official val split) ``[10000, 3, 64, 64]`` for the official tree; 200
+        classes. ``test_only``: the training images are neither listed nor decoded and the
+        training split is empty. Nor is the cache read: it vouches for both splits, and
+        checking it would mean listing and reading the size of every training image.
+        """
+        folder = self.dataset_dir(name, root)
+        if not folder.is_dir():
+            raise BrainPropError(
+                f"Tiny ImageNet folder {folder} is missing: {self.how_to_get(name, root)}"
+            )
+        wnids = read_wnids(folder)
+        class_index = {wnid: i for i, wnid in enumerate(wnids)}
+        test = _list_test(folder, class_index)
+        if test_only:
+            test_x, test_y = _decode_split(test, "decoding Tiny ImageNet val")
+            return Dataset.test_only(
+                name, torch.from_numpy(test_x), torch.from_numpy(test_y), len(wnids)
+            )
+        train = [(p, i) for i, wnid in enumerate(wnids) for p in _train_images(folder, wnid)]
+        manifest = _manifest(folder, train, test)
+        cache = folder / CACHE_DIR
+        arrays = _load_cache(cache, manifest, len(wnids))
+        if arrays is None:
+            train_x, train_y = _decode_split(train, "decoding Tiny ImageNet train")
+            test_x, test_y = _decode_split(test, "decoding Tiny ImageNet val")
+            arrays = {"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y}
+            _save_cache(cache, manifest, arrays)
+        t = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+        return Dataset(name, t["train_x"], t["train_y"], t["test_x"], t["test_y"], len(wnids))
