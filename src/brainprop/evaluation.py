@@ -16,12 +16,13 @@ from torch import nn
 
 from . import checkpoint, fastpath, rundir
 from .config import TrainConfig
-from .data import DATASETS, Dataset, load_dataset
+from .data import Dataset, load_dataset
 from .data.batches import ordered_batches
 from .devices import autocast, device_name, resolve_device, warn_if_slow_bf16
 from .errors import BrainPropError, command, reason
 from .feedback import convert
 from .presets import Hyperparameters, build_model
+from .provenance import check_loadable, check_same_data, check_trained_on, declares_sizes
 
 EVAL_BATCH = 1000
 
@@ -58,103 +59,6 @@ def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
     """Whether every floating tensor of ``tensors`` is free of NaN and inf (one device sync)."""
     checks = [torch.isfinite(t).all() for t in tensors if t.is_floating_point()]
     return not checks or bool(torch.stack(checks).all())
-
-
-def check_trained_on(state: dict[str, Any], ds: Dataset, source: str, remedy: str) -> None:
-    """One-line BrainPropError unless ``ds`` has the input shape and classes of ``state``, a
-    checkpoint read from ``source``; ``remedy`` ends the message."""
-    shape, classes = tuple(state["input_shape"]), state["num_classes"]
-    if shape != ds.input_shape or classes != ds.num_classes:
-        raise BrainPropError(
-            f"{source} was trained on inputs {shape} with {classes} classes, but the data has "
-            f"{ds.input_shape} with {ds.num_classes}: {remedy}"
-        )
-
-
-def check_same_data(recorded: Any, ds: Dataset, source: str, remedy: str, call: str) -> None:
-    """One-line BrainPropError unless ``ds`` (of the shape and classes that
-    :func:`check_trained_on` checked) is the data ``recorded``, a run's record of it read from
-    ``source`` (a checkpoint's ``data``, or the run's data.json; None for runs from before
-    either), describes: its name and images per class (:meth:`Dataset.fingerprint`), the
-    training split's only where ``ds`` has one. The message ends with ``remedy`` and how to
-    pass the data, ``call``.
-
-    A run on data of one's own (``train(config, dataset=...)``) is named for
-    ``config.dataset``, whose files a resume or evaluation would otherwise load in its place,
-    as it would other files of the same shape at the run's data root."""
-    if recorded is None:
-        return
-    _check_record(recorded, source)
-    splits = ("train", "test") if len(ds.train_y) else ("test",)
-    here = ds.fingerprint()
-    if recorded["name"] != here["name"] or any(recorded[s] != here[s] for s in splits):
-        then, now = _described(recorded, splits), _described(here, splits)
-        if then == now:
-            now += " with other numbers of images per class"
-        name = recorded["name"]
-        how = (
-            f"its loader, DATASETS[{name!r}].load, must load what it loaded then"
-            if name in DATASETS and name not in DATASETS.builtin
-            else f"--data-dir the folder it was read from; data of one's own as {call}"
-        )
-        raise BrainPropError(
-            f"{source} was trained on {then}, but the data now is {now}: {remedy} ({how})"
-        )
-
-
-def check_loadable(recorded: Any, dataset: str, source: str, call: str) -> None:
-    """One-line BrainPropError, before any file is read, if ``recorded`` (as in
-    :func:`check_same_data`) names data of one's own, which loading ``dataset``, the run's
-    ``config.dataset``, would not give: ``call`` says how to pass that data again."""
-    if recorded is None:
-        return
-    _check_record(recorded, source)
-    if recorded["name"] != dataset:
-        raise BrainPropError(
-            f"{source} was trained on data of one's own, {recorded['name']!r}, not on "
-            f"{dataset}'s files, which brainprop would load: pass that data again, as {call} "
-            f"(from Python: the command line loads only the dataset the run's config names, "
-            f"{dataset})"
-        )
-
-
-def _check_record(recorded: Any, source: str) -> None:
-    counts = (
-        [recorded.get(split) for split in ("train", "test")] if isinstance(recorded, dict) else []
-    )
-    ok = (
-        len(counts) == 2
-        and isinstance(recorded.get("name"), str)
-        and all(isinstance(c, list) and c for c in counts)
-        and len(counts[0]) == len(counts[1])
-        and all(type(n) is int and n >= 0 for c in counts for n in c)
-    )
-    if not ok:
-        raise BrainPropError(
-            f"{source} records the data it was trained on in a damaged form: it is damaged or "
-            "from another version; use another checkpoint, or start a new run"
-        )
-
-
-def _described(fingerprint: dict[str, Any], splits: tuple[str, ...]) -> str:
-    """``'mnist' (60000 training, 10000 test images)``."""
-    sizes = ", ".join(
-        f"{sum(fingerprint[s])} {'training' if s == 'train' else 'test'}" for s in splits
-    )
-    return f"{fingerprint['name']!r} ({sizes} images)"
-
-
-def declares_sizes(state: dict[str, Any]) -> bool:
-    """Whether the checkpoint ``state`` names its input shape as three positive sizes and its
-    classes as a positive count: a network can be built for them."""
-    shape, classes = state.get("input_shape"), state.get("num_classes")
-    return (
-        isinstance(shape, list)
-        and len(shape) == 3
-        and all(type(n) is int and n > 0 for n in shape)
-        and type(classes) is int
-        and classes > 0
-    )
 
 
 def load_model(target: str | Path) -> tuple[nn.Module, dict[str, Any]]:

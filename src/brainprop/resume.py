@@ -19,7 +19,8 @@ from .config import TrainConfig
 from .data import Dataset
 from .devices import device_problem
 from .errors import BrainPropError, UnknownName, reason
-from .evaluation import all_finite, check_same_data, check_trained_on, declares_sizes
+from .evaluation import all_finite
+from .provenance import check_same_data, check_trained_on, declares_sizes
 from .summary import epochs_phrase
 
 if TYPE_CHECKING:

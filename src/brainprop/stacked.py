@@ -50,9 +50,10 @@ from .data import Dataset, load_dataset
 from .data.batches import num_batches, ordered_batches, permuted_batches
 from .devices import autocast, resolve_device, warn_if_slow_bf16
 from .errors import BrainPropError
-from .evaluation import EVAL_BATCH, check_loadable, check_same_data
+from .evaluation import EVAL_BATCH
 from .objectives import Objective, Output, batch_scale
 from .presets import decayed_parameters
+from .provenance import check_loadable, check_same_data
 from .resume import RESUME_REMEDY, checkpoint_and_config, data_record, restore
 from .step import decay_groups, objective_input, tally
 from .summary import EARLY_STOPPING, summarize

@@ -40,11 +40,12 @@ from .data.batches import num_batches, permuted_batches, to_float
 from .devices import device_name, warn_if_slow_bf16
 from .diagnostics import diagnostics, plot_diagnostics
 from .errors import BrainPropError, command
-from .evaluation import accuracy, all_finite, check_loadable, check_same_data
+from .evaluation import accuracy, all_finite
 from .feedback import convert
 from .objectives import Objective, make_objective
 from .peaks import tf32_ops
 from .presets import build_model
+from .provenance import check_loadable, check_same_data
 from .resume import (
     PARTIAL_SUMS,
     RESUME_CALL,
