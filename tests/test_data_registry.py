@@ -53,7 +53,11 @@ def test_names() -> None:
     )
 
 
-def test_each_catalog_row_downloads_into_the_folder_its_format_reads(tmp_path: Path) -> None:
+def test_each_catalog_row_downloads_into_the_folder_its_format_reads(
+    tmp_path: Path, monkeypatch
+) -> None:
+    # A Fashion-MNIST the system package installed would be read from its own folder.
+    patch_format(monkeypatch, "fashion-mnist", system_dir=None, system_package=None)
     for name, row in CATALOG.items():
         assert row.family in FAMILIES, name
         dest = tmp_path / row.source.folder / (row.source.top or "")

@@ -43,7 +43,7 @@ def checkpoint_and_config(
     last = run_path / rundir.LAST
     state = checkpoint.load(last) if last.is_file() else None
     if state is None:
-        _refuse_restart(run_path)
+        rundir.refuse_restart(run_path)
     else:
         own = _stored_config(state.get("config"), last)
         # Where the data is, and a raised --epochs, may change over a run's life: the first
@@ -126,29 +126,6 @@ def stored_config(run_path: Path) -> TrainConfig:
             "(it holds config.json and last.pt)"
         )
     return _stored_config(rundir.read_json(run_path / rundir.CONFIG), run_path / rundir.CONFIG)
-
-
-def _refuse_restart(run_path: Path) -> None:
-    """A run without ``last.pt`` resumes from its start, which is right only if it was killed
-    before its first checkpoint; once it has results, starting over would overwrite them.
-
-    ``best.pt`` alone is no such result: the first epoch's end writes it just before the first
-    ``last.pt``, so a kill in between leaves it. The history comes after ``last.pt``, and
-    ``epoch_start.pt`` is a copy of an earlier one.
-    """
-    left = [n for n in (rundir.HISTORY_CSV, rundir.HISTORY_JSON, rundir.EPOCH_START)
-            if (run_path / n).exists()]  # fmt: skip
-    if left:
-        raise BrainPropError(
-            f"{run_path / rundir.LAST} is missing, but the run has trained ({left[0]} is "
-            "there), and resuming would start it over and overwrite that: put back its "
-            "last.pt, or start a new run"
-        )
-    if (run_path / rundir.SUMMARY).is_file():
-        raise BrainPropError(
-            f"{run_path} ended before its first checkpoint ({rundir.SUMMARY} says why): "
-            "there is nothing to continue; start a new run"
-        )
 
 
 def _stored_config(d: Any, source: Path) -> TrainConfig:

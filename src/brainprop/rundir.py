@@ -15,6 +15,16 @@
 ```
 Every file is written atomically, and a process training a run holds its directory
 (:func:`claimed`), so that a second one cannot resume the same run meanwhile.
+
+The checkpoints are written in an order a kill at any moment leaves resumable:
+
+- an epoch's end (:func:`save_epoch_end`): best.pt where the epoch is the best, last.pt,
+  epoch_start.pt removed, the history. A best.pt without last.pt is no sign of training
+  (:func:`refuse_restart`); a history one row short is rewritten as the run closes.
+- a stop inside an epoch (:func:`save_state`): the end of the epoch before is kept as
+  epoch_start.pt, where a NaN later in the epoch rewinds to (:func:`rewind_point`), then
+  last.pt.
+- the run's close: history, plots, and last summary.json, which marks it finished.
 """
 
 from __future__ import annotations
@@ -30,9 +40,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import locks
+from . import checkpoint, locks
 from .errors import PERMISSIONS_FIX, BrainPropError
-from .files import atomic_write_figure, atomic_write_json, atomic_write_text, probe_write
+from .files import atomic_write_figure, atomic_write_json, atomic_write_text, copy, probe_write
 from .summary import best_row
 
 CONFIG, HISTORY_CSV, HISTORY_JSON = "config.json", "history.csv", "history.json"
@@ -40,7 +50,7 @@ CONFIG, HISTORY_CSV, HISTORY_JSON = "config.json", "history.csv", "history.json"
 DATA = "data.json"
 LAST, BEST, PLOT, SUMMARY = "last.pt", "best.pt", "accuracy.png", "summary.json"
 #: While last.pt holds a position inside an epoch, the end of the epoch before it (see
-#: ``train.save_last``): where a NaN later in that epoch rewinds to.
+#: :func:`save_state`): where a NaN later in that epoch rewinds to.
 EPOCH_START = "epoch_start.pt"
 
 
@@ -176,6 +186,94 @@ def write_history(run: Path, history: list[dict[str, Any]]) -> None:
     writer.writeheader()
     writer.writerows(history)
     atomic_write_text(run / HISTORY_CSV, buf.getvalue())
+
+
+def save_epoch_end(
+    run: Path, state: dict[str, Any], history: list[dict[str, Any]], best: dict[str, Any] | None
+) -> None:
+    """Write the end of an epoch: ``best`` (the weights, where the epoch is the best so far)
+    as best.pt, the whole ``state`` as last.pt, and the ``history`` that ends with it."""
+    if best is not None:
+        checkpoint.save(run / BEST, best)
+    checkpoint.save(run / LAST, state)
+    (run / EPOCH_START).unlink(missing_ok=True)
+    write_history(run, history)
+
+
+def save_state(run: Path, state: dict[str, Any], epochs_done: int) -> None:
+    """Write ``state`` as last.pt, as a stop does, after ``epochs_done`` epochs.
+
+    A state inside an epoch replaces the end of the epoch before, which a NaN later in this
+    epoch rewinds to, as it would in a run never stopped: that one is kept first, as
+    epoch_start.pt, until an epoch's end is written again.
+    """
+    last, start = run / LAST, run / EPOCH_START
+    if state["partial"] is None:
+        checkpoint.save(last, state)
+        start.unlink(missing_ok=True)
+        return
+    if epochs_done and epoch_start(run, epochs_done) is None and last.is_file():
+        on_disk = checkpoint.load(last)
+        if on_disk.get("partial") is None and on_disk.get("epoch") == epochs_done:
+            copy(last, start)
+    checkpoint.save(last, state)
+
+
+def epoch_start(run: Path, epoch: int) -> dict[str, Any] | None:
+    """epoch_start.pt if it holds the end of epoch ``epoch`` (1-based), else None: one left
+    from an earlier epoch by a kill is stale, and a damaged one is as good as none (a stop
+    replaces it; a rewind goes to last.pt instead), never a reason to lose a stop's state."""
+    start = run / EPOCH_START
+    if not start.is_file():
+        return None
+    try:
+        state = checkpoint.load(start)
+    except BrainPropError:
+        return None
+    return state if state.get("partial") is None and state.get("epoch") == epoch else None
+
+
+def rewind_point(run: Path) -> tuple[dict[str, Any] | None, Path]:
+    """The state a NaN rewinds to, and the file it is in (None: the initial state): the end of
+    the last finished epoch.
+
+    A last.pt inside an epoch (a stop, then a resume) is not where a run never stopped goes
+    back to; the end of the epoch before, kept as epoch_start.pt by :func:`save_state`, is.
+    Inside the first epoch that is the initial state. Without a usable epoch_start.pt (a run
+    directory of an earlier version, a damaged file) it is last.pt itself.
+    """
+    last = run / LAST
+    if not last.is_file():
+        return None, last
+    state = checkpoint.load(last)
+    if state.get("partial") is None:
+        return state, last
+    if state.get("epoch") == 0:
+        return None, last
+    start = epoch_start(run, state.get("epoch"))
+    return (start, run / EPOCH_START) if start is not None else (state, last)
+
+
+def refuse_restart(run: Path) -> None:
+    """A run without ``last.pt`` resumes from its start, which is right only if it was killed
+    before its first checkpoint; once it has results, starting over would overwrite them.
+
+    ``best.pt`` alone is no such result: the first epoch's end writes it just before the first
+    ``last.pt``, so a kill in between leaves it. The history comes after ``last.pt``, and
+    ``epoch_start.pt`` is a copy of an earlier one.
+    """
+    left = [n for n in (HISTORY_CSV, HISTORY_JSON, EPOCH_START) if (run / n).exists()]
+    if left:
+        raise BrainPropError(
+            f"{run / LAST} is missing, but the run has trained ({left[0]} is there), and "
+            "resuming would start it over and overwrite that: put back its last.pt, or start a "
+            "new run"
+        )
+    if (run / SUMMARY).is_file():
+        raise BrainPropError(
+            f"{run} ended before its first checkpoint ({SUMMARY} says why): there is nothing "
+            "to continue; start a new run"
+        )
 
 
 def read_json(path: Path, fix: str = "the run directory is damaged") -> Any:

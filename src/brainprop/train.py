@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import checkpoint, distributed, fastpath, files, memory, rng, rundir, signals
+from . import distributed, fastpath, files, memory, rng, rundir, signals
 from .config import MAX_NAN_RELOADS, VAL_TEST, TrainConfig
 from .data import Dataset, load_dataset, split_validation
 from .data.batches import num_batches, permuted_batches, to_float
@@ -740,42 +740,10 @@ def write_results(trainer: Trainer, run_path: Path, summary: dict[str, Any]) -> 
 
 
 def save_last(trainer: Trainer, run_path: Path) -> None:
-    """Checkpoint the whole state; every rank calls this, as state() gathers their streams.
-
-    A state inside an epoch replaces the end of the epoch before, which a NaN later in this
-    epoch rewinds to, as it would in a run never stopped: that one is kept first, as
-    epoch_start.pt, until an epoch's end is written again.
-    """
+    """Checkpoint the whole state (:func:`rundir.save_state`); every rank calls this, as
+    state() gathers their streams."""
     state = trainer.state()
-
-    def write() -> None:
-        last, start = run_path / rundir.LAST, run_path / rundir.EPOCH_START
-        if state["partial"] is None:
-            checkpoint.save(last, state)
-            start.unlink(missing_ok=True)
-            return
-        epoch = len(trainer.history)
-        if epoch and _epoch_start(run_path, epoch) is None and last.is_file():
-            on_disk = checkpoint.load(last)
-            if on_disk.get("partial") is None and on_disk.get("epoch") == epoch:
-                files.copy(last, start)
-        checkpoint.save(last, state)
-
-    trainer.parallel.on_main(write)
-
-
-def _epoch_start(run_path: Path, epoch: int) -> dict[str, Any] | None:
-    """epoch_start.pt if it holds the end of epoch ``epoch`` (1-based), else None: one left
-    from an earlier epoch by a kill is stale, and a damaged one is as good as none (a stop
-    replaces it; a rewind goes to last.pt instead), never a reason to lose a stop's state."""
-    start = run_path / rundir.EPOCH_START
-    if not start.is_file():
-        return None
-    try:
-        state = checkpoint.load(start)
-    except BrainPropError:
-        return None
-    return state if state.get("partial") is None and state.get("epoch") == epoch else None
+    trainer.parallel.on_main(lambda: rundir.save_state(run_path, state, len(trainer.history)))
 
 
 @dataclass(frozen=True)
@@ -847,14 +815,11 @@ def end_epoch(
     best = best_row(trainer.history) is row
     state = trainer.state()
 
-    def write() -> None:
-        if best:
-            checkpoint.save(run_path / rundir.BEST, _weights(trainer, epoch + 1))
-        checkpoint.save(run_path / rundir.LAST, state)
-        (run_path / rundir.EPOCH_START).unlink(missing_ok=True)
-        rundir.write_history(run_path, trainer.history)
-
-    trainer.parallel.on_main(write)
+    trainer.parallel.on_main(
+        lambda: rundir.save_epoch_end(
+            run_path, state, trainer.history, _weights(trainer, epoch + 1) if best else None
+        )
+    )
     say(
         f"epoch {epoch + 1:3d}/{config.epochs}  loss {metrics['train_loss']:.4f}  "
         f"reward {metrics['train_reward']:.4f}  val {val_acc:.4f}  lr {row['lr']:.4g}  "
@@ -898,36 +863,16 @@ def _kept(run_path: Path, without: str) -> str:
 
 
 def rewind(old: Trainer, ds: Dataset, run_path: Path) -> Trainer:
-    """A trainer at the end of the last finished epoch (the initial state if none), at half
-    the LR.
-
-    A last.pt inside an epoch (a stop, then a resume) is not where a run never stopped goes
-    back to; the end of the epoch before, kept as epoch_start.pt by :func:`save_last`, is.
-    Inside the first epoch that is the initial state. Without a usable epoch_start.pt (a run
-    directory of an earlier version, a damaged file) it rewinds to last.pt itself.
-    """
+    """A trainer at the end of the last finished epoch (:func:`rundir.rewind_point`; the
+    initial state if none), at half the LR."""
     # The data stays where it is: a second copy on the device, beside the old trainer's,
     # could be more than a GPU holds.
     trainer = Trainer(old.config, ds, old.progress, old.tag, data_of=old, parallel=old.parallel)
-    state, source = old.parallel.on_main(lambda: _rewind_point(run_path))
+    state, source = old.parallel.on_main(lambda: rundir.rewind_point(run_path))
     if state is not None:
         restore(trainer, state, ds, run_path, source)
     trainer.lr_scale, trainer.nan_reloads = old.lr_scale / 2, old.nan_reloads + 1
     return trainer
-
-
-def _rewind_point(run_path: Path) -> tuple[dict[str, Any] | None, Path]:
-    """The state :func:`rewind` goes back to, and the file it is in (None: the initial one)."""
-    last = run_path / rundir.LAST
-    if not last.is_file():
-        return None, last
-    state = checkpoint.load(last)
-    if state.get("partial") is None:
-        return state, last
-    if state.get("epoch") == 0:
-        return None, last
-    start = _epoch_start(run_path, state.get("epoch"))
-    return (start, run_path / rundir.EPOCH_START) if start is not None else (state, last)
 
 
 def check_room(trainer: Trainer, run_path: Path) -> None:

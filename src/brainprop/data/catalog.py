@@ -47,7 +47,8 @@ class Format(Protocol):
         ...
 
     def status(self, name: str, root: Path) -> DatasetStatus:
-        """A quick look at the files: there, and not damaged as their sizes tell."""
+        """A quick look at the files, without reading them whole: there, and not damaged as
+        far as that tells."""
         ...
 
     def load(self, name: str, root: Path, *, test_only: bool = False) -> Dataset:
@@ -68,7 +69,9 @@ class Remote:
 
 @dataclass(frozen=True)
 class Source:
-    """Where a dataset's official files come from and where they go under the data root."""
+    """Where a dataset's official files come from and where they go under the data root: where
+    its format reads them (a test checks each row), ``root/<name>`` for the formats that take
+    the folder from the dataset's name (IDX files, Tiny ImageNet)."""
 
     base_url: str
     files: tuple[Remote, ...]  # each fetched as base_url + name
@@ -103,6 +106,12 @@ def _idx_files(*md5_size: tuple[str, int]) -> tuple[Remote, ...]:
     )
 
 
+_CIFAR10 = Source(
+    "https://www.cs.toronto.edu/~kriz/",
+    (Remote("cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a", 170_498_071),),
+    folder="cifar10",
+    top="cifar-10-batches-py",
+)
 _CIFAR100 = Source(
     "https://www.cs.toronto.edu/~kriz/",
     (Remote("cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85", 169_001_437),),
@@ -112,15 +121,10 @@ _CIFAR100 = Source(
 
 
 def _cifar100(label_key: bytes, classes: int) -> CifarPickles:
-    """CIFAR-100's pickles, one archive for both label sets, read for one of them."""
+    """CIFAR-100's pickles, one archive for both label sets (``brainprop download cifar100``
+    fetches it), read for one of them."""
     return CifarPickles(
-        folder="cifar100",
-        subdir="cifar-100-python",
-        train_files=("train",),
-        test_files=("test",),
-        label_key=label_key,
-        classes=classes,
-        download_name="cifar100",
+        "cifar100", "cifar-100-python", ("train",), ("test",), label_key, classes, "cifar100"
     )
 
 
@@ -178,12 +182,7 @@ CATALOG: dict[str, Official] = {
         family="cifar10",
         n_train=50_000,
         n_test=10_000,
-        source=Source(
-            "https://www.cs.toronto.edu/~kriz/",
-            (Remote("cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a", 170_498_071),),
-            folder="cifar10",
-            top="cifar-10-batches-py",
-        ),
+        source=_CIFAR10,
     ),
     "cifar100": Official(
         format=_cifar100(b"fine_labels", 100),

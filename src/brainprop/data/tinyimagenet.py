@@ -15,7 +15,9 @@ import json
 import os
 import re
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -29,7 +31,6 @@ from .dataset import Dataset
 from .messages import download_command, inside_root
 from .status import DatasetStatus
 
-NAME = "tiny-imagenet"
 SUBDIR = "tiny-imagenet-200"
 IMAGE_SIZE = (64, 64)
 CACHE_DIR = ".brainprop-cache"
@@ -47,9 +48,10 @@ def _fail(what: str, inside: Path, exc: BaseException | None = None) -> BrainPro
         if isinstance(exc, PermissionError):
             return BrainPropError(f"Tiny ImageNet {what}: {PERMISSIONS_FIX}")
     tree = next((p for p in (inside, *inside.parents) if p.name == SUBDIR), inside)
+    # The tree lies in root/<name>/, whatever its dataset's name.
     return BrainPropError(
         f"Tiny ImageNet {what}: the tree is damaged; delete {tree} and run "
-        f"{download_command(NAME, tree.parent.parent)}"
+        f"{download_command(tree.parent.name, tree.parent.parent)}"
     )
 
 
@@ -271,14 +273,16 @@ def _save_cache(cache: Path, manifest: dict, arrays: dict[str, np.ndarray]) -> N
         )
 
 
+@dataclass(frozen=True)
 class TinyImageNetTree:
     """The format of Tiny ImageNet: the official tree under ``root/<name>/tiny-imagenet-200``,
-    its ``val`` split serving as the test split: a :class:`~.catalog.Format`."""
+    its ``val`` split serving as the test split: a :class:`~.catalog.Format`. Its files and
+    lists are Tiny ImageNet's own; the name only places them."""
 
-    image = (3, *IMAGE_SIZE)
-    classes = 200
+    image: ClassVar[tuple[int, int, int]] = (3, *IMAGE_SIZE)
+    classes: ClassVar[int] = 200
     #: Loading decodes 110,000 JPEGs (a minute), too long for a check before a download.
-    verified_by_loading = False
+    verified_by_loading: ClassVar[bool] = False
 
     def dataset_dir(self, name: str, root: Path) -> Path:
         """``root/<name>/tiny-imagenet-200``."""
