@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from data_fixtures import write_idx_dataset
+from data_fixtures import REPO, write_idx_dataset
 
 import brainprop
 from brainprop import checkpoint, cli
@@ -209,6 +209,38 @@ def test_python_dash_m_works():
         [sys.executable, "-m", "brainprop", "--help"], capture_output=True, text=True
     )
     assert done.returncode == 0 and "train" in done.stdout and "evaluate" in done.stdout
+
+
+def test_a_ctrl_c_while_the_package_imports_is_the_one_line_a_later_one_is(monkeypatch, capsys):
+    import brainprop_command
+
+    class Interrupting:
+        """A Ctrl-C as the command imports the package (and torch with it)."""
+
+        @staticmethod
+        def find_spec(name, path=None, target=None):
+            if name == "brainprop.cli":
+                raise KeyboardInterrupt
+            return None
+
+    monkeypatch.delitem(sys.modules, "brainprop.cli")
+    monkeypatch.setattr(sys, "meta_path", [Interrupting, *sys.meta_path])
+    assert brainprop_command.main() == 130
+    assert capsys.readouterr().err == "brainprop: interrupted\n"
+    monkeypatch.undo()
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert main(["--help"]) == 130
+    assert capsys.readouterr().err == "brainprop: interrupted\n"
+
+
+def test_the_command_is_the_entry_point_that_catches_it():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11 on
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert project["project"]["scripts"] == {"brainprop": "brainprop_command:main"}
 
 
 def test_version(capsys):
