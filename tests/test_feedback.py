@@ -629,6 +629,21 @@ def test_a_pathway_that_makes_a_b_unlike_w_changes_nothing(monkeypatch, pathway,
     assert [type(m) for m in model] == [nn.Linear, nn.Linear] and len(model.state_dict()) == 4
 
 
+def test_a_pathway_whose_make_fails_is_one_line_naming_its_line(monkeypatch):
+    def make(layer, std, generator):
+        return torch.empty_like(layer.weight, device="no-such-device")
+
+    monkeypatch.setitem(PATHWAYS, "failing", Pathway(make=make))
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    said = (
+        r"^PATHWAYS\['failing'\]\.make failed for layer 0 \(Linear\): RuntimeError: .+ "
+        r"\(.+test_feedback\.py:\d+\)$"
+    )
+    with pytest.raises(BrainPropError, match=said):
+        convert(model, "failing")
+    assert [type(m) for m in model] == [nn.Linear, nn.Linear] and len(model.state_dict()) == 4
+
+
 def test_a_read_b_unlike_w_is_refused_at_the_step(monkeypatch):
     flat = Pathway(make=lambda *_: None, read=lambda layer: layer.weight.flatten())
     monkeypatch.setitem(PATHWAYS, "flat", flat)

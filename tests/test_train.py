@@ -106,6 +106,51 @@ def test_a_registered_rule_that_makes_no_objective_is_refused_in_one_line(
     assert not (tmp_path / "run").exists()
 
 
+class _Broken(_SquaredError):
+    """The squared-error rule with one of a user's mistakes."""
+
+    def __init__(self, mistake):
+        self.mistake = mistake
+
+    def __call__(self, q, y, generator=None):
+        out = super().__call__(q, y, generator)
+        if self.mistake == "per-example loss":
+            return dataclasses.replace(out, loss=((q - 1) ** 2).mean(1))
+        if self.mistake == "a bare tensor":
+            return out.loss
+        if self.mistake == "no explored":
+            return dataclasses.replace(out, explored=None)
+        if self.mistake == "detached loss":
+            return dataclasses.replace(out, loss=out.loss.detach())
+        if self.mistake == "int32 actions":
+            return dataclasses.replace(out, actions=out.actions.int())
+        # A one-hot of one class too few: it fails on the last class's label alone.
+        torch.nn.functional.one_hot(y, q.shape[1] - 1)
+        return out
+
+
+@pytest.mark.parametrize(
+    "mistake, said",
+    [
+        ("per-example loss", r"returned a loss of \[4\], not a float scalar"),
+        ("a bare tensor", r"returned a Tensor, not a brainprop.Output"),
+        ("no explored", r"returned explored NoneType, not \[4\] bool"),
+        ("detached loss", r"returned a loss without a gradient to the Q-values"),
+        ("int32 actions", r"returned actions \[4\] torch.int32, not \[4\] int64"),
+        ("raises", r"failed on a test batch of 4 Q-values and labels: RuntimeError: .+ \(.+"
+         r"test_train.py:\d+\)$"),
+    ],
+)  # fmt: skip
+def test_a_rule_of_ones_own_that_fails_or_returns_no_output_is_one_line_before_the_run(
+    tmp_path, tiny_dataset, monkeypatch, mistake, said
+):
+    """A run of it would end its first step in a traceback, its run directory left behind."""
+    monkeypatch.setitem(OBJECTIVES, "broken", lambda epsilon, fused: _Broken(mistake))
+    with pytest.raises(BrainPropError, match="^rule 'broken' " + said):
+        train(_config(tmp_path, rule="broken"), dataset=tiny_dataset, progress=False)
+    assert not (tmp_path / "run").exists()
+
+
 def test_the_summary_names_ops_that_ran_in_tf32(tmp_path, tiny_dataset, monkeypatch):
     """Not the paper's fp32, so the report keeps such runs apart; fp32 on a CPU is unmarked."""
     plain = train(_config(tmp_path, epochs=1), dataset=tiny_dataset, progress=False)

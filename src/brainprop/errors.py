@@ -8,9 +8,11 @@ The CLI prints that line and exits with status 2; any other exception is a bug.
 
 from __future__ import annotations
 
+import inspect
 import re
 import shlex
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -53,6 +55,20 @@ def reason(exc: BaseException) -> str:
     """The first line of ``exc``'s message (or its type name), safe to embed in one line."""
     lines = str(exc).strip().splitlines()
     return lines[0] if lines else type(exc).__name__
+
+
+def defined_in(code: Callable[..., object]) -> Path | None:
+    """The file that defines ``code``, one's own function or callable object (a ``partial``'s
+    function, a callable object's class), if there is one: where :func:`raised` looks."""
+    code = getattr(code, "func", code)
+    for defines in (code, type(code)):
+        try:
+            source = inspect.getsourcefile(defines)
+        except TypeError:  # a callable object (then its class is tried), or a built-in
+            continue
+        # Code typed into the interpreter has a "file" such as <stdin>, which is none.
+        return Path(source).resolve() if source and Path(source).is_file() else None
+    return None
 
 
 def raised(e: Exception, path: Path | None) -> str:

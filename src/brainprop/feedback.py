@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import plugins
-from .errors import BrainPropError, UnknownName
+from .errors import BrainPropError, UnknownName, defined_in, raised
 from .layers import Conv2dSame, LocallyConnected2d
 from .registry import Registry
 
@@ -691,8 +691,15 @@ def _made_feedback_weights(
         return {}
     pathway, made = PATHWAYS[feedback], {}
     for name, m in layers:
-        b = pathway.make(m, _scale(m), generator)
         label = f"layer {name or '<root>'} ({type(m).__name__})"
+        try:
+            b = pathway.make(m, _scale(m), generator)
+        except Exception as e:
+            if feedback in PATHWAYS.builtin:
+                raise
+            # One's own code: one line naming its line, as a dataset's loader that fails.
+            failed = raised(e, defined_in(pathway.make))
+            raise BrainPropError(f"PATHWAYS[{feedback!r}].make failed for {label}: {failed}") from e
         if b is None and pathway.read is None:
             raise BrainPropError(
                 f"feedback {feedback!r} made no B for {label} and has no read: give its "

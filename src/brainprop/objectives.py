@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from . import fusedhead
-from .errors import BrainPropError
+from .errors import BrainPropError, defined_in, raised
 from .registry import Registry
 
 #: The published exploration rate: the chance that BrainProp samples its action from
@@ -43,7 +43,8 @@ class Output:
     Attributes:
         loss: scalar to call ``backward()`` on, averaged over the batch.
         actions: [B] int64, the class the network chose (EBP: its argmax).
-        rewards: [B] float, 1.0 where the chosen class was right, else 0.0.
+        rewards: [B] float, 1.0 where the chosen class was right, else 0.0 (the built-in
+            rules'; one's own may give others): their mean is the history's ``train_reward``.
         explored: [B] bool, True where the choice was an exploratory sample, not the argmax.
     """
 
@@ -356,3 +357,60 @@ def _takes(factory: Callable[..., Any], *args: object) -> bool:
     except ValueError:  # no signature to read (some built-ins): let the call speak
         return True
     return True
+
+
+def check_rule(rule: str, objective: Objective, classes: int, device: torch.device) -> None:
+    """Try a rule of one's own on a made-up batch before a run starts: one image of each of the
+    ``classes`` labels, random Q-values on ``device``, its own generator (the run's draws stay
+    as they are), a backward pass through its loss.
+
+    A rule that raises there, or returns what training cannot take, is one ``BrainPropError``
+    line naming the line of its code, before any run directory is made; it would otherwise end
+    the first step in a traceback. An error that only some later batch brings is not caught.
+    """
+    q = torch.randn(classes, classes, device=device, requires_grad=True)
+    y = torch.arange(classes, device=device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    try:
+        out = objective(q, y, generator)
+        problem = _output_problem(out, classes)
+        if problem is None:
+            out.loss.backward()
+    except Exception as e:
+        raise BrainPropError(
+            f"rule {rule!r} failed on a test batch of {classes} Q-values and labels: "
+            f"{raised(e, defined_in(objective))}"
+        ) from e
+    if problem is not None:
+        raise BrainPropError(
+            f"rule {rule!r} returned {problem}: return an Output of a scalar loss with a "
+            "gradient, and [B] int64 actions, float rewards and bool explored (see "
+            "brainprop.Output)"
+        )
+
+
+def _output_problem(out: object, batch: int) -> str | None:
+    """What is wrong with ``out`` as a training step takes an :class:`Output` of ``batch``
+    examples, or None."""
+    if not isinstance(out, Output):
+        return f"a {type(out).__name__}, not a brainprop.Output"
+    loss = out.loss
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.is_floating_point():
+        shape = list(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        return f"a loss of {shape}, not a float scalar (a mean over the batch)"
+    if not loss.requires_grad:
+        return "a loss without a gradient to the Q-values"
+    kinds = {
+        "actions": (out.actions, lambda t: t.dtype == torch.int64, "int64"),
+        "rewards": (out.rewards, torch.Tensor.is_floating_point, "float"),
+        "explored": (out.explored, lambda t: t.dtype == torch.bool, "bool"),
+    }
+    for field, (value, right, kind) in kinds.items():
+        if not isinstance(value, torch.Tensor) or value.shape != (batch,) or not right(value):
+            got = (
+                f"{list(value.shape)} {value.dtype}"
+                if isinstance(value, torch.Tensor)
+                else type(value).__name__
+            )
+            return f"{field} {got}, not [{batch}] {kind}"
+    return None

@@ -42,7 +42,7 @@ from .diagnostics import diagnostics, plot_diagnostics
 from .errors import BrainPropError, command
 from .evaluation import accuracy, all_finite
 from .feedback import convert
-from .objectives import Objective, make_objective
+from .objectives import OBJECTIVES, Objective, check_rule, make_objective
 from .peaks import tf32_ops
 from .presets import build_model
 from .provenance import check_loadable, check_same_data
@@ -124,6 +124,8 @@ def build_step(
         synchronise(model, parallel)
     fastpath.prepare(model.to(device), input_shape, eager=config.eager)
     objective = make_objective(config.rule, config.epsilon, fused=not config.eager)
+    if config.rule not in OBJECTIVES.builtin:
+        check_rule(config.rule, objective, num_classes, device)
     optimizer = make_optimizer(model, config)
     generator = torch.Generator(device=device).manual_seed(parallel.seed(config.seed))
     step = fastpath.make_step(

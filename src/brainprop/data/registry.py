@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from brainprop.errors import PERMISSIONS_FIX, BrainPropError, not_permitted, raised
+from brainprop.errors import PERMISSIONS_FIX, BrainPropError, defined_in, not_permitted, raised
 from brainprop.registry import Registry
 
 from .catalog import CATALOG, FAMILIES
@@ -138,7 +138,8 @@ def load_dataset(name: str, root: str | Path | None = None, *, test_only: bool =
             raise
         # One's own loader failing (its files missing, say) is one line, as a plugin that
         # fails as it is imported is.
-        raise BrainPropError(f"DATASETS[{name!r}].load failed: {raised(e, _source(load))}") from e
+        failed = raised(e, defined_in(load))
+        raise BrainPropError(f"DATASETS[{name!r}].load failed: {failed}") from e
     # A run records its data by name, and a resume or evaluate loads it by that name again.
     if not isinstance(dataset, Dataset):
         raise BrainPropError(
@@ -151,20 +152,6 @@ def load_dataset(name: str, root: str | Path | None = None, *, test_only: bool =
             f"{name!r}, as runs that load it by that name record it"
         )
     return dataset
-
-
-def _source(function: Callable[..., object]) -> Path | None:
-    """The file that defines ``function`` (a ``partial``'s function, a callable object's
-    class), if there is one."""
-    function = getattr(function, "func", function)
-    for defines in (function, type(function)):
-        try:
-            source = inspect.getsourcefile(defines)
-        except TypeError:  # a callable object (then its class is tried), or a built-in
-            continue
-        # Code typed into the interpreter has a "file" such as <stdin>, which is none.
-        return Path(source).resolve() if source and Path(source).is_file() else None
-    return None
 
 
 def _barred(path: Path) -> Path:
@@ -180,7 +167,7 @@ def own_datasets() -> list[str]:
     rows = []
     for name, entry in DATASETS.items():
         if name not in DATASETS.builtin:
-            source = _source(entry.load)
+            source = defined_in(entry.load)
             where = f" from {source}" if source else ""
             rows.append(
                 f"{name:<16} {'own':<10} loaded by DATASETS[{name!r}].load{where}  "
