@@ -558,7 +558,12 @@ def test_a_run_on_data_of_ones_own_is_not_evaluated_on_its_datasets_files(
     ("seed", "n_test", "given"),
     [
         (0, 10, "'mnist' (10 test images)"),
-        (1, 12, "'mnist' (12 test images) with other numbers of images per class"),
+        (
+            1,
+            12,
+            "'mnist' (12 test images) with other numbers of images per class (class 0: 0 test "
+            "images then, 1 now)",
+        ),
     ],
 )
 def test_other_files_in_the_runs_data_folder_are_refused(
