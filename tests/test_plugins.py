@@ -388,6 +388,25 @@ def test_a_module_name_of_a_file_in_the_working_folder_is_told_to_pass_the_file(
     )
 
 
+def test_a_plugin_that_registers_a_name_an_earlier_one_did_is_refused(tmp_path, capsys):
+    """The command would run the later one's dataset without a word."""
+    for name in ("lab_a", "lab_b"):
+        (tmp_path / f"{name}.py").write_text(
+            "from brainprop import DATASETS, DatasetEntry, load_dataset\n"
+            "def load(root, test_only):\n"
+            "    return load_dataset('mnist', root, test_only=test_only)\n"
+            "DATASETS['twice'] = DatasetEntry(load, family='mnist')\n"
+        )
+    a, b = str(tmp_path / "lab_a.py"), str(tmp_path / "lab_b.py")
+    assert main(["--plugin", a, "--plugin", a, "datasets"]) == 0  # one module, imported once
+    capsys.readouterr()
+    assert main(["--plugin", a, "--plugin", b, "datasets"]) == 2
+    assert capsys.readouterr().err == (
+        f"brainprop: error: --plugin {b} registers DATASETS['twice'], which --plugin {a} "
+        "registered too: the command would run the last one's; rename one\n"
+    )
+
+
 def test_a_ctrl_c_while_a_plugin_is_imported_is_an_interruption(tmp_path, capsys):
     (tmp_path / "lab.py").write_text("raise KeyboardInterrupt\n")
     assert main(["--plugin", str(tmp_path / "lab.py"), "datasets"]) == 130

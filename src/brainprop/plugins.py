@@ -59,9 +59,30 @@ def load(spec: str) -> None:
 
 
 def load_all(specs: Iterable[str]) -> None:
-    """:func:`load` each of ``specs`` in turn."""
+    """:func:`load` each of ``specs`` in turn.
+
+    Raises:
+        BrainPropError: as :func:`load` does, and where a plugin replaces an entry an earlier
+            one registered under the same name: the command would run the later one's
+            without a word, whichever the user meant.
+    """
+    from .data import DATASETS
+    from .feedback import PATHWAYS
+    from .objectives import OBJECTIVES
+    from .presets import ARCHITECTURES, PRESETS
+
+    registries = (OBJECTIVES, ARCHITECTURES, PRESETS, PATHWAYS, DATASETS)
+    made_by: dict[tuple[str, str], tuple[object, str]] = {}
     for spec in specs:
         load(spec)
+        for registry in registries:
+            for name, entry in registry.items():
+                earlier, by = made_by.setdefault((registry.label, name), (entry, spec))
+                if earlier is not entry:
+                    raise BrainPropError(
+                        f"--plugin {spec} registers {registry.label}[{name!r}], which --plugin "
+                        f"{by} registered too: the command would run the last one's; rename one"
+                    )
 
 
 def loaded() -> tuple[str, ...]:
