@@ -239,3 +239,21 @@ def test_an_epochs_running_sums_add_each_steps_loss_times_its_images_rewards_and
                  torch.tensor([[True, False, False], [True, True, True]]))  # fmt: skip
     tally(stack, torch.tensor([-1, -1]), out, 3, 0)
     assert stack.tolist() == [[1.5, 6.0], [2.0, 1.0], [1.0, 3.0]]
+
+
+def test_a_subclass_gives_its_own_rewards_which_delta_learns_toward():
+    class Punishing(BrainProp):
+        def reward(self, actions, y):
+            return torch.where(actions == y, 1.0, -1.0)
+
+    q = torch.tensor([[0.2, 0.9, 0.1], [0.5, 0.3, 0.4]], requires_grad=True)
+    y = torch.tensor([1, 2])
+    out = Punishing(epsilon=0.0)(q, y)
+    assert out.actions.tolist() == [1, 0] and out.rewards.tolist() == [1.0, -1.0]
+    out.loss.backward()
+    # d/dq_s of 1/2 mean((r - q_s)^2) is -(r - q_s) / B at each row's chosen unit alone.
+    expected = torch.zeros(2, 3)
+    expected[0, 1], expected[1, 0] = -(1.0 - 0.9) / 2, -(-1.0 - 0.5) / 2
+    assert torch.allclose(q.grad, expected)
+    plain = BrainProp(epsilon=0.0)(q.detach(), y)
+    assert plain.rewards.tolist() == [1.0, 0.0]

@@ -65,7 +65,8 @@ class BrainProp:
             the same choices, rewards and gradient, bit for bit. The first batch on each device
             checks that; where they differ, or the kernels fail to build, a one-line warning
             says so and the unfused head runs. A subclass always runs the unfused head, which
-            calls its methods (:meth:`draw`, :meth:`choose`): the kernels compute this class's.
+            calls its methods (:meth:`draw`, :meth:`choose`, :meth:`reward`): the kernels compute
+            this class's.
 
     Selection stays on the device and never reads a value back to the host, so a training step
     runs without synchronisation and can be captured whole.
@@ -120,6 +121,12 @@ class BrainProp:
         noisy = q - torch.log(-torch.log(uniform.clamp_min(torch.finfo(uniform.dtype).tiny)))
         return torch.where(explored.unsqueeze(1), noisy, q).argmax(dim=1), explored
 
+    def reward(self, actions: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The reward of each chosen class of ``actions`` ([B]) against the labels ``y``
+        ([B]): 1 where it is right, else 0, as in the paper; a subclass may give others (-1
+        for a wrong choice, say), which δ = r - q_s then learns toward."""
+        return (actions == y).float()
+
     def __call__(
         self, q: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None
     ) -> Output:
@@ -138,7 +145,7 @@ class BrainProp:
         self, q: torch.Tensor, y: torch.Tensor, draws: tuple[torch.Tensor | None, ...]
     ) -> Output:
         actions, explored = self.choose(q, *draws)
-        rewards = (actions == y).to(q.dtype)
+        rewards = self.reward(actions, y).to(q.dtype)
         loss = _ChosenUnitError.apply(q, actions, rewards)
         return Output(loss=loss, actions=actions, rewards=rewards, explored=explored)
 
