@@ -219,13 +219,13 @@ class IdxFiles:
     system_dir: Path | None = None
     system_package: str | None = None
 
-    def __post_init__(self) -> None:
-        if (self.system_dir is None) != (self.system_package is None):
-            raise ValueError("IdxFiles takes a system_dir together with its system_package")
-
     image: ClassVar[tuple[int, int, int]] = (1, *IMAGE_SIZE)
     classes: ClassVar[int] = NUM_CLASSES
     verified_by_loading: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if (self.system_dir is None) != (self.system_package is None):
+            raise ValueError("IdxFiles takes a system_dir together with its system_package")
 
     def dataset_dir(self, name: str, root: Path) -> Path:
         """``root/name``, or the system package's folder when ``root/name`` has none of the
