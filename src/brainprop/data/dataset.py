@@ -17,7 +17,7 @@ class Dataset:
     Attributes:
         name: the dataset's name: a built-in one's, e.g. ``"cifar10"``, or one's own, which a run
             records (with :meth:`fingerprint`) so that it resumes and is evaluated on it only.
-        train_x: uint8 ``[N, C, H, W]`` (channels first), contiguous.
+        train_x: uint8 ``[N, C, H, W]`` (channels first; any strides).
         train_y: int64 ``[N]``, values in ``[0, num_classes)``.
         test_x: uint8 ``[M, C, H, W]``, same ``C, H, W`` as ``train_x``.
         test_y: int64 ``[M]``.
