@@ -431,6 +431,19 @@ def test_a_plugin_run_resumes_with_its_plugin_and_without_it_says_what_is_missin
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["epochs_run"] == 2
 
 
+def test_a_suggested_resume_of_a_plugin_run_names_the_plugins_it_needs(
+    plugin, data_dir, tmp_path, capsys
+):
+    args = _train(data_dir, tmp_path / "runs", "--rule", "ebp-too", "--batch-size", "16")
+    assert main(["--plugin", str(plugin), *args]) == 0
+    run = tmp_path / "runs" / "run"
+    (run / "best.pt").unlink()  # as a run stopped inside its first epoch has none
+    capsys.readouterr()
+    assert main(["--plugin", str(plugin), "evaluate", str(run)]) == 2
+    resume = f"'brainprop --plugin {plugin.resolve()} train --resume {run}'"
+    assert capsys.readouterr().err.rstrip().endswith(f"or continue it with {resume}")
+
+
 def test_a_module_of_a_package_is_imported_and_its_packages_errors_are_its_own(
     tmp_path, monkeypatch, capsys
 ):

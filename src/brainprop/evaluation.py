@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import checkpoint, fastpath, rundir
+from . import checkpoint, fastpath, plugins, rundir
 from .config import TrainConfig
 from .data import Dataset, load_dataset
 from .data.batches import ordered_batches
@@ -124,7 +124,7 @@ def _best_of(run: Path) -> Path:
     if best.exists() or not (run / rundir.CONFIG).is_file():
         return best
     if (run / rundir.LAST).is_file():
-        resume = command("brainprop", "train", "--resume", run)
+        resume = command("brainprop", *plugins.as_options(), "train", "--resume", run)
         fix = f"evaluate its latest state, {run / rundir.LAST}, or continue it with {resume}"
     elif (run / rundir.SUMMARY).is_file():
         raise BrainPropError(
@@ -132,7 +132,9 @@ def _best_of(run: Path) -> Path:
             "why), so there is nothing to evaluate"
         )
     else:
-        fix = "continue it with " + command("brainprop", "train", "--resume", run)
+        fix = "continue it with " + command(
+            "brainprop", *plugins.as_options(), "train", "--resume", run
+        )
     raise BrainPropError(f"{run} has no {rundir.BEST} yet, as no epoch of it has ended: {fix}")
 
 

@@ -85,6 +85,13 @@ def load_all(specs: Iterable[str]) -> None:
                     )
 
 
+def as_options() -> list[str]:
+    """``--plugin`` and each plugin this process imported, in order: what a command that a
+    message suggests (``brainprop --plugin lab.py train --resume RUN``) takes before its own
+    options to find the rules, networks and data the run is of."""
+    return [word for spec in _LOADED for word in ("--plugin", spec)]
+
+
 def loaded() -> tuple[str, ...]:
     """The plugins this process imported through :func:`load`, files as absolute paths (a
     worker process may start in another folder)."""

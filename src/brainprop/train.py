@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import distributed, fastpath, files, memory, rng, rundir, signals
+from . import distributed, fastpath, files, memory, plugins, rng, rundir, signals
 from .config import MAX_NAN_RELOADS, VAL_TEST, TrainConfig
 from .data import Dataset, load_dataset, split_validation
 from .data.batches import num_batches, permuted_batches, to_float
@@ -844,14 +844,14 @@ def _memory_columns(trainer: Trainer) -> dict[str, float]:
 def _interrupted(stop: signals.StopRequest, run_path: Path, at: str) -> signals.Interrupted:
     return stop.interrupted(
         f"{at}; the state is saved in {run_path / rundir.LAST}: continue with "
-        + command("brainprop", "train", "--resume", run_path)
+        + command("brainprop", *plugins.as_options(), "train", "--resume", run_path)
     )
 
 
 def _stopped_abruptly(run_path: Path) -> str:
     """What a run stopped without its own checkpoint (a second signal, a closed output) keeps,
     and the command that continues it."""
-    resume = command("brainprop", "train", "--resume", run_path)
+    resume = command("brainprop", *plugins.as_options(), "train", "--resume", run_path)
     return f"{_kept(run_path, 'so a resume starts over')}: continue with {resume}"
 
 
