@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from data_fixtures import REPO, write_idx_dataset
+from data_fixtures import write_idx_dataset
 
 import brainprop
 from brainprop import checkpoint, cli
@@ -237,10 +237,12 @@ def test_a_ctrl_c_while_the_package_imports_is_the_one_line_a_later_one_is(monke
     assert capsys.readouterr().err == "brainprop: interrupted\n"
 
 
-def test_the_command_is_the_entry_point_that_catches_it():
-    tomllib = pytest.importorskip("tomllib")  # Python 3.11 on
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())
-    assert project["project"]["scripts"] == {"brainprop": "brainprop_command:main"}
+def test_the_installed_command_is_the_entry_point_that_catches_it():
+    from importlib.metadata import entry_points
+
+    [script] = entry_points(group="console_scripts", name="brainprop")
+    assert script.value == "brainprop_command:main"
+    assert script.load() is __import__("brainprop_command").main
 
 
 def test_version(capsys):

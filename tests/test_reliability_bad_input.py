@@ -33,6 +33,7 @@ from brainprop import TrainConfig, checkpoint, distributed, evaluate, files, tra
 from brainprop.cli import main
 from brainprop.data import Dataset, load_dataset
 from brainprop.errors import BrainPropError
+from brainprop.provenance import check_same_data
 from brainprop.train import check_batch
 
 __all__ = ["one_thread"]  # the autouse fixture, imported to take effect here
@@ -578,6 +579,17 @@ def test_other_files_in_the_runs_data_folder_are_refused(
         f"{run} was trained on 'mnist' (12 test images), but the data now is {given}: "
         f"{EVALUATE_ON_IT}"
     )
+
+
+def test_data_of_other_classes_but_the_same_counts_is_one_line() -> None:
+    """A restart before the first checkpoint compares the records alone: the checkpoint's
+    classes are not there to compare first."""
+    recorded = {"name": "mine", "train": [3, 3], "test": [2, 2]}
+    train_x, test_x = torch.zeros(6, 1, 4, 4, dtype=torch.uint8), torch.ones(4, 1, 4, 4)
+    ds = Dataset("mine", train_x, torch.arange(6) % 3, test_x.byte(), torch.arange(4) % 3, 3)
+    with pytest.raises(BrainPropError) as info:
+        check_same_data(recorded, ds, "run", "resume with its data", "train(dataset=...)")
+    assert "with other numbers of images per class (2 classes then, 3 now): " in str(info.value)
 
 
 def test_the_same_files_elsewhere_and_in_another_order_are_the_same_data(

@@ -17,7 +17,7 @@ from brainprop.data.batches import to_float
 from brainprop.data.dataset import split_validation
 from brainprop.errors import BrainPropError
 from brainprop.evaluation import accuracy
-from brainprop.objectives import OBJECTIVES, Output, make_objective
+from brainprop.objectives import EBP, OBJECTIVES, Output, make_objective
 from brainprop.presets import ARCHITECTURES, PRESETS, Hyperparameters, build_model
 from brainprop.rundir import write_history
 from brainprop.step import make_optimizer, train_step
@@ -149,6 +149,21 @@ def test_a_rule_of_ones_own_that_fails_or_returns_no_output_is_one_line_before_t
     with pytest.raises(BrainPropError, match="^rule 'broken' " + said):
         train(_config(tmp_path, rule="broken"), dataset=tiny_dataset, progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_trying_a_rule_of_ones_own_changes_none_of_the_runs_draws(
+    tmp_path, tiny_dataset, monkeypatch
+):
+    """EBP under another name trains as EBP does, bit for bit, dropout masks included: the try
+    before the run draws from streams of its own and leaves the global ones as they were."""
+    monkeypatch.setitem(OBJECTIVES, "ebp-too", lambda epsilon, fused: EBP())
+    runs = [
+        train(_config(tmp_path, rule=rule, epochs=2, name=rule), dataset=tiny_dataset,
+              progress=False)
+        for rule in ("ebp", "ebp-too")
+    ]  # fmt: skip
+    ebp, too = (r.model.state_dict() for r in runs)
+    assert all(torch.equal(ebp[k], too[k]) for k in ebp)
 
 
 def test_the_summary_names_ops_that_ran_in_tf32(tmp_path, tiny_dataset, monkeypatch):

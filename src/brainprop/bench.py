@@ -300,7 +300,8 @@ def _prepare_stack(
     batch_size: int | None, bf16: bool, cuda_graph: bool,
 ) -> _Rule:  # fmt: skip
     """Build ``size`` seeds of ``rule``'s network as one :class:`~brainprop.stacked.Stack`,
-    stepping on batches gathered as the stacked training loop gathers them, and warm it up."""
+    stepping on batches gathered as the stacked training loop gathers them, and warm it up.
+    A rule of one's own was tried already, as :func:`_prepare` built its single network."""
     config = _config(ds, arch, rule, device, batch_size, bf16)
     models, generators = [], []
     for seed in range(size):

@@ -695,7 +695,7 @@ def _made_feedback_weights(
         try:
             b = pathway.make(m, _scale(m), generator)
         except Exception as e:
-            if feedback in PATHWAYS.builtin:
+            if feedback in PATHWAYS.builtin or isinstance(e, torch.OutOfMemoryError):
                 raise
             # One's own code: one line naming its line, as a dataset's loader that fails.
             failed = raised(e, defined_in(pathway.make))

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from . import plugins
 from .errors import BrainPropError, command
 
 
@@ -115,10 +116,10 @@ def _write_error(path: Path, e: OSError) -> BrainPropError:
     # A run directory (every one holds its config.json, rundir.CONFIG) continues where it stopped;
     # a bench, report or download is simply run again.
     if (path.parent / "config.json").is_file():
+        resume = command("brainprop", *plugins.as_options(), "train", "--resume", path.parent)
         then = (
-            f"continue the run with {command('brainprop', 'train', '--resume', path.parent)} "
-            "(adding the --epochs you gave), or, where 'brainprop reproduce' started it, with "
-            "the same reproduce command"
+            f"continue the run with {resume} (adding the --epochs you gave), or, where "
+            "'brainprop reproduce' started it, with the same reproduce command"
         )
     else:
         then = "run the command again"

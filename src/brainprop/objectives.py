@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from . import fusedhead
+from . import fusedhead, rng
 from .errors import BrainPropError, defined_in, raised
 from .registry import Registry
 
@@ -310,6 +310,10 @@ OBJECTIVES: Registry[Callable[[float, bool], Objective]] = Registry(
     name_check=rule_name_problem,
 )
 
+#: The most labels :func:`check_rule` tries a rule on: a batch of one row per label grows as
+#: their square.
+CHECKED_LABELS = 256
+
 #: The paper's two rules, in the order its comparisons put them.
 RULES = ("brainprop", "ebp")
 
@@ -367,27 +371,33 @@ def _takes(factory: Callable[..., Any], *args: object) -> bool:
 
 
 def check_rule(rule: str, objective: Objective, classes: int, device: torch.device) -> None:
-    """Try a rule of one's own on a made-up batch before a run starts: one image of each of the
-    ``classes`` labels, random Q-values on ``device``, its own generator (the run's draws stay
-    as they are), a backward pass through its loss.
+    """Try ``objective``, a rule of one's own made for this alone, on a made-up batch before a
+    run starts: labels from the first of the ``classes`` to the last (each, up to
+    :data:`CHECKED_LABELS`), random Q-values on ``device``, a backward pass through its loss.
+    Its draws come from a generator of its own and the global streams are put back after it,
+    so that the run draws what it would have drawn without it.
 
     A rule that raises there, or returns what training cannot take, is one ``BrainPropError``
     line naming the line of its code, before any run directory is made; it would otherwise end
     the first step in a traceback. An error that only some later batch brings is not caught.
     """
-    q = torch.randn(classes, classes, device=device, requires_grad=True)
-    y = torch.arange(classes, device=device)
-    generator = torch.Generator(device=device).manual_seed(0)
-    try:
-        out = objective(q, y, generator)
-        problem = _output_problem(out, classes)
-        if problem is None:
-            out.loss.backward()
-    except Exception as e:
-        raise BrainPropError(
-            f"rule {rule!r} failed on a test batch of {classes} Q-values and labels: "
-            f"{raised(e, defined_in(objective))}"
-        ) from e
+    rows = min(classes, CHECKED_LABELS)
+    with rng.global_streams_kept(device):
+        generator = torch.Generator(device=device).manual_seed(0)
+        q = torch.randn(rows, classes, device=device, generator=generator, requires_grad=True)
+        y = torch.linspace(0, classes - 1, rows, device=device).round().long()
+        try:
+            out = objective(q, y, generator)
+            problem = _output_problem(out, rows)
+            if problem is None:
+                out.loss.backward()
+        except torch.OutOfMemoryError:
+            raise  # the device's limit, which the caller words, not the rule's fault
+        except Exception as e:
+            raise BrainPropError(
+                f"rule {rule!r} failed on a test batch of {rows} Q-values and labels: "
+                f"{raised(e, defined_in(objective))}"
+            ) from e
     if problem is not None:
         raise BrainPropError(
             f"rule {rule!r} returned {problem}: return an Output of a scalar loss with a "

@@ -72,12 +72,17 @@ def load_all(specs: Iterable[str]) -> None:
     from .presets import ARCHITECTURES, PRESETS
 
     registries = (OBJECTIVES, ARCHITECTURES, PRESETS, PATHWAYS, DATASETS)
+    # What was registered before (the library's own, a script's) may be replaced once.
+    before = {(r.label, name): entry for r in registries for name, entry in r.items()}
     made_by: dict[tuple[str, str], tuple[object, str]] = {}
     for spec in specs:
         load(spec)
         for registry in registries:
             for name, entry in registry.items():
-                earlier, by = made_by.setdefault((registry.label, name), (entry, spec))
+                key = (registry.label, name)
+                if before.get(key) is entry:
+                    continue
+                earlier, by = made_by.setdefault(key, (entry, spec))
                 if earlier is not entry:
                     raise BrainPropError(
                         f"--plugin {spec} registers {registry.label}[{name!r}], which --plugin "

@@ -103,7 +103,10 @@ def _first_difference(
     recorded: dict[str, Any], here: dict[str, Any], splits: tuple[str, ...]
 ) -> str:
     """Where two records of the same name and sizes, not the same counts, first differ in
-    ``splits``: ``class 3: 104 training images then, 98 now``."""
+    ``splits``: ``class 3: 104 training images then, 98 now``, or the number of classes."""
+    then, now = len(recorded[splits[0]]), len(here[splits[0]])
+    if then != now:
+        return f"{then} classes then, {now} now"
     return next(
         f"class {label}: {then} {'training' if split == 'train' else 'test'} images then, {now} now"
         for split in splits

@@ -212,14 +212,14 @@ def save_state(run: Path, state: dict[str, Any], epochs_done: int) -> None:
         checkpoint.save(last, state)
         start.unlink(missing_ok=True)
         return
-    if epochs_done and epoch_start(run, epochs_done) is None and last.is_file():
+    if epochs_done and _epoch_start_state(run, epochs_done) is None and last.is_file():
         on_disk = checkpoint.load(last)
         if on_disk.get("partial") is None and on_disk.get("epoch") == epochs_done:
             copy(last, start)
     checkpoint.save(last, state)
 
 
-def epoch_start(run: Path, epoch: int) -> dict[str, Any] | None:
+def _epoch_start_state(run: Path, epoch: int) -> dict[str, Any] | None:
     """epoch_start.pt if it holds the end of epoch ``epoch`` (1-based), else None: one left
     from an earlier epoch by a kill is stale, and a damaged one is as good as none (a stop
     replaces it; a rewind goes to last.pt instead), never a reason to lose a stop's state."""
@@ -250,7 +250,7 @@ def rewind_point(run: Path) -> tuple[dict[str, Any] | None, Path]:
         return state, last
     if state.get("epoch") == 0:
         return None, last
-    start = epoch_start(run, state.get("epoch"))
+    start = _epoch_start_state(run, state.get("epoch"))
     return (start, run / EPOCH_START) if start is not None else (state, last)
 
 
@@ -306,7 +306,10 @@ def write_plot(run: Path, history: list[dict[str, Any]], title: str) -> None:
         ax.plot(epochs, [h["test_acc"] for h in history], ".-", label="test accuracy")
     best = best_row(history)
     ax.plot([best["epoch"]], [best["val_acc"]], "ks", label=f"best {best['val_acc']:.4f}")
-    ax.set(xlabel="epoch", ylabel="accuracy", title=title, ylim=(0, 1.02))
+    # A rule of one's own may reward a wrong choice below BrainProp's 0.
+    low = min(h["train_reward"] for h in history)
+    bottom = 0.0 if low >= 0 else low - 0.02
+    ax.set(xlabel="epoch", ylabel="accuracy", title=title, ylim=(bottom, 1.02))
     ax.legend(loc="lower right")
     fig.tight_layout()
     atomic_write_figure(run / PLOT, fig, dpi=120)

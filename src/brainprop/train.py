@@ -125,7 +125,9 @@ def build_step(
     fastpath.prepare(model.to(device), input_shape, eager=config.eager)
     objective = make_objective(config.rule, config.epsilon, fused=not config.eager)
     if config.rule not in OBJECTIVES.builtin:
-        check_rule(config.rule, objective, num_classes, device)
+        # On an instance of its own: the run's starts as the rule's code made it.
+        check = make_objective(config.rule, config.epsilon, fused=not config.eager)
+        check_rule(config.rule, check, num_classes, device)
     optimizer = make_optimizer(model, config)
     generator = torch.Generator(device=device).manual_seed(parallel.seed(config.seed))
     step = fastpath.make_step(

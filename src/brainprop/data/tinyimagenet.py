@@ -280,6 +280,7 @@ class TinyImageNetTree:
     lists are Tiny ImageNet's own; the name only places them."""
 
     image: ClassVar[tuple[int, int, int]] = (3, *IMAGE_SIZE)
+    #: The official tree's; a tree whose wnids.txt lists others loads as many as it lists.
     classes: ClassVar[int] = 200
     #: Loading decodes 110,000 JPEGs (a minute), too long for a check before a download.
     verified_by_loading: ClassVar[bool] = False
