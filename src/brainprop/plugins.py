@@ -72,7 +72,7 @@ def load_all(specs: Iterable[str]) -> None:
     from .presets import ARCHITECTURES, PRESETS
 
     registries = (OBJECTIVES, ARCHITECTURES, PRESETS, PATHWAYS, DATASETS)
-    # What was registered before (the library's own, a script's) may be replaced once.
+    # An entry registered before the plugins (by a script of one's own) may be replaced once.
     before = {(r.label, name): entry for r in registries for name, entry in r.items()}
     made_by: dict[tuple[str, str], tuple[object, str]] = {}
     for spec in specs:

@@ -1,6 +1,7 @@
 """The library's own datasets, one row each: the format its files are read in, the preset rows
 it takes, its sizes, and where ``brainprop download`` fetches its official files. Adding a
-dataset in a format the library reads is one row here."""
+dataset in a format the library reads, of a family the preset tables have rows for, is one row
+here."""
 
 from __future__ import annotations
 
