@@ -398,13 +398,19 @@ def test_a_plugin_that_registers_a_name_an_earlier_one_did_is_refused(tmp_path, 
             "DATASETS['twice'] = DatasetEntry(load, family='mnist')\n"
         )
     a, b = str(tmp_path / "lab_a.py"), str(tmp_path / "lab_b.py")
-    assert main(["--plugin", a, "--plugin", a, "datasets"]) == 0  # one module, imported once
-    capsys.readouterr()
     assert main(["--plugin", a, "--plugin", b, "datasets"]) == 2
     assert capsys.readouterr().err == (
         f"brainprop: error: --plugin {b} registers DATASETS['twice'], which --plugin {a} "
         "registered too: the command would run the last one's; rename one\n"
     )
+    # As in a command started afresh: one module named twice is imported once.
+    del DATASETS["twice"], sys.modules["lab_a"], sys.modules["lab_b"]
+    plugins._LOADED.clear()
+    assert main(["--plugin", a, "--plugin", a, "datasets"]) == 0
+    # What was registered before this command's plugins (here by a's, as by a script of one's
+    # own) a plugin may replace.
+    assert main(["--plugin", b, "datasets"]) == 0
+    assert DATASETS["twice"].load.__module__ == "lab_b"
 
 
 def test_a_ctrl_c_while_a_plugin_is_imported_is_an_interruption(tmp_path, capsys):
