@@ -206,6 +206,20 @@ def test_datasets_lists_a_plugin_dataset_after_the_files_brainprop_checks(
     )
 
 
+def test_a_long_name_of_ones_own_widens_the_name_column_for_every_row(
+    data_plugin, data_dir, capsys, monkeypatch
+):
+    main(["--plugin", str(data_plugin), "datasets", "--data-dir", str(data_dir)])
+    capsys.readouterr()
+    monkeypatch.setitem(DATASETS, "small-shuffled-mnist", DATASETS["mnist-small"])
+    assert main(["datasets", "--data-dir", str(data_dir)]) == 0
+    rows = capsys.readouterr().out.splitlines()[1:]
+    assert rows[0].startswith("mnist                 present ")
+    assert rows[-1].startswith("small-shuffled-mnist  own ")
+    # The state column starts at one offset in every row.
+    assert len({len(r) - len(r[r.index(" ") :].lstrip()) for r in rows}) == 1
+
+
 def test_a_plan_of_a_cell_outside_the_paper_names_the_matrix_not_the_preset(data_plugin):
     """As reproduce's Python API takes it: a registered dataset takes the rows of a family the
     paper's table has, and a built-in cell outside the matrix has no row."""

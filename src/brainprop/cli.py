@@ -250,12 +250,16 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _datasets(args: argparse.Namespace) -> int:
-    from .data import data_root, dataset_status
+    from .data import DATASETS, data_root, dataset_status
     from .data.registry import own_datasets
+    from .data.status import NAME_WIDTH
 
     root = data_root(args.data_dir)
     print(f"data root: {root}")
-    for row in [*dataset_status(root), *own_datasets()]:
+    width = max(NAME_WIDTH, *(len(name) + 1 for name in DATASETS))
+    for status in dataset_status(root):
+        print(status.row(width))
+    for row in own_datasets(width):
         print(row)
     return 0
 

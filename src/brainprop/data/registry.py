@@ -16,7 +16,7 @@ from brainprop.registry import Registry
 from .catalog import CATALOG, FAMILIES
 from .dataset import Dataset
 from .root import data_root, resolve_data_root
-from .status import DatasetStatus
+from .status import NAME_WIDTH, DatasetStatus
 
 
 @dataclass(frozen=True)
@@ -161,16 +161,17 @@ def _barred(path: Path) -> Path:
     return barred[-1] if barred else path.parent
 
 
-def own_datasets() -> list[str]:
+def own_datasets(name_width: int = NAME_WIDTH) -> list[str]:
     """One row per registered dataset of one's own, for ``brainprop datasets`` beside the
-    statuses: its files are its loader's business, so they are not checked."""
+    statuses (its name in a column ``name_width`` wide): its files are its loader's
+    business, so they are not checked."""
     rows = []
     for name, entry in DATASETS.items():
         if name not in DATASETS.builtin:
             source = defined_in(entry.load)
             where = f" from {source}" if source else ""
             rows.append(
-                f"{name:<16} {'own':<10} loaded by DATASETS[{name!r}].load{where}  "
+                f"{name:<{name_width}} {'own':<10} loaded by DATASETS[{name!r}].load{where}  "
                 f"({entry.family}'s settings; its loader reads and checks its files)"
             )
     return rows

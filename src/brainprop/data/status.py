@@ -11,6 +11,10 @@ from brainprop.errors import PERMISSIONS_FIX
 
 from .messages import UNREADABLE, redownload
 
+#: The name column of ``brainprop datasets``, wide enough for the library's own names; one's
+#: own may widen it.
+NAME_WIDTH = 16
+
 
 @dataclass(frozen=True)
 class DatasetStatus:
@@ -39,13 +43,17 @@ class DatasetStatus:
     unreadable: bool = False
 
     def __str__(self) -> str:
-        """One table row: name, present/unreadable/damaged/missing, folder, then the note,
-        what is wrong, or how to get it."""
+        return self.row()
+
+    def row(self, name_width: int = NAME_WIDTH) -> str:
+        """One table row: name (in a column ``name_width`` wide), present/unreadable/damaged/
+        missing, folder, then the note, what is wrong, or how to get it."""
         state = "present" if self.present else "missing"
         if self.damaged:
             state = "unreadable" if self.unreadable else "damaged"
         extra = self.note if self.present else self.damaged or self.how_to_get
-        return f"{self.name:<16} {state:<10} {self.path}" + (f"  ({extra})" if extra else "")
+        line = f"{self.name:<{name_width}} {state:<10} {self.path}"
+        return line + (f"  ({extra})" if extra else "")
 
 
 def first_damage(
