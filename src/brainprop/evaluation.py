@@ -19,7 +19,7 @@ from .config import TrainConfig
 from .data import Dataset, load_dataset
 from .data.batches import ordered_batches
 from .devices import autocast, device_name, resolve_device, warn_if_slow_bf16
-from .errors import BrainPropError, command, reason
+from .errors import BrainPropError, reason
 from .feedback import convert
 from .presets import Hyperparameters, build_model
 from .provenance import check_loadable, check_same_data, check_trained_on, declares_sizes
@@ -123,8 +123,8 @@ def _best_of(run: Path) -> Path:
     best = run / rundir.BEST
     if best.exists() or not (run / rundir.CONFIG).is_file():
         return best
+    resume = plugins.resume_command(run)
     if (run / rundir.LAST).is_file():
-        resume = command("brainprop", *plugins.as_options(), "train", "--resume", run)
         fix = f"evaluate its latest state, {run / rundir.LAST}, or continue it with {resume}"
     elif (run / rundir.SUMMARY).is_file():
         raise BrainPropError(
@@ -132,9 +132,7 @@ def _best_of(run: Path) -> Path:
             "why), so there is nothing to evaluate"
         )
     else:
-        fix = "continue it with " + command(
-            "brainprop", *plugins.as_options(), "train", "--resume", run
-        )
+        fix = f"continue it with {resume}"
     raise BrainPropError(f"{run} has no {rundir.BEST} yet, as no epoch of it has ended: {fix}")
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from . import plugins
-from .errors import BrainPropError, command
+from .errors import BrainPropError
 
 
 def make_folder(
@@ -116,7 +116,7 @@ def _write_error(path: Path, e: OSError) -> BrainPropError:
     # A run directory (every one holds its config.json, rundir.CONFIG) continues where it stopped;
     # a bench, report or download is simply run again.
     if (path.parent / "config.json").is_file():
-        resume = command("brainprop", *plugins.as_options(), "train", "--resume", path.parent)
+        resume = plugins.resume_command(path.parent)
         then = (
             f"continue the run with {resume} (adding the --epochs you gave), or, where "
             "'brainprop reproduce' started it, with the same reproduce command"

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TypeVar
 
-from .errors import BrainPropError, raised
+from .errors import BrainPropError, command, raised
 
 #: Appended to an "unknown name" error: the name may be a registration this process lacks.
 HINT = (
@@ -90,11 +90,13 @@ def load_all(specs: Iterable[str]) -> None:
                     )
 
 
-def as_options() -> list[str]:
-    """``--plugin`` and each plugin this process imported, in order: what a command that a
-    message suggests (``brainprop --plugin lab.py train --resume RUN``) takes before its own
-    options to find the rules, networks and data the run is of."""
-    return [word for spec in _LOADED for word in ("--plugin", spec)]
+def resume_command(run: Path) -> str:
+    """The command, quoted, that continues the run in the folder ``run``, for a message to
+    suggest: with a ``--plugin`` for each plugin this process imported, in order, which the
+    run's rules, networks or data need again (``brainprop --plugin lab.py train --resume
+    RUN``)."""
+    plugins = [word for spec in _LOADED for word in ("--plugin", spec)]
+    return command("brainprop", *plugins, "train", "--resume", run)
 
 
 def loaded() -> tuple[str, ...]:

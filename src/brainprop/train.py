@@ -39,7 +39,7 @@ from .data import Dataset, load_dataset, split_validation
 from .data.batches import num_batches, permuted_batches, to_float
 from .devices import device_name, warn_if_slow_bf16
 from .diagnostics import diagnostics, plot_diagnostics
-from .errors import BrainPropError, command
+from .errors import BrainPropError
 from .evaluation import accuracy, all_finite
 from .feedback import convert
 from .objectives import OBJECTIVES, Objective, check_rule, make_objective
@@ -846,14 +846,14 @@ def _memory_columns(trainer: Trainer) -> dict[str, float]:
 def _interrupted(stop: signals.StopRequest, run_path: Path, at: str) -> signals.Interrupted:
     return stop.interrupted(
         f"{at}; the state is saved in {run_path / rundir.LAST}: continue with "
-        + command("brainprop", *plugins.as_options(), "train", "--resume", run_path)
+        + plugins.resume_command(run_path)
     )
 
 
 def _stopped_abruptly(run_path: Path) -> str:
     """What a run stopped without its own checkpoint (a second signal, a closed output) keeps,
     and the command that continues it."""
-    resume = command("brainprop", *plugins.as_options(), "train", "--resume", run_path)
+    resume = plugins.resume_command(run_path)
     return f"{_kept(run_path, 'so a resume starts over')}: continue with {resume}"
 
 
