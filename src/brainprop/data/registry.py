@@ -16,7 +16,7 @@ from brainprop.registry import Registry
 from .catalog import CATALOG, FAMILIES
 from .dataset import Dataset
 from .root import data_root, resolve_data_root
-from .status import NAME_WIDTH, DatasetStatus
+from .status import NAME_WIDTH, DatasetStatus, table_row
 
 
 @dataclass(frozen=True)
@@ -169,11 +169,9 @@ def own_datasets(name_width: int = NAME_WIDTH) -> list[str]:
     for name, entry in DATASETS.items():
         if name not in DATASETS.builtin:
             source = defined_in(entry.load)
-            where = f" from {source}" if source else ""
-            rows.append(
-                f"{name:<{name_width}} {'own':<10} loaded by DATASETS[{name!r}].load{where}  "
-                f"({entry.family}'s settings; its loader reads and checks its files)"
-            )
+            where = f"loaded by DATASETS[{name!r}].load" + (f" from {source}" if source else "")
+            extra = f"{entry.family}'s settings; its loader reads and checks its files"
+            rows.append(table_row(name, "own", where, extra, name_width))
     return rows
 
 

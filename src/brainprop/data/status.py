@@ -52,8 +52,13 @@ class DatasetStatus:
         if self.damaged:
             state = "unreadable" if self.unreadable else "damaged"
         extra = self.note if self.present else self.damaged or self.how_to_get
-        line = f"{self.name:<{name_width}} {state:<10} {self.path}"
-        return line + (f"  ({extra})" if extra else "")
+        return table_row(self.name, state, str(self.path), extra, name_width)
+
+
+def table_row(name: str, state: str, where: str, extra: str, name_width: int) -> str:
+    """A row of ``brainprop datasets``: the name in a column ``name_width`` wide, the state,
+    where the data is read from, and ``extra`` in brackets where there is any."""
+    return f"{name:<{name_width}} {state:<10} {where}" + (f"  ({extra})" if extra else "")
 
 
 def first_damage(
