@@ -644,6 +644,33 @@ def test_a_pathway_whose_make_fails_is_one_line_naming_its_line(monkeypatch):
     assert [type(m) for m in model] == [nn.Linear, nn.Linear] and len(model.state_dict()) == 4
 
 
+class _FailingRead:
+    """A read of W itself that fails at its ``at``-th call."""
+
+    def __init__(self, at):
+        self.calls, self.at = 0, at
+
+    def __call__(self, layer):
+        self.calls += 1
+        if self.calls == self.at:
+            raise RuntimeError("no B this time")
+        return layer.weight.detach()
+
+
+def test_a_pathway_of_ones_own_that_fails_later_in_a_run_is_one_line(tmp_path, monkeypatch):
+    """Converting the network never reads B; a run reads it 40 times an epoch here."""
+    monkeypatch.setitem(PATHWAYS, "flaky", Pathway(lambda *_: None, _FailingRead(at=60)))
+    config = TrainConfig(dataset="mnist", arch="dense", feedback="flaky", epochs=3,
+                         batch_size=32, out_dir=str(tmp_path), name="run")  # fmt: skip
+    said = (
+        r"^feedback 'flaky' failed in epoch 2: RuntimeError: no B this time "
+        r"\(.+test_feedback\.py:\d+\): fix it; .+last\.pt keeps the last good state: "
+        r"continue with 'brainprop train --resume .+'$"
+    )
+    with pytest.raises(BrainPropError, match=said):
+        train(config, dataset=make_tiny_dataset(), progress=False)
+
+
 def test_a_read_b_unlike_w_is_refused_at_the_step(monkeypatch):
     flat = Pathway(make=lambda *_: None, read=lambda layer: layer.weight.flatten())
     monkeypatch.setitem(PATHWAYS, "flat", flat)

@@ -9,13 +9,14 @@ from dataclasses import replace
 
 import pytest
 import torch
+from own_rules import FailsLater, SquaredError
 from reliability_helpers import inject, poison
 
 from brainprop import TrainConfig, rundir, stacked, train, train_stacked
 from brainprop.data.batches import permuted_batches
 from brainprop.errors import BrainPropError
 from brainprop.evaluation import accuracy
-from brainprop.objectives import make_objective
+from brainprop.objectives import OBJECTIVES, make_objective
 from brainprop.signals import Interrupted
 from brainprop.train import MEASURED_COLUMNS, Trainer
 
@@ -137,6 +138,23 @@ def test_a_tagged_stack_starts_every_line_with_the_tag_and_shows_no_bar(
     assert all(line.startswith("s1 (+1): ") for line in lines), lines
     assert not any(line.count("s1 (+1): ") > 1 for line in lines), lines
     assert disabled == [True]
+
+
+def test_a_rule_of_ones_own_that_fails_in_a_stack_is_one_line_and_the_stack_resumes(
+    tmp_path, tiny_dataset, monkeypatch
+):
+    """Two members, 16 steps an epoch: the rule's 40th call is in epoch 2."""
+    monkeypatch.setitem(OBJECTIVES, "later", lambda epsilon, fused: FailsLater(at=40))
+    members = [_config(tmp_path, s, rule="later") for s in (1, 2)]
+    with pytest.raises(
+        BrainPropError,
+        match=r"^rule 'later' failed in epoch 2 of a stack: ZeroDivisionError: division by "
+        r"zero \(.+own_rules\.py:\d+\): fix it, then train_stacked\(\[.+s1, .+s2\]\) ",
+    ):
+        train_stacked(members, dataset=tiny_dataset, progress=False)
+    monkeypatch.setitem(OBJECTIVES, "later", lambda epsilon, fused: SquaredError())
+    runs = train_stacked([tmp_path / "s1", tmp_path / "s2"], dataset=tiny_dataset, progress=False)
+    assert [[h["epoch"] for h in r.history] for r in runs] == [[1, 2], [1, 2]]
 
 
 def test_a_member_that_stops_leaves_and_the_others_train_on(tmp_path, tiny_dataset):

@@ -4,12 +4,14 @@ import dataclasses
 import importlib
 import json
 import math
+import re
 import sys
 
 import pytest
 import torch
 from conftest import make_tiny_dataset
 from data_fixtures import REPO
+from own_rules import FailsLater, SquaredError
 
 from brainprop import TrainConfig, devices, evaluate, load_model, train
 from brainprop.cli import main
@@ -17,7 +19,7 @@ from brainprop.data.batches import to_float
 from brainprop.data.dataset import split_validation
 from brainprop.errors import BrainPropError
 from brainprop.evaluation import accuracy
-from brainprop.objectives import EBP, OBJECTIVES, Output, make_objective
+from brainprop.objectives import EBP, OBJECTIVES, make_objective
 from brainprop.presets import ARCHITECTURES, PRESETS, Hyperparameters, build_model
 from brainprop.rundir import write_history
 from brainprop.step import make_optimizer, train_step
@@ -59,22 +61,10 @@ def test_training_learns_and_writes_a_complete_run_directory(tmp_path, tiny_data
     assert "peak_memory_mib,host_rss_mib" in (run.dir / "history.csv").read_text()
 
 
-class _SquaredError:
-    """A rule of the user's own: squared error of every output against the one-hot label."""
-
-    sums_over_nominal_batch = False
-
-    def __call__(self, q, y, generator=None):
-        loss = ((q - torch.nn.functional.one_hot(y, q.shape[1]).to(q.dtype)) ** 2).sum(1).mean()
-        actions = q.detach().argmax(1)
-        rewards = (actions == y).to(q.dtype)
-        return Output(loss, actions, rewards, torch.zeros_like(y, dtype=torch.bool))
-
-
 def test_a_rule_registered_by_name_trains_from_the_library_and_the_cli(
     tmp_path, tiny_dataset, monkeypatch, capsys
 ):
-    monkeypatch.setitem(OBJECTIVES, "squared-error", lambda epsilon, fused: _SquaredError())
+    monkeypatch.setitem(OBJECTIVES, "squared-error", lambda epsilon, fused: SquaredError())
     run = train(_config(tmp_path, rule="squared-error"), dataset=tiny_dataset, progress=False)
     assert run.config.rule == "squared-error" and run.summary["best_val_acc"] > 0.6
     assert evaluate(run.dir, dataset=tiny_dataset)["test_acc"] == run.summary["test_acc_at_best"]
@@ -93,7 +83,7 @@ class _NoFlag:
 
 
 @pytest.mark.parametrize(
-    "made", [_NoFlag(), _SquaredError, None], ids=["no-flag", "a-class", "none"]
+    "made", [_NoFlag(), SquaredError, None], ids=["no-flag", "a-class", "none"]
 )
 def test_a_registered_rule_that_makes_no_objective_is_refused_in_one_line(
     tmp_path, tiny_dataset, monkeypatch, made
@@ -106,7 +96,7 @@ def test_a_registered_rule_that_makes_no_objective_is_refused_in_one_line(
     assert not (tmp_path / "run").exists()
 
 
-class _Broken(_SquaredError):
+class _Broken(SquaredError):
     """The squared-error rule with one of a user's mistakes."""
 
     def __init__(self, mistake):
@@ -149,6 +139,38 @@ def test_a_rule_of_ones_own_that_fails_or_returns_no_output_is_one_line_before_t
     with pytest.raises(BrainPropError, match="^rule 'broken' " + said):
         train(_config(tmp_path, rule="broken"), dataset=tiny_dataset, progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_rule_of_ones_own_that_fails_on_a_later_batch_is_one_line_and_the_run_resumes(
+    tmp_path, tiny_dataset, monkeypatch
+):
+    """16 steps an epoch: its 20th call is in epoch 2, after epoch 1's checkpoint."""
+    monkeypatch.setitem(OBJECTIVES, "later", lambda epsilon, fused: FailsLater(at=20))
+    config = _config(tmp_path, rule="later")
+    with pytest.raises(BrainPropError) as failed:
+        train(config, dataset=tiny_dataset, progress=False)
+    assert re.fullmatch(
+        r"rule 'later' failed in epoch 2: ZeroDivisionError: division by zero \(.+own_rules"
+        r"\.py:\d+\): fix it; .+last\.pt keeps the last good state: continue with "
+        r"'brainprop train --resume .+'",
+        str(failed.value),
+    )
+    monkeypatch.setitem(OBJECTIVES, "later", lambda epsilon, fused: SquaredError())
+    run = train(config, resume=tmp_path / "run", dataset=tiny_dataset, progress=False)
+    assert [h["epoch"] for h in run.history] == [1, 2, 3]
+
+
+def test_an_error_in_the_librarys_code_keeps_its_traceback(tmp_path, tiny_dataset, monkeypatch):
+    """A bug, to report as it is, even in a run of a rule of one's own (whose code, here, is
+    EBP's: the bug is in neither)."""
+    monkeypatch.setitem(OBJECTIVES, "mine", lambda epsilon, fused: EBP())
+
+    def tally(*args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(train_module, "tally", tally)
+    with pytest.raises(RuntimeError, match="^a bug$"):
+        train(_config(tmp_path, rule="mine"), dataset=tiny_dataset, progress=False)
 
 
 def test_trying_a_rule_of_ones_own_changes_none_of_the_runs_draws(

@@ -69,6 +69,7 @@ from .train import (
     end_epoch,
     facts,
     gave_up,
+    own_code_failure,
     printer,
     rewind,
     save_last,
@@ -455,6 +456,7 @@ class _StackedRun:
         self.show_bar = bar
         self.runs: dict[int, Run] = {}
         self.device = members[0].trainer.device
+        self.objective = members[0].trainer.objective
 
     def run(self) -> dict[int, Run]:
         def warn(signum: int) -> None:
@@ -471,6 +473,12 @@ class _StackedRun:
                 self._epochs(stop)
             except signals.Interrupted:
                 raise  # the first signal's stop, every seed's state saved
+            except Exception as e:
+                epochs = sorted({len(m.trainer.history) + 1 for m in self.members})
+                when = f"in epoch {'/'.join(map(str, epochs))} of a stack"
+                if (failed := own_code_failure(self.config, self.objective, e, when)) is None:
+                    raise
+                raise BrainPropError(f"{failed}: fix it, then {self._how_to_continue()}") from e
             except KeyboardInterrupt:
                 # A second signal: whatever write it cut short left the previous file whole.
                 raise stop.quit_at_once(

@@ -24,7 +24,7 @@ import math
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,12 +39,12 @@ from .data import Dataset, load_dataset, split_validation
 from .data.batches import num_batches, permuted_batches, to_float
 from .devices import device_name, warn_if_slow_bf16
 from .diagnostics import diagnostics, plot_diagnostics
-from .errors import BrainPropError
+from .errors import BrainPropError, defined_in, raised, raised_in
 from .evaluation import accuracy, all_finite
-from .feedback import convert
+from .feedback import PATHWAYS, convert
 from .objectives import OBJECTIVES, Objective, check_rule, make_objective
 from .peaks import tf32_ops
-from .presets import build_model
+from .presets import ARCHITECTURES, build_model
 from .provenance import check_loadable, check_same_data
 from .resume import (
     PARTIAL_SUMS,
@@ -640,22 +640,58 @@ def _epochs(
         if stop.requested:
             save_last(trainer, run_path)
             raise _interrupted(stop, run_path, f"after epoch {epoch}")
-        try:
-            metrics = trainer.train_epoch(epoch, stop)
-        except NonFinite as bad:
-            if trainer.may_rewind():
-                trainer = rewind(trainer, ds, run_path)
-                say(bad.rewound(trainer))
-                continue
-            say(gave_up(bad, config, run_path))
-            return trainer, bad.stop_reason()
-        if metrics is None:
-            assert trainer.partial is not None  # train_epoch stopped mid-epoch
-            save_last(trainer, run_path)
-            at = f"in epoch {epoch + 1} after step {trainer.partial['step']}"
-            raise _interrupted(stop, run_path, at)
-        if end_epoch(trainer, run_path, metrics, say):
-            return trainer, EARLY_STOPPING
+        with _own_code_stops(trainer, f"in epoch {epoch + 1}", run_path):
+            try:
+                metrics = trainer.train_epoch(epoch, stop)
+            except NonFinite as bad:
+                if trainer.may_rewind():
+                    trainer = rewind(trainer, ds, run_path)
+                    say(bad.rewound(trainer))
+                    continue
+                say(gave_up(bad, config, run_path))
+                return trainer, bad.stop_reason()
+            if metrics is None:
+                assert trainer.partial is not None  # train_epoch stopped mid-epoch
+                save_last(trainer, run_path)
+                at = f"in epoch {epoch + 1} after step {trainer.partial['step']}"
+                raise _interrupted(stop, run_path, at)
+            if end_epoch(trainer, run_path, metrics, say):
+                return trainer, EARLY_STOPPING
+
+
+@contextlib.contextmanager
+def _own_code_stops(trainer: Trainer, when: str, run_path: Path) -> Iterator[None]:
+    """Stops a run whose own code failed ``when`` (see :func:`own_code_failure`) in one line
+    that says how to continue it once mended."""
+    try:
+        yield
+    except Exception as e:
+        if (failed := own_code_failure(trainer.config, trainer.objective, e, when)) is None:
+            raise
+        raise BrainPropError(f"{failed}: fix it; {_stopped_abruptly(run_path)}") from e
+
+
+def own_code_failure(
+    config: TrainConfig, objective: Objective, e: Exception, when: str
+) -> str | None:
+    """``e``, which a run raised ``when``, in one line naming the line of one's own code that
+    raised it, where that is the run's rule, feedback pathway or network (tried before the run
+    on one made-up batch at most); None where the library's code failed (a bug, whose
+    traceback is wanted) or the device ran out of memory."""
+    if isinstance(e, torch.OutOfMemoryError):
+        return None
+    own: list[tuple[str, Callable[..., object]]] = []
+    if config.rule not in OBJECTIVES.builtin:
+        own.append((f"rule {config.rule!r}", objective))
+    if config.feedback in PATHWAYS and config.feedback not in PATHWAYS.builtin:
+        pathway = PATHWAYS[config.feedback]
+        own.extend((f"feedback {config.feedback!r}", f) for f in (pathway.read,) if f is not None)
+    if config.arch not in ARCHITECTURES.builtin:
+        own.append((f"network {config.arch!r}", ARCHITECTURES[config.arch][0]))
+    for what, code in own:
+        if raised_in(e, path := defined_in(code)):
+            return f"{what} failed {when}: {raised(e, path)}"
+    return None
 
 
 def data_label(config: TrainConfig, data: str) -> str:

@@ -1,0 +1,32 @@
+"""Rules of a user's own, as the tests register them in ``OBJECTIVES``: in a file of their
+own, as a plugin's would be, so that the messages naming their lines name this file."""
+
+import torch
+
+from brainprop.objectives import Output
+
+
+class SquaredError:
+    """A rule of the user's own: squared error of every output against the one-hot label."""
+
+    sums_over_nominal_batch = False
+
+    def __call__(self, q, y, generator=None):
+        loss = ((q - torch.nn.functional.one_hot(y, q.shape[1]).to(q.dtype)) ** 2).sum(1).mean()
+        actions = q.detach().argmax(1)
+        rewards = (actions == y).to(q.dtype)
+        return Output(loss, actions, rewards, torch.zeros_like(y, dtype=torch.bool))
+
+
+class FailsLater(SquaredError):
+    """The squared-error rule that divides by zero on its ``at``-th call: on a batch that
+    trying it before the run never sees."""
+
+    def __init__(self, at):
+        self.calls, self.at = 0, at
+
+    def __call__(self, q, y, generator=None):
+        self.calls += 1
+        if self.calls == self.at:
+            return 1 / 0
+        return super().__call__(q, y, generator)
