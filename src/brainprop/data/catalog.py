@@ -125,8 +125,15 @@ def _cifar100(label_key: bytes, classes: int) -> CifarPickles:
     """CIFAR-100's pickles, one archive for both label sets (``brainprop download cifar100``
     fetches it), read for one of them."""
     return CifarPickles(
-        "cifar100", "cifar-100-python", ("train",), ("test",), label_key, classes, "cifar100"
-    )
+        _CIFAR100.folder, _pickles_in(_CIFAR100), ("train",), ("test",), label_key, classes,
+        download_name="cifar100",
+    )  # fmt: skip
+
+
+def _pickles_in(source: Source) -> str:
+    """The folder the pickles are in: the one the source's archive unpacks to."""
+    assert source.top is not None, "a CIFAR archive unpacks to a folder"
+    return source.top
 
 
 #: The library's datasets by name. Fashion-MNIST has MNIST's format and was not in the paper,
@@ -172,8 +179,8 @@ CATALOG: dict[str, Official] = {
     ),
     "cifar10": Official(
         format=CifarPickles(
-            folder="cifar10",
-            subdir="cifar-10-batches-py",
+            folder=_CIFAR10.folder,
+            subdir=_pickles_in(_CIFAR10),
             train_files=tuple(f"data_batch_{i}" for i in range(1, 6)),
             test_files=("test_batch",),
             label_key=b"labels",
