@@ -683,9 +683,9 @@ def own_code_failure(
     own: list[tuple[str, Callable[..., object]]] = []
     if config.rule not in OBJECTIVES.builtin:
         own.append((f"rule {config.rule!r}", objective))
-    if config.feedback in PATHWAYS and config.feedback not in PATHWAYS.builtin:
-        pathway = PATHWAYS[config.feedback]
-        own.extend((f"feedback {config.feedback!r}", f) for f in (pathway.read,) if f is not None)
+    pathway = PATHWAYS.get(config.feedback)
+    if config.feedback not in PATHWAYS.builtin and pathway is not None and pathway.read is not None:
+        own.append((f"feedback {config.feedback!r}", pathway.read))
     if config.arch not in ARCHITECTURES.builtin:
         own.append((f"network {config.arch!r}", ARCHITECTURES[config.arch][0]))
     for what, code in own:
