@@ -518,7 +518,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     p = sub.add_parser(
         "evaluate", help="test accuracy of a run or checkpoint",
-        description="Test accuracy of a run's best network, or of a checkpoint; prints JSON.",
+        description="Test accuracy of a run's best network, or of a checkpoint; prints it in "
+        "a line, then the whole result as one line of JSON.",
     )  # fmt: skip
     p.add_argument("target", help="a run directory (uses its best.pt) or a checkpoint file")
     p.add_argument(
