@@ -30,3 +30,26 @@ class FailsLater(SquaredError):
         if self.calls == self.at:
             return 1 / 0
         return super().__call__(q, y, generator)
+
+
+class Doubling(torch.nn.Module):
+    """A layer of the user's own, in the rules' file: ``[B, ...] -> [B, ...]``, twice its input;
+    raises ``error`` (a ValueError where None) on its ``at``-th forward pass in training."""
+
+    def __init__(self, at=0, error=None):
+        super().__init__()
+        self.calls, self.at, self.error = 0, at, error
+
+    def forward(self, x):
+        if self.training:
+            self.calls += 1
+            if self.calls == self.at:
+                raise self.error or ValueError("a doubling too many")
+        return 2 * x
+
+
+def doubling_net(net, num_classes, dropout):
+    """A network of the user's own: a flattened input, doubled, then the output layer."""
+    net.flatten()
+    net.add(Doubling())
+    net.dense(num_classes, relu=False)

@@ -665,7 +665,7 @@ def test_a_pathway_of_ones_own_that_fails_later_in_a_run_is_one_line(tmp_path, m
     said = (
         r"^feedback 'flaky' failed in epoch 2: RuntimeError: no B this time "
         r"\(.+test_feedback\.py:\d+\): fix it; .+last\.pt keeps the last good state: "
-        r"continue with 'brainprop train --resume .+'$"
+        r"continue with train\(resume='.+'\) in a process that registers the mended code$"
     )
     with pytest.raises(BrainPropError, match=said):
         train(config, dataset=make_tiny_dataset(), progress=False)

@@ -464,6 +464,59 @@ def test_a_suggested_resume_of_a_plugin_run_names_the_plugins_it_needs(
     assert capsys.readouterr().err.rstrip().endswith(f"or continue it with {resume}")
 
 
+FLAKY_PLUGIN = """
+from torch import nn
+
+from brainprop import ARCHITECTURES, EBP, OBJECTIVES, PRESETS, Hyperparameters
+
+
+class Mine(EBP):
+    pass
+
+
+class Flaky(nn.Module):
+    calls = 0
+
+    def forward(self, x):
+        if self.training:
+            Flaky.calls += 1
+            if Flaky.calls == 7:
+                raise ValueError("flaky")
+        return x
+
+
+def flaky(net, num_classes, dropout):
+    net.flatten()
+    net.add(Flaky())
+    net.dense(num_classes, relu=False)
+
+
+OBJECTIVES["mine"] = lambda epsilon, fused: Mine()
+ARCHITECTURES["flaky"] = (flaky, 0)
+PRESETS["flaky"] = {("mnist", "flaky"): Hyperparameters(batch_size=16)}
+"""
+
+
+def test_a_plugins_code_that_fails_later_in_a_run_is_one_line_naming_the_plugin_to_resume_with(
+    data_dir, tmp_path, capsys
+):
+    """A rule and a network in one file: the network's line is named as the network's. Four
+    steps an epoch, and a forward pass in training for the epoch's diagnostics: the seventh
+    pass is in epoch 2."""
+    lab = tmp_path / "lab_flaky.py"
+    lab.write_text(FLAKY_PLUGIN)
+    args = _train(data_dir, tmp_path / "runs", "--rule", "mine", "--arch", "flaky", "--preset",
+                  "flaky", "--epochs", "3")  # fmt: skip
+    assert main(["--plugin", str(lab), *args]) == 2
+    run = tmp_path / "runs" / "run"
+    line = FLAKY_PLUGIN.splitlines().index('                raise ValueError("flaky")') + 1
+    resume = f"'brainprop --plugin {lab.resolve()} train --resume {run}'"
+    assert capsys.readouterr().err == (
+        f"brainprop: error: network 'flaky' failed in epoch 2: ValueError: flaky ({lab}:{line}): "
+        f"fix it; {run / 'last.pt'} keeps the last good state: continue with {resume}\n"
+    )
+
+
 def test_a_module_of_a_package_is_imported_and_its_packages_errors_are_its_own(
     tmp_path, monkeypatch, capsys
 ):

@@ -76,19 +76,9 @@ def raised(e: Exception, path: Path | None) -> str:
     where in the file ``path`` (else where at all) it was raised; a SyntaxError says its line
     itself."""
     frames = traceback.extract_tb(e.__traceback__)
-    own = _frames_in(frames, path)
+    own = [f for f in frames if path is not None and Path(f.filename).resolve() == path]
     where = (own or frames)[-1] if frames and not isinstance(e, SyntaxError) else None
     at = f" ({where.filename}:{where.lineno})" if where is not None else ""
     # brainprop's own errors (an entry a registry refused) say what is wrong in their words.
     what = reason(e) if isinstance(e, BrainPropError) else f"{type(e).__name__}: {reason(e)}"
     return what + at
-
-
-def raised_in(e: BaseException, path: Path | None) -> bool:
-    """Whether the code of the file ``path`` was running when ``e`` was raised: whether it is
-    one's own code that failed (see :func:`raised`) rather than the library's."""
-    return bool(_frames_in(traceback.extract_tb(e.__traceback__), path))
-
-
-def _frames_in(frames: traceback.StackSummary, path: Path | None) -> list[traceback.FrameSummary]:
-    return [f for f in frames if path is not None and Path(f.filename).resolve() == path]

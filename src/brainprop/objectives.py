@@ -380,7 +380,7 @@ def check_rule(rule: str, objective: Objective, classes: int, device: torch.devi
     A rule that raises there, or returns what training cannot take, is one ``BrainPropError``
     line naming the line of its code, before any run directory is made; it would otherwise end
     the first step in a traceback. An error that only some later batch brings is worded, as
-    one line too, by ``train.own_code_failure`` as it stops the run.
+    one line too, by :mod:`brainprop.owncode` as it stops the run.
     """
     rows = min(classes, CHECKED_LABELS)
     with rng.global_streams_kept(device):

@@ -44,7 +44,7 @@ from torch import nn
 from torch.func import functional_call, stack_module_state
 from tqdm.auto import tqdm
 
-from . import distributed, fastpath, memory, rng, rundir, signals
+from . import distributed, fastpath, memory, owncode, plugins, rng, rundir, signals
 from .config import VAL_TEST, TrainConfig
 from .data import Dataset, load_dataset
 from .data.batches import num_batches, ordered_batches, permuted_batches
@@ -69,7 +69,6 @@ from .train import (
     end_epoch,
     facts,
     gave_up,
-    own_code_failure,
     printer,
     rewind,
     save_last,
@@ -456,7 +455,6 @@ class _StackedRun:
         self.show_bar = bar
         self.runs: dict[int, Run] = {}
         self.device = members[0].trainer.device
-        self.objective = members[0].trainer.objective
 
     def run(self) -> dict[int, Run]:
         def warn(signum: int) -> None:
@@ -474,9 +472,7 @@ class _StackedRun:
             except signals.Interrupted:
                 raise  # the first signal's stop, every seed's state saved
             except Exception as e:
-                epochs = sorted({len(m.trainer.history) + 1 for m in self.members})
-                when = f"in epoch {'/'.join(map(str, epochs))} of a stack"
-                if (failed := own_code_failure(self.config, self.objective, e, when)) is None:
+                if (failed := self._own_code_failure(e)) is None:
                     raise
                 raise BrainPropError(f"{failed}: fix it, then {self._how_to_continue()}") from e
             except KeyboardInterrupt:
@@ -492,6 +488,16 @@ class _StackedRun:
                     f"as the last seeds ended; every seed's run is complete: results in {done}"
                 )
         return self.runs
+
+    def _own_code_failure(self, e: Exception) -> str | None:
+        """``e`` in one line where the members' own code raised it (:mod:`brainprop.owncode`),
+        else None."""
+        if not self.members:
+            return None  # the last members' ends, the library's code alone
+        epochs = sorted({len(m.trainer.history) + 1 for m in self.members})
+        first = self.members[0].trainer
+        own = owncode.of_run(self.config, first.objective, first.model)
+        return owncode.failure(own, e, f"in epoch {'/'.join(map(str, epochs))} of a stack")
 
     def _epochs(self, stop: signals.StopRequest) -> None:
         """Stacked epochs until every member has stopped. One stack (and, with
@@ -653,5 +659,5 @@ class _StackedRun:
         dirs = ", ".join(str(m.run_path) for m in self.members)
         return (
             f"train_stacked([{dirs}]) (or the same 'brainprop reproduce' command) continues "
-            "them all, and 'brainprop train --resume DIR' one alone"
+            f"them all, and {plugins.resume_command(Path('DIR'))} one alone"
         )

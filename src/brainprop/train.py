@@ -33,18 +33,18 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import distributed, fastpath, files, memory, plugins, rng, rundir, signals
+from . import distributed, fastpath, files, memory, owncode, plugins, rng, rundir, signals
 from .config import MAX_NAN_RELOADS, VAL_TEST, TrainConfig
 from .data import Dataset, load_dataset, split_validation
 from .data.batches import num_batches, permuted_batches, to_float
 from .devices import device_name, warn_if_slow_bf16
 from .diagnostics import diagnostics, plot_diagnostics
-from .errors import BrainPropError, defined_in, raised, raised_in
+from .errors import BrainPropError
 from .evaluation import accuracy, all_finite
-from .feedback import PATHWAYS, convert
+from .feedback import convert
 from .objectives import OBJECTIVES, Objective, check_rule, make_objective
 from .peaks import tf32_ops
-from .presets import ARCHITECTURES, build_model
+from .presets import build_model
 from .provenance import check_loadable, check_same_data
 from .resume import (
     PARTIAL_SUMS,
@@ -661,37 +661,22 @@ def _epochs(
 
 @contextlib.contextmanager
 def _own_code_stops(trainer: Trainer, when: str, run_path: Path) -> Iterator[None]:
-    """Stops a run whose own code failed ``when`` (see :func:`own_code_failure`) in one line
-    that says how to continue it once mended."""
+    """Stops a run whose own code failed ``when`` (:mod:`brainprop.owncode`) in one line that
+    says how to continue it once mended."""
     try:
         yield
     except Exception as e:
-        if (failed := own_code_failure(trainer.config, trainer.objective, e, when)) is None:
+        own = owncode.of_run(trainer.config, trainer.objective, trainer.model)
+        if (failed := owncode.failure(own, e, when)) is None:
             raise
-        raise BrainPropError(f"{failed}: fix it; {_stopped_abruptly(run_path)}") from e
-
-
-def own_code_failure(
-    config: TrainConfig, objective: Objective, e: Exception, when: str
-) -> str | None:
-    """``e``, which a run raised ``when``, in one line naming the line of one's own code that
-    raised it, where that is the run's rule, feedback pathway or network (tried before the run
-    on one made-up batch at most); None where the library's code failed (a bug, whose
-    traceback is wanted) or the device ran out of memory."""
-    if isinstance(e, torch.OutOfMemoryError):
-        return None
-    own: list[tuple[str, Callable[..., object]]] = []
-    if config.rule not in OBJECTIVES.builtin:
-        own.append((f"rule {config.rule!r}", objective))
-    pathway = PATHWAYS.get(config.feedback)
-    if config.feedback not in PATHWAYS.builtin and pathway is not None and pathway.read is not None:
-        own.append((f"feedback {config.feedback!r}", pathway.read))
-    if config.arch not in ARCHITECTURES.builtin:
-        own.append((f"network {config.arch!r}", ARCHITECTURES[config.arch][0]))
-    for what, code in own:
-        if raised_in(e, path := defined_in(code)):
-            return f"{what} failed {when}: {raised(e, path)}"
-    return None
+        if plugins.loaded():
+            then = _stopped_abruptly(run_path)
+        else:
+            # Registered from Python, not by a --plugin: the command line would not know it.
+            kept = _kept(run_path, "so a resume starts over")
+            resume = f"train(resume={str(run_path)!r})"
+            then = f"{kept}: continue with {resume} in a process that registers the mended code"
+        raise BrainPropError(f"{failed}: fix it; {then}") from e
 
 
 def data_label(config: TrainConfig, data: str) -> str:

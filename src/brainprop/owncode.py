@@ -1,0 +1,107 @@
+"""A run's own code, what of it the user registered (a rule, a feedback pathway's ``read``, a
+network and its modules), and an error that code raised in the run, in one line.
+
+The library tries such code before a run starts, on one made-up batch at most; what fails only
+later (on a batch the try never saw, in an evaluation) stops the run with a
+:class:`~brainprop.errors.BrainPropError` worded here, naming the line of the user's code,
+rather than a traceback that reads as a bug of the library's. An error raised in the library's
+code (or torch's) keeps its traceback: that is a bug to report. An error is the user's where a
+frame of its traceback lies in the user's code; where the user's code only returned something
+that the library's code later failed on, no frame does, and the traceback stays.
+"""
+
+from __future__ import annotations
+
+import inspect
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import TrainConfig
+from .errors import defined_in, raised
+from .feedback import PATHWAYS
+from .objectives import OBJECTIVES, Objective
+from .presets import ARCHITECTURES
+
+#: Where the code lies that a user's code runs on: an error raised in it, with none of the
+#: user's frames on the way, is the library's (a rule registered as ``BrainProp(0.2)`` is the
+#: library's code under a name of one's own).
+LIBRARIES = (Path(__file__).resolve().parent, Path(torch.__file__).resolve().parent)
+
+
+@dataclass(frozen=True)
+class OwnCode:
+    """One piece of a run's own code: what it is (``rule 'mine'``), its file, and the lines
+    of that file it spans (a rule and a network may share a file)."""
+
+    what: str
+    path: Path
+    lines: range
+
+
+def of_run(config: TrainConfig, objective: Objective, model: nn.Module) -> list[OwnCode]:
+    """The own code a run of ``config`` runs: its rule (``objective``), its pathway's
+    ``read``, its network's builder and the classes of ``model``'s modules, where they are not
+    the library's or torch's."""
+    pieces: list[tuple[str, Callable[..., object]]] = []
+    if config.rule not in OBJECTIVES.builtin:
+        pieces.append((f"rule {config.rule!r}", objective))
+    pathway = PATHWAYS.get(config.feedback)
+    if config.feedback not in PATHWAYS.builtin and pathway is not None and pathway.read is not None:
+        pieces.append((f"feedback {config.feedback!r}", pathway.read))
+    if config.arch not in ARCHITECTURES.builtin:
+        network = f"network {config.arch!r}"
+        pieces.append((network, ARCHITECTURES[config.arch][0]))
+        pieces.extend((network, type(m)) for m in model.modules())
+    own: list[OwnCode] = []
+    for what, code in pieces:
+        path = defined_in(code)
+        if path is None or any(path.is_relative_to(library) for library in LIBRARIES):
+            continue
+        piece = OwnCode(what, path, _lines(code))
+        if piece not in own:
+            own.append(piece)
+    return own
+
+
+def _lines(code: Callable[..., object]) -> range:
+    """The lines of its file that ``code`` spans (a callable object: its class's); the whole
+    file where its source cannot be found."""
+    code = getattr(code, "func", code)
+    for source in (code, type(code)):
+        try:
+            lines, first = inspect.getsourcelines(source)
+        except (OSError, TypeError):
+            continue
+        return range(max(first, 1), max(first, 1) + len(lines))
+    return range(1, 2**31)
+
+
+def failure(own: list[OwnCode], e: Exception, when: str) -> str | None:
+    """``e``, which a run raised ``when``, in one line naming what of ``own`` failed and the
+    line of its code that raised it; None where none of ``own`` was running (the library's
+    code failed), or the machine ran out of memory or the output's reader went away, which the
+    callers word.
+
+    The innermost frame in ``own``'s lines names the piece. An error raised while handling
+    another (a CUDA graph's capture ended by the user's error) is the user's where the first
+    is."""
+    if isinstance(e, (torch.OutOfMemoryError, MemoryError, BrokenPipeError)) or (
+        "can't allocate memory" in str(e)  # torch's CPU allocator says so in a RuntimeError
+    ):
+        return None
+    seen: set[int] = set()
+    error: BaseException | None = e
+    while isinstance(error, Exception) and id(error) not in seen:
+        seen.add(id(error))
+        for frame in reversed(traceback.extract_tb(error.__traceback__)):
+            path = Path(frame.filename).resolve()
+            for piece in own:
+                if piece.path == path and frame.lineno in piece.lines:
+                    return f"{piece.what} failed {when}: {raised(error, path)}"
+        error = error.__cause__ or error.__context__
+    return None

@@ -1,0 +1,105 @@
+"""A run's own code, and its errors in one line: which code is the user's, which piece of it
+failed, and which errors are never the user's to fix."""
+
+import functools
+
+import pytest
+import torch
+from own_rules import Doubling, FailsLater, doubling_net
+
+from brainprop import ARCHITECTURES, OBJECTIVES, PATHWAYS, BrainProp, Pathway, TrainConfig, owncode
+from brainprop.presets import build_model
+
+
+@pytest.fixture
+def registered(monkeypatch):
+    """A rule and a network of one's own, both in own_rules.py."""
+    monkeypatch.setitem(OBJECTIVES, "later", lambda epsilon, fused: FailsLater(at=1))
+    monkeypatch.setitem(ARCHITECTURES, "doubling", (doubling_net, 0))
+    config = TrainConfig(rule="later", arch="doubling")
+    model = build_model("doubling", (1, 4, 4), 3, (), torch.Generator().manual_seed(0))
+    return config, model
+
+
+def _raised(call):
+    try:
+        call()
+    except Exception as e:
+        return e
+    raise AssertionError("it did not raise")
+
+
+def test_the_innermost_piece_of_ones_own_code_names_the_failure(registered):
+    """A rule and a network in one file: the lines each spans tell them apart."""
+    config, model = registered
+    objective = FailsLater(at=1)
+    own = owncode.of_run(config, objective, model)
+    assert {piece.what for piece in own} == {"rule 'later'", "network 'doubling'"}
+    layer = next(m for m in model.modules() if isinstance(m, Doubling))
+    layer.at = 1
+    error = _raised(lambda: model(torch.rand(2, 1, 4, 4)))
+    said = owncode.failure(own, error, "in epoch 3")
+    assert said.startswith("network 'doubling' failed in epoch 3: ValueError: a doubling too ")
+    assert said.endswith(f"own_rules.py:{Doubling.forward.__code__.co_firstlineno + 4})")
+    error = _raised(lambda: objective(torch.rand(2, 3), torch.tensor([0, 1])))
+    assert owncode.failure(own, error, "in epoch 3").startswith(
+        "rule 'later' failed in epoch 3: ZeroDivisionError: division by zero ("
+    )
+
+
+def test_the_librarys_code_under_a_name_of_ones_own_is_the_librarys(monkeypatch):
+    """Its errors are bugs to report, with their traceback."""
+    monkeypatch.setitem(OBJECTIVES, "greedy", lambda epsilon, fused: BrainProp(0.0))
+    monkeypatch.setitem(PATHWAYS, "sign-too", Pathway(lambda *_: None, PATHWAYS["sign"].read))
+    dense, sites = ARCHITECTURES["dense"]
+    monkeypatch.setitem(ARCHITECTURES, "dense-too", (functools.partial(dense), sites))
+    config = TrainConfig(rule="greedy", feedback="sign-too", arch="dense-too")
+    model = build_model("dense-too", (1, 4, 4), 3, (), torch.Generator().manual_seed(0))
+    assert owncode.of_run(config, BrainProp(0.0), model) == []
+
+
+def test_the_machines_limits_and_a_closed_output_are_never_the_users_code(registered):
+    """Even raised in it (a print to a closed pipe, an allocation): their callers word them."""
+    config, model = registered
+    own = owncode.of_run(config, FailsLater(at=1), model)
+    layer = next(m for m in model.modules() if isinstance(m, Doubling))
+    limits = (
+        MemoryError(),
+        BrokenPipeError(),
+        RuntimeError("[enforce fail] can't allocate memory"),
+    )
+    for error in (*limits, RuntimeError("a bug of one's own")):
+        layer.calls, layer.at, layer.error = 0, 1, error
+        said = owncode.failure(own, _raised(lambda: model(torch.rand(2, 1, 4, 4))), "in epoch 1")
+        assert (said is None) == (error in limits), said
+
+
+def test_an_error_raised_while_handling_ones_own_is_that_one(registered):
+    """As a CUDA graph's capture, ended by the user's error, can raise its own."""
+    config, model = registered
+    objective = FailsLater(at=1)
+    own = owncode.of_run(config, objective, model)
+
+    def capture():
+        try:
+            objective(torch.rand(2, 3), torch.tensor([0, 1]))
+        finally:
+            raise RuntimeError("capture ended badly")
+
+    error = _raised(capture)
+    assert str(error) == "capture ended badly"
+    assert owncode.failure(own, error, "in epoch 1").startswith(
+        "rule 'later' failed in epoch 1: ZeroDivisionError"
+    )
+
+
+def test_code_without_a_file_is_nobodys_to_name(monkeypatch):
+    """Typed into the interpreter: its error keeps its traceback."""
+    namespace = {}
+    exec("def rule(q, y, generator=None):\n    return 1 / 0\n", namespace)
+    rule = namespace["rule"]
+    rule.sums_over_nominal_batch = False
+    monkeypatch.setitem(OBJECTIVES, "typed", lambda epsilon, fused: rule)
+    config = TrainConfig(rule="typed")
+    model = build_model("dense", (1, 4, 4), 3, (), torch.Generator().manual_seed(0))
+    assert owncode.of_run(config, rule, model) == []
