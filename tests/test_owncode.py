@@ -75,7 +75,8 @@ def test_the_machines_limits_and_a_closed_output_are_never_the_users_code(regist
 
 
 def test_an_error_raised_while_handling_ones_own_is_that_one(registered):
-    """As a CUDA graph's capture, ended by the user's error, can raise its own."""
+    """As a CUDA graph's capture, ended by the user's error, can raise its own; not one that
+    replaced it on purpose (``from None``)."""
     config, model = registered
     objective = FailsLater(at=1)
     own = owncode.of_run(config, objective, model)
@@ -91,6 +92,14 @@ def test_an_error_raised_while_handling_ones_own_is_that_one(registered):
     assert owncode.failure(own, error, "in epoch 1").startswith(
         "rule 'later' failed in epoch 1: ZeroDivisionError"
     )
+
+    def replace():
+        try:
+            FailsLater(at=1)(torch.rand(2, 3), torch.tensor([0, 1]))
+        except ZeroDivisionError:
+            raise RuntimeError("said otherwise, on purpose") from None
+
+    assert owncode.failure(own, _raised(replace), "in epoch 1") is None
 
 
 def test_code_without_a_file_is_nobodys_to_name(monkeypatch):

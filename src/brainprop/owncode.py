@@ -103,5 +103,6 @@ def failure(own: list[OwnCode], e: Exception, when: str) -> str | None:
             for piece in own:
                 if piece.path == path and frame.lineno in piece.lines:
                     return f"{piece.what} failed {when}: {raised(error, path)}"
-        error = error.__cause__ or error.__context__
+        # A context put aside (raise ... from None) was replaced by a message of its own.
+        error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
     return None
