@@ -501,8 +501,7 @@ def test_a_plugins_code_that_fails_later_in_a_run_is_one_line_naming_the_plugin_
     data_dir, tmp_path, capsys
 ):
     """A rule and a network in one file: the network's line is named as the network's. Four
-    steps an epoch, and a forward pass in training for the epoch's diagnostics: the seventh
-    pass is in epoch 2."""
+    steps an epoch: the seventh forward pass in training is in epoch 2."""
     lab = tmp_path / "lab_flaky.py"
     lab.write_text(FLAKY_PLUGIN)
     args = _train(data_dir, tmp_path / "runs", "--rule", "mine", "--arch", "flaky", "--preset",
