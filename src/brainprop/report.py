@@ -819,7 +819,10 @@ def plot(results: Sequence[CellResult]) -> bytes:
             )  # fmt: skip
         acc_ax.set(ylabel="test accuracy (%)", ylim=(0, 100), title=_validation(val))
         acc_ax.set_xticks(range(len(rows)), [""] * len(rows))
-        acc_ax.legend(loc="lower left", fontsize=8)
+        # Under the bars, not on them: a rule's low bar would sit where a legend inside goes.
+        acc_ax.legend(
+            loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=3, fontsize=8, frameon=False
+        )
         gap_ax.axhline(0, color="grey", linewidth=0.8)
         for i, r in enumerate(rows):
             # Only gaps the report judges: a capped row's or one seed's would set the scale.
