@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_tiny_dataset
+from own_rules import SquaredError
 from reliability_helpers import (
     assert_same_run,
     inject,
@@ -26,6 +27,7 @@ from torch import nn
 from brainprop import Dataset, checkpoint, evaluate, train
 from brainprop.config import MAX_NAN_RELOADS
 from brainprop.errors import BrainPropError
+from brainprop.objectives import OBJECTIVES
 from brainprop.signals import Interrupted
 
 __all__ = ["one_thread"]  # the autouse fixture, imported to take effect here
@@ -72,6 +74,19 @@ def test_a_nan_before_the_first_checkpoint_says_to_start_anew(
     )
     with pytest.raises(BrainPropError, match="there is nothing to continue; start a new run"):
         train(None, resume=run.dir, dataset=ds, progress=False)
+
+
+def test_a_nan_loss_of_a_rule_of_ones_own_names_the_rule_among_the_causes(
+    tmp_path: Path, ds, monkeypatch, capsys
+) -> None:
+    """Its rewards, say, may be what is not finite: the settings are not the only suspects."""
+    monkeypatch.setitem(OBJECTIVES, "mine", lambda epsilon, fused: SquaredError())
+    inject(monkeypatch, {step(1, 2): poison})
+    train(replace(tiny_config(tmp_path), rule="mine"), dataset=ds)
+    assert (
+        "start a new run. Lower --lr or --init-std, or pass --on-nan reload; or check that rule "
+        "'mine', one's own, computes a finite loss.\n" in capsys.readouterr().out
+    )
 
 
 def test_nan_in_the_weights_alone_stops_the_run(tmp_path: Path, ds, monkeypatch) -> None:

@@ -728,6 +728,8 @@ def gave_up(bad: NonFinite, config: TrainConfig, run_path: Path) -> str:
         after, fix = f" after {MAX_NAN_RELOADS} reloads", "Lower --lr"
     else:
         after, fix = "", "Lower --lr or --init-std, or pass --on-nan reload"
+    if bad.what == "loss" and config.rule not in OBJECTIVES.builtin:
+        fix += f"; or check that rule {config.rule!r}, one's own, computes a finite loss"
     return (
         f"stopped{after}: the {bad.what} became NaN or inf at {bad.where()}; "
         f"{_kept(run_path, 'so there is nothing to resume: start a new run')}. {fix}."
