@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from data_fixtures import write_cifar100, write_idx_dataset, write_tiny_imagenet
 from measurement_fixtures import write_measurement
+from own_rules import FailsLater, SquaredError
 
 from brainprop import EBP, OBJECTIVES, matrix, report, rundir, signals
 from brainprop import experiments as ex
@@ -520,6 +521,29 @@ def test_finished_runs_are_skipped_and_an_interrupted_run_resumes(tmp_path, mnis
     again = reproduce(request, say=lambda _: None)
     assert again.ran == [] and again.skipped == [spec.name]
     assert m.path.stat().st_mtime_ns == stamp
+
+
+def test_a_rule_of_ones_own_that_fails_in_a_run_says_to_run_the_same_command_again(
+    tmp_path, mnist_root, no_plots, monkeypatch
+):
+    """One step an epoch: the rule's second call is in epoch 2, after epoch 1's checkpoint,
+    which the same command, the rule mended, resumes."""
+    monkeypatch.setitem(OBJECTIVES, "later", lambda epsilon, fused: FailsLater(at=2))
+    request = Request(
+        cells=(DENSE,), rules=("later",), seeds=1, max_epochs=2, out=tmp_path,
+        data_dir=str(mnist_root), device="cpu", progress=False,
+    )  # fmt: skip
+    said = (
+        r"^rule 'later' failed in epoch 2: ZeroDivisionError: division by zero \(.+own_rules"
+        r"\.py:\d+\): fix it, then run the same 'brainprop reproduce' command to continue$"
+    )
+    with pytest.raises(BrainPropError, match=said):
+        reproduce(request, say=lambda _: None)
+    monkeypatch.setitem(OBJECTIVES, "later", lambda epsilon, fused: SquaredError())
+    assert reproduce(request, say=lambda _: None).ran == ["mnist-dense-later-s0-e2"]
+    [m] = load_measurements(tmp_path)
+    history = json.loads((tmp_path / RUNS / m.run / rundir.HISTORY_JSON).read_text())
+    assert m.summary["epochs_run"] == 2 and len(history) == 2
 
 
 def test_a_damaged_summary_is_written_again_once_deleted_as_its_error_says(

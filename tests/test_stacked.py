@@ -149,7 +149,7 @@ def test_a_rule_of_ones_own_that_fails_in_a_stack_is_one_line_and_the_stack_resu
     with pytest.raises(
         BrainPropError,
         match=r"^rule 'later' failed in epoch 2 of a stack: ZeroDivisionError: division by "
-        r"zero \(.+own_rules\.py:\d+\): fix it, then train_stacked\(\[.+s1, .+s2\]\) ",
+        r"zero \(.+own_rules\.py:\d+\): fix it; train_stacked\(\[.+s1, .+s2\]\) ",
     ):
         train_stacked(members, dataset=tiny_dataset, progress=False)
     monkeypatch.setitem(OBJECTIVES, "later", lambda epsilon, fused: SquaredError())

@@ -541,6 +541,7 @@ def _train(job: Job, request: Request, dataset: Any, tagged: bool = False) -> No
     Resumed runs keep their stored configs, which can differ beyond the seed (runs started by
     an older version, or with other flags): each kind then trains in a stack of its own.
     """
+    from .owncode import OwnCodeFailed
     from .stacked import stack_key, train_stacked
     from .train import train
 
@@ -561,12 +562,18 @@ def _train(job: Job, request: Request, dataset: Any, tagged: bool = False) -> No
     for kind in kinds.values():
         names, members = [name for name, _ in kind], [member for _, member in kind]
         tag = _tag(names) if tagged else None
-        if len(members) > 1:
-            train_stacked(members, dataset=dataset, progress=request.progress, tag=tag)
-        elif isinstance(members[0], Path):
-            train(resume=members[0], dataset=dataset, progress=request.progress, tag=tag)
-        else:
-            train(members[0], dataset=dataset, progress=request.progress, tag=tag)
+        try:
+            if len(members) > 1:
+                train_stacked(members, dataset=dataset, progress=request.progress, tag=tag)
+            elif isinstance(members[0], Path):
+                train(resume=members[0], dataset=dataset, progress=request.progress, tag=tag)
+            else:
+                train(members[0], dataset=dataset, progress=request.progress, tag=tag)
+        except OwnCodeFailed as e:
+            # The run keeps its checkpoint, which the same command resumes, as after a signal.
+            raise BrainPropError(
+                f"{e.failure}: fix it, then run the same 'brainprop reproduce' command to continue"
+            ) from e
 
 
 def _tag(names: Sequence[str]) -> str:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .config import TrainConfig
-from .errors import defined_in, raised
+from .errors import BrainPropError, defined_in, raised
 from .feedback import PATHWAYS
 from .objectives import OBJECTIVES, Objective
 from .presets import ARCHITECTURES
@@ -31,6 +31,16 @@ from .presets import ARCHITECTURES
 #: user's frames on the way, is the library's (a rule registered as ``BrainProp(0.2)`` is the
 #: library's code under a name of one's own).
 LIBRARIES = (Path(__file__).resolve().parent, Path(torch.__file__).resolve().parent)
+
+
+class OwnCodeFailed(BrainPropError):
+    """A run stopped by an error of its own code: ``failure`` names it (:func:`failure`), the
+    message adds how to continue the run once the code is mended, which a caller that runs the
+    run (``reproduce``) may word in its own terms."""
+
+    def __init__(self, failure: str, how_to_continue: str) -> None:
+        super().__init__(f"{failure}: fix it; {how_to_continue}")
+        self.failure = failure
 
 
 @dataclass(frozen=True)

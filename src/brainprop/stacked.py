@@ -474,7 +474,7 @@ class _StackedRun:
             except Exception as e:
                 if (failed := self._own_code_failure(e)) is None:
                     raise
-                raise BrainPropError(f"{failed}: fix it, then {self._how_to_continue()}") from e
+                raise owncode.OwnCodeFailed(failed, self._how_to_continue()) from e
             except KeyboardInterrupt:
                 # A second signal: whatever write it cut short left the previous file whole.
                 raise stop.quit_at_once(

@@ -676,7 +676,7 @@ def _own_code_stops(trainer: Trainer, when: str, run_path: Path) -> Iterator[Non
             kept = _kept(run_path, "so a resume starts over")
             resume = f"train(resume={str(run_path)!r})"
             then = f"{kept}: continue with {resume} in a process that registers the mended code"
-        raise BrainPropError(f"{failed}: fix it; {then}") from e
+        raise owncode.OwnCodeFailed(failed, then) from e
 
 
 def data_label(config: TrainConfig, data: str) -> str:
