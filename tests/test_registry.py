@@ -56,6 +56,9 @@ def registries():
         ("OBJECTIVES", "ebp",
          "OBJECTIVES['mine'] must be a function of (epsilon, fused) that makes the objective, "
          "not a str"),
+        ("OBJECTIVES", 1,
+         "OBJECTIVES['mine'] must be a function of (epsilon, fused) that makes the objective, "
+         "not an int"),
         ("ARCHITECTURES", _build,
          "ARCHITECTURES['mine'] must be (builder, number of dropout sites), e.g. (build, 1), "
          "not a function"),

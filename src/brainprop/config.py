@@ -19,7 +19,7 @@ import torch
 
 from .data.registry import DATASETS
 from .devices import device_problem
-from .errors import BrainPropError
+from .errors import BrainPropError, kind_of
 from .feedback import check_feedback
 from .objectives import DEFAULT_EPSILON, OBJECTIVES
 from .presets import (
@@ -260,7 +260,7 @@ class TrainConfig:
         for f in fields(cls):
             if f.name in d and not value_fits(d[f.name], str(f.type)):
                 raise BrainPropError(
-                    f"config entry {f.name!r} holds a {type(d[f.name]).__name__}, expected "
+                    f"config entry {f.name!r} holds {kind_of(d[f.name])}, expected "
                     f"{f.type}: it is damaged or was written by another version"
                 )
         d = dict(d)

@@ -51,6 +51,12 @@ def _shell_word(text: str) -> str:
     return quoted.replace("!", '"\\!"')
 
 
+def kind_of(value: object) -> str:
+    """``value``'s type for a message, with its article: ``a list``, ``an int``."""
+    name = type(value).__name__
+    return f"{'an' if name[0].lower() in 'aeiou' else 'a'} {name}"
+
+
 def reason(exc: BaseException) -> str:
     """The first line of ``exc``'s message (or its type name), safe to embed in one line."""
     lines = str(exc).strip().splitlines()

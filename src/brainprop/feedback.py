@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import plugins
-from .errors import BrainPropError, UnknownName, defined_in, raised
+from .errors import BrainPropError, UnknownName, defined_in, kind_of, raised
 from .layers import Conv2dSame, LocallyConnected2d
 from .registry import Registry
 
@@ -172,7 +172,7 @@ class Pathway:
 def _pathway_problem(entry: object) -> str | None:
     if isinstance(entry, Pathway):
         return None
-    return f"must be a brainprop.Pathway, not a {type(entry).__name__}"
+    return f"must be a brainprop.Pathway, not {kind_of(entry)}"
 
 
 _NO_PATHWAY = "a built-in mode that is no pathway through a B"

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from . import fusedhead, rng
-from .errors import BrainPropError, defined_in, raised
+from .errors import BrainPropError, defined_in, kind_of, raised
 from .registry import Registry
 
 #: The published exploration rate: the chance that BrainProp samples its action from
@@ -281,8 +281,7 @@ def _factory_problem(factory: object) -> str | None:
     if callable(factory):
         return None
     return (
-        "must be a function of (epsilon, fused) that makes the objective, not a "
-        f"{type(factory).__name__}"
+        f"must be a function of (epsilon, fused) that makes the objective, not {kind_of(factory)}"
     )
 
 
@@ -346,9 +345,7 @@ def make_objective(rule: str, epsilon: float = DEFAULT_EPSILON, fused: bool = Fa
     flag = getattr(objective, "sums_over_nominal_batch", None)
     if not isinstance(flag, bool) or not callable(objective) or isinstance(objective, type):
         made = (
-            f"the class {objective.__name__}"
-            if isinstance(objective, type)
-            else f"a {type(objective).__name__}"
+            f"the class {objective.__name__}" if isinstance(objective, type) else kind_of(objective)
         )
         raise BrainPropError(
             f"rule {rule!r} made {made}, which is no Objective: make an instance "
@@ -411,7 +408,7 @@ def _output_problem(out: object, batch: int) -> str | None:
     """What is wrong with ``out`` as a training step takes an :class:`Output` of ``batch``
     examples, or None."""
     if not isinstance(out, Output):
-        return f"a {type(out).__name__}, not a brainprop.Output"
+        return f"{kind_of(out)}, not a brainprop.Output"
     loss = out.loss
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.is_floating_point():
         shape = list(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__

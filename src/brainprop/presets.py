@@ -28,7 +28,7 @@ from torch import nn
 
 from .data.catalog import FAMILIES
 from .data.registry import DATASETS, dataset_family
-from .errors import BrainPropError
+from .errors import BrainPropError, kind_of
 from .layers import Conv2dSame, LocallyConnected2d
 from .registry import Registry
 
@@ -114,8 +114,8 @@ PAPER_PRESET = "paper"
 def _table_problem(table: object) -> str | None:
     if not isinstance(table, Mapping):
         return (
-            "must be a table: {(dataset family, arch): Hyperparameters(...)}, not a "
-            f"{type(table).__name__}"
+            "must be a table: {(dataset family, arch): Hyperparameters(...)}, not "
+            f"{kind_of(table)}"
         )
     for key, row in table.items():
         if not (isinstance(key, tuple) and len(key) == 2 and all(isinstance(k, str) for k in key)):
@@ -124,7 +124,7 @@ def _table_problem(table: object) -> str | None:
             families = ", ".join(FAMILIES)
             return f"has the key {key!r}: {key[0]!r} is no dataset family: one of {families}"
         if not isinstance(row, Hyperparameters):
-            return f"has the row {key!r}: a {type(row).__name__}, not a Hyperparameters(...)"
+            return f"has the row {key!r}: {kind_of(row)}, not a Hyperparameters(...)"
     return None
 
 
@@ -347,14 +347,14 @@ def _architecture_problem(entry: object) -> str | None:
     if not (isinstance(entry, tuple) and len(entry) == 2):
         size = f" of {len(entry)}" if isinstance(entry, tuple) else ""
         return (
-            "must be (builder, number of dropout sites), e.g. (build, 1), not a "
-            f"{type(entry).__name__}{size}"
+            "must be (builder, number of dropout sites), e.g. (build, 1), not "
+            f"{kind_of(entry)}{size}"
         )
     builder, sites = entry
     if not callable(builder):
         return (
-            "must start with its builder, a function of (net, num_classes, dropout), not a "
-            f"{type(builder).__name__}"
+            "must start with its builder, a function of (net, num_classes, dropout), not "
+            f"{kind_of(builder)}"
         )
     if isinstance(sites, bool) or not isinstance(sites, numbers.Integral) or sites < 0:
         return f"must end with its number of dropout sites, a whole number >= 0, not {sites!r}"

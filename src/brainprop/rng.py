@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .errors import kind_of
+
 
 def seed_all(seed: int) -> None:
     """Seed torch (CPU and CUDA), numpy and python ``random``.
@@ -49,7 +51,7 @@ def restore_torch(state: dict[str, Any], generator: torch.Generator) -> None:
     """Put back what :func:`capture_torch` returned; TypeError for a state that is not one."""
     cuda = _dict(state, "random state")["cuda"]
     if not isinstance(cuda, list):
-        raise TypeError(f"the CUDA random states are a {type(cuda).__name__}, not a list")
+        raise TypeError(f"the CUDA random states are {kind_of(cuda)}, not a list")
     torch.set_rng_state(_bytes(state["torch"]))
     _set_cuda_states(cuda, generator.device)
     generator.set_state(_bytes(state["generator"]))
@@ -73,7 +75,7 @@ def _dict(value: Any, what: str) -> dict[str, Any]:
     # A tensor in a dict's place would take the string keys as a sequence of indices, with a
     # deprecation warning, before failing.
     if not isinstance(value, dict):
-        raise TypeError(f"the {what} is a {type(value).__name__}, not a dict")
+        raise TypeError(f"the {what} is {kind_of(value)}, not a dict")
     return value
 
 

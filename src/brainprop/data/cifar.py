@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from brainprop.errors import PERMISSIONS_FIX, BrainPropError, reason
+from brainprop.errors import PERMISSIONS_FIX, BrainPropError, kind_of, reason
 
 from .dataset import Dataset
 from .messages import UNREADABLE, download_command, inside_root, redownload
@@ -280,7 +280,7 @@ def parse_cifar_batch(
     """
     batch = unpickle_restricted(data, source=source, fix=fix)
     if not isinstance(batch, dict):
-        raise BrainPropError(f"{source} holds a {type(batch).__name__}, expected a dict: {fix}")
+        raise BrainPropError(f"{source} holds {kind_of(batch)}, expected a dict: {fix}")
     for key in (b"data", label_key):
         if key not in batch:
             raise BrainPropError(f"{source} has no {key!r} entry: {fix}")

@@ -10,7 +10,14 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from brainprop.errors import PERMISSIONS_FIX, BrainPropError, defined_in, not_permitted, raised
+from brainprop.errors import (
+    PERMISSIONS_FIX,
+    BrainPropError,
+    defined_in,
+    kind_of,
+    not_permitted,
+    raised,
+)
 from brainprop.registry import Registry
 
 from .catalog import CATALOG, FAMILIES
@@ -43,9 +50,9 @@ _LOADER = "must load with a function of (root, test_only=...) that returns the D
 
 def _entry_problem(entry: object) -> str | None:
     if not isinstance(entry, DatasetEntry):
-        return f"must be a brainprop.DatasetEntry(load, family), not a {type(entry).__name__}"
+        return f"must be a brainprop.DatasetEntry(load, family), not {kind_of(entry)}"
     if not callable(entry.load):
-        return f"{_LOADER} a {type(entry.load).__name__}"
+        return f"{_LOADER} {kind_of(entry.load)}"
     try:
         signature = inspect.signature(entry.load)
     except (TypeError, ValueError):  # no signature to read (some built-ins): its call tells
@@ -143,7 +150,7 @@ def load_dataset(name: str, root: str | Path | None = None, *, test_only: bool =
     # A run records its data by name, and a resume or evaluate loads it by that name again.
     if not isinstance(dataset, Dataset):
         raise BrainPropError(
-            f"DATASETS[{name!r}].load returned a {type(dataset).__name__}, not a "
+            f"DATASETS[{name!r}].load returned {kind_of(dataset)}, not a "
             "brainprop.Dataset: return Dataset(...)"
         )
     if dataset.name != name:
