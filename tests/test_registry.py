@@ -18,7 +18,7 @@ from brainprop import (
     Pathway,
 )
 from brainprop.cli import main
-from brainprop.errors import BrainPropError
+from brainprop.errors import BrainPropError, UnknownName
 from brainprop.presets import preset_hyperparameters, table_archs, table_row
 
 
@@ -224,3 +224,34 @@ def test_a_plugin_that_registers_a_wrong_entry_is_named_with_its_line(tmp_path, 
     assert err.count("\n") == 1, err
     assert f"--plugin {plugin} failed as it was imported: ARCHITECTURES['tiny'] must be (" in err
     assert err.rstrip().endswith(f"({plugin}:6)")
+
+
+@pytest.mark.parametrize(
+    ("registry", "name", "meant"),
+    [(OBJECTIVES, "brainprp", "brainprop"), (OBJECTIVES, "BrainProp", "brainprop"),
+     (ARCHITECTURES, "dens", "dense"), (DATASETS, "cifar-10", "cifar10"),
+     (PRESETS, "tuned1.25", "tuned-lr1.25"), (OBJECTIVES, "bp", None),
+     (DATASETS, "mnist-small", None), (DATASETS, "imagenet", None)],
+)  # fmt: skip
+def test_an_unknown_name_close_to_a_registered_one_asks_whether_that_was_meant(
+    registry, name, meant
+):
+    """A typo, not a registration this process lacks; a name not that close (a dataset of
+    one's own whose plugin is missing, say) is told about plugins."""
+    with pytest.raises(UnknownName) as unknown:
+        registry.require(name)
+    said = str(unknown.value)
+    if meant is None:
+        assert "did you mean" not in said and "brainprop --plugin MODULE" in said
+    else:
+        assert said.endswith(f"; did you mean {meant!r}?") and "plugin" not in said
+
+
+def test_the_command_asks_whether_a_close_registered_name_was_meant(capsys):
+    """argparse's own "invalid choice", for the options whose choices plugins add to."""
+    for argv in (["train", "--rule", "brainprp"], ["train", "--arch", "transformer"]):
+        with pytest.raises(SystemExit, match="2"):
+            main(argv)
+    first, second = capsys.readouterr().err.splitlines()
+    assert "invalid choice: 'brainprp'" in first and "; did you mean 'brainprop'? (see " in first
+    assert "invalid choice: 'transformer'" in second and "did you mean" not in second

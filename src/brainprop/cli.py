@@ -59,7 +59,10 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         if "invalid choice" in message and message.startswith(_REGISTERED_CHOICE_ERRORS):
-            message += plugins.HINT
+            # "invalid choice: 'x' (choose from 'a', 'b')", quoted or not by Python's version.
+            given = re.search(r"invalid choice: '?([^' ]*)'? \(choose from (.*)\)$", message)
+            choices = [c.strip("'") for c in given.group(2).split(", ")] if given else []
+            message += plugins.unknown_name_hint(given.group(1) if given else "", choices)
         self.exit(2, f"brainprop: error: {message} (see '{self.prog} --help')\n")
 
 

@@ -15,6 +15,7 @@ or a checkpoint.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.machinery
 import importlib.util
@@ -32,6 +33,16 @@ HINT = (
 )
 
 T = TypeVar("T")
+
+
+def unknown_name_hint(name: str, names: Iterable[str]) -> str:
+    """What follows an error naming the unknown ``name`` among the registered ``names``: the
+    one meant, where it is that close (a typo, the case), else :data:`HINT`."""
+    by_case = {n.lower(): n for n in names}
+    # Close enough that the two are not both meant: "bp" is not taken for "ebp".
+    close = difflib.get_close_matches(name.lower(), by_case, n=1, cutoff=0.85)
+    return f"; did you mean {by_case[close[0]]!r}?" if close else HINT
+
 
 # In the order imported, each once: what a worker process imports again.
 _LOADED: list[str] = []

@@ -117,9 +117,8 @@ class Registry(MutableMapping[str, V]):
     def require(self, name: str) -> None:
         """One-line :class:`UnknownName` unless ``name`` is registered."""
         if name not in self._entries:
-            raise UnknownName(
-                f"unknown {self.kind} {name!r}: choose one of {', '.join(self)}{plugins.HINT}"
-            )
+            choices = f"choose one of {', '.join(self)}{plugins.unknown_name_hint(name, self)}"
+            raise UnknownName(f"unknown {self.kind} {name!r}: {choices}")
 
     def _refuse_builtin(self, name: str) -> None:
         if name in self.builtin:
