@@ -1,5 +1,5 @@
-"""A run's own code, what of it the user registered (a rule, a feedback pathway's ``read``, a
-network and its modules), and an error that code raised in the run, in one line.
+"""The code of a run that is the user's own (a registered rule, feedback pathway ``read``,
+network and its modules), and an error it raised in the run, in one line.
 
 The library tries such code before a run starts, on one made-up batch at most; what fails only
 later (on a batch the try never saw, in an evaluation) stops the run with a
