@@ -19,6 +19,7 @@ from brainprop import (
 )
 from brainprop.cli import main
 from brainprop.errors import BrainPropError, UnknownName
+from brainprop.feedback import check_feedback
 from brainprop.presets import preset_hyperparameters, table_archs, table_row
 
 
@@ -230,7 +231,8 @@ def test_a_plugin_that_registers_a_wrong_entry_is_named_with_its_line(tmp_path, 
     ("registry", "name", "meant"),
     [(OBJECTIVES, "brainprp", "brainprop"), (OBJECTIVES, "BrainProp", "brainprop"),
      (ARCHITECTURES, "dens", "dense"), (DATASETS, "cifar-10", "cifar10"),
-     (PRESETS, "tuned1.25", "tuned-lr1.25"), (OBJECTIVES, "bp", None),
+     (PRESETS, "tuned1.25", "tuned-lr1.25"), (None, "Symmetric", "symmetric"),
+     (OBJECTIVES, "bp", None),
      (DATASETS, "mnist-small", None), (DATASETS, "imagenet", None)],
 )  # fmt: skip
 def test_an_unknown_name_close_to_a_registered_one_asks_whether_that_was_meant(
@@ -238,8 +240,9 @@ def test_an_unknown_name_close_to_a_registered_one_asks_whether_that_was_meant(
 ):
     """A typo, not a registration this process lacks; a name not that close (a dataset of
     one's own whose plugin is missing, say) is told about plugins."""
+    # Feedback modes are checked apart: symmetric and direct are no pathways of PATHWAYS.
     with pytest.raises(UnknownName) as unknown:
-        registry.require(name)
+        check_feedback(name) if registry is None else registry.require(name)
     said = str(unknown.value)
     if meant is None:
         assert "did you mean" not in said and "brainprop --plugin MODULE" in said

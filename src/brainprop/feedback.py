@@ -208,9 +208,9 @@ def feedback_modes() -> tuple[str, ...]:
 def check_feedback(mode: str) -> None:
     """One-line BrainPropError unless ``mode`` is one of :func:`feedback_modes`."""
     if mode not in feedback_modes():
-        raise UnknownName(
-            f"unknown feedback {mode!r}: choose one of {', '.join(feedback_modes())}{plugins.HINT}"
-        )
+        modes = feedback_modes()
+        hint = plugins.unknown_name_hint(mode, modes)
+        raise UnknownName(f"unknown feedback {mode!r}: choose one of {', '.join(modes)}{hint}")
 
 
 def direct_matrix(

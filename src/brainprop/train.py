@@ -669,13 +669,9 @@ def _own_code_stops(trainer: Trainer, when: str, run_path: Path) -> Iterator[Non
         own = owncode.of_run(trainer.config, trainer.objective, trainer.model)
         if (failed := owncode.failure(own, e, when)) is None:
             raise
-        if plugins.loaded():
-            then = _stopped_abruptly(run_path)
-        else:
-            # Registered from Python, not by a --plugin: the command line would not know it.
-            kept = _kept(run_path, "so a resume starts over")
-            resume = f"train(resume={str(run_path)!r})"
-            then = f"{kept}: continue with {resume} in a process that registers the mended code"
+        # Registered from Python, not by a --plugin, the code is unknown to the command line.
+        python = f"train(resume={str(run_path)!r}) in a process that registers the mended code"
+        then = _stopped_abruptly(run_path, None if plugins.loaded() else python)
         raise owncode.OwnCodeFailed(failed, then) from e
 
 
@@ -873,10 +869,10 @@ def _interrupted(stop: signals.StopRequest, run_path: Path, at: str) -> signals.
     )
 
 
-def _stopped_abruptly(run_path: Path) -> str:
-    """What a run stopped without its own checkpoint (a second signal, a closed output) keeps,
-    and the command that continues it."""
-    resume = plugins.resume_command(run_path)
+def _stopped_abruptly(run_path: Path, resume: str | None = None) -> str:
+    """What a run stopped without its own checkpoint (a second signal, a closed output, its
+    own code's error) keeps, and what continues it: ``resume``, else the command."""
+    resume = resume or plugins.resume_command(run_path)
     return f"{_kept(run_path, 'so a resume starts over')}: continue with {resume}"
 
 
