@@ -503,8 +503,20 @@ def to_json(results: Sequence[CellResult], count: int, machines: Sequence[str]) 
         "published_source": PUBLISHED_SOURCE,
         "published": {f"{c.dataset}/{c.arch}": dataclasses.asdict(p) for c, p in PUBLISHED.items()},
         "no_full_paper_run": [f"{c.dataset}/{c.arch}" for c in _no_full_paper_run(results)],
-        "cells": [dataclasses.asdict(r) for r in results],
+        "cells": [_tidy(dataclasses.asdict(r)) for r in results],
     }
+
+
+def _tidy(value: Any) -> Any:
+    """``value`` with every float to 12 significant digits: a difference of two means carries
+    float noise in its last digits (-0.07500000000000284), far below any measured precision."""
+    if isinstance(value, float):
+        return float(f"{value:.12g}")
+    if isinstance(value, dict):
+        return {key: _tidy(v) for key, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_tidy(v) for v in value]
+    return value
 
 
 def _no_full_paper_run(results: Sequence[CellResult]) -> list[Cell]:
