@@ -1031,9 +1031,10 @@ def test_a_ctrl_c_while_workers_start_stops_them_without_tracebacks(tmp_path, mn
         started += "(process " in line
     time.sleep(0.5)  # into their imports, past the first milliseconds of the interpreter's start
     os.killpg(proc.pid, signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGINT, err
     assert "Traceback" not in err and err.count("\n") == 1, err
+    assert "SIGINT: passing it on to the runs in progress as SIGTERM" in out, out
     assert err.startswith("brainprop: stopped by SIGINT; mnist-dense-brainprop-s0-e1, "), err
 
 

@@ -696,7 +696,16 @@ def _run_in_workers(
     budget = _Budget(request, threads, measurements)
     pool = _Workers(request, threads, on_cpu, measurements, outcome, say)
     queue = list(jobs)
-    with signals.stop_on_signals() as stop:
+
+    def passing_on(signum: int) -> None:
+        # The workers' own lines name the SIGTERM they get, which the user did not send.
+        name = signal.Signals(signum).name
+        say(
+            f"{name}: passing it on to the runs in progress as SIGTERM, each to save a "
+            f"checkpoint as it stops (send {name} again to quit at once)"
+        )
+
+    with signals.stop_on_signals(passing_on) as stop:
         try:
             while queue or pool.running:
                 pool.tick()
