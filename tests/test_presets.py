@@ -3,6 +3,7 @@
 import re
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -13,6 +14,7 @@ from brainprop.presets import (
     ARCHITECTURES,
     PAPER,
     PRESETS,
+    Hyperparameters,
     build_model,
     decayed_parameters,
     preset_hyperparameters,
@@ -168,6 +170,29 @@ def test_tuned_lr125_is_tuned_at_lr_125_and_nothing_else():
     # docs/reproduce.md compares the two as one change of learning rate.
     tuned = preset_hyperparameters("mnist", "dense", "tuned")
     assert preset_hyperparameters("mnist", "dense", "tuned-lr1.25") == replace(tuned, lr=1.25)
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        (dict(batch_size=64.0), r"batch_size must be of type int, got a float \(64.0\)$"),
+        (dict(dropout=0.1), r"got a float \(0.1\): a tuple of one rate per dropout site"),
+        (dict(lr="0.1"), r"lr must be of type float, got a str \('0.1'\)$"),
+        (dict(dropout=(0.3, "0.3")), "dropout must be of type tuple"),
+    ],
+)
+def test_a_row_of_the_wrong_types_is_refused_as_it_is_written(row, message):
+    """Before, a float batch size failed in torch's split after the run's folder was made, and
+    a lone dropout rate in len() (a helper's walkthrough)."""
+    with pytest.raises(BrainPropError, match=message):
+        Hyperparameters(**row)
+
+
+def test_a_row_takes_numbers_of_any_kind_and_a_list_of_rates():
+    row = Hyperparameters(lr=np.float32(0.5), batch_size=np.int64(64), dropout=[0.3, 0.3])
+    assert (type(row.lr), type(row.batch_size), row.dropout) == (float, int, (0.3, 0.3))
+    model = build_model("conv", (1, 28, 28), 10, row)
+    assert [m.p for m in model if isinstance(m, nn.Dropout)] == [0.3, 0.3]
 
 
 def test_the_published_table_is_read_only():

@@ -24,10 +24,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from reliability_helpers import one_thread, tiny_config
 
-from brainprop import TrainConfig, checkpoint, load_dataset, load_model, train
-from brainprop.config import TYPE_CHECKS
+from brainprop import Hyperparameters, TrainConfig, checkpoint, load_dataset, load_model, train
 from brainprop.data.tinyimagenet import CACHE_DIR
 from brainprop.errors import BrainPropError
+from brainprop.fieldtypes import TYPE_CHECKS
 from brainprop.presets import build_model
 from brainprop.resume import restore
 from brainprop.train import Trainer
@@ -267,6 +267,7 @@ def test_restoring_structurally_damaged_states(resumable: _Resumable, data: st.D
 
 
 def test_every_config_field_type_is_checked() -> None:
-    # A new TrainConfig field with a type TYPE_CHECKS cannot check would break from_dict.
-    for f in fields(TrainConfig):
+    # A new TrainConfig (or table row) field with a type TYPE_CHECKS cannot check would break
+    # from_dict (or every row).
+    for f in fields(TrainConfig) + fields(Hyperparameters):
         assert all(t in TYPE_CHECKS for t in str(f.type).split(" | ")), f.name

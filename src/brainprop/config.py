@@ -21,6 +21,7 @@ from .data.registry import DATASETS
 from .devices import device_problem
 from .errors import BrainPropError, kind_of
 from .feedback import check_feedback
+from .fieldtypes import check_fields, make_plain, value_fits
 from .objectives import DEFAULT_EPSILON, OBJECTIVES
 from .presets import (
     ARCHITECTURES,
@@ -39,6 +40,15 @@ MAX_NAN_RELOADS = 3
 #: mid-step, and a positive value below the smallest normal one is as good as 0 there.
 FLOAT32_MAX = torch.finfo(torch.float32).max
 FLOAT32_TINY = torch.finfo(torch.float32).tiny
+
+
+#: The fix :meth:`TrainConfig.resolve` suggests for a field of the wrong type, where the type
+#: alone does not say it.
+_FIELD_HINTS = {
+    "dataset": "the name of a registered dataset; a Dataset of one's own goes to "
+    "train(config, dataset=...)",
+    "dropout": "a tuple of one rate per dropout site, or of one for all: (0.3,)",
+}
 
 
 @dataclass(frozen=True)
@@ -101,6 +111,7 @@ class TrainConfig:
         for name in ("data_dir", "out_dir"):
             if isinstance(value := getattr(self, name), os.PathLike):
                 object.__setattr__(self, name, os.fspath(value))
+        make_plain(self)
 
     def resolve(self, *, stored: bool = False) -> TrainConfig:
         """Return a copy with every hyperparameter filled in and every value checked.
@@ -110,10 +121,7 @@ class TrainConfig:
         registration the row came from (a dataset's family, a table of one's own) may have
         changed since, and no longer has one.
         """
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if not value_fits(value, str(f.type)):
-                raise BrainPropError(f"{f.name} must be of type {f.type}, got {value!r}")
+        check_fields(self, _FIELD_HINTS)
         DATASETS.require(self.dataset)
         ARCHITECTURES.require(self.arch)
         OBJECTIVES.require(self.rule)
@@ -274,29 +282,7 @@ class TrainConfig:
         # that is elsewhere is passed with --data-dir.
         if d.get("data_dir") == "":
             d["data_dir"] = None
-        if d.get("dropout") is not None:
-            d["dropout"] = tuple(d["dropout"])
         return cls(**d)
-
-
-def _number(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
-
-
-#: A checker per type spelled in TrainConfig's annotations (``from __future__`` keeps them text).
-TYPE_CHECKS: dict[str, Any] = {
-    "str": lambda v: isinstance(v, str),
-    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-    "float": _number,
-    "bool": lambda v: isinstance(v, bool),
-    "None": lambda v: v is None,
-    "tuple[float, ...]": lambda v: isinstance(v, list | tuple) and all(map(_number, v)),
-}
-
-
-def value_fits(value: Any, annotation: str) -> bool:
-    """Whether ``value`` is of the annotated type, e.g. ``"float | None"``."""
-    return any(TYPE_CHECKS[alternative](value) for alternative in annotation.split(" | "))
 
 
 def _float32(x: float) -> bool:

@@ -29,6 +29,7 @@ from torch import nn
 from .data.catalog import FAMILIES
 from .data.registry import DATASETS, dataset_family
 from .errors import BrainPropError, kind_of
+from .fieldtypes import check_fields, make_plain
 from .layers import Conv2dSame, LocallyConnected2d
 from .registry import Registry
 
@@ -60,6 +61,12 @@ class Hyperparameters:
     init_std: float = 0.005
     l2: float = 0.0
     dropout: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        # A row of one's own is checked where it is written: a batch size of 64.0 or a lone
+        # dropout rate would otherwise fail deep inside a run, after its folder was made.
+        make_plain(self)
+        check_fields(self, {"dropout": "a tuple of one rate per dropout site: (0.3, 0.3)"})
 
 
 _CONV = Hyperparameters(dropout=(0.3, 0.3))
