@@ -619,6 +619,11 @@ UNLIKE = (
         (_second_layer(torch.zeros(2, 3, dtype=torch.float64)), r"made B \[2, 3\] torch.float64"),
         (_second_layer(None),
          r"made no B for layer 1 \(Linear\) and has no read: give its Pathway one of them$"),
+        # A "fixed" B that followed W, silently (a helper's walkthrough).
+        (Pathway(make=lambda layer, scale, g: layer.weight.detach()),
+         r"made a B for layer 0 \(Linear\) that shares W's memory, so it would follow W"),
+        (Pathway(make=lambda layer, scale, g: layer.weight * 2),
+         r"made a B for layer 0 \(Linear\) that autograd computed from W"),
     ],
 )  # fmt: skip
 def test_a_pathway_that_makes_a_b_unlike_w_changes_nothing(monkeypatch, pathway, said):
@@ -688,6 +693,38 @@ def test_a_read_b_unlike_w_is_refused_at_the_step(monkeypatch):
     x = torch.rand(2, 4, requires_grad=True)
     model(x).sum().backward()
     assert x.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    "read",
+    [
+        lambda layer: layer.weight,
+        lambda layer: layer.weight + layer.feedback_weight,
+        lambda layer: torch.sign(layer.weight) * layer.weight.std(),
+    ],
+)
+def test_a_read_b_that_autograd_computed_from_w_is_refused_at_the_step(monkeypatch, read):
+    """B's gradient flowed on into W, which took its update twice, silently (a helper's
+    walkthrough: 2x the symmetric gradient at the output layer)."""
+    zeros = Pathway(make=lambda layer, scale, g: torch.zeros_like(layer.weight), read=read)
+    monkeypatch.setitem(PATHWAYS, "attached", zeros)
+    model = nn.Sequential(nn.Linear(4, 3))
+    convert(model, "attached")
+    said = r"^feedback 'attached' read a B for a Linear layer that autograd computed from W, so"
+    with pytest.raises(BrainPropError, match=said):
+        model(torch.rand(2, 4, requires_grad=True))
+
+
+def test_a_read_b_learned_apart_from_w_takes_ws_gradient(monkeypatch):
+    learned = Pathway(
+        make=lambda layer, scale, g: nn.Parameter(torch.zeros_like(layer.weight)),
+        read=lambda layer: layer.feedback_weight * 1.0,
+    )
+    monkeypatch.setitem(PATHWAYS, "learned", learned)
+    model = nn.Sequential(nn.Linear(4, 3, bias=False))
+    convert(model, "learned")
+    model(torch.rand(2, 4, requires_grad=True)).square().sum().backward()
+    assert torch.equal(model[0].feedback_weight.grad, model[0].weight.grad)
 
 
 def test_a_layers_own_feedback_state_is_never_replaced(monkeypatch):

@@ -142,7 +142,38 @@ def feedback_weight(layer: nn.Module) -> torch.Tensor | None:
             f"{_original(type(layer)).__name__} layer whose weight is {list(w.shape)} on "
             f"{w.device}: its read must return a B shaped like W, on its device"
         )
+    if _reaches(b, w):
+        # B's gradient (dB = dW, for a learned B) would flow on into W, which would then take
+        # its update twice or more: silently wrong, where every mode keeps W's exact.
+        raise BrainPropError(
+            f"feedback {mode!r} read a B for a {_original(type(layer)).__name__} layer that "
+            "autograd computed from W, so W's gradient would not stay exact: compute it from "
+            "layer.weight.detach()"
+        )
     return b
+
+
+def _reaches(t: torch.Tensor, leaf: torch.Tensor) -> bool:
+    """Whether a gradient of ``t`` would flow into ``leaf`` (``t`` is ``leaf``, or its
+    autograd graph accumulates into it)."""
+    if t is leaf:
+        return True
+    todo, seen = [t.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if getattr(node, "variable", None) is leaf:
+            return True
+        todo.extend(next_node for next_node, _ in node.next_functions)
+    return False
+
+
+def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    # Meta tensors (a network built to load a checkpoint into) have no memory to share.
+    pointers = a.untyped_storage().data_ptr(), b.untyped_storage().data_ptr()
+    return pointers[0] == pointers[1] != 0
 
 
 def sign_feedback(w: torch.Tensor) -> torch.Tensor:
@@ -160,9 +191,11 @@ class Pathway:
             built-in random draws take) and the conversion's generator; returns the B to
             store as the layer's ``feedback_weight``: an ``nn.Parameter``, which receives W's
             gradient and so, from the optimizer, W's update (``reciprocal``); another tensor,
-            kept as a fixed buffer (``random``); or None, to store nothing (``sign``).
+            kept as a fixed buffer (``random``); or None, to store nothing (``sign``). Its own
+            memory, not W's, and not computed from W by autograd.
         read: this step's B of a layer (``sign``: from the current W); None reads the stored
-            ``feedback_weight``.
+            ``feedback_weight``. Computed from ``layer.weight.detach()``, not W itself: a
+            gradient autograd would pass from B into W is refused at the step.
     """
 
     make: Callable[[nn.Module, float, torch.Generator | None], torch.Tensor | None]
@@ -711,6 +744,18 @@ def _made_feedback_weights(
                 f"feedback {feedback!r} made B {list(b.shape)} {b.dtype} on {b.device} for "
                 f"{label}, whose weight is {list(w.shape)} {w.dtype} on {w.device}: make B "
                 "like W (e.g. .to(layer.weight))"
+            )
+        if b is not None and _shares_memory(b, w):
+            raise BrainPropError(
+                f"feedback {feedback!r} made a B for {label} that shares W's memory, so it "
+                "would follow W instead of staying as made: return a copy "
+                "(layer.weight.detach().clone())"
+            )
+        if b is not None and not isinstance(b, nn.Parameter) and b.requires_grad:
+            raise BrainPropError(
+                f"feedback {feedback!r} made a B for {label} that autograd computed from W, "
+                "which the steps would backpropagate through into W: make it without "
+                "gradients (from layer.weight.detach()), or return an nn.Parameter to learn it"
             )
         made[name] = b
     return made
