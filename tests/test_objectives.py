@@ -257,3 +257,29 @@ def test_a_subclass_gives_its_own_rewards_which_delta_learns_toward():
     assert torch.allclose(q.grad, expected)
     plain = BrainProp(epsilon=0.0)(q.detach(), y)
     assert plain.rewards.tolist() == [1.0, 0.0]
+
+
+@pytest.mark.parametrize("rule", [BrainProp(), EBP()], ids=repr)
+@pytest.mark.parametrize(
+    ("q_shape", "y", "fix"),
+    [
+        ((8, 10, 1, 1), torch.zeros(8, dtype=torch.long), "flatten the network's output"),
+        ((8, 10), torch.zeros(7, dtype=torch.long), "pass one label per row of Q-values"),
+        ((8, 10), torch.zeros(8), "pass the labels as class indices, an integer tensor"),
+    ],
+)
+def test_q_values_or_labels_a_head_cannot_take_are_one_line(rule, q_shape, y, fix):
+    """From one's own training loop, which ``train``'s checks do not cover: a forgotten flatten
+    was a shape error out of ``gather``, float labels earned no reward (a helper's walkthrough)."""
+    said = rf"^{type(rule).__name__} takes Q-values \[B, K\] and integer labels \[B\], got "
+    with pytest.raises(BrainPropError, match=said + rf"Q-values \[{q_shape[0]}, 10.*: {fix}"):
+        rule(torch.zeros(q_shape, requires_grad=True), y)
+
+
+def test_a_subclass_reward_of_another_shape_is_one_line():
+    class Column(BrainProp):
+        def reward(self, actions, y):
+            return (actions == y).float().unsqueeze(1)  # [B, 1]: delta would broadcast to [B, B]
+
+    with pytest.raises(BrainPropError, match=r"^Column\.reward gave \[4, 1\] for a batch of 4"):
+        Column()(torch.zeros(4, 3, requires_grad=True), torch.zeros(4, dtype=torch.long))

@@ -132,7 +132,9 @@ class BrainProp:
     ) -> Output:
         """Choose an action per row of ``q`` ([B, K]), reward it against ``y`` ([B]) and return
         the :class:`Output` whose loss, 1/2 mean((r - q_s)^2), trains the chosen units alone;
-        ``generator`` draws the exploration."""
+        ``generator`` draws the exploration. Labels must lie in [0, K): checking their values
+        would wait for the device at every step (``train`` checks its dataset's once)."""
+        check_head_inputs(type(self).__name__, q, y)
         draws = self.draw(q, generator)
         if self._runs_fused(q, y, draws):
             loss, actions, explored, rewards = fusedhead.chosen_unit_head(
@@ -146,6 +148,13 @@ class BrainProp:
     ) -> Output:
         actions, explored = self.choose(q, *draws)
         rewards = self.reward(actions, y).to(q.dtype)
+        # A subclass's [B, 1] rewards would broadcast δ to [B, B], and fail in the backward.
+        for made, value in (("choose", actions), ("reward", rewards)):
+            if value.shape != y.shape:
+                raise BrainPropError(
+                    f"{type(self).__name__}.{made} gave {list(value.shape)} for a batch of "
+                    f"{len(y)}: give one value per row, shaped [B]"
+                )
         loss = _ChosenUnitError.apply(q, actions, rewards)
         return Output(loss=loss, actions=actions, rewards=rewards, explored=explored)
 
@@ -240,6 +249,24 @@ class _ChosenUnitError(torch.autograd.Function):
         return q_grad, None, None
 
 
+def check_head_inputs(rule: str, q: torch.Tensor, y: torch.Tensor) -> None:
+    """One line for Q-values and labels of shapes or kinds ``rule``'s head cannot take, as
+    one's own training loop may pass them: a forgotten flatten gave a shape error out of
+    ``gather``, and float labels no reward at all."""
+    if q.dim() != 2:
+        fix = "flatten the network's output to one row of K Q-values per image (nn.Flatten())"
+    elif y.shape != q.shape[:1]:
+        fix = "pass one label per row of Q-values"
+    elif y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+        fix = "pass the labels as class indices, an integer tensor (y.long())"
+    else:
+        return
+    raise BrainPropError(
+        f"{rule} takes Q-values [B, K] and integer labels [B], got Q-values {list(q.shape)} and "
+        f"labels {list(y.shape)} {str(y.dtype).removeprefix('torch.')}: {fix}"
+    )
+
+
 class EBP:
     """Error-backpropagation baseline: softmax + cross-entropy over all outputs."""
 
@@ -250,6 +277,7 @@ class EBP:
     ) -> Output:
         """Softmax cross-entropy of ``q`` ([B, K]) against ``y`` ([B]), averaged; the actions
         are the argmax (no exploration), ``generator`` unused."""
+        check_head_inputs(type(self).__name__, q, y)
         loss = F.cross_entropy(q, y)
         actions = q.detach().argmax(dim=1)
         rewards = (actions == y).to(q.dtype)
