@@ -29,7 +29,16 @@ from data_fixtures import (
 )
 from reliability_helpers import one_thread, tiny_config
 
-from brainprop import TrainConfig, checkpoint, distributed, evaluate, files, train
+from brainprop import (
+    TrainConfig,
+    checkpoint,
+    distributed,
+    evaluate,
+    files,
+    load_model,
+    train,
+    train_stacked,
+)
 from brainprop.cli import main
 from brainprop.data import Dataset, load_dataset
 from brainprop.errors import BrainPropError
@@ -669,6 +678,46 @@ def test_a_run_without_best_pt_yet_is_named_as_such(tmp_path: Path, capsys, run_
     assert _error(capsys, "evaluate", "") == (
         "the checkpoint to evaluate is empty: pass a run directory or a .pt"
     )
+
+
+def test_a_run_stands_for_its_directory(tmp_path: Path) -> None:
+    ds = make_tiny_dataset()
+    run = train(tiny_config(tmp_path, epochs=1), dataset=ds, progress=False)
+    assert evaluate(run, dataset=ds) == evaluate(run.dir, dataset=ds)
+    assert load_model(run)[1]["epoch"] == 1
+    # Finished: a resume gives the run back as it ended.
+    assert train(resume=run, dataset=ds, progress=False).summary == run.summary
+    assert train_stacked([run], dataset=ds, progress=False)[0].summary == run.summary
+
+
+def test_arguments_of_the_wrong_kind_are_one_line(tmp_path: Path) -> None:
+    """They were an AttributeError or TypeError from deep inside, or (a folder's name given as
+    the stack) "run directory / is given twice" (a helper's walkthrough)."""
+    ds, config = make_tiny_dataset(), tiny_config(tmp_path, epochs=1)
+    dataset_kind = "takes dataset= a brainprop.Dataset (load_dataset(name) gives one, Dataset(...)"
+    calls = [
+        (lambda: train({"dataset": "mnist"}), "train takes a TrainConfig, not a dict: "
+         "TrainConfig(dataset=..., arch=...) makes one, TrainConfig(**d) one of a dict"),
+        (lambda: train("mnist"), "train takes a TrainConfig, not a str: "),
+        (lambda: train(config, dataset="mnist"),
+         f"train {dataset_kind} makes one of tensors), not a str; a dataset's name goes in the "
+         "config"),
+        (lambda: evaluate(tmp_path, dataset=ds.test_x), f"evaluate {dataset_kind}"),
+        (lambda: evaluate(3), "the checkpoint to evaluate must be a folder or file (text, a Path "
+         "or a Run), not an int: pass a run directory or a .pt"),
+        (lambda: train(resume=5), "--resume must be a folder or file"),
+        (lambda: train_stacked(str(tmp_path)), "train_stacked takes a list of members, each a "
+         "TrainConfig or a run directory, not a str alone: pass [it], or train it alone"),
+        (lambda: train_stacked(config), "not a TrainConfig alone"),
+        (lambda: train_stacked([config, 5]), "a member of the stack must be a folder or file "
+         "(text, a Path or a Run), not an int: give each member as a TrainConfig or a run"),
+        (lambda: train_stacked([config], dataset=(ds.train_x, ds.train_y)),
+         f"train_stacked {dataset_kind}"),
+    ]  # fmt: skip
+    for call, said in calls:
+        with pytest.raises(BrainPropError, match=re.escape(said)):
+            call()
+    assert not list(tmp_path.iterdir())
 
 
 # --- the out directory and the disk ------------------------------------------------------------

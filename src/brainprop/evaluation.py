@@ -7,6 +7,7 @@ training loop calls once per epoch.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from torch import nn
 
 from . import checkpoint, fastpath, plugins, rundir
 from .config import TrainConfig
-from .data import Dataset, load_dataset
+from .data import Dataset, given_dataset, load_dataset
 from .data.batches import ordered_batches
 from .devices import autocast, device_name, resolve_device, warn_if_slow_bf16
 from .errors import BrainPropError, reason
@@ -61,15 +62,16 @@ def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
     return not checks or bool(torch.stack(checks).all())
 
 
-def load_model(target: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+def _checkpoint_path(target: object) -> Path:
+    return rundir.given_path(target, "the checkpoint to evaluate", "pass a run directory or a .pt")
+
+
+def load_model(target: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the network stored in a run directory (its best.pt) or a checkpoint file.
 
     Returns (model in eval mode, on the CPU; the checkpoint dict).
     """
-    if str(target) == "":
-        # Path("") is the working directory, which is no choice anyone makes by typing ''.
-        raise BrainPropError("the checkpoint to evaluate is empty: pass a run directory or a .pt")
-    path = Path(target)
+    path = _checkpoint_path(target)
     if path.is_dir():
         path = _best_of(path)
     state = checkpoint.load(path)
@@ -137,7 +139,7 @@ def _best_of(run: Path) -> Path:
 
 
 def evaluate(
-    target: str | Path,
+    target: str | os.PathLike[str],
     *,
     data_dir: str | None = None,
     device: str = "auto",
@@ -146,7 +148,8 @@ def evaluate(
     """Test accuracy of a run directory's best network (its best.pt), or of any checkpoint file.
 
     Args:
-        target: a run directory or a ``.pt`` checkpoint brainprop wrote.
+        target: a run directory (or its :class:`~brainprop.train.Run`) or a ``.pt``
+            checkpoint brainprop wrote.
         data_dir: the data root; by default the one the run trained on.
         device: where to score it ('auto': the GPU if there is one).
         dataset: score on this dataset instead of loading the run's (data of one's own,
@@ -158,6 +161,8 @@ def evaluate(
         (the epochs the checkpoint had finished), ``test_acc`` (a fraction), ``test_size`` and
         ``device``.
     """
+    target = _checkpoint_path(target)
+    dataset = given_dataset(dataset, "evaluate")
     dev = resolve_device(device)
     model, state = load_model(target)
     config = TrainConfig.from_dict(state["config"])

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from . import checkpoint, locks
-from .errors import PERMISSIONS_FIX, BrainPropError
+from .errors import PERMISSIONS_FIX, BrainPropError, kind_of
 from .files import atomic_write_figure, atomic_write_json, atomic_write_text, copy, probe_write
 from .summary import best_row
 
@@ -52,6 +52,22 @@ LAST, BEST, PLOT, SUMMARY = "last.pt", "best.pt", "accuracy.png", "summary.json"
 #: While last.pt holds a position inside an epoch, the end of the epoch before it (see
 #: :func:`save_state`): where a NaN later in that epoch rewinds to.
 EPOCH_START = "epoch_start.pt"
+
+
+def given_path(value: object, what: str, fix: str) -> Path:
+    """A run directory or checkpoint as the caller gave it: text, a path or a
+    :class:`~brainprop.train.Run` (anything ``os.fspath`` takes); one line, ``what`` and
+    ``fix``, for anything else or an empty one, which ``Path`` would read as the working
+    folder."""
+    try:
+        text = os.fspath(value)
+    except TypeError:
+        raise BrainPropError(
+            f"{what} must be a folder or file (text, a Path or a Run), not {kind_of(value)}: {fix}"
+        ) from None
+    if text in ("", b""):
+        raise BrainPropError(f"{what} is empty: {fix}")
+    return Path(os.fsdecode(text))
 
 
 # Filesystems cap a name at 255 bytes, and create() may append "-9999" to a taken one.

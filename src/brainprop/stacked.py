@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import os
 import signal
 import sys
 import time
@@ -46,10 +47,10 @@ from tqdm.auto import tqdm
 
 from . import distributed, fastpath, memory, owncode, plugins, rng, rundir, signals
 from .config import VAL_TEST, TrainConfig
-from .data import Dataset, load_dataset
+from .data import Dataset, given_dataset, load_dataset
 from .data.batches import num_batches, ordered_batches, permuted_batches
 from .devices import autocast, resolve_device, warn_if_slow_bf16
-from .errors import BrainPropError
+from .errors import BrainPropError, kind_of
 from .evaluation import EVAL_BATCH
 from .objectives import Objective, Output, batch_scale
 from .presets import decayed_parameters
@@ -274,7 +275,7 @@ def _without_cudnn(forward: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
 
 
 def train_stacked(
-    members: Sequence[TrainConfig | str | Path],
+    members: Sequence[TrainConfig | str | os.PathLike[str]],
     *,
     dataset: Dataset | None = None,
     progress: bool = True,
@@ -307,9 +308,21 @@ def train_stacked(
             "a stack of seeds trains in one process: start it without torchrun, or train the "
             "seeds one by one under torchrun"
         )
+    if isinstance(members, TrainConfig | str | os.PathLike):
+        # A string would be taken for a list of one-letter folders.
+        raise BrainPropError(
+            "train_stacked takes a list of members, each a TrainConfig or a run directory, "
+            f"not {kind_of(members)} alone: pass [it], or train it alone with train()"
+        )
     if not members:
         raise BrainPropError("train_stacked needs at least one member")
-    dirs = [Path(m).resolve() for m in members if not isinstance(m, TrainConfig)]
+    fix = "give each member as a TrainConfig or a run directory"
+    dirs = [
+        rundir.given_path(m, "a member of the stack", fix).resolve()
+        for m in members
+        if not isinstance(m, TrainConfig)
+    ]
+    dataset = given_dataset(dataset, "train_stacked")
     if twice := next((d for d in dirs if dirs.count(d) > 1), None):
         raise BrainPropError(
             f"run directory {twice} is given twice: give each member of a stack its own run"

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import os
 import signal
 import sys
 import time
@@ -35,11 +36,11 @@ from tqdm.auto import tqdm
 
 from . import distributed, fastpath, files, memory, owncode, plugins, rng, rundir, signals
 from .config import MAX_NAN_RELOADS, VAL_TEST, TrainConfig
-from .data import Dataset, load_dataset, split_validation
+from .data import Dataset, given_dataset, load_dataset, split_validation
 from .data.batches import num_batches, permuted_batches, to_float
 from .devices import device_name, warn_if_slow_bf16
 from .diagnostics import diagnostics, plot_diagnostics
-from .errors import BrainPropError
+from .errors import BrainPropError, kind_of
 from .evaluation import accuracy, all_finite
 from .feedback import convert
 from .objectives import OBJECTIVES, Objective, check_rule, make_objective
@@ -91,6 +92,11 @@ class Run:
     model: nn.Module
     history: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
+
+    def __fspath__(self) -> str:
+        """Its directory, where a path is taken: ``evaluate(run)``, ``load_model(run)``,
+        ``train(resume=run)``, ``train_stacked([run, ...])``."""
+        return str(self.dir)
 
 
 @dataclass
@@ -442,7 +448,7 @@ class NonFinite(Exception):
 def train(
     config: TrainConfig | None = None,
     *,
-    resume: str | Path | None = None,
+    resume: str | os.PathLike[str] | None = None,
     dataset: Dataset | None = None,
     data_dir: str | Path | None = None,
     progress: bool = True,
@@ -462,9 +468,9 @@ def train(
             published ones by default). With ``resume``, None continues the run as configured;
             a config given may raise its ``epochs`` (to train longer), and any other setting it
             gives that is not the run's own is refused.
-        resume: a run directory to continue from its ``last.pt``; one killed before its first
-            checkpoint starts over from its ``config.json`` (one that has a history but lost its
-            ``last.pt`` is refused).
+        resume: a run directory (or its :class:`Run`) to continue from its ``last.pt``; one
+            killed before its first checkpoint starts over from its ``config.json`` (one that
+            has a history but lost its ``last.pt`` is refused).
         dataset: use this dataset instead of loading ``config.dataset`` (data of one's own,
             tests, notebooks); the run is still named and given hyperparameters as
             ``config.dataset``, and its checkpoints record this data's name and images per
@@ -484,9 +490,15 @@ def train(
     Under ``torchrun`` every process calls this and trains its share (see
     :mod:`brainprop.distributed`); rank 0 alone reads and writes the run directory.
     """
-    if resume is not None and str(resume) == "":
-        # Path("") would be the working folder.
-        raise BrainPropError("--resume is empty: pass the run directory to continue")
+    if resume is not None:
+        resume = rundir.given_path(resume, "--resume", "pass the run directory to continue")
+    if config is not None and not isinstance(config, TrainConfig):
+        raise BrainPropError(
+            f"train takes a TrainConfig, not {kind_of(config)}: TrainConfig(dataset=..., "
+            "arch=...) makes one"
+            + (", TrainConfig(**d) one of a dict" if isinstance(config, dict) else "")
+        )
+    dataset = given_dataset(dataset, "train")
     if data_dir is not None and (resume is None or dataset is not None):
         raise BrainPropError(
             "train(data_dir=...) reads a resumed run's data from a new place: for a new run, "
@@ -499,7 +511,7 @@ def train(
 def _train(
     parallel: distributed.Context,
     config: TrainConfig | None,
-    resume: str | Path | None,
+    resume: Path | None,
     dataset: Dataset | None,
     data_dir: str | Path | None,
     progress: bool,

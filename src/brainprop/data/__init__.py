@@ -7,7 +7,7 @@ Layout under the data root (see :func:`resolve_data_root`):
 - ``tiny-imagenet/tiny-imagenet-200/``: the official folder tree.
 """
 
-from .dataset import Dataset, split_validation
+from .dataset import Dataset, given_dataset, split_validation
 from .fetch import download
 from .registry import DATASET_NAMES, DATASETS, DatasetEntry, dataset_status, load_dataset
 from .root import data_root, resolve_data_root
@@ -22,6 +22,7 @@ __all__ = [
     "data_root",
     "dataset_status",
     "download",
+    "given_dataset",
     "load_dataset",
     "resolve_data_root",
     "split_validation",

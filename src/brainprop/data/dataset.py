@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ..errors import BrainPropError
+from ..errors import BrainPropError, kind_of
 
 
 @dataclass(frozen=True)
@@ -124,6 +124,18 @@ class Dataset:
         """``(C, H, W)`` of one image."""
         _, c, h, w = self.train_x.shape
         return (c, h, w)
+
+
+def given_dataset(value: object, call: str) -> Dataset | None:
+    """``call``'s ``dataset=`` argument, None or a :class:`Dataset`; one line for anything
+    else (its name, a ``TensorDataset``), which failed on a missing attribute."""
+    if value is None or isinstance(value, Dataset):
+        return value
+    named = "; a dataset's name goes in the config" if isinstance(value, str) else ""
+    raise BrainPropError(
+        f"{call} takes dataset= a brainprop.Dataset (load_dataset(name) gives one, "
+        f"Dataset(...) makes one of tensors), not {kind_of(value)}{named}"
+    )
 
 
 def split_validation(ds: Dataset, n: int) -> tuple[Dataset, torch.Tensor, torch.Tensor]:
