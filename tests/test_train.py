@@ -2,6 +2,7 @@
 
 import dataclasses
 import importlib
+import inspect
 import json
 import math
 import re
@@ -140,6 +141,27 @@ def test_a_rule_of_ones_own_that_fails_or_returns_no_output_is_one_line_before_t
     with pytest.raises(BrainPropError, match="^rule 'broken' " + said):
         train(_config(tmp_path, rule="broken"), dataset=tiny_dataset, progress=False)
     assert not (tmp_path / "run").exists()
+
+
+class _NoGenerator(SquaredError):
+    def __call__(self, q, y):  # no generator: training passes one
+        return super().__call__(q, y)
+
+
+def test_a_rule_of_ones_own_called_with_what_it_does_not_take_names_its_definition(
+    tmp_path, tiny_dataset, monkeypatch
+):
+    """No frame of the error is its own: the library's line alone was named (a helper's
+    walkthrough)."""
+    monkeypatch.setitem(OBJECTIVES, "no-generator", lambda epsilon, fused: _NoGenerator())
+    said = (
+        r"^rule 'no-generator' failed on a test batch .+: TypeError: .+ takes 3 positional "
+        r"arguments but 4 were given \(.+objectives.py:\d+, calling the code .+test_train.py:"
+        rf"{inspect.getsourcelines(_NoGenerator)[1]} defines: check its parameters and what it "
+        r"returns\)$"
+    )
+    with pytest.raises(BrainPropError, match=said):
+        train(_config(tmp_path, rule="no-generator"), dataset=tiny_dataset, progress=False)
 
 
 def test_a_rule_of_ones_own_that_fails_on_a_later_batch_is_one_line_and_the_run_resumes(

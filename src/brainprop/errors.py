@@ -77,14 +77,33 @@ def defined_in(code: Callable[..., object]) -> Path | None:
     return None
 
 
-def raised(e: Exception, path: Path | None) -> str:
+def definition(code: Callable[..., object]) -> str | None:
+    """``file:line`` where one's own ``code`` (as :func:`defined_in` finds it) is defined."""
+    path = defined_in(code)
+    code = getattr(code, "func", code)
+    for defines in (code, type(code)):
+        try:
+            return f"{path}:{inspect.getsourcelines(defines)[1]}" if path else None
+        except (TypeError, OSError):  # a callable object (then its class), or no source
+            continue
+    return None
+
+
+def raised(e: Exception, path: Path | None, code: Callable[..., object] | None = None) -> str:
     """What one's own code (a plugin, a dataset's loader) raised, in one line: the error, and
     where in the file ``path`` (else where at all) it was raised; a SyntaxError says its line
-    itself."""
+    itself. An error with no frame in ``path`` came from calling ``code`` (where given) or
+    from what it returned: then the line that defines ``code`` is named beside it."""
     frames = traceback.extract_tb(e.__traceback__)
     own = [f for f in frames if path is not None and Path(f.filename).resolve() == path]
     where = (own or frames)[-1] if frames and not isinstance(e, SyntaxError) else None
     at = f" ({where.filename}:{where.lineno})" if where is not None else ""
+    defined = definition(code) if code is not None and not own and where is not None else None
+    if defined is not None:
+        at = (
+            f" ({where.filename}:{where.lineno}, calling the code {defined} defines: check its "
+            "parameters and what it returns)"
+        )
     # brainprop's own errors (an entry a registry refused) say what is wrong in their words.
     what = reason(e) if isinstance(e, BrainPropError) else f"{type(e).__name__}: {reason(e)}"
     return what + at

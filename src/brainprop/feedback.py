@@ -731,7 +731,7 @@ def _made_feedback_weights(
             if feedback in PATHWAYS.builtin or isinstance(e, torch.OutOfMemoryError):
                 raise
             # One's own code: one line naming its line, as a dataset's loader that fails.
-            failed = raised(e, defined_in(pathway.make))
+            failed = raised(e, defined_in(pathway.make), pathway.make)
             raise BrainPropError(f"PATHWAYS[{feedback!r}].make failed for {label}: {failed}") from e
         if b is None and pathway.read is None:
             raise BrainPropError(

@@ -422,7 +422,7 @@ def check_rule(rule: str, objective: Objective, classes: int, device: torch.devi
         except Exception as e:
             raise BrainPropError(
                 f"rule {rule!r} failed on a test batch of {rows} Q-values and labels: "
-                f"{raised(e, defined_in(objective))}"
+                f"{raised(e, defined_in(objective), objective)}"
             ) from e
     if problem is not None:
         raise BrainPropError(
