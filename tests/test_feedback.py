@@ -727,6 +727,13 @@ def test_a_read_b_learned_apart_from_w_takes_ws_gradient(monkeypatch):
     assert torch.equal(model[0].feedback_weight.grad, model[0].weight.grad)
 
 
+def test_convert_given_arguments_of_the_wrong_kind_says_so_in_one_line():
+    with pytest.raises(BrainPropError, match=r"^convert takes generator= a torch.Generator"):
+        convert(nn.Linear(4, 3), "random", generator=1)
+    with pytest.raises(BrainPropError, match=r"^convert takes a network, an nn.Module, not a str"):
+        convert("model", "random")
+
+
 def test_a_layers_own_feedback_state_is_never_replaced(monkeypatch):
     model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
     model[1].feedback_weight = nn.Parameter(torch.ones(2, 3))  # a learned B of one's own

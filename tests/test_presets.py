@@ -195,6 +195,24 @@ def test_a_row_takes_numbers_of_any_kind_and_a_list_of_rates():
     assert [m.p for m in model if isinstance(m, nn.Dropout)] == [0.3, 0.3]
 
 
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (dict(hp={"lr": 0.1}), r"^build_model takes hp= a Hyperparameters row \(PAPER\[dataset, "
+         r"arch\]\), not a dict: Hyperparameters\(\*\*d\) makes one$"),
+        (dict(generator=1), r"^build_model takes generator= a torch.Generator .+, not an int$"),
+        (dict(input_shape=(28, 28, 1)),
+         r"^input shape \(28, 28, 1\) looks channels-last \(H, W, C\): pass \(C, H, W\), "
+         r"\(1, 28, 28\)$"),
+    ],
+)  # fmt: skip
+def test_build_model_given_arguments_of_the_wrong_kind_says_so_in_one_line(args, said):
+    """An AttributeError, torch's list of overloads, or (channels last) a network of 28
+    channels built without a word (a helper's walkthrough)."""
+    with pytest.raises(BrainPropError, match=said):
+        build_model(**{"arch": "conv", "input_shape": (1, 28, 28), "num_classes": 10, **args})
+
+
 def test_the_published_table_is_read_only():
     with pytest.raises(TypeError):
         PAPER["mnist", "dense"] = replace(PAPER["mnist", "dense"], lr=1.0)  # type: ignore[index]

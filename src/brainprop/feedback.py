@@ -60,6 +60,7 @@ from . import plugins
 from .errors import BrainPropError, UnknownName, defined_in, kind_of, raised
 from .layers import Conv2dSame, LocallyConnected2d
 from .registry import Registry
+from .rng import check_generator
 
 __all__ = [
     "FEEDBACK_MODES",
@@ -673,7 +674,10 @@ def convert(
         BrainPropError: unknown mode, or a layer with weights it cannot handle (ConvTranspose,
             Bilinear, Embedding, attention, recurrent, Conv1d/3d, non-zero padding modes).
     """
+    if not isinstance(module, nn.Module):
+        raise BrainPropError(f"convert takes a network, an nn.Module, not {kind_of(module)}")
     check_feedback(feedback)
+    check_generator(generator, "convert")
     named = list(module.named_modules())
     if feedback != "symmetric":
         for name, m in named:

@@ -32,6 +32,7 @@ from .errors import BrainPropError, kind_of
 from .fieldtypes import check_fields, make_plain
 from .layers import Conv2dSame, LocallyConnected2d
 from .registry import Registry
+from .rng import check_generator
 
 # Keras's BatchNormalization defaults, in PyTorch's convention (momentum = 1 - Keras momentum).
 BN_MOMENTUM = 0.01
@@ -397,6 +398,12 @@ def build_model(
     """
     ARCHITECTURES.require(arch)
     builder, sites = ARCHITECTURES[arch]
+    if hp is not None and not isinstance(hp, Hyperparameters):
+        raise BrainPropError(
+            f"build_model takes hp= a Hyperparameters row (PAPER[dataset, arch]), not "
+            f"{kind_of(hp)}" + (": Hyperparameters(**d) makes one" if isinstance(hp, dict) else "")
+        )
+    check_generator(generator, "build_model")
     hp = hp or Hyperparameters(dropout=(0.0,) * sites)
     if len(hp.dropout) != sites:
         fix = (
@@ -409,6 +416,13 @@ def build_model(
         )
     if len(input_shape) != 3:
         raise BrainPropError(f"input shape must be (C, H, W), got {tuple(input_shape)}")
+    c, h, w = input_shape
+    # (H, W, C) reads as H channels of W x C images: a network for nonsense (as in Dataset).
+    if c == h and c > 4 and w in (1, 3):
+        raise BrainPropError(
+            f"input shape {tuple(input_shape)} looks channels-last (H, W, C): pass (C, H, W), "
+            f"{(w, c, h)}"
+        )
     stack = LayerStack(input_shape)
     builder(stack, num_classes, hp.dropout)
     if stack.shape != (num_classes,):

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import kind_of
+from .errors import BrainPropError, kind_of
 
 
 def seed_all(seed: int) -> None:
@@ -28,6 +28,16 @@ def seed_all(seed: int) -> None:
     # numpy takes 32-bit seeds only; a run's own seed is one (TrainConfig checks it), a derived
     # one (a torchrun resume on another world size) may be wider.
     np.random.seed(seed % 2**32)
+
+
+def check_generator(generator: object, call: str) -> None:
+    """One line unless ``generator``, an argument of ``call``, is None or a torch.Generator
+    (torch's own TypeError lists every overload of the op it reaches)."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise BrainPropError(
+            f"{call} takes generator= a torch.Generator (torch.Generator().manual_seed(0)) or "
+            f"None, not {kind_of(generator)}"
+        )
 
 
 def capture_torch(generator: torch.Generator) -> dict[str, Any]:
