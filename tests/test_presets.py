@@ -6,8 +6,10 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from conftest import make_tiny_dataset
 from torch import nn
 
+from brainprop import TrainConfig, train
 from brainprop.errors import BrainPropError
 from brainprop.layers import Conv2dSame, LocallyConnected2d
 from brainprop.presets import (
@@ -211,6 +213,29 @@ def test_build_model_given_arguments_of_the_wrong_kind_says_so_in_one_line(args,
     channels built without a word (a helper's walkthrough)."""
     with pytest.raises(BrainPropError, match=said):
         build_model(**{"arch": "conv", "input_shape": (1, 28, 28), "num_classes": 10, **args})
+
+
+def test_a_network_of_ones_own_that_fails_as_it_is_built_is_one_line_naming_its_line(
+    monkeypatch, tmp_path
+):
+    """It was an IndexError's traceback out of the builder (a helper's walkthrough)."""
+
+    def two_rates(net, num_classes, dropout):
+        net.flatten()
+        net.add(nn.Dropout(dropout[1]))  # one site declared, two rates read
+        net.dense(num_classes, relu=False)
+
+    monkeypatch.setitem(ARCHITECTURES, "two-rates", (two_rates, 1))
+    monkeypatch.setitem(PRESETS, "mine", {("mnist", "two-rates"): Hyperparameters(dropout=(0.1,))})
+    line = two_rates.__code__.co_firstlineno + 2
+    said = (
+        r"^network 'two-rates' failed as it was built for inputs \(1, 8, 8\): IndexError: tuple "
+        rf"index out of range \(.+test_presets\.py:{line}\)$"
+    )
+    config = TrainConfig(dataset="mnist", arch="two-rates", preset="mine", out_dir=tmp_path)
+    with pytest.raises(BrainPropError, match=said):
+        train(config, dataset=make_tiny_dataset(), progress=False)
+    assert not list(tmp_path.iterdir())
 
 
 def test_the_published_table_is_read_only():

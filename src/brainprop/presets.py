@@ -28,7 +28,7 @@ from torch import nn
 
 from .data.catalog import FAMILIES
 from .data.registry import DATASETS, dataset_family
-from .errors import BrainPropError, kind_of
+from .errors import BrainPropError, defined_in, kind_of, raised
 from .fieldtypes import check_fields, make_plain
 from .layers import Conv2dSame, LocallyConnected2d
 from .registry import Registry
@@ -424,7 +424,18 @@ def build_model(
             f"{(w, c, h)}"
         )
     stack = LayerStack(input_shape)
-    builder(stack, num_classes, hp.dropout)
+    try:
+        builder(stack, num_classes, hp.dropout)
+    except (BrainPropError, torch.OutOfMemoryError):
+        raise  # a LayerStack's refusal, already one line; the device's limit
+    except Exception as e:
+        if arch in ARCHITECTURES.builtin:
+            raise  # the library's bug
+        # One's own code: one line naming its line, as a rule that fails on its test batch.
+        raise BrainPropError(
+            f"network {arch!r} failed as it was built for inputs {tuple(input_shape)}: "
+            f"{raised(e, defined_in(builder), builder)}"
+        ) from e
     if stack.shape != (num_classes,):
         # Caught here, not as a shape error deep in the objective (or never: more outputs
         # than classes train without complaint).
