@@ -713,6 +713,11 @@ def test_a_read_b_that_autograd_computed_from_w_is_refused_at_the_step(monkeypat
     said = r"^feedback 'attached' read a B for a Linear layer that autograd computed from W, so"
     with pytest.raises(BrainPropError, match=said):
         model(torch.rand(2, 4, requires_grad=True))
+    # A frozen W takes no gradient (a fixed readout): nothing flows into it.
+    model[0].weight.requires_grad_(False)
+    x = torch.rand(2, 4, requires_grad=True)
+    model(x).sum().backward()
+    assert x.grad is not None
 
 
 def test_a_read_b_learned_apart_from_w_takes_ws_gradient(monkeypatch):

@@ -265,21 +265,42 @@ def test_a_subclass_gives_its_own_rewards_which_delta_learns_toward():
     [
         ((8, 10, 1, 1), torch.zeros(8, dtype=torch.long), "flatten the network's output"),
         ((8, 10), torch.zeros(7, dtype=torch.long), "pass one label per row of Q-values"),
-        ((8, 10), torch.zeros(8), "pass the labels as class indices, an integer tensor"),
+        ((8, 10), torch.zeros(8), "pass the labels as class indices, an (integer|int64) tensor"),
     ],
 )
 def test_q_values_or_labels_a_head_cannot_take_are_one_line(rule, q_shape, y, fix):
     """From one's own training loop, which ``train``'s checks do not cover: a forgotten flatten
     was a shape error out of ``gather``, float labels earned no reward (a helper's walkthrough)."""
-    said = rf"^{type(rule).__name__} takes Q-values \[B, K\] and integer labels \[B\], got "
-    with pytest.raises(BrainPropError, match=said + rf"Q-values \[{q_shape[0]}, 10.*: {fix}"):
+    said = rf"^{type(rule).__name__} takes Q-values \[B, K\] and (integer|int64) labels \[B\], "
+    with pytest.raises(BrainPropError, match=said + rf"got Q-values \[{q_shape[0]}, 10.*: {fix}"):
         rule(torch.zeros(q_shape, requires_grad=True), y)
 
 
-def test_a_subclass_reward_of_another_shape_is_one_line():
+def test_ebp_takes_int64_labels_alone_where_brainprop_takes_any_integers():
+    """cross_entropy refuses int32 targets in its own words (a review)."""
+    q, y = torch.zeros(4, 3, requires_grad=True), torch.zeros(4, dtype=torch.int32)
+    with pytest.raises(BrainPropError, match=r"^EBP takes .+ int64 labels .+: pass the labels as"):
+        EBP()(q, y)
+    assert BrainProp(epsilon=0.0)(q, y).rewards.tolist() == [1.0] * 4
+
+
+def test_a_subclass_reward_of_another_shape_is_one_line_and_one_for_all_is_every_rows():
     class Column(BrainProp):
         def reward(self, actions, y):
             return (actions == y).float().unsqueeze(1)  # [B, 1]: delta would broadcast to [B, B]
 
-    with pytest.raises(BrainPropError, match=r"^Column\.reward gave \[4, 1\] for a batch of 4"):
-        Column()(torch.zeros(4, 3, requires_grad=True), torch.zeros(4, dtype=torch.long))
+    class Batch(BrainProp):
+        def reward(self, actions, y):
+            return (actions == y).float().mean()  # one for all, which trained before the check
+
+    class Flat(BrainProp):
+        def choose(self, q, explore, uniform):
+            return q.argmax().unsqueeze(0), torch.zeros(q.shape[0], dtype=torch.bool)
+
+    q, y = torch.zeros(4, 3, requires_grad=True), torch.tensor([0, 0, 1, 2])
+    said = r"^Column\.reward gave rewards \[4, 1\] for a batch of 4: give one reward per row"
+    with pytest.raises(BrainPropError, match=said):
+        Column(epsilon=0.0)(q, y)
+    with pytest.raises(BrainPropError, match=r"^Flat\.choose gave actions \[1\] for a batch of 4"):
+        Flat(epsilon=0.0)(q, y)
+    assert Batch(epsilon=0.0)(q, y).rewards.tolist() == [0.5] * 4

@@ -17,7 +17,7 @@ def registered(monkeypatch):
     monkeypatch.setitem(OBJECTIVES, "later", lambda epsilon, fused: FailsLater(at=1))
     monkeypatch.setitem(ARCHITECTURES, "doubling", (doubling_net, 0))
     config = TrainConfig(rule="later", arch="doubling")
-    model = build_model("doubling", (1, 4, 4), 3, (), torch.Generator().manual_seed(0))
+    model = build_model("doubling", (1, 4, 4), 3, generator=torch.Generator().manual_seed(0))
     return config, model
 
 
@@ -54,7 +54,7 @@ def test_the_librarys_code_under_a_name_of_ones_own_is_the_librarys(monkeypatch)
     dense, sites = ARCHITECTURES["dense"]
     monkeypatch.setitem(ARCHITECTURES, "dense-too", (functools.partial(dense), sites))
     config = TrainConfig(rule="greedy", feedback="sign-too", arch="dense-too")
-    model = build_model("dense-too", (1, 4, 4), 3, (), torch.Generator().manual_seed(0))
+    model = build_model("dense-too", (1, 4, 4), 3, generator=torch.Generator().manual_seed(0))
     assert owncode.of_run(config, BrainProp(0.0), model) == []
 
 
@@ -110,5 +110,5 @@ def test_code_without_a_file_is_nobodys_to_name(monkeypatch):
     rule.sums_over_nominal_batch = False
     monkeypatch.setitem(OBJECTIVES, "typed", lambda epsilon, fused: rule)
     config = TrainConfig(rule="typed")
-    model = build_model("dense", (1, 4, 4), 3, (), torch.Generator().manual_seed(0))
+    model = build_model("dense", (1, 4, 4), 3, generator=torch.Generator().manual_seed(0))
     assert owncode.of_run(config, rule, model) == []

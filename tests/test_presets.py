@@ -191,8 +191,11 @@ def test_a_row_of_the_wrong_types_is_refused_as_it_is_written(row, message):
 
 
 def test_a_row_takes_numbers_of_any_kind_and_a_list_of_rates():
-    row = Hyperparameters(lr=np.float32(0.5), batch_size=np.int64(64), dropout=[0.3, 0.3])
+    row = Hyperparameters(
+        lr=np.float64(0.5), batch_size=np.int64(64), dropout=[np.float64(0.3), 0.3]
+    )
     assert (type(row.lr), type(row.batch_size), row.dropout) == (float, int, (0.3, 0.3))
+    assert type(row.dropout[0]) is float
     model = build_model("conv", (1, 28, 28), 10, row)
     assert [m.p for m in model if isinstance(m, nn.Dropout)] == [0.3, 0.3]
 

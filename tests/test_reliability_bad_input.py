@@ -485,6 +485,19 @@ def test_checkpoint_of_another_architecture(tmp_path: Path, capsys, run_dir: Pat
     assert error.endswith("): the checkpoint is damaged or from another version")
 
 
+@pytest.mark.parametrize("field", ["dropout", "lr"])
+def test_a_checkpoint_config_without_a_setting_is_damaged(
+    tmp_path: Path, capsys, run_dir: Path, field: str
+) -> None:
+    """A review: checked as a row of its own, its dropout named no file and suggested a fix
+    to code the user never wrote."""
+    path = _rewritten(run_dir, tmp_path, **{field: None})
+    assert _error(capsys, "evaluate", path) == (
+        f"{path} does not match its own architecture (the config has no {field} (resolve() "
+        "fills it)): the checkpoint is damaged or from another version"
+    )
+
+
 @pytest.mark.parametrize(
     "shape", [[None, torch.zeros(3, 1)], [1, 28], [1, 28, True], [1, 0, 28], "1,28,28"]
 )
@@ -703,14 +716,15 @@ def test_arguments_of_the_wrong_kind_are_one_line(tmp_path: Path) -> None:
          f"train {dataset_kind} makes one of tensors), not a str; a dataset's name goes in the "
          "config"),
         (lambda: evaluate(tmp_path, dataset=ds.test_x), f"evaluate {dataset_kind}"),
-        (lambda: evaluate(3), "the checkpoint to evaluate must be a folder or file (text, a Path "
-         "or a Run), not an int: pass a run directory or a .pt"),
-        (lambda: train(resume=5), "--resume must be a folder or file"),
+        (lambda: evaluate(3), "the checkpoint to evaluate must be a path (text, a Path or a Run), "
+         "not an int: pass a run directory or a .pt"),
+        (lambda: train(resume=5), "--resume must be a path (text, a Path or a Run), not an int: "
+         "pass the run directory to continue"),
         (lambda: train_stacked(str(tmp_path)), "train_stacked takes a list of members, each a "
          "TrainConfig or a run directory, not a str alone: pass [it], or train it alone"),
         (lambda: train_stacked(config), "not a TrainConfig alone"),
-        (lambda: train_stacked([config, 5]), "a member of the stack must be a folder or file "
-         "(text, a Path or a Run), not an int: give each member as a TrainConfig or a run"),
+        (lambda: train_stacked([config, 5]), "a member of the stack must be a path (text, a Path "
+         "or a Run), not an int: give each member as a TrainConfig or a run directory"),
         (lambda: train_stacked([config], dataset=(ds.train_x, ds.train_y)),
          f"train_stacked {dataset_kind}"),
     ]  # fmt: skip

@@ -234,14 +234,11 @@ class TrainConfig:
 
     def hyperparameters(self) -> Hyperparameters:
         """This (resolved) config's table fields as a :class:`Hyperparameters` row."""
-        return Hyperparameters(
-            lr=self.lr,
-            lr_halving_epochs=self.lr_halving_epochs,
-            batch_size=self.batch_size,
-            init_std=self.init_std,
-            l2=self.l2,
-            dropout=self.dropout,
-        )
+        row = {f.name: getattr(self, f.name) for f in fields(Hyperparameters)}
+        unset = [name for name, value in row.items() if value is None]
+        if unset:
+            raise ValueError(f"the config has no {unset[0]} (resolve() fills it)")
+        return Hyperparameters(**row)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (tuples become lists)."""

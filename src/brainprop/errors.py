@@ -80,10 +80,12 @@ def defined_in(code: Callable[..., object]) -> Path | None:
 def definition(code: Callable[..., object]) -> str | None:
     """``file:line`` where one's own ``code`` (as :func:`defined_in` finds it) is defined."""
     path = defined_in(code)
+    if path is None:
+        return None
     code = getattr(code, "func", code)
     for defines in (code, type(code)):
         try:
-            return f"{path}:{inspect.getsourcelines(defines)[1]}" if path else None
+            return f"{path}:{inspect.getsourcelines(defines)[1]}"
         except (TypeError, OSError):  # a callable object (then its class), or no source
             continue
     return None

@@ -114,6 +114,12 @@ def _weights_wanted(arch: str, shape: list[int], classes: int, hp: Hyperparamete
             skeleton = build_model(arch, shape, classes, hp)
     except (NotImplementedError, RuntimeError):
         return None
+    except BrainPropError as e:
+        # build_model words a builder of one's own that fails; failing on meta alone, it is
+        # built for real below.
+        if isinstance(e.__cause__, NotImplementedError | RuntimeError):
+            return None
+        raise
     return sum(t.numel() for t in skeleton.state_dict().values())
 
 

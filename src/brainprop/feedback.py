@@ -154,10 +154,14 @@ def feedback_weight(layer: nn.Module) -> torch.Tensor | None:
     return b
 
 
-def _reaches(t: torch.Tensor, leaf: torch.Tensor) -> bool:
-    """Whether a gradient of ``t`` would flow into ``leaf`` (``t`` is ``leaf``, or its
-    autograd graph accumulates into it)."""
-    if t is leaf:
+def _reaches(t: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether a gradient of ``t`` would flow into ``w`` (``t`` is ``w``, or its autograd
+    graph passes through it: into a leaf W's accumulator, or through the op that made a W
+    computed in the graph, as a stack's slice of its seeds' weights is); never into a frozen
+    W."""
+    if not w.requires_grad:
+        return False
+    if t is w:
         return True
     todo, seen = [t.grad_fn], set()
     while todo:
@@ -165,14 +169,14 @@ def _reaches(t: torch.Tensor, leaf: torch.Tensor) -> bool:
         if node is None or node in seen:
             continue
         seen.add(node)
-        if getattr(node, "variable", None) is leaf:
+        if node is w.grad_fn or getattr(node, "variable", None) is w:
             return True
         todo.extend(next_node for next_node, _ in node.next_functions)
     return False
 
 
 def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
-    # Meta tensors (a network built to load a checkpoint into) have no memory to share.
+    # An empty or meta tensor has no memory (its pointer is 0) to share.
     pointers = a.untyped_storage().data_ptr(), b.untyped_storage().data_ptr()
     return pointers[0] == pointers[1] != 0
 
@@ -756,10 +760,12 @@ def _made_feedback_weights(
                 "(layer.weight.detach().clone())"
             )
         if b is not None and not isinstance(b, nn.Parameter) and b.requires_grad:
+            whence = "autograd computed from W" if _reaches(b, w) else "carries autograd's graph"
             raise BrainPropError(
-                f"feedback {feedback!r} made a B for {label} that autograd computed from W, "
-                "which the steps would backpropagate through into W: make it without "
-                "gradients (from layer.weight.detach()), or return an nn.Parameter to learn it"
+                f"feedback {feedback!r} made a B for {label} that {whence}, which the steps "
+                "would backpropagate through: make it without gradients (from "
+                "layer.weight.detach(), under torch.no_grad()), or return an nn.Parameter to "
+                "learn it"
             )
         made[name] = b
     return made

@@ -2,9 +2,9 @@
 :class:`~brainprop.config.TrainConfig` and :class:`~brainprop.presets.Hyperparameters`.
 
 The annotations are text (``from __future__ import annotations``), of the few types those
-settings use; :data:`TYPE_CHECKS` has a checker for each. Numbers of other kinds (numpy's
-``int64`` from ``np.arange``, a ``Fraction``) become Python's own first, as a run stores its
-settings in JSON.
+settings use; :data:`TYPE_CHECKS` has a checker for each. Numbers and text of other kinds
+(numpy's ``int64`` from ``np.arange``, its ``float64``, a ``Fraction``) become Python's own
+first, as a run stores its settings in JSON and in its checkpoints.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import dataclasses
 import numbers
 from collections.abc import Mapping
 from typing import Any
+
+import numpy as np
 
 from .errors import BrainPropError, kind_of
 
@@ -38,12 +40,20 @@ def value_fits(value: Any, annotation: str) -> bool:
 
 
 def plain(value: Any, annotation: str) -> Any:
-    """``value`` with a number of another kind as Python's ``int`` (where the annotation takes
-    one) or ``float``, and a list of rates as a tuple; anything else as it is, for
-    :func:`check_fields` to judge."""
+    """``value`` as Python's own ``int``, ``float``, ``str`` or ``bool`` where it is a number
+    or text of another kind the annotation takes, and a list of rates as a tuple; anything else
+    as it is, for :func:`check_fields` to judge.
+
+    A run's checkpoints hold its config and load with ``weights_only=True``, which refuses
+    numpy's scalars (``np.float64`` too, a ``float`` subclass): kept, one would end a run's
+    every later load."""
+    if isinstance(value, np.generic):
+        value = value.item()
     kinds = annotation.split(" | ")
-    if isinstance(value, bool) or _number(value):
+    if value is None or type(value) in (bool, int, float, str):
         return value
+    if isinstance(value, str):
+        return str.__str__(value)
     if isinstance(value, numbers.Integral) and "int" in kinds:
         return int(value)
     if isinstance(value, numbers.Real) and "float" in kinds:

@@ -147,14 +147,21 @@ class BrainProp:
         self, q: torch.Tensor, y: torch.Tensor, draws: tuple[torch.Tensor | None, ...]
     ) -> Output:
         actions, explored = self.choose(q, *draws)
+        if actions.shape != y.shape:
+            raise BrainPropError(
+                f"{type(self).__name__}.choose gave actions {list(actions.shape)} for a batch of "
+                f"{len(y)}: give one action per row, shaped [B]"
+            )
         rewards = self.reward(actions, y).to(q.dtype)
-        # A subclass's [B, 1] rewards would broadcast δ to [B, B], and fail in the backward.
-        for made, value in (("choose", actions), ("reward", rewards)):
-            if value.shape != y.shape:
-                raise BrainPropError(
-                    f"{type(self).__name__}.{made} gave {list(value.shape)} for a batch of "
-                    f"{len(y)}: give one value per row, shaped [B]"
-                )
+        # A subclass's [B, 1] rewards would broadcast δ to [B, B] and fail in the backward; one
+        # reward for the whole batch is every row's.
+        try:
+            rewards = rewards.expand(y.shape)
+        except RuntimeError:
+            raise BrainPropError(
+                f"{type(self).__name__}.reward gave rewards {list(rewards.shape)} for a batch of "
+                f"{len(y)}: give one reward per row, shaped [B] (or one for all)"
+            ) from None
         loss = _ChosenUnitError.apply(q, actions, rewards)
         return Output(loss=loss, actions=actions, rewards=rewards, explored=explored)
 
@@ -249,20 +256,27 @@ class _ChosenUnitError(torch.autograd.Function):
         return q_grad, None, None
 
 
-def check_head_inputs(rule: str, q: torch.Tensor, y: torch.Tensor) -> None:
+def check_head_inputs(rule: str, q: torch.Tensor, y: torch.Tensor, *, int64: bool = False) -> None:
     """One line for Q-values and labels of shapes or kinds ``rule``'s head cannot take, as
     one's own training loop may pass them: a forgotten flatten gave a shape error out of
-    ``gather``, and float labels no reward at all."""
+    ``gather``, and float labels no reward at all. ``int64``: the head takes no other integers
+    (cross-entropy's)."""
+    kind = "int64" if int64 else "integer"
+    integers = (
+        y.dtype == torch.int64
+        if int64
+        else not (y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool)
+    )
     if q.dim() != 2:
         fix = "flatten the network's output to one row of K Q-values per image (nn.Flatten())"
     elif y.shape != q.shape[:1]:
         fix = "pass one label per row of Q-values"
-    elif y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
-        fix = "pass the labels as class indices, an integer tensor (y.long())"
+    elif not integers:
+        fix = f"pass the labels as class indices, an {kind} tensor (y.long())"
     else:
         return
     raise BrainPropError(
-        f"{rule} takes Q-values [B, K] and integer labels [B], got Q-values {list(q.shape)} and "
+        f"{rule} takes Q-values [B, K] and {kind} labels [B], got Q-values {list(q.shape)} and "
         f"labels {list(y.shape)} {str(y.dtype).removeprefix('torch.')}: {fix}"
     )
 
@@ -277,7 +291,7 @@ class EBP:
     ) -> Output:
         """Softmax cross-entropy of ``q`` ([B, K]) against ``y`` ([B]), averaged; the actions
         are the argmax (no exploration), ``generator`` unused."""
-        check_head_inputs(type(self).__name__, q, y)
+        check_head_inputs(type(self).__name__, q, y, int64=True)
         loss = F.cross_entropy(q, y)
         actions = q.detach().argmax(dim=1)
         rewards = (actions == y).to(q.dtype)

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .data.catalog import FAMILIES
+from .data.dataset import looks_channels_last
 from .data.registry import DATASETS, dataset_family
 from .errors import BrainPropError, defined_in, kind_of, raised
 from .fieldtypes import check_fields, make_plain
@@ -416,9 +417,8 @@ def build_model(
         )
     if len(input_shape) != 3:
         raise BrainPropError(f"input shape must be (C, H, W), got {tuple(input_shape)}")
-    c, h, w = input_shape
-    # (H, W, C) reads as H channels of W x C images: a network for nonsense (as in Dataset).
-    if c == h and c > 4 and w in (1, 3):
+    if looks_channels_last(*input_shape):
+        c, h, w = input_shape
         raise BrainPropError(
             f"input shape {tuple(input_shape)} looks channels-last (H, W, C): pass (C, H, W), "
             f"{(w, c, h)}"

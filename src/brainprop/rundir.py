@@ -63,7 +63,7 @@ def given_path(value: object, what: str, fix: str) -> Path:
         text = os.fspath(value)
     except TypeError:
         raise BrainPropError(
-            f"{what} must be a folder or file (text, a Path or a Run), not {kind_of(value)}: {fix}"
+            f"{what} must be a path (text, a Path or a Run), not {kind_of(value)}: {fix}"
         ) from None
     if text in ("", b""):
         raise BrainPropError(f"{what} is empty: {fix}")

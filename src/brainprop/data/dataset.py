@@ -176,13 +176,17 @@ def _check_images(name: str, split: str, x: Any) -> None:
     if x.dim() != 4:
         fix = ": add a channel axis, x[:, None]" if x.dim() == 3 else ""
         raise BrainPropError(f"{what} must be [N, C, H, W], got {tuple(x.shape)}{fix}")
-    _, c, h, w = x.shape
-    # [N, H, W, C] reads as C' = H channels of H x C images: it would train, on nonsense.
-    if c == h and c > 4 and w in (1, 3):
+    if looks_channels_last(*x.shape[1:]):
         raise BrainPropError(
             f"{what} of shape {tuple(x.shape)} looks channels-last ([N, H, W, C]): pass "
             "x.permute(0, 3, 1, 2).contiguous()"
         )
+
+
+def looks_channels_last(c: int, h: int, w: int) -> bool:
+    """Whether an image shape read as (C, H, W) is likely (H, W, C): square images of 1 or 3
+    channels read as H channels of W x C images, which would train, on nonsense."""
+    return c == h and c > 4 and w in (1, 3)
 
 
 def _check_labels(name: str, split: str, y: Any, n: int, num_classes: int) -> None:
