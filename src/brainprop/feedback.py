@@ -157,8 +157,7 @@ def feedback_weight(layer: nn.Module) -> torch.Tensor | None:
 def _reaches(t: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether a gradient of ``t`` would flow into ``w`` (``t`` is ``w``, or its autograd
     graph passes through it: into a leaf W's accumulator, or through the op that made a W
-    computed in the graph, as a stack's slice of its seeds' weights is); never into a frozen
-    W."""
+    that is no leaf but computed in the graph); never into a frozen W."""
     if not w.requires_grad:
         return False
     if t is w:
