@@ -23,6 +23,7 @@ from brainprop import (
     TrainConfig,
     build_model,
     convert,
+    feedback,
     train,
 )
 from brainprop.cli import main
@@ -718,6 +719,24 @@ def test_a_read_b_that_autograd_computed_from_w_is_refused_at_the_step(monkeypat
     x = torch.rand(2, 4, requires_grad=True)
     model(x).sum().backward()
     assert x.grad is not None
+
+
+def test_what_a_w_computed_in_the_graph_learns_from_is_found_at_each_access():
+    """A W that is no leaf (rebuilt at each access, as a parametrization's) is a new node
+    every time: compared by node, a B read from it passed unseen (a review)."""
+    original, other = nn.Parameter(torch.ones(3, 4)), nn.Parameter(torch.ones(3, 4))
+    w = original * 2
+    assert feedback._reaches(w * 3, w) and feedback._reaches((original * 2) * 3, w)
+    assert not feedback._reaches(other * 3, w) and not feedback._reaches(w.detach() * 3, w)
+    assert not feedback._reaches(original.detach() * 3, original.detach())  # a frozen W
+
+
+def test_a_made_b_that_carries_a_graph_not_from_w_is_named_so(monkeypatch):
+    graph = Pathway(make=lambda layer, scale, g: torch.zeros(3, 4, requires_grad=True) * 1)
+    monkeypatch.setitem(PATHWAYS, "graph", graph)
+    said = r"^feedback 'graph' made a B for layer 0 \(Linear\) that carries autograd's graph"
+    with pytest.raises(BrainPropError, match=said):
+        convert(nn.Sequential(nn.Linear(4, 3)), "graph")
 
 
 def test_a_read_b_learned_apart_from_w_takes_ws_gradient(monkeypatch):

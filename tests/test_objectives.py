@@ -304,3 +304,15 @@ def test_a_subclass_reward_of_another_shape_is_one_line_and_one_for_all_is_every
     with pytest.raises(BrainPropError, match=r"^Flat\.choose gave actions \[1\] for a batch of 4"):
         Flat(epsilon=0.0)(q, y)
     assert Batch(epsilon=0.0)(q, y).rewards.tolist() == [0.5] * 4
+
+    class Number(BrainProp):
+        def reward(self, actions, y):
+            return 0.5
+
+    class HostTensor(BrainProp):
+        def reward(self, actions, y):
+            return torch.tensor(0.5)  # on the CPU whatever the Q-values' device (a review)
+
+    assert Number(epsilon=0.0)(q, y).rewards.tolist() == [0.5] * 4
+    on_meta = HostTensor(epsilon=0.0)(q.to("meta"), y.to("meta"))
+    assert on_meta.rewards.device.type == "meta" and on_meta.rewards.shape == (4,)

@@ -485,17 +485,24 @@ def test_checkpoint_of_another_architecture(tmp_path: Path, capsys, run_dir: Pat
     assert error.endswith("): the checkpoint is damaged or from another version")
 
 
-@pytest.mark.parametrize("field", ["dropout", "lr"])
+@pytest.mark.parametrize(
+    ("changes", "why"),
+    [
+        (dict(dropout=None), "the config has no dropout: resolve() fills it"),
+        (dict(lr=None), "the config has no lr: resolve() fills it"),
+        (dict(dropout=[0.1]), "'conv' has 2 dropout sites but 1 rates were given"),
+        (dict(input_shape=[28, 28, 1]), "input shape (28, 28, 1) looks channels-last"),
+    ],
+)
 def test_a_checkpoint_config_without_a_setting_is_damaged(
-    tmp_path: Path, capsys, run_dir: Path, field: str
+    tmp_path: Path, capsys, run_dir: Path, changes: dict, why: str
 ) -> None:
-    """A review: checked as a row of its own, its dropout named no file and suggested a fix
-    to code the user never wrote."""
-    path = _rewritten(run_dir, tmp_path, **{field: None})
-    assert _error(capsys, "evaluate", path) == (
-        f"{path} does not match its own architecture (the config has no {field} (resolve() "
-        "fills it)): the checkpoint is damaged or from another version"
-    )
+    """Reviews: its settings checked as one's own code's, they named no file and suggested a
+    fix to code the user never wrote."""
+    path = _rewritten(run_dir, tmp_path, **changes)
+    error = _error(capsys, "evaluate", path)
+    assert error.startswith(f"{path} does not match its own architecture ({why}")
+    assert error.endswith("): the checkpoint is damaged or from another version")
 
 
 @pytest.mark.parametrize(

@@ -237,7 +237,7 @@ class TrainConfig:
         row = {f.name: getattr(self, f.name) for f in fields(Hyperparameters)}
         unset = [name for name, value in row.items() if value is None]
         if unset:
-            raise ValueError(f"the config has no {unset[0]} (resolve() fills it)")
+            raise ValueError(f"the config has no {unset[0]}: resolve() fills it")
         return Hyperparameters(**row)
 
     def to_dict(self) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from .config import TrainConfig
 from .data import Dataset, given_dataset, load_dataset
 from .data.batches import ordered_batches
 from .devices import autocast, device_name, resolve_device, warn_if_slow_bf16
-from .errors import BrainPropError, reason
+from .errors import BrainPropError, UnknownName, reason
 from .feedback import convert
 from .presets import Hyperparameters, build_model
 from .provenance import check_loadable, check_same_data, check_trained_on, declares_sizes
@@ -90,7 +90,7 @@ def load_model(target: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, Any
         # The checkpoint overwrites every weight drawn here (PyTorch's layers draw their
         # default ones from the global stream): the caller's streams stay as they were.
         with torch.random.fork_rng(devices=[]):
-            model = build_model(config.arch, shape, classes, hp)
+            model = _build(config.arch, shape, classes, hp)
             convert(model, config.feedback)
         model.load_state_dict(stored)
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
@@ -105,19 +105,32 @@ def load_model(target: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, Any
     return model.eval(), state
 
 
+def _build(arch: str, shape: list[int], classes: int, hp: Hyperparameters) -> nn.Module:
+    """:func:`build_model` of a checkpoint's stored settings. Its refusal of them (dropout
+    rates for other sites, a shape of the channels last) is the checkpoint's damage, a
+    ValueError here, not a fix for the caller to make; a name not registered here, or one's own
+    builder failing (the refusal's cause), keeps its own words."""
+    try:
+        return build_model(arch, shape, classes, hp)
+    except BrainPropError as e:
+        if isinstance(e, UnknownName) or e.__cause__ is not None:
+            raise
+        raise ValueError(reason(e)) from None
+
+
 def _weights_wanted(arch: str, shape: list[int], classes: int, hp: Hyperparameters) -> int | None:
     """How many numbers the network of ``arch`` for these sizes holds, counted on the meta
     device: a damaged input_shape could ask for a network of many GB, which is then never
     built. None where the builder cannot run there (a user's that reads a weight back)."""
     try:
         with torch.device("meta"):
-            skeleton = build_model(arch, shape, classes, hp)
+            skeleton = _build(arch, shape, classes, hp)
     except (NotImplementedError, RuntimeError):
         return None
     except BrainPropError as e:
-        # build_model words a builder of one's own that fails; failing on meta alone, it is
-        # built for real below.
-        if isinstance(e.__cause__, NotImplementedError | RuntimeError):
+        # build_model words a builder of one's own that fails (its cause); failing on meta
+        # alone (reading a weight back, as numpy or .item()), it is built for real below.
+        if e.__cause__ is not None:
             return None
         raise
     return sum(t.numel() for t in skeleton.state_dict().values())

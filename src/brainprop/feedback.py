@@ -155,23 +155,30 @@ def feedback_weight(layer: nn.Module) -> torch.Tensor | None:
 
 
 def _reaches(t: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether a gradient of ``t`` would flow into ``w`` (``t`` is ``w``, or its autograd
-    graph passes through it: into a leaf W's accumulator, or through the op that made a W
-    that is no leaf but computed in the graph); never into a frozen W."""
+    """Whether a gradient of ``t`` would flow into what W learns from: the leaves its own
+    graph accumulates into (W itself, or what a W computed in the graph is made of, as a
+    parametrization's ``original``, rebuilt at each access); never into a frozen W."""
     if not w.requires_grad:
         return False
-    if t is w:
-        return True
-    todo, seen = [t.grad_fn], set()
+    learns = _leaves(w)
+    return any(leaf is target for leaf in _leaves(t) for target in learns)
+
+
+def _leaves(t: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors whose ``.grad`` a gradient of ``t`` accumulates into."""
+    if t.grad_fn is None:
+        return [t] if t.requires_grad else []
+    found, todo, seen = [], [t.grad_fn], set()
     while todo:
         node = todo.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
-        if node is w.grad_fn or getattr(node, "variable", None) is w:
-            return True
+        variable = getattr(node, "variable", None)
+        if variable is not None:
+            found.append(variable)
         todo.extend(next_node for next_node, _ in node.next_functions)
-    return False
+    return found
 
 
 def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:

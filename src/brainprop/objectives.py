@@ -152,9 +152,10 @@ class BrainProp:
                 f"{type(self).__name__}.choose gave actions {list(actions.shape)} for a batch of "
                 f"{len(y)}: give one action per row, shaped [B]"
             )
-        rewards = self.reward(actions, y).to(q.dtype)
-        # A subclass's [B, 1] rewards would broadcast δ to [B, B] and fail in the backward; one
-        # reward for the whole batch is every row's.
+        # A subclass's one reward for the whole batch may be a number, or a CPU tensor beside
+        # a GPU's Q-values: it is every row's.
+        rewards = torch.as_tensor(self.reward(actions, y), dtype=q.dtype, device=q.device)
+        # [B, 1] rewards would broadcast δ to [B, B] and fail in the backward.
         try:
             rewards = rewards.expand(y.shape)
         except RuntimeError:
