@@ -1,6 +1,9 @@
 """The fast path (channels_last, the graphed step) against ``--eager``: the same numbers."""
 
 import gc
+import subprocess
+import sys
+import textwrap
 from functools import partial
 
 import pytest
@@ -249,6 +252,108 @@ def test_cuda_graph_refuses_where_it_cannot_run(tmp_path, tiny_dataset):
             model, make_objective("brainprop"), torch.optim.SGD(model.parameters(), lr=0.1),
             generator=torch.Generator(), batch_size=16, cuda_graph=True,
         )  # fmt: skip
+
+
+def test_a_step_that_a_graph_cannot_hold_is_refused_in_one_line_naming_its_line(tiny_dataset):
+    from brainprop.objectives import make_objective
+    from brainprop.step import make_optimizer, train_step
+
+    capturing, raises = [False], [RuntimeError("operation not permitted when stream is capturing")]
+
+    class Syncs(nn.Module):
+        """Stands for ``.item()`` in one's own forward: fine eagerly, illegal in a capture."""
+
+        def forward(self, x):
+            if capturing[0]:
+                raise raises[0]
+            return x
+
+    class CaptureEndFails:
+        """As torch.cuda.graph: a failure inside the capture makes ending it fail too."""
+
+        def __init__(self, generators):
+            pass
+
+        def capture(self, step):
+            capturing[0] = True
+            try:
+                step()
+            except RuntimeError:
+                failed = "operation failed due to a previous error during capture"
+                raise RuntimeError(failed) from None
+            finally:
+                capturing[0] = False
+
+        def replay(self):
+            raise AssertionError("never captured")
+
+    model = fastpath.prepare(nn.Sequential(Syncs(), _model("conv")), (1, 8, 8))
+    optimizer = make_optimizer(model, _config(None, lr=0.05).resolve())
+    generator = torch.Generator().manual_seed(0)
+    step = partial(
+        train_step, model, make_objective("brainprop"), optimizer,
+        generator=generator, batch_size=16,
+    )  # fmt: skip
+    graphed = fastpath.GraphedStep(
+        step, optimizer, generators=[generator], batch_size=16, new_graph=CaptureEndFails
+    )
+    x, y = tiny_dataset.train_x[:16].float() / 255, tiny_dataset.train_y[:16]
+    for _ in range(fastpath.WARMUP_STEPS):
+        graphed(x, y)
+    line = Syncs.forward.__code__.co_firstlineno + 2
+    with pytest.raises(BrainPropError) as caught:
+        graphed(x, y)
+    assert str(caught.value) == (
+        "--cuda-graph could not capture the training step (RuntimeError: operation not "
+        f"permitted when stream is capturing at {__file__}:{line}): an operation in it waits "
+        "for the GPU or uses the CPU (.item(), .cpu(), print, a new CPU tensor), which a CUDA "
+        "graph cannot hold. Move it out of the step, or train without --cuda-graph "
+        "(cuda_graph=False)"
+    )
+    # brainprop's own refusals say what is wrong in their own words.
+    raises[0] = BrainPropError("refused in its own words")
+    with pytest.raises(BrainPropError, match="^refused in its own words$"):
+        graphed(x, y)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_real_cuda_capture_of_item_is_refused_in_one_line_naming_its_line(tmp_path):
+    # In a process of its own: a failed capture must not be able to upset this one's CUDA.
+    own = tmp_path / "own.py"
+    own.write_text(
+        textwrap.dedent(
+            """\
+            import torch
+            from torch import nn
+            from brainprop import fastpath
+            from brainprop.errors import BrainPropError
+            from brainprop.objectives import make_objective
+
+            class Logs(nn.Module):
+                def forward(self, x):
+                    self.last = x.abs().max().item()
+                    return x
+
+            model = nn.Sequential(Logs(), nn.Flatten(), nn.Linear(64, 4, bias=False)).cuda()
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+            step = fastpath.make_step(
+                model, make_objective("brainprop"), optimizer,
+                generator=torch.Generator("cuda"), batch_size=16, cuda_graph=True,
+            )
+            x, y = torch.rand(16, 1, 8, 8, device="cuda"), torch.randint(4, (16,), device="cuda")
+            try:
+                for _ in range(fastpath.WARMUP_STEPS + 1):
+                    step(x, y)
+            except BrainPropError as e:
+                print(e)
+            """
+        )
+    )
+    done = subprocess.run(
+        [sys.executable, str(own)], capture_output=True, text=True, timeout=300, check=True
+    )
+    assert done.stdout.startswith("--cuda-graph could not capture the training step ("), done
+    assert f" at {own}:9): an operation in it waits for the GPU" in done.stdout, done
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -132,17 +132,21 @@ def _check_layout(model: nn.Module, input_shape: Sequence[int]) -> None:
             model.train(mode)
             for buffer, kept in zip(model.buffers(), buffers, strict=True):
                 buffer.copy_(kept)
-    # The line to mend is the network's own, not one inside PyTorch or brainprop.
+    raise BrainPropError(
+        "the network fails on channels_last inputs, the fast path's layout for networks with "
+        f"convolutions ({type(failure).__name__}: {reason(failure)}{_own_line(failure)}): "
+        "flatten with reshape or nn.Flatten instead of view, or train with --eager (eager=True)"
+    )
+
+
+def _own_line(failure: BaseException) -> str:
+    """`` at file:line`` where ``failure`` was raised: the last line of one's own code in its
+    traceback, as that is the line to mend, else the last line of all; empty if none."""
     libraries = (str(Path(torch.__file__).parent), str(Path(__file__).parent))
     frames = traceback.extract_tb(failure.__traceback__)
     own = [f for f in frames if not f.filename.startswith(libraries)]
     frame = (own or frames)[-1] if frames else None
-    where = f" at {frame.filename}:{frame.lineno}" if frame is not None else ""
-    raise BrainPropError(
-        "the network fails on channels_last inputs, the fast path's layout for networks with "
-        f"convolutions ({type(failure).__name__}: {reason(failure)}{where}): flatten with "
-        "reshape or nn.Flatten instead of view, or train with --eager (eager=True)"
-    )
+    return f" at {frame.filename}:{frame.lineno}" if frame is not None else ""
 
 
 def _failure(model: nn.Module, x: torch.Tensor) -> Exception | None:
@@ -254,7 +258,23 @@ class GraphedStep:
         # Gradients made during capture live in the graph's memory, where every replay
         # writes them; the update inside the graph reads them there.
         self.optimizer.zero_grad(set_to_none=True)
-        graph.capture(lambda: self.plain(x_static, y_static))
+        # A failure inside the capture makes ending the capture fail too, and that later
+        # error is the one raised: the step's own is kept to be named.
+        failed: list[Exception] = []
+
+        def step() -> Output:
+            try:
+                return self.plain(x_static, y_static)
+            except Exception as e:
+                failed.append(e)
+                raise
+
+        try:
+            graph.capture(step)
+        except Exception as e:
+            if failed and isinstance(failed[0], BrainPropError):
+                raise failed[0] from None
+            raise _capture_failed(failed[0] if failed else e) from e
         self.graph, self.captured_lrs = graph, lrs
         self.captures += 1
 
@@ -267,6 +287,19 @@ class GraphedStep:
             out = step()
         main.wait_stream(side)
         return out
+
+
+def _capture_failed(e: Exception) -> BrainPropError:
+    """The one-line error for a step that ran eagerly (in the warm-up) but failed as it was
+    captured: an operation a CUDA graph cannot hold, such as ``.item()``, ``print`` of a
+    tensor or a tensor made on the CPU, most often in one's own network or rule."""
+    return BrainPropError(
+        "--cuda-graph could not capture the training step "
+        f"({type(e).__name__}: {reason(e)}{_own_line(e)}): an operation in it "
+        "waits for the GPU or uses the CPU (.item(), .cpu(), print, a new CPU tensor), which "
+        "a CUDA graph cannot hold. Move it out of the step, or train without --cuda-graph "
+        "(cuda_graph=False)"
+    )
 
 
 @cache
