@@ -751,6 +751,40 @@ def test_a_read_b_learned_apart_from_w_takes_ws_gradient(monkeypatch):
     assert torch.equal(model[0].feedback_weight.grad, model[0].weight.grad)
 
 
+def test_a_layer_parametrized_after_its_conversion_keeps_its_pathway():
+    """torch's parametrize gives the layer a subclass of the converted class; read as a plain
+    layer, its B was W itself, which then took B's gradient too (a review)."""
+    from torch.nn.utils import parametrize
+
+    class Halved(nn.Module):
+        def forward(self, w):
+            return w / 2
+
+    model = nn.Sequential(nn.Linear(4, 3, bias=False))
+    convert(model, "random", generator=torch.Generator().manual_seed(0))
+    layer, b = model[0], model[0].feedback_weight.clone()
+    parametrize.register_parametrization(layer, "weight", Halved())
+    assert feedback.layer_mode(layer) == "random" and torch.equal(feedback_weight(layer), b)
+    x, g = torch.rand(2, 4, requires_grad=True), torch.rand(2, 3)
+    model(x).backward(g)
+    assert torch.allclose(x.grad, g @ b)
+    # W's gradient stays exact: through W = original / 2, half of g^T x.
+    original = layer.parametrizations.weight.original
+    assert torch.allclose(original.grad, (g.T @ x.detach()) / 2)
+    said = r"^layer 0 \(Linear\) was parametrized after its conversion, which convert cannot"
+    for mode in ("symmetric", "sign"):
+        with pytest.raises(BrainPropError, match=said):
+            convert(model, mode)
+        assert feedback.layer_mode(layer) == "random" and torch.equal(layer.feedback_weight, b)
+    # Parametrized before: the pathway would not see through the parametrization.
+    before = nn.Sequential(nn.Sequential(nn.Linear(4, 3, bias=False)))
+    parametrize.register_parametrization(before[0][0], "weight", Halved())
+    said = r"^layer 0.0 has its weight parametrized \(torch.nn.utils.parametrize\), which a"
+    with pytest.raises(BrainPropError, match=said):
+        convert(before, "random")
+    assert feedback.layer_mode(before[0][0]) == "symmetric"
+
+
 def test_convert_given_arguments_of_the_wrong_kind_says_so_in_one_line():
     with pytest.raises(BrainPropError, match=r"^convert takes generator= a torch.Generator"):
         convert(nn.Linear(4, 3), "random", generator=1)

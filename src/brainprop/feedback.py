@@ -55,6 +55,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from . import plugins
 from .errors import BrainPropError, UnknownName, defined_in, kind_of, raised
@@ -498,8 +499,10 @@ def _converted_name(cls: type) -> str:
 
 
 def _original(cls: type) -> type:
-    """The class a converted class was made from; ``cls`` itself if it is none."""
-    return _ORIGINALS.get(cls, cls)
+    """The class a converted class was made from; ``cls`` itself if it is none. A subclass
+    of a converted class (the class torch's ``parametrize`` gives a layer parametrized after
+    its conversion) is converted too: its forward is the converted one."""
+    return next((_ORIGINALS[c] for c in cls.__mro__ if c in _ORIGINALS), cls)
 
 
 def _converted_class(cls: type) -> type:
@@ -584,6 +587,14 @@ def _check(name: str, module: nn.Module) -> None:
     if kind is None:
         if isinstance(module, _UNIT_LOCAL) or not list(module.parameters(recurse=False)):
             return
+        if isinstance(module, parametrize.ParametrizationList):
+            owner, _, tensor = name.rpartition(".")
+            owner = owner.removesuffix("parametrizations").rstrip(".")
+            raise BrainPropError(
+                f"layer {owner or '<root>'} has its {tensor} parametrized "
+                "(torch.nn.utils.parametrize), which a feedback pathway cannot see through: "
+                "convert the network first, then parametrize it"
+            )
         raise BrainPropError(
             f"cannot give {label} a separate feedback pathway: only Linear, Conv2d and "
             "LocallyConnected2d weights (and norm layers) are supported; use feedback='symmetric'"
@@ -689,6 +700,16 @@ def convert(
     check_feedback(feedback)
     check_generator(generator, "convert")
     named = list(module.named_modules())
+    for name, m in named:
+        if type(m) not in _ORIGINALS and _original(type(m)) is not type(m):
+            # Its class is torch's subclass of the converted one: undoing the conversion
+            # would undo the parametrization too.
+            raise BrainPropError(
+                f"layer {name or '<root>'} ({_original(type(m)).__name__}) was parametrized "
+                "after its conversion, which convert cannot undo: remove its parametrization "
+                "(torch.nn.utils.parametrize.remove_parametrizations) before converting it "
+                "again, and parametrize it after"
+            )
     if feedback != "symmetric":
         for name, m in named:
             _check(name, m)
