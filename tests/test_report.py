@@ -291,6 +291,23 @@ def test_readme_section_is_replaced_between_markers(tmp_path):
         update_readme(readme, tmp_path / "results")
 
 
+def test_report_only_waits_for_a_reproduce_on_its_folder(tmp_path, capsys):
+    """Beside a reproduce, which rewrites the report after each run, results.json and
+    results.md could describe different measurements (a review)."""
+    from brainprop import locks
+
+    _cell_runs(tmp_path, CONV, CPU, [0.97], [0.98], [2], [2], max_epochs=2)
+    with locks.held(tmp_path, "held by a reproduce"):
+        assert main(["reproduce", "--report-only", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (
+        f"brainprop: error: {tmp_path} is in use by a 'brainprop reproduce', which rewrites its "
+        "report after each run: wait for it to end, or read the report it wrote last\n"
+    )
+    assert not (tmp_path / RESULTS_MD).exists()
+    assert main(["reproduce", "--report-only", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / RESULTS_MD).exists()
+
+
 def test_a_linked_readme_is_written_through_its_link(tmp_path):
     _cell_runs(tmp_path / "results", CONV, CPU, [0.97], [0.98], [2], [2], max_epochs=2)
     real = tmp_path / "docs" / "index.md"
@@ -406,6 +423,24 @@ def test_unreadable_duplicated_or_foreign_measurements_are_one_line_errors(tmp_p
     (tmp_path / MEASUREMENTS / "foreign.json").unlink()
     (tmp_path / MEASUREMENTS / "old.json").mkdir()
     with pytest.raises(BrainPropError, match=r"cannot read .*old.json \(Is a directory\): remove"):
+        load_measurements(tmp_path)
+    (tmp_path / MEASUREMENTS / "old.json").rmdir()
+    # Valid JSON that Python will not read, and a link to nothing: one line, not a traceback.
+    unreadable = {"long": "[" + "9" * 5000 + "]", "deep": "[" * 100_000 + "]" * 100_000}
+    for kind, text in unreadable.items():
+        (tmp_path / MEASUREMENTS / f"{kind}.json").write_text(text)
+        with pytest.raises(BrainPropError, match=r"is not JSON brainprop can read \(a number"):
+            load_measurements(tmp_path)
+        (tmp_path / MEASUREMENTS / f"{kind}.json").unlink()
+    (tmp_path / MEASUREMENTS / "link.json").symlink_to(tmp_path / "gone.json")
+    with pytest.raises(BrainPropError, match=r"link.json links to .*gone.json, which is missing"):
+        load_measurements(tmp_path)
+    (tmp_path / MEASUREMENTS / "link.json").unlink()
+    # Merged with cp -r into the folder, a machine's files would drop out of their cells.
+    nested = tmp_path / MEASUREMENTS / MEASUREMENTS
+    nested.mkdir()
+    shutil.copy(m.path, nested / "other-machine.json")
+    with pytest.raises(BrainPropError, match=r"lies in a folder under .*, where the report does"):
         load_measurements(tmp_path)
 
 

@@ -384,6 +384,7 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
 
 
 def _reproduce(args: argparse.Namespace) -> int:
+    from . import locks
     from .experiments import Request, reproduce
     from .matrix import select_cells
     from .measurements import MEASUREMENTS
@@ -405,7 +406,14 @@ def _reproduce(args: argparse.Namespace) -> int:
                 f"no {MEASUREMENTS}/ folder in {out}: --report-only rewrites the report of an "
                 "earlier reproduce, so pass its --out"
             )
-        print(f"report: {write_report(out)}")
+        # A run of reproduce on the folder rewrites the report after each run; beside it, the
+        # two could leave results.json and results.md of different measurements.
+        busy = (
+            f"{out} is in use by a 'brainprop reproduce', which rewrites its report after each "
+            "run: wait for it to end, or read the report it wrote last"
+        )
+        with locks.held(out, busy):
+            print(f"report: {write_report(out)}")
     else:
         defaulted = {"rules": args.rules, "seeds": args.seeds, "preset": args.preset,
                      "device": args.device, "jobs": args.jobs, "stack": args.stack,

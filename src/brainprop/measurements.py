@@ -234,7 +234,16 @@ def load_measurements(out: Path) -> list[Measurement]:
     Two files of one run in one setup (a copy made while merging, say) are refused: the run
     would count twice in its cell.
     """
-    measurements = [_read_measurement(p) for p in sorted((out / MEASUREMENTS).glob("*.json"))]
+    folder = out / MEASUREMENTS
+    nested = sorted(folder.glob("*/**/*.json"))
+    if nested:
+        # ``cp -r other/measurements results/measurements`` nests the folder: its runs would
+        # drop out of their cells without a word.
+        raise BrainPropError(
+            f"{nested[0]} lies in a folder under {folder}, where the report does not look: "
+            f"move the files of {nested[0].parent} up into {folder}, or the folder out of it"
+        )
+    measurements = [_read_measurement(p) for p in sorted(folder.glob("*.json"))]
     seen: dict[tuple[str, str], Measurement] = {}
     for m in measurements:
         first = seen.setdefault((m.run, m.setup), m)

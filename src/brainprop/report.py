@@ -709,7 +709,9 @@ def markdown(results: Sequence[CellResult], count: int, machines: Sequence[str])
         "",
         "Accuracies are test accuracy (%) at the epoch of best validation accuracy, mean (sd) "
         "over seeds; `seeds` counts BrainProp / EBP runs. Numbers from different machines, "
-        "precisions or epoch caps are never pooled: each row is one machine, marked bf16 where "
+        "precisions or epoch caps are never pooled: each row is one machine label (a CPU's "
+        "without its vector unit, such as AVX2, is from before labels named it, and may cover "
+        "CPUs of more than one kind), marked bf16 where "
         "its runs trained under bf16 autocast (`reproduce --bf16`) instead of the paper's fp32, "
         "and TF32 convolutions (or matmuls) where a GPU computed those in TF32, PyTorch's "
         "default for convolutions (the paper's GPU had no TF32). "
@@ -739,7 +741,9 @@ def markdown(results: Sequence[CellResult], count: int, machines: Sequence[str])
         "epoch cap other than the paper's 500 gets no verdict if any of its runs stopped at "
         "that cap instead of by early stopping, or (above 500) found its best after epoch 500. "
         '"Within 2 sd?" asks whether BrainProp\'s mean lies within the published mean +- 2 '
-        "published sd, the goal of the reproduction. "
+        "published sd, the goal of the reproduction; a run cut short by a divergence counts "
+        "with the best it reached, which can only make that a no, where in the gap test its "
+        "spread would widen the limit. "
         f"Published numbers: {PUBLISHED_SOURCE}.",
     ]
     if not results:

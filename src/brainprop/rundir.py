@@ -297,11 +297,20 @@ def read_json(path: Path, fix: str = "the run directory is damaged") -> Any:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
+        if path.is_symlink():
+            raise BrainPropError(
+                f"{path} links to {path.readlink()}, which is missing: {fix}"
+            ) from None
         raise BrainPropError(
             f"{path} is missing: is {path.parent} a brainprop run directory?"
         ) from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise BrainPropError(f"{path} is not valid JSON: {fix}") from None
+    except (ValueError, RecursionError):
+        # Valid JSON that Python will not read: a number of over 4300 digits, deep nesting.
+        raise BrainPropError(
+            f"{path} is not JSON brainprop can read (a number too long, or nesting too deep): {fix}"
+        ) from None
     except PermissionError as e:  # no damage: ``fix`` may say to delete the file
         raise BrainPropError(f"cannot read {path} ({e.strerror or e}): {PERMISSIONS_FIX}") from None
     except OSError as e:  # a folder where a file should be, ...
