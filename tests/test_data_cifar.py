@@ -279,6 +279,10 @@ def test_python_3_re_pickles_load_up_to_protocol_4(tmp_path: Path, protocol: int
     ds = load_dataset("cifar10", tmp_path)
     assert ds.train_x[:2].flatten(1).numpy().tolist() == pixels.tolist()
     assert ds.train_y[:2].tolist() == [3, 1]
+    # Read with encoding="latin1" and pickled again, a file holds str keys (a review: it was
+    # said to have no b'data').
+    path.write_bytes(pickle.dumps({"data": pixels, "labels": [2, 0]}, protocol=protocol))
+    assert load_dataset("cifar10", tmp_path).train_y[:2].tolist() == [2, 0]
 
 
 @pytest.mark.parametrize("labels", [[2**70], np.array(3), np.zeros((1, 1), np.int64), [True]])

@@ -105,6 +105,24 @@ def test_cifar10_tar_gz(tmp_path: Path, server, monkeypatch) -> None:
     assert download("cifar10", root, base_url="http://127.0.0.1:9", progress=False) == path
 
 
+def test_a_linked_data_folder_keeps_its_link(tmp_path: Path, server, monkeypatch) -> None:
+    """An incomplete copy behind a link (to another disk) was replaced by a local folder, and
+    the link was gone (a review): the data goes where the link points."""
+    served, url = server
+    _serve(served, "cifar-10-python.tar.gz", _cifar_archive(tmp_path), monkeypatch, "cifar10")
+    elsewhere = tmp_path / "other-disk" / "cifar"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "readme.html").write_text("all an unpacking cut short left")
+    link = tmp_path / "root" / "cifar10" / "cifar-10-batches-py"
+    link.parent.mkdir(parents=True)
+    link.symlink_to(elsewhere)
+    assert download("cifar10", tmp_path / "root", base_url=url, progress=False) == link
+    assert link.is_symlink() and link.resolve() == elsewhere
+    assert [p.name for p in link.parent.iterdir()] == [link.name]
+    assert [p.name for p in elsewhere.parent.iterdir()] == ["cifar"]  # no work folder left
+    assert load_dataset("cifar10", tmp_path / "root").train_x.shape == (15, 3, 32, 32)
+
+
 def test_cifar100_tar_gz(tmp_path: Path, server, monkeypatch) -> None:
     served, url = server
     arrays = write_cifar100(tmp_path / "src")
@@ -161,6 +179,18 @@ def test_what_blocks_the_downloads_place_is_named_in_one_line(
         "create it, or remove the link, then run the command again"
     )
     assert link.is_symlink() and [p.name for p in link.parent.iterdir()] == [link.name]
+    # The dataset's own folder: a link to nothing, a file. "cannot create the folder (File
+    # exists): choose a writable data root" before (a review).
+    (root / "tiny-imagenet").symlink_to(tmp_path / "unmounted" / "tiny")
+    with pytest.raises(BrainPropError, match=r"tiny-imagenet links to .*, which is not there"):
+        download("tiny-imagenet", root, base_url="http://127.0.0.1:9", progress=False)
+    (root / "cifar100").write_text("not a folder")
+    with pytest.raises(BrainPropError) as info:
+        download("cifar100", root, base_url="http://127.0.0.1:9", progress=False)
+    assert str(info.value) == (
+        f"{root / 'cifar100'} is a file, where cifar100's folder goes: move or remove it, then "
+        "run the command again"
+    )
 
 
 def test_a_damaged_file_of_a_partial_dataset_is_named_before_anything_is_fetched(

@@ -10,7 +10,7 @@ import pytest
 import torch
 from data_fixtures import REPO, idx_bytes, patch_format, write_idx_dataset
 
-from brainprop.data import load_dataset
+from brainprop.data import dataset_status, load_dataset
 from brainprop.errors import BrainPropError
 
 # The fixtures' folder is the default data root: see tests/test_data_registry.py for the
@@ -192,6 +192,30 @@ def test_fashion_missing_mentions_apt(tmp_path: Path, monkeypatch) -> None:
     patch_format(monkeypatch, "fashion-mnist", system_dir=tmp_path / "nowhere")
     with pytest.raises(BrainPropError, match="apt-get install dataset-fashion-mnist"):
         load_dataset("fashion-mnist", tmp_path)
+
+
+def test_a_damaged_file_of_the_system_package_is_not_the_users_to_delete(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """Its fix said to delete a file the package owns (a review); a download into the data
+    root, which the loader then reads first, or a reinstall mend it."""
+    system = tmp_path / "system"
+    write_idx_dataset(system)
+    patch_format(monkeypatch, "fashion-mnist", system_dir=system)
+    labels = next(system.glob("t10k-labels*"))
+    labels.write_bytes(labels.read_bytes()[:-3])
+    (tmp_path / "root").mkdir()
+    fix = (
+        "reinstall them ('apt-get install --reinstall dataset-fashion-mnist'), or run "
+        f"'brainprop download fashion-mnist --data-dir {tmp_path / 'root'}' for a copy in the "
+        "data root"
+    )
+    with pytest.raises(BrainPropError) as info:
+        load_dataset("fashion-mnist", tmp_path / "root")
+    assert str(info.value).startswith(f"Fashion-MNIST file {labels} ")
+    assert str(info.value).endswith(f": {fix}")
+    [status] = dataset_status(tmp_path / "root", ["fashion-mnist"])
+    assert status.damaged.startswith(f"{labels} ") and status.damaged.endswith(f": {fix}")
 
 
 def test_committed_mnist_is_the_real_thing() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -245,6 +246,34 @@ def test_a_training_image_its_class_lists_but_lacks_is_refused(tmp_path: Path) -
         f"Tiny ImageNet 1 image listed in {class_dir / f'{WNIDS[2]}_boxes.txt'} is missing "
         f"from {class_dir / 'images'} (the first: {WNIDS[2]}_1.JPEG): {fix(folder)}"
     )
+
+
+def test_a_training_image_its_class_does_not_list_is_refused(tmp_path: Path) -> None:
+    """A stray JPEG in a class folder trained under that folder's label, unseen (a review)."""
+    folder = write_tiny_imagenet(tmp_path)
+    class_dir = folder / "train" / WNIDS[0]
+    stray = class_dir / "images" / f"{WNIDS[1]}_99.JPEG"
+    shutil.copy(class_dir / "images" / f"{WNIDS[0]}_0.JPEG", stray)
+    assert _error(tmp_path) == (
+        f"Tiny ImageNet 1 image in {class_dir / 'images'} is not listed in "
+        f"{class_dir / f'{WNIDS[0]}_boxes.txt'} (the first: {stray.name}): {fix(folder)}"
+    )
+    stray.unlink()
+    # Without its list, a class's images cannot be checked: an image lost would go unseen.
+    (class_dir / f"{WNIDS[0]}_boxes.txt").unlink()
+    assert _error(tmp_path) == (
+        f"Tiny ImageNet file {class_dir / f'{WNIDS[0]}_boxes.txt'} is missing: {fix(folder)}"
+    )
+
+
+def test_a_cache_build_killed_while_writing_leaves_no_temporary_behind(tmp_path: Path) -> None:
+    folder = write_tiny_imagenet(tmp_path)
+    cache = folder / tin.CACHE_DIR
+    cache.mkdir()
+    left = cache / ".train_x.npy.2521u2z0.tmp"
+    left.write_bytes(b"\0" * 1000)
+    load_dataset("tiny-imagenet", tmp_path)
+    assert not left.exists() and (cache / "manifest.json").is_file()
 
 
 def test_a_class_without_images_is_refused(tmp_path: Path) -> None:

@@ -281,6 +281,9 @@ def parse_cifar_batch(
     batch = unpickle_restricted(data, source=source, fix=fix)
     if not isinstance(batch, dict):
         raise BrainPropError(f"{source} holds {kind_of(batch)}, expected a dict: {fix}")
+    # The official files hold Python 2 strings, read as bytes; a file pickled again by Python 3
+    # holds str keys, and the same entries.
+    batch = {k.encode() if isinstance(k, str) and k.isascii() else k: v for k, v in batch.items()}
     for key in (b"data", label_key):
         if key not in batch:
             raise BrainPropError(f"{source} has no {key!r} entry: {fix}")

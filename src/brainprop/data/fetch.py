@@ -66,6 +66,12 @@ def download(
     # A second copy nested inside the first is no download anyone wants.
     if inside := inside_data_root(name, root):
         raise BrainPropError(f"{name} is already in the data root above: {inside}")
+    _refuse_dangling(dest)
+    if dest.exists() and not dest.is_dir():
+        raise BrainPropError(
+            f"{dest} is a file, where {name}'s folder goes: move or remove it, then run the "
+            "command again"
+        )
     created = not dest.exists()
     make_folder(dest, "choose a writable data root with --data-dir or BRAINPROP_DATA")
     busy = f"{dest} is being downloaded into by another process: wait for it to end"
@@ -341,9 +347,20 @@ def extract_archive(
     """Extract ``archive`` (zip or tar, any compression) and move its ``top`` folder to
     ``dest/top`` in one rename. Returns ``dest/top``.
 
-    A leftover ``dest/top`` (an earlier, incomplete copy) is replaced.
+    A leftover ``dest/top`` (an earlier, incomplete copy) is replaced. Where ``dest/top`` is a
+    link (to a folder on another disk, say), the link stays and the folder it points to is
+    replaced: the data belongs where the link says.
     """
-    work = Path(tempfile.mkdtemp(dir=dest, prefix=".extract-"))
+    target = dest / top
+    place = target.resolve() if target.is_symlink() else target
+    # Beside its place, so that putting it there is one rename on one filesystem.
+    try:
+        work = Path(tempfile.mkdtemp(dir=place.parent, prefix=".extract-"))
+    except OSError as exc:
+        raise BrainPropError(
+            f"cannot extract {archive_name} into {place.parent} ({reason(exc)}): "
+            "check its permissions, then run the command again"
+        ) from exc
     try:
         try:
             if archive_name.endswith(".zip"):
@@ -361,10 +378,9 @@ def extract_archive(
             raise BrainPropError(
                 f"archive {archive_name} has no {top}/ folder: download the official file again"
             )
-        target = dest / top
-        if target.exists():
-            _put_in_place(target, work / ".stale", blocking=target)
-        _put_in_place(extracted, target)
+        if place.exists():
+            _put_in_place(place, work / ".stale", blocking=place)
+        _put_in_place(extracted, place)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return target

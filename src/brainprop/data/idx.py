@@ -256,6 +256,16 @@ class IdxFiles:
             hint += f" (or 'apt-get install {self.system_package}')"
         return hint
 
+    def _damage_fix(self, name: str, root: Path, folder: Path, files: str = "it") -> str:
+        """The fix for a damaged file of ``name`` read from ``folder``: the system package's
+        files are not the user's to delete, and a download puts a copy in the data root."""
+        if folder == root / name or self.system_package is None:
+            return redownload(name, root, files)
+        return (
+            f"reinstall them ('apt-get install --reinstall {self.system_package}'), or run "
+            f"{download_command(name, root)} for a copy in the data root"
+        )
+
     def status(self, name: str, root: Path) -> DatasetStatus:
         """Present where all four files exist and each one's size agrees with its header."""
         folder = self.dataset_dir(name, root)
@@ -269,7 +279,8 @@ class IdxFiles:
             for path, base in zip(paths, IDX_FILE_NAMES, strict=True)
             if path is not None
         )
-        damaged, unreadable = first_damage(problems, name, root)
+        fix = self._damage_fix(name, root, folder)
+        damaged, unreadable = first_damage(problems, name, root, fix)
         hint = self.how_to_get(name, root)
         return DatasetStatus(name, present and not damaged, folder, hint, note, damaged, unreadable)
 
@@ -294,7 +305,7 @@ class IdxFiles:
         ``folder``: the data root ``root``'s, or the system package's."""
         title = self.title
         arrays = []
-        fix = redownload(name, root)
+        fix = self._damage_fix(name, root, folder)
         kinds = ((IMAGES_MAGIC, IMAGE_SIZE), (LABELS_MAGIC, None))
         for base, (magic, image_size) in zip(SPLIT_FILES[split], kinds, strict=True):
             path = find_idx_file(folder, base)
@@ -311,8 +322,8 @@ class IdxFiles:
         if images.shape[0] != labels.shape[0]:
             raise BrainPropError(
                 f"{title} {split} split has {images.shape[0]} images in {images_path} but "
-                f"{labels.shape[0]} labels in {labels_path}: delete both and run "
-                f"{download_command(name, root)}"
+                f"{labels.shape[0]} labels in {labels_path}: "
+                + self._damage_fix(name, root, folder, "both")
             )
         bad = np.flatnonzero(labels >= NUM_CLASSES)
         if bad.size:

@@ -45,6 +45,6 @@ def inside_root(root: Path, wanted: Path, *variants: Path) -> str | None:
     return None
 
 
-def redownload(name: str, root: Path) -> str:
-    """The fix for a corrupt file of dataset ``name`` in the data root ``root``."""
-    return f"delete it and run {download_command(name, root)}"
+def redownload(name: str, root: Path, files: str = "it") -> str:
+    """The fix for a corrupt file (or ``files``) of dataset ``name`` in the data root ``root``."""
+    return f"delete {files} and run {download_command(name, root)}"

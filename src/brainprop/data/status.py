@@ -62,14 +62,21 @@ def table_row(name: str, state: str, where: str, extra: str, name_width: int) ->
 
 
 def first_damage(
-    problems: Iterable[tuple[Path, str | None]], download_name: str, root: Path
+    problems: Iterable[tuple[Path, str | None]],
+    download_name: str,
+    root: Path,
+    fix: str | None = None,
 ) -> tuple[str, bool]:
     """The first problem of ``problems`` (path, problem or None) in the data root ``root``, as
-    one line with its fix, and whether it is one of permissions; ``""`` where there is none."""
+    one line with its fix (``fix``, by default :func:`redownload`'s), and whether it is one of
+    permissions; ``""`` where there is none."""
     for path, problem in problems:
         if problem is not None:
             # Permissions, not damage, are the usual reason a file cannot be opened.
             unreadable = problem.startswith(UNREADABLE)
-            fix = PERMISSIONS_FIX if unreadable else redownload(download_name, root)
+            if unreadable:
+                fix = PERMISSIONS_FIX
+            elif fix is None:
+                fix = redownload(download_name, root)
             return f"{path} {problem}: {fix}", unreadable
     return "", False

@@ -25,7 +25,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from brainprop.errors import PERMISSIONS_FIX, BrainPropError, reason
-from brainprop.files import atomic_write
+from brainprop.files import atomic_write, remove_temporaries
 
 from .dataset import Dataset
 from .messages import download_command, inside_root
@@ -92,17 +92,25 @@ def _check_complete(listed: set[str], images: list[Path], listing: Path, folder:
 
 
 def _train_images(folder: Path, wnid: str) -> list[Path]:
-    """One class's training JPEGs: at least one, and each that its ``<wnid>_boxes.txt`` lists
-    where it has one (the official tree does, one line per image, 500 per class)."""
+    """One class's training JPEGs: at least one, and exactly those its ``<wnid>_boxes.txt``
+    lists (the official tree's list, one line per image, 500 per class; a curated subset
+    edits it). An image it does not list would train under the folder's label, unseen."""
     class_dir = folder / "train" / wnid
     images = _jpegs(class_dir / "images")
     if not images:
         raise _fail(f"folder {class_dir / 'images'} holds no images", class_dir)
     boxes = class_dir / f"{wnid}_boxes.txt"
-    if boxes.is_file():
-        lines = _read_text(boxes).splitlines()
-        listed = {line.split("\t")[0].strip() for line in lines if line.strip()}
-        _check_complete(listed, images, boxes, class_dir / "images")
+    lines = _read_text(boxes).splitlines()
+    listed = {line.split("\t")[0].strip() for line in lines if line.strip()}
+    _check_complete(listed, images, boxes, class_dir / "images")
+    unlisted = sorted({p.name for p in images} - listed)
+    if unlisted:
+        n = len(unlisted)
+        raise _fail(
+            f"{n} image{'s' * (n > 1)} in {class_dir / 'images'} {'are' if n > 1 else 'is'} "
+            f"not listed in {boxes} (the first: {unlisted[0]})",
+            class_dir,
+        )
     return images
 
 
@@ -260,6 +268,9 @@ def _load_cache(cache: Path, manifest: dict, classes: int) -> dict[str, np.ndarr
 def _save_cache(cache: Path, manifest: dict, arrays: dict[str, np.ndarray]) -> None:
     try:
         cache.mkdir(exist_ok=True)
+        # A build killed while writing (out of memory, at its peak) left a temporary file as
+        # large as the training images, 1.2 GB, in this hidden folder.
+        remove_temporaries(cache)
         (cache / "manifest.json").unlink(missing_ok=True)
         for key in CACHE_ARRAYS:
             atomic_write(
