@@ -8,6 +8,7 @@ import hashlib
 import http.server
 import io
 import os
+import pickle
 import socket
 import tarfile
 import threading
@@ -111,8 +112,9 @@ def test_a_linked_data_folder_keeps_its_link(tmp_path: Path, server, monkeypatch
     served, url = server
     _serve(served, "cifar-10-python.tar.gz", _cifar_archive(tmp_path), monkeypatch, "cifar10")
     elsewhere = tmp_path / "other-disk" / "cifar"
-    elsewhere.mkdir(parents=True)
-    (elsewhere / "readme.html").write_text("all an unpacking cut short left")
+    (elsewhere / "mine").mkdir(parents=True)
+    (elsewhere / "data_batch_1").write_bytes(pickle.dumps("an older copy"))
+    (elsewhere / "mine" / "notes.txt").write_text("the user's")
     link = tmp_path / "root" / "cifar10" / "cifar-10-batches-py"
     link.parent.mkdir(parents=True)
     link.symlink_to(elsewhere)
@@ -121,6 +123,14 @@ def test_a_linked_data_folder_keeps_its_link(tmp_path: Path, server, monkeypatch
     assert [p.name for p in link.parent.iterdir()] == [link.name]
     assert [p.name for p in elsewhere.parent.iterdir()] == ["cifar"]  # no work folder left
     assert load_dataset("cifar10", tmp_path / "root").train_x.shape == (15, 3, 32, 32)
+    # A file the archive does not hold is the user's: kept, where it was deleted with the rest.
+    assert (elsewhere / "mine" / "notes.txt").read_text() == "the user's"
+    plain = tmp_path / "root2" / "cifar10" / "cifar-10-batches-py"
+    plain.mkdir(parents=True)
+    (plain / "notes.txt").write_text("the user's")
+    assert download("cifar10", tmp_path / "root2", base_url=url, progress=False) == plain
+    assert (plain / "notes.txt").read_text() == "the user's"
+    assert [p.name for p in plain.parent.iterdir()] == [plain.name]
 
 
 def test_cifar100_tar_gz(tmp_path: Path, server, monkeypatch) -> None:

@@ -105,6 +105,17 @@ def download(
     return data_dir(name, root)
 
 
+def _copy_own_files(old: Path, new: Path) -> None:
+    """Copy into the fresh tree ``new`` each file of the incomplete copy ``old`` that the
+    archive did not bring: a user's, which replacing ``old`` would otherwise delete. Copied,
+    not moved, so that until the swap ``old`` stays whole."""
+    for path in sorted(old.rglob("*")):
+        kept = new / path.relative_to(old)
+        if path.is_file() and not path.is_symlink() and not kept.exists():
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, kept)
+
+
 def _refuse_dangling(link: Path) -> None:
     """A dataset folder linked to a disk not mounted: the data belongs there, so the link is
     not replaced by a folder here, and nothing is fetched for it."""
@@ -347,9 +358,10 @@ def extract_archive(
     """Extract ``archive`` (zip or tar, any compression) and move its ``top`` folder to
     ``dest/top`` in one rename. Returns ``dest/top``.
 
-    A leftover ``dest/top`` (an earlier, incomplete copy) is replaced. Where ``dest/top`` is a
-    link (to a folder on another disk, say), the link stays and the folder it points to is
-    replaced: the data belongs where the link says.
+    A leftover ``dest/top`` (an earlier, incomplete copy) is replaced; files in it that the
+    archive does not hold (notes of one's own) are kept. Where ``dest/top`` is a link (to a
+    folder on another disk, say), the link stays and the folder it points to is replaced: the
+    data belongs where the link says.
     """
     target = dest / top
     place = target.resolve() if target.is_symlink() else target
@@ -367,17 +379,19 @@ def extract_archive(
                 _extract_zip(archive, work, archive_name, progress)
             else:
                 _extract_tar(archive, work, archive_name, progress)
+            extracted = work / top
+            if not extracted.is_dir():
+                raise BrainPropError(
+                    f"archive {archive_name} has no {top}/ folder: download the official file again"
+                )
+            if place.is_dir():
+                _copy_own_files(place, extracted)
             _sync_filesystem(work)
         except (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
             raise BrainPropError(
                 f"cannot extract {archive_name} into {dest} ({reason(exc)}): check free disk "
                 "space and permissions, then run the command again"
             ) from exc
-        extracted = work / top
-        if not extracted.is_dir():
-            raise BrainPropError(
-                f"archive {archive_name} has no {top}/ folder: download the official file again"
-            )
         if place.exists():
             _put_in_place(place, work / ".stale", blocking=place)
         _put_in_place(extracted, place)
