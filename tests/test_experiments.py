@@ -1134,9 +1134,10 @@ def test_a_second_signal_stops_the_parent_at_once_with_its_status(
     assert info.value.exit_status == 128 + signal.SIGTERM  # it was 130, as if Ctrl-C
 
 
-def test_a_worker_gets_one_sigterm_however_many_signals_the_parent_gets(tmp_path, monkeypatch):
+def test_a_worker_gets_one_stop_however_many_signals_the_parent_gets(tmp_path, monkeypatch):
     """A second signal while the workers save their checkpoints (the first signal's stop) would
-    pass a second SIGTERM on, which quits a worker at once, without its checkpoint (review)."""
+    pass a second stop on (review). The stop is the relay, never a second SIGTERM to a worker
+    that a scheduler's SIGTERM reached already."""
     kills = []
     monkeypatch.setattr(ex.os, "kill", lambda pid, signum: kills.append((pid, signum)))
 
@@ -1154,7 +1155,7 @@ def test_a_worker_gets_one_sigterm_however_many_signals_the_parent_gets(tmp_path
     pool.running[7] = ((), Worker(), None)
     pool.terminate()  # the first signal's stop
     pool.signal_all()  # the second signal's
-    assert kills == [(Worker.pid, signal.SIGTERM)]
+    assert kills == [(Worker.pid, signals.RELAY)]
 
 
 @pytest.mark.parametrize(

@@ -66,6 +66,7 @@ _ORPHAN = """
 import os, signal, sys, time
 from pathlib import Path
 from brainprop.processes import die_with_parent
+from brainprop.signals import RELAY
 
 out = Path(sys.argv[1])
 if os.fork() == 0:  # started after its parent died: exits at once
@@ -75,9 +76,9 @@ if os.fork() == 0:  # started after its parent died: exits at once
 child = os.fork()
 if child == 0:
     def checkpoint(signum, frame):
-        (out / "sigterm").write_text("checkpointed")
+        (out / "stopped").write_text("checkpointed")
         os._exit(0)
-    signal.signal(signal.SIGTERM, checkpoint)
+    signal.signal(RELAY, checkpoint)
     die_with_parent(os.getppid())
     (out / "ready").write_text("")
     time.sleep(60)
@@ -90,7 +91,7 @@ os.kill(os.getpid(), signal.SIGKILL)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
-def test_a_worker_gets_sigterm_when_its_parent_is_killed(tmp_path):
+def test_a_worker_gets_the_stop_when_its_parent_is_killed(tmp_path):
     script = tmp_path / "orphan.py"
     script.write_text(_ORPHAN)
     parent = subprocess.run([sys.executable, str(script), str(tmp_path)], timeout=120)
@@ -98,8 +99,8 @@ def test_a_worker_gets_sigterm_when_its_parent_is_killed(tmp_path):
     assert (tmp_path / "late").read_text() == str(128 + signal.SIGTERM)
     child = int((tmp_path / "child").read_text())
     deadline = time.monotonic() + 20
-    while not (tmp_path / "sigterm").exists() and time.monotonic() < deadline:
+    while not (tmp_path / "stopped").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
-    if not (tmp_path / "sigterm").exists():
+    if not (tmp_path / "stopped").exists():
         os.kill(child, signal.SIGKILL)
-    assert (tmp_path / "sigterm").read_text() == "checkpointed"
+    assert (tmp_path / "stopped").read_text() == "checkpointed"

@@ -305,6 +305,39 @@ def test_second_signal_quits_at_once_keeping_the_last_checkpoint(
     assert checkpoint.load(tmp_path / "run" / "last.pt")["epoch"] == 1
 
 
+def test_a_relayed_stop_beside_a_schedulers_sigterm_still_saves(
+    tmp_path: Path, ds, monkeypatch
+) -> None:
+    """A scheduler's SIGTERM reaches every process of a job, a reproduce worker too, beside
+    the stop its parent passes on: taken as a second SIGTERM, it quit the worker without its
+    checkpoint, and the epoch in progress was lost (a review)."""
+
+    def both(q: torch.Tensor) -> torch.Tensor:
+        signal.raise_signal(signals.RELAY)
+        signal.raise_signal(signal.SIGTERM)
+        return q
+
+    inject(monkeypatch, {step(2, 4): both})
+    with pytest.raises(Interrupted, match="^stopped by SIGTERM ") as info:
+        train(tiny_config(tmp_path), dataset=ds, progress=False)
+    assert info.value.exit_status == 128 + signal.SIGTERM
+
+
+def test_a_relay_is_a_first_sigterm_and_never_a_second() -> None:
+    for order in ((signals.RELAY, signal.SIGTERM), (signal.SIGTERM, signals.RELAY)):
+        with signals.stop_on_signals() as stop:
+            for signum in order:
+                signal.raise_signal(signum)
+        assert stop.name == "SIGTERM" and stop.again is None
+    with signals.stop_on_signals() as stop:
+        signal.raise_signal(signals.RELAY)
+        signal.raise_signal(signals.RELAY)
+        signal.raise_signal(signal.SIGTERM)
+        with pytest.raises(KeyboardInterrupt):  # one's own second signal still quits at once
+            signal.raise_signal(signal.SIGTERM)
+    assert stop.again == signal.SIGTERM
+
+
 def test_killed_before_the_first_checkpoint_starts_over(tmp_path: Path, ds, reference) -> None:
     run_dir = tmp_path / "run"
     run_dir.mkdir()

@@ -702,7 +702,7 @@ def _run_in_workers(
         name = signal.Signals(signum).name
         say(
             f"{name}: passing it on to the runs in progress as SIGTERM, each to save a "
-            f"checkpoint as it stops (send {name} again to quit at once)"
+            "checkpoint as it stops; this command ends when they have"
         )
 
     with signals.stop_on_signals(passing_on) as stop:
@@ -730,12 +730,13 @@ def _run_in_workers(
         except signals.Interrupted:
             raise  # the first signal's stop, which each worker saw and saved its run for
         except KeyboardInterrupt:
-            # A second signal: no waiting for the workers, which each get one SIGTERM and save
-            # their state as they stop.
+            # A second signal: no more recording. The workers, each sent the stop once, save
+            # their state as they stop, and the process waits for them as it exits
+            # (multiprocessing joins its children): quitting earlier would orphan them.
             pool.signal_all()
             raise stop.quit_at_once(
-                "the runs in progress save their state as they stop: once they have, run the "
-                "same 'brainprop reproduce' command to continue"
+                "the runs in progress save their state as they stop, and this command ends when "
+                "they have: then run the same 'brainprop reproduce' command to continue"
             ) from None
         except Exception:
             # Workers would go on training unwatched for hours after the parent's error (their
@@ -828,13 +829,13 @@ class _Workers:
                 self.finished(sentinel)
 
     def signal_all(self) -> None:
-        """One SIGTERM to each worker still alive and not yet sent one, without waiting for it
-        (whatever stopped the parent: workers ignore SIGINT, see
-        :func:`~brainprop.processes.sigint_ignored`)."""
+        """Pass the stop on to each worker still alive and not yet sent it, without waiting for
+        it: :data:`~brainprop.signals.RELAY`, which a worker takes as its first SIGTERM and
+        never as a second, since a scheduler's own SIGTERM may have reached it already."""
         for _, proc, _ in self.running.values():
             if proc.is_alive() and proc.pid not in self.signalled:
                 self.signalled.add(proc.pid)
-                os.kill(proc.pid, signal.SIGTERM)
+                os.kill(proc.pid, signals.RELAY)
 
     def terminate(self) -> None:
         """Stop every worker with one SIGTERM and wait while each saves its checkpoint."""

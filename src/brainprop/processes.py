@@ -91,18 +91,22 @@ class TaggedLines(io.TextIOBase):
 
 
 def die_with_parent(parent: int) -> None:
-    """On Linux, have this process get SIGTERM when ``parent`` (the pid that started it) dies.
+    """On Linux, have this process get a stop (:data:`~brainprop.signals.RELAY`) when
+    ``parent`` (the pid that started it) dies.
 
     Out of the terminal's process group, a worker would outlive a SIGKILLed parent and keep
     writing its run directory while a rerun resumes that same directory in a second process.
-    SIGTERM makes it checkpoint and stop, as for any stop signal. Elsewhere nothing is done.
+    The stop makes it checkpoint and end, as a first SIGTERM does, even where a scheduler's
+    SIGTERM reached it too. Elsewhere nothing is done.
     """
     if not sys.platform.startswith("linux"):
         return
     import ctypes
 
+    from .signals import RELAY
+
     pr_set_pdeathsig = 1  # from <linux/prctl.h>
-    ctypes.CDLL(None).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+    ctypes.CDLL(None).prctl(pr_set_pdeathsig, int(RELAY), 0, 0, 0)
     # A parent that died before prctl sends nothing: this process was already handed to another.
     if os.getppid() != parent:
         sys.exit(128 + signal.SIGTERM)

@@ -4,6 +4,12 @@ A first signal only sets a flag, which the training loop reads after every step:
 flight finishes, the state is checkpointed and :class:`Interrupted` carries the message saying
 how to resume. A second signal raises ``KeyboardInterrupt`` at once, for someone who will not
 wait for the checkpoint; the atomic writes still leave the previous checkpoint whole.
+
+:data:`RELAY` is how a process passes a stop on to the processes it started (``reproduce
+--jobs``): it asks for the same stop as a first SIGTERM, and never quits at once. A batch
+scheduler (SLURM's ``scancel``, systemd) sends SIGTERM to every process of a job: a worker
+then gets the scheduler's SIGTERM and its parent's stop, which, were the stop a second
+SIGTERM, would make it quit without its checkpoint.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ import threading
 from collections.abc import Callable, Iterator
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+#: A stop passed on by a parent process (SIGTERM where the platform has no SIGUSR1).
+RELAY: signal.Signals = getattr(signal, "SIGUSR1", signal.SIGTERM)
 
 
 class StopRequest:
@@ -68,7 +76,8 @@ class OutputClosed(BrokenPipeError):
 
 @contextlib.contextmanager
 def stop_on_signals(on_first: Callable[[int], None] | None = None) -> Iterator[StopRequest]:
-    """Within the block, SIGINT and SIGTERM set the yielded flag instead of killing.
+    """Within the block, SIGINT and SIGTERM set the yielded flag instead of killing, and so
+    does :data:`RELAY`, as a SIGTERM that never counts as a second signal.
 
     ``on_first(signum)`` runs on the first signal (to tell the user a checkpoint is coming).
     The previous handlers come back on exit. A signal the process ignores stays ignored.
@@ -79,11 +88,9 @@ def stop_on_signals(on_first: Callable[[int], None] | None = None) -> Iterator[S
     if threading.current_thread() is not threading.main_thread():
         yield stop
         return
+    sent: list[int] = []  # the signals sent to this process itself, not relayed
 
-    def handle(signum: int, _frame: object) -> None:
-        if stop.requested:
-            stop.again = signum
-            raise KeyboardInterrupt
+    def request(signum: int) -> None:
         stop.signum = signum
         if on_first is not None:
             # A signal that lands while the same stream is being written makes this print a
@@ -92,12 +99,26 @@ def stop_on_signals(on_first: Callable[[int], None] | None = None) -> Iterator[S
             with contextlib.suppress(RuntimeError):
                 on_first(signum)
 
+    def handle(signum: int, _frame: object) -> None:
+        if sent:
+            stop.again = signum
+            raise KeyboardInterrupt
+        sent.append(signum)
+        if not stop.requested:
+            request(signum)
+
+    def relayed(_signum: int, _frame: object) -> None:
+        if not stop.requested:
+            request(signal.SIGTERM)
+
     # An ignored signal stays ignored, as plain Python leaves it: a shell starts a background
     # job ('brainprop train ... &' in a script) with SIGINT ignored, so that a Ctrl-C meant for
     # the foreground does not stop it.
     previous = {
         s: signal.signal(s, handle) for s in SIGNALS if signal.getsignal(s) != signal.SIG_IGN
     }
+    if RELAY not in SIGNALS:
+        previous[RELAY] = signal.signal(RELAY, relayed)
     try:
         yield stop
     finally:
