@@ -227,6 +227,16 @@ def test_estimates_use_this_machine_and_subtract_epochs_done(tmp_path):
     stacked.path.write_text(json.dumps(d))
     measurements = load_measurements(tmp_path)
     assert ex.estimate_seconds(conv, measurements, "gpu", tmp_path, stack=4) == 120
+    # A stack trains until its longest seed stops: a seed measured at 30 epochs beside the
+    # one at 10 makes a lone run 20 epochs long, a stack's runs 30 (a review: the mean let a
+    # budget admit a stack that then ran half as long again).
+    write_measurement(tmp_path, RunSpec(CONV, "brainprop", 2), "gpu", test_acc=0.9,
+                      epochs_run=30, s_per_epoch=4.0)  # fmt: skip
+    measurements = load_measurements(tmp_path)
+    assert ex.estimate_seconds(conv, measurements, "gpu", tmp_path) == 20 * (4 + 1)
+    assert ex.estimate_seconds(conv, measurements, "gpu", tmp_path, stack=4) == 30 * 12
+    [longer] = [m for m in measurements if m.cell == CONV and m.seed == 2]
+    longer.path.unlink()
     # bf16 runs time only bf16 runs: 30 epochs x (2 + 1) s.
     write_measurement(tmp_path, RunSpec(CONV, "ebp", 0, bf16=True), "gpu", test_acc=0.9,
                       epochs_run=30, s_per_epoch=2.0)  # fmt: skip

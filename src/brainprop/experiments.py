@@ -79,7 +79,9 @@ def estimate_seconds(
     not depend on the machine), those of the same rule and precision preferred, then those of
     the same rule, then any, else the cap itself: the other rule's length is a far better guess
     than the cap, and without it a budget that admits BrainProp's runs would refuse every EBP
-    run after them. Epochs an interrupted run already has are subtracted.
+    run after them. In a stack (``stack`` > 1), which trains until its longest seed stops, a
+    run is given the longest of those lengths instead of their mean. Epochs an interrupted run
+    already has are subtracted.
     """
     same_cell = [
         m for m in measurements
@@ -105,7 +107,8 @@ def estimate_seconds(
     alike = [m for m in same_rule if m.bf16 == spec.bf16] or same_rule or capped
     # One length per run: a run measured both plain and graphed is one run, as in the report.
     lengths = {m.run: m.summary["epochs_run"] for m in alike}
-    epochs = fmean(lengths.values()) if lengths else float(spec.max_epochs or PAPER_EPOCHS)
+    longest_of_stack = max if stack > 1 else fmean
+    epochs = longest_of_stack(lengths.values()) if lengths else spec.max_epochs or PAPER_EPOCHS
     return max(epochs - _epochs_done(out / RUNS / spec.name), 0.0) * per_epoch
 
 
@@ -439,7 +442,8 @@ class _Budget:
         self.start: float | None = None
 
     def admits(self, job: Job, say: Callable[[str], None]) -> bool:
-        """Whether ``job`` fits the time left; a stack takes as long as its longest run. A job
+        """Whether ``job`` fits the time left; a stack takes as long as its longest run (see
+        :func:`estimate_seconds`). A job
         whose time is unknown starts while any time is left, and the clock starts when the
         first job comes up, so that the first always finds the whole budget: a deadline of
         "now + budget" would decide a tiny one by float rounding (now + 1e-298 is now) and
