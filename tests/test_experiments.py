@@ -1148,6 +1148,31 @@ def test_a_second_signal_stops_the_parent_at_once_with_its_status(
     assert info.value.exit_status == 128 + signal.SIGTERM  # it was 130, as if Ctrl-C
 
 
+def test_a_worker_killed_by_a_signal_is_named_so_and_the_others_are_said_to_resume(tmp_path):
+    """ "ended with exit status -9" named neither the kill nor what became of the other runs,
+    stopped with it (a review)."""
+
+    class Killed:
+        pid, exitcode = 4321, -signal.SIGKILL
+
+        def join(self) -> None:
+            pass
+
+    class Silent:
+        def poll(self) -> bool:
+            return False
+
+    pool = ex._Workers(Request(out=tmp_path, device="cpu"), None, True, [], ex.Outcome(),
+                       lambda _: None)  # fmt: skip
+    pool.running[7] = ((RunSpec(DENSE, "ebp", 0),), Killed(), Silent())
+    assert pool.reap([7]) == [
+        "mnist-dense-ebp-s0 was killed by SIGKILL (as the kernel does when memory runs out: "
+        "check the free memory, or pass fewer --jobs)"
+    ]
+    assert ex._ended("x", -signal.SIGSEGV) == "x was killed by SIGSEGV"
+    assert ex._ended("x", 3) == "x ended with exit status 3"
+
+
 def test_a_worker_gets_one_stop_however_many_signals_the_parent_gets(tmp_path, monkeypatch):
     """A second signal while the workers save their checkpoints (the first signal's stop) would
     pass a second stop on (review). The stop is the relay, never a second SIGTERM to a worker

@@ -734,6 +734,11 @@ def _run_in_workers(
                 pool.tick()
                 failures = pool.reap(ended)
                 if failures:
+                    if others := pool.names():
+                        failures.append(
+                            f"{', '.join(others)} stopped as well, saving its state: once the "
+                            "failure is mended, the same 'brainprop reproduce' command continues"
+                        )
                     raise BrainPropError("; ".join(failures))
         except signals.Interrupted:
             raise  # the first signal's stop, which each worker saw and saved its run for
@@ -822,8 +827,7 @@ class _Workers:
                 self.finished(sentinel)
                 continue
             del self.running[sentinel]
-            failed = f"{_names(job)} ended with exit status {proc.exitcode}"
-            failures.append(processes.error_sent(receive) or failed)
+            failures.append(processes.error_sent(receive) or _ended(_names(job), proc.exitcode))
         return failures
 
     def stop_all(self) -> None:
@@ -850,6 +854,24 @@ class _Workers:
         self.signal_all()
         for _, proc, _ in self.running.values():
             proc.join()
+
+
+def _ended(names: str, status: int) -> str:
+    """Why a worker that sent no error of its own ended: killed by a signal (a negative exit
+    status, as multiprocessing gives it), or its exit status."""
+    if status >= 0:
+        return f"{names} ended with exit status {status}"
+    try:
+        name = signal.Signals(-status).name
+    except ValueError:
+        name = f"signal {-status}"
+    if -status == getattr(signal, "SIGKILL", None):
+        # Unless someone sent it by hand, a SIGKILL is the kernel's out-of-memory killer.
+        name += (
+            " (as the kernel does when memory runs out: check the free memory, or pass fewer "
+            "--jobs)"
+        )
+    return f"{names} was killed by {name}"
 
 
 class _Company:
