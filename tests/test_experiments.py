@@ -1141,6 +1141,8 @@ def test_a_second_signal_stops_the_parent_at_once_with_its_status(
         os.kill(os.getpid(), signal.SIGTERM)
         return []
 
+    monkeypatch.setattr(signals, "SAME_STOP_S", 0.0)  # the second sent later than the first
+
     monkeypatch.setattr(ex, "wait", signal_twice)
     with pytest.raises(signals.Interrupted, match="stopped at once by a second signal; the runs "
                        "in progress save their state as they stop") as info:  # fmt: skip

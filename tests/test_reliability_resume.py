@@ -292,6 +292,8 @@ def test_a_checkpoint_too_large_for_the_device_is_not_called_damaged(
 def test_second_signal_quits_at_once_keeping_the_last_checkpoint(
     tmp_path: Path, ds, monkeypatch, signum: int
 ) -> None:
+    monkeypatch.setattr(signals, "SAME_STOP_S", 0.0)  # a SIGTERM sent later than the first's
+
     def twice(q: torch.Tensor) -> torch.Tensor:
         signal.raise_signal(signum)
         signal.raise_signal(signum)
@@ -323,12 +325,13 @@ def test_a_relayed_stop_beside_a_schedulers_sigterm_still_saves(
     assert info.value.exit_status == 128 + signal.SIGTERM
 
 
-def test_a_relay_is_a_first_sigterm_and_never_a_second() -> None:
+def test_a_relay_is_a_first_sigterm_and_never_a_second(monkeypatch) -> None:
     for order in ((signals.RELAY, signal.SIGTERM), (signal.SIGTERM, signals.RELAY)):
         with signals.stop_on_signals() as stop:
             for signum in order:
                 signal.raise_signal(signum)
         assert stop.name == "SIGTERM" and stop.again is None
+    monkeypatch.setattr(signals, "SAME_STOP_S", 0.0)
     with signals.stop_on_signals() as stop:
         signal.raise_signal(signals.RELAY)
         signal.raise_signal(signals.RELAY)
@@ -336,6 +339,25 @@ def test_a_relay_is_a_first_sigterm_and_never_a_second() -> None:
         with pytest.raises(KeyboardInterrupt):  # one's own second signal still quits at once
             signal.raise_signal(signal.SIGTERM)
     assert stop.again == signal.SIGTERM
+
+
+def test_a_sigterm_soon_after_the_first_is_the_same_stop(monkeypatch) -> None:
+    """A scheduler sends SIGTERM to every process of a job, torchrun among them, which passes
+    its own on to its workers at once: each worker gets two, and the second quit it without its
+    checkpoint, if it came while the worker saved."""
+    with signals.stop_on_signals() as stop:
+        signal.raise_signal(signal.SIGTERM)
+        signal.raise_signal(signal.SIGTERM)
+        assert stop.name == "SIGTERM" and stop.again is None
+        monkeypatch.setattr(signals, "SAME_STOP_S", 0.0)  # later: a second signal
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGTERM)
+    monkeypatch.undo()
+    with signals.stop_on_signals() as stop:  # Ctrl-C twice quits at once, however soon
+        signal.raise_signal(signal.SIGINT)
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    assert signals.quit_hint(signal.SIGTERM) == "send it again after 5 s to quit at once"
 
 
 def test_killed_before_the_first_checkpoint_starts_over(tmp_path: Path, ds, reference) -> None:

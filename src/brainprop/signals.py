@@ -3,7 +3,8 @@
 A first signal only sets a flag, which the training loop reads after every step: the step in
 flight finishes, the state is checkpointed and :class:`Interrupted` carries the message saying
 how to resume. A second signal raises ``KeyboardInterrupt`` at once, for someone who will not
-wait for the checkpoint; the atomic writes still leave the previous checkpoint whole.
+wait for the checkpoint; the atomic writes still leave the previous checkpoint whole. A SIGTERM
+within :data:`SAME_STOP_S` of the first is no second signal (see there).
 
 :data:`RELAY` is how a process passes a stop on to the processes it started (``reproduce
 --jobs``): it asks for the same stop as a first SIGTERM, and never quits at once. A batch
@@ -17,11 +18,17 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 #: A stop passed on by a parent process (SIGTERM where the platform has no SIGUSR1).
 RELAY: signal.Signals = getattr(signal, "SIGUSR1", signal.SIGTERM)
+#: A SIGTERM this soon after the first is the same stop, not a second signal: a scheduler
+#: (SLURM, systemd) sends SIGTERM to every process of a job, and a launcher among them
+#: (torchrun) passes its own on to its workers at once, so each gets two. No one typing
+#: ``kill`` twice to quit at once is that quick, and Ctrl-C (SIGINT) is not delayed.
+SAME_STOP_S = 5.0
 
 
 class StopRequest:
@@ -55,6 +62,14 @@ class StopRequest:
         )
 
 
+def quit_hint(signum: int) -> str:
+    """How to quit at once after the first ``signum``: send it again (a SIGTERM only after
+    :data:`SAME_STOP_S`, as a sooner one is the same stop)."""
+    if signum == signal.SIGTERM:
+        return f"send it again after {SAME_STOP_S:g} s to quit at once"
+    return "send it again to quit at once"
+
+
 class Interrupted(KeyboardInterrupt):
     """Training stopped on a signal; the message says what was saved and how to resume.
 
@@ -77,7 +92,8 @@ class OutputClosed(BrokenPipeError):
 @contextlib.contextmanager
 def stop_on_signals(on_first: Callable[[int], None] | None = None) -> Iterator[StopRequest]:
     """Within the block, SIGINT and SIGTERM set the yielded flag instead of killing, and so
-    does :data:`RELAY`, as a SIGTERM that never counts as a second signal.
+    does :data:`RELAY`, as a SIGTERM that never counts as a second signal; neither does a
+    SIGTERM within :data:`SAME_STOP_S` of the first.
 
     ``on_first(signum)`` runs on the first signal (to tell the user a checkpoint is coming).
     The previous handlers come back on exit. A signal the process ignores stays ignored.
@@ -88,7 +104,8 @@ def stop_on_signals(on_first: Callable[[int], None] | None = None) -> Iterator[S
     if threading.current_thread() is not threading.main_thread():
         yield stop
         return
-    sent: list[int] = []  # the signals sent to this process itself, not relayed
+    # The signal sent to this process itself (not relayed) first, and when it came.
+    sent: list[tuple[int, float]] = []
 
     def request(signum: int) -> None:
         stop.signum = signum
@@ -100,10 +117,14 @@ def stop_on_signals(on_first: Callable[[int], None] | None = None) -> Iterator[S
                 on_first(signum)
 
     def handle(signum: int, _frame: object) -> None:
+        now = time.monotonic()
         if sent:
+            (first, at) = sent[0]
+            if signum == first == signal.SIGTERM and now - at < SAME_STOP_S:
+                return
             stop.again = signum
             raise KeyboardInterrupt
-        sent.append(signum)
+        sent.append((signum, now))
         if not stop.requested:
             request(signum)
 

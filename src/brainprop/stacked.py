@@ -473,7 +473,7 @@ class _StackedRun:
         def warn(signum: int) -> None:
             self.say(
                 f"{signal.Signals(signum).name}: finishing this epoch, then saving every "
-                "seed's checkpoint (send it again to quit at once)"
+                f"seed's checkpoint ({signals.quit_hint(signum)})"
             )
 
         with signals.stop_on_signals(warn) as stop:

@@ -593,7 +593,7 @@ def _held_train(
     def warn(signum: int) -> None:
         say(
             f"{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
-            "(send it again to quit at once)"
+            f"({signals.quit_hint(signum)})"
         )
 
     with signals.stop_on_signals(warn) as signalled:
