@@ -735,9 +735,11 @@ def _run_in_workers(
                 failures = pool.reap(ended)
                 if failures:
                     if others := pool.names():
+                        each = "each " * (len(others) > 1)
                         failures.append(
-                            f"{', '.join(others)} stopped as well, saving its state: once the "
-                            "failure is mended, the same 'brainprop reproduce' command continues"
+                            f"{', '.join(others)} stopped as well, {each}saving its state: once "
+                            "the failure is mended, the same 'brainprop reproduce' command "
+                            "continues"
                         )
                     raise BrainPropError("; ".join(failures))
         except signals.Interrupted:
@@ -850,7 +852,8 @@ class _Workers:
                 os.kill(proc.pid, signals.RELAY)
 
     def terminate(self) -> None:
-        """Stop every worker with one SIGTERM and wait while each saves its checkpoint."""
+        """Pass the stop on to every worker (:meth:`signal_all`) and wait while each saves its
+        checkpoint."""
         self.signal_all()
         for _, proc, _ in self.running.values():
             proc.join()
