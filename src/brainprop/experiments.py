@@ -491,17 +491,13 @@ Job = tuple[RunSpec, ...]
 
 def stacks(pending: Sequence[RunSpec], size: int) -> list[Job]:
     """``pending`` as jobs of up to ``size`` runs that differ only in the seed, in the priority
-    order of each job's first run (so a stack pulls later seeds of its cell forward).
-
-    Seeds ``k * size`` to ``(k + 1) * size - 1`` share a stack, whichever of them are pending:
-    a seed's dropout masks depend on its stack-mates, so a session resumed after some seeds
-    finished must not regroup the rest, or they would train differently than they began."""
+    order of each job's first run (so a stack pulls later seeds of its cell forward)."""
     # One pass that groups the runs by all but their seed: comparing each run with every later
     # one took minutes for a large --seeds.
-    alike: dict[tuple[RunSpec, int], list[RunSpec]] = {}
+    alike: dict[RunSpec, list[RunSpec]] = {}
     for spec in pending:
-        alike.setdefault((replace(spec, seed=0), spec.seed // size), []).append(spec)
-    jobs = [tuple(runs) for runs in alike.values()]
+        alike.setdefault(replace(spec, seed=0), []).append(spec)
+    jobs = [tuple(runs[i : i + size]) for runs in alike.values() for i in range(0, len(runs), size)]
     position = {spec: i for i, spec in enumerate(pending)}
     return sorted(jobs, key=lambda job: position[job[0]])
 

@@ -272,7 +272,10 @@ class GraphedStep:
         try:
             graph.capture(step)
         except Exception as e:
-            if failed and isinstance(failed[0], BrainPropError):
+            # brainprop's refusals say what is wrong in their own words, and running out of
+            # memory, the likeliest failure of a capture, is the device's limit, which the
+            # caller words (fewer --jobs).
+            if failed and isinstance(failed[0], BrainPropError | torch.OutOfMemoryError):
                 raise failed[0] from None
             raise _capture_failed(failed[0] if failed else e) from e
         self.graph, self.captured_lrs = graph, lrs
