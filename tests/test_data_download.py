@@ -126,10 +126,12 @@ def test_a_linked_data_folder_keeps_its_link(tmp_path: Path, server, monkeypatch
     # A file the archive does not hold is the user's: kept, where it was deleted with the rest.
     assert (elsewhere / "mine" / "notes.txt").read_text() == "the user's"
     plain = tmp_path / "root2" / "cifar10" / "cifar-10-batches-py"
-    plain.mkdir(parents=True)
+    (plain / ".brainprop-cache").mkdir(parents=True)
     (plain / "notes.txt").write_text("the user's")
+    (plain / ".brainprop-cache" / "train_x.npy").write_bytes(b"a cache of the old copy")
     assert download("cifar10", tmp_path / "root2", base_url=url, progress=False) == plain
     assert (plain / "notes.txt").read_text() == "the user's"
+    assert not (plain / ".brainprop-cache").exists()  # hidden: brainprop's own, not copied
     assert [p.name for p in plain.parent.iterdir()] == [plain.name]
 
 

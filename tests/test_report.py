@@ -291,7 +291,7 @@ def test_readme_section_is_replaced_between_markers(tmp_path):
         update_readme(readme, tmp_path / "results")
 
 
-def test_report_only_waits_for_a_reproduce_on_its_folder(tmp_path, capsys):
+def test_report_only_is_refused_while_a_reproduce_holds_its_folder(tmp_path, capsys):
     """Beside a reproduce, which rewrites the report after each run, results.json and
     results.md could describe different measurements (a review)."""
     from brainprop import locks
@@ -442,6 +442,9 @@ def test_unreadable_duplicated_or_foreign_measurements_are_one_line_errors(tmp_p
     shutil.copy(m.path, nested / "other-machine.json")
     with pytest.raises(BrainPropError, match=r"lies in a folder under .*, where the report does"):
         load_measurements(tmp_path)
+    # Another subfolder, an archive kept on purpose, is left unread as before.
+    nested.rename(tmp_path / MEASUREMENTS / "old")
+    assert [x.run for x in load_measurements(tmp_path)] == [m.run]
 
 
 def test_runs_that_shared_the_device_pool_with_its_other_runs(tmp_path):

@@ -388,7 +388,7 @@ def _reproduce(args: argparse.Namespace) -> int:
     from .experiments import Request, reproduce
     from .matrix import select_cells
     from .measurements import MEASUREMENTS
-    from .report import check_readme, update_readme, write_report
+    from .report import check_readme, write_report
 
     out = Path(args.out)
     if args.readme:
@@ -414,27 +414,35 @@ def _reproduce(args: argparse.Namespace) -> int:
         )
         with locks.held(out, busy):
             print(f"report: {write_report(out)}")
-    else:
-        defaulted = {"rules": args.rules, "seeds": args.seeds, "preset": args.preset,
-                     "device": args.device, "jobs": args.jobs, "stack": args.stack,
-                     "feedback": args.feedback}  # fmt: skip
-        request = Request(
-            cells=tuple(select_cells(args.datasets, args.archs)),
-            val=args.val_split,
-            max_epochs=args.max_epochs,
-            out=out,
-            data_dir=args.data_dir,
-            budget_minutes=args.budget_minutes,
-            bf16=args.bf16,
-            cuda_graph=args.cuda_graph,
-            progress=not args.quiet,
-            **{k: v for k, v in defaulted.items() if v is not None},
-        )
-        reproduce(request)
+            if args.readme:
+                _rewrite_readme(Path(args.readme), out)
+        return 0
+    defaulted = {"rules": args.rules, "seeds": args.seeds, "preset": args.preset,
+                 "device": args.device, "jobs": args.jobs, "stack": args.stack,
+                 "feedback": args.feedback}  # fmt: skip
+    request = Request(
+        cells=tuple(select_cells(args.datasets, args.archs)),
+        val=args.val_split,
+        max_epochs=args.max_epochs,
+        out=out,
+        data_dir=args.data_dir,
+        budget_minutes=args.budget_minutes,
+        bf16=args.bf16,
+        cuda_graph=args.cuda_graph,
+        progress=not args.quiet,
+        **{k: v for k, v in defaulted.items() if v is not None},
+    )
+    reproduce(request)
     if args.readme:
-        update_readme(Path(args.readme), out)
-        print(f"results section of {args.readme} rewritten")
+        _rewrite_readme(Path(args.readme), out)
     return 0
+
+
+def _rewrite_readme(readme: Path, out: Path) -> None:
+    from .report import update_readme
+
+    update_readme(readme, out)
+    print(f"results section of {readme} rewritten")
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:

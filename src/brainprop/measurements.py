@@ -235,10 +235,11 @@ def load_measurements(out: Path) -> list[Measurement]:
     would count twice in its cell.
     """
     folder = out / MEASUREMENTS
-    nested = sorted(folder.glob("*/**/*.json"))
+    # A merge by ``cp -r other/measurements results/measurements`` nests the folder, and its
+    # runs would drop out of their cells without a word. Other subfolders (an archive of old
+    # files, a notebook's checkpoints) are left unread, as they always were.
+    nested = sorted((folder / MEASUREMENTS).glob("*.json"))
     if nested:
-        # ``cp -r other/measurements results/measurements`` nests the folder: its runs would
-        # drop out of their cells without a word.
         raise BrainPropError(
             f"{nested[0]} lies in a folder under {folder}, where the report does not look: "
             f"move the files of {nested[0].parent} up into {folder}, or the folder out of it"

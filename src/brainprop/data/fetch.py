@@ -108,9 +108,14 @@ def download(
 def _copy_own_files(old: Path, new: Path) -> None:
     """Copy into the fresh tree ``new`` each file of the incomplete copy ``old`` that the
     archive did not bring: a user's, which replacing ``old`` would otherwise delete. Copied,
-    not moved, so that until the swap ``old`` stays whole."""
+    not moved, so that until the swap ``old`` stays whole. Hidden files and folders are left:
+    brainprop's own (Tiny ImageNet's decoded cache, 1.2 GB, and temporaries) and a desktop's
+    (macOS's ``._*``), none of them anyone's notes."""
     for path in sorted(old.rglob("*")):
-        kept = new / path.relative_to(old)
+        relative = path.relative_to(old)
+        if any(part.startswith(".") for part in relative.parts):
+            continue
+        kept = new / relative
         if path.is_file() and not path.is_symlink() and not kept.exists():
             kept.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(path, kept)
