@@ -320,17 +320,19 @@ def test_a_relayed_stop_beside_a_schedulers_sigterm_still_saves(
         return q
 
     inject(monkeypatch, {step(2, 4): both})
-    with pytest.raises(Interrupted, match="^stopped by SIGTERM ") as info:
+    # The stop is the relay's, which came first, and the SIGTERM after it no second signal.
+    with pytest.raises(Interrupted, match="^stopped by SIGUSR1 ") as info:
         train(tiny_config(tmp_path), dataset=ds, progress=False)
-    assert info.value.exit_status == 128 + signal.SIGTERM
+    assert info.value.exit_status == 128 + signals.RELAY
+    assert checkpoint.load(tmp_path / "run" / "last.pt")["partial"] is not None
 
 
-def test_a_relay_is_a_first_sigterm_and_never_a_second(monkeypatch) -> None:
+def test_a_relay_is_a_first_stop_and_never_a_second_signal(monkeypatch) -> None:
     for order in ((signals.RELAY, signal.SIGTERM), (signal.SIGTERM, signals.RELAY)):
         with signals.stop_on_signals() as stop:
             for signum in order:
                 signal.raise_signal(signum)
-        assert stop.name == "SIGTERM" and stop.again is None
+        assert stop.signum == order[0] and stop.again is None
     monkeypatch.setattr(signals, "SAME_STOP_S", 0.0)
     with signals.stop_on_signals() as stop:
         signal.raise_signal(signals.RELAY)
@@ -357,7 +359,10 @@ def test_a_sigterm_soon_after_the_first_is_the_same_stop(monkeypatch) -> None:
         signal.raise_signal(signal.SIGINT)
         with pytest.raises(KeyboardInterrupt):
             signal.raise_signal(signal.SIGINT)
-    assert signals.quit_hint(signal.SIGTERM) == "send it again after 5 s to quit at once"
+    assert signals.first_note(signal.SIGTERM, "saving") == (
+        "SIGTERM: saving (send it again after 5 s to quit at once)"
+    )
+    assert signals.first_note(signals.RELAY, "saving") == "SIGUSR1 (a stop passed on): saving"
 
 
 def test_killed_before_the_first_checkpoint_starts_over(tmp_path: Path, ds, reference) -> None:

@@ -653,8 +653,9 @@ def _worker(
     inherited by a spawned process), train one job, report an error through ``conn``.
 
     The worker ignores SIGINT (:func:`~brainprop.processes.sigint_ignored`) and leaves the
-    terminal's process group, so Ctrl-C reaches the parent only, which stops each worker with
-    exactly one SIGTERM: a second would abandon the checkpoint.
+    terminal's process group, so Ctrl-C reaches the parent only, which passes the stop on
+    (:data:`~brainprop.signals.RELAY`, which a scheduler's own SIGTERM to the worker does not
+    turn into a second signal).
     """
     import torch
 
@@ -702,14 +703,22 @@ def _run_in_workers(
     queue = list(jobs)
 
     def passing_on(signum: int) -> None:
-        # The workers' own lines name the SIGTERM they get, which the user did not send.
-        name = signal.Signals(signum).name
+        # The workers' own lines name the signal they get, which the user did not send.
         say(
-            f"{name}: passing it on to the runs in progress as SIGTERM, each to save a "
-            "checkpoint as it stops; this command ends when they have"
+            f"{signal.Signals(signum).name}: passing it on to the runs in progress as "
+            f"{signals.RELAY.name}, each to save a checkpoint as it stops; this command ends "
+            "when they have"
         )
 
-    with signals.stop_on_signals(passing_on) as stop:
+    def still_waiting(signum: int) -> None:
+        # Quitting now would leave the workers unwatched (multiprocessing would join them at
+        # exit anyway), and a second stop would cost them their checkpoints.
+        say(
+            f"{signal.Signals(signum).name} again: still waiting for the runs in progress to "
+            "save their state"
+        )
+
+    with signals.stop_on_signals(passing_on, on_again=still_waiting) as stop:
         try:
             while queue or pool.running:
                 pool.tick()
@@ -740,15 +749,6 @@ def _run_in_workers(
                     raise BrainPropError("; ".join(failures))
         except signals.Interrupted:
             raise  # the first signal's stop, which each worker saw and saved its run for
-        except KeyboardInterrupt:
-            # A second signal: no more recording. The workers, each sent the stop once, save
-            # their state as they stop, and the process waits for them as it exits
-            # (multiprocessing joins its children): quitting earlier would orphan them.
-            pool.signal_all()
-            raise stop.quit_at_once(
-                "the runs in progress save their state as they stop, and this command ends when "
-                "they have: then run the same 'brainprop reproduce' command to continue"
-            ) from None
         except Exception:
             # Workers would go on training unwatched for hours after the parent's error (their
             # results unrecorded): stop them, each saving its state, as a signal does. Nothing
@@ -777,8 +777,7 @@ class _Workers:
         self.ctx = multiprocessing.get_context("spawn")
         self.running: dict[int, tuple[Job, Any, Connection]] = {}
         self.company = _Company()
-        # A worker's second SIGTERM quits it at once, without its checkpoint: a second signal
-        # to the parent while the workers save must not pass on.
+        # Each worker is passed the stop once, however many signals the parent gets.
         self.signalled: set[int] = set()
 
     def tick(self) -> None:
@@ -840,8 +839,8 @@ class _Workers:
 
     def signal_all(self) -> None:
         """Pass the stop on to each worker still alive and not yet sent it, without waiting for
-        it: :data:`~brainprop.signals.RELAY`, which a worker takes as its first SIGTERM and
-        never as a second, since a scheduler's own SIGTERM may have reached it already."""
+        it: :data:`~brainprop.signals.RELAY`, which stops a worker as a first signal does and
+        never counts as a second, since a scheduler's own SIGTERM may have reached it already."""
         for _, proc, _ in self.running.values():
             if proc.is_alive() and proc.pid not in self.signalled:
                 self.signalled.add(proc.pid)

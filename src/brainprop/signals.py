@@ -7,7 +7,7 @@ wait for the checkpoint; the atomic writes still leave the previous checkpoint w
 within :data:`SAME_STOP_S` of the first is no second signal (see there).
 
 :data:`RELAY` is how a process passes a stop on to the processes it started (``reproduce
---jobs``): it asks for the same stop as a first SIGTERM, and never quits at once. A batch
+--jobs``): it asks for the same stop as a first signal, and never quits at once. A batch
 scheduler (SLURM's ``scancel``, systemd) sends SIGTERM to every process of a job: a worker
 then gets the scheduler's SIGTERM and its parent's stop, which, were the stop a second
 SIGTERM, would make it quit without its checkpoint.
@@ -22,7 +22,8 @@ import time
 from collections.abc import Callable, Iterator
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
-#: A stop passed on by a parent process (SIGTERM where the platform has no SIGUSR1).
+#: A stop passed on by a parent process (SIGTERM where the platform has no SIGUSR1). It
+#: stops as a first SIGTERM does, and the stop it reports is its own.
 RELAY: signal.Signals = getattr(signal, "SIGUSR1", signal.SIGTERM)
 #: A SIGTERM this soon after the first is the same stop, not a second signal: a scheduler
 #: (SLURM, systemd) sends SIGTERM to every process of a job, and a launcher among them
@@ -62,12 +63,15 @@ class StopRequest:
         )
 
 
-def quit_hint(signum: int) -> str:
-    """How to quit at once after the first ``signum``: send it again (a SIGTERM only after
-    :data:`SAME_STOP_S`, as a sooner one is the same stop)."""
-    if signum == signal.SIGTERM:
-        return f"send it again after {SAME_STOP_S:g} s to quit at once"
-    return "send it again to quit at once"
+def first_note(signum: int, doing: str) -> str:
+    """The line that answers the first ``signum``: what the process is ``doing`` about it, and
+    how to quit at once instead (send it again; a SIGTERM only after :data:`SAME_STOP_S`, as a
+    sooner one is the same stop). A relayed stop has no such way: its sender waits for it."""
+    name = signal.Signals(signum).name
+    if signum == RELAY != signal.SIGTERM:
+        return f"{name} (a stop passed on): {doing}"
+    again = f" after {SAME_STOP_S:g} s" if signum == signal.SIGTERM else ""
+    return f"{name}: {doing} (send it again{again} to quit at once)"
 
 
 class Interrupted(KeyboardInterrupt):
@@ -90,12 +94,18 @@ class OutputClosed(BrokenPipeError):
 
 
 @contextlib.contextmanager
-def stop_on_signals(on_first: Callable[[int], None] | None = None) -> Iterator[StopRequest]:
+def stop_on_signals(
+    on_first: Callable[[int], None] | None = None,
+    *,
+    on_again: Callable[[int], None] | None = None,
+) -> Iterator[StopRequest]:
     """Within the block, SIGINT and SIGTERM set the yielded flag instead of killing, and so
-    does :data:`RELAY`, as a SIGTERM that never counts as a second signal; neither does a
-    SIGTERM within :data:`SAME_STOP_S` of the first.
+    does :data:`RELAY`, which never counts as a second signal; neither does a SIGTERM within
+    :data:`SAME_STOP_S` of the first.
 
     ``on_first(signum)`` runs on the first signal (to tell the user a checkpoint is coming).
+    A second signal raises ``KeyboardInterrupt``, or, given ``on_again``, calls
+    ``on_again(signum)`` instead (a process that must wait for others, whatever it is sent).
     The previous handlers come back on exit. A signal the process ignores stays ignored.
     Outside the main thread Python cannot install handlers, so there the flag never rises and
     the defaults stay in force.
@@ -107,14 +117,17 @@ def stop_on_signals(on_first: Callable[[int], None] | None = None) -> Iterator[S
     # The signal sent to this process itself (not relayed) first, and when it came.
     sent: list[tuple[int, float]] = []
 
-    def request(signum: int) -> None:
-        stop.signum = signum
-        if on_first is not None:
+    def note(say: Callable[[int], None] | None, signum: int) -> None:
+        if say is not None:
             # A signal that lands while the same stream is being written makes this print a
             # reentrant write, which Python refuses with RuntimeError. The note is a courtesy;
             # the stop is recorded either way, and must not turn into a traceback.
             with contextlib.suppress(RuntimeError):
-                on_first(signum)
+                say(signum)
+
+    def request(signum: int) -> None:
+        stop.signum = signum
+        note(on_first, signum)
 
     def handle(signum: int, _frame: object) -> None:
         now = time.monotonic()
@@ -123,14 +136,17 @@ def stop_on_signals(on_first: Callable[[int], None] | None = None) -> Iterator[S
             if signum == first == signal.SIGTERM and now - at < SAME_STOP_S:
                 return
             stop.again = signum
+            if on_again is not None:
+                note(on_again, signum)
+                return
             raise KeyboardInterrupt
         sent.append((signum, now))
         if not stop.requested:
             request(signum)
 
-    def relayed(_signum: int, _frame: object) -> None:
+    def relayed(signum: int, _frame: object) -> None:
         if not stop.requested:
-            request(signal.SIGTERM)
+            request(signum)
 
     # An ignored signal stays ignored, as plain Python leaves it: a shell starts a background
     # job ('brainprop train ... &' in a script) with SIGINT ignored, so that a Ctrl-C meant for

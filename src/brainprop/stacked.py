@@ -32,7 +32,6 @@ import contextlib
 import copy
 import dataclasses
 import os
-import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -472,8 +471,9 @@ class _StackedRun:
     def run(self) -> dict[int, Run]:
         def warn(signum: int) -> None:
             self.say(
-                f"{signal.Signals(signum).name}: finishing this epoch, then saving every "
-                f"seed's checkpoint ({signals.quit_hint(signum)})"
+                signals.first_note(
+                    signum, "finishing this epoch, then saving every seed's checkpoint"
+                )
             )
 
         with signals.stop_on_signals(warn) as stop:

@@ -22,7 +22,6 @@ import contextlib
 import itertools
 import math
 import os
-import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -591,10 +590,7 @@ def _held_train(
     say(_header(trainer, run_path))
 
     def warn(signum: int) -> None:
-        say(
-            f"{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
-            f"({signals.quit_hint(signum)})"
-        )
+        say(signals.first_note(signum, "finishing this step, then saving a checkpoint"))
 
     with signals.stop_on_signals(warn) as signalled:
         stop = distributed.AgreedStop(signalled, trainer.parallel)
