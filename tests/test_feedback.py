@@ -779,7 +779,7 @@ def test_a_layer_parametrized_after_its_conversion_keeps_its_pathway():
     # Parametrized before: the pathway would not see through the parametrization.
     before = nn.Sequential(nn.Sequential(nn.Linear(4, 3, bias=False)))
     parametrize.register_parametrization(before[0][0], "weight", Halved())
-    said = r"^layer 0.0 has its weight parametrized \(torch.nn.utils.parametrize\), which a"
+    said = r"^layer 0.0 has its weight parametrized \(torch.nn.utils.parametrize\), which co"
     with pytest.raises(BrainPropError, match=said):
         convert(before, "random")
     assert feedback.layer_mode(before[0][0]) == "symmetric"

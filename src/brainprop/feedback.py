@@ -592,8 +592,8 @@ def _check(name: str, module: nn.Module) -> None:
             owner = owner.removesuffix("parametrizations").rstrip(".")
             raise BrainPropError(
                 f"layer {owner or '<root>'} has its {tensor} parametrized "
-                "(torch.nn.utils.parametrize), which a feedback pathway cannot see through: "
-                "convert the network first, then parametrize it"
+                "(torch.nn.utils.parametrize), which convert does not take: convert the "
+                "network first, then parametrize it"
             )
         raise BrainPropError(
             f"cannot give {label} a separate feedback pathway: only Linear, Conv2d and "
