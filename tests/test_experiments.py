@@ -1172,6 +1172,11 @@ def test_a_worker_killed_by_a_signal_is_named_so_and_the_others_are_said_to_resu
     ]
     assert ex._ended("x", -signal.SIGSEGV) == "x was killed by SIGSEGV"
     assert ex._ended("x", 3) == "x ended with exit status 3"
+    assert ex._failed(["x failed"], []) == "x failed"
+    assert ex._failed(["x failed"], ["y", "z"]) == (
+        "x failed; y, z stopped as well, each saving its state: once the failure is mended, "
+        "the same 'brainprop reproduce' command continues"
+    )
 
 
 def test_a_worker_gets_one_stop_however_many_signals_the_parent_gets(tmp_path, monkeypatch):

@@ -739,14 +739,7 @@ def _run_in_workers(
                 pool.tick()
                 failures = pool.reap(ended)
                 if failures:
-                    if others := pool.names():
-                        each = "each " * (len(others) > 1)
-                        failures.append(
-                            f"{', '.join(others)} stopped as well, {each}saving its state: once "
-                            "the failure is mended, the same 'brainprop reproduce' command "
-                            "continues"
-                        )
-                    raise BrainPropError("; ".join(failures))
+                    raise BrainPropError(_failed(failures, pool.names()))
         except signals.Interrupted:
             raise  # the first signal's stop, which each worker saw and saved its run for
         except Exception:
@@ -852,6 +845,19 @@ class _Workers:
         self.signal_all()
         for _, proc, _ in self.running.values():
             proc.join()
+
+
+def _failed(failures: Sequence[str], others: Sequence[str]) -> str:
+    """The error of workers that failed (``failures``, why each did), which stops the runs
+    still in progress beside them (``others``), each saving its state."""
+    if not others:
+        return "; ".join(failures)
+    each = "each " * (len(others) > 1)
+    return "; ".join([
+        *failures,
+        f"{', '.join(others)} stopped as well, {each}saving its state: once the failure is "
+        "mended, the same 'brainprop reproduce' command continues",
+    ])  # fmt: skip
 
 
 def _ended(names: str, status: int) -> str:
