@@ -37,7 +37,8 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.signum: int | None = None
-        #: The second signal, which quits at once (``KeyboardInterrupt``) without the checkpoint.
+        #: The second signal, which quits at once (``KeyboardInterrupt``) without the checkpoint
+        #: unless :func:`stop_on_signals` was given ``on_again``.
         self.again: int | None = None
 
     @property
