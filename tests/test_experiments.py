@@ -710,6 +710,18 @@ def test_stacks_group_the_seeds_of_one_cell_and_rule_in_priority_order():
         ["conv-brainprop-s2"], ["conv-ebp-s2"], ["dense-brainprop-s2"], ["dense-ebp-s2"],
     ]  # fmt: skip
     assert ex.stacks(specs, 1) == [(s,) for s in specs]
+    # Seeds 1 to 3 of a session stopped after seed 0 finished: 1 keeps to itself, as it began
+    # beside 0, and 2 beside 3 (a review: a seed's dropout masks depend on its stack-mates,
+    # and regrouped as [1, 2], [3] they would have trained on differently than they began).
+    # Seeds never started are packed afresh.
+    seeds = plan([conv], ["brainprop"], seeds=8)
+    names = [s.name for s in seeds]
+    begun = [names[0:2], names[2:4]]
+    assert ex.stacks(seeds[1:], 2, begun) == [(seeds[1],), tuple(seeds[2:4]), *(
+        tuple(seeds[i : i + 2]) for i in (4, 6)
+    )]  # fmt: skip
+    assert ex.stacks(seeds[1:4], 4, begun) == [(seeds[1],), tuple(seeds[2:4])]
+    assert ex.stacks(seeds[1:], 1, begun) == [(s,) for s in seeds[1:]]  # unstacked on purpose
     # Runs validated or capped differently never share a stack.
     mixed = [RunSpec(DENSE, "ebp", 0), RunSpec(DENSE, "ebp", 1, val=5000)]
     assert ex.stacks(mixed, 4) == [(mixed[0],), (mixed[1],)]
@@ -785,6 +797,11 @@ def test_a_stacked_request_trains_and_records_each_seed(tmp_path, mnist_root, no
     for name in names:
         history = json.loads((tmp_path / RUNS / name / rundir.HISTORY_JSON).read_text())
         assert [h["stack_size"] for h in history] == [2]
+    # The stack is noted as it starts, for a later session to keep its seeds together.
+    assert rundir.read_json(tmp_path / ex.STACKS) == [names]
+    (tmp_path / ex.STACKS).write_text('{"not": "stacks"}')
+    with pytest.raises(BrainPropError, match=r"stacks.json is not a list of stacks of run names"):
+        reproduce(request, say=lines.append)
     measurements = load_measurements(tmp_path)
     assert {m.seed for m in measurements} == {0, 1}
     # A stacked run's seconds are the stack's: its budget estimates come from stacks alike.

@@ -38,7 +38,7 @@ from . import locks, plugins, processes, rundir, signals
 from .config import TrainConfig
 from .errors import BrainPropError
 from .feedback import check_feedback
-from .files import TEMPORARIES, make_folder
+from .files import TEMPORARIES, atomic_write_json, make_folder
 from .matrix import MATRIX, PAPER_EPOCHS, PAPER_FEEDBACK, RULE_ORDER, RUNS, Cell, RunSpec, plan
 from .measurements import (
     MEASUREMENTS,
@@ -280,7 +280,7 @@ def _reproduce(request: Request, say: Callable[[str], None], hold: Callable[[], 
     # the first run has trained.
     kept = request.out / MEASUREMENTS
     make_folder(kept, f"move away what is at {kept}: reproduce keeps its measurements there")
-    jobs = stacks(pending, request.stack)
+    jobs = stacks(pending, request.stack, _stacks_begun(request.out) if request.stack > 1 else [])
     say(
         f"reproduce: {len(specs)} runs requested, {len(outcome.skipped)} already measured, "
         f"{len(pending)} to run"
@@ -489,17 +489,60 @@ class _Budget:
 Job = tuple[RunSpec, ...]
 
 
-def stacks(pending: Sequence[RunSpec], size: int) -> list[Job]:
+def stacks(pending: Sequence[RunSpec], size: int, begun: Sequence[Sequence[str]] = ()) -> list[Job]:
     """``pending`` as jobs of up to ``size`` runs that differ only in the seed, in the priority
-    order of each job's first run (so a stack pulls later seeds of its cell forward)."""
+    order of each job's first run (so a stack pulls later seeds of its cell forward).
+
+    With ``size`` > 1, the runs of a stack ``begun`` in an earlier session (run names, as
+    :func:`_stacks_begun` reads them) stay together, whatever ``size`` is now: a seed's dropout
+    masks depend on its stack-mates, so regrouped, a resumed seed would train on differently
+    than it began. The rest are packed afresh."""
+    jobs: list[Job] = []
+    rest = {spec.name: spec for spec in pending}
+    if size > 1:
+        for names in begun:
+            job = tuple(rest.pop(name) for name in names if name in rest)
+            if job:
+                jobs.append(job)
     # One pass that groups the runs by all but their seed: comparing each run with every later
     # one took minutes for a large --seeds.
     alike: dict[RunSpec, list[RunSpec]] = {}
-    for spec in pending:
+    for spec in rest.values():
         alike.setdefault(replace(spec, seed=0), []).append(spec)
-    jobs = [tuple(runs[i : i + size]) for runs in alike.values() for i in range(0, len(runs), size)]
+    for runs in alike.values():
+        jobs += [tuple(runs[i : i + size]) for i in range(0, len(runs), size)]
     position = {spec: i for i, spec in enumerate(pending)}
     return sorted(jobs, key=lambda job: position[job[0]])
+
+
+#: The stacks ``reproduce`` has started in its ``--out`` folder, each a list of run names.
+STACKS = "stacks.json"
+
+
+def _stacks_begun(out: Path) -> list[list[str]]:
+    """The stacks begun in ``out`` by earlier sessions (none before the first)."""
+    path = out / STACKS
+    if not path.exists():
+        return []
+    fix = "delete it, and the runs it lists are stacked afresh"
+    begun = rundir.read_json(path, fix)
+    if not (
+        isinstance(begun, list)
+        and all(isinstance(job, list) and all(isinstance(n, str) for n in job) for job in begun)
+    ):
+        raise BrainPropError(f"{path} is not a list of stacks of run names: {fix}")
+    return begun
+
+
+def _begin(out: Path, job: Job) -> None:
+    """Note the stack ``job`` in ``out`` as it starts, for :func:`stacks` in later sessions;
+    reproduce holds the folder, so no other session writes it meanwhile."""
+    if len(job) < 2:
+        return
+    begun = _stacks_begun(out)
+    names = [spec.name for spec in job]
+    if names not in begun:
+        atomic_write_json(out / STACKS, [*begun, names])
 
 
 def _names(job: Job) -> str:
@@ -526,6 +569,7 @@ def _run_in_process(
         if dataset not in loaded:
             loaded = {dataset: load_dataset(dataset, request.data_dir)}
         say(f"run {_names(job)}")
+        _begin(request.out, job)
         try:
             _train(job, request, loaded[dataset])
         except signals.Interrupted as e:
@@ -778,6 +822,7 @@ class _Workers:
         self.company.tick(self.running)
 
     def start(self, job: Job) -> None:
+        _begin(self.request.out, job)
         receive, send = self.ctx.Pipe(duplex=False)
         proc = self.ctx.Process(
             target=_worker,
