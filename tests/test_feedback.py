@@ -776,7 +776,7 @@ def test_a_layer_parametrized_after_its_conversion_keeps_its_pathway():
         with pytest.raises(BrainPropError, match=said):
             convert(model, mode)
         assert feedback.layer_mode(layer) == "random" and torch.equal(layer.feedback_weight, b)
-    # Parametrized before: the pathway would not see through the parametrization.
+    # Parametrized before: refused, with the order that works.
     before = nn.Sequential(nn.Sequential(nn.Linear(4, 3, bias=False)))
     parametrize.register_parametrization(before[0][0], "weight", Halved())
     said = r"^layer 0.0 has its weight parametrized \(torch.nn.utils.parametrize\), which co"
