@@ -722,6 +722,8 @@ def test_stacks_group_the_seeds_of_one_cell_and_rule_in_priority_order():
     )]  # fmt: skip
     assert ex.stacks(seeds[1:4], 4, begun) == [(seeds[1],), tuple(seeds[2:4])]
     assert ex.stacks(seeds[1:], 1, begun) == [(s,) for s in seeds[1:]]  # unstacked on purpose
+    # A smaller --stack splits a stack begun larger (one too large for the device's memory).
+    assert ex.stacks(seeds, 2, [names]) == [tuple(seeds[i : i + 2]) for i in (0, 2, 4, 6)]
     # Runs validated or capped differently never share a stack.
     mixed = [RunSpec(DENSE, "ebp", 0), RunSpec(DENSE, "ebp", 1, val=5000)]
     assert ex.stacks(mixed, 4) == [(mixed[0],), (mixed[1],)]
@@ -797,8 +799,14 @@ def test_a_stacked_request_trains_and_records_each_seed(tmp_path, mnist_root, no
     for name in names:
         history = json.loads((tmp_path / RUNS / name / rundir.HISTORY_JSON).read_text())
         assert [h["stack_size"] for h in history] == [2]
-    # The stack is noted as it starts, for a later session to keep its seeds together.
+    # The stack is noted as it starts, for a later session to keep its seeds together once
+    # they have trained; a stack noted but stopped before its first checkpoint is not kept.
     assert rundir.read_json(tmp_path / ex.STACKS) == [names]
+    assert ex._stacks_begun(tmp_path) == [names]
+    untrained = ["mnist-dense-ebp-s2-e1", "mnist-dense-ebp-s3-e1"]
+    ex._begin(tmp_path, tuple(RunSpec(DENSE, "ebp", s, max_epochs=1) for s in (2, 3)))
+    assert rundir.read_json(tmp_path / ex.STACKS) == [names, untrained]
+    assert ex._stacks_begun(tmp_path) == [names]
     (tmp_path / ex.STACKS).write_text('{"not": "stacks"}')
     with pytest.raises(BrainPropError, match=r"stacks.json is not a list of stacks of run names"):
         reproduce(request, say=lines.append)
@@ -1189,6 +1197,13 @@ def test_a_worker_killed_by_a_signal_is_named_so_and_the_others_are_said_to_resu
     ]
     assert ex._ended("x", -signal.SIGSEGV) == "x was killed by SIGSEGV"
     assert ex._ended("x", 3) == "x ended with exit status 3"
+    # One stopped by a signal of its own (a scheduler's SIGTERM that reached it before its
+    # parent) saved its state: no failure, but a stop of the session (a review: "ended with
+    # exit status 143", exit status 2).
+    Killed.exitcode = 128 + signal.SIGTERM
+    pool.running[8] = ((RunSpec(DENSE, "ebp", 1),), Killed(), Silent())
+    assert pool.reap([8]) == []
+    assert (pool.stopped_by, pool.stopped) == (signal.SIGTERM, ["mnist-dense-ebp-s1"])
     assert ex._failed(["x failed"], []) == "x failed"
     assert ex._failed(["x failed"], ["y", "z"]) == (
         "x failed; y, z stopped as well, each saving its state: once the failure is mended, "

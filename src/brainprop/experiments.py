@@ -494,16 +494,16 @@ def stacks(pending: Sequence[RunSpec], size: int, begun: Sequence[Sequence[str]]
     order of each job's first run (so a stack pulls later seeds of its cell forward).
 
     With ``size`` > 1, the runs of a stack ``begun`` in an earlier session (run names, as
-    :func:`_stacks_begun` reads them) stay together, whatever ``size`` is now: a seed's dropout
-    masks depend on its stack-mates, so regrouped, a resumed seed would train on differently
-    than it began. The rest are packed afresh."""
+    :func:`_stacks_begun` reads them) stay together: a seed's dropout masks depend on its
+    stack-mates, so regrouped, a resumed seed would train on differently than it began. Only a
+    smaller ``size`` splits them (a stack too large for the device's memory must be able to
+    shrink). The rest are packed afresh."""
     jobs: list[Job] = []
     rest = {spec.name: spec for spec in pending}
     if size > 1:
         for names in begun:
-            job = tuple(rest.pop(name) for name in names if name in rest)
-            if job:
-                jobs.append(job)
+            kept = [rest.pop(name) for name in names if name in rest]
+            jobs += [tuple(kept[i : i + size]) for i in range(0, len(kept), size)]
     # One pass that groups the runs by all but their seed: comparing each run with every later
     # one took minutes for a large --seeds.
     alike: dict[RunSpec, list[RunSpec]] = {}
@@ -519,19 +519,27 @@ def stacks(pending: Sequence[RunSpec], size: int, begun: Sequence[Sequence[str]]
 STACKS = "stacks.json"
 
 
-def _stacks_begun(out: Path) -> list[list[str]]:
-    """The stacks begun in ``out`` by earlier sessions (none before the first)."""
+def _stacks_noted(out: Path) -> list[list[str]]:
+    """Every stack noted in ``out`` as it started (none before the first)."""
     path = out / STACKS
     if not path.exists():
         return []
     fix = "delete it, and the runs it lists are stacked afresh"
-    begun = rundir.read_json(path, fix)
+    noted = rundir.read_json(path, fix)
     if not (
-        isinstance(begun, list)
-        and all(isinstance(job, list) and all(isinstance(n, str) for n in job) for job in begun)
+        isinstance(noted, list)
+        and all(isinstance(job, list) and all(isinstance(n, str) for n in job) for job in noted)
     ):
         raise BrainPropError(f"{path} is not a list of stacks of run names: {fix}")
-    return begun
+    return noted
+
+
+def _stacks_begun(out: Path) -> list[list[str]]:
+    """The stacks noted in ``out`` that trained: those of which a run has a checkpoint. One
+    stopped before its first (or whose worker failed as it started) has nothing to keep, and
+    its runs are packed afresh."""
+    noted = _stacks_noted(out)
+    return [job for job in noted if any((out / RUNS / n / rundir.LAST).is_file() for n in job)]
 
 
 def _begin(out: Path, job: Job) -> None:
@@ -539,10 +547,10 @@ def _begin(out: Path, job: Job) -> None:
     reproduce holds the folder, so no other session writes it meanwhile."""
     if len(job) < 2:
         return
-    begun = _stacks_begun(out)
+    noted = _stacks_noted(out)
     names = [spec.name for spec in job]
-    if names not in begun:
-        atomic_write_json(out / STACKS, [*begun, names])
+    if names not in noted:
+        atomic_write_json(out / STACKS, [*noted, names])
 
 
 def _names(job: Job) -> str:
@@ -776,7 +784,7 @@ def _run_in_workers(
                 # ended still leaves queued runs unstarted, which must not read as success.
                 if stop.requested:
                     pool.stop_all()
-                    raise _stopped(stop.signum, pool.names())
+                    raise _stopped(stop.signum, [*pool.stopped, *pool.names()])
                 if not pool.running:
                     break
                 ended: list[int] = wait(list(pool.running), timeout=1.0)  # type: ignore[assignment]
@@ -784,6 +792,12 @@ def _run_in_workers(
                 failures = pool.reap(ended)
                 if failures:
                     raise BrainPropError(_failed(failures, pool.names()))
+                if pool.stopped_by is not None:
+                    # A signal that reached a worker first (a scheduler's, to every process)
+                    # stops the session, as it would have stopped the parent.
+                    pool.stop_all()
+                    signum = stop.signum or pool.stopped_by
+                    raise _stopped(signum, [*pool.stopped, *pool.names()])
         except signals.Interrupted:
             raise  # the first signal's stop, which each worker saw and saved its run for
         except Exception:
@@ -816,6 +830,10 @@ class _Workers:
         self.company = _Company()
         # Each worker is passed the stop once, however many signals the parent gets.
         self.signalled: set[int] = set()
+        # A worker stopped by a signal of its own (a scheduler's SIGTERM that reached it before
+        # the parent, a kill of its pid): that signal, and the runs it saved.
+        self.stopped_by: int | None = None
+        self.stopped: list[str] = []
 
     def tick(self) -> None:
         """Count the time since the last tick for each running job (see :class:`_Company`)."""
@@ -851,6 +869,8 @@ class _Workers:
 
     def reap(self, ended: list[int]) -> list[str]:
         """Record the jobs whose workers ``ended`` completed; returns why each other one failed.
+        One stopped by a signal, its state saved, is no failure: it is noted in
+        :attr:`stopped_by` and :attr:`stopped`.
 
         Every worker that ended is seen to: one that failed beside one that completed must not
         leave the completed runs unrecorded."""
@@ -862,7 +882,14 @@ class _Workers:
                 self.finished(sentinel)
                 continue
             del self.running[sentinel]
-            failures.append(processes.error_sent(receive) or _ended(_names(job), proc.exitcode))
+            error = processes.error_sent(receive)
+            # A run stopped by a signal exits with the shell's 128 + its number (Interrupted).
+            signum = proc.exitcode - 128
+            if error is None and signum in (*signals.SIGNALS, signals.RELAY):
+                self.stopped_by = signum
+                self.stopped += [spec.name for spec in job]
+                continue
+            failures.append(error or _ended(_names(job), proc.exitcode))
         return failures
 
     def stop_all(self) -> None:
