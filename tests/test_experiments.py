@@ -1204,6 +1204,12 @@ def test_a_worker_killed_by_a_signal_is_named_so_and_the_others_are_said_to_resu
     pool.running[8] = ((RunSpec(DENSE, "ebp", 1),), Killed(), Silent())
     assert pool.reap([8]) == []
     assert (pool.stopped_by, pool.stopped) == (signal.SIGTERM, ["mnist-dense-ebp-s1"])
+    # A signal in a run's last step lets it end: it is recorded, as a completed run is.
+    done = RunSpec(DENSE, "ebp", 2)
+    _fake_train([])((done,), Request(out=tmp_path, device="cpu"), None)
+    pool.running[9] = ((done,), Killed(), Silent())
+    assert pool.reap([9]) == [] and pool.outcome.ran == [done.name]
+    assert pool.stopped == ["mnist-dense-ebp-s1"]
     assert ex._failed(["x failed"], []) == "x failed"
     assert ex._failed(["x failed"], ["y", "z"]) == (
         "x failed; y, z stopped as well, each saving its state: once the failure is mended, "

@@ -881,14 +881,19 @@ class _Workers:
             if proc.exitcode == 0:
                 self.finished(sentinel)
                 continue
-            del self.running[sentinel]
             error = processes.error_sent(receive)
             # A run stopped by a signal exits with the shell's 128 + its number (Interrupted).
             signum = proc.exitcode - 128
             if error is None and signum in (*signals.SIGNALS, signals.RELAY):
                 self.stopped_by = signum
-                self.stopped += [spec.name for spec in job]
+                out = self.request.out / RUNS
+                if all((out / spec.name / rundir.SUMMARY).is_file() for spec in job):
+                    self.finished(sentinel)  # a signal in its last step lets a run end
+                else:
+                    del self.running[sentinel]
+                    self.stopped += [spec.name for spec in job]
                 continue
+            del self.running[sentinel]
             failures.append(error or _ended(_names(job), proc.exitcode))
         return failures
 
