@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from statistics import fmean
-from typing import Any
+from typing import Any, NoReturn
 
 from . import locks, plugins, processes, rundir, signals
 from .config import TrainConfig
@@ -770,6 +770,10 @@ def _run_in_workers(
             "save their state"
         )
 
+    def stop_session(signum: int) -> NoReturn:
+        pool.stop_all()
+        raise _stopped(signum, [*pool.stopped, *pool.names()])
+
     with signals.stop_on_signals(passing_on, on_again=still_waiting) as stop:
         try:
             while queue or pool.running:
@@ -783,8 +787,7 @@ def _run_in_workers(
                 # Before the check for an empty pool: a signal that came after the last worker
                 # ended still leaves queued runs unstarted, which must not read as success.
                 if stop.requested:
-                    pool.stop_all()
-                    raise _stopped(stop.signum, [*pool.stopped, *pool.names()])
+                    stop_session(stop.signum)
                 if not pool.running:
                     break
                 ended: list[int] = wait(list(pool.running), timeout=1.0)  # type: ignore[assignment]
@@ -795,9 +798,7 @@ def _run_in_workers(
                 if pool.stopped_by is not None:
                     # A signal that reached a worker first (a scheduler's, to every process)
                     # stops the session, as it would have stopped the parent.
-                    pool.stop_all()
-                    signum = stop.signum or pool.stopped_by
-                    raise _stopped(signum, [*pool.stopped, *pool.names()])
+                    stop_session(stop.signum or pool.stopped_by)
         except signals.Interrupted:
             raise  # the first signal's stop, which each worker saw and saved its run for
         except Exception:
@@ -886,8 +887,7 @@ class _Workers:
             signum = proc.exitcode - 128
             if error is None and signum in (*signals.SIGNALS, signals.RELAY):
                 self.stopped_by = signum
-                out = self.request.out / RUNS
-                if all((out / spec.name / rundir.SUMMARY).is_file() for spec in job):
+                if self.completed(job):
                     self.finished(sentinel)  # a signal in its last step lets a run end
                 else:
                     del self.running[sentinel]
@@ -902,10 +902,14 @@ class _Workers:
         meanwhile (a signal after a run's last step lets it end, see train)."""
         self.tick()
         self.terminate()
-        out = self.request.out / RUNS
         for sentinel, (job, _, _) in list(self.running.items()):
-            if all((out / spec.name / rundir.SUMMARY).is_file() for spec in job):
+            if self.completed(job):
                 self.finished(sentinel)
+
+    def completed(self, job: Job) -> bool:
+        """Whether every run of ``job`` has ended, its results written."""
+        out = self.request.out / RUNS
+        return all((out / spec.name / rundir.SUMMARY).is_file() for spec in job)
 
     def signal_all(self) -> None:
         """Pass the stop on to each worker still alive and not yet sent it, without waiting for

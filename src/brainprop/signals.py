@@ -115,8 +115,8 @@ def stop_on_signals(
     if threading.current_thread() is not threading.main_thread():
         yield stop
         return
-    # The signal sent to this process itself (not relayed) first, and when it came.
-    sent: list[tuple[int, float]] = []
+    # The first signal sent to this process itself (not relayed), and when it came.
+    first: tuple[int, float] | None = None
 
     def note(say: Callable[[int], None] | None, signum: int) -> None:
         if say is not None:
@@ -131,17 +131,18 @@ def stop_on_signals(
         note(on_first, signum)
 
     def handle(signum: int, _frame: object) -> None:
+        nonlocal first
         now = time.monotonic()
-        if sent:
-            (first, at) = sent[0]
-            if signum == first == signal.SIGTERM and now - at < SAME_STOP_S:
+        if first is not None:
+            earlier, at = first
+            if signum == earlier == signal.SIGTERM and now - at < SAME_STOP_S:
                 return
             stop.again = signum
             if on_again is not None:
                 note(on_again, signum)
                 return
             raise KeyboardInterrupt
-        sent.append((signum, now))
+        first = (signum, now)
         if not stop.requested:
             request(signum)
 
