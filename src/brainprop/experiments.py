@@ -252,7 +252,7 @@ def reproduce(request: Request, say: Callable[[str], None] = print) -> Outcome:
 def _reproduce(request: Request, say: Callable[[str], None], hold: Callable[[], None]) -> Outcome:
     """:func:`reproduce`'s work, once the request is checked; ``hold`` holds its folder (at
     once where it exists already)."""
-    from .report import write_report
+    from .report import aggregate, digest, write_report
 
     outcome = Outcome()
     specs = request.specs()
@@ -299,8 +299,21 @@ def _reproduce(request: Request, say: Callable[[str], None], hold: Callable[[], 
         except Exception as e:
             say(f"report not rewritten: {e}")
         raise
-    say(f"report: {write_report(request.out)}")
+    report = write_report(request.out)
+    say(_done_line(outcome))
+    requested = {spec.name for spec in specs}
+    for line in digest(aggregate([m for m in measurements if m.run in requested])):
+        say(f"  {line}")
+    say(f"report: {report}")
     return outcome
+
+
+def _done_line(outcome: Outcome) -> str:
+    """What the session did, and the heading of its digest."""
+    line = f"reproduce: {len(outcome.ran)} trained now, {len(outcome.skipped)} measured before"
+    if outcome.over_budget:
+        line += f", {len(outcome.over_budget)} over the budget (the same command runs them later)"
+    return line + "; test accuracy (%) at the best-validation epoch, mean (sd) over seeds:"
 
 
 def runs_at_once(request: Request) -> int:

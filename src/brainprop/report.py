@@ -486,6 +486,31 @@ def write_report(out: Path) -> Path:
     return out / RESULTS_MD
 
 
+def digest(results: Sequence[CellResult]) -> list[str]:
+    """The report's accuracy table in one line per row, for the end of a terminal session:
+    where the row was measured, each rule's test accuracy (%), the gap and the published
+    figure, with their verdicts."""
+    lines = []
+    for r in results:
+        where = ["test set" if r.val is None else f"{r.val:,} held out"]
+        where += [f"capped at {r.max_epochs} epochs"] * (r.max_epochs is not None)
+        rules = "; ".join(
+            f"{rule_name(rule)} {'no runs' if s is None else s.accuracy_text(s.test_acc)}"
+            for rule in (r.rule, BASELINE)
+            for s in [r.rules.get(rule)]
+        )
+        line = f"{r.label} ({'; '.join([*where, r.machine_text])}): {rules}; {_seeds(r)} seeds"
+        if r.gap is not None:
+            line += f"; gap {_gap_text(r)} pp, ≈ 0: {r.gap_verdict.text()}"
+        if r.published is not None:
+            line += (
+                f"; published {_published_acc(r.published)}, within 2 sd: "
+                f"{r.published_verdict.text()}"
+            )
+        lines.append(line)
+    return lines
+
+
 def to_json(results: Sequence[CellResult], count: int, machines: Sequence[str]) -> dict[str, Any]:
     """The report as data: every group with its machine, stats, comparisons and verdicts."""
     return {
