@@ -190,16 +190,16 @@ class FrozenLrGraph:
                 g["lr"] = lr
 
 
-def _stepper(graphed, device="cpu", new_graph=None, epsilon=0.3):
+def _stepper(graphed, device="cpu", new_graph=None, epsilon=0.3, fused=False):
     """(model, optimizer, generator, step) of the conv preset, batch 16; ``epsilon`` high, so
-    that a stale exploration draw would show."""
+    that a stale exploration draw would show; ``fused``: the head a run takes on a GPU."""
     from brainprop.objectives import make_objective
     from brainprop.step import make_optimizer, train_step
 
     model = fastpath.prepare(_model("conv").to(device), (1, 8, 8))
     optimizer = make_optimizer(model, _config(None, lr=0.05).resolve())
     generator = torch.Generator(device=device).manual_seed(0)
-    objective = make_objective("brainprop", epsilon=epsilon)
+    objective = make_objective("brainprop", epsilon=epsilon, fused=fused)
     step = partial(train_step, model, objective, optimizer, generator=generator, batch_size=16)
     if graphed:
         extra = {} if new_graph is None else {"new_graph": lambda _: new_graph(optimizer)}
@@ -361,21 +361,26 @@ def test_a_real_cuda_capture_of_item_is_refused_in_one_line_naming_its_line(tmp_
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_a_real_cuda_graph_trains_as_eager_and_explores_afresh(tiny_dataset):
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused-head", "fused-head"])
+def test_a_real_cuda_graph_trains_as_eager_and_explores_afresh(tiny_dataset, fused):
+    # Fused: the head a run on a GPU captures unless --eager; its kernels and their generators
+    # must replay inside the graph, where no fallback to the unfused head is left.
     device = torch.device("cuda")
-    runs = [_stepper(graphed, device) for graphed in (False, True)]
+    runs = [_stepper(graphed, device, fused=fused) for graphed in (False, True)]
     x = (tiny_dataset.train_x.float() / 255).to(device)
     y = tiny_dataset.train_y.to(device)
     for _ in _three_epochs(runs, x, y):
         pass
     (eager, _, eager_gen, _), (graphed, _, graphed_gen, step) = runs
     assert step.captures == 2
+    if fused and not step.plain.args[1].fused_on(device):
+        pytest.skip("the fused head fell back to the unfused one here (its warning says why)")
     for name, p in eager.state_dict().items():
         torch.testing.assert_close(p, graphed.state_dict()[name], rtol=1e-3, atol=1e-4)
     # Replays advance the registered generator as the eager steps advance theirs.
     assert torch.equal(eager_gen.get_state(), graphed_gen.get_state())
     # Exploration inside the graph draws new numbers at every replay.
-    _, optimizer, _, step = _stepper(True, device, epsilon=0.5)
+    _, optimizer, _, step = _stepper(True, device, epsilon=0.5, fused=fused)
     for g in optimizer.param_groups:
         g["lr"] = 0.0
     explored = [step(x[:16], y[:16]).explored.clone() for _ in range(40)]

@@ -563,10 +563,11 @@ class _StackedRun:
         )  # fmt: skip
         for step, (x, y) in bar:
             first_bad = tally(sums, first_bad, stack.step(x, y), y.shape[1], step)
+        # Read back before the clock stops: on a GPU the epoch's steps are still queued until
+        # something waits for them. Divided in Python's float64, as a run of its own divides.
+        totals = [[v / n for v in row] for row in sums.tolist()]
         seconds = time.perf_counter() - t0
         scores = self._scores(stack)
-        # Divided in Python's float64, as a run of its own divides its sums.
-        totals = [[v / n for v in row] for row in sums.tolist()]
         last_step = num_batches(n, b) - 1
         for g, m in enumerate(list(self.members)):
             m.trainer.memory_counted = counted
