@@ -301,19 +301,17 @@ def compare(
         gap = a.mean - b.mean
         noise = welch_limit(a, b)
         # A diverged run's accuracy is its best before the overflow: a run cut short, whose
-        # spread would widen the limit as much as it shifts the mean.
-        cut = [
-            f"{s.cut_short} {rule_name(r)} run{'s' * (s.cut_short > 1)}"
+        # spread would widen the limit as much as it shifts the mean. One that broke before
+        # its first epoch's end has none, and leaving it out would judge the survivors alone.
+        broke = [
+            f"{s.diverged} {rule_name(r)} run{'s' * (s.diverged > 1)}"
             for r, s in ((rule, compared), (BASELINE, ebp))
-            if s.cut_short
+            if s.diverged
         ]
-        if cut:
-            why = f"{' and '.join(cut)} cut short by a divergence"
-            gap_verdict = no_verdict or Verdict(None, why)
+        if broke:
+            gap_verdict = no_verdict or Verdict(None, f"{' and '.join(broke)} diverged")
         elif noise is None:
-            short = len(compared.seeds) > a.n or len(ebp.seeds) > b.n
-            some = " that finished an epoch" if short else ""
-            gap_verdict = no_verdict or Verdict(None, f"needs 2+ seeds per rule{some}")
+            gap_verdict = no_verdict or Verdict(None, "needs 2+ seeds per rule")
         elif noise == 0 and printed_gap(a, b) != 0:
             gap_verdict = no_verdict or Verdict(None, "every seed of each rule scored alike")
         else:
@@ -347,6 +345,10 @@ def compare(
             published_verdict = Verdict(None, f"no {rule_name(rule)} run")
         elif compared.test_acc is None:
             published_verdict = Verdict(None, f"{rule_name(rule)} finished no epoch")
+        elif compared.test_acc.n < len(compared.seeds):
+            # A run that broke in its first epoch reached nothing: under the published code its
+            # NaN weights would have scored near chance, and its seed's number sunk the mean.
+            published_verdict = no_verdict or Verdict(False)
         else:
             shown = Decimal(fixed(compared.test_acc.mean, 2)) - Decimal(f"{published.accuracy}")
             within = abs(shown) <= 2 * Decimal(f"{published.accuracy_sd}")
@@ -520,10 +522,11 @@ def to_json(results: Sequence[CellResult], count: int, machines: Sequence[str]) 
         "claims": {
             "accuracy": "BrainProp test accuracy equals EBP's within noise: |gap| <= gap_noise "
             "(Welch's t-test, 95 %; both as printed, two decimals; no verdict where a run "
-            "diverged after finishing an epoch)",
+            "diverged)",
             "epochs": "the 95 % interval (ratio_interval) of BrainProp/EBP epochs to the best "
             f"reaches into [{CLAIMED_RATIO[0]}, {CLAIMED_RATIO[1]}] (both as printed)",
-            "published": "BrainProp test accuracy within published mean +- 2 sd",
+            "published": "BrainProp test accuracy within published mean +- 2 sd (no where a "
+            "BrainProp run diverged in its first epoch)",
         },
         "published_source": PUBLISHED_SOURCE,
         "published": {f"{c.dataset}/{c.arch}": dataclasses.asdict(p) for c, p in PUBLISHED.items()},
@@ -756,7 +759,7 @@ def markdown(results: Sequence[CellResult], count: int, machines: Sequence[str])
         "accuracy equals EBP's (checked by Welch's t-test at 95 %: |gap| at most the 95% limit, "
         "t at Welch's degrees of freedom times the standard error of the difference, both as "
         'printed; "gap ≈ 0?" yes says the test found no gap, which with few seeds only a '
-        "large one makes; a row with a run that diverged after finishing an epoch gets no "
+        "large one makes; a row with a run that diverged gets no "
         "verdict) and that "
         f"BrainProp needs {CLAIMED_RATIO[0]:g} to {CLAIMED_RATIO[1]:g} times EBP's epochs "
         "(checked on epochs to the best: yes if the ratio's 95 % interval, by the delta method "
@@ -768,7 +771,9 @@ def markdown(results: Sequence[CellResult], count: int, machines: Sequence[str])
         '"Within 2 sd?" asks whether BrainProp\'s mean lies within the published mean +- 2 '
         "published sd, the goal of the reproduction; a run cut short by a divergence counts "
         "with the best it reached, which can only make that a no, where in the gap test its "
-        "spread would widen the limit. "
+        "spread would widen the limit, and a run that diverged in its first epoch reached "
+        "nothing, which makes it a no (under the published code its NaN weights would have "
+        "scored near chance). "
         f"Published numbers: {PUBLISHED_SOURCE}.",
     ]
     if not results:
