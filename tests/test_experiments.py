@@ -505,13 +505,15 @@ def test_a_damaged_dataset_is_named_as_damaged_before_any_run(tmp_path, mnist_ro
     assert err.count("\n") == 1 and "train-labels-idx1-ubyte" in err and "is not in" not in err
 
 
-def test_a_session_ends_with_what_it_did_and_a_line_per_row_of_its_runs(
+def test_a_session_ends_with_what_it_did_and_the_report_rows_of_its_runs(
     tmp_path, mnist_root, monkeypatch
 ):
     monkeypatch.setattr(ex, "_train", _fake_train([]))
     here = ex.this_machine("cpu")
-    # EBP measured before, and a cell of another request, which the digest leaves out.
+    # Measured before: EBP seed 0, BrainProp seed 3 of the same row (which this request does
+    # not ask for, yet its row shows, as the report does) and a cell of another request.
     write_measurement(tmp_path, RunSpec(DENSE, "ebp", 0), here, test_acc=0.9)
+    write_measurement(tmp_path, RunSpec(DENSE, "brainprop", 3), here, test_acc=0.6)
     write_measurement(tmp_path, RunSpec(CONV, "ebp", 0), here, test_acc=0.99)
     request = Request(
         cells=(DENSE,), seeds=1, out=tmp_path, data_dir=str(mnist_root), device="cpu",
@@ -520,10 +522,10 @@ def test_a_session_ends_with_what_it_did_and_a_line_per_row_of_its_runs(
     lines: list[str] = []
     reproduce(request, say=lines.append)
     assert lines[-3:] == [
-        "reproduce: 1 trained now, 1 measured before; test accuracy (%) at the best-validation "
-        "epoch, mean (sd) over seeds:",
-        f"  MNIST dense (test set; {here}): BrainProp 50.00; EBP 90.00; 1 / 1 seeds; gap -40.00 "
-        "pp, ≈ 0: – (needs 2+ seeds per rule); published 98.68 (0.07), within 2 sd: no",
+        "reproduce: 1 trained now, 1 measured before; the report's rows of these runs (every "
+        "seed of each), test accuracy (%) at the best-validation epoch, mean (sd) over seeds:",
+        f"  MNIST dense (test set; {here}): BrainProp 55.00 (7.07); EBP 90.00; 2 / 1 seeds; gap "
+        "-35.00 pp, ≈ 0: – (needs 2+ seeds per rule); published 98.68 (0.07), within 2 sd: no",
         f"report: {tmp_path / report.RESULTS_MD}",
     ]
     lines.clear()
@@ -531,8 +533,19 @@ def test_a_session_ends_with_what_it_did_and_a_line_per_row_of_its_runs(
     reproduce(replace(request, seeds=2, budget_minutes=1.0), say=lines.append)
     assert lines[-3].startswith(
         "reproduce: 0 trained now, 2 measured before, 2 over the budget (the same command "
-        "runs them later); test accuracy"
+        "runs them later); the report's rows"
     )
+    lines.clear()
+    # Nothing of this request measured: no rows, and no heading for them.
+    loccon = Cell("mnist", "loccon")
+    write_measurement(tmp_path, RunSpec(loccon, "ebp", 0), here, test_acc=0.99, epochs_run=500)
+    reproduce(replace(request, cells=(loccon,), rules=("brainprop",), budget_minutes=1.0),
+              say=lines.append)  # fmt: skip
+    assert lines[-2:] == [
+        "reproduce: 0 trained now, 0 measured before, 1 over the budget (the same command runs "
+        "them later)",
+        f"report: {tmp_path / report.RESULTS_MD}",
+    ]
 
 
 def test_finished_runs_are_skipped_and_an_interrupted_run_resumes(tmp_path, mnist_root, no_plots):

@@ -747,7 +747,30 @@ def test_a_brainprop_run_that_diverged_in_its_first_epoch_misses_the_published_b
     assert r.rules["brainprop"].accuracy_text(r.rules["brainprop"].test_acc) == (
         "99.30 (0.01), 1 of 3 diverged"
     )  # inside the published 99.31 (0.04) +- 2 sd
-    assert r.published_verdict.agrees is False
+    assert r.published_verdict.text() == "no (1 BrainProp run diverged in the first epoch)"
+    # Every run so: still a no, not a row without a verdict.
+    _diverge_in_epoch_1(tmp_path, "brainprop", {0, 1})
+    [r] = aggregate(load_measurements(tmp_path))
+    assert r.published_verdict.text() == "no (3 BrainProp runs diverged in the first epoch)"
+
+
+def test_a_run_that_diverged_late_counts_with_its_best_and_a_cap_judges_nothing(tmp_path):
+    _cell_runs(tmp_path, CONV, GPU, [0.9931, 0.9929], [0.993, 0.994], [60, 70], [30, 40])
+    [bp] = [m for m in load_measurements(tmp_path) if m.rule == "brainprop" and m.seed == 1]
+    d = json.loads(bp.path.read_text())
+    d["summary"].update(stop_reason=f"{DIVERGED} loss at epoch 90, step 3")
+    bp.path.write_text(json.dumps(d))
+    [r] = aggregate(load_measurements(tmp_path))
+    assert r.rules["brainprop"].diverged == 1 and r.published_verdict.text() == "yes"
+    capped = tmp_path / "capped"
+    _cell_runs(capped, CONV, GPU, [0.9931, 0], [0.993, 0.994], [2, 1], [2, 2], max_epochs=2)
+    _diverge_in_epoch_1(capped, "brainprop", {1})
+    [ebp] = [m for m in load_measurements(capped) if m.rule == "ebp" and m.seed == 0]
+    d = json.loads(ebp.path.read_text())
+    d["summary"].update(stop_reason="max epochs", epochs_run=2)
+    ebp.path.write_text(json.dumps(d))
+    [r] = aggregate(load_measurements(capped))
+    assert r.published_verdict.text() == "– (capped at 2 epochs)"
 
 
 def test_a_rule_whose_runs_all_finished_no_epoch_has_no_total_time(tmp_path):

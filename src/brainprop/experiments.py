@@ -252,7 +252,7 @@ def reproduce(request: Request, say: Callable[[str], None] = print) -> Outcome:
 def _reproduce(request: Request, say: Callable[[str], None], hold: Callable[[], None]) -> Outcome:
     """:func:`reproduce`'s work, once the request is checked; ``hold`` holds its folder (at
     once where it exists already)."""
-    from .report import aggregate, digest, write_report
+    from .report import digest, write_report
 
     outcome = Outcome()
     specs = request.specs()
@@ -300,20 +300,25 @@ def _reproduce(request: Request, say: Callable[[str], None], hold: Callable[[], 
             say(f"report not rewritten: {e}")
         raise
     report = write_report(request.out)
-    say(_done_line(outcome))
-    requested = {spec.name for spec in specs}
-    for line in digest(aggregate([m for m in measurements if m.run in requested])):
+    rows = digest(measurements, {spec.name for spec in specs})
+    say(_done_line(outcome, bool(rows)))
+    for line in rows:
         say(f"  {line}")
     say(f"report: {report}")
     return outcome
 
 
-def _done_line(outcome: Outcome) -> str:
-    """What the session did, and the heading of its digest."""
+def _done_line(outcome: Outcome, rows: bool) -> str:
+    """What the session did, and the heading of its digest where it has ``rows``."""
     line = f"reproduce: {len(outcome.ran)} trained now, {len(outcome.skipped)} measured before"
     if outcome.over_budget:
         line += f", {len(outcome.over_budget)} over the budget (the same command runs them later)"
-    return line + "; test accuracy (%) at the best-validation epoch, mean (sd) over seeds:"
+    if rows:
+        line += (
+            "; the report's rows of these runs (every seed of each), test accuracy (%) at the "
+            "best-validation epoch, mean (sd) over seeds:"
+        )
+    return line
 
 
 def runs_at_once(request: Request) -> int:

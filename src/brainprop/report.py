@@ -18,14 +18,16 @@ The paper's claims checked per cell:
 
 - accuracy: BrainProp equals EBP within noise: Welch's t-test of the two means at 95 %, i.e.
   |gap| <= t(0.975, Welch's degrees of freedom) x the standard error of the difference (needs
-  2+ seeds per rule, none cut short by a divergence; with the paper's 10 seeds that t is about
+  2+ seeds per rule, none diverged; with the paper's 10 seeds that t is about
   2.1, with 2 or 3 it is 2.8 to 12.7). A pass says the test found no gap, not that there is
   none: with few seeds only a large one counts, and each row's limit is shown beside it;
 - speed: BrainProp needs 1 to 3.5 times EBP's epochs, compared on epochs to the best
   validation accuracy: the 95 % interval of the ratio of the means (:func:`ratio_interval`)
   must reach into 1 to 3.5 (needs 2+ seeds per rule). As with the gap, a pass says the runs do
   not contradict the claim; with few seeds the interval is wide;
-- the goal of the reproduction: BrainProp within the published mean +- 2 published sd.
+- the goal of the reproduction: BrainProp within the published mean +- 2 published sd; a
+  run that diverged counts with the best it reached, and one that diverged in its first epoch,
+  which reached nothing, makes it a no.
 
 Verdicts compare the numbers as printed (two decimals), so that a reader can check each from
 the table and none contradicts the figures beside it.
@@ -156,7 +158,8 @@ class RuleStats:
 
 @dataclass(frozen=True)
 class Verdict:
-    """Whether a claim holds: True, False, or None with the reason it cannot be told."""
+    """Whether a claim holds: True, False, or None; ``why``: the reason it cannot be told, or
+    one a bare yes or no beside the figures would not show."""
 
     agrees: bool | None
     why: str = ""
@@ -164,7 +167,8 @@ class Verdict:
     def text(self) -> str:
         if self.agrees is None:
             return f"– ({self.why})"
-        return "yes" if self.agrees else "no"
+        word = "yes" if self.agrees else "no"
+        return f"{word} ({self.why})" if self.why else word
 
 
 @dataclass(frozen=True)
@@ -341,14 +345,15 @@ def compare(
     published = PUBLISHED.get(cell)
     published_verdict = Verdict(None, "no published number")
     if published is not None:
+        finished = compared.test_acc.n if compared and compared.test_acc else 0
         if compared is None:
             published_verdict = Verdict(None, f"no {rule_name(rule)} run")
-        elif compared.test_acc is None:
-            published_verdict = Verdict(None, f"{rule_name(rule)} finished no epoch")
-        elif compared.test_acc.n < len(compared.seeds):
+        elif finished < len(compared.seeds):
             # A run that broke in its first epoch reached nothing: under the published code its
             # NaN weights would have scored near chance, and its seed's number sunk the mean.
-            published_verdict = no_verdict or Verdict(False)
+            broke = len(compared.seeds) - finished
+            why = f"{broke} {rule_name(rule)} run{'s' * (broke > 1)} diverged in the first epoch"
+            published_verdict = no_verdict or Verdict(False, why)
         else:
             shown = Decimal(fixed(compared.test_acc.mean, 2)) - Decimal(f"{published.accuracy}")
             within = abs(shown) <= 2 * Decimal(f"{published.accuracy_sd}")
@@ -429,17 +434,24 @@ def printed_gap(a: Stat, b: Stat) -> Decimal:
     return Decimal(fixed(a.mean, 2)) - Decimal(fixed(b.mean, 2))
 
 
+_Key = tuple[Cell, int | None, int | None, str, str, str]
+
+
+def _group(m: Measurement) -> _Key:
+    """The report row ``m`` belongs to, as :func:`aggregate` groups (before splitting by rule)."""
+    return (m.cell, m.val, m.max_epochs, m.numerics, m.preset, m.feedback)
+
+
 def aggregate(measurements: Sequence[Measurement]) -> list[CellResult]:
     """One :class:`CellResult` per (cell, validation, epoch cap, machine and precision, preset,
     feedback pathway) and rule compared with EBP (BrainProp's, then one per rule of one's own
     that ran there), in matrix order (test-set validation first, the paper's settings and
     feedback first, uncapped before capped)."""
-    Key = tuple[Cell, int | None, int | None, str, str, str]
-    groups: dict[Key, list[Measurement]] = defaultdict(list)
+    groups: dict[_Key, list[Measurement]] = defaultdict(list)
     for m in measurements:
-        groups[(m.cell, m.val, m.max_epochs, m.numerics, m.preset, m.feedback)].append(m)
+        groups[_group(m)].append(m)
 
-    def order(key: Key) -> tuple[Any, ...]:
+    def order(key: _Key) -> tuple[Any, ...]:
         cell, val, cap, machine, preset, feedback = key
         rank = MATRIX.index(cell) if cell in MATRIX else len(MATRIX)
         return (val or 0, rank, cell, preset != PAPER_PRESET, preset,
@@ -488,14 +500,16 @@ def write_report(out: Path) -> Path:
     return out / RESULTS_MD
 
 
-def digest(results: Sequence[CellResult]) -> list[str]:
-    """The report's accuracy table in one line per row, for the end of a terminal session:
-    where the row was measured, each rule's test accuracy (%), the gap and the published
-    figure, with their verdicts."""
+def digest(measurements: Sequence[Measurement], runs: set[str]) -> list[str]:
+    """The report's accuracy rows that hold any of ``runs``, one line each, for the end of a
+    terminal session: where the row was measured, each rule's test accuracy (%), the gap and
+    the published figure, with their verdicts, all as the report has them (every seed of the
+    row, whichever session measured it)."""
+    rows = {_group(m) for m in measurements if m.run in runs}
     lines = []
-    for r in results:
+    for r in aggregate([m for m in measurements if _group(m) in rows]):
         where = ["test set" if r.val is None else f"{r.val:,} held out"]
-        where += [f"capped at {r.max_epochs} epochs"] * (r.max_epochs is not None)
+        where += [f"capped at {epochs_phrase(r.max_epochs)}"] * (r.max_epochs is not None)
         rules = "; ".join(
             f"{rule_name(rule)} {'no runs' if s is None else s.accuracy_text(s.test_acc)}"
             for rule in (r.rule, BASELINE)
@@ -525,8 +539,8 @@ def to_json(results: Sequence[CellResult], count: int, machines: Sequence[str]) 
             "diverged)",
             "epochs": "the 95 % interval (ratio_interval) of BrainProp/EBP epochs to the best "
             f"reaches into [{CLAIMED_RATIO[0]}, {CLAIMED_RATIO[1]}] (both as printed)",
-            "published": "BrainProp test accuracy within published mean +- 2 sd (no where a "
-            "BrainProp run diverged in its first epoch)",
+            "published": "BrainProp test accuracy within published mean +- 2 sd (false where "
+            "a BrainProp run diverged in its first epoch)",
         },
         "published_source": PUBLISHED_SOURCE,
         "published": {f"{c.dataset}/{c.arch}": dataclasses.asdict(p) for c, p in PUBLISHED.items()},
