@@ -773,6 +773,56 @@ def test_a_run_that_diverged_late_counts_with_its_best_and_a_cap_judges_nothing(
     assert r.published_verdict.text() == "– (capped at 2 epochs)"
 
 
+def test_a_run_that_learned_nothing_is_named_and_leaves_the_gap_unjudged(tmp_path):
+    """EBP seed 2 early-stopped at 9.80 %, a guess on MNIST (its ReLUs died, say): in the mean
+    it would widen the Welch limit so far that a 30-point gap passed as noise, and its best
+    epoch, the first, says nothing about how fast EBP learns."""
+    _cell_runs(tmp_path, CONV, GPU, [0.993, 0.992, 0.994], [0.991, 0.990, 0.098],
+               [60, 70, 80], [30, 40, 1])  # fmt: skip
+    [r] = aggregate(load_measurements(tmp_path))
+    ebp = r.rules["ebp"]
+    assert ebp.unlearned == 1 and ebp.diverged == 0 and ebp.test_acc.n == 3
+    assert abs(r.gap) < r.gap_noise  # what the test would have called noise
+    assert ebp.accuracy_text(ebp.test_acc) == f"{ebp.test_acc.text()}, 1 of 3 did not learn"
+    assert r.gap_verdict.text() == "– (1 EBP run did not learn)"
+    assert ebp.epochs_to_best.n == ebp.epochs_to_stop.n == 2
+    assert ebp.epochs_text(ebp.epochs_to_best) == "35.0 (7.1), 1 of 3 did not learn, not counted"
+    assert r.ratio == pytest.approx(70 / 35) and r.ratio_verdict.text() == "yes"
+    report = write_report(tmp_path).read_text()
+    assert "| 35.0 (7.1), 1 of 3 did not learn, not counted |" in report
+    assert (
+        json.loads((tmp_path / RESULTS_JSON).read_text())["cells"][0]["rules"]["ebp"]["unlearned"]
+        == 1
+    )
+    # Beside a divergence each failure is named; with no EBP run left to count, the ratio says
+    # why in both words.
+    _diverge_in_epoch_1(tmp_path, "ebp", {0, 1})
+    [r] = aggregate(load_measurements(tmp_path))
+    assert r.gap_verdict.text() == "– (2 EBP runs diverged; 1 EBP run did not learn)"
+    assert r.ratio_verdict.text() == "– (every run of EBP diverged or did not learn)"
+
+
+def test_a_run_did_not_learn_only_if_early_stopping_found_it_at_chance(tmp_path):
+    """At most 1.5 times a uniform guess, 1 / classes: 15 % on MNIST, 1.5 % on CIFAR-100."""
+    cifar100 = Cell("cifar100", "conv")
+    _cell_runs(tmp_path, CONV, GPU, [0.15, 0.1501], [0.99, 0.99], [1, 5], [30, 40])
+    _cell_runs(tmp_path, cifar100, GPU, [0.098, 0.015], [0.6, 0.6], [3, 1], [30, 40])
+    capped = tmp_path / "capped"
+    _cell_runs(capped, CONV, GPU, [0.098, 0.098], [0.99, 0.99], [1, 1], [1, 1], max_epochs=1)
+    for m in load_measurements(capped):
+        d = json.loads(m.path.read_text())
+        d["summary"].update(stop_reason="max epochs", epochs_run=1)
+        m.path.write_text(json.dumps(d))
+    [mnist, c100] = aggregate(load_measurements(tmp_path))
+    assert (mnist.cell, c100.cell) == (CONV, cifar100)
+    assert mnist.rules["brainprop"].unlearned == 1 and c100.rules["brainprop"].unlearned == 1
+    assert c100.rules["brainprop"].accuracy_text(c100.rules["brainprop"].test_acc) == (
+        "5.65 (5.87), 1 of 2 did not learn"
+    )
+    [r] = aggregate(load_measurements(capped))
+    assert r.rules["brainprop"].unlearned == 0
+
+
 def test_a_rule_whose_runs_all_finished_no_epoch_has_no_total_time(tmp_path):
     _cell_runs(tmp_path, CONV, GPU, [0.993], [0], [60], [1])
     _diverge_in_epoch_1(tmp_path, "ebp", {0})

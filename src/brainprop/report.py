@@ -53,6 +53,7 @@ from statistics import fmean, stdev
 from typing import Any
 
 from . import studentt
+from .data.catalog import CATALOG
 from .errors import BrainPropError
 from .files import atomic_write, atomic_write_json, atomic_write_text, make_folder
 from .matrix import (
@@ -84,6 +85,24 @@ PAPER_RULE, BASELINE = RULE_ORDER
 def rule_name(rule: str) -> str:
     """``rule`` as the report names it."""
     return RULE_NAMES.get(rule, rule)
+
+
+#: A run that early-stopped with its best validation accuracy at most this many times a
+#: uniform guess's (1 / classes) learned nothing, e.g. a network whose ReLUs all died in its
+#: first steps. The factor clears a constant guess of the most common class on every dataset
+#: of the catalog (MNIST's digit 1 is 11.35 % of its test set, under 1.5 x 10 %) and lies far
+#: below anything that learned for an epoch (MNIST dense at the paper's slow settings: 17 %).
+CHANCE_FACTOR = 1.5
+
+
+def did_not_learn(m: Measurement) -> bool:
+    """Whether ``m`` stopped because it stopped improving while its best was still at chance
+    (see :data:`CHANCE_FACTOR`). Only early stopping counts: a run at a ``--max-epochs`` cap
+    may have been stopped before it could learn, and a divergence is counted as one."""
+    official = CATALOG.get(m.cell.dataset)
+    if official is None or m.summary.get("stop_reason") != EARLY_STOPPING:
+        return False
+    return m.summary["best_val_acc"] <= CHANCE_FACTOR / official.format.classes
 
 
 @dataclass(frozen=True)
@@ -123,6 +142,8 @@ class RuleStats:
     graph_s_per_epoch: Stat | None = None
     #: How many runs in the accuracies diverged: they finished an epoch, then broke.
     cut_short: int = 0
+    #: How many runs in the accuracies did not learn (:func:`did_not_learn`).
+    unlearned: int = 0
 
     def s_per_epoch_text(self) -> str:
         """E.g. ``"1.2"``, ``"0.5 (graph)"`` or ``"1.2; 0.5 (graph)"``."""
@@ -137,18 +158,26 @@ class RuleStats:
         """How many of the runs ended on a NaN or inf loss or weight."""
         return sum(n for why, n in self.stop_reasons.items() if why.startswith(DIVERGED))
 
+    def failures(self) -> list[str]:
+        """E.g. ``["2 of 4 diverged", "1 of 4 did not learn"]``; empty where no run failed."""
+        n = len(self.seeds)
+        return [
+            f"{k} of {n} {what}"
+            for k, what in ((self.diverged, "diverged"), (self.unlearned, "did not learn"))
+            if k
+        ]
+
     def accuracy_text(self, stat: Stat | None) -> str:
-        """``stat`` (one of the accuracies), with how many runs diverged where any did."""
-        if not self.diverged:
-            return _stat(stat)
-        share = f"{self.diverged} of {len(self.seeds)}"
-        return f"diverged ({share})" if stat is None else f"{_stat(stat)}, {share} diverged"
+        """``stat`` (one of the accuracies), with how many runs failed where any did."""
+        if stat is None and self.diverged:
+            return f"diverged ({self.diverged} of {len(self.seeds)})"
+        return ", ".join([_stat(stat), *self.failures()])
 
     def epochs_text(self, stat: Stat | None) -> str:
-        """``stat`` (one of the epoch counts), saying which diverged runs it leaves out."""
-        if not self.diverged:
+        """``stat`` (one of the epoch counts), saying which failed runs it leaves out."""
+        if not self.failures():
             return _stat(stat, 1)
-        left_out = f"{self.diverged} of {len(self.seeds)} diverged, not counted"
+        left_out = f"{', '.join(self.failures())}, not counted"
         return left_out if stat is None else f"{_stat(stat, 1)}, {left_out}"
 
     def duration_text(self) -> str:
@@ -237,9 +266,13 @@ def rule_stats(runs: Sequence[Measurement]) -> RuleStats:
     # Runs that finished no epoch are counted as diverged, not as runs of length 0.
     done = [m for m in runs if "best_val_acc" in m.summary]
     # A divergence also cuts a run's epochs short: they say when it broke, not how long it
-    # took to learn, so the epoch counts (and the epoch-ratio claim) leave such runs out.
-    # Their accuracies stay: the best epoch before the overflow is what early stopping keeps.
-    whole = [m for m in done if not m.summary.get("stop_reason", "").startswith(DIVERGED)]
+    # took to learn, so the epoch counts (and the epoch-ratio claim) leave such runs out, as
+    # they do runs that never learned. Their accuracies stay: the best epoch before the
+    # overflow is what early stopping keeps, and chance is what a run that learned nothing
+    # scores.
+    cut = [m for m in done if m.summary.get("stop_reason", "").startswith(DIVERGED)]
+    unlearned = [m for m in done if did_not_learn(m)]
+    whole = [m for m in done if m not in cut and m not in unlearned]
 
     def s_per_epoch(graphed: bool) -> Stat | None:
         return Stat.of(
@@ -256,7 +289,8 @@ def rule_stats(runs: Sequence[Measurement]) -> RuleStats:
         total_seconds=sum(m.summary.get("total_seconds", 0.0) * m.device_share for m in done),
         stop_reasons=dict(Counter(m.summary.get("stop_reason", "?") for m in runs)),
         graph_s_per_epoch=s_per_epoch(graphed=True),
-        cut_short=len(done) - len(whole),
+        cut_short=len(cut),
+        unlearned=len(unlearned),
     )
 
 
@@ -307,13 +341,10 @@ def compare(
         # A diverged run's accuracy is its best before the overflow: a run cut short, whose
         # spread would widen the limit as much as it shifts the mean. One that broke before
         # its first epoch's end has none, and leaving it out would judge the survivors alone.
-        broke = [
-            f"{s.diverged} {rule_name(r)} run{'s' * (s.diverged > 1)}"
-            for r, s in ((rule, compared), (BASELINE, ebp))
-            if s.diverged
-        ]
-        if broke:
-            gap_verdict = no_verdict or Verdict(None, f"{' and '.join(broke)} diverged")
+        # A run at chance would widen the limit so far that any gap passed as noise.
+        failed = _failed_runs(((rule, compared), (BASELINE, ebp)))
+        if failed:
+            gap_verdict = no_verdict or Verdict(None, failed)
         elif noise is None:
             gap_verdict = no_verdict or Verdict(None, "needs 2+ seeds per rule")
         elif noise == 0 and printed_gap(a, b) != 0:
@@ -326,10 +357,12 @@ def compare(
     ratio_verdict = unpaired
     if compared and ebp and compared.test_acc and ebp.test_acc:
         pairs = ((rule, compared), (BASELINE, ebp))
-        broke = [rule_name(r) for r, s in pairs if s.diverged]
+        diverged = any(s.diverged for _, s in pairs)
+        unlearned = any(s.unlearned for _, s in pairs)
+        how = " or ".join(["diverged"] * diverged + ["did not learn"] * unlearned)
         if not (compared.epochs_to_best and ebp.epochs_to_best):
             gone = [rule_name(r) for r, s in pairs if not s.epochs_to_best]
-            ratio_verdict = Verdict(None, f"every run of {' and '.join(gone)} diverged")
+            ratio_verdict = Verdict(None, f"every run of {' and '.join(gone)} {how}")
         else:
             ratio = compared.epochs_to_best.mean / ebp.epochs_to_best.mean
             interval = ratio_interval(compared.epochs_to_best, ebp.epochs_to_best)
@@ -339,7 +372,7 @@ def compare(
                 overlap = low <= claimed_high and high >= claimed_low
                 ratio_verdict = no_verdict or Verdict(overlap)
             else:
-                whole = " that did not diverge" if broke else ""
+                whole = f", not counting runs that {how}" if how else ""
                 ratio_verdict = no_verdict or Verdict(None, f"needs 2+ seeds per rule{whole}")
 
     published = PUBLISHED.get(cell)
@@ -365,6 +398,17 @@ def compare(
         any(m.bf16 for m in runs), any(m.cuda_graph for m in runs), _graphed(runs), rule,
         any(m.tf32 for m in runs), beyond,
     )  # fmt: skip
+
+
+def _failed_runs(pairs: Sequence[tuple[str, RuleStats]]) -> str:
+    """E.g. "1 BrainProp run and 2 EBP runs diverged; 1 EBP run did not learn": the runs of
+    each rule that failed, by how; empty where none did."""
+    parts = []
+    for how, field in (("diverged", "diverged"), ("did not learn", "unlearned")):
+        counts = [(r, getattr(s, field)) for r, s in pairs]
+        runs = [f"{n} {rule_name(r)} run{'s' * (n > 1)}" for r, n in counts if n]
+        parts += [f"{' and '.join(runs)} {how}"] * bool(runs)
+    return "; ".join(parts)
 
 
 def _sharing(runs: Sequence[Measurement]) -> str:
@@ -530,13 +574,13 @@ def digest(measurements: Sequence[Measurement], runs: set[str]) -> list[str]:
 def to_json(results: Sequence[CellResult], count: int, machines: Sequence[str]) -> dict[str, Any]:
     """The report as data: every group with its machine, stats, comparisons and verdicts."""
     return {
-        "format": "brainprop-results-7",
+        "format": "brainprop-results-8",
         "measurements": count,
         "machines": list(machines),
         "claims": {
             "accuracy": "BrainProp test accuracy equals EBP's within noise: |gap| <= gap_noise "
             "(Welch's t-test, 95 %; both as printed, two decimals; no verdict where a run "
-            "diverged)",
+            "diverged or did not learn)",
             "epochs": "the 95 % interval (ratio_interval) of BrainProp/EBP epochs to the best "
             f"reaches into [{CLAIMED_RATIO[0]}, {CLAIMED_RATIO[1]}] (both as printed)",
             "published": "BrainProp test accuracy within published mean +- 2 sd (false where "
@@ -773,14 +817,18 @@ def markdown(results: Sequence[CellResult], count: int, machines: Sequence[str])
         "accuracy equals EBP's (checked by Welch's t-test at 95 %: |gap| at most the 95% limit, "
         "t at Welch's degrees of freedom times the standard error of the difference, both as "
         'printed; "gap ≈ 0?" yes says the test found no gap, which with few seeds only a '
-        "large one makes; a row with a run that diverged gets no "
+        "large one makes; a row with a run that diverged, or that did not learn, gets no "
         "verdict) and that "
         f"BrainProp needs {CLAIMED_RATIO[0]:g} to {CLAIMED_RATIO[1]:g} times EBP's epochs "
         "(checked on epochs to the best: yes if the ratio's 95 % interval, by the delta method "
         "on its log with Welch's degrees of freedom, reaches into that range, so that with few "
         "seeds only a ratio far outside it makes a no). Epoch counts leave out runs that "
-        "diverged: their epochs end at the overflow, not by early stopping. A row with an "
-        "epoch cap other than the paper's 500 gets no verdict if any of its runs stopped at "
+        "diverged, whose epochs end at the overflow, not by early stopping, and runs that did "
+        "not learn: those that early-stopped with their best validation accuracy at most "
+        f"{CHANCE_FACTOR:g} times a uniform guess's (1 / classes), whose best epoch says "
+        "nothing about how fast the rule learns; their accuracies stay in the means. "
+        "A row with an epoch cap other than the paper's 500 gets no verdict if any of its runs "
+        "stopped at "
         "that cap instead of by early stopping, or (above 500) found its best after epoch 500. "
         '"Within 2 sd?" asks whether BrainProp\'s mean lies within the published mean +- 2 '
         "published sd, the goal of the reproduction; a run cut short by a divergence counts "
