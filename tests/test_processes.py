@@ -12,6 +12,7 @@ import time
 import pytest
 
 from brainprop import processes
+from brainprop.signals import RELAY
 
 
 class _Writes(io.StringIO):
@@ -51,7 +52,7 @@ def test_workers_can_be_started_from_another_thread():
 
     def start() -> None:
         try:
-            with processes.sigint_ignored():
+            with processes.worker_signals():
                 pass
         except BaseException as e:  # any failure is the finding
             failed.append(e)
@@ -104,3 +105,84 @@ def test_a_worker_gets_the_stop_when_its_parent_is_killed(tmp_path):
     if not (tmp_path / "stopped").exists():
         os.kill(child, signal.SIGKILL)
     assert (tmp_path / "stopped").read_text() == "checkpointed"
+
+
+_SPAWN = """
+import multiprocessing, signal
+from brainprop import processes
+
+def child(send):
+    send.send(sorted(signal.pthread_sigmask(signal.SIG_BLOCK, [])))
+
+if __name__ == "__main__":
+    ctx = multiprocessing.get_context("spawn")
+    receive, send = ctx.Pipe(duplex=False)  # as experiments does: a Queue starts the tracker
+    with processes.worker_signals():
+        ctx.Process(target=child, args=(send,)).start()
+    print(*(s.name for s in receive.recv()))
+"""
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="POSIX signal masks")
+def test_the_first_worker_a_process_spawns_starts_with_its_stops_blocked(tmp_path):
+    """multiprocessing's resource tracker, started with a process's first child, unblocked
+    SIGTERM on its way out, so the first worker of a session could still be killed by one."""
+    script = tmp_path / "spawn.py"  # spawn imports the main module again: it needs a file
+    script.write_text(_SPAWN)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert set(out.stdout.split()) >= {RELAY.name, "SIGTERM"}, out.stderr
+
+
+_SLOW_START = """
+import os, signal, sys, time
+from brainprop.signals import RELAY, Interrupted, hold_stops, quit_on_signals, stop_on_signals
+
+time.sleep(float(sys.argv[1]))  # a worker still importing torch when it is stopped
+hold_stops()
+if sys.argv[2] == "between":  # a stop after one handler and before the next
+    with stop_on_signals():
+        pass
+    os.kill(os.getpid(), RELAY)
+    time.sleep(0.2)
+if sys.argv[2] == "train":
+    with stop_on_signals() as stop:
+        print(f"stopped by {stop.name}")
+else:
+    try:
+        with quit_on_signals("before its training began"):
+            time.sleep(60)  # loading its dataset
+    except Interrupted as e:
+        print(e, e.exit_status)
+masked = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+print("blocked" if {RELAY, signal.SIGTERM} & masked else "free")
+"""
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="POSIX signal masks")
+@pytest.mark.parametrize(
+    ("sent", "stage", "says"),
+    [
+        (RELAY, "train", f"stopped by {RELAY.name}"),
+        (signal.SIGTERM, "train", "stopped by SIGTERM"),
+        (RELAY, "load", f"stopped by {RELAY.name} before its training began {128 + RELAY}"),
+        (signal.SIGTERM, "load", "stopped by SIGTERM before its training began 143"),
+        (None, "between", f"stopped by {RELAY.name} before its training began {128 + RELAY}"),
+    ],
+)
+def test_a_stop_while_a_worker_starts_or_between_its_handlers_is_held_for_the_next(
+    sent, stage, says
+):
+    """A stop before a worker's first handler (it imports torch for seconds) killed it by the
+    signal's default action, and a scheduler's SIGTERM made its run read as failed; one between
+    two handlers did the same. Now each is held: training's handler stops the run, and the one
+    around loading the dataset ends the worker at once, as a stop."""
+    with processes.worker_signals():
+        child = subprocess.Popen(
+            [sys.executable, "-c", _SLOW_START, "1", stage], stdout=subprocess.PIPE, text=True
+        )
+    if sent is not None:
+        os.kill(child.pid, sent)
+    out, _ = child.communicate(timeout=120)
+    assert (child.returncode, out.split("\n")) == (0, [says, "free", ""])
+    # The parent's mask is back.
+    assert not {RELAY, signal.SIGTERM} & signal.pthread_sigmask(signal.SIG_BLOCK, [])

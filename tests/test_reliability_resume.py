@@ -343,6 +343,27 @@ def test_a_relay_is_a_first_stop_and_never_a_second_signal(monkeypatch) -> None:
     assert stop.again == signal.SIGTERM
 
 
+def test_a_stop_before_training_quits_at_once_as_a_stop() -> None:
+    """A reproduce worker loading its dataset has nothing to save: a stop ends it at once, with
+    the signal's exit status (which its parent reads as a stop, not a failure); an ignored
+    SIGINT stays ignored, and the handlers are restored after."""
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signals.RELAY)}
+    for signum in (signal.SIGTERM, signals.RELAY):
+        with (
+            pytest.raises(Interrupted, match="^stopped by SIG\\w+ while loading$") as info,
+            signals.quit_on_signals("while loading"),
+        ):
+            signal.raise_signal(signum)
+        assert info.value.exit_status == 128 + signum
+    assert {s: signal.getsignal(s) for s in before} == before
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with signals.quit_on_signals("while loading"):
+            signal.raise_signal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_a_sigterm_soon_after_the_first_is_the_same_stop(monkeypatch) -> None:
     """A scheduler sends SIGTERM to every process of a job, torchrun among them, which passes
     its own on to its workers at once: each worker gets two, and the second quit it without its

@@ -722,11 +722,13 @@ def _worker(
     """Body of a worker process: import the parent's plugins (its registrations are not
     inherited by a spawned process), train one job, report an error through ``conn``.
 
-    The worker ignores SIGINT (:func:`~brainprop.processes.sigint_ignored`) and leaves the
+    The worker ignores SIGINT (:func:`~brainprop.processes.worker_signals`) and leaves the
     terminal's process group, so Ctrl-C reaches the parent only, which passes the stop on
     (:data:`~brainprop.signals.RELAY`, which a scheduler's own SIGTERM to the worker does not
-    turn into a second signal).
+    turn into a second signal). A stop that comes while it starts, loads or is between runs is
+    held for its next run (:func:`~brainprop.signals.hold_stops`), never its death.
     """
+    signals.hold_stops()  # first: a stop may have come while this process started
     import torch
 
     from .data import load_dataset
@@ -741,8 +743,12 @@ def _worker(
     processes.tag_stderr(_tag([spec.name for spec in job]))
     status = 0
     try:
-        plugins.load_all(plugin_specs)
-        _train(job, request, load_dataset(job[0].cell.dataset, request.data_dir), tagged=True)
+        # A stop passed on before training can checkpoint (loading Tiny ImageNet the first time
+        # takes a minute) ends the worker at once: it has nothing to save.
+        with signals.quit_on_signals("before its training began"):
+            plugins.load_all(plugin_specs)
+            dataset = load_dataset(job[0].cell.dataset, request.data_dir)
+        _train(job, request, dataset, tagged=True)
     except signals.Interrupted as e:
         status = e.exit_status
     except BrainPropError as e:
@@ -866,7 +872,7 @@ class _Workers:
             args=(job, self.request, self.threads, send, os.getpid(), plugins.loaded()),
             name=job[0].name,
         )
-        with processes.sigint_ignored():
+        with processes.worker_signals():
             proc.start()
         send.close()
         self.running[proc.sentinel] = (job, proc, receive)

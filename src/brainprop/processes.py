@@ -1,5 +1,6 @@
 """A child process that shares the terminal with others, as ``reproduce --jobs`` starts them:
-its lines tagged with whose they are, its death with its parent, and no SIGINT from its start.
+its lines tagged with whose they are, its death with its parent, no SIGINT from its start, and
+no stop lost before it can take one.
 
 Nothing here knows about training: :mod:`brainprop.experiments` runs its worker processes with
 these.
@@ -121,19 +122,43 @@ def error_sent(receive: Connection) -> str | None:
 
 
 @contextlib.contextmanager
-def sigint_ignored() -> Iterator[None]:
-    """Processes started within the block ignore SIGINT for good (an ignored signal stays
-    ignored through exec, and training keeps it so): a worker is in the terminal's process group
-    until it has imported torch and left it, and a Ctrl-C there killed it with a traceback while
-    the parent was stopping it properly. The parent's handler is back right after the start; a
-    Ctrl-C in those milliseconds is lost."""
-    if threading.current_thread() is not threading.main_thread():
-        # Python installs handlers in the main thread only; a reproduce run from another
-        # thread leaves signals to that thread's program (signals.stop_on_signals does too).
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+def worker_signals() -> Iterator[None]:
+    """Processes started within the block ignore SIGINT for good, and start with SIGTERM and
+    :data:`~brainprop.signals.RELAY` blocked.
+
+    - SIGINT: an ignored signal stays ignored through exec, and training keeps it so. A worker
+      is in the terminal's process group until it has imported torch and left it, and a Ctrl-C
+      there killed it with a traceback while the parent was stopping it properly. The parent's
+      handler is back right after the start; a Ctrl-C in those milliseconds is lost.
+    - SIGTERM and RELAY: a stop in the seconds before the worker's first handler (importing
+      torch) killed it by the signal's default action, and a scheduler's SIGTERM that reached
+      it before its parent made its run read as failed ("killed by SIGTERM"). A blocked signal
+      stays blocked through exec and waits, pending, for the worker to hold its stops
+      (:func:`~brainprop.signals.hold_stops`), which ends it before its run begins or stops
+      the run with its checkpoint.
+    """
+    from multiprocessing import resource_tracker
+
+    from .signals import RELAY
+
+    # multiprocessing starts its resource tracker with the first process and unblocks SIGTERM
+    # after (it unblocks what it blocked instead of restoring the mask): started within the
+    # block, it would leave the first worker's SIGTERM unblocked.
+    resource_tracker.ensure_running()
+    held = None
+    if hasattr(signal, "pthread_sigmask"):
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, RELAY})
     try:
-        yield
+        if threading.current_thread() is not threading.main_thread():
+            # Python installs handlers in the main thread only; a reproduce run from another
+            # thread leaves SIGINT to that thread's program (signals.stop_on_signals does too).
+            yield
+            return
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
     finally:
-        signal.signal(signal.SIGINT, previous)
+        if held is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)

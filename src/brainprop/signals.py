@@ -10,7 +10,9 @@ within :data:`SAME_STOP_S` of the first is no second signal (see there).
 --jobs``): it asks for the same stop as a first signal, and never quits at once. A batch
 scheduler (SLURM's ``scancel``, systemd) sends SIGTERM to every process of a job: a worker
 then gets the scheduler's SIGTERM and its parent's stop, which, were the stop a second
-SIGTERM, would make it quit without its checkpoint.
+SIGTERM, would make it quit without its checkpoint. A worker holds a stop that comes outside its
+handlers for the next one (:func:`hold_stops`); work with nothing to save yet quits at once
+(:func:`quit_on_signals`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import NoReturn
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 #: A stop passed on by a parent process (SIGTERM where the platform has no SIGUSR1). It
@@ -159,7 +162,77 @@ def stop_on_signals(
     if RELAY not in SIGNALS:
         previous[RELAY] = signal.signal(RELAY, relayed)
     try:
+        held = _take_held()
+        if held is not None:
+            (relayed if held == RELAY and RELAY not in SIGNALS else handle)(held, None)
         yield stop
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+@contextlib.contextmanager
+def quit_on_signals(what: str) -> Iterator[None]:
+    """Within the block, SIGINT, SIGTERM and :data:`RELAY` raise :class:`Interrupted` ("stopped
+    by SIGUSR1 ``what``") at once, with that signal's exit status: for work with nothing to save
+    (a worker loading its dataset), which a stop should end as a stop, not as a death by the
+    signal that reads as a failure. A stop held for it (:func:`hold_stops`) raises on entry. A
+    signal the process ignores stays ignored, and outside the main thread nothing changes, as
+    in :func:`stop_on_signals`."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stopped(signum: int, _frame: object) -> NoReturn:
+        raise Interrupted(f"stopped by {signal.Signals(signum).name} {what}", signum)
+
+    previous = {s: signal.signal(s, stopped) for s in _watched()}
+    try:
+        held = _take_held()
+        if held is not None:
+            stopped(held, None)
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+#: The stop a process got while it held stops (:func:`hold_stops`), for the next
+#: :func:`stop_on_signals` or :func:`quit_on_signals` to take.
+_held: list[int] = []
+
+
+def hold_stops() -> None:
+    """For the rest of the process, a SIGTERM or :data:`RELAY` that comes outside
+    :func:`stop_on_signals` and :func:`quit_on_signals` is held for the next of them to take,
+    instead of killing the process; the two are unblocked, so one that came while they were
+    blocked (:func:`~brainprop.processes.worker_signals`) is held now.
+
+    For a ``reproduce --jobs`` worker, whose runs are stopped by these signals at any moment of
+    its life: importing torch, between loading its dataset and training, between two runs. A
+    blocked signal cannot cover those moments for good, as each thread has its own mask and
+    torch's threads start with whatever the main thread's was then; a handler is the process's.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for s in _watched() - {signal.SIGINT}:
+        signal.signal(s, _hold)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, RELAY})
+
+
+def _hold(signum: int, _frame: object) -> None:
+    if not _held:
+        _held.append(signum)
+
+
+def _take_held() -> int | None:
+    return _held.pop() if _held else None
+
+
+def _watched() -> set[int]:
+    """The stop signals a handler is installed for: those the process does not ignore, as plain
+    Python leaves an ignored one, and :data:`RELAY`, which only a parent sends."""
+    return {s for s in SIGNALS if signal.getsignal(s) != signal.SIG_IGN} | (
+        {RELAY} if RELAY not in SIGNALS else set()
+    )
