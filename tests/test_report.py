@@ -800,6 +800,18 @@ def test_a_run_that_learned_nothing_is_named_and_leaves_the_gap_unjudged(tmp_pat
     [r] = aggregate(load_measurements(tmp_path))
     assert r.gap_verdict.text() == "– (2 EBP runs diverged; 1 EBP run did not learn)"
     assert r.ratio_verdict.text() == "– (every run of EBP diverged or did not learn)"
+    # Every BrainProp run diverged late and an EBP run did not learn: the ratio names only why
+    # BrainProp has no run left (a review: it said "diverged or did not learn" of BrainProp).
+    late = tmp_path / "late"
+    _cell_runs(late, CONV, GPU, [0.993, 0.992], [0.991, 0.098], [60, 70], [30, 1])
+    for m in load_measurements(late):
+        if m.rule == "brainprop":
+            d = json.loads(m.path.read_text())
+            d["summary"].update(stop_reason=f"{DIVERGED} loss at epoch 90, step 3")
+            m.path.write_text(json.dumps(d))
+    [r] = aggregate(load_measurements(late))
+    assert r.rules["ebp"].unlearned == 1
+    assert r.ratio_verdict.text() == "– (every run of BrainProp diverged)"
 
 
 def test_a_run_did_not_learn_only_if_early_stopping_found_it_at_chance(tmp_path):
