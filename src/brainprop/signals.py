@@ -153,18 +153,14 @@ def stop_on_signals(
         if not stop.requested:
             request(signum)
 
-    # An ignored signal stays ignored, as plain Python leaves it: a shell starts a background
-    # job ('brainprop train ... &' in a script) with SIGINT ignored, so that a Ctrl-C meant for
-    # the foreground does not stop it.
-    previous = {
-        s: signal.signal(s, handle) for s in SIGNALS if signal.getsignal(s) != signal.SIG_IGN
-    }
-    if RELAY not in SIGNALS:
-        previous[RELAY] = signal.signal(RELAY, relayed)
+    def handler(signum: int) -> Callable[[int, object], None]:
+        return handle if signum in SIGNALS else relayed
+
+    previous = {s: signal.signal(s, handler(s)) for s in _watched()}
     try:
         held = _take_held()
         if held is not None:
-            (relayed if held == RELAY and RELAY not in SIGNALS else handle)(held, None)
+            handler(held)(held, None)
         yield stop
     finally:
         for s, handler in previous.items():
@@ -231,8 +227,8 @@ def _take_held() -> int | None:
 
 
 def _watched() -> set[int]:
-    """The stop signals a handler is installed for: those the process does not ignore, as plain
-    Python leaves an ignored one, and :data:`RELAY`, which only a parent sends."""
-    return {s for s in SIGNALS if signal.getsignal(s) != signal.SIG_IGN} | (
-        {RELAY} if RELAY not in SIGNALS else set()
-    )
+    """The stop signals to handle: :data:`SIGNALS` and :data:`RELAY`, less those the process
+    ignores. An ignored signal stays ignored, as plain Python leaves it: a shell starts a
+    background job ('brainprop train ... &' in a script) with SIGINT ignored, so that a Ctrl-C
+    meant for the foreground does not stop it."""
+    return {s for s in {*SIGNALS, RELAY} if signal.getsignal(s) != signal.SIG_IGN}
