@@ -186,3 +186,31 @@ def test_a_stop_while_a_worker_starts_or_between_its_handlers_is_held_for_the_ne
     assert (child.returncode, out.split("\n")) == (0, [says, "free", ""])
     # The parent's mask is back.
     assert not {RELAY, signal.SIGTERM} & signal.pthread_sigmask(signal.SIG_BLOCK, [])
+
+
+_EXITING = """
+import signal, sys, time
+from brainprop.signals import RELAY, end_holding, hold_stops
+
+class Teardown:  # torch's, at the interpreter's shutdown, after it has reset the handlers
+    def __del__(self):
+        print("tearing down", flush=True)
+        time.sleep(1)
+
+hold_stops()
+signal.raise_signal(RELAY)  # a stop after the last run's handler
+print("held", end_holding() == RELAY, flush=True)
+teardown = Teardown()
+"""
+
+
+def test_a_worker_that_exits_takes_a_late_stop_as_its_status_and_is_not_killed():
+    """A stop in the worker's shutdown killed it once its run had ended (the run then read as
+    failed); one held after the last run is its exit status, so the parent stops too."""
+    child = subprocess.Popen([sys.executable, "-c", _EXITING], stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline() == "held True\n"
+    assert child.stdout.readline() == "tearing down\n"
+    os.kill(child.pid, signal.SIGTERM)
+    os.kill(child.pid, RELAY)
+    assert child.wait(timeout=60) == 0
+    child.stdout.close()

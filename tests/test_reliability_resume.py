@@ -364,6 +364,20 @@ def test_a_stop_before_training_quits_at_once_as_a_stop() -> None:
         signal.signal(signal.SIGINT, previous)
 
 
+def test_a_relay_is_taken_even_where_the_process_ignores_it() -> None:
+    """A worker inherits an ignored SIGUSR1 from a parent started so (``trap '' USR1``):
+    left ignored, its parent's stop and death passed unseen and it trained on (a review)."""
+    previous = signal.signal(signals.RELAY, signal.SIG_IGN)
+    try:
+        with signals.stop_on_signals() as stop:
+            signal.raise_signal(signals.RELAY)
+        assert stop.signum == signals.RELAY
+        with pytest.raises(Interrupted), signals.quit_on_signals("while loading"):
+            signal.raise_signal(signals.RELAY)
+    finally:
+        signal.signal(signals.RELAY, previous)
+
+
 def test_a_sigterm_soon_after_the_first_is_the_same_stop(monkeypatch) -> None:
     """A scheduler sends SIGTERM to every process of a job, torchrun among them, which passes
     its own on to its workers at once: each worker gets two, and the second quit it without its

@@ -725,8 +725,9 @@ def _worker(
     The worker ignores SIGINT (:func:`~brainprop.processes.worker_signals`) and leaves the
     terminal's process group, so Ctrl-C reaches the parent only, which passes the stop on
     (:data:`~brainprop.signals.RELAY`, which a scheduler's own SIGTERM to the worker does not
-    turn into a second signal). A stop that comes while it starts, loads or is between runs is
-    held for its next run (:func:`~brainprop.signals.hold_stops`), never its death.
+    turn into a second signal). A stop is never its death: one that comes while it starts or
+    loads its dataset ends it at once, one between runs is held for the next run's checkpoint
+    (:func:`~brainprop.signals.hold_stops`), and one after the last run ends it as a stop.
     """
     signals.hold_stops()  # first: a stop may have come while this process started
     import torch
@@ -758,6 +759,10 @@ def _worker(
         conn.send(str(out_of_memory(e)))
         status = 2
     conn.close()
+    held = signals.end_holding()
+    if status == 0 and held is not None:
+        # The parent reads the stop (its runs all ended, so they are recorded) and stops too.
+        status = 128 + held
     sys.exit(status)
 
 

@@ -163,8 +163,8 @@ def stop_on_signals(
             handler(held)(held, None)
         yield stop
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        for s, old in previous.items():
+            signal.signal(s, old)
 
 
 @contextlib.contextmanager
@@ -189,17 +189,17 @@ def quit_on_signals(what: str) -> Iterator[None]:
             stopped(held, None)
         yield
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        for s, old in previous.items():
+            signal.signal(s, old)
 
 
 #: The stop a process got while it held stops (:func:`hold_stops`), for the next
 #: :func:`stop_on_signals` or :func:`quit_on_signals` to take.
-_held: list[int] = []
+_held: int | None = None
 
 
 def hold_stops() -> None:
-    """For the rest of the process, a SIGTERM or :data:`RELAY` that comes outside
+    """Until :func:`end_holding`, a SIGTERM or :data:`RELAY` that comes outside
     :func:`stop_on_signals` and :func:`quit_on_signals` is held for the next of them to take,
     instead of killing the process; the two are unblocked, so one that came while they were
     blocked (:func:`~brainprop.processes.worker_signals`) is held now.
@@ -217,18 +217,37 @@ def hold_stops() -> None:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, RELAY})
 
 
+def end_holding() -> int | None:
+    """Ignore SIGTERM and :data:`RELAY` from now on, and return the stop held, if any, for the
+    exit status. For a process about to exit, with nothing left to stop: interpreter shutdown
+    sets every handled signal back to its default before torch's teardown (some hundred
+    milliseconds), where a stop killed a worker whose run had ended, and the run read as
+    failed."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    for s in {signal.SIGTERM, RELAY}:
+        signal.signal(s, signal.SIG_IGN)
+    return _take_held()
+
+
 def _hold(signum: int, _frame: object) -> None:
-    if not _held:
-        _held.append(signum)
+    global _held
+    if _held is None:
+        _held = signum
 
 
 def _take_held() -> int | None:
-    return _held.pop() if _held else None
+    global _held
+    held, _held = _held, None
+    return held
 
 
 def _watched() -> set[int]:
-    """The stop signals to handle: :data:`SIGNALS` and :data:`RELAY`, less those the process
-    ignores. An ignored signal stays ignored, as plain Python leaves it: a shell starts a
+    """The stop signals to handle: :data:`SIGNALS`, less those the process ignores, and
+    :data:`RELAY`. An ignored signal stays ignored, as plain Python leaves it: a shell starts a
     background job ('brainprop train ... &' in a script) with SIGINT ignored, so that a Ctrl-C
-    meant for the foreground does not stop it."""
-    return {s for s in {*SIGNALS, RELAY} if signal.getsignal(s) != signal.SIG_IGN}
+    meant for the foreground does not stop it. RELAY is this project's own stop, which a
+    worker inherits ignored from a parent started so (``trap '' USR1``): ignored, the parent's
+    stop and its death would both pass unseen, and the worker train on for hours."""
+    kept = {s for s in SIGNALS if signal.getsignal(s) != signal.SIG_IGN}
+    return kept | ({RELAY} if RELAY not in SIGNALS else set())
