@@ -105,12 +105,14 @@ def stop_on_signals(
 ) -> Iterator[StopRequest]:
     """Within the block, SIGINT and SIGTERM set the yielded flag instead of killing, and so
     does :data:`RELAY`, which never counts as a second signal; neither does a SIGTERM within
-    :data:`SAME_STOP_S` of the first.
+    :data:`SAME_STOP_S` of the first. A stop held for the block (:func:`hold_stops`) is its
+    first signal.
 
     ``on_first(signum)`` runs on the first signal (to tell the user a checkpoint is coming).
     A second signal raises ``KeyboardInterrupt``, or, given ``on_again``, calls
     ``on_again(signum)`` instead (a process that must wait for others, whatever it is sent).
-    The previous handlers come back on exit. A signal the process ignores stays ignored.
+    The previous handlers come back on exit. An ignored SIGINT or SIGTERM stays ignored (see
+    :func:`_watched`).
     Outside the main thread Python cannot install handlers, so there the flag never rises and
     the defaults stay in force.
     """
@@ -172,9 +174,9 @@ def quit_on_signals(what: str) -> Iterator[None]:
     """Within the block, SIGINT, SIGTERM and :data:`RELAY` raise :class:`Interrupted` ("stopped
     by SIGUSR1 ``what``") at once, with that signal's exit status: for work with nothing to save
     (a worker loading its dataset), which a stop should end as a stop, not as a death by the
-    signal that reads as a failure. A stop held for it (:func:`hold_stops`) raises on entry. A
-    signal the process ignores stays ignored, and outside the main thread nothing changes, as
-    in :func:`stop_on_signals`."""
+    signal that reads as a failure. A stop held for it (:func:`hold_stops`) raises on entry. The
+    signals are those of :func:`stop_on_signals` (an ignored SIGINT or SIGTERM stays ignored),
+    and outside the main thread nothing changes, as there."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
