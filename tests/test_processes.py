@@ -204,9 +204,10 @@ teardown = Teardown()
 """
 
 
-def test_a_worker_that_exits_takes_a_late_stop_as_its_status_and_is_not_killed():
+def test_a_worker_that_exits_hands_back_its_held_stop_and_is_not_killed():
     """A stop in the worker's shutdown killed it once its run had ended (the run then read as
-    failed); one held after the last run is its exit status, so the parent stops too."""
+    failed); one held after the last run is handed back, for the worker's exit status to tell
+    the parent, which then stops too."""
     child = subprocess.Popen([sys.executable, "-c", _EXITING], stdout=subprocess.PIPE, text=True)
     assert child.stdout.readline() == "held True\n"
     assert child.stdout.readline() == "tearing down\n"
