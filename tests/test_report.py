@@ -660,6 +660,15 @@ def test_a_run_that_finished_no_epoch_is_reported_without_epoch_fields(tmp_path)
         load_measurements(tmp_path)
 
 
+def _rewrite_summaries(out: Path, rule: str, seeds: set[int] | None = None, **fields) -> None:
+    """Update those runs' summaries (every seed of ``rule`` by default) with ``fields``."""
+    for m in load_measurements(out):
+        if m.rule == rule and (seeds is None or m.seed in seeds):
+            d = json.loads(m.path.read_text())
+            d["summary"].update(fields)
+            m.path.write_text(json.dumps(d))
+
+
 def _diverge_in_epoch_1(out: Path, rule: str, seeds: set[int]) -> None:
     """Rewrite those runs' summaries as runs whose loss overflowed before an epoch ended."""
     for m in load_measurements(out):
@@ -699,11 +708,9 @@ def test_a_run_that_diverged_late_keeps_its_accuracy_but_not_its_epochs(tmp_path
     the accuracy of a run cut short would widen the Welch limit, so the gap gets no verdict."""
     _cell_runs(tmp_path, CONV, GPU, [0.993, 0.992], [0.991, 0.985, 0.990], [60, 70],
                [30, 6, 40])  # fmt: skip
-    for m in load_measurements(tmp_path):
-        if m.rule == "ebp" and m.seed == 1:
-            d = json.loads(m.path.read_text())
-            d["summary"].update(epochs_run=9, stop_reason=f"{DIVERGED} loss at epoch 9, step 3")
-            m.path.write_text(json.dumps(d))
+    _rewrite_summaries(
+        tmp_path, "ebp", {1}, epochs_run=9, stop_reason=f"{DIVERGED} loss at epoch 9, step 3"
+    )
     [r] = aggregate(load_measurements(tmp_path))
     ebp = r.rules["ebp"]
     assert ebp.test_acc.n == 3 and ebp.epochs_to_best.n == ebp.epochs_to_stop.n == 2
@@ -717,11 +724,7 @@ def test_a_run_that_diverged_late_keeps_its_accuracy_but_not_its_epochs(tmp_path
     )
     alone = tmp_path / "alone"
     _cell_runs(alone, CONV, GPU, [0.993, 0.992], [0.985, 0.98], [60, 70], [6, 5])
-    for m in load_measurements(alone):
-        if m.rule == "ebp":
-            d = json.loads(m.path.read_text())
-            d["summary"].update(stop_reason=f"{DIVERGED} weight at epoch 9")
-            m.path.write_text(json.dumps(d))
+    _rewrite_summaries(alone, "ebp", stop_reason=f"{DIVERGED} weight at epoch 9")
     [r] = aggregate(load_measurements(alone))
     assert r.ratio is None and r.ratio_verdict.text() == "– (every run of EBP diverged)"
     assert r.gap_verdict.text() == "– (2 EBP runs diverged)"
@@ -804,11 +807,7 @@ def test_a_run_that_learned_nothing_is_named_and_leaves_the_gap_unjudged(tmp_pat
     # BrainProp has no run left (a review: it said "diverged or did not learn" of BrainProp).
     late = tmp_path / "late"
     _cell_runs(late, CONV, GPU, [0.993, 0.992], [0.991, 0.098], [60, 70], [30, 1])
-    for m in load_measurements(late):
-        if m.rule == "brainprop":
-            d = json.loads(m.path.read_text())
-            d["summary"].update(stop_reason=f"{DIVERGED} loss at epoch 90, step 3")
-            m.path.write_text(json.dumps(d))
+    _rewrite_summaries(late, "brainprop", stop_reason=f"{DIVERGED} loss at epoch 90, step 3")
     [r] = aggregate(load_measurements(late))
     assert r.rules["ebp"].unlearned == 1
     assert r.ratio_verdict.text() == "– (every run of BrainProp diverged)"
