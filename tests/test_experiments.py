@@ -1114,6 +1114,23 @@ def test_a_ctrl_c_while_workers_start_stops_them_without_tracebacks(tmp_path, mn
     assert "Traceback" not in err and err.count("\n") == 1, err
     assert "SIGINT: passing it on to the runs in progress as SIGUSR1" in out, out
     assert err.startswith("brainprop: stopped by SIGINT; mnist-dense-brainprop-s0-e1, "), err
+    # Still importing torch: neither had anything to save.
+    assert "-s0-e1 had not begun training: run the same 'brainprop reproduce'" in err, err
+
+
+def test_a_stop_names_the_runs_that_kept_progress_apart_from_those_not_begun(tmp_path):
+    """Every run in progress was said to have "kept its progress", also one whose worker was
+    stopped while it started, which had none."""
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / rundir.LAST).write_bytes(b"state")
+    stop = ex._stopped(signal.SIGTERM, ["a", "b", "c", "d"], tmp_path)
+    assert str(stop) == (
+        "stopped by SIGTERM; a, b each kept its progress; c, d had not begun training: run the "
+        "same 'brainprop reproduce' command to continue"
+    )
+    assert stop.exit_status == 128 + signal.SIGTERM
+    assert "; a kept its progress: run" in str(ex._stopped(signal.SIGINT, ["a"], tmp_path))
 
 
 def test_more_jobs_than_cpu_cores_is_a_one_line_error(tmp_path, monkeypatch, capsys):

@@ -599,7 +599,9 @@ def _run_in_process(
         try:
             _train(job, request, loaded[dataset])
         except signals.Interrupted as e:
-            raise _stopped(e.exit_status - 128, [spec.name for spec in job]) from None
+            raise _stopped(
+                e.exit_status - 128, [spec.name for spec in job], request.out / RUNS
+            ) from None
         for spec in job:
             m = record(spec, request.out / RUNS / spec.name, request.out)
             measurements.append(m)
@@ -697,13 +699,23 @@ def _finished_line(m: Measurement) -> str:
     )
 
 
-def _stopped(signum: int, names: Sequence[str]) -> signals.Interrupted:
-    # "kept its progress": a worker stopped before its first epoch has none, and loses nothing.
-    each = " each" * (len(names) > 1)
-    saved = f"{', '.join(names)}{each} kept its progress" if names else "no run was in progress"
+def _stopped(signum: int, names: Sequence[str], runs: Path) -> signals.Interrupted:
+    """The stop of a session whose runs ``names`` (their folders in ``runs``) were in progress.
+
+    A run that trained saved its state as it stopped (its last.pt); one whose worker was
+    stopped while it started had begun nothing, and the same command starts it afresh.
+    """
+    kept = [name for name in names if (runs / name / rundir.LAST).is_file()]
+    unbegun = [name for name in names if name not in kept]
+    saved = []
+    if kept:
+        saved.append(f"{', '.join(kept)}{' each' * (len(kept) > 1)} kept its progress")
+    if unbegun:
+        saved.append(f"{', '.join(unbegun)} had not begun training")
     return signals.Interrupted(
-        f"stopped by {signal.Signals(signum).name}; {saved}: run the same 'brainprop "
-        "reproduce' command to continue",
+        f"stopped by {signal.Signals(signum).name}; "
+        f"{'; '.join(saved) or 'no run was in progress'}: run the same 'brainprop reproduce' "
+        "command to continue",
         signum,
     )
 
@@ -801,7 +813,7 @@ def _run_in_workers(
 
     def stop_session(signum: int) -> NoReturn:
         pool.stop_all()
-        raise _stopped(signum, [*pool.stopped, *pool.names()])
+        raise _stopped(signum, [*pool.stopped, *pool.names()], request.out / RUNS)
 
     with signals.stop_on_signals(passing_on, on_again=still_waiting) as stop:
         try:
