@@ -28,6 +28,7 @@ from brainprop.report import (
     RESULTS_PNG,
     Stat,
     aggregate,
+    digest,
     fixed,
     ratio_interval,
     update_readme,
@@ -1073,3 +1074,15 @@ def test_bf16_runs_are_their_own_row_marked_bf16(tmp_path):
     m.path.write_text(json.dumps(d | {"bf16": "yes"}))
     with pytest.raises(BrainPropError, match="bf16 'yes', not true or false"):
         load_measurements(tmp_path)
+
+
+def test_the_terminals_digest_gives_the_gap_with_its_limit(tmp_path):
+    """ "gap -0.59 pp, ≈ 0: yes" on two seeds hid that only a gap over 2.22 would have been
+    found (a review): the line gives the limit the report's table has."""
+    _cell_runs(tmp_path, CONV, CPU, [0.99, 0.98], [0.985, 0.99], [50, 60], [40, 45])
+    measurements = load_measurements(tmp_path)
+    [line] = digest(measurements, {m.run for m in measurements})
+    [row] = aggregate(measurements)
+    limit = fixed(row.gap_noise, 2)
+    assert f"gap -0.25 pp (95% limit {limit}), ≈ 0: yes" in line, line
+    assert f"| -0.25 | {limit} | yes |" in (write_report(tmp_path).read_text())

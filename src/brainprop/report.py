@@ -574,7 +574,9 @@ def digest(measurements: Sequence[Measurement], runs: set[str]) -> list[str]:
         )
         line = f"{r.label} ({'; '.join([*where, r.machine_text])}): {rules}; {_seeds(r)} seeds"
         if r.gap is not None:
-            line += f"; gap {_gap_text(r)} pp, ≈ 0: {r.gap_verdict.text()}"
+            # The limit with it: with few seeds a "yes" only says no large gap was found.
+            limit = "" if r.gap_noise is None else f" (95% limit {_num(r.gap_noise)})"
+            line += f"; gap {_gap_text(r)} pp{limit}, ≈ 0: {r.gap_verdict.text()}"
         if r.published is not None:
             line += (
                 f"; published {_published_acc(r.published)}, within 2 sd: "
@@ -845,8 +847,9 @@ def markdown(results: Sequence[CellResult], count: int, machines: Sequence[str])
         "that cap instead of by early stopping, or (above 500) found its best after epoch 500. "
         '"Within 2 sd?" asks whether BrainProp\'s mean lies within the published mean +- 2 '
         "published sd, the goal of the reproduction; a run cut short by a divergence counts "
-        "with the best it reached, which can only make that a no, where in the gap test its "
-        "spread would widen the limit, and a run that diverged in its first epoch reached "
+        "with the best it reached, which lowers the mean (out of that range, or into it from "
+        "above), where in the gap test its spread would widen the limit, and a run that "
+        "diverged in its first epoch reached "
         "nothing, which makes it a no (under the published code its NaN weights would have "
         "scored near chance). "
         f"Published numbers: {PUBLISHED_SOURCE}.",
