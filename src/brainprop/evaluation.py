@@ -45,8 +45,9 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bf16: bool = Fa
 @contextlib.contextmanager
 def modes_kept(model: nn.Module, training: bool) -> Iterator[nn.Module]:
     """``model`` in train (``training``) or eval mode within the block; afterwards each module
-    is back in its own mode. ``model.train(was_training)`` would put a model's frozen BatchNorm
-    layers, held in eval mode while the rest trains, back into training."""
+    is back in its own mode, where ``model.train(was_training)`` would put a caller's frozen
+    BatchNorm layers, held in eval mode while the rest trains, back into training. (The training
+    loop itself puts the whole model in train mode at each epoch's start.)"""
     modes = [m.training for m in model.modules()]
     model.train(training)
     try:

@@ -195,7 +195,8 @@ class GraphedStep:
     from static buffers, i.e. forward, objective, backward and SGD update. From then on each
     full batch is copied into those buffers and the graph replayed. A short last batch
     (another shape) takes the plain step. The graph holds the learning rate as a constant, so a
-    new rate (the schedule's halving, a NaN reload) is captured again.
+    new rate in the optimizer's groups (the schedule's halving) is captured again; a NaN reload
+    builds a new trainer, and with it a new step.
 
     The returned :class:`~brainprop.objectives.Output` is the graph's own: the next call
     overwrites it, so read it before calling again (the training loop does).

@@ -198,9 +198,10 @@ def disagreement(
 
     Compared three ways: on this batch with its ``draws``; with every row exploring, from
     draws of the check's own (the caller's random stream stays as it was), which puts every
-    output through the Gumbel noise's logarithms; and on 9 of those rows. Each loss is
-    weighted by 0.7, as a short last batch's is by n / B, which 9 rows turn into a scale that
-    a true division and PyTorch's CUDA division by a number (times its reciprocal) round apart.
+    output through the Gumbel noise's logarithms; and on 9 of those rows. Each gradient is of
+    0.7 times the loss, as a short last batch's is scaled by n / B, which 9 rows turn into a
+    scale that a true division and PyTorch's CUDA division by a number (times its reciprocal)
+    round apart.
     """
     own = torch.Generator(device=q.device).manual_seed(0)
     explore = torch.rand(q.shape[0], device=q.device, generator=own)
@@ -237,7 +238,8 @@ def _outcome(
     explore: torch.Tensor | None,
     uniform: torch.Tensor | None,
 ) -> tuple[torch.Tensor, ...]:
-    """``head``'s results in the order of ``_OUTCOME``, its loss weighted by 0.7."""
+    """``head``'s results in the order of ``_OUTCOME``: its loss as it is, and the gradient of
+    0.7 times that loss (a short last batch's n / B scale)."""
     leaf = q.detach().requires_grad_()
     # The caller may compute the objective alone, under no_grad; this needs gradients.
     with torch.enable_grad():

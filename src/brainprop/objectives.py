@@ -68,8 +68,9 @@ class BrainProp:
             calls its methods (:meth:`draw`, :meth:`choose`, :meth:`reward`): the kernels compute
             this class's.
 
-    Selection stays on the device and never reads a value back to the host, so a training step
-    runs without synchronisation and can be captured whole.
+    Selection stays on the device and never reads a value back to the host (but for the fused
+    head's one check on each device's first batch), so a training step runs without
+    synchronisation and can be captured whole.
     """
 
     # The published Keras loss sums 1/2 (r - q_s)^2 over the batch and divides by the *nominal*

@@ -317,7 +317,8 @@ class Trainer:
         total = num_batches(n, self.global_batch)
         bar = tqdm(
             batches, total=total, initial=start, desc=f"epoch {epoch + 1}", leave=False,
-            disable=not self.progress or self.tag is not None or None, unit="batch",
+            # None, not False, where progress is wanted: tqdm then hides itself off a terminal.
+            disable=True if not self.progress or self.tag is not None else None, unit="batch",
         )  # fmt: skip
         for step, (x, y) in enumerate(bar, start=start):
             out = self.step(x, y)
