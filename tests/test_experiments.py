@@ -320,6 +320,7 @@ def _fake_train(calls):
 def test_budget_passes_over_runs_whose_estimate_does_not_fit(tmp_path, mnist_root, monkeypatch):
     calls: list[str] = []
     monkeypatch.setattr(ex, "_train", _fake_train(calls))
+    monkeypatch.setattr(ex.time, "monotonic", lambda: 0.0)  # a stalled machine uses no budget
     here = ex.this_machine("cpu")
     conv, loccon = Cell("mnist", "conv"), Cell("mnist", "loccon")
     # Measured seed 0: conv costs 10 x 3 s per run, loccon 500 x 3 s (more than a minute).

@@ -137,14 +137,16 @@ _SLOW_START = """
 import os, signal, sys, time
 from brainprop.signals import RELAY, Interrupted, hold_stops, quit_on_signals, stop_on_signals
 
-time.sleep(float(sys.argv[1]))  # a worker still importing torch when it is stopped
+if sys.argv[1] != "between":  # a worker still importing torch when the stop comes
+    while not {RELAY, signal.SIGTERM} & signal.sigpending():
+        time.sleep(0.01)
 hold_stops()
-if sys.argv[2] == "between":  # a stop after one handler and before the next
+if sys.argv[1] == "between":  # a stop after one handler and before the next
     with stop_on_signals():
         pass
     os.kill(os.getpid(), RELAY)
     time.sleep(0.2)
-if sys.argv[2] == "train":
+if sys.argv[1] == "train":
     with stop_on_signals() as stop:
         print(f"stopped by {stop.name}")
 else:
@@ -178,7 +180,7 @@ def test_a_stop_while_a_worker_starts_or_between_its_handlers_is_held_for_the_ne
     around loading the dataset ends the worker at once, as a stop."""
     with processes.worker_signals():
         child = subprocess.Popen(
-            [sys.executable, "-c", _SLOW_START, "1", stage], stdout=subprocess.PIPE, text=True
+            [sys.executable, "-c", _SLOW_START, stage], stdout=subprocess.PIPE, text=True
         )
     if sent is not None:
         os.kill(child.pid, sent)
@@ -195,7 +197,7 @@ from brainprop.signals import RELAY, end_holding, hold_stops
 class Teardown:  # torch's, at the interpreter's shutdown, after it has reset the handlers
     def __del__(self):
         print("tearing down", flush=True)
-        time.sleep(1)
+        sys.stdin.readline()  # until the parent has sent its stops
 
 hold_stops()
 signal.raise_signal(RELAY)  # a stop after the last run's handler
@@ -208,10 +210,13 @@ def test_a_worker_that_exits_hands_back_its_held_stop_and_is_not_killed():
     """A stop in the worker's shutdown killed it once its run had ended (the run then read as
     failed); one held after the last run is handed back, for the worker's exit status to tell
     the parent, which then stops too."""
-    child = subprocess.Popen([sys.executable, "-c", _EXITING], stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", _EXITING], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     assert child.stdout.readline() == "held True\n"
     assert child.stdout.readline() == "tearing down\n"
     os.kill(child.pid, signal.SIGTERM)
     os.kill(child.pid, RELAY)
+    child.stdin.close()
     assert child.wait(timeout=60) == 0
     child.stdout.close()

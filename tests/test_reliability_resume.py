@@ -889,9 +889,11 @@ def test_sigkill_at_three_seeded_moments_then_resume_is_bit_identical(tmp_path: 
     whole = _start([*fresh, "--name", "whole"])
     _wait_for(whole, lambda: _epochs_done(out / "whole") >= 1)
     t0 = time.perf_counter()
-    assert whole.wait() == 0, whole.communicate()[1]
-    # Time per epoch, from the end of epoch 1 to the exit (a little high: it includes the plots).
+    _wait_for(whole, lambda: _epochs_done(out / "whole") >= EPOCHS)
+    # Time per epoch, from the end of epoch 1 to that of the last: the plots and the exit after
+    # it would lengthen the sleeps below until a run slowed by its neighbours finished first.
     epoch_s = (time.perf_counter() - t0) / (EPOCHS - 1)
+    assert whole.wait() == 0, whole.communicate()[1]
 
     rng = random.Random(5)
     cut = out / "cut"

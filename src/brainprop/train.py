@@ -864,11 +864,9 @@ def _memory_columns(trainer: Trainer) -> dict[str, float]:
     """This epoch's peak memory (the device's on CUDA, the process's resident set on a CPU) and
     the host's resident memory at its end, in MiB: flat from epoch to epoch unless something
     accumulates."""
+    rss = memory.host_rss()  # first: on a CPU, the peak read after it bounds it
     peak, _ = memory.peak(trainer.device, trainer.memory_counted)
-    return {
-        "peak_memory_mib": round(peak / 2**20, 1),
-        "host_rss_mib": round(memory.host_rss() / 2**20, 1),
-    }
+    return {"peak_memory_mib": round(peak / 2**20, 1), "host_rss_mib": round(rss / 2**20, 1)}
 
 
 def _interrupted(stop: signals.StopRequest, run_path: Path, at: str) -> signals.Interrupted:
