@@ -18,8 +18,8 @@ The paper's claims checked per cell:
 
 - accuracy: BrainProp equals EBP within noise: Welch's t-test of the two means at 95 %, i.e.
   |gap| <= t(0.975, Welch's degrees of freedom) x the standard error of the difference (needs
-  2+ seeds per rule, none diverged; with the paper's 10 seeds that t is about
-  2.1, with 2 or 3 it is 2.8 to 12.7). A pass says the test found no gap, not that there is
+  2+ seeds per rule, none diverged; with the paper's 10 seeds that t is 2.1 to 2.3, with 2 or
+  3 it is 2.8 to 12.7). A pass says the test found no gap, not that there is
   none: with few seeds only a large one counts, and each row's limit is shown beside it;
 - speed: BrainProp needs 1 to 3.5 times EBP's epochs, compared on epochs to the best
   validation accuracy: the 95 % interval of the ratio of the means (:func:`ratio_interval`)
