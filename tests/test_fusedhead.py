@@ -298,6 +298,23 @@ def test_without_fused_the_kernels_are_never_tried(monkeypatch):
     assert not calls
 
 
+def test_a_cuda_device_that_cannot_build_the_kernels_is_named_once(monkeypatch, capsys):
+    """Triton missing on a GPU makes a run slower than the fused head promises: it is said, on
+    one line per device, and the unfused head runs."""
+    for q, y in _batches():
+        BrainProp(0.5, fused=True)(q, y, torch.Generator().manual_seed(1))
+    assert fusedhead.missing(torch.device("cpu")) is None and not capsys.readouterr().err
+    why = "Triton is not installed (No module named 'triton')"
+    monkeypatch.setattr(fusedhead, "missing", lambda device: why)
+    objective, plain = BrainProp(0.5, fused=True), BrainProp(0.5)
+    for q, y in _batches():
+        got = objective(q, y, torch.Generator().manual_seed(1))
+        want = plain(q, y, torch.Generator().manual_seed(1))
+        assert torch.equal(got.actions, want.actions) and torch.equal(got.loss, want.loss)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"cannot run on cpu: {why}; training uses" in err, err
+
+
 def test_the_kernels_are_for_fp32_rows_on_cuda_only():
     assert "cpu is not CUDA" in fusedhead.unsupported(torch.zeros(4, 10))
     model = build_model("dense", (1, 28, 28), 10)

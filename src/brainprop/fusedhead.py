@@ -70,7 +70,13 @@ def unavailable(device: torch.device) -> str | None:
     """Why the kernels cannot run on ``device``, or None when they can."""
     if device.type != "cuda":
         return f"{device.type} is not CUDA"
-    return _triton_missing()
+    return missing(device)
+
+
+def missing(device: torch.device) -> str | None:
+    """What ``device``, a CUDA device, lacks to build the kernels (Triton, or a Triton that
+    imports), or None: a CPU lacks nothing, as the kernels are not meant for it."""
+    return _triton_missing() if device.type == "cuda" else None
 
 
 def unsupported(q: torch.Tensor) -> str | None:

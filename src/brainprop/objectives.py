@@ -63,10 +63,10 @@ class BrainProp:
         fused: on CUDA, compute the head with :mod:`brainprop.fusedhead`'s two kernels
             instead of 22 PyTorch operators, where it can (fp32 outputs, Triton installed):
             the same choices, rewards and gradient, bit for bit. The first batch on each device
-            checks that; where they differ, or the kernels fail to build, a one-line warning
-            says so and the unfused head runs. A subclass always runs the unfused head, which
-            calls its methods (:meth:`draw`, :meth:`choose`, :meth:`reward`): the kernels compute
-            this class's.
+            checks that; where they differ, or the kernels fail to build (Triton missing or
+            broken included), a one-line warning says so and the unfused head runs. A subclass
+            always runs the unfused head, which calls its methods (:meth:`draw`, :meth:`choose`,
+            :meth:`reward`): the kernels compute this class's.
 
     Selection stays on the device and never reads a value back to the host (but for the fused
     head's one check on each device's first batch), so a training step runs without
@@ -86,6 +86,8 @@ class BrainProp:
         self.epsilon, self.fused = epsilon, fused
         # Per device: whether the fused head agreed with the unfused one there.
         self._fused_agrees: dict[torch.device, bool] = {}
+        # The CUDA devices told why the kernels cannot build there (see _tell_missing).
+        self._told_missing: set[torch.device] = set()
 
     def draw(
         self, q: torch.Tensor, generator: torch.Generator | None = None
@@ -180,7 +182,10 @@ class BrainProp:
     def _runs_fused(
         self, q: torch.Tensor, y: torch.Tensor, draws: tuple[torch.Tensor | None, ...]
     ) -> bool:
-        if not self._fusable or fusedhead.unsupported(q) is not None:
+        if not self._fusable:
+            return False
+        if fusedhead.unsupported(q) is not None:
+            self._tell_missing(q.device)
             return False
         agrees = self._fused_agrees.get(q.device)
         if agrees is None:
@@ -192,6 +197,18 @@ class BrainProp:
                 return False
             agrees = self._fused_agrees[q.device] = self._check_fused(q, y, draws)
         return agrees
+
+    def _tell_missing(self, device: torch.device) -> None:
+        """Warn once per device where a CUDA device cannot build the kernels (Triton missing or
+        broken): a run there would otherwise be slower than its fused head promises, unexplained."""
+        if device in self._told_missing or (why := fusedhead.missing(device)) is None:
+            return
+        self._told_missing.add(device)
+        print(
+            f"brainprop: warning: the fused BrainProp head cannot run on {device}: {why}; "
+            "training uses the unfused head, which gives the same updates in more kernels",
+            file=sys.stderr,
+        )
 
     def _check_fused(
         self, q: torch.Tensor, y: torch.Tensor, draws: tuple[torch.Tensor | None, ...]
