@@ -479,24 +479,58 @@ def test_a_filesystem_without_locks_trains_unheld_and_says_so(
     assert capsys.readouterr().err == ""
 
 
-def test_killed_between_the_first_best_pt_and_last_pt_starts_over(
+def test_killed_between_last_pt_and_best_pt_resumes_with_that_epochs_best_pt(
     tmp_path: Path, ds, reference: Path, monkeypatch
 ) -> None:
-    real = checkpoint.save
+    """Killed as the run's last new best is written: no later epoch writes best.pt again, so
+    only the resume can give it the weights it should hold, from the last.pt written first."""
+    history = json.loads((reference / "history.json").read_text())
+    accuracies = [row["val_acc"] for row in history]
+    bests = sum(a > max(accuracies[:i], default=-1.0) for i, a in enumerate(accuracies))
+    real, written = checkpoint.save, []
 
-    def killed_before_last(path: Path, state: dict) -> None:
-        if Path(path).name == "last.pt":
-            raise SystemExit("killed")  # the first epoch's best.pt is written, last.pt is not
+    def killed_at_the_last_best(path: Path, state: dict) -> None:
+        if Path(path).name == "best.pt":
+            written.append(state["epoch"])
+            if len(written) == bests:
+                raise SystemExit("killed")  # last.pt of this epoch is written, best.pt is not
         real(path, state)
 
-    monkeypatch.setattr(checkpoint, "save", killed_before_last)
+    monkeypatch.setattr(checkpoint, "save", killed_at_the_last_best)
     with pytest.raises(SystemExit):
         train(tiny_config(tmp_path), dataset=ds, progress=False)
     monkeypatch.undo()
     run_dir = tmp_path / "run"
-    assert (run_dir / "best.pt").is_file() and not (run_dir / "last.pt").exists()
+    assert checkpoint.load(run_dir / "last.pt")["epoch"] == written[-1]
+    if bests > 1:
+        assert checkpoint.load(run_dir / "best.pt")["epoch"] == written[-2]
+    else:
+        assert not (run_dir / "best.pt").exists()
     train(None, resume=run_dir, dataset=ds, progress=False)
     assert_same_run(reference, run_dir)
+    assert checkpoint.load(run_dir / "best.pt")["epoch"] == written[-1]
+
+
+def test_a_raise_of_epochs_that_cannot_unmark_the_finished_run_is_not_stored(
+    tmp_path: Path, ds, monkeypatch
+) -> None:
+    """config.json raised beside a summary.json that says the run finished would make
+    ``reproduce`` skip a run that has epochs left, and the next resume think them stored."""
+    run = train(tiny_config(tmp_path, epochs=1), dataset=ds, progress=False)
+    unlink = Path.unlink
+
+    def refused(path: Path, missing_ok: bool = False) -> None:
+        if path.name == "summary.json":
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        unlink(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", refused)
+    with pytest.raises(PermissionError):
+        train(tiny_config(tmp_path, epochs=2), resume=run.dir, dataset=ds, progress=False)
+    monkeypatch.undo()
+    assert json.loads((run.dir / "config.json").read_text())["epochs"] == 1
+    longer = train(tiny_config(tmp_path, epochs=2), resume=run.dir, dataset=ds, progress=False)
+    assert longer.summary["epochs_run"] == 2
 
 
 def test_a_run_without_last_pt_that_has_trained_is_not_started_over(

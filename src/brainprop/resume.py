@@ -114,8 +114,10 @@ def save_epochs(run_path: Path, config: TrainConfig) -> None:
     A finished run given more epochs is finished no longer: its ``summary.json``, which marks
     a run complete (``reproduce`` skips it, records it), goes until the run ends again."""
     if stored_config(run_path).epochs != config.epochs:
-        files.atomic_write_json(run_path / rundir.CONFIG, config.to_dict())
+        # The summary first: a config.json already raised would make the next resume skip
+        # this, and leave a summary that calls the run still training finished.
         (run_path / rundir.SUMMARY).unlink(missing_ok=True)
+        files.atomic_write_json(run_path / rundir.CONFIG, config.to_dict())
 
 
 def stored_config(run_path: Path) -> TrainConfig:

@@ -18,9 +18,10 @@ Every file is written atomically, and a process training a run holds its directo
 
 The checkpoints are written in an order a kill at any moment leaves resumable:
 
-- an epoch's end (:func:`save_epoch_end`): best.pt where the epoch is the best, last.pt,
-  epoch_start.pt removed, the history. A best.pt without last.pt is no sign of training
-  (:func:`refuse_restart`); a history one row short is rewritten as the run closes.
+- an epoch's end (:func:`save_epoch_end`): last.pt, best.pt where the epoch is the best,
+  epoch_start.pt removed, the history. A best.pt one best behind last.pt's history is written
+  from last.pt as the run resumes (:func:`mend_best`); a history one row short is rewritten as
+  the run closes.
 - a stop inside an epoch (:func:`save_state`): the end of the epoch before is kept as
   epoch_start.pt, where a NaN later in the epoch rewinds to (:func:`rewind_point`), then
   last.pt.
@@ -207,13 +208,37 @@ def write_history(run: Path, history: list[dict[str, Any]]) -> None:
 def save_epoch_end(
     run: Path, state: dict[str, Any], history: list[dict[str, Any]], best: dict[str, Any] | None
 ) -> None:
-    """Write the end of an epoch: ``best`` (the weights, where the epoch is the best so far)
-    as best.pt, the whole ``state`` as last.pt, and the ``history`` that ends with it."""
+    """Write the end of an epoch: the whole ``state`` as last.pt, ``best`` (the weights, where
+    the epoch is the best so far) as best.pt, and the ``history`` that ends with it.
+
+    last.pt first: a kill between the two leaves the new best epoch's weights in last.pt, which
+    :func:`mend_best` copies to best.pt as the run resumes. best.pt first would leave best.pt
+    holding an epoch that the history lacks, the previous best's weights overwritten."""
+    checkpoint.save(run / LAST, state)
     if best is not None:
         checkpoint.save(run / BEST, best)
-    checkpoint.save(run / LAST, state)
     (run / EPOCH_START).unlink(missing_ok=True)
     write_history(run, history)
+
+
+def mend_best(run: Path, state: dict[str, Any]) -> None:
+    """Write best.pt from ``state``, the run's last.pt as it resumes, where that ends at the best
+    epoch of its history and best.pt holds another: a kill between the two writes of an epoch's
+    end (:func:`save_epoch_end`) left it one best behind."""
+    history = state.get("history") or []
+    if state.get("partial") is not None or not history:
+        return
+    epoch = state["epoch"]
+    if best_row(history)["epoch"] != epoch:
+        return
+    path = run / BEST
+    try:
+        if path.is_file() and checkpoint.load(path).get("epoch") == epoch:
+            return
+    except BrainPropError:
+        pass  # a damaged best.pt is replaced by the weights it should hold
+    weights = {k: state[k] for k in ("config", "input_shape", "num_classes", "data", "model")}
+    checkpoint.save(path, {**weights, "epoch": epoch})
 
 
 def save_state(run: Path, state: dict[str, Any], epochs_done: int) -> None:
@@ -274,9 +299,8 @@ def refuse_restart(run: Path) -> None:
     """A run without ``last.pt`` resumes from its start, which is right only if it was killed
     before its first checkpoint; once it has results, starting over would overwrite them.
 
-    ``best.pt`` alone is no such result: the first epoch's end writes it just before the first
-    ``last.pt``, so a kill in between leaves it. The history comes after ``last.pt``, and
-    ``epoch_start.pt`` is a copy of an earlier one.
+    ``best.pt`` alone is no such result: it holds the weights of an epoch whose state is gone.
+    The history comes after ``last.pt``, and ``epoch_start.pt`` is a copy of an earlier one.
     """
     left = [n for n in (HISTORY_CSV, HISTORY_JSON, EPOCH_START) if (run / n).exists()]
     if left:

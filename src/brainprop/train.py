@@ -552,6 +552,8 @@ def _train(
             claim(run_path)
         else:
             parallel.on_main(lambda: check_room(trainer, run_path))
+            if state is not None:
+                parallel.on_main(lambda: rundir.mend_best(run_path, state))
             parallel.on_main(lambda: save_epochs(run_path, config))
         try:
             return _held_train(parallel, trainer, ds, run_path)
