@@ -293,8 +293,8 @@ def test_readme_section_is_replaced_between_markers(tmp_path):
 
 
 def test_report_only_is_refused_while_a_reproduce_holds_its_folder(tmp_path, capsys):
-    """Beside a reproduce, which rewrites the report after each run, results.json and
-    results.md could describe different measurements (a review)."""
+    """Beside a reproduce, which rewrites the report as it ends, results.json and results.md
+    could describe different measurements (a review)."""
     from brainprop import locks
 
     _cell_runs(tmp_path, CONV, CPU, [0.97], [0.98], [2], [2], max_epochs=2)
@@ -302,7 +302,8 @@ def test_report_only_is_refused_while_a_reproduce_holds_its_folder(tmp_path, cap
         assert main(["reproduce", "--report-only", "--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err == (
         f"brainprop: error: {tmp_path} is in use by a 'brainprop reproduce', which rewrites its "
-        "report after each run: wait for it to end, or read the report it wrote last\n"
+        f"report as it ends: wait for that, or read each finished run's measurement in "
+        f"{tmp_path / 'measurements'}\n"
     )
     assert not (tmp_path / RESULTS_MD).exists()
     assert main(["reproduce", "--report-only", "--out", str(tmp_path)]) == 0

@@ -406,11 +406,11 @@ def _reproduce(args: argparse.Namespace) -> int:
                 f"no {MEASUREMENTS}/ folder in {out}: --report-only rewrites the report of an "
                 "earlier reproduce, so pass its --out"
             )
-        # A run of reproduce on the folder rewrites the report after each run; beside it, the
-        # two could leave results.json and results.md of different measurements.
+        # A run of reproduce on the folder rewrites the report as it ends; beside it, the two
+        # could leave results.json and results.md of different measurements.
         busy = (
-            f"{out} is in use by a 'brainprop reproduce', which rewrites its report after each "
-            "run: wait for it to end, or read the report it wrote last"
+            f"{out} is in use by a 'brainprop reproduce', which rewrites its report as it ends: "
+            f"wait for that, or read each finished run's measurement in {out / MEASUREMENTS}"
         )
         with locks.held(out, busy):
             print(f"report: {write_report(out)}")
