@@ -856,6 +856,33 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path: Path, mo
     assert not list(last.parent.glob(".*.tmp"))
 
 
+@pytest.mark.parametrize("code", [errno.EIO, errno.EINVAL])
+def test_a_folder_that_fails_to_sync_is_an_error_unless_it_cannot_sync(
+    tmp_path: Path, monkeypatch, code: int
+) -> None:
+    """EINVAL: a filesystem that cannot sync a folder, where the rename is as durable as it
+    gets; EIO: a disk that may have lost it, which the user must hear of."""
+    fsync = os.fsync
+
+    def folder_fails(fd: int) -> None:
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            raise OSError(code, os.strerror(code))
+        fsync(fd)
+
+    monkeypatch.setattr(files.os, "fsync", folder_fails)
+    path = tmp_path / "results.json"
+    if code == errno.EINVAL:
+        files.atomic_write_text(path, "{}")
+    else:
+        with pytest.raises(BrainPropError) as info:
+            files.atomic_write_text(path, "{}")
+        assert str(info.value) == (
+            f"cannot sync {tmp_path} to disk (Input/output error): the new results.json may not "
+            "survive a crash; check the disk, then run the command again"
+        )
+    assert path.read_text() == "{}"
+
+
 def test_a_failed_write_outside_a_run_says_to_run_the_command_again(tmp_path: Path) -> None:
     def full(f) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

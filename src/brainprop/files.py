@@ -8,6 +8,7 @@ caches) goes through :func:`atomic_write`.
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -67,7 +68,7 @@ def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None]) -
         if isinstance(e, OSError):
             raise _write_error(path, e) from None
         raise
-    _fsync_dir(path.parent)
+    _fsync_dir(path)
 
 
 def usual_permissions(fd: int) -> None:
@@ -129,16 +130,26 @@ def _write_error(path: Path, e: OSError) -> BrainPropError:
     )
 
 
-def _fsync_dir(folder: Path) -> None:
-    # The rename itself is durable only once the directory entry is on disk.
+#: What fsync of a directory raises where the filesystem cannot sync one (some network and
+#: FUSE filesystems): no failure of the write, which the rename made as durable as it can be.
+_NO_DIRECTORY_SYNC = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF}
+
+
+def _fsync_dir(path: Path) -> None:
+    """Sync the folder of ``path``, just renamed into place: the rename itself is durable only
+    once the directory entry is on disk."""
     try:
-        fd = os.open(folder, os.O_RDONLY)
+        fd = os.open(path.parent, os.O_RDONLY)
     except OSError:
-        return
+        return  # a folder one may write in but not list: its entry syncs with the filesystem
     try:
         os.fsync(fd)
-    except OSError:
-        pass
+    except OSError as e:
+        if e.errno not in _NO_DIRECTORY_SYNC:
+            raise BrainPropError(
+                f"cannot sync {path.parent} to disk ({e.strerror or e}): the new {path.name} may "
+                "not survive a crash; check the disk, then run the command again"
+            ) from None
     finally:
         os.close(fd)
 
