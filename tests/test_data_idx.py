@@ -81,6 +81,9 @@ def test_a_gzip_inflating_far_beyond_its_header_is_not_inflated(tmp_path: Path, 
         f.write(idx_bytes(np.zeros((1, 28, 28), np.uint8)))
         for _ in range(200):
             f.write(bytes(2**20))
+    (folder / "train-labels-idx1-ubyte.gz").write_bytes(
+        gzip.compress(idx_bytes(np.zeros(1, np.uint8)))
+    )
     asked = []
     read = gzip.GzipFile.read
 
@@ -133,6 +136,36 @@ def test_mismatched_counts(tmp_path: Path) -> None:
     _corrupt(tmp_path, "train-labels-idx1-ubyte", idx_bytes(np.zeros(5, np.uint8)))
     assert "train split has 6 images in" in _error(tmp_path)
     assert "but 5 labels in" in _error(tmp_path)
+
+
+def test_an_image_count_other_than_the_labels_is_refused_before_the_images_are_read(
+    tmp_path: Path,
+) -> None:
+    """A small gzip may declare gigabytes of images: against the labels' count its header
+    alone gives it away, before they are inflated, not as a file cut short after (review)."""
+    header = idx_bytes(np.zeros((6, 28, 28), np.uint8))[:16]
+    declared = header[:4] + (2_000_000).to_bytes(4, "big") + header[8:]
+    _corrupt(tmp_path, "train-images-idx3-ubyte", declared + bytes(28 * 28))
+    message = _error(tmp_path)
+    assert "train split has 2000000 images in" in message and "but 6 labels in" in message
+
+
+def test_images_too_large_for_memory_are_a_one_line_error(tmp_path: Path, monkeypatch) -> None:
+    write_idx_dataset(tmp_path / "mnist", gz=True)
+    read = gzip.GzipFile.read
+
+    def short_of_memory(self: gzip.GzipFile, size: int = -1) -> bytes:
+        if size > 1000:  # the images, not a header or the labels
+            raise MemoryError
+        return read(self, size)
+
+    monkeypatch.setattr(gzip.GzipFile, "read", short_of_memory)
+    path = tmp_path / "mnist" / "train-images-idx3-ubyte.gz"
+    assert _error(tmp_path) == (
+        f"not enough memory to read MNIST file {path}, whose header declares 4,704 bytes of "
+        "data: free some and try again, or, if it should hold less, delete it and run "
+        "'brainprop download mnist'"
+    )
 
 
 def test_label_out_of_range(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import math
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, ClassVar
@@ -87,14 +88,23 @@ def parse_idx(data: bytes, *, magic: int, source: str, fix: str) -> np.ndarray:
 
 
 def read_idx_file(
-    path: Path, *, magic: int, source: str, fix: str, image_size: tuple[int, ...] | None = None
+    path: Path,
+    *,
+    magic: int,
+    source: str,
+    fix: str,
+    image_size: tuple[int, ...] | None = None,
+    check_count: Callable[[int], None] | None = None,
 ) -> np.ndarray:
     """Read and parse the IDX file at ``path``, decompressing it when it ends in ``.gz``.
-    ``image_size``: the dimensions after the first that the header must declare (images),
-    checked before the data is read."""
+
+    Checked against the header before the data is read, as a small gzip may declare
+    gigabytes: ``image_size``, the dimensions after the first that it must declare (images),
+    and ``check_count``, called with the first (how many), which raises where that is wrong.
+    """
     try:
         with gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb") as f:
-            data = _read_declared(f, magic, source, fix, image_size)
+            data = _read_declared(f, magic, source, fix, image_size, check_count)
     except PermissionError as exc:
         # Not damage: deleting the file, as ``fix`` says, is no cure (and on a shared, read-only
         # data root not possible).
@@ -102,7 +112,12 @@ def read_idx_file(
     except (OSError, EOFError, zlib.error) as exc:
         # gzip.BadGzipFile is an OSError; a cut-off gzip stream raises EOFError.
         raise BrainPropError(f"{source} cannot be read ({reason(exc)}): {fix}") from exc
-    return parse_idx(data, magic=magic, source=source, fix=fix)
+    try:
+        return parse_idx(data, magic=magic, source=source, fix=fix)
+    except MemoryError:
+        raise BrainPropError(
+            f"not enough memory to hold {source} ({len(data):,} bytes): free some and try again"
+        ) from None
 
 
 def _dims(header: bytes, ndim: int) -> tuple[int, ...]:
@@ -111,7 +126,12 @@ def _dims(header: bytes, ndim: int) -> tuple[int, ...]:
 
 
 def _read_declared(
-    f: BinaryIO, magic: int, source: str, fix: str, image_size: tuple[int, ...] | None
+    f: BinaryIO,
+    magic: int,
+    source: str,
+    fix: str,
+    image_size: tuple[int, ...] | None,
+    check_count: Callable[[int], None] | None,
 ) -> bytes:
     """The header and at most one byte more of data than it declares: a small gzip that
     inflates far beyond its dimensions is caught without inflating it whole, and a header
@@ -135,7 +155,17 @@ def _read_declared(
             f"{source} declares {declared:,} bytes of data, more than any IDX dataset holds: "
             f"it is damaged or not an MNIST-style file; {fix}"
         )
-    return head + f.read(declared + 1)
+    if check_count is not None:
+        check_count(dims[0])
+    try:
+        return head + f.read(declared + 1)
+    except MemoryError:
+        # Below MAX_DATA_BYTES a file of a real dataset may declare as much: the header alone
+        # cannot tell damage from a large dataset.
+        raise BrainPropError(
+            f"not enough memory to read {source}, whose header declares {declared:,} bytes of "
+            f"data: free some and try again, or, if it should hold less, {fix}"
+        ) from None
 
 
 def idx_file_problem(path: Path, magic: int) -> str | None:
@@ -304,27 +334,39 @@ class IdxFiles:
         """Return uint8 images ``[N, 1, 28, 28]`` and int64 labels ``[N]`` of one split from
         ``folder``: the data root ``root``'s, or the system package's."""
         title = self.title
-        arrays = []
         fix = self._damage_fix(name, root, folder)
-        kinds = ((IMAGES_MAGIC, IMAGE_SIZE), (LABELS_MAGIC, None))
-        for base, (magic, image_size) in zip(SPLIT_FILES[split], kinds, strict=True):
+        paths = []
+        for base in SPLIT_FILES[split]:
             path = find_idx_file(folder, base)
             if path is None:
                 raise BrainPropError(
                     f"{title} file {folder / base}(.gz) is missing: {self.how_to_get(name, root)}"
                 )
-            source = f"{title} file {path}"
-            array = read_idx_file(path, magic=magic, source=source, fix=fix, image_size=image_size)
-            arrays.append((path, array))
-        (images_path, images), (labels_path, labels) = arrays
-        if images.shape[0] == 0:
-            raise BrainPropError(f"{title} file {images_path} holds no images: {fix}")
-        if images.shape[0] != labels.shape[0]:
-            raise BrainPropError(
-                f"{title} {split} split has {images.shape[0]} images in {images_path} but "
+            paths.append(path)
+        images_path, labels_path = paths
+        labels = read_idx_file(
+            labels_path, magic=LABELS_MAGIC, source=f"{title} file {labels_path}", fix=fix
+        )
+
+        def mismatch(images: int) -> BrainPropError:
+            return BrainPropError(
+                f"{title} {split} split has {images} images in {images_path} but "
                 f"{labels.shape[0]} labels in {labels_path}: "
                 + self._damage_fix(name, root, folder, "both")
             )
+
+        def check_count(images: int) -> None:
+            if images != len(labels):
+                raise mismatch(images)
+
+        images = read_idx_file(
+            images_path, magic=IMAGES_MAGIC, source=f"{title} file {images_path}", fix=fix,
+            image_size=IMAGE_SIZE, check_count=check_count,
+        )  # fmt: skip
+        if images.shape[0] == 0:
+            raise BrainPropError(f"{title} file {images_path} holds no images: {fix}")
+        if images.shape[0] != labels.shape[0]:
+            raise mismatch(images.shape[0])
         bad = np.flatnonzero(labels >= NUM_CLASSES)
         if bad.size:
             raise BrainPropError(
