@@ -150,7 +150,8 @@ def split_validation(ds: Dataset, n: int) -> tuple[Dataset, torch.Tensor, torch.
         raise BrainPropError(f"--val {n!r} is no number of images to hold out: pass 1 or more")
     if n >= total:
         raise BrainPropError(
-            f"--val {n} would hold out all {total} training images: pick fewer than {total}"
+            f"--val (or --val-split) {n} would hold out all {total} training images: pick "
+            f"fewer than {total}"
         )
     perm = torch.randperm(total, generator=torch.Generator().manual_seed(0)).to(ds.train_x.device)
     keep, held = perm[:-n], perm[-n:]
