@@ -334,3 +334,20 @@ def test_missing_dataset(tmp_path: Path) -> None:
         f"Tiny ImageNet folder {folder} is missing: run 'brainprop download tiny-imagenet' or "
         f"unzip tiny-imagenet-200.zip into {folder.parent}"
     )
+
+
+def test_a_tree_unzipped_one_folder_too_deep_is_to_be_moved_up_not_deleted(tmp_path: Path) -> None:
+    folder = write_tiny_imagenet(tmp_path)
+    nested = folder / "tiny-imagenet-200"
+    nested.mkdir()
+    for entry in list(folder.iterdir()):
+        if entry != nested:
+            entry.rename(nested / entry.name)
+    move = f"move what {nested} holds up into {folder}, where brainprop looks for it"
+    assert _error(tmp_path) == f"Tiny ImageNet folder {folder} holds no tree of its own: {move}"
+    (status,) = dataset_status(tmp_path, ["tiny-imagenet"])
+    assert not status.present and status.how_to_get == move
+    for entry in list(nested.iterdir()):
+        entry.rename(folder / entry.name)
+    nested.rmdir()
+    assert load_dataset("tiny-imagenet", tmp_path).num_classes == 3

@@ -174,6 +174,15 @@ def _list_test(folder: Path, class_index: dict[str, int]) -> list[tuple[Path, in
     return test
 
 
+def _too_deep(folder: Path) -> str | None:
+    """How to move a tree unzipped one folder too deep (``folder/tiny-imagenet-200``, as
+    unzipping into ``folder`` makes it) into ``folder``, or None where it is not: its advice
+    must not be to delete, and download again, a whole tree (review)."""
+    if (folder / "wnids.txt").exists() or not (folder / SUBDIR / "wnids.txt").is_file():
+        return None
+    return f"move what {folder / SUBDIR} holds up into {folder}, where brainprop looks for it"
+
+
 def tree_problem(folder: Path) -> str | None:
     """Why the tree at ``folder`` is not whole (an unzip cut short, a file that may not be
     read), as the one line loading would give, or None: every list loading checks, checked
@@ -307,8 +316,11 @@ class TinyImageNetTree:
 
     def how_to_get(self, name: str, root: Path) -> str:
         """A one-line hint on obtaining the tree into the data root ``root``."""
-        return self.inside_hint(name, root) or (
-            f"run {download_command(name, root)} or unzip tiny-imagenet-200.zip into {root / name}"
+        return (
+            self.inside_hint(name, root)
+            or _too_deep(self.dataset_dir(name, root))
+            or f"run {download_command(name, root)} or unzip tiny-imagenet-200.zip into "
+            f"{root / name}"
         )
 
     def status(self, name: str, root: Path) -> DatasetStatus:
@@ -343,6 +355,8 @@ class TinyImageNetTree:
             raise BrainPropError(
                 f"Tiny ImageNet folder {folder} is missing: {self.how_to_get(name, root)}"
             )
+        if hint := _too_deep(folder):
+            raise BrainPropError(f"Tiny ImageNet folder {folder} holds no tree of its own: {hint}")
         wnids = read_wnids(folder)
         class_index = {wnid: i for i, wnid in enumerate(wnids)}
         test = _list_test(folder, class_index)
