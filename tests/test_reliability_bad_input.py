@@ -674,14 +674,15 @@ def test_a_damaged_record_of_the_data_is_refused(tmp_path: Path, fixture_run, da
 
 
 def test_a_run_without_best_pt_yet_is_named_as_such(tmp_path: Path, capsys, run_dir: Path) -> None:
-    """A run stopped inside its first epoch has last.pt (or nothing) but no best.pt yet. The
-    command it suggests quotes a folder the shell would split."""
+    """A run stopped inside its first epoch, or killed as its first epoch's end was written
+    (last.pt first), has last.pt (or nothing) but no best.pt yet. The command it suggests
+    quotes a folder the shell would split."""
     run = tmp_path / "my run"
     shutil.copytree(run_dir, run)
     (run / "best.pt").unlink()
     assert _error(capsys, "evaluate", run) == (
-        f"{run} has no best.pt yet, as no epoch of it has ended: evaluate its latest state, "
-        f"{run / 'last.pt'}, or continue it with 'brainprop train --resume \"{run}\"'"
+        f"{run} has no best.pt yet: evaluate its latest state, {run / 'last.pt'}, or continue it "
+        f"with 'brainprop train --resume \"{run}\"', which writes it"
     )
     assert evaluate(run / "last.pt", dataset=make_tiny_dataset())["epoch"] == 1
     (run / "last.pt").unlink()

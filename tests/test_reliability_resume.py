@@ -479,11 +479,14 @@ def test_a_filesystem_without_locks_trains_unheld_and_says_so(
     assert capsys.readouterr().err == ""
 
 
+@pytest.mark.parametrize("another_attempts", [False, True])
 def test_killed_between_last_pt_and_best_pt_resumes_with_that_epochs_best_pt(
-    tmp_path: Path, ds, reference: Path, monkeypatch
+    tmp_path: Path, ds, reference: Path, monkeypatch, another_attempts: bool
 ) -> None:
     """Killed as the run's last new best is written: no later epoch writes best.pt again, so
-    only the resume can give it the weights it should hold, from the last.pt written first."""
+    only the resume can give it the weights it should hold, from the last.pt written first.
+    ``another_attempts``: best.pt holds that epoch number, but weights of an attempt since
+    started over, which the epoch alone would not tell apart."""
     history = json.loads((reference / "history.json").read_text())
     accuracies = [row["val_acc"] for row in history]
     bests = sum(a > max(accuracies[:i], default=-1.0) for i, a in enumerate(accuracies))
@@ -506,6 +509,11 @@ def test_killed_between_last_pt_and_best_pt_resumes_with_that_epochs_best_pt(
         assert checkpoint.load(run_dir / "best.pt")["epoch"] == written[-2]
     else:
         assert not (run_dir / "best.pt").exists()
+    if another_attempts:
+        last = checkpoint.load(run_dir / "last.pt")
+        other = {k: torch.zeros_like(v) for k, v in last["model"].items()}
+        identity = {k: last[k] for k in ("config", "input_shape", "num_classes", "data")}
+        checkpoint.save(run_dir / "best.pt", {**identity, "model": other, "epoch": written[-1]})
     train(None, resume=run_dir, dataset=ds, progress=False)
     assert_same_run(reference, run_dir)
     assert checkpoint.load(run_dir / "best.pt")["epoch"] == written[-1]
@@ -525,8 +533,13 @@ def test_a_raise_of_epochs_that_cannot_unmark_the_finished_run_is_not_stored(
         unlink(path, missing_ok=missing_ok)
 
     monkeypatch.setattr(Path, "unlink", refused)
-    with pytest.raises(PermissionError):
+    summary = run.dir / "summary.json"
+    with pytest.raises(BrainPropError) as info:
         train(tiny_config(tmp_path, epochs=2), resume=run.dir, dataset=ds, progress=False)
+    assert str(info.value) == (
+        f"cannot remove {summary} (Permission denied), which marks the run finished, to train it "
+        "longer: fix the permissions of its folder, then resume it again"
+    )
     monkeypatch.undo()
     assert json.loads((run.dir / "config.json").read_text())["epochs"] == 1
     longer = train(tiny_config(tmp_path, epochs=2), resume=run.dir, dataset=ds, progress=False)

@@ -147,15 +147,20 @@ def _best_of(run: Path) -> Path:
         return best
     resume = plugins.resume_command(run)
     if (run / rundir.LAST).is_file():
-        fix = f"evaluate its latest state, {run / rundir.LAST}, or continue it with {resume}"
-    elif (run / rundir.SUMMARY).is_file():
+        # Stopped inside its first epoch, or killed as that epoch's end was written: last.pt
+        # comes first, and the resume writes best.pt from it (rundir.mend_best).
+        raise BrainPropError(
+            f"{run} has no {rundir.BEST} yet: evaluate its latest state, {run / rundir.LAST}, "
+            f"or continue it with {resume}, which writes it"
+        )
+    if (run / rundir.SUMMARY).is_file():
         raise BrainPropError(
             f"{run} has no {rundir.BEST}: it ended before an epoch did ({rundir.SUMMARY} says "
             "why), so there is nothing to evaluate"
         )
-    else:
-        fix = f"continue it with {resume}"
-    raise BrainPropError(f"{run} has no {rundir.BEST} yet, as no epoch of it has ended: {fix}")
+    raise BrainPropError(
+        f"{run} has no {rundir.BEST} yet, as no epoch of it has ended: continue it with {resume}"
+    )
 
 
 def evaluate(

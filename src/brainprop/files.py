@@ -114,20 +114,23 @@ def remove_temporaries(folder: str | Path) -> None:
 def _write_error(path: Path, e: OSError) -> BrainPropError:
     # A full disk (ENOSPC, or EDQUOT past a quota) is the common case on long runs.
     kept = f"{path.name} keeps its previous content" if path.exists() else "nothing was written"
-    # A run directory (every one holds its config.json, rundir.CONFIG) continues where it stopped;
-    # a bench, report or download is simply run again.
+    return BrainPropError(
+        f"cannot write {path} ({e.strerror or e}); {kept}: free disk space or fix the folder's "
+        f"permissions, then {_then(path)}"
+    )
+
+
+def _then(path: Path) -> str:
+    """What to do once a failed write of ``path`` is fixed: a run directory (every one holds
+    its config.json, rundir.CONFIG) continues where it stopped; a bench, report or download is
+    simply run again."""
     if (path.parent / "config.json").is_file():
         resume = plugins.resume_command(path.parent)
-        then = (
+        return (
             f"continue the run with {resume} (adding the --epochs you gave), or, where "
             "'brainprop reproduce' started it, with the same reproduce command"
         )
-    else:
-        then = "run the command again"
-    return BrainPropError(
-        f"cannot write {path} ({e.strerror or e}); {kept}: free disk space or fix the folder's "
-        f"permissions, then {then}"
-    )
+    return "run the command again"
 
 
 #: What fsync of a directory raises where the filesystem cannot sync one (some network and
@@ -148,7 +151,7 @@ def _fsync_dir(path: Path) -> None:
         if e.errno not in _NO_DIRECTORY_SYNC:
             raise BrainPropError(
                 f"cannot sync {path.parent} to disk ({e.strerror or e}): the new {path.name} may "
-                "not survive a crash; check the disk, then run the command again"
+                f"not survive a crash; check the disk, then {_then(path)}"
             ) from None
     finally:
         os.close(fd)

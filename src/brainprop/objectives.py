@@ -54,6 +54,10 @@ class Output:
     explored: torch.Tensor
 
 
+#: The CUDA devices this process has said cannot build the fused head (_tell_missing).
+_TOLD_MISSING: set[torch.device] = set()
+
+
 class BrainProp:
     """Reward-based, attention-gated objective.
 
@@ -86,8 +90,6 @@ class BrainProp:
         self.epsilon, self.fused = epsilon, fused
         # Per device: whether the fused head agreed with the unfused one there.
         self._fused_agrees: dict[torch.device, bool] = {}
-        # The CUDA devices told why the kernels cannot build there (see _tell_missing).
-        self._told_missing: set[torch.device] = set()
 
     def draw(
         self, q: torch.Tensor, generator: torch.Generator | None = None
@@ -199,14 +201,16 @@ class BrainProp:
         return agrees
 
     def _tell_missing(self, device: torch.device) -> None:
-        """Warn once per device where a CUDA device cannot build the kernels (Triton missing or
-        broken): a run there would otherwise be slower than its fused head promises, unexplained."""
-        if device in self._told_missing or (why := fusedhead.missing(device)) is None:
+        """Warn where a CUDA device cannot build the kernels (Triton missing or broken): a run
+        there would otherwise be slower than its fused head promises, unexplained. Once per
+        process and device, as what it lacks is the process's: not again for each run of a
+        ``reproduce``, or each objective an ``--on-nan reload`` makes."""
+        if device in _TOLD_MISSING or (why := fusedhead.missing(device)) is None:
             return
-        self._told_missing.add(device)
+        _TOLD_MISSING.add(device)
         print(
-            f"brainprop: warning: the fused BrainProp head cannot run on {device}: {why}; "
-            "training uses the unfused head, which gives the same updates in more kernels",
+            f"brainprop: warning: the fused BrainProp head cannot run on {device}: {why}; the "
+            "unfused head runs instead, which gives the same updates in more kernels",
             file=sys.stderr,
         )
 

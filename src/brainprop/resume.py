@@ -116,7 +116,14 @@ def save_epochs(run_path: Path, config: TrainConfig) -> None:
     if stored_config(run_path).epochs != config.epochs:
         # The summary first: a config.json already raised would make the next resume skip
         # this, and leave a summary that calls the run still training finished.
-        (run_path / rundir.SUMMARY).unlink(missing_ok=True)
+        summary = run_path / rundir.SUMMARY
+        try:
+            summary.unlink(missing_ok=True)
+        except OSError as e:
+            raise BrainPropError(
+                f"cannot remove {summary} ({e.strerror or e}), which marks the run finished, to "
+                "train it longer: fix the permissions of its folder, then resume it again"
+            ) from None
         files.atomic_write_json(run_path / rundir.CONFIG, config.to_dict())
 
 

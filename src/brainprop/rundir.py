@@ -41,6 +41,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from . import checkpoint, locks
 from .errors import PERMISSIONS_FIX, BrainPropError, kind_of
 from .files import atomic_write_figure, atomic_write_json, atomic_write_text, copy, probe_write
@@ -233,12 +235,28 @@ def mend_best(run: Path, state: dict[str, Any]) -> None:
         return
     path = run / BEST
     try:
-        if path.is_file() and checkpoint.load(path).get("epoch") == epoch:
+        # By the weights, not the epoch alone: a best.pt left by a run since started over may
+        # hold another attempt's epoch of that number.
+        if path.is_file() and _same_weights(checkpoint.load(path), state, epoch):
             return
     except BrainPropError:
         pass  # a damaged best.pt is replaced by the weights it should hold
-    weights = {k: state[k] for k in ("config", "input_shape", "num_classes", "data", "model")}
-    checkpoint.save(path, {**weights, "epoch": epoch})
+    # A checkpoint from before a run recorded its data has no "data": its best.pt none either.
+    keys = ("config", "input_shape", "num_classes", "data", "model")
+    checkpoint.save(path, {**{k: state[k] for k in keys if k in state}, "epoch": epoch})
+
+
+def _same_weights(best: dict[str, Any], state: dict[str, Any], epoch: int) -> bool:
+    """Whether ``best``, a best.pt as read, holds ``state``'s weights, of ``epoch``."""
+    mine, theirs = best.get("model"), state["model"]
+    return (
+        best.get("epoch") == epoch
+        and isinstance(mine, dict)
+        and mine.keys() == theirs.keys()
+        and all(
+            isinstance(mine[k], torch.Tensor) and torch.equal(mine[k], theirs[k]) for k in theirs
+        )
+    )
 
 
 def save_state(run: Path, state: dict[str, Any], epochs_done: int) -> None:
@@ -299,7 +317,8 @@ def refuse_restart(run: Path) -> None:
     """A run without ``last.pt`` resumes from its start, which is right only if it was killed
     before its first checkpoint; once it has results, starting over would overwrite them.
 
-    ``best.pt`` alone is no such result: it holds the weights of an epoch whose state is gone.
+    ``best.pt`` alone is no such result: it holds the weights of an epoch whose state is gone
+    (left by a version that wrote it before ``last.pt``, or by a ``last.pt`` deleted by hand).
     The history comes after ``last.pt``, and ``epoch_start.pt`` is a copy of an earlier one.
     """
     left = [n for n in (HISTORY_CSV, HISTORY_JSON, EPOCH_START) if (run / n).exists()]

@@ -122,9 +122,10 @@ def build_step(
     ``parallel``'s processes: what :class:`Trainer` trains with and ``brainprop bench`` times,
     so that the two cannot drift apart."""
     # The init, the loop's generator below and the global streams (Trainer) all start from
-    # config.seed, so streams of one kind (on a CPU, all three) draw one sequence of words into
-    # different things (normal weights, a permutation, uniforms): a coupling of no known effect
-    # on learning. A seed derived per stream would make every seed of results/ another run.
+    # config.seed (one process's; parallel.seed gives each rank its own), so streams of one kind
+    # (on a CPU, all three) draw one sequence of words into different things (normal weights, a
+    # permutation, uniforms): a coupling of no known effect on learning. A seed derived per
+    # stream would make every seed of results/ another run.
     init = torch.Generator().manual_seed(config.seed)
     model = build_model(config.arch, input_shape, num_classes, config.hyperparameters(), init)
     # Before .to() and before the optimizer, so reciprocal B lands in the decayed group.
