@@ -461,7 +461,8 @@ def test_a_suggested_resume_of_a_plugin_run_names_the_plugins_it_needs(
     capsys.readouterr()
     assert main(["--plugin", str(plugin), "evaluate", str(run)]) == 2
     resume = f"'brainprop --plugin {plugin.resolve()} train --resume {run}'"
-    assert capsys.readouterr().err.rstrip().endswith(f"or continue it with {resume}")
+    err = capsys.readouterr().err.rstrip()
+    assert err.endswith(f"or continue it with {resume}, which writes it")
 
 
 FLAKY_PLUGIN = """
