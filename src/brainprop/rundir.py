@@ -38,6 +38,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -223,10 +224,11 @@ def save_epoch_end(
     write_history(run, history)
 
 
-def mend_best(run: Path, state: dict[str, Any]) -> None:
-    """Write best.pt from ``state``, the run's last.pt as it resumes, where that ends at the best
-    epoch of its history and best.pt holds another: a kill between the two writes of an epoch's
-    end (:func:`save_epoch_end`) left it one best behind."""
+def mend_best(run: Path, state: dict[str, Any], weights: Callable[[int], dict[str, Any]]) -> None:
+    """Write best.pt, as ``weights(epoch)`` gives it (the network restored from ``state``, the
+    run's last.pt as it resumes), where ``state`` ends at the best epoch of its history and
+    best.pt holds another: a kill between the two writes of an epoch's end
+    (:func:`save_epoch_end`) left it one best behind."""
     history = state.get("history") or []
     if state.get("partial") is not None or not history:
         return
@@ -241,9 +243,7 @@ def mend_best(run: Path, state: dict[str, Any]) -> None:
             return
     except BrainPropError:
         pass  # a damaged best.pt is replaced by the weights it should hold
-    # A checkpoint from before a run recorded its data has no "data": its best.pt none either.
-    keys = ("config", "input_shape", "num_classes", "data", "model")
-    checkpoint.save(path, {**{k: state[k] for k in keys if k in state}, "epoch": epoch})
+    checkpoint.save(path, weights(epoch))
 
 
 def _same_weights(best: dict[str, Any], state: dict[str, Any], epoch: int) -> bool:

@@ -69,6 +69,7 @@ from .train import (
     end_epoch,
     facts,
     gave_up,
+    mend_best,
     printer,
     rewind,
     save_last,
@@ -368,7 +369,7 @@ def _train_held(
             assert run_path is not None
             restore(trainer, state, ds, run_path, call=STACK_CALL)
             check_room(trainer, run_path)
-            rundir.mend_best(run_path, state)
+            mend_best(trainer, run_path, state)
             if trainer.resume_note:
                 print(
                     f"brainprop: seed {member_config.seed}: {trainer.resume_note}", file=sys.stderr

@@ -558,7 +558,7 @@ def _train(
         else:
             parallel.on_main(lambda: check_room(trainer, run_path))
             if state is not None:
-                parallel.on_main(lambda: rundir.mend_best(run_path, state))
+                parallel.on_main(lambda: mend_best(trainer, run_path, state))
             parallel.on_main(lambda: save_epochs(run_path, config))
         try:
             return _held_train(parallel, trainer, ds, run_path)
@@ -856,7 +856,7 @@ def end_epoch(
 
     trainer.parallel.on_main(
         lambda: rundir.save_epoch_end(
-            run_path, state, trainer.history, _weights(trainer, epoch + 1) if best else None
+            run_path, state, trainer.history, best_weights(trainer, epoch + 1) if best else None
         )
     )
     say(
@@ -928,12 +928,18 @@ def _checkpoint_bytes(trainer: Trainer) -> int:
     return sum(t.numel() * t.element_size() for t in tensors) + 2**20
 
 
-def _weights(trainer: Trainer, epoch: int) -> dict[str, Any]:
+def best_weights(trainer: Trainer, epoch: int) -> dict[str, Any]:
+    """What best.pt holds of ``trainer`` after 1-based ``epoch``: the network and its identity."""
     return {
         **trainer.identity(),
         "model": trainer.model.state_dict(),
         "epoch": epoch,
     }
+
+
+def mend_best(trainer: Trainer, run_path: Path, state: dict[str, Any]) -> None:
+    """:func:`rundir.mend_best` of ``trainer``, just restored from ``state``."""
+    rundir.mend_best(run_path, state, lambda epoch: best_weights(trainer, epoch))
 
 
 def facts(trainer: Trainer) -> dict[str, Any]:
