@@ -12,7 +12,7 @@ import pytest
 import torch
 from data_fixtures import SHARED_DATA, cifar_pickle, write_cifar10, write_cifar100
 
-from brainprop.data import load_dataset
+from brainprop.data import dataset_status, load_dataset
 from brainprop.data.cifar import RestrictedUnpickler, unpickle_restricted
 from brainprop.errors import BrainPropError
 
@@ -127,6 +127,33 @@ def test_missing_file(tmp_path: Path) -> None:
         f"or extract the official python archive into {tmp_path / 'cifar10'}"
     )
     assert "brainprop download cifar100'" in _error(tmp_path, "cifar100-coarse")
+
+
+def test_a_folder_or_a_pipe_where_a_file_goes_is_named_as_such(tmp_path: Path) -> None:
+    """Both were called missing; status would have waited for ever reading the pipe
+    (review)."""
+    write_cifar10(tmp_path)
+    folder = tmp_path / "cifar10" / "cifar-10-batches-py"
+    fix = "'brainprop download cifar10'"
+    (folder / "test_batch").unlink()
+    (folder / "test_batch").mkdir()
+    assert _error(tmp_path) == (
+        f"CIFAR file {folder / 'test_batch'} is a folder, not a file: move or remove it, then "
+        f"run {fix} or extract the official python archive into {tmp_path / 'cifar10'}"
+    )
+    [status] = dataset_status(tmp_path, ["cifar10"])
+    assert (
+        status.damaged
+        == f"{folder / 'test_batch'} is a folder, not a file: move or remove it, then run {fix}"
+    )
+    (folder / "data_batch_1").unlink()
+    os.mkfifo(folder / "data_batch_1")
+    assert _error(tmp_path).startswith(
+        f"CIFAR file {folder / 'data_batch_1'} is not a regular file (a pipe or a device, "
+        "say): move or remove it, then run"
+    )
+    [status] = dataset_status(tmp_path, ["cifar10"])
+    assert status.damaged.startswith(f"{folder / 'data_batch_1'} is not a regular file")
 
 
 class _Exploit:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import gzip
 import hashlib
 import http.server
 import io
@@ -174,6 +175,17 @@ def test_what_blocks_the_downloads_place_is_named_in_one_line(
     blocked = root / "mnist" / "t10k-labels-idx1-ubyte.gz"
     blocked.mkdir(parents=True)
     (blocked / "keep").write_text("the user's")
+    with pytest.raises(BrainPropError) as info:
+        download("mnist", root, base_url=url, progress=False)
+    # Refused before anything is fetched, now that a data root's status names it.
+    assert str(info.value) == (
+        f"{blocked} is a folder, not a file: move or remove it, then run "
+        f"'brainprop download mnist --data-dir {root}'"
+    )
+    # Beside the same file unzipped, which loading reads first, it is in the way only once
+    # the download is there to put in place.
+    plain = gzip.decompress((tmp_path / "src" / blocked.name).read_bytes())
+    blocked.with_suffix("").write_bytes(plain)
     with pytest.raises(BrainPropError) as info:
         download("mnist", root, base_url=url, progress=False)
     assert str(info.value).startswith(f"cannot put the download in place at {blocked} (")

@@ -192,6 +192,26 @@ def test_missing_file_names_path_and_command(tmp_path: Path) -> None:
     )
 
 
+def test_a_folder_where_a_file_goes_is_named_as_one(tmp_path: Path) -> None:
+    """It was called missing, and the user looked for a file that seemed to be there
+    (review)."""
+    write_idx_dataset(tmp_path / "mnist", gz=True)
+    folder = tmp_path / "mnist"
+    (folder / "t10k-labels-idx1-ubyte.gz").unlink()
+    (folder / "t10k-labels-idx1-ubyte").mkdir()
+    assert _error(tmp_path) == (
+        f"MNIST file {folder / 't10k-labels-idx1-ubyte'} is a folder, not a file: move or remove "
+        f"it, then put the four official IDX files (gzipped or not) in {folder} or run "
+        "'brainprop download mnist'"
+    )
+    [status] = dataset_status(tmp_path, ["mnist"])
+    assert (status.present, status.unreadable) == (False, False)
+    assert status.damaged == (
+        f"{folder / 't10k-labels-idx1-ubyte'} is a folder, not a file: move or remove it, then "
+        "run 'brainprop download mnist'"
+    )
+
+
 def test_test_files_copied_over_the_training_files_are_refused(tmp_path: Path) -> None:
     """Training on the test images, the run would report their accuracy as a test's (review)."""
     write_idx_dataset(tmp_path / "mnist")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -151,6 +152,21 @@ def test_missing_val_annotations(tmp_path: Path) -> None:
     path = folder / "val" / "val_annotations.txt"
     path.unlink()
     assert _error(tmp_path) == f"Tiny ImageNet file {path} is missing: {fix(folder)}"
+
+
+def test_a_pipe_as_wnids_txt_is_refused_unread(tmp_path: Path) -> None:
+    """Reading it waited for a writer for ever, in loading and in ``brainprop datasets``
+    (review)."""
+    folder = write_tiny_imagenet(tmp_path)
+    path = folder / "wnids.txt"
+    path.unlink()
+    os.mkfifo(path)
+    expected = (
+        f"Tiny ImageNet file {path} is not a regular file (a pipe or a device, say): {fix(folder)}"
+    )
+    assert _error(tmp_path) == expected
+    [status] = dataset_status(tmp_path, ["tiny-imagenet"])
+    assert status.damaged == expected
 
 
 def test_unknown_wnid_in_annotations(tmp_path: Path) -> None:

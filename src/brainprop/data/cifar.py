@@ -19,7 +19,7 @@ import torch
 from brainprop.errors import PERMISSIONS_FIX, BrainPropError, kind_of, reason
 
 from .dataset import Dataset
-from .messages import UNREADABLE, download_command, inside_root, redownload
+from .messages import UNREADABLE, download_command, inside_root, missing, not_a_file, redownload
 from .status import DatasetStatus, first_damage
 
 ROW_BYTES = 3 * 32 * 32
@@ -389,7 +389,9 @@ class CifarPickles:
         paths = [folder / f for f in self.train_files + self.test_files]
         present = all(p.is_file() for p in paths)
         damaged, unreadable = first_damage(
-            ((p, cifar_file_problem(p)) for p in paths if p.is_file()), self.download_name, root
+            (not_a_file(p) or (p, cifar_file_problem(p)) for p in paths if p.exists()),
+            self.download_name,
+            root,
         )
         return DatasetStatus(
             name, present and not damaged, folder, self.how_to_get(name, root),
@@ -417,7 +419,7 @@ class CifarPickles:
         for file_name in files:
             path = folder / file_name
             if not path.is_file():
-                raise BrainPropError(f"CIFAR file {path} is missing: {self.how_to_get(name, root)}")
+                raise BrainPropError(missing("CIFAR file", path, self.how_to_get(name, root), path))
             source = f"CIFAR file {path}"
             try:
                 data = path.read_bytes()

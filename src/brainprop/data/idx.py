@@ -20,7 +20,14 @@ import torch
 from brainprop.errors import PERMISSIONS_FIX, BrainPropError, reason
 
 from .dataset import Dataset
-from .messages import UNREADABLE, download_command, inside_root, redownload
+from .messages import (
+    UNREADABLE,
+    download_command,
+    inside_root,
+    missing,
+    not_a_file,
+    redownload,
+)
 from .status import DatasetStatus, first_damage
 
 IMAGES_MAGIC = 0x00000803
@@ -225,12 +232,26 @@ def _inflated_size(path: Path, limit: int) -> int | None:
     return total
 
 
+def _names(folder: Path, base: str) -> tuple[Path, Path]:
+    """The two names the IDX file ``base`` goes by in ``folder``: as published and gzipped."""
+    return folder / base, folder / f"{base}.gz"
+
+
 def find_idx_file(folder: Path, base: str) -> Path | None:
     """``folder/base`` if it exists, else ``folder/base.gz``, else ``None``."""
-    for candidate in (folder / base, folder / f"{base}.gz"):
+    for candidate in _names(folder, base):
         if candidate.is_file():
             return candidate
     return None
+
+
+def _problem(folder: Path, base: str) -> tuple[Path, str | None]:
+    """The IDX file ``base`` in ``folder`` and what is wrong with it, or None where it is
+    whole or missing (which its status reports apart); a folder in its place is wrong."""
+    path = find_idx_file(folder, base)
+    if path is None:
+        return not_a_file(*_names(folder, base)) or (folder / base, None)
+    return path, idx_file_problem(path, IDX_MAGIC[base])
 
 
 @dataclass(frozen=True)
@@ -304,11 +325,7 @@ class IdxFiles:
         note = ""
         if present and folder != root / name:
             note = f"from system package {self.system_package}"
-        problems = (
-            (path, idx_file_problem(path, IDX_MAGIC[base]))
-            for path, base in zip(paths, IDX_FILE_NAMES, strict=True)
-            if path is not None
-        )
+        problems = (_problem(folder, base) for base in IDX_FILE_NAMES)
         fix = self._damage_fix(name, root, folder)
         damaged, unreadable = first_damage(problems, name, root, fix)
         hint = self.how_to_get(name, root)
@@ -340,8 +357,11 @@ class IdxFiles:
             path = find_idx_file(folder, base)
             if path is None:
                 raise BrainPropError(
-                    f"{title} file {folder / base}(.gz) is missing: {self.how_to_get(name, root)}"
-                )
+                    missing(
+                        f"{title} file", f"{folder / base}(.gz)", self.how_to_get(name, root),
+                        *_names(folder, base),
+                    )
+                )  # fmt: skip
             paths.append(path)
         images_path, labels_path = paths
         labels = read_idx_file(

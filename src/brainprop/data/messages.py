@@ -11,6 +11,36 @@ from ..errors import command
 UNREADABLE = "cannot be read"
 
 
+#: How :func:`not_a_file` words what stands where a file should be; what it holds may be the
+#: user's, so the fix is to move or remove it, never to delete it as damage.
+NOT_FILES = ("is a folder, not a file", "is not a regular file (a pipe or a device, say)")
+
+
+def not_a_file(*paths: Path) -> tuple[Path, str] | None:
+    """The first of ``paths`` (the names one file of a dataset may go by) that exists but is
+    no regular file, with what it is instead (``"is a folder, not a file"``), or None: a
+    loader that calls it missing sends the user looking for a file that seems to be there,
+    and reading a named pipe would wait for a writer for ever. Its second item is one of
+    :data:`NOT_FILES`."""
+    for path in paths:
+        if path.is_dir():
+            return path, NOT_FILES[0]
+        if path.exists() and not path.is_file():
+            return path, NOT_FILES[1]
+    return None
+
+
+def missing(what: str, shown: object, hint: str, *paths: Path) -> str:
+    """The message for the file ``what`` ``shown`` (e.g. ``"MNIST file"``, a path) that a
+    loader did not find as a regular file under any of its names ``paths``, ending with
+    ``hint`` on getting it, or, where something else stands in its place, on clearing that
+    first."""
+    if found := not_a_file(*paths):
+        path, instead = found
+        return f"{what} {path} {instead}: move or remove it, then {hint}"
+    return f"{what} {shown} is missing: {hint}"
+
+
 def download_command(name: str, root: Path) -> str:
     """The command, quoted, that downloads dataset ``name`` into the data root ``root``: with
     ``--data-dir`` unless ``root`` is where it goes without one (the advice would otherwise

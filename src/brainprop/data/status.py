@@ -9,7 +9,7 @@ from pathlib import Path
 
 from brainprop.errors import PERMISSIONS_FIX
 
-from .messages import UNREADABLE, redownload
+from .messages import NOT_FILES, UNREADABLE, download_command, redownload
 
 #: The name column of ``brainprop datasets``, wide enough for the library's own names; one's
 #: own may widen it.
@@ -68,14 +68,17 @@ def first_damage(
     fix: str | None = None,
 ) -> tuple[str, bool]:
     """The first problem of ``problems`` (path, problem or None) in the data root ``root``, as
-    one line with its fix (``fix``, by default :func:`redownload`'s), and whether it is one of
-    permissions; ``""`` where there is none."""
+    one line with its fix (``fix``, by default :func:`redownload`'s; for something standing
+    in a file's place, moving it away), and whether it is one of permissions; ``""`` where
+    there is none."""
     for path, problem in problems:
         if problem is not None:
             # Permissions, not damage, are the usual reason a file cannot be opened.
             unreadable = problem.startswith(UNREADABLE)
             if unreadable:
                 fix = PERMISSIONS_FIX
+            elif problem in NOT_FILES:
+                fix = f"move or remove it, then run {download_command(download_name, root)}"
             elif fix is None:
                 fix = redownload(download_name, root)
             return f"{path} {problem}: {fix}", unreadable

@@ -28,7 +28,7 @@ from brainprop.errors import PERMISSIONS_FIX, BrainPropError, reason
 from brainprop.files import atomic_write, remove_temporaries
 
 from .dataset import Dataset
-from .messages import download_command, inside_root
+from .messages import download_command, inside_root, not_a_file
 from .status import DatasetStatus
 
 SUBDIR = "tiny-imagenet-200"
@@ -56,6 +56,8 @@ def _fail(what: str, inside: Path, exc: BaseException | None = None) -> BrainPro
 
 
 def _read_text(path: Path) -> str:
+    if found := not_a_file(path):
+        raise _fail(f"file {path} {found[1]}", path)
     try:
         return path.read_text(encoding="utf-8")
     except FileNotFoundError as exc:
