@@ -259,6 +259,16 @@ def test_a_folder_that_may_not_be_entered_is_one_line_from_the_library_too(
         "permissions",
         str(info.value),
     )
+    # The folder barred, not the file's own permissions, is what to check (review).
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p).name != "mnist" and access(p, mode))
+    with pytest.raises(BrainPropError) as info:
+        load_dataset("mnist", tmp_path)
+    assert re.fullmatch(
+        rf"cannot enter folder {re.escape(str(tmp_path / 'mnist'))} \(Permission denied\) to "
+        rf"reach {re.escape(str(tmp_path / 'mnist'))}/\S+: check its permissions",
+        str(info.value),
+    )
 
 
 @pytest.mark.parametrize("kind", ["file", "missing"])

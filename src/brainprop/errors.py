@@ -9,6 +9,7 @@ The CLI prints that line and exits with status 2; any other exception is a bug.
 from __future__ import annotations
 
 import inspect
+import os
 import re
 import shlex
 import traceback
@@ -30,8 +31,23 @@ PERMISSIONS_FIX = "check its permissions"
 
 
 def not_permitted(e: PermissionError, where: object) -> str:
-    """``e`` in one line: the path it names (else ``where``), why, and the fix."""
+    """``e`` in one line: the path it names (else ``where``), why, and the fix. Where a folder
+    on the way to that path may not be entered, that folder is named: the file's own
+    permissions, which the message would send the user to, are then not the cause."""
+    if e.filename and (closed := _closed_folder(Path(os.fsdecode(e.filename)))):
+        return (
+            f"cannot enter folder {closed} ({e.strerror or e}) to reach {e.filename}: "
+            f"{PERMISSIONS_FIX}"
+        )
     return f"cannot open {e.filename or where} ({e.strerror or e}): {PERMISSIONS_FIX}"
+
+
+def _closed_folder(path: Path) -> Path | None:
+    """The outermost folder above ``path`` that this user may not enter, or None."""
+    for folder in reversed(path.absolute().parents):
+        if not os.access(folder, os.X_OK):
+            return folder
+    return None
 
 
 def command(*words: object) -> str:
