@@ -149,11 +149,11 @@ def test_a_folder_or_a_pipe_where_a_file_goes_is_named_as_such(tmp_path: Path) -
     (folder / "data_batch_1").unlink()
     os.mkfifo(folder / "data_batch_1")
     assert _error(tmp_path).startswith(
-        f"CIFAR file {folder / 'data_batch_1'} is not a regular file (a pipe or a device, "
-        "say): move or remove it, then run"
+        f"CIFAR file {folder / 'data_batch_1'} is a named pipe, not a file: move or remove "
+        "it, then run"
     )
     [status] = dataset_status(tmp_path, ["cifar10"])
-    assert status.damaged.startswith(f"{folder / 'data_batch_1'} is not a regular file")
+    assert status.damaged.startswith(f"{folder / 'data_batch_1'} is a named pipe, not a file")
 
 
 class _Exploit:

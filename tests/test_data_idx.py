@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 from pathlib import Path
 
 import numpy as np
@@ -192,7 +193,7 @@ def test_missing_file_names_path_and_command(tmp_path: Path) -> None:
     )
 
 
-def test_a_folder_where_a_file_goes_is_named_as_one(tmp_path: Path) -> None:
+def test_a_folder_or_a_pipe_where_a_file_goes_is_named_as_such(tmp_path: Path) -> None:
     """It was called missing, and the user looked for a file that seemed to be there
     (review)."""
     write_idx_dataset(tmp_path / "mnist", gz=True)
@@ -210,6 +211,14 @@ def test_a_folder_where_a_file_goes_is_named_as_one(tmp_path: Path) -> None:
         f"{folder / 't10k-labels-idx1-ubyte'} is a folder, not a file: move or remove it, then "
         "run 'brainprop download mnist'"
     )
+    (folder / "t10k-labels-idx1-ubyte").rmdir()
+    os.mkfifo(folder / "t10k-labels-idx1-ubyte.gz")
+    assert _error(tmp_path).startswith(
+        f"MNIST file {folder / 't10k-labels-idx1-ubyte.gz'} is a named pipe, not a file: move "
+        "or remove it, then put"
+    )
+    [status] = dataset_status(tmp_path, ["mnist"])
+    assert status.damaged.startswith(f"{folder / 't10k-labels-idx1-ubyte.gz'} is a named pipe")
 
 
 def test_test_files_copied_over_the_training_files_are_refused(tmp_path: Path) -> None:

@@ -35,7 +35,7 @@ from brainprop.data import (
 )
 from brainprop.data.catalog import CATALOG, FAMILIES
 from brainprop.data.registry import own_datasets
-from brainprop.errors import BrainPropError
+from brainprop.errors import BrainPropError, barred_folder
 
 # The fixtures' folder is the default data root: see
 # test_the_download_advice_names_a_data_root_other_than_the_default for another root's advice.
@@ -265,10 +265,23 @@ def test_a_folder_that_may_not_be_entered_is_one_line_from_the_library_too(
     with pytest.raises(BrainPropError) as info:
         load_dataset("mnist", tmp_path)
     assert re.fullmatch(
-        rf"cannot enter folder {re.escape(str(tmp_path / 'mnist'))} \(Permission denied\) to "
+        rf"cannot look inside {re.escape(str(tmp_path / 'mnist'))} \(Permission denied\) to "
         rf"reach {re.escape(str(tmp_path / 'mnist'))}/\S+: check its permissions",
         str(info.value),
     )
+
+
+def test_the_barred_folder_is_found_along_the_path_as_given(tmp_path: Path, monkeypatch) -> None:
+    """A relative path is looked up from the working folder, which one may be inside without
+    being allowed into the folders above it: those are not what barred it (review)."""
+    work = tmp_path / "closed" / "work"
+    (work / "data" / "mnist").mkdir(parents=True)
+    monkeypatch.chdir(work)
+    barred = {tmp_path / "closed", Path("data", "mnist")}
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) not in barred)
+    assert barred_folder(Path("data/mnist/train-images-idx3-ubyte")) == Path("data/mnist")
+    assert barred_folder(work / "data" / "x") == tmp_path / "closed"
+    assert barred_folder(Path("data/x")) is None
 
 
 @pytest.mark.parametrize("kind", ["file", "missing"])

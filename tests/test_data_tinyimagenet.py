@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 from data_fixtures import WNIDS, write_tiny_imagenet
 from PIL import Image
 
-from brainprop.data import dataset_status, load_dataset
+from brainprop.data import dataset_status, download, load_dataset
 from brainprop.data import tinyimagenet as tin
 from brainprop.errors import BrainPropError
 
@@ -154,19 +155,81 @@ def test_missing_val_annotations(tmp_path: Path) -> None:
     assert _error(tmp_path) == f"Tiny ImageNet file {path} is missing: {fix(folder)}"
 
 
-def test_a_pipe_as_wnids_txt_is_refused_unread(tmp_path: Path) -> None:
-    """Reading it waited for a writer for ever, in loading and in ``brainprop datasets``
-    (review)."""
+def _never_read_pipes(monkeypatch) -> None:
+    """Fail where a named pipe is opened: reading one waits for a writer for ever, so the
+    test would hang, not fail, on code that does."""
+    for owner, name in ((Path, "read_text"), (Path, "open"), (tin.np, "load")):
+        real = getattr(owner, name)
+
+        def guarded(path, *args, _real=real, **kwargs):
+            if stat.S_ISFIFO(os.stat(path).st_mode):
+                raise AssertionError(f"{path}, a named pipe, was opened")
+            return _real(path, *args, **kwargs)
+
+        monkeypatch.setattr(owner, name, guarded)
+
+
+@pytest.mark.parametrize(
+    ("where", "kind"),
+    [
+        ("wnids.txt", "pipe"),
+        ("wnids.txt", "folder"),
+        ("val/val_annotations.txt", "pipe"),
+        (f"train/{WNIDS[1]}/{WNIDS[1]}_boxes.txt", "folder"),
+        (f"train/{WNIDS[1]}/images/{WNIDS[1]}_0.JPEG", "folder"),
+        ("val/images/val_2.JPEG", "pipe"),
+    ],
+)
+def test_a_pipe_or_folder_in_a_files_place_is_named_and_never_read(
+    tmp_path: Path, monkeypatch, where: str, kind: str
+) -> None:
+    """Reading a pipe waited for a writer for ever, in loading and in ``brainprop datasets``;
+    a folder was called missing, or the tree damaged and to be deleted, though what it holds
+    may be the user's (reviews)."""
     folder = write_tiny_imagenet(tmp_path)
-    path = folder / "wnids.txt"
+    path = folder / where
     path.unlink()
-    os.mkfifo(path)
+    if kind == "pipe":
+        os.mkfifo(path)
+    else:
+        path.mkdir()
+    _never_read_pipes(monkeypatch)
     expected = (
-        f"Tiny ImageNet file {path} is not a regular file (a pipe or a device, say): {fix(folder)}"
+        f"Tiny ImageNet file {path} is a {'named pipe' if kind == 'pipe' else 'folder'}, not a "
+        "file: move or remove it, then run 'brainprop download tiny-imagenet'"
     )
     assert _error(tmp_path) == expected
     [status] = dataset_status(tmp_path, ["tiny-imagenet"])
-    assert status.damaged == expected
+    assert (status.present, status.damaged) == (False, expected)
+
+
+def test_a_folder_in_a_files_place_of_a_tree_in_part_is_named_before_a_download(
+    tmp_path: Path,
+) -> None:
+    """The tree looked missing, so a download fetched 248 MB, then failed to keep the folder
+    beside the tree it extracted (review)."""
+    folder = write_tiny_imagenet(tmp_path)
+    shutil.rmtree(folder / "train")
+    (folder / "wnids.txt").unlink()
+    (folder / "wnids.txt").mkdir()
+    [status] = dataset_status(tmp_path, ["tiny-imagenet"])
+    assert status.damaged == (
+        f"Tiny ImageNet file {folder / 'wnids.txt'} is a folder, not a file: move or remove it, "
+        "then run 'brainprop download tiny-imagenet'"
+    )
+    with pytest.raises(BrainPropError, match="wnids.txt is a folder, not a file"):
+        download("tiny-imagenet", tmp_path, base_url="http://127.0.0.1:9", progress=False)
+
+
+def test_a_pipe_in_the_cache_is_rebuilt_over_unread(tmp_path: Path, monkeypatch) -> None:
+    folder = write_tiny_imagenet(tmp_path)
+    expected = load_dataset("tiny-imagenet", tmp_path).train_x
+    manifest = folder / tin.CACHE_DIR / "manifest.json"
+    manifest.unlink()
+    os.mkfifo(manifest)
+    _never_read_pipes(monkeypatch)
+    assert torch.equal(load_dataset("tiny-imagenet", tmp_path).train_x, expected)
+    assert manifest.is_file()
 
 
 def test_unknown_wnid_in_annotations(tmp_path: Path) -> None:

@@ -34,20 +34,21 @@ def not_permitted(e: PermissionError, where: object) -> str:
     """``e`` in one line: the path it names (else ``where``), why, and the fix. Where a folder
     on the way to that path may not be entered, that folder is named: the file's own
     permissions, which the message would send the user to, are then not the cause."""
-    if e.filename and (closed := _closed_folder(Path(os.fsdecode(e.filename)))):
+    if e.filename and (barred := barred_folder(Path(os.fsdecode(e.filename)))):
         return (
-            f"cannot enter folder {closed} ({e.strerror or e}) to reach {e.filename}: "
+            f"cannot look inside {barred} ({e.strerror or e}) to reach {e.filename}: "
             f"{PERMISSIONS_FIX}"
         )
     return f"cannot open {e.filename or where} ({e.strerror or e}): {PERMISSIONS_FIX}"
 
 
-def _closed_folder(path: Path) -> Path | None:
-    """The outermost folder above ``path`` that this user may not enter, or None."""
-    for folder in reversed(path.absolute().parents):
-        if not os.access(folder, os.X_OK):
-            return folder
-    return None
+def barred_folder(path: Path) -> Path | None:
+    """The outermost folder above ``path`` that this user may not enter, or None: looking a
+    file up needs only its folders' permissions. Walked as given, as the kernel resolves it:
+    a relative path from the working folder, which one may be inside without being allowed
+    into the folders above it."""
+    barred = [p for p in path.parents if not os.access(p, os.X_OK)]
+    return barred[-1] if barred else None
 
 
 def command(*words: object) -> str:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from pathlib import Path
 
 from ..errors import command
@@ -11,22 +13,35 @@ from ..errors import command
 UNREADABLE = "cannot be read"
 
 
-#: How :func:`not_a_file` words what stands where a file should be; what it holds may be the
-#: user's, so the fix is to move or remove it, never to delete it as damage.
-NOT_FILES = ("is a folder, not a file", "is not a regular file (a pipe or a device, say)")
+#: What :func:`not_a_file` finds in a file's place, by its type's test.
+_KINDS = {
+    stat.S_ISDIR: "a folder",
+    stat.S_ISFIFO: "a named pipe",
+    stat.S_ISSOCK: "a socket",
+    stat.S_ISCHR: "a device",
+    stat.S_ISBLK: "a device",
+}
+#: How :func:`not_a_file` words it; what it holds may be the user's, so the fix is to move or
+#: remove it, never to delete it as damage.
+NOT_FILES = tuple(f"is {kind}, not a file" for kind in dict.fromkeys(_KINDS.values()))
+#: What pathlib's ``exists()`` takes for "not there", as :func:`not_a_file` does.
+_ABSENT = (errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP)
 
 
 def not_a_file(*paths: Path) -> tuple[Path, str] | None:
     """The first of ``paths`` (the names one file of a dataset may go by) that exists but is
-    no regular file, with what it is instead (``"is a folder, not a file"``), or None: a
-    loader that calls it missing sends the user looking for a file that seems to be there,
-    and reading a named pipe would wait for a writer for ever. Its second item is one of
-    :data:`NOT_FILES`."""
+    no regular file, with what it is instead (one of :data:`NOT_FILES`), or None: a loader
+    that calls it missing sends the user looking for a file that seems to be there, and
+    reading a named pipe would wait for a writer for ever."""
     for path in paths:
-        if path.is_dir():
-            return path, NOT_FILES[0]
-        if path.exists() and not path.is_file():
-            return path, NOT_FILES[1]
+        try:
+            mode = path.stat().st_mode
+        except OSError as exc:
+            if exc.errno in _ABSENT:
+                continue
+            raise
+        if kind := next((k for is_kind, k in _KINDS.items() if is_kind(mode)), None):
+            return path, f"is {kind}, not a file"
     return None
 
 

@@ -4,7 +4,6 @@ entry point that loads any of them by name."""
 from __future__ import annotations
 
 import inspect
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -13,6 +12,7 @@ from pathlib import Path
 from brainprop.errors import (
     PERMISSIONS_FIX,
     BrainPropError,
+    barred_folder,
     defined_in,
     kind_of,
     not_permitted,
@@ -161,13 +161,6 @@ def load_dataset(name: str, root: str | Path | None = None, *, test_only: bool =
     return dataset
 
 
-def _barred(path: Path) -> Path:
-    """The highest folder above ``path`` that may not be entered: looking a file up needs only
-    its folders' permissions. Its own folder where none says so (a check faked in a test)."""
-    barred = [p for p in path.parents if not os.access(p, os.X_OK)]
-    return barred[-1] if barred else path.parent
-
-
 def own_datasets(name_width: int = NAME_WIDTH) -> list[str]:
     """One row per registered dataset of one's own, for ``brainprop datasets`` beside the
     statuses (its name in a column ``name_width`` wide): its files are its loader's
@@ -203,7 +196,10 @@ def _checked_status(name: str, root: Path) -> DatasetStatus:
     try:
         return CATALOG[name].format.status(name, root)
     except PermissionError as e:
-        where = _barred(Path(e.filename)) if e.filename else root / name
+        where = root / name
+        if e.filename:
+            # Its own folder where no folder above says so (a check faked in a test).
+            where = barred_folder(Path(e.filename)) or Path(e.filename).parent
         return DatasetStatus(
             name, False, where, "",
             damaged=f"cannot look inside {where} ({e.strerror or e}): {PERMISSIONS_FIX}",

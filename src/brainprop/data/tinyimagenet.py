@@ -47,17 +47,33 @@ def _fail(what: str, inside: Path, exc: BaseException | None = None) -> BrainPro
         what = f"{what} ({reason(exc)})"
         if isinstance(exc, PermissionError):
             return BrainPropError(f"Tiny ImageNet {what}: {PERMISSIONS_FIX}")
-    tree = next((p for p in (inside, *inside.parents) if p.name == SUBDIR), inside)
-    # The tree lies in root/<name>/, whatever its dataset's name.
+    tree = _tree(inside)
     return BrainPropError(
-        f"Tiny ImageNet {what}: the tree is damaged; delete {tree} and run "
-        f"{download_command(tree.parent.name, tree.parent.parent)}"
+        f"Tiny ImageNet {what}: the tree is damaged; delete {tree} and run {_download(tree)}"
+    )
+
+
+def _tree(inside: Path) -> Path:
+    """The ``tiny-imagenet-200`` folder ``inside`` lies in, else ``inside``."""
+    return next((p for p in (inside, *inside.parents) if p.name == SUBDIR), inside)
+
+
+def _download(tree: Path) -> str:
+    # The tree lies in root/<name>/, whatever its dataset's name.
+    return download_command(tree.parent.name, tree.parent.parent)
+
+
+def _in_place(path: Path, instead: str) -> BrainPropError:
+    """A folder or a pipe where the tree has a file (``instead`` says which): it may hold the
+    user's work, so it is to be moved away, not deleted with the tree as damage."""
+    return BrainPropError(
+        f"Tiny ImageNet file {path} {instead}: move or remove it, then run {_download(_tree(path))}"
     )
 
 
 def _read_text(path: Path) -> str:
     if found := not_a_file(path):
-        raise _fail(f"file {path} {found[1]}", path)
+        raise _in_place(*found)
     try:
         return path.read_text(encoding="utf-8")
     except FileNotFoundError as exc:
@@ -85,6 +101,8 @@ def _check_complete(listed: set[str], images: list[Path], listing: Path, folder:
     an archive extracted in part must not train or test on part of the data."""
     missing = sorted(listed - {p.name for p in images})
     if missing:
+        if found := not_a_file(*(folder / name for name in missing)):
+            raise _in_place(*found)
         n = len(missing)
         raise _fail(
             f"{n} image{'s' * (n > 1)} listed in {listing} {'are' if n > 1 else 'is'} missing "
@@ -254,6 +272,10 @@ def _load_cache(cache: Path, manifest: dict, classes: int) -> dict[str, np.ndarr
     """The cached arrays if the cache was written for exactly this ``manifest`` and holds
     images and labels of ``classes`` classes, else None."""
     try:
+        # Reading a named pipe would wait for ever; whatever stands there, the cache is
+        # rebuilt over it.
+        if not_a_file(cache / "manifest.json", *(cache / f"{k}.npy" for k in CACHE_ARRAYS)):
+            return None
         if json.loads((cache / "manifest.json").read_text()) != manifest:
             return None
         arrays = {k: np.load(cache / f"{k}.npy", allow_pickle=False) for k in CACHE_ARRAYS}
@@ -329,16 +351,15 @@ class TinyImageNetTree:
         """Present where the tree's lists and image folders agree (no image decoded), and
         whether a decoded cache is there."""
         folder = self.dataset_dir(name, root)
-        present = all(
-            p.exists()
-            for p in (
-                folder / "wnids.txt",
-                folder / "train",
-                folder / "val" / "val_annotations.txt",
-            )
-        )
+        wnids, annotations = folder / "wnids.txt", folder / "val" / "val_annotations.txt"
+        present = all(p.exists() for p in (wnids, folder / "train", annotations))
         note = "decoded cache present" if (folder / CACHE_DIR / "manifest.json").is_file() else ""
-        damaged = (tree_problem(folder) or "") if present else ""
+        if present:
+            damaged = tree_problem(folder) or ""
+        else:
+            # A download would extract the tree around it, then fail to keep it (review).
+            found = not_a_file(wnids, annotations)
+            damaged = str(_in_place(*found)) if found else ""
         unreadable = damaged.endswith(PERMISSIONS_FIX)
         hint = self.how_to_get(name, root)
         return DatasetStatus(name, present and not damaged, folder, hint, note, damaged, unreadable)
