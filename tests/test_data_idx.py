@@ -248,6 +248,18 @@ def test_fashion_falls_back_to_system_folder(tmp_path: Path, monkeypatch) -> Non
     own = write_idx_dataset(tmp_path / "root" / "fashion-mnist", seed=6)
     ds = load_dataset("fashion-mnist", tmp_path / "root")
     assert np.array_equal(ds.train_x[:, 0].numpy(), own["train_x"])
+    # So does a folder where one goes: named, not read past to the system's (review).
+    blocked = tmp_path / "root" / "fashion-mnist" / "t10k-labels-idx1-ubyte.gz"
+    blocked.unlink()
+    blocked.mkdir()
+    with pytest.raises(BrainPropError, match=f"^Fashion-MNIST file {blocked} is a folder, not "):
+        load_dataset("fashion-mnist", tmp_path / "root")
+    for other in blocked.parent.glob("*.gz"):
+        if other != blocked:
+            other.unlink()
+    [status] = dataset_status(tmp_path / "root", ["fashion-mnist"])
+    assert status.path == blocked.parent
+    assert status.damaged.startswith(f"{blocked} is a folder, not a file: move or remove it")
 
 
 def test_fashion_missing_mentions_apt(tmp_path: Path, monkeypatch) -> None:

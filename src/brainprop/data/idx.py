@@ -280,9 +280,11 @@ class IdxFiles:
 
     def dataset_dir(self, name: str, root: Path) -> Path:
         """``root/name``, or the system package's folder when ``root/name`` has none of the
-        four files and the system folder has all."""
+        four files, nor anything in their place, and the system folder has all. A folder where
+        a file goes counts as the user's copy: read past, it went unreported, and a download
+        fetched before it failed to put the file there (review)."""
         own = root / name
-        if any(find_idx_file(own, base) for base in IDX_FILE_NAMES):
+        if any(find_idx_file(own, b) or not_a_file(*_names(own, b)) for b in IDX_FILE_NAMES):
             return own
         system = self.system_dir
         if system is not None and all(find_idx_file(system, base) for base in IDX_FILE_NAMES):
