@@ -203,6 +203,18 @@ def test_a_pipe_or_folder_in_a_files_place_is_named_and_never_read(
     assert (status.present, status.damaged) == (False, expected)
 
 
+@pytest.mark.parametrize("name", ["..", "", "\x00al_0.JPEG", "../images"])
+def test_a_listed_name_that_is_no_plain_file_name_is_missing_not_in_place(
+    tmp_path: Path, name: str
+) -> None:
+    """Looking for what stands in a listed image's place, '..' named the folder above as if
+    it did, and a NUL crashed the look (found by the fuzz test)."""
+    folder = write_tiny_imagenet(tmp_path)
+    annotations = folder / "val" / "val_annotations.txt"
+    annotations.write_text(annotations.read_text().replace("val_0.JPEG", name, 1))
+    assert _error(tmp_path).startswith(f"Tiny ImageNet 1 image listed in {annotations} is missing")
+
+
 def test_a_folder_in_a_files_place_of_a_tree_in_part_is_named_before_a_download(
     tmp_path: Path,
 ) -> None:

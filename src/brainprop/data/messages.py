@@ -40,6 +40,8 @@ def not_a_file(*paths: Path) -> tuple[Path, str] | None:
             if exc.errno in _ABSENT:
                 continue
             raise
+        except ValueError:  # a NUL in the name, which no file can have
+            continue
         if kind := next((k for is_kind, k in _KINDS.items() if is_kind(mode)), None):
             return path, f"is {kind}, not a file"
     return None

@@ -101,7 +101,10 @@ def _check_complete(listed: set[str], images: list[Path], listing: Path, folder:
     an archive extracted in part must not train or test on part of the data."""
     missing = sorted(listed - {p.name for p in images})
     if missing:
-        if found := not_a_file(*(folder / name for name in missing)):
+        # Only a plain name can stand for a file of the folder: ".." would name the folder
+        # above, a folder, as if it stood in an image's place.
+        plain = (n for n in missing if n not in ("", ".", "..") and "/" not in n)
+        if found := not_a_file(*(folder / name for name in plain)):
             raise _in_place(*found)
         n = len(missing)
         raise _fail(
