@@ -247,7 +247,8 @@ def find_idx_file(folder: Path, base: str) -> Path | None:
 
 def _problem(folder: Path, base: str) -> tuple[Path, str | None]:
     """The IDX file ``base`` in ``folder`` and what is wrong with it, or None where it is
-    whole or missing (which its status reports apart); a folder in its place is wrong."""
+    whole or missing (which its status reports apart); a folder or a pipe in its place is
+    wrong."""
     path = find_idx_file(folder, base)
     if path is None:
         return not_a_file(*_names(folder, base)) or (folder / base, None)
