@@ -35,7 +35,7 @@ from brainprop.data import (
 )
 from brainprop.data.catalog import CATALOG, FAMILIES
 from brainprop.data.registry import own_datasets
-from brainprop.errors import BrainPropError, barred_folder
+from brainprop.errors import BrainPropError, barred_folder, not_permitted
 
 # The fixtures' folder is the default data root: see
 # test_the_download_advice_names_a_data_root_other_than_the_default for another root's advice.
@@ -282,6 +282,15 @@ def test_the_barred_folder_is_found_along_the_path_as_given(tmp_path: Path, monk
     assert barred_folder(Path("data/mnist/train-images-idx3-ubyte")) == Path("data/mnist")
     assert barred_folder(work / "data" / "x") == tmp_path / "closed"
     assert barred_folder(Path("data/x")) is None
+
+
+def test_a_permission_error_on_an_open_file_is_one_line() -> None:
+    """Such an error names a descriptor, a number, where a path is walked for the folder that
+    barred it: the CLI's last-resort message raised a TypeError on it (review)."""
+    error = PermissionError(13, "Permission denied", 5)
+    assert not_permitted(error, "a file it needs") == (
+        "cannot open a file it needs (Permission denied): check its permissions"
+    )
 
 
 @pytest.mark.parametrize("kind", ["file", "missing"])

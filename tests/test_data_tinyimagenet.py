@@ -158,11 +158,16 @@ def test_missing_val_annotations(tmp_path: Path) -> None:
 def _never_read_pipes(monkeypatch) -> None:
     """Fail where a named pipe is opened: reading one waits for a writer for ever, so the
     test would hang, not fail, on code that does."""
-    for owner, name in ((Path, "read_text"), (Path, "open"), (tin.np, "load")):
+    targets = ((Path, "read_text"), (Path, "open"), (tin.np, "load"), (tin.Image, "open"))
+    for owner, name in targets:
         real = getattr(owner, name)
 
         def guarded(path, *args, _real=real, **kwargs):
-            if stat.S_ISFIFO(os.stat(path).st_mode):
+            try:
+                pipe = stat.S_ISFIFO(os.stat(path).st_mode)
+            except (OSError, TypeError):  # a file to be created, an open file object
+                pipe = False
+            if pipe:
                 raise AssertionError(f"{path}, a named pipe, was opened")
             return _real(path, *args, **kwargs)
 
@@ -203,12 +208,13 @@ def test_a_pipe_or_folder_in_a_files_place_is_named_and_never_read(
     assert (status.present, status.damaged) == (False, expected)
 
 
-@pytest.mark.parametrize("name", ["..", "", "\x00al_0.JPEG", "../images"])
+@pytest.mark.parametrize("name", ["..", "", "\x00al_0.JPEG", "../images", "x" * 300])
 def test_a_listed_name_that_is_no_plain_file_name_is_missing_not_in_place(
     tmp_path: Path, name: str
 ) -> None:
     """Looking for what stands in a listed image's place, '..' named the folder above as if
-    it did, and a NUL crashed the look (found by the fuzz test)."""
+    it did, and a NUL (found by the fuzz test) or a name too long for any file crashed the
+    look."""
     folder = write_tiny_imagenet(tmp_path)
     annotations = folder / "val" / "val_annotations.txt"
     annotations.write_text(annotations.read_text().replace("val_0.JPEG", name, 1))

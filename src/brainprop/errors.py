@@ -34,12 +34,12 @@ def not_permitted(e: PermissionError, where: object) -> str:
     """``e`` in one line: the path it names (else ``where``), why, and the fix. Where a folder
     on the way to that path may not be entered, that folder is named: the file's own
     permissions, which the message would send the user to, are then not the cause."""
-    if e.filename and (barred := barred_folder(Path(os.fsdecode(e.filename)))):
-        return (
-            f"cannot look inside {barred} ({e.strerror or e}) to reach {e.filename}: "
-            f"{PERMISSIONS_FIX}"
-        )
-    return f"cannot open {e.filename or where} ({e.strerror or e}): {PERMISSIONS_FIX}"
+    # A call on an open file names its descriptor, a number: no path to walk.
+    named = isinstance(e.filename, (str, bytes)) and e.filename
+    path = Path(os.fsdecode(e.filename)) if named else None
+    if path is not None and (barred := barred_folder(path)):
+        return f"cannot look inside {barred} ({e.strerror or e}) to reach {path}: {PERMISSIONS_FIX}"
+    return f"cannot open {path or where} ({e.strerror or e}): {PERMISSIONS_FIX}"
 
 
 def barred_folder(path: Path) -> Path | None:

@@ -281,9 +281,9 @@ class IdxFiles:
 
     def dataset_dir(self, name: str, root: Path) -> Path:
         """``root/name``, or the system package's folder when ``root/name`` has none of the
-        four files, nor anything in their place, and the system folder has all. A folder where
-        a file goes counts as the user's copy: read past, it went unreported, and a download
-        fetched before it failed to put the file there (review)."""
+        four files, nor anything in their place, and the system folder has all. A folder (or
+        anything but a file) where a file goes counts as the user's copy: read past, it went
+        unreported, and a download fetched before it failed to put the file there (review)."""
         own = root / name
         if any(find_idx_file(own, b) or not_a_file(*_names(own, b)) for b in IDX_FILE_NAMES):
             return own

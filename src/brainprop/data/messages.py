@@ -23,16 +23,20 @@ _KINDS = {
 }
 #: How :func:`not_a_file` words it; what it holds may be the user's, so the fix is to move or
 #: remove it, never to delete it as damage.
-NOT_FILES = tuple(f"is {kind}, not a file" for kind in dict.fromkeys(_KINDS.values()))
-#: What pathlib's ``exists()`` takes for "not there", as :func:`not_a_file` does.
-_ABSENT = (errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP)
+NOT_FILES = tuple(
+    f"is {kind}, not a file" for kind in dict.fromkeys([*_KINDS.values(), "a special file"])
+)
+#: What pathlib's ``exists()`` takes for "not there", as :func:`not_a_file` does, and a name
+#: too long for any file (a listed name is the data's, not the filesystem's).
+_ABSENT = (errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP, errno.ENAMETOOLONG)
 
 
 def not_a_file(*paths: Path) -> tuple[Path, str] | None:
-    """The first of ``paths`` (the names one file of a dataset may go by) that exists but is
-    no regular file, with what it is instead (one of :data:`NOT_FILES`), or None: a loader
-    that calls it missing sends the user looking for a file that seems to be there, and
-    reading a named pipe would wait for a writer for ever."""
+    """The first of ``paths`` that exists but is no regular file, with what it is instead
+    (one of :data:`NOT_FILES`), or None: a loader that calls it missing sends the user looking
+    for a file that seems to be there, and reading a named pipe would wait for a writer for
+    ever. A name no file can have (a NUL in it, too long) is not there; an error that says
+    nothing of the name (permissions, a failing disk) is raised."""
     for path in paths:
         try:
             mode = path.stat().st_mode
@@ -40,9 +44,10 @@ def not_a_file(*paths: Path) -> tuple[Path, str] | None:
             if exc.errno in _ABSENT:
                 continue
             raise
-        except ValueError:  # a NUL in the name, which no file can have
+        except ValueError:  # a NUL in the name
             continue
-        if kind := next((k for is_kind, k in _KINDS.items() if is_kind(mode)), None):
+        if not stat.S_ISREG(mode):
+            kind = next((k for is_kind, k in _KINDS.items() if is_kind(mode)), "a special file")
             return path, f"is {kind}, not a file"
     return None
 

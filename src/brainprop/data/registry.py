@@ -198,7 +198,8 @@ def _checked_status(name: str, root: Path) -> DatasetStatus:
     except PermissionError as e:
         where = root / name
         if e.filename:
-            # Its own folder where no folder above says so (a check faked in a test).
+            # Where os.access sees no barred folder but the kernel refused (root on an NFS
+            # share that squashes root), the folder being looked inside is the best guess.
             where = barred_folder(Path(e.filename)) or Path(e.filename).parent
         return DatasetStatus(
             name, False, where, "",

@@ -64,8 +64,9 @@ def _download(tree: Path) -> str:
 
 
 def _in_place(path: Path, instead: str) -> BrainPropError:
-    """A folder or a pipe where the tree has a file (``instead`` says which): it may hold the
-    user's work, so it is to be moved away, not deleted with the tree as damage."""
+    """Something other than a file (a folder, a pipe: ``instead`` says which) where the tree
+    has a file: it may hold the user's work, so it is to be moved away, not deleted with the
+    tree as damage."""
     return BrainPropError(
         f"Tiny ImageNet file {path} {instead}: move or remove it, then run {_download(_tree(path))}"
     )
@@ -101,8 +102,8 @@ def _check_complete(listed: set[str], images: list[Path], listing: Path, folder:
     an archive extracted in part must not train or test on part of the data."""
     missing = sorted(listed - {p.name for p in images})
     if missing:
-        # Only a plain name can stand for a file of the folder: ".." would name the folder
-        # above, a folder, as if it stood in an image's place.
+        # The names are the list's, not the folder's: only a plain one can name a file in
+        # it ('..' or 'a/b' would name some folder elsewhere as standing in an image's place).
         plain = (n for n in missing if n not in ("", ".", "..") and "/" not in n)
         if found := not_a_file(*(folder / name for name in plain)):
             raise _in_place(*found)
