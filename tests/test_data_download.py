@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from data_fixtures import (
     REPO,
+    WNIDS,
     cifar_pickle,
     patch_remote,
     tar_gz_bytes,
@@ -160,6 +161,29 @@ def test_tiny_imagenet_zip(tmp_path: Path, server, monkeypatch) -> None:
     root = tmp_path / "root"
     download("tiny-imagenet", root, base_url=url, progress=False)
     assert load_dataset("tiny-imagenet", root).test_y.tolist() == [2, 0, 1, 2]
+
+
+def test_a_folder_of_ones_own_where_the_archive_has_a_file_is_named(
+    tmp_path: Path, server, monkeypatch
+) -> None:
+    """A tree extracted in part, with a folder of notes where a class's list goes: the user's
+    files are kept beside a new tree, and this one could not be; the message said to check
+    free disk space (review)."""
+    served, url = server
+    folder = write_tiny_imagenet(tmp_path / "src")
+    content = zip_bytes(tree_bytes(folder, "tiny-imagenet-200"))
+    _serve(served, "tiny-imagenet-200.zip", content, monkeypatch, "tiny-imagenet")
+    tree = tmp_path / "root" / "tiny-imagenet" / "tiny-imagenet-200"
+    boxes = tree / "train" / WNIDS[0] / f"{WNIDS[0]}_boxes.txt"
+    boxes.mkdir(parents=True)
+    (boxes / "notes").write_text("mine")
+    with pytest.raises(BrainPropError) as info:
+        download("tiny-imagenet", tmp_path / "root", base_url=url, progress=False)
+    assert str(info.value) == (
+        f"{boxes} is a folder, where the download has a file: move it out of {tree}, then run "
+        "the command again"
+    )
+    assert (boxes / "notes").read_text() == "mine"
 
 
 def test_what_blocks_the_downloads_place_is_named_in_one_line(

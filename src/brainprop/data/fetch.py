@@ -117,7 +117,16 @@ def _copy_own_files(old: Path, new: Path) -> None:
             continue
         kept = new / relative
         if path.is_file() and not path.is_symlink() and not kept.exists():
-            kept.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                kept.parent.mkdir(parents=True, exist_ok=True)
+            except (FileExistsError, NotADirectoryError) as exc:
+                # A folder of one's own where the archive has a file: keeping either loses
+                # the other, and the extraction's own advice (disk space) would mislead.
+                clash = next(p for p in kept.parents if p.is_file()).relative_to(new)
+                raise BrainPropError(
+                    f"{old / clash} is a folder, where the download has a file: move it out "
+                    f"of {old}, then run the command again"
+                ) from exc
             shutil.copy2(path, kept)
 
 
