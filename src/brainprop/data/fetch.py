@@ -122,10 +122,12 @@ def _copy_own_files(old: Path, new: Path) -> None:
             except (FileExistsError, NotADirectoryError) as exc:
                 # A folder of one's own where the archive has a file: keeping either loses
                 # the other, and the extraction's own advice (disk space) would mislead.
-                clash = next(p for p in kept.parents if p.is_file()).relative_to(new)
+                clash = next((p for p in kept.parents if p.is_file()), None)
+                if clash is None:
+                    raise
                 raise BrainPropError(
-                    f"{old / clash} is a folder, where the download has a file: move it out "
-                    f"of {old}, then run the command again"
+                    f"{old / clash.relative_to(new)} is a folder, where the download has a "
+                    f"file: move it out of {old}, then run the command again"
                 ) from exc
             shutil.copy2(path, kept)
 
