@@ -245,11 +245,10 @@ def find_idx_file(folder: Path, base: str) -> Path | None:
     return None
 
 
-def _problem(folder: Path, base: str) -> tuple[Path, str | None]:
-    """The IDX file ``base`` in ``folder`` and what is wrong with it, or None where it is
-    whole or missing (which its status reports apart); a folder or a pipe in its place is
-    wrong."""
-    path = find_idx_file(folder, base)
+def _problem(folder: Path, base: str, path: Path | None) -> tuple[Path, str | None]:
+    """The IDX file ``base`` in ``folder``, found at ``path`` (:func:`find_idx_file`), and what
+    is wrong with it, or None where it is whole or missing (which its status reports apart); a
+    folder or a pipe in its place is wrong."""
     if path is None:
         return not_a_file(*_names(folder, base)) or (folder / base, None)
     return path, idx_file_problem(path, IDX_MAGIC[base])
@@ -328,7 +327,9 @@ class IdxFiles:
         note = ""
         if present and folder != root / name:
             note = f"from system package {self.system_package}"
-        problems = (_problem(folder, base) for base in IDX_FILE_NAMES)
+        problems = (
+            _problem(folder, base, path) for base, path in zip(IDX_FILE_NAMES, paths, strict=True)
+        )
         fix = self._damage_fix(name, root, folder)
         damaged, unreadable = first_damage(problems, name, root, fix)
         hint = self.how_to_get(name, root)
