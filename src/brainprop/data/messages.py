@@ -52,6 +52,12 @@ def not_a_file(*paths: Path) -> tuple[Path, str] | None:
     return None
 
 
+def move_away(then: str) -> str:
+    """The fix for something standing in a file's place (:func:`not_a_file`), ``then`` what
+    to do next: what it holds may be the user's, so it is moved, never deleted as damage."""
+    return f"move or remove it, then {then}"
+
+
 def missing(what: str, shown: object, hint: str, *paths: Path) -> str:
     """The message for the file ``what`` ``shown`` (e.g. ``"MNIST file"``, a path) that a
     loader did not find as a regular file under any of its names ``paths``, ending with
@@ -59,7 +65,7 @@ def missing(what: str, shown: object, hint: str, *paths: Path) -> str:
     first."""
     if found := not_a_file(*paths):
         path, instead = found
-        return f"{what} {path} {instead}: move or remove it, then {hint}"
+        return f"{what} {path} {instead}: {move_away(hint)}"
     return f"{what} {shown} is missing: {hint}"
 
 

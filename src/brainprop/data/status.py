@@ -9,7 +9,7 @@ from pathlib import Path
 
 from brainprop.errors import PERMISSIONS_FIX
 
-from .messages import NOT_FILES, UNREADABLE, download_command, redownload
+from .messages import NOT_FILES, UNREADABLE, download_command, move_away, redownload
 
 #: The name column of ``brainprop datasets``, wide enough for the library's own names; one's
 #: own may widen it.
@@ -78,7 +78,7 @@ def first_damage(
             if unreadable:
                 fix = PERMISSIONS_FIX
             elif problem in NOT_FILES:
-                fix = f"move or remove it, then run {download_command(download_name, root)}"
+                fix = move_away(f"run {download_command(download_name, root)}")
             elif fix is None:
                 fix = redownload(download_name, root)
             return f"{path} {problem}: {fix}", unreadable

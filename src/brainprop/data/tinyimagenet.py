@@ -28,7 +28,7 @@ from brainprop.errors import PERMISSIONS_FIX, BrainPropError, reason
 from brainprop.files import atomic_write, remove_temporaries
 
 from .dataset import Dataset
-from .messages import download_command, inside_root, not_a_file
+from .messages import download_command, inside_root, move_away, not_a_file
 from .status import DatasetStatus
 
 SUBDIR = "tiny-imagenet-200"
@@ -67,9 +67,8 @@ def _in_place(path: Path, instead: str) -> BrainPropError:
     """Something other than a file (a folder, a pipe: ``instead`` says which) where the tree
     has a file: it may hold the user's work, so it is to be moved away, not deleted with the
     tree as damage."""
-    return BrainPropError(
-        f"Tiny ImageNet file {path} {instead}: move or remove it, then run {_download(_tree(path))}"
-    )
+    fix = move_away(f"run {_download(_tree(path))}")
+    return BrainPropError(f"Tiny ImageNet file {path} {instead}: {fix}")
 
 
 def _read_text(path: Path) -> str:
