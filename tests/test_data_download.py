@@ -167,18 +167,36 @@ def test_a_folder_of_ones_own_where_the_archive_has_a_file_is_named(
     tmp_path: Path, server, monkeypatch
 ) -> None:
     """A tree extracted in part, with a folder of notes where a class's list goes: the user's
-    files are kept beside a new tree, and this one could not be; the message said to check
-    free disk space (review)."""
+    files are kept beside a new tree, and this one could not be. It is named before anything
+    is fetched; one made while the download runs is named once the archive is extracted,
+    where the message said to check free disk space (review)."""
     served, url = server
     folder = write_tiny_imagenet(tmp_path / "src")
     content = zip_bytes(tree_bytes(folder, "tiny-imagenet-200"))
     _serve(served, "tiny-imagenet-200.zip", content, monkeypatch, "tiny-imagenet")
-    tree = tmp_path / "root" / "tiny-imagenet" / "tiny-imagenet-200"
+    root = tmp_path / "root"
+    tree = root / "tiny-imagenet" / "tiny-imagenet-200"
     boxes = tree / "train" / WNIDS[0] / f"{WNIDS[0]}_boxes.txt"
     boxes.mkdir(parents=True)
     (boxes / "notes").write_text("mine")
     with pytest.raises(BrainPropError) as info:
-        download("tiny-imagenet", tmp_path / "root", base_url=url, progress=False)
+        download("tiny-imagenet", root, base_url="http://127.0.0.1:9", progress=False)
+    assert str(info.value) == (
+        f"Tiny ImageNet file {boxes} is a folder, not a file: move or remove it, then run "
+        f"'brainprop download tiny-imagenet --data-dir {root}'"
+    )
+    (boxes / "notes").unlink()
+    boxes.rmdir()
+    real_fetch = fetch._fetch
+
+    def fetch_while_notes_are_made(*args, **kwargs):
+        boxes.mkdir()
+        (boxes / "notes").write_text("mine")
+        return real_fetch(*args, **kwargs)
+
+    monkeypatch.setattr(fetch, "_fetch", fetch_while_notes_are_made)
+    with pytest.raises(BrainPropError) as info:
+        download("tiny-imagenet", root, base_url=url, progress=False)
     assert str(info.value) == (
         f"{boxes} is a folder, where the download has a file: move it out of {tree}, then run "
         "the command again"

@@ -221,22 +221,57 @@ def test_a_listed_name_that_is_no_plain_file_name_is_missing_not_in_place(
     assert _error(tmp_path).startswith(f"Tiny ImageNet 1 image listed in {annotations} is missing")
 
 
+@pytest.mark.parametrize(
+    ("where", "kind"),
+    [
+        ("wnids.txt", "folder"),
+        ("val/val_annotations.txt", "pipe"),
+        (f"train/{WNIDS[1]}/{WNIDS[1]}_boxes.txt", "folder"),
+        (f"train/{WNIDS[2]}/images/{WNIDS[2]}_1.JPEG", "pipe"),
+        ("val/images/val_3.JPEG", "folder"),
+        ("test/images/test_0.JPEG", "folder"),
+    ],
+)
 def test_a_folder_in_a_files_place_of_a_tree_in_part_is_named_before_a_download(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch, where: str, kind: str
 ) -> None:
     """The tree looked missing, so a download fetched 248 MB, then failed to keep the folder
-    beside the tree it extracted (review)."""
+    beside the tree it extracted (review); deeper than the two lists, it was found only then."""
     folder = write_tiny_imagenet(tmp_path)
-    shutil.rmtree(folder / "train")
-    (folder / "wnids.txt").unlink()
-    (folder / "wnids.txt").mkdir()
+    (folder / "wnids.txt").unlink()  # so the tree is in part
+    path = folder / where
+    path.unlink(missing_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.mkdir() if kind == "folder" else os.mkfifo(path)
+    # Folders and links of one's own where the archive has none, or nothing, are no clash.
+    (folder / "train" / "notes" / "images" / "x.JPEG").mkdir(parents=True)
+    (folder / "val" / "images" / "val_9.JPEG").symlink_to(tmp_path / "nowhere")
+    _never_read_pipes(monkeypatch)
     [status] = dataset_status(tmp_path, ["tiny-imagenet"])
     assert status.damaged == (
-        f"Tiny ImageNet file {folder / 'wnids.txt'} is a folder, not a file: move or remove it, "
-        "then run 'brainprop download tiny-imagenet'"
+        f"Tiny ImageNet file {path} is a {'named pipe' if kind == 'pipe' else 'folder'}, not a "
+        "file: move or remove it, then run 'brainprop download tiny-imagenet'"
     )
-    with pytest.raises(BrainPropError, match="wnids.txt is a folder, not a file"):
+    with pytest.raises(BrainPropError, match=f"{path.name} is a .*, not a file"):
         download("tiny-imagenet", tmp_path, base_url="http://127.0.0.1:9", progress=False)
+
+
+def test_a_tree_in_part_with_no_clash_is_missing_not_damaged(tmp_path: Path, monkeypatch) -> None:
+    folder = write_tiny_imagenet(tmp_path)
+    (folder / "wnids.txt").unlink()
+    (folder / "train" / "notes" / "images" / "x.JPEG").mkdir(parents=True)
+    [status] = dataset_status(tmp_path, ["tiny-imagenet"])
+    assert (status.present, status.damaged) == (False, "")
+    # What may not be looked at (a folder listed but not entered) is no traceback either.
+    (folder / "val" / "images" / "val_0.JPEG").unlink()
+    (folder / "val" / "images" / "val_0.JPEG").mkdir()
+
+    def refused(path: Path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(tin, "not_a_file", refused)
+    [status] = dataset_status(tmp_path, ["tiny-imagenet"])
+    assert (status.present, status.damaged) == (False, "")
 
 
 def test_a_pipe_in_the_cache_is_rebuilt_over_unread(tmp_path: Path, monkeypatch) -> None:
