@@ -204,6 +204,35 @@ def test_a_folder_of_ones_own_where_the_archive_has_a_file_is_named(
     assert (boxes / "notes").read_text() == "mine"
 
 
+def test_a_file_of_ones_own_where_the_archive_has_a_folder_is_named(
+    tmp_path: Path, server, monkeypatch
+) -> None:
+    """One made while the download runs (one there before is named before anything is
+    fetched): it was taken for the archive's own and went with the old tree (review)."""
+    served, url = server
+    folder = write_tiny_imagenet(tmp_path / "src")
+    content = zip_bytes(tree_bytes(folder, "tiny-imagenet-200"))
+    _serve(served, "tiny-imagenet-200.zip", content, monkeypatch, "tiny-imagenet")
+    root = tmp_path / "root"
+    tree = root / "tiny-imagenet" / "tiny-imagenet-200"
+    (tree / "val").mkdir(parents=True)
+    mine = tree / "val" / "images"
+    real_fetch = fetch._fetch
+
+    def fetch_while_a_file_is_made(*args, **kwargs):
+        mine.write_text("mine")
+        return real_fetch(*args, **kwargs)
+
+    monkeypatch.setattr(fetch, "_fetch", fetch_while_a_file_is_made)
+    with pytest.raises(BrainPropError) as info:
+        download("tiny-imagenet", root, base_url=url, progress=False)
+    assert str(info.value) == (
+        f"{mine} is a file, where the download has a folder: move it out of {tree}, then run "
+        "the command again"
+    )
+    assert mine.read_text() == "mine"
+
+
 def test_what_blocks_the_downloads_place_is_named_in_one_line(
     tmp_path: Path, server, monkeypatch
 ) -> None:

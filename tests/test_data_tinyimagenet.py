@@ -222,56 +222,103 @@ def test_a_listed_name_that_is_no_plain_file_name_is_missing_not_in_place(
 
 
 @pytest.mark.parametrize(
-    ("where", "kind"),
+    ("where", "kind", "said"),
     [
-        ("wnids.txt", "folder"),
-        ("val/val_annotations.txt", "pipe"),
-        (f"train/{WNIDS[1]}/{WNIDS[1]}_boxes.txt", "folder"),
-        (f"train/{WNIDS[2]}/images/{WNIDS[2]}_1.JPEG", "pipe"),
-        ("val/images/val_3.JPEG", "folder"),
-        ("test/images/test_0.JPEG", "folder"),
+        ("wnids.txt", "folder", "file {} is a folder, not a file"),
+        ("wnids.txt", "link to a folder", "file {} is a folder, not a file"),
+        ("val/val_annotations.txt", "pipe", "file {} is a named pipe, not a file"),
+        (f"train/{WNIDS[1]}/{WNIDS[1]}_boxes.txt", "folder", "file {} is a folder, not a file"),
+        (
+            f"train/{WNIDS[2]}/images/{WNIDS[2]}_1.JPEG",
+            "pipe",
+            "file {} is a named pipe, not a file",
+        ),
+        ("val/images/val_3.JPEG", "folder", "file {} is a folder, not a file"),
+        ("test/images/test_0.JPEG", "folder", "file {} is a folder, not a file"),
+        ("val/images", "file", "folder {} is a file, not a folder"),
+        (f"train/{WNIDS[0]}", "pipe", "folder {} is a named pipe, not a folder"),
     ],
 )
-def test_a_folder_in_a_files_place_of_a_tree_in_part_is_named_before_a_download(
-    tmp_path: Path, monkeypatch, where: str, kind: str
+def test_what_stands_in_the_archives_way_in_a_tree_in_part_is_named_before_a_download(
+    tmp_path: Path, monkeypatch, where: str, kind: str, said: str
 ) -> None:
-    """The tree looked missing, so a download fetched 248 MB, then failed to keep the folder
-    beside the tree it extracted (review); deeper than the two lists, it was found only then."""
+    """The tree looked missing, so a download fetched 248 MB, then failed to keep a folder
+    beside the tree it extracted (review); deeper than the two lists it was found only then,
+    and a file where the archive has a folder went with the old tree, without a word."""
     folder = write_tiny_imagenet(tmp_path)
     (folder / "wnids.txt").unlink()  # so the tree is in part
     path = folder / where
-    path.unlink(missing_ok=True)
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.mkdir() if kind == "folder" else os.mkfifo(path)
-    # Folders and links of one's own where the archive has none, or nothing, are no clash.
-    (folder / "train" / "notes" / "images" / "x.JPEG").mkdir(parents=True)
-    (folder / "val" / "images" / "val_9.JPEG").symlink_to(tmp_path / "nowhere")
+    if kind == "folder":
+        path.mkdir()
+    elif kind == "pipe":
+        os.mkfifo(path)
+    elif kind == "file":
+        path.write_text("the user's")
+    else:
+        (tmp_path / "notes").mkdir()
+        path.symlink_to(tmp_path / "notes")
     _never_read_pipes(monkeypatch)
     [status] = dataset_status(tmp_path, ["tiny-imagenet"])
     assert status.damaged == (
-        f"Tiny ImageNet file {path} is a {'named pipe' if kind == 'pipe' else 'folder'}, not a "
-        "file: move or remove it, then run 'brainprop download tiny-imagenet'"
+        f"Tiny ImageNet {said.format(path)}: move or remove it, then run "
+        "'brainprop download tiny-imagenet'"
     )
-    with pytest.raises(BrainPropError, match=f"{path.name} is a .*, not a file"):
+    with pytest.raises(BrainPropError, match=f"{path.name} {said.split(' ', 2)[2]}"):
         download("tiny-imagenet", tmp_path, base_url="http://127.0.0.1:9", progress=False)
 
 
-def test_a_tree_in_part_with_no_clash_is_missing_not_damaged(tmp_path: Path, monkeypatch) -> None:
+def test_a_tree_in_part_with_nothing_in_the_archives_way_is_missing_not_damaged(
+    tmp_path: Path,
+) -> None:
+    """Folders of one's own where the archive has none, links to nothing or in a loop, and a
+    link to a folder (which the extraction does not look into) stand in no file's way."""
     folder = write_tiny_imagenet(tmp_path)
     (folder / "wnids.txt").unlink()
-    (folder / "train" / "notes" / "images" / "x.JPEG").mkdir(parents=True)
-    [status] = dataset_status(tmp_path, ["tiny-imagenet"])
-    assert (status.present, status.damaged) == (False, "")
-    # What may not be looked at (a folder listed but not entered) is no traceback either.
+    for mine in (
+        "train/notes/images/x.JPEG",
+        "val/images/val_10000.JPEG",
+        "val/images/val_\u0661.JPEG",
+    ):
+        (folder / mine).mkdir(parents=True)
     (folder / "val" / "images" / "val_0.JPEG").unlink()
-    (folder / "val" / "images" / "val_0.JPEG").mkdir()
-
-    def refused(path: Path):
-        raise PermissionError(13, "Permission denied", str(path))
-
-    monkeypatch.setattr(tin, "not_a_file", refused)
+    (folder / "val" / "images" / "val_0.JPEG").symlink_to(tmp_path / "nowhere")
+    (folder / "words.txt").symlink_to(folder / "words.txt")
+    linked = tmp_path / "elsewhere"
+    (linked / "images" / "test_0.JPEG").mkdir(parents=True)
+    shutil.rmtree(folder / "test")
+    (folder / "test").symlink_to(linked)
     [status] = dataset_status(tmp_path, ["tiny-imagenet"])
     assert (status.present, status.damaged) == (False, "")
+
+
+def test_a_folder_of_a_tree_in_part_that_may_not_be_listed_is_named(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """Named as what may not be looked inside, before a download, where it was skipped and
+    the download swapped the user's files in it away with the old tree (review)."""
+    folder = write_tiny_imagenet(tmp_path)
+    (folder / "wnids.txt").unlink()
+    barred = folder / "val"
+    real_scandir = os.scandir
+
+    def scandir(path):
+        if Path(path) == barred:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(tin.os, "scandir", scandir)
+    [status] = dataset_status(tmp_path, ["tiny-imagenet"])
+    assert status.unreadable and status.path == barred
+    assert (
+        status.damaged == f"cannot look inside {barred} (Permission denied): check its permissions"
+    )
+    with pytest.raises(BrainPropError, match=f"cannot look inside {barred} "):
+        download("tiny-imagenet", tmp_path, base_url="http://127.0.0.1:9", progress=False)
 
 
 def test_a_pipe_in_the_cache_is_rebuilt_over_unread(tmp_path: Path, monkeypatch) -> None:

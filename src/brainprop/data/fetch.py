@@ -116,20 +116,27 @@ def _copy_own_files(old: Path, new: Path) -> None:
         if any(part.startswith(".") for part in relative.parts):
             continue
         kept = new / relative
-        if path.is_file() and not path.is_symlink() and not kept.exists():
-            try:
-                kept.parent.mkdir(parents=True, exist_ok=True)
-            except (FileExistsError, NotADirectoryError) as exc:
-                # A folder of one's own where the archive has a file: keeping either loses
-                # the other, and the extraction's own advice (disk space) would mislead.
-                clash = next((p for p in kept.parents if p.is_file()), None)
-                if clash is None:
-                    raise
-                raise BrainPropError(
-                    f"{old / clash.relative_to(new)} is a folder, where the download has a "
-                    f"file: move it out of {old}, then run the command again"
-                ) from exc
-            shutil.copy2(path, kept)
+        if not path.is_file() or path.is_symlink() or (kept.exists() and not kept.is_dir()):
+            continue
+        if kept.is_dir():
+            # Left behind as if the archive's own, it would go with the old copy unsaid.
+            raise BrainPropError(
+                f"{path} is a file, where the download has a folder: move it out of {old}, "
+                "then run the command again"
+            )
+        try:
+            kept.parent.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError) as exc:
+            # A folder of one's own where the archive has a file: keeping either loses
+            # the other, and the extraction's own advice (disk space) would mislead.
+            clash = next((p for p in kept.parents if p.is_file()), None)
+            if clash is None:
+                raise
+            raise BrainPropError(
+                f"{old / clash.relative_to(new)} is a folder, where the download has a "
+                f"file: move it out of {old}, then run the command again"
+            ) from exc
+        shutil.copy2(path, kept)
 
 
 def _refuse_dangling(link: Path) -> None:

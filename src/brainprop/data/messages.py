@@ -47,9 +47,27 @@ def not_a_file(*paths: Path) -> tuple[Path, str] | None:
         except ValueError:  # a NUL in the name
             continue
         if not stat.S_ISREG(mode):
-            kind = next((k for is_kind, k in _KINDS.items() if is_kind(mode)), "a special file")
-            return path, f"is {kind}, not a file"
+            return path, f"is {_kind(mode)}, not a file"
     return None
+
+
+def not_a_folder(path: Path) -> str | None:
+    """What stands at ``path``, where a folder goes, if it is no folder nor a link to one
+    (``"is a file, not a folder"``), else None; a name that is not there as :func:`not_a_file`
+    takes it. A download that replaces the tree around a file of one's own loses it."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        if exc.errno in _ABSENT:
+            return None
+        raise
+    if stat.S_ISDIR(mode):
+        return None
+    return f"is {'a file' if stat.S_ISREG(mode) else _kind(mode)}, not a folder"
+
+
+def _kind(mode: int) -> str:
+    return next((k for is_kind, k in _KINDS.items() if is_kind(mode)), "a special file")
 
 
 def move_away(then: str) -> str:

@@ -4,6 +4,7 @@ entry point that loads any of them by name."""
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -198,9 +199,13 @@ def _checked_status(name: str, root: Path) -> DatasetStatus:
     except PermissionError as e:
         where = root / name
         if e.filename:
-            # Where os.access sees no barred folder but the kernel refused (root on an NFS
-            # share that squashes root), the folder being looked inside is the best guess.
-            where = barred_folder(Path(e.filename)) or Path(e.filename).parent
+            # Where os.access sees no barred folder above but the kernel refused (a folder
+            # that may not be listed, root on an NFS share that squashes root), the folder
+            # being looked inside is the best guess: the one named, or the file's.
+            refused = Path(e.filename)
+            where = barred_folder(refused) or (
+                refused if os.path.isdir(refused) else refused.parent
+            )
         return DatasetStatus(
             name, False, where, "",
             damaged=f"cannot look inside {where} ({e.strerror or e}): {PERMISSIONS_FIX}",

@@ -29,7 +29,7 @@ from brainprop.errors import PERMISSIONS_FIX, BrainPropError, reason
 from brainprop.files import atomic_write, remove_temporaries
 
 from .dataset import Dataset
-from .messages import download_command, inside_root, move_away, not_a_file
+from .messages import download_command, inside_root, move_away, not_a_file, not_a_folder
 from .status import DatasetStatus
 
 SUBDIR = "tiny-imagenet-200"
@@ -64,12 +64,12 @@ def _download(tree: Path) -> str:
     return download_command(tree.parent.name, tree.parent.parent)
 
 
-def _in_place(path: Path, instead: str) -> BrainPropError:
+def _in_place(path: Path, instead: str, what: str = "file") -> BrainPropError:
     """Something other than a file (a folder, a pipe: ``instead`` says which) where the tree
-    has a file: it may hold the user's work, so it is to be moved away, not deleted with the
-    tree as damage."""
+    has a file, or, with ``what="folder"``, other than a folder where it has one: it may hold
+    the user's work, so it is to be moved away, not deleted with the tree as damage."""
     fix = move_away(f"run {_download(_tree(path))}")
-    return BrainPropError(f"Tiny ImageNet file {path} {instead}: {fix}")
+    return BrainPropError(f"Tiny ImageNet {what} {path} {instead}: {fix}")
 
 
 def _read_text(path: Path) -> str:
@@ -207,39 +207,49 @@ def _too_deep(folder: Path) -> str | None:
     return f"move what {folder / SUBDIR} holds up into {folder}, where brainprop looks for it"
 
 
-#: The official archive's files, by their path in its tree (``/``-separated).
+#: The official archive's folders and files, by their path in its tree (``/``-separated):
+#: classes ``n`` and eight digits, images numbered from 0 (500 per class, 10,000 in val, test).
+_ARCHIVE_FOLDER = re.compile(r"train(/n[0-9]{8}(/images)?)?|(val|test)(/images)?", re.ASCII)
 _ARCHIVE_FILE = re.compile(
     r"(wnids|words)\.txt|val/val_annotations\.txt"
-    r"|train/(?P<w>n\d{8})/((?P=w)_boxes\.txt|images/(?P=w)_\d+\.JPEG)"
-    r"|(?P<s>val|test)/images/(?P=s)_\d+\.JPEG"
+    r"|train/(?P<w>n[0-9]{8})/(?P=w)_boxes\.txt"
+    r"|train/(?P<i>n[0-9]{8})/images/(?P=i)_(0|[1-9][0-9]?|[1-4][0-9]{2})\.JPEG"
+    r"|(?P<s>val|test)/images/(?P=s)_(0|[1-9][0-9]{0,3})\.JPEG",
+    re.ASCII,
 )
 
 
-def _blocked_in_part(folder: Path) -> tuple[Path, str] | None:
-    """The first path of a tree extracted in part (``folder``), breadth first and by name,
-    where the official archive has a file but something else stands
-    (:func:`~.messages.not_a_file`), else None: a download could not put its file there, and
-    would find so only after fetching 248 MB. Listed with scandir, whose entries know their
-    type: no stat of each of the 110,000 files."""
+def _in_the_archives_way(folder: Path) -> str | None:
+    """Why a download could not safely extract the archive around a tree extracted in part
+    (``folder``), else None: the first place, breadth first and by name, where the official
+    archive has a file or a folder and something else stands. The download would find it only
+    after fetching 248 MB, and replace a file, or an empty folder, of one's own without a word:
+    what may be the user's is theirs to move. Only the archive's own folders are listed, with
+    scandir, whose entries know their type: no stat of each of the 110,000 files. A folder that
+    may not be listed raises its PermissionError, for the caller to name."""
     pending = deque([""])
     while pending:
         inside = pending.popleft()
         try:
             with os.scandir(folder / inside) as listing:
                 names = sorted((e.name, e) for e in listing)
-        except OSError:
-            continue  # a folder this user may not list: the extraction names it, if in its way
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # nothing there yet (a link to nothing, the tree not begun)
         for name, entry in names:
-            relative = f"{inside}{name}"
-            if _ARCHIVE_FILE.fullmatch(relative) and not entry.is_file():
-                try:
-                    found = not_a_file(folder / relative)
-                except OSError:
-                    continue  # in a folder this user may list but not enter: likewise
-                if found:
-                    return found
-            if entry.is_dir(follow_symlinks=False):
-                pending.append(f"{relative}/")
+            relative = inside + name
+            path = folder / relative
+            if _ARCHIVE_FOLDER.fullmatch(relative):
+                # A link to a folder is left unlisted, as the extraction leaves it.
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(relative + "/")
+                elif instead := not_a_folder(path):
+                    return str(_in_place(path, instead, "folder"))
+            elif (
+                _ARCHIVE_FILE.fullmatch(relative)
+                and not entry.is_file(follow_symlinks=False)
+                and (found := not_a_file(path))
+            ):
+                return str(_in_place(*found))
     return None
 
 
@@ -394,12 +404,8 @@ class TinyImageNetTree:
         wnids, annotations = folder / "wnids.txt", folder / "val" / "val_annotations.txt"
         present = all(p.exists() for p in (wnids, folder / "train", annotations))
         note = "decoded cache present" if (folder / CACHE_DIR / "manifest.json").is_file() else ""
-        if present:
-            damaged = tree_problem(folder) or ""
-        else:
-            # A download would extract the tree around it, then fail to keep it (review).
-            found = _blocked_in_part(folder)
-            damaged = str(_in_place(*found)) if found else ""
+        # A tree in part: a download would extract the archive around what is there (review).
+        damaged = (tree_problem if present else _in_the_archives_way)(folder) or ""
         unreadable = damaged.endswith(PERMISSIONS_FIX)
         hint = self.how_to_get(name, root)
         return DatasetStatus(name, present and not damaged, folder, hint, note, damaged, unreadable)
