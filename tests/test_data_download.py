@@ -283,9 +283,21 @@ def test_what_blocks_the_downloads_place_is_named_in_one_line(
     with pytest.raises(BrainPropError) as info:
         download("cifar100", root, base_url="http://127.0.0.1:9", progress=False)
     assert str(info.value) == (
-        f"{root / 'cifar100'} is a file, where cifar100's folder goes: move or remove it, then "
-        "run the command again"
+        f"cifar100's folder {root / 'cifar100'} is a file, not a folder: move or remove it, "
+        "then run the command again"
     )
+    # The archive's top folder: the tree swapped in for it deleted the file without a word.
+    top = root / "cifar100" / "cifar-100-python"
+    (root / "cifar100").unlink()
+    top.parent.mkdir()
+    top.write_text("the user's")
+    with pytest.raises(BrainPropError) as info:
+        download("cifar100", root, base_url="http://127.0.0.1:9", progress=False)
+    assert str(info.value) == (
+        f"cifar100's folder {top} is a file, not a folder: move or remove it, then run the "
+        "command again"
+    )
+    assert top.read_text() == "the user's"
 
 
 def test_a_damaged_file_of_a_partial_dataset_is_named_before_anything_is_fetched(

@@ -236,6 +236,7 @@ def test_a_listed_name_that_is_no_plain_file_name_is_missing_not_in_place(
         ("val/images/val_3.JPEG", "folder", "file {} is a folder, not a file"),
         ("test/images/test_0.JPEG", "folder", "file {} is a folder, not a file"),
         ("val/images", "file", "folder {} is a file, not a folder"),
+        ("", "file", "folder {} is a file, not a folder"),
         (f"train/{WNIDS[0]}", "pipe", "folder {} is a named pipe, not a folder"),
     ],
 )
@@ -275,8 +276,9 @@ def test_what_stands_in_the_archives_way_in_a_tree_in_part_is_named_before_a_dow
 def test_a_tree_in_part_with_nothing_in_the_archives_way_is_missing_not_damaged(
     tmp_path: Path,
 ) -> None:
-    """Folders of one's own where the archive has none, links to nothing or in a loop, and a
-    link to a folder (which the extraction does not look into) stand in no file's way."""
+    """Folders of one's own where the archive has none, links to nothing or in a loop (the
+    tree's own folder too), and a link to a folder (which the extraction does not look into)
+    stand in no file's way."""
     folder = write_tiny_imagenet(tmp_path)
     (folder / "wnids.txt").unlink()
     for mine in (
@@ -293,6 +295,11 @@ def test_a_tree_in_part_with_nothing_in_the_archives_way_is_missing_not_damaged(
     shutil.rmtree(folder / "test")
     (folder / "test").symlink_to(linked)
     [status] = dataset_status(tmp_path, ["tiny-imagenet"])
+    assert (status.present, status.damaged) == (False, "")
+    loop = tmp_path / "loop" / "tiny-imagenet" / "tiny-imagenet-200"
+    loop.parent.mkdir(parents=True)
+    loop.symlink_to(loop)
+    [status] = dataset_status(tmp_path / "loop", ["tiny-imagenet"])
     assert (status.present, status.damaged) == (False, "")
 
 

@@ -31,6 +31,7 @@ from brainprop.errors import BrainPropError, reason
 from brainprop.files import make_folder, usual_permissions
 
 from .catalog import CATALOG
+from .messages import not_a_folder
 from .registry import check_name, data_dir, dataset_status, inside_data_root, load_dataset
 from .root import data_root
 
@@ -66,12 +67,7 @@ def download(
     # A second copy nested inside the first is no download anyone wants.
     if inside := inside_data_root(name, root):
         raise BrainPropError(f"{name} is already in the data root above: {inside}")
-    _refuse_dangling(dest)
-    if dest.exists() and not dest.is_dir():
-        raise BrainPropError(
-            f"{dest} is a file, where {name}'s folder goes: move or remove it, then run the "
-            "command again"
-        )
+    _refuse_in_the_way(dest, name)
     created = not dest.exists()
     make_folder(dest, "choose a writable data root with --data-dir or BRAINPROP_DATA")
     busy = f"{dest} is being downloaded into by another process: wait for it to end"
@@ -81,7 +77,7 @@ def download(
             return here
         _remove_leftovers(dest)
         if source.top is not None:
-            _refuse_dangling(dest / source.top)
+            _refuse_in_the_way(dest / source.top, name)
         try:
             for remote in source.files:
                 url = (base_url or source.base_url).rstrip("/") + "/" + remote.name
@@ -115,15 +111,17 @@ def _copy_own_files(old: Path, new: Path) -> None:
         relative = path.relative_to(old)
         if any(part.startswith(".") for part in relative.parts):
             continue
-        kept = new / relative
-        if not path.is_file() or path.is_symlink() or (kept.exists() and not kept.is_dir()):
+        if not path.is_file() or path.is_symlink():
             continue
+        kept = new / relative
         if kept.is_dir():
             # Left behind as if the archive's own, it would go with the old copy unsaid.
             raise BrainPropError(
                 f"{path} is a file, where the download has a folder: move it out of {old}, "
                 "then run the command again"
             )
+        if kept.exists():
+            continue
         try:
             kept.parent.mkdir(parents=True, exist_ok=True)
         except (FileExistsError, NotADirectoryError) as exc:
@@ -139,13 +137,19 @@ def _copy_own_files(old: Path, new: Path) -> None:
         shutil.copy2(path, kept)
 
 
-def _refuse_dangling(link: Path) -> None:
-    """A dataset folder linked to a disk not mounted: the data belongs there, so the link is
-    not replaced by a folder here, and nothing is fetched for it."""
-    if link.is_symlink() and not link.exists():
+def _refuse_in_the_way(folder: Path, name: str) -> None:
+    """Refuse, before anything is fetched, what stands where ``folder``, a folder of dataset
+    ``name``, goes: a link to a disk not mounted (the data belongs there, so the link is not
+    replaced by a folder here) or a file of one's own (the archive's tree, swapped in for its
+    top folder, deleted it without a word)."""
+    if folder.is_symlink() and not folder.exists():
         raise BrainPropError(
-            f"{link} links to {os.readlink(link)}, which is not there: mount or create it, or "
-            "remove the link, then run the command again"
+            f"{folder} links to {os.readlink(folder)}, which is not there: mount or create it, "
+            "or remove the link, then run the command again"
+        )
+    if instead := not_a_folder(folder):
+        raise BrainPropError(
+            f"{name}'s folder {folder} {instead}: move or remove it, then run the command again"
         )
 
 

@@ -28,7 +28,7 @@ NOT_FILES = tuple(
 )
 #: What pathlib's ``exists()`` takes for "not there", as :func:`not_a_file` does, and a name
 #: too long for any file (a listed name is the data's, not the filesystem's).
-_ABSENT = (errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP, errno.ENAMETOOLONG)
+ABSENT = (errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP, errno.ENAMETOOLONG)
 
 
 def not_a_file(*paths: Path) -> tuple[Path, str] | None:
@@ -41,7 +41,7 @@ def not_a_file(*paths: Path) -> tuple[Path, str] | None:
         try:
             mode = path.stat().st_mode
         except OSError as exc:
-            if exc.errno in _ABSENT:
+            if exc.errno in ABSENT:
                 continue
             raise
         except ValueError:  # a NUL in the name
@@ -58,7 +58,7 @@ def not_a_folder(path: Path) -> str | None:
     try:
         mode = path.stat().st_mode
     except OSError as exc:
-        if exc.errno in _ABSENT:
+        if exc.errno in ABSENT:
             return None
         raise
     if stat.S_ISDIR(mode):

@@ -29,7 +29,14 @@ from brainprop.errors import PERMISSIONS_FIX, BrainPropError, reason
 from brainprop.files import atomic_write, remove_temporaries
 
 from .dataset import Dataset
-from .messages import download_command, inside_root, move_away, not_a_file, not_a_folder
+from .messages import (
+    ABSENT,
+    download_command,
+    inside_root,
+    move_away,
+    not_a_file,
+    not_a_folder,
+)
 from .status import DatasetStatus
 
 SUBDIR = "tiny-imagenet-200"
@@ -208,7 +215,8 @@ def _too_deep(folder: Path) -> str | None:
 
 
 #: The official archive's folders and files, by their path in its tree (``/``-separated):
-#: classes ``n`` and eight digits, images numbered from 0 (500 per class, 10,000 in val, test).
+#: images numbered from 0 (500 per class, 10,000 in val, test). Any class of the official
+#: form (``n`` and eight digits) counts, its 200 being known only once wnids.txt is there.
 _ARCHIVE_FOLDER = re.compile(r"train(/n[0-9]{8}(/images)?)?|(val|test)(/images)?", re.ASCII)
 _ARCHIVE_FILE = re.compile(
     r"(wnids|words)\.txt|val/val_annotations\.txt"
@@ -227,14 +235,18 @@ def _in_the_archives_way(folder: Path) -> str | None:
     what may be the user's is theirs to move. Only the archive's own folders are listed, with
     scandir, whose entries know their type: no stat of each of the 110,000 files. A folder that
     may not be listed raises its PermissionError, for the caller to name."""
+    if instead := not_a_folder(folder):
+        return str(_in_place(folder, instead, "folder"))
     pending = deque([""])
     while pending:
         inside = pending.popleft()
         try:
             with os.scandir(folder / inside) as listing:
                 names = sorted((e.name, e) for e in listing)
-        except (FileNotFoundError, NotADirectoryError):
-            continue  # nothing there yet (a link to nothing, the tree not begun)
+        except OSError as exc:
+            if exc.errno in ABSENT:
+                continue  # nothing there yet: the tree not begun, a link to nothing or a loop
+            raise
         for name, entry in names:
             relative = inside + name
             path = folder / relative
