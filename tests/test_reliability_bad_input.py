@@ -485,6 +485,20 @@ def test_checkpoint_of_another_architecture(tmp_path: Path, capsys, run_dir: Pat
     assert error.endswith("): the checkpoint is damaged or from another version")
 
 
+def test_a_checkpoint_with_a_weight_its_network_lacks_names_it(
+    tmp_path: Path, capsys, run_dir: Path
+) -> None:
+    """It said "Error(s) in loading state_dict for Sequential:", torch's headline alone."""
+    state = checkpoint.load(run_dir / "best.pt")
+    state["model"]["extra"] = torch.zeros(1)
+    path = tmp_path / "extra.pt"
+    checkpoint.save(path, {k: v for k, v in state.items() if k != "format"})
+    assert _error(capsys, "evaluate", path) == (
+        f'{path} does not match its own architecture (Unexpected key(s) in state_dict: "extra".): '
+        "the checkpoint is damaged or from another version"
+    )
+
+
 @pytest.mark.parametrize(
     ("changes", "why"),
     [

@@ -258,6 +258,42 @@ def test_a_history_that_does_not_fit_its_checkpoint_is_refused(
         train(tiny_config(tmp_path, epochs=4), resume=run_dir, dataset=ds, progress=False)
 
 
+@pytest.mark.parametrize(
+    ("damage", "said"),
+    [
+        (
+            lambda s: s["model"].pop("0.weight"),
+            'its weights: Missing key(s) in state_dict: "0.weight"',
+        ),
+        (
+            lambda s: s["model"].update({"0.weight": torch.zeros(3, 3)}),
+            "its weights: size mismatch for 0.weight: copying a param with shape",
+        ),
+        (lambda s: s["model"].update(extra=torch.zeros(1)), "its weights: Unexpected key(s)"),
+        (
+            lambda s: s.update(optimizer={"state": "x"}),
+            "its optimizer state: no entry 'param_groups'",
+        ),
+        (lambda s: s.update(early_stopping="x"), "its early-stopping state: string indices"),
+        (lambda s: s["rng"]["numpy"].pop("gauss"), "its random states: no entry 'gauss'"),
+    ],
+)
+def test_a_hand_tampered_checkpoint_names_the_entry_that_does_not_fit(
+    tmp_path: Path, ds, reference: Path, damage, said: str
+) -> None:
+    """The message said "Error(s) in loading state_dict for Sequential:", or what torch or
+    Python made of the entry ("'str' object has no attribute 'items'", "'gauss'"), not which
+    weight or entry."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    state = checkpoint.load(run_dir / "last.pt")
+    damage(state)
+    torch.save(state, run_dir / "last.pt")
+    with pytest.raises(BrainPropError) as info:
+        train(tiny_config(tmp_path, epochs=4), resume=run_dir, dataset=ds, progress=False)
+    assert str(info.value).startswith(f"{run_dir / 'last.pt'} does not fit its run ({said}")
+
+
 def test_a_signal_stops_a_loop_of_runs_that_skips_failed_ones(tmp_path: Path, ds, monkeypatch):
     """A sweep that skips configs raising an Exception (BrainPropError or any other) must
     still stop on Ctrl-C."""

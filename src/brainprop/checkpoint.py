@@ -13,12 +13,14 @@ import io
 import pickle
 import re
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .errors import BrainPropError
+from .errors import BrainPropError, reason
 from .files import atomic_write
 
 FORMAT = "brainprop-checkpoint-1"
@@ -120,3 +122,33 @@ def load(path: str | Path) -> dict[str, Any]:
             "by 'brainprop train'"
         )
     return state
+
+
+#: What reading a damaged entry of a loaded checkpoint raises, in torch or in Python.
+MISFITS = (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError, OverflowError)
+
+
+def misfit(exc: BaseException) -> str:
+    """What ``exc``, one of :data:`MISFITS` raised as a checkpoint's entries were read, says
+    is wrong, in a few words for a one-line message: the entry a KeyError names, or torch's
+    findings (a weight missing, unexpected or of another shape) under its headline "Error(s)
+    in loading state_dict", which alone says nothing."""
+    if isinstance(exc, KeyError) and exc.args:
+        return f"no entry {exc.args[0]!r}"
+    lines = [line.strip() for line in str(exc).splitlines()]
+    if lines and lines[0].startswith("Error(s) in loading state_dict"):
+        return "; ".join(line for line in lines[1:] if line) or lines[0]
+    return reason(exc)
+
+
+@contextmanager
+def entry(name: str) -> Iterator[None]:
+    """Name the entry ``name`` (``"its optimizer state"``) in a ValueError for what goes wrong
+    as it is read: torch and Python word a damaged one by their own objects ("'str' object has
+    no attribute 'items'"), not the checkpoint's."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise  # the device's lack, not the entry's fault
+    except MISFITS as e:
+        raise ValueError(f"{name}: {misfit(e)}") from e

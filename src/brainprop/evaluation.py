@@ -94,10 +94,10 @@ def load_model(target: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, Any
             model = _build(config.arch, shape, classes, hp)
             convert(model, config.feedback)
         model.load_state_dict(stored)
-    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
+    except checkpoint.MISFITS as e:
         raise BrainPropError(
-            f"{path} does not match its own architecture ({reason(e)[:160]}): the checkpoint is "
-            "damaged or from another version"
+            f"{path} does not match its own architecture ({checkpoint.misfit(e)[:160]}): the "
+            "checkpoint is damaged or from another version"
         ) from None
     if not all_finite(model.state_dict().values()):
         raise BrainPropError(

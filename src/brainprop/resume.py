@@ -274,12 +274,10 @@ def restore(
         trainer.load_state(state)
     except torch.OutOfMemoryError:
         raise  # too large for the device, which is no fault of the checkpoint's
-    except (
-        KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError, OverflowError
-    ) as e:  # fmt: skip
+    except checkpoint.MISFITS as e:
         raise BrainPropError(
-            f"{last} does not fit its run ({reason(e)[:160]}): the checkpoint is damaged or from "
-            "another version; start a new run"
+            f"{last} does not fit its run ({checkpoint.misfit(e)[:160]}): the checkpoint is "
+            "damaged or from another version; start a new run"
         ) from None
     if not all_finite(trainer.model.state_dict().values()):
         raise BrainPropError(

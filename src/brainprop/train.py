@@ -33,7 +33,18 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import distributed, fastpath, files, memory, owncode, plugins, rng, rundir, signals
+from . import (
+    checkpoint,
+    distributed,
+    fastpath,
+    files,
+    memory,
+    owncode,
+    plugins,
+    rng,
+    rundir,
+    signals,
+)
 from .config import MAX_NAN_RELOADS, VAL_TEST, TrainConfig
 from .data import Dataset, given_dataset, load_dataset, split_validation
 from .data.batches import num_batches, permuted_batches, to_float
@@ -254,15 +265,18 @@ class Trainer:
         self.resume_note = self.parallel.adapt_resume(
             state, self.config.batch_size, self.config.global_batch
         )
-        self.model.load_state_dict(state["model"])
+        with checkpoint.entry("its weights"):
+            self.model.load_state_dict(state["model"])
         settings = optimizer_settings(self.optimizer)
-        self.optimizer.load_state_dict(state["optimizer"])
+        with checkpoint.entry("its optimizer state"):
+            self.optimizer.load_state_dict(state["optimizer"])
         if optimizer_settings(self.optimizer) != settings:
             raise ValueError("its optimizer settings differ from its config")
         if not history_ok(state["history"], state["epoch"]):
             raise ValueError("its history is malformed")
         self.history = list(state["history"])
-        self.stopper.load_state_dict(state["early_stopping"])
+        with checkpoint.entry("its early-stopping state"):
+            self.stopper.load_state_dict(state["early_stopping"])
         self.lr_scale, self.nan_reloads = float(state["lr_scale"]), int(state["nan_reloads"])
         if not (math.isfinite(self.lr_scale) and self.lr_scale > 0 and self.nan_reloads >= 0):
             raise ValueError("its NaN-reload count or learning-rate scale is out of range")
@@ -275,7 +289,8 @@ class Trainer:
                 raise ValueError("its mid-epoch position is past the end of an epoch")
             self.generator.set_state(partial["order_rng"])  # fails now, not mid-run, if damaged
         self.partial = partial
-        rng.restore(state["rng"], self.generator)
+        with checkpoint.entry("its random states"):
+            rng.restore(state["rng"], self.generator)
         self.parallel.restore_streams(state, self.generator, self.order_generator, self.config.seed)
 
     def train_epoch(self, epoch: int, stop: signals.StopRequest) -> dict[str, float] | None:
