@@ -258,32 +258,55 @@ def test_a_history_that_does_not_fit_its_checkpoint_is_refused(
         train(tiny_config(tmp_path, epochs=4), resume=run_dir, dataset=ds, progress=False)
 
 
+def _renamed(weights: dict) -> None:
+    """Every key given a prefix, as a DataParallel-wrapped copy saves them."""
+    for key in list(weights):
+        weights[f"module.{key}"] = weights.pop(key)
+
+
 @pytest.mark.parametrize(
     ("damage", "said"),
     [
         (
             lambda s: s["model"].pop("0.weight"),
-            'its weights: Missing key(s) in state_dict: "0.weight"',
+            'its weights: Missing key(s) in state_dict: "0.weight")',
         ),
         (
             lambda s: s["model"].update({"0.weight": torch.zeros(3, 3)}),
             "its weights: size mismatch for 0.weight: copying a param with shape",
         ),
-        (lambda s: s["model"].update(extra=torch.zeros(1)), "its weights: Unexpected key(s)"),
         (
-            lambda s: s.update(optimizer={"state": "x"}),
-            "its optimizer state: no entry 'param_groups'",
+            lambda s: s["model"].update(extra=torch.zeros(1)),
+            'its weights: Unexpected key(s) in state_dict: "extra")',
+        ),
+        # Keys renamed: each list is cut short, so that both show, the renamed ones too.
+        (
+            lambda s: _renamed(s["model"]),
+            'its weights: Missing key(s) in state_dict: "0.weight", "2.weight", "2.bias" and '
+            '9 more; Unexpected key(s) in state_dict: "module.0.weight", "module.2.weight", '
+            '"module.2.bias" and 11 more)',
+        ),
+        (
+            lambda s: s["optimizer"].update(state="x"),
+            "its optimizer state: 'str' object has no attribute 'items')",
+        ),
+        (
+            lambda s: s.update(optimizer={"state": {}}),
+            "its optimizer state: no entry 'param_groups')",
         ),
         (lambda s: s.update(early_stopping="x"), "its early-stopping state: string indices"),
-        (lambda s: s["rng"]["numpy"].pop("gauss"), "its random states: no entry 'gauss'"),
+        (
+            lambda s: s["rng"]["numpy"].pop("gauss"),
+            "its random states: the numpy state: no entry 'gauss')",
+        ),
     ],
 )
 def test_a_hand_tampered_checkpoint_names_the_entry_that_does_not_fit(
     tmp_path: Path, ds, reference: Path, damage, said: str
 ) -> None:
-    """The message said "Error(s) in loading state_dict for Sequential:", or what torch or
-    Python made of the entry ("'str' object has no attribute 'items'", "'gauss'"), not which
-    weight or entry."""
+    """The message gave torch's headline alone ("Error(s) in loading state_dict for
+    Sequential:") or a missing key's name alone ("'gauss'"), not which weight or entry; the
+    entry now comes first, before torch's or Python's words for what is wrong with it."""
     run_dir = tmp_path / "run"
     shutil.copytree(reference, run_dir)
     state = checkpoint.load(run_dir / "last.pt")
@@ -292,6 +315,7 @@ def test_a_hand_tampered_checkpoint_names_the_entry_that_does_not_fit(
     with pytest.raises(BrainPropError) as info:
         train(tiny_config(tmp_path, epochs=4), resume=run_dir, dataset=ds, progress=False)
     assert str(info.value).startswith(f"{run_dir / 'last.pt'} does not fit its run ({said}")
+    assert "\n" not in str(info.value)
 
 
 def test_a_signal_stops_a_loop_of_runs_that_skips_failed_ones(tmp_path: Path, ds, monkeypatch):

@@ -3,7 +3,8 @@
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so
 ``torch.load(path, weights_only=True)`` reads it and a file carrying a pickled object is
 refused. It is written as every file is (:func:`brainprop.files.atomic_write`): a crash at any
-instant leaves either the old checkpoint or the new one, never half of one.
+instant leaves either the old checkpoint or the new one, never half of one. What does not fit
+once it is read is said in the checkpoint's terms (:func:`misfit`, :func:`entry`).
 """
 
 from __future__ import annotations
@@ -126,29 +127,48 @@ def load(path: str | Path) -> dict[str, Any]:
 
 #: What reading a damaged entry of a loaded checkpoint raises, in torch or in Python.
 MISFITS = (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError, OverflowError)
+#: How much of :func:`misfit` a one-line message shows.
+MISFIT_CHARS = 240
+#: torch's finding of keys missing or unexpected, with the list of keys.
+_KEY_LIST = re.compile(r"((?:Missing|Unexpected) key\(s\) in state_dict): (.*)")
+_KEYS_SHOWN = 3
 
 
 def misfit(exc: BaseException) -> str:
     """What ``exc``, one of :data:`MISFITS` raised as a checkpoint's entries were read, says
-    is wrong, in a few words for a one-line message: the entry a KeyError names, or torch's
-    findings (a weight missing, unexpected or of another shape) under its headline "Error(s)
-    in loading state_dict", which alone says nothing."""
-    if isinstance(exc, KeyError) and exc.args:
-        return f"no entry {exc.args[0]!r}"
-    lines = [line.strip() for line in str(exc).splitlines()]
-    if lines and lines[0].startswith("Error(s) in loading state_dict"):
-        return "; ".join(line for line in lines[1:] if line) or lines[0]
-    return reason(exc)
+    is wrong, on one line of at most :data:`MISFIT_CHARS`: the entry a KeyError names, or
+    torch's findings under its headline "Error(s) in loading state_dict", which alone says
+    nothing, each list of keys cut to its first few so that every finding shows (keys
+    renamed show as both missing and unexpected)."""
+    if isinstance(exc, KeyError) and len(exc.args) == 1 and isinstance(exc.args[0], str):
+        text = f"no entry {exc.args[0]!r}"
+    else:
+        lines = [line.strip() for line in str(exc).splitlines()]
+        if lines and lines[0].startswith("Error(s) in loading state_dict"):
+            text = "; ".join(_finding(line) for line in lines[1:] if line) or lines[0]
+        else:
+            text = reason(exc)
+    return text if len(text) <= MISFIT_CHARS else text[: MISFIT_CHARS - 1] + "…"
+
+
+def _finding(line: str) -> str:
+    line = line.rstrip(". ")
+    if found := _KEY_LIST.fullmatch(line):
+        keys = found[2].split(", ")
+        more = f" and {len(keys) - _KEYS_SHOWN} more" if len(keys) > _KEYS_SHOWN else ""
+        return f"{found[1]}: {', '.join(keys[:_KEYS_SHOWN])}{more}"
+    return line
 
 
 @contextmanager
 def entry(name: str) -> Iterator[None]:
     """Name the entry ``name`` (``"its optimizer state"``) in a ValueError for what goes wrong
-    as it is read: torch and Python word a damaged one by their own objects ("'str' object has
-    no attribute 'items'"), not the checkpoint's."""
+    as it is read: torch and Python word a damaged one by their own objects ("'gauss'", "'str'
+    object has no attribute 'items'"), not by the checkpoint's. A ``torch.OutOfMemoryError``
+    passes unchanged: it is the device's lack, not the entry's fault."""
     try:
         yield
     except torch.OutOfMemoryError:
-        raise  # the device's lack, not the entry's fault
+        raise
     except MISFITS as e:
         raise ValueError(f"{name}: {misfit(e)}") from e

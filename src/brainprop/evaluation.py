@@ -96,7 +96,7 @@ def load_model(target: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, Any
         model.load_state_dict(stored)
     except checkpoint.MISFITS as e:
         raise BrainPropError(
-            f"{path} does not match its own architecture ({checkpoint.misfit(e)[:160]}): the "
+            f"{path} does not match its own architecture ({checkpoint.misfit(e)}): the "
             "checkpoint is damaged or from another version"
         ) from None
     if not all_finite(model.state_dict().values()):

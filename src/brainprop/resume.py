@@ -276,7 +276,7 @@ def restore(
         raise  # too large for the device, which is no fault of the checkpoint's
     except checkpoint.MISFITS as e:
         raise BrainPropError(
-            f"{last} does not fit its run ({checkpoint.misfit(e)[:160]}): the checkpoint is "
+            f"{last} does not fit its run ({checkpoint.misfit(e)}): the checkpoint is "
             "damaged or from another version; start a new run"
         ) from None
     if not all_finite(trainer.model.state_dict().values()):

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import checkpoint
 from .errors import BrainPropError, kind_of
 
 
@@ -125,9 +126,12 @@ def restore(state: dict[str, Any], generator: torch.Generator) -> None:
     _dict(state, "random state")
     numpy, python = _section(state, "numpy"), _section(state, "python")
     restore_torch(state, generator)
-    keys = numpy["keys"].numpy().astype(np.uint32)
-    np.random.set_state(("MT19937", keys, numpy["pos"], numpy["has_gauss"], numpy["gauss"]))
-    random.setstate((python["version"], tuple(python["internal"].tolist()), python["gauss"]))
+    # Both hold a "gauss": the message says whose is missing or damaged.
+    with checkpoint.entry("the numpy state"):
+        keys = numpy["keys"].numpy().astype(np.uint32)
+        np.random.set_state(("MT19937", keys, numpy["pos"], numpy["has_gauss"], numpy["gauss"]))
+    with checkpoint.entry("the python state"):
+        random.setstate((python["version"], tuple(python["internal"].tolist()), python["gauss"]))
 
 
 @contextmanager

@@ -51,6 +51,6 @@ class EarlyStopping:
         # An accuracy, or -inf before the first epoch (a value past float32's range would
         # round to an inf below, which no epoch could improve on).
         if not (stored == -math.inf or 0.0 <= stored <= 1.0) or wait < 0:
-            raise ValueError(f"its best {stored} or wait {wait} is out of range")
+            raise ValueError(f"best {stored} or wait {wait} is out of range")
         # Checkpoints of earlier versions hold the float64 value.
         self.best, self.wait = float(np.float32(stored)) if stored > -math.inf else stored, wait

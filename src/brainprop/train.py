@@ -291,7 +291,10 @@ class Trainer:
         self.partial = partial
         with checkpoint.entry("its random states"):
             rng.restore(state["rng"], self.generator)
-        self.parallel.restore_streams(state, self.generator, self.order_generator, self.config.seed)
+        with checkpoint.entry("its per-process random states"):
+            self.parallel.restore_streams(
+                state, self.generator, self.order_generator, self.config.seed
+            )
 
     def train_epoch(self, epoch: int, stop: signals.StopRequest) -> dict[str, float] | None:
         """One pass over the training set; returns the epoch's training metrics and seconds.
