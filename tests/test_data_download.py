@@ -14,7 +14,7 @@ import socket
 import tarfile
 import threading
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -163,6 +163,28 @@ def test_tiny_imagenet_zip(tmp_path: Path, server, monkeypatch) -> None:
     assert load_dataset("tiny-imagenet", root).test_y.tolist() == [2, 0, 1, 2]
 
 
+def _served_tiny_imagenet(tmp_path: Path, server, monkeypatch) -> tuple[str, Path, Path]:
+    """Serve a fixture Tiny ImageNet archive; the base URL, the data root to download it
+    into and the tree it will be extracted to there."""
+    served, url = server
+    folder = write_tiny_imagenet(tmp_path / "src")
+    content = zip_bytes(tree_bytes(folder, "tiny-imagenet-200"))
+    _serve(served, "tiny-imagenet-200.zip", content, monkeypatch, "tiny-imagenet")
+    root = tmp_path / "root"
+    return url, root, root / "tiny-imagenet" / "tiny-imagenet-200"
+
+
+def _while_fetching(monkeypatch, make: Callable[[], object]) -> None:
+    """Run ``make`` as a download starts to fetch: after its checks of what is there."""
+    real_fetch = fetch._fetch
+
+    def fetching(*args, **kwargs):
+        make()
+        return real_fetch(*args, **kwargs)
+
+    monkeypatch.setattr(fetch, "_fetch", fetching)
+
+
 def test_a_folder_of_ones_own_where_the_archive_has_a_file_is_named(
     tmp_path: Path, server, monkeypatch
 ) -> None:
@@ -170,12 +192,7 @@ def test_a_folder_of_ones_own_where_the_archive_has_a_file_is_named(
     files are kept beside a new tree, and this one could not be. It is named before anything
     is fetched; one made while the download runs is named once the archive is extracted,
     where the message said to check free disk space (review)."""
-    served, url = server
-    folder = write_tiny_imagenet(tmp_path / "src")
-    content = zip_bytes(tree_bytes(folder, "tiny-imagenet-200"))
-    _serve(served, "tiny-imagenet-200.zip", content, monkeypatch, "tiny-imagenet")
-    root = tmp_path / "root"
-    tree = root / "tiny-imagenet" / "tiny-imagenet-200"
+    url, root, tree = _served_tiny_imagenet(tmp_path, server, monkeypatch)
     boxes = tree / "train" / WNIDS[0] / f"{WNIDS[0]}_boxes.txt"
     boxes.mkdir(parents=True)
     (boxes / "notes").write_text("mine")
@@ -187,14 +204,12 @@ def test_a_folder_of_ones_own_where_the_archive_has_a_file_is_named(
     )
     (boxes / "notes").unlink()
     boxes.rmdir()
-    real_fetch = fetch._fetch
 
-    def fetch_while_notes_are_made(*args, **kwargs):
+    def make_notes():
         boxes.mkdir()
         (boxes / "notes").write_text("mine")
-        return real_fetch(*args, **kwargs)
 
-    monkeypatch.setattr(fetch, "_fetch", fetch_while_notes_are_made)
+    _while_fetching(monkeypatch, make_notes)
     with pytest.raises(BrainPropError) as info:
         download("tiny-imagenet", root, base_url=url, progress=False)
     assert str(info.value) == (
@@ -209,21 +224,10 @@ def test_a_file_of_ones_own_where_the_archive_has_a_folder_is_named(
 ) -> None:
     """One made while the download runs (one there before is named before anything is
     fetched): it was taken for the archive's own and went with the old tree (review)."""
-    served, url = server
-    folder = write_tiny_imagenet(tmp_path / "src")
-    content = zip_bytes(tree_bytes(folder, "tiny-imagenet-200"))
-    _serve(served, "tiny-imagenet-200.zip", content, monkeypatch, "tiny-imagenet")
-    root = tmp_path / "root"
-    tree = root / "tiny-imagenet" / "tiny-imagenet-200"
+    url, root, tree = _served_tiny_imagenet(tmp_path, server, monkeypatch)
     (tree / "val").mkdir(parents=True)
     mine = tree / "val" / "images"
-    real_fetch = fetch._fetch
-
-    def fetch_while_a_file_is_made(*args, **kwargs):
-        mine.write_text("mine")
-        return real_fetch(*args, **kwargs)
-
-    monkeypatch.setattr(fetch, "_fetch", fetch_while_a_file_is_made)
+    _while_fetching(monkeypatch, lambda: mine.write_text("mine"))
     with pytest.raises(BrainPropError) as info:
         download("tiny-imagenet", root, base_url=url, progress=False)
     assert str(info.value) == (
