@@ -494,7 +494,7 @@ def test_a_checkpoint_with_a_weight_its_network_lacks_names_it(
     path = tmp_path / "extra.pt"
     checkpoint.save(path, {k: v for k, v in state.items() if k != "format"})
     assert _error(capsys, "evaluate", path) == (
-        f'{path} does not match its own architecture (Unexpected key(s) in state_dict: "extra".): '
+        f'{path} does not match its own architecture (Unexpected key(s) in state_dict: "extra"): '
         "the checkpoint is damaged or from another version"
     )
 
