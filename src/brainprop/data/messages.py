@@ -38,15 +38,8 @@ def not_a_file(*paths: Path) -> tuple[Path, str] | None:
     ever. A name no file can have (a NUL in it, too long) is not there; an error that says
     nothing of the name (permissions, a failing disk) is raised."""
     for path in paths:
-        try:
-            mode = path.stat().st_mode
-        except OSError as exc:
-            if exc.errno in ABSENT:
-                continue
-            raise
-        except ValueError:  # a NUL in the name
-            continue
-        if not stat.S_ISREG(mode):
+        mode = _mode(path)
+        if mode is not None and not stat.S_ISREG(mode):
             return path, f"is {_kind(mode)}, not a file"
     return None
 
@@ -55,15 +48,23 @@ def not_a_folder(path: Path) -> str | None:
     """What stands at ``path``, where a folder goes, if it is no folder nor a link to one
     (``"is a file, not a folder"``), else None; a name that is not there as :func:`not_a_file`
     takes it. A download that replaces the tree around a file of one's own loses it."""
+    mode = _mode(path)
+    if mode is None or stat.S_ISDIR(mode):
+        return None
+    return f"is {'a file' if stat.S_ISREG(mode) else _kind(mode)}, not a folder"
+
+
+def _mode(path: Path) -> int | None:
+    """``path``'s file mode, links followed, or None where nothing is there (:data:`ABSENT`, a
+    NUL in the name); an error that says nothing of the name (permissions) is raised."""
     try:
-        mode = path.stat().st_mode
+        return path.stat().st_mode
     except OSError as exc:
         if exc.errno in ABSENT:
             return None
         raise
-    if stat.S_ISDIR(mode):
+    except ValueError:  # a NUL in the name
         return None
-    return f"is {'a file' if stat.S_ISREG(mode) else _kind(mode)}, not a folder"
 
 
 def _kind(mode: int) -> str:
