@@ -445,6 +445,124 @@ def test_a_session_holds_the_folder_it_made(tmp_path, mnist_root, monkeypatch):
     assert tried == ["mnist-dense-ebp-s0"]
 
 
+def test_a_session_on_a_new_folder_takes_in_what_another_ran_there_while_it_checked(
+    tmp_path, mnist_root, monkeypatch
+):
+    """A folder that did not exist was scanned before it was held: a session that made it and
+    ran meanwhile left runs this one would train again, over their measurements (review)."""
+    calls: list[str] = []
+    monkeypatch.setattr(ex, "_train", _fake_train(calls))
+    request = Request(cells=(DENSE,), rules=("ebp",), seeds=1, out=tmp_path / "new",
+                      data_dir=str(mnist_root), device="cpu", progress=False)  # fmt: skip
+    checked = ex._check_data
+
+    def check_while_another_runs(pending, data_dir):
+        checked(pending, data_dir)
+        monkeypatch.setattr(ex, "_check_data", checked)
+        assert reproduce(request, say=lambda _: None).ran == ["mnist-dense-ebp-s0"]
+
+    monkeypatch.setattr(ex, "_check_data", check_while_another_runs)
+    outcome = reproduce(request, say=lambda _: None)
+    assert calls == ["mnist-dense-ebp-s0"]
+    assert outcome.ran == [] and outcome.skipped == ["mnist-dense-ebp-s0"]
+
+
+def test_the_report_is_rewritten_as_each_run_is_recorded(tmp_path, mnist_root, monkeypatch):
+    """A session killed outright (SIGKILL) left the report of the session before (review)."""
+    calls: list[str] = []
+    train_one = _fake_train(calls)
+    reported: list[int] = []
+
+    def train_reading_the_report(job, request, dataset):
+        results = tmp_path / "results.json"
+        reported.append(json.loads(results.read_text())["measurements"] if calls else 0)
+        train_one(job, request, dataset)
+
+    monkeypatch.setattr(ex, "_train", train_reading_the_report)
+    request = Request(cells=(DENSE,), rules=("brainprop", "ebp"), seeds=1, out=tmp_path,
+                      data_dir=str(mnist_root), device="cpu", progress=False)  # fmt: skip
+    reproduce(request, say=lambda _: None)
+    assert reported == [0, 1]
+
+
+def test_a_run_finished_here_is_recorded_though_another_machine_measured_it(
+    tmp_path, mnist_root, monkeypatch
+):
+    """A measurement of the same run merged in from another machine left this machine's
+    finished run unrecorded for good, its result only in a run directory (review)."""
+    spec = RunSpec(DENSE, "ebp", 0)
+    request = Request(cells=(DENSE,), rules=("ebp",), seeds=1, out=tmp_path,
+                      data_dir=str(mnist_root), device="cpu", progress=False)  # fmt: skip
+    _fake_train([])((spec,), request, None)  # finished, stopped before it was recorded
+    write_measurement(tmp_path, spec, "NVIDIA H200", test_acc=0.9)
+    calls: list[str] = []
+    monkeypatch.setattr(ex, "_train", _fake_train(calls))
+    outcome = reproduce(request, say=lambda _: None)
+    assert calls == [] and outcome.skipped == [spec.name]
+    machines = sorted(m.machine for m in load_measurements(tmp_path))
+    assert machines == sorted(["NVIDIA H200", ex.this_machine("cpu")])
+    stamps = [m.path.stat().st_mtime_ns for m in load_measurements(tmp_path)]
+    reproduce(request, say=lambda _: None)
+    assert [m.path.stat().st_mtime_ns for m in load_measurements(tmp_path)] == stamps
+
+
+def test_a_stop_in_a_runs_last_step_records_it_in_one_process(tmp_path, mnist_root, monkeypatch):
+    """With --jobs 1 a run that ended as the stop came read as unfinished and went unrecorded
+    (review); --jobs N recorded it."""
+    train_one = _fake_train([])
+
+    def train_then_stop(job, request, dataset):
+        train_one(job, request, dataset)
+        raise signals.Interrupted("stopped by SIGTERM after the last epoch", signal.SIGTERM)
+
+    monkeypatch.setattr(ex, "_train", train_then_stop)
+    request = Request(cells=(DENSE,), rules=("ebp",), seeds=1, out=tmp_path,
+                      data_dir=str(mnist_root), device="cpu", progress=False)  # fmt: skip
+    with pytest.raises(signals.Interrupted, match="SIGTERM; no run was in progress") as info:
+        reproduce(request, say=lambda _: None)
+    assert info.value.exit_status == 128 + signal.SIGTERM
+    assert [m.run for m in load_measurements(tmp_path)] == ["mnist-dense-ebp-s0"]
+
+
+def test_a_stop_between_runs_in_one_process_ends_the_session_as_a_stop(
+    tmp_path, mnist_root, monkeypatch
+):
+    """Outside a run's training, a SIGTERM killed a --jobs 1 session by its default action,
+    with no word and no report (review)."""
+    import brainprop.data
+
+    loading = brainprop.data.load_dataset
+
+    def load_then_stop(name, data_dir):
+        dataset = loading(name, data_dir)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return dataset
+
+    monkeypatch.setattr(brainprop.data, "load_dataset", load_then_stop)
+    monkeypatch.setattr(ex, "_train", _fake_train([]))
+    request = Request(cells=(DENSE,), rules=("ebp",), seeds=1, out=tmp_path,
+                      data_dir=str(mnist_root), device="cpu", progress=False)  # fmt: skip
+    got: list[int] = []
+
+    def mine(signum, _frame):
+        got.append(signum)
+
+    # Where the session sets no handler of its own, this one takes the signal and nothing
+    # raises, instead of the default action killing the test run.
+    previous = signal.signal(signal.SIGTERM, mine)
+    try:
+        with pytest.raises(signals.Interrupted) as info:
+            reproduce(request, say=lambda _: None)
+        assert signal.getsignal(signal.SIGTERM) is mine  # put back as the session ends
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert str(info.value) == (
+        "stopped by SIGTERM between runs: run the same 'brainprop reproduce' command to continue"
+    )
+    assert info.value.exit_status == 128 + signal.SIGTERM and got == []
+    assert (tmp_path / "results.md").is_file()
+
+
 def test_missing_dataset_fails_before_any_run(tmp_path, capsys):
     status = main(["reproduce", "--datasets", "cifar100", "--archs", "deep", "--out",
                    str(tmp_path / "r"), "--data-dir", str(tmp_path)])  # fmt: skip
@@ -1092,6 +1210,36 @@ def test_a_run_that_completes_beside_one_that_fails_is_recorded(tmp_path, mnist_
     with pytest.raises(BrainPropError, match="last.pt is not a readable checkpoint"):
         reproduce(request, say=lambda _: None)
     assert [m.run for m in load_measurements(out)] == ["mnist-dense-brainprop-s0-e1"]
+
+
+def test_a_run_that_cannot_be_recorded_leaves_the_others_that_ended_beside_it_recorded(
+    tmp_path, mnist_root
+):
+    """reap stopped at the first recording that failed, leaving the other workers that ended
+    in the same wait unrecorded, their errors unread (review)."""
+
+    class Ended:
+        exitcode = 0
+
+        def join(self):
+            pass
+
+    request = Request(out=tmp_path, data_dir=str(mnist_root), device="cpu", progress=False)
+    specs = plan([DENSE], ["brainprop", "ebp"], 1)
+    for spec in specs:
+        _fake_train([])((spec,), request, None)
+    damaged = tmp_path / RUNS / specs[0].name / rundir.SUMMARY
+    damaged.write_text("{")
+    measurements: list = []
+    outcome = ex.Outcome()
+    pool = ex._Workers(request, 1, True, measurements, outcome, lambda _: None)
+    pool.running = {i: ((spec,), Ended(), None) for i, spec in enumerate(specs)}
+    failures = pool.reap([0, 1])
+    assert failures == [
+        f"{damaged} is not valid JSON: delete it, and the same command closes the run again"
+    ]
+    assert [m.run for m in measurements] == outcome.ran == [specs[1].name]
+    assert pool.running == {}
 
 
 def test_a_ctrl_c_while_workers_start_stops_them_without_tracebacks(tmp_path, mnist_root):

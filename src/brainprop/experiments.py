@@ -235,12 +235,14 @@ def reproduce(request: Request, say: Callable[[str], None] = print) -> Outcome:
 
         holding = False
 
-        def hold() -> None:
+        def hold() -> bool:
             nonlocal holding
-            if not holding:
-                make_folder(request.out)
-                held.enter_context(locks.held(request.out, busy))
-                holding = True
+            if holding:
+                return False
+            make_folder(request.out)
+            held.enter_context(locks.held(request.out, busy))
+            holding = True
+            return True
 
         # A folder that does not exist yet holds nothing to race for: it is made and held once
         # the request has passed its checks, so that a refused one creates nothing.
@@ -249,33 +251,19 @@ def reproduce(request: Request, say: Callable[[str], None] = print) -> Outcome:
         return _reproduce(request, say, hold)
 
 
-def _reproduce(request: Request, say: Callable[[str], None], hold: Callable[[], None]) -> Outcome:
+def _reproduce(request: Request, say: Callable[[str], None], hold: Callable[[], bool]) -> Outcome:
     """:func:`reproduce`'s work, once the request is checked; ``hold`` holds its folder (at
-    once where it exists already)."""
+    once where it exists already) and says whether it took it just now."""
     from .report import digest, write_report
 
-    outcome = Outcome()
     specs = request.specs()
-    # Read once: a file half-copied in while the runs train (a merge) must not stop them.
-    measurements = load_measurements(request.out)
-    measured = {m.run for m in measurements}
-    pending = []
-    for spec in specs:
-        run_dir = request.out / RUNS / spec.name
-        if spec.name not in measured:
-            _check_run_dir(spec, run_dir)
-        if spec.name not in measured and (run_dir / rundir.SUMMARY).is_file():
-            # Finished, but stopped before it was recorded: how many shared the device with it
-            # is no longer known; this request's packing is the best guess.
-            measurements.append(record(spec, run_dir, request.out, runs_at_once(request)))
-            measured.add(spec.name)
-        if spec.name in measured:
-            outcome.skipped.append(spec.name)
-        else:
-            pending.append(spec)
+    measurements, outcome, pending = _scan(request, specs)
     _check_data(pending, request.data_dir)
     _check_val(pending, request.val, request.data_dir)
-    hold()
+    if hold():
+        # The folder was new, so the scan ran unheld, and a session that made the folder
+        # meanwhile may have run (part of) these runs in it.
+        measurements, outcome, pending = _scan(request, specs)
     # Where each run's measurement goes as it ends: a file in the way is found now, not after
     # the first run has trained.
     kept = request.out / MEASUREMENTS
@@ -306,6 +294,65 @@ def _reproduce(request: Request, say: Callable[[str], None], hold: Callable[[], 
         say(f"  {line}")
     say(f"report: {report}")
     return outcome
+
+
+def _scan(
+    request: Request, specs: Sequence[RunSpec]
+) -> tuple[list[Measurement], Outcome, list[RunSpec]]:
+    """The measurements in ``request.out``, with those of runs that finished there unrecorded
+    now recorded; the outcome so far, with the runs measured (on any machine) skipped; and the
+    runs left to train."""
+    outcome = Outcome()
+    # Read once: a file half-copied in while the runs train (a merge) must not stop them.
+    measurements = load_measurements(request.out)
+    measured = {m.run for m in measurements}
+    pending = []
+    for spec in specs:
+        run_dir = request.out / RUNS / spec.name
+        unrecorded = (run_dir / rundir.SUMMARY).is_file() and not _recorded(
+            spec, run_dir, measurements
+        )
+        if spec.name not in measured or unrecorded:
+            _check_run_dir(spec, run_dir)
+        if unrecorded:
+            # Finished, but stopped before it was recorded: how many shared the device with it
+            # is no longer known; this request's packing is the best guess.
+            measurements.append(record(spec, run_dir, request.out, runs_at_once(request)))
+            measured.add(spec.name)
+        if spec.name in measured:
+            outcome.skipped.append(spec.name)
+        else:
+            pending.append(spec)
+    return measurements, outcome, pending
+
+
+def _recorded(spec: RunSpec, run_dir: Path, measurements: Sequence[Measurement]) -> bool:
+    """Whether the finished run in ``run_dir`` has its measurement among ``measurements``.
+
+    Only one of its name from its own machine counts: one merged in from another machine is
+    another run's, and this one is recorded beside it, or its result would stay in a run
+    directory, which nobody commits. A summary that cannot be read counts as recorded where the
+    name is measured: recording it would fail, and no session will close that run again."""
+    machines = {m.machine for m in measurements if m.run == spec.name}
+    if not machines:
+        return False
+    try:
+        summary = json.loads((run_dir / rundir.SUMMARY).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return True
+    return not isinstance(summary, dict) or str(summary.get("device", "unknown")) in machines
+
+
+def _report_so_far(out: Path, say: Callable[[str], None]) -> None:
+    """Rewrite the report with the runs recorded so far, so that it stays current through a
+    session killed outright (SIGKILL, the out-of-memory killer). One that cannot be written (a
+    file half-copied in by a merge) is said and left to the session's end: the runs go on."""
+    from .report import write_report
+
+    try:
+        write_report(out)
+    except BrainPropError as e:
+        say(f"report not rewritten yet: {e}")
 
 
 def _done_line(outcome: Outcome, rows: bool) -> str:
@@ -586,27 +633,53 @@ def _run_in_process(
 
     budget = _Budget(request, None, measurements)
     loaded: dict[str, Any] = {}
-    for job in jobs:
-        if not budget.admits(job, say):
-            outcome.over_budget.extend(spec.name for spec in job)
-            continue
-        dataset = job[0].cell.dataset
-        # One dataset in memory at a time: Tiny ImageNet alone is over a GB.
-        if dataset not in loaded:
-            loaded = {dataset: load_dataset(dataset, request.data_dir)}
-        say(f"run {_names(job)}")
-        _begin(request.out, job)
-        try:
-            _train(job, request, loaded[dataset])
-        except signals.Interrupted as e:
-            raise _stopped(
-                e.exit_status - 128, [spec.name for spec in job], request.out / RUNS
-            ) from None
-        for spec in job:
-            m = record(spec, request.out / RUNS / spec.name, request.out)
-            measurements.append(m)
-            outcome.ran.append(spec.name)
-            say(_finished_line(m))
+    # Between runs (loading a dataset, recording a run) there is nothing to save, and a stop
+    # ends the session at once; within a run, its training takes the signals over.
+    between = "between runs: run the same 'brainprop reproduce' command to continue"
+    with signals.quit_on_signals(between):
+        for job in jobs:
+            if not budget.admits(job, say):
+                outcome.over_budget.extend(spec.name for spec in job)
+                continue
+            dataset = job[0].cell.dataset
+            # One dataset in memory at a time: Tiny ImageNet alone is over a GB.
+            if dataset not in loaded:
+                loaded = {dataset: load_dataset(dataset, request.data_dir)}
+            say(f"run {_names(job)}")
+            _begin(request.out, job)
+            try:
+                _train(job, request, loaded[dataset])
+            except signals.Interrupted as e:
+                # A stop during a run's last step lets it end, its results written.
+                done = _completed(request.out, job)
+                if done:
+                    _record_job(job, request, measurements, outcome, say)
+                names = [] if done else [spec.name for spec in job]
+                raise _stopped(e.exit_status - 128, names, request.out / RUNS) from None
+            _record_job(job, request, measurements, outcome, say)
+
+
+def _completed(out: Path, job: Job) -> bool:
+    """Whether every run of ``job`` in ``out`` has ended, its results written."""
+    return all((out / RUNS / spec.name / rundir.SUMMARY).is_file() for spec in job)
+
+
+def _record_job(
+    job: Job,
+    request: Request,
+    measurements: list[Measurement],
+    outcome: Outcome,
+    say: Callable[[str], None],
+    company: float = 1.0,
+) -> None:
+    """Record the runs of ``job``, which ended beside ``company - 1`` others on average, and
+    rewrite the report with them."""
+    for spec in job:
+        m = record(spec, request.out / RUNS / spec.name, request.out, company)
+        measurements.append(m)
+        outcome.ran.append(spec.name)
+        say(_finished_line(m))
+    _report_so_far(request.out, say)
 
 
 def _train(job: Job, request: Request, dataset: Any, tagged: bool = False) -> None:
@@ -903,11 +976,7 @@ class _Workers:
         """Record the runs of the job that ``sentinel``'s worker completed."""
         job, _, _ = self.running.pop(sentinel)
         shared = 1.0 if self.on_cpu else self.company.leave(sentinel)
-        for spec in job:
-            m = record(spec, self.request.out / RUNS / spec.name, self.request.out, shared)
-            self.measurements.append(m)
-            self.outcome.ran.append(spec.name)
-            self.say(_finished_line(m))
+        _record_job(job, self.request, self.measurements, self.outcome, self.say, shared)
 
     def reap(self, ended: list[int]) -> list[str]:
         """Record the jobs whose workers ``ended`` completed; returns why each other one failed.
@@ -918,25 +987,35 @@ class _Workers:
         leave the completed runs unrecorded."""
         failures = []
         for sentinel in ended:
-            job, proc, receive = self.running[sentinel]
-            proc.join()
-            if proc.exitcode == 0:
-                self.finished(sentinel)
-                continue
-            error = processes.error_sent(receive)
-            # A run stopped by a signal exits with the shell's 128 + its number (Interrupted).
-            signum = proc.exitcode - 128
-            if error is None and signum in (*signals.SIGNALS, signals.RELAY):
-                self.stopped_by = signum
-                if self.completed(job):
-                    self.finished(sentinel)  # a signal in its last step lets a run end
-                else:
-                    del self.running[sentinel]
-                    self.stopped += [spec.name for spec in job]
-                continue
-            del self.running[sentinel]
-            failures.append(error or _ended(_names(job), proc.exitcode))
+            try:
+                failure = self._reaped(sentinel)
+            except BrainPropError as e:
+                # A run that cannot be recorded fails as a worker does, and the rest are seen to.
+                failure = str(e)
+            if failure is not None:
+                failures.append(failure)
         return failures
+
+    def _reaped(self, sentinel: int) -> str | None:
+        """:meth:`reap` one worker that ended: why it failed, or None."""
+        job, proc, receive = self.running[sentinel]
+        proc.join()
+        if proc.exitcode == 0:
+            self.finished(sentinel)
+            return None
+        error = processes.error_sent(receive)
+        # A run stopped by a signal exits with the shell's 128 + its number (Interrupted).
+        signum = proc.exitcode - 128
+        if error is None and signum in (*signals.SIGNALS, signals.RELAY):
+            self.stopped_by = signum
+            if _completed(self.request.out, job):
+                self.finished(sentinel)  # a signal in its last step lets a run end
+            else:
+                del self.running[sentinel]
+                self.stopped += [spec.name for spec in job]
+            return None
+        del self.running[sentinel]
+        return error or _ended(_names(job), proc.exitcode)
 
     def stop_all(self) -> None:
         """Stop the workers, each saving its state, and record the runs that completed
@@ -944,13 +1023,8 @@ class _Workers:
         self.tick()
         self.terminate()
         for sentinel, (job, _, _) in list(self.running.items()):
-            if self.completed(job):
+            if _completed(self.request.out, job):
                 self.finished(sentinel)
-
-    def completed(self, job: Job) -> bool:
-        """Whether every run of ``job`` has ended, its results written."""
-        out = self.request.out / RUNS
-        return all((out / spec.name / rundir.SUMMARY).is_file() for spec in job)
 
     def signal_all(self) -> None:
         """Pass the stop on to each worker still alive and not yet sent it, without waiting for
