@@ -467,8 +467,14 @@ def test_a_session_on_a_new_folder_takes_in_what_another_ran_there_while_it_chec
     assert outcome.ran == [] and outcome.skipped == ["mnist-dense-ebp-s0"]
 
 
-def test_the_report_is_rewritten_as_each_run_is_recorded(tmp_path, mnist_root, monkeypatch):
-    """A session killed outright (SIGKILL) left the report of the session before (review)."""
+@pytest.mark.parametrize("every_s, expected", [(0.0, [0, 1, 2, 3]), (3600.0, [0, 1, 1, 1])])
+def test_the_report_is_rewritten_as_runs_are_recorded_at_most_so_often(
+    tmp_path, mnist_root, monkeypatch, every_s, expected
+):
+    """A session killed outright (SIGKILL) left the report of the session before (review);
+    a report costs about a second of CPU with a few hundred measurements, so not every run's
+    end writes one."""
+    monkeypatch.setattr(ex._Recorder, "REPORT_EVERY_S", every_s)
     calls: list[str] = []
     train_one = _fake_train(calls)
     reported: list[int] = []
@@ -479,10 +485,29 @@ def test_the_report_is_rewritten_as_each_run_is_recorded(tmp_path, mnist_root, m
         train_one(job, request, dataset)
 
     monkeypatch.setattr(ex, "_train", train_reading_the_report)
-    request = Request(cells=(DENSE,), rules=("brainprop", "ebp"), seeds=1, out=tmp_path,
+    request = Request(cells=(DENSE, CONV), rules=("brainprop",), seeds=2, out=tmp_path,
                       data_dir=str(mnist_root), device="cpu", progress=False)  # fmt: skip
     reproduce(request, say=lambda _: None)
-    assert reported == [0, 1]
+    assert reported == expected
+
+
+def test_a_report_that_fails_while_runs_go_on_is_said_and_they_go_on(
+    tmp_path, mnist_root, monkeypatch
+):
+    def no_report(out):
+        raise RuntimeError("matplotlib broke")
+
+    calls: list[str] = []
+    monkeypatch.setattr(ex, "_train", _fake_train(calls))
+    monkeypatch.setattr(report, "write_report", no_report)
+    monkeypatch.setattr(ex._Recorder, "REPORT_EVERY_S", 0.0)
+    request = Request(cells=(DENSE,), rules=("brainprop", "ebp"), seeds=1, out=tmp_path,
+                      data_dir=str(mnist_root), device="cpu", progress=False)  # fmt: skip
+    lines: list[str] = []
+    with pytest.raises(RuntimeError, match="matplotlib broke"):  # the session's own report
+        reproduce(request, say=lines.append)
+    assert calls == ["mnist-dense-brainprop-s0", "mnist-dense-ebp-s0"]
+    assert lines.count("report not rewritten yet: RuntimeError: matplotlib broke") == 2
 
 
 def test_a_run_finished_here_is_recorded_though_another_machine_measured_it(
@@ -506,6 +531,45 @@ def test_a_run_finished_here_is_recorded_though_another_machine_measured_it(
     assert [m.path.stat().st_mtime_ns for m in load_measurements(tmp_path)] == stamps
 
 
+def test_a_run_finished_here_is_recorded_beside_its_graphed_measurement_on_the_same_label(
+    tmp_path, mnist_root
+):
+    """Labels name a GPU's model, so another host's graphed run of the same name carries this
+    machine's label: a setup of its own all the same (review)."""
+    spec = RunSpec(DENSE, "ebp", 0)
+    request = Request(cells=(DENSE,), rules=("ebp",), seeds=1, out=tmp_path,
+                      data_dir=str(mnist_root), device="cpu", progress=False)  # fmt: skip
+    _fake_train([])((spec,), request, None)
+    here = ex.this_machine("cpu")
+    write_measurement(tmp_path, spec, here, test_acc=0.9, cuda_graph=True)
+    reproduce(request, say=lambda _: None)
+    graphs = sorted(m.cuda_graph for m in load_measurements(tmp_path))
+    assert graphs == [False, True]
+
+
+def test_a_damaged_run_here_of_a_run_measured_elsewhere_is_said_and_skipped(
+    tmp_path, mnist_root, monkeypatch
+):
+    """Recording it beside the other machine's measurement failed the whole session, where it
+    had been skipped (review): the name is measured, so nothing would train it again."""
+    spec = RunSpec(DENSE, "ebp", 0)
+    request = Request(cells=(DENSE,), rules=("ebp",), seeds=1, out=tmp_path,
+                      data_dir=str(mnist_root), device="cpu", progress=False)  # fmt: skip
+    _fake_train([])((spec,), request, None)
+    history = tmp_path / RUNS / spec.name / rundir.HISTORY_JSON
+    history.write_text("{")
+    write_measurement(tmp_path, spec, "NVIDIA H200", test_acc=0.9)
+    lines: list[str] = []
+    outcome = reproduce(request, say=lines.append)
+    assert outcome.skipped == [spec.name] and outcome.ran == []
+    assert [m.machine for m in load_measurements(tmp_path)] == ["NVIDIA H200"]
+    assert lines[0] == (
+        f"not recorded here, as {spec.name} is measured in another setup: {history} is not "
+        f"valid JSON: move {history.parent} out of {history.parent.parent} to train that run "
+        "afresh"
+    )
+
+
 def test_a_stop_in_a_runs_last_step_records_it_in_one_process(tmp_path, mnist_root, monkeypatch):
     """With --jobs 1 a run that ended as the stop came read as unfinished and went unrecorded
     (review); --jobs N recorded it."""
@@ -522,6 +586,31 @@ def test_a_stop_in_a_runs_last_step_records_it_in_one_process(tmp_path, mnist_ro
         reproduce(request, say=lambda _: None)
     assert info.value.exit_status == 128 + signal.SIGTERM
     assert [m.run for m in load_measurements(tmp_path)] == ["mnist-dense-ebp-s0"]
+
+
+def test_a_stop_records_the_runs_of_a_stack_that_ended_and_names_the_others(
+    tmp_path, mnist_root, monkeypatch
+):
+    """A run that ended in a stack whose other runs had not was left unrecorded and said to
+    have kept its progress (review)."""
+    first, second = plan([DENSE], ["ebp"], 2)
+    train_one = _fake_train([])
+
+    def one_ends_then_stop(job, request, dataset):
+        train_one(job[:1], request, dataset)
+        raise signals.Interrupted("stopped by SIGTERM", signal.SIGTERM)
+
+    monkeypatch.setattr(ex, "_train", one_ends_then_stop)
+    request = Request(out=tmp_path, data_dir=str(mnist_root), device="cpu", progress=False)
+    outcome = ex.Outcome()
+    with pytest.raises(signals.Interrupted) as info:
+        ex._run_in_process(request, [(first, second)], [], outcome, lambda _: None)
+    assert str(info.value) == (
+        f"stopped by SIGTERM; {second.name} had not begun training: run the same 'brainprop "
+        "reproduce' command to continue"
+    )
+    assert outcome.ran == [first.name]
+    assert [m.run for m in load_measurements(tmp_path)] == [first.name]
 
 
 def test_a_stop_between_runs_in_one_process_ends_the_session_as_a_stop(
@@ -1413,7 +1502,8 @@ def test_a_worker_killed_by_a_signal_is_named_so_and_the_others_are_said_to_resu
         def poll(self) -> bool:
             return False
 
-    pool = ex._Workers(Request(out=tmp_path, device="cpu"), None, True, [], ex.Outcome(),
+    outcome = ex.Outcome()
+    pool = ex._Workers(Request(out=tmp_path, device="cpu"), None, True, [], outcome,
                        lambda _: None)  # fmt: skip
     pool.running[7] = ((RunSpec(DENSE, "ebp", 0),), Killed(), Silent())
     assert pool.reap([7]) == [
@@ -1433,7 +1523,7 @@ def test_a_worker_killed_by_a_signal_is_named_so_and_the_others_are_said_to_resu
     done = RunSpec(DENSE, "ebp", 2)
     _fake_train([])((done,), Request(out=tmp_path, device="cpu"), None)
     pool.running[9] = ((done,), Killed(), Silent())
-    assert pool.reap([9]) == [] and pool.outcome.ran == [done.name]
+    assert pool.reap([9]) == [] and outcome.ran == [done.name]
     assert pool.stopped == ["mnist-dense-ebp-s1"]
     assert ex._failed(["x failed"], []) == "x failed"
     assert ex._failed(["x failed"], ["y", "z"]) == (

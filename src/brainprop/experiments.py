@@ -46,6 +46,7 @@ from .measurements import (
     changed_setting,
     load_measurements,
     record,
+    recorded_name,
     setup_label,
 )
 from .presets import PAPER_PRESET, table_row
@@ -257,13 +258,13 @@ def _reproduce(request: Request, say: Callable[[str], None], hold: Callable[[], 
     from .report import digest, write_report
 
     specs = request.specs()
-    measurements, outcome, pending = _scan(request, specs)
+    measurements, outcome, pending = _scan(request, specs, say)
     _check_data(pending, request.data_dir)
     _check_val(pending, request.val, request.data_dir)
     if hold():
         # The folder was new, so the scan ran unheld, and a session that made the folder
         # meanwhile may have run (part of) these runs in it.
-        measurements, outcome, pending = _scan(request, specs)
+        measurements, outcome, pending = _scan(request, specs, say)
     # Where each run's measurement goes as it ends: a file in the way is found now, not after
     # the first run has trained.
     kept = request.out / MEASUREMENTS
@@ -297,28 +298,29 @@ def _reproduce(request: Request, say: Callable[[str], None], hold: Callable[[], 
 
 
 def _scan(
-    request: Request, specs: Sequence[RunSpec]
+    request: Request, specs: Sequence[RunSpec], say: Callable[[str], None]
 ) -> tuple[list[Measurement], Outcome, list[RunSpec]]:
     """The measurements in ``request.out``, with those of runs that finished there unrecorded
-    now recorded; the outcome so far, with the runs measured (on any machine) skipped; and the
+    now recorded; the outcome so far, with the runs measured (in any setup) skipped; and the
     runs left to train."""
     outcome = Outcome()
     # Read once: a file half-copied in while the runs train (a merge) must not stop them.
     measurements = load_measurements(request.out)
     measured = {m.run for m in measurements}
+    # Finished, but stopped before it was recorded: how many shared the device with it is no
+    # longer known; this request's packing is the best guess.
+    company = runs_at_once(request)
     pending = []
     for spec in specs:
         run_dir = request.out / RUNS / spec.name
-        unrecorded = (run_dir / rundir.SUMMARY).is_file() and not _recorded(
-            spec, run_dir, measurements
-        )
-        if spec.name not in measured or unrecorded:
+        finished = (run_dir / rundir.SUMMARY).is_file()
+        if spec.name not in measured:
             _check_run_dir(spec, run_dir)
-        if unrecorded:
-            # Finished, but stopped before it was recorded: how many shared the device with it
-            # is no longer known; this request's packing is the best guess.
-            measurements.append(record(spec, run_dir, request.out, runs_at_once(request)))
-            measured.add(spec.name)
+            if finished:
+                measurements.append(record(spec, run_dir, request.out, company))
+                measured.add(spec.name)
+        elif finished and not _recorded(spec, run_dir, measurements):
+            _record_beside(spec, run_dir, request.out, company, measurements, say)
         if spec.name in measured:
             outcome.skipped.append(spec.name)
         else:
@@ -327,32 +329,34 @@ def _scan(
 
 
 def _recorded(spec: RunSpec, run_dir: Path, measurements: Sequence[Measurement]) -> bool:
-    """Whether the finished run in ``run_dir`` has its measurement among ``measurements``.
-
-    Only one of its name from its own machine counts: one merged in from another machine is
-    another run's, and this one is recorded beside it, or its result would stay in a run
-    directory, which nobody commits. A summary that cannot be read counts as recorded where the
-    name is measured: recording it would fail, and no session will close that run again."""
-    machines = {m.machine for m in measurements if m.run == spec.name}
-    if not machines:
-        return False
+    """Whether the finished run in ``run_dir`` has its measurement among ``measurements``: one
+    in its own setup (machine, TF32, CUDA graph), the file that recording it would write."""
     try:
-        summary = json.loads((run_dir / rundir.SUMMARY).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return True
-    return not isinstance(summary, dict) or str(summary.get("device", "unknown")) in machines
+        summary, config = (json.loads((run_dir / name).read_text(encoding="utf-8"))
+                           for name in (rundir.SUMMARY, rundir.CONFIG))  # fmt: skip
+        name = recorded_name(spec.name, summary, config)
+    except (OSError, ValueError, TypeError, AttributeError):
+        return False  # recording it names the damage
+    return name in {m.file_name for m in measurements if m.run == spec.name}
 
 
-def _report_so_far(out: Path, say: Callable[[str], None]) -> None:
-    """Rewrite the report with the runs recorded so far, so that it stays current through a
-    session killed outright (SIGKILL, the out-of-memory killer). One that cannot be written (a
-    file half-copied in by a merge) is said and left to the session's end: the runs go on."""
-    from .report import write_report
-
+def _record_beside(
+    spec: RunSpec,
+    run_dir: Path,
+    out: Path,
+    company: float,
+    measurements: list[Measurement],
+    say: Callable[[str], None],
+) -> None:
+    """Record the run finished in ``run_dir`` beside the measurements of its name in other
+    setups (merged in from another machine), or its result would stay in a run directory,
+    which nobody commits. One that cannot be recorded is said and skipped, as it was before it
+    was recorded beside them: the name is measured, so no session will train it again."""
     try:
-        write_report(out)
+        _check_run_dir(spec, run_dir)
+        measurements.append(record(spec, run_dir, out, company))
     except BrainPropError as e:
-        say(f"report not rewritten yet: {e}")
+        say(f"not recorded here, as {spec.name} is measured in another setup: {e}")
 
 
 def _done_line(outcome: Outcome, rows: bool) -> str:
@@ -632,6 +636,7 @@ def _run_in_process(
     from .data import load_dataset
 
     budget = _Budget(request, None, measurements)
+    recorder = _Recorder(request.out, measurements, outcome, say)
     loaded: dict[str, Any] = {}
     # Between runs (loading a dataset, recording a run) there is nothing to save, and a stop
     # ends the session at once; within a run, its training takes the signals over.
@@ -650,36 +655,63 @@ def _run_in_process(
             try:
                 _train(job, request, loaded[dataset])
             except signals.Interrupted as e:
-                # A stop during a run's last step lets it end, its results written.
-                done = _completed(request.out, job)
-                if done:
-                    _record_job(job, request, measurements, outcome, say)
-                names = [] if done else [spec.name for spec in job]
+                names = recorder.record_ended(job)
                 raise _stopped(e.exit_status - 128, names, request.out / RUNS) from None
-            _record_job(job, request, measurements, outcome, say)
+            recorder.record(job)
 
 
-def _completed(out: Path, job: Job) -> bool:
-    """Whether every run of ``job`` in ``out`` has ended, its results written."""
-    return all((out / RUNS / spec.name / rundir.SUMMARY).is_file() for spec in job)
+def _run_ended(out: Path, spec: RunSpec) -> bool:
+    """Whether ``spec``'s run in ``out`` has ended, its results written."""
+    return (out / RUNS / spec.name / rundir.SUMMARY).is_file()
 
 
-def _record_job(
-    job: Job,
-    request: Request,
-    measurements: list[Measurement],
-    outcome: Outcome,
-    say: Callable[[str], None],
-    company: float = 1.0,
-) -> None:
-    """Record the runs of ``job``, which ended beside ``company - 1`` others on average, and
-    rewrite the report with them."""
-    for spec in job:
-        m = record(spec, request.out / RUNS / spec.name, request.out, company)
-        measurements.append(m)
-        outcome.ran.append(spec.name)
-        say(_finished_line(m))
-    _report_so_far(request.out, say)
+class _Recorder:
+    """Records the runs of a session as they end, into ``measurements`` and ``outcome``, and
+    keeps the report current with them: rewritten at most every :attr:`REPORT_EVERY_S`
+    seconds (a session's end rewrites it anyway), so that it stays current through a session
+    killed outright (SIGKILL, the out-of-memory killer) at the price of about a second of CPU
+    a time with a few hundred measurements, beside runs that may be timing their epochs."""
+
+    REPORT_EVERY_S = 60.0
+
+    def __init__(
+        self,
+        out: Path,
+        measurements: list[Measurement],
+        outcome: Outcome,
+        say: Callable[[str], None],
+    ) -> None:
+        self.out, self.measurements, self.outcome, self.say = out, measurements, outcome, say
+        self.reported_at = -math.inf
+
+    def record(self, specs: Sequence[RunSpec], company: float = 1.0) -> None:
+        """Record the runs ``specs``, which ended beside ``company - 1`` others on average."""
+        for spec in specs:
+            m = record(spec, self.out / RUNS / spec.name, self.out, company)
+            self.measurements.append(m)
+            self.outcome.ran.append(spec.name)
+            self.say(_finished_line(m))
+        if specs and time.monotonic() - self.reported_at >= self.REPORT_EVERY_S:
+            self.report()
+
+    def record_ended(self, job: Job, company: float = 1.0) -> list[str]:
+        """Record the runs of ``job`` that ended as a stop came (one in its last step lets it
+        end, see train); returns the names of the others."""
+        self.record([spec for spec in job if _run_ended(self.out, spec)], company)
+        return [spec.name for spec in job if not _run_ended(self.out, spec)]
+
+    def report(self) -> None:
+        """Rewrite the report with the runs recorded so far; one that cannot be written (a
+        file half-copied in by a merge) is said and left to the session's end: the runs go
+        on."""
+        from .report import write_report
+
+        self.reported_at = time.monotonic()
+        try:
+            write_report(self.out)
+        except Exception as e:
+            say = str(e) if isinstance(e, BrainPropError) else f"{type(e).__name__}: {e}"
+            self.say(f"report not rewritten yet: {say}")
 
 
 def _train(job: Job, request: Request, dataset: Any, tagged: bool = False) -> None:
@@ -886,7 +918,7 @@ def _run_in_workers(
 
     def stop_session(signum: int) -> NoReturn:
         pool.stop_all()
-        raise _stopped(signum, [*pool.stopped, *pool.names()], request.out / RUNS)
+        raise _stopped(signum, pool.stopped, request.out / RUNS)
 
     with signals.stop_on_signals(passing_on, on_again=still_waiting) as stop:
         try:
@@ -939,7 +971,8 @@ class _Workers:
         say: Callable[[str], None],
     ) -> None:
         self.request, self.threads, self.on_cpu = request, threads, on_cpu
-        self.measurements, self.outcome, self.say = measurements, outcome, say
+        self.say = say
+        self.recorder = _Recorder(request.out, measurements, outcome, say)
         self.ctx = multiprocessing.get_context("spawn")
         self.running: dict[int, tuple[Job, Any, Connection]] = {}
         self.company = _Company()
@@ -975,8 +1008,16 @@ class _Workers:
     def finished(self, sentinel: int) -> None:
         """Record the runs of the job that ``sentinel``'s worker completed."""
         job, _, _ = self.running.pop(sentinel)
-        shared = 1.0 if self.on_cpu else self.company.leave(sentinel)
-        _record_job(job, self.request, self.measurements, self.outcome, self.say, shared)
+        self.recorder.record(job, self._company(sentinel))
+
+    def stopped_job(self, sentinel: int) -> None:
+        """Record the runs of ``sentinel``'s job that ended as the stop came (a signal in a
+        run's last step lets it end), and note the others in :attr:`stopped`."""
+        job, _, _ = self.running.pop(sentinel)
+        self.stopped += self.recorder.record_ended(job, self._company(sentinel))
+
+    def _company(self, sentinel: int) -> float:
+        return 1.0 if self.on_cpu else self.company.leave(sentinel)
 
     def reap(self, ended: list[int]) -> list[str]:
         """Record the jobs whose workers ``ended`` completed; returns why each other one failed.
@@ -1008,23 +1049,19 @@ class _Workers:
         signum = proc.exitcode - 128
         if error is None and signum in (*signals.SIGNALS, signals.RELAY):
             self.stopped_by = signum
-            if _completed(self.request.out, job):
-                self.finished(sentinel)  # a signal in its last step lets a run end
-            else:
-                del self.running[sentinel]
-                self.stopped += [spec.name for spec in job]
+            self.stopped_job(sentinel)
             return None
         del self.running[sentinel]
         return error or _ended(_names(job), proc.exitcode)
 
     def stop_all(self) -> None:
         """Stop the workers, each saving its state, and record the runs that completed
-        meanwhile (a signal after a run's last step lets it end, see train)."""
+        meanwhile (a signal after a run's last step lets it end, see train); the others are
+        noted in :attr:`stopped`."""
         self.tick()
         self.terminate()
-        for sentinel, (job, _, _) in list(self.running.items()):
-            if _completed(self.request.out, job):
-                self.finished(sentinel)
+        for sentinel in list(self.running):
+            self.stopped_job(sentinel)
 
     def signal_all(self) -> None:
         """Pass the stop on to each worker still alive and not yet sent it, without waiting for

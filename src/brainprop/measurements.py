@@ -69,17 +69,13 @@ class Measurement:
 
     @property
     def file_name(self) -> str:
-        # bf16 is in the run's name already; TF32 and a graph are not, and are other setups.
-        tf32 = f"-tf32-{'-'.join(self.tf32)}" if self.tf32 else ""
-        return (
-            f"{self.run}@{machine_slug(self.machine)}{tf32}{'-cuda-graph' * self.cuda_graph}.json"
-        )
+        return _file_name(self.run, self.machine, self.tf32, self.cuda_graph)
 
     @property
     def tf32(self) -> list[str]:
         """The ops the run computed in TF32 (see :func:`~brainprop.peaks.tf32_ops`), in one
         order however a merged file lists them."""
-        return [op for op in TF32_OPS if op in self.summary.get("tf32", [])]
+        return _tf32(self.summary)
 
     @property
     def shared_by(self) -> int:
@@ -133,6 +129,31 @@ def setup_label(machine: str, bf16: bool, cuda_graph: bool, tf32: Sequence[str] 
     return ", ".join([machine, *marks, *["CUDA graph"] * cuda_graph])
 
 
+def _file_name(run: str, machine: str, tf32: Sequence[str], cuda_graph: bool) -> str:
+    # bf16 is in the run's name already; TF32 and a graph are not, and are other setups.
+    ops = f"-tf32-{'-'.join(tf32)}" if tf32 else ""
+    return f"{run}@{machine_slug(machine)}{ops}{'-cuda-graph' * cuda_graph}.json"
+
+
+def _tf32(summary: dict[str, Any]) -> list[str]:
+    return [op for op in TF32_OPS if op in summary.get("tf32", [])]
+
+
+def _machine(summary: dict[str, Any]) -> str:
+    return str(summary.get("device", "unknown"))
+
+
+def _cuda_graph(config: dict[str, Any]) -> bool:
+    return bool(config.get("cuda_graph", False))
+
+
+def recorded_name(run: str, summary: dict[str, Any], config: dict[str, Any]) -> str:
+    """The file name :func:`record` gives the measurement of the finished run ``run`` whose
+    ``summary.json`` and ``config.json`` hold these: one per run and setup (machine, TF32,
+    CUDA graph)."""
+    return _file_name(run, _machine(summary), _tf32(summary), _cuda_graph(config))
+
+
 def record(spec: RunSpec, run_dir: Path, out: Path, company: float = 1.0) -> Measurement:
     """Write the measurement of the finished run in ``run_dir``, which shared its GPU with
     ``company - 1`` other runs on average; returns it.
@@ -154,12 +175,12 @@ def record(spec: RunSpec, run_dir: Path, out: Path, company: float = 1.0) -> Mea
             raise ValueError(f"its {rundir.SUMMARY} or {rundir.CONFIG} holds no object")
         m = Measurement(
             spec.name, spec.cell, spec.rule, spec.seed, spec.val, spec.max_epochs,
-            str(summary.get("device", "unknown")), summary, preset=spec.preset,
+            _machine(summary), summary, preset=spec.preset,
             stack=int(summary.get("stack_size", 1)),
             # Halves round up: a run beside another half its time shared the GPU.
             at_once=max(1, math.floor(company + 0.5)),
             bf16=bool(config.get("bf16", False)),
-            cuda_graph=bool(config.get("cuda_graph", False)), company=round(company, 3),
+            cuda_graph=_cuda_graph(config), company=round(company, 3),
             feedback=spec.feedback,
         )  # fmt: skip
         # The curve lets a report plot or re-select epochs without the run directory.
