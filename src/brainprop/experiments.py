@@ -332,12 +332,12 @@ def _recorded(spec: RunSpec, run_dir: Path, measurements: Sequence[Measurement])
     """Whether the finished run in ``run_dir`` has its measurement among ``measurements``: one
     in its own setup (machine, TF32, CUDA graph), the file that recording it would write."""
     try:
-        summary, config = (json.loads((run_dir / name).read_text(encoding="utf-8"))
-                           for name in (rundir.SUMMARY, rundir.CONFIG))  # fmt: skip
-        name = recorded_name(spec.name, summary, config)
+        summary = json.loads((run_dir / rundir.SUMMARY).read_text(encoding="utf-8"))
+        config = json.loads((run_dir / rundir.CONFIG).read_text(encoding="utf-8"))
+        file_name = recorded_name(spec.name, summary, config)
     except (OSError, ValueError, TypeError, AttributeError):
         return False  # recording it names the damage
-    return name in {m.file_name for m in measurements if m.run == spec.name}
+    return file_name in {m.file_name for m in measurements if m.run == spec.name}
 
 
 def _record_beside(
@@ -710,8 +710,8 @@ class _Recorder:
         try:
             write_report(self.out)
         except Exception as e:
-            say = str(e) if isinstance(e, BrainPropError) else f"{type(e).__name__}: {e}"
-            self.say(f"report not rewritten yet: {say}")
+            why = str(e) if isinstance(e, BrainPropError) else f"{type(e).__name__}: {e}"
+            self.say(f"report not rewritten yet: {why}")
 
 
 def _train(job: Job, request: Request, dataset: Any, tagged: bool = False) -> None:
