@@ -489,11 +489,16 @@ def test_the_report_is_rewritten_as_runs_are_recorded_at_most_so_often(
                       data_dir=str(mnist_root), device="cpu", progress=False)  # fmt: skip
     reproduce(request, say=lambda _: None)
     assert reported == expected
+    # The session's end writes it whatever the last run's end skipped.
+    assert json.loads((tmp_path / "results.json").read_text())["measurements"] == 4
 
 
 def test_a_report_that_fails_while_runs_go_on_is_said_and_they_go_on(
     tmp_path, mnist_root, monkeypatch
 ):
+    """The report rewritten as runs end is a courtesy: its failure, of any kind, must not stop
+    the runs, and the session's own report at its end still fails as it always did."""
+
     def no_report(out):
         raise RuntimeError("matplotlib broke")
 
@@ -564,9 +569,10 @@ def test_a_damaged_run_here_of_a_run_measured_elsewhere_is_said_and_skipped(
     assert outcome.skipped == [spec.name] and outcome.ran == []
     assert [m.machine for m in load_measurements(tmp_path)] == ["NVIDIA H200"]
     assert lines[0] == (
-        f"not recorded here, as {spec.name} is measured in another setup: {history} is not "
-        f"valid JSON: move {history.parent} out of {history.parent.parent} to train that run "
-        "afresh"
+        f"{spec.name} is measured in another setup, so it is skipped; its run here is not "
+        f"recorded: {history} is not valid JSON: move {history.parent} out of "
+        f"{history.parent.parent} to train that run afresh, once the other setup's measurement "
+        f"is moved out of {tmp_path / 'measurements'}"
     )
 
 
@@ -1329,6 +1335,36 @@ def test_a_run_that_cannot_be_recorded_leaves_the_others_that_ended_beside_it_re
     ]
     assert [m.run for m in measurements] == outcome.ran == [specs[1].name]
     assert pool.running == {}
+
+
+def test_a_stop_with_a_run_that_cannot_be_recorded_records_the_others_and_stops(
+    tmp_path, mnist_root
+):
+    """The recording's error escaped the stop, which then read as a failure (status 2) with
+    the other finished runs unrecorded (review)."""
+
+    class Saved:
+        exitcode = 128 + signal.SIGUSR1
+
+        def is_alive(self):
+            return False
+
+        def join(self):
+            pass
+
+    request = Request(out=tmp_path, data_dir=str(mnist_root), device="cpu", progress=False)
+    specs = plan([DENSE], ["brainprop", "ebp"], 2)
+    for spec in specs[:2]:
+        _fake_train([])((spec,), request, None)
+    damaged = tmp_path / RUNS / specs[0].name / rundir.SUMMARY
+    damaged.write_text("{")
+    outcome, lines = ex.Outcome(), []
+    pool = ex._Workers(request, 1, True, [], outcome, lines.append)
+    pool.running = {i: ((spec,), Saved(), None) for i, spec in enumerate(specs)}
+    pool.stop_all()
+    assert outcome.ran == [specs[1].name] and pool.running == {}
+    assert pool.stopped == [spec.name for spec in specs[2:]]
+    assert f"not recorded: {damaged} is not valid JSON" in lines[0]
 
 
 def test_a_ctrl_c_while_workers_start_stops_them_without_tracebacks(tmp_path, mnist_root):

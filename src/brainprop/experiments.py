@@ -245,8 +245,8 @@ def reproduce(request: Request, say: Callable[[str], None] = print) -> Outcome:
             holding = True
             return True
 
-        # A folder that does not exist yet holds nothing to race for: it is made and held once
-        # the request has passed its checks, so that a refused one creates nothing.
+        # A folder that does not exist yet is made and held once the request has passed its
+        # checks, so that a refused one creates nothing, and is then scanned again.
         if request.out.is_dir():
             hold()
         return _reproduce(request, say, hold)
@@ -286,7 +286,7 @@ def _reproduce(request: Request, say: Callable[[str], None], hold: Callable[[], 
         try:
             say(f"report: {write_report(request.out)}")
         except Exception as e:
-            say(f"report not rewritten: {e}")
+            say(f"report not rewritten: {_why(e)}")
         raise
     report = write_report(request.out)
     rows = digest(measurements, {spec.name for spec in specs})
@@ -350,13 +350,18 @@ def _record_beside(
 ) -> None:
     """Record the run finished in ``run_dir`` beside the measurements of its name in other
     setups (merged in from another machine), or its result would stay in a run directory,
-    which nobody commits. One that cannot be recorded is said and skipped, as it was before it
-    was recorded beside them: the name is measured, so no session will train it again."""
+    which nobody commits. One that cannot be recorded is said, and the session goes on: the
+    name is measured, so it skips the run anyway."""
     try:
         _check_run_dir(spec, run_dir)
         measurements.append(record(spec, run_dir, out, company))
     except BrainPropError as e:
-        say(f"not recorded here, as {spec.name} is measured in another setup: {e}")
+        # The error's advice (to train the run afresh) holds only once the name is unmeasured.
+        say(
+            f"{spec.name} is measured in another setup, so it is skipped; its run here is not "
+            f"recorded: {e}, once the other setup's measurement is moved out of "
+            f"{out / MEASUREMENTS}"
+        )
 
 
 def _done_line(outcome: Outcome, rows: bool) -> str:
@@ -697,8 +702,9 @@ class _Recorder:
     def record_ended(self, job: Job, company: float = 1.0) -> list[str]:
         """Record the runs of ``job`` that ended as a stop came (one in its last step lets it
         end, see train); returns the names of the others."""
-        self.record([spec for spec in job if _run_ended(self.out, spec)], company)
-        return [spec.name for spec in job if not _run_ended(self.out, spec)]
+        ended = [_run_ended(self.out, spec) for spec in job]
+        self.record([spec for spec, done in zip(job, ended, strict=True) if done], company)
+        return [spec.name for spec, done in zip(job, ended, strict=True) if not done]
 
     def report(self) -> None:
         """Rewrite the report with the runs recorded so far; one that cannot be written (a
@@ -710,8 +716,12 @@ class _Recorder:
         try:
             write_report(self.out)
         except Exception as e:
-            why = str(e) if isinstance(e, BrainPropError) else f"{type(e).__name__}: {e}"
-            self.say(f"report not rewritten yet: {why}")
+            self.say(f"report not rewritten yet: {_why(e)}")
+
+
+def _why(e: Exception) -> str:
+    """An error as a line: ours say what to do; another's is named by its type."""
+    return str(e) if isinstance(e, BrainPropError) else f"{type(e).__name__}: {e}"
 
 
 def _train(job: Job, request: Request, dataset: Any, tagged: bool = False) -> None:
@@ -979,8 +989,9 @@ class _Workers:
         # Each worker is passed the stop once, however many signals the parent gets.
         self.signalled: set[int] = set()
         # A worker stopped by a signal of its own (a scheduler's SIGTERM that reached it before
-        # the parent, a kill of its pid): that signal, and the runs it saved.
+        # the parent, a kill of its pid): that signal.
         self.stopped_by: int | None = None
+        # The runs a stop left unfinished, however it came, for the stop's message.
         self.stopped: list[str] = []
 
     def tick(self) -> None:
@@ -1010,7 +1021,7 @@ class _Workers:
         job, _, _ = self.running.pop(sentinel)
         self.recorder.record(job, self._company(sentinel))
 
-    def stopped_job(self, sentinel: int) -> None:
+    def record_stopped(self, sentinel: int) -> None:
         """Record the runs of ``sentinel``'s job that ended as the stop came (a signal in a
         run's last step lets it end), and note the others in :attr:`stopped`."""
         job, _, _ = self.running.pop(sentinel)
@@ -1029,7 +1040,7 @@ class _Workers:
         failures = []
         for sentinel in ended:
             try:
-                failure = self._reaped(sentinel)
+                failure = self._reap_one(sentinel)
             except BrainPropError as e:
                 # A run that cannot be recorded fails as a worker does, and the rest are seen to.
                 failure = str(e)
@@ -1037,7 +1048,7 @@ class _Workers:
                 failures.append(failure)
         return failures
 
-    def _reaped(self, sentinel: int) -> str | None:
+    def _reap_one(self, sentinel: int) -> str | None:
         """:meth:`reap` one worker that ended: why it failed, or None."""
         job, proc, receive = self.running[sentinel]
         proc.join()
@@ -1049,7 +1060,7 @@ class _Workers:
         signum = proc.exitcode - 128
         if error is None and signum in (*signals.SIGNALS, signals.RELAY):
             self.stopped_by = signum
-            self.stopped_job(sentinel)
+            self.record_stopped(sentinel)
             return None
         del self.running[sentinel]
         return error or _ended(_names(job), proc.exitcode)
@@ -1061,7 +1072,11 @@ class _Workers:
         self.tick()
         self.terminate()
         for sentinel in list(self.running):
-            self.stopped_job(sentinel)
+            try:
+                self.record_stopped(sentinel)
+            except BrainPropError as e:
+                # The stop goes on for the others; the next session names it again.
+                self.say(f"not recorded: {e}")
 
     def signal_all(self) -> None:
         """Pass the stop on to each worker still alive and not yet sent it, without waiting for
