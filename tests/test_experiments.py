@@ -1344,8 +1344,6 @@ def test_a_stop_with_a_run_that_cannot_be_recorded_records_the_others_and_stops(
     the other finished runs unrecorded (review)."""
 
     class Saved:
-        exitcode = 128 + signal.SIGUSR1
-
         def is_alive(self):
             return False
 
