@@ -576,6 +576,23 @@ def test_a_damaged_run_here_of_a_run_measured_elsewhere_is_said_and_skipped(
     )
 
 
+def test_a_summary_too_deep_for_python_of_a_run_measured_elsewhere_is_said_and_skipped(
+    tmp_path, mnist_root
+):
+    """Read with json.loads alone, it raised RecursionError from the check of whether it was
+    recorded, a traceback; the run directory's own reader names it."""
+    spec = RunSpec(DENSE, "ebp", 0)
+    request = Request(cells=(DENSE,), rules=("ebp",), seeds=1, out=tmp_path,
+                      data_dir=str(mnist_root), device="cpu", progress=False)  # fmt: skip
+    _fake_train([])((spec,), request, None)
+    summary = tmp_path / RUNS / spec.name / rundir.SUMMARY
+    summary.write_text("[" * 100_000 + "]" * 100_000)
+    write_measurement(tmp_path, spec, "NVIDIA H200", test_acc=0.9)
+    lines: list[str] = []
+    assert reproduce(request, say=lines.append).skipped == [spec.name]
+    assert f"{summary} is not JSON brainprop can read" in lines[0]
+
+
 def test_a_stop_in_a_runs_last_step_records_it_in_one_process(tmp_path, mnist_root, monkeypatch):
     """With --jobs 1 a run that ended as the stop came read as unfinished and went unrecorded
     (review); --jobs N recorded it."""

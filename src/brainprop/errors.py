@@ -80,6 +80,14 @@ def reason(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
+def described(exc: Exception) -> str:
+    """``exc`` in one line: brainprop's own errors in their words, which say what to do;
+    another's after its type, which names it."""
+    return (
+        reason(exc) if isinstance(exc, BrainPropError) else f"{type(exc).__name__}: {reason(exc)}"
+    )
+
+
 def defined_in(code: Callable[..., object]) -> Path | None:
     """The file that defines ``code``, one's own function or callable object (a ``partial``'s
     function, a callable object's class), if there is one: where :func:`raised` looks."""
@@ -124,5 +132,4 @@ def raised(e: Exception, path: Path | None, code: Callable[..., object] | None =
             "parameters and what it returns)"
         )
     # brainprop's own errors (an entry a registry refused) say what is wrong in their words.
-    what = reason(e) if isinstance(e, BrainPropError) else f"{type(e).__name__}: {reason(e)}"
-    return what + at
+    return described(e) + at

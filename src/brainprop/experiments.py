@@ -36,7 +36,7 @@ from typing import Any, NoReturn
 
 from . import locks, plugins, processes, rundir, signals
 from .config import TrainConfig
-from .errors import BrainPropError
+from .errors import BrainPropError, described
 from .feedback import check_feedback
 from .files import TEMPORARIES, atomic_write_json, make_folder
 from .matrix import MATRIX, PAPER_EPOCHS, PAPER_FEEDBACK, RULE_ORDER, RUNS, Cell, RunSpec, plan
@@ -286,7 +286,7 @@ def _reproduce(request: Request, say: Callable[[str], None], hold: Callable[[], 
         try:
             say(f"report: {write_report(request.out)}")
         except Exception as e:
-            say(f"report not rewritten: {_why(e)}")
+            say(f"report not rewritten: {described(e)}")
         raise
     report = write_report(request.out)
     rows = digest(measurements, {spec.name for spec in specs})
@@ -313,7 +313,7 @@ def _scan(
     pending = []
     for spec in specs:
         run_dir = request.out / RUNS / spec.name
-        finished = (run_dir / rundir.SUMMARY).is_file()
+        finished = _run_ended(request.out, spec)
         if spec.name not in measured:
             _check_run_dir(spec, run_dir)
             if finished:
@@ -332,10 +332,10 @@ def _recorded(spec: RunSpec, run_dir: Path, measurements: Sequence[Measurement])
     """Whether the finished run in ``run_dir`` has its measurement among ``measurements``: one
     in its own setup (machine, TF32, CUDA graph), the file that recording it would write."""
     try:
-        summary = json.loads((run_dir / rundir.SUMMARY).read_text(encoding="utf-8"))
-        config = json.loads((run_dir / rundir.CONFIG).read_text(encoding="utf-8"))
+        summary = rundir.read_json(run_dir / rundir.SUMMARY)
+        config = rundir.read_json(run_dir / rundir.CONFIG)
         file_name = recorded_name(spec.name, summary, config)
-    except (OSError, ValueError, TypeError, AttributeError):
+    except (BrainPropError, TypeError, AttributeError):
         return False  # recording it names the damage
     return file_name in {m.file_name for m in measurements if m.run == spec.name}
 
@@ -716,12 +716,7 @@ class _Recorder:
         try:
             write_report(self.out)
         except Exception as e:
-            self.say(f"report not rewritten yet: {_why(e)}")
-
-
-def _why(e: Exception) -> str:
-    """An error as a line: ours say what to do; another's is named by its type."""
-    return str(e) if isinstance(e, BrainPropError) else f"{type(e).__name__}: {e}"
+            self.say(f"report not rewritten yet: {described(e)}")
 
 
 def _train(job: Job, request: Request, dataset: Any, tagged: bool = False) -> None:
