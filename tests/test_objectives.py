@@ -36,7 +36,19 @@ def test_reward_and_delta_values():
     assert out.rewards.tolist() == [1.0, 0.0]
     # delta = r - q_s: 1 - 0.9 and 0 - 0.7; loss = mean of delta^2 / 2
     assert out.loss.item() == pytest.approx((0.1**2 + 0.7**2) / 4)
-    assert not out.explored.any()
+    assert out.explored.tolist() == [False, False]  # one flag per trial, not per class
+
+
+def test_a_trial_explores_where_its_draw_is_below_epsilon():
+    # Keras explores at a draw of at most epsilon; a draw of exactly epsilon is the one place
+    # the two differ (docs/reproduce.md), pinned here so that the difference stays known.
+    q = torch.tensor([[0.0, 1.0]] * 3)
+    explore = torch.tensor([0.25, 0.25, 0.9])
+    explore[0] = torch.nextafter(explore[0], torch.tensor(0.0))  # the float32 just below
+    uniform = torch.tensor([[0.999, 1e-30]] * 3)  # noise that makes unit 0 win where it applies
+    actions, explored = BrainProp(epsilon=0.25).choose(q, explore, uniform)
+    assert explored.tolist() == [True, False, False]
+    assert actions.tolist() == [0, 1, 1]
 
 
 def test_exploration_rate_matches_epsilon():

@@ -50,3 +50,8 @@ def test_a_stored_best_that_is_no_accuracy_is_refused():
     stopper = EarlyStopping(patience=2, min_delta=0.001)
     stopper.load_state_dict({"best": float("-inf"), "wait": 0})  # before the first epoch
     assert stopper.update(0.1) is False and stopper.wait == 0
+    # The ends of the range are accuracies too: an epoch that scored nothing, or everything.
+    for best in (0.0, 1.0):
+        stopper = EarlyStopping(patience=2, min_delta=0.001)
+        stopper.load_state_dict({"best": best, "wait": 1})
+        assert stopper.best == best and stopper.update(best) is True
