@@ -187,6 +187,11 @@ def test_ebp_is_softmax_cross_entropy():
     expected = -torch.log_softmax(q.detach(), 1)[torch.arange(16), y].mean()
     assert out.loss.item() == pytest.approx(expected.item())
     assert torch.equal(out.actions, q.detach().argmax(1))
+    # Its reward, the training accuracy an epoch's line reports, is that of the argmax; EBP
+    # never explores.
+    wrong = (out.actions + 1) % 5
+    out = EBP()(q, torch.where(torch.arange(16) % 2 == 0, out.actions, wrong))
+    assert out.rewards.tolist() == [1.0, 0.0] * 8 and not out.explored.any()
 
 
 class _Mean:
@@ -215,6 +220,12 @@ def test_an_objective_registered_in_place_of_its_factory_is_named_as_such(monkey
     monkeypatch.setitem(OBJECTIVES, "mine", lambda epsilon, fused: _Mean(epsilon))
     with pytest.raises(TypeError, match="takes no arguments"):
         make_objective("mine")
+
+
+def test_an_objective_says_what_it_is():
+    assert repr(BrainProp()) == "BrainProp(epsilon=0.02)"
+    assert repr(BrainProp(epsilon=0.1, fused=True)) == "BrainProp(epsilon=0.1, fused=True)"
+    assert repr(EBP()) == "EBP()"
 
 
 def test_bad_rule_and_epsilon_are_clear_errors():

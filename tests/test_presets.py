@@ -86,6 +86,48 @@ def test_layer_order_conv_relu_batchnorm_and_deep_dropout():
     )
 
 
+def _layers(model: nn.Sequential) -> list[str]:
+    """``model``'s layers in order, in short: what get_architecture.py's reader would check."""
+    named = {nn.ReLU: "relu", nn.BatchNorm2d: "bn", nn.MaxPool2d: "pool", nn.Flatten: "flatten"}
+    out = []
+    for m in model:
+        if isinstance(m, Conv2dSame | LocallyConnected2d):
+            kind = "conv" if isinstance(m, Conv2dSame) else "lc"
+            out.append(f"{kind}{m.out_channels}" + ("/2" if m.stride == (2, 2) else ""))
+        elif isinstance(m, nn.Linear):
+            out.append(f"dense{m.out_features}")
+        elif isinstance(m, nn.Dropout):
+            out.append(f"drop{m.p}")
+        else:
+            out.append(named[type(m)])
+    return out
+
+
+@pytest.mark.parametrize(
+    ("arch", "expected"),
+    [
+        ("dense", "flatten dense1500 relu dense1000 relu dense500 relu dense10"),
+        ("conv", "conv32 relu bn conv32/2 relu bn drop0.1 flatten dense500 relu drop0.2 dense10"),
+        ("loccon", "lc32 relu bn lc32/2 relu bn drop0.1 flatten dense500 relu drop0.2 dense10"),
+        (
+            "deep",
+            "conv64 relu bn conv64 relu bn pool drop0.1 conv128 relu bn conv128 relu bn pool "
+            "drop0.2 conv128 relu bn conv128 relu bn conv128 relu bn pool drop0.3 flatten "
+            "dense500 relu drop0.4 dense10",
+        ),
+    ],
+)
+def test_each_network_is_get_architectures_layer_for_layer(arch, expected):
+    # Rates that differ at every site pin which site takes which; the output layer is linear
+    # (Q-values of any sign), every hidden one a ReLU.
+    sites = ARCHITECTURES[arch][1]
+    hp = Hyperparameters(dropout=(0.1, 0.2, 0.3, 0.4)[:sites])
+    shape = (1, 28, 28) if arch == "dense" else (3, 32, 32)
+    assert " ".join(_layers(build_model(arch, shape, 10, hp))) == expected
+    # Without a row, no dropout: every site keeps all its units.
+    assert {m.p for m in build_model(arch, shape, 10) if isinstance(m, nn.Dropout)} <= {0.0}
+
+
 def test_initialisation_is_normal_with_the_table_sigma():
     model = build_model(
         "dense", (1, 28, 28), 10, PAPER[("mnist", "dense")], torch.Generator().manual_seed(0)
@@ -168,10 +210,13 @@ def test_quickstart_preset_covers_only_mnist_dense():
         preset_hyperparameters("mnist", "dense", "fast")
 
 
-def test_tuned_lr125_is_tuned_at_lr_125_and_nothing_else():
+def test_tuned_is_the_quickstart_at_lr_1_and_tuned_lr125_at_lr_125():
     # docs/reproduce.md compares the two as one change of learning rate.
     tuned = preset_hyperparameters("mnist", "dense", "tuned")
     assert preset_hyperparameters("mnist", "dense", "tuned-lr1.25") == replace(tuned, lr=1.25)
+    # And tuned is the quick start at lr 1, the rate its committed measurements ran at.
+    quickstart = preset_hyperparameters("mnist", "dense", "quickstart")
+    assert tuned == replace(quickstart, lr=1.0)
 
 
 @pytest.mark.parametrize(
