@@ -184,6 +184,7 @@ def test_one_seed_or_an_epoch_cap_gives_no_verdict(tmp_path):
     _cell_runs(tmp_path / "b", CONV, CPU, [0.97], [0.98], [2], [2])
     [r] = aggregate(load_measurements(tmp_path / "b"))
     assert r.gap_verdict.why == "needs 2+ seeds per rule" and r.published_verdict.agrees is False
+    assert r.ratio_verdict.why == "needs 2+ seeds per rule"  # no run was left out of it
 
 
 def test_measurements_from_two_machines_merge_by_copying_files(tmp_path):
@@ -243,6 +244,31 @@ def test_the_held_out_section_says_its_published_comparison_is_the_stricter(tmp_
     test_set, held_out = md.split("## Validated on 5,000 held-out")
     assert '"within 2 sd?" is the stricter test' in held_out
     assert "stricter" not in test_set
+
+
+def test_within_2_sd_is_judged_on_the_mean_as_printed(tmp_path):
+    # MNIST conv's published 99.31 (0.04): two sd reach down to 99.23 and no further.
+    for name, accs, within in (
+        ("edge", [0.9922, 0.9923], True),  # 99.225, printed 99.23
+        ("below", [0.9922, 0.9922], False),
+    ):
+        _cell_runs(tmp_path / name, CONV, CPU, accs, [0.993, 0.993], [60, 60], [50, 50])
+        [r] = aggregate(load_measurements(tmp_path / name))
+        assert r.published_verdict.agrees is within, name
+
+
+def test_the_best_validation_column_is_each_runs_own_accuracy_in_percent(tmp_path):
+    # Held out, the best validation accuracy is a number of its own beside the test accuracy.
+    for rule, vals in (("brainprop", (0.984, 0.986)), ("ebp", (0.99, 0.992))):
+        for seed, val in enumerate(vals):
+            write_measurement(tmp_path, RunSpec(CONV, rule, seed, val=5000), CPU, test_acc=0.98,
+                              best_val_acc=val)  # fmt: skip
+    [r] = aggregate(load_measurements(tmp_path))
+    brainprop = r.rules["brainprop"]
+    assert brainprop.best_val_acc.mean == pytest.approx(98.5)
+    assert brainprop.test_acc.mean == pytest.approx(98.0)
+    md = write_report(tmp_path).read_text()
+    assert "| 98.00 (0.00) | 98.00 (0.00) |" in md and "| 98.50 (0.14) | 99.10 (0.14) |" in md
 
 
 def test_only_a_full_length_paper_settings_run_takes_a_cell_off_the_missing_list(tmp_path):
@@ -948,6 +974,11 @@ def test_the_epoch_ratio_is_judged_by_its_95_percent_interval(tmp_path):
     _cell_runs(many, CONV, CPU, [0.99] * 10, [0.99] * 10, [94, 96] * 5, [24, 26] * 5)
     [r] = aggregate(load_measurements(many))
     assert r.ratio_interval[0] > 3.5 and r.ratio_verdict.agrees is False
+    # An interval that ends at 1 itself reaches the claimed range.
+    alike = tmp_path / "alike"
+    _cell_runs(alike, CONV, CPU, [0.99] * 2, [0.99] * 2, [50, 50], [50, 50])
+    [r] = aggregate(load_measurements(alike))
+    assert r.ratio_interval == pytest.approx((1.0, 1.0)) and r.ratio_verdict.agrees is True
 
 
 def test_verdicts_agree_with_the_figures_printed_beside_them(tmp_path):
@@ -978,6 +1009,11 @@ def test_a_best_found_after_the_papers_500_epochs_gets_no_verdict(tmp_path):
     _cell_runs(tmp_path / "b", CONV, CPU, [0.993, 0.992], [0.993, 0.994], [65, 70], [40, 50],
                max_epochs=1000)  # fmt: skip
     [r] = aggregate(load_measurements(tmp_path / "b"))
+    assert r.gap_verdict.agrees is True and r.ratio_verdict.agrees is True
+    # Epoch 500 itself is the paper's last.
+    _cell_runs(tmp_path / "c", CONV, CPU, [0.993, 0.992], [0.993, 0.994], [500, 480], [400, 450],
+               max_epochs=1000)  # fmt: skip
+    [r] = aggregate(load_measurements(tmp_path / "c"))
     assert r.gap_verdict.agrees is True and r.ratio_verdict.agrees is True
 
 
