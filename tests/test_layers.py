@@ -205,11 +205,18 @@ def test_locally_connected_rejects_bad_arguments(kwargs: dict) -> None:
         LocallyConnected2d(1, 2, (8, 8), **args)
 
 
+def test_locally_connected_rejects_a_channel_count_below_one() -> None:
+    for channels in ((0, 2), (1, 0)):
+        with pytest.raises(BrainPropError, match=f"got in_channels={channels[0]}, out_channels="):
+            LocallyConnected2d(*channels, (8, 8), 3)
+
+
 def test_locally_connected_default_init_and_repr() -> None:
     layer = LocallyConnected2d(3, 8, (10, 10), 3, bias=True)
     bound = 1 / (3 * 3 * 3) ** 0.5
     assert layer.weight.abs().max() <= bound
     assert layer.bias is not None and layer.bias.abs().max() <= bound
+    assert layer.weight.min() < 0 < layer.weight.max() and layer.bias.min() < 0 < layer.bias.max()
     assert layer.weight.std() > bound / 4
     assert "output_size=(8, 8)" in repr(layer)
     assert "padding='valid'" in repr(layer)
@@ -264,6 +271,7 @@ def test_tf_same_padding_gives_ceil_output(size: int, kernel: int, stride: int) 
         ((28, 28), 3, 2, False),
         ((28, 28), 3, 1, True),
         ((26, 27), (3, 2), (2, 1), False),
+        ((28, 27), 3, 2, False),  # padded unevenly in height alone
         ((9, 10), 4, 3, True),
     ],
 )

@@ -255,6 +255,11 @@ def test_an_epochs_running_sums_add_each_steps_loss_times_its_images_rewards_and
         if step == 1:
             assert sums.tolist() == [0.5 * 4 + 0.25 * 2, 4.0, 3.0]
     assert first_bad.item() == 2  # the first step whose loss was not finite
+    # Step 0 is a step too: a loss bad from the start stays marked there.
+    bad = Output(torch.tensor(math.nan), torch.zeros(2, dtype=torch.long), torch.zeros(2),
+                 torch.zeros(2, dtype=torch.bool))  # fmt: skip
+    first_bad = tally(torch.zeros(3), torch.tensor(-1), bad, 2, 0)
+    assert tally(torch.zeros(3), first_bad, bad, 2, 1).item() == 0
     # A stack of two: one sum per member, from [G]-shaped losses and [G, B] rewards.
     stack = torch.zeros(3, 2)
     out = Output(torch.tensor([0.5, 2.0]), torch.zeros(2, 3, dtype=torch.long),
