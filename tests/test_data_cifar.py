@@ -312,13 +312,38 @@ def test_python_3_re_pickles_load_up_to_protocol_4(tmp_path: Path, protocol: int
     assert load_dataset("cifar10", tmp_path).train_y[:2].tolist() == [2, 0]
 
 
-@pytest.mark.parametrize("labels", [[2**70], np.array(3), np.zeros((1, 1), np.int64), [True]])
+@pytest.mark.parametrize(
+    "labels",
+    [
+        [2**70],
+        [2**63],
+        [-(2**63) - 1],
+        np.array(3),
+        np.zeros((1, 1), np.int64),
+        np.zeros(1, np.float32),
+        [True],
+    ],
+)
 def test_labels_that_are_no_list_of_integers_are_refused(tmp_path: Path, labels) -> None:
     write_cifar10(tmp_path)
     path = tmp_path / "cifar10" / "cifar-10-batches-py" / "data_batch_1"
     batch = {b"data": np.zeros((1, 3072), np.uint8), b"labels": labels}
     path.write_bytes(pickle.dumps(batch, protocol=2))
     assert "has b'labels' that is not a list of integers" in _error(tmp_path)
+
+
+def test_labels_may_be_an_integer_array_and_any_int64_is_judged_as_a_class(tmp_path: Path) -> None:
+    write_cifar10(tmp_path)
+    path = tmp_path / "cifar10" / "cifar-10-batches-py" / "data_batch_1"
+    pixels = np.zeros((1, 3072), np.uint8)
+    path.write_bytes(
+        pickle.dumps({b"data": pixels, b"labels": np.array([7], np.uint8)}, protocol=2)
+    )
+    assert load_dataset("cifar10", tmp_path).train_y[0].item() == 7
+    # The least and the greatest int64 are integers, out of the classes' range.
+    for label in (-(2**63), 2**63 - 1):
+        path.write_bytes(pickle.dumps({b"data": pixels, b"labels": [label]}, protocol=2))
+        assert f"has label {label} at index 0, expected 0..9" in _error(tmp_path)
 
 
 @pytest.mark.skipif(
