@@ -286,6 +286,30 @@ def test_a_stop_signal_never_checkpoints_a_broken_state(tmp_path: Path, ds, monk
     assert _last(run_dir)["epoch"] == 1 and _last(run_dir)["partial"] is None
 
 
+def test_a_run_that_diverged_after_a_checkpoint_is_unfinished_while_it_trains_again(
+    tmp_path: Path, ds, monkeypatch
+) -> None:
+    """Resumed, it trains on from last.pt (on another machine it may not diverge): its old
+    summary.json would mark it finished meanwhile (review), so that reproduce skipped it and
+    recorded the divergence beside the newer curve."""
+    inject(monkeypatch, {step(2, 5): poison})
+    run = train(tiny_config(tmp_path), dataset=ds, progress=False)
+    assert run.summary["stop_reason"] == "non-finite loss at epoch 2, step 5"
+    monkeypatch.undo()
+
+    def stop(q: torch.Tensor) -> torch.Tensor:
+        signal.raise_signal(signal.SIGTERM)
+        return q
+
+    inject(monkeypatch, {step(1, 3): stop})
+    with pytest.raises(Interrupted):
+        train(None, resume=run.dir, dataset=ds, progress=False)
+    assert not (run.dir / "summary.json").exists()
+    monkeypatch.undo()
+    assert train(None, resume=run.dir, dataset=ds, progress=False).summary["epochs_run"] == 3
+    assert json.loads((run.dir / "summary.json").read_text())["stop_reason"] == "max epochs"
+
+
 def test_a_resumed_run_with_nan_weights_in_its_checkpoint_is_refused(tmp_path: Path, ds):
     run = train(tiny_config(tmp_path, epochs=1), dataset=ds, progress=False)
     state = _last(run.dir)

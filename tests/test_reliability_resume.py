@@ -598,7 +598,7 @@ def test_a_raise_of_epochs_that_cannot_unmark_the_finished_run_is_not_stored(
         train(tiny_config(tmp_path, epochs=2), resume=run.dir, dataset=ds, progress=False)
     assert str(info.value) == (
         f"cannot remove {summary} (Permission denied), which marks the run finished, to train it "
-        "longer: fix the permissions of its folder, then resume it again"
+        "on: fix the permissions of its folder, then resume it again"
     )
     monkeypatch.undo()
     assert json.loads((run.dir / "config.json").read_text())["epochs"] == 1

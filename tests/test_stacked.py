@@ -470,6 +470,25 @@ def test_a_nan_in_one_seed_leaves_the_others_untouched(tmp_path, tiny_dataset, m
         assert [h["lr"] for h in hit.history] == [0.05, 0.05]
 
 
+def test_a_diverged_run_resumed_in_a_stack_is_unfinished_while_it_trains_again(
+    tmp_path, tiny_dataset, monkeypatch
+):
+    """As under train --resume: its old summary.json would mark it finished meanwhile."""
+    inject(monkeypatch, {20: poison})  # 16 steps an epoch: epoch 2, step 4
+    run = train(_config(tmp_path, 0, epochs=3), dataset=tiny_dataset, progress=False)
+    assert run.summary["stop_reason"] == "non-finite loss at epoch 2, step 4"
+    monkeypatch.undo()
+
+    def stop(q):
+        signal.raise_signal(signal.SIGTERM)
+        return q
+
+    inject(monkeypatch, {1: stop})
+    with pytest.raises(Interrupted):
+        train_stacked([run.dir], dataset=tiny_dataset, progress=False)
+    assert not (run.dir / "summary.json").exists()
+
+
 def test_a_rewound_seed_does_not_replay_the_others_dropout_masks(tmp_path, tiny_dataset,
                                                                  monkeypatch):  # fmt: skip
     """Dropout draws from the global stream, which the whole stack shares: rewinding one seed

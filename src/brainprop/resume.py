@@ -31,7 +31,7 @@ def checkpoint_and_config(
     run_path: Path, config: TrainConfig | None
 ) -> tuple[dict[str, Any] | None, TrainConfig]:
     """The checkpoint to continue from (None: killed before its first one) and the config, with
-    ``config``'s epochs where it is given (:func:`save_epochs` writes them once restored).
+    ``config``'s epochs where it is given (:func:`reopen` writes them once restored).
 
     ``last.pt`` must belong to the run whose ``config.json`` sits beside it: a checkpoint
     copied in from another run would otherwise silently continue the wrong network.
@@ -107,13 +107,16 @@ def _refuse_ignored(config: TrainConfig, stored: TrainConfig) -> None:
 _MAY_CHANGE = ("epochs", "data_dir")
 
 
-def save_epochs(run_path: Path, config: TrainConfig) -> None:
-    """Write ``config``'s epochs (a raised ``--epochs``) into the run's ``config.json``; called
-    once the run is restored, so that a resume that fails leaves the file as it was.
+def reopen(run_path: Path, config: TrainConfig, trains_on: bool) -> None:
+    """Mark a restored run unfinished if it ``trains_on``, and write ``config``'s epochs (a
+    raised ``--epochs``) into its ``config.json``; called once the run is restored, so that a
+    resume that fails leaves both files as they were.
 
-    A finished run given more epochs is finished no longer: its ``summary.json``, which marks
-    a run complete (``reproduce`` skips it, records it), goes until the run ends again."""
-    if stored_config(run_path).epochs != config.epochs:
+    ``summary.json`` marks a run complete (``reproduce`` skips it, records it), so it goes
+    until the run ends again: that of a finished run given more epochs, or of one that
+    diverged after a checkpoint and trains again from there."""
+    raised = stored_config(run_path).epochs != config.epochs
+    if raised or trains_on:
         # The summary first: a config.json already raised would make the next resume skip
         # this, and leave a summary that calls the run still training finished.
         summary = run_path / rundir.SUMMARY
@@ -122,8 +125,9 @@ def save_epochs(run_path: Path, config: TrainConfig) -> None:
         except OSError as e:
             raise BrainPropError(
                 f"cannot remove {summary} ({e.strerror or e}), which marks the run finished, to "
-                "train it longer: fix the permissions of its folder, then resume it again"
+                "train it on: fix the permissions of its folder, then resume it again"
             ) from None
+    if raised:
         files.atomic_write_json(run_path / rundir.CONFIG, config.to_dict())
 
 

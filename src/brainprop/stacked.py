@@ -54,7 +54,7 @@ from .evaluation import EVAL_BATCH
 from .objectives import Objective, Output, batch_scale
 from .presets import decayed_parameters
 from .provenance import check_loadable, check_same_data
-from .resume import RESUME_REMEDY, checkpoint_and_config, data_record, restore
+from .resume import RESUME_REMEDY, checkpoint_and_config, data_record, reopen, restore
 from .step import decay_groups, objective_input, tally
 from .summary import EARLY_STOPPING, summarize
 from .train import (
@@ -377,7 +377,11 @@ def _train_held(
             if trainer.partial is not None:
                 streams = rng.capture(trainer.generator)
         built.append((trainer, run_path, streams))
-    # Only once every member is built and restored: a bad checkpoint leaves no new run behind.
+    # Only once every member is built and restored: a bad checkpoint leaves no new run behind,
+    # and no resumed run marked unfinished.
+    for trainer, run_path, _ in built:
+        if run_path is not None:
+            reopen(run_path, trainer.config, trainer.stop_reason() is None)
     stacked = [
         _Member(trainer, run_path or _created(trainer, held), streams)
         for trainer, run_path, streams in built

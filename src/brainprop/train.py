@@ -66,8 +66,8 @@ from .resume import (
     history_ok,
     optimizer_settings,
     partial_ok,
+    reopen,
     restore,
-    save_epochs,
 )
 from .schedule import EarlyStopping, lr_at
 from .step import make_optimizer, tally
@@ -577,7 +577,8 @@ def _train(
             parallel.on_main(lambda: check_room(trainer, run_path))
             if state is not None:
                 parallel.on_main(lambda: mend_best(trainer, run_path, state))
-            parallel.on_main(lambda: save_epochs(run_path, config))
+            trains_on = trainer.stop_reason() is None
+            parallel.on_main(lambda: reopen(run_path, config, trains_on))
         try:
             return _held_train(parallel, trainer, ds, run_path)
         except BrokenPipeError as e:
