@@ -829,13 +829,14 @@ def test_full_disk_is_detected_before_the_run_starts(tmp_path: Path, monkeypatch
     assert not (tmp_path / "runs").exists()
 
 
-def test_a_new_run_needs_room_for_three_checkpoints(tmp_path: Path, monkeypatch) -> None:
-    """last.pt, best.pt and a last.pt being written: room for two (and the 1 MiB of history and
-    plots each is allowed) is refused, room for three and a half taken."""
+def test_a_new_run_needs_room_for_four_checkpoints(tmp_path: Path, monkeypatch) -> None:
+    """last.pt, best.pt, a stop's epoch_start.pt and a last.pt being written: room for three
+    (and the 1 MiB of history and plots each is allowed) is refused, for four and a half
+    taken."""
     sized = train(tiny_config(tmp_path, epochs=1, name="sized"), dataset=make_tiny_dataset(),
                   progress=False)  # fmt: skip
     one = (sized.dir / "last.pt").stat().st_size + 2**20
-    for free, starts in ((2 * one, False), (3.5 * one, True)):
+    for free, starts in ((3 * one, False), (4.5 * one, True)):
         monkeypatch.setattr(
             "brainprop.rundir.shutil.disk_usage", lambda _p, f=free: type("U", (), {"free": f})()
         )

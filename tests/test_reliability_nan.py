@@ -24,7 +24,7 @@ from reliability_helpers import (
 )
 from torch import nn
 
-from brainprop import Dataset, checkpoint, evaluate, train
+from brainprop import Dataset, checkpoint, evaluate, rundir, train
 from brainprop.config import MAX_NAN_RELOADS
 from brainprop.errors import BrainPropError
 from brainprop.objectives import OBJECTIVES
@@ -252,6 +252,29 @@ def test_a_damaged_epoch_start_never_costs_a_stop_its_checkpoint(
     _run(monkeypatch, ds, tmp_path, {2: _stop}, resume=True, stops=True)  # epoch 2, step 5
     assert checkpoint.load(run_dir / "last.pt")["partial"]["step"] == 5
     # A rewind then goes to last.pt, not to epoch 0.
+    resumed = _run(monkeypatch, ds, tmp_path, {1: poison}, resume=True)
+    assert [h["lr"] for h in resumed.history] == [0.1, 0.05, 0.05]
+
+
+def test_an_epoch_start_that_cannot_be_written_never_costs_a_stop_its_checkpoint(
+    tmp_path: Path, ds, monkeypatch, capsys
+) -> None:
+    """A full disk, say: the copy came first, and its error lost the stop's state (review)."""
+
+    def full(source: Path, target: Path) -> None:
+        raise BrainPropError(f"cannot write {target} (No space left on device); nothing was...")
+
+    monkeypatch.setattr(rundir, "copy", full)
+    _run(monkeypatch, ds, tmp_path, {step(2, 3): _stop}, stops=True)
+    run_dir = tmp_path / "run"
+    assert (
+        "brainprop: a NaN later in this epoch will rewind to this stop's last.pt, not to the "
+        f"epoch's start, which was not kept: cannot write {run_dir / 'epoch_start.pt'} (No "
+        "space left on device); nothing was...\n" in capsys.readouterr().err
+    )
+    assert checkpoint.load(run_dir / "last.pt")["partial"]["step"] == 3
+    assert not (run_dir / "epoch_start.pt").exists()
+    # A rewind then goes to last.pt, as without a usable epoch_start.pt.
     resumed = _run(monkeypatch, ds, tmp_path, {1: poison}, resume=True)
     assert [h["lr"] for h in resumed.history] == [0.1, 0.05, 0.05]
 

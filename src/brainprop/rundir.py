@@ -37,6 +37,7 @@ import io
 import json
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -274,7 +275,15 @@ def save_state(run: Path, state: dict[str, Any], epochs_done: int) -> None:
     if epochs_done and _epoch_start_state(run, epochs_done) is None and last.is_file():
         on_disk = checkpoint.load(last)
         if on_disk.get("partial") is None and on_disk.get("epoch") == epochs_done:
-            copy(last, start)
+            try:
+                copy(last, start)
+            except BrainPropError as e:
+                # A full disk, say: the stop's own state comes first.
+                print(
+                    f"brainprop: a NaN later in this epoch will rewind to this stop's last.pt, "
+                    f"not to the epoch's start, which was not kept: {e}",
+                    file=sys.stderr,
+                )
     checkpoint.save(last, state)
 
 
