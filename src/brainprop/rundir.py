@@ -248,15 +248,26 @@ def mend_best(run: Path, state: dict[str, Any], weights: Callable[[int], dict[st
 
 
 def _same_weights(best: dict[str, Any], state: dict[str, Any], epoch: int) -> bool:
-    """Whether ``best``, a best.pt as read, holds ``state``'s weights, of ``epoch``."""
+    """Whether ``best``, a best.pt as read, holds ``state``'s weights, of ``epoch``.
+
+    Anything else a hand-edited file may hold is simply not the same (and rewritten): a tensor
+    for the epoch, whose ``==`` has no truth value, a sparse tensor, which ``torch.equal``
+    refuses, or values of another dtype, which it would promote and call equal."""
     mine, theirs = best.get("model"), state["model"]
     return (
-        best.get("epoch") == epoch
+        type(best.get("epoch")) is int
+        and best["epoch"] == epoch
         and isinstance(mine, dict)
         and mine.keys() == theirs.keys()
-        and all(
-            isinstance(mine[k], torch.Tensor) and torch.equal(mine[k], theirs[k]) for k in theirs
-        )
+        and all(_same_tensor(mine[k], theirs[k]) for k in theirs)
+    )
+
+
+def _same_tensor(mine: Any, theirs: torch.Tensor) -> bool:
+    return (
+        isinstance(mine, torch.Tensor)
+        and (mine.layout, mine.dtype, mine.shape) == (theirs.layout, theirs.dtype, theirs.shape)
+        and torch.equal(mine, theirs)
     )
 
 
