@@ -295,6 +295,10 @@ def _renamed(weights: dict) -> None:
             lambda s: s.update(optimizer={"state": {}}),
             "its optimizer state: no entry 'param_groups')",
         ),
+        (
+            lambda s: [g.update(momentum=0.9) for g in s["optimizer"]["param_groups"]],
+            "its optimizer settings differ from its config)",
+        ),
         (lambda s: s.update(early_stopping="x"), "its early-stopping state: string indices"),
         (
             lambda s: s["rng"]["numpy"].pop("gauss"),

@@ -15,7 +15,7 @@ from conftest import make_tiny_dataset
 from data_fixtures import REPO
 from own_rules import FailsLater, SquaredError
 
-from brainprop import TrainConfig, devices, evaluate, load_model, train
+from brainprop import TrainConfig, checkpoint, devices, evaluate, load_model, train
 from brainprop.cli import main
 from brainprop.data.batches import to_float
 from brainprop.data.dataset import split_validation
@@ -391,6 +391,7 @@ def test_early_stopping_watches_the_validation_accuracy(tmp_path, tiny_dataset, 
                 progress=False)  # fmt: skip
     assert [h["val_acc"] for h in run.history] == [0.5, 0.6, 0.6, 0.55]
     assert run.summary["stop_reason"] == "early stopping" and run.summary["best_epoch"] == 2
+    assert checkpoint.load(run.dir / "best.pt")["epoch"] == 2  # not rewritten at the tie
 
 
 def test_l2_is_keras_semantics_on_weights_only(tmp_path, tiny_dataset):
