@@ -745,6 +745,8 @@ def test_arguments_of_the_wrong_kind_are_one_line(tmp_path: Path) -> None:
         (lambda: train_stacked(str(tmp_path)), "train_stacked takes a list of members, each a "
          "TrainConfig or a run directory, not a str alone: pass [it], or train it alone"),
         (lambda: train_stacked(config), "not a TrainConfig alone"),
+        (lambda: train_stacked(5), "train_stacked takes a list of members, each a TrainConfig or "
+         "a run directory, not an int: pass a list of them"),
         (lambda: train_stacked([config, 5]), "a member of the stack must be a path (text, a Path "
          "or a Run), not an int: give each member as a TrainConfig or a run directory"),
         (lambda: train_stacked([config], dataset=(ds.train_x, ds.train_y)),

@@ -528,6 +528,86 @@ def test_a_nan_while_a_cut_short_epoch_ends_alone_rewinds_as_a_run_of_its_own(
     _same_weights(alone, stacked_run, atol=1e-5)
 
 
+def _stack(tmp_path, tiny_dataset, **kw):
+    """A stack of seeds 0 and 1 (``kw``: config fields), its members' trainers, and one
+    batch of the same images for both, [2, 16, ...]."""
+    trainers = [
+        Trainer(_config(tmp_path, s, **kw).resolve(), tiny_dataset, progress=False) for s in (0, 1)
+    ]
+    stack = stacked.Stack(
+        [t.model for t in trainers], [t.generator for t in trainers], trainers[0].objective,
+        weight_decay=0.0, batch_size=16,
+    )  # fmt: skip
+    return stack, trainers, *_same_batch(tiny_dataset)
+
+
+def _same_batch(tiny_dataset):
+    """The first 16 training images and labels for each of two members, as a step takes them."""
+    order = torch.arange(len(tiny_dataset.train_y))
+    return next(permuted_batches(tiny_dataset.train_x, tiny_dataset.train_y,
+                                 torch.stack([order, order]), 16))  # fmt: skip
+
+
+def _weights(trainer):
+    return {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+
+def test_each_member_steps_at_its_own_learning_rate(tmp_path, tiny_dataset):
+    """Members' rates differ after a NaN halving, or across an lr-halving epoch (a resumed
+    seed stacked with a new one); member 0's rate for all went unnoticed (review)."""
+    stack, trainers, x, y = _stack(tmp_path, tiny_dataset)
+    before = [_weights(t) for t in trainers]
+    stack.rates.copy_(torch.tensor([0.1, 0.0]))
+    stack.step(x, y)
+    moved, still = _weights(trainers[0]), _weights(trainers[1])
+    assert not torch.equal(moved["0.weight"], before[0]["0.weight"])
+    for k, v in before[1].items():
+        if "running" not in k and "num_batches" not in k:  # BatchNorm's statistics, no step
+            assert torch.equal(still[k], v), k
+
+
+@pytest.mark.parametrize("dropout", [(0.0,), (0.5,)])
+def test_members_draw_their_own_dropout_masks(tmp_path, tiny_dataset, dropout):
+    """Two members alike in weights, exploration stream and batch part only through their
+    dropout masks: masks shared by all members would correlate the seeds (review)."""
+    stack, trainers, x, y = _stack(tmp_path, tiny_dataset, dropout=dropout)
+    trainers[1].model.load_state_dict(trainers[0].model.state_dict())
+    trainers[1].generator.set_state(trainers[0].generator.get_state())
+    stack.rates.fill_(0.1)
+    stack.step(x, y)
+    same = torch.equal(trainers[0].model[0].weight, trainers[1].model[0].weight)
+    assert same == (dropout == (0.0,))
+
+
+def test_a_frozen_weight_stays_frozen_in_a_stack(tmp_path, tiny_dataset):
+    """As SGD leaves a weight without a gradient alone in a run of its own; the stack once
+    made every stacked tensor require one, and stepped it (review)."""
+    trainers = [
+        Trainer(_config(tmp_path, s).resolve(), tiny_dataset, progress=False) for s in (0, 1)
+    ]
+    for t in trainers:
+        t.model[0].weight.requires_grad_(False)
+    stack = stacked.Stack(
+        [t.model for t in trainers], [t.generator for t in trainers], trainers[0].objective,
+        weight_decay=0.0, batch_size=16,
+    )  # fmt: skip
+    frozen = [t.model[0].weight.clone() for t in trainers]
+    stack.rates.fill_(0.1)
+    stack.step(*_same_batch(tiny_dataset))
+    for t, w in zip(trainers, frozen, strict=True):
+        assert torch.equal(t.model[0].weight, w)
+        assert not t.model[0].weight.requires_grad
+    assert not torch.equal(trainers[0].model[2].weight, trainers[1].model[2].weight)
+
+
+def test_members_may_come_from_a_generator(tmp_path, tiny_dataset):
+    """Its first pass over them (the run directories) once used it up (review)."""
+    runs = train_stacked(
+        (_config(tmp_path, s, epochs=1) for s in (0, 1)), dataset=tiny_dataset, progress=False
+    )
+    assert [r.config.seed for r in runs] == [0, 1]
+
+
 def test_a_released_stack_frees_its_tensors_without_the_cycle_collector(tmp_path, tiny_dataset):
     """Else every restack would keep the last stack's weights, gradients and CUDA graph pool
     until Python's cycle collector happened to run."""

@@ -34,7 +34,7 @@ import dataclasses
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -152,7 +152,8 @@ class Stack:
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.forward = _without_cudnn(module.forward)
         params, self.buffers = stack_module_state(self.models)
-        self.params = {k: v.detach().requires_grad_() for k, v in params.items()}
+        # Each weight's own requires_grad: a frozen one gets no gradient, so no step, as alone.
+        self.params = {k: v.detach().requires_grad_(v.requires_grad) for k, v in params.items()}
         for g, model in enumerate(self.models):
             for name, t in [*model.named_parameters(), *model.named_buffers()]:
                 stacked = self.params[name] if name in self.params else self.buffers[name]
@@ -275,7 +276,7 @@ def _without_cudnn(forward: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
 
 
 def train_stacked(
-    members: Sequence[TrainConfig | str | os.PathLike[str]],
+    members: Iterable[TrainConfig | str | os.PathLike[str]],
     *,
     dataset: Dataset | None = None,
     progress: bool = True,
@@ -308,12 +309,17 @@ def train_stacked(
             "a stack of seeds trains in one process: start it without torchrun, or train the "
             "seeds one by one under torchrun"
         )
+    whole = (
+        "train_stacked takes a list of members, each a TrainConfig or a run directory, "
+        f"not {kind_of(members)}"
+    )
     if isinstance(members, TrainConfig | str | os.PathLike):
         # A string would be taken for a list of one-letter folders.
-        raise BrainPropError(
-            "train_stacked takes a list of members, each a TrainConfig or a run directory, "
-            f"not {kind_of(members)} alone: pass [it], or train it alone with train()"
-        )
+        raise BrainPropError(f"{whole} alone: pass [it], or train it alone with train()")
+    try:
+        members = list(members)  # a generator would be used up by the first pass over it
+    except TypeError:
+        raise BrainPropError(f"{whole}: pass a list of them") from None
     if not members:
         raise BrainPropError("train_stacked needs at least one member")
     fix = "give each member as a TrainConfig or a run directory"
