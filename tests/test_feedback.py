@@ -790,6 +790,9 @@ def test_convert_given_arguments_of_the_wrong_kind_says_so_in_one_line():
         convert(nn.Linear(4, 3), "random", generator=1)
     with pytest.raises(BrainPropError, match=r"^convert takes a network, an nn.Module, not a str"):
         convert("model", "random")
+    for mode in (None, 3, ["random"]):
+        with pytest.raises(BrainPropError, match=r"^convert takes feedback= a mode's name \(symm"):
+            convert(nn.Linear(4, 3), mode)
 
 
 def test_a_layers_own_feedback_state_is_never_replaced(monkeypatch):

@@ -697,6 +697,11 @@ def convert(
     """
     if not isinstance(module, nn.Module):
         raise BrainPropError(f"convert takes a network, an nn.Module, not {kind_of(module)}")
+    if not isinstance(feedback, str):
+        raise BrainPropError(
+            f"convert takes feedback= a mode's name ({', '.join(feedback_modes())}), not "
+            f"{kind_of(feedback)}"
+        )
     check_feedback(feedback)
     check_generator(generator, "convert")
     named = list(module.named_modules())
