@@ -244,6 +244,20 @@ def test_a_converted_layer_sends_its_input_gradient_through_b_and_learns_as_w_wo
         torch.set_default_dtype(torch.float32)
 
 
+@pytest.mark.parametrize("kind", list(_LAYERS))
+def test_a_frozen_w_gives_a_reciprocal_b_no_update(kind: str) -> None:
+    """B takes W's update, and a frozen W (a fixed readout) has none: B once took the update
+    W would have had, and drifted from the W it fed back for (review)."""
+    make, shape = _LAYERS[kind]
+    layer = make()
+    convert(nn.Sequential(layer), "reciprocal", generator=torch.Generator().manual_seed(1))
+    layer.weight.requires_grad_(False)
+    x = torch.randn(shape, requires_grad=True)
+    layer(x).sum().backward()
+    assert layer.feedback_weight.grad is None and layer.weight.grad is None
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
 def test_evaluation_forward_is_unchanged():
     model = _conv_model().eval()
     x = torch.rand(3, 1, 10, 10)

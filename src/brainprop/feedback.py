@@ -11,10 +11,11 @@ every ``nn.Linear``, ``nn.Conv2d`` (incl. :class:`~brainprop.layers.Conv2dSame`)
 * ``reciprocal``: separate feedback weights ``feedback_weight`` (an ``nn.Parameter`` shaped like
   W). B receives exactly W's local update (its ``.grad`` is W's gradient), so the optimizer
   applies the same step and, if B sits in the decayed group, the same weight decay. Initialised
-  equal, B stays equal. From a random start W - B never changes under the shared updates and
-  shrinks only by weight decay, by (1 - lr * wd) per step (the Kolen-Pollack mechanism): with L2
-  off the angle between W and B still shrinks, but only because the shared updates outgrow the
-  initial difference. :func:`convert` starts B at random; copy W into it to start equal.
+  equal, B stays equal; a frozen W (``requires_grad`` off) gets no update, so B gets none. From
+  a random start W - B never changes under the shared updates and shrinks only by weight decay,
+  by (1 - lr * wd) per step (the Kolen-Pollack mechanism): with L2 off the angle between W and B
+  still shrinks, but only because the shared updates outgrow the initial difference.
+  :func:`convert` starts B at random; copy W into it to start equal.
 * ``random``: a fixed random buffer ``feedback_weight`` (feedback alignment, Lillicrap 2016).
 * ``sign``: B = sign(W) * std(W), recomputed from the current W at every step (sign symmetry).
   The scale std(W) gives B about the norm of W while W's mean is near 0, as a trained layer's
@@ -293,7 +294,8 @@ def _like(g: torch.Tensor, *saved: torch.Tensor) -> list[torch.Tensor]:
 
 
 class _LinearFeedback(torch.autograd.Function):
-    """y = x W^T + b; backward: dx = g B, dW = g^T x (exact), dB = dW (used by 'reciprocal')."""
+    """y = x W^T + b; backward: dx = g B, dW = g^T x (exact), dB = dW (used by 'reciprocal';
+    a frozen W, with no update, gives B none either)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, fb):
@@ -307,10 +309,10 @@ class _LinearFeedback(torch.autograd.Function):
         need_x, need_w, _, need_fb = ctx.needs_input_grad[:4]
         gx = g.matmul(fb) if need_x else None
         gw = None
-        if need_w or need_fb:
+        if need_w:
             gw = g.reshape(-1, g.shape[-1]).t().matmul(x.reshape(-1, x.shape[-1]))
         gb = g.reshape(-1, g.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return gx, gw if need_w else None, gb, gw if need_fb else None
+        return gx, gw, gb, gw if need_fb else None
 
 
 class _ConvFeedback(torch.autograd.Function):
@@ -335,12 +337,12 @@ class _ConvFeedback(torch.autograd.Function):
                 g, x, fb, None, stride, padding, dilation, False, [0, 0], groups,
                 [True, False, False],
             )[0]  # fmt: skip
-        if need_w or need_fb or need_b:
+        if need_w or need_b:
             _, gw, gb = conv_bw(
                 g, x, weight, ctx.bias_sizes, stride, padding, dilation, False, [0, 0], groups,
-                [False, need_w or need_fb, need_b],
+                [False, need_w, need_b],
             )  # fmt: skip
-        return gx, gw if need_w else None, gb, gw if need_fb else None, None, None, None, None
+        return gx, gw, gb, gw if need_fb else None, None, None, None, None
 
 
 class _BmmFeedback(torch.autograd.Function):
@@ -356,8 +358,8 @@ class _BmmFeedback(torch.autograd.Function):
         cols, fb = _like(g, *ctx.saved_tensors)
         need_x, need_w, need_fb = ctx.needs_input_grad[:3]
         gx = torch.bmm(g, fb.transpose(1, 2)) if need_x else None
-        gw = torch.bmm(cols.transpose(1, 2), g) if need_w or need_fb else None
-        return gx, gw if need_w else None, gw if need_fb else None
+        gw = torch.bmm(cols.transpose(1, 2), g) if need_w else None
+        return gx, gw, gw if need_fb else None
 
 
 class _DirectLink:
