@@ -493,6 +493,12 @@ def _hardlink(name: str) -> tarfile.TarInfo:
     return info
 
 
+def _fifo(name: str) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.FIFOTYPE
+    return info
+
+
 @pytest.mark.parametrize(
     ("member", "message"),
     [
@@ -501,6 +507,10 @@ def _hardlink(name: str) -> tarfile.TarInfo:
         (tarfile.TarInfo("/tmp/evil"), "points outside its folder"),
         (_symlink("cifar-10-batches-py/evil"), "has a link member"),
         (_hardlink("cifar-10-batches-py/evil"), "has a link member"),
+        # Windows's separators and drives, which extraction on Windows would follow.
+        (tarfile.TarInfo("cifar-10-batches-py\\..\\..\\evil"), "points outside its folder"),
+        (tarfile.TarInfo("C:evil"), "points outside its folder"),
+        (_fifo("cifar-10-batches-py/evil"), "has a special-file member"),
     ],
 )
 def test_tar_slip_and_links_refused(
@@ -527,6 +537,58 @@ def test_zip_slip_refused(tmp_path: Path, server, monkeypatch) -> None:
     with pytest.raises(BrainPropError, match="points outside its folder"):
         download("tiny-imagenet", tmp_path / "root", base_url=url, progress=False)
     assert not (tmp_path / "evil").exists() and not (tmp_path / "root" / "tiny-imagenet").exists()
+
+
+def test_zip_symlink_refused(tmp_path: Path, server, monkeypatch) -> None:
+    served, url = server
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        zf.writestr("tiny-imagenet-200/wnids.txt", "n1\n")
+        link = zipfile.ZipInfo("tiny-imagenet-200/evil")
+        link.external_attr = 0o120777 << 16  # a symlink's mode bits, as Info-ZIP stores them
+        zf.writestr(link, "/etc/passwd")
+    _serve(served, "tiny-imagenet-200.zip", buffer.getvalue(), monkeypatch, "tiny-imagenet")
+    with pytest.raises(BrainPropError, match="has a link member 'tiny-imagenet-200/evil'"):
+        download("tiny-imagenet", tmp_path / "root", base_url=url, progress=False)
+    assert not (tmp_path / "root" / "tiny-imagenet").exists()
+
+
+@pytest.mark.parametrize("back_too", [False, True])
+def test_a_new_tree_that_cannot_take_its_place_leaves_the_old_one_there(
+    tmp_path: Path, monkeypatch, back_too: bool
+) -> None:
+    """The old tree, moved aside, went with the work folder, and the user's files with it
+    (review); where it cannot be put back either, it is kept, and the message says where."""
+    archive = tmp_path / "a.tar.gz"
+    archive.write_bytes(tar_gz_bytes({"top/data": b"new"}))
+    place = tmp_path / "dest" / "top"
+    place.mkdir(parents=True)
+    (place / "data").write_bytes(b"old")
+    (place / "my_notes.txt").write_text("the user's")
+    replace, calls = os.replace, []
+
+    def fails_after_the_first(source, target):
+        calls.append(target)
+        if len(calls) == 2 or (back_too and len(calls) == 3):
+            raise OSError(errno.EBUSY, os.strerror(errno.EBUSY))
+        replace(source, target)
+
+    monkeypatch.setattr(fetch.os, "replace", fails_after_the_first)
+    with pytest.raises(BrainPropError) as info:
+        fetch.extract_archive(archive, tmp_path / "dest", "top", archive_name="a.tar.gz")
+    if back_too:
+        stale = Path(calls[0])
+        said = str(info.value)
+        assert said.startswith(f"cannot put the download in place at {place}, nor the old copy")
+        assert said.endswith(
+            f"): it is kept at {stale}; move it back to {place}, then run the command again"
+        )
+        assert (stale / "my_notes.txt").read_text() == "the user's"
+    else:
+        assert str(info.value).startswith(f"cannot put the download in place at {place} (")
+        assert (place / "my_notes.txt").read_text() == "the user's"
+        assert (place / "data").read_bytes() == b"old"
+        assert [p.name for p in place.parent.iterdir()] == ["top"]  # no work folder left
 
 
 def test_archive_without_expected_folder(tmp_path: Path, server, monkeypatch) -> None:

@@ -400,6 +400,7 @@ def extract_archive(
             f"cannot extract {archive_name} into {place.parent} ({reason(exc)}): "
             "check its permissions, then run the command again"
         ) from exc
+    kept = False  # the old tree left in the work folder, as it could not be put back
     try:
         try:
             if archive_name.endswith(".zip"):
@@ -419,9 +420,33 @@ def extract_archive(
                 f"cannot extract {archive_name} into {dest} ({reason(exc)}): check free disk "
                 "space and permissions, then run the command again"
             ) from exc
+        stale = work / ".stale"
         if place.exists():
-            _put_in_place(place, work / ".stale", blocking=place)
-        _put_in_place(extracted, place)
+            _put_in_place(place, stale, blocking=place)
+        try:
+            _put_in_place(extracted, place)
+        except BrainPropError:
+            if (stuck := _put_back(stale, place)) is not None:
+                kept = True
+                raise stuck from None
+            raise
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if not kept:
+            shutil.rmtree(work, ignore_errors=True)
     return target
+
+
+def _put_back(stale: Path, place: Path) -> BrainPropError | None:
+    """Rename the old tree, moved aside to ``stale``, back to ``place``, as the new one could
+    not take its place (removed with the work folder, it took the user's own files along);
+    the error that says where it is kept if that fails too."""
+    if not stale.exists():
+        return None
+    try:
+        os.replace(stale, place)
+    except OSError as exc:
+        return BrainPropError(
+            f"cannot put the download in place at {place}, nor the old copy back ({reason(exc)}):"
+            f" it is kept at {stale}; move it back to {place}, then run the command again"
+        )
+    return None
