@@ -79,6 +79,31 @@ def test_cache_is_rebuilt_when_files_change(tmp_path: Path) -> None:
     assert load_dataset("tiny-imagenet", tmp_path).train_y.tolist() == [0, 1, 1, 2, 2]
 
 
+def test_a_val_image_relabelled_after_caching_takes_its_new_label(tmp_path: Path) -> None:
+    """The labels are part of the cache's manifest: the same files, annotated anew, must not
+    load the old labels from the cache."""
+    folder = write_tiny_imagenet(tmp_path)
+    assert load_dataset("tiny-imagenet", tmp_path).test_y.tolist() == [2, 0, 1, 2]
+    annotations = folder / "val" / "val_annotations.txt"
+    lines = annotations.read_text().splitlines(keepends=True)
+    assert lines[0].startswith(f"val_0.JPEG\t{WNIDS[2]}\t")
+    annotations.write_text("".join([lines[0].replace(WNIDS[2], WNIDS[0]), *lines[1:]]))
+    assert load_dataset("tiny-imagenet", tmp_path).test_y.tolist() == [0, 0, 1, 2]
+
+
+@pytest.mark.parametrize(("name", "array"), [("train_x", "shape"), ("test_y", "dtype")])
+def test_a_cache_array_of_another_shape_or_dtype_is_rebuilt(
+    tmp_path: Path, name: str, array: str
+) -> None:
+    folder = write_tiny_imagenet(tmp_path)
+    expected = load_dataset("tiny-imagenet", tmp_path)
+    path = folder / tin.CACHE_DIR / f"{name}.npy"
+    cached = np.load(path)
+    np.save(path, cached[:-1] if array == "shape" else cached.astype(np.int16))
+    again = load_dataset("tiny-imagenet", tmp_path)
+    assert torch.equal(getattr(again, name), getattr(expected, name))
+
+
 def test_an_image_changed_after_caching_is_decoded_again(tmp_path: Path) -> None:
     folder = write_tiny_imagenet(tmp_path)
     load_dataset("tiny-imagenet", tmp_path)
@@ -206,6 +231,59 @@ def test_a_pipe_or_folder_in_a_files_place_is_named_and_never_read(
     assert _error(tmp_path) == expected
     [status] = dataset_status(tmp_path, ["tiny-imagenet"])
     assert (status.present, status.damaged) == (False, expected)
+
+
+@pytest.mark.parametrize(
+    "where", ["", "val/images", f"train/{WNIDS[1]}", f"train/{WNIDS[1]}/images"]
+)
+def test_a_file_in_a_folders_place_is_named_as_such(tmp_path: Path, where: str) -> None:
+    """Loading called the tree's own folder missing, and said to download it, which refused;
+    a file in an image folder's place made the tree damaged, to be deleted (review)."""
+    folder = write_tiny_imagenet(tmp_path)
+    path = folder / where
+    shutil.rmtree(path)
+    path.write_text("mine")
+    expected = (
+        f"Tiny ImageNet folder {path} is a file, not a folder: move or remove it, then run "
+        "'brainprop download tiny-imagenet'"
+    )
+    assert _error(tmp_path) == expected
+    [status] = dataset_status(tmp_path, ["tiny-imagenet"])
+    assert (status.present, status.damaged) == (False, expected)
+
+
+def test_hidden_files_beside_the_images_are_no_images(tmp_path: Path) -> None:
+    """macOS's ._* files beside each JPEG of a tree copied on a Mac made it damaged (review)."""
+    folder = write_tiny_imagenet(tmp_path)
+    clean = load_dataset("tiny-imagenet", tmp_path)
+    shutil.rmtree(folder / tin.CACHE_DIR)
+    for images in (folder / "val" / "images", folder / "train" / WNIDS[1] / "images"):
+        for jpeg in list(images.iterdir()):
+            (images / f"._{jpeg.name}").write_bytes(b"\x00\x05\x16\x07")
+    again = load_dataset("tiny-imagenet", tmp_path)
+    assert torch.equal(again.train_x, clean.train_x) and torch.equal(again.test_y, clean.test_y)
+
+
+@pytest.mark.parametrize(
+    ("where", "text", "said"),
+    [
+        ("wnids.txt", "\n\n", "lists no classes"),
+        ("wnids.txt", f"{WNIDS[0]}\n{WNIDS[1]}\n{WNIDS[0]}\n", "lists a class twice"),
+        ("val/val_annotations.txt", f"val_0.JPEG {WNIDS[0]} 0 0 63 63\n", "line 1 is not"),
+        ("val/val_annotations.txt", "", "has no val images"),
+    ],
+)
+def test_lists_that_do_not_make_a_tree_are_refused(
+    tmp_path: Path, where: str, text: str, said: str
+) -> None:
+    """No classes, one twice (two indices for one folder), an annotation split by spaces, not
+    tabs, or no val images at all: each a damaged tree, in one line."""
+    folder = write_tiny_imagenet(tmp_path)
+    (folder / where).write_text(text)
+    if said == "has no val images":
+        shutil.rmtree(folder / "val" / "images")
+        (folder / "val" / "images").mkdir()
+    assert said in _error(tmp_path)
 
 
 @pytest.mark.parametrize("name", ["..", "", "\x00al_0.JPEG", "../images", "x" * 300])

@@ -95,11 +95,18 @@ def _jpegs(folder: Path) -> list[Path]:
     try:
         # scandir's entries know their type from the listing (d_type): no stat of each of
         # the tree's 110,000 files, which `datasets` and `download` list too (tree_problem).
+        # Hidden files are no images: macOS's ._* beside each JPEG of a tree copied on a Mac.
         with os.scandir(folder) as entries:
-            files = [Path(e.path) for e in entries if e.is_file()]
+            files = [Path(e.path) for e in entries if e.is_file() and e.name[0] != "."]
         return sorted(p for p in files if p.suffix == ".JPEG")
     except FileNotFoundError as exc:
         raise _fail(f"folder {folder} is missing", folder) from exc
+    except NotADirectoryError as exc:
+        # A file of one's own in the folder's place, or in its parent's (a class's folder).
+        for path in (folder, folder.parent):
+            if instead := not_a_folder(path):
+                raise _in_place(path, instead, "folder") from exc
+        raise _fail(f"folder {folder} cannot be listed", folder, exc) from exc
     except OSError as exc:
         raise _fail(f"folder {folder} cannot be listed", folder, exc) from exc
 
@@ -432,6 +439,8 @@ class TinyImageNetTree:
         checking it would mean listing and reading the size of every training image.
         """
         folder = self.dataset_dir(name, root)
+        if instead := not_a_folder(folder):
+            raise _in_place(folder, instead, "folder")
         if not folder.is_dir():
             raise BrainPropError(
                 f"Tiny ImageNet folder {folder} is missing: {self.how_to_get(name, root)}"
