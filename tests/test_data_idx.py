@@ -11,7 +11,7 @@ import pytest
 import torch
 from data_fixtures import REPO, idx_bytes, patch_format, write_idx_dataset
 
-from brainprop.data import dataset_status, load_dataset
+from brainprop.data import dataset_status, idx, load_dataset
 from brainprop.errors import BrainPropError
 
 # The fixtures' folder is the default data root: see tests/test_data_registry.py for the
@@ -106,6 +106,29 @@ def test_a_header_declaring_more_than_any_dataset_is_refused(tmp_path: Path) -> 
         f"MNIST file {path} declares 784,000,000,000 bytes of data, more than any IDX dataset "
         "holds: it is damaged or not an MNIST-style file; delete it and run 'brainprop download "
         "mnist'"
+    )
+
+
+def test_status_refuses_a_gzip_declaring_more_than_any_dataset_uninflated(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """Its trailer disagrees with its header, so status counted the bytes it inflates to, up
+    to the declared 784 GB: a small gzip bomb under the data root (review)."""
+    write_idx_dataset(tmp_path / "mnist", gz=True)
+    path = tmp_path / "mnist" / "train-images-idx3-ubyte.gz"
+    header = (0x00000803).to_bytes(4, "big") + b"".join(
+        n.to_bytes(4, "big") for n in (10**9, 28, 28)
+    )
+    path.write_bytes(gzip.compress(header + bytes(2**16)))
+
+    def inflated(*args):
+        raise AssertionError("inflated to be counted")
+
+    monkeypatch.setattr(idx, "_inflated_size", inflated)
+    [status] = dataset_status(tmp_path, ["mnist"])
+    assert status.damaged.startswith(
+        f"{path} declares 784,000,000,000 bytes of data, more than any IDX dataset holds: it is "
+        "damaged or not an MNIST-style file"
     )
 
 

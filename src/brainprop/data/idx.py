@@ -203,6 +203,12 @@ def idx_file_problem(path: Path, magic: int) -> str | None:
     if len(head) < header or int.from_bytes(head[:4], "big") != magic:
         return "has no IDX header of its kind"
     expected = header + math.prod(_dims(head, ndim))
+    if expected - header > MAX_DATA_BYTES:
+        # Before a gzip is inflated to count it: a small one can declare, and hold, gigabytes.
+        return (
+            f"declares {expected - header:,} bytes of data, more than any IDX dataset holds: "
+            "it is damaged or not an MNIST-style file"
+        )
     if path.suffix != ".gz" and size != expected:
         return f"is cut short or padded (its header declares {expected} bytes, it holds {size})"
     # The trailer is the last gzip member's: a file of several (gzip files concatenated,
