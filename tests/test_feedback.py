@@ -417,6 +417,16 @@ def test_a_frozen_layer_still_sends_its_feedback(mode):
     assert not torch.allclose(model[0].weight.grad, grads[0])  # not backprop's gradient
 
 
+def test_direct_feedback_refuses_an_input_without_a_batch_in_one_line():
+    """Its backward failed with a raw IndexError (review)."""
+    model = _mlp()
+    convert(model, "direct", generator=torch.Generator().manual_seed(0))
+    with pytest.raises(BrainPropError, match=r"^direct feedback takes a batch, an input \[N, "):
+        model(torch.rand(6))
+    with torch.no_grad():
+        model(torch.rand(6))  # the plain op: no feedback, no batch needed
+
+
 def test_direct_feedback_never_takes_an_earlier_steps_output_error():
     """An output layer that takes the plain op (here its mode switched by hand) sends no
     error: the layers below must say so, not train on the error the last step left behind."""

@@ -436,6 +436,12 @@ def _plain(layer: nn.Module) -> bool:
 
 
 def _direct(layer: nn.Module, x: torch.Tensor, op) -> torch.Tensor:
+    if x.dim() < 2:
+        # D sends each sample's output error to that sample's input: it needs the samples.
+        raise BrainPropError(
+            f"direct feedback takes a batch, an input [N, ...], not one of shape "
+            f"{tuple(x.shape)}: add a batch dimension (x.unsqueeze(0))"
+        )
     return _DirectInject.apply(op(x.detach()), x, layer)
 
 

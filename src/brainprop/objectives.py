@@ -331,7 +331,10 @@ class Objective(Protocol):
     into an :class:`Output` whose ``loss``, a mean over the batch, is differentiable with
     respect to ``q``, drawing what it draws from ``generator`` (each run's own stream, so that
     a resume draws the same). ``sums_over_nominal_batch`` says whether a short last batch's
-    mean loss is scaled by its share of the nominal batch (:func:`batch_scale`)."""
+    mean loss is scaled by its share of the nominal batch (:func:`batch_scale`).
+
+    An objective keeps no state from call to call: checkpoints do not save one, and the
+    members of a stack of seeds (:mod:`brainprop.stacked`) share one objective."""
 
     sums_over_nominal_batch: bool
 
