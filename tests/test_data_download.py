@@ -557,38 +557,46 @@ def test_zip_symlink_refused(tmp_path: Path, server, monkeypatch) -> None:
 def test_a_new_tree_that_cannot_take_its_place_leaves_the_old_one_there(
     tmp_path: Path, monkeypatch, back_too: bool
 ) -> None:
-    """The old tree, moved aside, went with the work folder, and the user's files with it
-    (review); where it cannot be put back either, it is kept, and the message says where."""
+    """The old tree, moved aside into the work folder, went with it, and the user's files with
+    it (review); where it cannot be put back either, it is kept beside its place, where the
+    next download's clean-up of leftovers leaves it, and the message says where."""
     archive = tmp_path / "a.tar.gz"
     archive.write_bytes(tar_gz_bytes({"top/data": b"new"}))
-    place = tmp_path / "dest" / "top"
+    dest = tmp_path / "dest"
+    place = dest / "top"
     place.mkdir(parents=True)
     (place / "data").write_bytes(b"old")
     (place / "my_notes.txt").write_text("the user's")
     replace, calls = os.replace, []
 
     def fails_after_the_first(source, target):
-        calls.append(target)
+        calls.append(Path(target))
         if len(calls) == 2 or (back_too and len(calls) == 3):
             raise OSError(errno.EBUSY, os.strerror(errno.EBUSY))
         replace(source, target)
 
     monkeypatch.setattr(fetch.os, "replace", fails_after_the_first)
     with pytest.raises(BrainPropError) as info:
-        fetch.extract_archive(archive, tmp_path / "dest", "top", archive_name="a.tar.gz")
+        fetch.extract_archive(archive, dest, "top", archive_name="a.tar.gz")
+    said = str(info.value)
+    assert said.startswith(f"cannot put the download in place at {place} (")
     if back_too:
-        stale = Path(calls[0])
-        said = str(info.value)
-        assert said.startswith(f"cannot put the download in place at {place}, nor the old copy")
+        aside = calls[0]
+        assert aside.parent.parent == dest and aside.parent.name.startswith("top.old-")
         assert said.endswith(
-            f"): it is kept at {stale}; move it back to {place}, then run the command again"
+            f"): it is kept at {aside}; move it back to {place}, then run the command again"
         )
-        assert (stale / "my_notes.txt").read_text() == "the user's"
+        fetch._remove_leftovers(dest)
+        assert (aside / "my_notes.txt").read_text() == "the user's"
+        assert sorted(p.name for p in dest.iterdir()) == [aside.parent.name]
     else:
-        assert str(info.value).startswith(f"cannot put the download in place at {place} (")
+        assert said.endswith(
+            f"); the old copy is back there: check the permissions of {dest}, then run the "
+            "command again"
+        )
         assert (place / "my_notes.txt").read_text() == "the user's"
         assert (place / "data").read_bytes() == b"old"
-        assert [p.name for p in place.parent.iterdir()] == ["top"]  # no work folder left
+        assert [p.name for p in dest.iterdir()] == ["top"]  # no work or aside folder left
 
 
 def test_archive_without_expected_folder(tmp_path: Path, server, monkeypatch) -> None:

@@ -160,11 +160,14 @@ def _put_in_place(source: Path, target: Path, blocking: Path | None = None) -> N
     try:
         os.replace(source, target)
     except OSError as exc:
-        where = target if blocking is None else blocking
-        raise BrainPropError(
-            f"cannot put the download in place at {where} ({reason(exc)}): move or remove "
-            f"{where}, then run the command again"
-        ) from exc
+        raise _put_in_place_error(target if blocking is None else blocking, exc) from exc
+
+
+def _put_in_place_error(where: Path, exc: OSError) -> BrainPropError:
+    return BrainPropError(
+        f"cannot put the download in place at {where} ({reason(exc)}): move or remove {where}, "
+        "then run the command again"
+    )
 
 
 def _present_in(name: str, root: Path, dest: Path) -> Path | None:
@@ -400,7 +403,6 @@ def extract_archive(
             f"cannot extract {archive_name} into {place.parent} ({reason(exc)}): "
             "check its permissions, then run the command again"
         ) from exc
-    kept = False  # the old tree left in the work folder, as it could not be put back
     try:
         try:
             if archive_name.endswith(".zip"):
@@ -420,33 +422,45 @@ def extract_archive(
                 f"cannot extract {archive_name} into {dest} ({reason(exc)}): check free disk "
                 "space and permissions, then run the command again"
             ) from exc
-        stale = work / ".stale"
-        if place.exists():
-            _put_in_place(place, stale, blocking=place)
-        try:
-            _put_in_place(extracted, place)
-        except BrainPropError:
-            if (stuck := _put_back(stale, place)) is not None:
-                kept = True
-                raise stuck from None
-            raise
+        _replace_tree(extracted, place)
     finally:
-        if not kept:
-            shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
     return target
 
 
-def _put_back(stale: Path, place: Path) -> BrainPropError | None:
-    """Rename the old tree, moved aside to ``stale``, back to ``place``, as the new one could
-    not take its place (removed with the work folder, it took the user's own files along);
-    the error that says where it is kept if that fails too."""
-    if not stale.exists():
-        return None
+def _replace_tree(new: Path, place: Path) -> None:
+    """Put the tree ``new`` at ``place`` in two renames, the old tree there first aside.
+
+    Aside means beside ``place``, under a name no download removes as a leftover: until the
+    new tree is in, the old one is the only copy of what of the user's it holds. Where the new
+    one cannot take its place, the old one goes back; where that fails too, it stays aside,
+    and the message says where."""
+    if not place.exists():
+        _put_in_place(new, place)
+        return
     try:
-        os.replace(stale, place)
+        aside = Path(tempfile.mkdtemp(dir=place.parent, prefix=f"{place.name}.old-")) / place.name
     except OSError as exc:
-        return BrainPropError(
-            f"cannot put the download in place at {place}, nor the old copy back ({reason(exc)}):"
-            f" it is kept at {stale}; move it back to {place}, then run the command again"
-        )
-    return None
+        raise _put_in_place_error(place, exc) from exc
+    try:
+        _put_in_place(place, aside, blocking=place)
+    except BrainPropError:
+        shutil.rmtree(aside.parent, ignore_errors=True)  # made empty a moment ago
+        raise
+    try:
+        os.replace(new, place)
+    except OSError as exc:
+        try:
+            os.replace(aside, place)
+        except OSError as back:
+            raise BrainPropError(
+                f"cannot put the download in place at {place} ({reason(exc)}), nor the old copy "
+                f"back ({reason(back)}): it is kept at {aside}; move it back to {place}, then "
+                "run the command again"
+            ) from exc
+        shutil.rmtree(aside.parent, ignore_errors=True)
+        raise BrainPropError(
+            f"cannot put the download in place at {place} ({reason(exc)}); the old copy is back "
+            f"there: check the permissions of {place.parent}, then run the command again"
+        ) from exc
+    shutil.rmtree(aside.parent, ignore_errors=True)
