@@ -3,8 +3,10 @@ and no checkpoint ever holds a broken state."""
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 import signal
 from dataclasses import replace
 from pathlib import Path
@@ -256,23 +258,39 @@ def test_a_damaged_epoch_start_never_costs_a_stop_its_checkpoint(
     assert [h["lr"] for h in resumed.history] == [0.1, 0.05, 0.05]
 
 
-def test_an_epoch_start_that_cannot_be_written_never_costs_a_stop_its_checkpoint(
-    tmp_path: Path, ds, monkeypatch, capsys
+@pytest.mark.parametrize("links", [True, False])
+def test_an_epoch_start_that_cannot_be_copied_never_costs_a_stop_its_checkpoint(
+    tmp_path: Path, ds, monkeypatch, capsys, links: bool
 ) -> None:
-    """A full disk, say: the copy came first, and its error lost the stop's state (review)."""
+    """A nearly full disk: the copy came first, and its error lost the stop's state (review).
+    A hard link takes no room, so it is kept all the same; where the filesystem has no links
+    either, the stop is saved without it, and says where a NaN will then rewind to."""
 
     def full(source: Path, target: Path) -> None:
         raise BrainPropError(f"cannot write {target} (No space left on device); nothing was...")
 
+    def no_links(source: Path, target: Path) -> None:
+        raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+
     monkeypatch.setattr(rundir, "copy", full)
+    if not links:
+        monkeypatch.setattr(rundir.os, "link", no_links)
     _run(monkeypatch, ds, tmp_path, {step(2, 3): _stop}, stops=True)
     run_dir = tmp_path / "run"
-    assert (
+    assert checkpoint.load(run_dir / "last.pt")["partial"]["step"] == 3
+    assert [p.name for p in run_dir.glob(".*.tmp")] == []
+    warned = (
         "brainprop: a NaN later in this epoch will rewind to this stop's last.pt, not to the "
         f"epoch's start, which was not kept: cannot write {run_dir / 'epoch_start.pt'} (No "
-        "space left on device); nothing was...\n" in capsys.readouterr().err
+        "space left on device); nothing was...\n"
     )
-    assert checkpoint.load(run_dir / "last.pt")["partial"]["step"] == 3
+    if links:
+        # The end of epoch 1, which a rewind goes back to (test_a_nan_after_a_stop_inside_...).
+        assert warned not in capsys.readouterr().err
+        start = checkpoint.load(run_dir / "epoch_start.pt")
+        assert (start["epoch"], start["partial"]) == (1, None)
+        return
+    assert warned in capsys.readouterr().err
     assert not (run_dir / "epoch_start.pt").exists()
     # A rewind then goes to last.pt, as without a usable epoch_start.pt.
     resumed = _run(monkeypatch, ds, tmp_path, {1: poison}, resume=True)

@@ -46,7 +46,7 @@ from typing import Any
 import torch
 
 from . import checkpoint, locks
-from .errors import PERMISSIONS_FIX, BrainPropError, kind_of
+from .errors import PERMISSIONS_FIX, BrainPropError, kind_of, reason
 from .files import atomic_write_figure, atomic_write_json, atomic_write_text, copy, probe_write
 from .summary import best_row
 
@@ -287,15 +287,30 @@ def save_state(run: Path, state: dict[str, Any], epochs_done: int) -> None:
         on_disk = checkpoint.load(last)
         if on_disk.get("partial") is None and on_disk.get("epoch") == epochs_done:
             try:
-                copy(last, start)
-            except BrainPropError as e:
-                # A full disk, say: the stop's own state comes first.
+                _keep_as(last, start)
+            except (BrainPropError, OSError) as e:
+                # The stop's own state comes first.
+                why = e if isinstance(e, BrainPropError) else f"cannot copy {last} ({reason(e)})"
                 print(
                     f"brainprop: a NaN later in this epoch will rewind to this stop's last.pt, "
-                    f"not to the epoch's start, which was not kept: {e}",
+                    f"not to the epoch's start, which was not kept: {why}",
                     file=sys.stderr,
                 )
     checkpoint.save(last, state)
+
+
+def _keep_as(source: Path, target: Path) -> None:
+    """Make ``target`` hold what ``source`` holds: a hard link where the filesystem has them,
+    which takes no room where a copy takes a checkpoint's (a stop on a nearly full disk keeps
+    both). Safe as every write of ``source`` renames a new file over its name."""
+    link = target.with_name(f".{target.name}.link.tmp")  # a temporary remove_temporaries takes
+    try:
+        link.unlink(missing_ok=True)
+        os.link(source, link)
+        os.replace(link, target)
+    except OSError:
+        link.unlink(missing_ok=True)
+        copy(source, target)
 
 
 def _epoch_start_state(run: Path, epoch: int) -> dict[str, Any] | None:

@@ -770,7 +770,8 @@ def gave_up(bad: NonFinite, config: TrainConfig, run_path: Path) -> str:
 def create_run(trainer: Trainer) -> Path:
     """A new run directory holding the run's config."""
     config = trainer.config
-    # last.pt, best.pt, a stop's epoch_start.pt and a last.pt being written beside them.
+    # last.pt, best.pt, a stop's epoch_start.pt (a copy where the filesystem has no hard
+    # links) and a last.pt being written beside them.
     rundir.check_free_space(Path(config.out_dir), 4 * _checkpoint_bytes(trainer))
     name = config.name
     if name is None:
