@@ -483,6 +483,15 @@ def test_a_diverged_run_resumed_in_a_stack_is_unfinished_while_it_trains_again(
         signal.raise_signal(signal.SIGTERM)
         return q
 
+    def no_room(trainer):
+        raise BrainPropError("only 1.0 MiB free")
+
+    # A new member whose directory cannot be made: nothing trains, so nothing is reopened.
+    monkeypatch.setattr(stacked, "create_run", no_room)
+    with pytest.raises(BrainPropError, match="only 1.0 MiB free"):
+        train_stacked([run.dir, _config(tmp_path, 1)], dataset=tiny_dataset, progress=False)
+    assert (run.dir / "summary.json").exists()
+    monkeypatch.undo()
     inject(monkeypatch, {1: stop})
     with pytest.raises(Interrupted):
         train_stacked([run.dir], dataset=tiny_dataset, progress=False)
@@ -606,6 +615,14 @@ def test_members_may_come_from_a_generator(tmp_path, tiny_dataset):
         (_config(tmp_path, s, epochs=1) for s in (0, 1)), dataset=tiny_dataset, progress=False
     )
     assert [r.config.seed for r in runs] == [0, 1]
+
+    def failing():
+        yield _config(tmp_path / "failing", 0, epochs=1)
+        raise TypeError("the generator's own")
+
+    # Its own error, not taken for members of the wrong kind.
+    with pytest.raises(TypeError, match="the generator's own"):
+        train_stacked(failing(), dataset=tiny_dataset, progress=False)
 
 
 def test_a_released_stack_frees_its_tensors_without_the_cycle_collector(tmp_path, tiny_dataset):

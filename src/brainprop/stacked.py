@@ -317,9 +317,10 @@ def train_stacked(
         # A string would be taken for a list of one-letter folders.
         raise BrainPropError(f"{whole} alone: pass [it], or train it alone with train()")
     try:
-        members = list(members)  # a generator would be used up by the first pass over it
+        given = iter(members)
     except TypeError:
         raise BrainPropError(f"{whole}: pass a list of them") from None
+    members = list(given)  # a generator would be used up by the first pass over it
     if not members:
         raise BrainPropError("train_stacked needs at least one member")
     fix = "give each member as a TrainConfig or a run directory"
@@ -383,15 +384,16 @@ def _train_held(
             if trainer.partial is not None:
                 streams = rng.capture(trainer.generator)
         built.append((trainer, run_path, streams))
-    # Only once every member is built and restored: a bad checkpoint leaves no new run behind,
-    # and no resumed run marked unfinished.
-    for trainer, run_path, _ in built:
-        if run_path is not None:
-            reopen(run_path, trainer.config, trainer.stop_reason() is None)
+    # Only once every member is built and restored: a bad checkpoint leaves no new run behind.
+    # The new runs' directories first: one that cannot be made leaves no resumed run marked
+    # unfinished.
     stacked = [
         _Member(trainer, run_path or _created(trainer, held), streams)
         for trainer, run_path, streams in built
     ]
+    for trainer, run_path, _ in built:
+        if run_path is not None:
+            reopen(run_path, trainer.config, trainer.stop_reason() is None)
     warn_if_slow_bf16(stacked[0].trainer.device, config.bf16)
     say(
         f"training {len(stacked)} seeds of {config.arch} on {data_label(config, ds.name)} with "
