@@ -333,8 +333,8 @@ class Objective(Protocol):
     a resume draws the same). ``sums_over_nominal_batch`` says whether a short last batch's
     mean loss is scaled by its share of the nominal batch (:func:`batch_scale`).
 
-    An objective keeps no state from call to call: checkpoints do not save one, and the
-    members of a stack of seeds (:mod:`brainprop.stacked`) share one objective."""
+    An objective must keep no state from call to call: a checkpoint would not save it, and
+    the members of a stack of seeds (:mod:`brainprop.stacked`) share one objective."""
 
     sums_over_nominal_batch: bool
 

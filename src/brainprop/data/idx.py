@@ -157,11 +157,8 @@ def _read_declared(
             f"{'x'.join(map(str, image_size))}: {fix}"
         )
     declared = math.prod(dims)
-    if declared > MAX_DATA_BYTES:
-        raise BrainPropError(
-            f"{source} declares {declared:,} bytes of data, more than any IDX dataset holds: "
-            f"it is damaged or not an MNIST-style file; {fix}"
-        )
+    if too_much := _too_much(declared):
+        raise BrainPropError(f"{source} {too_much}; {fix}")
     if check_count is not None:
         check_count(dims[0])
     try:
@@ -173,6 +170,16 @@ def _read_declared(
             f"not enough memory to read {source}, whose header declares {declared:,} bytes of "
             f"data: free some and try again, or, if it should hold less, {fix}"
         ) from None
+
+
+def _too_much(declared: int) -> str | None:
+    """Why ``declared`` bytes of data are no IDX dataset's, or None."""
+    if declared <= MAX_DATA_BYTES:
+        return None
+    return (
+        f"declares {declared:,} bytes of data, more than any IDX dataset holds: it is damaged "
+        "or not an MNIST-style file"
+    )
 
 
 def idx_file_problem(path: Path, magic: int) -> str | None:
@@ -203,12 +210,8 @@ def idx_file_problem(path: Path, magic: int) -> str | None:
     if len(head) < header or int.from_bytes(head[:4], "big") != magic:
         return "has no IDX header of its kind"
     expected = header + math.prod(_dims(head, ndim))
-    if expected - header > MAX_DATA_BYTES:
-        # Before a gzip is inflated to count it: a small one can declare, and hold, gigabytes.
-        return (
-            f"declares {expected - header:,} bytes of data, more than any IDX dataset holds: "
-            "it is damaged or not an MNIST-style file"
-        )
+    if too_much := _too_much(expected - header):
+        return too_much  # before a gzip is inflated to count it: a small one can hold gigabytes
     if path.suffix != ".gz" and size != expected:
         return f"is cut short or padded (its header declares {expected} bytes, it holds {size})"
     # The trailer is the last gzip member's: a file of several (gzip files concatenated,

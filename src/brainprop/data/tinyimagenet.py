@@ -103,12 +103,23 @@ def _jpegs(folder: Path) -> list[Path]:
         raise _fail(f"folder {folder} is missing", folder) from exc
     except NotADirectoryError as exc:
         # A file of one's own in the folder's place, or in its parent's (a class's folder).
-        for path in (folder, folder.parent):
-            if instead := not_a_folder(path):
-                raise _in_place(path, instead, "folder") from exc
+        if blocked := _not_folders(folder, folder.parent):
+            raise _in_place(*blocked, "folder") from exc
         raise _fail(f"folder {folder} cannot be listed", folder, exc) from exc
     except OSError as exc:
         raise _fail(f"folder {folder} cannot be listed", folder, exc) from exc
+
+
+def _not_folders(*paths: Path) -> tuple[Path, str] | None:
+    """The first of ``paths`` that is no folder, and what it is; one that cannot be looked
+    at (permissions) is not known to be one."""
+    for path in paths:
+        try:
+            if instead := not_a_folder(path):
+                return path, instead
+        except OSError:
+            continue
+    return None
 
 
 def _check_complete(listed: set[str], images: list[Path], listing: Path, folder: Path) -> None:
