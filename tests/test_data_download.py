@@ -131,9 +131,13 @@ def test_a_linked_data_folder_keeps_its_link(tmp_path: Path, server, monkeypatch
     (plain / ".brainprop-cache").mkdir(parents=True)
     (plain / "notes.txt").write_text("the user's")
     (plain / ".brainprop-cache" / "train_x.npy").write_bytes(b"a cache of the old copy")
+    (tmp_path / "outside.txt").write_text("not the data's")
+    (plain / "outside-link").symlink_to(tmp_path / "outside.txt")
     assert download("cifar10", tmp_path / "root2", base_url=url, progress=False) == plain
     assert (plain / "notes.txt").read_text() == "the user's"
     assert not (plain / ".brainprop-cache").exists()  # hidden: brainprop's own, not copied
+    # A link is no file of the user's there: what it points to is not copied into the tree.
+    assert not (plain / "outside-link").exists() and (tmp_path / "outside.txt").exists()
     assert [p.name for p in plain.parent.iterdir()] == [plain.name]
 
 
