@@ -141,6 +141,46 @@ def test_a_linked_data_folder_keeps_its_link(tmp_path: Path, server, monkeypatch
     assert [p.name for p in plain.parent.iterdir()] == [plain.name]
 
 
+def test_a_download_stopped_between_its_renames_is_recovered_by_the_next(
+    tmp_path: Path, server, monkeypatch, capsys
+) -> None:
+    """Killed with the old tree aside and the new one not yet in, a download left the user's
+    files aside for good, and the next took none of them into its tree (review)."""
+    served, url = server
+    _serve(served, "cifar-10-python.tar.gz", _cifar_archive(tmp_path), monkeypatch, "cifar10")
+    root = tmp_path / "root"
+    place = root / "cifar10" / "cifar-10-batches-py"
+    (place / "mine").mkdir(parents=True)
+    (place / "data_batch_1").write_bytes(pickle.dumps("an older copy"))
+    (place / "mine" / "notes.txt").write_text("the user's")
+    replace, calls = os.replace, []
+
+    def killed_at_the_second(source, target):
+        calls.append(target)
+        if len(calls) == 2:
+            raise SystemExit("killed")
+        replace(source, target)
+
+    monkeypatch.setattr(fetch.os, "replace", killed_at_the_second)
+    with pytest.raises(SystemExit):
+        download("cifar10", root, base_url=url, progress=False)
+    monkeypatch.setattr(fetch.os, "replace", replace)
+    [aside] = place.parent.glob("cifar-10-batches-py.old-*")
+    assert not place.exists() and (aside / place.name / "mine" / "notes.txt").exists()
+    assert download("cifar10", root, base_url=url, progress=False) == place
+    assert (place / "mine" / "notes.txt").read_text() == "the user's"
+    assert sorted(p.name for p in place.parent.iterdir()) == [place.name]
+    assert load_dataset("cifar10", root).train_x.shape == (15, 3, 32, 32)
+    # Beside a tree in place, one is kept and named: a failed rename may have left it.
+    (aside / place.name).mkdir(parents=True)
+    fetch._recover_aside(place)
+    assert capsys.readouterr().err == (
+        f"brainprop: {aside} holds an older copy of {place} that a stopped download put aside: "
+        "keep what of it is yours, then remove it\n"
+    )
+    assert (aside / place.name).is_dir()
+
+
 def test_cifar100_tar_gz(tmp_path: Path, server, monkeypatch) -> None:
     served, url = server
     arrays = write_cifar100(tmp_path / "src")

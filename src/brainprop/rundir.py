@@ -354,7 +354,7 @@ def refuse_restart(run: Path) -> None:
 
     ``best.pt`` alone is no such result: it holds the weights of an epoch whose state is gone
     (left by a version that wrote it before ``last.pt``, or by a ``last.pt`` deleted by hand).
-    The history comes after ``last.pt``, and ``epoch_start.pt`` is a copy of an earlier one.
+    The history comes after ``last.pt``, and ``epoch_start.pt`` holds an earlier one.
     """
     left = [n for n in (HISTORY_CSV, HISTORY_JSON, EPOCH_START) if (run / n).exists()]
     if left:

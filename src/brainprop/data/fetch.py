@@ -14,6 +14,7 @@ import hashlib
 import http.client
 import os
 import shutil
+import sys
 import tarfile
 import tempfile
 import urllib.error
@@ -77,6 +78,7 @@ def download(
             return here
         _remove_leftovers(dest)
         if source.top is not None:
+            _recover_aside(_place(dest / source.top))
             _refuse_in_the_way(dest / source.top, name)
         try:
             for remote in source.files:
@@ -200,6 +202,36 @@ def _remove_leftovers(dest: Path) -> None:
         part.unlink(missing_ok=True)
     for work in dest.glob(".extract-*"):
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _recover_aside(place: Path) -> None:
+    """Deal with an old tree that a download stopped between its two renames
+    (:func:`_replace_tree`) left aside, beside ``place``. With nothing at ``place`` it goes
+    back, so that this download takes the user's files from it again. Beside a tree in place
+    it is kept, and named: it may be one a failed rename could not put back."""
+    for aside in sorted(place.parent.glob(f"{place.name}.old-*")):
+        old = aside / place.name
+        if place.exists() or place.is_symlink() or not old.exists():
+            print(
+                f"brainprop: {aside} holds an older copy of {place} that a stopped download put "
+                "aside: keep what of it is yours, then remove it",
+                file=sys.stderr,
+            )
+            continue
+        try:
+            os.replace(old, place)
+        except OSError as exc:
+            raise BrainPropError(
+                f"cannot put back {place} from {old}, where a stopped download put it aside "
+                f"({reason(exc)}): move it back, then run the command again"
+            ) from exc
+        shutil.rmtree(aside, ignore_errors=True)  # emptied by the rename
+
+
+def _place(target: Path) -> Path:
+    """Where the tree at ``target`` lies: where it links to, if it is a link (to a folder on
+    another disk, say), for the data belongs where the link says."""
+    return target.resolve() if target.is_symlink() else target
 
 
 def _read_chunk(response: BinaryIO, url: str, by_hand: str) -> bytes:
@@ -394,7 +426,7 @@ def extract_archive(
     data belongs where the link says.
     """
     target = dest / top
-    place = target.resolve() if target.is_symlink() else target
+    place = _place(target)
     # Beside its place, so that putting it there is one rename on one filesystem.
     try:
         work = Path(tempfile.mkdtemp(dir=place.parent, prefix=".extract-"))
