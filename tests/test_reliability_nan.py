@@ -297,6 +297,22 @@ def test_an_epoch_start_that_cannot_be_copied_never_costs_a_stop_its_checkpoint(
     assert [h["lr"] for h in resumed.history] == [0.1, 0.05, 0.05]
 
 
+def test_a_last_pt_damaged_before_a_stop_never_costs_the_stop_its_checkpoint(
+    tmp_path: Path, ds, monkeypatch, capsys
+) -> None:
+    """Read to be kept as the epoch's start, it raised, and the stop saved nothing (review)."""
+    run_dir = tmp_path / "run"
+
+    def damage_then_stop(q: torch.Tensor) -> torch.Tensor:
+        (run_dir / "last.pt").write_bytes(b"damaged")
+        return _stop(q)
+
+    _run(monkeypatch, ds, tmp_path, {step(2, 3): damage_then_stop}, stops=True)
+    assert checkpoint.load(run_dir / "last.pt")["partial"]["step"] == 3
+    assert "the epoch's start, which was not kept: " in capsys.readouterr().err
+    assert not (run_dir / "epoch_start.pt").exists()
+
+
 def test_on_nan_reload_gives_up_after_the_bound(tmp_path: Path, ds, monkeypatch, capsys) -> None:
     # Every step from epoch 2 on is poisoned, however often the run rewinds.
     inject(monkeypatch, {n: poison for n in range(step(2, 1), step(2, 1) + 100)})

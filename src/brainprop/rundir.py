@@ -284,18 +284,18 @@ def save_state(run: Path, state: dict[str, Any], epochs_done: int) -> None:
         start.unlink(missing_ok=True)
         return
     if epochs_done and _epoch_start_state(run, epochs_done) is None and last.is_file():
-        on_disk = checkpoint.load(last)
-        if on_disk.get("partial") is None and on_disk.get("epoch") == epochs_done:
-            try:
+        try:
+            on_disk = checkpoint.load(last)
+            if on_disk.get("partial") is None and on_disk.get("epoch") == epochs_done:
                 _keep_as(last, start)
-            except (BrainPropError, OSError) as e:
-                # The stop's own state comes first.
-                why = e if isinstance(e, BrainPropError) else f"cannot copy {last} ({reason(e)})"
-                print(
-                    f"brainprop: a NaN later in this epoch will rewind to this stop's last.pt, "
-                    f"not to the epoch's start, which was not kept: {why}",
-                    file=sys.stderr,
-                )
+        except (BrainPropError, OSError) as e:
+            # The stop's own state comes first.
+            why = e if isinstance(e, BrainPropError) else f"cannot copy {last} ({reason(e)})"
+            print(
+                f"brainprop: a NaN later in this epoch will rewind to this stop's last.pt, not "
+                f"to the epoch's start, which was not kept: {why}",
+                file=sys.stderr,
+            )
     checkpoint.save(last, state)
 
 
