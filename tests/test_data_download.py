@@ -171,7 +171,11 @@ def test_a_download_stopped_between_its_renames_is_recovered_by_the_next(
     assert (place / "mine" / "notes.txt").read_text() == "the user's"
     assert sorted(p.name for p in place.parent.iterdir()) == [place.name]
     assert load_dataset("cifar10", root).train_x.shape == (15, 3, 32, 32)
-    # Beside a tree in place, one is kept and named: a failed rename may have left it.
+    # An empty one (stopped before the tree moved in) goes without a word; beside a tree in
+    # place, one is kept and named: a failed rename may have left it.
+    aside.mkdir()
+    fetch._recover_aside(place)
+    assert not aside.exists() and capsys.readouterr().err == ""
     (aside / place.name).mkdir(parents=True)
     fetch._recover_aside(place)
     assert capsys.readouterr().err == (

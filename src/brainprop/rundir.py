@@ -290,7 +290,7 @@ def save_state(run: Path, state: dict[str, Any], epochs_done: int) -> None:
                 _keep_as(last, start)
         except (BrainPropError, OSError) as e:
             # The stop's own state comes first.
-            why = e if isinstance(e, BrainPropError) else f"cannot copy {last} ({reason(e)})"
+            why = e if isinstance(e, BrainPropError) else f"cannot read {last} ({reason(e)})"
             print(
                 f"brainprop: a NaN later in this epoch will rewind to this stop's last.pt, not "
                 f"to the epoch's start, which was not kept: {why}",

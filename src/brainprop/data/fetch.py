@@ -211,6 +211,9 @@ def _recover_aside(place: Path) -> None:
     it is kept, and named: it may be one a failed rename could not put back."""
     for aside in sorted(place.parent.glob(f"{place.name}.old-*")):
         old = aside / place.name
+        if not old.exists() and not any(aside.iterdir()):
+            aside.rmdir()  # made, and the download stopped before it moved the tree in
+            continue
         if place.exists() or place.is_symlink() or not old.exists():
             print(
                 f"brainprop: {aside} holds an older copy of {place} that a stopped download put "
