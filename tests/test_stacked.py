@@ -537,17 +537,25 @@ def test_a_nan_while_a_cut_short_epoch_ends_alone_rewinds_as_a_run_of_its_own(
     _same_weights(alone, stacked_run, atol=1e-5)
 
 
-def _stack(tmp_path, tiny_dataset, **kw):
-    """A stack of seeds 0 and 1 (``kw``: config fields), its members' trainers, and one
-    batch of the same images for both, [2, 16, ...]."""
-    trainers = [
+def _trainers(tmp_path, tiny_dataset, **kw):
+    """The trainers of seeds 0 and 1 (``kw``: config fields), unstacked."""
+    return [
         Trainer(_config(tmp_path, s, **kw).resolve(), tiny_dataset, progress=False) for s in (0, 1)
     ]
-    stack = stacked.Stack(
+
+
+def _stack_of(trainers):
+    return stacked.Stack(
         [t.model for t in trainers], [t.generator for t in trainers], trainers[0].objective,
         weight_decay=0.0, batch_size=16,
     )  # fmt: skip
-    return stack, trainers, *_same_batch(tiny_dataset)
+
+
+def _stack(tmp_path, tiny_dataset, **kw):
+    """A stack of seeds 0 and 1 (``kw``: config fields), its members' trainers, and one
+    batch of the same images for both, [2, 16, ...]."""
+    trainers = _trainers(tmp_path, tiny_dataset, **kw)
+    return _stack_of(trainers), trainers, *_same_batch(tiny_dataset)
 
 
 def _same_batch(tiny_dataset):
@@ -591,22 +599,17 @@ def test_members_draw_their_own_dropout_masks(tmp_path, tiny_dataset, dropout):
 def test_a_frozen_weight_stays_frozen_in_a_stack(tmp_path, tiny_dataset):
     """As SGD leaves a weight without a gradient alone in a run of its own; the stack once
     made every stacked tensor require one, and stepped it (review)."""
-    trainers = [
-        Trainer(_config(tmp_path, s).resolve(), tiny_dataset, progress=False) for s in (0, 1)
-    ]
+    trainers = _trainers(tmp_path, tiny_dataset)
     for t in trainers:
         t.model[0].weight.requires_grad_(False)
-    stack = stacked.Stack(
-        [t.model for t in trainers], [t.generator for t in trainers], trainers[0].objective,
-        weight_decay=0.0, batch_size=16,
-    )  # fmt: skip
-    frozen = [t.model[0].weight.clone() for t in trainers]
+    stack = _stack_of(trainers)
+    before = [_weights(t) for t in trainers]
     stack.rates.fill_(0.1)
     stack.step(*_same_batch(tiny_dataset))
-    for t, w in zip(trainers, frozen, strict=True):
-        assert torch.equal(t.model[0].weight, w)
+    for t, weights in zip(trainers, before, strict=True):
+        assert torch.equal(t.model[0].weight, weights["0.weight"])
         assert not t.model[0].weight.requires_grad
-    assert not torch.equal(trainers[0].model[2].weight, trainers[1].model[2].weight)
+        assert not torch.equal(t.model[2].weight, weights["2.weight"])  # the rest learns
 
 
 def test_members_may_come_from_a_generator(tmp_path, tiny_dataset):
@@ -628,16 +631,8 @@ def test_members_may_come_from_a_generator(tmp_path, tiny_dataset):
 def test_a_released_stack_frees_its_tensors_without_the_cycle_collector(tmp_path, tiny_dataset):
     """Else every restack would keep the last stack's weights, gradients and CUDA graph pool
     until Python's cycle collector happened to run."""
-    trainers = [
-        Trainer(_config(tmp_path, s).resolve(), tiny_dataset, progress=False) for s in (0, 1)
-    ]
-    stack = stacked.Stack(
-        [t.model for t in trainers], [t.generator for t in trainers], trainers[0].objective,
-        weight_decay=0.0, batch_size=16,
-    )  # fmt: skip
+    stack, _, x, y = _stack(tmp_path, tiny_dataset)
     stack.rates.fill_(0.1)
-    perms = torch.stack([torch.randperm(len(tiny_dataset.train_y)) for _ in trainers])
-    x, y = next(permuted_batches(tiny_dataset.train_x, tiny_dataset.train_y, perms, 16))
     stack.step(x, y)
     weight = weakref.ref(stack.params["0.weight"])
     gc.disable()
