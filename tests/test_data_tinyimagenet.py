@@ -156,6 +156,14 @@ def _error(tmp_path: Path) -> str:
     return message
 
 
+def _refused_alike(tmp_path: Path, expected: str) -> None:
+    """Loading refuses the tree with ``expected``, and ``brainprop datasets`` calls it damaged
+    with the same words."""
+    assert _error(tmp_path) == expected
+    [status] = dataset_status(tmp_path, ["tiny-imagenet"])
+    assert (status.present, status.damaged) == (False, expected)
+
+
 def fix(folder: Path) -> str:
     return f"the tree is damaged; delete {folder} and run 'brainprop download tiny-imagenet'"
 
@@ -228,9 +236,7 @@ def test_a_pipe_or_folder_in_a_files_place_is_named_and_never_read(
         f"Tiny ImageNet file {path} is a {'named pipe' if kind == 'pipe' else 'folder'}, not a "
         "file: move or remove it, then run 'brainprop download tiny-imagenet'"
     )
-    assert _error(tmp_path) == expected
-    [status] = dataset_status(tmp_path, ["tiny-imagenet"])
-    assert (status.present, status.damaged) == (False, expected)
+    _refused_alike(tmp_path, expected)
 
 
 @pytest.mark.parametrize(
@@ -247,9 +253,7 @@ def test_a_file_in_a_folders_place_is_named_as_such(tmp_path: Path, where: str) 
         f"Tiny ImageNet folder {path} is a file, not a folder: move or remove it, then run "
         "'brainprop download tiny-imagenet'"
     )
-    assert _error(tmp_path) == expected
-    [status] = dataset_status(tmp_path, ["tiny-imagenet"])
-    assert (status.present, status.damaged) == (False, expected)
+    _refused_alike(tmp_path, expected)
 
 
 def test_hidden_files_beside_the_images_are_no_images(tmp_path: Path) -> None:
