@@ -141,6 +141,21 @@ def test_a_linked_data_folder_keeps_its_link(tmp_path: Path, server, monkeypatch
     assert [p.name for p in plain.parent.iterdir()] == [plain.name]
 
 
+def _replace_failing(monkeypatch, fails: dict[int, BaseException]) -> list[Path]:
+    """Make fetch's ``os.replace`` raise ``fails[n]`` at its n-th call (1-based) and rename
+    at the others; returns the list it fills with each call's target."""
+    replace, calls = os.replace, []
+
+    def failing(source, target):
+        calls.append(Path(target))
+        if len(calls) in fails:
+            raise fails[len(calls)]
+        replace(source, target)
+
+    monkeypatch.setattr(fetch.os, "replace", failing)
+    return calls
+
+
 def test_a_download_stopped_between_its_renames_is_recovered_by_the_next(
     tmp_path: Path, server, monkeypatch, capsys
 ) -> None:
@@ -153,18 +168,9 @@ def test_a_download_stopped_between_its_renames_is_recovered_by_the_next(
     (place / "mine").mkdir(parents=True)
     (place / "data_batch_1").write_bytes(pickle.dumps("an older copy"))
     (place / "mine" / "notes.txt").write_text("the user's")
-    replace, calls = os.replace, []
-
-    def killed_at_the_second(source, target):
-        calls.append(target)
-        if len(calls) == 2:
-            raise SystemExit("killed")
-        replace(source, target)
-
-    monkeypatch.setattr(fetch.os, "replace", killed_at_the_second)
-    with pytest.raises(SystemExit):
+    with monkeypatch.context() as killed, pytest.raises(SystemExit):
+        _replace_failing(killed, {2: SystemExit("killed")})
         download("cifar10", root, base_url=url, progress=False)
-    monkeypatch.setattr(fetch.os, "replace", replace)
     [aside] = place.parent.glob("cifar-10-batches-py.old-*")
     assert not place.exists() and (aside / place.name / "mine" / "notes.txt").exists()
     assert download("cifar10", root, base_url=url, progress=False) == place
@@ -615,15 +621,8 @@ def test_a_new_tree_that_cannot_take_its_place_leaves_the_old_one_there(
     place.mkdir(parents=True)
     (place / "data").write_bytes(b"old")
     (place / "my_notes.txt").write_text("the user's")
-    replace, calls = os.replace, []
-
-    def fails_after_the_first(source, target):
-        calls.append(Path(target))
-        if len(calls) == 2 or (back_too and len(calls) == 3):
-            raise OSError(errno.EBUSY, os.strerror(errno.EBUSY))
-        replace(source, target)
-
-    monkeypatch.setattr(fetch.os, "replace", fails_after_the_first)
+    busy = OSError(errno.EBUSY, os.strerror(errno.EBUSY))
+    calls = _replace_failing(monkeypatch, {2: busy, 3: busy} if back_too else {2: busy})
     with pytest.raises(BrainPropError) as info:
         fetch.extract_archive(archive, dest, "top", archive_name="a.tar.gz")
     said = str(info.value)

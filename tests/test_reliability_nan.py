@@ -353,12 +353,7 @@ def test_a_run_that_diverged_after_a_checkpoint_is_unfinished_while_it_trains_ag
     run = train(tiny_config(tmp_path), dataset=ds, progress=False)
     assert run.summary["stop_reason"] == "non-finite loss at epoch 2, step 5"
     monkeypatch.undo()
-
-    def stop(q: torch.Tensor) -> torch.Tensor:
-        signal.raise_signal(signal.SIGTERM)
-        return q
-
-    inject(monkeypatch, {step(1, 3): stop})
+    inject(monkeypatch, {step(1, 3): _stop})
     with pytest.raises(Interrupted):
         train(None, resume=run.dir, dataset=ds, progress=False)
     assert not (run.dir / "summary.json").exists()

@@ -209,9 +209,10 @@ def idx_file_problem(path: Path, magic: int) -> str | None:
         return f"{UNREADABLE} ({reason(exc)})"
     if len(head) < header or int.from_bytes(head[:4], "big") != magic:
         return "has no IDX header of its kind"
-    expected = header + math.prod(_dims(head, ndim))
-    if too_much := _too_much(expected - header):
+    declared = math.prod(_dims(head, ndim))
+    if too_much := _too_much(declared):
         return too_much  # before a gzip is inflated to count it: a small one can hold gigabytes
+    expected = header + declared
     if path.suffix != ".gz" and size != expected:
         return f"is cut short or padded (its header declares {expected} bytes, it holds {size})"
     # The trailer is the last gzip member's: a file of several (gzip files concatenated,
