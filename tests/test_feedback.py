@@ -200,6 +200,8 @@ def test_output_layer_gradient_is_exact_and_lower_ones_are_not(mode):
 
 _LAYERS = {
     "linear": (lambda: nn.Linear(6, 4, bias=False), (5, 6)),
+    # Over a sequence of 3 tokens, with a bias: a network of one's own, not the paper's.
+    "linear-tokens": (lambda: nn.Linear(6, 4), (5, 3, 6)),
     "conv": (lambda: nn.Conv2d(2, 3, 3, stride=2, padding=1, bias=False), (5, 2, 7, 7)),
     "conv-same": (lambda: Conv2dSame(2, 3, 3, stride=2, input_size=(7, 7)), (5, 2, 7, 7)),
     "loccon": (lambda: LocallyConnected2d(2, 3, (7, 7), 3, stride=2), (5, 2, 7, 7)),
@@ -238,6 +240,8 @@ def test_a_converted_layer_sends_its_input_gradient_through_b_and_learns_as_w_wo
         assert torch.allclose(grads(layer), grads(through_b))
         grads(plain)
         assert torch.allclose(layer.weight.grad, plain.weight.grad)
+        if plain.bias is not None:
+            assert torch.allclose(layer.bias.grad, plain.bias.grad)
         if mode == "reciprocal":
             assert torch.allclose(layer.feedback_weight.grad, plain.weight.grad)
     finally:
@@ -527,6 +531,11 @@ def test_sign_feedback_of_a_single_weight_is_the_weight():
     assert torch.isfinite(model[0].weight.grad).all()
     # std() of one number is NaN; sign(w) alone would be +-1, not the weight.
     assert torch.equal(feedback_weight(model[1]), model[1].weight)
+    # Two weights have a spread, so they take sign x std as a whole layer does.
+    two = nn.Sequential(nn.Linear(3, 1, bias=False), nn.Linear(1, 2, bias=False))
+    convert(two, "sign")
+    w = two[1].weight
+    assert torch.equal(feedback_weight(two[1]), torch.sign(w) * w.std())
 
 
 def test_direct_feedback_whose_last_module_is_not_the_output_is_a_clear_error():
