@@ -204,6 +204,9 @@ _LAYERS = {
     "linear-tokens": (lambda: nn.Linear(6, 4), (5, 3, 6)),
     "conv": (lambda: nn.Conv2d(2, 3, 3, stride=2, padding=1, bias=False), (5, 2, 7, 7)),
     "conv-same": (lambda: Conv2dSame(2, 3, 3, stride=2, input_size=(7, 7)), (5, 2, 7, 7)),
+    # PyTorch's own string paddings, which the feedback op turns into numbers.
+    "conv-str-same": (lambda: nn.Conv2d(2, 3, 3, padding="same", dilation=2), (5, 2, 7, 7)),
+    "conv-str-valid": (lambda: nn.Conv2d(2, 3, 3, padding="valid", bias=False), (5, 2, 7, 7)),
     "loccon": (lambda: LocallyConnected2d(2, 3, (7, 7), 3, stride=2), (5, 2, 7, 7)),
 }
 
@@ -431,11 +434,15 @@ def test_direct_feedback_refuses_an_input_without_a_batch_in_one_line():
         model(torch.rand(6))  # the plain op: no feedback, no batch needed
 
 
-def test_direct_feedback_never_takes_an_earlier_steps_output_error():
+@pytest.mark.parametrize("first_frozen", [False, True])
+def test_direct_feedback_never_takes_an_earlier_steps_output_error(first_frozen):
     """An output layer that takes the plain op (here its mode switched by hand) sends no
-    error: the layers below must say so, not train on the error the last step left behind."""
-    model = _mlp()
+    error: the layers below must say so, not train on the error the last step left behind.
+    A frozen first layer runs no backward to drop that error, so the output layer's plain
+    forward must: the second layer here learns, so the third reads an error for it."""
+    model = nn.Sequential(nn.Linear(6, 6, bias=False), nn.ReLU(), *_mlp())
     convert(model, "direct", generator=torch.Generator().manual_seed(0))
+    model[0].weight.requires_grad_(not first_frozen)
     x, y = torch.rand(8, 6), torch.arange(8) % 3
     _step(model, x, y)
     model.zero_grad()

@@ -342,6 +342,9 @@ class _ConvFeedback(torch.autograd.Function):
                 g, x, weight, ctx.bias_sizes, stride, padding, dilation, False, [0, 0], groups,
                 [False, need_w, need_b],
             )  # fmt: skip
+            # The CPU's kernel computes W's gradient for the bias's even where the mask leaves
+            # it out: a frozen W's must not reach a reciprocal B.
+            gw = gw if need_w else None
         return gx, gw, gb, gw if need_fb else None, None, None, None, None
 
 
