@@ -690,6 +690,22 @@ def test_a_pathway_whose_make_fails_is_one_line_naming_its_line(monkeypatch):
     assert [type(m) for m in model] == [nn.Linear, nn.Linear] and len(model.state_dict()) == 4
 
 
+def test_a_pathway_whose_make_runs_out_of_memory_is_left_to_the_out_of_memory_advice(
+    monkeypatch,
+):
+    """The CLI and reproduce turn running out of device memory into their own advice (a
+    smaller batch, fewer jobs), so it is not one's own code's failure."""
+
+    def make(layer, std, generator):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setitem(PATHWAYS, "greedy", Pathway(make=make))
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    with pytest.raises(torch.OutOfMemoryError):
+        convert(model, "greedy")
+    assert [type(m) for m in model] == [nn.Linear, nn.Linear]
+
+
 class _FailingRead:
     """A read of W itself that fails at its ``at``-th call."""
 
