@@ -160,7 +160,15 @@ def test_a_rule_of_ones_own_that_fails_in_a_stack_is_one_line_and_the_stack_resu
     assert [[h["epoch"] for h in r.history] for r in runs] == [[1, 2], [1, 2]]
 
 
-def test_a_member_that_stops_leaves_and_the_others_train_on(tmp_path, tiny_dataset):
+def test_a_member_that_stops_leaves_and_the_others_train_on(tmp_path, tiny_dataset, monkeypatch):
+    built = []  # the members of each stack built: one per set of members, not one per epoch
+
+    class Counted(stacked.Stack):
+        def __init__(self, models, *args, **kwargs):
+            built.append(len(models))
+            super().__init__(models, *args, **kwargs)
+
+    monkeypatch.setattr(stacked, "Stack", Counted)
     kw = dict(dropout=(0.0,))
     short, long = train_stacked(
         [_config(tmp_path, 1, epochs=1, **kw), _config(tmp_path, 2, epochs=3, **kw)],
@@ -168,6 +176,7 @@ def test_a_member_that_stops_leaves_and_the_others_train_on(tmp_path, tiny_datas
     )  # fmt: skip
     assert short.summary["epochs_run"] == 1 and long.summary["epochs_run"] == 3
     assert [h["stack_size"] for h in long.history] == [2, 1, 1]
+    assert built == [2, 1]
     alone = train(
         _config(tmp_path / "alone", 2, epochs=3, **kw), dataset=tiny_dataset, progress=False
     )
