@@ -4,6 +4,7 @@ import gc
 import json
 import shutil
 import signal
+import time
 import weakref
 from dataclasses import replace
 
@@ -170,13 +171,16 @@ def test_a_member_that_stops_leaves_and_the_others_train_on(tmp_path, tiny_datas
 
     monkeypatch.setattr(stacked, "Stack", Counted)
     kw = dict(dropout=(0.0,))
+    began = time.perf_counter()
     short, long = train_stacked(
         [_config(tmp_path, 1, epochs=1, **kw), _config(tmp_path, 2, epochs=3, **kw)],
         dataset=tiny_dataset, progress=False,
     )  # fmt: skip
+    took = time.perf_counter() - began
     assert short.summary["epochs_run"] == 1 and long.summary["epochs_run"] == 3
     assert [h["stack_size"] for h in long.history] == [2, 1, 1]
     assert built == [2, 1]
+    assert all(0 < h["seconds"] < took for h in [*short.history, *long.history])
     alone = train(
         _config(tmp_path / "alone", 2, epochs=3, **kw), dataset=tiny_dataset, progress=False
     )
