@@ -64,6 +64,8 @@ def test_a_stack_trains_each_seed_as_its_own_run_would(
         # Counts divided as a run of its own divides them, not in float32 (review).
         for column in ("val_acc", "test_acc", "train_reward", "explore_rate"):
             assert [h[column] for h in b.history] == [h[column] for h in a.history]
+        loss = [h["train_loss"] for h in b.history]
+        assert loss == pytest.approx([h["train_loss"] for h in a.history], rel=1e-5)
         assert [h["stack_size"] for h in b.history] == [2, 2]
         assert b.summary["stop_reason"] == "max epochs" and b.summary["stack_size"] == 2
         assert json.loads((b.dir / "summary.json").read_text()) == b.summary
@@ -180,7 +182,8 @@ def test_a_member_that_stops_leaves_and_the_others_train_on(tmp_path, tiny_datas
     assert short.summary["epochs_run"] == 1 and long.summary["epochs_run"] == 3
     assert [h["stack_size"] for h in long.history] == [2, 1, 1]
     assert built == [2, 1]
-    assert all(0 < h["seconds"] < took for h in [*short.history, *long.history])
+    for h in [*short.history, *long.history]:
+        assert 0 < h["seconds"] < took and 0 < h["eval_seconds"] < took
     alone = train(
         _config(tmp_path / "alone", 2, epochs=3, **kw), dataset=tiny_dataset, progress=False
     )
