@@ -556,6 +556,40 @@ def test_a_nan_while_a_cut_short_epoch_ends_alone_rewinds_as_a_run_of_its_own(
     _same_weights(alone, stacked_run, atol=1e-5)
 
 
+def test_a_nan_rewinding_into_a_cut_short_epoch_finishes_it_with_its_own_streams(
+    tmp_path, tiny_dataset, monkeypatch
+):
+    """Where the stop could not keep epoch_start.pt, a NaN rewinds to last.pt, inside the
+    epoch: the member finishes it again alone, from the random streams that checkpoint saved,
+    as the run would on its own (dropout masks included)."""
+    run_epoch = Trainer.train_epoch
+
+    def stop_in_epoch_2(self, epoch, stop):
+        if epoch == 1:
+            signal.raise_signal(signal.SIGINT)
+        return run_epoch(self, epoch, stop)
+
+    monkeypatch.setattr(Trainer, "train_epoch", stop_in_epoch_2)
+    with pytest.raises(Interrupted):
+        train(_config(tmp_path / "cut", 0, on_nan="reload"), dataset=tiny_dataset, progress=False)
+    monkeypatch.undo()
+    (tmp_path / "cut" / "s0" / rundir.EPOCH_START).unlink()
+    shutil.copytree(tmp_path / "cut", tmp_path / "alone")
+    inject(monkeypatch, {3: poison})
+    # A new seed beside it, built after it, seeds the global streams the stack draws from.
+    stacked_run, _ = train_stacked(
+        [tmp_path / "cut" / "s0", _config(tmp_path / "cut", 1, on_nan="reload")],
+        dataset=tiny_dataset, progress=False,
+    )  # fmt: skip
+    monkeypatch.undo()
+    inject(monkeypatch, {3: poison})
+    alone = train(resume=tmp_path / "alone" / "s0", dataset=tiny_dataset, progress=False)
+    assert stacked_run.summary["nan_reloads"] == alone.summary["nan_reloads"] == 1
+    assert [h["epoch"] for h in stacked_run.history] == [1, 2]
+    assert max(stacked_run.config.dropout) > 0
+    _same_weights(alone, stacked_run, atol=0)
+
+
 def _trainers(tmp_path, tiny_dataset, **kw):
     """The trainers of seeds 0 and 1 (``kw``: config fields), unstacked."""
     return [
