@@ -427,13 +427,14 @@ def test_a_run_stopped_mid_epoch_finishes_that_epoch_alone_then_joins(
     assert [h["stack_size"] for h in fresh.history] == [2, 1]
 
 
-def _cut_in_its_first_epoch(tmp_path, tiny_dataset, monkeypatch, **kw) -> None:
-    """Train seed 0 into ``tmp_path/cut`` and stop it at its first step, then copy that run
-    directory to ``tmp_path/alone``: two identical runs cut short in epoch 1."""
+def _cut_in_epoch(tmp_path, tiny_dataset, monkeypatch, cut=1, **kw) -> None:
+    """Train seed 0 into ``tmp_path/cut`` and stop it at the first step of epoch ``cut``,
+    then copy that run directory to ``tmp_path/alone``: two identical runs cut short there."""
     run_epoch = Trainer.train_epoch
 
     def stop_after_first_step(self, epoch, stop):
-        signal.raise_signal(signal.SIGINT)
+        if epoch == cut - 1:
+            signal.raise_signal(signal.SIGINT)
         return run_epoch(self, epoch, stop)
 
     monkeypatch.setattr(Trainer, "train_epoch", stop_after_first_step)
@@ -448,7 +449,7 @@ def test_a_cut_short_epoch_ends_alone_with_its_own_random_streams(
 ):
     """Its dropout masks come from the streams its checkpoint saved, as under ``train
     --resume``, not from those of the seed built after it (each seeds the global streams)."""
-    _cut_in_its_first_epoch(tmp_path, tiny_dataset, monkeypatch, epochs=1)
+    _cut_in_epoch(tmp_path, tiny_dataset, monkeypatch, epochs=1)
     cut, _ = train_stacked(
         [tmp_path / "cut" / "s0", _config(tmp_path / "cut", 1, epochs=1)],
         dataset=tiny_dataset, progress=False,
@@ -542,7 +543,7 @@ def test_a_nan_while_a_cut_short_epoch_ends_alone_rewinds_as_a_run_of_its_own(
 ):
     """Back to the end of the last finished epoch (here, none: the initial state), and no
     later checkpoint keeps the old mid-epoch position."""
-    _cut_in_its_first_epoch(tmp_path, tiny_dataset, monkeypatch, dropout=(0.0,), on_nan="reload")
+    _cut_in_epoch(tmp_path, tiny_dataset, monkeypatch, dropout=(0.0,), on_nan="reload")
     # Call 3 is the fourth step of the cut-short epoch, finished outside any stack.
     inject(monkeypatch, {3: poison})
     (stacked_run,) = train_stacked([tmp_path / "cut" / "s0"], dataset=tiny_dataset,
@@ -562,19 +563,9 @@ def test_a_nan_rewinding_into_a_cut_short_epoch_finishes_it_with_its_own_streams
     """Where the stop could not keep epoch_start.pt, a NaN rewinds to last.pt, inside the
     epoch: the member finishes it again alone, from the random streams that checkpoint saved,
     as the run would on its own (dropout masks included)."""
-    run_epoch = Trainer.train_epoch
-
-    def stop_in_epoch_2(self, epoch, stop):
-        if epoch == 1:
-            signal.raise_signal(signal.SIGINT)
-        return run_epoch(self, epoch, stop)
-
-    monkeypatch.setattr(Trainer, "train_epoch", stop_in_epoch_2)
-    with pytest.raises(Interrupted):
-        train(_config(tmp_path / "cut", 0, on_nan="reload"), dataset=tiny_dataset, progress=False)
-    monkeypatch.undo()
-    (tmp_path / "cut" / "s0" / rundir.EPOCH_START).unlink()
-    shutil.copytree(tmp_path / "cut", tmp_path / "alone")
+    _cut_in_epoch(tmp_path, tiny_dataset, monkeypatch, cut=2, on_nan="reload")
+    for run in ("cut", "alone"):
+        (tmp_path / run / "s0" / rundir.EPOCH_START).unlink()
     inject(monkeypatch, {3: poison})
     # A new seed beside it, built after it, seeds the global streams the stack draws from.
     stacked_run, _ = train_stacked(
