@@ -582,6 +582,19 @@ def test_a_constant_locally_connected_weight_takes_the_fan_in_scale():
     assert float(layer.feedback_scale) == pytest.approx(1 / (2 * 3 * 3) ** 0.5)
 
 
+@pytest.mark.parametrize(
+    ("weights", "scale"), [([[1.0, 3.0]], 2**0.5), ([[4.0]], 1.0), ([[2.0, 2.0]], 2**-0.5)]
+)
+def test_the_feedback_scale_is_ws_spread_or_the_fan_in_scale_where_w_has_none(weights, scale):
+    """Two weights already have a spread; one weight or equal ones have none."""
+    w = torch.tensor(weights)
+    layer = nn.Linear(w.shape[1], 1, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(w)
+    convert(nn.Sequential(layer), "direct", generator=torch.Generator().manual_seed(0))
+    assert float(layer.feedback_scale) == pytest.approx(scale)
+
+
 def _noisy(noise: float) -> Pathway:
     """W plus fixed noise: a pathway of one's own whose B follows W."""
     return Pathway(
