@@ -56,16 +56,17 @@ def tiny_dataset():
 
 
 @pytest.fixture
-def bars_disabled(monkeypatch):
-    """``watch(module)``: the ``disable`` argument of every progress bar ``module`` opens from
-    then on, as a list that grows (True: no bar; None: tqdm's choice, a bar on a terminal)."""
+def bars_opened(monkeypatch):
+    """``watch(module)``: every progress bar ``module`` opens from then on, as a list that
+    grows of its ``(disable, desc)`` arguments (disable True: no bar; None: tqdm's choice, a
+    bar on a terminal)."""
 
     def watch(module) -> list:
         seen: list = []
 
         class Bar(module.tqdm):
             def __init__(self, *args, **kwargs):
-                seen.append(kwargs["disable"])
+                seen.append((kwargs["disable"], kwargs["desc"]))
                 super().__init__(*args, **kwargs)
 
         monkeypatch.setattr(module, "tqdm", Bar)

@@ -134,9 +134,9 @@ def test_a_stacks_batchnorm_runs_without_cudnn_and_its_convolutions_with_it(
 
 
 def test_a_tagged_stack_starts_every_line_with_the_tag_and_shows_no_bar(
-    tmp_path, tiny_dataset, bars_disabled, capsys
+    tmp_path, tiny_dataset, bars_opened, capsys
 ):
-    disabled = bars_disabled(stacked)
+    bars = bars_opened(stacked)
     members = [_config(tmp_path, 1, epochs=1), _config(tmp_path, 2, epochs=1)]
     train_stacked(members, dataset=tiny_dataset, tag="s1 (+1)")
     lines = capsys.readouterr().out.splitlines()
@@ -144,7 +144,7 @@ def test_a_tagged_stack_starts_every_line_with_the_tag_and_shows_no_bar(
         assert sum(line.startswith(f"s1 (+1): seed {seed}: epoch ") for line in lines) == 1
     assert all(line.startswith("s1 (+1): ") for line in lines), lines
     assert not any(line.count("s1 (+1): ") > 1 for line in lines), lines
-    assert disabled == [True]
+    assert bars == [(True, "epoch 1, 2 seeds")]
 
 
 def test_a_rule_of_ones_own_that_fails_in_a_stack_is_one_line_and_the_stack_resumes(

@@ -444,20 +444,20 @@ def test_bf16_where_it_is_slow_is_said_by_train_and_evaluate(
 
 
 def test_a_tag_starts_every_line_and_hides_the_progress_bar(
-    tmp_path, tiny_dataset, bars_disabled, capsys
+    tmp_path, tiny_dataset, bars_opened, capsys
 ):
     """Runs that share a terminal (reproduce --jobs): each line says whose it is, and no bar
     overwrites another's."""
-    disabled = bars_disabled(sys.modules["brainprop.train"])
+    bars = bars_opened(sys.modules["brainprop.train"])
     train(_config(tmp_path, epochs=2), dataset=tiny_dataset, tag="mnist-conv-brainprop-s1")
     lines = capsys.readouterr().out.splitlines()
     assert sum(": epoch " in line for line in lines) == 2 and len(lines) == 4, lines
     assert all(line.startswith("mnist-conv-brainprop-s1: ") for line in lines), lines
     assert not any(line.count("mnist-conv-brainprop-s1: ") > 1 for line in lines), lines
-    assert disabled == [True, True]
+    assert bars == [(True, "epoch 1"), (True, "epoch 2")]
     train(_config(tmp_path, epochs=1, name="untagged"), dataset=tiny_dataset)
     assert capsys.readouterr().out.startswith("training conv")
-    assert disabled[2:] == [None]
+    assert bars[2:] == [(None, "epoch 1")]
 
 
 def test_a_tagged_line_is_written_whole(monkeypatch):
