@@ -214,6 +214,8 @@ def test_mid_epoch_checkpoint_records_the_position(tmp_path: Path, ds, monkeypat
         (lambda s: s["partial"].update(rank_sums="0,0,0,0"), "position is malformed"),
         (lambda s: s.update(lr_scale=float("nan")), "learning-rate scale is out of range"),
         (lambda s: s.update(lr_scale=-0.5), "learning-rate scale is out of range"),
+        # A zero scale would train on at lr 0, never learning again.
+        (lambda s: s.update(lr_scale=0.0), "learning-rate scale is out of range"),
         (lambda s: s["early_stopping"].update(best=10**400), "int too large"),
         (lambda s: s["early_stopping"].update(wait=-1), "wait -1 is out of range"),
     ],
