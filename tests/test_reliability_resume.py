@@ -237,6 +237,21 @@ def test_a_damaged_mid_epoch_checkpoint_is_refused_before_training(
         train(None, resume=tmp_path / "run", dataset=ds, progress=False)
 
 
+def test_a_position_at_the_end_of_an_epoch_ends_it_on_resume(tmp_path: Path, ds, monkeypatch):
+    """Where a resume on another world size moves a position to a whole batch, it may land on
+    the epoch's end: the epoch then ends with no step left, and the run trains on."""
+    inject(monkeypatch, {step(1, 5): _raise(signal.SIGINT)})
+    with pytest.raises(Interrupted):
+        train(tiny_config(tmp_path), dataset=ds, progress=False)
+    monkeypatch.undo()
+    last = tmp_path / "run" / "last.pt"
+    state = checkpoint.load(last)
+    state["partial"]["step"] = STEPS_PER_EPOCH
+    torch.save(state, last)
+    run = train(None, resume=tmp_path / "run", dataset=ds, progress=False)
+    assert run.summary["epochs_run"] == 3
+
+
 @pytest.mark.parametrize(
     "damage",
     [

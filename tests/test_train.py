@@ -7,6 +7,7 @@ import json
 import math
 import re
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -441,6 +442,15 @@ def test_bf16_where_it_is_slow_is_said_by_train_and_evaluate(
     assert capsys.readouterr().err == "brainprop: no bf16 here\n"
     train(_config(tmp_path, epochs=1, name="fp32"), dataset=tiny_dataset, progress=False)
     assert capsys.readouterr().err == ""
+
+
+def test_the_epochs_seconds_add_up_to_less_than_the_run(tmp_path, tiny_dataset):
+    """Each epoch's clock starts at zero: what the report's s/epoch and total time read."""
+    began = time.perf_counter()
+    run = train(_config(tmp_path, epochs=8), dataset=tiny_dataset, progress=False)
+    took = time.perf_counter() - began
+    assert all(h["seconds"] > 0 and h["eval_seconds"] > 0 for h in run.history)
+    assert sum(h["seconds"] + h["eval_seconds"] for h in run.history) < took
 
 
 def test_a_tag_starts_every_line_and_hides_the_progress_bar(
