@@ -97,16 +97,38 @@ def test_a_gzip_inflating_far_beyond_its_header_is_not_inflated(tmp_path: Path, 
     assert -1 not in asked and sum(asked) < 1000
 
 
-def test_a_header_declaring_more_than_any_dataset_is_refused(tmp_path: Path) -> None:
+# 2**24 + 10: a count whose top byte alone says it is too large.
+@pytest.mark.parametrize("count", [10**9, 2**24 + 10])
+def test_a_header_declaring_more_than_any_dataset_is_refused(tmp_path: Path, count: int) -> None:
     header = (0x00000803).to_bytes(4, "big") + b"".join(
-        n.to_bytes(4, "big") for n in (10**9, 28, 28)
+        n.to_bytes(4, "big") for n in (count, 28, 28)
     )
     path = _corrupt(tmp_path, "train-images-idx3-ubyte", header)
     assert _error(tmp_path) == (
-        f"MNIST file {path} declares 784,000,000,000 bytes of data, more than any IDX dataset "
+        f"MNIST file {path} declares {count * 784:,} bytes of data, more than any IDX dataset "
         "holds: it is damaged or not an MNIST-style file; delete it and run 'brainprop download "
         "mnist'"
     )
+
+
+def test_every_dimension_is_read_from_all_four_of_its_bytes(tmp_path: Path) -> None:
+    """28 in its low bytes: read short, 2**16 + 28 would pass for the 28 expected."""
+    header = (0x00000803).to_bytes(4, "big") + b"".join(
+        n.to_bytes(4, "big") for n in (6, 2**16 + 28, 2**16 + 28)
+    )
+    path = _corrupt(tmp_path, "train-images-idx3-ubyte", header)
+    expected = f"MNIST file {path} holds 65564x65564 images, expected 28x28"
+    assert _error(tmp_path).startswith(expected)
+
+
+def test_a_header_declaring_the_most_any_dataset_holds_is_read(tmp_path: Path) -> None:
+    """Exactly MAX_DATA_BYTES is allowed: this file is then found short of it."""
+    # Gzipped: a plain file's read would reserve the 2 GiB declared before finding it short.
+    path = tmp_path / "labels.gz"
+    header = (0x00000801).to_bytes(4, "big") + idx.MAX_DATA_BYTES.to_bytes(4, "big")
+    path.write_bytes(gzip.compress(header))
+    with pytest.raises(BrainPropError, match=r"is truncated \(expected 2147483648 bytes"):
+        idx.read_idx_file(path, magic=0x00000801, source="labels", fix="fix")
 
 
 def test_status_refuses_a_gzip_declaring_more_than_any_dataset_uninflated(

@@ -231,6 +231,12 @@ def test_missing_dataset_file(tmp_path: Path, capsys) -> None:
             idx_bytes(np.zeros((6, 28, 28), np.uint8))[:1000],
             "is truncated (expected 4704 bytes of data for dimensions 6x28x28, got 984)",
         ),
+        # Cut inside its dimensions: found before they are compared with 28x28.
+        (
+            "train-images-idx3-ubyte",
+            idx_bytes(np.zeros((6, 28, 28), np.uint8))[:10],
+            "is truncated (10 bytes, header needs 16)",
+        ),
         (
             "train-images-idx3-ubyte",
             idx_bytes(np.zeros(6, np.uint8)),
