@@ -131,6 +131,20 @@ def test_a_header_declaring_the_most_any_dataset_holds_is_read(tmp_path: Path) -
         idx.read_idx_file(path, magic=0x00000801, source="labels", fix="fix")
 
 
+def test_status_of_whole_gzip_files_reads_their_trailers_without_inflating_them(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """Inflating MNIST's 55 MB to check it would make every status call slow."""
+    write_idx_dataset(tmp_path / "mnist", gz=True)
+
+    def inflated(*args):
+        raise AssertionError("inflated to be counted")
+
+    monkeypatch.setattr(idx, "_inflated_size", inflated)
+    [status] = dataset_status(tmp_path, ["mnist"])
+    assert status.present and status.damaged == ""
+
+
 def test_status_refuses_a_gzip_declaring_more_than_any_dataset_uninflated(
     tmp_path: Path, monkeypatch
 ) -> None:
