@@ -145,6 +145,17 @@ def test_status_of_whole_gzip_files_reads_their_trailers_without_inflating_them(
     assert status.present and status.damaged == ""
 
 
+@pytest.mark.parametrize("gz", [True, False])
+def test_status_finds_a_file_of_another_kind_under_the_name(tmp_path: Path, gz: bool) -> None:
+    """Labels where images belong: long enough for an images header, but not one."""
+    write_idx_dataset(tmp_path / "mnist", gz=gz)
+    name = "train-images-idx3-ubyte" + (".gz" if gz else "")
+    labels = idx_bytes(np.zeros(600, np.uint8))
+    (tmp_path / "mnist" / name).write_bytes(gzip.compress(labels) if gz else labels)
+    [status] = dataset_status(tmp_path, ["mnist"])
+    assert status.damaged.startswith(f"{tmp_path / 'mnist' / name} has no IDX header of its kind")
+
+
 def test_status_refuses_a_gzip_declaring_more_than_any_dataset_uninflated(
     tmp_path: Path, monkeypatch
 ) -> None:

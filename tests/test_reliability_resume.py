@@ -194,13 +194,21 @@ def test_a_signal_in_the_last_step_lets_the_run_finish_then_stops(
     assert_same_run(reference, run_dir)
 
 
-def test_mid_epoch_checkpoint_records_the_position(tmp_path: Path, ds, monkeypatch) -> None:
-    inject(monkeypatch, {step(1, 5): _raise(signal.SIGINT)})
+# The last step but one is the last whose stop leaves a step for later.
+@pytest.mark.parametrize("at", [5, STEPS_PER_EPOCH - 1])
+def test_mid_epoch_checkpoint_records_the_position(tmp_path: Path, ds, monkeypatch, at) -> None:
+    inject(monkeypatch, {step(1, at): _raise(signal.SIGINT)})
+    began = time.perf_counter()
     with pytest.raises(Interrupted):
         train(tiny_config(tmp_path), dataset=ds, progress=False)
     partial = checkpoint.load(tmp_path / "run" / "last.pt")["partial"]
-    assert partial["step"] == 5
+    assert partial["step"] == at
     assert {"order_rng", "loss_sum", "reward_sum", "explored_sum", "first_bad"} <= partial.keys()
+    monkeypatch.undo()
+    run = train(None, resume=tmp_path / "run", dataset=ds, progress=False)
+    took = time.perf_counter() - began
+    # The epoch's clock runs on from where it stopped, across both calls.
+    assert 0 < partial["seconds"] < run.history[0]["seconds"] < took
 
 
 @pytest.mark.parametrize(
