@@ -444,6 +444,36 @@ def test_bf16_where_it_is_slow_is_said_by_train_and_evaluate(
     assert capsys.readouterr().err == ""
 
 
+def test_an_epochs_train_metrics_are_its_steps_means_over_its_images(
+    tmp_path, tiny_dataset, monkeypatch
+):
+    """Each step weighs by its images: at batch 24 the epoch's last of 256 images is short."""
+    steps = []
+    make = train_module.make_objective
+
+    class Recorded:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def __call__(self, q, y, generator):
+            out = self.inner(q, y, generator)
+            steps.append([float(out.loss.detach()) * len(y), float(out.rewards.sum()),
+                          float(out.explored.sum())])  # fmt: skip
+            return out
+
+    monkeypatch.setattr(train_module, "make_objective", lambda *a, **k: Recorded(make(*a, **k)))
+    run = train(_config(tmp_path, epochs=1, batch_size=24), dataset=tiny_dataset, progress=False)
+    assert len(steps) == 11
+    loss, reward, explored = (sum(column) / 256 for column in zip(*steps, strict=True))
+    [row] = run.history
+    assert row["train_loss"] == pytest.approx(loss, rel=1e-5)
+    assert row["train_reward"] == pytest.approx(reward, rel=1e-6)
+    assert row["explore_rate"] == pytest.approx(explored, rel=1e-6)
+
+
 def test_the_epochs_seconds_add_up_to_less_than_the_run(tmp_path, tiny_dataset):
     """Each epoch's clock starts at zero: what the report's s/epoch and total time read."""
     began = time.perf_counter()
