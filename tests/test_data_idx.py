@@ -239,9 +239,20 @@ def test_images_too_large_for_memory_are_a_one_line_error(tmp_path: Path, monkey
     )
 
 
-def test_label_out_of_range(tmp_path: Path) -> None:
-    _corrupt(tmp_path, "t10k-labels-idx1-ubyte", idx_bytes(np.array([1, 2, 12, 0], np.uint8)))
-    assert "has label 12 at index 2, expected 0..9" in _error(tmp_path)
+@pytest.mark.parametrize("label", [10, 12])
+def test_label_out_of_range(tmp_path: Path, label: int) -> None:
+    labels = np.array([1, 2, label, 0], np.uint8)
+    _corrupt(tmp_path, "t10k-labels-idx1-ubyte", idx_bytes(labels))
+    assert f"has label {label} at index 2, expected 0..9" in _error(tmp_path)
+
+
+def test_a_split_of_no_images_is_refused(tmp_path: Path) -> None:
+    """Headers that agree on zero images: nothing to test on."""
+    path = _corrupt(tmp_path, "t10k-images-idx3-ubyte", idx_bytes(np.zeros((0, 28, 28), np.uint8)))
+    (tmp_path / "mnist" / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(np.zeros(0, np.uint8)))
+    assert _error(tmp_path) == (
+        f"MNIST file {path} holds no images: delete it and run 'brainprop download mnist'"
+    )
 
 
 def test_bad_gzip(tmp_path: Path) -> None:
@@ -360,6 +371,21 @@ def test_a_damaged_file_of_the_system_package_is_not_the_users_to_delete(
     assert str(info.value).endswith(f": {fix}")
     [status] = dataset_status(tmp_path / "root", ["fashion-mnist"])
     assert status.damaged.startswith(f"{labels} ") and status.damaged.endswith(f": {fix}")
+
+
+def test_a_damaged_file_in_the_data_root_is_the_users_to_replace(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """The system package is installed, but the damaged copy is the data root's own."""
+    system = tmp_path / "system"
+    write_idx_dataset(system)
+    patch_format(monkeypatch, "fashion-mnist", system_dir=system)
+    write_idx_dataset(tmp_path / "fashion-mnist")
+    labels = next((tmp_path / "fashion-mnist").glob("t10k-labels*"))
+    labels.write_bytes(labels.read_bytes()[:-3])
+    [status] = dataset_status(tmp_path, ["fashion-mnist"])
+    assert status.note == "" and status.damaged.startswith(f"{labels} ")
+    assert status.damaged.endswith(": delete it and run 'brainprop download fashion-mnist'")
 
 
 def test_committed_mnist_is_the_real_thing() -> None:

@@ -382,16 +382,15 @@ class IdxFiles:
             labels_path, magic=LABELS_MAGIC, source=f"{title} file {labels_path}", fix=fix
         )
 
-        def mismatch(images: int) -> BrainPropError:
-            return BrainPropError(
-                f"{title} {split} split has {images} images in {images_path} but "
-                f"{labels.shape[0]} labels in {labels_path}: "
-                + self._damage_fix(name, root, folder, "both")
-            )
-
+        # Checked on the images' header, before their data is read; read_idx_file always
+        # calls it, so the images read agree with the labels.
         def check_count(images: int) -> None:
             if images != len(labels):
-                raise mismatch(images)
+                raise BrainPropError(
+                    f"{title} {split} split has {images} images in {images_path} but "
+                    f"{len(labels)} labels in {labels_path}: "
+                    + self._damage_fix(name, root, folder, "both")
+                )
 
         images = read_idx_file(
             images_path, magic=IMAGES_MAGIC, source=f"{title} file {images_path}", fix=fix,
@@ -399,8 +398,6 @@ class IdxFiles:
         )  # fmt: skip
         if images.shape[0] == 0:
             raise BrainPropError(f"{title} file {images_path} holds no images: {fix}")
-        if images.shape[0] != labels.shape[0]:
-            raise mismatch(images.shape[0])
         bad = np.flatnonzero(labels >= NUM_CLASSES)
         if bad.size:
             raise BrainPropError(
