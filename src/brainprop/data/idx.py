@@ -382,8 +382,8 @@ class IdxFiles:
             labels_path, magic=LABELS_MAGIC, source=f"{title} file {labels_path}", fix=fix
         )
 
-        # Checked on the images' header, before their data is read; read_idx_file always
-        # calls it, so the images read agree with the labels.
+        # Checked on the images' header, before their data is read: read_idx_file calls it for
+        # every whole header, so any images it returns agree with the labels.
         def check_count(images: int) -> None:
             if images != len(labels):
                 raise BrainPropError(
