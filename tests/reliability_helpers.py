@@ -14,6 +14,7 @@ import torch
 
 from brainprop import TrainConfig
 from brainprop.checkpoint import load
+from brainprop.objectives import Output
 from brainprop.summary import TIMED_KEYS
 
 # brainprop re-exports the function train, which hides the module of the same name.
@@ -44,10 +45,9 @@ def tiny_config(tmp_path: Path, **overrides: Any) -> TrainConfig:
     return TrainConfig(**{**base, **overrides})
 
 
-def inject(monkeypatch: Any, actions: dict[int, Callable[[torch.Tensor], torch.Tensor]]) -> None:
-    """Run ``actions[n](q)`` on the Q-values of the n-th training step (1-based, counted over
-    the whole run, across NaN reloads that rebuild the objective)."""
-    calls = [0]
+def _hook(monkeypatch: Any, call: Callable[..., Output]) -> None:
+    """Route every training step's objective call through ``call(objective, q, y, generator)``
+    from then on, across NaN reloads that rebuild the objective."""
     make = train_module.make_objective
 
     class Hooked:
@@ -57,12 +57,35 @@ def inject(monkeypatch: Any, actions: dict[int, Callable[[torch.Tensor], torch.T
         def __getattr__(self, name: str) -> Any:
             return getattr(self.inner, name)
 
-        def __call__(self, q: torch.Tensor, y: torch.Tensor, generator: Any) -> Any:
-            calls[0] += 1
-            action = actions.get(calls[0])
-            return self.inner(action(q) if action else q, y, generator)
+        def __call__(self, q: torch.Tensor, y: torch.Tensor, generator: Any) -> Output:
+            return call(self.inner, q, y, generator)
 
     monkeypatch.setattr(train_module, "make_objective", lambda *a, **k: Hooked(make(*a, **k)))
+
+
+def inject(monkeypatch: Any, actions: dict[int, Callable[[torch.Tensor], torch.Tensor]]) -> None:
+    """Run ``actions[n](q)`` on the Q-values of the n-th training step (1-based, counted over
+    the whole run)."""
+    calls = [0]
+
+    def call(objective: Any, q: torch.Tensor, y: torch.Tensor, generator: Any) -> Output:
+        calls[0] += 1
+        action = actions.get(calls[0])
+        return objective(action(q) if action else q, y, generator)
+
+    _hook(monkeypatch, call)
+
+
+def recorded_outputs(monkeypatch: Any) -> list[Output]:
+    """Every training step's objective output from then on, in a list that grows."""
+    outputs: list[Output] = []
+
+    def call(objective: Any, q: torch.Tensor, y: torch.Tensor, generator: Any) -> Output:
+        outputs.append(objective(q, y, generator))
+        return outputs[-1]
+
+    _hook(monkeypatch, call)
+    return outputs
 
 
 def step(epoch: int, step_in_epoch: int) -> int:

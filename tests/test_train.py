@@ -15,6 +15,7 @@ import torch
 from conftest import make_tiny_dataset
 from data_fixtures import REPO
 from own_rules import FailsLater, SquaredError
+from reliability_helpers import recorded_outputs
 
 from brainprop import TrainConfig, checkpoint, devices, evaluate, load_model, train
 from brainprop.cli import main
@@ -448,26 +449,12 @@ def test_an_epochs_train_metrics_are_its_steps_means_over_its_images(
     tmp_path, tiny_dataset, monkeypatch
 ):
     """Each step weighs by its images: at batch 24 the epoch's last of 256 images is short."""
-    steps = []
-    make = train_module.make_objective
-
-    class Recorded:
-        def __init__(self, inner):
-            self.inner = inner
-
-        def __getattr__(self, name):
-            return getattr(self.inner, name)
-
-        def __call__(self, q, y, generator):
-            out = self.inner(q, y, generator)
-            steps.append([float(out.loss.detach()) * len(y), float(out.rewards.sum()),
-                          float(out.explored.sum())])  # fmt: skip
-            return out
-
-    monkeypatch.setattr(train_module, "make_objective", lambda *a, **k: Recorded(make(*a, **k)))
+    outputs = recorded_outputs(monkeypatch)
     run = train(_config(tmp_path, epochs=1, batch_size=24), dataset=tiny_dataset, progress=False)
-    assert len(steps) == 11
-    loss, reward, explored = (sum(column) / 256 for column in zip(*steps, strict=True))
+    assert [len(out.rewards) for out in outputs] == [24] * 10 + [16]
+    loss = sum(float(out.loss.detach()) * len(out.rewards) for out in outputs) / 256
+    reward = sum(float(out.rewards.sum()) for out in outputs) / 256
+    explored = sum(float(out.explored.sum()) for out in outputs) / 256
     [row] = run.history
     assert row["train_loss"] == pytest.approx(loss, rel=1e-5)
     assert row["train_reward"] == pytest.approx(reward, rel=1e-6)
