@@ -156,6 +156,18 @@ def test_the_largest_batch_offered_under_torchrun_is_one_that_is_accepted(global
         check_batch(config, 128, "mnist", 101, distributed.Context(world_size=4))
 
 
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_a_batch_too_large_only_on_several_processes_says_how_they_make_it(world_size):
+    config = TrainConfig(dataset="mnist", arch="dense", batch_size=64)
+    parallel = distributed.Context(world_size=world_size)
+    with pytest.raises(BrainPropError) as info:
+        check_batch(config, 64 * world_size, "mnist", 101, parallel)
+    assert str(info.value) == (
+        f"--batch-size 64 on {world_size} processes makes {64 * world_size} images per step, "
+        f"more than the 101 training images of mnist: pass at most {101 // world_size}"
+    )
+
+
 def test_a_run_stored_with_an_out_of_range_lr_resumes_to_a_one_line_error(
     tmp_path: Path, capsys
 ) -> None:
