@@ -10,6 +10,7 @@ import os
 import signal
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -31,6 +32,7 @@ from brainprop.config import MAX_NAN_RELOADS
 from brainprop.errors import BrainPropError
 from brainprop.objectives import OBJECTIVES
 from brainprop.signals import Interrupted
+from brainprop.train import NonFinite
 
 __all__ = ["one_thread"]  # the autouse fixture, imported to take effect here
 
@@ -120,6 +122,19 @@ def test_on_nan_reload_rewinds_and_halves_the_learning_rate(tmp_path: Path, ds, 
     # Epoch 1 ran at the full rate; epoch 2 was redone from epoch 1's checkpoint at half of it.
     assert [h["lr"] for h in run.history] == [0.1, 0.05, 0.05]
     assert _last(run.dir)["lr_scale"] == 0.5
+
+
+@pytest.mark.parametrize(
+    ("partial", "where"), [(None, "epoch 2"), ({"step": 4}, "epoch 3, step 4")]
+)
+def test_a_rewind_says_where_it_went(partial, where):
+    """Back to an epoch's end, or into an epoch that a stop cut short (its last.pt)."""
+    bad = NonFinite("loss", 2, 5)
+    rewound = SimpleNamespace(history=[{}, {}], partial=partial, lr_scale=0.25, nan_reloads=2)
+    assert bad.rewound(rewound) == (
+        f"the loss became NaN or inf at epoch 3, step 6: rewound to {where} with the learning "
+        f"rate scaled by 0.25 (reload 2 of {MAX_NAN_RELOADS})"
+    )
 
 
 def test_a_rewound_run_is_its_last_checkpoint_resumed_at_half_the_rate(
