@@ -211,6 +211,18 @@ def test_mid_epoch_checkpoint_records_the_position(tmp_path: Path, ds, monkeypat
     assert 0 < partial["seconds"] < run.history[0]["seconds"] < took
 
 
+def _edit_cut_run(tmp_path: Path, ds, monkeypatch, edit: Callable[[dict], object]) -> None:
+    """Stop a run in epoch 1 after step 5, then change its last.pt with ``edit``."""
+    inject(monkeypatch, {step(1, 5): _raise(signal.SIGINT)})
+    with pytest.raises(Interrupted):
+        train(tiny_config(tmp_path), dataset=ds, progress=False)
+    monkeypatch.undo()
+    last = tmp_path / "run" / "last.pt"
+    state = checkpoint.load(last)
+    edit(state)
+    torch.save(state, last)
+
+
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
@@ -233,14 +245,7 @@ def test_a_damaged_mid_epoch_checkpoint_is_refused_before_training(
 ) -> None:
     """Damage that would surface mid-run (a cast error at the first step, an epoch of no
     steps, a raw OverflowError) is found when the checkpoint is read."""
-    inject(monkeypatch, {step(1, 5): _raise(signal.SIGINT)})
-    with pytest.raises(Interrupted):
-        train(tiny_config(tmp_path), dataset=ds, progress=False)
-    monkeypatch.undo()
-    last = tmp_path / "run" / "last.pt"
-    state = checkpoint.load(last)
-    damage(state)
-    torch.save(state, last)
+    _edit_cut_run(tmp_path, ds, monkeypatch, damage)
     with pytest.raises(BrainPropError, match=f"does not fit its run .*{message}"):
         train(None, resume=tmp_path / "run", dataset=ds, progress=False)
 
@@ -248,14 +253,7 @@ def test_a_damaged_mid_epoch_checkpoint_is_refused_before_training(
 def test_a_position_at_the_end_of_an_epoch_ends_it_on_resume(tmp_path: Path, ds, monkeypatch):
     """Where a resume on another world size moves a position to a whole batch, it may land on
     the epoch's end: the epoch then ends with no step left, and the run trains on."""
-    inject(monkeypatch, {step(1, 5): _raise(signal.SIGINT)})
-    with pytest.raises(Interrupted):
-        train(tiny_config(tmp_path), dataset=ds, progress=False)
-    monkeypatch.undo()
-    last = tmp_path / "run" / "last.pt"
-    state = checkpoint.load(last)
-    state["partial"]["step"] = STEPS_PER_EPOCH
-    torch.save(state, last)
+    _edit_cut_run(tmp_path, ds, monkeypatch, lambda s: s["partial"].update(step=STEPS_PER_EPOCH))
     run = train(None, resume=tmp_path / "run", dataset=ds, progress=False)
     assert run.summary["epochs_run"] == 3
 
