@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+from torch import nn
 
 from brainprop import TrainConfig
 from brainprop.checkpoint import load
@@ -86,6 +87,30 @@ def recorded_outputs(monkeypatch: Any) -> list[Output]:
 
     _hook(monkeypatch, call)
     return outputs
+
+
+def spoiled_running_var(
+    monkeypatch: Any, member: int = 0
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """An :func:`inject` action that sets the first BatchNorm's running variance of the
+    ``member``-th network built from then on (a stack builds one per seed) to inf: it is used
+    only in eval mode, so the training loss stays finite and only the weight check finds it."""
+    models: list[nn.Module] = []
+    build = train_module.build_model
+
+    def keep(*args: Any) -> nn.Module:
+        models.append(build(*args))
+        return models[-1]
+
+    monkeypatch.setattr(train_module, "build_model", keep)
+
+    def spoil(q: torch.Tensor) -> torch.Tensor:
+        bn = next(m for m in models[member].modules() if isinstance(m, nn.BatchNorm2d))
+        # .data: autograd saved it for this backward; in a stack it is a view of the stack's.
+        bn.running_var.data.fill_(math.inf)
+        return q
+
+    return spoil
 
 
 def step(epoch: int, step_in_epoch: int) -> int:

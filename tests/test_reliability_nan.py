@@ -21,11 +21,11 @@ from reliability_helpers import (
     inject,
     one_thread,
     poison,
+    spoiled_running_var,
     step,
     tiny_config,
     train_module,
 )
-from torch import nn
 
 from brainprop import Dataset, checkpoint, evaluate, rundir, train
 from brainprop.config import MAX_NAN_RELOADS
@@ -94,22 +94,7 @@ def test_a_nan_loss_of_a_rule_of_ones_own_names_the_rule_among_the_causes(
 
 
 def test_nan_in_the_weights_alone_stops_the_run(tmp_path: Path, ds, monkeypatch) -> None:
-    # BatchNorm's running variance is used only in eval mode: the training loss stays finite.
-    models: list[nn.Module] = []
-    build = train_module.build_model
-
-    def keep(*args: object) -> nn.Module:
-        models.append(build(*args))
-        return models[-1]
-
-    monkeypatch.setattr(train_module, "build_model", keep)
-
-    def spoil_running_var(q: torch.Tensor) -> torch.Tensor:
-        bn = next(m for m in models[-1].modules() if isinstance(m, nn.BatchNorm2d))
-        bn.running_var.data.fill_(math.inf)  # .data: autograd saved it for this backward
-        return q
-
-    inject(monkeypatch, {step(2, 3): spoil_running_var})
+    inject(monkeypatch, {step(2, 3): spoiled_running_var(monkeypatch)})
     run = train(tiny_config(tmp_path), dataset=ds, progress=False)
     assert run.summary["stop_reason"] == "non-finite weights at epoch 2 (found after step 8)"
     assert _last(run.dir)["epoch"] == 1 and _finite(_last(run.dir))

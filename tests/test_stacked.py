@@ -2,7 +2,6 @@
 
 import gc
 import json
-import math
 import shutil
 import signal
 import time
@@ -12,7 +11,7 @@ from dataclasses import replace
 import pytest
 import torch
 from own_rules import FailsLater, SquaredError
-from reliability_helpers import inject, poison, train_module
+from reliability_helpers import inject, poison, spoiled_running_var
 
 from brainprop import TrainConfig, rundir, stacked, train, train_stacked
 from brainprop.data.batches import permuted_batches
@@ -496,20 +495,7 @@ def test_a_nan_in_one_seeds_running_statistics_is_found_at_the_stacks_epoch_end(
 ):
     """BatchNorm's running variance is used only in eval mode, so the loss stays finite: the
     weights are checked after the epoch's last step, as in a run of its own."""
-    models = []
-    build = train_module.build_model
-
-    def keep(*args):
-        models.append(build(*args))
-        return models[-1]
-
-    def spoil_seed_1(q):
-        bn = next(m for m in models[1].modules() if isinstance(m, torch.nn.BatchNorm2d))
-        bn.running_var.data.fill_(math.inf)  # a view of the stack's buffer
-        return q
-
-    monkeypatch.setattr(train_module, "build_model", keep)
-    inject(monkeypatch, {4: spoil_seed_1})  # seed 1's second step
+    inject(monkeypatch, {4: spoiled_running_var(monkeypatch, member=1)})  # seed 1's 2nd step
     healthy, hit = train_stacked(
         [_config(tmp_path, s, dropout=(0.0,)) for s in (0, 1)], dataset=tiny_dataset,
         progress=False,
