@@ -10,6 +10,8 @@ import torch
 from brainprop import BrainProp, Dataset, TrainConfig, build_model, convert, load_model, train
 from brainprop.cli import build_parser
 from brainprop.diagnostics import angle, diagnostics, plot_diagnostics
+from brainprop.feedback import feedback_weight, layer_kind
+from brainprop.presets import preset_hyperparameters
 
 
 def _model(mode: str):
@@ -58,6 +60,37 @@ def test_a_frozen_layer_has_no_update_angle():
     d = diagnostics(model, *_batch(), BrainProp())
     assert math.isnan(d["angle_update/3"]) and d["angle_update/0"] > 10
     assert 80 < d["angle_wb/3"] < 100  # its feedback weights are still there to compare
+
+
+def test_update_angles_replay_the_dropout_masks_and_actions():
+    # B copied from W: the two passes make the same update only if both draw the same dropout
+    # masks and, with every action exploratory, the same actions.
+    model = build_model(
+        "conv", (1, 10, 10), 5, preset_hyperparameters("mnist", "conv"),
+        generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    convert(model, "reciprocal", generator=torch.Generator().manual_seed(1))
+    assert any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
+    with torch.no_grad():
+        for m in model.modules():
+            if layer_kind(m) is not None:
+                feedback_weight(m).copy_(m.weight)
+    model.eval()
+    grads = [torch.ones_like(p) for p in model.parameters()]
+    for p, g in zip(model.parameters(), grads, strict=True):
+        p.grad = g
+    d = diagnostics(model, *_batch(), BrainProp(epsilon=1.0))
+    updates = [v for k, v in d.items() if k.startswith("angle_update/")]
+    assert len(updates) == 4 and all(v == pytest.approx(0.0, abs=1e-3) for v in updates)
+    assert not any(m.training for m in model.modules())
+    assert all(p.grad is g for p, g in zip(model.parameters(), grads, strict=True))
+
+
+def test_a_frozen_layer_of_a_symmetric_model_has_no_update_angle():
+    model = _model("symmetric")
+    model[3].weight.requires_grad_(False)
+    d = diagnostics(model, *_batch(), BrainProp())
+    assert math.isnan(d["angle_update/3"]) and d["angle_update/0"] == 0.0
 
 
 def test_diagnostics_leave_training_state_alone():

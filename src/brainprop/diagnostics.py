@@ -4,9 +4,9 @@ Two kinds of numbers, both cheap enough for once per epoch on one batch:
 
 * weight alignment: the angle (degrees) between a layer's forward weights W and its feedback
   weights B, and the norm ratio |B| / |W| (``direct`` mode has no B shaped like W and is skipped);
-* update alignment: the angle between the update the rule actually makes and the exact
-  gradient (symmetric feedback: backpropagation's) of the *same* objective on the *same* batch
-  with the *same* actions and dropout masks.
+* update alignment: the angle between the weight gradient the rule's feedback delivers (its
+  update before weight decay) and the exact gradient (symmetric feedback: backpropagation's)
+  of the *same* objective on the *same* batch with the *same* actions and dropout masks.
 
 :func:`diagnostics` returns them as one flat dict of floats (``angle_wb/<layer>``,
 ``norm_ratio/<layer>``, ``angle_update/<layer>``) ready to be history columns;
@@ -73,10 +73,16 @@ def update_alignment(
     with ``seed`` both times). The model's gradients, buffers (BatchNorm running statistics) and
     the global RNG state are restored afterwards, so training continues as if nothing had run.
     A layer whose weights get no gradient (frozen, or not used by the forward) gets NaN.
+
+    An all-symmetric model's update is the exact gradient by definition: its angles are 0 (NaN
+    for a frozen layer) without the two passes, which every epoch of a paper run would pay for.
     """
     layers = _layers(model)
     if all(layer_mode(m) == "symmetric" for _, m in layers):
-        return {f"angle_update/{name}": 0.0 for name, _ in layers}
+        return {
+            f"angle_update/{name}": 0.0 if m.weight.requires_grad else math.nan
+            for name, m in layers
+        }
     params = list(model.parameters())
     saved_grads = [p.grad for p in params]
     saved_buffers = [b.detach().clone() for b in model.buffers()]
