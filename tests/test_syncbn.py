@@ -16,6 +16,7 @@ from torch import nn
 
 from brainprop import TrainConfig
 from brainprop.distributed import Context
+from brainprop.errors import BrainPropError
 from brainprop.feedback import FEEDBACK_MODES, convert
 from brainprop.presets import BN_EPS, BN_MOMENTUM, build_model, preset_hyperparameters
 from brainprop.syncbn import SyncBatchNorm2d, alone, synchronise, synchronised
@@ -203,3 +204,44 @@ def test_alone_uses_the_ranks_own_statistics_for_the_block() -> None:
     with alone(model):
         assert not synchronised(model)
     assert synchronised(model)
+
+
+def test_a_cumulative_average_keeps_a_float64_layers_precision() -> None:
+    torch.manual_seed(0)
+    plain = _layer(momentum=None).double()
+    synced = synchronise(copy.deepcopy(plain), TwoIdenticalRanks())
+    for _ in range(3):  # 1/3 is not a float32 number
+        x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+        synced(x)
+        plain(torch.cat([x, x]))  # what the two identical ranks hold between them
+    for name in ("running_mean", "running_var"):
+        torch.testing.assert_close(getattr(synced, name), getattr(plain, name), rtol=1e-14, atol=0)
+
+
+class _OwnBatchNorm(nn.BatchNorm2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * 2
+
+
+@pytest.mark.parametrize(
+    ("layer", "kind"),
+    [(_OwnBatchNorm(3), "_OwnBatchNorm"), (nn.LazyBatchNorm2d(), "LazyBatchNorm2d")],
+    ids=["subclass", "lazy"],
+)
+def test_a_batchnorm_it_cannot_synchronise_is_refused_before_any_changes(layer, kind) -> None:
+    model = nn.Sequential(nn.BatchNorm2d(3), nn.Sequential(layer))
+    with pytest.raises(BrainPropError) as e:
+        synchronise(model, TwoIdenticalRanks())
+    assert str(e.value).startswith(f"layer 1.0 is a {kind}, whose statistics")
+    assert "--local-batchnorm" in str(e.value)
+    assert type(model[0]) is nn.BatchNorm2d
+
+
+def test_a_synchronised_layer_built_directly_is_plain_batchnorm() -> None:
+    torch.manual_seed(0)
+    plain = _layer()
+    direct = SyncBatchNorm2d(3, eps=BN_EPS, momentum=BN_MOMENTUM)
+    direct.load_state_dict(plain.state_dict())
+    x = torch.randn(4, 3, 5, 5)
+    torch.testing.assert_close(direct(x), plain(x))
+    assert not synchronised(nn.Sequential(direct))

@@ -5,7 +5,7 @@ BatchNorm normalises with that share's mean and variance: a conv net trained on 
 images is then not the network one process trains on the paper's 128, although its summed
 gradients are. :func:`synchronise` swaps each BatchNorm of a model for the same layer with
 synchronised statistics: in training mode every rank sums its per-channel count, sum and
-squared deviations with the others' (one all-reduce per layer in the forward pass and one in
+sum of squares with the others' (one all-reduce per layer in the forward pass and one in
 the backward pass), and normalises with the global batch's mean and variance. The gradients are
 then those of one process on the whole batch, and the running statistics agree on all ranks.
 
@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from .errors import BrainPropError
+
 if TYPE_CHECKING:
     from .distributed import Context
 
@@ -32,13 +34,14 @@ class _Synchronised(nn.modules.batchnorm._BatchNorm):
     """Plain BatchNorm outside training, global-batch statistics in training.
 
     ``parallel`` is the world whose ranks share the statistics; it is set by
-    :func:`synchronise`.
+    :func:`synchronise`. Without one (a layer built directly, or within :func:`alone`) the
+    layer is plain BatchNorm.
     """
 
-    parallel: Context
+    parallel: Context | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and self.parallel.active):
+        if not (self.training and _talks(self)):
             return super().forward(x)
         self._check_input_dim(x)
         xf = _wide(x)
@@ -79,7 +82,8 @@ class _Synchronised(nn.modules.batchnorm._BatchNorm):
         self.num_batches_tracked.add_(1)
         factor = self.momentum
         if factor is None:  # a cumulative average, as nn.BatchNorm's momentum=None
-            factor = (1.0 / self.num_batches_tracked).to(self.running_mean.dtype)
+            # In float64, as nn.BatchNorm's Python float, but without its sync with the host.
+            factor = (1.0 / self.num_batches_tracked.double()).to(self.running_mean.dtype)
         unbiased = var.double() * count / (count - 1).clamp_min(1)
         self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), factor)
         self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
@@ -120,8 +124,21 @@ def synchronise(model: nn.Module, parallel: Context) -> nn.Module:
 
     Each layer becomes its synchronised twin by a change of class, not a copy: the twins add
     behaviour but no state, so the layer keeps its very parameters and buffers (an optimizer
-    built before still holds them), its device, dtype and hooks.
+    built before still holds them), its device, dtype and hooks. Another kind of BatchNorm (a
+    subclass, whose forward the twin would drop, or a lazy one) is refused, before any layer
+    changes: left as it is, it would quietly normalise with its own rank's share.
     """
+    for name, layer in model.named_modules():
+        if (
+            isinstance(layer, nn.modules.batchnorm._BatchNorm)
+            and not isinstance(layer, _Synchronised)
+            and type(layer) not in _SYNCHRONISED
+        ):
+            raise BrainPropError(
+                f"layer {name or 'root'} is a {type(layer).__name__}, whose statistics brainprop "
+                "cannot share over processes: build the network with nn.BatchNorm1d/2d/3d of a "
+                "known size, or train with --local-batchnorm (sync_batchnorm=False)"
+            )
     for layer in model.modules():
         twin = _SYNCHRONISED.get(type(layer))
         if twin is not None:
@@ -139,12 +156,10 @@ def alone(model: nn.Module) -> Iterator[nn.Module]:
     the global statistics equal the local ones, and talking to the other ranks would only
     cost collectives and mix their dropout masks into each rank's result.
     """
-    from .distributed import Context  # distributed imports this module
-
     layers = [m for m in model.modules() if isinstance(m, _Synchronised)]
     worlds = [m.parallel for m in layers]
     for m in layers:
-        m.parallel = Context()
+        m.parallel = None
     try:
         yield model
     finally:
@@ -154,4 +169,8 @@ def alone(model: nn.Module) -> Iterator[nn.Module]:
 
 def synchronised(model: nn.Module) -> bool:
     """Whether ``model`` has layers that talk to the other ranks in their forward pass."""
-    return any(isinstance(m, _Synchronised) and m.parallel.active for m in model.modules())
+    return any(isinstance(m, _Synchronised) and _talks(m) for m in model.modules())
+
+
+def _talks(layer: _Synchronised) -> bool:
+    return layer.parallel is not None and layer.parallel.active
