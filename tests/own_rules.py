@@ -53,3 +53,31 @@ def doubling_net(net, num_classes, dropout):
     net.flatten()
     net.add(Doubling())
     net.dense(num_classes, relu=False)
+
+
+class KeepsAFunction(FailsLater):
+    """FailsLater holding a function in ``func``, as a ``partial`` does: it is not one."""
+
+    def __init__(self, at):
+        super().__init__(at)
+        self.func = torch.nn.functional.mse_loss
+
+
+@torch.no_grad()
+def fails_decorated(q, y, generator=None):
+    """A rule of the user's own under a decorator of torch's: it divides by zero."""
+    return 1 / 0
+
+
+fails_decorated.sums_over_nominal_batch = False
+
+
+class DoublingByItsBase(Doubling):
+    """A layer of the user's own whose forward is its base class's."""
+
+
+def inheriting_net(net, num_classes, dropout):
+    """A network of the user's own whose layer runs only inherited code."""
+    net.flatten()
+    net.add(DoublingByItsBase())
+    net.dense(num_classes, relu=False)

@@ -5,7 +5,15 @@ import functools
 
 import pytest
 import torch
-from own_rules import Doubling, FailsLater, doubling_net
+from own_rules import (
+    Doubling,
+    DoublingByItsBase,
+    FailsLater,
+    KeepsAFunction,
+    doubling_net,
+    fails_decorated,
+    inheriting_net,
+)
 
 from brainprop import ARCHITECTURES, OBJECTIVES, PATHWAYS, BrainProp, Pathway, TrainConfig, owncode
 from brainprop.presets import build_model
@@ -112,3 +120,28 @@ def test_code_without_a_file_is_nobodys_to_name(monkeypatch):
     config = TrainConfig(rule="typed")
     model = build_model("dense", (1, 4, 4), 3, generator=torch.Generator().manual_seed(0))
     assert owncode.of_run(config, rule, model) == []
+
+
+def test_a_method_inherited_from_ones_own_base_class_is_ones_own(monkeypatch):
+    monkeypatch.setitem(ARCHITECTURES, "inheriting", (inheriting_net, 0))
+    model = build_model("inheriting", (1, 4, 4), 3, generator=torch.Generator().manual_seed(0))
+    own = owncode.of_run(TrainConfig(arch="inheriting"), BrainProp(), model)
+    layer = next(m for m in model.modules() if isinstance(m, DoublingByItsBase))
+    layer.at = 1
+    error = _raised(lambda: model(torch.rand(2, 1, 4, 4)))
+    assert owncode.failure(own, error, "in epoch 2").startswith(
+        "network 'inheriting' failed in epoch 2: ValueError: a doubling too many ("
+    )
+
+
+@pytest.mark.parametrize(
+    "rule", [fails_decorated, KeepsAFunction(at=1)], ids=["decorated", "holds-a-function"]
+)
+def test_a_decorated_rule_and_one_that_holds_a_function_are_ones_own(monkeypatch, rule):
+    monkeypatch.setitem(OBJECTIVES, "mine", lambda epsilon, fused: rule)
+    model = build_model("dense", (1, 4, 4), 3, generator=torch.Generator().manual_seed(0))
+    own = owncode.of_run(TrainConfig(rule="mine"), rule, model)
+    error = _raised(lambda: rule(torch.rand(2, 3), torch.tensor([0, 1])))
+    assert owncode.failure(own, error, "in epoch 2").startswith(
+        "rule 'mine' failed in epoch 2: ZeroDivisionError: division by zero ("
+    )

@@ -8,6 +8,7 @@ The CLI prints that line and exits with status 2; any other exception is a bug.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import re
@@ -88,10 +89,19 @@ def described(exc: Exception) -> str:
     )
 
 
+def unwrapped(code: Callable[..., object]) -> Callable[..., object]:
+    """One's own ``code`` past what wraps it: a ``partial``'s function, a decorated function
+    (``@torch.no_grad()``, ``functools.wraps``) itself, whose file and lines are the user's."""
+    while isinstance(code, functools.partial):
+        code = code.func
+    return inspect.unwrap(code)
+
+
 def defined_in(code: Callable[..., object]) -> Path | None:
     """The file that defines ``code``, one's own function or callable object (a ``partial``'s
-    function, a callable object's class), if there is one: where :func:`raised` looks."""
-    code = getattr(code, "func", code)
+    function, a decorated function, a callable object's class), if there is one: where
+    :func:`raised` looks."""
+    code = unwrapped(code)
     for defines in (code, type(code)):
         try:
             source = inspect.getsourcefile(defines)
@@ -107,7 +117,7 @@ def definition(code: Callable[..., object]) -> str | None:
     path = defined_in(code)
     if path is None:
         return None
-    code = getattr(code, "func", code)
+    code = unwrapped(code)
     for defines in (code, type(code)):
         try:
             return f"{path}:{inspect.getsourcelines(defines)[1]}"

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .config import TrainConfig
-from .errors import BrainPropError, defined_in, raised
+from .errors import BrainPropError, defined_in, raised, unwrapped
 from .feedback import PATHWAYS
 from .objectives import OBJECTIVES, Objective
 from .presets import ARCHITECTURES
@@ -69,26 +69,34 @@ def of_run(config: TrainConfig, objective: Objective, model: nn.Module) -> list[
         pieces.extend((network, type(m)) for m in model.modules())
     own: list[OwnCode] = []
     for what, code in pieces:
-        path = defined_in(code)
-        if path is None or any(path.is_relative_to(library) for library in LIBRARIES):
-            continue
-        piece = OwnCode(what, path, _lines(code))
-        if piece not in own:
-            own.append(piece)
+        for source in _sources(code):
+            path = defined_in(source)
+            if path is None or any(path.is_relative_to(library) for library in LIBRARIES):
+                continue
+            piece = OwnCode(what, path, _lines(source))
+            if piece not in own:
+                own.append(piece)
     return own
 
 
-def _lines(code: Callable[..., object]) -> range:
-    """The lines of its file that ``code`` spans (a callable object: its class's); the whole
-    file where its source cannot be found."""
-    code = getattr(code, "func", code)
-    for source in (code, type(code)):
-        try:
-            lines, first = inspect.getsourcelines(source)
-        except (OSError, TypeError):
-            continue
-        return range(max(first, 1), max(first, 1) + len(lines))
-    return range(1, 2**31)
+def _sources(code: Callable[..., object]) -> list[Callable[..., object]]:
+    """What holds the lines ``code`` runs: a function (unwrapped, :func:`unwrapped`) itself;
+    a class, or a callable object's class, with every class it inherits from, whose methods
+    (those of one's own base class) it runs too."""
+    code = unwrapped(code)
+    if inspect.isfunction(code) or inspect.ismethod(code):
+        return [code]
+    return list((code if isinstance(code, type) else type(code)).__mro__)
+
+
+def _lines(source: Callable[..., object]) -> range:
+    """The lines of its file that ``source`` (a function or class) spans; the whole file
+    where its source cannot be found."""
+    try:
+        lines, first = inspect.getsourcelines(source)
+    except (OSError, TypeError):
+        return range(1, 2**31)
+    return range(max(first, 1), max(first, 1) + len(lines))
 
 
 def failure(own: list[OwnCode], e: Exception, when: str) -> str | None:
