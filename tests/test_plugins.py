@@ -392,6 +392,27 @@ def test_a_plugin_file_named_as_another_module_is_refused(tmp_path, capsys):
     assert err.rstrip().endswith("; rename the file") and "tiny" not in ARCHITECTURES
 
 
+def test_a_plugin_file_named_as_a_built_in_module_is_refused(tmp_path, capsys):
+    """A built-in module has no file to name beside the refusal."""
+    name = next(n for n in sys.builtin_module_names if n not in sys.modules and n.isidentifier())
+    (tmp_path / f"{name}.py").write_text(PLUGIN)
+    assert main(["--plugin", str(tmp_path / f"{name}.py"), "datasets"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"brainprop: error: --plugin {tmp_path / name}.py: the name {name!r} is another "
+        "module's; rename the file\n"
+    )
+
+
+@pytest.mark.parametrize("name", [".rules", "lab rules", "os.path.x.y", "os.foo"])
+def test_what_is_no_module_name_or_no_module_is_said_so(name, capsys):
+    assert main(["--plugin", name, "datasets"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "importlib" not in err, err
+    said = "not a module name" if " " in name or name.startswith(".") else "no module of that"
+    assert err.startswith(f"brainprop: error: --plugin {name}: {said}"), err
+
+
 def test_a_module_name_of_a_file_in_the_working_folder_is_told_to_pass_the_file(
     plugin, monkeypatch, capsys
 ):

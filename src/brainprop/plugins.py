@@ -117,6 +117,11 @@ def loaded() -> tuple[str, ...]:
 
 
 def _import(name: str) -> None:
+    if not all(part.isidentifier() for part in name.split(".")):
+        raise BrainPropError(
+            f"--plugin {name}: not a module name: pass a module's dotted name (mylab.rules), "
+            "or the path of a .py file"
+        )
     # Finding a dotted name imports its parent packages: their errors are the plugin's too.
     found, source = _run(name, lambda: _find(name), lambda: None)
     if found is None:
@@ -136,13 +141,15 @@ def _find(name: str) -> tuple[importlib.machinery.ModuleSpec | None, Path | None
     try:
         found = importlib.util.find_spec(name)
     except ModuleNotFoundError as e:
-        # A parent package that is not there, as opposed to one that imports what is not.
-        if e.name is not None and name.startswith(f"{e.name}."):
+        # A parent package that is not there, or a parent that is no package ('os.foo'; then
+        # the error names the module itself), as opposed to one that imports what is not.
+        if e.name is not None and (e.name == name or name.startswith(f"{e.name}.")):
             return None, None
         raise
     except ValueError:  # in sys.modules without a spec
         return None, None
-    if found is None or not found.origin:
+    # A built-in or frozen module's origin is a word ('built-in'), not a file.
+    if found is None or not found.has_location or not found.origin:
         return found, None
     return found, Path(found.origin).resolve()
 
@@ -163,8 +170,13 @@ def _load_file(spec: str, path: Path) -> None:
         return  # the same file, named once by module name and once by path
     # Registered under its stem, the plugin would stand in for a module of that name that is
     # imported later (by brainprop or a library it uses), breaking it.
-    other = _file_of(imported) if imported is not None else _find(name)[1]
-    if imported is not None or (other is not None and other != path):
+    if imported is not None:
+        taken, other = True, _file_of(imported)
+    else:
+        found, other = _find(name)
+        # A module with no origin is a namespace package: a folder on the path, nothing loaded.
+        taken = found is not None and found.origin is not None and other != path
+    if taken:
         where = f" ({other})" if other is not None else ""
         raise BrainPropError(
             f"--plugin {spec}: the name {name!r} is another module's{where}; rename the file"
