@@ -1077,13 +1077,55 @@ def test_sigkill_at_three_seeded_moments_then_resume_is_bit_identical(tmp_path: 
     assert_same_run(out / "whole", cut)
 
 
-def test_a_signal_whose_note_cannot_be_printed_still_stops_cleanly() -> None:
-    def reentrant(_signum: int) -> None:
-        raise RuntimeError("reentrant call inside <_io.BufferedWriter name='<stderr>'>")
+@pytest.mark.parametrize(
+    "error",
+    [RuntimeError("reentrant call inside <_io.BufferedWriter name='<stderr>'>"), BrokenPipeError()],
+    ids=["reentrant", "reader-gone"],
+)
+def test_a_signal_whose_note_cannot_be_printed_still_stops_cleanly(error) -> None:
+    def fails(_signum: int) -> None:
+        raise error
 
-    with signals.stop_on_signals(reentrant) as stop:
+    with signals.stop_on_signals(fails) as stop:
         signal.raise_signal(signal.SIGTERM)
     assert stop.requested and stop.name == "SIGTERM"
+
+
+def _handlers() -> dict[int, object]:
+    return {s: signal.getsignal(s) for s in (*signals.SIGNALS, signals.RELAY)}
+
+
+def test_the_handlers_come_back_after_an_error_a_second_signal_and_a_quit() -> None:
+    before = _handlers()
+    with pytest.raises(ValueError), signals.stop_on_signals():
+        raise ValueError("a bug in the block")
+    assert _handlers() == before
+    with pytest.raises(KeyboardInterrupt), signals.stop_on_signals():
+        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)
+    assert _handlers() == before
+    with pytest.raises(signals.Interrupted), signals.quit_on_signals("loading"):
+        signal.raise_signal(signal.SIGTERM)
+    assert _handlers() == before
+
+
+@pytest.mark.parametrize("block", ["stop", "quit"])
+def test_a_signal_between_two_installs_leaves_no_handler_behind(block, monkeypatch) -> None:
+    before, install = _handlers(), signal.signal
+    calls = []
+
+    def lands_on_the_second(signum, handler):
+        calls.append(signum)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as the first signal's handler would, quitting
+        return install(signum, handler)
+
+    monkeypatch.setattr(signal, "signal", lands_on_the_second)
+    guard = signals.stop_on_signals() if block == "stop" else signals.quit_on_signals("loading")
+    with pytest.raises(KeyboardInterrupt), guard:
+        pass
+    monkeypatch.undo()
+    assert len(calls) == 3 and _handlers() == before
 
 
 def test_a_signal_the_process_ignores_stays_ignored() -> None:

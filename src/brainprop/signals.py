@@ -4,7 +4,7 @@ A first signal only sets a flag, which the training loop reads after every step:
 flight finishes, the state is checkpointed and :class:`Interrupted` carries the message saying
 how to resume. A second signal raises ``KeyboardInterrupt`` at once, for someone who will not
 wait for the checkpoint; the atomic writes still leave the previous checkpoint whole. A SIGTERM
-within :data:`SAME_STOP_S` of the first is no second signal (see there).
+within :data:`SAME_STOP_S` of a first SIGTERM is no second signal (see there).
 
 :data:`RELAY` is how a process passes a stop on to the processes it started (``reproduce
 --jobs``): it asks for the same stop as a first signal, and never quits at once. A batch
@@ -22,13 +22,13 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import NoReturn
+from typing import Any, NoReturn
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 #: A stop passed on by a parent process (SIGTERM where the platform has no SIGUSR1). It
 #: stops as a first SIGTERM does, and the stop it reports is its own.
 RELAY: signal.Signals = getattr(signal, "SIGUSR1", signal.SIGTERM)
-#: A SIGTERM this soon after the first is the same stop, not a second signal: a scheduler
+#: A SIGTERM this soon after a first SIGTERM is the same stop, not a second signal: a scheduler
 #: (SLURM, systemd) sends SIGTERM to every process of a job, and a launcher among them
 #: (torchrun) passes its own on to its workers at once, so each gets two. No one typing
 #: ``kill`` twice to quit at once is that quick, and Ctrl-C (SIGINT) is not delayed.
@@ -105,7 +105,7 @@ def stop_on_signals(
 ) -> Iterator[StopRequest]:
     """Within the block, SIGINT and SIGTERM set the yielded flag instead of killing, and so
     does :data:`RELAY`, which never counts as a second signal; neither does a SIGTERM within
-    :data:`SAME_STOP_S` of the first. A stop held for the block (:func:`hold_stops`) is its
+    :data:`SAME_STOP_S` of a first SIGTERM. A stop held for the block (:func:`hold_stops`) is its
     first signal.
 
     ``on_first(signum)`` runs on the first signal (to tell the user a checkpoint is coming).
@@ -126,9 +126,11 @@ def stop_on_signals(
     def note(say: Callable[[int], None] | None, signum: int) -> None:
         if say is not None:
             # A signal that lands while the same stream is being written makes this print a
-            # reentrant write, which Python refuses with RuntimeError. The note is a courtesy;
-            # the stop is recorded either way, and must not turn into a traceback.
-            with contextlib.suppress(RuntimeError):
+            # reentrant write, which Python refuses with RuntimeError; one whose reader went
+            # away raises an OSError (a broken pipe), which the loop's next line of output
+            # meets again. The note is a courtesy; the stop is recorded either way, and must
+            # not turn into an error raised in whatever the loop was doing.
+            with contextlib.suppress(RuntimeError, OSError):
                 say(signum)
 
     def request(signum: int) -> None:
@@ -158,8 +160,11 @@ def stop_on_signals(
     def handler(signum: int) -> Callable[[int, object], None]:
         return handle if signum in SIGNALS else relayed
 
-    previous = {s: signal.signal(s, handler(s)) for s in _watched()}
+    previous: dict[int, Any] = {}
     try:
+        # Inside the try: a signal that lands between two installs finds the first restored.
+        for s in _watched():
+            previous[s] = signal.signal(s, handler(s))
         held = _take_held()
         if held is not None:
             handler(held)(held, None)
@@ -184,8 +189,10 @@ def quit_on_signals(what: str) -> Iterator[None]:
     def stopped(signum: int, _frame: object) -> NoReturn:
         raise Interrupted(f"stopped by {signal.Signals(signum).name} {what}", signum)
 
-    previous = {s: signal.signal(s, stopped) for s in _watched()}
+    previous: dict[int, Any] = {}
     try:
+        for s in _watched():
+            previous[s] = signal.signal(s, stopped)
         held = _take_held()
         if held is not None:
             stopped(held, None)
