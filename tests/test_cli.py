@@ -166,15 +166,35 @@ def test_report_only_refuses_the_run_options_it_would_ignore(tmp_path, capsys):
     assert main(report_only) == 0 and (tmp_path / "results.md").exists()
 
 
-def test_running_out_of_device_memory_is_one_line_and_status_2(monkeypatch, capsys):
+@pytest.mark.parametrize(
+    ("error", "said"),
+    [(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore"),
+      "CUDA out of memory. Tried to allocate 2.00 GiB"),
+     (RuntimeError("[enforce fail at alloc_cpu.cpp:127] . DefaultCPUAllocator: can't allocate "
+                   "memory: you tried to allocate 360000000 bytes"),
+      "[enforce fail at alloc_cpu.cpp:127] . DefaultCPUAllocator: can't allocate memory: you "
+      "tried to allocate 360000000 bytes"),
+     (MemoryError(), "no details")],
+    ids=["cuda", "cpu-allocator", "python"],
+)  # fmt: skip
+def test_running_out_of_memory_is_one_line_and_status_2(monkeypatch, capsys, error, said):
     def too_big(_args):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore")
+        raise error
 
     monkeypatch.setitem(cli.COMMANDS, "bench", too_big)
     assert main(["bench"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
-    assert "ran out of memory (CUDA out of memory. Tried to allocate 2.00 GiB): lower" in err
+    assert f"ran out of memory ({said}): lower" in err
+
+
+def test_another_runtime_error_is_a_bug_with_its_traceback(monkeypatch):
+    def bug(_args):
+        raise RuntimeError("shapes cannot be multiplied")
+
+    monkeypatch.setitem(cli.COMMANDS, "bench", bug)
+    with pytest.raises(RuntimeError, match="^shapes cannot be multiplied$"):
+        main(["bench"])
 
 
 def test_missing_dataset_names_where_the_files_go(tmp_path, capsys):

@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -22,7 +23,7 @@ from data_fixtures import write_cifar100, write_idx_dataset, write_tiny_imagenet
 from measurement_fixtures import write_measurement
 from own_rules import FailsLater, SquaredError
 
-from brainprop import EBP, OBJECTIVES, matrix, report, rundir, signals
+from brainprop import EBP, OBJECTIVES, matrix, processes, report, rundir, signals
 from brainprop import experiments as ex
 from brainprop.cli import main
 from brainprop.errors import BrainPropError
@@ -1258,37 +1259,47 @@ def test_two_jobs_train_in_worker_processes_on_cpu(tmp_path, mnist_root, monkeyp
     assert all(m.machine.endswith(", 1 thread)") for m in measurements)
 
 
-_WORKER = """
+def _run_worker(tmp_path, train: str) -> subprocess.CompletedProcess:
+    """Run a ``reproduce --jobs`` worker of two runs whose training is ``train`` (a function's
+    body), its dataset not loaded; its stdout is the error it sent its parent (or None)."""
+    script = tmp_path / "worker.py"
+    script.write_text(f"""
 import logging, os, sys, warnings
 from multiprocessing import Pipe
 import brainprop.data
-from brainprop import experiments as ex
+from brainprop import experiments as ex, processes
 from brainprop.matrix import Cell, RunSpec
 
 # As torch does on import: a handler that holds the stderr of before the worker's start.
 logging.getLogger("early").addHandler(logging.StreamHandler(sys.stderr))
 
 def train(job, request, dataset, tagged=False):
-    print("a note", file=sys.stderr)
-    warnings.warn("a library's warning")
-    logging.getLogger("early").warning("a log record")
-    sys.stderr.buffer.write(b"")  # what a real stream has, the tagged one has too
-    raise RuntimeError("an error nobody caught")
+{textwrap.indent(textwrap.dedent(train), "    ")}
 
 brainprop.data.load_dataset = lambda name, root: None
 ex._train = train
 job = tuple(RunSpec(Cell("mnist", "dense"), "ebp", seed) for seed in (0, 1))
-_, send = Pipe(duplex=False)
-ex._worker(job, ex.Request(), None, send, os.getppid(), ())
-"""
+receive, send = Pipe(duplex=False)
+try:
+    ex._worker(job, ex.Request(), None, send, os.getppid(), ())
+finally:
+    print(processes.error_sent(receive))
+""")
+    return subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_everything_a_worker_writes_to_stderr_names_its_job(tmp_path):
     """Warnings, notes and the traceback of an error no one caught: a line from one of two
     workers sharing a terminal would otherwise not say whose it is."""
-    script = tmp_path / "worker.py"
-    script.write_text(_WORKER)
-    ran = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    ran = _run_worker(tmp_path, """
+        print("a note", file=sys.stderr)
+        warnings.warn("a library's warning")
+        logging.getLogger("early").warning("a log record")
+        sys.stderr.buffer.write(b"")  # what a real stream has, the tagged one has too
+        raise RuntimeError("an error nobody caught")
+    """)  # fmt: skip
     assert ran.returncode == 1
     lines = ran.stderr.splitlines()
     assert "mnist-dense-ebp-s0 (+1): a note" in lines
@@ -1296,6 +1307,30 @@ def test_everything_a_worker_writes_to_stderr_names_its_job(tmp_path):
     assert any("UserWarning: a library's warning" in line for line in lines), lines
     assert "mnist-dense-ebp-s0 (+1): RuntimeError: an error nobody caught" in lines
     assert all(line.startswith("mnist-dense-ebp-s0 (+1): ") for line in lines), lines
+    assert ran.stdout == "None\n"
+
+
+@pytest.mark.parametrize(
+    "error",
+    ['RuntimeError("[enforce fail at alloc_cpu.cpp:127] . DefaultCPUAllocator: can\'t allocate '
+     'memory: you tried to allocate 360000000 bytes")', "MemoryError()"],
+    ids=["cpu-allocator", "python"],
+)  # fmt: skip
+def test_a_worker_out_of_memory_sends_the_one_line_advice(tmp_path, error):
+    ran = _run_worker(tmp_path, f"raise {error}")
+    assert ran.returncode == 2 and ran.stderr == "", ran.stderr
+    assert ran.stdout.startswith("the device ran out of memory (")
+    assert ran.stdout.endswith(": lower the batch size, the seeds stacked (--stack) or the runs "
+                               "at once (--jobs), or free the device of other work\n")  # fmt: skip
+
+
+def test_a_workers_error_too_long_for_the_pipe_is_cut_and_the_worker_ends(tmp_path):
+    """Its parent reads the pipe only once it has ended: a longer message waited for good."""
+    ran = _run_worker(tmp_path, 'raise ex.BrainPropError("labels " + "7, " * 40_000)')
+    assert ran.returncode == 2 and ran.stderr == "", ran.stderr
+    sent = ran.stdout.removesuffix("\n")
+    assert sent.startswith("labels 7, 7, ") and sent.endswith(" bytes more]")
+    assert len(sent.encode()) <= processes.ERROR_BYTES
 
 
 def test_a_run_that_completes_beside_one_that_fails_is_recorded(tmp_path, mnist_root, monkeypatch):

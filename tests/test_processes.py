@@ -2,6 +2,7 @@
 SIGINT ignored from the start, from any thread."""
 
 import io
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -220,3 +221,25 @@ def test_a_worker_that_exits_hands_back_its_held_stop_and_is_not_killed():
     child.stdin.close()
     assert child.wait(timeout=60) == 0
     child.stdout.close()
+
+
+@pytest.mark.parametrize("text", ["a short error", "é" * 40_000], ids=["short", "long"])
+def test_an_error_is_sent_whole_or_cut_to_fit_an_unread_pipe(text):
+    """The parent reads the pipe only once the worker ended: a send must never wait for it."""
+    receive, send = multiprocessing.Pipe(duplex=False)
+    sender = threading.Thread(target=processes.send_error, args=(send, text), daemon=True)
+    sender.start()
+    sender.join(timeout=30)
+    try:
+        assert not sender.is_alive(), "the send waited for its reader"
+    finally:
+        sent = processes.error_sent(receive)
+    if len(text) < 100:
+        assert sent == text
+    else:
+        assert sent.startswith("ééé") and sent.endswith(" bytes more]")
+        assert len(sent.encode()) <= processes.ERROR_BYTES
+        kept = sent.removesuffix(" bytes more]").rsplit(" [... ", 1)
+        assert len(kept[0].encode()) + int(kept[1]) == len(text.encode())
+    send.close()
+    assert processes.error_sent(receive) is None

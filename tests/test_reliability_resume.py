@@ -376,6 +376,21 @@ def test_a_checkpoint_too_large_for_the_device_is_not_called_damaged(
         train(None, resume=tmp_path / "run", dataset=ds, progress=False)
 
 
+@pytest.mark.parametrize(
+    "error",
+    [torch.OutOfMemoryError("CUDA out of memory"),
+     RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes"),
+     MemoryError()],
+    ids=["cuda", "cpu-allocator", "python"],
+)  # fmt: skip
+def test_running_out_of_memory_restoring_an_entry_is_not_the_entrys_misfit(error) -> None:
+    with pytest.raises(type(error)) as raised, checkpoint.entry("its optimizer state"):
+        raise error
+    assert raised.value is error
+    with pytest.raises(ValueError, match="^its state: "), checkpoint.entry("its state"):
+        raise RuntimeError("size mismatch")
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_second_signal_quits_at_once_keeping_the_last_checkpoint(
     tmp_path: Path, ds, monkeypatch, signum: int

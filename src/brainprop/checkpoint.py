@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from .devices import ran_out_of_memory
 from .errors import BrainPropError, reason
 from .files import atomic_write
 
@@ -100,11 +101,8 @@ def load(path: str | Path) -> dict[str, Any]:
             f"cannot read {path} ({e.strerror or e}): the disk or network filesystem failed, "
             "not necessarily the file; check it and try again"
         ) from None
-    except MemoryError:
-        raise _no_memory(path) from None
     except Exception as e:
-        # torch's own allocator says so in a RuntimeError.
-        if "can't allocate memory" in str(e) or isinstance(e, torch.OutOfMemoryError):
+        if ran_out_of_memory(e):
             raise _no_memory(path) from None
         # torch names a refused object as "GLOBAL module.name" somewhere in a long message.
         refused = re.search(r"GLOBAL (\S+)", str(e))
@@ -164,11 +162,12 @@ def _finding(line: str) -> str:
 def entry(name: str) -> Iterator[None]:
     """Name the entry ``name`` (``"its optimizer state"``) in a ValueError for what goes wrong
     as it is read: torch and Python word a damaged one by their own objects ("'gauss'", "'str'
-    object has no attribute 'items'"), not by the checkpoint's. A ``torch.OutOfMemoryError``
-    passes unchanged: it is the device's lack, not the entry's fault."""
+    object has no attribute 'items'"), not by the checkpoint's. Running out of memory
+    (:func:`~brainprop.devices.ran_out_of_memory`) passes unchanged: it is the machine's lack,
+    not the entry's fault."""
     try:
         yield
-    except torch.OutOfMemoryError:
-        raise
     except MISFITS as e:
+        if ran_out_of_memory(e):
+            raise
         raise ValueError(f"{name}: {misfit(e)}") from e

@@ -635,9 +635,7 @@ COMMANDS = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import torch
-
-    from .devices import out_of_memory
+    from .devices import out_of_memory, ran_out_of_memory
     from .signals import Interrupted, OutputClosed
 
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -657,7 +655,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrainPropError as e:
         print(f"brainprop: error: {e}", file=sys.stderr)
         return 2
-    except torch.OutOfMemoryError as e:
+    except (MemoryError, RuntimeError) as e:
+        if not ran_out_of_memory(e):
+            raise
         print(f"brainprop: error: {out_of_memory(e)}", file=sys.stderr)
         return 2
     except PermissionError as e:

@@ -35,8 +35,18 @@ def device_problem(device: str) -> str | None:
     )
 
 
-def out_of_memory(e: torch.OutOfMemoryError) -> BrainPropError:
-    """The one-line error for a device that ran out of memory: too large a load, not a bug."""
+def ran_out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` says the machine ran out of memory: CUDA's ``torch.OutOfMemoryError``,
+    Python's ``MemoryError``, or the ``RuntimeError`` of torch's CPU allocator, which says so
+    only in its message."""
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(e, RuntimeError) and "can't allocate memory" in str(e)
+    )
+
+
+def out_of_memory(e: BaseException) -> BrainPropError:
+    """The one-line error for a device that ran out of memory (:func:`ran_out_of_memory`): too
+    large a load, not a bug."""
     said = str(e).strip().splitlines()
     return BrainPropError(
         f"the device ran out of memory ({said[0][:120] if said else 'no details'}): lower the "

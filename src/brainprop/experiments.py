@@ -855,7 +855,7 @@ def _worker(
     import torch
 
     from .data import load_dataset
-    from .devices import out_of_memory
+    from .devices import out_of_memory, ran_out_of_memory
 
     os.setpgrp()
     processes.die_with_parent(parent)
@@ -875,10 +875,12 @@ def _worker(
     except signals.Interrupted as e:
         status = e.exit_status
     except BrainPropError as e:
-        conn.send(str(e))
+        processes.send_error(conn, str(e))
         status = 2
-    except torch.OutOfMemoryError as e:
-        conn.send(str(out_of_memory(e)))
+    except (MemoryError, RuntimeError) as e:
+        if not ran_out_of_memory(e):
+            raise
+        processes.send_error(conn, str(out_of_memory(e)))
         status = 2
     conn.close()
     held = signals.end_holding()

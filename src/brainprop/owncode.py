@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .config import TrainConfig
+from .devices import ran_out_of_memory
 from .errors import BrainPropError, defined_in, raised, unwrapped
 from .feedback import PATHWAYS
 from .objectives import OBJECTIVES, Objective
@@ -108,9 +109,7 @@ def failure(own: list[OwnCode], e: Exception, when: str) -> str | None:
     The innermost frame in ``own``'s lines names the piece. An error raised while handling
     another (a CUDA graph's capture ended by the user's error) is the user's where the first
     is."""
-    if isinstance(e, (torch.OutOfMemoryError, MemoryError, BrokenPipeError)) or (
-        "can't allocate memory" in str(e)  # torch's CPU allocator says so in a RuntimeError
-    ):
+    if ran_out_of_memory(e) or isinstance(e, BrokenPipeError):
         return None
     seen: set[int] = set()
     error: BaseException | None = e

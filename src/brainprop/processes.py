@@ -113,6 +113,22 @@ def die_with_parent(parent: int) -> None:
         sys.exit(128 + signal.SIGTERM)
 
 
+#: The most bytes of its error's text a worker sends (:func:`send_error`).
+ERROR_BYTES = 2048
+
+
+def send_error(send: Connection, error: str) -> None:
+    """Send the parent ``error``, the one line that says why this worker failed, cut to
+    :data:`ERROR_BYTES`: the parent reads it only once the worker has ended, and a message
+    larger than the pipe holds (64 KiB; 4 KiB where a user is over Linux's
+    pipe-user-pages-soft) would wait for that reader for good, and the worker never end."""
+    data = error.encode()
+    if len(data) > ERROR_BYTES:
+        keep = ERROR_BYTES - 64  # room for the note of the cut
+        error = f"{data[:keep].decode(errors='ignore')} [... {len(data) - keep} bytes more]"
+    send.send(error)
+
+
 def error_sent(receive: Connection) -> str | None:
     """The error a worker sent before exiting, if any (end of file: it sent none)."""
     try:
