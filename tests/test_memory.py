@@ -6,6 +6,7 @@ import resource
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from brainprop import memory
@@ -27,3 +28,16 @@ def test_the_hosts_available_and_total_memory_are_read_from_proc_or_unknown(monk
         assert 2**20 < memory.available(cpu) <= memory.host_total()
     monkeypatch.setattr(memory, "Path", lambda _: tmp_path / "no-proc")
     assert memory.available(cpu) is None and memory.host_total() is None
+
+
+def test_a_reset_restarts_the_hosts_peak():
+    """bench's peak per rule and the history's per epoch must not carry an earlier high."""
+    cpu = torch.device("cpu")
+    big = torch.ones(256 * 2**20 // 4)  # written, so resident
+    high = memory.host_rss()
+    del big
+    if not memory.reset_peak(cpu):
+        pytest.skip("this kernel does not let a process reset its peak (VmHWM)")
+    after, what = memory.peak(cpu, True)
+    assert after < high - 128 * 2**20, (after, high)
+    assert what == "peak RSS of the process since the reset (VmHWM)"

@@ -32,7 +32,9 @@ def held(folder: Path, busy: str) -> Iterator[None]:
     The lock is a ``flock`` on the folder itself, so it adds no file, and dies with its process
     however that ends. ``flock`` locks belong to one open file, so a second hold in the same
     process is refused too. Where ``fcntl`` has no locks (Windows) nothing is held; where the
-    filesystem has none (some network mounts), nothing is held and a warning says so.
+    filesystem has none (some network mounts), nothing is held and a warning says so. An NFS
+    mount with ``local_lock=flock`` gives locks that hold on one host only, and nothing here
+    can tell: two hosts may then both hold a folder.
     """
     fd = _lockable(folder)
     try:
