@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from data_fixtures import write_idx_dataset
+from memory_errors import OUT_OF_MEMORY
 
 import brainprop
 from brainprop import checkpoint, cli
@@ -166,18 +166,10 @@ def test_report_only_refuses_the_run_options_it_would_ignore(tmp_path, capsys):
     assert main(report_only) == 0 and (tmp_path / "results.md").exists()
 
 
-@pytest.mark.parametrize(
-    ("error", "said"),
-    [(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore"),
-      "CUDA out of memory. Tried to allocate 2.00 GiB"),
-     (RuntimeError("[enforce fail at alloc_cpu.cpp:127] . DefaultCPUAllocator: can't allocate "
-                   "memory: you tried to allocate 360000000 bytes"),
-      "[enforce fail at alloc_cpu.cpp:127] . DefaultCPUAllocator: can't allocate memory: you "
-      "tried to allocate 360000000 bytes"),
-     (MemoryError(), "no details")],
-    ids=["cuda", "cpu-allocator", "python"],
-)  # fmt: skip
-def test_running_out_of_memory_is_one_line_and_status_2(monkeypatch, capsys, error, said):
+@OUT_OF_MEMORY
+def test_running_out_of_memory_is_one_line_and_status_2(monkeypatch, capsys, out_of_memory):
+    error = out_of_memory()
+
     def too_big(_args):
         raise error
 
@@ -185,6 +177,7 @@ def test_running_out_of_memory_is_one_line_and_status_2(monkeypatch, capsys, err
     assert main(["bench"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
+    said = str(error).splitlines()[0] if str(error) else "no details"
     assert f"ran out of memory ({said}): lower" in err
 
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from conftest import make_tiny_dataset
 from data_fixtures import REPO
+from memory_errors import OUT_OF_MEMORY
 from torch import nn
 from torch.utils.checkpoint import checkpoint_sequential
 
@@ -703,19 +704,22 @@ def test_a_pathway_whose_make_fails_is_one_line_naming_its_line(monkeypatch):
     assert [type(m) for m in model] == [nn.Linear, nn.Linear] and len(model.state_dict()) == 4
 
 
+@OUT_OF_MEMORY
 def test_a_pathway_whose_make_runs_out_of_memory_is_left_to_the_out_of_memory_advice(
-    monkeypatch,
+    monkeypatch, out_of_memory
 ):
-    """The CLI and reproduce turn running out of device memory into their own advice (a
-    smaller batch, fewer jobs), so it is not one's own code's failure."""
+    """The CLI and reproduce turn running out of memory into their own advice (a smaller
+    batch, fewer jobs), so it is not one's own code's failure."""
+    error = out_of_memory()
 
     def make(layer, std, generator):
-        raise torch.OutOfMemoryError("CUDA out of memory")
+        raise error
 
     monkeypatch.setitem(PATHWAYS, "greedy", Pathway(make=make))
     model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
-    with pytest.raises(torch.OutOfMemoryError):
+    with pytest.raises(type(error)) as raised:
         convert(model, "greedy")
+    assert raised.value is error
     assert [type(m) for m in model] == [nn.Linear, nn.Linear]
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_tiny_dataset
+from memory_errors import OUT_OF_MEMORY
 from torch import nn
 
 from brainprop import TrainConfig, train
@@ -284,6 +285,21 @@ def test_a_network_of_ones_own_that_fails_as_it_is_built_is_one_line_naming_its_
     with pytest.raises(BrainPropError, match=said):
         train(config, dataset=make_tiny_dataset(), progress=False)
     assert not list(tmp_path.iterdir())
+
+
+@OUT_OF_MEMORY
+def test_a_network_of_ones_own_that_runs_out_of_memory_is_left_to_the_advice(
+    monkeypatch, out_of_memory
+):
+    error = out_of_memory()
+
+    def too_big(net, num_classes, dropout):
+        raise error
+
+    monkeypatch.setitem(ARCHITECTURES, "too-big", (too_big, 0))
+    with pytest.raises(type(error)) as raised:
+        build_model("too-big", (1, 8, 8), 3)
+    assert raised.value is error
 
 
 def test_the_published_table_is_read_only():

@@ -24,6 +24,7 @@ import pytest
 import torch
 from conftest import make_tiny_dataset
 from data_fixtures import write_idx_dataset
+from memory_errors import OUT_OF_MEMORY
 from reliability_helpers import (
     STEPS_PER_EPOCH,
     assert_same_run,
@@ -376,14 +377,9 @@ def test_a_checkpoint_too_large_for_the_device_is_not_called_damaged(
         train(None, resume=tmp_path / "run", dataset=ds, progress=False)
 
 
-@pytest.mark.parametrize(
-    "error",
-    [torch.OutOfMemoryError("CUDA out of memory"),
-     RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes"),
-     MemoryError()],
-    ids=["cuda", "cpu-allocator", "python"],
-)  # fmt: skip
-def test_running_out_of_memory_restoring_an_entry_is_not_the_entrys_misfit(error) -> None:
+@OUT_OF_MEMORY
+def test_running_out_of_memory_restoring_an_entry_is_not_the_entrys_misfit(out_of_memory) -> None:
+    error = out_of_memory()
     with pytest.raises(type(error)) as raised, checkpoint.entry("its optimizer state"):
         raise error
     assert raised.value is error

@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import make_tiny_dataset
 from data_fixtures import REPO
+from memory_errors import OUT_OF_MEMORY
 from own_rules import FailsLater, SquaredError
 from reliability_helpers import recorded_outputs
 
@@ -143,6 +144,22 @@ def test_a_rule_of_ones_own_that_fails_or_returns_no_output_is_one_line_before_t
     with pytest.raises(BrainPropError, match="^rule 'broken' " + said):
         train(_config(tmp_path, rule="broken"), dataset=tiny_dataset, progress=False)
     assert not (tmp_path / "run").exists()
+
+
+@OUT_OF_MEMORY
+def test_a_rule_of_ones_own_that_runs_out_of_memory_is_left_to_the_advice(
+    tmp_path, tiny_dataset, monkeypatch, out_of_memory
+):
+    error = out_of_memory()
+
+    def rule(q, y, generator=None):
+        raise error
+
+    rule.sums_over_nominal_batch = False
+    monkeypatch.setitem(OBJECTIVES, "greedy", lambda epsilon, fused: rule)
+    with pytest.raises(type(error)) as raised:
+        train(_config(tmp_path, rule="greedy"), dataset=tiny_dataset, progress=False)
+    assert raised.value is error
 
 
 class _NoGenerator(SquaredError):

@@ -59,6 +59,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from . import plugins
+from .devices import ran_out_of_memory
 from .errors import BrainPropError, UnknownName, defined_in, kind_of, raised
 from .layers import Conv2dSame, LocallyConnected2d
 from .registry import Registry
@@ -779,7 +780,7 @@ def _made_feedback_weights(
         try:
             b = pathway.make(m, _scale(m), generator)
         except Exception as e:
-            if feedback in PATHWAYS.builtin or isinstance(e, torch.OutOfMemoryError):
+            if feedback in PATHWAYS.builtin or ran_out_of_memory(e):
                 raise
             # One's own code: one line naming its line, as a dataset's loader that fails.
             failed = raised(e, defined_in(pathway.make), pathway.make)

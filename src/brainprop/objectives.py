@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from . import fusedhead, rng
+from .devices import ran_out_of_memory
 from .errors import BrainPropError, defined_in, kind_of, raised
 from .registry import Registry
 
@@ -457,9 +458,9 @@ def check_rule(rule: str, objective: Objective, classes: int, device: torch.devi
             problem = _output_problem(out, rows)
             if problem is None:
                 out.loss.backward()
-        except torch.OutOfMemoryError:
-            raise  # the device's limit, which the caller words, not the rule's fault
         except Exception as e:
+            if ran_out_of_memory(e):
+                raise  # the machine's limit, which the caller words, not the rule's fault
             raise BrainPropError(
                 f"rule {rule!r} failed on a test batch of {rows} Q-values and labels: "
                 f"{raised(e, defined_in(objective), objective)}"

@@ -29,6 +29,7 @@ from torch import nn
 from .data.catalog import FAMILIES
 from .data.dataset import looks_channels_last
 from .data.registry import DATASETS, dataset_family
+from .devices import ran_out_of_memory
 from .errors import BrainPropError, defined_in, kind_of, raised
 from .fieldtypes import check_fields, make_plain
 from .layers import Conv2dSame, LocallyConnected2d
@@ -426,11 +427,10 @@ def build_model(
     stack = LayerStack(input_shape)
     try:
         builder(stack, num_classes, hp.dropout)
-    except (BrainPropError, torch.OutOfMemoryError):
-        raise  # a LayerStack's refusal, already one line; the device's limit
     except Exception as e:
-        if arch in ARCHITECTURES.builtin:
-            raise  # the library's bug
+        # A LayerStack's refusal, already one line; the machine's limit; the library's bug.
+        if isinstance(e, BrainPropError) or ran_out_of_memory(e) or arch in ARCHITECTURES.builtin:
+            raise
         # One's own code: one line naming its line, as a rule that fails on its test batch.
         raise BrainPropError(
             f"network {arch!r} failed as it was built for inputs {tuple(input_shape)}: "
