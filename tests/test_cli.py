@@ -6,13 +6,15 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from data_fixtures import write_idx_dataset
-from memory_errors import OUT_OF_MEMORY
+from memory_errors import ENFORCED, OUT_OF_MEMORY
 
 import brainprop
 from brainprop import checkpoint, cli
 from brainprop.cli import OFF_CONFIG_OPTIONS, build_parser, main
 from brainprop.config import TrainConfig
+from brainprop.devices import MEMORY_DETAIL_CHARS, out_of_memory
 
 
 @pytest.fixture
@@ -177,8 +179,16 @@ def test_running_out_of_memory_is_one_line_and_status_2(monkeypatch, capsys, out
     assert main(["bench"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
-    said = str(error).splitlines()[0] if str(error) else "no details"
+    said = str(error).removeprefix(ENFORCED).splitlines()[0] if str(error) else "no details"
     assert f"ran out of memory ({said}): lower" in err
+
+
+def test_a_long_out_of_memory_message_is_cut_at_a_word():
+    message = "CUDA out of memory. " + "1.25 GiB " * 40
+    said = str(out_of_memory(torch.OutOfMemoryError(message)))
+    detail = said[said.index("(") + 1 : said.index("): lower")]
+    assert detail.endswith(" ...") and message.startswith(detail.removesuffix(" ...") + " ")
+    assert MEMORY_DETAIL_CHARS - 10 < len(detail) <= MEMORY_DETAIL_CHARS + 4
 
 
 def test_another_runtime_error_is_a_bug_with_its_traceback(monkeypatch):

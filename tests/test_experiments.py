@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from data_fixtures import write_cifar100, write_idx_dataset, write_tiny_imagenet
 from measurement_fixtures import write_measurement
+from memory_errors import CPU_ALLOCATOR, ENFORCED
 from own_rules import FailsLater, SquaredError
 
 from brainprop import EBP, OBJECTIVES, matrix, processes, report, rundir, signals
@@ -1311,17 +1312,18 @@ def test_everything_a_worker_writes_to_stderr_names_its_job(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "error",
-    ['RuntimeError("[enforce fail at alloc_cpu.cpp:127] . DefaultCPUAllocator: can\'t allocate '
-     'memory: you tried to allocate 360000000 bytes")', "MemoryError()"],
+    ("error", "said"),
+    [(f"RuntimeError({ENFORCED + CPU_ALLOCATOR!r})", CPU_ALLOCATOR),
+     ("MemoryError()", "no details")],
     ids=["cpu-allocator", "python"],
 )  # fmt: skip
-def test_a_worker_out_of_memory_sends_the_one_line_advice(tmp_path, error):
+def test_a_worker_out_of_memory_sends_the_one_line_advice(tmp_path, error, said):
     ran = _run_worker(tmp_path, f"raise {error}")
     assert ran.returncode == 2 and ran.stderr == "", ran.stderr
-    assert ran.stdout.startswith("the device ran out of memory (")
-    assert ran.stdout.endswith(": lower the batch size, the seeds stacked (--stack) or the runs "
-                               "at once (--jobs), or free the device of other work\n")  # fmt: skip
+    assert ran.stdout == (
+        f"the device ran out of memory ({said}): lower the batch size, the seeds stacked "
+        "(--stack) or the runs at once (--jobs), or free the device of other work\n"
+    )
 
 
 def test_a_workers_error_too_long_for_the_pipe_is_cut_and_the_worker_ends(tmp_path):

@@ -361,20 +361,23 @@ def test_a_signal_stops_a_loop_of_runs_that_skips_failed_ones(tmp_path: Path, ds
     assert skipped == []
 
 
-def test_a_checkpoint_too_large_for_the_device_is_not_called_damaged(
-    tmp_path: Path, ds, monkeypatch
+@OUT_OF_MEMORY
+def test_a_checkpoint_too_large_for_the_machine_is_not_called_damaged(
+    tmp_path: Path, ds, monkeypatch, out_of_memory
 ) -> None:
     inject(monkeypatch, {step(1, 5): _raise(signal.SIGINT)})
     with pytest.raises(Interrupted):
         train(tiny_config(tmp_path), dataset=ds, progress=False)
     monkeypatch.undo()
+    error = out_of_memory()
 
     def full(self, state):
-        raise torch.OutOfMemoryError("CUDA out of memory")
+        raise error
 
     monkeypatch.setattr(Trainer, "load_state", full)
-    with pytest.raises(torch.OutOfMemoryError):  # which the CLI reports as such, in one line
+    with pytest.raises(type(error)) as raised:  # which the CLI reports as such, in one line
         train(None, resume=tmp_path / "run", dataset=ds, progress=False)
+    assert raised.value is error
 
 
 @OUT_OF_MEMORY

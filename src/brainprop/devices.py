@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import sys
 
 import torch
@@ -44,14 +45,22 @@ def ran_out_of_memory(e: BaseException) -> bool:
     )
 
 
+#: What of an out-of-memory message :func:`out_of_memory` shows, cut at a word.
+MEMORY_DETAIL_CHARS = 160
+
+
 def out_of_memory(e: BaseException) -> BrainPropError:
     """The one-line error for a device that ran out of memory (:func:`ran_out_of_memory`): too
-    large a load, not a bug."""
-    said = str(e).strip().splitlines()
+    large a load, not a bug. It shows the first line of ``e``'s message, less the source line
+    torch's CPU allocator puts first, so that the size asked for (a shape gone wrong asks for
+    an absurd one) shows whole."""
+    lines = str(e).strip().splitlines()
+    said = re.sub(r"^\[enforce fail at [^\]]*\]\s*(err == 0\.\s*)?", "", lines[0]) if lines else ""
+    if len(said) > MEMORY_DETAIL_CHARS:
+        said = said[:MEMORY_DETAIL_CHARS].rsplit(" ", 1)[0] + " ..."
     return BrainPropError(
-        f"the device ran out of memory ({said[0][:120] if said else 'no details'}): lower the "
-        "batch size, the seeds stacked (--stack) or the runs at once (--jobs), or free the "
-        "device of other work"
+        f"the device ran out of memory ({said or 'no details'}): lower the batch size, the "
+        "seeds stacked (--stack) or the runs at once (--jobs), or free the device of other work"
     )
 
 

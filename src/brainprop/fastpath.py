@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from . import distributed, fusedhead
+from .devices import ran_out_of_memory
 from .errors import BrainPropError, reason
 from .feedback import layer_mode
 from .objectives import BrainProp, Objective, Output
@@ -276,7 +277,7 @@ class GraphedStep:
             # brainprop's refusals say what is wrong in their own words, and running out of
             # memory, the likeliest failure of a capture, is the device's limit, which the
             # caller words (fewer --jobs).
-            if failed and isinstance(failed[0], BrainPropError | torch.OutOfMemoryError):
+            if failed and (isinstance(failed[0], BrainPropError) or ran_out_of_memory(failed[0])):
                 raise failed[0] from None
             raise _capture_failed(failed[0] if failed else e) from e
         self.graph, self.captured_lrs = graph, lrs

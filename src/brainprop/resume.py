@@ -17,7 +17,7 @@ import torch
 from . import checkpoint, files, rundir
 from .config import TrainConfig
 from .data import Dataset
-from .devices import device_problem
+from .devices import device_problem, ran_out_of_memory
 from .errors import BrainPropError, UnknownName, reason
 from .evaluation import all_finite
 from .provenance import check_same_data, check_trained_on, declares_sizes
@@ -276,9 +276,9 @@ def restore(
         )
     try:
         trainer.load_state(state)
-    except torch.OutOfMemoryError:
-        raise  # too large for the device, which is no fault of the checkpoint's
     except checkpoint.MISFITS as e:
+        if ran_out_of_memory(e):
+            raise  # too large for the machine, which is no fault of the checkpoint's
         raise BrainPropError(
             f"{last} does not fit its run ({checkpoint.misfit(e)}): the checkpoint is "
             "damaged or from another version; start a new run"
