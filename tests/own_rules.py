@@ -1,9 +1,15 @@
 """Rules of a user's own, as the tests register them in ``OBJECTIVES``: in a file of their
 own, as a plugin's would be, so that the messages naming their lines name this file."""
 
+import functools
+import typing
+
 import torch
 
 from brainprop.objectives import Output
+from brainprop.presets import ARCHITECTURES
+
+T = typing.TypeVar("T")
 
 
 class SquaredError:
@@ -81,3 +87,14 @@ def inheriting_net(net, num_classes, dropout):
     net.flatten()
     net.add(DoublingByItsBase())
     net.dense(num_classes, relu=False)
+
+
+@functools.wraps(ARCHITECTURES["dense"][0])
+def wrapped_dense(net, num_classes, dropout):
+    """The library's dense network under a wrapper of one's own, which asks what it lacks."""
+    net.flatten()
+    net.dense(num_classes, relu=False, bogus=1)
+
+
+class TypedRule(FailsLater, typing.Generic[T]):
+    """FailsLater with bases from the standard library, whose code is nobody's own."""

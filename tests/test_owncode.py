@@ -2,7 +2,9 @@
 failed, and which errors are never the user's to fix."""
 
 import functools
+from pathlib import Path
 
+import own_rules
 import pytest
 import torch
 from own_rules import (
@@ -10,12 +12,15 @@ from own_rules import (
     DoublingByItsBase,
     FailsLater,
     KeepsAFunction,
+    TypedRule,
     doubling_net,
     fails_decorated,
     inheriting_net,
+    wrapped_dense,
 )
 
 from brainprop import ARCHITECTURES, OBJECTIVES, PATHWAYS, BrainProp, Pathway, TrainConfig, owncode
+from brainprop.errors import BrainPropError
 from brainprop.presets import build_model
 
 
@@ -145,3 +150,20 @@ def test_a_decorated_rule_and_one_that_holds_a_function_are_ones_own(monkeypatch
     assert owncode.failure(own, error, "in epoch 2").startswith(
         "rule 'mine' failed in epoch 2: ZeroDivisionError: division by zero ("
     )
+
+
+def test_a_wrapper_of_ones_own_around_the_librarys_code_names_its_own_line(monkeypatch):
+    """Unwrapped as far as the library's function it wraps, the error named the library's line
+    that called it."""
+    monkeypatch.setitem(ARCHITECTURES, "wrapped", (wrapped_dense, 0))
+    source = Path(own_rules.__file__).read_text().splitlines()
+    line = next(n for n, text in enumerate(source, 1) if "bogus=1" in text)
+    with pytest.raises(BrainPropError, match=rf"TypeError: .+ \(.+own_rules\.py:{line}\)$"):
+        build_model("wrapped", (1, 4, 4), 3)
+
+
+def test_a_rules_bases_from_the_standard_library_are_not_ones_own(monkeypatch):
+    monkeypatch.setitem(OBJECTIVES, "typed", lambda epsilon, fused: TypedRule(at=1))
+    model = build_model("dense", (1, 4, 4), 3, generator=torch.Generator().manual_seed(0))
+    own = owncode.of_run(TrainConfig(rule="typed"), TypedRule(at=1), model)
+    assert {piece.path.name for piece in own} == {"own_rules.py"} and len(own) == 3

@@ -9,10 +9,12 @@ The CLI prints that line and exits with status 2; any other exception is a bug.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import inspect
 import os
 import re
 import shlex
+import sysconfig
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -89,12 +91,55 @@ def described(exc: Exception) -> str:
     )
 
 
+#: Where the code lies that one's own code runs on, brainprop's and torch's (found without
+#: importing torch, which the CLI imports only where a command needs it), and the standard
+#: library (less the packages installed beside it, /usr/lib/python3.X/site-packages on some
+#: systems, which are one's own as much as any).
+LIBRARIES = (
+    Path(__file__).resolve().parent,
+    Path(str(importlib.util.find_spec("torch").origin)).resolve().parent,
+)
+_STDLIB = Path(sysconfig.get_paths()["stdlib"]).resolve()
+
+
+def in_library(path: Path) -> bool:
+    """Whether the file ``path`` (resolved) is the library's: brainprop's, torch's or Python's
+    own (:data:`LIBRARIES`)."""
+    if any(path.is_relative_to(library) for library in LIBRARIES):
+        return True
+    installed = {"site-packages", "dist-packages"} & set(path.parts)
+    return path.is_relative_to(_STDLIB) and not installed
+
+
+def _librarys(code: object) -> bool:
+    """Whether ``code`` (a function, a class) is the library's, or has no file (built in)."""
+    try:
+        source = inspect.getsourcefile(code)  # type: ignore[arg-type]
+    except TypeError:
+        return True
+    return source is None or in_library(Path(source).resolve())
+
+
 def unwrapped(code: Callable[..., object]) -> Callable[..., object]:
-    """One's own ``code`` past what wraps it: a ``partial``'s function, a decorated function
-    (``@torch.no_grad()``, ``functools.wraps``) itself, whose file and lines are the user's."""
+    """One's own ``code`` past what wraps it: a ``partial``'s function, and a function under a
+    library's decorator (``@torch.no_grad()``, ``functools.lru_cache``), whose file and lines
+    are the user's. A wrapper of one's own (``functools.wraps``) is one's own code, though it
+    wraps the library's: unwrapped, its error would name the library's line."""
     while isinstance(code, functools.partial):
         code = code.func
-    return inspect.unwrap(code)
+    return inspect.unwrap(code, stop=lambda f: not _librarys(f))
+
+
+def source_lines(code: object) -> range | None:
+    """The lines of its file that ``code`` (a function, a method or a class) spans, decorators
+    included; None where its source cannot be read. Unlike ``inspect.getsourcelines``, a
+    function's own lines, not those of what it wraps (:func:`unwrapped`)."""
+    code = getattr(code, "__func__", code)  # a bound method
+    try:
+        lines, first = inspect.getsourcelines(getattr(code, "__code__", code))
+    except (OSError, TypeError):
+        return None
+    return range(max(first, 1), max(first, 1) + len(lines))
 
 
 def defined_in(code: Callable[..., object]) -> Path | None:
@@ -119,10 +164,9 @@ def definition(code: Callable[..., object]) -> str | None:
         return None
     code = unwrapped(code)
     for defines in (code, type(code)):
-        try:
-            return f"{path}:{inspect.getsourcelines(defines)[1]}"
-        except (TypeError, OSError):  # a callable object (then its class), or no source
-            continue
+        lines = source_lines(defines)  # a callable object's own has none: then its class's
+        if lines is not None:
+            return f"{path}:{lines.start}"
     return None
 
 

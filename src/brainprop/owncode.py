@@ -18,20 +18,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from .config import TrainConfig
 from .devices import ran_out_of_memory
-from .errors import BrainPropError, defined_in, raised, unwrapped
+from .errors import BrainPropError, defined_in, in_library, raised, source_lines, unwrapped
 from .feedback import PATHWAYS
 from .objectives import OBJECTIVES, Objective
 from .presets import ARCHITECTURES
-
-#: Where the code lies that a user's code runs on: an error raised in it, with none of the
-#: user's frames on the way, is the library's (a rule registered as ``BrainProp(0.2)`` is the
-#: library's code under a name of one's own).
-LIBRARIES = (Path(__file__).resolve().parent, Path(torch.__file__).resolve().parent)
 
 
 class OwnCodeFailed(BrainPropError):
@@ -57,7 +51,9 @@ class OwnCode:
 def of_run(config: TrainConfig, objective: Objective, model: nn.Module) -> list[OwnCode]:
     """The own code a run of ``config`` runs: its rule (``objective``), its pathway's
     ``read``, its network's builder and the classes of ``model``'s modules, where they are not
-    the library's or torch's."""
+    the library's (:func:`~brainprop.errors.in_library`: an error raised in it, with none of
+    the user's frames on the way, is the library's, and a rule registered as ``BrainProp(0.2)``
+    is the library's code under a name of one's own)."""
     pieces: list[tuple[str, Callable[..., object]]] = []
     if config.rule not in OBJECTIVES.builtin:
         pieces.append((f"rule {config.rule!r}", objective))
@@ -72,9 +68,9 @@ def of_run(config: TrainConfig, objective: Objective, model: nn.Module) -> list[
     for what, code in pieces:
         for source in _sources(code):
             path = defined_in(source)
-            if path is None or any(path.is_relative_to(library) for library in LIBRARIES):
+            if path is None or in_library(path):
                 continue
-            piece = OwnCode(what, path, _lines(source))
+            piece = OwnCode(what, path, source_lines(source) or range(1, 2**31))
             if piece not in own:
                 own.append(piece)
     return own
@@ -88,16 +84,6 @@ def _sources(code: Callable[..., object]) -> list[Callable[..., object]]:
     if inspect.isfunction(code) or inspect.ismethod(code):
         return [code]
     return list((code if isinstance(code, type) else type(code)).__mro__)
-
-
-def _lines(source: Callable[..., object]) -> range:
-    """The lines of its file that ``source`` (a function or class) spans; the whole file
-    where its source cannot be found."""
-    try:
-        lines, first = inspect.getsourcelines(source)
-    except (OSError, TypeError):
-        return range(1, 2**31)
-    return range(max(first, 1), max(first, 1) + len(lines))
 
 
 def failure(own: list[OwnCode], e: Exception, when: str) -> str | None:
