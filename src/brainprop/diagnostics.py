@@ -75,7 +75,8 @@ def update_alignment(
     A layer whose weights get no gradient (frozen, or not used by the forward) gets NaN.
 
     An all-symmetric model's update is the exact gradient by definition: its angles are 0 (NaN
-    for a frozen layer) without the two passes, which every epoch of a paper run would pay for.
+    for a frozen layer; 0 for a layer the forward skips, which only the passes could tell)
+    without the two passes, which every epoch of a paper run would pay for.
     """
     layers = _layers(model)
     if all(layer_mode(m) == "symmetric" for _, m in layers):

@@ -124,8 +124,8 @@ def send_error(send: Connection, error: str) -> None:
     pipe-user-pages-soft) would wait for that reader for good, and the worker never end."""
     data = error.encode()
     if len(data) > ERROR_BYTES:
-        keep = ERROR_BYTES - 64  # room for the note of the cut
-        error = f"{data[:keep].decode(errors='ignore')} [... {len(data) - keep} bytes more]"
+        head = data[: ERROR_BYTES - 64].decode(errors="ignore")  # room for the note of the cut
+        error = f"{head} [... {len(data) - len(head.encode())} bytes more]"
     send.send(error)
 
 

@@ -160,18 +160,11 @@ def stop_on_signals(
     def handler(signum: int) -> Callable[[int, object], None]:
         return handle if signum in SIGNALS else relayed
 
-    previous: dict[int, Any] = {}
-    try:
-        # Inside the try: a signal that lands between two installs finds the first restored.
-        for s in _watched():
-            previous[s] = signal.signal(s, handler(s))
+    with _handled(handler):
         held = _take_held()
         if held is not None:
             handler(held)(held, None)
         yield stop
-    finally:
-        for s, old in previous.items():
-            signal.signal(s, old)
 
 
 @contextlib.contextmanager
@@ -189,13 +182,22 @@ def quit_on_signals(what: str) -> Iterator[None]:
     def stopped(signum: int, _frame: object) -> NoReturn:
         raise Interrupted(f"stopped by {signal.Signals(signum).name} {what}", signum)
 
-    previous: dict[int, Any] = {}
-    try:
-        for s in _watched():
-            previous[s] = signal.signal(s, stopped)
+    with _handled(lambda _signum: stopped):
         held = _take_held()
         if held is not None:
             stopped(held, None)
+        yield
+
+
+@contextlib.contextmanager
+def _handled(handler: Callable[[int], Callable[[int, object], Any]]) -> Iterator[None]:
+    """Within the block, each signal of :func:`_watched` goes to ``handler(signum)``; the
+    previous handlers come back after it. Installed inside the ``try``: a signal whose handler
+    raises between two installs leaves none of them behind."""
+    previous: dict[int, Any] = {}
+    try:
+        for s in _watched():
+            previous[s] = signal.signal(s, handler(s))
         yield
     finally:
         for s, old in previous.items():
