@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 from data_fixtures import write_idx_dataset
-from memory_errors import ENFORCED, OUT_OF_MEMORY
+from memory_errors import CPU_ALLOCATOR, ENFORCED, OUT_OF_MEMORY
 
 import brainprop
 from brainprop import checkpoint, cli
@@ -181,6 +181,16 @@ def test_running_out_of_memory_is_one_line_and_status_2(monkeypatch, capsys, out
     assert err.count("\n") == 1 and "Traceback" not in err
     said = str(error).removeprefix(ENFORCED).splitlines()[0] if str(error) else "no details"
     assert f"ran out of memory ({said}): lower" in err
+
+
+@pytest.mark.parametrize(
+    "source_line",
+    [ENFORCED, "[enforce fail at CPUAllocator.cpp:68] . "],
+    ids=["torch-2.13", "earlier"],
+)
+def test_torchs_source_line_is_dropped_from_the_out_of_memory_line(source_line):
+    said = str(out_of_memory(RuntimeError(source_line + CPU_ALLOCATOR)))
+    assert said.startswith(f"the device ran out of memory ({CPU_ALLOCATOR}): lower")
 
 
 def test_a_long_out_of_memory_message_is_cut_at_a_word():

@@ -4,6 +4,7 @@ failed, and which errors are never the user's to fix."""
 import functools
 from pathlib import Path
 
+import own_decorators
 import own_rules
 import pytest
 import torch
@@ -13,14 +14,16 @@ from own_rules import (
     FailsLater,
     KeepsAFunction,
     TypedRule,
+    counted_net,
     doubling_net,
     fails_decorated,
     inheriting_net,
     wrapped_dense,
 )
+from torch import nn
 
 from brainprop import ARCHITECTURES, OBJECTIVES, PATHWAYS, BrainProp, Pathway, TrainConfig, owncode
-from brainprop.errors import BrainPropError
+from brainprop.errors import BrainPropError, definition
 from brainprop.presets import build_model
 
 
@@ -152,14 +155,39 @@ def test_a_decorated_rule_and_one_that_holds_a_function_are_ones_own(monkeypatch
     )
 
 
+def _line(module, text: str) -> int:
+    """The line of ``module``'s file that holds ``text``."""
+    source = Path(module.__file__).read_text().splitlines()
+    return next(n for n, line in enumerate(source, 1) if text in line)
+
+
 def test_a_wrapper_of_ones_own_around_the_librarys_code_names_its_own_line(monkeypatch):
     """Unwrapped as far as the library's function it wraps, the error named the library's line
     that called it."""
     monkeypatch.setitem(ARCHITECTURES, "wrapped", (wrapped_dense, 0))
-    source = Path(own_rules.__file__).read_text().splitlines()
-    line = next(n for n, text in enumerate(source, 1) if "bogus=1" in text)
+    line = _line(own_rules, "bogus=1")
     with pytest.raises(BrainPropError, match=rf"TypeError: .+ \(.+own_rules\.py:{line}\)$"):
         build_model("wrapped", (1, 4, 4), 3)
+
+
+def test_ones_own_decorator_from_another_file_and_what_it_decorates_are_both_ones_own(
+    monkeypatch,
+):
+    """Unwrapped only as far as one's own decorator, the error named its line that called the
+    function, not the line of the function that raised."""
+    monkeypatch.setitem(ARCHITECTURES, "counted", (counted_net, 0))
+    line = _line(own_rules, "unasked=1")
+    with pytest.raises(BrainPropError, match=rf"TypeError: .+ \(.+own_rules\.py:{line}\)$"):
+        build_model("counted", (1, 4, 4), 3)
+    assert definition(counted_net).endswith(f"own_rules.py:{line - 5}")  # its decorator's line
+    own = owncode.of_run(TrainConfig(arch="counted"), BrainProp(), nn.Sequential())
+    assert {piece.path.name for piece in own} == {"own_rules.py", "own_decorators.py"}
+    counted_net.fail_at = counted_net.calls + 1
+    error = _raised(lambda: counted_net(None, 3, ()))
+    assert owncode.failure(own, error, "in epoch 1") == (
+        "network 'counted' failed in epoch 1: RuntimeError: counted too many "
+        f"({own_decorators.__file__}:{_line(own_decorators, 'raise RuntimeError')})"
+    )
 
 
 def test_a_rules_bases_from_the_standard_library_are_not_ones_own(monkeypatch):

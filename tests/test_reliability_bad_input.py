@@ -27,6 +27,7 @@ from data_fixtures import (
     write_idx_dataset,
     write_tiny_imagenet,
 )
+from memory_errors import OUT_OF_MEMORY
 from reliability_helpers import one_thread, tiny_config
 
 from brainprop import (
@@ -34,6 +35,7 @@ from brainprop import (
     checkpoint,
     distributed,
     evaluate,
+    evaluation,
     files,
     load_model,
     train,
@@ -515,6 +517,21 @@ def test_a_checkpoint_with_a_weight_its_network_lacks_names_it(
         f'{path} does not match its own architecture (Unexpected key(s) in state_dict: "extra"): '
         "the checkpoint is damaged or from another version"
     )
+
+
+@OUT_OF_MEMORY
+def test_a_checkpoint_too_large_to_build_is_not_called_damaged(
+    run_dir: Path, monkeypatch, out_of_memory
+) -> None:
+    error = out_of_memory()
+
+    def full(*_args):
+        raise error
+
+    monkeypatch.setattr(evaluation, "_build", full)
+    with pytest.raises(type(error)) as raised:  # which the CLI reports as such, in one line
+        load_model(run_dir / "best.pt")
+    assert raised.value is error
 
 
 @pytest.mark.parametrize(

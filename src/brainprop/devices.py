@@ -55,7 +55,8 @@ def out_of_memory(e: BaseException) -> BrainPropError:
     torch's CPU allocator puts first, so that the size asked for (a shape gone wrong asks for
     an absurd one) shows whole."""
     lines = str(e).strip().splitlines()
-    said = re.sub(r"^\[enforce fail at [^\]]*\]\s*(err == 0\.\s*)?", "", lines[0]) if lines else ""
+    # torch 2.13 writes "[enforce fail at alloc_cpu.cpp:127] err == 0. ", earlier ones "... . "
+    said = re.sub(r"^\[enforce fail at [^\]]*\]\s*(err == 0)?\.?\s*", "", lines[0]) if lines else ""
     if len(said) > MEMORY_DETAIL_CHARS:
         said = said[:MEMORY_DETAIL_CHARS].rsplit(" ", 1)[0] + " ..."
     return BrainPropError(

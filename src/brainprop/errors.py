@@ -9,7 +9,6 @@ The CLI prints that line and exits with status 2; any other exception is a bug.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import inspect
 import os
 import re
@@ -18,6 +17,8 @@ import sysconfig
 import traceback
 from collections.abc import Callable
 from pathlib import Path
+
+import torch
 
 
 class BrainPropError(Exception):
@@ -91,49 +92,45 @@ def described(exc: Exception) -> str:
     )
 
 
-#: Where the code lies that one's own code runs on, brainprop's and torch's (found without
-#: importing torch, which the CLI imports only where a command needs it), and the standard
-#: library (less the packages installed beside it, /usr/lib/python3.X/site-packages on some
-#: systems, which are one's own as much as any).
-LIBRARIES = (
-    Path(__file__).resolve().parent,
-    Path(str(importlib.util.find_spec("torch").origin)).resolve().parent,
-)
+#: Where the code lies that one's own code runs on: brainprop's, torch's, and the standard
+#: library's (:func:`in_library`).
+LIBRARIES = (Path(__file__).resolve().parent, Path(torch.__file__).resolve().parent)
 _STDLIB = Path(sysconfig.get_paths()["stdlib"]).resolve()
 
 
 def in_library(path: Path) -> bool:
-    """Whether the file ``path`` (resolved) is the library's: brainprop's, torch's or Python's
-    own (:data:`LIBRARIES`)."""
+    """Whether the file ``path`` (resolved) is the library's: under :data:`LIBRARIES`, or
+    Python's own, less the packages installed beside it (/usr/lib/python3.X/site-packages on
+    some systems), which are one's own as much as any."""
     if any(path.is_relative_to(library) for library in LIBRARIES):
         return True
     installed = {"site-packages", "dist-packages"} & set(path.parts)
     return path.is_relative_to(_STDLIB) and not installed
 
 
-def _librarys(code: object) -> bool:
-    """Whether ``code`` (a function, a class) is the library's, or has no file (built in)."""
+def _defining(code: object) -> object:
+    """What holds ``code``'s source: a function, method or class itself; a callable object's
+    class."""
+    if inspect.isfunction(code) or inspect.ismethod(code) or isinstance(code, type):
+        return code
+    return type(code)
+
+
+def source_file(code: object) -> Path | None:
+    """The file that defines ``code`` itself (a callable object: its class), not what it wraps;
+    None for a built-in, or code typed into the interpreter (its "file" is ``<stdin>``)."""
     try:
-        source = inspect.getsourcefile(code)  # type: ignore[arg-type]
+        source = inspect.getsourcefile(_defining(code))  # type: ignore[arg-type]
     except TypeError:
-        return True
-    return source is None or in_library(Path(source).resolve())
-
-
-def unwrapped(code: Callable[..., object]) -> Callable[..., object]:
-    """One's own ``code`` past what wraps it: a ``partial``'s function, and a function under a
-    library's decorator (``@torch.no_grad()``, ``functools.lru_cache``), whose file and lines
-    are the user's. A wrapper of one's own (``functools.wraps``) is one's own code, though it
-    wraps the library's: unwrapped, its error would name the library's line."""
-    while isinstance(code, functools.partial):
-        code = code.func
-    return inspect.unwrap(code, stop=lambda f: not _librarys(f))
+        return None
+    return Path(source).resolve() if source and Path(source).is_file() else None
 
 
 def source_lines(code: object) -> range | None:
-    """The lines of its file that ``code`` (a function, a method or a class) spans, decorators
-    included; None where its source cannot be read. Unlike ``inspect.getsourcelines``, a
-    function's own lines, not those of what it wraps (:func:`unwrapped`)."""
+    """The lines of its file that ``code`` (a function, a method, a class; a callable object:
+    its class) spans, decorators included; None where its source cannot be read. Unlike
+    ``inspect.getsourcelines``, a function's own lines, not those of what it wraps."""
+    code = _defining(code)
     code = getattr(code, "__func__", code)  # a bound method
     try:
         lines, first = inspect.getsourcelines(getattr(code, "__code__", code))
@@ -142,32 +139,40 @@ def source_lines(code: object) -> range | None:
     return range(max(first, 1), max(first, 1) + len(lines))
 
 
+def wrapping(code: Callable[..., object]) -> list[Callable[..., object]]:
+    """``code`` and what it wraps, outermost first: a ``partial``'s function, and what each
+    decorator (``functools.wraps``' ``__wrapped__``) wraps."""
+    while isinstance(code, functools.partial):
+        code = code.func
+    chain = [code]
+    while hasattr(chain[-1], "__wrapped__") and chain[-1].__wrapped__ not in chain:
+        chain.append(chain[-1].__wrapped__)
+    return chain
+
+
+def unwrapped(code: Callable[..., object]) -> Callable[..., object]:
+    """One's own ``code`` past what wraps it: the innermost of :func:`wrapping` that is not the
+    library's (:func:`in_library`), where one's own lines are; the innermost where all are.
+    Past a library's decorator (``@torch.no_grad()``) to one's own function, past one's own
+    decorator to the function it decorates, but not past one's own wrapper of the library's
+    code (``functools.wraps(dense)``), whose error would name the library's line."""
+    chain = wrapping(code)
+    own = [f for f in chain if (path := source_file(f)) is not None and not in_library(path)]
+    return (own or chain)[-1]
+
+
 def defined_in(code: Callable[..., object]) -> Path | None:
     """The file that defines ``code``, one's own function or callable object (a ``partial``'s
     function, a decorated function, a callable object's class), if there is one: where
     :func:`raised` looks."""
-    code = unwrapped(code)
-    for defines in (code, type(code)):
-        try:
-            source = inspect.getsourcefile(defines)
-        except TypeError:  # a callable object (then its class is tried), or a built-in
-            continue
-        # Code typed into the interpreter has a "file" such as <stdin>, which is none.
-        return Path(source).resolve() if source and Path(source).is_file() else None
-    return None
+    return source_file(unwrapped(code))
 
 
 def definition(code: Callable[..., object]) -> str | None:
     """``file:line`` where one's own ``code`` (as :func:`defined_in` finds it) is defined."""
-    path = defined_in(code)
-    if path is None:
-        return None
     code = unwrapped(code)
-    for defines in (code, type(code)):
-        lines = source_lines(defines)  # a callable object's own has none: then its class's
-        if lines is not None:
-            return f"{path}:{lines.start}"
-    return None
+    path, lines = source_file(code), source_lines(code)
+    return f"{path}:{lines.start}" if path is not None and lines is not None else None
 
 
 def raised(e: Exception, path: Path | None, code: Callable[..., object] | None = None) -> str:

@@ -19,7 +19,7 @@ from . import checkpoint, fastpath, plugins, rundir
 from .config import TrainConfig
 from .data import Dataset, given_dataset, load_dataset
 from .data.batches import ordered_batches
-from .devices import autocast, device_name, resolve_device, warn_if_slow_bf16
+from .devices import autocast, device_name, ran_out_of_memory, resolve_device, warn_if_slow_bf16
 from .errors import BrainPropError, UnknownName, reason
 from .feedback import convert
 from .presets import Hyperparameters, build_model
@@ -95,6 +95,8 @@ def load_model(target: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, Any
             convert(model, config.feedback)
         model.load_state_dict(stored)
     except checkpoint.MISFITS as e:
+        if ran_out_of_memory(e):
+            raise  # too large for the machine, which is no fault of the checkpoint's
         raise BrainPropError(
             f"{path} does not match its own architecture ({checkpoint.misfit(e)}): the "
             "checkpoint is damaged or from another version"

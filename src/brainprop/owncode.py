@@ -22,7 +22,7 @@ from torch import nn
 
 from .config import TrainConfig
 from .devices import ran_out_of_memory
-from .errors import BrainPropError, defined_in, in_library, raised, source_lines, unwrapped
+from .errors import BrainPropError, in_library, raised, source_file, source_lines, wrapping
 from .feedback import PATHWAYS
 from .objectives import OBJECTIVES, Objective
 from .presets import ARCHITECTURES
@@ -67,23 +67,28 @@ def of_run(config: TrainConfig, objective: Objective, model: nn.Module) -> list[
     own: list[OwnCode] = []
     for what, code in pieces:
         for source in _sources(code):
-            path = defined_in(source)
+            path = source_file(source)
             if path is None or in_library(path):
                 continue
-            piece = OwnCode(what, path, source_lines(source) or range(1, 2**31))
+            lines = source_lines(source)
+            piece = OwnCode(what, path, range(1, 2**31) if lines is None else lines)
             if piece not in own:
                 own.append(piece)
     return own
 
 
 def _sources(code: Callable[..., object]) -> list[Callable[..., object]]:
-    """What holds the lines ``code`` runs: a function (unwrapped, :func:`unwrapped`) itself;
+    """What holds the lines ``code`` runs: each function of it and what it wraps
+    (:func:`~brainprop.errors.wrapping`: one's own decorator and the function it decorates);
     a class, or a callable object's class, with every class it inherits from, whose methods
     (those of one's own base class) it runs too."""
-    code = unwrapped(code)
-    if inspect.isfunction(code) or inspect.ismethod(code):
-        return [code]
-    return list((code if isinstance(code, type) else type(code)).__mro__)
+    sources: list[Callable[..., object]] = []
+    for part in wrapping(code):
+        if inspect.isfunction(part) or inspect.ismethod(part):
+            sources.append(part)
+        else:
+            sources.extend((part if isinstance(part, type) else type(part)).__mro__)
+    return sources
 
 
 def failure(own: list[OwnCode], e: Exception, when: str) -> str | None:
