@@ -145,8 +145,11 @@ def wrapping(code: Callable[..., object]) -> list[Callable[..., object]]:
     while isinstance(code, functools.partial):
         code = code.func
     chain = [code]
-    while hasattr(chain[-1], "__wrapped__") and chain[-1].__wrapped__ not in chain:
-        chain.append(chain[-1].__wrapped__)
+    while hasattr(chain[-1], "__wrapped__"):
+        inner = chain[-1].__wrapped__
+        if any(inner is seen for seen in chain):  # a wrapper that wraps itself, in the end
+            break
+        chain.append(inner)
     return chain
 
 
