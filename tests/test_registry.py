@@ -140,6 +140,24 @@ def test_the_librarys_own_entries_stay_as_they_are(label):
     assert list(registry) == list(registry.builtin) and registry[name] is kept
 
 
+@pytest.mark.parametrize("label", list(GOOD))
+def test_popitem_takes_ones_own_last_entry_and_leaves_the_librarys(label):
+    registry, good = GOOD[label]
+    registry["mine"] = good
+    registry["mine2"] = good
+    assert registry.popitem() == ("mine2", good) and registry.popitem() == ("mine", good)
+    with pytest.raises(KeyError, match="holds no entry of one's own to pop"):
+        registry.popitem()
+    assert list(registry) == list(registry.builtin)
+
+
+@pytest.mark.parametrize("name", [3, ["conv"], None])
+def test_a_name_that_is_no_text_is_unknown_in_one_line(name):
+    said = r"^architecture names are text, not .+: choose one of dense, "
+    with pytest.raises(UnknownName, match=said):
+        ARCHITECTURES.require(name)
+
+
 def test_a_copy_of_a_registry_is_its_own():
     copied = copy.copy(ARCHITECTURES)
     copied["mine"] = (_build, 0)
@@ -188,6 +206,9 @@ def test_a_name_differing_from_anothers_only_in_case_is_refused(label):
         with pytest.raises(BrainPropError, match=message):
             registry[name] = entry
     registry["mine"] = entry  # its own name: replaced
+    registry["ss"] = entry
+    with pytest.raises(BrainPropError, match=r"\['ß'\]: it differs from 'ss' only in case"):
+        registry["ß"] = entry
 
 
 def test_the_modes_that_are_no_pathway_are_no_names_for_one():

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from typing import TypeVar
 
 from . import plugins
-from .errors import BrainPropError, UnknownName
+from .errors import BrainPropError, UnknownName, kind_of
 
 V = TypeVar("V")
 
@@ -69,10 +69,11 @@ class Registry(MutableMapping[str, V]):
         if name in self._reserved:
             return f"{name!r} is {self._reserved[name]}"
         # Names become folder and file names: on a disk that ignores case (macOS, Windows) two
-        # that differ only in it would be one run directory and one measurement file.
+        # that differ only in it would be one run directory and one measurement file. Folded,
+        # not lowered: 'ß' is 'ss' to such a disk.
         twins = [
             n for n in (*self._entries, *self._reserved)
-            if n != name and n.lower() == name.lower()
+            if n != name and n.casefold() == name.casefold()
         ]  # fmt: skip
         if twins:
             return f"it differs from {twins[0]!r} only in case"
@@ -111,14 +112,29 @@ class Registry(MutableMapping[str, V]):
 
     def clear(self) -> None:
         """Remove one's own entries; the library's stay."""
-        for name in [n for n in self._entries if n not in self.builtin]:
+        for name in self._own():
             del self._entries[name]
+
+    def popitem(self) -> tuple[str, V]:
+        """Remove and return one's own entry made last; the library's stay (``KeyError`` where
+        there is none of one's own). A mapping's would try the first entry, the library's."""
+        own = self._own()
+        if not own:
+            raise KeyError(f"{self.label} holds no entry of one's own to pop")
+        return own[-1], self._entries.pop(own[-1])
 
     def require(self, name: str) -> None:
         """One-line :class:`UnknownName` unless ``name`` is registered."""
+        choices = f"choose one of {', '.join(self)}"
+        if not isinstance(name, str):
+            raise UnknownName(f"{self.kind} names are text, not {kind_of(name)}: {choices}")
         if name not in self._entries:
-            choices = f"choose one of {', '.join(self)}{plugins.unknown_name_hint(name, self)}"
-            raise UnknownName(f"unknown {self.kind} {name!r}: {choices}")
+            raise UnknownName(
+                f"unknown {self.kind} {name!r}: {choices}{plugins.unknown_name_hint(name, self)}"
+            )
+
+    def _own(self) -> list[str]:
+        return [n for n in self._entries if n not in self.builtin]
 
     def _refuse_builtin(self, name: str) -> None:
         if name in self.builtin:
