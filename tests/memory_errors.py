@@ -12,13 +12,14 @@ CPU_ALLOCATOR = (
     "code 12 (Cannot allocate memory)"
 )
 
+#: Makers of each error, for a test that tries them all in one.
+MAKERS = [
+    lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore"),
+    # torch's CPU allocator says so only in a RuntimeError's message.
+    lambda: RuntimeError(f"{ENFORCED}{CPU_ALLOCATOR}"),
+    MemoryError,
+]
+
 OUT_OF_MEMORY = pytest.mark.parametrize(
-    "out_of_memory",
-    [
-        lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore"),
-        # torch's CPU allocator says so only in a RuntimeError's message.
-        lambda: RuntimeError(f"{ENFORCED}{CPU_ALLOCATOR}"),
-        MemoryError,
-    ],
-    ids=["cuda", "cpu-allocator", "python"],
+    "out_of_memory", MAKERS, ids=["cuda", "cpu-allocator", "python"]
 )

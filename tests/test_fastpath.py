@@ -8,7 +8,7 @@ from functools import partial
 
 import pytest
 import torch
-from memory_errors import OUT_OF_MEMORY
+from memory_errors import MAKERS
 from torch import nn
 
 from brainprop import fastpath
@@ -316,7 +316,7 @@ def test_a_step_that_a_graph_cannot_hold_is_refused_in_one_line_naming_its_line(
     raises[0] = BrainPropError("refused in its own words")
     with pytest.raises(BrainPropError, match="^refused in its own words$"):
         graphed(x, y)
-    for out_of_memory in OUT_OF_MEMORY.args[1]:
+    for out_of_memory in MAKERS:
         raises[0] = out_of_memory()
         with pytest.raises(type(raises[0])) as raised:
             graphed(x, y)

@@ -179,7 +179,7 @@ def test_ones_own_decorator_from_another_file_and_what_it_decorates_are_both_one
     line = _line(own_rules, "unasked=1")
     with pytest.raises(BrainPropError, match=rf"TypeError: .+ \(.+own_rules\.py:{line}\)$"):
         build_model("counted", (1, 4, 4), 3)
-    assert definition(counted_net).endswith(f"own_rules.py:{line - 5}")  # its decorator's line
+    assert definition(counted_net).endswith(f"own_rules.py:{_line(own_rules, '@counted')}")
     own = owncode.of_run(TrainConfig(arch="counted"), BrainProp(), nn.Sequential())
     assert {piece.path.name for piece in own} == {"own_rules.py", "own_decorators.py"}
     counted_net.fail_at = counted_net.calls + 1
