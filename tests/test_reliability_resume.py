@@ -99,6 +99,22 @@ def test_a_tensor_in_place_of_a_random_state_section_is_refused_without_a_warnin
             rng.restore(state, generator)
 
 
+def test_a_random_state_with_a_damaged_section_puts_back_none_of_it() -> None:
+    """The torch and numpy streams are set before the python one fails: a caller that catches
+    the error must go on with the streams it had, not with a mix."""
+    generator = torch.Generator().manual_seed(1)
+    state = rng.capture(generator)
+    state["python"]["version"] = 99  # random.setstate refuses it, after the others are set
+    torch.manual_seed(7), np.random.seed(7), random.seed(7), generator.manual_seed(7)
+    with pytest.raises(ValueError, match="the python state"):
+        rng.restore(state, generator)
+    expected = torch.Generator().manual_seed(7)
+    assert torch.equal(torch.rand(3, generator=generator), torch.rand(3, generator=expected))
+    draws = torch.rand(3).tolist(), np.random.random(3).tolist(), random.random()
+    torch.manual_seed(7), np.random.seed(7), random.seed(7)
+    assert draws == (torch.rand(3).tolist(), np.random.random(3).tolist(), random.random())
+
+
 @pytest.mark.parametrize("restore", [rng.restore, rng.restore_torch])
 def test_a_tensor_in_place_of_the_whole_random_state_is_refused_without_a_warning(
     restore,

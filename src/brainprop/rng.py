@@ -7,7 +7,7 @@ strings only (numpy's own state object would be refused on load).
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -122,28 +122,49 @@ def capture(generator: torch.Generator) -> dict[str, Any]:
 
 
 def restore(state: dict[str, Any], generator: torch.Generator) -> None:
-    """Put back what :func:`capture` returned."""
+    """Put back what :func:`capture` returned, all of it or, where a section is damaged,
+    none of it: a caller that catches the error goes on with the streams it had."""
     _dict(state, "random state")
     numpy, python = _section(state, "numpy"), _section(state, "python")
-    restore_torch(state, generator)
-    # Both hold a "gauss": the message says whose is missing or damaged.
-    with checkpoint.entry("the numpy state"):
-        keys = numpy["keys"].numpy().astype(np.uint32)
-        np.random.set_state(("MT19937", keys, numpy["pos"], numpy["has_gauss"], numpy["gauss"]))
-    with checkpoint.entry("the python state"):
-        random.setstate((python["version"], tuple(python["internal"].tolist()), python["gauss"]))
+    put_back = _put_back(generator.device, generator)
+    try:
+        restore_torch(state, generator)
+        # Both hold a "gauss": the message says whose is missing or damaged.
+        with checkpoint.entry("the numpy state"):
+            keys = numpy["keys"].numpy().astype(np.uint32)
+            np.random.set_state(("MT19937", keys, numpy["pos"], numpy["has_gauss"], numpy["gauss"]))
+        with checkpoint.entry("the python state"):
+            random.setstate(
+                (python["version"], tuple(python["internal"].tolist()), python["gauss"])
+            )
+    except BaseException:
+        put_back()
+        raise
 
 
 @contextmanager
 def global_streams_kept(device: torch.device) -> Iterator[None]:
     """Put the global streams (torch CPU and ``device``'s, numpy, python ``random``) back as
     they were on entry, whatever the body seeded or restored."""
-    cpu, cuda = torch.get_rng_state(), _cuda_states(device)
-    numpy, python = np.random.get_state(), random.getstate()
+    put_back = _put_back(device)
     try:
         yield
     finally:
+        put_back()
+
+
+def _put_back(device: torch.device, generator: torch.Generator | None = None) -> Callable[[], None]:
+    """What sets the global streams (and ``generator``, if given) back to their state now."""
+    cpu, cuda = torch.get_rng_state(), _cuda_states(device)
+    numpy, python = np.random.get_state(), random.getstate()
+    own = None if generator is None else generator.get_state()
+
+    def put_back() -> None:
         torch.set_rng_state(cpu)
         _set_cuda_states(cuda, device)
         np.random.set_state(numpy)
         random.setstate(python)
+        if generator is not None and own is not None:
+            generator.set_state(own)
+
+    return put_back
