@@ -242,6 +242,8 @@ def test_a_row_takes_numbers_of_any_kind_and_a_list_of_rates():
     )
     assert (type(row.lr), type(row.batch_size), row.dropout) == (float, int, (0.3, 0.3))
     assert type(row.dropout[0]) is float
+    whole = Hyperparameters(lr=1, dropout=[0, 1])
+    assert (type(whole.lr), [type(rate) for rate in whole.dropout]) == (float, [float, float])
     model = build_model("conv", (1, 28, 28), 10, row)
     assert [m.p for m in model if isinstance(m, nn.Dropout)] == [0.3, 0.3]
 

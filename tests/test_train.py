@@ -595,13 +595,13 @@ def test_a_config_takes_numbers_and_text_of_any_kind(tmp_path, tiny_dataset):
     after the whole run (a review)."""
     config = TrainConfig(
         dataset=np.str_("mnist"), arch="dense", seed=np.int64(3), lr=np.float64(0.1),
-        epsilon=np.float32(0.5), eager=np.bool_(False), epochs=1,
+        epsilon=np.float32(0.5), eager=np.bool_(False), epochs=1, min_delta=0,
         batch_size=32, out_dir=tmp_path, name="run",
     )  # fmt: skip
     resolved = config.resolve()
     kinds = {f.name: type(getattr(resolved, f.name)) for f in dataclasses.fields(resolved)}
     assert kinds["dataset"] is str and kinds["seed"] is int and kinds["eager"] is bool
-    assert kinds["lr"] is float and kinds["epsilon"] is float
+    assert kinds["lr"] is float and kinds["epsilon"] is float and kinds["min_delta"] is float
     assert TrainConfig.from_dict(json.loads(json.dumps(resolved.to_dict()))) == resolved
     run = train(config, dataset=tiny_dataset, progress=False)
     assert evaluate(run, dataset=tiny_dataset)["epoch"] == 1

@@ -41,8 +41,8 @@ def value_fits(value: Any, annotation: str) -> bool:
 
 def plain(value: Any, annotation: str) -> Any:
     """``value`` as Python's own ``int``, ``float``, ``str`` or ``bool`` where it is a number
-    or text of another kind the annotation takes, and a list of rates as a tuple; anything else
-    as it is, for :func:`check_fields` to judge.
+    or text of another kind the annotation takes (an ``int`` for a ``float`` too), and a list of
+    rates as a tuple; anything else as it is, for :func:`check_fields` to judge.
 
     A run's checkpoints hold its config and load with ``weights_only=True``, which refuses
     numpy's scalars (``np.float64`` too, a ``float`` subclass): kept, one would end a run's
@@ -50,6 +50,9 @@ def plain(value: Any, annotation: str) -> Any:
     if isinstance(value, np.generic):
         value = value.item()
     kinds = annotation.split(" | ")
+    # ``lr=1`` reads as meant, and its config.json then says 1.0 like every other rate.
+    if type(value) is int and "float" in kinds and "int" not in kinds:
+        return float(value)
     if value is None or type(value) in (bool, int, float, str):
         return value
     if isinstance(value, str):
