@@ -100,6 +100,20 @@ def test_a_preset_other_than_the_papers_is_in_the_name_and_config_and_covers_its
         plan([DENSE], preset="fast")
 
 
+def test_a_preset_of_several_cells_advises_selections_that_hold_only_its_cells(monkeypatch):
+    """--datasets mnist,cifar10 --archs dense,conv selects mnist/conv too, so that advice for
+    a table of rows for mnist/dense and cifar10/conv sent the user round in a loop (review)."""
+    monkeypatch.setitem(PRESETS, "own", {("mnist", "dense"): Hyperparameters(),
+                                         ("cifar10", "conv"): Hyperparameters()})  # fmt: skip
+    with pytest.raises(BrainPropError) as info:
+        plan(select_cells(None, None), preset="own")
+    advice = str(info.value).split("run it once per dataset: ")[1]
+    assert advice == "--datasets mnist --archs dense; --datasets cifar10 --archs conv"
+    for selection in advice.split("; "):
+        _, datasets, _, archs = selection.split()
+        assert plan(select_cells([datasets], [archs]), seeds=1, preset="own")
+
+
 def test_a_preset_of_no_matrix_cell_says_that_reproduce_runs_the_papers_networks(monkeypatch):
     monkeypatch.setitem(PRESETS, "own", {("mnist", "small"): Hyperparameters()})
     with pytest.raises(

@@ -257,11 +257,18 @@ def plan(
             "reproduce runs the paper's networks, 'brainprop train --preset' any of its own"
         )
     if uncovered:
-        archs = ",".join(dict.fromkeys(c.arch for c in covered))
-        sets = ",".join(dict.fromkeys(c.dataset for c in covered))
+        # One selection per dataset: --datasets and --archs select every pair of the two lists,
+        # so one of all the covered datasets and archs may hold a pair the preset lacks.
+        by_dataset: dict[str, list[str]] = {}
+        for c in covered:
+            by_dataset.setdefault(c.dataset, []).append(c.arch)
+        selections = [f"--datasets {d} --archs {','.join(a)}" for d, a in by_dataset.items()]
+        how = "once per dataset: " + "; ".join(selections)
+        if len(selections) == 1:
+            how = f"with {selections[0]}"
         raise BrainPropError(
             f"preset {preset!r} has no settings for {uncovered[0].dataset}/{uncovered[0].arch}: "
-            f"run it with --datasets {sets} --archs {archs}"
+            f"run it {how}"
         )
     cap = None if max_epochs == PAPER_EPOCHS else max_epochs
 

@@ -32,8 +32,8 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "best_epoch": (1, math.inf),
 }
 
-#: The largest integer a summary's number may be: beyond it a float cannot hold it exactly (the
-#: report's means and math.isfinite overflow on far larger ones).
+#: The largest a summary's number may be: beyond it a float cannot hold an integer exactly, and
+#: far beyond it the report's means (and math.isfinite, for an integer) overflow.
 LARGEST = 2**53
 
 #: The summary's fields of measured time: all a rerun of the same run may change.
@@ -97,7 +97,8 @@ def check_summary(summary: Any) -> None:
     if not isinstance(summary.get("stop_reason", ""), str):
         raise ValueError("summary's stop_reason is not text")
     tf32 = summary.get("tf32", [])
-    if not isinstance(tf32, list) or not set(tf32) <= set(TF32_OPS):
+    # Tested one by one: a list in the list would fail set() with an unhashable TypeError.
+    if not isinstance(tf32, list) or not all(isinstance(op, str) and op in TF32_OPS for op in tf32):
         raise ValueError(f"summary's tf32 is {tf32!r}, not a list of {' and '.join(TF32_OPS)}")
     # A run stopped before its first epoch ended legitimately has none of the epoch fields.
     if summary["epochs_run"] == 0 and not summary.keys() & EPOCH_KEYS.keys():
@@ -111,10 +112,11 @@ def check_summary(summary: Any) -> None:
         value = summary[key]
         if not _is(value, (int, float)):
             raise ValueError(f"summary's {key} is not a number")
-        if isinstance(value, int) and abs(value) > LARGEST:
-            raise ValueError(f"summary's {key} is an integer beyond 2**53, no run's")
-        if not math.isfinite(value):
+        if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"summary's {key} is {value}, not a finite number")
+        if abs(value) > LARGEST:
+            kind = "an integer" if isinstance(value, int) else "a number"
+            raise ValueError(f"summary's {key} is {kind} beyond 2**53, no run's")
         low, high = BOUNDS.get(key, (0, math.inf))
         if not low <= value <= high:
             side = f"below {low}" if value < low else f"above {high}"
