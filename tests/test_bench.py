@@ -344,6 +344,9 @@ def test_cpu_peak_estimate():
     # apart, so the width is said to be assumed.
     assert "(AVX-512 on 256-bit units, assumed)" in amd.source
     assert cpu_peak(2, "vendor_id\t: AuthenticAMD\nflags\t: avx2\n") is None
+    # A bench divided by a clock of 0 after its timing, and reported a peak of nan (review).
+    for clock in ("0.000", "nan", "inf", "-2596.146"):
+        assert cpu_peak(2, AMD.replace("2596.146", clock)) is None, clock
 
 
 def test_cpu_peak_counts_cores_not_hyperthreads():

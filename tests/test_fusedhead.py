@@ -2,6 +2,7 @@
 them only where they have been seen to, falling back with a warning otherwise."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from packaging.version import Version
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from brainprop import TrainConfig, fastpath, fusedhead, objectives, train
+from brainprop.errors import BrainPropError
 from brainprop.objectives import BrainProp, _unfused_head
 from brainprop.presets import build_model
 
@@ -40,10 +42,15 @@ def compare_heads(device: str) -> None:
             g = torch.Generator().manual_seed(trial)
             q = torch.randn(batch, classes + 3 * trial, generator=g)[:, :classes]  # rows apart
             q = (q * 10 * torch.rand((), generator=g)).to(device)
+            y = torch.randint(0, classes, (batch,), generator=g).to(device)
+            if trial == 1:
+                # Errors of exactly 0, whose gradient is +0.0 as autograd's (not -0.0): the
+                # greedy choice of a row of ones rewarded, of a row of zeros not.
+                q[0, :], y[0] = 1.0, 0
+                q[-1, :], y[-1] = 0.0, classes - 1
             if trial == 2:
                 q[0, 3] = float("nan")  # argmax takes the first NaN; the error is NaN
                 q[-1, :] = float("-inf")
-            y = torch.randint(0, classes, (batch,), generator=g).to(device)
             # A short last batch's loss is weighted by n / B, which scales the gradient.
             weight = 3 * torch.rand((), generator=g).item()
             objective = BrainProp(epsilon)
@@ -59,8 +66,7 @@ def compare_heads(device: str) -> None:
             assert torch.equal(actions, plain.actions), case
             assert torch.equal(explored, plain.explored), case
             assert torch.equal(rewards, plain.rewards), case
-            same = torch.allclose(fused_q.grad, plain_q.grad, rtol=0, atol=0, equal_nan=True)
-            assert same, case
+            assert _same_bits(fused_q.grad, plain_q.grad), case
             assert loss.dtype == plain.loss.dtype and actions.dtype == torch.int64, case
             assert torch.allclose(loss, plain.loss, rtol=1e-6, atol=0, equal_nan=True), case
             assert explored.all() if epsilon == 1 else explored.any() == (epsilon > 0), case
@@ -73,6 +79,12 @@ def compare_heads(device: str) -> None:
         fusedhead.chosen_unit_head(q, y, 0.02, *draws)[0].backward()
     copies = {"new_empty", "set_", "copy_"} if device == "cpu" else set()
     assert [name for name in log.names if name not in copies] == ["ones_like"], log.names
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit for bit, NaN to any NaN (allclose takes -0.0 for +0.0); fp32 only."""
+    nan = a.isnan() & b.isnan()
+    return torch.equal(a.view(torch.int32)[~nan], b.view(torch.int32)[~nan])
 
 
 def test_the_kernels_give_the_unfused_heads_results():
@@ -327,6 +339,44 @@ def test_the_kernels_are_for_fp32_rows_on_cuda_only():
         model.cuda()
         assert fastpath.FUSED_HEAD in fastpath.features(model, objective=BrainProp(fused=True))
         assert fastpath.FUSED_HEAD not in fastpath.features(model, objective=BrainProp())
+
+
+_Q, _Y = torch.zeros(8, 10), torch.zeros(8, dtype=torch.long)
+_EXPLORE, _UNIFORM = torch.rand(8), torch.rand(8, 10)
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [((_Q, _Y[:4], _EXPLORE, _UNIFORM), "labels of shape (4,) on cpu: Q-values of shape (8, 10) "
+      "on cpu take labels of shape (8,) there"),
+     ((_Q, _Y, _EXPLORE, None), "one draw without the other: pass explore and uniform, or "
+      "neither (epsilon 0)"),
+     ((_Q, _Y, _EXPLORE, _UNIFORM[:, :5]), "uniform of shape (8, 5) on cpu: "),
+     ((_Q, _Y, _EXPLORE[:1], _UNIFORM), "explore of shape (1,) on cpu: "),
+     ((_Q, _Y.to("meta"), _EXPLORE, _UNIFORM), "labels of shape (8,) on meta: "),
+     ((_Q, _Y.float(), _EXPLORE, _UNIFORM), "labels of torch.float32: it takes integer labels"),
+     ((_Q, _Y.bool(), None, None), "labels of torch.bool: it takes integer labels"),
+     ((_Q, _Y, _EXPLORE.double(), _UNIFORM), "explore of torch.float64: it takes float32 explore"),
+     ((_Q.double(), _Y, None, None), "Q-values torch.float64 of shape (8, 10): it takes fp32 "
+      "rows [B, K]"),
+     ((_Q.t(), _Y, None, None), "Q-values torch.float32 of shape (10, 8): it takes fp32 rows")],
+)  # fmt: skip
+def test_the_kernels_refuse_what_they_would_read_past_in_one_line(args, said):
+    """They index every tensor by the Q-values' shape: shorter labels ran, read past their end
+    and gave rewards of nothing, and explore without uniform failed in Triton (review)."""
+    with pytest.raises(BrainPropError, match=f"^chosen_unit_head cannot take {re.escape(said)}"):
+        fusedhead.chosen_unit_head(args[0], args[1], 0.5, *args[2:])
+
+
+def test_outputs_the_kernels_cannot_take_drop_the_fused_head_from_the_fast_path(monkeypatch):
+    """An fp64 network's head ran unfused, with the run's header and bench's fast_path still
+    naming the fused head (review)."""
+    monkeypatch.setattr(fusedhead, "unavailable", lambda device: None)
+    model, objective = build_model("dense", (1, 28, 28), 10).double(), BrainProp(fused=True)
+    assert fastpath.features(model, objective=objective) == [fastpath.FUSED_HEAD]
+    q, y = _batches(1)[0]
+    objective(q.double(), y)
+    assert fastpath.features(model, objective=objective) == []
 
 
 def test_a_fused_head_that_fell_back_is_not_called_part_of_the_fast_path(monkeypatch, capsys):

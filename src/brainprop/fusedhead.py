@@ -33,6 +33,8 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
+from .errors import BrainPropError
+
 __all__ = ["Head", "chosen_unit_head", "disagreement", "unavailable", "unsupported"]
 
 #: A head as :func:`chosen_unit_head` is one: (q, y, epsilon, explore, uniform) to (loss,
@@ -187,8 +189,46 @@ def chosen_unit_head(
     explore (those below ``epsilon``) and, through Gumbel noise, what they choose; both None
     when ``epsilon`` is 0. Returns (loss, actions [B] int64, explored [B] bool, rewards [B]),
     the loss ``1/2 mean((r - q_s)^2)`` differentiable with respect to ``q``.
+
+    Raises a one-line BrainPropError for inputs of other shapes, kinds or devices: the kernels
+    index every tensor by ``q``'s shape, so they would read past the end of a shorter one.
     """
+    if (why := _misfit(q, y, explore, uniform)) is not None:
+        raise BrainPropError(f"chosen_unit_head cannot take {why}")
     return _Head.apply(q, y.contiguous(), epsilon, explore, uniform)
+
+
+def _misfit(
+    q: torch.Tensor, y: torch.Tensor, explore: torch.Tensor | None, uniform: torch.Tensor | None
+) -> str | None:
+    """What of the head's inputs the kernels cannot take, or None; from their shapes, kinds
+    and devices alone, so that it never waits for a GPU."""
+    if q.dtype != torch.float32 or q.dim() != 2 or q.stride(1) != 1:
+        return f"Q-values {q.dtype} of shape {tuple(q.shape)}: it takes fp32 rows [B, K]"
+    if (explore is None) != (uniform is None):
+        return "one draw without the other: pass explore and uniform, or neither (epsilon 0)"
+    rows = q.shape[0]
+    expected = [
+        ("labels", y, (rows,)),
+        ("explore", explore, (rows,)),
+        ("uniform", uniform, q.shape),
+    ]
+    for name, tensor, shape in expected:
+        if tensor is None:
+            continue
+        if tensor.shape != shape or tensor.device != q.device:
+            return (
+                f"{name} of shape {tuple(tensor.shape)} on {tensor.device}: Q-values of shape "
+                f"{tuple(q.shape)} on {q.device} take {name} of shape {tuple(shape)} there"
+            )
+        if name == "labels":
+            kind, fits = "integer", not (tensor.dtype.is_floating_point or tensor.dtype.is_complex)
+            fits = fits and tensor.dtype != torch.bool
+        else:
+            kind, fits = "float32", tensor.dtype == torch.float32
+        if not fits:
+            return f"{name} of {tensor.dtype}: it takes {kind} {name}"
+    return None
 
 
 def disagreement(
@@ -255,10 +295,22 @@ def _outcome(
 
 
 def _same(name: str, a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.dtype != b.dtype:
+    if a.dtype != b.dtype or a.shape != b.shape:
         return False
     if not a.is_floating_point():
         return torch.equal(a, b)
-    # NaN where the other has NaN: a first batch may have diverged already.
-    rtol = 1e-5 if name == "loss" else 0.0
-    return torch.allclose(a, b, rtol=rtol, atol=0, equal_nan=True)
+    if name == "loss":
+        # NaN where the other has NaN: a first batch may have diverged already.
+        return torch.allclose(a, b, rtol=1e-5, atol=0, equal_nan=True)
+    return _same_bits(a, b)
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the floats ``a`` and ``b`` are equal bit for bit, NaN to any NaN: ``allclose``
+    with no tolerance takes -0.0 for +0.0, which autograd's gradient tells apart."""
+    nan = a.isnan() & b.isnan()
+    return torch.equal(_bits(a).masked_fill(nan, 0), _bits(b).masked_fill(nan, 0))
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])

@@ -188,6 +188,10 @@ class BrainProp:
         if not self._fusable:
             return False
         if fusedhead.unsupported(q) is not None:
+            if fusedhead.unavailable(q.device) is None:
+                # The kernels run here, but not on these outputs (fp64, say), as on none of the
+                # run's: fastpath.features, which lists the head until its check fails, drops it.
+                self._fused_agrees[q.device] = False
             self._tell_missing(q.device)
             return False
         agrees = self._fused_agrees.get(q.device)

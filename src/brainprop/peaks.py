@@ -100,6 +100,9 @@ def cpu_peak(threads: int, cpuinfo_text: str | None = None, bf16: bool = False) 
         mhz = float(fields["cpu MHz"])
     except (KeyError, ValueError):
         return None
+    # A VM may say 0 (or nan): no peak then, rather than a fraction of it divided by zero.
+    if not 0 < mhz < math.inf:
+        return None
     flags = set(fields.get("flags", "").split())
     clock = f"{mhz / 1000:.2f} GHz (cpuinfo)"
     cores = min(threads, physical_cores(cpuinfo_text) or threads)
