@@ -32,6 +32,7 @@ from brainprop.data import (
     load_dataset,
     resolve_data_root,
     root,
+    split_validation,
 )
 from brainprop.data.catalog import CATALOG, FAMILIES
 from brainprop.data.registry import own_datasets
@@ -595,6 +596,30 @@ def test_fingerprint_counts_images_per_class() -> None:
         "train": [1, 1, 1, 0, 0, 0, 0, 0, 0, 1],
         "test": [1, 1, 0, 0, 0, 0, 0, 0, 0, 0],
     }
+
+
+def test_the_held_out_images_are_apart_from_training_and_the_same_for_a_copy_in_order() -> None:
+    """Held out of training, whatever the seed; the record of them tells another order of the
+    same images (review: a split that also trained on its held-out images passed every test)."""
+    ds = make_tiny_dataset(n_train=64)
+    train_set, val_x, val_y = split_validation(ds, 16)
+    # The tiny dataset's images are random: each one names its position.
+    position = {bytes(x.numpy()): i for i, x in enumerate(ds.train_x)}
+    assert len(position) == 64
+    kept = {position[bytes(x.numpy())] for x in train_set.train_x}
+    held = [position[bytes(x.numpy())] for x in val_x]
+    assert len(kept) == 48 and len(set(held)) == 16 and kept.isdisjoint(held)
+    assert torch.equal(ds.train_y[held], val_y)
+    torch.manual_seed(5)  # a run's seed draws nothing of the split
+    again = split_validation(ds, 16)
+    assert torch.equal(again[1], val_x) and torch.equal(again[0].train_x, train_set.train_x)
+    copy = dataclasses.replace(ds, train_x=ds.train_x.clone(), train_y=ds.train_y.clone())
+    assert copy.fingerprint(16) == ds.fingerprint(16)
+    order = torch.randperm(64, generator=torch.Generator().manual_seed(1))
+    shuffled = dataclasses.replace(ds, train_x=ds.train_x[order], train_y=ds.train_y[order])
+    assert shuffled.fingerprint() == ds.fingerprint()  # the same images, as the counts see them
+    assert shuffled.fingerprint(16)["held_out"] != ds.fingerprint(16)["held_out"]
+    assert ds.fingerprint(16)["held_out"] != ds.fingerprint(17)["held_out"]
 
 
 def _write_each(name: str, root: Path) -> list[Path]:

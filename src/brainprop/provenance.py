@@ -2,7 +2,8 @@
 ``evaluate``, a stacked resume) is given that data again.
 
 A checkpoint names the network's input shape and classes; a checkpoint and the run's data.json
-record the data's name and images per class (:meth:`~brainprop.data.Dataset.fingerprint`).
+record the data's name and images per class (:meth:`~brainprop.data.Dataset.fingerprint`), and
+for a run that validates on held-out training images, a digest of those.
 Each check raises one :class:`BrainPropError` line that says how to pass the right data.
 """
 
@@ -30,8 +31,8 @@ def check_same_data(recorded: Any, ds: Dataset, source: str, remedy: str, call: 
     :func:`check_trained_on` checked) is the data ``recorded``, a run's record of it read from
     ``source`` (a checkpoint's ``data``, or the run's data.json; None for runs from before
     either), describes: its name and images per class (:meth:`Dataset.fingerprint`), the
-    training split's only where ``ds`` has one. The message ends with ``remedy`` and how to
-    pass the data, ``call``.
+    training split's only where ``ds`` has one, and there the images it held out for
+    validation, if it did. The message ends with ``remedy`` and how to pass the data, ``call``.
 
     A run on data of one's own (``train(config, dataset=...)``) is named for
     ``config.dataset``, whose files a resume or evaluation would otherwise load in its place,
@@ -55,6 +56,14 @@ def check_same_data(recorded: Any, ds: Dataset, source: str, remedy: str, call: 
         raise BrainPropError(
             f"{source} was trained on {then}, but the data now is {now}: {remedy} ({how})"
         )
+    held = recorded.get("held_out")
+    if held is not None and len(ds.train_y) and ds.fingerprint(held["images"])["held_out"] != held:
+        raise BrainPropError(
+            f"{source} validated on {held['images']:,} training images held out of the data, "
+            "and this copy of it holds other images in their places (the same images in "
+            f"another order?), some of which the run trained on: {remedy}, in the order it "
+            "had (the copy the run started on)"
+        )
 
 
 def check_loadable(recorded: Any, dataset: str, source: str, call: str) -> None:
@@ -77,12 +86,21 @@ def _check_record(recorded: Any, source: str) -> None:
     counts = (
         [recorded.get(split) for split in ("train", "test")] if isinstance(recorded, dict) else []
     )
+    held = recorded.get("held_out") if isinstance(recorded, dict) else None
     ok = (
         len(counts) == 2
         and isinstance(recorded.get("name"), str)
         and all(isinstance(c, list) and c for c in counts)
         and len(counts[0]) == len(counts[1])
         and all(type(n) is int and n >= 0 for c in counts for n in c)
+        and (
+            held is None
+            or isinstance(held, dict)
+            and held.keys() == {"images", "sha256"}
+            and type(held["images"]) is int
+            and 1 <= held["images"] < sum(counts[0])
+            and isinstance(held["sha256"], str)
+        )
     )
     if not ok:
         raise BrainPropError(

@@ -220,7 +220,7 @@ class Trainer:
         self.partial: dict[str, Any] | None = None
         self.input_shape, self.num_classes = ds.input_shape, ds.num_classes
         # Recorded in every checkpoint: resume and evaluate refuse other data.
-        self.data_fingerprint = ds.fingerprint()
+        self.data_fingerprint = ds.fingerprint(None if config.val == VAL_TEST else int(config.val))
         # One fixed batch for the per-epoch feedback diagnostics.
         n_diag = min(DIAGNOSTIC_BATCH, len(self.train_set.train_y))
         self.diag_x = to_float(self.train_set.train_x[:n_diag])

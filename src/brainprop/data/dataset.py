@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -108,16 +109,26 @@ class Dataset:
         empty_x = test_x.new_empty((0, *test_x.shape[1:]))
         return cls(name, empty_x, test_y.new_empty(0), test_x, test_y, num_classes)
 
-    def fingerprint(self) -> dict[str, Any]:
+    def fingerprint(self, held_out: int | None = None) -> dict[str, Any]:
         """What a run records of the data it trained on, to refuse other data when it is
         resumed or evaluated: the name, and the images per class of each split. Counts, not a
         hash: the same images in another order (as another copy of CIFAR-10 may hold them)
-        are the same data."""
-        return {
+        are the same data.
+
+        With ``held_out``, a run's number of images held out for validation, also a digest of
+        the images :func:`split_validation` holds out of this order: another order holds out
+        others, some of which the run trained on before it was resumed on it."""
+        record: dict[str, Any] = {
             "name": self.name,
             "train": torch.bincount(self.train_y, minlength=self.num_classes).tolist(),
             "test": torch.bincount(self.test_y, minlength=self.num_classes).tolist(),
         }
+        if held_out is not None:
+            held = _held_out(len(self.train_y), held_out).to(self.train_x.device)
+            digest = hashlib.sha256(self.train_x[held].cpu().numpy().tobytes())
+            digest.update(self.train_y[held].cpu().numpy().tobytes())
+            record["held_out"] = {"images": held_out, "sha256": digest.hexdigest()}
+        return record
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -142,7 +153,8 @@ def split_validation(ds: Dataset, n: int) -> tuple[Dataset, torch.Tensor, torch.
     """Hold out ``n`` training images for validation.
 
     The held-out images are the same for every seed (a permutation seeded with 0), so seeds
-    differ only in training randomness. Returns (dataset without them, val_x, val_y).
+    differ only in training randomness; for the same images in another order they are others.
+    Returns (dataset without them, val_x, val_y).
     """
     total = len(ds.train_y)
     # perm[:-0] is empty and perm[:-(-3)] three images: neither is a split.
@@ -153,12 +165,21 @@ def split_validation(ds: Dataset, n: int) -> tuple[Dataset, torch.Tensor, torch.
             f"--val (or --val-split) {n} would hold out all {total} training images: pick "
             f"fewer than {total}"
         )
-    perm = torch.randperm(total, generator=torch.Generator().manual_seed(0)).to(ds.train_x.device)
+    perm = _permutation(total).to(ds.train_x.device)
     keep, held = perm[:-n], perm[-n:]
     train = Dataset(
         ds.name, ds.train_x[keep], ds.train_y[keep], ds.test_x, ds.test_y, ds.num_classes
     )
     return train, ds.train_x[held], ds.train_y[held]
+
+
+def _permutation(total: int) -> torch.Tensor:
+    return torch.randperm(total, generator=torch.Generator().manual_seed(0))
+
+
+def _held_out(total: int, n: int) -> torch.Tensor:
+    """The positions :func:`split_validation` holds out of ``total`` training images."""
+    return _permutation(total)[-n:]
 
 
 def _check_images(name: str, split: str, x: Any) -> None:
