@@ -111,6 +111,30 @@ def test_a_header_declaring_more_than_any_dataset_is_refused(tmp_path: Path, cou
     )
 
 
+def test_a_labels_header_declaring_more_than_any_images_file_holds_is_refused_unread(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """2 MB of gzip declaring 2**31 labels, within the bytes any IDX file may declare, was read
+    whole (4 GiB at its peak, 42 s) before the images' count refused it (review)."""
+    write_idx_dataset(tmp_path / "mnist")
+    count = idx.MAX_DATA_BYTES // 784 + 1
+    path = tmp_path / "mnist" / "train-labels-idx1-ubyte.gz"
+    path.write_bytes(gzip.compress((0x00000801).to_bytes(4, "big") + count.to_bytes(4, "big")))
+    asked = []
+    read = gzip.GzipFile.read
+
+    def counted(self, size=-1):
+        asked.append(size)
+        return read(self, size)
+
+    monkeypatch.setattr(gzip.GzipFile, "read", counted)
+    assert _error(tmp_path) == (
+        f"MNIST file {path} declares {count:,} labels, more than the 2,739,137 images any IDX "
+        "file holds: it is damaged; delete it and run 'brainprop download mnist'"
+    )
+    assert asked and max(asked) <= 4
+
+
 def test_every_dimension_is_read_from_all_four_of_its_bytes(tmp_path: Path) -> None:
     """28 in its low bytes: read short, 2**16 + 28 would pass for the 28 expected."""
     header = (0x00000803).to_bytes(4, "big") + b"".join(

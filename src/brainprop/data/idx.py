@@ -378,9 +378,21 @@ class IdxFiles:
                 )  # fmt: skip
             paths.append(path)
         images_path, labels_path = paths
+        most = MAX_DATA_BYTES // math.prod(IMAGE_SIZE)
+
+        # A labels file may not declare more than an images file can hold: 2 MB declaring
+        # 2**31 labels was read whole (4 GiB at its peak) before the images' count refused it.
+        def check_labels(count: int) -> None:
+            if count > most:
+                raise BrainPropError(
+                    f"{title} file {labels_path} declares {count:,} labels, more than the "
+                    f"{most:,} images any IDX file holds: it is damaged; {fix}"
+                )
+
         labels = read_idx_file(
-            labels_path, magic=LABELS_MAGIC, source=f"{title} file {labels_path}", fix=fix
-        )
+            labels_path, magic=LABELS_MAGIC, source=f"{title} file {labels_path}", fix=fix,
+            check_count=check_labels,
+        )  # fmt: skip
 
         # Checked on the images' header, before their data is read: read_idx_file calls it for
         # every whole header, so any images it returns agree with the labels.
