@@ -121,6 +121,26 @@ def test_damaged_cache_is_rebuilt(tmp_path: Path) -> None:
     assert load_dataset("tiny-imagenet", tmp_path).train_x.shape == (6, 3, 64, 64)
 
 
+@pytest.mark.parametrize("images", [6 * 10**9, 7])
+def test_a_cache_header_claiming_other_images_is_rebuilt_unallocated(
+    tmp_path: Path, images: int
+) -> None:
+    """A header claiming 6e9 images was allocated (67 TiB, a MemoryError) before the file was
+    found short; one claiming 7 of the 6 images, allocated too, before the same (review)."""
+    folder = write_tiny_imagenet(tmp_path)
+    expected = load_dataset("tiny-imagenet", tmp_path).train_x
+    path = folder / tin.CACHE_DIR / "train_x.npy"
+    with path.open("rb") as f:
+        np.lib.format.read_magic(f)
+        np.lib.format.read_array_header_1_0(f)
+        pixels = f.read()
+    with path.open("wb") as f:
+        header = {"descr": "|u1", "fortran_order": False, "shape": (images, 3, 64, 64)}
+        np.lib.format.write_array_header_1_0(f, header)
+        f.write(pixels)
+    assert torch.equal(load_dataset("tiny-imagenet", tmp_path).train_x, expected)
+
+
 def test_a_manifest_nested_too_deep_is_a_damaged_cache(tmp_path: Path) -> None:
     folder = write_tiny_imagenet(tmp_path)
     load_dataset("tiny-imagenet", tmp_path)

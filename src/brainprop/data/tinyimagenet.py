@@ -358,7 +358,11 @@ def _load_cache(cache: Path, manifest: dict, classes: int) -> dict[str, np.ndarr
             return None
         if json.loads((cache / "manifest.json").read_text()) != manifest:
             return None
-        arrays = {k: np.load(cache / f"{k}.npy", allow_pickle=False) for k in CACHE_ARRAYS}
+        # Mapped, not read: np.load would allocate whatever shape a damaged header claims
+        # (67 TiB, a MemoryError) before it found the file short. Read once the shapes fit.
+        arrays = {
+            k: np.load(cache / f"{k}.npy", mmap_mode="r", allow_pickle=False) for k in CACHE_ARRAYS
+        }
     except (OSError, ValueError, EOFError, RecursionError):
         # A missing or damaged cache is rebuilt, never reported: it is ours, not the user's.
         # (np.load raises EOFError for a file cut short before its first array; json.loads
@@ -375,7 +379,7 @@ def _load_cache(cache: Path, manifest: dict, classes: int) -> dict[str, np.ndarr
             or (y.size and (y.min() < 0 or y.max() >= classes))
         ):
             return None
-    return arrays
+    return {k: np.array(v) for k, v in arrays.items()}
 
 
 def _save_cache(cache: Path, manifest: dict, arrays: dict[str, np.ndarray]) -> None:
