@@ -121,6 +121,13 @@ def test_the_heads_own_backward_is_autograd_bit_for_bit(batch, dtype):
         assert q_fused.grad.dtype == dtype and torch.equal(q_fused.grad, q_plain.grad)
 
 
+def test_a_float64_network_chooses_its_own_argmax():
+    """Q-values were rounded to float32 first: 1 + 1e-12 tied 1, and the first won (review)."""
+    q = torch.tensor([[1.0, 1.0 + 1e-12, 0.0]], dtype=torch.float64)
+    assert BrainProp(0.0).select(q)[0].tolist() == [1]
+    assert BrainProp(0.0).select(q.float())[0].tolist() == [0]  # the tie fp32 makes of it
+
+
 def test_selection_is_reproducible_with_a_seeded_generator():
     q = torch.randn(1000, 10)
     a = BrainProp(0.5).select(q, torch.Generator().manual_seed(7))[0]

@@ -115,7 +115,9 @@ class BrainProp:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The actions [B] and whether each explored [B] for ``q`` ([B, K]) given
         :meth:`draw`'s draws: the exploration policy, which a subclass may change."""
-        q = q.detach().float()
+        # bf16 and fp16 choose in fp32, as the Gumbel noise needs; fp64 keeps its own, whose
+        # argmax rounding to fp32 could change (and EBP's, taken in fp64, then differ).
+        q = q.detach() if q.dtype == torch.float64 else q.detach().float()
         if explore is None or uniform is None:
             return q.argmax(dim=1), torch.zeros(q.shape[0], dtype=torch.bool, device=q.device)
         explored = explore < self.epsilon
