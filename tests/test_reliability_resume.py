@@ -8,6 +8,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -34,7 +35,7 @@ from reliability_helpers import (
     tiny_config,
 )
 
-from brainprop import TrainConfig, checkpoint, files, locks, rng, rundir, signals, train
+from brainprop import TrainConfig, checkpoint, evaluate, files, locks, rng, rundir, signals, train
 from brainprop.errors import BrainPropError
 from brainprop.signals import Interrupted
 from brainprop.train import Trainer
@@ -597,6 +598,28 @@ def test_a_filesystem_without_locks_trains_unheld_and_says_so(
     assert capsys.readouterr().err == ""
 
 
+def test_a_run_directory_that_cannot_be_listed_is_refused_not_trained_unheld(
+    tmp_path: Path, ds, monkeypatch
+) -> None:
+    """Mode 0300: written and entered but not opened to lock, and two processes trained the
+    run in it at once (review). chmod does not stop root, who may run this suite."""
+    run = train(tiny_config(tmp_path, epochs=1), dataset=ds, progress=False)
+    opened = os.open
+
+    def unreadable(path, flags, *args):
+        if Path(path) == run.dir:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return opened(path, flags, *args)
+
+    monkeypatch.setattr(locks.os, "open", unreadable)
+    with pytest.raises(BrainPropError) as info:
+        train(tiny_config(tmp_path, epochs=2), resume=run.dir, dataset=ds, progress=False)
+    assert str(info.value) == (
+        f"cannot hold {run.dir} for this process ({os.strerror(errno.EACCES)}): let yourself "
+        "read it (chmod u+r), then run the command again"
+    )
+
+
 #: What best.pt may hold of the epoch that last.pt ends, other than its weights: those of an
 #: attempt since started over, which the epoch alone would not tell apart, or, edited by hand,
 #: the epoch as a tensor, sparse weights or the weights in another dtype (each once gave a raw
@@ -878,6 +901,48 @@ def test_checkpoint_of_another_run_is_refused(tmp_path: Path, ds, reference: Pat
         "but config.json says 0.1 (3 settings differ); put back the run's own last.pt and "
         "config.json as it wrote them, or start a new run"
     )
+
+
+def test_a_best_checkpoint_of_another_run_is_refused_by_resume_and_evaluate(
+    tmp_path: Path, ds, reference: Path
+) -> None:
+    """Only last.pt was compared with config.json: another run's best.pt was scored as this
+    run's, and a resume kept it as its best (review)."""
+    other = train(tiny_config(tmp_path, name="other", lr=0.05, epochs=1), dataset=ds,
+                  progress=False)  # fmt: skip
+    run_dir = tmp_path / "copy"
+    shutil.copytree(reference, run_dir)
+    assert evaluate(run_dir, dataset=ds)["epoch"] >= 1
+    shutil.copy(other.dir / "best.pt", run_dir / "best.pt")
+    expected = (
+        f"{run_dir / 'best.pt'} is not the run of the config.json beside it: its lr is 0.05 "
+        "but config.json says 0.1 (3 settings differ); put back the run's own best.pt and "
+        "config.json as it wrote them, or start a new run"
+    )
+    for attempt in (
+        lambda: train(tiny_config(tmp_path, epochs=4), resume=run_dir, dataset=ds, progress=False),
+        lambda: evaluate(run_dir, dataset=ds),
+    ):
+        with pytest.raises(BrainPropError) as info:
+            attempt()
+        assert str(info.value) == expected
+    evaluate(run_dir / "best.pt", dataset=ds)  # a file named alone is scored as it is
+    (run_dir / "best.pt").write_bytes(b"damaged")  # mended by a resume, as before
+    assert train(None, resume=run_dir, dataset=ds, progress=False).summary["epochs_run"] == 3
+
+
+def test_weights_of_another_dtype_are_refused_not_converted(tmp_path: Path, ds, reference):
+    """load_state_dict converts them: int8 weights came back as zeros, and a resume trained on
+    from them (review)."""
+    run_dir = tmp_path / "copy"
+    shutil.copytree(reference, run_dir)
+    state = checkpoint.load(run_dir / "last.pt")
+    key = next(k for k, t in state["model"].items() if t.is_floating_point())
+    state["model"][key] = state["model"][key].to(torch.int8)
+    checkpoint.save(run_dir / "last.pt", {k: v for k, v in state.items() if k != "format"})
+    with pytest.raises(BrainPropError, match=rf"its weights: {re.escape(key)} is torch.int8, "
+                       r"not torch.float32\)"):  # fmt: skip
+        train(tiny_config(tmp_path, epochs=4), resume=run_dir, dataset=ds, progress=False)
 
 
 def test_a_run_stored_with_a_relative_data_dir_resumes_again_and_again(

@@ -14,6 +14,7 @@ import io
 import pickle
 import re
 import warnings
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,8 +34,25 @@ def save(path: str | Path, state: dict[str, Any]) -> None:
     # Serialised in memory first: torch.save reports a failed write to a file as an opaque
     # RuntimeError, while a plain write raises the OSError (ENOSPC ...) that names the cause.
     buffer = io.BytesIO()
-    torch.save({"format": FORMAT, **_compact(state)}, buffer)
+    with _checksums():
+        torch.save({"format": FORMAT, **_compact(state)}, buffer)
     atomic_write(path, lambda f: f.write(buffer.getbuffer()))
+
+
+@contextmanager
+def _checksums() -> Iterator[None]:
+    """torch.save with a CRC-32 for every entry, as :func:`load` checks them, whatever the
+    caller set (``torch.serialization.set_crc32_options``; torch before 2.6 always writes
+    them)."""
+    options = torch.serialization
+    if not hasattr(options, "get_crc32_options") or options.get_crc32_options():
+        yield
+        return
+    options.set_crc32_options(True)
+    try:
+        yield
+    finally:
+        options.set_crc32_options(False)
 
 
 def _compact(value: Any) -> Any:
@@ -82,6 +100,11 @@ def load(path: str | Path) -> dict[str, Any]:
         raise BrainPropError(
             f"{path} is empty (0 bytes), not a checkpoint: use another checkpoint or retrain"
         )
+    if (failing := _failing_entry(path)) is not None:
+        raise BrainPropError(
+            f"{path} is damaged: its entry {failing} fails its checksum (a byte changed since it "
+            "was written); use another checkpoint or retrain"
+        )
     try:
         with warnings.catch_warnings():
             # Damaged bytes can look like an exotic pickle protocol; the error below says more.
@@ -121,6 +144,40 @@ def load(path: str | Path) -> dict[str, Any]:
             "by 'brainprop train'"
         )
     return state
+
+
+def _failing_entry(path: Path) -> str | None:
+    """The first entry of the checkpoint's zip archive whose bytes fail their CRC-32, or None.
+
+    torch's reader does not check them: a changed byte in a weight loaded without a word, and
+    a resume trained it on. An entry written without one (a CRC of 0) is not checked. A file
+    that is no readable zip is left to torch.load, which refuses it in its own terms."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if info.CRC == 0:
+                    continue
+                try:
+                    with archive.open(info) as f:
+                        while f.read(1 << 20):
+                            pass
+                except zipfile.BadZipFile:
+                    return info.filename
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError):
+        return None
+    return None
+
+
+def load_weights(model: torch.nn.Module, stored: Any) -> None:
+    """``model.load_state_dict(stored)``, but a ValueError naming a tensor of another dtype than
+    the model's own, which ``load_state_dict`` converts without a word (int8 weights came back
+    as zeros, and a resume trained on from them)."""
+    own = model.state_dict()
+    for key, tensor in stored.items() if isinstance(stored, dict) else ():
+        mine = own.get(key)
+        if isinstance(tensor, torch.Tensor) and mine is not None and tensor.dtype != mine.dtype:
+            raise ValueError(f"{key} is {tensor.dtype}, not {mine.dtype}")
+    model.load_state_dict(stored)
 
 
 #: What reading a damaged entry of a loaded checkpoint raises, in torch or in Python.

@@ -23,7 +23,13 @@ from .devices import autocast, device_name, ran_out_of_memory, resolve_device, w
 from .errors import BrainPropError, UnknownName, reason
 from .feedback import convert
 from .presets import Hyperparameters, build_model
-from .provenance import check_loadable, check_same_data, check_trained_on, declares_sizes
+from .provenance import (
+    check_loadable,
+    check_same_data,
+    check_same_run,
+    check_trained_on,
+    declares_sizes,
+)
 
 EVAL_BATCH = 1000
 
@@ -73,11 +79,14 @@ def load_model(target: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, Any
     Returns (model in eval mode, on the CPU; the checkpoint dict).
     """
     path = _checkpoint_path(target)
-    if path.is_dir():
-        path = _best_of(path)
+    run = path if path.is_dir() else None
+    if run is not None:
+        path = _best_of(run)
     state = checkpoint.load(path)
     try:
-        config = TrainConfig.from_dict(state["config"])
+        config = _config_of(state, path)
+        if run is not None and (stored := _run_config(run)) is not None:
+            check_same_run(path, config, stored)
         hp = config.hyperparameters()
         shape, classes, stored = state["input_shape"], state["num_classes"], state["model"]
         # Checked here, as the layers would name a damaged value in their own words, its repr
@@ -93,7 +102,7 @@ def load_model(target: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, Any
         with torch.random.fork_rng(devices=[]):
             model = _build(config.arch, shape, classes, hp)
             convert(model, config.feedback)
-        model.load_state_dict(stored)
+        checkpoint.load_weights(model, stored)
     except checkpoint.MISFITS as e:
         if ran_out_of_memory(e):
             raise  # too large for the machine, which is no fault of the checkpoint's
@@ -106,6 +115,23 @@ def load_model(target: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, Any
             f"{path} holds NaN or inf weights: the checkpoint is damaged; use another one"
         )
     return model.eval(), state
+
+
+def _config_of(state: dict[str, Any], path: Path) -> TrainConfig:
+    """The config a checkpoint read from ``path`` stores; its one-line refusal names no file."""
+    try:
+        return TrainConfig.from_dict(state.get("config"))
+    except BrainPropError as e:
+        raise BrainPropError(f"{path}: {e}; use another checkpoint") from None
+
+
+def _run_config(run: Path) -> TrainConfig | None:
+    """The config in the run directory ``run``'s config.json, or None where it does not read:
+    scoring needs only best.pt, which a damaged config.json leaves as good."""
+    try:
+        return TrainConfig.from_dict(rundir.read_json(run / rundir.CONFIG))
+    except (BrainPropError, TypeError):
+        return None
 
 
 def _build(arch: str, shape: list[int], classes: int, hp: Hyperparameters) -> nn.Module:

@@ -64,11 +64,17 @@ def held(folder: Path, busy: str) -> Iterator[None]:
 
 def _lockable(folder: Path) -> int | None:
     """An open descriptor of ``folder`` to lock, or None where there is nothing to hold: no
-    ``fcntl``, no such folder (the caller reports it in its own words), or one that may be
-    entered but not listed (what the caller does there next says so better than a lock)."""
+    ``fcntl``, or no such folder (the caller reports it in its own words). A folder that may be
+    written and entered but not listed (mode 0300) cannot be opened to lock, yet a run trains
+    in it: refused, as two processes trained one run there at once."""
     if fcntl is None or not folder.is_dir():
         return None
     try:
         return os.open(folder, os.O_RDONLY)
+    except PermissionError as e:
+        raise BrainPropError(
+            f"cannot hold {folder} for this process ({e.strerror or e}): let yourself read it "
+            "(chmod u+r), then run the command again"
+        ) from None
     except OSError:
         return None

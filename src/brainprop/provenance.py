@@ -1,5 +1,5 @@
 """What data a run was trained on, and the checks that what continues or scores it (a resume,
-``evaluate``, a stacked resume) is given that data again.
+``evaluate``, a stacked resume) is given that data again, and is that run's own checkpoint.
 
 A checkpoint names the network's input shape and classes; a checkpoint and the run's data.json
 record the data's name and images per class (:meth:`~brainprop.data.Dataset.fingerprint`), and
@@ -9,10 +9,37 @@ Each check raises one :class:`BrainPropError` line that says how to pass the rig
 
 from __future__ import annotations
 
+from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
+from .config import TrainConfig
 from .data import DATASETS, Dataset
 from .errors import BrainPropError
+
+#: What a run's checkpoints and config.json may disagree on and still be one run: where the
+#: data is (the first with --data-dir, or as a relative root an older version stored becomes
+#: absolute), and a raised --epochs.
+MAY_CHANGE = ("epochs", "data_dir")
+
+
+def check_same_run(path: Path, own: TrainConfig, stored: TrainConfig) -> None:
+    """One-line BrainPropError unless the checkpoint at ``path``, of the config ``own``, is of
+    the run whose config.json says ``stored``: one copied in from another run would otherwise
+    be continued (last.pt) or scored (best.pt) as this run's, without a word."""
+    differ = [
+        f.name for f in fields(TrainConfig)
+        if f.name not in MAY_CHANGE and getattr(own, f.name) != getattr(stored, f.name)
+    ]  # fmt: skip
+    if differ:
+        name = differ[0]
+        # Either file may be the stranger: a checkpoint copied in, a config.json edited.
+        raise BrainPropError(
+            f"{path} is not the run of the config.json beside it: its {name} is "
+            f"{getattr(own, name)!r} but config.json says {getattr(stored, name)!r} "
+            f"({len(differ)} settings differ); put back the run's own {path.name} and "
+            "config.json as it wrote them, or start a new run"
+        )
 
 
 def check_trained_on(state: dict[str, Any], ds: Dataset, source: str, remedy: str) -> None:

@@ -20,7 +20,7 @@ from .data import Dataset
 from .devices import device_problem, ran_out_of_memory
 from .errors import BrainPropError, UnknownName, reason
 from .evaluation import all_finite
-from .provenance import check_same_data, check_trained_on, declares_sizes
+from .provenance import check_same_data, check_same_run, check_trained_on, declares_sizes
 from .summary import epochs_phrase
 
 if TYPE_CHECKING:
@@ -33,8 +33,9 @@ def checkpoint_and_config(
     """The checkpoint to continue from (None: killed before its first one) and the config, with
     ``config``'s epochs where it is given (:func:`reopen` writes them once restored).
 
-    ``last.pt`` must belong to the run whose ``config.json`` sits beside it: a checkpoint
-    copied in from another run would otherwise silently continue the wrong network.
+    ``last.pt`` and ``best.pt`` must belong to the run whose ``config.json`` sits beside them:
+    a checkpoint copied in from another run would otherwise silently continue the wrong
+    network, or stand as its best.
     """
     stored = stored_config(run_path)
     if config is not None:
@@ -45,22 +46,7 @@ def checkpoint_and_config(
     if state is None:
         rundir.refuse_restart(run_path)
     else:
-        own = _stored_config(state.get("config"), last)
-        # Where the data is, and a raised --epochs, may change over a run's life: the first
-        # with --data-dir, or as a relative root an older version stored becomes absolute.
-        differ = [
-            f.name for f in fields(TrainConfig)
-            if f.name not in _MAY_CHANGE and getattr(own, f.name) != getattr(stored, f.name)
-        ]  # fmt: skip
-        if differ:
-            name = differ[0]
-            # Either file may be the stranger: a last.pt copied in, a config.json edited.
-            raise BrainPropError(
-                f"{last} is not the run of the config.json beside it: its {name} is "
-                f"{getattr(own, name)!r} but config.json says {getattr(stored, name)!r} "
-                f"({len(differ)} settings differ); put back the run's own last.pt and "
-                "config.json as it wrote them, or start a new run"
-            )
+        check_same_run(last, _stored_config(state.get("config"), last), stored)
     if config is not None and config.epochs < 1:
         # Checked here, as the flag it is: once merged into the stored config, the resolve
         # below would blame config.json for it.
@@ -72,9 +58,27 @@ def checkpoint_and_config(
             f"{run_path} has already run {epochs_phrase(done)}, so --epochs {config.epochs} would "
             f"change nothing: pass more than {done} to continue it"
         )
-    if config is not None:
-        stored = replace(stored, epochs=config.epochs)
-    return state, _resolve_stored(stored, run_path / rundir.CONFIG)
+    resolved = _resolve_stored(
+        stored if config is None else replace(stored, epochs=config.epochs),
+        run_path / rundir.CONFIG,
+    )
+    # After config.json's own checks (a device this machine lacks, say), which say more.
+    if (best := _sound_config(run_path / rundir.BEST)) is not None:
+        # Scored by evaluate, and kept as the run's best unless a later epoch beats it.
+        check_same_run(run_path / rundir.BEST, best, stored)
+    return state, resolved
+
+
+def _sound_config(path: Path) -> TrainConfig | None:
+    """The config of the checkpoint at ``path``; None where there is none, or none that reads:
+    a damaged best.pt is no reason to stop a resume, which replaces it where it can
+    (:func:`~brainprop.rundir.mend_best`), and evaluate refuses it."""
+    if not path.is_file():
+        return None
+    try:
+        return _stored_config(checkpoint.load(path).get("config"), path)
+    except BrainPropError:
+        return None
 
 
 def _refuse_ignored(config: TrainConfig, stored: TrainConfig) -> None:
@@ -101,10 +105,6 @@ def _refuse_ignored(config: TrainConfig, stored: TrainConfig) -> None:
             "ignored: pass TrainConfig(epochs=N) to train longer, or no config (data that moved: "
             "data_dir=)"
         )
-
-
-#: What a run's last.pt and config.json may disagree on and still be one run.
-_MAY_CHANGE = ("epochs", "data_dir")
 
 
 def reopen(run_path: Path, config: TrainConfig, trains_on: bool) -> None:

@@ -266,7 +266,7 @@ class Trainer:
             state, self.config.batch_size, self.config.global_batch
         )
         with checkpoint.entry("its weights"):
-            self.model.load_state_dict(state["model"])
+            checkpoint.load_weights(self.model, state["model"])
         settings = optimizer_settings(self.optimizer)
         with checkpoint.entry("its optimizer state"):
             self.optimizer.load_state_dict(state["optimizer"])
