@@ -161,12 +161,37 @@ def test_seeds_that_all_scored_alike_give_no_verdict_on_a_gap(tmp_path):
     assert r.gap_verdict.agrees is True
 
 
+def test_seeds_that_all_took_alike_give_no_verdict_on_a_ratio_outside_the_claim(tmp_path):
+    """A zero-width interval was judged: 5.00 (5.00-5.00) said no (review)."""
+    _cell_runs(tmp_path, CONV, GPU, [0.99, 0.991], [0.99, 0.991], [100, 100], [20, 20])
+    [r] = aggregate(load_measurements(tmp_path))
+    assert r.ratio == pytest.approx(5.0) and r.ratio_interval == pytest.approx((5.0, 5.0))
+    assert r.ratio_verdict.text() == "– (every seed of each rule took as many epochs)"
+    inside = tmp_path / "inside"
+    _cell_runs(inside, CONV, GPU, [0.99, 0.991], [0.99, 0.991], [40, 40], [20, 20])
+    [r] = aggregate(load_measurements(inside))
+    assert r.ratio_verdict.agrees is True
+
+
+def test_a_cap_of_the_papers_500_epochs_given_as_such_is_no_cap(tmp_path):
+    """RunSpec(max_epochs=500): runs that stopped at 500 got no verdict, as if capped short
+    of the paper's limit, where the same runs uncapped got one (review)."""
+    _cell_runs(tmp_path, CONV, GPU, [0.99, 0.991], [0.99, 0.991], [400, 420], [300, 320],
+               max_epochs=500)  # fmt: skip
+    for m in load_measurements(tmp_path):
+        d = json.loads(m.path.read_text())
+        d["summary"]["stop_reason"] = "max epochs"
+        m.path.write_text(json.dumps(d))
+    [r] = aggregate(load_measurements(tmp_path))
+    assert r.gap_verdict.agrees is True and r.ratio_verdict.agrees is True
+
+
 def test_verdicts_say_no_when_claims_fail(tmp_path):
     # A clear accuracy gap, BrainProp 5x slower, and far below the published 99.31 (0.04).
-    _cell_runs(tmp_path, CONV, GPU, [0.95, 0.951], [0.99, 0.991], [100, 100], [20, 20])
+    _cell_runs(tmp_path, CONV, GPU, [0.95, 0.951], [0.99, 0.991], [100, 102], [20, 21])
     [r] = aggregate(load_measurements(tmp_path))
     assert r.gap == pytest.approx(-4.0)
-    assert r.gap_verdict.agrees is False and r.ratio == pytest.approx(5.0)
+    assert r.gap_verdict.agrees is False and r.ratio == pytest.approx(101 / 20.5)
     assert r.ratio_verdict.agrees is False and r.published_verdict.agrees is False
 
 
