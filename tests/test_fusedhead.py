@@ -87,6 +87,17 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.view(torch.int32)[~nan], b.view(torch.int32)[~nan])
 
 
+def test_the_check_before_the_kernels_are_relied_on_compares_bit_for_bit():
+    """It compared with allclose, which takes -0.0 for +0.0 (review); NaN still matches NaN,
+    and the loss, summed in another order, matches to rounding."""
+    same = fusedhead._same
+    assert not same("gradient", torch.tensor([-0.0]), torch.tensor([0.0]))
+    assert same("gradient", torch.tensor([float("nan"), 1.0]), torch.tensor([float("nan"), 1.0]))
+    assert not same("gradient", torch.tensor([1.0]), torch.tensor([1.0 + 2**-23]))
+    assert same("loss", torch.tensor(1.0), torch.tensor(1.0 + 2**-23))
+    assert not same("gradient", torch.tensor([1.0]), torch.tensor([1.0, 1.0]))
+
+
 def test_the_kernels_give_the_unfused_heads_results():
     """On CPU tensors through Triton's interpreter, which must be chosen before Triton is
     imported: hence a process of its own."""

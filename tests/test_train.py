@@ -568,6 +568,9 @@ def test_non_finite_loss_stops_with_epoch_and_step(tmp_path, tiny_dataset):
         (dict(batch_size=0), "--batch-size must be >= 1"),
         (dict(epochs=0), "--epochs must be >= 1"),
         (dict(dropout=(0.3, 1.0)), r"dropout rates must lie in \[0, 1\)"),
+        # Too large for a float: the int was kept, and its :g failed (review).
+        (dict(dropout=(0.3, 10**400)), r"dropout rates must lie in \[0, 1\), got 0.3, 1000"),
+        (dict(lr=10**400), r"--lr must lie in \[1.175e-38, 3.403e\+38\].*, got 1000"),
         (dict(dropout=(0.1, 0.2, 0.3)), "has 2 dropout sites"),
         (dict(val="train"), "--val must be 'test'"),
         (dict(arch="deep"), "no .deep. network for mnist: choose --arch from conv, dense, loccon"),

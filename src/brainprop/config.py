@@ -204,10 +204,11 @@ class TrainConfig:
             f"{self.arch!r} has {sites} dropout sites, got {len(self.dropout)} rates: "
             f"give {sites} comma-separated rates or one for all",
         )
+        # An int too large for a float (fieldtypes.plain keeps it) has no :g.
+        rates = (f"{r:g}" if isinstance(r, float) else str(r) for r in dict.fromkeys(self.dropout))
         need(
             all(0.0 <= r < 1.0 for r in self.dropout),
-            f"--dropout rates must lie in [0, 1), got "
-            f"{', '.join(f'{r:g}' for r in dict.fromkeys(self.dropout))}",
+            f"--dropout rates must lie in [0, 1), got {', '.join(rates)}",
         )
         need(
             self.val == VAL_TEST or (isinstance(self.val, int) and self.val >= 1),

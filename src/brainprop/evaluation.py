@@ -29,6 +29,7 @@ from .provenance import (
     check_same_run,
     check_trained_on,
     declares_sizes,
+    recorded_config,
 )
 
 EVAL_BATCH = 1000
@@ -84,7 +85,7 @@ def load_model(target: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, Any
         path = _best_of(run)
     state = checkpoint.load(path)
     try:
-        config = _config_of(state, path)
+        config = recorded_config(state.get("config"), path, DAMAGED)
         if run is not None and (stored := _run_config(run)) is not None:
             check_same_run(path, config, stored)
         hp = config.hyperparameters()
@@ -117,20 +118,17 @@ def load_model(target: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, Any
     return model.eval(), state
 
 
-def _config_of(state: dict[str, Any], path: Path) -> TrainConfig:
-    """The config a checkpoint read from ``path`` stores; its one-line refusal names no file."""
-    try:
-        return TrainConfig.from_dict(state.get("config"))
-    except BrainPropError as e:
-        raise BrainPropError(f"{path}: {e}; use another checkpoint") from None
+#: The end of a message for a checkpoint that does not read.
+DAMAGED = "the checkpoint is damaged or from another version; use another one"
 
 
 def _run_config(run: Path) -> TrainConfig | None:
     """The config in the run directory ``run``'s config.json, or None where it does not read:
     scoring needs only best.pt, which a damaged config.json leaves as good."""
+    path = run / rundir.CONFIG
     try:
-        return TrainConfig.from_dict(rundir.read_json(run / rundir.CONFIG))
-    except (BrainPropError, TypeError):
+        return recorded_config(rundir.read_json(path), path, "the run directory is damaged")
+    except BrainPropError:
         return None
 
 

@@ -18,6 +18,9 @@ import numpy as np
 
 from .errors import BrainPropError, kind_of
 
+#: The largest integer a float holds; a larger one's float() raises OverflowError.
+_FLOAT_MAX = int(np.finfo(np.float64).max)
+
 
 def _number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
@@ -50,8 +53,9 @@ def plain(value: Any, annotation: str) -> Any:
     if isinstance(value, np.generic):
         value = value.item()
     kinds = annotation.split(" | ")
-    # ``lr=1`` reads as meant, and its config.json then says 1.0 like every other rate.
-    if type(value) is int and "float" in kinds and "int" not in kinds:
+    # ``lr=1`` reads as meant, and its config.json then says 1.0 like every other rate. One
+    # too large for a float stays as it is, for the setting's range check to name.
+    if type(value) is int and "float" in kinds and "int" not in kinds and abs(value) <= _FLOAT_MAX:
         return float(value)
     if value is None or type(value) in (bool, int, float, str):
         return value

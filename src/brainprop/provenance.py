@@ -15,12 +15,28 @@ from typing import Any
 
 from .config import TrainConfig
 from .data import DATASETS, Dataset
-from .errors import BrainPropError
+from .errors import BrainPropError, reason
 
 #: What a run's checkpoints and config.json may disagree on and still be one run: where the
 #: data is (the first with --data-dir, or as a relative root an older version stored becomes
 #: absolute), and a raised --epochs.
 MAY_CHANGE = ("epochs", "data_dir")
+
+
+def recorded_config(d: Any, source: Path, fix: str) -> TrainConfig:
+    """The config ``d`` that ``source`` (a config.json, a checkpoint) records; a one-line
+    BrainPropError naming ``source``, and ending in ``fix`` where its own words do not, for one
+    that does not read."""
+    if not isinstance(d, dict):
+        raise BrainPropError(f"{source} holds no training config: {fix}")
+    try:
+        return TrainConfig.from_dict(d)
+    except TypeError as e:
+        raise BrainPropError(
+            f"{source} holds an unreadable training config ({reason(e)}): {fix}"
+        ) from None
+    except BrainPropError as e:
+        raise BrainPropError(f"{source}: {e}") from None
 
 
 def check_same_run(path: Path, own: TrainConfig, stored: TrainConfig) -> None:

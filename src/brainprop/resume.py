@@ -20,7 +20,13 @@ from .data import Dataset
 from .devices import device_problem, ran_out_of_memory
 from .errors import BrainPropError, UnknownName, reason
 from .evaluation import all_finite
-from .provenance import check_same_data, check_same_run, check_trained_on, declares_sizes
+from .provenance import (
+    check_same_data,
+    check_same_run,
+    check_trained_on,
+    declares_sizes,
+    recorded_config,
+)
 from .summary import epochs_phrase
 
 if TYPE_CHECKING:
@@ -142,17 +148,7 @@ def stored_config(run_path: Path) -> TrainConfig:
 
 
 def _stored_config(d: Any, source: Path) -> TrainConfig:
-    if not isinstance(d, dict):
-        raise BrainPropError(f"{source} holds no training config: the run directory is damaged")
-    try:
-        return TrainConfig.from_dict(d)
-    except TypeError as e:
-        raise BrainPropError(
-            f"{source} holds an unreadable training config ({reason(e)}): the run directory is "
-            "damaged or from another version"
-        ) from None
-    except BrainPropError as e:
-        raise BrainPropError(f"{source}: {e}") from None
+    return recorded_config(d, source, "the run directory is damaged or from another version")
 
 
 def _a_device(name: object) -> bool:

@@ -351,23 +351,30 @@ def _manifest(folder: Path, train: list[tuple[Path, int]], test: list[tuple[Path
 def _load_cache(cache: Path, manifest: dict, classes: int) -> dict[str, np.ndarray] | None:
     """The cached arrays if the cache was written for exactly this ``manifest`` and holds
     images and labels of ``classes`` classes, else None."""
+    paths = {k: cache / f"{k}.npy" for k in CACHE_ARRAYS}
     try:
         # Reading a named pipe would wait for ever; whatever stands there, the cache is
         # rebuilt over it.
-        if not_a_file(cache / "manifest.json", *(cache / f"{k}.npy" for k in CACHE_ARRAYS)):
+        if not_a_file(cache / "manifest.json", *paths.values()):
             return None
         if json.loads((cache / "manifest.json").read_text()) != manifest:
             return None
-        # Mapped, not read: np.load would allocate whatever shape a damaged header claims
-        # (67 TiB, a MemoryError) before it found the file short. Read once the shapes fit.
-        arrays = {
-            k: np.load(cache / f"{k}.npy", mmap_mode="r", allow_pickle=False) for k in CACHE_ARRAYS
-        }
+        # Mapped first, to check the shapes the headers claim without allocating them (a
+        # damaged one claimed 67 TiB, a MemoryError), then read; a copy of the mapped arrays
+        # would hold the 1.2 GB twice.
+        mapped = {k: np.load(p, mmap_mode="r") for k, p in paths.items()}
+        if not _cache_fits(mapped, manifest, classes):
+            return None
+        return {k: np.load(p, allow_pickle=False) for k, p in paths.items()}
     except (OSError, ValueError, EOFError, RecursionError):
         # A missing or damaged cache is rebuilt, never reported: it is ours, not the user's.
         # (np.load raises EOFError for a file cut short before its first array; json.loads
         # RecursionError for a manifest nested too deep.)
         return None
+
+
+def _cache_fits(arrays: dict[str, np.ndarray], manifest: dict, classes: int) -> bool:
+    """Whether the cache's ``arrays`` hold the images and labels of ``manifest``'s files."""
     n = {"train": manifest["train_files"], "test": manifest["test_files"]}
     for split in n:
         x, y = arrays[f"{split}_x"], arrays[f"{split}_y"]
@@ -378,8 +385,8 @@ def _load_cache(cache: Path, manifest: dict, classes: int) -> dict[str, np.ndarr
             or y.dtype != np.int64
             or (y.size and (y.min() < 0 or y.max() >= classes))
         ):
-            return None
-    return {k: np.array(v) for k, v in arrays.items()}
+            return False
+    return True
 
 
 def _save_cache(cache: Path, manifest: dict, arrays: dict[str, np.ndarray]) -> None:
