@@ -208,6 +208,30 @@ def test_reciprocal_feedback_weights_update_like_forward_weights():
     assert len(fb) == 3 and max(errors.values()) < TOL
 
 
+@pytest.mark.parametrize("mode", ["symmetric", "reciprocal"])
+def test_frozen_parameters_have_no_update_and_the_rest_still_match(mode):
+    """The reference gave a frozen W (and a reciprocal B, whose update is W's) an update the
+    fast path never makes (review)."""
+    model, shape = _net("conv", 0)
+    _convert(model, mode, 0)
+    frozen = {"0.weight", "4.weight"}  # the first conv, and the BatchNorm's gain
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(name not in frozen)
+    x, y = torch.rand(5, *shape), torch.zeros(5, dtype=torch.long)
+    model.train()
+    drawn = reference.trial(model, x, y, generator=torch.Generator().manual_seed(0)).masks
+    snapshot = copy.deepcopy(model)
+    fast, out = _fast_step(model, x, y, "brainprop", drawn, 0)
+    ref = reference.trial(snapshot, x, y, lr=LR, actions=out.actions, masks=drawn)
+    still = {k for k, v in snapshot.named_parameters() if v.requires_grad}
+    if mode == "reciprocal":
+        still.discard("0.feedback_weight")
+        assert not fast["0.feedback_weight"].any()
+    assert set(ref.updates) == still and not any(fast[k].any() for k in frozen)
+    for name, expected in ref.updates.items():
+        assert float((fast[name] - expected).norm() / expected.norm()) < TOL, name
+
+
 def test_breaking_the_gating_breaks_the_agreement(monkeypatch):
     """The comparison can fail: a reference that ignores the ReLU gate disagrees."""
     model, shape = _net("conv", 1)

@@ -72,7 +72,9 @@ class Trial:
         output_error: [N, K] eps, the signal the output layer sends down.
         feedback: per layer, the gated feedback arriving at its *output* ([N, ...], same shape
             as its activity), i.e. what multiplies the presynaptic activity in the update.
-        updates: parameter name (as in ``model.state_dict()``) -> the update to add to it.
+        updates: parameter name (as in ``model.state_dict()``) -> the update to add to it;
+            a frozen parameter (``requires_grad`` False) has none, nor a learned B whose W is
+            frozen, as its update is W's.
         masks: layer index -> the dropout mask used (1 = kept), drawn ones included.
     """
 
@@ -329,10 +331,11 @@ def _weight_layer(
             full = _unpatch(fb_patches, size, layer.stride)
             fb_in = full[..., top : size[0] - bottom, left : size[1] - right]
         bias_sum = (0,)
-    updates[f"{name}.weight"] = dw
-    if _learns_b(layer, mode):
-        updates[f"{name}.feedback_weight"] = dw  # the feedback synapse learns what W learns
-    if layer.bias is not None:
+    if layer.weight.requires_grad:
+        updates[f"{name}.weight"] = dw
+        if _learns_b(layer, mode):
+            updates[f"{name}.feedback_weight"] = dw  # the feedback synapse learns what W learns
+    if layer.bias is not None and layer.bias.requires_grad:
         updates[f"{name}.bias"] = alpha * fb.sum(bias_sum)
     if mode == "direct":
         # DFA: the output error goes straight to this layer's input through fixed D.
@@ -378,8 +381,10 @@ def _batchnorm_feedback(
     axes = _bn_axes(fb)
     gain = inv_sigma
     if layer.affine:
-        updates[f"{name}.weight"] = alpha * (fb * xhat).sum(axes)
-        updates[f"{name}.bias"] = alpha * fb.sum(axes)
+        if layer.weight.requires_grad:
+            updates[f"{name}.weight"] = alpha * (fb * xhat).sum(axes)
+        if layer.bias.requires_grad:
+            updates[f"{name}.bias"] = alpha * fb.sum(axes)
         gain = gain * _per_channel(layer.weight, fb)
     if not layer.training:
         return fb * gain
