@@ -19,12 +19,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 from data_fixtures import write_cifar100, write_idx_dataset, write_tiny_imagenet
 from measurement_fixtures import write_measurement
 from memory_errors import CPU_ALLOCATOR, ENFORCED
 from own_rules import FailsLater, SquaredError
 
-from brainprop import EBP, OBJECTIVES, matrix, processes, report, rundir, signals
+from brainprop import EBP, OBJECTIVES, devices, matrix, processes, report, rundir, signals
 from brainprop import experiments as ex
 from brainprop.cli import main
 from brainprop.errors import BrainPropError
@@ -1252,8 +1253,38 @@ def test_a_budget_times_a_run_as_it_will_resume(tmp_path):
         ex._members((spec,), request)
 
 
+def test_a_budget_prices_a_run_by_the_runs_it_will_share_the_gpu_with(tmp_path, monkeypatch):
+    """Under --jobs 4 a lone last run was priced as four runs' share of the GPU, 40 min where
+    it takes 10, and passed over in a budget of 30 (review)."""
+    monkeypatch.setattr(devices, "resolve_device", lambda device: torch.device("cuda"))
+    monkeypatch.setattr(ex, "this_machine", lambda device, threads=None: "NVIDIA H200")
+    write_measurement(tmp_path, RunSpec(CONV, "brainprop", 0), "NVIDIA H200", test_acc=0.99,
+                      epochs_run=60, s_per_epoch=9.0)  # fmt: skip
+    measured = load_measurements(tmp_path)
+    spec = RunSpec(CONV, "brainprop", 1)
+    request = Request(out=tmp_path, device="cuda", budget_minutes=30, jobs=4)
+    lines: list[str] = []
+    assert ex._Budget(request, None, measured).admits((spec,), lines.append)
+    assert ex._Budget(request, None, measured).admits((spec,), lines.append, 2)
+    assert not ex._Budget(request, None, measured).admits((spec,), lines.append, 3)
+    assert lines == [f"over budget: {spec.name} needs ~40.0 min, 30.0 min left"]
+
+
+def test_the_cores_are_those_this_process_may_use(tmp_path, monkeypatch, capsys):
+    """os.cpu_count ignores the affinity by which SLURM or taskset give a process fewer:
+    --jobs 2 on one allowed core passed, and its runs took turns on it (review)."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3}, raising=False)
+    args = ["reproduce", "--datasets", "mnist", "--archs", "dense", "--jobs", "2", "--out",
+            str(tmp_path), "--device", "cpu", "--data-dir", str(tmp_path / "none")]  # fmt: skip
+    assert main(args) == 2
+    assert "--jobs 2 is more runs than the 1 CPU core this process" in capsys.readouterr().err
+    monkeypatch.delattr(os, "sched_getaffinity")
+    assert devices.usable_cpus() == 64
+
+
 def test_two_jobs_train_in_worker_processes_on_cpu(tmp_path, mnist_root, monkeypatch, capfd):
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(devices, "usable_cpus", lambda: 2)
     request = Request(
         cells=(DENSE,), rules=("brainprop", "ebp"), seeds=1, max_epochs=1, out=tmp_path / "r",
         data_dir=str(mnist_root), device="cpu", jobs=2,
@@ -1350,7 +1381,7 @@ def test_a_workers_error_too_long_for_the_pipe_is_cut_and_the_worker_ends(tmp_pa
 
 
 def test_a_run_that_completes_beside_one_that_fails_is_recorded(tmp_path, mnist_root, monkeypatch):
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(devices, "usable_cpus", lambda: 2)
     out = tmp_path / "r"
     request = Request(
         cells=(DENSE,), rules=("brainprop", "ebp"), seeds=1, max_epochs=1, out=out,
@@ -1434,7 +1465,7 @@ def test_a_stop_with_a_run_that_cannot_be_recorded_records_the_others_and_stops(
 
 
 def test_a_ctrl_c_while_workers_start_stops_them_without_tracebacks(tmp_path, mnist_root):
-    if (os.cpu_count() or 1) < 2:
+    if devices.usable_cpus() < 2:
         pytest.skip("two jobs on a CPU need two cores")
     # The terminal's Ctrl-C reaches the whole foreground process group: the workers too, while
     # they import torch and have not yet left it.
@@ -1492,13 +1523,13 @@ def test_a_stop_names_the_runs_that_kept_progress_apart_from_those_not_begun(tmp
 def test_more_jobs_than_cpu_cores_is_a_one_line_error(tmp_path, monkeypatch, capsys):
     """Runs that took turns on a core would each record one thread as their machine, and
     seconds that measure the sharing."""
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(devices, "usable_cpus", lambda: 2)
     # No data there: were the jobs let through, the runs would fail there, not train.
     args = ["reproduce", "--datasets", "mnist", "--archs", "dense", "--jobs", "3", "--out",
             str(tmp_path), "--device", "cpu", "--data-dir", str(tmp_path / "none")]  # fmt: skip
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--jobs 3 is more runs than this machine's 2 CPU cores" in err
+    assert err.count("\n") == 1 and "--jobs 3 is more runs than the 2 CPU cores this process" in err
     assert "pass --jobs 2 or fewer" in err and not (tmp_path / RUNS).exists()
 
 

@@ -2,7 +2,6 @@
 processes; a plugin that cannot be imported is one line."""
 
 import json
-import os
 import sys
 
 import pytest
@@ -15,6 +14,7 @@ from brainprop import (
     PATHWAYS,
     PRESETS,
     TrainConfig,
+    devices,
     plugins,
 )
 from brainprop.cli import main
@@ -366,7 +366,7 @@ def test_a_plugin_that_cannot_be_imported_is_one_line(tmp_path, capsys, source, 
 def test_reproduce_workers_import_the_plugins_of_the_command(plugin, tmp_path, monkeypatch):
     """A worker is a process of its own: without the plugin there, its run of the plugin's
     rule or preset table would fail as it started."""
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(devices, "usable_cpus", lambda: 2)
     write_idx_dataset(tmp_path / "data" / "mnist", n_train=32, n_test=16)
     plugins.load(str(plugin))
     request = Request(

@@ -65,6 +65,15 @@ def out_of_memory(e: BaseException) -> BrainPropError:
     )
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity, by which SLURM, ``taskset`` and a
+    container's cpuset give it fewer than the machine's, which ``os.cpu_count`` counts."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # no affinity on macOS and Windows
+        return os.cpu_count() or 1
+
+
 def resolve_device(device: str) -> torch.device:
     """The device ``device`` means here ('auto': the GPU if there is one).
 

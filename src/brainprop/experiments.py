@@ -209,7 +209,7 @@ def reproduce(request: Request, say: Callable[[str], None] = print) -> Outcome:
         Interrupted: SIGINT/SIGTERM; each running run saved its state, and the same request
             continues it.
     """
-    from .devices import resolve_device
+    from .devices import resolve_device, usable_cpus
 
     kind = resolve_device(request.device).type
     if request.cuda_graph and kind != "cuda":
@@ -217,11 +217,11 @@ def reproduce(request: Request, say: Callable[[str], None] = print) -> Outcome:
             f"--cuda-graph needs a CUDA device, and these runs would be on {kind} (--device "
             f"{request.device}): drop --cuda-graph"
         )
-    if kind == "cpu" and request.jobs > (cores := os.cpu_count() or 1):
+    if kind == "cpu" and request.jobs > (cores := usable_cpus()):
         # Each run records one thread as its machine, which would no longer mean one core.
         raise BrainPropError(
-            f"--jobs {request.jobs} is more runs than this machine's {cores} CPU "
-            f"core{'s' * (cores > 1)}: they would take turns on them, and each run's s/epoch "
+            f"--jobs {request.jobs} is more runs than the {cores} CPU core{'s' * (cores > 1)} "
+            f"this process may use: they would take turns on them, and each run's s/epoch "
             f"would measure the sharing; pass --jobs {cores} or fewer"
         )
     # Before any run loads its data: a file or a read-only folder as --out.
@@ -515,9 +515,10 @@ class _Budget:
         self.seconds = math.inf if minutes is None else 60 * minutes
         self.start: float | None = None
 
-    def admits(self, job: Job, say: Callable[[str], None]) -> bool:
+    def admits(self, job: Job, say: Callable[[str], None], others: int = 0) -> bool:
         """Whether ``job`` fits the time left; a stack takes as long as its longest run (see
-        :func:`estimate_seconds`). A job
+        :func:`estimate_seconds`), beside at most ``others`` jobs (fewer than --jobs - 1 as
+        the queue runs down: a lone run on a GPU was priced as --jobs runs' share). A job
         whose time is unknown starts while any time is left, and the clock starts when the
         first job comes up, so that the first always finds the whole budget: a deadline of
         "now + budget" would decide a tiny one by float rounding (now + 1e-298 is now) and
@@ -530,8 +531,13 @@ class _Budget:
         setup, out = self._setup(job), self.request.out
         estimates = [
             estimate_seconds(
-                spec, self.measurements, setup, out, stack=len(job), at_once=self.at_once
-            )
+                spec,
+                self.measurements,
+                setup,
+                out,
+                stack=len(job),
+                at_once=min(self.at_once, 1 + others),
+            )  # fmt: skip
             for spec in job
         ]
         estimate = None if None in estimates else max(e for e in estimates if e is not None)
@@ -897,12 +903,12 @@ def _run_in_workers(
     outcome: Outcome,
     say: Callable[[str], None],
 ) -> None:
-    from .devices import resolve_device
+    from .devices import resolve_device, usable_cpus
 
     # On a CPU, workers split the cores instead of each taking them all.
     on_cpu = resolve_device(request.device).type == "cpu"
     # >= 1: reproduce() caps the jobs at the cores.
-    threads = (os.cpu_count() or 1) // request.jobs if on_cpu else None
+    threads = usable_cpus() // request.jobs if on_cpu else None
     budget = _Budget(request, threads, measurements)
     pool = _Workers(request, threads, on_cpu, measurements, outcome, say)
     queue = list(jobs)
@@ -933,7 +939,9 @@ def _run_in_workers(
                 pool.tick()
                 while queue and len(pool.running) < request.jobs and not stop.requested:
                     job = queue.pop(0)
-                    if budget.admits(job, say):
+                    # It shares the device with those running and, as they come up, the
+                    # queued ones: as many as --jobs while the queue lasts, fewer after.
+                    if budget.admits(job, say, len(pool.running) + len(queue)):
                         pool.start(job)
                     else:
                         outcome.over_budget.extend(spec.name for spec in job)
