@@ -73,6 +73,19 @@ def test_trailing_bytes(tmp_path: Path) -> None:
     )
 
 
+def _count_reads(monkeypatch) -> list[int]:
+    """The sizes every gzip read asks for from now on (-1: the whole rest)."""
+    asked: list[int] = []
+    read = gzip.GzipFile.read
+
+    def counted(self, size=-1):
+        asked.append(size)
+        return read(self, size)
+
+    monkeypatch.setattr(gzip.GzipFile, "read", counted)
+    return asked
+
+
 def test_a_gzip_inflating_far_beyond_its_header_is_not_inflated(tmp_path: Path, monkeypatch):
     """One image declared, 200 MB of zeros behind it (a 0.2 MB gzip): refused after reading
     one byte past the declared data, not after inflating it all."""
@@ -85,14 +98,7 @@ def test_a_gzip_inflating_far_beyond_its_header_is_not_inflated(tmp_path: Path, 
     (folder / "train-labels-idx1-ubyte.gz").write_bytes(
         gzip.compress(idx_bytes(np.zeros(1, np.uint8)))
     )
-    asked = []
-    read = gzip.GzipFile.read
-
-    def counted(self, size=-1):
-        asked.append(size)
-        return read(self, size)
-
-    monkeypatch.setattr(gzip.GzipFile, "read", counted)
+    asked = _count_reads(monkeypatch)
     assert "has trailing bytes (expected 784 bytes" in _error(tmp_path)
     assert -1 not in asked and sum(asked) < 1000
 
@@ -120,14 +126,7 @@ def test_a_labels_header_declaring_more_than_any_images_file_holds_is_refused_un
     count = idx.MAX_DATA_BYTES // 784 + 1
     path = tmp_path / "mnist" / "train-labels-idx1-ubyte.gz"
     path.write_bytes(gzip.compress((0x00000801).to_bytes(4, "big") + count.to_bytes(4, "big")))
-    asked = []
-    read = gzip.GzipFile.read
-
-    def counted(self, size=-1):
-        asked.append(size)
-        return read(self, size)
-
-    monkeypatch.setattr(gzip.GzipFile, "read", counted)
+    asked = _count_reads(monkeypatch)
     assert _error(tmp_path) == (
         f"MNIST file {path} declares {count:,} labels, more than the 2,739,137 images any IDX "
         "file holds: it is damaged; delete it and run 'brainprop download mnist'"
