@@ -85,7 +85,7 @@ def load_model(target: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, Any
         path = _best_of(run)
     state = checkpoint.load(path)
     try:
-        config = recorded_config(state.get("config"), path, DAMAGED)
+        config = recorded_config(state.get("config"), path, _DAMAGED)
         if run is not None and (stored := _run_config(run)) is not None:
             check_same_run(path, config, stored)
         hp = config.hyperparameters()
@@ -119,7 +119,7 @@ def load_model(target: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, Any
 
 
 #: The end of a message for a checkpoint that does not read.
-DAMAGED = "the checkpoint is damaged or from another version; use another one"
+_DAMAGED = "the checkpoint is damaged or from another version; use another one"
 
 
 def _run_config(run: Path) -> TrainConfig | None:

@@ -537,7 +537,7 @@ class _Budget:
                 out,
                 stack=len(job),
                 at_once=min(self.at_once, 1 + others),
-            )  # fmt: skip
+            )
             for spec in job
         ]
         estimate = None if None in estimates else max(e for e in estimates if e is not None)
