@@ -25,7 +25,17 @@ from measurement_fixtures import write_measurement
 from memory_errors import CPU_ALLOCATOR, ENFORCED
 from own_rules import FailsLater, SquaredError
 
-from brainprop import EBP, OBJECTIVES, devices, matrix, processes, report, rundir, signals
+from brainprop import (
+    EBP,
+    OBJECTIVES,
+    devices,
+    matrix,
+    processes,
+    report,
+    rundir,
+    sharing,
+    signals,
+)
 from brainprop import experiments as ex
 from brainprop.cli import main
 from brainprop.errors import BrainPropError
@@ -321,7 +331,7 @@ def _fake_train(calls):
         for spec in job:
             calls.append(spec.name)
             run_dir = request.out / RUNS / spec.name
-            run_dir.mkdir(parents=True)
+            run_dir.mkdir(parents=True, exist_ok=True)  # a run resumed is there
             config = spec.config(request.out, request.data_dir, request.device).resolve()
             (run_dir / rundir.CONFIG).write_text(json.dumps(config.to_dict()))
             (run_dir / rundir.HISTORY_JSON).write_text("[]")
@@ -1061,7 +1071,77 @@ def test_a_packed_run_records_how_many_ran_beside_it_on_average(monkeypatch):
     company.tick({1})
     clock[0] = 40.0
     company.tick({1, 2})
-    assert (company.leave(1), company.leave(2), company.leave(3)) == (1.25, 2.0, 1.0)
+    assert (company.leave(1), company.leave(2), company.leave(3)) == (
+        (40.0, 1.25),
+        (10.0, 2.0),
+        (0.0, 1.0),
+    )
+
+
+def test_a_run_finished_in_a_session_packed_otherwise_records_all_its_sessions(
+    tmp_path, monkeypatch
+):
+    """A run alone on the GPU for 900 s, stopped, then finished beside another for 100 s was
+    recorded as sharing it all its time: its device time halved (review)."""
+    clock = [0.0]
+    monkeypatch.setattr(ex.time, "monotonic", lambda: clock[0])
+    spec = RunSpec(DENSE, "ebp", 0)
+    request = Request(out=tmp_path, device="cpu")
+    _fake_train([])((spec,), request, None)
+    run_dir = tmp_path / RUNS / spec.name
+    sharing.note(run_dir, 900.0, 1.0)  # the session that stopped it, alone
+    pool = ex._Workers(request, None, False, [], ex.Outcome(), lambda _: None)
+    pool.running[7] = ((spec,), None, None)
+    pool.company.tick({7, 8})
+    clock[0] = 100.0
+    pool.company.tick({7, 8})
+    pool.finished(7)
+    [m] = pool.recorder.measurements
+    assert json.loads((run_dir / sharing.SHARING).read_text()) == [[900.0, 1.0], [100.0, 2.0]]
+    assert m.company == pytest.approx(1.1) and m.at_once == 1
+
+
+def test_a_run_finished_alone_in_one_process_notes_its_session(tmp_path, mnist_root, monkeypatch):
+    """--jobs 1 on a GPU: the run has it to itself, which counts beside a packed session
+    that stopped it before: 100 s beside another, then 300 s alone, 1.25 on average."""
+    clock = [0.0]
+    monkeypatch.setattr(ex.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(devices, "resolve_device", lambda device: torch.device("cuda"))
+    monkeypatch.setattr(ex, "this_machine", lambda device, threads=None: "NVIDIA H200")
+    spec = RunSpec(DENSE, "ebp", 0)
+    run_dir = tmp_path / RUNS / spec.name
+    run_dir.mkdir(parents=True)
+    sharing.note(run_dir, 100.0, 2.0)
+    finish = _fake_train([])
+
+    def train_for_300_s(job, request, dataset):
+        clock[0] += 300.0
+        finish(job, request, dataset)
+
+    monkeypatch.setattr(ex, "_train", train_for_300_s)
+    # --device cpu for the stand-in's config: a GPU is only resolve_device's word here.
+    request = Request(out=tmp_path, device="cpu", data_dir=str(mnist_root))
+    outcome = ex.Outcome()
+    ex._run_in_process(request, [(spec,)], [], outcome, lambda _: None)
+    assert outcome.ran == [spec.name]
+    assert json.loads((run_dir / sharing.SHARING).read_text()) == [[100.0, 2.0], [300.0, 1.0]]
+    [m] = load_measurements(tmp_path)
+    assert m.company == pytest.approx(1.25)
+
+
+def test_a_damaged_record_of_a_runs_sessions_is_one_line(tmp_path):
+    spec = RunSpec(DENSE, "ebp", 0)
+    _fake_train([])((spec,), Request(out=tmp_path, device="cpu"), None)
+    run_dir = tmp_path / RUNS / spec.name
+    assert sharing.average(run_dir, 3.0) == 3.0  # none noted: the session's own
+    for damage in ("[[100, 0.5]]", "[[-1, 2]]", '{"a": 1}', "[[1, 2, 3]]", "[[true, 2]]"):
+        (run_dir / sharing.SHARING).write_text(damage)
+        with pytest.raises(BrainPropError) as info:
+            sharing.average(run_dir, 1.0)
+        assert str(info.value) == (
+            f"{run_dir / sharing.SHARING} is no list of [seconds, runs] pairs: delete it, and "
+            f"{run_dir}'s device time is its last session's"
+        ), damage
 
 
 @pytest.mark.parametrize(("company", "at_once"), [(1.25, 1), (1.5, 2), (2.4, 2), (3.0, 3)])

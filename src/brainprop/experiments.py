@@ -34,7 +34,7 @@ from pathlib import Path
 from statistics import fmean
 from typing import Any, NoReturn
 
-from . import locks, plugins, processes, rundir, signals
+from . import locks, plugins, processes, rundir, sharing, signals
 from .config import TrainConfig
 from .errors import BrainPropError, described
 from .feedback import check_feedback
@@ -307,9 +307,9 @@ def _scan(
     # Read once: a file half-copied in while the runs train (a merge) must not stop them.
     measurements = load_measurements(request.out)
     measured = {m.run for m in measurements}
-    # Finished, but stopped before it was recorded: how many shared the device with it is no
-    # longer known; this request's packing is the best guess.
-    company = runs_at_once(request)
+    # Finished, but stopped before it was recorded: where its sessions noted no sharing (a
+    # run from before the record), this request's packing is the best guess.
+    packing = runs_at_once(request)
     pending = []
     for spec in specs:
         run_dir = request.out / RUNS / spec.name
@@ -317,10 +317,11 @@ def _scan(
         if spec.name not in measured:
             _check_run_dir(spec, run_dir)
             if finished:
+                company = sharing.average(run_dir, packing)
                 measurements.append(record(spec, run_dir, request.out, company))
                 measured.add(spec.name)
         elif finished and not _recorded(spec, run_dir, measurements):
-            _record_beside(spec, run_dir, request.out, company, measurements, say)
+            _record_beside(spec, run_dir, request.out, packing, measurements, say)
         if spec.name in measured:
             outcome.skipped.append(spec.name)
         else:
@@ -354,7 +355,7 @@ def _record_beside(
     name is measured, so it skips the run anyway."""
     try:
         _check_run_dir(spec, run_dir)
-        measurements.append(record(spec, run_dir, out, company))
+        measurements.append(record(spec, run_dir, out, sharing.average(run_dir, company)))
     except BrainPropError as e:
         # The error's advice (to train the run afresh) holds only once the name is unmeasured.
         say(
@@ -645,9 +646,12 @@ def _run_in_process(
     say: Callable[[str], None],
 ) -> None:
     from .data import load_dataset
+    from .devices import resolve_device
 
     budget = _Budget(request, None, measurements)
     recorder = _Recorder(request.out, measurements, outcome, say)
+    # A run here has the GPU to itself, which its run directory notes (see sharing).
+    on_gpu = resolve_device(request.device).type != "cpu"
     loaded: dict[str, Any] = {}
     # Between runs (loading a dataset, recording a run) there is nothing to save, and a stop
     # ends the session at once; within a run, its training takes the signals over.
@@ -663,12 +667,25 @@ def _run_in_process(
                 loaded = {dataset: load_dataset(dataset, request.data_dir)}
             say(f"run {_names(job)}")
             _begin(request.out, job)
+            started = time.monotonic()
             try:
                 _train(job, request, loaded[dataset])
             except signals.Interrupted as e:
+                if on_gpu:
+                    _note_sharing(request.out, job, time.monotonic() - started, 1.0)
                 names = recorder.record_ended(job)
                 raise _stopped(e.exit_status - 128, names, request.out / RUNS) from None
+            if on_gpu:  # alone on it: a session packed otherwise may finish a run begun here
+                _note_sharing(request.out, job, time.monotonic() - started, 1.0)
             recorder.record(job)
+
+
+def _note_sharing(out: Path, job: Job, seconds: float, runs: float) -> None:
+    """Note in the run directory of each run of ``job`` a session of ``seconds`` on a GPU
+    beside ``runs - 1`` other jobs on average (:func:`brainprop.sharing.note`)."""
+    for spec in job:
+        if (out / RUNS / spec.name).is_dir():
+            sharing.note(out / RUNS / spec.name, seconds, runs)
 
 
 def _run_ended(out: Path, spec: RunSpec) -> bool:
@@ -696,9 +713,11 @@ class _Recorder:
         self.reported_at = -math.inf
 
     def record(self, specs: Sequence[RunSpec], company: float = 1.0) -> None:
-        """Record the runs ``specs``, which ended beside ``company - 1`` others on average."""
+        """Record the runs ``specs``, which ended beside ``company - 1`` others on average over
+        this session (their sessions' average where they noted theirs: :mod:`~.sharing`)."""
         for spec in specs:
-            m = record(spec, self.out / RUNS / spec.name, self.out, company)
+            run_dir = self.out / RUNS / spec.name
+            m = record(spec, run_dir, self.out, sharing.average(run_dir, company))
             self.measurements.append(m)
             self.outcome.ran.append(spec.name)
             self.say(_finished_line(m))
@@ -1024,16 +1043,23 @@ class _Workers:
     def finished(self, sentinel: int) -> None:
         """Record the runs of the job that ``sentinel``'s worker completed."""
         job, _, _ = self.running.pop(sentinel)
-        self.recorder.record(job, self._company(sentinel))
+        self.recorder.record(job, self._company(sentinel, job))
 
     def record_stopped(self, sentinel: int) -> None:
         """Record the runs of ``sentinel``'s job that ended as the stop came (a signal in a
         run's last step lets it end), and note the others in :attr:`stopped`."""
         job, _, _ = self.running.pop(sentinel)
-        self.stopped += self.recorder.record_ended(job, self._company(sentinel))
+        self.stopped += self.recorder.record_ended(job, self._company(sentinel, job))
 
-    def _company(self, sentinel: int) -> float:
-        return 1.0 if self.on_cpu else self.company.leave(sentinel)
+    def _company(self, sentinel: int, job: Job) -> float:
+        """How many jobs shared the GPU with ``job`` on average this session, noted in its
+        runs' directories for the session that finishes them (1 on a CPU: the cores are split,
+        which the machine's thread count says)."""
+        if self.on_cpu:
+            return 1.0
+        seconds, runs = self.company.leave(sentinel)
+        _note_sharing(self.request.out, job, seconds, runs)
+        return runs
 
     def reap(self, ended: list[int]) -> list[str]:
         """Record the jobs whose workers ``ended`` completed; returns why each other one failed.
@@ -1148,6 +1174,8 @@ class _Company:
             self.weighted[key] = self.weighted.get(key, 0.0) + (now - self.since) * len(running)
         self.since = now
 
-    def leave(self, key: int) -> float:
+    def leave(self, key: int) -> tuple[float, float]:
+        """The seconds the job ``key`` ran, and how many ran beside it on average (itself
+        included); it is counted no more."""
         seconds, weighted = self.seconds.pop(key, 0.0), self.weighted.pop(key, 0.0)
-        return max(1.0, weighted / seconds) if seconds > 0 else 1.0
+        return seconds, max(1.0, weighted / seconds) if seconds > 0 else 1.0
