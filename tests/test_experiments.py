@@ -1127,6 +1127,77 @@ def test_a_run_finished_alone_in_one_process_notes_its_session(tmp_path, mnist_r
     assert json.loads((run_dir / sharing.SHARING).read_text()) == [[100.0, 2.0], [300.0, 1.0]]
     [m] = load_measurements(tmp_path)
     assert m.company == pytest.approx(1.25)
+    stopped = RunSpec(DENSE, "ebp", 2)
+
+    def stopped_after_its_first_checkpoint(job, request, dataset):
+        clock[0] += 60.0
+        (tmp_path / RUNS / stopped.name).mkdir(parents=True)
+        (tmp_path / RUNS / stopped.name / rundir.LAST).write_bytes(b"a checkpoint")
+        raise signals.Interrupted("stopped", signal.SIGTERM)
+
+    monkeypatch.setattr(ex, "_train", stopped_after_its_first_checkpoint)
+    with pytest.raises(signals.Interrupted):
+        ex._run_in_process(request, [(stopped,)], [], outcome, lambda _: None)
+    assert json.loads((tmp_path / RUNS / stopped.name / sharing.SHARING).read_text()) == [
+        [60.0, 1.0]
+    ]
+    monkeypatch.setattr(ex, "_train", train_for_300_s)
+    monkeypatch.setattr(devices, "resolve_device", lambda device: torch.device("cpu"))
+    other = RunSpec(DENSE, "ebp", 1)
+    ex._run_in_process(request, [(other,)], [], outcome, lambda _: None)
+    assert not (tmp_path / RUNS / other.name / sharing.SHARING).exists()  # a CPU notes none
+
+
+def test_sessions_are_noted_however_they_end_but_never_on_a_cpu(tmp_path, monkeypatch):
+    """A session stopped beside a failure was not noted, nor one whose run had kept nothing
+    yet, whose folder then held sharing.json alone (review); a CPU notes none."""
+    clock = [0.0]
+    monkeypatch.setattr(ex.time, "monotonic", lambda: clock[0])
+    kept, begun = RunSpec(DENSE, "ebp", 0), RunSpec(DENSE, "ebp", 1)
+    for spec in (kept, begun):
+        (tmp_path / RUNS / spec.name).mkdir(parents=True)
+    (tmp_path / RUNS / kept.name / rundir.LAST).write_bytes(b"a checkpoint")
+    for on_cpu in (True, False):
+        pool = ex._Workers(Request(out=tmp_path, device="cpu"), None, on_cpu, [],
+                           ex.Outcome(), lambda _: None)  # fmt: skip
+        pool.running = {7: ((kept,), None, None), 8: ((begun,), None, None)}
+        pool.company.tick({7, 8})
+        clock[0] += 50.0
+        pool.company.tick({7, 8})
+        pool.note_sessions()
+        noted = [(tmp_path / RUNS / spec.name / sharing.SHARING).exists() for spec in (kept, begun)]
+        assert noted == [not on_cpu, False], on_cpu
+    assert sharing.average(tmp_path / RUNS / kept.name, 1.0) == 2.0
+
+
+def test_a_finished_run_recorded_in_a_later_session_is_averaged_over_its_sessions(tmp_path):
+    spec = RunSpec(DENSE, "ebp", 0)
+    request = Request(out=tmp_path, device="cpu")
+    _fake_train([])((spec,), request, None)
+    sharing.note(tmp_path / RUNS / spec.name, 900.0, 1.0)
+    sharing.note(tmp_path / RUNS / spec.name, 100.0, 2.0)
+    measurements, outcome, pending = ex._scan(request, [spec], lambda _: None)
+    assert pending == [] and outcome.skipped == [spec.name]
+    assert [m.company for m in measurements] == [pytest.approx(1.1)]
+
+
+def test_a_note_that_cannot_be_written_is_said_and_the_run_recorded(tmp_path, monkeypatch):
+    def full(*_args):
+        raise BrainPropError("cannot write sharing.json (No space left on device)")
+
+    monkeypatch.setattr(sharing, "note", full)
+    spec = RunSpec(DENSE, "ebp", 0)
+    request = Request(out=tmp_path, device="cpu")
+    _fake_train([])((spec,), request, None)
+    lines: list[str] = []
+    pool = ex._Workers(request, None, False, [], ex.Outcome(), lines.append)
+    pool.running[7] = ((spec,), None, None)
+    pool.finished(7)
+    assert lines[0] == (
+        f"{spec.name}: its share of the GPU this session is not noted: cannot write "
+        "sharing.json (No space left on device)"
+    )
+    assert [m.run for m in pool.recorder.measurements] == [spec.name]
 
 
 def test_a_damaged_record_of_a_runs_sessions_is_one_line(tmp_path):

@@ -670,22 +670,37 @@ def _run_in_process(
             started = time.monotonic()
             try:
                 _train(job, request, loaded[dataset])
-            except signals.Interrupted as e:
+            except BaseException as e:
+                # However it ended, the next session may finish it packed otherwise.
                 if on_gpu:
-                    _note_sharing(request.out, job, time.monotonic() - started, 1.0)
+                    _note_sharing(request.out, job, time.monotonic() - started, 1.0, say)
+                if not isinstance(e, signals.Interrupted):
+                    raise
                 names = recorder.record_ended(job)
                 raise _stopped(e.exit_status - 128, names, request.out / RUNS) from None
-            if on_gpu:  # alone on it: a session packed otherwise may finish a run begun here
-                _note_sharing(request.out, job, time.monotonic() - started, 1.0)
+            if on_gpu:  # alone on it
+                _note_sharing(request.out, job, time.monotonic() - started, 1.0, say)
             recorder.record(job)
 
 
-def _note_sharing(out: Path, job: Job, seconds: float, runs: float) -> None:
+def _note_sharing(
+    out: Path, job: Job, seconds: float, runs: float, say: Callable[[str], None]
+) -> None:
     """Note in the run directory of each run of ``job`` a session of ``seconds`` on a GPU
-    beside ``runs - 1`` other jobs on average (:func:`brainprop.sharing.note`)."""
+    beside ``runs - 1`` other jobs on average (:func:`brainprop.sharing.note`).
+
+    Only a run that kept something of the session (a checkpoint, or its end) notes it: one
+    stopped before its first checkpoint starts over, and a folder without its config.json is
+    cleared as a run killed while it began. A note that cannot be written is said, and the run
+    is recorded all the same, with this session's sharing for its whole time."""
     for spec in job:
-        if (out / RUNS / spec.name).is_dir():
-            sharing.note(out / RUNS / spec.name, seconds, runs)
+        run_dir = out / RUNS / spec.name
+        if not any((run_dir / name).is_file() for name in (rundir.LAST, rundir.SUMMARY)):
+            continue
+        try:
+            sharing.note(run_dir, seconds, runs)
+        except BrainPropError as e:
+            say(f"{spec.name}: its share of the GPU this session is not noted: {e}")
 
 
 def _run_ended(out: Path, spec: RunSpec) -> bool:
@@ -987,6 +1002,7 @@ def _run_in_workers(
             # is recorded here, where a second error would hide the first; the next session
             # records what completed.
             pool.terminate()
+            pool.note_sessions()
             raise
 
 
@@ -1058,8 +1074,14 @@ class _Workers:
         if self.on_cpu:
             return 1.0
         seconds, runs = self.company.leave(sentinel)
-        _note_sharing(self.request.out, job, seconds, runs)
+        _note_sharing(self.request.out, job, seconds, runs, self.say)
         return runs
+
+    def note_sessions(self) -> None:
+        """Note the session of every job still held (stopped beside a failure, each saving its
+        state), as the one that finishes it counts every session's sharing."""
+        for sentinel, (job, _, _) in self.running.items():
+            self._company(sentinel, job)
 
     def reap(self, ended: list[int]) -> list[str]:
         """Record the jobs whose workers ``ended`` completed; returns why each other one failed.
@@ -1093,6 +1115,7 @@ class _Workers:
             self.stopped_by = signum
             self.record_stopped(sentinel)
             return None
+        self._company(sentinel, job)  # its checkpoint, if any, is continued next session
         del self.running[sentinel]
         return error or _ended(_names(job), proc.exitcode)
 
