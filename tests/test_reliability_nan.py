@@ -110,12 +110,19 @@ def test_on_nan_reload_rewinds_and_halves_the_learning_rate(tmp_path: Path, ds, 
 
 
 @pytest.mark.parametrize(
-    ("partial", "where"), [(None, "epoch 2"), ({"step": 4}, "epoch 3, step 4")]
+    ("epochs", "partial", "where"),
+    [
+        (2, None, "epoch 2"),
+        (2, {"step": 4}, "epoch 3, step 4"),
+        (0, None, "the start"),
+        (0, {"step": 4}, "epoch 1, step 4"),
+    ],
 )
-def test_a_rewind_says_where_it_went(partial, where):
-    """Back to an epoch's end, or into an epoch that a stop cut short (its last.pt)."""
+def test_a_rewind_says_where_it_went(epochs, partial, where):
+    """Back to an epoch's end, into an epoch that a stop cut short (its last.pt), or to the
+    initial weights when no epoch had ended: there is no epoch 0."""
     bad = NonFinite("loss", 2, 5)
-    rewound = SimpleNamespace(history=[{}, {}], partial=partial, lr_scale=0.25, nan_reloads=2)
+    rewound = SimpleNamespace(history=[{}] * epochs, partial=partial, lr_scale=0.25, nan_reloads=2)
     assert bad.rewound(rewound) == (
         f"the loss became NaN or inf at epoch 3, step 6: rewound to {where} with the learning "
         f"rate scaled by 0.25 (reload 2 of {MAX_NAN_RELOADS})"

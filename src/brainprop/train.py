@@ -458,7 +458,7 @@ class NonFinite(Exception):
 
     def rewound(self, trainer: Trainer) -> str:
         """What :func:`rewind` did about it, ``trainer`` being the rewound one."""
-        where = f"epoch {len(trainer.history)}"
+        where = f"epoch {len(trainer.history)}" if trainer.history else "the start"
         if trainer.partial is not None:
             where = f"epoch {len(trainer.history) + 1}, step {trainer.partial['step']}"
         return (
