@@ -180,8 +180,9 @@ def test_a_member_that_stops_leaves_and_the_others_train_on(tmp_path, tiny_datas
     )  # fmt: skip
     took = time.perf_counter() - began
     assert short.summary["epochs_run"] == 1 and long.summary["epochs_run"] == 3
-    assert [h["stack_size"] for h in long.history] == [2, 1, 1]
-    assert built == [2, 1]
+    # Left alone, it trains as a run of its own: no stack of one.
+    assert [h.get("stack_size") for h in long.history] == [2, None, None]
+    assert built == [2]
     for h in [*short.history, *long.history]:
         assert 0 < h["seconds"] < took and 0 < h["eval_seconds"] < took
     alone = train(
@@ -192,6 +193,60 @@ def test_a_member_that_stops_leaves_and_the_others_train_on(tmp_path, tiny_datas
     torch.testing.assert_close(
         short.model.state_dict(), torch.load(short.dir / "last.pt", weights_only=True)["model"]
     )
+
+
+def test_a_restack_that_fails_raises_its_own_error(tmp_path, tiny_dataset, monkeypatch):
+    """Not the AttributeError of releasing the old stack twice (review): running out of memory
+    there must still reach the CLI's advice to stack fewer seeds."""
+    built = []
+
+    class FailsToRestack(stacked.Stack):
+        def __init__(self, models, *args, **kwargs):
+            built.append(len(models))
+            if len(built) == 2:
+                raise torch.OutOfMemoryError("out of memory restacking")
+            super().__init__(models, *args, **kwargs)
+
+    monkeypatch.setattr(stacked, "Stack", FailsToRestack)
+    members = [_config(tmp_path, 1, epochs=1), *(_config(tmp_path, s, epochs=2) for s in (2, 3))]
+    with pytest.raises(torch.OutOfMemoryError, match="restacking"):
+        train_stacked(members, dataset=tiny_dataset, progress=False)
+    assert built == [3, 2]
+
+
+def test_a_stack_of_one_is_a_run_of_its_own_dropout_and_all(tmp_path, tiny_dataset):
+    """Its dropout masks too, which a vmapped stack of one would draw otherwise."""
+    alone = train(_config(tmp_path / "alone", 1, epochs=2), dataset=tiny_dataset, progress=False)
+    (one,) = train_stacked([_config(tmp_path / "one", 1, epochs=2)], dataset=tiny_dataset,
+                           progress=False)  # fmt: skip
+    _same_weights(alone, one, atol=0)
+    assert [h["val_acc"] for h in one.history] == [h["val_acc"] for h in alone.history]
+
+
+def test_a_member_left_alone_resumes_alone_as_it_would_have_trained_on(
+    tmp_path, tiny_dataset, monkeypatch
+):
+    """reproduce resumes the last seed of a stack on its own (``train --resume``): stopped once
+    alone, it must go on as the session that was stopped would have, dropout masks and all."""
+    members = [
+        _config(tmp_path / "whole", 1, epochs=1), _config(tmp_path / "whole", 2, epochs=3),
+    ]  # fmt: skip
+    _, whole = train_stacked(members, dataset=tiny_dataset, progress=False)
+    end_epoch = stacked.end_epoch
+
+    def stop_after_second_epoch(trainer, *args, **kwargs):
+        if len(trainer.history) == 1 and trainer.config.seed == 2:
+            signal.raise_signal(signal.SIGTERM)
+        return end_epoch(trainer, *args, **kwargs)
+
+    monkeypatch.setattr(stacked, "end_epoch", stop_after_second_epoch)
+    cut = [replace(c, out_dir=str(tmp_path / "cut")) for c in members]
+    with pytest.raises(Interrupted):
+        train_stacked(cut, dataset=tiny_dataset, progress=False)
+    monkeypatch.setattr(stacked, "end_epoch", end_epoch)
+    resumed = train(resume=tmp_path / "cut" / "s2", dataset=tiny_dataset, progress=False)
+    _same_weights(whole, resumed, atol=0)
+    assert [h["val_acc"] for h in resumed.history] == [h["val_acc"] for h in whole.history]
 
 
 def test_a_stack_that_stopped_early_in_its_last_epoch_resumes_as_stopped_early(
@@ -424,7 +479,7 @@ def test_a_run_stopped_mid_epoch_finishes_that_epoch_alone_then_joins(
     )
     # Epoch 1 of seed 0 ended alone; its epoch 2 shared a stack with seed 1's epoch 1.
     assert [h.get("stack_size") for h in interrupted.history] == [None, 2]
-    assert [h["stack_size"] for h in fresh.history] == [2, 1]
+    assert [h.get("stack_size") for h in fresh.history] == [2, None]
 
 
 def _cut_in_epoch(tmp_path, tiny_dataset, monkeypatch, cut=1, **kw) -> None:

@@ -14,16 +14,20 @@ generator, history, early stopping), run directory, checkpoints and summary. Its
 parameters and buffers are views of its slice of the stacked tensors, so it evaluates,
 checkpoints and resumes like a run of its own; ``brainprop train --resume`` continues a
 member alone. A member leaves the stack when it stops (early stopping, its epoch cap, a NaN),
-and the others are restacked.
+and the others are restacked; the last one left trains as a run of its own.
 
 What differs from G separate runs: the dropout masks (vmap draws them for all members at once
 from the global stream, so a member's masks depend on its place in the stack and on the seeds
 beside it; the same stack repeats them) and floating-point rounding (batched kernels). Each
 member's shuffle order and BrainProp's exploration come from the member's own generator, as
-in a run of its own.
+in a run of its own. Without dropout a member thus follows its seed alone to rounding, as
+tests show for dense, conv and loccon; in ``deep`` its BatchNorm layers amplify that rounding
+within a few steps (as :mod:`brainprop.fastpath` says of its layout), so a stacked seed of
+``deep`` is another run of that seed, not the same one.
 
 Limits: one process (no torchrun); symmetric feedback (the other pathways are autograd
-Functions without a vmap rule); a stop signal is honoured at the end of the epoch.
+Functions without a vmap rule); a network of one's own that vmap can run (no Python branch
+on a tensor's value); a stop signal is honoured at the end of the epoch.
 """
 
 from __future__ import annotations
@@ -145,6 +149,9 @@ class Stack:
     ) -> None:
         self.models, self.generators = list(models), list(generators)
         self.objective, self.batch_size, self.bf16 = objective, batch_size, bf16
+        # Stacking makes every tensor contiguous; release gives each its layout back (a
+        # channels-last weight, say), or a member left alone would round as its run does not.
+        self._strides = [[t.stride() for t in _tensors(m)] for m in self.models]
         # A structure-only copy: functional_call supplies every tensor, so it holds none. Made
         # before the members become views, or it would copy the whole stack first.
         self.base = copy.deepcopy(self.models[0]).to("meta").train()
@@ -227,14 +234,20 @@ class Stack:
 
     def release(self) -> None:
         """Give every member its own copy of its weights; the stack is unusable afterwards."""
-        for model in self.models:
-            for t in [*model.parameters(), *model.buffers()]:
-                t.data = t.data.clone()
+        for model, strides in zip(self.models, self._strides, strict=True):
+            for t, stride in zip(_tensors(model), strides, strict=True):
+                t.data = torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device).copy_(
+                    t.data
+                )
         self.models, self.params, self.buffers = [], {}, {}
         # The step (and a CUDA graph's) and the vmapped forward refer back to this stack: a
         # cycle that would keep the stacked weights, gradients and the graph's memory pool
         # until Python's cycle collector happened to run.
         del self.step, self._forward, self.optimizer
+
+
+def _tensors(model: nn.Module) -> list[torch.Tensor]:
+    return [*model.parameters(), *model.buffers()]
 
 
 @dataclass
@@ -364,9 +377,10 @@ def _train_held(
     # at each epoch's end, so a stack resumed whole goes on as it would have run. A member cut
     # short in an epoch keeps its own, for that epoch's end alone.
     for (state, member_config, run_path), (recorded, where) in zip(loaded, records, strict=True):
-        trainer = Trainer(member_config, ds, progress=False)
-        if built:
-            _share_data(built[0][0], trainer)  # drops its own copy of a held-out split
+        # The held-out split is the same for every seed (split_validation draws it with seed
+        # 0), so one copy serves all: a step then gathers every member's batch in one indexing.
+        shared = built[0][0] if built else None
+        trainer = Trainer(member_config, ds, progress=False, data_of=shared)
         streams = None
         if state is None:
             # A new member, or one killed before its first checkpoint, which starts over on the
@@ -462,14 +476,6 @@ def _common_config(configs: Sequence[TrainConfig]) -> TrainConfig:
     return first
 
 
-def _share_data(source: Trainer, trainer: Trainer) -> None:
-    # The held-out split is the same for every seed (split_validation draws it with seed 0),
-    # so one copy serves all: a step then gathers every member's batch in one indexing.
-    trainer.train_set, trainer.val_x, trainer.val_y = (
-        source.train_set, source.val_x, source.val_y,
-    )  # fmt: skip
-
-
 class _StackedRun:
     """The epoch loop of one stack; :func:`train_stacked` is its only user."""
 
@@ -536,11 +542,19 @@ class _StackedRun:
                 if stop.requested:
                     raise self._interrupted(stop)
                 models = [m.trainer.model for m in self.members]
-                if stack is None or not stack.holds(models):
-                    if stack is not None:
-                        stack.release()
-                    stack = self._stack()
-                self._epoch(stack)
+                if stack is not None and not stack.holds(models):
+                    stack.release()
+                    # Released once: a failure to build the next must reach the caller, not a
+                    # second release's AttributeError.
+                    stack = None
+                if len(self.members) == 1:
+                    # A stack of one is a run of its own, whose own step draws the dropout
+                    # masks that `train --resume` (and reproduce, resuming a lone seed so)
+                    # would draw from its checkpoint: vmapped, they would differ.
+                    self._epoch_alone(self.members[0])
+                else:
+                    stack = stack or self._stack()
+                    self._epoch(stack)
                 self._leave_finished()
         finally:
             if stack is not None:
@@ -614,12 +628,12 @@ class _StackedRun:
         return [Scores(v, t, seconds) for v, t in zip(val, test, strict=True)]
 
     def _epoch_alone(self, m: _Member) -> None:
-        """Finish, outside any stack, the epoch that a run of its own was stopped in, drawing
-        from the random streams it saved, as ``train --resume`` would; the stack's streams
-        are left as they were."""
+        """An epoch of ``m`` outside any stack, as ``train --resume`` would train it: the one
+        its run was stopped in, from the random streams it saved, or any epoch of a member
+        left alone. The streams of a stack with others are left as they were."""
         t = m.trainer
         try:
-            with rng.global_streams_kept(self.device):
+            with self._streams_kept():
                 if m.streams is not None:
                     rng.restore(m.streams, t.generator)
                 m.streams = None
@@ -644,7 +658,7 @@ class _StackedRun:
         if t.may_rewind():
             # The global streams (dropout masks) are the whole stack's: rewinding one member's
             # must not replay the others' masks.
-            with rng.global_streams_kept(self.device):
+            with self._streams_kept():
                 # The rewound trainer keeps the old one's data, which the stack shares.
                 m.trainer = rewind(t, self.ds, m.run_path)
                 if m.trainer.partial is not None:
@@ -657,6 +671,13 @@ class _StackedRun:
             return
         self.say(m.tagged(gave_up(bad, t.config, m.run_path)))
         self._finish(m, bad.stop_reason())
+
+    def _streams_kept(self) -> contextlib.AbstractContextManager[None]:
+        """Keeps the global streams while other members draw from them too; a member alone
+        draws from them as a run of its own."""
+        if len(self.members) > 1:
+            return rng.global_streams_kept(self.device)
+        return contextlib.nullcontext()
 
     def _leave_finished(self) -> None:
         """Let go of members that reached their epoch cap or patience before this epoch."""
