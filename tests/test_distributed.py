@@ -8,6 +8,7 @@ import dataclasses
 import gc
 import json
 import math
+import operator
 import os
 import random
 import shutil
@@ -27,7 +28,7 @@ from conftest import make_tiny_dataset
 from data_fixtures import write_idx_dataset
 from reliability_helpers import assert_same_run
 
-from brainprop import TrainConfig, fastpath, train
+from brainprop import ARCHITECTURES, PRESETS, Hyperparameters, TrainConfig, fastpath, train
 from brainprop.checkpoint import load
 from brainprop.distributed import Context, current, joined
 from brainprop.errors import BrainPropError
@@ -204,6 +205,23 @@ def _equivalence_config(out: Path, rule: str, arch: str, n_train: int, **batch: 
     return _config(out, f"{rule}-{arch}-{n_train}", rule=rule, arch=arch, **dropout, **batch)
 
 
+def _biased_net(net, num_classes, dropout):
+    """A network of one's own whose biases PyTorch initialises from the global streams."""
+    net.flatten()
+    net.add(torch.nn.Linear(net.shape[0], 16))
+    net.add(torch.nn.ReLU())
+    net.dense(num_classes, relu=False)
+
+
+#: Trained on 2 ranks by the spawned job and on one process by the test.
+BIASED = dict(arch="biased", preset="biased", epochs=1)
+
+
+def _register_biased(setitem: Any) -> None:
+    setitem(ARCHITECTURES, "biased", (_biased_net, 0))
+    setitem(PRESETS, "biased", {("mnist", "biased"): Hyperparameters(init_std=0.05, dropout=())})
+
+
 def _leaving_worker(rank: int, world: int, port: int, out: Path) -> None:
     _join_env(rank, world, port)
     imported_before = "torch._dynamo" in sys.modules
@@ -231,6 +249,8 @@ def _worker(rank: int, world: int, port: int, out: Path) -> None:
         config = _equivalence_config(out, rule, arch, n_train, global_batch=GLOBAL)
         train(config, dataset=make_tiny_dataset(n_train=n_train, n_test=20), progress=False)
     ds = make_tiny_dataset(n_train=48, n_test=16)
+    _register_biased(operator.setitem)
+    train(_config(out, "biased", global_batch=GLOBAL, **BIASED), dataset=ds, progress=False)
     for name in ("explore-a", "explore-b"):
         train(_config(out, name, epsilon=0.5, epochs=1, global_batch=GLOBAL), dataset=ds,
               progress=False)  # fmt: skip
@@ -309,6 +329,7 @@ def test_two_processes_match_one_with_the_global_batch(two_ranks: Path, tmp_path
     # Rank 0 alone wrote: one directory per run.
     assert sorted(p.name for p in two_ranks.iterdir()) == sorted(
         [
+            "biased",
             "explore-a",
             "explore-b",
             "explore-cut",
@@ -320,6 +341,17 @@ def test_two_processes_match_one_with_the_global_batch(two_ranks: Path, tmp_path
             *(f"{r}-{a}-{n}" for r, a, n in EQUIVALENCE),
         ]  # fmt: skip
     )
+
+
+def test_ranks_start_a_network_of_ones_own_alike(two_ranks: Path, tmp_path: Path, monkeypatch):
+    """Its biases too, which PyTorch draws from the global streams: each rank's own stream
+    began only after the build, or every rank trained another network (review)."""
+    _register_biased(monkeypatch.setitem)
+    config = _config(tmp_path, "biased", batch_size=GLOBAL, **BIASED)
+    one = train(config, dataset=make_tiny_dataset(n_train=48, n_test=16), progress=False)
+    two = load(two_ranks / "biased" / "last.pt")["model"]
+    for key, tensor in one.model.state_dict().items():
+        torch.testing.assert_close(two[key], tensor, rtol=1e-5, atol=1e-6)
 
 
 def test_exploration_streams_differ_per_rank_and_the_run_is_reproducible(two_ranks: Path) -> None:

@@ -184,8 +184,9 @@ class Trainer:
             )
         self.parallel = distributed.current() if parallel is None else parallel
         self.device = self.parallel.device(config.device)
-        # Dropout draws from the global streams: each rank its own.
-        rng.seed_all(self.parallel.seed(config.seed))
+        # Alike on every rank until the network is built: a module of one's own may draw its
+        # default initialisation (a bias, say) from the global streams.
+        rng.seed_all(config.seed)
         if data_of is not None:
             if data_of.device != self.device or data_of.config.val != config.val:
                 raise ValueError("data_of must be a trainer of the same device and validation")
@@ -200,6 +201,9 @@ class Trainer:
         self.global_batch = self.parallel.global_batch(config.batch_size, config.global_batch)
         check_batch(config, self.global_batch, ds.name, len(self.train_set.train_y), self.parallel)
         parts = build_step(config, ds.input_shape, ds.num_classes, self.device, self.parallel)
+        if self.parallel.active:
+            # Dropout draws from the global streams: each rank its own.
+            rng.seed_all(self.parallel.seed(config.seed))
         self.model, self.objective, self.optimizer = parts.model, parts.objective, parts.optimizer
         self.generator, self.step = parts.generator, parts.step
         # The epochs' order: one process draws it from its only generator; several draw it
