@@ -25,6 +25,19 @@ def sigint_handled():
     signal.signal(signal.SIGINT, previous)
 
 
+@pytest.fixture
+def sigterm_caught():
+    """A SIGTERM that the code under test leaves to its default action fails the test, instead
+    of killing the whole suite."""
+
+    def uncaught(signum, frame):
+        raise AssertionError("SIGTERM reached the test: the code under test did not handle it")
+
+    previous = signal.signal(signal.SIGTERM, uncaught)
+    yield
+    signal.signal(signal.SIGTERM, previous)
+
+
 def make_tiny_dataset(
     n_train: int = 256, n_test: int = 64, classes: int = 4, size: int = 8, seed: int = 0
 ):

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import platform
+import signal
 import statistics
 import weakref
 
@@ -55,15 +56,16 @@ DENSE = (784 * 1500, 1500 * 1000, 1000 * 500, 500 * 10)
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
+    said: list[str] = []
     rep = run_bench(
         ["mnist/dense"], ["brainprop", "ebp"], device="cpu", steps=2, warmup=0, batch_size=8,
-        peak_tflops=1.0, eval_images=16, out=out, say=lambda _: None,
+        peak_tflops=1.0, eval_images=16, out=out, say=said.append,
     )  # fmt: skip
-    return rep, out
+    return rep, out, said
 
 
 def test_report_has_both_rules_and_every_field(report):
-    rep, out = report
+    rep, out, _ = report
     assert [r["rule"] for r in rep["results"]] == ["brainprop", "ebp"]
     for row in rep["results"]:
         assert set(row) >= ROW_FIELDS
@@ -100,6 +102,8 @@ def test_report_has_both_rules_and_every_field(report):
     assert "BrainProp/EBP" in md and "1.000 TFLOP/s (given with --peak-tflops)" in md
     units = rep["device"]["vector_units"]
     assert units == vector_units(cpuinfo()) and (units is None or f", {units}, " in md)
+    # By the name run summaries and the report give the machine (review: it lacked x86_64).
+    assert f"- device: {device_name(torch.device('cpu'))}, fp32, torch" in md
     held = rep["results"][0]["memory_held_before_bytes"] / 2**20
     assert f"({held:,.0f}) |" in md and "peak mem MiB (held before)" in md
 
@@ -309,6 +313,9 @@ def test_markdown_shows_both_peaks_only_when_they_differ(report):
     assert "- device: cpu (" in one and "), fp32, torch" in one
     gpu = json.loads(json.dumps(rep))
     gpu["device"] |= {"type": "cuda", "name": "NVIDIA H200", "vector_units": None}
+    gpu["device"]["machine"] = "NVIDIA H200"
+    assert "- device: NVIDIA H200, fp32, torch" in markdown(gpu)
+    del gpu["device"]["machine"]  # as the reports in docs/bench/ have it
     assert "- device: cuda (NVIDIA H200), fp32, torch" in markdown(gpu)
     rep["device"] |= {
         "precision": "matmul fp32, conv tf32 (cuDNN default)",
@@ -442,10 +449,50 @@ def test_a_graph_off_cuda_is_refused_before_anything_is_made(tmp_path, capsys):
     assert not (tmp_path / "o").exists() and capsys.readouterr() == ("", "")
 
 
-@pytest.mark.parametrize("peak", [0.0, -1.0, math.nan, math.inf])
-def test_a_peak_that_is_not_a_finite_positive_number_is_refused(peak):
-    with pytest.raises(BrainPropError, match="^--peak-tflops must be a finite number > 0"):
+@pytest.mark.parametrize("peak", [0.0, -1.0, math.nan, math.inf, 1e-300, 2e5])
+def test_a_peak_that_no_device_has_is_refused(peak):
+    """A slip of an exponent too, which printed a share of the peak 300 digits long."""
+    with pytest.raises(BrainPropError, match="^--peak-tflops must be a number of TFLOP/s from "):
         device_peaks(torch.device("cpu"), False, peak)
+
+
+def test_no_rules_is_refused_before_anything_is_built(tmp_path):
+    """The CLI's parser refuses an empty list; the library wrote a report of no rows."""
+    with pytest.raises(BrainPropError, match="^no rules to bench: name at least one"):
+        run_bench(["mnist/dense"], [], device="cpu", peak_tflops=1.0, out=tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_bench_says_each_phase_as_it_begins(report):
+    """A large preset takes minutes on a CPU before its rows, which came silent (review)."""
+    said = report[2]
+    phases = [line for line in said if line.startswith("mnist/dense: ")]
+    assert phases == [
+        "mnist/dense: building and warming up brainprop's step",
+        "mnist/dense: building and warming up ebp's step",
+        "mnist/dense: timing 2 steps in turn",
+        "mnist/dense: timing brainprop's evaluation of 16 images",
+        "mnist/dense: timing ebp's evaluation of 16 images",
+    ]
+    assert said.index(phases[-1]) < min(i for i, line in enumerate(said) if " ms/step " in line)
+
+
+def test_a_stop_signal_ends_a_bench_in_one_line_saying_what_it_kept(
+    tmp_path, sigterm_caught, capsys, monkeypatch
+):
+    """SIGTERM killed it without a word; Ctrl-C said only "interrupted"."""
+
+    def stopped(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("the signal stops the bench first")
+
+    monkeypatch.setattr(bench, "bench_preset", stopped)
+    argv = ["bench", "--presets", "mnist/dense", "--device", "cpu", "--peak-tflops", "1"]
+    assert main([*argv, "--out", str(tmp_path)]) == 128 + signal.SIGTERM
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "brainprop: stopped by SIGTERM while benchmarking; the presets benched before it are in "
+        f"{tmp_path / JSON_NAME}"
+    )
 
 
 def test_a_stack_too_large_for_memory_is_refused_before_any_timing(tmp_path, monkeypatch):

@@ -2,6 +2,8 @@
 
 import dataclasses
 import json
+import os
+import signal
 import subprocess
 import sys
 
@@ -268,6 +270,21 @@ def test_a_ctrl_c_while_the_package_imports_is_the_one_line_a_later_one_is(monke
     monkeypatch.setattr(cli, "build_parser", interrupted)
     assert main(["--help"]) == 130
     assert capsys.readouterr().err == "brainprop: interrupted\n"
+
+
+def test_a_stop_signal_ends_an_evaluation_in_one_line(
+    tmp_path, sigterm_caught, monkeypatch, capsys
+):
+    """SIGTERM killed it without a word (review)."""
+    import brainprop.evaluation
+
+    def stopped(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("the signal stops the evaluation first")
+
+    monkeypatch.setattr(brainprop.evaluation, "evaluate", stopped)
+    assert main(["evaluate", str(tmp_path)]) == 128 + signal.SIGTERM
+    assert capsys.readouterr().err == "brainprop: stopped by SIGTERM while evaluating\n"
 
 
 def test_the_installed_command_is_the_entry_point_that_catches_it():

@@ -42,7 +42,7 @@ from .config import TrainConfig
 from .data import Dataset
 from .data.batches import num_batches, permuted_batches
 from .data.catalog import CATALOG
-from .devices import bf16_warning, cpuinfo, resolve_device, vector_units
+from .devices import bf16_warning, cpuinfo, device_name, resolve_device, vector_units
 from .errors import BrainPropError
 from .evaluation import EVAL_BATCH, accuracy
 from .files import atomic_write_json, atomic_write_text, make_folder
@@ -348,6 +348,7 @@ def bench_preset(
     cuda_graph: bool = False,
     eval_images: int | None = None,
     stack: int = 1,
+    say: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Time each rule's training step for ``arch`` on ``ds``; one JSON-ready row per rule.
 
@@ -358,14 +359,22 @@ def bench_preset(
     gives ``eager_step_ms`` and ``eager_ratio`` (eager over fast). With ``stack`` > 1, so does
     a step of that many stacked seeds: ``stack_step_ms`` and ``stack_speedup`` (``stack``
     single steps' time over the stacked step's). ``peak`` is one peak for all work, or the
-    matmul and convolution peaks (:meth:`Peaks.for_step`).
+    matmul and convolution peaks (:meth:`Peaks.for_step`). ``say`` is told each phase as it
+    begins: a large preset takes minutes on a CPU before its first row.
     """
     peaks = peak if isinstance(peak, Peaks) else Peaks.same(peak)
+    preset = f"{ds.name}/{arch}"
+
+    def phase(what: str) -> None:
+        if say is not None:
+            say(f"{preset}: {what}")
+
     # Every variant (fast, eager, stacked) takes the same untimed steps: with a graph, those
     # its capture needs. So the eager twin steps the fast step's batches and is as warm.
     warmup = _warmup_steps(warmup, cuda_graph)
     variants = _Variants()
     for rule in dict.fromkeys(rules):  # a rule named twice would pair with the wrong eager
+        phase(f"building and warming up {rule}'s step")
         fast = _prepare(
             ds, arch, rule, device, warmup=warmup, batch_size=batch_size, bf16=bf16,
             eager=False, cuda_graph=cuda_graph,
@@ -381,11 +390,17 @@ def bench_preset(
                 ds, arch, rule, device, stack, warmup=warmup, batch_size=batch_size, bf16=bf16,
                 cuda_graph=cuda_graph,
             )  # fmt: skip
-    steps_timed = _time_interleaved(variants.in_turn(), steps, device)
+    in_turn = variants.in_turn()
+    phase(f"timing {len(in_turn)} step{'s' * (len(in_turn) != 1)} in turn")
+    steps_timed = _time_interleaved(in_turn, steps, device)
     n_eval = min(eval_images or len(ds.test_y), len(ds.test_y))
     timed = {"device": device, "peaks": peaks, "cuda_graph": cuda_graph, "n_eval": n_eval,
              "steps_timed": steps_timed}  # fmt: skip
-    return [_row(ds, arch, r, variants, **timed) for r in variants.fast]
+    rows = []
+    for r in variants.fast:
+        phase(f"timing {r.rule}'s evaluation of {n_eval:,} images")
+        rows.append(_row(ds, arch, r, variants, **timed))
+    return rows
 
 
 @dataclass
@@ -522,6 +537,8 @@ def _device_info(device: torch.device, bf16: bool, peaks: Peaks) -> dict[str, An
     return {
         "type": device.type,
         "name": name,
+        # The name run summaries and the report give this machine (older reports lack it).
+        "machine": device_name(device),
         "vector_units": units,
         "threads": torch.get_num_threads(),
         "precision": precision_label(matmul, conv),
@@ -607,7 +624,7 @@ def run_bench(
         rows = bench_preset(
             ds, arch, rules, dev, peak=peaks, steps=steps, warmup=warmup,
             batch_size=batch_size, bf16=bf16, cuda_graph=cuda_graph, eval_images=eval_images,
-            stack=stack,
+            stack=stack, say=say,
         )  # fmt: skip
         for row in rows:
             stacked = "" if stack == 1 else f" stack {stack} speed-up {row['stack_speedup']:.3f}"
@@ -643,6 +660,8 @@ def _checked_presets(
     :func:`run_bench` that is out of range, before anything is built or timed."""
     if not presets:
         raise BrainPropError("no presets to bench: name at least one dataset/arch")
+    if not rules:
+        raise BrainPropError("no rules to bench: name at least one, such as brainprop")
     if steps < 1 or warmup < 0:
         raise BrainPropError(f"--steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
     if eval_images is not None and eval_images < 1:
@@ -748,10 +767,11 @@ def markdown(report: dict[str, Any]) -> str:
         threads = dev["threads"]
         what += [dev["vector_units"]] * bool(dev.get("vector_units"))
         what.append(f"{threads} thread{'s' if threads != 1 else ''}")
+    machine = dev.get("machine") or f"{dev['type']} ({', '.join(what)})"
     lines = [
         "# brainprop bench",
         "",
-        f"- device: {dev['type']} ({', '.join(what)}), {dev['precision']}, torch {report['torch']}",
+        f"- device: {machine}, {dev['precision']}, torch {report['torch']}",
         peak_line,
         f"- {report['mode']}",
         f"- {_timed(report)} timed step{'s' * (_timed(report) != 1)} after {_untimed(report)}; "

@@ -244,8 +244,10 @@ def _train(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from .evaluation import evaluate
+    from .signals import quit_on_signals
 
-    result = evaluate(args.target, data_dir=args.data_dir, device=args.device)
+    with quit_on_signals("while evaluating"):
+        result = evaluate(args.target, data_dir=args.data_dir, device=args.device)
     acc, n, name = result["test_acc"], result["test_size"], result["dataset"]
     print(f"test accuracy {acc:.4f} on {n} {name} images")
     print(json.dumps(result))
@@ -470,8 +472,10 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         "down to a multiple of 5) (default %(default)s)",
     )  # fmt: skip
     p.add_argument(
-        "--warmup", type=int, default=5, help="untimed steps before timing (default %(default)s)"
-    )
+        "--warmup", type=int, default=5,
+        help="untimed steps before timing, besides the one that counts FLOPs and those a CUDA "
+        "graph's capture takes (default %(default)s)",
+    )  # fmt: skip
     p.add_argument("--batch-size", type=int, help="override every preset's batch size")
     p.add_argument("--bf16", action="store_true", help=BF16_HELP)
     p.add_argument("--cuda-graph", action="store_true", help=CUDA_GRAPH_HELP)
@@ -495,23 +499,27 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .bench import markdown, run_bench
+    from .bench import JSON_NAME, markdown, run_bench
+    from .signals import quit_on_signals
 
-    report = run_bench(
-        list(args.presets),
-        list(args.rules),
-        device=args.device,
-        steps=args.steps,
-        warmup=args.warmup,
-        batch_size=args.batch_size,
-        bf16=args.bf16,
-        cuda_graph=args.cuda_graph,
-        peak_tflops=args.peak_tflops,
-        eval_images=args.eval_images,
-        stack=args.stack,
-        out=args.out,
-        say=lambda line: print(line, file=sys.stderr),
-    )
+    # A stop has nothing to save: each preset's rows were written as it ended.
+    kept = f"the presets benched before it are in {Path(args.out) / JSON_NAME}"
+    with quit_on_signals(f"while benchmarking; {kept}"):
+        report = run_bench(
+            list(args.presets),
+            list(args.rules),
+            device=args.device,
+            steps=args.steps,
+            warmup=args.warmup,
+            batch_size=args.batch_size,
+            bf16=args.bf16,
+            cuda_graph=args.cuda_graph,
+            peak_tflops=args.peak_tflops,
+            eval_images=args.eval_images,
+            stack=args.stack,
+            out=args.out,
+            say=lambda line: print(line, file=sys.stderr),
+        )
     print(markdown(report), end="")
     return 0
 

@@ -189,6 +189,10 @@ def precision_label(matmul: str, conv: str) -> str:
     return f"matmul {matmul}, conv {conv}" + (" (cuDNN default)" if conv == "tf32" else "")
 
 
+#: The peaks ``--peak-tflops`` may give, in TFLOP/s: from a tenth of a GFLOP/s to 100 PFLOP/s.
+PEAK_TFLOPS_RANGE = (1e-4, 1e5)
+
+
 def device_peaks(device: torch.device, bf16: bool, override: float | None) -> Peaks:
     """The peaks to compare against; raises when one is unknown and not given.
 
@@ -196,8 +200,14 @@ def device_peaks(device: torch.device, bf16: bool, override: float | None) -> Pe
     for its own precision; a CPU runs both in one precision, against one estimated peak.
     """
     if override is not None:
-        if not 0 < override < math.inf:
-            raise BrainPropError(f"--peak-tflops must be a finite number > 0, got {override}")
+        # Bounds no device comes near, so that a slip of an exponent is caught, not printed as
+        # a share of the peak hundreds of digits long.
+        if not PEAK_TFLOPS_RANGE[0] <= override <= PEAK_TFLOPS_RANGE[1]:
+            low, high = PEAK_TFLOPS_RANGE
+            raise BrainPropError(
+                f"--peak-tflops must be a number of TFLOP/s from {low:g} to {high:g}, "
+                f"got {override}"
+            )
         return Peaks.same(Peak(override, "given with --peak-tflops"))
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
