@@ -251,6 +251,14 @@ def _worker(rank: int, world: int, port: int, out: Path) -> None:
     ds = make_tiny_dataset(n_train=48, n_test=16)
     _register_biased(operator.setitem)
     train(_config(out, "biased", global_batch=GLOBAL, **BIASED), dataset=ds, progress=False)
+    # Rank 1 started with another setting, or with other data: each rank is refused.
+    (out / "refused").mkdir(exist_ok=True)
+    for name, setting, data_seed in (("epochs", {"epochs": 1 + rank}, 0), ("data", {}, rank)):
+        with pytest.raises(BrainPropError) as refused:
+            train(_config(out, f"refused-{name}", global_batch=GLOBAL, **setting),
+                  dataset=make_tiny_dataset(n_train=48, n_test=16, seed=data_seed),
+                  progress=False)  # fmt: skip
+        (out / "refused" / f"{name}-rank{rank}.txt").write_text(str(refused.value))
     for name in ("explore-a", "explore-b"):
         train(_config(out, name, epsilon=0.5, epochs=1, global_batch=GLOBAL), dataset=ds,
               progress=False)  # fmt: skip
@@ -330,6 +338,7 @@ def test_two_processes_match_one_with_the_global_batch(two_ranks: Path, tmp_path
     assert sorted(p.name for p in two_ranks.iterdir()) == sorted(
         [
             "biased",
+            "refused",
             "explore-a",
             "explore-b",
             "explore-cut",
@@ -352,6 +361,18 @@ def test_ranks_start_a_network_of_ones_own_alike(two_ranks: Path, tmp_path: Path
     two = load(two_ranks / "biased" / "last.pt")["model"]
     for key, tensor in one.model.state_dict().items():
         torch.testing.assert_close(two[key], tensor, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("differs", ["epochs", "data"])
+def test_ranks_that_differ_in_a_setting_or_their_data_are_refused(two_ranks: Path, differs):
+    """In one line on every rank, before a run directory is made (review): other settings hung
+    until the timeout, other data trained one run of mixed data or aborted in gloo."""
+    for rank in (0, 1):
+        said = (two_ranks / "refused" / f"{differs}-rank{rank}.txt").read_text()
+        assert said == (
+            f"rank 1 differs from rank 0 in {differs}: start every process with the same "
+            "command, data and brainprop version"
+        )
 
 
 def test_exploration_streams_differ_per_rank_and_the_run_is_reproducible(two_ranks: Path) -> None:

@@ -352,6 +352,26 @@ class Context:
             raise BrainPropError(f"rank 0 failed ({value}); see its output above")
         return value
 
+    def check_alike(self, facts: dict[str, Any]) -> None:
+        """Refuse, on every rank in the same line, ranks whose ``facts`` (settings, a digest of
+        their data) differ from rank 0's: each would train another run, or wait for the others
+        in a collective that never comes."""
+        if not self.active:
+            return
+        every: list[Any] = [None] * self.world_size
+        with self._collective("comparing the ranks' settings and data"):
+            dist.all_gather_object(every, facts)
+        first = every[0]
+        ranks = [r for r, other in enumerate(every) if other != first]
+        if ranks:
+            keys = sorted({k for r in ranks for k in first.keys() | every[r].keys()
+                           if every[r].get(k) != first.get(k)})  # fmt: skip
+            raise BrainPropError(
+                f"rank{'s' * (len(ranks) > 1)} {', '.join(map(str, ranks))} differ"
+                f"{'s' * (len(ranks) == 1)} from rank 0 in {', '.join(keys)}: start every "
+                "process with the same command, data and brainprop version"
+            )
+
     def gather(self, value: T) -> list[T] | None:
         """Every rank's ``value`` in rank order, on rank 0; None elsewhere."""
         if not self.active:
