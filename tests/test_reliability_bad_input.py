@@ -216,6 +216,14 @@ def test_an_unknown_option_points_to_its_commands_help(capsys, command) -> None:
         # The command takes a unique prefix; before it, "invalid choice: '1'" again (review).
         (["--epo", "1", "train"], "--epo must come after the command: 'brainprop train "
          "--epo 1 ...'"),
+        # A prefix of two of its options (--epochs, --epsilon): "invalid choice: '1'" (review).
+        (["--ep", "1", "train"], "--ep must come after the command: 'brainprop train "
+         "--ep 1 ...'"),
+        # --plugin stays before the command, where the advice sent it after (review).
+        (["--epochs", "1", "--plugin", "os.path", "train"], "--epochs must come after the "
+         "command: 'brainprop --plugin os.path train --epochs 1 ...'"),
+        (["--plugin=os.path", "--epochs", "1", "train"], "--epochs must come after the "
+         "command: 'brainprop --plugin=os.path train --epochs 1 ...'"),
     ],
 )  # fmt: skip
 def test_an_option_before_the_command_is_told_where_it_goes(capsys, argv, told) -> None:

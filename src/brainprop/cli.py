@@ -617,19 +617,37 @@ def _check_order(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
     known.discard("--help")
 
     def taken(arg: str) -> bool:
-        # The command's parser takes a long option's unique prefix too ("--epo" for --epochs).
+        # The command's parser takes a long option's unique prefix too ("--epo" for --epochs),
+        # and says an ambiguous one ("--ep") is ambiguous once it is in its place.
         name = arg.split("=")[0]
         return name in known or (
-            len(name) > 2 and name.startswith("--") and sum(k.startswith(name) for k in known) == 1
+            len(name) > 2 and name.startswith("--") and any(k.startswith(name) for k in known)
         )
 
-    misplaced = [a for a in before if taken(a)]
+    plugins, rest = _split_plugins(before)
+    misplaced = [a for a in rest if taken(a)]
     if misplaced:
         # Reported through the command's parser: the top one's help lists no command's options.
-        values = " ".join(before[before.index(misplaced[0]) :])
+        # --plugin stays before the command, where it must be.
+        start = " ".join(["brainprop", *plugins, command, *rest[rest.index(misplaced[0]) :]])
         commands.choices[command].error(
-            f"{' '.join(misplaced)} must come after the command: 'brainprop {command} {values} ...'"
+            f"{' '.join(misplaced)} must come after the command: '{start} ...'"
         )
+
+
+def _split_plugins(args: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``args`` as the ``--plugin`` options among them (with their values) and the rest."""
+    plugins: list[str] = []
+    rest: list[str] = []
+    values = iter(args)
+    for arg in values:
+        if arg == "--plugin":
+            plugins += [arg, next(values, "")]
+        elif arg.startswith("--plugin="):
+            plugins.append(arg)
+        else:
+            rest.append(arg)
+    return plugins, rest
 
 
 COMMANDS = {
