@@ -294,6 +294,7 @@ def test_checkpoint_round_trip_and_evaluate(tmp_path, tiny_dataset):
     assert accuracy(model, ds.test_x, ds.test_y) == run.summary["best_val_acc"]
     result = evaluate(run.dir, dataset=ds, device="cpu")
     assert result["test_acc"] == run.summary["test_acc_at_best"]
+    assert result["checkpoint"] == str(run.dir / "best.pt")  # the file read, not its folder
     with pytest.raises(BrainPropError, match="inputs"):
         evaluate(run.dir, dataset=make_tiny_dataset(size=12), device="cpu")
 

@@ -208,11 +208,13 @@ def evaluate(
             is data loaded from the run's data root that is not what the checkpoint records.
 
     Returns:
-        ``checkpoint``, ``dataset`` (the scored data's name), ``arch``, ``rule``, ``epoch``
+        ``checkpoint`` (the file read: a run directory's best.pt), ``dataset`` (the scored
+        data's name), ``arch``, ``rule``, ``epoch``
         (the epochs the checkpoint had finished), ``test_acc`` (a fraction), ``test_size`` and
         ``device``.
     """
     target = _checkpoint_path(target)
+    read = _best_of(target) if target.is_dir() else target
     dataset = given_dataset(dataset, "evaluate")
     dev = resolve_device(device)
     model, state = load_model(target)
@@ -232,7 +234,7 @@ def evaluate(
     warn_if_slow_bf16(dev, config.bf16)
     test_acc = accuracy(model, ds.test_x.to(dev), ds.test_y.to(dev), config.bf16)
     return {
-        "checkpoint": str(target),
+        "checkpoint": str(read),
         "dataset": ds.name,
         "arch": config.arch,
         "rule": config.rule,
