@@ -39,6 +39,7 @@ from brainprop import (
     evaluation,
     files,
     load_model,
+    plugins,
     train,
     train_stacked,
 )
@@ -226,7 +227,11 @@ def test_an_unknown_option_points_to_its_commands_help(capsys, command) -> None:
          "command: 'brainprop --plugin=os.path train --epochs 1 ...'"),
     ],
 )  # fmt: skip
-def test_an_option_before_the_command_is_told_where_it_goes(capsys, argv, told) -> None:
+def test_an_option_before_the_command_is_told_where_it_goes(
+    capsys, monkeypatch, argv, told
+) -> None:
+    # The plugin these load stays loaded for this test alone, as in a process of its own.
+    monkeypatch.setattr(plugins, "_LOADED", [])
     with pytest.raises(SystemExit) as info:
         main(argv)
     assert info.value.code == 2
