@@ -1,6 +1,7 @@
 """Seeds trained side by side in one stacked network: the same runs as one by one."""
 
 import gc
+import importlib
 import json
 import shutil
 import signal
@@ -13,7 +14,7 @@ import torch
 from own_rules import FailsLater, SquaredError
 from reliability_helpers import inject, poison, spoiled_running_var
 
-from brainprop import TrainConfig, rundir, stacked, train, train_stacked
+from brainprop import TrainConfig, fastpath, rundir, stacked, train, train_stacked
 from brainprop.data.batches import permuted_batches
 from brainprop.errors import BrainPropError
 from brainprop.evaluation import accuracy
@@ -42,14 +43,16 @@ def _same_weights(a, b, atol):
 @pytest.mark.parametrize(
     ("rule", "val", "arch", "batch"),
     [("brainprop", "test", "conv", 16), ("ebp", "test", "conv", 16), ("brainprop", 64, "conv", 16),
-     ("brainprop", "test", "loccon", 16), ("brainprop", "test", "conv", 24)],
+     ("brainprop", "test", "loccon", 16), ("brainprop", "test", "conv", 24),
+     ("brainprop", "test", "dense", 16)],
 )  # fmt: skip
 def test_a_stack_trains_each_seed_as_its_own_run_would(
     tmp_path, tiny_dataset, rule, val, arch, batch
 ):
     """Without dropout (whose masks a stack draws differently) only rounding differs: the
     same shuffles, explorations, weight decay, BatchNorm statistics and accuracies."""
-    kw = dict(rule=rule, dropout=(0.0,), l2=1e-3, val=val, arch=arch, batch_size=batch)
+    dropout = () if arch == "dense" else (0.0,)  # the MNIST dense net has no dropout site
+    kw = dict(rule=rule, dropout=dropout, l2=1e-3, val=val, arch=arch, batch_size=batch)
     alone = [
         train(_config(tmp_path / "alone", s, **kw), dataset=tiny_dataset, progress=False)
         for s in (1, 2)
@@ -144,6 +147,16 @@ def test_a_tagged_stack_starts_every_line_with_the_tag_and_shows_no_bar(
     assert all(line.startswith("s1 (+1): ") for line in lines), lines
     assert not any(line.count("s1 (+1): ") > 1 for line in lines), lines
     assert bars == [(True, "epoch 1, 2 seeds")]
+
+
+def test_the_last_seed_left_keeps_the_bar_the_stack_showed(
+    tmp_path, tiny_dataset, bars_opened, capsys
+):
+    stack_bars = bars_opened(stacked)
+    own_bars = bars_opened(importlib.import_module("brainprop.train"))
+    members = [_config(tmp_path, 1, epochs=1), _config(tmp_path, 2, epochs=2)]
+    train_stacked(members, dataset=tiny_dataset)
+    assert stack_bars == [(None, "epoch 1, 2 seeds")] and own_bars == [(None, "epoch 2")]
 
 
 def test_a_rule_of_ones_own_that_fails_in_a_stack_is_one_line_and_the_stack_resumes(
@@ -482,6 +495,51 @@ def test_a_run_stopped_mid_epoch_finishes_that_epoch_alone_then_joins(
     assert [h.get("stack_size") for h in fresh.history] == [2, None]
 
 
+class _AddressGraph:
+    """A CPU stand-in for a CUDA graph: replays by calling the step, and counts the replays
+    whose weights no longer lie where they lay at its capture (a CUDA graph would go on
+    reading and writing those addresses). Its capture runs nothing, as a CUDA graph's: the
+    static buffers hold no batch yet."""
+
+    stale = 0
+
+    def __init__(self, params):
+        self.params = params
+
+    def capture(self, step):
+        self.step, self.addresses = step, [p.data_ptr() for p in self.params]
+
+    def replay(self):
+        _AddressGraph.stale += [p.data_ptr() for p in self.params] != self.addresses
+        return self.step()
+
+
+def _graphed_on_cpu(step, optimizer, model, generators, *, batch_size, parallel=None):
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return fastpath.GraphedStep(
+        step, optimizer, generators=generators, batch_size=batch_size,
+        new_graph=lambda _: _AddressGraph(params),
+    )  # fmt: skip
+
+
+def test_a_graph_captured_before_a_member_joined_is_not_replayed_once_it_is_alone(
+    tmp_path, tiny_dataset, monkeypatch
+):
+    """Seed 0 finishes its cut-short epoch with its own graphed step, joins seed 1's stack,
+    then trains alone with that step again: on memory the stack moved its weights to (review:
+    a GPU replayed the graph on the old weights' addresses, training nothing, silently)."""
+    monkeypatch.setattr(fastpath, "graphed", _graphed_on_cpu)
+    _cut_in_epoch(tmp_path, tiny_dataset, monkeypatch, epochs=3, cuda_graph=True)
+    monkeypatch.setattr(fastpath, "graphed", _graphed_on_cpu)  # _cut_in_epoch undid it
+    monkeypatch.setattr(_AddressGraph, "stale", 0)
+    cut, _ = train_stacked(
+        [tmp_path / "cut" / "s0", _config(tmp_path / "cut", 1, epochs=1, cuda_graph=True)],
+        dataset=tiny_dataset, progress=False,
+    )  # fmt: skip
+    assert [h.get("stack_size") for h in cut.history] == [None, 2, None]
+    assert _AddressGraph.stale == 0
+
+
 def _cut_in_epoch(tmp_path, tiny_dataset, monkeypatch, cut=1, **kw) -> None:
     """Train seed 0 into ``tmp_path/cut`` and stop it at the first step of epoch ``cut``,
     then copy that run directory to ``tmp_path/alone``: two identical runs cut short there."""
@@ -535,7 +593,7 @@ def test_a_nan_in_one_seed_leaves_the_others_untouched(tmp_path, tiny_dataset, m
     )
     monkeypatch.undo()
     alone = train(_config(tmp_path / "alone", 0, **kw), dataset=tiny_dataset, progress=False)
-    # Rounding only: seed 0 trained its second epoch in a stack of its own, other kernels.
+    # Rounding only: seed 0's first epoch ran in the stack's kernels.
     _same_weights(alone, healthy, atol=1e-5)
     if on_nan == "stop":
         assert hit.summary["stop_reason"] == "non-finite loss at epoch 1, step 2"

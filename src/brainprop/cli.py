@@ -500,28 +500,46 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 def _bench(args: argparse.Namespace) -> int:
     from .bench import JSON_NAME, markdown, run_bench
-    from .signals import quit_on_signals
+    from .signals import Interrupted, quit_on_signals
 
-    # A stop has nothing to save: each preset's rows were written as it ended.
-    kept = f"the presets benched before it are in {Path(args.out) / JSON_NAME}"
-    with quit_on_signals(f"while benchmarking; {kept}"):
-        report = run_bench(
-            list(args.presets),
-            list(args.rules),
-            device=args.device,
-            steps=args.steps,
-            warmup=args.warmup,
-            batch_size=args.batch_size,
-            bf16=args.bf16,
-            cuda_graph=args.cuda_graph,
-            peak_tflops=args.peak_tflops,
-            eval_images=args.eval_images,
-            stack=args.stack,
-            out=args.out,
-            say=lambda line: print(line, file=sys.stderr),
+    # A stop has nothing to save: each preset's rows were written as it ended, so the report
+    # holds them if it changed; one from before is another bench's.
+    written = Path(args.out) / JSON_NAME
+    before = _modified(written)
+    try:
+        with quit_on_signals("while benchmarking"):
+            report = run_bench(
+                list(args.presets),
+                list(args.rules),
+                device=args.device,
+                steps=args.steps,
+                warmup=args.warmup,
+                batch_size=args.batch_size,
+                bf16=args.bf16,
+                cuda_graph=args.cuda_graph,
+                peak_tflops=args.peak_tflops,
+                eval_images=args.eval_images,
+                stack=args.stack,
+                out=args.out,
+                say=lambda line: print(line, file=sys.stderr),
+            )
+    except Interrupted as e:
+        kept = (
+            f"the presets benched before it are in {written}"
+            if _modified(written) != before
+            else "no preset had ended, so it wrote no report"
         )
+        raise Interrupted(f"{e}; {kept}", e.exit_status - 128) from None
     print(markdown(report), end="")
     return 0
+
+
+def _modified(path: Path) -> int | None:
+    """``path``'s modification time in nanoseconds; None where there is no such file."""
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -251,6 +251,12 @@ class GraphedStep:
             self.y.copy_(y)
             return self.graph.replay()
 
+    def forget(self) -> None:
+        """Drop the graph, whose replays would go on reading and writing the tensors it was
+        captured on: call it when the step's weights move to other memory (a stack of seeds
+        makes them views of its own). The next full batches warm up and capture anew."""
+        self.graph, self.captured_lrs, self.warmed_up = None, (), 0
+
     def _capture(self, x: torch.Tensor, y: torch.Tensor, lrs: tuple[float, ...]) -> None:
         if self.x is None or self.y is None:
             self.x, self.y = torch.empty_like(x), torch.empty_like(y)

@@ -535,7 +535,8 @@ class _StackedRun:
     def _epochs(self, stop: signals.StopRequest) -> None:
         """Stacked epochs until every member has stopped. One stack (and, with
         ``--cuda-graph``, one capture) serves as long as the members stay the same; a member
-        that stops or is rewound after a NaN means a new stack of the others."""
+        that stops or is rewound after a NaN means a new stack of the others, and the last
+        member left trains as a run of its own."""
         stack: Stack | None = None
         try:
             while self.members:
@@ -551,7 +552,9 @@ class _StackedRun:
                     # A stack of one is a run of its own, whose own step draws the dropout
                     # masks that `train --resume` (and reproduce, resuming a lone seed so)
                     # would draw from its checkpoint: vmapped, they would differ.
-                    self._epoch_alone(self.members[0])
+                    lone = self.members[0]
+                    lone.trainer.progress = self.show_bar  # the bar the stack's epochs had
+                    self._epoch_alone(lone)
                 else:
                     stack = stack or self._stack()
                     self._epoch(stack)
@@ -562,6 +565,11 @@ class _StackedRun:
 
     def _stack(self) -> Stack:
         config, trainers = self.config, [m.trainer for m in self.members]
+        for t in trainers:
+            # Its weights become the stack's views: a graph its own step captured (finishing a
+            # cut-short epoch) must not be replayed once it trains alone again.
+            if isinstance(t.step, fastpath.GraphedStep):
+                t.step.forget()
         return Stack(
             [t.model for t in trainers], [t.generator for t in trainers], trainers[0].objective,
             weight_decay=config.weight_decay, batch_size=config.batch_size, bf16=config.bf16,

@@ -568,10 +568,11 @@ def _train(
             if dataset is None:
                 check_loadable(recorded, config.dataset, where, RESUME_CALL)
         ds = dataset if dataset is not None else load_dataset(config.dataset, root)
-        # Each rank resolved its own settings and loaded its own copy of the data; where the
-        # data lies may differ from node to node.
-        settings = {k: v for k, v in config.to_dict().items() if k != "data_dir"}
-        parallel.check_alike({**settings, "data": ds.digest()})
+        if parallel.active:
+            # Each rank resolved its own settings and loaded its own copy of the data; where
+            # the data lies may differ from node to node.
+            settings = {k: v for k, v in config.to_dict().items() if k != "data_dir"}
+            parallel.check_alike({**settings, "data": ds.digest()})
         trainer = Trainer(config, ds, progress and parallel.is_main, tag, parallel=parallel)
         if state is not None:
             restore(trainer, state, ds, run_path)
