@@ -209,9 +209,8 @@ def evaluate(
 
     Returns:
         ``checkpoint`` (the file read: a run directory's best.pt), ``dataset`` (the scored
-        data's name), ``arch``, ``rule``, ``epoch``
-        (the epochs the checkpoint had finished), ``test_acc`` (a fraction), ``test_size`` and
-        ``device``.
+        data's name), ``arch``, ``rule``, ``epoch`` (the epochs the checkpoint had finished),
+        ``test_acc`` (a fraction), ``test_size`` and ``device``.
     """
     target = _checkpoint_path(target)
     read = _best_of(target) if target.is_dir() else target

@@ -236,9 +236,8 @@ class Stack:
         """Give every member its own copy of its weights; the stack is unusable afterwards."""
         for model, strides in zip(self.models, self._strides, strict=True):
             for t, stride in zip(_tensors(model), strides, strict=True):
-                t.data = torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device).copy_(
-                    t.data
-                )
+                own = torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device)
+                t.data = own.copy_(t.data)
         self.models, self.params, self.buffers = [], {}, {}
         # The step (and a CUDA graph's) and the vmapped forward refer back to this stack: a
         # cycle that would keep the stacked weights, gradients and the graph's memory pool
