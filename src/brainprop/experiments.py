@@ -669,17 +669,16 @@ def _run_in_process(
             _begin(request.out, job)
             started = time.monotonic()
             try:
-                _train(job, request, loaded[dataset])
-            except BaseException as e:
-                # However it ended, the next session may finish it packed otherwise.
-                if on_gpu:
-                    _note_sharing(request.out, job, time.monotonic() - started, 1.0, say)
-                if not isinstance(e, signals.Interrupted):
-                    raise
+                try:
+                    _train(job, request, loaded[dataset])
+                finally:
+                    # Alone on the GPU, however it ended: the next session may finish it
+                    # packed otherwise. Noted before the runs are recorded, which reads it.
+                    if on_gpu:
+                        _note_sharing(request.out, job, time.monotonic() - started, 1.0, say)
+            except signals.Interrupted as e:
                 names = recorder.record_ended(job)
                 raise _stopped(e.exit_status - 128, names, request.out / RUNS) from None
-            if on_gpu:  # alone on it
-                _note_sharing(request.out, job, time.monotonic() - started, 1.0, say)
             recorder.record(job)
 
 
