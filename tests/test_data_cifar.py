@@ -294,6 +294,46 @@ def test_a_few_crafted_bytes_cannot_exhaust_time_or_memory(tmp_path: Path, conte
     assert error.startswith(f"CIFAR file {path} ") and message in error
 
 
+def _array_of(raw: bytes) -> _Reduce:
+    return _Reduce(_reconstruct, (np.ndarray, (0,), b"b"), (1, (len(raw),), np.dtype("u1"), 0, raw))
+
+
+@pytest.mark.parametrize(
+    "entries",
+    [
+        # pickle writes one object once and names it again in 2 bytes: each array copied the
+        # same 100 kB again, so memory grew as the square of the file's size (review).
+        lambda raw: [_array_of(raw) for _ in range(50)],
+        lambda raw: [_Reduce(_codecs.encode, (text, "latin1")) for text in [raw.decode()] * 50],
+    ],
+    ids=["array", "latin1"],
+)
+def test_bytes_named_many_times_cannot_take_more_memory_than_the_file(tmp_path, entries):
+    write_cifar10(tmp_path)
+    path = tmp_path / "cifar10" / "cifar-10-batches-py" / "data_batch_1"
+    raw = b"\x07" * 100_000
+    path.write_bytes(pickle.dumps({b"data": entries(raw), b"labels": [0]}, protocol=2))
+    assert path.stat().st_size < 2 * len(raw)
+    assert "its arrays take more bytes than the file holds" in _error(tmp_path)
+
+
+def test_a_crafted_shape_or_name_gives_a_short_line(tmp_path: Path) -> None:
+    write_cifar10(tmp_path)
+    path = tmp_path / "cifar10" / "cifar-10-batches-py" / "data_batch_1"
+    # Each dimension one byte more: multiplying 10^5 of 2^62 took hours, and the message
+    # showed them all (review).
+    shape = (2,) * 20_000
+    array = _Reduce(_reconstruct, (np.ndarray, (0,), b"b"), (1, shape, np.dtype("u1"), 0, b""))
+    path.write_bytes(pickle.dumps({b"data": array, b"labels": [0]}, protocol=2))
+    error = _error(tmp_path)
+    assert "an array's state is not that of a plain numeric array" in error and len(error) < 300
+    # Protocol 4 names a global by any two strings: a line break in one split the message.
+    module, name = b"numpy\nThe file is fine: run this to go on", b"x"
+    path.write_bytes(b"\x80\x04\x8c%c%s\x8c%c%s\x93." % (len(module), module, len(name), name))
+    error = _error(tmp_path)
+    assert "\n" not in error and "references 'numpy\\nThe file is fine" in error
+
+
 @pytest.mark.parametrize("protocol", [2, 3, 4, 5])
 def test_python_3_re_pickles_load_up_to_protocol_4(tmp_path: Path, protocol: int) -> None:
     write_cifar10(tmp_path)

@@ -6,6 +6,7 @@ row is the 32x32 red plane, then green, then blue, so a plain reshape gives ``[N
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import pickle
@@ -97,15 +98,42 @@ class _Marker:
 _NDARRAY = _Marker()
 
 
+class _Budget:
+    """The bytes the stand-ins of one file may still make.
+
+    A pickle can name one large memoised bytes or str object again and again, a few bytes a
+    time; copying it for each name would take memory quadratic in the file's size, enough for
+    the kernel to kill this process (or a training beside it) before Python raised
+    MemoryError. A file's own arrays take at most twice its size: a protocol 2 array's
+    latin-1 text becomes bytes, which become the array.
+    """
+
+    __slots__ = ("left",)
+
+    def __init__(self, file_bytes: int) -> None:
+        self.left = 2 * file_bytes
+
+    def take(self, n: int) -> None:
+        if n > self.left:
+            raise _Refused("its arrays take more bytes than the file holds")
+        self.left -= n
+
+
+#: numpy's own limit on an array's dimensions.
+_MAX_DIMENSIONS = 64
+
+
 class _Array:
     """Stands for ``_reconstruct(ndarray, (0,), b'b')``; its BUILD state (version, shape,
-    dtype, Fortran order, bytes) becomes a copy of exactly the bytes the file carries."""
+    dtype, Fortran order, bytes) becomes a copy of exactly the bytes the file carries, drawn
+    from ``budget``."""
 
-    __slots__ = ("value",)
+    __slots__ = ("budget", "value")
 
-    def __init__(self, subtype: object, shape: object, typecode: object) -> None:
+    def __init__(self, budget: _Budget, subtype: object, shape: object, typecode: object) -> None:
         if subtype is not _NDARRAY or shape != (0,) or typecode != b"b":
             raise _Refused("an array is not reconstructed as numpy pickles a plain ndarray")
+        self.budget = budget
 
     def __setstate__(self, state: object) -> None:
         if not isinstance(state, tuple) or len(state) != 5:
@@ -114,27 +142,38 @@ class _Array:
         if not (
             isinstance(dtype, _Dtype)
             and isinstance(shape, tuple)
+            # Counted first: multiplying a million dimensions took hours.
+            and len(shape) <= _MAX_DIMENSIONS
             and all(type(n) is int and 0 <= n < 2**63 for n in shape)
             and fortran in (0, 1)
             and isinstance(raw, bytes | str)
         ):
             raise _Refused("an array's state is not that of a plain numeric array")
+        if isinstance(raw, str):
+            self.budget.take(len(raw))
         data = raw.encode("latin1") if isinstance(raw, str) else raw
         kind = dtype.resolve()
         if len(data) != math.prod(shape) * kind.itemsize:
-            raise _Refused(f"an array of shape {shape} comes with {len(data)} bytes")
+            shown = shape if len(shape) <= 4 else f"of {len(shape)} dimensions"
+            raise _Refused(f"an array of shape {shown} comes with {len(data)} bytes")
+        self.budget.take(len(data))
         order = "F" if fortran else "C"
         self.value = np.frombuffer(data, kind).reshape(shape, order=order).copy()
 
 
 class _Latin1:
-    """Stands for ``_codecs.encode(text, 'latin1')``: how protocol 2 spells bytes in Python 3."""
+    """Stands for ``_codecs.encode(text, 'latin1')``: how protocol 2 spells bytes in Python 3;
+    the bytes are drawn from ``budget``."""
 
-    __slots__ = ()
+    __slots__ = ("budget",)
+
+    def __init__(self, budget: _Budget) -> None:
+        self.budget = budget
 
     def __call__(self, text: object, encoding: object) -> bytes:
         if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
             raise _Refused("_codecs.encode is used for something other than bytes")
+        self.budget.take(len(text))
         return text.encode("latin1")
 
     def __setstate__(self, state: object) -> None:
@@ -154,15 +193,18 @@ class _EmptyBytes:
         raise _Refused("bytes has no state")
 
 
-STAND_INS: dict[tuple[str, str], object] = {
-    ("__builtin__", "bytes"): _EmptyBytes(),
-    ("builtins", "bytes"): _EmptyBytes(),
-    ("numpy.core.multiarray", "_reconstruct"): _Array,
-    ("numpy._core.multiarray", "_reconstruct"): _Array,
-    ("numpy", "ndarray"): _NDARRAY,
-    ("numpy", "dtype"): _Dtype,
-    ("_codecs", "encode"): _Latin1(),
-}
+def stand_ins(budget: _Budget) -> dict[tuple[str, str], object]:
+    """What each global a CIFAR file may name stands for; those that make bytes draw on
+    ``budget``."""
+    return {
+        ("__builtin__", "bytes"): _EmptyBytes(),
+        ("builtins", "bytes"): _EmptyBytes(),
+        ("numpy.core.multiarray", "_reconstruct"): functools.partial(_Array, budget),
+        ("numpy._core.multiarray", "_reconstruct"): functools.partial(_Array, budget),
+        ("numpy", "ndarray"): _NDARRAY,
+        ("numpy", "dtype"): _Dtype,
+        ("_codecs", "encode"): _Latin1(budget),
+    }
 
 
 def _refuse_sets(self: pickle.Unpickler) -> None:
@@ -177,12 +219,16 @@ def _refuse_sets(self: pickle.Unpickler) -> None:
 # six files (about 20,000 opcodes each) load as fast as with the C one; a file shaped like
 # CIFAR-100's train file (about 150,000) took 1.4 times as long, 1.5 s.
 class RestrictedUnpickler(pickle._Unpickler):
-    """An unpickler that resolves only the globals of :data:`STAND_INS`, to those stand-ins,
-    so that no pickled code runs and no numpy internals see the file's state; that takes only
-    bytes and str as dict keys, and no sets, as CIFAR files hold."""
+    """An unpickler of ``data`` that resolves only the globals of :func:`stand_ins`, to those
+    stand-ins, so that no pickled code runs and no numpy internals see the file's state; that
+    takes only bytes and str as dict keys, and no sets, as CIFAR files hold."""
 
-    source = "pickle"
     dispatch = dict(pickle._Unpickler.dispatch)
+
+    def __init__(self, data: bytes, *, source: str) -> None:
+        super().__init__(io.BytesIO(data), encoding="bytes")
+        self.source = source
+        self.stand_ins = stand_ins(_Budget(len(data)))
 
     def _check_keys(self, keys: list[Any]) -> None:
         if not all(type(k) in (bytes, str) for k in keys):
@@ -215,12 +261,16 @@ class RestrictedUnpickler(pickle._Unpickler):
                 f"{self.source} was pickled with protocol 5, whose arrays this reader does not "
                 "take: use the official file, or pickle it again with protocol 4 or lower"
             )
-        if (module, name) not in STAND_INS:
+        if (module, name) not in self.stand_ins:
+            # Protocol 4 names may hold any text, line breaks included: shown escaped.
+            named = f"{module}.{name}"
+            if not named.isprintable() or len(named) > 80:
+                named = repr(named[:80])
             raise BrainPropError(
-                f"{self.source} references {module}.{name}, which a CIFAR file never does: "
+                f"{self.source} references {named}, which a CIFAR file never does: "
                 "refusing to load it; replace it with the official file"
             )
-        return STAND_INS[(module, name)]
+        return self.stand_ins[(module, name)]
 
 
 def _real(value: Any, done: dict[int, Any] | None = None) -> Any:
@@ -251,14 +301,14 @@ def unpickle_restricted(data: bytes, *, source: str, fix: str) -> Any:
     """Unpickle ``data`` (bytes keys kept as bytes) allowing only plain numpy arrays."""
     if len(data) == 0:
         raise BrainPropError(f"{source} is empty (0 bytes): {fix}")
-    unpickler = RestrictedUnpickler(io.BytesIO(data), encoding="bytes")
-    unpickler.source = source
+    unpickler = RestrictedUnpickler(data, source=source)
     try:
         return _real(unpickler.load())
     except BrainPropError:
         raise
     except MemoryError:
-        # The arrays' bytes are the file's own, so a file this size is readable with more memory.
+        # The stand-ins make at most twice the file's bytes (_Budget), so a file this size is
+        # readable with more memory.
         raise BrainPropError(
             f"not enough memory to read {source} ({len(data):,} bytes): free some and try again"
         ) from None
