@@ -478,8 +478,77 @@ def test_direct_feedback_refuses_two_passes_whose_errors_autograd_would_cross():
     xa, xb, y = torch.rand(4, 6), torch.rand(4, 6), torch.arange(4) % 3
     ha, hb = body(xa), body(xb)
     loss = F.cross_entropy(head(ha), y) + F.cross_entropy(head(hb), y)
-    with pytest.raises(BrainPropError, match="no output error to take"):
+    with pytest.raises(BrainPropError, match="output errors of two forward passes in one"):
         loss.backward()
+
+
+def test_a_generator_off_the_cpu_is_refused_and_a_failed_draw_changes_nothing(monkeypatch):
+    """A CUDA generator failed the direct seeds' draw after the first layer had changed class
+    and lost its B: half converted, with a raw traceback (review)."""
+
+    class _OnCuda(torch.Generator):
+        device = torch.device("cuda")
+
+    model = _mlp()
+    convert(model, "random", generator=torch.Generator().manual_seed(0))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(BrainPropError, match="^convert takes a CPU generator= .* not one on cuda"):
+        convert(model, "direct", generator=_OnCuda())
+    draw, draws = torch.randint, []
+
+    def second_fails(*args, **kwargs):
+        draws.append(1)
+        if len(draws) == 2:
+            raise RuntimeError("Expected a 'cpu' device type for generator")
+        return draw(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "randint", second_fails)
+    with pytest.raises(RuntimeError, match="Expected a 'cpu' device type"):
+        convert(model, "direct", generator=torch.Generator().manual_seed(0))
+    assert [m.feedback_mode for m in model if hasattr(m, "weight")] == ["random"] * 3
+    assert model.state_dict().keys() == before.keys()
+
+
+def test_reciprocal_feedback_refuses_layers_that_share_a_weight():
+    """Each layer's B took only that layer's share of the shared W's gradient, so neither
+    stayed equal to W, as the mode promises (review)."""
+    model = nn.Sequential(nn.Linear(4, 4, bias=False), nn.ReLU(), nn.Linear(4, 4, bias=False))
+    model[2].weight = model[0].weight
+    with pytest.raises(BrainPropError, match=r"^layers 0 and 2 share one weight, and feedback "):
+        convert(model, "reciprocal", generator=torch.Generator().manual_seed(0))
+    assert type(model[0]) is nn.Linear and type(model[2]) is nn.Linear
+    convert(model, "random", generator=torch.Generator().manual_seed(0))  # a fixed B each
+
+
+@pytest.mark.parametrize("mode", ["reciprocal", "random", "sign", "direct"])
+def test_a_converted_conv_takes_an_unbatched_input_as_nn_conv2d_does(mode):
+    """The feedback functions failed in the backward on [C, H, W] (review)."""
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, bias=False), nn.ReLU(), nn.Conv2d(3, 2, 3))
+    convert(model, mode, generator=torch.Generator().manual_seed(0))
+    x = torch.rand(2, 7, 7)
+    model(x).square().sum().backward()
+    unbatched = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    out = model(x.unsqueeze(0))
+    assert out.shape == (1, 2, 3, 3)
+    out.square().sum().backward()
+    for grad, p in zip(unbatched, model.parameters(), strict=True):
+        torch.testing.assert_close(grad, p.grad, rtol=0, atol=0)
+
+
+def test_direct_feedback_refuses_two_passes_run_layer_by_layer():
+    """Each layer run on both passes before the next: autograd ran both heads' backwards,
+    the second error replacing the first, and the layers below all took that one, with no
+    error (review)."""
+    model = _mlp()
+    convert(model, "direct", generator=torch.Generator().manual_seed(0))
+    ha, hb, y = torch.rand(4, 6), torch.rand(4, 6), torch.arange(4) % 3
+    for layer in model:
+        ha, hb = layer(ha), layer(hb)
+    with pytest.raises(BrainPropError, match="output errors of two forward passes in one"):
+        (F.cross_entropy(ha, y) + F.cross_entropy(hb, y)).backward()
+    model.zero_grad()
+    F.cross_entropy(model(torch.rand(4, 6)), y).backward()  # the next step is not refused
 
 
 def test_direct_feedback_takes_the_error_through_a_reentrant_checkpoint():

@@ -70,6 +70,19 @@ def compare_heads(device: str) -> None:
             assert loss.dtype == plain.loss.dtype and actions.dtype == torch.int64, case
             assert torch.allclose(loss, plain.loss, rtol=1e-6, atol=0, equal_nan=True), case
             assert explored.all() if epsilon == 1 else explored.any() == (epsilon > 0), case
+    # Draws that are views, as a caller may slice them: the kernels read them as dense blocks
+    # (review). And rewards may be changed in place before the backward, as the unfused
+    # head's may: they shared a version counter with the errors saved for it.
+    q = torch.randn(6, 8, device=device)
+    y = torch.arange(6, device=device) % 8
+    explore = torch.rand(12, device=device)[::2]
+    uniform = torch.rand(6, 16, device=device)[:, :8]
+    plain = BrainProp(0.5)._unfused(q, y, (explore, uniform))
+    fused_q = q.clone().requires_grad_()
+    loss, actions, _, rewards = fusedhead.chosen_unit_head(fused_q, y, 0.5, explore, uniform)
+    assert torch.equal(actions, plain.actions)
+    rewards.sub_(rewards.mean())
+    loss.backward()
     # Past the draws, PyTorch itself launches only autograd's seed gradient. (Triton's
     # interpreter copies the tensors a kernel takes in and out, with PyTorch operators.)
     q = torch.randn(128, 10, device=device, requires_grad=True)

@@ -372,8 +372,9 @@ class _DirectLink:
 
     The first layer (in module order), whose backward is the pass's last, drops it: an output
     layer converted back or replaced by a new head sends none, and the one left behind is an
-    earlier step's. Two passes backpropagated together where autograd's order would hand one
-    the other's error then leave a layer without one, which it refuses.
+    earlier step's. The output layer's forward drops it too, so that its backward finds one
+    held only when two passes are backpropagated together: autograd may run both output
+    layers' backwards before the layers below, which would take one pass's error for both.
     """
 
     def __init__(self, first: nn.Module, output: nn.Module) -> None:
@@ -398,6 +399,11 @@ class _DirectInject(torch.autograd.Function):
         layer = ctx.layer
         link: _DirectLink = layer._direct_link
         if link.output is layer:
+            if link.error is not None:
+                raise BrainPropError(
+                    "direct feedback got the output errors of two forward passes in one "
+                    "backward, which it holds one at a time: backpropagate each pass on its own"
+                )
             link.error = g.flatten(1)
         gx = None
         if ctx.needs_input_grad[1]:
@@ -446,6 +452,8 @@ def _direct(layer: nn.Module, x: torch.Tensor, op) -> torch.Tensor:
             f"direct feedback takes a batch, an input [N, ...], not one of shape "
             f"{tuple(x.shape)}: add a batch dimension (x.unsqueeze(0))"
         )
+    if layer._direct_link.output is layer:
+        layer._direct_link.error = None
     return _DirectInject.apply(op(x.detach()), x, layer)
 
 
@@ -470,7 +478,11 @@ def _conv_padding(layer: nn.Conv2d) -> tuple[int, int]:
 
 class _ConvMixin:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``[N, C_in, H, W] -> [N, C_out, H_out, W_out]`` with the layer's feedback pathway."""
+        """``[N, C_in, H, W] -> [N, C_out, H_out, W_out]`` with the layer's feedback pathway;
+        ``[C_in, H, W] -> [C_out, H_out, W_out]`` as ``nn.Conv2d``."""
+        if x.dim() == 3 and _active(self):
+            # The feedback functions compute per sample of a batch.
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         if not _plain(self) and self.feedback_mode == "direct":
             # Inject at the layer's own input, before any explicit pad (Conv2dSame).
             return _direct(self, x, super().forward)
@@ -716,6 +728,12 @@ def convert(
         )
     check_feedback(feedback)
     check_generator(generator, "convert")
+    if generator is not None and generator.device.type != "cpu":
+        # B and D are drawn on the CPU, so that a seed gives the same ones on any device.
+        raise BrainPropError(
+            f"convert takes a CPU generator= (torch.Generator().manual_seed(0)), not one on "
+            f"{generator.device}"
+        )
     named = list(module.named_modules())
     for name, m in named:
         if type(m) not in _ORIGINALS and _original(type(m)) is not type(m):
@@ -734,6 +752,11 @@ def convert(
     layers = [(name, m) for name, m in named if layer_kind(m) is not None]
     link = _DirectLink(layers[0][1], layers[-1][1]) if feedback == "direct" and layers else None
     made = _made_feedback_weights(feedback, layers, generator)
+    _check_untied(feedback, layers, made)
+    seeds = {
+        name: torch.randint(0, 2**62, (), generator=generator)
+        for name, _ in (layers if feedback == "direct" else [])
+    }
     for name, m in named:
         if layer_kind(m) is None:
             if isinstance(m, _UNIT_LOCAL) and list(m.parameters(recurse=False)):
@@ -747,8 +770,7 @@ def convert(
         m.feedback_mode = feedback
         if feedback == "direct":
             w, scale = m.weight, _scale(m)
-            seed = torch.randint(0, 2**62, (), generator=generator)
-            m.register_buffer("feedback_seed", seed.to(device=w.device))
+            m.register_buffer("feedback_seed", seeds[name].to(device=w.device))
             m.register_buffer(
                 "feedback_scale", torch.tensor(scale, dtype=torch.float64, device=w.device)
             )
@@ -764,6 +786,22 @@ def convert(
             m.register_buffer("feedback_weight", b)
         report.added += b.numel()
     return report
+
+
+def _check_untied(
+    feedback: str, layers: list[tuple[str, nn.Module]], made: dict[str, torch.Tensor | None]
+) -> None:
+    """Refuse a learned B (an nn.Parameter, as ``reciprocal``'s) for layers that share one W:
+    each B takes only its own layer's share of W's gradient, so none would follow W."""
+    first: dict[int, str] = {}
+    for name, m in layers:
+        other = first.setdefault(id(m.weight), name)
+        if other != name and isinstance(made.get(name), nn.Parameter):
+            raise BrainPropError(
+                f"layers {other or '<root>'} and {name} share one weight, and feedback "
+                f"{feedback!r} learns each layer's B from that layer's share of its gradient, "
+                "so neither B would follow W: untie the weights, or choose another feedback"
+            )
 
 
 def _made_feedback_weights(

@@ -117,7 +117,10 @@ class _Head(torch.autograd.Function):
         block_rows, block_classes = _blocks(classes)
         actions = torch.empty(rows, dtype=torch.int64, device=q.device)
         explored = torch.empty(rows, dtype=torch.uint8, device=q.device)
-        rewards, errors = torch.empty(2, rows, dtype=q.dtype, device=q.device)
+        # Two tensors, not two views of one: errors is saved for the backward, and a view
+        # shares its version counter with rewards, so changing rewards in place would fail it.
+        rewards = torch.empty(rows, dtype=q.dtype, device=q.device)
+        errors = torch.empty(rows, dtype=q.dtype, device=q.device)
         loss = torch.empty((), dtype=q.dtype, device=q.device)
         # One program: the loss sums over the whole batch, and a batch is too small to gain
         # from more (at most a few thousand rows of at most a few hundred classes).
@@ -195,6 +198,8 @@ def chosen_unit_head(
     """
     if (why := _misfit(q, y, explore, uniform)) is not None:
         raise BrainPropError(f"chosen_unit_head cannot take {why}")
+    # The kernels index every input but q's rows as one dense block.
+    explore, uniform = (None if t is None else t.contiguous() for t in (explore, uniform))
     return _Head.apply(q, y.contiguous(), epsilon, explore, uniform)
 
 
