@@ -35,7 +35,18 @@ from reliability_helpers import (
     tiny_config,
 )
 
-from brainprop import TrainConfig, checkpoint, evaluate, files, locks, rng, rundir, signals, train
+from brainprop import (
+    Dataset,
+    TrainConfig,
+    checkpoint,
+    evaluate,
+    files,
+    locks,
+    rng,
+    rundir,
+    signals,
+    train,
+)
 from brainprop.errors import BrainPropError
 from brainprop.signals import Interrupted
 from brainprop.train import Trainer
@@ -266,6 +277,28 @@ def test_a_damaged_mid_epoch_checkpoint_is_refused_before_training(
     _edit_cut_run(tmp_path, ds, monkeypatch, damage)
     with pytest.raises(BrainPropError, match=f"does not fit its run .*{message}"):
         train(None, resume=tmp_path / "run", dataset=ds, progress=False)
+
+
+def test_a_mid_epoch_position_is_refused_on_the_same_images_in_another_order(
+    tmp_path: Path, ds, monkeypatch
+):
+    """The data's record counts images per class, so another copy with the same images in
+    another order is the same data; but the rest of a cut-short epoch indexes this order, and
+    went on over others, training some twice and some never (review)."""
+    _edit_cut_run(tmp_path, ds, monkeypatch, lambda s: None)
+    order = torch.randperm(len(ds.train_y), generator=torch.Generator().manual_seed(1))
+    shuffled = Dataset(
+        ds.name, ds.train_x[order], ds.train_y[order], ds.test_x, ds.test_y, ds.num_classes
+    )
+    last = tmp_path / "run" / "last.pt"
+    with pytest.raises(BrainPropError) as info:
+        train(None, resume=tmp_path / "run", dataset=shuffled, progress=False)
+    assert str(info.value) == (
+        f"{last} stopped partway through an epoch over these training images in another order "
+        "(another copy of the data), and the rest of that epoch follows the order it began in: "
+        "resume it on the copy of the data it was trained on"
+    )
+    assert train(None, resume=tmp_path / "run", dataset=ds, progress=False).summary["epochs_run"]
 
 
 def test_a_position_at_the_end_of_an_epoch_ends_it_on_resume(tmp_path: Path, ds, monkeypatch):

@@ -222,6 +222,8 @@ def partial_ok(partial: Any) -> bool:
         and partial["step"] >= 1
         and isinstance(partial.get("seconds"), int | float)
         and isinstance(partial.get("order_rng"), torch.Tensor)
+        # Positions saved before it was recorded lack it.
+        and isinstance(partial.get("data_order", ""), str)
         and all(
             isinstance(partial.get(k), torch.Tensor) and partial[k].dim() == 0 for k in PARTIAL_SUMS
         )
@@ -279,6 +281,13 @@ def restore(
             f"{last} does not fit its run ({checkpoint.misfit(e)}): the checkpoint is "
             "damaged or from another version; start a new run"
         ) from None
+    order = trainer.partial and trainer.partial.get("data_order")
+    if order and order != trainer.train_set.digest(test=False):
+        raise BrainPropError(
+            f"{last} stopped partway through an epoch over these training images in another "
+            "order (another copy of the data), and the rest of that epoch follows the order it "
+            "began in: resume it on the copy of the data it was trained on"
+        )
     if not all_finite(trainer.model.state_dict().values()):
         raise BrainPropError(
             f"{last} holds NaN or inf weights, which brainprop never saves: the checkpoint is "

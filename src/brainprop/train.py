@@ -361,6 +361,9 @@ class Trainer:
                 self.partial = {
                     "step": step + 1,
                     "order_rng": order_rng,
+                    # The rest of the epoch indexes the images in this order: the same images in
+                    # another (another copy of CIFAR-10) would train some twice, some never.
+                    "data_order": ds.digest(test=False),
                     **dict(zip(PARTIAL_SUMS, sums, strict=True)),
                     "seconds": seconds + time.perf_counter() - t0,
                     **shares,

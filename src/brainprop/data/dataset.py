@@ -130,12 +130,13 @@ class Dataset:
             record["held_out"] = {"images": held_out, "sha256": digest.hexdigest()}
         return record
 
-    def digest(self, images: int = 1024) -> str:
-        """A sha256 of both splits' labels and of up to ``images`` evenly spaced images of each:
-        cheap enough to compare every rank's copy of the data as a run starts, and another
-        order, labelling or shape shows in it."""
+    def digest(self, images: int = 1024, *, test: bool = True) -> str:
+        """A sha256 of both splits' labels and of up to ``images`` evenly spaced images of each
+        (``test=False``: of the training split only): cheap enough to compare every rank's copy
+        of the data as a run starts, and another order, labelling or shape shows in it."""
         digest = hashlib.sha256(self.name.encode())
-        for x, y in ((self.train_x, self.train_y), (self.test_x, self.test_y)):
+        splits = [(self.train_x, self.train_y)] + [(self.test_x, self.test_y)] * test
+        for x, y in splits:
             digest.update(repr(tuple(x.shape)).encode())
             digest.update(y.cpu().numpy().tobytes())
             if len(x):
