@@ -60,10 +60,10 @@ def test_a_half_rounds_away_from_zero_whichever_side_of_it_the_float_lies():
     # it, and format() rounded the first down and the second to even.
     assert Stat.of([98.14, 98.15]).text() == "98.15 (0.01)"
     assert fixed(69.625, 2) == "69.63" and fixed(88.385, 2) == "88.39"
-    assert fixed(-0.075, 2, sign=True) == "-0.08" and fixed(0.125, 2, sign=True) == "+0.13"
+    assert fixed(-0.075, 2) == "-0.08" and fixed(0.125, 2) == "0.13"
     assert fixed(98.144999, 2) == "98.14" and fixed(2.25, 1) == "2.3" and fixed(3.5, 0) == "4"
     # Past Decimal's default 28 digits, and what is no number, still print.
-    assert fixed(1e30, 2) == f"{1e30:.2f}" and fixed(-math.inf, 2, sign=True) == "-inf"
+    assert fixed(1e30, 2) == f"{1e30:.2f}" and fixed(-math.inf, 2) == "-inf"
 
 
 def test_the_gap_is_the_difference_of_the_means_printed_beside_it(tmp_path):
@@ -184,6 +184,34 @@ def test_a_cap_of_the_papers_500_epochs_given_as_such_is_no_cap(tmp_path):
         m.path.write_text(json.dumps(d))
     [r] = aggregate(load_measurements(tmp_path))
     assert r.gap_verdict.agrees is True and r.ratio_verdict.agrees is True
+
+
+def test_runs_capped_at_the_papers_500_epochs_are_full_length_and_pool_with_uncapped_ones(
+    tmp_path,
+):
+    """RunSpec(max_epochs=500) runs stopped at epoch 500 got verdicts, yet their cell was
+    listed as having no full-length run, the cap read "500", not "500 (paper)", and they
+    made a row apart from the same cell's uncapped runs (review)."""
+    for seed in range(2):
+        for rule, acc in (("brainprop", 0.9930), ("ebp", 0.9935)):
+            write_measurement(tmp_path, RunSpec(CONV, rule, seed, max_epochs=500), CPU,
+                              test_acc=acc + seed * 0.0002, best_epoch=400 + seed,
+                              epochs_run=500, stop_reason="max epochs")  # fmt: skip
+    # Seed 2 uncapped pools with them; seed 0 measured again uncapped is the same run.
+    for seed, acc in ((0, 0.9930), (2, 0.9931)):
+        write_measurement(tmp_path, RunSpec(CONV, "brainprop", seed), CPU, test_acc=acc,
+                          best_epoch=410, epochs_run=500, stop_reason="max epochs")  # fmt: skip
+    [r] = aggregate(load_measurements(tmp_path))
+    assert r.max_epochs is None and r.rules["brainprop"].seeds == (0, 1, 2)
+    assert r.gap_verdict.agrees is True and r.ratio_verdict.agrees is True
+    md = write_report(tmp_path).read_text()
+    assert f"| MNIST conv | {CPU} | 500 (paper) | 3 / 2 | 99.31 (0.01) |" in md
+    data = json.loads((tmp_path / RESULTS_JSON).read_text())
+    assert "mnist/conv" not in data["no_full_paper_run"] and data["cells"][0]["max_epochs"] is None
+    missing = md.split("No full-length fp32 run of the paper's settings yet: ")[1].split("\n")[0]
+    assert "MNIST conv" not in missing
+    [line] = digest(load_measurements(tmp_path), {"mnist-conv-ebp-s0-e500"})
+    assert line.startswith(f"MNIST conv (test set; {CPU}): ")
 
 
 def test_verdicts_say_no_when_claims_fail(tmp_path):
@@ -341,6 +369,26 @@ def test_readme_section_is_replaced_between_markers(tmp_path):
     readme.write_text("# no markers\n")
     with pytest.raises(BrainPropError, match="results:start"):
         update_readme(readme, tmp_path / "results")
+
+
+def test_a_crlf_readme_keeps_its_line_endings_and_its_permissions(tmp_path):
+    """The README was read with universal newlines and written anew: a CRLF file came back
+    LF throughout, and with a new file's permissions instead of its own (review)."""
+    _cell_runs(tmp_path / "results", CONV, CPU, [0.97], [0.98], [2], [2], max_epochs=2)
+    readme = tmp_path / "README.md"
+    before, after = "# x\r\n\r\nbefore\r\n", "\r\nafter\r\n"
+    readme.write_bytes(f"{before}{README_START}\r\nold\r\n{README_END}{after}".encode())
+    readme.chmod(0o754)
+    update_readme(readme, tmp_path / "results")
+    data = readme.read_bytes().decode()
+    assert data.startswith(f"{before}{README_START}\r\nGenerated from `results/`")
+    assert data.endswith(f"\r\n{README_END}{after}") and "old" not in data
+    assert data.count("\n") == data.count("\r\n") > 10 and "MNIST conv" in data
+    assert readme.stat().st_mode & 0o7777 == 0o754
+    # An LF README stays LF.
+    readme.write_text(f"{README_START}\n{README_END}\n")
+    update_readme(readme, tmp_path / "results")
+    assert b"\r" not in readme.read_bytes() and "MNIST conv" in readme.read_text()
 
 
 def test_report_only_is_refused_while_a_reproduce_holds_its_folder(tmp_path, capsys):

@@ -12,6 +12,7 @@ import errno
 import io
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -49,16 +50,30 @@ def probe_write(folder: Path) -> None:
 TEMPORARIES = ".*.tmp"
 
 
-def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None]) -> None:
-    """Write ``path`` through ``write(file)`` so that readers see the old or the new file only."""
+def atomic_write(
+    path: str | Path, write: Callable[[io.BufferedWriter], None], *, keep_mode: bool = False
+) -> None:
+    """Write ``path`` through ``write(file)`` so that readers see the old or the new file only.
+    The new file gets the permissions of any new file under the umask or, with ``keep_mode``,
+    those of the file it replaces where there is one: a file of one's own that brainprop
+    rewrites in part, such as a README, keeps the permissions its owner gave it."""
     path = Path(path)
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode) if keep_mode else None
+    except FileNotFoundError:
+        mode = None
+    except OSError as e:
+        raise _write_error(path, e) from None
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
         raise _write_error(path, e) from None
     try:
         with os.fdopen(fd, "wb") as f:
-            usual_permissions(fd)
+            if mode is None:
+                usual_permissions(fd)
+            else:
+                os.fchmod(fd, mode)
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -157,8 +172,8 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write(path, lambda f: f.write(text.encode()))
+def atomic_write_text(path: str | Path, text: str, *, keep_mode: bool = False) -> None:
+    atomic_write(path, lambda f: f.write(text.encode()), keep_mode=keep_mode)
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:

@@ -311,10 +311,11 @@ def compare(
     rule: str = PAPER_RULE,
 ) -> CellResult:
     """Aggregate the runs of ``rule`` and EBP among one group's ``runs`` (all with ``preset``'s
-    hyperparameters and ``feedback``'s pathway) and judge the paper's claims on them, ``rule``
-    standing where BrainProp does. Runs with other settings are still held to the published
-    number: finding settings that reach it is what they are for, and how far another pathway
-    or rule falls short of it is what it is run for."""
+    hyperparameters and ``feedback``'s pathway, and ``max_epochs`` as :func:`_group` keys it)
+    and judge the paper's claims on them, ``rule`` standing where BrainProp does. Runs with
+    other settings are still held to the published number: finding settings that reach it is
+    what they are for, and how far another pathway or rule falls short of it is what it is run
+    for."""
     runs = [m for m in runs if m.rule in (rule, BASELINE)]
     rules = {
         r: rule_stats([m for m in runs if m.rule == r])
@@ -322,8 +323,7 @@ def compare(
         if any(m.rule == r for m in runs)
     }
     compared, ebp = rules.get(rule), rules.get(BASELINE)
-    # A cap of 500 given as such (RunSpec(max_epochs=500)) is the paper's own limit.
-    capped = max_epochs not in (None, PAPER_EPOCHS) and any(
+    capped = max_epochs is not None and any(
         m.summary.get("stop_reason") == MAX_EPOCHS for m in runs
     )
     # The paper's runs stopped at 500 epochs: a best found after that is no run of theirs.
@@ -500,8 +500,11 @@ _Key = tuple[Cell, int | None, int | None, str, str, str]
 
 
 def _group(m: Measurement) -> _Key:
-    """The report row ``m`` belongs to, as :func:`aggregate` groups (before splitting by rule)."""
-    return (m.cell, m.val, m.max_epochs, m.numerics, m.preset, m.feedback)
+    """The report row ``m`` belongs to, as :func:`aggregate` groups (before splitting by rule).
+    Its cap is None for the paper's own limit, left out or given as such (``RunSpec(...,
+    max_epochs=500)``, a run named ``-e500``): the same runs, judged and shown as the paper's."""
+    cap = None if m.max_epochs == PAPER_EPOCHS else m.max_epochs
+    return (m.cell, m.val, cap, m.numerics, m.preset, m.feedback)
 
 
 def aggregate(measurements: Sequence[Measurement]) -> list[CellResult]:
@@ -535,12 +538,15 @@ def aggregate(measurements: Sequence[Measurement]) -> list[CellResult]:
 
 
 def _once_per_run(runs: Sequence[Measurement]) -> list[Measurement]:
-    """``runs`` with each run once: a run measured both plainly and from a CUDA graph (files
-    merged from two sessions) counts as its plain measurement, so no seed counts twice."""
-    kept: dict[str, Measurement] = {}
-    for m in sorted(runs, key=lambda m: m.cuda_graph):
-        kept.setdefault(m.run, m)
-    return [m for m in runs if kept[m.run] is m]
+    """``runs`` (one group's) with each run once, so that no seed counts twice: a run measured
+    both plainly and from a CUDA graph (files merged from two sessions) counts as its plain
+    measurement, and one measured both uncapped and capped at the paper's 500 epochs (two
+    names for one run, which its group pools) as its uncapped one."""
+    # In one group a rule and a seed are one run: every other part of its name is the group's.
+    kept: dict[tuple[str, int], Measurement] = {}
+    for m in sorted(runs, key=lambda m: (m.cuda_graph, m.max_epochs is not None)):
+        kept.setdefault((m.rule, m.seed), m)
+    return [m for m in runs if kept[m.rule, m.seed] is m]
 
 
 # --- writing -----------------------------------------------------------------------------------
@@ -675,7 +681,7 @@ def _validation(val: int | None) -> str:
 
 
 def _cap(max_epochs: int | None) -> str:
-    return "500 (paper)" if max_epochs is None else str(max_epochs)
+    return f"{PAPER_EPOCHS} (paper)" if max_epochs is None else str(max_epochs)
 
 
 def _num(value: float | None) -> str:
@@ -686,7 +692,7 @@ def _interval(ends: tuple[float, float] | None) -> str:
     return "–" if ends is None else f"{fixed(ends[0], 2)}–{fixed(ends[1], 2)}"
 
 
-def fixed(value: float, digits: int, sign: bool = False) -> str:
+def fixed(value: float, digits: int) -> str:
     """``value`` with ``digits`` decimals, a half rounded away from zero.
 
     Means of two seeds are often exact halves (98.145, of 98.14 and 98.15), which a binary
@@ -695,11 +701,11 @@ def fixed(value: float, digits: int, sign: bool = False) -> str:
     it stands for.
     """
     if not math.isfinite(value):
-        return format(value, "+" if sign else "")
+        return str(value)
     with localcontext() as exact:
         exact.prec = 400  # every digit of any finite float's 9-decimal form (1e308 has 309)
         rounded = Decimal(f"{value:.9f}").quantize(Decimal(1).scaleb(-digits), ROUND_HALF_UP)
-    return format(rounded, "+f" if sign else "f")
+    return format(rounded, "f")
 
 
 def _gap_text(result: CellResult) -> str:
@@ -1041,9 +1047,10 @@ def check_readme(readme: Path) -> None:
 
 
 def _readme_text(readme: Path) -> tuple[str, int, int]:
-    """The text of ``readme`` and where its results markers start."""
+    """The text of ``readme``, line endings as they are, and where its results markers start."""
     try:
-        text = readme.read_text(encoding="utf-8")
+        # Decoded from bytes: read as text, CRLF line endings would come back as LF.
+        text = readme.read_bytes().decode("utf-8")
     except OSError as e:
         raise BrainPropError(
             f"cannot read {readme} ({e.strerror or e}): pass the README's path to --readme"
@@ -1063,7 +1070,8 @@ def _readme_text(readme: Path) -> tuple[str, int, int]:
 
 
 def update_readme(readme: Path, out: Path) -> None:
-    """Replace the text between the results markers of ``readme`` with :func:`readme_section`."""
+    """Replace the text between the results markers of ``readme`` with :func:`readme_section`,
+    leaving the rest of the file, its line endings and its permissions as they were."""
     text, start, end = _readme_text(readme)
     measurements = load_measurements(out)
     if not measurements:
@@ -1071,7 +1079,14 @@ def update_readme(readme: Path, out: Path) -> None:
             f"no measurements in {out / MEASUREMENTS}, so {readme}'s results section was left as "
             "it is: pass the --out that holds them"
         )
-    section = readme_section(aggregate(measurements), out, readme)
-    new = text[: start + len(README_START)] + "\n" + section + "\n" + text[end:]
+    newline = _line_ending(text)
+    section = readme_section(aggregate(measurements), out, readme).replace("\n", newline)
+    new = text[: start + len(README_START)] + newline + section + newline + text[end:]
     # Through a link, not over it: a README linked to the real file stays linked to it.
-    atomic_write_text(readme.resolve(), new)
+    atomic_write_text(readme.resolve(), new, keep_mode=True)
+
+
+def _line_ending(text: str) -> str:
+    """The line ending of ``text``'s first line: CRLF or LF (LF for a file of one line)."""
+    first = text.find("\n")
+    return "\r\n" if first > 0 and text[first - 1] == "\r" else "\n"
