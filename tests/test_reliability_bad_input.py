@@ -648,6 +648,18 @@ def test_a_checkpoint_declaring_no_input_size_is_refused_in_one_line(
     )
 
 
+@pytest.mark.parametrize("epoch", [torch.tensor(2), b"x", -1])
+def test_a_checkpoint_whose_epoch_is_no_count_is_refused_in_one_line(
+    tmp_path: Path, capsys, run_dir: Path, epoch
+) -> None:
+    """Scored, then a traceback from writing the result's JSON line (review)."""
+    path = _rewritten(run_dir, tmp_path, epoch=epoch)
+    assert _error(capsys, "evaluate", path) == (
+        f"{path} does not match its own architecture (its epoch is not a count): the "
+        "checkpoint is damaged or from another version"
+    )
+
+
 def test_checkpoint_declaring_a_huge_network_is_refused_before_building_it(
     tmp_path: Path, capsys, run_dir: Path
 ) -> None:

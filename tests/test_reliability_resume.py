@@ -42,6 +42,7 @@ from brainprop import (
     evaluate,
     files,
     locks,
+    resume,
     rng,
     rundir,
     signals,
@@ -317,6 +318,12 @@ def test_a_position_at_the_end_of_an_epoch_ends_it_on_resume(tmp_path: Path, ds,
         lambda h: h[1].update(epoch=7),
         lambda h: h[0].update(val_acc=math.nan),
         lambda h: h[2].update(test_acc=1.5),
+        # Values the close could not write, or divide by, after an epoch's checkpoint: every
+        # resume from then on failed with a traceback (review).
+        lambda h: h[0].update(stack_size=0),
+        lambda h: h[0].update(stack_size="2"),
+        lambda h: h[1].update(note=torch.tensor(1.0)),
+        lambda h: h[1].update({("a",): 1}),
     ],
 )
 def test_a_history_that_does_not_fit_its_checkpoint_is_refused(
@@ -1139,6 +1146,21 @@ def test_checkpoint_written_on_another_device_type_is_refused(tmp_path, ds, refe
     assert str(info.value) == (
         f"{run_dir / 'last.pt'} was written on cuda and this run would continue on cpu, whose "
         "random states are of another kind: resume it on a machine with a cuda device"
+    )
+
+
+def test_a_cpu_checkpoint_met_by_a_gpu_says_how_to_stay_on_the_cpu(tmp_path, ds, reference):
+    """A --device auto run started on a CPU goes to the GPU of a machine that has one, and a
+    resume takes no --device: "a machine with a cpu device" was no advice (review)."""
+    state = checkpoint.load(reference / "last.pt")
+    on_gpu = Trainer(tiny_config(tmp_path).resolve(), ds, progress=False)
+    on_gpu.device = torch.device("cuda")
+    with pytest.raises(BrainPropError) as info:
+        resume.restore(on_gpu, state, ds, reference)
+    assert str(info.value) == (
+        f"{reference / 'last.pt'} was written on cpu and this run would continue on cuda, whose "
+        "random states are of another kind: resume it with the GPUs hidden "
+        "(CUDA_VISIBLE_DEVICES= before the command)"
     )
 
 

@@ -94,6 +94,9 @@ def load_model(target: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, Any
         # (a tensor's spans lines) included.
         if not declares_sizes(state):
             raise ValueError("its input_shape or num_classes is not a size")
+        # Reported as it is, in evaluate's JSON line.
+        if (epoch := state.get("epoch")) is not None and (type(epoch) is not int or epoch < 0):
+            raise ValueError("its epoch is not a count")
         wanted = _weights_wanted(config.arch, shape, classes, hp)
         held = sum(t.numel() for t in stored.values() if isinstance(t, torch.Tensor))
         if wanted is not None and wanted > held:

@@ -187,6 +187,8 @@ def _resolve_stored(config: TrainConfig, source: Path) -> TrainConfig:
 #: The history columns the loop itself reads back (summary, best epoch, plots).
 _ROW_NUMBERS = ("epoch", "lr", "train_loss", "train_reward", "val_acc", "test_acc", "seconds",
                 "eval_seconds")  # fmt: skip
+#: The types of a history row's values: what JSON and CSV write as they are.
+_PLAIN = (int, float, str, bool, type(None))
 #: An interrupted epoch's running sums, added to in float (each rank its own under torchrun),
 #: and with them the first bad step, an index.
 FLOAT_SUMS = ("loss_sum", "reward_sum", "explored_sum")
@@ -196,12 +198,16 @@ PARTIAL_SUMS = (*FLOAT_SUMS, "first_bad")
 def history_ok(history: Any, epoch: Any) -> bool:
     """Whether a checkpoint's history has every column the loop reads back, as numbers, one
     row for each of the ``epoch`` epochs it records, numbered from 1, with accuracies that
-    are fractions: the loop counts epochs by the rows, and the summary picks the best of them."""
+    are fractions and a stack's size (if any) a count: the loop counts epochs by the rows,
+    and the summary picks the best of them and divides seconds by stack sizes. Every row is
+    written to history.csv and .json, so it holds named plain values only: one that is not
+    failed that write after the epoch's checkpoint, at every resume from then on."""
     return (
         isinstance(history, list)
         and epoch == len(history)
         and all(
             isinstance(row, dict)
+            and all(type(k) is str and type(v) in _PLAIN for k, v in row.items())
             and all(
                 isinstance(row.get(k), int | float) and not isinstance(row.get(k), bool)
                 for k in _ROW_NUMBERS
@@ -209,6 +215,8 @@ def history_ok(history: Any, epoch: Any) -> bool:
             and row["epoch"] == i
             and 0 <= row["val_acc"] <= 1
             and 0 <= row["test_acc"] <= 1
+            and type(row.get("stack_size", 1)) is int
+            and row.get("stack_size", 1) >= 1
             for i, row in enumerate(history, 1)
         )
     )
@@ -267,10 +275,16 @@ def restore(
     last = source or run_path / rundir.LAST
     saved = state.get("device_type")
     if saved is not None and saved != trainer.device.type:
+        # A --device auto run started on a CPU resolves to the GPU of a machine that has one;
+        # a resume takes no --device, so hiding the GPUs is what keeps it on the CPU.
+        fix = (
+            "resume it with the GPUs hidden (CUDA_VISIBLE_DEVICES= before the command)"
+            if saved == "cpu"
+            else f"resume it on a machine with a {saved} device"
+        )
         raise BrainPropError(
             f"{last} was written on {saved} and this run would continue on "
-            f"{trainer.device.type}, whose random states are of another kind: resume it on a "
-            f"machine with a {saved} device"
+            f"{trainer.device.type}, whose random states are of another kind: {fix}"
         )
     try:
         trainer.load_state(state)
