@@ -663,6 +663,57 @@ def test_a_stop_records_the_runs_of_a_stack_that_ended_and_names_the_others(
     assert [m.run for m in load_measurements(tmp_path)] == [first.name]
 
 
+def test_a_stop_with_a_run_that_cannot_be_recorded_stops_in_one_process_too(
+    tmp_path, mnist_root, monkeypatch
+):
+    """With --jobs 1 a run of the stopped stack that could not be recorded replaced the stop
+    with its error (exit status 2, the runs that kept their progress unsaid), where --jobs N
+    said it and stopped (review)."""
+    damaged, ended, kept = plan([DENSE], ["ebp"], 3)
+    train_two = _fake_train([])
+
+    def two_end_then_stop(job, request, dataset):
+        train_two(job[:2], request, dataset)
+        (request.out / RUNS / damaged.name / rundir.SUMMARY).write_text("{")
+        (request.out / RUNS / kept.name).mkdir(parents=True)
+        (request.out / RUNS / kept.name / rundir.LAST).write_bytes(b"a checkpoint")
+        raise signals.Interrupted("stopped by SIGINT", signal.SIGINT)
+
+    monkeypatch.setattr(ex, "_train", two_end_then_stop)
+    monkeypatch.setattr(ex._Recorder, "REPORT_EVERY_S", math.inf)
+    request = Request(out=tmp_path, data_dir=str(mnist_root), device="cpu", progress=False)
+    outcome, lines = ex.Outcome(), []
+    with pytest.raises(signals.Interrupted) as info:
+        ex._run_in_process(request, [(damaged, ended, kept)], [], outcome, lines.append)
+    assert info.value.exit_status == 128 + signal.SIGINT
+    assert str(info.value) == (
+        f"stopped by SIGINT; {kept.name} kept its progress: run the same 'brainprop "
+        "reproduce' command to continue"
+    )
+    summary = tmp_path / RUNS / damaged.name / rundir.SUMMARY
+    assert lines[-1] == (
+        f"not recorded: {summary} is not valid JSON: delete it, and the same command closes "
+        "the run again"
+    )
+    assert outcome.ran == [ended.name]
+
+
+def test_a_run_that_cannot_be_recorded_leaves_its_stack_mates_recorded(tmp_path, monkeypatch):
+    """Recording stopped at the first run of a stack it could not record, leaving the later
+    ones that had ended unrecorded (review): each is recorded, then the first error raised."""
+    monkeypatch.setattr(ex._Recorder, "REPORT_EVERY_S", math.inf)
+    damaged, ended, also = plan([DENSE], ["ebp"], 3)
+    _fake_train([])((damaged, ended, also), Request(out=tmp_path, device="cpu"), None)
+    summary = tmp_path / RUNS / damaged.name / rundir.SUMMARY
+    summary.write_text("{")
+    outcome = ex.Outcome()
+    recorder = ex._Recorder(tmp_path, [], outcome, lambda _: None)
+    with pytest.raises(BrainPropError, match=f"^{re.escape(str(summary))} is not valid JSON"):
+        recorder.record((damaged, ended, also))
+    assert outcome.ran == [ended.name, also.name]
+    assert sorted(m.run for m in load_measurements(tmp_path)) == [ended.name, also.name]
+
+
 def test_a_stop_between_runs_in_one_process_ends_the_session_as_a_stop(
     tmp_path, mnist_root, monkeypatch
 ):
@@ -1031,6 +1082,34 @@ def test_stacks_group_the_seeds_of_one_cell_and_rule_in_priority_order():
     assert ex.stacks(mixed, 4) == [(mixed[0],), (mixed[1],)]
 
 
+def test_a_stack_split_by_a_smaller_stack_stays_split(tmp_path):
+    """Seeds begun as one stack of 4, then split by --stack 2, were joined again by a later
+    --stack 4 (and regrouped as 3 and 1 by --stack 3), their dropout masks changed once more:
+    the oldest stack noted won (review). The latest stack a seed was begun in wins."""
+    seeds = plan([CONV], ["brainprop"], 4)
+
+    def session(out, size, *, checkpoint=True):
+        jobs = ex.stacks(seeds, size, ex._stacks_begun(out))
+        for job in jobs:
+            ex._begin(out, job)
+            for spec in job:  # an epoch each, then a stop; or a stop before the first
+                (out / RUNS / spec.name).mkdir(parents=True, exist_ok=True)
+                if checkpoint:
+                    (out / RUNS / spec.name / rundir.LAST).write_bytes(b"a checkpoint")
+        return [[spec.seed for spec in job] for job in jobs]
+
+    assert session(tmp_path, 4) == [[0, 1, 2, 3]]
+    assert session(tmp_path, 2) == [[0, 1], [2, 3]]
+    assert session(tmp_path, 4) == session(tmp_path, 3) == [[0, 1], [2, 3]]
+    # A split that never trained keeps nothing apart: the stack begun again after it is the
+    # latest, and the seeds it trained stay in it.
+    out = tmp_path / "again"
+    out.mkdir()
+    assert session(out, 4, checkpoint=False) == [[0, 1, 2, 3]]
+    assert session(out, 2, checkpoint=False) == [[0, 1], [2, 3]]
+    assert session(out, 4) == session(out, 4) == [[0, 1, 2, 3]]
+
+
 def test_stacking_compares_each_run_once_not_with_every_later_one(monkeypatch):
     """Pairwise comparison made --seeds 100 over the matrix take 14 s before its first line,
     and --seeds 1000 most of an hour."""
@@ -1179,6 +1258,26 @@ def test_a_finished_run_recorded_in_a_later_session_is_averaged_over_its_session
     measurements, outcome, pending = ex._scan(request, [spec], lambda _: None)
     assert pending == [] and outcome.skipped == [spec.name]
     assert [m.company for m in measurements] == [pytest.approx(1.1)]
+
+
+def test_a_cpu_run_found_unrecorded_by_a_gpu_session_counts_as_alone(tmp_path, monkeypatch):
+    """A CPU run killed between its summary and its measurement, recorded by a later
+    --device cuda --jobs 4 session, took that session's packing: 4 runs at once, its s/epoch
+    quartered (review). CPU runs note no sharing: only a GPU run takes the session's packing,
+    a guess for one from before sharing.json."""
+    on_cpu, on_gpu, beside = plan([DENSE], ["ebp"], 3)
+    for spec in (on_cpu, on_gpu, beside):
+        _fake_train([])((spec,), Request(out=tmp_path, device="cpu"), None)
+    summary = tmp_path / RUNS / on_gpu.name / rundir.SUMMARY
+    summary.write_text(json.dumps({**json.loads(summary.read_text()), "device": "NVIDIA H200"}))
+    # Measured on another machine too: the run here is recorded beside it.
+    write_measurement(tmp_path, beside, "NVIDIA A100", test_acc=0.9)
+    monkeypatch.setattr(devices, "resolve_device", lambda device: torch.device("cuda"))
+    request = Request(out=tmp_path, device="cuda", jobs=4)
+    measurements, _, pending = ex._scan(request, [on_cpu, on_gpu, beside], lambda _: None)
+    assert pending == []
+    here = sorted((m.run, m.at_once, m.company) for m in measurements if m.machine != "NVIDIA A100")
+    assert here == [(on_cpu.name, 1, 1.0), (on_gpu.name, 4, 4.0), (beside.name, 1, 1.0)]
 
 
 def test_a_note_that_cannot_be_written_is_said_and_the_run_recorded(tmp_path, monkeypatch):
@@ -1594,11 +1693,17 @@ def test_a_stop_with_a_run_that_cannot_be_recorded_records_the_others_and_stops(
     the other finished runs unrecorded (review)."""
 
     class Saved:
+        exitcode = 128 + signals.RELAY  # a worker that saw its run end, then the stop
+
         def is_alive(self):
             return False
 
         def join(self):
             pass
+
+    class Silent:
+        def poll(self) -> bool:
+            return False
 
     request = Request(out=tmp_path, data_dir=str(mnist_root), device="cpu", progress=False)
     specs = plan([DENSE], ["brainprop", "ebp"], 2)
@@ -1608,11 +1713,60 @@ def test_a_stop_with_a_run_that_cannot_be_recorded_records_the_others_and_stops(
     damaged.write_text("{")
     outcome, lines = ex.Outcome(), []
     pool = ex._Workers(request, 1, True, [], outcome, lines.append)
-    pool.running = {i: ((spec,), Saved(), None) for i, spec in enumerate(specs)}
+    pool.running = {i: ((spec,), Saved(), Silent()) for i, spec in enumerate(specs)}
     pool.stop_all()
     assert outcome.ran == [specs[1].name] and pool.running == {}
     assert pool.stopped == [spec.name for spec in specs[2:]]
     assert f"not recorded: {damaged} is not valid JSON" in lines[0]
+
+
+def test_a_worker_that_fails_as_it_stops_is_said_not_taken_for_a_stop(tmp_path):
+    """A worker that failed while it saved its stop checkpoint (a full disk: its error sent) or
+    was killed for memory then was said to have kept its progress, its exit status and error
+    never read (review)."""
+
+    class Ended:
+        pid = 4321
+
+        def __init__(self, exitcode: int) -> None:
+            self.exitcode = exitcode
+
+        def is_alive(self) -> bool:
+            return False
+
+        def join(self) -> None:
+            pass
+
+    class Sent:
+        def __init__(self, error: str | None) -> None:
+            self.error = error
+
+        def poll(self) -> bool:
+            return self.error is not None
+
+        def recv(self) -> str | None:
+            return self.error
+
+    failed, killed, stopped = plan([DENSE], ["ebp"], 3)
+    for spec in (failed, killed, stopped):  # each with the checkpoint of an earlier epoch
+        (tmp_path / RUNS / spec.name).mkdir(parents=True)
+        (tmp_path / RUNS / spec.name / rundir.LAST).write_bytes(b"a checkpoint")
+    full = f"cannot write {tmp_path / RUNS / failed.name / rundir.LAST} (No space left on device)"
+    lines: list[str] = []
+    pool = ex._Workers(Request(out=tmp_path, device="cpu"), 1, True, [], ex.Outcome(),
+                       lines.append)  # fmt: skip
+    pool.running = {
+        7: ((failed,), Ended(2), Sent(full)),
+        8: ((killed,), Ended(-signal.SIGKILL), Sent(None)),
+        9: ((stopped,), Ended(128 + signals.RELAY), Sent(None)),
+    }
+    pool.stop_all()
+    assert lines == [full, ex._ended(killed.name, -signal.SIGKILL)]
+    assert pool.stopped == [stopped.name] and pool.running == {}
+    assert str(ex._stopped(signal.SIGINT, pool.stopped, tmp_path / RUNS)) == (
+        f"stopped by SIGINT; {stopped.name} kept its progress: run the same 'brainprop "
+        "reproduce' command to continue"
+    )
 
 
 def test_a_ctrl_c_while_workers_start_stops_them_without_tracebacks(tmp_path, mnist_root):

@@ -307,8 +307,8 @@ def _scan(
     # Read once: a file half-copied in while the runs train (a merge) must not stop them.
     measurements = load_measurements(request.out)
     measured = {m.run for m in measurements}
-    # Finished, but stopped before it was recorded: where its sessions noted no sharing (a
-    # run from before the record), this request's packing is the best guess.
+    # Finished, but stopped before it was recorded: where a GPU run's sessions noted no sharing
+    # (a run from before the record), this request's packing is the best guess.
     packing = runs_at_once(request)
     pending = []
     for spec in specs:
@@ -317,7 +317,7 @@ def _scan(
         if spec.name not in measured:
             _check_run_dir(spec, run_dir)
             if finished:
-                company = sharing.average(run_dir, packing)
+                company = _found_company(run_dir, packing)
                 measurements.append(record(spec, run_dir, request.out, company))
                 measured.add(spec.name)
         elif finished and not _recorded(spec, run_dir, measurements):
@@ -345,17 +345,18 @@ def _record_beside(
     spec: RunSpec,
     run_dir: Path,
     out: Path,
-    company: float,
+    packing: int,
     measurements: list[Measurement],
     say: Callable[[str], None],
 ) -> None:
     """Record the run finished in ``run_dir`` beside the measurements of its name in other
     setups (merged in from another machine), or its result would stay in a run directory,
-    which nobody commits. One that cannot be recorded is said, and the session goes on: the
-    name is measured, so it skips the run anyway."""
+    which nobody commits; ``packing`` as for :func:`_found_company`. One that cannot be
+    recorded is said, and the session goes on: the name is measured, so it skips the run
+    anyway."""
     try:
         _check_run_dir(spec, run_dir)
-        measurements.append(record(spec, run_dir, out, sharing.average(run_dir, company)))
+        measurements.append(record(spec, run_dir, out, _found_company(run_dir, packing)))
     except BrainPropError as e:
         # The error's advice (to train the run afresh) holds only once the name is unmeasured.
         say(
@@ -363,6 +364,21 @@ def _record_beside(
             f"recorded: {e}, once the other setup's measurement is moved out of "
             f"{out / MEASUREMENTS}"
         )
+
+
+def _found_company(run_dir: Path, packing: int) -> float:
+    """How many runs shared the device with the run found finished but unrecorded in
+    ``run_dir``, on average over its sessions (:func:`brainprop.sharing.average`). Where they
+    noted none, a run on a GPU takes ``packing``, the recording session's, as the best guess;
+    one on a CPU, which never notes, shared no GPU whatever this session's ``--device``: its
+    jobs split the cores, which its machine's thread count says."""
+    try:
+        machine = rundir.read_json(run_dir / rundir.SUMMARY)["device"]
+    except (BrainPropError, TypeError, KeyError):
+        machine = None  # recording it names the damage
+    # A CPU's machine label is "cpu (...)" (devices.device_name), a GPU's its model's name.
+    on_cpu = isinstance(machine, str) and machine.startswith("cpu (")
+    return sharing.average(run_dir, 1.0 if on_cpu else packing)
 
 
 def _done_line(outcome: Outcome, rows: bool) -> str:
@@ -575,14 +591,15 @@ def stacks(pending: Sequence[RunSpec], size: int, begun: Sequence[Sequence[str]]
     order of each job's first run (so a stack pulls later seeds of its cell forward).
 
     With ``size`` > 1, the runs of a stack ``begun`` in an earlier session (run names, as
-    :func:`_stacks_begun` reads them) stay together: a seed's dropout masks depend on its
-    stack-mates, so regrouped, a resumed seed would train on differently than it began. Only a
-    smaller ``size`` splits them (a stack too large for the device's memory must be able to
-    shrink). The rest are packed afresh."""
+    :func:`_stacks_begun` reads them, the latest begun last) stay together: a seed's dropout
+    masks depend on its stack-mates, so regrouped, a resumed seed would train on differently
+    than it began. Only a smaller ``size`` splits them (a stack too large for the device's
+    memory must be able to shrink), and a run takes the latest stack it was begun in, so that
+    a stack split so stays split. The rest are packed afresh."""
     jobs: list[Job] = []
     rest = {spec.name: spec for spec in pending}
     if size > 1:
-        for names in begun:
+        for names in reversed(begun):
             kept = [rest.pop(name) for name in names if name in rest]
             jobs += [tuple(kept[i : i + size]) for i in range(0, len(kept), size)]
     # One pass that groups the runs by all but their seed: comparing each run with every later
@@ -596,7 +613,8 @@ def stacks(pending: Sequence[RunSpec], size: int, begun: Sequence[Sequence[str]]
     return sorted(jobs, key=lambda job: position[job[0]])
 
 
-#: The stacks ``reproduce`` has started in its ``--out`` folder, each a list of run names.
+#: The stacks ``reproduce`` has started in its ``--out`` folder, each a list of run names, in
+#: the order they were last started.
 STACKS = "stacks.json"
 
 
@@ -624,14 +642,15 @@ def _stacks_begun(out: Path) -> list[list[str]]:
 
 
 def _begin(out: Path, job: Job) -> None:
-    """Note the stack ``job`` in ``out`` as it starts, for :func:`stacks` in later sessions;
-    reproduce holds the folder, so no other session writes it meanwhile."""
+    """Note the stack ``job`` in ``out`` as it starts, the latest last, for :func:`stacks` in
+    later sessions; reproduce holds the folder, so no other session writes it meanwhile."""
     if len(job) < 2:
         return
     noted = _stacks_noted(out)
     names = [spec.name for spec in job]
-    if names not in noted:
-        atomic_write_json(out / STACKS, [*noted, names])
+    if noted[-1:] != [names]:
+        # A stack begun again after its runs were split otherwise is the latest again.
+        atomic_write_json(out / STACKS, [*(n for n in noted if n != names), names])
 
 
 def _names(job: Job) -> str:
@@ -728,21 +747,37 @@ class _Recorder:
 
     def record(self, specs: Sequence[RunSpec], company: float = 1.0) -> None:
         """Record the runs ``specs``, which ended beside ``company - 1`` others on average over
-        this session (their sessions' average where they noted theirs: :mod:`~.sharing`)."""
+        this session (their sessions' average where they noted theirs: :mod:`~.sharing`).
+
+        Raises:
+            BrainPropError: the first run that cannot be recorded, once the others are: one
+                run's damaged files must not leave its stack-mates' results unrecorded.
+        """
+        error: BrainPropError | None = None
         for spec in specs:
             run_dir = self.out / RUNS / spec.name
-            m = record(spec, run_dir, self.out, sharing.average(run_dir, company))
+            try:
+                m = record(spec, run_dir, self.out, sharing.average(run_dir, company))
+            except BrainPropError as e:
+                error = error or e
+                continue
             self.measurements.append(m)
             self.outcome.ran.append(spec.name)
             self.say(_finished_line(m))
         if specs and time.monotonic() - self.reported_at >= self.REPORT_EVERY_S:
             self.report()
+        if error is not None:
+            raise error
 
     def record_ended(self, job: Job, company: float = 1.0) -> list[str]:
         """Record the runs of ``job`` that ended as a stop came (one in its last step lets it
-        end, see train); returns the names of the others."""
+        end, see train); returns the names of the others. One that cannot be recorded is said,
+        and the stop goes on, as a stop and not an error: the next session names it again."""
         ended = [_run_ended(self.out, spec) for spec in job]
-        self.record([spec for spec, done in zip(job, ended, strict=True) if done], company)
+        try:
+            self.record([spec for spec, done in zip(job, ended, strict=True) if done], company)
+        except BrainPropError as e:
+            self.say(f"not recorded: {e}")
         return [spec.name for spec, done in zip(job, ended, strict=True) if not done]
 
     def report(self) -> None:
@@ -1119,17 +1154,15 @@ class _Workers:
         return error or _ended(_names(job), proc.exitcode)
 
     def stop_all(self) -> None:
-        """Stop the workers, each saving its state, and record the runs that completed
-        meanwhile (a signal after a run's last step lets it end, see train); the others are
-        noted in :attr:`stopped`."""
+        """Stop the workers, each saving its state, and see to each as :meth:`reap` does: the
+        runs that completed meanwhile are recorded (a signal after a run's last step lets it
+        end, see train), those stopped noted in :attr:`stopped`, and why a worker failed as
+        it stopped (its checkpoint not saved on a full disk, killed for memory) is said, not
+        taken for a stop that kept its progress. The session stops all the same."""
         self.tick()
         self.terminate()
-        for sentinel in list(self.running):
-            try:
-                self.record_stopped(sentinel)
-            except BrainPropError as e:
-                # The stop goes on for the others; the next session names it again.
-                self.say(f"not recorded: {e}")
+        for failure in self.reap(list(self.running)):
+            self.say(failure)
 
     def signal_all(self) -> None:
         """Pass the stop on to each worker still alive and not yet sent it, without waiting for
