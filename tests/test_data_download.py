@@ -421,6 +421,26 @@ def test_a_killed_downloads_leftovers_are_removed_by_the_next(
     assert [p.name for p in dest.iterdir()] == ["cifar-10-batches-py"]
 
 
+@pytest.mark.parametrize(("name", "top"), [("cifar10", "cifar-10-batches-py"),
+                                         ("tiny-imagenet", "tiny-imagenet-200")])  # fmt: skip
+def test_a_tree_unpacked_one_folder_too_deep_is_to_be_moved_up_not_fetched_again(
+    tmp_path: Path, server, name: str, top: str
+) -> None:
+    """The download fetched the archive again and copied the whole nested tree into the new
+    one, file by file, as files of one's own (review)."""
+    _, url = server
+    nested = tmp_path / "root" / name / top / top
+    nested.mkdir(parents=True)
+    (nested / "batches.meta").write_bytes(b"")
+    with pytest.raises(BrainPropError) as info:
+        download(name, tmp_path / "root", base_url=url, progress=False)
+    assert str(info.value) == (
+        f"{name} is unpacked one folder too deep, in {nested}: move what it holds up into "
+        f"{nested.parent}, where brainprop looks for it"
+    )
+    assert [p.name for p in nested.parent.iterdir()] == [top]
+
+
 def test_a_folder_being_downloaded_into_is_left_alone(tmp_path: Path, server) -> None:
     _, url = server
     dest = tmp_path / "root" / "cifar10"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import torch
 from data_fixtures import WNIDS, write_tiny_imagenet
 from PIL import Image
 
+from brainprop import locks
 from brainprop.data import dataset_status, download, load_dataset
 from brainprop.data import tinyimagenet as tin
 from brainprop.errors import BrainPropError
@@ -562,6 +564,20 @@ def test_a_cache_build_killed_while_writing_leaves_no_temporary_behind(tmp_path:
     left.write_bytes(b"\0" * 1000)
     load_dataset("tiny-imagenet", tmp_path)
     assert not left.exists() and (cache / "manifest.json").is_file()
+
+
+def test_a_cache_another_process_is_writing_is_left_to_it(tmp_path: Path) -> None:
+    """Processes loading at once each wrote the cache, and one deleted another's temporary
+    file mid-write, warning of a full disk (review)."""
+    folder = write_tiny_imagenet(tmp_path)
+    cache = folder / tin.CACHE_DIR
+    cache.mkdir()
+    writing = cache / ".train_x.npy.2521u2z0.tmp"
+    writing.write_bytes(b"\0" * 1000)
+    with locks.held(cache, "busy"), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ds = load_dataset("tiny-imagenet", tmp_path)
+    assert len(ds.train_y) and writing.exists() and not (cache / "manifest.json").exists()
 
 
 def test_a_class_without_images_is_refused(tmp_path: Path) -> None:

@@ -21,13 +21,18 @@ except ImportError:  # Windows: nothing is held there.
     fcntl = None  # type: ignore[assignment]
 
 
+class Busy(BrainPropError):
+    """Another process holds the folder (see :func:`held`)."""
+
+
 #: The filesystems (st_dev) whose lack of locks this process has warned about.
 _WARNED: set[int] = set()
 
 
 @contextlib.contextmanager
 def held(folder: Path, busy: str) -> Iterator[None]:
-    """Hold ``folder`` until the block ends; raise ``BrainPropError(busy)`` if another holds it.
+    """Hold ``folder`` until the block ends; raise :class:`Busy` (``busy``, the message) if
+    another holds it.
 
     The lock is a ``flock`` on the folder itself, so it adds no file, and dies with its process
     however that ends. ``flock`` locks belong to one open file, so a second hold in the same
@@ -42,7 +47,7 @@ def held(folder: Path, busy: str) -> Iterator[None]:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise BrainPropError(busy) from None
+                raise Busy(busy) from None
             except OSError as e:
                 # A filesystem without locks (some network mounts): go on unheld rather than
                 # not at all, but say so, once per filesystem (reproduce holds hundreds of

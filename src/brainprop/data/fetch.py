@@ -69,6 +69,12 @@ def download(
     if inside := inside_data_root(name, root):
         raise BrainPropError(f"{name} is already in the data root above: {inside}")
     _refuse_in_the_way(dest, name)
+    if source.top is not None and (nested := dest / source.top / source.top).is_dir():
+        # The download would keep that tree as files of one's own, inside a second copy.
+        raise BrainPropError(
+            f"{name} is unpacked one folder too deep, in {nested}: move what it holds up into "
+            f"{nested.parent}, where brainprop looks for it"
+        )
     created = not dest.exists()
     make_folder(dest, "choose a writable data root with --data-dir or BRAINPROP_DATA")
     busy = f"{dest} is being downloaded into by another process: wait for it to end"

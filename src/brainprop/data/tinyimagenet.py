@@ -25,6 +25,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from brainprop import locks
 from brainprop.errors import PERMISSIONS_FIX, BrainPropError, reason
 from brainprop.files import atomic_write, remove_temporaries
 
@@ -392,16 +393,22 @@ def _cache_fits(arrays: dict[str, np.ndarray], manifest: dict, classes: int) -> 
 def _save_cache(cache: Path, manifest: dict, arrays: dict[str, np.ndarray]) -> None:
     try:
         cache.mkdir(exist_ok=True)
-        # A build killed while writing (out of memory, at its peak) left a temporary file as
-        # large as the training images, 1.2 GB, in this hidden folder.
-        remove_temporaries(cache)
-        (cache / "manifest.json").unlink(missing_ok=True)
-        for key in CACHE_ARRAYS:
-            atomic_write(
-                cache / f"{key}.npy", lambda f, a=arrays[key]: np.save(f, a, allow_pickle=False)
-            )
-        # The manifest goes last: its presence vouches for the arrays beside it.
-        atomic_write(cache / "manifest.json", lambda f: f.write(json.dumps(manifest).encode()))
+        # Held while written: processes loading at once (reproduce --jobs, torchrun's ranks)
+        # each decode, and one removed another's temporaries below as a killed build's.
+        with locks.held(cache, "another process is writing it"):
+            # A build killed while writing (out of memory, at its peak) left a temporary file
+            # as large as the training images, 1.2 GB, in this hidden folder.
+            remove_temporaries(cache)
+            (cache / "manifest.json").unlink(missing_ok=True)
+            for key in CACHE_ARRAYS:
+                atomic_write(
+                    cache / f"{key}.npy",
+                    lambda f, a=arrays[key]: np.save(f, a, allow_pickle=False),
+                )
+            # The manifest goes last: its presence vouches for the arrays beside it.
+            atomic_write(cache / "manifest.json", lambda f: f.write(json.dumps(manifest).encode()))
+    except locks.Busy:
+        pass  # the other process writes the same cache
     except (OSError, BrainPropError) as exc:
         warnings.warn(
             f"could not cache decoded Tiny ImageNet in {cache}: {reason(exc)}", stacklevel=3
