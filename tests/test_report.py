@@ -791,7 +791,8 @@ def test_diverged_runs_are_named_in_the_accuracy_and_the_verdicts(tmp_path):
     [r] = aggregate(load_measurements(tmp_path))
     ebp = r.rules["ebp"]
     assert ebp.diverged == 2 and ebp.test_acc.n == 2
-    assert ebp.accuracy_text(ebp.test_acc) == "99.05 (0.07), 2 of 4 diverged"
+    # The mean is over the two that finished an epoch, which the cell says (review).
+    assert ebp.accuracy_text(ebp.test_acc) == "99.05 (0.07) over 2, 2 of 4 diverged"
     # The runs that finished alone would compare survivors: judged so, a rule that breaks on
     # half its seeds could read as equal to one that never does.
     assert r.gap_verdict.text() == "– (2 EBP runs diverged)"
@@ -841,6 +842,9 @@ def test_a_run_that_diverged_late_keeps_its_accuracy_but_not_its_epochs(tmp_path
     bp_seed_1.write_text(json.dumps(d))
     [r] = aggregate(load_measurements(alone))
     assert r.rules["brainprop"].diverged == 1
+    # Diverged after its best: that best is in the mean, over every seed.
+    bp = r.rules["brainprop"]
+    assert bp.accuracy_text(bp.test_acc).endswith(f"), 1 of {len(bp.seeds)} diverged")
     assert r.ratio_verdict.text() == "– (every run of EBP diverged)"
     assert r.gap_verdict.text() == "– (1 BrainProp run and 2 EBP runs diverged)"
 
@@ -853,7 +857,7 @@ def test_a_brainprop_run_that_diverged_in_its_first_epoch_misses_the_published_b
     _diverge_in_epoch_1(tmp_path, "brainprop", {2})
     [r] = aggregate(load_measurements(tmp_path))
     assert r.rules["brainprop"].accuracy_text(r.rules["brainprop"].test_acc) == (
-        "99.30 (0.01), 1 of 3 diverged"
+        "99.30 (0.01) over 2, 1 of 3 diverged"
     )  # inside the published 99.31 (0.04) +- 2 sd
     assert r.published_verdict.text() == "no (1 BrainProp run diverged in the first epoch)"
     # Every run so: still a no, not a row without a verdict.

@@ -174,10 +174,13 @@ class RuleStats:
         ]
 
     def accuracy_text(self, stat: Stat | None) -> str:
-        """``stat`` (one of the accuracies), with how many runs failed where any did."""
+        """``stat`` (one of the accuracies), with how many runs failed where any did, and how
+        many it is over where fewer than ran: a run that broke in its first epoch has no
+        accuracy, one that broke later its best before it."""
         if stat is None and self.diverged:
             return f"diverged ({self.diverged} of {len(self.seeds)})"
-        return ", ".join([_stat(stat), *self.failures()])
+        over = f" over {stat.n}" if stat is not None and stat.n < len(self.seeds) else ""
+        return ", ".join([_stat(stat) + over, *self.failures()])
 
     def epochs_text(self, stat: Stat | None) -> str:
         """``stat`` (one of the epoch counts), saying which failed runs it leaves out."""
