@@ -1108,6 +1108,14 @@ def test_a_stack_split_by_a_smaller_stack_stays_split(tmp_path):
     assert session(out, 4, checkpoint=False) == [[0, 1, 2, 3]]
     assert session(out, 2, checkpoint=False) == [[0, 1], [2, 3]]
     assert session(out, 4) == session(out, 4) == [[0, 1, 2, 3]]
+    # --stack 1 splits a stack too, and its seeds, trained alone, stay alone; a run alone that
+    # left no stack is not noted.
+    out = tmp_path / "alone"
+    out.mkdir()
+    assert session(out, 1) == [[0], [1], [2], [3]] and not (out / ex.STACKS).exists()
+    assert session(out, 2) == [[0, 1], [2, 3]]
+    assert session(out, 1) == [[0], [1], [2], [3]]
+    assert session(out, 4) == [[0], [1], [2], [3]]
 
 
 def test_stacking_compares_each_run_once_not_with_every_later_one(monkeypatch):

@@ -643,11 +643,14 @@ def _stacks_begun(out: Path) -> list[list[str]]:
 
 def _begin(out: Path, job: Job) -> None:
     """Note the stack ``job`` in ``out`` as it starts, the latest last, for :func:`stacks` in
-    later sessions; reproduce holds the folder, so no other session writes it meanwhile."""
-    if len(job) < 2:
+    later sessions; reproduce holds the folder, so no other session writes it meanwhile. A
+    run alone is noted only where it leaves a stack (``--stack 1``), so that it stays alone."""
+    names = [spec.name for spec in job]
+    if len(job) < 2 and not (out / STACKS).exists():
         return
     noted = _stacks_noted(out)
-    names = [spec.name for spec in job]
+    if len(job) < 2 and not any(names[0] in stack for stack in noted):
+        return
     if noted[-1:] != [names]:
         # A stack begun again after its runs were split otherwise is the latest again.
         atomic_write_json(out / STACKS, [*(n for n in noted if n != names), names])
