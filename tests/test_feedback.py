@@ -13,7 +13,7 @@ from conftest import make_tiny_dataset
 from data_fixtures import REPO
 from memory_errors import OUT_OF_MEMORY
 from torch import nn
-from torch.utils.checkpoint import checkpoint_sequential
+from torch.utils.checkpoint import checkpoint, checkpoint_sequential
 
 from brainprop import (
     EBP,
@@ -563,6 +563,43 @@ def test_direct_feedback_takes_the_error_through_a_reentrant_checkpoint():
     out = checkpoint_sequential(model, 2, x.requires_grad_(), use_reentrant=True)
     F.cross_entropy(out, y).backward()
     torch.testing.assert_close(model[0].weight.grad, plain, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("whole", [True, False], ids=["whole", "head"])
+def test_direct_feedback_takes_the_error_through_a_non_reentrant_checkpoint(whole):
+    """The output layer's forward, run again inside the backward, dropped the error it had
+    just sent (review)."""
+    model = _mlp()
+    convert(model, "direct", generator=torch.Generator().manual_seed(0))
+    x, y = torch.rand(8, 6), torch.arange(8) % 3
+    F.cross_entropy(model(x), y).backward()
+    plain = model[0].weight.grad.clone()
+    model.zero_grad()
+    body, head = model[:-1], model[-1]
+    if whole:
+        out = checkpoint(model, x, use_reentrant=False)
+    else:
+        out = checkpoint(head, body(x), use_reentrant=False)
+    F.cross_entropy(out, y).backward()
+    torch.testing.assert_close(model[0].weight.grad, plain, rtol=0, atol=0)
+
+
+def test_direct_feedback_with_a_frozen_first_layer_takes_passes_one_after_the_other():
+    """A frozen first layer drops no error: its next backward, of one pass run twice or of
+    the next of two passes summed, was refused as two passes at once (review)."""
+    model = _mlp()
+    convert(model, "direct", generator=torch.Generator().manual_seed(0))
+    model[0].weight.requires_grad_(False)
+    xa, xb, y = torch.rand(4, 6), torch.rand(4, 6), torch.arange(4) % 3
+    F.cross_entropy(model(xa), y).backward()
+    F.cross_entropy(model(xb), y).backward()
+    apart = model[2].weight.grad.clone()
+    model.zero_grad()
+    (F.cross_entropy(model(xa), y) + F.cross_entropy(model(xb), y)).backward()
+    torch.testing.assert_close(model[2].weight.grad, apart)
+    loss = F.cross_entropy(model(xa), y)
+    loss.backward(retain_graph=True)
+    loss.backward()
 
 
 def test_direct_feedback_allows_an_in_place_activation_after_a_layer():

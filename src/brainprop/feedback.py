@@ -372,14 +372,22 @@ class _DirectLink:
 
     The first layer (in module order), whose backward is the pass's last, drops it: an output
     layer converted back or replaced by a new head sends none, and the one left behind is an
-    earlier step's. The output layer's forward drops it too, so that its backward finds one
-    held only when two passes are backpropagated together: autograd may run both output
-    layers' backwards before the layers below, which would take one pass's error for both.
+    earlier step's. An error is ``open`` from the output layer's backward until a layer below
+    runs its backward, that backward ends, or the output layer runs forward again (after a
+    backward that failed): an output layer that finds one open is the second of two passes
+    backpropagated together whose layers below autograd runs after both output layers' (their
+    forwards interleaved layer by layer, or a siamese pair), which would take one pass's error
+    for both. A forward does not drop the error: non-reentrant gradient checkpointing runs the
+    output layer's forward again inside the backward, after its error was sent.
     """
 
     def __init__(self, first: nn.Module, output: nn.Module) -> None:
         self.first, self.output = first, output
         self.error: torch.Tensor | None = None
+        self.open = False
+
+    def close(self) -> None:
+        self.open = False
 
 
 class _DirectInject(torch.autograd.Function):
@@ -399,12 +407,17 @@ class _DirectInject(torch.autograd.Function):
         layer = ctx.layer
         link: _DirectLink = layer._direct_link
         if link.output is layer:
-            if link.error is not None:
+            if link.open:
                 raise BrainPropError(
                     "direct feedback got the output errors of two forward passes in one "
                     "backward, which it holds one at a time: backpropagate each pass on its own"
                 )
-            link.error = g.flatten(1)
+            link.error, link.open = g.flatten(1), True
+            # A pass whose layers below run no backward (frozen, their inputs constant) must
+            # not leave it open for the next backward.
+            torch.autograd.Variable._execution_engine.queue_callback(link.close)
+        else:
+            link.close()
         gx = None
         if ctx.needs_input_grad[1]:
             if link.error is None:
@@ -453,7 +466,7 @@ def _direct(layer: nn.Module, x: torch.Tensor, op) -> torch.Tensor:
             f"{tuple(x.shape)}: add a batch dimension (x.unsqueeze(0))"
         )
     if layer._direct_link.output is layer:
-        layer._direct_link.error = None
+        layer._direct_link.close()
     return _DirectInject.apply(op(x.detach()), x, layer)
 
 
