@@ -435,7 +435,7 @@ def test_a_tree_unpacked_one_folder_too_deep_is_to_be_moved_up_not_fetched_again
     with pytest.raises(BrainPropError) as info:
         download(name, tmp_path / "root", base_url=url, progress=False)
     assert str(info.value) == (
-        f"{name} is unpacked one folder too deep, in {nested}: move what it holds up into "
+        f"{name} is unpacked one folder too deep: move what {nested} holds up into "
         f"{nested.parent}, where brainprop looks for it"
     )
     assert [p.name for p in nested.parent.iterdir()] == [top]

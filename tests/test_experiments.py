@@ -1360,6 +1360,11 @@ def test_a_stacked_request_trains_and_records_each_seed(tmp_path, mnist_root, no
     (tmp_path / ex.STACKS).write_text('{"not": "stacks"}')
     with pytest.raises(BrainPropError, match=r"stacks.json is not a list of stacks of run names"):
         reproduce(request, say=lines.append)
+    # Alone (--stack 1) too, before a run starts, not as the first one comes up (review).
+    alone = replace(request, stack=1, seeds=3)
+    with pytest.raises(BrainPropError, match=r"stacks.json is not a list of stacks of run names"):
+        reproduce(alone, say=lines.append)
+    assert not (tmp_path / RUNS / "mnist-dense-ebp-s2-e1").exists()
     measurements = load_measurements(tmp_path)
     assert {m.seed for m in measurements} == {0, 1}
     # A stacked run's seconds are the stack's: its budget estimates come from stacks alike.

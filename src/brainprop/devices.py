@@ -210,3 +210,9 @@ def device_name(device: torch.device, cpuinfo_text: str | None = None) -> str:
     kind = f"{model}, {arch}" if model else (platform.processor() or arch)
     kind += f", {units}" if units else ""
     return f"cpu ({kind}, {threads} thread{'s' if threads != 1 else ''})"
+
+
+def names_a_cpu(machine: object) -> bool:
+    """Whether ``machine``, as :func:`device_name` gave it, is a CPU (a GPU goes by its own
+    name)."""
+    return isinstance(machine, str) and machine.startswith("cpu (")

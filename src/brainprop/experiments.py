@@ -269,7 +269,10 @@ def _reproduce(request: Request, say: Callable[[str], None], hold: Callable[[], 
     # the first run has trained.
     kept = request.out / MEASUREMENTS
     make_folder(kept, f"move away what is at {kept}: reproduce keeps its measurements there")
-    jobs = stacks(pending, request.stack, _stacks_begun(request.out) if request.stack > 1 else [])
+    # Read whatever --stack: a damaged stacks.json is refused now, not as the first run alone
+    # (_begin) comes up, after a dataset's load.
+    begun = _stacks_begun(request.out)
+    jobs = stacks(pending, request.stack, begun if request.stack > 1 else [])
     say(
         f"reproduce: {len(specs)} runs requested, {len(outcome.skipped)} already measured, "
         f"{len(pending)} to run"
@@ -372,13 +375,13 @@ def _found_company(run_dir: Path, packing: int) -> float:
     noted none, a run on a GPU takes ``packing``, the recording session's, as the best guess;
     one on a CPU, which never notes, shared no GPU whatever this session's ``--device``: its
     jobs split the cores, which its machine's thread count says."""
+    from .devices import names_a_cpu
+
     try:
         machine = rundir.read_json(run_dir / rundir.SUMMARY)["device"]
     except (BrainPropError, TypeError, KeyError):
         machine = None  # recording it names the damage
-    # A CPU's machine label is "cpu (...)" (devices.device_name), a GPU's its model's name.
-    on_cpu = isinstance(machine, str) and machine.startswith("cpu (")
-    return sharing.average(run_dir, 1.0 if on_cpu else packing)
+    return sharing.average(run_dir, 1.0 if names_a_cpu(machine) else packing)
 
 
 def _done_line(outcome: Outcome, rows: bool) -> str:

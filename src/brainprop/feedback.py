@@ -811,7 +811,7 @@ def _check_untied(
         other = first.setdefault(id(m.weight), name)
         if other != name and isinstance(made.get(name), nn.Parameter):
             raise BrainPropError(
-                f"layers {other or '<root>'} and {name} share one weight, and feedback "
+                f"layers {other} and {name} share one weight, and feedback "
                 f"{feedback!r} learns each layer's B from that layer's share of its gradient, "
                 "so neither B would follow W: untie the weights, or choose another feedback"
             )

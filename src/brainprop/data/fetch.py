@@ -32,7 +32,7 @@ from brainprop.errors import BrainPropError, reason
 from brainprop.files import make_folder, usual_permissions
 
 from .catalog import CATALOG
-from .messages import not_a_folder
+from .messages import not_a_folder, unpacked_too_deep
 from .registry import check_name, data_dir, dataset_status, inside_data_root, load_dataset
 from .root import data_root
 
@@ -69,12 +69,9 @@ def download(
     if inside := inside_data_root(name, root):
         raise BrainPropError(f"{name} is already in the data root above: {inside}")
     _refuse_in_the_way(dest, name)
-    if source.top is not None and (nested := dest / source.top / source.top).is_dir():
+    if source.top is not None and (move := unpacked_too_deep(dest / source.top)):
         # The download would keep that tree as files of one's own, inside a second copy.
-        raise BrainPropError(
-            f"{name} is unpacked one folder too deep, in {nested}: move what it holds up into "
-            f"{nested.parent}, where brainprop looks for it"
-        )
+        raise BrainPropError(f"{name} is unpacked one folder too deep: {move}")
     created = not dest.exists()
     make_folder(dest, "choose a writable data root with --data-dir or BRAINPROP_DATA")
     busy = f"{dest} is being downloaded into by another process: wait for it to end"

@@ -125,3 +125,19 @@ def inside_root(root: Path, wanted: Path, *variants: Path) -> str | None:
 def redownload(name: str, root: Path, files: str = "it") -> str:
     """The fix for a corrupt file (or ``files``) of dataset ``name`` in the data root ``root``."""
     return f"delete {files} and run {download_command(name, root)}"
+
+
+def unpacked_too_deep(folder: Path) -> str | None:
+    """How to move a tree unpacked one folder too deep (``folder/<folder's name>``, as
+    unpacking an archive into its own top folder makes it) up into ``folder``, or None where it
+    is not: ``folder`` holds, but for hidden files (brainprop's own), that folder alone, and it
+    is not empty. The advice must not be to delete, and download again, a whole tree."""
+    nested = folder / folder.name
+    try:
+        if {p.name for p in folder.iterdir() if not p.name.startswith(".")} != {folder.name}:
+            return None
+        if not nested.is_dir() or not any(nested.iterdir()):
+            return None
+    except OSError:
+        return None  # not there, or unreadable: what reads it says so
+    return f"move what {nested} holds up into {folder}, where brainprop looks for it"

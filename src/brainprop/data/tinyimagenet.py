@@ -37,6 +37,7 @@ from .messages import (
     move_away,
     not_a_file,
     not_a_folder,
+    unpacked_too_deep,
 )
 from .status import DatasetStatus
 
@@ -222,15 +223,6 @@ def _list_test(folder: Path, class_index: dict[str, int]) -> list[tuple[Path, in
     if not test:
         raise _fail(f"folder {folder} has no val images", folder)
     return test
-
-
-def _too_deep(folder: Path) -> str | None:
-    """How to move a tree unzipped one folder too deep (``folder/tiny-imagenet-200``, as
-    unzipping into ``folder`` makes it) into ``folder``, or None where it is not: its advice
-    must not be to delete, and download again, a whole tree (review)."""
-    if (folder / "wnids.txt").exists() or not (folder / SUBDIR / "wnids.txt").is_file():
-        return None
-    return f"move what {folder / SUBDIR} holds up into {folder}, where brainprop looks for it"
 
 
 #: The official archive's folders and files, by their path in its tree (``/``-separated):
@@ -440,7 +432,7 @@ class TinyImageNetTree:
         """A one-line hint on obtaining the tree into the data root ``root``."""
         return (
             self.inside_hint(name, root)
-            or _too_deep(self.dataset_dir(name, root))
+            or unpacked_too_deep(self.dataset_dir(name, root))
             or f"run {download_command(name, root)} or unzip tiny-imagenet-200.zip into "
             f"{root / name}"
         )
@@ -474,7 +466,7 @@ class TinyImageNetTree:
             raise BrainPropError(
                 f"Tiny ImageNet folder {folder} is missing: {self.how_to_get(name, root)}"
             )
-        if hint := _too_deep(folder):
+        if hint := unpacked_too_deep(folder):
             raise BrainPropError(f"Tiny ImageNet folder {folder} holds no tree of its own: {hint}")
         wnids = read_wnids(folder)
         class_index = {wnid: i for i, wnid in enumerate(wnids)}
