@@ -36,6 +36,7 @@ from data_fixtures import (
 from brainprop import locks
 from brainprop.data import download, fetch, load_dataset
 from brainprop.data.catalog import CATALOG
+from brainprop.data.messages import unpacked_too_deep
 from brainprop.errors import BrainPropError
 
 # The fixtures' folder is the default data root: see tests/test_data_registry.py for the
@@ -439,6 +440,13 @@ def test_a_tree_unpacked_one_folder_too_deep_is_to_be_moved_up_not_fetched_again
         f"{nested.parent}, where brainprop looks for it"
     )
     assert [p.name for p in nested.parent.iterdir()] == [top]
+    # An empty folder of that name, or one beside the tree's own files, is no tree unpacked
+    # too deep (review): nothing to move up.
+    (nested / "batches.meta").unlink()
+    assert unpacked_too_deep(nested.parent) is None
+    (nested / "batches.meta").write_bytes(b"")
+    (nested.parent / "wnids.txt").write_bytes(b"")
+    assert unpacked_too_deep(nested.parent) is None
 
 
 def test_a_folder_being_downloaded_into_is_left_alone(tmp_path: Path, server) -> None:
