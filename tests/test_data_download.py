@@ -422,31 +422,36 @@ def test_a_killed_downloads_leftovers_are_removed_by_the_next(
     assert [p.name for p in dest.iterdir()] == ["cifar-10-batches-py"]
 
 
-@pytest.mark.parametrize(("name", "top"), [("cifar10", "cifar-10-batches-py"),
-                                         ("tiny-imagenet", "tiny-imagenet-200")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("name", "top", "marker"),
+    [("cifar10", "cifar-10-batches-py", "batches.meta"),
+     ("tiny-imagenet", "tiny-imagenet-200", "wnids.txt")],
+)  # fmt: skip
 def test_a_tree_unpacked_one_folder_too_deep_is_to_be_moved_up_not_fetched_again(
-    tmp_path: Path, server, name: str, top: str
+    tmp_path: Path, server, name: str, top: str, marker: str
 ) -> None:
     """The download fetched the archive again and copied the whole nested tree into the new
     one, file by file, as files of one's own (review)."""
     _, url = server
     nested = tmp_path / "root" / name / top / top
     nested.mkdir(parents=True)
-    (nested / "batches.meta").write_bytes(b"")
+    (nested / marker).write_bytes(b"")
+    # Beside a file of one's own, or the rest of a tree moved up in part (review).
+    (nested.parent / "notes.txt").write_bytes(b"")
     with pytest.raises(BrainPropError) as info:
         download(name, tmp_path / "root", base_url=url, progress=False)
     assert str(info.value) == (
         f"{name} is unpacked one folder too deep: move what {nested} holds up into "
         f"{nested.parent}, where brainprop looks for it"
     )
-    assert [p.name for p in nested.parent.iterdir()] == [top]
-    # An empty folder of that name, or one beside the tree's own files, is no tree unpacked
+    assert {p.name for p in nested.parent.iterdir()} == {"notes.txt", top}
+    # An empty folder of that name, or one beside the tree's own top file, is no tree unpacked
     # too deep (review): nothing to move up.
-    (nested / "batches.meta").unlink()
-    assert unpacked_too_deep(nested.parent) is None
-    (nested / "batches.meta").write_bytes(b"")
-    (nested.parent / "wnids.txt").write_bytes(b"")
-    assert unpacked_too_deep(nested.parent) is None
+    (nested / marker).unlink()
+    assert unpacked_too_deep(nested.parent, marker) is None
+    (nested / marker).write_bytes(b"")
+    (nested.parent / marker).write_bytes(b"")
+    assert unpacked_too_deep(nested.parent, marker) is None
 
 
 def test_a_folder_being_downloaded_into_is_left_alone(tmp_path: Path, server) -> None:

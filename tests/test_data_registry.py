@@ -64,6 +64,8 @@ def test_each_catalog_row_downloads_into_the_folder_its_format_reads(
         dest = tmp_path / row.source.folder / (row.source.top or "")
         assert row.format.dataset_dir(name, tmp_path) == dest, name
         assert row.format.inside_hint(name, tmp_path) is None, name
+        # An archive's tree has a file at its top to tell it unpacked one folder too deep by.
+        assert (row.source.top is None) == (row.source.marker is None), name
         assert DATASETS[name].family == row.family
 
 

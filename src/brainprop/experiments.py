@@ -269,9 +269,9 @@ def _reproduce(request: Request, say: Callable[[str], None], hold: Callable[[], 
     # the first run has trained.
     kept = request.out / MEASUREMENTS
     make_folder(kept, f"move away what is at {kept}: reproduce keeps its measurements there")
-    # Read whatever --stack: a damaged stacks.json is refused now, not as the first run alone
-    # (_begin) comes up, after a dataset's load.
-    begun = _stacks_begun(request.out)
+    # Read whatever --stack, where a run is to train: a damaged stacks.json is refused now, not
+    # as the first run alone (_begin) comes up, after a dataset's load.
+    begun = _stacks_begun(request.out) if pending else []
     jobs = stacks(pending, request.stack, begun if request.stack > 1 else [])
     say(
         f"reproduce: {len(specs)} runs requested, {len(outcome.skipped)} already measured, "

@@ -372,22 +372,22 @@ class _DirectLink:
 
     The first layer (in module order), whose backward is the pass's last, drops it: an output
     layer converted back or replaced by a new head sends none, and the one left behind is an
-    earlier step's. An error is ``open`` from the output layer's backward until a layer below
-    runs its backward, that backward ends, or the output layer runs forward again (after a
-    backward that failed): an output layer that finds one open is the second of two passes
-    backpropagated together whose layers below autograd runs after both output layers' (their
-    forwards interleaved layer by layer, or a siamese pair), which would take one pass's error
-    for both. A forward does not drop the error: non-reentrant gradient checkpointing runs the
-    output layer's forward again inside the backward, after its error was sent.
+    earlier step's. An error a layer below will read is ``open``, tagged with the backward
+    (autograd's graph task) that sent it, until a layer below runs its backward: an output
+    layer that finds one open in its own backward is the second of two passes backpropagated
+    together whose layers below autograd runs after both output layers' (forwards interleaved
+    layer by layer, a siamese pair), which would take one pass's error for both. Passes whose
+    backwards autograd interleaves otherwise (one a layer ahead of the other) are not told
+    apart: docs/biology.md. A forward does not drop the error: non-reentrant gradient
+    checkpointing runs the output layer's forward again inside the backward, after its error
+    was sent.
     """
 
     def __init__(self, first: nn.Module, output: nn.Module) -> None:
         self.first, self.output = first, output
         self.error: torch.Tensor | None = None
-        self.open = False
-
-    def close(self) -> None:
-        self.open = False
+        #: The graph task of the backward whose error no layer below has run since, or None.
+        self.open: int | None = None
 
 
 class _DirectInject(torch.autograd.Function):
@@ -407,17 +407,21 @@ class _DirectInject(torch.autograd.Function):
         layer = ctx.layer
         link: _DirectLink = layer._direct_link
         if link.output is layer:
-            if link.open:
+            # Private, but what torch.utils.checkpoint itself tells backwards apart by.
+            task = torch._C._current_graph_task_id()
+            if link.open == task:
                 raise BrainPropError(
                     "direct feedback got the output errors of two forward passes in one "
-                    "backward, which it holds one at a time: backpropagate each pass on its own"
+                    "backward (or of an output layer used twice in one pass), which it holds "
+                    "one at a time: backpropagate each pass on its own"
                 )
-            link.error, link.open = g.flatten(1), True
-            # A pass whose layers below run no backward (frozen, their inputs constant) must
-            # not leave it open for the next backward.
-            torch.autograd.Variable._execution_engine.queue_callback(link.close)
+            link.error = g.flatten(1)
+            # Open only where a layer below will read it: passes that end at the output layer
+            # (its input detached or constant, or no layer below it) mix nothing.
+            below = ctx.needs_input_grad[1] and link.first is not layer
+            link.open = task if below else None
         else:
-            link.close()
+            link.open = None
         gx = None
         if ctx.needs_input_grad[1]:
             if link.error is None:
@@ -465,8 +469,6 @@ def _direct(layer: nn.Module, x: torch.Tensor, op) -> torch.Tensor:
             f"direct feedback takes a batch, an input [N, ...], not one of shape "
             f"{tuple(x.shape)}: add a batch dimension (x.unsqueeze(0))"
         )
-    if layer._direct_link.output is layer:
-        layer._direct_link.close()
     return _DirectInject.apply(op(x.detach()), x, layer)
 
 
@@ -811,7 +813,7 @@ def _check_untied(
         other = first.setdefault(id(m.weight), name)
         if other != name and isinstance(made.get(name), nn.Parameter):
             raise BrainPropError(
-                f"layers {other} and {name} share one weight, and feedback "
+                f"layers {other or '<root>'} and {name} share one weight, and feedback "
                 f"{feedback!r} learns each layer's B from that layer's share of its gradient, "
                 "so neither B would follow W: untie the weights, or choose another feedback"
             )

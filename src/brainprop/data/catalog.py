@@ -78,6 +78,8 @@ class Source:
     files: tuple[Remote, ...]  # each fetched as base_url + name
     folder: str  # destination under the data root
     top: str | None  # the folder an archive must unpack to; None: keep the files as they are
+    #: A file at the top of the unpacked tree, which tells a tree unpacked one folder too deep.
+    marker: str | None = None
 
 
 @dataclass(frozen=True)
@@ -112,12 +114,14 @@ _CIFAR10 = Source(
     (Remote("cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a", 170_498_071),),
     folder="cifar10",
     top="cifar-10-batches-py",
+    marker="batches.meta",
 )
 _CIFAR100 = Source(
     "https://www.cs.toronto.edu/~kriz/",
     (Remote("cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85", 169_001_437),),
     folder="cifar100",
     top="cifar-100-python",
+    marker="meta",
 )
 
 
@@ -216,6 +220,7 @@ CATALOG: dict[str, Official] = {
             (Remote("tiny-imagenet-200.zip", "90528d7ca1a48142e341f4ef8d21d0de", 248_100_043),),
             folder="tiny-imagenet",
             top="tiny-imagenet-200",
+            marker="wnids.txt",
         ),
     ),
 }

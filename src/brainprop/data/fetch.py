@@ -69,7 +69,7 @@ def download(
     if inside := inside_data_root(name, root):
         raise BrainPropError(f"{name} is already in the data root above: {inside}")
     _refuse_in_the_way(dest, name)
-    if source.top is not None and (move := unpacked_too_deep(dest / source.top)):
+    if source.marker is not None and (move := unpacked_too_deep(dest / source.top, source.marker)):
         # The download would keep that tree as files of one's own, inside a second copy.
         raise BrainPropError(f"{name} is unpacked one folder too deep: {move}")
     created = not dest.exists()

@@ -127,17 +127,12 @@ def redownload(name: str, root: Path, files: str = "it") -> str:
     return f"delete {files} and run {download_command(name, root)}"
 
 
-def unpacked_too_deep(folder: Path) -> str | None:
+def unpacked_too_deep(folder: Path, marker: str) -> str | None:
     """How to move a tree unpacked one folder too deep (``folder/<folder's name>``, as
     unpacking an archive into its own top folder makes it) up into ``folder``, or None where it
-    is not: ``folder`` holds, but for hidden files (brainprop's own), that folder alone, and it
-    is not empty. The advice must not be to delete, and download again, a whole tree."""
+    is not: the nested folder holds ``marker``, a file at the top of every such tree, and
+    ``folder`` does not. The advice must not be to delete, and download again, a whole tree."""
     nested = folder / folder.name
-    try:
-        if {p.name for p in folder.iterdir() if not p.name.startswith(".")} != {folder.name}:
-            return None
-        if not nested.is_dir() or not any(nested.iterdir()):
-            return None
-    except OSError:
-        return None  # not there, or unreadable: what reads it says so
+    if (folder / marker).exists() or not (nested / marker).is_file():
+        return None
     return f"move what {nested} holds up into {folder}, where brainprop looks for it"

@@ -432,7 +432,7 @@ class TinyImageNetTree:
         """A one-line hint on obtaining the tree into the data root ``root``."""
         return (
             self.inside_hint(name, root)
-            or unpacked_too_deep(self.dataset_dir(name, root))
+            or unpacked_too_deep(self.dataset_dir(name, root), "wnids.txt")
             or f"run {download_command(name, root)} or unzip tiny-imagenet-200.zip into "
             f"{root / name}"
         )
@@ -466,7 +466,7 @@ class TinyImageNetTree:
             raise BrainPropError(
                 f"Tiny ImageNet folder {folder} is missing: {self.how_to_get(name, root)}"
             )
-        if hint := unpacked_too_deep(folder):
+        if hint := unpacked_too_deep(folder, "wnids.txt"):
             raise BrainPropError(f"Tiny ImageNet folder {folder} holds no tree of its own: {hint}")
         wnids = read_wnids(folder)
         class_index = {wnid: i for i, wnid in enumerate(wnids)}
