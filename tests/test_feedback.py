@@ -551,35 +551,23 @@ def test_direct_feedback_refuses_two_passes_run_layer_by_layer():
     F.cross_entropy(model(torch.rand(4, 6)), y).backward()  # the next step is not refused
 
 
-def test_direct_feedback_takes_the_error_through_a_reentrant_checkpoint():
+@pytest.mark.parametrize("how", ["reentrant", "whole", "head"])
+def test_direct_feedback_takes_the_error_through_a_checkpoint(how):
     """A checkpointed segment runs its forward again inside the backward, after the output
-    layer sent its error: it must take that error, as without the checkpoint."""
+    layer sent its error: it must take that error, as without the checkpoint. Without
+    reentrance the output layer's forward, run again, dropped it (review)."""
     model = _mlp()
     convert(model, "direct", generator=torch.Generator().manual_seed(0))
     x, y = torch.rand(8, 6), torch.arange(8) % 3
     F.cross_entropy(model(x), y).backward()
     plain = model[0].weight.grad.clone()
     model.zero_grad()
-    out = checkpoint_sequential(model, 2, x.requires_grad_(), use_reentrant=True)
-    F.cross_entropy(out, y).backward()
-    torch.testing.assert_close(model[0].weight.grad, plain, rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("whole", [True, False], ids=["whole", "head"])
-def test_direct_feedback_takes_the_error_through_a_non_reentrant_checkpoint(whole):
-    """The output layer's forward, run again inside the backward, dropped the error it had
-    just sent (review)."""
-    model = _mlp()
-    convert(model, "direct", generator=torch.Generator().manual_seed(0))
-    x, y = torch.rand(8, 6), torch.arange(8) % 3
-    F.cross_entropy(model(x), y).backward()
-    plain = model[0].weight.grad.clone()
-    model.zero_grad()
-    body, head = model[:-1], model[-1]
-    if whole:
+    if how == "reentrant":
+        out = checkpoint_sequential(model, 2, x.requires_grad_(), use_reentrant=True)
+    elif how == "whole":
         out = checkpoint(model, x, use_reentrant=False)
     else:
-        out = checkpoint(head, body(x), use_reentrant=False)
+        out = checkpoint(model[-1], model[:-1](x), use_reentrant=False)
     F.cross_entropy(out, y).backward()
     torch.testing.assert_close(model[0].weight.grad, plain, rtol=0, atol=0)
 
