@@ -649,8 +649,6 @@ def _begin(out: Path, job: Job) -> None:
     later sessions; reproduce holds the folder, so no other session writes it meanwhile. A
     run alone is noted only where it leaves a stack (``--stack 1``), so that it stays alone."""
     names = [spec.name for spec in job]
-    if len(job) < 2 and not (out / STACKS).exists():
-        return
     noted = _stacks_noted(out)
     if len(job) < 2 and not any(names[0] in stack for stack in noted):
         return
