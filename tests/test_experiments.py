@@ -1782,6 +1782,35 @@ def test_a_worker_that_fails_as_it_stops_is_said_not_taken_for_a_stop(tmp_path):
     )
 
 
+def test_a_stop_whose_every_worker_failed_does_not_say_no_run_was_in_progress(tmp_path):
+    """The failures were said, then the stop's line ended "no run was in progress" (review)."""
+
+    class Killed:
+        pid, exitcode = 4321, -signal.SIGKILL
+
+        def is_alive(self) -> bool:
+            return False
+
+        def join(self) -> None:
+            pass
+
+    class Silent:
+        def poll(self) -> bool:
+            return False
+
+    first, second = plan([DENSE], ["ebp"], 2)
+    lines: list[str] = []
+    pool = ex._Workers(Request(out=tmp_path, device="cpu"), 1, True, [], ex.Outcome(),
+                       lines.append)  # fmt: skip
+    pool.running = {7: ((first,), Killed(), Silent()), 8: ((second,), Killed(), Silent())}
+    failures = pool.stop_all()
+    assert failures == lines and len(lines) == 2 and pool.stopped == []
+    assert str(ex._stopped(signal.SIGTERM, pool.stopped, tmp_path / RUNS, len(failures))) == (
+        "stopped by SIGTERM; 2 workers failed as they stopped (above): run the same 'brainprop "
+        "reproduce' command to continue"
+    )
+
+
 def test_a_ctrl_c_while_workers_start_stops_them_without_tracebacks(tmp_path, mnist_root):
     if devices.usable_cpus() < 2:
         pytest.skip("two jobs on a CPU need two cores")

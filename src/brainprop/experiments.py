@@ -887,8 +887,9 @@ def _finished_line(m: Measurement) -> str:
     )
 
 
-def _stopped(signum: int, names: Sequence[str], runs: Path) -> signals.Interrupted:
-    """The stop of a session whose runs ``names`` (their folders in ``runs``) were in progress.
+def _stopped(signum: int, names: Sequence[str], runs: Path, failed: int = 0) -> signals.Interrupted:
+    """The stop of a session whose runs ``names`` (their folders in ``runs``) were in progress,
+    beside ``failed`` whose workers failed as they stopped (their errors already said).
 
     A run that trained saved its state as it stopped (its last.pt); one whose worker was
     stopped while it started had begun nothing, and the same command starts it afresh.
@@ -900,6 +901,9 @@ def _stopped(signum: int, names: Sequence[str], runs: Path) -> signals.Interrupt
         saved.append(f"{', '.join(kept)}{' each' * (len(kept) > 1)} kept its progress")
     if unbegun:
         saved.append(f"{', '.join(unbegun)} had not begun training")
+    if failed:
+        they = "1 worker failed as it" if failed == 1 else f"{failed} workers failed as they"
+        saved.append(f"{they} stopped (above)")
     return signals.Interrupted(
         f"stopped by {signal.Signals(signum).name}; "
         f"{'; '.join(saved) or 'no run was in progress'}: run the same 'brainprop reproduce' "
@@ -1002,8 +1006,8 @@ def _run_in_workers(
         )
 
     def stop_session(signum: int) -> NoReturn:
-        pool.stop_all()
-        raise _stopped(signum, pool.stopped, request.out / RUNS)
+        failures = pool.stop_all()
+        raise _stopped(signum, pool.stopped, request.out / RUNS, len(failures))
 
     with signals.stop_on_signals(passing_on, on_again=still_waiting) as stop:
         try:
@@ -1157,16 +1161,20 @@ class _Workers:
         del self.running[sentinel]
         return error or _ended(_names(job), proc.exitcode)
 
-    def stop_all(self) -> None:
+    def stop_all(self) -> list[str]:
         """Stop the workers, each saving its state, and see to each as :meth:`reap` does: the
         runs that completed meanwhile are recorded (a signal after a run's last step lets it
         end, see train), those stopped noted in :attr:`stopped`, and why a worker failed as
         it stopped (its checkpoint not saved on a full disk, killed for memory) is said, not
-        taken for a stop that kept its progress. The session stops all the same."""
+        taken for a stop that kept its progress. The session stops all the same.
+
+        Returns the failures, as said."""
         self.tick()
         self.terminate()
-        for failure in self.reap(list(self.running)):
+        failures = self.reap(list(self.running))
+        for failure in failures:
             self.say(failure)
+        return failures
 
     def signal_all(self) -> None:
         """Pass the stop on to each worker still alive and not yet sent it, without waiting for
