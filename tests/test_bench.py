@@ -294,7 +294,9 @@ def test_gpu_peaks_follow_each_precision(tf32, monkeypatch):
      ("NVIDIA H100 PCIe", ("H100", "PCIE")), ("NVIDIA A100-SXM4-80GB", ("A100", "")),
      ("NVIDIA A100-PCIE-40GB", ("A100", "PCIE")), ("NVIDIA H200 NVL", ("H200", "NVL")),
      ("NVIDIA GH200 480GB", None), ("NVIDIA RTX A1000 Laptop GPU", None),
-     ("NVIDIA GeForce RTX 4090", None)],
+     ("NVIDIA GeForce RTX 4090", None),
+     # A slice of the board, not the whole one's peak (review).
+     ("NVIDIA H100 80GB HBM3 MIG 1g.10gb", None)],
 )  # fmt: skip
 def test_gpu_boards_are_matched_by_whole_words(name, board, monkeypatch):
     assert gpu_board(name) == board
@@ -470,7 +472,7 @@ def test_a_bench_says_each_phase_as_it_begins(report):
     assert phases == [
         "mnist/dense: building and warming up brainprop's step",
         "mnist/dense: building and warming up ebp's step",
-        "mnist/dense: timing 2 steps in turn",
+        "mnist/dense: timing 2 kinds of step in turn, 3 steps each",
         "mnist/dense: timing brainprop's evaluation of 16 images",
         "mnist/dense: timing ebp's evaluation of 16 images",
     ]

@@ -28,7 +28,15 @@ from conftest import make_tiny_dataset
 from data_fixtures import write_idx_dataset
 from reliability_helpers import assert_same_run
 
-from brainprop import ARCHITECTURES, PRESETS, Hyperparameters, TrainConfig, fastpath, train
+from brainprop import (
+    ARCHITECTURES,
+    PRESETS,
+    Hyperparameters,
+    TrainConfig,
+    distributed,
+    fastpath,
+    train,
+)
 from brainprop.checkpoint import load
 from brainprop.distributed import Context, current, joined
 from brainprop.errors import BrainPropError
@@ -150,6 +158,29 @@ def test_resume_on_another_world_size_gives_each_rank_fresh_streams_of_every_kin
     assert len({d[2] for d in drawn}) == 3
 
 
+@pytest.mark.parametrize(
+    ("command", "what", "fix"),
+    [
+        (["reproduce", "--datasets", "mnist", "--archs", "dense", "--seeds", "1"],
+         "'brainprop reproduce'", "start it without torchrun (it starts a process per run "
+         "itself, --jobs at a time)"),
+        (["bench", "--presets", "mnist/dense", "--steps", "1"], "'brainprop bench'",
+         "start it without torchrun"),
+    ],
+)  # fmt: skip
+def test_reproduce_and_bench_are_refused_under_torchrun(
+    tmp_path: Path, monkeypatch, capsys, command: list[str], what: str, fix: str
+) -> None:
+    """Each rank ran the whole command: reproduce found its folder held by the other rank's
+    and called it 'another brainprop reproduce' (review)."""
+    from brainprop.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main([*command, "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == f"brainprop: error: {what} runs in one process: {fix}\n"
+    assert not (tmp_path / "out").exists()
+
+
 # -- real process groups ------------------------------------------------------------------
 
 
@@ -162,8 +193,8 @@ def _free_port() -> int:
 def _join_env(rank: int, world: int, port: int) -> None:
     torch.set_num_threads(1)
     os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port), BRAINPROP_DIST_TIMEOUT="60",
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), BRAINPROP_DIST_TIMEOUT="60",
     )  # fmt: skip
 
 
@@ -182,6 +213,37 @@ def test_a_resume_with_data_dir_reads_the_run_directory_on_rank_0_alone(
     elsewhere = tmp_path / "on-rank-0s-node"
     assert main(["train", "--resume", str(elsewhere), "--data-dir", str(tmp_path)]) == 2
     assert "process 1 could not join the other 1" in capsys.readouterr().err
+
+
+def _failing_rank_worker(rank: int, world: int, port: int, out: Path) -> None:
+    _join_env(rank, world, port)
+    lacks = "process 1 has LOCAL_RANK 1 but this node has 1 GPUs"
+    device = distributed.Context.device
+
+    def on_a_one_gpu_node(self: distributed.Context, requested: str) -> torch.device:
+        if self.rank == 1:
+            raise BrainPropError(lacks)
+        return device(self, requested)
+
+    distributed.Context.device = on_a_one_gpu_node
+    try:
+        train(_config(out, "r", epochs=1, global_batch=8),
+              dataset=make_tiny_dataset(n_train=16, n_test=8), progress=False)  # fmt: skip
+    except BrainPropError as e:
+        (out / f"rank{rank}.txt").write_text(str(e))
+
+
+def test_a_rank_that_cannot_build_its_trainer_fails_every_rank_before_the_run_is_made(
+    tmp_path: Path,
+) -> None:
+    """Rank 0 went on to make the run directory, then found rank 1 gone: the folder stayed
+    behind, and the same --name next time became NAME-2 (review)."""
+    mp.spawn(_failing_rank_worker, args=(2, _free_port(), tmp_path), nprocs=2, join=True)
+    for rank in range(2):
+        assert (tmp_path / f"rank{rank}.txt").read_text() == (
+            "process 1 has LOCAL_RANK 1 but this node has 1 GPUs"
+        )
+    assert not (tmp_path / "r").exists()
 
 
 def _config(out: Path, name: str, **overrides: Any) -> TrainConfig:
@@ -273,9 +335,11 @@ def _worker(rank: int, world: int, port: int, out: Path) -> None:
         return real(*args, **kwargs)
 
     fastpath.train_step = signalled_step
-    with pytest.raises(Interrupted, match="in epoch 1 after step 3"):
+    with pytest.raises(Interrupted, match="in epoch 1 after step 3") as cut:
         train(_config(out, "explore-cut", epsilon=0.5, epochs=1, global_batch=GLOBAL),
               dataset=ds, progress=False)  # fmt: skip
+    (out / "stops").mkdir(exist_ok=True)
+    (out / "stops" / f"cut-rank{rank}.txt").write_text(str(cut.value))
     fastpath.train_step = real
     if rank == 0:  # kept mid-epoch, for a resume on one process
         shutil.copytree(out / "explore-cut", out / "explore-cut-one")
@@ -339,6 +403,7 @@ def test_two_processes_match_one_with_the_global_batch(two_ranks: Path, tmp_path
         [
             "biased",
             "refused",
+            "stops",
             "explore-a",
             "explore-b",
             "explore-cut",
@@ -401,6 +466,13 @@ def test_a_signal_on_one_rank_stops_all_at_one_step_and_resume_is_bit_identical(
         assert torch.equal(ra["numpy"]["keys"], rb["numpy"]["keys"])
         assert torch.equal(ra["python"]["internal"], rb["python"]["internal"])
     assert not torch.equal(whole["ranks"][0]["numpy"]["keys"], whole["ranks"][1]["numpy"]["keys"])
+    # Resumed on one process, the run would take another global batch and other streams.
+    again = (
+        "continue with 'torchrun --standalone --nproc_per_node=2 -m brainprop train --resume "
+        f"{two_ranks / 'explore-cut'}'"
+    )
+    for rank in range(2):
+        assert (two_ranks / "stops" / f"cut-rank{rank}.txt").read_text().endswith(again)
 
 
 def test_a_nan_on_one_rank_stops_or_rewinds_every_rank(two_ranks: Path) -> None:

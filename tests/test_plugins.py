@@ -3,6 +3,7 @@ processes; a plugin that cannot be imported is one line."""
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 from data_fixtures import write_idx_dataset
@@ -555,3 +556,26 @@ def test_a_module_of_a_package_is_imported_and_its_packages_errors_are_its_own(
     assert err.count("\n") == 1, err
     assert "--plugin labbroken.rules failed as it was imported: ModuleNotFoundError: " in err
     assert f"({tmp_path / 'labbroken' / '__init__.py'}:1)" in err
+
+
+def test_the_resume_command_a_stop_suggests_launches_the_processes_the_run_had(monkeypatch):
+    """Under torchrun it suggested 'brainprop train --resume RUN', one process: another global
+    batch and other random streams (review)."""
+    monkeypatch.setattr(plugins, "_LOADED", ["lab.py"])
+    for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    run = Path("runs/a b")
+    assert plugins.resume_command(run) == (
+        "'brainprop --plugin lab.py train --resume \"runs/a b\"'"
+    )
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert plugins.resume_command(run, "/data") == (
+        "'torchrun --standalone --nproc_per_node=4 -m brainprop --plugin lab.py train --resume "
+        '"runs/a b" --data-dir /data\''
+    )
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert plugins.resume_command(run) == (
+        "'torchrun ... -m brainprop --plugin lab.py train --resume \"runs/a b\"' on each of the "
+        "job's nodes, with its 4 processes as before"
+    )

@@ -993,7 +993,7 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path: Path, mo
     assert str(info.value) == (
         f"cannot write {last} (No space left on device); last.pt keeps its previous content: "
         "free disk space or fix the folder's permissions, then continue the run with "
-        f"'brainprop train --resume {last.parent}' (adding the --epochs you gave), or, where "
+        f"'brainprop train --resume {last.parent}', or, where "
         "'brainprop reproduce' started it, with the same reproduce command"
     )
     assert checkpoint.load(last)["epoch"] == 1

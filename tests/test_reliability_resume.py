@@ -7,6 +7,7 @@ import errno
 import json
 import math
 import os
+import platform
 import random
 import re
 import shutil
@@ -48,6 +49,7 @@ from brainprop import (
     signals,
     train,
 )
+from brainprop import __version__ as brainprop_version
 from brainprop.errors import BrainPropError
 from brainprop.signals import Interrupted
 from brainprop.train import Trainer
@@ -1326,3 +1328,72 @@ def test_a_signal_the_process_ignores_stays_ignored() -> None:
         assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_a_resume_of_moved_data_is_told_and_its_stop_says_the_new_root(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """config.json keeps the data root the run began with: a resume that cannot read the data
+    there was told only to put the files back or download them, and a resume given the new
+    root by --data-dir, once stopped, suggested a command without it, which then failed."""
+    write_idx_dataset(tmp_path / "old" / "mnist", n_train=64, n_test=16)
+    config = tiny_config(tmp_path, arch="dense", epochs=1, data_dir=str(tmp_path / "old"))
+    run = train(config, progress=False).dir
+    (tmp_path / "old").rename(tmp_path / "new")
+    with pytest.raises(BrainPropError) as info:
+        train(TrainConfig(epochs=2), resume=run, progress=False)
+    assert str(info.value).endswith(
+        f"; if the data has moved since the run began: 'brainprop train --resume {run} "
+        "--data-dir NEW_ROOT'"
+    )
+    inject(monkeypatch, {1: _raise(signal.SIGTERM)})  # the resume's first step
+    with pytest.raises(Interrupted) as info:
+        train(TrainConfig(epochs=2), resume=run, data_dir=tmp_path / "new", progress=False)
+    assert str(info.value).endswith(
+        f"continue with 'brainprop train --resume {run} --data-dir {tmp_path / 'new'}'"
+    )
+    monkeypatch.undo()
+    resumed = train(None, resume=run, data_dir=tmp_path / "new", progress=False)
+    assert resumed.summary["epochs_run"] == 2
+
+
+def test_more_epochs_for_a_run_that_stopped_early_are_refused(tmp_path: Path, ds) -> None:
+    """Its spent patience ended it again at once, under the raised cap now in its config.json,
+    with no word that the epochs asked for would never train (review)."""
+    config = tiny_config(tmp_path, epochs=5, patience=1, min_delta=0.99)
+    run = train(config, dataset=ds, progress=False)
+    assert run.summary["stop_reason"] == "early stopping"
+    stored = (run.dir / "config.json").read_text()
+    summary = (run.dir / "summary.json").read_text()
+    with pytest.raises(BrainPropError) as info:
+        train(TrainConfig(epochs=10), resume=run.dir, dataset=ds, progress=False)
+    assert str(info.value) == (
+        f"{run.dir} stopped early (no gain of --min-delta 0.99 in --patience 1 epochs), so "
+        "--epochs 10 would not train it further: start a new run, with a larger --patience to "
+        "train longer"
+    )
+    assert (run.dir / "config.json").read_text() == stored
+    assert (run.dir / "summary.json").read_text() == summary
+    again = train(None, resume=run.dir, dataset=ds, progress=False)
+    assert again.summary["stop_reason"] == "early stopping"
+
+
+def test_a_resume_of_a_finished_run_keeps_the_machine_that_trained_it(tmp_path: Path, ds) -> None:
+    """It trains nothing, yet its summary took this process's machine and threads for the
+    timings of the sessions that trained it, and the report files runs by that label
+    (review). A resume that trains on is this process's."""
+    run = train(tiny_config(tmp_path, epochs=1), dataset=ds, progress=False).dir
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["software"] == {
+        "brainprop": brainprop_version,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    older = {"brainprop": "0.0.9", "torch": "2.11.0", "python": "3.12.1"}
+    elsewhere = {**summary, "device": "cpu (elsewhere)", "world_size": 2, "software": older}
+    (run / "summary.json").write_text(json.dumps(elsewhere))
+    assert train(None, resume=run, dataset=ds, progress=False).summary == elsewhere
+    assert json.loads((run / "summary.json").read_text()) == elsewhere
+    longer = train(TrainConfig(epochs=2), resume=run, dataset=ds, progress=False).summary
+    assert (longer["device"], longer["world_size"]) == (summary["device"], 1)
+    assert longer["software"] == summary["software"]

@@ -398,7 +398,7 @@ def test_members_that_cannot_share_a_stack_are_refused(tmp_path, tiny_dataset, c
 
 @pytest.mark.parametrize(
     ("world", "message"),
-    [("2", "a stack of seeds trains in one process: start it without torchrun"),
+    [("2", "a stack of seeds runs in one process: start it without torchrun"),
      ("two", r"\$WORLD_SIZE is 'two', not a whole number: launch with torchrun$")],
 )  # fmt: skip
 def test_a_stack_is_refused_under_torchrun(tmp_path, tiny_dataset, monkeypatch, world, message):

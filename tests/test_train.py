@@ -8,6 +8,7 @@ import math
 import re
 import sys
 import time
+import types
 
 import numpy as np
 import pytest
@@ -17,9 +18,11 @@ from data_fixtures import REPO
 from memory_errors import OUT_OF_MEMORY
 from own_rules import FailsLater, SquaredError
 from reliability_helpers import recorded_outputs
+from torch import nn
 
 from brainprop import TrainConfig, checkpoint, devices, evaluate, load_model, train
 from brainprop.cli import main
+from brainprop.data import Dataset
 from brainprop.data.batches import to_float
 from brainprop.data.dataset import split_validation
 from brainprop.errors import BrainPropError
@@ -28,7 +31,7 @@ from brainprop.objectives import EBP, OBJECTIVES, make_objective
 from brainprop.presets import ARCHITECTURES, PRESETS, Hyperparameters, build_model
 from brainprop.rundir import write_history
 from brainprop.step import make_optimizer, train_step
-from brainprop.train import MEASURED_COLUMNS
+from brainprop.train import MEASURED_COLUMNS, check_one_image_steps
 
 train_module = importlib.import_module("brainprop.train")
 
@@ -697,3 +700,68 @@ def test_accuracy_refuses_images_that_are_not_uint8() -> None:
 def test_folders_may_be_given_as_paths(tmp_path):
     config = TrainConfig(out_dir=tmp_path / "runs", data_dir=tmp_path).resolve()
     assert (config.out_dir, config.data_dir) == (str(tmp_path / "runs"), str(tmp_path))
+
+
+def _small_images(n: int, side: int = 6) -> Dataset:
+    g = torch.Generator().manual_seed(0)
+    return Dataset(
+        "mnist",
+        torch.randint(0, 256, (n, 1, side, side), dtype=torch.uint8, generator=g),
+        torch.randint(0, 4, (n,), generator=g),
+        torch.randint(0, 256, (8, 1, side, side), dtype=torch.uint8, generator=g),
+        torch.randint(0, 4, (8,), generator=g),
+        4,
+    )
+
+
+def test_a_step_of_one_image_that_batchnorm_cannot_normalise_is_refused_before_training(
+    tmp_path,
+):
+    """loccon on 6x6 images ends in a 1x1 map: a last step of one image failed inside torch
+    at the end of the first epoch, with a raw traceback and a run folder without a checkpoint
+    (review). A step of two images, or a map BatchNorm sees several values of, trains."""
+    config = TrainConfig(dataset="mnist", arch="loccon", epochs=1, batch_size=16,
+                         out_dir=str(tmp_path))  # fmt: skip
+    with pytest.raises(BrainPropError) as info:
+        train(config, dataset=_small_images(33), progress=False)
+    assert str(info.value) == (
+        "the last step of each epoch trains on 1 image (33 training images of mnist, 16 a "
+        "step), where layer 5 (BatchNorm2d) would see one value per channel, which it cannot "
+        "normalise in training: pass another --batch-size or --val-split"
+    )
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(BrainPropError, match=r"^every step trains on 1 image \(--batch-size 1\)"):
+        train(dataclasses.replace(config, batch_size=1), dataset=_small_images(4), progress=False)
+    assert train(config, dataset=_small_images(34), progress=False).summary["epochs_run"] == 1
+    wide = train(config, dataset=_small_images(33, side=8), progress=False)
+    assert wide.summary["epochs_run"] == 1
+
+
+def test_one_image_a_process_is_refused_with_local_batchnorm_only():
+    """Each process's share of a step is its own BatchNorm's batch where the layers are not
+    synchronised: 5 images over 4 processes leaves three of them one image each."""
+
+    class Parallel:
+        world_size, active = 4, True
+
+    model = build_model("loccon", (1, 6, 6), 4, PRESETS["paper"][("mnist", "loccon")])
+    trainer = types.SimpleNamespace(
+        parallel=Parallel(), model=model, global_batch=5, device=torch.device("cpu"),
+        train_set=_small_images(20), config=TrainConfig(dataset="mnist", arch="loccon"),
+    )  # fmt: skip
+    running = [b.running_mean.clone() for b in model.modules() if isinstance(b, nn.BatchNorm2d)]
+    with pytest.raises(BrainPropError) as info:
+        check_one_image_steps(trainer, (1, 6, 6), "mnist")
+    assert str(info.value).startswith(
+        "a process's share of a step is 1 image (20 training images of mnist, 5 a step over 4 "
+        "processes), where layer 5 (BatchNorm2d)"
+    )
+    assert str(info.value).endswith(
+        "pass another --batch-size or --val-split, or leave out --local-batchnorm (synchronised "
+        "BatchNorm pools the step's images)"
+    )
+    after = [b.running_mean for b in model.modules() if isinstance(b, nn.BatchNorm2d)]
+    assert all(torch.equal(a, b) for a, b in zip(running, after, strict=True))
+    assert model.training
+    trainer.global_batch, trainer.train_set = 8, _small_images(24)  # two images each
+    check_one_image_steps(trainer, (1, 6, 6), "mnist")

@@ -391,7 +391,9 @@ def bench_preset(
                 cuda_graph=cuda_graph,
             )  # fmt: skip
     in_turn = variants.in_turn()
-    phase(f"timing {len(in_turn)} step{'s' * (len(in_turn) != 1)} in turn")
+    phase(
+        f"timing {len(in_turn)} kind{'s' * (len(in_turn) != 1)} of step in turn, {steps} steps each"
+    )
     steps_timed = _time_interleaved(in_turn, steps, device)
     n_eval = min(eval_images or len(ds.test_y), len(ds.test_y))
     timed = {"device": device, "peaks": peaks, "cuda_graph": cuda_graph, "n_eval": n_eval,
@@ -574,6 +576,7 @@ def run_bench(
     (BrainProp/EBP step time per preset, where both rules ran), the device and its peaks, and
     the load average before and after (timings taken under load are not to be trusted).
     """
+    distributed.refuse_launched("'brainprop bench'", "start it without torchrun")
     parsed = _checked_presets(presets, rules, steps, warmup, batch_size, eval_images, stack)
     dev = resolve_device(device)
     if cuda_graph and dev.type != "cuda":

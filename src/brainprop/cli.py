@@ -694,7 +694,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         return COMMANDS[args.command](args)
     except Interrupted as e:
-        print(f"brainprop: {e}", file=sys.stderr)
+        from .distributed import launched_main
+
+        if launched_main():  # under torchrun every rank stops alike, with the same line
+            print(f"brainprop: {e}", file=sys.stderr)
         return e.exit_status
     except BrainPropError as e:
         print(f"brainprop: error: {e}", file=sys.stderr)

@@ -212,6 +212,21 @@ def device_name(device: torch.device, cpuinfo_text: str | None = None) -> str:
     return f"cpu ({kind}, {threads} thread{'s' if threads != 1 else ''})"
 
 
+def software(device: torch.device) -> dict[str, str]:
+    """The versions a number was measured with: brainprop's, torch's and Python's, and the
+    CUDA toolkit torch was built with where ``device`` is a GPU."""
+    from . import __version__  # here: the package imports this module as it starts
+
+    versions = {
+        "brainprop": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    if device.type == "cuda" and torch.version.cuda:
+        versions["cuda"] = torch.version.cuda
+    return versions
+
+
 def names_a_cpu(machine: object) -> bool:
     """Whether ``machine``, as :func:`device_name` gave it, is a CPU (a GPU goes by its own
     name)."""

@@ -352,6 +352,32 @@ class Context:
             raise BrainPropError(f"rank 0 failed ({value}); see its output above")
         return value
 
+    def on_every(self, work: Callable[[], T], what: str) -> T:
+        """Run ``work`` on every rank and return each its own result, once all have it.
+
+        A rank that fails (a GPU its node lacks for its ``LOCAL_RANK``) fails every rank with
+        its line, the first such rank's, before any goes on: rank 0 would otherwise make the
+        run directory and leave it behind. ``what`` names the work in errors.
+        """
+        if not self.active:
+            return work()
+        result: Any = None
+        line, failure = None, None
+        try:
+            result = work()
+        except BrainPropError as e:
+            line, failure = str(e), e
+        except BaseException as e:
+            line, failure = f"process {self.rank} failed ({type(e).__name__}: {e})", e
+        every: list[Any] = [None] * self.world_size
+        with self._collective(what):
+            dist.all_gather_object(every, line)
+        if failure is not None:
+            raise failure
+        if (first := next((other for other in every if other is not None), None)) is not None:
+            raise BrainPropError(first)
+        return result
+
     def check_alike(self, facts: dict[str, Any]) -> None:
         """Refuse, on every rank in the same line, ranks whose ``facts`` (settings, a digest of
         their data) differ from rank 0's: each would train another run, or wait for the others
@@ -589,6 +615,13 @@ def _unset(name: str) -> BrainPropError:
     )
 
 
+def refuse_launched(what: str, fix: str) -> None:
+    """One line for ``what`` (work of one process) started under torchrun, where each rank
+    would do all of it, into the same folders; ``fix`` says what to do instead."""
+    if current().active or launched_world() > 1:
+        raise BrainPropError(f"{what} runs in one process: {fix}")
+
+
 def launched_world() -> int:
     """How many processes torchrun started this one among (``$WORLD_SIZE``; 1 without it)."""
     return _env_int("WORLD_SIZE", 1)
@@ -630,8 +663,9 @@ def joined() -> Iterator[Context]:
 
     The group outlives the block, until the process exits: a second ``train()`` in the same
     processes reuses it, where leaving and re-joining would race the ranks against rank 0's
-    rendezvous store on the same port. A group someone else initialised (a notebook, a test
-    harness) is used as it is.
+    rendezvous store on the same port. A group someone else initialised with torchrun's
+    variables set (a test harness) is used as it is; the ranks are always those variables':
+    processes joined without them (``mp.spawn`` with a ``tcp://`` address) each train alone.
     """
     global _CURRENT
     world = launched_world()

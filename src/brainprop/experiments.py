@@ -34,7 +34,7 @@ from pathlib import Path
 from statistics import fmean
 from typing import Any, NoReturn
 
-from . import locks, plugins, processes, rundir, sharing, signals
+from . import distributed, locks, plugins, processes, rundir, sharing, signals
 from .config import TrainConfig
 from .errors import BrainPropError, described
 from .feedback import check_feedback
@@ -211,6 +211,10 @@ def reproduce(request: Request, say: Callable[[str], None] = print) -> Outcome:
     """
     from .devices import resolve_device, usable_cpus
 
+    distributed.refuse_launched(
+        "'brainprop reproduce'",
+        "start it without torchrun (it starts a process per run itself, --jobs at a time)",
+    )
     kind = resolve_device(request.device).type
     if request.cuda_graph and kind != "cuda":
         raise BrainPropError(
@@ -1226,23 +1230,25 @@ def _ended(names: str, status: int) -> str:
 
 class _Company:
     """How many jobs, on average over its time, ran beside each one (itself included): how
-    many shared the GPU with it, whatever ``--jobs`` allowed."""
+    many shared the GPU with it, whatever ``--jobs`` allowed; the average that divides its
+    seconds into its device time, as :mod:`brainprop.sharing`'s does."""
 
     def __init__(self) -> None:
         self.since = time.monotonic()
         self.seconds: dict[int, float] = {}
-        self.weighted: dict[int, float] = {}
+        self.device_seconds: dict[int, float] = {}
 
     def tick(self, running: Collection[int]) -> None:
         """Count the time since the last tick for the jobs ``running`` during it."""
         now = time.monotonic()
         for key in running:
             self.seconds[key] = self.seconds.get(key, 0.0) + now - self.since
-            self.weighted[key] = self.weighted.get(key, 0.0) + (now - self.since) * len(running)
+            share = (now - self.since) / len(running)
+            self.device_seconds[key] = self.device_seconds.get(key, 0.0) + share
         self.since = now
 
     def leave(self, key: int) -> tuple[float, float]:
         """The seconds the job ``key`` ran, and how many ran beside it on average (itself
         included); it is counted no more."""
-        seconds, weighted = self.seconds.pop(key, 0.0), self.weighted.pop(key, 0.0)
-        return seconds, max(1.0, weighted / seconds) if seconds > 0 else 1.0
+        seconds, device = self.seconds.pop(key, 0.0), self.device_seconds.pop(key, 0.0)
+        return seconds, max(1.0, seconds / device) if device > 0 else 1.0

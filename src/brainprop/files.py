@@ -142,7 +142,7 @@ def _then(path: Path) -> str:
     if (path.parent / "config.json").is_file():
         resume = plugins.resume_command(path.parent)
         return (
-            f"continue the run with {resume} (adding the --epochs you gave), or, where "
+            f"continue the run with {resume}, or, where "
             "'brainprop reproduce' started it, with the same reproduce command"
         )
     return "run the command again"

@@ -36,9 +36,12 @@ _BOARDS = ("PCIE", "NVL")
 
 def gpu_board(name: str) -> tuple[str, str] | None:
     """(model, board) of a CUDA device name, e.g. "NVIDIA A100-PCIE-40GB" -> ("A100", "PCIE");
-    None for a model :data:`GPU_PEAKS` does not know. Whole words only: "GH200" is a Grace
+    None for a model :data:`GPU_PEAKS` does not know, or a MIG slice ("NVIDIA H100 80GB HBM3
+    MIG 1g.10gb"), which has a share of the board's units. Whole words only: "GH200" is a Grace
     Hopper superchip and "RTX A1000" a laptop GPU, neither an H200 or an A100."""
     words = re.split(r"[\s\-_]+", name.upper())
+    if "MIG" in words:
+        return None
     models = {model for model, _ in GPU_PEAKS}
     model = next((w for w in words if w in models), None)
     if model is None:

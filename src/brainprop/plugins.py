@@ -19,6 +19,7 @@ import difflib
 import importlib
 import importlib.machinery
 import importlib.util
+import os
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -101,13 +102,33 @@ def load_all(specs: Iterable[str]) -> None:
                     )
 
 
-def resume_command(run: Path) -> str:
+def resume_command(run: Path, data_dir: str | Path | None = None) -> str:
     """The command, quoted, that continues the run in the folder ``run``, for a message to
     suggest: with a ``--plugin`` for each plugin this process imported, in order, which the
     run's rules, networks or data need again (``brainprop --plugin lab.py train --resume
-    RUN``)."""
+    RUN``), and ``--data-dir data_dir`` where given: the data's new root, which the run's
+    config.json does not record. Under torchrun, the command launches as many processes: on
+    fewer, the run's global batch and random streams would change."""
     plugins = [word for spec in _LOADED for word in ("--plugin", spec)]
-    return command("brainprop", *plugins, "train", "--resume", run)
+    moved = () if data_dir is None else ("--data-dir", data_dir)
+    words = (*plugins, "train", "--resume", run, *moved)
+    # torchrun's variables, read here: brainprop.distributed imports the registries, which
+    # import this module.
+    world, local = (_launched(name) for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"))
+    if world <= 1:
+        return command("brainprop", *words)
+    if local == world:
+        return command("torchrun", "--standalone", f"--nproc_per_node={world}", "-m",
+                       "brainprop", *words)  # fmt: skip
+    return (
+        command("torchrun", "...", "-m", "brainprop", *words)
+        + f" on each of the job's nodes, with its {world} processes as before"
+    )
+
+
+def _launched(name: str) -> int:
+    text = os.environ.get(name, "1")
+    return int(text) if text.isdigit() else 1
 
 
 def loaded() -> tuple[str, ...]:

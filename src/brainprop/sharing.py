@@ -5,7 +5,10 @@ how many shared the device on average (:mod:`brainprop.measurements`). A run is 
 at the end of one session (a short GPU window) and finished in another, packed otherwise: the
 session that finished it alone would speak for its whole time. So each session that trains
 a run on a GPU notes in its run directory how long it ran and beside how many runs, and the
-measurement takes the average over all of them, weighted by their time.
+measurement takes the average over all of them that makes its seconds divided by it the run's
+device time: the mean weighted by time of ``1 / runs``, inverted (100 s alone and 100 s beside
+three others are 125 s of device time, 1.6 runs on average, where the plain mean, 2.5, would
+make 80 s of them).
 
 The record is a JSON list of ``[seconds, runs]`` pairs in ``RUN/sharing.json``.
 """
@@ -31,13 +34,13 @@ def note(run_dir: Path, seconds: float, runs: float) -> None:
 
 def average(run_dir: Path, default: float) -> float:
     """How many runs shared the GPU with the run in ``run_dir`` on average over the time of
-    the sessions it noted (itself included); ``default`` where it noted none (a run from
-    before the record, or one that trained on a CPU)."""
+    the sessions it noted (itself included; see the module's docstring); ``default`` where it
+    noted none (a run from before the record, or one that trained on a CPU)."""
     sessions = _sessions(run_dir)
     seconds = sum(s for s, _ in sessions)
     if seconds <= 0:
         return default
-    return max(1.0, sum(s * runs for s, runs in sessions) / seconds)
+    return max(1.0, seconds / sum(s / runs for s, runs in sessions))
 
 
 def _sessions(run_dir: Path) -> list[list[float]]:
@@ -50,10 +53,8 @@ def _sessions(run_dir: Path) -> list[list[float]]:
     ok = isinstance(sessions, list) and all(
         isinstance(pair, list)
         and len(pair) == 2
-        and all(isinstance(v, int | float) and not isinstance(v, bool) for v in pair)
-        and math.isfinite(pair[0])
+        and all(_finite(v) for v in pair)
         and pair[0] >= 0
-        and math.isfinite(pair[1])
         and pair[1] >= 1
         for pair in sessions
     )
@@ -63,3 +64,12 @@ def _sessions(run_dir: Path) -> list[list[float]]:
             "time is its last session's"
         )
     return sessions
+
+
+def _finite(v: object) -> bool:
+    if not isinstance(v, int | float) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int beyond a float's range
+        return False

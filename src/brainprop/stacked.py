@@ -316,11 +316,9 @@ def train_stacked(
             epoch, and a call with their run directories continues them. A signal in the
             epoch that ended the last members raises it too, once their runs are complete.
     """
-    if distributed.current().active or distributed.launched_world() > 1:
-        raise BrainPropError(
-            "a stack of seeds trains in one process: start it without torchrun, or train the "
-            "seeds one by one under torchrun"
-        )
+    distributed.refuse_launched(
+        "a stack of seeds", "start it without torchrun, or train the seeds one by one under it"
+    )
     whole = (
         "train_stacked takes a list of members, each a TrainConfig or a run directory, "
         f"not {kind_of(members)}"

@@ -48,10 +48,10 @@ from . import (
 from .config import MAX_NAN_RELOADS, VAL_TEST, TrainConfig
 from .data import Dataset, given_dataset, load_dataset, split_validation
 from .data.batches import num_batches, permuted_batches, to_float
-from .devices import device_name, warn_if_slow_bf16
+from .devices import device_name, software, warn_if_slow_bf16
 from .diagnostics import diagnostics, plot_diagnostics
 from .errors import BrainPropError, kind_of
-from .evaluation import accuracy, all_finite
+from .evaluation import accuracy, all_finite, modes_kept
 from .feedback import convert
 from .objectives import OBJECTIVES, Objective, check_rule, make_objective
 from .peaks import tf32_ops
@@ -205,6 +205,7 @@ class Trainer:
             # Dropout draws from the global streams: each rank its own.
             rng.seed_all(self.parallel.seed(config.seed))
         self.model, self.objective, self.optimizer = parts.model, parts.objective, parts.optimizer
+        check_one_image_steps(self, ds.input_shape, ds.name)
         self.generator, self.step = parts.generator, parts.step
         # The epochs' order: one process draws it from its only generator; several draw it
         # from one seeded alike on every rank, apart from their own exploration streams.
@@ -448,6 +449,70 @@ def check_batch(
     raise BrainPropError(f"{asked} more than {images}: pass at most {most}{fewer}")
 
 
+def check_one_image_steps(trainer: Trainer, input_shape: tuple[int, ...], data: str) -> None:
+    """Refuse, before the first step, a run in which some process's share of a step is one
+    image while a BatchNorm layer would then see one value per channel (a 1x1 map, or
+    BatchNorm1d): torch refuses to normalise that in training, in the middle of an epoch.
+
+    Keras trains such a step (with a variance of 0), as do the synchronised layers, which
+    pool the whole step's images (:mod:`brainprop.syncbn`); plain BatchNorm cannot.
+    """
+    parallel, model = trainer.parallel, trainer.model
+    if synchronised(model):
+        return
+    n, batch = len(trainer.train_set.train_y), trainer.global_batch
+    steps = [batch] + ([n % batch] if n % batch else [])
+    shares = [len(s) for b in steps for s in torch.arange(b).tensor_split(parallel.world_size)]
+    if 1 not in shares:
+        return
+    seen: list[str] = []
+
+    def note(name: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], None]:
+        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            if inputs[0].numel() == inputs[0].shape[1]:
+                seen.append(f"{name} ({type(module).__name__})")
+
+        return hook
+
+    layers = [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    ]
+    if not layers:
+        return
+    hooks = [m.register_forward_pre_hook(note(name)) for name, m in layers]
+    # One image's shapes, in eval mode (which normalises one value per channel), without
+    # touching the running statistics or the random streams the run starts from.
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad(), modes_kept(model, False):
+            model(torch.zeros(1, *input_shape, device=trainer.device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if not seen:
+        return
+    images = f"{n} training images of {data_label(trainer.config, data)}"
+    if parallel.world_size == 1:
+        which = (
+            "every step trains on 1 image (--batch-size 1)"
+            if batch == 1
+            else f"the last step of each epoch trains on 1 image ({images}, {batch} a step)"
+        )
+    else:
+        which = (
+            f"a process's share of a step is 1 image ({images}, {batch} a step over "
+            f"{parallel.world_size} processes)"
+        )
+    fix = "pass another --batch-size or --val-split"
+    if parallel.active:
+        fix += ", or leave out --local-batchnorm (synchronised BatchNorm pools the step's images)"
+    raise BrainPropError(
+        f"{which}, where layer {seen[0]} would see one value per channel, which it "
+        f"cannot normalise in training: {fix}"
+    )
+
+
 class NonFinite(Exception):
     """The loss or the weights (``what``) became NaN or inf by 0-based ``epoch``/``step``."""
 
@@ -570,13 +635,16 @@ def _train(
             recorded, where = parallel.on_main(lambda: data_record(run_path, state))
             if dataset is None:
                 check_loadable(recorded, config.dataset, where, RESUME_CALL)
-        ds = dataset if dataset is not None else load_dataset(config.dataset, root)
+        ds = dataset if dataset is not None else _load(config.dataset, root, resume, data_dir)
         if parallel.active:
             # Each rank resolved its own settings and loaded its own copy of the data; where
             # the data lies may differ from node to node.
             settings = {k: v for k, v in config.to_dict().items() if k != "data_dir"}
             parallel.check_alike({**settings, "data": ds.digest()})
-        trainer = Trainer(config, ds, progress and parallel.is_main, tag, parallel=parallel)
+        trainer = parallel.on_every(
+            lambda: Trainer(config, ds, progress and parallel.is_main, tag, parallel=parallel),
+            "building the network",
+        )
         if state is not None:
             restore(trainer, state, ds, run_path)
         elif resume is not None:
@@ -592,11 +660,25 @@ def _train(
             trains_on = trainer.stop_reason() is None
             parallel.on_main(lambda: reopen(run_path, config, trains_on))
         try:
-            return _held_train(parallel, trainer, ds, run_path)
+            return _held_train(parallel, trainer, ds, run_path, data_dir)
         except BrokenPipeError as e:
             if isinstance(e, signals.OutputClosed):
                 raise
-            raise signals.OutputClosed(_stopped_abruptly(run_path)) from e
+            raise signals.OutputClosed(_stopped_abruptly(run_path, data_dir)) from e
+
+
+def _load(
+    name: str, root: str | Path | None, resume: Path | None, data_dir: str | Path | None
+) -> Dataset:
+    """The dataset ``name`` from ``root``; a resume that cannot read it there is told how to
+    give the data's new root, which its config.json cannot know."""
+    try:
+        return load_dataset(name, root)
+    except BrainPropError as e:
+        if resume is None or data_dir is not None:
+            raise
+        again = plugins.resume_command(resume, "NEW_ROOT")
+        raise BrainPropError(f"{e}; if the data has moved since the run began: {again}") from e
 
 
 def printer(progress: bool, tag: str | None) -> Callable[[str], None]:
@@ -617,9 +699,14 @@ def printer(progress: bool, tag: str | None) -> Callable[[str], None]:
 
 
 def _held_train(
-    parallel: distributed.Context, trainer: Trainer, ds: Dataset, run_path: Path
+    parallel: distributed.Context,
+    trainer: Trainer,
+    ds: Dataset,
+    run_path: Path,
+    data_dir: str | Path | None,
 ) -> Run:
-    """The epochs and results of :func:`_train`, its run directory held."""
+    """The epochs and results of :func:`_train`, its run directory held; ``data_dir``: the data
+    root a resume was given, which the command that continues a stop must give again."""
     config = trainer.config
     if parallel.is_main:
         if trainer.resume_note:
@@ -631,17 +718,18 @@ def _held_train(
     def warn(signum: int) -> None:
         say(signals.first_note(signum, "finishing this step, then saving a checkpoint"))
 
+    ran_on = parallel.on_main(lambda: _ran_on(trainer, run_path))
     with signals.stop_on_signals(warn) as signalled:
         stop = distributed.AgreedStop(signalled, trainer.parallel)
         try:
-            trainer, stop_reason = _epochs(trainer, ds, run_path, say, stop)
-            summary = summarize(trainer.history, facts(trainer), stop_reason)
+            trainer, stop_reason = _epochs(trainer, ds, run_path, say, stop, data_dir)
+            summary = summarize(trainer.history, facts(trainer, ran_on), stop_reason)
             parallel.on_main(lambda: write_results(trainer, run_path, summary))
         except signals.Interrupted:
             raise  # the first signal's stop, its state saved
         except KeyboardInterrupt:
             # A second signal: whatever write it cut short left the previous file whole.
-            raise signalled.quit_at_once(_stopped_abruptly(run_path)) from None
+            raise signalled.quit_at_once(_stopped_abruptly(run_path, data_dir)) from None
         if trainer.history:
             say(done_line(summary, run_path))
         if stop.requested:
@@ -652,6 +740,26 @@ def _held_train(
                 f"{run_path}"
             )
     return Run(run_path, config, trainer.model, trainer.history, summary)
+
+
+#: The summary's facts of the process that trained, not of the run.
+_MACHINE_FACTS = ("device", "world_size", "tf32", "software")
+
+
+def _ran_on(trainer: Trainer, run_path: Path) -> dict[str, Any] | None:
+    """The machine facts in the summary.json of a run that had ended before this resume, which
+    trains nothing: its timings are the sessions' that trained it, not this process's. None
+    where the run trains on, or its summary is missing or damaged (this process's, then)."""
+    path = run_path / rundir.SUMMARY
+    if trainer.stop_reason() is None or not path.is_file():
+        return None
+    try:
+        summary = rundir.read_json(path)
+    except BrainPropError:
+        return None
+    if not isinstance(summary, dict) or "device" not in summary:
+        return None
+    return {k: summary[k] for k in _MACHINE_FACTS if k in summary}
 
 
 def done_line(summary: dict[str, Any], run_path: Path) -> str:
@@ -673,8 +781,10 @@ def _epochs(
     run_path: Path,
     say: Callable[[str], None],
     stop: signals.StopRequest,
+    data_dir: str | Path | None,
 ) -> tuple[Trainer, str]:
-    """Train epoch after epoch until a stopping rule ends the run.
+    """Train epoch after epoch until a stopping rule ends the run (``data_dir``: as in
+    :func:`_held_train`).
 
     Returns the trainer at the end (a NaN reload replaces it) and why the run stopped. A stop
     signal checkpoints the state and raises :class:`~brainprop.signals.Interrupted`.
@@ -686,8 +796,8 @@ def _epochs(
             return trainer, ended
         if stop.requested:
             save_last(trainer, run_path)
-            raise _interrupted(stop, run_path, f"after epoch {epoch}")
-        with _own_code_stops(trainer, f"in epoch {epoch + 1}", run_path):
+            raise _interrupted(stop, run_path, f"after epoch {epoch}", data_dir)
+        with _own_code_stops(trainer, f"in epoch {epoch + 1}", run_path, data_dir):
             try:
                 metrics = trainer.train_epoch(epoch, stop)
             except NonFinite as bad:
@@ -701,13 +811,15 @@ def _epochs(
                 assert trainer.partial is not None  # train_epoch stopped mid-epoch
                 save_last(trainer, run_path)
                 at = f"in epoch {epoch + 1} after step {trainer.partial['step']}"
-                raise _interrupted(stop, run_path, at)
+                raise _interrupted(stop, run_path, at, data_dir)
             if end_epoch(trainer, run_path, metrics, say):
                 return trainer, EARLY_STOPPING
 
 
 @contextlib.contextmanager
-def _own_code_stops(trainer: Trainer, when: str, run_path: Path) -> Iterator[None]:
+def _own_code_stops(
+    trainer: Trainer, when: str, run_path: Path, data_dir: str | Path | None
+) -> Iterator[None]:
     """Stops a run whose own code failed ``when`` (:mod:`brainprop.owncode`) in one line that
     says how to continue it once mended."""
     try:
@@ -717,8 +829,11 @@ def _own_code_stops(trainer: Trainer, when: str, run_path: Path) -> Iterator[Non
         if (failed := owncode.failure(own, e, when)) is None:
             raise
         # Registered from Python, not by a --plugin, the code is unknown to the command line.
-        python = f"train(resume={str(run_path)!r}) in a process that registers the mended code"
-        then = _stopped_abruptly(run_path, None if plugins.loaded() else python)
+        moved = "" if data_dir is None else f", data_dir={str(data_dir)!r}"
+        python = (
+            f"train(resume={str(run_path)!r}{moved}) in a process that registers the mended code"
+        )
+        then = _stopped_abruptly(run_path, data_dir, None if plugins.loaded() else python)
         raise owncode.OwnCodeFailed(failed, then) from e
 
 
@@ -909,17 +1024,22 @@ def _memory_columns(trainer: Trainer) -> dict[str, float]:
     return {"peak_memory_mib": round(peak / 2**20, 1), "host_rss_mib": round(rss / 2**20, 1)}
 
 
-def _interrupted(stop: signals.StopRequest, run_path: Path, at: str) -> signals.Interrupted:
+def _interrupted(
+    stop: signals.StopRequest, run_path: Path, at: str, data_dir: str | Path | None
+) -> signals.Interrupted:
     return stop.interrupted(
         f"{at}; the state is saved in {run_path / rundir.LAST}: continue with "
-        + plugins.resume_command(run_path)
+        + plugins.resume_command(run_path, data_dir)
     )
 
 
-def _stopped_abruptly(run_path: Path, resume: str | None = None) -> str:
+def _stopped_abruptly(
+    run_path: Path, data_dir: str | Path | None, resume: str | None = None
+) -> str:
     """What a run stopped without its own checkpoint (a second signal, a closed output, its
-    own code's error) keeps, and what continues it: ``resume``, else the command."""
-    resume = resume or plugins.resume_command(run_path)
+    own code's error) keeps, and what continues it: ``resume``, else the command (with the
+    data root a resume was given, ``data_dir``)."""
+    resume = resume or plugins.resume_command(run_path, data_dir)
     return f"{_kept(run_path, 'so a resume starts over')}: continue with {resume}"
 
 
@@ -975,8 +1095,9 @@ def mend_best(trainer: Trainer, run_path: Path, state: dict[str, Any]) -> None:
     rundir.mend_best(run_path, state, lambda epoch: best_weights(trainer, epoch))
 
 
-def facts(trainer: Trainer) -> dict[str, Any]:
-    """What the run was, for its summary."""
+def facts(trainer: Trainer, ran_on: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What the run was, for its summary; ``ran_on``: the :data:`_MACHINE_FACTS` of the
+    sessions that trained it, where this process trained none of it."""
     config = trainer.config
     known = {
         "dataset": config.dataset,
@@ -986,6 +1107,7 @@ def facts(trainer: Trainer) -> dict[str, Any]:
         "nan_reloads": trainer.nan_reloads,
         "device": device_name(trainer.device),
         "world_size": trainer.parallel.world_size,
+        "software": software(trainer.device),
     }
     # Data of one's own passed from Python trains with config.dataset's settings: both count.
     if (data := trainer.data_fingerprint["name"]) != config.dataset:
@@ -995,6 +1117,8 @@ def facts(trainer: Trainer) -> dict[str, Any]:
     # under the settings of their own process.
     if tf32 := tf32_ops(trainer.device, config.bf16, trainer.model):
         known["tf32"] = tf32
+    if ran_on is not None:
+        known = {k: v for k, v in known.items() if k not in _MACHINE_FACTS} | ran_on
     # The most seeds the run shared a step with (brainprop.stacked), which its timing is
     # compared by; also when a plain resume finished a run that began in a stack.
     shared = max((h.get("stack_size", 1) for h in trainer.history), default=1)
