@@ -29,7 +29,7 @@ from torch.autograd.function import once_differentiable
 
 from . import fusedhead, rng
 from .devices import ran_out_of_memory
-from .errors import BrainPropError, defined_in, kind_of, raised
+from .errors import BrainPropError, defined_in, definition, kind_of, raised
 from .registry import Registry
 
 #: The published exploration rate: the chance that BrainProp samples its action from
@@ -450,7 +450,8 @@ def check_rule(rule: str, objective: Objective, classes: int, device: torch.devi
     so that the run draws what it would have drawn without it.
 
     A rule that raises there, or returns what training cannot take, is one ``BrainPropError``
-    line naming the line of its code, before any run directory is made; it would otherwise end
+    line naming the line that raised, or where the rule is defined, before any run directory
+    is made; it would otherwise end
     the first step in a traceback. An error that only some later batch brings is worded, as
     one line too, by :mod:`brainprop.owncode` as it stops the run.
     """
@@ -472,8 +473,10 @@ def check_rule(rule: str, objective: Objective, classes: int, device: torch.devi
                 f"{raised(e, defined_in(objective), objective)}"
             ) from e
     if problem is not None:
+        where = definition(objective)
         raise BrainPropError(
-            f"rule {rule!r} returned {problem}: return an Output of a scalar loss with a "
+            f"rule {rule!r}{f' ({where})' if where else ''} returned {problem}: return an "
+            "Output of a scalar loss with a "
             "gradient, and [B] int64 actions, float rewards and bool explored (see "
             "brainprop.Output)"
         )
