@@ -907,6 +907,35 @@ def test_a_crash_inside_a_write_leaves_the_previous_file(tmp_path: Path, monkeyp
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 
 
+def test_a_write_reaches_its_file_by_one_rename_alone(tmp_path: Path, monkeypatch) -> None:
+    """The new bytes go to a file beside the old one, renamed over it: a copy into the old file
+    (which the test above cannot tell from a rename) leaves it half-written if killed in the
+    middle (review)."""
+    path = tmp_path / "last.pt"
+    checkpoint.save(path, {"epoch": 1})
+    renamed = []
+    replace = os.replace
+
+    def watched(src: str, dst: Path) -> None:
+        renamed.append((Path(src).parent, os.stat(src).st_ino, Path(dst)))
+        replace(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", watched)
+    checkpoint.save(path, {"epoch": 2})
+    [(folder, inode, target)] = renamed
+    assert (folder, target, path.stat().st_ino) == (tmp_path, path, inode)
+
+    def killed(src: str, dst: Path) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(files.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(path, {"epoch": 3})
+    monkeypatch.undo()
+    assert checkpoint.load(path)["epoch"] == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
 def test_a_failed_write_leaves_no_open_file(tmp_path: Path, monkeypatch) -> None:
     def refuse(fd: int) -> None:
         raise PermissionError(errno.EPERM, "Operation not permitted")

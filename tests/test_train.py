@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_tiny_dataset
-from data_fixtures import REPO
+from data_fixtures import write_idx_dataset
 from memory_errors import OUT_OF_MEMORY
 from own_rules import FailsLater, SquaredError
 from reliability_helpers import recorded_outputs
@@ -76,9 +76,10 @@ def test_a_rule_registered_by_name_trains_from_the_library_and_the_cli(
     run = train(_config(tmp_path, rule="squared-error"), dataset=tiny_dataset, progress=False)
     assert run.config.rule == "squared-error" and run.summary["best_val_acc"] > 0.6
     assert evaluate(run.dir, dataset=tiny_dataset)["test_acc"] == run.summary["test_acc_at_best"]
-    monkeypatch.setenv("BRAINPROP_DATA", str(REPO / "data"))
+    write_idx_dataset(tmp_path / "data" / "mnist", n_train=64, n_test=16)
+    monkeypatch.setenv("BRAINPROP_DATA", str(tmp_path / "data"))
     argv = ["train", "--rule", "squared-error", "--arch", "dense", "--epochs", "1", "--quiet",
-            "--batch-size", "60000", "--device", "cpu", "--out", str(tmp_path / "cli")]  # fmt: skip
+            "--batch-size", "16", "--device", "cpu", "--out", str(tmp_path / "cli")]  # fmt: skip
     assert main(argv) == 0, capsys.readouterr().err
     with pytest.raises(BrainPropError, match="unknown rule 'hebb': choose one of brainprop, ebp, "
                        "squared-error; a name of your own"):  # fmt: skip
