@@ -20,10 +20,12 @@ every ``nn.Linear``, ``nn.Conv2d`` (incl. :class:`~brainprop.layers.Conv2dSame`)
 * ``sign``: B = sign(W) * std(W), recomputed from the current W at every step (sign symmetry).
   The scale std(W) gives B about the norm of W while W's mean is near 0, as a trained layer's
   is (for W ~ U(0, 1) it would be half).
-* ``direct``: direct feedback alignment (Nokland 2016). The output error e = dL/dq ([N, K]) is
-  sent straight to each layer's *input* through a fixed random matrix D ([K, input size]); it is
-  then gated on the way into the layer below by that layer's activity derivative (ReLU,
-  max-pool, BatchNorm, dropout) exactly as in the other modes. For BrainProp e is nonzero only
+* ``direct``: direct feedback alignment (Nokland 2016). The output error e ([N, E]: dL/dq,
+  [N, K], where the output layer gives q; the gradient at the output layer's output, through
+  the layers after it, otherwise) is sent straight to each layer's *input* through a fixed
+  random matrix D ([E, input size]); it is then gated on the way into the layer below by that
+  layer's activity derivative (ReLU, max-pool, BatchNorm, dropout) exactly as in the other
+  modes. For BrainProp e is nonzero only
   at the chosen unit. D is regenerated on demand from a stored seed (buffer ``feedback_seed``)
   and scale (buffer ``feedback_scale``), so it costs no checkpoint space and needs no input
   size at conversion. The last converted layer in module order is the output layer, whose

@@ -22,7 +22,9 @@ dW = (alpha / N) * sum_n pre_n (x) fb_n.
 
 Feedback modes (see :mod:`brainprop.feedback`): B = W (``symmetric``), the stored B
 (``reciprocal``, ``random``), sign(W) * std(W) (``sign``), or, for ``direct``, no B: the
-feedback arriving at a weight layer's input is eps @ D with a fixed random D.
+feedback arriving at a weight layer's input is e @ D with a fixed random D, where e is the
+feedback at the last weight layer's output (eps where that layer gives q; through the layers
+after it, such as a BatchNorm or a pooled conv head, otherwise).
 
 Layers: ``nn.Linear``, ``nn.Conv2d`` / ``Conv2dSame`` (groups = dilation = 1),
 ``LocallyConnected2d``, ``nn.ReLU``, ``nn.MaxPool2d``, ``nn.Dropout`` (mask given or drawn),
@@ -173,6 +175,7 @@ def trial(
     """
     if rule not in ("brainprop", "ebp"):
         raise BrainPropError(f"unknown rule {rule!r}: choose brainprop or ebp")
+    _check_batch(model, x)
     layers = list(model)
     masks = dict(masks or {})
 
@@ -182,6 +185,7 @@ def trial(
     pool_winners: dict[int, torch.Tensor] = {}
     for i, layer in enumerate(layers):
         a = acts[-1]
+        _check_input(layer, i, a)
         if isinstance(layer, nn.Linear):
             out = torch.einsum("nk,ok->no", a, layer.weight)
             if layer.bias is not None:
@@ -225,10 +229,17 @@ def trial(
         acts.append(out)
     q = acts[-1]
     n = q.shape[0]
+    if q.dim() != 2:
+        raise BrainPropError(
+            f"the network's output is {list(q.shape)}, not [N, classes]: end it in a Linear "
+            "layer or a Flatten"
+        )
+    _check_classes(y, "y", n, q.shape[1])
 
     # (2) Chosen action, (3) reward and reward-prediction error.
     if actions is None:
         actions = q.argmax(dim=1)
+    _check_classes(actions, "actions", n, q.shape[1])
     rewards = (actions == y).to(q.dtype)
     if rule == "brainprop":
         delta = rewards - q.gather(1, actions[:, None])[:, 0]
@@ -239,12 +250,17 @@ def trial(
 
     # (4) Attention feedback, top to bottom, and (5) the three-factor updates.
     result = Trial(acts, q, actions, rewards, delta, eps, [None] * len(layers), {}, masks)
-    fb = eps
+    weights = [i for i, layer in enumerate(layers) if isinstance(layer, _WEIGHT_LAYERS)]
+    fb, error = eps, eps
     for i in reversed(range(len(layers))):
         layer, pre = layers[i], acts[i]
         result.feedback[i] = fb
-        if isinstance(layer, nn.Linear | nn.Conv2d | LocallyConnected2d):
-            fb = _weight_layer(layer, str(i), pre, fb, eps, lr / n, result.updates)
+        if weights and i == weights[-1]:
+            # Direct feedback sends on what reaches the last weight layer's output, as the
+            # fast path takes it there (feedback._DirectInject).
+            error = fb.flatten(1)
+        if isinstance(layer, _WEIGHT_LAYERS):
+            fb = _weight_layer(layer, str(i), pre, fb, error, lr / n, result.updates)
         elif isinstance(layer, nn.ReLU):
             fb = fb * activity_derivative(pre)  # the unit's gate: silent units learn nothing
         elif isinstance(layer, nn.MaxPool2d):
@@ -260,6 +276,83 @@ def trial(
         elif isinstance(layer, nn.Flatten):
             fb = fb.reshape(pre.shape)
     return result
+
+
+_WEIGHT_LAYERS = (nn.Linear, nn.Conv2d, LocallyConnected2d)
+
+
+def _check_batch(model: nn.Module, x: torch.Tensor) -> None:
+    """One line for a model or batch the steps below would fail on inside torch, or, for a
+    width they broadcast, compute a wrong update of."""
+    if not isinstance(model, nn.Sequential):
+        raise BrainPropError(
+            f"trial takes an nn.Sequential of the layers it covers, not {type(model).__name__}: "
+            "for a network of one's own, train it with brainprop.train, whose diagnostics "
+            "measure its feedback"
+        )
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 2 or not len(x):
+        got = f"{x.dtype} {list(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise BrainPropError(
+            f"x must be a float batch [N, ...] of at least one trial, got {got}: images as "
+            "uint8 go in as x.float() / 255, one trial as x[None]"
+        )
+    dtypes = {p.dtype for p in model.parameters()}
+    if dtypes and dtypes != {x.dtype}:
+        raise BrainPropError(
+            f"x is {x.dtype} and the network's weights {', '.join(sorted(map(str, dtypes)))}: "
+            "pass x.to(the weights' dtype)"
+        )
+
+
+def _check_input(layer: nn.Module, i: int, a: torch.Tensor) -> None:
+    """One line for an input of another width than ``layer`` (index ``i``) takes."""
+    if isinstance(layer, nn.Linear):
+        shape: tuple[int | str, ...] = ("N", layer.in_features)
+    elif isinstance(layer, nn.Conv2d):
+        shape = ("N", layer.in_channels, "H", "W")
+    elif isinstance(layer, LocallyConnected2d):
+        shape = ("N", layer.in_channels, *layer.input_size)
+    elif isinstance(layer, nn.BatchNorm1d | nn.BatchNorm2d):
+        spatial = ("H", "W") if isinstance(layer, nn.BatchNorm2d) else ()
+        shape = ("N", layer.num_features, *spatial)
+    else:
+        return
+    fits = a.dim() == len(shape) and all(
+        isinstance(want, str) or got == want for got, want in zip(a.shape, shape, strict=True)
+    )
+    if isinstance(layer, nn.Conv2d) and fits:
+        left, right, top, bottom = _conv_pads(layer)
+        kh, kw = layer.kernel_size
+        fits = a.shape[2] + top + bottom >= kh and a.shape[3] + left + right >= kw
+    if not fits:
+        raise BrainPropError(
+            f"layer {i} ({type(layer).__name__}) takes [{', '.join(map(str, shape))}] inputs, "
+            f"got {list(a.shape)}: give x the shape the network was built for"
+        )
+    batch_statistics = isinstance(layer, nn.BatchNorm1d | nn.BatchNorm2d) and (
+        layer.training or layer.running_mean is None
+    )
+    if batch_statistics and a[:, 0].numel() == 1:
+        raise BrainPropError(
+            f"layer {i} ({type(layer).__name__}) would normalise one value per channel with the "
+            "batch's statistics, as torch refuses to: pass more trials, or model.eval()"
+        )
+
+
+def _check_classes(t: object, name: str, n: int, classes: int) -> None:
+    ok = (
+        isinstance(t, torch.Tensor)
+        and t.dtype == torch.int64
+        and t.shape == (n,)
+        # A meta tensor (a test's stand-in for a GPU) holds no values to check.
+        and (t.device.type == "meta" or bool(((t >= 0) & (t < classes)).all()))
+    )
+    if not ok:
+        got = f"{t.dtype} {list(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise BrainPropError(
+            f"{name} must be [{n}] int64 classes in [0, {classes}), one per trial, got {got}"
+            + (" holding other values" if isinstance(t, torch.Tensor) and t.shape == (n,) else "")
+        )
 
 
 def _learns_b(layer: nn.Module, mode: str) -> bool:
@@ -294,12 +387,13 @@ def _weight_layer(
     name: str,
     pre: torch.Tensor,
     fb: torch.Tensor,
-    eps: torch.Tensor,
+    error: torch.Tensor,
     alpha: float,
     updates: dict[str, torch.Tensor],
 ) -> torch.Tensor:
     """Updates of one weight layer from its presynaptic activity ``pre`` and the gated
-    feedback ``fb`` at its output; returns the feedback it sends to its input."""
+    feedback ``fb`` at its output; returns the feedback it sends to its input (in ``direct``
+    mode, ``error`` [N, E] through the layer's D)."""
     mode = layer_mode(layer)
     b = None if mode == "direct" else _feedback_weights(layer)
     if isinstance(layer, nn.Linear):
@@ -339,8 +433,8 @@ def _weight_layer(
         updates[f"{name}.bias"] = alpha * fb.sum(bias_sum)
     if mode == "direct":
         # DFA: the output error goes straight to this layer's input through fixed D.
-        d = direct_matrix(layer, eps.shape[1], pre[0].numel(), eps.dtype, eps.device)
-        fb_in = torch.einsum("nk,kj->nj", eps, d).reshape(pre.shape)
+        d = direct_matrix(layer, error.shape[1], pre[0].numel(), error.dtype, error.device)
+        fb_in = torch.einsum("nk,kj->nj", error, d).reshape(pre.shape)
     return fb_in
 
 
@@ -354,7 +448,7 @@ def _per_channel(v: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
 
 def _batchnorm(layer: nn.modules.batchnorm._BatchNorm, a: torch.Tensor):
     """BatchNorm forward; returns (output, (xhat, 1 / sigma))."""
-    if layer.training:
+    if layer.training or layer.running_mean is None:  # torch's rule for batch statistics
         axes = _bn_axes(a)
         mean = a.mean(axes)
         var = a.var(axes, unbiased=False)  # the batch's own spread: the non-local part
@@ -386,7 +480,7 @@ def _batchnorm_feedback(
         if layer.bias.requires_grad:
             updates[f"{name}.bias"] = alpha * fb.sum(axes)
         gain = gain * _per_channel(layer.weight, fb)
-    if not layer.training:
+    if not layer.training and layer.running_mean is not None:
         return fb * gain
     # Non-local: the batch means of the feedback and of feedback x normalised activity.
     mean_fb = fb.mean(axes, keepdim=True)
