@@ -472,7 +472,7 @@ def test_a_bench_says_each_phase_as_it_begins(report):
     assert phases == [
         "mnist/dense: building and warming up brainprop's step",
         "mnist/dense: building and warming up ebp's step",
-        "mnist/dense: timing 2 kinds of step in turn, 3 steps each",
+        "mnist/dense: timing 2 kinds of step in turn, 3 steps each",  # 3 blocks of 1
         "mnist/dense: timing brainprop's evaluation of 16 images",
         "mnist/dense: timing ebp's evaluation of 16 images",
     ]
@@ -617,3 +617,8 @@ def test_a_preset_frees_its_networks_once_it_is_done(monkeypatch):
     )  # fmt: skip
     gc.collect()
     assert len(built) == 8 and not any(ref() for ref in built)
+
+
+def test_steps_are_timed_in_whole_blocks_as_the_progress_line_says():
+    """The line said --steps 7 where 5 were timed (review)."""
+    assert [bench._blocks(n) for n in (3, 7, 12)] == [(3, 1), (5, 1), (5, 2)]

@@ -272,6 +272,27 @@ def test_a_ctrl_c_while_the_package_imports_is_the_one_line_a_later_one_is(monke
     assert capsys.readouterr().err == "brainprop: interrupted\n"
 
 
+def test_a_stop_is_said_by_one_process_even_where_rank_is_set_without_torchrun(
+    tmp_path, sigterm_caught, monkeypatch, capsys
+):
+    """$RANK left in the environment without $WORLD_SIZE: a run of one process stopped
+    without a word (review). Under torchrun rank 0 alone says it."""
+    import brainprop.evaluation
+
+    def stopped(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("the signal stops the evaluation first")
+
+    monkeypatch.setattr(brainprop.evaluation, "evaluate", stopped)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert main(["evaluate", str(tmp_path)]) == 128 + signal.SIGTERM
+    assert capsys.readouterr().err == "brainprop: stopped by SIGTERM while evaluating\n"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["evaluate", str(tmp_path)]) == 128 + signal.SIGTERM
+    assert capsys.readouterr().err == ""
+
+
 def test_a_stop_signal_ends_an_evaluation_in_one_line(
     tmp_path, sigterm_caught, monkeypatch, capsys
 ):

@@ -1407,6 +1407,17 @@ def test_more_epochs_for_a_run_that_stopped_early_are_refused(tmp_path: Path, ds
     assert again.summary["stop_reason"] == "early stopping"
 
 
+def test_epochs_lowered_to_those_run_close_a_stopped_run(tmp_path: Path, ds, monkeypatch) -> None:
+    """Only early stopping is refused new epochs: a run stopped at epoch 2 of 5 and given
+    --epochs 2 ends there, as it did before the refusal came (review)."""
+    inject(monkeypatch, {step(3, 1): _raise(signal.SIGTERM)})
+    with pytest.raises(Interrupted):
+        train(tiny_config(tmp_path, epochs=5, patience=50), dataset=ds, progress=False)
+    monkeypatch.undo()
+    run = train(TrainConfig(epochs=2), resume=tmp_path / "run", dataset=ds, progress=False)
+    assert (run.summary["stop_reason"], run.summary["epochs_run"]) == ("max epochs", 2)
+
+
 def test_a_resume_of_a_finished_run_keeps_the_machine_that_trained_it(tmp_path: Path, ds) -> None:
     """It trains nothing, yet its summary took this process's machine and threads for the
     timings of the sessions that trained it, and the report files runs by that label

@@ -813,3 +813,15 @@ def test_a_released_stack_frees_its_tensors_without_the_cycle_collector(tmp_path
         assert weight() is None
     finally:
         gc.enable()
+
+
+def test_a_finished_member_keeps_the_machine_that_trained_it(tmp_path, tiny_dataset):
+    """A finished run given to a stack trains nothing, yet its summary took this process's
+    machine, as train(resume=...) did before it was mended (review)."""
+    first, _ = train_stacked([_config(tmp_path, s, epochs=1) for s in (1, 2)],
+                             dataset=tiny_dataset, progress=False)  # fmt: skip
+    elsewhere = {**first.summary, "device": "cpu (elsewhere)", "world_size": 2}
+    (first.dir / "summary.json").write_text(json.dumps(elsewhere))
+    again, _ = train_stacked([first.dir, tmp_path / "s2"], dataset=tiny_dataset, progress=False)
+    assert again.summary == elsewhere
+    assert json.loads((first.dir / "summary.json").read_text()) == elsewhere

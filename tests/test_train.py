@@ -739,7 +739,7 @@ def test_a_step_of_one_image_that_batchnorm_cannot_normalise_is_refused_before_t
     assert wide.summary["epochs_run"] == 1
 
 
-def test_one_image_a_process_is_refused_with_local_batchnorm_only():
+def test_one_image_a_process_is_refused_with_local_batchnorm_only(monkeypatch):
     """Each process's share of a step is its own BatchNorm's batch where the layers are not
     synchronised: 5 images over 4 processes leaves three of them one image each."""
 
@@ -759,11 +759,24 @@ def test_one_image_a_process_is_refused_with_local_batchnorm_only():
         "processes), where layer 5 (BatchNorm2d)"
     )
     assert str(info.value).endswith(
-        "pass another --batch-size or --val-split, or leave out --local-batchnorm (synchronised "
-        "BatchNorm pools the step's images)"
+        "pass another --batch-size, or leave out --local-batchnorm (synchronised BatchNorm pools "
+        "the step's images)"
     )
     after = [b.running_mean for b in model.modules() if isinstance(b, nn.BatchNorm2d)]
     assert all(torch.equal(a, b) for a, b in zip(running, after, strict=True))
     assert model.training
     trainer.global_batch, trainer.train_set = 8, _small_images(24)  # two images each
+    check_one_image_steps(trainer, (1, 6, 6), "mnist")
+    # Under --global-batch, --batch-size does nothing: the advice names the option given.
+    trainer.global_batch, trainer.train_set = 8, _small_images(26)
+    trainer.config = TrainConfig(dataset="mnist", arch="loccon", global_batch=8)
+    with pytest.raises(BrainPropError) as info:
+        check_one_image_steps(trainer, (1, 6, 6), "mnist")
+    assert str(info.value).startswith(
+        "a process's share of the last step of each epoch is 1 image (26 training images of "
+        "mnist, 8 a step over 4 processes)"
+    )
+    assert "pass another --global-batch or --val-split, or leave out" in str(info.value)
+    # Synchronised BatchNorm pools the step's images: nothing to refuse.
+    monkeypatch.setattr(train_module, "synchronised", lambda model: True)
     check_one_image_steps(trainer, (1, 6, 6), "mnist")

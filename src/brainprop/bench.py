@@ -391,8 +391,10 @@ def bench_preset(
                 cuda_graph=cuda_graph,
             )  # fmt: skip
     in_turn = variants.in_turn()
+    blocks, per_block = _blocks(steps)
     phase(
-        f"timing {len(in_turn)} kind{'s' * (len(in_turn) != 1)} of step in turn, {steps} steps each"
+        f"timing {len(in_turn)} kind{'s' * (len(in_turn) != 1)} of step in turn, "
+        f"{blocks * per_block} steps each"
     )
     steps_timed = _time_interleaved(in_turn, steps, device)
     n_eval = min(eval_images or len(ds.test_y), len(ds.test_y))
@@ -422,11 +424,16 @@ class _Variants:
         return out
 
 
+def _blocks(steps: int) -> tuple[int, int]:
+    """How ``steps`` asked for are timed: (blocks, steps per block), whole blocks only."""
+    blocks = min(BLOCKS, steps)
+    return blocks, max(steps // blocks, 1)
+
+
 def _time_interleaved(variants: list[_Rule], steps: int, device: torch.device) -> int:
     """Append to each variant's ``block_seconds`` the mean step time of each of its blocks;
     returns the steps each variant took, timed."""
-    blocks = min(BLOCKS, steps)
-    per_block = max(steps // blocks, 1)
+    blocks, per_block = _blocks(steps)
     for block in range(blocks):
         # Every other round backwards: what a block leaves behind (clocks, caches) then falls
         # on each variant's block from both sides, not always on the same neighbour's.

@@ -694,9 +694,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         return COMMANDS[args.command](args)
     except Interrupted as e:
-        from .distributed import launched_main
+        from .distributed import launched_main, launched_world
 
-        if launched_main():  # under torchrun every rank stops alike, with the same line
+        # Under torchrun every rank stops alike, with the same line: rank 0 says it.
+        if launched_main() or launched_world() <= 1:
             print(f"brainprop: {e}", file=sys.stderr)
         return e.exit_status
     except BrainPropError as e:

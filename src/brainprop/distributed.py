@@ -355,9 +355,10 @@ class Context:
     def on_every(self, work: Callable[[], T], what: str) -> T:
         """Run ``work`` on every rank and return each its own result, once all have it.
 
-        A rank that fails (a GPU its node lacks for its ``LOCAL_RANK``) fails every rank with
-        its line, the first such rank's, before any goes on: rank 0 would otherwise make the
-        run directory and leave it behind. ``what`` names the work in errors.
+        A rank that fails (a GPU its node lacks for its ``LOCAL_RANK``) fails every rank before
+        any goes on (rank 0 would otherwise make the run directory and leave it behind): each
+        failed rank with its own error, the others with the first failed rank's line. ``what``
+        names the work in errors.
         """
         if not self.active:
             return work()

@@ -27,7 +27,7 @@ from .provenance import (
     declares_sizes,
     recorded_config,
 )
-from .summary import epochs_phrase
+from .summary import EARLY_STOPPING, epochs_phrase
 
 if TYPE_CHECKING:
     from .train import Trainer
@@ -113,24 +113,24 @@ def _refuse_ignored(config: TrainConfig, stored: TrainConfig) -> None:
         )
 
 
-def reopen(run_path: Path, config: TrainConfig, trains_on: bool) -> None:
-    """Mark a restored run unfinished if it ``trains_on``, and write ``config``'s epochs (a
-    raised ``--epochs``) into its ``config.json``; called once the run is restored, so that a
-    resume that fails leaves both files as they were. Raised epochs are refused where the run
-    does not train on: its patience ran out.
+def reopen(run_path: Path, config: TrainConfig, ended: str | None) -> None:
+    """Mark a restored run unfinished if it trains on (``ended``: why it ends before its next
+    epoch, None if it trains), and write ``config``'s epochs (a raised ``--epochs``) into its
+    ``config.json``; called once the run is restored, so that a resume that fails leaves both
+    files as they were. New epochs are refused for a run whose patience ran out.
 
     ``summary.json`` marks a run complete (``reproduce`` skips it, records it), so it goes
     until the run ends again: that of a finished run given more epochs, or of one that
     diverged after a checkpoint and trains again from there."""
     raised = stored_config(run_path).epochs != config.epochs
-    if raised and not trains_on:
+    if raised and ended == EARLY_STOPPING:
         # Its patience is spent, so it would end again at once, under a cap it never reached.
         raise BrainPropError(
             f"{run_path} stopped early (no gain of --min-delta {config.min_delta} in "
             f"--patience {config.patience} epochs), so --epochs {config.epochs} would not train "
             "it further: start a new run, with a larger --patience to train longer"
         )
-    if raised or trains_on:
+    if raised or ended is None:
         # The summary first: a config.json already raised would make the next resume skip
         # this, and leave a summary that calls the run still training finished.
         summary = run_path / rundir.SUMMARY

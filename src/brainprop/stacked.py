@@ -75,6 +75,7 @@ from .train import (
     gave_up,
     mend_best,
     printer,
+    ran_on,
     rewind,
     save_last,
     write_results,
@@ -257,6 +258,7 @@ class _Member:
     trainer: Trainer
     run_path: Path
     streams: dict[str, Any] | None = None
+    ran_on: dict[str, Any] | None = None
 
     def tagged(self, line: str) -> str:
         """``line`` marked as this seed's, for the output the stack's seeds share."""
@@ -402,9 +404,10 @@ def _train_held(
         _Member(trainer, run_path or _created(trainer, held), streams)
         for trainer, run_path, streams in built
     ]
-    for trainer, run_path, _ in built:
+    for m, (trainer, run_path, _) in zip(stacked, built, strict=True):
         if run_path is not None:
-            reopen(run_path, trainer.config, trainer.stop_reason() is None)
+            reopen(run_path, trainer.config, trainer.stop_reason())
+            m.ran_on = ran_on(trainer, run_path)
     warn_if_slow_bf16(stacked[0].trainer.device, config.bf16)
     say(
         f"training {len(stacked)} seeds of {config.arch} on {data_label(config, ds.name)} with "
@@ -692,7 +695,7 @@ class _StackedRun:
 
     def _finish(self, m: _Member, stop_reason: str) -> None:
         t = m.trainer
-        summary = summarize(t.history, facts(t), stop_reason)
+        summary = summarize(t.history, facts(t, m.ran_on), stop_reason)
         write_results(t, m.run_path, summary)
         if t.history:
             self.say(m.tagged(done_line(summary, m.run_path)))

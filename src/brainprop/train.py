@@ -493,18 +493,22 @@ def check_one_image_steps(trainer: Trainer, input_shape: tuple[int, ...], data: 
     if not seen:
         return
     images = f"{n} training images of {data_label(trainer.config, data)}"
+    option = "--global-batch" if trainer.config.global_batch is not None else "--batch-size"
+    every = 1 in [len(s) for s in torch.arange(batch).tensor_split(parallel.world_size)]
     if parallel.world_size == 1:
         which = (
-            "every step trains on 1 image (--batch-size 1)"
-            if batch == 1
+            f"every step trains on 1 image ({option} 1)"
+            if every
             else f"the last step of each epoch trains on 1 image ({images}, {batch} a step)"
         )
     else:
+        step = "a step" if every else "the last step of each epoch"
         which = (
-            f"a process's share of a step is 1 image ({images}, {batch} a step over "
+            f"a process's share of {step} is 1 image ({images}, {batch} a step over "
             f"{parallel.world_size} processes)"
         )
-    fix = "pass another --batch-size or --val-split"
+    # Only a step's length over the training set's: the number held out cannot help otherwise.
+    fix = f"pass another {option}" + ("" if every else " or --val-split")
     if parallel.active:
         fix += ", or leave out --local-batchnorm (synchronised BatchNorm pools the step's images)"
     raise BrainPropError(
@@ -657,8 +661,8 @@ def _train(
             parallel.on_main(lambda: check_room(trainer, run_path))
             if state is not None:
                 parallel.on_main(lambda: mend_best(trainer, run_path, state))
-            trains_on = trainer.stop_reason() is None
-            parallel.on_main(lambda: reopen(run_path, config, trains_on))
+            ended = trainer.stop_reason()
+            parallel.on_main(lambda: reopen(run_path, config, ended))
         try:
             return _held_train(parallel, trainer, ds, run_path, data_dir)
         except BrokenPipeError as e:
@@ -718,12 +722,12 @@ def _held_train(
     def warn(signum: int) -> None:
         say(signals.first_note(signum, "finishing this step, then saving a checkpoint"))
 
-    ran_on = parallel.on_main(lambda: _ran_on(trainer, run_path))
+    machine = parallel.on_main(lambda: ran_on(trainer, run_path))
     with signals.stop_on_signals(warn) as signalled:
         stop = distributed.AgreedStop(signalled, trainer.parallel)
         try:
             trainer, stop_reason = _epochs(trainer, ds, run_path, say, stop, data_dir)
-            summary = summarize(trainer.history, facts(trainer, ran_on), stop_reason)
+            summary = summarize(trainer.history, facts(trainer, machine), stop_reason)
             parallel.on_main(lambda: write_results(trainer, run_path, summary))
         except signals.Interrupted:
             raise  # the first signal's stop, its state saved
@@ -746,7 +750,7 @@ def _held_train(
 _MACHINE_FACTS = ("device", "world_size", "tf32", "software")
 
 
-def _ran_on(trainer: Trainer, run_path: Path) -> dict[str, Any] | None:
+def ran_on(trainer: Trainer, run_path: Path) -> dict[str, Any] | None:
     """The machine facts in the summary.json of a run that had ended before this resume, which
     trains nothing: its timings are the sessions' that trained it, not this process's. None
     where the run trains on, or its summary is missing or damaged (this process's, then)."""
