@@ -780,3 +780,28 @@ def test_one_image_a_process_is_refused_with_local_batchnorm_only(monkeypatch):
     # Synchronised BatchNorm pools the step's images: nothing to refuse.
     monkeypatch.setattr(train_module, "synchronised", lambda model: True)
     check_one_image_steps(trainer, (1, 6, 6), "mnist")
+
+
+def _no_running_statistics(net, num_classes, dropout):
+    net.flatten()
+    net.add(nn.Linear(net.shape[0], 16))
+    net.add(nn.BatchNorm1d(16, track_running_stats=False))
+    net.add(nn.ReLU())
+    net.dense(num_classes, relu=False)
+
+
+def test_a_batchnorm_without_running_statistics_builds_and_is_checked_like_the_others(
+    tmp_path, tiny_dataset, monkeypatch
+):
+    """It normalises with the batch's statistics in eval mode too, so the one-image probes of
+    the network's shapes failed on it: it could not be built at any batch size (review)."""
+    monkeypatch.setitem(ARCHITECTURES, "no-stats", (_no_running_statistics, 0))
+    row = Hyperparameters(init_std=0.05, dropout=())
+    monkeypatch.setitem(PRESETS, "no-stats", {("mnist", "no-stats"): row})
+    config = TrainConfig(dataset="mnist", arch="no-stats", preset="no-stats", epochs=1,
+                         batch_size=16, out_dir=str(tmp_path))  # fmt: skip
+    assert train(config, dataset=tiny_dataset, progress=False).summary["epochs_run"] == 1
+    n = len(tiny_dataset.train_y)
+    short = dataclasses.replace(config, batch_size=n - 1)  # a last step of one image
+    with pytest.raises(BrainPropError, match=r"where layer 2 \(BatchNorm1d\) would see one"):
+        train(short, dataset=tiny_dataset, progress=False)

@@ -240,14 +240,15 @@ class LayerStack:
 
     def add(self, module: nn.Module) -> None:
         """Append any module (a network of one's own, whole or in part); the shape it outputs
-        is that of its output for one zero input, in eval mode (BatchNorm's running statistics
-        stay as they were, and a batch of one is no error)."""
+        is that of its output for zero inputs, in eval mode (BatchNorm's running statistics stay
+        as they were). Two of them: a BatchNorm without running statistics normalises with the
+        batch's in eval mode too, which one value per channel cannot give."""
         self.layers.append(module)
         was_training = module.training
         module.eval()
         try:
             with torch.no_grad():
-                self.shape = tuple(module(torch.zeros(1, *self.shape)).shape[1:])
+                self.shape = tuple(module(torch.zeros(2, *self.shape)).shape[1:])
         finally:
             module.train(was_training)
 

@@ -469,7 +469,7 @@ def check_one_image_steps(trainer: Trainer, input_shape: tuple[int, ...], data: 
 
     def note(name: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], None]:
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-            if inputs[0].numel() == inputs[0].shape[1]:
+            if inputs[0][0].numel() == inputs[0].shape[1]:  # one value per channel an image
                 seen.append(f"{name} ({type(module).__name__})")
 
         return hook
@@ -482,11 +482,12 @@ def check_one_image_steps(trainer: Trainer, input_shape: tuple[int, ...], data: 
     if not layers:
         return
     hooks = [m.register_forward_pre_hook(note(name)) for name, m in layers]
-    # One image's shapes, in eval mode (which normalises one value per channel), without
-    # touching the running statistics or the random streams the run starts from.
+    # The shapes, in eval mode, without touching the running statistics or the random streams
+    # the run starts from; two images, as a BatchNorm without running statistics normalises
+    # with the batch's in eval mode too.
     try:
         with torch.random.fork_rng(devices=[]), torch.no_grad(), modes_kept(model, False):
-            model(torch.zeros(1, *input_shape, device=trainer.device))
+            model(torch.zeros(2, *input_shape, device=trainer.device))
     finally:
         for hook in hooks:
             hook.remove()
