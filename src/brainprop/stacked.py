@@ -73,9 +73,9 @@ from .train import (
     end_epoch,
     facts,
     gave_up,
+    machine_facts,
     mend_best,
     printer,
-    ran_on,
     rewind,
     save_last,
     write_results,
@@ -252,13 +252,14 @@ def _tensors(model: nn.Module) -> list[torch.Tensor]:
 
 @dataclass
 class _Member:
-    """One run of a stack: its trainer and run directory, and for a run cut short in an epoch
-    the random streams its checkpoint saved, which that epoch's end alone draws from."""
+    """One run of a stack: its trainer and run directory, for a run cut short in an epoch the
+    random streams its checkpoint saved, which that epoch's end alone draws from, and for a
+    finished run the machine facts of the sessions that trained it (train.machine_facts)."""
 
     trainer: Trainer
     run_path: Path
     streams: dict[str, Any] | None = None
-    ran_on: dict[str, Any] | None = None
+    trained_on: dict[str, Any] | None = None
 
     def tagged(self, line: str) -> str:
         """``line`` marked as this seed's, for the output the stack's seeds share."""
@@ -407,7 +408,7 @@ def _train_held(
     for m, (trainer, run_path, _) in zip(stacked, built, strict=True):
         if run_path is not None:
             reopen(run_path, trainer.config, trainer.stop_reason())
-            m.ran_on = ran_on(trainer, run_path)
+            m.trained_on = machine_facts(trainer, run_path)
     warn_if_slow_bf16(stacked[0].trainer.device, config.bf16)
     say(
         f"training {len(stacked)} seeds of {config.arch} on {data_label(config, ds.name)} with "
@@ -695,7 +696,7 @@ class _StackedRun:
 
     def _finish(self, m: _Member, stop_reason: str) -> None:
         t = m.trainer
-        summary = summarize(t.history, facts(t, m.ran_on), stop_reason)
+        summary = summarize(t.history, facts(t, m.trained_on), stop_reason)
         write_results(t, m.run_path, summary)
         if t.history:
             self.say(m.tagged(done_line(summary, m.run_path)))

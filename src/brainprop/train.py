@@ -723,12 +723,12 @@ def _held_train(
     def warn(signum: int) -> None:
         say(signals.first_note(signum, "finishing this step, then saving a checkpoint"))
 
-    machine = parallel.on_main(lambda: ran_on(trainer, run_path))
+    trained_on = parallel.on_main(lambda: machine_facts(trainer, run_path))
     with signals.stop_on_signals(warn) as signalled:
         stop = distributed.AgreedStop(signalled, trainer.parallel)
         try:
             trainer, stop_reason = _epochs(trainer, ds, run_path, say, stop, data_dir)
-            summary = summarize(trainer.history, facts(trainer, machine), stop_reason)
+            summary = summarize(trainer.history, facts(trainer, trained_on), stop_reason)
             parallel.on_main(lambda: write_results(trainer, run_path, summary))
         except signals.Interrupted:
             raise  # the first signal's stop, its state saved
@@ -751,7 +751,7 @@ def _held_train(
 _MACHINE_FACTS = ("device", "world_size", "tf32", "software")
 
 
-def ran_on(trainer: Trainer, run_path: Path) -> dict[str, Any] | None:
+def machine_facts(trainer: Trainer, run_path: Path) -> dict[str, Any] | None:
     """The machine facts in the summary.json of a run that had ended before this resume, which
     trains nothing: its timings are the sessions' that trained it, not this process's. None
     where the run trains on, or its summary is missing or damaged (this process's, then)."""
@@ -1100,8 +1100,8 @@ def mend_best(trainer: Trainer, run_path: Path, state: dict[str, Any]) -> None:
     rundir.mend_best(run_path, state, lambda epoch: best_weights(trainer, epoch))
 
 
-def facts(trainer: Trainer, ran_on: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What the run was, for its summary; ``ran_on``: the :data:`_MACHINE_FACTS` of the
+def facts(trainer: Trainer, trained_on: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What the run was, for its summary; ``trained_on``: the :data:`_MACHINE_FACTS` of the
     sessions that trained it, where this process trained none of it."""
     config = trainer.config
     known = {
@@ -1122,8 +1122,8 @@ def facts(trainer: Trainer, ran_on: dict[str, Any] | None = None) -> dict[str, A
     # under the settings of their own process.
     if tf32 := tf32_ops(trainer.device, config.bf16, trainer.model):
         known["tf32"] = tf32
-    if ran_on is not None:
-        known = {k: v for k, v in known.items() if k not in _MACHINE_FACTS} | ran_on
+    if trained_on is not None:
+        known = {k: v for k, v in known.items() if k not in _MACHINE_FACTS} | trained_on
     # The most seeds the run shared a step with (brainprop.stacked), which its timing is
     # compared by; also when a plain resume finished a run that began in a stack.
     shared = max((h.get("stack_size", 1) for h in trainer.history), default=1)
