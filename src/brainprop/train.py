@@ -461,9 +461,12 @@ def check_one_image_steps(trainer: Trainer, input_shape: tuple[int, ...], data: 
     if synchronised(model):
         return
     n, batch = len(trainer.train_set.train_y), trainer.global_batch
-    steps = [batch] + ([n % batch] if n % batch else [])
-    shares = [len(s) for b in steps for s in torch.arange(b).tensor_split(parallel.world_size)]
-    if 1 not in shares:
+
+    def one_image_share(images: int) -> bool:  # as distributed.Context.batches splits a step
+        return 1 in [len(s) for s in torch.arange(images).tensor_split(parallel.world_size)]
+
+    every = one_image_share(batch)
+    if not (every or n % batch and one_image_share(n % batch)):
         return
     seen: list[str] = []
 
@@ -495,7 +498,6 @@ def check_one_image_steps(trainer: Trainer, input_shape: tuple[int, ...], data: 
         return
     images = f"{n} training images of {data_label(trainer.config, data)}"
     option = "--global-batch" if trainer.config.global_batch is not None else "--batch-size"
-    every = 1 in [len(s) for s in torch.arange(batch).tensor_split(parallel.world_size)]
     if parallel.world_size == 1:
         which = (
             f"every step trains on 1 image ({option} 1)"
