@@ -23,8 +23,8 @@ dW = (alpha / N) * sum_n pre_n (x) fb_n.
 Feedback modes (see :mod:`brainprop.feedback`): B = W (``symmetric``), the stored B
 (``reciprocal``, ``random``), sign(W) * std(W) (``sign``), or, for ``direct``, no B: the
 feedback arriving at a weight layer's input is e @ D with a fixed random D, where e is the
-feedback at the last weight layer's output (eps where that layer gives q; through the layers
-after it, such as a BatchNorm or a pooled conv head, otherwise).
+feedback at the last converted layer's output (eps where that layer gives q; through the layers
+after it, such as a BatchNorm, a pooled conv head or layers left unconverted, otherwise).
 
 Layers: ``nn.Linear``, ``nn.Conv2d`` / ``Conv2dSame`` (groups = dilation = 1),
 ``LocallyConnected2d``, ``nn.ReLU``, ``nn.MaxPool2d``, ``nn.Dropout`` (mask given or drawn),
@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.utils import _pair
 
 from .errors import BrainPropError
 from .feedback import PATHWAYS, direct_matrix, feedback_weight, layer_mode
@@ -234,12 +235,12 @@ def trial(
             f"the network's output is {list(q.shape)}, not [N, classes]: end it in a Linear "
             "layer or a Flatten"
         )
-    _check_classes(y, "y", n, q.shape[1])
+    y = _classes(y, "y", n, q)
 
     # (2) Chosen action, (3) reward and reward-prediction error.
     if actions is None:
         actions = q.argmax(dim=1)
-    _check_classes(actions, "actions", n, q.shape[1])
+    actions = _classes(actions, "actions", n, q)
     rewards = (actions == y).to(q.dtype)
     if rule == "brainprop":
         delta = rewards - q.gather(1, actions[:, None])[:, 0]
@@ -250,14 +251,15 @@ def trial(
 
     # (4) Attention feedback, top to bottom, and (5) the three-factor updates.
     result = Trial(acts, q, actions, rewards, delta, eps, [None] * len(layers), {}, masks)
-    weights = [i for i, layer in enumerate(layers) if isinstance(layer, _WEIGHT_LAYERS)]
+    direct = [i for i, layer in enumerate(layers) if layer_mode(layer) == "direct"]
     fb, error = eps, eps
     for i in reversed(range(len(layers))):
         layer, pre = layers[i], acts[i]
         result.feedback[i] = fb
-        if weights and i == weights[-1]:
-            # Direct feedback sends on what reaches the last weight layer's output, as the
-            # fast path takes it there (feedback._DirectInject).
+        if direct and i == direct[-1]:
+            # Direct feedback sends on what reaches the last converted layer's output, as the
+            # fast path takes it there (feedback._DirectInject): q's error only where that
+            # layer gives q.
             error = fb.flatten(1)
         if isinstance(layer, _WEIGHT_LAYERS):
             fb = _weight_layer(layer, str(i), pre, fb, error, lr / n, result.updates)
@@ -297,11 +299,14 @@ def _check_batch(model: nn.Module, x: torch.Tensor) -> None:
             "uint8 go in as x.float() / 255, one trial as x[None]"
         )
     dtypes = {p.dtype for p in model.parameters()}
-    if dtypes and dtypes != {x.dtype}:
+    if len(dtypes) > 1:
         raise BrainPropError(
-            f"x is {x.dtype} and the network's weights {', '.join(sorted(map(str, dtypes)))}: "
-            "pass x.to(the weights' dtype)"
+            f"the network's weights are of several dtypes ({', '.join(sorted(map(str, dtypes)))}"
+            "): give them one, model.to(dtype)"
         )
+    if dtypes and dtypes != {x.dtype}:
+        raise BrainPropError(f"x is {x.dtype} and the network's weights {dtypes.pop()}: pass "
+                             "x.to(the weights' dtype)")  # fmt: skip
 
 
 def _check_input(layer: nn.Module, i: int, a: torch.Tensor) -> None:
@@ -315,6 +320,8 @@ def _check_input(layer: nn.Module, i: int, a: torch.Tensor) -> None:
     elif isinstance(layer, nn.BatchNorm1d | nn.BatchNorm2d):
         spatial = ("H", "W") if isinstance(layer, nn.BatchNorm2d) else ()
         shape = ("N", layer.num_features, *spatial)
+    elif isinstance(layer, nn.MaxPool2d):
+        shape = ("N", "C", "H", "W")
     else:
         return
     fits = a.dim() == len(shape) and all(
@@ -324,6 +331,9 @@ def _check_input(layer: nn.Module, i: int, a: torch.Tensor) -> None:
         left, right, top, bottom = _conv_pads(layer)
         kh, kw = layer.kernel_size
         fits = a.shape[2] + top + bottom >= kh and a.shape[3] + left + right >= kw
+    if isinstance(layer, nn.MaxPool2d) and fits:
+        k, pad, dilation = (_pair(v) for v in (layer.kernel_size, layer.padding, layer.dilation))
+        fits = all(a.shape[2 + j] + 2 * pad[j] >= dilation[j] * (k[j] - 1) + 1 for j in (0, 1))
     if not fits:
         raise BrainPropError(
             f"layer {i} ({type(layer).__name__}) takes [{', '.join(map(str, shape))}] inputs, "
@@ -339,20 +349,23 @@ def _check_input(layer: nn.Module, i: int, a: torch.Tensor) -> None:
         )
 
 
-def _check_classes(t: object, name: str, n: int, classes: int) -> None:
-    ok = (
-        isinstance(t, torch.Tensor)
-        and t.dtype == torch.int64
-        and t.shape == (n,)
-        # A meta tensor (a test's stand-in for a GPU) holds no values to check.
-        and (t.device.type == "meta" or bool(((t >= 0) & (t < classes)).all()))
+def _classes(t: object, name: str, n: int, q: torch.Tensor) -> torch.Tensor:
+    """``t`` as int64 classes, one per trial of ``q`` ([n, K]); one line for what is none."""
+    integer = isinstance(t, torch.Tensor) and not (
+        t.is_floating_point() or t.is_complex() or t.dtype == torch.bool
     )
-    if not ok:
+    if not integer or t.shape != (n,):
         got = f"{t.dtype} {list(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise BrainPropError(f"{name} must be [{n}] integer classes, one per trial, got {got}")
+    if t.device != q.device:
         raise BrainPropError(
-            f"{name} must be [{n}] int64 classes in [0, {classes}), one per trial, got {got}"
-            + (" holding other values" if isinstance(t, torch.Tensor) and t.shape == (n,) else "")
+            f"{name} is on {t.device} and the network's output on {q.device}: pass "
+            f"{name}.to(x.device)"
         )
+    # A meta tensor (a test's stand-in for a GPU) holds no values to check.
+    if t.device.type != "meta" and not bool(((t >= 0) & (t < q.shape[1])).all()):
+        raise BrainPropError(f"{name} holds classes outside [0, {q.shape[1]}), the network's")
+    return t.long()
 
 
 def _learns_b(layer: nn.Module, mode: str) -> bool:
