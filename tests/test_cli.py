@@ -288,6 +288,9 @@ def test_a_stop_is_said_by_one_process_even_where_rank_is_set_without_torchrun(
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert main(["evaluate", str(tmp_path)]) == 128 + signal.SIGTERM
     assert capsys.readouterr().err == "brainprop: stopped by SIGTERM while evaluating\n"
+    monkeypatch.setenv("WORLD_SIZE", "")  # names no world: this process's own stop
+    assert main(["evaluate", str(tmp_path)]) == 128 + signal.SIGTERM
+    assert capsys.readouterr().err == "brainprop: stopped by SIGTERM while evaluating\n"
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["evaluate", str(tmp_path)]) == 128 + signal.SIGTERM
     assert capsys.readouterr().err == ""

@@ -23,7 +23,7 @@ from torch import nn
 from brainprop import TrainConfig, checkpoint, devices, evaluate, load_model, train
 from brainprop.cli import main
 from brainprop.data import Dataset
-from brainprop.data.batches import to_float
+from brainprop.data.batches import ordered_batches, to_float
 from brainprop.data.dataset import split_validation
 from brainprop.errors import BrainPropError
 from brainprop.evaluation import accuracy
@@ -801,7 +801,22 @@ def test_a_batchnorm_without_running_statistics_builds_and_is_checked_like_the_o
     config = TrainConfig(dataset="mnist", arch="no-stats", preset="no-stats", epochs=1,
                          batch_size=16, out_dir=str(tmp_path))  # fmt: skip
     assert train(config, dataset=tiny_dataset, progress=False).summary["epochs_run"] == 1
+    # An evaluation batch of one image goes with the one before: it failed after the epoch.
+    odd = make_tiny_dataset(n_train=64, n_test=1001)
+    again = dataclasses.replace(config, name="odd-test-set")
+    assert train(again, dataset=odd, progress=False).summary["epochs_run"] == 1
     n = len(tiny_dataset.train_y)
     short = dataclasses.replace(config, batch_size=n - 1)  # a last step of one image
     with pytest.raises(BrainPropError, match=r"where layer 2 \(BatchNorm1d\) would see one"):
         train(short, dataset=tiny_dataset, progress=False)
+
+
+def test_evaluation_batches_leave_no_last_batch_of_one_image():
+    """A BatchNorm without running statistics normalises with the batch's in evaluation too,
+    and one image gives it one value per channel (review)."""
+    for n, sizes in ((2001, [1000, 1001]), (2000, [1000, 1000]), (1, [1]), (1002, [1000, 2])):
+        y = torch.arange(n)
+        x = torch.zeros(n, 1, 1, 1, dtype=torch.uint8)
+        batches = list(ordered_batches(x, y, 1000))
+        assert [len(yb) for _, yb in batches] == sizes
+        assert torch.equal(torch.cat([yb for _, yb in batches]), y)

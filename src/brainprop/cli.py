@@ -697,7 +697,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .distributed import launched_main, launched_world
 
         # Under torchrun every rank stops alike, with the same line: rank 0 says it.
-        if launched_main() or launched_world() <= 1:
+        try:
+            another_rank = launched_world() > 1 and not launched_main()
+        except BrainPropError:  # a $WORLD_SIZE that names no world: this process's own stop
+            another_rank = False
+        if not another_rank:
             print(f"brainprop: {e}", file=sys.stderr)
         return e.exit_status
     except BrainPropError as e:

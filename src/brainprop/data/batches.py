@@ -46,6 +46,11 @@ def permuted_batches(
 def ordered_batches(
     x: torch.Tensor, y: torch.Tensor, batch_size: int
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(images, labels) batches in dataset order, for evaluation."""
-    for xb, yb in zip(x.split(batch_size), y.split(batch_size), strict=True):
+    """(images, labels) batches in dataset order, for evaluation. A last batch of one image
+    goes with the one before: a BatchNorm without running statistics normalises with the
+    batch's in evaluation too, which one value per channel cannot give."""
+    sizes = [len(part) for part in y.split(batch_size)]
+    if len(sizes) > 1 and sizes[-1] == 1:
+        sizes[-2:] = [sizes[-2] + 1]
+    for xb, yb in zip(x.split(sizes), y.split(sizes), strict=True):
         yield to_float(xb), yb
