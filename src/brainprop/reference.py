@@ -343,9 +343,10 @@ def _check_input(layer: nn.Module, i: int, a: torch.Tensor) -> None:
         layer.training or layer.running_mean is None
     )
     if batch_statistics and a[:, 0].numel() == 1:
+        running = " (or model.eval(), for its running statistics)" if layer.training else ""
         raise BrainPropError(
             f"layer {i} ({type(layer).__name__}) would normalise one value per channel with the "
-            "batch's statistics, as torch refuses to: pass more trials, or model.eval()"
+            f"batch's statistics, as torch refuses to: pass more trials{running}"
         )
 
 
