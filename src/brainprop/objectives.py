@@ -451,9 +451,9 @@ def check_rule(rule: str, objective: Objective, classes: int, device: torch.devi
 
     A rule that raises there, or returns what training cannot take, is one ``BrainPropError``
     line naming the line that raised, or where the rule is defined, before any run directory
-    is made; it would otherwise end
-    the first step in a traceback. An error that only some later batch brings is worded, as
-    one line too, by :mod:`brainprop.owncode` as it stops the run.
+    is made; it would otherwise end the first step in a traceback. An error that only some
+    later batch brings is worded, as one line too, by :mod:`brainprop.owncode` as it stops the
+    run.
     """
     rows = min(classes, CHECKED_LABELS)
     with rng.global_streams_kept(device):
@@ -476,9 +476,8 @@ def check_rule(rule: str, objective: Objective, classes: int, device: torch.devi
         where = definition(objective)
         raise BrainPropError(
             f"rule {rule!r}{f' ({where})' if where else ''} returned {problem}: return an "
-            "Output of a scalar loss with a "
-            "gradient, and [B] int64 actions, float rewards and bool explored (see "
-            "brainprop.Output)"
+            "Output of a scalar loss with a gradient, and [B] int64 actions, float rewards and "
+            "bool explored (see brainprop.Output)"
         )
 
 
