@@ -113,6 +113,20 @@ def test_shards_of_each_global_batch_are_the_one_process_batches() -> None:
         assert torch.equal(torch.cat([ranks[0][step][1], ranks[1][step][1]]), idx)
 
 
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_evaluation_shares_cover_the_images_and_leave_no_rank_one_image(world: int) -> None:
+    """A rank's share of one image failed in a BatchNorm without running statistics, which
+    normalises with the batch's in evaluation too; shares of two or more are tensor_split's."""
+    for images in range(13):
+        shares = [Context(r, world).evaluation_share(images) for r in range(world)]
+        covered = [i for share in shares for i in range(images)[share]]
+        assert covered == list(range(images))
+        sizes = [share.stop - share.start for share in shares]
+        assert 1 not in sizes or images == 1
+        if images >= 2 * world:
+            assert sizes == [len(p) for p in torch.arange(images).tensor_split(world)]
+
+
 @pytest.mark.parametrize("objective", [BrainProp(0.0), EBP()], ids=["brainprop", "ebp"])
 def test_weighted_rank_losses_sum_to_the_global_batch_loss(objective) -> None:
     """On a short last batch of 5 split 3 + 2, the weighted per-rank mean losses add up to the

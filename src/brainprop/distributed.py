@@ -308,6 +308,18 @@ class Context:
             dist.broadcast(flag, 0)
         return bool(flag.item())
 
+    def evaluation_share(self, images: int) -> slice:
+        """This rank's contiguous part of ``images`` images to score: ``tensor_split``'s, but
+        over fewer ranks where that would leave a rank one image. A BatchNorm without running
+        statistics normalises with the batch's in evaluation too, which one value per channel
+        cannot give; one process folds such a batch into the one before, a rank cannot."""
+        ranks = min(self.world_size, max(1, images // 2))
+        if self.rank >= ranks:
+            return slice(0, 0)
+        sizes = [len(part) for part in torch.arange(images).tensor_split(ranks)]
+        start = sum(sizes[: self.rank])
+        return slice(start, start + sizes[self.rank])
+
     def accuracy(
         self, score: Callable[[torch.Tensor, torch.Tensor], float], x: torch.Tensor,
         y: torch.Tensor,
@@ -315,10 +327,8 @@ class Context:
         """``score(x, y)`` (a fraction correct) over all of ``x``, each rank scoring its part."""
         if not self.active:
             return score(x, y)
-        xs, ys = (
-            x.tensor_split(self.world_size)[self.rank],
-            y.tensor_split(self.world_size)[self.rank],
-        )
+        mine = self.evaluation_share(len(y))
+        xs, ys = x[mine], y[mine]
         correct = torch.tensor([round(score(xs, ys) * len(ys)) if len(ys) else 0])
         with self._collective("summing the evaluation"):
             dist.all_reduce(correct)
