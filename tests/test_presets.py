@@ -154,6 +154,22 @@ def test_only_weights_are_decayed():
     assert len(decay) == 9 and len(rest) == 14
 
 
+def test_a_weight_tied_between_layers_takes_one_step_and_one_decay():
+    """Listed once per layer holding it, a tied weight stepped at twice the learning rate."""
+    from brainprop.step import make_optimizer
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 3, bias=False), nn.ReLU(), nn.Linear(3, 3, bias=False))
+    model[2].weight = model[0].weight
+    decay, rest = decayed_parameters(model)
+    assert [id(p) for p in decay] == [id(model[0].weight)] and rest == []
+    model(torch.randn(4, 3)).square().sum().backward()
+    before, grad = model[0].weight.detach().clone(), model[0].weight.grad.clone()
+    config = TrainConfig(dataset="mnist", arch="dense", lr=0.1, l2=0.005).resolve()
+    make_optimizer(model, config).step()
+    torch.testing.assert_close(model[0].weight.detach(), before - 0.1 * (grad + 0.01 * before))
+
+
 @pytest.mark.parametrize(
     ("arch", "size", "message"),
     [

@@ -473,10 +473,16 @@ def decayed_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Pa
 
     Reciprocal feedback weights (``feedback_weight``) are decayed like the forward weights they
     mirror: that shared decay is what pulls a randomly initialised B towards W.
+
+    A parameter held by several modules (tied weights) is listed once, and decayed if any of
+    them decays it: SGD steps a parameter once per time its group lists it.
     """
-    decay, rest = [], []
+    decay: dict[int, nn.Parameter] = {}
+    held: dict[int, nn.Parameter] = {}
     for module in model.modules():
+        weighted = isinstance(module, nn.Linear | nn.Conv2d | LocallyConnected2d)
         for name, p in module.named_parameters(recurse=False):
-            weighted = isinstance(module, nn.Linear | nn.Conv2d | LocallyConnected2d)
-            (decay if weighted and name in ("weight", "feedback_weight") else rest).append(p)
-    return decay, rest
+            held.setdefault(id(p), p)
+            if weighted and name in ("weight", "feedback_weight"):
+                decay.setdefault(id(p), p)
+    return list(decay.values()), [p for key, p in held.items() if key not in decay]
