@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from brainprop.matrix import RunSpec
@@ -21,11 +22,14 @@ def write_measurement(
     best_val_acc: float | None = None,
     stop_reason: str = "early stopping",
     stack: int = 1,
-    at_once: int = 1,
+    at_once: int | None = None,
     cuda_graph: bool = False,
     company: float | None = None,
 ) -> Measurement:
-    """Write one measurement of ``spec`` measured on ``machine``; returns what it says."""
+    """Write one measurement of ``spec`` measured on ``machine``; returns what it says.
+    ``at_once`` is ``company`` rounded by default, as ``reproduce`` records it."""
+    if at_once is None:
+        at_once = 1 if company is None else max(1, math.floor(company + 0.5))
     epochs_run = best_epoch + 45 if epochs_run is None else epochs_run
     summary = {
         "dataset": spec.cell.dataset,

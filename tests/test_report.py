@@ -352,10 +352,12 @@ def test_only_a_full_length_paper_settings_run_takes_a_cell_off_the_missing_list
 def test_readme_section_is_replaced_between_markers(tmp_path):
     _cell_runs(tmp_path / "results", CONV, CPU, [0.97], [0.98], [2], [2], max_epochs=2)
     readme = tmp_path / "README.md"
-    readme.write_text(f"# x\n\nbefore\n{README_START}\nold text\n{README_END}\nafter\n")
+    # Prose naming the markers is kept: the section is between the markers' own lines.
+    before = f"# x\n\nbefore `{README_START}` and `{README_END}`\n"
+    readme.write_text(f"{before}{README_START}\nold text\n{README_END}\nafter\n")
     update_readme(readme, tmp_path / "results")
     text = readme.read_text()
-    assert text.startswith("# x\n\nbefore\n" + README_START)
+    assert text.startswith(before + README_START)
     assert text.endswith(README_END + "\nafter\n")
     assert "old text" not in text and "[results/results.md](results/results.md)" in text
     assert "MNIST conv" in text and CPU in text and "97.00" in text and "-1.00" in text
@@ -439,7 +441,12 @@ def test_the_readme_section_names_the_folder_it_was_generated_from(tmp_path):
     ("content", "message"),
     [(None, "cannot read {readme} (No such file or directory): pass the README's path"),
      (b"# R\xe9sum\xe9\n", "{readme} is not UTF-8 text (byte 3 is 0xe9): pass the README's path"),
-     (b"# no markers\n", "{readme} has no '<!-- results:start -->' ... '<!-- results:end -->'")],
+     (b"# no markers\n", "{readme} has no '<!-- results:start -->' ... '<!-- results:end -->'"),
+     # Named in prose, the markers are no section: rewriting from there overwrote the prose.
+     (b"Regenerate between `<!-- results:start -->` and `<!-- results:end -->`.\n",
+      "{readme} has no '<!-- results:start -->' ... '<!-- results:end -->' section"),
+     (b"<!-- results:start -->\n<!-- results:end -->\n<!-- results:end -->\n",
+      "{readme} has 1 '<!-- results:start -->' and 2 '<!-- results:end -->' lines: keep one")],
 )  # fmt: skip
 def test_a_readme_that_cannot_take_the_section_is_refused_before_the_first_run(
     tmp_path, monkeypatch, capsys, content, message
@@ -716,6 +723,14 @@ def test_a_summary_number_no_run_can_have_is_a_one_line_error(tmp_path, capsys, 
      ("machine", "NVIDIA A100", "(machine 'NVIDIA A100', but its summary's device is "
                                 "'NVIDIA H200')"),
      ("preset", 3, "(preset 3, not a name)"),
+     # Each would have broken the report's tables, or with a marker the README's section.
+     ("machine", "cpu | x", "(machine 'cpu | x' holds '|', which no machine's name does)"),
+     ("machine", "GPU\n# heading", "(machine 'GPU\\n# heading' holds '\\n', which no "),
+     ("machine", "X <!-- results:end -->", "(machine 'X <!-- results:end -->' holds '<', "),
+     ("preset", "p | q", "(preset 'p | q', not a name (letters, digits and . _ + -))"),
+     ("feedback", "x\ny", "(feedback 'x\\ny', not a name (letters, digits and . _ + -))"),
+     # It divides the run's seconds: 1e300 made every time of the row 0.
+     ("runs_at_once_mean", 1e300, "(runs_at_once_mean 1e+300, but runs_at_once 1)"),
      # A file whose name and fields disagree: the report would count a seed twice.
      ("seed", 1, "(run 'mnist-conv-brainprop-s0', but its fields make it "
                  "'mnist-conv-brainprop-s1')"),

@@ -25,6 +25,7 @@ from .files import atomic_write_json, make_folder
 from .matrix import PAPER_FEEDBACK, Cell, RunSpec
 from .objectives import OBJECTIVES
 from .presets import ARCHITECTURES, PAPER_PRESET, table_row
+from .registry import NAME
 from .summary import TF32_OPS, check_summary
 
 MEASUREMENTS = "measurements"
@@ -308,10 +309,10 @@ def _measurement(d: Any, path: Path) -> Measurement:
     m = Measurement(
         _text(d, "run"), Cell(d["dataset"], d["arch"]), d["rule"],
         _whole(d, "seed", least=0), _opt_whole(d, "val"), _opt_whole(d, "max_epochs"),
-        _text(d, "machine"), summary, path, _text(d, "preset", PAPER_PRESET), stack, at_once,
-        _flag(d, "bf16"), _flag(d, "cuda_graph"), _company(d),
+        _machine_field(d), summary, path, _name(d, "preset", PAPER_PRESET), stack, at_once,
+        _flag(d, "bf16"), _flag(d, "cuda_graph"), _company(d, at_once),
         # Files written before feedback was recorded hold runs of the paper's.
-        _text(d, "feedback", PAPER_FEEDBACK),
+        _name(d, "feedback", PAPER_FEEDBACK),
     )  # fmt: skip
     # The machine names the run's row: relabelled by hand, a run would count in another's.
     if "device" in summary and summary["device"] != m.machine:
@@ -374,6 +375,29 @@ def _text(d: dict[str, Any], key: str, default: str | None = None) -> str:
     return v
 
 
+#: What no machine name holds and a report's table or README cannot: a line break or another
+#: control character would end a row, a '|' add a column, '<' or '>' make an HTML comment such
+#: as the README's results markers.
+_NOT_IN_A_MACHINE = re.compile(r"[\x00-\x1f\x7f|<>]")
+
+
+def _machine_field(d: dict[str, Any]) -> str:
+    """``d["machine"]`` if it is a name :func:`~brainprop.devices.device_name` could give."""
+    v = _text(d, "machine")
+    if bad := _NOT_IN_A_MACHINE.search(v):
+        raise ValueError(f"machine {v!r} holds {bad.group()!r}, which no machine's name does")
+    return v
+
+
+def _name(d: dict[str, Any], key: str, default: str) -> str:
+    """``d[key]`` (``default`` where absent) if it could name a preset or feedback pathway: it
+    is part of the run's name, and of the report's tables."""
+    v = _text(d, key, default)
+    if not NAME.fullmatch(v):
+        raise ValueError(f"{key} {v!r}, not a name (letters, digits and . _ + -)")
+    return v
+
+
 def _flag(d: dict[str, Any], key: str) -> bool:
     """``d[key]`` if it is a bool; absent (files of earlier versions) is False."""
     v = d.get(key, False)
@@ -394,13 +418,17 @@ def _whole(d: dict[str, Any], key: str, default: int | None = None, *, least: in
     return v
 
 
-def _company(d: dict[str, Any]) -> float | None:
-    """``runs_at_once_mean``: absent or null in files of earlier versions."""
+def _company(d: dict[str, Any], at_once: int) -> float | None:
+    """``runs_at_once_mean``: absent or null in files of earlier versions. It divides the run's
+    seconds, so it must be what :func:`record` writes beside ``at_once`` (runs_at_once): that,
+    rounded."""
     v = d.get("runs_at_once_mean")
     if v is None:
         return None
     if isinstance(v, bool) or not isinstance(v, int | float) or not 1 <= v < math.inf:
         raise ValueError(f"runs_at_once_mean {v!r}, not a number of at least 1")
+    if max(1, math.floor(v + 0.5)) != at_once:
+        raise ValueError(f"runs_at_once_mean {v!r}, but runs_at_once {at_once}")
     return float(v)
 
 

@@ -22,7 +22,7 @@ V = TypeVar("V")
 
 # Names become parts of run-directory names, items of comma-separated option values and
 # option values themselves (so no leading '-', '.' or '+').
-_NAME = re.compile(r"[^\W][\w.+-]*")
+NAME = re.compile(r"[^\W][\w.+-]*")
 
 
 class Registry(MutableMapping[str, V]):
@@ -61,7 +61,7 @@ class Registry(MutableMapping[str, V]):
 
     def name_problem(self, name: str) -> str | None:
         """What keeps ``name`` from naming an entry here, or None (whether or not it does)."""
-        if not isinstance(name, str) or not _NAME.fullmatch(name):
+        if not isinstance(name, str) or not NAME.fullmatch(name):
             return (
                 "a name starts with a letter, digit or _, then letters, digits and . _ + - "
                 "(e.g. 'my-net')"

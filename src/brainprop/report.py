@@ -43,6 +43,7 @@ import dataclasses
 import io
 import math
 import os
+import re
 import textwrap
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
@@ -1063,13 +1064,23 @@ def _readme_text(readme: Path) -> tuple[str, int, int]:
             f"{readme} is not UTF-8 text (byte {e.start} is 0x{e.object[e.start]:02x}): pass "
             "the README's path to --readme, or save the file as UTF-8"
         ) from None
-    start, end = text.find(README_START), text.find(README_END)
-    if start < 0 or end < start:
+    # A marker counts on a line of its own: prose that names the markers (how to regenerate
+    # the section) is no section, and rewriting from there would overwrite the prose.
+    starts, ends = (
+        [m.start() for m in re.finditer(rf"^{re.escape(marker)}[ \t]*\r?$", text, re.M)]
+        for marker in (README_START, README_END)
+    )
+    if not starts or not ends or ends[0] < starts[0]:
         raise BrainPropError(
-            f"{readme} has no '{README_START}' ... '{README_END}' section: add the two markers "
-            "where the results belong"
+            f"{readme} has no '{README_START}' ... '{README_END}' section: add the two markers, "
+            "each on a line of its own, where the results belong"
         )
-    return text, start, end
+    if len(starts) > 1 or len(ends) > 1:
+        raise BrainPropError(
+            f"{readme} has {len(starts)} '{README_START}' and {len(ends)} '{README_END}' "
+            "lines: keep one of each, around the results section"
+        )
+    return text, starts[0], ends[0]
 
 
 def update_readme(readme: Path, out: Path) -> None:
