@@ -118,6 +118,34 @@ def test_a_batch_too_large_for_the_free_memory_is_not_called_corrupt(tmp_path, m
     )
 
 
+@pytest.mark.parametrize(("copied", "over"), [("test_batch", "data_batch_5"),
+                                               ("data_batch_1", "data_batch_2"),
+                                               ("data_batch_3", "test_batch")])  # fmt: skip
+def test_a_file_copied_over_another_is_refused(tmp_path: Path, copied: str, over: str) -> None:
+    """Only a whole training split equal to the test split was refused: a test batch copied
+    over one of CIFAR-10's five training files trained on the test images unseen (review)."""
+    write_cifar10(tmp_path)
+    folder = tmp_path / "cifar10" / "cifar-10-batches-py"
+    (folder / over).write_bytes((folder / copied).read_bytes())
+    first, second = sorted((copied, over))  # the order they are read in
+    assert _error(tmp_path) == (
+        f"CIFAR files {folder / first} and {folder / second} hold the same bytes: one was "
+        "copied over the other (a network would train on its test images, or on one batch "
+        "twice); delete both and run 'brainprop download cifar10'"
+    )
+
+
+def test_a_file_larger_than_any_cifar_file_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    """Read whole first, it could take all the memory; the error blamed the batch size."""
+    write_cifar10(tmp_path)
+    path = tmp_path / "cifar10" / "cifar-10-batches-py" / "data_batch_2"
+    os.truncate(path, 2**30 + 1)  # sparse: no disk space taken
+    assert _error(tmp_path) == (
+        f"CIFAR file {path} is 1,073,741,825 bytes, more than any CIFAR file holds: it is "
+        "damaged; delete it and run 'brainprop download cifar10'"
+    )
+
+
 def test_missing_file(tmp_path: Path) -> None:
     write_cifar10(tmp_path)
     folder = tmp_path / "cifar10" / "cifar-10-batches-py"

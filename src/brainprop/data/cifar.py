@@ -7,6 +7,7 @@ row is the 32x32 red plane, then green, then blue, so a plain reshape gives ``[N
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import math
 import pickle
@@ -24,6 +25,9 @@ from .messages import UNREADABLE, download_command, inside_root, missing, not_a_
 from .status import DatasetStatus, first_damage
 
 ROW_BYTES = 3 * 32 * 32
+#: Far more than any official pickle holds (CIFAR-100's training file, the largest, is 155 MB):
+#: a larger file is damaged, and read whole it could take all the memory first.
+MAX_FILE_BYTES = 2**30
 
 
 # --- the restricted unpickler ------------------------------------------------------------------
@@ -457,26 +461,34 @@ class CifarPickles:
         """
         if test_only:
             return Dataset.test_only(name, *self._split(name, root, self.test_files), self.classes)
-        train_x, train_y = self._split(name, root, self.train_files)
-        test_x, test_y = self._split(name, root, self.test_files)
+        # Dataset refuses training images that are the test images only where the two splits
+        # are one file each; CIFAR-10 trains on five, any of which a copy could replace.
+        read: dict[bytes, Path] = {}
+        train_x, train_y = self._split(name, root, self.train_files, read)
+        test_x, test_y = self._split(name, root, self.test_files, read)
         return Dataset(name, train_x, train_y, test_x, test_y, self.classes)
 
     def _split(
-        self, name: str, root: Path, files: tuple[str, ...]
+        self, name: str, root: Path, files: tuple[str, ...], read: dict[bytes, Path] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The images and labels of ``files``; ``read`` (digest -> path) refuses a file with
+        the bytes of one read before, and takes this one's."""
         folder = self.dataset_dir(name, root)
         xs, ys = [], []
         for file_name in files:
             path = folder / file_name
             if not path.is_file():
                 raise BrainPropError(missing("CIFAR file", path, self.how_to_get(name, root), path))
+            data = self._read(path, redownload(self.download_name, root))
+            if read is not None:
+                first = read.setdefault(hashlib.blake2b(data, digest_size=16).digest(), path)
+                if first != path:
+                    raise BrainPropError(
+                        f"CIFAR files {first} and {path} hold the same bytes: one was copied "
+                        "over the other (a network would train on its test images, or on one "
+                        f"batch twice); {redownload(self.download_name, root, 'both')}"
+                    )
             source = f"CIFAR file {path}"
-            try:
-                data = path.read_bytes()
-            except OSError as exc:
-                raise BrainPropError(
-                    f"{source} cannot be read ({reason(exc)}): {PERMISSIONS_FIX}"
-                ) from exc
             x, y = parse_cifar_batch(
                 data,
                 label_key=self.label_key,
@@ -487,3 +499,24 @@ class CifarPickles:
             xs.append(x)
             ys.append(y)
         return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+
+    @staticmethod
+    def _read(path: Path, fix: str) -> bytes:
+        """The bytes of the CIFAR file ``path``; ``fix`` is the advice for a damaged one."""
+        source = f"CIFAR file {path}"
+        try:
+            size = path.stat().st_size
+            if size > MAX_FILE_BYTES:
+                raise BrainPropError(
+                    f"{source} is {size:,} bytes, more than any CIFAR file holds: it is "
+                    f"damaged; {fix}"
+                )
+            return path.read_bytes()
+        except OSError as exc:
+            raise BrainPropError(
+                f"{source} cannot be read ({reason(exc)}): {PERMISSIONS_FIX}"
+            ) from exc
+        except MemoryError:
+            raise BrainPropError(
+                f"not enough memory to read {source} ({size:,} bytes): free some and try again"
+            ) from None
