@@ -260,6 +260,11 @@ def _edit_cut_run(tmp_path: Path, ds, monkeypatch, edit: Callable[[dict], object
     [
         (lambda s: s["partial"].update(loss_sum=torch.tensor(3)), "position is malformed"),
         (lambda s: s["partial"].update(first_bad=torch.tensor(-1.0)), "position is malformed"),
+        # Each ended the resumed run as diverged at a step that had been finite (review).
+        (lambda s: s["partial"].update(first_bad=torch.tensor(2)), "position is malformed"),
+        (lambda s: s["partial"].update(first_bad=torch.tensor(False)), "position is malformed"),
+        # A traceback from the first in-place sum.
+        (lambda s: s["partial"]["loss_sum"].requires_grad_(), "position is malformed"),
         (lambda s: s["partial"].update(step=10**6), "position is past the end of an epoch"),
         # A torchrun checkpoint's per-rank sums, read only when the epoch ends.
         (lambda s: s["partial"].update(rank_sums=[torch.zeros(2)]), "position is malformed"),

@@ -244,8 +244,12 @@ def partial_ok(partial: Any) -> bool:
             isinstance(partial.get(k), torch.Tensor) and partial[k].dim() == 0 for k in PARTIAL_SUMS
         )
         and all(partial[k].is_floating_point() for k in FLOAT_SUMS)
-        and not partial["first_bad"].is_floating_point()
-        and not partial["first_bad"].is_complex()
+        # An in-place sum would fail on it mid-epoch.
+        and not any(partial[k].requires_grad for k in FLOAT_SUMS)
+        # A position is saved only once the steps so far are known to be finite (-1: none
+        # was not); another value would end the run as diverged where nothing diverged.
+        and partial["first_bad"].dtype == torch.int64
+        and partial["first_bad"].item() == -1
         and _rank_sums_ok(partial.get("rank_sums"))
     )
 
