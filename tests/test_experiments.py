@@ -656,7 +656,7 @@ def test_a_stop_records_the_runs_of_a_stack_that_ended_and_names_the_others(
     with pytest.raises(signals.Interrupted) as info:
         ex._run_in_process(request, [(first, second)], [], outcome, lambda _: None)
     assert str(info.value) == (
-        f"stopped by SIGTERM; {second.name} had not begun training: run the same 'brainprop "
+        f"stopped by SIGTERM; {second.name} had no checkpoint yet: run the same 'brainprop "
         "reproduce' command to continue"
     )
     assert outcome.ran == [first.name]
@@ -1845,7 +1845,7 @@ def test_a_ctrl_c_while_workers_start_stops_them_without_tracebacks(tmp_path, mn
     assert stop, err
     clauses = stop[1].split("; ")
     said = [
-        re.fullmatch(r"(.+?)(?: each)? (kept its progress|had not begun training)", c)
+        re.fullmatch(r"(.+?)(?: each)? (kept its progress|had no checkpoint yet)", c)
         for c in clauses
     ]
     assert all(said), err
@@ -1863,7 +1863,7 @@ def test_a_stop_names_the_runs_that_kept_progress_apart_from_those_not_begun(tmp
         (tmp_path / name / rundir.LAST).write_bytes(b"state")
     stop = ex._stopped(signal.SIGTERM, ["a", "b", "c", "d"], tmp_path)
     assert str(stop) == (
-        "stopped by SIGTERM; a, b each kept its progress; c, d had not begun training: run the "
+        "stopped by SIGTERM; a, b each kept its progress; c, d had no checkpoint yet: run the "
         "same 'brainprop reproduce' command to continue"
     )
     assert stop.exit_status == 128 + signal.SIGTERM

@@ -572,15 +572,28 @@ def test_a_cut_short_epoch_ends_alone_with_its_own_random_streams(
     _same_weights(alone, cut, atol=0)
 
 
-def test_a_second_signal_quits_at_once_with_one_line(tmp_path, tiny_dataset, monkeypatch):
-    def interrupt(*args, **kw):
-        raise KeyboardInterrupt
+@pytest.mark.parametrize(
+    ("epoch", "saved"),
+    [(0, "no seed had reached a checkpoint, so they start afresh"),
+     (1, "every seed's last.pt is whole")],
+)  # fmt: skip
+def test_a_second_signal_quits_at_once_with_one_line(
+    tmp_path, tiny_dataset, monkeypatch, epoch, saved
+):
+    """In the first epoch there is no last.pt to be whole (it said there was: review)."""
+    end_epoch = stacked.end_epoch
+
+    def interrupt(trainer, *args, **kw):
+        if len(trainer.history) == epoch:
+            raise KeyboardInterrupt
+        return end_epoch(trainer, *args, **kw)
 
     monkeypatch.setattr(stacked, "end_epoch", interrupt)
     with pytest.raises(Interrupted, match="stopped at once by a second signal") as info:
         train_stacked([_config(tmp_path, s) for s in (0, 1)], dataset=tiny_dataset,
                       progress=False)  # fmt: skip
     assert "\n" not in str(info.value) and info.value.exit_status == 128 + signal.SIGINT
+    assert f"; {saved}: train_stacked([" in str(info.value)
 
 
 @pytest.mark.parametrize("on_nan", ["stop", "reload"])

@@ -895,8 +895,9 @@ def _stopped(signum: int, names: Sequence[str], runs: Path, failed: int = 0) -> 
     """The stop of a session whose runs ``names`` (their folders in ``runs``) were in progress,
     beside ``failed`` whose workers failed as they stopped (their errors already said).
 
-    A run that trained saved its state as it stopped (its last.pt); one whose worker was
-    stopped while it started had begun nothing, and the same command starts it afresh.
+    A run that trained saved its state as it stopped (its last.pt); one without had begun
+    nothing (its worker was stopped while it started) or was quit at once by a second signal
+    before its first checkpoint, and the same command starts it afresh.
     """
     kept = [name for name in names if (runs / name / rundir.LAST).is_file()]
     unbegun = [name for name in names if name not in kept]
@@ -904,7 +905,7 @@ def _stopped(signum: int, names: Sequence[str], runs: Path, failed: int = 0) -> 
     if kept:
         saved.append(f"{', '.join(kept)}{' each' * (len(kept) > 1)} kept its progress")
     if unbegun:
-        saved.append(f"{', '.join(unbegun)} had not begun training")
+        saved.append(f"{', '.join(unbegun)} had no checkpoint yet")
     if failed:
         they = "1 worker failed as it" if failed == 1 else f"{failed} workers failed as they"
         saved.append(f"{they} stopped (above)")

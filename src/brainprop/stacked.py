@@ -511,9 +511,14 @@ class _StackedRun:
                 raise owncode.OwnCodeFailed(failed, self._how_to_continue()) from e
             except KeyboardInterrupt:
                 # A second signal: whatever write it cut short left the previous file whole.
-                raise stop.quit_at_once(
-                    f"every seed's last.pt is whole: {self._how_to_continue()}"
-                ) from None
+                kept = [(m.run_path / rundir.LAST).is_file() for m in self.members]
+                saved = (
+                    "every seed's last.pt is whole" if all(kept)
+                    else "each seed's last.pt is whole, and those without one start afresh"
+                    if any(kept)
+                    else "no seed had reached a checkpoint, so they start afresh"
+                )  # fmt: skip
+                raise stop.quit_at_once(f"{saved}: {self._how_to_continue()}") from None
             if stop.requested:
                 # It came in the epoch that ended the last members: their runs are whole, and
                 # a loop of stacks around this one (reproduce --stack) must stop too.
