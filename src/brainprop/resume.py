@@ -246,8 +246,8 @@ def partial_ok(partial: Any) -> bool:
         and all(partial[k].is_floating_point() for k in FLOAT_SUMS)
         # An in-place sum would fail on it mid-epoch.
         and not any(partial[k].requires_grad for k in FLOAT_SUMS)
-        # A position is saved only once the steps so far are known to be finite (-1: none
-        # was not); another value would end the run as diverged where nothing diverged.
+        # A position is saved only once every step so far is known to be finite (-1); another
+        # value would end the resumed run as diverged where nothing diverged.
         and partial["first_bad"].dtype == torch.int64
         and partial["first_bad"].item() == -1
         and _rank_sums_ok(partial.get("rank_sums"))

@@ -471,8 +471,8 @@ class CifarPickles:
     def _split(
         self, name: str, root: Path, files: tuple[str, ...], read: dict[bytes, Path] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The images and labels of ``files``; ``read`` (digest -> path) refuses a file with
-        the bytes of one read before, and takes this one's."""
+        """The images and labels of ``files``. ``read`` maps the digests of the files read so
+        far to their paths: a file with the bytes of one of them is refused, and added."""
         folder = self.dataset_dir(name, root)
         xs, ys = [], []
         for file_name in files:
