@@ -852,25 +852,38 @@ def test_a_pathway_whose_make_runs_out_of_memory_is_left_to_the_out_of_memory_ad
 
 
 class _FailingRead:
-    """A read of W itself that fails at its ``at``-th call."""
+    """A read of W itself that fails at its ``at``-th call: it raises, or with ``bent`` returns
+    W flattened."""
 
-    def __init__(self, at):
-        self.calls, self.at = 0, at
+    def __init__(self, at, bent=False):
+        self.calls, self.at, self.bent = 0, at, bent
 
     def __call__(self, layer):
         self.calls += 1
         if self.calls == self.at:
+            if self.bent:
+                return layer.weight.detach().flatten()
             raise RuntimeError("no B this time")
         return layer.weight.detach()
 
 
-def test_a_pathway_of_ones_own_that_fails_later_in_a_run_is_one_line(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    ("bent", "error"),
+    [(False, r"RuntimeError: no B this time"),
+     # Refused by the library as the read returned, it lacked how to continue (review).
+     (True, r"read B \[\d+\] on cpu for a Linear layer whose weight is \[\d+, \d+\] on cpu: "
+            r"its read must return a B shaped like W, on its device")],
+)  # fmt: skip
+def test_a_pathway_of_ones_own_that_fails_later_in_a_run_is_one_line(
+    tmp_path, monkeypatch, bent, error
+):
     """Converting the network never reads B; a run reads it 40 times an epoch here."""
-    monkeypatch.setitem(PATHWAYS, "flaky", Pathway(lambda *_: None, _FailingRead(at=60)))
+    read = _FailingRead(at=60, bent=bent)
+    monkeypatch.setitem(PATHWAYS, "flaky", Pathway(lambda *_: None, read))
     config = TrainConfig(dataset="mnist", arch="dense", feedback="flaky", epochs=3,
                          batch_size=32, out_dir=str(tmp_path), name="run")  # fmt: skip
     said = (
-        r"^feedback 'flaky' failed in epoch 2: RuntimeError: no B this time "
+        rf"^feedback 'flaky' failed in epoch 2: {error} "
         r"\(.+test_feedback\.py:\d+\): fix it; .+last\.pt keeps the last good state: "
         r"continue with train\(resume='.+'\) in a process that registers the mended code$"
     )

@@ -63,6 +63,46 @@ def test_the_innermost_piece_of_ones_own_code_names_the_failure(registered):
     )
 
 
+class _Around(nn.Module):
+    """A module of one's own whose forward calls a converted layer."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+def _around_net(net, num_classes, dropout):
+    net.flatten()
+    net.add(_Around(nn.Linear(16, num_classes, bias=False)))
+
+
+def _flat_read(layer):
+    return layer.weight.detach().flatten()
+
+
+def test_a_b_that_a_pathways_read_returned_and_the_library_refused_is_the_pathways(monkeypatch):
+    """The read returned, so the innermost frame of one's own code was the network's forward
+    that called the layer: the refusal was blamed on the network (review)."""
+    from brainprop import convert
+
+    monkeypatch.setitem(ARCHITECTURES, "around", (_around_net, 0))
+    monkeypatch.setitem(PATHWAYS, "flat", Pathway(lambda *_: None, _flat_read))
+    model = build_model("around", (1, 4, 4), 3, generator=torch.Generator().manual_seed(0))
+    convert(model, "flat")
+    config = TrainConfig(arch="around", feedback="flat")
+    own = owncode.of_run(config, BrainProp(0.02), model)
+    assert {piece.what for piece in own} == {"network 'around'", "feedback 'flat'"}
+    error = _raised(lambda: model(torch.rand(2, 1, 4, 4)))
+    assert owncode.failure(own, error, "in epoch 2") == (
+        "feedback 'flat' failed in epoch 2: read B [48] on cpu for a Linear layer whose weight "
+        f"is [3, 16] on cpu: its read must return a B shaped like W, on its device "
+        f"({definition(_flat_read)})"
+    )
+
+
 def test_the_librarys_code_under_a_name_of_ones_own_is_the_librarys(monkeypatch):
     """Its errors are bugs to report, with their traceback."""
     monkeypatch.setitem(OBJECTIVES, "greedy", lambda epsilon, fused: BrainProp(0.0))

@@ -62,7 +62,7 @@ from torch.nn.utils import parametrize
 
 from . import plugins
 from .devices import ran_out_of_memory
-from .errors import BrainPropError, UnknownName, defined_in, kind_of, raised
+from .errors import BrainPropError, UnknownName, defined_in, definition, kind_of, raised
 from .layers import Conv2dSame, LocallyConnected2d
 from .registry import Registry
 from .rng import check_generator
@@ -119,6 +119,19 @@ def layer_mode(layer: nn.Module) -> str:
     return layer.feedback_mode
 
 
+class ReadRefused(BrainPropError):
+    """A pathway's ``read`` returned a B that no step can take. The fault is the pathway's, yet
+    the read returned normally, so the innermost frame of one's own code is whatever called
+    the layer (one's own network): :func:`brainprop.owncode.failure` names the pathway
+    (``pathway``, e.g. ``feedback 'mine'``) from this mark instead."""
+
+    def __init__(self, mode: str, read: Callable[[nn.Module], torch.Tensor], problem: str) -> None:
+        where = definition(read)
+        self.pathway = f"feedback {mode!r}"
+        self.problem = problem + (f" ({where})" if where else "")
+        super().__init__(f"{self.pathway} {self.problem}")
+
+
 def feedback_weight(layer: nn.Module) -> torch.Tensor | None:
     """The feedback weights B of ``layer``, shaped like its ``weight``; None in ``direct`` mode.
 
@@ -143,19 +156,21 @@ def feedback_weight(layer: nn.Module) -> torch.Tensor | None:
     # convert checked a stored B; a read one is new at every step. Its dtype may differ (a read
     # under autocast computes in bf16): the backward casts B to the gradient's anyway.
     if (b.shape, b.device) != (w.shape, w.device):
-        raise BrainPropError(
-            f"feedback {mode!r} read B {list(b.shape)} on {b.device} for a "
-            f"{_original(type(layer)).__name__} layer whose weight is {list(w.shape)} on "
-            f"{w.device}: its read must return a B shaped like W, on its device"
-        )
+        raise ReadRefused(
+            mode, pathway.read,
+            f"read B {list(b.shape)} on {b.device} for a {_original(type(layer)).__name__} "
+            f"layer whose weight is {list(w.shape)} on {w.device}: its read must return a B "
+            "shaped like W, on its device",
+        )  # fmt: skip
     if _reaches(b, w):
         # B's gradient (dB = dW, for a learned B) would flow on into W, which would then take
         # its update twice or more: silently wrong, where every mode keeps W's exact.
-        raise BrainPropError(
-            f"feedback {mode!r} read a B for a {_original(type(layer)).__name__} layer that "
-            "autograd computed from W, so W's gradient would not stay exact: compute it from "
-            "layer.weight.detach()"
-        )
+        raise ReadRefused(
+            mode, pathway.read,
+            f"read a B for a {_original(type(layer)).__name__} layer that autograd computed "
+            "from W, so W's gradient would not stay exact: compute it from "
+            "layer.weight.detach()",
+        )  # fmt: skip
     return b
 
 

@@ -23,7 +23,7 @@ from torch import nn
 from .config import TrainConfig
 from .devices import ran_out_of_memory
 from .errors import BrainPropError, in_library, raised, source_file, source_lines, wrapping
-from .feedback import PATHWAYS
+from .feedback import PATHWAYS, ReadRefused
 from .objectives import OBJECTIVES, Objective
 from .presets import ARCHITECTURES
 
@@ -97,11 +97,14 @@ def failure(own: list[OwnCode], e: Exception, when: str) -> str | None:
     code failed), or the machine ran out of memory or the output's reader went away, which the
     callers word.
 
-    The innermost frame in ``own``'s lines names the piece. An error raised while handling
+    The innermost frame in ``own``'s lines names the piece, or for a B that a pathway's read
+    returned and the library refused, the pathway. An error raised while handling
     another (a CUDA graph's capture ended by the user's error) is the user's where the first
     is."""
     if ran_out_of_memory(e) or isinstance(e, BrokenPipeError):
         return None
+    if isinstance(e, ReadRefused) and any(piece.what == e.pathway for piece in own):
+        return f"{e.pathway} failed {when}: {e.problem}"
     seen: set[int] = set()
     error: BaseException | None = e
     while isinstance(error, Exception) and id(error) not in seen:
