@@ -269,6 +269,14 @@ def _edit_cut_run(tmp_path: Path, ds, monkeypatch, edit: Callable[[dict], object
         # A torchrun checkpoint's per-rank sums, read only when the epoch ends.
         (lambda s: s["partial"].update(rank_sums=[torch.zeros(2)]), "position is malformed"),
         (lambda s: s["partial"].update(rank_sums="0,0,0,0"), "position is malformed"),
+        (
+            lambda s: s["partial"].update(rank_sums=[torch.zeros(3, requires_grad=True)] * 2),
+            "position is malformed",
+        ),
+        (
+            lambda s: s["partial"].update(rank_sums=[torch.zeros(3, dtype=torch.int64)] * 2),
+            "position is malformed",
+        ),
         (lambda s: s.update(lr_scale=float("nan")), "learning-rate scale is out of range"),
         (lambda s: s.update(lr_scale=-0.5), "learning-rate scale is out of range"),
         # A zero scale would train on at lr 0, never learning again.

@@ -373,6 +373,18 @@ def test_readme_section_is_replaced_between_markers(tmp_path):
         update_readme(readme, tmp_path / "results")
 
 
+def test_indented_markers_on_lines_of_their_own_hold_the_section(tmp_path):
+    _cell_runs(tmp_path / "results", CONV, CPU, [0.97], [0.98], [2], [2], max_epochs=2)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n  {README_START}\nold text\n\t{README_END} \nafter\n")
+    update_readme(readme, tmp_path / "results")
+    text = readme.read_text()
+    assert text.startswith(f"# x\n  {README_START}\n") and text.endswith(
+        f"\t{README_END} \nafter\n"
+    )
+    assert "old text" not in text and "MNIST conv" in text
+
+
 def test_a_crlf_readme_keeps_its_line_endings_and_its_permissions(tmp_path):
     """The README was read with universal newlines and written anew: a CRLF file came back
     LF throughout, and with a new file's permissions instead of its own (review)."""

@@ -174,6 +174,9 @@ def record(spec: RunSpec, run_dir: Path, out: Path, company: float = 1.0) -> Mea
     try:
         if not isinstance(summary, dict) or not isinstance(config, dict):
             raise ValueError(f"its {rundir.SUMMARY} or {rundir.CONFIG} holds no object")
+        # Rounded before the count is taken from it, as a file's reader takes it: 1.4996
+        # would be 1 run at once beside a mean of 1.5.
+        company = round(company, 3)
         m = Measurement(
             spec.name, spec.cell, spec.rule, spec.seed, spec.val, spec.max_epochs,
             _machine(summary), summary, preset=spec.preset,
@@ -181,7 +184,7 @@ def record(spec: RunSpec, run_dir: Path, out: Path, company: float = 1.0) -> Mea
             # Halves round up: a run beside another half its time shared the GPU.
             at_once=max(1, math.floor(company + 0.5)),
             bf16=bool(config.get("bf16", False)),
-            cuda_graph=_cuda_graph(config), company=round(company, 3),
+            cuda_graph=_cuda_graph(config), company=company,
             feedback=spec.feedback,
         )  # fmt: skip
         # The curve lets a report plot or re-select epochs without the run directory.

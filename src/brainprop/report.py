@@ -1064,12 +1064,14 @@ def _readme_text(readme: Path) -> tuple[str, int, int]:
             f"{readme} is not UTF-8 text (byte {e.start} is 0x{e.object[e.start]:02x}): pass "
             "the README's path to --readme, or save the file as UTF-8"
         ) from None
-    # A marker counts on a line of its own: prose that names the markers (how to regenerate
-    # the section) is no section, and rewriting from there would overwrite the prose.
+    # A marker counts on a line of its own (indented or not): prose that names the markers
+    # (how to regenerate the section) is no section, and rewriting from there would overwrite
+    # the prose. The section runs from the start marker's end to the end marker's line.
     starts, ends = (
-        [m.start() for m in re.finditer(rf"^{re.escape(marker)}[ \t]*\r?$", text, re.M)]
+        list(re.finditer(rf"^[ \t]*({re.escape(marker)})[ \t]*\r?$", text, re.M))
         for marker in (README_START, README_END)
     )
+    starts, ends = [m.start(1) for m in starts], [m.start() for m in ends]
     if not starts or not ends or ends[0] < starts[0]:
         raise BrainPropError(
             f"{readme} has no '{README_START}' ... '{README_END}' section: add the two markers, "

@@ -256,10 +256,17 @@ def partial_ok(partial: Any) -> bool:
 
 def _rank_sums_ok(sums: Any) -> bool:
     """A torchrun checkpoint's per-rank running sums (``distributed.Context.shares``): one
-    tensor of the float sums per rank; None in a checkpoint of one process."""
+    tensor of the float sums per rank; None in a checkpoint of one process. Like the sums of
+    one process, they must not require gradients: the epoch adds to them in place."""
     return sums is None or (
         isinstance(sums, list)
-        and all(isinstance(s, torch.Tensor) and s.shape == (len(FLOAT_SUMS),) for s in sums)
+        and all(
+            isinstance(s, torch.Tensor)
+            and s.shape == (len(FLOAT_SUMS),)
+            and s.is_floating_point()
+            and not s.requires_grad
+            for s in sums
+        )
     )
 
 
