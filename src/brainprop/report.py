@@ -1051,7 +1051,8 @@ def check_readme(readme: Path) -> None:
 
 
 def _readme_text(readme: Path) -> tuple[str, int, int]:
-    """The text of ``readme``, line endings as they are, and where its results markers start."""
+    """The text of ``readme``, line endings as they are, where its start marker starts, and
+    where the line of its end marker starts."""
     try:
         # Decoded from bytes: read as text, CRLF line endings would come back as LF.
         text = readme.read_bytes().decode("utf-8")
