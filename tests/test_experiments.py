@@ -4,7 +4,7 @@ end-to-end ``brainprop reproduce`` on fixture files in the official formats."""
 from __future__ import annotations
 
 import copy
-import importlib
+import importlib.util
 import json
 import math
 import os
@@ -50,7 +50,7 @@ from brainprop.matrix import (
     plan,
     select_cells,
 )
-from brainprop.measurements import load_measurements, machine_slug, record
+from brainprop.measurements import MEASUREMENTS, load_measurements, machine_slug, record
 from brainprop.measurements import write_measurement as write_measurement_record
 from brainprop.presets import PRESETS, Hyperparameters
 from brainprop.report import README_END, README_START
@@ -879,6 +879,8 @@ def test_finished_runs_are_skipped_and_an_interrupted_run_resumes(tmp_path, mnis
     assert history[0]["train_loss"] == first.history[0]["train_loss"]
     [m] = load_measurements(out)
     assert m.run == spec.name and m.summary["epochs_run"] == 2
+    # The library's rule and pathway: the file holds no digests of one's own code.
+    assert m.own_code is None and "own_code" not in json.loads(m.path.read_text())
     assert m.path.name == f"{spec.name}@{machine_slug(m.machine)}.json"
     stamp = m.path.stat().st_mtime_ns
     again = reproduce(request, say=lambda _: None)
@@ -907,6 +909,43 @@ def test_a_rule_of_ones_own_that_fails_in_a_run_says_to_run_the_same_command_aga
     [m] = load_measurements(tmp_path)
     history = json.loads((tmp_path / RUNS / m.run / rundir.HISTORY_JSON).read_text())
     assert m.summary["epochs_run"] == 2 and len(history) == 2
+
+
+def test_a_rule_of_ones_own_changed_since_its_runs_were_measured_is_refused(
+    tmp_path, mnist_root, no_plots, monkeypatch
+):
+    """Known by its name alone, an edited rule's runs were skipped as measured, and the old
+    code's numbers reported as the new's (review)."""
+    lab = tmp_path / "lab.py"
+    source = "from own_rules import SquaredError\n\n\nclass Mine(SquaredError):\n    scale = 1\n"
+
+    def register(text, name):
+        lab.write_text(text)
+        spec = importlib.util.spec_from_file_location(name, lab)
+        module = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, name, module)  # as a --plugin file is
+        spec.loader.exec_module(module)
+        monkeypatch.setitem(OBJECTIVES, "mine", lambda epsilon, fused: module.Mine())
+
+    out = tmp_path / "results"
+    request = Request(
+        cells=(DENSE,), rules=("mine",), seeds=1, max_epochs=1, out=out,
+        data_dir=str(mnist_root), device="cpu", progress=False,
+    )  # fmt: skip
+    register(source, "lab_first")
+    reproduce(request, say=lambda _: None)
+    [m] = load_measurements(out)
+    assert list(m.own_code) == ["rule 'mine'"]
+    register(source, "lab_again")  # the same code, loaded anew
+    assert reproduce(request, say=lambda _: None).skipped == [m.run]
+    register(source.replace("scale = 1", "scale = 10"), "lab_changed")
+    with pytest.raises(BrainPropError) as e:
+        reproduce(request, say=lambda _: None)
+    assert str(e.value) == (
+        f"{m.path} measured rule 'mine' as other code than it is now: register the changed "
+        f"code under a new name, or move the old code's measurements out of {out / MEASUREMENTS} "
+        f"and its runs out of {out / RUNS} to measure it anew"
+    )
 
 
 def test_a_damaged_summary_is_written_again_once_deleted_as_its_error_says(

@@ -2,6 +2,8 @@
 failed, and which errors are never the user's to fix."""
 
 import functools
+import importlib.util
+import sys
 from pathlib import Path
 
 import own_decorators
@@ -235,3 +237,65 @@ def test_a_rules_bases_from_the_standard_library_are_not_ones_own(monkeypatch):
     model = build_model("dense", (1, 4, 4), 3, generator=torch.Generator().manual_seed(0))
     own = owncode.of_run(TrainConfig(rule="typed"), TypedRule(at=1), model)
     assert {piece.path.name for piece in own} == {"own_rules.py"} and len(own) == 3
+
+
+#: A rule and a pathway of one's own, in a plugin's file, with a helper neither calls.
+LAB = """
+from brainprop import Pathway
+from own_rules import SquaredError
+
+
+def helper():
+    return 1
+
+
+class Base(SquaredError):
+    sums_over_nominal_batch = False
+
+
+class Mine(Base):
+    def __call__(self, q, y, generator=None):
+        return super().__call__(q, y, generator)
+
+
+def signs(layer):
+    return layer.weight.detach().sign()
+
+
+RULE = lambda epsilon, fused: Mine()  # noqa: E731
+PATHWAY = Pathway(make=lambda layer, std, generator: None, read=signs)
+"""
+
+
+def _digests(monkeypatch, folder, name, source):
+    """:func:`owncode.digests` of LAB's rule and pathway, from ``source`` as the file
+    ``folder/name.py``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.py").write_text(source)
+    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+    lab = importlib.util.module_from_spec(spec)
+    # As a --plugin file is: a class's file is found through its module.
+    monkeypatch.setitem(sys.modules, name, lab)
+    spec.loader.exec_module(lab)
+    monkeypatch.setitem(OBJECTIVES, "mine", lab.RULE)
+    monkeypatch.setitem(PATHWAYS, "mine", lab.PATHWAY)
+    return owncode.digests("mine", "mine")
+
+
+def test_ones_own_code_is_known_by_its_lines_wherever_its_file_lies(tmp_path, monkeypatch):
+    """Measurements merged in from another machine, where the file lies elsewhere, compare."""
+    first = _digests(monkeypatch, tmp_path / "here", "lab_here", LAB)
+    assert list(first) == ["rule 'mine'", "feedback 'mine'"]
+    assert _digests(monkeypatch, tmp_path / "there", "lab_there", LAB) == first
+    # Lines beside its code (another rule added to the file) leave it as it was.
+    helper = _digests(monkeypatch, tmp_path, "lab_helper", LAB.replace("return 1", "return 2"))
+    assert helper == first
+    rule = _digests(monkeypatch, tmp_path, "lab_rule", LAB.replace("q, y, generator)", "q, y)"))
+    assert rule["rule 'mine'"] != first["rule 'mine'"]
+    assert rule["feedback 'mine'"] == first["feedback 'mine'"]
+    read = _digests(monkeypatch, tmp_path, "lab_read", LAB.replace(".sign()", ".sign() * 1"))
+    assert read["feedback 'mine'"] != first["feedback 'mine'"]
+    # A base class of one's own is the rule's code too.
+    base = _digests(monkeypatch, tmp_path, "lab_base", LAB.replace("= False", "= bool(0)"))
+    assert base["rule 'mine'"] != first["rule 'mine'"]
+    assert owncode.digests("brainprop", "sign") == owncode.digests("ebp", "symmetric") == {}

@@ -741,6 +741,11 @@ def test_a_summary_number_no_run_can_have_is_a_one_line_error(tmp_path, capsys, 
      ("machine", "X <!-- results:end -->", "(machine 'X <!-- results:end -->' holds '<', "),
      ("preset", "p | q", "(preset 'p | q', not a name (letters, digits and . _ + -))"),
      ("feedback", "x\ny", "(feedback 'x\\ny', not a name (letters, digits and . _ + -))"),
+     # What reproduce compares with the code of a rule or pathway of one's own.
+     ("own_code", {}, "(own_code {}, not digests of a rule's or pathway's code)"),
+     ("own_code", {"rule 'mine'": "0" * 15}, "(own_code {\"rule 'mine'\": '000000000000000'}, "),
+     ("own_code", {"mine": "0" * 16}, "(own_code {'mine': '0000000000000000'}, not digests"),
+     ("own_code", ["rule 'mine'"], "(own_code [\"rule 'mine'\"], not digests of a rule's or "),
      # It divides the run's seconds: 1e300 made every time of the row 0.
      ("runs_at_once_mean", 1e300, "(runs_at_once_mean 1e+300, but runs_at_once 1)"),
      # A file whose name and fields disagree: the report would count a seed twice.

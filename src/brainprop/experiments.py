@@ -313,6 +313,7 @@ def _scan(
     outcome = Outcome()
     # Read once: a file half-copied in while the runs train (a merge) must not stop them.
     measurements = load_measurements(request.out)
+    _check_own_code(specs, measurements, request.out)
     measured = {m.run for m in measurements}
     # Finished, but stopped before it was recorded: where a GPU run's sessions noted no sharing
     # (a run from before the record), this request's packing is the best guess.
@@ -334,6 +335,32 @@ def _scan(
         else:
             pending.append(spec)
     return measurements, outcome, pending
+
+
+def _check_own_code(
+    specs: Sequence[RunSpec], measurements: Sequence[Measurement], out: Path
+) -> None:
+    """Refuse, before anything trains, a measurement of one of ``specs`` whose rule or pathway
+    of one's own was other code than that name is now (:func:`brainprop.owncode.digests`):
+    the run would be skipped as measured, and the old code's numbers reported as the new's."""
+    from .owncode import digests
+
+    wanted = {spec.name: spec for spec in specs}
+    now: dict[tuple[str, str], dict[str, str]] = {}
+    for m in measurements:
+        spec = wanted.get(m.run)
+        if spec is None or m.own_code is None:
+            continue  # files of earlier versions hold no digest to compare
+        if (key := (spec.rule, spec.feedback)) not in now:
+            now[key] = digests(*key)
+        code = now[key]
+        if changed := [w for w in sorted(m.own_code.keys() | code.keys())
+                       if m.own_code.get(w) != code.get(w)]:  # fmt: skip
+            raise BrainPropError(
+                f"{m.path} measured {changed[0]} as other code than it is now: register the "
+                f"changed code under a new name, or move the old code's measurements out of "
+                f"{out / MEASUREMENTS} and its runs out of {out / RUNS} to measure it anew"
+            )
 
 
 def _recorded(spec: RunSpec, run_dir: Path, measurements: Sequence[Measurement]) -> bool:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from . import rundir
+from . import owncode, rundir
 from .data import DATASET_NAMES
 from .errors import BrainPropError
 from .files import atomic_write_json, make_folder
@@ -48,7 +48,9 @@ class Measurement:
     ``company`` is how many runs shared the GPU on average over the run's time (itself
     included), which prices its share of the device; ``at_once`` is it rounded to a whole
     number, which labels and groups runs (files written before ``company`` was recorded
-    have ``at_once`` alone).
+    have ``at_once`` alone). ``own_code`` holds the digests of the run's rule and pathway
+    where they are one's own (:func:`brainprop.owncode.digests`; None in files of earlier
+    versions and of the library's rules and pathways).
     """
 
     run: str
@@ -67,6 +69,7 @@ class Measurement:
     cuda_graph: bool = False
     company: float | None = None
     feedback: str = PAPER_FEEDBACK
+    own_code: dict[str, str] | None = None
 
     @property
     def file_name(self) -> str:
@@ -185,7 +188,7 @@ def record(spec: RunSpec, run_dir: Path, out: Path, company: float = 1.0) -> Mea
             at_once=max(1, math.floor(company + 0.5)),
             bf16=bool(config.get("bf16", False)),
             cuda_graph=_cuda_graph(config), company=company,
-            feedback=spec.feedback,
+            feedback=spec.feedback, own_code=owncode.digests(spec.rule, spec.feedback) or None,
         )  # fmt: skip
         # The curve lets a report plot or re-select epochs without the run directory.
         curve = {key: [_accuracy(row, key) for row in _rows(history)]
@@ -230,6 +233,8 @@ def write_measurement(
 
 def _content(m: Measurement, config: dict[str, Any], curve: dict[str, list[float]]) -> dict:
     """A measurement file's JSON."""
+    # Only where there is own code, so that a run of the library's code is written as before.
+    own_code = {} if m.own_code is None else {"own_code": m.own_code}
     return {
         "format": MEASUREMENT_FORMAT,
         "run": m.run,
@@ -250,6 +255,7 @@ def _content(m: Measurement, config: dict[str, Any], curve: dict[str, list[float
         "summary": m.summary,
         "config": config,
         "curve": curve,
+        **own_code,
     }
 
 
@@ -315,7 +321,7 @@ def _measurement(d: Any, path: Path) -> Measurement:
         _machine_field(d), summary, path, _name(d, "preset", PAPER_PRESET), stack, at_once,
         _flag(d, "bf16"), _flag(d, "cuda_graph"), _company(d, at_once),
         # Files written before feedback was recorded hold runs of the paper's.
-        _name(d, "feedback", PAPER_FEEDBACK),
+        _name(d, "feedback", PAPER_FEEDBACK), _own_code(d),
     )  # fmt: skip
     # The machine names the run's row: relabelled by hand, a run would count in another's.
     if "device" in summary and summary["device"] != m.machine:
@@ -433,6 +439,28 @@ def _company(d: dict[str, Any], at_once: int) -> float | None:
     if max(1, math.floor(v + 0.5)) != at_once:
         raise ValueError(f"runs_at_once_mean {v!r}, but runs_at_once {at_once}")
     return float(v)
+
+
+#: What :func:`brainprop.owncode.digests` names, and what it gives.
+_OWN_CODE_NAME, _DIGEST = re.compile(r"(rule|feedback) '.+'"), re.compile(r"[0-9a-f]{16}")
+
+
+def _own_code(d: dict[str, Any]) -> dict[str, str] | None:
+    """``d["own_code"]`` (absent: None) if it holds digests of a rule's or pathway's code."""
+    if "own_code" not in d:
+        return None
+    v = d["own_code"]
+    if not isinstance(v, dict) or not v or not all(map(_is_digest, v.items())):
+        raise ValueError(f"own_code {v!r}, not digests of a rule's or pathway's code")
+    return v
+
+
+def _is_digest(item: tuple[Any, Any]) -> bool:
+    what, digest = item
+    return (
+        isinstance(what, str) and bool(_OWN_CODE_NAME.fullmatch(what))
+        and isinstance(digest, str) and bool(_DIGEST.fullmatch(digest))
+    )  # fmt: skip
 
 
 def _opt_whole(d: dict[str, Any], key: str) -> int | None:

@@ -12,6 +12,7 @@ that the library's code later failed on, no frame does, and the traceback stays.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import traceback
 from collections.abc import Callable
@@ -24,7 +25,7 @@ from .config import TrainConfig
 from .devices import ran_out_of_memory
 from .errors import BrainPropError, in_library, raised, source_file, source_lines, wrapping
 from .feedback import PATHWAYS, ReadRefused
-from .objectives import OBJECTIVES, Objective
+from .objectives import OBJECTIVES, Objective, make_objective
 from .presets import ARCHITECTURES
 
 
@@ -75,6 +76,40 @@ def of_run(config: TrainConfig, objective: Objective, model: nn.Module) -> list[
             if piece not in own:
                 own.append(piece)
     return own
+
+
+def digests(rule: str, feedback: str) -> dict[str, str]:
+    """What ``reproduce`` knows a rule and a feedback pathway of one's own by besides their
+    names, so that runs measured with other code under the same name are not taken for this
+    code's: for each of the two that is one's own (``rule 'mine'``, ``feedback 'sparse'``), a
+    digest of the lines of its code, where they are not the library's. A rule's are those of
+    the function registered and of the objective it makes (its class and its own bases); a
+    pathway's, those of its ``make`` and ``read``. Not the files' paths, so that measurements
+    merged in from another machine compare; nor the lines of helpers that code calls, whose
+    changes go unseen. Empty where both are the library's (or typed into the interpreter)."""
+    pieces: list[tuple[str, Callable[..., object]]] = []
+    if rule not in OBJECTIVES.builtin:
+        what = f"rule {rule!r}"
+        pieces += [(what, OBJECTIVES[rule]), (what, make_objective(rule))]
+    pathway = PATHWAYS.get(feedback)
+    if feedback not in PATHWAYS.builtin and pathway is not None:
+        what = f"feedback {feedback!r}"
+        pieces += [(what, code) for code in (pathway.make, pathway.read) if code is not None]
+    texts: dict[str, list[str]] = {}
+    for what, code in pieces:
+        for source in _sources(code):
+            path = source_file(source)
+            if path is None or in_library(path):
+                continue
+            lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+            span = source_lines(source) or range(1, len(lines) + 1)
+            text = "\n".join(lines[span.start - 1 : span.stop - 1])
+            if text not in texts.setdefault(what, []):
+                texts[what].append(text)
+    return {
+        what: hashlib.blake2b("\n\0".join(parts).encode(), digest_size=8).hexdigest()
+        for what, parts in texts.items()
+    }
 
 
 def _sources(code: Callable[..., object]) -> list[Callable[..., object]]:
