@@ -1,5 +1,6 @@
 """The rule's semantics: who gets the gradient, the value of delta, and how actions are chosen."""
 
+import inspect
 import math
 import re
 
@@ -223,10 +224,16 @@ def test_an_objective_registered_in_place_of_its_factory_is_named_as_such(monkey
         make_objective("mine")
     monkeypatch.setitem(OBJECTIVES, "mine", lambda epsilon, fused: _Mean())
     assert isinstance(make_objective("mine"), _Mean)
-    # A fault inside a factory that takes (epsilon, fused) is its own, not the registration's.
+    # A fault inside a factory that takes (epsilon, fused) is its own, not the registration's:
+    # one line naming its line (it was a traceback).
     monkeypatch.setitem(OBJECTIVES, "mine", lambda epsilon, fused: _Mean(epsilon))
-    with pytest.raises(TypeError, match="takes no arguments"):
+    line = inspect.currentframe().f_lineno - 1
+    with pytest.raises(BrainPropError) as e:
         make_objective("mine")
+    assert str(e.value) == (
+        "rule 'mine' failed as it was made: TypeError: _Mean() takes no arguments "
+        f"({__file__}:{line})"
+    )
 
 
 def test_an_objective_says_what_it_is():

@@ -414,7 +414,16 @@ def make_objective(rule: str, epsilon: float = DEFAULT_EPSILON, fused: bool = Fa
             f"OBJECTIVES[{rule!r}] cannot be called as (epsilon, fused): register a function "
             "that makes the objective, e.g. lambda epsilon, fused: Mine()"
         )
-    objective = factory(epsilon, fused)
+    try:
+        objective = factory(epsilon, fused)
+    except Exception as e:
+        # The machine's limit, which the caller words; the library's bug, which keeps its
+        # traceback.
+        if isinstance(e, BrainPropError) or ran_out_of_memory(e) or rule in OBJECTIVES.builtin:
+            raise
+        raise BrainPropError(
+            f"rule {rule!r} failed as it was made: {raised(e, defined_in(factory), factory)}"
+        ) from e
     # A registered rule is the user's code: what it made is checked here, in one line, rather
     # than failing as an AttributeError in the middle of the first step.
     flag = getattr(objective, "sums_over_nominal_batch", None)
