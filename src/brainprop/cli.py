@@ -473,8 +473,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument(
         "--warmup", type=int, default=5,
-        help="untimed steps before timing, besides the one that counts FLOPs and those a CUDA "
-        "graph's capture takes (default %(default)s)",
+        help="untimed steps before timing, besides the one that counts FLOPs; with --cuda-graph "
+        "at least as many as the graph's capture and its first replay take (default "
+        "%(default)s)",
     )  # fmt: skip
     p.add_argument("--batch-size", type=int, help="override every preset's batch size")
     p.add_argument("--bf16", action="store_true", help=BF16_HELP)

@@ -46,6 +46,8 @@ from typing import Any
 import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state
+from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
 
 from . import distributed, fastpath, memory, owncode, plugins, rng, rundir, signals
@@ -189,7 +191,7 @@ class Stack:
         """One SGD step of every member on its own batch: ``x`` [G, b, C, H, W] float, ``y``
         [G, b]. Returns the members' outputs stacked: ``loss`` [G] (each the unscaled batch
         mean), ``actions``, ``rewards`` and ``explored`` [G, b]."""
-        with autocast(x.device, self.bf16):
+        with _vmapped_autocast(x.device, self.bf16):
             q = self._forward(self.params, self.buffers, x)
         q = objective_input(q)
         outs = [self.objective(q[g], y[g], gen) for g, gen in enumerate(self.generators)]
@@ -217,7 +219,7 @@ class Stack:
         batch = max(1, EVAL_BATCH // len(self.models))
         self.base.eval()
         try:
-            with autocast(x.device, self.bf16):
+            with _vmapped_autocast(x.device, self.bf16):
                 for xb, yb in ordered_batches(x, y, batch):
                     q = forward(self.params, self.buffers, xb)
                     correct += (q.argmax(dim=-1) == yb).sum(dim=-1)
@@ -266,14 +268,59 @@ class _Member:
         return f"seed {self.trainer.config.seed}: {line}"
 
 
+#: What vmap runs outside autocast (torch 2.13; ``F.linear`` and matmuls it casts).
+_CONVOLUTIONS = frozenset({
+    F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
+})  # fmt: skip
+_BATCH_NORM = F.batch_norm
+
+
+class _ConvolutionsInBF16(TorchFunctionMode):
+    """Autocast's cast of a convolution's floating-point inputs to bf16, which ``torch.vmap``
+    skips: under bf16 autocast a vmapped ``F.conv2d`` computes in fp32, so a stack's
+    convolutions ran in fp32 where its members' runs alone ran them in bf16 (their weights 3 to
+    12% apart after 2 epochs, and no bf16 speed). At the level of torch functions, so that a
+    network of one's own that calls ``F.conv2d`` itself is cast too.
+
+    BatchNorm then gets bf16 activations, which alone it normalises in fp32 against its fp32
+    weights and returns in bf16; vmap's rule for it refuses the two types ("expected scalar
+    type BFloat16 but found Float"), so it is given the activations in fp32 and its output
+    is rounded back, which is what it computes alone.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        kwargs = kwargs or {}
+        if func in _CONVOLUTIONS:
+            args = tuple(map(_bf16, args))
+            kwargs = {k: _bf16(v) for k, v in kwargs.items()}
+        elif func is _BATCH_NORM and args and args[0].dtype == torch.bfloat16:
+            return func(args[0].float(), *args[1:], **kwargs).to(torch.bfloat16)
+        return func(*args, **kwargs)
+
+
+def _bf16(value: Any) -> Any:
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.to(torch.bfloat16)
+    return value
+
+
+def _vmapped_autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
+    """:func:`~brainprop.devices.autocast` for a vmapped pass: its convolutions too."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(autocast(device, bf16))
+    if bf16:
+        stack.enter_context(_ConvolutionsInBF16())
+    return stack
+
+
 def _without_cudnn(forward: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
     """``forward`` (a BatchNorm layer's) with cuDNN's BatchNorm turned off while it runs.
 
     In fp32 on CUDA, cuDNN's BatchNorm asks its input for its memory format, which a vmapped
     tensor cannot answer ("NYI: querying is_contiguous inside of vmap", seen on an H200 with
-    torch 2.11). PyTorch's own BatchNorm kernel has a vmap rule; bf16 inputs take it anyway,
-    as PyTorch never sends bf16 BatchNorm to cuDNN. The convolutions keep cuDNN: only
-    BatchNorm reads the flag here (``F.batch_norm`` passes it on). Not
+    torch 2.11). PyTorch's own BatchNorm kernel has a vmap rule. Under bf16 too a stack's
+    BatchNorm gets fp32 activations (:class:`_ConvolutionsInBF16`). The convolutions keep
+    cuDNN: only BatchNorm reads the flag here (``F.batch_norm`` passes it on). Not
     ``torch.backends.cudnn.flags(enabled=False)``: meanwhile that puts every other setting it
     knows back to its default (benchmark, deterministic, TF32, and the fp32 precision of all
     CUDA operators), where this changes the one flag.
