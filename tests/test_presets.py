@@ -252,6 +252,44 @@ def test_a_row_of_the_wrong_types_is_refused_as_it_is_written(row, message):
         Hyperparameters(**row)
 
 
+@pytest.mark.parametrize(
+    ("row", "problem"),
+    [(dict(lr=-1.0), "lr -1.0, which must be > 0"),
+     (dict(lr=float("nan")), "lr nan, which must be > 0"),
+     (dict(batch_size=0), "batch_size 0, which must be >= 1"),
+     (dict(lr_halving_epochs=0), "lr_halving_epochs 0, which must be >= 1"),
+     (dict(init_std=0.0), "init_std 0.0, which must be > 0"),
+     (dict(l2=-1e-4), "l2 -0.0001, which must be >= 0"),
+     (dict(dropout=(0.3, 1.5)), "dropout (0.3, 1.5), whose rates must lie in [0, 1)")],
+)  # fmt: skip
+def test_a_row_of_ones_own_out_of_range_is_refused_as_it_is_registered(monkeypatch, row, problem):
+    """A run blamed the value on a flag it was not given: "--lr must be > 0" (review)."""
+    with pytest.raises(BrainPropError) as e:
+        monkeypatch.setitem(PRESETS, "mine", {("mnist", "dense"): Hyperparameters(**row)})
+    assert str(e.value) == f"PRESETS['mine'] has the row ('mnist', 'dense') with {problem}"
+
+
+@pytest.mark.parametrize(
+    ("arch", "rates", "fix"),
+    [("dense", (0.5,), "give that row no rates, dropout=()"),
+     ("conv", (0.5,), "give that row 2 rates, or pass --dropout")],
+)  # fmt: skip
+def test_a_row_of_ones_own_with_rates_for_another_network_is_named_not_a_flag(
+    monkeypatch, arch, rates, fix
+):
+    """It said "give 0 comma-separated rates or one for all", for a --dropout not given."""
+    monkeypatch.setitem(PRESETS, "mine", {("mnist", arch): Hyperparameters(dropout=rates)})
+    with pytest.raises(BrainPropError) as e:
+        TrainConfig(dataset="mnist", arch=arch, preset="mine").resolve()
+    sites = 0 if arch == "dense" else 2
+    assert str(e.value) == (
+        f"preset 'mine' gives {arch} on mnist 1 dropout rates, but {arch!r} has {sites} dropout "
+        f"sites: {fix}"
+    )
+    given = () if arch == "dense" else (0.1,)
+    assert TrainConfig(dataset="mnist", arch=arch, preset="mine", dropout=given).resolve()
+
+
 def test_a_row_takes_numbers_of_any_kind_and_a_list_of_rates():
     row = Hyperparameters(
         lr=np.float64(0.5), batch_size=np.int64(64), dropout=[np.float64(0.3), 0.3]

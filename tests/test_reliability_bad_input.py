@@ -118,6 +118,9 @@ def run_dir(tmp_path_factory) -> Path:
             for value in ("inf", "1", "nan")
         ),
         (["--arch", "conv", "--dropout", "1.5"], "--dropout rates must lie in [0, 1), got 1.5"),
+        # Read as an option, they were "expected one argument" (review).
+        (["--lr", "-inf"], "--lr must be > 0, got -inf"),
+        (["--epsilon", "-NaN"], "--epsilon must lie in [0, 1], got nan"),
         (
             ["--min-delta", "-0.1"],
             "--min-delta must be >= 0, got -0.1: it is the least gain in accuracy that counts "
@@ -1059,6 +1062,63 @@ def test_an_empty_path_option_is_refused(capsys, argv) -> None:
     err = capsys.readouterr().err
     assert info.value.code == 2 and err.count("\n") == 1
     assert f"argument {argv[-2]}: expected a path, got an empty value" in err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["train", "--arch", "dense", "--epochs", "1", "--out", "{long}"],
+     ["train", "--arch", "dense", "--epochs", "1", "--data-dir", "{long}", "--out", "{tmp}"],
+     ["datasets", "--data-dir", "{long}"],
+     ["evaluate", "{long}"],
+     ["train", "--resume", "{long}"],
+     ["reproduce", "--report-only", "--out", "{long}"]],
+)  # fmt: skip
+def test_a_name_too_long_for_the_system_is_one_line(tmp_path, capsys, argv) -> None:
+    """pathlib's exists() and is_dir() raise it (Python 3.11): it was a traceback (review)."""
+    long = tmp_path / ("y" * 300)
+    said = _error(capsys, *(a.format(long=long, tmp=tmp_path) for a in argv))
+    # reproduce names the folder it looks for in it.
+    assert said.startswith(f"cannot use {long}") and said.endswith(
+        " (File name too long): pass a path whose every name is at most 255 bytes"
+    )
+
+
+def test_a_symbolic_link_that_leads_nowhere_is_named_not_called_a_file(tmp_path, capsys) -> None:
+    """mkdir calls it "File exists" (review)."""
+    write_idx_dataset(tmp_path / "mnist")
+    (tmp_path / "runs").symlink_to(tmp_path / "gone")
+    argv = ["train", "--arch", "dense", "--batch-size", "4", "--data-dir", tmp_path]
+    said = _error(capsys, *argv, "--out", tmp_path / "runs")
+    assert said == (
+        f"cannot write runs under {tmp_path / 'runs'} ({tmp_path / 'runs'} is a symbolic link to "
+        f"{tmp_path / 'gone'}, which leads nowhere): pass a writable --out folder"
+    )
+    said = _error(capsys, "download", "fashion-mnist", "--data-dir", tmp_path / "runs")
+    assert f"({tmp_path / 'runs'} is a symbolic link to {tmp_path / 'gone'}, which leads" in said
+
+
+def test_a_plugin_path_that_is_a_folder_or_a_loop_of_links_is_one_line(tmp_path, capsys) -> None:
+    (tmp_path / "folder.py").mkdir()
+    assert _error(capsys, "--plugin", tmp_path / "folder.py", "train") == (
+        f"--plugin {tmp_path / 'folder.py'}: a folder, not a .py file"
+    )
+    (tmp_path / "a.py").symlink_to(tmp_path / "b.py")
+    (tmp_path / "b.py").symlink_to(tmp_path / "a.py")
+    said = _error(capsys, "--plugin", tmp_path / "a.py", "train")
+    assert said.startswith(f"--plugin {tmp_path / 'a.py'}: cannot follow it (")
+    assert said.endswith("): pass a .py file")
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [(["download", "mnst"], "unknown dataset 'mnst': choose one of "),
+     (["reproduce", "--datasets", "MNIST"], "dataset 'MNIST' is not in the paper's matrix: "),
+     (["reproduce", "--archs", "dens"], "arch 'dens' is not in the paper's matrix: ")],
+)  # fmt: skip
+def test_a_misspelt_dataset_or_arch_of_the_matrix_is_told_the_one_meant(capsys, argv, said):
+    error = _error(capsys, *argv)
+    meant = "dense" if "dens" in argv else "mnist"
+    assert error.startswith(said) and error.endswith(f"; did you mean {meant!r}?")
 
 
 def test_an_empty_resume_is_refused(capsys) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from . import plugins
-from .errors import BrainPropError, not_permitted
+from .errors import BrainPropError, not_permitted, unusable_path
 
 #: The exit status of ``train`` when the run stopped on a NaN or inf: it ended and wrote its
 #: summary, so neither 0 (a script would take the run as trained) nor 2 (nothing was wrong with
@@ -53,9 +53,10 @@ class _Parser(argparse.ArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         # Python 3.14's test for "a negative number, not an option": before it, argparse read
-        # `--lr -1e-3` or `--lr -.5` as --lr missing its value. No option here starts with a
-        # digit, so nothing else is taken for a number.
-        self._negative_number_matcher = re.compile(r"-\.?\d")
+        # `--lr -1e-3` or `--lr -.5` (or `-inf`, which float() takes) as --lr missing its
+        # value. No option here starts with a digit, 'inf' or 'nan', so nothing else is taken
+        # for a number.
+        self._negative_number_matcher = re.compile(r"-(\.?\d|inf|nan)", re.IGNORECASE)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         if "invalid choice" in message and message.startswith(_REGISTERED_CHOICE_ERRORS):
@@ -729,3 +730,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"brainprop: stopped: the output's reader went away (a closed pipe){run}",
               file=sys.stderr)  # fmt: skip
         return 128 + signal.SIGPIPE
+    # After its subclasses above, which this would catch first and re-raise past them.
+    except OSError as e:
+        if (unusable := unusable_path(e)) is None:
+            raise
+        print(f"brainprop: error: {unusable}", file=sys.stderr)
+        return 2

@@ -27,6 +27,7 @@ from .presets import (
     ARCHITECTURES,
     PAPER_PRESET,
     Hyperparameters,
+    floor_problem,
     preset_hyperparameters,
     with_dropout,
 )
@@ -135,6 +136,16 @@ class TrainConfig:
             hp = Hyperparameters(**own)
         else:
             hp = preset_hyperparameters(self.dataset, self.arch, self.preset)
+            sites = ARCHITECTURES[self.arch][1]
+            if self.dropout is None and len(hp.dropout) != sites:
+                # A row of one's own, written for another network: not a --dropout given.
+                raise BrainPropError(
+                    f"preset {self.preset!r} gives {self.arch} on {self.dataset} "
+                    f"{len(hp.dropout)} dropout rates, but {self.arch!r} has {sites} dropout "
+                    "sites: "
+                    + (f"give that row {sites} rates, or pass --dropout" if sites else
+                       "give that row no rates, dropout=()")
+                )  # fmt: skip
         if self.global_batch is not None:
             # One process trains on the whole global batch, like the several it stands for.
             hp = replace(hp, batch_size=self.global_batch)
@@ -159,15 +170,20 @@ class TrainConfig:
             if not ok:
                 raise BrainPropError(message)
 
+        def at_least(field: str) -> None:
+            value = getattr(self, field)
+            if (problem := floor_problem(field, value)) is not None:
+                raise BrainPropError(f"--{field.replace('_', '-')} {problem}, got {value}")
+
         check_feedback(self.feedback)
-        need(self.lr > 0, f"--lr must be > 0, got {self.lr}")
+        at_least("lr")
         need(_float32(self.lr), _out_of_float32("--lr", self.lr))
         need(0.0 <= self.epsilon <= 1.0, f"--epsilon must lie in [0, 1], got {self.epsilon}")
         need(
             self.global_batch is None or self.global_batch >= 1,
             f"--global-batch must be >= 1, got {self.global_batch}",
         )
-        need(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
+        at_least("batch_size")
         need(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
         # numpy, which every run seeds too, takes 32-bit seeds only.
         need(0 <= self.seed < 2**32, f"--seed must lie in [0, {2**32 - 1}], got {self.seed}")
@@ -182,16 +198,10 @@ class TrainConfig:
             f"--min-delta must lie in [0, 1), got {self.min_delta}: accuracies lie in [0, 1], "
             "so no epoch could improve by that much; the paper's is 0.001",
         )
-        need(
-            self.lr_halving_epochs >= 1,
-            f"--lr-halving-epochs must be >= 1, got {self.lr_halving_epochs}",
-        )
-        need(
-            self.init_std > 0,
-            f"--init-std must be > 0, got {self.init_std}",
-        )
+        at_least("lr_halving_epochs")
+        at_least("init_std")
         need(_float32(self.init_std), _out_of_float32("--init-std", self.init_std))
-        need(self.l2 >= 0, f"--l2 must be >= 0, got {self.l2}")
+        at_least("l2")
         # SGD's float32 weight decay is 2 * l2 (see weight_decay).
         need(
             self.l2 == 0 or _float32(2 * self.l2),

@@ -8,6 +8,7 @@ The CLI prints that line and exits with status 2; any other exception is a bug.
 
 from __future__ import annotations
 
+import errno
 import functools
 import inspect
 import os
@@ -44,6 +45,24 @@ def not_permitted(e: PermissionError, where: object) -> str:
     if path is not None and (barred := barred_folder(path)):
         return f"cannot look inside {barred} ({e.strerror or e}) to reach {path}: {PERMISSIONS_FIX}"
     return f"cannot open {path or where} ({e.strerror or e}): {PERMISSIONS_FIX}"
+
+
+#: What a path given can be that no command can use, and how to mend it: pathlib's exists() and
+#: is_dir() raise these (Python 3.11) wherever a path is first looked at.
+UNUSABLE_PATHS = {
+    errno.ENAMETOOLONG: "pass a path whose every name is at most 255 bytes",
+    errno.ELOOP: "pass a path without a loop of symbolic links",
+}
+
+
+def unusable_path(e: OSError) -> str | None:
+    """``e`` in one line where it says a path cannot be used at all (:data:`UNUSABLE_PATHS`),
+    whatever the command did with it; else None."""
+    fix = UNUSABLE_PATHS.get(e.errno) if e.errno is not None else None
+    if fix is None:
+        return None
+    path = os.fsdecode(e.filename) if isinstance(e.filename, (str, bytes)) else "a path given"
+    return f"cannot use {path} ({e.strerror or e}): {fix}"
 
 
 def barred_folder(path: Path) -> Path | None:

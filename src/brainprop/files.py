@@ -30,13 +30,22 @@ def make_folder(
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise BrainPropError(
-            f"cannot create the folder {folder} ({e.strerror or e}): {fix}"
-        ) from None
+        raise BrainPropError(f"cannot create the folder {folder} ({why(e)}): {fix}") from None
     try:
         probe_write(folder)
     except OSError as e:
         raise BrainPropError(f"cannot write into {folder} ({e.strerror or e}): {fix}") from None
+
+
+def why(e: OSError) -> str:
+    """``e``'s reason for a message; where a folder could not be made because a symbolic link
+    that leads nowhere holds its name (which the system calls "File exists"), that link."""
+    if e.errno == errno.EEXIST and isinstance(e.filename, (str, bytes)):
+        path = Path(os.fsdecode(e.filename))
+        for link in (path, *path.parents):
+            if link.is_symlink() and not link.exists():
+                return f"{link} is a symbolic link to {os.readlink(link)}, which leads nowhere"
+    return e.strerror or str(e)
 
 
 def probe_write(folder: Path) -> None:

@@ -20,6 +20,7 @@ from .data.registry import dataset_family
 from .errors import BrainPropError
 from .feedback import check_feedback
 from .objectives import OBJECTIVES, RULES
+from .plugins import did_you_mean
 from .presets import PAPER_PRESET, PRESETS, preset_table
 
 #: The folder of the run directories under a results folder (local, not committed).
@@ -190,6 +191,7 @@ def select_cells(datasets: Sequence[str] | None, archs: Sequence[str] | None) ->
         if bad:
             raise BrainPropError(
                 f"{kind} {bad[0]!r} is not in the paper's matrix: choose from {', '.join(known)}"
+                + did_you_mean(bad[0], known)
             )
     cells = [
         c for c in MATRIX

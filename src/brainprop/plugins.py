@@ -39,10 +39,16 @@ T = TypeVar("T")
 def unknown_name_hint(name: str, names: Iterable[str]) -> str:
     """What follows an error naming the unknown ``name`` among the registered ``names``: the
     one meant, where it is that close (a typo, the case), else :data:`HINT`."""
+    return did_you_mean(name, names) or HINT
+
+
+def did_you_mean(name: str, names: Iterable[str]) -> str:
+    """``"; did you mean 'x'?"`` where one of ``names`` is that close to ``name`` (a typo, the
+    case), else empty."""
     by_case = {n.lower(): n for n in names}
     # Close enough that the two are not both meant: "bp" is not taken for "ebp".
     close = difflib.get_close_matches(name.lower(), by_case, n=1, cutoff=0.85)
-    return f"; did you mean {by_case[close[0]]!r}?" if close else HINT
+    return f"; did you mean {by_case[close[0]]!r}?" if close else ""
 
 
 # In the order imported, each once: what a worker process imports again.
@@ -60,7 +66,10 @@ def load(spec: str) -> None:
     if not spec:
         raise BrainPropError("--plugin takes a module name or the path of a .py file, got ''")
     is_file = spec.endswith(".py") or "/" in spec or "\\" in spec
-    key = str(Path(spec).resolve()) if is_file else spec
+    try:
+        key = str(Path(spec).resolve()) if is_file else spec
+    except (RuntimeError, OSError) as e:  # a loop of symbolic links (RuntimeError to 3.12)
+        raise BrainPropError(f"--plugin {spec}: cannot follow it ({e}): pass a .py file") from None
     if key in _LOADED:
         return
     if is_file:
@@ -178,6 +187,8 @@ def _find(name: str) -> tuple[importlib.machinery.ModuleSpec | None, Path | None
 def _load_file(spec: str, path: Path) -> None:
     if path.suffix != ".py":
         raise BrainPropError(f"--plugin {spec}: a plugin file is Python source, ending in .py")
+    if path.is_dir():
+        raise BrainPropError(f"--plugin {spec}: a folder, not a .py file")
     if not path.is_file():
         raise BrainPropError(f"--plugin {spec}: no such file")
     name = path.stem

@@ -41,6 +41,24 @@ BN_MOMENTUM = 0.01
 BN_EPS = 1e-3
 
 
+#: The least value of each numeric hyperparameter, and whether that least is allowed: one rule
+#: for a run's own settings (:class:`~brainprop.config.TrainConfig`) and the rows of a table of
+#: one's own (:meth:`Hyperparameters.problem`).
+FLOORS: Mapping[str, tuple[int, bool]] = MappingProxyType({
+    "lr": (0, False), "lr_halving_epochs": (1, True), "batch_size": (1, True),
+    "init_std": (0, False), "l2": (0, True),
+})  # fmt: skip
+
+
+def floor_problem(field: str, value: float) -> str | None:
+    """``"must be > 0"`` where ``value`` (NaN too) is not allowed by ``field``'s floor
+    (:data:`FLOORS`), else None."""
+    least, allowed = FLOORS[field]
+    if value >= least if allowed else value > least:
+        return None
+    return f"must be {'>=' if allowed else '>'} {least}"
+
+
 @dataclass(frozen=True)
 class Hyperparameters:
     """One row of a hyperparameter table. The defaults are the settings every row of the
@@ -70,6 +88,17 @@ class Hyperparameters:
         # dropout rate would otherwise fail deep inside a run, after its folder was made.
         make_plain(self)
         check_fields(self, {"dropout": "a tuple of one rate per dropout site: (0.3, 0.3)"})
+
+    def problem(self) -> str | None:
+        """What is wrong with this row's values (``"lr -1.0, which must be > 0"``), or None.
+        How many dropout rates it needs is its network's to say."""
+        for field in FLOORS:
+            value = getattr(self, field)
+            if (problem := floor_problem(field, value)) is not None:
+                return f"{field} {value!r}, which {problem}"
+        if not all(0 <= rate < 1 for rate in self.dropout):
+            return f"dropout {self.dropout!r}, whose rates must lie in [0, 1)"
+        return None
 
 
 _CONV = Hyperparameters(dropout=(0.3, 0.3))
@@ -135,6 +164,9 @@ def _table_problem(table: object) -> str | None:
             return f"has the key {key!r}: {key[0]!r} is no dataset family: one of {families}"
         if not isinstance(row, Hyperparameters):
             return f"has the row {key!r}: {kind_of(row)}, not a Hyperparameters(...)"
+        # Else a run would blame the value on a flag it was not given (--lr must be > 0).
+        if (problem := row.problem()) is not None:
+            return f"has the row {key!r} with {problem}"
     return None
 
 

@@ -47,7 +47,7 @@ import torch
 
 from . import checkpoint, locks
 from .errors import PERMISSIONS_FIX, BrainPropError, kind_of, reason
-from .files import atomic_write_figure, atomic_write_json, atomic_write_text, copy, probe_write
+from .files import atomic_write_figure, atomic_write_json, atomic_write_text, copy, probe_write, why
 from .summary import best_row
 
 CONFIG, HISTORY_CSV, HISTORY_JSON = "config.json", "history.csv", "history.json"
@@ -142,9 +142,7 @@ def _out_folder(out_dir: str | Path) -> Path:
 
 
 def _unwritable(out: Path, e: OSError) -> BrainPropError:
-    return BrainPropError(
-        f"cannot write runs under {out} ({e.strerror or e}): pass a writable --out folder"
-    )
+    return BrainPropError(f"cannot write runs under {out} ({why(e)}): pass a writable --out folder")
 
 
 def check_writable(run: Path) -> None:

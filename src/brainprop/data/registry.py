@@ -19,6 +19,7 @@ from brainprop.errors import (
     not_permitted,
     raised,
 )
+from brainprop.plugins import did_you_mean
 from brainprop.registry import Registry
 
 from .catalog import CATALOG, FAMILIES
@@ -111,7 +112,10 @@ def check_name(name: str) -> None:
             f"{name!r} is a dataset of one's own, whose files its loader reads: brainprop "
             f"fetches and checks only its own, {', '.join(DATASET_NAMES)}"
         )
-    raise BrainPropError(f"unknown dataset {name!r}: choose one of {', '.join(DATASET_NAMES)}")
+    raise BrainPropError(
+        f"unknown dataset {name!r}: choose one of {', '.join(DATASET_NAMES)}"
+        + did_you_mean(name, DATASET_NAMES)
+    )
 
 
 def data_dir(name: str, root: Path) -> Path:
