@@ -3,6 +3,7 @@ end-to-end ``brainprop reproduce`` on fixture files in the official formats."""
 
 from __future__ import annotations
 
+import collections
 import copy
 import importlib.util
 import json
@@ -59,6 +60,8 @@ from brainprop.resume import stored_config
 # brainprop re-exports the function train, which hides the module of the same name.
 train_module = importlib.import_module("brainprop.train")
 DENSE, CONV = Cell("mnist", "dense"), Cell("mnist", "conv")
+#: A session's digests of own code (experiments.OwnCode) where every rule is the library's.
+NO_OWN_CODE = collections.defaultdict(dict)
 
 
 @pytest.fixture
@@ -707,7 +710,7 @@ def test_a_run_that_cannot_be_recorded_leaves_its_stack_mates_recorded(tmp_path,
     summary = tmp_path / RUNS / damaged.name / rundir.SUMMARY
     summary.write_text("{")
     outcome = ex.Outcome()
-    recorder = ex._Recorder(tmp_path, [], outcome, lambda _: None)
+    recorder = ex._Recorder(tmp_path, [], outcome, lambda _: None, NO_OWN_CODE)
     with pytest.raises(BrainPropError, match=f"^{re.escape(str(summary))} is not valid JSON"):
         recorder.record((damaged, ended, also))
     assert outcome.ran == [ended.name, also.name]
@@ -917,7 +920,17 @@ def test_a_rule_of_ones_own_changed_since_its_runs_were_measured_is_refused(
     """Known by its name alone, an edited rule's runs were skipped as measured, and the old
     code's numbers reported as the new's (review)."""
     lab = tmp_path / "lab.py"
-    source = "from own_rules import SquaredError\n\n\nclass Mine(SquaredError):\n    scale = 1\n"
+    source = textwrap.dedent("""\
+        from own_rules import SquaredError
+
+
+        class Mine(SquaredError):
+            scale = 1
+
+
+        def make(epsilon, fused):
+            return Mine()
+    """)
 
     def register(text, name):
         lab.write_text(text)
@@ -925,7 +938,7 @@ def test_a_rule_of_ones_own_changed_since_its_runs_were_measured_is_refused(
         module = importlib.util.module_from_spec(spec)
         monkeypatch.setitem(sys.modules, name, module)  # as a --plugin file is
         spec.loader.exec_module(module)
-        monkeypatch.setitem(OBJECTIVES, "mine", lambda epsilon, fused: module.Mine())
+        monkeypatch.setitem(OBJECTIVES, "mine", module.make)
 
     out = tmp_path / "results"
     request = Request(
@@ -933,10 +946,16 @@ def test_a_rule_of_ones_own_changed_since_its_runs_were_measured_is_refused(
         data_dir=str(mnist_root), device="cpu", progress=False,
     )  # fmt: skip
     register(source, "lab_first")
-    reproduce(request, say=lambda _: None)
+    edited = source.replace("class Mine", "class Another(SquaredError):\n    pass\n\n\nclass Mine")
+
+    def edit(_):
+        # Another rule added above it as the session goes on: its lines shift, its code not.
+        lab.write_text(edited)
+
+    reproduce(request, say=edit)
     [m] = load_measurements(out)
     assert list(m.own_code) == ["rule 'mine'"]
-    register(source, "lab_again")  # the same code, loaded anew
+    register(edited, "lab_again")  # the same code, loaded anew by the next session
     assert reproduce(request, say=lambda _: None).skipped == [m.run]
     register(source.replace("scale = 1", "scale = 10"), "lab_changed")
     with pytest.raises(BrainPropError) as e:

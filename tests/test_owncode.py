@@ -239,10 +239,12 @@ def test_a_rules_bases_from_the_standard_library_are_not_ones_own(monkeypatch):
     assert {piece.path.name for piece in own} == {"own_rules.py"} and len(own) == 3
 
 
-#: A rule and a pathway of one's own, in a plugin's file, with a helper neither calls.
+#: A rule and a pathway of one's own, in a plugin's file, with a helper neither calls; a page
+#: break (a form feed, which Python does not count as a line break) above them.
 LAB = """
 from brainprop import Pathway
 from own_rules import SquaredError
+\x0c
 
 
 def helper():
@@ -258,11 +260,15 @@ class Mine(Base):
         return super().__call__(q, y, generator)
 
 
+class Fused(Mine):
+    fused = True
+
+
 def signs(layer):
     return layer.weight.detach().sign()
 
 
-RULE = lambda epsilon, fused: Mine()  # noqa: E731
+RULE = lambda epsilon, fused: Fused() if fused else Mine()  # noqa: E731
 PATHWAY = Pathway(make=lambda layer, std, generator: None, read=signs)
 """
 
@@ -295,6 +301,9 @@ def test_ones_own_code_is_known_by_its_lines_wherever_its_file_lies(tmp_path, mo
     assert rule["feedback 'mine'"] == first["feedback 'mine'"]
     read = _digests(monkeypatch, tmp_path, "lab_read", LAB.replace(".sign()", ".sign() * 1"))
     assert read["feedback 'mine'"] != first["feedback 'mine'"]
+    # What the fast path makes (fused), beside what --eager makes.
+    fused = _digests(monkeypatch, tmp_path, "lab_fused", LAB.replace("= True", "= 1"))
+    assert fused["rule 'mine'"] != first["rule 'mine'"]
     # A base class of one's own is the rule's code too.
     base = _digests(monkeypatch, tmp_path, "lab_base", LAB.replace("= False", "= bool(0)"))
     assert base["rule 'mine'"] != first["rule 'mine'"]

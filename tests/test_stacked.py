@@ -110,6 +110,17 @@ def test_a_bf16_stack_runs_its_convolutions_and_batchnorm_in_bf16_as_each_seed_a
         assert dtypes and set(dtypes) == {torch.bfloat16}
 
 
+@pytest.mark.parametrize("arch", ["dense", "conv", "loccon"])
+def test_a_bf16_stack_of_each_network_trains(tmp_path, tiny_dataset, arch):
+    """loccon's BatchNorm took its locally connected layer's bf16 output, which vmap's rule for
+    BatchNorm refused: "expected scalar type BFloat16 but found Float" (review)."""
+    runs = train_stacked(
+        [_config(tmp_path, s, arch=arch, bf16=True, epochs=1) for s in (0, 1)],
+        dataset=tiny_dataset, progress=False,
+    )  # fmt: skip
+    assert [r.summary["epochs_run"] for r in runs] == [1, 1]
+
+
 @pytest.mark.parametrize("bf16", [False, True])
 def test_a_stack_scores_each_member_as_it_would_score_alone(tmp_path, tiny_dataset, monkeypatch,
                                                               bf16):  # fmt: skip

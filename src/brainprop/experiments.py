@@ -19,6 +19,7 @@ process, and ``--stack`` trains seeds side by side in one network.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import multiprocessing
@@ -27,7 +28,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
@@ -133,6 +134,11 @@ def _epochs_done(run_dir: Path) -> int:
 # --- the runner --------------------------------------------------------------------------------
 
 
+#: The digests of each rule's and pathway's own code (:func:`brainprop.owncode.digests`), by
+#: :attr:`RunSpec.rule_and_feedback`: empty for the library's.
+OwnCode = Mapping[tuple[str, str], dict[str, str]]
+
+
 @dataclass(frozen=True)
 class Request:
     """What ``brainprop reproduce`` was asked for."""
@@ -170,6 +176,15 @@ class Request:
                 "autograd functions do not batch under vmap: drop --stack (--jobs packs runs "
                 "side by side instead)"
             )
+
+    @functools.cached_property
+    def own_code(self) -> OwnCode:
+        """The digests of its rules' and feedback pathway's own code
+        (:func:`brainprop.owncode.digests`), taken the first time they are asked for, which
+        :func:`reproduce` does as its session starts."""
+        from .owncode import digests
+
+        return {(rule, self.feedback): digests(rule, self.feedback) for rule in self.rules}
 
     def specs(self) -> list[RunSpec]:
         return plan(
@@ -261,7 +276,12 @@ def _reproduce(request: Request, say: Callable[[str], None], hold: Callable[[], 
     once where it exists already) and says whether it took it just now."""
     from .report import digest, write_report
 
+    # The digests of own code taken as this session starts (not by an earlier session of the
+    # same request, before the code changed): the lines are read from the files by the line
+    # numbers of the code imported, which a file edited meanwhile would shift.
+    request = replace(request)
     specs = request.specs()
+    request.own_code  # noqa: B018
     measurements, outcome, pending = _scan(request, specs, say)
     _check_data(pending, request.data_dir)
     _check_val(pending, request.val, request.data_dir)
@@ -310,10 +330,11 @@ def _scan(
     """The measurements in ``request.out``, with those of runs that finished there unrecorded
     now recorded; the outcome so far, with the runs measured (in any setup) skipped; and the
     runs left to train."""
+    code = request.own_code
     outcome = Outcome()
     # Read once: a file half-copied in while the runs train (a merge) must not stop them.
     measurements = load_measurements(request.out)
-    _check_own_code(specs, measurements, request.out)
+    _check_own_code(specs, measurements, request.out, code)
     measured = {m.run for m in measurements}
     # Finished, but stopped before it was recorded: where a GPU run's sessions noted no sharing
     # (a run from before the record), this request's packing is the best guess.
@@ -326,10 +347,12 @@ def _scan(
             _check_run_dir(spec, run_dir)
             if finished:
                 company = _found_company(run_dir, packing)
-                measurements.append(record(spec, run_dir, request.out, company))
+                measurements.append(
+                    record(spec, run_dir, request.out, company, code[spec.rule_and_feedback])
+                )
                 measured.add(spec.name)
         elif finished and not _recorded(spec, run_dir, measurements):
-            _record_beside(spec, run_dir, request.out, packing, measurements, say)
+            _record_beside(spec, run_dir, request.out, packing, measurements, say, code)
         if spec.name in measured:
             outcome.skipped.append(spec.name)
         else:
@@ -338,24 +361,19 @@ def _scan(
 
 
 def _check_own_code(
-    specs: Sequence[RunSpec], measurements: Sequence[Measurement], out: Path
+    specs: Sequence[RunSpec], measurements: Sequence[Measurement], out: Path, code: OwnCode
 ) -> None:
     """Refuse, before anything trains, a measurement of one of ``specs`` whose rule or pathway
-    of one's own was other code than that name is now (:func:`brainprop.owncode.digests`):
-    the run would be skipped as measured, and the old code's numbers reported as the new's."""
-    from .owncode import digests
-
+    of one's own was other code than that name is now (``code``): the run would be skipped as
+    measured, and the old code's numbers reported as the new's."""
     wanted = {spec.name: spec for spec in specs}
-    now: dict[tuple[str, str], dict[str, str]] = {}
     for m in measurements:
         spec = wanted.get(m.run)
         if spec is None or m.own_code is None:
             continue  # files of earlier versions hold no digest to compare
-        if (key := (spec.rule, spec.feedback)) not in now:
-            now[key] = digests(*key)
-        code = now[key]
-        if changed := [w for w in sorted(m.own_code.keys() | code.keys())
-                       if m.own_code.get(w) != code.get(w)]:  # fmt: skip
+        now = code[spec.rule_and_feedback]
+        if changed := [w for w in sorted(m.own_code.keys() | now.keys())
+                       if m.own_code.get(w) != now.get(w)]:  # fmt: skip
             raise BrainPropError(
                 f"{m.path} measured {changed[0]} as other code than it is now: register the "
                 f"changed code under a new name, or move the old code's measurements out of "
@@ -382,6 +400,7 @@ def _record_beside(
     packing: int,
     measurements: list[Measurement],
     say: Callable[[str], None],
+    code: OwnCode,
 ) -> None:
     """Record the run finished in ``run_dir`` beside the measurements of its name in other
     setups (merged in from another machine), or its result would stay in a run directory,
@@ -390,7 +409,8 @@ def _record_beside(
     anyway."""
     try:
         _check_run_dir(spec, run_dir)
-        measurements.append(record(spec, run_dir, out, _found_company(run_dir, packing)))
+        company = _found_company(run_dir, packing)
+        measurements.append(record(spec, run_dir, out, company, code[spec.rule_and_feedback]))
     except BrainPropError as e:
         # The error's advice (to train the run afresh) holds only once the name is unmeasured.
         say(
@@ -703,7 +723,7 @@ def _run_in_process(
     from .devices import resolve_device
 
     budget = _Budget(request, None, measurements)
-    recorder = _Recorder(request.out, measurements, outcome, say)
+    recorder = _Recorder(request.out, measurements, outcome, say, request.own_code)
     # A run here has the GPU to itself, which its run directory notes (see sharing).
     on_gpu = resolve_device(request.device).type != "cpu"
     loaded: dict[str, Any] = {}
@@ -776,8 +796,10 @@ class _Recorder:
         measurements: list[Measurement],
         outcome: Outcome,
         say: Callable[[str], None],
+        code: OwnCode,
     ) -> None:
         self.out, self.measurements, self.outcome, self.say = out, measurements, outcome, say
+        self.code = code
         self.reported_at = -math.inf
 
     def record(self, specs: Sequence[RunSpec], company: float = 1.0) -> None:
@@ -792,7 +814,8 @@ class _Recorder:
         for spec in specs:
             run_dir = self.out / RUNS / spec.name
             try:
-                m = record(spec, run_dir, self.out, sharing.average(run_dir, company))
+                company = sharing.average(run_dir, company)
+                m = record(spec, run_dir, self.out, company, self.code[spec.rule_and_feedback])
             except BrainPropError as e:
                 error = error or e
                 continue
@@ -1096,7 +1119,7 @@ class _Workers:
     ) -> None:
         self.request, self.threads, self.on_cpu = request, threads, on_cpu
         self.say = say
-        self.recorder = _Recorder(request.out, measurements, outcome, say)
+        self.recorder = _Recorder(request.out, measurements, outcome, say, request.own_code)
         self.ctx = multiprocessing.get_context("spawn")
         self.running: dict[int, tuple[Job, Any, Connection]] = {}
         self.company = _Company()

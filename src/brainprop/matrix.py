@@ -140,6 +140,11 @@ class RunSpec:
             name += f"-fb-{self.feedback}"
         return name
 
+    @property
+    def rule_and_feedback(self) -> tuple[str, str]:
+        """What of the run's code may be one's own (:func:`brainprop.owncode.digests`)."""
+        return self.rule, self.feedback
+
     def identity(self) -> dict[str, Any]:
         """The :class:`TrainConfig` fields that make this run the one :attr:`name` names: a
         run directory or measurement whose config.json says otherwise on any of them is

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from . import owncode, rundir
+from . import rundir
 from .data import DATASET_NAMES
 from .errors import BrainPropError
 from .files import atomic_write_json, make_folder
@@ -158,9 +158,16 @@ def recorded_name(run: str, summary: dict[str, Any], config: dict[str, Any]) -> 
     return _file_name(run, _machine(summary), _tf32(summary), _cuda_graph(config))
 
 
-def record(spec: RunSpec, run_dir: Path, out: Path, company: float = 1.0) -> Measurement:
+def record(
+    spec: RunSpec,
+    run_dir: Path,
+    out: Path,
+    company: float = 1.0,
+    own_code: dict[str, str] | None = None,
+) -> Measurement:
     """Write the measurement of the finished run in ``run_dir``, which shared its GPU with
-    ``company - 1`` other runs on average; returns it.
+    ``company - 1`` other runs on average, and whose rule or pathway of one's own has the
+    digests ``own_code`` (:func:`brainprop.owncode.digests`); returns it.
 
     What it writes passes :func:`load_measurements`'s checks of a file first (its settings
     against the preset's row were checked with the run directory, before anything trained): a
@@ -188,7 +195,7 @@ def record(spec: RunSpec, run_dir: Path, out: Path, company: float = 1.0) -> Mea
             at_once=max(1, math.floor(company + 0.5)),
             bf16=bool(config.get("bf16", False)),
             cuda_graph=_cuda_graph(config), company=company,
-            feedback=spec.feedback, own_code=owncode.digests(spec.rule, spec.feedback) or None,
+            feedback=spec.feedback, own_code=own_code or None,
         )  # fmt: skip
         # The curve lets a report plot or re-select epochs without the run directory.
         curve = {key: [_accuracy(row, key) for row in _rows(history)]

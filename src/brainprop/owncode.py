@@ -86,11 +86,16 @@ def digests(rule: str, feedback: str) -> dict[str, str]:
     the function registered and of the objective it makes (its class and its own bases); a
     pathway's, those of its ``make`` and ``read``. Not the files' paths, so that measurements
     merged in from another machine compare; nor the lines of helpers that code calls, whose
-    changes go unseen. Empty where both are the library's (or typed into the interpreter)."""
+    changes go unseen. Empty where both are the library's (or typed into the interpreter).
+
+    The lines are read from the files as they are now, by the line numbers of the code
+    imported: taken as a session starts, before a file can be edited under it."""
     pieces: list[tuple[str, Callable[..., object]]] = []
     if rule not in OBJECTIVES.builtin:
         what = f"rule {rule!r}"
-        pieces += [(what, OBJECTIVES[rule]), (what, make_objective(rule))]
+        # Both objectives a run may make: the fast path's (fused) and --eager's.
+        made = [make_objective(rule, fused=fused) for fused in (False, True)]
+        pieces += [(what, OBJECTIVES[rule]), *((what, objective) for objective in made)]
     pathway = PATHWAYS.get(feedback)
     if feedback not in PATHWAYS.builtin and pathway is not None:
         what = f"feedback {feedback!r}"
@@ -101,7 +106,8 @@ def digests(rule: str, feedback: str) -> dict[str, str]:
             path = source_file(source)
             if path is None or in_library(path):
                 continue
-            lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+            # Lines as Python numbers them: splitlines() would split at a form feed too.
+            lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
             span = source_lines(source) or range(1, len(lines) + 1)
             text = "\n".join(lines[span.start - 1 : span.stop - 1])
             if text not in texts.setdefault(what, []):

@@ -268,7 +268,9 @@ class _Member:
         return f"seed {self.trainer.config.seed}: {line}"
 
 
-#: What vmap runs outside autocast (torch 2.13; ``F.linear`` and matmuls it casts).
+#: What vmap runs outside autocast that the library's networks call (torch 2.13; it casts
+#: ``F.linear``, ``matmul`` and ``bmm``, not ``addmm``, ``baddbmm``, ``F.prelu`` or the other
+#: norms, which a stacked network of one's own then computes in fp32).
 _CONVOLUTIONS = frozenset({
     F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
 })  # fmt: skip
@@ -285,7 +287,8 @@ class _ConvolutionsInBF16(TorchFunctionMode):
     BatchNorm then gets bf16 activations, which alone it normalises in fp32 against its fp32
     weights and returns in bf16; vmap's rule for it refuses the two types ("expected scalar
     type BFloat16 but found Float"), so it is given the activations in fp32 and its output
-    is rounded back, which is what it computes alone.
+    is rounded back: what it computes alone, up to rounding (one bf16 step on a few
+    elements), which the BatchNorm layers of ``deep`` amplify one after the other.
     """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
