@@ -914,31 +914,40 @@ def test_a_rule_of_ones_own_that_fails_in_a_run_says_to_run_the_same_command_aga
     assert m.summary["epochs_run"] == 2 and len(history) == 2
 
 
+#: A rule of one's own, "mine", in a plugin's file.
+LAB = textwrap.dedent("""\
+    from own_rules import SquaredError
+
+
+    class Mine(SquaredError):
+        scale = 1
+
+
+    def make(epsilon, fused):
+        return Mine()
+""")
+
+
+def _register_lab(monkeypatch, lab, text, name):
+    """Write ``text`` as the file ``lab`` and register its rule as "mine", imported as the
+    module ``name`` as a --plugin file is (into sys.modules)."""
+    lab.write_text(text)
+    spec = importlib.util.spec_from_file_location(name, lab)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)
+    spec.loader.exec_module(module)
+    monkeypatch.setitem(OBJECTIVES, "mine", module.make)
+
+
 def test_a_rule_of_ones_own_changed_since_its_runs_were_measured_is_refused(
     tmp_path, mnist_root, no_plots, monkeypatch
 ):
     """Known by its name alone, an edited rule's runs were skipped as measured, and the old
     code's numbers reported as the new's (review)."""
-    lab = tmp_path / "lab.py"
-    source = textwrap.dedent("""\
-        from own_rules import SquaredError
-
-
-        class Mine(SquaredError):
-            scale = 1
-
-
-        def make(epsilon, fused):
-            return Mine()
-    """)
+    lab, source = tmp_path / "lab.py", LAB
 
     def register(text, name):
-        lab.write_text(text)
-        spec = importlib.util.spec_from_file_location(name, lab)
-        module = importlib.util.module_from_spec(spec)
-        monkeypatch.setitem(sys.modules, name, module)  # as a --plugin file is
-        spec.loader.exec_module(module)
-        monkeypatch.setitem(OBJECTIVES, "mine", module.make)
+        _register_lab(monkeypatch, lab, text, name)
 
     out = tmp_path / "results"
     request = Request(
@@ -964,6 +973,27 @@ def test_a_rule_of_ones_own_changed_since_its_runs_were_measured_is_refused(
         f"{m.path} measured rule 'mine' as other code than it is now: register the changed "
         f"code under a new name, or move the old code's measurements out of {out / MEASUREMENTS} "
         f"and its runs out of {out / RUNS} to measure it anew"
+    )
+
+
+def test_a_worker_that_finds_its_rule_changed_since_the_session_began_refuses_to_train(
+    tmp_path, monkeypatch
+):
+    """A worker imports the plugins anew: it trained the edited code, which the parent recorded
+    under the digest the session began with, the old code's (review)."""
+    lab = tmp_path / "lab.py"
+    _register_lab(monkeypatch, lab, LAB, "lab_parent")
+    request = Request(cells=(DENSE,), rules=("mine",), seeds=1, out=tmp_path)
+    job = tuple(request.specs())
+    assert request.own_code[job[0].rule_and_feedback]  # taken as the session began
+    _register_lab(monkeypatch, lab, LAB, "lab_worker")  # the worker's import, nothing changed
+    ex._check_code_unchanged(job, request)
+    _register_lab(monkeypatch, lab, LAB.replace("scale = 1", "scale = 10"), "lab_edited")
+    with pytest.raises(BrainPropError) as e:
+        ex._check_code_unchanged(job, request)
+    assert str(e.value) == (
+        "the code of rule 'mine' changed since this session began (its file was edited): run the "
+        "same 'brainprop reproduce' command again to go on with the code as it is then"
     )
 
 

@@ -260,7 +260,13 @@ def test_a_row_of_the_wrong_types_is_refused_as_it_is_written(row, message):
      (dict(lr_halving_epochs=0), "lr_halving_epochs 0, which must be >= 1"),
      (dict(init_std=0.0), "init_std 0.0, which must be > 0"),
      (dict(l2=-1e-4), "l2 -0.0001, which must be >= 0"),
-     (dict(dropout=(0.3, 1.5)), "dropout (0.3, 1.5), whose rates must lie in [0, 1)")],
+     (dict(dropout=(0.3, 1.5)), "dropout (0.3, 1.5), whose rates must lie in [0, 1)"),
+     (dict(lr=float("inf")), "lr inf, which must lie in [1.175e-38, 3.403e+38], the float32 "
+                             "range training computes in"),
+     (dict(init_std=1e-50), "init_std 1e-50, which must lie in [1.175e-38, 3.403e+38], the "
+                            "float32 range training computes in"),
+     (dict(l2=1e-46), "l2 1e-46, which must be 0 or lie in [5.877e-39, 1.701e+38] (SGD's "
+                      "float32 weight decay is twice it)")],
 )  # fmt: skip
 def test_a_row_of_ones_own_out_of_range_is_refused_as_it_is_registered(monkeypatch, row, problem):
     """A run blamed the value on a flag it was not given: "--lr must be > 0" (review)."""

@@ -45,7 +45,7 @@ from brainprop import (
 )
 from brainprop.cli import main
 from brainprop.data import Dataset, load_dataset
-from brainprop.errors import BrainPropError
+from brainprop.errors import BrainPropError, unusable_path
 from brainprop.provenance import check_same_data
 from brainprop.train import check_batch
 
@@ -1083,6 +1083,23 @@ def test_a_name_too_long_for_the_system_is_one_line(tmp_path, capsys, argv) -> N
     )
 
 
+def test_a_path_too_long_in_all_is_told_to_be_shorter(tmp_path, capsys) -> None:
+    """Its every name within the limit, it was told to keep each name to 255 bytes (review)."""
+    deep = tmp_path.joinpath(*["d" * 250] * 18)
+    assert _error(capsys, "datasets", "--data-dir", deep) == (
+        f"cannot use {deep} (File name too long): pass a shorter path"
+    )
+
+
+def test_a_file_opened_through_a_loop_of_links_is_one_line() -> None:
+    e = OSError(errno.ELOOP, "Too many levels of symbolic links", "/data/mnist/x.gz")
+    assert unusable_path(e) == (
+        "cannot use /data/mnist/x.gz (Too many levels of symbolic links): pass a path without a "
+        "loop of symbolic links"
+    )
+    assert unusable_path(OSError(errno.EIO, "Input/output error", "/x")) is None
+
+
 def test_a_symbolic_link_that_leads_nowhere_is_named_not_called_a_file(tmp_path, capsys) -> None:
     """mkdir calls it "File exists" (review)."""
     write_idx_dataset(tmp_path / "mnist")
@@ -1095,6 +1112,10 @@ def test_a_symbolic_link_that_leads_nowhere_is_named_not_called_a_file(tmp_path,
     )
     said = _error(capsys, "download", "fashion-mnist", "--data-dir", tmp_path / "runs")
     assert f"({tmp_path / 'runs'} is a symbolic link to {tmp_path / 'gone'}, which leads" in said
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    said = _error(capsys, *argv, "--out", tmp_path / "a")
+    assert f"{tmp_path / 'a'} is a symbolic link to {tmp_path / 'b'}, which leads into a" in said
 
 
 def test_a_plugin_path_that_is_a_folder_or_a_loop_of_links_is_one_line(tmp_path, capsys) -> None:

@@ -47,21 +47,24 @@ def not_permitted(e: PermissionError, where: object) -> str:
     return f"cannot open {path or where} ({e.strerror or e}): {PERMISSIONS_FIX}"
 
 
-#: What a path given can be that no command can use, and how to mend it: pathlib's exists() and
-#: is_dir() raise these (Python 3.11) wherever a path is first looked at.
-UNUSABLE_PATHS = {
-    errno.ENAMETOOLONG: "pass a path whose every name is at most 255 bytes",
-    errno.ELOOP: "pass a path without a loop of symbolic links",
-}
+#: The longest name of a file or folder, in bytes, on the usual file systems (NAME_MAX).
+NAME_MAX = 255
 
 
 def unusable_path(e: OSError) -> str | None:
-    """``e`` in one line where it says a path cannot be used at all (:data:`UNUSABLE_PATHS`),
-    whatever the command did with it; else None."""
-    fix = UNUSABLE_PATHS.get(e.errno) if e.errno is not None else None
-    if fix is None:
+    """``e`` in one line where it says a path cannot be used at all, whatever the command did
+    with it: too long (pathlib's exists() and is_dir() raise that, in Python 3.11, wherever a
+    path is first looked at) or through a loop of symbolic links (a file opened); else None."""
+    if e.errno not in (errno.ENAMETOOLONG, errno.ELOOP):
         return None
-    path = os.fsdecode(e.filename) if isinstance(e.filename, (str, bytes)) else "a path given"
+    named = isinstance(e.filename, (str, bytes))
+    path = os.fsdecode(e.filename) if named else "a path given"
+    if e.errno == errno.ELOOP:
+        fix = "pass a path without a loop of symbolic links"
+    elif named and any(len(os.fsencode(name)) > NAME_MAX for name in Path(path).parts):
+        fix = f"pass a path whose every name is at most {NAME_MAX} bytes"
+    else:
+        fix = "pass a shorter path"
     return f"cannot use {path} ({e.strerror or e}): {fix}"
 
 

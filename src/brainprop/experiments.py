@@ -1007,6 +1007,7 @@ def _worker(
         # takes a minute) ends the worker at once: it has nothing to save.
         with signals.quit_on_signals("before its training began"):
             plugins.load_all(plugin_specs)
+            _check_code_unchanged(job, request)
             dataset = load_dataset(job[0].cell.dataset, request.data_dir)
         _train(job, request, dataset, tagged=True)
     except signals.Interrupted as e:
@@ -1025,6 +1026,22 @@ def _worker(
         # The parent reads the stop (its runs all ended, so they are recorded) and stops too.
         status = 128 + held
     sys.exit(status)
+
+
+def _check_code_unchanged(job: Job, request: Request) -> None:
+    """Refuse to train ``job`` in a worker whose import of the plugins found other code of its
+    rule or pathway than the session began with (a file edited since): the parent would record
+    its runs under the session's digests (:attr:`Request.own_code`), the old code's."""
+    from .owncode import digests
+
+    for key in dict.fromkeys(spec.rule_and_feedback for spec in job):
+        began, now = request.own_code[key], digests(*key)
+        if changed := [w for w in sorted(began.keys() | now.keys()) if began.get(w) != now.get(w)]:
+            raise BrainPropError(
+                f"the code of {changed[0]} changed since this session began (its file was "
+                f"edited): run the same 'brainprop reproduce' command again to go on with the "
+                "code as it is then"
+            )
 
 
 def _run_in_workers(

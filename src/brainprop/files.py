@@ -39,12 +39,20 @@ def make_folder(
 
 def why(e: OSError) -> str:
     """``e``'s reason for a message; where a folder could not be made because a symbolic link
-    that leads nowhere holds its name (which the system calls "File exists"), that link."""
+    that leads nowhere, or into a loop of links, holds its name (which the system calls "File
+    exists"), that link."""
     if e.errno == errno.EEXIST and isinstance(e.filename, (str, bytes)):
         path = Path(os.fsdecode(e.filename))
         for link in (path, *path.parents):
             if link.is_symlink() and not link.exists():
-                return f"{link} is a symbolic link to {os.readlink(link)}, which leads nowhere"
+                try:
+                    os.path.realpath(link, strict=True)
+                except OSError as broken:
+                    looped = broken.errno == errno.ELOOP
+                else:
+                    looped = False
+                where = "into a loop of links" if looped else "nowhere"
+                return f"{link} is a symbolic link to {os.readlink(link)}, which leads {where}"
     return e.strerror or str(e)
 
 

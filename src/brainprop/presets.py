@@ -41,22 +41,38 @@ BN_MOMENTUM = 0.01
 BN_EPS = 1e-3
 
 
-#: The least value of each numeric hyperparameter, and whether that least is allowed: one rule
-#: for a run's own settings (:class:`~brainprop.config.TrainConfig`) and the rows of a table of
-#: one's own (:meth:`Hyperparameters.problem`).
+#: The least value of each numeric hyperparameter, and whether that least is allowed.
 FLOORS: Mapping[str, tuple[int, bool]] = MappingProxyType({
     "lr": (0, False), "lr_halving_epochs": (1, True), "batch_size": (1, True),
     "init_std": (0, False), "l2": (0, True),
 })  # fmt: skip
+#: The step computes in float32: torch refuses a larger lr or weight decay with a traceback
+#: mid-step, and a positive value below the smallest normal one is as good as 0 there.
+FLOAT32_MAX = torch.finfo(torch.float32).max
+FLOAT32_TINY = torch.finfo(torch.float32).tiny
+_IN_RANGE = "pass a value in that range"
 
 
-def floor_problem(field: str, value: float) -> str | None:
-    """``"must be > 0"`` where ``value`` (NaN too) is not allowed by ``field``'s floor
-    (:data:`FLOORS`), else None."""
+def hyperparameter_problem(field: str, value: float) -> tuple[str, str] | None:
+    """What is wrong with ``value`` (NaN too) as the numeric hyperparameter ``field``: the rule
+    it breaks (``"must be > 0"``) and the fix where the rule alone does not say it; None where
+    nothing is. One rule for a run's own settings (:class:`~brainprop.config.TrainConfig`) and
+    the rows of a table of one's own (:meth:`Hyperparameters.problem`)."""
     least, allowed = FLOORS[field]
-    if value >= least if allowed else value > least:
-        return None
-    return f"must be {'>=' if allowed else '>'} {least}"
+    if not (value >= least if allowed else value > least):
+        return f"must be {'>=' if allowed else '>'} {least}", ""
+    if field in ("lr", "init_std") and not FLOAT32_TINY <= value <= FLOAT32_MAX:
+        return (
+            f"must lie in [{FLOAT32_TINY:.4g}, {FLOAT32_MAX:.4g}], the float32 range training "
+            "computes in", _IN_RANGE,
+        )  # fmt: skip
+    # SGD's float32 weight decay is 2 * l2 (TrainConfig.weight_decay).
+    if field == "l2" and value != 0 and not FLOAT32_TINY <= 2 * value <= FLOAT32_MAX:
+        return (
+            f"must be 0 or lie in [{FLOAT32_TINY / 2:.4g}, {FLOAT32_MAX / 2:.4g}] (SGD's float32 "
+            "weight decay is twice it)", _IN_RANGE,
+        )  # fmt: skip
+    return None
 
 
 @dataclass(frozen=True)
@@ -94,8 +110,8 @@ class Hyperparameters:
         How many dropout rates it needs is its network's to say."""
         for field in FLOORS:
             value = getattr(self, field)
-            if (problem := floor_problem(field, value)) is not None:
-                return f"{field} {value!r}, which {problem}"
+            if (problem := hyperparameter_problem(field, value)) is not None:
+                return f"{field} {value!r}, which {problem[0]}"
         if not all(0 <= rate < 1 for rate in self.dropout):
             return f"dropout {self.dropout!r}, whose rates must lie in [0, 1)"
         return None
