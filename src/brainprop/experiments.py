@@ -276,12 +276,12 @@ def _reproduce(request: Request, say: Callable[[str], None], hold: Callable[[], 
     once where it exists already) and says whether it took it just now."""
     from .report import digest, write_report
 
-    # The digests of own code taken as this session starts (not by an earlier session of the
-    # same request, before the code changed): the lines are read from the files by the line
-    # numbers of the code imported, which a file edited meanwhile would shift.
+    # A copy whose digests of own code (Request.own_code, which _scan takes first) are this
+    # session's, not an earlier session's of the same request, before the code changed: the
+    # lines are read from the files by the line numbers of the code imported, which a file
+    # edited meanwhile would shift.
     request = replace(request)
     specs = request.specs()
-    request.own_code  # noqa: B018
     measurements, outcome, pending = _scan(request, specs, say)
     _check_data(pending, request.data_dir)
     _check_val(pending, request.val, request.data_dir)
@@ -366,16 +366,16 @@ def _check_own_code(
     """Refuse, before anything trains, a measurement of one of ``specs`` whose rule or pathway
     of one's own was other code than that name is now (``code``): the run would be skipped as
     measured, and the old code's numbers reported as the new's."""
+    from .owncode import changed
+
     wanted = {spec.name: spec for spec in specs}
     for m in measurements:
         spec = wanted.get(m.run)
         if spec is None or m.own_code is None:
             continue  # files of earlier versions hold no digest to compare
-        now = code[spec.rule_and_feedback]
-        if changed := [w for w in sorted(m.own_code.keys() | now.keys())
-                       if m.own_code.get(w) != now.get(w)]:  # fmt: skip
+        if (piece := changed(m.own_code, code[spec.rule_and_feedback])) is not None:
             raise BrainPropError(
-                f"{m.path} measured {changed[0]} as other code than it is now: register the "
+                f"{m.path} measured {piece} as other code than it is now: register the "
                 f"changed code under a new name, or move the old code's measurements out of "
                 f"{out / MEASUREMENTS} and its runs out of {out / RUNS} to measure it anew"
             )
@@ -1032,13 +1032,12 @@ def _check_code_unchanged(job: Job, request: Request) -> None:
     """Refuse to train ``job`` in a worker whose import of the plugins found other code of its
     rule or pathway than the session began with (a file edited since): the parent would record
     its runs under the session's digests (:attr:`Request.own_code`), the old code's."""
-    from .owncode import digests
+    from .owncode import changed, digests
 
     for key in dict.fromkeys(spec.rule_and_feedback for spec in job):
-        began, now = request.own_code[key], digests(*key)
-        if changed := [w for w in sorted(began.keys() | now.keys()) if began.get(w) != now.get(w)]:
+        if (piece := changed(request.own_code[key], digests(*key))) is not None:
             raise BrainPropError(
-                f"the code of {changed[0]} changed since this session began (its file was "
+                f"the code of {piece} changed since this session began (its file was "
                 f"edited): run the same 'brainprop reproduce' command again to go on with the "
                 "code as it is then"
             )

@@ -65,6 +65,12 @@ def of_run(config: TrainConfig, objective: Objective, model: nn.Module) -> list[
         network = f"network {config.arch!r}"
         pieces.append((network, ARCHITECTURES[config.arch][0]))
         pieces.extend((network, type(m)) for m in model.modules())
+    return _own(pieces)
+
+
+def _own(pieces: list[tuple[str, Callable[..., object]]]) -> list[OwnCode]:
+    """The lines of each ``(what, code)`` that are not the library's, each span once; all of
+    its file where they cannot be told."""
     own: list[OwnCode] = []
     for what, code in pieces:
         for source in _sources(code):
@@ -76,6 +82,14 @@ def of_run(config: TrainConfig, objective: Objective, model: nn.Module) -> list[
             if piece not in own:
                 own.append(piece)
     return own
+
+
+def changed(before: dict[str, str], now: dict[str, str]) -> str | None:
+    """The first piece (``rule 'mine'``) whose :func:`digests` differ between ``before`` and
+    ``now``, a piece present in one only included; None where none does."""
+    return next(
+        (w for w in sorted(before.keys() | now.keys()) if before.get(w) != now.get(w)), None
+    )
 
 
 def digests(rule: str, feedback: str) -> dict[str, str]:
@@ -99,18 +113,15 @@ def digests(rule: str, feedback: str) -> dict[str, str]:
     if feedback not in PATHWAYS.builtin and pathway is not None:
         what = f"feedback {feedback!r}"
         pieces += [(what, code) for code in (pathway.make, pathway.read) if code is not None]
+    files: dict[Path, list[str]] = {}
     texts: dict[str, list[str]] = {}
-    for what, code in pieces:
-        for source in _sources(code):
-            path = source_file(source)
-            if path is None or in_library(path):
-                continue
+    for piece in _own(pieces):
+        if piece.path not in files:
             # Lines as Python numbers them: splitlines() would split at a form feed too.
-            lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
-            span = source_lines(source) or range(1, len(lines) + 1)
-            text = "\n".join(lines[span.start - 1 : span.stop - 1])
-            if text not in texts.setdefault(what, []):
-                texts[what].append(text)
+            files[piece.path] = piece.path.read_text(encoding="utf-8", errors="replace").split("\n")
+        text = "\n".join(files[piece.path][piece.lines.start - 1 : piece.lines.stop - 1])
+        if text not in texts.setdefault(piece.what, []):
+            texts[piece.what].append(text)
     return {
         what: hashlib.blake2b("\n\0".join(parts).encode(), digest_size=8).hexdigest()
         for what, parts in texts.items()
