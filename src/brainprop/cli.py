@@ -272,8 +272,11 @@ def _datasets(args: argparse.Namespace) -> int:
 
 def _download(args: argparse.Namespace) -> int:
     from .data import download
+    from .signals import quit_on_signals
 
-    path = download(args.name, args.data_dir)
+    # A stop (SIGTERM from a job's time limit) raises, so the partial archive is removed.
+    with quit_on_signals("while downloading"):
+        path = download(args.name, args.data_dir)
     print(f"{args.name} is ready in {path}")
     return 0
 

@@ -81,6 +81,7 @@ def download(
             return here
         _remove_leftovers(dest)
         if source.top is not None:
+            _remove_work(_place(dest / source.top))
             _recover_aside(_place(dest / source.top))
             _refuse_in_the_way(dest / source.top, name)
         try:
@@ -198,13 +199,35 @@ def _present_in(name: str, root: Path, dest: Path) -> Path | None:
 
 
 def _remove_leftovers(dest: Path) -> None:
-    """Delete what downloads killed mid-way (SIGKILL, power loss) left in ``dest``: partial
-    archives (as large as the archive) and half-extracted trees. Only called while ``dest`` is
-    held, so none of them can belong to a download still running."""
+    """Delete the partial archives (as large as the archive) that downloads killed mid-way
+    (SIGKILL, power loss) left in ``dest``. Only called while ``dest`` is held, so none of them
+    can belong to a download still running."""
     for part in dest.glob(".*.part"):
         part.unlink(missing_ok=True)
-    for work in dest.glob(".extract-*"):
+
+
+def _work_prefix(place: Path) -> str:
+    """The name's start of the folders an extraction for ``place`` works in, beside it: named
+    for ``place``, as beside a link's target (on another disk) other folders may work too."""
+    return f".{place.name}.extract-"
+
+
+def _remove_work(place: Path) -> None:
+    """Delete the half-extracted trees that extractions for ``place`` killed mid-way left beside
+    it: beside a link's target too, where they went unseen (a review). Only called while the
+    dataset's folder is held, so none of them can belong to an extraction still running."""
+    for work in _beside(place, _work_prefix(place)):
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _beside(place: Path, prefix: str) -> list[Path]:
+    """What lies beside ``place`` under a name that starts with ``prefix``, sorted. Not a glob:
+    a link's target may have any name, "[" included. A folder that cannot be listed (a link to
+    an unmounted disk) has none: the steps after say in one line what is wrong with it."""
+    try:
+        return sorted(p for p in place.parent.iterdir() if p.name.startswith(prefix))
+    except OSError:
+        return []
 
 
 def _recover_aside(place: Path) -> None:
@@ -212,7 +235,7 @@ def _recover_aside(place: Path) -> None:
     (:func:`_replace_tree`) left aside, beside ``place``. With nothing at ``place`` it goes
     back, so that this download takes the user's files from it again. Beside a tree in place
     it is kept, and named: it may be one a failed rename could not put back."""
-    for aside in sorted(place.parent.glob(f"{place.name}.old-*")):
+    for aside in _beside(place, f"{place.name}.old-"):
         old = aside / place.name
         if not old.exists() and not any(aside.iterdir()):
             aside.rmdir()  # made, and the download stopped before it moved the tree in
@@ -395,7 +418,17 @@ def _extract_zip(archive: Path, work: Path, archive_name: str, progress: bool) -
                 target.mkdir(parents=True, exist_ok=True)
             else:
                 target.parent.mkdir(parents=True, exist_ok=True)
-                with zf.open(info) as src, open(target, "wb") as dst:
+                try:
+                    src = zf.open(info)
+                except (NotImplementedError, RuntimeError) as exc:
+                    # zipfile's errors for a compression method it lacks and for encryption;
+                    # the latter's message is a whole ZipInfo repr, too long for one line.
+                    raise BrainPropError(
+                        f"archive {archive_name} has a member {info.filename!r} that is encrypted "
+                        "or compressed in a way Python cannot read: download the official file "
+                        "again"
+                    ) from exc
+                with src, open(target, "wb") as dst:
                     shutil.copyfileobj(src, dst, CHUNK)
 
 
@@ -435,7 +468,7 @@ def extract_archive(
     place = _place(target)
     # Beside its place, so that putting it there is one rename on one filesystem.
     try:
-        work = Path(tempfile.mkdtemp(dir=place.parent, prefix=".extract-"))
+        work = Path(tempfile.mkdtemp(dir=place.parent, prefix=_work_prefix(place)))
     except OSError as exc:
         raise BrainPropError(
             f"cannot extract {archive_name} into {place.parent} ({reason(exc)}): "
