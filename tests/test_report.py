@@ -205,13 +205,14 @@ def test_runs_capped_at_the_papers_500_epochs_are_full_length_and_pool_with_unca
     assert r.max_epochs is None and r.rules["brainprop"].seeds == (0, 1, 2)
     assert r.gap_verdict.agrees is True and r.ratio_verdict.agrees is True
     md = write_report(tmp_path).read_text()
-    assert f"| MNIST conv | {CPU} | 500 (paper) | 3 / 2 | 99.31 (0.01) |" in md
+    twice = f"{CPU} (1 run measured twice, one file left out)"
+    assert f"| MNIST conv | {twice} | 500 (paper) | 3 / 2 | 99.31 (0.01) |" in md
     data = json.loads((tmp_path / RESULTS_JSON).read_text())
     assert "mnist/conv" not in data["no_full_paper_run"] and data["cells"][0]["max_epochs"] is None
     missing = md.split("No full-length fp32 run of the paper's settings yet: ")[1].split("\n")[0]
     assert "MNIST conv" not in missing
     [line] = digest(load_measurements(tmp_path), {"mnist-conv-ebp-s0-e500"})
-    assert line.startswith(f"MNIST conv (test set; {CPU}): ")
+    assert line.startswith(f"MNIST conv (test set; {twice}): ")
 
 
 def test_verdicts_say_no_when_claims_fail(tmp_path):
@@ -493,6 +494,35 @@ def test_damaged_measurement_file_is_a_one_line_error(tmp_path):
 
 
 @pytest.mark.parametrize(
+    ("edit", "message"),
+    [(lambda d: [], "is not a brainprop measurement (no JSON object): remove it"),
+     (lambda d: None, "is not a brainprop measurement (no JSON object): remove it"),
+     (lambda d: {k: v for k, v in d.items() if k != "max_epochs"},
+      "is not a brainprop measurement (no 'max_epochs' field): remove it"),
+     (lambda d: d | {"format": "brainprop-measurement-2"},
+      "is a measurement of format 'brainprop-measurement-2', and this brainprop reads "
+      "'brainprop-measurement-1': report it with the brainprop version that wrote it")],
+)  # fmt: skip
+def test_a_measurement_file_says_what_is_wrong_with_it(tmp_path, edit, message):
+    """A list read "(list indices must be integers or slices, not str)", a missing field
+    "('max_epochs')", and another version's file was to be copied again (review)."""
+    _cell_runs(tmp_path, CONV, GPU, [0.99], [], [60], [])
+    [m] = load_measurements(tmp_path)
+    m.path.write_text(json.dumps(edit(json.loads(m.path.read_text()))))
+    with pytest.raises(BrainPropError) as info:
+        load_measurements(tmp_path)
+    assert str(info.value).startswith(f"{m.path} {message}")
+
+
+def test_the_gap_limit_of_accuracies_whose_variance_squared_underflows_is_computed():
+    """A hand-written accuracy of 1e-160 divided by zero in the degrees of freedom (review)."""
+    tiny = Stat.of([0.0, 1e-158])
+    assert welch_limit(tiny, Stat.of([0.0, 0.0])) == pytest.approx(
+        12.7062 * tiny.sd / math.sqrt(2), rel=1e-4
+    )
+
+
+@pytest.mark.parametrize(
     ("key", "raw"),
     [("seed", "1e400"), ("seed", "1.7"), ("seed", "true"), ("val", "5000.5"),
      ("max_epochs", '"200"'), ("runs_at_once", "Infinity"), ("stack", "2.0")],
@@ -635,12 +665,12 @@ def test_runs_replayed_from_a_cuda_graph_pool_with_plain_ones_but_not_their_seco
     assert bp.test_acc.mean == pytest.approx((90 + 99.3 + 99.3) / 3)
     assert (bp.s_per_epoch.n, bp.s_per_epoch.mean) == (2, 2.0)
     assert (bp.graph_s_per_epoch.n, bp.graph_s_per_epoch.mean) == (1, 0.5)
-    assert r.machine_text == f"{GPU} (1 run from a CUDA graph)"
+    # Said, so that two files of one seed that disagree (0.9 and 0.993 here) are seen (review).
+    notes = "1 run from a CUDA graph; 1 run measured twice, one file left out"
+    assert r.machine_text == f"{GPU} ({notes})"
     assert bp.s_per_epoch_text() == "2.0 (0.0); 0.5 (graph)"
     report = write_report(tmp_path).read_text()
-    assert (
-        f"| {GPU} (1 run from a CUDA graph) |" in report and "| 2.0 (0.0); 0.5 (graph) |" in report
-    )
+    assert f"| {GPU} ({notes}) |" in report and "| 2.0 (0.0); 0.5 (graph) |" in report
 
 
 def test_a_tie_at_the_verdicts_limit_counts_as_within(tmp_path):

@@ -297,9 +297,27 @@ def load_measurements(out: Path) -> list[Measurement]:
 def _read_measurement(path: Path) -> Measurement:
     fix = "remove it or copy it again from the machine that made it"
     d = rundir.read_json(path, fix)
+    if not isinstance(d, dict):
+        raise BrainPropError(f"{path} is not a brainprop measurement (no JSON object): {fix}")
+    written = d.get("format")
+    # Another version's file is no damage that copying it again would mend.
+    if (
+        isinstance(written, str)
+        and written.startswith("brainprop-measurement-")
+        and written != MEASUREMENT_FORMAT
+    ):
+        raise BrainPropError(
+            f"{path} is a measurement of format {written!r}, and this brainprop reads "
+            f"{MEASUREMENT_FORMAT!r}: report it with the brainprop version that wrote it"
+        )
     try:
         m = _measurement(d, path)
-    except (KeyError, TypeError, ValueError) as e:
+    except KeyError as e:
+        # A bare KeyError reads "('max_epochs')".
+        raise BrainPropError(
+            f"{path} is not a brainprop measurement (no {e.args[0]!r} field): {fix}"
+        ) from None
+    except (TypeError, ValueError) as e:
         raise BrainPropError(f"{path} is not a brainprop measurement ({e}): {fix}") from None
     _check_settings(path, d, m)
     return m

@@ -253,11 +253,13 @@ class CellResult:
     tf32: bool = False
     #: Whether any run found its best after the paper's 500 epochs (under a higher cap).
     beyond_paper: bool = False
+    #: How many runs were measured twice, each counted once; empty when none was.
+    twice: str = ""
 
     @property
     def machine_text(self) -> str:
         """The machine, and how its runs shared it and stepped where any did not plainly."""
-        notes = "; ".join(n for n in (self.sharing, self.graphed) if n)
+        notes = "; ".join(n for n in (self.sharing, self.graphed, self.twice) if n)
         return self.machine if not notes else f"{self.machine} ({notes})"
 
     @property
@@ -319,8 +321,9 @@ def compare(
     and judge the paper's claims on them, ``rule`` standing where BrainProp does. Runs with
     other settings are still held to the published number: finding settings that reach it is
     what they are for, and how far another pathway or rule falls short of it is what it is run
-    for."""
-    runs = [m for m in runs if m.rule in (rule, BASELINE)]
+    for. A run measured twice counts once (:func:`_once_per_run`)."""
+    measured = [m for m in runs if m.rule in (rule, BASELINE)]
+    runs = _once_per_run(measured)
     rules = {
         r: rule_stats([m for m in runs if m.rule == r])
         for r in (rule, BASELINE)
@@ -411,7 +414,7 @@ def compare(
         ratio_verdict,
         published, published_verdict, preset, feedback, _sharing(runs),
         any(m.bf16 for m in runs), any(m.cuda_graph for m in runs), _graphed(runs), rule,
-        any(m.tf32 for m in runs), beyond,
+        any(m.tf32 for m in runs), beyond, _twice(len(measured) - len(runs)),
     )  # fmt: skip
 
 
@@ -454,6 +457,13 @@ def _graphed(runs: Sequence[Measurement]) -> str:
     return f"{n} run{'s' * (n > 1)} from a CUDA graph" if n else ""
 
 
+def _twice(n: int) -> str:
+    """E.g. "1 run measured twice, one file left out": so that two files of one run that
+    disagree (a plain and a graphed measurement of one seed, merged from two sessions) are
+    seen, where the report shows one of them."""
+    return f"{n} run{'s' * (n > 1)} measured twice, one file left out" if n else ""
+
+
 def welch_limit(a: Stat, b: Stat) -> float | None:
     """The largest difference of the means of ``a`` and ``b`` that Welch's two-sided t-test at
     95 % calls noise: t(0.975, Welch-Satterthwaite degrees of freedom) x the standard error of
@@ -488,7 +498,10 @@ def _welch_half_width(va: float, na: int, vb: float, nb: int) -> float:
     ``va`` and ``vb`` of two means of ``na`` and ``nb`` values; 0 when neither varies."""
     if va + vb == 0:
         return 0.0
-    df = (va + vb) ** 2 / (va**2 / (na - 1) + vb**2 / (nb - 1))
+    # In shares of the sum, which cannot underflow as va**2 can (a tiny accuracy written by
+    # hand divided by zero, review).
+    wa = va / (va + vb)
+    df = 1 / (wa**2 / (na - 1) + (1 - wa) ** 2 / (nb - 1))
     return studentt.quantile(0.975, df) * math.sqrt(va + vb)
 
 
@@ -533,11 +546,10 @@ def aggregate(measurements: Sequence[Measurement]) -> list[CellResult]:
         return rules or [PAPER_RULE]
 
     return [
-        compare(cell, val, cap, machine, runs, preset, feedback, rule)
+        compare(cell, val, cap, machine, groups[key], preset, feedback, rule)
         for key in sorted(groups, key=order)
         for cell, val, cap, machine, preset, feedback in [key]
-        for runs in [_once_per_run(groups[key])]
-        for rule in rules_of(runs)
+        for rule in rules_of(groups[key])
     ]
 
 
@@ -836,7 +848,9 @@ def markdown(results: Sequence[CellResult], count: int, machines: Sequence[str])
         "by comparing one seed's accuracy curve with `--eager`'s on a GPU: "
         "`benchmarks/gpu_check.sh`, step 4); the machine column says how many did, "
         "and their s/epoch, another kind of seconds, is shown apart, marked (graph); total time "
-        "adds both kinds. "
+        "adds both kinds. A run measured both plainly and from a CUDA graph, or both uncapped "
+        "and capped at 500 epochs (files merged from two sessions), counts once, as its plain, "
+        "uncapped measurement; the machine column says how many runs were measured twice. "
         "Runs that shared their device "
         "(seeds stacked in one network, or several runs at once on a GPU) are pooled with its "
         "other runs, and the machine column says how many did; their s/epoch and total time "
