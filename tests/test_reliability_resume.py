@@ -281,8 +281,14 @@ def _edit_cut_run(tmp_path: Path, ds, monkeypatch, edit: Callable[[dict], object
         (lambda s: s.update(lr_scale=-0.5), "learning-rate scale is out of range"),
         # A zero scale would train on at lr 0, never learning again.
         (lambda s: s.update(lr_scale=0.0), "learning-rate scale is out of range"),
-        (lambda s: s["early_stopping"].update(best=10**400), "int too large"),
+        (lambda s: s["early_stopping"].update(best=10**400), "are int and int, not float and"),
         (lambda s: s["early_stopping"].update(wait=-1), "wait -1 is out of range"),
+        # Taken as a run's by float() and int() (review).
+        (lambda s: s["early_stopping"].update(best=True), "are bool and int, not float and int"),
+        (lambda s: s["early_stopping"].update(wait=1.5), "are float and float, not float and"),
+        (lambda s: s["early_stopping"].update(wait=3), "waited more epochs than it ran"),
+        (lambda s: s.update(nan_reloads=10**30), "NaN-reload count or learning-rate scale is"),
+        (lambda s: s.update(nan_reloads=True), "NaN-reload count or learning-rate scale is"),
     ],
 )
 def test_a_damaged_mid_epoch_checkpoint_is_refused_before_training(

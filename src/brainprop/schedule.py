@@ -47,7 +47,11 @@ class EarlyStopping:
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         """Restore :meth:`state_dict`'s output; ValueError for one no run could have written."""
-        stored, wait = float(state["best"]), int(state["wait"])
+        stored, wait = state["best"], state["wait"]
+        # Not converted: float() and int() took a True, or a wait of 1.5, as a run's (review).
+        if type(stored) is not float or type(wait) is not int:
+            kinds = f"{type(stored).__name__} and {type(wait).__name__}"
+            raise ValueError(f"its best and wait are {kinds}, not float and int")
         # An accuracy, or -inf before the first epoch (a value past float32's range would
         # round to an inf below, which no epoch could improve on).
         if not (stored == -math.inf or 0.0 <= stored <= 1.0) or wait < 0:

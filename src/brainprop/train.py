@@ -282,8 +282,15 @@ class Trainer:
         self.history = list(state["history"])
         with checkpoint.entry("its early-stopping state"):
             self.stopper.load_state_dict(state["early_stopping"])
-        self.lr_scale, self.nan_reloads = float(state["lr_scale"]), int(state["nan_reloads"])
-        if not (math.isfinite(self.lr_scale) and self.lr_scale > 0 and self.nan_reloads >= 0):
+        if self.stopper.wait > state["epoch"]:
+            raise ValueError("its early stopping waited more epochs than it ran")
+        self.lr_scale, self.nan_reloads = float(state["lr_scale"]), state["nan_reloads"]
+        if not (
+            math.isfinite(self.lr_scale)
+            and self.lr_scale > 0
+            and type(self.nan_reloads) is int
+            and 0 <= self.nan_reloads <= MAX_NAN_RELOADS
+        ):
             raise ValueError("its NaN-reload count or learning-rate scale is out of range")
         partial = state["partial"]
         if partial is not None:
