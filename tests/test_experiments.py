@@ -1602,13 +1602,18 @@ def test_a_budget_times_a_run_as_it_will_resume(tmp_path):
     request = Request(out=tmp_path, device="cpu", cuda_graph=True, budget_minutes=0.5)
     lines: list[str] = []
     assert not ex._Budget(request, None, load_measurements(tmp_path)).admits((spec,), lines.append)
-    assert lines == [f"over budget: {spec.name} needs ~1.0 min, 0.5 min left"]
+    assert lines == [f"over budget: {spec.name} needs ~1.0 min, 30 s left"]
     # A damaged config.json is the run's own start to report, naming it; the estimate takes
     # the request's setup instead (graphed: no timing, so the run is admitted to fail there).
     (run_dir / rundir.CONFIG).write_text(json.dumps({"momentum": 0.9}))
     assert ex._Budget(request, None, load_measurements(tmp_path)).admits((spec,), lines.append)
     with pytest.raises(BrainPropError, match=f"^{run_dir / rundir.CONFIG}: config has unknown"):
         ex._members((spec,), request)
+
+
+def test_a_budget_gives_times_under_a_minute_in_seconds():
+    """A run estimated at 2 s was refused as needing "~0.0 min" (review)."""
+    assert [ex._minutes(s) for s in (2.4, 59.4, 59.6, 90)] == ["2 s", "59 s", "1.0 min", "1.5 min"]
 
 
 def test_a_budget_prices_a_run_by_the_runs_it_will_share_the_gpu_with(tmp_path, monkeypatch):

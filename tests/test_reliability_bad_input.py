@@ -690,10 +690,11 @@ def fixture_run(tmp_path_factory) -> tuple[Path, Path]:
     return root, train(config, progress=False).dir
 
 
-EVALUATE_ON_IT = (
-    "evaluate it on the dataset it was trained on (--data-dir the folder it was read from; "
-    "data of one's own as evaluate(run, dataset=...))"
-)
+def _evaluate_on_it(root: Path) -> str:
+    return (
+        f"evaluate it on the dataset it was trained on (--data-dir {root}, which it was read "
+        "from; data of one's own as evaluate(run, dataset=...))"
+    )
 
 
 def test_a_dataset_without_training_images_is_refused(tmp_path: Path) -> None:
@@ -742,6 +743,8 @@ def test_a_run_on_data_of_ones_own_is_not_evaluated_on_its_datasets_files(
 def test_other_files_in_the_runs_data_folder_are_refused(
     fixture_run: tuple[Path, Path], tmp_path: Path, seed: int, n_test: int, given: str
 ) -> None:
+    """The message names the folder the run read: it said "the folder it was read from"
+    (review). So does a resume's."""
     root, run = fixture_run
     other = tmp_path / "other"
     write_idx_dataset(other / "mnist", n_train=40, n_test=n_test, seed=seed)
@@ -749,8 +752,11 @@ def test_other_files_in_the_runs_data_folder_are_refused(
         evaluate(run, data_dir=str(other))
     assert str(info.value) == (
         f"{run} was trained on 'mnist' (12 test images), but the data now is {given}: "
-        f"{EVALUATE_ON_IT}"
+        f"{_evaluate_on_it(root)}"
     )
+    config = TrainConfig.from_dict(json.loads((run / "config.json").read_text()))
+    with pytest.raises(BrainPropError, match=f"--data-dir {re.escape(str(root))}, which it"):
+        train(dataclasses.replace(config, epochs=2), resume=run, data_dir=str(other))
 
 
 def test_data_of_other_classes_but_the_same_counts_is_one_line() -> None:

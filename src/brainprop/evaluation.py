@@ -230,7 +230,7 @@ def evaluate(
     check_trained_on(state, ds, str(target), remedy)
     if dataset is None:
         # Data passed in is the caller's choice: a network may be scored on other test images.
-        check_same_data(state.get("data"), ds, str(target), remedy, call)
+        check_same_data(state.get("data"), ds, str(target), remedy, call, config.data_dir)
     fastpath.prepare(model.to(dev), ds.input_shape, eager=config.eager)
     # Scored in the precision it was validated in during training.
     warn_if_slow_bf16(dev, config.bf16)

@@ -571,6 +571,11 @@ def _check_val(pending: Sequence[RunSpec], val: int | None, data_dir: str | None
             )
 
 
+def _minutes(seconds: float) -> str:
+    """E.g. "2.5 min", or "40 s" under a minute, which "0.0 min" would call no time at all."""
+    return f"{seconds:.0f} s" if seconds < 59.5 else f"{seconds / 60:.1f} min"
+
+
 class _Budget:
     """Admission of runs against ``budget_minutes`` of wall time from when the first comes up,
     by estimates from ``measurements``, to which the caller adds each run it records."""
@@ -617,8 +622,8 @@ class _Budget:
         if estimate is None:
             needs = "an unknown time (no run like it measured on this machine yet)"
         else:
-            needs = f"~{estimate / 60:.1f} min"
-        have = f"{left / 60:.1f} min" if left > 0 else "none"
+            needs = f"~{_minutes(estimate)}"
+        have = _minutes(left) if left > 0 else "none"
         say(f"over budget: {_names(job)} needs {needs}, {have} left")
         return False
 

@@ -69,13 +69,16 @@ def check_trained_on(state: dict[str, Any], ds: Dataset, source: str, remedy: st
         )
 
 
-def check_same_data(recorded: Any, ds: Dataset, source: str, remedy: str, call: str) -> None:
+def check_same_data(
+    recorded: Any, ds: Dataset, source: str, remedy: str, call: str, data_dir: str | None = None
+) -> None:
     """One-line BrainPropError unless ``ds`` (of the shape and classes that
     :func:`check_trained_on` checked) is the data ``recorded``, a run's record of it read from
     ``source`` (a checkpoint's ``data``, or the run's data.json; None for runs from before
     either), describes: its name and images per class (:meth:`Dataset.fingerprint`), the
     training split's only where ``ds`` has one, and there the images it held out for
-    validation, if it did. The message ends with ``remedy`` and how to pass the data, ``call``.
+    validation, if it did. The message ends with ``remedy`` and how to pass the data: the
+    data root the run was given, ``data_dir`` (None: the default one), or from Python ``call``.
 
     A run on data of one's own (``train(config, dataset=...)``) is named for
     ``config.dataset``, whose files a resume or evaluation would otherwise load in its place,
@@ -94,7 +97,7 @@ def check_same_data(recorded: Any, ds: Dataset, source: str, remedy: str, call: 
         how = (
             f"its loader, DATASETS[{name!r}].load, must load what it loaded then"
             if name in DATASETS and name not in DATASETS.builtin
-            else f"--data-dir the folder it was read from; data of one's own as {call}"
+            else f"--data-dir {_read_from(data_dir)}; data of one's own as {call}"
         )
         raise BrainPropError(
             f"{source} was trained on {then}, but the data now is {now}: {remedy} ({how})"
@@ -107,6 +110,13 @@ def check_same_data(recorded: Any, ds: Dataset, source: str, remedy: str, call: 
             f"another order?), some of which the run trained on: {remedy}, in the order it "
             "had (the copy the run started on)"
         )
+
+
+def _read_from(data_dir: str | None) -> str:
+    """The data root a run was given, for a message: named where the run named one."""
+    return (
+        "the folder it was read from" if data_dir is None else f"{data_dir}, which it was read from"
+    )
 
 
 def check_loadable(recorded: Any, dataset: str, source: str, call: str) -> None:

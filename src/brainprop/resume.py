@@ -290,7 +290,7 @@ def restore(
     """Load ``state`` (read from ``source``, by default the run's last.pt) into ``trainer``;
     a one-line BrainPropError for a state that does not fit the run (``call``: how its data
     is passed again, if it is not the data it was trained on)."""
-    check_compatible(state, ds, run_path, call)
+    check_compatible(state, ds, run_path, call, trainer.config.data_dir)
     last = source or run_path / rundir.LAST
     saved = state.get("device_type")
     if saved is not None and saved != trainer.device.type:
@@ -328,7 +328,9 @@ def restore(
         )
 
 
-def check_compatible(state: dict[str, Any], ds: Dataset, path: Path, call: str) -> None:
+def check_compatible(
+    state: dict[str, Any], ds: Dataset, path: Path, call: str, data_dir: str | None = None
+) -> None:
     if not declares_sizes(state):
         raise BrainPropError(
             f"checkpoint in {path} does not say which inputs and classes it is for: it is "
@@ -336,7 +338,7 @@ def check_compatible(state: dict[str, Any], ds: Dataset, path: Path, call: str) 
         )
     source = f"checkpoint in {path}"
     check_trained_on(state, ds, source, RESUME_REMEDY)
-    check_same_data(state.get("data"), ds, source, RESUME_REMEDY, call)
+    check_same_data(state.get("data"), ds, source, RESUME_REMEDY, call, data_dir)
 
 
 def data_record(run_path: Path, state: dict[str, Any] | None) -> tuple[Any, str]:

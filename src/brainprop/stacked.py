@@ -435,7 +435,7 @@ def _train_held(
         if state is None:
             # A new member, or one killed before its first checkpoint, which starts over on the
             # data it began on.
-            check_same_data(recorded, ds, where, RESUME_REMEDY, STACK_CALL)
+            check_same_data(recorded, ds, where, RESUME_REMEDY, STACK_CALL, member_config.data_dir)
         else:
             assert run_path is not None
             restore(trainer, state, ds, run_path, call=STACK_CALL)

@@ -663,7 +663,7 @@ def _train(
             restore(trainer, state, ds, run_path)
         elif resume is not None:
             # Killed before its first checkpoint: it starts over, on the data it began on.
-            check_same_data(recorded, ds, where, RESUME_REMEDY, RESUME_CALL)
+            check_same_data(recorded, ds, where, RESUME_REMEDY, RESUME_CALL, config.data_dir)
         if resume is None:
             run_path = parallel.on_main(lambda: create_run(trainer))
             claim(run_path)
