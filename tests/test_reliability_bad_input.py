@@ -848,6 +848,12 @@ def test_a_run_without_best_pt_yet_is_named_as_such(tmp_path: Path, capsys, run_
     assert _error(capsys, "evaluate", "") == (
         "the checkpoint to evaluate is empty: pass a run directory or a .pt"
     )
+    # "no checkpoint at .../best.pt: pass a run directory", for the folder passed (review).
+    (run / "config.json").unlink()
+    assert _error(capsys, "evaluate", run) == (
+        f"{run} is no run directory (it has no config.json): pass a folder that 'brainprop "
+        "train' made, or a .pt file"
+    )
 
 
 def test_a_run_stands_for_its_directory(tmp_path: Path) -> None:

@@ -61,8 +61,8 @@ def test_nan_loss_stops_with_epoch_and_step_keeping_the_last_good_checkpoint(
     assert last["epoch"] == 1 and _finite(last)
     assert (
         f"stopped: the loss became NaN or inf at epoch 2, step 5; {run.dir / 'last.pt'} keeps the "
-        "last good state. Lower --lr or --init-std, or pass --on-nan reload."
-        in capsys.readouterr().out
+        "last good state, from which a resume would overflow again. Start a new run with a lower "
+        "--lr or --init-std, or with --on-nan reload." in capsys.readouterr().out
     )
 
 
@@ -73,7 +73,7 @@ def test_a_nan_before_the_first_checkpoint_says_to_start_anew(
     run = train(tiny_config(tmp_path), dataset=ds)
     assert (
         "stopped: the loss became NaN or inf at epoch 1, step 2; no checkpoint was written yet, "
-        "so there is nothing to resume: start a new run. Lower --lr or --init-std"
+        "so there is nothing to resume. Start a new run with a lower --lr or --init-std"
         in capsys.readouterr().out
     )
     with pytest.raises(BrainPropError, match="there is nothing to continue; start a new run"):
@@ -88,8 +88,9 @@ def test_a_nan_loss_of_a_rule_of_ones_own_names_the_rule_among_the_causes(
     inject(monkeypatch, {step(1, 2): poison})
     train(replace(tiny_config(tmp_path), rule="mine"), dataset=ds)
     assert (
-        "start a new run. Lower --lr or --init-std, or pass --on-nan reload; or check that rule "
-        "'mine', one's own, computes a finite loss.\n" in capsys.readouterr().out
+        "nothing to resume. Start a new run with a lower --lr or --init-std, or with --on-nan "
+        "reload; or check that rule 'mine', one's own, computes a finite loss.\n"
+        in capsys.readouterr().out
     )
 
 
@@ -328,7 +329,8 @@ def test_on_nan_reload_gives_up_after_the_bound(tmp_path: Path, ds, monkeypatch,
     assert run.summary["stop_reason"] == "non-finite loss at epoch 2, step 1"
     assert _last(run.dir)["epoch"] == 1 and _finite(_last(run.dir))
     message = f"stopped after {MAX_NAN_RELOADS} reloads: the loss became NaN"
-    assert message in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert message in out and "overflow again. Start a new run with a lower --lr.\n" in out
 
 
 def test_a_stop_signal_never_checkpoints_a_broken_state(tmp_path: Path, ds, monkeypatch) -> None:

@@ -167,13 +167,16 @@ def _weights_wanted(arch: str, shape: list[int], classes: int, hp: Hyperparamete
 
 
 def _best_of(run: Path) -> Path:
-    """The best.pt of the run directory ``run``; a one-line error for a run that has none yet.
-
-    A folder without config.json is no run: loading its best.pt says so.
-    """
+    """The best.pt of the run directory ``run``; a one-line error for a run that has none yet,
+    and for a folder that is no run (no config.json; a best.pt there, copied, is read)."""
     best = run / rundir.BEST
-    if best.exists() or not (run / rundir.CONFIG).is_file():
+    if best.exists():
         return best
+    if not (run / rundir.CONFIG).is_file():
+        raise BrainPropError(
+            f"{run} is no run directory (it has no {rundir.CONFIG}): pass a folder that "
+            "'brainprop train' made, or a .pt file"
+        )
     resume = plugins.resume_command(run)
     if (run / rundir.LAST).is_file():
         # Stopped inside its first epoch, or killed as that epoch's end was written: last.pt

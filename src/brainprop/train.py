@@ -895,17 +895,20 @@ def _header(trainer: Trainer, run_path: Path) -> str:
 
 
 def gave_up(bad: NonFinite, config: TrainConfig, run_path: Path) -> str:
-    """Why a run stopped on a NaN, and what to change."""
+    """Why a run stopped on a NaN, and what to change: settings, which a resume keeps, so in a
+    new run."""
     if config.on_nan == "reload":
-        after, fix = f" after {MAX_NAN_RELOADS} reloads", "Lower --lr"
+        after, fix = f" after {MAX_NAN_RELOADS} reloads", "Start a new run with a lower --lr"
     else:
-        after, fix = "", "Lower --lr or --init-std, or pass --on-nan reload"
+        after = ""
+        fix = "Start a new run with a lower --lr or --init-std, or with --on-nan reload"
+    kept = _kept(run_path, "so there is nothing to resume")
     if bad.what == "loss" and config.rule not in OBJECTIVES.builtin:
         fix += f"; or check that rule {config.rule!r}, one's own, computes a finite loss"
-    return (
-        f"stopped{after}: the {bad.what} became NaN or inf at {bad.where()}; "
-        f"{_kept(run_path, 'so there is nothing to resume: start a new run')}. {fix}."
-    )
+        fix += ", and resume once it does" * (run_path / rundir.LAST).is_file()
+    elif (run_path / rundir.LAST).is_file():
+        kept += ", from which a resume would overflow again"
+    return f"stopped{after}: the {bad.what} became NaN or inf at {bad.where()}; {kept}. {fix}."
 
 
 def create_run(trainer: Trainer) -> Path:
