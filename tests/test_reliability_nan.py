@@ -83,14 +83,22 @@ def test_a_nan_before_the_first_checkpoint_says_to_start_anew(
 def test_a_nan_loss_of_a_rule_of_ones_own_names_the_rule_among_the_causes(
     tmp_path: Path, ds, monkeypatch, capsys
 ) -> None:
-    """Its rewards, say, may be what is not finite: the settings are not the only suspects."""
+    """Its rewards, say, may be what is not finite: the settings are not the only suspects.
+    Once it computes one, its last.pt resumes."""
     monkeypatch.setitem(OBJECTIVES, "mine", lambda epsilon, fused: SquaredError())
     inject(monkeypatch, {step(1, 2): poison})
-    train(replace(tiny_config(tmp_path), rule="mine"), dataset=ds)
+    train(replace(tiny_config(tmp_path / "first"), rule="mine"), dataset=ds)
     assert (
         "nothing to resume. Start a new run with a lower --lr or --init-std, or with --on-nan "
         "reload; or check that rule 'mine', one's own, computes a finite loss.\n"
         in capsys.readouterr().out
+    )
+    inject(monkeypatch, {step(2, 5): poison})
+    train(replace(tiny_config(tmp_path / "second"), rule="mine"), dataset=ds)
+    assert (
+        "last good state. Start a new run with a lower --lr or --init-std, or with --on-nan "
+        "reload; or check that rule 'mine', one's own, computes a finite loss, and resume once "
+        "it does.\n" in capsys.readouterr().out
     )
 
 
