@@ -420,6 +420,7 @@ def test_a_killed_downloads_leftovers_are_removed_by_the_next(
     _serve(served, "cifar-10-python.tar.gz", _cifar_archive(tmp_path), monkeypatch, "cifar10")
     dest = tmp_path / "root" / "cifar10"
     (dest / ".cifar-10-batches-py.extract-k1ll3d" / "cifar-10-batches-py").mkdir(parents=True)
+    (dest / ".extract-0ld3r" / "cifar-10-batches-py").mkdir(parents=True)  # an older version's
     (dest / ".cifar-10-python.tar.gz.k1ll3d.part").write_bytes(b"the first half")
     download("cifar10", tmp_path / "root", base_url=url, progress=False)
     assert [p.name for p in dest.iterdir()] == ["cifar-10-batches-py"]
@@ -447,6 +448,27 @@ def test_a_killed_extraction_beside_a_links_target_is_removed_by_the_next(
         "cifar[1]",
     ]
     assert load_dataset("cifar10", tmp_path / "root").train_x.shape == (15, 3, 32, 32)
+    # Another data root's link to the same target: its download, while this one's holds the
+    # target's folder, is refused, where it took this one's work folder for a leftover.
+    other = tmp_path / "root2" / "cifar10" / "cifar-10-batches-py"
+    other.parent.mkdir(parents=True)
+    other.symlink_to(elsewhere)
+    (elsewhere / "data_batch_1").unlink()  # incomplete, so that it is fetched
+    with locks.held(elsewhere.parent, "held"), pytest.raises(BrainPropError) as info:
+        download("cifar10", tmp_path / "root2", base_url=url, progress=False)
+    assert str(info.value) == (
+        f"{elsewhere.parent} is being extracted into by another process: wait for it to end"
+    )
+
+
+def test_a_loop_of_links_where_the_tree_goes_is_one_line(tmp_path: Path) -> None:
+    """A RuntimeError ("Symlink loop") went out as a traceback (review)."""
+    dest = tmp_path / "root" / "cifar10"
+    dest.mkdir(parents=True)
+    (dest / "cifar-10-batches-py").symlink_to("loop")
+    (dest / "loop").symlink_to("cifar-10-batches-py")
+    with pytest.raises(BrainPropError, match="cifar-10-batches-py links to loop, which is not"):
+        download("cifar10", tmp_path / "root", base_url="http://127.0.0.1:9", progress=False)
 
 
 def test_a_stop_signal_ends_a_download_in_one_line_and_leaves_nothing(

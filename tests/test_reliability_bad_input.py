@@ -692,8 +692,8 @@ def fixture_run(tmp_path_factory) -> tuple[Path, Path]:
 
 def _evaluate_on_it(root: Path) -> str:
     return (
-        f"evaluate it on the dataset it was trained on (--data-dir {root}, which it was read "
-        "from; data of one's own as evaluate(run, dataset=...))"
+        f"evaluate it on the dataset it was trained on ('--data-dir {root}', the folder it was "
+        "read from; data of one's own as evaluate(run, dataset=...))"
     )
 
 
@@ -755,7 +755,7 @@ def test_other_files_in_the_runs_data_folder_are_refused(
         f"{_evaluate_on_it(root)}"
     )
     config = TrainConfig.from_dict(json.loads((run / "config.json").read_text()))
-    with pytest.raises(BrainPropError, match=f"--data-dir {re.escape(str(root))}, which it"):
+    with pytest.raises(BrainPropError, match=f"'--data-dir {re.escape(str(root))}', the folder"):
         train(dataclasses.replace(config, epochs=2), resume=run, data_dir=str(other))
 
 
@@ -768,6 +768,13 @@ def test_data_of_other_classes_but_the_same_counts_is_one_line() -> None:
     with pytest.raises(BrainPropError) as info:
         check_same_data(recorded, ds, "run", "resume with its data", "train(dataset=...)")
     assert "with other numbers of images per class (2 classes then, 3 now): " in str(info.value)
+    # A data root the shell would split is quoted, as in every command a message gives (review).
+    with pytest.raises(BrainPropError) as info:
+        check_same_data(recorded, ds, "run", "resume with its data", "train()", "/my data")
+    assert str(info.value).endswith(
+        "resume with its data ('--data-dir \"/my data\"', the folder it was read from; data of "
+        "one's own as train())"
+    )
 
 
 def test_the_same_files_elsewhere_and_in_another_order_are_the_same_data(

@@ -205,7 +205,7 @@ def test_runs_capped_at_the_papers_500_epochs_are_full_length_and_pool_with_unca
     assert r.max_epochs is None and r.rules["brainprop"].seeds == (0, 1, 2)
     assert r.gap_verdict.agrees is True and r.ratio_verdict.agrees is True
     md = write_report(tmp_path).read_text()
-    twice = f"{CPU} (1 run measured twice, one file left out)"
+    twice = f"{CPU} (1 run measured twice, 1 file left out)"
     assert f"| MNIST conv | {twice} | 500 (paper) | 3 / 2 | 99.31 (0.01) |" in md
     data = json.loads((tmp_path / RESULTS_JSON).read_text())
     assert "mnist/conv" not in data["no_full_paper_run"] and data["cells"][0]["max_epochs"] is None
@@ -666,11 +666,17 @@ def test_runs_replayed_from_a_cuda_graph_pool_with_plain_ones_but_not_their_seco
     assert (bp.s_per_epoch.n, bp.s_per_epoch.mean) == (2, 2.0)
     assert (bp.graph_s_per_epoch.n, bp.graph_s_per_epoch.mean) == (1, 0.5)
     # Said, so that two files of one seed that disagree (0.9 and 0.993 here) are seen (review).
-    notes = "1 run from a CUDA graph; 1 run measured twice, one file left out"
+    notes = "1 run from a CUDA graph; 1 run measured twice, 1 file left out"
     assert r.machine_text == f"{GPU} ({notes})"
     assert bp.s_per_epoch_text() == "2.0 (0.0); 0.5 (graph)"
     report = write_report(tmp_path).read_text()
     assert f"| {GPU} ({notes}) |" in report and "| 2.0 (0.0); 0.5 (graph) |" in report
+    # Seed 0 a third time, capped at the paper's 500 epochs: one run, two files left out.
+    write_measurement(tmp_path, RunSpec(CONV, "brainprop", 0, max_epochs=500), GPU,
+                      test_acc=0.9, s_per_epoch=2.0)  # fmt: skip
+    [r] = aggregate(load_measurements(tmp_path))
+    assert r.rules["brainprop"].seeds == (0, 1, 2)
+    assert r.twice == "1 run measured more than once, 2 files left out"
 
 
 def test_a_tie_at_the_verdicts_limit_counts_as_within(tmp_path):

@@ -219,8 +219,8 @@ def evaluate(
         ``test_acc`` (a fraction), ``test_size`` and ``device``.
     """
     target = _checkpoint_path(target)
-    read = _best_of(target) if target.is_dir() else target
     dataset = given_dataset(dataset, "evaluate")
+    read = _best_of(target) if target.is_dir() else target
     dev = resolve_device(device)
     model, state = load_model(target)
     config = TrainConfig.from_dict(state["config"])

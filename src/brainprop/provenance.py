@@ -15,7 +15,7 @@ from typing import Any
 
 from .config import TrainConfig
 from .data import DATASETS, Dataset
-from .errors import BrainPropError, reason
+from .errors import BrainPropError, command, reason
 
 #: What a run's checkpoints and config.json may disagree on and still be one run: where the
 #: data is (the first with --data-dir, or as a relative root an older version stored becomes
@@ -97,7 +97,7 @@ def check_same_data(
         how = (
             f"its loader, DATASETS[{name!r}].load, must load what it loaded then"
             if name in DATASETS and name not in DATASETS.builtin
-            else f"--data-dir {_read_from(data_dir)}; data of one's own as {call}"
+            else f"{_pass_root(data_dir)}; data of one's own as {call}"
         )
         raise BrainPropError(
             f"{source} was trained on {then}, but the data now is {now}: {remedy} ({how})"
@@ -112,11 +112,11 @@ def check_same_data(
         )
 
 
-def _read_from(data_dir: str | None) -> str:
-    """The data root a run was given, for a message: named where the run named one."""
-    return (
-        "the folder it was read from" if data_dir is None else f"{data_dir}, which it was read from"
-    )
+def _pass_root(data_dir: str | None) -> str:
+    """How to pass again the data root a run was given: named where the run named one."""
+    if data_dir is None:
+        return "--data-dir the folder it was read from"
+    return f"{command('--data-dir', data_dir)}, the folder it was read from"
 
 
 def check_loadable(recorded: Any, dataset: str, source: str, call: str) -> None:

@@ -414,7 +414,7 @@ def compare(
         ratio_verdict,
         published, published_verdict, preset, feedback, _sharing(runs),
         any(m.bf16 for m in runs), any(m.cuda_graph for m in runs), _graphed(runs), rule,
-        any(m.tf32 for m in runs), beyond, _twice(len(measured) - len(runs)),
+        any(m.tf32 for m in runs), beyond, _twice(measured, runs),
     )  # fmt: skip
 
 
@@ -457,11 +457,16 @@ def _graphed(runs: Sequence[Measurement]) -> str:
     return f"{n} run{'s' * (n > 1)} from a CUDA graph" if n else ""
 
 
-def _twice(n: int) -> str:
-    """E.g. "1 run measured twice, one file left out": so that two files of one run that
-    disagree (a plain and a graphed measurement of one seed, merged from two sessions) are
-    seen, where the report shows one of them."""
-    return f"{n} run{'s' * (n > 1)} measured twice, one file left out" if n else ""
+def _twice(measured: Sequence[Measurement], kept: Sequence[Measurement]) -> str:
+    """E.g. "1 run measured twice, 1 file left out", of ``measured`` with each run once,
+    ``kept``: so that two files of one run that disagree (a plain and a graphed measurement of
+    one seed, merged from two sessions) are seen, where the report shows one of them."""
+    runs = sum(n > 1 for n in Counter((m.rule, m.seed) for m in measured).values())
+    files = len(measured) - len(kept)
+    if not runs:
+        return ""
+    how = "twice" if files == runs else "more than once"
+    return f"{runs} run{'s' * (runs > 1)} measured {how}, {files} file{'s' * (files > 1)} left out"
 
 
 def welch_limit(a: Stat, b: Stat) -> float | None:

@@ -9,6 +9,7 @@ is renamed into place in one step.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import http.client
@@ -75,14 +76,20 @@ def download(
     created = not dest.exists()
     make_folder(dest, "choose a writable data root with --data-dir or BRAINPROP_DATA")
     busy = f"{dest} is being downloaded into by another process: wait for it to end"
-    with locks.held(dest, busy):
+    with locks.held(dest, busy), contextlib.ExitStack() as held:
         # Another process may have finished a download between the check above and the hold.
         if (here := _present_in(name, root, dest)) is not None:
             return here
         _remove_leftovers(dest)
         if source.top is not None:
-            _remove_work(_place(dest / source.top))
-            _recover_aside(_place(dest / source.top))
+            place = _place(dest / source.top)
+            if place.parent.resolve() != dest.resolve() and place.parent.is_dir():
+                # A link's target: another data root's link may lead there too, and its
+                # download would take this one's work folder for a killed one's (review).
+                beside = f"{place.parent} is being extracted into by another process"
+                held.enter_context(locks.held(place.parent, f"{beside}: wait for it to end"))
+            _remove_work(place)
+            _recover_aside(place)
             _refuse_in_the_way(dest / source.top, name)
         try:
             for remote in source.files:
@@ -200,10 +207,13 @@ def _present_in(name: str, root: Path, dest: Path) -> Path | None:
 
 def _remove_leftovers(dest: Path) -> None:
     """Delete the partial archives (as large as the archive) that downloads killed mid-way
-    (SIGKILL, power loss) left in ``dest``. Only called while ``dest`` is held, so none of them
-    can belong to a download still running."""
+    (SIGKILL, power loss) left in ``dest``, and the work folders of versions before
+    :func:`_work_prefix` named them for their place. Only called while ``dest`` is held, so
+    none of them can belong to a download still running."""
     for part in dest.glob(".*.part"):
         part.unlink(missing_ok=True)
+    for work in dest.glob(".extract-*"):
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _work_prefix(place: Path) -> str:
@@ -215,7 +225,8 @@ def _work_prefix(place: Path) -> str:
 def _remove_work(place: Path) -> None:
     """Delete the half-extracted trees that extractions for ``place`` killed mid-way left beside
     it: beside a link's target too, where they went unseen (a review). Only called while the
-    dataset's folder is held, so none of them can belong to an extraction still running."""
+    dataset's folder, and a link's target's folder, are held, so none of them can belong to an
+    extraction still running."""
     for work in _beside(place, _work_prefix(place)):
         shutil.rmtree(work, ignore_errors=True)
 
@@ -260,7 +271,14 @@ def _recover_aside(place: Path) -> None:
 def _place(target: Path) -> Path:
     """Where the tree at ``target`` lies: where it links to, if it is a link (to a folder on
     another disk, say), for the data belongs where the link says."""
-    return target.resolve() if target.is_symlink() else target
+    if not target.is_symlink():
+        return target
+    try:
+        return target.resolve()
+    except (RuntimeError, OSError):
+        # A loop of links (RuntimeError before Python 3.13): the link itself, which
+        # _refuse_in_the_way names as leading nowhere.
+        return target
 
 
 def _read_chunk(response: BinaryIO, url: str, by_hand: str) -> bytes:
