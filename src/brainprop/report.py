@@ -253,7 +253,7 @@ class CellResult:
     tf32: bool = False
     #: Whether any run found its best after the paper's 500 epochs (under a higher cap).
     beyond_paper: bool = False
-    #: How many runs were measured twice, each counted once; empty when none was.
+    #: How many runs were measured more than once, each counted once; empty when none was.
     twice: str = ""
 
     @property
@@ -855,8 +855,8 @@ def markdown(results: Sequence[CellResult], count: int, machines: Sequence[str])
         "and their s/epoch, another kind of seconds, is shown apart, marked (graph); total time "
         "adds both kinds. A run measured both plainly and from a CUDA graph, or both uncapped "
         "and capped at 500 epochs (files merged from two sessions), counts once, as its plain, "
-        "uncapped measurement; the machine column says how many runs were measured twice. "
-        "Runs that shared their device "
+        "uncapped measurement; the machine column says how many runs were measured more than "
+        "once. Runs that shared their device "
         "(seeds stacked in one network, or several runs at once on a GPU) are pooled with its "
         "other runs, and the machine column says how many did; their s/epoch and total time "
         "are device time per run, their wall time divided by how many runs shared the device. "
