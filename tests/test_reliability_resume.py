@@ -580,6 +580,26 @@ def test_a_sigterm_soon_after_the_first_is_the_same_stop(monkeypatch) -> None:
     assert signals.first_note(signals.RELAY, "saving") == "SIGUSR1 (a stop passed on): saving"
 
 
+def test_a_stop_as_a_signal_block_ends_leaves_every_handler_restored(monkeypatch) -> None:
+    """signal.signal() runs a pending signal's handler first: a stop that came as the block
+    ended raised out of the first restore, and the other signals kept the block's handlers,
+    to raise its stop later in code that expects none (review)."""
+    before = {s: signal.getsignal(s) for s in signals._watched()}
+    real, calls = signal.signal, []
+
+    def with_a_stop_pending(signum, handler):
+        calls.append(signum)
+        if len(calls) == len(before) + 1:  # the first restore
+            raise Interrupted("stopped by SIGTERM at the block's end", signal.SIGTERM)
+        return real(signum, handler)
+
+    monkeypatch.setattr(signal, "signal", with_a_stop_pending)
+    with pytest.raises(Interrupted, match="at the block's end"), signals.quit_on_signals("x"):
+        pass
+    monkeypatch.undo()
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
 def test_killed_before_the_first_checkpoint_starts_over(tmp_path: Path, ds, reference) -> None:
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -588,6 +608,28 @@ def test_killed_before_the_first_checkpoint_starts_over(tmp_path: Path, ds, refe
     train(None, resume=run_dir, dataset=ds, progress=False)
     assert not list(run_dir.glob(".*.tmp"))  # what a killed write left behind is cleaned up
     assert_same_run(reference, run_dir)
+
+
+def test_a_temporary_that_cannot_be_deleted_is_one_line(tmp_path: Path, monkeypatch) -> None:
+    """A folder of a temporary's name, or a file that could not be deleted, was a traceback
+    (review): the folder is no writer's and is left."""
+    (tmp_path / ".mine.tmp").mkdir()
+    stuck = tmp_path / ".last.pt.abc123.tmp"
+    stuck.write_bytes(b"half a checkpoint")
+
+    def denied(self: Path, missing_ok: bool = False) -> None:
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+
+    monkeypatch.setattr(Path, "unlink", denied)
+    with pytest.raises(BrainPropError) as info:
+        files.remove_temporaries(tmp_path)
+    assert str(info.value) == (
+        f"cannot delete {stuck}, a file left by a write that was cut short (Permission denied): "
+        "delete it, then run the command again"
+    )
+    monkeypatch.undo()
+    files.remove_temporaries(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == [".mine.tmp"]
 
 
 def test_a_run_being_trained_elsewhere_is_not_resumed_meanwhile(
@@ -1357,7 +1399,9 @@ def test_a_signal_between_two_installs_leaves_no_handler_behind(block, monkeypat
     with pytest.raises(KeyboardInterrupt), guard:
         pass
     monkeypatch.undo()
-    assert len(calls) == 3 and _handlers() == before
+    # Two installs tried, and both handlers put back: the second's previous one was noted
+    # before its install, which the stop broke off.
+    assert len(calls) == 4 and _handlers() == before
 
 
 def test_a_signal_the_process_ignores_stays_ignored() -> None:

@@ -138,9 +138,18 @@ def copy(source: str | Path, target: str | Path) -> None:
 
 def remove_temporaries(folder: str | Path) -> None:
     """Delete the temporary files that writers killed mid-write (SIGKILL, power loss) left in
-    ``folder``; each may be as large as a checkpoint."""
+    ``folder``; each may be as large as a checkpoint. A folder of that name is no writer's, and
+    is left; a file that cannot be deleted is a one-line error (a traceback before, review)."""
     for tmp in Path(folder).glob(TEMPORARIES):
-        tmp.unlink(missing_ok=True)
+        if tmp.is_dir() and not tmp.is_symlink():
+            continue
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError as e:
+            raise BrainPropError(
+                f"cannot delete {tmp}, a file left by a write that was cut short "
+                f"({e.strerror or e}): delete it, then run the command again"
+            ) from None
 
 
 def _write_error(path: Path, e: OSError) -> BrainPropError:

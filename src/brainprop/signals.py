@@ -192,16 +192,30 @@ def quit_on_signals(what: str) -> Iterator[None]:
 @contextlib.contextmanager
 def _handled(handler: Callable[[int], Callable[[int, object], Any]]) -> Iterator[None]:
     """Within the block, each signal of :func:`_watched` goes to ``handler(signum)``; the
-    previous handlers come back after it. Installed inside the ``try``: a signal whose handler
-    raises between two installs leaves none of them behind."""
+    previous handlers come back after it, every one of them, whatever signals come meanwhile.
+
+    signal.signal() runs a pending signal's handler first, and one of ours raises: a stop
+    that came as the block ended broke off the restore, and a signal left with our handler
+    raised later, in code that expects none (review). So each previous handler is noted before
+    ours replaces it, and the restore goes on to the last before the first stop it met is
+    raised."""
     previous: dict[int, Any] = {}
     try:
         for s in _watched():
-            previous[s] = signal.signal(s, handler(s))
+            previous[s] = signal.getsignal(s)
+            signal.signal(s, handler(s))
         yield
     finally:
+        stop: BaseException | None = None
         for s, old in previous.items():
-            signal.signal(s, old)
+            while True:
+                try:
+                    signal.signal(s, old)
+                    break
+                except BaseException as e:  # the stop a pending signal raised: taken below
+                    stop = stop or e
+        if stop is not None:
+            raise stop
 
 
 #: The stop a process got while it held stops (:func:`hold_stops`), for the next
