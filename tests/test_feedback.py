@@ -807,6 +807,11 @@ UNLIKE = (
          r"made a B for layer 0 \(Linear\) that shares W's memory, so it would follow W"),
         (Pathway(make=lambda layer, scale, g: layer.weight * 2),
          r"made a B for layer 0 \(Linear\) that autograd computed from W"),
+        # An AttributeError on .shape, or a message that offered a numpy array .to (review).
+        (Pathway(make=lambda layer, scale, g: 0.5 * scale),
+         r"made a float for layer 0 \(Linear\): make returns a tensor like W"),
+        (Pathway(make=lambda layer, scale, g: layer.weight.detach().numpy().copy()),
+         r"made a ndarray for layer 0 \(Linear\): make returns a tensor like W"),
     ],
 )  # fmt: skip
 def test_a_pathway_that_makes_a_b_unlike_w_changes_nothing(monkeypatch, pathway, said):
@@ -900,6 +905,10 @@ def test_a_read_b_unlike_w_is_refused_at_the_step(monkeypatch):
         r"^feedback 'flat' read B \[12\] on cpu for a Linear layer whose weight is \[3, 4\] on cpu"
     )
     with pytest.raises(BrainPropError, match=said):
+        model(torch.rand(2, 4, requires_grad=True))
+    # An AttributeError on .shape (review).
+    monkeypatch.setitem(PATHWAYS, "flat", Pathway(make=lambda *_: None, read=lambda layer: None))
+    with pytest.raises(BrainPropError, match=r"^feedback 'flat' read None for a Linear layer: its"):
         model(torch.rand(2, 4, requires_grad=True))
     # Another dtype is no fault (a read under autocast computes in bf16): the backward casts it.
     half = Pathway(make=lambda *_: None, read=lambda layer: layer.weight.detach().bfloat16())
@@ -1026,6 +1035,20 @@ def test_built_in_names_and_unregistered_pathways_are_refused(monkeypatch):
             PATHWAYS[name] = PATHWAYS["random"]
     with pytest.raises(BrainPropError, match=r"^PATHWAYS\['x'\] must be a brainprop.Pathway, not"):
         PATHWAYS["x"] = lambda layer: layer.weight
+    # Called with the wrong arguments, a read failed mid-epoch in a traceback (review).
+    with pytest.raises(BrainPropError) as info:
+        PATHWAYS["x"] = Pathway(make=lambda layer, scale, g: None, read=lambda: None)
+    assert str(info.value) == (
+        "PATHWAYS['x'] has a read, <lambda>(), that is no function of (layer)"
+    )
+    with pytest.raises(
+        BrainPropError, match=r"has a make, <lambda>\(layer\), that is no function of"
+    ):
+        PATHWAYS["x"] = Pathway(make=lambda layer: None)
+    with pytest.raises(
+        BrainPropError, match=r"has a read that is a str, not a function of \(layer\)"
+    ):
+        PATHWAYS["x"] = Pathway(make=lambda *_: None, read="sign")
     # Every route in, not only item assignment.
     with pytest.raises(BrainPropError, match=r"^PATHWAYS\['direct'\]: 'direct' is a built-in"):
         PATHWAYS.update(direct=PATHWAYS["random"])

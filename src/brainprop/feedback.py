@@ -49,6 +49,7 @@ detached input and a small identity function injects the projected error at the 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import re
 import sys
 import threading
@@ -153,6 +154,13 @@ def feedback_weight(layer: nn.Module) -> torch.Tensor | None:
     if pathway.read is None:
         return layer.feedback_weight
     b, w = pathway.read(layer), layer.weight
+    if not isinstance(b, torch.Tensor):
+        got = "None" if b is None else kind_of(b)
+        raise ReadRefused(
+            mode, pathway.read,
+            f"read {got} for a {_original(type(layer)).__name__} layer: its read must return "
+            "a tensor, a B shaped like W",
+        )  # fmt: skip
     # convert checked a stored B; a read one is new at every step. Its dtype may differ (a read
     # under autocast computes in bf16): the backward casts B to the gradient's anyway.
     if (b.shape, b.device) != (w.shape, w.device):
@@ -234,9 +242,29 @@ class Pathway:
 
 
 def _pathway_problem(entry: object) -> str | None:
-    if isinstance(entry, Pathway):
-        return None
-    return f"must be a brainprop.Pathway, not {kind_of(entry)}"
+    if not isinstance(entry, Pathway):
+        return f"must be a brainprop.Pathway, not {kind_of(entry)}"
+    # Refused as registered: a read called with the wrong arguments failed mid-epoch, in a
+    # traceback with no line of one's own to name (review).
+    for part, args, takes in (
+        ("make", (nn.Identity(), 1.0, None), "(layer, scale, generator)"),
+        ("read", (nn.Identity(),), "(layer)"),
+    ):
+        code = getattr(entry, part)
+        if code is None and part == "read":
+            continue
+        if not callable(code):
+            return f"has a {part} that is {kind_of(code)}, not a function of {takes}"
+        try:
+            signature = inspect.signature(code)
+        except (TypeError, ValueError):  # no signature to read (some built-ins): its call tells
+            continue
+        try:
+            signature.bind(*args)
+        except TypeError:
+            named = getattr(code, "__name__", type(code).__name__)
+            return f"has a {part}, {named}{signature}, that is no function of {takes}"
+    return None
 
 
 _NO_PATHWAY = "a built-in mode that is no pathway through a B"
@@ -861,6 +889,11 @@ def _made_feedback_weights(
                 "Pathway one of them"
             )
         w = m.weight
+        if b is not None and not isinstance(b, torch.Tensor):
+            raise BrainPropError(
+                f"feedback {feedback!r} made {kind_of(b)} for {label}: make returns a tensor "
+                "like W (e.g. torch.as_tensor(b).to(layer.weight)), an nn.Parameter, or None"
+            )
         if b is not None and (b.shape, b.dtype, b.device) != (w.shape, w.dtype, w.device):
             raise BrainPropError(
                 f"feedback {feedback!r} made B {list(b.shape)} {b.dtype} on {b.device} for "
