@@ -193,6 +193,21 @@ def defined_in(code: Callable[..., object]) -> Path | None:
     return source_file(unwrapped(code))
 
 
+def not_taking(code: Callable[..., object], *args: object, **kwargs: object) -> str | None:
+    """``code`` as its name and signature (``load(root)``) where that signature cannot take
+    ``args`` and ``kwargs``: asked as one's own code is registered, before any call. None where
+    it can, or where it has no signature to read (some built-ins): its call tells then."""
+    try:
+        signature = inspect.signature(code)
+    except (TypeError, ValueError):
+        return None
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError:
+        return f"{getattr(code, '__name__', type(code).__name__)}{signature}"
+    return None
+
+
 def definition(code: Callable[..., object]) -> str | None:
     """``file:line`` where one's own ``code`` (as :func:`defined_in` finds it) is defined."""
     code = unwrapped(code)

@@ -49,7 +49,6 @@ detached input and a small identity function injects the projected error at the 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import re
 import sys
 import threading
@@ -63,7 +62,15 @@ from torch.nn.utils import parametrize
 
 from . import plugins
 from .devices import ran_out_of_memory
-from .errors import BrainPropError, UnknownName, defined_in, definition, kind_of, raised
+from .errors import (
+    BrainPropError,
+    UnknownName,
+    defined_in,
+    definition,
+    kind_of,
+    not_taking,
+    raised,
+)
 from .layers import Conv2dSame, LocallyConnected2d
 from .registry import Registry
 from .rng import check_generator
@@ -255,15 +262,8 @@ def _pathway_problem(entry: object) -> str | None:
             continue
         if not callable(code):
             return f"has a {part} that is {kind_of(code)}, not a function of {takes}"
-        try:
-            signature = inspect.signature(code)
-        except (TypeError, ValueError):  # no signature to read (some built-ins): its call tells
-            continue
-        try:
-            signature.bind(*args)
-        except TypeError:
-            named = getattr(code, "__name__", type(code).__name__)
-            return f"has a {part}, {named}{signature}, that is no function of {takes}"
+        if (called := not_taking(code, *args)) is not None:
+            return f"has a {part}, {called}, that is no function of {takes}"
     return None
 
 

@@ -3,7 +3,6 @@ entry point that loads any of them by name."""
 
 from __future__ import annotations
 
-import inspect
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from brainprop.errors import (
     defined_in,
     kind_of,
     not_permitted,
+    not_taking,
     raised,
 )
 from brainprop.plugins import did_you_mean
@@ -55,16 +55,8 @@ def _entry_problem(entry: object) -> str | None:
         return f"must be a brainprop.DatasetEntry(load, family), not {kind_of(entry)}"
     if not callable(entry.load):
         return f"{_LOADER} {kind_of(entry.load)}"
-    try:
-        signature = inspect.signature(entry.load)
-    except (TypeError, ValueError):  # no signature to read (some built-ins): its call tells
-        signature = None
-    if signature is not None:
-        try:
-            signature.bind(Path(), test_only=False)
-        except TypeError:
-            named = getattr(entry.load, "__name__", type(entry.load).__name__)
-            return f"{_LOADER} {named}{signature}"
+    if (called := not_taking(entry.load, Path(), test_only=False)) is not None:
+        return f"{_LOADER} {called}"
     if entry.family not in FAMILIES:
         return (
             f"has the family {entry.family!r}: one of {', '.join(FAMILIES)}, whose preset rows "
