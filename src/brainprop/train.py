@@ -903,10 +903,11 @@ def gave_up(bad: NonFinite, config: TrainConfig, run_path: Path) -> str:
         after = ""
         fix = "Start a new run with a lower --lr or --init-std, or with --on-nan reload"
     kept = _kept(run_path, "so there is nothing to resume")
+    resumable = (run_path / rundir.LAST).is_file()
     if bad.what == "loss" and config.rule not in OBJECTIVES.builtin:
         fix += f"; or check that rule {config.rule!r}, one's own, computes a finite loss"
-        fix += ", and resume once it does" * (run_path / rundir.LAST).is_file()
-    elif (run_path / rundir.LAST).is_file():
+        fix += ", and resume once it does" * resumable
+    elif resumable:
         kept += ", from which a resume would overflow again"
     return f"stopped{after}: the {bad.what} became NaN or inf at {bad.where()}; {kept}. {fix}."
 
