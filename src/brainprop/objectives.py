@@ -16,7 +16,6 @@ A new rule is an :class:`Objective` registered by name in :data:`OBJECTIVES`.
 
 from __future__ import annotations
 
-import inspect
 import re
 import sys
 from collections.abc import Callable
@@ -29,7 +28,7 @@ from torch.autograd.function import once_differentiable
 
 from . import fusedhead, rng
 from .devices import ran_out_of_memory
-from .errors import BrainPropError, defined_in, definition, kind_of, raised
+from .errors import BrainPropError, defined_in, definition, kind_of, not_taking, raised
 from .registry import Registry
 
 #: The published exploration rate: the chance that BrainProp samples its action from
@@ -409,7 +408,7 @@ def make_objective(rule: str, epsilon: float = DEFAULT_EPSILON, fused: bool = Fa
             f"OBJECTIVES[{rule!r}] is an objective itself: register a function that makes it, "
             "e.g. lambda epsilon, fused: Mine()"
         )
-    if not _takes(factory, epsilon, fused):
+    if not callable(factory) or not_taking(factory, epsilon, fused) is not None:
         raise BrainPropError(
             f"OBJECTIVES[{rule!r}] cannot be called as (epsilon, fused): register a function "
             "that makes the objective, e.g. lambda epsilon, fused: Mine()"
@@ -437,18 +436,6 @@ def make_objective(rule: str, epsilon: float = DEFAULT_EPSILON, fused: bool = Fa
             "returns an Output (see brainprop.Objective)"
         )
     return objective
-
-
-def _takes(factory: Callable[..., Any], *args: object) -> bool:
-    """Whether ``factory``'s signature takes ``args``: asked before the call, so that an error
-    inside a factory that does take them stays the factory's own."""
-    try:
-        inspect.signature(factory).bind(*args)
-    except TypeError:
-        return False
-    except ValueError:  # no signature to read (some built-ins): let the call speak
-        return True
-    return True
 
 
 def check_rule(rule: str, objective: Objective, classes: int, device: torch.device) -> None:
