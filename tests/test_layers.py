@@ -197,6 +197,9 @@ def test_locally_connected_rejects_wrong_input_size() -> None:
         {"kernel_size": 9},
         {"stride": 0},
         {"kernel_size": (3, 3, 3)},
+        # A float was a TypeError ("'float' object is not iterable"); True passed as 1.
+        {"stride": 2.0},
+        {"kernel_size": True},
     ],
 )
 def test_locally_connected_rejects_bad_arguments(kwargs: dict) -> None:

@@ -306,6 +306,8 @@ def test_a_row_takes_numbers_of_any_kind_and_a_list_of_rates():
     assert (type(whole.lr), [type(rate) for rate in whole.dropout]) == (float, [float, float])
     model = build_model("conv", (1, 28, 28), 10, row)
     assert [m.p for m in model if isinstance(m, nn.Dropout)] == [0.3, 0.3]
+    # So are a shape and a class count of numpy's.
+    assert build_model("conv", np.array([1, 28, 28]), np.int64(10))[-1].out_features == 10
 
 
 @pytest.mark.parametrize(
@@ -317,11 +319,18 @@ def test_a_row_takes_numbers_of_any_kind_and_a_list_of_rates():
         (dict(input_shape=(28, 28, 1)),
          r"^input shape \(28, 28, 1\) looks channels-last \(H, W, C\): pass \(C, H, W\), "
          r"\(1, 28, 28\)$"),
+        (dict(num_classes=-1), r"^num_classes must be a whole number >= 2, got -1$"),
+        (dict(num_classes=2.5), r"^num_classes must be a whole number >= 2, got 2\.5$"),
+        (dict(num_classes=0), r"^num_classes must be a whole number >= 2, got 0$"),
+        (dict(input_shape=(0, 28, 28)),
+         r"^input shape must be \(C, H, W\), whole numbers >= 1, got \(0, 28, 28\)$"),
+        (dict(input_shape=28), r"^input shape must be \(C, H, W\), whole numbers >= 1, got 28$"),
     ],
 )  # fmt: skip
 def test_build_model_given_arguments_of_the_wrong_kind_says_so_in_one_line(args, said):
-    """An AttributeError, torch's list of overloads, or (channels last) a network of 28
-    channels built without a word (a helper's walkthrough)."""
+    """An AttributeError, torch's list of overloads, a traceback about a tensor's negative
+    dimension, or (channels last, no class, no channel) a network built without a word (a
+    helper's walkthrough)."""
     with pytest.raises(BrainPropError, match=said):
         build_model(**{"arch": "conv", "input_shape": (1, 28, 28), "num_classes": 10, **args})
 

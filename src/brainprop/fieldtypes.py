@@ -22,6 +22,11 @@ from .errors import BrainPropError, kind_of
 _FLOAT_MAX = int(np.finfo(np.float64).max)
 
 
+def whole(value: object, least: int) -> bool:
+    """Whether ``value`` is a whole number (numpy's too, not a bool) of at least ``least``."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= least
+
+
 def _number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import BrainPropError
+from .fieldtypes import whole
 
 __all__ = ["Conv2dSame", "LocallyConnected2d", "tf_same_padding"]
 
@@ -26,10 +27,10 @@ IntPair = int | tuple[int, int]
 
 
 def _pair(value: IntPair, name: str) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, int) else tuple(value)
-    if len(pair) != 2 or not all(isinstance(v, int) and v >= 1 for v in pair):
+    pair = tuple(value) if isinstance(value, tuple | list) else (value, value)
+    if len(pair) != 2 or not all(whole(v, least=1) for v in pair):
         raise BrainPropError(f"{name} must be a positive int or a pair of them, got {value!r}")
-    return pair  # type: ignore[return-value]
+    return int(pair[0]), int(pair[1])
 
 
 def tf_same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:

@@ -17,9 +17,8 @@ the objective, not in the network.
 
 from __future__ import annotations
 
-import numbers
 import re
-from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, replace
 from types import MappingProxyType
 
@@ -31,7 +30,7 @@ from .data.dataset import looks_channels_last
 from .data.registry import DATASETS, dataset_family
 from .devices import ran_out_of_memory
 from .errors import BrainPropError, defined_in, kind_of, raised
-from .fieldtypes import check_fields, make_plain
+from .fieldtypes import check_fields, make_plain, whole
 from .layers import Conv2dSame, LocallyConnected2d
 from .registry import Registry
 from .rng import check_generator
@@ -415,7 +414,7 @@ def _architecture_problem(entry: object) -> str | None:
             "must start with its builder, a function of (net, num_classes, dropout), not "
             f"{kind_of(builder)}"
         )
-    if isinstance(sites, bool) or not isinstance(sites, numbers.Integral) or sites < 0:
+    if not whole(sites, least=0):
         return f"must end with its number of dropout sites, a whole number >= 0, not {sites!r}"
     return None
 
@@ -465,8 +464,14 @@ def build_model(
         raise BrainPropError(
             f"{arch!r} has {sites} dropout sites but {len(hp.dropout)} rates were given: {fix}"
         )
-    if len(input_shape) != 3:
-        raise BrainPropError(f"input shape must be (C, H, W), got {tuple(input_shape)}")
+    if not whole(num_classes, least=2):
+        raise BrainPropError(f"num_classes must be a whole number >= 2, got {num_classes!r}")
+    shape = tuple(input_shape) if isinstance(input_shape, Iterable) else ()
+    if len(shape) != 3 or not all(whole(n, least=1) for n in shape):
+        raise BrainPropError(
+            f"input shape must be (C, H, W), whole numbers >= 1, got {input_shape!r}"
+        )
+    input_shape, num_classes = tuple(map(int, shape)), int(num_classes)
     if looks_channels_last(*input_shape):
         c, h, w = input_shape
         raise BrainPropError(
