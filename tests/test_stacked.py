@@ -50,7 +50,9 @@ def test_a_stack_trains_each_seed_as_its_own_run_would(
     tmp_path, tiny_dataset, rule, val, arch, batch
 ):
     """Without dropout (whose masks a stack draws differently) only rounding differs: the
-    same shuffles, explorations, weight decay, BatchNorm statistics and accuracies."""
+    same shuffles, explorations, weight decay, BatchNorm statistics and accuracies. On these
+    few steps of toy data, that is: on real data BatchNorm amplifies the rounding within tens
+    of steps (docs/reproduce.md)."""
     dropout = () if arch == "dense" else (0.0,)  # the MNIST dense net has no dropout site
     kw = dict(rule=rule, dropout=dropout, l2=1e-3, val=val, arch=arch, batch_size=batch)
     alone = [

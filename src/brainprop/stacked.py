@@ -20,10 +20,11 @@ What differs from G separate runs: the dropout masks (vmap draws them for all me
 from the global stream, so a member's masks depend on its place in the stack and on the seeds
 beside it; the same stack repeats them) and floating-point rounding (batched kernels). Each
 member's shuffle order and BrainProp's exploration come from the member's own generator, as
-in a run of its own. Without dropout a member thus follows its seed alone to rounding, as
-tests show for dense, conv and loccon; in ``deep`` its BatchNorm layers amplify that rounding
-within a few steps (as :mod:`brainprop.fastpath` says of its layout), so a stacked seed of
-``deep`` is another run of that seed, not the same one.
+in a run of its own. Without dropout a member thus follows its seed alone to rounding in
+``dense``; in the networks with BatchNorm (conv, loccon, deep) those layers amplify that
+rounding within tens of steps on real data (as :mod:`brainprop.fastpath` says of its layout,
+which on a CPU differs too: a stack runs channels-first), so a stacked seed of those is
+another run of that seed, not the same one.
 
 Limits: one process (no torchrun); symmetric feedback (the other pathways are autograd
 Functions without a vmap rule); a network of one's own that vmap can run (no Python branch
