@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import stat
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +68,59 @@ def test_second_load_uses_cache_without_decoding(tmp_path: Path, monkeypatch) ->
         strict=True,
     ):
         assert torch.equal(a, b)
+
+
+def _tiny_imagenet_cached_once(root: Path, monkeypatch) -> Path:
+    """Load the tree under ``root`` twice, the second time from a cache (a decode fails the
+    test), with ``$XDG_CACHE_HOME`` in ``root``; returns that user cache folder."""
+    user = root / "xdg"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(user))
+    first = load_dataset("tiny-imagenet", root)
+    with monkeypatch.context() as m:
+        m.setattr(tin.Image, "open", lambda *a, **k: pytest.fail("decoded again"))
+        second = load_dataset("tiny-imagenet", root)
+        assert next(s for s in dataset_status(root) if s.name == "tiny-imagenet").note
+    assert torch.equal(first.train_x, second.train_x) and torch.equal(first.test_y, second.test_y)
+    return user / "brainprop" / "decoded"
+
+
+def test_a_tree_that_cannot_hold_its_cache_is_cached_in_the_users_cache_folder(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """A shared, read-only tree was decoded again by every load (a minute for the official
+    one), behind a two-line UserWarning (review). A file where the cache goes refuses it as a
+    read-only tree does, for root as well."""
+    folder = write_tiny_imagenet(tmp_path)
+    (folder / tin.CACHE_DIR).write_text("in the way")
+    decoded = _tiny_imagenet_cached_once(tmp_path, monkeypatch)
+    assert [p.name for p in decoded.iterdir()] == [tin._caches(folder)[1].name]
+    assert capsys.readouterr().err == ""
+    # A tree that can hold its cache keeps it there, and nothing goes to the user's.
+    (folder / tin.CACHE_DIR).unlink()
+    shutil.rmtree(decoded)
+    assert _tiny_imagenet_cached_once(tmp_path, monkeypatch).exists() is False
+    assert (folder / tin.CACHE_DIR / "manifest.json").is_file()
+
+
+def test_a_cache_that_can_go_nowhere_is_one_line_saying_what_that_costs(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    folder = write_tiny_imagenet(tmp_path)
+    (folder / tin.CACHE_DIR).write_text("in the way")
+    (tmp_path / "xdg").write_text("in the way too")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    for _ in range(2):
+        assert len(load_dataset("tiny-imagenet", tmp_path).train_y)
+        err = capsys.readouterr().err
+        tree = folder / tin.CACHE_DIR
+        assert err.count("\n") == 1 and err.startswith(
+            f"brainprop: warning: could not cache decoded Tiny ImageNet in {tree} ("
+        )
+        assert err.endswith(
+            "): every load decodes its images again (a minute for the official tree); make one "
+            "of those folders writable\n"
+        )
+        assert f" nor in {tin._caches(folder)[1]} (" in err
 
 
 def test_cache_is_rebuilt_when_files_change(tmp_path: Path) -> None:
@@ -566,7 +618,7 @@ def test_a_cache_build_killed_while_writing_leaves_no_temporary_behind(tmp_path:
     assert not left.exists() and (cache / "manifest.json").is_file()
 
 
-def test_a_cache_another_process_is_writing_is_left_to_it(tmp_path: Path) -> None:
+def test_a_cache_another_process_is_writing_is_left_to_it(tmp_path: Path, capsys) -> None:
     """Processes loading at once each wrote the cache, and one deleted another's temporary
     file mid-write, warning of a full disk (review)."""
     folder = write_tiny_imagenet(tmp_path)
@@ -574,10 +626,10 @@ def test_a_cache_another_process_is_writing_is_left_to_it(tmp_path: Path) -> Non
     cache.mkdir()
     writing = cache / ".train_x.npy.2521u2z0.tmp"
     writing.write_bytes(b"\0" * 1000)
-    with locks.held(cache, "busy"), warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with locks.held(cache, "busy"):
         ds = load_dataset("tiny-imagenet", tmp_path)
     assert len(ds.train_y) and writing.exists() and not (cache / "manifest.json").exists()
+    assert capsys.readouterr().err == ""
 
 
 def test_a_class_without_images_is_refused(tmp_path: Path) -> None:

@@ -6,6 +6,8 @@ official test split has no labels, so the ``val`` split serves as the test split
 
 Decoding ~110k JPEGs takes a minute, so the result is cached once as ``.npy`` files inside the
 dataset folder and reused while a small manifest (file list and labels) still matches the tree.
+A tree this user cannot write (a shared, read-only copy) gets its cache under the user's cache
+folder instead, where it would otherwise be decoded again by every run.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import hashlib
 import json
 import os
 import re
-import warnings
+import sys
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +41,7 @@ from .messages import (
     not_a_folder,
     unpacked_too_deep,
 )
+from .root import user_cache_dir
 from .status import DatasetStatus
 
 SUBDIR = "tiny-imagenet-200"
@@ -382,9 +385,43 @@ def _cache_fits(arrays: dict[str, np.ndarray], manifest: dict, classes: int) -> 
     return True
 
 
+def _caches(folder: Path) -> tuple[Path, Path]:
+    """Where the tree in ``folder`` may have its decoded cache: inside it, else (a tree this
+    user cannot write) in the user's cache folder, named for the tree's absolute path (not
+    resolved: resolving a loop of links raises, where the loader names the loop)."""
+    place = hashlib.sha256(str(folder.absolute()).encode()).hexdigest()[:16]
+    return folder / CACHE_DIR, user_cache_dir() / "decoded" / f"tiny-imagenet-{place}"
+
+
+def _load_either(folder: Path, manifest: dict, classes: int) -> dict[str, np.ndarray] | None:
+    """The arrays of whichever of :func:`_caches` was written for exactly this ``manifest``."""
+    for cache in _caches(folder):
+        if (arrays := _load_cache(cache, manifest, classes)) is not None:
+            return arrays
+    return None
+
+
+def _save_either(folder: Path, manifest: dict, arrays: dict[str, np.ndarray]) -> None:
+    """Cache ``arrays`` in the first of :func:`_caches` that can be written; where neither
+    can, say so in one line, as every load then decodes the images again."""
+    failed = []
+    for cache in _caches(folder):
+        try:
+            _save_cache(cache, manifest, arrays)
+            return
+        except (OSError, BrainPropError) as exc:
+            failed.append(f"{cache} ({reason(exc)})")
+    print(
+        f"brainprop: warning: could not cache decoded Tiny ImageNet in {' nor in '.join(failed)}: "
+        "every load decodes its images again (a minute for the official tree); make one of "
+        "those folders writable",
+        file=sys.stderr,
+    )
+
+
 def _save_cache(cache: Path, manifest: dict, arrays: dict[str, np.ndarray]) -> None:
     try:
-        cache.mkdir(exist_ok=True)
+        cache.mkdir(parents=True, exist_ok=True)
         # Held while written: processes loading at once (reproduce --jobs, torchrun's ranks)
         # each decode, and one removed another's temporaries below as a killed build's.
         with locks.held(cache, "another process is writing it"):
@@ -401,10 +438,6 @@ def _save_cache(cache: Path, manifest: dict, arrays: dict[str, np.ndarray]) -> N
             atomic_write(cache / "manifest.json", lambda f: f.write(json.dumps(manifest).encode()))
     except locks.Busy:
         pass  # the other process writes the same cache
-    except (OSError, BrainPropError) as exc:
-        warnings.warn(
-            f"could not cache decoded Tiny ImageNet in {cache}: {reason(exc)}", stacklevel=3
-        )
 
 
 @dataclass(frozen=True)
@@ -443,7 +476,8 @@ class TinyImageNetTree:
         folder = self.dataset_dir(name, root)
         wnids, annotations = folder / "wnids.txt", folder / "val" / "val_annotations.txt"
         present = all(p.exists() for p in (wnids, folder / "train", annotations))
-        note = "decoded cache present" if (folder / CACHE_DIR / "manifest.json").is_file() else ""
+        cached = any((cache / "manifest.json").is_file() for cache in _caches(folder))
+        note = "decoded cache present" if cached else ""
         # A tree in part: a download would extract the archive around what is there (review).
         damaged = (tree_problem if present else _in_the_archives_way)(folder) or ""
         unreadable = damaged.endswith(PERMISSIONS_FIX)
@@ -478,12 +512,11 @@ class TinyImageNetTree:
             )
         train = [(p, i) for i, wnid in enumerate(wnids) for p in _train_images(folder, wnid)]
         manifest = _manifest(folder, train, test)
-        cache = folder / CACHE_DIR
-        arrays = _load_cache(cache, manifest, len(wnids))
+        arrays = _load_either(folder, manifest, len(wnids))
         if arrays is None:
             train_x, train_y = _decode_split(train, "decoding Tiny ImageNet train")
             test_x, test_y = _decode_split(test, "decoding Tiny ImageNet val")
             arrays = {"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y}
-            _save_cache(cache, manifest, arrays)
+            _save_either(folder, manifest, arrays)
         t = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
         return Dataset(name, t["train_x"], t["train_y"], t["test_x"], t["test_y"], len(wnids))
