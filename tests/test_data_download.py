@@ -37,7 +37,7 @@ from data_fixtures import (
 
 from brainprop import locks
 from brainprop.cli import main
-from brainprop.data import download, fetch, load_dataset
+from brainprop.data import dataset_status, download, fetch, load_dataset
 from brainprop.data.catalog import CATALOG
 from brainprop.data.messages import unpacked_too_deep
 from brainprop.errors import BrainPropError
@@ -524,6 +524,35 @@ def test_a_tree_unpacked_one_folder_too_deep_is_to_be_moved_up_not_fetched_again
     (nested / marker).write_bytes(b"")
     (nested.parent / marker).write_bytes(b"")
     assert unpacked_too_deep(nested.parent, marker) is None
+
+
+@pytest.mark.parametrize(
+    ("name", "top", "files"),
+    [("cifar10", "cifar-10-batches-py", ("batches.meta", "data_batch_1")),
+     ("cifar100", "cifar-100-python", ("meta", "train")),
+     ("tiny-imagenet", "tiny-imagenet-200", ("wnids.txt",))],
+)  # fmt: skip
+def test_a_tree_extracted_into_the_data_root_itself_is_to_be_moved_not_fetched_again(
+    tmp_path: Path, server, name: str, top: str, files: tuple[str, ...]
+) -> None:
+    """'tar xzf' or 'unzip' in the data root: the tree was called missing, and the download
+    fetched it again beside itself (review)."""
+    _, url = server
+    root = tmp_path / "root"
+    loose = root / top
+    loose.mkdir(parents=True)
+    for file in files:
+        (loose / file).write_bytes(b"")
+    move = f"move {loose} into {root / CATALOG[name].source.folder}, where brainprop looks for it"
+    [status] = dataset_status(root, [name])
+    assert (status.present, status.how_to_get) == (False, move)
+    with pytest.raises(BrainPropError) as info:
+        load_dataset(name, root)
+    assert str(info.value).endswith(f" is missing: {move}")
+    with pytest.raises(BrainPropError) as info:
+        download(name, root, base_url=url, progress=False)
+    assert str(info.value) == f"{name} is extracted into the data root itself: {move}"
+    assert list(root.iterdir()) == [loose]
 
 
 def test_a_folder_being_downloaded_into_is_left_alone(tmp_path: Path, server) -> None:

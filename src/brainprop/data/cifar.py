@@ -21,7 +21,15 @@ import torch
 from brainprop.errors import PERMISSIONS_FIX, BrainPropError, kind_of, reason
 
 from .dataset import Dataset
-from .messages import UNREADABLE, download_command, inside_root, missing, not_a_file, redownload
+from .messages import (
+    UNREADABLE,
+    download_command,
+    inside_root,
+    missing,
+    not_a_file,
+    redownload,
+    unpacked_into_root,
+)
 from .status import DatasetStatus, first_damage
 
 ROW_BYTES = 3 * 32 * 32
@@ -432,8 +440,10 @@ class CifarPickles:
 
     def how_to_get(self, name: str, root: Path) -> str:
         """A one-line hint on obtaining the pickles into the data root ``root``."""
-        return self.inside_hint(name, root) or (
-            f"run {download_command(self.download_name, root)} or extract the official "
+        return (
+            self.inside_hint(name, root)
+            or unpacked_into_root(root, self.dataset_dir(name, root), self.train_files[0])
+            or f"run {download_command(self.download_name, root)} or extract the official "
             f"python archive into {root / self.folder}"
         )
 

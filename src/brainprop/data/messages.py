@@ -127,6 +127,18 @@ def redownload(name: str, root: Path, files: str = "it") -> str:
     return f"delete {files} and run {download_command(name, root)}"
 
 
+def unpacked_into_root(root: Path, folder: Path, marker: str) -> str | None:
+    """How to move a tree extracted straight into the data root ``root`` (``root/<archive's
+    top folder>``, as ``tar xzf`` or ``unzip`` there makes it) into ``folder``'s parent, where
+    brainprop looks for it, or None where it is not: ``root/<folder's name>`` holds ``marker``,
+    a file at the top of every such tree, and ``folder`` does not. Called missing, the tree
+    would be downloaded again beside itself."""
+    loose = root / folder.name
+    if loose == folder or (folder / marker).exists() or not (loose / marker).is_file():
+        return None
+    return f"move {loose} into {folder.parent}, where brainprop looks for it"
+
+
 def unpacked_too_deep(folder: Path, marker: str) -> str | None:
     """How to move a tree unpacked one folder too deep (``folder/<folder's name>``, as
     unpacking an archive into its own top folder makes it) up into ``folder``, or None where it
