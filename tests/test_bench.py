@@ -522,6 +522,29 @@ def test_a_stack_too_large_for_memory_is_refused_before_any_timing(tmp_path, mon
     assert said == [] and not (tmp_path / "b").exists()
 
 
+def test_stacks_whose_steps_would_not_fit_are_refused_before_they_are_built(monkeypatch):
+    """The weights alone were checked: a step's activations, the largest part, and a stack
+    per rule, all held at once, ran out of memory after the networks were built (review)."""
+    weights = 3_181_000 * 4
+    monkeypatch.setattr(memory, "available", lambda device: 3 * 2 * weights + 1)
+    # Each single step takes 1 GiB above what was held before it.
+    monkeypatch.setattr(memory, "peak", lambda device, reset: (memory.held(device) + 2**30, "t"))
+    said = []
+    # Two stacks of two seeds, each seed 1 GiB and three copies of its weights, about 4.1 GiB
+    # (what was held grew by a little as the step's peak was read).
+    with pytest.raises(
+        BrainPropError,
+        match=r"^--stack 2 needs about 4\.[12] GiB for 2 mnist/dense networks' steps "
+        r"\(activations, weights and gradients\), a stack for each of 2 rules, more than the "
+        r"0\.1 GiB cpu has free: pass a smaller --stack$",
+    ):
+        run_bench(
+            ["mnist/dense"], ["ebp", "brainprop"], device="cpu", peak_tflops=1.0, stack=2,
+            steps=1, warmup=0, batch_size=4, eval_images=8, say=said.append,
+        )  # fmt: skip
+    assert not any(line.startswith("mnist/dense: timing") for line in said), said
+
+
 def test_cli_bench_prints_markdown_and_writes_files(tmp_path, capsys):
     args = [
         "bench", "--presets", "mnist/dense", "--rules", "ebp", "--device", "cpu", "--steps",

@@ -277,21 +277,46 @@ def _prepare(
     )  # fmt: skip
 
 
+def _weight_bytes(model: nn.Module) -> int:
+    """The float32 bytes of ``model``'s weights and buffers."""
+    return sum(t.numel() * 4 for t in (*model.parameters(), *model.buffers()))
+
+
 def _check_stack_fits(dataset: str, arch: str, device: torch.device, size: int) -> None:
-    """Refuse, before any timing, a stack whose weights alone would not fit, instead of
-    building networks for minutes until memory runs out."""
+    """Refuse, before any data is loaded, a stack whose weights alone would not fit, instead
+    of building networks for minutes until memory runs out."""
     row = CATALOG[dataset]
     hp = PAPER[row.family, arch]  # parse_preset admitted only the table's rows
     with torch.device("meta"):
         model = build_model(arch, row.format.image, row.format.classes, hp)
-    one = sum(t.numel() * 4 for t in (*model.parameters(), *model.buffers()))
     # The members' own weights, their stacked copy and its gradients.
-    need, free = 3 * size * one, memory.available(device)
+    what = f"{size} {dataset}/{arch} networks' weights and gradients"
+    _refuse_stack(size, 3 * size * _weight_bytes(model), what, device)
+
+
+def _check_stacks_fit(
+    single: _Rule, size: int, stacks: int, preset: str, device: torch.device
+) -> None:
+    """Refuse, before they are built, ``stacks`` stacks of ``size`` seeds (one per rule yet
+    to be benched) that would not fit: each seed needs what ``single``'s step took above what
+    was held before it (activations, the largest part, known only once a step has run) beside
+    three copies of its weights (:func:`_check_stack_fits`)."""
+    taken, source = single.peak_memory
+    if source == memory.SINCE_START:  # the whole process's peak, not the step's
+        return
+    seed = max(taken - single.held_memory, 0) + 3 * _weight_bytes(single.model)
+    what = f"{size} {preset} networks' steps (activations, weights and gradients)" + (
+        f", a stack for each of {stacks} rules" if stacks > 1 else ""
+    )
+    _refuse_stack(size, stacks * size * seed, what, device)
+
+
+def _refuse_stack(size: int, need: int, what: str, device: torch.device) -> None:
+    free = memory.available(device)
     if free is not None and need > free:
         raise BrainPropError(
-            f"--stack {size} needs about {need / 2**30:.1f} GiB for {size} {dataset}/{arch} "
-            f"networks' weights and gradients, more than the {free / 2**30:.1f} GiB {device} "
-            "has free: pass a smaller --stack"
+            f"--stack {size} needs about {need / 2**30:.1f} GiB for {what}, more than the "
+            f"{free / 2**30:.1f} GiB {device} has free: pass a smaller --stack"
         )
 
 
@@ -373,7 +398,8 @@ def bench_preset(
     # its capture needs. So the eager twin steps the fast step's batches and is as warm.
     warmup = _warmup_steps(warmup, cuda_graph)
     variants = _Variants()
-    for rule in dict.fromkeys(rules):  # a rule named twice would pair with the wrong eager
+    unique = list(dict.fromkeys(rules))  # a rule named twice would pair with the wrong eager
+    for rule in unique:
         phase(f"building and warming up {rule}'s step")
         fast = _prepare(
             ds, arch, rule, device, warmup=warmup, batch_size=batch_size, bf16=bf16,
@@ -386,6 +412,8 @@ def bench_preset(
                 eager=True,
             )  # fmt: skip
         if stack > 1:
+            stacks = len(unique) - len(variants.stacked)  # this rule's and those after it
+            _check_stacks_fit(fast, stack, stacks, preset, device)
             variants.stacked[rule] = _prepare_stack(
                 ds, arch, rule, device, stack, warmup=warmup, batch_size=batch_size, bf16=bf16,
                 cuda_graph=cuda_graph,

@@ -71,6 +71,11 @@ def reset_peak(device: torch.device) -> bool:
         return False
 
 
+#: How :func:`peak` words a peak it could not restart: the whole process's, data loading and
+#: all, which says nothing of one step's memory.
+SINCE_START = "peak RSS of the process since it started (getrusage)"
+
+
 def peak(device: torch.device, was_reset: bool) -> tuple[int, str]:
     """(bytes, what they are) of the peak since :func:`reset_peak` (which returned
     ``was_reset``)."""
@@ -79,4 +84,4 @@ def peak(device: torch.device, was_reset: bool) -> tuple[int, str]:
     hwm = _proc_bytes("VmHWM") if was_reset else None
     if hwm is not None:
         return hwm, "peak RSS of the process since the reset (VmHWM)"
-    return _process_peak(), "peak RSS of the process since it started (getrusage)"
+    return _process_peak(), SINCE_START
