@@ -5,7 +5,8 @@
 # Run from the repository root on the GPU machine:
 #     OUT=/some/folder benchmarks/gpu_check.sh
 # Steps, most valuable first; each one's failure or time-out is reported in the log and the
-# next step still runs:
+# next step still runs, and the exit status is then 1 (a reproduce stopped at its time limit,
+# as planned, is no failure). Without torch and brainprop, or a writable $OUT, nothing runs:
 #   1. The CUDA graph's own tests (tests/test_fastpath.py and tests/test_stacked.py -k cuda,
 #      where pytest is installed): a graphed step trains as an eager one and explores afresh at
 #      every replay, and a graphed stack of seeds trains as a plain one. Then, reported but
@@ -89,8 +90,12 @@
 set -uo pipefail # not -e: a failed step is reported, and the next one runs
 START=$(date +%s)
 : "${OUT:?set OUT to the folder for the results}"
-mkdir -p "$OUT"
-exec 3>&1 >"$OUT/log.txt" 2>&1 # a plain file: nothing lost at the end; its tail goes to fd 3
+# A plain file: nothing lost at the end; its tail goes to fd 3. Without it every step would
+# run with nothing to show for it (bash goes on past a failed exec's redirection).
+if ! mkdir -p "$OUT" || ! exec 3>&1 >"$OUT/log.txt" 2>&1; then
+    echo "gpu_check: cannot write $OUT/log.txt: set OUT to a writable folder" >&2
+    exit 1
+fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 DATA=${DATA:-$PWD/data}
@@ -99,7 +104,6 @@ BENCH_S=${BENCH_S:-100}
 TRAIN_S=${TRAIN_S:-60}
 STEPS=${STEPS:-tests bench torchrun fastpath reproduce}
 BENCH_KINDS=${BENCH_KINDS:-bf16-graph stack fp32 bf16}
-STACK=${STACK:-10}
 GRAPH=${GRAPH:-auto}
 MEASURED=${MEASURED-$PWD/results/measurements}
 PACK_S=20  # kept at the end for packaging
@@ -111,6 +115,7 @@ REPRO_DIR=$WORK/reproduce
 if [[ ${SMOKE:-0} == 1 ]]; then
     DEVICE=cpu
     JOBS=${JOBS:-2}
+    STACK=${STACK:-2}
     BENCH=(--presets mnist/dense --steps 2 --warmup 1 --eval-images 256)
     STACK_PRESETS=${STACK_PRESETS:-cifar10/conv}
     RUN_EPOCHS=${RUN_EPOCHS:-1}
@@ -121,6 +126,7 @@ if [[ ${SMOKE:-0} == 1 ]]; then
 else
     DEVICE=cuda
     JOBS=${JOBS:-4}
+    STACK=${STACK:-10}
     BENCH=()
     STACK_PRESETS=${STACK_PRESETS:-cifar10/deep}
     RUN_EPOCHS=${RUN_EPOCHS:-160}
@@ -135,6 +141,12 @@ left() { echo $((DEADLINE - $(date +%s))); }
 now() { date +%s.%N; }
 step() { echo "== [$(($(date +%s) - START)) s] $*"; }
 wants() { [[ " $STEPS " == *" $1 "* ]]; }
+# failed WHAT: report a step's failure; the script's exit status is then 1.
+FAILURES=0
+failed() {
+    echo "step $*"
+    FAILURES=$((FAILURES + 1))
+}
 
 # Runs a command in a session of its own until an absolute deadline (epoch seconds), then sends
 # it SIGTERM and, GRACE_S later, SIGKILL to everything in its session; whatever happened, no
@@ -205,22 +217,26 @@ package() {
     if ((rc <= 1)); then
         mv -f "$OUT/reproduce.tgz.part" "$OUT/reproduce.tgz"
     else
-        echo "packaging reproduce.tgz failed: $rc"
+        failed "packaging reproduce.tgz failed: $rc"
         rm -f "$OUT/reproduce.tgz.part"
     fi
 }
 finish() {
+    local rc=$?
     package
     rm -rf "$WORK"
     step "done in $(($(date +%s) - START)) s; files: $(cd "$OUT" && find . -type f | sort | tr '\n' ' ')"
     tail -c 11000 "$OUT/log.txt" >&3
+    ((rc == 0 && FAILURES > 0)) && rc=1
+    exit "$rc"
 }
 trap finish EXIT
 trap 'exit 143' TERM INT HUP
 
 step "environment ($DEVICE, TOTAL_S=$TOTAL_S, JOBS=$JOBS, DATA=$DATA)"
-timed 60 "$PY" - <<'EOF' || echo "step environment failed: $?"
+timed 60 "$PY" - <<'EOF' || { failed "environment failed: $?: nothing else can run"; exit 1; }
 import platform, torch
+import brainprop  # from the repository root: src/ is on PYTHONPATH
 print("torch", torch.__version__, "python", platform.python_version(), "cpus", __import__("os").cpu_count())
 if torch.cuda.is_available():
     print("gpu", torch.cuda.get_device_name(0), "capability", torch.cuda.get_device_capability(0))
@@ -240,16 +256,16 @@ if wants tests; then
                 -k "cuda and not memory" -rs; then
                 PASSED+=" $what"
             else
-                echo "step tests, test_$what.py failed: $?"
+                failed "tests, test_$what.py failed: $?"
             fi
         done
         # The fused head falls back to the unfused one by itself where it fails. Its tests
         # without CUDA (the interpreter, sm_90 code, the fallback) are CI's: 40 s on its CPU.
         timed 60 "$PY" -m pytest -q -p no:cacheprovider tests/test_fusedhead.py -k cuda -rs \
-            || echo "step tests, test_fusedhead.py failed: $?"
+            || failed "tests, test_fusedhead.py failed: $?"
         # A leak costs memory, not correctness: it does not keep step 5 from graphing.
         timed 60 "$PY" -m pytest -q -p no:cacheprovider tests/test_fastpath.py \
-            -k "cuda and memory" -rs || echo "step tests, the graph's memory test failed: $?"
+            -k "cuda and memory" -rs || failed "tests, the graph's memory test failed: $?"
     else
         echo "step tests skipped: no pytest for $PY"
     fi
@@ -257,6 +273,10 @@ fi
 
 if wants bench; then
     for kind in $BENCH_KINDS; do
+        if [[ ! " bf16-graph stack fp32 bf16 " == *" $kind "* ]]; then
+            failed "bench: no kind $kind (BENCH_KINDS takes bf16-graph, stack, fp32, bf16)"
+            continue
+        fi
         [[ $kind == bf16* && $DEVICE != cuda ]] && continue
         flag=("${BENCH[@]}")
         [[ $kind != fp32 && $DEVICE == cuda ]] && flag+=(--bf16)
@@ -264,7 +284,7 @@ if wants bench; then
         [[ $kind == stack ]] && flag+=(--presets "$STACK_PRESETS" --stack "$STACK")
         step "brainprop bench $kind (at most ${BENCH_S} s, $(left) s left)"
         timed "$BENCH_S" "$PY" -m brainprop bench "${flag[@]}" --device "$DEVICE" \
-            --out "$OUT/bench-$kind" || echo "step bench $kind failed: $?"
+            --out "$OUT/bench-$kind" || failed "bench $kind failed: $?"
         rm -f "$OUT/bench-$kind/bench.md"
     done
 fi
@@ -287,7 +307,7 @@ if wants torchrun; then
                 --data-dir "$DATA" --quiet --out "$WORK/runs" --name "$how-$i"
             rc=$?
             t1=$(now)
-            ((rc == 0)) || echo "step torchrun, run $how-$i failed: $rc"
+            ((rc == 0)) || failed "torchrun, run $how-$i failed: $rc"
             echo "$how-$i $t0 $t1 $rc" >>"$table"
         done
     done
@@ -330,7 +350,7 @@ for a, b in (("plain-1", "torchrun-1"), ("plain-2", "torchrun-2"), ("plain-1", "
 if len(accs) == len(rows) == 4:
     print("all four best_val_acc equal:", len(set(accs.values())) == 1)
 EOF
-        echo "step torchrun summary failed: $?"
+        failed "torchrun summary failed: $?"
     cat "$OUT/torchrun.txt"
 fi
 
@@ -348,7 +368,7 @@ if wants fastpath; then
         pids+=("$!:${run%%:*}")
     done
     for pid in "${pids[@]}"; do
-        wait "${pid%%:*}" || echo "step fastpath, run ${pid#*:} failed: $?"
+        wait "${pid%%:*}" || failed "fastpath, run ${pid#*:} failed: $?"
     done
     "$PY" - "$WORK/curves" "${runs[@]%%:*}" >>"$OUT/torchrun.txt" <<'EOF' ||
 import json, sys
@@ -378,7 +398,7 @@ print("peak device memory per epoch (MiB; flat unless something accumulates)")
 for name, mib in memory.items():
     print(f"{name:<8} " + " ".join("-" if m is None else f"{m:.0f}" for m in mib))
 EOF
-        echo "step fastpath summary failed: $?"
+        failed "fastpath summary failed: $?"
     cat "$OUT/torchrun.txt"
 fi
 
@@ -397,7 +417,11 @@ reproduce() {
     timed "$span" "$PY" -m brainprop reproduce "$@" --jobs "$jobs" \
         --device "$DEVICE" --data-dir "$DATA" --out "$REPRO_DIR/$name" --quiet
     rc=$?
-    ((rc == 0)) || echo "step reproduce $name failed: $rc"
+    if ((rc == 124)); then
+        echo "reproduce $name stopped at its time limit, as planned: its runs saved their state"
+    elif ((rc != 0)); then
+        failed "reproduce $name failed: $rc"
+    fi
     runs=$(find "$REPRO_DIR/$name/measurements" -type f 2>/dev/null | wc -l)
     echo "$name: reproduce $* --jobs $jobs: wall $(awk -v a="$t0" -v b="$(now)" \
         'BEGIN { printf "%.1f", b - a }') s, exit $rc, $runs runs measured in all" |
