@@ -942,6 +942,42 @@ def test_a_run_directory_that_cannot_be_written_is_refused_before_training(
     assert len(json.loads((run.dir / "history.json").read_text())) == 1  # before any training
 
 
+def test_room_on_resuming_is_asked_for_after_best_pt_is_rebuilt(
+    tmp_path: Path, ds, monkeypatch
+) -> None:
+    """A kill between last.pt and best.pt at an epoch's end: the room for the next last.pt
+    was asked for first, then the rebuilt best.pt took it, and a whole epoch trained before
+    its last.pt failed on the full disk (review). The advice was --out, which a resume
+    refuses."""
+    run = train(tiny_config(tmp_path, epochs=1), dataset=ds, progress=False)
+    config = json.loads((run.dir / "config.json").read_text())
+    (run.dir / "config.json").write_text(json.dumps({**config, "epochs": 2}))
+    (run.dir / "summary.json").unlink()
+    one = (run.dir / "best.pt").stat().st_size
+    (run.dir / "best.pt").unlink()
+
+    def used() -> int:
+        return sum(p.stat().st_size for p in run.dir.iterdir() if p.is_file())
+
+    # Room for the next last.pt (and the 1 MiB of history and plots allowed beside it) and
+    # half a checkpoint more, beside what the run holds now.
+    disk = used() + one + 2**20 + one // 2
+    monkeypatch.setattr(
+        "brainprop.rundir.shutil.disk_usage",
+        lambda _p: type("U", (), {"free": disk - used()})(),
+    )
+    with pytest.raises(BrainPropError) as info:
+        train(resume=run.dir, dataset=ds, progress=False)
+    assert re.fullmatch(
+        rf"only [\d.]+ MiB free in {re.escape(str(run.dir))}, and the checkpoints of this run "
+        r"need about [\d.]+ MiB: free disk space or copy the run to a disk with room and "
+        r"resume the copy",
+        str(info.value),
+    )
+    assert (run.dir / "best.pt").is_file()
+    assert len(json.loads((run.dir / "history.json").read_text())) == 1  # before any training
+
+
 def test_a_kill_between_the_last_checkpoint_and_the_history_is_mended_on_resume(
     tmp_path: Path, ds
 ) -> None:

@@ -156,8 +156,11 @@ def check_writable(run: Path) -> None:
         ) from None
 
 
-def check_free_space(folder: Path, needed: int) -> None:
-    """Refuse to start when ``folder``'s disk has less than ``needed`` bytes free.
+def check_free_space(
+    folder: Path, needed: int, elsewhere: str = "or pass another --out folder"
+) -> None:
+    """Refuse to start when ``folder``'s disk has less than ``needed`` bytes free; the advice
+    is to free disk space, ``elsewhere`` what else will do.
 
     Catching a full disk up front costs one statfs; finding it at the first checkpoint costs
     an epoch, or on a long run the hours since the last one.
@@ -171,7 +174,7 @@ def check_free_space(folder: Path, needed: int) -> None:
     if free < needed:
         raise BrainPropError(
             f"only {free / 2**20:.1f} MiB free in {folder}, and the checkpoints of this run need "
-            f"about {needed / 2**20:.1f} MiB: free disk space or pass another --out folder"
+            f"about {needed / 2**20:.1f} MiB: free disk space {elsewhere}"
         )
 
 

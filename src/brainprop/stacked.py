@@ -440,8 +440,8 @@ def _train_held(
         else:
             assert run_path is not None
             restore(trainer, state, ds, run_path, call=STACK_CALL)
-            check_room(trainer, run_path)
             mend_best(trainer, run_path, state)
+            check_room(trainer, run_path)
             if trainer.resume_note:
                 print(
                     f"brainprop: seed {member_config.seed}: {trainer.resume_note}", file=sys.stderr

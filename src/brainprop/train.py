@@ -668,9 +668,9 @@ def _train(
             run_path = parallel.on_main(lambda: create_run(trainer))
             claim(run_path)
         else:
-            parallel.on_main(lambda: check_room(trainer, run_path))
             if state is not None:
                 parallel.on_main(lambda: mend_best(trainer, run_path, state))
+            parallel.on_main(lambda: check_room(trainer, run_path))
             ended = trainer.stop_reason()
             parallel.on_main(lambda: reopen(run_path, config, ended))
         try:
@@ -1086,9 +1086,11 @@ def rewind(old: Trainer, ds: Dataset, run_path: Path) -> Trainer:
 def check_room(trainer: Trainer, run_path: Path) -> None:
     """Refuse to continue ``run_path`` where the next last.pt cannot be written: a folder this
     process may not write in, or a disk that cannot take it beside the old one before the
-    rename. Found now, not at the first checkpoint, an epoch of training later."""
+    rename. Found now, not at the first checkpoint, an epoch of training later; so asked after
+    a best.pt rebuilt on resuming (:func:`mend_best`) took its room."""
     rundir.check_writable(run_path)
-    rundir.check_free_space(run_path, _checkpoint_bytes(trainer))
+    elsewhere = "or copy the run to a disk with room and resume the copy"
+    rundir.check_free_space(run_path, _checkpoint_bytes(trainer), elsewhere)
 
 
 def _checkpoint_bytes(trainer: Trainer) -> int:
