@@ -313,6 +313,32 @@ def test_an_epoch_start_that_cannot_be_copied_never_costs_a_stop_its_checkpoint(
     assert [h["lr"] for h in resumed.history] == [0.1, 0.05, 0.05]
 
 
+def test_an_epoch_start_copy_the_disk_cannot_hold_beside_the_stops_own_is_not_made(
+    tmp_path: Path, ds, monkeypatch, capsys
+) -> None:
+    """Where the filesystem has no hard links, the copy took the last free space, and the
+    stop's own last.pt then failed on the full disk (review)."""
+
+    def no_links(source: Path, target: Path) -> None:
+        raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+
+    def stop_on_a_nearly_full_disk(q: torch.Tensor) -> torch.Tensor:
+        free = type("U", (), {"free": 2**20})()
+        monkeypatch.setattr(rundir.shutil, "disk_usage", lambda _p: free)
+        return _stop(q)
+
+    monkeypatch.setattr(rundir.os, "link", no_links)
+    _run(monkeypatch, ds, tmp_path, {step(2, 3): stop_on_a_nearly_full_disk}, stops=True)
+    run_dir = tmp_path / "run"
+    assert checkpoint.load(run_dir / "last.pt")["partial"]["step"] == 3
+    assert not (run_dir / "epoch_start.pt").exists()
+    assert (
+        "brainprop: a NaN later in this epoch will rewind to this stop's last.pt, not to the "
+        "epoch's start, which was not kept: there is no room for a copy of last.pt beside this "
+        "stop's own (the filesystem has no hard links)\n"
+    ) in capsys.readouterr().err
+
+
 def test_a_last_pt_damaged_before_a_stop_never_costs_the_stop_its_checkpoint(
     tmp_path: Path, ds, monkeypatch, capsys
 ) -> None:

@@ -311,6 +311,12 @@ def _keep_as(source: Path, target: Path) -> None:
         os.replace(link, target)
     except OSError:
         link.unlink(missing_ok=True)
+        # A copy takes a checkpoint's room, which the stop's own last.pt needs next.
+        if shutil.disk_usage(target.parent).free < 2 * source.stat().st_size + 2**20:
+            raise BrainPropError(
+                f"there is no room for a copy of {source.name} beside this stop's own (the "
+                "filesystem has no hard links)"
+            ) from None
         copy(source, target)
 
 
