@@ -209,6 +209,20 @@ def test_an_unknown_option_points_to_its_commands_help(capsys, command) -> None:
 
 @pytest.mark.parametrize(
     ("argv", "told"),
+    [(["train", "--max-epochs", "2"], "--max-epochs 2; train calls it --epochs"),
+     (["reproduce", "--epochs=2"], "--epochs=2; reproduce calls it --max-epochs")],
+)  # fmt: skip
+def test_the_epoch_cap_spelled_as_the_other_command_spells_it_is_named(capsys, argv, told):
+    """The issue and reproduce say --max-epochs, which train calls --epochs (review)."""
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert capsys.readouterr().err == (
+        f"brainprop: error: unrecognized arguments: {told} (see 'brainprop {argv[0]} --help')\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "told"),
     [
         (["--quiet", "train"], "--quiet must come after the command: 'brainprop train "
          "--quiet ...'"),

@@ -47,6 +47,14 @@ _REGISTERED_CHOICE_ERRORS = tuple(
 )
 
 
+#: Options one command spells otherwise: 'reproduce --max-epochs' caps every run of a matrix,
+#: 'train --epochs' the one run, and each is easily typed for the other.
+_CALLED_OTHERWISE = {
+    ("train", "--max-epochs"): "--epochs",
+    ("reproduce", "--epochs"): "--max-epochs",
+}
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a bad argument as one line, not usage plus message."""
 
@@ -696,7 +704,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if unknown:
             # Reported through the command's parser: the top one's help lists no command's
             # options.
-            args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+            called = [
+                f"; {args.command} calls it {ours}"
+                for (command, theirs), ours in _CALLED_OTHERWISE.items()
+                if command == args.command and any(u.split("=")[0] == theirs for u in unknown)
+            ]
+            args.parser.error(f"unrecognized arguments: {' '.join(unknown)}{''.join(called)}")
         return COMMANDS[args.command](args)
     except Interrupted as e:
         from .distributed import launched_main, launched_world

@@ -436,7 +436,7 @@ def check_batch(
     """
     if global_batch <= n_train:
         return
-    images = f"the {n_train} training images of {data_label(config, data)}"
+    images = f"the {n_train} training image{'s' * (n_train != 1)} of {data_label(config, data)}"
     if config.val != VAL_TEST:
         images += f" left after holding out {config.val} for validation"
     if config.global_batch is not None:
