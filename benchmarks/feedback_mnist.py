@@ -40,10 +40,10 @@ def main() -> None:
     parser.add_argument("runs", type=Path)
     parser.add_argument("--plot", type=Path, default=Path("docs/feedback_reciprocal_mnist.png"))
     args = parser.parse_args()
-    runs = {
-        p.name: _history(p) for p in sorted(args.runs.iterdir()) if (p / "history.json").exists()
-    }
-
+    found = sorted(args.runs.iterdir()) if args.runs.is_dir() else []
+    runs = {p.name: _history(p) for p in found if (p / "history.json").exists()}
+    if not runs or not all(runs.values()):
+        parser.error(f"{args.runs} holds no run directory with a finished epoch (history.json)")
     layers = "/".join(name for name, _ in _by_layer(next(iter(runs.values()))[0], "angle_update/"))
     print(f"layers: {layers}")
     head = (
