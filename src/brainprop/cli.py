@@ -498,7 +498,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument(
         "--eval-images", type=int,
-        help="time evaluation on this many test images (default: all 10k) and scale to 10k",
+        help="time evaluation on this many test images (default: all 10k) and scale to 10k; "
+        "fewer than 1000 (one evaluation batch) overstate it, by its fixed cost",
     )  # fmt: skip
     p.add_argument(
         "--stack", type=int, default=1, metavar="N",
