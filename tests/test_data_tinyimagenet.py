@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import stat
@@ -93,13 +94,21 @@ def test_a_tree_that_cannot_hold_its_cache_is_cached_in_the_users_cache_folder(
     folder = write_tiny_imagenet(tmp_path)
     (folder / tin.CACHE_DIR).write_text("in the way")
     decoded = _tiny_imagenet_cached_once(tmp_path, monkeypatch)
-    assert [p.name for p in decoded.iterdir()] == [tin._caches(folder)[1].name]
-    assert capsys.readouterr().err == ""
+    [user] = decoded.iterdir()
+    assert user == tin._caches(folder)[1]
+    assert capsys.readouterr().err == (
+        f"brainprop: Tiny ImageNet's tree {folder} cannot hold its decoded cache (this user may "
+        f"not write there): cached in {user} instead\n"
+    )
+    # The same tree through a link is cached once.
+    (tmp_path / "link").symlink_to(tmp_path)
+    assert tin._caches(tmp_path / "link" / folder.relative_to(tmp_path))[1] == user
     # A tree that can hold its cache keeps it there, and nothing goes to the user's.
     (folder / tin.CACHE_DIR).unlink()
     shutil.rmtree(decoded)
     assert _tiny_imagenet_cached_once(tmp_path, monkeypatch).exists() is False
     assert (folder / tin.CACHE_DIR / "manifest.json").is_file()
+    assert capsys.readouterr().err == ""
 
 
 def test_a_cache_that_can_go_nowhere_is_one_line_saying_what_that_costs(
@@ -112,15 +121,44 @@ def test_a_cache_that_can_go_nowhere_is_one_line_saying_what_that_costs(
     for _ in range(2):
         assert len(load_dataset("tiny-imagenet", tmp_path).train_y)
         err = capsys.readouterr().err
-        tree = folder / tin.CACHE_DIR
         assert err.count("\n") == 1 and err.startswith(
-            f"brainprop: warning: could not cache decoded Tiny ImageNet in {tree} ("
+            f"brainprop: warning: could not cache decoded Tiny ImageNet in "
+            f"{tin._caches(folder)[1]} ("
         )
         assert err.endswith(
-            "): every load decodes its images again (a minute for the official tree); make one "
-            "of those folders writable\n"
+            "): every load decodes its images again (a minute for the official tree); free "
+            "disk space there, or make that folder writable\n"
         )
-        assert f" nor in {tin._caches(folder)[1]} (" in err
+
+
+def test_a_tree_whose_disk_fills_as_its_cache_is_written_says_so_and_leaves_no_arrays(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """A full disk was taken for a tree that cannot hold a cache: the cache went to the
+    user's folder without a word, and the arrays written before the failure stayed, 1.2 GB
+    that no manifest vouched for (review)."""
+    folder = write_tiny_imagenet(tmp_path)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    save = np.save
+
+    def full_at_train_y(file, array, **kwargs) -> None:  # the labels come after the images
+        if array.dtype == np.int64:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        save(file, array, **kwargs)
+
+    monkeypatch.setattr(tin.np, "save", full_at_train_y)
+    assert len(load_dataset("tiny-imagenet", tmp_path).train_y)
+    cache = folder / tin.CACHE_DIR
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(
+        f"brainprop: warning: could not cache decoded Tiny ImageNet in {cache} (cannot write "
+        f"{cache / 'train_y.npy'} (No space left on device); nothing was written: "
+    )
+    assert err.endswith(
+        "): every load decodes its images again (a minute for the official tree); free disk "
+        "space there, or make that folder writable\n"
+    )
+    assert list(cache.iterdir()) == [] and not (tmp_path / "xdg").exists()
 
 
 def test_cache_is_rebuilt_when_files_change(tmp_path: Path) -> None:

@@ -386,12 +386,25 @@ def _cache_fits(arrays: dict[str, np.ndarray], manifest: dict, classes: int) -> 
     return True
 
 
-def _caches(folder: Path) -> tuple[Path, Path]:
-    """Where the tree in ``folder`` may have its decoded cache: inside it, else (a tree this
-    user cannot write) in the user's cache folder, named for the tree's absolute path (not
-    resolved: resolving a loop of links raises, where the loader names the loop)."""
-    place = hashlib.sha256(str(folder.absolute()).encode()).hexdigest()[:16]
-    return folder / CACHE_DIR, user_cache_dir() / "decoded" / f"tiny-imagenet-{place}"
+def _caches(folder: Path) -> list[Path]:
+    """Where the tree in ``folder`` may have its decoded cache: inside it, and (for a tree
+    this user cannot write) in the user's cache folder, named for the tree's real path (so
+    that a tree reached through a link is cached once), where that folder is known."""
+    place = hashlib.sha256(os.path.realpath(folder).encode()).hexdigest()[:16]
+    try:
+        user = user_cache_dir()
+    except RuntimeError:  # no $HOME, and no passwd entry to find one by
+        return [folder / CACHE_DIR]
+    return [folder / CACHE_DIR, user / "decoded" / f"tiny-imagenet-{place}"]
+
+
+def _holds(cache: Path) -> bool:
+    """Whether this user may make and write the cache folder ``cache`` in the tree (a
+    shared, read-only copy may not). Asked before writing, so that another failure there (a
+    full disk) is said as such, not taken for a tree that cannot hold a cache."""
+    if cache.exists():
+        return cache.is_dir() and os.access(cache, os.W_OK | os.X_OK)
+    return os.access(cache.parent, os.W_OK | os.X_OK)
 
 
 def _load_either(folder: Path, manifest: dict, classes: int) -> dict[str, np.ndarray] | None:
@@ -403,21 +416,27 @@ def _load_either(folder: Path, manifest: dict, classes: int) -> dict[str, np.nda
 
 
 def _save_either(folder: Path, manifest: dict, arrays: dict[str, np.ndarray]) -> None:
-    """Cache ``arrays`` in the first of :func:`_caches` that can be written; where neither
-    can, say so in one line, as every load then decodes the images again."""
-    failed = []
-    for cache in _caches(folder):
-        try:
-            _save_cache(cache, manifest, arrays)
-            return
-        except (OSError, BrainPropError) as exc:
-            failed.append(f"{cache} ({reason(exc)})")
-    print(
-        f"brainprop: warning: could not cache decoded Tiny ImageNet in {' nor in '.join(failed)}: "
-        "every load decodes its images again (a minute for the official tree); make one of "
-        "those folders writable",
-        file=sys.stderr,
-    )
+    """Cache ``arrays`` in the tree, or where it cannot hold them, in the user's cache folder
+    (and say so: 1.35 GB for the official tree); where that fails, say in one line that
+    every load decodes the images again."""
+    tree, *user = _caches(folder)
+    cache = tree if _holds(tree) or not user else user[0]
+    try:
+        _save_cache(cache, manifest, arrays)
+    except (OSError, BrainPropError) as exc:
+        print(
+            f"brainprop: warning: could not cache decoded Tiny ImageNet in {cache} "
+            f"({reason(exc)}): every load decodes its images again (a minute for the official "
+            "tree); free disk space there, or make that folder writable",
+            file=sys.stderr,
+        )
+        return
+    if cache != tree:
+        print(
+            f"brainprop: Tiny ImageNet's tree {folder} cannot hold its decoded cache (this user "
+            f"may not write there): cached in {cache} instead",
+            file=sys.stderr,
+        )
 
 
 def _save_cache(cache: Path, manifest: dict, arrays: dict[str, np.ndarray]) -> None:
@@ -430,13 +449,21 @@ def _save_cache(cache: Path, manifest: dict, arrays: dict[str, np.ndarray]) -> N
             # as large as the training images, 1.2 GB, in this hidden folder.
             remove_temporaries(cache)
             (cache / "manifest.json").unlink(missing_ok=True)
-            for key in CACHE_ARRAYS:
+            try:
+                for key in CACHE_ARRAYS:
+                    atomic_write(
+                        cache / f"{key}.npy",
+                        lambda f, a=arrays[key]: np.save(f, a, allow_pickle=False),
+                    )
+                # The manifest goes last: its presence vouches for the arrays beside it.
                 atomic_write(
-                    cache / f"{key}.npy",
-                    lambda f, a=arrays[key]: np.save(f, a, allow_pickle=False),
+                    cache / "manifest.json", lambda f: f.write(json.dumps(manifest).encode())
                 )
-            # The manifest goes last: its presence vouches for the arrays beside it.
-            atomic_write(cache / "manifest.json", lambda f: f.write(json.dumps(manifest).encode()))
+            except BaseException:
+                # No manifest vouches for them: left, they would fill the disk for nothing.
+                for key in CACHE_ARRAYS:
+                    (cache / f"{key}.npy").unlink(missing_ok=True)
+                raise
     except locks.Busy:
         pass  # the other process writes the same cache
 
