@@ -526,24 +526,33 @@ def test_a_tree_unpacked_one_folder_too_deep_is_to_be_moved_up_not_fetched_again
     assert unpacked_too_deep(nested.parent, marker) is None
 
 
+@pytest.mark.parametrize("where", ["root", "dataset folder"])
 @pytest.mark.parametrize(
     ("name", "top", "files"),
     [("cifar10", "cifar-10-batches-py", ("batches.meta", "data_batch_1")),
      ("cifar100", "cifar-100-python", ("meta", "train")),
      ("tiny-imagenet", "tiny-imagenet-200", ("wnids.txt",))],
 )  # fmt: skip
-def test_a_tree_extracted_into_the_data_root_itself_is_to_be_moved_not_fetched_again(
-    tmp_path: Path, server, name: str, top: str, files: tuple[str, ...]
+def test_a_tree_extracted_one_folder_too_high_is_to_be_moved_not_fetched_again(
+    tmp_path: Path, server, name: str, top: str, files: tuple[str, ...], where: str
 ) -> None:
-    """'tar xzf' or 'unzip' in the data root: the tree was called missing, and the download
-    fetched it again beside itself (review)."""
+    """'tar xzf' or 'unzip' in the data root, or the tree's files in the dataset's folder: the
+    tree was called missing, and the download fetched it again beside itself (review). The
+    advice names the tree's place in full: 'mv' to a folder not yet made renames the tree to
+    it, where brainprop still did not look (review)."""
     _, url = server
     root = tmp_path / "root"
-    loose = root / top
+    folder = root / CATALOG[name].source.folder
+    loose = root / top if where == "root" else folder
     loose.mkdir(parents=True)
     for file in files:
         (loose / file).write_bytes(b"")
-    move = f"move {loose} into {root / CATALOG[name].source.folder}, where brainprop looks for it"
+    move = (
+        f"move {loose} to {folder / top} (make {folder} first), where brainprop looks for it"
+        if where == "root"
+        else f"move the archive's files in {folder} into a folder {folder / top}, where "
+        "brainprop looks for them"
+    )
     [status] = dataset_status(root, [name])
     assert (status.present, status.how_to_get) == (False, move)
     with pytest.raises(BrainPropError) as info:
@@ -551,8 +560,14 @@ def test_a_tree_extracted_into_the_data_root_itself_is_to_be_moved_not_fetched_a
     assert str(info.value).endswith(f" is missing: {move}")
     with pytest.raises(BrainPropError) as info:
         download(name, root, base_url=url, progress=False)
-    assert str(info.value) == f"{name} is extracted into the data root itself: {move}"
-    assert list(root.iterdir()) == [loose]
+    assert str(info.value) == f"{name} is extracted one folder too high: {move}"
+    assert list(root.iterdir()) == [loose if where == "root" else folder]
+    assert sorted(p.name for p in loose.iterdir()) == sorted(files)
+    if where == "root":
+        # Moved as told, the tree is where brainprop looks: no longer missing.
+        folder.mkdir()
+        loose.rename(folder / top)
+        assert dataset_status(root, [name])[0].how_to_get != move
 
 
 def test_a_folder_being_downloaded_into_is_left_alone(tmp_path: Path, server) -> None:

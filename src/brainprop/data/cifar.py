@@ -28,7 +28,7 @@ from .messages import (
     missing,
     not_a_file,
     redownload,
-    unpacked_into_root,
+    unpacked_too_high,
 )
 from .status import DatasetStatus, first_damage
 
@@ -442,7 +442,7 @@ class CifarPickles:
         """A one-line hint on obtaining the pickles into the data root ``root``."""
         return (
             self.inside_hint(name, root)
-            or unpacked_into_root(root, self.dataset_dir(name, root), self.train_files[0])
+            or unpacked_too_high(root, self.dataset_dir(name, root), self.train_files[0])
             or f"run {download_command(self.download_name, root)} or extract the official "
             f"python archive into {root / self.folder}"
         )

@@ -33,7 +33,7 @@ from brainprop.errors import BrainPropError, reason
 from brainprop.files import make_folder, usual_permissions
 
 from .catalog import CATALOG
-from .messages import not_a_folder, unpacked_into_root, unpacked_too_deep
+from .messages import not_a_folder, unpacked_too_deep, unpacked_too_high
 from .registry import check_name, data_dir, dataset_status, inside_data_root, load_dataset
 from .root import data_root
 
@@ -76,8 +76,8 @@ def download(
         if move := unpacked_too_deep(top, source.marker):
             raise BrainPropError(f"{name} is unpacked one folder too deep: {move}")
         # Or fetch it again, beside the tree.
-        if move := unpacked_into_root(root, top, source.marker):
-            raise BrainPropError(f"{name} is extracted into the data root itself: {move}")
+        if move := unpacked_too_high(root, top, source.marker):
+            raise BrainPropError(f"{name} is extracted one folder too high: {move}")
     created = not dest.exists()
     make_folder(dest, "choose a writable data root with --data-dir or BRAINPROP_DATA")
     busy = f"{dest} is being downloaded into by another process: wait for it to end"

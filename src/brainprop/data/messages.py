@@ -127,16 +127,26 @@ def redownload(name: str, root: Path, files: str = "it") -> str:
     return f"delete {files} and run {download_command(name, root)}"
 
 
-def unpacked_into_root(root: Path, folder: Path, marker: str) -> str | None:
-    """How to move a tree extracted straight into the data root ``root`` (``root/<archive's
-    top folder>``, as ``tar xzf`` or ``unzip`` there makes it) into ``folder``'s parent, where
-    brainprop looks for it, or None where it is not: ``root/<folder's name>`` holds ``marker``,
-    a file at the top of every such tree, and ``folder`` does not. Called missing, the tree
-    would be downloaded again beside itself."""
-    loose = root / folder.name
-    if loose == folder or (folder / marker).exists() or not (loose / marker).is_file():
+def unpacked_too_high(root: Path, folder: Path, marker: str) -> str | None:
+    """How to move a tree extracted one folder too high into ``folder``, where brainprop looks
+    for it, or None where it is not: ``folder`` lacks ``marker``, a file at the top of every
+    such tree, and the data root ``root`` holds the archive's top folder (``root/<folder's
+    name>``, as ``tar xzf`` or ``unzip`` in the root makes it), or ``folder``'s parent holds
+    the tree's files. Called missing, the tree would be downloaded again beside itself."""
+    if (folder / marker).exists():
         return None
-    return f"move {loose} into {folder.parent}, where brainprop looks for it"
+    loose = root / folder.name
+    if loose != folder and (loose / marker).is_file():
+        # Named in full: 'mv' into a folder not yet made would rename the tree to it.
+        return (
+            f"move {loose} to {folder} (make {folder.parent} first), where brainprop looks for it"
+        )
+    if (folder.parent / marker).is_file():
+        return (
+            f"move the archive's files in {folder.parent} into a folder {folder}, where "
+            "brainprop looks for them"
+        )
+    return None
 
 
 def unpacked_too_deep(folder: Path, marker: str) -> str | None:

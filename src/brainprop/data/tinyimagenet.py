@@ -39,8 +39,8 @@ from .messages import (
     move_away,
     not_a_file,
     not_a_folder,
-    unpacked_into_root,
     unpacked_too_deep,
+    unpacked_too_high,
 )
 from .root import user_cache_dir
 from .status import DatasetStatus
@@ -494,7 +494,7 @@ class TinyImageNetTree:
         return (
             self.inside_hint(name, root)
             or unpacked_too_deep(self.dataset_dir(name, root), "wnids.txt")
-            or unpacked_into_root(root, self.dataset_dir(name, root), "wnids.txt")
+            or unpacked_too_high(root, self.dataset_dir(name, root), "wnids.txt")
             or f"run {download_command(name, root)} or unzip tiny-imagenet-200.zip into "
             f"{root / name}"
         )
