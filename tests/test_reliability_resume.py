@@ -970,8 +970,8 @@ def test_room_on_resuming_is_asked_for_after_best_pt_is_rebuilt(
         train(resume=run.dir, dataset=ds, progress=False)
     assert re.fullmatch(
         rf"only [\d.]+ MiB free in {re.escape(str(run.dir))}, and the checkpoints of this run "
-        r"need about [\d.]+ MiB: free disk space or copy the run to a disk with room and "
-        r"resume the copy",
+        r"need about [\d.]+ MiB: free disk space or copy the run \(of 'brainprop reproduce', its "
+        r"whole --out folder\) to a disk with room and continue it there",
         str(info.value),
     )
     assert (run.dir / "best.pt").is_file()

@@ -69,7 +69,6 @@ from .train import (
     Run,
     Scores,
     Trainer,
-    check_room,
     create_run,
     data_label,
     done_line,
@@ -77,8 +76,8 @@ from .train import (
     facts,
     gave_up,
     machine_facts,
-    mend_best,
     printer,
+    ready_to_continue,
     rewind,
     save_last,
     write_results,
@@ -440,8 +439,7 @@ def _train_held(
         else:
             assert run_path is not None
             restore(trainer, state, ds, run_path, call=STACK_CALL)
-            mend_best(trainer, run_path, state)
-            check_room(trainer, run_path)
+            ready_to_continue(trainer, run_path, state)
             if trainer.resume_note:
                 print(
                     f"brainprop: seed {member_config.seed}: {trainer.resume_note}", file=sys.stderr

@@ -668,9 +668,7 @@ def _train(
             run_path = parallel.on_main(lambda: create_run(trainer))
             claim(run_path)
         else:
-            if state is not None:
-                parallel.on_main(lambda: mend_best(trainer, run_path, state))
-            parallel.on_main(lambda: check_room(trainer, run_path))
+            parallel.on_main(lambda: ready_to_continue(trainer, run_path, state))
             ended = trainer.stop_reason()
             parallel.on_main(lambda: reopen(run_path, config, ended))
         try:
@@ -1083,13 +1081,20 @@ def rewind(old: Trainer, ds: Dataset, run_path: Path) -> Trainer:
     return trainer
 
 
-def check_room(trainer: Trainer, run_path: Path) -> None:
-    """Refuse to continue ``run_path`` where the next last.pt cannot be written: a folder this
-    process may not write in, or a disk that cannot take it beside the old one before the
-    rename. Found now, not at the first checkpoint, an epoch of training later; so asked after
-    a best.pt rebuilt on resuming (:func:`mend_best`) took its room."""
+def ready_to_continue(trainer: Trainer, run_path: Path, state: dict[str, Any] | None) -> None:
+    """Make ``run_path`` ready for ``trainer`` to continue it, just restored from ``state``
+    (None: a run killed before its first checkpoint): refuse a folder this process may not
+    write in, rebuild a best.pt a kill lost (:func:`rundir.mend_best`), then refuse a disk
+    that cannot take the next last.pt beside the old one before the rename. Found now, not at
+    the first checkpoint, an epoch of training later; the room is asked for after the rebuilt
+    best.pt took its share."""
     rundir.check_writable(run_path)
-    elsewhere = "or copy the run to a disk with room and resume the copy"
+    if state is not None:
+        rundir.mend_best(run_path, state, lambda epoch: best_weights(trainer, epoch))
+    elsewhere = (
+        "or copy the run (of 'brainprop reproduce', its whole --out folder) to a disk with "
+        "room and continue it there"
+    )
     rundir.check_free_space(run_path, _checkpoint_bytes(trainer), elsewhere)
 
 
@@ -1108,11 +1113,6 @@ def best_weights(trainer: Trainer, epoch: int) -> dict[str, Any]:
         "model": trainer.model.state_dict(),
         "epoch": epoch,
     }
-
-
-def mend_best(trainer: Trainer, run_path: Path, state: dict[str, Any]) -> None:
-    """:func:`rundir.mend_best` of ``trainer``, just restored from ``state``."""
-    rundir.mend_best(run_path, state, lambda epoch: best_weights(trainer, epoch))
 
 
 def facts(trainer: Trainer, trained_on: dict[str, Any] | None = None) -> dict[str, Any]:
