@@ -41,3 +41,13 @@ def test_a_reset_restarts_the_hosts_peak():
     after, what = memory.peak(cpu, True)
     assert after < high - 128 * 2**20, (after, high)
     assert what == "peak RSS of the process since the reset (VmHWM)"
+
+
+def test_a_gpus_available_memory_counts_what_the_caching_allocator_holds_unused(monkeypatch):
+    """The GPU counts the allocator's cached blocks as taken, though this process can reuse
+    them: once the single steps' memory went back to the cache, bench would refuse a stack
+    that fits (review)."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (3 * 2**30, 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 5 * 2**30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 2 * 2**30)
+    assert memory.available(torch.device("cuda")) == 6 * 2**30

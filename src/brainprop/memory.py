@@ -43,10 +43,12 @@ def host_total() -> int | None:
 
 
 def available(device: torch.device) -> int | None:
-    """Bytes that ``device`` can still give this process: free GPU memory (CUDA), or the host's
+    """Bytes that ``device`` can still give this process: free GPU memory (CUDA), with what
+    PyTorch's caching allocator holds unused (the GPU counts it as taken), or the host's
     MemAvailable (CPU); None where the host does not say (no /proc)."""
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + cached
     return _proc_bytes("MemAvailable", "/proc/meminfo")
 
 
