@@ -1123,6 +1123,16 @@ def test_the_epoch_ratio_is_judged_by_its_95_percent_interval(tmp_path):
     _cell_runs(many, CONV, CPU, [0.99] * 10, [0.99] * 10, [94, 96] * 5, [24, 26] * 5)
     [r] = aggregate(load_measurements(many))
     assert r.ratio_interval[0] > 3.5 and r.ratio_verdict.agrees is False
+    # An interval far below 1 keeps two significant figures: "0.00" was printed for an end
+    # of 0.0026, which the interval, on the log of the ratio, cannot reach (review).
+    wide = tmp_path / "wide"
+    _cell_runs(wide, CONV, CPU, [0.99] * 2, [0.99] * 2, [10, 12], [390, 410])
+    [r] = aggregate(load_measurements(wide))
+    low, high = r.ratio_interval
+    assert 0.001 < low < high < 0.1 and r.ratio == pytest.approx(0.0275)
+    two = [f"{end:.{1 - math.floor(math.log10(end))}f}" for end in (low, high)]
+    shown = f"| 0.028 | {two[0]}–{two[1]} | no |"
+    assert shown in write_report(wide).read_text()
     # An interval that ends at 1 itself reaches the claimed range.
     alike = tmp_path / "alike"
     _cell_runs(alike, CONV, CPU, [0.99] * 2, [0.99] * 2, [50, 50], [50, 50])

@@ -29,8 +29,9 @@ The paper's claims checked per cell:
   run that diverged counts with the best it reached, and one that diverged in its first epoch,
   which reached nothing, makes it a no.
 
-Verdicts compare the numbers as printed (two decimals), so that a reader can check each from
-the table and none contradicts the figures beside it.
+Verdicts compare the numbers as printed (two decimals; an epoch ratio below 0.1, two
+significant figures), so that a reader can check each from the table and none contradicts the
+figures beside it.
 
 A row with an epoch cap other than the paper's 500 (``--max-epochs``) in which any run stopped
 at that cap rather than by early stopping, or one above 500 in which any run found its best
@@ -380,7 +381,7 @@ def compare(
             ratio = compared.epochs_to_best.mean / ebp.epochs_to_best.mean
             interval = ratio_interval(compared.epochs_to_best, ebp.epochs_to_best)
             if interval is not None:
-                low, high = (Decimal(fixed(end, 2)) for end in interval)
+                low, high = (Decimal(_ratio_text(end)) for end in interval)
                 claimed_low, claimed_high = (Decimal(f"{end}") for end in CLAIMED_RATIO)
                 overlap = low <= claimed_high and high >= claimed_low
                 ratio_verdict = no_verdict or Verdict(overlap)
@@ -709,8 +710,17 @@ def _num(value: float | None) -> str:
     return "–" if value is None else fixed(value, 2)
 
 
+def _ratio_text(value: float | None) -> str:
+    """A ratio of epochs, or an end of its interval, both above 0: with two decimals, or where
+    those would show 0.0x or less, two significant figures (0.0026, which 0.00 misstated)."""
+    if value is None:
+        return "–"
+    digits = 2 if not 0 < value < 0.1 else min(9, 1 - math.floor(math.log10(value)))
+    return fixed(value, digits)
+
+
 def _interval(ends: tuple[float, float] | None) -> str:
-    return "–" if ends is None else f"{fixed(ends[0], 2)}–{fixed(ends[1], 2)}"
+    return "–" if ends is None else f"{_ratio_text(ends[0])}–{_ratio_text(ends[1])}"
 
 
 def fixed(value: float, digits: int) -> str:
@@ -903,7 +913,7 @@ def markdown(results: Sequence[CellResult], count: int, machines: Sequence[str])
                 r.published_verdict.text(), *_pair(r, lambda s: s.accuracy_text(s.best_val_acc)),
             ])  # fmt: skip
             time_rows.append([
-                *head, *_pair(r, lambda s: s.epochs_text(s.epochs_to_best)), _num(r.ratio),
+                *head, *_pair(r, lambda s: s.epochs_text(s.epochs_to_best)), _ratio_text(r.ratio),
                 _interval(r.ratio_interval), r.ratio_verdict.text(), _published_epochs(r.published),
                 *_pair(r, lambda s: s.epochs_text(s.epochs_to_stop)),
                 *_pair(r, lambda s: s.s_per_epoch_text()),
@@ -1013,7 +1023,7 @@ def readme_section(results: Sequence[CellResult], out: Path, readme: Path) -> st
         [
             r.label, "test set" if r.val is None else f"{r.val:,} held out", r.machine_text,
             _cap(r.max_epochs), _seeds(r), *_pair(r, lambda s: s.accuracy_text(s.test_acc)),
-            _gap_text(r), r.gap_verdict.text(), _num(r.ratio),
+            _gap_text(r), r.gap_verdict.text(), _ratio_text(r.ratio),
             r.ratio_verdict.text(), _published_acc(r.published), r.published_verdict.text(),
         ]
         for r in results
