@@ -924,6 +924,8 @@ def test_a_run_directory_that_cannot_be_written_is_refused_before_training(
     config = json.loads((run.dir / "config.json").read_text())
     (run.dir / "config.json").write_text(json.dumps({**config, "epochs": 2}))  # stopped midway
     (run.dir / "summary.json").unlink()
+    # Lost by a kill at the epoch's end: not rebuilt first, which gave the write's own advice.
+    (run.dir / "best.pt").unlink()
     made = tempfile.TemporaryFile
 
     def read_only(*args: Any, dir: Any = None, **kw: Any) -> Any:
@@ -939,6 +941,7 @@ def test_a_run_directory_that_cannot_be_written_is_refused_before_training(
         f"cannot write in {run.dir} (Permission denied): fix its permissions, or copy the run "
         "to a folder you can write and resume that copy"
     )
+    assert not (run.dir / "best.pt").exists()
     assert len(json.loads((run.dir / "history.json").read_text())) == 1  # before any training
 
 
