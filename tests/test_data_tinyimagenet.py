@@ -97,8 +97,8 @@ def test_a_tree_that_cannot_hold_its_cache_is_cached_in_the_users_cache_folder(
     [user] = decoded.iterdir()
     assert user == tin._caches(folder)[1]
     assert capsys.readouterr().err == (
-        f"brainprop: Tiny ImageNet's tree {folder} cannot hold its decoded cache (this user may "
-        f"not write there): cached in {user} instead\n"
+        f"brainprop: Tiny ImageNet's tree {folder} cannot hold its decoded cache (something "
+        f"other than a folder stands where it goes): cached in {user} instead\n"
     )
     # The same tree through a link is cached once.
     (tmp_path / "link").symlink_to(tmp_path)

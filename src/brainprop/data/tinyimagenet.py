@@ -432,9 +432,14 @@ def _save_either(folder: Path, manifest: dict, arrays: dict[str, np.ndarray]) ->
         )
         return
     if cache != tree:
+        why = (
+            "something other than a folder stands where it goes"
+            if tree.exists() and not tree.is_dir()
+            else "this user may not write there, or its filesystem is read-only"
+        )
         print(
-            f"brainprop: Tiny ImageNet's tree {folder} cannot hold its decoded cache (this user "
-            f"may not write there): cached in {cache} instead",
+            f"brainprop: Tiny ImageNet's tree {folder} cannot hold its decoded cache ({why}): "
+            f"cached in {cache} instead",
             file=sys.stderr,
         )
 
