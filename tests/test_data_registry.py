@@ -179,6 +179,16 @@ def test_root_precedence(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert resolve_data_root() == tmp_path / "home" / ".cache" / "brainprop"
+    # No $HOME, and no passwd entry to find one by (some containers): one line, not
+    # RuntimeError's traceback (review).
+    monkeypatch.delenv("HOME")
+    monkeypatch.setattr(Path, "home", lambda: (_ for _ in ()).throw(RuntimeError("no home")))
+    with pytest.raises(BrainPropError) as info:
+        resolve_data_root()
+    assert str(info.value) == (
+        "this user has no home folder to keep data in ($HOME is unset): pass --data-dir, or set "
+        "$BRAINPROP_DATA or $XDG_CACHE_HOME"
+    )
 
 
 def test_an_empty_data_root_is_refused_and_an_empty_variable_is_unset(

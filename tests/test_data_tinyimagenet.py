@@ -103,6 +103,10 @@ def test_a_tree_that_cannot_hold_its_cache_is_cached_in_the_users_cache_folder(
     # The same tree through a link is cached once.
     (tmp_path / "link").symlink_to(tmp_path)
     assert tin._caches(tmp_path / "link" / folder.relative_to(tmp_path))[1] == user
+    # A user without a home folder keeps the tree's cache alone, where datasets crashed.
+    with monkeypatch.context() as m:
+        m.setattr(tin, "user_cache_dir", lambda: (_ for _ in ()).throw(BrainPropError("none")))
+        assert tin._caches(folder) == [folder / tin.CACHE_DIR]
     # A tree that can hold its cache keeps it there, and nothing goes to the user's.
     (folder / tin.CACHE_DIR).unlink()
     shutil.rmtree(decoded)

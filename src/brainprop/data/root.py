@@ -28,7 +28,13 @@ def checkout_data_dir(module_file: Path) -> Path | None:
 def user_cache_dir() -> Path:
     """``$XDG_CACHE_HOME/brainprop``, or ``~/.cache/brainprop`` when that is unset."""
     xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    try:
+        base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    except RuntimeError:  # no $HOME, and no passwd entry to find one by (some containers)
+        raise BrainPropError(
+            f"this user has no home folder to keep data in ($HOME is unset): pass --data-dir, "
+            f"or set ${ENV_VAR} or $XDG_CACHE_HOME"
+        ) from None
     return base / "brainprop"
 
 

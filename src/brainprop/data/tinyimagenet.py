@@ -393,7 +393,7 @@ def _caches(folder: Path) -> list[Path]:
     place = hashlib.sha256(os.path.realpath(folder).encode()).hexdigest()[:16]
     try:
         user = user_cache_dir()
-    except RuntimeError:  # no $HOME, and no passwd entry to find one by
+    except BrainPropError:  # no home folder: the tree's cache alone
         return [folder / CACHE_DIR]
     return [folder / CACHE_DIR, user / "decoded" / f"tiny-imagenet-{place}"]
 
