@@ -115,6 +115,17 @@ def test_a_tree_that_cannot_hold_its_cache_is_cached_in_the_users_cache_folder(
     assert capsys.readouterr().err == ""
 
 
+def _said_uncached(err: str, where: str) -> None:
+    """``err`` is the one line saying that the decoded images could not be cached in
+    ``where`` (the cache folder and the start of the cause)."""
+    assert err.count("\n") == 1
+    assert err.startswith(f"brainprop: warning: could not cache decoded Tiny ImageNet in {where}")
+    assert err.endswith(
+        "): every load decodes its images again (a minute for the official tree); free disk "
+        "space there, or make that folder writable\n"
+    )
+
+
 def test_a_cache_that_can_go_nowhere_is_one_line_saying_what_that_costs(
     tmp_path: Path, monkeypatch, capsys
 ) -> None:
@@ -124,15 +135,7 @@ def test_a_cache_that_can_go_nowhere_is_one_line_saying_what_that_costs(
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     for _ in range(2):
         assert len(load_dataset("tiny-imagenet", tmp_path).train_y)
-        err = capsys.readouterr().err
-        assert err.count("\n") == 1 and err.startswith(
-            f"brainprop: warning: could not cache decoded Tiny ImageNet in "
-            f"{tin._caches(folder)[1]} ("
-        )
-        assert err.endswith(
-            "): every load decodes its images again (a minute for the official tree); free "
-            "disk space there, or make that folder writable\n"
-        )
+        _said_uncached(capsys.readouterr().err, f"{tin._caches(folder)[1]} (")
 
 
 def test_a_tree_whose_disk_fills_as_its_cache_is_written_says_so_and_leaves_no_arrays(
@@ -153,15 +156,8 @@ def test_a_tree_whose_disk_fills_as_its_cache_is_written_says_so_and_leaves_no_a
     monkeypatch.setattr(tin.np, "save", full_at_train_y)
     assert len(load_dataset("tiny-imagenet", tmp_path).train_y)
     cache = folder / tin.CACHE_DIR
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith(
-        f"brainprop: warning: could not cache decoded Tiny ImageNet in {cache} (cannot write "
-        f"{cache / 'train_y.npy'} (No space left on device); nothing was written: "
-    )
-    assert err.endswith(
-        "): every load decodes its images again (a minute for the official tree); free disk "
-        "space there, or make that folder writable\n"
-    )
+    cause = f"(cannot write {cache / 'train_y.npy'} (No space left on device); nothing was "
+    _said_uncached(capsys.readouterr().err, f"{cache} {cause}written: ")
     assert list(cache.iterdir()) == [] and not (tmp_path / "xdg").exists()
 
 
