@@ -32,7 +32,7 @@ def user_cache_dir() -> Path:
         base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
     except RuntimeError:  # no $HOME, and no passwd entry to find one by (some containers)
         raise BrainPropError(
-            f"this user has no home folder to keep data in ($HOME is unset): pass --data-dir, "
+            "this user has no home folder to keep data in ($HOME is unset): pass --data-dir, "
             f"or set ${ENV_VAR} or $XDG_CACHE_HOME"
         ) from None
     return base / "brainprop"
