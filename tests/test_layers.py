@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -208,10 +209,13 @@ def test_locally_connected_rejects_bad_arguments(kwargs: dict) -> None:
         LocallyConnected2d(1, 2, (8, 8), **args)
 
 
-def test_locally_connected_rejects_a_channel_count_below_one() -> None:
-    for channels in ((0, 2), (1, 0)):
+def test_locally_connected_rejects_a_channel_count_that_is_no_whole_number_above_zero() -> None:
+    # A float was a TypeError out of torch.empty, True a layer of one channel.
+    for channels in ((0, 2), (1, 0), (2.0, 2), (1, True)):
         with pytest.raises(BrainPropError, match=f"got in_channels={channels[0]}, out_channels="):
             LocallyConnected2d(*channels, (8, 8), 3)
+    layer = LocallyConnected2d(np.int64(1), np.int64(2), (8, 8), 3)
+    assert (type(layer.in_channels), layer.weight.shape) == (int, (36, 9, 2))
 
 
 def test_locally_connected_default_init_and_repr() -> None:

@@ -325,6 +325,10 @@ def test_a_row_takes_numbers_of_any_kind_and_a_list_of_rates():
         (dict(input_shape=(0, 28, 28)),
          r"^input shape must be \(C, H, W\), whole numbers >= 1, got \(0, 28, 28\)$"),
         (dict(input_shape=28), r"^input shape must be \(C, H, W\), whole numbers >= 1, got 28$"),
+        (dict(input_shape=np.array(28)),
+         r"^input shape must be \(C, H, W\), whole numbers >= 1, got array\(28\)$"),
+        (dict(input_shape=torch.tensor(28)),
+         r"^input shape must be \(C, H, W\), whole numbers >= 1, got tensor\(28\)$"),
     ],
 )  # fmt: skip
 def test_build_model_given_arguments_of_the_wrong_kind_says_so_in_one_line(args, said):

@@ -222,12 +222,13 @@ class LocallyConnected2d(nn.Module):
         super().__init__()
         if padding not in ("valid", "same"):
             raise BrainPropError(f"padding must be 'valid' or 'same', got {padding!r}")
-        if in_channels < 1 or out_channels < 1:
+        if not (whole(in_channels, least=1) and whole(out_channels, least=1)):
             raise BrainPropError(
-                f"channels must be >= 1, got in_channels={in_channels}, out_channels={out_channels}"
+                f"channels must be whole numbers >= 1, got in_channels={in_channels!r}, "
+                f"out_channels={out_channels!r}"
             )
-        self.in_channels = in_channels
-        self.out_channels = out_channels
+        self.in_channels = in_channels = int(in_channels)
+        self.out_channels = out_channels = int(out_channels)
         self.input_size = _pair(input_size, "input_size")
         self.kernel_size = _pair(kernel_size, "kernel_size")
         self.stride = _pair(stride, "stride")

@@ -18,7 +18,7 @@ the objective, not in the network.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, replace
 from types import MappingProxyType
 
@@ -466,7 +466,10 @@ def build_model(
         )
     if not whole(num_classes, least=2):
         raise BrainPropError(f"num_classes must be a whole number >= 2, got {num_classes!r}")
-    shape = tuple(input_shape) if isinstance(input_shape, Iterable) else ()
+    try:
+        shape = tuple(input_shape)
+    except TypeError:  # An int, or a 0-d array or tensor, which is Iterable yet iterates not.
+        shape = ()
     if len(shape) != 3 or not all(whole(n, least=1) for n in shape):
         raise BrainPropError(
             f"input shape must be (C, H, W), whole numbers >= 1, got {input_shape!r}"
