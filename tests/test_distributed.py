@@ -11,6 +11,7 @@ import math
 import operator
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -78,6 +79,34 @@ def test_world_of_one_from_torchrun_is_the_plain_run(tmp_path: Path, monkeypatch
     one = train(TrainConfig(**config, name="one"), dataset=ds, progress=False)
     for key, tensor in plain.model.state_dict().items():
         assert torch.equal(tensor, one.model.state_dict()[key]), key
+
+
+def test_losing_the_others_in_training_names_the_run_and_the_command_that_continues_it(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """It said 'continue from the last checkpoint with torchrun ... --resume RUN_DIR' even
+    before there was one, the run's folder known (a review)."""
+    lost = "process 0 of 2 lost the others during agreeing whether to stop (reset): ..."
+
+    def lose(self: Context, value: bool) -> bool:
+        raise distributed.LostOthers(lost)
+
+    monkeypatch.setattr(Context, "decide", lose)
+    ds = make_tiny_dataset(n_train=64, n_test=16)
+    config = TrainConfig(dataset="mnist", arch="dense", epochs=3, batch_size=16,
+                         out_dir=str(tmp_path), name="run")  # fmt: skip
+    run = tmp_path / "run"
+    said = (
+        rf"^{re.escape(lost)}; {re.escape(str(run / 'last.pt'))} keeps the last good state: "
+        rf"continue with 'brainprop train --resume {re.escape(str(run))}'$"
+    )
+    with pytest.raises(BrainPropError, match=said):
+        train(config, dataset=ds, progress=False)
+    assert load(run / "last.pt")["epoch"] == 1
+    # Where no run knows better, as the run folder is made, the way on is the generic one.
+    assert "start the command again, or where the run has a checkpoint" in str(
+        distributed.LostOthers(lost)
+    )
 
 
 @pytest.mark.parametrize("text", ["inf", "1e20", "nan", "0", "-5", "soon"])

@@ -509,12 +509,26 @@ class Context:
         try:
             yield
         except (RuntimeError, ValueError) as e:
-            raise BrainPropError(
+            raise LostOthers(
                 f"process {self.rank} of {self.world_size} lost the others during {what} "
                 f"({_one_line(e)}): another process died or stalled for over {self.timeout_s:g}s "
-                f"(${ENV_TIMEOUT}); continue from the last checkpoint with 'torchrun ... "
-                "brainprop train --resume RUN_DIR'"
+                f"(${ENV_TIMEOUT})"
             ) from None
+
+
+class LostOthers(BrainPropError):
+    """A collective that failed because another process died or stalled; ``what`` says so.
+
+    The message adds the generic way on; training, which knows its run directory and whether
+    it holds a checkpoint yet, says instead which command continues it.
+    """
+
+    def __init__(self, what: str) -> None:
+        super().__init__(
+            f"{what}; start the command again, or where the run has a checkpoint continue it "
+            "with 'torchrun ... brainprop train --resume RUN_DIR'"
+        )
+        self.what = what
 
 
 class _SumOverRanks(torch.autograd.Function):

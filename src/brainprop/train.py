@@ -739,6 +739,8 @@ def _held_train(
             parallel.on_main(lambda: write_results(trainer, run_path, summary))
         except signals.Interrupted:
             raise  # the first signal's stop, its state saved
+        except distributed.LostOthers as e:
+            raise BrainPropError(f"{e.what}; {_stopped_abruptly(run_path, data_dir)}") from None
         except KeyboardInterrupt:
             # A second signal: whatever write it cut short left the previous file whole.
             raise signalled.quit_at_once(_stopped_abruptly(run_path, data_dir)) from None
