@@ -10,6 +10,7 @@ import torch
 from brainprop import BrainProp, Dataset, TrainConfig, build_model, convert, load_model, train
 from brainprop.cli import build_parser
 from brainprop.diagnostics import angle, diagnostics, plot_diagnostics
+from brainprop.errors import BrainPropError
 from brainprop.feedback import feedback_weight, layer_kind
 from brainprop.presets import preset_hyperparameters
 
@@ -135,5 +136,5 @@ def test_training_logs_diagnostics_and_reloads(tmp_path):
 def test_feedback_option():
     args = build_parser().parse_args(["train", "--feedback", "sign"])
     assert args.feedback == "sign"
-    with pytest.raises(Exception, match="feedback"):
+    with pytest.raises(BrainPropError, match="^unknown feedback 'transpose': choose one of "):
         TrainConfig(feedback="transpose").resolve()

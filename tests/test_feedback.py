@@ -906,6 +906,12 @@ def test_a_read_b_unlike_w_is_refused_at_the_step(monkeypatch):
     )
     with pytest.raises(BrainPropError, match=said):
         model(torch.rand(2, 4, requires_grad=True))
+    # On another device (a CPU B for a CUDA layer was a traceback in the backward pass).
+    elsewhere = Pathway(make=lambda *_: None, read=lambda layer: torch.empty(3, 4, device="meta"))
+    monkeypatch.setitem(PATHWAYS, "flat", elsewhere)
+    said = r"^feedback 'flat' read B \[3, 4\] on meta for a Linear layer whose weight is \[3, 4\] "
+    with pytest.raises(BrainPropError, match=said):
+        model(torch.rand(2, 4, requires_grad=True))
     # An AttributeError on .shape (review).
     monkeypatch.setitem(PATHWAYS, "flat", Pathway(make=lambda *_: None, read=lambda layer: None))
     with pytest.raises(BrainPropError, match=r"^feedback 'flat' read None for a Linear layer: its"):

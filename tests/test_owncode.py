@@ -105,6 +105,28 @@ def test_a_b_that_a_pathways_read_returned_and_the_library_refused_is_the_pathwa
     )
 
 
+def _failing_read(layer):
+    raise RuntimeError("a bug of one's own")
+
+
+def test_a_pathways_read_that_raises_inside_ones_own_network_is_the_pathways(monkeypatch):
+    """Of the two frames of one's own code, the network's forward and the read it reached,
+    the innermost is the one that failed."""
+    from brainprop import convert
+
+    monkeypatch.setitem(ARCHITECTURES, "around", (_around_net, 0))
+    monkeypatch.setitem(PATHWAYS, "failing", Pathway(lambda *_: None, _failing_read))
+    model = build_model("around", (1, 4, 4), 3, generator=torch.Generator().manual_seed(0))
+    convert(model, "failing")
+    own = owncode.of_run(TrainConfig(arch="around", feedback="failing"), BrainProp(0.02), model)
+    error = _raised(lambda: model(torch.rand(2, 1, 4, 4)))
+    line = _failing_read.__code__.co_firstlineno + 1
+    assert owncode.failure(own, error, "in epoch 2") == (
+        "feedback 'failing' failed in epoch 2: RuntimeError: a bug of one's own "
+        f"({__file__}:{line})"
+    )
+
+
 def test_the_librarys_code_under_a_name_of_ones_own_is_the_librarys(monkeypatch):
     """Its errors are bugs to report, with their traceback."""
     monkeypatch.setitem(OBJECTIVES, "greedy", lambda epsilon, fused: BrainProp(0.0))
@@ -301,6 +323,12 @@ def test_ones_own_code_is_known_by_its_lines_wherever_its_file_lies(tmp_path, mo
     assert rule["feedback 'mine'"] == first["feedback 'mine'"]
     read = _digests(monkeypatch, tmp_path, "lab_read", LAB.replace(".sign()", ".sign() * 1"))
     assert read["feedback 'mine'"] != first["feedback 'mine'"]
+    # A def line is code too: a default argument changed there changes what runs.
+    default = _digests(monkeypatch, tmp_path, "lab_default", LAB.replace("=None)", "=0)"))
+    assert default["rule 'mine'"] != first["rule 'mine'"]
+    signature = LAB.replace("signs(layer):", "signs(layer, scale=2):")
+    read_def = _digests(monkeypatch, tmp_path, "lab_read_def", signature)
+    assert read_def["feedback 'mine'"] != first["feedback 'mine'"]
     # What the fast path makes (fused), beside what --eager makes.
     fused = _digests(monkeypatch, tmp_path, "lab_fused", LAB.replace("= True", "= 1"))
     assert fused["rule 'mine'"] != first["rule 'mine'"]

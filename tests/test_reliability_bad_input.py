@@ -791,6 +791,19 @@ def test_data_of_other_classes_but_the_same_counts_is_one_line() -> None:
     )
 
 
+def test_data_of_another_name_but_the_same_counts_is_one_line() -> None:
+    """Two datasets may hold as many images per class (balanced ones): the name tells."""
+    recorded = {"name": "mine", "train": [3, 3], "test": [2, 2]}
+    train_x, test_x = torch.zeros(6, 1, 4, 4, dtype=torch.uint8), torch.ones(4, 1, 4, 4)
+    ds = Dataset("theirs", train_x, torch.arange(6) % 2, test_x.byte(), torch.arange(4) % 2, 2)
+    with pytest.raises(BrainPropError) as info:
+        check_same_data(recorded, ds, "run", "resume with its data", "train(dataset=...)")
+    assert str(info.value).startswith(
+        "run was trained on 'mine' (6 training, 4 test images), but the data now is 'theirs' "
+        "(6 training, 4 test images): resume with its data"
+    )
+
+
 def test_the_same_files_elsewhere_and_in_another_order_are_the_same_data(
     fixture_run: tuple[Path, Path], tmp_path: Path
 ) -> None:

@@ -1109,6 +1109,12 @@ def test_the_epoch_ratio_is_judged_by_its_95_percent_interval(tmp_path):
     low, high = ratio_interval(Stat(95, math.sqrt(50), 2), Stat(25, math.sqrt(50), 2))
     t = studentt.quantile(0.975, (va + vb) ** 2 / (va**2 + vb**2))
     assert (low, high) == pytest.approx((3.8 * math.exp(-t * se), 3.8 * math.exp(t * se)))
+    # Seeds of unequal number (epoch counts leave out runs that diverged): each its own n.
+    va, vb = (10 / 95) ** 2 / 3, (5 / 25) ** 2 / 6
+    t = studentt.quantile(0.975, (va + vb) ** 2 / (va**2 / 2 + vb**2 / 5))
+    half = t * math.sqrt(va + vb)
+    expected = (3.8 * math.exp(-half), 3.8 * math.exp(half))
+    assert ratio_interval(Stat(95, 10.0, 3), Stat(25, 5.0, 6)) == pytest.approx(expected)
     assert ratio_interval(Stat(60, 0.0, 3), Stat(20, 0.0, 2)) == pytest.approx((3.0, 3.0))
     assert ratio_interval(Stat(60, None, 1), Stat(20, 1.0, 2)) is None
     # 3.8 times EBP's epochs, but 2 seeds a rule cannot place it above 3.5.
