@@ -976,6 +976,24 @@ def test_a_rule_of_ones_own_changed_since_its_runs_were_measured_is_refused(
     )
 
 
+def test_a_name_of_ones_own_for_the_librarys_rule_is_known_as_that_when_it_changes(
+    tmp_path, mnist_root, no_plots, monkeypatch
+):
+    """Its measurement held no digests, as the library's rules' hold none, so the same name
+    registered later for code of one's own reused the library rule's numbers (a review)."""
+    monkeypatch.setitem(OBJECTIVES, "mine", OBJECTIVES["brainprop"])
+    request = Request(
+        cells=(DENSE,), rules=("mine",), seeds=1, max_epochs=1, out=tmp_path,
+        data_dir=str(mnist_root), device="cpu", progress=False,
+    )  # fmt: skip
+    reproduce(request, say=lambda _: None)
+    [m] = load_measurements(tmp_path)
+    assert m.own_code == {} and json.loads(m.path.read_text())["own_code"] == {}
+    _register_lab(monkeypatch, tmp_path / "lab.py", LAB, "lab_mine")
+    with pytest.raises(BrainPropError, match=r"measured rule 'mine' as other code than it is now"):
+        reproduce(request, say=lambda _: None)
+
+
 def test_a_worker_that_finds_its_rule_changed_since_the_session_began_refuses_to_train(
     tmp_path, monkeypatch
 ):

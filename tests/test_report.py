@@ -778,7 +778,6 @@ def test_a_summary_number_no_run_can_have_is_a_one_line_error(tmp_path, capsys, 
      ("preset", "p | q", "(preset 'p | q', not a name (letters, digits and . _ + -))"),
      ("feedback", "x\ny", "(feedback 'x\\ny', not a name (letters, digits and . _ + -))"),
      # What reproduce compares with the code of a rule or pathway of one's own.
-     ("own_code", {}, "(own_code {}, not digests of a rule's or pathway's code)"),
      ("own_code", {"rule 'mine'": "0" * 15}, "(own_code {\"rule 'mine'\": '000000000000000'}, "),
      ("own_code", {"mine": "0" * 16}, "(own_code {'mine': '0000000000000000'}, not digests"),
      ("own_code", ["rule 'mine'"], "(own_code [\"rule 'mine'\"], not digests of a rule's or "),

@@ -21,6 +21,7 @@ from typing import Any
 from . import rundir
 from .data import DATASET_NAMES
 from .errors import BrainPropError
+from .feedback import PATHWAYS
 from .files import atomic_write_json, make_folder
 from .matrix import PAPER_FEEDBACK, Cell, RunSpec
 from .objectives import OBJECTIVES
@@ -49,8 +50,9 @@ class Measurement:
     included), which prices its share of the device; ``at_once`` is it rounded to a whole
     number, which labels and groups runs (files written before ``company`` was recorded
     have ``at_once`` alone). ``own_code`` holds the digests of the run's rule and pathway
-    where they are one's own (:func:`brainprop.owncode.digests`; None in files of earlier
-    versions and of the library's rules and pathways).
+    where they are one's own (:func:`brainprop.owncode.digests`; empty where a name of one's
+    own ran the library's code; None in files of earlier versions and of the library's rules
+    and pathways).
     """
 
     run: str
@@ -195,7 +197,7 @@ def record(
             at_once=max(1, math.floor(company + 0.5)),
             bf16=bool(config.get("bf16", False)),
             cuda_graph=_cuda_graph(config), company=company,
-            feedback=spec.feedback, own_code=own_code or None,
+            feedback=spec.feedback, own_code=own_code if _names_own(spec) else None,
         )  # fmt: skip
         # The curve lets a report plot or re-select epochs without the run directory.
         curve = {key: [_accuracy(row, key) for row in _rows(history)]
@@ -470,12 +472,19 @@ def _company(d: dict[str, Any], at_once: int) -> float | None:
 _OWN_CODE_NAME, _DIGEST = re.compile(r"(rule|feedback) '.+'"), re.compile(r"[0-9a-f]{16}")
 
 
+def _names_own(spec: RunSpec) -> bool:
+    """Whether ``spec`` names a rule or pathway of one's own, whose code its measurement
+    records: even where that is the library's (``functools.partial(BrainProp)``), or a later
+    change to code of one's own under that name would go unseen."""
+    return spec.rule not in OBJECTIVES.builtin or spec.feedback not in PATHWAYS.builtin
+
+
 def _own_code(d: dict[str, Any]) -> dict[str, str] | None:
     """``d["own_code"]`` (absent: None) if it holds digests of a rule's or pathway's code."""
     if "own_code" not in d:
         return None
     v = d["own_code"]
-    if not isinstance(v, dict) or not v or not all(map(_is_digest, v.items())):
+    if not isinstance(v, dict) or not all(map(_is_digest, v.items())):
         raise ValueError(f"own_code {v!r}, not digests of a rule's or pathway's code")
     return v
 
