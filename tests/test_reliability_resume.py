@@ -40,6 +40,7 @@ from brainprop import (
     Dataset,
     TrainConfig,
     checkpoint,
+    devices,
     evaluate,
     files,
     locks,
@@ -1522,8 +1523,11 @@ def test_a_resume_of_a_finished_run_keeps_the_machine_that_trained_it(tmp_path: 
     (review). A resume that trains on is this process's."""
     run = train(tiny_config(tmp_path, epochs=1), dataset=ds, progress=False).dir
     summary = json.loads((run / "summary.json").read_text())
+    commit = devices.source_commit()
     assert summary["software"] == {
         "brainprop": brainprop_version,
+        "brainprop_source": devices.source_digest(),
+        **({} if commit is None else {"brainprop_commit": commit}),
         "torch": torch.__version__,
         "python": platform.python_version(),
     }

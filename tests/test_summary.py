@@ -1,8 +1,14 @@
 """summary.json: what the loop writes is what reproduce's check accepts."""
 
+import re
+import shutil
+import subprocess
+
 import pytest
+import torch
 from measurement_fixtures import write_measurement as measurement
 
+from brainprop import devices
 from brainprop.experiments import _finished_line
 from brainprop.matrix import Cell, RunSpec
 from brainprop.summary import EPOCH_KEYS, check_summary, summarize
@@ -70,3 +76,59 @@ def test_the_lines_that_close_a_run_count_one_epoch_in_the_singular(tmp_path):
     assert ", 1 epoch, " in _finished_line(m)
     m = measurement(tmp_path, spec, "cpu", test_acc=0.5, best_epoch=1, epochs_run=2)
     assert ", 2 epochs, " in _finished_line(m)
+
+
+def _source_of(monkeypatch, package):
+    """:func:`devices.source_digest` and :func:`devices.source_commit` of ``package``, a folder
+    standing in for brainprop's."""
+    monkeypatch.setattr(devices, "_PACKAGE", package)
+    devices.source_digest.cache_clear()
+    devices.source_commit.cache_clear()
+    return devices.source_digest(), devices.source_commit()
+
+
+@pytest.fixture
+def source_caches_cleared():
+    """Left to later tests as they were: of brainprop's own folder."""
+    yield
+    devices.source_digest.cache_clear()
+    devices.source_commit.cache_clear()
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_the_software_a_run_records_tells_its_code_from_other_code(
+    tmp_path, monkeypatch, source_caches_cleared
+):
+    """The version number alone, 0.1.0 through every commit, pooled numbers of other code
+    (a review)."""
+    package = tmp_path / "src" / "brainprop"
+    (package / "data").mkdir(parents=True)
+    (package / "__init__.py").write_text("x = 1\n")
+    (package / "data" / "idx.py").write_text("y = 2\n")
+    digest, commit = _source_of(monkeypatch, package)
+    assert re.fullmatch("[0-9a-f]{16}", digest) and commit is None  # no checkout: no commit
+
+    def git(*args):
+        return subprocess.run(
+            ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+            cwd=tmp_path, check=True, capture_output=True, text=True,
+        ).stdout.strip()  # fmt: skip
+
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-q", "-m", "first")
+    head = git("rev-parse", "HEAD")
+    assert _source_of(monkeypatch, package) == (digest, head)
+    (package / "data" / "idx.py").write_text("y = 3\n")
+    edited, dirty = _source_of(monkeypatch, package)
+    assert edited != digest and dirty == f"{head}+dirty"
+    # A file moved is other code too; a file added but not committed makes the tree dirty.
+    (package / "data" / "idx.py").write_text("y = 2\n")
+    (package / "data" / "idx.py").rename(package / "idx.py")
+    assert _source_of(monkeypatch, package)[0] != digest
+    (package / "idx.py").rename(package / "data" / "idx.py")
+    (package / "new.py").write_text("")
+    assert _source_of(monkeypatch, package)[1] == f"{head}+dirty"
+    software = devices.software(torch.device("cpu"))
+    assert software["brainprop_commit"] == f"{head}+dirty"
+    assert software["brainprop_source"] == devices.source_digest() != digest

@@ -8,10 +8,14 @@ from ``/proc/cpuinfo`` (:func:`cpuinfo`).
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 import platform
 import re
+import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -213,18 +217,54 @@ def device_name(device: torch.device, cpuinfo_text: str | None = None) -> str:
 
 
 def software(device: torch.device) -> dict[str, str]:
-    """The versions a number was measured with: brainprop's, torch's and Python's, and the
-    CUDA toolkit torch was built with where ``device`` is a GPU."""
+    """The versions a number was measured with: brainprop's, with the digest of its source
+    (:func:`source_digest`) and, from a git checkout, its commit (:func:`source_commit`);
+    torch's and Python's; and the CUDA toolkit torch was built with where ``device`` is a
+    GPU."""
     from . import __version__  # here: the package imports this module as it starts
 
-    versions = {
-        "brainprop": __version__,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
+    versions = {"brainprop": __version__, "brainprop_source": source_digest()}
+    if (commit := source_commit()) is not None:
+        versions["brainprop_commit"] = commit
+    versions |= {"torch": torch.__version__, "python": platform.python_version()}
     if device.type == "cuda" and torch.version.cuda:
         versions["cuda"] = torch.version.cuda
     return versions
+
+
+_PACKAGE = Path(__file__).resolve().parent
+
+
+@functools.cache
+def source_digest() -> str:
+    """The first 16 hex digits of a sha256 of the package's Python files, their paths
+    relative to it included: the version number changes with releases, the code between them,
+    so that measurements of different code are told apart however it was installed."""
+    digest = hashlib.sha256()
+    for path in sorted(_PACKAGE.rglob("*.py")):
+        digest.update(path.relative_to(_PACKAGE).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+@functools.cache
+def source_commit() -> str | None:
+    """The git commit of the checkout the package's files are tracked in, ``+dirty`` where
+    they differ from it (a file edited or added); None where they are not tracked (an installed
+    copy, even one in a virtual environment inside a checkout) or git cannot tell."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=_PACKAGE, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+
+    try:
+        git("ls-files", "--error-unmatch", "__init__.py")
+        commit = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--", ".")
+    except (OSError, subprocess.SubprocessError):
+        return None  # no git, or not a checkout
+    return commit + "+dirty" * bool(dirty)
 
 
 def names_a_cpu(machine: object) -> bool:
