@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -43,6 +44,7 @@ from brainprop.distributed import Context, current, joined
 from brainprop.errors import BrainPropError
 from brainprop.objectives import EBP, BrainProp
 from brainprop.signals import Interrupted
+from brainprop.train import _after_losing
 
 BIN = Path(sys.executable).parent
 #: Images per step over all ranks in the spawned jobs.
@@ -107,6 +109,18 @@ def test_losing_the_others_in_training_names_the_run_and_the_command_that_contin
     assert "start the command again, or where the run has a checkpoint" in str(
         distributed.LostOthers(lost)
     )
+    # A rank on another node than rank 0 need not see the run folder: it says where to look.
+    for name, value in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(name, value)
+    elsewhere = _after_losing(SimpleNamespace(is_main=False), run, None)
+    assert elsewhere.startswith(
+        f"continue from {run / 'last.pt'} on rank 0's node, once an epoch has ended there "
+        "(before, a resume starts over), with 'torchrun ... -m brainprop train --resume "
+    )
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # on rank 0's node: its folder tells
+    (run / "last.pt").unlink()
+    here = _after_losing(SimpleNamespace(is_main=False), run, None)
+    assert here.startswith("no checkpoint was written yet, so a resume starts over: continue")
 
 
 @pytest.mark.parametrize("text", ["inf", "1e20", "nan", "0", "-5", "soon"])
@@ -626,6 +640,13 @@ def test_a_killed_rank_fails_the_job_promptly_and_resume_completes(tmp_path: Pat
     _, err = job.communicate(timeout=90)
     assert job.returncode != 0
     assert "SIGKILL" in err.decode(), err.decode()[-3000:]
+    # The survivor, waiting for the dead rank in a collective, says how to go on.
+    way_on = (
+        f"{run / 'last.pt'} keeps the last good state: continue with 'torchrun --standalone "
+        f"--nproc_per_node=2 -m brainprop train --resume {run}'\n"
+    )
+    said = err.decode()
+    assert "process 0 of 2 lost the others during " in said and way_on in said, said[-3000:]
 
     epochs = load(run / "last.pt")["epoch"] + 1
     done = subprocess.run(

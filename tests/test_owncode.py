@@ -25,6 +25,7 @@ from own_rules import (
 from torch import nn
 
 from brainprop import ARCHITECTURES, OBJECTIVES, PATHWAYS, BrainProp, Pathway, TrainConfig, owncode
+from brainprop.distributed import LostOthers
 from brainprop.errors import BrainPropError, definition
 from brainprop.presets import build_model
 
@@ -139,7 +140,8 @@ def test_the_librarys_code_under_a_name_of_ones_own_is_the_librarys(monkeypatch)
 
 
 def test_the_machines_limits_and_a_closed_output_are_never_the_users_code(registered):
-    """Even raised in it (a print to a closed pipe, an allocation): their callers word them."""
+    """Even raised in it (a print to a closed pipe, an allocation, a synchronised BatchNorm's
+    collective that lost the other processes): their callers word them."""
     config, model = registered
     own = owncode.of_run(config, FailsLater(at=1), model)
     layer = next(m for m in model.modules() if isinstance(m, Doubling))
@@ -147,6 +149,7 @@ def test_the_machines_limits_and_a_closed_output_are_never_the_users_code(regist
         MemoryError(),
         BrokenPipeError(),
         RuntimeError("[enforce fail] can't allocate memory"),
+        LostOthers("process 0 of 2 lost the others during the BatchNorm statistics (...)"),
     )
     for error in (*limits, RuntimeError("a bug of one's own")):
         layer.calls, layer.at, layer.error = 0, 1, error

@@ -34,6 +34,7 @@ from reliability_helpers import (
     one_thread,
     step,
     tiny_config,
+    train_module,
 )
 
 from brainprop import (
@@ -1515,6 +1516,19 @@ def test_epochs_lowered_to_those_run_close_a_stopped_run(tmp_path: Path, ds, mon
     monkeypatch.undo()
     run = train(TrainConfig(epochs=2), resume=tmp_path / "run", dataset=ds, progress=False)
     assert (run.summary["stop_reason"], run.summary["epochs_run"]) == ("max epochs", 2)
+
+
+def test_a_run_records_the_software_it_started_with(tmp_path: Path, ds, monkeypatch) -> None:
+    """Read as the run ended, it named the files as edited while the run trained (a review)."""
+    edited: list[bool] = []
+
+    def files(device: torch.device) -> dict[str, str]:
+        return {"brainprop_source": "edited" if edited else "as imported"}
+
+    monkeypatch.setattr(train_module, "software", files)
+    inject(monkeypatch, {1: lambda q: edited.append(True) or q})  # edited in the first step
+    run = train(tiny_config(tmp_path, epochs=1), dataset=ds, progress=False)
+    assert edited and run.summary["software"] == {"brainprop_source": "as imported"}
 
 
 def test_a_resume_of_a_finished_run_keeps_the_machine_that_trained_it(tmp_path: Path, ds) -> None:

@@ -1,5 +1,6 @@
 """summary.json: what the loop writes is what reproduce's check accepts."""
 
+import os
 import re
 import shutil
 import subprocess
@@ -103,10 +104,17 @@ def test_the_software_a_run_records_tells_its_code_from_other_code(
     (a review)."""
     package = tmp_path / "src" / "brainprop"
     (package / "data").mkdir(parents=True)
+    assert _source_of(monkeypatch, package) == (None, None)  # no files (a zipped package)
     (package / "__init__.py").write_text("x = 1\n")
     (package / "data" / "idx.py").write_text("y = 2\n")
     digest, commit = _source_of(monkeypatch, package)
     assert re.fullmatch("[0-9a-f]{16}", digest) and commit is None  # no checkout: no commit
+    # Git as the developer's own hooks and settings leave it: a hook's GIT_INDEX_FILE would
+    # have this test write that index, a global commit.gpgsign refuse its commit (a review).
+    for name in [name for name in os.environ if name.startswith("GIT_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", os.devnull)
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
 
     def git(*args):
         return subprocess.run(
@@ -115,10 +123,20 @@ def test_the_software_a_run_records_tells_its_code_from_other_code(
         ).stdout.strip()  # fmt: skip
 
     git("init", "-q")
+    # An installed copy inside the checkout (a virtual environment's) is no checkout's code.
+    installed = tmp_path / ".venv" / "brainprop"
+    installed.mkdir(parents=True)
+    (installed / "__init__.py").write_text("x = 1\n")
+    (tmp_path / ".gitignore").write_text(".venv/\n")
     git("add", "-A")
     git("commit", "-q", "-m", "first")
     head = git("rev-parse", "HEAD")
     assert _source_of(monkeypatch, package) == (digest, head)
+    assert _source_of(monkeypatch, installed)[1] is None
+    # Another checkout named by GIT_DIR (a hook's environment) is not the package's.
+    monkeypatch.setenv("GIT_DIR", str(tmp_path / "elsewhere"))
+    assert _source_of(monkeypatch, package) == (digest, head)
+    monkeypatch.delenv("GIT_DIR")
     (package / "data" / "idx.py").write_text("y = 3\n")
     edited, dirty = _source_of(monkeypatch, package)
     assert edited != digest and dirty == f"{head}+dirty"

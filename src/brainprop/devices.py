@@ -223,7 +223,9 @@ def software(device: torch.device) -> dict[str, str]:
     GPU."""
     from . import __version__  # here: the package imports this module as it starts
 
-    versions = {"brainprop": __version__, "brainprop_source": source_digest()}
+    versions = {"brainprop": __version__}
+    if (digest := source_digest()) is not None:
+        versions["brainprop_source"] = digest
     if (commit := source_commit()) is not None:
         versions["brainprop_commit"] = commit
     versions |= {"torch": torch.__version__, "python": platform.python_version()}
@@ -236,12 +238,16 @@ _PACKAGE = Path(__file__).resolve().parent
 
 
 @functools.cache
-def source_digest() -> str:
+def source_digest() -> str | None:
     """The first 16 hex digits of a sha256 of the package's Python files, their paths
     relative to it included: the version number changes with releases, the code between them,
-    so that measurements of different code are told apart however it was installed."""
+    so that measurements of different code are told apart however it was installed. None
+    where there are no such files to read (a zipped package, one of .pyc files alone)."""
+    paths = sorted(_PACKAGE.rglob("*.py"))
+    if not paths:
+        return None
     digest = hashlib.sha256()
-    for path in sorted(_PACKAGE.rglob("*.py")):
+    for path in paths:
         digest.update(path.relative_to(_PACKAGE).as_posix().encode() + b"\0")
         digest.update(path.read_bytes() + b"\0")
     return digest.hexdigest()[:16]
@@ -253,10 +259,15 @@ def source_commit() -> str | None:
     they differ from it (a file edited or added); None where they are not tracked (an installed
     copy, even one in a virtual environment inside a checkout) or git cannot tell."""
 
+    # Without the caller's GIT_DIR and the like (a hook's), which would name another checkout.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+
     def git(*args: str) -> str:
         return subprocess.run(
-            ["git", *args], cwd=_PACKAGE, capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
+            # No optional locks: a status would take the index's lock from the user's own git.
+            ["git", "--no-optional-locks", *args],
+            cwd=_PACKAGE, env=env, capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()  # fmt: skip
 
     try:
         git("ls-files", "--error-unmatch", "__init__.py")

@@ -23,6 +23,7 @@ from torch import nn
 
 from .config import TrainConfig
 from .devices import ran_out_of_memory
+from .distributed import LostOthers
 from .errors import BrainPropError, in_library, raised, source_file, source_lines, wrapping
 from .feedback import PATHWAYS, ReadRefused
 from .objectives import OBJECTIVES, Objective, make_objective
@@ -145,14 +146,14 @@ def _sources(code: Callable[..., object]) -> list[Callable[..., object]]:
 def failure(own: list[OwnCode], e: Exception, when: str) -> str | None:
     """``e``, which a run raised ``when``, in one line naming what of ``own`` failed and the
     line of its code that raised it; None where none of ``own`` was running (the library's
-    code failed), or the machine ran out of memory or the output's reader went away, which the
-    callers word.
+    code failed), or the machine ran out of memory, the output's reader went away or the other
+    processes did (a collective inside one's own network), which the callers word.
 
     The innermost frame in ``own``'s lines names the piece, or for a B that a pathway's read
     returned and the library refused, the pathway. An error raised while handling
     another (a CUDA graph's capture ended by the user's error) is the user's where the first
     is."""
-    if ran_out_of_memory(e) or isinstance(e, BrokenPipeError):
+    if ran_out_of_memory(e) or isinstance(e, BrokenPipeError | LostOthers):
         return None
     if isinstance(e, ReadRefused) and any(piece.what == e.pathway for piece in own):
         return f"{e.pathway} failed {when}: {e.problem}"

@@ -184,6 +184,9 @@ class Trainer:
             )
         self.parallel = distributed.current() if parallel is None else parallel
         self.device = self.parallel.device(config.device)
+        # As the run starts: its summary, written at the end, must name the code that ran, not
+        # the files as edited meanwhile.
+        self.software = software(self.device)
         # Alike on every rank until the network is built: a module of one's own may draw its
         # default initialisation (a bias, say) from the global streams.
         rng.seed_all(config.seed)
@@ -740,7 +743,8 @@ def _held_train(
         except signals.Interrupted:
             raise  # the first signal's stop, its state saved
         except distributed.LostOthers as e:
-            raise BrainPropError(f"{e.what}; {_stopped_abruptly(run_path, data_dir)}") from None
+            way_on = _after_losing(parallel, run_path, data_dir)
+            raise BrainPropError(f"{e.what}; {way_on}") from None
         except KeyboardInterrupt:
             # A second signal: whatever write it cut short left the previous file whole.
             raise signalled.quit_at_once(_stopped_abruptly(run_path, data_dir)) from None
@@ -1061,6 +1065,20 @@ def _stopped_abruptly(
     return f"{_kept(run_path, 'so a resume starts over')}: continue with {resume}"
 
 
+def _after_losing(
+    parallel: distributed.Context, run_path: Path, data_dir: str | Path | None
+) -> str:
+    """What continues a run whose processes lost each other: :func:`_stopped_abruptly`'s,
+    where this process sees rank 0's run folder; on another node, which need not hold it,
+    where it may be."""
+    if parallel.is_main or distributed.launched_on_one_node():
+        return _stopped_abruptly(run_path, data_dir)
+    return (
+        f"continue from {run_path / rundir.LAST} on rank 0's node, once an epoch has ended "
+        f"there (before, a resume starts over), with {plugins.resume_command(run_path, data_dir)}"
+    )
+
+
 def _kept(run_path: Path, without: str) -> str:
     """What ``run_path`` keeps of a stopped run: its last.pt, or, with ``without`` saying what
     follows from that, no checkpoint yet."""
@@ -1129,7 +1147,7 @@ def facts(trainer: Trainer, trained_on: dict[str, Any] | None = None) -> dict[st
         "nan_reloads": trainer.nan_reloads,
         "device": device_name(trainer.device),
         "world_size": trainer.parallel.world_size,
-        "software": software(trainer.device),
+        "software": trainer.software,
     }
     # Data of one's own passed from Python trains with config.dataset's settings: both count.
     if (data := trainer.data_fingerprint["name"]) != config.dataset:
