@@ -21,7 +21,7 @@ from typing import Any
 from . import rundir
 from .data import DATASET_NAMES
 from .errors import BrainPropError
-from .feedback import PATHWAYS
+from .feedback import FEEDBACK_MODES
 from .files import atomic_write_json, make_folder
 from .matrix import PAPER_FEEDBACK, Cell, RunSpec
 from .objectives import OBJECTIVES
@@ -476,7 +476,7 @@ def _names_own(spec: RunSpec) -> bool:
     """Whether ``spec`` names a rule or pathway of one's own, whose code its measurement
     records: even where that is the library's (``functools.partial(BrainProp)``), or a later
     change to code of one's own under that name would go unseen."""
-    return spec.rule not in OBJECTIVES.builtin or spec.feedback not in PATHWAYS.builtin
+    return spec.rule not in OBJECTIVES.builtin or spec.feedback not in FEEDBACK_MODES
 
 
 def _own_code(d: dict[str, Any]) -> dict[str, str] | None:
