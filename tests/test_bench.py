@@ -28,7 +28,14 @@ from brainprop.bench import (
     synthetic_dataset,
 )
 from brainprop.cli import main
-from brainprop.devices import bf16_warning, cpuinfo, device_name, physical_cores, vector_units
+from brainprop.devices import (
+    bf16_warning,
+    cpuinfo,
+    device_name,
+    physical_cores,
+    software,
+    vector_units,
+)
 from brainprop.errors import BrainPropError
 from brainprop.peaks import (
     GPU_PEAKS,
@@ -102,6 +109,8 @@ def test_report_has_both_rules_and_every_field(report):
     assert "BrainProp/EBP" in md and "1.000 TFLOP/s (given with --peak-tflops)" in md
     units = rep["device"]["vector_units"]
     assert units == vector_units(cpuinfo()) and (units is None or f", {units}, " in md)
+    # The code benched, as a run's summary names it: the version number alone does not.
+    assert rep["software"] == software(torch.device("cpu"))
     # By the name run summaries and the report give the machine (review: it lacked x86_64).
     assert f"- device: {device_name(torch.device('cpu'))}, fp32, torch" in md
     held = rep["results"][0]["memory_held_before_bytes"] / 2**20

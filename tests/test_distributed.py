@@ -112,13 +112,13 @@ def test_losing_the_others_in_training_names_the_run_and_the_command_that_contin
     # A rank on another node than rank 0 need not see the run folder: it says where to look.
     for name, value in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_WORLD_SIZE": "1"}.items():
         monkeypatch.setenv(name, value)
-    elsewhere = _after_losing(SimpleNamespace(is_main=False), run, None)
+    elsewhere = _after_losing(SimpleNamespace(is_main=False), tmp_path / "on-rank-0s-node", None)
     assert elsewhere.startswith(
-        f"continue from {run / 'last.pt'} on rank 0's node, once an epoch has ended there "
-        "(before, a resume starts over), with 'torchrun ... -m brainprop train --resume "
+        f"continue from {tmp_path / 'on-rank-0s-node' / 'last.pt'} on rank 0's node, once an "
+        "epoch has ended there (before, a resume starts over), with 'torchrun ... -m brainprop "
+        "train --resume "
     )
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # on rank 0's node: its folder tells
-    (run / "last.pt").unlink()
+    (run / "last.pt").unlink()  # a folder it sees (rank 0's node, a shared one) tells
     here = _after_losing(SimpleNamespace(is_main=False), run, None)
     assert here.startswith("no checkpoint was written yet, so a resume starts over: continue")
 

@@ -107,6 +107,8 @@ def test_the_software_a_run_records_tells_its_code_from_other_code(
     assert _source_of(monkeypatch, package) == (None, None)  # no files (a zipped package)
     (package / "__init__.py").write_text("x = 1\n")
     (package / "data" / "idx.py").write_text("y = 2\n")
+    # Emacs's lock of a file with unsaved edits, a link to nowhere: no module (a review).
+    (package / ".#train.py").symlink_to("user@host.1234:1700000000")
     digest, commit = _source_of(monkeypatch, package)
     assert re.fullmatch("[0-9a-f]{16}", digest) and commit is None  # no checkout: no commit
     # Git as the developer's own hooks and settings leave it: a hook's GIT_INDEX_FILE would

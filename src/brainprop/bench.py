@@ -42,7 +42,14 @@ from .config import TrainConfig
 from .data import Dataset
 from .data.batches import num_batches, permuted_batches
 from .data.catalog import CATALOG
-from .devices import bf16_warning, cpuinfo, device_name, resolve_device, vector_units
+from .devices import (
+    bf16_warning,
+    cpuinfo,
+    device_name,
+    resolve_device,
+    software,
+    vector_units,
+)
 from .errors import BrainPropError
 from .evaluation import EVAL_BATCH, accuracy
 from .files import atomic_write_json, atomic_write_text, make_folder
@@ -639,7 +646,7 @@ def run_bench(
     done: dict[str, Any] = {}
     # What does not change from preset to preset, read once.
     fixed = {
-        "torch": torch.__version__,
+        "software": software(dev),
         "device": _device_info(dev, bf16, peaks),
         "mode": FAST_MODE.format(
             graph=", each step replayed from a CUDA graph (--cuda-graph)" if cuda_graph else ""
@@ -809,7 +816,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         "# brainprop bench",
         "",
-        f"- device: {machine}, {dev['precision']}, torch {report['torch']}",
+        f"- device: {machine}, {dev['precision']}, torch {report['software']['torch']}",
         peak_line,
         f"- {report['mode']}",
         f"- {_timed(report)} timed step{'s' * (_timed(report) != 1)} after {_untimed(report)}; "

@@ -242,14 +242,20 @@ def source_digest() -> str | None:
     """The first 16 hex digits of a sha256 of the package's Python files, their paths
     relative to it included: the version number changes with releases, the code between them,
     so that measurements of different code are told apart however it was installed. None
-    where there are no such files to read (a zipped package, one of .pyc files alone)."""
-    paths = sorted(_PACKAGE.rglob("*.py"))
+    where there are no such files to read (a zipped package, one of .pyc files alone) or one
+    cannot be read (deleted as it was listed).
+
+    Modules only: an editor's lock file (Emacs's ``.#train.py``, a link to nowhere) is none."""
+    paths = sorted(p for p in _PACKAGE.rglob("*.py") if p.stem.isidentifier() and p.is_file())
     if not paths:
         return None
     digest = hashlib.sha256()
-    for path in paths:
-        digest.update(path.relative_to(_PACKAGE).as_posix().encode() + b"\0")
-        digest.update(path.read_bytes() + b"\0")
+    try:
+        for path in paths:
+            digest.update(path.relative_to(_PACKAGE).as_posix().encode() + b"\0")
+            digest.update(path.read_bytes() + b"\0")
+    except OSError:
+        return None
     return digest.hexdigest()[:16]
 
 

@@ -652,11 +652,6 @@ def launched_world() -> int:
     return _env_int("WORLD_SIZE", 1)
 
 
-def launched_on_one_node() -> bool:
-    """Whether all of them run on this process's node (``$LOCAL_WORLD_SIZE`` is the world)."""
-    return _env_int("LOCAL_WORLD_SIZE", 1) == launched_world()
-
-
 def _env_int(name: str, default: int | None = None) -> int:
     text = os.environ.get(name)
     if text is None:

@@ -1069,9 +1069,9 @@ def _after_losing(
     parallel: distributed.Context, run_path: Path, data_dir: str | Path | None
 ) -> str:
     """What continues a run whose processes lost each other: :func:`_stopped_abruptly`'s,
-    where this process sees rank 0's run folder; on another node, which need not hold it,
-    where it may be."""
-    if parallel.is_main or distributed.launched_on_one_node():
+    where this process sees the run folder (rank 0's, or a shared one); on another node,
+    which need not hold it, where it may be."""
+    if parallel.is_main or run_path.is_dir():
         return _stopped_abruptly(run_path, data_dir)
     return (
         f"continue from {run_path / rundir.LAST} on rank 0's node, once an epoch has ended "
