@@ -16,6 +16,7 @@ import weakref
 
 import pytest
 import torch
+from data_fixtures import REPO
 
 from brainprop import bench, fastpath, files, memory
 from brainprop.bench import (
@@ -315,6 +316,17 @@ def test_gpu_boards_are_matched_by_whole_words(name, board, monkeypatch):
     else:  # an NVL board's clocks differ from the SXM one's: not guessed
         with pytest.raises(BrainPropError, match=f"no peak FLOP/s known for '{name}': pass"):
             device_peaks(torch.device("cuda"), True, None)
+
+
+@pytest.mark.parametrize("name", ["h200-bf16-graph.json", "h200-bf16-graph-stack10.json"])
+def test_markdown_renders_the_reports_in_docs(name):
+    """docs/performance.md says ``markdown`` turns these back into bench's table; they predate
+    the ``software`` field and keep torch's version at the top level."""
+    report = json.loads((REPO / "docs" / "bench" / name).read_text())
+    table = markdown(report)
+    assert f", torch {report['torch']}\n" in table
+    for row in report["results"]:
+        assert f"| {row['preset']} | {row['batch_size']} | {row['rule']} | " in table
 
 
 def test_markdown_shows_both_peaks_only_when_they_differ(report):

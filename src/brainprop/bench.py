@@ -813,10 +813,13 @@ def markdown(report: dict[str, Any]) -> str:
         what += [dev["vector_units"]] * bool(dev.get("vector_units"))
         what.append(f"{threads} thread{'s' if threads != 1 else ''}")
     machine = dev.get("machine") or f"{dev['type']} ({', '.join(what)})"
+    # Reports written before `software` existed, such as those in docs/bench/, keep the
+    # torch version at the top level.
+    torch_version = report["software"]["torch"] if "software" in report else report["torch"]
     lines = [
         "# brainprop bench",
         "",
-        f"- device: {machine}, {dev['precision']}, torch {report['software']['torch']}",
+        f"- device: {machine}, {dev['precision']}, torch {torch_version}",
         peak_line,
         f"- {report['mode']}",
         f"- {_timed(report)} timed step{'s' * (_timed(report) != 1)} after {_untimed(report)}; "
