@@ -1375,6 +1375,19 @@ def test_a_finished_run_recorded_in_a_later_session_is_averaged_over_its_session
     assert [m.company for m in measurements] == [pytest.approx(1000 / 950, abs=1e-3)]
 
 
+def test_a_run_without_a_note_takes_this_sessions_sharing_not_its_stack_mates(tmp_path):
+    """Recording a stack, a run whose note could not be written took the run before it's
+    average of three at once instead of this session's one (review)."""
+    noted, unnoted = plan([DENSE], ["ebp"], 2)
+    request = Request(out=tmp_path, device="cpu")
+    for spec in (noted, unnoted):
+        _fake_train([])((spec,), request, None)
+    sharing.note(tmp_path / RUNS / noted.name, 100.0, 3.0)
+    recorder = ex._Recorder(tmp_path, [], ex.Outcome(), lambda _: None, request.own_code)
+    recorder.record([noted, unnoted], company=1.0)
+    assert [m.company for m in recorder.measurements] == [3.0, 1.0]
+
+
 def test_a_cpu_run_found_unrecorded_by_a_gpu_session_counts_as_alone(tmp_path, monkeypatch):
     """A CPU run killed between its summary and its measurement, recorded by a later
     --device cuda --jobs 4 session, took that session's packing: 4 runs at once, its s/epoch

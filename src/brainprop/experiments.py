@@ -819,8 +819,8 @@ class _Recorder:
         for spec in specs:
             run_dir = self.out / RUNS / spec.name
             try:
-                company = sharing.average(run_dir, company)
-                m = record(spec, run_dir, self.out, company, self.code[spec.rule_and_feedback])
+                shared = sharing.average(run_dir, company)
+                m = record(spec, run_dir, self.out, shared, self.code[spec.rule_and_feedback])
             except BrainPropError as e:
                 error = error or e
                 continue
