@@ -7,7 +7,7 @@ import shutil
 import signal
 import time
 import weakref
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import pytest
 import torch
@@ -20,6 +20,7 @@ from brainprop.errors import BrainPropError
 from brainprop.evaluation import accuracy
 from brainprop.objectives import OBJECTIVES, make_objective
 from brainprop.signals import Interrupted
+from brainprop.stacked import MEMBER_FIELDS
 from brainprop.train import MEASURED_COLUMNS, Trainer
 
 
@@ -442,6 +443,18 @@ def test_members_that_cannot_share_a_stack_are_refused(tmp_path, tiny_dataset, c
 
 
 @pytest.mark.parametrize(
+    "field", [f.name for f in fields(TrainConfig) if f.name not in MEMBER_FIELDS]
+)
+def test_members_differing_in_any_shared_setting_are_refused(tmp_path, field):
+    """The stack trains every member with the first one's settings: any other difference
+    would go unapplied while the member's run recorded it."""
+    first = _config(tmp_path, 0)
+    other = replace(_config(tmp_path, 1), **{field: object()})
+    with pytest.raises(BrainPropError, match=f"seeds 0 and 1 differ in {field} "):
+        stacked._common_config([first, other])
+
+
+@pytest.mark.parametrize(
     ("world", "message"),
     [("2", "a stack of seeds runs in one process: start it without torchrun"),
      ("two", r"\$WORLD_SIZE is 'two', not a whole number: launch with torchrun$")],
@@ -721,6 +734,27 @@ def test_a_rewound_seed_does_not_replay_the_others_dropout_masks(tmp_path, tiny_
     )  # fmt: skip
     assert hit.summary["nan_reloads"] == 1 and healthy.summary["nan_reloads"] == 0
     _same_weights(clean, healthy, atol=1e-6)
+
+
+def test_a_stop_after_a_rewind_keeps_the_halved_learning_rate(tmp_path, tiny_dataset,
+                                                              monkeypatch):  # fmt: skip
+    """The rewind's halved LR and its count live in memory until the next checkpoint: a stop
+    in the epoch of the NaN must save them, or the resumed seed steps at the full LR again and
+    may rewind past the cap."""
+
+    def stop(q):
+        signal.raise_signal(signal.SIGTERM)
+        return q
+
+    # 16 steps an epoch, the objective once per seed and step: seed 1's first step of epoch 2.
+    inject(monkeypatch, {34: poison, 36: stop})
+    with pytest.raises(Interrupted):
+        train_stacked(
+            [_config(tmp_path, s, on_nan="reload", epochs=3) for s in (0, 1)],
+            dataset=tiny_dataset, progress=False,
+        )  # fmt: skip
+    state = torch.load(tmp_path / "s1" / "last.pt", weights_only=True)
+    assert (state["lr_scale"], state["nan_reloads"]) == (0.5, 1)
 
 
 def test_a_nan_while_a_cut_short_epoch_ends_alone_rewinds_as_a_run_of_its_own(
