@@ -89,12 +89,20 @@ def test_plan_puts_seed_zero_of_headline_cells_first():
     assert {s.seed for s in specs[2 * len(MATRIX) :]} == {1}
 
 
+def test_a_cell_or_rule_given_twice_is_planned_once():
+    """Planned twice, one run would be trained by two workers in one folder."""
+    assert plan([DENSE, DENSE], ["ebp", "ebp"], 2) == plan([DENSE], ["ebp"], 2)
+
+
 def test_run_names_are_deterministic_and_say_validation_and_cap():
     assert [s.name for s in plan([DENSE], ["ebp"], seeds=1)] == ["mnist-dense-ebp-s0"]
     [spec] = plan([Cell("cifar10", "deep")], ["brainprop"], 1, val=5000, max_epochs=2)
     assert spec.name == "cifar10-deep-brainprop-s0-val5000-e2"
     # The paper's own cap is the default, not a different experiment.
     assert plan([DENSE], ["ebp"], 1, max_epochs=500)[0].name == "mnist-dense-ebp-s0"
+    [uncapped] = plan([DENSE], ["ebp"], 1)
+    assert uncapped.config(Path("res"), None, "cpu").resolve().epochs == 500
+    assert uncapped.identity()["epochs"] == 500
     config = spec.config(Path("res"), None, "cpu").resolve()
     assert (config.name, config.out_dir, config.epochs, config.val) == (
         spec.name, "res/runs", 2, 5000,
