@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import hashlib
 import os
 import re
 from pathlib import Path
@@ -632,6 +633,10 @@ def test_the_held_out_images_are_apart_from_training_and_the_same_for_a_copy_in_
     assert shuffled.fingerprint() == ds.fingerprint()  # the same images, as the counts see them
     assert shuffled.fingerprint(16)["held_out"] != ds.fingerprint(16)["held_out"]
     assert ds.fingerprint(16)["held_out"] != ds.fingerprint(17)["held_out"]
+    # The digest is of the images the split holds out, not of others.
+    held = hashlib.sha256(val_x.numpy().tobytes())
+    held.update(val_y.numpy().tobytes())
+    assert ds.fingerprint(16)["held_out"]["sha256"] == held.hexdigest()
 
 
 def _write_each(name: str, root: Path) -> list[Path]:

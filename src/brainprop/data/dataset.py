@@ -124,7 +124,7 @@ class Dataset:
             "test": torch.bincount(self.test_y, minlength=self.num_classes).tolist(),
         }
         if held_out is not None:
-            held = _held_out(len(self.train_y), held_out).to(self.train_x.device)
+            _, held = _split(len(self.train_y), held_out, self.train_x.device)
             digest = hashlib.sha256(self.train_x[held].cpu().numpy().tobytes())
             digest.update(self.train_y[held].cpu().numpy().tobytes())
             record["held_out"] = {"images": held_out, "sha256": digest.hexdigest()}
@@ -179,21 +179,18 @@ def split_validation(ds: Dataset, n: int) -> tuple[Dataset, torch.Tensor, torch.
             f"--val (or --val-split) {n} would hold out all {total} training images: pick "
             f"fewer than {total}"
         )
-    perm = _permutation(total).to(ds.train_x.device)
-    keep, held = perm[:-n], perm[-n:]
+    keep, held = _split(total, n, ds.train_x.device)
     train = Dataset(
         ds.name, ds.train_x[keep], ds.train_y[keep], ds.test_x, ds.test_y, ds.num_classes
     )
     return train, ds.train_x[held], ds.train_y[held]
 
 
-def _permutation(total: int) -> torch.Tensor:
-    return torch.randperm(total, generator=torch.Generator().manual_seed(0))
-
-
-def _held_out(total: int, n: int) -> torch.Tensor:
-    """The positions :func:`split_validation` holds out of ``total`` training images."""
-    return _permutation(total)[-n:]
+def _split(total: int, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The positions :func:`split_validation` keeps and holds out of ``total`` training images:
+    the last ``n`` of a permutation fixed by the count alone, whatever the run's seed."""
+    perm = torch.randperm(total, generator=torch.Generator().manual_seed(0)).to(device)
+    return perm[:-n], perm[-n:]
 
 
 def _check_images(name: str, split: str, x: Any) -> None:
