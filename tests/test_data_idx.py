@@ -42,6 +42,15 @@ def test_mixed_gz_and_raw_files(tmp_path: Path) -> None:
     assert np.array_equal(load_dataset("mnist", tmp_path).test_y.numpy(), arrays["test_y"])
 
 
+def test_the_unpacked_file_is_read_before_the_gzipped_one(tmp_path: Path) -> None:
+    """As ``find_idx_file`` says: a file unpacked beside its archive is the one read."""
+    write_idx_dataset(tmp_path / "mnist", gz=True, seed=0)
+    plain = write_idx_dataset(tmp_path / "mnist", gz=False, seed=1)
+    ds = load_dataset("mnist", tmp_path)
+    assert np.array_equal(ds.train_x[:, 0].numpy(), plain["train_x"])
+    assert np.array_equal(ds.test_y.numpy(), plain["test_y"])
+
+
 def _corrupt(tmp_path: Path, base: str, data: bytes) -> Path:
     write_idx_dataset(tmp_path / "mnist", gz=False)
     path = tmp_path / "mnist" / base

@@ -23,7 +23,7 @@ from torch import nn
 from brainprop import TrainConfig, checkpoint, devices, evaluate, load_model, train
 from brainprop.cli import main
 from brainprop.data import Dataset
-from brainprop.data.batches import ordered_batches, to_float
+from brainprop.data.batches import num_batches, ordered_batches, to_float
 from brainprop.data.dataset import split_validation
 from brainprop.errors import BrainPropError
 from brainprop.evaluation import accuracy
@@ -809,6 +809,12 @@ def test_a_batchnorm_without_running_statistics_builds_and_is_checked_like_the_o
     short = dataclasses.replace(config, batch_size=n - 1)  # a last step of one image
     with pytest.raises(BrainPropError, match=r"where layer 2 \(BatchNorm1d\) would see one"):
         train(short, dataset=tiny_dataset, progress=False)
+
+
+def test_an_epoch_counts_its_last_partial_batch():
+    """As Keras's fit does; the count sizes progress bars, bench's epochs and resume's check
+    of a step past the end."""
+    assert [num_batches(n, 3) for n in (1, 2, 3, 9, 10)] == [1, 1, 1, 3, 4]
 
 
 def test_evaluation_batches_leave_no_last_batch_of_one_image():
