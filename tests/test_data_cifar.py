@@ -87,6 +87,7 @@ def _batch(**overrides: object) -> bytes:
         (_batch(data=np.zeros((3, 3072), np.float32)), "has b'data' of float32 [3, 3072]"),
         (_batch(data=[1, 2]), "has b'data' of list, expected uint8 [N, 3072]"),
         (_batch(labels=[0, 1]), "has 3 images but 2 b'labels'"),
+        (_batch(labels=[0, 1, 2, 0]), "has 3 images but 4 b'labels'"),
         (_batch(labels=[0, 1, b"x"]), "has b'labels' that is not a list of integers"),
         (_batch(labels=[0, 10, 1]), "has label 10 at index 1, expected 0..9"),
         (

@@ -26,18 +26,15 @@ def device_problem(device: str) -> str | None:
     """Why ``device`` ('auto', 'cpu', 'cuda', 'cuda:N') cannot be used here; None if it can."""
     if device == "auto":
         return None
+    use = "use --device cpu, or cuda[:N] on a machine with a CUDA GPU, or auto"
     try:
         dev = torch.device(device)
-        cuda_ok = torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()
-        ok = dev.type == "cpu" or (dev.type == "cuda" and cuda_ok)
     except RuntimeError:
-        ok = False
-    if ok:
+        return f"{device!r} is no device name: {use}"
+    cuda_ok = torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()
+    if dev.type == "cpu" or (dev.type == "cuda" and cuda_ok):
         return None
-    return (
-        f"device {device!r} is not available here: use --device cpu, or cuda[:N] on a machine "
-        "with a CUDA GPU, or auto"
-    )
+    return f"device {device!r} is not available here: {use}"
 
 
 def ran_out_of_memory(e: BaseException) -> bool:
