@@ -147,6 +147,14 @@ def test_the_table_holds_the_published_values():
     assert {row.lr_halving_epochs for row in PAPER.values()} == {100}
 
 
+def test_a_run_stops_as_the_paper_did_by_default():
+    """Keras's EarlyStopping(patience=45, min_delta=0.001) within 500 epochs, the exploration
+    rate 0.02 and the test set for validation, unless told otherwise."""
+    config = TrainConfig(dataset="mnist", arch="conv").resolve()
+    assert (config.epochs, config.patience, config.min_delta) == (500, 45, 0.001)
+    assert (config.epsilon, config.val) == (0.02, "test")
+
+
 def test_only_weights_are_decayed():
     model = build_model("deep", (3, 32, 32), 10, PAPER[("cifar10", "deep")])
     decay, rest = decayed_parameters(model)

@@ -417,6 +417,11 @@ def test_early_stopping_watches_the_validation_accuracy(tmp_path, tiny_dataset, 
     assert [h["val_acc"] for h in run.history] == [0.5, 0.6, 0.6, 0.55]
     assert run.summary["stop_reason"] == "early stopping" and run.summary["best_epoch"] == 2
     assert checkpoint.load(run.dir / "best.pt")["epoch"] == 2  # not rewritten at the tie
+    # A gain under min_delta is none to patience: 0.6 does not improve on 0.5 by 0.15.
+    scores = iter([0.5, 0.6, 0.6, 0.6, 0.6])
+    run = train(_config(tmp_path, name="delta", epochs=5, patience=2, min_delta=0.15),
+                dataset=tiny_dataset, progress=False)  # fmt: skip
+    assert len(run.history) == 3 and run.summary["stop_reason"] == "early stopping"
 
 
 def test_l2_is_keras_semantics_on_weights_only(tmp_path, tiny_dataset):
@@ -579,6 +584,8 @@ def test_non_finite_loss_stops_with_epoch_and_step(tmp_path, tiny_dataset):
         (dict(lr=10**400), r"--lr must lie in \[1.175e-38, 3.403e\+38\].*, got 1000"),
         (dict(dropout=(0.1, 0.2, 0.3)), "has 2 dropout sites"),
         (dict(val="train"), "--val must be 'test'"),
+        (dict(val=0), "--val must be 'test' or a positive number of held-out images, got 0"),
+        (dict(patience=0), "--patience must be >= 1, got 0"),
         (dict(arch="deep"), "no .deep. network for mnist: choose --arch from conv, dense, loccon"),
         (dict(dataset="imagenet"), "unknown dataset 'imagenet'"),
         (dict(rule="hebb"), "unknown rule 'hebb'"),
