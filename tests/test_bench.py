@@ -320,8 +320,8 @@ def test_gpu_boards_are_matched_by_whole_words(name, board, monkeypatch):
 
 @pytest.mark.parametrize("name", ["h200-bf16-graph.json", "h200-bf16-graph-stack10.json"])
 def test_markdown_renders_the_reports_in_docs(name):
-    """docs/performance.md says ``markdown`` turns these back into bench's table; they predate
-    the ``software`` field and keep torch's version at the top level."""
+    """docs/performance.md says ``markdown`` turns a bench report back into its table; these
+    predate the ``software`` field and keep torch's version at the top level."""
     report = json.loads((REPO / "docs" / "bench" / name).read_text())
     table = markdown(report)
     assert f", torch {report['torch']}\n" in table

@@ -634,9 +634,20 @@ def test_the_held_out_images_are_apart_from_training_and_the_same_for_a_copy_in_
     assert shuffled.fingerprint(16)["held_out"] != ds.fingerprint(16)["held_out"]
     assert ds.fingerprint(16)["held_out"] != ds.fingerprint(17)["held_out"]
     # The digest is of the images the split holds out, not of others.
-    held = hashlib.sha256(val_x.numpy().tobytes())
-    held.update(val_y.numpy().tobytes())
-    assert ds.fingerprint(16)["held_out"]["sha256"] == held.hexdigest()
+    digest = hashlib.sha256(val_x.numpy().tobytes())
+    digest.update(val_y.numpy().tobytes())
+    assert ds.fingerprint(16)["held_out"]["sha256"] == digest.hexdigest()
+
+
+def test_the_held_out_positions_are_those_runs_recorded_before() -> None:
+    """Run folders record a digest of their held-out images: another draw of the positions
+    would refuse every earlier --val run's resume. (Pinned on this torch's randperm: a torch
+    that draws otherwise would also part old runs from their data, and should fail here.)"""
+    x = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1)
+    ds = Dataset("mine", x, torch.zeros(10, dtype=torch.int64), x[:1], _Y[:1], 10)
+    train_set, val_x, _ = split_validation(ds, 3)
+    assert val_x.flatten().tolist() == [8, 6, 2]
+    assert train_set.train_x.flatten().tolist() == [4, 1, 7, 5, 3, 9, 0]
 
 
 def _write_each(name: str, root: Path) -> list[Path]:

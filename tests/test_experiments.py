@@ -1384,8 +1384,8 @@ def test_a_finished_run_recorded_in_a_later_session_is_averaged_over_its_session
 
 
 def test_a_run_without_a_note_takes_this_sessions_sharing_not_its_stack_mates(tmp_path):
-    """Recording a stack, a run whose note could not be written took the run before it's
-    average of three at once instead of this session's one (review)."""
+    """Recording a stack, a run whose note could not be written took the average of the run
+    before it (three at once) instead of this session's one (review)."""
     noted, unnoted = plan([DENSE], ["ebp"], 2)
     request = Request(out=tmp_path, device="cpu")
     for spec in (noted, unnoted):

@@ -448,6 +448,7 @@ def test_members_that_cannot_share_a_stack_are_refused(tmp_path, tiny_dataset, c
 def test_members_differing_in_any_shared_setting_are_refused(tmp_path, field):
     """The stack trains every member with the first one's settings: any other difference
     would go unapplied while the member's run recorded it."""
+    assert MEMBER_FIELDS == ("seed", "name", "epochs", "out_dir", "data_dir")  # no more
     first = _config(tmp_path, 0)
     other = replace(_config(tmp_path, 1), **{field: object()})
     with pytest.raises(BrainPropError, match=f"seeds 0 and 1 differ in {field} "):
