@@ -605,6 +605,20 @@ def test_nonsense_configs_are_one_line_errors(override, message):
     assert "\n" not in str(info.value)
 
 
+def test_resolve_takes_the_global_batch_and_keeps_the_data_folder_absolute(tmp_path, monkeypatch):
+    """One process trains on the whole global batch, as the several it stands for would; a
+    relative data folder stored as given would name another one when the run is resumed or
+    evaluated from elsewhere."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    base = dict(dataset="mnist", arch="conv")
+    assert TrainConfig(**base, global_batch=64).resolve().batch_size == 64
+    with pytest.raises(BrainPropError, match="--batch-size 32 and --global-batch 64 both set"):
+        TrainConfig(**base, batch_size=32, global_batch=64).resolve()
+    assert TrainConfig(**base, data_dir="d").resolve().data_dir == str(tmp_path / "d")
+    assert TrainConfig(**base, data_dir="~/d").resolve().data_dir == str(tmp_path / "home" / "d")
+
+
 def test_a_config_takes_numbers_and_text_of_any_kind(tmp_path, tiny_dataset):
     """numpy's scalars (np.float64 a float subclass, np.str_ a str one) were kept, and each
     checkpoint then held one, which a weights_only load refuses: evaluate and resume failed
