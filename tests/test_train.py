@@ -586,6 +586,7 @@ def test_non_finite_loss_stops_with_epoch_and_step(tmp_path, tiny_dataset):
         (dict(val="train"), "--val must be 'test'"),
         (dict(val=0), "--val must be 'test' or a positive number of held-out images, got 0"),
         (dict(patience=0), "--patience must be >= 1, got 0"),
+        (dict(eager=True, cuda_graph=True), "--eager and --cuda-graph contradict each other"),
         (dict(arch="deep"), "no .deep. network for mnist: choose --arch from conv, dense, loccon"),
         (dict(dataset="imagenet"), "unknown dataset 'imagenet'"),
         (dict(rule="hebb"), "unknown rule 'hebb'"),
