@@ -1312,7 +1312,7 @@ def test_a_run_on_a_device_this_machine_lacks_is_told_where_to_resume(
         f"{run_dir / 'config.json'}: the run trains on device 'cuda:999', which this machine "
         "does not have: resume it on a machine that has"
         if device == "cuda:999"
-        else f"{run_dir / 'config.json'} holds an invalid config (device 'gpu' is not available "
+        else f"{run_dir / 'config.json'} holds an invalid config ('gpu' is no device name: use "
     )
     assert str(info.value).startswith(told)
 
