@@ -138,6 +138,22 @@ def test_initialisation_is_normal_with_the_table_sigma():
     assert w.std().item() == pytest.approx(0.01, rel=0.01)
 
 
+@pytest.mark.parametrize("arch", ["loccon", "conv", "deep"])
+def test_every_kernel_is_drawn_with_the_table_sigma(arch):
+    """Locally connected kernels too: PyTorch's own init of them is uniform, far wider."""
+    hp = PAPER[("cifar10", arch)]
+    model = build_model(arch, (3, 32, 32), 10, hp, torch.Generator().manual_seed(0))
+    kernels = [
+        m.weight.detach()
+        for m in model.modules()
+        if isinstance(m, nn.Linear | nn.Conv2d | LocallyConnected2d)
+    ]
+    assert len(kernels) >= 3
+    assert any(isinstance(m, LocallyConnected2d) for m in model.modules()) == (arch == "loccon")
+    for w in kernels:
+        assert w.std().item() == pytest.approx(hp.init_std, rel=0.05)
+
+
 def test_the_table_holds_the_published_values():
     assert PAPER[("mnist", "dense")].init_std == 0.01
     assert PAPER[("mnist", "conv")].init_std == 0.005

@@ -20,7 +20,7 @@ from own_rules import FailsLater, SquaredError
 from reliability_helpers import recorded_outputs
 from torch import nn
 
-from brainprop import TrainConfig, checkpoint, devices, evaluate, load_model, train
+from brainprop import TrainConfig, checkpoint, devices, evaluate, evaluation, load_model, train
 from brainprop.cli import main
 from brainprop.data import Dataset
 from brainprop.data.batches import num_batches, ordered_batches, to_float
@@ -300,6 +300,8 @@ def test_checkpoint_round_trip_and_evaluate(tmp_path, tiny_dataset):
     result = evaluate(run.dir, dataset=ds, device="cpu")
     assert result["test_acc"] == run.summary["test_acc_at_best"]
     assert result["checkpoint"] == str(run.dir / "best.pt")  # the file read, not its folder
+    # Ready to score as it is handed over: BatchNorm's running statistics, no dropout.
+    assert not any(m.training for m in model.modules())
     with pytest.raises(BrainPropError, match="inputs"):
         evaluate(run.dir, dataset=make_tiny_dataset(size=12), device="cpu")
 
@@ -417,6 +419,8 @@ def test_early_stopping_watches_the_validation_accuracy(tmp_path, tiny_dataset, 
     assert [h["val_acc"] for h in run.history] == [0.5, 0.6, 0.6, 0.55]
     assert run.summary["stop_reason"] == "early stopping" and run.summary["best_epoch"] == 2
     assert checkpoint.load(run.dir / "best.pt")["epoch"] == 2  # not rewritten at the tie
+    # evaluate names the best epoch it scored, not the last one or the cap.
+    assert evaluate(run.dir, dataset=tiny_dataset, device="cpu")["epoch"] == 2
     # A gain under min_delta is none to patience: 0.6 does not improve on 0.5 by 0.15.
     scores = iter([0.5, 0.6, 0.6, 0.6, 0.6])
     run = train(_config(tmp_path, name="delta", epochs=5, patience=2, min_delta=0.15),
@@ -459,6 +463,22 @@ def test_bf16_on_cpu_really_runs_in_bf16_and_still_learns(tmp_path, tiny_dataset
     )
     assert all(p.dtype == torch.float32 for p in bf16.model.parameters())  # fp32 master weights
     assert bf16.summary["best_val_acc"] > 0.6  # 4 classes: chance is 0.25
+
+
+def test_evaluate_scores_a_bf16_run_in_bf16(tmp_path, tiny_dataset, monkeypatch):
+    """As its validation accuracies were scored in training, so that its test accuracy is the
+    one its summary reports."""
+    run = train(_config(tmp_path, epochs=1, bf16=True), dataset=tiny_dataset, progress=False)
+    precisions = []
+
+    def spy(model, x, y, bf16=False):
+        precisions.append(bf16)
+        return accuracy(model, x, y, bf16)
+
+    monkeypatch.setattr(evaluation, "accuracy", spy)
+    result = evaluate(run.dir, dataset=tiny_dataset, device="cpu")
+    assert precisions == [True]
+    assert result["test_acc"] == run.summary["test_acc_at_best"]
 
 
 def test_bf16_where_it_is_slow_is_said_by_train_and_evaluate(
