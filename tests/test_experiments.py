@@ -60,8 +60,17 @@ from brainprop.resume import stored_config
 # brainprop re-exports the function train, which hides the module of the same name.
 train_module = importlib.import_module("brainprop.train")
 DENSE, CONV = Cell("mnist", "dense"), Cell("mnist", "conv")
+
+
 #: A session's digests of own code (experiments.OwnCode) where every rule is the library's.
 NO_OWN_CODE = collections.defaultdict(dict)
+
+
+def _dense_request(out, mnist_root, rules, **settings) -> Request:
+    """A quiet request on the CPU for MNIST dense, one seed unless ``settings`` say otherwise."""
+    base = dict(cells=(DENSE,), rules=rules, seeds=1, out=out, data_dir=str(mnist_root),
+                device="cpu", progress=False)  # fmt: skip
+    return Request(**{**base, **settings})
 
 
 @pytest.fixture
@@ -395,10 +404,7 @@ def test_a_measurement_half_copied_in_while_runs_train_does_not_stop_them(
         copy.write_bytes(whole.read_bytes()[: 50 if len(calls) == 1 else None])
 
     monkeypatch.setattr(ex, "_train", train_while_copying)
-    request = Request(
-        cells=(DENSE,), rules=("brainprop",), seeds=2, out=tmp_path, data_dir=str(mnist_root),
-        device="cpu", budget_minutes=60.0, progress=False,
-    )  # fmt: skip
+    request = _dense_request(tmp_path, mnist_root, ("brainprop",), seeds=2, budget_minutes=60.0)
     outcome = reproduce(request, say=lambda _: None)
     assert outcome.ran == calls == ["mnist-dense-brainprop-s0", "mnist-dense-brainprop-s1"]
     assert len(load_measurements(tmp_path)) == 3
@@ -448,8 +454,7 @@ def test_a_second_session_on_the_same_folder_is_refused(tmp_path, mnist_root, mo
 
     calls: list[str] = []
     monkeypatch.setattr(ex, "_train", _fake_train(calls))
-    request = Request(cells=(DENSE,), rules=("ebp",), seeds=1, out=tmp_path / "r",
-                      data_dir=str(mnist_root), device="cpu", progress=False)  # fmt: skip
+    request = _dense_request(tmp_path / "r", mnist_root, ("ebp",))
     (tmp_path / "r").mkdir()
     first = locks.held(tmp_path / "r", "held by the first session")
     with first, pytest.raises(BrainPropError) as info:
@@ -477,8 +482,7 @@ def test_a_session_holds_the_folder_it_made(tmp_path, mnist_root, monkeypatch):
         _fake_train([])(job, request, dataset)
 
     monkeypatch.setattr(ex, "_train", train_while_another_starts)
-    request = Request(cells=(DENSE,), rules=("ebp",), seeds=1, out=out,
-                      data_dir=str(mnist_root), device="cpu", progress=False)  # fmt: skip
+    request = _dense_request(out, mnist_root, ("ebp",))
     reproduce(request, say=lambda _: None)
     assert tried == ["mnist-dense-ebp-s0"]
 
@@ -490,8 +494,7 @@ def test_a_session_on_a_new_folder_takes_in_what_another_ran_there_while_it_chec
     ran meanwhile left runs this one would train again, over their measurements (review)."""
     calls: list[str] = []
     monkeypatch.setattr(ex, "_train", _fake_train(calls))
-    request = Request(cells=(DENSE,), rules=("ebp",), seeds=1, out=tmp_path / "new",
-                      data_dir=str(mnist_root), device="cpu", progress=False)  # fmt: skip
+    request = _dense_request(tmp_path / "new", mnist_root, ("ebp",))
     checked = ex._check_data
 
     def check_while_another_runs(pending, data_dir):
@@ -544,8 +547,7 @@ def test_a_report_that_fails_while_runs_go_on_is_said_and_they_go_on(
     monkeypatch.setattr(ex, "_train", _fake_train(calls))
     monkeypatch.setattr(report, "write_report", no_report)
     monkeypatch.setattr(ex._Recorder, "REPORT_EVERY_S", 0.0)
-    request = Request(cells=(DENSE,), rules=("brainprop", "ebp"), seeds=1, out=tmp_path,
-                      data_dir=str(mnist_root), device="cpu", progress=False)  # fmt: skip
+    request = _dense_request(tmp_path, mnist_root, ("brainprop", "ebp"))
     lines: list[str] = []
     with pytest.raises(RuntimeError, match="matplotlib broke"):  # the session's own report
         reproduce(request, say=lines.append)
@@ -559,8 +561,7 @@ def test_a_run_finished_here_is_recorded_though_another_machine_measured_it(
     """A measurement of the same run merged in from another machine left this machine's
     finished run unrecorded for good, its result only in a run directory (review)."""
     spec = RunSpec(DENSE, "ebp", 0)
-    request = Request(cells=(DENSE,), rules=("ebp",), seeds=1, out=tmp_path,
-                      data_dir=str(mnist_root), device="cpu", progress=False)  # fmt: skip
+    request = _dense_request(tmp_path, mnist_root, ("ebp",))
     _fake_train([])((spec,), request, None)  # finished, stopped before it was recorded
     write_measurement(tmp_path, spec, "NVIDIA H200", test_acc=0.9)
     calls: list[str] = []
@@ -580,8 +581,7 @@ def test_a_run_finished_here_is_recorded_beside_its_graphed_measurement_on_the_s
     """Labels name a GPU's model, so another host's graphed run of the same name carries this
     machine's label: a setup of its own all the same (review)."""
     spec = RunSpec(DENSE, "ebp", 0)
-    request = Request(cells=(DENSE,), rules=("ebp",), seeds=1, out=tmp_path,
-                      data_dir=str(mnist_root), device="cpu", progress=False)  # fmt: skip
+    request = _dense_request(tmp_path, mnist_root, ("ebp",))
     _fake_train([])((spec,), request, None)
     here = ex.this_machine("cpu")
     write_measurement(tmp_path, spec, here, test_acc=0.9, cuda_graph=True)
@@ -596,8 +596,7 @@ def test_a_damaged_run_here_of_a_run_measured_elsewhere_is_said_and_skipped(
     """Recording it beside the other machine's measurement failed the whole session, where it
     had been skipped (review): the name is measured, so nothing would train it again."""
     spec = RunSpec(DENSE, "ebp", 0)
-    request = Request(cells=(DENSE,), rules=("ebp",), seeds=1, out=tmp_path,
-                      data_dir=str(mnist_root), device="cpu", progress=False)  # fmt: skip
+    request = _dense_request(tmp_path, mnist_root, ("ebp",))
     _fake_train([])((spec,), request, None)
     history = tmp_path / RUNS / spec.name / rundir.HISTORY_JSON
     history.write_text("{")
@@ -620,8 +619,7 @@ def test_a_summary_too_deep_for_python_of_a_run_measured_elsewhere_is_said_and_s
     """Read with json.loads alone, it raised RecursionError from the check of whether it was
     recorded, a traceback; the run directory's own reader names it."""
     spec = RunSpec(DENSE, "ebp", 0)
-    request = Request(cells=(DENSE,), rules=("ebp",), seeds=1, out=tmp_path,
-                      data_dir=str(mnist_root), device="cpu", progress=False)  # fmt: skip
+    request = _dense_request(tmp_path, mnist_root, ("ebp",))
     _fake_train([])((spec,), request, None)
     summary = tmp_path / RUNS / spec.name / rundir.SUMMARY
     summary.write_text("[" * 100_000 + "]" * 100_000)
@@ -641,8 +639,7 @@ def test_a_stop_in_a_runs_last_step_records_it_in_one_process(tmp_path, mnist_ro
         raise signals.Interrupted("stopped by SIGTERM after the last epoch", signal.SIGTERM)
 
     monkeypatch.setattr(ex, "_train", train_then_stop)
-    request = Request(cells=(DENSE,), rules=("ebp",), seeds=1, out=tmp_path,
-                      data_dir=str(mnist_root), device="cpu", progress=False)  # fmt: skip
+    request = _dense_request(tmp_path, mnist_root, ("ebp",))
     with pytest.raises(signals.Interrupted, match="SIGTERM; no run was in progress") as info:
         reproduce(request, say=lambda _: None)
     assert info.value.exit_status == 128 + signal.SIGTERM
@@ -741,8 +738,7 @@ def test_a_stop_between_runs_in_one_process_ends_the_session_as_a_stop(
 
     monkeypatch.setattr(brainprop.data, "load_dataset", load_then_stop)
     monkeypatch.setattr(ex, "_train", _fake_train([]))
-    request = Request(cells=(DENSE,), rules=("ebp",), seeds=1, out=tmp_path,
-                      data_dir=str(mnist_root), device="cpu", progress=False)  # fmt: skip
+    request = _dense_request(tmp_path, mnist_root, ("ebp",))
     got: list[int] = []
 
     def mine(signum, _frame):
@@ -808,8 +804,7 @@ def test_a_file_in_the_way_of_the_measurements_is_refused_before_any_run(tmp_pat
     calls: list[str] = []
     monkeypatch.setattr(ex, "_train", _fake_train(calls))
     (tmp_path / "measurements").write_text("")
-    request = Request(cells=(DENSE,), rules=("ebp",), seeds=1, out=tmp_path,
-                      data_dir=str(mnist_root), device="cpu", progress=False)  # fmt: skip
+    request = _dense_request(tmp_path, mnist_root, ("ebp",))
     with pytest.raises(BrainPropError, match=f"cannot create the folder {tmp_path / 'measurements'}"
                        " .*: move away what is at"):  # fmt: skip
         reproduce(request, say=lambda _: None)
@@ -872,10 +867,7 @@ def test_a_session_ends_with_what_it_did_and_the_report_rows_of_its_runs(
 def test_finished_runs_are_skipped_and_an_interrupted_run_resumes(tmp_path, mnist_root, no_plots):
     spec = RunSpec(DENSE, "brainprop", 0, max_epochs=2)
     out = tmp_path / "results"
-    request = Request(
-        cells=(DENSE,), rules=("brainprop",), seeds=1, max_epochs=2, out=out,
-        data_dir=str(mnist_root), device="cpu", progress=False,
-    )  # fmt: skip
+    request = _dense_request(out, mnist_root, ("brainprop",), max_epochs=2)
     # A run stopped after its first epoch: last.pt holds epoch 1, config.json the run's 2
     # epochs, and there is no summary.
     config = spec.config(out, str(mnist_root), "cpu")
@@ -905,10 +897,7 @@ def test_a_rule_of_ones_own_that_fails_in_a_run_says_to_run_the_same_command_aga
     """One step an epoch: the rule's second call is in epoch 2, after epoch 1's checkpoint,
     which the same command, the rule mended, resumes."""
     monkeypatch.setitem(OBJECTIVES, "later", lambda epsilon, fused: FailsLater(at=2))
-    request = Request(
-        cells=(DENSE,), rules=("later",), seeds=1, max_epochs=2, out=tmp_path,
-        data_dir=str(mnist_root), device="cpu", progress=False,
-    )  # fmt: skip
+    request = _dense_request(tmp_path, mnist_root, ("later",), max_epochs=2)
     said = (
         r"^rule 'later' failed in epoch 2: ZeroDivisionError: division by zero \(.+own_rules"
         r"\.py:\d+\): fix it, then run the same 'brainprop reproduce' command to continue$"
@@ -958,10 +947,7 @@ def test_a_rule_of_ones_own_changed_since_its_runs_were_measured_is_refused(
         _register_lab(monkeypatch, lab, text, name)
 
     out = tmp_path / "results"
-    request = Request(
-        cells=(DENSE,), rules=("mine",), seeds=1, max_epochs=1, out=out,
-        data_dir=str(mnist_root), device="cpu", progress=False,
-    )  # fmt: skip
+    request = _dense_request(out, mnist_root, ("mine",), max_epochs=1)
     register(source, "lab_first")
     edited = source.replace("class Mine", "class Another(SquaredError):\n    pass\n\n\nclass Mine")
 
@@ -990,10 +976,7 @@ def test_a_name_of_ones_own_for_the_librarys_rule_is_known_as_that_when_it_chang
     """Its measurement held no digests, as the library's rules' hold none, so the same name
     registered later for code of one's own reused the library rule's numbers (a review)."""
     monkeypatch.setitem(OBJECTIVES, "mine", OBJECTIVES["brainprop"])
-    request = Request(
-        cells=(DENSE,), rules=("mine",), seeds=1, max_epochs=1, out=tmp_path,
-        data_dir=str(mnist_root), device="cpu", progress=False,
-    )  # fmt: skip
+    request = _dense_request(tmp_path, mnist_root, ("mine",), max_epochs=1)
     reproduce(request, say=lambda _: None)
     [m] = load_measurements(tmp_path)
     assert m.own_code == {} and json.loads(m.path.read_text())["own_code"] == {}
@@ -1027,10 +1010,7 @@ def test_a_damaged_summary_is_written_again_once_deleted_as_its_error_says(
     tmp_path, mnist_root, no_plots
 ):
     """It said only "the run directory is damaged" (review); the run's last.pt closes it again."""
-    request = Request(
-        cells=(DENSE,), rules=("ebp",), seeds=1, max_epochs=1, out=tmp_path,
-        data_dir=str(mnist_root), device="cpu", progress=False,
-    )  # fmt: skip
+    request = _dense_request(tmp_path, mnist_root, ("ebp",), max_epochs=1)
     reproduce(request, say=lambda _: None)
     [m] = load_measurements(tmp_path)
     m.path.unlink()  # stopped before it was recorded
@@ -1073,10 +1053,7 @@ def test_a_run_directory_of_an_older_preset_table_is_refused_before_any_run(
     only had it recorded again; resumed, it trained for hours before that."""
     calls: list[str] = []
     monkeypatch.setattr(ex, "_train", _fake_train(calls))
-    request = Request(
-        cells=(DENSE,), rules=("brainprop", "ebp"), seeds=1, max_epochs=1, out=tmp_path,
-        data_dir=str(mnist_root), device="cpu", progress=False,
-    )  # fmt: skip
+    request = _dense_request(tmp_path, mnist_root, ("brainprop", "ebp"), max_epochs=1)
     stale = RunSpec(DENSE, "ebp", 0, max_epochs=1)
     _fake_train([])((stale,), request, None)
     run_dir = tmp_path / RUNS / stale.name
@@ -1110,10 +1087,7 @@ def test_another_runs_directory_in_a_runs_place_is_refused_before_any_run(
     a run that cannot be recorded."""
     calls: list[str] = []
     monkeypatch.setattr(ex, "_train", _fake_train(calls))
-    request = Request(
-        cells=(DENSE,), rules=("ebp",), seeds=1, max_epochs=1, out=tmp_path,
-        data_dir=str(mnist_root), device="cpu", progress=False,
-    )  # fmt: skip
+    request = _dense_request(tmp_path, mnist_root, ("ebp",), max_epochs=1)
     spec = RunSpec(DENSE, "ebp", 0, max_epochs=1)
     _fake_train([])((spec,), request, None)
     run_dir = tmp_path / RUNS / spec.name
@@ -1470,10 +1444,7 @@ def test_a_run_records_its_average_company_and_is_labelled_by_it_rounded(
 
 
 def test_a_stacked_request_trains_and_records_each_seed(tmp_path, mnist_root, no_plots):
-    request = Request(
-        cells=(DENSE,), rules=("ebp",), seeds=2, max_epochs=1, out=tmp_path, stack=2,
-        data_dir=str(mnist_root), device="cpu", progress=False,
-    )  # fmt: skip
+    request = _dense_request(tmp_path, mnist_root, ("ebp",), seeds=2, max_epochs=1, stack=2)
     lines: list[str] = []
     outcome = reproduce(request, say=lines.append)
     names = ["mnist-dense-ebp-s0-e1", "mnist-dense-ebp-s1-e1"]
@@ -1542,10 +1513,7 @@ def test_resumed_seeds_of_two_configurations_train_each_in_its_own_stack(
     stack, and a rerun with --stack must train both rather than stop."""
     for seed in (0, 1):
         _killed_before_its_first_checkpoint(tmp_path, mnist_root, seed, older=seed == 0)
-    request = Request(
-        cells=(DENSE,), rules=("ebp",), seeds=2, max_epochs=1, out=tmp_path, stack=2,
-        data_dir=str(mnist_root), device="cpu", progress=False,
-    )  # fmt: skip
+    request = _dense_request(tmp_path, mnist_root, ("ebp",), seeds=2, max_epochs=1, stack=2)
     names = ["mnist-dense-ebp-s0-e1", "mnist-dense-ebp-s1-e1"]
     assert reproduce(request, say=lambda _: None).ran == names
     for name, eager in zip(names, (True, False), strict=True):
@@ -1785,10 +1753,7 @@ def test_a_workers_error_too_long_for_the_pipe_is_cut_and_the_worker_ends(tmp_pa
 def test_a_run_that_completes_beside_one_that_fails_is_recorded(tmp_path, mnist_root, monkeypatch):
     monkeypatch.setattr(devices, "usable_cpus", lambda: 2)
     out = tmp_path / "r"
-    request = Request(
-        cells=(DENSE,), rules=("brainprop", "ebp"), seeds=1, max_epochs=1, out=out,
-        data_dir=str(mnist_root), device="cpu", jobs=2, progress=False,
-    )  # fmt: skip
+    request = _dense_request(out, mnist_root, ("brainprop", "ebp"), max_epochs=1, jobs=2)
     # The EBP run resumes from a damaged last.pt: its worker fails as it starts.
     failing = RunSpec(DENSE, "ebp", 0, max_epochs=1)
     stopped = train_module.train(failing.config(out, str(mnist_root), "cpu"), progress=False)
@@ -2053,8 +2018,7 @@ def test_a_failing_report_does_not_hide_why_the_runs_stopped(tmp_path, mnist_roo
 
     monkeypatch.setattr(ex, "_train", fail)
     monkeypatch.setattr(report, "write_report", no_report)
-    request = Request(cells=(DENSE,), rules=("ebp",), seeds=1, out=tmp_path,
-                      data_dir=str(mnist_root), device="cpu", progress=False)  # fmt: skip
+    request = _dense_request(tmp_path, mnist_root, ("ebp",))
     lines: list[str] = []
     with pytest.raises(BrainPropError, match="the run failed"):
         reproduce(request, say=lines.append)
