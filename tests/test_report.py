@@ -782,7 +782,13 @@ def test_a_summary_number_no_run_can_have_is_a_one_line_error(tmp_path, capsys, 
      ("own_code", {"mine": "0" * 16}, "(own_code {'mine': '0000000000000000'}, not digests"),
      ("own_code", ["rule 'mine'"], "(own_code [\"rule 'mine'\"], not digests of a rule's or "),
      # It divides the run's seconds: 1e300 made every time of the row 0.
-     ("runs_at_once_mean", 1e300, "(runs_at_once_mean 1e+300, but runs_at_once 1)"),
+     ("runs_at_once_mean", 1e300, "(runs_at_once_mean above 9007199254740992)"),
+     # An integer so large overflowed the rounding, a traceback (a review); as a count of runs
+     # it printed its 401 digits in the machine's label and made every time of the row 0.
+     pytest.param("runs_at_once_mean", 10**400, "(runs_at_once_mean above 9007199254740992)",
+                  id="runs_at_once_mean-10**400"),
+     ("runs_at_once", 2**60, "(runs_at_once above 9007199254740992)"),
+     ("stack", 2**60, "(stack above 9007199254740992)"),
      # A file whose name and fields disagree: the report would count a seed twice.
      ("seed", 1, "(run 'mnist-conv-brainprop-s0', but its fields make it "
                  "'mnist-conv-brainprop-s1')"),

@@ -27,7 +27,7 @@ from .matrix import PAPER_FEEDBACK, Cell, RunSpec
 from .objectives import OBJECTIVES
 from .presets import ARCHITECTURES, PAPER_PRESET, table_row
 from .registry import NAME
-from .summary import TF32_OPS, check_summary
+from .summary import LARGEST, TF32_OPS, check_summary
 
 MEASUREMENTS = "measurements"
 MEASUREMENT_FORMAT = "brainprop-measurement-1"
@@ -445,12 +445,15 @@ def _flag(d: dict[str, Any], key: str) -> bool:
 def _whole(d: dict[str, Any], key: str, default: int | None = None, *, least: int = 1) -> int:
     """``d[key]`` (``default`` where absent) if it is a whole number of at least ``least``; a
     float such as 1e400 or 1.7 is no seed or epoch count, and ``int()`` would overflow or
-    truncate it."""
+    truncate it. One above :data:`~brainprop.summary.LARGEST` would overflow the report's
+    arithmetic, or print its hundreds of digits in a machine's label."""
     v = d[key] if default is None else d.get(key, default)
     if isinstance(v, bool) or not isinstance(v, int):
         raise ValueError(f"{key} {v!r}, not a whole number")
     if v < least:
         raise ValueError(f"{key} {v}, below {least}")
+    if v > LARGEST:
+        raise ValueError(f"{key} above {LARGEST}")
     return v
 
 
@@ -463,6 +466,9 @@ def _company(d: dict[str, Any], at_once: int) -> float | None:
         return None
     if isinstance(v, bool) or not isinstance(v, int | float) or not 1 <= v < math.inf:
         raise ValueError(f"runs_at_once_mean {v!r}, not a number of at least 1")
+    if v > LARGEST:
+        # An integer that large overflows the rounding below.
+        raise ValueError(f"runs_at_once_mean above {LARGEST}")
     if max(1, math.floor(v + 0.5)) != at_once:
         raise ValueError(f"runs_at_once_mean {v!r}, but runs_at_once {at_once}")
     return float(v)
