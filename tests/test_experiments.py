@@ -41,6 +41,7 @@ from brainprop import experiments as ex
 from brainprop.cli import main
 from brainprop.errors import BrainPropError
 from brainprop.experiments import Request, reproduce
+from brainprop.feedback import PATHWAYS, Pathway
 from brainprop.matrix import (
     HEADLINE,
     MATRIX,
@@ -985,6 +986,21 @@ def test_a_name_of_ones_own_for_the_librarys_rule_is_known_as_that_when_it_chang
         reproduce(request, say=lambda _: None)
 
 
+def test_a_name_of_ones_own_for_a_librarys_pathway_is_known_as_that_when_it_changes(
+    tmp_path, mnist_root, no_plots, monkeypatch
+):
+    """As a rule's: a pathway of one's own records its code, even where that is the library's,
+    or a later change to the code under its name would reuse the old code's numbers."""
+    monkeypatch.setitem(PATHWAYS, "mine", PATHWAYS["random"])
+    request = _dense_request(tmp_path, mnist_root, ("ebp",), max_epochs=1, feedback="mine")
+    reproduce(request, say=lambda _: None)
+    [m] = load_measurements(tmp_path)
+    assert m.own_code == {} and json.loads(m.path.read_text())["own_code"] == {}
+    monkeypatch.setitem(PATHWAYS, "mine", Pathway(make=lambda layer, scale, g: None))
+    with pytest.raises(BrainPropError, match=r"measured feedback 'mine' as other code than it"):
+        reproduce(request, say=lambda _: None)
+
+
 def test_a_worker_that_finds_its_rule_changed_since_the_session_began_refuses_to_train(
     tmp_path, monkeypatch
 ):
@@ -1429,8 +1445,10 @@ def test_a_damaged_record_of_a_runs_sessions_is_one_line(tmp_path):
 @pytest.mark.parametrize(
     ("company", "kept", "at_once"),
     # 1.4996 counted 1 run at once beside its kept 1.5, which the file's reader refused.
-    [(1.25, 1.25, 1), (1.5, 1.5, 2), (2.4, 2.4, 2), (3.0, 3.0, 3), (1.4996, 1.5, 2)],
-)
+    # Halves round up, as the reader rounds them: round() takes 2.5 to 2.
+    [(1.25, 1.25, 1), (1.5, 1.5, 2), (2.4, 2.4, 2), (2.5, 2.5, 3), (3.0, 3.0, 3),
+     (1.4996, 1.5, 2)],
+)  # fmt: skip
 def test_a_run_records_its_average_company_and_is_labelled_by_it_rounded(
     tmp_path, company, kept, at_once
 ):
@@ -1439,8 +1457,22 @@ def test_a_run_records_its_average_company_and_is_labelled_by_it_rounded(
     _fake_train([])((spec,), request, None)
     m = record(spec, tmp_path / RUNS / spec.name, tmp_path, company)
     assert (m.at_once, m.company, m.device_share) == (at_once, kept, 1 / kept)
+    assert m.timed_on == m.machine + (f", {at_once} runs at once" if at_once > 1 else "")
     [loaded] = load_measurements(tmp_path)
     assert (loaded.at_once, loaded.company) == (at_once, kept)
+
+
+def test_a_measurement_keeps_both_accuracies_of_every_epoch(tmp_path):
+    """The curve lets a report plot or choose epochs without the run directory."""
+    spec = RunSpec(DENSE, "ebp", 0)
+    _fake_train([])((spec,), Request(out=tmp_path, device="cpu"), None)
+    run_dir = tmp_path / RUNS / spec.name
+    rows = [{"epoch": 1, "val_acc": 0.4, "test_acc": 0.41},
+            {"epoch": 2, "val_acc": 0.5, "test_acc": 0.52}]  # fmt: skip
+    (run_dir / rundir.HISTORY_JSON).write_text(json.dumps(rows))
+    m = record(spec, run_dir, tmp_path)
+    curve = {"val_acc": [0.4, 0.5], "test_acc": [0.41, 0.52]}
+    assert json.loads(m.path.read_text())["curve"] == curve
 
 
 def test_a_stacked_request_trains_and_records_each_seed(tmp_path, mnist_root, no_plots):

@@ -405,6 +405,19 @@ def test_a_plugin_file_named_as_a_built_in_module_is_refused(tmp_path, capsys):
     )
 
 
+def test_a_plain_folder_of_the_files_name_on_the_path_is_no_module_it_would_hide(
+    plugin, monkeypatch, capsys
+):
+    """A folder with no __init__.py (a project's lab/ beside the working folder, on the path
+    under ``python -m``) imports as a namespace package that loads nothing."""
+    (plugin.parent / "src").mkdir()
+    moved = plugin.rename(plugin.parent / "src" / plugin.name)
+    (plugin.parent / "lab").mkdir()
+    monkeypatch.syspath_prepend(str(plugin.parent))
+    assert main(["--plugin", str(moved), "datasets"]) == 0, capsys.readouterr().err
+    assert "tiny" in ARCHITECTURES
+
+
 @pytest.mark.parametrize("name", [".rules", "lab rules", "os.path.x.y", "os.foo"])
 def test_what_is_no_module_name_or_no_module_is_said_so(name, capsys):
     assert main(["--plugin", name, "datasets"]) == 2

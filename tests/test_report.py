@@ -551,6 +551,10 @@ def test_a_run_of_another_version_of_its_presets_table_is_refused(tmp_path, caps
     m.path.write_text(json.dumps(d | {"config": ran | {"lr": 7.5}}))
     with pytest.raises(BrainPropError, match=r"ran with lr 7\.5, but preset 'paper' now has 0\.1"):
         load_measurements(tmp_path)
+    # A config without some field (an earlier version's) is compared on those it holds.
+    m.path.write_text(json.dumps(d | {"config": {"batch_size": 7}}))
+    with pytest.raises(BrainPropError, match=r"ran with batch_size 7, but preset 'paper' now "):
+        load_measurements(tmp_path)
     assert main(["reproduce", "--report-only", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "give the settings it ran with a preset of their own" in err
@@ -764,6 +768,7 @@ def test_a_summary_number_no_run_can_have_is_a_one_line_error(tmp_path, capsys, 
      ("rule", "b p", "(rule 'b p': a name starts with a letter, digit or _, then "),
      ("rule", None, "(rule None: a name starts with a letter, digit or _, then "),
      ("seed", -1, "(seed -1, below 0)"),
+     ("runs_at_once", 0, "(runs_at_once 0, below 1)"),
      ("val", 0, "(val 0, below 1)"),
      ("max_epochs", 0, "(max_epochs 0, below 1)"),
      ("machine", None, "(machine None, not a name)"),

@@ -55,6 +55,8 @@ def test_a_run_without_a_finished_epoch_has_no_epoch_fields_and_passes():
         (lambda s: s.update(best_val_acc=True), "best_val_acc is missing or not a number"),
         (lambda s: s.update(epochs_run=-1), "epochs_run is missing or not a count"),
         (lambda s: s.update(stop_reason=3), "stop_reason is not text"),
+        # Epochs run, but none of their fields: only a run of no epoch may lack them.
+        (lambda s: [s.pop(key) for key in EPOCH_KEYS], "best_val_acc is missing"),
     ],
 )
 def test_check_names_the_first_field_the_report_could_not_use(damage, message):
