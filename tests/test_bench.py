@@ -479,6 +479,13 @@ def test_a_peak_that_no_device_has_is_refused(peak):
         device_peaks(torch.device("cpu"), False, peak)
 
 
+def test_a_bad_peak_is_refused_before_the_folder_is_made(tmp_path):
+    """As every other bad setting: the folder was left behind, empty (a review)."""
+    with pytest.raises(BrainPropError, match="^--peak-tflops must be a number of TFLOP/s from "):
+        run_bench(["mnist/dense"], ["ebp"], device="cpu", peak_tflops=0.0, out=tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
 def test_no_rules_is_refused_before_anything_is_built(tmp_path):
     """The CLI's parser refuses an empty list; the library wrote a report of no rows."""
     with pytest.raises(BrainPropError, match="^no rules to bench: name at least one"):

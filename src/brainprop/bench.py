@@ -630,9 +630,9 @@ def run_bench(
     if stack > 1:
         for dataset, arch in parsed:
             _check_stack_fits(dataset, arch, dev, stack)
+    peaks = device_peaks(dev, bf16, peak_tflops)
     if out is not None:
         make_folder(Path(out))  # before minutes of timing, not after
-    peaks = device_peaks(dev, bf16, peak_tflops)
     slow_bf16 = bf16_warning(dev) if bf16 else None
     if slow_bf16:
         say(f"warning: {slow_bf16}")
