@@ -1,11 +1,14 @@
 """The command line, end to end on tiny data in the official formats."""
 
 import dataclasses
+import importlib
+import inspect
 import json
 import os
 import signal
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -13,7 +16,7 @@ from data_fixtures import write_idx_dataset
 from memory_errors import CPU_ALLOCATOR, ENFORCED, OUT_OF_MEMORY
 
 import brainprop
-from brainprop import checkpoint, cli
+from brainprop import bench, checkpoint, cli, experiments
 from brainprop.cli import OFF_CONFIG_OPTIONS, build_parser, main
 from brainprop.config import TrainConfig
 from brainprop.devices import MEMORY_DETAIL_CHARS, out_of_memory
@@ -39,7 +42,8 @@ def test_train_then_evaluate(data_dir, tmp_path, capsys):
     assert summary["epochs_run"] == 2
     for path in (data_dir / "mnist").glob("train-*"):
         path.unlink()  # scoring reads the test files alone
-    assert main(["evaluate", str(run), "--data-dir", str(data_dir)]) == 0
+    moved = data_dir.rename(tmp_path / "moved")  # found only through --data-dir
+    assert main(["evaluate", str(run), "--data-dir", str(moved)]) == 0
     result = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert result["test_acc"] == summary["test_acc_at_best"] and result["test_size"] == 32
 
@@ -203,6 +207,32 @@ def test_a_long_out_of_memory_message_is_cut_at_a_word():
     assert MEMORY_DETAIL_CHARS - 10 < len(detail) <= MEMORY_DETAIL_CHARS + 4
 
 
+def test_report_only_where_no_reproduce_ran_is_refused(tmp_path, capsys):
+    """A mistyped --out got an empty report, in a folder made for it."""
+    typo = tmp_path / "typo"
+    assert main(["reproduce", "--report-only", "--out", str(typo)]) == 2
+    assert capsys.readouterr().err == (
+        f"brainprop: error: no measurements/ folder in {typo}: --report-only rewrites the "
+        "report of an earlier reproduce, so pass its --out\n"
+    )
+    assert not typo.exists()
+
+
+def test_a_file_the_command_may_not_open_is_one_line_and_status_2(tmp_path, monkeypatch, capsys):
+    """Wherever the library did not name it itself (pathlib's is_file() raises it too)."""
+
+    def barred(_args):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "mnist"))
+
+    monkeypatch.setitem(cli.COMMANDS, "datasets", barred)
+    assert main(["datasets"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"brainprop: error: cannot open {tmp_path / 'mnist'} (Permission denied): "
+    )
+    assert err.count("\n") == 1
+
+
 def test_another_runtime_error_is_a_bug_with_its_traceback(monkeypatch):
     def bug(_args):
         raise RuntimeError("shapes cannot be multiplied")
@@ -329,6 +359,44 @@ def _exit_code(fn):
         return fn()
     except SystemExit as e:
         return e.code
+
+
+def test_the_options_of_other_names_reach_the_runs_config(monkeypatch):
+    """--out, --val-split and --local-batchnorm set config fields of other names, and a list of
+    dropout rates keeps every rate (one rate would be spread over every site)."""
+    configs = []
+
+    def fake_train(config, **_):
+        configs.append(config)
+        return types.SimpleNamespace(summary={"stop_reason": "max epochs"})
+
+    monkeypatch.setattr(importlib.import_module("brainprop.train"), "train", fake_train)
+    assert main(["train", "--out", "o", "--val-split", "500", "--dropout", "0.1,0.2"]) == 0
+    assert main(["train", "--local-batchnorm"]) == 0
+    given, local = configs
+    assert (given.out_dir, given.val, given.dropout) == ("o", 500, (0.1, 0.2))
+    assert given.sync_batchnorm and not local.sync_batchnorm and local.val == "test"
+
+
+def test_reproduce_and_bench_pass_on_every_option(monkeypatch, tmp_path):
+    """A flag dropped on its way to the library would do nothing, without a word."""
+    requests, benches, library = [], [], inspect.signature(bench.run_bench).parameters
+    monkeypatch.setattr(experiments, "reproduce", requests.append)
+    monkeypatch.setattr(bench, "run_bench", lambda *a, **kw: benches.append(kw) or {})
+    monkeypatch.setattr(bench, "markdown", lambda report: "")
+    assert main(["reproduce", "--out", str(tmp_path), "--quiet"]) == 0
+    assert main(["reproduce", "--out", str(tmp_path)]) == 0
+    assert [r.progress for r in requests] == [False, True]
+    assert main(["bench", "--out", str(tmp_path), "--bf16", "--peak-tflops", "3.5",
+                 "--eval-images", "8", "--stack", "2"]) == 0  # fmt: skip
+    assert main(["bench", "--out", str(tmp_path)]) == 0
+    given, defaults = benches
+    assert (given["bf16"], given["peak_tflops"], given["eval_images"], given["stack"]) == (
+        True, 3.5, 8, 2
+    )  # fmt: skip
+    # The command's defaults are the library's, which docs/performance.md gives.
+    for name in ("steps", "warmup", "bf16", "stack", "device"):
+        assert defaults[name] == library[name].default, name
 
 
 def test_every_train_option_is_a_config_field_or_handled_by_the_cli():
