@@ -129,6 +129,27 @@ def test_dense_flops_match_a_hand_count(report):
         assert row["flops_per_step"] == forward + backward
 
 
+def test_each_rows_rates_follow_from_its_step_time(report):
+    """images/s is the batch's, not the training set's; an epoch is its steps plus the one
+    randperm; the evaluation is scaled to 10k images from the number scored."""
+    for row in report[0]["results"]:
+        step_s = row["step_ms"] / 1e3
+        assert row["images_per_s"] == pytest.approx(row["batch_size"] / step_s)
+        assert row["epoch_s"] == pytest.approx(
+            row["steps_per_epoch"] * step_s + row["randperm_ms"] / 1e3
+        )
+        assert row["eval_images"] == 16
+        assert row["eval_s_per_10k"] == pytest.approx(row["eval_s"] * 1e4 / 16)
+
+
+def test_the_progress_line_gives_the_step_and_the_epoch_in_their_own_units(report):
+    rep, _, said = report
+    for row in rep["results"]:
+        (line,) = [s for s in said if s.startswith(f"{row['preset']:<20} {row['rule']:<9} ")]
+        assert f" {bench._time(row['step_ms'])} ms/step " in line
+        assert f" {bench._time(row['epoch_s'])} s/epoch " in line
+
+
 def test_rounds_alternate_their_order_and_each_step_keeps_the_loops_running_sums(monkeypatch):
     """Every other round backwards, so no rule's block always follows the same neighbour's;
     each step is followed by the training loop's bookkeeping, as in training."""
@@ -355,6 +376,36 @@ def test_markdown_shows_both_peaks_only_when_they_differ(report):
     assert "| 1.0 |" in first
 
 
+def test_markdown_renders_each_rows_figures_in_their_own_columns(report):
+    """Known figures, each in its column and unit: a slip of a scale or a swap of two columns
+    still gives a table that reads well."""
+    rep = copy.deepcopy(report[0])
+    bp, ebp = rep["results"]
+    mib = 2**20
+    for row, step_ms in ((bp, 2.5), (ebp, 2.0)):
+        row |= {
+            "batch_size": 8, "steps_per_epoch": 7500, "step_ms": step_ms,
+            "epoch_s": 7500 * step_ms / 1e3 + 0.01, "images_per_s": 8 / (step_ms / 1e3),
+            "flops_per_step": 1_234_000_000, "tflops": 1.234e9 / (step_ms / 1e3) / 1e12,
+            "peak_fraction": 1.234e9 / (step_ms / 1e3) / 1e12, "peak_memory_bytes": 30 * mib,
+            "memory_held_before_bytes": 20 * mib, "host_rss_bytes": 100 * mib,
+            "eval_s_per_10k": 0.1234, "eager_ratio": None,
+        }  # fmt: skip
+    ebp["eager_ratio"] = 1.5
+    rep["ratios"] = [
+        {"preset": "mnist/dense", "brainprop_step_ms": 2.5, "ebp_step_ms": 2.0,
+         "brainprop_over_ebp": 1.25, "brainprop_over_ebp_blocks": [1.2, 1.25, 1.3]},
+    ]  # fmt: skip
+    lines = [line for line in markdown(rep).splitlines() if line.startswith("| mnist/dense |")]
+    assert lines == [
+        "| mnist/dense | 8 | brainprop | 2.50 | 18.76 | 3,200 | 1.23 | 0.4936 | 49.4 | 30 (20) "
+        "| 100 | 0.123 | - |",
+        "| mnist/dense | 8 | ebp | 2.00 | 15.01 | 4,000 | 1.23 | 0.6170 | 61.7 | 30 (20) | 100 "
+        "| 0.123 | 1.500 |",
+        "| mnist/dense | 2.50 | 2.00 | 1.250 | 1.200-1.300 |",
+    ]
+
+
 def test_synthetic_dataset_has_the_real_shape():
     ds = synthetic_dataset("cifar10", torch.device("cpu"))
     assert ds.train_x.shape == (50_000, 3, 32, 32) and ds.test_x.shape == (10_000, 3, 32, 32)
@@ -458,6 +509,42 @@ def test_a_batch_no_epoch_can_hold_is_refused_before_anything_is_built(tmp_path,
     with pytest.raises(BrainPropError, match=r"^--batch-size must be 1 to 60,000 \(mnist's "):
         run_bench(["mnist/dense"], ["ebp"], device="cpu", batch_size=size, out=tmp_path / "o")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("asked", "message"),
+    [({"steps": 0}, r"^--steps must be >= 1 "), ({"warmup": -1}, r"--warmup >= 0, got 1 and -1$"),
+     ({"eval_images": 0}, r"^--eval-images must be >= 1, got 0$")],
+)  # fmt: skip
+def test_counts_out_of_range_are_refused_before_anything_is_built(tmp_path, asked, message):
+    """--steps 0 divided by zero once the networks were built; --eval-images 0 timed the
+    whole test set."""
+    said = []
+    kwargs = {"steps": 1, "warmup": 0, "batch_size": 4, "eval_images": 8} | asked
+    with pytest.raises(BrainPropError, match=message):
+        run_bench(
+            ["mnist/dense"], ["ebp"], device="cpu", peak_tflops=1.0, out=tmp_path / "o",
+            say=said.append, **kwargs,
+        )  # fmt: skip
+    assert said == [] and not (tmp_path / "o").exists()
+
+
+def test_an_unknown_rule_is_refused_before_any_rule_is_built(tmp_path):
+    """Found as the rules were built in turn, it came after the folder was made and the
+    rules before it were built and warmed up."""
+    said = []
+    with pytest.raises(BrainPropError, match="^unknown rule 'nope'"):
+        run_bench(
+            ["mnist/dense"], ["ebp", "nope"], device="cpu", peak_tflops=1.0, steps=1, warmup=0,
+            batch_size=4, eval_images=8, out=tmp_path / "o", say=said.append,
+        )  # fmt: skip
+    assert said == [] and not (tmp_path / "o").exists()
+
+
+def test_a_batch_of_the_whole_training_set_is_admitted():
+    # One step an epoch, with no short batch: the largest batch an epoch holds.
+    checked = bench._checked_presets(["mnist/dense"], ["ebp"], 1, 0, 60_000, None, 1)
+    assert checked == [("mnist", "dense")]
 
 
 def test_a_graph_off_cuda_is_refused_before_anything_is_made(tmp_path, capsys):
@@ -673,3 +760,39 @@ def test_a_preset_frees_its_networks_once_it_is_done(monkeypatch):
 def test_steps_are_timed_in_whole_blocks_as_the_progress_line_says():
     """The line said --steps 7 where 5 were timed (review)."""
     assert [bench._blocks(n) for n in (3, 7, 12)] == [(3, 1), (5, 1), (5, 2)]
+
+
+def test_more_images_than_the_test_set_are_reported_as_those_scored(tiny_dataset):
+    """Asking for 20,000 on a 10,000-image test set reported 20,000, and halved eval 10k s."""
+    (row,) = bench_preset(
+        tiny_dataset, "dense", ["ebp"], torch.device("cpu"), peak=Peak(1.0, "test"), steps=1,
+        warmup=0, batch_size=8, eval_images=1000,
+    )  # fmt: skip
+    n_test = len(tiny_dataset.test_y)
+    assert row["eval_images"] == n_test
+    assert row["eval_s_per_10k"] == pytest.approx(row["eval_s"] * 1e4 / n_test)
+
+
+@pytest.mark.parametrize(("load", "warned"), [(2.9, False), (3.1, True)])
+def test_a_load_above_three_quarters_of_the_cpus_is_warned_of(tmp_path, monkeypatch, load, warned):
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, 0.5, 0.5))
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    # The warning comes before any preset: none needs building to hear it.
+    monkeypatch.setattr(bench, "synthetic_dataset", lambda name, device: None)
+    monkeypatch.setattr(bench, "bench_preset", lambda *args, **kwargs: [])
+    said = []
+    rep = run_bench(["mnist/dense"], ["ebp"], device="cpu", peak_tflops=1.0, say=said.append)
+    warning = (
+        f"warning: 1-minute load average {load:.2f} on 4 CPUs: other processes compete for the "
+        "CPU, so these timings understate the speed"
+    )
+    assert said == ([warning] if warned else [])
+    assert rep["load_average_before"] == [load, 0.5, 0.5]
+
+
+def test_times_below_one_keep_three_decimals():
+    """A graphed step of 0.124 ms must not print as a target of 0.12 it misses."""
+    assert bench._time(0.124) == "0.124" and bench._time(0.9994) == "0.999"
+    # What rounds to 1 at three decimals is printed as 1 or more.
+    assert bench._time(0.9996) == "1.00" and bench._time(1.234) == "1.23"
+    assert bench._time(12.345) == "12.35"
