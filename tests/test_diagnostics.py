@@ -42,11 +42,35 @@ def test_symmetric_feedback_is_aligned():
     assert all(v == pytest.approx(1.0) for k, v in d.items() if k.startswith("norm_ratio/"))
 
 
+def test_norm_ratio_is_feedback_over_forward():
+    # Symmetric feedback has ratio 1 either way up; only a B of another size tells |B| / |W|
+    # (the documented 2) from |W| / |B| (0.5).
+    model = _model("reciprocal")
+    with torch.no_grad():
+        for m in model.modules():
+            if layer_kind(m) is not None:
+                feedback_weight(m).copy_(2 * m.weight)
+    d = diagnostics(model, *_batch(), BrainProp())
+    ratios = {k: v for k, v in d.items() if k.startswith("norm_ratio/")}
+    assert len(ratios) == 4 and all(v == pytest.approx(2.0) for v in ratios.values())
+    assert all(v == pytest.approx(0.0, abs=1e-3) for k, v in d.items() if "angle_wb/" in k)
+
+
 def test_random_feedback_is_orthogonal_and_output_layer_exact():
     d = diagnostics(_model("random"), *_batch(), BrainProp())
     assert 80 < d["angle_wb/3"] < 100  # independent random B: nearly orthogonal to W
     assert d["angle_update/11"] == pytest.approx(0.0, abs=1e-3)  # the output layer's update
     assert d["angle_update/3"] > 10
+
+
+def test_a_partly_converted_model_has_update_angles():
+    # Symmetric layers after the random ones do not make the whole model exact: the first
+    # layer's delta still comes down through layer 3's random B.
+    model = build_model("conv", (1, 10, 10), 5, generator=torch.Generator().manual_seed(0))
+    convert(model[:4], "random", generator=torch.Generator().manual_seed(1))
+    d = diagnostics(model, *_batch(), BrainProp())
+    assert d["angle_update/0"] > 10
+    assert d["angle_update/11"] == pytest.approx(0.0, abs=1e-3)
 
 
 def test_direct_has_no_weight_angle_but_an_update_angle():
@@ -105,6 +129,25 @@ def test_diagnostics_leave_training_state_alone():
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_update_angles_are_measured_in_train_mode():
+    # The update to compare is the one training makes: with dropout and BatchNorm's batch
+    # statistics, whatever mode the caller left the model in; the caller's modes come back.
+    model = _model("random")
+    model.eval()
+    model[2].train()
+    modes = [m.training for m in model.modules()]
+    seen: list[tuple[torch.nn.Module, bool]] = []
+
+    def record(module, args, output):
+        seen.append((module, module.training))
+
+    for m in model.modules():
+        m.register_forward_hook(record)
+    diagnostics(model, *_batch(), BrainProp())
+    assert {m for m, _ in seen} == set(model.modules()) and all(t for _, t in seen)
+    assert [m.training for m in model.modules()] == modes
+
+
 def test_plot_writes_a_png(tmp_path):
     rows = [
         {"epoch": e, "angle_wb/0": 90.0 - e, "norm_ratio/0": 1.0, "angle_update/0": 40.0}
@@ -112,6 +155,33 @@ def test_plot_writes_a_png(tmp_path):
     ]
     plot_diagnostics(rows, tmp_path / "d.png", "title")
     assert (tmp_path / "d.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_plot_panels_have_their_labels_and_the_history_epochs(tmp_path, monkeypatch):
+    # The x axis is the rows' own epochs, not row numbers: a history (a slice of one, say) need
+    # not start at epoch 1.
+    figures = []
+    monkeypatch.setattr(
+        "brainprop.diagnostics.atomic_write_figure", lambda path, fig, dpi: figures.append(fig)
+    )
+    rows = [
+        {"epoch": e, "angle_wb/0": 80.0 + e, "angle_update/0": 30.0 + e, "norm_ratio/0": 1.0 + e}
+        for e in (4, 5, 6)
+    ]
+    plot_diagnostics(rows, tmp_path / "d.png")
+    (fig,) = figures
+    panels = [
+        ("angle(W, B) [deg]", [84.0, 85.0, 86.0]),
+        ("angle(update, exact gradient) [deg]", [34.0, 35.0, 36.0]),
+        ("|B| / |W|", [5.0, 6.0, 7.0]),
+    ]
+    assert len(fig.axes) == len(panels)
+    for ax, (ylabel, values) in zip(fig.axes, panels, strict=True):
+        assert ax.get_ylabel() == ylabel and ax.get_xlabel() == "epoch"
+        (line,) = ax.get_lines()
+        assert line.get_label() == "0"
+        assert [float(v) for v in line.get_xdata()] == [4.0, 5.0, 6.0]
+        assert [float(v) for v in line.get_ydata()] == values
 
 
 def _tiny_mnist() -> Dataset:
