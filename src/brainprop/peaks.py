@@ -118,8 +118,10 @@ def cpu_peak(threads: int, cpuinfo_text: str | None = None, bf16: bool = False) 
     vendor = fields.get("vendor_id", "")
     if "avx512f" in flags and vendor != "AuthenticAMD":
         lanes, isa = 16, "AVX-512"
+    elif "avx512f" in flags:
+        lanes, isa = 8, "AVX-512 on 256-bit units, assumed"
     elif "avx2" in flags or "avx" in flags:
-        lanes, isa = 8, "AVX-512 on 256-bit units, assumed" if "avx512f" in flags else "AVX2"
+        lanes, isa = 8, "AVX2" if "avx2" in flags else "AVX"
     else:
         lanes, isa = 4, "SSE"
     fma = 2 if "fma" in flags or "avx512f" in flags else 1
