@@ -6,6 +6,7 @@ Nothing here asserts a timing: the machine is shared, and the figures are for pe
 import copy
 import gc
 import importlib
+import io
 import json
 import math
 import os
@@ -18,7 +19,7 @@ import pytest
 import torch
 from data_fixtures import REPO
 
-from brainprop import bench, fastpath, files, memory
+from brainprop import bench, devices, fastpath, files, memory
 from brainprop.bench import (
     JSON_NAME,
     MARKDOWN_NAME,
@@ -428,6 +429,10 @@ def test_cpu_peak_estimate():
     # A bench divided by a clock of 0 after its timing, and reported a peak of nan (review).
     for clock in ("0.000", "nan", "inf", "-2596.146"):
         assert cpu_peak(2, AMD.replace("2596.146", clock)) is None, clock
+    # Sandy and Ivy Bridge: 256-bit AVX without FMA.
+    sandy = cpu_peak(1, "vendor_id\t: GenuineIntel\ncpu MHz\t\t: 2000.0\nflags\t\t: sse2 avx\n")
+    assert sandy is not None and sandy.tflops == pytest.approx(8 * 1 * 2 * 2.0e9 / 1e12)
+    assert "x 8 fp32 lanes (AVX) x 1 (FMA)" in sandy.source
 
 
 def test_cpu_peak_counts_cores_not_hyperthreads():
@@ -444,6 +449,21 @@ def test_cpu_peak_counts_cores_not_hyperthreads():
     here = physical_cores()  # this machine's own cpuinfo, read through its affinity
     assert here is None or 1 <= here <= (os.cpu_count() or 1)
     assert cpu_peak(2, two_cores).tflops == cpu_peak(2, AMD).tflops
+    # A run of fewer threads than cores has as many cores as threads.
+    assert cpu_peak(1, two_cores).tflops == cpu_peak(1, AMD).tflops
+    # Core 0 of each of two sockets: two cores.
+    sockets = "\n".join(
+        f"processor\t: {i}\nphysical id\t: {i}\ncore id\t\t: 0\n{AMD}" for i in (0, 1)
+    )
+    assert physical_cores(sockets) == 2
+
+
+def test_physical_cores_are_those_of_the_cpus_this_process_may_use(monkeypatch):
+    """Under taskset or SLURM the peak counts the cores given, not the machine's."""
+    text = "\n".join(f"processor\t: {i}\nphysical id\t: 0\ncore id\t\t: {i}\n" for i in range(4))
+    monkeypatch.setattr(devices, "open", lambda *a, **k: io.StringIO(text), raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 2})
+    assert physical_cores() == 2
 
 
 def test_cpu_bf16_peak_follows_the_bf16_instructions():
@@ -459,6 +479,12 @@ def test_cpu_bf16_peak_follows_the_bf16_instructions():
     assert "AVX512_BF16" in native.source and bf16_warning(torch.device("cpu"), dot) is None
     amx = cpu_peak(4, AMD.replace("avx512f", "avx512f amx_bf16"), bf16=True)
     assert amx is not None and amx.tflops == pytest.approx(4 * 1024 * 2.596146e9 / 1e12)
+    assert bf16_warning(torch.device("cpu"), AMD.replace("avx512f", "amx_bf16")) is None
+    # AMX multiplies bf16 alone: an fp32 run is held to the AVX-512 units' peak.
+    intel_amx = AMD.replace("AuthenticAMD", "GenuineIntel").replace("avx512f", "avx512f amx_bf16")
+    fp32_amx = cpu_peak(4, intel_amx)
+    assert fp32_amx is not None and "AMX" not in fp32_amx.source
+    assert fp32_amx.tflops == pytest.approx(4 * 16 * 2 * 2 * 2.596146e9 / 1e12)
 
 
 def test_a_cpus_machine_name_carries_its_vector_instructions():
@@ -476,6 +502,8 @@ def test_bf16_warning_on_a_gpu_follows_its_compute_capability(monkeypatch):
     capability = {"major": 9}
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda _d: (capability["major"], 0))
     assert bf16_warning(torch.device("cuda"), AMD) is None  # an H100/H200: bf16 tensor cores
+    capability["major"] = 8  # an A100 has them too
+    assert bf16_warning(torch.device("cuda"), AMD) is None
     capability["major"] = 7  # a V100 or T4 emulates bf16
     assert "compute capability 7.0" in (bf16_warning(torch.device("cuda"), AMD) or "")
 
@@ -557,6 +585,26 @@ def test_a_graph_off_cuda_is_refused_before_anything_is_made(tmp_path, capsys):
         "drop --cuda-graph"
     )
     assert not (tmp_path / "o").exists() and capsys.readouterr() == ("", "")
+
+
+def test_a_step_of_no_flops_has_the_matmul_peak():
+    # Its share of convolution FLOPs is 0 / 0.
+    assert Peaks(Peak(1.0, "matmul"), Peak(2.0, "conv")).for_step(0, 0) == 1.0
+
+
+def test_an_index_past_the_last_gpu_is_not_available(monkeypatch):
+    """A one-line error, not torch's traceback once the run starts."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert devices.device_problem("cuda:0") is None
+    assert "device 'cuda:1' is not available here" in (devices.device_problem("cuda:1") or "")
+
+
+def test_a_cpu_run_records_no_cuda_version(monkeypatch):
+    # On a CUDA build of torch too: the run used none.
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
+    assert "cuda" not in software(torch.device("cpu"))
+    assert software(torch.device("cuda"))["cuda"] == "12.4"
 
 
 @pytest.mark.parametrize("peak", [0.0, -1.0, math.nan, math.inf, 1e-300, 2e5])

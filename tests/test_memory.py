@@ -51,3 +51,27 @@ def test_a_gpus_available_memory_counts_what_the_caching_allocator_holds_unused(
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 5 * 2**30)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 2 * 2**30)
     assert memory.available(torch.device("cuda")) == 6 * 2**30
+
+
+@pytest.fixture
+def fake_proc(tmp_path, monkeypatch):
+    """/proc/self/status and /proc/meminfo with known figures, in kB."""
+    (tmp_path / "status").write_text("Name:\tpython\nVmHWM:\t  500 kB\nVmRSS:\t  100 kB\n")
+    (tmp_path / "meminfo").write_text(
+        "MemTotal:       1000 kB\nMemFree:         200 kB\nMemAvailable:    700 kB\n"
+    )
+    files = {"/proc/self/status": tmp_path / "status", "/proc/meminfo": tmp_path / "meminfo"}
+    monkeypatch.setattr(memory, "Path", lambda p: files.get(str(p), tmp_path / "none"))
+
+
+def test_proc_figures_are_the_fields_asked_for_in_kib(fake_proc):
+    cpu = torch.device("cpu")
+    # The RSS now, not its peak: the history shows growth from epoch to epoch.
+    assert memory.host_rss() == memory.held(cpu) == 100 * 1024
+    assert memory.host_total() == 1000 * 1024
+    # MemAvailable counts the page cache that would be given up; MemFree would refuse stacks
+    # that fit.
+    assert memory.available(cpu) == 700 * 1024
+    assert memory.peak(cpu, True) == (500 * 1024, "peak RSS of the process since the reset (VmHWM)")
+    # Without a reset, the peak is the whole process's, data loading included.
+    assert memory.peak(cpu, False)[1] == memory.SINCE_START
