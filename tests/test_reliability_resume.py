@@ -1047,6 +1047,83 @@ def test_a_failed_write_leaves_no_open_file(tmp_path: Path, monkeypatch) -> None
     assert list(tmp_path.iterdir()) == []
 
 
+def test_successful_writes_leave_no_open_file(tmp_path: Path) -> None:
+    # A run writes its history every epoch: one descriptor kept per write would end a long
+    # reproduce in "Too many open files".
+    before = len(os.listdir("/proc/self/fd"))
+    for i in range(20):
+        files.atomic_write_text(tmp_path / "history.json", str(i))
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_the_fsync_sees_every_byte_written(tmp_path: Path, monkeypatch) -> None:
+    """What is still in Python's buffer is no part of what fsync makes durable: a small file
+    (config.json) synced that way is renamed into place empty, and a power loss keeps that."""
+    sizes = []
+    fsync = os.fsync
+
+    def watched(fd: int) -> None:
+        if not os.path.isdir(f"/proc/self/fd/{fd}"):  # the folder's own fsync has no size
+            sizes.append(os.fstat(fd).st_size)
+        fsync(fd)
+
+    monkeypatch.setattr(files.os, "fsync", watched)
+    files.atomic_write(tmp_path / "last.pt", lambda f: f.write(b"x" * 100_000))
+    files.atomic_write(tmp_path / "config.json", lambda f: f.write(b"{}"))
+    assert sizes == [100_000, 2]
+
+
+def test_only_brainprops_own_temporaries_are_removed(tmp_path: Path) -> None:
+    (tmp_path / ".last.pt.abc123.tmp").write_bytes(b"half")
+    (tmp_path / "notes.tmp").write_text("a file of the user's")
+    files.remove_temporaries(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.tmp"]
+
+
+def test_a_file_in_the_way_behind_a_working_link_is_not_blamed_on_the_link(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "out").write_text("a file, not a folder")
+    (tmp_path / "link").symlink_to(real)
+    with pytest.raises(BrainPropError) as info:
+        files.make_folder(tmp_path / "link" / "out")
+    assert "(File exists)" in str(info.value) and "symbolic link" not in str(info.value)
+
+
+def test_a_held_folder_is_refused_at_once_not_waited_for(tmp_path: Path) -> None:
+    # A timeout, not a hang of the suite, where the lock would block.
+    take = (
+        "import sys; from pathlib import Path; from brainprop import locks\n"
+        "with locks.held(Path(sys.argv[1]), 'busy'): pass"
+    )
+    with locks.held(tmp_path, "held"):
+        p = subprocess.run([sys.executable, "-c", take, str(tmp_path)], capture_output=True,
+                           text=True, timeout=60)  # fmt: skip
+    assert p.returncode != 0 and "Busy: busy" in p.stderr
+
+
+def test_the_umask_is_left_as_it_was_where_proc_does_not_say_it(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """Off Linux, reading the umask means setting it for a moment: left at 0o077, every later
+    file of the process would be owner-only."""
+    read_text = Path.read_text
+
+    def no_proc(self: Path, *args: Any, **kwargs: Any) -> str:
+        if str(self) == "/proc/self/status":
+            raise OSError(errno.ENOENT, "no /proc")
+        return read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", no_proc)
+    old = os.umask(0o027)
+    try:
+        files.atomic_write_text(tmp_path / "a.json", "{}")
+        now = os.umask(0o027)
+    finally:
+        os.umask(old)
+    assert now == 0o027 and (tmp_path / "a.json").stat().st_mode & 0o777 == 0o640
+
+
 def test_a_written_file_is_as_readable_as_the_umask_allows(tmp_path: Path) -> None:
     """Not owner-only, as the temporary file it was renamed from was made."""
     old = os.umask(0o022)

@@ -389,6 +389,26 @@ def test_short_last_batch_takes_a_proportional_brainprop_step(tmp_path):
             torch.testing.assert_close(p, b[name], rtol=1e-6, atol=1e-9)
 
 
+def test_a_bf16_step_hands_the_objective_fp32_outputs(tmp_path):
+    """BrainProp's delta r - Q_s, its loss and the gradient it sends down are fp32 sums, not
+    bf16's three significant digits, as in the fp32 master weights they update."""
+    cfg = _config(tmp_path, bf16=True).resolve()
+    ds = make_tiny_dataset(n_train=16)
+    model = build_model(cfg.arch, ds.input_shape, 4, cfg.hyperparameters())
+    brainprop, seen = make_objective("brainprop", cfg.epsilon), []
+
+    class Spy:
+        sums_over_nominal_batch = brainprop.sums_over_nominal_batch
+
+        def __call__(self, q, y, generator=None):
+            seen.append(q.dtype)
+            return brainprop(q, y, generator)
+
+    out = train_step(model, Spy(), make_optimizer(model, cfg), to_float(ds.train_x), ds.train_y,
+                     generator=None, batch_size=16, bf16=True)  # fmt: skip
+    assert seen == [torch.float32] and out.loss.dtype == torch.float32
+
+
 def test_the_loop_halves_the_lr_on_schedule_and_explores_at_the_configured_rate(
     tmp_path, tiny_dataset
 ):
