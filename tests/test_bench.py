@@ -462,7 +462,7 @@ def test_physical_cores_are_those_of_the_cpus_this_process_may_use(monkeypatch):
     """Under taskset or SLURM the peak counts the cores given, not the machine's."""
     text = "\n".join(f"processor\t: {i}\nphysical id\t: 0\ncore id\t\t: {i}\n" for i in range(4))
     monkeypatch.setattr(devices, "open", lambda *a, **k: io.StringIO(text), raising=False)
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 2})
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 2}, raising=False)
     assert physical_cores() == 2
 
 
@@ -546,7 +546,7 @@ def test_a_batch_no_epoch_can_hold_is_refused_before_anything_is_built(tmp_path,
 )  # fmt: skip
 def test_counts_out_of_range_are_refused_before_anything_is_built(tmp_path, asked, message):
     """--steps 0 divided by zero once the networks were built; --eval-images 0 timed the
-    whole test set."""
+    whole test set; a negative --warmup is no count of steps."""
     said = []
     kwargs = {"steps": 1, "warmup": 0, "batch_size": 4, "eval_images": 8} | asked
     with pytest.raises(BrainPropError, match=message):

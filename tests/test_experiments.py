@@ -104,6 +104,18 @@ def test_a_cell_or_rule_given_twice_is_planned_once():
     assert plan([DENSE, DENSE], ["ebp", "ebp"], 2) == plan([DENSE], ["ebp"], 2)
 
 
+@pytest.mark.parametrize(
+    ("cap", "message"),
+    [(0, "--max-epochs must be >= 1, got 0"),
+     # Trained, its measurements would be refused as they were read back (a review).
+     (2**60, "--max-epochs must be at most 9007199254740992: no run takes that many")],
+)  # fmt: skip
+def test_an_epoch_cap_no_run_could_have_is_refused(cap, message):
+    with pytest.raises(BrainPropError) as info:
+        plan([DENSE], ["ebp"], 1, max_epochs=cap)
+    assert str(info.value) == message
+
+
 def test_run_names_are_deterministic_and_say_validation_and_cap():
     assert [s.name for s in plan([DENSE], ["ebp"], seeds=1)] == ["mnist-dense-ebp-s0"]
     [spec] = plan([Cell("cifar10", "deep")], ["brainprop"], 1, val=5000, max_epochs=2)

@@ -22,6 +22,7 @@ from .feedback import check_feedback
 from .objectives import OBJECTIVES, RULES
 from .plugins import did_you_mean
 from .presets import PAPER_PRESET, PRESETS, preset_table
+from .summary import LARGEST
 
 #: The folder of the run directories under a results folder (local, not committed).
 RUNS = "runs"
@@ -253,6 +254,9 @@ def plan(
         raise BrainPropError(f"--val-split must be >= 1 held-out images, got {val}")
     if max_epochs is not None and max_epochs < 1:
         raise BrainPropError(f"--max-epochs must be >= 1, got {max_epochs}")
+    if max_epochs is not None and max_epochs > LARGEST:
+        # Trained, its runs' measurements would be refused as they were read back.
+        raise BrainPropError(f"--max-epochs must be at most {LARGEST}: no run takes that many")
     PRESETS.require(preset)
     check_feedback(feedback)
     covered = [c for c in MATRIX if (dataset_family(c.dataset), c.arch) in preset_table(preset)]

@@ -467,7 +467,8 @@ def _company(d: dict[str, Any], at_once: int) -> float | None:
     if isinstance(v, bool) or not isinstance(v, int | float) or not 1 <= v < math.inf:
         raise ValueError(f"runs_at_once_mean {v!r}, not a number of at least 1")
     if v > LARGEST:
-        # An integer that large overflows the rounding below.
+        # No count of runs is that large, and an integer beyond a float's range would
+        # overflow the rounding below.
         raise ValueError(f"runs_at_once_mean above {LARGEST}")
     if max(1, math.floor(v + 0.5)) != at_once:
         raise ValueError(f"runs_at_once_mean {v!r}, but runs_at_once {at_once}")
