@@ -435,15 +435,17 @@ def test_cpu_peak_estimate():
     assert "x 8 fp32 lanes (AVX) x 1 (FMA)" in sandy.source
 
 
-def test_cpu_peak_counts_cores_not_hyperthreads():
-    def cpu(processor, core):
-        return f"processor\t: {processor}\nphysical id\t: 0\ncore id\t\t: {core}\n{AMD}"
+def _cpu(processor: int, core: int, socket: int = 0) -> str:
+    """/proc/cpuinfo's block of one logical CPU of the AMD above."""
+    return f"processor\t: {processor}\nphysical id\t: {socket}\ncore id\t\t: {core}\n{AMD}"
 
-    one_core = "\n".join([cpu(0, 0), cpu(1, 0)])  # two hyperthreads of core 0
+
+def test_cpu_peak_counts_cores_not_hyperthreads():
+    one_core = "\n".join([_cpu(0, 0), _cpu(1, 0)])  # two hyperthreads of core 0
     peak, per_core = cpu_peak(2, one_core), cpu_peak(1, AMD)
     assert peak is not None and per_core is not None and peak.tflops == per_core.tflops
     assert "1 cores (2 threads)" in peak.source
-    two_cores = "\n".join([cpu(0, 0), cpu(1, 1)])
+    two_cores = "\n".join([_cpu(0, 0), _cpu(1, 1)])
     assert physical_cores(two_cores) == 2 and physical_cores(one_core) == 1
     assert physical_cores(AMD) is None  # no topology: the threads count as cores
     here = physical_cores()  # this machine's own cpuinfo, read through its affinity
@@ -452,15 +454,12 @@ def test_cpu_peak_counts_cores_not_hyperthreads():
     # A run of fewer threads than cores has as many cores as threads.
     assert cpu_peak(1, two_cores).tflops == cpu_peak(1, AMD).tflops
     # Core 0 of each of two sockets: two cores.
-    sockets = "\n".join(
-        f"processor\t: {i}\nphysical id\t: {i}\ncore id\t\t: 0\n{AMD}" for i in (0, 1)
-    )
-    assert physical_cores(sockets) == 2
+    assert physical_cores("\n".join([_cpu(0, 0, socket=0), _cpu(1, 0, socket=1)])) == 2
 
 
 def test_physical_cores_are_those_of_the_cpus_this_process_may_use(monkeypatch):
     """Under taskset or SLURM the peak counts the cores given, not the machine's."""
-    text = "\n".join(f"processor\t: {i}\nphysical id\t: 0\ncore id\t\t: {i}\n" for i in range(4))
+    text = "\n".join(_cpu(i, i) for i in range(4))
     monkeypatch.setattr(devices, "open", lambda *a, **k: io.StringIO(text), raising=False)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 2}, raising=False)
     assert physical_cores() == 2
