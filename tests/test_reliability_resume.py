@@ -725,6 +725,40 @@ def test_a_run_directory_that_cannot_be_listed_is_refused_not_trained_unheld(
     )
 
 
+def test_a_folder_that_cannot_be_opened_to_lock_is_refused_not_used_unheld(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """Out of file descriptors, the folder was once taken to have nothing to hold, and used
+    unheld without a word (review)."""
+    opened = os.open
+
+    def no_descriptors(path, flags, *args):
+        if Path(path) == tmp_path:
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE), str(path))
+        return opened(path, flags, *args)
+
+    monkeypatch.setattr(locks.os, "open", no_descriptors)
+    with pytest.raises(BrainPropError) as info, locks.held(tmp_path, "busy"):
+        pass
+    assert str(info.value) == (
+        f"cannot hold {tmp_path} for this process ({os.strerror(errno.EMFILE)}): mend the "
+        "cause (for too many open files, raise ulimit -n), then run the command again"
+    )
+
+
+def test_a_folder_gone_before_it_is_opened_to_lock_is_left_to_the_caller(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """Removed between the look and the open: the caller says what is missing, in its words."""
+
+    def gone(path, flags, *args):
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(path))
+
+    monkeypatch.setattr(locks.os, "open", gone)
+    with locks.held(tmp_path, "busy"):
+        pass
+
+
 #: What best.pt may hold of the epoch that last.pt ends, other than its weights: those of an
 #: attempt since started over, which the epoch alone would not tell apart, or, edited by hand,
 #: the epoch as a tensor, sparse weights or the weights in another dtype (each once gave a raw

@@ -71,15 +71,21 @@ def _lockable(folder: Path) -> int | None:
     """An open descriptor of ``folder`` to lock, or None where there is nothing to hold: no
     ``fcntl``, or no such folder (the caller reports it in its own words). A folder that may be
     written and entered but not listed (mode 0300) cannot be opened to lock, yet a run trains
-    in it: refused, as two processes trained one run there at once."""
+    in it: refused, as two processes trained one run there at once. So is one that cannot be
+    opened for another reason (too many open files, say), rather than used unheld unsaid."""
     if fcntl is None or not folder.is_dir():
         return None
     try:
         return os.open(folder, os.O_RDONLY)
-    except PermissionError as e:
-        raise BrainPropError(
-            f"cannot hold {folder} for this process ({e.strerror or e}): let yourself read it "
-            "(chmod u+r), then run the command again"
-        ) from None
-    except OSError:
+    except (FileNotFoundError, NotADirectoryError):  # gone since the look above
         return None
+    except OSError as e:
+        fix = (
+            "let yourself read it (chmod u+r)"
+            if isinstance(e, PermissionError)
+            else "mend the cause (for too many open files, raise ulimit -n)"
+        )
+        raise BrainPropError(
+            f"cannot hold {folder} for this process ({e.strerror or e}): {fix}, then run the "
+            "command again"
+        ) from None
