@@ -28,6 +28,7 @@ from brainprop.data import (
     DATASETS,
     Dataset,
     DatasetEntry,
+    DatasetStatus,
     dataset_status,
     download,
     load_dataset,
@@ -75,6 +76,20 @@ def test_the_catalog_has_the_shipped_mnist_files_sizes_and_shapes() -> None:
     assert (len(ds.train_y), len(ds.test_y)) == (row.n_train, row.n_test)
     assert tuple(ds.train_x.shape[1:]) == row.format.image
     assert ds.num_classes == row.format.classes
+
+
+def test_the_catalog_has_the_official_split_sizes() -> None:
+    """As published (Tiny ImageNet's test split is its labelled val split): bench copies in
+    random images of these sizes, so that its epochs take as long as a real run's."""
+    sizes = {name: (row.n_train, row.n_test) for name, row in CATALOG.items()}
+    assert sizes == {
+        "mnist": (60_000, 10_000),
+        "fashion-mnist": (60_000, 10_000),
+        "cifar10": (50_000, 10_000),
+        "cifar100": (50_000, 10_000),
+        "cifar100-coarse": (50_000, 10_000),
+        "tiny-imagenet": (100_000, 10_000),
+    }
 
 
 def test_unknown_name_lists_valid_ones(tmp_path: Path) -> None:
@@ -298,6 +313,13 @@ def test_the_barred_folder_is_found_along_the_path_as_given(tmp_path: Path, monk
     assert barred_folder(Path("data/x")) is None
 
 
+def test_of_two_barred_folders_on_the_way_the_outer_is_named(tmp_path: Path, monkeypatch) -> None:
+    """Opening the inner one's permissions would not help while the outer one bars the way."""
+    outer, inner = tmp_path / "outer", tmp_path / "outer" / "inner"
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) not in {outer, inner})
+    assert barred_folder(inner / "mnist" / "train-images-idx3-ubyte") == outer
+
+
 def test_a_permission_error_on_an_open_file_is_one_line() -> None:
     """Such an error names a descriptor, a number, where a path is walked for the folder that
     barred it: the CLI's last-resort message raised a TypeError on it (review)."""
@@ -342,6 +364,32 @@ def test_checkout_detection(tmp_path: Path) -> None:
     assert root.checkout_data_dir(site) is None
     # This very checkout.
     assert root.checkout_data_dir(Path(root.__file__)) == REPO / "data"
+
+
+def test_the_root_named_or_in_the_variable_takes_a_home_folders_tilde(tmp_path, monkeypatch):
+    """A path from Python, a config or a quoted variable reaches brainprop with its ~ unexpanded:
+    taken as it is, it would name a folder called '~' in the working folder."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert resolve_data_root("~/given") == tmp_path / "given"
+    monkeypatch.setenv("BRAINPROP_DATA", "~/variable")
+    assert resolve_data_root() == tmp_path / "variable"
+
+
+def test_a_src_folder_without_a_project_beside_it_is_no_checkout(tmp_path: Path) -> None:
+    """An installed copy that happens to lie under a folder named src keeps the user's cache."""
+    module = tmp_path / "src" / "brainprop" / "data" / "root.py"
+    module.parent.mkdir(parents=True)
+    (tmp_path / "data").mkdir()
+    assert root.checkout_data_dir(module) is None
+
+
+def test_a_damaged_rows_note_is_what_is_wrong_not_how_to_download() -> None:
+    """Told only to download, the user would fetch the files beside the damaged one the loader
+    reads."""
+    damage = "/d/mnist/t10k-labels-idx1-ubyte.gz is cut short: delete it and run 'x'"
+    row = DatasetStatus("mnist", False, Path("/d/mnist"), "run 'brainprop download mnist'",
+                        damaged=damage).row()  # fmt: skip
+    assert row == f"mnist            damaged    /d/mnist  ({damage})"
 
 
 def test_status(tmp_path: Path, monkeypatch) -> None:

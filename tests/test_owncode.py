@@ -24,7 +24,16 @@ from own_rules import (
 )
 from torch import nn
 
-from brainprop import ARCHITECTURES, OBJECTIVES, PATHWAYS, BrainProp, Pathway, TrainConfig, owncode
+from brainprop import (
+    ARCHITECTURES,
+    OBJECTIVES,
+    PATHWAYS,
+    BrainProp,
+    Pathway,
+    TrainConfig,
+    errors,
+    owncode,
+)
 from brainprop.distributed import LostOthers
 from brainprop.errors import BrainPropError, definition
 from brainprop.presets import build_model
@@ -262,6 +271,15 @@ def test_a_rules_bases_from_the_standard_library_are_not_ones_own(monkeypatch):
     model = build_model("dense", (1, 4, 4), 3, generator=torch.Generator().manual_seed(0))
     own = owncode.of_run(TrainConfig(rule="typed"), TypedRule(at=1), model)
     assert {piece.path.name for piece in own} == {"own_rules.py"} and len(own) == 3
+
+
+def test_packages_installed_beside_the_standard_library_are_ones_own():
+    """Some systems install packages under /usr/lib/python3.X/site-packages: a plugin there
+    is one's own, whose line an error must name, not the library's."""
+    stdlib = errors._STDLIB
+    assert errors.in_library(stdlib / "functools.py")
+    assert not errors.in_library(stdlib / "site-packages" / "lab" / "rules.py")
+    assert not errors.in_library(stdlib / "dist-packages" / "lab.py")
 
 
 #: A rule and a pathway of one's own, in a plugin's file, with a helper neither calls; a page

@@ -283,6 +283,50 @@ def test_padding_same_matches_reference_for_odd_and_even_kernels(kernel):
     assert max(errors.values()) < TOL, errors
 
 
+def test_pads_and_strides_unlike_across_the_axes_match_reference():
+    """The feedback sent below a weight layer is routed back per axis: a conv strided only
+    across, and a locally connected layer padded only on one side of a row, above other weight
+    layers (the networks above send nothing below their first layer, which is the input)."""
+    gen = torch.Generator().manual_seed(6)
+    lc = LocallyConnected2d(3, 3, (7, 8), 3, stride=2, padding="same", bias=False)
+    left, right, top, bottom = lc.explicit_pad
+    assert (left, right) != (top, bottom)  # the pads differ between the axes
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 1, bias=False), nn.ReLU(),
+        lc, nn.ReLU(),
+        nn.Conv2d(3, 2, 3, stride=(1, 2), padding=1, bias=False), nn.ReLU(),
+        nn.Flatten(), nn.Linear(2 * 4 * 2, 4, bias=False),
+    )  # fmt: skip
+    for p in model.parameters():
+        nn.init.normal_(p, 0.0, 0.5, generator=gen)
+    x, y = torch.rand(3, 2, 7, 8, generator=gen), torch.randint(0, 4, (3,), generator=gen)
+    errors = _compare(model, x, y, "ebp", 6)
+    assert set(errors) == {"0.weight", "2.weight", "4.weight", "7.weight"}
+    assert max(errors.values()) < TOL, errors
+
+
+def test_a_conv_as_large_as_its_input_is_taken():
+    """A valid conv whose kernel covers the whole image gives one output per channel."""
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2, 3))
+    t = reference.trial(model, torch.rand(2, 1, 3, 3), torch.tensor([0, 2]))
+    assert t.activities[1].shape == (2, 2, 1, 1) and "0.weight" in t.updates
+
+
+def test_a_learned_feedback_weight_read_through_a_transformation_gets_no_update(monkeypatch):
+    """W's update is a learned B's only where B is used as it is: through a read, the fast
+    path's gradient differs, which the reference does not model, so it claims none."""
+    doubled = Pathway(
+        make=lambda layer, scale, g: nn.Parameter(layer.weight.detach().clone()),
+        read=lambda layer: 2 * layer.feedback_weight,
+    )
+    monkeypatch.setitem(PATHWAYS, "doubled", doubled)
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    convert(model, "doubled", generator=torch.Generator().manual_seed(0))
+    t = reference.trial(model, torch.rand(3, 4), torch.tensor([0, 1, 1]))
+    assert "0.weight" in t.updates
+    assert not any(k.endswith("feedback_weight") for k in t.updates)
+
+
 def test_unsupported_layer_is_refused():
     with pytest.raises(BrainPropError, match="no layer Tanh"):
         reference.trial(

@@ -182,6 +182,65 @@ def test_a_gpu_runs_cuda_random_state_is_its_own_gpus_alone(monkeypatch) -> None
     assert cpu_state["cuda"] == [] and calls == []
 
 
+def test_a_gpu_past_the_saved_ones_is_named_not_an_index_error(monkeypatch) -> None:
+    """An earlier version's list of every GPU's state, resumed on a GPU it did not hold."""
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: None)
+    every_gpu = [torch.zeros(8, dtype=torch.uint8) for _ in range(2)]
+    with pytest.raises(TypeError, match="^the checkpoint holds no random state for GPU 2$"):
+        rng._set_cuda_states(every_gpu, torch.device("cuda", 2))
+
+
+def test_a_random_state_of_another_dtype_is_refused_as_such() -> None:
+    state = rng.capture_torch(torch.Generator())
+    state["torch"] = state["torch"].to(torch.int64)
+    with pytest.raises(TypeError, match="^a random state is a uint8 tensor, not torch.int64$"):
+        rng.restore_torch(state, torch.Generator())
+
+
+def test_a_pending_normal_draw_of_numpy_is_restored_too() -> None:
+    """numpy keeps the second of each pair of normal draws: a resume that dropped it would
+    draw another number next (a plugin's noise, say) than the run it continues."""
+    generator = torch.Generator()
+    np.random.seed(3)
+    np.random.standard_normal()  # leaves the pair's second draw pending
+    state = rng.capture(generator)
+    expected = np.random.standard_normal(3).tolist()
+    np.random.seed(99)
+    rng.restore(state, generator)
+    assert np.random.standard_normal(3).tolist() == expected
+
+
+def test_seeds_that_differ_give_numpy_and_python_streams_that_differ() -> None:
+    """A run's seed is 32 bits; numpy's takes all of them, so that seeds 2**31 apart differ."""
+
+    def draws(seed: int) -> tuple[list[float], float, float]:
+        rng.seed_all(seed)
+        return torch.rand(2).tolist(), float(np.random.random()), random.random()
+
+    a, b, c = draws(5), draws(5 + 2**31), draws(5)
+    assert a == c
+    assert all(x != y for x, y in zip(a, b, strict=True))
+    # A wider derived seed (a torchrun resume's) wraps for numpy, which takes 32 bits.
+    rng.seed_all(5 + 2**32)
+    assert float(np.random.random()) == a[1]
+
+
+def test_the_global_streams_are_as_they_were_after_a_kept_block() -> None:
+    """A diagnostic or check that draws or seeds inside must leave the run's streams alone:
+    a run with it would otherwise differ from one without."""
+
+    def draws() -> tuple[list[float], list[float], float]:
+        return torch.rand(3).tolist(), np.random.random(3).tolist(), random.random()
+
+    rng.seed_all(4)
+    with rng.global_streams_kept(torch.device("cpu")):
+        rng.seed_all(0)
+        draws()
+    kept = draws()
+    rng.seed_all(4)
+    assert kept == draws()
+
+
 @pytest.mark.parametrize(
     ("signum", "at", "message"),
     [

@@ -23,7 +23,7 @@ from torch import nn
 from brainprop import TrainConfig, checkpoint, devices, evaluate, evaluation, load_model, train
 from brainprop.cli import main
 from brainprop.data import Dataset
-from brainprop.data.batches import num_batches, ordered_batches, to_float
+from brainprop.data.batches import num_batches, ordered_batches, permuted_batches, to_float
 from brainprop.data.dataset import split_validation
 from brainprop.errors import BrainPropError
 from brainprop.evaluation import accuracy
@@ -637,6 +637,10 @@ def test_non_finite_loss_stops_with_epoch_and_step(tmp_path, tiny_dataset):
         (dict(epochs="5"), r"epochs must be of type int, got a str \('5'\)"),
         (dict(lr="0.1"), r"lr must be of type float \| None, got a str \('0.1'\)"),
         (dict(dropout=0.3), r"dropout must .*got a float \(0.3\): a tuple of one rate per"),
+        # A bool is an int and a float to Python: True would train one epoch, at a rate of 1.
+        (dict(epochs=True), r"epochs must be of type int, got a bool \(True\)$"),
+        (dict(lr=True), r"lr must be of type float \| None, got a bool \(True\)$"),
+        (dict(dropout=(0.3, False)), r"dropout must be of type tuple\[float, ...\] \| None, got"),
         (dict(arch="dense", dropout=(0.5,)), "'dense' has no dropout sites: drop --dropout"),
     ],
 )
@@ -676,6 +680,29 @@ def test_a_config_takes_numbers_and_text_of_any_kind(tmp_path, tiny_dataset):
     assert TrainConfig.from_dict(json.loads(json.dumps(resolved.to_dict()))) == resolved
     run = train(config, dataset=tiny_dataset, progress=False)
     assert evaluate(run, dataset=tiny_dataset)["epoch"] == 1
+
+
+def test_text_of_a_kind_of_ones_own_is_stored_as_plain_text():
+    """A str subclass (an enum of names, say) kept in the config would be pickled by its class
+    into every checkpoint, which a weights_only load refuses: evaluate and resume would fail
+    after the whole run."""
+
+    class Name(str):
+        pass
+
+    resolved = TrainConfig(dataset=Name("mnist"), arch=Name("dense")).resolve()
+    assert type(resolved.dataset) is str and type(resolved.arch) is str
+    assert resolved.dataset == "mnist" and resolved.arch == "dense"
+
+
+def test_a_value_whose_repr_spans_lines_is_named_by_its_type_alone():
+    """A 2-D tensor's repr is short but two lines: the one-line error must stay one line."""
+    with pytest.raises(BrainPropError) as info:
+        TrainConfig(dataset="mnist", arch="conv", dropout=torch.zeros(2, 2)).resolve()
+    assert str(info.value) == (
+        "dropout must be of type tuple[float, ...] | None, got a Tensor: a tuple of one rate "
+        "per dropout site, or of one for all: (0.3,)"
+    )
 
 
 def test_a_dataset_given_for_its_name_is_one_short_line(tiny_dataset):
@@ -877,6 +904,27 @@ def test_an_epoch_counts_its_last_partial_batch():
     """As Keras's fit does; the count sizes progress bars, bench's epochs and resume's check
     of a step past the end."""
     assert [num_batches(n, 3) for n in (1, 2, 3, 9, 10)] == [1, 1, 1, 3, 4]
+
+
+def test_images_are_scaled_as_the_papers_inputs_over_255():
+    x = to_float(torch.tensor([0, 51, 255], dtype=torch.uint8))
+    assert x.dtype == torch.float32 and x.tolist() == pytest.approx([0.0, 0.2, 1.0], abs=1e-7)
+
+
+def test_batches_from_a_later_step_continue_the_epochs_order():
+    """A run resumed mid-epoch takes the batch it would have taken next, none skipped."""
+    x = torch.arange(7, dtype=torch.uint8).view(7, 1, 1, 1)
+    y = torch.arange(7)
+    perm = torch.tensor([3, 6, 0, 5, 1, 4, 2])
+    whole = [yb.tolist() for _, yb in permuted_batches(x, y, perm, 3)]
+    assert whole == [[3, 6, 0], [5, 1, 4], [2]]
+    later = [(xb.flatten() * 255).round().long().tolist() for xb, _ in
+             permuted_batches(x, y, perm, 3, start=1)]  # fmt: skip
+    assert later == whole[1:]
+    # A stack's [G, N] permutations give each member its own batch: [G, b] labels a step.
+    perms = torch.stack([perm, perm.flip(0)])
+    stacked = [yb.tolist() for _, yb in permuted_batches(x, y, perms, 3)]
+    assert stacked == [[[3, 6, 0], [2, 4, 1]], [[5, 1, 4], [5, 0, 6]], [[2], [3]]]
 
 
 def test_evaluation_batches_leave_no_last_batch_of_one_image():

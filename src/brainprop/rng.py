@@ -97,7 +97,8 @@ def _section(state: dict[str, Any], name: str) -> dict[str, Any]:
 def _bytes(value: Any) -> torch.Tensor:
     # torch would take some other values (a list, say) with a deprecation warning, or crash.
     if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8:
-        raise TypeError(f"a random state is a uint8 tensor, not {type(value).__name__}")
+        kind = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
+        raise TypeError(f"a random state is a uint8 tensor, not {kind}")
     return value
 
 
