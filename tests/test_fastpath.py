@@ -5,6 +5,7 @@ import subprocess
 import sys
 import textwrap
 from functools import partial
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -123,6 +124,8 @@ def test_the_layout_check_leaves_the_network_and_the_random_streams_as_they_were
 def test_a_network_that_fails_in_any_layout_is_left_to_fail_in_its_own_words():
     model = _with(_Broken())
     fastpath.prepare(model, (3, 8, 8))
+    # Left in the fast path's layout, which the run's header names, all the same.
+    assert model[0].weight.is_contiguous(memory_format=CL) and not model[0].weight.is_contiguous()
     with pytest.raises(TypeError, match="broken in any layout"):
         model(torch.zeros(2, 3, 8, 8))
 
@@ -321,6 +324,88 @@ def test_a_step_that_a_graph_cannot_hold_is_refused_in_one_line_naming_its_line(
         with pytest.raises(type(raises[0])) as raised:
             graphed(x, y)
         assert raised.value is raises[0]
+
+
+def _split_badly():
+    return torch.split(torch.zeros(3), [1, 1])  # fails inside PyTorch's own Python
+
+
+def test_the_line_named_is_ones_own_not_pytorchs():
+    """An error raised in PyTorch's Python code (torch.cuda.synchronize() in a capture, say)
+    is named at the line of one's own that called it, the line to mend (review)."""
+    with pytest.raises(RuntimeError) as raised:
+        _split_badly()
+    assert "torch" in raised.traceback[-1].path.parts  # PyTorch's frame is the last
+    line = _split_badly.__code__.co_firstlineno + 1
+    assert fastpath._own_line(raised.value) == f" at {__file__}:{line}"
+
+
+class _CountingGraph:
+    """A CPU stand-in for a CUDA graph that counts its captures and replays."""
+
+    def __init__(self, counts):
+        self.counts = counts
+
+    def capture(self, step):
+        self.step = step
+        self.counts["captures"] += 1
+
+    def replay(self):
+        self.counts["replays"] += 1
+        return self.step()
+
+
+def _counted(batch_size=16):
+    """A graphed step of a step that records the shapes of the labels it is given."""
+    counts, seen = {"captures": 0, "replays": 0}, []
+    optimizer = SimpleNamespace(param_groups=[{"lr": 0.1}], zero_grad=lambda set_to_none: None)
+    step = fastpath.GraphedStep(
+        lambda x, y: seen.append(tuple(y.shape)), optimizer,
+        generators=[torch.Generator()], batch_size=batch_size,
+        new_graph=lambda _: _CountingGraph(counts),
+    )  # fmt: skip
+    return step, counts, seen
+
+
+def test_a_stack_of_seeds_full_batches_are_replayed_and_its_short_one_is_not():
+    """A stack of G seeds' batches is [G, b]: the batch is y's last dimension (review: taken
+    from the first, no full batch of a stack was ever replayed)."""
+    step, counts, seen = _counted()
+    full, short = torch.zeros(3, 16, dtype=torch.long), torch.zeros(3, 5, dtype=torch.long)
+    for _ in range(fastpath.WARMUP_STEPS + 2):
+        step(torch.zeros(3, 16, 1, 8, 8), full)
+    step(torch.zeros(3, 5, 1, 8, 8), short)
+    assert counts == {"captures": 1, "replays": 2}
+    assert seen == [(3, 16)] * (fastpath.WARMUP_STEPS + 2) + [(3, 5)]
+
+
+def test_a_forgotten_graph_warms_up_again_before_its_next_capture():
+    """After forget (the weights moved to other memory), the next full batches run eagerly
+    again before the capture, as a first capture does: a CUDA graph needs the lazy
+    initialisations of the new tensors done outside it."""
+    step, counts, _ = _counted()
+    x, y = torch.zeros(16, 1, 8, 8), torch.zeros(16, dtype=torch.long)
+    for _ in range(fastpath.WARMUP_STEPS + 1):
+        step(x, y)
+    assert counts == {"captures": 1, "replays": 1}
+    step.forget()
+    for _ in range(fastpath.WARMUP_STEPS):
+        step(x, y)
+    assert counts == {"captures": 1, "replays": 1}
+    step(x, y)
+    assert counts == {"captures": 2, "replays": 2}
+
+
+def test_cuda_graph_refuses_a_run_under_torchrun():
+    from brainprop.distributed import Context
+
+    model = _model("conv")
+    on_cuda = SimpleNamespace(device=torch.device("cuda"))  # what a CUDA run's generator says
+    with pytest.raises(BrainPropError, match="it is for one process, and this run is under torch"):
+        fastpath.graphed(
+            lambda x, y: None, SimpleNamespace(param_groups=[]), model, [on_cuda],
+            batch_size=16, parallel=Context(rank=0, world_size=2),
+        )  # fmt: skip
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -36,12 +36,15 @@ def compare_heads(device: str) -> None:
     """The fused head against the unfused one on ``device``, in shapes and values training
     meets and some it should not (NaN, -inf), with the gradient weighted as a short last
     batch's is. Run on CPU tensors through Triton's interpreter, and on a GPU."""
-    cases = [(128, 10, 0.02), (96, 200, 0.5), (7, 100, 1.0), (1, 10, 0.0), (300, 10, 0.3)]
+    # 17 classes: one past a power of two, the classes' block rounds up to 32.
+    cases = [(128, 10, 0.02), (96, 200, 0.5), (7, 100, 1.0), (1, 10, 0.0), (300, 10, 0.3),
+             (5, 17, 0.5)]  # fmt: skip
     for batch, classes, epsilon in cases:
         for trial in range(3):
             g = torch.Generator().manual_seed(trial)
-            q = torch.randn(batch, classes + 3 * trial, generator=g)[:, :classes]  # rows apart
-            q = (q * 10 * torch.rand((), generator=g)).to(device)
+            wide = torch.randn(batch, classes + 3 * trial, generator=g)
+            wide = (wide * 10 * torch.rand((), generator=g)).to(device)
+            q = wide[:, :classes]  # rows apart (review: a product of the slice was dense)
             y = torch.randint(0, classes, (batch,), generator=g).to(device)
             if trial == 1:
                 # Errors of exactly 0, whose gradient is +0.0 as autograd's (not -0.0): the
@@ -54,7 +57,9 @@ def compare_heads(device: str) -> None:
             # A short last batch's loss is weighted by n / B, which scales the gradient.
             weight = 3 * torch.rand((), generator=g).item()
             objective = BrainProp(epsilon)
-            plain_q, fused_q = q.clone().requires_grad_(), q.clone().requires_grad_()
+            # The fused head takes the rows as they lie, its gradient back into them.
+            plain_q, fused_wide = q.clone().requires_grad_(), wide.clone().requires_grad_()
+            fused_q = fused_wide[:, :classes]
             draws = objective.draw(q, torch.Generator(device=device).manual_seed(trial))
             plain = objective._unfused(plain_q, y, draws)
             loss, actions, explored, rewards = fusedhead.chosen_unit_head(
@@ -66,7 +71,9 @@ def compare_heads(device: str) -> None:
             assert torch.equal(actions, plain.actions), case
             assert torch.equal(explored, plain.explored), case
             assert torch.equal(rewards, plain.rewards), case
-            assert _same_bits(fused_q.grad, plain_q.grad), case
+            assert fused_q.stride(0) == classes + 3 * trial, case
+            assert _same_bits(fused_wide.grad[:, :classes], plain_q.grad), case
+            assert not fused_wide.grad[:, classes:].any(), case
             assert loss.dtype == plain.loss.dtype and actions.dtype == torch.int64, case
             assert torch.allclose(loss, plain.loss, rtol=1e-6, atol=0, equal_nan=True), case
             assert explored.all() if epsilon == 1 else explored.any() == (epsilon > 0), case
@@ -83,6 +90,25 @@ def compare_heads(device: str) -> None:
     assert torch.equal(actions, plain.actions)
     rewards.sub_(rewards.mean())
     loss.backward()
+    # Draws at their edges, which torch.rand gives (in 2^24 each): an explore draw equal to
+    # epsilon does not explore (explore < epsilon), and a uniform of 0 is taken as the
+    # smallest normal number, not log(0); and a row of two NaN takes the first (review).
+    q = torch.zeros(4, 8, device=device)
+    q[:, 5], q[3, 2], q[3, 6] = 10.0, float("nan"), float("nan")
+    y = torch.full((4,), 5, device=device)
+    explore = torch.tensor([0.5, 0.25, 0.0, 0.0], device=device)
+    uniform = torch.full((4, 8), 0.5, device=device)
+    uniform[0, 1] = 1 - 2**-24  # Gumbel noise of 16.6: row 0 would choose 1 if it explored
+    uniform[:, 5] = 0.0  # noise of -4.5 from the smallest normal: rows 1 and 2 still choose 5
+    plain_q, fused_q = q.clone().requires_grad_(), q.clone().requires_grad_()
+    plain = BrainProp(0.5)._unfused(plain_q, y, (explore, uniform))
+    loss, actions, explored, rewards = fusedhead.chosen_unit_head(fused_q, y, 0.5, explore, uniform)
+    assert plain.actions.tolist() == [5, 5, 5, 2]
+    assert torch.equal(actions, plain.actions) and torch.equal(explored, plain.explored)
+    assert torch.equal(rewards, plain.rewards)
+    plain.loss.backward()
+    loss.backward()
+    assert _same_bits(fused_q.grad, plain_q.grad)
     # Past the draws, PyTorch itself launches only autograd's seed gradient. (Triton's
     # interpreter copies the tensors a kernel takes in and out, with PyTorch operators.)
     q = torch.randn(128, 10, device=device, requires_grad=True)
@@ -109,6 +135,10 @@ def test_the_check_before_the_kernels_are_relied_on_compares_bit_for_bit():
     assert not same("gradient", torch.tensor([1.0]), torch.tensor([1.0 + 2**-23]))
     assert same("loss", torch.tensor(1.0), torch.tensor(1.0 + 2**-23))
     assert not same("gradient", torch.tensor([1.0]), torch.tensor([1.0, 1.0]))
+    # NaN matches NaN only: a head that gives NaN where the other gives a number differs.
+    assert not same("gradient", torch.tensor([float("nan"), 1.0]), torch.tensor([1.0, 1.0]))
+    assert not same("gradient", torch.tensor([1.0]), torch.tensor([float("nan")]))
+    assert not same("loss", torch.tensor(1.0), torch.tensor(1.001))
 
 
 def test_the_kernels_give_the_unfused_heads_results():
@@ -363,6 +393,19 @@ def test_the_kernels_are_for_fp32_rows_on_cuda_only():
         model.cuda()
         assert fastpath.FUSED_HEAD in fastpath.features(model, objective=BrainProp(fused=True))
         assert fastpath.FUSED_HEAD not in fastpath.features(model, objective=BrainProp())
+
+
+def test_on_cuda_the_kernels_take_nonempty_fp32_rows_only(monkeypatch):
+    """What they refuse falls back to the unfused head, with no warning (review: checked on
+    CUDA alone, so not where the suite runs): fp64 or bf16 outputs, columns apart, an empty
+    batch (an idle rank's share of a short last batch)."""
+    monkeypatch.setattr(fusedhead, "unavailable", lambda device: None)  # as on a GPU
+    assert fusedhead.unsupported(torch.zeros(4, 10)) is None
+    assert fusedhead.unsupported(torch.zeros(4, 13)[:, :10]) is None  # rows apart
+    for q in (torch.zeros(4, 10).double(), torch.zeros(4, 10).bfloat16()):
+        assert f"the outputs are {q.dtype} of shape (4, 10), not fp32" in fusedhead.unsupported(q)
+    for q in (torch.zeros(0, 10), torch.zeros(10, 4).t(), torch.zeros(4, 10, 2)):
+        assert "not fp32 rows [B, K]" in fusedhead.unsupported(q), q.shape
 
 
 _Q, _Y = torch.zeros(8, 10), torch.zeros(8, dtype=torch.long)
