@@ -72,7 +72,7 @@ def _lockable(folder: Path) -> int | None:
     ``fcntl``, or no such folder (the caller reports it in its own words). A folder that may be
     written and entered but not listed (mode 0300) cannot be opened to lock, yet a run trains
     in it: refused, as two processes trained one run there at once. So is one that cannot be
-    opened for another reason (too many open files, say), rather than used unheld unsaid."""
+    opened for another reason (too many open files, say): not used unheld without a word."""
     if fcntl is None or not folder.is_dir():
         return None
     try:
