@@ -675,3 +675,145 @@ def test_summed_gradients_keep_each_parameters_layout(monkeypatch) -> None:
         torch.testing.assert_close(p.grad, 2 * before[name])
         assert p.grad.stride() == p.stride(), name
     assert any(p.dim() == 4 and not p.is_contiguous() for p in model.parameters())
+
+
+# -- the collectives' arithmetic, one rank's view (the others' part faked) --------------------
+
+
+def test_a_nan_at_the_first_step_is_agreed_as_step_0(monkeypatch) -> None:
+    """Step 0 is a step: the 'no NaN' sentinel must not swallow it (the other rank is clean)."""
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda t, op=None: t)
+    assert Context(0, 2).first_bad(torch.tensor(0)).item() == 0
+    assert Context(0, 2).first_bad(torch.tensor(3)).item() == 3
+    assert Context(0, 2).first_bad(torch.tensor(-1)).item() == -1
+
+
+def test_decisions_and_batchnorm_statistics_are_rank_zeros(monkeypatch) -> None:
+    """Rank 1 takes rank 0's early-stopping decision and running statistics, not its own."""
+
+    def broadcast(t: torch.Tensor, src: int) -> None:
+        t.fill_(1 if src == 0 else 0)  # rank 0's values are ones
+
+    monkeypatch.setattr(torch.distributed, "broadcast", broadcast)
+    rank1 = Context(1, 2)
+    assert rank1.decide(False) is True
+    bn = torch.nn.BatchNorm1d(3)
+    rank1.broadcast_buffers(bn)
+    assert torch.equal(bn.running_mean, torch.ones(3))
+
+
+def test_a_sharded_accuracy_counts_each_ranks_correct_images_exactly(monkeypatch) -> None:
+    """0.29 * 100 is 28.999... in floats: the count of correct images is rounded, not cut,
+    and the sum over ranks is divided by all the images."""
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda t: t.mul_(2))  # 2 alike ranks
+    shares = []
+
+    def score(x: torch.Tensor, y: torch.Tensor) -> float:
+        shares.append(len(y))
+        return 29 / 100
+
+    acc = Context(0, 2).accuracy(score, torch.zeros(200, 1), torch.zeros(200, dtype=torch.long))
+    assert shares == [100] and acc == 58 / 200
+
+
+class _PartlyUsed(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.used, self.unused = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.used(x)
+
+
+def test_a_parameter_the_forward_pass_leaves_unused_keeps_no_gradient(monkeypatch) -> None:
+    """As in one process: summed gradients for the used parameters, none for an unused one
+    (a zero would be decayed and pushed by momentum), on a step with images and on an idle
+    rank's step, which takes the set of its last step with images."""
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda t: t.mul_(2))
+    model, context = _PartlyUsed(), Context(1, 2)
+    model(torch.ones(4, 2)).sum().backward()
+    before = model.used.weight.grad.clone()
+    context.reduce_gradients(model)
+    torch.testing.assert_close(model.used.weight.grad, 2 * before)
+    assert model.unused.weight.grad is None and model.unused.bias.grad is None
+    model.zero_grad(set_to_none=True)  # an idle step: no images, no backward
+    context.reduce_gradients(model)
+    assert torch.equal(model.used.weight.grad, torch.zeros_like(model.used.weight))
+    assert model.unused.weight.grad is None
+
+
+def test_each_rank_takes_its_own_running_sums_from_a_mid_epoch_checkpoint() -> None:
+    """Its own on as many processes; else rank 0 takes all of them and the others none, so
+    the epoch's sums count them once."""
+    totals = [torch.tensor(6.0), torch.tensor(3.0)]
+    rank_sums = [torch.tensor([1.0, 2.0]), torch.tensor([5.0, 1.0])]
+    assert Context(1, 2).own_share({"rank_sums": rank_sums}, totals) == [5.0, 1.0]
+    assert Context(0, 3).own_share({"rank_sums": rank_sums}, totals) == totals
+    for partial in ({"rank_sums": rank_sums}, {}):
+        assert Context(1, 3).own_share(partial, totals) == [0.0, 0.0]
+        assert Context(2, 3).own_share(partial, totals) == [0.0, 0.0]
+
+
+def test_a_failure_on_rank_0_reaches_every_rank(monkeypatch) -> None:
+    """Rank 0 raises its own error (an Interrupted stays one: its exit status); the others a
+    BrainPropError with its line, and a crash says where to look."""
+    sent: list[Any] = []
+    monkeypatch.setattr(
+        torch.distributed, "broadcast_object_list", lambda box, src: sent.append(box[0])
+    )
+
+    def interrupted() -> None:
+        raise Interrupted("stopped at once by a second signal", signal.SIGTERM)
+
+    with pytest.raises(Interrupted):
+        Context(0, 2).on_main(interrupted)
+    assert sent == [("crash", "Interrupted: stopped at once by a second signal")]
+
+    def receive(kind: str, value: str) -> Any:
+        monkeypatch.setattr(torch.distributed, "broadcast_object_list",
+                            lambda box, src: box.__setitem__(0, (kind, value)))  # fmt: skip
+        return Context(1, 2).on_main(lambda: pytest.fail("rank 1 did rank 0's work"))
+
+    with pytest.raises(BrainPropError, match=r"^no space left on /runs$"):
+        receive("error", "no space left on /runs")
+    with pytest.raises(BrainPropError, match=r"^rank 0 failed \(OSError: gone\); see its output"):
+        receive("crash", "OSError: gone")
+    assert receive("ok", 7) == 7
+
+
+def test_a_rank_outside_the_world_is_refused(monkeypatch) -> None:
+    for name, value in {"WORLD_SIZE": "2", "RANK": "2", "MASTER_ADDR": "127.0.0.1"}.items():
+        monkeypatch.setenv(name, value)
+    refused = pytest.raises(BrainPropError, match=r"^\$RANK is 2 but \$WORLD_SIZE is 2: launch")
+    with refused, joined():
+        pass
+
+
+def test_each_rank_is_given_a_gpu_of_its_own_or_refused(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert Context(1, 2, local_rank=1).device("cuda") == torch.device("cuda", 1)
+    with pytest.raises(BrainPropError, match="has LOCAL_RANK 2 but this node has 2 GPUs"):
+        Context(2, 3, local_rank=2).device("auto")
+    with pytest.raises(BrainPropError, match="^--device cuda:0 would put all 2 processes on one"):
+        Context(0, 2).device("cuda:0")
+
+
+def test_a_lost_rank_is_said_in_one_line() -> None:
+    """gloo spreads its cause over several lines."""
+    collective = Context(0, 2, timeout_s=30)._collective("the gradient all-reduce")
+    with pytest.raises(distributed.LostOthers) as lost, collective:
+        raise RuntimeError("[../gloo/transport/tcp/pair.cc:534]\n  Connection closed by peer")
+    assert "\n" not in str(lost.value)
+    assert str(lost.value).startswith(
+        "process 0 of 2 lost the others during the gradient all-reduce ([../gloo/transport/tcp/"
+        "pair.cc:534] Connection closed by peer): another process died or stalled for over 30s"
+    )
+
+
+def test_a_several_process_checkpoint_continues_its_order_stream_in_one_process() -> None:
+    order = torch.Generator().manual_seed(11).get_state()
+    generator = torch.Generator().manual_seed(0)
+    Context().restore_streams({"world_size": 2, "order_generator": order}, generator,
+                              torch.Generator(), seed=5)  # fmt: skip
+    assert torch.equal(generator.get_state(), order)

@@ -245,3 +245,23 @@ def test_an_error_is_sent_whole_or_cut_to_fit_an_unread_pipe(text):
         assert len(kept[0].encode()) + int(kept[1]) == len(text.encode())
     send.close()
     assert processes.error_sent(receive) is None
+
+
+def test_lines_after_a_flushed_partial_line_are_tagged_again():
+    """A flush writes a line's start, and its end follows untagged; the lines after it are
+    whole lines again, each tagged."""
+    stream = _Writes()
+    tagged = processes.TaggedLines(stream, "run")
+    tagged.write("epoch 1")
+    tagged.flush()
+    tagged.write(" done\n")
+    tagged.write("epoch 2 done\n")
+    assert stream.getvalue().splitlines() == ["run: epoch 1 done", "run: epoch 2 done"]
+
+
+def test_an_error_naming_a_path_of_undecodable_bytes_is_sent():
+    """Paths come from argv and the file system, decoded with surrogateescape: a strict encode
+    raised, and the worker ended in a traceback instead of its one line (review)."""
+    receive, send = multiprocessing.Pipe(duplex=False)
+    processes.send_error(send, "no run directory at " + os.fsdecode(b"/runs/caf\xe9"))
+    assert processes.error_sent(receive) == "no run directory at /runs/caf\\udce9"

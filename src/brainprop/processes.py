@@ -122,7 +122,10 @@ def send_error(send: Connection, error: str) -> None:
     :data:`ERROR_BYTES`: the parent reads it only once the worker has ended, and a message
     larger than the pipe holds (64 KiB; 4 KiB where a user is over Linux's
     pipe-user-pages-soft) would wait for that reader for good, and the worker never end."""
-    data = error.encode()
+    # A path of bytes that are not UTF-8 reaches Python as lone surrogates (PEP 383), which a
+    # strict encode refuses: the worker would end in a traceback, its one line lost.
+    data = error.encode(errors="backslashreplace")
+    error = data.decode()
     if len(data) > ERROR_BYTES:
         head = data[: ERROR_BYTES - 64].decode(errors="ignore")  # room for the note of the cut
         error = f"{head} [... {len(data) - len(head.encode())} bytes more]"
