@@ -800,8 +800,8 @@ def test_a_folder_that_cannot_be_opened_to_lock_is_refused_not_used_unheld(
     with pytest.raises(BrainPropError) as info, locks.held(tmp_path, "busy"):
         pass
     assert str(info.value) == (
-        f"cannot hold {tmp_path} for this process ({os.strerror(errno.EMFILE)}): mend the "
-        "cause (for too many open files, raise ulimit -n), then run the command again"
+        f"cannot hold {tmp_path} for this process ({os.strerror(errno.EMFILE)}): let this "
+        "process open more files (raise ulimit -n), then run the command again"
     )
 
 
@@ -810,8 +810,12 @@ def test_a_folder_gone_before_it_is_opened_to_lock_is_left_to_the_caller(
 ) -> None:
     """Removed between the look and the open: the caller says what is missing, in its words."""
 
+    opened = os.open
+
     def gone(path, flags, *args):
-        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(path))
+        if Path(path) == tmp_path:
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(path))
+        return opened(path, flags, *args)
 
     monkeypatch.setattr(locks.os, "open", gone)
     with locks.held(tmp_path, "busy"):

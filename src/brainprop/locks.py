@@ -8,6 +8,7 @@ progress as leftovers nor writes over them.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sys
 from collections.abc import Iterator
@@ -77,14 +78,15 @@ def _lockable(folder: Path) -> int | None:
         return None
     try:
         return os.open(folder, os.O_RDONLY)
-    except (FileNotFoundError, NotADirectoryError):  # gone since the look above
+    except (FileNotFoundError, NotADirectoryError):  # its path gone since the look above
         return None
     except OSError as e:
-        fix = (
-            "let yourself read it (chmod u+r)"
-            if isinstance(e, PermissionError)
-            else "mend the cause (for too many open files, raise ulimit -n)"
-        )
+        fix = {
+            errno.EACCES: "let yourself read it (chmod u+r)",
+            errno.EPERM: "let yourself read it (chmod u+r)",
+            errno.EMFILE: "let this process open more files (raise ulimit -n)",
+            errno.ENFILE: "close other programs, or raise the system's fs.file-max",
+        }.get(e.errno, "mend the cause")
         raise BrainPropError(
             f"cannot hold {folder} for this process ({e.strerror or e}): {fix}, then run the "
             "command again"
