@@ -97,7 +97,7 @@ def _section(state: dict[str, Any], name: str) -> dict[str, Any]:
 def _bytes(value: Any) -> torch.Tensor:
     # torch would take some other values (a list, say) with a deprecation warning, or crash.
     if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8:
-        kind = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
+        kind = f"a {value.dtype} tensor" if isinstance(value, torch.Tensor) else kind_of(value)
         raise TypeError(f"a random state is a uint8 tensor, not {kind}")
     return value
 
