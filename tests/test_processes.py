@@ -44,7 +44,16 @@ def test_a_flushed_partial_line_goes_out_and_its_end_follows_untagged():
     tagged.write("... done\nnext\n")
     tagged.flush()  # nothing held: nothing written
     assert stream.writes == ["run: waiting", "... done\nrun: next\n"]
-    assert stream.getvalue().splitlines() == ["run: waiting... done", "run: next"]
+    tagged.write("epoch")  # after another flushed start, the end's write is whole lines again
+    tagged.flush()
+    tagged.write(" 2 done\n")
+    tagged.write("last\n")
+    assert stream.getvalue().splitlines() == [
+        "run: waiting... done",
+        "run: next",
+        "run: epoch 2 done",
+        "run: last",
+    ]
 
 
 def test_workers_can_be_started_from_another_thread():
@@ -245,18 +254,6 @@ def test_an_error_is_sent_whole_or_cut_to_fit_an_unread_pipe(text):
         assert len(kept[0].encode()) + int(kept[1]) == len(text.encode())
     send.close()
     assert processes.error_sent(receive) is None
-
-
-def test_lines_after_a_flushed_partial_line_are_tagged_again():
-    """A flush writes a line's start, and its end follows untagged; the lines after it are
-    whole lines again, each tagged."""
-    stream = _Writes()
-    tagged = processes.TaggedLines(stream, "run")
-    tagged.write("epoch 1")
-    tagged.flush()
-    tagged.write(" done\n")
-    tagged.write("epoch 2 done\n")
-    assert stream.getvalue().splitlines() == ["run: epoch 1 done", "run: epoch 2 done"]
 
 
 def test_an_error_naming_a_path_of_undecodable_bytes_is_sent():

@@ -636,6 +636,12 @@ def test_a_sigterm_soon_after_the_first_is_the_same_stop(monkeypatch) -> None:
         signal.raise_signal(signal.SIGINT)
         with pytest.raises(KeyboardInterrupt):
             signal.raise_signal(signal.SIGINT)
+    # So does a SIGTERM soon after a Ctrl-C: whoever pressed it and then sent one means it.
+    with signals.stop_on_signals() as stop:
+        signal.raise_signal(signal.SIGINT)
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGTERM)
+    assert stop.signum == signal.SIGINT and stop.again == signal.SIGTERM
     assert signals.first_note(signal.SIGTERM, "saving") == (
         "SIGTERM: saving (send it again after 5 s to quit at once)"
     )
@@ -1718,13 +1724,3 @@ def test_a_resume_of_a_finished_run_keeps_the_machine_that_trained_it(tmp_path: 
     longer = train(TrainConfig(epochs=2), resume=run, dataset=ds, progress=False).summary
     assert (longer["device"], longer["world_size"]) == (summary["device"], 1)
     assert longer["software"] == summary["software"]
-
-
-def test_a_sigterm_soon_after_a_ctrl_c_is_a_second_signal() -> None:
-    """Only a SIGTERM after a first SIGTERM is the same stop (a scheduler's and torchrun's):
-    someone who pressed Ctrl-C and then sends SIGTERM wants the run to quit at once."""
-    with signals.stop_on_signals() as stop:
-        signal.raise_signal(signal.SIGINT)
-        with pytest.raises(KeyboardInterrupt):
-            signal.raise_signal(signal.SIGTERM)
-    assert stop.signum == signal.SIGINT and stop.again == signal.SIGTERM
