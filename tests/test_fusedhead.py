@@ -396,9 +396,9 @@ def test_the_kernels_are_for_fp32_rows_on_cuda_only():
 
 
 def test_on_cuda_the_kernels_take_nonempty_fp32_rows_only(monkeypatch):
-    """What they refuse falls back to the unfused head, with no warning (review: checked on
-    CUDA alone, so not where the suite runs): fp64 or bf16 outputs, columns apart, an empty
-    batch (an idle rank's share of a short last batch)."""
+    """What they refuse, the unfused head takes (review: checked on CUDA alone, so not where
+    the suite runs): fp64 or bf16 outputs, columns apart, an empty batch (an idle rank's share
+    of a short last batch)."""
     monkeypatch.setattr(fusedhead, "unavailable", lambda device: None)  # as on a GPU
     assert fusedhead.unsupported(torch.zeros(4, 10)) is None
     assert fusedhead.unsupported(torch.zeros(4, 13)[:, :10]) is None  # rows apart
